@@ -1,0 +1,237 @@
+from attrserve.v1 import model_config_pb2 as _model_config_pb2
+from attrserve.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Algorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ALGORITHM_UNSPECIFIED: _ClassVar[Algorithm]
+    ALGORITHM_INTEGRATED_GRADIENTS: _ClassVar[Algorithm]
+    ALGORITHM_SALIENCY: _ClassVar[Algorithm]
+    ALGORITHM_INPUT_X_GRADIENT: _ClassVar[Algorithm]
+    ALGORITHM_DEEP_LIFT: _ClassVar[Algorithm]
+    ALGORITHM_GRADIENT_SHAP: _ClassVar[Algorithm]
+ALGORITHM_UNSPECIFIED: Algorithm
+ALGORITHM_INTEGRATED_GRADIENTS: Algorithm
+ALGORITHM_SALIENCY: Algorithm
+ALGORITHM_INPUT_X_GRADIENT: Algorithm
+ALGORITHM_DEEP_LIFT: Algorithm
+ALGORITHM_GRADIENT_SHAP: Algorithm
+
+class Baseline(_message.Message):
+    __slots__ = ("tensor", "scalar")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    SCALAR_FIELD_NUMBER: _ClassVar[int]
+    tensor: _tensor_pb2.Tensor
+    scalar: float
+    def __init__(self, tensor: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., scalar: _Optional[float] = ...) -> None: ...
+
+class TargetIndex(_message.Message):
+    __slots__ = ("index",)
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    index: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, index: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Target(_message.Message):
+    __slots__ = ("index", "tuple", "per_example")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TUPLE_FIELD_NUMBER: _ClassVar[int]
+    PER_EXAMPLE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    tuple: TargetIndex
+    per_example: TargetIndexList
+    def __init__(self, index: _Optional[int] = ..., tuple: _Optional[_Union[TargetIndex, _Mapping]] = ..., per_example: _Optional[_Union[TargetIndexList, _Mapping]] = ...) -> None: ...
+
+class TargetIndexList(_message.Message):
+    __slots__ = ("indices",)
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    indices: _containers.RepeatedCompositeFieldContainer[TargetIndex]
+    def __init__(self, indices: _Optional[_Iterable[_Union[TargetIndex, _Mapping]]] = ...) -> None: ...
+
+class IntegratedGradientsParams(_message.Message):
+    __slots__ = ("n_steps", "method", "multiply_by_inputs")
+    N_STEPS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    n_steps: int
+    method: str
+    multiply_by_inputs: bool
+    def __init__(self, n_steps: _Optional[int] = ..., method: _Optional[str] = ..., multiply_by_inputs: _Optional[bool] = ...) -> None: ...
+
+class SaliencyParams(_message.Message):
+    __slots__ = ("abs",)
+    ABS_FIELD_NUMBER: _ClassVar[int]
+    abs: bool
+    def __init__(self, abs: _Optional[bool] = ...) -> None: ...
+
+class DeepLiftParams(_message.Message):
+    __slots__ = ("multiply_by_inputs", "eps")
+    MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    multiply_by_inputs: bool
+    eps: float
+    def __init__(self, multiply_by_inputs: _Optional[bool] = ..., eps: _Optional[float] = ...) -> None: ...
+
+class GradientShapParams(_message.Message):
+    __slots__ = ("n_samples", "stdevs", "multiply_by_inputs")
+    N_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STDEVS_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    n_samples: int
+    stdevs: _containers.RepeatedScalarFieldContainer[float]
+    multiply_by_inputs: bool
+    def __init__(self, n_samples: _Optional[int] = ..., stdevs: _Optional[_Iterable[float]] = ..., multiply_by_inputs: _Optional[bool] = ...) -> None: ...
+
+class NoiseTunnel(_message.Message):
+    __slots__ = ("nt_type", "nt_samples", "stdevs", "draw_baseline_from_distrib")
+    NT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    NT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STDEVS_FIELD_NUMBER: _ClassVar[int]
+    DRAW_BASELINE_FROM_DISTRIB_FIELD_NUMBER: _ClassVar[int]
+    nt_type: str
+    nt_samples: int
+    stdevs: _containers.RepeatedScalarFieldContainer[float]
+    draw_baseline_from_distrib: bool
+    def __init__(self, nt_type: _Optional[str] = ..., nt_samples: _Optional[int] = ..., stdevs: _Optional[_Iterable[float]] = ..., draw_baseline_from_distrib: _Optional[bool] = ...) -> None: ...
+
+class AttributeRequest(_message.Message):
+    __slots__ = ("request_id", "model", "model_version", "algorithm", "inputs", "baselines", "target", "additional_forward_args", "layer", "integrated_gradients", "saliency", "deep_lift", "gradient_shap", "noise_tunnel", "return_convergence_delta", "seed", "feature_masks", "return_outputs")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    BASELINES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    ADDITIONAL_FORWARD_ARGS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    INTEGRATED_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    SALIENCY_FIELD_NUMBER: _ClassVar[int]
+    DEEP_LIFT_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_SHAP_FIELD_NUMBER: _ClassVar[int]
+    NOISE_TUNNEL_FIELD_NUMBER: _ClassVar[int]
+    RETURN_CONVERGENCE_DELTA_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_MASKS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    model_version: str
+    algorithm: Algorithm
+    inputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    baselines: _containers.RepeatedCompositeFieldContainer[Baseline]
+    target: Target
+    additional_forward_args: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    layer: str
+    integrated_gradients: IntegratedGradientsParams
+    saliency: SaliencyParams
+    deep_lift: DeepLiftParams
+    gradient_shap: GradientShapParams
+    noise_tunnel: NoiseTunnel
+    return_convergence_delta: bool
+    seed: int
+    feature_masks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    return_outputs: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[Baseline, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., additional_forward_args: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., saliency: _Optional[_Union[SaliencyParams, _Mapping]] = ..., deep_lift: _Optional[_Union[DeepLiftParams, _Mapping]] = ..., gradient_shap: _Optional[_Union[GradientShapParams, _Mapping]] = ..., noise_tunnel: _Optional[_Union[NoiseTunnel, _Mapping]] = ..., return_convergence_delta: _Optional[bool] = ..., seed: _Optional[int] = ..., feature_masks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., return_outputs: _Optional[bool] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("queue_ms", "compute_ms", "total_ms", "rows", "passes", "pass_rows", "pass_requests")
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    PASS_ROWS_FIELD_NUMBER: _ClassVar[int]
+    PASS_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    queue_ms: float
+    compute_ms: float
+    total_ms: float
+    rows: int
+    passes: int
+    pass_rows: int
+    pass_requests: int
+    def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., rows: _Optional[int] = ..., passes: _Optional[int] = ..., pass_rows: _Optional[int] = ..., pass_requests: _Optional[int] = ...) -> None: ...
+
+class AttributeResponse(_message.Message):
+    __slots__ = ("request_id", "attributions", "convergence_delta", "outputs", "model_version", "timing", "seed")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    CONVERGENCE_DELTA_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    attributions: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    convergence_delta: _tensor_pb2.Tensor
+    outputs: _tensor_pb2.Tensor
+    model_version: str
+    timing: Timing
+    seed: int
+    def __init__(self, request_id: _Optional[str] = ..., attributions: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., convergence_delta: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., model_version: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class AttributeStreamRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: AttributeRequest
+    def __init__(self, request: _Optional[_Union[AttributeRequest, _Mapping]] = ...) -> None: ...
+
+class AttributeError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class AttributeStreamResponse(_message.Message):
+    __slots__ = ("request_id", "response", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    response: AttributeResponse
+    error: AttributeError
+    def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[AttributeResponse, _Mapping]] = ..., error: _Optional[_Union[AttributeError, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("model", "model_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class GetModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("config", "layers", "algorithms", "ready")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    config: _model_config_pb2.ModelConfig
+    layers: _containers.RepeatedScalarFieldContainer[str]
+    algorithms: _containers.RepeatedScalarFieldContainer[Algorithm]
+    ready: bool
+    def __init__(self, config: _Optional[_Union[_model_config_pb2.ModelConfig, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., algorithms: _Optional[_Iterable[_Union[Algorithm, str]]] = ..., ready: _Optional[bool] = ...) -> None: ...

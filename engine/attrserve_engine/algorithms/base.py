@@ -1,0 +1,158 @@
+"""The small common base of every algorithm: parameter parsing, shared row builders and reducers."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.plan import FORWARD, Block, BlockResult, Plan, Task, repeat_rows
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request caps the algorithms enforce while parsing parameters."""
+
+    max_n_steps: int = 1000
+    max_nt_samples: int = 1000
+
+
+@dataclass(frozen=True)
+class NoParams:
+    pass
+
+
+class Algorithm:
+    """One attribution algorithm: validates its parameters and builds its plan.
+
+    Who calls what: the engine calls `parse_params` when a job is submitted
+    (on the caller's thread), `rows` to enforce the per-request row cap, and
+    `plan` on the worker thread, which then drives the generator.
+    """
+
+    name: ClassVar[str]
+    params_type: ClassVar[type] = NoParams
+    has_convergence_delta: ClassVar[bool] = False
+    # Pass kinds the plan uses; GetModel lists an algorithm only where the model allows them.
+    needs_module_hooks: ClassVar[bool] = False
+    uses_baselines: ClassVar[bool] = False
+    # True where baselines are a distribution to draw from (GradientShap).
+    baseline_distribution: ClassVar[bool] = False
+
+    def parse_params(self, raw: dict[str, Any], limits: Limits) -> Any:
+        params = parse_dataclass(self.params_type, raw, self.name)
+        self.check_params(params, limits)
+        return params
+
+    def check_params(self, params: Any, limits: Limits) -> None:
+        """Range checks beyond types; raise InvalidArgument naming the field."""
+
+    def rows(self, params: Any, n_examples: int) -> int:
+        """Rows of model work the plan needs for n examples (before NoiseTunnel)."""
+        return n_examples
+
+    def delta_rows(self, params: Any, n_examples: int) -> int:
+        """Forward rows of the convergence delta: end and start point per example."""
+        return 2 * n_examples
+
+    def plan(self, task: Task) -> Plan:
+        raise NotImplementedError
+
+
+def parse_dataclass(cls: type, raw: dict[str, Any], owner: str) -> Any:
+    """Build a params dataclass from Captum-named values, with messages that name the field."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        valid = ", ".join(fields) or "none"
+        raise InvalidArgument(f"{owner}: unknown parameter(s) {', '.join(unknown)}; valid: {valid}")
+    values = {}
+    for name, value in raw.items():
+        default = fields[name].default
+        if default is dataclasses.MISSING and fields[name].default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = fields[name].default_factory()  # type: ignore[misc]
+        values[name] = _coerce(value, default, f"{owner}.{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, default: Any, label: str) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{label} must be a bool, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidArgument(f"{label} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidArgument(f"{label} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{label} must be a string, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return (float(value),)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise InvalidArgument(f"{label} must be a number or a list of numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+    return value
+
+
+def per_input_values(values: tuple[float, ...], n_inputs: int, label: str) -> tuple[float, ...]:
+    """One value for all inputs, or one per input (Captum's float-or-tuple `stdevs`)."""
+    if len(values) == 1:
+        return values * n_inputs
+    if len(values) != n_inputs:
+        raise InvalidArgument(f"{label}: give one value or one per input ({n_inputs}), got {len(values)}")
+    return values
+
+
+def check_positive(value: int, label: str, cap: int, minimum: int = 1) -> None:
+    if value < minimum:
+        raise InvalidArgument(f"{label} must be at least {minimum}, got {value}")
+    if value > cap:
+        raise InvalidArgument(f"{label} is {value}, over this server's limit of {cap}")
+
+
+def example_baselines(task: Task) -> tuple[Tensor, ...]:
+    """Baselines as one row per example, (n, *feature_shape) each — Captum's `_tensorize_baseline`."""
+    out = []
+    for i, (x, b) in enumerate(zip(task.inputs, task.baselines)):
+        if b.shape[0] == x.shape[0]:
+            out.append(b)
+        elif b.shape[0] == 1:
+            out.append(b.expand_as(x).contiguous())
+        else:
+            raise InvalidArgument(
+                f"baselines[{i}] has {b.shape[0]} rows; it must have 1 or one per example ({x.shape[0]})"
+            )
+    return tuple(out)
+
+
+def sum_rows(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
+def delta_block(inputs: tuple[Tensor, ...], baselines: tuple[Tensor, ...], args: tuple[Tensor, ...], target: Tensor) -> Block:
+    """The forward rows Captum's compute_convergence_delta needs: [end points; start points]."""
+    return Block(
+        kind=FORWARD,
+        inputs=tuple(torch.cat([x, b]) for x, b in zip(inputs, baselines)),
+        args=tuple(repeat_rows(a, 2) for a in args),
+        target=repeat_rows(target, 2),
+    )
+
+
+def delta_from(result: BlockResult, attributions: tuple[Tensor, ...]) -> Tensor:
+    """sum(attributions) - (f(inputs) - f(baselines)) per example, from a delta_block's result."""
+    n = int(attributions[0].shape[0])
+    end, start = result.selected[:n], result.selected[n:]  # (n,) each
+    attr_sum = torch.stack([sum(rs) for rs in zip(*[sum_rows(a) for a in attributions])])  # (n,)
+    return attr_sum - (end - start)

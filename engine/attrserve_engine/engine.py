@@ -1,0 +1,275 @@
+"""Engine facade: loads models, validates and formats jobs, and hands them to the scheduler of their device."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from attrserve_engine.algorithms import ALGORITHMS, Algorithm, Limits
+from attrserve_engine.algorithms.noise_tunnel import noise_tunnel_plan, parse_noise_tunnel
+from attrserve_engine.errors import InvalidArgument, ResourceExhausted, Unavailable
+from attrserve_engine.executor import flat_target
+from attrserve_engine.job import AttributionJob, AttributionResult, JobTiming
+from attrserve_engine.plan import FORWARD, Attribution, Block, BlockResult, Plan, RequestRNG, Task
+from attrserve_engine.registry import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelRegistry, ModelSpec
+from attrserve_engine.rules.deeplift import hooked_modules
+from attrserve_engine.scheduler import LiveJob, PassStats, Scheduler
+
+log = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding, which Captum's users call, takes 32 bits
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Server-wide caps; each breach is a clear INVALID_ARGUMENT or RESOURCE_EXHAUSTED."""
+
+    max_n_steps: int = 1000
+    max_nt_samples: int = 1000
+    max_rows_per_request: int = 100_000
+    max_queued_requests: int = 10_000
+    default_max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS
+    default_max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
+    default_device: str = "auto"
+
+    @property
+    def algorithm_limits(self) -> Limits:
+        return Limits(max_n_steps=self.max_n_steps, max_nt_samples=self.max_nt_samples)
+
+
+class Engine:
+    """Entry point for the service edge (and for in-process use).
+
+    `load` is called at start-up; `submit` from the event loop for each
+    request (validation only, no model code); `shutdown` on SIGTERM.
+    """
+
+    def __init__(self, limits: EngineLimits = EngineLimits()) -> None:
+        self.limits = limits
+        self.registry = ModelRegistry()
+        self.observers: list[Callable[[PassStats], None]] = []
+        self._schedulers: dict[str, Scheduler] = {}
+        self._lock = threading.Lock()
+        self.passes = 0
+        self.rows = 0
+        self.observers.append(self._count)
+
+    # -- models ------------------------------------------------------------
+    def load(self, spec: ModelSpec) -> LoadedModel:
+        if not spec.device:
+            spec.device = self.limits.default_device
+        model = LoadedModel(spec, self.limits.default_max_batch_rows, self.limits.default_max_queue_delay_us)
+        model.warm_up()
+        self.registry.add(model)
+        self._scheduler(model)
+        log.info("loaded model %s v%s on %s", model.name, model.version, model.device)
+        return model
+
+    def models(self) -> list[LoadedModel]:
+        return self.registry.all()
+
+    def get_model(self, name: str, version: str = "") -> LoadedModel:
+        return self.registry.get(name, version)
+
+    def supported_algorithms(self, model: LoadedModel) -> list[str]:
+        """Algorithms this model can serve: rule-hook methods need an eager model with hookable modules."""
+        names = []
+        for name, algorithm in ALGORITHMS.items():
+            if algorithm.needs_module_hooks and (model.is_torchscript or not hooked_modules(model.module)):
+                continue
+            names.append(name)
+        return names
+
+    # -- jobs --------------------------------------------------------------
+    def submit(self, job: AttributionJob) -> concurrent.futures.Future:
+        """Validate `job` and queue it; the future resolves to an AttributionResult or an AttributionError."""
+        model = self.registry.get(job.model, job.model_version)
+        if not model.ready:
+            raise Unavailable(f"model {model.name!r} is still loading")
+        live = self._prepare(job, model)
+        future = self._scheduler(model).submit(live)
+        future.add_done_callback(lambda f: setattr(live, "cancelled", True) if f.cancelled() else None)
+        return future
+
+    def attribute(self, job: AttributionJob, timeout: float | None = None) -> AttributionResult:
+        """Blocking convenience for in-process callers and tests."""
+        return self.submit(job).result(timeout)
+
+    def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> None:
+        for scheduler in list(self._schedulers.values()):
+            scheduler.stop(drain=drain, timeout=timeout)
+        self._schedulers.clear()
+
+    def in_flight(self) -> int:
+        return sum(s.in_flight() for s in self._schedulers.values())
+
+    # -- internals ---------------------------------------------------------
+    def _count(self, stats: PassStats) -> None:
+        self.passes += 1
+        self.rows += stats.rows
+
+    def _scheduler(self, model: LoadedModel) -> Scheduler:
+        key = str(model.device)
+        with self._lock:
+            if key not in self._schedulers:
+                self._schedulers[key] = Scheduler(key, self.limits.max_queued_requests, self.observers)
+            return self._schedulers[key]
+
+    def _prepare(self, job: AttributionJob, model: LoadedModel) -> LiveJob:
+        algorithm = ALGORITHMS.get(job.algorithm)
+        if algorithm is None:
+            raise InvalidArgument(f"unknown algorithm {job.algorithm!r}; this server has: {', '.join(ALGORITHMS)}")
+        if job.algorithm not in self.supported_algorithms(model):
+            raise InvalidArgument(f"model {model.name!r} does not support {job.algorithm} (it needs hookable eager modules)")
+        limits = self.limits.algorithm_limits
+        params = algorithm.parse_params(dict(job.params), limits)
+        nt = parse_noise_tunnel(dict(job.noise_tunnel), limits) if job.noise_tunnel is not None else None
+        inputs = _check_inputs(job, model)
+        n = int(inputs[0].shape[0])
+        if job.layer:
+            raise InvalidArgument(f"layer is only for layer methods; {job.algorithm} attributes to the inputs")
+        if job.feature_masks:
+            raise InvalidArgument(f"feature_masks is only for perturbation methods; {job.algorithm} does not take it")
+        if job.return_convergence_delta and not algorithm.has_convergence_delta:
+            raise InvalidArgument(f"{job.algorithm} has no convergence delta; do not set return_convergence_delta")
+        if job.baselines and not algorithm.uses_baselines and not (nt and nt.draw_baseline_from_distrib):
+            raise InvalidArgument(f"{job.algorithm} takes no baselines")
+        distribution = algorithm.baseline_distribution or bool(nt and nt.draw_baseline_from_distrib)
+        baselines = _format_baselines(job.baselines, inputs, distribution)
+        target = _format_target(job.target, n)
+        args = tuple(job.additional_forward_args)
+        for j, a in enumerate(args):
+            if a.dim() == 0 or a.shape[0] != n:
+                raise InvalidArgument(f"additional_forward_args[{j}] has shape {tuple(a.shape)}; dim 0 must be the {n} examples")
+        if model.output_shape is not None:
+            flat_target(target, model.output_shape)  # early, clear target errors
+
+        examples = n * nt.nt_samples if nt else n  # NoiseTunnel runs the algorithm on its noisy copies
+        rows = algorithm.rows(params, examples) + (n if job.return_outputs else 0)
+        rows += algorithm.delta_rows(params, examples) if job.return_convergence_delta else 0
+        if rows > self.limits.max_rows_per_request:
+            raise ResourceExhausted(
+                f"this request needs {rows} rows of model work ({n} example(s) with these parameters), "
+                f"over this server's limit of {self.limits.max_rows_per_request} rows per request; "
+                "send fewer examples or fewer steps/samples"
+            )
+        seed = job.seed if job.seed is not None else secrets.randbits(32)
+        if not 0 <= seed <= MAX_SEED:
+            raise InvalidArgument(f"seed must be in [0, {MAX_SEED}], got {seed}")
+
+        def plan_factory() -> Plan:
+            device = model.device
+            task = Task(
+                inputs=tuple(x.to(device) for x in inputs),
+                baselines=tuple(b.to(device) for b in baselines),
+                target=target.to(device),
+                args=tuple(a.to(device) for a in args),
+                params=params,
+                rng=RequestRNG(seed),
+                return_convergence_delta=job.return_convergence_delta,
+            )
+            plan = noise_tunnel_plan(algorithm, nt, task) if nt else algorithm.plan(task)
+            if job.return_outputs:
+                plan = _with_outputs(plan, Block(kind=FORWARD, inputs=task.inputs, args=task.args, target=task.target))
+            return plan
+
+        def finish(attribution: Attribution, live: LiveJob) -> AttributionResult:
+            outputs = getattr(attribution, "outputs", None)
+            now = time.monotonic()
+            timing = JobTiming(
+                queue_ms=1e3 * ((live.first_pass_start or now) - live.arrival),
+                compute_ms=1e3 * live.compute_s,
+                total_ms=1e3 * (now - live.arrival),
+                rows=live.rows,
+                passes=live.passes,
+                pass_rows=live.pass_rows,
+                pass_requests=live.pass_requests,
+            )
+            return AttributionResult(
+                attributions=tuple(a.detach().cpu() for a in attribution.attributions),
+                convergence_delta=None if attribution.convergence_delta is None else attribution.convergence_delta.detach().cpu(),
+                outputs=None if outputs is None else outputs.detach().cpu(),
+                model_version=model.version,
+                seed=seed,
+                timing=timing,
+                request_id=job.request_id,
+            )
+
+        return LiveJob(model=model, plan_factory=plan_factory, finish=finish, rows=rows, deadline=job.deadline, arrival=job.arrival)
+
+
+@dataclass
+class _WithOutputs(Attribution):
+    outputs: Tensor | None = None
+
+
+def _with_outputs(plan: Plan, forward: Block) -> Plan:
+    """Run the model on the inputs alongside the plan's first block; attach the outputs to its result."""
+    first = next(plan)
+    results = yield [forward] + (first if isinstance(first, list) else [first])
+    out: BlockResult = results[0]
+    sent = results[1:] if isinstance(first, list) else results[1]
+    try:
+        while True:
+            sent = yield plan.send(sent)
+    except StopIteration as stop:
+        a: Attribution = stop.value
+        return _WithOutputs(a.attributions, a.convergence_delta, out.outputs)
+
+
+def _check_inputs(job: AttributionJob, model: LoadedModel) -> tuple[Tensor, ...]:
+    inputs = tuple(job.inputs)
+    if not inputs:
+        raise InvalidArgument("inputs is empty; send one tensor per model input")
+    for i, x in enumerate(inputs):
+        if x.dim() == 0:
+            raise InvalidArgument(f"inputs[{i}] is a scalar; dim 0 must index examples")
+        if x.shape[0] != inputs[0].shape[0]:
+            raise InvalidArgument(f"inputs[{i}] has {x.shape[0]} examples but inputs[0] has {inputs[0].shape[0]}")
+    if inputs[0].shape[0] == 0:
+        raise InvalidArgument("inputs have 0 examples")
+    model.check_inputs(inputs)
+    return inputs
+
+
+def _format_baselines(baselines: tuple, inputs: tuple[Tensor, ...], distribution: bool) -> tuple[Tensor, ...]:
+    """Each baseline → (b, *feature_shape) in the input's dtype: b = 1, n, or (distributions) any m."""
+    if baselines and len(baselines) != len(inputs):
+        raise InvalidArgument(f"give one baseline per input ({len(inputs)}) or none, got {len(baselines)}")
+    out = []
+    for i, x in enumerate(inputs):
+        b = baselines[i] if baselines else None
+        feature_shape = tuple(x.shape[1:])
+        if b is None or isinstance(b, (int, float)):
+            out.append(torch.full((1, *feature_shape), float(b or 0), dtype=x.dtype))
+            continue
+        if b.dim() == 0:
+            b = b.reshape(1, *([1] * len(feature_shape)))
+        elif b.dim() == x.dim() - 1:
+            b = b.unsqueeze(0)
+        if b.dim() != x.dim():
+            raise InvalidArgument(f"baselines[{i}] has shape {tuple(b.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}")
+        try:
+            b = torch.broadcast_to(b, (b.shape[0], *feature_shape))
+        except RuntimeError:
+            raise InvalidArgument(f"baselines[{i}] has shape {tuple(b.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}") from None
+        if not distribution and b.shape[0] not in (1, x.shape[0]):
+            raise InvalidArgument(f"baselines[{i}] has {b.shape[0]} rows; give 1 or one per example ({x.shape[0]})")
+        out.append(b.to(x.dtype).contiguous())
+    return tuple(out)
+
+
+def _format_target(target: Tensor | None, n: int) -> Tensor:
+    if target is None:
+        return torch.zeros((n, 0), dtype=torch.int64)
+    if target.dim() != 2 or target.shape[0] != n:
+        raise InvalidArgument(f"target must give an index tuple per example, shape ({n}, k); got {tuple(target.shape)}")
+    return target.to(torch.int64)

@@ -1,0 +1,71 @@
+"""What a caller hands the engine (AttributionJob) and what it gets back (AttributionResult)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AttributionJob:
+    """One attribution request, already decoded into torch tensors (on CPU).
+
+    Built by the service edge (or a test) and passed to `Engine.submit`.
+    """
+
+    model: str
+    algorithm: str  # Captum's class name in snake_case, e.g. "integrated_gradients"
+    inputs: tuple[Tensor, ...]  # each (n_examples, *feature_shape)
+    # One per input: None (zeros), a Python number, or a tensor broadcastable to
+    # the input (GradientShap: a baseline distribution along dim 0).
+    baselines: tuple[Tensor | float | None, ...] = ()
+    # (n_examples, k) int64 index tuple per example into the output after dim 0;
+    # k = 0 (or None) means the output is one scalar per example.
+    target: Tensor | None = None
+    additional_forward_args: tuple[Tensor, ...] = ()  # each (n_examples, ...)
+    params: dict[str, Any] = field(default_factory=dict)  # Captum's parameter names
+    noise_tunnel: dict[str, Any] | None = None  # nt_type, nt_samples, stdevs, draw_baseline_from_distrib
+    layer: str = ""
+    feature_masks: tuple[Tensor, ...] = ()
+    return_convergence_delta: bool = False
+    return_outputs: bool = False
+    seed: int | None = None
+    model_version: str = ""
+    request_id: str = ""
+    deadline: float | None = None  # time.monotonic() after which the job is dropped
+    arrival: float = field(default_factory=time.monotonic)
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.inputs[0].shape[0]) if self.inputs else 0
+
+
+@dataclass
+class JobTiming:
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    total_ms: float = 0.0
+    rows: int = 0
+    passes: int = 0
+    pass_rows: int = 0
+    pass_requests: int = 0
+
+
+@dataclass
+class AttributionResult:
+    attributions: tuple[Tensor, ...]  # one per input, shaped like it, on CPU
+    convergence_delta: Tensor | None
+    outputs: Tensor | None  # the explained model output for the inputs
+    model_version: str
+    seed: int
+    timing: JobTiming
+    request_id: str = ""
+
+
+def zeros_like_target(n: int) -> Tensor:
+    """A target for models whose output is one scalar per example."""
+    return torch.zeros((n, 0), dtype=torch.int64)

@@ -1,0 +1,142 @@
+"""The plan interface: an algorithm is a generator that yields blocks of rows and receives their results.
+
+A plan yields a `Block` (or a list of blocks, run concurrently) and is resumed
+with the matching `BlockResult` (or list). It returns an `Attribution`. The
+scheduler never needs to know which algorithm a row belongs to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Generator, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# Pass kinds; the executor knows how to run each.
+GRADIENT = "gradient"  # forward + backward w.r.t. the inputs
+FORWARD = "forward"  # forward only, no autograd
+DEEPLIFT = "deeplift"  # forward + backward with DeepLift's rule hooks, rows paired with references
+
+
+@dataclass
+class Block:
+    """Rows of work of one plan, all of one pass kind."""
+
+    kind: str
+    inputs: tuple[Tensor, ...]  # each (rows, *feature_shape)
+    args: tuple[Tensor, ...]  # additional forward args, each (rows, ...)
+    target: Tensor  # (rows, k) int64 index into the output after dim 0
+    # DEEPLIFT: reference rows paired one-to-one with `inputs` (Captum runs
+    # cat([inputs, refs]) through the model).
+    refs: tuple[Tensor, ...] | None = None
+    # Hashable pass options that must be equal across a fused pass (e.g. eps).
+    options: tuple = ()
+
+    @property
+    def rows(self) -> int:
+        n = int(self.inputs[0].shape[0])
+        return 2 * n if self.refs is not None else n
+
+    @property
+    def splittable(self) -> bool:
+        # NOTE: DeepLift's Softmax/MaxPool rules look at the whole Captum batch,
+        # so a DEEPLIFT block must run in one pass to reproduce Captum.
+        return self.kind != DEEPLIFT
+
+
+@dataclass
+class BlockResult:
+    outputs: Tensor  # (rows, *output_shape) the explained model output, detached
+    selected: Tensor  # (rows,) the output at each row's target
+    grads: tuple[Tensor, ...] | None = None  # GRADIENT/DEEPLIFT: d selected / d inputs, per input
+
+
+@dataclass
+class Attribution:
+    """What a plan returns."""
+
+    attributions: tuple[Tensor, ...]
+    convergence_delta: Tensor | None = None
+
+
+PlanYield = Union[Block, list]
+Plan = Generator[PlanYield, Any, Attribution]
+
+
+@dataclass
+class RequestRNG:
+    """A request's own generators, seeded like Captum's global ones.
+
+    NOTE: draws must happen in Captum's order (numpy then torch, per method)
+    for a seeded request to reproduce Captum exactly.
+    """
+
+    seed: int
+    torch_gen: torch.Generator = field(init=False)
+    numpy_gen: np.random.RandomState = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.torch_gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.numpy_gen = np.random.RandomState(self.seed)
+
+
+@dataclass
+class Task:
+    """A formatted request as algorithms see it; all tensors on the model's device."""
+
+    inputs: tuple[Tensor, ...]  # each (n, *feature_shape)
+    # One per input, each (b, *feature_shape) with b in {1, n, m}: a single
+    # baseline, one per example, or (GradientShap) a distribution of m.
+    baselines: tuple[Tensor, ...]
+    target: Tensor  # (n, k) int64
+    args: tuple[Tensor, ...]  # each (n, ...)
+    params: Any
+    rng: RequestRNG
+    return_convergence_delta: bool = False
+
+    @property
+    def n(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    def replace(self, **changes: Any) -> "Task":
+        values = dict(self.__dict__)
+        values.update(changes)
+        return Task(**values)
+
+
+def repeat_rows(t: Tensor, times: int) -> Tensor:
+    """Captum's ExpansionTypes.repeat: [t; t; ...] (step-major)."""
+    return torch.cat([t] * times, dim=0) if times > 1 else t
+
+
+def interleave_rows(t: Tensor, times: int) -> Tensor:
+    """Captum's ExpansionTypes.repeat_interleave: each row `times` times in a row."""
+    return t.repeat_interleave(times, dim=0) if times > 1 else t
+
+
+def slice_block(block: Block, start: int, stop: int) -> Block:
+    """Rows [start, stop) of a splittable block."""
+    assert block.refs is None, "paired (DEEPLIFT) blocks are never split"
+    return Block(
+        kind=block.kind,
+        inputs=tuple(x[start:stop] for x in block.inputs),
+        args=tuple(a[start:stop] for a in block.args),
+        target=block.target[start:stop],
+        options=block.options,
+    )
+
+
+def concat_results(parts: list[BlockResult]) -> BlockResult:
+    """Re-join the results of a block's slices, in row order."""
+    if len(parts) == 1:
+        return parts[0]
+    grads = None
+    if parts[0].grads is not None:
+        grads = tuple(torch.cat([p.grads[i] for p in parts]) for i in range(len(parts[0].grads)))  # type: ignore[index]
+    return BlockResult(
+        outputs=torch.cat([p.outputs for p in parts]),
+        selected=torch.cat([p.selected for p in parts]),
+        grads=grads,
+    )

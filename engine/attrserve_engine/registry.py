@@ -1,0 +1,203 @@
+"""Model registry: loads model folders (eager `model.py` or TorchScript `model.pt`) and keeps them resident."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from attrserve_engine.errors import InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_ROWS = 256
+DEFAULT_MAX_QUEUE_DELAY_US = 500
+
+
+@dataclass
+class InputSpec:
+    name: str
+    dtype: torch.dtype | None = None  # None: any dtype
+    dims: tuple[int, ...] | None = None  # per example; -1 = any size; None: any shape
+
+
+@dataclass
+class ModelSpec:
+    """Everything the engine needs to load and serve one model version.
+
+    The service builds it from `config.pbtxt`; tests may pass `module` directly.
+    """
+
+    name: str
+    version: str = "1"
+    path: Path | None = None  # model folder
+    platform: str = ""  # "pytorch_eager" | "torchscript" | "" (detect from the folder)
+    inputs: list[InputSpec] = field(default_factory=list)
+    max_batch_rows: int = 0  # 0: engine default
+    max_queue_delay_us: int = 0  # 0: engine default
+    device: str = ""  # "auto" | "cpu" | "cuda[:i]" | "" (engine default)
+    output_index: int | None = None
+    output_key: str | None = None
+    description: str = ""
+    module: nn.Module | None = None  # an already-built model (tests, embedding in other programs)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise InvalidArgument(f"device {device!r} is not a torch device: {e}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument(f"device {device!r} asked for, but CUDA is not available")
+    return resolved
+
+
+def _load_module(spec: ModelSpec) -> nn.Module:
+    if spec.module is not None:
+        return spec.module
+    if spec.path is None:
+        raise InvalidArgument(f"model {spec.name!r} has neither a folder nor a module")
+    folder = Path(spec.path)
+    platform = spec.platform or ("torchscript" if (folder / "model.pt").exists() else "pytorch_eager")
+    if platform == "torchscript":
+        return torch.jit.load(str(folder / "model.pt"), map_location="cpu")
+    source = folder / "model.py"
+    if not source.exists():
+        raise NotFound(f"model folder {folder} has no model.py or model.pt")
+    # A unique module name per file, so two folders' model.py never collide.
+    digest = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:12]
+    module_spec = importlib.util.spec_from_file_location(f"attrserve_model_{spec.name}_{digest}", source)
+    assert module_spec is not None and module_spec.loader is not None
+    py_module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(py_module)
+    build: Callable[[], nn.Module] | None = getattr(py_module, "build_model", None)
+    if build is None:
+        raise InvalidArgument(f"{source} defines no build_model()")
+    model = build()
+    weights = folder / "weights.pt"
+    if weights.exists():
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model
+
+
+class LoadedModel:
+    """A model resident on its device, with what the engine knows about it."""
+
+    def __init__(self, spec: ModelSpec, default_max_batch_rows: int, default_max_queue_delay_us: int) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.version = spec.version or "1"
+        self.device = resolve_device(spec.device)
+        self.module = _load_module(spec).to(self.device).eval()
+        self.max_batch_rows = spec.max_batch_rows or default_max_batch_rows
+        self.max_queue_delay_s = (spec.max_queue_delay_us or default_max_queue_delay_us) / 1e6
+        self.is_torchscript = isinstance(self.module, torch.jit.ScriptModule)
+        self.layers = [name for name, _ in self.module.named_modules() if name]
+        # Per-example shape of the explained output, learned at warm-up or first pass.
+        self.output_shape: tuple[int, ...] | None = None
+        self.ready = False
+        self._lock = threading.Lock()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, self.version)
+
+    def forward(self, *args: Tensor) -> Tensor:
+        """Run the model and pick the explained output (tuple index or dict key)."""
+        out: Any = self.module(*args)
+        if isinstance(out, dict):
+            key = self.spec.output_key
+            if key is None:
+                if len(out) != 1:
+                    raise InvalidArgument(
+                        f"model {self.name!r} returns a dict with keys {sorted(out)}; set output.key in its config"
+                    )
+                key = next(iter(out))
+            out = out[key]
+        elif isinstance(out, (tuple, list)):
+            out = out[self.spec.output_index or 0]
+        elif self.spec.output_index not in (None, 0):
+            raise InvalidArgument(f"model {self.name!r} returns one tensor, config asks for output {self.spec.output_index}")
+        if not isinstance(out, Tensor):
+            raise InvalidArgument(f"model {self.name!r} returned {type(out).__name__}, not a tensor")
+        if out.dim() == 0 or out.shape[0] != args[0].shape[0]:
+            raise InvalidArgument(
+                f"model {self.name!r} returned shape {tuple(out.shape)}; the output's dim 0 must index examples"
+            )
+        if self.output_shape is None:
+            self.output_shape = tuple(out.shape[1:])
+        return out
+
+    def warm_up(self) -> None:
+        """One forward on zero inputs when the specs pin every dim, so readiness means the model runs."""
+        specs = self.spec.inputs
+        if specs and all(s.dims is not None and all(d > 0 for d in s.dims) for s in specs):
+            with torch.no_grad():
+                xs = [torch.zeros((1, *s.dims), dtype=s.dtype or torch.float32, device=self.device) for s in specs]
+                self.forward(*xs)
+        self.ready = True
+
+    def check_inputs(self, inputs: tuple[Tensor, ...]) -> None:
+        specs = self.spec.inputs
+        if not specs:
+            return
+        if len(inputs) != len(specs):
+            raise InvalidArgument(f"model {self.name!r} takes {len(specs)} inputs ({', '.join(s.name for s in specs)}), got {len(inputs)}")
+        for i, (x, s) in enumerate(zip(inputs, specs)):
+            label = f"inputs[{i}] ({s.name!r})"
+            if s.dtype is not None and x.dtype != s.dtype:
+                raise InvalidArgument(f"{label}: expected dtype {_dtype_name(s.dtype)}, got {_dtype_name(x.dtype)}")
+            if s.dims is not None:
+                dims = tuple(x.shape[1:])
+                ok = len(dims) == len(s.dims) and all(d == -1 or d == g for d, g in zip(s.dims, dims))
+                if not ok:
+                    want = "(n, " + ", ".join("*" if d == -1 else str(d) for d in s.dims) + ")"
+                    raise InvalidArgument(f"{label}: expected shape {want}, got {tuple(x.shape)}")
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "device": str(self.device), "ready": self.ready}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class ModelRegistry:
+    """Name/version → LoadedModel. Called from the service (load, lookup) and the engine worker (lookup)."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, str], LoadedModel] = {}
+        self._default_version: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def add(self, model: LoadedModel) -> None:
+        with self._lock:
+            self._models[model.key] = model
+            self._default_version.setdefault(model.name, model.version)
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        with self._lock:
+            if not version:
+                version = self._default_version.get(name, "")
+            model = self._models.get((name, version))
+            if model is None:
+                known = sorted({n for n, _ in self._models})
+                if name in self._default_version:
+                    raise NotFound(f"model {name!r} has no version {version!r}")
+                raise NotFound(f"model {name!r} is not served; served models: {', '.join(known) or 'none'}")
+            return model
+
+    def all(self) -> list[LoadedModel]:
+        with self._lock:
+            return sorted(self._models.values(), key=lambda m: m.key)

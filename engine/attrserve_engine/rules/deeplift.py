@@ -1,0 +1,148 @@
+"""DeepLift's rescale rules as backward hooks, for fused passes of (input, reference) row pairs.
+
+The rules follow Captum 0.9.0 (`captum/attr/_core/deep_lift.py`). A fused
+pass holds rows [inputs of all requests; references of all requests], so row
+i pairs with row R + i exactly as in Captum's own cat([inputs, baselines]).
+Two Captum rules look beyond a row pair — Softmax normalises by the sum over
+the whole batch, MaxPool falls back to the batch's first row — so they are
+evaluated per request segment, giving each request what Captum gives it alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class SegmentLayout:
+    """Which request segment each of the 2R rows of a paired pass belongs to."""
+
+    segment_of_row: Tensor  # (2R,) int64
+    first_row_of_row: Tensor  # (2R,) int64: the segment's first input row
+    n_segments: int
+
+    @staticmethod
+    def of(rows_per_segment: list[int], device: torch.device) -> "SegmentLayout":
+        counts = torch.tensor(rows_per_segment, dtype=torch.int64, device=device)
+        ids = torch.repeat_interleave(torch.arange(len(rows_per_segment), device=device), counts)  # (R,)
+        starts = torch.cumsum(counts, 0) - counts  # (S,)
+        return SegmentLayout(torch.cat([ids, ids]), torch.cat([starts[ids], starts[ids]]), len(rows_per_segment))
+
+
+def _diffs(inputs: Tensor, outputs: Tensor) -> tuple[Tensor, Tensor]:
+    x, x_ref = inputs.chunk(2)
+    y, y_ref = outputs.chunk(2)
+    return torch.cat(2 * [x - x_ref]), torch.cat(2 * [y - y_ref])
+
+
+def _nonlinear(module: nn.Module, x: Tensor, y: Tensor, grad_in: Tensor, grad_out: Tensor, eps: float, layout: SegmentLayout) -> Tensor:
+    delta_in, delta_out = _diffs(x, y)
+    return torch.where(abs(delta_in) < eps, grad_in, grad_out * delta_out / delta_in)
+
+
+def _softmax(module: nn.Module, x: Tensor, y: Tensor, grad_in: Tensor, grad_out: Tensor, eps: float, layout: SegmentLayout) -> Tensor:
+    delta_in, delta_out = _diffs(x, y)
+    unnorm = torch.where(abs(delta_in) < eps, grad_in, grad_out * delta_out / delta_in)  # (2R, *shape)
+    # Captum subtracts the mean over its whole batch: here, over each request's rows.
+    row_sums = unnorm.reshape(unnorm.shape[0], -1).sum(1)  # (2R,)
+    seg_sums = torch.zeros(layout.n_segments, dtype=unnorm.dtype, device=unnorm.device).index_add_(0, layout.segment_of_row, row_sums)
+    seg_rows = torch.bincount(layout.segment_of_row, minlength=layout.n_segments)
+    seg_numel = seg_rows.to(unnorm.dtype) * (unnorm[0].numel())
+    mean = (seg_sums * 1 / seg_numel)[layout.segment_of_row]  # (2R,)
+    return unnorm - mean.view(-1, *([1] * (unnorm.dim() - 1)))
+
+
+def _maxpool(pool: Callable, unpool: Callable) -> Callable:
+    def rule(module: nn.Module, x: Tensor, y: Tensor, grad_in: Tensor, grad_out: Tensor, eps: float, layout: SegmentLayout) -> Tensor:
+        with torch.no_grad():
+            x_in, x_ref = x.chunk(2)
+            y_in, y_ref = y.chunk(2)
+            delta_in = torch.cat(2 * [x_in - x_ref])
+            y_max = torch.max(y_in, y_ref)
+            delta_out = torch.cat([y_max - y_ref, y_in - y_max])
+            _, indices = pool(x, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode, True)
+            unpooled = unpool(grad_out * delta_out, indices, module.kernel_size, module.stride, module.padding, list(x.shape))
+            a, b = torch.chunk(unpooled, 2)
+        summed = a + b
+        summed = torch.cat(2 * [summed])
+        # Captum falls back to grad_input[0], its batch's first row: each request's own first row here.
+        return torch.where(abs(delta_in) < eps, grad_in[layout.first_row_of_row], summed / delta_in)
+
+    return rule
+
+
+RULES: dict[type, Callable] = {
+    nn.ReLU: _nonlinear,
+    nn.ELU: _nonlinear,
+    nn.LeakyReLU: _nonlinear,
+    nn.Sigmoid: _nonlinear,
+    nn.Tanh: _nonlinear,
+    nn.Softplus: _nonlinear,
+    nn.MaxPool1d: _maxpool(F.max_pool1d, F.max_unpool1d),
+    nn.MaxPool2d: _maxpool(F.max_pool2d, F.max_unpool2d),
+    nn.MaxPool3d: _maxpool(F.max_pool3d, F.max_unpool3d),
+    nn.Softmax: _softmax,
+}
+
+
+def hooked_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules DeepLift replaces gradients of (Captum's rule: exact type, no user backward hooks)."""
+    return [m for m in model.modules() if type(m) in RULES and not m._backward_hooks]
+
+
+class DeepLiftRules:
+    """Installs the rule hooks for one paired pass; `remove()` restores the model.
+
+    Mirrors Captum's hook mechanics: the module's input is cloned before the
+    module runs (so in-place modules stay hookable), a tensor hook on the
+    output records grad_output, and a tensor hook on the original input
+    replaces grad_input with the rule's multiplier.
+    """
+
+    def __init__(self, model: nn.Module, eps: float, layout: SegmentLayout) -> None:
+        self.model = model
+        self.eps = eps
+        self.layout = layout
+        self.handles: list = []
+
+    def install(self) -> None:
+        for module in hooked_modules(self.model):
+            self._hook(module)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _hook(self, module: nn.Module) -> None:
+        rule = RULES[type(module)]
+        state: dict[str, Tensor] = {}
+
+        def pre_hook(mod: nn.Module, inp: tuple) -> tuple:
+            x = inp[0]
+            state["input"] = x.detach().clone()
+            if x.requires_grad:
+                x.register_hook(input_grad_hook)
+            return (x.clone(), *inp[1:])
+
+        def forward_hook(mod: nn.Module, inp: tuple, out: Tensor) -> None:
+            y = out[0] if isinstance(out, tuple) else out
+            state["output"] = y.detach().clone()
+            if y.requires_grad:
+                y.register_hook(output_grad_hook)
+
+        def output_grad_hook(grad: Tensor) -> None:
+            state["grad_output"] = grad
+
+        def input_grad_hook(grad: Tensor) -> Tensor | None:
+            if "grad_output" not in state:
+                return None
+            return rule(module, state["input"], state["output"], grad, state["grad_output"], self.eps, self.layout)
+
+        self.handles.append(module.register_forward_pre_hook(pre_hook))
+        self.handles.append(module.register_forward_hook(forward_hook))
