@@ -1,0 +1,191 @@
+"""Command line of the client side of attrserve: `attrserve attribute` and `attrserve models`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from .client import Attribution, AttributionClient, algorithm_name, algorithm_names
+
+_MAX_COLUMNS = 12
+_DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _load(text: str) -> Any:
+    """A JSON literal, or the path of a .json or .npy file (no JSON literal ends that way)."""
+    if text.endswith(".npy"):
+        return np.load(text)
+    if text.endswith(".json"):
+        with open(text) as f:
+            return json.load(f)
+    return json.loads(text)
+
+
+def _load_dict(text: str | None, flag: str) -> dict | None:
+    if text is None:
+        return None
+    value = _load(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object")
+    return value
+
+
+def _one_or_tuple(values: list[Any] | None) -> Any:
+    # One flag means a single-input model (a single array back); repeats mean one per input.
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _target(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        # JSON has no tuples, so "1,2" spells one tuple index for every example.
+        return tuple(int(part) for part in text.split(","))
+
+
+def _table(title: str, array: np.ndarray) -> list[str]:
+    array = np.asarray(array)
+    rows = array.reshape(1, -1) if array.ndim == 0 else array.reshape(array.shape[0], -1)
+    cells = [[f"{v:.4f}" for v in row[:_MAX_COLUMNS]] for row in rows]
+    width = max((len(c) for row in cells for c in row), default=6)
+    more = " …" if rows.shape[1] > _MAX_COLUMNS else ""
+    header = "example " + " ".join(f"{j:>{width}}" for j in range(min(rows.shape[1], _MAX_COLUMNS)))
+    return [title, header + more] + [
+        f"{i:>7} " + " ".join(f"{c:>{width}}" for c in row) + more for i, row in enumerate(cells)]
+
+
+def _render(result: Attribution) -> str:
+    lines = [f"model version {result.model_version}, seed {result.seed}"]
+    if isinstance(result.attributions, tuple):
+        for i, a in enumerate(result.attributions):
+            lines += _table(f"attributions of input {i} {a.shape}", a)
+    else:
+        lines += _table(f"attributions {result.attributions.shape}", result.attributions)
+    if result.convergence_delta is not None:
+        lines += _table("convergence delta", result.convergence_delta)
+    if result.outputs is not None:
+        lines += _table(f"outputs {result.outputs.shape}", result.outputs)
+    t = result.timing
+    lines.append(f"timing: queue {t['queue_ms']:.2f} ms, compute {t['compute_ms']:.2f} ms, "
+                 f"total {t['total_ms']:.2f} ms, passes {t['passes']}, pass_rows {t['pass_rows']}, "
+                 f"pass_requests {t['pass_requests']}")
+    return "\n".join(lines)
+
+
+def _as_json(result: Attribution) -> str:
+    attributions = result.attributions
+    return json.dumps({
+        "request_id": result.request_id,
+        "model_version": result.model_version,
+        "seed": result.seed,
+        "attributions": ([a.tolist() for a in attributions] if isinstance(attributions, tuple)
+                         else attributions.tolist()),
+        "convergence_delta": None if result.convergence_delta is None else result.convergence_delta.tolist(),
+        "outputs": None if result.outputs is None else result.outputs.tolist(),
+        "timing": result.timing,
+    })
+
+
+def _attribute_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attrserve attribute",
+                                description="Ask an attrserve server for attributions.")
+    p.add_argument("--target-address", default=_DEFAULT_ADDRESS, help="server host:port")
+    p.add_argument("--model", required=True)
+    p.add_argument("--model-version", default="")
+    p.add_argument("--algorithm", required=True, help="one of: " + ", ".join(algorithm_names()))
+    p.add_argument("--inputs", action="append", required=True,
+                   help="JSON literal, .json or .npy file; repeat once per model input")
+    p.add_argument("--baselines", action="append",
+                   help="number, JSON literal, .json or .npy file (null: zeros); repeat once per input")
+    p.add_argument("--target", help='an int, "i,j" for a tuple index, or a JSON list with one per example')
+    p.add_argument("--additional-forward-args", action="append", help="JSON literal, .json or .npy; repeatable")
+    p.add_argument("--feature-mask", action="append", help="JSON literal, .json or .npy; repeat once per input")
+    p.add_argument("--layer")
+    p.add_argument("--params", help='JSON object of the algorithm\'s parameters, e.g. {"n_steps": 50}')
+    p.add_argument("--noise-tunnel", help='JSON object, e.g. {"nt_type": "smoothgrad", "nt_samples": 10}')
+    p.add_argument("--seed", type=int)
+    p.add_argument("--return-convergence-delta", action="store_true")
+    p.add_argument("--return-outputs", action="store_true")
+    p.add_argument("--request-id", default="")
+    p.add_argument("--timeout", type=float, help="seconds")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`attrserve attribute`; a leading "attribute" or "models" word picks the subcommand."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["models"]:
+        return models_main(argv[1:])
+    if argv[:1] == ["attribute"]:
+        argv = argv[1:]
+    args = _attribute_parser().parse_args(argv)
+    try:
+        with AttributionClient(args.target_address) as client:
+            result = client.attribute(
+                args.model, args.algorithm,
+                _one_or_tuple([_load(x) for x in args.inputs]),
+                baselines=_one_or_tuple([_load(x) for x in args.baselines or ()]),
+                target=_target(args.target),
+                additional_forward_args=_one_or_tuple([_load(x) for x in args.additional_forward_args or ()]),
+                feature_mask=_one_or_tuple([_load(x) for x in args.feature_mask or ()]),
+                layer=args.layer,
+                params=_load_dict(args.params, "--params"),
+                noise_tunnel=_load_dict(args.noise_tunnel, "--noise-tunnel"),
+                seed=args.seed,
+                return_convergence_delta=args.return_convergence_delta,
+                return_outputs=args.return_outputs,
+                model_version=args.model_version,
+                request_id=args.request_id,
+                timeout=args.timeout,
+            )
+    except grpc.RpcError as e:
+        return _error(f"{e.code().name}: {e.details()}")
+    except (ValueError, TypeError, OSError) as e:  # unreadable or ill-formed arguments
+        return _error(str(e))
+    print(_as_json(result) if args.json else _render(result))
+    return 0
+
+
+def models_main(argv: Sequence[str] | None = None) -> int:
+    """`attrserve models`: the served models, their versions, readiness and algorithms."""
+    p = argparse.ArgumentParser(prog="attrserve models", description="List an attrserve server's models.")
+    p.add_argument("--target-address", default=_DEFAULT_ADDRESS, help="server host:port")
+    p.add_argument("--timeout", type=float, help="seconds")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    try:
+        with AttributionClient(args.target_address) as client:
+            models = client.list_models(timeout=args.timeout)
+    except grpc.RpcError as e:
+        return _error(f"{e.code().name}: {e.details()}")
+    rows = [{"name": m.config.name, "version": m.config.version, "ready": m.ready,
+             "algorithms": [algorithm_name(a) for a in m.algorithms]} for m in models]
+    if args.json:
+        print(json.dumps({"models": rows}))
+        return 0
+    table = [("name", "version", "ready", "algorithms")] + [
+        (r["name"], r["version"], "yes" if r["ready"] else "no", ", ".join(r["algorithms"])) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(3)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[3])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
