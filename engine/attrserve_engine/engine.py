@@ -61,6 +61,7 @@ class Engine:
         self.passes = 0
         self.rows = 0
         self.observers.append(self._count)
+        self._closed = False
 
     # -- models ------------------------------------------------------------
     def load(self, spec: ModelSpec) -> LoadedModel:
@@ -91,6 +92,8 @@ class Engine:
     # -- jobs --------------------------------------------------------------
     def submit(self, job: AttributionJob) -> concurrent.futures.Future:
         """Validate `job` and queue it; the future resolves to an AttributionResult or an AttributionError."""
+        if self._closed:
+            raise Unavailable("the engine has shut down")
         model = self.registry.get(job.model, job.model_version)
         if not model.ready:
             raise Unavailable(f"model {model.name!r} is still loading")
@@ -104,6 +107,7 @@ class Engine:
         return self.submit(job).result(timeout)
 
     def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> None:
+        self._closed = True
         for scheduler in list(self._schedulers.values()):
             scheduler.stop(drain=drain, timeout=timeout)
         self._schedulers.clear()

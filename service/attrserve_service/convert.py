@@ -1,0 +1,155 @@
+"""Protobuf ↔ torch at the service edge: decode requests into AttributionJobs, encode results (zero-copy where possible)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from attrserve.v1 import attribution_service_pb2 as pb
+from attrserve.v1 import tensor_pb2
+from attrserve_engine import AttributionJob, AttributionResult, InvalidArgument
+
+DType = tensor_pb2.DataType
+
+# wire dtype → (numpy dtype of the raw bytes, torch dtype); bfloat16 travels as its 16 raw bits.
+WIRE_DTYPES = {
+    DType.DATA_TYPE_FLOAT32: (np.dtype("<f4"), torch.float32),
+    DType.DATA_TYPE_FLOAT64: (np.dtype("<f8"), torch.float64),
+    DType.DATA_TYPE_FLOAT16: (np.dtype("<f2"), torch.float16),
+    DType.DATA_TYPE_BFLOAT16: (np.dtype("<u2"), torch.bfloat16),
+    DType.DATA_TYPE_INT64: (np.dtype("<i8"), torch.int64),
+    DType.DATA_TYPE_INT32: (np.dtype("<i4"), torch.int32),
+    DType.DATA_TYPE_INT16: (np.dtype("<i2"), torch.int16),
+    DType.DATA_TYPE_INT8: (np.dtype("i1"), torch.int8),
+    DType.DATA_TYPE_UINT8: (np.dtype("u1"), torch.uint8),
+    DType.DATA_TYPE_BOOL: (np.dtype("?"), torch.bool),
+}
+TORCH_TO_WIRE = {torch_dtype: wire for wire, (_, torch_dtype) in WIRE_DTYPES.items()}
+_PREFIX = "ALGORITHM_"
+# Request tensors view the message's immutable bytes; the engine never writes into its inputs.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def tensor_from_proto(t: tensor_pb2.Tensor, label: str) -> Tensor:
+    """A torch tensor viewing the message's bytes (read-only numpy → torch without a copy)."""
+    if t.dtype not in WIRE_DTYPES:
+        raise InvalidArgument(f"{label}.dtype is {DType.Name(t.dtype) if t.dtype in DType.values() else t.dtype}; set one of {', '.join(DType.Name(d) for d in WIRE_DTYPES)}")
+    np_dtype, torch_dtype = WIRE_DTYPES[t.dtype]
+    shape = tuple(t.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{label}.shape {list(shape)} has a negative dim")
+    want = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    if len(t.data) != want:
+        raise InvalidArgument(
+            f"{label}: shape {list(shape)} of {DType.Name(t.dtype)} needs {want} bytes of data, got {len(t.data)}"
+        )
+    tensor = torch.from_numpy(np.frombuffer(t.data, dtype=np_dtype).reshape(shape))
+    return tensor.view(torch.bfloat16) if torch_dtype is torch.bfloat16 else tensor
+
+
+def tensor_to_proto(t: Tensor) -> tensor_pb2.Tensor:
+    t = t.detach().cpu().contiguous()
+    wire = TORCH_TO_WIRE.get(t.dtype)
+    if wire is None:
+        t, wire = t.to(torch.float32), DType.DATA_TYPE_FLOAT32
+    raw = t.view(torch.uint16) if t.dtype is torch.bfloat16 else t
+    data = raw.numpy().astype(WIRE_DTYPES[wire][0], copy=False).tobytes()
+    return tensor_pb2.Tensor(dtype=wire, shape=list(t.shape), data=data)
+
+
+def algorithm_name(value: int) -> str:
+    if value == pb.ALGORITHM_UNSPECIFIED:
+        raise InvalidArgument("algorithm is ALGORITHM_UNSPECIFIED; name the algorithm to run")
+    if value not in pb.Algorithm.values():
+        raise InvalidArgument(f"algorithm {value} is not known to this server")
+    return pb.Algorithm.Name(value)[len(_PREFIX):].lower()
+
+
+def algorithm_enum(name: str) -> int:
+    return pb.Algorithm.Value(_PREFIX + name.upper())
+
+
+def _fields(message) -> dict:
+    """The fields a caller set, by Captum name; unset fields fall back to Captum's defaults."""
+    return {f.name: (list(v) if f.is_repeated else v) for f, v in message.ListFields()}
+
+
+def _target(target: pb.Target, n: int) -> Tensor | None:
+    which = target.WhichOneof("value")
+    if which is None:
+        return None
+    if which == "index":
+        return torch.full((n, 1), target.index, dtype=torch.int64)
+    if which == "tuple":
+        return torch.tensor([list(target.tuple.index)] * n, dtype=torch.int64).reshape(n, len(target.tuple.index))
+    rows = [list(t.index) for t in target.per_example.indices]
+    if len(rows) != n:
+        raise InvalidArgument(f"target.per_example has {len(rows)} entries; there are {n} examples")
+    if len({len(r) for r in rows}) > 1:
+        raise InvalidArgument("target.per_example entries must all have the same number of indices")
+    return torch.tensor(rows, dtype=torch.int64).reshape(n, len(rows[0]) if rows else 0)
+
+
+def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) -> AttributionJob:
+    arrival = time.monotonic()
+    algorithm = algorithm_name(request.algorithm)
+    params_field = request.WhichOneof("params")
+    if params_field is not None and params_field != algorithm:
+        raise InvalidArgument(f"params are for {params_field} but algorithm is {algorithm}; set the {algorithm} field")
+    inputs = tuple(tensor_from_proto(t, f"inputs[{i}]") for i, t in enumerate(request.inputs))
+    n = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 0
+    baselines = []
+    for i, b in enumerate(request.baselines):
+        which = b.WhichOneof("value")
+        baselines.append(
+            None if which is None else b.scalar if which == "scalar" else tensor_from_proto(b.tensor, f"baselines[{i}].tensor")
+        )
+    return AttributionJob(
+        model=request.model,
+        model_version=request.model_version,
+        algorithm=algorithm,
+        inputs=inputs,
+        baselines=tuple(baselines),
+        target=_target(request.target, n) if request.HasField("target") else None,
+        additional_forward_args=tuple(
+            tensor_from_proto(t, f"additional_forward_args[{i}]") for i, t in enumerate(request.additional_forward_args)
+        ),
+        params=_fields(getattr(request, params_field)) if params_field else {},
+        noise_tunnel=_fields(request.noise_tunnel) if request.HasField("noise_tunnel") else None,
+        layer=request.layer,
+        feature_masks=tuple(tensor_from_proto(t, f"feature_masks[{i}]") for i, t in enumerate(request.feature_masks)),
+        return_convergence_delta=request.return_convergence_delta,
+        return_outputs=request.return_outputs,
+        seed=request.seed if request.HasField("seed") else None,
+        request_id=request.request_id,
+        deadline=deadline,
+        arrival=arrival,
+    )
+
+
+def result_to_response(result: AttributionResult) -> pb.AttributeResponse:
+    t = result.timing
+    response = pb.AttributeResponse(
+        request_id=result.request_id,
+        attributions=[tensor_to_proto(a) for a in result.attributions],
+        model_version=result.model_version,
+        seed=result.seed,
+        timing=pb.Timing(
+            queue_ms=t.queue_ms,
+            compute_ms=t.compute_ms,
+            total_ms=t.total_ms,
+            rows=t.rows,
+            passes=t.passes,
+            pass_rows=t.pass_rows,
+            pass_requests=t.pass_requests,
+        ),
+    )
+    if result.convergence_delta is not None:
+        response.convergence_delta.CopyFrom(tensor_to_proto(result.convergence_delta))
+    if result.outputs is not None:
+        response.outputs.CopyFrom(tensor_to_proto(result.outputs))
+    return response

@@ -1,0 +1,109 @@
+"""The grpc.aio server: engine + servicer + health + reflection + /metrics, with graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from attrserve.v1 import attribution_service_pb2 as pb
+from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
+from attrserve_engine import Engine
+from attrserve_service import metrics
+from attrserve_service.config import ServerConfig, load_repository
+from attrserve_service.interceptor import StatusInterceptor
+from attrserve_service.servicer import AttributionServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttributionService"].full_name
+
+
+@dataclass
+class RunningServer:
+    """What create_server returns: stop() drains in the order readiness → RPCs → engine."""
+
+    server: grpc.aio.Server
+    port: int
+    engine: Engine
+    health: health.aio.HealthServicer
+    metrics_port: int | None = None
+    _metrics_http: Any = None
+
+    async def stop(self, grace: float = 10.0) -> None:
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING first, so balancers move away
+        await self.server.stop(grace)
+        await asyncio.get_running_loop().run_in_executor(None, lambda: self.engine.shutdown(drain=True, timeout=grace))
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+
+async def create_server(config: ServerConfig, engine: Engine | None = None) -> RunningServer:
+    """Load the models, bind, and start serving; port 0 binds any free port (tests)."""
+    if engine is None:
+        engine = Engine(config.limits)
+        specs = load_repository(config.model_repository)
+        loop = asyncio.get_running_loop()
+        for spec in specs:
+            await loop.run_in_executor(None, engine.load, spec)  # model code never runs on the event loop
+    engine.observers.append(metrics.observe_pass)
+    for model in engine.models():
+        metrics.ATTRSERVE_MODEL_READY.labels(model.name, model.version).set(1.0 if model.ready else 0.0)
+    metrics.precreate(
+        [m.name for m in engine.models()],
+        sorted({a for m in engine.models() for a in engine.supported_algorithms(m)}),
+        [("unary", SERVICE_NAME, "Attribute"), ("bidi_stream", SERVICE_NAME, "AttributeStream"),
+         ("unary", SERVICE_NAME, "ListModels"), ("unary", SERVICE_NAME, "GetModel")],
+    )
+
+    server = grpc.aio.server(
+        interceptors=[StatusInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", config.max_request_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_AttributionServiceServicer_to_server(AttributionServicer(engine, config.max_requests_per_stream), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    await server.start()
+
+    running = RunningServer(server=server, port=port, engine=engine, health=health_servicer)
+    if config.metrics_port is not None:
+        httpd, _ = start_http_server(config.metrics_port, addr=config.host)
+        running._metrics_http = httpd
+        running.metrics_port = httpd.server_port
+    # Readiness only now: every model is loaded and warm.
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return running
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM/SIGINT, then drain."""
+    running = await create_server(config)
+    log.info(
+        "attrserve serving %s on %s:%d (metrics on :%s)",
+        ", ".join(m.name for m in running.engine.models()), config.host, running.port, running.metrics_port,
+    )
+    print(f"attrserve listening on {config.host}:{running.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining")
+    await running.stop(config.grace_seconds)

@@ -1,0 +1,119 @@
+"""AttributionService servicer: each method decodes, calls the engine, encodes. Errors are mapped by the interceptor."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from attrserve.v1 import attribution_service_pb2 as pb
+from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
+from attrserve_engine import AttributionError, Engine, LoadedModel
+from attrserve_service import metrics
+from attrserve_service.config import effective_config
+from attrserve_service.convert import algorithm_enum, request_to_job, result_to_response
+
+
+def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status a failed request gets: AttributionErrors carry theirs; anything else is a bug (INTERNAL)."""
+    if isinstance(error, AttributionError):
+        return grpc.StatusCode[error.code], str(error)
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED, "the request was cancelled"
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+
+
+class AttributionServicer(pb_grpc.AttributionServiceServicer):
+    def __init__(self, engine: Engine, max_requests_per_stream: int) -> None:
+        self.engine = engine
+        self.max_requests_per_stream = max_requests_per_stream
+        # Metric labels stay bounded: names a client makes up are counted as "unknown".
+        self._served = {m.name for m in engine.models()}
+
+    async def _attribute(self, request: pb.AttributeRequest, deadline: float | None) -> pb.AttributeResponse:
+        """One request through the engine, with its metrics; raises AttributionError on failure."""
+        start = time.monotonic()
+        model = request.model if request.model in self._served else "unknown"
+        known = request.algorithm in pb.Algorithm.values() and request.algorithm != pb.ALGORITHM_UNSPECIFIED
+        labels = (model, pb.Algorithm.Name(request.algorithm)[len("ALGORITHM_"):].lower() if known else "unknown")
+        metrics.ATTRSERVE_REQUESTS_IN_FLIGHT.inc()
+        code = "OK"
+        try:
+            job = request_to_job(request, deadline)
+            result = await asyncio.wrap_future(self.engine.submit(job))
+            metrics.ATTRSERVE_QUEUE_WAIT_SECONDS.labels(labels[0]).observe(result.timing.queue_ms / 1e3)
+            return result_to_response(result)
+        except BaseException as e:
+            code = grpc_status(e)[0].name
+            raise
+        finally:
+            metrics.ATTRSERVE_REQUESTS_IN_FLIGHT.dec()
+            metrics.ATTRSERVE_ATTRIBUTIONS_COMPLETED_TOTAL.labels(*labels, code).inc()
+            metrics.ATTRSERVE_ATTRIBUTION_DURATION_SECONDS.labels(*labels).observe(time.monotonic() - start)
+
+    async def Attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> pb.AttributeResponse:
+        remaining = context.time_remaining()
+        return await self._attribute(request, None if remaining is None else time.monotonic() + remaining)
+
+    async def AttributeStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        """Requests run concurrently (at most max_requests_per_stream at once); responses go out as they finish."""
+        done: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(self.max_requests_per_stream)
+        tasks: set[asyncio.Task] = set()
+
+        async def one(position: int, request: pb.AttributeRequest) -> None:
+            # NOTE: an empty request_id is replaced by the request's position on the stream, so every answer is matchable.
+            request_id = request.request_id or str(position)
+            try:
+                response = await self._attribute(request, None)
+                response.request_id = request_id
+                await done.put(pb.AttributeStreamResponse(request_id=request_id, response=response))
+            except Exception as e:  # noqa: BLE001 - every failure becomes an error entry; the stream goes on
+                code, message = grpc_status(e)
+                error = pb.AttributeError(code=code.value[0], message=message)
+                await done.put(pb.AttributeStreamResponse(request_id=request_id, error=error))
+            finally:
+                slots.release()
+
+        async def read() -> int:
+            count = 0
+            async for item in request_iterator:
+                await slots.acquire()
+                task = asyncio.ensure_future(one(count, item.request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                count += 1
+            return count
+
+        reader = asyncio.ensure_future(read())
+        sent = 0
+        try:
+            while not (reader.done() and sent == reader.result()):
+                getter = asyncio.ensure_future(done.get())
+                await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                    sent += 1
+                else:
+                    getter.cancel()
+                    if reader.exception() is not None:
+                        raise reader.exception()
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self._info(m) for m in self.engine.models()])
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
+        return pb.GetModelResponse(model=self._info(self.engine.get_model(request.model, request.model_version)))
+
+    def _info(self, model: LoadedModel) -> pb.ModelInfo:
+        return pb.ModelInfo(
+            config=effective_config(model),
+            layers=model.layers,
+            algorithms=[algorithm_enum(a) for a in self.engine.supported_algorithms(model)],
+            ready=model.ready,
+        )

@@ -1,0 +1,153 @@
+"""Every status code a caller can get, with a message that names the field, and bad requests never harm their neighbours."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import grpc
+import numpy as np
+import pytest
+
+from attrserve.v1 import attribution_service_pb2 as pb
+from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
+from attrserve.v1 import tensor_pb2
+from attrserve_client import AttributionClient, to_tensor_proto
+
+X = np.array([[0.1, 0.2, 0.3]], dtype=np.float32)
+
+
+def status_of(address: str, request: pb.AttributeRequest, timeout: float = 30) -> tuple[grpc.StatusCode, str]:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            pb_grpc.AttributionServiceStub(channel).Attribute(request, timeout=timeout)
+        except grpc.RpcError as e:
+            return e.code(), e.details()
+    return grpc.StatusCode.OK, ""
+
+
+def request(**fields) -> pb.AttributeRequest:
+    base = dict(model="toy", algorithm=pb.ALGORITHM_SALIENCY, inputs=[to_tensor_proto(X)], target=pb.Target(index=0))
+    base.update(fields)
+    return pb.AttributeRequest(**base)
+
+
+CASES = {
+    "unknown model": (request(model="nope"), grpc.StatusCode.NOT_FOUND, "model 'nope' is not served"),
+    "unknown version": (request(model_version="7"), grpc.StatusCode.NOT_FOUND, "has no version '7'"),
+    "unspecified algorithm": (request(algorithm=pb.ALGORITHM_UNSPECIFIED), grpc.StatusCode.INVALID_ARGUMENT, "ALGORITHM_UNSPECIFIED"),
+    "no inputs": (request(inputs=[]), grpc.StatusCode.INVALID_ARGUMENT, "inputs is empty"),
+    "wrong byte length": (
+        request(inputs=[tensor_pb2.Tensor(dtype=1, shape=[1, 3], data=b"\0" * 8)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs[0]: shape [1, 3] of DATA_TYPE_FLOAT32 needs 12 bytes of data, got 8",
+    ),
+    "unspecified dtype": (request(inputs=[tensor_pb2.Tensor(shape=[1, 3], data=b"\0" * 12)]), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0].dtype"),
+    "wrong dtype for a gradient": (
+        request(model="toy", inputs=[to_tensor_proto(np.array([[1, 2, 3]], dtype=np.int64))]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "floating point",
+    ),
+    "wrong shape": (
+        request(model="fragile", inputs=[to_tensor_proto(np.zeros((1, 4), np.float32))]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs[0] ('x'): expected shape (n, 3), got (1, 4)",
+    ),
+    "wrong dtype against the config": (
+        request(model="fragile", inputs=[to_tensor_proto(np.zeros((1, 3), np.float64))]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "expected dtype float32, got float64",
+    ),
+    "target out of range": (request(target=pb.Target(index=5)), grpc.StatusCode.INVALID_ARGUMENT, "target index 5 is out of range"),
+    "target count": (
+        request(target=pb.Target(per_example=pb.TargetIndexList(indices=[pb.TargetIndex(index=[0])] * 2))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "target.per_example has 2 entries; there are 1 examples",
+    ),
+    "no target on a vector output": (request(target=None), grpc.StatusCode.INVALID_ARGUMENT, "target must select one value per example"),
+    "bad method": (
+        request(algorithm=pb.ALGORITHM_INTEGRATED_GRADIENTS, integrated_gradients=pb.IntegratedGradientsParams(method="simpson")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "integrated_gradients.method must be one of",
+    ),
+    "params for another algorithm": (
+        request(deep_lift=pb.DeepLiftParams(eps=1e-3)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "params are for deep_lift but algorithm is saliency",
+    ),
+    "n_steps over the cap": (
+        request(algorithm=pb.ALGORITHM_INTEGRATED_GRADIENTS, integrated_gradients=pb.IntegratedGradientsParams(n_steps=501)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "integrated_gradients.n_steps is 501, over this server's limit of 500",
+    ),
+    "bad nt_type": (request(noise_tunnel=pb.NoiseTunnel(nt_type="blur")), grpc.StatusCode.INVALID_ARGUMENT, "noise_tunnel.nt_type"),
+    "delta where there is none": (request(return_convergence_delta=True), grpc.StatusCode.INVALID_ARGUMENT, "saliency has no convergence delta"),
+    "baseline that does not broadcast": (
+        request(algorithm=pb.ALGORITHM_INTEGRATED_GRADIENTS, baselines=[pb.Baseline(tensor=to_tensor_proto(np.zeros((1, 4), np.float32)))]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "baselines[0] has shape (1, 4); it must broadcast",
+    ),
+    "seed out of range": (request(seed=2**40), grpc.StatusCode.INVALID_ARGUMENT, "seed must be in"),
+    "too many rows": (
+        request(
+            inputs=[to_tensor_proto(np.zeros((100, 3), np.float32))],
+            algorithm=pb.ALGORITHM_INTEGRATED_GRADIENTS,
+            integrated_gradients=pb.IntegratedGradientsParams(n_steps=300),
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "needs 30000 rows of model work",
+    ),
+    "request too big": (
+        request(inputs=[to_tensor_proto(np.zeros((100_000, 3), np.float32))]),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "",
+    ),
+    "layer on an input method": (request(layer="lin1"), grpc.StatusCode.INVALID_ARGUMENT, "layer is only for layer methods"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_request_gets_a_clear_status(server, name: str) -> None:
+    req, code, message = CASES[name]
+    got_code, details = status_of(server.address, req)
+    assert got_code == code, details
+    assert message in details
+
+
+def test_model_failure_is_invalid_argument_and_fails_only_its_request(fusing_server) -> None:
+    good = np.array([[0.5, -1.0, 2.0]], dtype=np.float32)
+    bad = np.array([[500.0, 0.0, 0.0]], dtype=np.float32)
+    with AttributionClient(fusing_server.address) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client.attribute, "fragile", "integrated_gradients", bad if i == 3 else good, target=1, timeout=30) for i in range(8)]
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result())
+            except grpc.RpcError as e:
+                outcomes.append(e)
+    bad_outcome = outcomes.pop(3)
+    assert isinstance(bad_outcome, grpc.RpcError)
+    assert bad_outcome.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input out of the model's range" in bad_outcome.details()
+    first = outcomes[0].attributions
+    for o in outcomes:
+        np.testing.assert_allclose(o.attributions, first, atol=1e-6)
+    assert max(o.timing["pass_requests"] for o in outcomes) > 1
+
+
+def test_bad_target_in_a_fused_pass_fails_alone(fusing_server) -> None:
+    x = np.random.default_rng(1).standard_normal((2, 5)).astype(np.float32)
+    with AttributionClient(fusing_server.address) as client, concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(client.attribute, "grid", "saliency", x, target=(1, 2) if i != 2 else (2, 0), timeout=30) for i in range(6)]
+        outcomes = []
+        for f in futures:
+            try:
+                outcomes.append(f.result())
+            except grpc.RpcError as e:
+                outcomes.append(e)
+    assert isinstance(outcomes[2], grpc.RpcError) and outcomes[2].code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert all(not isinstance(o, grpc.RpcError) for i, o in enumerate(outcomes) if i != 2)
+
+
+def test_deadline_exceeded(server) -> None:
+    code, _ = status_of(server.address, request(model="slow"), timeout=0.05)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
