@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import secrets
 import threading
 import time
@@ -71,8 +72,28 @@ class Engine:
         model.warm_up()
         self.registry.add(model)
         self._scheduler(model)
+        self._warm_up_algorithms(model)
+        model.ready = True
         log.info("loaded model %s v%s on %s", model.name, model.version, model.device)
         return model
+
+    def _warm_up_algorithms(self, model: LoadedModel) -> None:
+        """Run each algorithm once on a zero example, so the first request pays no first-call costs
+        and an algorithm the model cannot serve is dropped from GetModel rather than failing later."""
+        inputs = model.example_inputs()
+        if inputs is None or model.output_shape is None:
+            return
+        k = len(model.output_shape) if math.prod(model.output_shape) > 1 else 0
+        futures = {}
+        for name in self.supported_algorithms(model):
+            job = AttributionJob(model=model.name, algorithm=name, inputs=inputs, target=torch.zeros((1, k), dtype=torch.int64), seed=0)
+            futures[name] = self._scheduler(model).submit(self._prepare(job, model))
+        for name, future in futures.items():
+            try:
+                future.result(timeout=120)
+            except Exception as e:  # noqa: BLE001 - any failure means "not servable here"
+                model.unsupported[name] = f"{type(e).__name__}: {e}"
+                log.warning("model %s cannot serve %s: %s", model.name, name, model.unsupported[name])
 
     def models(self) -> list[LoadedModel]:
         return self.registry.all()
@@ -82,11 +103,15 @@ class Engine:
 
     def supported_algorithms(self, model: LoadedModel) -> list[str]:
         """Algorithms this model can serve: rule-hook methods need an eager model with hookable modules."""
+        float_inputs = all(s.dtype is None or s.dtype.is_floating_point for s in model.spec.inputs)
         names = []
         for name, algorithm in ALGORITHMS.items():
             if algorithm.needs_module_hooks and (model.is_torchscript or not hooked_modules(model.module)):
                 continue
-            names.append(name)
+            if algorithm.needs_input_gradients and not float_inputs:
+                continue
+            if name not in model.unsupported:
+                names.append(name)
         return names
 
     # -- jobs --------------------------------------------------------------
@@ -131,13 +156,22 @@ class Engine:
         algorithm = ALGORITHMS.get(job.algorithm)
         if algorithm is None:
             raise InvalidArgument(f"unknown algorithm {job.algorithm!r}; this server has: {', '.join(ALGORITHMS)}")
-        if job.algorithm not in self.supported_algorithms(model):
-            raise InvalidArgument(f"model {model.name!r} does not support {job.algorithm} (it needs hookable eager modules)")
+        if job.algorithm in model.unsupported:
+            raise InvalidArgument(f"model {model.name!r} cannot serve {job.algorithm}: {model.unsupported[job.algorithm]}")
+        if algorithm.needs_module_hooks and (model.is_torchscript or not hooked_modules(model.module)):
+            raise InvalidArgument(f"{job.algorithm} needs an eager model with modules it can hook (ReLU, Sigmoid, MaxPool, ...); model {model.name!r} has none")
         limits = self.limits.algorithm_limits
         params = algorithm.parse_params(dict(job.params), limits)
         nt = parse_noise_tunnel(dict(job.noise_tunnel), limits) if job.noise_tunnel is not None else None
         inputs = _check_inputs(job, model)
         n = int(inputs[0].shape[0])
+        if algorithm.needs_input_gradients:
+            for i, x in enumerate(inputs):
+                if not x.is_floating_point():
+                    raise InvalidArgument(
+                        f"inputs[{i}] has dtype {str(x.dtype).replace('torch.', '')}; {job.algorithm} takes gradients w.r.t. "
+                        "the inputs, so they must be floating point (for token ids, use a layer method on the embedding)"
+                    )
         if job.layer:
             raise InvalidArgument(f"layer is only for layer methods; {job.algorithm} attributes to the inputs")
         if job.feature_masks:

@@ -105,6 +105,8 @@ class LoadedModel:
         # Per-example shape of the explained output, learned at warm-up or first pass.
         self.output_shape: tuple[int, ...] | None = None
         self.ready = False
+        # Algorithms that failed on this model at warm-up, with why.
+        self.unsupported: dict[str, str] = {}
         self._lock = threading.Lock()
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -139,14 +141,19 @@ class LoadedModel:
             self.output_shape = tuple(out.shape[1:])
         return out
 
-    def warm_up(self) -> None:
-        """One forward on zero inputs when the specs pin every dim, so readiness means the model runs."""
+    def example_inputs(self) -> tuple[Tensor, ...] | None:
+        """One zero example per input when the config pins every dim; None otherwise."""
         specs = self.spec.inputs
-        if specs and all(s.dims is not None and all(d > 0 for d in s.dims) for s in specs):
+        if not specs or not all(s.dims is not None and all(d > 0 for d in s.dims) for s in specs):
+            return None
+        return tuple(torch.zeros((1, *s.dims), dtype=s.dtype or torch.float32) for s in specs)
+
+    def warm_up(self) -> None:
+        """One forward on zero inputs (when the config pins the shapes), so readiness means the model runs."""
+        inputs = self.example_inputs()
+        if inputs is not None:
             with torch.no_grad():
-                xs = [torch.zeros((1, *s.dims), dtype=s.dtype or torch.float32, device=self.device) for s in specs]
-                self.forward(*xs)
-        self.ready = True
+                self.forward(*(x.to(self.device) for x in inputs))
 
     def check_inputs(self, inputs: tuple[Tensor, ...]) -> None:
         specs = self.spec.inputs

@@ -90,6 +90,10 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         sent = 0
         try:
             while not (reader.done() and sent == reader.result()):
+                if reader.done():  # all requests read: just wait for the remaining answers
+                    yield await done.get()
+                    sent += 1
+                    continue
                 getter = asyncio.ensure_future(done.get())
                 await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():

@@ -39,6 +39,8 @@ class Algorithm:
     has_convergence_delta: ClassVar[bool] = False
     # Pass kinds the plan uses; GetModel lists an algorithm only where the model allows them.
     needs_module_hooks: ClassVar[bool] = False
+    # Gradients w.r.t. the inputs need floating point inputs (token ids need a layer method).
+    needs_input_gradients: ClassVar[bool] = True
     uses_baselines: ClassVar[bool] = False
     # True where baselines are a distribution to draw from (GradientShap).
     baseline_distribution: ClassVar[bool] = False
