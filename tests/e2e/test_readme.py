@@ -1,0 +1,100 @@
+"""The README, run as a user would: the server started as a subprocess the way `make serve` starts it, then the README's CLI and Python examples."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from attrserve_client import AttributionClient
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+BIN = Path(sys.executable).parent
+EXPECTED = [[-0.5922, -1.5497, -1.0067], [0.0, -0.2219, -5.1991]]
+
+
+def block_after(marker: str) -> str:
+    match = re.search(rf"<!-- {marker} -->\s*```\w*\n(.*?)```", README, re.S)
+    assert match, f"README has no block marked {marker}"
+    return match.group(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    first_block = re.search(r"```sh\n(.*?)```", README, re.S).group(1)
+    assert first_block.splitlines()[0].startswith("make serve")
+    assert first_block.splitlines()[1].startswith("make test")
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(BIN)/attrserve serve $(ARGS)" in makefile  # what make serve runs, and what the server fixture runs below
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.fixture(scope="module")
+def readme_server():
+    port, metrics_port = free_port(), free_port()
+    # `make serve` runs `.venv/bin/attrserve serve $(ARGS)`: the same entry point, with ports a test can own.
+    proc = subprocess.Popen(
+        [str(BIN / "attrserve"), "serve", "--port", str(port), "--metrics-port", str(metrics_port)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with AttributionClient(f"127.0.0.1:{port}") as client:
+                    if all(m.ready for m in client.list_models(timeout=2)):
+                        break
+            except grpc.RpcError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.2)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def test_readme_cli_example(readme_server) -> None:
+    _, port = readme_server
+    command = block_after("readme-cli").replace("\\\n", " ").split("attrserve", 1)[1]
+    args = ["attribute", "--target-address", f"127.0.0.1:{port}"] + [a.strip("'") for a in re.findall(r"'[^']*'|\S+", command)][1:]
+    out = subprocess.run([str(BIN / "attrserve"), *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if re.match(r"\s+[01]\s+-?\d", line)]
+    assert [[float(v) for v in row[1:]] for row in rows[:2]] == EXPECTED
+    deltas = [abs(float(row[1])) for row in rows[2:4]]
+    assert len(deltas) == 2 and max(deltas) < 1e-4
+
+
+def test_readme_python_example(readme_server) -> None:
+    _, port = readme_server
+    code = block_after("readme-python").replace("127.0.0.1:50051", f"127.0.0.1:{port}")
+    assert len(code.strip().splitlines()) == 5
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    numbers = [float(v) for v in re.findall(r"-?\d+\.\d*", out.stdout)]
+    assert numbers == [v for row in EXPECTED for v in row]
+    assert out.stdout.strip().endswith("True")
+
+
+def test_sigterm_drains_and_exits_cleanly(readme_server) -> None:
+    proc, _ = readme_server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert "draining" in proc.stdout.read()
