@@ -220,7 +220,7 @@ class Engine:
             return plan
 
         def finish(attribution: Attribution, live: LiveJob) -> AttributionResult:
-            outputs = getattr(attribution, "outputs", None)
+            outputs = attribution.outputs
             now = time.monotonic()
             timing = JobTiming(
                 queue_ms=1e3 * ((live.first_pass_start or now) - live.arrival),
@@ -244,11 +244,6 @@ class Engine:
         return LiveJob(model=model, plan_factory=plan_factory, finish=finish, rows=rows, deadline=job.deadline, arrival=job.arrival)
 
 
-@dataclass
-class _WithOutputs(Attribution):
-    outputs: Tensor | None = None
-
-
 def _with_outputs(plan: Plan, forward: Block) -> Plan:
     """Run the model on the inputs alongside the plan's first block; attach the outputs to its result."""
     first = next(plan)
@@ -260,7 +255,7 @@ def _with_outputs(plan: Plan, forward: Block) -> Plan:
             sent = yield plan.send(sent)
     except StopIteration as stop:
         a: Attribution = stop.value
-        return _WithOutputs(a.attributions, a.convergence_delta, out.outputs)
+        return Attribution(a.attributions, a.convergence_delta, out.outputs)
 
 
 def _check_inputs(job: AttributionJob, model: LoadedModel) -> tuple[Tensor, ...]:

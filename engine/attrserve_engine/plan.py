@@ -59,6 +59,7 @@ class Attribution:
 
     attributions: tuple[Tensor, ...]
     convergence_delta: Tensor | None = None
+    outputs: Tensor | None = None  # the model's explained output for the inputs, when asked for
 
 
 PlanYield = Union[Block, list]

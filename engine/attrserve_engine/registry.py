@@ -107,7 +107,6 @@ class LoadedModel:
         self.ready = False
         # Algorithms that failed on this model at warm-up, with why.
         self.unsupported: dict[str, str] = {}
-        self._lock = threading.Lock()
         for p in self.module.parameters():
             p.requires_grad_(False)
 
@@ -171,9 +170,6 @@ class LoadedModel:
                 if not ok:
                     want = "(n, " + ", ".join("*" if d == -1 else str(d) for d in s.dims) + ")"
                     raise InvalidArgument(f"{label}: expected shape {want}, got {tuple(x.shape)}")
-
-    def info(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "device": str(self.device), "ready": self.ready}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -148,3 +148,32 @@ def test_return_outputs_are_the_model_outputs(engine: Engine) -> None:
     with torch.no_grad():
         want = MODELS["conv"]()(*case.build()["inputs"])
     assert_close(result.outputs, want)
+
+
+class ReusedReLU(torch.nn.Module):
+    """One ReLU module applied twice: Captum refuses DeepLift on it, and so do we."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(3, 3)
+        self.b = torch.nn.Linear(3, 2)
+        self.relu = torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.b(self.relu(self.a(self.relu(x))))
+
+
+def test_deep_lift_refuses_a_module_used_twice() -> None:
+    from attrserve_engine import AttributionJob, InputSpec, InvalidArgument
+
+    engine = Engine()
+    try:
+        with_specs = engine.load(ModelSpec(name="reused", module=ReusedReLU(), inputs=[InputSpec("x", torch.float32, (3,))]))
+        assert "deep_lift" not in engine.supported_algorithms(with_specs)  # found at warm-up
+        assert "more than once" in with_specs.unsupported["deep_lift"]
+        engine.load(ModelSpec(name="reused_nospec", module=ReusedReLU()))
+        job = AttributionJob(model="reused_nospec", algorithm="deep_lift", inputs=(torch.rand(2, 3),), target=torch.zeros(2, 1, dtype=torch.int64))
+        with pytest.raises(InvalidArgument, match="more than once"):
+            engine.attribute(job, timeout=30)
+    finally:
+        engine.shutdown()

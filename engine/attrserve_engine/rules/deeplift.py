@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attrserve_engine.errors import InvalidArgument
+
 
 @dataclass
 class SegmentLayout:
@@ -124,6 +126,10 @@ class DeepLiftRules:
         state: dict[str, Tensor] = {}
 
         def pre_hook(mod: nn.Module, inp: tuple) -> tuple:
+            if "input" in state:  # Captum refuses this too: the rule needs one input/output pair per module
+                raise InvalidArgument(
+                    f"module {type(mod).__name__} runs more than once per forward; DeepLift needs each nonlinearity to be its own module"
+                )
             x = inp[0]
             state["input"] = x.detach().clone()
             if x.requires_grad:
