@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import secrets
@@ -18,7 +19,7 @@ from attrserve_engine.algorithms import ALGORITHMS, Algorithm, Limits
 from attrserve_engine.algorithms.noise_tunnel import noise_tunnel_plan, parse_noise_tunnel
 from attrserve_engine.errors import InvalidArgument, ResourceExhausted, Unavailable
 from attrserve_engine.executor import flat_target
-from attrserve_engine.job import AttributionJob, AttributionResult, JobTiming
+from attrserve_engine.job import AttributionJob, AttributionResult
 from attrserve_engine.plan import FORWARD, Attribution, Block, BlockResult, Plan, RequestRNG, Task
 from attrserve_engine.registry import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelRegistry, ModelSpec
 from attrserve_engine.rules.deeplift import hooked_modules
@@ -222,14 +223,11 @@ class Engine:
         def finish(attribution: Attribution, live: LiveJob) -> AttributionResult:
             outputs = attribution.outputs
             now = time.monotonic()
-            timing = JobTiming(
+            timing = dataclasses.replace(
+                live.timing,
                 queue_ms=1e3 * ((live.first_pass_start or now) - live.arrival),
-                compute_ms=1e3 * live.compute_s,
                 total_ms=1e3 * (now - live.arrival),
                 rows=live.rows,
-                passes=live.passes,
-                pass_rows=live.pass_rows,
-                pass_requests=live.pass_requests,
             )
             return AttributionResult(
                 attributions=tuple(a.detach().cpu() for a in attribution.attributions),

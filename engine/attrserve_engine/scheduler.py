@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from attrserve_engine.errors import AttributionError, Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 from attrserve_engine.executor import run_pass
+from attrserve_engine.job import JobTiming
 from attrserve_engine.plan import Attribution, Block, BlockResult, Plan, concat_results, slice_block
 from attrserve_engine.registry import LoadedModel
 
@@ -55,12 +56,8 @@ class LiveJob:
     pending: int = 0
     results: list = field(default_factory=list)
     yielded_list: bool = False
-    # timing
+    timing: JobTiming = field(default_factory=JobTiming)  # filled pass by pass; queue/total at finish
     first_pass_start: float | None = None
-    compute_s: float = 0.0
-    passes: int = 0
-    pass_rows: int = 0
-    pass_requests: int = 0
 
 
 @dataclass
@@ -243,10 +240,10 @@ class Scheduler:
         jobs = {id(qb.job): qb.job for qb, _ in segments}
         for job in jobs.values():
             job.first_pass_start = job.first_pass_start or start
-            job.compute_s += seconds
-            job.passes += 1
-            job.pass_rows += rows
-            job.pass_requests = max(job.pass_requests, len(jobs))
+            job.timing.compute_ms += 1e3 * seconds
+            job.timing.passes += 1
+            job.timing.pass_rows += rows
+            job.timing.pass_requests = max(job.timing.pass_requests, len(jobs))
         stats = PassStats(model.name, segments[0][1].kind, rows, len(jobs), seconds)
         for observe in self.observers:
             try:

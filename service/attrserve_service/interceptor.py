@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -19,8 +20,31 @@ def _split(method: str) -> tuple[str, str]:
     return service, name
 
 
+@contextlib.asynccontextmanager
+async def _handled(grpc_type: str, full_method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Counts the RPC and times it; turns an escaping exception into the status it stands for."""
+    service, method = _split(full_method)
+    labels = (grpc_type, service, method)
+    metrics.GRPC_SERVER_STARTED_TOTAL.labels(*labels).inc()
+    start = time.monotonic()
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except grpc.aio.AbortError:  # the handler set its own status
+        code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+        raise
+    except Exception as e:  # noqa: BLE001
+        code, message = grpc_status(e)
+        if code is grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", full_method)
+        await context.abort(code, message)
+    finally:
+        metrics.GRPC_SERVER_HANDLED_TOTAL.labels(*labels, code.name).inc()
+        metrics.GRPC_SERVER_HANDLING_SECONDS.labels(*labels).observe(time.monotonic() - start)
+
+
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every handler: AttributionError → its status code with its message; anything else → INTERNAL."""
+    """Wraps unary and bidi handlers: AttributionError → its status code with its message; anything else → INTERNAL."""
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
@@ -28,28 +52,12 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
-        service, method = _split(details.method)
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                labels = ("unary", service, method)
-                metrics.GRPC_SERVER_STARTED_TOTAL.labels(*labels).inc()
-                start = time.monotonic()
-                code = grpc.StatusCode.OK
-                try:
+                async with _handled("unary", details.method, context):
                     return await behavior(request, context)
-                except grpc.aio.AbortError:  # the handler set its own status
-                    code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
-                    raise
-                except Exception as e:  # noqa: BLE001
-                    code, message = grpc_status(e)
-                    if code is grpc.StatusCode.INTERNAL:
-                        log.exception("%s failed", details.method)
-                    await context.abort(code, message)
-                finally:
-                    metrics.GRPC_SERVER_HANDLED_TOTAL.labels(*labels, code.name).inc()
-                    metrics.GRPC_SERVER_HANDLING_SECONDS.labels(*labels).observe(time.monotonic() - start)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
@@ -57,23 +65,10 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_stream is not None:
             stream = handler.stream_stream
 
-            async def bidi(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-                labels = ("bidi_stream", service, method)
-                metrics.GRPC_SERVER_STARTED_TOTAL.labels(*labels).inc()
-                start = time.monotonic()
-                code = grpc.StatusCode.OK
-                try:
+            async def bidi(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                async with _handled("bidi_stream", details.method, context):
                     async for response in stream(request_iterator, context):
                         yield response
-                except grpc.aio.AbortError:
-                    code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
-                    raise
-                except Exception as e:  # noqa: BLE001
-                    code, message = grpc_status(e)
-                    await context.abort(code, message)
-                finally:
-                    metrics.GRPC_SERVER_HANDLED_TOTAL.labels(*labels, code.name).inc()
-                    metrics.GRPC_SERVER_HANDLING_SECONDS.labels(*labels).observe(time.monotonic() - start)
 
             return grpc.stream_stream_rpc_method_handler(
                 bidi, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer

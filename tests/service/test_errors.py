@@ -113,17 +113,23 @@ def test_bad_request_gets_a_clear_status(server, name: str) -> None:
     assert message in details
 
 
+def outcomes_of(futures: list[concurrent.futures.Future]) -> list:
+    """Each call's result, or the RpcError it ended with."""
+    outcomes = []
+    for f in futures:
+        try:
+            outcomes.append(f.result())
+        except grpc.RpcError as e:
+            outcomes.append(e)
+    return outcomes
+
+
 def test_model_failure_is_invalid_argument_and_fails_only_its_request(fusing_server) -> None:
     good = np.array([[0.5, -1.0, 2.0]], dtype=np.float32)
     bad = np.array([[500.0, 0.0, 0.0]], dtype=np.float32)
     with AttributionClient(fusing_server.address) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(client.attribute, "fragile", "integrated_gradients", bad if i == 3 else good, target=1, timeout=30) for i in range(8)]
-        outcomes = []
-        for f in futures:
-            try:
-                outcomes.append(f.result())
-            except grpc.RpcError as e:
-                outcomes.append(e)
+        outcomes = outcomes_of(futures)
     bad_outcome = outcomes.pop(3)
     assert isinstance(bad_outcome, grpc.RpcError)
     assert bad_outcome.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -138,12 +144,7 @@ def test_bad_target_in_a_fused_pass_fails_alone(fusing_server) -> None:
     x = np.random.default_rng(1).standard_normal((2, 5)).astype(np.float32)
     with AttributionClient(fusing_server.address) as client, concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(client.attribute, "grid", "saliency", x, target=(1, 2) if i != 2 else (2, 0), timeout=30) for i in range(6)]
-        outcomes = []
-        for f in futures:
-            try:
-                outcomes.append(f.result())
-            except grpc.RpcError as e:
-                outcomes.append(e)
+        outcomes = outcomes_of(futures)
     assert isinstance(outcomes[2], grpc.RpcError) and outcomes[2].code() == grpc.StatusCode.INVALID_ARGUMENT
     assert all(not isinstance(o, grpc.RpcError) for i, o in enumerate(outcomes) if i != 2)
 
