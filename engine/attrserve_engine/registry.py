@@ -69,10 +69,12 @@ def _load_module(spec: ModelSpec) -> nn.Module:
     folder = Path(spec.path)
     platform = spec.platform or ("torchscript" if (folder / "model.pt").exists() else "pytorch_eager")
     if platform == "torchscript":
+        if not (folder / "model.pt").exists():
+            raise NotFound(f"model folder {folder} is configured as TorchScript but has no model.pt")
         return torch.jit.load(str(folder / "model.pt"), map_location="cpu")
     source = folder / "model.py"
     if not source.exists():
-        raise NotFound(f"model folder {folder} has no model.py or model.pt")
+        raise NotFound(f"model folder {folder} is configured as eager PyTorch but has no model.py")
     # A unique module name per file, so two folders' model.py never collide.
     digest = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:12]
     module_spec = importlib.util.spec_from_file_location(f"attrserve_model_{spec.name}_{digest}", source)
@@ -117,19 +119,21 @@ class LoadedModel:
     def forward(self, *args: Tensor) -> Tensor:
         """Run the model and pick the explained output (tuple index or dict key)."""
         out: Any = self.module(*args)
+        key, index = self.spec.output_key, self.spec.output_index
         if isinstance(out, dict):
-            key = self.spec.output_key
-            if key is None:
-                if len(out) != 1:
-                    raise InvalidArgument(
-                        f"model {self.name!r} returns a dict with keys {sorted(out)}; set output.key in its config"
-                    )
-                key = next(iter(out))
-            out = out[key]
+            if key is None and len(out) != 1:
+                raise InvalidArgument(f"model {self.name!r} returns a dict with keys {sorted(out)}; set output.key in its config")
+            if key is not None and key not in out:
+                raise InvalidArgument(f"model {self.name!r} returns a dict with keys {sorted(out)}; output.key {key!r} is not one")
+            out = out[key if key is not None else next(iter(out))]
+        elif key is not None:
+            raise InvalidArgument(f"model {self.name!r} returns {type(out).__name__}, not a dict; output.key {key!r} does not apply")
         elif isinstance(out, (tuple, list)):
-            out = out[self.spec.output_index or 0]
-        elif self.spec.output_index not in (None, 0):
-            raise InvalidArgument(f"model {self.name!r} returns one tensor, config asks for output {self.spec.output_index}")
+            if not -len(out) <= (index or 0) < len(out):
+                raise InvalidArgument(f"model {self.name!r} returns {len(out)} outputs; output.index {index} is out of range")
+            out = out[index or 0]
+        elif index not in (None, 0):
+            raise InvalidArgument(f"model {self.name!r} returns one tensor, config asks for output {index}")
         if not isinstance(out, Tensor):
             raise InvalidArgument(f"model {self.name!r} returned {type(out).__name__}, not a tensor")
         if out.dim() == 0 or out.shape[0] != args[0].shape[0]:

@@ -32,7 +32,7 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 
 def serve_main(argv: Sequence[str]) -> int:
-    from attrserve_service.config import ServerConfig
+    from attrserve_service.config import RepositoryError, ServerConfig
     from attrserve_service.server import serve
 
     args = _serve_parser().parse_args(argv)
@@ -52,7 +52,11 @@ def serve_main(argv: Sequence[str]) -> int:
             default_device=args.device,
         ),
     )
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except RepositoryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -47,7 +47,11 @@ def spec_from_config(folder: Path, config: mc.ModelConfig) -> ModelSpec:
     for i, s in enumerate(config.inputs):
         if s.dtype != 0 and s.dtype not in WIRE_DTYPES:
             raise RepositoryError(f"{folder}/config.pbtxt: inputs[{i}].dtype {s.dtype} is not supported")
-        inputs.append(InputSpec(name=s.name or f"input{i}", dtype=WIRE_DTYPES[s.dtype][1] if s.dtype else None, dims=tuple(s.dims)))
+        # No dims means "not pinned" (any shape), not a scalar per example.
+        dims = tuple(s.dims) if s.dims else None
+        inputs.append(InputSpec(name=s.name or f"input{i}", dtype=WIRE_DTYPES[s.dtype][1] if s.dtype else None, dims=dims))
+    if config.platform not in _PLATFORMS:
+        raise RepositoryError(f"{folder}/config.pbtxt: platform {config.platform} is not one this server knows")
     which = config.output.WhichOneof("selector")
     return ModelSpec(
         name=config.name or folder.name,

@@ -17,7 +17,7 @@ from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_engine import Engine
 from attrserve_service import metrics
-from attrserve_service.config import ServerConfig, load_repository
+from attrserve_service.config import RepositoryError, ServerConfig, load_repository
 from attrserve_service.interceptor import StatusInterceptor
 from attrserve_service.servicer import AttributionServicer
 
@@ -53,7 +53,10 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
         specs = load_repository(config.model_repository)
         loop = asyncio.get_running_loop()
         for spec in specs:
-            await loop.run_in_executor(None, engine.load, spec)  # model code never runs on the event loop
+            try:
+                await loop.run_in_executor(None, engine.load, spec)  # model code never runs on the event loop
+            except Exception as e:
+                raise RepositoryError(f"model folder {spec.path} could not be served: {type(e).__name__}: {e}") from e
     engine.observers.append(metrics.observe_pass)
     for model in engine.models():
         metrics.ATTRSERVE_MODEL_READY.labels(model.name, model.version).set(1.0 if model.ready else 0.0)

@@ -14,6 +14,7 @@ import pytest
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
+from attrserve.v1 import tensor_pb2
 from attrserve_client import AsyncAttributionClient, AttributionClient, from_tensor_proto, to_tensor_proto
 from attrserve_client import cli
 
@@ -23,6 +24,23 @@ Y = np.array([[1.0], [2.0]], dtype=np.float32)
 BROKEN = "model 'broken' rejects every request"
 MODEL = pb.ModelInfo(config={"name": "toy", "version": "1"}, ready=True,
                      algorithms=[pb.ALGORITHM_INTEGRATED_GRADIENTS, pb.ALGORITHM_SALIENCY])
+DT = tensor_pb2.DataType
+
+
+def typed_model(name, *dtypes):
+    """A model whose config declares its inputs' dtypes (what the CLI casts JSON data to)."""
+    inputs = [{"name": f"x{i}", "dtype": d, "dims": [-1]} for i, d in enumerate(dtypes)]
+    return pb.ModelInfo(config={"name": name, "version": "1", "inputs": inputs}, ready=True,
+                        algorithms=[pb.ALGORITHM_INTEGRATED_GRADIENTS, pb.ALGORITHM_SALIENCY])
+
+
+# What GetModel knows; Attribute answers for any model but "broken" (so "unlisted" tests a failing GetModel).
+GET_MODEL = {m.config.name: m for m in [
+    MODEL,
+    typed_model("toy_f32", DT.DATA_TYPE_FLOAT32),
+    typed_model("toy_i64", DT.DATA_TYPE_INT64),
+    typed_model("toy_mixed", DT.DATA_TYPE_FLOAT64, DT.DATA_TYPE_INT32, DT.DATA_TYPE_BFLOAT16, DT.DATA_TYPE_UNSPECIFIED),
+]}
 
 
 def respond(request: pb.AttributeRequest) -> pb.AttributeResponse:
@@ -54,6 +72,7 @@ def stream_response(request: pb.AttributeRequest) -> pb.AttributeStreamResponse:
 class SyncFake(pb_grpc.AttributionServiceServicer):
     def __init__(self):
         self.requests = []
+        self.get_model_requests = []
 
     def Attribute(self, request, context):
         self.requests.append(request)
@@ -69,14 +88,16 @@ class SyncFake(pb_grpc.AttributionServiceServicer):
         return pb.ListModelsResponse(models=[MODEL])
 
     def GetModel(self, request, context):
-        if request.model != "toy":
+        self.get_model_requests.append(request)
+        if request.model not in GET_MODEL:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.model!r}")
-        return pb.GetModelResponse(model=MODEL)
+        return pb.GetModelResponse(model=GET_MODEL[request.model])
 
 
 class AsyncFake(pb_grpc.AttributionServiceServicer):
     def __init__(self):
         self.requests = []
+        self.get_model_requests = []
 
     async def Attribute(self, request, context):
         self.requests.append(request)
@@ -92,9 +113,10 @@ class AsyncFake(pb_grpc.AttributionServiceServicer):
         return pb.ListModelsResponse(models=[MODEL])
 
     async def GetModel(self, request, context):
-        if request.model != "toy":
+        self.get_model_requests.append(request)
+        if request.model not in GET_MODEL:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.model!r}")
-        return pb.GetModelResponse(model=MODEL)
+        return pb.GetModelResponse(model=GET_MODEL[request.model])
 
 
 @pytest.fixture
@@ -314,3 +336,86 @@ def test_python_m_cli(sync_server):
         capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["attributions"] == [[3.0, -4.0]]
+
+
+# --- CLI: JSON data follows the model's declared input dtypes -----------------------------------
+
+def sent_inputs(fake):
+    return [(t.dtype, from_tensor_proto(t).tolist()) for t in fake.requests[-1].inputs]
+
+
+def test_cli_casts_json_inputs_to_a_float32_model(sync_server, capsys):
+    address, fake = sync_server
+    args = attribute_args(address, "--inputs", "[[1, 2, 3]]", "--baselines", "[[0, 0, 1]]", "--json")
+    args[args.index("toy")] = "toy_f32"
+    assert cli.main(args) == 0
+    assert sent_inputs(fake) == [(DT.DATA_TYPE_FLOAT32, [[1.0, 2.0, 3.0]])]
+    baseline = fake.requests[-1].baselines[0].tensor
+    assert (baseline.dtype, from_tensor_proto(baseline).tolist()) == (DT.DATA_TYPE_FLOAT32, [[0.0, 0.0, 1.0]])
+    assert json.loads(capsys.readouterr().out)["attributions"] == [[2.0, 4.0, 6.0]]
+    assert [(r.model, r.model_version) for r in fake.get_model_requests] == [("toy_f32", "")]
+
+
+def test_cli_casts_json_inputs_to_an_int64_model(sync_server, capsys):
+    address, fake = sync_server
+    args = attribute_args(address, "--model-version", "1", "--inputs", "[[1, 2, 3]]", "--json")
+    args[args.index("toy")] = "toy_i64"
+    assert cli.main(args) == 0
+    assert sent_inputs(fake) == [(DT.DATA_TYPE_INT64, [[1, 2, 3]])]
+    assert json.loads(capsys.readouterr().out)["attributions"] == [[2, 4, 6]]
+    assert fake.get_model_requests[-1].model_version == "1"
+    # Whole-number floats become ids too; 1.5 is not silently truncated: it goes as float32, for
+    # the server to name the dtype mismatch. An int model's baselines are left to the server.
+    args[args.index("[[1, 2, 3]]")] = "[[1.0, 2.0, 3.0]]"
+    assert cli.main(args + ["--baselines", "[[0.5, 0, 0]]"]) == 0
+    assert sent_inputs(fake) == [(DT.DATA_TYPE_INT64, [[1, 2, 3]])]
+    assert fake.requests[-1].baselines[0].tensor.dtype == DT.DATA_TYPE_FLOAT32
+    args[args.index("[[1.0, 2.0, 3.0]]")] = "[[1.5, 2, 3]]"
+    assert cli.main(args) == 0
+    assert sent_inputs(fake) == [(DT.DATA_TYPE_FLOAT32, [[1.5, 2.0, 3.0]])]
+
+
+def test_cli_casts_each_input_by_position(sync_server, capsys, tmp_path):
+    address, fake = sync_server
+    (tmp_path / "ids.json").write_text("[[7, 8]]")
+    args = attribute_args(address, "--inputs", "[[1, 2]]", "--inputs", str(tmp_path / "ids.json"),
+                          "--inputs", "[[3, 4]]", "--inputs", "[[0.25, 1]]", "--inputs", "[[5, 6]]", "--json")
+    args[args.index("toy")] = "toy_mixed"
+    assert cli.main(args) == 0
+    # float64, int32 (from a .json file), bfloat16 and unspecified (left as JSON made them), and
+    # a fifth input the config does not list (left too).
+    assert sent_inputs(fake) == [(DT.DATA_TYPE_FLOAT64, [[1.0, 2.0]]), (DT.DATA_TYPE_INT32, [[7, 8]]),
+                                 (DT.DATA_TYPE_INT64, [[3, 4]]), (DT.DATA_TYPE_FLOAT32, [[0.25, 1.0]]),
+                                 (DT.DATA_TYPE_INT64, [[5, 6]])]
+
+
+def test_cli_keeps_npy_dtypes(sync_server, capsys, tmp_path):
+    address, fake = sync_server
+    np.save(tmp_path / "ints.npy", np.array([[1, 2, 3]], dtype=np.int64))
+    np.save(tmp_path / "doubles.npy", np.array([[1.5, 2, 3]], dtype=np.float64))
+    np.save(tmp_path / "base.npy", np.zeros((1, 3), dtype=np.float16))
+    for name, dtype in (("ints.npy", DT.DATA_TYPE_INT64), ("doubles.npy", DT.DATA_TYPE_FLOAT64)):
+        args = attribute_args(address, "--inputs", str(tmp_path / name), "--baselines", str(tmp_path / "base.npy"))
+        args[args.index("toy")] = "toy_f32"
+        assert cli.main(args) == 0
+        assert fake.requests[-1].inputs[0].dtype == dtype
+        assert fake.requests[-1].baselines[0].tensor.dtype == DT.DATA_TYPE_FLOAT16
+    # Alongside JSON data the .npy input still keeps its dtype.
+    args = attribute_args(address, "--inputs", str(tmp_path / "ints.npy"), "--inputs", "[[1, 2, 3]]")
+    args[args.index("toy")] = "toy_f32"
+    assert cli.main(args) == 0
+    assert [t.dtype for t in fake.requests[-1].inputs] == [DT.DATA_TYPE_INT64, DT.DATA_TYPE_INT64]
+    capsys.readouterr()
+
+
+def test_cli_without_get_model_sends_json_as_is(sync_server, capsys):
+    address, fake = sync_server
+    args = attribute_args(address, "--inputs", "[[1, 2, 3]]", "--json")
+    args[args.index("toy")] = "unlisted"  # GetModel answers NOT_FOUND, Attribute answers
+    assert cli.main(args) == 0
+    assert fake.get_model_requests[-1].model == "unlisted"
+    assert sent_inputs(fake) == [(DT.DATA_TYPE_INT64, [[1, 2, 3]])]
+    assert json.loads(capsys.readouterr().out)["attributions"] == [[2, 4, 6]]
+    args[args.index("unlisted")] = "toy"  # a config without inputs: nothing to cast to
+    assert cli.main(args) == 0
+    assert sent_inputs(fake) == [(DT.DATA_TYPE_INT64, [[1, 2, 3]])]

@@ -11,10 +11,26 @@ from typing import Any
 import grpc
 import numpy as np
 
+from attrserve.v1 import tensor_pb2
+
 from .client import Attribution, AttributionClient, algorithm_name, algorithm_names
 
 _MAX_COLUMNS = 12
 _DEFAULT_ADDRESS = "127.0.0.1:50051"
+_DT = tensor_pb2.DataType
+# A model input's wire dtype -> the numpy dtype JSON data is cast to. Absent (no cast): unspecified,
+# bfloat16 (numpy has none) and any type this client does not know.
+_CAST_TO = {
+    _DT.DATA_TYPE_FLOAT32: np.dtype(np.float32),
+    _DT.DATA_TYPE_FLOAT64: np.dtype(np.float64),
+    _DT.DATA_TYPE_FLOAT16: np.dtype(np.float16),
+    _DT.DATA_TYPE_INT64: np.dtype(np.int64),
+    _DT.DATA_TYPE_INT32: np.dtype(np.int32),
+    _DT.DATA_TYPE_INT16: np.dtype(np.int16),
+    _DT.DATA_TYPE_INT8: np.dtype(np.int8),
+    _DT.DATA_TYPE_UINT8: np.dtype(np.uint8),
+    _DT.DATA_TYPE_BOOL: np.dtype(np.bool_),
+}
 
 
 def _load(text: str) -> Any:
@@ -34,6 +50,35 @@ def _load_dict(text: str | None, flag: str) -> dict | None:
     if not isinstance(value, dict):
         raise ValueError(f"{flag} must be a JSON object")
     return value
+
+
+def _input_dtypes(client: AttributionClient, model: str, version: str, timeout: float | None) -> list[Any]:
+    """The numpy dtype of each model input from GetModel (None where the config leaves it open);
+    [] when GetModel fails: the Attribute call then reports the real error."""
+    try:
+        info = client.get_model(model, version, timeout=timeout)
+    except grpc.RpcError:
+        return []
+    return [_CAST_TO.get(spec.dtype) for spec in info.config.inputs]
+
+
+def _cast(value: Any, dtype: Any, *, floats_only: bool = False) -> Any:
+    """JSON data (a Python list or number) as an array of the model input's dtype; numpy arrays
+    (.npy files) keep their exact dtype. A cast that would change a value (1.5 or 300 to an int8
+    input) is not made, so the server still names the dtype mismatch."""
+    if dtype is None or isinstance(value, np.ndarray) or (floats_only and dtype.kind != "f"):
+        return value
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged lists: left to the usual error
+        return value
+    if array.dtype.kind not in "biuf":
+        return value
+    if dtype.kind == "f":
+        return array.astype(dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        cast = array.astype(dtype)
+    return cast if np.array_equal(cast, array) else value
 
 
 def _one_or_tuple(values: list[Any] | None) -> Any:
@@ -137,10 +182,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _attribute_parser().parse_args(argv)
     try:
         with AttributionClient(args.target_address) as client:
+            inputs = [_load(x) for x in args.inputs]
+            baselines = [_load(x) for x in args.baselines or ()]
+            # JSON numbers arrive as int64 or float32; cast them to the dtypes the model's config
+            # declares, so `--inputs '[[1, 2, 3]]'` works for a float32 model.
+            if any(isinstance(v, list) for v in inputs + baselines):
+                dtypes = _input_dtypes(client, args.model, args.model_version, args.timeout)
+                inputs = [_cast(v, dtypes[i] if i < len(dtypes) else None) for i, v in enumerate(inputs)]
+                # Baselines only to a floating input's dtype (the server casts them to the input's anyway).
+                baselines = [_cast(v, dtypes[i] if i < len(dtypes) else None, floats_only=True)
+                             for i, v in enumerate(baselines)]
             result = client.attribute(
                 args.model, args.algorithm,
-                _one_or_tuple([_load(x) for x in args.inputs]),
-                baselines=_one_or_tuple([_load(x) for x in args.baselines or ()]),
+                _one_or_tuple(inputs),
+                baselines=_one_or_tuple(baselines),
                 target=_target(args.target),
                 additional_forward_args=_one_or_tuple([_load(x) for x in args.additional_forward_args or ()]),
                 feature_mask=_one_or_tuple([_load(x) for x in args.feature_mask or ()]),

@@ -1,0 +1,508 @@
+"""The model repository loader end to end: folders on disk → ModelSpec → Engine → numbers (Captum as the oracle).
+
+Every test builds its own tiny repository under tmp_path: a folder per model with
+`model.py` (+ optional `weights.pt`) or a TorchScript `model.pt`, and an optional
+`config.pbtxt`.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import json
+import textwrap
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from captum.attr import IntegratedGradients, Saliency
+from torch import nn
+
+from attrserve.v1 import model_config_pb2 as mc
+from attrserve.v1 import tensor_pb2
+from attrserve_client import AttributionClient
+from attrserve_client import cli as client_cli
+from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgument
+from attrserve_engine.algorithms import ALGORITHMS
+from attrserve_engine.registry import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US
+from attrserve_service.config import RepositoryError, effective_config, load_repository
+
+ATOL = 1e-5
+X = torch.tensor([[0.3, -0.2, 0.9, 1.4], [1.0, 0.5, -0.4, 0.2]])
+TARGET = torch.tensor([[0], [1]])  # one output index per example
+CAPTUM_TARGET = [0, 1]
+
+# A small MLP, deterministic in code so the test can rebuild the very same module.
+MLP = """
+import torch
+from torch import nn
+
+
+def build_model():
+    torch.manual_seed(5)  # both examples of X reach live ReLUs
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+"""
+
+# forward returns (logits, hidden): the tuple case of `output { index }`.
+TUPLE = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.fc1 = nn.Linear(4, 3)
+        self.fc2 = nn.Linear(3, 2)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.fc1(x))
+        return self.fc2(hidden), hidden
+
+
+def build_model():
+    return Net()
+"""
+
+# forward returns {"logits", "aux"}: the dict case of `output { key }`.
+DICT = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.fc1 = nn.Linear(4, 3)
+        self.fc2 = nn.Linear(3, 2)
+
+    def forward(self, x):
+        hidden = torch.sigmoid(self.fc1(x))
+        return {"logits": self.fc2(hidden), "aux": (x * x).sum(dim=1, keepdim=True)}
+
+
+def build_model():
+    return Net()
+"""
+
+
+def write_model(folder: Path, source: str | None = MLP, config: str | None = None) -> Path:
+    folder.mkdir(parents=True)
+    if source is not None:
+        (folder / "model.py").write_text(source)
+    if config is not None:
+        (folder / "config.pbtxt").write_text(textwrap.dedent(config))
+    return folder
+
+
+def build(source: str) -> nn.Module:
+    """The module a model.py builds, outside the server (the oracle's copy)."""
+    namespace: dict = {}
+    exec(compile(source, "<model.py>", "exec"), namespace)
+    return namespace["build_model"]().eval()
+
+
+@pytest.fixture
+def engines():
+    """Engines made by a test, shut down after it."""
+    made: list[Engine] = []
+
+    def make(**limits) -> Engine:
+        made.append(Engine(EngineLimits(**limits)))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        engine.shutdown(drain=False, timeout=5)
+
+
+def load_all(engine: Engine, root: Path) -> dict:
+    return {m.name: m for m in (engine.load(spec) for spec in load_repository(root))}
+
+
+def attribute(engine: Engine, model: str, algorithm: str, x: torch.Tensor = X, target: torch.Tensor | None = TARGET, **kw):
+    return engine.attribute(AttributionJob(model=model, algorithm=algorithm, inputs=(x,), target=target, **kw), timeout=60)
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    got, want = got.detach().cpu(), want.detach().cpu()
+    assert got.shape == want.shape
+    assert torch.allclose(got, want.to(got.dtype), atol=ATOL, rtol=0), f"max abs diff {(got - want).abs().max():.3g}"
+
+
+def captum_ig(forward, x: torch.Tensor = X, target=CAPTUM_TARGET) -> torch.Tensor:
+    return IntegratedGradients(forward).attribute(x.clone(), target=target)
+
+
+# --- 1. model.py alone ---------------------------------------------------------------------------
+
+def test_bare_model_py_gets_defaults_and_serves_integrated_gradients(tmp_path, engines):
+    write_model(tmp_path / "mlp")
+    (spec,) = load_repository(tmp_path)
+    assert (spec.name, spec.version, spec.platform, spec.inputs) == ("mlp", "1", "", [])
+    assert (spec.max_batch_rows, spec.max_queue_delay_us, spec.device) == (0, 0, "")  # 0/"": engine defaults
+    assert (spec.output_index, spec.output_key) == (None, None)
+
+    engine = engines()  # default limits: device "auto"
+    model = engine.load(spec)
+    assert model.ready and not model.is_torchscript
+    assert (model.name, model.version) == ("mlp", "1")
+    assert model.max_batch_rows == DEFAULT_MAX_BATCH_ROWS == 256
+    assert model.max_queue_delay_s == pytest.approx(DEFAULT_MAX_QUEUE_DELAY_US / 1e6) == pytest.approx(500e-6)
+    assert str(model.device) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert model.layers == ["0", "1", "2"]
+    assert not model.module.training  # served in eval mode
+    assert "deep_lift" in engine.supported_algorithms(model)  # eager with a ReLU: hookable
+
+    result = attribute(engine, "mlp", "integrated_gradients", return_convergence_delta=True)
+    oracle = build(MLP)
+    want, want_delta = IntegratedGradients(oracle).attribute(X.clone(), target=CAPTUM_TARGET, return_convergence_delta=True)
+    assert_close(result.attributions[0], want)
+    assert_close(result.convergence_delta, want_delta)
+    assert result.model_version == "1"
+    assert bool((want.abs().sum(dim=1) > 0.2).all())  # a non-trivial comparison for each example
+
+
+def test_bare_model_py_on_cpu_engine_default(tmp_path, engines):
+    write_model(tmp_path / "mlp")
+    model = load_all(engines(default_device="cpu"), tmp_path)["mlp"]
+    assert str(model.device) == "cpu"
+    assert next(model.module.parameters()).device.type == "cpu"
+
+
+# --- 2. weights.pt -------------------------------------------------------------------------------
+
+def test_weights_pt_is_loaded(tmp_path, engines):
+    folder = write_model(tmp_path / "weighted")
+    saved = build(MLP)
+    with torch.no_grad():  # values the seeded build_model would never produce
+        for i, p in enumerate(saved.parameters()):
+            p.copy_(torch.linspace(-1.0, 1.0, p.numel()).view_as(p) * (i + 1))
+    torch.save(saved.state_dict(), folder / "weights.pt")
+
+    engine = engines(default_device="cpu")
+    model = load_all(engine, tmp_path)["weighted"]
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(model.module.state_dict()[name], tensor), name
+    with torch.no_grad():
+        want = saved(X)
+        assert torch.equal(model.module(X), want)
+        assert not torch.allclose(build(MLP)(X), want)  # the weights did change the model
+
+    result = attribute(engine, "weighted", "saliency", return_outputs=True)
+    assert_close(result.attributions[0], Saliency(saved).attribute(X.clone(), target=CAPTUM_TARGET))
+    assert_close(result.outputs, want)  # return_outputs: the saved model's logits
+
+
+# --- 3. TorchScript model.pt ---------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.* is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_model_pt(tmp_path, engines, how):
+    eager = build(MLP)
+    scripted = torch.jit.script(eager) if how == "script" else torch.jit.trace(eager, X)
+    folder = tmp_path / "ts"
+    folder.mkdir()
+    scripted.save(str(folder / "model.pt"))
+    (spec,) = load_repository(tmp_path)
+    assert spec.name == "ts" and spec.platform == ""  # detected from model.pt at load
+
+    engine = engines(default_device="cpu")
+    model = engine.load(spec)
+    assert model.is_torchscript and model.ready
+    supported = engine.supported_algorithms(model)
+    assert "deep_lift" not in supported and "deep_lift" in ALGORITHMS
+    assert {"saliency", "integrated_gradients"} <= set(supported)
+    with pytest.raises(InvalidArgument, match="deep_lift needs an eager model"):
+        attribute(engine, "ts", "deep_lift")
+
+    oracle = torch.jit.load(str(folder / "model.pt")).eval()
+    assert_close(attribute(engine, "ts", "saliency").attributions[0], Saliency(oracle).attribute(X.clone(), target=CAPTUM_TARGET))
+    assert_close(attribute(engine, "ts", "integrated_gradients").attributions[0], captum_ig(oracle))
+    assert_close(attribute(engine, "ts", "integrated_gradients").attributions[0], captum_ig(eager))  # same math as eager
+    assert effective_config(model).platform == mc.PLATFORM_TORCHSCRIPT
+
+
+# --- 4. config.pbtxt -----------------------------------------------------------------------------
+
+CONFIGURED = """
+    name: "custom"
+    version: "7"
+    platform: PLATFORM_PYTORCH_EAGER
+    max_batch_rows: 8
+    max_queue_delay_microseconds: 1234
+    device: "cpu"
+    description: "a configured MLP"
+    inputs { name: "features" dtype: DATA_TYPE_FLOAT32 dims: 4 }
+"""
+
+
+def test_config_fields_are_honoured(tmp_path, engines):
+    write_model(tmp_path / "folder_name", config=CONFIGURED)
+    (spec,) = load_repository(tmp_path)
+    assert (spec.name, spec.version, spec.platform) == ("custom", "7", "pytorch_eager")
+    assert (spec.max_batch_rows, spec.max_queue_delay_us, spec.device) == (8, 1234, "cpu")
+    assert spec.description == "a configured MLP"
+    assert [(s.name, s.dtype, s.dims) for s in spec.inputs] == [("features", torch.float32, (4,))]
+
+    engine = engines()
+    model = engine.load(spec)
+    assert engine.get_model("custom", "7") is model and engine.get_model("custom") is model
+    assert model.max_batch_rows == 8 and model.max_queue_delay_s == pytest.approx(1234e-6)
+    assert str(model.device) == "cpu"  # the config's device beats the engine default ("auto")
+    assert model.output_shape == (2,)  # learned at warm-up, since the config pins every dim
+
+    # A request is checked against the inputs: shape and dtype, naming the input.
+    with pytest.raises(InvalidArgument, match=r"inputs\[0\] \('features'\): expected shape \(n, 4\), got \(2, 5\)"):
+        attribute(engine, "custom", "saliency", x=torch.ones(2, 5))
+    with pytest.raises(InvalidArgument, match=r"'features'.*expected dtype float32, got float64"):
+        attribute(engine, "custom", "saliency", x=X.double())
+    with pytest.raises(InvalidArgument, match="takes 1 inputs"):
+        engine.attribute(AttributionJob(model="custom", algorithm="saliency", inputs=(X, X)), timeout=60)
+
+    result = attribute(engine, "custom", "integrated_gradients")
+    assert result.model_version == "7"
+    assert_close(result.attributions[0], captum_ig(build(MLP)))
+
+
+def test_output_selection_tuple_index(tmp_path, engines):
+    write_model(tmp_path / "tup0", TUPLE, 'output { index: 0 }\n')
+    write_model(tmp_path / "tup1", TUPLE, 'output { index: 1 }\n')
+    write_model(tmp_path / "tup_default", TUPLE)  # no selector: element 0
+    specs = {s.name: s for s in load_repository(tmp_path)}
+    assert (specs["tup0"].output_index, specs["tup1"].output_index, specs["tup_default"].output_index) == (0, 1, None)
+    engine = engines(default_device="cpu")
+    load_all(engine, tmp_path)
+    oracle = build(TUPLE)
+
+    want_logits = captum_ig(lambda x: oracle(x)[0])
+    want_hidden = captum_ig(lambda x: oracle(x)[1], target=[2, 1])
+    assert_close(attribute(engine, "tup0", "integrated_gradients").attributions[0], want_logits)
+    assert_close(attribute(engine, "tup_default", "integrated_gradients").attributions[0], want_logits)
+    got_hidden = attribute(engine, "tup1", "integrated_gradients", target=torch.tensor([[2], [1]])).attributions[0]
+    assert_close(got_hidden, want_hidden)
+    assert not torch.allclose(want_logits, want_hidden, atol=1e-3)  # the selector made a difference
+    # Index 2 exists in the hidden output (3 units) but not in the logits (2): the selected output is checked.
+    with pytest.raises(InvalidArgument, match="out of range"):
+        attribute(engine, "tup0", "saliency", target=torch.tensor([[2], [2]]))
+
+
+def test_output_selection_dict_key(tmp_path, engines):
+    write_model(tmp_path / "logits", DICT, 'output { key: "logits" }\n')
+    write_model(tmp_path / "aux", DICT, 'output { key: "aux" }\n')
+    specs = {s.name: s for s in load_repository(tmp_path)}
+    assert (specs["logits"].output_key, specs["aux"].output_key) == ("logits", "aux")
+    engine = engines(default_device="cpu")
+    load_all(engine, tmp_path)
+    oracle = build(DICT)
+
+    assert_close(attribute(engine, "logits", "integrated_gradients").attributions[0], captum_ig(lambda x: oracle(x)["logits"]))
+    assert_close(attribute(engine, "logits", "saliency").attributions[0],
+                 Saliency(lambda x: oracle(x)["logits"]).attribute(X.clone(), target=CAPTUM_TARGET))
+    # aux = sum(x^2) per example, one scalar each: IG from zero is exactly x^2.
+    aux = attribute(engine, "aux", "integrated_gradients", target=None).attributions[0]
+    assert_close(aux, captum_ig(lambda x: oracle(x)["aux"], target=0))
+    assert_close(aux, X * X)
+
+
+def test_dict_output_without_key_fails_clearly(tmp_path, engines):
+    # No pinned input dims: no warm-up, so the model loads (and reports ready) and each request fails.
+    write_model(tmp_path / "lazy", DICT)
+    # Pinned input dims: the warm-up forward at load fails instead.
+    write_model(tmp_path / "pinned", DICT, 'inputs { name: "x" dtype: DATA_TYPE_FLOAT32 dims: 4 }\n')
+    specs = {s.name: s for s in load_repository(tmp_path)}
+    engine = engines(default_device="cpu")
+
+    lazy = engine.load(specs["lazy"])
+    assert lazy.ready  # NB: ready, although no request can ever succeed
+    for algorithm in ("saliency", "integrated_gradients"):
+        with pytest.raises(InvalidArgument, match=r"returns a dict with keys \['aux', 'logits'\]; set output.key"):
+            attribute(engine, "lazy", algorithm)
+
+    with pytest.raises(InvalidArgument, match=r"model 'pinned' returns a dict with keys \['aux', 'logits'\]; set output.key"):
+        engine.load(specs["pinned"])
+    assert [m.name for m in engine.models()] == ["lazy"]  # the failed load registered nothing
+
+
+# --- 5. effective_config -------------------------------------------------------------------------
+
+def test_effective_config_fills_in_defaults(tmp_path, engines):
+    write_model(tmp_path / "bare")
+    write_model(tmp_path / "configured", config=CONFIGURED)
+    write_model(tmp_path / "tup", TUPLE, "output { index: 1 }\n")
+    write_model(tmp_path / "dict", DICT, 'output { key: "logits" }\ndevice: "cpu"\n')
+    models = load_all(engines(default_device="cpu", default_max_batch_rows=64, default_max_queue_delay_us=2500), tmp_path)
+
+    bare = effective_config(models["bare"])
+    assert bare == mc.ModelConfig(
+        name="bare", version="1", platform=mc.PLATFORM_PYTORCH_EAGER, max_batch_rows=64,
+        max_queue_delay_microseconds=2500, device="cpu")
+    assert bare.output.WhichOneof("selector") is None
+
+    configured = effective_config(models["custom"])
+    assert configured == mc.ModelConfig(
+        name="custom", version="7", platform=mc.PLATFORM_PYTORCH_EAGER, max_batch_rows=8,
+        max_queue_delay_microseconds=1234, device="cpu", description="a configured MLP",
+        inputs=[mc.InputSpec(name="features", dtype=tensor_pb2.DATA_TYPE_FLOAT32, dims=[4])])
+
+    tup = effective_config(models["tup"])
+    assert tup.output.WhichOneof("selector") == "index" and tup.output.index == 1
+    dict_config = effective_config(models["dict"])
+    assert dict_config.output.WhichOneof("selector") == "key" and dict_config.output.key == "logits"
+    assert dict_config.max_batch_rows == 64
+
+
+# --- 6. errors -----------------------------------------------------------------------------------
+
+def test_malformed_config_names_the_file(tmp_path):
+    write_model(tmp_path / "good")
+    write_model(tmp_path / "bad", config="name: \"bad\"\nmax_batch_rows: lots\n")
+    with pytest.raises(RepositoryError) as err:
+        load_repository(tmp_path)
+    assert str(tmp_path / "bad" / "config.pbtxt") in str(err.value)
+    assert "max_batch_rows" in str(err.value)
+
+    write_model(tmp_path / "unknown_field", config="nme: \"typo\"\n")
+    (tmp_path / "bad" / "config.pbtxt").unlink()
+    with pytest.raises(RepositoryError, match=str(tmp_path / "unknown_field" / "config.pbtxt")):
+        load_repository(tmp_path)
+
+
+def test_unsupported_input_dtype_in_config(tmp_path):
+    write_model(tmp_path / "m", config="inputs { name: \"x\" dtype: 99 dims: 4 }\n")
+    with pytest.raises(RepositoryError, match=r"config.pbtxt: inputs\[0\].dtype 99 is not supported"):
+        load_repository(tmp_path)
+
+
+def test_empty_or_missing_repository(tmp_path):
+    with pytest.raises(RepositoryError, match="has no model folders"):
+        load_repository(tmp_path)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("not a model")
+    (tmp_path / "model.py").write_text(MLP)  # a file at the root is not a model folder
+    with pytest.raises(RepositoryError, match="has no model folders"):
+        load_repository(tmp_path)
+    with pytest.raises(RepositoryError, match="is not a folder"):
+        load_repository(tmp_path / "absent")
+    with pytest.raises(RepositoryError, match="is not a folder"):
+        load_repository(tmp_path / "model.py")
+
+
+def test_folders_without_a_model_are_skipped(tmp_path):
+    write_model(tmp_path / "b_model")
+    write_model(tmp_path / "a_config_only", source=None, config='name: "ghost"\n')
+    (tmp_path / "c_empty").mkdir()
+    (tmp_path / "d_weights_only").mkdir()
+    torch.save(build(MLP).state_dict(), tmp_path / "d_weights_only" / "weights.pt")
+    specs = load_repository(tmp_path)
+    assert [(s.name, s.path) for s in specs] == [("b_model", tmp_path / "b_model")]
+
+
+# --- 7. `attrserve serve --model-repository` -----------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_cli_on_a_repository(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    write_model(repo / "mlp")
+    write_model(repo / "configured", config=CONFIGURED)
+    port = free_port()
+    log = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attrserve_service.cli", "serve", "--model-repository", str(repo),
+         "--port", str(port), "--metrics-port", "-1", "--device", "cpu"],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        models = None
+        with AttributionClient(f"127.0.0.1:{port}") as client:
+            deadline = time.monotonic() + 60
+            while models is None:
+                assert proc.poll() is None, f"server exited with {proc.returncode}:\n{Path(log.name).read_text()}"
+                try:
+                    models = client.list_models(timeout=2)
+                except grpc.RpcError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            info = client.get_model("custom", "7")
+            x = X.numpy()
+            result = client.attribute("mlp", "integrated_gradients", x, target=CAPTUM_TARGET)
+            with pytest.raises(grpc.RpcError) as err:
+                client.attribute("custom", "saliency", x[:, :3])
+        # `attrserve attribute` with integer JSON for the float32 model: cast after GetModel.
+        capsys.readouterr()
+        rc = client_cli.main(["attribute", "--target-address", f"127.0.0.1:{port}", "--model", "custom",
+                              "--algorithm", "saliency", "--inputs", "[[1, 2, 3, 4]]", "--target", "1", "--json"])
+        cli_out = capsys.readouterr()
+        assert rc == 0, cli_out.err
+        assert sorted((m.config.name, m.config.version, m.ready) for m in models) == [("custom", "7", True), ("mlp", "1", True)]
+        by_name = {m.config.name: m for m in models}
+        assert by_name["mlp"].config.max_batch_rows == DEFAULT_MAX_BATCH_ROWS and by_name["mlp"].config.device == "cpu"
+        assert list(by_name["mlp"].layers) == ["0", "1", "2"]
+        assert info.config.max_batch_rows == 8 and info.config.max_queue_delay_microseconds == 1234
+        assert info.config.inputs[0].name == "features"
+        assert_close(torch.from_numpy(result.attributions.copy()), captum_ig(build(MLP)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'features'" in err.value.details()
+        want = Saliency(build(MLP)).attribute(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), target=1)
+        assert_close(torch.tensor(json.loads(cli_out.out)["attributions"]), want)
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, Path(log.name).read_text()
+        assert f"attrserve listening on 127.0.0.1:{port}" in Path(log.name).read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def test_output_selector_that_does_not_fit_the_output_fails_at_load(tmp_path, engines):
+    pinned = 'inputs { name: "x" dtype: DATA_TYPE_FLOAT32 dims: 4 }\n'
+    write_model(tmp_path / "key_on_tuple", TUPLE, pinned + 'output { key: "logits" }\n')
+    write_model(tmp_path / "missing_key", DICT, pinned + 'output { key: "nope" }\n')
+    write_model(tmp_path / "index_past_end", TUPLE, pinned + 'output { index: 2 }\n')
+    specs = {s.name: s for s in load_repository(tmp_path)}
+    engine = engines(default_device="cpu")
+    with pytest.raises(InvalidArgument, match="returns tuple, not a dict; output.key 'logits' does not apply"):
+        engine.load(specs["key_on_tuple"])
+    with pytest.raises(InvalidArgument, match=r"keys \['aux', 'logits'\]; output.key 'nope' is not one"):
+        engine.load(specs["missing_key"])
+    with pytest.raises(InvalidArgument, match="returns 2 outputs; output.index 2 is out of range"):
+        engine.load(specs["index_past_end"])
+
+
+def test_input_spec_without_dims_means_any_shape(tmp_path, engines):
+    write_model(tmp_path / "free", MLP, 'inputs { name: "x" dtype: DATA_TYPE_FLOAT32 }\n')
+    (spec,) = load_repository(tmp_path)
+    assert spec.inputs[0].dims is None
+    engine = engines(default_device="cpu")
+    engine.load(spec)
+    assert_close(attribute(engine, "free", "integrated_gradients").attributions[0], captum_ig(build(MLP)))
+
+
+def test_platform_that_does_not_match_the_folder(tmp_path, engines):
+    write_model(tmp_path / "wants_script", MLP, "platform: PLATFORM_TORCHSCRIPT\n")
+    engine = engines(default_device="cpu")
+    with pytest.raises(Exception, match="configured as TorchScript but has no model.pt"):
+        engine.load(load_repository(tmp_path)[0])
+
+
+def test_serve_reports_a_model_that_cannot_load_by_folder(tmp_path):
+    write_model(tmp_path / "broken", "def build_model():\n    raise RuntimeError('no weights here')\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "attrserve_service.cli", "serve", "--model-repository", str(tmp_path), "--port", "0", "--metrics-port", "-1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2
+    assert f"model folder {tmp_path / 'broken'} could not be served" in out.stderr
+    assert "no weights here" in out.stderr
