@@ -17,7 +17,7 @@ from torch import Tensor
 
 from attrserve_engine.algorithms import ALGORITHMS, Algorithm, Limits
 from attrserve_engine.algorithms.noise_tunnel import noise_tunnel_plan, parse_noise_tunnel
-from attrserve_engine.errors import InvalidArgument, ResourceExhausted, Unavailable
+from attrserve_engine.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from attrserve_engine.executor import flat_target
 from attrserve_engine.job import AttributionJob, AttributionResult
 from attrserve_engine.plan import FORWARD, Attribution, Block, BlockResult, Plan, RequestRNG, Task
@@ -173,16 +173,20 @@ class Engine:
                         f"inputs[{i}] has dtype {str(x.dtype).replace('torch.', '')}; {job.algorithm} takes gradients w.r.t. "
                         "the inputs, so they must be floating point (for token ids, use a layer method on the embedding)"
                     )
-        if job.layer:
+        if algorithm.layer_method:
+            if not job.layer:
+                raise InvalidArgument(f"{job.algorithm} needs `layer`, a dotted module path; GetModel lists the model's layers")
+            if job.layer not in model.layers:
+                raise NotFound(f"model {model.name!r} has no layer {job.layer!r}")
+        elif job.layer:
             raise InvalidArgument(f"layer is only for layer methods; {job.algorithm} attributes to the inputs")
-        if job.feature_masks:
+        if job.feature_masks and not algorithm.uses_feature_mask:
             raise InvalidArgument(f"feature_masks is only for perturbation methods; {job.algorithm} does not take it")
         if job.return_convergence_delta and not algorithm.has_convergence_delta:
             raise InvalidArgument(f"{job.algorithm} has no convergence delta; do not set return_convergence_delta")
         if job.baselines and not algorithm.uses_baselines and not (nt and nt.draw_baseline_from_distrib):
             raise InvalidArgument(f"{job.algorithm} takes no baselines")
         distribution = algorithm.baseline_distribution or bool(nt and nt.draw_baseline_from_distrib)
-        baselines = _format_baselines(job.baselines, inputs, distribution)
         target = _format_target(job.target, n)
         args = tuple(job.additional_forward_args)
         for j, a in enumerate(args):
@@ -190,34 +194,36 @@ class Engine:
                 raise InvalidArgument(f"additional_forward_args[{j}] has shape {tuple(a.shape)}; dim 0 must be the {n} examples")
         if model.output_shape is not None:
             flat_target(target, model.output_shape)  # early, clear target errors
+        seed = job.seed if job.seed is not None else secrets.randbits(32)
+        if not 0 <= seed <= MAX_SEED:
+            raise InvalidArgument(f"seed must be in [0, {MAX_SEED}], got {seed}")
+        task = Task(
+            inputs=inputs,
+            baselines=_format_baselines(job.baselines, inputs, distribution),
+            target=target,
+            args=args,
+            params=params,
+            rng=RequestRNG(seed),
+            return_convergence_delta=job.return_convergence_delta,
+            feature_masks=_format_feature_masks(job.feature_masks, inputs),
+            layer=job.layer,
+        )
 
         examples = n * nt.nt_samples if nt else n  # NoiseTunnel runs the algorithm on its noisy copies
-        rows = algorithm.rows(params, examples) + (n if job.return_outputs else 0)
-        rows += algorithm.delta_rows(params, examples) if job.return_convergence_delta else 0
+        rows = algorithm.rows(task, examples) + (n if job.return_outputs else 0)
+        rows += algorithm.delta_rows(task, examples) if job.return_convergence_delta else 0
         if rows > self.limits.max_rows_per_request:
             raise ResourceExhausted(
                 f"this request needs {rows} rows of model work ({n} example(s) with these parameters), "
                 f"over this server's limit of {self.limits.max_rows_per_request} rows per request; "
-                "send fewer examples or fewer steps/samples"
+                "send fewer examples, features or steps/samples"
             )
-        seed = job.seed if job.seed is not None else secrets.randbits(32)
-        if not 0 <= seed <= MAX_SEED:
-            raise InvalidArgument(f"seed must be in [0, {MAX_SEED}], got {seed}")
 
         def plan_factory() -> Plan:
-            device = model.device
-            task = Task(
-                inputs=tuple(x.to(device) for x in inputs),
-                baselines=tuple(b.to(device) for b in baselines),
-                target=target.to(device),
-                args=tuple(a.to(device) for a in args),
-                params=params,
-                rng=RequestRNG(seed),
-                return_convergence_delta=job.return_convergence_delta,
-            )
-            plan = noise_tunnel_plan(algorithm, nt, task) if nt else algorithm.plan(task)
+            on_device = task.to(model.device)
+            plan = noise_tunnel_plan(algorithm, nt, on_device) if nt else algorithm.plan(on_device)
             if job.return_outputs:
-                plan = _with_outputs(plan, Block(kind=FORWARD, inputs=task.inputs, args=task.args, target=task.target))
+                plan = _with_outputs(plan, Block(kind=FORWARD, inputs=on_device.inputs, args=on_device.args, target=on_device.target))
             return plan
 
         def finish(attribution: Attribution, live: LiveJob) -> AttributionResult:
@@ -295,6 +301,30 @@ def _format_baselines(baselines: tuple, inputs: tuple[Tensor, ...], distribution
         if not distribution and b.shape[0] not in (1, x.shape[0]):
             raise InvalidArgument(f"baselines[{i}] has {b.shape[0]} rows; give 1 or one per example ({x.shape[0]})")
         out.append(b.to(x.dtype).contiguous())
+    return tuple(out)
+
+
+def _format_feature_masks(masks: tuple, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Each mask → int64 (1 or n, *feature_shape): Captum's feature_mask, one per input (or none)."""
+    if not masks:
+        return ()
+    if len(masks) != len(inputs):
+        raise InvalidArgument(f"give one feature mask per input ({len(inputs)}) or none, got {len(masks)}")
+    out = []
+    for i, (m, x) in enumerate(zip(masks, inputs)):
+        if m.is_floating_point() or m.dtype == torch.bool:
+            raise InvalidArgument(f"feature_masks[{i}] must hold integer feature ids, got dtype {str(m.dtype).replace('torch.', '')}")
+        if m.dim() == x.dim() - 1:
+            m = m.unsqueeze(0)
+        if m.dim() != x.dim() or m.shape[0] not in (1, x.shape[0]):
+            raise InvalidArgument(f"feature_masks[{i}] has shape {tuple(m.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)} with 1 or {x.shape[0]} rows")
+        try:
+            m = torch.broadcast_to(m, (m.shape[0], *x.shape[1:]))
+        except RuntimeError:
+            raise InvalidArgument(f"feature_masks[{i}] has shape {tuple(m.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}") from None
+        if bool((m < 0).any()):
+            raise InvalidArgument(f"feature_masks[{i}] has negative feature ids")
+        out.append(m.to(torch.int64).contiguous())
     return tuple(out)
 
 

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from attrserve_engine.errors import AttributionError, InvalidArgument, ResourceExhausted
-from attrserve_engine.plan import DEEPLIFT, FORWARD, Block, BlockResult, concat_results, slice_block
+from attrserve_engine.plan import FORWARD, Block, BlockResult, concat_results, slice_block
 from attrserve_engine.registry import LoadedModel
-from attrserve_engine.rules.deeplift import DeepLiftRules, SegmentLayout
+from attrserve_engine.rules import RULE_PASSES, SegmentLayout
 
 log = logging.getLogger(__name__)
 
@@ -74,35 +74,84 @@ def flat_target(target: Tensor, out_shape: tuple[int, ...]) -> Tensor:
     return flat
 
 
+class LayerHook:
+    """Captures (or substitutes) a layer's output — or its input — for one fused pass.
+
+    Layer methods use it: capture the activations (and make them something
+    gradients can be taken against), or replace them with the rows' own values
+    (LayerIntegratedGradients' interpolated activations).
+    """
+
+    def __init__(self, model: LoadedModel, block: Block, substitute: tuple[Tensor, ...] | None, grad: bool) -> None:
+        self.module = model.module.get_submodule(block.layer)
+        self.use_input = block.layer_input
+        self.substitute = substitute
+        self.grad = grad
+        self.activations: tuple[Tensor, ...] | None = None
+        self.handle = None
+
+    def _capture(self, acts: tuple) -> tuple:
+        if self.activations is not None:
+            raise InvalidArgument(f"layer {type(self.module).__name__} runs more than once per forward; attribute to a layer used once")
+        if self.substitute is not None:
+            acts = tuple(v.detach().requires_grad_(self.grad) for v in self.substitute)
+        elif self.grad:
+            acts = tuple(a if a.requires_grad else a.detach().requires_grad_() for a in acts)
+        self.activations = acts
+        return acts
+
+    def install(self) -> None:
+        if self.use_input:
+            self.handle = self.module.register_forward_pre_hook(lambda mod, inp: self._capture(tuple(inp)))
+        else:
+            def forward_hook(mod, inp, out):
+                acts = self._capture(out if isinstance(out, tuple) else (out,))
+                return acts if isinstance(out, tuple) else acts[0]
+
+            self.handle = self.module.register_forward_hook(forward_hook)
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
 def _fused_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcome]:
-    kind = segments[0].kind
-    paired = kind == DEEPLIFT
-    n_inputs = len(segments[0].inputs)
+    first = segments[0]
+    kind = first.kind
+    paired = first.refs is not None
     seg_rows = [int(s.inputs[0].shape[0]) for s in segments]
-    # 1) stack rows; DEEPLIFT keeps Captum's pairing: [inputs of all segments; refs of all segments]
+
+    # 1) stack rows; paired passes keep Captum's layout: [inputs of all segments; refs of all segments]
     def stack(parts: list[Tensor]) -> Tensor:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    xs = []
-    for i in range(n_inputs):
-        parts = [s.inputs[i] for s in segments] + ([s.refs[i] for s in segments] if paired else [])  # type: ignore[index]
-        xs.append(stack(parts))
-    args = []
-    for j in range(len(segments[0].args)):
-        parts = [s.args[j] for s in segments]
-        args.append(stack(parts * 2 if paired else parts))
+    def stacked(field: str, twice: bool = False) -> list[Tensor]:
+        count = len(getattr(first, field) or ())
+        return [stack([getattr(s, field)[i] for s in segments] * (2 if twice else 1)) for i in range(count)]
+
+    xs = [stack([s.inputs[i] for s in segments] + ([s.refs[i] for s in segments] if paired else [])) for i in range(len(first.inputs))]  # type: ignore[index]
+    args = stacked("args", twice=paired)
     grad_mode = kind != FORWARD
-    if grad_mode:
+    wrt_inputs = grad_mode and not first.grad_wrt_layer
+    if wrt_inputs:
         for i, x in enumerate(xs):
             if not x.is_floating_point():
                 raise InvalidArgument(f"inputs[{i}] has dtype {x.dtype}; gradient methods need floating point inputs")
             xs[i] = x.detach().requires_grad_(True)  # a fresh leaf, whatever the plan built
-    rules = DeepLiftRules(model.module, eps=segments[0].options[0], layout=SegmentLayout.of(seg_rows, xs[0].device)) if paired else None
+    hooks = []
+    if kind in RULE_PASSES:
+        layout = SegmentLayout.of(seg_rows, xs[0].device)
+        hooks.append(RULE_PASSES[kind](model.module, first.options, layout))
+    layer_hook = None
+    if first.layer:
+        substitute = tuple(stacked("layer_values")) if first.layer_values is not None else None
+        layer_hook = LayerHook(model, first, substitute, grad=grad_mode and first.grad_wrt_layer)
+        hooks.append(layer_hook)
 
     # 2) forward, select each row's target, backward
     with torch.set_grad_enabled(grad_mode):
-        if rules is not None:
-            rules.install()
+        for h in hooks:
+            h.install()
         try:
             out = model.forward(*xs, *args)  # (R, *out_shape)
             out_shape = tuple(out.shape[1:])
@@ -117,16 +166,26 @@ def _fused_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcom
             flat = stack(flats * 2 if paired else flats)
             selected = out.reshape(out.shape[0], -1).gather(1, flat[:, None].to(out.device)).squeeze(1)  # (R,)
             grads: tuple[Tensor, ...] | None = None
+            layer_grads: tuple[Tensor, ...] | None = None
             if grad_mode:
                 objective = selected.sum()
                 if any(o is not None for o in outcomes):  # rows of rejected segments must not contribute
                     keep = torch.cat([torch.full((r,), float(o is None), device=out.device) for r, o in zip(seg_rows, outcomes)])
                     objective = (selected * (torch.cat([keep, keep]) if paired else keep).to(selected.dtype)).sum()
-                raw = torch.autograd.grad(objective, xs, allow_unused=True)
-                grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, raw))
+                wrt = layer_hook.activations if layer_hook is not None and first.grad_wrt_layer else tuple(xs)
+                if wrt is None:
+                    raise InvalidArgument(f"layer {first.layer!r} did not run in the model's forward")
+                raw = torch.autograd.grad(objective, wrt, allow_unused=True)
+                got = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(wrt, raw))
+                layer_grads, grads = (got, None) if first.grad_wrt_layer else (None, got)
         finally:
-            if rules is not None:
-                rules.remove()
+            for h in hooks:
+                h.remove()
+    activations = None
+    if layer_hook is not None:
+        if layer_hook.activations is None:
+            raise InvalidArgument(f"layer {first.layer!r} did not run in the model's forward")
+        activations = tuple(a.detach() for a in layer_hook.activations)
 
     # 3) split per segment
     out = out.detach()
@@ -139,6 +198,8 @@ def _fused_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcom
                 outputs=out[start:stop],
                 selected=selected[start:stop],
                 grads=None if grads is None else tuple(g[start:stop] for g in grads),
+                layer_activations=None if activations is None else tuple(a[start:stop] for a in activations),
+                layer_grads=None if layer_grads is None else tuple(g[start:stop] for g in layer_grads),
             )
         start += rows
     return outcomes  # type: ignore[return-value]

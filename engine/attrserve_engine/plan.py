@@ -7,6 +7,7 @@ scheduler never needs to know which algorithm a row belongs to.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Generator, Union
 
@@ -33,6 +34,13 @@ class Block:
     refs: tuple[Tensor, ...] | None = None
     # Hashable pass options that must be equal across a fused pass (e.g. eps).
     options: tuple = ()
+    # Layer passes: the hooked module (dotted path), its input instead of its output,
+    # values to substitute for its activations (one per activation tensor, rows
+    # aligned with `inputs`), and whether gradients are taken w.r.t. the layer.
+    layer: str = ""
+    layer_input: bool = False
+    layer_values: tuple[Tensor, ...] | None = None
+    grad_wrt_layer: bool = False
 
     @property
     def rows(self) -> int:
@@ -42,8 +50,21 @@ class Block:
     @property
     def splittable(self) -> bool:
         # NOTE: DeepLift's Softmax/MaxPool rules look at the whole Captum batch,
-        # so a DEEPLIFT block must run in one pass to reproduce Captum.
-        return self.kind != DEEPLIFT
+        # so a paired block must run in one pass to reproduce Captum.
+        return self.refs is None
+
+    @property
+    def pass_signature(self) -> tuple:
+        """What rows must share to be fused: the pass kind, its options and its layer hook."""
+        return (
+            self.kind,
+            self.options,
+            self.refs is not None,
+            self.layer,
+            self.layer_input,
+            self.grad_wrt_layer,
+            None if self.layer_values is None else tuple((tuple(v.shape[1:]), v.dtype) for v in self.layer_values),
+        )
 
 
 @dataclass
@@ -51,6 +72,8 @@ class BlockResult:
     outputs: Tensor  # (rows, *output_shape) the explained model output, detached
     selected: Tensor  # (rows,) the output at each row's target
     grads: tuple[Tensor, ...] | None = None  # GRADIENT/DEEPLIFT: d selected / d inputs, per input
+    layer_activations: tuple[Tensor, ...] | None = None  # layer passes: the layer's activations (or the substituted values)
+    layer_grads: tuple[Tensor, ...] | None = None  # grad_wrt_layer: d selected / d activations
 
 
 @dataclass
@@ -96,10 +119,22 @@ class Task:
     params: Any
     rng: RequestRNG
     return_convergence_delta: bool = False
+    # One per input or none: int64 feature ids, each (1 or n, *feature_shape) (perturbation methods).
+    feature_masks: tuple[Tensor, ...] = ()
+    layer: str = ""  # dotted module path (layer methods)
 
     @property
     def n(self) -> int:
         return int(self.inputs[0].shape[0])
+
+    def to(self, device: torch.device) -> "Task":
+        return self.replace(
+            inputs=tuple(x.to(device) for x in self.inputs),
+            baselines=tuple(b.to(device) for b in self.baselines),
+            target=self.target.to(device),
+            args=tuple(a.to(device) for a in self.args),
+            feature_masks=tuple(m.to(device) for m in self.feature_masks),
+        )
 
     def replace(self, **changes: Any) -> "Task":
         values = dict(self.__dict__)
@@ -119,13 +154,13 @@ def interleave_rows(t: Tensor, times: int) -> Tensor:
 
 def slice_block(block: Block, start: int, stop: int) -> Block:
     """Rows [start, stop) of a splittable block."""
-    assert block.refs is None, "paired (DEEPLIFT) blocks are never split"
-    return Block(
-        kind=block.kind,
+    assert block.refs is None, "paired blocks are never split"
+    return dataclasses.replace(
+        block,
         inputs=tuple(x[start:stop] for x in block.inputs),
         args=tuple(a[start:stop] for a in block.args),
         target=block.target[start:stop],
-        options=block.options,
+        layer_values=None if block.layer_values is None else tuple(v[start:stop] for v in block.layer_values),
     )
 
 
@@ -133,11 +168,15 @@ def concat_results(parts: list[BlockResult]) -> BlockResult:
     """Re-join the results of a block's slices, in row order."""
     if len(parts) == 1:
         return parts[0]
-    grads = None
-    if parts[0].grads is not None:
-        grads = tuple(torch.cat([p.grads[i] for p in parts]) for i in range(len(parts[0].grads)))  # type: ignore[index]
+
+    def joined(field: str) -> tuple[Tensor, ...] | None:
+        first = getattr(parts[0], field)
+        return None if first is None else tuple(torch.cat([getattr(p, field)[i] for p in parts]) for i in range(len(first)))
+
     return BlockResult(
         outputs=torch.cat([p.outputs for p in parts]),
         selected=torch.cat([p.selected for p in parts]),
-        grads=grads,
+        grads=joined("grads"),
+        layer_activations=joined("layer_activations"),
+        layer_grads=joined("layer_grads"),
     )

@@ -23,7 +23,7 @@ from attrserve_engine.registry import LoadedModel
 
 log = logging.getLogger(__name__)
 
-# (model, kind, options, per-input (feature shape, dtype), per-arg (shape, dtype))
+# (model, pass signature, per-input (feature shape, dtype), per-arg (shape, dtype))
 BatchKey = tuple
 
 
@@ -74,8 +74,7 @@ class QueuedBlock:
 def batch_key(model: LoadedModel, block: Block) -> BatchKey:
     return (
         model.key,
-        block.kind,
-        block.options,
+        block.pass_signature,
         tuple((tuple(x.shape[1:]), x.dtype) for x in block.inputs),
         tuple((tuple(a.shape[1:]), a.dtype) for a in block.args),
     )

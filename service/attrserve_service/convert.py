@@ -75,7 +75,13 @@ def algorithm_enum(name: str) -> int:
 
 def _fields(message) -> dict:
     """The fields a caller set, by Captum name; unset fields fall back to Captum's defaults."""
-    return {f.name: (list(v) if f.is_repeated else v) for f, v in message.ListFields()}
+    return {f.name: _plain(f, v) for f, v in message.ListFields()}
+
+
+def _plain(field, value):
+    if field.is_repeated and field.message_type is not None:  # IntList, e.g. one window shape per input
+        return [tuple(item.values) for item in value]
+    return list(value) if field.is_repeated else value
 
 
 def _target(target: pb.Target, n: int) -> Tensor | None:

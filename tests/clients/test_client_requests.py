@@ -32,7 +32,7 @@ def test_algorithm_names_map_to_the_enum(name, value):
     assert req(name).algorithm == value
 
 
-@pytest.mark.parametrize("name", ["unspecified", "lime", "IntegratedGradients", ""])
+@pytest.mark.parametrize("name", ["unspecified", "lime_v2", "IntegratedGradients", ""])
 def test_unknown_algorithm_lists_the_valid_ones(name):
     with pytest.raises(ValueError, match="valid: integrated_gradients, saliency, input_x_gradient, "
                                          "deep_lift, gradient_shap"):

@@ -129,7 +129,11 @@ def _fill(message: Any, values: Mapping[str, Any], what: str) -> None:
     for key, value in values.items():
         if value is None:  # None keeps the server's default, like leaving the key out
             continue
-        if fields[key].is_repeated:  # stdevs: one value for all inputs or one per input
+        if fields[key].is_repeated and fields[key].message_type is not None:
+            # IntList per input, e.g. sliding_window_shapes: (3, 4, 4) for one input, ((3, 4, 4), (2,)) for two
+            lists = [value] if all(_is_number(v) for v in value) else value
+            getattr(message, key).extend(pb.IntList(values=[int(v) for v in item]) for item in lists)
+        elif fields[key].is_repeated:  # stdevs: one value for all inputs or one per input
             getattr(message, key).extend(np.ravel(value).tolist())
         else:
             setattr(message, key, value)

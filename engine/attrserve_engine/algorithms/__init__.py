@@ -1,16 +1,27 @@
-"""Algorithm registry: Captum class names in snake_case → one Algorithm per file."""
+"""Algorithm registry: every module of this package that defines ALGORITHM, by Captum class name in snake_case.
+
+Adding an algorithm is adding one file here with `ALGORITHM = MyAlgorithm`.
+"""
 
 from __future__ import annotations
 
-from attrserve_engine.algorithms.base import Algorithm, Limits
-from attrserve_engine.algorithms.deep_lift import DeepLift
-from attrserve_engine.algorithms.gradient_shap import GradientShap
-from attrserve_engine.algorithms.input_x_gradient import InputXGradient
-from attrserve_engine.algorithms.integrated_gradients import IntegratedGradients
-from attrserve_engine.algorithms.saliency import Saliency
+import importlib
+import pkgutil
 
-ALGORITHMS: dict[str, Algorithm] = {
-    a.name: a for a in (IntegratedGradients(), Saliency(), InputXGradient(), DeepLift(), GradientShap())
-}
+from attrserve_engine.algorithms.base import Algorithm, Limits
+
+
+def _discover() -> dict[str, Algorithm]:
+    found: dict[str, Algorithm] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        algorithm_class = getattr(module, "ALGORITHM", None)
+        if algorithm_class is not None:
+            algorithm = algorithm_class()
+            found[algorithm.name] = algorithm
+    return found
+
+
+ALGORITHMS: dict[str, Algorithm] = _discover()
 
 __all__ = ["ALGORITHMS", "Algorithm", "Limits"]

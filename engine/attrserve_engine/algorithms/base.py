@@ -41,6 +41,10 @@ class Algorithm:
     needs_module_hooks: ClassVar[bool] = False
     # Gradients w.r.t. the inputs need floating point inputs (token ids need a layer method).
     needs_input_gradients: ClassVar[bool] = True
+    # Takes `feature_masks` (perturbation methods).
+    uses_feature_mask: ClassVar[bool] = False
+    # Attributes to (or through) the request's `layer`.
+    layer_method: ClassVar[bool] = False
     uses_baselines: ClassVar[bool] = False
     # True where baselines are a distribution to draw from (GradientShap).
     baseline_distribution: ClassVar[bool] = False
@@ -53,11 +57,11 @@ class Algorithm:
     def check_params(self, params: Any, limits: Limits) -> None:
         """Range checks beyond types; raise InvalidArgument naming the field."""
 
-    def rows(self, params: Any, n_examples: int) -> int:
-        """Rows of model work the plan needs for n examples (before NoiseTunnel)."""
+    def rows(self, task: Task, n_examples: int) -> int:
+        """Rows of model work the plan needs for `task` run on n_examples (NoiseTunnel multiplies them)."""
         return n_examples
 
-    def delta_rows(self, params: Any, n_examples: int) -> int:
+    def delta_rows(self, task: Task, n_examples: int) -> int:
         """Forward rows of the convergence delta: end and start point per example."""
         return 2 * n_examples
 
@@ -99,6 +103,10 @@ def _coerce(value: Any, default: Any, label: str) -> Any:
             raise InvalidArgument(f"{label} must be a string, got {value!r}")
         return value
     if isinstance(default, tuple):
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
+            if not all(isinstance(i, int) and not isinstance(i, bool) for v in value for i in v):
+                raise InvalidArgument(f"{label} must be lists of integers, one per input, got {value!r}")
+            return tuple(tuple(v) for v in value)  # one int list per input (window shapes, strides)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return (float(value),)
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):

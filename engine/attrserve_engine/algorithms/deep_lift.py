@@ -26,7 +26,7 @@ class DeepLift(Algorithm):
         if not params.eps > 0:
             raise InvalidArgument(f"deep_lift.eps must be positive, got {params.eps}")
 
-    def rows(self, params: DeepLiftParams, n_examples: int) -> int:
+    def rows(self, task: Task, n_examples: int) -> int:
         return 2 * n_examples
 
     def plan(self, task: Task) -> Plan:

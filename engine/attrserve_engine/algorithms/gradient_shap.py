@@ -48,11 +48,11 @@ class GradientShap(Algorithm):
     def check_params(self, params: GradientShapParams, limits: Limits) -> None:
         check_positive(params.n_samples, "gradient_shap.n_samples", limits.max_nt_samples)
 
-    def rows(self, params: GradientShapParams, n_examples: int) -> int:
-        return params.n_samples * n_examples
+    def rows(self, task: Task, n_examples: int) -> int:
+        return task.params.n_samples * n_examples
 
-    def delta_rows(self, params: GradientShapParams, n_examples: int) -> int:
-        return 2 * params.n_samples * n_examples
+    def delta_rows(self, task: Task, n_examples: int) -> int:
+        return 2 * task.params.n_samples * n_examples
 
     def plan(self, task: Task) -> Plan:
         p: GradientShapParams = task.params

@@ -52,8 +52,8 @@ class IntegratedGradients(Algorithm):
         minimum = 2 if params.method in RIEMANN_METHODS else 1
         check_positive(params.n_steps, "integrated_gradients.n_steps", limits.max_n_steps, minimum)
 
-    def rows(self, params: IntegratedGradientsParams, n_examples: int) -> int:
-        return params.n_steps * n_examples
+    def rows(self, task: Task, n_examples: int) -> int:
+        return task.params.n_steps * n_examples
 
     def plan(self, task: Task) -> Plan:
         p: IntegratedGradientsParams = task.params

@@ -1,0 +1,20 @@
+"""Rule passes: backward hooks that replace gradients (DeepLift's multipliers, guided ReLUs, ...), by pass kind.
+
+Each entry builds an object with install()/remove() for one fused pass, from
+the model, the block's options and the pass's SegmentLayout.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from attrserve_engine.plan import DEEPLIFT
+from attrserve_engine.rules.deeplift import DeepLiftRules, SegmentLayout
+
+RULE_PASSES: dict[str, Callable[[nn.Module, tuple, SegmentLayout], object]] = {
+    DEEPLIFT: lambda model, options, layout: DeepLiftRules(model, eps=options[0], layout=layout),
+}
+
+__all__ = ["RULE_PASSES", "SegmentLayout"]

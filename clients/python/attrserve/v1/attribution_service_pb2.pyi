@@ -17,12 +17,50 @@ class Algorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ALGORITHM_INPUT_X_GRADIENT: _ClassVar[Algorithm]
     ALGORITHM_DEEP_LIFT: _ClassVar[Algorithm]
     ALGORITHM_GRADIENT_SHAP: _ClassVar[Algorithm]
+    ALGORITHM_FEATURE_ABLATION: _ClassVar[Algorithm]
+    ALGORITHM_FEATURE_PERMUTATION: _ClassVar[Algorithm]
+    ALGORITHM_OCCLUSION: _ClassVar[Algorithm]
+    ALGORITHM_SHAPLEY_VALUE_SAMPLING: _ClassVar[Algorithm]
+    ALGORITHM_SHAPLEY_VALUES: _ClassVar[Algorithm]
+    ALGORITHM_LIME: _ClassVar[Algorithm]
+    ALGORITHM_KERNEL_SHAP: _ClassVar[Algorithm]
+    ALGORITHM_DEEP_LIFT_SHAP: _ClassVar[Algorithm]
+    ALGORITHM_GUIDED_BACKPROP: _ClassVar[Algorithm]
+    ALGORITHM_DECONVOLUTION: _ClassVar[Algorithm]
+    ALGORITHM_LAYER_INTEGRATED_GRADIENTS: _ClassVar[Algorithm]
+    ALGORITHM_LAYER_CONDUCTANCE: _ClassVar[Algorithm]
+    ALGORITHM_INTERNAL_INFLUENCE: _ClassVar[Algorithm]
+    ALGORITHM_LAYER_GRADIENT_X_ACTIVATION: _ClassVar[Algorithm]
+    ALGORITHM_LAYER_ACTIVATION: _ClassVar[Algorithm]
+    ALGORITHM_LAYER_GRAD_CAM: _ClassVar[Algorithm]
 ALGORITHM_UNSPECIFIED: Algorithm
 ALGORITHM_INTEGRATED_GRADIENTS: Algorithm
 ALGORITHM_SALIENCY: Algorithm
 ALGORITHM_INPUT_X_GRADIENT: Algorithm
 ALGORITHM_DEEP_LIFT: Algorithm
 ALGORITHM_GRADIENT_SHAP: Algorithm
+ALGORITHM_FEATURE_ABLATION: Algorithm
+ALGORITHM_FEATURE_PERMUTATION: Algorithm
+ALGORITHM_OCCLUSION: Algorithm
+ALGORITHM_SHAPLEY_VALUE_SAMPLING: Algorithm
+ALGORITHM_SHAPLEY_VALUES: Algorithm
+ALGORITHM_LIME: Algorithm
+ALGORITHM_KERNEL_SHAP: Algorithm
+ALGORITHM_DEEP_LIFT_SHAP: Algorithm
+ALGORITHM_GUIDED_BACKPROP: Algorithm
+ALGORITHM_DECONVOLUTION: Algorithm
+ALGORITHM_LAYER_INTEGRATED_GRADIENTS: Algorithm
+ALGORITHM_LAYER_CONDUCTANCE: Algorithm
+ALGORITHM_INTERNAL_INFLUENCE: Algorithm
+ALGORITHM_LAYER_GRADIENT_X_ACTIVATION: Algorithm
+ALGORITHM_LAYER_ACTIVATION: Algorithm
+ALGORITHM_LAYER_GRAD_CAM: Algorithm
+
+class IntList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, values: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Baseline(_message.Message):
     __slots__ = ("tensor", "scalar")
@@ -88,6 +126,124 @@ class GradientShapParams(_message.Message):
     multiply_by_inputs: bool
     def __init__(self, n_samples: _Optional[int] = ..., stdevs: _Optional[_Iterable[float]] = ..., multiply_by_inputs: _Optional[bool] = ...) -> None: ...
 
+class FeatureAblationParams(_message.Message):
+    __slots__ = ("perturbations_per_eval",)
+    PERTURBATIONS_PER_EVAL_FIELD_NUMBER: _ClassVar[int]
+    perturbations_per_eval: int
+    def __init__(self, perturbations_per_eval: _Optional[int] = ...) -> None: ...
+
+class FeaturePermutationParams(_message.Message):
+    __slots__ = ("perturbations_per_eval",)
+    PERTURBATIONS_PER_EVAL_FIELD_NUMBER: _ClassVar[int]
+    perturbations_per_eval: int
+    def __init__(self, perturbations_per_eval: _Optional[int] = ...) -> None: ...
+
+class OcclusionParams(_message.Message):
+    __slots__ = ("sliding_window_shapes", "strides", "perturbations_per_eval")
+    SLIDING_WINDOW_SHAPES_FIELD_NUMBER: _ClassVar[int]
+    STRIDES_FIELD_NUMBER: _ClassVar[int]
+    PERTURBATIONS_PER_EVAL_FIELD_NUMBER: _ClassVar[int]
+    sliding_window_shapes: _containers.RepeatedCompositeFieldContainer[IntList]
+    strides: _containers.RepeatedCompositeFieldContainer[IntList]
+    perturbations_per_eval: int
+    def __init__(self, sliding_window_shapes: _Optional[_Iterable[_Union[IntList, _Mapping]]] = ..., strides: _Optional[_Iterable[_Union[IntList, _Mapping]]] = ..., perturbations_per_eval: _Optional[int] = ...) -> None: ...
+
+class ShapleyValueSamplingParams(_message.Message):
+    __slots__ = ("n_samples", "perturbations_per_eval")
+    N_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PERTURBATIONS_PER_EVAL_FIELD_NUMBER: _ClassVar[int]
+    n_samples: int
+    perturbations_per_eval: int
+    def __init__(self, n_samples: _Optional[int] = ..., perturbations_per_eval: _Optional[int] = ...) -> None: ...
+
+class ShapleyValuesParams(_message.Message):
+    __slots__ = ("perturbations_per_eval",)
+    PERTURBATIONS_PER_EVAL_FIELD_NUMBER: _ClassVar[int]
+    perturbations_per_eval: int
+    def __init__(self, perturbations_per_eval: _Optional[int] = ...) -> None: ...
+
+class LimeParams(_message.Message):
+    __slots__ = ("n_samples", "perturbations_per_eval", "alpha", "kernel_width")
+    N_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PERTURBATIONS_PER_EVAL_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    n_samples: int
+    perturbations_per_eval: int
+    alpha: float
+    kernel_width: float
+    def __init__(self, n_samples: _Optional[int] = ..., perturbations_per_eval: _Optional[int] = ..., alpha: _Optional[float] = ..., kernel_width: _Optional[float] = ...) -> None: ...
+
+class KernelShapParams(_message.Message):
+    __slots__ = ("n_samples", "perturbations_per_eval")
+    N_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PERTURBATIONS_PER_EVAL_FIELD_NUMBER: _ClassVar[int]
+    n_samples: int
+    perturbations_per_eval: int
+    def __init__(self, n_samples: _Optional[int] = ..., perturbations_per_eval: _Optional[int] = ...) -> None: ...
+
+class DeepLiftShapParams(_message.Message):
+    __slots__ = ("multiply_by_inputs",)
+    MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    multiply_by_inputs: bool
+    def __init__(self, multiply_by_inputs: _Optional[bool] = ...) -> None: ...
+
+class LayerIntegratedGradientsParams(_message.Message):
+    __slots__ = ("n_steps", "method", "multiply_by_inputs", "attribute_to_layer_input")
+    N_STEPS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_LAYER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    n_steps: int
+    method: str
+    multiply_by_inputs: bool
+    attribute_to_layer_input: bool
+    def __init__(self, n_steps: _Optional[int] = ..., method: _Optional[str] = ..., multiply_by_inputs: _Optional[bool] = ..., attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
+
+class LayerConductanceParams(_message.Message):
+    __slots__ = ("n_steps", "method", "attribute_to_layer_input")
+    N_STEPS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_LAYER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    n_steps: int
+    method: str
+    attribute_to_layer_input: bool
+    def __init__(self, n_steps: _Optional[int] = ..., method: _Optional[str] = ..., attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
+
+class InternalInfluenceParams(_message.Message):
+    __slots__ = ("n_steps", "method", "attribute_to_layer_input")
+    N_STEPS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_LAYER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    n_steps: int
+    method: str
+    attribute_to_layer_input: bool
+    def __init__(self, n_steps: _Optional[int] = ..., method: _Optional[str] = ..., attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
+
+class LayerGradientXActivationParams(_message.Message):
+    __slots__ = ("multiply_by_inputs", "attribute_to_layer_input")
+    MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_LAYER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    multiply_by_inputs: bool
+    attribute_to_layer_input: bool
+    def __init__(self, multiply_by_inputs: _Optional[bool] = ..., attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
+
+class LayerActivationParams(_message.Message):
+    __slots__ = ("attribute_to_layer_input",)
+    ATTRIBUTE_TO_LAYER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    attribute_to_layer_input: bool
+    def __init__(self, attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
+
+class LayerGradCamParams(_message.Message):
+    __slots__ = ("relu_attributions", "attr_dim_summation", "attribute_to_layer_input")
+    RELU_ATTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    ATTR_DIM_SUMMATION_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_LAYER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    relu_attributions: bool
+    attr_dim_summation: bool
+    attribute_to_layer_input: bool
+    def __init__(self, relu_attributions: _Optional[bool] = ..., attr_dim_summation: _Optional[bool] = ..., attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
+
 class NoiseTunnel(_message.Message):
     __slots__ = ("nt_type", "nt_samples", "stdevs", "draw_baseline_from_distrib")
     NT_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -101,7 +257,7 @@ class NoiseTunnel(_message.Message):
     def __init__(self, nt_type: _Optional[str] = ..., nt_samples: _Optional[int] = ..., stdevs: _Optional[_Iterable[float]] = ..., draw_baseline_from_distrib: _Optional[bool] = ...) -> None: ...
 
 class AttributeRequest(_message.Message):
-    __slots__ = ("request_id", "model", "model_version", "algorithm", "inputs", "baselines", "target", "additional_forward_args", "layer", "integrated_gradients", "saliency", "deep_lift", "gradient_shap", "noise_tunnel", "return_convergence_delta", "seed", "feature_masks", "return_outputs")
+    __slots__ = ("request_id", "model", "model_version", "algorithm", "inputs", "baselines", "target", "additional_forward_args", "layer", "integrated_gradients", "saliency", "deep_lift", "gradient_shap", "feature_ablation", "feature_permutation", "occlusion", "shapley_value_sampling", "shapley_values", "lime", "kernel_shap", "deep_lift_shap", "layer_integrated_gradients", "layer_conductance", "internal_influence", "layer_gradient_x_activation", "layer_activation", "layer_grad_cam", "noise_tunnel", "return_convergence_delta", "seed", "feature_masks", "return_outputs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +271,20 @@ class AttributeRequest(_message.Message):
     SALIENCY_FIELD_NUMBER: _ClassVar[int]
     DEEP_LIFT_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_SHAP_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_ABLATION_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_PERMUTATION_FIELD_NUMBER: _ClassVar[int]
+    OCCLUSION_FIELD_NUMBER: _ClassVar[int]
+    SHAPLEY_VALUE_SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    SHAPLEY_VALUES_FIELD_NUMBER: _ClassVar[int]
+    LIME_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_SHAP_FIELD_NUMBER: _ClassVar[int]
+    DEEP_LIFT_SHAP_FIELD_NUMBER: _ClassVar[int]
+    LAYER_INTEGRATED_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_CONDUCTANCE_FIELD_NUMBER: _ClassVar[int]
+    INTERNAL_INFLUENCE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_GRADIENT_X_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    LAYER_GRAD_CAM_FIELD_NUMBER: _ClassVar[int]
     NOISE_TUNNEL_FIELD_NUMBER: _ClassVar[int]
     RETURN_CONVERGENCE_DELTA_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -133,12 +303,26 @@ class AttributeRequest(_message.Message):
     saliency: SaliencyParams
     deep_lift: DeepLiftParams
     gradient_shap: GradientShapParams
+    feature_ablation: FeatureAblationParams
+    feature_permutation: FeaturePermutationParams
+    occlusion: OcclusionParams
+    shapley_value_sampling: ShapleyValueSamplingParams
+    shapley_values: ShapleyValuesParams
+    lime: LimeParams
+    kernel_shap: KernelShapParams
+    deep_lift_shap: DeepLiftShapParams
+    layer_integrated_gradients: LayerIntegratedGradientsParams
+    layer_conductance: LayerConductanceParams
+    internal_influence: InternalInfluenceParams
+    layer_gradient_x_activation: LayerGradientXActivationParams
+    layer_activation: LayerActivationParams
+    layer_grad_cam: LayerGradCamParams
     noise_tunnel: NoiseTunnel
     return_convergence_delta: bool
     seed: int
     feature_masks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     return_outputs: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[Baseline, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., additional_forward_args: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., saliency: _Optional[_Union[SaliencyParams, _Mapping]] = ..., deep_lift: _Optional[_Union[DeepLiftParams, _Mapping]] = ..., gradient_shap: _Optional[_Union[GradientShapParams, _Mapping]] = ..., noise_tunnel: _Optional[_Union[NoiseTunnel, _Mapping]] = ..., return_convergence_delta: _Optional[bool] = ..., seed: _Optional[int] = ..., feature_masks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., return_outputs: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[Baseline, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., additional_forward_args: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., saliency: _Optional[_Union[SaliencyParams, _Mapping]] = ..., deep_lift: _Optional[_Union[DeepLiftParams, _Mapping]] = ..., gradient_shap: _Optional[_Union[GradientShapParams, _Mapping]] = ..., feature_ablation: _Optional[_Union[FeatureAblationParams, _Mapping]] = ..., feature_permutation: _Optional[_Union[FeaturePermutationParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., shapley_value_sampling: _Optional[_Union[ShapleyValueSamplingParams, _Mapping]] = ..., shapley_values: _Optional[_Union[ShapleyValuesParams, _Mapping]] = ..., lime: _Optional[_Union[LimeParams, _Mapping]] = ..., kernel_shap: _Optional[_Union[KernelShapParams, _Mapping]] = ..., deep_lift_shap: _Optional[_Union[DeepLiftShapParams, _Mapping]] = ..., layer_integrated_gradients: _Optional[_Union[LayerIntegratedGradientsParams, _Mapping]] = ..., layer_conductance: _Optional[_Union[LayerConductanceParams, _Mapping]] = ..., internal_influence: _Optional[_Union[InternalInfluenceParams, _Mapping]] = ..., layer_gradient_x_activation: _Optional[_Union[LayerGradientXActivationParams, _Mapping]] = ..., layer_activation: _Optional[_Union[LayerActivationParams, _Mapping]] = ..., layer_grad_cam: _Optional[_Union[LayerGradCamParams, _Mapping]] = ..., noise_tunnel: _Optional[_Union[NoiseTunnel, _Mapping]] = ..., return_convergence_delta: _Optional[bool] = ..., seed: _Optional[int] = ..., feature_masks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., return_outputs: _Optional[bool] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ms", "compute_ms", "total_ms", "rows", "passes", "pass_rows", "pass_requests")
