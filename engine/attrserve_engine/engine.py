@@ -87,6 +87,8 @@ class Engine:
         k = len(model.output_shape) if math.prod(model.output_shape) > 1 else 0
         futures = {}
         for name in self.supported_algorithms(model):
+            if ALGORITHMS[name].layer_method:  # needs a layer named by the request
+                continue
             job = AttributionJob(model=model.name, algorithm=name, inputs=inputs, target=torch.zeros((1, k), dtype=torch.int64), seed=0)
             futures[name] = self._scheduler(model).submit(self._prepare(job, model))
         for name, future in futures.items():
@@ -110,6 +112,8 @@ class Engine:
             if algorithm.needs_module_hooks and (model.is_torchscript or not hooked_modules(model.module)):
                 continue
             if algorithm.needs_input_gradients and not float_inputs:
+                continue
+            if algorithm.layer_method and model.is_torchscript:  # TorchScript modules take no hooks
                 continue
             if name not in model.unsupported:
                 names.append(name)
@@ -174,6 +178,8 @@ class Engine:
                         "the inputs, so they must be floating point (for token ids, use a layer method on the embedding)"
                     )
         if algorithm.layer_method:
+            if model.is_torchscript:
+                raise InvalidArgument(f"{job.algorithm} hooks a layer; model {model.name!r} is TorchScript, which takes no hooks")
             if not job.layer:
                 raise InvalidArgument(f"{job.algorithm} needs `layer`, a dotted module path; GetModel lists the model's layers")
             if job.layer not in model.layers:
@@ -192,7 +198,9 @@ class Engine:
         for j, a in enumerate(args):
             if a.dim() == 0 or a.shape[0] != n:
                 raise InvalidArgument(f"additional_forward_args[{j}] has shape {tuple(a.shape)}; dim 0 must be the {n} examples")
-        if model.output_shape is not None:
+        if not algorithm.uses_target and job.target is not None:
+            raise InvalidArgument(f"{job.algorithm} takes no target; it does not look at the model's output")
+        if algorithm.uses_target and model.output_shape is not None:
             flat_target(target, model.output_shape)  # early, clear target errors
         seed = job.seed if job.seed is not None else secrets.randbits(32)
         if not 0 <= seed <= MAX_SEED:

@@ -159,7 +159,7 @@ def _fused_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcom
             flats = []
             for s, seg in enumerate(segments):
                 try:
-                    flats.append(flat_target(seg.target, out_shape))
+                    flats.append(flat_target(seg.target, out_shape) if first.select else torch.zeros(seg_rows[s], dtype=torch.int64))
                 except InvalidArgument as e:
                     outcomes[s] = e
                     flats.append(torch.zeros(seg_rows[s], dtype=torch.int64, device=out.device))
@@ -196,7 +196,7 @@ def _fused_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcom
             stop = start + rows
             outcomes[s] = BlockResult(
                 outputs=out[start:stop],
-                selected=selected[start:stop],
+                selected=selected[start:stop] if first.select else None,
                 grads=None if grads is None else tuple(g[start:stop] for g in grads),
                 layer_activations=None if activations is None else tuple(a[start:stop] for a in activations),
                 layer_grads=None if layer_grads is None else tuple(g[start:stop] for g in layer_grads),

@@ -19,6 +19,7 @@ from torch import Tensor
 GRADIENT = "gradient"  # forward + backward w.r.t. the inputs
 FORWARD = "forward"  # forward only, no autograd
 DEEPLIFT = "deeplift"  # forward + backward with DeepLift's rule hooks, rows paired with references
+GUIDED = "guided"  # forward + backward with Guided Backprop's or Deconvolution's ReLU hooks
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Block:
     layer_input: bool = False
     layer_values: tuple[Tensor, ...] | None = None
     grad_wrt_layer: bool = False
+    # False: the plan needs no output at a target (LayerActivation), so none is selected.
+    select: bool = True
 
     @property
     def rows(self) -> int:
@@ -63,6 +66,7 @@ class Block:
             self.layer,
             self.layer_input,
             self.grad_wrt_layer,
+            self.select,
             None if self.layer_values is None else tuple((tuple(v.shape[1:]), v.dtype) for v in self.layer_values),
         )
 
@@ -70,7 +74,7 @@ class Block:
 @dataclass
 class BlockResult:
     outputs: Tensor  # (rows, *output_shape) the explained model output, detached
-    selected: Tensor  # (rows,) the output at each row's target
+    selected: Tensor | None  # (rows,) the output at each row's target; None for blocks with select=False
     grads: tuple[Tensor, ...] | None = None  # GRADIENT/DEEPLIFT: d selected / d inputs, per input
     layer_activations: tuple[Tensor, ...] | None = None  # layer passes: the layer's activations (or the substituted values)
     layer_grads: tuple[Tensor, ...] | None = None  # grad_wrt_layer: d selected / d activations
@@ -175,7 +179,7 @@ def concat_results(parts: list[BlockResult]) -> BlockResult:
 
     return BlockResult(
         outputs=torch.cat([p.outputs for p in parts]),
-        selected=torch.cat([p.selected for p in parts]),
+        selected=None if parts[0].selected is None else torch.cat([p.selected for p in parts]),
         grads=joined("grads"),
         layer_activations=joined("layer_activations"),
         layer_grads=joined("layer_grads"),

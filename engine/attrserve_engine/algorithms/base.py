@@ -45,6 +45,8 @@ class Algorithm:
     uses_feature_mask: ClassVar[bool] = False
     # Attributes to (or through) the request's `layer`.
     layer_method: ClassVar[bool] = False
+    # Explains the output at `target` (LayerActivation does not).
+    uses_target: ClassVar[bool] = True
     uses_baselines: ClassVar[bool] = False
     # True where baselines are a distribution to draw from (GradientShap).
     baseline_distribution: ClassVar[bool] = False

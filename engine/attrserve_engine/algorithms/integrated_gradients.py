@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, delta_block, delta_from, example_baselines
 from attrserve_engine.errors import InvalidArgument
@@ -40,6 +41,29 @@ def step_sizes_and_alphas(method: str, n: int) -> tuple[list[float], list[float]
     return deltas, torch.linspace(start, stop, n).tolist()
 
 
+def interpolate(inputs: tuple[Tensor, ...], baselines: tuple[Tensor, ...], alphas: list[float]) -> tuple[Tensor, ...]:
+    """Points on the straight path, step-major like Captum: (len(alphas) * n, *shape) per tensor."""
+    return tuple(torch.cat([b + a * (x - b) for a in alphas], dim=0) for x, b in zip(inputs, baselines))
+
+
+def integrate(grads: tuple[Tensor, ...], step_sizes: list[float], n: int) -> tuple[Tensor, ...]:
+    """Captum's weighted sum over steps: step-major (n_steps * n, *shape) gradients → (n, *shape)."""
+    n_steps = len(step_sizes)
+    weights = torch.tensor(step_sizes).float().view(n_steps, 1)
+    totals = []
+    for grad in grads:
+        scaled_grad = grad.contiguous().view(n_steps, -1) * weights.to(grad.device)  # (n_steps, n * features)
+        totals.append(torch.sum(scaled_grad.reshape((n_steps, n) + tuple(grad.shape[1:])), dim=0))  # (n, *shape)
+    return tuple(totals)
+
+
+def check_steps(owner: str, method: str, n_steps: int, limits: Limits) -> None:
+    """Captum's rules for `method` and `n_steps` (Riemann sums need 2 steps), and this server's cap."""
+    if method not in METHODS:
+        raise InvalidArgument(f"{owner}.method must be one of {', '.join(METHODS)}, got {method!r}")
+    check_positive(n_steps, f"{owner}.n_steps", limits.max_n_steps, 2 if method in RIEMANN_METHODS else 1)
+
+
 class IntegratedGradients(Algorithm):
     name = "integrated_gradients"
     params_type = IntegratedGradientsParams
@@ -47,10 +71,7 @@ class IntegratedGradients(Algorithm):
     uses_baselines = True
 
     def check_params(self, params: IntegratedGradientsParams, limits: Limits) -> None:
-        if params.method not in METHODS:
-            raise InvalidArgument(f"integrated_gradients.method must be one of {', '.join(METHODS)}, got {params.method!r}")
-        minimum = 2 if params.method in RIEMANN_METHODS else 1
-        check_positive(params.n_steps, "integrated_gradients.n_steps", limits.max_n_steps, minimum)
+        check_steps(self.name, params.method, params.n_steps, limits)
 
     def rows(self, task: Task, n_examples: int) -> int:
         return task.params.n_steps * n_examples
@@ -60,12 +81,10 @@ class IntegratedGradients(Algorithm):
         n, n_steps = task.n, p.n_steps
         step_sizes, alphas = step_sizes_and_alphas(p.method, n_steps)
         baselines = example_baselines(task)
-        # scaled: (n_steps * n, *feature_shape), step-major like Captum
-        scaled = tuple(torch.cat([b + a * (x - b) for a in alphas], dim=0) for x, b in zip(task.inputs, baselines))
         blocks = [
             Block(
                 kind=GRADIENT,
-                inputs=scaled,
+                inputs=interpolate(task.inputs, baselines, alphas),
                 args=tuple(repeat_rows(a, n_steps) for a in task.args),
                 target=repeat_rows(task.target, n_steps),
             )
@@ -73,14 +92,9 @@ class IntegratedGradients(Algorithm):
         if task.return_convergence_delta:
             blocks.append(delta_block(task.inputs, baselines, task.args, task.target))
         results = yield blocks
-        weights = torch.tensor(step_sizes).float().view(n_steps, 1)
-        attributions = []
-        for grad, x, b in zip(results[0].grads, task.inputs, baselines):
-            scaled_grad = grad.contiguous().view(n_steps, -1) * weights.to(grad.device)  # (n_steps, n * features)
-            total = torch.sum(scaled_grad.reshape((n_steps, n) + tuple(grad.shape[1:])), dim=0)  # (n, *feature_shape)
-            attributions.append(total * (x - b) if p.multiply_by_inputs else total)
-        delta = delta_from(results[1], tuple(attributions)) if task.return_convergence_delta else None
-        return Attribution(tuple(attributions), delta)
-
+        totals = integrate(results[0].grads, step_sizes, n)
+        attributions = tuple(t * (x - b) for t, x, b in zip(totals, task.inputs, baselines)) if p.multiply_by_inputs else totals
+        delta = delta_from(results[1], attributions) if task.return_convergence_delta else None
+        return Attribution(attributions, delta)
 
 ALGORITHM = IntegratedGradients
