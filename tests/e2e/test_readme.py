@@ -93,6 +93,16 @@ def test_readme_python_example(readme_server) -> None:
     assert out.stdout.strip().endswith("True")
 
 
+def test_readme_layer_example_finds_the_sentiment_words(readme_server) -> None:
+    _, port = readme_server
+    code = block_after("readme-layer").replace("127.0.0.1:50051", f"127.0.0.1:{port}")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    shown = eval(out.stdout.strip())  # the snippet prints a dict literal
+    assert set(shown) == {"great", "excellent", "bad"}
+    assert shown["great"] > 1 and shown["excellent"] > 1 and shown["bad"] < -1
+
+
 def test_sigterm_drains_and_exits_cleanly(readme_server) -> None:
     proc, _ = readme_server
     proc.send_signal(signal.SIGTERM)
