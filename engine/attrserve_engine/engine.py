@@ -17,7 +17,7 @@ from torch import Tensor
 
 from attrserve_engine.algorithms import ALGORITHMS, Algorithm, Limits
 from attrserve_engine.algorithms.noise_tunnel import noise_tunnel_plan, parse_noise_tunnel
-from attrserve_engine.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from attrserve_engine.errors import AttributionError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from attrserve_engine.executor import flat_target
 from attrserve_engine.job import AttributionJob, AttributionResult
 from attrserve_engine.plan import FORWARD, Attribution, Block, BlockResult, Plan, RequestRNG, Task
@@ -90,7 +90,11 @@ class Engine:
             if ALGORITHMS[name].layer_method:  # needs a layer named by the request
                 continue
             job = AttributionJob(model=model.name, algorithm=name, inputs=inputs, target=torch.zeros((1, k), dtype=torch.int64), seed=0)
-            futures[name] = self._scheduler(model).submit(self._prepare(job, model))
+            try:
+                live = self._prepare(job, model)
+            except AttributionError:  # needs parameters a default request lacks (e.g. Occlusion's window): nothing to warm
+                continue
+            futures[name] = self._scheduler(model).submit(live)
         for name, future in futures.items():
             try:
                 future.result(timeout=120)

@@ -51,17 +51,20 @@ def run_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcome]:
     return run_pass(model, segments[:half]) + run_pass(model, segments[half:])
 
 
-def flat_target(target: Tensor, out_shape: tuple[int, ...]) -> Tensor:
-    """(rows, k) index tuples → (rows,) flat index into each row's output; Captum's target rules."""
+def flat_target(target: Tensor, out_shape: tuple[int, ...], what: str = "target") -> Tensor:
+    """(rows, k) index tuples → (rows,) flat index into each row's output; Captum's target rules.
+
+    `what` names the index in messages: the target, or a neuron method's neuron_selector.
+    """
     k = int(target.shape[1])
     if k > len(out_shape):
-        raise InvalidArgument(f"target has {k} indices but the model output per example has shape {out_shape}")
+        raise InvalidArgument(f"{what} has {k} indices but the explained output per example has shape {out_shape}")
     rest = math.prod(out_shape[k:])
     if rest != 1:
         need = len(out_shape) if out_shape else 0
         raise InvalidArgument(
-            f"target must select one value per example: the output per example has shape {out_shape}, "
-            f"so the target needs {need} index(es), got {k}"
+            f"{what} must select one value per example: the explained output per example has shape {out_shape}, "
+            f"so {what} needs {need} index(es), got {k}"
         )
     flat = torch.zeros(target.shape[0], dtype=torch.int64, device=target.device)
     for j in range(k):
@@ -69,7 +72,7 @@ def flat_target(target: Tensor, out_shape: tuple[int, ...]) -> Tensor:
         col = target[:, j]
         if bool(((col < -size) | (col >= size)).any()):
             bad = int(col[(col < -size) | (col >= size)][0])
-            raise InvalidArgument(f"target index {bad} is out of range for output dim {j + 1} of size {size}")
+            raise InvalidArgument(f"{what} index {bad} is out of range for output dim {j + 1} of size {size}")
         flat = flat * size + torch.remainder(col, size)
     return flat
 
@@ -154,17 +157,23 @@ def _fused_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcom
             h.install()
         try:
             out = model.forward(*xs, *args)  # (R, *out_shape)
-            out_shape = tuple(out.shape[1:])
+            # Neuron methods explain one unit of the layer instead of the model's output.
+            explained = out
+            if first.objective_layer:
+                if layer_hook is None or layer_hook.activations is None:
+                    raise InvalidArgument(f"layer {first.layer!r} did not run in the model's forward")
+                explained = layer_hook.activations[0]
+            out_shape = tuple(explained.shape[1:])
             outcomes: list[SegmentOutcome | None] = [None] * len(segments)
             flats = []
             for s, seg in enumerate(segments):
                 try:
-                    flats.append(flat_target(seg.target, out_shape) if first.select else torch.zeros(seg_rows[s], dtype=torch.int64))
+                    flats.append(flat_target(seg.target, out_shape, "neuron_selector" if first.objective_layer else "target") if first.select else torch.zeros(seg_rows[s], dtype=torch.int64))
                 except InvalidArgument as e:
                     outcomes[s] = e
                     flats.append(torch.zeros(seg_rows[s], dtype=torch.int64, device=out.device))
             flat = stack(flats * 2 if paired else flats)
-            selected = out.reshape(out.shape[0], -1).gather(1, flat[:, None].to(out.device)).squeeze(1)  # (R,)
+            selected = explained.reshape(explained.shape[0], -1).gather(1, flat[:, None].to(out.device)).squeeze(1)  # (R,)
             grads: tuple[Tensor, ...] | None = None
             layer_grads: tuple[Tensor, ...] | None = None
             if grad_mode:

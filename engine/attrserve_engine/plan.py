@@ -44,6 +44,8 @@ class Block:
     grad_wrt_layer: bool = False
     # False: the plan needs no output at a target (LayerActivation), so none is selected.
     select: bool = True
+    # True: the objective is the layer's first activation tensor at `target` (a neuron), not the model's output.
+    objective_layer: bool = False
 
     @property
     def rows(self) -> int:
@@ -67,6 +69,7 @@ class Block:
             self.layer_input,
             self.grad_wrt_layer,
             self.select,
+            self.objective_layer,
             None if self.layer_values is None else tuple((tuple(v.shape[1:]), v.dtype) for v in self.layer_values),
         )
 

@@ -49,3 +49,15 @@ def test_layer_errors_through_the_server(server) -> None:
     with torch.no_grad():
         want = model.fc1(torch.from_numpy(x))
     np.testing.assert_allclose(acts.attributions, want.numpy(), atol=1e-6)
+
+
+def test_neuron_method_through_the_server(server) -> None:
+    (x,), _ = example_inputs("conv", 2, seed=10)
+    model = MODELS["conv"]().eval()
+    with AttributionClient(server.address) as client:
+        got = client.attribute(
+            "conv", "neuron_conductance", x.numpy(), target=1, layer="conv2",
+            params={"neuron_selector": (1, 2, 3), "n_steps": 8},
+        )
+    want = ca.NeuronConductance(model, model.conv2).attribute(x, neuron_selector=(1, 2, 3), target=1, n_steps=8)
+    np.testing.assert_allclose(got.attributions, want.detach().numpy(), atol=1e-5, rtol=1e-5)

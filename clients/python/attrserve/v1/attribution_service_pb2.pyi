@@ -33,6 +33,11 @@ class Algorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ALGORITHM_LAYER_GRADIENT_X_ACTIVATION: _ClassVar[Algorithm]
     ALGORITHM_LAYER_ACTIVATION: _ClassVar[Algorithm]
     ALGORITHM_LAYER_GRAD_CAM: _ClassVar[Algorithm]
+    ALGORITHM_NEURON_GRADIENT: _ClassVar[Algorithm]
+    ALGORITHM_NEURON_INTEGRATED_GRADIENTS: _ClassVar[Algorithm]
+    ALGORITHM_NEURON_CONDUCTANCE: _ClassVar[Algorithm]
+    ALGORITHM_NEURON_DEEP_LIFT: _ClassVar[Algorithm]
+    ALGORITHM_NEURON_GRADIENT_SHAP: _ClassVar[Algorithm]
 ALGORITHM_UNSPECIFIED: Algorithm
 ALGORITHM_INTEGRATED_GRADIENTS: Algorithm
 ALGORITHM_SALIENCY: Algorithm
@@ -55,6 +60,11 @@ ALGORITHM_INTERNAL_INFLUENCE: Algorithm
 ALGORITHM_LAYER_GRADIENT_X_ACTIVATION: Algorithm
 ALGORITHM_LAYER_ACTIVATION: Algorithm
 ALGORITHM_LAYER_GRAD_CAM: Algorithm
+ALGORITHM_NEURON_GRADIENT: Algorithm
+ALGORITHM_NEURON_INTEGRATED_GRADIENTS: Algorithm
+ALGORITHM_NEURON_CONDUCTANCE: Algorithm
+ALGORITHM_NEURON_DEEP_LIFT: Algorithm
+ALGORITHM_NEURON_GRADIENT_SHAP: Algorithm
 
 class IntList(_message.Message):
     __slots__ = ("values",)
@@ -244,6 +254,66 @@ class LayerGradCamParams(_message.Message):
     attribute_to_layer_input: bool
     def __init__(self, relu_attributions: _Optional[bool] = ..., attr_dim_summation: _Optional[bool] = ..., attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
 
+class NeuronGradientParams(_message.Message):
+    __slots__ = ("neuron_selector", "attribute_to_neuron_input")
+    NEURON_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_NEURON_INPUT_FIELD_NUMBER: _ClassVar[int]
+    neuron_selector: _containers.RepeatedScalarFieldContainer[int]
+    attribute_to_neuron_input: bool
+    def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ...) -> None: ...
+
+class NeuronIntegratedGradientsParams(_message.Message):
+    __slots__ = ("neuron_selector", "attribute_to_neuron_input", "n_steps", "method", "multiply_by_inputs")
+    NEURON_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_NEURON_INPUT_FIELD_NUMBER: _ClassVar[int]
+    N_STEPS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    neuron_selector: _containers.RepeatedScalarFieldContainer[int]
+    attribute_to_neuron_input: bool
+    n_steps: int
+    method: str
+    multiply_by_inputs: bool
+    def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., multiply_by_inputs: _Optional[bool] = ...) -> None: ...
+
+class NeuronConductanceParams(_message.Message):
+    __slots__ = ("neuron_selector", "attribute_to_neuron_input", "n_steps", "method", "multiply_by_inputs")
+    NEURON_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_NEURON_INPUT_FIELD_NUMBER: _ClassVar[int]
+    N_STEPS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    neuron_selector: _containers.RepeatedScalarFieldContainer[int]
+    attribute_to_neuron_input: bool
+    n_steps: int
+    method: str
+    multiply_by_inputs: bool
+    def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., multiply_by_inputs: _Optional[bool] = ...) -> None: ...
+
+class NeuronDeepLiftParams(_message.Message):
+    __slots__ = ("neuron_selector", "attribute_to_neuron_input", "multiply_by_inputs")
+    NEURON_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_NEURON_INPUT_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    neuron_selector: _containers.RepeatedScalarFieldContainer[int]
+    attribute_to_neuron_input: bool
+    multiply_by_inputs: bool
+    def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ..., multiply_by_inputs: _Optional[bool] = ...) -> None: ...
+
+class NeuronGradientShapParams(_message.Message):
+    __slots__ = ("neuron_selector", "attribute_to_neuron_input", "n_samples", "stdevs", "multiply_by_inputs")
+    NEURON_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_NEURON_INPUT_FIELD_NUMBER: _ClassVar[int]
+    N_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STDEVS_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    neuron_selector: _containers.RepeatedScalarFieldContainer[int]
+    attribute_to_neuron_input: bool
+    n_samples: int
+    stdevs: _containers.RepeatedScalarFieldContainer[float]
+    multiply_by_inputs: bool
+    def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ..., n_samples: _Optional[int] = ..., stdevs: _Optional[_Iterable[float]] = ..., multiply_by_inputs: _Optional[bool] = ...) -> None: ...
+
 class NoiseTunnel(_message.Message):
     __slots__ = ("nt_type", "nt_samples", "stdevs", "draw_baseline_from_distrib")
     NT_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -257,7 +327,7 @@ class NoiseTunnel(_message.Message):
     def __init__(self, nt_type: _Optional[str] = ..., nt_samples: _Optional[int] = ..., stdevs: _Optional[_Iterable[float]] = ..., draw_baseline_from_distrib: _Optional[bool] = ...) -> None: ...
 
 class AttributeRequest(_message.Message):
-    __slots__ = ("request_id", "model", "model_version", "algorithm", "inputs", "baselines", "target", "additional_forward_args", "layer", "integrated_gradients", "saliency", "deep_lift", "gradient_shap", "feature_ablation", "feature_permutation", "occlusion", "shapley_value_sampling", "shapley_values", "lime", "kernel_shap", "deep_lift_shap", "layer_integrated_gradients", "layer_conductance", "internal_influence", "layer_gradient_x_activation", "layer_activation", "layer_grad_cam", "noise_tunnel", "return_convergence_delta", "seed", "feature_masks", "return_outputs")
+    __slots__ = ("request_id", "model", "model_version", "algorithm", "inputs", "baselines", "target", "additional_forward_args", "layer", "integrated_gradients", "saliency", "deep_lift", "gradient_shap", "feature_ablation", "feature_permutation", "occlusion", "shapley_value_sampling", "shapley_values", "lime", "kernel_shap", "deep_lift_shap", "layer_integrated_gradients", "layer_conductance", "internal_influence", "layer_gradient_x_activation", "layer_activation", "layer_grad_cam", "neuron_gradient", "neuron_integrated_gradients", "neuron_conductance", "neuron_deep_lift", "neuron_gradient_shap", "noise_tunnel", "return_convergence_delta", "seed", "feature_masks", "return_outputs")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -285,6 +355,11 @@ class AttributeRequest(_message.Message):
     LAYER_GRADIENT_X_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     LAYER_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     LAYER_GRAD_CAM_FIELD_NUMBER: _ClassVar[int]
+    NEURON_GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    NEURON_INTEGRATED_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    NEURON_CONDUCTANCE_FIELD_NUMBER: _ClassVar[int]
+    NEURON_DEEP_LIFT_FIELD_NUMBER: _ClassVar[int]
+    NEURON_GRADIENT_SHAP_FIELD_NUMBER: _ClassVar[int]
     NOISE_TUNNEL_FIELD_NUMBER: _ClassVar[int]
     RETURN_CONVERGENCE_DELTA_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -317,12 +392,17 @@ class AttributeRequest(_message.Message):
     layer_gradient_x_activation: LayerGradientXActivationParams
     layer_activation: LayerActivationParams
     layer_grad_cam: LayerGradCamParams
+    neuron_gradient: NeuronGradientParams
+    neuron_integrated_gradients: NeuronIntegratedGradientsParams
+    neuron_conductance: NeuronConductanceParams
+    neuron_deep_lift: NeuronDeepLiftParams
+    neuron_gradient_shap: NeuronGradientShapParams
     noise_tunnel: NoiseTunnel
     return_convergence_delta: bool
     seed: int
     feature_masks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     return_outputs: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[Baseline, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., additional_forward_args: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., saliency: _Optional[_Union[SaliencyParams, _Mapping]] = ..., deep_lift: _Optional[_Union[DeepLiftParams, _Mapping]] = ..., gradient_shap: _Optional[_Union[GradientShapParams, _Mapping]] = ..., feature_ablation: _Optional[_Union[FeatureAblationParams, _Mapping]] = ..., feature_permutation: _Optional[_Union[FeaturePermutationParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., shapley_value_sampling: _Optional[_Union[ShapleyValueSamplingParams, _Mapping]] = ..., shapley_values: _Optional[_Union[ShapleyValuesParams, _Mapping]] = ..., lime: _Optional[_Union[LimeParams, _Mapping]] = ..., kernel_shap: _Optional[_Union[KernelShapParams, _Mapping]] = ..., deep_lift_shap: _Optional[_Union[DeepLiftShapParams, _Mapping]] = ..., layer_integrated_gradients: _Optional[_Union[LayerIntegratedGradientsParams, _Mapping]] = ..., layer_conductance: _Optional[_Union[LayerConductanceParams, _Mapping]] = ..., internal_influence: _Optional[_Union[InternalInfluenceParams, _Mapping]] = ..., layer_gradient_x_activation: _Optional[_Union[LayerGradientXActivationParams, _Mapping]] = ..., layer_activation: _Optional[_Union[LayerActivationParams, _Mapping]] = ..., layer_grad_cam: _Optional[_Union[LayerGradCamParams, _Mapping]] = ..., noise_tunnel: _Optional[_Union[NoiseTunnel, _Mapping]] = ..., return_convergence_delta: _Optional[bool] = ..., seed: _Optional[int] = ..., feature_masks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., return_outputs: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[Baseline, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., additional_forward_args: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., saliency: _Optional[_Union[SaliencyParams, _Mapping]] = ..., deep_lift: _Optional[_Union[DeepLiftParams, _Mapping]] = ..., gradient_shap: _Optional[_Union[GradientShapParams, _Mapping]] = ..., feature_ablation: _Optional[_Union[FeatureAblationParams, _Mapping]] = ..., feature_permutation: _Optional[_Union[FeaturePermutationParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., shapley_value_sampling: _Optional[_Union[ShapleyValueSamplingParams, _Mapping]] = ..., shapley_values: _Optional[_Union[ShapleyValuesParams, _Mapping]] = ..., lime: _Optional[_Union[LimeParams, _Mapping]] = ..., kernel_shap: _Optional[_Union[KernelShapParams, _Mapping]] = ..., deep_lift_shap: _Optional[_Union[DeepLiftShapParams, _Mapping]] = ..., layer_integrated_gradients: _Optional[_Union[LayerIntegratedGradientsParams, _Mapping]] = ..., layer_conductance: _Optional[_Union[LayerConductanceParams, _Mapping]] = ..., internal_influence: _Optional[_Union[InternalInfluenceParams, _Mapping]] = ..., layer_gradient_x_activation: _Optional[_Union[LayerGradientXActivationParams, _Mapping]] = ..., layer_activation: _Optional[_Union[LayerActivationParams, _Mapping]] = ..., layer_grad_cam: _Optional[_Union[LayerGradCamParams, _Mapping]] = ..., neuron_gradient: _Optional[_Union[NeuronGradientParams, _Mapping]] = ..., neuron_integrated_gradients: _Optional[_Union[NeuronIntegratedGradientsParams, _Mapping]] = ..., neuron_conductance: _Optional[_Union[NeuronConductanceParams, _Mapping]] = ..., neuron_deep_lift: _Optional[_Union[NeuronDeepLiftParams, _Mapping]] = ..., neuron_gradient_shap: _Optional[_Union[NeuronGradientShapParams, _Mapping]] = ..., noise_tunnel: _Optional[_Union[NoiseTunnel, _Mapping]] = ..., return_convergence_delta: _Optional[bool] = ..., seed: _Optional[int] = ..., feature_masks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., return_outputs: _Optional[bool] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ms", "compute_ms", "total_ms", "rows", "passes", "pass_rows", "pass_requests")

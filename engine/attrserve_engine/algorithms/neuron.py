@@ -1,0 +1,89 @@
+"""Neuron methods: an input-attribution method whose objective is one unit of a layer instead of the model's output.
+
+Captum builds each Neuron* method by swapping its base method's gradient (or
+forward) function for one that reads `layer_output[:, *neuron_selector]`.
+Here the same happens to the base plan's blocks: the request's neuron
+selector stands in for the target (so the base plan expands it exactly as it
+would a target), and every block the plan yields hooks the layer and
+explains that unit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from attrserve_engine.algorithms.base import Algorithm, Limits
+from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.plan import Attribution, Block, Plan, Task
+
+
+@dataclass(frozen=True)
+class NeuronParams:
+    neuron_selector: tuple[int, ...]
+    attribute_to_neuron_input: bool
+    base: Any  # the base method's parsed parameters
+
+
+def parse_neuron_params(owner: str, base: Algorithm, raw: dict[str, Any], limits: Limits) -> NeuronParams:
+    raw = dict(raw)
+    if "neuron_selector" not in raw:
+        raise InvalidArgument(f"{owner}.neuron_selector is required: the index of the neuron in the layer's output (after dim 0)")
+    selector = raw.pop("neuron_selector")
+    selector = (selector,) if isinstance(selector, int) else tuple(selector)
+    if not selector or not all(isinstance(i, int) and not isinstance(i, bool) for i in selector):
+        raise InvalidArgument(f"{owner}.neuron_selector must be one or more integers, got {selector!r}")
+    to_input = raw.pop("attribute_to_neuron_input", False)
+    if not isinstance(to_input, bool):
+        raise InvalidArgument(f"{owner}.attribute_to_neuron_input must be a bool, got {to_input!r}")
+    return NeuronParams(selector, to_input, base.parse_params(raw, limits))
+
+
+def neuron_rows(task: Task) -> torch.Tensor:
+    """The selector as one index tuple per example, (n, k): what the base plan expands like a target."""
+    return torch.tensor([list(task.params.neuron_selector)] * task.n, dtype=torch.int64, device=task.inputs[0].device)
+
+
+def hook_neuron(block: Block, task: Task) -> Block:
+    return dataclasses.replace(block, layer=task.layer, layer_input=task.params.attribute_to_neuron_input, objective_layer=True)
+
+
+class NeuronMethod(Algorithm):
+    """Base of the Neuron* methods built on an input-attribution method (`base`)."""
+
+    base: ClassVar[Algorithm]
+    layer_method = True
+    uses_target = False
+    has_convergence_delta = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "base" in cls.__dict__:
+            cls.needs_input_gradients = cls.base.needs_input_gradients
+            cls.needs_module_hooks = cls.base.needs_module_hooks
+            cls.uses_baselines = cls.base.uses_baselines
+            cls.baseline_distribution = cls.base.baseline_distribution
+            cls.uses_feature_mask = cls.base.uses_feature_mask
+
+    def parse_params(self, raw: dict[str, Any], limits: Limits) -> NeuronParams:
+        return parse_neuron_params(self.name, self.base, raw, limits)
+
+    def rows(self, task: Task, n_examples: int) -> int:
+        return self.base.rows(task.replace(params=task.params.base), n_examples)
+
+    def plan(self, task: Task) -> Plan:
+        inner = self.base.plan(task.replace(params=task.params.base, target=neuron_rows(task), return_convergence_delta=False))
+        sent = None
+        try:
+            while True:
+                yielded = inner.send(sent)
+                if isinstance(yielded, list):
+                    sent = yield [hook_neuron(b, task) for b in yielded]
+                else:
+                    sent = yield hook_neuron(yielded, task)
+        except StopIteration as stop:
+            result: Attribution = stop.value
+            return Attribution(result.attributions)

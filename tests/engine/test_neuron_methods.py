@@ -1,0 +1,164 @@
+"""Neuron methods against Captum 0.9.0: several models, layers and neurons, to layer outputs and inputs, alone and fused."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import captum.attr as ca
+from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgument, ModelSpec
+from oracle import MODELS, example_inputs
+
+ATOL = RTOL = 1e-5
+
+CAPTUM = {
+    "neuron_gradient": ca.NeuronGradient,
+    "neuron_integrated_gradients": ca.NeuronIntegratedGradients,
+    "neuron_gradient_shap": ca.NeuronGradientShap,
+    "neuron_deep_lift": ca.NeuronDeepLift,
+    "neuron_conductance": ca.NeuronConductance,
+}
+CTOR = {"multiply_by_inputs"}
+
+
+@dataclass
+class NeuronCase:
+    model: str
+    algorithm: str
+    layer: str
+    neuron: tuple
+    params: dict[str, Any] = field(default_factory=dict)
+    baselines: str = "none"  # none | row | distribution
+    to_input: bool = False
+    seed: int = 0
+    n: int = 3
+
+    @property
+    def id(self) -> str:
+        return "-".join([self.model, self.algorithm, self.layer, str(self.neuron)] + [f"{k}={v}" for k, v in self.params.items()] + [self.baselines] + (["input"] if self.to_input else []))
+
+    def build(self) -> dict:
+        inputs, args = example_inputs(self.model, self.n, seed=400 + self.seed)
+        g = torch.Generator().manual_seed(401)
+        rows = {"none": 0, "row": 1, "distribution": 3}[self.baselines]
+        baselines = tuple(0.1 * torch.randn((rows, *x.shape[1:]), generator=g) for x in inputs) if rows else ()
+        return {"inputs": inputs, "args": args, "baselines": baselines, "target": [i % 2 for i in range(self.n)]}
+
+
+def captum_neuron(case: NeuronCase, built: dict) -> tuple[torch.Tensor, ...]:
+    model = MODELS[case.model]().eval()
+    ctor = {k: v for k, v in case.params.items() if k in CTOR}
+    kwargs: dict[str, Any] = {k: v for k, v in case.params.items() if k not in CTOR}
+    method = CAPTUM[case.algorithm](model, model.get_submodule(case.layer), **ctor)
+    if built["args"]:
+        kwargs["additional_forward_args"] = built["args"]
+    if built["baselines"]:
+        kwargs["baselines"] = built["baselines"]
+    elif case.algorithm == "neuron_gradient_shap":
+        kwargs["baselines"] = tuple(torch.zeros((1, *x.shape[1:])) for x in built["inputs"])
+    if case.algorithm == "neuron_conductance":
+        kwargs["target"] = built["target"]
+    inputs = tuple(x.clone().requires_grad_() for x in built["inputs"])
+    torch.manual_seed(case.seed)
+    np.random.seed(case.seed)
+    out = method.attribute(inputs, neuron_selector=case.neuron, attribute_to_neuron_input=case.to_input, **kwargs)
+    return tuple(o.detach() for o in (out if isinstance(out, tuple) else (out,)))
+
+
+def job(case: NeuronCase, built: dict) -> AttributionJob:
+    return AttributionJob(
+        model=case.model,
+        algorithm=case.algorithm,
+        inputs=built["inputs"],
+        baselines=built["baselines"],
+        target=torch.tensor([[t] for t in built["target"]]) if case.algorithm == "neuron_conductance" else None,
+        additional_forward_args=built["args"],
+        params={**case.params, "neuron_selector": list(case.neuron), "attribute_to_neuron_input": case.to_input},
+        layer=case.layer,
+        seed=case.seed,
+    )
+
+
+def _cases() -> list[NeuronCase]:
+    cases = []
+    for model, layer, neuron, in_layer, in_neuron in [
+        ("conv", "conv2", (1, 2, 3), "relu2", (3, 1, 1)),
+        ("mlp", "fc2", (4,), "act2", (2,)),
+        ("multi", "head", (1,), "head", (7,)),
+        ("text", "proj", (2, 1), "act", (4, 5)),
+    ]:
+        for name in CAPTUM:
+            params = {"n_steps": 10} if name in ("neuron_integrated_gradients", "neuron_conductance") else {}
+            if name == "neuron_gradient_shap":
+                params = {"n_samples": 4, "stdevs": 0.1}
+            base = "distribution" if name == "neuron_gradient_shap" else "none"
+            other = "none" if name == "neuron_gradient" else "distribution" if base == "distribution" else "row"
+            cases.append(NeuronCase(model, name, layer, neuron, dict(params), baselines=base, seed=5))
+            cases.append(NeuronCase(model, name, in_layer, in_neuron, dict(params), baselines=other, to_input=True, seed=6))
+    cases += [
+        NeuronCase("conv", "neuron_integrated_gradients", "conv1", (0, 4, 4), {"n_steps": 8, "method": "riemann_right", "multiply_by_inputs": False}),
+        NeuronCase("conv", "neuron_conductance", "relu1", (2, 3, 3), {"n_steps": 6, "method": "gausslegendre"}, baselines="row"),
+        NeuronCase("mlp", "neuron_deep_lift", "act1", (1,), {"multiply_by_inputs": False}, baselines="row"),
+        NeuronCase("conv", "neuron_gradient", "pool", (1, 2, 2), n=5),
+    ]
+    return cases
+
+
+CASES = _cases()
+
+
+def make_engine(**limits) -> Engine:
+    engine = Engine(EngineLimits(**limits))
+    for name, build in MODELS.items():
+        engine.load(ModelSpec(name=name, module=build()))
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = make_engine()
+    yield e
+    e.shutdown()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_neuron_method_matches_captum(engine: Engine, case: NeuronCase) -> None:
+    built = case.build()
+    want = captum_neuron(case, built)
+    got = engine.attribute(job(case, built), timeout=60).attributions
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert torch.allclose(g, w, atol=ATOL, rtol=RTOL), f"max abs diff {(g - w).abs().max():.3g}"
+
+
+def test_neuron_methods_fused_equal_alone() -> None:
+    cases = [c for c in CASES if c.model == "conv"]
+    built = [c.build() for c in cases]
+    alone_engine = make_engine()
+    fused_engine = make_engine(default_max_queue_delay_us=200_000, default_max_batch_rows=64)
+    try:
+        alone = [alone_engine.attribute(job(c, b), timeout=60) for c, b in zip(cases, built)]
+        futures = [fused_engine.submit(job(c, b)) for c, b in zip(cases, built)]
+        fused = [f.result(timeout=60) for f in futures]
+    finally:
+        alone_engine.shutdown()
+        fused_engine.shutdown()
+    assert max(r.timing.pass_requests for r in fused) > 1
+    for a, f in zip(alone, fused):
+        for x, y in zip(a.attributions, f.attributions):
+            assert torch.allclose(x, y, atol=1e-6, rtol=1e-6)
+
+
+def test_neuron_selector_errors(engine: Engine) -> None:
+    case = NeuronCase("mlp", "neuron_gradient", "fc2", (99,))
+    with pytest.raises(InvalidArgument, match="neuron_selector index 99 is out of range"):
+        engine.attribute(job(case, case.build()), timeout=30)
+    missing = job(case, case.build())
+    missing.params = {}
+    with pytest.raises(InvalidArgument, match="neuron_selector is required"):
+        engine.submit(missing)
