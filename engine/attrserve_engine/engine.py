@@ -21,6 +21,7 @@ from attrserve_engine.errors import AttributionError, InvalidArgument, NotFound,
 from attrserve_engine.executor import flat_target
 from attrserve_engine.job import AttributionJob, AttributionResult
 from attrserve_engine.plan import FORWARD, Attribution, Block, BlockResult, Plan, RequestRNG, Task
+from attrserve_engine.plugins import load_plugins
 from attrserve_engine.registry import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelRegistry, ModelSpec
 from attrserve_engine.rules.deeplift import hooked_modules
 from attrserve_engine.scheduler import LiveJob, PassStats, Scheduler
@@ -64,6 +65,8 @@ class Engine:
         self.rows = 0
         self.observers.append(self._count)
         self._closed = False
+        # Built-ins plus plugins loaded into this engine.
+        self.algorithms: dict[str, Algorithm] = dict(ALGORITHMS)
 
     # -- models ------------------------------------------------------------
     def load(self, spec: ModelSpec) -> LoadedModel:
@@ -87,7 +90,7 @@ class Engine:
         k = len(model.output_shape) if math.prod(model.output_shape) > 1 else 0
         futures = {}
         for name in self.supported_algorithms(model):
-            if ALGORITHMS[name].layer_method:  # needs a layer named by the request
+            if self.algorithms[name].layer_method:  # needs a layer named by the request
                 continue
             job = AttributionJob(model=model.name, algorithm=name, inputs=inputs, target=torch.zeros((1, k), dtype=torch.int64), seed=0)
             try:
@@ -102,6 +105,16 @@ class Engine:
                 model.unsupported[name] = f"{type(e).__name__}: {e}"
                 log.warning("model %s cannot serve %s: %s", model.name, name, model.unsupported[name])
 
+    def load_plugins(self, source: str) -> list[str]:
+        """Register the algorithms of a plugin (.py file, folder or module path); call before loading models."""
+        names = []
+        for algorithm in load_plugins(source):
+            if algorithm.name in self.algorithms:
+                raise InvalidArgument(f"plugin algorithm {algorithm.name!r} clashes with one this server already has")
+            self.algorithms[algorithm.name] = algorithm
+            names.append(algorithm.name)
+        return names
+
     def models(self) -> list[LoadedModel]:
         return self.registry.all()
 
@@ -112,7 +125,7 @@ class Engine:
         """Algorithms this model can serve: rule-hook methods need an eager model with hookable modules."""
         float_inputs = all(s.dtype is None or s.dtype.is_floating_point for s in model.spec.inputs)
         names = []
-        for name, algorithm in ALGORITHMS.items():
+        for name, algorithm in self.algorithms.items():
             if algorithm.needs_module_hooks and (model.is_torchscript or not hooked_modules(model.module)):
                 continue
             if algorithm.needs_input_gradients and not float_inputs:
@@ -162,9 +175,9 @@ class Engine:
             return self._schedulers[key]
 
     def _prepare(self, job: AttributionJob, model: LoadedModel) -> LiveJob:
-        algorithm = ALGORITHMS.get(job.algorithm)
+        algorithm = self.algorithms.get(job.algorithm)
         if algorithm is None:
-            raise InvalidArgument(f"unknown algorithm {job.algorithm!r}; this server has: {', '.join(ALGORITHMS)}")
+            raise InvalidArgument(f"unknown algorithm {job.algorithm!r}; this server has: {', '.join(sorted(self.algorithms))}")
         if job.algorithm in model.unsupported:
             raise InvalidArgument(f"model {model.name!r} cannot serve {job.algorithm}: {model.unsupported[job.algorithm]}")
         if algorithm.needs_module_hooks and (model.is_torchscript or not hooked_modules(model.module)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ def _load_module(spec: ModelSpec) -> nn.Module:
     module_spec = importlib.util.spec_from_file_location(f"attrserve_model_{spec.name}_{digest}", source)
     assert module_spec is not None and module_spec.loader is not None
     py_module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = py_module  # dataclasses and pickling look the module up by name
     module_spec.loader.exec_module(py_module)
     build: Callable[[], nn.Module] | None = getattr(py_module, "build_model", None)
     if build is None:

@@ -16,6 +16,8 @@ def _serve_parser() -> argparse.ArgumentParser:
     defaults = EngineLimits()
     p = argparse.ArgumentParser(prog="attrserve serve", description="Serve model explanations over gRPC.")
     p.add_argument("--model-repository", type=Path, help="folder of model folders (default: the built-in demo models)")
+    p.add_argument("--plugins", action="append", default=[], metavar="PATH",
+                   help="algorithm plugin: a .py file, a folder of them, or a module path (repeatable)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (-1: off)")
@@ -42,6 +44,7 @@ def serve_main(argv: Sequence[str]) -> int:
         port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         model_repository=args.model_repository,
+        plugins=args.plugins,
         max_request_bytes=args.max_request_bytes,
         limits=EngineLimits(
             max_n_steps=args.max_n_steps,

@@ -21,6 +21,7 @@ class ServerConfig:
     port: int = 50051  # 0: any free port
     metrics_port: int | None = 9090  # None: no /metrics endpoint; 0: any free port
     model_repository: Path | None = None  # None: the built-in demo models
+    plugins: list[str] = field(default_factory=list)  # algorithm plugins: .py files, folders or module paths
     limits: EngineLimits = field(default_factory=EngineLimits)
     max_request_bytes: int = 64 * 1024 * 1024
     max_requests_per_stream: int = 256  # in flight on one AttributeStream

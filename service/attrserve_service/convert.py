@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import torch
+from google.protobuf import json_format
 from torch import Tensor
 
 from attrserve.v1 import attribution_service_pb2 as pb
@@ -63,14 +64,16 @@ def tensor_to_proto(t: Tensor) -> tensor_pb2.Tensor:
 
 def algorithm_name(value: int) -> str:
     if value == pb.ALGORITHM_UNSPECIFIED:
-        raise InvalidArgument("algorithm is ALGORITHM_UNSPECIFIED; name the algorithm to run")
+        raise InvalidArgument("algorithm is ALGORITHM_UNSPECIFIED; name the algorithm to run (or a plugin in custom_algorithm)")
     if value not in pb.Algorithm.values():
         raise InvalidArgument(f"algorithm {value} is not known to this server")
     return pb.Algorithm.Name(value)[len(_PREFIX):].lower()
 
 
-def algorithm_enum(name: str) -> int:
-    return pb.Algorithm.Value(_PREFIX + name.upper())
+def algorithm_enum(name: str) -> int | None:
+    """The enum value of a built-in algorithm; None for a plugin's."""
+    key = _PREFIX + name.upper()
+    return pb.Algorithm.Value(key) if key in pb.Algorithm.keys() else None
 
 
 def _fields(message) -> dict:
@@ -100,12 +103,23 @@ def _target(target: pb.Target, n: int) -> Tensor | None:
     return torch.tensor(rows, dtype=torch.int64).reshape(n, len(rows[0]) if rows else 0)
 
 
-def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) -> AttributionJob:
-    arrival = time.monotonic()
-    algorithm = algorithm_name(request.algorithm)
+def _algorithm_and_params(request: pb.AttributeRequest) -> tuple[str, dict]:
     params_field = request.WhichOneof("params")
+    if request.custom_algorithm:
+        if request.algorithm != pb.ALGORITHM_UNSPECIFIED or params_field is not None:
+            raise InvalidArgument("custom_algorithm is set: leave algorithm and its params unset, and pass parameters in custom_params")
+        return request.custom_algorithm, json_format.MessageToDict(request.custom_params)
+    if request.HasField("custom_params"):
+        raise InvalidArgument("custom_params is only for custom_algorithm; use the params field of the algorithm")
+    algorithm = algorithm_name(request.algorithm)
     if params_field is not None and params_field != algorithm:
         raise InvalidArgument(f"params are for {params_field} but algorithm is {algorithm}; set the {algorithm} field")
+    return algorithm, _fields(getattr(request, params_field)) if params_field else {}
+
+
+def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) -> AttributionJob:
+    arrival = time.monotonic()
+    algorithm, params = _algorithm_and_params(request)
     inputs = tuple(tensor_from_proto(t, f"inputs[{i}]") for i, t in enumerate(request.inputs))
     n = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 0
     baselines = []
@@ -124,7 +138,7 @@ def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) 
         additional_forward_args=tuple(
             tensor_from_proto(t, f"additional_forward_args[{i}]") for i, t in enumerate(request.additional_forward_args)
         ),
-        params=_fields(getattr(request, params_field)) if params_field else {},
+        params=params,
         noise_tunnel=_fields(request.noise_tunnel) if request.HasField("noise_tunnel") else None,
         layer=request.layer,
         feature_masks=tuple(tensor_from_proto(t, f"feature_masks[{i}]") for i, t in enumerate(request.feature_masks)),

@@ -50,6 +50,11 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
     """Load the models, bind, and start serving; port 0 binds any free port (tests)."""
     if engine is None:
         engine = Engine(config.limits)
+        for plugin in config.plugins:
+            try:
+                engine.load_plugins(plugin)
+            except Exception as e:
+                raise RepositoryError(f"plugin {plugin} could not be loaded: {type(e).__name__}: {e}") from e
         specs = load_repository(config.model_repository)
         loop = asyncio.get_running_loop()
         for spec in specs:

@@ -36,7 +36,8 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         start = time.monotonic()
         model = request.model if request.model in self._served else "unknown"
         known = request.algorithm in pb.Algorithm.values() and request.algorithm != pb.ALGORITHM_UNSPECIFIED
-        labels = (model, pb.Algorithm.Name(request.algorithm)[len("ALGORITHM_"):].lower() if known else "unknown")
+        name = pb.Algorithm.Name(request.algorithm)[len("ALGORITHM_"):].lower() if known else request.custom_algorithm
+        labels = (model, name if name in self.engine.algorithms else "unknown")
         metrics.ATTRSERVE_REQUESTS_IN_FLIGHT.inc()
         code = "OK"
         try:
@@ -115,9 +116,11 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         return pb.GetModelResponse(model=self._info(self.engine.get_model(request.model, request.model_version)))
 
     def _info(self, model: LoadedModel) -> pb.ModelInfo:
+        names = self.engine.supported_algorithms(model)
         return pb.ModelInfo(
             config=effective_config(model),
             layers=model.layers,
-            algorithms=[algorithm_enum(a) for a in self.engine.supported_algorithms(model)],
+            algorithms=[e for e in map(algorithm_enum, names) if e is not None],
+            custom_algorithms=[name for name in names if algorithm_enum(name) is None],
             ready=model.ready,
         )

@@ -32,7 +32,7 @@ def test_algorithm_names_map_to_the_enum(name, value):
     assert req(name).algorithm == value
 
 
-@pytest.mark.parametrize("name", ["unspecified", "lime_v2", "IntegratedGradients", ""])
+@pytest.mark.parametrize("name", ["unspecified", "blur ig", "IntegratedGradients", ""])
 def test_unknown_algorithm_lists_the_valid_ones(name):
     with pytest.raises(ValueError, match="valid: integrated_gradients, saliency, input_x_gradient, "
                                          "deep_lift, gradient_shap"):
@@ -182,3 +182,11 @@ def test_client_does_not_import_torch():
     code = ("import sys, attrserve_client, attrserve_client.cli; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=CLIENT_ROOT)
+
+
+def test_other_snake_case_names_are_plugins_with_struct_params():
+    r = req("blur_integrated_gradients", params={"n_steps": 20, "max_sigma": np.float32(4.0), "shape": (3, 4)})
+    assert r.algorithm == pb.ALGORITHM_UNSPECIFIED
+    assert r.custom_algorithm == "blur_integrated_gradients"
+    assert dict(r.custom_params) == {"n_steps": 20.0, "max_sigma": 4.0, "shape": pytest.approx([3.0, 4.0])}
+    assert r.WhichOneof("params") is None

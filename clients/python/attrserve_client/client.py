@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -64,11 +65,23 @@ def algorithm_name(value: int) -> str:
         return str(value)
 
 
-def _algorithm(name: str) -> int:
+def _algorithm(name: str) -> int | None:
+    """The enum value of a built-in algorithm; None for another snake_case name (a server plugin's)."""
     key = _PREFIX + str(name).upper()
-    if key == "ALGORITHM_UNSPECIFIED" or key not in pb.Algorithm.keys():
-        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(algorithm_names())}")
-    return pb.Algorithm.Value(key)
+    if key != "ALGORITHM_UNSPECIFIED" and key in pb.Algorithm.keys():
+        return pb.Algorithm.Value(key)
+    if key == "ALGORITHM_UNSPECIFIED" or not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)):
+        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(algorithm_names())}, or a plugin's snake_case name")
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """Struct-ready values: tuples and arrays become lists, numpy scalars Python numbers."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def is_multi(value: Any) -> bool:
@@ -159,13 +172,15 @@ def build_request(
 ) -> pb.AttributeRequest:
     """Builds an `AttributeRequest` from Captum-style arguments (numpy arrays or nested lists)."""
     algorithm_value = _algorithm(algorithm)
-    name = algorithm_name(algorithm_value)  # also the params oneof field of this algorithm
+    custom = algorithm_value is None
+    name = algorithm if custom else algorithm_name(algorithm_value)  # built-ins: also the params oneof field
     inputs = _entries(inputs, None, "inputs")
     request = pb.AttributeRequest(
         request_id=request_id,
         model=model,
         model_version=model_version,
-        algorithm=algorithm_value,
+        algorithm=algorithm_value or pb.ALGORITHM_UNSPECIFIED,
+        custom_algorithm=name if custom else "",
         inputs=[to_tensor_proto(x) for x in inputs],
         baselines=_baselines(baselines, len(inputs)),
         layer=layer or "",
@@ -180,7 +195,9 @@ def build_request(
     if feature_mask is not None:
         request.feature_masks.extend(
             to_tensor_proto(m) for m in _entries(feature_mask, len(inputs), "feature_mask"))
-    if params:
+    if params and custom:
+        request.custom_params.update({k: _plain(v) for k, v in params.items() if v is not None})
+    elif params:
         oneof = {f.name for f in pb.AttributeRequest.DESCRIPTOR.oneofs_by_name["params"].fields}
         if name not in oneof:
             raise ValueError(f"algorithm {name!r} takes no params")

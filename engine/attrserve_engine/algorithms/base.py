@@ -93,6 +93,8 @@ def _coerce(value: Any, default: Any, label: str) -> Any:
             raise InvalidArgument(f"{label} must be a bool, got {value!r}")
         return value
     if isinstance(default, int):
+        if isinstance(value, float) and value.is_integer():  # JSON / protobuf Struct numbers are doubles
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidArgument(f"{label} must be an integer, got {value!r}")
         return value
@@ -106,9 +108,9 @@ def _coerce(value: Any, default: Any, label: str) -> Any:
         return value
     if isinstance(default, tuple):
         if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
-            if not all(isinstance(i, int) and not isinstance(i, bool) for v in value for i in v):
+            if not all(isinstance(i, (int, float)) and not isinstance(i, bool) and float(i).is_integer() for v in value for i in v):
                 raise InvalidArgument(f"{label} must be lists of integers, one per input, got {value!r}")
-            return tuple(tuple(v) for v in value)  # one int list per input (window shapes, strides)
+            return tuple(tuple(int(i) for i in v) for v in value)  # one int list per input (window shapes, strides)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return (float(value),)
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):

@@ -33,7 +33,9 @@ def parse_neuron_params(owner: str, base: Algorithm, raw: dict[str, Any], limits
     if "neuron_selector" not in raw:
         raise InvalidArgument(f"{owner}.neuron_selector is required: the index of the neuron in the layer's output (after dim 0)")
     selector = raw.pop("neuron_selector")
-    selector = (selector,) if isinstance(selector, int) else tuple(selector)
+    selector = (selector,) if isinstance(selector, (int, float)) else tuple(selector)
+    if all(isinstance(i, float) and i.is_integer() for i in selector):  # from a protobuf Struct
+        selector = tuple(int(i) for i in selector)
     if not selector or not all(isinstance(i, int) and not isinstance(i, bool) for i in selector):
         raise InvalidArgument(f"{owner}.neuron_selector must be one or more integers, got {selector!r}")
     to_input = raw.pop("attribute_to_neuron_input", False)

@@ -1,5 +1,6 @@
 from attrserve.v1 import model_config_pb2 as _model_config_pb2
 from attrserve.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -327,7 +328,7 @@ class NoiseTunnel(_message.Message):
     def __init__(self, nt_type: _Optional[str] = ..., nt_samples: _Optional[int] = ..., stdevs: _Optional[_Iterable[float]] = ..., draw_baseline_from_distrib: _Optional[bool] = ...) -> None: ...
 
 class AttributeRequest(_message.Message):
-    __slots__ = ("request_id", "model", "model_version", "algorithm", "inputs", "baselines", "target", "additional_forward_args", "layer", "integrated_gradients", "saliency", "deep_lift", "gradient_shap", "feature_ablation", "feature_permutation", "occlusion", "shapley_value_sampling", "shapley_values", "lime", "kernel_shap", "deep_lift_shap", "layer_integrated_gradients", "layer_conductance", "internal_influence", "layer_gradient_x_activation", "layer_activation", "layer_grad_cam", "neuron_gradient", "neuron_integrated_gradients", "neuron_conductance", "neuron_deep_lift", "neuron_gradient_shap", "noise_tunnel", "return_convergence_delta", "seed", "feature_masks", "return_outputs")
+    __slots__ = ("request_id", "model", "model_version", "algorithm", "inputs", "baselines", "target", "additional_forward_args", "layer", "integrated_gradients", "saliency", "deep_lift", "gradient_shap", "feature_ablation", "feature_permutation", "occlusion", "shapley_value_sampling", "shapley_values", "lime", "kernel_shap", "deep_lift_shap", "layer_integrated_gradients", "layer_conductance", "internal_influence", "layer_gradient_x_activation", "layer_activation", "layer_grad_cam", "neuron_gradient", "neuron_integrated_gradients", "neuron_conductance", "neuron_deep_lift", "neuron_gradient_shap", "noise_tunnel", "return_convergence_delta", "seed", "feature_masks", "return_outputs", "custom_algorithm", "custom_params")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -365,6 +366,8 @@ class AttributeRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     FEATURE_MASKS_FIELD_NUMBER: _ClassVar[int]
     RETURN_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    CUSTOM_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    CUSTOM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     model_version: str
@@ -402,7 +405,9 @@ class AttributeRequest(_message.Message):
     seed: int
     feature_masks: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     return_outputs: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[Baseline, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., additional_forward_args: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., saliency: _Optional[_Union[SaliencyParams, _Mapping]] = ..., deep_lift: _Optional[_Union[DeepLiftParams, _Mapping]] = ..., gradient_shap: _Optional[_Union[GradientShapParams, _Mapping]] = ..., feature_ablation: _Optional[_Union[FeatureAblationParams, _Mapping]] = ..., feature_permutation: _Optional[_Union[FeaturePermutationParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., shapley_value_sampling: _Optional[_Union[ShapleyValueSamplingParams, _Mapping]] = ..., shapley_values: _Optional[_Union[ShapleyValuesParams, _Mapping]] = ..., lime: _Optional[_Union[LimeParams, _Mapping]] = ..., kernel_shap: _Optional[_Union[KernelShapParams, _Mapping]] = ..., deep_lift_shap: _Optional[_Union[DeepLiftShapParams, _Mapping]] = ..., layer_integrated_gradients: _Optional[_Union[LayerIntegratedGradientsParams, _Mapping]] = ..., layer_conductance: _Optional[_Union[LayerConductanceParams, _Mapping]] = ..., internal_influence: _Optional[_Union[InternalInfluenceParams, _Mapping]] = ..., layer_gradient_x_activation: _Optional[_Union[LayerGradientXActivationParams, _Mapping]] = ..., layer_activation: _Optional[_Union[LayerActivationParams, _Mapping]] = ..., layer_grad_cam: _Optional[_Union[LayerGradCamParams, _Mapping]] = ..., neuron_gradient: _Optional[_Union[NeuronGradientParams, _Mapping]] = ..., neuron_integrated_gradients: _Optional[_Union[NeuronIntegratedGradientsParams, _Mapping]] = ..., neuron_conductance: _Optional[_Union[NeuronConductanceParams, _Mapping]] = ..., neuron_deep_lift: _Optional[_Union[NeuronDeepLiftParams, _Mapping]] = ..., neuron_gradient_shap: _Optional[_Union[NeuronGradientShapParams, _Mapping]] = ..., noise_tunnel: _Optional[_Union[NoiseTunnel, _Mapping]] = ..., return_convergence_delta: _Optional[bool] = ..., seed: _Optional[int] = ..., feature_masks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., return_outputs: _Optional[bool] = ...) -> None: ...
+    custom_algorithm: str
+    custom_params: _struct_pb2.Struct
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[Baseline, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., additional_forward_args: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., saliency: _Optional[_Union[SaliencyParams, _Mapping]] = ..., deep_lift: _Optional[_Union[DeepLiftParams, _Mapping]] = ..., gradient_shap: _Optional[_Union[GradientShapParams, _Mapping]] = ..., feature_ablation: _Optional[_Union[FeatureAblationParams, _Mapping]] = ..., feature_permutation: _Optional[_Union[FeaturePermutationParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., shapley_value_sampling: _Optional[_Union[ShapleyValueSamplingParams, _Mapping]] = ..., shapley_values: _Optional[_Union[ShapleyValuesParams, _Mapping]] = ..., lime: _Optional[_Union[LimeParams, _Mapping]] = ..., kernel_shap: _Optional[_Union[KernelShapParams, _Mapping]] = ..., deep_lift_shap: _Optional[_Union[DeepLiftShapParams, _Mapping]] = ..., layer_integrated_gradients: _Optional[_Union[LayerIntegratedGradientsParams, _Mapping]] = ..., layer_conductance: _Optional[_Union[LayerConductanceParams, _Mapping]] = ..., internal_influence: _Optional[_Union[InternalInfluenceParams, _Mapping]] = ..., layer_gradient_x_activation: _Optional[_Union[LayerGradientXActivationParams, _Mapping]] = ..., layer_activation: _Optional[_Union[LayerActivationParams, _Mapping]] = ..., layer_grad_cam: _Optional[_Union[LayerGradCamParams, _Mapping]] = ..., neuron_gradient: _Optional[_Union[NeuronGradientParams, _Mapping]] = ..., neuron_integrated_gradients: _Optional[_Union[NeuronIntegratedGradientsParams, _Mapping]] = ..., neuron_conductance: _Optional[_Union[NeuronConductanceParams, _Mapping]] = ..., neuron_deep_lift: _Optional[_Union[NeuronDeepLiftParams, _Mapping]] = ..., neuron_gradient_shap: _Optional[_Union[NeuronGradientShapParams, _Mapping]] = ..., noise_tunnel: _Optional[_Union[NoiseTunnel, _Mapping]] = ..., return_convergence_delta: _Optional[bool] = ..., seed: _Optional[int] = ..., feature_masks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., return_outputs: _Optional[bool] = ..., custom_algorithm: _Optional[str] = ..., custom_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ms", "compute_ms", "total_ms", "rows", "passes", "pass_rows", "pass_requests")
@@ -489,13 +494,15 @@ class GetModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("config", "layers", "algorithms", "ready")
+    __slots__ = ("config", "layers", "algorithms", "ready", "custom_algorithms")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    CUSTOM_ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
     config: _model_config_pb2.ModelConfig
     layers: _containers.RepeatedScalarFieldContainer[str]
     algorithms: _containers.RepeatedScalarFieldContainer[Algorithm]
     ready: bool
-    def __init__(self, config: _Optional[_Union[_model_config_pb2.ModelConfig, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., algorithms: _Optional[_Iterable[_Union[Algorithm, str]]] = ..., ready: _Optional[bool] = ...) -> None: ...
+    custom_algorithms: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, config: _Optional[_Union[_model_config_pb2.ModelConfig, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., algorithms: _Optional[_Iterable[_Union[Algorithm, str]]] = ..., ready: _Optional[bool] = ..., custom_algorithms: _Optional[_Iterable[str]] = ...) -> None: ...
