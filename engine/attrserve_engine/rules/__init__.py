@@ -10,11 +10,14 @@ from typing import Callable
 
 from torch import nn
 
-from attrserve_engine.plan import DEEPLIFT
+from attrserve_engine.plan import DEEPLIFT, GUIDED
 from attrserve_engine.rules.deeplift import DeepLiftRules, SegmentLayout
+from attrserve_engine.rules.guided import GuidedReluRules
 
 RULE_PASSES: dict[str, Callable[[nn.Module, tuple, SegmentLayout], object]] = {
     DEEPLIFT: lambda model, options, layout: DeepLiftRules(model, eps=options[0], layout=layout),
+    # Row-independent: the layout is not needed.
+    GUIDED: lambda model, options, layout: GuidedReluRules(model, rule=options[0]),
 }
 
 __all__ = ["RULE_PASSES", "SegmentLayout"]
