@@ -10,10 +10,12 @@ from attrserve_engine.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from attrserve_engine.job import AttributionJob, AttributionResult, JobTiming
+from attrserve_engine.job import AlgorithmCall, AlgorithmOutcome, AttributionJob, AttributionResult, JobTiming
 from attrserve_engine.registry import InputSpec, LoadedModel, ModelSpec
 
 __all__ = [
+    "AlgorithmCall",
+    "AlgorithmOutcome",
     "AttributionError",
     "AttributionJob",
     "AttributionResult",

@@ -16,11 +16,11 @@ import torch
 from torch import Tensor
 
 from attrserve_engine.algorithms import ALGORITHMS, Algorithm, Limits
-from attrserve_engine.algorithms.noise_tunnel import noise_tunnel_plan, parse_noise_tunnel
+from attrserve_engine.algorithms.noise_tunnel import NoiseTunnelParams, noise_tunnel_plan, parse_noise_tunnel
 from attrserve_engine.errors import AttributionError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from attrserve_engine.executor import flat_target
-from attrserve_engine.job import AttributionJob, AttributionResult
-from attrserve_engine.plan import FORWARD, Attribution, Block, BlockResult, Plan, RequestRNG, Task
+from attrserve_engine.job import AlgorithmCall, AlgorithmOutcome, AttributionJob, AttributionResult
+from attrserve_engine.plan import FORWARD, Attribution, Block, BlockResult, Plan, RequestRNG, Task, concurrently
 from attrserve_engine.plugins import load_plugins
 from attrserve_engine.registry import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelRegistry, ModelSpec
 from attrserve_engine.rules.deeplift import hooked_modules
@@ -92,7 +92,11 @@ class Engine:
         for name in self.supported_algorithms(model):
             if self.algorithms[name].layer_method:  # needs a layer named by the request
                 continue
-            job = AttributionJob(model=model.name, algorithm=name, inputs=inputs, target=torch.zeros((1, k), dtype=torch.int64), seed=0)
+            algorithm = self.algorithms[name]
+            # Distribution methods (DeepLiftShap) refuse a single baseline: give them two.
+            baselines = tuple(torch.zeros((2, *x.shape[1:]), dtype=x.dtype) for x in inputs) if algorithm.baseline_distribution else ()
+            target = torch.zeros((1, k), dtype=torch.int64) if algorithm.uses_target else None
+            job = AttributionJob(model=model.name, algorithm=name, inputs=inputs, baselines=baselines, target=target, seed=0)
             try:
                 live = self._prepare(job, model)
             except AttributionError:  # needs parameters a default request lacks (e.g. Occlusion's window): nothing to warm
@@ -175,68 +179,21 @@ class Engine:
             return self._schedulers[key]
 
     def _prepare(self, job: AttributionJob, model: LoadedModel) -> LiveJob:
-        algorithm = self.algorithms.get(job.algorithm)
-        if algorithm is None:
-            raise InvalidArgument(f"unknown algorithm {job.algorithm!r}; this server has: {', '.join(sorted(self.algorithms))}")
-        if job.algorithm in model.unsupported:
-            raise InvalidArgument(f"model {model.name!r} cannot serve {job.algorithm}: {model.unsupported[job.algorithm]}")
-        if algorithm.needs_module_hooks and (model.is_torchscript or not hooked_modules(model.module)):
-            raise InvalidArgument(f"{job.algorithm} needs an eager model with modules it can hook (ReLU, Sigmoid, MaxPool, ...); model {model.name!r} has none")
-        limits = self.limits.algorithm_limits
-        params = algorithm.parse_params(dict(job.params), limits)
-        nt = parse_noise_tunnel(dict(job.noise_tunnel), limits) if job.noise_tunnel is not None else None
+        """Validate a job against its model and build what the worker runs: one plan per algorithm, driven together."""
         inputs = _check_inputs(job, model)
         n = int(inputs[0].shape[0])
-        if algorithm.needs_input_gradients:
-            for i, x in enumerate(inputs):
-                if not x.is_floating_point():
-                    raise InvalidArgument(
-                        f"inputs[{i}] has dtype {str(x.dtype).replace('torch.', '')}; {job.algorithm} takes gradients w.r.t. "
-                        "the inputs, so they must be floating point (for token ids, use a layer method on the embedding)"
-                    )
-        if algorithm.layer_method:
-            if model.is_torchscript:
-                raise InvalidArgument(f"{job.algorithm} hooks a layer; model {model.name!r} is TorchScript, which takes no hooks")
-            if not job.layer:
-                raise InvalidArgument(f"{job.algorithm} needs `layer`, a dotted module path; GetModel lists the model's layers")
-            if job.layer not in model.layers:
-                raise NotFound(f"model {model.name!r} has no layer {job.layer!r}")
-        elif job.layer:
-            raise InvalidArgument(f"layer is only for layer methods; {job.algorithm} attributes to the inputs")
-        if job.feature_masks and not algorithm.uses_feature_mask:
-            raise InvalidArgument(f"feature_masks is only for perturbation methods; {job.algorithm} does not take it")
-        if job.return_convergence_delta and not algorithm.has_convergence_delta:
-            raise InvalidArgument(f"{job.algorithm} has no convergence delta; do not set return_convergence_delta")
-        if job.baselines and not algorithm.uses_baselines and not (nt and nt.draw_baseline_from_distrib):
-            raise InvalidArgument(f"{job.algorithm} takes no baselines")
-        distribution = algorithm.baseline_distribution or bool(nt and nt.draw_baseline_from_distrib)
         target = _format_target(job.target, n)
         args = tuple(job.additional_forward_args)
         for j, a in enumerate(args):
             if a.dim() == 0 or a.shape[0] != n:
                 raise InvalidArgument(f"additional_forward_args[{j}] has shape {tuple(a.shape)}; dim 0 must be the {n} examples")
-        if not algorithm.uses_target and job.target is not None:
-            raise InvalidArgument(f"{job.algorithm} takes no target; it does not look at the model's output")
-        if algorithm.uses_target and model.output_shape is not None:
-            flat_target(target, model.output_shape)  # early, clear target errors
         seed = job.seed if job.seed is not None else secrets.randbits(32)
         if not 0 <= seed <= MAX_SEED:
             raise InvalidArgument(f"seed must be in [0, {MAX_SEED}], got {seed}")
-        task = Task(
-            inputs=inputs,
-            baselines=_format_baselines(job.baselines, inputs, distribution),
-            target=target,
-            args=args,
-            params=params,
-            rng=RequestRNG(seed),
-            return_convergence_delta=job.return_convergence_delta,
-            feature_masks=_format_feature_masks(job.feature_masks, inputs),
-            layer=job.layer,
-        )
+        primary = AlgorithmCall(job.algorithm, job.params, job.noise_tunnel, job.layer, job.return_convergence_delta)
+        calls = [self._prepare_call(call, job, model, inputs, target, args, seed) for call in (primary, *job.also)]
 
-        examples = n * nt.nt_samples if nt else n  # NoiseTunnel runs the algorithm on its noisy copies
-        rows = algorithm.rows(task, examples) + (n if job.return_outputs else 0)
-        rows += algorithm.delta_rows(task, examples) if job.return_convergence_delta else 0
+        rows = sum(call.rows for call in calls) + (n if job.return_outputs else 0)
         if rows > self.limits.max_rows_per_request:
             raise ResourceExhausted(
                 f"this request needs {rows} rows of model work ({n} example(s) with these parameters), "
@@ -245,14 +202,12 @@ class Engine:
             )
 
         def plan_factory() -> Plan:
-            on_device = task.to(model.device)
-            plan = noise_tunnel_plan(algorithm, nt, on_device) if nt else algorithm.plan(on_device)
+            plans = [call.plan(model.device) for call in calls]
             if job.return_outputs:
-                plan = _with_outputs(plan, Block(kind=FORWARD, inputs=on_device.inputs, args=on_device.args, target=on_device.target))
-            return plan
+                plans.append(_outputs_plan(calls[0].task.to(model.device)))
+            return concurrently(plans)
 
-        def finish(attribution: Attribution, live: LiveJob) -> AttributionResult:
-            outputs = attribution.outputs
+        def finish(returned: list, live: LiveJob) -> AttributionResult:
             now = time.monotonic()
             timing = dataclasses.replace(
                 live.timing,
@@ -260,31 +215,105 @@ class Engine:
                 total_ms=1e3 * (now - live.arrival),
                 rows=live.rows,
             )
+            first: Attribution = returned[0]
             return AttributionResult(
-                attributions=tuple(a.detach().cpu() for a in attribution.attributions),
-                convergence_delta=None if attribution.convergence_delta is None else attribution.convergence_delta.detach().cpu(),
-                outputs=None if outputs is None else outputs.detach().cpu(),
+                attributions=_cpu(first.attributions),
+                convergence_delta=_cpu(first.convergence_delta),
+                outputs=_cpu(returned[-1]) if job.return_outputs else None,
                 model_version=model.version,
                 seed=seed,
                 timing=timing,
                 request_id=job.request_id,
+                also=tuple(
+                    AlgorithmOutcome(call.name, _cpu(a.attributions), _cpu(a.convergence_delta))
+                    for call, a in zip(calls[1:], returned[1 : len(calls)])
+                ),
             )
 
         return LiveJob(model=model, plan_factory=plan_factory, finish=finish, rows=rows, deadline=job.deadline, arrival=job.arrival)
 
+    def _prepare_call(
+        self, call: AlgorithmCall, job: AttributionJob, model: LoadedModel, inputs: tuple[Tensor, ...], target: Tensor, args: tuple[Tensor, ...], seed: int
+    ) -> "_PreparedCall":
+        """Check one algorithm against the request and build its Task (on CPU) and row count."""
+        name = call.algorithm
+        algorithm = self.algorithms.get(name)
+        if algorithm is None:
+            raise InvalidArgument(f"unknown algorithm {name!r}; this server has: {', '.join(sorted(self.algorithms))}")
+        if name in model.unsupported:
+            raise InvalidArgument(f"model {model.name!r} cannot serve {name}: {model.unsupported[name]}")
+        if algorithm.needs_module_hooks and (model.is_torchscript or not hooked_modules(model.module)):
+            raise InvalidArgument(f"{name} needs an eager model with modules it can hook (ReLU, Sigmoid, MaxPool, ...); model {model.name!r} has none")
+        limits = self.limits.algorithm_limits
+        params = algorithm.parse_params(dict(call.params), limits)
+        nt = parse_noise_tunnel(dict(call.noise_tunnel), limits) if call.noise_tunnel is not None else None
+        if algorithm.needs_input_gradients:
+            for i, x in enumerate(inputs):
+                if not x.is_floating_point():
+                    raise InvalidArgument(
+                        f"inputs[{i}] has dtype {str(x.dtype).replace('torch.', '')}; {name} takes gradients w.r.t. "
+                        "the inputs, so they must be floating point (for token ids, use a layer method on the embedding)"
+                    )
+        if algorithm.layer_method:
+            if model.is_torchscript:
+                raise InvalidArgument(f"{name} hooks a layer; model {model.name!r} is TorchScript, which takes no hooks")
+            if not call.layer:
+                raise InvalidArgument(f"{name} needs `layer`, a dotted module path; GetModel lists the model's layers")
+            if call.layer not in model.layers:
+                raise NotFound(f"model {model.name!r} has no layer {call.layer!r}")
+        elif call.layer:
+            raise InvalidArgument(f"layer is only for layer methods; {name} attributes to the inputs")
+        if job.feature_masks and not algorithm.uses_feature_mask and not job.also:
+            raise InvalidArgument(f"feature_masks is only for perturbation methods; {name} does not take it")
+        if call.return_convergence_delta and not algorithm.has_convergence_delta:
+            raise InvalidArgument(f"{name} has no convergence delta; do not set return_convergence_delta")
+        if job.baselines and not algorithm.uses_baselines and not (nt and nt.draw_baseline_from_distrib) and not job.also:
+            raise InvalidArgument(f"{name} takes no baselines")
+        if not algorithm.uses_target and job.target is not None and not job.also:
+            raise InvalidArgument(f"{name} takes no target; it does not look at the model's output")
+        if algorithm.uses_target and model.output_shape is not None:
+            flat_target(target, model.output_shape)  # early, clear target errors
+        distribution = algorithm.baseline_distribution or bool(nt and nt.draw_baseline_from_distrib)
+        task = Task(
+            inputs=inputs,
+            baselines=_format_baselines(job.baselines if algorithm.uses_baselines or distribution else (), inputs, distribution),
+            target=target,
+            args=args,
+            params=params,
+            rng=RequestRNG(seed),  # each algorithm draws as it would alone with this seed
+            return_convergence_delta=call.return_convergence_delta,
+            feature_masks=_format_feature_masks(job.feature_masks, inputs) if algorithm.uses_feature_mask else (),
+            layer=call.layer,
+        )
+        examples = task.n * nt.nt_samples if nt else task.n  # NoiseTunnel runs the algorithm on its noisy copies
+        rows = algorithm.rows(task, examples) + (algorithm.delta_rows(task, examples) if call.return_convergence_delta else 0)
+        return _PreparedCall(name, algorithm, nt, task, rows)
 
-def _with_outputs(plan: Plan, forward: Block) -> Plan:
-    """Run the model on the inputs alongside the plan's first block; attach the outputs to its result."""
-    first = next(plan)
-    results = yield [forward] + (first if isinstance(first, list) else [first])
-    out: BlockResult = results[0]
-    sent = results[1:] if isinstance(first, list) else results[1]
-    try:
-        while True:
-            sent = yield plan.send(sent)
-    except StopIteration as stop:
-        a: Attribution = stop.value
-        return Attribution(a.attributions, a.convergence_delta, out.outputs)
+
+@dataclass
+class _PreparedCall:
+    name: str
+    algorithm: Algorithm
+    nt: NoiseTunnelParams | None
+    task: Task  # on CPU until the worker starts the plan
+    rows: int
+
+    def plan(self, device: torch.device) -> Plan:
+        task = self.task.to(device)
+        return noise_tunnel_plan(self.algorithm, self.nt, task) if self.nt else self.algorithm.plan(task)
+
+
+def _outputs_plan(task: Task) -> Plan:
+    """The model's explained output for the inputs (return_outputs)."""
+    result: BlockResult = yield Block(kind=FORWARD, inputs=task.inputs, args=task.args, target=task.target)
+    return result.outputs
+
+
+def _cpu(value):
+    """Detached CPU copies of a tensor or a tuple of them (None stays None)."""
+    if value is None:
+        return None
+    return tuple(v.detach().cpu() for v in value) if isinstance(value, tuple) else value.detach().cpu()
 
 
 def _check_inputs(job: AttributionJob, model: LoadedModel) -> tuple[Tensor, ...]:

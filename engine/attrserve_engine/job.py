@@ -11,6 +11,17 @@ from torch import Tensor
 
 
 @dataclass
+class AlgorithmCall:
+    """One more algorithm to run on a job's inputs (several algorithms in one request)."""
+
+    algorithm: str
+    params: dict[str, Any] = field(default_factory=dict)
+    noise_tunnel: dict[str, Any] | None = None
+    layer: str = ""
+    return_convergence_delta: bool = False
+
+
+@dataclass
 class AttributionJob:
     """One attribution request, already decoded into torch tensors (on CPU).
 
@@ -37,6 +48,8 @@ class AttributionJob:
     model_version: str = ""
     request_id: str = ""
     deadline: float | None = None  # time.monotonic() after which the job is dropped
+    # More algorithms on the same inputs, baselines, target and masks; their rows share passes.
+    also: tuple[AlgorithmCall, ...] = ()
     arrival: float = field(default_factory=time.monotonic)
 
     @property
@@ -56,6 +69,15 @@ class JobTiming:
 
 
 @dataclass
+class AlgorithmOutcome:
+    """The result of one AlgorithmCall of a job."""
+
+    algorithm: str
+    attributions: tuple[Tensor, ...]
+    convergence_delta: Tensor | None
+
+
+@dataclass
 class AttributionResult:
     attributions: tuple[Tensor, ...]  # one per input, shaped like it, on CPU
     convergence_delta: Tensor | None
@@ -64,6 +86,7 @@ class AttributionResult:
     seed: int
     timing: JobTiming
     request_id: str = ""
+    also: tuple[AlgorithmOutcome, ...] = ()  # one per AttributionJob.also, in order
 
 
 def zeros_like_target(n: int) -> Tensor:

@@ -187,3 +187,33 @@ def concat_results(parts: list[BlockResult]) -> BlockResult:
         layer_activations=joined("layer_activations"),
         layer_grads=joined("layer_grads"),
     )
+
+
+def concurrently(plans: list[Plan]) -> Generator[list, list, list]:
+    """Drive several plans as one: each round yields every live plan's blocks together, so they share passes.
+
+    Returns each plan's return value, in order.
+    """
+    returned: list = [None] * len(plans)
+    pending: dict[int, tuple[bool, list[Block]]] = {}  # plan index → (yielded a list?, its blocks)
+
+    def advance(i: int, sent: Any) -> None:
+        try:
+            yielded = plans[i].send(sent)
+        except StopIteration as stop:
+            returned[i] = stop.value
+            return
+        pending[i] = (isinstance(yielded, list), yielded if isinstance(yielded, list) else [yielded])
+
+    for i in range(len(plans)):
+        advance(i, None)
+    while pending:
+        order = list(pending.items())
+        results = yield [block for _, (_, blocks) in order for block in blocks]
+        pending = {}
+        offset = 0
+        for i, (as_list, blocks) in order:
+            mine = results[offset : offset + len(blocks)]
+            offset += len(blocks)
+            advance(i, mine if as_list else mine[0])
+    return returned
