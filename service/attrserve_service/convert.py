@@ -12,7 +12,7 @@ from torch import Tensor
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import tensor_pb2
-from attrserve_engine import AttributionJob, AttributionResult, InvalidArgument
+from attrserve_engine import AlgorithmCall, AttributionJob, AttributionResult, InvalidArgument
 
 DType = tensor_pb2.DataType
 
@@ -117,6 +117,18 @@ def _algorithm_and_params(request: pb.AttributeRequest) -> tuple[str, dict]:
     return algorithm, _fields(getattr(request, params_field)) if params_field else {}
 
 
+def _also(spec: pb.AlgorithmSpec, i: int) -> AlgorithmCall:
+    if bool(spec.custom_algorithm) == (spec.algorithm != pb.ALGORITHM_UNSPECIFIED):
+        raise InvalidArgument(f"also[{i}]: set exactly one of algorithm and custom_algorithm")
+    return AlgorithmCall(
+        algorithm=spec.custom_algorithm or algorithm_name(spec.algorithm),
+        params=json_format.MessageToDict(spec.params),
+        noise_tunnel=_fields(spec.noise_tunnel) if spec.HasField("noise_tunnel") else None,
+        layer=spec.layer,
+        return_convergence_delta=spec.return_convergence_delta,
+    )
+
+
 def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) -> AttributionJob:
     arrival = time.monotonic()
     algorithm, params = _algorithm_and_params(request)
@@ -148,6 +160,7 @@ def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) 
         request_id=request.request_id,
         deadline=deadline,
         arrival=arrival,
+        also=tuple(_also(spec, i) for i, spec in enumerate(request.also)),
     )
 
 
@@ -168,6 +181,10 @@ def result_to_response(result: AttributionResult) -> pb.AttributeResponse:
             pass_requests=t.pass_requests,
         ),
     )
+    for outcome in result.also:
+        entry = response.also.add(algorithm=outcome.algorithm, attributions=[tensor_to_proto(a) for a in outcome.attributions])
+        if outcome.convergence_delta is not None:
+            entry.convergence_delta.CopyFrom(tensor_to_proto(outcome.convergence_delta))
     if result.convergence_delta is not None:
         response.convergence_delta.CopyFrom(tensor_to_proto(result.convergence_delta))
     if result.outputs is not None:

@@ -21,6 +21,27 @@ _DEFAULT_OPTIONS = {"grpc.max_send_message_length": -1, "grpc.max_receive_messag
 
 
 @dataclasses.dataclass(frozen=True)
+class AlgorithmAttribution:
+    """The answer of one more algorithm of a request (`also=`)."""
+
+    algorithm: str
+    attributions: np.ndarray | tuple[np.ndarray, ...]
+    convergence_delta: np.ndarray | None
+
+
+def _unwrap(tensors: tuple[np.ndarray, ...], single: bool) -> np.ndarray | tuple[np.ndarray, ...]:
+    if not single:
+        return tensors
+    if len(tensors) != 1:
+        raise ValueError(f"expected 1 attribution tensor, got {len(tensors)}")
+    return tensors[0]
+
+
+def _delta(message: Any) -> np.ndarray | None:
+    return from_tensor_proto(message.convergence_delta) if message.HasField("convergence_delta") else None
+
+
+@dataclasses.dataclass(frozen=True)
 class Attribution:
     """One answer: attributions shaped like the inputs, a tuple of them when the inputs were a tuple."""
 
@@ -31,24 +52,28 @@ class Attribution:
     seed: int
     timing: dict[str, float | int]
     request_id: str
+    also: tuple[AlgorithmAttribution, ...] = ()
 
     @classmethod
     def from_response(cls, response: pb.AttributeResponse, *, single: bool = False) -> Attribution:
         """Decodes a response; `single` unwraps the one attribution of a single-input request."""
-        attributions = tuple(from_tensor_proto(t) for t in response.attributions)
-        if single:
-            if len(attributions) != 1:
-                raise ValueError(f"expected 1 attribution tensor, got {len(attributions)}")
-            attributions = attributions[0]
+        attributions = _unwrap(tuple(from_tensor_proto(t) for t in response.attributions), single)
         return cls(
             attributions=attributions,
-            convergence_delta=(from_tensor_proto(response.convergence_delta)
-                               if response.HasField("convergence_delta") else None),
+            convergence_delta=_delta(response),
             outputs=from_tensor_proto(response.outputs) if response.HasField("outputs") else None,
             model_version=response.model_version,
             seed=response.seed,
             timing={f.name: getattr(response.timing, f.name) for f in pb.Timing.DESCRIPTOR.fields},
             request_id=response.request_id,
+            also=tuple(
+                AlgorithmAttribution(
+                    r.algorithm,
+                    _unwrap(tuple(from_tensor_proto(t) for t in r.attributions), single and len(r.attributions) == 1),
+                    _delta(r),
+                )
+                for r in response.also
+            ),
         )
 
 
@@ -169,6 +194,7 @@ def build_request(
     return_outputs: bool = False,
     model_version: str = "",
     request_id: str = "",
+    also: Iterable[Mapping[str, Any]] | None = None,
 ) -> pb.AttributeRequest:
     """Builds an `AttributeRequest` from Captum-style arguments (numpy arrays or nested lists)."""
     algorithm_value = _algorithm(algorithm)
@@ -208,7 +234,32 @@ def build_request(
         _fill(request.noise_tunnel, noise_tunnel, "noise_tunnel fields")
     if seed is not None:
         request.seed = seed
+    for spec in also or ():
+        request.also.append(_algorithm_spec(spec))
     return request
+
+
+_SPEC_KEYS = {"algorithm", "params", "noise_tunnel", "layer", "return_convergence_delta"}
+
+
+def _algorithm_spec(spec: Mapping[str, Any]) -> pb.AlgorithmSpec:
+    """One `also=` entry: {"algorithm": name, "params": {...}, "noise_tunnel": {...}, "layer": ..., "return_convergence_delta": ...}."""
+    unknown = sorted(set(spec) - _SPEC_KEYS)
+    if unknown or "algorithm" not in spec:
+        raise ValueError(f"also entries take {', '.join(sorted(_SPEC_KEYS))} (algorithm required); got {', '.join(sorted(spec))}")
+    value = _algorithm(spec["algorithm"])
+    message = pb.AlgorithmSpec(
+        algorithm=value or pb.ALGORITHM_UNSPECIFIED,
+        custom_algorithm="" if value is not None else spec["algorithm"],
+        layer=spec.get("layer") or "",
+        return_convergence_delta=bool(spec.get("return_convergence_delta", False)),
+    )
+    if spec.get("params"):
+        message.params.update({k: _plain(v) for k, v in spec["params"].items() if v is not None})
+    if spec.get("noise_tunnel") is not None:
+        message.noise_tunnel.SetInParent()
+        _fill(message.noise_tunnel, spec["noise_tunnel"], "noise_tunnel fields")
+    return message
 
 
 def _stream_request(request: pb.AttributeRequest | pb.AttributeStreamRequest) -> pb.AttributeStreamRequest:

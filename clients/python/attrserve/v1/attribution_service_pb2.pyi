@@ -328,7 +328,7 @@ class NoiseTunnel(_message.Message):
     def __init__(self, nt_type: _Optional[str] = ..., nt_samples: _Optional[int] = ..., stdevs: _Optional[_Iterable[float]] = ..., draw_baseline_from_distrib: _Optional[bool] = ...) -> None: ...
 
 class AttributeRequest(_message.Message):
-    __slots__ = ("request_id", "model", "model_version", "algorithm", "inputs", "baselines", "target", "additional_forward_args", "layer", "integrated_gradients", "saliency", "deep_lift", "gradient_shap", "feature_ablation", "feature_permutation", "occlusion", "shapley_value_sampling", "shapley_values", "lime", "kernel_shap", "deep_lift_shap", "layer_integrated_gradients", "layer_conductance", "internal_influence", "layer_gradient_x_activation", "layer_activation", "layer_grad_cam", "neuron_gradient", "neuron_integrated_gradients", "neuron_conductance", "neuron_deep_lift", "neuron_gradient_shap", "noise_tunnel", "return_convergence_delta", "seed", "feature_masks", "return_outputs", "custom_algorithm", "custom_params")
+    __slots__ = ("request_id", "model", "model_version", "algorithm", "inputs", "baselines", "target", "additional_forward_args", "layer", "integrated_gradients", "saliency", "deep_lift", "gradient_shap", "feature_ablation", "feature_permutation", "occlusion", "shapley_value_sampling", "shapley_values", "lime", "kernel_shap", "deep_lift_shap", "layer_integrated_gradients", "layer_conductance", "internal_influence", "layer_gradient_x_activation", "layer_activation", "layer_grad_cam", "neuron_gradient", "neuron_integrated_gradients", "neuron_conductance", "neuron_deep_lift", "neuron_gradient_shap", "noise_tunnel", "return_convergence_delta", "seed", "feature_masks", "return_outputs", "custom_algorithm", "custom_params", "also")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -368,6 +368,7 @@ class AttributeRequest(_message.Message):
     RETURN_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     CUSTOM_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     CUSTOM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    ALSO_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     model_version: str
@@ -407,7 +408,34 @@ class AttributeRequest(_message.Message):
     return_outputs: bool
     custom_algorithm: str
     custom_params: _struct_pb2.Struct
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[Baseline, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., additional_forward_args: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., saliency: _Optional[_Union[SaliencyParams, _Mapping]] = ..., deep_lift: _Optional[_Union[DeepLiftParams, _Mapping]] = ..., gradient_shap: _Optional[_Union[GradientShapParams, _Mapping]] = ..., feature_ablation: _Optional[_Union[FeatureAblationParams, _Mapping]] = ..., feature_permutation: _Optional[_Union[FeaturePermutationParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., shapley_value_sampling: _Optional[_Union[ShapleyValueSamplingParams, _Mapping]] = ..., shapley_values: _Optional[_Union[ShapleyValuesParams, _Mapping]] = ..., lime: _Optional[_Union[LimeParams, _Mapping]] = ..., kernel_shap: _Optional[_Union[KernelShapParams, _Mapping]] = ..., deep_lift_shap: _Optional[_Union[DeepLiftShapParams, _Mapping]] = ..., layer_integrated_gradients: _Optional[_Union[LayerIntegratedGradientsParams, _Mapping]] = ..., layer_conductance: _Optional[_Union[LayerConductanceParams, _Mapping]] = ..., internal_influence: _Optional[_Union[InternalInfluenceParams, _Mapping]] = ..., layer_gradient_x_activation: _Optional[_Union[LayerGradientXActivationParams, _Mapping]] = ..., layer_activation: _Optional[_Union[LayerActivationParams, _Mapping]] = ..., layer_grad_cam: _Optional[_Union[LayerGradCamParams, _Mapping]] = ..., neuron_gradient: _Optional[_Union[NeuronGradientParams, _Mapping]] = ..., neuron_integrated_gradients: _Optional[_Union[NeuronIntegratedGradientsParams, _Mapping]] = ..., neuron_conductance: _Optional[_Union[NeuronConductanceParams, _Mapping]] = ..., neuron_deep_lift: _Optional[_Union[NeuronDeepLiftParams, _Mapping]] = ..., neuron_gradient_shap: _Optional[_Union[NeuronGradientShapParams, _Mapping]] = ..., noise_tunnel: _Optional[_Union[NoiseTunnel, _Mapping]] = ..., return_convergence_delta: _Optional[bool] = ..., seed: _Optional[int] = ..., feature_masks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., return_outputs: _Optional[bool] = ..., custom_algorithm: _Optional[str] = ..., custom_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    also: _containers.RepeatedCompositeFieldContainer[AlgorithmSpec]
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[Baseline, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., additional_forward_args: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., saliency: _Optional[_Union[SaliencyParams, _Mapping]] = ..., deep_lift: _Optional[_Union[DeepLiftParams, _Mapping]] = ..., gradient_shap: _Optional[_Union[GradientShapParams, _Mapping]] = ..., feature_ablation: _Optional[_Union[FeatureAblationParams, _Mapping]] = ..., feature_permutation: _Optional[_Union[FeaturePermutationParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., shapley_value_sampling: _Optional[_Union[ShapleyValueSamplingParams, _Mapping]] = ..., shapley_values: _Optional[_Union[ShapleyValuesParams, _Mapping]] = ..., lime: _Optional[_Union[LimeParams, _Mapping]] = ..., kernel_shap: _Optional[_Union[KernelShapParams, _Mapping]] = ..., deep_lift_shap: _Optional[_Union[DeepLiftShapParams, _Mapping]] = ..., layer_integrated_gradients: _Optional[_Union[LayerIntegratedGradientsParams, _Mapping]] = ..., layer_conductance: _Optional[_Union[LayerConductanceParams, _Mapping]] = ..., internal_influence: _Optional[_Union[InternalInfluenceParams, _Mapping]] = ..., layer_gradient_x_activation: _Optional[_Union[LayerGradientXActivationParams, _Mapping]] = ..., layer_activation: _Optional[_Union[LayerActivationParams, _Mapping]] = ..., layer_grad_cam: _Optional[_Union[LayerGradCamParams, _Mapping]] = ..., neuron_gradient: _Optional[_Union[NeuronGradientParams, _Mapping]] = ..., neuron_integrated_gradients: _Optional[_Union[NeuronIntegratedGradientsParams, _Mapping]] = ..., neuron_conductance: _Optional[_Union[NeuronConductanceParams, _Mapping]] = ..., neuron_deep_lift: _Optional[_Union[NeuronDeepLiftParams, _Mapping]] = ..., neuron_gradient_shap: _Optional[_Union[NeuronGradientShapParams, _Mapping]] = ..., noise_tunnel: _Optional[_Union[NoiseTunnel, _Mapping]] = ..., return_convergence_delta: _Optional[bool] = ..., seed: _Optional[int] = ..., feature_masks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., return_outputs: _Optional[bool] = ..., custom_algorithm: _Optional[str] = ..., custom_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., also: _Optional[_Iterable[_Union[AlgorithmSpec, _Mapping]]] = ...) -> None: ...
+
+class AlgorithmSpec(_message.Message):
+    __slots__ = ("algorithm", "custom_algorithm", "params", "noise_tunnel", "layer", "return_convergence_delta")
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    CUSTOM_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    NOISE_TUNNEL_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    RETURN_CONVERGENCE_DELTA_FIELD_NUMBER: _ClassVar[int]
+    algorithm: Algorithm
+    custom_algorithm: str
+    params: _struct_pb2.Struct
+    noise_tunnel: NoiseTunnel
+    layer: str
+    return_convergence_delta: bool
+    def __init__(self, algorithm: _Optional[_Union[Algorithm, str]] = ..., custom_algorithm: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., noise_tunnel: _Optional[_Union[NoiseTunnel, _Mapping]] = ..., layer: _Optional[str] = ..., return_convergence_delta: _Optional[bool] = ...) -> None: ...
+
+class AlgorithmResult(_message.Message):
+    __slots__ = ("algorithm", "attributions", "convergence_delta")
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    CONVERGENCE_DELTA_FIELD_NUMBER: _ClassVar[int]
+    algorithm: str
+    attributions: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
+    convergence_delta: _tensor_pb2.Tensor
+    def __init__(self, algorithm: _Optional[str] = ..., attributions: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., convergence_delta: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ms", "compute_ms", "total_ms", "rows", "passes", "pass_rows", "pass_requests")
@@ -428,7 +456,7 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., rows: _Optional[int] = ..., passes: _Optional[int] = ..., pass_rows: _Optional[int] = ..., pass_requests: _Optional[int] = ...) -> None: ...
 
 class AttributeResponse(_message.Message):
-    __slots__ = ("request_id", "attributions", "convergence_delta", "outputs", "model_version", "timing", "seed")
+    __slots__ = ("request_id", "attributions", "convergence_delta", "outputs", "model_version", "timing", "seed", "also")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     CONVERGENCE_DELTA_FIELD_NUMBER: _ClassVar[int]
@@ -436,6 +464,7 @@ class AttributeResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    ALSO_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attributions: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     convergence_delta: _tensor_pb2.Tensor
@@ -443,7 +472,8 @@ class AttributeResponse(_message.Message):
     model_version: str
     timing: Timing
     seed: int
-    def __init__(self, request_id: _Optional[str] = ..., attributions: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., convergence_delta: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., model_version: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    also: _containers.RepeatedCompositeFieldContainer[AlgorithmResult]
+    def __init__(self, request_id: _Optional[str] = ..., attributions: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., convergence_delta: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., model_version: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., seed: _Optional[int] = ..., also: _Optional[_Iterable[_Union[AlgorithmResult, _Mapping]]] = ...) -> None: ...
 
 class AttributeStreamRequest(_message.Message):
     __slots__ = ("request",)
