@@ -1,23 +1,33 @@
-"""Shared pieces of the perturbation methods (FeatureAblation, Occlusion, Shapley, Lime, KernelShap): feature masks."""
+"""Shared pieces of the perturbation methods (FeatureAblation, FeaturePermutation, Occlusion, Shapley, Lime, KernelShap).
+
+Feature masks in Captum's numbering, the rows that mix an input with a
+replacement feature by feature, and the spreading of per-feature values back
+onto the input's positions.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
-from attrserve_engine.plan import Task
+from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.plan import FORWARD, Block, Task, repeat_rows
 
 
 def feature_masks_or_default(task: Task) -> tuple[Tensor, ...]:
     """The request's masks, or Captum's default: every scalar of every input its own feature, numbered across inputs.
 
-    Each mask is int64 (1 or n, *feature_shape).
+    Captum's `_format_feature_mask(None, inputs)` (captum/_utils/common.py:195) numbers
+    input 0's scalars 0..k0-1, input 1's k0..k0+k1-1, and so on. Each mask is
+    int64 (1 or n, *feature_shape).
     """
     if task.feature_masks:
         return task.feature_masks
     masks, offset = [], 0
     for x in task.inputs:
-        count = int(torch.tensor(x.shape[1:]).prod()) if x.dim() > 1 else 1
+        count = math.prod(x.shape[1:])
         masks.append((torch.arange(count, device=x.device) + offset).reshape((1, *x.shape[1:])))
         offset += count
     return tuple(masks)
@@ -26,3 +36,87 @@ def feature_masks_or_default(task: Task) -> tuple[Tensor, ...]:
 def n_features(masks: tuple[Tensor, ...]) -> int:
     """Captum's `_get_max_feature_index(...) + 1`: feature ids are expected to run from 0."""
     return int(max(int(m.max()) for m in masks if m.numel())) + 1
+
+
+def feature_ids(masks: tuple[Tensor, ...]) -> Tensor:
+    """The feature ids present in the masks, in Captum's order (`_get_feature_idx_to_tensor_idx`):
+    each mask's sorted unique ids, in order of first appearance across inputs. int64 (P,)."""
+    seen: dict[int, None] = {}
+    for m in masks:
+        seen.update(dict.fromkeys(torch.unique(m).tolist()))
+    return torch.tensor(list(seen), dtype=torch.int64)
+
+
+def feature_index(masks: tuple[Tensor, ...], ids: Tensor) -> tuple[Tensor, ...]:
+    """Per input, each position's feature as an index into `ids`: int64 (1 or n, *feature_shape)."""
+    sorted_ids, order = torch.sort(ids)
+    out = []
+    for m in masks:
+        sorted_ids_d, order_d = sorted_ids.to(m.device), order.to(m.device)
+        out.append(order_d[torch.searchsorted(sorted_ids_d, m.contiguous())])
+    return tuple(out)
+
+
+def tensors_with_feature(masks: tuple[Tensor, ...], ids: Tensor) -> list[list[int]]:
+    """For each feature in `ids`, the inputs its id appears in (ascending), as Captum's feature→tensor map."""
+    where = {int(f): [] for f in ids.tolist()}
+    for i, m in enumerate(masks):
+        for f in torch.unique(m).tolist():
+            where[int(f)].append(i)
+    return [where[int(f)] for f in ids.tolist()]
+
+
+def chosen_positions(members: Tensor, index: Tensor) -> Tensor:
+    """members: (K, P) bool, which features each of K rows picks; index: (1 or n, *feature_shape).
+
+    Returns (K, 1 or n, *feature_shape) bool: the positions each row picks.
+    """
+    return members[:, index]
+
+
+def mix_rows(chosen: Tensor, picked: Tensor, other: Tensor, n: int) -> Tensor:
+    """Row k of example e: `picked` where chosen[k] else `other`, as (K * n, *feature_shape), row-major in (k, e).
+
+    chosen: (K, 1 or n, *fs) bool; picked, other: (1 or n, *fs) or (K, n, *fs).
+    NOTE: Captum writes x * (1 - mask) + b * mask; with a 0/1 mask and finite
+    values that is exactly torch.where, which also keeps integer (token id) inputs integer.
+    """
+    k, feature_shape = chosen.shape[0], tuple(chosen.shape[2:])
+    rows = torch.where(chosen, picked, other)  # (K, 1 or n, *fs)
+    return rows.expand((k, n) + feature_shape).reshape((k * n,) + feature_shape)
+
+
+def spread(values: Tensor, index: Tensor) -> Tensor:
+    """Per-feature values (P, n) onto an input's positions: (n, *feature_shape), each position its feature's value."""
+    n = values.shape[1]
+    flat = index.expand((n,) + tuple(index.shape[1:])).reshape(n, -1)  # (n, numel)
+    return values.t().gather(1, flat.to(values.device)).reshape((n,) + tuple(index.shape[1:]))
+
+
+def forward_block(inputs: tuple[Tensor, ...], task: Task, times: int) -> Block:
+    """A FORWARD block of `times` groups of the request's n examples, each group with the request's args and targets."""
+    return Block(
+        kind=FORWARD,
+        inputs=inputs,
+        args=tuple(repeat_rows(a, times) for a in task.args),
+        target=repeat_rows(task.target, times),
+    )
+
+
+def check_perturbations_per_eval(value: int, owner: str) -> None:
+    """Captum asserts perturbations_per_eval >= 1; attrserve fuses rows itself, so the value only matters where
+    Captum's random draws depend on it (FeaturePermutation)."""
+    if value < 1:
+        raise InvalidArgument(f"{owner}.perturbations_per_eval must be at least 1, got {value}")
+
+
+def coalition_block(task: Task, members: Tensor, index: tuple[Tensor, ...]) -> Block:
+    """One FORWARD row group per coalition: the inputs on the coalition's features, baselines elsewhere.
+
+    members: (K, P) bool over the features of `index`; rows are coalition-major, (K * n) per input.
+    """
+    rows = tuple(
+        mix_rows(chosen_positions(members.to(x.device), idx.to(x.device)), x, b, task.n)  # (K * n, *fs)
+        for x, b, idx in zip(task.inputs, task.baselines, index)
+    )
+    return forward_block(rows, task, int(members.shape[0]))

@@ -1,0 +1,184 @@
+"""Occlusion (Captum's Occlusion): slide a baseline window over each input; each position gets the mean output drop
+of the windows that cover it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attrserve_engine.algorithms.base import Algorithm, Limits, example_baselines, parse_dataclass
+from attrserve_engine.algorithms.perturbation import check_perturbations_per_eval, forward_block, mix_rows
+from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.plan import Attribution, Plan, Task
+
+@dataclass(frozen=True)
+class OcclusionParams:
+    # One window shape per input; a flat tuple is the window of a single input (as in Captum).
+    sliding_window_shapes: Any = None
+    # None: 1 along every dim; an int for all inputs; or one int / tuple per input (as in Captum).
+    strides: Any = None
+    perturbations_per_eval: int = 1  # changes no number: attrserve packs passes itself
+
+
+def _int_tuple(value: Any, label: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise InvalidArgument(f"{label} must be a list of integers, got {value!r}")
+    return tuple(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Windows:
+    """One input's sliding windows: shape, stride and window count per dim (Captum's shift_counts)."""
+
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return math.prod(self.counts)
+
+    def cover(self, sizes: tuple[int, ...], device: torch.device) -> list[Tensor]:
+        """Per dim d, (counts[d], sizes[d]) bool: which positions the k-th window along d covers.
+        The last window may run past the end and is cut off, as Captum's negative padding does."""
+        out = []
+        for w, s, c, size in zip(self.shape, self.strides, self.counts, sizes):
+            start = torch.arange(c, device=device).view(c, 1) * s  # (c, 1)
+            pos = torch.arange(size, device=device).view(1, size)  # (1, size)
+            out.append((pos >= start) & (pos < start + w))
+        return out
+
+    def masks(self, sizes: tuple[int, ...], device: torch.device) -> Tensor:
+        """(total, *sizes) bool, window k ablated by mask k in Captum's numbering (dim 0's window index fastest,
+        occlusion.py:312-318)."""
+        dims = len(sizes)
+        mask = torch.ones((1,) * (2 * dims), dtype=torch.bool, device=device)
+        for d, cov in enumerate(self.cover(sizes, device)):
+            view = [1] * (2 * dims)
+            view[dims - 1 - d] = cov.shape[0]  # window index of dim d; dims reversed so dim 0 varies fastest
+            view[dims + d] = cov.shape[1]
+            mask = mask & cov.view(view)
+        return mask.reshape((self.total,) + sizes)
+
+    def average(self, drops: Tensor, sizes: tuple[int, ...]) -> Tensor:
+        """drops: (total, n) output drop per window → (n, *sizes) mean drop over the windows covering each position.
+
+        The sum over windows factors per dim (a window is a product of intervals), so
+        it is D small matmuls rather than a (windows × positions) product.
+        """
+        n, dims = drops.shape[1], len(sizes)
+        cover = [c.to(torch.float64) for c in self.cover(sizes, drops.device)]
+        # (n, counts[D-1], ..., counts[0]) → (n, counts[0], ..., counts[D-1])
+        total = drops.to(torch.float64).t().reshape((n,) + tuple(reversed(self.counts)))
+        total = total.permute((0,) + tuple(range(dims, 0, -1)))
+        count = torch.ones((), dtype=torch.float64, device=drops.device)
+        for d, cov in enumerate(cover):
+            total = torch.movedim(torch.movedim(total, 1 + d, -1) @ cov, -1, 1 + d)  # window axis d → position axis d
+            count = count.unsqueeze(-1) * cov.sum(0)  # (*sizes[:d+1]) windows covering each position
+        return (total / count).to(torch.float32)  # (n, *sizes); Captum returns total.float() / weight
+
+
+class Occlusion(Algorithm):
+    name = "occlusion"
+    params_type = OcclusionParams
+    needs_input_gradients = False
+    uses_baselines = True
+
+    def parse_params(self, raw: dict[str, Any], limits: Limits) -> OcclusionParams:
+        params = parse_dataclass(self.params_type, raw, self.name)
+        shapes = params.sliding_window_shapes
+        if shapes is None:
+            raise InvalidArgument("occlusion.sliding_window_shapes is required: one window shape per input (dims after dim 0)")
+        if isinstance(shapes, (list, tuple)) and shapes and all(_is_int(v) for v in shapes):
+            shapes = (shapes,)  # one input's window, as Captum accepts
+        if not isinstance(shapes, (list, tuple)) or not shapes:
+            raise InvalidArgument(f"occlusion.sliding_window_shapes must be one list of integers per input, got {shapes!r}")
+        shapes = tuple(_int_tuple(s, f"occlusion.sliding_window_shapes[{i}]") for i, s in enumerate(shapes))
+        for i, s in enumerate(shapes):
+            if any(v < 1 for v in s):
+                raise InvalidArgument(f"occlusion.sliding_window_shapes[{i}] must be positive, got {s}")
+        strides = params.strides
+        if isinstance(strides, (list, tuple)):
+            strides = tuple(v if _is_int(v) else _int_tuple(v, f"occlusion.strides[{i}]") for i, v in enumerate(strides))
+        elif strides is not None and not _is_int(strides):
+            raise InvalidArgument(f"occlusion.strides must be an integer or one integer list per input, got {strides!r}")
+        params = OcclusionParams(shapes, strides, params.perturbations_per_eval)
+        check_perturbations_per_eval(params.perturbations_per_eval, self.name)
+        return params
+
+    def windows(self, task: Task) -> list[Windows]:
+        """Captum's _format_and_verify_strides / _format_and_verify_sliding_window_shapes and shift counts
+        (occlusion.py:217-257), checked against the inputs."""
+        p: OcclusionParams = task.params
+        n_inputs = len(task.inputs)
+        if len(p.sliding_window_shapes) != n_inputs:
+            count = len(p.sliding_window_shapes)
+            raise InvalidArgument(f"occlusion.sliding_window_shapes has {count} window(s); give one per input ({n_inputs})")
+        strides: Any = p.strides
+        if strides is None:
+            strides = (1,) * n_inputs
+        elif _is_int(strides):
+            strides = (strides,) * n_inputs
+        elif n_inputs == 1 and len(strides) != 1 and all(_is_int(v) for v in strides):
+            strides = (strides,)  # one input's per-dim strides, as Captum accepts
+        if len(strides) != n_inputs:
+            raise InvalidArgument(f"occlusion.strides has {len(strides)} entries; give one per input ({n_inputs})")
+        out = []
+        for i, (x, shape, stride) in enumerate(zip(task.inputs, p.sliding_window_shapes, strides)):
+            sizes = tuple(x.shape[1:])
+            label = f"inputs[{i}] {tuple(x.shape)}"
+            if len(shape) != len(sizes):
+                raise InvalidArgument(f"occlusion.sliding_window_shapes[{i}] is {shape}; {label} needs {len(sizes)} dims")
+            if _is_int(stride) or len(stride) in (0, 1):  # an IntList of one value is Captum's int stride
+                stride = (stride if _is_int(stride) else (stride[0] if stride else 1),) * len(sizes)
+            if len(stride) != len(sizes):
+                raise InvalidArgument(f"occlusion.strides[{i}] is {stride}; {label} needs one int or {len(sizes)}")
+            if any(s < 1 for s in stride):
+                raise InvalidArgument(f"occlusion.strides[{i}] must be positive, got {stride}")
+            if any(w > size for w, size in zip(shape, sizes)):
+                raise InvalidArgument(f"occlusion.sliding_window_shapes[{i}] {shape} exceeds {label}")
+            if any(size > w and s > w for w, s, size in zip(shape, stride, sizes)):
+                raise InvalidArgument(f"occlusion.strides[{i}] {stride} is larger than the window {shape}")
+            counts = tuple(-(-(size - w) // s) + 1 for w, s, size in zip(shape, stride, sizes))  # ceil((size - w) / s) + 1
+            out.append(Windows(shape, stride, counts))
+        return out
+
+    def rows(self, task: Task, n_examples: int) -> int:
+        # the unoccluded inputs, then one copy per window of each input
+        return n_examples * (1 + sum(w.total for w in self.windows(task)))
+
+    def plan(self, task: Task) -> Plan:
+        n = task.n
+        windows = self.windows(task)
+        totals = [w.total for w in windows]
+        # NOTE: window features of input i occlude input i only (occlusion.py:332-342); the rows are
+        # [inputs; input 0's windows; input 1's windows; ...], the other inputs left as they are.
+        rows = []
+        for i, (x, b, w) in enumerate(zip(task.inputs, example_baselines(task), windows)):
+            parts = [x]
+            for j, count in enumerate(totals):
+                if j == i:
+                    masks = w.masks(tuple(x.shape[1:]), x.device).unsqueeze(1)  # (W_i, 1, *fs)
+                    parts.append(mix_rows(masks, b, x, n))  # (W_i * n, *fs)
+                else:
+                    parts.append(x.repeat((count,) + (1,) * (x.dim() - 1)))
+            rows.append(torch.cat(parts))
+        result = yield forward_block(tuple(rows), task, 1 + sum(totals))
+        evals = result.selected.view(1 + sum(totals), n)  # (1 + W, n)
+        drops = evals[:1] - evals[1:]  # (W, n): initial_eval - modified_eval
+        attributions, start = [], 0
+        for x, w, count in zip(task.inputs, windows, totals):
+            attributions.append(w.average(drops[start:start + count], tuple(x.shape[1:])))
+            start += count
+        return Attribution(tuple(attributions))
+
+
+ALGORITHM = Occlusion

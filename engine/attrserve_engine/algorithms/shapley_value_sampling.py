@@ -1,0 +1,93 @@
+"""Shapley value sampling (Captum's ShapleyValueSampling): add features to the baseline one by one in random
+orders; each feature gets its mean output gain."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive
+from attrserve_engine.algorithms.perturbation import (
+    check_perturbations_per_eval,
+    coalition_block,
+    feature_ids,
+    feature_index,
+    feature_masks_or_default,
+    n_features,
+    spread,
+)
+from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.plan import Attribution, Plan, Task
+
+
+@dataclass(frozen=True)
+class ShapleyValueSamplingParams:
+    n_samples: int = 25
+    perturbations_per_eval: int = 1  # changes no number: the orders are drawn before their evaluations
+
+
+def check_feature_ids(task: Task, masks: tuple[Tensor, ...]) -> int:
+    """Captum's feature count, max id + 1 (ids are drawn in permutations of it); refuses ids past the inputs' size."""
+    count = n_features(masks)
+    scalars = sum(math.prod(x.shape[1:]) for x in task.inputs)
+    if count > scalars:
+        raise InvalidArgument(
+            f"feature_masks use id {count - 1}; ids must run from 0 to the number of features - 1 "
+            f"(at most {scalars - 1} for these inputs)"
+        )
+    return count
+
+
+class ShapleyValueSampling(Algorithm):
+    name = "shapley_value_sampling"
+    params_type = ShapleyValueSamplingParams
+    needs_input_gradients = False
+    uses_feature_mask = True
+    uses_baselines = True
+
+    def check_params(self, params: ShapleyValueSamplingParams, limits: Limits) -> None:
+        check_positive(params.n_samples, f"{self.name}.n_samples", limits.max_nt_samples)
+        check_perturbations_per_eval(params.perturbations_per_eval, self.name)
+
+    def rows(self, task: Task, n_examples: int) -> int:
+        masks = feature_masks_or_default(task)
+        check_feature_ids(task, masks)
+        n_feat = len(feature_ids(masks))
+        # the baseline, the full input, and each order's n_feat - 1 proper prefixes
+        return n_examples * (2 + task.params.n_samples * (n_feat - 1))
+
+    def plan(self, task: Task) -> Plan:
+        p: ShapleyValueSamplingParams = task.params
+        n, ns = task.n, p.n_samples
+        masks = feature_masks_or_default(task)
+        total = check_feature_ids(task, masks)
+        ids = feature_ids(masks)  # (P,) present ids
+        index = feature_index(masks, ids)
+        n_feat = int(ids.numel())
+        # 1) Captum's orders: torch.randperm(max id + 1) per sample (shapley_value.py:55-57), ids absent
+        #    from every mask dropped — adding one changes no input, so its gain is 0 and lands nowhere.
+        position = torch.full((total,), -1, dtype=torch.int64)
+        position[ids] = torch.arange(n_feat)
+        drawn = position[torch.stack([torch.randperm(total, generator=task.rng.torch_gen) for _ in range(ns)])]  # (ns, total)
+        order = drawn[drawn >= 0].view(ns, n_feat)  # (ns, P) feature indices in the order they are added
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_feat).expand(ns, n_feat))  # (ns, P)
+        # 2) coalitions: [baseline; full input; each order's prefixes of 1 .. P-1 features]
+        steps = torch.arange(1, n_feat).view(1, n_feat - 1, 1)
+        prefixes = (rank.unsqueeze(1) < steps).reshape(ns * (n_feat - 1), n_feat)  # (ns * (P-1), P)
+        members = torch.cat([torch.zeros(1, n_feat, dtype=torch.bool), torch.ones(1, n_feat, dtype=torch.bool), prefixes])
+        result = yield coalition_block(task, members, index)
+        evals = result.selected.view(-1, n)  # (K, n)
+        # 3) each order's chain of evaluations, from the baseline to the full input
+        chain = torch.cat(
+            [evals[0].expand(ns, 1, n), evals[2:].view(ns, n_feat - 1, n), evals[1].expand(ns, 1, n)], dim=1
+        )  # (ns, P + 1, n)
+        gains = chain[:, 1:] - chain[:, :-1]  # (ns, P, n): gain of the k-th added feature
+        per_feature = gains.gather(1, rank.to(gains.device).unsqueeze(-1).expand(ns, n_feat, n))  # (ns, P, n)
+        mean = (per_feature.to(torch.float64).sum(0) / ns).to(torch.float32)  # (P, n); Captum accumulates in float32
+        return Attribution(tuple(spread(mean, idx) for idx in index))
+
+
+ALGORITHM = ShapleyValueSampling

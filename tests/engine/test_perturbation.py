@@ -1,0 +1,396 @@
+"""Forward-only perturbation methods (FeatureAblation, FeaturePermutation, Occlusion, ShapleyValueSampling, ShapleyValues)
+against Captum 0.9.0: alone, fused with other requests, with passes split, and from concurrent callers."""
+
+from __future__ import annotations
+
+import random
+import threading
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgument, ModelSpec, ResourceExhausted
+from oracle import MODELS, example_inputs
+
+ATOL = RTOL = 1e-5
+VOCAB = 12
+
+
+class TokenModel(nn.Module):
+    """Token ids (B, 6) → embeddings → a position-aware linear head: ablating means replacing ids (baseline 0 = padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.emb = nn.Embedding(VOCAB, 4)
+        self.act = nn.Tanh()
+        self.head = nn.Linear(6 * 4, 3)
+
+    def forward(self, ids):
+        return self.head(self.act(self.emb(ids)).flatten(1))
+
+
+PERTURBATION_MODELS = {name: MODELS[name] for name in ("conv", "multi", "text", "mlp")} | {"tokens": TokenModel}
+CAPTUM = {
+    "feature_ablation": "FeatureAblation",
+    "feature_permutation": "FeaturePermutation",
+    "occlusion": "Occlusion",
+    "shapley_value_sampling": "ShapleyValueSampling",
+    "shapley_values": "ShapleyValues",
+}
+N_CLASSES = {"conv": 3, "multi": 2, "text": 2, "mlp": 3, "tokens": 3}
+
+
+def model_inputs(model: str, n: int, seed: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    if model == "tokens":
+        return (torch.randint(1, VOCAB, (n, 6), generator=torch.Generator().manual_seed(seed)),), ()
+    return example_inputs(model, n, seed)
+
+
+def grouped_masks(model: str, n: int, per_example: bool) -> tuple[torch.Tensor, ...]:
+    """Feature groups: one mask row for all examples (broadcast where Captum allows), or one per example."""
+    e = torch.arange(n).view(n, 1) if per_example else torch.zeros(1, 1, dtype=torch.int64)
+    if model == "conv":  # (2, 8, 8): 4×4 blocks shared by both channels, or per channel and shifted per example
+        r, c = torch.arange(8).view(8, 1), torch.arange(8).view(1, 8)
+        block = (r // 4) * 2 + c // 4  # (8, 8)
+        if not per_example:
+            return (block.view(1, 1, 8, 8),)
+        ch = torch.arange(2).view(1, 2, 1, 1)
+        return (ch * 4 + (block.view(1, 1, 8, 8) + e.view(n, 1, 1, 1)) % 4,)
+    if model == "multi":  # (4,), (3,): feature 1 spans both inputs (cross-tensor)
+        if not per_example:
+            return (torch.tensor([[0, 0, 1, 1]]), torch.tensor([[1, 2, 2]]))
+        g = torch.Generator().manual_seed(n)
+        return (torch.randint(0, 4, (n, 4), generator=g), torch.randint(0, 4, (n, 3), generator=g))
+    if model == "text":  # (5, 6): one feature per token, or token pairs shifted per example
+        t = torch.arange(5).view(1, 5, 1)
+        return ((t + e.view(-1, 1, 1)) // 2 if per_example else t,)
+    j = torch.arange(6).view(1, 6)  # mlp, tokens: (6,)
+    return ((j + e) % 3 if per_example else j // 2,)
+
+
+@dataclass
+class Case:
+    model: str
+    algorithm: str
+    params: dict[str, Any] = field(default_factory=dict)
+    mask: str = "none"  # none | grouped | per_example
+    baselines: str = "none"  # none | scalar | row | per_example
+    n: int = 3
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        bits = [self.model, self.algorithm] + [f"{k}={v}" for k, v in self.params.items()]
+        return "-".join(bits + [f"m={self.mask}", f"b={self.baselines}", f"n={self.n}", f"s={self.seed}"])
+
+    def build(self) -> dict[str, Any]:
+        inputs, args = model_inputs(self.model, self.n, seed=300 + self.seed)
+        g = torch.Generator().manual_seed(400 + self.seed)
+        tokens = self.model == "tokens"
+
+        def baseline(shape: tuple[int, ...]) -> torch.Tensor:
+            return torch.randint(0, VOCAB, shape, generator=g) if tokens else 0.1 * torch.randn(shape, generator=g)
+
+        baselines: tuple = {
+            "none": (),
+            "scalar": tuple(0 if tokens else 0.25 for _ in inputs),
+            "row": tuple(baseline((1, *x.shape[1:])) for x in inputs),
+            "per_example": tuple(baseline(tuple(x.shape)) for x in inputs),
+        }[self.baselines]
+        masks = () if self.mask == "none" else grouped_masks(self.model, self.n, self.mask == "per_example")
+        targets = [i % N_CLASSES[self.model] for i in range(self.n)]
+        return {"inputs": inputs, "args": args, "baselines": baselines, "masks": masks, "targets": targets}
+
+    def job(self, built: dict[str, Any]) -> AttributionJob:
+        return AttributionJob(
+            model=self.model,
+            algorithm=self.algorithm,
+            inputs=built["inputs"],
+            baselines=built["baselines"],
+            target=torch.tensor(built["targets"]).view(-1, 1),
+            additional_forward_args=built["args"],
+            feature_masks=built["masks"],
+            params=dict(self.params),
+            seed=self.seed,
+        )
+
+
+def captum_attribute(case: Case, built: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """The oracle: Captum 0.9.0 on the same request, after torch.manual_seed(seed); np.random.seed(seed)."""
+    import captum.attr as ca
+
+    method = getattr(ca, CAPTUM[case.algorithm])(PERTURBATION_MODELS[case.model]())
+    kwargs: dict[str, Any] = dict(case.params, target=built["targets"])
+    if built["args"]:
+        kwargs["additional_forward_args"] = built["args"]
+    if built["baselines"]:
+        kwargs["baselines"] = built["baselines"]
+    if built["masks"]:
+        kwargs["feature_mask"] = built["masks"]
+    torch.manual_seed(case.seed)
+    np.random.seed(case.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "at least 10 features" and skipped-group notices
+        out = method.attribute(tuple(built["inputs"]), **kwargs)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _cases() -> list[Case]:
+    fa, fp, occ, svs, sv = CAPTUM
+    cases = [Case(m, fa) for m in PERTURBATION_MODELS]
+    cases += [
+        Case("conv", fa, mask="grouped", baselines="row"),
+        Case("multi", fa, mask="grouped", baselines="scalar"),
+        Case("multi", fa, {"perturbations_per_eval": 4}, mask="per_example", baselines="per_example"),
+        Case("text", fa, mask="per_example", baselines="per_example"),
+        Case("mlp", fa, {"perturbations_per_eval": 4}, mask="per_example", baselines="scalar"),
+        Case("tokens", fa, mask="grouped", baselines="row"),
+        Case("tokens", fa, mask="per_example", baselines="per_example"),
+    ]
+    cases += [Case(m, fp, n=4, seed=1) for m in PERTURBATION_MODELS]
+    cases += [
+        Case("multi", fp, {"perturbations_per_eval": 3}, n=4, seed=2),  # the draws depend on perturbations_per_eval
+        Case("multi", fp, {"perturbations_per_eval": 2}, mask="grouped", n=5, seed=3),
+        Case("conv", fp, {"perturbations_per_eval": 3}, mask="grouped", n=4, seed=4),
+        Case("text", fp, mask="per_example", n=3, seed=5),
+        Case("tokens", fp, {"perturbations_per_eval": 2}, mask="grouped", n=2, seed=6),  # n=2: redraws the identity
+        Case("mlp", fp, n=1),  # one example: Captum skips every feature and returns zeros
+    ]
+    cases += [
+        Case("conv", occ, {"sliding_window_shapes": (2, 3, 3), "strides": (1, 2, 2)}),  # overlapping, last window cut off
+        Case("conv", occ, {"sliding_window_shapes": (2, 4, 4), "strides": 4, "perturbations_per_eval": 5}, baselines="row"),
+        Case("conv", occ, {"sliding_window_shapes": (1, 3, 3), "strides": (1, 2, 3)}, baselines="scalar"),
+        Case("conv", occ, {"sliding_window_shapes": (2, 5, 3), "strides": (1, 3, 2)}, baselines="per_example"),
+        Case("multi", occ, {"sliding_window_shapes": ((2,), (2,)), "strides": (1, (1,))}, baselines="scalar"),
+        Case("multi", occ, {"sliding_window_shapes": ((3,), (1,))}, baselines="per_example"),
+        Case("text", occ, {"sliding_window_shapes": (2, 6), "strides": (1, 6)}, baselines="per_example"),
+        Case("text", occ, {"sliding_window_shapes": (3, 4), "strides": (2, 2)}),
+        Case("mlp", occ, {"sliding_window_shapes": (3,), "strides": 2}, baselines="row"),
+        Case("tokens", occ, {"sliding_window_shapes": (2,), "strides": (1,)}),
+        Case("tokens", occ, {"sliding_window_shapes": (3,), "strides": (2,)}, baselines="row"),
+    ]
+    cases += [
+        Case("conv", svs, {"n_samples": 5}, mask="grouped", seed=7),
+        Case("conv", svs, {"n_samples": 2}, seed=8),
+        Case("multi", svs, {"n_samples": 10}, baselines="scalar", seed=9),
+        Case("multi", svs, {"n_samples": 6}, mask="per_example", baselines="per_example", seed=10),
+        Case("text", svs, {"n_samples": 4, "perturbations_per_eval": 3}, mask="per_example", seed=11),
+        Case("mlp", svs, {"n_samples": 6, "perturbations_per_eval": 3}, baselines="row", seed=12),
+        Case("tokens", svs, {"n_samples": 5}, mask="grouped", baselines="row", seed=13),
+        Case("tokens", svs, {}, seed=14),  # Captum's default n_samples=25
+    ]
+    cases += [
+        Case("conv", sv, mask="grouped"),
+        Case("multi", sv, mask="grouped", baselines="row"),
+        Case("multi", sv, {"perturbations_per_eval": 2}, mask="per_example", baselines="per_example"),  # ids with gaps
+        Case("text", sv, mask="grouped", baselines="scalar"),
+        Case("mlp", sv, mask="per_example", baselines="per_example"),
+        Case("tokens", sv, mask="grouped"),
+    ]
+    return cases
+
+
+CASES = _cases()
+
+
+def make_engine(**limits) -> Engine:
+    engine = Engine(EngineLimits(**limits))
+    for name, build in PERTURBATION_MODELS.items():
+        engine.load(ModelSpec(name=name, module=build()))
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = make_engine()
+    yield e
+    e.shutdown()
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = ATOL, rtol: float = RTOL) -> None:
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    assert torch.allclose(got, want, atol=atol, rtol=rtol), f"max abs diff {(got - want).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_captum(engine: Engine, case: Case) -> None:
+    built = case.build()
+    want = captum_attribute(case, built)
+    rows_before = engine.rows
+    got = engine.attribute(case.job(built), timeout=60)
+    assert len(got.attributions) == len(want)
+    for g, w in zip(got.attributions, want):
+        assert_close(g, w)
+    assert engine.rows - rows_before == got.timing.rows, "rows() must count exactly the rows the plan runs"
+
+
+def test_permutation_draws_follow_perturbations_per_eval() -> None:
+    """Captum's FeaturePermutation draws per (group, input, feature): grouping changes its numbers, and ours with it."""
+    one, three = Case("multi", "feature_permutation", n=4, seed=2), Case("multi", "feature_permutation", {"perturbations_per_eval": 3}, n=4, seed=2)
+    assert not torch.allclose(captum_attribute(one, one.build())[1], captum_attribute(three, three.build())[1])
+
+
+def test_row_counts(engine: Engine) -> None:
+    """rows() is what the per-request cap sees: inputs + one copy per feature/window/coalition."""
+    expected = [
+        (Case("mlp", "feature_ablation"), 3 * (1 + 6)),
+        (Case("mlp", "feature_permutation", n=1), 1),
+        (Case("conv", "occlusion", {"sliding_window_shapes": (2, 3, 3), "strides": (1, 2, 2)}), 3 * (1 + 1 * 4 * 4)),
+        (Case("mlp", "shapley_value_sampling", {"n_samples": 5}, mask="grouped"), 3 * (2 + 5 * 2)),
+        (Case("mlp", "shapley_values", mask="grouped"), 3 * 2**3),
+    ]
+    for case, rows in expected:
+        assert engine.attribute(case.job(case.build()), timeout=60).timing.rows == rows, case.id
+
+
+def random_job(model: str, rng: random.Random) -> AttributionJob:
+    """Another request for the same model: a random perturbation method, mask, baselines, size and seed."""
+    windows = {"conv": (2, 4, 4), "multi": ((2,), (3,)), "text": (2, 6), "mlp": (2,), "tokens": (2,)}
+    algorithm = rng.choice(list(CAPTUM))
+    params = {
+        "occlusion": {"sliding_window_shapes": windows[model], "strides": 2 if model in ("conv", "text") else 1},
+        "shapley_value_sampling": {"n_samples": rng.randint(1, 4)},
+        "feature_ablation": {"perturbations_per_eval": rng.randint(1, 3)},
+    }.get(algorithm, {})
+    case = Case(
+        model,
+        algorithm,
+        params,
+        mask="none" if algorithm == "occlusion" else rng.choice(["grouped", "per_example"]),
+        baselines="none" if algorithm == "feature_permutation" else rng.choice(["none", "scalar", "row", "per_example"]),
+        n=rng.randint(1, 4),
+        seed=rng.randint(0, 1000),
+    )
+    if case.algorithm == "shapley_values" and case.model == "conv":
+        case.mask = "grouped"  # 8 per-example features would be 256 coalitions; keep the others small
+    return case.job(case.build())
+
+
+# One case per algorithm and model kind; every model appears.
+FUSION_CASES = [
+    Case("conv", "feature_ablation", mask="grouped", baselines="row"),
+    Case("tokens", "feature_ablation", mask="per_example", baselines="per_example"),
+    Case("multi", "feature_permutation", {"perturbations_per_eval": 3}, n=4, seed=2),
+    Case("conv", "occlusion", {"sliding_window_shapes": (2, 3, 3), "strides": (1, 2, 2)}),
+    Case("text", "occlusion", {"sliding_window_shapes": (2, 6), "strides": (1, 6)}, baselines="per_example"),
+    Case("text", "shapley_value_sampling", {"n_samples": 4}, mask="per_example", seed=11),
+    Case("mlp", "shapley_value_sampling", {"n_samples": 6}, baselines="row", seed=12),
+    Case("multi", "shapley_values", mask="grouped", baselines="row"),
+    Case("tokens", "shapley_values", mask="grouped"),
+]
+
+
+@pytest.mark.parametrize("max_batch_rows", [4096, 37], ids=["one-pass", "split-passes"])
+@pytest.mark.parametrize("case", FUSION_CASES, ids=lambda c: c.id)
+def test_fused_equals_alone(engine: Engine, case: Case, max_batch_rows: int) -> None:
+    built = case.build()
+    alone = engine.attribute(case.job(built), timeout=60)
+    fused_engine = make_engine(default_max_queue_delay_us=200_000, default_max_batch_rows=max_batch_rows)
+    try:
+        rng = random.Random(zlib.crc32(case.id.encode()))
+        others = [random_job(case.model, rng) for _ in range(15)]
+        futures = [fused_engine.submit(j) for j in others[:8]]
+        mine = fused_engine.submit(case.job(built))
+        futures += [fused_engine.submit(j) for j in others[8:]]
+        fused = mine.result(timeout=60)
+        for f in futures:
+            f.result(timeout=60)
+    finally:
+        fused_engine.shutdown()
+    assert fused.timing.pass_requests > 1, "the request was never fused with another"
+    for a, f in zip(alone.attributions, fused.attributions):
+        assert_close(f, a, atol=1e-6, rtol=1e-6)
+
+
+def test_concurrent_callers_share_forward_passes() -> None:
+    engine = make_engine(default_max_queue_delay_us=100_000, default_max_batch_rows=4096)
+    algorithms = [
+        ("feature_ablation", {}),
+        ("feature_permutation", {}),
+        ("occlusion", {"sliding_window_shapes": (2,), "strides": 2}),
+        ("shapley_value_sampling", {"n_samples": 3}),
+        ("shapley_values", {}),
+    ]
+    callers, per_caller = 4, 5
+    barrier = threading.Barrier(callers)
+    results: list = []
+    lock = threading.Lock()
+
+    def caller(c: int) -> None:
+        jobs = []
+        for algorithm, params in algorithms[:per_caller]:
+            case = Case("mlp", algorithm, params, mask="none" if algorithm == "occlusion" else "grouped", n=2, seed=c)
+            jobs.append(case.job(case.build()))
+        barrier.wait()
+        futures = [engine.submit(j) for j in jobs]
+        got = [f.result(timeout=60) for f in futures]
+        with lock:
+            results.extend(got)
+
+    threads = [threading.Thread(target=caller, args=(c,)) for c in range(callers)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        engine.shutdown()
+    stages = callers * per_caller  # one forward stage per request
+    assert len(results) == stages
+    assert engine.passes <= stages // 4, f"{engine.passes} passes for {stages} stages"
+    assert max(r.timing.pass_requests for r in results) >= stages // 2
+
+
+def test_exact_shapley_on_20_features_is_refused_before_any_work(engine: Engine) -> None:
+    inputs, _ = model_inputs("conv", 1, seed=0)
+    mask = (torch.arange(2 * 8 * 8) % 20).view(1, 2, 8, 8)
+    job = AttributionJob(model="conv", algorithm="shapley_values", inputs=inputs, target=torch.zeros(1, 1, dtype=torch.int64), feature_masks=(mask,))
+    passes = engine.passes
+    with pytest.raises(ResourceExhausted, match=r"needs 1048576 rows"):
+        engine.submit(job)
+    # the default mask (128 features) is 2**128 rows: counted, not enumerated
+    with pytest.raises(ResourceExhausted, match=str(2**128)):
+        engine.submit(AttributionJob(model="conv", algorithm="shapley_values", inputs=inputs, target=torch.zeros(1, 1, dtype=torch.int64)))
+    assert engine.passes == passes
+    # sampling the same 20 features is cheap
+    job.algorithm, job.params = "shapley_value_sampling", {"n_samples": 2}
+    assert engine.attribute(job, timeout=60).timing.rows == 2 + 2 * 19
+
+
+X6 = (torch.randn(2, 6),)
+BAD = [
+    ("feature_ablation", {"perturbations_per_eval": 0}, {}, "feature_ablation.perturbations_per_eval must be at least 1"),
+    ("feature_ablation", {"n_samples": 3}, {}, "feature_ablation: unknown parameter"),
+    ("feature_ablation", {"perturbations_per_eval": 1.5}, {}, "feature_ablation.perturbations_per_eval must be an integer"),
+    ("feature_permutation", {"perturbations_per_eval": -2}, {}, "feature_permutation.perturbations_per_eval"),
+    ("feature_permutation", {}, {"baselines": (0.5,)}, "feature_permutation takes no baselines"),
+    ("occlusion", {}, {}, "occlusion.sliding_window_shapes is required"),
+    ("occlusion", {"sliding_window_shapes": (7,)}, {}, r"occlusion.sliding_window_shapes\[0\] \(7,\) exceeds"),
+    ("occlusion", {"sliding_window_shapes": (2, 2)}, {}, r"occlusion.sliding_window_shapes\[0\] is \(2, 2\)"),
+    ("occlusion", {"sliding_window_shapes": (0,)}, {}, "must be positive"),
+    ("occlusion", {"sliding_window_shapes": (2,), "strides": 3}, {}, "larger than the window"),
+    ("occlusion", {"sliding_window_shapes": (2,), "strides": (0,)}, {}, "occlusion.strides"),
+    ("occlusion", {"sliding_window_shapes": ((2,), (2,))}, {}, "give one per input"),
+    ("occlusion", {"sliding_window_shapes": "2x2"}, {}, "occlusion.sliding_window_shapes"),
+    ("occlusion", {"sliding_window_shapes": (2,)}, {"feature_masks": (torch.zeros(1, 6, dtype=torch.int64),)}, "does not take it"),
+    ("shapley_value_sampling", {"n_samples": 0}, {}, "shapley_value_sampling.n_samples must be at least 1"),
+    ("shapley_value_sampling", {"n_samples": 10**6}, {}, "shapley_value_sampling.n_samples is 1000000, over"),
+    ("shapley_value_sampling", {}, {"feature_masks": (torch.tensor([[0, 0, 1, 1, 2, 99]]),)}, "feature_masks use id 99"),
+    ("shapley_values", {"perturbations_per_eval": 0}, {}, "shapley_values.perturbations_per_eval"),
+    ("shapley_values", {"n_samples": 4}, {}, "shapley_values: unknown parameter"),
+]
+
+
+@pytest.mark.parametrize("algorithm,params,extra,match", BAD, ids=[f"{b[0]}-{b[3][:30]}" for b in BAD])
+def test_bad_params_are_invalid_argument(engine: Engine, algorithm: str, params: dict, extra: dict, match: str) -> None:
+    job = AttributionJob(model="mlp", algorithm=algorithm, inputs=X6, target=torch.zeros(2, 1, dtype=torch.int64), params=params, **extra)
+    with pytest.raises(InvalidArgument, match=match):
+        engine.submit(job)
