@@ -18,6 +18,7 @@ from torch import Tensor
 from attrserve_engine.algorithms import ALGORITHMS, Algorithm, Limits
 from attrserve_engine.algorithms.noise_tunnel import NoiseTunnelParams, noise_tunnel_plan, parse_noise_tunnel
 from attrserve_engine.errors import AttributionError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluate
 from attrserve_engine.executor import flat_target
 from attrserve_engine.job import AlgorithmCall, AlgorithmOutcome, AttributionJob, AttributionResult
 from attrserve_engine.plan import FORWARD, Attribution, Block, BlockResult, Plan, RequestRNG, Task, concurrently
@@ -192,8 +193,10 @@ class Engine:
             raise InvalidArgument(f"seed must be in [0, {MAX_SEED}], got {seed}")
         primary = AlgorithmCall(job.algorithm, job.params, job.noise_tunnel, job.layer, job.return_convergence_delta)
         calls = [self._prepare_call(call, job, model, inputs, target, args, seed) for call in (primary, *job.also)]
-
+        evaluate = parse_evaluate(dict(job.evaluate), self.limits.algorithm_limits) if job.evaluate else None
         rows = sum(call.rows for call in calls) + (n if job.return_outputs else 0)
+        if evaluate is not None:
+            rows += calls[0].evaluation_rows(evaluate)
         if rows > self.limits.max_rows_per_request:
             raise ResourceExhausted(
                 f"this request needs {rows} rows of model work ({n} example(s) with these parameters), "
@@ -203,6 +206,8 @@ class Engine:
 
         def plan_factory() -> Plan:
             plans = [call.plan(model.device) for call in calls]
+            if evaluate is not None:
+                plans[0] = evaluated(calls[0].run, calls[0].task.to(model.device), evaluate)
             if job.return_outputs:
                 plans.append(_outputs_plan(calls[0].task.to(model.device)))
             return concurrently(plans)
@@ -215,7 +220,7 @@ class Engine:
                 total_ms=1e3 * (now - live.arrival),
                 rows=live.rows,
             )
-            first: Attribution = returned[0]
+            first, metrics = returned[0] if evaluate is not None else (returned[0], {})
             return AttributionResult(
                 attributions=_cpu(first.attributions),
                 convergence_delta=_cpu(first.convergence_delta),
@@ -228,6 +233,8 @@ class Engine:
                     AlgorithmOutcome(call.name, _cpu(a.attributions), _cpu(a.convergence_delta))
                     for call, a in zip(calls[1:], returned[1 : len(calls)])
                 ),
+                infidelity=_cpu(metrics.get("infidelity")),
+                sensitivity_max=_cpu(metrics.get("sensitivity_max")),
             )
 
         return LiveJob(model=model, plan_factory=plan_factory, finish=finish, rows=rows, deadline=job.deadline, arrival=job.arrival)
@@ -299,8 +306,23 @@ class _PreparedCall:
     rows: int
 
     def plan(self, device: torch.device) -> Plan:
-        task = self.task.to(device)
+        return self.run(self.task.to(device))
+
+    def run(self, task: Task) -> Plan:
+        """This algorithm (with its noise tunnel) on `task` — the request's, or perturbed copies for sensitivity_max."""
         return noise_tunnel_plan(self.algorithm, self.nt, task) if self.nt else self.algorithm.plan(task)
+
+    def evaluation_rows(self, p: EvaluateParams) -> int:
+        """Rows of the metrics: infidelity's forwards; sensitivity_max's explanations (inputs again, then perturbed)."""
+        n, rows = self.task.n, 0
+        nt = self.nt.nt_samples if self.nt else 1
+        if p.infidelity is not None:
+            if self.algorithm.layer_method:
+                raise InvalidArgument(f"infidelity needs attributions shaped like the inputs; {self.name} attributes to a layer")
+            rows += n * p.infidelity.n_perturb_samples + n
+        if p.sensitivity_max is not None:
+            rows += self.algorithm.rows(self.task, n * nt) + self.algorithm.rows(self.task, n * nt * p.sensitivity_max.n_perturb_samples)
+        return rows
 
 
 def _outputs_plan(task: Task) -> Plan:

@@ -50,6 +50,8 @@ class AttributionJob:
     deadline: float | None = None  # time.monotonic() after which the job is dropped
     # More algorithms on the same inputs, baselines, target and masks; their rows share passes.
     also: tuple[AlgorithmCall, ...] = ()
+    # Quality metrics of the attributions: {"infidelity": {...}, "sensitivity_max": {...}} (Captum names).
+    evaluate: dict[str, Any] | None = None
     arrival: float = field(default_factory=time.monotonic)
 
     @property
@@ -87,6 +89,8 @@ class AttributionResult:
     timing: JobTiming
     request_id: str = ""
     also: tuple[AlgorithmOutcome, ...] = ()  # one per AttributionJob.also, in order
+    infidelity: Tensor | None = None  # (n,), when asked for in evaluate
+    sensitivity_max: Tensor | None = None  # (n,)
 
 
 def zeros_like_target(n: int) -> Tensor:

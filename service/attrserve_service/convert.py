@@ -161,6 +161,7 @@ def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) 
         deadline=deadline,
         arrival=arrival,
         also=tuple(_also(spec, i) for i, spec in enumerate(request.also)),
+        evaluate={f.name: _fields(v) for f, v in request.evaluate.ListFields()} if request.HasField("evaluate") else None,
     )
 
 
@@ -185,8 +186,8 @@ def result_to_response(result: AttributionResult) -> pb.AttributeResponse:
         entry = response.also.add(algorithm=outcome.algorithm, attributions=[tensor_to_proto(a) for a in outcome.attributions])
         if outcome.convergence_delta is not None:
             entry.convergence_delta.CopyFrom(tensor_to_proto(outcome.convergence_delta))
-    if result.convergence_delta is not None:
-        response.convergence_delta.CopyFrom(tensor_to_proto(result.convergence_delta))
-    if result.outputs is not None:
-        response.outputs.CopyFrom(tensor_to_proto(result.outputs))
+    for name in ("convergence_delta", "outputs", "infidelity", "sensitivity_max"):
+        value = getattr(result, name)
+        if value is not None:
+            getattr(response, name).CopyFrom(tensor_to_proto(value))
     return response

@@ -56,3 +56,22 @@ def test_bad_also_entries_are_named(server) -> None:
             client.attribute("mlp", "saliency", x, target=0, also=[{"algorithm": "layer_activation", "layer": "nope"}])
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "n_steps" in bad.value.details()
     assert layer.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in layer.value.details()
+
+
+def test_quality_metrics_in_the_same_request(server) -> None:
+    import torch
+
+    from attrserve_engine import AttributionJob
+
+    (x,), _ = example_inputs("conv", 2, seed=22)
+    evaluate = {"infidelity": {"n_perturb_samples": 3, "noise_scale": 0.02}, "sensitivity_max": {"n_perturb_samples": 2, "perturb_radius": 0.03}}
+    with AttributionClient(server.address) as client:
+        got = client.attribute("conv", "integrated_gradients", x.numpy(), target=[1, 0], params={"n_steps": 10}, seed=4, evaluate=evaluate)
+        plain = client.attribute("conv", "integrated_gradients", x.numpy(), target=[1, 0], params={"n_steps": 10}, seed=4)
+    want = server.running.engine.attribute(
+        AttributionJob(model="conv", algorithm="integrated_gradients", inputs=(x,), target=torch.tensor([[1], [0]]), params={"n_steps": 10}, seed=4, evaluate=evaluate)
+    )
+    np.testing.assert_allclose(got.attributions, plain.attributions, atol=1e-6)
+    np.testing.assert_allclose(got.infidelity, want.infidelity.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.sensitivity_max, want.sensitivity_max.numpy(), rtol=1e-5, atol=1e-7)
+    assert plain.infidelity is None and got.infidelity.shape == (2,)

@@ -53,6 +53,8 @@ class Attribution:
     timing: dict[str, float | int]
     request_id: str
     also: tuple[AlgorithmAttribution, ...] = ()
+    infidelity: np.ndarray | None = None  # per example, when asked for with evaluate=
+    sensitivity_max: np.ndarray | None = None
 
     @classmethod
     def from_response(cls, response: pb.AttributeResponse, *, single: bool = False) -> Attribution:
@@ -66,6 +68,8 @@ class Attribution:
             seed=response.seed,
             timing={f.name: getattr(response.timing, f.name) for f in pb.Timing.DESCRIPTOR.fields},
             request_id=response.request_id,
+            infidelity=from_tensor_proto(response.infidelity) if response.HasField("infidelity") else None,
+            sensitivity_max=from_tensor_proto(response.sensitivity_max) if response.HasField("sensitivity_max") else None,
             also=tuple(
                 AlgorithmAttribution(
                     r.algorithm,
@@ -195,6 +199,7 @@ def build_request(
     model_version: str = "",
     request_id: str = "",
     also: Iterable[Mapping[str, Any]] | None = None,
+    evaluate: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> pb.AttributeRequest:
     """Builds an `AttributeRequest` from Captum-style arguments (numpy arrays or nested lists)."""
     algorithm_value = _algorithm(algorithm)
@@ -236,6 +241,11 @@ def build_request(
         request.seed = seed
     for spec in also or ():
         request.also.append(_algorithm_spec(spec))
+    for metric, fields in (evaluate or {}).items():  # {"infidelity": {...}, "sensitivity_max": {...}}
+        if metric not in pb.Evaluate.DESCRIPTOR.fields_by_name:
+            raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(pb.Evaluate.DESCRIPTOR.fields_by_name)}")
+        getattr(request.evaluate, metric).SetInParent()
+        _fill(getattr(request.evaluate, metric), fields or {}, f"{metric} fields")
     return request
 
 

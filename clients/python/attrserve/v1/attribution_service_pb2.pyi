@@ -328,7 +328,7 @@ class NoiseTunnel(_message.Message):
     def __init__(self, nt_type: _Optional[str] = ..., nt_samples: _Optional[int] = ..., stdevs: _Optional[_Iterable[float]] = ..., draw_baseline_from_distrib: _Optional[bool] = ...) -> None: ...
 
 class AttributeRequest(_message.Message):
-    __slots__ = ("request_id", "model", "model_version", "algorithm", "inputs", "baselines", "target", "additional_forward_args", "layer", "integrated_gradients", "saliency", "deep_lift", "gradient_shap", "feature_ablation", "feature_permutation", "occlusion", "shapley_value_sampling", "shapley_values", "lime", "kernel_shap", "deep_lift_shap", "layer_integrated_gradients", "layer_conductance", "internal_influence", "layer_gradient_x_activation", "layer_activation", "layer_grad_cam", "neuron_gradient", "neuron_integrated_gradients", "neuron_conductance", "neuron_deep_lift", "neuron_gradient_shap", "noise_tunnel", "return_convergence_delta", "seed", "feature_masks", "return_outputs", "custom_algorithm", "custom_params", "also")
+    __slots__ = ("request_id", "model", "model_version", "algorithm", "inputs", "baselines", "target", "additional_forward_args", "layer", "integrated_gradients", "saliency", "deep_lift", "gradient_shap", "feature_ablation", "feature_permutation", "occlusion", "shapley_value_sampling", "shapley_values", "lime", "kernel_shap", "deep_lift_shap", "layer_integrated_gradients", "layer_conductance", "internal_influence", "layer_gradient_x_activation", "layer_activation", "layer_grad_cam", "neuron_gradient", "neuron_integrated_gradients", "neuron_conductance", "neuron_deep_lift", "neuron_gradient_shap", "noise_tunnel", "return_convergence_delta", "seed", "feature_masks", "return_outputs", "custom_algorithm", "custom_params", "also", "evaluate")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -369,6 +369,7 @@ class AttributeRequest(_message.Message):
     CUSTOM_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     CUSTOM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     ALSO_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     model_version: str
@@ -409,7 +410,34 @@ class AttributeRequest(_message.Message):
     custom_algorithm: str
     custom_params: _struct_pb2.Struct
     also: _containers.RepeatedCompositeFieldContainer[AlgorithmSpec]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[Baseline, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., additional_forward_args: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., saliency: _Optional[_Union[SaliencyParams, _Mapping]] = ..., deep_lift: _Optional[_Union[DeepLiftParams, _Mapping]] = ..., gradient_shap: _Optional[_Union[GradientShapParams, _Mapping]] = ..., feature_ablation: _Optional[_Union[FeatureAblationParams, _Mapping]] = ..., feature_permutation: _Optional[_Union[FeaturePermutationParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., shapley_value_sampling: _Optional[_Union[ShapleyValueSamplingParams, _Mapping]] = ..., shapley_values: _Optional[_Union[ShapleyValuesParams, _Mapping]] = ..., lime: _Optional[_Union[LimeParams, _Mapping]] = ..., kernel_shap: _Optional[_Union[KernelShapParams, _Mapping]] = ..., deep_lift_shap: _Optional[_Union[DeepLiftShapParams, _Mapping]] = ..., layer_integrated_gradients: _Optional[_Union[LayerIntegratedGradientsParams, _Mapping]] = ..., layer_conductance: _Optional[_Union[LayerConductanceParams, _Mapping]] = ..., internal_influence: _Optional[_Union[InternalInfluenceParams, _Mapping]] = ..., layer_gradient_x_activation: _Optional[_Union[LayerGradientXActivationParams, _Mapping]] = ..., layer_activation: _Optional[_Union[LayerActivationParams, _Mapping]] = ..., layer_grad_cam: _Optional[_Union[LayerGradCamParams, _Mapping]] = ..., neuron_gradient: _Optional[_Union[NeuronGradientParams, _Mapping]] = ..., neuron_integrated_gradients: _Optional[_Union[NeuronIntegratedGradientsParams, _Mapping]] = ..., neuron_conductance: _Optional[_Union[NeuronConductanceParams, _Mapping]] = ..., neuron_deep_lift: _Optional[_Union[NeuronDeepLiftParams, _Mapping]] = ..., neuron_gradient_shap: _Optional[_Union[NeuronGradientShapParams, _Mapping]] = ..., noise_tunnel: _Optional[_Union[NoiseTunnel, _Mapping]] = ..., return_convergence_delta: _Optional[bool] = ..., seed: _Optional[int] = ..., feature_masks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., return_outputs: _Optional[bool] = ..., custom_algorithm: _Optional[str] = ..., custom_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., also: _Optional[_Iterable[_Union[AlgorithmSpec, _Mapping]]] = ...) -> None: ...
+    evaluate: Evaluate
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[Baseline, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., additional_forward_args: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., saliency: _Optional[_Union[SaliencyParams, _Mapping]] = ..., deep_lift: _Optional[_Union[DeepLiftParams, _Mapping]] = ..., gradient_shap: _Optional[_Union[GradientShapParams, _Mapping]] = ..., feature_ablation: _Optional[_Union[FeatureAblationParams, _Mapping]] = ..., feature_permutation: _Optional[_Union[FeaturePermutationParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., shapley_value_sampling: _Optional[_Union[ShapleyValueSamplingParams, _Mapping]] = ..., shapley_values: _Optional[_Union[ShapleyValuesParams, _Mapping]] = ..., lime: _Optional[_Union[LimeParams, _Mapping]] = ..., kernel_shap: _Optional[_Union[KernelShapParams, _Mapping]] = ..., deep_lift_shap: _Optional[_Union[DeepLiftShapParams, _Mapping]] = ..., layer_integrated_gradients: _Optional[_Union[LayerIntegratedGradientsParams, _Mapping]] = ..., layer_conductance: _Optional[_Union[LayerConductanceParams, _Mapping]] = ..., internal_influence: _Optional[_Union[InternalInfluenceParams, _Mapping]] = ..., layer_gradient_x_activation: _Optional[_Union[LayerGradientXActivationParams, _Mapping]] = ..., layer_activation: _Optional[_Union[LayerActivationParams, _Mapping]] = ..., layer_grad_cam: _Optional[_Union[LayerGradCamParams, _Mapping]] = ..., neuron_gradient: _Optional[_Union[NeuronGradientParams, _Mapping]] = ..., neuron_integrated_gradients: _Optional[_Union[NeuronIntegratedGradientsParams, _Mapping]] = ..., neuron_conductance: _Optional[_Union[NeuronConductanceParams, _Mapping]] = ..., neuron_deep_lift: _Optional[_Union[NeuronDeepLiftParams, _Mapping]] = ..., neuron_gradient_shap: _Optional[_Union[NeuronGradientShapParams, _Mapping]] = ..., noise_tunnel: _Optional[_Union[NoiseTunnel, _Mapping]] = ..., return_convergence_delta: _Optional[bool] = ..., seed: _Optional[int] = ..., feature_masks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., return_outputs: _Optional[bool] = ..., custom_algorithm: _Optional[str] = ..., custom_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., also: _Optional[_Iterable[_Union[AlgorithmSpec, _Mapping]]] = ..., evaluate: _Optional[_Union[Evaluate, _Mapping]] = ...) -> None: ...
+
+class Evaluate(_message.Message):
+    __slots__ = ("infidelity", "sensitivity_max")
+    INFIDELITY_FIELD_NUMBER: _ClassVar[int]
+    SENSITIVITY_MAX_FIELD_NUMBER: _ClassVar[int]
+    infidelity: Infidelity
+    sensitivity_max: SensitivityMax
+    def __init__(self, infidelity: _Optional[_Union[Infidelity, _Mapping]] = ..., sensitivity_max: _Optional[_Union[SensitivityMax, _Mapping]] = ...) -> None: ...
+
+class Infidelity(_message.Message):
+    __slots__ = ("n_perturb_samples", "noise_scale", "normalize")
+    N_PERTURB_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    n_perturb_samples: int
+    noise_scale: float
+    normalize: bool
+    def __init__(self, n_perturb_samples: _Optional[int] = ..., noise_scale: _Optional[float] = ..., normalize: _Optional[bool] = ...) -> None: ...
+
+class SensitivityMax(_message.Message):
+    __slots__ = ("perturb_radius", "n_perturb_samples")
+    PERTURB_RADIUS_FIELD_NUMBER: _ClassVar[int]
+    N_PERTURB_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    perturb_radius: float
+    n_perturb_samples: int
+    def __init__(self, perturb_radius: _Optional[float] = ..., n_perturb_samples: _Optional[int] = ...) -> None: ...
 
 class AlgorithmSpec(_message.Message):
     __slots__ = ("algorithm", "custom_algorithm", "params", "noise_tunnel", "layer", "return_convergence_delta")
@@ -456,7 +484,7 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., rows: _Optional[int] = ..., passes: _Optional[int] = ..., pass_rows: _Optional[int] = ..., pass_requests: _Optional[int] = ...) -> None: ...
 
 class AttributeResponse(_message.Message):
-    __slots__ = ("request_id", "attributions", "convergence_delta", "outputs", "model_version", "timing", "seed", "also")
+    __slots__ = ("request_id", "attributions", "convergence_delta", "outputs", "model_version", "timing", "seed", "also", "infidelity", "sensitivity_max")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     CONVERGENCE_DELTA_FIELD_NUMBER: _ClassVar[int]
@@ -465,6 +493,8 @@ class AttributeResponse(_message.Message):
     TIMING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     ALSO_FIELD_NUMBER: _ClassVar[int]
+    INFIDELITY_FIELD_NUMBER: _ClassVar[int]
+    SENSITIVITY_MAX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attributions: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     convergence_delta: _tensor_pb2.Tensor
@@ -473,7 +503,9 @@ class AttributeResponse(_message.Message):
     timing: Timing
     seed: int
     also: _containers.RepeatedCompositeFieldContainer[AlgorithmResult]
-    def __init__(self, request_id: _Optional[str] = ..., attributions: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., convergence_delta: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., model_version: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., seed: _Optional[int] = ..., also: _Optional[_Iterable[_Union[AlgorithmResult, _Mapping]]] = ...) -> None: ...
+    infidelity: _tensor_pb2.Tensor
+    sensitivity_max: _tensor_pb2.Tensor
+    def __init__(self, request_id: _Optional[str] = ..., attributions: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., convergence_delta: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., model_version: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., seed: _Optional[int] = ..., also: _Optional[_Iterable[_Union[AlgorithmResult, _Mapping]]] = ..., infidelity: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sensitivity_max: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class AttributeStreamRequest(_message.Message):
     __slots__ = ("request",)

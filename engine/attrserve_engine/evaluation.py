@@ -1,0 +1,135 @@
+"""Attribution quality in the same request: Captum's infidelity and sensitivity_max as plans that follow the attribution.
+
+Both draw from the request's own generators after the attribution, in
+Captum's order (infidelity's noise, then sensitivity_max's explanation at the
+inputs, its perturbations and its explanations of them), so a seeded request
+reproduces `captum.metrics` run after the attribution with the same seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from attrserve_engine.algorithms.base import Limits, check_positive, parse_dataclass
+from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.plan import FORWARD, Attribution, Block, BlockResult, Plan, Task, concurrently, interleave_rows
+
+
+@dataclass(frozen=True)
+class InfidelityParams:
+    n_perturb_samples: int = 10
+    noise_scale: float = 0.003
+    normalize: bool = False
+
+
+@dataclass(frozen=True)
+class SensitivityMaxParams:
+    perturb_radius: float = 0.02
+    n_perturb_samples: int = 10
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    infidelity: InfidelityParams | None = None
+    sensitivity_max: SensitivityMaxParams | None = None
+
+
+def parse_evaluate(raw: dict[str, Any], limits: Limits) -> EvaluateParams:
+    unknown = sorted(set(raw) - {"infidelity", "sensitivity_max"})
+    if unknown:
+        raise InvalidArgument(f"evaluate: unknown metric(s) {', '.join(unknown)}; valid: infidelity, sensitivity_max")
+    infidelity = sensitivity = None
+    if raw.get("infidelity") is not None:
+        infidelity = parse_dataclass(InfidelityParams, raw["infidelity"], "evaluate.infidelity")
+        check_positive(infidelity.n_perturb_samples, "evaluate.infidelity.n_perturb_samples", limits.max_nt_samples)
+        if not infidelity.noise_scale > 0:
+            raise InvalidArgument(f"evaluate.infidelity.noise_scale must be positive, got {infidelity.noise_scale}")
+    if raw.get("sensitivity_max") is not None:
+        sensitivity = parse_dataclass(SensitivityMaxParams, raw["sensitivity_max"], "evaluate.sensitivity_max")
+        check_positive(sensitivity.n_perturb_samples, "evaluate.sensitivity_max.n_perturb_samples", limits.max_nt_samples)
+        if not sensitivity.perturb_radius > 0:
+            raise InvalidArgument(f"evaluate.sensitivity_max.perturb_radius must be positive, got {sensitivity.perturb_radius}")
+    return EvaluateParams(infidelity, sensitivity)
+
+
+def _safe_div(num: Tensor, denom: Tensor) -> Tensor:
+    return num / torch.where(denom != 0, denom, torch.ones_like(denom))
+
+
+def infidelity_plan(task: Task, attributions: tuple[Tensor, ...], p: InfidelityParams) -> Plan:
+    """E[(attributions · noise − (f(x) − f(x − noise)))²] over n_perturb_samples noise draws per example."""
+    n, k = task.n, p.n_perturb_samples
+    expanded = tuple(interleave_rows(x, k) for x in task.inputs)  # (n * k, *shape)
+    noise = tuple((torch.randn(x.shape, generator=task.rng.torch_gen) * p.noise_scale).to(x.device, x.dtype) for x in expanded)
+    perturbed = tuple(x - e for x, e in zip(expanded, noise))
+    # rows: [perturbed inputs (n * k); inputs (n)]
+    result: BlockResult = yield Block(
+        kind=FORWARD,
+        inputs=tuple(torch.cat([q, x]) for q, x in zip(perturbed, task.inputs)),
+        args=tuple(torch.cat([interleave_rows(a, k), a]) for a in task.args),
+        target=torch.cat([interleave_rows(task.target, k), task.target]),
+    )
+    perturbed_out, out = result.selected[: n * k], result.selected[n * k :]
+    fwd_diffs = (interleave_rows(out, k) - perturbed_out).view(n, -1)  # (n, k)
+    attr_dot_noise = sum(
+        torch.sum((interleave_rows(a, k) * e).view(n * k, -1), dim=1) for a, e in zip(attributions, noise)
+    ).view(n, -1)  # (n, k)
+    if p.normalize:
+        a0 = attr_dot_noise.pow(2).sum(-1)
+        a1 = (attr_dot_noise * fwd_diffs).sum(-1)
+        a2 = fwd_diffs.pow(2).sum(-1)
+        beta = _safe_div(a1, a0)
+        values = beta * beta * a0 - 2 * beta * a1 + a2
+    else:
+        values = (attr_dot_noise - fwd_diffs).pow(2).sum(-1)
+    return values / k
+
+
+def sensitivity_max_plan(explain: Callable[[Task], Plan], task: Task, attributions: tuple[Tensor, ...], rerun: bool, p: SensitivityMaxParams) -> Plan:
+    """max over perturbations of ‖expl(x) − expl(x + δ)‖ / ‖expl(x)‖, δ uniform in [−radius, radius]."""
+    n, k = task.n, p.n_perturb_samples
+    if rerun:  # Captum explains the inputs again; a method that draws must draw again
+        attributions = (yield from explain(task)).attributions
+    expanded = tuple(interleave_rows(x, k) for x in task.inputs)
+    perturbed = tuple(
+        x + torch.empty(x.shape, dtype=torch.float32).uniform_(-p.perturb_radius, p.perturb_radius, generator=task.rng.torch_gen).to(x.device)
+        for x in expanded
+    )
+    baselines = tuple(interleave_rows(b, k) if b.shape[0] == n and n > 1 else b for b in task.baselines)
+    masks = tuple(interleave_rows(m, k) if m.shape[0] == n and n > 1 else m for m in task.feature_masks)
+    perturbed_task = task.replace(
+        inputs=perturbed,
+        baselines=baselines,
+        target=interleave_rows(task.target, k),
+        args=tuple(interleave_rows(a, k) for a in task.args),
+        feature_masks=masks,
+        return_convergence_delta=False,
+    )
+    explained: Attribution = yield from explain(perturbed_task)
+    diffs = torch.cat([(interleave_rows(a, k) - e).view(n * k, -1) for a, e in zip(attributions, explained.attributions)], dim=1)
+    norms = torch.norm(torch.cat([a.view(n, -1) for a in attributions], dim=1), p="fro", dim=1, keepdim=True)
+    norms = interleave_rows(torch.where(norms == 0.0, torch.ones_like(norms), norms), k)
+    ratios = torch.norm(diffs, p="fro", dim=1, keepdim=True) / norms  # (n * k, 1)
+    return torch.max(ratios.view(n, -1), dim=1).values
+
+
+def evaluated(explain: Callable[[Task], Plan], task: Task, p: EvaluateParams) -> Plan:
+    """The attribution, then its metrics: returns (Attribution, {metric name: (n,) tensor})."""
+    torch_state, numpy_state = task.rng.torch_gen.get_state(), task.rng.numpy_gen.get_state()
+    attribution: Attribution = yield from explain(task)
+    drew = not torch.equal(torch_state, task.rng.torch_gen.get_state()) or any(
+        not (a == b).all() if hasattr(a, "shape") else a != b for a, b in zip(numpy_state, task.rng.numpy_gen.get_state())
+    )
+    names, plans = [], []
+    if p.infidelity is not None:
+        names.append("infidelity")
+        plans.append(infidelity_plan(task, attribution.attributions, p.infidelity))
+    if p.sensitivity_max is not None:
+        names.append("sensitivity_max")
+        plans.append(sensitivity_max_plan(explain, task, attribution.attributions, drew, p.sensitivity_max))
+    values = yield from concurrently(plans)
+    return attribution, dict(zip(names, values))

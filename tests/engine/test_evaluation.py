@@ -1,0 +1,106 @@
+"""Attribution quality in the same request, against captum.metrics (infidelity, sensitivity_max) for the same seed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import captum.attr as ca
+from captum.metrics import infidelity, sensitivity_max
+from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgument, ModelSpec, ResourceExhausted
+from oracle import MODELS, example_inputs
+
+ATOL = RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = Engine()
+    for name, build in MODELS.items():
+        e.load(ModelSpec(name=name, module=build()))
+    yield e
+    e.shutdown()
+
+
+CAPTUM = {"integrated_gradients": ca.IntegratedGradients, "saliency": ca.Saliency, "gradient_shap": ca.GradientShap, "deep_lift": ca.DeepLift}
+
+CASES = [
+    ("conv", "integrated_gradients", {"n_steps": 8}, None),
+    ("mlp", "saliency", {}, None),
+    ("multi", "gradient_shap", {"n_samples": 3, "stdevs": 0.1}, None),  # draws: sensitivity explains the inputs again
+    ("text", "deep_lift", {}, None),
+    ("mlp", "saliency", {}, {"nt_type": "smoothgrad", "nt_samples": 3, "stdevs": 0.2}),
+]
+
+
+def captum_reference(model_name: str, algorithm: str, params: dict, nt: dict | None, seed: int, infid: dict, sens: dict):
+    """attribute, then infidelity, then sensitivity_max — one seeded sequence, as the service documents."""
+    model = MODELS[model_name]().eval()
+    inputs, args = example_inputs(model_name, 3, seed=77)
+    target = [0, 1, 1]
+    method = CAPTUM[algorithm](model)
+    kwargs: dict[str, Any] = dict(params, target=target)
+    if args:
+        kwargs["additional_forward_args"] = args
+    if algorithm == "gradient_shap":
+        kwargs["baselines"] = tuple(torch.zeros((1, *x.shape[1:])) for x in inputs)
+    explain = ca.NoiseTunnel(method).attribute if nt else method.attribute
+    if nt:
+        kwargs.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in nt.items()})
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    attributions = explain(inputs, **kwargs)
+
+    def perturb(xs):  # the service's documented perturbation: noise ~ N(0, scale²), input − noise
+        noise = tuple(torch.randn(x.shape) * infid["noise_scale"] for x in xs)
+        return noise, tuple(x - e for x, e in zip(xs, noise))
+
+    def perturb_one(x):  # Captum passes a lone tensor for one input
+        (noise,), (perturbed,) = perturb((x,))
+        return noise, perturbed
+
+    infid_value = infidelity(
+        model, perturb if len(inputs) > 1 else perturb_one, inputs, attributions, target=target,
+        additional_forward_args=args or None, n_perturb_samples=infid["n_perturb_samples"], normalize=infid.get("normalize", False),
+    )
+    sens_kwargs = {k: v for k, v in kwargs.items()}
+    sens_value = sensitivity_max(explain, inputs, perturb_radius=sens["perturb_radius"], n_perturb_samples=sens["n_perturb_samples"], **sens_kwargs)
+    return inputs, args, target, attributions, infid_value, sens_value
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("model_name,algorithm,params,nt", CASES, ids=lambda v: str(v))
+def test_metrics_match_captum(engine: Engine, model_name, algorithm, params, nt, normalize) -> None:
+    infid = {"n_perturb_samples": 4, "noise_scale": 0.05, "normalize": normalize}
+    sens = {"perturb_radius": 0.05, "n_perturb_samples": 3}
+    inputs, args, target, attributions, want_infid, want_sens = captum_reference(model_name, algorithm, params, nt, 11, infid, sens)
+    job = AttributionJob(
+        model=model_name, algorithm=algorithm, inputs=inputs, additional_forward_args=args, params=dict(params), noise_tunnel=nt,
+        target=torch.tensor([[t] for t in target]), seed=11, evaluate={"infidelity": infid, "sensitivity_max": sens},
+    )
+    got = engine.attribute(job, timeout=60)
+    for g, w in zip(got.attributions, attributions if isinstance(attributions, tuple) else (attributions,)):
+        assert torch.allclose(g, w.detach(), atol=ATOL, rtol=RTOL)
+    assert torch.allclose(got.infidelity, want_infid, atol=ATOL, rtol=1e-4), (got.infidelity, want_infid)
+    assert torch.allclose(got.sensitivity_max, want_sens, atol=ATOL, rtol=1e-4), (got.sensitivity_max, want_sens)
+
+
+def test_metrics_defaults_errors_and_caps(engine: Engine) -> None:
+    (x,), _ = example_inputs("conv", 2, seed=1)
+    base = dict(model="conv", inputs=(x,), target=torch.tensor([[0], [1]]))
+    got = engine.attribute(AttributionJob(algorithm="saliency", evaluate={"infidelity": {}}, **base), timeout=60)
+    assert got.infidelity.shape == (2,) and got.sensitivity_max is None and bool((got.infidelity >= 0).all())
+    with pytest.raises(InvalidArgument, match="infidelity needs attributions shaped like the inputs"):
+        engine.submit(AttributionJob(algorithm="layer_grad_cam", layer="conv2", evaluate={"infidelity": {}}, **base))
+    with pytest.raises(InvalidArgument, match="unknown metric"):
+        engine.submit(AttributionJob(algorithm="saliency", evaluate={"faithfulness": {}}, **base))
+    with pytest.raises(InvalidArgument, match="perturb_radius must be positive"):
+        engine.submit(AttributionJob(algorithm="saliency", evaluate={"sensitivity_max": {"perturb_radius": 0.0}}, **base))
+    with pytest.raises(ResourceExhausted):
+        engine.submit(AttributionJob(algorithm="integrated_gradients", params={"n_steps": 500}, evaluate={"sensitivity_max": {"n_perturb_samples": 500}}, **base))
+    # A layer method's sensitivity is measured in the layer's space.
+    lay = engine.attribute(AttributionJob(algorithm="layer_grad_cam", layer="conv2", evaluate={"sensitivity_max": {"n_perturb_samples": 2}}, **base), timeout=60)
+    assert lay.sensitivity_max.shape == (2,)
