@@ -21,7 +21,13 @@ CAPTUM = {
     "neuron_gradient_shap": ca.NeuronGradientShap,
     "neuron_deep_lift": ca.NeuronDeepLift,
     "neuron_conductance": ca.NeuronConductance,
+    "neuron_deep_lift_shap": ca.NeuronDeepLiftShap,
+    "neuron_guided_backprop": ca.NeuronGuidedBackprop,
+    "neuron_deconvolution": ca.NeuronDeconvolution,
+    "neuron_feature_ablation": ca.NeuronFeatureAblation,
 }
+NO_BASELINES = {"neuron_gradient", "neuron_guided_backprop", "neuron_deconvolution"}
+DISTRIBUTION = {"neuron_gradient_shap", "neuron_deep_lift_shap"}
 CTOR = {"multiply_by_inputs"}
 
 
@@ -62,6 +68,8 @@ def captum_neuron(case: NeuronCase, built: dict) -> tuple[torch.Tensor, ...]:
         kwargs["baselines"] = tuple(torch.zeros((1, *x.shape[1:])) for x in built["inputs"])
     if case.algorithm == "neuron_conductance":
         kwargs["target"] = built["target"]
+    if case.algorithm == "neuron_deep_lift_shap" and not built["baselines"]:
+        kwargs["baselines"] = tuple(torch.zeros((2, *x.shape[1:])) for x in built["inputs"])
     inputs = tuple(x.clone().requires_grad_() for x in built["inputs"])
     torch.manual_seed(case.seed)
     np.random.seed(case.seed)
@@ -95,8 +103,8 @@ def _cases() -> list[NeuronCase]:
             params = {"n_steps": 10} if name in ("neuron_integrated_gradients", "neuron_conductance") else {}
             if name == "neuron_gradient_shap":
                 params = {"n_samples": 4, "stdevs": 0.1}
-            base = "distribution" if name == "neuron_gradient_shap" else "none"
-            other = "none" if name == "neuron_gradient" else "distribution" if base == "distribution" else "row"
+            base = "distribution" if name in DISTRIBUTION else "none"
+            other = "none" if name in NO_BASELINES else "distribution" if base == "distribution" else "row"
             cases.append(NeuronCase(model, name, layer, neuron, dict(params), baselines=base, seed=5))
             cases.append(NeuronCase(model, name, in_layer, in_neuron, dict(params), baselines=other, to_input=True, seed=6))
     cases += [

@@ -28,17 +28,28 @@ class Algorithm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ALGORITHM_DEEP_LIFT_SHAP: _ClassVar[Algorithm]
     ALGORITHM_GUIDED_BACKPROP: _ClassVar[Algorithm]
     ALGORITHM_DECONVOLUTION: _ClassVar[Algorithm]
+    ALGORITHM_LRP: _ClassVar[Algorithm]
     ALGORITHM_LAYER_INTEGRATED_GRADIENTS: _ClassVar[Algorithm]
     ALGORITHM_LAYER_CONDUCTANCE: _ClassVar[Algorithm]
     ALGORITHM_INTERNAL_INFLUENCE: _ClassVar[Algorithm]
     ALGORITHM_LAYER_GRADIENT_X_ACTIVATION: _ClassVar[Algorithm]
     ALGORITHM_LAYER_ACTIVATION: _ClassVar[Algorithm]
     ALGORITHM_LAYER_GRAD_CAM: _ClassVar[Algorithm]
+    ALGORITHM_LAYER_DEEP_LIFT: _ClassVar[Algorithm]
+    ALGORITHM_LAYER_DEEP_LIFT_SHAP: _ClassVar[Algorithm]
+    ALGORITHM_LAYER_GRADIENT_SHAP: _ClassVar[Algorithm]
+    ALGORITHM_LAYER_FEATURE_ABLATION: _ClassVar[Algorithm]
+    ALGORITHM_LAYER_LRP: _ClassVar[Algorithm]
+    ALGORITHM_GUIDED_GRAD_CAM: _ClassVar[Algorithm]
     ALGORITHM_NEURON_GRADIENT: _ClassVar[Algorithm]
     ALGORITHM_NEURON_INTEGRATED_GRADIENTS: _ClassVar[Algorithm]
     ALGORITHM_NEURON_CONDUCTANCE: _ClassVar[Algorithm]
     ALGORITHM_NEURON_DEEP_LIFT: _ClassVar[Algorithm]
+    ALGORITHM_NEURON_DEEP_LIFT_SHAP: _ClassVar[Algorithm]
     ALGORITHM_NEURON_GRADIENT_SHAP: _ClassVar[Algorithm]
+    ALGORITHM_NEURON_GUIDED_BACKPROP: _ClassVar[Algorithm]
+    ALGORITHM_NEURON_DECONVOLUTION: _ClassVar[Algorithm]
+    ALGORITHM_NEURON_FEATURE_ABLATION: _ClassVar[Algorithm]
 ALGORITHM_UNSPECIFIED: Algorithm
 ALGORITHM_INTEGRATED_GRADIENTS: Algorithm
 ALGORITHM_SALIENCY: Algorithm
@@ -55,17 +66,28 @@ ALGORITHM_KERNEL_SHAP: Algorithm
 ALGORITHM_DEEP_LIFT_SHAP: Algorithm
 ALGORITHM_GUIDED_BACKPROP: Algorithm
 ALGORITHM_DECONVOLUTION: Algorithm
+ALGORITHM_LRP: Algorithm
 ALGORITHM_LAYER_INTEGRATED_GRADIENTS: Algorithm
 ALGORITHM_LAYER_CONDUCTANCE: Algorithm
 ALGORITHM_INTERNAL_INFLUENCE: Algorithm
 ALGORITHM_LAYER_GRADIENT_X_ACTIVATION: Algorithm
 ALGORITHM_LAYER_ACTIVATION: Algorithm
 ALGORITHM_LAYER_GRAD_CAM: Algorithm
+ALGORITHM_LAYER_DEEP_LIFT: Algorithm
+ALGORITHM_LAYER_DEEP_LIFT_SHAP: Algorithm
+ALGORITHM_LAYER_GRADIENT_SHAP: Algorithm
+ALGORITHM_LAYER_FEATURE_ABLATION: Algorithm
+ALGORITHM_LAYER_LRP: Algorithm
+ALGORITHM_GUIDED_GRAD_CAM: Algorithm
 ALGORITHM_NEURON_GRADIENT: Algorithm
 ALGORITHM_NEURON_INTEGRATED_GRADIENTS: Algorithm
 ALGORITHM_NEURON_CONDUCTANCE: Algorithm
 ALGORITHM_NEURON_DEEP_LIFT: Algorithm
+ALGORITHM_NEURON_DEEP_LIFT_SHAP: Algorithm
 ALGORITHM_NEURON_GRADIENT_SHAP: Algorithm
+ALGORITHM_NEURON_GUIDED_BACKPROP: Algorithm
+ALGORITHM_NEURON_DECONVOLUTION: Algorithm
+ALGORITHM_NEURON_FEATURE_ABLATION: Algorithm
 
 class IntList(_message.Message):
     __slots__ = ("values",)
@@ -255,6 +277,62 @@ class LayerGradCamParams(_message.Message):
     attribute_to_layer_input: bool
     def __init__(self, relu_attributions: _Optional[bool] = ..., attr_dim_summation: _Optional[bool] = ..., attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
 
+class LayerDeepLiftParams(_message.Message):
+    __slots__ = ("multiply_by_inputs", "attribute_to_layer_input")
+    MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_LAYER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    multiply_by_inputs: bool
+    attribute_to_layer_input: bool
+    def __init__(self, multiply_by_inputs: _Optional[bool] = ..., attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
+
+class LayerDeepLiftShapParams(_message.Message):
+    __slots__ = ("multiply_by_inputs", "attribute_to_layer_input")
+    MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_LAYER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    multiply_by_inputs: bool
+    attribute_to_layer_input: bool
+    def __init__(self, multiply_by_inputs: _Optional[bool] = ..., attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
+
+class LayerGradientShapParams(_message.Message):
+    __slots__ = ("n_samples", "stdevs", "multiply_by_inputs", "attribute_to_layer_input")
+    N_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STDEVS_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_LAYER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    n_samples: int
+    stdevs: _containers.RepeatedScalarFieldContainer[float]
+    multiply_by_inputs: bool
+    attribute_to_layer_input: bool
+    def __init__(self, n_samples: _Optional[int] = ..., stdevs: _Optional[_Iterable[float]] = ..., multiply_by_inputs: _Optional[bool] = ..., attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
+
+class LayerFeatureAblationParams(_message.Message):
+    __slots__ = ("layer_baselines", "perturbations_per_eval", "attribute_to_layer_input")
+    LAYER_BASELINES_FIELD_NUMBER: _ClassVar[int]
+    PERTURBATIONS_PER_EVAL_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_LAYER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    layer_baselines: float
+    perturbations_per_eval: int
+    attribute_to_layer_input: bool
+    def __init__(self, layer_baselines: _Optional[float] = ..., perturbations_per_eval: _Optional[int] = ..., attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
+
+class LRPParams(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LayerLRPParams(_message.Message):
+    __slots__ = ("attribute_to_layer_input",)
+    ATTRIBUTE_TO_LAYER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    attribute_to_layer_input: bool
+    def __init__(self, attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
+
+class GuidedGradCamParams(_message.Message):
+    __slots__ = ("interpolate_mode", "attribute_to_layer_input")
+    INTERPOLATE_MODE_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_LAYER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    interpolate_mode: str
+    attribute_to_layer_input: bool
+    def __init__(self, interpolate_mode: _Optional[str] = ..., attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
+
 class NeuronGradientParams(_message.Message):
     __slots__ = ("neuron_selector", "attribute_to_neuron_input")
     NEURON_SELECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -315,6 +393,42 @@ class NeuronGradientShapParams(_message.Message):
     multiply_by_inputs: bool
     def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ..., n_samples: _Optional[int] = ..., stdevs: _Optional[_Iterable[float]] = ..., multiply_by_inputs: _Optional[bool] = ...) -> None: ...
 
+class NeuronDeepLiftShapParams(_message.Message):
+    __slots__ = ("neuron_selector", "attribute_to_neuron_input", "multiply_by_inputs")
+    NEURON_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_NEURON_INPUT_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    neuron_selector: _containers.RepeatedScalarFieldContainer[int]
+    attribute_to_neuron_input: bool
+    multiply_by_inputs: bool
+    def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ..., multiply_by_inputs: _Optional[bool] = ...) -> None: ...
+
+class NeuronGuidedBackpropParams(_message.Message):
+    __slots__ = ("neuron_selector", "attribute_to_neuron_input")
+    NEURON_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_NEURON_INPUT_FIELD_NUMBER: _ClassVar[int]
+    neuron_selector: _containers.RepeatedScalarFieldContainer[int]
+    attribute_to_neuron_input: bool
+    def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ...) -> None: ...
+
+class NeuronDeconvolutionParams(_message.Message):
+    __slots__ = ("neuron_selector", "attribute_to_neuron_input")
+    NEURON_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_NEURON_INPUT_FIELD_NUMBER: _ClassVar[int]
+    neuron_selector: _containers.RepeatedScalarFieldContainer[int]
+    attribute_to_neuron_input: bool
+    def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ...) -> None: ...
+
+class NeuronFeatureAblationParams(_message.Message):
+    __slots__ = ("neuron_selector", "attribute_to_neuron_input", "perturbations_per_eval")
+    NEURON_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_TO_NEURON_INPUT_FIELD_NUMBER: _ClassVar[int]
+    PERTURBATIONS_PER_EVAL_FIELD_NUMBER: _ClassVar[int]
+    neuron_selector: _containers.RepeatedScalarFieldContainer[int]
+    attribute_to_neuron_input: bool
+    perturbations_per_eval: int
+    def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ..., perturbations_per_eval: _Optional[int] = ...) -> None: ...
+
 class NoiseTunnel(_message.Message):
     __slots__ = ("nt_type", "nt_samples", "stdevs", "draw_baseline_from_distrib")
     NT_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -328,7 +442,7 @@ class NoiseTunnel(_message.Message):
     def __init__(self, nt_type: _Optional[str] = ..., nt_samples: _Optional[int] = ..., stdevs: _Optional[_Iterable[float]] = ..., draw_baseline_from_distrib: _Optional[bool] = ...) -> None: ...
 
 class AttributeRequest(_message.Message):
-    __slots__ = ("request_id", "model", "model_version", "algorithm", "inputs", "baselines", "target", "additional_forward_args", "layer", "integrated_gradients", "saliency", "deep_lift", "gradient_shap", "feature_ablation", "feature_permutation", "occlusion", "shapley_value_sampling", "shapley_values", "lime", "kernel_shap", "deep_lift_shap", "layer_integrated_gradients", "layer_conductance", "internal_influence", "layer_gradient_x_activation", "layer_activation", "layer_grad_cam", "neuron_gradient", "neuron_integrated_gradients", "neuron_conductance", "neuron_deep_lift", "neuron_gradient_shap", "noise_tunnel", "return_convergence_delta", "seed", "feature_masks", "return_outputs", "custom_algorithm", "custom_params", "also", "evaluate")
+    __slots__ = ("request_id", "model", "model_version", "algorithm", "inputs", "baselines", "target", "additional_forward_args", "layer", "integrated_gradients", "saliency", "deep_lift", "gradient_shap", "feature_ablation", "feature_permutation", "occlusion", "shapley_value_sampling", "shapley_values", "lime", "kernel_shap", "deep_lift_shap", "layer_integrated_gradients", "layer_conductance", "internal_influence", "layer_gradient_x_activation", "layer_activation", "layer_grad_cam", "layer_deep_lift", "layer_deep_lift_shap", "layer_gradient_shap", "layer_feature_ablation", "lrp", "layer_lrp", "guided_grad_cam", "neuron_gradient", "neuron_integrated_gradients", "neuron_conductance", "neuron_deep_lift", "neuron_gradient_shap", "neuron_deep_lift_shap", "neuron_guided_backprop", "neuron_deconvolution", "neuron_feature_ablation", "noise_tunnel", "return_convergence_delta", "seed", "feature_masks", "return_outputs", "custom_algorithm", "custom_params", "also", "evaluate")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -356,11 +470,22 @@ class AttributeRequest(_message.Message):
     LAYER_GRADIENT_X_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     LAYER_ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     LAYER_GRAD_CAM_FIELD_NUMBER: _ClassVar[int]
+    LAYER_DEEP_LIFT_FIELD_NUMBER: _ClassVar[int]
+    LAYER_DEEP_LIFT_SHAP_FIELD_NUMBER: _ClassVar[int]
+    LAYER_GRADIENT_SHAP_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FEATURE_ABLATION_FIELD_NUMBER: _ClassVar[int]
+    LRP_FIELD_NUMBER: _ClassVar[int]
+    LAYER_LRP_FIELD_NUMBER: _ClassVar[int]
+    GUIDED_GRAD_CAM_FIELD_NUMBER: _ClassVar[int]
     NEURON_GRADIENT_FIELD_NUMBER: _ClassVar[int]
     NEURON_INTEGRATED_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     NEURON_CONDUCTANCE_FIELD_NUMBER: _ClassVar[int]
     NEURON_DEEP_LIFT_FIELD_NUMBER: _ClassVar[int]
     NEURON_GRADIENT_SHAP_FIELD_NUMBER: _ClassVar[int]
+    NEURON_DEEP_LIFT_SHAP_FIELD_NUMBER: _ClassVar[int]
+    NEURON_GUIDED_BACKPROP_FIELD_NUMBER: _ClassVar[int]
+    NEURON_DECONVOLUTION_FIELD_NUMBER: _ClassVar[int]
+    NEURON_FEATURE_ABLATION_FIELD_NUMBER: _ClassVar[int]
     NOISE_TUNNEL_FIELD_NUMBER: _ClassVar[int]
     RETURN_CONVERGENCE_DELTA_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -397,11 +522,22 @@ class AttributeRequest(_message.Message):
     layer_gradient_x_activation: LayerGradientXActivationParams
     layer_activation: LayerActivationParams
     layer_grad_cam: LayerGradCamParams
+    layer_deep_lift: LayerDeepLiftParams
+    layer_deep_lift_shap: LayerDeepLiftShapParams
+    layer_gradient_shap: LayerGradientShapParams
+    layer_feature_ablation: LayerFeatureAblationParams
+    lrp: LRPParams
+    layer_lrp: LayerLRPParams
+    guided_grad_cam: GuidedGradCamParams
     neuron_gradient: NeuronGradientParams
     neuron_integrated_gradients: NeuronIntegratedGradientsParams
     neuron_conductance: NeuronConductanceParams
     neuron_deep_lift: NeuronDeepLiftParams
     neuron_gradient_shap: NeuronGradientShapParams
+    neuron_deep_lift_shap: NeuronDeepLiftShapParams
+    neuron_guided_backprop: NeuronGuidedBackpropParams
+    neuron_deconvolution: NeuronDeconvolutionParams
+    neuron_feature_ablation: NeuronFeatureAblationParams
     noise_tunnel: NoiseTunnel
     return_convergence_delta: bool
     seed: int
@@ -411,7 +547,7 @@ class AttributeRequest(_message.Message):
     custom_params: _struct_pb2.Struct
     also: _containers.RepeatedCompositeFieldContainer[AlgorithmSpec]
     evaluate: Evaluate
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[Baseline, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., additional_forward_args: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., saliency: _Optional[_Union[SaliencyParams, _Mapping]] = ..., deep_lift: _Optional[_Union[DeepLiftParams, _Mapping]] = ..., gradient_shap: _Optional[_Union[GradientShapParams, _Mapping]] = ..., feature_ablation: _Optional[_Union[FeatureAblationParams, _Mapping]] = ..., feature_permutation: _Optional[_Union[FeaturePermutationParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., shapley_value_sampling: _Optional[_Union[ShapleyValueSamplingParams, _Mapping]] = ..., shapley_values: _Optional[_Union[ShapleyValuesParams, _Mapping]] = ..., lime: _Optional[_Union[LimeParams, _Mapping]] = ..., kernel_shap: _Optional[_Union[KernelShapParams, _Mapping]] = ..., deep_lift_shap: _Optional[_Union[DeepLiftShapParams, _Mapping]] = ..., layer_integrated_gradients: _Optional[_Union[LayerIntegratedGradientsParams, _Mapping]] = ..., layer_conductance: _Optional[_Union[LayerConductanceParams, _Mapping]] = ..., internal_influence: _Optional[_Union[InternalInfluenceParams, _Mapping]] = ..., layer_gradient_x_activation: _Optional[_Union[LayerGradientXActivationParams, _Mapping]] = ..., layer_activation: _Optional[_Union[LayerActivationParams, _Mapping]] = ..., layer_grad_cam: _Optional[_Union[LayerGradCamParams, _Mapping]] = ..., neuron_gradient: _Optional[_Union[NeuronGradientParams, _Mapping]] = ..., neuron_integrated_gradients: _Optional[_Union[NeuronIntegratedGradientsParams, _Mapping]] = ..., neuron_conductance: _Optional[_Union[NeuronConductanceParams, _Mapping]] = ..., neuron_deep_lift: _Optional[_Union[NeuronDeepLiftParams, _Mapping]] = ..., neuron_gradient_shap: _Optional[_Union[NeuronGradientShapParams, _Mapping]] = ..., noise_tunnel: _Optional[_Union[NoiseTunnel, _Mapping]] = ..., return_convergence_delta: _Optional[bool] = ..., seed: _Optional[int] = ..., feature_masks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., return_outputs: _Optional[bool] = ..., custom_algorithm: _Optional[str] = ..., custom_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., also: _Optional[_Iterable[_Union[AlgorithmSpec, _Mapping]]] = ..., evaluate: _Optional[_Union[Evaluate, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., algorithm: _Optional[_Union[Algorithm, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., baselines: _Optional[_Iterable[_Union[Baseline, _Mapping]]] = ..., target: _Optional[_Union[Target, _Mapping]] = ..., additional_forward_args: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., layer: _Optional[str] = ..., integrated_gradients: _Optional[_Union[IntegratedGradientsParams, _Mapping]] = ..., saliency: _Optional[_Union[SaliencyParams, _Mapping]] = ..., deep_lift: _Optional[_Union[DeepLiftParams, _Mapping]] = ..., gradient_shap: _Optional[_Union[GradientShapParams, _Mapping]] = ..., feature_ablation: _Optional[_Union[FeatureAblationParams, _Mapping]] = ..., feature_permutation: _Optional[_Union[FeaturePermutationParams, _Mapping]] = ..., occlusion: _Optional[_Union[OcclusionParams, _Mapping]] = ..., shapley_value_sampling: _Optional[_Union[ShapleyValueSamplingParams, _Mapping]] = ..., shapley_values: _Optional[_Union[ShapleyValuesParams, _Mapping]] = ..., lime: _Optional[_Union[LimeParams, _Mapping]] = ..., kernel_shap: _Optional[_Union[KernelShapParams, _Mapping]] = ..., deep_lift_shap: _Optional[_Union[DeepLiftShapParams, _Mapping]] = ..., layer_integrated_gradients: _Optional[_Union[LayerIntegratedGradientsParams, _Mapping]] = ..., layer_conductance: _Optional[_Union[LayerConductanceParams, _Mapping]] = ..., internal_influence: _Optional[_Union[InternalInfluenceParams, _Mapping]] = ..., layer_gradient_x_activation: _Optional[_Union[LayerGradientXActivationParams, _Mapping]] = ..., layer_activation: _Optional[_Union[LayerActivationParams, _Mapping]] = ..., layer_grad_cam: _Optional[_Union[LayerGradCamParams, _Mapping]] = ..., layer_deep_lift: _Optional[_Union[LayerDeepLiftParams, _Mapping]] = ..., layer_deep_lift_shap: _Optional[_Union[LayerDeepLiftShapParams, _Mapping]] = ..., layer_gradient_shap: _Optional[_Union[LayerGradientShapParams, _Mapping]] = ..., layer_feature_ablation: _Optional[_Union[LayerFeatureAblationParams, _Mapping]] = ..., lrp: _Optional[_Union[LRPParams, _Mapping]] = ..., layer_lrp: _Optional[_Union[LayerLRPParams, _Mapping]] = ..., guided_grad_cam: _Optional[_Union[GuidedGradCamParams, _Mapping]] = ..., neuron_gradient: _Optional[_Union[NeuronGradientParams, _Mapping]] = ..., neuron_integrated_gradients: _Optional[_Union[NeuronIntegratedGradientsParams, _Mapping]] = ..., neuron_conductance: _Optional[_Union[NeuronConductanceParams, _Mapping]] = ..., neuron_deep_lift: _Optional[_Union[NeuronDeepLiftParams, _Mapping]] = ..., neuron_gradient_shap: _Optional[_Union[NeuronGradientShapParams, _Mapping]] = ..., neuron_deep_lift_shap: _Optional[_Union[NeuronDeepLiftShapParams, _Mapping]] = ..., neuron_guided_backprop: _Optional[_Union[NeuronGuidedBackpropParams, _Mapping]] = ..., neuron_deconvolution: _Optional[_Union[NeuronDeconvolutionParams, _Mapping]] = ..., neuron_feature_ablation: _Optional[_Union[NeuronFeatureAblationParams, _Mapping]] = ..., noise_tunnel: _Optional[_Union[NoiseTunnel, _Mapping]] = ..., return_convergence_delta: _Optional[bool] = ..., seed: _Optional[int] = ..., feature_masks: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., return_outputs: _Optional[bool] = ..., custom_algorithm: _Optional[str] = ..., custom_params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., also: _Optional[_Iterable[_Union[AlgorithmSpec, _Mapping]]] = ..., evaluate: _Optional[_Union[Evaluate, _Mapping]] = ...) -> None: ...
 
 class Evaluate(_message.Message):
     __slots__ = ("infidelity", "sensitivity_max")
