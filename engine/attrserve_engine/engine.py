@@ -20,8 +20,9 @@ from attrserve_engine.algorithms.noise_tunnel import NoiseTunnelParams, noise_tu
 from attrserve_engine.errors import AttributionError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluate
 from attrserve_engine.executor import flat_target
+from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks, format_target
 from attrserve_engine.job import AlgorithmCall, AlgorithmOutcome, AttributionJob, AttributionResult
-from attrserve_engine.plan import FORWARD, Attribution, Block, BlockResult, Plan, RequestRNG, Task, concurrently
+from attrserve_engine.plan import FORWARD, Block, BlockResult, Plan, RequestRNG, Task, concurrently
 from attrserve_engine.plugins import load_plugins
 from attrserve_engine.registry import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelRegistry, ModelSpec
 from attrserve_engine.rules.deeplift import hooked_modules
@@ -181,9 +182,9 @@ class Engine:
 
     def _prepare(self, job: AttributionJob, model: LoadedModel) -> LiveJob:
         """Validate a job against its model and build what the worker runs: one plan per algorithm, driven together."""
-        inputs = _check_inputs(job, model)
+        inputs = check_inputs(job, model)
         n = int(inputs[0].shape[0])
-        target = _format_target(job.target, n)
+        target = format_target(job.target, n)
         args = tuple(job.additional_forward_args)
         for j, a in enumerate(args):
             if a.dim() == 0 or a.shape[0] != n:
@@ -283,13 +284,13 @@ class Engine:
         distribution = algorithm.baseline_distribution or bool(nt and nt.draw_baseline_from_distrib)
         task = Task(
             inputs=inputs,
-            baselines=_format_baselines(job.baselines if algorithm.uses_baselines or distribution else (), inputs, distribution),
+            baselines=format_baselines(job.baselines if algorithm.uses_baselines or distribution else (), inputs, distribution),
             target=target,
             args=args,
             params=params,
             rng=RequestRNG(seed),  # each algorithm draws as it would alone with this seed
             return_convergence_delta=call.return_convergence_delta,
-            feature_masks=_format_feature_masks(job.feature_masks, inputs) if algorithm.uses_feature_mask else (),
+            feature_masks=format_feature_masks(job.feature_masks, inputs) if algorithm.uses_feature_mask else (),
             layer=call.layer,
         )
         examples = task.n * nt.nt_samples if nt else task.n  # NoiseTunnel runs the algorithm on its noisy copies
@@ -336,77 +337,3 @@ def _cpu(value):
     if value is None:
         return None
     return tuple(v.detach().cpu() for v in value) if isinstance(value, tuple) else value.detach().cpu()
-
-
-def _check_inputs(job: AttributionJob, model: LoadedModel) -> tuple[Tensor, ...]:
-    inputs = tuple(job.inputs)
-    if not inputs:
-        raise InvalidArgument("inputs is empty; send one tensor per model input")
-    for i, x in enumerate(inputs):
-        if x.dim() == 0:
-            raise InvalidArgument(f"inputs[{i}] is a scalar; dim 0 must index examples")
-        if x.shape[0] != inputs[0].shape[0]:
-            raise InvalidArgument(f"inputs[{i}] has {x.shape[0]} examples but inputs[0] has {inputs[0].shape[0]}")
-    if inputs[0].shape[0] == 0:
-        raise InvalidArgument("inputs have 0 examples")
-    model.check_inputs(inputs)
-    return inputs
-
-
-def _format_baselines(baselines: tuple, inputs: tuple[Tensor, ...], distribution: bool) -> tuple[Tensor, ...]:
-    """Each baseline → (b, *feature_shape) in the input's dtype: b = 1, n, or (distributions) any m."""
-    if baselines and len(baselines) != len(inputs):
-        raise InvalidArgument(f"give one baseline per input ({len(inputs)}) or none, got {len(baselines)}")
-    out = []
-    for i, x in enumerate(inputs):
-        b = baselines[i] if baselines else None
-        feature_shape = tuple(x.shape[1:])
-        if b is None or isinstance(b, (int, float)):
-            out.append(torch.full((1, *feature_shape), float(b or 0), dtype=x.dtype))
-            continue
-        if b.dim() == 0:
-            b = b.reshape(1, *([1] * len(feature_shape)))
-        elif b.dim() == x.dim() - 1:
-            b = b.unsqueeze(0)
-        if b.dim() != x.dim():
-            raise InvalidArgument(f"baselines[{i}] has shape {tuple(b.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}")
-        try:
-            b = torch.broadcast_to(b, (b.shape[0], *feature_shape))
-        except RuntimeError:
-            raise InvalidArgument(f"baselines[{i}] has shape {tuple(b.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}") from None
-        if not distribution and b.shape[0] not in (1, x.shape[0]):
-            raise InvalidArgument(f"baselines[{i}] has {b.shape[0]} rows; give 1 or one per example ({x.shape[0]})")
-        out.append(b.to(x.dtype).contiguous())
-    return tuple(out)
-
-
-def _format_feature_masks(masks: tuple, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """Each mask → int64 (1 or n, *feature_shape): Captum's feature_mask, one per input (or none)."""
-    if not masks:
-        return ()
-    if len(masks) != len(inputs):
-        raise InvalidArgument(f"give one feature mask per input ({len(inputs)}) or none, got {len(masks)}")
-    out = []
-    for i, (m, x) in enumerate(zip(masks, inputs)):
-        if m.is_floating_point() or m.dtype == torch.bool:
-            raise InvalidArgument(f"feature_masks[{i}] must hold integer feature ids, got dtype {str(m.dtype).replace('torch.', '')}")
-        if m.dim() == x.dim() - 1:
-            m = m.unsqueeze(0)
-        if m.dim() != x.dim() or m.shape[0] not in (1, x.shape[0]):
-            raise InvalidArgument(f"feature_masks[{i}] has shape {tuple(m.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)} with 1 or {x.shape[0]} rows")
-        try:
-            m = torch.broadcast_to(m, (m.shape[0], *x.shape[1:]))
-        except RuntimeError:
-            raise InvalidArgument(f"feature_masks[{i}] has shape {tuple(m.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}") from None
-        if bool((m < 0).any()):
-            raise InvalidArgument(f"feature_masks[{i}] has negative feature ids")
-        out.append(m.to(torch.int64).contiguous())
-    return tuple(out)
-
-
-def _format_target(target: Tensor | None, n: int) -> Tensor:
-    if target is None:
-        return torch.zeros((n, 0), dtype=torch.int64)
-    if target.dim() != 2 or target.shape[0] != n:
-        raise InvalidArgument(f"target must give an index tuple per example, shape ({n}, k); got {tuple(target.shape)}")
-    return target.to(torch.int64)

@@ -10,7 +10,7 @@ import torch
 
 import captum.attr as ca
 from captum.metrics import infidelity, sensitivity_max
-from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgument, ModelSpec, ResourceExhausted
+from attrserve_engine import AttributionJob, Engine, InvalidArgument, ModelSpec, ResourceExhausted
 from oracle import MODELS, example_inputs
 
 ATOL = RTOL = 1e-5

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, delta_block, delta_from, per_input_values
-from attrserve_engine.plan import GRADIENT, Attribution, Block, Plan, Task, interleave_rows, repeat_rows
+from attrserve_engine.plan import GRADIENT, Attribution, Block, Plan, Task, interleave_rows
 
 
 @dataclass(frozen=True)

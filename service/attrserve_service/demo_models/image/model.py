@@ -3,7 +3,6 @@
 Planted signal (see train.py): class-1 images carry a bright 4x4 patch at
 rows 2-5, cols 9-12 on a noisy background; class-0 images do not.
 """
-import torch
 import torch.nn as nn
 
 IMAGE_SHAPE = (3, 16, 16)

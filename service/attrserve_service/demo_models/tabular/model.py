@@ -3,7 +3,6 @@
 Planted signal (see train.py): label = 1 iff 1.5*x[2] - 2*x[7] + x[11] > 0;
 the other 13 features are noise.
 """
-import torch
 import torch.nn as nn
 
 NUM_FEATURES = 16

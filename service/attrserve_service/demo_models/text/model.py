@@ -5,7 +5,6 @@ Planted signal (see train.py): ids 3, 4, 5 ("good", "great", "excellent")
 are positive, ids 6, 7, 8 ("bad", "awful", "terrible") negative; the label
 is 1 when positive words outnumber negative ones. Everything else is filler.
 """
-import torch
 import torch.nn as nn
 
 SEQ_LEN = 12

@@ -1,0 +1,88 @@
+"""Request formatting: a job's inputs, baselines, feature masks and target checked and put in the shapes algorithms expect.
+
+Every check raises InvalidArgument with a message that names the field and
+the expected and given values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.job import AttributionJob
+from attrserve_engine.registry import LoadedModel
+
+
+def check_inputs(job: AttributionJob, model: LoadedModel) -> tuple[Tensor, ...]:
+    inputs = tuple(job.inputs)
+    if not inputs:
+        raise InvalidArgument("inputs is empty; send one tensor per model input")
+    for i, x in enumerate(inputs):
+        if x.dim() == 0:
+            raise InvalidArgument(f"inputs[{i}] is a scalar; dim 0 must index examples")
+        if x.shape[0] != inputs[0].shape[0]:
+            raise InvalidArgument(f"inputs[{i}] has {x.shape[0]} examples but inputs[0] has {inputs[0].shape[0]}")
+    if inputs[0].shape[0] == 0:
+        raise InvalidArgument("inputs have 0 examples")
+    model.check_inputs(inputs)
+    return inputs
+
+
+def format_baselines(baselines: tuple, inputs: tuple[Tensor, ...], distribution: bool) -> tuple[Tensor, ...]:
+    """Each baseline → (b, *feature_shape) in the input's dtype: b = 1, n, or (distributions) any m."""
+    if baselines and len(baselines) != len(inputs):
+        raise InvalidArgument(f"give one baseline per input ({len(inputs)}) or none, got {len(baselines)}")
+    out = []
+    for i, x in enumerate(inputs):
+        b = baselines[i] if baselines else None
+        feature_shape = tuple(x.shape[1:])
+        if b is None or isinstance(b, (int, float)):
+            out.append(torch.full((1, *feature_shape), float(b or 0), dtype=x.dtype))
+            continue
+        if b.dim() == 0:
+            b = b.reshape(1, *([1] * len(feature_shape)))
+        elif b.dim() == x.dim() - 1:
+            b = b.unsqueeze(0)
+        if b.dim() != x.dim():
+            raise InvalidArgument(f"baselines[{i}] has shape {tuple(b.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}")
+        try:
+            b = torch.broadcast_to(b, (b.shape[0], *feature_shape))
+        except RuntimeError:
+            raise InvalidArgument(f"baselines[{i}] has shape {tuple(b.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}") from None
+        if not distribution and b.shape[0] not in (1, x.shape[0]):
+            raise InvalidArgument(f"baselines[{i}] has {b.shape[0]} rows; give 1 or one per example ({x.shape[0]})")
+        out.append(b.to(x.dtype).contiguous())
+    return tuple(out)
+
+
+def format_feature_masks(masks: tuple, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Each mask → int64 (1 or n, *feature_shape): Captum's feature_mask, one per input (or none)."""
+    if not masks:
+        return ()
+    if len(masks) != len(inputs):
+        raise InvalidArgument(f"give one feature mask per input ({len(inputs)}) or none, got {len(masks)}")
+    out = []
+    for i, (m, x) in enumerate(zip(masks, inputs)):
+        if m.is_floating_point() or m.dtype == torch.bool:
+            raise InvalidArgument(f"feature_masks[{i}] must hold integer feature ids, got dtype {str(m.dtype).replace('torch.', '')}")
+        if m.dim() == x.dim() - 1:
+            m = m.unsqueeze(0)
+        if m.dim() != x.dim() or m.shape[0] not in (1, x.shape[0]):
+            raise InvalidArgument(f"feature_masks[{i}] has shape {tuple(m.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)} with 1 or {x.shape[0]} rows")
+        try:
+            m = torch.broadcast_to(m, (m.shape[0], *x.shape[1:]))
+        except RuntimeError:
+            raise InvalidArgument(f"feature_masks[{i}] has shape {tuple(m.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}") from None
+        if bool((m < 0).any()):
+            raise InvalidArgument(f"feature_masks[{i}] has negative feature ids")
+        out.append(m.to(torch.int64).contiguous())
+    return tuple(out)
+
+
+def format_target(target: Tensor | None, n: int) -> Tensor:
+    if target is None:
+        return torch.zeros((n, 0), dtype=torch.int64)
+    if target.dim() != 2 or target.shape[0] != n:
+        raise InvalidArgument(f"target must give an index tuple per example, shape ({n}, k); got {tuple(target.shape)}")
+    return target.to(torch.int64)
