@@ -78,6 +78,10 @@ class Engine:
         model.warm_up()
         self.registry.add(model)
         self._scheduler(model)
+        for name, algorithm in self.algorithms.items():
+            reason = None if model.is_torchscript else algorithm.model_refusal(model.module)
+            if reason:
+                model.unsupported[name] = reason
         self._warm_up_algorithms(model)
         model.ready = True
         log.info("loaded model %s v%s on %s", model.name, model.version, model.device)

@@ -20,6 +20,7 @@ GRADIENT = "gradient"  # forward + backward w.r.t. the inputs
 FORWARD = "forward"  # forward only, no autograd
 DEEPLIFT = "deeplift"  # forward + backward with DeepLift's rule hooks, rows paired with references
 GUIDED = "guided"  # forward + backward with Guided Backprop's or Deconvolution's ReLU hooks
+LRP = "lrp"  # forward + backward with LRP's relevance rules (gradients are normalised relevances)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from attrserve_engine.errors import InvalidArgument
 from attrserve_engine.plan import FORWARD, Block, BlockResult, Plan, Task, repeat_rows
@@ -58,6 +58,13 @@ class Algorithm:
 
     def check_params(self, params: Any, limits: Limits) -> None:
         """Range checks beyond types; raise InvalidArgument naming the field."""
+
+    def model_refusal(self, model: nn.Module) -> str | None:
+        """Why this algorithm cannot explain `model` at all (e.g. LRP: a module type with no rule); None if it can.
+
+        Called once per model at load; a refused algorithm is left out of GetModel.
+        """
+        return None
 
     def rows(self, task: Task, n_examples: int) -> int:
         """Rows of model work the plan needs for `task` run on n_examples (NoiseTunnel multiplies them)."""

@@ -1,0 +1,56 @@
+"""LayerLRP (Captum's LayerLRP with its default rules): LRP's relevance at a layer's output or input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from attrserve_engine.algorithms.layer import LayerAlgorithm
+from attrserve_engine.algorithms.lrp import lrp_delta, scaled
+from attrserve_engine.plan import LRP as LRP_PASS
+from attrserve_engine.plan import Attribution, Block, Plan, Task
+from attrserve_engine.rules.lrp import lrp_refusal
+
+
+@dataclass(frozen=True)
+class LayerLRPParams:
+    attribute_to_layer_input: bool = False
+
+
+class LayerLRP(LayerAlgorithm):
+    """LRP's pass with the layer hooked: the gradient w.r.t. the layer's output (input) is its normalised relevance.
+
+    The rule hooks on the layer's consumers (its own, for the input) have run
+    by the time autograd hands that gradient back, so it is what Captum's rule
+    records in `relevance_output` (`relevance_input`).
+    """
+
+    name = "layer_lrp"
+    params_type = LayerLRPParams
+    has_convergence_delta = True
+
+    def model_refusal(self, model: nn.Module) -> str | None:
+        return lrp_refusal(model)
+
+    def delta_rows(self, task: Task, n_examples: int) -> int:
+        return 0
+
+    def plan(self, task: Task) -> Plan:
+        result = yield Block(
+            kind=LRP_PASS,
+            inputs=task.inputs,
+            args=task.args,
+            target=task.target,
+            options=(len(task.inputs), task.layer),
+            layer=task.layer,
+            layer_input=task.params.attribute_to_layer_input,
+            grad_wrt_layer=True,
+        )
+        output = result.selected  # (n,)
+        relevances = scaled(tuple(result.layer_grads), output)  # (n, *layer_shape) per activation tensor
+        delta = lrp_delta(relevances, output) if task.return_convergence_delta else None
+        return Attribution(relevances, delta)
+
+
+ALGORITHM = LayerLRP
