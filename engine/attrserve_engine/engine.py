@@ -322,7 +322,7 @@ class _PreparedCall:
         n, rows = self.task.n, 0
         nt = self.nt.nt_samples if self.nt else 1
         if p.infidelity is not None:
-            if self.algorithm.layer_method:
+            if not self.algorithm.input_shaped:
                 raise InvalidArgument(f"infidelity needs attributions shaped like the inputs; {self.name} attributes to a layer")
             rows += n * p.infidelity.n_perturb_samples + n
         if p.sensitivity_max is not None:

@@ -47,6 +47,8 @@ class Algorithm:
     layer_method: ClassVar[bool] = False
     # Explains the output at `target` (LayerActivation does not).
     uses_target: ClassVar[bool] = True
+    # Attributions shaped like the inputs (what infidelity needs); layer methods' are shaped like the layer.
+    input_shaped: ClassVar[bool] = True
     uses_baselines: ClassVar[bool] = False
     # True where baselines are a distribution to draw from (GradientShap).
     baseline_distribution: ClassVar[bool] = False

@@ -13,6 +13,7 @@ class LayerAlgorithm(Algorithm):
 
     layer_method = True
     needs_input_gradients = False
+    input_shaped = False
 
 
 def layer_block(

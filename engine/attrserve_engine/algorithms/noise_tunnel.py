@@ -48,6 +48,8 @@ def noise_tunnel_plan(inner: Algorithm, nt: NoiseTunnelParams, task: Task) -> Pl
         baselines=baselines,
         target=interleave_rows(task.target, ns),
         args=tuple(interleave_rows(a, ns) for a in task.args),
+        # Captum's _expand_feature_mask: per-example masks follow their example's noisy copies.
+        feature_masks=tuple(interleave_rows(m, ns) if m.shape[0] > 1 else m for m in task.feature_masks),
     )
     result: Attribution = yield from inner.plan(inner_task)
     smoothed = []
