@@ -27,6 +27,7 @@ from attrserve_engine.plugins import load_plugins
 from attrserve_engine.registry import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelRegistry, ModelSpec
 from attrserve_engine.rules.deeplift import hooked_modules
 from attrserve_engine.scheduler import LiveJob, PassStats, Scheduler
+from attrserve_engine.tuning import pick_batch_rows, probe_batch_rows
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class EngineLimits:
     default_max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS
     default_max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
     default_device: str = "auto"
+    # Measure each model's best pass size at load (models with pinned input shapes and no configured max_batch_rows).
+    probe_batch_rows: bool = True
+    probe_seconds: float = 1.5
 
     @property
     def algorithm_limits(self) -> Limits:
@@ -76,6 +80,13 @@ class Engine:
             spec.device = self.limits.default_device
         model = LoadedModel(spec, self.limits.default_max_batch_rows, self.limits.default_max_queue_delay_us)
         model.warm_up()
+        if not spec.max_batch_rows and self.limits.probe_batch_rows:  # a config's value always wins
+            measured = probe_batch_rows(model, self.limits.probe_seconds)
+            if measured:
+                model.batch_probe = measured
+                model.max_batch_rows = pick_batch_rows(measured)
+                log.info("model %s: %s rows/s by pass size; max_batch_rows=%d", model.name,
+                         {k: round(v) for k, v in measured.items()}, model.max_batch_rows)
         self.registry.add(model)
         self._scheduler(model)
         for name, algorithm in self.algorithms.items():

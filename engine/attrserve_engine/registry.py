@@ -111,6 +111,8 @@ class LoadedModel:
         self.ready = False
         # Algorithms that failed on this model at warm-up, with why.
         self.unsupported: dict[str, str] = {}
+        # Rows per second by pass size, when max_batch_rows was measured at load (tuning.py).
+        self.batch_probe: dict[int, float] = {}
         for p in self.module.parameters():
             p.requires_grad_(False)
 

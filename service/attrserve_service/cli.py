@@ -22,7 +22,10 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (-1: off)")
     p.add_argument("--device", default="auto", help="default device for models: auto (CUDA when present), cpu, cuda:0, ...")
-    p.add_argument("--max-batch-rows", type=int, default=defaults.default_max_batch_rows, help="default rows per fused pass")
+    p.add_argument("--max-batch-rows", type=int, default=defaults.default_max_batch_rows,
+                   help="rows per fused pass for models whose size is neither configured nor measured")
+    p.add_argument("--no-batch-probe", action="store_true",
+                   help="do not measure each model's best pass size at load (config.pbtxt max_batch_rows always wins)")
     p.add_argument("--max-queue-delay-us", type=int, default=defaults.default_max_queue_delay_us,
                    help="default longest wait for company before a pass is cut")
     p.add_argument("--max-rows-per-request", type=int, default=defaults.max_rows_per_request)
@@ -53,6 +56,7 @@ def serve_main(argv: Sequence[str]) -> int:
             default_max_batch_rows=args.max_batch_rows,
             default_max_queue_delay_us=args.max_queue_delay_us,
             default_device=args.device,
+            probe_batch_rows=not args.no_batch_probe,
         ),
     )
     try:

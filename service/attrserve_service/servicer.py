@@ -123,4 +123,5 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
             algorithms=[e for e in map(algorithm_enum, names) if e is not None],
             custom_algorithms=[name for name in names if algorithm_enum(name) is None],
             ready=model.ready,
+            batch_probe=[pb.BatchProbe(rows=rows, rows_per_second=rate) for rows, rate in sorted(model.batch_probe.items())],
         )

@@ -105,6 +105,15 @@ def test_readme_example_prints_what_the_readme_says(readme_server, code: str, pr
     assert out.stdout.strip() == printed.strip()
 
 
+def test_demo_models_report_their_measured_pass_size(readme_server) -> None:
+    _, port = readme_server
+    with AttributionClient(f"127.0.0.1:{port}") as client:
+        image = client.get_model("image")
+    sizes = {p.rows: p.rows_per_second for p in image.batch_probe}
+    assert sizes and all(rate > 0 for rate in sizes.values())
+    assert image.config.max_batch_rows in sizes  # the size the probe picked is the one served
+
+
 def test_readme_has_examples() -> None:
     assert len(EXAMPLES) >= 6
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from attrserve_engine import Engine, EngineLimits, InputSpec, ModelSpec
+from attrserve_engine import Engine, InputSpec, ModelSpec
 from attrserve_service.config import ServerConfig
 from attrserve_service.server import RunningServer, create_server
-from oracle import MODELS
+from oracle import MODELS, make_engine
 
 
 class Fragile(nn.Module):
@@ -59,12 +59,10 @@ class ServerThread:
 
 
 def oracle_engine(**limits) -> Engine:
-    engine = Engine(EngineLimits(**limits))
-    for name, build in MODELS.items():
-        engine.load(ModelSpec(name=name, module=build()))
+    engine = make_engine(MODELS, **limits)
     torch.manual_seed(0)
-    engine.load(ModelSpec(name="fragile", module=Fragile(), inputs=[InputSpec("x", torch.float32, (3,))]))
-    engine.load(ModelSpec(name="slow", module=Slow(), inputs=[InputSpec("x", torch.float32, (3,))]))
+    engine.load(ModelSpec(name="fragile", module=Fragile(), inputs=[InputSpec("x", torch.float32, (3,))], max_batch_rows=256))
+    engine.load(ModelSpec(name="slow", module=Slow(), inputs=[InputSpec("x", torch.float32, (3,))], max_batch_rows=256))
     return engine
 
 

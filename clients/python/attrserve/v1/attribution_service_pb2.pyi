@@ -692,15 +692,25 @@ class GetModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("config", "layers", "algorithms", "ready", "custom_algorithms")
+    __slots__ = ("config", "layers", "algorithms", "ready", "custom_algorithms", "batch_probe")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     CUSTOM_ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_PROBE_FIELD_NUMBER: _ClassVar[int]
     config: _model_config_pb2.ModelConfig
     layers: _containers.RepeatedScalarFieldContainer[str]
     algorithms: _containers.RepeatedScalarFieldContainer[Algorithm]
     ready: bool
     custom_algorithms: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, config: _Optional[_Union[_model_config_pb2.ModelConfig, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., algorithms: _Optional[_Iterable[_Union[Algorithm, str]]] = ..., ready: _Optional[bool] = ..., custom_algorithms: _Optional[_Iterable[str]] = ...) -> None: ...
+    batch_probe: _containers.RepeatedCompositeFieldContainer[BatchProbe]
+    def __init__(self, config: _Optional[_Union[_model_config_pb2.ModelConfig, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., algorithms: _Optional[_Iterable[_Union[Algorithm, str]]] = ..., ready: _Optional[bool] = ..., custom_algorithms: _Optional[_Iterable[str]] = ..., batch_probe: _Optional[_Iterable[_Union[BatchProbe, _Mapping]]] = ...) -> None: ...
+
+class BatchProbe(_message.Message):
+    __slots__ = ("rows", "rows_per_second")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    rows_per_second: float
+    def __init__(self, rows: _Optional[int] = ..., rows_per_second: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,39 @@
+"""The batch-size probe: measured at load when nothing configures the size, never when the config does."""
+
+from __future__ import annotations
+
+import torch
+
+from attrserve_engine import Engine, EngineLimits, InputSpec, ModelSpec
+from attrserve_engine.tuning import SIZES, pick_batch_rows
+from oracle import MODELS
+
+
+def test_probe_measures_and_picks_a_size_and_config_wins() -> None:
+    engine = Engine(EngineLimits(probe_seconds=0.5))
+    try:
+        spec = [InputSpec("x", torch.float32, (2, 8, 8))]
+        probed = engine.load(ModelSpec(name="conv", module=MODELS["conv"](), inputs=spec))
+        configured = engine.load(ModelSpec(name="conv_cfg", module=MODELS["conv"](), inputs=spec, max_batch_rows=48))
+        unpinned = engine.load(ModelSpec(name="conv_free", module=MODELS["conv"]()))
+    finally:
+        engine.shutdown()
+    assert probed.batch_probe and set(probed.batch_probe) <= set(SIZES)
+    assert all(rate > 0 for rate in probed.batch_probe.values())
+    assert probed.max_batch_rows == pick_batch_rows(probed.batch_probe)
+    assert configured.batch_probe == {} and configured.max_batch_rows == 48
+    assert unpinned.batch_probe == {} and unpinned.max_batch_rows == EngineLimits().default_max_batch_rows
+
+
+def test_pick_prefers_the_smallest_size_near_the_best() -> None:
+    assert pick_batch_rows({8: 100.0, 16: 170.0, 32: 195.0, 64: 200.0, 128: 150.0}) == 32  # 170 < 0.9 * 200 <= 195
+    assert pick_batch_rows({8: 50.0, 16: 100.0}) == 16
+
+
+def test_probe_can_be_switched_off() -> None:
+    engine = Engine(EngineLimits(probe_batch_rows=False))
+    try:
+        model = engine.load(ModelSpec(name="conv", module=MODELS["conv"](), inputs=[InputSpec("x", torch.float32, (2, 8, 8))]))
+    finally:
+        engine.shutdown()
+    assert model.batch_probe == {} and model.max_batch_rows == EngineLimits().default_max_batch_rows
