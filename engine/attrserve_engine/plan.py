@@ -136,12 +136,13 @@ class Task:
         return int(self.inputs[0].shape[0])
 
     def to(self, device: torch.device) -> "Task":
+        move = _mover(device)
         return self.replace(
-            inputs=tuple(x.to(device) for x in self.inputs),
-            baselines=tuple(b.to(device) for b in self.baselines),
-            target=self.target.to(device),
-            args=tuple(a.to(device) for a in self.args),
-            feature_masks=tuple(m.to(device) for m in self.feature_masks),
+            inputs=tuple(map(move, self.inputs)),
+            baselines=tuple(map(move, self.baselines)),
+            target=move(self.target),
+            args=tuple(map(move, self.args)),
+            feature_masks=tuple(map(move, self.feature_masks)),
         )
 
     def replace(self, **changes: Any) -> "Task":
@@ -218,3 +219,10 @@ def concurrently(plans: list[Plan]) -> Generator[list, list, list]:
             offset += len(blocks)
             advance(i, mine if as_list else mine[0])
     return returned
+
+
+def _mover(device: torch.device):
+    """Host → device copies: through pinned memory and without blocking the worker when the device is a GPU."""
+    if device.type != "cuda":
+        return lambda t: t.to(device)
+    return lambda t: t if t.device == device else t.pin_memory().to(device, non_blocking=True)

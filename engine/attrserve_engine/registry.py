@@ -47,7 +47,11 @@ class ModelSpec:
     output_index: int | None = None
     output_key: str | None = None
     description: str = ""
+    precision: str = ""  # autocast dtype for passes: "" / "float32", "bfloat16", "float16"
     module: nn.Module | None = None  # an already-built model (tests, embedding in other programs)
+
+
+_AUTOCAST = {"": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -101,7 +105,15 @@ class LoadedModel:
         self.name = spec.name
         self.version = spec.version or "1"
         self.device = resolve_device(spec.device)
+        if self.device.type == "cuda":
+            # NOTE: TF32 convolutions trade ~1e-3 relative error for speed; attributions must equal Captum's fp32 numbers.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.module = _load_module(spec).to(self.device).eval()
+        # Reduced-precision forward/backward (autocast), per model: "" / "float32" (default), "bfloat16", "float16".
+        self.autocast_dtype = _AUTOCAST.get(spec.precision)
+        if spec.precision not in _AUTOCAST:
+            raise InvalidArgument(f"model {spec.name!r}: precision {spec.precision!r} is not one of {', '.join(repr(k) for k in _AUTOCAST)}")
         self.max_batch_rows = spec.max_batch_rows or default_max_batch_rows
         self.max_queue_delay_s = (spec.max_queue_delay_us or default_max_queue_delay_us) / 1e6
         self.is_torchscript = isinstance(self.module, torch.jit.ScriptModule)
@@ -122,7 +134,12 @@ class LoadedModel:
 
     def forward(self, *args: Tensor) -> Tensor:
         """Run the model and pick the explained output (tuple index or dict key)."""
-        out: Any = self.module(*args)
+        if self.autocast_dtype is None:
+            out: Any = self.module(*args)
+        else:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                out = self.module(*args)
+            out = _float32(out)
         key, index = self.spec.output_key, self.spec.output_index
         if isinstance(out, dict):
             if key is None and len(out) != 1:
@@ -178,6 +195,17 @@ class LoadedModel:
                 if not ok:
                     want = "(n, " + ", ".join("*" if d == -1 else str(d) for d in s.dims) + ")"
                     raise InvalidArgument(f"{label}: expected shape {want}, got {tuple(x.shape)}")
+
+
+def _float32(out: Any) -> Any:
+    """Autocast outputs back to float32, so targets, deltas and reductions run at full precision."""
+    if isinstance(out, Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, dict):
+        return {k: _float32(v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(_float32(v) for v in out)
+    return out
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

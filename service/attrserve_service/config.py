@@ -66,6 +66,7 @@ def spec_from_config(folder: Path, config: mc.ModelConfig) -> ModelSpec:
         output_index=config.output.index if which == "index" else None,
         output_key=config.output.key if which == "key" else None,
         description=config.description,
+        precision=config.precision,
     )
 
 
@@ -94,6 +95,7 @@ def effective_config(model: LoadedModel) -> mc.ModelConfig:
         max_queue_delay_microseconds=round(model.max_queue_delay_s * 1e6),
         device=str(model.device),
         description=spec.description,
+        precision=spec.precision or "float32",
     )
     for s in spec.inputs:
         config.inputs.add(name=s.name, dtype=TORCH_TO_WIRE.get(s.dtype, 0), dims=list(s.dims or ()))
