@@ -92,6 +92,9 @@ class Scheduler:
         self._live = 0
         self._jobs_by_id: dict[int, LiveJob] = {}
         self._stopping = False
+        # Smoothed time between arrivals: waiting for company only pays when company comes sooner than the delay.
+        self._last_arrival = time.monotonic()
+        self._arrival_gap = 0.0
         self._thread = threading.Thread(target=self._loop, name=f"attrserve-worker-{name}", daemon=True)
         self._thread.start()
 
@@ -105,6 +108,10 @@ class Scheduler:
             self._live += 1
             self._jobs_by_id[id(job)] = job
             self._inbox.append(job)
+            now = time.monotonic()
+            gap = min(now - self._last_arrival, 1.0)
+            self._last_arrival = now
+            self._arrival_gap = 0.8 * self._arrival_gap + 0.2 * gap
             self._cv.notify()
         return job.future
 
@@ -165,9 +172,14 @@ class Scheduler:
             model = queue[0].job.model
             if self._queue_rows[key] >= model.max_batch_rows:
                 return 0.0
-            due = queue[0].enqueued + model.max_queue_delay_s - now
+            due = queue[0].enqueued + self._delay(model) - now
             soonest = due if soonest is None else min(soonest, due)
         return soonest
+
+    def _delay(self, model: LoadedModel) -> float:
+        """How long a queue waits for more rows: the model's max_queue_delay, or nothing when requests
+        arrive further apart than that (a lone caller would only wait for company that is not coming)."""
+        return 0.0 if self._arrival_gap > model.max_queue_delay_s else model.max_queue_delay_s
 
     def _enqueue(self, job: LiveJob, block: Block, index: int) -> None:
         key = batch_key(job.model, block)
@@ -183,7 +195,7 @@ class Scheduler:
                 continue
             model = queue[0].job.model
             full = self._queue_rows[key] >= model.max_batch_rows
-            if full or now - queue[0].enqueued >= model.max_queue_delay_s:
+            if full or now - queue[0].enqueued >= self._delay(model):
                 if ripe is None or queue[0].enqueued < self._queues[ripe][0].enqueued:
                     ripe = key
         if ripe is None:
