@@ -6,12 +6,18 @@ Captum 0.9.0 (the oracle), so a test only compares numbers.
 
 from __future__ import annotations
 
+import random
+import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from attrserve_engine import AttributionJob, AttributionResult, Engine
 
 
 def _seeded(seed: int) -> None:
@@ -300,3 +306,85 @@ def _cases() -> list[Case]:
 
 
 CASES = _cases()
+
+
+# -- scaffolding the engine test modules share ---------------------------------------------------
+
+ATOL = RTOL = 1e-5
+FUSED_TOL = 1e-6  # fused with other requests vs alone
+
+
+def make_engine(models: Mapping[str, Callable[[], nn.Module]], **limits) -> Engine:
+    """An engine with `EngineLimits(**limits)` serving a fresh instance of each model under its name."""
+    from attrserve_engine import Engine, EngineLimits, ModelSpec
+
+    engine = Engine(EngineLimits(**limits))
+    for name, build in models.items():
+        engine.load(ModelSpec(name=name, module=build()))
+    return engine
+
+
+def engine_fixture(models: Mapping[str, Callable[[], nn.Module]]):
+    """A module-scoped `engine` fixture over make_engine(models); bind it as `engine = engine_fixture(...)`."""
+
+    @pytest.fixture(scope="module")
+    def engine():
+        e = make_engine(models)
+        yield e
+        e.shutdown()
+
+    return engine
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = ATOL, rtol: float = RTOL, check_dtype: bool = False) -> None:
+    """Same shape (and, with check_dtype, the same dtype), then torch.allclose with the largest difference in the message."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    if check_dtype:
+        assert got.dtype == want.dtype, (got.dtype, want.dtype)
+    assert torch.allclose(got, want.to(got.dtype), atol=atol, rtol=rtol), f"max abs diff {(got - want).abs().max():.3g}"
+
+
+def assert_all_close(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], atol: float = ATOL, rtol: float = RTOL, check_dtype: bool = False) -> None:
+    """As many tensors as wanted, each assert_close to its counterpart."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert_close(g, w, atol, rtol, check_dtype)
+
+
+def case_rng(case_id: str) -> random.Random:
+    """The random source for a case's other requests: fixed by its id."""
+    return random.Random(zlib.crc32(case_id.encode()))
+
+
+def run_fused(
+    make: Callable[..., Engine],
+    job: AttributionJob,
+    others: Sequence[AttributionJob],
+    max_batch_rows: int,
+    *,
+    delay_us: int = 200_000,
+    before: int = 8,
+) -> AttributionResult:
+    """`job` on a fresh engine that waits `delay_us` for company: submitted after `others[:before]` and before the rest.
+
+    Waits for every request, shuts the engine down, checks the job really shared a pass, and returns its result.
+    """
+    engine = make(default_max_queue_delay_us=delay_us, default_max_batch_rows=max_batch_rows)
+    try:
+        futures = [engine.submit(j) for j in others[:before]]
+        mine = engine.submit(job)
+        futures += [engine.submit(j) for j in others[before:]]
+        fused = mine.result(timeout=60)
+        for f in futures:
+            f.result(timeout=60)
+    finally:
+        engine.shutdown()
+    assert fused.timing.pass_requests > 1, "the request was never fused with another"
+    return fused
+
+
+def assert_fused_equals_alone(fused: AttributionResult, alone: AttributionResult, delta: bool, check_dtype: bool = False) -> None:
+    """The fused result's attributions (and delta, where asked for) within FUSED_TOL of the result alone."""
+    assert_all_close(fused.attributions, alone.attributions, FUSED_TOL, FUSED_TOL, check_dtype)
+    if delta:
+        assert_close(fused.convergence_delta, alone.convergence_delta, FUSED_TOL, FUSED_TOL, check_dtype)

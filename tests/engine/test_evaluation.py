@@ -10,19 +10,10 @@ import torch
 
 import captum.attr as ca
 from captum.metrics import infidelity, sensitivity_max
-from attrserve_engine import AttributionJob, Engine, InvalidArgument, ModelSpec, ResourceExhausted
-from oracle import MODELS, example_inputs
+from attrserve_engine import AttributionJob, Engine, InvalidArgument, ResourceExhausted
+from oracle import ATOL, MODELS, RTOL, engine_fixture, example_inputs
 
-ATOL = RTOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = Engine()
-    for name, build in MODELS.items():
-        e.load(ModelSpec(name=name, module=build()))
-    yield e
-    e.shutdown()
+engine = engine_fixture(MODELS)
 
 
 CAPTUM = {"integrated_gradients": ca.IntegratedGradients, "saliency": ca.Saliency, "gradient_shap": ca.GradientShap, "deep_lift": ca.DeepLift}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
-import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pytest
@@ -12,10 +12,8 @@ import torch
 from torch import nn
 
 import captum.attr as ca
-from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgument, ModelSpec, NotFound
-from oracle import MODELS, example_inputs
-
-ATOL = RTOL = 1e-5
+from attrserve_engine import AttributionJob, Engine, InvalidArgument, NotFound
+from oracle import MODELS, assert_all_close, assert_close, assert_fused_equals_alone, case_rng, engine_fixture, example_inputs, make_engine, run_fused
 
 
 class TokenClassifier(nn.Module):
@@ -144,25 +142,7 @@ def _cases() -> list[LayerCase]:
 
 
 CASES = _cases()
-
-
-def make_engine(**limits) -> Engine:
-    engine = Engine(EngineLimits(**limits))
-    for name, build in LAYER_MODELS.items():
-        engine.load(ModelSpec(name=name, module=build()))
-    return engine
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = make_engine()
-    yield e
-    e.shutdown()
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = ATOL, rtol: float = RTOL) -> None:
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert torch.allclose(got, want.to(got.dtype), atol=atol, rtol=rtol), f"max abs diff {(got - want).abs().max():.3g}"
+engine = engine_fixture(LAYER_MODELS)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -170,9 +150,7 @@ def test_layer_method_matches_captum(engine: Engine, case: LayerCase) -> None:
     built = case.build()
     want, want_delta = captum_layer(case, built)
     got = engine.attribute(job(case, built), timeout=60)
-    assert len(got.attributions) == len(want)
-    for g, w in zip(got.attributions, want):
-        assert_close(g, w)
+    assert_all_close(got.attributions, want)
     if case.delta:
         assert_close(got.convergence_delta, want_delta)
 
@@ -185,27 +163,16 @@ FUSION = [c for c in CASES if c.model in ("conv", "tokens") and not c.params.get
 def test_layer_method_fused_equals_alone(engine: Engine, case: LayerCase, max_batch_rows: int) -> None:
     built = case.build()
     alone = engine.attribute(job(case, built), timeout=60)
-    fused_engine = make_engine(default_max_queue_delay_us=200_000, default_max_batch_rows=max_batch_rows)
-    rng = random.Random(zlib.crc32(case.id.encode()))
-    try:
-        others = []
-        for _ in range(15):
-            other = random.Random(rng.random())
-            name = other.choice([c for c in CASES if c.model == case.model])
-            o = LayerCase(case.model, name.algorithm, name.layer, dict(name.params), n=other.randint(1, 4))
-            ob = o.build()
-            others.append(job(o, ob))
-        futures = [fused_engine.submit(j) for j in others[:8]]
-        mine = fused_engine.submit(job(case, built))
-        futures += [fused_engine.submit(j) for j in others[8:]]
-        fused = mine.result(timeout=60)
-        for f in futures:
-            f.result(timeout=60)
-    finally:
-        fused_engine.shutdown()
-    assert fused.timing.pass_requests > 1
-    for a, f in zip(alone.attributions, fused.attributions):
-        assert_close(f, a, atol=1e-6, rtol=1e-6)
+    rng = case_rng(case.id)
+    others = []
+    for _ in range(15):
+        other = random.Random(rng.random())
+        name = other.choice([c for c in CASES if c.model == case.model])
+        o = LayerCase(case.model, name.algorithm, name.layer, dict(name.params), n=other.randint(1, 4))
+        ob = o.build()
+        others.append(job(o, ob))
+    fused = run_fused(partial(make_engine, LAYER_MODELS), job(case, built), others, max_batch_rows)
+    assert_fused_equals_alone(fused, alone, delta=False)
 
 
 def test_layer_errors(engine: Engine) -> None:

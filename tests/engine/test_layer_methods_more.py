@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
-import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -13,10 +13,8 @@ import torch
 from torch import nn
 
 import captum.attr as ca
-from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgument, ModelSpec, ResourceExhausted
-from oracle import MODELS, example_inputs
-
-ATOL = RTOL = 1e-5
+from attrserve_engine import AttributionJob, Engine, InvalidArgument, ResourceExhausted
+from oracle import MODELS, assert_all_close, assert_close, assert_fused_equals_alone, case_rng, engine_fixture, example_inputs, make_engine, run_fused
 
 
 class TokenClassifier(nn.Module):
@@ -176,25 +174,7 @@ def _cases() -> list[MoreCase]:
 
 
 CASES = _cases()
-
-
-def make_engine(**limits) -> Engine:
-    engine = Engine(EngineLimits(**limits))
-    for name, build in LAYER_MODELS.items():
-        engine.load(ModelSpec(name=name, module=build()))
-    return engine
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = make_engine()
-    yield e
-    e.shutdown()
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = ATOL, rtol: float = RTOL) -> None:
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert torch.allclose(got, want.to(got.dtype), atol=atol, rtol=rtol), f"max abs diff {(got - want).abs().max():.3g}"
+engine = engine_fixture(LAYER_MODELS)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -202,9 +182,7 @@ def test_more_layer_methods_match_captum(engine: Engine, case: MoreCase) -> None
     built = case.build()
     want, want_delta = captum_more(case, built)
     got = engine.attribute(job(case, built), timeout=60)
-    assert len(got.attributions) == len(want)
-    for g, w in zip(got.attributions, want):
-        assert_close(g, w)
+    assert_all_close(got.attributions, want)
     if case.delta:
         assert_close(got.convergence_delta, want_delta)
     if case.algorithm == "guided_grad_cam":  # a layer method whose attributions are shaped like the inputs
@@ -232,29 +210,16 @@ def test_more_layer_methods_fused_equal_alone(engine: Engine, case: MoreCase, ma
     """Rows of other requests (these methods and others, other layers) in the same passes change nothing."""
     built = case.build()
     alone = engine.attribute(job(case, built), timeout=60)
-    fused_engine = make_engine(default_max_queue_delay_us=100_000, default_max_batch_rows=max_batch_rows)
-    rng = random.Random(zlib.crc32(case.id.encode()))
-    try:
-        others = []
-        for i in range(10):
-            other = random.Random(rng.random())
-            # a few requests like this one (so some pass is surely shared), the rest anything on this model
-            pick = case if i % 3 == 0 else other.choice([c for c in CASES if c.model == case.model])
-            o = MoreCase(case.model, pick.algorithm, pick.layer, dict(pick.params), pick.baselines, pick.target, pick.delta, other.randint(0, 9), n=other.randint(1, 3))
-            others.append(job(o, o.build()))
-        futures = [fused_engine.submit(j) for j in others[:5]]
-        mine = fused_engine.submit(job(case, built))
-        futures += [fused_engine.submit(j) for j in others[5:]]
-        fused = mine.result(timeout=60)
-        for f in futures:
-            f.result(timeout=60)
-    finally:
-        fused_engine.shutdown()
-    assert fused.timing.pass_requests > 1
-    for a, f in zip(alone.attributions, fused.attributions):
-        assert_close(f, a, atol=1e-6, rtol=1e-6)
-    if case.delta:
-        assert_close(fused.convergence_delta, alone.convergence_delta, atol=1e-6, rtol=1e-6)
+    rng = case_rng(case.id)
+    others = []
+    for i in range(10):
+        other = random.Random(rng.random())
+        # a few requests like this one (so some pass is surely shared), the rest anything on this model
+        pick = case if i % 3 == 0 else other.choice([c for c in CASES if c.model == case.model])
+        o = MoreCase(case.model, pick.algorithm, pick.layer, dict(pick.params), pick.baselines, pick.target, pick.delta, other.randint(0, 9), n=other.randint(1, 3))
+        others.append(job(o, o.build()))
+    fused = run_fused(partial(make_engine, LAYER_MODELS), job(case, built), others, max_batch_rows, delay_us=100_000, before=5)
+    assert_fused_equals_alone(fused, alone, case.delta)
 
 
 def test_more_layer_method_errors(engine: Engine) -> None:

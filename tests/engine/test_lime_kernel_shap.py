@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import random
 import warnings
-import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,12 +29,10 @@ import pytest
 import torch
 from torch import nn
 
-from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgument, ModelSpec
+from attrserve_engine import AttributionJob, Engine, InvalidArgument
 from attrserve_engine.algorithms.linear_models import lasso, weighted_least_squares
-from oracle import MODELS, Case, example_inputs, job_for
+from oracle import MODELS, Case, assert_all_close, assert_fused_equals_alone, case_rng, engine_fixture, example_inputs, job_for, make_engine, run_fused
 
-ATOL = RTOL = 1e-5
-FUSED_TOL = 1e-6
 VOCAB = 10
 
 
@@ -191,26 +189,7 @@ CASES = [
     LKCase("mlp", "kernel_shap", {"n_samples": 2}, seed=8),  # only the all-on and all-off patterns
     LKCase("tokens", "kernel_shap", {"n_samples": 50}, target="per_example", seed=9),
 ]
-
-
-def make_engine(**limits) -> Engine:
-    engine = Engine(EngineLimits(**limits))
-    for name, build in LK_MODELS.items():
-        engine.load(ModelSpec(name=name, module=build()))
-    return engine
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = make_engine()
-    yield e
-    e.shutdown()
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = ATOL, rtol: float = RTOL) -> None:
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert got.dtype == want.dtype, (got.dtype, want.dtype)
-    assert torch.allclose(got, want, atol=atol, rtol=rtol), f"max abs diff {(got - want).abs().max():.3g}"
+engine = engine_fixture(LK_MODELS)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -218,9 +197,7 @@ def test_matches_captum(engine: Engine, case: LKCase) -> None:
     built = case.build()
     want = captum_attribute(case, built)
     got = engine.attribute(case.job(built), timeout=60)
-    assert len(got.attributions) == len(want)
-    for g, w in zip(got.attributions, want):
-        assert_close(g, w)
+    assert_all_close(got.attributions, want, check_dtype=True)
     assert got.timing.rows == case.n * case.params["n_samples"]  # `rows` is exact: every pattern, nothing else
 
 
@@ -249,21 +226,10 @@ FUSION_CASES = [CASES[0], CASES[3], CASES[14], CASES[16]]
 def test_fused_equals_alone(engine: Engine, case: LKCase, max_batch_rows: int) -> None:
     built = case.build()
     alone = engine.attribute(case.job(built), timeout=60)
-    fused_engine = make_engine(default_max_queue_delay_us=200_000, default_max_batch_rows=max_batch_rows)
-    try:
-        rng = random.Random(zlib.crc32(case.id.encode()))
-        others = [random_job(case.model, rng) for _ in range(15)]
-        futures = [fused_engine.submit(j) for j in others[:8]]
-        mine = fused_engine.submit(case.job(built))
-        futures += [fused_engine.submit(j) for j in others[8:]]
-        fused = mine.result(timeout=60)
-        for f in futures:
-            f.result(timeout=60)
-    finally:
-        fused_engine.shutdown()
-    assert fused.timing.pass_requests > 1, "the request was never fused with another"
-    for a, f in zip(alone.attributions, fused.attributions):
-        assert_close(f, a, atol=FUSED_TOL, rtol=FUSED_TOL)
+    rng = case_rng(case.id)
+    others = [random_job(case.model, rng) for _ in range(15)]
+    fused = run_fused(partial(make_engine, LK_MODELS), case.job(built), others, max_batch_rows)
+    assert_fused_equals_alone(fused, alone, delta=False, check_dtype=True)
 
 
 def test_seeds_reproduce_differ_and_leave_the_global_rng_alone(engine: Engine) -> None:

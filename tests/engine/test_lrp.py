@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
-import zlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -13,13 +13,11 @@ import torch
 from torch import nn
 
 import captum.attr as ca
-from attrserve_engine import AttributionJob, Engine, EngineLimits, InputSpec, InvalidArgument, ModelSpec
+from attrserve_engine import AttributionJob, Engine, InputSpec, InvalidArgument, ModelSpec
 from captum.attr._utils.custom_modules import Addition_Module
-from oracle import MODELS, example_inputs
+from oracle import MODELS, assert_all_close, assert_close, assert_fused_equals_alone, case_rng, engine_fixture, example_inputs, make_engine, run_fused
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-ATOL = RTOL = 1e-5
 
 
 class ConvLRP(nn.Module):
@@ -215,24 +213,7 @@ CASES = [
     LrpCase("toy", noise_tunnel={"nt_type": "smoothgrad_sq", "nt_samples": 2, "stdevs": 0.5}, target="index", seed=8),
 ]
 
-
-def make_engine(**limits) -> Engine:
-    engine = Engine(EngineLimits(**limits))
-    for name, build in {**LRP_MODELS, **{m: MODELS[m] for m in REFUSED}, "reused": ReusedLinear}.items():
-        engine.load(ModelSpec(name=name, module=build()))
-    return engine
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = make_engine()
-    yield e
-    e.shutdown()
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = ATOL, rtol: float = RTOL) -> None:
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert torch.allclose(got, want.to(got.dtype), atol=atol, rtol=rtol), f"max abs diff {(got - want).abs().max():.3g}"
+engine = engine_fixture({**LRP_MODELS, **{m: MODELS[m] for m in REFUSED}, "reused": ReusedLinear})
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -240,9 +221,7 @@ def test_matches_captum(engine: Engine, case: LrpCase) -> None:
     built = case.build()
     want, want_delta = captum_lrp(case, built)
     got = engine.attribute(case.job(built), timeout=60)
-    assert len(got.attributions) == len(want)
-    for g, w in zip(got.attributions, want):
-        assert_close(g, w)
+    assert_all_close(got.attributions, want)
     if case.delta:
         assert_close(got.convergence_delta, want_delta)
     else:
@@ -370,21 +349,7 @@ FUSION_CASES = [
 def test_fused_equals_alone(engine: Engine, case: LrpCase, max_batch_rows: int) -> None:
     built = case.build()
     alone = engine.attribute(case.job(built), timeout=60)
-    fused_engine = Engine(EngineLimits(default_max_queue_delay_us=200_000, default_max_batch_rows=max_batch_rows))
-    fused_engine.load(ModelSpec(name=case.model, module=LRP_MODELS[case.model]()))
-    try:
-        rng = random.Random(zlib.crc32(case.id.encode()))
-        others = [random_job(case, rng) for _ in range(15)]
-        futures = [fused_engine.submit(j) for j in others[:8]]
-        mine = fused_engine.submit(case.job(built))
-        futures += [fused_engine.submit(j) for j in others[8:]]
-        fused = mine.result(timeout=60)
-        for f in futures:
-            f.result(timeout=60)
-    finally:
-        fused_engine.shutdown()
-    assert fused.timing.pass_requests > 1, "the request was never fused with another"
-    for a, f in zip(alone.attributions, fused.attributions):
-        assert_close(f, a, atol=1e-6, rtol=1e-6)
-    if case.delta:
-        assert_close(fused.convergence_delta, alone.convergence_delta, atol=1e-6, rtol=1e-6)
+    rng = case_rng(case.id)
+    others = [random_job(case, rng) for _ in range(15)]
+    fused = run_fused(partial(make_engine, {case.model: LRP_MODELS[case.model]}), case.job(built), others, max_batch_rows)
+    assert_fused_equals_alone(fused, alone, case.delta)

@@ -10,10 +10,8 @@ import pytest
 import torch
 
 import captum.attr as ca
-from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgument, ModelSpec
-from oracle import MODELS, example_inputs
-
-ATOL = RTOL = 1e-5
+from attrserve_engine import AttributionJob, Engine, InvalidArgument
+from oracle import MODELS, assert_all_close, engine_fixture, example_inputs, make_engine
 
 CAPTUM = {
     "neuron_gradient": ca.NeuronGradient,
@@ -117,20 +115,7 @@ def _cases() -> list[NeuronCase]:
 
 
 CASES = _cases()
-
-
-def make_engine(**limits) -> Engine:
-    engine = Engine(EngineLimits(**limits))
-    for name, build in MODELS.items():
-        engine.load(ModelSpec(name=name, module=build()))
-    return engine
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = make_engine()
-    yield e
-    e.shutdown()
+engine = engine_fixture(MODELS)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -138,17 +123,14 @@ def test_neuron_method_matches_captum(engine: Engine, case: NeuronCase) -> None:
     built = case.build()
     want = captum_neuron(case, built)
     got = engine.attribute(job(case, built), timeout=60).attributions
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        assert g.shape == w.shape
-        assert torch.allclose(g, w, atol=ATOL, rtol=RTOL), f"max abs diff {(g - w).abs().max():.3g}"
+    assert_all_close(got, want, check_dtype=True)
 
 
 def test_neuron_methods_fused_equal_alone() -> None:
     cases = [c for c in CASES if c.model == "conv"]
     built = [c.build() for c in cases]
-    alone_engine = make_engine()
-    fused_engine = make_engine(default_max_queue_delay_us=200_000, default_max_batch_rows=64)
+    alone_engine = make_engine(MODELS)
+    fused_engine = make_engine(MODELS, default_max_queue_delay_us=200_000, default_max_batch_rows=64)
     try:
         alone = [alone_engine.attribute(job(c, b), timeout=60) for c, b in zip(cases, built)]
         futures = [fused_engine.submit(job(c, b)) for c, b in zip(cases, built)]

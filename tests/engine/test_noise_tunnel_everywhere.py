@@ -17,11 +17,10 @@ import pytest
 import torch
 
 import captum.attr as ca
-from attrserve_engine import AttributionJob, Engine, EngineLimits, ModelSpec
+from attrserve_engine import AttributionJob, Engine
 from attrserve_engine.algorithms import ALGORITHMS
-from oracle import MODELS, N_CLASSES, example_inputs
+from oracle import ATOL, MODELS, N_CLASSES, RTOL, assert_all_close, engine_fixture, example_inputs
 
-ATOL = RTOL = 1e-5
 CTOR_PARAMS = {"multiply_by_inputs"}
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -115,13 +114,7 @@ def _params() -> list:
     return out
 
 
-@pytest.fixture(scope="module")
-def engine():
-    e = Engine(EngineLimits())
-    for name, build in MODELS.items():
-        e.load(ModelSpec(name=name, module=build()))
-    yield e
-    e.shutdown()
+engine = engine_fixture(MODELS)
 
 
 def _request(case: WrapCase, seed: int) -> dict[str, Any]:
@@ -193,10 +186,7 @@ def test_noise_tunnel_wraps_like_captum(engine: Engine, case: WrapCase) -> None:
     req = _request(case, seed)
     want = _captum(case, req, seed)
     got = engine.attribute(_job(case, req, seed), timeout=60)
-    assert len(got.attributions) == len(want)
-    for g, w in zip(got.attributions, want):
-        assert g.shape == w.shape, (g.shape, w.shape)
-        assert torch.allclose(g, w.to(g.dtype), atol=ATOL, rtol=RTOL), f"max abs diff {(g - w).abs().max():.3g}"
+    assert_all_close(got.attributions, want)
 
 
 def test_every_algorithm_is_covered() -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 import threading
 import warnings
-import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -15,10 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgument, ModelSpec, ResourceExhausted
-from oracle import MODELS, example_inputs
+from attrserve_engine import AttributionJob, Engine, InvalidArgument, ResourceExhausted
+from oracle import MODELS, assert_all_close, assert_fused_equals_alone, case_rng, engine_fixture, example_inputs, make_engine, run_fused
 
-ATOL = RTOL = 1e-5
 VOCAB = 12
 
 
@@ -198,26 +197,7 @@ def _cases() -> list[Case]:
 
 
 CASES = _cases()
-
-
-def make_engine(**limits) -> Engine:
-    engine = Engine(EngineLimits(**limits))
-    for name, build in PERTURBATION_MODELS.items():
-        engine.load(ModelSpec(name=name, module=build()))
-    return engine
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = make_engine()
-    yield e
-    e.shutdown()
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = ATOL, rtol: float = RTOL) -> None:
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert got.dtype == want.dtype, (got.dtype, want.dtype)
-    assert torch.allclose(got, want, atol=atol, rtol=rtol), f"max abs diff {(got - want).abs().max():.3g}"
+engine = engine_fixture(PERTURBATION_MODELS)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -226,9 +206,7 @@ def test_matches_captum(engine: Engine, case: Case) -> None:
     want = captum_attribute(case, built)
     rows_before = engine.rows
     got = engine.attribute(case.job(built), timeout=60)
-    assert len(got.attributions) == len(want)
-    for g, w in zip(got.attributions, want):
-        assert_close(g, w)
+    assert_all_close(got.attributions, want, check_dtype=True)
     assert engine.rows - rows_before == got.timing.rows, "rows() must count exactly the rows the plan runs"
 
 
@@ -293,25 +271,14 @@ FUSION_CASES = [
 def test_fused_equals_alone(engine: Engine, case: Case, max_batch_rows: int) -> None:
     built = case.build()
     alone = engine.attribute(case.job(built), timeout=60)
-    fused_engine = make_engine(default_max_queue_delay_us=200_000, default_max_batch_rows=max_batch_rows)
-    try:
-        rng = random.Random(zlib.crc32(case.id.encode()))
-        others = [random_job(case.model, rng) for _ in range(15)]
-        futures = [fused_engine.submit(j) for j in others[:8]]
-        mine = fused_engine.submit(case.job(built))
-        futures += [fused_engine.submit(j) for j in others[8:]]
-        fused = mine.result(timeout=60)
-        for f in futures:
-            f.result(timeout=60)
-    finally:
-        fused_engine.shutdown()
-    assert fused.timing.pass_requests > 1, "the request was never fused with another"
-    for a, f in zip(alone.attributions, fused.attributions):
-        assert_close(f, a, atol=1e-6, rtol=1e-6)
+    rng = case_rng(case.id)
+    others = [random_job(case.model, rng) for _ in range(15)]
+    fused = run_fused(partial(make_engine, PERTURBATION_MODELS), case.job(built), others, max_batch_rows)
+    assert_fused_equals_alone(fused, alone, delta=False, check_dtype=True)
 
 
 def test_concurrent_callers_share_forward_passes() -> None:
-    engine = make_engine(default_max_queue_delay_us=100_000, default_max_batch_rows=4096)
+    engine = make_engine(PERTURBATION_MODELS, default_max_queue_delay_us=100_000, default_max_batch_rows=4096)
     algorithms = [
         ("feature_ablation", {}),
         ("feature_permutation", {}),

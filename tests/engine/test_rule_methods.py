@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import random
-import zlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -12,12 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from attrserve_engine import Engine, EngineLimits, InvalidArgument, ModelSpec
-from oracle import MODELS, Case, job_for
+from attrserve_engine import Engine, InvalidArgument, ModelSpec
+from oracle import MODELS, Case, assert_all_close, assert_close, assert_fused_equals_alone, case_rng, engine_fixture, job_for, make_engine, run_fused
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU:UserWarning")
-
-ATOL = RTOL = 1e-5
 
 
 class InplaceReLUNet(nn.Module):
@@ -174,25 +172,7 @@ def _cases() -> list[RuleCase]:
 
 
 CASES = _cases()
-
-
-def make_engine(**limits) -> Engine:
-    engine = Engine(EngineLimits(**limits))
-    for name, build in ALL_MODELS.items():
-        engine.load(ModelSpec(name=name, module=build()))
-    return engine
-
-
-@pytest.fixture(scope="module")
-def engine():
-    e = make_engine()
-    yield e
-    e.shutdown()
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = ATOL, rtol: float = RTOL) -> None:
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert torch.allclose(got, want.to(got.dtype), atol=atol, rtol=rtol), f"max abs diff {(got - want).abs().max():.3g}"
+engine = engine_fixture(ALL_MODELS)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -200,9 +180,7 @@ def test_matches_captum(engine: Engine, case: RuleCase) -> None:
     built = case.build()
     want, want_delta = captum_attribute(case, built)
     got = engine.attribute(job_for(case, built), timeout=60)
-    assert len(got.attributions) == len(want)
-    for g, w in zip(got.attributions, want):
-        assert_close(g, w)
+    assert_all_close(got.attributions, want)
     if case.delta:
         assert_close(got.convergence_delta, want_delta)
     else:
@@ -295,20 +273,7 @@ FUSION_CASES = [
 def test_fused_equals_alone(engine: Engine, case: RuleCase, max_batch_rows: int) -> None:
     built = case.build()
     alone = engine.attribute(job_for(case, built), timeout=60)
-    fused_engine = make_engine(default_max_queue_delay_us=200_000, default_max_batch_rows=max_batch_rows)
-    try:
-        rng = random.Random(zlib.crc32(case.id.encode()))
-        others = [random_job(case.model, rng) for _ in range(15)]
-        futures = [fused_engine.submit(j) for j in others[:8]]
-        mine = fused_engine.submit(job_for(case, built))
-        futures += [fused_engine.submit(j) for j in others[8:]]
-        fused = mine.result(timeout=60)
-        for f in futures:
-            f.result(timeout=60)
-    finally:
-        fused_engine.shutdown()
-    assert fused.timing.pass_requests > 1, "the request was never fused with another"
-    for a, f in zip(alone.attributions, fused.attributions):
-        assert_close(f, a, atol=1e-6, rtol=1e-6)
-    if case.delta:
-        assert_close(fused.convergence_delta, alone.convergence_delta, atol=1e-6, rtol=1e-6)
+    rng = case_rng(case.id)
+    others = [random_job(case.model, rng) for _ in range(15)]
+    fused = run_fused(partial(make_engine, ALL_MODELS), job_for(case, built), others, max_batch_rows)
+    assert_fused_equals_alone(fused, alone, case.delta)
