@@ -215,7 +215,7 @@ class Engine:
             rows += calls[0].evaluation_rows(evaluate)
         if rows > self.limits.max_rows_per_request:
             raise ResourceExhausted(
-                f"this request needs {rows} rows of model work ({n} example(s) with these parameters), "
+                f"this request needs {_count(rows)} rows of model work ({n} example(s) with these parameters), "
                 f"over this server's limit of {self.limits.max_rows_per_request} rows per request; "
                 "send fewer examples, features or steps/samples"
             )
@@ -339,6 +339,11 @@ class _PreparedCall:
         if p.sensitivity_max is not None:
             rows += self.algorithm.rows(self.task, n * nt) + self.algorithm.rows(self.task, n * nt * p.sensitivity_max.n_perturb_samples)
         return rows
+
+
+def _count(rows: int) -> str:
+    """A row count for a message; exact Shapley counts can have more digits than Python will print."""
+    return str(rows) if rows < 10**15 else f"about 2^{rows.bit_length() - 1}"
 
 
 def _outputs_plan(task: Task) -> Plan:

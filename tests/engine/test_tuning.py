@@ -37,3 +37,22 @@ def test_probe_can_be_switched_off() -> None:
     finally:
         engine.shutdown()
     assert model.batch_probe == {} and model.max_batch_rows == EngineLimits().default_max_batch_rows
+
+
+def test_a_huge_exact_shapley_is_refused_cleanly_and_does_not_stop_the_model_loading() -> None:
+    from attrserve_engine import AttributionJob, ResourceExhausted
+
+    engine = Engine(EngineLimits(probe_batch_rows=False))
+    try:
+        # 3*64*64 = 12,288 features: 2^12288 rows, a number Python refuses to print in full
+        model = engine.load(ModelSpec(name="big", module=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 2)),
+                                      inputs=[InputSpec("x", torch.float32, (3, 64, 64))]))
+        assert model.ready and "shapley_values" in engine.supported_algorithms(model)
+        try:
+            engine.submit(AttributionJob(model="big", algorithm="shapley_values", inputs=(torch.zeros(1, 3, 64, 64),), target=torch.tensor([[0]])))
+        except ResourceExhausted as e:
+            assert "about 2^12288 rows" in str(e)
+        else:
+            raise AssertionError("exact Shapley on 12,288 features was not refused")
+    finally:
+        engine.shutdown()
