@@ -1,0 +1,399 @@
+"""attrserve benchmark: one command, every system measured in the same run, a markdown table and a JSON file.
+
+    .venv/bin/python bench/run.py                       # W1-W6, 10 s per system per workload
+    .venv/bin/python bench/run.py --rss-soak 60         # plus a 60 s steady run per soaked workload for the RSS target
+    .venv/bin/python bench/run.py --smoke --workloads W1,W4,W5 --json /tmp/r.json   # tiny sizes (the test)
+
+Systems (see bench/README.md): attrserve; B1 Captum in-process one request at a time; B2 a grpc.aio
+server calling Captum per request in a thread pool; L the fused in-process limit (W1-W4); noop a
+no-op RPC of the same payload (the transport ceiling). Servers run one at a time as subprocesses on
+free 127.0.0.1 ports, each warmed up before its measured window, and are always killed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import harness  # noqa: E402
+from captum_calls import PassCounter, run_captum  # noqa: E402
+from limit import measure_limit  # noqa: E402
+from workloads import Workload, all_workloads, build_model, repository  # noqa: E402
+
+SYSTEMS = ("attrserve", "B1", "B2", "L", "noop")
+SOAK_WARMUP_S = 10.0
+LABELS = {
+    "attrserve": "attrserve",
+    "B1": "B1 Captum in-process",
+    "B2": "B2 gRPC + Captum thread pool",
+    "L": "L fused in-process limit",
+    "noop": "no-op RPC (transport ceiling)",
+}
+
+
+# -- one system ---------------------------------------------------------------------------------
+def _summary(system: str, requests: int, errors: int, wall_s: float, latencies: list[float], **extra) -> dict:
+    out = {"system": system, "label": LABELS[system], "requests": requests, "errors": errors, "wall_s": round(wall_s, 3),
+           "throughput_rps": requests / wall_s if wall_s > 0 else 0.0, "passes": None, "rows": None,
+           "rows_per_pass": None, "rss_peak_mib": None, "rss_start_mib": None, "rss_end_mib": None}
+    out.update(harness.latency_stats(latencies))
+    out.update(extra)
+    return out
+
+
+def run_b1(w: Workload, model: torch.nn.Module, seconds: float, warmup: float) -> dict:
+    """B1: in this process, Captum on one request at a time, back to back (latency = one attribute call)."""
+    xs = [torch.from_numpy(a) for a in w.inputs()]
+    ts = w.targets()
+    counter = PassCounter(model)
+    try:
+        def once(i: int) -> None:
+            run_captum(model, w.algorithm, xs[i % len(xs)], target=ts[i % len(ts)], baselines=w.baselines,
+                       params=w.params, layer=w.layer)
+
+        i = 0
+        end = time.perf_counter() + warmup
+        while time.perf_counter() < end:
+            once(i)
+            i += 1
+        counter.take()
+        latencies = []
+        watch = harness.CpuWatch([])
+        t_start = time.perf_counter()
+        end = t_start + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            once(i)
+            latencies.append(1e3 * (time.perf_counter() - t0))
+            i += 1
+        wall = time.perf_counter() - t_start
+        cpu = watch.stop()
+        passes, rows = counter.take()
+    finally:
+        counter.handle.remove()
+    return _summary("B1", len(latencies), 0, wall, latencies, passes=passes, rows=rows,
+                    rows_per_pass=rows / passes if passes else None, cpu=cpu)
+
+
+def run_l(w: Workload, model: torch.nn.Module, concurrency: int, smoke: bool) -> dict:
+    watch = harness.CpuWatch([])
+    lim = measure_limit(w, model, n_requests=concurrency, min_seconds=0.05 if smoke else 0.3)
+    return _summary("L", lim["requests"], 0, lim["seconds"], [], throughput_rps=lim["throughput_rps"],
+                    passes=lim["passes"], rows=lim["rows"], rows_per_pass=lim["rows"] / lim["passes"], limit=lim,
+                    cpu=watch.stop())
+
+
+def run_server(system: str, w: Workload, args: argparse.Namespace, concurrency: int, requests: list,
+               log_dir: Path, seconds: float | None = None, rss_every: float = 0.5, warmup: float | None = None) -> dict:
+    """Start the server, wait until ready, warm up, measure, read its metrics and RSS, kill it."""
+    seconds = args.seconds if seconds is None else seconds
+    repo = repository(args.smoke)
+    port = harness.free_port()
+    metrics_port = None
+    if system == "attrserve":
+        metrics_port = harness.free_port()
+        profile = args.attrserve_profile / f"{w.key}-attrserve.txt" if args.attrserve_profile else None
+        argv = harness.attrserve_argv(repo, port, metrics_port, args.attrserve_arg, profile)
+    else:
+        argv = harness.baseline_argv(repo, port, noop=system == "noop")
+    env = dict(kv.split("=", 1) for kv in args.attrserve_env) if system == "attrserve" else {}
+    server = harness.ServerProcess(system, argv, port, log_dir / f"{w.key}-{system}.log", env=env)
+    try:
+        server.start()
+        ready_s = server.wait_ready([w.model])
+        harness.drive(server.target, requests, concurrency, args.warmup_seconds if warmup is None else warmup,
+                      record=False, timeout=args.timeout)
+        before = harness.scrape(metrics_port, w.model) if metrics_port else None
+        profiling = system == "attrserve" and args.attrserve_profile
+        if profiling:
+            os.kill(server.pid, signal.SIGUSR1)
+        watch = harness.CpuWatch([server.pid])
+        load = harness.drive(server.target, requests, concurrency, seconds, record=True, timeout=args.timeout,
+                             pid=server.pid, rss_every=rss_every)
+        cpu = watch.stop()
+        if profiling:
+            os.kill(server.pid, signal.SIGUSR2)
+            time.sleep(0.5)
+        after = harness.scrape(metrics_port, w.model) if metrics_port else None
+        hwm = harness.proc_status_kib(server.pid, "VmHWM")
+    finally:
+        server.stop()
+    assert load is not None
+    rss = [kib for _, kib in load.rss_samples_kib]
+    out = _summary(system, len(load.latencies_ms), load.errors, load.wall_s, load.latencies_ms,
+                   error_samples=load.error_samples, ready_s=round(ready_s, 2), rss_peak_mib=harness.mib(hwm),
+                   rss_start_mib=harness.mib(rss[0]) if rss else None, rss_end_mib=harness.mib(rss[-1]) if rss else None,
+                   rss_max_mib=harness.mib(max(rss)) if rss else None, cpu=cpu,
+                   server_timing=harness.server_timing(load),
+                   rss_samples_mib=[(round(t, 2), harness.mib(k)) for t, k in load.rss_samples_kib])
+    if system == "attrserve":
+        engine = harness.metrics_delta(before, after, load.wall_s)
+        out.update(passes=engine.pop("passes"), rows=engine.pop("rows"), rows_per_pass=engine.pop("rows_per_pass"),
+                   engine=engine)
+        out["request_rows"] = load.timing_rows  # rows the answered requests needed, from their timing
+    elif system == "B2":
+        out.update(passes=load.timing_passes, rows=load.timing_rows,
+                   rows_per_pass=load.timing_rows / load.timing_passes if load.timing_passes else None)
+    else:
+        out.update(passes=0, rows=0)
+    return out
+
+
+def run_workload(w: Workload, args: argparse.Namespace, log_dir: Path) -> dict:
+    concurrency = args.concurrency or w.concurrency
+    systems = [s for s in args.systems if s != "L" or w.limit]
+    model = build_model(w.model, repository(args.smoke))
+    requests = w.requests()
+    results: dict[str, dict] = {}
+    for system in systems:
+        print(f"[{w.key}] {LABELS[system]} ...", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        if system == "L":
+            results[system] = run_l(w, model, concurrency, args.smoke)
+        elif system == "B1":
+            results[system] = run_b1(w, model, args.seconds, args.warmup_seconds)
+        else:
+            results[system] = run_server(system, w, args, concurrency, requests, log_dir)
+        r = results[system]
+        print(f"[{w.key}] {LABELS[system]}: {r['throughput_rps']:.1f} req/s, p50 {_fmt(r['p50_ms'], 2)} ms, "
+              f"{r['errors']} errors ({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
+    for r in results.values():
+        for ref, key in (("B2", "ratio_vs_B2"), ("L", "ratio_vs_L"), ("noop", "ratio_vs_noop")):
+            base = results.get(ref)
+            r[key] = r["throughput_rps"] / base["throughput_rps"] if base and base["throughput_rps"] else None
+    return {"workload": w.key, "title": w.title, "model": w.model, "algorithm": w.algorithm, "params": _jsonable(w.params),
+            "concurrency": concurrency, "rows_per_request": w.rows(), "payload_bytes": w.payload_bytes(),
+            "systems": results}
+
+
+def run_soak(w: Workload, args: argparse.Namespace, log_dir: Path) -> dict:
+    """attrserve under the workload's steady load for --rss-soak seconds, VmRSS sampled every second.
+
+    Steady means after SOAK_WARMUP_S of the same load (start-up and first-request allocations settle,
+    including what the allocator gives back after the load-time warm-up); start = the first sample after it."""
+    concurrency = args.concurrency or w.concurrency
+    print(f"[{w.key}] RSS soak: attrserve, {args.rss_soak:.0f} s ...", file=sys.stderr, flush=True)
+    r = run_server("attrserve", w, args, concurrency, w.requests(), log_dir, seconds=args.rss_soak, rss_every=1.0,
+                   warmup=max(args.warmup_seconds, SOAK_WARMUP_S))
+    start, end = r["rss_start_mib"], r["rss_end_mib"]
+    drift = (end - start) / start if start else None
+    print(f"[{w.key}] RSS soak: {start} -> {end} MiB ({100 * drift:+.1f}%)", file=sys.stderr, flush=True)
+    return {"workload": w.key, "seconds": args.rss_soak, "warmup_seconds": max(args.warmup_seconds, SOAK_WARMUP_S),
+            "requests": r["requests"], "errors": r["errors"],
+            "throughput_rps": r["throughput_rps"], "rss_start_mib": start, "rss_end_mib": end,
+            "rss_max_mib": r["rss_max_mib"], "rss_peak_mib": r["rss_peak_mib"], "drift": drift,
+            "rss_samples_mib": r["rss_samples_mib"]}
+
+
+# -- targets ------------------------------------------------------------------------------------
+def evaluate_targets(workloads: dict[str, dict], soaks: dict[str, dict]) -> list[dict]:
+    """The issue's targets, each with what was measured and met / missed / not measured."""
+    out = []
+
+    def sys_of(wk: str, s: str) -> dict | None:
+        return workloads.get(wk, {}).get("systems", {}).get(s)
+
+    def add(wk: str, text: str, value: float | None, threshold: float, higher_is_better: bool, shown: str) -> None:
+        if wk not in workloads:
+            return
+        if value is None:
+            status = "not measured"
+        else:
+            status = "met" if (value >= threshold if higher_is_better else value <= threshold) else "MISSED"
+        out.append({"workload": wk, "target": text, "measured": shown, "value": value, "threshold": threshold,
+                    "status": status})
+
+    def ratio(wk: str, ref: str) -> float | None:
+        a, b = sys_of(wk, "attrserve"), sys_of(wk, ref)
+        return a["throughput_rps"] / b["throughput_rps"] if a and b and b["throughput_rps"] else None
+
+    for wk, text, ref, thr in (("W1", "throughput >= 8x B2", "B2", 8.0),
+                               ("W1", "throughput >= 50% of the no-op RPC ceiling", "noop", 0.5),
+                               ("W2", "throughput >= 1.5x B2", "B2", 1.5),
+                               ("W2", "throughput >= 80% of L", "L", 0.8),
+                               ("W3", "throughput >= 3x B2", "B2", 3.0),
+                               ("W4", "throughput >= 2x B2", "B2", 2.0)):
+        v = ratio(wk, ref)
+        add(wk, text, v, thr, True, "n/a" if v is None else (f"{v:.2f}x" if thr >= 1 else f"{100 * v:.0f}%"))
+    for wk, slack in (("W5", 1.5), ("W6", 5.0)):
+        a, b = sys_of(wk, "attrserve"), sys_of(wk, "B1")
+        v = a["p50_ms"] - b["p50_ms"] if a and b and a["p50_ms"] is not None and b["p50_ms"] is not None else None
+        add(wk, f"p50 <= in-process (B1) p50 + {slack:g} ms", v, slack, False,
+            "n/a" if v is None else f"{a['p50_ms']:.2f} ms vs {b['p50_ms']:.2f} ms ({v:+.2f} ms)")
+    for wk, res in workloads.items():
+        a = res["systems"].get("attrserve")
+        v = a["p99_ms"] / a["p50_ms"] if a and a["p50_ms"] else None
+        add(wk, f"p99 <= 3x p50 (at {res['concurrency']} callers)", v, 3.0, False,
+            "n/a" if v is None else f"{a['p99_ms']:.1f} / {a['p50_ms']:.1f} ms = {v:.2f}x")
+    for wk in workloads:
+        soak = soaks.get(wk)
+        if soak is None:
+            out.append({"workload": wk, "target": "server RSS flat (+-5%) over a 60 s steady run",
+                        "measured": "not run (use --rss-soak 60)", "value": None, "threshold": 0.05,
+                        "status": "not measured"})
+            continue
+        v = abs(soak["drift"]) if soak["drift"] is not None else None
+        add(wk, "server RSS flat (+-5%) over a 60 s steady run", v, 0.05, False,
+            f"{soak['rss_start_mib']} -> {soak['rss_end_mib']} MiB over {soak['seconds']:.0f} s ({100 * soak['drift']:+.1f}%)")
+    return out
+
+
+# -- output -------------------------------------------------------------------------------------
+def _fmt(v, digits: int = 1) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.{digits}f}"
+
+
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.0f}%"
+
+
+def _ratio(v) -> str:
+    return "—" if v is None else f"{v:.2f}x"
+
+
+def markdown(report: dict) -> str:
+    lines = ["| workload | system | req/s | p50 ms | p99 ms | errors | requests | passes | rows/pass | peak RSS MiB | RSS in load MiB | vs B2 | vs L | vs no-op | other CPU |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for wk, res in report["workloads"].items():
+        for s, r in res["systems"].items():
+            lines.append(
+                f"| {wk} (c={res['concurrency']}) | {r['label']} | {r['throughput_rps']:.1f} | {_fmt(r['p50_ms'], 2)} | "
+                f"{_fmt(r['p99_ms'], 2)} | {r['errors']} | {r['requests']} | {_fmt(r['passes'])} | "
+                f"{_fmt(r['rows_per_pass'])} | {_fmt(r['rss_peak_mib'])} | {_fmt(r.get('rss_max_mib'))} | "
+                f"{_ratio(r.get('ratio_vs_B2'))} | {_ratio(r.get('ratio_vs_L'))} | {_ratio(r.get('ratio_vs_noop'))} | "
+                f"{_pct((r.get('cpu') or {}).get('foreign_cpu_fraction'))} |")
+    lines += ["", "| workload | target | measured | status |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        lines.append(f"| {t['workload']} | {t['target']} | {t['measured']} | {t['status']} |")
+    if report["rss_soak"]:
+        lines += ["", "| RSS soak | seconds | requests | errors | RSS start MiB | RSS end MiB | max MiB | drift |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for wk, s in report["rss_soak"].items():
+            lines.append(f"| {wk} attrserve | {s['seconds']:.0f} | {s['requests']} | {s['errors']} | {s['rss_start_mib']} | "
+                         f"{s['rss_end_mib']} | {s['rss_max_mib']} | {100 * s['drift']:+.1f}% |")
+    notes = []
+    for wk, res in report["workloads"].items():
+        a = res["systems"].get("attrserve", {})
+        e = a.get("engine")
+        if e:
+            notes.append(f"- {wk} attrserve engine: {_fmt(e['requests_per_pass'])} requests/pass, "
+                         f"mean pass {_fmt(e['mean_pass_ms'], 2)} ms, worker busy {_fmt(100 * (e['worker_busy_fraction'] or 0), 0)}%, "
+                         f"mean queue wait {_fmt(e['mean_queue_wait_ms'], 2)} ms")
+        lim = res["systems"].get("L", {}).get("limit")
+        if lim:
+            notes.append(f"- {wk} L: {lim['rows']} rows of {lim['requests']} requests, best chunk {lim['best_chunk_rows']} rows "
+                         f"({lim['rows_per_s']:.0f} rows/s); rows/s by chunk: {lim['per_chunk_rows_per_s']}")
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines)
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="attrserve benchmark: attrserve vs its baselines, measured in the same run.")
+    p.add_argument("--workloads", default="W1,W2,W3,W4,W5,W6", help="comma-separated subset of W1..W6")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--seconds", type=float, default=None, help="measured seconds per system per workload (default 10; --smoke 2)")
+    p.add_argument("--warmup-seconds", type=float, default=None, help="unmeasured load before each window (default 2; --smoke 0.5)")
+    p.add_argument("--concurrency", type=int, default=0, help="callers for every workload (default: each workload's own)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes for the test: n_steps 4, 2 s, concurrency 4")
+    p.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "out" / "results.json")
+    p.add_argument("--rss-soak", type=float, default=0.0, metavar="SECONDS",
+                   help="also run attrserve steady this long per soaked workload and report RSS at start/end")
+    p.add_argument("--rss-soak-workloads", default="W1", help="workloads to soak (default W1; 'all' = every selected one)")
+    p.add_argument("--attrserve-arg", action="append", default=[], metavar="ARG",
+                   help="extra flag for `attrserve serve` (repeatable), e.g. --attrserve-arg=--max-batch-rows=512")
+    p.add_argument("--attrserve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment variable for the attrserve process (repeatable), e.g. OMP_NUM_THREADS=1")
+    p.add_argument("--attrserve-profile", type=Path, default=None, metavar="DIR",
+                   help="diagnosis: run attrserve under bench/profile_server.py and write DIR/<W>-attrserve.txt "
+                        "(per-thread CPU and sampled stacks of the measured window); perturbs the numbers a little")
+    p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
+    args = p.parse_args(argv)
+    if args.seconds is None:
+        args.seconds = 2.0 if args.smoke else 10.0
+    if args.warmup_seconds is None:
+        args.warmup_seconds = 0.5 if args.smoke else 2.0
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        p.error(f"unknown systems {sorted(unknown)}; valid: {', '.join(SYSTEMS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # SIGTERM (a test's timeout, a CI cancel) unwinds like Ctrl-C, so every server is stopped in its finally.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    catalog = all_workloads(args.smoke)
+    keys = [k.strip().upper() for k in args.workloads.split(",") if k.strip()]
+    bad = [k for k in keys if k not in catalog]
+    if bad:
+        print(f"error: unknown workloads {bad}; valid: {', '.join(catalog)}", file=sys.stderr)
+        return 2
+    soak_keys = keys if args.rss_soak_workloads.strip().lower() == "all" else [
+        k.strip().upper() for k in args.rss_soak_workloads.split(",") if k.strip()]
+    log_dir = args.json.resolve().parent / "logs"
+    started = time.time()
+    report = {
+        "meta": {
+            "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+            "argv": sys.argv[1:] if argv is None else argv, "smoke": args.smoke, "seconds": args.seconds,
+            "warmup_seconds": args.warmup_seconds, "attrserve_args": args.attrserve_arg, "attrserve_env": args.attrserve_env,
+            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cpus": __import__("os").cpu_count(), "machine": platform.machine(),
+        },
+        "workloads": {}, "rss_soak": {}, "targets": [],
+    }
+    failures = []
+    for k in keys:
+        try:
+            report["workloads"][k] = run_workload(catalog[k], args, log_dir)
+        except Exception as e:  # one broken workload must not lose the others' numbers
+            traceback.print_exc()
+            failures.append(f"{k}: {type(e).__name__}: {e}")
+    if args.rss_soak > 0:
+        for k in soak_keys:
+            if k in catalog:
+                try:
+                    report["rss_soak"][k] = run_soak(catalog[k], args, log_dir)
+                except Exception as e:
+                    traceback.print_exc()
+                    failures.append(f"{k} soak: {type(e).__name__}: {e}")
+    report["targets"] = evaluate_targets(report["workloads"], report["rss_soak"])
+    report["meta"]["elapsed_s"] = round(time.time() - started, 1)
+    report["failures"] = failures
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(_jsonable(report), indent=1))
+    print(markdown(report))
+    print(f"\nJSON: {args.json}   server logs: {log_dir}   ({report['meta']['elapsed_s']:.0f} s)")
+    for f in failures:
+        print(f"FAILED {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

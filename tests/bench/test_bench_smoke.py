@@ -1,0 +1,65 @@
+"""The benchmark harness itself, at tiny sizes: `bench/run.py --smoke` starts attrserve and the baselines,
+drives them, prints the table and writes the JSON. No timing assertions: the numbers of a 2 s run on a
+shared machine mean nothing; only that every system answered every request."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKLOADS = ("W1", "W4", "W5")
+SERVER_SYSTEMS = {"attrserve", "B1", "B2", "noop"}
+
+
+def run_bench(args: list[str], timeout: float) -> tuple[int, str, str]:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "run.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the bench stops the servers it started on SIGTERM
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"bench/run.py --smoke ran past {timeout:.0f} s\nstderr:\n{err[-5000:]}")
+    return proc.returncode, out, err
+
+
+def test_bench_smoke_prints_the_table_and_writes_the_json(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    code, stdout, stderr = run_bench(["--smoke", "--workloads", ",".join(WORKLOADS), "--json", str(out)], timeout=240)
+    assert code == 0, f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}"
+
+    # the markdown table: a header, one row per workload x system, and the targets
+    assert "| workload | system | req/s | p50 ms | p99 ms | errors |" in stdout
+    assert "| workload | target | measured | status |" in stdout
+    for w in WORKLOADS:
+        assert f"| {w} (c=" in stdout
+
+    report = json.loads(out.read_text())
+    assert report["meta"]["smoke"] is True
+    assert report["failures"] == []
+    assert list(report["workloads"]) == list(WORKLOADS)
+    for w in WORKLOADS:
+        systems = report["workloads"][w]["systems"]
+        expected = SERVER_SYSTEMS | ({"L"} if w != "W5" else set())  # L is defined for W1-W4
+        assert set(systems) == expected, w
+        for name, r in systems.items():
+            assert r["requests"] > 0, (w, name)
+            assert r["errors"] == 0, (w, name, r.get("error_samples"))
+            assert r["throughput_rps"] > 0, (w, name)
+        for name in ("attrserve", "B2", "noop"):  # servers: latency percentiles and the server's RSS
+            assert systems[name]["p50_ms"] is not None and systems[name]["p99_ms"] is not None
+            assert systems[name]["rss_peak_mib"] > 0
+        assert systems["attrserve"]["passes"] > 0 and systems["attrserve"]["rows_per_pass"] >= 1
+        assert systems["B2"]["passes"] > 0
+    targets = {(t["workload"], t["target"]) for t in report["targets"]}
+    assert ("W1", "throughput >= 8x B2") in targets
+    assert ("W5", "p50 <= in-process (B1) p50 + 1.5 ms") in targets
