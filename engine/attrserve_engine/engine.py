@@ -343,7 +343,7 @@ class _PreparedCall:
 
 def _count(rows: int) -> str:
     """A row count for a message; exact Shapley counts can have more digits than Python will print."""
-    return str(rows) if rows < 10**15 else f"about 2^{rows.bit_length() - 1}"
+    return str(rows) if rows.bit_length() <= 130 else f"about 2^{rows.bit_length() - 1}"  # a readable length (and Python prints at most 4,300 digits)
 
 
 def _outputs_plan(task: Task) -> Plan:
