@@ -159,13 +159,15 @@ class CpuWatch:
         self.t0 = time.monotonic()
         self.busy0 = _busy_ticks()
         self.ours0 = sum(_proc_ticks(p) for p in self.pids)
+        self.servers0 = sum(_proc_ticks(p) for p in self.pids[1:])
 
     def stop(self) -> dict:
         wall = time.monotonic() - self.t0
         busy = (_busy_ticks() - self.busy0) / _TICK
         ours = (sum(_proc_ticks(p) for p in self.pids) - self.ours0) / _TICK
+        servers = (sum(_proc_ticks(p) for p in self.pids[1:]) - self.servers0) / _TICK
         cpus = os.cpu_count() or 1
-        return {"wall_s": round(wall, 2), "busy_cpu_s": round(busy, 2), "ours_cpu_s": round(ours, 2),
+        return {"wall_s": round(wall, 2), "busy_cpu_s": round(busy, 2), "ours_cpu_s": round(ours, 2), "server_cpu_s": round(servers, 2),
                 "foreign_cpu_s": round(max(0.0, busy - ours), 2),
                 "foreign_cpu_fraction": round(max(0.0, busy - ours) / (wall * cpus), 3) if wall > 0 else None}
 

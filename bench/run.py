@@ -271,9 +271,15 @@ def _ratio(v) -> str:
     return "—" if v is None else f"{v:.2f}x"
 
 
+def _server_cpu_ms(r: dict) -> float | None:
+    """Server process CPU (all threads) per answered request: steadier than req/s on a shared machine."""
+    cpu = (r.get("cpu") or {}).get("server_cpu_s")
+    return 1e3 * cpu / r["requests"] if cpu is not None and r.get("requests") else None
+
+
 def markdown(report: dict) -> str:
-    lines = ["| workload | system | req/s | p50 ms | p99 ms | errors | requests | passes | rows/pass | peak RSS MiB | RSS in load MiB | vs B2 | vs L | vs no-op | other CPU |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| workload | system | req/s | p50 ms | p99 ms | errors | requests | passes | rows/pass | peak RSS MiB | RSS in load MiB | vs B2 | vs L | vs no-op | server CPU ms/req | other CPU |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for wk, res in report["workloads"].items():
         for s, r in res["systems"].items():
             lines.append(
@@ -281,7 +287,7 @@ def markdown(report: dict) -> str:
                 f"{_fmt(r['p99_ms'], 2)} | {r['errors']} | {r['requests']} | {_fmt(r['passes'])} | "
                 f"{_fmt(r['rows_per_pass'])} | {_fmt(r['rss_peak_mib'])} | {_fmt(r.get('rss_max_mib'))} | "
                 f"{_ratio(r.get('ratio_vs_B2'))} | {_ratio(r.get('ratio_vs_L'))} | {_ratio(r.get('ratio_vs_noop'))} | "
-                f"{_pct((r.get('cpu') or {}).get('foreign_cpu_fraction'))} |")
+                f"{_fmt(_server_cpu_ms(r), 2)} | {_pct((r.get('cpu') or {}).get('foreign_cpu_fraction'))} |")
     lines += ["", "| workload | target | measured | status |", "|---|---|---|---|"]
     for t in report["targets"]:
         lines.append(f"| {t['workload']} | {t['target']} | {t['measured']} | {t['status']} |")

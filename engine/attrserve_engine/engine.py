@@ -6,7 +6,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
-import secrets
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ from attrserve_engine.algorithms import ALGORITHMS, Algorithm, Limits
 from attrserve_engine.algorithms.noise_tunnel import NoiseTunnelParams, noise_tunnel_plan, parse_noise_tunnel
 from attrserve_engine.errors import AttributionError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluate
-from attrserve_engine.executor import flat_target
+from attrserve_engine.executor import check_target
 from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks, format_target
 from attrserve_engine.job import AlgorithmCall, AlgorithmOutcome, AttributionJob, AttributionResult
 from attrserve_engine.plan import FORWARD, Block, BlockResult, Plan, RequestRNG, Task, concurrently
@@ -32,6 +32,10 @@ from attrserve_engine.tuning import pick_batch_rows, probe_batch_rows
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding, which Captum's users call, takes 32 bits
+
+
+# Seeds for requests that bring none: a PRNG seeded once from the OS (no syscall, so no GIL hand-off, per request).
+_SEEDS = random.Random()
 
 
 @dataclass(frozen=True)
@@ -204,7 +208,7 @@ class Engine:
         for j, a in enumerate(args):
             if a.dim() == 0 or a.shape[0] != n:
                 raise InvalidArgument(f"additional_forward_args[{j}] has shape {tuple(a.shape)}; dim 0 must be the {n} examples")
-        seed = job.seed if job.seed is not None else secrets.randbits(32)
+        seed = job.seed if job.seed is not None else _SEEDS.getrandbits(32)
         if not 0 <= seed <= MAX_SEED:
             raise InvalidArgument(f"seed must be in [0, {MAX_SEED}], got {seed}")
         primary = AlgorithmCall(job.algorithm, job.params, job.noise_tunnel, job.layer, job.return_convergence_delta)
@@ -295,7 +299,7 @@ class Engine:
         if not algorithm.uses_target and job.target is not None and not job.also:
             raise InvalidArgument(f"{name} takes no target; it does not look at the model's output")
         if algorithm.uses_target and model.output_shape is not None:
-            flat_target(target, model.output_shape)  # early, clear target errors
+            check_target(target, model.output_shape)  # early, clear target errors
         distribution = algorithm.baseline_distribution or bool(nt and nt.draw_baseline_from_distrib)
         task = Task(
             inputs=inputs,
@@ -356,4 +360,9 @@ def _cpu(value):
     """Detached CPU copies of a tensor or a tuple of them (None stays None)."""
     if value is None:
         return None
-    return tuple(v.detach().cpu() for v in value) if isinstance(value, tuple) else value.detach().cpu()
+    return tuple(map(_cpu_tensor, value)) if isinstance(value, tuple) else _cpu_tensor(value)
+
+
+def _cpu_tensor(t: Tensor) -> Tensor:
+    # Skipping the no-op calls on CPU matters: every torch call hands the GIL to the event loop and back.
+    return t if t.device.type == "cpu" and not t.requires_grad else t.detach().cpu()

@@ -51,30 +51,56 @@ def run_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcome]:
     return run_pass(model, segments[:half]) + run_pass(model, segments[half:])
 
 
-def flat_target(target: Tensor, out_shape: tuple[int, ...], what: str = "target") -> Tensor:
-    """(rows, k) index tuples → (rows,) flat index into each row's output; Captum's target rules.
-
-    `what` names the index in messages: the target, or a neuron method's neuron_selector.
-    """
+def _index_width(target: Tensor, out_shape: tuple[int, ...], what: str) -> int:
+    """k of a (rows, k) index tuple, checked against the explained output's shape (Captum's target rules)."""
     k = int(target.shape[1])
     if k > len(out_shape):
         raise InvalidArgument(f"{what} has {k} indices but the explained output per example has shape {out_shape}")
-    rest = math.prod(out_shape[k:])
-    if rest != 1:
+    if math.prod(out_shape[k:]) != 1:
         need = len(out_shape) if out_shape else 0
         raise InvalidArgument(
             f"{what} must select one value per example: the explained output per example has shape {out_shape}, "
             f"so {what} needs {need} index(es), got {k}"
         )
-    flat = torch.zeros(target.shape[0], dtype=torch.int64, device=target.device)
-    for j in range(k):
-        size = out_shape[j]
-        col = target[:, j]
-        if bool(((col < -size) | (col >= size)).any()):
-            bad = int(col[(col < -size) | (col >= size)][0])
-            raise InvalidArgument(f"{what} index {bad} is out of range for output dim {j + 1} of size {size}")
-        flat = flat * size + torch.remainder(col, size)
-    return flat
+    return k
+
+
+def _out_of_range(what: str, value: int, j: int, size: int) -> InvalidArgument:
+    return InvalidArgument(f"{what} index {value} is out of range for output dim {j + 1} of size {size}")
+
+
+def check_target(target: Tensor, out_shape: tuple[int, ...], what: str = "target") -> None:
+    """flat_target's checks without building the index: plain Python on the request's few rows (no torch ops
+    on the event loop)."""
+    k = _index_width(target, out_shape, what)
+    if k == 0:
+        return
+    rows = target.tolist()
+    for j, size in enumerate(out_shape[:k]):
+        for row in rows:
+            if not -size <= row[j] < size:
+                raise _out_of_range(what, row[j], j, size)
+
+
+def flat_target(target: Tensor, out_shape: tuple[int, ...], what: str = "target") -> Tensor:
+    """(rows, k) index tuples → (rows,) flat index into each row's output; Captum's target rules.
+
+    `what` names the index in messages: the target, or a neuron method's neuron_selector.
+    A handful of torch ops whatever the row count: the executor calls it once per fused pass.
+    """
+    k = _index_width(target, out_shape, what)
+    if k == 0:
+        return torch.zeros(target.shape[0], dtype=torch.int64, device=target.device)
+    sizes = torch.tensor(out_shape[:k], dtype=torch.int64, device=target.device)
+    bad = (target < -sizes) | (target >= sizes)
+    if bool(bad.any()):
+        row, j = (int(v) for v in bad.nonzero()[0])
+        raise _out_of_range(what, int(target[row, j]), j, out_shape[j])
+    wrapped = torch.remainder(target, sizes)
+    if k == 1:
+        return wrapped[:, 0]
+    strides = torch.tensor([math.prod(out_shape[j + 1 : k]) for j in range(k)], dtype=torch.int64, device=target.device)
+    return (wrapped * strides).sum(1)
 
 
 class LayerHook:
@@ -116,6 +142,25 @@ class LayerHook:
     def remove(self) -> None:
         if self.handle is not None:
             self.handle.remove()
+
+
+def _fused_targets(segments: list[Block], seg_rows: list[int], out_shape: tuple[int, ...], outcomes: list, what: str) -> Tensor:
+    """The fused pass's flat target, one flat_target over all segments; when that fails, segment by segment,
+    so only the segments with bad targets get their error in `outcomes` (their rows select index 0)."""
+    if not segments[0].select:
+        return torch.zeros(sum(seg_rows), dtype=torch.int64)
+    try:
+        return flat_target(torch.cat([s.target for s in segments]) if len(segments) > 1 else segments[0].target, out_shape, what)
+    except (InvalidArgument, RuntimeError):  # a bad index, or index tuples of different widths
+        pass
+    flats = []
+    for s, seg in enumerate(segments):
+        try:
+            flats.append(flat_target(seg.target, out_shape, what))
+        except InvalidArgument as e:
+            outcomes[s] = e
+            flats.append(torch.zeros(seg_rows[s], dtype=torch.int64, device=seg.target.device))
+    return torch.cat(flats)
 
 
 def _fused_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcome]:
@@ -165,14 +210,8 @@ def _fused_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcom
                 explained = layer_hook.activations[0]
             out_shape = tuple(explained.shape[1:])
             outcomes: list[SegmentOutcome | None] = [None] * len(segments)
-            flats = []
-            for s, seg in enumerate(segments):
-                try:
-                    flats.append(flat_target(seg.target, out_shape, "neuron_selector" if first.objective_layer else "target") if first.select else torch.zeros(seg_rows[s], dtype=torch.int64))
-                except InvalidArgument as e:
-                    outcomes[s] = e
-                    flats.append(torch.zeros(seg_rows[s], dtype=torch.int64, device=out.device))
-            flat = stack(flats * 2 if paired else flats)
+            flat = _fused_targets(segments, seg_rows, out_shape, outcomes, "neuron_selector" if first.objective_layer else "target")
+            flat = torch.cat([flat, flat]) if paired else flat
             selected = explained.reshape(explained.shape[0], -1).gather(1, flat[:, None].to(out.device)).squeeze(1)  # (R,)
             grads: tuple[Tensor, ...] | None = None
             layer_grads: tuple[Tensor, ...] | None = None

@@ -53,7 +53,10 @@ def tensor_from_proto(t: tensor_pb2.Tensor, label: str) -> Tensor:
 
 
 def tensor_to_proto(t: Tensor) -> tensor_pb2.Tensor:
-    t = t.detach().cpu().contiguous()
+    if t.device.type != "cpu" or t.requires_grad:
+        t = t.detach().cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
     wire = TORCH_TO_WIRE.get(t.dtype)
     if wire is None:
         t, wire = t.to(torch.float32), DType.DATA_TYPE_FLOAT32

@@ -61,13 +61,19 @@ def interpolate(inputs: tuple[Tensor, ...], baselines: tuple[Tensor, ...], alpha
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=256)
+def _weights(step_sizes: tuple[float, ...]) -> Tensor:
+    """Step sizes as Captum's float32 column (n_steps, 1); cached, never written to."""
+    return torch.tensor(step_sizes, dtype=torch.float32).view(len(step_sizes), 1)
+
+
 def integrate(grads: tuple[Tensor, ...], step_sizes: tuple[float, ...], n: int) -> tuple[Tensor, ...]:
     """Captum's weighted sum over steps: step-major (n_steps * n, *shape) gradients → (n, *shape)."""
     n_steps = len(step_sizes)
-    weights = torch.tensor(step_sizes, dtype=torch.float32).view(n_steps, 1)
+    weights = _weights(step_sizes)
     totals = []
     for grad in grads:
-        scaled_grad = grad.contiguous().view(n_steps, -1) * weights.to(grad.device)  # (n_steps, n * features)
+        scaled_grad = grad.contiguous().view(n_steps, -1) * (weights if grad.device.type == "cpu" else weights.to(grad.device))  # (n_steps, n * features)
         totals.append(torch.sum(scaled_grad.reshape((n_steps, n) + tuple(grad.shape[1:])), dim=0))  # (n, *shape)
     return tuple(totals)
 
