@@ -84,10 +84,12 @@ def decode(request: pb.AttributeRequest) -> dict:
 
 
 class BaselineServicer(pb_grpc.AttributionServiceServicer):
-    def __init__(self, models: dict[str, torch.nn.Module], noop: bool, pool: concurrent.futures.Executor | None) -> None:
+    def __init__(self, models: dict[str, torch.nn.Module], noop: bool, pool: concurrent.futures.Executor | None,
+                 device: torch.device = torch.device("cpu")) -> None:
         self.models = models
         self.noop = noop
         self.pool = pool
+        self.device = device
         self._local = threading.local()
 
     def _replica(self, name: str) -> tuple[torch.nn.Module, PassCounter]:
@@ -95,7 +97,7 @@ class BaselineServicer(pb_grpc.AttributionServiceServicer):
         if replicas is None:
             replicas = self._local.replicas = {}
         if name not in replicas:
-            model = copy.deepcopy(self.models[name])
+            model = copy.deepcopy(self.models[name]).to(self.device)
             replicas[name] = (model, PassCounter(model))
         return replicas[name]
 
@@ -104,12 +106,16 @@ class BaselineServicer(pb_grpc.AttributionServiceServicer):
         model, counter = self._replica(call.pop("model"))
         counter.take()
         start = time.perf_counter()
-        attributions = run_captum(model, call.pop("algorithm"), call.pop("x"), **call)
+        if self.device.type != "cpu":  # what a user's handler does on a GPU: copy in, attribute, copy out
+            call["x"] = call["x"].to(self.device)
+            if isinstance(call["baselines"], torch.Tensor):
+                call["baselines"] = call["baselines"].to(self.device)
+        attributions = run_captum(model, call.pop("algorithm"), call.pop("x"), **call).detach().cpu()
         compute_ms = 1e3 * (time.perf_counter() - start)
         passes, rows = counter.take()
         return pb.AttributeResponse(
             request_id=request.request_id,
-            attributions=[to_tensor_proto(attributions.detach().numpy())],
+            attributions=[to_tensor_proto(attributions.numpy())],
             model_version="1",
             timing=pb.Timing(queue_ms=1e3 * (start - arrival), compute_ms=compute_ms,
                              total_ms=1e3 * (time.perf_counter() - arrival), rows=rows, passes=passes,
@@ -134,17 +140,17 @@ class BaselineServicer(pb_grpc.AttributionServiceServicer):
                                              for name in self.models])
 
 
-async def serve(port: int, noop: bool, workers: int | None, repo: Path, names: list[str]) -> None:
+async def serve(port: int, noop: bool, workers: int | None, repo: Path, names: list[str], device: str = "cpu") -> None:
     models = {name: None if noop else build_model(name, repo) for name in names}
     pool = None if noop else concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="captum")
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
                                       ("grpc.so_reuseport", 0)])
-    pb_grpc.add_AttributionServiceServicer_to_server(BaselineServicer(models, noop, pool), server)
+    pb_grpc.add_AttributionServiceServicer_to_server(BaselineServicer(models, noop, pool, torch.device(device)), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     if bound == 0:
         raise OSError(f"could not bind 127.0.0.1:{port}")
     await server.start()
-    mode = "no-op" if noop else f"captum thread pool ({pool._max_workers} workers, {torch.get_num_threads()} torch threads)"
+    mode = "no-op" if noop else f"captum thread pool ({pool._max_workers} workers, {torch.get_num_threads()} torch threads, {device})"
     print(f"baseline server ({mode}) listening on 127.0.0.1:{bound}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -163,9 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="thread pool size (default: ThreadPoolExecutor's)")
     p.add_argument("--model-repository", type=Path, default=MODELS, help="folder of model folders (default: bench/models)")
     p.add_argument("--models", default="", help="comma-separated model folders to serve (default: all)")
+    p.add_argument("--device", default="cpu", help="where Captum runs: cpu or cuda[:i] (each pool thread keeps its own replica there)")
     args = p.parse_args(argv)
     names = [n for n in args.models.split(",") if n] or model_names(args.model_repository)
-    asyncio.run(serve(args.port, args.noop, args.workers, args.model_repository, names))
+    asyncio.run(serve(args.port, args.noop, args.workers, args.model_repository, names, args.device))
     return 0
 
 

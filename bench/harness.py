@@ -117,16 +117,17 @@ class ServerProcess:
             self._log = None
 
 
-def attrserve_argv(repo: Path, port: int, metrics_port: int, extra: list[str], profile: Path | None = None) -> list[str]:
+def attrserve_argv(repo: Path, port: int, metrics_port: int, extra: list[str], profile: Path | None = None,
+                   device: str = "cpu") -> list[str]:
     launcher = (["-m", "attrserve_service.cli"] if profile is None else
                 [str(ROOT / "bench" / "profile_server.py"), "--out", str(profile), "--"])
     return [sys.executable, *launcher, "serve", "--model-repository", str(repo),
-            "--port", str(port), "--metrics-port", str(metrics_port), "--device", "cpu", "--log-level", "WARNING", *extra]
+            "--port", str(port), "--metrics-port", str(metrics_port), "--device", device, "--log-level", "WARNING", *extra]
 
 
-def baseline_argv(repo: Path, port: int, noop: bool) -> list[str]:
+def baseline_argv(repo: Path, port: int, noop: bool, device: str = "cpu") -> list[str]:
     return [sys.executable, str(ROOT / "bench" / "baseline_server.py"), "--model-repository", str(repo),
-            "--port", str(port), *(["--noop"] if noop else [])]
+            "--port", str(port), "--device", device, *(["--noop"] if noop else [])]
 
 
 # -- CPU used by other processes during a measurement --------------------------------------------

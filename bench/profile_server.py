@@ -96,7 +96,7 @@ class Sampler:
             total = sum(counter.values())
             lines += ["", f"thread {name}: {total} samples; leaf functions:"]
             lines += [f"  {100 * n / total:5.1f}%  {where}" for where, n in counter.most_common(top)]
-            lines += [f"  stacks:"]
+            lines += ["  stacks:"]
             lines += [f"  {100 * n / total:5.1f}%  {where}" for where, n in self.stacks[name].most_common(top)]
         return "\n".join(lines)
 

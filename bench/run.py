@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import harness  # noqa: E402
 from captum_calls import PassCounter, run_captum  # noqa: E402
 from limit import measure_limit  # noqa: E402
-from workloads import Workload, all_workloads, build_model, repository  # noqa: E402
+from workloads import Workload, all_workloads, build_model, gpu_workloads, repository  # noqa: E402
 
 SYSTEMS = ("attrserve", "B1", "B2", "L", "noop")
 SOAK_WARMUP_S = 10.0
@@ -99,15 +99,15 @@ def run_server(system: str, w: Workload, args: argparse.Namespace, concurrency: 
                log_dir: Path, seconds: float | None = None, rss_every: float = 0.5, warmup: float | None = None) -> dict:
     """Start the server, wait until ready, warm up, measure, read its metrics and RSS, kill it."""
     seconds = args.seconds if seconds is None else seconds
-    repo = repository(args.smoke)
+    repo = repository(args.smoke, args.gpu)
     port = harness.free_port()
     metrics_port = None
     if system == "attrserve":
         metrics_port = harness.free_port()
         profile = args.attrserve_profile / f"{w.key}-attrserve.txt" if args.attrserve_profile else None
-        argv = harness.attrserve_argv(repo, port, metrics_port, args.attrserve_arg, profile)
+        argv = harness.attrserve_argv(repo, port, metrics_port, args.attrserve_arg, profile, args.device)
     else:
-        argv = harness.baseline_argv(repo, port, noop=system == "noop")
+        argv = harness.baseline_argv(repo, port, noop=system == "noop", device=args.device)
     env = dict(kv.split("=", 1) for kv in args.attrserve_env) if system == "attrserve" else {}
     server = harness.ServerProcess(system, argv, port, log_dir / f"{w.key}-{system}.log", env=env)
     try:
@@ -154,7 +154,7 @@ def run_server(system: str, w: Workload, args: argparse.Namespace, concurrency: 
 def run_workload(w: Workload, args: argparse.Namespace, log_dir: Path) -> dict:
     concurrency = args.concurrency or w.concurrency
     systems = [s for s in args.systems if s != "L" or w.limit]
-    model = build_model(w.model, repository(args.smoke))
+    model = build_model(w.model, repository(args.smoke, args.gpu))
     requests = w.requests()
     results: dict[str, dict] = {}
     for system in systems:
@@ -226,7 +226,8 @@ def evaluate_targets(workloads: dict[str, dict], soaks: dict[str, dict]) -> list
                                ("W2", "throughput >= 1.5x B2", "B2", 1.5),
                                ("W2", "throughput >= 80% of L", "L", 0.8),
                                ("W3", "throughput >= 3x B2", "B2", 3.0),
-                               ("W4", "throughput >= 2x B2", "B2", 2.0)):
+                               ("W4", "throughput >= 2x B2", "B2", 2.0),
+                               ("G2", "throughput >= 10x B2 on the same GPU", "B2", 10.0)):
         v = ratio(wk, ref)
         add(wk, text, v, thr, True, "n/a" if v is None else (f"{v:.2f}x" if thr >= 1 else f"{100 * v:.0f}%"))
     for wk, slack in (("W5", 1.5), ("W6", 5.0)):
@@ -344,8 +345,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(per-thread CPU and sampled stacks of the measured window); perturbs the numbers a little")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
                    help="print the table and targets of an earlier run's JSON (re-evaluated), run nothing")
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU check: workload G2 (ResNet-18, bench/gpu_models) for attrserve vs B2, both on --device")
+    p.add_argument("--device", default=None, help="where attrserve and B2 run models (default: cuda with --gpu, else cpu)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
     args = p.parse_args(argv)
+    args.device = args.device or ("cuda" if args.gpu else "cpu")
+    if args.gpu:
+        if args.workloads == p.get_default("workloads"):
+            args.workloads = "G2"
+        if args.systems == p.get_default("systems"):
+            args.systems = "attrserve,B2"
+        if {s.strip() for s in args.systems.split(",")} & {"B1", "L"}:
+            p.error("--gpu compares attrserve with B2 (and noop); B1 and L run on the CPU")
     if args.seconds is None:
         args.seconds = 2.0 if args.smoke else 10.0
     if args.warmup_seconds is None:
@@ -370,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # SIGTERM (a test's timeout, a CI cancel) unwinds like Ctrl-C, so every server is stopped in its finally.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    catalog = all_workloads(args.smoke)
+    catalog = gpu_workloads(args.smoke) if args.gpu else all_workloads(args.smoke)
     keys = [k.strip().upper() for k in args.workloads.split(",") if k.strip()]
     bad = [k for k in keys if k not in catalog]
     if bad:
@@ -386,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             "argv": sys.argv[1:] if argv is None else argv, "smoke": args.smoke, "seconds": args.seconds,
             "warmup_seconds": args.warmup_seconds, "attrserve_args": args.attrserve_arg, "attrserve_env": args.attrserve_env,
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cpus": __import__("os").cpu_count(), "machine": platform.machine(),
+            "cpus": __import__("os").cpu_count(), "machine": platform.machine(), "device": args.device,
+            "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available() else None,
         },
         "workloads": {}, "rss_soak": {}, "targets": [],
     }

@@ -19,6 +19,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 MODELS = BENCH / "models"
 SMOKE_MODELS = BENCH / "models_smoke"
+GPU_MODELS = BENCH / "gpu_models"
 
 # Distinct example inputs per workload; requests cycle through them (target = class i % classes).
 N_DISTINCT_INPUTS = 16
@@ -125,9 +126,18 @@ def all_workloads(smoke: bool = False) -> dict[str, Workload]:
     return {w.key: w for w in ws}
 
 
-def repository(smoke: bool = False) -> Path:
-    """The model repository attrserve and B2 serve: bench/models, or bench/models_smoke for --smoke."""
-    return SMOKE_MODELS if smoke else MODELS
+def gpu_workloads(smoke: bool = False) -> dict[str, Workload]:
+    """The GPU check's workload: W2 with a ResNet-18-sized model (bench/gpu_models), 64 callers.
+    smoke (a dry run of the plumbing, e.g. on a CPU): n_steps 2 and 2 callers."""
+    w = Workload("G2", "GPU: ResNet-18 on 3x224x224, IntegratedGradients n_steps=50, 64 callers", "bench_resnet18",
+                 "integrated_gradients", {"n_steps": 2 if smoke else 50}, (3, 224, 224), "float32", 1000,
+                 2 if smoke else 64, limit=False)
+    return {w.key: w}
+
+
+def repository(smoke: bool = False, gpu: bool = False) -> Path:
+    """The model repository attrserve and B2 serve: bench/models, bench/models_smoke for --smoke, bench/gpu_models for --gpu."""
+    return GPU_MODELS if gpu else SMOKE_MODELS if smoke else MODELS
 
 
 def build_model(name: str, repo: Path = MODELS):
