@@ -85,4 +85,4 @@ def format_target(target: Tensor | None, n: int) -> Tensor:
         return torch.zeros((n, 0), dtype=torch.int64)
     if target.dim() != 2 or target.shape[0] != n:
         raise InvalidArgument(f"target must give an index tuple per example, shape ({n}, k); got {tuple(target.shape)}")
-    return target.to(torch.int64)
+    return target if target.dtype is torch.int64 else target.to(torch.int64)

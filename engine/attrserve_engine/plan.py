@@ -228,5 +228,5 @@ def concurrently(plans: list[Plan]) -> Generator[list, list, list]:
 def _mover(device: torch.device):
     """Host → device copies: through pinned memory and without blocking the worker when the device is a GPU."""
     if device.type != "cuda":
-        return lambda t: t.to(device)
+        return lambda t: t if t.device == device else t.to(device)
     return lambda t: t if t.device == device else t.pin_memory().to(device, non_blocking=True)

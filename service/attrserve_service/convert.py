@@ -94,10 +94,11 @@ def _target(target: pb.Target, n: int) -> Tensor | None:
     which = target.WhichOneof("value")
     if which is None:
         return None
+    # numpy, then a zero-copy view: torch calls on the event loop hand the GIL to the worker and wait to get it back.
     if which == "index":
-        return torch.full((n, 1), target.index, dtype=torch.int64)
+        return torch.from_numpy(np.full((n, 1), target.index, dtype=np.int64))
     if which == "tuple":
-        return torch.tensor([list(target.tuple.index)] * n, dtype=torch.int64).reshape(n, len(target.tuple.index))
+        return torch.from_numpy(np.tile(np.asarray(target.tuple.index, dtype=np.int64), (n, 1)).reshape(n, len(target.tuple.index)))
     rows = [list(t.index) for t in target.per_example.indices]
     if len(rows) != n:
         raise InvalidArgument(f"target.per_example has {len(rows)} entries; there are {n} examples")
