@@ -19,7 +19,7 @@ from attrserve_engine.algorithms import ALGORITHMS, Algorithm, Limits
 from attrserve_engine.algorithms.noise_tunnel import NoiseTunnelParams, noise_tunnel_plan, parse_noise_tunnel
 from attrserve_engine.errors import AttributionError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluate
-from attrserve_engine.executor import check_target
+from attrserve_engine.executor import check_target, release_free_memory
 from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks, format_target
 from attrserve_engine.job import AlgorithmCall, AlgorithmOutcome, AttributionJob, AttributionResult
 from attrserve_engine.plan import FORWARD, Block, BlockResult, Plan, RequestRNG, Task, concurrently
@@ -98,6 +98,7 @@ class Engine:
             if reason:
                 model.unsupported[name] = reason
         self._warm_up_algorithms(model)
+        release_free_memory()  # the probe and warm-ups freed far more than serving keeps
         model.ready = True
         log.info("loaded model %s v%s on %s", model.name, model.version, model.device)
         return model

@@ -6,6 +6,8 @@ the expected and given values.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -29,6 +31,18 @@ def check_inputs(job: AttributionJob, model: LoadedModel) -> tuple[Tensor, ...]:
     return inputs
 
 
+@functools.lru_cache(maxsize=512)
+def constant_baseline(feature_shape: tuple[int, ...], dtype: torch.dtype, value: float) -> Tensor:
+    """A (1, *feature_shape) baseline of one value, made once and shared by every request that uses it.
+
+    Read-only like every tensor of a task. `device_copies` keeps its copy on each device the models live
+    on (Task.to uses it), so a request without baselines costs no allocation and no host-to-device copy.
+    """
+    t = torch.full((1, *feature_shape), value, dtype=dtype)
+    t.device_copies = {}
+    return t
+
+
 def format_baselines(baselines: tuple, inputs: tuple[Tensor, ...], distribution: bool) -> tuple[Tensor, ...]:
     """Each baseline → (b, *feature_shape) in the input's dtype: b = 1, n, or (distributions) any m."""
     if baselines and len(baselines) != len(inputs):
@@ -38,7 +52,7 @@ def format_baselines(baselines: tuple, inputs: tuple[Tensor, ...], distribution:
         b = baselines[i] if baselines else None
         feature_shape = tuple(x.shape[1:])
         if b is None or isinstance(b, (int, float)):
-            out.append(torch.full((1, *feature_shape), float(b or 0), dtype=x.dtype))
+            out.append(constant_baseline(feature_shape, x.dtype, float(b or 0)))
             continue
         if b.dim() == 0:
             b = b.reshape(1, *([1] * len(feature_shape)))
