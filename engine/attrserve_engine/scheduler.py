@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 BatchKey = tuple
 
 
-
 @dataclass
 class PassStats:
     """What one fused pass did; handed to observers (metrics) after each pass."""
