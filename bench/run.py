@@ -189,14 +189,20 @@ def run_soak(w: Workload, args: argparse.Namespace, log_dir: Path) -> dict:
                    warmup=max(args.warmup_seconds, SOAK_WARMUP_S))
     start, end = r["rss_start_mib"], r["rss_end_mib"]
     drift = (end - start) / start if start else None
-    samples = [mib for _, mib in r["rss_samples_mib"]]
     print(f"[{w.key}] RSS soak: {start} -> {end} MiB ({100 * drift:+.1f}%)", file=sys.stderr, flush=True)
-    return {"workload": w.key, "seconds": args.rss_soak, "warmup_seconds": max(args.warmup_seconds, SOAK_WARMUP_S),
-            "requests": r["requests"], "errors": r["errors"],
-            "throughput_rps": r["throughput_rps"], "rss_start_mib": start, "rss_end_mib": end,
-            "rss_min_mib": min(samples), "rss_max_mib": max(samples), "rss_peak_mib": r["rss_peak_mib"], "drift": drift,
-            "max_deviation": max(abs(s - start) for s in samples) / start if start else None,
-            "rss_samples_mib": r["rss_samples_mib"]}
+    return soak_range({"workload": w.key, "seconds": args.rss_soak, "warmup_seconds": max(args.warmup_seconds, SOAK_WARMUP_S),
+                       "requests": r["requests"], "errors": r["errors"],
+                       "throughput_rps": r["throughput_rps"], "rss_start_mib": start, "rss_end_mib": end,
+                       "rss_peak_mib": r["rss_peak_mib"], "drift": drift, "rss_samples_mib": r["rss_samples_mib"]})
+
+
+def soak_range(soak: dict) -> dict:
+    """Adds the soak's RSS range and its largest deviation from the first sample (what "flat" is judged on)."""
+    samples = [mib for _, mib in soak["rss_samples_mib"]]
+    start = soak["rss_start_mib"]
+    soak.update(rss_min_mib=min(samples), rss_max_mib=max(samples),
+                max_deviation=max(abs(s - start) for s in samples) / start if start else None)
+    return soak
 
 
 # -- targets ------------------------------------------------------------------------------------
@@ -374,9 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render is not None:
         report = json.loads(args.render.read_text())
         for soak in report.get("rss_soak", {}).values():
-            samples = [mib for _, mib in soak["rss_samples_mib"]]
-            soak.update(rss_min_mib=min(samples), rss_max_mib=max(samples),
-                        max_deviation=max(abs(s - soak["rss_start_mib"]) for s in samples) / soak["rss_start_mib"])
+            soak_range(soak)
         report["targets"] = evaluate_targets(report["workloads"], report.get("rss_soak", {}))
         print(markdown(report))
         return 0

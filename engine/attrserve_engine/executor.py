@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 
@@ -104,19 +103,6 @@ def flat_target(target: Tensor, out_shape: tuple[int, ...], what: str = "target"
         return wrapped[:, 0]
     strides = torch.tensor([math.prod(out_shape[j + 1 : k]) for j in range(k)], dtype=torch.int64, device=target.device)
     return (wrapped * strides).sum(1)
-
-
-def release_free_memory() -> None:
-    """Give the C heap's free pages back to the OS (glibc malloc_trim; a no-op where glibc is absent).
-
-    Called after a model's load-time probe and warm-ups, which free far more than serving keeps: glibc would
-    otherwise keep that memory mapped and hand it back only bit by bit under load (RSS drifting down by
-    hundreds of MiB for minutes). Trimming once a second during load was tried too: it lowers RSS but does
-    not make it flat, and the pages it returns are faulted back in by the next passes."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class LayerHook:
