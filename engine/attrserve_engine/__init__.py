@@ -12,6 +12,7 @@ from attrserve_engine.errors import (
 )
 from attrserve_engine.job import AlgorithmCall, AlgorithmOutcome, AttributionJob, AttributionResult, JobTiming
 from attrserve_engine.registry import InputSpec, LoadedModel, ModelSpec
+from attrserve_engine.scheduler import DROP_CANCELLED, DROP_DEADLINE, EngineObserver, PassStats
 
 __all__ = [
     "AlgorithmCall",
@@ -21,7 +22,10 @@ __all__ = [
     "AttributionResult",
     "Cancelled",
     "DeadlineExceeded",
+    "DROP_CANCELLED",
+    "DROP_DEADLINE",
     "Engine",
+    "EngineObserver",
     "EngineLimits",
     "InputSpec",
     "InvalidArgument",
@@ -29,6 +33,7 @@ __all__ = [
     "LoadedModel",
     "ModelSpec",
     "NotFound",
+    "PassStats",
     "ResourceExhausted",
     "Unavailable",
 ]

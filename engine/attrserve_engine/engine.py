@@ -11,7 +11,6 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -27,7 +26,7 @@ from attrserve_engine.plan import FORWARD, Block, BlockResult, Plan, RequestRNG,
 from attrserve_engine.plugins import load_plugins
 from attrserve_engine.registry import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelRegistry, ModelSpec
 from attrserve_engine.rules.deeplift import hooked_modules
-from attrserve_engine.scheduler import LiveJob, PassStats, Scheduler
+from attrserve_engine.scheduler import EngineObserver, LiveJob, PassStats, Scheduler
 from attrserve_engine.tuning import pick_batch_rows, probe_batch_rows
 
 log = logging.getLogger(__name__)
@@ -53,6 +52,8 @@ class EngineLimits:
     # Measure each model's best pass size at load (models with pinned input shapes and no configured max_batch_rows).
     probe_batch_rows: bool = True
     probe_seconds: float = 1.5
+    # A worker that died is restarted after this long (doubling while it keeps dying, up to 30 s).
+    worker_restart_delay_s: float = 0.1
 
     @property
     def algorithm_limits(self) -> Limits:
@@ -69,12 +70,12 @@ class Engine:
     def __init__(self, limits: EngineLimits = EngineLimits()) -> None:
         self.limits = limits
         self.registry = ModelRegistry()
-        self.observers: list[Callable[[PassStats], None]] = []
+        # Told about every pass, dropped request and worker failure/restart (metrics, health). Append to add one.
+        self.observers: list[EngineObserver] = [_PassCounter(self)]
         self._schedulers: dict[str, Scheduler] = {}
         self._lock = threading.Lock()
         self.passes = 0
         self.rows = 0
-        self.observers.append(self._count)
         self._closed = False
         # Built-ins plus plugins loaded into this engine.
         self.algorithms: dict[str, Algorithm] = dict(ALGORITHMS)
@@ -172,34 +173,63 @@ class Engine:
         if not model.ready:
             raise Unavailable(f"model {model.name!r} is still loading")
         live = self._prepare(job, model)
-        future = self._scheduler(model).submit(live)
-        future.add_done_callback(lambda f: setattr(live, "cancelled", True) if f.cancelled() else None)
+        scheduler = self._scheduler(model)
+        future = scheduler.submit(live)
+        # Cancelling the future (asyncio cancels it when the RPC ends early) drops the job's rows.
+        future.add_done_callback(lambda f: scheduler.cancel(live) if f.cancelled() else None)
         return future
 
     def attribute(self, job: AttributionJob, timeout: float | None = None) -> AttributionResult:
-        """Blocking convenience for in-process callers and tests."""
-        return self.submit(job).result(timeout)
+        """Blocking convenience for in-process callers and tests; on timeout the job is cancelled."""
+        future = self.submit(job)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
 
-    def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> None:
+    def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> int:
+        """Stop every worker (draining first, for at most `timeout` s); returns how many accepted jobs were lost."""
         self._closed = True
-        for scheduler in list(self._schedulers.values()):
-            scheduler.stop(drain=drain, timeout=timeout)
+        lost = sum(scheduler.stop(drain=drain, timeout=timeout) for scheduler in list(self._schedulers.values()))
         self._schedulers.clear()
+        return lost
 
     def in_flight(self) -> int:
         return sum(s.in_flight() for s in self._schedulers.values())
 
-    # -- internals ---------------------------------------------------------
-    def _count(self, stats: PassStats) -> None:
-        self.passes += 1
-        self.rows += stats.rows
+    def serving(self) -> tuple[bool, str]:
+        """Whether every device's worker is up; if not, which one is down and why."""
+        for device, scheduler in list(self._schedulers.items()):
+            up, reason = scheduler.serving()
+            if not up:
+                return False, f"the engine worker for {device} is down: {reason}"
+        return True, ""
 
+    def model_serving(self, model: LoadedModel) -> bool:
+        """Loaded, warm, and its device's worker is up."""
+        scheduler = self._schedulers.get(str(model.device))
+        return model.ready and scheduler is not None and scheduler.serving()[0]
+
+    # -- internals ---------------------------------------------------------
     def _scheduler(self, model: LoadedModel) -> Scheduler:
         key = str(model.device)
         with self._lock:
             if key not in self._schedulers:
-                self._schedulers[key] = Scheduler(key, self.limits.max_queued_requests, self.observers)
+                self._schedulers[key] = Scheduler(
+                    key,
+                    self.limits.max_queued_requests,
+                    self.observers,
+                    ready_check=lambda: self._check_device(key),
+                    restart_delay_s=self.limits.worker_restart_delay_s,
+                )
             return self._schedulers[key]
+
+    def _check_device(self, device: str) -> None:
+        """A restarted worker's first act: every loaded model on `device` still runs a forward (raises if not)."""
+        for model in self.registry.all():
+            if str(model.device) == device and model.ready:
+                model.warm_up()
 
     def _prepare(self, job: AttributionJob, model: LoadedModel) -> LiveJob:
         """Validate a job against its model and build what the worker runs: one plan per algorithm, driven together."""
@@ -317,6 +347,17 @@ class Engine:
         examples = task.n * nt.nt_samples if nt else task.n  # NoiseTunnel runs the algorithm on its noisy copies
         rows = algorithm.rows(task, examples) + (algorithm.delta_rows(task, examples) if call.return_convergence_delta else 0)
         return _PreparedCall(name, algorithm, nt, task, rows)
+
+
+class _PassCounter(EngineObserver):
+    """Engine.passes and Engine.rows: totals over the engine's life (tests and benchmarks read them)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def pass_executed(self, stats: PassStats) -> None:
+        self.engine.passes += 1
+        self.engine.rows += stats.rows
 
 
 @dataclass

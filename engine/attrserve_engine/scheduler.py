@@ -1,14 +1,26 @@
 """Scheduler: one worker thread per device that queues plan blocks by batch key, cuts fused passes and routes results.
 
 Who calls what:
-- `submit` / `cancel`: any thread (the service's event loop); they only touch the inbox.
-- everything else runs on the worker thread, which alone drives plans and the model.
+- `submit`, `cancel`, `in_flight`, `serving`, `stop`: any thread (the service's event loop, the engine
+  facade, a future's done-callback). They only touch the inbox, the cancel list and flags, under `_cv`.
+- everything else runs on the worker thread, which alone drives plans, owns the queues and runs the model.
+
+NOTE: jobs leave the queues in one place, `_evict`, at a pass boundary; nothing removes queue entries while
+another step walks them. A job that dies (deadline passed, caller cancelled, a failed block) is failed at
+once and its rows are gone before the next pass is cut.
+
+NOTE: nothing may escape the worker silently. Whatever kills the loop (a bug here, a model raising
+SystemExit) is logged with its traceback, every job the worker held fails with UNAVAILABLE, observers hear
+`serving=False` at once (health goes NOT_SERVING), and a new worker thread starts after a back-off, once
+the device's models answer again (`ready_check`).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -26,6 +38,10 @@ log = logging.getLogger(__name__)
 # (model, pass signature, per-input (feature shape, dtype), per-arg (shape, dtype))
 BatchKey = tuple
 
+# Why a job's rows were dropped before compute (a metric label).
+DROP_DEADLINE = "deadline"
+DROP_CANCELLED = "cancelled"
+
 
 @dataclass
 class PassStats:
@@ -38,7 +54,40 @@ class PassStats:
     seconds: float
 
 
-@dataclass
+class EngineObserver:
+    """What the engine tells the outside (metrics, health) as it happens. Override what you need.
+
+    Called on worker threads: keep each call short. An observer that raises is logged and ignored.
+    """
+
+    def pass_executed(self, stats: PassStats) -> None:
+        """After every fused pass."""
+
+    def request_dropped(self, model: str, reason: str, rows: int) -> None:
+        """A request died before all its rows ran (DROP_DEADLINE or DROP_CANCELLED); `rows` were never computed."""
+
+    def worker_state(self, device: str, serving: bool, reason: str) -> None:
+        """A device's worker went down (serving=False, with why) or is serving again after a restart."""
+
+
+class _Observers:
+    """Fans one call out to every observer; a failing observer never breaks the engine."""
+
+    def __init__(self, observers: list[EngineObserver]) -> None:
+        self._observers = observers
+
+    def __getattr__(self, method: str) -> Callable[..., None]:
+        def call(*args: Any) -> None:
+            for observer in list(self._observers):
+                try:
+                    getattr(observer, method)(*args)
+                except Exception:  # noqa: BLE001
+                    log.exception("engine observer %s.%s failed", type(observer).__name__, method)
+
+        return call
+
+
+@dataclass(eq=False)
 class LiveJob:
     """A submitted job while its plan runs. Created by the engine, owned by the worker afterwards."""
 
@@ -50,7 +99,7 @@ class LiveJob:
     arrival: float
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     plan: Plan | None = None
-    cancelled: bool = False
+    cancelled: bool = False  # set by any thread (Scheduler.cancel); acted on by the worker
     done: bool = False
     # blocks of the current yield
     pending: int = 0
@@ -58,6 +107,8 @@ class LiveJob:
     yielded_list: bool = False
     timing: JobTiming = field(default_factory=JobTiming)  # filled pass by pass; queue/total at finish
     first_pass_start: float | None = None
+    rows_done: int = 0  # rows of this job computed so far
+    queue_keys: set = field(default_factory=set)  # batch keys it has (or had) blocks queued under
 
 
 @dataclass
@@ -80,34 +131,67 @@ def batch_key(model: LoadedModel, block: Block) -> BatchKey:
     )
 
 
+def _resolve(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Complete a caller's future unless the caller cancelled it first (a race the worker must not die of)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled by its caller meanwhile: nobody is waiting for it
+
+
 class Scheduler:
-    def __init__(self, name: str, max_queued_jobs: int, observers: list[Callable[[PassStats], None]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        max_queued_jobs: int,
+        observers: list[EngineObserver],
+        ready_check: Callable[[], None] = lambda: None,
+        restart_delay_s: float = 0.1,
+        run_pass: Callable[[LoadedModel, list[Block]], list] = run_pass,
+    ) -> None:
         self.name = name
+        self._run_pass = run_pass  # the executor; tests give a fake
         self.max_queued_jobs = max_queued_jobs
-        self.observers = observers
+        self._observers = _Observers(observers)
+        self._ready_check = ready_check  # run on a restarted worker before it serves again
+        self._restart_delay_s = restart_delay_s
         self._cv = threading.Condition()
         self._inbox: list[LiveJob] = []
+        self._cancelled: list[LiveJob] = []
+        self._jobs: set[LiveJob] = set()  # accepted and not finished: inbox, queued or in a pass
+        self._deadlines: list[tuple[float, int, LiveJob]] = []  # heap; entries of finished jobs are skipped
+        self._sequence = itertools.count()
         self._queues: dict[BatchKey, collections.deque[QueuedBlock]] = {}
         self._queue_rows: dict[BatchKey, int] = {}
-        self._live = 0
-        self._jobs_by_id: dict[int, LiveJob] = {}
-        self._stopping = False
+        self._evicted_keys: set[BatchKey] = set()  # queues holding blocks of jobs that died since the last boundary
+        self._stopping = False  # no new jobs
+        self._exit = False  # the worker leaves its loop
+        self._serving = True
+        self._down_reason = ""
+        self.restarts = 0
+        self._failures_in_a_row = 0
+        self._started = time.monotonic()
         # Smoothed time between arrivals: waiting for company only pays when company comes sooner than the delay.
         self._last_arrival = time.monotonic()
         self._arrival_gap = 0.0
-        self._thread = threading.Thread(target=self._loop, name=f"attrserve-worker-{name}", daemon=True)
-        self._thread.start()
+        self._thread = self._start_worker(None)
 
     # -- any thread --------------------------------------------------------
     def submit(self, job: LiveJob) -> concurrent.futures.Future:
         with self._cv:
             if self._stopping:
                 raise Unavailable("the engine is shutting down")
-            if self._live >= self.max_queued_jobs:
+            if not self._serving:
+                raise Unavailable(f"the engine worker for {self.name} is restarting after a failure ({self._down_reason}); retry shortly")
+            if len(self._jobs) >= self.max_queued_jobs:
                 raise ResourceExhausted(f"the queue is full ({self.max_queued_jobs} requests in flight); retry later")
-            self._live += 1
-            self._jobs_by_id[id(job)] = job
+            self._jobs.add(job)
             self._inbox.append(job)
+            if job.deadline is not None:
+                heapq.heappush(self._deadlines, (job.deadline, next(self._sequence), job))
             now = time.monotonic()
             gap = min(now - self._last_arrival, 1.0)
             self._last_arrival = now
@@ -116,59 +200,133 @@ class Scheduler:
         return job.future
 
     def cancel(self, job: LiveJob) -> None:
-        # The worker drops the job's rows before they cost compute.
-        job.cancelled = True
+        """The caller gave up on `job`: its rows are dropped at the next pass boundary, before they cost compute."""
         with self._cv:
-            self._cv.notify()
+            if job in self._jobs and not job.cancelled:
+                job.cancelled = True
+                self._cancelled.append(job)
+                self._cv.notify()
 
     def in_flight(self) -> int:
         with self._cv:
-            return self._live
+            return len(self._jobs)
 
-    def stop(self, drain: bool, timeout: float | None = None) -> None:
-        """Stop taking jobs; with drain, finish the ones in flight first."""
+    def serving(self) -> tuple[bool, str]:
+        """Whether the worker is up, and if not, why."""
+        with self._cv:
+            return self._serving, self._down_reason
+
+    def stop(self, drain: bool, timeout: float | None = None) -> int:
+        """Stop taking jobs; with drain, let the ones in flight finish first (for at most `timeout` seconds).
+
+        Jobs still unfinished after that fail with UNAVAILABLE. Returns how many jobs were lost that way.
+        """
         with self._cv:
             self._stopping = True
             if not drain:
-                for job in self._jobs_by_id.values():
-                    job.cancelled = True
-            self._cv.notify()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cv:
-            while self._live and (deadline is None or time.monotonic() < deadline):
-                self._cv.wait(0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic())))
-            self._live = -1  # tells the worker to exit
-            self._cv.notify()
-        self._thread.join(timeout=5)
+                for job in self._jobs:
+                    if not job.cancelled:
+                        job.cancelled = True
+                        self._cancelled.append(job)
+            self._cv.notify_all()
+            until = None if timeout is None else time.monotonic() + timeout
+            while self._jobs and (until is None or time.monotonic() < until):
+                self._cv.wait(0.05 if until is None else max(0.0, min(0.05, until - time.monotonic())))
+            lost = len(self._jobs)
+            self._exit = True  # the worker fails what is left and leaves
+            self._cv.notify_all()
+            thread = self._thread
+        thread.join(timeout=5)
+        if thread.is_alive():  # stuck in a model's forward: answer its callers anyway
+            with self._cv:
+                stranded, self._jobs = list(self._jobs), set()
+            for job in stranded:
+                _resolve(job.future, error=Unavailable("the server shut down before this request finished"))
+        return lost
 
     # -- worker thread -----------------------------------------------------
+    def _start_worker(self, restart_delay: float | None) -> threading.Thread:
+        thread = threading.Thread(target=self._work, args=(restart_delay,), name=f"attrserve-worker-{self.name}", daemon=True)
+        self._thread = thread
+        thread.start()
+        return thread
+
+    def _work(self, restart_delay: float | None) -> None:
+        """Thread body: (after a crash: wait, check the models, serve again) then the loop; recovery if it dies."""
+        try:
+            if restart_delay is not None:
+                with self._cv:
+                    self._cv.wait_for(lambda: self._exit, timeout=restart_delay)
+                    if self._exit:
+                        return
+                self._ready_check()
+                with self._cv:
+                    self._serving, self._down_reason = True, ""
+                    self._started = time.monotonic()
+                log.warning("engine worker for %s restarted (restart %d); serving again", self.name, self.restarts)
+                self._observers.worker_state(self.name, True, "")
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - whatever killed it, the worker must not die silently
+            self._crashed(e)
+
+    def _crashed(self, error: BaseException) -> None:
+        reason = f"{type(error).__name__}: {error}"[:500]
+        log.error("engine worker for %s died: %s", self.name, reason, exc_info=error)
+        with self._cv:
+            self._serving, self._down_reason = False, reason
+            held, self._jobs = list(self._jobs), set()
+            self._inbox, self._cancelled, self._deadlines = [], [], []
+            self._queues, self._queue_rows, self._evicted_keys = {}, {}, set()
+            exiting = self._exit
+            self.restarts += 1
+            # Back off when it keeps dying (a model that kills the worker on every request), not after a rare crash.
+            self._failures_in_a_row = 1 if time.monotonic() - self._started > 60 else self._failures_in_a_row + 1
+            delay = min(self._restart_delay_s * 2 ** (self._failures_in_a_row - 1), 30.0)
+            self._cv.notify_all()
+        self._observers.worker_state(self.name, False, reason)  # health first, then the callers hear why
+        lost = Unavailable(f"the engine worker for {self.name} failed ({reason}) before this request finished; it is restarting, retry")
+        for job in held:
+            job.done = True
+            self._close_plan(job)
+            _resolve(job.future, error=lost)
+        if not exiting:
+            self._start_worker(delay)
+
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._inbox and self._live >= 0:
-                    wait = self._next_cut_in()
+                while not (self._exit or self._inbox or self._cancelled):
+                    wait = self._next_wake_in()
                     if wait is not None and wait <= 0:
                         break
                     self._cv.wait(wait)
-                if self._live < 0:
-                    return
+                if self._exit:
+                    break
                 arrivals, self._inbox = self._inbox, []
-            # 1) start new plans: their first blocks join the queues
+                cancelled, self._cancelled = self._cancelled, []
+            # 1) drop the jobs that died since the last pass boundary (deadline passed, caller cancelled)
+            self._drop_dead(cancelled)
+            # 2) start new plans: their first blocks join the queues
             for job in arrivals:
                 self._advance(job, None)
-            # 2) cut one fused pass from the ripest queue
+            self._evict()
+            # 3) cut one fused pass from the ripest queue, 4) execute it and route the results back to their plans
             cut = self._cut()
             if cut is not None:
-                # 3) execute it and 4) route the results back to their plans
                 self._execute(*cut)
+        # Leaving (stop): whatever is still here will not be computed.
+        for job in list(self._jobs):
+            self._fail(job, Unavailable("the server shut down before this request finished"))
 
-    def _next_cut_in(self) -> float | None:
-        """Seconds until some queue must be cut (<= 0: now); None when all queues are empty."""
+    def _next_wake_in(self) -> float | None:
+        """Seconds until some queue must be cut or some deadline passes (<= 0: now); None when nothing waits."""
         now = time.monotonic()
         soonest = None
+        while self._deadlines and self._deadlines[0][2].done:
+            heapq.heappop(self._deadlines)
+        if self._deadlines:
+            soonest = self._deadlines[0][0] - now
         for key, queue in self._queues.items():
-            if not queue:
-                continue
             model = queue[0].job.model
             if self._queue_rows[key] >= model.max_batch_rows:
                 return 0.0
@@ -181,18 +339,59 @@ class Scheduler:
         arrive further apart than that (a lone caller would only wait for company that is not coming)."""
         return 0.0 if self._arrival_gap > model.max_queue_delay_s else model.max_queue_delay_s
 
+    def _dead(self, job: LiveJob, now: float) -> tuple[str, AttributionError] | None:
+        """Why a live job must stop now, or None. A passed deadline wins over a cancel (the client's deadline
+        is what cancelled the RPC)."""
+        if job.deadline is not None and now >= job.deadline:
+            return DROP_DEADLINE, DeadlineExceeded("the request's deadline passed before its attribution was computed")
+        if job.cancelled:
+            return DROP_CANCELLED, Cancelled("the request was cancelled by its caller")
+        return None
+
+    def _drop_dead(self, cancelled: list[LiveJob]) -> None:
+        now = time.monotonic()
+        expired = []
+        while self._deadlines and (self._deadlines[0][2].done or self._deadlines[0][0] <= now):
+            expired.append(heapq.heappop(self._deadlines)[2])
+        for job in itertools.chain(expired, cancelled):
+            self._drop_if_dead(job, now)
+
+    def _drop_if_dead(self, job: LiveJob, now: float) -> bool:
+        if job.done:
+            return False
+        dead = self._dead(job, now)
+        if dead is None:
+            return False
+        reason, error = dead
+        self._observers.request_dropped(job.model.name, reason, max(job.rows - job.rows_done, 0))
+        self._fail(job, error)
+        return True
+
     def _enqueue(self, job: LiveJob, block: Block, index: int) -> None:
         key = batch_key(job.model, block)
         self._queues.setdefault(key, collections.deque()).append(QueuedBlock(job, block, index, time.monotonic()))
         self._queue_rows[key] = self._queue_rows.get(key, 0) + block.rows
+        job.queue_keys.add(key)
+
+    def _evict(self) -> None:
+        """Take the blocks of finished jobs out of their queues (the one place queue entries are removed)."""
+        for key in self._evicted_keys:
+            queue = self._queues.get(key)
+            if queue is None:
+                continue
+            alive = collections.deque(qb for qb in queue if not qb.job.done)
+            if alive:
+                self._queues[key] = alive
+                self._queue_rows[key] = sum(qb.block.rows - qb.taken for qb in alive)
+            else:
+                del self._queues[key]
+                del self._queue_rows[key]
+        self._evicted_keys = set()
 
     def _cut(self) -> tuple[LoadedModel, list[tuple[QueuedBlock, Block]]] | None:
         now = time.monotonic()
         ripe = None
         for key, queue in self._queues.items():
-            self._drop_dead(key)
-            if not queue:
-                continue
             model = queue[0].job.model
             full = self._queue_rows[key] >= model.max_batch_rows
             if full or now - queue[0].enqueued >= self._delay(model):
@@ -227,43 +426,25 @@ class Scheduler:
             del self._queue_rows[ripe]
         return model, segments
 
-    def _drop_dead(self, key: BatchKey) -> None:
-        queue = self._queues[key]
-        now = time.monotonic()
-        alive = collections.deque()
-        for qb in queue:
-            job = qb.job
-            if not job.done and job.deadline is not None and now > job.deadline:
-                self._fail(job, DeadlineExceeded("the request's deadline passed while it waited for compute"))
-            elif not job.done and job.cancelled:
-                self._fail(job, Cancelled("the request was cancelled"))
-            if job.done:
-                self._queue_rows[key] -= qb.block.rows - qb.taken
-            else:
-                alive.append(qb)
-        self._queues[key] = alive
-
     def _execute(self, model: LoadedModel, segments: list[tuple[QueuedBlock, Block]]) -> None:
         start = time.monotonic()
-        outcomes = run_pass(model, [part for _, part in segments])
+        outcomes = self._run_pass(model, [part for _, part in segments])
         seconds = time.monotonic() - start
         rows = sum(part.rows for _, part in segments)
         jobs = {id(qb.job): qb.job for qb, _ in segments}
+        for qb, part in segments:
+            qb.job.rows_done += part.rows
         for job in jobs.values():
             job.first_pass_start = job.first_pass_start or start
             job.timing.compute_ms += 1e3 * seconds
             job.timing.passes += 1
             job.timing.pass_rows += rows
             job.timing.pass_requests = max(job.timing.pass_requests, len(jobs))
-        stats = PassStats(model.name, segments[0][1].kind, rows, len(jobs), seconds)
-        for observe in self.observers:
-            try:
-                observe(stats)
-            except Exception:  # an observer must never break the engine
-                log.exception("pass observer failed")
+        self._observers.pass_executed(PassStats(model.name, segments[0][1].kind, rows, len(jobs), seconds))
+        now = time.monotonic()
         for (qb, _), outcome in zip(segments, outcomes):
             job = qb.job
-            if job.done:
+            if job.done or self._drop_if_dead(job, now):  # died mid-pass: its remaining rows are not computed
                 continue
             if isinstance(outcome, AttributionError):
                 self._fail(job, outcome)
@@ -277,10 +458,7 @@ class Scheduler:
 
     def _advance(self, job: LiveJob, sent: BlockResult | list | None) -> None:
         """Resume the job's plan with its results; queue what it yields next, or finish it."""
-        if job.done:
-            return
-        if job.cancelled:
-            self._fail(job, Cancelled("the request was cancelled"))
+        if job.done or self._drop_if_dead(job, time.monotonic()):
             return
         try:
             if job.plan is None:
@@ -311,22 +489,27 @@ class Scheduler:
             self._fail(job, e)
             return
         self._close(job)
-        if not job.future.done():
-            job.future.set_result(result)
+        _resolve(job.future, result)
 
     def _fail(self, job: LiveJob, error: BaseException) -> None:
         if job.done:
             return
         self._close(job)
-        if not job.future.done():
-            job.future.set_exception(error)
+        self._evicted_keys |= job.queue_keys
+        _resolve(job.future, error=error)
 
     def _close(self, job: LiveJob) -> None:
         job.done = True
-        if job.plan is not None:
-            job.plan.close()
+        self._close_plan(job)
         with self._cv:
-            self._live -= 1
-            self._jobs_by_id.pop(id(job), None)
+            self._jobs.discard(job)
             self._cv.notify_all()
 
+    @staticmethod
+    def _close_plan(job: LiveJob) -> None:
+        if job.plan is None:
+            return
+        try:
+            job.plan.close()
+        except Exception:  # noqa: BLE001 - a plan that misbehaves on close must not take the worker with it
+            log.exception("closing a plan failed")

@@ -32,6 +32,10 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n-steps", type=int, default=defaults.max_n_steps)
     p.add_argument("--max-nt-samples", type=int, default=defaults.max_nt_samples)
     p.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument("--grace-seconds", type=float, default=10.0,
+                   help="on SIGTERM, how long in-flight requests may take to finish before they are cancelled")
+    p.add_argument("--worker-restart-delay", type=float, default=defaults.worker_restart_delay_s, metavar="SECONDS",
+                   help="a device worker that died restarts after this long (doubling while it keeps dying)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -49,6 +53,7 @@ def serve_main(argv: Sequence[str]) -> int:
         model_repository=args.model_repository,
         plugins=args.plugins,
         max_request_bytes=args.max_request_bytes,
+        grace_seconds=args.grace_seconds,
         limits=EngineLimits(
             max_n_steps=args.max_n_steps,
             max_nt_samples=args.max_nt_samples,
@@ -57,6 +62,7 @@ def serve_main(argv: Sequence[str]) -> int:
             default_max_queue_delay_us=args.max_queue_delay_us,
             default_device=args.device,
             probe_batch_rows=not args.no_batch_probe,
+            worker_restart_delay_s=args.worker_restart_delay,
         ),
     )
     try:

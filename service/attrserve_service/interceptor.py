@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -10,7 +11,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import grpc
 
 from attrserve_service import metrics
-from attrserve_service.servicer import grpc_status
+from attrserve_service.servicer import deadline_passed, grpc_status
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ async def _handled(grpc_type: str, full_method: str, context: grpc.aio.ServicerC
         yield
     except grpc.aio.AbortError:  # the handler set its own status
         code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+        raise
+    except asyncio.CancelledError:  # grpc cancels the handler when the deadline passes or the client leaves
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed(context) else grpc.StatusCode.CANCELLED
         raise
     except Exception as e:  # noqa: BLE001
         code, message = grpc_status(e)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from attrserve_engine.scheduler import PassStats
+from attrserve_engine import DROP_CANCELLED, DROP_DEADLINE, EngineObserver, PassStats
 
 # Latency buckets span a ~1 ms cached saliency call to multi-second IG on big images.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -48,13 +48,28 @@ ATTRSERVE_PASS_DURATION_SECONDS = Histogram(
     "attrserve_pass_duration_seconds", "Duration of one fused pass.", ["model", "kind"], buckets=_LATENCY_BUCKETS
 )
 ATTRSERVE_REQUESTS_IN_FLIGHT = Gauge("attrserve_requests_in_flight", "Attribution requests accepted and not yet answered.")
-ATTRSERVE_MODEL_READY = Gauge("attrserve_model_ready", "1 when the model is loaded and warm.", ["model", "version"])
+ATTRSERVE_MODEL_READY = Gauge(
+    "attrserve_model_ready", "1 when the model is loaded, warm and its device's worker is up.", ["model", "version"]
+)
+ATTRSERVE_REQUESTS_DROPPED_TOTAL = Counter(
+    "attrserve_requests_dropped_total",
+    "Requests dropped before all their rows ran, because their deadline passed or their caller cancelled.",
+    ["model", "reason"],
+)
+ATTRSERVE_ROWS_DROPPED_TOTAL = Counter(
+    "attrserve_rows_dropped_total", "Rows of dropped requests that were never computed.", ["model", "reason"]
+)
+ATTRSERVE_WORKER_UP = Gauge("attrserve_worker_up", "1 while the device's engine worker runs; 0 from its failure to its restart.", ["device"])
+ATTRSERVE_WORKER_RESTARTS_TOTAL = Counter(
+    "attrserve_worker_restarts_total", "Engine workers restarted after they died (each failure is logged with its traceback).", ["device"]
+)
 
 GRPC_CODES = (
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "RESOURCE_EXHAUSTED",
     "UNAVAILABLE", "INTERNAL",
 )
 PASS_KINDS = ("gradient", "forward", "deeplift")
+DROP_REASONS = (DROP_DEADLINE, DROP_CANCELLED)
 
 
 def precreate(models: list[str], algorithms: list[str], methods: list[tuple[str, str, str]]) -> None:
@@ -65,6 +80,9 @@ def precreate(models: list[str], algorithms: list[str], methods: list[tuple[str,
             for code in GRPC_CODES:
                 ATTRSERVE_ATTRIBUTIONS_COMPLETED_TOTAL.labels(model, algorithm, code)
         ATTRSERVE_QUEUE_WAIT_SECONDS.labels(model)
+        for reason in DROP_REASONS:
+            ATTRSERVE_REQUESTS_DROPPED_TOTAL.labels(model, reason)
+            ATTRSERVE_ROWS_DROPPED_TOTAL.labels(model, reason)
         for kind in PASS_KINDS:
             ATTRSERVE_PASSES_EXECUTED_TOTAL.labels(model, kind)
     for grpc_type, service, method in methods:
@@ -74,9 +92,25 @@ def precreate(models: list[str], algorithms: list[str], methods: list[tuple[str,
             GRPC_SERVER_HANDLED_TOTAL.labels(grpc_type, service, method, code)
 
 
-def observe_pass(stats: PassStats) -> None:
-    """Engine pass observer (runs on the worker thread)."""
-    ATTRSERVE_PASSES_EXECUTED_TOTAL.labels(stats.model, stats.kind).inc()
-    ATTRSERVE_PASS_ROWS.labels(stats.model, stats.kind).observe(stats.rows)
-    ATTRSERVE_PASS_REQUESTS.labels(stats.model, stats.kind).observe(stats.requests)
-    ATTRSERVE_PASS_DURATION_SECONDS.labels(stats.model, stats.kind).observe(stats.seconds)
+class EngineMetrics(EngineObserver):
+    """What the engine reports from its worker threads, as metrics."""
+
+    def __init__(self, devices: list[str]) -> None:
+        for device in devices:
+            ATTRSERVE_WORKER_UP.labels(device).set(1.0)
+            ATTRSERVE_WORKER_RESTARTS_TOTAL.labels(device)
+
+    def pass_executed(self, stats: PassStats) -> None:
+        ATTRSERVE_PASSES_EXECUTED_TOTAL.labels(stats.model, stats.kind).inc()
+        ATTRSERVE_PASS_ROWS.labels(stats.model, stats.kind).observe(stats.rows)
+        ATTRSERVE_PASS_REQUESTS.labels(stats.model, stats.kind).observe(stats.requests)
+        ATTRSERVE_PASS_DURATION_SECONDS.labels(stats.model, stats.kind).observe(stats.seconds)
+
+    def request_dropped(self, model: str, reason: str, rows: int) -> None:
+        ATTRSERVE_REQUESTS_DROPPED_TOTAL.labels(model, reason).inc()
+        ATTRSERVE_ROWS_DROPPED_TOTAL.labels(model, reason).inc(rows)
+
+    def worker_state(self, device: str, serving: bool, reason: str) -> None:
+        ATTRSERVE_WORKER_UP.labels(device).set(1.0 if serving else 0.0)
+        if serving:
+            ATTRSERVE_WORKER_RESTARTS_TOTAL.labels(device).inc()

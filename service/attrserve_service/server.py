@@ -15,7 +15,7 @@ from prometheus_client import start_http_server
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
-from attrserve_engine import Engine
+from attrserve_engine import Engine, EngineObserver
 from attrserve_service import metrics
 from attrserve_service.config import RepositoryError, ServerConfig, load_repository
 from attrserve_service.interceptor import StatusInterceptor
@@ -36,14 +36,40 @@ class RunningServer:
     health: health.aio.HealthServicer
     metrics_port: int | None = None
     _metrics_http: Any = None
+    draining: bool = False
+
+    async def sync_health(self) -> None:
+        """Health and model readiness say what the engine can do now: NOT_SERVING while a worker is down."""
+        for model in self.engine.models():
+            metrics.ATTRSERVE_MODEL_READY.labels(model.name, model.version).set(1.0 if self.engine.model_serving(model) else 0.0)
+        if self.draining:
+            return  # enter_graceful_shutdown set NOT_SERVING for good
+        status = health_pb2.HealthCheckResponse.SERVING if self.engine.serving()[0] else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
 
     async def stop(self, grace: float = 10.0) -> None:
+        self.draining = True
         await self.health.enter_graceful_shutdown()  # NOT_SERVING first, so balancers move away
         await self.server.stop(grace)
         await asyncio.get_running_loop().run_in_executor(None, lambda: self.engine.shutdown(drain=True, timeout=grace))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+
+
+class _HealthSync(EngineObserver):
+    """Moves a worker's failure or restart (reported on its thread) onto the event loop, into health at once."""
+
+    def __init__(self, running: RunningServer, loop: asyncio.AbstractEventLoop) -> None:
+        self.running = running
+        self.loop = loop
+
+    def worker_state(self, device: str, serving: bool, reason: str) -> None:
+        if not serving:
+            log.error("health: NOT_SERVING until the engine worker for %s is back (%s)", device, reason)
+        if not self.loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self.running.sync_health(), self.loop)
 
 
 async def create_server(config: ServerConfig, engine: Engine | None = None) -> RunningServer:
@@ -62,9 +88,7 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
                 await loop.run_in_executor(None, engine.load, spec)  # model code never runs on the event loop
             except Exception as e:
                 raise RepositoryError(f"model folder {spec.path} could not be served: {type(e).__name__}: {e}") from e
-    engine.observers.append(metrics.observe_pass)
-    for model in engine.models():
-        metrics.ATTRSERVE_MODEL_READY.labels(model.name, model.version).set(1.0 if model.ready else 0.0)
+    engine.observers.append(metrics.EngineMetrics(sorted({str(m.device) for m in engine.models()})))
     metrics.precreate(
         [m.name for m in engine.models()],
         sorted({a for m in engine.models() for a in engine.supported_algorithms(m)}),
@@ -94,9 +118,9 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
         httpd, _ = start_http_server(config.metrics_port, addr=config.host)
         running._metrics_http = httpd
         running.metrics_port = httpd.server_port
+    engine.observers.append(_HealthSync(running, asyncio.get_running_loop()))
     # Readiness only now: every model is loaded and warm.
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await running.sync_health()
     return running
 
 

@@ -15,11 +15,21 @@ from attrserve_service.config import effective_config
 from attrserve_service.convert import algorithm_enum, request_to_job, result_to_response
 
 
-def grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status a failed request gets: AttributionErrors carry theirs; anything else is a bug (INTERNAL)."""
+def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    """True once the RPC's deadline has passed (grpc then cancels the handler: that is DEADLINE_EXCEEDED, not CANCELLED)."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0.001
+
+
+def grpc_status(error: BaseException, context: grpc.aio.ServicerContext | None = None) -> tuple[grpc.StatusCode, str]:
+    """The status a failed request gets: AttributionErrors carry theirs; anything else is a bug (INTERNAL).
+
+    A cancelled handler is DEADLINE_EXCEEDED when its RPC's deadline passed, else CANCELLED (the caller left)."""
     if isinstance(error, AttributionError):
         return grpc.StatusCode[error.code], str(error)
     if isinstance(error, asyncio.CancelledError):
+        if context is not None and deadline_passed(context):
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed"
         return grpc.StatusCode.CANCELLED, "the request was cancelled"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
 
@@ -31,9 +41,14 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         # Metric labels stay bounded: names a client makes up are counted as "unknown".
         self._served = {m.name for m in engine.models()}
 
-    async def _attribute(self, request: pb.AttributeRequest, deadline: float | None) -> pb.AttributeResponse:
-        """One request through the engine, with its metrics; raises AttributionError on failure."""
+    async def _attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> pb.AttributeResponse:
+        """One request through the engine, with its metrics; raises AttributionError on failure.
+
+        The RPC's deadline (a stream's, for each of its requests) goes to the engine, which drops the job's
+        rows once it passes; an RPC that ends early cancels the engine's future, which drops them too."""
         start = time.monotonic()
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else start + remaining
         model = request.model if request.model in self._served else "unknown"
         known = request.algorithm in pb.Algorithm.values() and request.algorithm != pb.ALGORITHM_UNSPECIFIED
         name = pb.Algorithm.Name(request.algorithm)[len("ALGORITHM_"):].lower() if known else request.custom_algorithm
@@ -46,7 +61,7 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
             metrics.ATTRSERVE_QUEUE_WAIT_SECONDS.labels(labels[0]).observe(result.timing.queue_ms / 1e3)
             return result_to_response(result)
         except BaseException as e:
-            code = grpc_status(e)[0].name
+            code = grpc_status(e, context)[0].name
             raise
         finally:
             metrics.ATTRSERVE_REQUESTS_IN_FLIGHT.dec()
@@ -54,8 +69,7 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
             metrics.ATTRSERVE_ATTRIBUTION_DURATION_SECONDS.labels(*labels).observe(time.monotonic() - start)
 
     async def Attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> pb.AttributeResponse:
-        remaining = context.time_remaining()
-        return await self._attribute(request, None if remaining is None else time.monotonic() + remaining)
+        return await self._attribute(request, context)
 
     async def AttributeStream(self, request_iterator, context: grpc.aio.ServicerContext):
         """Requests run concurrently (at most max_requests_per_stream at once); responses go out as they finish."""
@@ -67,7 +81,7 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
             # NOTE: an empty request_id is replaced by the request's position on the stream, so every answer is matchable.
             request_id = request.request_id or str(position)
             try:
-                response = await self._attribute(request, None)
+                response = await self._attribute(request, context)
                 response.request_id = request_id
                 await done.put(pb.AttributeStreamResponse(request_id=request_id, response=response))
             except Exception as e:  # noqa: BLE001 - every failure becomes an error entry; the stream goes on
@@ -88,26 +102,27 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
             return count
 
         reader = asyncio.ensure_future(read())
+        getter: asyncio.Future | None = None
         sent = 0
         try:
-            while not (reader.done() and sent == reader.result()):
-                if reader.done():  # all requests read: just wait for the remaining answers
-                    yield await done.get()
-                    sent += 1
-                    continue
-                getter = asyncio.ensure_future(done.get())
-                await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                if reader.done():
+                    if reader.exception() is not None:
+                        raise reader.exception()  # type: ignore[misc]
+                    if sent == reader.result():  # every request read and answered
+                        break
+                if getter is None:
+                    getter = asyncio.ensure_future(done.get())
+                await asyncio.wait({getter} if reader.done() else {getter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
                     yield getter.result()
                     sent += 1
-                else:
-                    getter.cancel()
-                    if reader.exception() is not None:
-                        raise reader.exception()
+                    getter = None
         finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+            # The stream ended early (client left, deadline, error): nothing of it may linger.
+            for task in [reader, getter, *tasks]:
+                if task is not None:
+                    task.cancel()
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[self._info(m) for m in self.engine.models()])
@@ -122,6 +137,6 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
             layers=model.layers,
             algorithms=[e for e in map(algorithm_enum, names) if e is not None],
             custom_algorithms=[name for name in names if algorithm_enum(name) is None],
-            ready=model.ready,
+            ready=self.engine.model_serving(model),
             batch_probe=[pb.BatchProbe(rows=rows, rows_per_second=rate) for rows, rate in sorted(model.batch_probe.items())],
         )

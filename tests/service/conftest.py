@@ -4,41 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
+import urllib.request
 
 import pytest
 import torch
-from torch import nn
+from prometheus_client.parser import text_string_to_metric_families
 
 from attrserve_engine import Engine, InputSpec, ModelSpec
 from attrserve_service.config import ServerConfig
 from attrserve_service.server import RunningServer, create_server
+from doubles import Fragile, Slow
 from oracle import MODELS, make_engine
-
-
-class Fragile(nn.Module):
-    """Raises on inputs over 100: a request that breaks the model must fail alone."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(3, 2)
-
-    def forward(self, x):
-        if bool((x > 100).any()):
-            raise ValueError("input out of the model's range")
-        return self.fc(x)
-
-
-class Slow(nn.Module):
-    """Sleeps in forward, so deadlines can pass while it runs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(3, 2)
-
-    def forward(self, x):
-        time.sleep(0.3)
-        return self.fc(x)
 
 
 class ServerThread:
@@ -56,6 +32,12 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+def scrape(metrics_port: int) -> dict[tuple[str, frozenset], float]:
+    """Every sample on a server's /metrics page: (name, frozenset of label items) → value."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def oracle_engine(**limits) -> Engine:

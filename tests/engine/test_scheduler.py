@@ -1,0 +1,280 @@
+"""The scheduler alone, against a fake pass function: dead jobs leave the queues at pass boundaries, whatever
+the moment they die, and a worker that dies is reported, fails what it held and is restarted."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from attrserve_engine import Cancelled, DeadlineExceeded, EngineObserver, ModelSpec, Unavailable
+from attrserve_engine.plan import FORWARD, Attribution, Block, BlockResult
+from attrserve_engine.registry import LoadedModel
+from attrserve_engine.scheduler import LiveJob, Scheduler
+
+
+class Recorder(EngineObserver):
+    def __init__(self) -> None:
+        self.passes: list = []
+        self.dropped: list[tuple[str, str, int]] = []
+        self.states: list[tuple[bool, str]] = []
+
+    def pass_executed(self, stats) -> None:
+        self.passes.append(stats)
+
+    def request_dropped(self, model: str, reason: str, rows: int) -> None:
+        self.dropped.append((model, reason, rows))
+
+    def worker_state(self, device: str, serving: bool, reason: str) -> None:
+        self.states.append((serving, reason))
+
+
+class FakePasses:
+    """Stands in for the executor: each row's output is its input value; remembers which job tags it computed.
+
+    `during` runs inside a pass (after the rows are recorded), to make things happen mid-pass.
+    `previous_end` is when the pass before this one returned: the pass boundary came after it."""
+
+    def __init__(self) -> None:
+        self.computed: list[tuple[float, int]] = []  # (job tag, rows) per segment
+        self.during = None
+        self.lock = threading.Lock()
+        self.previous_end = 0.0
+        self._end = 0.0
+
+    def __call__(self, model, segments: list[Block]) -> list[BlockResult]:
+        self.previous_end = self._end
+        with self.lock:
+            self.computed += [(float(s.inputs[0][0, 0]), s.rows) for s in segments]
+        if self.during is not None:
+            self.during(segments)
+        self._end = time.monotonic()
+        return [BlockResult(outputs=s.inputs[0], selected=s.inputs[0][:, 0]) for s in segments]
+
+    def rows_of(self, tag: float) -> int:
+        with self.lock:
+            return sum(rows for t, rows in self.computed if t == tag)
+
+
+def model(max_batch_rows: int = 32, delay_us: int = 0, name: str = "m") -> LoadedModel:
+    return LoadedModel(ModelSpec(name=name, module=torch.nn.Linear(1, 1)), max_batch_rows, delay_us or 1)
+
+
+def job(m: LoadedModel, tag: float, rows: int = 8, stages: int = 1, deadline: float | None = None) -> LiveJob:
+    """A job of `stages` blocks of `rows` rows, one after another; every row carries `tag`; returns the row sum."""
+
+    def plan():
+        total = 0.0
+        for _ in range(stages):
+            results = yield [Block(kind=FORWARD, inputs=(torch.full((rows, 1), tag),), args=(), target=torch.zeros((rows, 0), dtype=torch.int64))]
+            total += float(results[0].outputs.sum())
+        return Attribution((torch.tensor([total]),))
+
+    return LiveJob(model=m, plan_factory=plan, finish=lambda a, live: float(a.attributions[0]), rows=rows * stages,
+                   deadline=deadline, arrival=time.monotonic())
+
+
+def scheduler(passes: FakePasses, recorder: Recorder, **kw) -> Scheduler:
+    return Scheduler("test", 10_000, [recorder], run_pass=passes, **kw)
+
+
+def test_a_queue_whose_only_jobs_expire_before_the_cut_is_dropped_and_the_worker_goes_on() -> None:
+    """The original crash: a queue left empty by expired jobs at the moment a pass is cut."""
+    passes, rec = FakePasses(), Recorder()
+    s = scheduler(passes, rec)
+    slow = model(delay_us=50_000)  # the cut waits 50 ms for company; the jobs expire before
+    try:
+        s._arrival_gap = 0.0  # arrivals "close together", so the queue waits its full delay
+        doomed = [s.submit(job(slow, 1.0, deadline=time.monotonic() + 0.01)) for _ in range(3)]
+        for f in doomed:
+            with pytest.raises(DeadlineExceeded):
+                f.result(5)
+        assert passes.rows_of(1.0) == 0
+        assert s.submit(job(model(), 2.0, rows=4)).result(5) == 8.0  # the worker still serves
+        assert s.serving() == (True, "") and s.restarts == 0
+        assert [r for _, r, _ in rec.dropped] == ["deadline"] * 3 and all(rows == 8 for _, _, rows in rec.dropped)
+    finally:
+        s.stop(drain=False)
+
+
+def test_a_job_cancelled_while_a_pass_is_cut_loses_its_remaining_rows_and_its_neighbours_are_served() -> None:
+    passes, rec = FakePasses(), Recorder()
+    s = scheduler(passes, rec)
+    m = model(max_batch_rows=30)
+    doomed = job(m, 1.0, rows=100)  # split over 4 passes of 30 rows
+    cancelled = threading.Event()
+
+    def cancel_mid_pass(segments: list[Block]) -> None:
+        if not cancelled.is_set():
+            cancelled.set()
+            doomed.future.cancel()  # as the RPC's end does, from another thread, while its first slice runs
+            s.cancel(doomed)
+
+    passes.during = cancel_mid_pass
+    try:
+        f = s.submit(doomed)
+        neighbours = [s.submit(job(m, 2.0 + i, rows=10)) for i in range(5)]
+        assert [n.result(5) for n in neighbours] == [10 * (2.0 + i) for i in range(5)]
+        assert f.cancelled()
+        assert passes.rows_of(1.0) == 30  # the slice in flight ran; the other 70 rows never did
+        assert rec.dropped == [("m", "cancelled", 70)]
+        assert s.in_flight() == 0
+    finally:
+        s.stop(drain=False)
+
+
+def test_a_deadline_that_passes_between_stages_stops_the_plan() -> None:
+    passes, rec = FakePasses(), Recorder()
+    s = scheduler(passes, rec)
+    m = model()
+
+    def sleep_past_deadline(segments):
+        time.sleep(0.06)
+
+    passes.during = sleep_past_deadline
+    try:
+        f = s.submit(job(m, 1.0, rows=4, stages=5, deadline=time.monotonic() + 0.05))
+        with pytest.raises(DeadlineExceeded):
+            f.result(5)
+        assert passes.rows_of(1.0) == 4  # stage 1 only
+        assert rec.dropped == [("m", "deadline", 16)]
+    finally:
+        s.stop(drain=False)
+
+
+def test_random_deaths_never_disturb_the_worker() -> None:
+    """Many jobs over several queues; a third expire, a third are cancelled at random moments (queued, between
+    passes, mid-pass). Every future resolves; survivors are exact; no job computes rows after it died."""
+    rng = random.Random(7)
+    passes, rec = FakePasses(), Recorder()
+    died_at: dict[float, float] = {}  # deadline, or when the cancel had been handed to the scheduler
+    computed_after_death: list[float] = []
+
+    def check_not_dead(segments: list[Block]) -> None:
+        for seg in segments:
+            tag = float(seg.inputs[0][0, 0])
+            if died_at.get(tag, float("inf")) < passes.previous_end:  # dead before the boundary this pass was cut at
+                computed_after_death.append(tag)
+        time.sleep(rng.random() * 0.002)
+
+    passes.during = check_not_dead
+    s = scheduler(passes, rec)
+    models = [model(max_batch_rows=rng.choice([8, 20, 64]), name=f"m{i}") for i in range(3)]
+    try:
+        for round_ in range(4):
+            futures = {}
+            for i in range(60):
+                tag = round_ * 1000 + i + 1.0
+                fate = rng.choice(["live", "deadline", "cancel"])
+                deadline = time.monotonic() + rng.random() * 0.02 if fate == "deadline" else None
+                live = job(rng.choice(models), tag, rows=rng.randint(1, 40), stages=rng.randint(1, 3), deadline=deadline)
+                futures[tag] = (fate, live, s.submit(live))
+                if fate == "deadline":
+                    died_at[tag] = deadline  # type: ignore[assignment]
+            for tag, (fate, live, f) in futures.items():
+                if fate == "cancel":
+                    time.sleep(rng.random() * 0.001)
+                    if f.cancel():
+                        s.cancel(live)
+                        died_at[tag] = time.monotonic()
+            for tag, (fate, live, f) in futures.items():
+                try:
+                    value = f.result(10)
+                except (DeadlineExceeded, concurrent.futures.CancelledError):
+                    assert fate != "live"
+                    continue
+                assert value == tag * live.rows  # survivors are exact
+            assert s.in_flight() == 0
+        assert computed_after_death == []
+        assert s.serving() == (True, "") and s.restarts == 0
+        assert {r for _, r, _ in rec.dropped} <= {"deadline", "cancelled"} and rec.dropped
+    finally:
+        s.stop(drain=False)
+
+
+def test_a_worker_that_dies_is_reported_fails_what_it_held_and_restarts() -> None:
+    passes, rec = FakePasses(), Recorder()
+    checks: list[float] = []
+    s = scheduler(passes, rec, ready_check=lambda: checks.append(time.monotonic()), restart_delay_s=0.2)
+    m = model()
+    entered, release = threading.Event(), threading.Event()
+
+    def die(segments: list[Block]) -> None:
+        if float(segments[0].inputs[0][0, 0]) == 666.0:
+            entered.set()
+            release.wait(10)
+            raise SystemExit("injected: the worker thread dies")  # ends a Python thread silently, if nobody catches it
+
+    passes.during = die
+    try:
+        killer = s.submit(job(m, 666.0))
+        assert entered.wait(5)
+        queued = [s.submit(job(model(name="other"), 1.0 + i)) for i in range(3)]  # waiting behind the dying pass
+        release.set()
+        for f in [killer, *queued]:
+            with pytest.raises(Unavailable, match="failed \\(SystemExit: injected.*restarting"):
+                f.result(5)
+        serving, reason = s.serving()
+        assert not serving and "SystemExit" in reason
+        with pytest.raises(Unavailable, match="restarting"):
+            s.submit(job(m, 5.0))
+        deadline = time.monotonic() + 5
+        while not s.serving()[0]:
+            assert time.monotonic() < deadline, "the worker was not restarted"
+            time.sleep(0.01)
+        assert s.restarts == 1 and len(checks) == 1
+        assert [state for state, _ in rec.states] == [False, True]
+        assert s.submit(job(m, 3.0, rows=2)).result(5) == 6.0  # exact after the restart
+        assert s.in_flight() == 0
+    finally:
+        s.stop(drain=False)
+
+
+def test_a_worker_that_keeps_dying_backs_off_and_a_failing_ready_check_keeps_it_down() -> None:
+    passes, rec = FakePasses(), Recorder()
+    attempts: list[float] = []
+
+    def broken_models() -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise RuntimeError("the device is gone")
+
+    def die(segments):
+        raise SystemExit("dies")
+
+    passes.during = die
+    s = scheduler(passes, rec, ready_check=broken_models, restart_delay_s=0.05)
+    try:
+        with pytest.raises(Unavailable):
+            s.submit(job(model(), 1.0)).result(5)
+        deadline = time.monotonic() + 5
+        while not s.serving()[0]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert len(attempts) == 3
+        gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+        assert gaps[1] > gaps[0] * 1.5  # doubling back-off
+        assert [state for state, _ in rec.states] == [False, False, False, True]
+    finally:
+        s.stop(drain=False)
+
+
+def test_stop_drains_then_fails_what_is_left_and_counts_it() -> None:
+    passes, rec = FakePasses(), Recorder()
+    release = threading.Event()
+    passes.during = lambda segments: release.wait(0.3) if float(segments[0].inputs[0][0, 0]) == 9.0 else None
+    s = scheduler(passes, rec)
+    m = model()
+    quick = s.submit(job(m, 1.0, rows=2))
+    assert quick.result(5) == 2.0
+    stuck = s.submit(job(m, 9.0, rows=2, stages=50))  # 50 passes of 0.3 s: longer than the grace
+    lost = s.stop(drain=True, timeout=0.5)
+    assert lost == 1
+    with pytest.raises(Unavailable, match="shut down"):
+        stuck.result(5)
+    with pytest.raises(Unavailable, match="shutting down"):
+        s.submit(job(m, 1.0))

@@ -1,0 +1,257 @@
+"""Clients that time out or leave, a worker that dies, SIGTERM mid-storm: the server keeps answering correctly,
+health tells the truth, and the metrics count what happened."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from attrserve.v1 import attribution_service_pb2 as pb
+from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
+from attrserve_client import AttributionClient
+from attrserve_engine import InputSpec, ModelSpec
+from attrserve_service.config import ServerConfig
+from conftest import ServerThread, scrape, start_server
+from doubles import Exiting
+from oracle import MODELS, Case, assert_all_close, captum_attribute, make_engine
+
+SERVICE = "attrserve.v1.AttributionService"
+
+
+def health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status
+
+
+def assert_serves_captums_numbers(address: str, seed: int) -> None:
+    """A normal request, answered within seconds and equal to Captum."""
+    case = Case("conv", "integrated_gradients", {"n_steps": 16}, target="per_example", n=2, seed=seed)
+    built = case.build()
+    want, _ = captum_attribute(case, MODELS["conv"](), built)
+    with AttributionClient(address) as client:
+        got = client.attribute("conv", "integrated_gradients", built["inputs"][0].numpy(), target=[[0], [1]],
+                               params={"n_steps": 16}, timeout=5)
+    assert_all_close((torch.from_numpy(got.attributions),), want)
+
+
+def heavy_request(rng: random.Random) -> pb.AttributeRequest:
+    """IG on 20 conv examples × 200 steps: 4,000 rows, many passes — long enough to expire mid-way."""
+    x = np.asarray(rng.random() * np.ones((20, 2, 8, 8)), dtype=np.float32)
+    return AttributionClient.build_request("conv", "integrated_gradients", x, target=1, params={"n_steps": 200})
+
+
+def test_storms_of_expiring_and_cancelled_requests_never_disturb_the_worker() -> None:
+    """Rounds of unary calls with 1-50 ms deadlines, unary calls cancelled mid-flight, a stream with a deadline
+    and a stream cancelled by its caller. After each round: Captum's numbers within seconds, SERVING, nothing
+    left in the engine."""
+    rng = random.Random(3)
+    s = start_server()
+    try:
+        before = scrape(s.running.metrics_port)
+        client_deadlines = 0
+        with grpc.insecure_channel(s.address) as channel:
+            stub = pb_grpc.AttributionServiceStub(channel)
+            for round_ in range(3):
+                expiring = [stub.Attribute.future(heavy_request(rng), timeout=rng.uniform(0.001, 0.05)) for _ in range(30)]
+                leaving = [stub.Attribute.future(heavy_request(rng)) for _ in range(10)]
+                stream = stub.AttributeStream(iter([pb.AttributeStreamRequest(request=heavy_request(rng)) for _ in range(10)]), timeout=0.03)
+                abandoned = stub.AttributeStream(iter([pb.AttributeStreamRequest(request=heavy_request(rng)) for _ in range(10)]))
+                for call in leaving:
+                    time.sleep(rng.uniform(0, 0.003))
+                    call.cancel()
+                time.sleep(0.02)
+                abandoned.cancel()
+                for call in expiring:
+                    try:
+                        call.result(timeout=10)
+                    except grpc.RpcError as e:
+                        assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                        client_deadlines += 1
+                for call in leaving:
+                    assert call.cancelled() or call.done()
+                with pytest.raises(grpc.RpcError) as streamed:
+                    list(stream)
+                assert streamed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                with pytest.raises(grpc.RpcError) as left:
+                    list(abandoned)
+                assert left.value.code() == grpc.StatusCode.CANCELLED
+                assert_serves_captums_numbers(s.address, seed=round_)
+                assert health(s.address) == health_pb2.HealthCheckResponse.SERVING
+                until = time.monotonic() + 5
+                while s.running.engine.in_flight() and time.monotonic() < until:  # dropped at the next pass boundary
+                    time.sleep(0.01)
+                assert s.running.engine.in_flight() == 0
+        after = scrape(s.running.metrics_port)
+    finally:
+        s.stop()
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    attribute = dict(grpc_type="unary", grpc_service=SERVICE, grpc_method="Attribute")
+    # A client's deadline is DEADLINE_EXCEEDED in the metrics, never CANCELLED (calls that expire before the
+    # server sees them are not counted there at all).
+    assert 0 < grew("grpc_server_handled_total", grpc_code="DEADLINE_EXCEEDED", **attribute) <= client_deadlines
+    assert 0 < grew("attrserve_attributions_completed_total", model="conv", algorithm="integrated_gradients", grpc_code="DEADLINE_EXCEEDED")
+    assert grew("grpc_server_handled_total", grpc_code="CANCELLED", **attribute) > 0
+    assert 1 <= grew("grpc_server_handled_total", grpc_code="DEADLINE_EXCEEDED", grpc_type="bidi_stream", grpc_service=SERVICE,
+                     grpc_method="AttributeStream") <= 3
+    assert grew("attrserve_requests_dropped_total", model="conv", reason="deadline") > 0
+    assert grew("attrserve_requests_dropped_total", model="conv", reason="cancelled") > 0
+    assert grew("attrserve_rows_dropped_total", model="conv", reason="deadline") > 0
+    assert grew("attrserve_worker_restarts_total", device="cpu") == 0
+    assert after[("attrserve_requests_in_flight", frozenset())] == before[("attrserve_requests_in_flight", frozenset())]
+
+
+def test_the_server_drops_an_expired_request_itself() -> None:
+    """The client's own timeout gives DEADLINE_EXCEEDED whatever the server does; this checks the server's side:
+    the request queued behind a slow pass is dropped before compute and counted."""
+    s = start_server()
+    try:
+        before = scrape(s.running.metrics_port)
+        rows_before = s.running.engine.rows
+        x = np.ones((1, 3), np.float32)
+        with AttributionClient(s.address) as client:
+            first = client._stub.Attribute.future(AttributionClient.build_request("slow", "saliency", x, target=0), timeout=10)
+            time.sleep(0.05)  # the slow pass (0.3 s) is running
+            with pytest.raises(grpc.RpcError) as expired:
+                client.attribute("slow", "integrated_gradients", x, target=0, params={"n_steps": 50}, timeout=0.1)
+            assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            first.result(10)
+        time.sleep(0.4)
+        after = scrape(s.running.metrics_port)
+        assert s.running.engine.rows - rows_before == 1  # the saliency row; none of the 50 IG rows
+    finally:
+        s.stop()
+    key = ("attrserve_requests_dropped_total", frozenset({"model": "slow", "reason": "deadline"}.items()))
+    assert after[key] - before.get(key, 0.0) == 1
+    rows_key = ("attrserve_rows_dropped_total", frozenset({"model": "slow", "reason": "deadline"}.items()))
+    assert after[rows_key] - before.get(rows_key, 0.0) == 50
+
+
+def test_a_worker_that_dies_flips_health_fails_its_requests_and_comes_back(caplog) -> None:
+    engine = make_engine({"conv": MODELS["conv"]}, worker_restart_delay_s=1.0)
+    killer = Exiting()
+    engine.load(ModelSpec(name="killer", module=killer, inputs=[InputSpec("x", torch.float32, (3,))], max_batch_rows=64))
+    s = ServerThread(engine, ServerConfig(port=0, metrics_port=0))
+    statuses: list[tuple[float, int]] = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            try:
+                statuses.append((time.monotonic(), health(s.address)))
+            except grpc.RpcError:
+                pass
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    try:
+        before = scrape(s.running.metrics_port)
+        assert_serves_captums_numbers(s.address, seed=0)
+        watcher.start()
+        x_conv = np.zeros((1, 2, 8, 8), np.float32)
+        with AttributionClient(s.address) as client, caplog.at_level(logging.ERROR):
+            doomed = client._stub.Attribute.future(AttributionClient.build_request("killer", "saliency", np.full((1, 3), 200.0, np.float32), target=0), timeout=30)
+            assert killer.entered.wait(10)
+            queued = [client._stub.Attribute.future(AttributionClient.build_request("conv", "saliency", x_conv, target=0), timeout=30) for _ in range(3)]
+            until = time.monotonic() + 10
+            while engine.in_flight() < 4:
+                assert time.monotonic() < until
+                time.sleep(0.005)
+            died_at = time.monotonic()
+            killer.release.set()
+            for call in [doomed, *queued]:
+                with pytest.raises(grpc.RpcError) as failed:
+                    call.result(timeout=10)
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "SystemExit" in failed.value.details() and "restarting" in failed.value.details()
+            # While it restarts: NOT_SERVING, not ready, new work refused with UNAVAILABLE.
+            assert health(s.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert not client.get_model("conv").ready
+            down = scrape(s.running.metrics_port)
+            with pytest.raises(grpc.RpcError) as refused:
+                client.attribute("conv", "saliency", x_conv, target=0, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "restarting" in refused.value.details()
+            until = time.monotonic() + 15
+            while health(s.address) != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < until, "the worker never came back"
+                time.sleep(0.02)
+            assert client.get_model("conv").ready
+        assert_serves_captums_numbers(s.address, seed=1)
+        after = scrape(s.running.metrics_port)
+    finally:
+        watching.set()
+        killer.release.set()
+        if watcher.is_alive():
+            watcher.join(10)
+        s.stop()
+    flipped = [t for t, status in statuses if status == health_pb2.HealthCheckResponse.NOT_SERVING]
+    assert flipped and flipped[0] - died_at < 0.5  # at once, well before the 1 s restart
+    assert down[("attrserve_worker_up", frozenset({"device": "cpu"}.items()))] == 0
+    assert down[("attrserve_model_ready", frozenset({"model": "conv", "version": "1"}.items()))] == 0
+    assert after[("attrserve_worker_up", frozenset({"device": "cpu"}.items()))] == 1
+    assert after[("attrserve_model_ready", frozenset({"model": "conv", "version": "1"}.items()))] == 1
+    key = ("attrserve_worker_restarts_total", frozenset({"device": "cpu"}.items()))
+    assert after[key] - before.get(key, 0.0) == 1
+    deaths = [r for r in caplog.records if r.name == "attrserve_engine.scheduler" and r.levelno == logging.ERROR and r.exc_info]
+    assert deaths and deaths[0].exc_info[0] is SystemExit  # logged with its traceback
+
+
+def test_sigterm_during_a_storm_exits_promptly_and_cleanly() -> None:
+    """SIGTERM while requests expire, leave, and run past the grace: the server exits within the grace and a
+    few seconds, every call gets an answer, and nothing dies on the way (no traceback in the log)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attrserve_service.cli", "serve", "--port", "0", "--metrics-port", "-1", "--no-batch-probe",
+         "--grace-seconds", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        line = ""
+        until = time.monotonic() + 60
+        while "listening on" not in line:
+            assert time.monotonic() < until and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else "no start"
+            line = proc.stdout.readline()
+        address = re.search(r"listening on (\S+)", line).group(1)
+        rng = np.random.default_rng(0)
+        image = rng.random((40, 3, 16, 16), dtype=np.float32)
+        long_request = AttributionClient.build_request("image", "integrated_gradients", image, target=1, params={"n_steps": 500})
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.AttributionServiceStub(channel)
+            calls = [stub.Attribute.future(long_request, timeout=random.uniform(0.001, 0.03)) for _ in range(20)]
+            calls += [stub.Attribute.future(long_request, timeout=60) for _ in range(6)]  # 20,000 rows each: past the grace
+            leaving = [stub.Attribute.future(long_request, timeout=60) for _ in range(4)]
+            time.sleep(0.3)
+            for call in leaving:
+                call.cancel()
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            for call in calls:
+                try:
+                    call.result(timeout=15)
+                except grpc.RpcError as e:
+                    assert e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), e
+        proc.wait(timeout=15)
+        took = time.monotonic() - signalled
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert took < 1 + 4, f"SIGTERM took {took:.1f} s with a 1 s grace"
+    assert "Traceback" not in err and "Exception in thread" not in err, err
