@@ -22,7 +22,7 @@ from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluat
 from attrserve_engine.executor import check_target
 from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks, format_target
 from attrserve_engine.job import AlgorithmCall, AlgorithmOutcome, AttributionJob, AttributionResult
-from attrserve_engine.plan import FORWARD, Block, BlockResult, Plan, RequestRNG, Task, concurrently
+from attrserve_engine.plan import Block, BlockResult, concurrently, PassKind, Plan, RequestRNG, Task
 from attrserve_engine.plugins import load_plugins
 from attrserve_engine.registry import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelRegistry, ModelSpec
 from attrserve_engine.rules.deeplift import hooked_modules
@@ -408,7 +408,7 @@ def _count(rows: int) -> str:
 
 def _outputs_plan(task: Task) -> Plan:
     """The model's explained output for the inputs (return_outputs)."""
-    result: BlockResult = yield Block(kind=FORWARD, inputs=task.inputs, args=task.args, target=task.target)
+    result: BlockResult = yield Block(kind=PassKind.FORWARD, inputs=task.inputs, args=task.args, target=task.target)
     return result.outputs
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from attrserve_engine.algorithms.base import Limits, check_positive, parse_dataclass
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import FORWARD, Attribution, Block, BlockResult, Plan, Task, concurrently, interleave_rows
+from attrserve_engine.plan import Attribution, Block, BlockResult, concurrently, interleave_rows, PassKind, Plan, Task
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def infidelity_plan(task: Task, attributions: tuple[Tensor, ...], p: InfidelityP
     perturbed = tuple(x - e for x, e in zip(expanded, noise))
     # rows: [perturbed inputs (n * k); inputs (n)]
     result: BlockResult = yield Block(
-        kind=FORWARD,
+        kind=PassKind.FORWARD,
         inputs=tuple(torch.cat([q, x]) for q, x in zip(perturbed, task.inputs)),
         args=tuple(torch.cat([interleave_rows(a, k), a]) for a in task.args),
         target=torch.cat([interleave_rows(task.target, k), task.target]),

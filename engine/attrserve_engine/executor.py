@@ -10,9 +10,8 @@ import torch
 from torch import Tensor
 
 from attrserve_engine.errors import AttributionError, InvalidArgument, ResourceExhausted
-from attrserve_engine.plan import FORWARD, Block, BlockResult, concat_results, slice_block
+from attrserve_engine.plan import Block, BlockResult, concat_results, PassKind, slice_block
 from attrserve_engine.registry import LoadedModel
-from attrserve_engine.rules import RULE_PASSES, SegmentLayout
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +180,7 @@ def _fused_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcom
 
     xs = [stack([s.inputs[i] for s in segments] + ([s.refs[i] for s in segments] if paired else [])) for i in range(len(first.inputs))]  # type: ignore[index]
     args = stacked("args", twice=paired)
-    grad_mode = kind != FORWARD
+    grad_mode = kind is not PassKind.FORWARD
     wrt_inputs = grad_mode and not first.grad_wrt_layer
     if wrt_inputs:
         for i, x in enumerate(xs):
@@ -189,9 +188,8 @@ def _fused_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcom
                 raise InvalidArgument(f"inputs[{i}] has dtype {x.dtype}; gradient methods need floating point inputs")
             xs[i] = x.detach().requires_grad_(True)  # a fresh leaf, whatever the plan built
     hooks = []
-    if kind in RULE_PASSES:
-        layout = SegmentLayout.of(seg_rows, xs[0].device)
-        hooks.append(RULE_PASSES[kind](model.module, first.options, layout))
+    if first.options is not None:  # a rule pass
+        hooks.append(first.options.rules(model.module, seg_rows, xs[0].device))
     layer_hook = None
     if first.layer:
         substitute = tuple(stacked("layer_values")) if first.layer_values is not None else None

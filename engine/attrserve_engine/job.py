@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
 
@@ -54,10 +53,6 @@ class AttributionJob:
     evaluate: dict[str, Any] | None = None
     arrival: float = field(default_factory=time.monotonic)
 
-    @property
-    def n_examples(self) -> int:
-        return int(self.inputs[0].shape[0]) if self.inputs else 0
-
 
 @dataclass
 class JobTiming:
@@ -92,7 +87,3 @@ class AttributionResult:
     infidelity: Tensor | None = None  # (n,), when asked for in evaluate
     sensitivity_max: Tensor | None = None  # (n,)
 
-
-def zeros_like_target(n: int) -> Tensor:
-    """A target for models whose output is one scalar per example."""
-    return torch.zeros((n, 0), dtype=torch.int64)

@@ -8,41 +8,71 @@ scheduler never needs to know which algorithm a row belongs to.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Generator, Union
+from typing import Any, Generator, Hashable, Protocol, Union
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-# Pass kinds; the executor knows how to run each.
-GRADIENT = "gradient"  # forward + backward w.r.t. the inputs
-FORWARD = "forward"  # forward only, no autograd
-DEEPLIFT = "deeplift"  # forward + backward with DeepLift's rule hooks, rows paired with references
-GUIDED = "guided"  # forward + backward with Guided Backprop's or Deconvolution's ReLU hooks
-LRP = "lrp"  # forward + backward with LRP's relevance rules (gradients are normalised relevances)
+
+class PassKind(str, enum.Enum):
+    """What a fused pass does; the executor knows how to run each (and metrics label passes with it)."""
+
+    GRADIENT = "gradient"  # forward + backward w.r.t. the inputs (or the hooked layer)
+    FORWARD = "forward"  # forward only, no autograd
+    DEEPLIFT = "deeplift"  # forward + backward with DeepLift's rule hooks, rows paired with references
+    GUIDED = "guided"  # forward + backward with Guided Backprop's or Deconvolution's ReLU hooks
+    LRP = "lrp"  # forward + backward with LRP's relevance rules (gradients are normalised relevances)
+
+
+class RulePass(Protocol):
+    """Hooks that replace gradients for one pass (installed before the forward, removed after the backward)."""
+
+    def install(self) -> None: ...
+
+    def remove(self) -> None: ...
+
+
+class RuleOptions(Protocol):
+    """A rule pass's settings: a frozen, hashable dataclass (it is part of the batch key) that builds its hooks.
+
+    `rows_per_segment` says how the pass's rows split into requests (rules that look beyond a row need it)."""
+
+    def rules(self, model: nn.Module, rows_per_segment: list[int], device: torch.device) -> RulePass: ...
+
+
+def _rows(**kwargs: Any) -> Any:
+    """A Block field holding row tensors: in the batch key by per-row shape and dtype, not by value."""
+    return field(metadata={"rows": True}, **kwargs)
 
 
 @dataclass
 class Block:
-    """Rows of work of one plan, all of one pass kind."""
+    """Rows of work of one plan, all of one pass kind.
 
-    kind: str
-    inputs: tuple[Tensor, ...]  # each (rows, *feature_shape)
-    args: tuple[Tensor, ...]  # additional forward args, each (rows, ...)
-    target: Tensor  # (rows, k) int64 index into the output after dim 0
+    NOTE: the batch key (`pass_key`) is every field of this class: settings by value, row tensors by their
+    per-row shapes and dtypes. A new field is part of it without further work — rows that differ in it
+    never share a pass.
+    """
+
+    kind: PassKind
+    inputs: tuple[Tensor, ...] = _rows()  # each (rows, *feature_shape)
+    args: tuple[Tensor, ...] = _rows()  # additional forward args, each (rows, ...)
+    target: Tensor = _rows()  # (rows, k) int64 index into the output after dim 0
     # DEEPLIFT: reference rows paired one-to-one with `inputs` (Captum runs
     # cat([inputs, refs]) through the model).
-    refs: tuple[Tensor, ...] | None = None
-    # Hashable pass options that must be equal across a fused pass (e.g. eps).
-    options: tuple = ()
+    refs: tuple[Tensor, ...] | None = _rows(default=None)
+    # Rule passes: their settings (DeepLiftOptions, GuidedOptions, LrpOptions), which build the hooks.
+    options: RuleOptions | None = None
     # Layer passes: the hooked module (dotted path), its input instead of its output,
     # values to substitute for its activations (one per activation tensor, rows
     # aligned with `inputs`), and whether gradients are taken w.r.t. the layer.
     layer: str = ""
     layer_input: bool = False
-    layer_values: tuple[Tensor, ...] | None = None
+    layer_values: tuple[Tensor, ...] | None = _rows(default=None)
     grad_wrt_layer: bool = False
     # False: the plan needs no output at a target (LayerActivation), so none is selected.
     select: bool = True
@@ -61,19 +91,20 @@ class Block:
         return self.refs is None
 
     @property
-    def pass_signature(self) -> tuple:
-        """What rows must share to be fused: the pass kind, its options and its layer hook."""
-        return (
-            self.kind,
-            self.options,
-            self.refs is not None,
-            self.layer,
-            self.layer_input,
-            self.grad_wrt_layer,
-            self.select,
-            self.objective_layer,
-            None if self.layer_values is None else tuple((tuple(v.shape[1:]), v.dtype) for v in self.layer_values),
-        )
+    def pass_key(self) -> tuple[Hashable, ...]:
+        """What rows must share to be fused: every field (see the class NOTE)."""
+        return tuple(_row_signature(getattr(self, f.name)) if f.metadata.get("rows") else getattr(self, f.name) for f in _BLOCK_FIELDS)
+
+
+def _row_signature(value: Tensor | tuple[Tensor, ...] | None) -> Hashable:
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        return (tuple(value.shape[1:]), value.dtype)
+    return tuple((tuple(t.shape[1:]), t.dtype) for t in value)
+
+
+_BLOCK_FIELDS = dataclasses.fields(Block)
 
 
 @dataclass
@@ -94,6 +125,8 @@ class Attribution:
     outputs: Tensor | None = None  # the model's explained output for the inputs, when asked for
 
 
+# An algorithm's plan yields a Block or a list of blocks (run concurrently) and gets the matching BlockResult(s);
+# the engine drives every plan through `concurrently`, so the scheduler only ever sees lists.
 PlanYield = Union[Block, list]
 Plan = Generator[PlanYield, Any, Attribution]
 
@@ -195,10 +228,10 @@ def concat_results(parts: list[BlockResult]) -> BlockResult:
     )
 
 
-def concurrently(plans: list[Plan]) -> Generator[list, list, list]:
+def concurrently(plans: list[Plan]) -> Generator[list[Block], list[BlockResult], list]:
     """Drive several plans as one: each round yields every live plan's blocks together, so they share passes.
 
-    Returns each plan's return value, in order.
+    Always yields a list (the scheduler's one protocol); returns each plan's return value, in order.
     """
     returned: list = [None] * len(plans)
     pending: dict[int, tuple[bool, list[Block]]] = {}  # plan index → (yielded a list?, its blocks)

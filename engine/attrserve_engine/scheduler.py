@@ -30,12 +30,12 @@ from typing import Any, Callable
 from attrserve_engine.errors import AttributionError, Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 from attrserve_engine.executor import run_pass
 from attrserve_engine.job import JobTiming
-from attrserve_engine.plan import Attribution, Block, BlockResult, Plan, concat_results, slice_block
+from attrserve_engine.plan import Attribution, Block, BlockResult, concat_results, Plan, slice_block
 from attrserve_engine.registry import LoadedModel
 
 log = logging.getLogger(__name__)
 
-# (model, pass signature, per-input (feature shape, dtype), per-arg (shape, dtype))
+# (model name and version, Block.pass_key): what rows must share to be fused
 BatchKey = tuple
 
 # Why a job's rows were dropped before compute (a metric label).
@@ -104,7 +104,6 @@ class LiveJob:
     # blocks of the current yield
     pending: int = 0
     results: list = field(default_factory=list)
-    yielded_list: bool = False
     timing: JobTiming = field(default_factory=JobTiming)  # filled pass by pass; queue/total at finish
     first_pass_start: float | None = None
     rows_done: int = 0  # rows of this job computed so far
@@ -123,12 +122,7 @@ class QueuedBlock:
 
 
 def batch_key(model: LoadedModel, block: Block) -> BatchKey:
-    return (
-        model.key,
-        block.pass_signature,
-        tuple((tuple(x.shape[1:]), x.dtype) for x in block.inputs),
-        tuple((tuple(a.shape[1:]), a.dtype) for a in block.args),
-    )
+    return (model.key, block.pass_key)
 
 
 def _resolve(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -440,7 +434,7 @@ class Scheduler:
             job.timing.passes += 1
             job.timing.pass_rows += rows
             job.timing.pass_requests = max(job.timing.pass_requests, len(jobs))
-        self._observers.pass_executed(PassStats(model.name, segments[0][1].kind, rows, len(jobs), seconds))
+        self._observers.pass_executed(PassStats(model.name, segments[0][1].kind.value, rows, len(jobs), seconds))
         now = time.monotonic()
         for (qb, _), outcome in zip(segments, outcomes):
             job = qb.job
@@ -454,10 +448,12 @@ class Scheduler:
                 job.results[qb.index] = concat_results(qb.parts)
                 job.pending -= 1
                 if job.pending == 0:
-                    self._advance(job, job.results if job.yielded_list else job.results[0])
+                    self._advance(job, job.results)
 
-    def _advance(self, job: LiveJob, sent: BlockResult | list | None) -> None:
-        """Resume the job's plan with its results; queue what it yields next, or finish it."""
+    def _advance(self, job: LiveJob, sent: list[BlockResult] | None) -> None:
+        """Resume the job's plan with its results; queue what it yields next, or finish it.
+
+        Plans are driven through `concurrently`, so they yield lists of blocks and get lists of results."""
         if job.done or self._drop_if_dead(job, time.monotonic()):
             return
         try:
@@ -474,11 +470,9 @@ class Scheduler:
                 log.exception("plan failed")
             self._fail(job, e)
             return
-        blocks = yielded if isinstance(yielded, list) else [yielded]
-        job.yielded_list = isinstance(yielded, list)
-        job.pending = len(blocks)
-        job.results = [None] * len(blocks)
-        for i, block in enumerate(blocks):
+        job.pending = len(yielded)
+        job.results = [None] * len(yielded)
+        for i, block in enumerate(yielded):
             self._enqueue(job, block, i)
 
     def _succeed(self, job: LiveJob, attribution: Attribution) -> None:

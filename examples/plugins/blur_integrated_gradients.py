@@ -24,7 +24,7 @@ from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import GRADIENT, Attribution, Block, Plan, Task, repeat_rows
+from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task, repeat_rows
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class BlurIntegratedGradients(Algorithm):
         paths = [blur_path(x, p.n_steps, p.max_sigma) for x in task.inputs]  # each (n_steps + 1, n, c, h, w)
         # Gradients at the path points s_1..s_n, step-major like IG's rows.
         result = yield Block(
-            kind=GRADIENT,
+            kind=PassKind.GRADIENT,
             inputs=tuple(path[1:].reshape(-1, *path.shape[2:]) for path in paths),
             args=tuple(repeat_rows(a, p.n_steps) for a in task.args),
             target=repeat_rows(task.target, p.n_steps),

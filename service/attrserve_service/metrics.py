@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 from attrserve_engine import DROP_CANCELLED, DROP_DEADLINE, EngineObserver, PassStats
+from attrserve_engine.plan import PassKind
 
 # Latency buckets span a ~1 ms cached saliency call to multi-second IG on big images.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -68,7 +69,7 @@ GRPC_CODES = (
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "RESOURCE_EXHAUSTED",
     "UNAVAILABLE", "INTERNAL",
 )
-PASS_KINDS = ("gradient", "forward", "deeplift")
+PASS_KINDS = tuple(kind.value for kind in PassKind)
 DROP_REASONS = (DROP_DEADLINE, DROP_CANCELLED)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attrserve_engine import Cancelled, DeadlineExceeded, EngineObserver, ModelSpec, Unavailable
-from attrserve_engine.plan import FORWARD, Attribution, Block, BlockResult
+from attrserve_engine.plan import Attribution, Block, BlockResult, PassKind
 from attrserve_engine.registry import LoadedModel
 from attrserve_engine.scheduler import LiveJob, Scheduler
 
@@ -70,7 +70,7 @@ def job(m: LoadedModel, tag: float, rows: int = 8, stages: int = 1, deadline: fl
     def plan():
         total = 0.0
         for _ in range(stages):
-            results = yield [Block(kind=FORWARD, inputs=(torch.full((rows, 1), tag),), args=(), target=torch.zeros((rows, 0), dtype=torch.int64))]
+            results = yield [Block(kind=PassKind.FORWARD, inputs=(torch.full((rows, 1), tag),), args=(), target=torch.zeros((rows, 0), dtype=torch.int64))]
             total += float(results[0].outputs.sum())
         return Attribution((torch.tensor([total]),))
 

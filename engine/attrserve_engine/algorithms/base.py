@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import FORWARD, Block, BlockResult, Plan, Task, repeat_rows
+from attrserve_engine.plan import Block, BlockResult, PassKind, Plan, repeat_rows, Task
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def sum_rows(t: Tensor) -> Tensor:
 def delta_block(inputs: tuple[Tensor, ...], baselines: tuple[Tensor, ...], args: tuple[Tensor, ...], target: Tensor) -> Block:
     """The forward rows Captum's compute_convergence_delta needs: [end points; start points]."""
     return Block(
-        kind=FORWARD,
+        kind=PassKind.FORWARD,
         inputs=tuple(torch.cat([x, b]) for x, b in zip(inputs, baselines)),
         args=tuple(repeat_rows(a, 2) for a in args),
         target=repeat_rows(target, 2),

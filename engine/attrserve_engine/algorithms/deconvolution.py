@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from attrserve_engine.algorithms.guided_backprop import ModifiedReluGradient
-from attrserve_engine.rules.guided import DECONVOLUTION
+from attrserve_engine.rules import DECONVOLUTION
 
 
 class Deconvolution(ModifiedReluGradient):

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, delta_block, delta_from, example_baselines
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import DEEPLIFT, Attribution, Block, Plan, Task
+from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task
+from attrserve_engine.rules import DeepLiftOptions
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class DeepLift(Algorithm):
         p: DeepLiftParams = task.params
         baselines = example_baselines(task)
         # The executor runs cat([inputs, refs]) with the rule hooks; grads are w.r.t. the inputs.
-        blocks = [Block(kind=DEEPLIFT, inputs=task.inputs, refs=baselines, args=task.args, target=task.target, options=(p.eps,))]
+        blocks = [Block(kind=PassKind.DEEPLIFT, inputs=task.inputs, refs=baselines, args=task.args, target=task.target, options=DeepLiftOptions(p.eps))]
         if task.return_convergence_delta:  # a plain forward: Captum computes the delta with the hooks removed
             blocks.append(delta_block(task.inputs, baselines, task.args, task.target))
         results = yield blocks

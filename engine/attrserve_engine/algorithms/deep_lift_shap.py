@@ -10,7 +10,7 @@ from torch import Tensor
 from attrserve_engine.algorithms.base import Algorithm
 from attrserve_engine.algorithms.deep_lift import DeepLift, DeepLiftParams
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Attribution, Plan, Task, interleave_rows, repeat_rows
+from attrserve_engine.plan import Attribution, interleave_rows, Plan, repeat_rows, Task
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, delta_block, delta_from, per_input_values
-from attrserve_engine.plan import GRADIENT, Attribution, Block, Plan, Task, interleave_rows
+from attrserve_engine.plan import Attribution, Block, interleave_rows, PassKind, Plan, Task
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class GradientShap(Algorithm):
         )
         args = tuple(interleave_rows(a, ns) for a in task.args)
         target = interleave_rows(task.target, ns)
-        blocks = [Block(kind=GRADIENT, inputs=scaled, args=args, target=target)]
+        blocks = [Block(kind=PassKind.GRADIENT, inputs=scaled, args=args, target=target)]
         if task.return_convergence_delta:  # InputBaselineXGradient's delta: per noisy example
             blocks.append(delta_block(inputs, baselines, args, target))
         results = yield blocks

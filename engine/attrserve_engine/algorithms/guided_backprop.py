@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from attrserve_engine.algorithms.base import Algorithm
-from attrserve_engine.plan import GUIDED, Attribution, Block, Plan, Task
-from attrserve_engine.rules.guided import GUIDED_BACKPROP
+from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task
+from attrserve_engine.rules import GUIDED_BACKPROP, GuidedOptions
 
 
 class ModifiedReluGradient(Algorithm):
@@ -20,7 +20,7 @@ class ModifiedReluGradient(Algorithm):
     needs_module_hooks = True
 
     def plan(self, task: Task) -> Plan:
-        result = yield Block(kind=GUIDED, inputs=task.inputs, args=task.args, target=task.target, options=(self.rule,))
+        result = yield Block(kind=PassKind.GUIDED, inputs=task.inputs, args=task.args, target=task.target, options=GuidedOptions(self.rule))
         return Attribution(tuple(result.grads))  # grads: (n, *feature_shape) per input
 
 

@@ -12,7 +12,7 @@ from attrserve_engine.algorithms.guided_backprop import GuidedBackprop
 from attrserve_engine.algorithms.layer import LayerAlgorithm
 from attrserve_engine.algorithms.layer_grad_cam import LayerGradCam, LayerGradCamParams
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Attribution, Plan, Task, concurrently
+from attrserve_engine.plan import Attribution, concurrently, Plan, Task
 
 INTERPOLATE_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear", "area")
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, delta_block, delta_from, example_baselines
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import GRADIENT, Attribution, Block, Plan, Task, repeat_rows
+from attrserve_engine.plan import Attribution, Block, PassKind, Plan, repeat_rows, Task
 
 RIEMANN_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 METHODS = RIEMANN_METHODS + ("gausslegendre",)
@@ -104,7 +104,7 @@ class IntegratedGradients(Algorithm):
         baselines = example_baselines(task)
         blocks = [
             Block(
-                kind=GRADIENT,
+                kind=PassKind.GRADIENT,
                 inputs=interpolate(task.inputs, baselines, alphas),
                 args=tuple(repeat_rows(a, n_steps) for a in task.args),
                 target=repeat_rows(task.target, n_steps),

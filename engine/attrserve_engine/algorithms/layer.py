@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm
-from attrserve_engine.plan import FORWARD, GRADIENT, Block, Task, repeat_rows
+from attrserve_engine.plan import Block, PassKind, repeat_rows, Task
 
 
 class LayerAlgorithm(Algorithm):
@@ -29,7 +29,7 @@ def layer_block(
     """Rows whose pass hooks task.layer: capture its activations (or substitute `values`),
     and with `gradients` take d output[target] / d activations."""
     return Block(
-        kind=GRADIENT if gradients else FORWARD,
+        kind=PassKind.GRADIENT if gradients else PassKind.FORWARD,
         inputs=inputs,
         args=args,
         target=target,

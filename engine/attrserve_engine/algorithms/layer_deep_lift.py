@@ -9,7 +9,8 @@ from torch import Tensor
 from attrserve_engine.algorithms.base import delta_block, delta_from, example_baselines
 from attrserve_engine.algorithms.deep_lift import DeepLiftParams
 from attrserve_engine.algorithms.layer import LayerAlgorithm, layer_activations
-from attrserve_engine.plan import DEEPLIFT, Attribution, Block, Plan, Task
+from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task
+from attrserve_engine.rules import DeepLiftOptions
 
 # Captum's LayerDeepLift has no eps: it keeps DeepLift's default.
 DEFAULT_EPS = DeepLiftParams().eps
@@ -33,12 +34,12 @@ def layer_deep_lift_plan(task: Task, baselines: tuple[Tensor, ...], multiply_by_
     gradient taken, so they change nothing there either.
     """
     paired = Block(
-        kind=DEEPLIFT,
+        kind=PassKind.DEEPLIFT,
         inputs=task.inputs,
         refs=baselines,
         args=task.args,
         target=task.target,
-        options=(DEFAULT_EPS,),
+        options=DeepLiftOptions(DEFAULT_EPS),
         layer=task.layer,
         layer_input=task.params.attribute_to_layer_input,
         grad_wrt_layer=True,

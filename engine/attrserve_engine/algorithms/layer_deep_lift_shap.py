@@ -10,7 +10,7 @@ from attrserve_engine.algorithms.deep_lift_shap import DeepLiftShap
 from attrserve_engine.algorithms.layer import LayerAlgorithm
 from attrserve_engine.algorithms.layer_deep_lift import layer_deep_lift_plan
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Attribution, Plan, Task, interleave_rows, repeat_rows
+from attrserve_engine.plan import Attribution, interleave_rows, Plan, repeat_rows, Task
 
 
 @dataclass(frozen=True)

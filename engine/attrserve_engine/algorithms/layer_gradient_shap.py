@@ -9,7 +9,7 @@ import torch
 from attrserve_engine.algorithms.base import Limits, check_positive, delta_block, delta_from, per_input_values
 from attrserve_engine.algorithms.gradient_shap import add_noise, draw_baselines
 from attrserve_engine.algorithms.layer import LayerAlgorithm, layer_block
-from attrserve_engine.plan import FORWARD, Attribution, Block, Plan, Task, interleave_rows, repeat_rows
+from attrserve_engine.plan import Attribution, Block, interleave_rows, PassKind, Plan, repeat_rows, Task
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class LayerGradientShap(LayerAlgorithm):
             layer_block(task, scaled, args, target, gradients=True),
             # layer_gradient_shap.py:440-454: the layer at the baselines and at the noisy inputs; rows [inputs; baselines]
             Block(
-                kind=FORWARD,
+                kind=PassKind.FORWARD,
                 inputs=tuple(torch.cat([x, b]) for x, b in zip(inputs, baselines)),
                 args=tuple(repeat_rows(a, 2) for a in args),
                 target=repeat_rows(target, 2),

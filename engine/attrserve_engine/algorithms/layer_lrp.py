@@ -8,9 +8,8 @@ from torch import nn
 
 from attrserve_engine.algorithms.layer import LayerAlgorithm
 from attrserve_engine.algorithms.lrp import lrp_delta, scaled
-from attrserve_engine.plan import LRP as LRP_PASS
-from attrserve_engine.plan import Attribution, Block, Plan, Task
-from attrserve_engine.rules.lrp import lrp_refusal
+from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task
+from attrserve_engine.rules.lrp import LrpOptions, lrp_refusal
 
 
 @dataclass(frozen=True)
@@ -38,11 +37,11 @@ class LayerLRP(LayerAlgorithm):
 
     def plan(self, task: Task) -> Plan:
         result = yield Block(
-            kind=LRP_PASS,
+            kind=PassKind.LRP,
             inputs=task.inputs,
             args=task.args,
             target=task.target,
-            options=(len(task.inputs), task.layer),
+            options=LrpOptions(len(task.inputs), task.layer),
             layer=task.layer,
             layer_input=task.params.attribute_to_layer_input,
             grad_wrt_layer=True,

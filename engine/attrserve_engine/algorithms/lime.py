@@ -32,7 +32,7 @@ from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, 
 from attrserve_engine.algorithms.linear_models import lasso
 from attrserve_engine.algorithms.perturbation import check_perturbations_per_eval, feature_masks_or_default, n_features
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import FORWARD, Attribution, Block, Plan, Task, interleave_rows
+from attrserve_engine.plan import Attribution, Block, interleave_rows, PassKind, Plan, Task
 
 MAX_N_SAMPLES = 100_000  # the per-request row cap (n_samples × examples) is the real bound
 
@@ -130,7 +130,7 @@ class Lime(Algorithm):
         inputs = pattern_inputs(task, masks, patterns)  # (n * S, ...) each
         weights = self.pattern_weights(task, inputs, patterns, f)  # (n, S) float32
         result = yield Block(
-            kind=FORWARD,
+            kind=PassKind.FORWARD,
             inputs=inputs,
             args=tuple(interleave_rows(a, s) for a in task.args),
             target=interleave_rows(task.target, s),

@@ -5,9 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from attrserve_engine.algorithms.base import Algorithm, sum_rows
-from attrserve_engine.plan import LRP as LRP_PASS
-from attrserve_engine.plan import Attribution, Block, Plan, Task
-from attrserve_engine.rules.lrp import lrp_refusal
+from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task
+from attrserve_engine.rules.lrp import LrpOptions, lrp_refusal
 
 
 def scaled(relevances: tuple[Tensor, ...], output: Tensor) -> tuple[Tensor, ...]:
@@ -43,7 +42,7 @@ class LRP(Algorithm):
         return 0
 
     def plan(self, task: Task) -> Plan:
-        result = yield Block(kind=LRP_PASS, inputs=task.inputs, args=task.args, target=task.target, options=(len(task.inputs), ""))
+        result = yield Block(kind=PassKind.LRP, inputs=task.inputs, args=task.args, target=task.target, options=LrpOptions(len(task.inputs)))
         output = result.selected  # (n,) the target output, the relevance the propagation starts from
         relevances = scaled(tuple(result.grads), output)  # (n, *feature_shape) per input
         delta = lrp_delta(relevances, output) if task.return_convergence_delta else None

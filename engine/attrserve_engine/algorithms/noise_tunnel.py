@@ -9,7 +9,7 @@ import torch
 from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, parse_dataclass, per_input_values
 from attrserve_engine.algorithms.gradient_shap import add_noise, draw_baselines
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Attribution, Plan, Task, interleave_rows
+from attrserve_engine.plan import Attribution, interleave_rows, Plan, Task
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 

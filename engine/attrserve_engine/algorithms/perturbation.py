@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import FORWARD, Block, Task, repeat_rows
+from attrserve_engine.plan import Block, PassKind, repeat_rows, Task
 
 
 def feature_masks_or_default(task: Task) -> tuple[Tensor, ...]:
@@ -96,7 +96,7 @@ def spread(values: Tensor, index: Tensor) -> Tensor:
 def forward_block(inputs: tuple[Tensor, ...], task: Task, times: int) -> Block:
     """A FORWARD block of `times` groups of the request's n examples, each group with the request's args and targets."""
     return Block(
-        kind=FORWARD,
+        kind=PassKind.FORWARD,
         inputs=inputs,
         args=tuple(repeat_rows(a, times) for a in task.args),
         target=repeat_rows(task.target, times),

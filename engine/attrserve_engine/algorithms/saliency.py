@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attrserve_engine.algorithms.base import Algorithm
-from attrserve_engine.plan import GRADIENT, Attribution, Block, Plan, Task
+from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,7 @@ class SaliencyParams:
 
 def gradient_block(task: Task) -> Block:
     """One gradient row per example: the block Saliency and InputXGradient share."""
-    return Block(kind=GRADIENT, inputs=task.inputs, args=task.args, target=task.target)
+    return Block(kind=PassKind.GRADIENT, inputs=task.inputs, args=task.args, target=task.target)
 
 
 class Saliency(Algorithm):

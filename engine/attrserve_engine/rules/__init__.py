@@ -1,26 +1,12 @@
-"""Rule passes: backward hooks that replace gradients (DeepLift's multipliers, guided ReLUs, ...), by pass kind.
+"""Rule passes: backward hooks that replace gradients (DeepLift's multipliers, guided ReLUs, LRP's relevance).
 
-Each entry builds an object with install()/remove() for one fused pass, from
-the model, the block's options and the pass's SegmentLayout.
+A rule pass is a Block whose `options` is one of these frozen dataclasses; the executor asks it for the
+hooks of one fused pass (`options.rules(model, rows_per_segment, device)`), installs them before the
+forward and removes them after the backward.
 """
 
-from __future__ import annotations
+from attrserve_engine.rules.deeplift import DeepLiftOptions
+from attrserve_engine.rules.guided import DECONVOLUTION, GUIDED_BACKPROP, GuidedOptions
+from attrserve_engine.rules.lrp import LrpOptions
 
-from typing import Callable
-
-from torch import nn
-
-from attrserve_engine.plan import DEEPLIFT, GUIDED, LRP
-from attrserve_engine.rules.deeplift import DeepLiftRules, SegmentLayout
-from attrserve_engine.rules.guided import GuidedReluRules
-from attrserve_engine.rules.lrp import LrpRules
-
-RULE_PASSES: dict[str, Callable[[nn.Module, tuple, SegmentLayout], object]] = {
-    DEEPLIFT: lambda model, options, layout: DeepLiftRules(model, eps=options[0], layout=layout),
-    # Row-independent: the layout is not needed.
-    GUIDED: lambda model, options, layout: GuidedReluRules(model, rule=options[0]),
-    # Row-independent too; options are (number of explained inputs, LayerLRP's layer or "").
-    LRP: lambda model, options, layout: LrpRules(model, n_inputs=options[0], layer=options[1]),
-}
-
-__all__ = ["RULE_PASSES", "SegmentLayout"]
+__all__ = ["DECONVOLUTION", "GUIDED_BACKPROP", "DeepLiftOptions", "GuidedOptions", "LrpOptions"]

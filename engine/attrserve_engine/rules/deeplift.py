@@ -97,6 +97,16 @@ def hooked_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m) in RULES and not m._backward_hooks]
 
 
+@dataclass(frozen=True)
+class DeepLiftOptions:
+    """A DeepLift pass's settings (Block.options)."""
+
+    eps: float
+
+    def rules(self, model: nn.Module, rows_per_segment: list[int], device: torch.device) -> "DeepLiftRules":
+        return DeepLiftRules(model, self.eps, SegmentLayout.of(rows_per_segment, device))
+
+
 class DeepLiftRules:
     """Installs the rule hooks for one paired pass; `remove()` restores the model.
 

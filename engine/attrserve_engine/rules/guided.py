@@ -11,11 +11,24 @@ many requests can share a pass and a block can be split anywhere.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 GUIDED_BACKPROP = "guided_backprop"
 DECONVOLUTION = "deconvolution"
+
+
+@dataclass(frozen=True)
+class GuidedOptions:
+    """A guided pass's settings (Block.options): which ReLU rule. Rows are independent, so the layout is unused."""
+
+    rule: str  # GUIDED_BACKPROP or DECONVOLUTION
+
+    def rules(self, model: nn.Module, rows_per_segment: list[int], device: torch.device) -> "GuidedReluRules":
+        return GuidedReluRules(model, self.rule)
 
 
 def relu_modules(model: nn.Module) -> list[nn.Module]:

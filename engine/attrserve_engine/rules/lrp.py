@@ -22,6 +22,8 @@ is left on the model: the hooks' state lives in this object for one pass.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -91,6 +93,18 @@ def layer_refusal(model: nn.Module, layer: str) -> str | None:
             + (", which only passes relevance through" if type(module) in PASS_THROUGH_LAYERS else "")
         )
     return None
+
+
+@dataclass(frozen=True)
+class LrpOptions:
+    """An LRP pass's settings (Block.options): how many leading forward arguments are explained inputs, and
+    LayerLRP's layer ("" for LRP). Rows are independent, so the layout is unused."""
+
+    n_inputs: int
+    layer: str = ""
+
+    def rules(self, model: nn.Module, rows_per_segment: list[int], device: torch.device) -> "LrpRules":
+        return LrpRules(model, self.n_inputs, self.layer)
 
 
 class LrpRules:
