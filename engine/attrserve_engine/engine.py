@@ -19,13 +19,13 @@ from attrserve_engine.algorithms import ALGORITHMS, Algorithm, Limits
 from attrserve_engine.algorithms.noise_tunnel import NoiseTunnelParams, noise_tunnel_plan, parse_noise_tunnel
 from attrserve_engine.errors import AttributionError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluate
-from attrserve_engine.executor import check_target
-from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks, format_target
+from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks
 from attrserve_engine.job import AlgorithmCall, AlgorithmOutcome, AttributionJob, AttributionResult
 from attrserve_engine.plan import Block, BlockResult, concurrently, PassKind, Plan, RequestRNG, Task
 from attrserve_engine.plugins import load_plugins
 from attrserve_engine.registry import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelRegistry, ModelSpec
 from attrserve_engine.rules.deeplift import hooked_modules
+from attrserve_engine.targets import check_target, format_target
 from attrserve_engine.scheduler import EngineObserver, LiveJob, PassStats, Scheduler
 from attrserve_engine.tuning import pick_batch_rows, probe_batch_rows
 

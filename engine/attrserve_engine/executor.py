@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
-
-import numpy as np
 import torch
 from torch import Tensor
 
 from attrserve_engine.errors import AttributionError, InvalidArgument, ResourceExhausted
 from attrserve_engine.plan import Block, BlockResult, concat_results, PassKind, slice_block
 from attrserve_engine.registry import LoadedModel
+from attrserve_engine.targets import fused_flat_target
 
 log = logging.getLogger(__name__)
 
@@ -49,59 +47,6 @@ def run_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcome]:
             return [InvalidArgument(f"model {model.name!r} failed on this input: {type(e).__name__}: {e}")]
     half = len(segments) // 2
     return run_pass(model, segments[:half]) + run_pass(model, segments[half:])
-
-
-def _index_width(target: Tensor, out_shape: tuple[int, ...], what: str) -> int:
-    """k of a (rows, k) index tuple, checked against the explained output's shape (Captum's target rules)."""
-    k = int(target.shape[1])
-    if k > len(out_shape):
-        raise InvalidArgument(f"{what} has {k} indices but the explained output per example has shape {out_shape}")
-    if math.prod(out_shape[k:]) != 1:
-        need = len(out_shape) if out_shape else 0
-        raise InvalidArgument(
-            f"{what} must select one value per example: the explained output per example has shape {out_shape}, "
-            f"so {what} needs {need} index(es), got {k}"
-        )
-    return k
-
-
-def _out_of_range(what: str, value: int, j: int, size: int) -> InvalidArgument:
-    return InvalidArgument(f"{what} index {value} is out of range for output dim {j + 1} of size {size}")
-
-
-def check_target(target: Tensor, out_shape: tuple[int, ...], what: str = "target") -> None:
-    """flat_target's checks without building the index, in numpy on the request's CPU tensor: no torch
-    calls on the event loop (each would hand the GIL to the worker and wait to get it back)."""
-    k = _index_width(target, out_shape, what)
-    if k == 0:
-        return
-    t = target.numpy()
-    sizes = np.asarray(out_shape[:k], dtype=np.int64)
-    bad = (t < -sizes) | (t >= sizes)
-    if bad.any():
-        row, j = np.argwhere(bad)[0]
-        raise _out_of_range(what, int(t[row, j]), int(j), out_shape[j])
-
-
-def flat_target(target: Tensor, out_shape: tuple[int, ...], what: str = "target") -> Tensor:
-    """(rows, k) index tuples → (rows,) flat index into each row's output; Captum's target rules.
-
-    `what` names the index in messages: the target, or a neuron method's neuron_selector.
-    A handful of torch ops whatever the row count: the executor calls it once per fused pass.
-    """
-    k = _index_width(target, out_shape, what)
-    if k == 0:
-        return torch.zeros(target.shape[0], dtype=torch.int64, device=target.device)
-    sizes = torch.tensor(out_shape[:k], dtype=torch.int64, device=target.device)
-    bad = (target < -sizes) | (target >= sizes)
-    if bool(bad.any()):
-        row, j = (int(v) for v in bad.nonzero()[0])
-        raise _out_of_range(what, int(target[row, j]), j, out_shape[j])
-    wrapped = torch.remainder(target, sizes)
-    if k == 1:
-        return wrapped[:, 0]
-    strides = torch.tensor([math.prod(out_shape[j + 1 : k]) for j in range(k)], dtype=torch.int64, device=target.device)
-    return (wrapped * strides).sum(1)
 
 
 class LayerHook:
@@ -143,25 +88,6 @@ class LayerHook:
     def remove(self) -> None:
         if self.handle is not None:
             self.handle.remove()
-
-
-def _fused_targets(segments: list[Block], seg_rows: list[int], out_shape: tuple[int, ...], outcomes: list, what: str) -> Tensor:
-    """The fused pass's flat target, one flat_target over all segments; when that fails, segment by segment,
-    so only the segments with bad targets get their error in `outcomes` (their rows select index 0)."""
-    if not segments[0].select:
-        return torch.zeros(sum(seg_rows), dtype=torch.int64)
-    try:
-        return flat_target(torch.cat([s.target for s in segments]) if len(segments) > 1 else segments[0].target, out_shape, what)
-    except (InvalidArgument, RuntimeError):  # a bad index, or index tuples of different widths
-        pass
-    flats = []
-    for s, seg in enumerate(segments):
-        try:
-            flats.append(flat_target(seg.target, out_shape, what))
-        except InvalidArgument as e:
-            outcomes[s] = e
-            flats.append(torch.zeros(seg_rows[s], dtype=torch.int64, device=seg.target.device))
-    return torch.cat(flats)
 
 
 def _fused_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcome]:
@@ -210,7 +136,11 @@ def _fused_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcom
                 explained = layer_hook.activations[0]
             out_shape = tuple(explained.shape[1:])
             outcomes: list[SegmentOutcome | None] = [None] * len(segments)
-            flat = _fused_targets(segments, seg_rows, out_shape, outcomes, "neuron_selector" if first.objective_layer else "target")
+            if first.select:
+                what = "neuron_selector" if first.objective_layer else "target"
+                flat = fused_flat_target([s.target for s in segments], out_shape, outcomes, what)
+            else:
+                flat = torch.zeros(sum(seg_rows), dtype=torch.int64)
             flat = torch.cat([flat, flat]) if paired else flat
             selected = explained.reshape(explained.shape[0], -1).gather(1, flat[:, None].to(out.device)).squeeze(1)  # (R,)
             grads: tuple[Tensor, ...] | None = None

@@ -92,11 +92,3 @@ def format_feature_masks(masks: tuple, inputs: tuple[Tensor, ...]) -> tuple[Tens
             raise InvalidArgument(f"feature_masks[{i}] has negative feature ids")
         out.append(m.to(torch.int64).contiguous())
     return tuple(out)
-
-
-def format_target(target: Tensor | None, n: int) -> Tensor:
-    if target is None:
-        return torch.zeros((n, 0), dtype=torch.int64)
-    if target.dim() != 2 or target.shape[0] != n:
-        raise InvalidArgument(f"target must give an index tuple per example, shape ({n}, k); got {tuple(target.shape)}")
-    return target if target.dtype is torch.int64 else target.to(torch.int64)

@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
+from attrserve_engine.targets import TargetLike
+
 
 @dataclass
 class AlgorithmCall:
@@ -33,9 +35,9 @@ class AttributionJob:
     # One per input: None (zeros), a Python number, or a tensor broadcastable to
     # the input (GradientShap: a baseline distribution along dim 0).
     baselines: tuple[Tensor | float | None, ...] = ()
-    # (n_examples, k) int64 index tuple per example into the output after dim 0;
-    # k = 0 (or None) means the output is one scalar per example.
-    target: Tensor | None = None
+    # Captum's forms (None, an int, an index tuple, or one per example) or an (n_examples, k) int64 tensor:
+    # k indices per example into the output after dim 0 (attrserve_engine.targets).
+    target: TargetLike = None
     additional_forward_args: tuple[Tensor, ...] = ()  # each (n_examples, ...)
     params: dict[str, Any] = field(default_factory=dict)  # Captum's parameter names
     noise_tunnel: dict[str, Any] | None = None  # nt_type, nt_samples, stdevs, draw_baseline_from_distrib

@@ -90,21 +90,16 @@ def _plain(field, value):
     return list(value) if field.is_repeated else value
 
 
-def _target(target: pb.Target, n: int) -> Tensor | None:
+def _target(target: pb.Target) -> int | tuple[int, ...] | list[tuple[int, ...]] | None:
+    """The target in Captum's forms; the engine checks and formats it (attrserve_engine.targets)."""
     which = target.WhichOneof("value")
-    if which is None:
-        return None
-    # numpy, then a zero-copy view: torch calls on the event loop hand the GIL to the worker and wait to get it back.
     if which == "index":
-        return torch.from_numpy(np.full((n, 1), target.index, dtype=np.int64))
+        return target.index
     if which == "tuple":
-        return torch.from_numpy(np.tile(np.asarray(target.tuple.index, dtype=np.int64), (n, 1)).reshape(n, len(target.tuple.index)))
-    rows = [list(t.index) for t in target.per_example.indices]
-    if len(rows) != n:
-        raise InvalidArgument(f"target.per_example has {len(rows)} entries; there are {n} examples")
-    if len({len(r) for r in rows}) > 1:
-        raise InvalidArgument("target.per_example entries must all have the same number of indices")
-    return torch.tensor(rows, dtype=torch.int64).reshape(n, len(rows[0]) if rows else 0)
+        return tuple(target.tuple.index)
+    if which == "per_example":
+        return [tuple(t.index) for t in target.per_example.indices]
+    return None
 
 
 def _algorithm_and_params(request: pb.AttributeRequest) -> tuple[str, dict]:
@@ -137,7 +132,6 @@ def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) 
     arrival = time.monotonic()
     algorithm, params = _algorithm_and_params(request)
     inputs = tuple(tensor_from_proto(t, f"inputs[{i}]") for i, t in enumerate(request.inputs))
-    n = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 0
     baselines = []
     for i, b in enumerate(request.baselines):
         which = b.WhichOneof("value")
@@ -150,7 +144,7 @@ def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) 
         algorithm=algorithm,
         inputs=inputs,
         baselines=tuple(baselines),
-        target=_target(request.target, n) if request.HasField("target") else None,
+        target=_target(request.target),
         additional_forward_args=tuple(
             tensor_from_proto(t, f"additional_forward_args[{i}]") for i, t in enumerate(request.additional_forward_args)
         ),

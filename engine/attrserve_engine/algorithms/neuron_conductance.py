@@ -9,7 +9,7 @@ from typing import Any
 from attrserve_engine.algorithms.base import Algorithm, Limits, example_baselines
 from attrserve_engine.algorithms.integrated_gradients import check_steps, integrate, interpolate, step_sizes_and_alphas
 from attrserve_engine.algorithms.neuron import NeuronParams, neuron_rows, parse_neuron_params
-from attrserve_engine.executor import flat_target
+from attrserve_engine.targets import flat_target
 from attrserve_engine.plan import Attribution, Block, PassKind, Plan, repeat_rows, Task
 
 
