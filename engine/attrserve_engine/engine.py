@@ -24,7 +24,6 @@ from attrserve_engine.job import AlgorithmCall, AlgorithmOutcome, AttributionJob
 from attrserve_engine.plan import Block, BlockResult, concurrently, PassKind, Plan, RequestRNG, Task
 from attrserve_engine.plugins import load_plugins
 from attrserve_engine.registry import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelRegistry, ModelSpec
-from attrserve_engine.rules.deeplift import hooked_modules
 from attrserve_engine.targets import check_target, format_target
 from attrserve_engine.scheduler import EngineObserver, LiveJob, PassStats, Scheduler
 from attrserve_engine.tuning import pick_batch_rows, probe_batch_rows
@@ -95,10 +94,6 @@ class Engine:
                          {k: round(v) for k, v in measured.items()}, model.max_batch_rows)
         self.registry.add(model)
         self._scheduler(model)
-        for name, algorithm in self.algorithms.items():
-            reason = None if model.is_torchscript else algorithm.model_refusal(model.module)
-            if reason:
-                model.unsupported[name] = reason
         self._warm_up_algorithms(model)
         release_free_memory()  # the probe and warm-ups freed far more than serving keeps
         model.ready = True
@@ -131,6 +126,7 @@ class Engine:
                 future.result(timeout=120)
             except Exception as e:  # noqa: BLE001 - any failure means "not servable here"
                 model.unsupported[name] = f"{type(e).__name__}: {e}"
+                model.refusals.clear()  # answers given before the warm-up knew
                 log.warning("model %s cannot serve %s: %s", model.name, name, model.unsupported[name])
 
     def load_plugins(self, source: str) -> list[str]:
@@ -150,19 +146,8 @@ class Engine:
         return self.registry.get(name, version)
 
     def supported_algorithms(self, model: LoadedModel) -> list[str]:
-        """Algorithms this model can serve: rule-hook methods need an eager model with hookable modules."""
-        float_inputs = all(s.dtype is None or s.dtype.is_floating_point for s in model.spec.inputs)
-        names = []
-        for name, algorithm in self.algorithms.items():
-            if algorithm.needs_module_hooks and (model.is_torchscript or not hooked_modules(model.module)):
-                continue
-            if algorithm.needs_input_gradients and not float_inputs:
-                continue
-            if algorithm.layer_method and model.is_torchscript:  # TorchScript modules take no hooks
-                continue
-            if name not in model.unsupported:
-                names.append(name)
-        return names
+        """Algorithms this model can serve (GetModel's list): those whose `refusal` has nothing to say."""
+        return [name for name, algorithm in self.algorithms.items() if algorithm.refusal(model) is None]
 
     # -- jobs --------------------------------------------------------------
     def submit(self, job: AttributionJob) -> concurrent.futures.Future:
@@ -299,23 +284,13 @@ class Engine:
         algorithm = self.algorithms.get(name)
         if algorithm is None:
             raise InvalidArgument(f"unknown algorithm {name!r}; this server has: {', '.join(sorted(self.algorithms))}")
-        if name in model.unsupported:
-            raise InvalidArgument(f"model {model.name!r} cannot serve {name}: {model.unsupported[name]}")
-        if algorithm.needs_module_hooks and (model.is_torchscript or not hooked_modules(model.module)):
-            raise InvalidArgument(f"{name} needs an eager model with modules it can hook (ReLU, Sigmoid, MaxPool, ...); model {model.name!r} has none")
+        refusal = algorithm.refusal(model, [x.dtype for x in inputs])
+        if refusal:
+            raise InvalidArgument(refusal)
         limits = self.limits.algorithm_limits
         params = algorithm.parse_params(dict(call.params), limits)
         nt = parse_noise_tunnel(dict(call.noise_tunnel), limits) if call.noise_tunnel is not None else None
-        if algorithm.needs_input_gradients:
-            for i, x in enumerate(inputs):
-                if not x.is_floating_point():
-                    raise InvalidArgument(
-                        f"inputs[{i}] has dtype {str(x.dtype).replace('torch.', '')}; {name} takes gradients w.r.t. "
-                        "the inputs, so they must be floating point (for token ids, use a layer method on the embedding)"
-                    )
         if algorithm.layer_method:
-            if model.is_torchscript:
-                raise InvalidArgument(f"{name} hooks a layer; model {model.name!r} is TorchScript, which takes no hooks")
             if not call.layer:
                 raise InvalidArgument(f"{name} needs `layer`, a dotted module path; GetModel lists the model's layers")
             if call.layer not in model.layers:

@@ -123,6 +123,8 @@ class LoadedModel:
         self.ready = False
         # Algorithms that failed on this model at warm-up, with why.
         self.unsupported: dict[str, str] = {}
+        # Algorithm.refusal's answers by (algorithm, input dtypes): capability rules run once per model.
+        self.refusals: dict[tuple, str | None] = {}
         # Rows per second by pass size, when max_batch_rows was measured at load (tuning.py).
         self.batch_probe: dict[int, float] = {}
         for p in self.module.parameters():

@@ -306,7 +306,8 @@ def test_supported_algorithms_leave_out_lrp_for_models_captum_refuses() -> None:
         toy = engine.load(ModelSpec(name="toy", module=MODELS["toy"](), inputs=[InputSpec("x", torch.float32, (3,))]))
         assert {"lrp", "layer_lrp"} <= set(engine.supported_algorithms(toy))
         assert "lrp" not in engine.supported_algorithms(conv)
-        assert "relu2" in conv.unsupported["lrp"] and "LeakyReLU" in conv.unsupported["lrp"]
+        reason = engine.algorithms["lrp"].refusal(conv)
+        assert "relu2" in reason and "LeakyReLU" in reason
         assert "layer_lrp" not in engine.supported_algorithms(conv)  # refused at load, without a warm-up
         unpinned = engine.load(ModelSpec(name="conv_unpinned", module=MODELS["conv"]()))
         assert not {"lrp", "layer_lrp"} & set(engine.supported_algorithms(unpinned))

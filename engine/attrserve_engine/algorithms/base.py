@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.registry import LoadedModel
+from attrserve_engine.rules.deeplift import hooked_modules
 from attrserve_engine.plan import Block, BlockResult, PassKind, Plan, repeat_rows, Task
 
 
@@ -61,11 +63,43 @@ class Algorithm:
     def check_params(self, params: Any, limits: Limits) -> None:
         """Range checks beyond types; raise InvalidArgument naming the field."""
 
-    def model_refusal(self, model: nn.Module) -> str | None:
-        """Why this algorithm cannot explain `model` at all (e.g. LRP: a module type with no rule); None if it can.
+    def refusal(self, model: LoadedModel, input_dtypes: Sequence[torch.dtype | None] | None = None) -> str | None:
+        """Why this algorithm cannot serve `model`, or None: the one place capability rules live.
 
-        Called once per model at load; a refused algorithm is left out of GetModel.
+        GetModel's list asks without `input_dtypes` (the dtypes the model's config pins, None where it pins
+        none); each request asks with the dtypes of its inputs. The answer is the message a refused request
+        gets. Remembered per model and dtypes, so a request pays a dict lookup.
         """
+        dtypes = tuple(input_dtypes) if input_dtypes is not None else tuple(s.dtype for s in model.spec.inputs)
+        key = (self.name, dtypes)
+        if key not in model.refusals:
+            reason = self._refusal(model, dtypes)
+            if len(model.refusals) < 4096:  # bounded: a client picks the dtypes
+                model.refusals[key] = reason
+            return reason
+        return model.refusals[key]
+
+    def _refusal(self, model: LoadedModel, dtypes: tuple[torch.dtype | None, ...]) -> str | None:
+        if self.name in model.unsupported:  # failed at warm-up
+            return f"model {model.name!r} cannot serve {self.name}: {model.unsupported[self.name]}"
+        if self.needs_module_hooks and (model.is_torchscript or not hooked_modules(model.module)):
+            return f"{self.name} needs an eager model with modules it can hook (ReLU, Sigmoid, MaxPool, ...); model {model.name!r} has none"
+        if self.layer_method and model.is_torchscript:
+            return f"{self.name} hooks a layer; model {model.name!r} is TorchScript, which takes no hooks"
+        if self.needs_input_gradients:
+            for i, dtype in enumerate(dtypes):
+                if dtype is not None and not dtype.is_floating_point:
+                    return (
+                        f"inputs[{i}] has dtype {str(dtype).replace('torch.', '')}; {self.name} takes gradients w.r.t. "
+                        "the inputs, so they must be floating point (for token ids, use a layer method on the embedding)"
+                    )
+        reason = None if model.is_torchscript else self.module_refusal(model.module)
+        return f"model {model.name!r} cannot serve {self.name}: {reason}" if reason else None
+
+    def module_refusal(self, module: nn.Module) -> str | None:
+        """Why this algorithm cannot explain an eager `module` at all (e.g. LRP: a module type with no rule), or None.
+
+        Override for rules of the model's structure; `refusal` asks it once per model."""
         return None
 
     def rows(self, task: Task, n_examples: int) -> int:

@@ -29,8 +29,8 @@ class LayerLRP(LayerAlgorithm):
     params_type = LayerLRPParams
     has_convergence_delta = True
 
-    def model_refusal(self, model: nn.Module) -> str | None:
-        return lrp_refusal(model)
+    def module_refusal(self, module: nn.Module) -> str | None:
+        return lrp_refusal(module)
 
     def delta_rows(self, task: Task, n_examples: int) -> int:
         return 0

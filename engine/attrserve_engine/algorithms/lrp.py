@@ -34,9 +34,9 @@ class LRP(Algorithm):
     name = "lrp"
     has_convergence_delta = True
 
-    def model_refusal(self, model: nn.Module) -> str | None:
+    def module_refusal(self, module: nn.Module) -> str | None:
         """Why this eager/TorchScript module cannot be explained with LRP (None: it can); for GetModel and submit."""
-        return lrp_refusal(model)
+        return lrp_refusal(module)
 
     def delta_rows(self, task: Task, n_examples: int) -> int:
         return 0
