@@ -10,13 +10,13 @@ from attrserve_engine.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from attrserve_engine.job import AlgorithmCall, AlgorithmOutcome, AttributionJob, AttributionResult, JobTiming
-from attrserve_engine.registry import InputSpec, LoadedModel, ModelSpec
+from attrserve_engine.job import AlgorithmSpec, AlgorithmResult, AttributionJob, AttributionResult, JobTiming
+from attrserve_engine.models import InputSpec, LoadedModel, ModelSpec
 from attrserve_engine.scheduler import DROP_CANCELLED, DROP_DEADLINE, EngineObserver, PassStats
 
 __all__ = [
-    "AlgorithmCall",
-    "AlgorithmOutcome",
+    "AlgorithmSpec",
+    "AlgorithmResult",
     "AttributionError",
     "AttributionJob",
     "AttributionResult",

@@ -20,10 +20,10 @@ from attrserve_engine.algorithms.noise_tunnel import NoiseTunnelParams, noise_tu
 from attrserve_engine.errors import AttributionError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluate
 from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks
-from attrserve_engine.job import AlgorithmCall, AlgorithmOutcome, AttributionJob, AttributionResult
+from attrserve_engine.job import AlgorithmSpec, AlgorithmResult, AttributionJob, AttributionResult
 from attrserve_engine.plan import Block, BlockResult, concurrently, PassKind, Plan, RequestRNG, Task
 from attrserve_engine.plugins import load_plugins
-from attrserve_engine.registry import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelRegistry, ModelSpec
+from attrserve_engine.models import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ServedModels, ModelSpec
 from attrserve_engine.targets import check_target, format_target
 from attrserve_engine.scheduler import EngineObserver, LiveJob, PassStats, Scheduler
 from attrserve_engine.tuning import pick_batch_rows, probe_batch_rows
@@ -68,7 +68,7 @@ class Engine:
 
     def __init__(self, limits: EngineLimits = EngineLimits()) -> None:
         self.limits = limits
-        self.registry = ModelRegistry()
+        self.served = ServedModels()
         # Told about every pass, dropped request and worker failure/restart (metrics, health). Append to add one.
         self.observers: list[EngineObserver] = [_PassCounter(self)]
         self._schedulers: dict[str, Scheduler] = {}
@@ -92,7 +92,7 @@ class Engine:
                 model.max_batch_rows = pick_batch_rows(measured)
                 log.info("model %s: %s rows/s by pass size; max_batch_rows=%d", model.name,
                          {k: round(v) for k, v in measured.items()}, model.max_batch_rows)
-        self.registry.add(model)
+        self.served.add(model)
         self._scheduler(model)
         self._warm_up_algorithms(model)
         release_free_memory()  # the probe and warm-ups freed far more than serving keeps
@@ -140,10 +140,10 @@ class Engine:
         return names
 
     def models(self) -> list[LoadedModel]:
-        return self.registry.all()
+        return self.served.all()
 
     def get_model(self, name: str, version: str = "") -> LoadedModel:
-        return self.registry.get(name, version)
+        return self.served.get(name, version)
 
     def supported_algorithms(self, model: LoadedModel) -> list[str]:
         """Algorithms this model can serve (GetModel's list): those whose `refusal` has nothing to say."""
@@ -154,7 +154,7 @@ class Engine:
         """Validate `job` and queue it; the future resolves to an AttributionResult or an AttributionError."""
         if self._closed:
             raise Unavailable("the engine has shut down")
-        model = self.registry.get(job.model, job.model_version)
+        model = self.served.get(job.model, job.model_version)
         if not model.ready:
             raise Unavailable(f"model {model.name!r} is still loading")
         live = self._prepare(job, model)
@@ -212,7 +212,7 @@ class Engine:
 
     def _check_device(self, device: str) -> None:
         """A restarted worker's first act: every loaded model on `device` still runs a forward (raises if not)."""
-        for model in self.registry.all():
+        for model in self.served.all():
             if str(model.device) == device and model.ready:
                 model.warm_up()
 
@@ -228,7 +228,7 @@ class Engine:
         seed = job.seed if job.seed is not None else _SEEDS.getrandbits(32)
         if not 0 <= seed <= MAX_SEED:
             raise InvalidArgument(f"seed must be in [0, {MAX_SEED}], got {seed}")
-        primary = AlgorithmCall(job.algorithm, job.params, job.noise_tunnel, job.layer, job.return_convergence_delta)
+        primary = AlgorithmSpec(job.algorithm, job.params, job.noise_tunnel, job.layer, job.return_convergence_delta)
         calls = [self._prepare_call(call, job, model, inputs, target, args, seed) for call in (primary, *job.also)]
         evaluate = parse_evaluate(dict(job.evaluate), self.limits.algorithm_limits) if job.evaluate else None
         rows = sum(call.rows for call in calls) + (n if job.return_outputs else 0)
@@ -267,7 +267,7 @@ class Engine:
                 timing=timing,
                 request_id=job.request_id,
                 also=tuple(
-                    AlgorithmOutcome(call.name, _cpu(a.attributions), _cpu(a.convergence_delta))
+                    AlgorithmResult(call.name, _cpu(a.attributions), _cpu(a.convergence_delta))
                     for call, a in zip(calls[1:], returned[1 : len(calls)])
                 ),
                 infidelity=_cpu(metrics.get("infidelity")),
@@ -277,7 +277,7 @@ class Engine:
         return LiveJob(model=model, plan_factory=plan_factory, finish=finish, rows=rows, deadline=job.deadline, arrival=job.arrival)
 
     def _prepare_call(
-        self, call: AlgorithmCall, job: AttributionJob, model: LoadedModel, inputs: tuple[Tensor, ...], target: Tensor, args: tuple[Tensor, ...], seed: int
+        self, call: AlgorithmSpec, job: AttributionJob, model: LoadedModel, inputs: tuple[Tensor, ...], target: Tensor, args: tuple[Tensor, ...], seed: int
     ) -> "_PreparedCall":
         """Check one algorithm against the request and build its Task (on CPU) and row count."""
         name = call.algorithm

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from attrserve_engine.errors import AttributionError, InvalidArgument, ResourceExhausted
 from attrserve_engine.plan import Block, BlockResult, concat_results, PassKind, slice_block
-from attrserve_engine.registry import LoadedModel
+from attrserve_engine.models import LoadedModel
 from attrserve_engine.targets import fused_flat_target
 
 log = logging.getLogger(__name__)

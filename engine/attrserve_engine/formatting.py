@@ -13,7 +13,7 @@ from torch import Tensor
 
 from attrserve_engine.errors import InvalidArgument
 from attrserve_engine.job import AttributionJob
-from attrserve_engine.registry import LoadedModel
+from attrserve_engine.models import LoadedModel
 
 
 def check_inputs(job: AttributionJob, model: LoadedModel) -> tuple[Tensor, ...]:

@@ -12,8 +12,8 @@ from attrserve_engine.targets import TargetLike
 
 
 @dataclass
-class AlgorithmCall:
-    """One more algorithm to run on a job's inputs (several algorithms in one request)."""
+class AlgorithmSpec:
+    """One more algorithm to run on a job's inputs (several algorithms in one request; proto AlgorithmSpec)."""
 
     algorithm: str
     params: dict[str, Any] = field(default_factory=dict)
@@ -50,7 +50,7 @@ class AttributionJob:
     request_id: str = ""
     deadline: float | None = None  # time.monotonic() after which the job is dropped
     # More algorithms on the same inputs, baselines, target and masks; their rows share passes.
-    also: tuple[AlgorithmCall, ...] = ()
+    also: tuple[AlgorithmSpec, ...] = ()
     # Quality metrics of the attributions: {"infidelity": {...}, "sensitivity_max": {...}} (Captum names).
     evaluate: dict[str, Any] | None = None
     arrival: float = field(default_factory=time.monotonic)
@@ -68,8 +68,8 @@ class JobTiming:
 
 
 @dataclass
-class AlgorithmOutcome:
-    """The result of one AlgorithmCall of a job."""
+class AlgorithmResult:
+    """The result of one AlgorithmSpec of a job (proto AlgorithmResult; the client's AlgorithmResult)."""
 
     algorithm: str
     attributions: tuple[Tensor, ...]
@@ -85,7 +85,7 @@ class AttributionResult:
     seed: int
     timing: JobTiming
     request_id: str = ""
-    also: tuple[AlgorithmOutcome, ...] = ()  # one per AttributionJob.also, in order
+    also: tuple[AlgorithmResult, ...] = ()  # one per AttributionJob.also, in order
     infidelity: Tensor | None = None  # (n,), when asked for in evaluate
     sensitivity_max: Tensor | None = None  # (n,)
 

@@ -31,7 +31,7 @@ from attrserve_engine.errors import AttributionError, Cancelled, DeadlineExceede
 from attrserve_engine.executor import run_pass
 from attrserve_engine.job import JobTiming
 from attrserve_engine.plan import Attribution, Block, BlockResult, concat_results, Plan, slice_block
-from attrserve_engine.registry import LoadedModel
+from attrserve_engine.models import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 from attrserve_engine.errors import AttributionError
 from attrserve_engine.executor import run_pass
 from attrserve_engine.plan import Block, PassKind
-from attrserve_engine.registry import LoadedModel
+from attrserve_engine.models import LoadedModel
 
 log = logging.getLogger(__name__)
 

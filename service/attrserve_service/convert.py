@@ -12,7 +12,7 @@ from torch import Tensor
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import tensor_pb2
-from attrserve_engine import AlgorithmCall, AttributionJob, AttributionResult, InvalidArgument
+from attrserve_engine import AlgorithmSpec, AttributionJob, AttributionResult, InvalidArgument
 
 DType = tensor_pb2.DataType
 
@@ -116,10 +116,10 @@ def _algorithm_and_params(request: pb.AttributeRequest) -> tuple[str, dict]:
     return algorithm, _fields(getattr(request, params_field)) if params_field else {}
 
 
-def _also(spec: pb.AlgorithmSpec, i: int) -> AlgorithmCall:
+def _also(spec: pb.AlgorithmSpec, i: int) -> AlgorithmSpec:
     if bool(spec.custom_algorithm) == (spec.algorithm != pb.ALGORITHM_UNSPECIFIED):
         raise InvalidArgument(f"also[{i}]: set exactly one of algorithm and custom_algorithm")
-    return AlgorithmCall(
+    return AlgorithmSpec(
         algorithm=spec.custom_algorithm or algorithm_name(spec.algorithm),
         params=json_format.MessageToDict(spec.params),
         noise_tunnel=_fields(spec.noise_tunnel) if spec.HasField("noise_tunnel") else None,

@@ -86,7 +86,7 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
                 await done.put(pb.AttributeStreamResponse(request_id=request_id, response=response))
             except Exception as e:  # noqa: BLE001 - every failure becomes an error entry; the stream goes on
                 code, message = grpc_status(e)
-                error = pb.AttributeError(code=code.value[0], message=message)
+                error = pb.RequestError(code=code.value[0], message=message)
                 await done.put(pb.AttributeStreamResponse(request_id=request_id, error=error))
             finally:
                 slots.release()

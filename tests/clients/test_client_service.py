@@ -64,7 +64,7 @@ def respond(request: pb.AttributeRequest) -> pb.AttributeResponse:
 
 def stream_response(request: pb.AttributeRequest) -> pb.AttributeStreamResponse:
     if request.model == "broken":
-        error = pb.AttributeError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=BROKEN)
+        error = pb.RequestError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=BROKEN)
         return pb.AttributeStreamResponse(request_id=request.request_id, error=error)
     return pb.AttributeStreamResponse(request_id=request.request_id, response=respond(request))
 

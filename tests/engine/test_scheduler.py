@@ -13,7 +13,7 @@ import torch
 
 from attrserve_engine import Cancelled, DeadlineExceeded, EngineObserver, ModelSpec, Unavailable
 from attrserve_engine.plan import Attribution, Block, BlockResult, PassKind
-from attrserve_engine.registry import LoadedModel
+from attrserve_engine.models import LoadedModel
 from attrserve_engine.scheduler import LiveJob, Scheduler
 
 

@@ -28,7 +28,7 @@ from attrserve_client import AttributionClient
 from attrserve_client import cli as client_cli
 from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgument
 from attrserve_engine.algorithms import ALGORITHMS
-from attrserve_engine.registry import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US
+from attrserve_engine.models import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US
 from attrserve_service.config import RepositoryError, effective_config, load_repository
 
 ATOL = 1e-5

@@ -21,7 +21,7 @@ _DEFAULT_OPTIONS = {"grpc.max_send_message_length": -1, "grpc.max_receive_messag
 
 
 @dataclasses.dataclass(frozen=True)
-class AlgorithmAttribution:
+class AlgorithmResult:
     """The answer of one more algorithm of a request (`also=`)."""
 
     algorithm: str
@@ -52,7 +52,7 @@ class Attribution:
     seed: int
     timing: dict[str, float | int]
     request_id: str
-    also: tuple[AlgorithmAttribution, ...] = ()
+    also: tuple[AlgorithmResult, ...] = ()
     infidelity: np.ndarray | None = None  # per example, when asked for with evaluate=
     sensitivity_max: np.ndarray | None = None
 
@@ -71,7 +71,7 @@ class Attribution:
             infidelity=from_tensor_proto(response.infidelity) if response.HasField("infidelity") else None,
             sensitivity_max=from_tensor_proto(response.sensitivity_max) if response.HasField("sensitivity_max") else None,
             also=tuple(
-                AlgorithmAttribution(
+                AlgorithmResult(
                     r.algorithm,
                     _unwrap(tuple(from_tensor_proto(t) for t in r.attributions), single and len(r.attributions) == 1),
                     _delta(r),

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.registry import LoadedModel
+from attrserve_engine.models import LoadedModel
 from attrserve_engine.rules.deeplift import hooked_modules
 from attrserve_engine.plan import Block, BlockResult, PassKind, Plan, repeat_rows, Task
 

@@ -649,7 +649,7 @@ class AttributeStreamRequest(_message.Message):
     request: AttributeRequest
     def __init__(self, request: _Optional[_Union[AttributeRequest, _Mapping]] = ...) -> None: ...
 
-class AttributeError(_message.Message):
+class RequestError(_message.Message):
     __slots__ = ("code", "message")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -664,8 +664,8 @@ class AttributeStreamResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     response: AttributeResponse
-    error: AttributeError
-    def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[AttributeResponse, _Mapping]] = ..., error: _Optional[_Union[AttributeError, _Mapping]] = ...) -> None: ...
+    error: RequestError
+    def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[AttributeResponse, _Mapping]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -1,4 +1,4 @@
-"""Model registry: loads model folders (eager `model.py` or TorchScript `model.pt`) and keeps them resident."""
+"""The models an engine serves: loads model folders (eager `model.py` or TorchScript `model.pt`) and keeps them resident."""
 
 from __future__ import annotations
 
@@ -214,7 +214,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-class ModelRegistry:
+class ServedModels:
     """Name/version → LoadedModel. Called from the service (load, lookup) and the engine worker (lookup)."""
 
     def __init__(self) -> None:
