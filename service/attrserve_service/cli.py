@@ -1,70 +1,140 @@
-"""`attrserve` command: `serve` runs the server; `attribute` and `models` call one (from attrserve-client)."""
+"""`attrserve` command: `serve` runs the server; `attribute` and `models` call one (from attrserve-client).
+
+Every server setting is one row of SETTINGS: its flag, the ServerConfig or EngineLimits field it sets (whose
+default is the default), and its environment variable (ATTRSERVE_ + the flag in upper snake case, e.g.
+ATTRSERVE_MAX_BATCH_ROWS), so containers and Kubernetes can configure the server without arguments.
+A flag wins over its variable.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from attrserve_engine import EngineLimits
 
+@dataclass(frozen=True)
+class Setting:
+    flag: str
+    field: str  # a ServerConfig field, or "limits.<EngineLimits field>"
+    help: str
+    parse: Callable[[str], Any] = str
+    metavar: str | None = None
+    repeatable: bool = False  # the flag may be given several times; the variable holds a comma-separated list
+    inverted: bool = False  # a --no-... switch that sets a true-by-default field to False (its variable drops "NO_")
+
+    @property
+    def env(self) -> str:
+        return "ATTRSERVE_" + self.flag.removeprefix("--").removeprefix("no-").replace("-", "_").upper()
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("--model-repository", "model_repository", "folder of model folders (default: the built-in demo models)", Path, "DIR"),
+    Setting("--plugins", "plugins", "algorithm plugin: a .py file, a folder of them, or a module path (repeatable)", str, "PATH", repeatable=True),
+    Setting("--host", "host", "address to listen on"),
+    Setting("--port", "port", "gRPC port (0: any free port)", int),
+    Setting("--metrics-port", "metrics_port", "Prometheus /metrics port (-1: off, 0: any free port)", int),
+    Setting("--device", "limits.default_device", "default device for models: auto (CUDA when present), cpu, cuda:0, ..."),
+    Setting("--max-batch-rows", "limits.default_max_batch_rows", "rows per fused pass for models whose size is neither configured nor measured", int),
+    Setting("--no-batch-probe", "limits.probe_batch_rows",
+            "do not measure each model's best pass size at load (config.pbtxt max_batch_rows always wins)", _bool, inverted=True),
+    Setting("--probe-seconds", "limits.probe_seconds", "time budget of a model's pass-size probe at load", float, "SECONDS"),
+    Setting("--max-queue-delay-us", "limits.default_max_queue_delay_us", "default longest wait for company before a pass is cut", int),
+    Setting("--max-rows-per-request", "limits.max_rows_per_request", "a request needing more rows of model work is refused", int),
+    Setting("--max-queued-requests", "limits.max_queued_requests", "requests in flight per device before new ones are refused", int),
+    Setting("--max-n-steps", "limits.max_n_steps", "cap on n_steps", int),
+    Setting("--max-nt-samples", "limits.max_nt_samples", "cap on a noise tunnel's nt_samples", int),
+    Setting("--max-request-bytes", "max_request_bytes", "largest request message accepted", int, "BYTES"),
+    Setting("--max-requests-per-stream", "max_requests_per_stream", "requests in flight on one AttributeStream", int),
+    Setting("--grace-seconds", "grace_seconds", "on SIGTERM, how long in-flight requests may take to finish before they are cancelled", float, "SECONDS"),
+    Setting("--worker-restart-delay", "limits.worker_restart_delay_s",
+            "a device worker that died restarts after this long (doubling while it keeps dying)", float, "SECONDS"),
+)
+
+
+def _defaults() -> dict[str, Any]:
+    """Each setting's default: the ServerConfig and EngineLimits field defaults (declared there, once)."""
+    from attrserve_service.config import ServerConfig  # imported late: it pulls in grpc
+
+    server = ServerConfig()
+    defaults = {f.name: getattr(server, f.name) for f in dataclasses.fields(server) if f.name != "limits"}
+    defaults.update({f"limits.{f.name}": getattr(server.limits, f.name) for f in dataclasses.fields(server.limits)})
+    return defaults
+
 
 def _serve_parser() -> argparse.ArgumentParser:
-    defaults = EngineLimits()
-    p = argparse.ArgumentParser(prog="attrserve serve", description="Serve model explanations over gRPC.")
-    p.add_argument("--model-repository", type=Path, help="folder of model folders (default: the built-in demo models)")
-    p.add_argument("--plugins", action="append", default=[], metavar="PATH",
-                   help="algorithm plugin: a .py file, a folder of them, or a module path (repeatable)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
-    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (-1: off)")
-    p.add_argument("--device", default="auto", help="default device for models: auto (CUDA when present), cpu, cuda:0, ...")
-    p.add_argument("--max-batch-rows", type=int, default=defaults.default_max_batch_rows,
-                   help="rows per fused pass for models whose size is neither configured nor measured")
-    p.add_argument("--no-batch-probe", action="store_true",
-                   help="do not measure each model's best pass size at load (config.pbtxt max_batch_rows always wins)")
-    p.add_argument("--max-queue-delay-us", type=int, default=defaults.default_max_queue_delay_us,
-                   help="default longest wait for company before a pass is cut")
-    p.add_argument("--max-rows-per-request", type=int, default=defaults.max_rows_per_request)
-    p.add_argument("--max-n-steps", type=int, default=defaults.max_n_steps)
-    p.add_argument("--max-nt-samples", type=int, default=defaults.max_nt_samples)
-    p.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024)
-    p.add_argument("--grace-seconds", type=float, default=10.0,
-                   help="on SIGTERM, how long in-flight requests may take to finish before they are cancelled")
-    p.add_argument("--worker-restart-delay", type=float, default=defaults.worker_restart_delay_s, metavar="SECONDS",
-                   help="a device worker that died restarts after this long (doubling while it keeps dying)")
-    p.add_argument("--log-level", default="INFO")
+    defaults = _defaults()
+    p = argparse.ArgumentParser(
+        prog="attrserve serve",
+        description="Serve model explanations over gRPC. Each flag can also be set by the environment variable shown.",
+    )
+    for s in SETTINGS:
+        default = defaults[s.field]
+        if s.inverted:
+            p.add_argument(s.flag, dest=s.field, action="store_false", default=None, help=f"{s.help} [{s.env}=0]")
+            continue
+        shown = "" if default is None or default == [] else f" (default: {default})"
+        metavar = s.metavar or ("N" if s.parse is int else "VALUE")
+        p.add_argument(s.flag, dest=s.field, type=s.parse, metavar=metavar, default=None,
+                       action="append" if s.repeatable else "store", help=f"{s.help}{shown} [{s.env}]")
+    p.add_argument("--log-level", default=os.environ.get("ATTRSERVE_LOG_LEVEL", "INFO"), help="[ATTRSERVE_LOG_LEVEL]")
     return p
 
 
+def server_config(argv: Sequence[str], environ: dict[str, str] | None = None):  # -> ServerConfig
+    """The ServerConfig for `attrserve serve ARGS`: flags, then ATTRSERVE_* variables, then the defaults."""
+    from attrserve_service.config import ServerConfig
+
+    environ = dict(os.environ if environ is None else environ)
+    parser = _serve_parser()
+    args = vars(parser.parse_args(argv))
+    server: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    for s in SETTINGS:
+        value = args[s.field]
+        if value is None and s.env in environ:
+            raw = environ[s.env]
+            try:
+                if s.inverted:  # the variable names the positive setting: ATTRSERVE_BATCH_PROBE=0 is --no-batch-probe
+                    value = _bool(raw)
+                elif s.repeatable:
+                    value = [s.parse(part) for part in raw.split(",") if part]
+                else:
+                    value = s.parse(raw)
+            except ValueError as e:
+                parser.error(f"{s.env}={raw!r}: {e}")
+        if value is None:
+            continue
+        if s.field.startswith("limits."):
+            limits[s.field.removeprefix("limits.")] = value
+        else:
+            server[s.field] = value
+    if server.get("metrics_port") is not None and server["metrics_port"] < 0:
+        server["metrics_port"] = None
+    return ServerConfig(**server, limits=EngineLimits(**limits)), args["log_level"]
+
+
 def serve_main(argv: Sequence[str]) -> int:
-    from attrserve_service.config import RepositoryError, ServerConfig
+    from attrserve_service.config import RepositoryError
     from attrserve_service.server import serve
 
-    args = _serve_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        model_repository=args.model_repository,
-        plugins=args.plugins,
-        max_request_bytes=args.max_request_bytes,
-        grace_seconds=args.grace_seconds,
-        limits=EngineLimits(
-            max_n_steps=args.max_n_steps,
-            max_nt_samples=args.max_nt_samples,
-            max_rows_per_request=args.max_rows_per_request,
-            default_max_batch_rows=args.max_batch_rows,
-            default_max_queue_delay_us=args.max_queue_delay_us,
-            default_device=args.device,
-            probe_batch_rows=not args.no_batch_probe,
-            worker_restart_delay_s=args.worker_restart_delay,
-        ),
-    )
+    config, log_level = server_config(argv)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(config))
     except RepositoryError as e:

@@ -1,0 +1,51 @@
+"""`attrserve serve`'s settings: every ServerConfig and EngineLimits field has a flag and an ATTRSERVE_* variable,
+defaults come from the dataclasses, and a flag wins over its variable."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attrserve_engine import EngineLimits
+from attrserve_service.cli import SETTINGS, server_config
+from attrserve_service.config import ServerConfig
+
+
+def test_every_setting_is_reachable_from_the_command_line() -> None:
+    fields = {f.name for f in dataclasses.fields(ServerConfig) if f.name != "limits"}
+    fields |= {f"limits.{f.name}" for f in dataclasses.fields(EngineLimits)}
+    assert {s.field for s in SETTINGS} == fields
+    assert len({s.env for s in SETTINGS}) == len(SETTINGS)
+
+
+def test_no_arguments_give_the_declared_defaults() -> None:
+    config, level = server_config([], environ={})
+    assert config == ServerConfig() and level == "INFO"
+
+
+def test_flags_and_variables() -> None:
+    env = {"ATTRSERVE_PORT": "7001", "ATTRSERVE_MAX_BATCH_ROWS": "64", "ATTRSERVE_BATCH_PROBE": "0",
+           "ATTRSERVE_PLUGINS": "a.py,b.py", "ATTRSERVE_GRACE_SECONDS": "2.5", "ATTRSERVE_MODEL_REPOSITORY": "/models"}
+    config, _ = server_config(["--port", "7002", "--metrics-port", "-1"], environ=env)
+    assert config.port == 7002  # the flag wins
+    assert config.metrics_port is None  # -1: off
+    assert config.limits.default_max_batch_rows == 64 and config.limits.probe_batch_rows is False
+    assert config.plugins == ["a.py", "b.py"] and config.grace_seconds == 2.5 and config.model_repository == Path("/models")
+    config, _ = server_config(["--no-batch-probe", "--plugins", "x.py", "--plugins", "y.py"], environ={})
+    assert config.limits.probe_batch_rows is False and config.plugins == ["x.py", "y.py"]
+
+
+def test_a_bad_variable_names_itself() -> None:
+    with pytest.raises(SystemExit):
+        server_config([], environ={"ATTRSERVE_PORT": "eighty"})
+
+
+def test_help_lists_every_flag_and_variable() -> None:
+    out = subprocess.run([sys.executable, "-m", "attrserve_service.cli", "serve", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for s in SETTINGS:
+        assert s.flag in out.stdout and s.env in out.stdout
