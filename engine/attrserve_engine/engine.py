@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -11,6 +12,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -182,6 +184,19 @@ class Engine:
 
     def in_flight(self) -> int:
         return sum(s.in_flight() for s in self._schedulers.values())
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Within the block, requests are accepted and queued but no pass runs; at its end the queues are cut as
+        usual. Makes the composition of fused passes deterministic (tests) and pauses compute (operations)."""
+        schedulers = list(self._schedulers.values())
+        for scheduler in schedulers:
+            scheduler.hold()
+        try:
+            yield
+        finally:
+            for scheduler in schedulers:
+                scheduler.release()
 
     def serving(self) -> tuple[bool, str]:
         """Whether every device's worker is up; if not, which one is down and why."""

@@ -161,6 +161,7 @@ class Scheduler:
         self._queues: dict[BatchKey, collections.deque[QueuedBlock]] = {}
         self._queue_rows: dict[BatchKey, int] = {}
         self._evicted_keys: set[BatchKey] = set()  # queues holding blocks of jobs that died since the last boundary
+        self._held = 0  # > 0: queue what arrives, cut no pass (hold/release)
         self._stopping = False  # no new jobs
         self._exit = False  # the worker leaves its loop
         self._serving = True
@@ -204,6 +205,16 @@ class Scheduler:
     def in_flight(self) -> int:
         with self._cv:
             return len(self._jobs)
+
+    def hold(self) -> None:
+        """Queue what arrives but cut no pass until `release` (nested holds count). Deadlines still apply."""
+        with self._cv:
+            self._held += 1
+
+    def release(self) -> None:
+        with self._cv:
+            self._held -= 1
+            self._cv.notify()
 
     def serving(self) -> tuple[bool, str]:
         """Whether the worker is up, and if not, why."""
@@ -298,6 +309,7 @@ class Scheduler:
                     break
                 arrivals, self._inbox = self._inbox, []
                 cancelled, self._cancelled = self._cancelled, []
+                held = self._held > 0
             # 1) drop the jobs that died since the last pass boundary (deadline passed, caller cancelled)
             self._drop_dead(cancelled)
             # 2) start new plans: their first blocks join the queues
@@ -305,7 +317,7 @@ class Scheduler:
                 self._advance(job, None)
             self._evict()
             # 3) cut one fused pass from the ripest queue, 4) execute it and route the results back to their plans
-            cut = self._cut()
+            cut = None if held else self._cut()
             if cut is not None:
                 self._execute(*cut)
         # Leaving (stop): whatever is still here will not be computed.
@@ -320,6 +332,8 @@ class Scheduler:
             heapq.heappop(self._deadlines)
         if self._deadlines:
             soonest = self._deadlines[0][0] - now
+        if self._held:
+            return soonest
         for key, queue in self._queues.items():
             model = queue[0].job.model
             if self._queue_rows[key] >= model.max_batch_rows:

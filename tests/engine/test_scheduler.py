@@ -278,3 +278,19 @@ def test_stop_drains_then_fails_what_is_left_and_counts_it() -> None:
         stuck.result(5)
     with pytest.raises(Unavailable, match="shutting down"):
         s.submit(job(m, 1.0))
+
+
+def test_held_queues_everything_and_release_cuts_full_passes() -> None:
+    passes, rec = FakePasses(), Recorder()
+    s = scheduler(passes, rec)
+    m = model(max_batch_rows=32)
+    try:
+        s.hold()
+        futures = [s.submit(job(m, 1.0 + i, rows=8)) for i in range(8)]  # 64 rows of one batch key
+        time.sleep(0.05)
+        assert passes.computed == []  # nothing ran while held
+        s.release()
+        assert [f.result(5) for f in futures] == [8 * (1.0 + i) for i in range(8)]
+        assert [p.rows for p in rec.passes] == [32, 32] and [p.requests for p in rec.passes] == [4, 4]
+    finally:
+        s.stop(drain=False)
