@@ -131,7 +131,9 @@ async def serve(config: ServerConfig) -> None:
         "attrserve serving %s on %s:%d (metrics on :%s)",
         ", ".join(m.name for m in running.engine.models()), config.host, running.port, running.metrics_port,
     )
-    print(f"attrserve listening on {config.host}:{running.port}", flush=True)
+    # One line a supervisor (or a test that bound port 0) can read the ports from.
+    metrics = f" (metrics on {config.host}:{running.metrics_port})" if running.metrics_port is not None else ""
+    print(f"attrserve listening on {config.host}:{running.port}{metrics}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
