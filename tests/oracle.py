@@ -211,7 +211,7 @@ class Case:
 
 
 def captum_attribute(case: Case, model: nn.Module, built: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
-    """The oracle: Captum 0.9.0 on the same request, seeded as DESIGN.md says."""
+    """The oracle: Captum 0.9.0 on the same request, seeded as docs/ARCHITECTURE.md says (Captum-parity traps)."""
     import captum.attr as ca
 
     cls = {

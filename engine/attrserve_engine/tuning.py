@@ -1,6 +1,6 @@
 """Batch-size probe: measure a model's rows per second at a few pass sizes at load and pick max_batch_rows.
 
-Bigger passes are not always faster (DESIGN.md: a small CNN on this CPU peaks
+Bigger passes are not always faster (docs/ARCHITECTURE.md, "Pass size": a small CNN on a 2-core CPU peaks
 at 100–200 rows and is 3× slower at 1,600), so the size is measured per model
 and device, not guessed.
 """

@@ -87,7 +87,7 @@ class MoreCase:
 
 
 def captum_more(case: MoreCase, built: dict):
-    """The oracle, seeded as DESIGN.md says."""
+    """The oracle, seeded as docs/ARCHITECTURE.md says (Captum-parity traps)."""
     model = LAYER_MODELS[case.model]().eval()
     layer = model.get_submodule(case.layer)
     ctor = {k: v for k, v in case.params.items() if k in CTOR_PARAMS}

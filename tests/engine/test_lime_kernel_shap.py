@@ -131,7 +131,7 @@ class LKCase:
 
 
 def captum_attribute(case: LKCase, built: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-    """The oracle: Captum 0.9.0 with its default surrogates, seeded as DESIGN.md says."""
+    """The oracle: Captum 0.9.0 with its default surrogates, seeded as docs/ARCHITECTURE.md says (Captum-parity traps)."""
     import captum.attr as ca
     from captum._utils.models.linear_model import SkLearnLasso
     from captum.attr._core.lime import get_exp_kernel_similarity_function

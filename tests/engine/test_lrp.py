@@ -159,7 +159,7 @@ class LrpCase:
 
 
 def captum_lrp(case: LrpCase, built: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
-    """The oracle: Captum 0.9.0's LRP / LayerLRP (NoiseTunnel around LRP), seeded as DESIGN.md says."""
+    """The oracle: Captum 0.9.0's LRP / LayerLRP (NoiseTunnel around LRP), seeded as docs/ARCHITECTURE.md says (Captum-parity traps)."""
     model = LRP_MODELS[case.model]().eval()
     method = ca.LayerLRP(model, model.get_submodule(case.layer)) if case.layer else ca.LRP(model)
     kwargs: dict[str, Any] = {"target": built["captum_target"], "return_convergence_delta": case.delta}

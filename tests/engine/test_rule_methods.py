@@ -105,7 +105,7 @@ class RuleCase(Case):
 
 
 def captum_attribute(case: RuleCase, built: dict[str, Any]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
-    """The oracle: Captum 0.9.0 on the same request, seeded as DESIGN.md says."""
+    """The oracle: Captum 0.9.0 on the same request, seeded as docs/ARCHITECTURE.md says (Captum-parity traps)."""
     import captum.attr as ca
 
     model = ALL_MODELS[case.model]()
