@@ -1,0 +1,148 @@
+"""The executor alone: one fused pass over several segments equals each segment run alone; a failure or a device
+out-of-memory is pinned on its own segment by re-running in halves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attrserve_engine import InvalidArgument, ModelSpec, ResourceExhausted
+from attrserve_engine import executor
+from attrserve_engine.models import LoadedModel
+from attrserve_engine.plan import Block, BlockResult, PassKind
+from attrserve_engine.rules import DeepLiftOptions
+from doubles import Fragile
+from oracle import MODELS, assert_close
+
+
+def loaded(module: torch.nn.Module, name: str = "m") -> LoadedModel:
+    return LoadedModel(ModelSpec(name=name, module=module), 256, 500)
+
+
+def gradient_block(x: torch.Tensor, target: int) -> Block:
+    return Block(kind=PassKind.GRADIENT, inputs=(x,), args=(), target=torch.full((x.shape[0], 1), target, dtype=torch.int64))
+
+
+def xs(n: int, seed: int) -> torch.Tensor:
+    """n examples in [0, 1)^3, where the toy model's ReLUs are live (its gradients are non-zero)."""
+    return torch.rand(n, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same(got: BlockResult, want: BlockResult) -> None:
+    assert_close(got.outputs, want.outputs, check_dtype=True)
+    assert_close(got.selected, want.selected, check_dtype=True)
+    assert_close(got.grads[0], want.grads[0], check_dtype=True)
+
+
+def test_a_fused_pass_equals_its_segments_alone_and_matches_autograd() -> None:
+    model = loaded(MODELS["toy"]())
+    segments = [gradient_block(xs(n, seed), seed % 2) for seed, n in enumerate([1, 4, 2])]
+    fused = executor.run_pass(model, segments)
+    for segment, got in zip(segments, fused):
+        alone = executor.run_pass(model, [segment])[0]
+        assert_same(got, alone)
+        x = segment.inputs[0].clone().requires_grad_()
+        out = model.module(x)[:, int(segment.target[0, 0])]
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert_close(got.grads[0], grad)
+        assert bool(got.grads[0].abs().sum() > 0)
+
+
+def test_a_segment_that_breaks_the_model_fails_alone(monkeypatch) -> None:
+    model = loaded(Fragile())
+    calls: list[int] = []
+    real = executor._fused_pass
+
+    def counting(m, segments):
+        calls.append(sum(s.rows for s in segments))
+        return real(m, segments)
+
+    monkeypatch.setattr(executor, "_fused_pass", counting)
+    good = [gradient_block(xs(2, seed), 1) for seed in range(3)]
+    bad = gradient_block(torch.full((2, 3), 500.0), 1)
+    outcomes = executor.run_pass(model, [good[0], good[1], bad, good[2]])
+    assert isinstance(outcomes[2], InvalidArgument) and "input out of the model's range" in str(outcomes[2])
+    for segment, got in zip(good, [outcomes[0], outcomes[1], outcomes[3]]):
+        assert_same(got, executor.run_pass(model, [segment])[0])
+    assert calls[:3] == [8, 4, 4]  # the whole pass, then its halves; the good half needs no more splitting
+    assert calls[3:5] == [2, 2]  # the bad half in quarters: the bad segment alone fails
+
+
+def test_a_bad_target_fails_only_its_segment_without_rerunning() -> None:
+    model = loaded(MODELS["toy"]())
+    good = gradient_block(xs(2, 0), 1)
+    bad = gradient_block(xs(2, 1), 5)  # the toy model has 2 outputs
+    outcomes = executor.run_pass(model, [good, bad])
+    assert isinstance(outcomes[1], InvalidArgument) and "target index 5 is out of range" in str(outcomes[1])
+    assert_same(outcomes[0], executor.run_pass(model, [good])[0])
+
+
+def simulate_oom(monkeypatch, max_rows: int) -> list[int]:
+    """Make the fused pass raise CUDA's out-of-memory error above `max_rows` rows, as a device would."""
+    attempts: list[int] = []
+    real = executor._fused_pass
+
+    def limited(m, segments):
+        rows = sum(s.rows for s in segments)
+        attempts.append(rows)
+        if rows > max_rows:
+            raise torch.cuda.OutOfMemoryError(f"simulated: {rows} rows do not fit")
+        return real(m, segments)
+
+    monkeypatch.setattr(executor, "_fused_pass", limited)
+    return attempts
+
+
+def test_out_of_memory_splits_segments_then_blocks_and_results_stay_exact(monkeypatch) -> None:
+    model = loaded(MODELS["toy"]())
+    segments = [gradient_block(xs(16, 3), 0), gradient_block(xs(6, 4), 1)]
+    alone = [executor.run_pass(model, [s])[0] for s in segments]
+    attempts = simulate_oom(monkeypatch, max_rows=5)
+    outcomes = executor.run_pass(model, segments)
+    for got, want in zip(outcomes, alone):
+        assert isinstance(got, BlockResult)
+        assert_same(got, want)
+    assert attempts[0] == 22  # tried whole first
+    assert sum(r for r in attempts if r <= 5) == 22  # then every row ran exactly once, in passes that fit
+
+
+def test_out_of_memory_on_an_unsplittable_block_is_resource_exhausted(monkeypatch) -> None:
+    model = loaded(MODELS["toy"]())
+    x = xs(4, 5)
+    paired = Block(kind=PassKind.DEEPLIFT, inputs=(x,), refs=(torch.zeros_like(x),), args=(), target=torch.zeros((4, 1), dtype=torch.int64),
+                   options=DeepLiftOptions(1e-10))
+    fits = gradient_block(xs(2, 6), 0)
+    simulate_oom(monkeypatch, max_rows=4)
+    outcomes = executor.run_pass(model, [paired, fits])
+    assert isinstance(outcomes[0], ResourceExhausted) and "ran out of device memory on 8 rows" in str(outcomes[0])
+    assert isinstance(outcomes[1], BlockResult)
+
+
+def test_the_pass_leaves_the_model_as_it_found_it() -> None:
+    module = MODELS["conv"]()
+    model = loaded(module)
+    x = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    blocks = [
+        Block(kind=PassKind.DEEPLIFT, inputs=(x,), refs=(torch.zeros_like(x),), args=(), target=torch.ones((3, 1), dtype=torch.int64),
+              options=DeepLiftOptions(1e-10)),
+        Block(kind=PassKind.GRADIENT, inputs=(x,), args=(), target=torch.ones((3, 1), dtype=torch.int64), layer="conv2", grad_wrt_layer=True),
+    ]
+    for block in blocks:
+        (outcome,) = executor.run_pass(model, [block])
+        assert isinstance(outcome, BlockResult)
+        for m in module.modules():
+            assert not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
+        assert all(not p.requires_grad for p in module.parameters())
+
+
+@pytest.mark.parametrize("field", ["layer", "options", "select"])
+def test_blocks_that_differ_in_any_setting_have_different_batch_keys(field: str) -> None:
+    block = gradient_block(xs(2, 0), 1)
+    other = {
+        "layer": Block(kind=block.kind, inputs=block.inputs, args=(), target=block.target, layer="lin1"),
+        "options": Block(kind=PassKind.DEEPLIFT, inputs=block.inputs, args=(), target=block.target, options=DeepLiftOptions(1e-3)),
+        "select": Block(kind=block.kind, inputs=block.inputs, args=(), target=block.target, select=False),
+    }[field]
+    assert block.pass_key != other.pass_key
+    # Same settings, other values and row counts: the same key.
+    assert block.pass_key == gradient_block(xs(7, 9), 0).pass_key
