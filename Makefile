@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 serve: $(STAMP)
 	$(BIN)/attrserve serve $(ARGS)
 
+# ruff and mypy read their settings (and which files to check) from pyproject.toml.
 lint: $(STAMP)
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
+	$(BIN)/mypy
 	cd protos && ../$(BIN)/buf lint
 
 test: lint

@@ -30,24 +30,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import grpc  # noqa: E402
-import torch  # noqa: E402
+import grpc
+import torch
 
-from attrserve.v1 import attribution_service_pb2 as pb  # noqa: E402
-from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc  # noqa: E402
-from attrserve.v1 import model_config_pb2 as mc  # noqa: E402
-from attrserve.v1 import tensor_pb2  # noqa: E402
-from attrserve_client.tensors import from_tensor_proto, to_tensor_proto  # noqa: E402
+from attrserve.v1 import attribution_service_pb2 as pb
+from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
+from attrserve.v1 import model_config_pb2 as mc
+from attrserve.v1 import tensor_pb2
+from attrserve_client.tensors import from_tensor_proto, to_tensor_proto
 
-from captum_calls import PassCounter, as_tensor, run_captum  # noqa: E402
-from workloads import MODELS, build_model, model_names  # noqa: E402
+from captum_calls import PassCounter, as_tensor, run_captum
+from workloads import MODELS, build_model, model_names
 
 _PREFIX = "ALGORITHM_"
 
 
 def decode(request: pb.AttributeRequest) -> dict:
     """The Captum call a request asks for: algorithm, input, baselines, target, parameters, layer."""
-    algorithm = pb.Algorithm.Name(request.algorithm)[len(_PREFIX):].lower()
+    algorithm = pb.Algorithm.Name(request.algorithm)[len(_PREFIX) :].lower()
     if len(request.inputs) != 1:
         raise ValueError("the baseline serves single-input models")
     x = as_tensor(from_tensor_proto(request.inputs[0]))
@@ -74,18 +74,32 @@ def decode(request: pb.AttributeRequest) -> dict:
         if field in ("integrated_gradients", "layer_integrated_gradients"):
             params = {"n_steps": msg.n_steps or 50, "method": msg.method or "gausslegendre"}
         elif field == "occlusion":
-            params = {"sliding_window_shapes": tuple(msg.sliding_window_shapes[0].values),
-                      "strides": tuple(msg.strides[0].values) if msg.strides else (1,) * (x.dim() - 1),
-                      "perturbations_per_eval": msg.perturbations_per_eval or 1}
+            params = {
+                "sliding_window_shapes": tuple(msg.sliding_window_shapes[0].values),
+                "strides": tuple(msg.strides[0].values) if msg.strides else (1,) * (x.dim() - 1),
+                "perturbations_per_eval": msg.perturbations_per_eval or 1,
+            }
         elif field == "saliency":
             params = {"abs": msg.abs if msg.HasField("abs") else True}
-    return {"model": request.model, "algorithm": algorithm, "x": x, "baselines": baselines, "target": target,
-            "params": params, "layer": request.layer or None}
+    return {
+        "model": request.model,
+        "algorithm": algorithm,
+        "x": x,
+        "baselines": baselines,
+        "target": target,
+        "params": params,
+        "layer": request.layer or None,
+    }
 
 
 class BaselineServicer(pb_grpc.AttributionServiceServicer):
-    def __init__(self, models: dict[str, torch.nn.Module], noop: bool, pool: concurrent.futures.Executor | None,
-                 device: torch.device = torch.device("cpu")) -> None:
+    def __init__(
+        self,
+        models: dict[str, torch.nn.Module],
+        noop: bool,
+        pool: concurrent.futures.Executor | None,
+        device: torch.device = torch.device("cpu"),
+    ) -> None:
         self.models = models
         self.noop = noop
         self.pool = pool
@@ -117,9 +131,15 @@ class BaselineServicer(pb_grpc.AttributionServiceServicer):
             request_id=request.request_id,
             attributions=[to_tensor_proto(attributions.numpy())],
             model_version="1",
-            timing=pb.Timing(queue_ms=1e3 * (start - arrival), compute_ms=compute_ms,
-                             total_ms=1e3 * (time.perf_counter() - arrival), rows=rows, passes=passes,
-                             pass_rows=rows, pass_requests=1),
+            timing=pb.Timing(
+                queue_ms=1e3 * (start - arrival),
+                compute_ms=compute_ms,
+                total_ms=1e3 * (time.perf_counter() - arrival),
+                rows=rows,
+                passes=passes,
+                pass_rows=rows,
+                pass_requests=1,
+            ),
         )
 
     async def Attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> pb.AttributeResponse:
@@ -127,8 +147,11 @@ class BaselineServicer(pb_grpc.AttributionServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not served")
         if self.noop:
             x = request.inputs[0]
-            return pb.AttributeResponse(request_id=request.request_id, model_version="1",
-                                        attributions=[tensor_pb2.Tensor(dtype=x.dtype, shape=x.shape, data=x.data)])
+            return pb.AttributeResponse(
+                request_id=request.request_id,
+                model_version="1",
+                attributions=[tensor_pb2.Tensor(dtype=x.dtype, shape=x.shape, data=x.data)],
+            )
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self.pool, self._attribute, request, time.perf_counter())
@@ -136,15 +159,17 @@ class BaselineServicer(pb_grpc.AttributionServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(e).__name__}: {e}")
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[pb.ModelInfo(config=mc.ModelConfig(name=name, version="1"), ready=True)
-                                             for name in self.models])
+        return pb.ListModelsResponse(
+            models=[pb.ModelInfo(config=mc.ModelConfig(name=name, version="1"), ready=True) for name in self.models]
+        )
 
 
 async def serve(port: int, noop: bool, workers: int | None, repo: Path, names: list[str], device: str = "cpu") -> None:
     models = {name: None if noop else build_model(name, repo) for name in names}
     pool = None if noop else concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="captum")
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
-                                      ("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0)]
+    )
     pb_grpc.add_AttributionServiceServicer_to_server(BaselineServicer(models, noop, pool, torch.device(device)), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     if bound == 0:

@@ -35,24 +35,38 @@ class PassCounter:
         return passes, rows
 
 
-def run_captum(model: torch.nn.Module, algorithm: str, x: torch.Tensor, *, target: int | None,
-               baselines: Any = None, params: dict[str, Any] | None = None, layer: str | None = None) -> torch.Tensor:
+def run_captum(
+    model: torch.nn.Module,
+    algorithm: str,
+    x: torch.Tensor,
+    *,
+    target: int | None,
+    baselines: Any = None,
+    params: dict[str, Any] | None = None,
+    layer: str | None = None,
+) -> torch.Tensor:
     """One Captum call with Captum's defaults for every parameter the request leaves out."""
     params = params or {}
     if isinstance(baselines, (int, float)):
         baselines = torch.full_like(x, baselines)  # token ids stay int64
     if algorithm == "integrated_gradients":
         return IntegratedGradients(model).attribute(
-            x, baselines=baselines, target=target, n_steps=int(params.get("n_steps") or 50),
-            method=params.get("method") or "gausslegendre")
+            x, baselines=baselines, target=target, n_steps=int(params.get("n_steps") or 50), method=params.get("method") or "gausslegendre"
+        )
     if algorithm == "layer_integrated_gradients":
         lig = LayerIntegratedGradients(model, model.get_submodule(layer))
-        return lig.attribute(x, baselines=baselines, target=target, n_steps=int(params.get("n_steps") or 50),
-                             method=params.get("method") or "gausslegendre")
+        return lig.attribute(
+            x, baselines=baselines, target=target, n_steps=int(params.get("n_steps") or 50), method=params.get("method") or "gausslegendre"
+        )
     if algorithm == "occlusion":
         return Occlusion(model).attribute(
-            x, sliding_window_shapes=tuple(params["sliding_window_shapes"]), strides=tuple(params["strides"]),
-            baselines=baselines, target=target, perturbations_per_eval=int(params.get("perturbations_per_eval") or 1))
+            x,
+            sliding_window_shapes=tuple(params["sliding_window_shapes"]),
+            strides=tuple(params["strides"]),
+            baselines=baselines,
+            target=target,
+            perturbations_per_eval=int(params.get("perturbations_per_eval") or 1),
+        )
     if algorithm == "saliency":
         return Saliency(model).attribute(x, target=target, abs=bool(params.get("abs", True)))
     raise ValueError(f"the baselines implement integrated_gradients, layer_integrated_gradients, occlusion and saliency, not {algorithm!r}")

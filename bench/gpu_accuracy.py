@@ -19,20 +19,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-from attrserve_engine import AttributionJob, Engine, EngineLimits  # noqa: E402
-from attrserve_service.config import load_repository  # noqa: E402
-from captum_calls import run_captum  # noqa: E402
-from workloads import GPU_MODELS, build_model, gpu_workloads  # noqa: E402
+from attrserve_engine import AttributionJob, Engine, EngineLimits
+from attrserve_service.config import load_repository
+
+from captum_calls import run_captum
+from workloads import GPU_MODELS, build_model, gpu_workloads
 
 N_EXAMPLES = 8
 N_THROUGHPUT = 256
 
 
 def job(model: str, x: torch.Tensor, target: int, params: dict) -> AttributionJob:
-    return AttributionJob(model=model, algorithm="integrated_gradients", inputs=(x,),
-                          target=torch.tensor([[target]]), params=params, seed=0)
+    return AttributionJob(
+        model=model, algorithm="integrated_gradients", inputs=(x,), target=torch.tensor([[target]]), params=params, seed=0
+    )
 
 
 def throughput(engine: Engine, model: str, xs: list[torch.Tensor], ts: list[int], params: dict, n: int) -> float:
@@ -65,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         reference = build_model(w.model, GPU_MODELS).to(args.device)
         want = [run_captum(reference, w.algorithm, x.to(args.device), target=t, params=w.params).detach().cpu() for x, t in zip(xs, ts)]
         where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
-        print(f"| model ({where}) | precision | rel. L2 error vs Captum fp32 | max abs error / max abs attribution "
-              f"| cosine similarity | IG req/s (in process, {n_requests} in flight) |")
+        print(
+            f"| model ({where}) | precision | rel. L2 error vs Captum fp32 | max abs error / max abs attribution "
+            f"| cosine similarity | IG req/s (in process, {n_requests} in flight) |"
+        )
         print("|---|---|---:|---:|---:|---:|")
         for name in ("bench_resnet18", "bench_resnet18_bf16"):
             model = engine.get_model(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -51,8 +52,9 @@ def mib(kib: int | None) -> float | None:
 class ServerProcess:
     """A server started as a subprocess (no shell: its pid is the server's), always killed by stop()."""
 
-    def __init__(self, name: str, argv: list[str], port: int, log_path: Path, ready_timeout: float = 180.0,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, argv: list[str], port: int, log_path: Path, ready_timeout: float = 180.0, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.env = env or {}
         self.argv = argv
@@ -75,8 +77,9 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL, start_new_session=True
+        )
 
     def log_tail(self, n: int = 30) -> str:
         try:
@@ -117,17 +120,42 @@ class ServerProcess:
             self._log = None
 
 
-def attrserve_argv(repo: Path, port: int, metrics_port: int, extra: list[str], profile: Path | None = None,
-                   device: str = "cpu") -> list[str]:
-    launcher = (["-m", "attrserve_service.cli"] if profile is None else
-                [str(ROOT / "bench" / "profile_server.py"), "--out", str(profile), "--"])
-    return [sys.executable, *launcher, "serve", "--model-repository", str(repo),
-            "--port", str(port), "--metrics-port", str(metrics_port), "--device", device, "--log-level", "WARNING", *extra]
+def attrserve_argv(
+    repo: Path, port: int, metrics_port: int, extra: list[str], profile: Path | None = None, device: str = "cpu"
+) -> list[str]:
+    launcher = (
+        ["-m", "attrserve_service.cli"] if profile is None else [str(ROOT / "bench" / "profile_server.py"), "--out", str(profile), "--"]
+    )
+    return [
+        sys.executable,
+        *launcher,
+        "serve",
+        "--model-repository",
+        str(repo),
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--device",
+        device,
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
 
 
 def baseline_argv(repo: Path, port: int, noop: bool, device: str = "cpu") -> list[str]:
-    return [sys.executable, str(ROOT / "bench" / "baseline_server.py"), "--model-repository", str(repo),
-            "--port", str(port), "--device", device, *(["--noop"] if noop else [])]
+    return [
+        sys.executable,
+        str(ROOT / "bench" / "baseline_server.py"),
+        "--model-repository",
+        str(repo),
+        "--port",
+        str(port),
+        "--device",
+        device,
+        *(["--noop"] if noop else []),
+    ]
 
 
 # -- CPU used by other processes during a measurement --------------------------------------------
@@ -168,13 +196,18 @@ class CpuWatch:
         ours = (sum(_proc_ticks(p) for p in self.pids) - self.ours0) / _TICK
         servers = (sum(_proc_ticks(p) for p in self.pids[1:]) - self.servers0) / _TICK
         cpus = os.cpu_count() or 1
-        return {"wall_s": round(wall, 2), "busy_cpu_s": round(busy, 2), "ours_cpu_s": round(ours, 2), "server_cpu_s": round(servers, 2),
-                "foreign_cpu_s": round(max(0.0, busy - ours), 2),
-                "foreign_cpu_fraction": round(max(0.0, busy - ours) / (wall * cpus), 3) if wall > 0 else None}
+        return {
+            "wall_s": round(wall, 2),
+            "busy_cpu_s": round(busy, 2),
+            "ours_cpu_s": round(ours, 2),
+            "server_cpu_s": round(servers, 2),
+            "foreign_cpu_s": round(max(0.0, busy - ours), 2),
+            "foreign_cpu_fraction": round(max(0.0, busy - ours) / (wall * cpus), 3) if wall > 0 else None,
+        }
 
 
 # -- /metrics -----------------------------------------------------------------------------------
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+([-+0-9.eEinfNa]+)')
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+([-+0-9.eEinfNa]+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
@@ -191,7 +224,7 @@ def scrape(metrics_port: int, model: str) -> dict[str, float]:
         "attrserve_queue_wait_seconds_sum": "queue_seconds",
         "attrserve_queue_wait_seconds_count": "queue_count",
     }
-    out = {v: 0.0 for v in wanted.values()}
+    out = dict.fromkeys(wanted.values(), 0.0)
     for line in text.splitlines():
         m = _SAMPLE.match(line)
         if not m or m.group(1) not in wanted:
@@ -206,8 +239,8 @@ def metrics_delta(before: dict[str, float], after: dict[str, float], wall: float
     d = {k: after[k] - before[k] for k in before}
     passes = d["row_passes"] or d["passes"]
     return {
-        "passes": int(round(d["passes"])),
-        "rows": int(round(d["rows"])),
+        "passes": round(d["passes"]),
+        "rows": round(d["rows"]),
         "rows_per_pass": d["rows"] / passes if passes else None,
         "requests_per_pass": d["pass_requests"] / passes if passes else None,
         "mean_pass_ms": 1e3 * d["pass_seconds"] / passes if passes else None,
@@ -237,12 +270,19 @@ def well_formed(response: pb.AttributeResponse) -> bool:
     if len(response.attributions) != 1:
         return False
     t = response.attributions[0]
-    return (len(t.shape) >= 1 and t.shape[0] == 1 and t.dtype in _ITEMSIZE
-            and len(t.data) == _ITEMSIZE[t.dtype] * int(np.prod(t.shape)))
+    return len(t.shape) >= 1 and t.shape[0] == 1 and t.dtype in _ITEMSIZE and len(t.data) == _ITEMSIZE[t.dtype] * int(np.prod(t.shape))
 
 
-async def _drive(target: str, requests: list[pb.AttributeRequest], concurrency: int, seconds: float,
-                 timeout: float, result: LoadResult | None, pid: int | None, rss_every: float) -> None:
+async def _drive(
+    target: str,
+    requests: list[pb.AttributeRequest],
+    concurrency: int,
+    seconds: float,
+    timeout: float,
+    result: LoadResult | None,
+    pid: int | None,
+    rss_every: float,
+) -> None:
     """`concurrency` closed-loop callers on one channel, each sending its next request as soon as the last returns."""
     async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.AttributionServiceStub(channel)
@@ -290,10 +330,8 @@ async def _drive(target: str, requests: list[pb.AttributeRequest], concurrency: 
         finally:
             if sampler is not None:
                 sampler.cancel()
-                try:
+                with contextlib.suppress(asyncio.CancelledError):
                     await sampler
-                except asyncio.CancelledError:
-                    pass
         if result is not None:
             result.wall_s = time.perf_counter() - t_start
             if pid:
@@ -302,8 +340,17 @@ async def _drive(target: str, requests: list[pb.AttributeRequest], concurrency: 
                     result.rss_samples_kib.append((result.wall_s, kib))
 
 
-def drive(target: str, requests: list[pb.AttributeRequest], concurrency: int, seconds: float, *,
-          record: bool = True, timeout: float = 60.0, pid: int | None = None, rss_every: float = 0.5) -> LoadResult | None:
+def drive(
+    target: str,
+    requests: list[pb.AttributeRequest],
+    concurrency: int,
+    seconds: float,
+    *,
+    record: bool = True,
+    timeout: float = 60.0,
+    pid: int | None = None,
+    rss_every: float = 0.5,
+) -> LoadResult | None:
     """`seconds` of closed-loop load; record=False for a warm-up (nothing kept)."""
     result = LoadResult() if record else None
     asyncio.run(_drive(target, requests, concurrency, seconds, timeout, result, pid if record else None, rss_every))
@@ -318,14 +365,22 @@ def server_timing(result: LoadResult) -> dict | None:
         return None
     a = np.asarray(result.timing_ms)
     lat = np.asarray(result.latencies_ms)
-    return {"queue_ms_p50": float(np.median(a[:, 0])), "compute_ms_p50": float(np.median(a[:, 1])),
-            "server_total_ms_p50": float(np.median(a[:, 2])),
-            "client_minus_server_ms_p50": float(np.median(lat - a[:, 2])) if len(lat) == len(a) else None}
+    return {
+        "queue_ms_p50": float(np.median(a[:, 0])),
+        "compute_ms_p50": float(np.median(a[:, 1])),
+        "server_total_ms_p50": float(np.median(a[:, 2])),
+        "client_minus_server_ms_p50": float(np.median(lat - a[:, 2])) if len(lat) == len(a) else None,
+    }
 
 
 def latency_stats(latencies_ms: list[float]) -> dict:
     if not latencies_ms:
         return {"p50_ms": None, "p90_ms": None, "p99_ms": None, "mean_ms": None, "max_ms": None}
     a = np.asarray(latencies_ms)
-    return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
-            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "max_ms": float(a.max())}
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+        "max_ms": float(a.max()),
+    }

@@ -19,6 +19,7 @@ upper bound on what fusion can reach on this machine, not something a server can
 from __future__ import annotations
 
 import copy
+import functools
 import time
 
 import torch
@@ -59,28 +60,28 @@ def measure_limit(w: Workload, model: torch.nn.Module, n_requests: int, min_seco
 
     def gradient_rows(rows: torch.Tensor, t: torch.Tensor, c: int, tokens: torch.Tensor | None = None) -> None:
         for s in range(0, rows.shape[0], c):
-            chunk = rows[s:s + c].detach().requires_grad_(True)
+            chunk = rows[s : s + c].detach().requires_grad_(True)
             if tokens is None:
                 out = model(chunk)
             else:  # LayerIntegratedGradients: the chunk replaces the embedding's output
-                handle = model.get_submodule(w.layer).register_forward_hook(lambda m, i, o: chunk)
+                handle = model.get_submodule(w.layer).register_forward_hook(lambda m, i, o, chunk=chunk: chunk)
                 try:
-                    out = model(tokens[s:s + c])
+                    out = model(tokens[s : s + c])
                 finally:
                     handle.remove()
-            sel = out.gather(1, t[s:s + c, None]).sum()
+            sel = out.gather(1, t[s : s + c, None]).sum()
             torch.autograd.grad(sel, chunk)
 
     def forward_rows(rows: torch.Tensor, c: int) -> None:
         with torch.no_grad():
             for s in range(0, rows.shape[0], c):
-                model(rows[s:s + c])
+                model(rows[s : s + c])
 
     if w.algorithm == "integrated_gradients":
         rows = (alphas.view(-1, 1, *([1] * (x.dim() - 1))) * x.unsqueeze(0)).reshape(-1, *x.shape[1:])  # step-major
         row_t = targets.repeat(n_steps)
         total = rows.shape[0]
-        run = lambda c: gradient_rows(rows, row_t, c)  # noqa: E731
+        run = functools.partial(gradient_rows, rows, row_t)
     elif w.algorithm == "layer_integrated_gradients":
         base = torch.zeros_like(x)
         stage1 = torch.cat([x, base])
@@ -105,13 +106,13 @@ def measure_limit(w: Workload, model: torch.nn.Module, n_requests: int, min_seco
             copies.append(occluded)
         rows = torch.cat(copies)
         total = rows.shape[0]
-        run = lambda c: forward_rows(rows, c)  # noqa: E731
+        run = functools.partial(forward_rows, rows)
     else:
         raise ValueError(f"L is not defined for {w.algorithm}")
 
     per_chunk = {}
     for c in _chunks(total):
-        per_chunk[c] = _best(lambda: run(c), min_seconds)
+        per_chunk[c] = _best(functools.partial(run, c), min_seconds)
     best_c = min(per_chunk, key=per_chunk.get)
     best = per_chunk[best_c]
     return {

@@ -30,7 +30,7 @@ def _thread_cpu() -> dict[int, tuple[str, float]]:
         try:
             with open(f"/proc/self/task/{tid}/stat") as f:
                 raw = f.read()
-            comm = raw[raw.index("(") + 1:raw.rindex(")")]
+            comm = raw[raw.index("(") + 1 : raw.rindex(")")]
             fields = raw.rsplit(")", 1)[1].split()
             out[int(tid)] = (comm, (int(fields[11]) + int(fields[12])) / _TICK)
         except (OSError, ValueError):
@@ -84,8 +84,11 @@ class Sampler:
 
     def report(self, top: int = 15) -> str:
         wall = time.monotonic() - self.t0
-        lines = [f"wall {wall:.1f} s, {self.samples} samples every {1e3 * self.interval:.1f} ms", "",
-                 "CPU seconds per thread in the window:"]
+        lines = [
+            f"wall {wall:.1f} s, {self.samples} samples every {1e3 * self.interval:.1f} ms",
+            "",
+            "CPU seconds per thread in the window:",
+        ]
         natives = {t.native_id: t.name for t in threading.enumerate()}
         cpu = {tid: (comm, secs - self.cpu0.get(tid, ("", 0.0))[1]) for tid, (comm, secs) in _thread_cpu().items()}
         lines.append(f"  {sum(s for _, s in cpu.values()):8.2f} s  all threads ({wall:.1f} s wall)")

@@ -25,12 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-import harness  # noqa: E402
-from captum_calls import PassCounter, run_captum  # noqa: E402
-from limit import measure_limit  # noqa: E402
-from workloads import Workload, all_workloads, build_model, gpu_workloads, repository  # noqa: E402
+import harness
+from captum_calls import PassCounter, run_captum
+from limit import measure_limit
+from workloads import Workload, all_workloads, build_model, gpu_workloads, repository
 
 SYSTEMS = ("attrserve", "B1", "B2", "L", "noop")
 SOAK_WARMUP_S = 10.0
@@ -45,9 +45,20 @@ LABELS = {
 
 # -- one system ---------------------------------------------------------------------------------
 def _summary(system: str, requests: int, errors: int, wall_s: float, latencies: list[float], **extra) -> dict:
-    out = {"system": system, "label": LABELS[system], "requests": requests, "errors": errors, "wall_s": round(wall_s, 3),
-           "throughput_rps": requests / wall_s if wall_s > 0 else 0.0, "passes": None, "rows": None,
-           "rows_per_pass": None, "rss_peak_mib": None, "rss_start_mib": None, "rss_end_mib": None}
+    out = {
+        "system": system,
+        "label": LABELS[system],
+        "requests": requests,
+        "errors": errors,
+        "wall_s": round(wall_s, 3),
+        "throughput_rps": requests / wall_s if wall_s > 0 else 0.0,
+        "passes": None,
+        "rows": None,
+        "rows_per_pass": None,
+        "rss_peak_mib": None,
+        "rss_start_mib": None,
+        "rss_end_mib": None,
+    }
     out.update(harness.latency_stats(latencies))
     out.update(extra)
     return out
@@ -59,9 +70,9 @@ def run_b1(w: Workload, model: torch.nn.Module, seconds: float, warmup: float) -
     ts = w.targets()
     counter = PassCounter(model)
     try:
+
         def once(i: int) -> None:
-            run_captum(model, w.algorithm, xs[i % len(xs)], target=ts[i % len(ts)], baselines=w.baselines,
-                       params=w.params, layer=w.layer)
+            run_captum(model, w.algorithm, xs[i % len(xs)], target=ts[i % len(ts)], baselines=w.baselines, params=w.params, layer=w.layer)
 
         i = 0
         end = time.perf_counter() + warmup
@@ -83,20 +94,40 @@ def run_b1(w: Workload, model: torch.nn.Module, seconds: float, warmup: float) -
         passes, rows = counter.take()
     finally:
         counter.handle.remove()
-    return _summary("B1", len(latencies), 0, wall, latencies, passes=passes, rows=rows,
-                    rows_per_pass=rows / passes if passes else None, cpu=cpu)
+    return _summary(
+        "B1", len(latencies), 0, wall, latencies, passes=passes, rows=rows, rows_per_pass=rows / passes if passes else None, cpu=cpu
+    )
 
 
 def run_l(w: Workload, model: torch.nn.Module, concurrency: int, smoke: bool) -> dict:
     watch = harness.CpuWatch([])
     lim = measure_limit(w, model, n_requests=concurrency, min_seconds=0.05 if smoke else 0.3)
-    return _summary("L", lim["requests"], 0, lim["seconds"], [], throughput_rps=lim["throughput_rps"],
-                    passes=lim["passes"], rows=lim["rows"], rows_per_pass=lim["rows"] / lim["passes"], limit=lim,
-                    cpu=watch.stop())
+    return _summary(
+        "L",
+        lim["requests"],
+        0,
+        lim["seconds"],
+        [],
+        throughput_rps=lim["throughput_rps"],
+        passes=lim["passes"],
+        rows=lim["rows"],
+        rows_per_pass=lim["rows"] / lim["passes"],
+        limit=lim,
+        cpu=watch.stop(),
+    )
 
 
-def run_server(system: str, w: Workload, args: argparse.Namespace, concurrency: int, requests: list,
-               log_dir: Path, seconds: float | None = None, rss_every: float = 0.5, warmup: float | None = None) -> dict:
+def run_server(
+    system: str,
+    w: Workload,
+    args: argparse.Namespace,
+    concurrency: int,
+    requests: list,
+    log_dir: Path,
+    seconds: float | None = None,
+    rss_every: float = 0.5,
+    warmup: float | None = None,
+) -> dict:
     """Start the server, wait until ready, warm up, measure, read its metrics and RSS, kill it."""
     seconds = args.seconds if seconds is None else seconds
     repo = repository(args.smoke, args.gpu)
@@ -113,15 +144,17 @@ def run_server(system: str, w: Workload, args: argparse.Namespace, concurrency: 
     try:
         server.start()
         ready_s = server.wait_ready([w.model])
-        harness.drive(server.target, requests, concurrency, args.warmup_seconds if warmup is None else warmup,
-                      record=False, timeout=args.timeout)
+        harness.drive(
+            server.target, requests, concurrency, args.warmup_seconds if warmup is None else warmup, record=False, timeout=args.timeout
+        )
         before = harness.scrape(metrics_port, w.model) if metrics_port else None
         profiling = system == "attrserve" and args.attrserve_profile
         if profiling:
             os.kill(server.pid, signal.SIGUSR1)
         watch = harness.CpuWatch([server.pid])
-        load = harness.drive(server.target, requests, concurrency, seconds, record=True, timeout=args.timeout,
-                             pid=server.pid, rss_every=rss_every)
+        load = harness.drive(
+            server.target, requests, concurrency, seconds, record=True, timeout=args.timeout, pid=server.pid, rss_every=rss_every
+        )
         cpu = watch.stop()
         if profiling:
             os.kill(server.pid, signal.SIGUSR2)
@@ -132,20 +165,32 @@ def run_server(system: str, w: Workload, args: argparse.Namespace, concurrency: 
         server.stop()
     assert load is not None
     rss = [kib for _, kib in load.rss_samples_kib]
-    out = _summary(system, len(load.latencies_ms), load.errors, load.wall_s, load.latencies_ms,
-                   error_samples=load.error_samples, ready_s=round(ready_s, 2), rss_peak_mib=harness.mib(hwm),
-                   rss_start_mib=harness.mib(rss[0]) if rss else None, rss_end_mib=harness.mib(rss[-1]) if rss else None,
-                   rss_max_mib=harness.mib(max(rss)) if rss else None, cpu=cpu,
-                   server_timing=harness.server_timing(load),
-                   rss_samples_mib=[(round(t, 2), harness.mib(k)) for t, k in load.rss_samples_kib])
+    out = _summary(
+        system,
+        len(load.latencies_ms),
+        load.errors,
+        load.wall_s,
+        load.latencies_ms,
+        error_samples=load.error_samples,
+        ready_s=round(ready_s, 2),
+        rss_peak_mib=harness.mib(hwm),
+        rss_start_mib=harness.mib(rss[0]) if rss else None,
+        rss_end_mib=harness.mib(rss[-1]) if rss else None,
+        rss_max_mib=harness.mib(max(rss)) if rss else None,
+        cpu=cpu,
+        server_timing=harness.server_timing(load),
+        rss_samples_mib=[(round(t, 2), harness.mib(k)) for t, k in load.rss_samples_kib],
+    )
     if system == "attrserve":
         engine = harness.metrics_delta(before, after, load.wall_s)
-        out.update(passes=engine.pop("passes"), rows=engine.pop("rows"), rows_per_pass=engine.pop("rows_per_pass"),
-                   engine=engine)
+        out.update(passes=engine.pop("passes"), rows=engine.pop("rows"), rows_per_pass=engine.pop("rows_per_pass"), engine=engine)
         out["request_rows"] = load.timing_rows  # rows the answered requests needed, from their timing
     elif system == "B2":
-        out.update(passes=load.timing_passes, rows=load.timing_rows,
-                   rows_per_pass=load.timing_rows / load.timing_passes if load.timing_passes else None)
+        out.update(
+            passes=load.timing_passes,
+            rows=load.timing_rows,
+            rows_per_pass=load.timing_rows / load.timing_passes if load.timing_passes else None,
+        )
     else:
         out.update(passes=0, rows=0)
     return out
@@ -167,15 +212,27 @@ def run_workload(w: Workload, args: argparse.Namespace, log_dir: Path) -> dict:
         else:
             results[system] = run_server(system, w, args, concurrency, requests, log_dir)
         r = results[system]
-        print(f"[{w.key}] {LABELS[system]}: {r['throughput_rps']:.1f} req/s, p50 {_fmt(r['p50_ms'], 2)} ms, "
-              f"{r['errors']} errors ({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
+        print(
+            f"[{w.key}] {LABELS[system]}: {r['throughput_rps']:.1f} req/s, p50 {_fmt(r['p50_ms'], 2)} ms, "
+            f"{r['errors']} errors ({time.monotonic() - t0:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     for r in results.values():
         for ref, key in (("B2", "ratio_vs_B2"), ("L", "ratio_vs_L"), ("noop", "ratio_vs_noop")):
             base = results.get(ref)
             r[key] = r["throughput_rps"] / base["throughput_rps"] if base and base["throughput_rps"] else None
-    return {"workload": w.key, "title": w.title, "model": w.model, "algorithm": w.algorithm, "params": _jsonable(w.params),
-            "concurrency": concurrency, "rows_per_request": w.rows(), "payload_bytes": w.payload_bytes(),
-            "systems": results}
+    return {
+        "workload": w.key,
+        "title": w.title,
+        "model": w.model,
+        "algorithm": w.algorithm,
+        "params": _jsonable(w.params),
+        "concurrency": concurrency,
+        "rows_per_request": w.rows(),
+        "payload_bytes": w.payload_bytes(),
+        "systems": results,
+    }
 
 
 def run_soak(w: Workload, args: argparse.Namespace, log_dir: Path) -> dict:
@@ -185,23 +242,44 @@ def run_soak(w: Workload, args: argparse.Namespace, log_dir: Path) -> dict:
     including what the allocator gives back after the load-time warm-up); start = the first sample after it."""
     concurrency = args.concurrency or w.concurrency
     print(f"[{w.key}] RSS soak: attrserve, {args.rss_soak:.0f} s ...", file=sys.stderr, flush=True)
-    r = run_server("attrserve", w, args, concurrency, w.requests(), log_dir, seconds=args.rss_soak, rss_every=1.0,
-                   warmup=max(args.warmup_seconds, SOAK_WARMUP_S))
+    r = run_server(
+        "attrserve",
+        w,
+        args,
+        concurrency,
+        w.requests(),
+        log_dir,
+        seconds=args.rss_soak,
+        rss_every=1.0,
+        warmup=max(args.warmup_seconds, SOAK_WARMUP_S),
+    )
     start, end = r["rss_start_mib"], r["rss_end_mib"]
     drift = (end - start) / start if start else None
     print(f"[{w.key}] RSS soak: {start} -> {end} MiB ({100 * drift:+.1f}%)", file=sys.stderr, flush=True)
-    return soak_range({"workload": w.key, "seconds": args.rss_soak, "warmup_seconds": max(args.warmup_seconds, SOAK_WARMUP_S),
-                       "requests": r["requests"], "errors": r["errors"],
-                       "throughput_rps": r["throughput_rps"], "rss_start_mib": start, "rss_end_mib": end,
-                       "rss_peak_mib": r["rss_peak_mib"], "drift": drift, "rss_samples_mib": r["rss_samples_mib"]})
+    return soak_range(
+        {
+            "workload": w.key,
+            "seconds": args.rss_soak,
+            "warmup_seconds": max(args.warmup_seconds, SOAK_WARMUP_S),
+            "requests": r["requests"],
+            "errors": r["errors"],
+            "throughput_rps": r["throughput_rps"],
+            "rss_start_mib": start,
+            "rss_end_mib": end,
+            "rss_peak_mib": r["rss_peak_mib"],
+            "drift": drift,
+            "rss_samples_mib": r["rss_samples_mib"],
+        }
+    )
 
 
 def soak_range(soak: dict) -> dict:
     """Adds the soak's RSS range and its largest deviation from the first sample (what "flat" is judged on)."""
     samples = [mib for _, mib in soak["rss_samples_mib"]]
     start = soak["rss_start_mib"]
-    soak.update(rss_min_mib=min(samples), rss_max_mib=max(samples),
-                max_deviation=max(abs(s - start) for s in samples) / start if start else None)
+    soak.update(
+        rss_min_mib=min(samples), rss_max_mib=max(samples), max_deviation=max(abs(s - start) for s in samples) / start if start else None
+    )
     return soak
 
 
@@ -220,44 +298,71 @@ def evaluate_targets(workloads: dict[str, dict], soaks: dict[str, dict]) -> list
             status = "not measured"
         else:
             status = "met" if (value >= threshold if higher_is_better else value <= threshold) else "MISSED"
-        out.append({"workload": wk, "target": text, "measured": shown, "value": value, "threshold": threshold,
-                    "status": status})
+        out.append({"workload": wk, "target": text, "measured": shown, "value": value, "threshold": threshold, "status": status})
 
     def ratio(wk: str, ref: str) -> float | None:
         a, b = sys_of(wk, "attrserve"), sys_of(wk, ref)
         return a["throughput_rps"] / b["throughput_rps"] if a and b and b["throughput_rps"] else None
 
-    for wk, text, ref, thr in (("W1", "throughput >= 8x B2", "B2", 8.0),
-                               ("W1", "throughput >= 50% of the no-op RPC ceiling", "noop", 0.5),
-                               ("W2", "throughput >= 1.5x B2", "B2", 1.5),
-                               ("W2", "throughput >= 80% of L", "L", 0.8),
-                               ("W3", "throughput >= 3x B2", "B2", 3.0),
-                               ("W4", "throughput >= 2x B2", "B2", 2.0),
-                               ("G2", "throughput >= 10x B2 on the same GPU", "B2", 10.0)):
+    for wk, text, ref, thr in (
+        ("W1", "throughput >= 8x B2", "B2", 8.0),
+        ("W1", "throughput >= 50% of the no-op RPC ceiling", "noop", 0.5),
+        ("W2", "throughput >= 1.5x B2", "B2", 1.5),
+        ("W2", "throughput >= 80% of L", "L", 0.8),
+        ("W3", "throughput >= 3x B2", "B2", 3.0),
+        ("W4", "throughput >= 2x B2", "B2", 2.0),
+        ("G2", "throughput >= 10x B2 on the same GPU", "B2", 10.0),
+    ):
         v = ratio(wk, ref)
         add(wk, text, v, thr, True, "n/a" if v is None else (f"{v:.2f}x" if thr >= 1 else f"{100 * v:.0f}%"))
     for wk, slack in (("W5", 1.5), ("W6", 5.0)):
         a, b = sys_of(wk, "attrserve"), sys_of(wk, "B1")
         v = a["p50_ms"] - b["p50_ms"] if a and b and a["p50_ms"] is not None and b["p50_ms"] is not None else None
-        add(wk, f"p50 <= in-process (B1) p50 + {slack:g} ms", v, slack, False,
-            "n/a" if v is None else f"{a['p50_ms']:.2f} ms vs {b['p50_ms']:.2f} ms ({v:+.2f} ms)")
+        add(
+            wk,
+            f"p50 <= in-process (B1) p50 + {slack:g} ms",
+            v,
+            slack,
+            False,
+            "n/a" if v is None else f"{a['p50_ms']:.2f} ms vs {b['p50_ms']:.2f} ms ({v:+.2f} ms)",
+        )
     for wk, res in workloads.items():
         a = res["systems"].get("attrserve")
         v = a["p99_ms"] / a["p50_ms"] if a and a["p50_ms"] else None
-        add(wk, f"p99 <= 3x p50 (at {res['concurrency']} callers)", v, 3.0, False,
-            "n/a" if v is None else f"{a['p99_ms']:.1f} / {a['p50_ms']:.1f} ms = {v:.2f}x")
+        add(
+            wk,
+            f"p99 <= 3x p50 (at {res['concurrency']} callers)",
+            v,
+            3.0,
+            False,
+            "n/a" if v is None else f"{a['p99_ms']:.1f} / {a['p50_ms']:.1f} ms = {v:.2f}x",
+        )
     for wk in workloads:
         soak = soaks.get(wk)
         text = "server RSS flat (+-5%) over a 60 s steady run"
         if soak is None:
-            out.append({"workload": wk, "target": text, "measured": "not run (use --rss-soak 60)", "value": None,
-                        "threshold": 0.05, "status": "not measured"})
+            out.append(
+                {
+                    "workload": wk,
+                    "target": text,
+                    "measured": "not run (use --rss-soak 60)",
+                    "value": None,
+                    "threshold": 0.05,
+                    "status": "not measured",
+                }
+            )
             continue
         # Flat: every sample of the steady run within 5% of its first, not just the last one.
         v = soak["max_deviation"]
-        add(wk, text, v, 0.05, False,
+        add(
+            wk,
+            text,
+            v,
+            0.05,
+            False,
             f"{soak['rss_start_mib']} -> {soak['rss_end_mib']} MiB over {soak['seconds']:.0f} s ({100 * soak['drift']:+.1f}%), "
-            f"range {soak['rss_min_mib']}-{soak['rss_max_mib']} MiB (max deviation {100 * v:.1f}%)")
+            f"range {soak['rss_min_mib']}-{soak['rss_max_mib']} MiB (max deviation {100 * v:.1f}%)",
+        )
     return out
 
 
@@ -285,38 +390,53 @@ def _server_cpu_ms(r: dict) -> float | None:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| workload | system | req/s | p50 ms | p99 ms | errors | requests | passes | rows/pass | peak RSS MiB | RSS in load MiB | vs B2 | vs L | vs no-op | server CPU ms/req | other CPU |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        (
+            "| workload | system | req/s | p50 ms | p99 ms | errors | requests | passes | rows/pass | peak RSS MiB | RSS in load MiB "
+            "| vs B2 | vs L | vs no-op | server CPU ms/req | other CPU |"
+        ),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for wk, res in report["workloads"].items():
-        for s, r in res["systems"].items():
-            lines.append(
-                f"| {wk} (c={res['concurrency']}) | {r['label']} | {r['throughput_rps']:.1f} | {_fmt(r['p50_ms'], 2)} | "
-                f"{_fmt(r['p99_ms'], 2)} | {r['errors']} | {r['requests']} | {_fmt(r['passes'])} | "
-                f"{_fmt(r['rows_per_pass'])} | {_fmt(r['rss_peak_mib'])} | {_fmt(r.get('rss_max_mib'))} | "
-                f"{_ratio(r.get('ratio_vs_B2'))} | {_ratio(r.get('ratio_vs_L'))} | {_ratio(r.get('ratio_vs_noop'))} | "
-                f"{_fmt(_server_cpu_ms(r), 2)} | {_pct((r.get('cpu') or {}).get('foreign_cpu_fraction'))} |")
+        lines.extend(
+            f"| {wk} (c={res['concurrency']}) | {r['label']} | {r['throughput_rps']:.1f} | {_fmt(r['p50_ms'], 2)} | "
+            f"{_fmt(r['p99_ms'], 2)} | {r['errors']} | {r['requests']} | {_fmt(r['passes'])} | "
+            f"{_fmt(r['rows_per_pass'])} | {_fmt(r['rss_peak_mib'])} | {_fmt(r.get('rss_max_mib'))} | "
+            f"{_ratio(r.get('ratio_vs_B2'))} | {_ratio(r.get('ratio_vs_L'))} | {_ratio(r.get('ratio_vs_noop'))} | "
+            f"{_fmt(_server_cpu_ms(r), 2)} | {_pct((r.get('cpu') or {}).get('foreign_cpu_fraction'))} |"
+            for r in res["systems"].values()
+        )
     lines += ["", "| workload | target | measured | status |", "|---|---|---|---|"]
     for t in report["targets"]:
         lines.append(f"| {t['workload']} | {t['target']} | {t['measured']} | {t['status']} |")
     if report["rss_soak"]:
-        lines += ["", "| RSS soak | seconds | requests | errors | RSS start MiB | RSS end MiB | min MiB | max MiB | end vs start | max deviation |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| RSS soak | seconds | requests | errors | RSS start MiB | RSS end MiB | min MiB | max MiB | end vs start | max deviation |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for wk, s in report["rss_soak"].items():
-            lines.append(f"| {wk} attrserve | {s['seconds']:.0f} | {s['requests']} | {s['errors']} | {s['rss_start_mib']} | "
-                         f"{s['rss_end_mib']} | {s['rss_min_mib']} | {s['rss_max_mib']} | {100 * s['drift']:+.1f}% | "
-                         f"{100 * s['max_deviation']:.1f}% |")
+            lines.append(
+                f"| {wk} attrserve | {s['seconds']:.0f} | {s['requests']} | {s['errors']} | {s['rss_start_mib']} | "
+                f"{s['rss_end_mib']} | {s['rss_min_mib']} | {s['rss_max_mib']} | {100 * s['drift']:+.1f}% | "
+                f"{100 * s['max_deviation']:.1f}% |"
+            )
     notes = []
     for wk, res in report["workloads"].items():
         a = res["systems"].get("attrserve", {})
         e = a.get("engine")
         if e:
-            notes.append(f"- {wk} attrserve engine: {_fmt(e['requests_per_pass'])} requests/pass, "
-                         f"mean pass {_fmt(e['mean_pass_ms'], 2)} ms, worker busy {_fmt(100 * (e['worker_busy_fraction'] or 0), 0)}%, "
-                         f"mean queue wait {_fmt(e['mean_queue_wait_ms'], 2)} ms")
+            notes.append(
+                f"- {wk} attrserve engine: {_fmt(e['requests_per_pass'])} requests/pass, "
+                f"mean pass {_fmt(e['mean_pass_ms'], 2)} ms, worker busy {_fmt(100 * (e['worker_busy_fraction'] or 0), 0)}%, "
+                f"mean queue wait {_fmt(e['mean_queue_wait_ms'], 2)} ms"
+            )
         lim = res["systems"].get("L", {}).get("limit")
         if lim:
-            notes.append(f"- {wk} L: {lim['rows']} rows of {lim['requests']} requests, best chunk {lim['best_chunk_rows']} rows "
-                         f"({lim['rows_per_s']:.0f} rows/s); rows/s by chunk: {lim['per_chunk_rows_per_s']}")
+            notes.append(
+                f"- {wk} L: {lim['rows']} rows of {lim['requests']} requests, best chunk {lim['best_chunk_rows']} rows "
+                f"({lim['rows_per_s']:.0f} rows/s); rows/s by chunk: {lim['per_chunk_rows_per_s']}"
+            )
     if notes:
         lines += ["", *notes]
     return "\n".join(lines)
@@ -339,20 +459,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=0, help="callers for every workload (default: each workload's own)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes for the test: n_steps 4, 2 s, concurrency 4")
     p.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "out" / "results.json")
-    p.add_argument("--rss-soak", type=float, default=0.0, metavar="SECONDS",
-                   help="also run attrserve steady this long per soaked workload and report RSS at start/end")
+    p.add_argument(
+        "--rss-soak",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="also run attrserve steady this long per soaked workload and report RSS at start/end",
+    )
     p.add_argument("--rss-soak-workloads", default="W1", help="workloads to soak (default W1; 'all' = every selected one)")
-    p.add_argument("--attrserve-arg", action="append", default=[], metavar="ARG",
-                   help="extra flag for `attrserve serve` (repeatable), e.g. --attrserve-arg=--max-batch-rows=512")
-    p.add_argument("--attrserve-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment variable for the attrserve process (repeatable), e.g. OMP_NUM_THREADS=1")
-    p.add_argument("--attrserve-profile", type=Path, default=None, metavar="DIR",
-                   help="diagnosis: run attrserve under bench/profile_server.py and write DIR/<W>-attrserve.txt "
-                        "(per-thread CPU and sampled stacks of the measured window); perturbs the numbers a little")
-    p.add_argument("--render", type=Path, default=None, metavar="JSON",
-                   help="print the table and targets of an earlier run's JSON (re-evaluated), run nothing")
-    p.add_argument("--gpu", action="store_true",
-                   help="the GPU check: workload G2 (ResNet-18, bench/gpu_models) for attrserve vs B2, both on --device")
+    p.add_argument(
+        "--attrserve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra flag for `attrserve serve` (repeatable), e.g. --attrserve-arg=--max-batch-rows=512",
+    )
+    p.add_argument(
+        "--attrserve-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment variable for the attrserve process (repeatable), e.g. OMP_NUM_THREADS=1",
+    )
+    p.add_argument(
+        "--attrserve-profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="diagnosis: run attrserve under bench/profile_server.py and write DIR/<W>-attrserve.txt "
+        "(per-thread CPU and sampled stacks of the measured window); perturbs the numbers a little",
+    )
+    p.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="print the table and targets of an earlier run's JSON (re-evaluated), run nothing",
+    )
+    p.add_argument(
+        "--gpu", action="store_true", help="the GPU check: workload G2 (ResNet-18, bench/gpu_models) for attrserve vs B2, both on --device"
+    )
     p.add_argument("--device", default=None, help="where attrserve and B2 run models (default: cuda with --gpu, else cpu)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
     args = p.parse_args(argv)
@@ -392,20 +538,33 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"error: unknown workloads {bad}; valid: {', '.join(catalog)}", file=sys.stderr)
         return 2
-    soak_keys = keys if args.rss_soak_workloads.strip().lower() == "all" else [
-        k.strip().upper() for k in args.rss_soak_workloads.split(",") if k.strip()]
+    soak_keys = (
+        keys
+        if args.rss_soak_workloads.strip().lower() == "all"
+        else [k.strip().upper() for k in args.rss_soak_workloads.split(",") if k.strip()]
+    )
     log_dir = args.json.resolve().parent / "logs"
     started = time.time()
     report = {
         "meta": {
             "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-            "argv": sys.argv[1:] if argv is None else argv, "smoke": args.smoke, "seconds": args.seconds,
-            "warmup_seconds": args.warmup_seconds, "attrserve_args": args.attrserve_arg, "attrserve_env": args.attrserve_env,
-            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cpus": __import__("os").cpu_count(), "machine": platform.machine(), "device": args.device,
+            "argv": sys.argv[1:] if argv is None else argv,
+            "smoke": args.smoke,
+            "seconds": args.seconds,
+            "warmup_seconds": args.warmup_seconds,
+            "attrserve_args": args.attrserve_arg,
+            "attrserve_env": args.attrserve_env,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cpus": __import__("os").cpu_count(),
+            "machine": platform.machine(),
+            "device": args.device,
             "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available() else None,
         },
-        "workloads": {}, "rss_soak": {}, "targets": [],
+        "workloads": {},
+        "rss_soak": {},
+        "targets": [],
     }
     failures = []
     for k in keys:

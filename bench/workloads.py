@@ -89,8 +89,16 @@ class Workload:
         from attrserve_client import build_request
 
         return [
-            build_request(self.model, self.algorithm, x, baselines=self.baselines, target=t, layer=self.layer,
-                          params=self.params, request_id=f"{self.key}-{i}")
+            build_request(
+                self.model,
+                self.algorithm,
+                x,
+                baselines=self.baselines,
+                target=t,
+                layer=self.layer,
+                params=self.params,
+                request_id=f"{self.key}-{i}",
+            )
             for i, (x, t) in enumerate(zip(self.inputs(n), self.targets(n)))
         ]
 
@@ -107,19 +115,79 @@ def all_workloads(smoke: bool = False) -> dict[str, Workload]:
     tokens, vocab = ((8,), 50) if smoke else ((32,), 1000)
     big = (3, 32, 32) if smoke else (3, 224, 224)
     ws = [
-        Workload("W1", "tabular: MLP 64-128-128-2, IntegratedGradients n_steps=50", "bench_mlp", "integrated_gradients",
-                 {"n_steps": n_steps}, features, "float32", 2, 32),
-        Workload("W2", "image: CNN on 3x32x32, IntegratedGradients n_steps=50", "bench_cnn", "integrated_gradients",
-                 {"n_steps": n_steps}, image, "float32", 10, 32),
-        Workload("W3", "text: embedding + 2-layer transformer on 32 tokens, LayerIntegratedGradients(embedding) n_steps=50",
-                 "bench_text", "layer_integrated_gradients", {"n_steps": n_steps}, tokens, "int64", 2, 32,
-                 layer="embedding", baselines=0, vocab=vocab),
-        Workload("W4", "perturbation: Occlusion window 3x4x4 stride 3x4x4 on the W2 CNN", "bench_cnn", "occlusion",
-                 {"sliding_window_shapes": (3, 4, 4), "strides": (3, 4, 4)}, image, "float32", 10, 32),
-        Workload("W5", "latency: Saliency on the W2 CNN, 1 caller", "bench_cnn", "saliency", {}, image, "float32", 10, 1,
-                 limit=False, kind="latency"),
-        Workload("W6", "payload: Saliency on 3x224x224, 4 callers", "bench_cnn224", "saliency", {}, big,
-                 "float32", 10, 4, limit=False, kind="latency"),
+        Workload(
+            "W1",
+            "tabular: MLP 64-128-128-2, IntegratedGradients n_steps=50",
+            "bench_mlp",
+            "integrated_gradients",
+            {"n_steps": n_steps},
+            features,
+            "float32",
+            2,
+            32,
+        ),
+        Workload(
+            "W2",
+            "image: CNN on 3x32x32, IntegratedGradients n_steps=50",
+            "bench_cnn",
+            "integrated_gradients",
+            {"n_steps": n_steps},
+            image,
+            "float32",
+            10,
+            32,
+        ),
+        Workload(
+            "W3",
+            "text: embedding + 2-layer transformer on 32 tokens, LayerIntegratedGradients(embedding) n_steps=50",
+            "bench_text",
+            "layer_integrated_gradients",
+            {"n_steps": n_steps},
+            tokens,
+            "int64",
+            2,
+            32,
+            layer="embedding",
+            baselines=0,
+            vocab=vocab,
+        ),
+        Workload(
+            "W4",
+            "perturbation: Occlusion window 3x4x4 stride 3x4x4 on the W2 CNN",
+            "bench_cnn",
+            "occlusion",
+            {"sliding_window_shapes": (3, 4, 4), "strides": (3, 4, 4)},
+            image,
+            "float32",
+            10,
+            32,
+        ),
+        Workload(
+            "W5",
+            "latency: Saliency on the W2 CNN, 1 caller",
+            "bench_cnn",
+            "saliency",
+            {},
+            image,
+            "float32",
+            10,
+            1,
+            limit=False,
+            kind="latency",
+        ),
+        Workload(
+            "W6",
+            "payload: Saliency on 3x224x224, 4 callers",
+            "bench_cnn224",
+            "saliency",
+            {},
+            big,
+            "float32",
+            10,
+            4,
+            limit=False,
+            kind="latency",
+        ),
     ]
     if smoke:
         ws = [replace(w, concurrency=min(w.concurrency, 4)) for w in ws]
@@ -129,9 +197,18 @@ def all_workloads(smoke: bool = False) -> dict[str, Workload]:
 def gpu_workloads(smoke: bool = False) -> dict[str, Workload]:
     """The GPU check's workload: W2 with a ResNet-18-sized model (bench/gpu_models), 64 callers.
     smoke (a dry run of the plumbing, e.g. on a CPU): n_steps 2 and 2 callers."""
-    w = Workload("G2", "GPU: ResNet-18 on 3x224x224, IntegratedGradients n_steps=50, 64 callers", "bench_resnet18",
-                 "integrated_gradients", {"n_steps": 2 if smoke else 50}, (3, 224, 224), "float32", 1000,
-                 2 if smoke else 64, limit=False)
+    w = Workload(
+        "G2",
+        "GPU: ResNet-18 on 3x224x224, IntegratedGradients n_steps=50, 64 callers",
+        "bench_resnet18",
+        "integrated_gradients",
+        {"n_steps": 2 if smoke else 50},
+        (3, 224, 224),
+        "float32",
+        1000,
+        2 if smoke else 64,
+        limit=False,
+    )
     return {w.key: w}
 
 

@@ -10,23 +10,23 @@ from attrserve_engine.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from attrserve_engine.job import AlgorithmSpec, AlgorithmResult, AttributionJob, AttributionResult, JobTiming
+from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult, JobTiming
 from attrserve_engine.models import InputSpec, LoadedModel, ModelSpec
 from attrserve_engine.scheduler import DROP_CANCELLED, DROP_DEADLINE, EngineObserver, PassStats
 
 __all__ = [
-    "AlgorithmSpec",
+    "DROP_CANCELLED",
+    "DROP_DEADLINE",
     "AlgorithmResult",
+    "AlgorithmSpec",
     "AttributionError",
     "AttributionJob",
     "AttributionResult",
     "Cancelled",
     "DeadlineExceeded",
-    "DROP_CANCELLED",
-    "DROP_DEADLINE",
     "Engine",
-    "EngineObserver",
     "EngineLimits",
+    "EngineObserver",
     "InputSpec",
     "InvalidArgument",
     "JobTiming",

@@ -11,8 +11,9 @@ import math
 import random
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,12 +23,12 @@ from attrserve_engine.algorithms.noise_tunnel import NoiseTunnelParams, noise_tu
 from attrserve_engine.errors import AttributionError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluate
 from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks
-from attrserve_engine.job import AlgorithmSpec, AlgorithmResult, AttributionJob, AttributionResult
-from attrserve_engine.plan import Block, BlockResult, concurrently, PassKind, Plan, RequestRNG, Task
+from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult
+from attrserve_engine.models import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelSpec, ServedModels
+from attrserve_engine.plan import Block, BlockResult, JobPlan, PassKind, Plan, PlanOf, RequestRNG, Task, concurrently
 from attrserve_engine.plugins import load_plugins
-from attrserve_engine.models import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ServedModels, ModelSpec
-from attrserve_engine.targets import check_target, format_target
 from attrserve_engine.scheduler import EngineObserver, LiveJob, PassStats, Scheduler
+from attrserve_engine.targets import check_target, format_target
 from attrserve_engine.tuning import pick_batch_rows, probe_batch_rows
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,12 @@ class Engine:
             if measured:
                 model.batch_probe = measured
                 model.max_batch_rows = pick_batch_rows(measured)
-                log.info("model %s: %s rows/s by pass size; max_batch_rows=%d", model.name,
-                         {k: round(v) for k, v in measured.items()}, model.max_batch_rows)
+                log.info(
+                    "model %s: %s rows/s by pass size; max_batch_rows=%d",
+                    model.name,
+                    {k: round(v) for k, v in measured.items()},
+                    model.max_batch_rows,
+                )
         self.served.add(model)
         self._scheduler(model)
         self._warm_up_algorithms(model)
@@ -126,7 +131,7 @@ class Engine:
         for name, future in futures.items():
             try:
                 future.result(timeout=120)
-            except Exception as e:  # noqa: BLE001 - any failure means "not servable here"
+            except Exception as e:  # any failure means "not servable here"
                 model.unsupported[name] = f"{type(e).__name__}: {e}"
                 model.refusals.clear()  # answers given before the warm-up knew
                 log.warning("model %s cannot serve %s: %s", model.name, name, model.unsupported[name])
@@ -256,8 +261,8 @@ class Engine:
                 "send fewer examples, features or steps/samples"
             )
 
-        def plan_factory() -> Plan:
-            plans = [call.plan(model.device) for call in calls]
+        def plan_factory() -> JobPlan:
+            plans: list[PlanOf[Any]] = [call.plan(model.device) for call in calls]
             if evaluate is not None:
                 plans[0] = evaluated(calls[0].run, calls[0].task.to(model.device), evaluate)
             if job.return_outputs:
@@ -292,8 +297,15 @@ class Engine:
         return LiveJob(model=model, plan_factory=plan_factory, finish=finish, rows=rows, deadline=job.deadline, arrival=job.arrival)
 
     def _prepare_call(
-        self, call: AlgorithmSpec, job: AttributionJob, model: LoadedModel, inputs: tuple[Tensor, ...], target: Tensor, args: tuple[Tensor, ...], seed: int
-    ) -> "_PreparedCall":
+        self,
+        call: AlgorithmSpec,
+        job: AttributionJob,
+        model: LoadedModel,
+        inputs: tuple[Tensor, ...],
+        target: Tensor,
+        args: tuple[Tensor, ...],
+        seed: int,
+    ) -> _PreparedCall:
         """Check one algorithm against the request and build its Task (on CPU) and row count."""
         name = call.algorithm
         algorithm = self.algorithms.get(name)
@@ -385,24 +397,23 @@ def release_free_memory() -> None:
     otherwise keep that memory mapped and hand it back only bit by bit under load (RSS drifting down by
     hundreds of MiB for minutes). Trimming once a second during load was tried too: it lowers RSS but does
     not make it flat, and the pages it returns are faulted back in by the next passes."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _count(rows: int) -> str:
     """A row count for a message; exact Shapley counts can have more digits than Python will print."""
-    return str(rows) if rows.bit_length() <= 130 else f"about 2^{rows.bit_length() - 1}"  # a readable length (and Python prints at most 4,300 digits)
+    # a readable length (and Python prints at most 4,300 digits)
+    return str(rows) if rows.bit_length() <= 130 else f"about 2^{rows.bit_length() - 1}"
 
 
-def _outputs_plan(task: Task) -> Plan:
+def _outputs_plan(task: Task) -> PlanOf[Tensor]:
     """The model's explained output for the inputs (return_outputs)."""
     result: BlockResult = yield Block(kind=PassKind.FORWARD, inputs=task.inputs, args=task.args, target=task.target)
     return result.outputs
 
 
-def _cpu(value):
+def _cpu(value: Any) -> Any:
     """Detached CPU copies of a tensor or a tuple of them (None stays None)."""
     if value is None:
         return None

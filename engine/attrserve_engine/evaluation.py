@@ -8,15 +8,17 @@ reproduces `captum.metrics` run after the attribution with the same seed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from attrserve_engine.algorithms.base import Limits, check_positive, parse_dataclass
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Attribution, Block, BlockResult, concurrently, interleave_rows, PassKind, Plan, Task
+from attrserve_engine.plan import Attribution, Block, BlockResult, PassKind, Plan, PlanOf, Task, concurrently, interleave_rows
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def _safe_div(num: Tensor, denom: Tensor) -> Tensor:
     return num / torch.where(denom != 0, denom, torch.ones_like(denom))
 
 
-def infidelity_plan(task: Task, attributions: tuple[Tensor, ...], p: InfidelityParams) -> Plan:
+def infidelity_plan(task: Task, attributions: tuple[Tensor, ...], p: InfidelityParams) -> PlanOf[Tensor]:
     """E[(attributions · noise − (f(x) − f(x − noise)))²] over n_perturb_samples noise draws per example."""
     n, k = task.n, p.n_perturb_samples
     expanded = tuple(interleave_rows(x, k) for x in task.inputs)  # (n * k, *shape)
@@ -73,11 +75,11 @@ def infidelity_plan(task: Task, attributions: tuple[Tensor, ...], p: InfidelityP
         args=tuple(torch.cat([interleave_rows(a, k), a]) for a in task.args),
         target=torch.cat([interleave_rows(task.target, k), task.target]),
     )
+    assert result.selected is not None  # a FORWARD block selects each row's target
     perturbed_out, out = result.selected[: n * k], result.selected[n * k :]
     fwd_diffs = (interleave_rows(out, k) - perturbed_out).view(n, -1)  # (n, k)
-    attr_dot_noise = sum(
-        torch.sum((interleave_rows(a, k) * e).view(n * k, -1), dim=1) for a, e in zip(attributions, noise)
-    ).view(n, -1)  # (n, k)
+    dots = sum(torch.sum((interleave_rows(a, k) * e).view(n * k, -1), dim=1) for a, e in zip(attributions, noise))  # (n * k,)
+    attr_dot_noise = cast(Tensor, dots).view(n, -1)  # (n, k)
     if p.normalize:
         a0 = attr_dot_noise.pow(2).sum(-1)
         a1 = (attr_dot_noise * fwd_diffs).sum(-1)
@@ -89,14 +91,17 @@ def infidelity_plan(task: Task, attributions: tuple[Tensor, ...], p: InfidelityP
     return values / k
 
 
-def sensitivity_max_plan(explain: Callable[[Task], Plan], task: Task, attributions: tuple[Tensor, ...], rerun: bool, p: SensitivityMaxParams) -> Plan:
+def sensitivity_max_plan(
+    explain: Callable[[Task], Plan], task: Task, attributions: tuple[Tensor, ...], rerun: bool, p: SensitivityMaxParams
+) -> PlanOf[Tensor]:
     """max over perturbations of ‖expl(x) − expl(x + δ)‖ / ‖expl(x)‖, δ uniform in [−radius, radius]."""
     n, k = task.n, p.n_perturb_samples
     if rerun:  # Captum explains the inputs again; a method that draws must draw again
         attributions = (yield from explain(task)).attributions
     expanded = tuple(interleave_rows(x, k) for x in task.inputs)
     perturbed = tuple(
-        x + torch.empty(x.shape, dtype=torch.float32).uniform_(-p.perturb_radius, p.perturb_radius, generator=task.rng.torch_gen).to(x.device)
+        x
+        + torch.empty(x.shape, dtype=torch.float32).uniform_(-p.perturb_radius, p.perturb_radius, generator=task.rng.torch_gen).to(x.device)
         for x in expanded
     )
     baselines = tuple(interleave_rows(b, k) if b.shape[0] == n and n > 1 else b for b in task.baselines)
@@ -117,12 +122,12 @@ def sensitivity_max_plan(explain: Callable[[Task], Plan], task: Task, attributio
     return torch.max(ratios.view(n, -1), dim=1).values
 
 
-def evaluated(explain: Callable[[Task], Plan], task: Task, p: EvaluateParams) -> Plan:
+def evaluated(explain: Callable[[Task], Plan], task: Task, p: EvaluateParams) -> PlanOf[tuple[Attribution, dict[str, Tensor]]]:
     """The attribution, then its metrics: returns (Attribution, {metric name: (n,) tensor})."""
     torch_state, numpy_state = task.rng.torch_gen.get_state(), task.rng.numpy_gen.get_state()
     attribution: Attribution = yield from explain(task)
     drew = not torch.equal(torch_state, task.rng.torch_gen.get_state()) or any(
-        not (a == b).all() if hasattr(a, "shape") else a != b for a, b in zip(numpy_state, task.rng.numpy_gen.get_state())
+        not np.array_equal(a, b) if hasattr(a, "shape") else a != b for a, b in zip(numpy_state, task.rng.numpy_gen.get_state())
     )
     names, plans = [], []
     if p.infidelity is not None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from attrserve_engine.errors import AttributionError, InvalidArgument, ResourceExhausted
-from attrserve_engine.plan import Block, BlockResult, concat_results, PassKind, slice_block
 from attrserve_engine.models import LoadedModel
+from attrserve_engine.plan import Block, BlockResult, PassKind, concat_results, slice_block
 from attrserve_engine.targets import fused_flat_target
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,7 @@ def run_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcome]:
                 return [ResourceExhausted(f"model {model.name!r} ran out of device memory on {block.rows} rows")]
             torch.cuda.empty_cache()
             half = block.rows // 2
-            outcomes = run_pass(model, [slice_block(block, 0, half)]) + run_pass(
-                model, [slice_block(block, half, block.rows)]
-            )
+            outcomes = run_pass(model, [slice_block(block, 0, half)]) + run_pass(model, [slice_block(block, half, block.rows)])
             failed = [o for o in outcomes if isinstance(o, AttributionError)]
             return [failed[0]] if failed else [concat_results(outcomes)]  # type: ignore[arg-type]
         torch.cuda.empty_cache()
@@ -63,7 +63,7 @@ class LayerHook:
         self.substitute = substitute
         self.grad = grad
         self.activations: tuple[Tensor, ...] | None = None
-        self.handle = None
+        self.handle: RemovableHandle | None = None
 
     def _capture(self, acts: tuple) -> tuple:
         if self.activations is not None:
@@ -79,7 +79,8 @@ class LayerHook:
         if self.use_input:
             self.handle = self.module.register_forward_pre_hook(lambda mod, inp: self._capture(tuple(inp)))
         else:
-            def forward_hook(mod, inp, out):
+
+            def forward_hook(mod: torch.nn.Module, inp: tuple, out: Tensor | tuple) -> Tensor | tuple:
                 acts = self._capture(out if isinstance(out, tuple) else (out,))
                 return acts if isinstance(out, tuple) else acts[0]
 

@@ -39,7 +39,7 @@ def constant_baseline(feature_shape: tuple[int, ...], dtype: torch.dtype, value:
     on (Task.to uses it), so a request without baselines costs no allocation and no host-to-device copy.
     """
     t = torch.full((1, *feature_shape), value, dtype=dtype)
-    t.device_copies = {}
+    t.device_copies = {}  # type: ignore[attr-defined]  # an attribute of our own on this one tensor (read by plan._mover)
     return t
 
 
@@ -83,11 +83,16 @@ def format_feature_masks(masks: tuple, inputs: tuple[Tensor, ...]) -> tuple[Tens
         if m.dim() == x.dim() - 1:
             m = m.unsqueeze(0)
         if m.dim() != x.dim() or m.shape[0] not in (1, x.shape[0]):
-            raise InvalidArgument(f"feature_masks[{i}] has shape {tuple(m.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)} with 1 or {x.shape[0]} rows")
+            raise InvalidArgument(
+                f"feature_masks[{i}] has shape {tuple(m.shape)}; "
+                f"it must broadcast to inputs[{i}] {tuple(x.shape)} with 1 or {x.shape[0]} rows"
+            )
         try:
             m = torch.broadcast_to(m, (m.shape[0], *x.shape[1:]))
         except RuntimeError:
-            raise InvalidArgument(f"feature_masks[{i}] has shape {tuple(m.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}") from None
+            raise InvalidArgument(
+                f"feature_masks[{i}] has shape {tuple(m.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}"
+            ) from None
         if bool((m < 0).any()):
             raise InvalidArgument(f"feature_masks[{i}] has negative feature ids")
         out.append(m.to(torch.int64).contiguous())

@@ -88,4 +88,3 @@ class AttributionResult:
     also: tuple[AlgorithmResult, ...] = ()  # one per AttributionJob.also, in order
     infidelity: Tensor | None = None  # (n,), when asked for in evaluate
     sensitivity_max: Tensor | None = None  # (n,)
-

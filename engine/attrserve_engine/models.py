@@ -7,9 +7,10 @@ import importlib.util
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -113,7 +114,9 @@ class LoadedModel:
         # Reduced-precision forward/backward (autocast), per model: "" / "float32" (default), "bfloat16", "float16".
         self.autocast_dtype = _AUTOCAST.get(spec.precision)
         if spec.precision not in _AUTOCAST:
-            raise InvalidArgument(f"model {spec.name!r}: precision {spec.precision!r} is not one of {', '.join(repr(k) for k in _AUTOCAST)}")
+            raise InvalidArgument(
+                f"model {spec.name!r}: precision {spec.precision!r} is not one of {', '.join(repr(k) for k in _AUTOCAST)}"
+            )
         self.max_batch_rows = spec.max_batch_rows or default_max_batch_rows
         self.max_queue_delay_s = (spec.max_queue_delay_us or default_max_queue_delay_us) / 1e6
         self.is_torchscript = isinstance(self.module, torch.jit.ScriptModule)
@@ -160,9 +163,7 @@ class LoadedModel:
         if not isinstance(out, Tensor):
             raise InvalidArgument(f"model {self.name!r} returned {type(out).__name__}, not a tensor")
         if out.dim() == 0 or out.shape[0] != args[0].shape[0]:
-            raise InvalidArgument(
-                f"model {self.name!r} returned shape {tuple(out.shape)}; the output's dim 0 must index examples"
-            )
+            raise InvalidArgument(f"model {self.name!r} returned shape {tuple(out.shape)}; the output's dim 0 must index examples")
         if self.output_shape is None:
             self.output_shape = tuple(out.shape[1:])
         return out
@@ -172,7 +173,7 @@ class LoadedModel:
         specs = self.spec.inputs
         if not specs or not all(s.dims is not None and all(d > 0 for d in s.dims) for s in specs):
             return None
-        return tuple(torch.zeros((1, *s.dims), dtype=s.dtype or torch.float32) for s in specs)
+        return tuple(torch.zeros((1, *(s.dims or ())), dtype=s.dtype or torch.float32) for s in specs)  # dims: all set (checked above)
 
     def warm_up(self) -> None:
         """One forward on zero inputs (when the config pins the shapes), so readiness means the model runs."""

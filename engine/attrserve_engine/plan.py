@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Generator, Hashable, Protocol, Union
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -127,8 +128,12 @@ class Attribution:
 
 # An algorithm's plan yields a Block or a list of blocks (run concurrently) and gets the matching BlockResult(s);
 # the engine drives every plan through `concurrently`, so the scheduler only ever sees lists.
-PlanYield = Union[Block, list]
-Plan = Generator[PlanYield, Any, Attribution]
+PlanYield = Block | list
+_R = TypeVar("_R")
+PlanOf = Generator[PlanYield, Any, _R]  # a plan that returns _R (a metric's returns a tensor)
+Plan = PlanOf[Attribution]  # an algorithm's plan
+# What the scheduler drives: `concurrently` over a job's plans, which returns each plan's value in order.
+JobPlan = Generator[list[Block], list[BlockResult], list]
 
 
 @dataclass
@@ -172,7 +177,7 @@ class Task:
     def n(self) -> int:
         return int(self.inputs[0].shape[0])
 
-    def to(self, device: torch.device) -> "Task":
+    def to(self, device: torch.device) -> Task:
         move = _mover(device)
         return self.replace(
             inputs=tuple(map(move, self.inputs)),
@@ -182,7 +187,7 @@ class Task:
             feature_masks=tuple(map(move, self.feature_masks)),
         )
 
-    def replace(self, **changes: Any) -> "Task":
+    def replace(self, **changes: Any) -> Task:
         values = dict(self.__dict__)
         values.update(changes)
         return Task(**values)
@@ -219,16 +224,17 @@ def concat_results(parts: list[BlockResult]) -> BlockResult:
         first = getattr(parts[0], field)
         return None if first is None else tuple(torch.cat([getattr(p, field)[i] for p in parts]) for i in range(len(first)))
 
+    selected = [p.selected for p in parts if p.selected is not None]  # all or none: the parts of one block
     return BlockResult(
         outputs=torch.cat([p.outputs for p in parts]),
-        selected=None if parts[0].selected is None else torch.cat([p.selected for p in parts]),
+        selected=torch.cat(selected) if selected else None,
         grads=joined("grads"),
         layer_activations=joined("layer_activations"),
         layer_grads=joined("layer_grads"),
     )
 
 
-def concurrently(plans: list[Plan]) -> Generator[list[Block], list[BlockResult], list]:
+def concurrently(plans: list[PlanOf[Any]]) -> JobPlan:
     """Drive several plans as one: each round yields every live plan's blocks together, so they share passes.
 
     Always yields a list (the scheduler's one protocol); returns each plan's return value, in order.
@@ -258,7 +264,7 @@ def concurrently(plans: list[Plan]) -> Generator[list[Block], list[BlockResult],
     return returned
 
 
-def _mover(device: torch.device):
+def _mover(device: torch.device) -> Callable[[Tensor], Tensor]:
     """Host → device copies: through pinned memory and without blocking the worker when the device is a GPU."""
     if device.type != "cuda":
         return lambda t: t if t.device == device else t.to(device)

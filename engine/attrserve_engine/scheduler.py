@@ -24,14 +24,15 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from attrserve_engine.errors import AttributionError, Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 from attrserve_engine.executor import run_pass
 from attrserve_engine.job import JobTiming
-from attrserve_engine.plan import Attribution, Block, BlockResult, concat_results, Plan, slice_block
 from attrserve_engine.models import LoadedModel
+from attrserve_engine.plan import Block, BlockResult, JobPlan, concat_results, slice_block
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class _Observers:
             for observer in list(self._observers):
                 try:
                     getattr(observer, method)(*args)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("engine observer %s.%s failed", type(observer).__name__, method)
 
         return call
@@ -92,13 +93,13 @@ class LiveJob:
     """A submitted job while its plan runs. Created by the engine, owned by the worker afterwards."""
 
     model: LoadedModel
-    plan_factory: Callable[[], Plan]
-    finish: Callable[[Attribution, "LiveJob"], Any]  # builds the caller's result (worker thread)
+    plan_factory: Callable[[], JobPlan]
+    finish: Callable[[list, LiveJob], Any]  # builds the caller's result from the plan's return value (worker thread)
     rows: int
     deadline: float | None
     arrival: float
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-    plan: Plan | None = None
+    plan: JobPlan | None = None
     cancelled: bool = False  # set by any thread (Scheduler.cancel); acted on by the worker
     done: bool = False
     # blocks of the current yield
@@ -271,7 +272,7 @@ class Scheduler:
                 log.warning("engine worker for %s restarted (restart %d); serving again", self.name, self.restarts)
                 self._observers.worker_state(self.name, True, "")
             self._loop()
-        except BaseException as e:  # noqa: BLE001 - whatever killed it, the worker must not die silently
+        except BaseException as e:  # whatever killed it, the worker must not die silently
             self._crashed(e)
 
     def _crashed(self, error: BaseException) -> None:
@@ -402,9 +403,10 @@ class Scheduler:
         for key, queue in self._queues.items():
             model = queue[0].job.model
             full = self._queue_rows[key] >= model.max_batch_rows
-            if full or now - queue[0].enqueued >= self._delay(model):
-                if ripe is None or queue[0].enqueued < self._queues[ripe][0].enqueued:
-                    ripe = key
+            if (full or now - queue[0].enqueued >= self._delay(model)) and (
+                ripe is None or queue[0].enqueued < self._queues[ripe][0].enqueued
+            ):
+                ripe = key
         if ripe is None:
             return None
         queue = self._queues[ripe]
@@ -475,11 +477,12 @@ class Scheduler:
                 job.plan = job.plan_factory()
                 yielded = next(job.plan)
             else:
+                assert sent is not None  # only a new job's plan starts without results
                 yielded = job.plan.send(sent)
         except StopIteration as stop:
             self._succeed(job, stop.value)
             return
-        except Exception as e:  # noqa: BLE001 - an AttributionError, or a bug reported as INTERNAL
+        except Exception as e:  # an AttributionError, or a bug reported as INTERNAL
             if not isinstance(e, AttributionError):
                 log.exception("plan failed")
             self._fail(job, e)
@@ -489,10 +492,10 @@ class Scheduler:
         for i, block in enumerate(yielded):
             self._enqueue(job, block, i)
 
-    def _succeed(self, job: LiveJob, attribution: Attribution) -> None:
+    def _succeed(self, job: LiveJob, returned: list) -> None:
         try:
-            result = job.finish(attribution, job)
-        except Exception as e:  # noqa: BLE001
+            result = job.finish(returned, job)
+        except Exception as e:
             log.exception("finishing a job failed")
             self._fail(job, e)
             return
@@ -519,5 +522,5 @@ class Scheduler:
             return
         try:
             job.plan.close()
-        except Exception:  # noqa: BLE001 - a plan that misbehaves on close must not take the worker with it
+        except Exception:  # a plan that misbehaves on close must not take the worker with it
             log.exception("closing a plan failed")

@@ -14,7 +14,7 @@ for every fused pass (any device), where it also builds the flat index the execu
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from torch import Tensor
 from attrserve_engine.errors import InvalidArgument
 
 # What a caller may pass as a target (Captum's forms, or the formatted tensor).
-TargetLike = Union[None, int, Sequence[int], Sequence[Union[int, Sequence[int]]], Tensor]
+TargetLike = None | int | Sequence[int] | Sequence[int | Sequence[int]] | Tensor
 
 
 def format_target(target: TargetLike, n: int) -> Tensor:

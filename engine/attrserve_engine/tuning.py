@@ -15,8 +15,8 @@ import torch
 
 from attrserve_engine.errors import AttributionError
 from attrserve_engine.executor import run_pass
-from attrserve_engine.plan import Block, PassKind
 from attrserve_engine.models import LoadedModel
+from attrserve_engine.plan import Block, PassKind
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,19 @@ def probe_batch_rows(model: LoadedModel, budget_s: float = 1.5) -> dict[int, flo
     spent = 0.0
     for size in SIZES:
         inputs = tuple(
-            (torch.randn((size, *x.shape[1:]), generator=g, dtype=x.dtype) if x.is_floating_point() else x.expand(size, *x.shape[1:]).clone()).to(model.device)
+            (
+                torch.randn((size, *x.shape[1:]), generator=g, dtype=x.dtype)
+                if x.is_floating_point()
+                else x.expand(size, *x.shape[1:]).clone()
+            ).to(model.device)
             for x in example
         )
-        block = Block(kind=PassKind.GRADIENT if float_inputs else PassKind.FORWARD, inputs=inputs, args=(), target=torch.zeros((size, k), dtype=torch.int64, device=model.device))
+        block = Block(
+            kind=PassKind.GRADIENT if float_inputs else PassKind.FORWARD,
+            inputs=inputs,
+            args=(),
+            target=torch.zeros((size, k), dtype=torch.int64, device=model.device),
+        )
         times = []
         for _ in range(3):  # first run warms the kernels for this shape
             start = time.perf_counter()

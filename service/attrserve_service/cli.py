@@ -14,11 +14,16 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from attrserve_engine import EngineLimits
+
+if TYPE_CHECKING:
+    from attrserve_service.config import ServerConfig  # imported where used: `attrserve --help` stays light
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -45,14 +50,31 @@ def _bool(text: str) -> bool:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("--model-repository", "model_repository", "folder of model folders (default: the built-in demo models)", Path, "DIR"),
-    Setting("--plugins", "plugins", "algorithm plugin: a .py file, a folder of them, or a module path (repeatable)", str, "PATH", repeatable=True),
+    Setting(
+        "--plugins",
+        "plugins",
+        "algorithm plugin: a .py file, a folder of them, or a module path (repeatable)",
+        str,
+        "PATH",
+        repeatable=True,
+    ),
     Setting("--host", "host", "address to listen on"),
     Setting("--port", "port", "gRPC port (0: any free port)", int),
     Setting("--metrics-port", "metrics_port", "Prometheus /metrics port (-1: off, 0: any free port)", int),
     Setting("--device", "limits.default_device", "default device for models: auto (CUDA when present), cpu, cuda:0, ..."),
-    Setting("--max-batch-rows", "limits.default_max_batch_rows", "rows per fused pass for models whose size is neither configured nor measured", int),
-    Setting("--no-batch-probe", "limits.probe_batch_rows",
-            "do not measure each model's best pass size at load (config.pbtxt max_batch_rows always wins)", _bool, inverted=True),
+    Setting(
+        "--max-batch-rows",
+        "limits.default_max_batch_rows",
+        "rows per fused pass for models whose size is neither configured nor measured",
+        int,
+    ),
+    Setting(
+        "--no-batch-probe",
+        "limits.probe_batch_rows",
+        "do not measure each model's best pass size at load (config.pbtxt max_batch_rows always wins)",
+        _bool,
+        inverted=True,
+    ),
     Setting("--probe-seconds", "limits.probe_seconds", "time budget of a model's pass-size probe at load", float, "SECONDS"),
     Setting("--max-queue-delay-us", "limits.default_max_queue_delay_us", "default longest wait for company before a pass is cut", int),
     Setting("--max-rows-per-request", "limits.max_rows_per_request", "a request needing more rows of model work is refused", int),
@@ -61,9 +83,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--max-nt-samples", "limits.max_nt_samples", "cap on a noise tunnel's nt_samples", int),
     Setting("--max-request-bytes", "max_request_bytes", "largest request message accepted", int, "BYTES"),
     Setting("--max-requests-per-stream", "max_requests_per_stream", "requests in flight on one AttributeStream", int),
-    Setting("--grace-seconds", "grace_seconds", "on SIGTERM, how long in-flight requests may take to finish before they are cancelled", float, "SECONDS"),
-    Setting("--worker-restart-delay", "limits.worker_restart_delay_s",
-            "a device worker that died restarts after this long (doubling while it keeps dying)", float, "SECONDS"),
+    Setting(
+        "--grace-seconds",
+        "grace_seconds",
+        "on SIGTERM, how long in-flight requests may take to finish before they are cancelled",
+        float,
+        "SECONDS",
+    ),
+    Setting(
+        "--worker-restart-delay",
+        "limits.worker_restart_delay_s",
+        "a device worker that died restarts after this long (doubling while it keeps dying)",
+        float,
+        "SECONDS",
+    ),
 )
 
 
@@ -90,14 +123,21 @@ def _serve_parser() -> argparse.ArgumentParser:
             continue
         shown = "" if default is None or default == [] else f" (default: {default})"
         metavar = s.metavar or ("N" if s.parse is int else "VALUE")
-        p.add_argument(s.flag, dest=s.field, type=s.parse, metavar=metavar, default=None,
-                       action="append" if s.repeatable else "store", help=f"{s.help}{shown} [{s.env}]")
+        p.add_argument(
+            s.flag,
+            dest=s.field,
+            type=s.parse,
+            metavar=metavar,
+            default=None,
+            action="append" if s.repeatable else "store",
+            help=f"{s.help}{shown} [{s.env}]",
+        )
     p.add_argument("--log-level", default=os.environ.get("ATTRSERVE_LOG_LEVEL", "INFO"), help="[ATTRSERVE_LOG_LEVEL]")
     return p
 
 
-def server_config(argv: Sequence[str], environ: dict[str, str] | None = None):  # -> ServerConfig
-    """The ServerConfig for `attrserve serve ARGS`: flags, then ATTRSERVE_* variables, then the defaults."""
+def server_config(argv: Sequence[str], environ: dict[str, str] | None = None) -> tuple[ServerConfig, str]:
+    """The ServerConfig and the log level for `attrserve serve ARGS`: flags, then ATTRSERVE_* variables, then the defaults."""
     from attrserve_service.config import ServerConfig
 
     environ = dict(os.environ if environ is None else environ)

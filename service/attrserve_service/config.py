@@ -9,7 +9,7 @@ from google.protobuf import text_format
 
 from attrserve.v1 import model_config_pb2 as mc
 from attrserve_engine import EngineLimits, InputSpec, LoadedModel, ModelSpec
-from attrserve_service.convert import WIRE_DTYPES, TORCH_TO_WIRE
+from attrserve_service.convert import TORCH_TO_WIRE, WIRE_DTYPES
 from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
 
 _PLATFORMS = {mc.PLATFORM_UNSPECIFIED: "", mc.PLATFORM_PYTORCH_EAGER: "pytorch_eager", mc.PLATFORM_TORCHSCRIPT: "torchscript"}
@@ -75,10 +75,11 @@ def load_repository(root: Path | None) -> list[ModelSpec]:
     root = Path(root) if root is not None else DEMO_MODEL_REPOSITORY
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} is not a folder")
-    specs = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        if (folder / "model.py").exists() or (folder / "model.pt").exists():
-            specs.append(spec_from_config(folder, read_model_config(folder)))
+    specs = [
+        spec_from_config(folder, read_model_config(folder))
+        for folder in sorted(p for p in root.iterdir() if p.is_dir())
+        if (folder / "model.py").exists() or (folder / "model.pt").exists()
+    ]
     if not specs:
         raise RepositoryError(f"model repository {root} has no model folders (each needs model.py or model.pt)")
     return specs
@@ -98,7 +99,8 @@ def effective_config(model: LoadedModel) -> mc.ModelConfig:
         precision=spec.precision or "float32",
     )
     for s in spec.inputs:
-        config.inputs.add(name=s.name, dtype=TORCH_TO_WIRE.get(s.dtype, 0), dims=list(s.dims or ()))
+        wire = TORCH_TO_WIRE.get(s.dtype, 0) if s.dtype is not None else 0  # 0: DATA_TYPE_UNSPECIFIED, any dtype
+        config.inputs.add(name=s.name, dtype=wire, dims=list(s.dims or ()))
     if spec.output_key is not None:
         config.output.key = spec.output_key
     elif spec.output_index is not None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 import warnings
+from typing import Any, cast
 
 import numpy as np
 import torch
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from torch import Tensor
 
 from attrserve.v1 import attribution_service_pb2 as pb
@@ -17,7 +20,7 @@ from attrserve_engine import AlgorithmSpec, AttributionJob, AttributionResult, I
 DType = tensor_pb2.DataType
 
 # wire dtype → (numpy dtype of the raw bytes, torch dtype); bfloat16 travels as its 16 raw bits.
-WIRE_DTYPES = {
+WIRE_DTYPES: dict[tensor_pb2.DataType, tuple[np.dtype, torch.dtype]] = {
     DType.DATA_TYPE_FLOAT32: (np.dtype("<f4"), torch.float32),
     DType.DATA_TYPE_FLOAT64: (np.dtype("<f8"), torch.float64),
     DType.DATA_TYPE_FLOAT16: (np.dtype("<f2"), torch.float16),
@@ -38,16 +41,17 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 def tensor_from_proto(t: tensor_pb2.Tensor, label: str) -> Tensor:
     """A torch tensor viewing the message's bytes (read-only numpy → torch without a copy)."""
     if t.dtype not in WIRE_DTYPES:
-        raise InvalidArgument(f"{label}.dtype is {DType.Name(t.dtype) if t.dtype in DType.values() else t.dtype}; set one of {', '.join(DType.Name(d) for d in WIRE_DTYPES)}")
+        raise InvalidArgument(
+            f"{label}.dtype is {DType.Name(t.dtype) if t.dtype in DType.values() else t.dtype}; "
+            f"set one of {', '.join(DType.Name(d) for d in WIRE_DTYPES)}"
+        )
     np_dtype, torch_dtype = WIRE_DTYPES[t.dtype]
     shape = tuple(t.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{label}.shape {list(shape)} has a negative dim")
     want = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
     if len(t.data) != want:
-        raise InvalidArgument(
-            f"{label}: shape {list(shape)} of {DType.Name(t.dtype)} needs {want} bytes of data, got {len(t.data)}"
-        )
+        raise InvalidArgument(f"{label}: shape {list(shape)} of {DType.Name(t.dtype)} needs {want} bytes of data, got {len(t.data)}")
     tensor = torch.from_numpy(np.frombuffer(t.data, dtype=np_dtype).reshape(shape))
     return tensor.view(torch.bfloat16) if torch_dtype is torch.bfloat16 else tensor
 
@@ -70,21 +74,22 @@ def algorithm_name(value: int) -> str:
         raise InvalidArgument("algorithm is ALGORITHM_UNSPECIFIED; name the algorithm to run (or a plugin in custom_algorithm)")
     if value not in pb.Algorithm.values():
         raise InvalidArgument(f"algorithm {value} is not known to this server")
-    return pb.Algorithm.Name(value)[len(_PREFIX):].lower()
+    return pb.Algorithm.Name(value)[len(_PREFIX) :].lower()
 
 
-def algorithm_enum(name: str) -> int | None:
+def algorithm_enum(name: str) -> pb.Algorithm | None:
     """The enum value of a built-in algorithm; None for a plugin's."""
     key = _PREFIX + name.upper()
-    return pb.Algorithm.Value(key) if key in pb.Algorithm.keys() else None
+    # cast: the stubs type enum values as the enum class; Value() says int
+    return cast("pb.Algorithm", pb.Algorithm.Value(key)) if key in pb.Algorithm.keys() else None
 
 
-def _fields(message) -> dict:
+def _fields(message: Message) -> dict:
     """The fields a caller set, by Captum name; unset fields fall back to Captum's defaults."""
     return {f.name: _plain(f, v) for f, v in message.ListFields()}
 
 
-def _plain(field, value):
+def _plain(field: FieldDescriptor, value: Any) -> Any:
     if field.is_repeated and field.message_type is not None:  # IntList, e.g. one window shape per input
         return [tuple(item.values) for item in value]
     return list(value) if field.is_repeated else value

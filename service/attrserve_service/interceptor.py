@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
 
 import grpc
 
@@ -32,12 +33,12 @@ async def _handled(grpc_type: str, full_method: str, context: grpc.aio.ServicerC
     try:
         yield
     except grpc.aio.AbortError:  # the handler set its own status
-        code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+        code = context.code() or grpc.StatusCode.UNKNOWN
         raise
     except asyncio.CancelledError:  # grpc cancels the handler when the deadline passes or the client leaves
         code = grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed(context) else grpc.StatusCode.CANCELLED
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         code, message = grpc_status(e)
         if code is grpc.StatusCode.INTERNAL:
             log.exception("%s failed", full_method)
@@ -51,13 +52,17 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Wraps unary and bidi handlers: AttributionError → its status code with its message; anything else → INTERNAL."""
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        # grpc's stubs type method handlers for the sync server; under grpc.aio they are coroutine functions
+        # (async generators for streams) that take an aio context, hence the casts.
         handler = await continuation(details)
         if handler is None:
             return handler
         if handler.unary_unary is not None:
-            behavior = handler.unary_unary
+            behavior = cast("Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]", handler.unary_unary)
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with _handled("unary", details.method, context):
@@ -67,7 +72,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
             )
         if handler.stream_stream is not None:
-            stream = handler.stream_stream
+            stream = cast("Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]", handler.stream_stream)
 
             async def bidi(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 async with _handled("bidi_stream", details.method, context):

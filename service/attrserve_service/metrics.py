@@ -60,14 +60,23 @@ ATTRSERVE_REQUESTS_DROPPED_TOTAL = Counter(
 ATTRSERVE_ROWS_DROPPED_TOTAL = Counter(
     "attrserve_rows_dropped_total", "Rows of dropped requests that were never computed.", ["model", "reason"]
 )
-ATTRSERVE_WORKER_UP = Gauge("attrserve_worker_up", "1 while the device's engine worker runs; 0 from its failure to its restart.", ["device"])
+ATTRSERVE_WORKER_UP = Gauge(
+    "attrserve_worker_up", "1 while the device's engine worker runs; 0 from its failure to its restart.", ["device"]
+)
 ATTRSERVE_WORKER_RESTARTS_TOTAL = Counter(
     "attrserve_worker_restarts_total", "Engine workers restarted after they died (each failure is logged with its traceback).", ["device"]
 )
 
 GRPC_CODES = (
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "RESOURCE_EXHAUSTED",
-    "UNAVAILABLE", "INTERNAL",
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE",
+    "INTERNAL",
 )
 PASS_KINDS = tuple(kind.value for kind in PassKind)
 DROP_REASONS = (DROP_DEADLINE, DROP_CANCELLED)

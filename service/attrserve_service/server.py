@@ -92,8 +92,12 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
     metrics.precreate(
         [m.name for m in engine.models()],
         sorted({a for m in engine.models() for a in engine.supported_algorithms(m)}),
-        [("unary", SERVICE_NAME, "Attribute"), ("bidi_stream", SERVICE_NAME, "AttributeStream"),
-         ("unary", SERVICE_NAME, "ListModels"), ("unary", SERVICE_NAME, "GetModel")],
+        [
+            ("unary", SERVICE_NAME, "Attribute"),
+            ("bidi_stream", SERVICE_NAME, "AttributeStream"),
+            ("unary", SERVICE_NAME, "ListModels"),
+            ("unary", SERVICE_NAME, "GetModel"),
+        ],
     )
 
     server = grpc.aio.server(
@@ -129,7 +133,10 @@ async def serve(config: ServerConfig) -> None:
     running = await create_server(config)
     log.info(
         "attrserve serving %s on %s:%d (metrics on :%s)",
-        ", ".join(m.name for m in running.engine.models()), config.host, running.port, running.metrics_port,
+        ", ".join(m.name for m in running.engine.models()),
+        config.host,
+        running.port,
+        running.metrics_port,
     )
     # One line a supervisor (or a test that bound port 0) can read the ports from.
     metrics = f" (metrics on {config.host}:{running.metrics_port})" if running.metrics_port is not None else ""

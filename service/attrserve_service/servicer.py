@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -51,7 +52,7 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         deadline = None if remaining is None else start + remaining
         model = request.model if request.model in self._served else "unknown"
         known = request.algorithm in pb.Algorithm.values() and request.algorithm != pb.ALGORITHM_UNSPECIFIED
-        name = pb.Algorithm.Name(request.algorithm)[len("ALGORITHM_"):].lower() if known else request.custom_algorithm
+        name = pb.Algorithm.Name(request.algorithm)[len("ALGORITHM_") :].lower() if known else request.custom_algorithm
         labels = (model, name if name in self.engine.algorithms else "unknown")
         metrics.ATTRSERVE_REQUESTS_IN_FLIGHT.inc()
         code = "OK"
@@ -71,7 +72,9 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
     async def Attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> pb.AttributeResponse:
         return await self._attribute(request, context)
 
-    async def AttributeStream(self, request_iterator, context: grpc.aio.ServicerContext):
+    async def AttributeStream(
+        self, request_iterator: AsyncIterator[pb.AttributeStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AttributeStreamResponse]:
         """Requests run concurrently (at most max_requests_per_stream at once); responses go out as they finish."""
         done: asyncio.Queue = asyncio.Queue()
         slots = asyncio.Semaphore(self.max_requests_per_stream)
@@ -84,7 +87,7 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
                 response = await self._attribute(request, context)
                 response.request_id = request_id
                 await done.put(pb.AttributeStreamResponse(request_id=request_id, response=response))
-            except Exception as e:  # noqa: BLE001 - every failure becomes an error entry; the stream goes on
+            except Exception as e:  # every failure becomes an error entry; the stream goes on
                 code, message = grpc_status(e)
                 error = pb.RequestError(code=code.value[0], message=message)
                 await done.put(pb.AttributeStreamResponse(request_id=request_id, error=error))
@@ -107,8 +110,8 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         try:
             while True:
                 if reader.done():
-                    if reader.exception() is not None:
-                        raise reader.exception()  # type: ignore[misc]
+                    if (error := reader.exception()) is not None:
+                        raise error
                     if sent == reader.result():  # every request read and answered
                         break
                 if getter is None:

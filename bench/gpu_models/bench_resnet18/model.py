@@ -3,6 +3,7 @@
 Deterministic random weights. Each ReLU is its own module and runs once, so
 DeepLift/guided rules could hook it; BatchNorm runs in eval mode.
 """
+
 import torch
 import torch.nn as nn
 

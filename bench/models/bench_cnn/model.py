@@ -4,6 +4,7 @@
 Deterministic random weights (build_model() seeds its own RNG).
 bench/models_smoke/bench_cnn builds the same class with tiny sizes.
 """
+
 import torch
 import torch.nn as nn
 

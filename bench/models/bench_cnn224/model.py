@@ -3,6 +3,7 @@
 conv(3->16, 3x3, stride 2)-ReLU-conv(16->32, 3x3, stride 2)-ReLU-global avg pool-fc(32->10); any H, W.
 Deterministic random weights (build_model() seeds its own RNG).
 """
+
 import torch
 import torch.nn as nn
 

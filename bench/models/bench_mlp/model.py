@@ -5,6 +5,7 @@ server's global torch RNG is left as it was), so every process that builds it
 — attrserve, the B2 baseline, the bench itself — gets the same model.
 bench/models_smoke/bench_mlp builds the same class with tiny sizes.
 """
+
 import torch
 import torch.nn as nn
 

@@ -5,6 +5,7 @@ on `embedding`. Deterministic random weights (build_model() seeds its own RNG);
 dropout 0 and eval mode, so the forward is deterministic.
 bench/models_smoke/bench_text builds the same class with tiny sizes.
 """
+
 import torch
 import torch.nn as nn
 
@@ -15,8 +16,7 @@ class TextTransformer(nn.Module):
     def __init__(self, vocab: int = 1000, d_model: int = 64, heads: int = 4, layers: int = 2, classes: int = 2):
         super().__init__()
         self.embedding = nn.Embedding(vocab, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, nhead=heads, dim_feedforward=4 * d_model, dropout=0.0,
-                                           batch_first=True)
+        layer = nn.TransformerEncoderLayer(d_model, nhead=heads, dim_feedforward=4 * d_model, dropout=0.0, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
         self.fc = nn.Linear(d_model, classes)
 

@@ -1,4 +1,5 @@
 """Smoke-test size of bench/models/bench_cnn (same class, tiny sizes): CNN on 3x8x8."""
+
 import importlib.util
 from pathlib import Path
 

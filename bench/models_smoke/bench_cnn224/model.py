@@ -1,4 +1,5 @@
 """Smoke-test size of bench/models/bench_cnn224 (same class, tiny sizes): GAP CNN, served on 3x32x32."""
+
 import importlib.util
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Smoke-test size of bench/models/bench_mlp (same class, tiny sizes): MLP 16-32-32-2."""
+
 import importlib.util
 from pathlib import Path
 

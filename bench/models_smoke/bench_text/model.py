@@ -1,4 +1,5 @@
 """Smoke-test size of bench/models/bench_text (same class, tiny sizes): transformer on 8 tokens of a 50-word vocabulary."""
+
 import importlib.util
 from pathlib import Path
 

@@ -43,7 +43,7 @@ def _load(text: str) -> Any:
     return json.loads(text)
 
 
-def _load_dict(text: str | None, flag: str) -> dict | None:
+def _load_dict(text: str | None, flag: str) -> dict[str, Any] | None:
     if text is None:
         return None
     value = _load(text)
@@ -105,8 +105,7 @@ def _table(title: str, array: np.ndarray) -> list[str]:
     width = max((len(c) for row in cells for c in row), default=6)
     more = " …" if rows.shape[1] > _MAX_COLUMNS else ""
     header = "example " + " ".join(f"{j:>{width}}" for j in range(min(rows.shape[1], _MAX_COLUMNS)))
-    return [title, header + more] + [
-        f"{i:>7} " + " ".join(f"{c:>{width}}" for c in row) + more for i, row in enumerate(cells)]
+    return [title, header + more] + [f"{i:>7} " + " ".join(f"{c:>{width}}" for c in row) + more for i, row in enumerate(cells)]
 
 
 def _render(result: Attribution) -> str:
@@ -121,37 +120,37 @@ def _render(result: Attribution) -> str:
     if result.outputs is not None:
         lines += _table(f"outputs {result.outputs.shape}", result.outputs)
     t = result.timing
-    lines.append(f"timing: queue {t['queue_ms']:.2f} ms, compute {t['compute_ms']:.2f} ms, "
-                 f"total {t['total_ms']:.2f} ms, passes {t['passes']}, pass_rows {t['pass_rows']}, "
-                 f"pass_requests {t['pass_requests']}")
+    lines.append(
+        f"timing: queue {t['queue_ms']:.2f} ms, compute {t['compute_ms']:.2f} ms, "
+        f"total {t['total_ms']:.2f} ms, passes {t['passes']}, pass_rows {t['pass_rows']}, "
+        f"pass_requests {t['pass_requests']}"
+    )
     return "\n".join(lines)
 
 
 def _as_json(result: Attribution) -> str:
     attributions = result.attributions
-    return json.dumps({
-        "request_id": result.request_id,
-        "model_version": result.model_version,
-        "seed": result.seed,
-        "attributions": ([a.tolist() for a in attributions] if isinstance(attributions, tuple)
-                         else attributions.tolist()),
-        "convergence_delta": None if result.convergence_delta is None else result.convergence_delta.tolist(),
-        "outputs": None if result.outputs is None else result.outputs.tolist(),
-        "timing": result.timing,
-    })
+    return json.dumps(
+        {
+            "request_id": result.request_id,
+            "model_version": result.model_version,
+            "seed": result.seed,
+            "attributions": ([a.tolist() for a in attributions] if isinstance(attributions, tuple) else attributions.tolist()),
+            "convergence_delta": None if result.convergence_delta is None else result.convergence_delta.tolist(),
+            "outputs": None if result.outputs is None else result.outputs.tolist(),
+            "timing": result.timing,
+        }
+    )
 
 
 def _attribute_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attrserve attribute",
-                                description="Ask an attrserve server for attributions.")
+    p = argparse.ArgumentParser(prog="attrserve attribute", description="Ask an attrserve server for attributions.")
     p.add_argument("--target-address", default=_DEFAULT_ADDRESS, help="server host:port")
     p.add_argument("--model", required=True)
     p.add_argument("--model-version", default="")
     p.add_argument("--algorithm", required=True, help="one of: " + ", ".join(algorithm_names()))
-    p.add_argument("--inputs", action="append", required=True,
-                   help="JSON literal, .json or .npy file; repeat once per model input")
-    p.add_argument("--baselines", action="append",
-                   help="number, JSON literal, .json or .npy file (null: zeros); repeat once per input")
+    p.add_argument("--inputs", action="append", required=True, help="JSON literal, .json or .npy file; repeat once per model input")
+    p.add_argument("--baselines", action="append", help="number, JSON literal, .json or .npy file (null: zeros); repeat once per input")
     p.add_argument("--target", help='an int, "i,j" for a tuple index, or a JSON list with one per example')
     p.add_argument("--additional-forward-args", action="append", help="JSON literal, .json or .npy; repeatable")
     p.add_argument("--feature-mask", action="append", help="JSON literal, .json or .npy; repeat once per input")
@@ -190,10 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dtypes = _input_dtypes(client, args.model, args.model_version, args.timeout)
                 inputs = [_cast(v, dtypes[i] if i < len(dtypes) else None) for i, v in enumerate(inputs)]
                 # Baselines only to a floating input's dtype (the server casts them to the input's anyway).
-                baselines = [_cast(v, dtypes[i] if i < len(dtypes) else None, floats_only=True)
-                             for i, v in enumerate(baselines)]
+                baselines = [_cast(v, dtypes[i] if i < len(dtypes) else None, floats_only=True) for i, v in enumerate(baselines)]
             result = client.attribute(
-                args.model, args.algorithm,
+                args.model,
+                args.algorithm,
                 _one_or_tuple(inputs),
                 baselines=_one_or_tuple(baselines),
                 target=_target(args.target),
@@ -229,13 +228,16 @@ def models_main(argv: Sequence[str] | None = None) -> int:
             models = client.list_models(timeout=args.timeout)
     except grpc.RpcError as e:
         return _error(f"{e.code().name}: {e.details()}")
-    rows = [{"name": m.config.name, "version": m.config.version, "ready": m.ready,
-             "algorithms": [algorithm_name(a) for a in m.algorithms]} for m in models]
+    rows: list[dict[str, Any]] = [
+        {"name": m.config.name, "version": m.config.version, "ready": m.ready, "algorithms": [algorithm_name(a) for a in m.algorithms]}
+        for m in models
+    ]
     if args.json:
         print(json.dumps({"models": rows}))
         return 0
     table = [("name", "version", "ready", "algorithms")] + [
-        (r["name"], r["version"], "yes" if r["ready"] else "no", ", ".join(r["algorithms"])) for r in rows]
+        (r["name"], r["version"], "yes" if r["ready"] else "no", ", ".join(r["algorithms"])) for r in rows
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(3)]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[3])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -83,22 +83,22 @@ class Attribution:
 
 def algorithm_names() -> list[str]:
     """The algorithm names this client's proto knows, in snake_case."""
-    return [k[len(_PREFIX):].lower() for k in pb.Algorithm.keys() if k != "ALGORITHM_UNSPECIFIED"]
+    return [k[len(_PREFIX) :].lower() for k in pb.Algorithm.keys() if k != "ALGORITHM_UNSPECIFIED"]
 
 
 def algorithm_name(value: int) -> str:
     """The snake_case name of an `Algorithm` enum value (its number if this proto predates it)."""
     try:
-        return pb.Algorithm.Name(value)[len(_PREFIX):].lower()
+        return pb.Algorithm.Name(value)[len(_PREFIX) :].lower()
     except ValueError:
         return str(value)
 
 
-def _algorithm(name: str) -> int | None:
+def _algorithm(name: str) -> pb.Algorithm | None:
     """The enum value of a built-in algorithm; None for another snake_case name (a server plugin's)."""
     key = _PREFIX + str(name).upper()
     if key != "ALGORITHM_UNSPECIFIED" and key in pb.Algorithm.keys():
-        return pb.Algorithm.Value(key)
+        return cast("pb.Algorithm", pb.Algorithm.Value(key))  # the stubs type enum values as the enum class; Value() says int
     if key == "ALGORITHM_UNSPECIFIED" or not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)):
         raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(algorithm_names())}, or a plugin's snake_case name")
     return None
@@ -118,11 +118,10 @@ def is_multi(value: Any) -> bool:
     arrays; a list of numbers or of lists is one array-like."""
     if isinstance(value, tuple):
         return True
-    return (isinstance(value, list) and len(value) > 0
-            and all(getattr(v, "ndim", 0) > 0 for v in value))
+    return isinstance(value, list) and len(value) > 0 and all(getattr(v, "ndim", 0) > 0 for v in value)
 
 
-def _entries(value: Any, n_inputs: int | None, what: str) -> tuple:
+def _entries(value: Any, n_inputs: int | None, what: str) -> tuple[Any, ...]:
     entries = tuple(value) if is_multi(value) else (value,)
     if n_inputs is not None and len(entries) != n_inputs:
         raise ValueError(f"{what} has {len(entries)} entries for {n_inputs} inputs")
@@ -141,10 +140,10 @@ def _baselines(baselines: Any, n_inputs: int) -> list[pb.Baseline]:
     entries = _entries(baselines, n_inputs, "baselines")
     if all(b is None for b in entries):
         return []
-    return [pb.Baseline() if b is None
-            else pb.Baseline(scalar=float(b)) if _is_number(b)
-            else pb.Baseline(tensor=to_tensor_proto(b))
-            for b in entries]
+    return [
+        pb.Baseline() if b is None else pb.Baseline(scalar=float(b)) if _is_number(b) else pb.Baseline(tensor=to_tensor_proto(b))
+        for b in entries
+    ]
 
 
 def _target_index(value: Any) -> pb.TargetIndex:
@@ -156,11 +155,11 @@ def _target(target: Any) -> pb.Target:
         return pb.Target(index=int(target))
     if isinstance(target, tuple):
         return pb.Target(tuple=_target_index(target))
-    if isinstance(target, list) or (isinstance(target, np.ndarray) and target.ndim in (1, 2)
-                                    and target.dtype.kind in "iu"):
+    if isinstance(target, list) or (isinstance(target, np.ndarray) and target.ndim in (1, 2) and target.dtype.kind in "iu"):
         return pb.Target(per_example=pb.TargetIndexList(indices=[_target_index(t) for t in target]))
-    raise ValueError(f"target must be an int, a tuple of ints, a list with one per example or an "
-                     f"integer numpy array; got {type(target).__name__}")
+    raise ValueError(
+        f"target must be an int, a tuple of ints, a list with one per example or an integer numpy array; got {type(target).__name__}"
+    )
 
 
 def _fill(message: Any, values: Mapping[str, Any], what: str) -> None:
@@ -204,7 +203,7 @@ def build_request(
     """Builds an `AttributeRequest` from Captum-style arguments (numpy arrays or nested lists)."""
     algorithm_value = _algorithm(algorithm)
     custom = algorithm_value is None
-    name = algorithm if custom else algorithm_name(algorithm_value)  # built-ins: also the params oneof field
+    name = algorithm if algorithm_value is None else algorithm_name(algorithm_value)  # built-ins: also the params oneof field
     inputs = _entries(inputs, None, "inputs")
     request = pb.AttributeRequest(
         request_id=request_id,
@@ -222,10 +221,10 @@ def build_request(
         request.target.CopyFrom(_target(target))
     if additional_forward_args is not None:
         request.additional_forward_args.extend(
-            to_tensor_proto(a) for a in _entries(additional_forward_args, None, "additional_forward_args"))
+            to_tensor_proto(a) for a in _entries(additional_forward_args, None, "additional_forward_args")
+        )
     if feature_mask is not None:
-        request.feature_masks.extend(
-            to_tensor_proto(m) for m in _entries(feature_mask, len(inputs), "feature_mask"))
+        request.feature_masks.extend(to_tensor_proto(m) for m in _entries(feature_mask, len(inputs), "feature_mask"))
     if params and custom:
         request.custom_params.update({k: _plain(v) for k, v in params.items() if v is not None})
     elif params:
@@ -283,8 +282,9 @@ def _stream_request(request: pb.AttributeRequest | pb.AttributeStreamRequest) ->
 class _ClientBase:
     build_request = staticmethod(build_request)
 
-    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None,
-                 options: Iterable[tuple[str, Any]] | None, grpc_module: Any) -> None:
+    def __init__(
+        self, target: str, credentials: grpc.ChannelCredentials | None, options: Iterable[tuple[str, Any]] | None, grpc_module: Any
+    ) -> None:
         merged = list({**_DEFAULT_OPTIONS, **dict(options or ())}.items())
         if credentials is None:
             self._channel = grpc_module.insecure_channel(target, options=merged)
@@ -296,18 +296,19 @@ class _ClientBase:
 class AttributionClient(_ClientBase):
     """Blocking client; gRPC failures propagate as `grpc.RpcError`."""
 
-    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 options: Iterable[tuple[str, Any]] | None = None) -> None:
+    def __init__(
+        self, target: str, *, credentials: grpc.ChannelCredentials | None = None, options: Iterable[tuple[str, Any]] | None = None
+    ) -> None:
         super().__init__(target, credentials, options, grpc)
 
-    def attribute(self, model: str, algorithm: str, inputs: Any, *, timeout: float | None = None,
-                  **kwargs: Any) -> Attribution:
+    def attribute(self, model: str, algorithm: str, inputs: Any, *, timeout: float | None = None, **kwargs: Any) -> Attribution:
         """Attributes `inputs`; keyword arguments are `build_request`'s."""
         response = self._stub.Attribute(build_request(model, algorithm, inputs, **kwargs), timeout=timeout)
         return Attribution.from_response(response, single=not is_multi(inputs))
 
-    def attribute_stream(self, requests: Iterable[pb.AttributeRequest], *,
-                         timeout: float | None = None) -> Iterator[pb.AttributeStreamResponse]:
+    def attribute_stream(
+        self, requests: Iterable[pb.AttributeRequest], *, timeout: float | None = None
+    ) -> Iterator[pb.AttributeStreamResponse]:
         """Sends requests over one stream; responses come as they finish, matched by request_id."""
         return self._stub.AttributeStream((_stream_request(r) for r in requests), timeout=timeout)
 
@@ -331,22 +332,25 @@ class AttributionClient(_ClientBase):
 class AsyncAttributionClient(_ClientBase):
     """grpc.aio client; gRPC failures propagate as `grpc.aio.AioRpcError`."""
 
-    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 options: Iterable[tuple[str, Any]] | None = None) -> None:
+    def __init__(
+        self, target: str, *, credentials: grpc.ChannelCredentials | None = None, options: Iterable[tuple[str, Any]] | None = None
+    ) -> None:
         super().__init__(target, credentials, options, grpc.aio)
 
-    async def attribute(self, model: str, algorithm: str, inputs: Any, *, timeout: float | None = None,
-                        **kwargs: Any) -> Attribution:
+    async def attribute(self, model: str, algorithm: str, inputs: Any, *, timeout: float | None = None, **kwargs: Any) -> Attribution:
         """Attributes `inputs`; keyword arguments are `build_request`'s."""
         request = build_request(model, algorithm, inputs, **kwargs)
         response = await self._stub.Attribute(request, timeout=timeout)
         return Attribution.from_response(response, single=not is_multi(inputs))
 
     async def attribute_stream(
-        self, requests: AsyncIterable[pb.AttributeRequest] | Iterable[pb.AttributeRequest], *,
+        self,
+        requests: AsyncIterable[pb.AttributeRequest] | Iterable[pb.AttributeRequest],
+        *,
         timeout: float | None = None,
     ) -> AsyncIterator[pb.AttributeStreamResponse]:
         """Sends requests over one stream; responses come as they finish, matched by request_id."""
+
         async def outgoing() -> AsyncIterator[pb.AttributeStreamRequest]:
             if isinstance(requests, AsyncIterable):
                 async for r in requests:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from attrserve.v1 import tensor_pb2
 
 _DT = tensor_pb2.DataType
 
 # Wire type -> little-endian numpy dtype. bfloat16 is absent: numpy has no such type.
-_NUMPY_OF = {
+_NUMPY_OF: dict[tensor_pb2.DataType, np.dtype] = {
     _DT.DATA_TYPE_FLOAT32: np.dtype("<f4"),
     _DT.DATA_TYPE_FLOAT64: np.dtype("<f8"),
     _DT.DATA_TYPE_FLOAT16: np.dtype("<f2"),
@@ -24,7 +25,7 @@ _NUMPY_OF = {
 _WIRE_OF = {(d.kind, d.itemsize): (wire, d) for wire, d in _NUMPY_OF.items()}
 
 
-def _as_array(value) -> np.ndarray:
+def _as_array(value: npt.ArrayLike) -> np.ndarray:
     if isinstance(value, (np.ndarray, np.generic)):
         return np.asarray(value)
     # Python data follows torch's defaults: floats -> float32, ints -> int64, bools -> bool.
@@ -36,14 +37,13 @@ def _as_array(value) -> np.ndarray:
     return arr
 
 
-def to_tensor_proto(value) -> tensor_pb2.Tensor:
+def to_tensor_proto(value: npt.ArrayLike) -> tensor_pb2.Tensor:
     """Encodes an array-like (numpy array, scalar or nested lists) as a `Tensor`."""
     arr = _as_array(value)
     try:
         wire, dtype = _WIRE_OF[arr.dtype.kind, arr.dtype.itemsize]
     except KeyError:
-        raise ValueError(f"unsupported dtype {arr.dtype}; supported: "
-                         + ", ".join(str(d) for d in _NUMPY_OF.values())) from None
+        raise ValueError(f"unsupported dtype {arr.dtype}; supported: " + ", ".join(str(d) for d in _NUMPY_OF.values())) from None
     # astype(order="C") rather than np.ascontiguousarray, which would make a scalar 1-D.
     arr = arr.astype(dtype, order="C", copy=False)
     return tensor_pb2.Tensor(dtype=wire, shape=arr.shape, data=arr.tobytes())
@@ -55,6 +55,7 @@ def from_tensor_proto(tensor: tensor_pb2.Tensor) -> np.ndarray:
     if any(d < 0 for d in shape):
         raise ValueError(f"tensor shape {list(shape)} has a negative dimension")
     count = int(np.prod(shape, dtype=np.int64))
+    dtype: np.dtype
     if tensor.dtype == _DT.DATA_TYPE_BFLOAT16:
         dtype = np.dtype("<u2")
     elif tensor.dtype in _NUMPY_OF:
@@ -64,8 +65,8 @@ def from_tensor_proto(tensor: tensor_pb2.Tensor) -> np.ndarray:
         raise ValueError(f"unsupported tensor dtype {name}")
     if len(tensor.data) != count * dtype.itemsize:
         raise ValueError(
-            f"tensor data has {len(tensor.data)} bytes but shape {list(shape)} of "
-            f"{_DT.Name(tensor.dtype)} needs {count * dtype.itemsize}")
+            f"tensor data has {len(tensor.data)} bytes but shape {list(shape)} of {_DT.Name(tensor.dtype)} needs {count * dtype.itemsize}"
+        )
     arr = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
     if tensor.dtype == _DT.DATA_TYPE_BFLOAT16:
         # bfloat16 is the top half of a float32: widen the bits, then reinterpret.

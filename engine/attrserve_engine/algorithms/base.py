@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from attrserve_engine.errors import InvalidArgument
 from attrserve_engine.models import LoadedModel
+from attrserve_engine.plan import Block, BlockResult, PassKind, Plan, Task, repeat_rows
 from attrserve_engine.rules.deeplift import hooked_modules
-from attrserve_engine.plan import Block, BlockResult, PassKind, Plan, repeat_rows, Task
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,10 @@ def parse_dataclass(cls: type, raw: dict[str, Any], owner: str) -> Any:
         raise InvalidArgument(f"{owner}: unknown parameter(s) {', '.join(unknown)}; valid: {valid}")
     values = {}
     for name, value in raw.items():
-        default = fields[name].default
-        if default is dataclasses.MISSING and fields[name].default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = fields[name].default_factory()  # type: ignore[misc]
+        f = fields[name]
+        default = f.default
+        if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         values[name] = _coerce(value, default, f"{owner}.{name}")
     return cls(**values)
 
@@ -187,9 +189,7 @@ def example_baselines(task: Task) -> tuple[Tensor, ...]:
         elif b.shape[0] == 1:
             out.append(b.expand_as(x).contiguous())
         else:
-            raise InvalidArgument(
-                f"baselines[{i}] has {b.shape[0]} rows; it must have 1 or one per example ({x.shape[0]})"
-            )
+            raise InvalidArgument(f"baselines[{i}] has {b.shape[0]} rows; it must have 1 or one per example ({x.shape[0]})")
     return tuple(out)
 
 
@@ -210,6 +210,7 @@ def delta_block(inputs: tuple[Tensor, ...], baselines: tuple[Tensor, ...], args:
 def delta_from(result: BlockResult, attributions: tuple[Tensor, ...]) -> Tensor:
     """sum(attributions) - (f(inputs) - f(baselines)) per example, from a delta_block's result."""
     n = int(attributions[0].shape[0])
+    assert result.selected is not None  # a delta_block selects each row's target
     end, start = result.selected[:n], result.selected[n:]  # (n,) each
     attr_sum = torch.stack([sum(rs) for rs in zip(*[sum_rows(a) for a in attributions])])  # (n,)
     return attr_sum - (end - start)

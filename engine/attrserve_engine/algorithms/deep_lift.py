@@ -34,7 +34,16 @@ class DeepLift(Algorithm):
         p: DeepLiftParams = task.params
         baselines = example_baselines(task)
         # The executor runs cat([inputs, refs]) with the rule hooks; grads are w.r.t. the inputs.
-        blocks = [Block(kind=PassKind.DEEPLIFT, inputs=task.inputs, refs=baselines, args=task.args, target=task.target, options=DeepLiftOptions(p.eps))]
+        blocks = [
+            Block(
+                kind=PassKind.DEEPLIFT,
+                inputs=task.inputs,
+                refs=baselines,
+                args=task.args,
+                target=task.target,
+                options=DeepLiftOptions(p.eps),
+            )
+        ]
         if task.return_convergence_delta:  # a plain forward: Captum computes the delta with the hooks removed
             blocks.append(delta_block(task.inputs, baselines, task.args, task.target))
         results = yield blocks

@@ -10,7 +10,7 @@ from torch import Tensor
 from attrserve_engine.algorithms.base import Algorithm
 from attrserve_engine.algorithms.deep_lift import DeepLift, DeepLiftParams
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Attribution, interleave_rows, Plan, repeat_rows, Task
+from attrserve_engine.plan import Attribution, Plan, Task, interleave_rows, repeat_rows
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,9 @@ def check_distribution(baselines: tuple[Tensor, ...]) -> None:
         )
     for i, b in enumerate(baselines):
         if b.shape[0] != m:
-            raise InvalidArgument(f"baselines[{i}] has {b.shape[0]} rows but baselines[0] has {m}; give every input the same number of baseline rows")
+            raise InvalidArgument(
+                f"baselines[{i}] has {b.shape[0]} rows but baselines[0] has {m}; give every input the same number of baseline rows"
+            )
 
 
 class DeepLiftShap(Algorithm):
@@ -74,7 +76,8 @@ class DeepLiftShap(Algorithm):
         # batch — so the Softmax and MaxPool rules see exactly what Captum's do.
         result: Attribution = yield from DeepLift().plan(expanded)
         attributions = tuple(
-            torch.mean(a.view((n, m) + tuple(a.shape[1:])), dim=1) for a in result.attributions  # (n, *feature_shape)
+            torch.mean(a.view((n, m) + tuple(a.shape[1:])), dim=1)
+            for a in result.attributions  # (n, *feature_shape)
         )
         # The delta stays per (example, baseline) pair, (n * m,), as Captum returns it.
         return Attribution(attributions, result.convergence_delta)

@@ -1,4 +1,5 @@
-"""GradientShap (Captum's GradientShap): expected gradients over noisy inputs and random points toward baselines drawn from a distribution."""
+"""GradientShap (Captum's GradientShap): expected gradients over noisy inputs and random points toward
+baselines drawn from a distribution."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, delta_block, delta_from, per_input_values
-from attrserve_engine.plan import Attribution, Block, interleave_rows, PassKind, Plan, Task
+from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task, interleave_rows
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from attrserve_engine.algorithms.guided_backprop import GuidedBackprop
 from attrserve_engine.algorithms.layer import LayerAlgorithm
 from attrserve_engine.algorithms.layer_grad_cam import LayerGradCam, LayerGradCamParams
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Attribution, concurrently, Plan, Task
+from attrserve_engine.plan import Attribution, Plan, Task, concurrently
 
 INTERPOLATE_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear", "area")
 
@@ -34,7 +34,9 @@ class GuidedGradCam(LayerAlgorithm):
 
     def check_params(self, params: GuidedGradCamParams, limits: Limits) -> None:
         if params.interpolate_mode not in INTERPOLATE_MODES:
-            raise InvalidArgument(f"guided_grad_cam.interpolate_mode must be one of {', '.join(INTERPOLATE_MODES)}, got {params.interpolate_mode!r}")
+            raise InvalidArgument(
+                f"guided_grad_cam.interpolate_mode must be one of {', '.join(INTERPOLATE_MODES)}, got {params.interpolate_mode!r}"
+            )
 
     def rows(self, task: Task, n_examples: int) -> int:
         return 2 * n_examples  # the Grad-CAM pass and the Guided Backprop pass
@@ -45,7 +47,10 @@ class GuidedGradCam(LayerAlgorithm):
         cam_task = task.replace(params=LayerGradCamParams(relu_attributions=True, attribute_to_layer_input=p.attribute_to_layer_input))
         cam, guided = yield from concurrently([LayerGradCam().plan(cam_task), GuidedBackprop().plan(task.replace(params=None))])
         if len(cam.attributions) != 1:
-            raise InvalidArgument(f"guided_grad_cam needs a layer with one {'input' if p.attribute_to_layer_input else 'output'} tensor; {task.layer!r} has {len(cam.attributions)}")
+            raise InvalidArgument(
+                f"guided_grad_cam needs a layer with one {'input' if p.attribute_to_layer_input else 'output'} tensor; "
+                f"{task.layer!r} has {len(cam.attributions)}"
+            )
         grad_cam = cam.attributions[0]  # (n, 1, *layer_spatial)
         attributions, failures = [], []
         for i, (x, g) in enumerate(zip(task.inputs, guided.attributions)):
@@ -53,7 +58,7 @@ class GuidedGradCam(LayerAlgorithm):
             # broadcast against gets an empty tensor (and a warning) instead of failing the call.
             try:
                 attributions.append(g * F.interpolate(grad_cam, tuple(x.shape[2:]), mode=p.interpolate_mode))
-            except Exception as e:  # noqa: BLE001 - whatever F.interpolate or broadcasting raises
+            except Exception as e:  # whatever F.interpolate or broadcasting raises
                 failures.append(f"inputs[{i}] {tuple(x.shape)}: {e}")
                 attributions.append(torch.empty(0, device=x.device))
         if len(failures) == len(attributions):  # an all-empty answer helps nobody: say why instead

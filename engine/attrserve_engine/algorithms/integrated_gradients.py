@@ -11,7 +11,7 @@ from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, delta_block, delta_from, example_baselines
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Attribution, Block, PassKind, Plan, repeat_rows, Task
+from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task, repeat_rows
 
 RIEMANN_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 METHODS = RIEMANN_METHODS + ("gausslegendre",)
@@ -73,7 +73,8 @@ def integrate(grads: tuple[Tensor, ...], step_sizes: tuple[float, ...], n: int) 
     weights = _weights(step_sizes)
     totals = []
     for grad in grads:
-        scaled_grad = grad.contiguous().view(n_steps, -1) * (weights if grad.device.type == "cpu" else weights.to(grad.device))  # (n_steps, n * features)
+        # (n_steps, n * features)
+        scaled_grad = grad.contiguous().view(n_steps, -1) * (weights if grad.device.type == "cpu" else weights.to(grad.device))
         totals.append(torch.sum(scaled_grad.reshape((n_steps, n) + tuple(grad.shape[1:])), dim=0))  # (n, *shape)
     return tuple(totals)
 
@@ -117,5 +118,6 @@ class IntegratedGradients(Algorithm):
         attributions = tuple(t * (x - b) for t, x, b in zip(totals, task.inputs, baselines)) if p.multiply_by_inputs else totals
         delta = delta_from(results[1], attributions) if task.return_convergence_delta else None
         return Attribution(attributions, delta)
+
 
 ALGORITHM = IntegratedGradients

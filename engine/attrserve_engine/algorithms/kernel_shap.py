@@ -42,7 +42,10 @@ def _multinomial_is_exponential_argmax() -> bool:
     probs = torch.tensor([[0.0, 0.5, 0.3, 0.2]])
     a, b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     return all(
-        torch.equal(torch.multinomial(probs, 1, True, generator=a), (probs / torch.empty_like(probs).exponential_(generator=b)).argmax(1, keepdim=True))
+        torch.equal(
+            torch.multinomial(probs, 1, True, generator=a),
+            (probs / torch.empty_like(probs).exponential_(generator=b)).argmax(1, keepdim=True),
+        )
         for _ in range(32)
     )
 
@@ -62,7 +65,7 @@ class KernelShap(Lime):
     name = "kernel_shap"
     params_type = KernelShapParams
 
-    def check_params(self, params: KernelShapParams, limits: Limits) -> None:
+    def check_params(self, params: KernelShapParams, limits: Limits) -> None:  # type: ignore[override]  # Lime's plan, not its params (as in Captum)
         check_positive(params.n_samples, f"{self.name}.n_samples", MAX_N_SAMPLES)
         check_perturbations_per_eval(params.perturbations_per_eval, self.name)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm
-from attrserve_engine.plan import Block, PassKind, repeat_rows, Task
+from attrserve_engine.plan import Block, PassKind, Task, repeat_rows
 
 
 class LayerAlgorithm(Algorithm):
@@ -43,4 +43,6 @@ def layer_block(
 
 def layer_activations(task: Task, inputs: tuple[Tensor, ...], times: int = 1) -> Block:
     """Forward rows capturing the layer's activations for `inputs` (times * n rows, args/target repeated)."""
-    return layer_block(task, inputs, tuple(repeat_rows(a, times) for a in task.args), repeat_rows(task.target, times), gradients=False, select=False)
+    return layer_block(
+        task, inputs, tuple(repeat_rows(a, times) for a in task.args), repeat_rows(task.target, times), gradients=False, select=False
+    )

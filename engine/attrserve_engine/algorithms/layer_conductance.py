@@ -9,7 +9,7 @@ import torch
 from attrserve_engine.algorithms.base import Limits, delta_block, delta_from, example_baselines
 from attrserve_engine.algorithms.integrated_gradients import check_steps, interpolate, step_sizes_and_alphas
 from attrserve_engine.algorithms.layer import LayerAlgorithm, layer_block
-from attrserve_engine.plan import Attribution, Plan, repeat_rows, Task
+from attrserve_engine.plan import Attribution, Plan, Task, repeat_rows
 
 
 @dataclass(frozen=True)

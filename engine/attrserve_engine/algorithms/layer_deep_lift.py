@@ -50,9 +50,7 @@ def layer_deep_lift_plan(task: Task, baselines: tuple[Tensor, ...], multiply_by_
     results = yield blocks
     grads = results[0].layer_grads  # (n, *layer_shape) each: d output / d layer, with the rules of the modules after it
     at_inputs, at_baselines = results[0].layer_activations, results[1].layer_activations
-    attributions = (
-        tuple((x - b) * g for x, b, g in zip(at_inputs, at_baselines, grads)) if multiply_by_inputs else tuple(grads)
-    )
+    attributions = tuple((x - b) * g for x, b, g in zip(at_inputs, at_baselines, grads)) if multiply_by_inputs else tuple(grads)
     delta = delta_from(results[2], attributions) if task.return_convergence_delta else None
     return Attribution(attributions, delta)
 

@@ -10,7 +10,7 @@ from attrserve_engine.algorithms.deep_lift_shap import DeepLiftShap
 from attrserve_engine.algorithms.layer import LayerAlgorithm
 from attrserve_engine.algorithms.layer_deep_lift import layer_deep_lift_plan
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Attribution, interleave_rows, Plan, repeat_rows, Task
+from attrserve_engine.plan import Attribution, Plan, Task, interleave_rows, repeat_rows
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,9 @@ def check_layer_distribution(task: Task) -> None:
         )
     for i, b in enumerate(task.baselines):
         if b.shape[0] != m:
-            raise InvalidArgument(f"baselines[{i}] has {b.shape[0]} rows but baselines[0] has {m}; give every input the same number of baseline rows")
+            raise InvalidArgument(
+                f"baselines[{i}] has {b.shape[0]} rows but baselines[0] has {m}; give every input the same number of baseline rows"
+            )
 
 
 class LayerDeepLiftShap(LayerAlgorithm):
@@ -63,7 +65,8 @@ class LayerDeepLiftShap(LayerAlgorithm):
         # Softmax and MaxPool rules see exactly what Captum's do.
         result: Attribution = yield from layer_deep_lift_plan(expanded, baselines, task.params.multiply_by_inputs)
         attributions = tuple(
-            torch.mean(a.view((n, m) + tuple(a.shape[1:])), dim=1) for a in result.attributions  # (n, *layer_shape)
+            torch.mean(a.view((n, m) + tuple(a.shape[1:])), dim=1)
+            for a in result.attributions  # (n, *layer_shape)
         )
         # The delta stays per (example, baseline) pair, (n * m,), as Captum returns it.
         return Attribution(attributions, result.convergence_delta)

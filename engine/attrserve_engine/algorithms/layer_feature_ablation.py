@@ -18,7 +18,7 @@ from attrserve_engine.algorithms.perturbation import (
     spread,
 )
 from attrserve_engine.errors import ResourceExhausted
-from attrserve_engine.plan import Attribution, Plan, repeat_rows, Task
+from attrserve_engine.plan import Attribution, Plan, Task, repeat_rows
 
 # NOTE: a layer's size is unknown when the job is submitted, so `rows` cannot
 # count the ablation rows; the plan refuses a layer whose rows pass this cap

@@ -9,7 +9,7 @@ import torch
 from attrserve_engine.algorithms.base import Limits, check_positive, delta_block, delta_from, per_input_values
 from attrserve_engine.algorithms.gradient_shap import add_noise, draw_baselines
 from attrserve_engine.algorithms.layer import LayerAlgorithm, layer_block
-from attrserve_engine.plan import Attribution, Block, interleave_rows, PassKind, Plan, repeat_rows, Task
+from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task, interleave_rows, repeat_rows
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,7 @@ class LayerGradientShap(LayerAlgorithm):
         results = yield blocks
         grads = results[0].layer_grads  # (n * ns, *layer_shape) each
         acts = results[1].layer_activations  # (2 * n * ns, *layer_shape) each
-        if p.multiply_by_inputs:
-            per_sample = tuple((a[:rows] - a[rows:]) * g for a, g in zip(acts, grads))
-        else:
-            per_sample = tuple(grads)
+        per_sample = tuple((a[:rows] - a[rows:]) * g for a, g in zip(acts, grads)) if p.multiply_by_inputs else tuple(grads)
         # smoothgrad over samples: (n, ns, ...) summed over ns, times 1 / ns (NoiseTunnel's order of operations)
         attributions = tuple(a.view((n, ns) + tuple(a.shape[1:])).sum(dim=1) * 1 / ns for a in per_sample)
         delta = delta_from(results[2], per_sample) if task.return_convergence_delta else None

@@ -9,7 +9,7 @@ import torch
 from attrserve_engine.algorithms.base import Limits, delta_block, delta_from, example_baselines
 from attrserve_engine.algorithms.integrated_gradients import check_steps, integrate, interpolate, step_sizes_and_alphas
 from attrserve_engine.algorithms.layer import LayerAlgorithm, layer_activations, layer_block
-from attrserve_engine.plan import Attribution, Plan, repeat_rows, Task
+from attrserve_engine.plan import Attribution, Plan, Task, repeat_rows
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,7 @@ class LayerIntegratedGradients(LayerAlgorithm):
             values=interpolate(layer_inputs, layer_baselines, alphas),
         )
         totals = integrate(path.layer_grads, step_sizes, n)
-        attributions = (
-            tuple(t * (x - b) for t, x, b in zip(totals, layer_inputs, layer_baselines)) if p.multiply_by_inputs else totals
-        )
+        attributions = tuple(t * (x - b) for t, x, b in zip(totals, layer_inputs, layer_baselines)) if p.multiply_by_inputs else totals
         delta = delta_from(results[1], attributions) if task.return_convergence_delta else None
         return Attribution(attributions, delta)
 

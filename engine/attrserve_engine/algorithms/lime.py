@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as functional
@@ -32,7 +33,7 @@ from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, 
 from attrserve_engine.algorithms.linear_models import lasso
 from attrserve_engine.algorithms.perturbation import check_perturbations_per_eval, feature_masks_or_default, n_features
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Attribution, Block, interleave_rows, PassKind, Plan, Task
+from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task, interleave_rows
 
 MAX_N_SAMPLES = 100_000  # the per-request row cap (n_samples × examples) is the real bound
 
@@ -106,7 +107,7 @@ def skip_fit_draws(task: Task, n_interp: int) -> None:
 
 class Lime(Algorithm):
     name = "lime"
-    params_type = LimeParams
+    params_type: ClassVar[type] = LimeParams  # KernelShap, a subclass, has its own
     needs_input_gradients = False
     uses_feature_mask = True
     uses_baselines = True

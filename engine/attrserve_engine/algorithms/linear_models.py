@@ -77,9 +77,7 @@ def lasso(
     return LinearFit(coef, y_offset - x_offset @ coef, n_iter, gap)
 
 
-def weighted_least_squares(
-    x: Tensor, y: Tensor, sample_weight: Tensor | None = None, *, rcond: float = LSTSQ_RCOND
-) -> LinearFit:
+def weighted_least_squares(x: Tensor, y: Tensor, sample_weight: Tensor | None = None, *, rcond: float = LSTSQ_RCOND) -> LinearFit:
     """sklearn `LinearRegression().fit(x, y, sample_weight)`, batched: x (..., S, F), y (..., S), weights (..., S).
 
     Computed in x's floating dtype (integers as float64), like scikit-learn.

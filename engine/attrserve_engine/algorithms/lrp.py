@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor, nn
 
 from attrserve_engine.algorithms.base import Algorithm, sum_rows
@@ -19,7 +21,7 @@ def lrp_delta(relevances: tuple[Tensor, ...], output: Tensor) -> Tensor:
 
     NOTE: the sign is the reverse of the other methods' sum(attributions) − Δoutput.
     """
-    summed = sum(sum_rows(r) for r in relevances)  # (n,)
+    summed = cast(Tensor, sum(sum_rows(r) for r in relevances))  # (n,)
     return output.flatten() - summed.flatten()
 
 
@@ -42,7 +44,9 @@ class LRP(Algorithm):
         return 0
 
     def plan(self, task: Task) -> Plan:
-        result = yield Block(kind=PassKind.LRP, inputs=task.inputs, args=task.args, target=task.target, options=LrpOptions(len(task.inputs)))
+        result = yield Block(
+            kind=PassKind.LRP, inputs=task.inputs, args=task.args, target=task.target, options=LrpOptions(len(task.inputs))
+        )
         output = result.selected  # (n,) the target output, the relevance the propagation starts from
         relevances = scaled(tuple(result.grads), output)  # (n, *feature_shape) per input
         delta = lrp_delta(relevances, output) if task.return_convergence_delta else None

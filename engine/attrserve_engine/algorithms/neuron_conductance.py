@@ -9,8 +9,8 @@ from typing import Any
 from attrserve_engine.algorithms.base import Algorithm, Limits, example_baselines
 from attrserve_engine.algorithms.integrated_gradients import check_steps, integrate, interpolate, step_sizes_and_alphas
 from attrserve_engine.algorithms.neuron import NeuronParams, neuron_rows, parse_neuron_params
+from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task, repeat_rows
 from attrserve_engine.targets import flat_target
-from attrserve_engine.plan import Attribution, Block, PassKind, Plan, repeat_rows, Task
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,14 @@ class NeuronConductance(Algorithm):
         scaled = interpolate(task.inputs, baselines, alphas)
         args = tuple(repeat_rows(a, n_steps) for a in task.args)
         neurons = repeat_rows(neuron_rows(task), n_steps)
-        hooked = Block(kind=PassKind.GRADIENT, inputs=scaled, args=args, target=repeat_rows(task.target, n_steps), layer=task.layer, layer_input=p.attribute_to_neuron_input)
+        hooked = Block(
+            kind=PassKind.GRADIENT,
+            inputs=scaled,
+            args=args,
+            target=repeat_rows(task.target, n_steps),
+            layer=task.layer,
+            layer_input=p.attribute_to_neuron_input,
+        )
         # 1) d output[target] / d layer, read at the unit; 2) d unit / d inputs
         to_layer, to_inputs = yield [
             dataclasses.replace(hooked, grad_wrt_layer=True),

@@ -9,7 +9,7 @@ import torch
 from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, parse_dataclass, per_input_values
 from attrserve_engine.algorithms.gradient_shap import add_noise, draw_baselines
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Attribution, interleave_rows, Plan, Task
+from attrserve_engine.plan import Attribution, Plan, Task, interleave_rows
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -59,4 +59,3 @@ def noise_tunnel_plan(inner: Algorithm, nt: NoiseTunnelParams, task: Task) -> Pl
         mean_sq = torch.sum(torch.pow(a, 2), dim=1) * 1 / ns
         smoothed.append({"smoothgrad": mean, "smoothgrad_sq": mean_sq, "vargrad": mean_sq - mean * mean}[nt.nt_type])
     return Attribution(tuple(smoothed), result.convergence_delta)
-

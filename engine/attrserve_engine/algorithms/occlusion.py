@@ -15,6 +15,7 @@ from attrserve_engine.algorithms.perturbation import check_perturbations_per_eva
 from attrserve_engine.errors import InvalidArgument
 from attrserve_engine.plan import Attribution, Plan, Task
 
+
 @dataclass(frozen=True)
 class OcclusionParams:
     # One window shape per input; a flat tuple is the window of a single input (as in Captum).
@@ -176,7 +177,7 @@ class Occlusion(Algorithm):
         drops = evals[:1] - evals[1:]  # (W, n): initial_eval - modified_eval
         attributions, start = [], 0
         for x, w, count in zip(task.inputs, windows, totals):
-            attributions.append(w.average(drops[start:start + count], tuple(x.shape[1:])))
+            attributions.append(w.average(drops[start : start + count], tuple(x.shape[1:])))
             start += count
         return Attribution(tuple(attributions))
 

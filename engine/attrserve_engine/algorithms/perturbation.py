@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Block, PassKind, repeat_rows, Task
+from attrserve_engine.plan import Block, PassKind, Task, repeat_rows
 
 
 def feature_masks_or_default(task: Task) -> tuple[Tensor, ...]:
@@ -59,7 +59,7 @@ def feature_index(masks: tuple[Tensor, ...], ids: Tensor) -> tuple[Tensor, ...]:
 
 def tensors_with_feature(masks: tuple[Tensor, ...], ids: Tensor) -> list[list[int]]:
     """For each feature in `ids`, the inputs its id appears in (ascending), as Captum's feature→tensor map."""
-    where = {int(f): [] for f in ids.tolist()}
+    where: dict[int, list[int]] = {int(f): [] for f in ids.tolist()}
     for i, m in enumerate(masks):
         for f in torch.unique(m).tolist():
             where[int(f)].append(i)

@@ -35,8 +35,7 @@ def check_feature_ids(task: Task, masks: tuple[Tensor, ...]) -> int:
     scalars = sum(math.prod(x.shape[1:]) for x in task.inputs)
     if count > scalars:
         raise InvalidArgument(
-            f"feature_masks use id {count - 1}; ids must run from 0 to the number of features - 1 "
-            f"(at most {scalars - 1} for these inputs)"
+            f"feature_masks use id {count - 1}; ids must run from 0 to the number of features - 1 (at most {scalars - 1} for these inputs)"
         )
     return count
 

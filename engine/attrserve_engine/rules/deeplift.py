@@ -10,8 +10,8 @@ evaluated per request segment, giving each request what Captum gives it alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ class SegmentLayout:
     n_segments: int
 
     @staticmethod
-    def of(rows_per_segment: list[int], device: torch.device) -> "SegmentLayout":
+    def of(rows_per_segment: list[int], device: torch.device) -> SegmentLayout:
         counts = torch.tensor(rows_per_segment, dtype=torch.int64, device=device)
         ids = torch.repeat_interleave(torch.arange(len(rows_per_segment), device=device), counts)  # (R,)
         starts = torch.cumsum(counts, 0) - counts  # (S,)
@@ -103,7 +103,7 @@ class DeepLiftOptions:
 
     eps: float
 
-    def rules(self, model: nn.Module, rows_per_segment: list[int], device: torch.device) -> "DeepLiftRules":
+    def rules(self, model: nn.Module, rows_per_segment: list[int], device: torch.device) -> DeepLiftRules:
         return DeepLiftRules(model, self.eps, SegmentLayout.of(rows_per_segment, device))
 
 
@@ -146,7 +146,7 @@ class DeepLiftRules:
                 x.register_hook(input_grad_hook)
             return (x.clone(), *inp[1:])
 
-        def forward_hook(mod: nn.Module, inp: tuple, out: Tensor) -> None:
+        def forward_hook(mod: nn.Module, inp: tuple, out: Tensor | tuple) -> None:
             y = out[0] if isinstance(out, tuple) else out
             state["output"] = y.detach().clone()
             if y.requires_grad:

@@ -27,7 +27,7 @@ class GuidedOptions:
 
     rule: str  # GUIDED_BACKPROP or DECONVOLUTION
 
-    def rules(self, model: nn.Module, rows_per_segment: list[int], device: torch.device) -> "GuidedReluRules":
+    def rules(self, model: nn.Module, rows_per_segment: list[int], device: torch.device) -> GuidedReluRules:
         return GuidedReluRules(model, self.rule)
 
 

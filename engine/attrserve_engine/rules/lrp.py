@@ -22,6 +22,7 @@ is left on the model: the hooks' state lives in this object for one pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -103,7 +104,7 @@ class LrpOptions:
     n_inputs: int
     layer: str = ""
 
-    def rules(self, model: nn.Module, rows_per_segment: list[int], device: torch.device) -> "LrpRules":
+    def rules(self, model: nn.Module, rows_per_segment: list[int], device: torch.device) -> LrpRules:
         return LrpRules(model, self.n_inputs, self.layer)
 
 
@@ -156,8 +157,7 @@ class LrpRules:
     def _rule_forward_hook(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
         if id(module) in self._ran:  # lrp_rules.py:99
             raise InvalidArgument(
-                f"module {type(module).__name__} runs more than once per forward, which LRP does not support; "
-                "give each use its own module"
+                f"module {type(module).__name__} runs more than once per forward, which LRP does not support; give each use its own module"
             )
         self._ran.add(id(module))
         for x in inputs:
@@ -203,7 +203,7 @@ class LrpRules:
         self.handles.append(module.register_forward_hook(forward_hook))
 
 
-def _input_relevance_hook(activation: Tensor):
+def _input_relevance_hook(activation: Tensor) -> Callable[[Tensor], Tensor]:
     def hook(grad: Tensor) -> Tensor:
         relevance = grad * activation  # (rows, *input_shape)
         setattr(grad, _RELEVANCE_ATTR, relevance)
@@ -212,7 +212,7 @@ def _input_relevance_hook(activation: Tensor):
     return hook
 
 
-def _output_relevance_hook(output: Tensor):
+def _output_relevance_hook(output: Tensor) -> Callable[[Tensor], Tensor]:
     def hook(grad: Tensor) -> Tensor:
         sign = torch.sign(output)
         sign[sign == 0] = 1

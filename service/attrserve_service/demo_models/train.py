@@ -10,10 +10,12 @@ weights in code and is not trained.
 The data generators (`make_tabular`, `make_image`, `make_text`) are also used
 by the tests, so keep their signatures stable.
 """
+
 import argparse
 import importlib.util
 import pathlib
 import time
+import types
 
 import torch
 import torch.nn as nn
@@ -21,10 +23,11 @@ import torch.nn as nn
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-def load_model_module(name: str):
+def load_model_module(name: str) -> types.ModuleType:
     """Import <name>/model.py by file path (as the server's loader does)."""
     path = HERE / name / "model.py"
     spec = importlib.util.spec_from_file_location(f"demo_{name}_model", path)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -34,7 +37,8 @@ def load_model_module(name: str):
 # Synthetic data
 # --------------------------------------------------------------------------
 
-def make_tabular(n: int, generator: torch.Generator):
+
+def make_tabular(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """x ~ N(0, 1)^16; y = 1 iff 1.5*x2 - 2*x7 + x11 > 0."""
     x = torch.randn(n, 16, generator=generator)
     y = (1.5 * x[:, 2] - 2.0 * x[:, 7] + x[:, 11] > 0).long()
@@ -45,14 +49,11 @@ PATCH_ROWS = (2, 6)  # rows 2..5
 PATCH_COLS = (9, 13)  # cols 9..12
 
 
-def make_image(n: int, generator: torch.Generator, label=None):
+def make_image(n: int, generator: torch.Generator, label: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise background U(0, 0.6); class 1 adds a bright 4x4 patch (~1.0) at
     rows 2-5, cols 9-12 in all channels. `label` forces one class."""
     x = 0.6 * torch.rand(n, 3, 16, 16, generator=generator)
-    if label is None:
-        y = torch.randint(0, 2, (n,), generator=generator)
-    else:
-        y = torch.full((n,), int(label), dtype=torch.long)
+    y = torch.randint(0, 2, (n,), generator=generator) if label is None else torch.full((n,), int(label), dtype=torch.long)
     patch = 0.9 + 0.2 * torch.rand(n, 3, 4, 4, generator=generator)
     r0, r1 = PATCH_ROWS
     c0, c1 = PATCH_COLS
@@ -67,7 +68,7 @@ NEGATIVE_IDS = (6, 7, 8)
 FILLER_IDS = (1, 2) + tuple(range(9, 50))
 
 
-def make_text(n: int, generator: torch.Generator):
+def make_text(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequences of 5..12 tokens (right-padded with 0 to 12) of filler words
     plus 0..3 positive and 0..3 negative sentiment words (never equally many);
     y = 1 iff positives outnumber negatives."""
@@ -85,10 +86,12 @@ def make_text(n: int, generator: torch.Generator):
                 break
         row = fillers[torch.randint(0, len(fillers), (length,), generator=g)]
         slots = torch.randperm(length, generator=g)[: n_pos + n_neg]
-        words = torch.cat([
-            pos[torch.randint(0, 3, (n_pos,), generator=g)],
-            neg[torch.randint(0, 3, (n_neg,), generator=g)],
-        ])
+        words = torch.cat(
+            [
+                pos[torch.randint(0, 3, (n_pos,), generator=g)],
+                neg[torch.randint(0, 3, (n_neg,), generator=g)],
+            ]
+        )
         row[slots] = words
         ids[i, :length] = row
         y[i] = int(n_pos > n_neg)
@@ -99,14 +102,25 @@ def make_text(n: int, generator: torch.Generator):
 # Training
 # --------------------------------------------------------------------------
 
-def fit(model, x, y, *, epochs, lr, batch_size, generator, weight_decay=0.0):
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+    weight_decay: float = 0.0,
+) -> nn.Module:
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), batch_size):
-            idx = perm[start:start + batch_size]
+            idx = perm[start : start + batch_size]
             opt.zero_grad()
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
@@ -116,12 +130,12 @@ def fit(model, x, y, *, epochs, lr, batch_size, generator, weight_decay=0.0):
 
 
 @torch.no_grad()
-def accuracy(model, x, y):
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
     return (model(x).argmax(dim=1) == y).float().mean().item()
 
 
-def train_tabular(seed=0):
+def train_tabular(seed: int = 0) -> tuple[nn.Module, float]:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = load_model_module("tabular").build_model()
@@ -131,7 +145,7 @@ def train_tabular(seed=0):
     return model, accuracy(model, xt, yt)
 
 
-def train_image(seed=1):
+def train_image(seed: int = 1) -> tuple[nn.Module, float]:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = load_model_module("image").build_model()
@@ -141,7 +155,7 @@ def train_image(seed=1):
     return model, accuracy(model, xt, yt)
 
 
-def train_text(seed=2):
+def train_text(seed: int = 2) -> tuple[nn.Module, float]:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = load_model_module("text").build_model()
@@ -156,18 +170,15 @@ def train_text(seed=2):
     return model, accuracy(model, xt, yt)
 
 
-def main():
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-save", action="store_true",
-                        help="train and report accuracy, write nothing")
+    parser.add_argument("--no-save", action="store_true", help="train and report accuracy, write nothing")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
 
-    for name, train in (("tabular", train_tabular),
-                        ("image", train_image),
-                        ("text", train_text)):
+    for name, train in (("tabular", train_tabular), ("image", train_image), ("text", train_text)):
         t0 = time.perf_counter()
         model, acc = train()
         dt = time.perf_counter() - t0

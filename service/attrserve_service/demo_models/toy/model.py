@@ -2,12 +2,13 @@
 
 Deterministic in code, so the folder ships no weights.pt.
 """
+
 import torch
 import torch.nn as nn
 
 
 class ToyModel(nn.Module):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.lin1 = nn.Linear(3, 3)
         self.relu = nn.ReLU()
@@ -19,7 +20,7 @@ class ToyModel(nn.Module):
         self.lin2.weight = nn.Parameter(torch.arange(-3.0, 3.0).view(2, 3))
         self.lin2.bias = nn.Parameter(torch.ones(2))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin2(self.relu(self.lin1(x)))
 
 
