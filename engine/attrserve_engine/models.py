@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import logging
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from attrserve_engine.errors import InvalidArgument, NotFound
+from attrserve_engine.user_code import import_file
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +79,7 @@ def _load_module(spec: ModelSpec) -> nn.Module:
     source = folder / "model.py"
     if not source.exists():
         raise NotFound(f"model folder {folder} is configured as eager PyTorch but has no model.py")
-    # A unique module name per file, so two folders' model.py never collide.
-    digest = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:12]
-    module_spec = importlib.util.spec_from_file_location(f"attrserve_model_{spec.name}_{digest}", source)
-    assert module_spec is not None and module_spec.loader is not None
-    py_module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = py_module  # dataclasses and pickling look the module up by name
-    module_spec.loader.exec_module(py_module)
+    py_module = import_file(source, f"attrserve_model_{spec.name}")
     build: Callable[[], nn.Module] | None = getattr(py_module, "build_model", None)
     if build is None:
         raise InvalidArgument(f"{source} defines no build_model()")

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import importlib.util
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 
 from attrserve_engine.algorithms.base import Algorithm
 from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.user_code import import_file
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -24,13 +23,7 @@ def _import(source: str) -> list[ModuleType]:
     if path.suffix == ".py":
         if not path.exists():
             raise InvalidArgument(f"plugin file {path} does not exist")
-        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
-        spec = importlib.util.spec_from_file_location(f"attrserve_plugin_{path.stem}_{digest}", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
-        spec.loader.exec_module(module)
-        return [module]
+        return [import_file(path, "attrserve_plugin")]
     try:
         return [importlib.import_module(source)]
     except ImportError as e:

@@ -18,12 +18,12 @@ class DeepLiftShapParams:
     multiply_by_inputs: bool = True
 
 
-def check_distribution(baselines: tuple[Tensor, ...]) -> None:
-    """Captum asserts a distribution of more than one row; with one baseline, DeepLift is the method."""
+def check_distribution(baselines: tuple[Tensor, ...], owner: str = "deep_lift_shap", single: str = "deep_lift") -> None:
+    """Captum asserts a distribution of more than one row; with one baseline, `single` (DeepLift) is the method."""
     m = int(baselines[0].shape[0])
     if m < 2:
         raise InvalidArgument(
-            f"deep_lift_shap needs a baseline distribution with at least 2 rows per input (got {m}); for a single baseline use deep_lift"
+            f"{owner} needs a baseline distribution with at least 2 rows per input (got {m}); for a single baseline use {single}"
         )
     for i, b in enumerate(baselines):
         if b.shape[0] != m:

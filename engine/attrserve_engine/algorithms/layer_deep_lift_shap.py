@@ -6,10 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from attrserve_engine.algorithms.deep_lift_shap import DeepLiftShap
+from attrserve_engine.algorithms.deep_lift_shap import DeepLiftShap, check_distribution
 from attrserve_engine.algorithms.layer import LayerAlgorithm
 from attrserve_engine.algorithms.layer_deep_lift import layer_deep_lift_plan
-from attrserve_engine.errors import InvalidArgument
 from attrserve_engine.plan import Attribution, Plan, Task, interleave_rows, repeat_rows
 
 
@@ -21,17 +20,7 @@ class LayerDeepLiftShapParams:
 
 def check_layer_distribution(task: Task) -> None:
     """Captum asserts more than one baseline row (layer_deep_lift.py:634); with one, LayerDeepLift is the method."""
-    m = int(task.baselines[0].shape[0])
-    if m < 2:
-        raise InvalidArgument(
-            f"layer_deep_lift_shap needs a baseline distribution with at least 2 rows per input (got {m}); "
-            "for a single baseline use layer_deep_lift"
-        )
-    for i, b in enumerate(task.baselines):
-        if b.shape[0] != m:
-            raise InvalidArgument(
-                f"baselines[{i}] has {b.shape[0]} rows but baselines[0] has {m}; give every input the same number of baseline rows"
-            )
+    check_distribution(task.baselines, "layer_deep_lift_shap", "layer_deep_lift")
 
 
 class LayerDeepLiftShap(LayerAlgorithm):

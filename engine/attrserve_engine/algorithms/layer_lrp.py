@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from attrserve_engine.algorithms.layer import LayerAlgorithm
-from attrserve_engine.algorithms.lrp import lrp_delta, scaled
+from attrserve_engine.algorithms.lrp import LRP, lrp_delta, scaled
 from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task
-from attrserve_engine.rules.lrp import LrpOptions, lrp_refusal
+from attrserve_engine.rules.lrp import LrpOptions
 
 
 @dataclass(frozen=True)
@@ -17,23 +15,16 @@ class LayerLRPParams:
     attribute_to_layer_input: bool = False
 
 
-class LayerLRP(LayerAlgorithm):
+class LayerLRP(LayerAlgorithm, LRP):
     """LRP's pass with the layer hooked: the gradient w.r.t. the layer's output (input) is its normalised relevance.
 
     The rule hooks on the layer's consumers (its own, for the input) have run
     by the time autograd hands that gradient back, so it is what Captum's rule
-    records in `relevance_output` (`relevance_input`).
+    records in `relevance_output` (`relevance_input`). LRP's refusals and its delta (no extra rows) hold as they are.
     """
 
     name = "layer_lrp"
     params_type = LayerLRPParams
-    has_convergence_delta = True
-
-    def module_refusal(self, module: nn.Module) -> str | None:
-        return lrp_refusal(module)
-
-    def delta_rows(self, task: Task, n_examples: int) -> int:
-        return 0
 
     def plan(self, task: Task) -> Plan:
         result = yield Block(

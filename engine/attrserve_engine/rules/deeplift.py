@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.rules.hooks import ModuleHooks, replace_input_gradient
 
 
 @dataclass
@@ -107,58 +108,38 @@ class DeepLiftOptions:
         return DeepLiftRules(model, self.eps, SegmentLayout.of(rows_per_segment, device))
 
 
-class DeepLiftRules:
+class DeepLiftRules(ModuleHooks):
     """Installs the rule hooks for one paired pass; `remove()` restores the model.
 
-    Mirrors Captum's hook mechanics: the module's input is cloned before the
-    module runs (so in-place modules stay hookable), a tensor hook on the
-    output records grad_output, and a tensor hook on the original input
-    replaces grad_input with the rule's multiplier.
+    Captum's hook mechanics (`rules.hooks.replace_input_gradient`), keeping each module's input and output
+    values: the gradient at the module's input becomes the rule's multiplier.
     """
 
     def __init__(self, model: nn.Module, eps: float, layout: SegmentLayout) -> None:
+        super().__init__()
         self.model = model
         self.eps = eps
         self.layout = layout
-        self.handles: list = []
 
     def install(self) -> None:
         for module in hooked_modules(self.model):
             self._hook(module)
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
     def _hook(self, module: nn.Module) -> None:
         rule = RULES[type(module)]
         state: dict[str, Tensor] = {}
 
-        def pre_hook(mod: nn.Module, inp: tuple) -> tuple:
+        def keep_input(x: Tensor) -> None:
             if "input" in state:  # Captum refuses this too: the rule needs one input/output pair per module
                 raise InvalidArgument(
-                    f"module {type(mod).__name__} runs more than once per forward; DeepLift needs each nonlinearity to be its own module"
+                    f"module {type(module).__name__} runs more than once per forward; DeepLift needs each nonlinearity to be its own module"
                 )
-            x = inp[0]
             state["input"] = x.detach().clone()
-            if x.requires_grad:
-                x.register_hook(input_grad_hook)
-            return (x.clone(), *inp[1:])
 
-        def forward_hook(mod: nn.Module, inp: tuple, out: Tensor | tuple) -> None:
-            y = out[0] if isinstance(out, tuple) else out
+        def keep_output(y: Tensor) -> None:
             state["output"] = y.detach().clone()
-            if y.requires_grad:
-                y.register_hook(output_grad_hook)
 
-        def output_grad_hook(grad: Tensor) -> None:
-            state["grad_output"] = grad
+        def multiplier(grad_in: Tensor, grad_out: Tensor) -> Tensor:
+            return rule(module, state["input"], state["output"], grad_in, grad_out, self.eps, self.layout)
 
-        def input_grad_hook(grad: Tensor) -> Tensor | None:
-            if "grad_output" not in state:
-                return None
-            return rule(module, state["input"], state["output"], grad, state["grad_output"], self.eps, self.layout)
-
-        self.handles.append(module.register_forward_pre_hook(pre_hook))
-        self.handles.append(module.register_forward_hook(forward_hook))
+        replace_input_gradient(module, self, multiplier, on_input=keep_input, on_output=keep_output)

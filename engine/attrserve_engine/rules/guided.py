@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attrserve_engine.rules.hooks import ModuleHooks, replace_input_gradient
+
 GUIDED_BACKPROP = "guided_backprop"
 DECONVOLUTION = "deconvolution"
 
@@ -36,57 +38,20 @@ def relu_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.ReLU)]
 
 
-class GuidedReluRules:
-    """Installs the ReLU hooks for one pass; `remove()` restores the model.
-
-    Mirrors Captum's `_register_backward_hook` (captum/_utils/common.py): a
-    forward pre-hook puts a tensor hook on the module's input and hands the
-    module a clone of it (so `ReLU(inplace=True)` leaves the hooked tensor
-    alone); a forward hook records the output's gradient; the input's tensor
-    hook then replaces the gradient arriving at that input — everything that
-    flows into it, as in Captum — with the rule's value.
-    """
+class GuidedReluRules(ModuleHooks):
+    """Installs the ReLU hooks for one pass (`rules.hooks.replace_input_gradient` on every `nn.ReLU`);
+    `remove()` restores the model."""
 
     def __init__(self, model: nn.Module, rule: str) -> None:
+        super().__init__()
         if rule not in (GUIDED_BACKPROP, DECONVOLUTION):
             raise ValueError(f"unknown ReLU rule {rule!r}")
         self.model = model
         self.use_grad_output = rule == DECONVOLUTION  # Captum's use_relu_grad_output
-        self.handles: list = []
 
     def install(self) -> None:
         for module in relu_modules(self.model):
-            self._hook(module)
+            replace_input_gradient(module, self, self._rule)
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def _hook(self, module: nn.Module) -> None:
-        # NOTE: one slot per module, overwritten by each output gradient, as
-        # Captum's per-device dict is: a module that runs twice pairs each input
-        # gradient with the output gradient that arrived last.
-        grad_out: list[Tensor] = []
-
-        def output_grad_hook(grad: Tensor) -> None:
-            grad_out[:] = [grad]
-
-        def input_grad_hook(grad: Tensor) -> Tensor | None:
-            if not grad_out:
-                return None
-            return F.relu(grad_out[0] if self.use_grad_output else grad)
-
-        def pre_hook(mod: nn.Module, inp: tuple) -> tuple:
-            x = inp[0]
-            if x.requires_grad:  # Captum would fail here; nothing flows back through it anyway
-                x.register_hook(input_grad_hook)
-            return (x.clone(), *inp[1:])
-
-        def forward_hook(mod: nn.Module, inp: tuple, out: Tensor | tuple) -> None:
-            y = out[0] if isinstance(out, tuple) else out
-            if y.requires_grad:
-                y.register_hook(output_grad_hook)
-
-        self.handles.append(module.register_forward_pre_hook(pre_hook))
-        self.handles.append(module.register_forward_hook(forward_hook))
+    def _rule(self, grad_in: Tensor, grad_out: Tensor) -> Tensor:
+        return F.relu(grad_out if self.use_grad_output else grad_in)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.rules.hooks import ModuleHooks, replace_input_gradient
 
 EPSILON = 1e-9  # Captum's EpsilonRule() default STABILITY_FACTOR
 
@@ -108,7 +109,7 @@ class LrpOptions:
         return LrpRules(model, self.n_inputs, self.layer)
 
 
-class LrpRules:
+class LrpRules(ModuleHooks):
     """Installs Captum's default LRP hooks for one pass; `remove()` restores the model.
 
     `n_inputs` leading positional arguments of the model are the explained
@@ -121,10 +122,10 @@ class LrpRules:
     """
 
     def __init__(self, model: nn.Module, n_inputs: int, layer: str = "") -> None:
+        super().__init__()
         self.model = model
         self.n_inputs = n_inputs
         self.layer = layer
-        self.handles: list = []
         self._ran: set[int] = set()  # rule layers seen in this forward
         self._hooked: dict[int, Tensor] = {}  # tensors with an input hook (Captum's `hook_registered`), kept alive so ids stay unique
 
@@ -140,9 +141,7 @@ class LrpRules:
                 self.handles.append(module.register_forward_hook(self._rule_forward_hook))
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+        super().remove()
         self._ran.clear()
         self._hooked.clear()
 
@@ -170,37 +169,17 @@ class LrpRules:
 
     # -- ReLU, Dropout, Tanh (captum/_utils/common.py:861 with PropagationRule.backward_hook_activation) --
     def _hook_pass_through(self, module: nn.Module) -> None:
-        # NOTE: one slot per module, overwritten by each output gradient, as
-        # Captum's per-device dict is: a module that runs twice pairs each input
-        # gradient with the output gradient that arrived last.
-        grad_out: list[Tensor] = []
+        replace_input_gradient(module, self, _pass_relevance_on)
 
-        def output_grad_hook(grad: Tensor) -> None:
-            grad_out[:] = [grad]
 
-        def input_grad_hook(grad: Tensor) -> Tensor | None:
-            if not grad_out:
-                return None
-            recorded = grad_out[0]
-            relevance = getattr(recorded, _RELEVANCE_ATTR, None)
-            if relevance is not None:  # a rule layer consumed the output: pass its relevance on
-                delattr(recorded, _RELEVANCE_ATTR)
-                return relevance
-            return recorded
-
-        def pre_hook(mod: nn.Module, inp: tuple) -> tuple:
-            x = inp[0]
-            if x.requires_grad:
-                x.register_hook(input_grad_hook)
-            return (x.clone(), *inp[1:])  # in-place modules write to the clone, as under Captum
-
-        def forward_hook(mod: nn.Module, inp: tuple, out: Tensor | tuple) -> None:
-            y = out[0] if isinstance(out, tuple) else out
-            if y.requires_grad:
-                y.register_hook(output_grad_hook)
-
-        self.handles.append(module.register_forward_pre_hook(pre_hook))
-        self.handles.append(module.register_forward_hook(forward_hook))
+def _pass_relevance_on(grad_in: Tensor, grad_out: Tensor) -> Tensor:
+    """A pass-through layer's input gets the relevance of its output, unmasked; where a rule layer consumed the
+    output, the relevance that layer recorded on the gradient (Captum's `grad.replace_out`)."""
+    relevance = getattr(grad_out, _RELEVANCE_ATTR, None)
+    if relevance is not None:
+        delattr(grad_out, _RELEVANCE_ATTR)
+        return relevance
+    return grad_out
 
 
 def _input_relevance_hook(activation: Tensor) -> Callable[[Tensor], Tensor]:
