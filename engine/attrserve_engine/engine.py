@@ -27,7 +27,7 @@ from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob,
 from attrserve_engine.models import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelSpec, ServedModels
 from attrserve_engine.plan import Block, BlockResult, JobPlan, PassKind, Plan, PlanOf, RequestRNG, Task, concurrently
 from attrserve_engine.plugins import load_plugins
-from attrserve_engine.scheduler import EngineObserver, LiveJob, PassStats, Scheduler
+from attrserve_engine.scheduler import EngineObserver, LiveJob, Observers, PassStats, Scheduler
 from attrserve_engine.targets import check_target, format_target
 from attrserve_engine.tuning import pick_batch_rows, probe_batch_rows
 
@@ -84,6 +84,17 @@ class Engine:
 
     # -- models ------------------------------------------------------------
     def load(self, spec: ModelSpec) -> LoadedModel:
+        """Load a model, measure its pass size, warm every algorithm; the observers hear how long it took or why it failed."""
+        start = time.monotonic()
+        try:
+            model = self._load(spec)
+        except BaseException as e:
+            Observers(self.observers).model_load_failed(spec.name, e)
+            raise
+        Observers(self.observers).model_loaded(model.name, time.monotonic() - start)
+        return model
+
+    def _load(self, spec: ModelSpec) -> LoadedModel:
         if not spec.device:
             spec.device = self.limits.default_device
         model = LoadedModel(spec, self.limits.default_max_batch_rows, self.limits.default_max_queue_delay_us)
@@ -202,6 +213,11 @@ class Engine:
         finally:
             for scheduler in schedulers:
                 scheduler.release()
+
+    def backlog(self, model: LoadedModel) -> tuple[int, int]:
+        """(requests, rows) of `model` accepted and not yet answered — the queue depth operators scale on."""
+        scheduler = self._schedulers.get(str(model.device))
+        return (0, 0) if scheduler is None else scheduler.backlog(model.key)
 
     def serving(self) -> tuple[bool, str]:
         """Whether every device's worker is up; if not, which one is down and why."""

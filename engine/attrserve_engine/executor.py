@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -18,35 +19,49 @@ log = logging.getLogger(__name__)
 SegmentOutcome = BlockResult | AttributionError
 
 
-def run_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcome]:
+# Why a fused pass was re-run in two halves (a metric label).
+SPLIT_FAILURE = "failure"
+SPLIT_OOM = "oom"
+
+
+def run_pass(model: LoadedModel, segments: list[Block], on_split: Callable[[str], None] | None = None) -> list[SegmentOutcome]:
     """Run `segments` (same batch key) as one pass; one outcome per segment, in order.
 
     NOTE: a failure is pinned on the segment that causes it: a failing fused
     pass is re-run in halves, so one bad request never fails its neighbours.
     Out-of-memory splits the same way, down to halves of a single block.
+    `on_split(SPLIT_FAILURE or SPLIT_OOM)` is told of every split.
     """
     try:
         return _fused_pass(model, segments)
     except AttributionError as e:
         if len(segments) == 1:
             return [e]
+        reason = SPLIT_FAILURE
     except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        reason = SPLIT_OOM
         if len(segments) == 1:
             block = segments[0]
             if not block.splittable or block.rows == 1:
                 return [ResourceExhausted(f"model {model.name!r} ran out of device memory on {block.rows} rows")]
-            torch.cuda.empty_cache()
+            if on_split is not None:
+                on_split(reason)
             half = block.rows // 2
-            outcomes = run_pass(model, [slice_block(block, 0, half)]) + run_pass(model, [slice_block(block, half, block.rows)])
+            outcomes = run_pass(model, [slice_block(block, 0, half)], on_split) + run_pass(
+                model, [slice_block(block, half, block.rows)], on_split
+            )
             failed = [o for o in outcomes if isinstance(o, AttributionError)]
             return [failed[0]] if failed else [concat_results(outcomes)]  # type: ignore[arg-type]
-        torch.cuda.empty_cache()
     except Exception as e:  # a model that raises on some input
         if len(segments) == 1:
             log.debug("model %s failed on a block", model.name, exc_info=True)
             return [InvalidArgument(f"model {model.name!r} failed on this input: {type(e).__name__}: {e}")]
+        reason = SPLIT_FAILURE
+    if on_split is not None:
+        on_split(reason)
     half = len(segments) // 2
-    return run_pass(model, segments[:half]) + run_pass(model, segments[half:])
+    return run_pass(model, segments[:half], on_split) + run_pass(model, segments[half:], on_split)
 
 
 class LayerHook:

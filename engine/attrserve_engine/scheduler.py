@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from attrserve_engine.errors import AttributionError, Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
@@ -70,8 +71,17 @@ class EngineObserver:
     def worker_state(self, device: str, serving: bool, reason: str) -> None:
         """A device's worker went down (serving=False, with why) or is serving again after a restart."""
 
+    def pass_split(self, model: str, reason: str) -> None:
+        """A fused pass was re-run in two halves, after a failure (SPLIT_FAILURE) or a device out-of-memory (SPLIT_OOM)."""
 
-class _Observers:
+    def model_loaded(self, model: str, seconds: float) -> None:
+        """A model finished loading (build, weights, probe, warm-ups) in `seconds`; it is ready."""
+
+    def model_load_failed(self, model: str, error: BaseException) -> None:
+        """A model failed to load."""
+
+
+class Observers:
     """Fans one call out to every observer; a failing observer never breaks the engine."""
 
     def __init__(self, observers: list[EngineObserver]) -> None:
@@ -145,12 +155,12 @@ class Scheduler:
         observers: list[EngineObserver],
         ready_check: Callable[[], None] = lambda: None,
         restart_delay_s: float = 0.1,
-        run_pass: Callable[[LoadedModel, list[Block]], list] = run_pass,
+        run_pass: Callable[[LoadedModel, list[Block], Callable[[str], None]], list] = run_pass,
     ) -> None:
         self.name = name
         self._run_pass = run_pass  # the executor; tests give a fake
         self.max_queued_jobs = max_queued_jobs
-        self._observers = _Observers(observers)
+        self._observers = Observers(observers)
         self._ready_check = ready_check  # run on a restarted worker before it serves again
         self._restart_delay_s = restart_delay_s
         self._cv = threading.Condition()
@@ -216,6 +226,13 @@ class Scheduler:
         with self._cv:
             self._held -= 1
             self._cv.notify()
+
+    def backlog(self, model_key: tuple[str, str]) -> tuple[int, int]:
+        """(requests, rows) of a model accepted and not finished: its jobs, and their rows not yet computed
+        (each job's row count less the rows already run). Read at scrape time (metrics), any thread."""
+        with self._cv:
+            jobs = [job for job in self._jobs if job.model.key == model_key]
+            return len(jobs), sum(max(job.rows - job.rows_done, 0) for job in jobs)
 
     def serving(self) -> tuple[bool, str]:
         """Whether the worker is up, and if not, why."""
@@ -438,7 +455,7 @@ class Scheduler:
 
     def _execute(self, model: LoadedModel, segments: list[tuple[QueuedBlock, Block]]) -> None:
         start = time.monotonic()
-        outcomes = self._run_pass(model, [part for _, part in segments])
+        outcomes = self._run_pass(model, [part for _, part in segments], partial(self._observers.pass_split, model.name))
         seconds = time.monotonic() - start
         rows = sum(part.rows for _, part in segments)
         jobs = {id(qb.job): qb.job for qb, _ in segments}

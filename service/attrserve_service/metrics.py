@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+import numpy as np
+import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from attrserve_engine import DROP_CANCELLED, DROP_DEADLINE, EngineObserver, PassStats
+from attrserve_engine import DROP_CANCELLED, DROP_DEADLINE, Engine, EngineObserver, LoadedModel, PassStats
+from attrserve_engine.executor import SPLIT_FAILURE, SPLIT_OOM
 from attrserve_engine.plan import PassKind
 
 # Latency buckets span a ~1 ms cached saliency call to multi-second IG on big images.
@@ -13,6 +18,10 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 # Requests per pass: 1 means no fusion happened.
 _REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# |convergence delta| per example: decades from float32 round-off (1e-7) to an integral that missed badly (10).
+_DELTA_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
+# Model loads: a tiny MLP in well under a second, a big network with its probe and warm-ups in a minute or more.
+_LOAD_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 # Standard gRPC server metrics (go-grpc-prometheus names), so existing dashboards work.
 GRPC_SERVER_STARTED_TOTAL = Counter(
@@ -66,6 +75,31 @@ ATTRSERVE_WORKER_UP = Gauge(
 ATTRSERVE_WORKER_RESTARTS_TOTAL = Counter(
     "attrserve_worker_restarts_total", "Engine workers restarted after they died (each failure is logged with its traceback).", ["device"]
 )
+ATTRSERVE_QUEUE_REQUESTS = Gauge(
+    "attrserve_queue_requests", "Attribution requests of the model accepted by the engine and not yet finished.", ["model"]
+)
+ATTRSERVE_QUEUE_ROWS = Gauge(
+    "attrserve_queue_rows", "Rows of model work of those requests not yet computed: the backlog to scale on.", ["model"]
+)
+ATTRSERVE_PASS_SPLITS_TOTAL = Counter(
+    "attrserve_pass_splits_total",
+    "Fused passes re-run in two halves, after a failure (pinning it on its request) or a device out-of-memory.",
+    ["model", "reason"],
+)
+ATTRSERVE_MODEL_LOAD_SECONDS = Histogram(
+    "attrserve_model_load_seconds", "Time to load a model: build, weights, pass-size probe and warm-ups.", ["model"], buckets=_LOAD_BUCKETS
+)
+ATTRSERVE_MODEL_LOAD_FAILURES_TOTAL = Counter("attrserve_model_load_failures_total", "Model loads that failed.", ["model"])
+ATTRSERVE_CONVERGENCE_DELTA = Histogram(
+    "attrserve_convergence_delta",
+    "Absolute convergence delta per example of answers that asked for it: a silent-accuracy signal (e.g. too few steps).",
+    ["model", "algorithm"],
+    buckets=_DELTA_BUCKETS,
+)
+ATTRSERVE_DEVICE_MEMORY_BYTES = Gauge("attrserve_device_memory_bytes", "Device memory allocated by torch (CUDA devices only).", ["device"])
+ATTRSERVE_BUILD_INFO = Gauge(
+    "attrserve_build_info", "1, labelled with the server's version, torch's version and its devices.", ["version", "torch", "device"]
+)
 
 GRPC_CODES = (
     "OK",
@@ -80,6 +114,7 @@ GRPC_CODES = (
 )
 PASS_KINDS = tuple(kind.value for kind in PassKind)
 DROP_REASONS = (DROP_DEADLINE, DROP_CANCELLED)
+SPLIT_REASONS = (SPLIT_FAILURE, SPLIT_OOM)
 
 
 def precreate(models: list[str], algorithms: list[str], methods: list[tuple[str, str, str]]) -> None:
@@ -95,6 +130,8 @@ def precreate(models: list[str], algorithms: list[str], methods: list[tuple[str,
             ATTRSERVE_ROWS_DROPPED_TOTAL.labels(model, reason)
         for kind in PASS_KINDS:
             ATTRSERVE_PASSES_EXECUTED_TOTAL.labels(model, kind)
+        for reason in SPLIT_REASONS:
+            ATTRSERVE_PASS_SPLITS_TOTAL.labels(model, reason)
     for grpc_type, service, method in methods:
         GRPC_SERVER_STARTED_TOTAL.labels(grpc_type, service, method)
         GRPC_SERVER_HANDLING_SECONDS.labels(grpc_type, service, method)
@@ -102,13 +139,42 @@ def precreate(models: list[str], algorithms: list[str], methods: list[tuple[str,
             GRPC_SERVER_HANDLED_TOTAL.labels(grpc_type, service, method, code)
 
 
+def observe_engine(engine: Engine, version: str) -> None:
+    """Gauges read from the engine when /metrics is scraped (queue depth, device memory), and the build info."""
+    devices = sorted({str(m.device) for m in engine.models()})
+    for model in engine.models():
+        ATTRSERVE_QUEUE_REQUESTS.labels(model.name).set_function(partial(_backlog, engine, model, 0))
+        ATTRSERVE_QUEUE_ROWS.labels(model.name).set_function(partial(_backlog, engine, model, 1))
+    for device in devices:
+        ATTRSERVE_WORKER_UP.labels(device).set(1.0 if engine.serving()[0] else 0.0)
+        ATTRSERVE_WORKER_RESTARTS_TOTAL.labels(device)
+        if device.startswith("cuda"):
+            ATTRSERVE_DEVICE_MEMORY_BYTES.labels(device).set_function(partial(torch.cuda.memory_allocated, device))
+    ATTRSERVE_BUILD_INFO.labels(version, torch.__version__, ",".join(devices) or "none").set(1.0)
+
+
+def _backlog(engine: Engine, model: LoadedModel, which: int) -> float:
+    return float(engine.backlog(model)[which])
+
+
+def observe_delta(model: str, algorithm: str, delta: np.ndarray) -> None:
+    """One observation per example (the largest |delta| of its entries, e.g. DeepLiftShap's per baseline)."""
+    histogram = ATTRSERVE_CONVERGENCE_DELTA.labels(model, algorithm)
+    for value in np.abs(delta.reshape(delta.shape[0], -1) if delta.ndim > 1 else delta.reshape(-1, 1)).max(axis=1):
+        histogram.observe(float(value))
+
+
 class EngineMetrics(EngineObserver):
     """What the engine reports from its worker threads, as metrics."""
 
-    def __init__(self, devices: list[str]) -> None:
-        for device in devices:
-            ATTRSERVE_WORKER_UP.labels(device).set(1.0)
-            ATTRSERVE_WORKER_RESTARTS_TOTAL.labels(device)
+    def model_loaded(self, model: str, seconds: float) -> None:
+        ATTRSERVE_MODEL_LOAD_SECONDS.labels(model).observe(seconds)
+
+    def model_load_failed(self, model: str, error: BaseException) -> None:
+        ATTRSERVE_MODEL_LOAD_FAILURES_TOTAL.labels(model).inc()
+
+    def pass_split(self, model: str, reason: str) -> None:
+        ATTRSERVE_PASS_SPLITS_TOTAL.labels(model, reason).inc()
 
     def pass_executed(self, stats: PassStats) -> None:
         ATTRSERVE_PASSES_EXECUTED_TOTAL.labels(stats.model, stats.kind).inc()

@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_engine import Engine, EngineObserver
-from attrserve_service import metrics
+from attrserve_service import __version__, metrics
 from attrserve_service.config import RepositoryError, ServerConfig, load_repository
 from attrserve_service.interceptor import StatusInterceptor
 from attrserve_service.servicer import AttributionServicer
@@ -76,6 +76,7 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
     """Load the models, bind, and start serving; port 0 binds any free port (tests)."""
     if engine is None:
         engine = Engine(config.limits)
+        engine.observers.append(metrics.EngineMetrics())  # before the loads, so they are measured
         for plugin in config.plugins:
             try:
                 engine.load_plugins(plugin)
@@ -88,7 +89,9 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
                 await loop.run_in_executor(None, engine.load, spec)  # model code never runs on the event loop
             except Exception as e:
                 raise RepositoryError(f"model folder {spec.path} could not be served: {type(e).__name__}: {e}") from e
-    engine.observers.append(metrics.EngineMetrics(sorted({str(m.device) for m in engine.models()})))
+    if not any(isinstance(o, metrics.EngineMetrics) for o in engine.observers):
+        engine.observers.append(metrics.EngineMetrics())
+    metrics.observe_engine(engine, __version__)
     metrics.precreate(
         [m.name for m in engine.models()],
         sorted({a for m in engine.models() for a in engine.supported_algorithms(m)}),

@@ -60,6 +60,8 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
             job = request_to_job(request, deadline)
             result = await asyncio.wrap_future(self.engine.submit(job))
             metrics.ATTRSERVE_QUEUE_WAIT_SECONDS.labels(labels[0]).observe(result.timing.queue_ms / 1e3)
+            if result.convergence_delta is not None:
+                metrics.observe_delta(*labels, result.convergence_delta.numpy())
             return result_to_response(result)
         except BaseException as e:
             code = grpc_status(e, context)[0].name
