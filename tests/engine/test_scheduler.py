@@ -46,7 +46,7 @@ class FakePasses:
         self.previous_end = 0.0
         self._end = 0.0
 
-    def __call__(self, model, segments: list[Block]) -> list[BlockResult]:
+    def __call__(self, model, segments: list[Block], on_split=None) -> list[BlockResult]:
         self.previous_end = self._end
         with self.lock:
             self.computed += [(float(s.inputs[0][0, 0]), s.rows) for s in segments]
