@@ -310,7 +310,15 @@ class Engine:
                 sensitivity_max=_cpu(metrics.get("sensitivity_max")),
             )
 
-        return LiveJob(model=model, plan_factory=plan_factory, finish=finish, rows=rows, deadline=job.deadline, arrival=job.arrival)
+        return LiveJob(
+            model=model,
+            plan_factory=plan_factory,
+            finish=finish,
+            rows=rows,
+            deadline=job.deadline,
+            arrival=job.arrival,
+            request_id=job.request_id,
+        )
 
     def _prepare_call(
         self,

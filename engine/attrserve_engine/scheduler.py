@@ -108,6 +108,7 @@ class LiveJob:
     rows: int
     deadline: float | None
     arrival: float
+    request_id: str = ""  # the caller's id, for log lines about the job
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     plan: JobPlan | None = None
     cancelled: bool = False  # set by any thread (Scheduler.cancel); acted on by the worker
@@ -501,7 +502,7 @@ class Scheduler:
             return
         except Exception as e:  # an AttributionError, or a bug reported as INTERNAL
             if not isinstance(e, AttributionError):
-                log.exception("plan failed")
+                log.exception("plan failed", extra={"request_id": job.request_id})
             self._fail(job, e)
             return
         job.pending = len(yielded)
@@ -513,7 +514,7 @@ class Scheduler:
         try:
             result = job.finish(returned, job)
         except Exception as e:
-            log.exception("finishing a job failed")
+            log.exception("finishing a job failed", extra={"request_id": job.request_id})
             self._fail(job, e)
             return
         self._close(job)

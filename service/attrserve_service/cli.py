@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attrserve_engine import EngineLimits
+from attrserve_service import logs
+from attrserve_service.logs import FORMATS
 
 if TYPE_CHECKING:
     from attrserve_service.config import ServerConfig  # imported where used: `attrserve --help` stays light
@@ -132,12 +133,18 @@ def _serve_parser() -> argparse.ArgumentParser:
             action="append" if s.repeatable else "store",
             help=f"{s.help}{shown} [{s.env}]",
         )
-    p.add_argument("--log-level", default=os.environ.get("ATTRSERVE_LOG_LEVEL", "INFO"), help="[ATTRSERVE_LOG_LEVEL]")
+    p.add_argument("--log-level", help="(default: INFO) [ATTRSERVE_LOG_LEVEL]")
+    p.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        help="json: one JSON object per line, with the request id of each line about a request (default: text) [ATTRSERVE_LOG_FORMAT]",
+    )
     return p
 
 
-def server_config(argv: Sequence[str], environ: dict[str, str] | None = None) -> tuple[ServerConfig, str]:
-    """The ServerConfig and the log level for `attrserve serve ARGS`: flags, then ATTRSERVE_* variables, then the defaults."""
+def server_config(argv: Sequence[str], environ: dict[str, str] | None = None) -> tuple[ServerConfig, tuple[str, str]]:
+    """The ServerConfig and the (log level, log format) for `attrserve serve ARGS`: flags, then ATTRSERVE_* variables,
+    then the defaults."""
     from attrserve_service.config import ServerConfig
 
     environ = dict(os.environ if environ is None else environ)
@@ -166,15 +173,19 @@ def server_config(argv: Sequence[str], environ: dict[str, str] | None = None) ->
             server[s.field] = value
     if server.get("metrics_port") is not None and server["metrics_port"] < 0:
         server["metrics_port"] = None
-    return ServerConfig(**server, limits=EngineLimits(**limits)), args["log_level"]
+    log_level: str = args["log_level"] or environ.get("ATTRSERVE_LOG_LEVEL", "INFO")
+    log_format: str = args["log_format"] or environ.get("ATTRSERVE_LOG_FORMAT", "text")
+    if log_format not in FORMATS:
+        parser.error(f"ATTRSERVE_LOG_FORMAT={log_format!r}: use one of {', '.join(FORMATS)}")
+    return ServerConfig(**server, limits=EngineLimits(**limits)), (log_level, log_format)
 
 
 def serve_main(argv: Sequence[str]) -> int:
     from attrserve_service.config import RepositoryError
     from attrserve_service.server import serve
 
-    config, log_level = server_config(argv)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config, (log_level, log_format) = server_config(argv)
+    logs.configure(log_level, log_format)
     try:
         asyncio.run(serve(config))
     except RepositoryError as e:

@@ -12,6 +12,7 @@ from typing import Any, cast
 import grpc
 
 from attrserve_service import metrics
+from attrserve_service.logs import REQUEST_ID
 from attrserve_service.servicer import deadline_passed, grpc_status
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             behavior = cast("Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]", handler.unary_unary)
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                REQUEST_ID.set(getattr(request, "request_id", ""))  # this RPC's task only: its log lines carry it
                 async with _handled("unary", details.method, context):
                     return await behavior(request, context)
 

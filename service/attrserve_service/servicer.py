@@ -14,6 +14,7 @@ from attrserve_engine import AttributionError, Engine, LoadedModel
 from attrserve_service import metrics
 from attrserve_service.config import effective_config
 from attrserve_service.convert import algorithm_enum, request_to_job, result_to_response
+from attrserve_service.logs import REQUEST_ID
 
 
 def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
@@ -85,6 +86,7 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         async def one(position: int, request: pb.AttributeRequest) -> None:
             # NOTE: an empty request_id is replaced by the request's position on the stream, so every answer is matchable.
             request_id = request.request_id or str(position)
+            REQUEST_ID.set(request_id)  # this request's task only: its log lines carry it
             try:
                 response = await self._attribute(request, context)
                 response.request_id = request_id

@@ -23,8 +23,10 @@ def test_every_setting_is_reachable_from_the_command_line() -> None:
 
 
 def test_no_arguments_give_the_declared_defaults() -> None:
-    config, level = server_config([], environ={})
-    assert config == ServerConfig() and level == "INFO"
+    config, logging_options = server_config([], environ={})
+    assert config == ServerConfig() and logging_options == ("INFO", "text")
+    _, logging_options = server_config(["--log-format", "json"], environ={"ATTRSERVE_LOG_LEVEL": "DEBUG"})
+    assert logging_options == ("DEBUG", "json")
 
 
 def test_flags_and_variables() -> None:

@@ -1,0 +1,59 @@
+"""Logging set-up: plain text, or one JSON object per line (--log-format json) carrying the id of the request a
+line is about.
+
+The id of the request being handled lives in a context variable (`REQUEST_ID`) that the interceptor and the
+stream handler set, so every log line written while handling it carries it; the engine's worker, which has no
+such context, passes a job's id explicitly (`extra={"request_id": ...}`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import time
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("attrserve_request_id", default="")
+FORMATS = ("text", "json")
+
+
+class _RequestId(logging.Filter):
+    """Gives every record a `request_id`: its own (`extra=`), else the one being handled, else ""."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "request_id", ""):
+            record.request_id = REQUEST_ID.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id (when known), exception (when any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", "")
+        if request_id:
+            entry["request_id"] = request_id
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure(level: str = "INFO", fmt: str = "text") -> None:
+    """Set up the root logger for `attrserve serve`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    handler = logging.StreamHandler()
+    handler.addFilter(_RequestId())
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(level.upper())
