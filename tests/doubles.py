@@ -80,16 +80,22 @@ class Gated(Linear3):
 
 class Exiting(Linear3):
     """Kills the thread that runs it (SystemExit, which ends a Python thread silently) on inputs over 100,
-    after `release` is set: a model that takes its worker down while other requests are queued."""
+    after `release` is set: a model that takes its worker down while other requests are queued.
+
+    Once `release` is set, any other forward waits for `back`: the restarted worker's first act, a forward of
+    every model on its device, waits too, so the worker stays down until the test sets `back`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.back = threading.Event()
 
     def forward(self, x):
         if bool((x > 100).any()):
             self.entered.set()
             self.release.wait(30)
             raise SystemExit("the model called sys.exit")
+        if self.release.is_set():
+            assert self.back.wait(30), "the test never let the worker come back"
         return self.fc(x)

@@ -6,10 +6,14 @@ Captum 0.9.0 (the oracle), so a test only compares numbers.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import math
 import random
+import time
 import zlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pytest
@@ -253,6 +257,39 @@ def captum_attribute(case: Case, model: nn.Module, built: dict[str, Any]) -> tup
     return tuple(o.detach() for o in out), (None if delta is None else delta.detach())
 
 
+def captum_quality(model: nn.Module, method: Any, params: dict, nt: dict | None, inputs: tuple, args: tuple, target: list, seed: int, infid: dict, sens: dict):
+    """Captum's attribute, then captum.metrics.infidelity, then sensitivity_max: one sequence seeded with `seed`, in the
+    order and with the perturbation the service documents. `method` is the Captum attribution object.
+    Returns (attributions, infidelity, sensitivity_max)."""
+    from captum.attr import NoiseTunnel
+    from captum.metrics import infidelity, sensitivity_max
+
+    kwargs: dict[str, Any] = dict(params, target=target)
+    if args:
+        kwargs["additional_forward_args"] = args
+    explain = NoiseTunnel(method).attribute if nt else method.attribute
+    if nt:
+        kwargs.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in nt.items()})
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    attributions = explain(inputs, **kwargs)
+
+    def perturb(xs):  # the service's documented perturbation: noise ~ N(0, scale²), input − noise
+        noise = tuple(torch.randn(x.shape) * infid["noise_scale"] for x in xs)
+        return noise, tuple(x - e for x, e in zip(xs, noise))
+
+    def perturb_one(x):  # Captum passes a lone tensor for one input
+        (noise,), (perturbed,) = perturb((x,))
+        return noise, perturbed
+
+    infid_value = infidelity(
+        model, perturb if len(inputs) > 1 else perturb_one, inputs, attributions, target=target,
+        additional_forward_args=args or None, n_perturb_samples=infid["n_perturb_samples"], normalize=infid.get("normalize", False),
+    )
+    sens_value = sensitivity_max(explain, inputs, perturb_radius=sens["perturb_radius"], n_perturb_samples=sens["n_perturb_samples"], **kwargs)
+    return attributions, infid_value, sens_value
+
+
 def job_for(case: Case, built: dict[str, Any]):
     from attrserve_engine import AttributionJob
 
@@ -312,6 +349,7 @@ CASES = _cases()
 
 ATOL = RTOL = 1e-5
 FUSED_TOL = 1e-6  # fused with other requests vs alone
+ALONE_ROWS = 1 << 20  # an engine that never splits a request: each of its passes is one group of one request's blocks
 
 
 def make_engine(models: Mapping[str, Callable[[], nn.Module]], **limits) -> Engine:
@@ -336,24 +374,123 @@ def engine_fixture(models: Mapping[str, Callable[[], nn.Module]]):
     return engine
 
 
-def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = ATOL, rtol: float = RTOL, check_dtype: bool = False) -> None:
-    """Same shape (and, with check_dtype, the same dtype), then torch.allclose with the largest difference in the message."""
+def assert_informative(want: Sequence[torch.Tensor], atol: float = ATOL) -> None:
+    """The expected attributions are not (within `atol`) all zeros, so an answer of zeros would fail the comparison:
+    a case whose oracle answers zeros checks nothing and must be changed (another target, input or baseline)."""
+    biggest = max((float(w.abs().max()) for w in want if w.numel()), default=0.0)
+    assert biggest > atol, f"the expected attributions are all within {atol:g} of zero (largest {biggest:.3g}): the case cannot tell a right answer from zeros"
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = ATOL, rtol: float = RTOL, check_dtype: bool = True) -> None:
+    """Same shape and dtype (the engine answers float32 for float32 models, as Captum does), then torch.allclose with the
+    largest difference in the message. check_dtype=False only where the reference is computed in another precision."""
     assert got.shape == want.shape, (got.shape, want.shape)
     if check_dtype:
         assert got.dtype == want.dtype, (got.dtype, want.dtype)
-    assert torch.allclose(got, want.to(got.dtype), atol=atol, rtol=rtol), f"max abs diff {(got - want).abs().max():.3g}"
+    assert torch.allclose(got, want.to(got.dtype), atol=atol, rtol=rtol), f"max abs diff {(got - want.to(got.dtype)).abs().max():.3g}"
 
 
-def assert_all_close(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], atol: float = ATOL, rtol: float = RTOL, check_dtype: bool = False) -> None:
-    """As many tensors as wanted, each assert_close to its counterpart."""
-    assert len(got) == len(want)
+def assert_all_close(
+    got: Sequence[torch.Tensor],
+    want: Sequence[torch.Tensor],
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    check_dtype: bool = True,
+    informative: bool = True,
+) -> None:
+    """As many tensors as wanted, each assert_close to its counterpart; attributions, so (unless informative=False,
+    for a case that asserts an answer of exact zeros) the wanted ones must not be all zeros (assert_informative)."""
+    assert len(got) == len(want), (len(got), len(want))
+    if informative:
+        assert_informative(want, atol)
     for g, w in zip(got, want):
         assert_close(g, w, atol, rtol, check_dtype)
+
+
+def assert_metric_close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-4) -> None:
+    """A quality metric (infidelity, sensitivity_max) within `rtol` of Captum's, relatively only: infidelities of these
+    small models are 1e-7..1e-4, where any absolute tolerance of ATOL's size would let zeros pass."""
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape, got.dtype, want.dtype)
+    assert bool((want.abs() > 0).all()), want
+    assert torch.allclose(got, want, atol=0.0, rtol=rtol), f"{got} vs {want}: max relative diff {((got - want).abs() / want.abs()).max():.3g}"
+
+
+def assert_served_close(got: Any, want: Any, atol: float = ATOL, rtol: float = RTOL, informative: bool = True) -> None:
+    """A served answer (the client's numpy array, or tuple of them) against the oracle's tensor(s): assert_all_close,
+    so float32 and not all zeros where wanted too. informative=False for a convergence delta (about zero by design)."""
+    got = got if isinstance(got, tuple) else (got,)
+    want = tuple(want) if isinstance(want, (tuple, list)) else (want,)
+    assert_all_close(tuple(torch.from_numpy(np.asarray(g)) for g in got), tuple(w.detach() for w in want), atol, rtol, informative=informative)
 
 
 def case_rng(case_id: str) -> random.Random:
     """The random source for a case's other requests: fixed by its id."""
     return random.Random(zlib.crc32(case_id.encode()))
+
+
+class PassLog:
+    """Records every pass an engine runs (its PassStats); attach with `passes_of(engine)`."""
+
+    def __init__(self) -> None:
+        self.passes: list = []
+
+    def pass_executed(self, stats) -> None:  # EngineObserver's hook, on the worker thread
+        self.passes.append(stats)
+
+    def request_dropped(self, model: str, reason: str, rows: int) -> None:
+        pass
+
+    def worker_state(self, device: str, serving: bool, reason: str) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def passes_of(engine: Engine) -> Iterator[list]:
+    """Within the block, the PassStats of every pass `engine` runs, in order."""
+    log = PassLog()
+    engine.observers.append(log)
+    try:
+        yield log.passes
+    finally:
+        engine.observers.remove(log)
+
+
+def submit_held(engine: Engine, jobs: Sequence[AttributionJob]) -> list[concurrent.futures.Future]:
+    """Submit `jobs` in this order under `engine.held()`: every first block is queued, in this order, before the first
+    pass is cut. With max_queue_delay 0 every later cut is determined too, so pass counts are exact, not timing."""
+    base = engine.in_flight()
+    with engine.held():
+        futures = [engine.submit(j) for j in jobs]
+        assert engine.in_flight() == base + len(jobs)  # Engine.submit queues synchronously
+    return futures
+
+
+def wait_in_flight(engine: Engine, count: int, timeout: float = 30.0) -> None:
+    """Until exactly `count` requests are in `engine` (accepted, not yet answered or dropped). Fails after `timeout` s."""
+    until = time.monotonic() + timeout
+    while engine.in_flight() != count:
+        assert time.monotonic() < until, f"{engine.in_flight()} requests in flight, expected {count}"
+        time.sleep(0.002)
+
+
+@dataclass
+class FusedRun:
+    fused: AttributionResult  # the job's result, fused with the others
+    alone: AttributionResult  # the job alone on an engine that never splits it
+    results: list  # every request's fused result, in submission order (others[:before], job, others[before:])
+    alones: list  # the same requests, each alone
+    passes: list  # PassStats of every pass of the fused run
+    split: list  # per request (as `results`): took more passes fused than alone, i.e. some group of it was split
+    groups: list  # per request: (pass kind, rows) of each group of its blocks, from its passes alone
+    index: int  # the job's position in `results`
+
+    @property
+    def job_split(self) -> bool:
+        return self.split[self.index]
+
+    def job_must_split(self, max_batch_rows: int) -> bool:
+        """The job has a group of splittable rows (not DeepLift's pairs) bigger than a pass of `max_batch_rows`."""
+        return any(kind != "deeplift" and rows > max_batch_rows for kind, rows in self.groups[self.index])
 
 
 def run_fused(
@@ -362,29 +499,92 @@ def run_fused(
     others: Sequence[AttributionJob],
     max_batch_rows: int,
     *,
-    delay_us: int = 200_000,
     before: int = 8,
-) -> AttributionResult:
-    """`job` on a fresh engine that waits `delay_us` for company: submitted after `others[:before]` and before the rest.
+) -> FusedRun:
+    """`job` fused with `others` on a fresh engine with `max_batch_rows` rows a pass, each request also run alone; checks
+    every request and the passes, and returns the runs for the caller's comparison of `job`.
 
-    Waits for every request, shuts the engine down, checks the job really shared a pass, and returns its result.
+    Alone: each request by itself on a fresh engine whose passes never split anything, so each of a request's
+    passes there is one group of its blocks (one stage, one batch key) and `timing.passes` counts its groups.
+    Fused: submitted under `held()` (others[:before], job, others[before:]) with no wait for company, so every cut
+    is determined by the rows. Checked here:
+    - every other request's result equals itself alone (FUSED_TOL; its delta where it asked for one);
+    - the accounting: the passes ran exactly the rows the requests ran alone, each pass within max_batch_rows (or one
+      DeepLift pair block, which is never split, alone), and each request's timing adds up to the passes;
+    - the job shared a pass with another request;
+    - splitting, for every request: at least ceil(rows / max_batch_rows) and at most one more passes per group of
+      splittable rows, exactly one per group of DeepLift pairs (never split), so a request with a group over
+      max_batch_rows rows was split (more passes than alone); where all the rows of the run fit in one pass nothing
+      may be split (as many passes as alone, for every request).
     """
-    engine = make(default_max_queue_delay_us=delay_us, default_max_batch_rows=max_batch_rows)
+    jobs = [*others[:before], job, *others[before:]]
+    alone_engine = make(default_max_queue_delay_us=0, default_max_batch_rows=ALONE_ROWS)
     try:
-        futures = [engine.submit(j) for j in others[:before]]
-        mine = engine.submit(job)
-        futures += [engine.submit(j) for j in others[before:]]
-        fused = mine.result(timeout=60)
-        for f in futures:
-            f.result(timeout=60)
+        alones, groups = [], []
+        for j in jobs:
+            with passes_of(alone_engine) as passes:
+                alones.append(alone_engine.attribute(j, timeout=60))
+            groups.append([(p.kind, p.rows) for p in passes])
+            assert len(passes) == alones[-1].timing.passes and all(p.requests == 1 for p in passes)
+    finally:
+        alone_engine.shutdown()
+    engine = make(default_max_queue_delay_us=0, default_max_batch_rows=max_batch_rows)
+    try:
+        assert engine.passes == 0
+        with passes_of(engine) as passes:
+            futures = submit_held(engine, jobs)
+            results = [f.result(timeout=60) for f in futures]
     finally:
         engine.shutdown()
-    assert fused.timing.pass_requests > 1, "the request was never fused with another"
-    return fused
+    fused, alone = results[before], alones[before]
+
+    for j, got, want in zip(jobs, results, alones):
+        assert_fused_equals_alone(got, want, j.return_convergence_delta)
+    # Accounting: the fused passes ran exactly the rows the requests ran alone, within the budget, and each request's
+    # timing adds up. (Rows as run, not `timing.rows`: LayerFeatureAblation declares 2 rows an example, as its layer's
+    # size is unknown at submission, and runs one more per unit.)
+    assert [r.timing.rows for r in results] == [a.timing.rows for a in alones]
+    assert sum(p.rows for p in passes) == engine.rows == sum(rows for g in groups for _, rows in g)
+    assert len(passes) == engine.passes
+    assert sum(p.requests for p in passes) == sum(r.timing.passes for r in results)
+    assert sum(p.rows * p.requests for p in passes) == sum(r.timing.pass_rows for r in results)
+    assert max(p.requests for p in passes) == max(r.timing.pass_requests for r in results)
+    oversized = [p for p in passes if p.rows > max_batch_rows]
+    assert all(p.kind == "deeplift" and p.requests == 1 for p in oversized), oversized
+    assert fused.timing.pass_requests > 1, "the request never shared a pass with another"
+
+    def least_passes(request_groups: list[tuple[str, int]]) -> int:
+        # DeepLift's pair blocks are never split: one pass per such group, whatever its size.
+        return sum(1 if kind == "deeplift" else math.ceil(rows / max_batch_rows) for kind, rows in request_groups)
+
+    def most_passes(request_groups: list[tuple[str, int]]) -> int:
+        # A group's rows are queued together, so full passes cut them, with at most one partial pass at each end.
+        return sum(1 if kind == "deeplift" else math.ceil(rows / max_batch_rows) + 1 for kind, rows in request_groups)
+
+    split = [r.timing.passes > a.timing.passes for r, a in zip(results, alones)]  # took more passes than its groups
+    for r, a, g, was_split in zip(results, alones, groups, split):
+        assert max(least_passes(g), a.timing.passes) <= r.timing.passes <= most_passes(g), (r.timing.passes, a.timing.passes, g)
+        if least_passes(g) > len(g):  # a group of splittable rows bigger than a pass
+            assert was_split, f"a request with a group over {max_batch_rows} rows was never split: {g}"
+    if engine.rows <= max_batch_rows:  # every row of the run fits in one pass: nothing may be split
+        assert not any(split), [(r.timing.passes, a.timing.passes) for r, a in zip(results, alones)]
+    return FusedRun(fused, alone, results, alones, list(passes), split, groups, before)
 
 
-def assert_fused_equals_alone(fused: AttributionResult, alone: AttributionResult, delta: bool, check_dtype: bool = False) -> None:
-    """The fused result's attributions (and delta, where asked for) within FUSED_TOL of the result alone."""
-    assert_all_close(fused.attributions, alone.attributions, FUSED_TOL, FUSED_TOL, check_dtype)
+def assert_split_passes(run: FusedRun, max_batch_rows: int) -> None:
+    """The split-passes variants (a small max_batch_rows): splitting is the point. A job with a group of splittable
+    rows over max_batch_rows was cut into more passes than it has groups; a job without one (DeepLift's pair blocks
+    are never split; small groups) is not forced to split, but some request of the run must have been, or the
+    variant tests no splitting at all."""
+    if run.job_must_split(max_batch_rows):
+        assert run.fused.timing.passes > run.alone.timing.passes, (run.fused.timing.passes, run.groups[run.index])
+    assert any(run.split), "no request of the run was split across passes"
+
+
+def assert_fused_equals_alone(fused: AttributionResult, alone: AttributionResult, delta: bool, check_dtype: bool = True) -> None:
+    """The fused result's attributions (and delta, where asked for) within FUSED_TOL of the result alone, same dtype."""
+    assert_all_close(fused.attributions, alone.attributions, FUSED_TOL, FUSED_TOL, check_dtype, informative=False)
     if delta:
         assert_close(fused.convergence_delta, alone.convergence_delta, FUSED_TOL, FUSED_TOL, check_dtype)
+    else:
+        assert fused.convergence_delta is None and alone.convergence_delta is None

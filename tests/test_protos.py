@@ -15,6 +15,7 @@ def test_generated_stubs_are_current(tmp_path: Path) -> None:
         [sys.executable, "-m", "grpc_tools.protoc", "-I", str(ROOT / "protos"), f"--python_out={tmp_path}",
          f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", *map(str, protos)],
         check=True,
+        timeout=120,
     )
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
     assert generated

@@ -27,8 +27,16 @@ def run_bench(args: list[str], timeout: float) -> tuple[int, str, str]:
             out, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, err = proc.communicate()
+            out, err = proc.communicate(timeout=30)
         pytest.fail(f"bench/run.py --smoke ran past {timeout:.0f} s\nstderr:\n{err[-5000:]}")
+    finally:  # whatever interrupted the wait (Ctrl-C, an error), never leave the bench running
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
     return proc.returncode, out, err
 
 

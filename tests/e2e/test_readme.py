@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from attrserve_client import AttributionClient
+from servers import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -27,10 +25,10 @@ def block_after(marker: str) -> str:
     return match.group(1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# `make serve` runs `.venv/bin/attrserve serve $(ARGS)`: the same entry point, on ports the server picks (read from
+# its "listening on" line). The README's plugin example needs the example plugin loaded; nothing else changes with it.
+SERVE = (str(BIN / "attrserve"),)
+PLUGIN_ARGS = ["--plugins", str(ROOT / "examples" / "plugins" / "blur_integrated_gradients.py")]
 
 
 def test_readme_starts_with_the_two_commands() -> None:
@@ -44,35 +42,14 @@ def test_readme_starts_with_the_two_commands() -> None:
 
 @pytest.fixture(scope="module")
 def readme_server():
-    port, metrics_port = free_port(), free_port()
-    # `make serve` runs `.venv/bin/attrserve serve $(ARGS)`: the same entry point, with ports a test can own.
-    # The README's plugin example needs the example plugin loaded; nothing else changes with it.
-    plugin = ROOT / "examples" / "plugins" / "blur_integrated_gradients.py"
-    proc = subprocess.Popen(
-        [str(BIN / "attrserve"), "serve", "--port", str(port), "--metrics-port", str(metrics_port), "--plugins", str(plugin)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with AttributionClient(f"127.0.0.1:{port}") as client:
-                    if all(m.ready for m in client.list_models(timeout=2)):
-                        break
-            except grpc.RpcError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+    with ServeProcess(PLUGIN_ARGS, command=SERVE, metrics=True) as server:
+        with AttributionClient(server.address) as client:
+            assert all(m.ready for m in client.list_models(timeout=10))  # it prints its ports once every model is warm
+        yield server
 
 
 def test_readme_cli_example(readme_server) -> None:
-    _, port = readme_server
+    port = readme_server.port
     command = block_after("readme-cli").replace("\\\n", " ").split("attrserve", 1)[1]
     args = ["attribute", "--target-address", f"127.0.0.1:{port}"] + [a.strip("'") for a in re.findall(r"'[^']*'|\S+", command)][1:]
     out = subprocess.run([str(BIN / "attrserve"), *args], capture_output=True, text=True, timeout=60)
@@ -84,7 +61,7 @@ def test_readme_cli_example(readme_server) -> None:
 
 
 def test_readme_python_example(readme_server) -> None:
-    _, port = readme_server
+    port = readme_server.port
     code = block_after("readme-python").replace("127.0.0.1:50051", f"127.0.0.1:{port}")
     assert len(code.strip().splitlines()) == 5
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -99,14 +76,14 @@ EXAMPLES = re.findall(r"<!-- readme-(?:example|plugin) -->\s*```python\n(.*?)```
 
 @pytest.mark.parametrize("code,printed", EXAMPLES, ids=[f"example{i}" for i in range(len(EXAMPLES))])
 def test_readme_example_prints_what_the_readme_says(readme_server, code: str, printed: str) -> None:
-    _, port = readme_server
+    port = readme_server.port
     out = subprocess.run([sys.executable, "-c", code.replace("127.0.0.1:50051", f"127.0.0.1:{port}")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == printed.strip()
 
 
 def test_demo_models_report_their_measured_pass_size(readme_server) -> None:
-    _, port = readme_server
+    port = readme_server.port
     with AttributionClient(f"127.0.0.1:{port}") as client:
         image = client.get_model("image")
     sizes = {p.rows: p.rows_per_second for p in image.batch_probe}
@@ -118,8 +95,10 @@ def test_readme_has_examples() -> None:
     assert len(EXAMPLES) >= 6
 
 
-def test_sigterm_drains_and_exits_cleanly(readme_server) -> None:
-    proc, _ = readme_server
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
-    assert "draining" in proc.stdout.read()
+def test_sigterm_drains_and_exits_cleanly() -> None:
+    """SIGTERM to `attrserve serve` (its own server: the module's stays up for the other tests, in any order)."""
+    with ServeProcess([*PLUGIN_ARGS, "--no-batch-probe"], command=SERVE, metrics=True) as server:
+        with AttributionClient(server.address) as client:
+            assert client.list_models(timeout=10)
+        assert server.signal(signal.SIGTERM, timeout=30) == 0, server.output()
+        assert "draining" in server.output()

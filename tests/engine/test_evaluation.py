@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
 import pytest
 import torch
 
 import captum.attr as ca
-from captum.metrics import infidelity, sensitivity_max
 from attrserve_engine import AttributionJob, Engine, InvalidArgument, ResourceExhausted
-from oracle import ATOL, MODELS, RTOL, engine_fixture, example_inputs
+from oracle import MODELS, assert_all_close, assert_metric_close, captum_quality, engine_fixture, example_inputs
 
 engine = engine_fixture(MODELS)
 
@@ -32,33 +28,10 @@ def captum_reference(model_name: str, algorithm: str, params: dict, nt: dict | N
     model = MODELS[model_name]().eval()
     inputs, args = example_inputs(model_name, 3, seed=77)
     target = [0, 1, 1]
-    method = CAPTUM[algorithm](model)
-    kwargs: dict[str, Any] = dict(params, target=target)
-    if args:
-        kwargs["additional_forward_args"] = args
+    params = dict(params)
     if algorithm == "gradient_shap":
-        kwargs["baselines"] = tuple(torch.zeros((1, *x.shape[1:])) for x in inputs)
-    explain = ca.NoiseTunnel(method).attribute if nt else method.attribute
-    if nt:
-        kwargs.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in nt.items()})
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    attributions = explain(inputs, **kwargs)
-
-    def perturb(xs):  # the service's documented perturbation: noise ~ N(0, scale²), input − noise
-        noise = tuple(torch.randn(x.shape) * infid["noise_scale"] for x in xs)
-        return noise, tuple(x - e for x, e in zip(xs, noise))
-
-    def perturb_one(x):  # Captum passes a lone tensor for one input
-        (noise,), (perturbed,) = perturb((x,))
-        return noise, perturbed
-
-    infid_value = infidelity(
-        model, perturb if len(inputs) > 1 else perturb_one, inputs, attributions, target=target,
-        additional_forward_args=args or None, n_perturb_samples=infid["n_perturb_samples"], normalize=infid.get("normalize", False),
-    )
-    sens_kwargs = {k: v for k, v in kwargs.items()}
-    sens_value = sensitivity_max(explain, inputs, perturb_radius=sens["perturb_radius"], n_perturb_samples=sens["n_perturb_samples"], **sens_kwargs)
+        params["baselines"] = tuple(torch.zeros((1, *x.shape[1:])) for x in inputs)
+    attributions, infid_value, sens_value = captum_quality(model, CAPTUM[algorithm](model), params, nt, inputs, args, target, seed, infid, sens)
     return inputs, args, target, attributions, infid_value, sens_value
 
 
@@ -73,10 +46,9 @@ def test_metrics_match_captum(engine: Engine, model_name, algorithm, params, nt,
         target=torch.tensor([[t] for t in target]), seed=11, evaluate={"infidelity": infid, "sensitivity_max": sens},
     )
     got = engine.attribute(job, timeout=60)
-    for g, w in zip(got.attributions, attributions if isinstance(attributions, tuple) else (attributions,)):
-        assert torch.allclose(g, w.detach(), atol=ATOL, rtol=RTOL)
-    assert torch.allclose(got.infidelity, want_infid, atol=ATOL, rtol=1e-4), (got.infidelity, want_infid)
-    assert torch.allclose(got.sensitivity_max, want_sens, atol=ATOL, rtol=1e-4), (got.sensitivity_max, want_sens)
+    assert_all_close(got.attributions, tuple(w.detach() for w in (attributions if isinstance(attributions, tuple) else (attributions,))))
+    assert_metric_close(got.infidelity, want_infid)
+    assert_metric_close(got.sensitivity_max, want_sens)
 
 
 def test_metrics_defaults_errors_and_caps(engine: Engine) -> None:

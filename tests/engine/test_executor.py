@@ -34,6 +34,18 @@ def assert_same(got: BlockResult, want: BlockResult) -> None:
     assert_close(got.grads[0], want.grads[0], check_dtype=True)
 
 
+def assert_autograd(got: BlockResult, module: torch.nn.Module, segment: Block) -> None:
+    """The segment's outputs, selected outputs and input gradients as plain torch autograd computes them, alone."""
+    x = segment.inputs[0].clone().requires_grad_()
+    out = module(x)
+    selected = out.gather(1, segment.target)[:, 0]
+    (grad,) = torch.autograd.grad(selected.sum(), x)
+    assert_close(got.outputs, out.detach())
+    assert_close(got.selected, selected.detach())
+    assert_close(got.grads[0], grad)
+    assert bool(grad.abs().sum() > 0)
+
+
 def test_a_fused_pass_equals_its_segments_alone_and_matches_autograd() -> None:
     model = loaded(MODELS["toy"]())
     segments = [gradient_block(xs(n, seed), seed % 2) for seed, n in enumerate([1, 4, 2])]
@@ -64,6 +76,7 @@ def test_a_segment_that_breaks_the_model_fails_alone(monkeypatch) -> None:
     assert isinstance(outcomes[2], InvalidArgument) and "input out of the model's range" in str(outcomes[2])
     for segment, got in zip(good, [outcomes[0], outcomes[1], outcomes[3]]):
         assert_same(got, executor.run_pass(model, [segment])[0])
+        assert_autograd(got, model.module, segment)
     assert calls[:3] == [8, 4, 4]  # the whole pass, then its halves; the good half needs no more splitting
     assert calls[3:5] == [2, 2]  # the bad half in quarters: the bad segment alone fails
 
@@ -75,6 +88,7 @@ def test_a_bad_target_fails_only_its_segment_without_rerunning() -> None:
     outcomes = executor.run_pass(model, [good, bad])
     assert isinstance(outcomes[1], InvalidArgument) and "target index 5 is out of range" in str(outcomes[1])
     assert_same(outcomes[0], executor.run_pass(model, [good])[0])
+    assert_autograd(outcomes[0], model.module, good)
 
 
 def simulate_oom(monkeypatch, max_rows: int) -> list[int]:
@@ -99,9 +113,10 @@ def test_out_of_memory_splits_segments_then_blocks_and_results_stay_exact(monkey
     alone = [executor.run_pass(model, [s])[0] for s in segments]
     attempts = simulate_oom(monkeypatch, max_rows=5)
     outcomes = executor.run_pass(model, segments)
-    for got, want in zip(outcomes, alone):
+    for got, want, segment in zip(outcomes, alone, segments):
         assert isinstance(got, BlockResult)
         assert_same(got, want)
+        assert_autograd(got, model.module, segment)
     assert attempts[0] == 22  # tried whole first
     assert sum(r for r in attempts if r <= 5) == 22  # then every row ran exactly once, in passes that fit
 
@@ -116,6 +131,7 @@ def test_out_of_memory_on_an_unsplittable_block_is_resource_exhausted(monkeypatc
     outcomes = executor.run_pass(model, [paired, fits])
     assert isinstance(outcomes[0], ResourceExhausted) and "ran out of device memory on 8 rows" in str(outcomes[0])
     assert isinstance(outcomes[1], BlockResult)
+    assert_autograd(outcomes[1], model.module, fits)
 
 
 def test_the_pass_leaves_the_model_as_it_found_it() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from functools import partial
@@ -13,7 +14,7 @@ from torch import nn
 
 import captum.attr as ca
 from attrserve_engine import AttributionJob, Engine, InvalidArgument, NotFound
-from oracle import MODELS, assert_all_close, assert_close, assert_fused_equals_alone, case_rng, engine_fixture, example_inputs, make_engine, run_fused
+from oracle import MODELS, assert_all_close, assert_close, assert_fused_equals_alone, assert_split_passes, case_rng, engine_fixture, example_inputs, make_engine, run_fused
 
 
 class TokenClassifier(nn.Module):
@@ -52,6 +53,7 @@ CAPTUM = {
 CTOR_PARAMS = {"multiply_by_inputs"}
 NO_TARGET = {"layer_activation"}
 HAS_BASELINES = {"layer_integrated_gradients", "layer_conductance", "internal_influence"}
+HAS_DELTA = {"layer_integrated_gradients", "layer_conductance"}  # the layer methods Captum gives a convergence delta
 
 
 @dataclass
@@ -161,6 +163,7 @@ FUSION = [c for c in CASES if c.model in ("conv", "tokens") and not c.params.get
 @pytest.mark.parametrize("max_batch_rows", [4096, 23], ids=["one-pass", "split-passes"])
 @pytest.mark.parametrize("case", FUSION, ids=lambda c: c.id)
 def test_layer_method_fused_equals_alone(engine: Engine, case: LayerCase, max_batch_rows: int) -> None:
+    case = dataclasses.replace(case, delta=case.algorithm in HAS_DELTA)  # fused or not, the delta too where there is one
     built = case.build()
     alone = engine.attribute(job(case, built), timeout=60)
     rng = case_rng(case.id)
@@ -168,11 +171,13 @@ def test_layer_method_fused_equals_alone(engine: Engine, case: LayerCase, max_ba
     for _ in range(15):
         other = random.Random(rng.random())
         name = other.choice([c for c in CASES if c.model == case.model])
-        o = LayerCase(case.model, name.algorithm, name.layer, dict(name.params), n=other.randint(1, 4))
+        o = LayerCase(case.model, name.algorithm, name.layer, dict(name.params), delta=name.algorithm in HAS_DELTA, n=other.randint(1, 4))
         ob = o.build()
         others.append(job(o, ob))
-    fused = run_fused(partial(make_engine, LAYER_MODELS), job(case, built), others, max_batch_rows)
-    assert_fused_equals_alone(fused, alone, delta=False)
+    run = run_fused(partial(make_engine, LAYER_MODELS), job(case, built), others, max_batch_rows)
+    assert_fused_equals_alone(run.fused, alone, case.delta)
+    if max_batch_rows < 4096:
+        assert_split_passes(run, max_batch_rows)
 
 
 def test_layer_errors(engine: Engine) -> None:

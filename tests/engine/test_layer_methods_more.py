@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from functools import partial
@@ -14,7 +15,7 @@ from torch import nn
 
 import captum.attr as ca
 from attrserve_engine import AttributionJob, Engine, InvalidArgument, ResourceExhausted
-from oracle import MODELS, assert_all_close, assert_close, assert_fused_equals_alone, case_rng, engine_fixture, example_inputs, make_engine, run_fused
+from oracle import MODELS, assert_all_close, assert_close, assert_fused_equals_alone, assert_split_passes, case_rng, engine_fixture, example_inputs, make_engine, run_fused
 
 
 class TokenClassifier(nn.Module):
@@ -208,6 +209,7 @@ FUSION = _fusion_cases()
 @pytest.mark.parametrize("case", FUSION, ids=lambda c: c.id)
 def test_more_layer_methods_fused_equal_alone(engine: Engine, case: MoreCase, max_batch_rows: int) -> None:
     """Rows of other requests (these methods and others, other layers) in the same passes change nothing."""
+    case = dataclasses.replace(case, delta=case.algorithm in HAS_DELTA)  # fused or not, the delta too where there is one
     built = case.build()
     alone = engine.attribute(job(case, built), timeout=60)
     rng = case_rng(case.id)
@@ -216,10 +218,12 @@ def test_more_layer_methods_fused_equal_alone(engine: Engine, case: MoreCase, ma
         other = random.Random(rng.random())
         # a few requests like this one (so some pass is surely shared), the rest anything on this model
         pick = case if i % 3 == 0 else other.choice([c for c in CASES if c.model == case.model])
-        o = MoreCase(case.model, pick.algorithm, pick.layer, dict(pick.params), pick.baselines, pick.target, pick.delta, other.randint(0, 9), n=other.randint(1, 3))
+        o = MoreCase(case.model, pick.algorithm, pick.layer, dict(pick.params), pick.baselines, pick.target, pick.algorithm in HAS_DELTA, other.randint(0, 9), n=other.randint(1, 3))
         others.append(job(o, o.build()))
-    fused = run_fused(partial(make_engine, LAYER_MODELS), job(case, built), others, max_batch_rows, delay_us=100_000, before=5)
-    assert_fused_equals_alone(fused, alone, case.delta)
+    run = run_fused(partial(make_engine, LAYER_MODELS), job(case, built), others, max_batch_rows, before=5)
+    assert_fused_equals_alone(run.fused, alone, case.delta)
+    if max_batch_rows < 4096:
+        assert_split_passes(run, max_batch_rows)
 
 
 def test_more_layer_method_errors(engine: Engine) -> None:

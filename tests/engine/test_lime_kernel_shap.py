@@ -31,7 +31,7 @@ from torch import nn
 
 from attrserve_engine import AttributionJob, Engine, InvalidArgument
 from attrserve_engine.algorithms.linear_models import lasso, weighted_least_squares
-from oracle import MODELS, Case, assert_all_close, assert_fused_equals_alone, case_rng, engine_fixture, example_inputs, job_for, make_engine, run_fused
+from oracle import MODELS, Case, assert_all_close, assert_fused_equals_alone, assert_split_passes, case_rng, engine_fixture, example_inputs, job_for, make_engine, run_fused
 
 VOCAB = 10
 
@@ -228,8 +228,10 @@ def test_fused_equals_alone(engine: Engine, case: LKCase, max_batch_rows: int) -
     alone = engine.attribute(case.job(built), timeout=60)
     rng = case_rng(case.id)
     others = [random_job(case.model, rng) for _ in range(15)]
-    fused = run_fused(partial(make_engine, LK_MODELS), case.job(built), others, max_batch_rows)
-    assert_fused_equals_alone(fused, alone, delta=False, check_dtype=True)
+    run = run_fused(partial(make_engine, LK_MODELS), case.job(built), others, max_batch_rows)
+    assert_fused_equals_alone(run.fused, alone, delta=False)
+    if max_batch_rows < 4096:
+        assert_split_passes(run, max_batch_rows)
 
 
 def test_seeds_reproduce_differ_and_leave_the_global_rng_alone(engine: Engine) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 import captum.attr as ca
 from attrserve_engine import AttributionJob, Engine, InvalidArgument
-from oracle import MODELS, assert_all_close, engine_fixture, example_inputs, make_engine
+from oracle import MODELS, assert_all_close, assert_fused_equals_alone, assert_split_passes, engine_fixture, example_inputs, make_engine, run_fused
 
 CAPTUM = {
     "neuron_gradient": ca.NeuronGradient,
@@ -127,21 +128,14 @@ def test_neuron_method_matches_captum(engine: Engine, case: NeuronCase) -> None:
 
 
 def test_neuron_methods_fused_equal_alone() -> None:
+    """Every conv case queued together (held) on an engine of 64 rows a pass: each equals itself alone, and
+    run_fused checks the passes (bounds per request from its rows, exact accounting); the first shares a pass."""
     cases = [c for c in CASES if c.model == "conv"]
-    built = [c.build() for c in cases]
-    alone_engine = make_engine(MODELS)
-    fused_engine = make_engine(MODELS, default_max_queue_delay_us=200_000, default_max_batch_rows=64)
-    try:
-        alone = [alone_engine.attribute(job(c, b), timeout=60) for c, b in zip(cases, built)]
-        futures = [fused_engine.submit(job(c, b)) for c, b in zip(cases, built)]
-        fused = [f.result(timeout=60) for f in futures]
-    finally:
-        alone_engine.shutdown()
-        fused_engine.shutdown()
-    assert max(r.timing.pass_requests for r in fused) > 1
-    for a, f in zip(alone, fused):
-        for x, y in zip(a.attributions, f.attributions):
-            assert torch.allclose(x, y, atol=1e-6, rtol=1e-6)
+    jobs = [job(c, c.build()) for c in cases]
+    run = run_fused(partial(make_engine, MODELS), jobs[0], jobs[1:], 64, before=0)
+    assert_fused_equals_alone(run.fused, run.alone, delta=False)
+    assert_split_passes(run, 64)
+    assert len(run.results) == len(cases)
 
 
 def test_neuron_selector_errors(engine: Engine) -> None:

@@ -19,7 +19,7 @@ import torch
 import captum.attr as ca
 from attrserve_engine import AttributionJob, Engine
 from attrserve_engine.algorithms import ALGORITHMS
-from oracle import ATOL, MODELS, N_CLASSES, RTOL, assert_all_close, engine_fixture, example_inputs
+from oracle import MODELS, N_CLASSES, assert_all_close, engine_fixture, example_inputs
 
 CTOR_PARAMS = {"multiply_by_inputs"}
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
@@ -38,6 +38,7 @@ class WrapCase:
     draw_baseline_from_distrib: bool = False
     feature_mask: bool = False
     target: bool = True
+    nt_type: str = ""  # "": by the seed, so the types rotate over the table (see SMALL)
 
     @property
     def id(self) -> str:
@@ -89,6 +90,13 @@ TABLE = [
     WrapCase("shapley_value_sampling", ca.ShapleyValueSampling, "multi", params={"n_samples": 3}),
     WrapCase("shapley_values", ca.ShapleyValues, "toy"),
 ]
+# NOTE: these algorithms' attributions here are 1e-4..1e-2, so their squares (smoothgrad_sq) and variances over the
+# noise (vargrad) are within ATOL of zero: an answer of zeros would pass. They run SmoothGrad instead of the type
+# their seed picks (the other cases keep covering smoothgrad_sq and vargrad).
+SMALL = {"deep_lift_shap", "gradient_shap", "guided_grad_cam", "layer_grad_cam", "neuron_conductance"}
+for _case in TABLE:
+    if _case.algorithm in SMALL:
+        _case.nt_type = "smoothgrad"
 BY_NAME = {c.algorithm: c for c in TABLE}
 
 # NOTE: NoiseTunnel's own `stdevs` takes the keyword, so Captum can only wrap the GradientShap
@@ -132,7 +140,7 @@ def _request(case: WrapCase, seed: int) -> dict[str, Any]:
             offset = int(built[-1].max()) + 1
         masks = tuple(built)
     target = [i % N_CLASSES[case.model] for i in range(n)] if case.target else None
-    nt = {"nt_type": NT_TYPES[seed % 3], "nt_samples": 3, "stdevs": 0.1}
+    nt = {"nt_type": case.nt_type or NT_TYPES[seed % 3], "nt_samples": 3, "stdevs": 0.1}
     if case.draw_baseline_from_distrib:
         nt["draw_baseline_from_distrib"] = True
     return {"inputs": inputs, "args": args, "baselines": baselines, "masks": masks, "target": target, "nt": nt}
@@ -201,4 +209,4 @@ def test_noise_tunnel_expands_per_example_feature_masks(engine: Engine) -> None:
     req["masks"] = (torch.tensor([[0, 0, 1, 1, 2, 2], [0, 1, 1, 2, 2, 2]]),)  # one mask per example
     want = _captum(case, req, seed=1)
     got = engine.attribute(_job(case, req, seed=1), timeout=60)
-    assert torch.allclose(got.attributions[0], want[0], atol=ATOL, rtol=RTOL)
+    assert_all_close(got.attributions, want)

@@ -22,7 +22,9 @@ from oracle import (
     example_inputs,
     job_for,
     make_engine,
+    assert_split_passes,
     run_fused,
+    submit_held,
 )
 
 engine = engine_fixture(MODELS)
@@ -70,25 +72,28 @@ def test_fused_equals_alone(engine: Engine, case: Case, max_batch_rows: int) -> 
     alone = engine.attribute(job_for(case, built), timeout=60)
     rng = case_rng(case.id)
     others = [random_job(case.model, rng) for _ in range(15)]
-    fused = run_fused(partial(make_engine, MODELS), job_for(case, built), others, max_batch_rows)
-    assert_fused_equals_alone(fused, alone, case.delta)
+    run = run_fused(partial(make_engine, MODELS), job_for(case, built), others, max_batch_rows)
+    assert_fused_equals_alone(run.fused, alone, case.delta)
+    if max_batch_rows < 4096:
+        assert_split_passes(run, max_batch_rows)
 
 
 def test_concurrent_requests_share_passes() -> None:
-    engine = make_engine(MODELS, default_max_queue_delay_us=50_000, default_max_batch_rows=2048)
+    """32 requests of 50 rows (IG, one stage, one batch key), all queued before the first cut: 1,600 rows fit in one
+    pass of 2,048, so exactly one pass runs, shared by all 32; each result still equals Captum's."""
+    engine = make_engine(MODELS, default_max_queue_delay_us=0, default_max_batch_rows=2048)
+    cases = [Case("mlp", "integrated_gradients", {"n_steps": 50}, n=1, seed=i) for i in range(32)]
+    built = [c.build() for c in cases]
     try:
-        jobs = []
-        for i in range(32):
-            case = Case("mlp", "integrated_gradients", {"n_steps": 50}, n=1, seed=i)
-            jobs.append(job_for(case, case.build()))
-        futures = [engine.submit(j) for j in jobs]
+        futures = submit_held(engine, [job_for(c, b) for c, b in zip(cases, built)])
         results = [f.result(timeout=60) for f in futures]
     finally:
         engine.shutdown()
-    # 32 requests × 50 rows fit in one pass of 2048 rows; allow a few for timing.
-    assert engine.passes <= 4, engine.passes
-    assert max(r.timing.pass_requests for r in results) >= 16
-    assert all(r.timing.rows == 50 for r in results)
+    assert (engine.passes, engine.rows) == (1, 32 * 50)
+    assert [(r.timing.rows, r.timing.passes, r.timing.pass_rows, r.timing.pass_requests) for r in results] == [(50, 1, 1600, 32)] * 32
+    for case, b, r in zip(cases, built, results):
+        want, _ = captum_attribute(case, MODELS["mlp"](), b)
+        assert_all_close(r.attributions, want)
 
 
 def test_seeded_requests_reproduce_and_differ(engine: Engine) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgument, ModelSpec
-from oracle import MODELS, example_inputs
+from oracle import MODELS, assert_all_close, assert_fused_equals_alone, example_inputs, submit_held
 
 PLUGIN = Path(__file__).resolve().parents[2] / "examples" / "plugins" / "blur_integrated_gradients.py"
 
@@ -62,7 +62,7 @@ def test_blur_integrated_gradients_equals_the_step_by_step_definition(plugin_mod
         got = engine.attribute(blur_job(x, target, n_steps=n_steps, max_sigma=max_sigma), timeout=60).attributions[0]
     finally:
         engine.shutdown()
-    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert_all_close((got,), (want,))
 
 
 def test_blur_integrated_gradients_is_nearly_complete(plugin_module) -> None:
@@ -80,23 +80,23 @@ def test_blur_integrated_gradients_is_nearly_complete(plugin_module) -> None:
 
 
 def test_plugin_rows_fuse_with_built_in_requests() -> None:
+    """Blur IG's rows are ordinary gradient rows: queued (held) with three IG requests on the same model they form one
+    batch key, 2 × 10 + 3 × (2 × 7) = 62 rows, so exactly one pass runs, shared by all four; each equals itself alone."""
     (x,), _ = example_inputs("conv", 2, seed=4)
     alone_engine = blur_engine()
-    fused_engine = blur_engine(default_max_queue_delay_us=200_000, default_max_batch_rows=4096)
+    fused_engine = blur_engine(default_max_queue_delay_us=0, default_max_batch_rows=4096)
+    ig = [AttributionJob(model="conv", algorithm="integrated_gradients", inputs=(x * k,), target=torch.tensor([[2], [0]]), params={"n_steps": 7}) for k in (0.5, 2.0, 3.0)]
     try:
-        alone = alone_engine.attribute(blur_job(x, [0, 1], n_steps=10), timeout=60)
-        others = [
-            fused_engine.submit(AttributionJob(model="conv", algorithm="integrated_gradients", inputs=(x * k,), target=torch.tensor([[2], [0]]), params={"n_steps": 7}))
-            for k in (0.5, 2.0, 3.0)
-        ]
-        fused = fused_engine.submit(blur_job(x, [0, 1], n_steps=10)).result(timeout=60)
-        for f in others:
-            f.result(timeout=60)
+        alone = [alone_engine.attribute(j, timeout=60) for j in [*ig, blur_job(x, [0, 1], n_steps=10)]]
+        futures = submit_held(fused_engine, [*ig, blur_job(x, [0, 1], n_steps=10)])
+        fused = [f.result(timeout=60) for f in futures]
     finally:
         alone_engine.shutdown()
         fused_engine.shutdown()
-    assert fused.timing.pass_requests > 1
-    assert torch.allclose(fused.attributions[0], alone.attributions[0], atol=1e-6, rtol=1e-6)
+    assert (fused_engine.passes, fused_engine.rows) == (1, 62)
+    assert [(r.timing.rows, r.timing.passes, r.timing.pass_rows, r.timing.pass_requests) for r in fused] == [(14, 1, 62, 4)] * 3 + [(20, 1, 62, 4)]
+    for got, want in zip(fused, alone):
+        assert_fused_equals_alone(got, want, delta=False)
 
 
 def test_plugin_validation(tmp_path: Path, monkeypatch) -> None:

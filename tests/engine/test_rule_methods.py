@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from attrserve_engine import Engine, InvalidArgument, ModelSpec
-from oracle import MODELS, Case, assert_all_close, assert_close, assert_fused_equals_alone, case_rng, engine_fixture, job_for, make_engine, run_fused
+from oracle import MODELS, Case, assert_all_close, assert_close, assert_fused_equals_alone, assert_split_passes, case_rng, engine_fixture, job_for, make_engine, run_fused
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU:UserWarning")
 
@@ -253,11 +253,12 @@ def random_job(model: str, rng: random.Random):
         n=rng.randint(1, 4),
         m=rng.randint(2, 5) if algorithm == "deep_lift_shap" else 0,
         seed=rng.randint(0, 1000),
+        delta=algorithm in ("deep_lift_shap", "deep_lift") and rng.random() < 0.5,  # their delta rows fuse too
     )
     return job_for(case, case.build())
 
 
-# Paired blocks (deep_lift_shap) are never split; guided blocks split at 37 rows.
+# Paired blocks (deep_lift_shap) are never split; guided blocks and delta rows split at 8 rows.
 FUSION_CASES = [
     RuleCase("conv", "guided_backprop", target="per_example", n=5),
     RuleCase("conv", "deconvolution", n=3),
@@ -268,12 +269,14 @@ FUSION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("max_batch_rows", [4096, 37], ids=["one-pass", "split-passes"])
+@pytest.mark.parametrize("max_batch_rows", [4096, 8], ids=["one-pass", "split-passes"])
 @pytest.mark.parametrize("case", FUSION_CASES, ids=lambda c: c.id)
 def test_fused_equals_alone(engine: Engine, case: RuleCase, max_batch_rows: int) -> None:
     built = case.build()
     alone = engine.attribute(job_for(case, built), timeout=60)
     rng = case_rng(case.id)
     others = [random_job(case.model, rng) for _ in range(15)]
-    fused = run_fused(partial(make_engine, ALL_MODELS), job_for(case, built), others, max_batch_rows)
-    assert_fused_equals_alone(fused, alone, case.delta)
+    run = run_fused(partial(make_engine, ALL_MODELS), job_for(case, built), others, max_batch_rows)
+    assert_fused_equals_alone(run.fused, alone, case.delta)
+    if max_batch_rows < 4096:
+        assert_split_passes(run, max_batch_rows)

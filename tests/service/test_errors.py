@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import concurrent.futures
-
 import grpc
 import numpy as np
 import pytest
+import torch
+from captum.attr import IntegratedGradients, Saliency
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve.v1 import tensor_pb2
-from attrserve_client import AttributionClient, to_tensor_proto
+from attrserve_client import Attribution, AttributionClient, to_tensor_proto
+from doubles import Linear3
+from oracle import MODELS, assert_all_close
+from servers import send_held
 
 X = np.array([[0.1, 0.2, 0.3]], dtype=np.float32)
 
@@ -113,40 +116,61 @@ def test_bad_request_gets_a_clear_status(server, name: str) -> None:
     assert message in details
 
 
-def outcomes_of(futures: list[concurrent.futures.Future]) -> list:
-    """Each call's result, or the RpcError it ended with."""
+def outcomes_of(calls: list[grpc.Future]) -> list:
+    """Each call's response, or the RpcError it ended with."""
     outcomes = []
-    for f in futures:
+    for call in calls:
         try:
-            outcomes.append(f.result())
+            outcomes.append(call.result(timeout=60))
         except grpc.RpcError as e:
             outcomes.append(e)
     return outcomes
 
 
 def test_model_failure_is_invalid_argument_and_fails_only_its_request(fusing_server) -> None:
+    """8 IG requests of 50 rows on `fragile` (256 rows a pass), queued in order while the engine holds; the 4th
+    breaks the model. The 400 rows take two passes: requests 0-4 and 6 rows of request 5 (256), then the rest of
+    5 and requests 6-7 (144). The broken pass is re-run in halves, so only request 3 fails; each other one equals
+    Captum's answer for it and reports the passes it shared."""
     good = np.array([[0.5, -1.0, 2.0]], dtype=np.float32)
     bad = np.array([[500.0, 0.0, 0.0]], dtype=np.float32)
-    with AttributionClient(fusing_server.address) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(client.attribute, "fragile", "integrated_gradients", bad if i == 3 else good, target=1, timeout=30) for i in range(8)]
-        outcomes = outcomes_of(futures)
-    bad_outcome = outcomes.pop(3)
+    inputs = [bad if i == 3 else good * (i + 1) for i in range(8)]
+    with AttributionClient(fusing_server.address) as client:
+        calls = send_held(fusing_server, client, [
+            AttributionClient.build_request("fragile", "integrated_gradients", x, target=1, params={"n_steps": 50}) for x in inputs
+        ])
+        outcomes = outcomes_of(calls)
+    bad_outcome = outcomes[3]
     assert isinstance(bad_outcome, grpc.RpcError)
     assert bad_outcome.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "input out of the model's range" in bad_outcome.details()
-    first = outcomes[0].attributions
-    for o in outcomes:
-        np.testing.assert_allclose(o.attributions, first, atol=1e-6)
-    assert max(o.timing["pass_requests"] for o in outcomes) > 1
+    timing = {0: (1, 256, 6), 1: (1, 256, 6), 2: (1, 256, 6), 4: (1, 256, 6), 5: (2, 400, 6), 6: (1, 144, 3), 7: (1, 144, 3)}
+    for i, (passes, pass_rows, pass_requests) in timing.items():
+        result = Attribution.from_response(outcomes[i], single=True)
+        want = IntegratedGradients(Linear3()).attribute(torch.from_numpy(inputs[i]), target=1, n_steps=50)
+        assert_all_close((torch.from_numpy(result.attributions),), (want.detach(),))
+        assert {k: result.timing[k] for k in ("rows", "passes", "pass_rows", "pass_requests")} == {
+            "rows": 50, "passes": passes, "pass_rows": pass_rows, "pass_requests": pass_requests}, i
 
 
 def test_bad_target_in_a_fused_pass_fails_alone(fusing_server) -> None:
+    """6 Saliency requests of 2 rows on `grid` (outputs (2, 3)), queued while the engine holds; the 3rd targets (2, 0),
+    outside the output. All 12 rows share one pass; the pass rejects that request's rows alone, and every other
+    request equals Captum's answer for it."""
     x = np.random.default_rng(1).standard_normal((2, 5)).astype(np.float32)
-    with AttributionClient(fusing_server.address) as client, concurrent.futures.ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(client.attribute, "grid", "saliency", x, target=(1, 2) if i != 2 else (2, 0), timeout=30) for i in range(6)]
-        outcomes = outcomes_of(futures)
+    with AttributionClient(fusing_server.address) as client:
+        calls = send_held(fusing_server, client, [
+            AttributionClient.build_request("grid", "saliency", x * (i + 1), target=(1, 2) if i != 2 else (2, 0)) for i in range(6)
+        ])
+        outcomes = outcomes_of(calls)
     assert isinstance(outcomes[2], grpc.RpcError) and outcomes[2].code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert all(not isinstance(o, grpc.RpcError) for i, o in enumerate(outcomes) if i != 2)
+    assert "target" in outcomes[2].details()
+    for i in (0, 1, 3, 4, 5):
+        result = Attribution.from_response(outcomes[i], single=True)
+        want = Saliency(MODELS["grid"]()).attribute(torch.from_numpy(x * (i + 1)).requires_grad_(), target=(1, 2))
+        assert_all_close((torch.from_numpy(result.attributions),), (want.detach(),))
+        assert {k: result.timing[k] for k in ("rows", "passes", "pass_rows", "pass_requests")} == {
+            "rows": 2, "passes": 1, "pass_rows": 12, "pass_requests": 6}, i
 
 
 def test_deadline_exceeded(server) -> None:

@@ -4,12 +4,8 @@ health tells the truth, and the metrics count what happened."""
 from __future__ import annotations
 
 import logging
-import os
 import random
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -24,9 +20,9 @@ from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_client import AttributionClient
 from attrserve_engine import InputSpec, ModelSpec
 from attrserve_service.config import ServerConfig
-from conftest import ServerThread, scrape, start_server
-from doubles import Exiting
-from oracle import MODELS, Case, assert_all_close, captum_attribute, make_engine
+from doubles import Exiting, Gated
+from oracle import MODELS, Case, assert_all_close, captum_attribute, make_engine, wait_in_flight
+from servers import ServeProcess, ServerThread, oracle_engine, scrape, start_server
 
 SERVICE = "attrserve.v1.AttributionService"
 
@@ -65,6 +61,14 @@ def test_storms_of_expiring_and_cancelled_requests_never_disturb_the_worker() ->
         with grpc.insecure_channel(s.address) as channel:
             stub = pb_grpc.AttributionServiceStub(channel)
             for round_ in range(3):
+                # One caller surely leaves while its request is in the engine (queued under a hold, so it cannot
+                # finish first): the server sees the cancel, whatever the storm below does in time.
+                with s.running.engine.held():
+                    sure = stub.Attribute.future(heavy_request(rng), timeout=60)
+                    wait_in_flight(s.running.engine, 1)
+                    sure.cancel()
+                    wait_in_flight(s.running.engine, 0)  # dropped at once, even while held
+                assert sure.cancelled()
                 expiring = [stub.Attribute.future(heavy_request(rng), timeout=rng.uniform(0.001, 0.05)) for _ in range(30)]
                 leaving = [stub.Attribute.future(heavy_request(rng)) for _ in range(10)]
                 stream = stub.AttributeStream(iter([pb.AttributeStreamRequest(request=heavy_request(rng)) for _ in range(10)]), timeout=0.03)
@@ -119,42 +123,52 @@ def test_storms_of_expiring_and_cancelled_requests_never_disturb_the_worker() ->
 
 def test_the_server_drops_an_expired_request_itself() -> None:
     """The client's own timeout gives DEADLINE_EXCEEDED whatever the server does; this checks the server's side:
-    the request queued behind a slow pass is dropped before compute and counted."""
-    s = start_server()
+    the request queued behind a pass that holds the worker (a gated model: the pass waits until the test opens
+    it) is dropped before compute and counted."""
+    engine = oracle_engine()
+    gated = Gated()
+    engine.load(ModelSpec(name="gated", module=gated, inputs=[InputSpec("x", torch.float32, (3,))], max_batch_rows=256))
+    s = ServerThread(engine, ServerConfig(port=0, metrics_port=0))
     try:
         before = scrape(s.running.metrics_port)
-        rows_before = s.running.engine.rows
         x = np.ones((1, 3), np.float32)
         with AttributionClient(s.address) as client:
-            first = client._stub.Attribute.future(AttributionClient.build_request("slow", "saliency", x, target=0), timeout=10)
-            time.sleep(0.05)  # the slow pass (0.3 s) is running
+            gated.hold()
+            first = client._stub.Attribute.future(AttributionClient.build_request("gated", "saliency", x, target=0), timeout=30)
+            assert gated.entered.wait(10)  # its pass runs, and holds the worker
+            rows_before = engine.rows
             with pytest.raises(grpc.RpcError) as expired:
-                client.attribute("slow", "integrated_gradients", x, target=0, params={"n_steps": 50}, timeout=0.1)
+                client.attribute("gated", "integrated_gradients", x, target=0, params={"n_steps": 50}, timeout=0.1)
             assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            gated.open()
             first.result(10)
-        time.sleep(0.4)
+        wait_in_flight(engine, 0)
         after = scrape(s.running.metrics_port)
-        assert s.running.engine.rows - rows_before == 1  # the saliency row; none of the 50 IG rows
+        assert engine.rows - rows_before == 1  # the saliency row; none of the 50 IG rows
     finally:
+        gated.open()
         s.stop()
-    key = ("attrserve_requests_dropped_total", frozenset({"model": "slow", "reason": "deadline"}.items()))
+    key = ("attrserve_requests_dropped_total", frozenset({"model": "gated", "reason": "deadline"}.items()))
     assert after[key] - before.get(key, 0.0) == 1
-    rows_key = ("attrserve_rows_dropped_total", frozenset({"model": "slow", "reason": "deadline"}.items()))
+    rows_key = ("attrserve_rows_dropped_total", frozenset({"model": "gated", "reason": "deadline"}.items()))
     assert after[rows_key] - before.get(rows_key, 0.0) == 50
 
 
 def test_a_worker_that_dies_flips_health_fails_its_requests_and_comes_back(caplog) -> None:
-    engine = make_engine({"conv": MODELS["conv"]}, worker_restart_delay_s=1.0)
+    """A model kills the worker while requests are queued: they fail with UNAVAILABLE, health goes NOT_SERVING,
+    new work is refused; the restarted worker's check of the models waits (killer.back) until the test has seen
+    all that, then the worker serves again."""
+    engine = make_engine({"conv": MODELS["conv"]})
     killer = Exiting()
     engine.load(ModelSpec(name="killer", module=killer, inputs=[InputSpec("x", torch.float32, (3,))], max_batch_rows=64))
     s = ServerThread(engine, ServerConfig(port=0, metrics_port=0))
-    statuses: list[tuple[float, int]] = []
+    statuses: list[int] = []
     watching = threading.Event()
 
     def watch() -> None:
         while not watching.is_set():
             try:
-                statuses.append((time.monotonic(), health(s.address)))
+                statuses.append(health(s.address))
             except grpc.RpcError:
                 pass
             time.sleep(0.01)
@@ -169,11 +183,7 @@ def test_a_worker_that_dies_flips_health_fails_its_requests_and_comes_back(caplo
             doomed = client._stub.Attribute.future(AttributionClient.build_request("killer", "saliency", np.full((1, 3), 200.0, np.float32), target=0), timeout=30)
             assert killer.entered.wait(10)
             queued = [client._stub.Attribute.future(AttributionClient.build_request("conv", "saliency", x_conv, target=0), timeout=30) for _ in range(3)]
-            until = time.monotonic() + 10
-            while engine.in_flight() < 4:
-                assert time.monotonic() < until
-                time.sleep(0.005)
-            died_at = time.monotonic()
+            wait_in_flight(engine, 4)
             killer.release.set()
             for call in [doomed, *queued]:
                 with pytest.raises(grpc.RpcError) as failed:
@@ -187,21 +197,31 @@ def test_a_worker_that_dies_flips_health_fails_its_requests_and_comes_back(caplo
             with pytest.raises(grpc.RpcError) as refused:
                 client.attribute("conv", "saliency", x_conv, target=0, timeout=5)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "restarting" in refused.value.details()
+            until = time.monotonic() + 10
+            while health_pb2.HealthCheckResponse.NOT_SERVING not in statuses:  # a watcher polling health saw it too
+                assert time.monotonic() < until, "the health watcher never saw NOT_SERVING"
+                time.sleep(0.01)
+            seen_down = len(statuses)
+            killer.back.set()  # the restarted worker's check of the models may finish now
             until = time.monotonic() + 15
             while health(s.address) != health_pb2.HealthCheckResponse.SERVING:
                 assert time.monotonic() < until, "the worker never came back"
                 time.sleep(0.02)
             assert client.get_model("conv").ready
+            until = time.monotonic() + 10
+            while health_pb2.HealthCheckResponse.SERVING not in statuses[seen_down:]:  # and the watcher sees it back
+                assert time.monotonic() < until, "the health watcher never saw SERVING again"
+                time.sleep(0.01)
         assert_serves_captums_numbers(s.address, seed=1)
         after = scrape(s.running.metrics_port)
     finally:
         watching.set()
         killer.release.set()
+        killer.back.set()
         if watcher.is_alive():
             watcher.join(10)
         s.stop()
-    flipped = [t for t, status in statuses if status == health_pb2.HealthCheckResponse.NOT_SERVING]
-    assert flipped and flipped[0] - died_at < 0.5  # at once, well before the 1 s restart
+    assert statuses[0] == health_pb2.HealthCheckResponse.SERVING  # before the death
     assert down[("attrserve_worker_up", frozenset({"device": "cpu"}.items()))] == 0
     assert down[("attrserve_model_ready", frozenset({"model": "conv", "version": "1"}.items()))] == 0
     assert after[("attrserve_worker_up", frozenset({"device": "cpu"}.items()))] == 1
@@ -215,23 +235,11 @@ def test_a_worker_that_dies_flips_health_fails_its_requests_and_comes_back(caplo
 def test_sigterm_during_a_storm_exits_promptly_and_cleanly() -> None:
     """SIGTERM while requests expire, leave, and run past the grace: the server exits within the grace and a
     few seconds, every call gets an answer, and nothing dies on the way (no traceback in the log)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "attrserve_service.cli", "serve", "--port", "0", "--metrics-port", "-1", "--no-batch-probe",
-         "--grace-seconds", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
-    try:
-        line = ""
-        until = time.monotonic() + 60
-        while "listening on" not in line:
-            assert time.monotonic() < until and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else "no start"
-            line = proc.stdout.readline()
-        address = re.search(r"listening on (\S+)", line).group(1)
+    with ServeProcess(["--no-batch-probe", "--grace-seconds", "1"]) as server:
         rng = np.random.default_rng(0)
         image = rng.random((40, 3, 16, 16), dtype=np.float32)
         long_request = AttributionClient.build_request("image", "integrated_gradients", image, target=1, params={"n_steps": 500})
-        with grpc.insecure_channel(address) as channel:
+        with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.AttributionServiceStub(channel)
             calls = [stub.Attribute.future(long_request, timeout=random.uniform(0.001, 0.03)) for _ in range(20)]
             calls += [stub.Attribute.future(long_request, timeout=60) for _ in range(6)]  # 20,000 rows each: past the grace
@@ -240,18 +248,14 @@ def test_sigterm_during_a_storm_exits_promptly_and_cleanly() -> None:
             for call in leaving:
                 call.cancel()
             signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
+            server.proc.send_signal(signal.SIGTERM)
             for call in calls:
                 try:
                     call.result(timeout=15)
                 except grpc.RpcError as e:
                     assert e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), e
-        proc.wait(timeout=15)
+        assert server.wait(15) == 0, server.output()
         took = time.monotonic() - signalled
-        err = proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        err = server.output()
     assert took < 1 + 4, f"SIGTERM took {took:.1f} s with a 1 s grace"
     assert "Traceback" not in err and "Exception in thread" not in err, err

@@ -10,7 +10,7 @@ import torch
 import captum.attr as ca
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_client import AttributionClient
-from oracle import MODELS, example_inputs
+from oracle import MODELS, assert_served_close, example_inputs
 
 
 def test_layer_grad_cam_and_layer_ig_through_the_server(server) -> None:
@@ -24,12 +24,12 @@ def test_layer_grad_cam_and_layer_ig_through_the_server(server) -> None:
         )
         info = client.get_model("conv")
     want_cam = ca.LayerGradCam(model, model.conv2).attribute(x, target=2, relu_attributions=True)
-    np.testing.assert_allclose(cam.attributions, want_cam.detach().numpy(), atol=1e-5, rtol=1e-5)
+    assert_served_close(cam.attributions, want_cam)
     want_lig, want_delta = ca.LayerIntegratedGradients(model, model.relu1).attribute(
         x, target=[0, 1, 2], n_steps=16, method="riemann_middle", return_convergence_delta=True
     )
-    np.testing.assert_allclose(lig.attributions, want_lig.detach().numpy(), atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(lig.convergence_delta, want_delta.numpy(), atol=1e-5, rtol=1e-5)
+    assert_served_close(lig.attributions, want_lig)
+    assert_served_close(lig.convergence_delta, want_delta, informative=False)
     assert lig.attributions.shape == (3, 4, 8, 8)  # shaped like the layer's output, not the input
     names = {pb.Algorithm.Name(a) for a in info.algorithms}
     assert {"ALGORITHM_LAYER_INTEGRATED_GRADIENTS", "ALGORITHM_LAYER_GRAD_CAM", "ALGORITHM_LAYER_CONDUCTANCE"} <= names
@@ -48,7 +48,7 @@ def test_layer_errors_through_the_server(server) -> None:
     model = MODELS["mlp"]().eval()
     with torch.no_grad():
         want = model.fc1(torch.from_numpy(x))
-    np.testing.assert_allclose(acts.attributions, want.numpy(), atol=1e-6)
+    assert_served_close(acts.attributions, want, atol=1e-6, rtol=1e-7)
 
 
 def test_neuron_method_through_the_server(server) -> None:
@@ -60,4 +60,4 @@ def test_neuron_method_through_the_server(server) -> None:
             params={"neuron_selector": (1, 2, 3), "n_steps": 8},
         )
     want = ca.NeuronConductance(model, model.conv2).attribute(x, neuron_selector=(1, 2, 3), target=1, n_steps=8)
-    np.testing.assert_allclose(got.attributions, want.detach().numpy(), atol=1e-5, rtol=1e-5)
+    assert_served_close(got.attributions, want)

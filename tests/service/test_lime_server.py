@@ -6,7 +6,6 @@ says where KernelShap's float32 surrogate allows it; the cases here stay in that
 
 from __future__ import annotations
 
-import concurrent.futures
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from attrserve_client import AttributionClient
-from oracle import MODELS, example_inputs
+from attrserve_client import Attribution, AttributionClient
+from oracle import MODELS, assert_informative, example_inputs
+from servers import send_held
 
 ATOL = RTOL = 1e-5
 
@@ -99,24 +99,29 @@ def captum_attribute(case: ServerCase, built: dict[str, Any]) -> tuple[torch.Ten
     return tuple(o.detach() for o in out)
 
 
-def call(client: AttributionClient, case: ServerCase, built: dict[str, Any]):
-    return client.attribute(
-        case.model,
-        case.algorithm,
-        tuple(x.numpy() for x in built["inputs"]),
+def arguments(case: ServerCase, built: dict[str, Any]) -> dict[str, Any]:
+    return dict(
         baselines=tuple(b if isinstance(b, float) else b.numpy() for b in built["baselines"]) or None,
         target=built["targets"],
         additional_forward_args=tuple(a.numpy() for a in built["args"]) or None,
         feature_mask=tuple(m.numpy() for m in built["masks"]) or None,
         params=case.params,
         seed=case.seed,
-        timeout=60,
     )
+
+
+def call(client: AttributionClient, case: ServerCase, built: dict[str, Any]):
+    return client.attribute(case.model, case.algorithm, tuple(x.numpy() for x in built["inputs"]), timeout=60, **arguments(case, built))
+
+
+def request_for(case: ServerCase, built: dict[str, Any]):
+    return AttributionClient.build_request(case.model, case.algorithm, tuple(x.numpy() for x in built["inputs"]), **arguments(case, built))
 
 
 def check(result, case: ServerCase, built: dict[str, Any]) -> None:
     want = captum_attribute(case, built)
     assert len(result.attributions) == len(want)
+    assert_informative(want, ATOL)
     for got, w in zip(result.attributions, want):
         assert got.dtype == np.float32
         np.testing.assert_allclose(got, w.numpy(), atol=ATOL, rtol=RTOL)
@@ -134,12 +139,24 @@ def test_server_matches_captum(server, case: ServerCase) -> None:
 
 
 def test_concurrent_requests_fuse_and_stay_correct(fusing_server) -> None:
+    """Every case queued together (held). Each is one group of forward rows (n × n_samples) under its model's batch
+    key, so each model's rows are cut in exactly one pass, shared by that model's requests; each equals Captum."""
     built = [c.build() for c in CASES]
-    with AttributionClient(fusing_server.address) as client, concurrent.futures.ThreadPoolExecutor(len(CASES)) as pool:
-        results = list(pool.map(lambda cb: call(client, *cb), zip(CASES, built)))
+    rows = [c.n * (c.params or {}).get("n_samples", 25) for c in CASES]
+    rows_of_model = {m: sum(r for c, r in zip(CASES, rows) if c.model == m) for m in {c.model for c in CASES}}
+    requests_of_model = {m: sum(c.model == m for c in CASES) for m in rows_of_model}
+    assert rows_of_model == {"multi": 130, "conv": 120, "text": 300, "mlp": 75}
+    engine = fusing_server.running.engine
+    passes, engine_rows = engine.passes, engine.rows
+    with AttributionClient(fusing_server.address) as client:
+        calls = send_held(fusing_server, client, [request_for(c, b) for c, b in zip(CASES, built)])
+        results = [Attribution.from_response(call.result(timeout=60), single=False) for call in calls]
     for result, case, b in zip(results, CASES, built):
         check(result, case, b)
-    assert max(r.timing["pass_requests"] for r in results) > 1
+    assert (engine.passes - passes, engine.rows - engine_rows) == (4, 625)
+    for result, case, r in zip(results, CASES, rows):
+        assert {k: result.timing[k] for k in ("rows", "passes", "pass_rows", "pass_requests")} == {
+            "rows": r, "passes": 1, "pass_rows": rows_of_model[case.model], "pass_requests": requests_of_model[case.model]}, case.id
 
 
 @pytest.mark.parametrize(

@@ -1,19 +1,45 @@
-"""Several algorithms on one input in one request: each equals its own request, and their rows share passes."""
+"""Several algorithms on one input in one request: each equals Captum's answer, as its own request does, and their rows share passes."""
 
 from __future__ import annotations
 
+import captum.attr as ca
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from attrserve_client import AttributionClient
-from oracle import example_inputs
+from oracle import MODELS, assert_all_close, assert_close, assert_metric_close, captum_quality, example_inputs
+
+
+def captum_answers(x: torch.Tensor, target: list[int], baseline: float, seed: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Captum 0.9.0 for the primary (IG) and each `also` entry below, seeded as a request with `seed` is."""
+    model = MODELS["conv"]().eval()
+    b = torch.full((1, *x.shape[1:]), baseline)
+
+    def seeded(run):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        out = run()
+        return (out[0].detach(), out[1].detach()) if isinstance(out, tuple) else (out.detach(), None)
+
+    return [
+        seeded(lambda: ca.IntegratedGradients(model).attribute(x.clone(), b, target=target, n_steps=16, return_convergence_delta=True)),
+        seeded(lambda: ca.Saliency(model).attribute(x.clone().requires_grad_(), target=target, abs=False)),
+        seeded(lambda: ca.DeepLift(model).attribute(x.clone(), b, target=target, return_convergence_delta=True)),
+        seeded(lambda: ca.GradientShap(model).attribute(x.clone(), b, target=target, n_samples=4, stdevs=0.2)),
+        seeded(lambda: ca.LayerGradCam(model, model.conv2).attribute(x.clone(), target=target, relu_attributions=True)),
+        seeded(lambda: ca.NoiseTunnel(ca.Saliency(model)).attribute(x.clone(), nt_type="smoothgrad", nt_samples=3, stdevs=0.1, target=target)),
+    ]
 
 
 def test_several_algorithms_in_one_request_equal_separate_requests(fusing_server) -> None:
+    """IG with five more algorithms in one request, and each alone: all equal Captum's answers. The combined request
+    is one stage whose blocks go to four batch keys (input gradients 32 + 2 + 8 + 6 rows, the layer's gradients 2,
+    DeepLift's pairs 4, the deltas' forwards 4 + 4), so it takes exactly 4 passes where the six separate requests take 8."""
     (x,), _ = example_inputs("conv", 2, seed=21)
-    x = x.numpy()
-    common = dict(target=[0, 2], baselines=0.1, seed=3)
+    target, baseline, seed = [0, 2], 0.1, 3
+    common = dict(target=target, baselines=baseline, seed=seed)
     also = [
         {"algorithm": "saliency", "params": {"abs": False}},
         {"algorithm": "deep_lift", "return_convergence_delta": True},
@@ -22,8 +48,8 @@ def test_several_algorithms_in_one_request_equal_separate_requests(fusing_server
         {"algorithm": "saliency", "noise_tunnel": {"nt_type": "smoothgrad", "nt_samples": 3, "stdevs": 0.1}},
     ]
     with AttributionClient(fusing_server.address) as client:
-        combined = client.attribute("conv", "integrated_gradients", x, params={"n_steps": 16}, return_convergence_delta=True, also=also, **common)
-        alone = client.attribute("conv", "integrated_gradients", x, params={"n_steps": 16}, return_convergence_delta=True, **common)
+        combined = client.attribute("conv", "integrated_gradients", x.numpy(), params={"n_steps": 16}, return_convergence_delta=True, also=also, **common)
+        alone = client.attribute("conv", "integrated_gradients", x.numpy(), params={"n_steps": 16}, return_convergence_delta=True, **common)
         separate = []
         for spec in also:
             kwargs = dict(common)
@@ -31,20 +57,25 @@ def test_several_algorithms_in_one_request_equal_separate_requests(fusing_server
                 kwargs.pop("baselines")
             separate.append(
                 client.attribute(
-                    "conv", spec["algorithm"], x, params=spec.get("params"), layer=spec.get("layer"),
+                    "conv", spec["algorithm"], x.numpy(), params=spec.get("params"), layer=spec.get("layer"),
                     noise_tunnel=spec.get("noise_tunnel"), return_convergence_delta=spec.get("return_convergence_delta", False), **kwargs,
                 )
             )
-    np.testing.assert_allclose(combined.attributions, alone.attributions, atol=1e-6)
-    np.testing.assert_allclose(combined.convergence_delta, alone.convergence_delta, atol=1e-6)
+    want = captum_answers(x, target, baseline, seed)
     assert [a.algorithm for a in combined.also] == [s["algorithm"] for s in also]
-    for got, want in zip(combined.also, separate):
-        np.testing.assert_allclose(got.attributions, want.attributions, atol=1e-6)
-        if want.convergence_delta is not None:
-            np.testing.assert_allclose(got.convergence_delta, want.convergence_delta, atol=1e-6)
-    # One request, one set of passes: the combined request needed far fewer passes than the six separate ones.
-    assert combined.timing["passes"] < sum(r.timing["passes"] for r in [alone, *separate])
-    assert combined.timing["rows"] == alone.timing["rows"] + sum(r.timing["rows"] for r in separate)
+    combined_answers = [(combined.attributions, combined.convergence_delta)] + [(a.attributions, a.convergence_delta) for a in combined.also]
+    separate_answers = [(r.attributions, r.convergence_delta) for r in [alone, *separate]]
+    for answers in (combined_answers, separate_answers):
+        for (got, got_delta), (w, w_delta) in zip(answers, want, strict=True):
+            assert_all_close((torch.from_numpy(got),), (w,))
+            if w_delta is None:
+                assert got_delta is None
+            else:
+                assert_close(torch.from_numpy(got_delta), w_delta)
+    rows = [16 * 2 + 2 * 2, 2, 2 * 2 + 2 * 2, 4 * 2, 2, 3 * 2]  # IG + delta, Saliency, DeepLift pairs + delta, GradientShap, Grad-CAM, NoiseTunnel
+    assert [r.timing["rows"] for r in [alone, *separate]] == rows
+    assert [r.timing["passes"] for r in [alone, *separate]] == [2, 1, 2, 1, 1, 1]
+    assert (combined.timing["rows"], combined.timing["passes"], combined.timing["pass_rows"], combined.timing["pass_requests"]) == (sum(rows), 4, sum(rows), 1)
 
 
 def test_bad_also_entries_are_named(server) -> None:
@@ -59,19 +90,19 @@ def test_bad_also_entries_are_named(server) -> None:
 
 
 def test_quality_metrics_in_the_same_request(server) -> None:
-    import torch
-
-    from attrserve_engine import AttributionJob
-
+    """infidelity and sensitivity_max through the server equal captum.metrics for the same seed; asking for them leaves
+    the attributions as they are without."""
     (x,), _ = example_inputs("conv", 2, seed=22)
-    evaluate = {"infidelity": {"n_perturb_samples": 3, "noise_scale": 0.02}, "sensitivity_max": {"n_perturb_samples": 2, "perturb_radius": 0.03}}
+    target, seed = [1, 0], 4
+    infid, sens = {"n_perturb_samples": 3, "noise_scale": 0.02}, {"n_perturb_samples": 2, "perturb_radius": 0.03}
     with AttributionClient(server.address) as client:
-        got = client.attribute("conv", "integrated_gradients", x.numpy(), target=[1, 0], params={"n_steps": 10}, seed=4, evaluate=evaluate)
-        plain = client.attribute("conv", "integrated_gradients", x.numpy(), target=[1, 0], params={"n_steps": 10}, seed=4)
-    want = server.running.engine.attribute(
-        AttributionJob(model="conv", algorithm="integrated_gradients", inputs=(x,), target=torch.tensor([[1], [0]]), params={"n_steps": 10}, seed=4, evaluate=evaluate)
-    )
-    np.testing.assert_allclose(got.attributions, plain.attributions, atol=1e-6)
-    np.testing.assert_allclose(got.infidelity, want.infidelity.numpy(), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(got.sensitivity_max, want.sensitivity_max.numpy(), rtol=1e-5, atol=1e-7)
-    assert plain.infidelity is None and got.infidelity.shape == (2,)
+        got = client.attribute("conv", "integrated_gradients", x.numpy(), target=target, params={"n_steps": 10}, seed=seed,
+                               evaluate={"infidelity": infid, "sensitivity_max": sens})
+        plain = client.attribute("conv", "integrated_gradients", x.numpy(), target=target, params={"n_steps": 10}, seed=seed)
+    model = MODELS["conv"]().eval()
+    want, want_infid, want_sens = captum_quality(model, ca.IntegratedGradients(model), {"n_steps": 10}, None, (x,), (), target, seed, infid, sens)
+    assert_all_close((torch.from_numpy(got.attributions),), (want[0].detach(),))
+    assert_all_close((torch.from_numpy(plain.attributions),), (want[0].detach(),))
+    assert got.infidelity.shape == got.sensitivity_max.shape == (2,) and plain.infidelity is None and plain.sensitivity_max is None
+    assert_metric_close(torch.from_numpy(got.infidelity), want_infid)
+    assert_metric_close(torch.from_numpy(got.sensitivity_max), want_sens)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attrserve_client import AttributionClient
-from oracle import MODELS, example_inputs
+from oracle import MODELS, assert_served_close, example_inputs
 
 ATOL = RTOL = 1e-5
 
@@ -75,7 +75,7 @@ def test_server_matches_captum(server, case) -> None:
     want = captum_attribute(model, algorithm, params, inputs, args, targets, masks, baselines, seed)
     assert len(result.attributions) == len(want)
     for got, w in zip(result.attributions, want):
-        np.testing.assert_allclose(got, w.numpy(), atol=ATOL, rtol=RTOL)
+        assert_served_close(got, w)
     assert result.seed == seed
 
 

@@ -1,7 +1,16 @@
-"""A plugin algorithm served by name (custom_algorithm + Struct params), listed by GetModel, loaded by `serve --plugins`."""
+"""A plugin algorithm served by name (custom_algorithm + Struct params), listed by GetModel, loaded by `serve --plugins`.
+
+The plugin, Blur Integrated Gradients, is not in Captum: its answers are checked against `blur_ig`, an independent
+reference written here from the algorithm's definition (examples/plugins/blur_integrated_gradients.py) with plain
+torch autograd, in float64.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -10,12 +19,62 @@ import pytest
 import torch
 
 from attrserve_client import AttributionClient
-from attrserve_engine import AttributionJob, Engine, ModelSpec
+from attrserve_engine import Engine, ModelSpec
 from attrserve_service.config import ServerConfig
-from conftest import ServerThread
-from oracle import MODELS, example_inputs
+from oracle import MODELS, assert_all_close, example_inputs
+from servers import ServeProcess, ServerThread
 
-PLUGIN = Path(__file__).resolve().parents[2] / "examples" / "plugins" / "blur_integrated_gradients.py"
+ROOT = Path(__file__).resolve().parents[2]
+PLUGIN = ROOT / "examples" / "plugins" / "blur_integrated_gradients.py"
+DEMO_MODELS = ROOT / "service" / "attrserve_service" / "demo_models"
+
+
+def blur_matrix(size: int, sigma: float) -> torch.Tensor:
+    """(size, size) float64 B such that B @ v is v blurred along its length: Gaussian weights exp(−t²/2σ²) over the
+    taps |t| ≤ min(max(1, ⌈3σ⌉), size − 1), normalised to sum to one, with reflect boundaries (index −j reads j,
+    size − 1 + j reads size − 1 − j). σ = 0 is the identity."""
+    if sigma <= 0:
+        return torch.eye(size, dtype=torch.float64)
+    radius = min(max(1, math.ceil(3 * sigma)), size - 1)
+    weights = [math.exp(-(t * t) / (2 * sigma * sigma)) for t in range(-radius, radius + 1)]
+    total = sum(weights)
+    matrix = torch.zeros(size, size, dtype=torch.float64)
+    for i in range(size):
+        for t, w in zip(range(-radius, radius + 1), weights):
+            j = abs(i + t)
+            j = 2 * (size - 1) - j if j > size - 1 else j
+            matrix[i, j] += w / total
+    return matrix
+
+
+def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(n, c, h, w) float64 images blurred along both spatial axes (the blur is separable: B_h X B_wᵀ per channel)."""
+    return blur_matrix(images.shape[2], sigma) @ images @ blur_matrix(images.shape[3], sigma).T
+
+
+def blur_ig(model: torch.nn.Module, x: torch.Tensor, targets: list[int], n_steps: int, max_sigma: float) -> torch.Tensor:
+    """Blur IG by its definition: the path x(s) = blur(x, s) for s_i = max_sigma · (1 − i / n_steps), i = 0..n_steps,
+    and Σ_{i=1..n} ∇f_target(x(s_i)) · (x(s_i) − x(s_{i−1})), one example and one point at a time, in float64."""
+    model = model.double().eval()
+    x = x.double()
+    path = [blur(x, max_sigma * (1 - i / n_steps)) for i in range(n_steps + 1)]
+    out = torch.zeros_like(x)
+    for e, target in enumerate(targets):
+        for i in range(1, n_steps + 1):
+            point = path[i][e : e + 1].clone().requires_grad_()
+            (grad,) = torch.autograd.grad(model(point)[0, target], point)
+            out[e] += (grad * (path[i][e : e + 1] - path[i - 1][e : e + 1]))[0]
+    return out.float()
+
+
+def image_model() -> torch.nn.Module:
+    """The `image` demo model as the server loads it: model.py's build_model() with weights.pt."""
+    spec = importlib.util.spec_from_file_location("test_plugin_demo_image", DEMO_MODELS / "image" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.build_model()
+    model.load_state_dict(torch.load(DEMO_MODELS / "image" / "weights.pt", weights_only=True))
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +87,14 @@ def plugin_server():
     s.stop()
 
 
+def test_reference_blur_is_a_blur() -> None:
+    """The reference's own sanity: rows of B sum to one, σ = 0 changes nothing, a blur removes variance."""
+    assert torch.allclose(blur_matrix(8, 2.5).sum(1), torch.ones(8, dtype=torch.float64))
+    (x,), _ = example_inputs("conv", 2, seed=5)
+    assert torch.equal(blur(x.double(), 0.0), x.double())
+    assert blur(x.double(), 1.5).var() < x.double().var()
+
+
 def test_plugin_by_name_through_the_client(plugin_server) -> None:
     (x,), _ = example_inputs("conv", 2, seed=5)
     with AttributionClient(plugin_server.address) as client:
@@ -37,48 +104,25 @@ def test_plugin_by_name_through_the_client(plugin_server) -> None:
             client.attribute("conv", "blur_integrated_gradients", x.numpy(), target=1, params={"n_steps": 2.5})
         with pytest.raises(grpc.RpcError) as unknown:
             client.attribute("conv", "no_such_plugin", x.numpy(), target=1)
-    want = plugin_server.running.engine.attribute(
-        AttributionJob(model="conv", algorithm="blur_integrated_gradients", inputs=(x,), target=torch.tensor([[1], [2]]), params={"n_steps": 9, "max_sigma": 2.5})
-    )
-    np.testing.assert_allclose(got.attributions, want.attributions[0].numpy(), atol=1e-6)
+    want = blur_ig(MODELS["conv"](), x, [1, 2], n_steps=9, max_sigma=2.5)
+    assert_all_close((torch.from_numpy(got.attributions),), (want,))
     assert list(info.custom_algorithms) == ["blur_integrated_gradients"]
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "n_steps must be an integer" in bad.value.details()
     assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown algorithm 'no_such_plugin'" in unknown.value.details()
 
 
 def test_serve_cli_loads_plugins_and_reports_bad_ones(tmp_path: Path) -> None:
-    import socket
-    import subprocess
-    import sys
-    import time
-
     bad = subprocess.run(
         [sys.executable, "-m", "attrserve_service.cli", "serve", "--plugins", str(tmp_path / "missing.py"), "--port", "0", "--metrics-port", "-1"],
         capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "plugin" in bad.stderr and "missing.py" in bad.stderr
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "attrserve_service.cli", "serve", "--plugins", str(PLUGIN), "--port", str(port), "--metrics-port", "-1", "--device", "cpu"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with AttributionClient(f"127.0.0.1:{port}") as client:
-                    info = client.get_model("image", timeout=2)
-                    x = np.random.default_rng(0).random((1, 3, 16, 16), dtype=np.float32)
-                    result = client.attribute("image", "blur_integrated_gradients", x, target=1, params={"n_steps": 8}, timeout=30)
-                break
-            except grpc.RpcError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.3)
-        assert "blur_integrated_gradients" in info.custom_algorithms
-        assert result.attributions.shape == (1, 3, 16, 16) and np.isfinite(result.attributions).all()
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with ServeProcess(["--plugins", str(PLUGIN), "--device", "cpu"]) as server:
+        with AttributionClient(server.address) as client:
+            info = client.get_model("image", timeout=10)
+            x = np.random.default_rng(0).random((1, 3, 16, 16), dtype=np.float32)
+            result = client.attribute("image", "blur_integrated_gradients", x, target=1, params={"n_steps": 8}, timeout=30)
+    assert "blur_integrated_gradients" in info.custom_algorithms
+    want = blur_ig(image_model(), torch.from_numpy(x), [1], n_steps=8, max_sigma=5.0)  # the plugin's default max_sigma
+    assert_all_close((torch.from_numpy(result.attributions),), (want,))
