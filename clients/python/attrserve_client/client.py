@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 import grpc
@@ -18,6 +19,44 @@ from .tensors import from_tensor_proto, to_tensor_proto
 _PREFIX = "ALGORITHM_"
 # Inputs and attributions easily pass gRPC's 4 MiB default; the server enforces its own limit.
 _DEFAULT_OPTIONS = {"grpc.max_send_message_length": -1, "grpc.max_receive_message_length": -1}
+_SERVICE = "attrserve.v1.AttributionService"
+# For a target that names several servers: spread calls over all of them (round_robin: kube-proxy does not
+# balance HTTP/2 streams, so a client must), skip a server whose health is not SERVING (one that is draining),
+# and retry a call that a server refused with UNAVAILABLE on another one.
+_BALANCED_SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": _SERVICE},
+        "methodConfig": [
+            {
+                "name": [{"service": _SERVICE}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+)
+Target = str | Sequence[str]
+
+
+def channel_target(target: Target) -> tuple[str, bool]:
+    """The gRPC target for `target`, and whether it names several servers (then calls are balanced over them).
+
+    `target` is "host:port", a resolver URI such as "dns:///attrserve-headless.ns.svc:50051" (every address the
+    name resolves to), or several "ip:port" addresses (a list, or one string joined by commas)."""
+    addresses = [target] if isinstance(target, str) else list(target)
+    if len(addresses) == 1 and "," in addresses[0] and "://" not in addresses[0] and not addresses[0].startswith(("ipv4:", "ipv6:")):
+        addresses = [a.strip() for a in addresses[0].split(",") if a.strip()]
+    if len(addresses) > 1:
+        ipv6 = all(a.startswith("[") for a in addresses)
+        return ("ipv6:" if ipv6 else "ipv4:") + ",".join(addresses), True
+    single = addresses[0]
+    return single, single.startswith(("dns:", "ipv4:", "ipv6:")) and ("," in single or single.startswith("dns:"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,21 +322,27 @@ class _ClientBase:
     build_request = staticmethod(build_request)
 
     def __init__(
-        self, target: str, credentials: grpc.ChannelCredentials | None, options: Iterable[tuple[str, Any]] | None, grpc_module: Any
+        self, target: Target, credentials: grpc.ChannelCredentials | None, options: Iterable[tuple[str, Any]] | None, grpc_module: Any
     ) -> None:
-        merged = list({**_DEFAULT_OPTIONS, **dict(options or ())}.items())
+        resolved, balanced = channel_target(target)
+        defaults = {**_DEFAULT_OPTIONS, **({"grpc.service_config": _BALANCED_SERVICE_CONFIG} if balanced else {})}
+        merged = list({**defaults, **dict(options or ())}.items())
         if credentials is None:
-            self._channel = grpc_module.insecure_channel(target, options=merged)
+            self._channel = grpc_module.insecure_channel(resolved, options=merged)
         else:
-            self._channel = grpc_module.secure_channel(target, credentials, options=merged)
+            self._channel = grpc_module.secure_channel(resolved, credentials, options=merged)
         self._stub = pb_grpc.AttributionServiceStub(self._channel)
 
 
 class AttributionClient(_ClientBase):
-    """Blocking client; gRPC failures propagate as `grpc.RpcError`."""
+    """Blocking client; gRPC failures propagate as `grpc.RpcError`.
+
+    `target`: "host:port"; or several servers — a list of "ip:port", one comma-joined string, or
+    "dns:///name:port" (e.g. a Kubernetes headless Service) — over which calls are balanced round-robin,
+    skipping servers that are not SERVING and retrying on another one a call refused with UNAVAILABLE."""
 
     def __init__(
-        self, target: str, *, credentials: grpc.ChannelCredentials | None = None, options: Iterable[tuple[str, Any]] | None = None
+        self, target: Target, *, credentials: grpc.ChannelCredentials | None = None, options: Iterable[tuple[str, Any]] | None = None
     ) -> None:
         super().__init__(target, credentials, options, grpc)
 
@@ -330,10 +375,10 @@ class AttributionClient(_ClientBase):
 
 
 class AsyncAttributionClient(_ClientBase):
-    """grpc.aio client; gRPC failures propagate as `grpc.aio.AioRpcError`."""
+    """grpc.aio client; gRPC failures propagate as `grpc.aio.AioRpcError`. `target` as AttributionClient's."""
 
     def __init__(
-        self, target: str, *, credentials: grpc.ChannelCredentials | None = None, options: Iterable[tuple[str, Any]] | None = None
+        self, target: Target, *, credentials: grpc.ChannelCredentials | None = None, options: Iterable[tuple[str, Any]] | None = None
     ) -> None:
         super().__init__(target, credentials, options, grpc.aio)
 
