@@ -85,6 +85,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--max-request-bytes", "max_request_bytes", "largest request message accepted", int, "BYTES"),
     Setting("--max-requests-per-stream", "max_requests_per_stream", "requests in flight on one AttributeStream", int),
     Setting(
+        "--prestop-seconds",
+        "prestop_seconds",
+        "on SIGTERM, how long health reports NOT_SERVING while new requests are still accepted, before the grace starts",
+        float,
+        "SECONDS",
+    ),
+    Setting(
         "--grace-seconds",
         "grace_seconds",
         "on SIGTERM, how long in-flight requests may take to finish before they are cancelled",

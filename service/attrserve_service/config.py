@@ -26,6 +26,9 @@ class ServerConfig:
     max_request_bytes: int = 64 * 1024 * 1024
     max_requests_per_stream: int = 256  # in flight on one AttributeStream
     grace_seconds: float = 10.0
+    # On SIGTERM, health says NOT_SERVING this long before the listener stops taking requests: clients that
+    # watch health (the Python client with several servers, Kubernetes readiness) move away without losing a call.
+    prestop_seconds: float = 1.0
 
 
 class RepositoryError(Exception):

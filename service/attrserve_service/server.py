@@ -48,9 +48,14 @@ class RunningServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def stop(self, grace: float = 10.0) -> None:
+    async def stop(self, grace: float = 10.0, prestop: float = 0.0) -> None:
+        """NOT_SERVING; for `prestop` seconds new requests are still accepted while balancers and clients move
+        away; then `grace` seconds for the requests in flight; then the engine stops."""
         self.draining = True
         await self.health.enter_graceful_shutdown()  # NOT_SERVING first, so balancers move away
+        if prestop > 0:
+            log.info("NOT_SERVING; accepting requests for %.1f s more while clients move away", prestop)
+            await asyncio.sleep(prestop)
         await self.server.stop(grace)
         await asyncio.get_running_loop().run_in_executor(None, lambda: self.engine.shutdown(drain=True, timeout=grace))
         if self._metrics_http is not None:
@@ -150,4 +155,4 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining")
-    await running.stop(config.grace_seconds)
+    await running.stop(config.grace_seconds, config.prestop_seconds)
