@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CHECKOV := $(VENV)/tools-checkov/bin/checkov
 
 .PHONY: serve test lint protos clean
 
@@ -24,7 +25,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	cd protos && ../$(BIN)/buf lint
 
-test: lint
+# checkov in its own venv: its pins would downgrade the project's packages.
+$(CHECKOV): deploy/tools/install-checkov.sh | $(STAMP)
+	deploy/tools/install-checkov.sh $(PYTHON)
+
+test: lint $(CHECKOV)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 protos: $(STAMP)
