@@ -136,6 +136,25 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+class TokenClassifier(nn.Module):
+    """Token ids → nn.Embedding → mean → MLP: the text case layer methods (LayerIntegratedGradients) exist for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.embedding = nn.Embedding(20, 5, padding_idx=0)
+        self.fc = nn.Linear(5, 4)
+        self.act = nn.Tanh()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, tokens):
+        return self.head(self.act(self.fc(self.embedding(tokens).mean(1))))
+
+
+# The table's models plus a token-id model, for layer methods.
+LAYER_MODELS: dict[str, Callable[[], nn.Module]] = {**MODELS, "tokens": TokenClassifier}
+
+
 def example_inputs(model: str, n: int, seed: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """(inputs, additional_forward_args) for `n` examples of a model."""
     g = torch.Generator().manual_seed(seed)

@@ -14,25 +14,9 @@ from torch import nn
 
 import captum.attr as ca
 from attrserve_engine import AttributionJob, Engine, InvalidArgument, NotFound
-from oracle import MODELS, assert_all_close, assert_close, assert_fused_equals_alone, assert_split_passes, case_rng, engine_fixture, example_inputs, make_engine, run_fused
+from oracle import LAYER_MODELS, MODELS, assert_all_close, assert_close, assert_fused_equals_alone, assert_split_passes, case_rng, engine_fixture, example_inputs, make_engine, run_fused
 
 
-class TokenClassifier(nn.Module):
-    """Token ids → nn.Embedding → mean → MLP: the text case LayerIntegratedGradients exists for."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(6)
-        self.embedding = nn.Embedding(20, 5, padding_idx=0)
-        self.fc = nn.Linear(5, 4)
-        self.act = nn.Tanh()
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, tokens):
-        return self.head(self.act(self.fc(self.embedding(tokens).mean(1))))
-
-
-LAYER_MODELS = {**MODELS, "tokens": TokenClassifier}
 
 
 def inputs_for(model: str, n: int, seed: int):
