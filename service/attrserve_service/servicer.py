@@ -17,10 +17,16 @@ from attrserve_service.convert import algorithm_enum, request_to_job, result_to_
 from attrserve_service.logs import REQUEST_ID
 
 
+# The server's deadline starts when the call arrives, a little after the client's: a client whose deadline
+# passed cancels the call that much before the server's own deadline. A cancel that close to the deadline
+# is the deadline.
+_DEADLINE_SLACK_S = 0.025
+
+
 def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
     """True once the RPC's deadline has passed (grpc then cancels the handler: that is DEADLINE_EXCEEDED, not CANCELLED)."""
     remaining = context.time_remaining()
-    return remaining is not None and remaining <= 0.001
+    return remaining is not None and remaining <= _DEADLINE_SLACK_S
 
 
 def grpc_status(error: BaseException, context: grpc.aio.ServicerContext | None = None) -> tuple[grpc.StatusCode, str]:
