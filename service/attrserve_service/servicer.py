@@ -16,7 +16,6 @@ from attrserve_service.config import effective_config
 from attrserve_service.convert import algorithm_enum, request_to_job, result_to_response
 from attrserve_service.logs import REQUEST_ID
 
-
 # The server's deadline starts when the call arrives, a little after the client's: a client whose deadline
 # passed cancels the call that much before the server's own deadline. A cancel that close to the deadline
 # is the deadline.
