@@ -294,3 +294,23 @@ def test_held_queues_everything_and_release_cuts_full_passes() -> None:
         assert [p.rows for p in rec.passes] == [32, 32] and [p.requests for p in rec.passes] == [4, 4]
     finally:
         s.stop(drain=False)
+
+
+def test_a_queue_is_cut_when_its_oldest_row_has_waited_the_delay_or_when_it_is_full() -> None:
+    passes, rec = FakePasses(), Recorder()
+    s = scheduler(passes, rec)
+    try:
+        s._arrival_gap = 0.0  # callers close together: a queue waits for company
+        patient = model(max_batch_rows=32, delay_us=200_000, name="patient")
+        first = s.submit(job(patient, 1.0, rows=4))
+        time.sleep(0.02)  # well inside the 200 ms delay
+        second = s.submit(job(patient, 2.0, rows=4))
+        assert (first.result(5), second.result(5)) == (4.0, 8.0)
+        assert [(p.rows, p.requests) for p in rec.passes] == [(8, 2)]  # waited for company, then cut by the delay
+        full = model(max_batch_rows=8, delay_us=30_000_000, name="full")  # a 30 s delay: only a full queue is cut
+        s._arrival_gap = 0.0
+        futures = [s.submit(job(full, 3.0, rows=4)), s.submit(job(full, 4.0, rows=4))]
+        assert [f.result(5) for f in futures] == [12.0, 16.0]  # long before the delay: cut because it was full
+        assert [(p.model, p.rows, p.requests) for p in rec.passes[1:]] == [("full", 8, 2)]
+    finally:
+        s.stop(drain=False)
