@@ -75,6 +75,23 @@ LISTENING = re.compile(r"attrserve listening on (\S+):(\d+)(?: \(metrics on (\S+
 SERVE_MODULE = (sys.executable, "-m", "attrserve_service.cli")
 
 
+def stop_process(proc: subprocess.Popen, reader: threading.Thread, timeout: float = 15.0) -> None:
+    """Terminate → wait(timeout) → kill → wait, then let the thread draining its output finish. Safe to call more
+    than once, or after the process exited."""
+    try:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+    finally:
+        reader.join(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 class ServeProcess:
     """`attrserve serve ARGS` in a subprocess, on ports it binds itself: `--port 0` and `--metrics-port 0` (or -1
     for none) are added unless ARGS set them, and the ports are read from the one line the server prints once
@@ -167,18 +184,7 @@ class ServeProcess:
 
     def stop(self, timeout: float = 15.0) -> None:
         """Terminate → wait(timeout) → kill → wait. Safe to call more than once, or after the process exited."""
-        try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout)
-        finally:
-            self._reader.join(10)
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
+        stop_process(self.proc, self._reader, timeout)
 
     def __enter__(self) -> ServeProcess:
         return self

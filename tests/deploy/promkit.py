@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from servers import ServeProcess, stop_process
+
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yaml"
 RULES_TEST = ROOT / "deploy" / "prometheus" / "rules_test.yaml"
@@ -331,35 +333,18 @@ class Process:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 15.0) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout)
-        finally:
-            self._reader.join(5)
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
+        stop_process(self.proc, self._reader, timeout)
 
 
-ATTRSERVE = [sys.executable, "-m", "attrserve_service.cli", "serve", "--port", "0", "--metrics-port", "0", "--no-batch-probe"]
-
-
-class Attrserve(Process):
-    """`attrserve serve` with the demo models on ports it binds itself (read from the line it prints once ready)."""
+class Attrserve(ServeProcess):
+    """`attrserve serve` with the demo models and /metrics, on ports it binds itself (servers.ServeProcess)."""
 
     def __init__(self, timeout: float = 90.0) -> None:
-        super().__init__(ATTRSERVE)
-        try:
-            match = self.wait_for_line(r"attrserve listening on (\S+):(\d+) \(metrics on (\S+):(\d+)\)", timeout)
-        except BaseException:
-            self.stop()
-            raise
-        self.address = f"{match.group(1)}:{match.group(2)}"
-        self.metrics_address = f"{match.group(3)}:{match.group(4)}"
+        super().__init__(["--no-batch-probe"], metrics=True, start_timeout=timeout)
+
+    @property
+    def metrics_address(self) -> str:
+        return f"{self.host}:{self.metrics_port}"
 
     def scrape(self) -> str:
         return urllib.request.urlopen(f"http://{self.metrics_address}/metrics", timeout=10).read().decode()
