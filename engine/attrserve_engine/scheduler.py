@@ -184,7 +184,7 @@ class Scheduler:
         # Smoothed time between arrivals: waiting for company only pays when company comes sooner than the delay.
         self._last_arrival = time.monotonic()
         self._arrival_gap = 0.0
-        self._thread = self._start_worker(None)
+        self._start_worker(None)
 
     # -- any thread --------------------------------------------------------
     def submit(self, job: LiveJob) -> concurrent.futures.Future:
@@ -269,11 +269,9 @@ class Scheduler:
         return lost
 
     # -- worker thread -----------------------------------------------------
-    def _start_worker(self, restart_delay: float | None) -> threading.Thread:
-        thread = threading.Thread(target=self._work, args=(restart_delay,), name=f"attrserve-worker-{self.name}", daemon=True)
-        self._thread = thread
-        thread.start()
-        return thread
+    def _start_worker(self, restart_delay: float | None) -> None:
+        self._thread = threading.Thread(target=self._work, args=(restart_delay,), name=f"attrserve-worker-{self.name}", daemon=True)
+        self._thread.start()
 
     def _work(self, restart_delay: float | None) -> None:
         """Thread body: (after a crash: wait, check the models, serve again) then the loop; recovery if it dies."""
