@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 
 from attrserve_engine import AttributionJob, Engine, EngineLimits
-from attrserve_service.config import load_repository
+from attrserve_service.repository import load_repository
 
 from captum_calls import run_captum
 from workloads import GPU_MODELS, build_model, gpu_workloads

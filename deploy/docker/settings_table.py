@@ -69,12 +69,17 @@ def rows() -> list[tuple[str, str, str, str, str]]:
         if s.inverted:
             shown = "`1`"
             meaning += f" (`{s.env}=0` is `{s.flag}`)"
+        elif s.switch:
+            shown = "`0`"
+            meaning += f" (`{s.env}=1` is `{s.flag}`)"
         elif default is None or default == []:
             shown = "—"
         else:
             shown = f"`{default}`"
         if s.repeatable:
             meaning += "; the variable holds a comma-separated list"
+        if s.choices:
+            meaning += "; one of " + ", ".join(f"`{c}`" for c in s.choices)
         value = f"`{image[s.env]}`" if s.env in image else ""
         out.append((f"`{s.env}`", f"`{s.flag}`", shown, value, meaning))
     # Options outside SETTINGS that still read a variable (their help ends with "[ATTRSERVE_X]").

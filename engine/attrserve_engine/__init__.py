@@ -5,13 +5,14 @@ from attrserve_engine.errors import (
     AttributionError,
     Cancelled,
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
 from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult, JobTiming
-from attrserve_engine.models import InputSpec, LoadedModel, ModelSpec
+from attrserve_engine.models import InputSpec, LoadedModel, ModelRecord, ModelSpec, ModelState, version_order
 from attrserve_engine.scheduler import DROP_CANCELLED, DROP_DEADLINE, EngineObserver, PassStats
 
 __all__ = [
@@ -27,13 +28,17 @@ __all__ = [
     "Engine",
     "EngineLimits",
     "EngineObserver",
+    "FailedPrecondition",
     "InputSpec",
     "InvalidArgument",
     "JobTiming",
     "LoadedModel",
+    "ModelRecord",
     "ModelSpec",
+    "ModelState",
     "NotFound",
     "PassStats",
     "ResourceExhausted",
     "Unavailable",
+    "version_order",
 ]

@@ -24,7 +24,7 @@ from attrserve_engine.errors import AttributionError, InvalidArgument, NotFound,
 from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluate
 from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks
 from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult
-from attrserve_engine.models import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelSpec, ServedModels
+from attrserve_engine.models import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelRecord, ModelSpec, ServedModels
 from attrserve_engine.plan import Block, BlockResult, JobPlan, PassKind, Plan, PlanOf, RequestRNG, Task, concurrently
 from attrserve_engine.plugins import load_plugins
 from attrserve_engine.scheduler import EngineObserver, LiveJob, Observers, PassStats, Scheduler
@@ -56,6 +56,8 @@ class EngineLimits:
     probe_seconds: float = 1.5
     # A worker that died is restarted after this long (doubling while it keeps dying, up to 30 s).
     worker_restart_delay_s: float = 0.1
+    # An unloaded or replaced load finishes the requests it accepted for at most this long before it is released.
+    drain_seconds: float = 30.0
 
     @property
     def algorithm_limits(self) -> Limits:
@@ -84,19 +86,71 @@ class Engine:
 
     # -- models ------------------------------------------------------------
     def load(self, spec: ModelSpec) -> LoadedModel:
-        """Load a model, measure its pass size, warm every algorithm; the observers hear how long it took or why it failed."""
+        """Load a model version, measure its pass size, warm every algorithm; then it serves.
+
+        Loading a version that already serves is a reload: the previous load serves until the new one is
+        warm, then finishes the requests it accepted (for at most `limits.drain_seconds`) and is released; if
+        the new load fails, the previous one keeps serving. The observers hear how long it took or why it failed."""
         start = time.monotonic()
+        if not spec.device:
+            spec.device = self.limits.default_device
+        self.served.begin_load(spec)
+        Observers(self.observers).model_state_changed(spec.name, spec.version or "1")
         try:
             model = self._load(spec)
         except BaseException as e:
-            Observers(self.observers).model_load_failed(spec.name, e)
+            self.load_failed(spec.name, spec.version, e, spec)
             raise
+        previous = self.served.loaded(model)
         Observers(self.observers).model_loaded(model.name, time.monotonic() - start)
+        Observers(self.observers).model_state_changed(model.name, model.version)
+        log.info("loaded model %s v%s on %s", model.name, model.version, model.device)
+        if previous is not None:
+            self._retire(previous)
         return model
 
+    def load_failed(self, name: str, version: str, error: BaseException, spec: ModelSpec | None = None) -> None:
+        """Record that a version could not be loaded (also for a folder whose config cannot be read): it is
+        UNAVAILABLE with the error as its reason, unless a previous load of it still serves."""
+        self.served.load_failed(name, version, f"{type(error).__name__}: {error}", spec)
+        Observers(self.observers).model_load_failed(name, error)
+        Observers(self.observers).model_state_changed(name, version or "1")
+
+    def unload(self, name: str, version: str = "") -> list[str]:
+        """Stop serving a model's versions (all, or the one named): new requests are refused at once, accepted
+        ones finish (for at most `limits.drain_seconds`), then each load is released. Returns the versions."""
+        versions = [r.version for r in self.served.records() if r.name == name and (not version or r.version == version)]
+        if not versions:
+            self.served.record(name, version)  # raises NotFound naming what exists
+        for v in versions:
+            model = self.served.begin_unload(name, v)
+            Observers(self.observers).model_state_changed(name, v)
+            if model is not None:
+                self._retire(model)
+            self.served.remove(name, v)
+            Observers(self.observers).model_state_changed(name, v)
+            log.info("unloaded model %s v%s", name, v)
+        return versions
+
+    def _retire(self, model: LoadedModel) -> None:
+        """Wait until a load that no longer takes requests has finished those it accepted, then free its memory."""
+        model.ready = False
+        deadline = time.monotonic() + self.limits.drain_seconds
+        while self.backlog(model)[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if (left := self.backlog(model)[0]) > 0:
+            log.warning(
+                "model %s v%s: %d request(s) still running after %.0f s; they finish on it",
+                model.name,
+                model.version,
+                left,
+                self.limits.drain_seconds,
+            )
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        release_free_memory()
+
     def _load(self, spec: ModelSpec) -> LoadedModel:
-        if not spec.device:
-            spec.device = self.limits.default_device
         model = LoadedModel(spec, self.limits.default_max_batch_rows, self.limits.default_max_queue_delay_us)
         model.warm_up()
         if not spec.max_batch_rows and self.limits.probe_batch_rows:  # a config's value always wins
@@ -110,12 +164,10 @@ class Engine:
                     {k: round(v) for k, v in measured.items()},
                     model.max_batch_rows,
                 )
-        self.served.add(model)
         self._scheduler(model)
         self._warm_up_algorithms(model)
         release_free_memory()  # the probe and warm-ups freed far more than serving keeps
         model.ready = True
-        log.info("loaded model %s v%s on %s", model.name, model.version, model.device)
         return model
 
     def _warm_up_algorithms(self, model: LoadedModel) -> None:
@@ -158,10 +210,20 @@ class Engine:
         return names
 
     def models(self) -> list[LoadedModel]:
+        """The loads that serve now."""
         return self.served.all()
 
     def get_model(self, name: str, version: str = "") -> LoadedModel:
+        """The load a request for `name` (and `version`, or the newest ready one) goes to; NotFound or Unavailable."""
         return self.served.get(name, version)
+
+    def model_record(self, name: str, version: str = "") -> ModelRecord:
+        """The named version's record, or that of the version a request naming none would get; NotFound."""
+        return self.served.record(name, version)
+
+    def model_records(self) -> list[ModelRecord]:
+        """Every model version known, with its state: ready, loading, failed (with why) or unloading."""
+        return self.served.records()
 
     def supported_algorithms(self, model: LoadedModel) -> list[str]:
         """Algorithms this model can serve (GetModel's list): those whose `refusal` has nothing to say."""
@@ -173,8 +235,6 @@ class Engine:
         if self._closed:
             raise Unavailable("the engine has shut down")
         model = self.served.get(job.model, job.model_version)
-        if not model.ready:
-            raise Unavailable(f"model {model.name!r} is still loading")
         live = self._prepare(job, model)
         scheduler = self._scheduler(model)
         future = scheduler.submit(live)
@@ -214,10 +274,12 @@ class Engine:
             for scheduler in schedulers:
                 scheduler.release()
 
-    def backlog(self, model: LoadedModel) -> tuple[int, int]:
-        """(requests, rows) of `model` accepted and not yet answered — the queue depth operators scale on."""
-        scheduler = self._schedulers.get(str(model.device))
-        return (0, 0) if scheduler is None else scheduler.backlog(model.key)
+    def backlog(self, model: str | LoadedModel) -> tuple[int, int]:
+        """(requests, rows) accepted and not yet answered, of every load of a model (by name: the queue depth
+        operators scale on) or of one load."""
+        schedulers = list(self._schedulers.values())
+        counts = [scheduler.backlog(model) for scheduler in schedulers]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     def serving(self) -> tuple[bool, str]:
         """Whether every device's worker is up; if not, which one is down and why."""

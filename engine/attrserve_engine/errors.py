@@ -29,3 +29,7 @@ class Cancelled(AttributionError):
 
 class Unavailable(AttributionError):
     code = "UNAVAILABLE"
+
+
+class FailedPrecondition(AttributionError):
+    code = "FAILED_PRECONDITION"

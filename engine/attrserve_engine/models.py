@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attrserve_engine.errors import InvalidArgument, NotFound
+from attrserve_engine.errors import InvalidArgument, NotFound, Unavailable
 from attrserve_engine.user_code import import_file
 
 log = logging.getLogger(__name__)
@@ -207,31 +208,125 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+class ModelState(str, enum.Enum):
+    """Where a model version is in its life (ServedModels' records)."""
+
+    LOADING = "loading"  # being built, measured and warmed up; requests get UNAVAILABLE
+    READY = "ready"  # serving
+    UNAVAILABLE = "unavailable"  # its load failed (the record's reason says why)
+    UNLOADING = "unloading"  # finishing the requests it accepted; new ones are refused
+
+
+@dataclass
+class ModelRecord:
+    """One model version the engine knows of: its state, why it is not ready, and the load that serves."""
+
+    name: str
+    version: str
+    state: ModelState
+    reason: str = ""
+    model: LoadedModel | None = None  # the load that serves (READY, UNLOADING, or READY while a reload runs)
+    spec: ModelSpec | None = None  # what was asked for (None: its config could not even be read)
+
+
+def version_order(version: str) -> tuple[bool, int, str]:
+    """Sort key of versions: numbers by value, after any non-numeric names; the last one is the newest."""
+    return (version.isdigit(), int(version) if version.isdigit() else 0, version)
+
+
 class ServedModels:
-    """Name/version → LoadedModel. Called from the service (load, lookup) and the engine worker (lookup)."""
+    """(name, version) → ModelRecord. Loads and unloads change records from the service's threads; requests
+    look models up from the event loop; the worker looks them up after a restart. One lock guards all.
+
+    A request that names no version gets the newest READY one."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str, str], LoadedModel] = {}
-        self._default_version: dict[str, str] = {}
+        self._records: dict[tuple[str, str], ModelRecord] = {}
         self._lock = threading.Lock()
 
-    def add(self, model: LoadedModel) -> None:
+    # -- lifecycle (Engine.load / unload) ----------------------------------------
+    def begin_load(self, spec: ModelSpec) -> None:
+        """A load of spec's version starts; while a previous load serves, it keeps serving."""
+        key = (spec.name, spec.version or "1")
         with self._lock:
-            self._models[model.key] = model
-            self._default_version.setdefault(model.name, model.version)
+            record = self._records.get(key)
+            if record is None or record.model is None or record.state != ModelState.READY:
+                self._records[key] = ModelRecord(key[0], key[1], ModelState.LOADING, spec=spec)
 
-    def get(self, name: str, version: str = "") -> LoadedModel:
+    def loaded(self, model: LoadedModel) -> LoadedModel | None:
+        """The load is warm: it serves from now on. Returns the load it replaces (to be drained), if any."""
         with self._lock:
-            if not version:
-                version = self._default_version.get(name, "")
-            model = self._models.get((name, version))
-            if model is None:
-                known = sorted({n for n, _ in self._models})
-                if name in self._default_version:
-                    raise NotFound(f"model {name!r} has no version {version!r}")
-                raise NotFound(f"model {name!r} is not served; served models: {', '.join(known) or 'none'}")
-            return model
+            previous = self._records.get(model.key)
+            self._records[model.key] = ModelRecord(model.name, model.version, ModelState.READY, model=model, spec=model.spec)
+        return previous.model if previous is not None and previous.model is not model else None
+
+    def load_failed(self, name: str, version: str, reason: str, spec: ModelSpec | None = None) -> None:
+        """A load failed: the version is UNAVAILABLE with the reason, unless a previous load still serves it."""
+        key = (name, version or "1")
+        with self._lock:
+            record = self._records.get(key)
+            if record is not None and record.model is not None and record.state == ModelState.READY:
+                record.reason = f"its last reload failed, the previous load serves: {reason}"
+            else:
+                self._records[key] = ModelRecord(key[0], key[1], ModelState.UNAVAILABLE, reason=reason, spec=spec)
+
+    def begin_unload(self, name: str, version: str) -> LoadedModel | None:
+        """New requests for this version are refused from now on; returns the load to drain (None if none)."""
+        with self._lock:
+            record = self._records.get((name, version))
+            if record is None:
+                return None
+            record.state, record.reason = ModelState.UNLOADING, "being unloaded"
+            return record.model
+
+    def remove(self, name: str, version: str) -> None:
+        with self._lock:
+            self._records.pop((name, version), None)
+
+    # -- lookups -------------------------------------------------------------------
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        """The load that serves a request: the named version, or the newest READY one."""
+        with self._lock:
+            record = self._find(name, version)
+            if record.state == ModelState.READY and record.model is not None:
+                return record.model
+            if record.state == ModelState.LOADING:
+                raise Unavailable(f"model {name!r} version {record.version!r} is still loading; retry")
+            if record.state == ModelState.UNLOADING:
+                raise Unavailable(f"model {name!r} version {record.version!r} is being unloaded")
+            raise Unavailable(f"model {name!r} version {record.version!r} cannot serve: {record.reason}")
+
+    def record(self, name: str, version: str = "") -> ModelRecord:
+        """The record of the named version, or of the version a request naming none would get (GetModel)."""
+        with self._lock:
+            return self._find(name, version)
+
+    def _find(self, name: str, version: str) -> ModelRecord:
+        versions = sorted((r for (n, _), r in self._records.items() if n == name), key=lambda r: version_order(r.version))
+        if not versions:
+            known = sorted({n for n, _ in self._records})
+            raise NotFound(f"model {_shown(name)} is not served; served models: {', '.join(known) or 'none'}")
+        if version:
+            for record in versions:
+                if record.version == version:
+                    return record
+            raise NotFound(f"model {name!r} has no version {_shown(version)}; it has {', '.join(r.version for r in versions)}")
+        ready = [r for r in versions if r.state == ModelState.READY]
+        return (ready or versions)[-1]
+
+    def records(self) -> list[ModelRecord]:
+        with self._lock:
+            return sorted(self._records.values(), key=lambda r: (r.name, version_order(r.version)))
+
+    def names(self) -> set[str]:
+        with self._lock:
+            return {name for name, _ in self._records}
 
     def all(self) -> list[LoadedModel]:
-        with self._lock:
-            return sorted(self._models.values(), key=lambda m: m.key)
+        """The loads that serve (READY), by name and version."""
+        return [r.model for r in self.records() if r.state == ModelState.READY and r.model is not None]
+
+
+def _shown(name: str, limit: int = 100) -> str:
+    """A client-chosen name in a message, cut short so a huge one cannot bloat the status."""
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"... ({len(name)} characters)"

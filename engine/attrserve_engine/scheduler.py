@@ -37,7 +37,8 @@ from attrserve_engine.plan import Block, BlockResult, JobPlan, concat_results, s
 
 log = logging.getLogger(__name__)
 
-# (model name and version, Block.pass_key): what rows must share to be fused
+# (the model's load, Block.pass_key): what rows must share to be fused. The load itself, not its name and
+# version: while a reload replaces a version, rows of the old and the new load never share a pass.
 BatchKey = tuple
 
 # Why a job's rows were dropped before compute (a metric label).
@@ -79,6 +80,10 @@ class EngineObserver:
 
     def model_load_failed(self, model: str, error: BaseException) -> None:
         """A model failed to load."""
+
+    def model_state_changed(self, model: str, version: str) -> None:
+        """A model version started or finished loading, failed to, started unloading, or is gone (see the
+        engine's model_records); readiness and health follow."""
 
 
 class Observers:
@@ -134,7 +139,7 @@ class QueuedBlock:
 
 
 def batch_key(model: LoadedModel, block: Block) -> BatchKey:
-    return (model.key, block.pass_key)
+    return (model, block.pass_key)  # LoadedModel hashes by identity
 
 
 def _resolve(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -228,11 +233,15 @@ class Scheduler:
             self._held -= 1
             self._cv.notify()
 
-    def backlog(self, model_key: tuple[str, str]) -> tuple[int, int]:
-        """(requests, rows) of a model accepted and not finished: its jobs, and their rows not yet computed
-        (each job's row count less the rows already run). Read at scrape time (metrics), any thread."""
+    def backlog(self, model: str | LoadedModel) -> tuple[int, int]:
+        """(requests, rows) accepted and not finished, of every load of a model (by name) or of one load: their
+        jobs, and their rows not yet computed (each job's row count less the rows already run). Read at scrape
+        time (metrics) and while a load drains, any thread."""
         with self._cv:
-            jobs = [job for job in self._jobs if job.model.key == model_key]
+            if isinstance(model, str):
+                jobs = [job for job in self._jobs if job.model.name == model]
+            else:
+                jobs = [job for job in self._jobs if job.model is model]
             return len(jobs), sum(max(job.rows - job.rows_done, 0) for job in jobs)
 
     def serving(self) -> tuple[bool, str]:

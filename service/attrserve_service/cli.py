@@ -35,6 +35,8 @@ class Setting:
     metavar: str | None = None
     repeatable: bool = False  # the flag may be given several times; the variable holds a comma-separated list
     inverted: bool = False  # a --no-... switch that sets a true-by-default field to False (its variable drops "NO_")
+    switch: bool = False  # a flag without a value that sets a false-by-default field to True (its variable: 1/0)
+    choices: tuple[str, ...] | None = None
 
     @property
     def env(self) -> str:
@@ -99,6 +101,35 @@ SETTINGS: tuple[Setting, ...] = (
         "SECONDS",
     ),
     Setting(
+        "--model-control",
+        "model_control",
+        "none: load the repository at start-up; explicit: also load, reload and unload through the ModelRepositoryService; "
+        "poll: also follow the repository folder (new or changed versions load, removed ones unload)",
+        choices=("none", "explicit", "poll"),
+        metavar="MODE",
+    ),
+    Setting(
+        "--repository-poll-seconds",
+        "repository_poll_seconds",
+        "with --model-control poll, how often the repository folder is read",
+        float,
+        "SECONDS",
+    ),
+    Setting(
+        "--drain-seconds",
+        "limits.drain_seconds",
+        "an unloaded or reloaded model version finishes its accepted requests for at most this long before it is released",
+        float,
+        "SECONDS",
+    ),
+    Setting(
+        "--strict-readiness",
+        "strict_readiness",
+        "health is SERVING only when every model version the server knows of serves (default: when one does)",
+        _bool,
+        switch=True,
+    ),
+    Setting(
         "--worker-restart-delay",
         "limits.worker_restart_delay_s",
         "a device worker that died restarts after this long (doubling while it keeps dying)",
@@ -129,6 +160,9 @@ def _serve_parser() -> argparse.ArgumentParser:
         if s.inverted:
             p.add_argument(s.flag, dest=s.field, action="store_false", default=None, help=f"{s.help} [{s.env}=0]")
             continue
+        if s.switch:
+            p.add_argument(s.flag, dest=s.field, action="store_const", const=True, default=None, help=f"{s.help} [{s.env}=1]")
+            continue
         shown = "" if default is None or default == [] else f" (default: {default})"
         metavar = s.metavar or ("N" if s.parse is int else "VALUE")
         p.add_argument(
@@ -136,6 +170,7 @@ def _serve_parser() -> argparse.ArgumentParser:
             dest=s.field,
             type=s.parse,
             metavar=metavar,
+            choices=s.choices,
             default=None,
             action="append" if s.repeatable else "store",
             help=f"{s.help}{shown} [{s.env}]",
@@ -164,12 +199,14 @@ def server_config(argv: Sequence[str], environ: dict[str, str] | None = None) ->
         if value is None and s.env in environ:
             raw = environ[s.env]
             try:
-                if s.inverted:  # the variable names the positive setting: ATTRSERVE_BATCH_PROBE=0 is --no-batch-probe
+                if s.inverted or s.switch:  # the variable names the positive setting: ATTRSERVE_BATCH_PROBE=0 is --no-batch-probe
                     value = _bool(raw)
                 elif s.repeatable:
                     value = [s.parse(part) for part in raw.split(",") if part]
                 else:
                     value = s.parse(raw)
+                if s.choices and value not in s.choices:
+                    raise ValueError(f"use one of {', '.join(s.choices)}")
             except ValueError as e:
                 parser.error(f"{s.env}={raw!r}: {e}")
         if value is None:
@@ -188,7 +225,7 @@ def server_config(argv: Sequence[str], environ: dict[str, str] | None = None) ->
 
 
 def serve_main(argv: Sequence[str]) -> int:
-    from attrserve_service.config import RepositoryError
+    from attrserve_service.repository import RepositoryError
     from attrserve_service.server import serve
 
     config, (log_level, log_format) = server_config(argv)

@@ -1,18 +1,13 @@
-"""Server configuration and the model repository: `config.pbtxt` (text-format ModelConfig) ↔ engine ModelSpec."""
+"""Server configuration, and the effective ModelConfig of a served model (GetModel)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from google.protobuf import text_format
-
 from attrserve.v1 import model_config_pb2 as mc
-from attrserve_engine import EngineLimits, InputSpec, LoadedModel, ModelSpec
-from attrserve_service.convert import TORCH_TO_WIRE, WIRE_DTYPES
-from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
-
-_PLATFORMS = {mc.PLATFORM_UNSPECIFIED: "", mc.PLATFORM_PYTORCH_EAGER: "pytorch_eager", mc.PLATFORM_TORCHSCRIPT: "torchscript"}
+from attrserve_engine import EngineLimits, LoadedModel, ModelSpec
+from attrserve_service.convert import TORCH_TO_WIRE
 
 
 @dataclass
@@ -29,77 +24,36 @@ class ServerConfig:
     # On SIGTERM, health says NOT_SERVING this long before the listener stops taking requests: clients that
     # watch health (the Python client with several servers, Kubernetes readiness) move away without losing a call.
     prestop_seconds: float = 1.0
-
-
-class RepositoryError(Exception):
-    """A model folder that cannot be served; raised at start-up with the path."""
-
-
-def read_model_config(folder: Path) -> mc.ModelConfig:
-    config = mc.ModelConfig()
-    path = folder / "config.pbtxt"
-    if path.exists():
-        try:
-            text_format.Parse(path.read_text(), config)
-        except text_format.ParseError as e:
-            raise RepositoryError(f"{path}: {e}") from None
-    return config
-
-
-def spec_from_config(folder: Path, config: mc.ModelConfig) -> ModelSpec:
-    inputs = []
-    for i, s in enumerate(config.inputs):
-        if s.dtype != 0 and s.dtype not in WIRE_DTYPES:
-            raise RepositoryError(f"{folder}/config.pbtxt: inputs[{i}].dtype {s.dtype} is not supported")
-        # No dims means "not pinned" (any shape), not a scalar per example.
-        dims = tuple(s.dims) if s.dims else None
-        inputs.append(InputSpec(name=s.name or f"input{i}", dtype=WIRE_DTYPES[s.dtype][1] if s.dtype else None, dims=dims))
-    if config.platform not in _PLATFORMS:
-        raise RepositoryError(f"{folder}/config.pbtxt: platform {config.platform} is not one this server knows")
-    which = config.output.WhichOneof("selector")
-    return ModelSpec(
-        name=config.name or folder.name,
-        version=config.version or "1",
-        path=folder,
-        platform=_PLATFORMS[config.platform],
-        inputs=inputs,
-        max_batch_rows=config.max_batch_rows,
-        max_queue_delay_us=config.max_queue_delay_microseconds,
-        device=config.device,
-        output_index=config.output.index if which == "index" else None,
-        output_key=config.output.key if which == "key" else None,
-        description=config.description,
-        precision=config.precision,
-    )
-
-
-def load_repository(root: Path | None) -> list[ModelSpec]:
-    """One ModelSpec per model folder (a folder with model.py or model.pt)."""
-    root = Path(root) if root is not None else DEMO_MODEL_REPOSITORY
-    if not root.is_dir():
-        raise RepositoryError(f"model repository {root} is not a folder")
-    specs = [
-        spec_from_config(folder, read_model_config(folder))
-        for folder in sorted(p for p in root.iterdir() if p.is_dir())
-        if (folder / "model.py").exists() or (folder / "model.pt").exists()
-    ]
-    if not specs:
-        raise RepositoryError(f"model repository {root} has no model folders (each needs model.py or model.pt)")
-    return specs
+    # Runtime model management: "none" (load the repository at start-up), "explicit" (and load/unload through
+    # the ModelRepositoryService), "poll" (and follow the repository's folders every repository_poll_seconds).
+    model_control: str = "none"
+    repository_poll_seconds: float = 15.0
+    # Health says SERVING only when every model version in the repository serves (default: at least one).
+    strict_readiness: bool = False
 
 
 def effective_config(model: LoadedModel) -> mc.ModelConfig:
     """The config a model is served with, defaults filled in (for GetModel)."""
-    spec = model.spec
+    config = spec_config(model.spec)
+    config.version = model.version
+    config.platform = mc.PLATFORM_TORCHSCRIPT if model.is_torchscript else mc.PLATFORM_PYTORCH_EAGER
+    config.max_batch_rows = model.max_batch_rows
+    config.max_queue_delay_microseconds = round(model.max_queue_delay_s * 1e6)
+    config.device = str(model.device)
+    config.precision = model.spec.precision or "float32"
+    return config
+
+
+def spec_config(spec: ModelSpec) -> mc.ModelConfig:
+    """The config a model version asked for (a version that is not loaded: GetModel of a failed load)."""
     config = mc.ModelConfig(
-        name=model.name,
-        version=model.version,
-        platform=mc.PLATFORM_TORCHSCRIPT if model.is_torchscript else mc.PLATFORM_PYTORCH_EAGER,
-        max_batch_rows=model.max_batch_rows,
-        max_queue_delay_microseconds=round(model.max_queue_delay_s * 1e6),
-        device=str(model.device),
+        name=spec.name,
+        version=spec.version,
+        max_batch_rows=spec.max_batch_rows,
+        max_queue_delay_microseconds=spec.max_queue_delay_us,
+        device=spec.device,
         description=spec.description,
-        precision=spec.precision or "float32",
+        precision=spec.precision,
     )
     for s in spec.inputs:
         wire = TORCH_TO_WIRE.get(s.dtype, 0) if s.dtype is not None else 0  # 0: DATA_TYPE_UNSPECIFIED, any dtype

@@ -117,21 +117,8 @@ DROP_REASONS = (DROP_DEADLINE, DROP_CANCELLED)
 SPLIT_REASONS = (SPLIT_FAILURE, SPLIT_OOM)
 
 
-def precreate(models: list[str], algorithms: list[str], methods: list[tuple[str, str, str]]) -> None:
-    """Create label sets up front so dashboards show zeros instead of gaps."""
-    for model in models:
-        for algorithm in algorithms:
-            ATTRSERVE_ATTRIBUTION_DURATION_SECONDS.labels(model, algorithm)
-            for code in GRPC_CODES:
-                ATTRSERVE_ATTRIBUTIONS_COMPLETED_TOTAL.labels(model, algorithm, code)
-        ATTRSERVE_QUEUE_WAIT_SECONDS.labels(model)
-        for reason in DROP_REASONS:
-            ATTRSERVE_REQUESTS_DROPPED_TOTAL.labels(model, reason)
-            ATTRSERVE_ROWS_DROPPED_TOTAL.labels(model, reason)
-        for kind in PASS_KINDS:
-            ATTRSERVE_PASSES_EXECUTED_TOTAL.labels(model, kind)
-        for reason in SPLIT_REASONS:
-            ATTRSERVE_PASS_SPLITS_TOTAL.labels(model, reason)
+def precreate_methods(methods: list[tuple[str, str, str]]) -> None:
+    """Create the RPC label sets up front so dashboards show zeros instead of gaps."""
     for grpc_type, service, method in methods:
         GRPC_SERVER_STARTED_TOTAL.labels(grpc_type, service, method)
         GRPC_SERVER_HANDLING_SECONDS.labels(grpc_type, service, method)
@@ -139,22 +126,47 @@ def precreate(models: list[str], algorithms: list[str], methods: list[tuple[str,
             GRPC_SERVER_HANDLED_TOTAL.labels(grpc_type, service, method, code)
 
 
-def observe_engine(engine: Engine, version: str) -> None:
-    """Gauges read from the engine when /metrics is scraped (queue depth, device memory), and the build info."""
-    devices = sorted({str(m.device) for m in engine.models()})
-    for model in engine.models():
-        ATTRSERVE_QUEUE_REQUESTS.labels(model.name).set_function(partial(_backlog, engine, model, 0))
-        ATTRSERVE_QUEUE_ROWS.labels(model.name).set_function(partial(_backlog, engine, model, 1))
-    for device in devices:
+_DEVICES: set[str] = set()
+
+
+def watch_model(engine: Engine, model: LoadedModel) -> None:
+    """A model that serves: its queue-depth gauges (read from the engine at scrape time, summed over its versions),
+    its device's gauges, and its label sets created up front (zeros instead of gaps)."""
+    name = model.name
+    ATTRSERVE_QUEUE_REQUESTS.labels(name).set_function(partial(_backlog, engine, name, 0))
+    ATTRSERVE_QUEUE_ROWS.labels(name).set_function(partial(_backlog, engine, name, 1))
+    for algorithm in engine.supported_algorithms(model):
+        ATTRSERVE_ATTRIBUTION_DURATION_SECONDS.labels(name, algorithm)
+        for code in GRPC_CODES:
+            ATTRSERVE_ATTRIBUTIONS_COMPLETED_TOTAL.labels(name, algorithm, code)
+    ATTRSERVE_QUEUE_WAIT_SECONDS.labels(name)
+    ATTRSERVE_MODEL_LOAD_FAILURES_TOTAL.labels(name)
+    for reason in DROP_REASONS:
+        ATTRSERVE_REQUESTS_DROPPED_TOTAL.labels(name, reason)
+        ATTRSERVE_ROWS_DROPPED_TOTAL.labels(name, reason)
+    for kind in PASS_KINDS:
+        ATTRSERVE_PASSES_EXECUTED_TOTAL.labels(name, kind)
+    for reason in SPLIT_REASONS:
+        ATTRSERVE_PASS_SPLITS_TOTAL.labels(name, reason)
+    device = str(model.device)
+    if device not in _DEVICES:  # afterwards EngineMetrics.worker_state keeps it true
+        _DEVICES.add(device)
         ATTRSERVE_WORKER_UP.labels(device).set(1.0 if engine.serving()[0] else 0.0)
-        ATTRSERVE_WORKER_RESTARTS_TOTAL.labels(device)
-        if device.startswith("cuda"):
-            ATTRSERVE_DEVICE_MEMORY_BYTES.labels(device).set_function(partial(torch.cuda.memory_allocated, device))
+    ATTRSERVE_WORKER_RESTARTS_TOTAL.labels(device)
+    if device.startswith("cuda"):
+        ATTRSERVE_DEVICE_MEMORY_BYTES.labels(device).set_function(partial(torch.cuda.memory_allocated, device))
+
+
+def observe_engine(engine: Engine, version: str) -> None:
+    """The models that serve now (watch_model; later loads are watched by EngineMetrics), and the build info."""
+    for model in engine.models():
+        watch_model(engine, model)
+    devices = sorted({str(m.device) for m in engine.models()})
     ATTRSERVE_BUILD_INFO.labels(version, torch.__version__, ",".join(devices) or "none").set(1.0)
 
 
-def _backlog(engine: Engine, model: LoadedModel, which: int) -> float:
-    return float(engine.backlog(model)[which])
+def _backlog(engine: Engine, name: str, which: int) -> float:
+    return float(engine.backlog(name)[which])
 
 
 def observe_delta(model: str, algorithm: str, delta: np.ndarray) -> None:
@@ -165,10 +177,16 @@ def observe_delta(model: str, algorithm: str, delta: np.ndarray) -> None:
 
 
 class EngineMetrics(EngineObserver):
-    """What the engine reports from its worker threads, as metrics."""
+    """What the engine reports from its worker threads (and loading threads), as metrics."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
 
     def model_loaded(self, model: str, seconds: float) -> None:
         ATTRSERVE_MODEL_LOAD_SECONDS.labels(model).observe(seconds)
+        for loaded in self.engine.models():
+            if loaded.name == model:
+                watch_model(self.engine, loaded)
 
     def model_load_failed(self, model: str, error: BaseException) -> None:
         ATTRSERVE_MODEL_LOAD_FAILURES_TOTAL.labels(model).inc()

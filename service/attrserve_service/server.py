@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from dataclasses import dataclass
@@ -15,15 +16,18 @@ from prometheus_client import start_http_server
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
-from attrserve_engine import Engine, EngineObserver
+from attrserve_engine import Engine, EngineObserver, ModelState
 from attrserve_service import __version__, metrics
-from attrserve_service.config import RepositoryError, ServerConfig, load_repository
+from attrserve_service.config import ServerConfig
+from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
 from attrserve_service.interceptor import StatusInterceptor
-from attrserve_service.servicer import AttributionServicer
+from attrserve_service.repository import CONTROL_POLL, ModelManager, RepositoryError
+from attrserve_service.servicer import AttributionServicer, ModelRepositoryServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttributionService"].full_name
+REPOSITORY_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelRepositoryService"].full_name
 
 
 @dataclass
@@ -34,17 +38,43 @@ class RunningServer:
     port: int
     engine: Engine
     health: health.aio.HealthServicer
+    manager: ModelManager
+    strict_readiness: bool = False
     metrics_port: int | None = None
     _metrics_http: Any = None
+    _poller: asyncio.Task | None = None
+    _ready_labels: set[tuple[str, str]] = dataclasses.field(default_factory=set)
     draining: bool = False
 
+    def can_serve(self) -> tuple[bool, str]:
+        """SERVING: every device's worker is up and a model serves (with strict readiness: every model version
+        the server knows of serves). Otherwise NOT_SERVING, and why."""
+        up, reason = self.engine.serving()
+        if not up:
+            return False, reason
+        records = self.engine.model_records()
+        serving = [r for r in records if r.model is not None and r.state == ModelState.READY and self.engine.model_serving(r.model)]
+        if not serving:
+            return False, "no model can serve"
+        if self.strict_readiness and len(serving) < len(records):
+            waiting = [f"{r.name} v{r.version} ({r.state.value})" for r in records if r not in serving]
+            return False, f"strict readiness: {', '.join(waiting)} not ready"
+        return True, ""
+
     async def sync_health(self) -> None:
-        """Health and model readiness say what the engine can do now: NOT_SERVING while a worker is down."""
-        for model in self.engine.models():
-            metrics.ATTRSERVE_MODEL_READY.labels(model.name, model.version).set(1.0 if self.engine.model_serving(model) else 0.0)
+        """Health and model readiness say what the engine can do now: NOT_SERVING while a worker is down or no
+        model can serve; attrserve_model_ready 0 for a version that is loading, failed or unloading."""
+        labels = set()
+        for known in self.manager.statuses(repository=False):
+            labels.add((known.name, known.version))
+            metrics.ATTRSERVE_MODEL_READY.labels(known.name, known.version).set(1.0 if known.state == ModelState.READY.value else 0.0)
+        for gone in self._ready_labels - labels:
+            metrics.ATTRSERVE_MODEL_READY.remove(*gone)
+        self._ready_labels = labels
         if self.draining:
             return  # enter_graceful_shutdown set NOT_SERVING for good
-        status = health_pb2.HealthCheckResponse.SERVING if self.engine.serving()[0] else health_pb2.HealthCheckResponse.NOT_SERVING
+        up = self.can_serve()[0]
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
@@ -52,6 +82,8 @@ class RunningServer:
         """NOT_SERVING; for `prestop` seconds new requests are still accepted while balancers and clients move
         away; then `grace` seconds for the requests in flight; then the engine stops."""
         self.draining = True
+        if self._poller is not None:
+            self._poller.cancel()
         await self.health.enter_graceful_shutdown()  # NOT_SERVING first, so balancers move away
         if prestop > 0:
             log.info("NOT_SERVING; accepting requests for %.1f s more while clients move away", prestop)
@@ -73,39 +105,43 @@ class _HealthSync(EngineObserver):
     def worker_state(self, device: str, serving: bool, reason: str) -> None:
         if not serving:
             log.error("health: NOT_SERVING until the engine worker for %s is back (%s)", device, reason)
+        self._sync()
+
+    def model_state_changed(self, model: str, version: str) -> None:
+        self._sync()
+
+    def _sync(self) -> None:
         if not self.loop.is_closed():
             asyncio.run_coroutine_threadsafe(self.running.sync_health(), self.loop)
 
 
 async def create_server(config: ServerConfig, engine: Engine | None = None) -> RunningServer:
-    """Load the models, bind, and start serving; port 0 binds any free port (tests)."""
+    """Load the models, bind, and start serving; port 0 binds any free port (tests).
+
+    With `engine`, its models are served as they are (tests, embedding) and the repository is only read when
+    `config.model_repository` names one."""
     if engine is None:
         engine = Engine(config.limits)
-        engine.observers.append(metrics.EngineMetrics())  # before the loads, so they are measured
+        engine.observers.append(metrics.EngineMetrics(engine))  # before the loads, so they are measured
         for plugin in config.plugins:
             try:
                 engine.load_plugins(plugin)
             except Exception as e:
                 raise RepositoryError(f"plugin {plugin} could not be loaded: {type(e).__name__}: {e}") from e
-        specs = load_repository(config.model_repository)
-        loop = asyncio.get_running_loop()
-        for spec in specs:
-            try:
-                await loop.run_in_executor(None, engine.load, spec)  # model code never runs on the event loop
-            except Exception as e:
-                raise RepositoryError(f"model folder {spec.path} could not be served: {type(e).__name__}: {e}") from e
+        manager = ModelManager(engine, config.model_repository or DEMO_MODEL_REPOSITORY, config.model_control)
+        await manager.load_all()  # a model that fails is reported, not fatal (unless nothing at all can serve)
+    else:
+        manager = ModelManager(engine, config.model_repository, config.model_control)
     if not any(isinstance(o, metrics.EngineMetrics) for o in engine.observers):
-        engine.observers.append(metrics.EngineMetrics())
+        engine.observers.append(metrics.EngineMetrics(engine))
     metrics.observe_engine(engine, __version__)
-    metrics.precreate(
-        [m.name for m in engine.models()],
-        sorted({a for m in engine.models() for a in engine.supported_algorithms(m)}),
+    metrics.precreate_methods(
         [
             ("unary", SERVICE_NAME, "Attribute"),
             ("bidi_stream", SERVICE_NAME, "AttributeStream"),
             ("unary", SERVICE_NAME, "ListModels"),
             ("unary", SERVICE_NAME, "GetModel"),
-        ],
+        ]
     )
 
     server = grpc.aio.server(
@@ -117,22 +153,27 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
         ],
     )
     pb_grpc.add_AttributionServiceServicer_to_server(AttributionServicer(engine, config.max_requests_per_stream), server)
+    pb_grpc.add_ModelRepositoryServiceServicer_to_server(ModelRepositoryServicer(manager), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((SERVICE_NAME, REPOSITORY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
     await server.start()
 
-    running = RunningServer(server=server, port=port, engine=engine, health=health_servicer)
+    running = RunningServer(
+        server=server, port=port, engine=engine, health=health_servicer, manager=manager, strict_readiness=config.strict_readiness
+    )
     if config.metrics_port is not None:
         httpd, _ = start_http_server(config.metrics_port, addr=config.host)
         running._metrics_http = httpd
         running.metrics_port = httpd.server_port
     engine.observers.append(_HealthSync(running, asyncio.get_running_loop()))
-    # Readiness only now: every model is loaded and warm.
+    # Readiness only now: every model is loaded and warm (or has failed, with its reason).
     await running.sync_health()
+    if config.model_control == CONTROL_POLL:
+        running._poller = asyncio.ensure_future(manager.poll_forever(config.repository_poll_seconds))
     return running
 
 

@@ -1,4 +1,5 @@
-"""AttributionService servicer: each method decodes, calls the engine, encodes. Errors are mapped by the interceptor."""
+"""AttributionService and ModelRepositoryService servicers: each method decodes, calls the engine (or the model
+manager), encodes. Errors are mapped by the interceptor."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import grpc
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
-from attrserve_engine import AttributionError, Engine, LoadedModel
+from attrserve.v1 import model_config_pb2 as mc
+from attrserve_engine import AttributionError, Engine, ModelRecord, ModelState
 from attrserve_service import metrics
-from attrserve_service.config import effective_config
+from attrserve_service.config import effective_config, spec_config
 from attrserve_service.convert import algorithm_enum, request_to_job, result_to_response
 from attrserve_service.logs import REQUEST_ID
+from attrserve_service.repository import UNLOADED, ModelManager, Status
 
 # The server's deadline starts when the call arrives, a little after the client's: a client whose deadline
 # passed cancels the call that much before the server's own deadline. A cancel that close to the deadline
@@ -45,8 +48,6 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
     def __init__(self, engine: Engine, max_requests_per_stream: int) -> None:
         self.engine = engine
         self.max_requests_per_stream = max_requests_per_stream
-        # Metric labels stay bounded: names a client makes up are counted as "unknown".
-        self._served = {m.name for m in engine.models()}
 
     async def _attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> pb.AttributeResponse:
         """One request through the engine, with its metrics; raises AttributionError on failure.
@@ -56,7 +57,8 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         start = time.monotonic()
         remaining = context.time_remaining()
         deadline = None if remaining is None else start + remaining
-        model = request.model if request.model in self._served else "unknown"
+        # Metric labels stay bounded: names a client makes up are counted as "unknown".
+        model = request.model if request.model in self.engine.served.names() else "unknown"
         known = request.algorithm in pb.Algorithm.values() and request.algorithm != pb.ALGORITHM_UNSPECIFIED
         name = pb.Algorithm.Name(request.algorithm)[len("ALGORITHM_") :].lower() if known else request.custom_algorithm
         labels = (model, name if name in self.engine.algorithms else "unknown")
@@ -137,18 +139,59 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
                     task.cancel()
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[self._info(m) for m in self.engine.models()])
+        """Every model version the server knows of: those that serve, and those loading or failed (with why)."""
+        return pb.ListModelsResponse(models=[self._info(r) for r in self.engine.model_records()])
 
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
-        return pb.GetModelResponse(model=self._info(self.engine.get_model(request.model, request.model_version)))
+        return pb.GetModelResponse(model=self._info(self.engine.model_record(request.model, request.model_version)))
 
-    def _info(self, model: LoadedModel) -> pb.ModelInfo:
+    def _info(self, record: ModelRecord) -> pb.ModelInfo:
+        model = record.model
+        if model is None:  # loading, or its load failed: what was asked for, and why it does not serve
+            config = spec_config(record.spec) if record.spec is not None else mc.ModelConfig(name=record.name, version=record.version)
+            return pb.ModelInfo(config=config, state=_STATES[record.state], reason=record.reason)
         names = self.engine.supported_algorithms(model)
+        serving = record.state == ModelState.READY and self.engine.model_serving(model)
+        state = _STATES[record.state] if serving or record.state != ModelState.READY else pb.MODEL_STATE_UNAVAILABLE
         return pb.ModelInfo(
             config=effective_config(model),
             layers=model.layers,
             algorithms=[e for e in map(algorithm_enum, names) if e is not None],
             custom_algorithms=[name for name in names if algorithm_enum(name) is None],
-            ready=self.engine.model_serving(model),
+            ready=serving,
+            state=state,
+            reason=record.reason if serving or record.state != ModelState.READY else self.engine.serving()[1],
             batch_probe=[pb.BatchProbe(rows=rows, rows_per_second=rate) for rows, rate in sorted(model.batch_probe.items())],
         )
+
+
+_STATES = {
+    ModelState.LOADING: pb.MODEL_STATE_LOADING,
+    ModelState.READY: pb.MODEL_STATE_READY,
+    ModelState.UNAVAILABLE: pb.MODEL_STATE_UNAVAILABLE,
+    ModelState.UNLOADING: pb.MODEL_STATE_UNLOADING,
+}
+_STATE_NAMES = {state.value: code for state, code in _STATES.items()} | {UNLOADED: pb.MODEL_STATE_UNLOADED}
+
+
+class ModelRepositoryServicer(pb_grpc.ModelRepositoryServiceServicer):
+    """Runtime model management (the ModelManager does the work; this maps it to the contract)."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+        statuses = self.manager.statuses()
+        if request.ready_only:
+            statuses = [s for s in statuses if s.state == ModelState.READY.value]
+        return pb.RepositoryIndexResponse(models=_statuses(statuses))
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
+        return pb.LoadModelResponse(models=_statuses(await self.manager.load(request.model, request.version)))
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext) -> pb.UnloadModelResponse:
+        return pb.UnloadModelResponse(models=_statuses(await self.manager.unload(request.model, request.version)))
+
+
+def _statuses(statuses: list[Status]) -> list[pb.ModelStatus]:
+    return [pb.ModelStatus(model=s.name, version=s.version, state=_STATE_NAMES[s.state], reason=s.reason) for s in statuses]

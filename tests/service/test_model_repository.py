@@ -27,7 +27,8 @@ from attrserve_client import cli as client_cli
 from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgument
 from attrserve_engine.algorithms import ALGORITHMS
 from attrserve_engine.models import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US
-from attrserve_service.config import RepositoryError, effective_config, load_repository
+from attrserve_service.config import effective_config
+from attrserve_service.repository import RepositoryError, load_repository
 from servers import ServeProcess
 
 ATOL = 1e-5
@@ -474,12 +475,13 @@ def test_platform_that_does_not_match_the_folder(tmp_path, engines):
         engine.load(load_repository(tmp_path)[0])
 
 
-def test_serve_reports_a_model_that_cannot_load_by_folder(tmp_path):
+def test_serve_exits_when_no_model_can_load_and_names_the_folder(tmp_path):
+    """Without runtime model control, a repository where nothing loads is a configuration error (exit 2).
+    (One broken model among good ones does not stop the server: tests/service/test_model_management.py.)"""
     write_model(tmp_path / "broken", "def build_model():\n    raise RuntimeError('no weights here')\n")
     out = subprocess.run(
         [sys.executable, "-m", "attrserve_service.cli", "serve", "--model-repository", str(tmp_path), "--port", "0", "--metrics-port", "-1"],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 2
-    assert f"model folder {tmp_path / 'broken'} could not be served" in out.stderr
-    assert "no weights here" in out.stderr
+    assert f"no model in {tmp_path} could be served: broken v1 ({tmp_path / 'broken'}): RuntimeError: no weights here" in out.stderr

@@ -236,3 +236,182 @@ class AttributionService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ModelRepositoryServiceStub:
+    """Loads, reloads and unloads the repository's models while the server runs
+    (Triton's explicit model control). RepositoryIndex always answers; the other
+    calls are refused with FAILED_PRECONDITION unless the server runs with
+    `--model-control explicit`.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.RepositoryIndex = channel.unary_unary(
+                '/attrserve.v1.ModelRepositoryService/RepositoryIndex',
+                request_serializer=attrserve_dot_v1_dot_attribution__service__pb2.RepositoryIndexRequest.SerializeToString,
+                response_deserializer=attrserve_dot_v1_dot_attribution__service__pb2.RepositoryIndexResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/attrserve.v1.ModelRepositoryService/LoadModel',
+                request_serializer=attrserve_dot_v1_dot_attribution__service__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=attrserve_dot_v1_dot_attribution__service__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/attrserve.v1.ModelRepositoryService/UnloadModel',
+                request_serializer=attrserve_dot_v1_dot_attribution__service__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=attrserve_dot_v1_dot_attribution__service__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+
+
+class ModelRepositoryServiceServicer:
+    """Loads, reloads and unloads the repository's models while the server runs
+    (Triton's explicit model control). RepositoryIndex always answers; the other
+    calls are refused with FAILED_PRECONDITION unless the server runs with
+    `--model-control explicit`.
+    """
+
+    def RepositoryIndex(self, request, context):
+        """Every model version in the repository (and every one the server knows of)
+        with its state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Loads a model's versions from the repository folder as it is now, or
+        reloads them: a reloaded version serves from the new load once it is
+        warm, and the previous load finishes the requests it accepted first; when
+        the new load fails, the previous one keeps serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Stops serving a model (or one version of it): new requests are refused at
+        once, the accepted ones finish, then the model is released. Answers when
+        the model is gone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelRepositoryServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RepositoryIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepositoryIndex,
+                    request_deserializer=attrserve_dot_v1_dot_attribution__service__pb2.RepositoryIndexRequest.FromString,
+                    response_serializer=attrserve_dot_v1_dot_attribution__service__pb2.RepositoryIndexResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=attrserve_dot_v1_dot_attribution__service__pb2.LoadModelRequest.FromString,
+                    response_serializer=attrserve_dot_v1_dot_attribution__service__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=attrserve_dot_v1_dot_attribution__service__pb2.UnloadModelRequest.FromString,
+                    response_serializer=attrserve_dot_v1_dot_attribution__service__pb2.UnloadModelResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'attrserve.v1.ModelRepositoryService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('attrserve.v1.ModelRepositoryService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class ModelRepositoryService:
+    """Loads, reloads and unloads the repository's models while the server runs
+    (Triton's explicit model control). RepositoryIndex always answers; the other
+    calls are refused with FAILED_PRECONDITION unless the server runs with
+    `--model-control explicit`.
+    """
+
+    @staticmethod
+    def RepositoryIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attrserve.v1.ModelRepositoryService/RepositoryIndex',
+            attrserve_dot_v1_dot_attribution__service__pb2.RepositoryIndexRequest.SerializeToString,
+            attrserve_dot_v1_dot_attribution__service__pb2.RepositoryIndexResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attrserve.v1.ModelRepositoryService/LoadModel',
+            attrserve_dot_v1_dot_attribution__service__pb2.LoadModelRequest.SerializeToString,
+            attrserve_dot_v1_dot_attribution__service__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attrserve.v1.ModelRepositoryService/UnloadModel',
+            attrserve_dot_v1_dot_attribution__service__pb2.UnloadModelRequest.SerializeToString,
+            attrserve_dot_v1_dot_attribution__service__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,330 @@
+"""The model repository: its folders read into ModelSpecs (`scan`), and the ModelManager that loads, reloads and
+unloads them while the server runs — at start-up, through the admin RPC, or by polling the folder.
+
+Layouts, side by side in one repository:
+
+    <repository>/<model>/model.py | model.pt  [config.pbtxt]      one version: config's `version`, default "1"
+    <repository>/<model>/<N>/model.py | model.pt  [config.pbtxt]  versions N (positive integers); a config.pbtxt
+    <repository>/<model>/config.pbtxt                              beside them serves every version without its own
+
+A folder that cannot be read (a malformed config.pbtxt, a version that contradicts its folder) becomes an Entry
+with an `error`: that version is reported UNAVAILABLE with the error while every other model serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from attrserve.v1 import model_config_pb2 as mc
+from attrserve_engine import Engine, FailedPrecondition, InputSpec, ModelRecord, ModelSpec, ModelState, NotFound, version_order
+from attrserve_service.convert import WIRE_DTYPES
+from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
+
+log = logging.getLogger(__name__)
+
+_PLATFORMS = {mc.PLATFORM_UNSPECIFIED: "", mc.PLATFORM_PYTORCH_EAGER: "pytorch_eager", mc.PLATFORM_TORCHSCRIPT: "torchscript"}
+_MODEL_FILES = ("model.py", "model.pt")
+CONFIG = "config.pbtxt"
+
+# How models are managed while the server runs (Triton's --model-control-mode):
+CONTROL_NONE = "none"  # every model in the repository is loaded at start-up; nothing changes afterwards
+CONTROL_EXPLICIT = "explicit"  # as none, and the ModelRepositoryService loads, reloads and unloads on request
+CONTROL_POLL = "poll"  # the repository is re-read periodically: new or changed versions (re)load, removed ones unload
+CONTROL_MODES = (CONTROL_NONE, CONTROL_EXPLICIT, CONTROL_POLL)
+
+
+class RepositoryError(Exception):
+    """The repository cannot be served at all (not a folder; at start-up, nothing in it could be loaded)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One model version as the repository folder holds it now."""
+
+    name: str
+    version: str
+    folder: Path
+    fingerprint: str  # changes when a file its load reads changes (polling reloads on that)
+    spec: ModelSpec | None  # None when the folder cannot be read; then `error` says why
+    error: str = ""
+
+
+def read_model_config(path: Path) -> mc.ModelConfig:
+    config = mc.ModelConfig()
+    if path.exists():
+        try:
+            text_format.Parse(path.read_text(), config)
+        except text_format.ParseError as e:
+            raise RepositoryError(f"{path}: {e}") from None
+    return config
+
+
+def spec_from_config(folder: Path, config: mc.ModelConfig, config_path: Path | None = None) -> ModelSpec:
+    where = config_path or folder / CONFIG
+    inputs = []
+    for i, s in enumerate(config.inputs):
+        if s.dtype != 0 and s.dtype not in WIRE_DTYPES:
+            raise RepositoryError(f"{where}: inputs[{i}].dtype {s.dtype} is not supported")
+        # No dims means "not pinned" (any shape), not a scalar per example.
+        dims = tuple(s.dims) if s.dims else None
+        inputs.append(InputSpec(name=s.name or f"input{i}", dtype=WIRE_DTYPES[s.dtype][1] if s.dtype else None, dims=dims))
+    if config.platform not in _PLATFORMS:
+        raise RepositoryError(f"{where}: platform {config.platform} is not one this server knows")
+    which = config.output.WhichOneof("selector")
+    return ModelSpec(
+        name=config.name or folder.name,
+        version=config.version or "1",
+        path=folder,
+        platform=_PLATFORMS[config.platform],
+        inputs=inputs,
+        max_batch_rows=config.max_batch_rows,
+        max_queue_delay_us=config.max_queue_delay_microseconds,
+        device=config.device,
+        output_index=config.output.index if which == "index" else None,
+        output_key=config.output.key if which == "key" else None,
+        description=config.description,
+        precision=config.precision,
+    )
+
+
+def _has_model(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _MODEL_FILES)
+
+
+def _fingerprint(paths: Iterable[Path]) -> str:
+    """Names, sizes and modification times of every file under `paths` (compiled caches left out)."""
+    digest = hashlib.sha1()
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        for path in files:
+            stat = path.stat()
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _entry(model_folder: Path, folder: Path, version: str | None) -> Entry:
+    """The version in `folder` (`version`: its folder's name in the versioned layout, None in the flat one)."""
+    shared = model_folder / CONFIG
+    own = folder / CONFIG
+    config_path = own if own.exists() or version is None else shared
+    fingerprint = _fingerprint([folder] + ([shared] if version is not None and shared.exists() else []))
+    name, shown = model_folder.name, version or "1"
+    try:
+        config = read_model_config(config_path)
+        name = config.name or model_folder.name
+        if version is not None:
+            if config.version and config.version != version:
+                raise RepositoryError(f"{config_path}: version {config.version!r} contradicts its folder {folder}")
+            config.version = version
+        spec = spec_from_config(folder, config, config_path)
+        spec.name = name
+        return Entry(name, spec.version, folder, fingerprint, spec)
+    except RepositoryError as e:
+        return Entry(name, shown, folder, fingerprint, None, str(e))
+
+
+def scan(root: Path | None) -> list[Entry]:
+    """Every model version in the repository, sorted; raises RepositoryError only when `root` is not a folder."""
+    root = Path(root) if root is not None else DEMO_MODEL_REPOSITORY
+    if not root.is_dir():
+        raise RepositoryError(f"model repository {root} is not a folder")
+    entries: list[Entry] = []
+    for model_folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        versions = sorted(
+            (p for p in model_folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0), key=lambda p: int(p.name)
+        )
+        versions = [p for p in versions if _has_model(p)]
+        if _has_model(model_folder):
+            entry = _entry(model_folder, model_folder, None)
+            if versions:
+                numbers = ", ".join(p.name for p in versions)
+                error = f"model folder {model_folder} has both a model file and version folders ({numbers}); keep one layout"
+                entry = Entry(entry.name, entry.version, model_folder, entry.fingerprint, None, error)
+            entries.append(entry)
+        else:
+            entries.extend(_entry(model_folder, folder, folder.name) for folder in versions)
+    seen: dict[tuple[str, str], Path] = {}
+    unique = []
+    for entry in entries:
+        key = (entry.name, entry.version)
+        if key in seen:
+            error = f"model {entry.name!r} version {entry.version!r} is in both {seen[key]} and {entry.folder}; the first one is served"
+            log.error("%s", error)
+            continue
+        seen[key] = entry.folder
+        unique.append(entry)
+    return unique
+
+
+def load_repository(root: Path | None) -> list[ModelSpec]:
+    """One ModelSpec per model version; raises RepositoryError for the first folder that cannot be read, or
+    when there is none (tests and tools that want every folder right)."""
+    entries = scan(root)
+    for entry in entries:
+        if entry.spec is None:
+            raise RepositoryError(entry.error)
+    if not entries:
+        raise RepositoryError(f"model repository {root} has no model folders (each needs model.py or model.pt)")
+    return [entry.spec for entry in entries if entry.spec is not None]
+
+
+@dataclass(frozen=True)
+class Status:
+    """A model version and its state, as the admin RPC and GetModel report them (state: a ModelState value,
+    or "unloaded" for a version that is in the repository but not loaded)."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+UNLOADED = "unloaded"
+
+
+class ModelManager:
+    """Loads the repository's models into the engine and keeps them in step with it.
+
+    One load or unload of a model at a time (per model name); model code runs on executor threads, never on
+    the event loop. A load that fails leaves its version UNAVAILABLE with the error (or, for a reload, the
+    previous load serving) while every other model serves."""
+
+    def __init__(self, engine: Engine, root: Path | None, control: str = CONTROL_NONE) -> None:
+        """`root` None: the engine's models were loaded by its owner; there is no repository to follow."""
+        if control not in CONTROL_MODES:
+            raise RepositoryError(f"model control {control!r} is not one of {', '.join(CONTROL_MODES)}")
+        self.engine = engine
+        self.root = Path(root) if root is not None else None
+        self.control = control
+        self._loaded: dict[tuple[str, str], str] = {}  # fingerprint of the folder each version was last loaded from
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def load_all(self) -> None:
+        """Start-up: load every version in the repository. Without runtime control a repository where nothing
+        can be loaded is an error (RepositoryError, with every reason); with it the server starts anyway."""
+        entries = self._scan()
+        for entry in entries:
+            await self._load_entry(entry)
+        if self.control != CONTROL_NONE or self.engine.models():
+            return
+        if not entries:
+            raise RepositoryError(f"model repository {self.root} has no model folders (each needs model.py or model.pt)")
+        reasons = "; ".join(f"{r.name} v{r.version} ({r.spec.path if r.spec else '?'}): {r.reason}" for r in self.engine.model_records())
+        raise RepositoryError(f"no model in {self.root} could be served: {reasons}")
+
+    def check_control(self) -> None:
+        if self.control != CONTROL_EXPLICIT:
+            raise FailedPrecondition(
+                f"models are not loaded or unloaded on request on this server (model control: {self.control}); "
+                "start it with --model-control explicit"
+            )
+
+    async def load(self, name: str, version: str = "") -> list[Status]:
+        """(Re)load a model's versions from its folder as it is now; versions gone from the folder are unloaded
+        (when no version is named). Raises FailedPrecondition naming every version that failed."""
+        self.check_control()
+        entries = [e for e in self._scan() if e.name == name]
+        if not entries:
+            raise NotFound(f"model {name[:100]!r} is not in the model repository {self.root}")
+        if version:
+            entries = [e for e in entries if e.version == version]
+            if not entries:
+                raise NotFound(f"model {name!r} has no version {version[:100]!r} in the model repository {self.root}")
+        async with self._lock(name):
+            for entry in entries:
+                await self._load_entry(entry)
+            if not version:
+                present = {e.version for e in entries}
+                for record in self.engine.model_records():
+                    if record.name == name and record.version not in present:
+                        await self._unload(name, record.version)
+        statuses = self.statuses(name)
+        failed = [s for s in statuses if s.version in {e.version for e in entries} and s.reason]
+        if failed:
+            raise FailedPrecondition("; ".join(f"model {s.name!r} version {s.version!r} could not be loaded: {s.reason}" for s in failed))
+        return statuses
+
+    async def unload(self, name: str, version: str = "") -> list[Status]:
+        """Unload a model's versions (all, or the one named) after their accepted requests finish."""
+        self.check_control()
+        self.engine.model_record(name, version)  # NotFound naming what exists
+        async with self._lock(name):
+            versions = [r.version for r in self.engine.model_records() if r.name == name and (not version or r.version == version)]
+            for v in versions:
+                await self._unload(name, v)
+        return self.statuses(name)
+
+    async def poll(self) -> None:
+        """One look at the repository: load new versions, reload changed ones, unload removed ones."""
+        try:
+            entries = self._scan()
+        except RepositoryError as e:
+            log.error("model repository: %s; the loaded models keep serving", e)
+            return
+        current = {(e.name, e.version): e for e in entries}
+        for key, entry in current.items():
+            if self._loaded.get(key) != entry.fingerprint:
+                async with self._lock(entry.name):
+                    log.info("model repository: %s %s v%s", "reloading" if key in self._loaded else "loading", *key)
+                    await self._load_entry(entry)
+        for name, version in [key for key in self._loaded if key not in current]:
+            async with self._lock(name):
+                log.info("model repository: %s v%s is gone from the repository; unloading", name, version)
+                await self._unload(name, version)
+
+    async def poll_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.poll()
+            except Exception:  # a poll must never end the polling
+                log.exception("model repository poll failed")
+
+    def statuses(self, name: str | None = None, repository: bool = True) -> list[Status]:
+        """Every version known to the engine, and (with `repository`) every other one in the repository (UNLOADED)."""
+        records = [r for r in self.engine.model_records() if name is None or r.name == name]
+        statuses = [self._status(r) for r in records]
+        if not repository:
+            return statuses
+        known = {(r.name, r.version) for r in records}
+        try:
+            entries = self._scan()
+        except RepositoryError:
+            entries = []
+        statuses += [
+            Status(e.name, e.version, UNLOADED) for e in entries if (name is None or e.name == name) and (e.name, e.version) not in known
+        ]
+        return sorted(statuses, key=lambda s: (s.name, version_order(s.version)))
+
+    def _scan(self) -> list[Entry]:
+        return [] if self.root is None else scan(self.root)
+
+    def _status(self, record: ModelRecord) -> Status:
+        if record.state == ModelState.READY and record.model is not None and not self.engine.model_serving(record.model):
+            return Status(record.name, record.version, ModelState.UNAVAILABLE.value, self.engine.serving()[1])
+        return Status(record.name, record.version, record.state.value, record.reason)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def _load_entry(self, entry: Entry) -> None:
+        self._loaded[(entry.name, entry.version)] = entry.fingerprint
+        if entry.spec is None:
+            log.error("model %s v%s cannot be loaded: %s", entry.name, entry.version, entry.error)
+            self.engine.load_failed(entry.name, entry.version, RepositoryError(entry.error))
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.load, entry.spec)
+        except Exception as e:  # recorded by the engine: the version is UNAVAILABLE with the reason
+            log.error("model folder %s could not be loaded: %s: %s", entry.folder, type(e).__name__, e)
+
+    async def _unload(self, name: str, version: str) -> None:
+        self._loaded.pop((name, version), None)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.unload, name, version)
