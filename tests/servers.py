@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class ServerThread:
-    """Runs create_server on its own event loop so tests can use the blocking client."""
+    """Runs create_server on its own event loop so tests can use the blocking client. Without an engine, the
+    server builds its own from config.model_repository, as `attrserve serve` does."""
 
-    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+    def __init__(self, engine: Engine | None, config: ServerConfig) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

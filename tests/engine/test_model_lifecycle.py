@@ -1,0 +1,206 @@
+"""Model versions, reloads and unloads in the engine: which load a request reaches, and that nothing accepted is lost.
+
+Models are linear (tests/doubles.py Linear3, scaled per load), so every load has its own exact IG and a result
+shows which load computed it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from attrserve_engine import AttributionJob, Engine, EngineLimits, InputSpec, ModelSpec, ModelState, NotFound, Unavailable
+from doubles import Gated, Linear3
+from oracle import wait_in_flight
+
+X = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.7, -1.1]])
+PINNED = [InputSpec("x", torch.float32, (3,))]
+
+
+class Scaled(Linear3):
+    """Linear3 with its weights times `k`: each load computes different numbers."""
+
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.fc.weight.mul_(k)
+
+
+class Broken(Linear3):
+    def forward(self, x):
+        raise RuntimeError("this build is broken")
+
+
+def spec(name: str, version: str, module, pinned: bool = False) -> ModelSpec:
+    # Unpinned inputs: no warm-up passes, so a load never waits for a held scheduler.
+    return ModelSpec(name=name, version=version, module=module, inputs=PINNED if pinned else [], device="cpu", max_batch_rows=64)
+
+
+def ig(engine: Engine, name: str, version: str = ""):
+    job = AttributionJob(model=name, model_version=version, algorithm="integrated_gradients", inputs=(X,), target=torch.tensor([[1], [0]]))
+    return engine.submit(job)
+
+
+def expected(module: Linear3) -> torch.Tensor:
+    return torch.stack([module.integrated_gradients(X[0], 1), module.integrated_gradients(X[1], 0)])
+
+
+def assert_from(result, module: Linear3, version: str) -> None:
+    assert result.model_version == version
+    torch.testing.assert_close(result.attributions[0], expected(module), atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def engine():
+    engine = Engine(EngineLimits(probe_batch_rows=False, drain_seconds=30.0))
+    yield engine
+    engine.shutdown(drain=False, timeout=5)
+
+
+def test_a_request_without_a_version_gets_the_newest_ready_one(engine) -> None:
+    one, two, ten = Scaled(1.0), Scaled(2.0), Scaled(10.0)
+    engine.load(spec("m", "2", two))
+    engine.load(spec("m", "10", ten))  # 10 is newer than 2: versions compare as numbers
+    engine.load(spec("m", "1", one))  # loaded last, still not the newest
+    assert_from(ig(engine, "m").result(30), ten, "10")
+    assert_from(ig(engine, "m", "1").result(30), one, "1")
+    assert_from(ig(engine, "m", "2").result(30), two, "2")
+    assert [(r.version, r.state) for r in engine.model_records()] == [("1", ModelState.READY), ("2", ModelState.READY), ("10", ModelState.READY)]
+    with pytest.raises(NotFound, match=r"model 'm' has no version '3'; it has 1, 2, 10"):
+        ig(engine, "m", "3")
+    with pytest.raises(NotFound, match=r"model 'x' is not served; served models: m"):
+        ig(engine, "x")
+
+
+def test_a_version_that_fails_to_load_is_unavailable_with_its_reason_and_the_others_serve(engine) -> None:
+    good = Scaled(1.0)
+    engine.load(spec("m", "1", good))
+    with pytest.raises(RuntimeError, match="this build is broken"):
+        engine.load(spec("m", "2", Broken(), pinned=True))  # its warm-up forward fails
+    record = engine.model_record("m", "2")
+    assert record.state == ModelState.UNAVAILABLE and record.reason == "RuntimeError: this build is broken"
+    with pytest.raises(Unavailable, match="model 'm' version '2' cannot serve: RuntimeError: this build is broken"):
+        ig(engine, "m", "2")
+    assert_from(ig(engine, "m").result(30), good, "1")  # the newest READY version
+    assert engine.model_record("m").version == "1"
+    # A model with no version that serves: the newest one's reason.
+    with pytest.raises(RuntimeError):
+        engine.load(spec("lonely", "1", Broken(), pinned=True))
+    with pytest.raises(Unavailable, match="'lonely' version '1' cannot serve: RuntimeError"):
+        ig(engine, "lonely")
+    assert [m.key for m in engine.models()] == [("m", "1")]
+
+
+def test_a_version_still_loading_is_unavailable_and_requests_go_to_a_ready_one(engine) -> None:
+    old = Scaled(3.0)
+    engine.load(spec("m", "1", old))
+    gated = Gated()
+    gated.hold()
+    loader = threading.Thread(target=engine.load, args=(spec("m", "2", gated, pinned=True),))
+    loader.start()
+    try:
+        assert gated.entered.wait(30)  # in its warm-up forward
+        assert engine.model_record("m", "2").state == ModelState.LOADING
+        with pytest.raises(Unavailable, match="model 'm' version '2' is still loading; retry"):
+            ig(engine, "m", "2")
+        assert_from(ig(engine, "m").result(30), old, "1")
+    finally:
+        gated.open()
+        loader.join(60)
+    assert_from(ig(engine, "m").result(30), gated, "2")
+
+
+def test_a_reload_swaps_once_ready_and_the_previous_load_finishes_what_it_accepted(engine) -> None:
+    before, after = Scaled(1.0), Scaled(-4.0)
+    engine.load(spec("m", "1", before))
+    with engine.held():
+        accepted = ig(engine, "m")  # queued on the first load
+        wait_in_flight(engine, 1)
+        reload = threading.Thread(target=engine.load, args=(spec("m", "1", after),))
+        reload.start()
+        until = time.monotonic() + 30
+        while engine.get_model("m").module is not after:  # swapped; the old load now drains
+            assert time.monotonic() < until
+            time.sleep(0.005)
+        assert reload.is_alive()  # waiting for `accepted`
+        assert engine.model_record("m").state == ModelState.READY
+        later = ig(engine, "m")  # reaches the new load at once
+    reload.join(30)
+    assert not reload.is_alive()
+    assert_from(accepted.result(30), before, "1")
+    assert_from(later.result(30), after, "1")
+    assert engine.backlog("m") == (0, 0)
+
+
+def test_a_reload_that_fails_keeps_the_previous_load_serving(engine) -> None:
+    good = Scaled(2.0)
+    engine.load(spec("m", "1", good))
+    with pytest.raises(RuntimeError, match="this build is broken"):
+        engine.load(spec("m", "1", Broken(), pinned=True))
+    record = engine.model_record("m", "1")
+    assert record.state == ModelState.READY and record.model is not None and record.model.module is good
+    assert "its last reload failed, the previous load serves: RuntimeError: this build is broken" in record.reason
+    assert_from(ig(engine, "m").result(30), good, "1")
+    engine.load(spec("m", "1", Scaled(5.0)))  # a later good reload clears the reason
+    assert engine.model_record("m", "1").reason == ""
+
+
+def test_unload_refuses_new_requests_and_waits_for_the_accepted_ones(engine) -> None:
+    model, other = Scaled(1.5), Scaled(0.5)
+    engine.load(spec("m", "1", model))
+    engine.load(spec("other", "1", other))
+    done: list[list[str]] = []
+    with engine.held():
+        accepted = [ig(engine, "m") for _ in range(3)]
+        wait_in_flight(engine, 3)
+        unload = threading.Thread(target=lambda: done.append(engine.unload("m")))
+        unload.start()
+        until = time.monotonic() + 30
+        while engine.model_record("m").state != ModelState.UNLOADING:
+            assert time.monotonic() < until
+            time.sleep(0.005)
+        with pytest.raises(Unavailable, match="model 'm' version '1' is being unloaded"):
+            ig(engine, "m")
+        time.sleep(0.1)
+        assert unload.is_alive() and not done  # the accepted requests have not run yet
+        serving = ig(engine, "other")  # other models are not held up
+    for future in accepted:
+        assert_from(future.result(30), model, "1")
+    unload.join(30)
+    assert done == [["1"]]
+    with pytest.raises(NotFound, match="model 'm' is not served"):
+        ig(engine, "m")
+    assert_from(serving.result(30), other, "1")
+    assert [m.name for m in engine.models()] == ["other"]
+
+
+def test_unload_stops_waiting_after_the_drain_time_but_never_drops_a_request() -> None:
+    engine = Engine(EngineLimits(probe_batch_rows=False, drain_seconds=0.2))
+    try:
+        model = Scaled(1.0)
+        engine.load(spec("m", "1", model))
+        with engine.held():
+            accepted = ig(engine, "m")
+            wait_in_flight(engine, 1)
+            start = time.monotonic()
+            assert engine.unload("m", "1") == ["1"]
+            assert 0.2 <= time.monotonic() - start < 5
+        assert_from(accepted.result(30), model, "1")  # finished on the released load
+    finally:
+        engine.shutdown(drain=False, timeout=5)
+
+
+def test_unload_of_one_version_leaves_the_others(engine) -> None:
+    one, two = Scaled(1.0), Scaled(2.0)
+    engine.load(spec("m", "1", one))
+    engine.load(spec("m", "2", two))
+    assert engine.unload("m", "2") == ["2"]
+    assert_from(ig(engine, "m").result(30), one, "1")
+    with pytest.raises(NotFound, match="has no version '2'"):
+        ig(engine, "m", "2")
+    with pytest.raises(NotFound):
+        engine.unload("m", "7")
+    with pytest.raises(NotFound):
+        engine.unload("nope")
