@@ -240,16 +240,23 @@ def serve_main(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"serve", "attribute", "models"}
+    commands = ("serve", "attribute", "models", "repository", "load", "unload")
     if not argv or argv[0] not in commands:
-        print("usage: attrserve {serve,attribute,models} [options]  (attrserve COMMAND --help)", file=sys.stderr)
+        print(f"usage: attrserve {{{','.join(commands)}}} [options]  (attrserve COMMAND --help)", file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
     if command == "serve":
         return serve_main(rest)
     from attrserve_client import cli as client_cli
 
-    return client_cli.main(rest) if command == "attribute" else client_cli.models_main(rest)
+    client_commands = {
+        "attribute": client_cli.main,
+        "models": client_cli.models_main,
+        "repository": client_cli.repository_main,
+        "load": client_cli.load_main,
+        "unload": client_cli.unload_main,
+    }
+    return client_commands[command](rest)
 
 
 if __name__ == "__main__":

@@ -141,6 +141,9 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
             ("bidi_stream", SERVICE_NAME, "AttributeStream"),
             ("unary", SERVICE_NAME, "ListModels"),
             ("unary", SERVICE_NAME, "GetModel"),
+            ("unary", REPOSITORY_SERVICE_NAME, "RepositoryIndex"),
+            ("unary", REPOSITORY_SERVICE_NAME, "LoadModel"),
+            ("unary", REPOSITORY_SERVICE_NAME, "UnloadModel"),
         ]
     )
 

@@ -22,7 +22,7 @@ CLIENT_ROOT = pathlib.Path(__file__).resolve().parents[2] / "clients" / "python"
 X = np.array([[0.2961, 0.5166, 0.2517], [0.6886, 0.0740, 0.8665]], dtype=np.float32)
 Y = np.array([[1.0], [2.0]], dtype=np.float32)
 BROKEN = "model 'broken' rejects every request"
-MODEL = pb.ModelInfo(config={"name": "toy", "version": "1"}, ready=True,
+MODEL = pb.ModelInfo(config={"name": "toy", "version": "1"}, ready=True, state=pb.MODEL_STATE_READY,
                      algorithms=[pb.ALGORITHM_INTEGRATED_GRADIENTS, pb.ALGORITHM_SALIENCY])
 DT = tensor_pb2.DataType
 
@@ -319,12 +319,12 @@ def test_cli_models(sync_server, capsys):
     address, _ = sync_server
     assert cli.main(["models", "--target-address", address]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "name  version  ready  algorithms",
-        "toy   1        yes    integrated_gradients, saliency",
+        "name  version  ready  state  algorithms",
+        "toy   1        yes    ready  integrated_gradients, saliency",
     ]
     assert cli.models_main(["--target-address", address, "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"models": [
-        {"name": "toy", "version": "1", "ready": True, "algorithms": ["integrated_gradients", "saliency"]}]}
+        {"name": "toy", "version": "1", "ready": True, "state": "ready", "reason": "", "algorithms": ["integrated_gradients", "saliency"]}]}
 
 
 def test_python_m_cli(sync_server):

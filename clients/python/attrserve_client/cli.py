@@ -1,4 +1,4 @@
-"""Command line of the client side of attrserve: `attrserve attribute` and `attrserve models`."""
+"""Command line of the client side of attrserve: `attrserve attribute`, `models`, `repository`, `load` and `unload`."""
 
 from __future__ import annotations
 
@@ -6,16 +6,18 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
 
+from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import tensor_pb2
 
 from .client import Attribution, AttributionClient, algorithm_name, algorithm_names
 
 _MAX_COLUMNS = 12
+_STATE_PREFIX = "MODEL_STATE_"
 _DEFAULT_ADDRESS = "127.0.0.1:50051"
 _DT = tensor_pb2.DataType
 # A model input's wire dtype -> the numpy dtype JSON data is cast to. Absent (no cast): unspecified,
@@ -172,10 +174,11 @@ def _error(message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`attrserve attribute`; a leading "attribute" or "models" word picks the subcommand."""
+    """`attrserve attribute`; a leading "attribute", "models", "repository", "load" or "unload" word picks the subcommand."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["models"]:
-        return models_main(argv[1:])
+    subcommands = {"models": models_main, "repository": repository_main, "load": load_main, "unload": unload_main}
+    if argv[:1] and argv[0] in subcommands:
+        return subcommands[argv[0]](argv[1:])
     if argv[:1] == ["attribute"]:
         argv = argv[1:]
     args = _attribute_parser().parse_args(argv)
@@ -216,32 +219,116 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def models_main(argv: Sequence[str] | None = None) -> int:
-    """`attrserve models`: the served models, their versions, readiness and algorithms."""
-    p = argparse.ArgumentParser(prog="attrserve models", description="List an attrserve server's models.")
+def state_name(value: int) -> str:
+    """The lower-case name of a `ModelState` value without its prefix ("ready"); its number if this proto predates it."""
+    try:
+        return pb.ModelState.Name(cast("pb.ModelState", value))[len(_STATE_PREFIX) :].lower()
+    except ValueError:
+        return str(value)
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    """Left-aligned columns; the last one is not padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join([c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]).rstrip())
+
+
+def _print_reasons(rows: Sequence[dict[str, Any]], name_key: str) -> None:
+    reasons = [f"{r[name_key]} v{r['version']}: {r['reason']}" for r in rows if r["reason"]]
+    if reasons:
+        print()
+        for line in reasons:
+            print(line)
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--target-address", default=_DEFAULT_ADDRESS, help="server host:port")
     p.add_argument("--timeout", type=float, help="seconds")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
+    return p
+
+
+def models_main(argv: Sequence[str] | None = None) -> int:
+    """`attrserve models`: the served models, their versions, readiness, state and algorithms."""
+    args = _parser("attrserve models", "List an attrserve server's models.").parse_args(argv)
     try:
         with AttributionClient(args.target_address) as client:
             models = client.list_models(timeout=args.timeout)
     except grpc.RpcError as e:
         return _error(f"{e.code().name}: {e.details()}")
     rows: list[dict[str, Any]] = [
-        {"name": m.config.name, "version": m.config.version, "ready": m.ready, "algorithms": [algorithm_name(a) for a in m.algorithms]}
+        {
+            "name": m.config.name,
+            "version": m.config.version,
+            "ready": m.ready,
+            "state": state_name(m.state),
+            "reason": m.reason,
+            "algorithms": [algorithm_name(a) for a in m.algorithms],
+        }
         for m in models
     ]
     if args.json:
         print(json.dumps({"models": rows}))
         return 0
-    table = [("name", "version", "ready", "algorithms")] + [
-        (r["name"], r["version"], "yes" if r["ready"] else "no", ", ".join(r["algorithms"])) for r in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(3)]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[3])
+    _print_table(
+        [("name", "version", "ready", "state", "algorithms")]
+        + [(r["name"], r["version"], "yes" if r["ready"] else "no", r["state"], ", ".join(r["algorithms"])) for r in rows]
+    )
+    _print_reasons(rows, "name")
     return 0
+
+
+def _print_statuses(statuses: Sequence[pb.ModelStatus], as_json: bool) -> None:
+    rows = [{"model": s.model, "version": s.version, "state": state_name(s.state), "reason": s.reason} for s in statuses]
+    if as_json:
+        print(json.dumps({"models": rows}))
+        return
+    _print_table([("model", "version", "state")] + [(r["model"], r["version"], r["state"]) for r in rows])
+    _print_reasons(rows, "model")
+
+
+def repository_main(argv: Sequence[str] | None = None) -> int:
+    """`attrserve repository`: every model version in the server's repository and its state."""
+    p = _parser("attrserve repository", "List the model versions in an attrserve server's repository and their states.")
+    p.add_argument("--ready-only", action="store_true", help="only the versions that serve now")
+    args = p.parse_args(argv)
+    try:
+        with AttributionClient(args.target_address) as client:
+            statuses = client.repository_index(ready_only=args.ready_only, timeout=args.timeout)
+    except grpc.RpcError as e:
+        return _error(f"{e.code().name}: {e.details()}")
+    _print_statuses(statuses, args.json)
+    return 0
+
+
+def _control_main(argv: Sequence[str] | None, verb: str) -> int:
+    p = _parser(
+        f"attrserve {verb}",
+        f"{verb.capitalize()} a model's versions on an attrserve server run with --model-control explicit.",
+    )
+    p.add_argument("model")
+    p.add_argument("--version", default="", help="one version (default: all of them)")
+    args = p.parse_args(argv)
+    try:
+        with AttributionClient(args.target_address) as client:
+            call = client.load_model if verb == "load" else client.unload_model
+            statuses = call(args.model, args.version, timeout=args.timeout)
+    except grpc.RpcError as e:
+        return _error(f"{e.code().name}: {e.details()}")
+    _print_statuses(statuses, args.json)
+    return 0
+
+
+def load_main(argv: Sequence[str] | None = None) -> int:
+    """`attrserve load MODEL [--version V]`: loads (or reloads) a model; prints its versions' states."""
+    return _control_main(argv, "load")
+
+
+def unload_main(argv: Sequence[str] | None = None) -> int:
+    """`attrserve unload MODEL [--version V]`: unloads a model (or one version); prints its versions' states."""
+    return _control_main(argv, "unload")
 
 
 if __name__ == "__main__":

@@ -332,6 +332,7 @@ class _ClientBase:
         else:
             self._channel = grpc_module.secure_channel(resolved, credentials, options=merged)
         self._stub = pb_grpc.AttributionServiceStub(self._channel)
+        self._repository = pb_grpc.ModelRepositoryServiceStub(self._channel)
 
 
 class AttributionClient(_ClientBase):
@@ -363,6 +364,23 @@ class AttributionClient(_ClientBase):
     def get_model(self, model: str, version: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
         request = pb.GetModelRequest(model=model, model_version=version)
         return self._stub.GetModel(request, timeout=timeout).model
+
+    def repository_index(self, *, ready_only: bool = False, timeout: float | None = None) -> list[pb.ModelStatus]:
+        """Every model version in the server's repository with its state (`ready_only`: those serving now)."""
+        request = pb.RepositoryIndexRequest(ready_only=ready_only)
+        return list(self._repository.RepositoryIndex(request, timeout=timeout).models)
+
+    def load_model(self, model: str, version: str = "", *, timeout: float | None = None) -> list[pb.ModelStatus]:
+        """Loads (or reloads) a model's versions, or the one named; the model's versions after the load.
+        Needs a server run with `--model-control explicit`."""
+        request = pb.LoadModelRequest(model=model, version=version)
+        return list(self._repository.LoadModel(request, timeout=timeout).models)
+
+    def unload_model(self, model: str, version: str = "", *, timeout: float | None = None) -> list[pb.ModelStatus]:
+        """Unloads a model's versions, or the one named, once their accepted requests finish; the model's
+        versions after the unload. Needs a server run with `--model-control explicit`."""
+        request = pb.UnloadModelRequest(model=model, version=version)
+        return list(self._repository.UnloadModel(request, timeout=timeout).models)
 
     def close(self) -> None:
         self._channel.close()
@@ -417,6 +435,21 @@ class AsyncAttributionClient(_ClientBase):
     async def get_model(self, model: str, version: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
         request = pb.GetModelRequest(model=model, model_version=version)
         return (await self._stub.GetModel(request, timeout=timeout)).model
+
+    async def repository_index(self, *, ready_only: bool = False, timeout: float | None = None) -> list[pb.ModelStatus]:
+        """Every model version in the server's repository with its state (`ready_only`: those serving now)."""
+        request = pb.RepositoryIndexRequest(ready_only=ready_only)
+        return list((await self._repository.RepositoryIndex(request, timeout=timeout)).models)
+
+    async def load_model(self, model: str, version: str = "", *, timeout: float | None = None) -> list[pb.ModelStatus]:
+        """Loads (or reloads) a model's versions, or the one named; needs `--model-control explicit`."""
+        request = pb.LoadModelRequest(model=model, version=version)
+        return list((await self._repository.LoadModel(request, timeout=timeout)).models)
+
+    async def unload_model(self, model: str, version: str = "", *, timeout: float | None = None) -> list[pb.ModelStatus]:
+        """Unloads a model's versions, or the one named; needs `--model-control explicit`."""
+        request = pb.UnloadModelRequest(model=model, version=version)
+        return list((await self._repository.UnloadModel(request, timeout=timeout)).models)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -1,0 +1,329 @@
+"""Runtime model management through a real server built from a repository on disk: versions side by side, a
+model that fails to load (reported, never fatal to the others), the ModelRepositoryService (explicit mode) and
+repository polling. Every change is followed by Captum's numbers from what serves and by health telling the truth."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from captum.attr import IntegratedGradients
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from attrserve.v1 import attribution_service_pb2 as pb
+from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
+from attrserve_client import AttributionClient
+from attrserve_engine import EngineLimits
+from attrserve_service.config import ServerConfig
+from servers import ServerThread, scrape
+
+SERVICE = "attrserve.v1.AttributionService"
+X = np.array([[0.3, -0.2, 0.9, 1.4], [1.0, 0.5, -0.4, 0.2]], dtype=np.float32)
+TARGET = [0, 1]
+PINNED = 'inputs { name: "x" dtype: DATA_TYPE_FLOAT32 dims: 4 }\n'
+
+
+def mlp(seed: int) -> str:
+    return f"""
+import torch
+from torch import nn
+
+
+def build_model():
+    torch.manual_seed({seed})
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+"""
+
+
+BROKEN = "def build_model():\n    raise RuntimeError('no weights here')\n"
+
+
+def captum(seed: int) -> np.ndarray:
+    namespace: dict = {}
+    exec(mlp(seed), namespace)
+    model = namespace["build_model"]()
+    return IntegratedGradients(model).attribute(torch.from_numpy(X), target=TARGET).numpy()
+
+
+def write(folder: Path, source: str, config: str = PINNED) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.py").write_text(source)
+    if config is not None:
+        (folder / "config.pbtxt").write_text(config)
+
+
+def start(repo: Path, **settings) -> ServerThread:
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False, drain_seconds=10.0)
+    return ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, **settings))
+
+
+def health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status
+
+
+def ig(client: AttributionClient, model: str, version: str = ""):
+    return client.attribute(model, "integrated_gradients", X, target=TARGET, model_version=version, timeout=60)
+
+
+def states(client: AttributionClient) -> dict[tuple[str, str], tuple[str, str]]:
+    return {(m.config.name, m.config.version): (pb.ModelState.Name(m.state), m.reason) for m in client.list_models(timeout=10)}
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    until = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < until, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def ready_gauges(server: ServerThread) -> dict[tuple[str, str], float]:
+    samples = scrape(server.running.metrics_port)
+    return {(dict(labels)["model"], dict(labels)["version"]): v for (name, labels), v in samples.items() if name == "attrserve_model_ready"}
+
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_a_model_that_fails_to_load_is_reported_while_the_others_serve(tmp_path) -> None:
+    write(tmp_path / "good", mlp(1))
+    write(tmp_path / "broken", BROKEN)
+    write(tmp_path / "badconfig", mlp(1), "max_batch_rows: lots\n")
+    write(tmp_path / "m" / "1", mlp(2), config=None)  # versions in folders, one config beside them
+    write(tmp_path / "m" / "2", mlp(3), config=None)
+    (tmp_path / "m" / "config.pbtxt").write_text(PINNED)
+    server = start(tmp_path)
+    try:
+        with AttributionClient(server.address) as client:
+            assert health(server.address) == SERVING
+            listed = states(client)
+            assert listed[("good", "1")] == ("MODEL_STATE_READY", "")
+            assert listed[("m", "1")] == ("MODEL_STATE_READY", "") and listed[("m", "2")] == ("MODEL_STATE_READY", "")
+            assert listed[("broken", "1")] == ("MODEL_STATE_UNAVAILABLE", "RuntimeError: no weights here")
+            state, reason = listed[("badconfig", "1")]
+            assert state == "MODEL_STATE_UNAVAILABLE" and str(tmp_path / "badconfig" / "config.pbtxt") in reason and "max_batch_rows" in reason
+
+            info = client.get_model("broken")
+            assert not info.ready and info.reason == "RuntimeError: no weights here" and info.config.inputs[0].name == "x"
+            with pytest.raises(grpc.RpcError) as err:
+                ig(client, "broken")
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert err.value.details() == "model 'broken' version '1' cannot serve: RuntimeError: no weights here"
+
+            np.testing.assert_allclose(ig(client, "good").attributions, captum(1), atol=1e-5)
+            newest = ig(client, "m")
+            assert newest.model_version == "2"
+            np.testing.assert_allclose(newest.attributions, captum(3), atol=1e-5)
+            np.testing.assert_allclose(ig(client, "m", "1").attributions, captum(2), atol=1e-5)
+            assert client.get_model("m").config.version == "2" and client.get_model("m").config.inputs[0].dims == [4]
+
+        gauges = ready_gauges(server)  # (the registry is the process's: servers of earlier tests left theirs)
+        want = {("good", "1"): 1.0, ("m", "1"): 1.0, ("m", "2"): 1.0, ("broken", "1"): 0.0, ("badconfig", "1"): 0.0}
+        assert {key: gauges.get(key) for key in want} == want
+        failures = {dict(labels)["model"]: v for (name, labels), v in scrape(server.running.metrics_port).items()
+                    if name == "attrserve_model_load_failures_total"}
+        assert failures["broken"] == 1.0 and failures["badconfig"] == 1.0 and failures["good"] == 0.0
+    finally:
+        server.stop()
+
+
+def test_strict_readiness_is_not_serving_while_a_model_is_not_ready(tmp_path) -> None:
+    write(tmp_path / "good", mlp(1))
+    write(tmp_path / "broken", BROKEN)
+    server = start(tmp_path, strict_readiness=True, model_control="explicit")
+    try:
+        with AttributionClient(server.address) as client:
+            assert health(server.address) == NOT_SERVING
+            np.testing.assert_allclose(ig(client, "good").attributions, captum(1), atol=1e-5)  # it still computes
+            client.unload_model("broken", timeout=30)  # the operator removes what cannot serve
+            assert health(server.address) == SERVING
+    finally:
+        server.stop()
+
+
+def test_explicit_reload_under_load_loses_nothing_and_swaps_the_numbers(tmp_path) -> None:
+    write(tmp_path / "good", mlp(1))
+    write(tmp_path / "other", mlp(4))
+    server = start(tmp_path, model_control="explicit")
+    old, new = captum(1), captum(7)
+    results: list[np.ndarray] = []
+    errors: list[BaseException] = []
+    healths: list[int] = []
+    stop = threading.Event()
+
+    def caller() -> None:
+        with AttributionClient(server.address) as client:
+            while not stop.is_set():
+                try:
+                    results.append(ig(client, "good").attributions)
+                except BaseException as e:  # noqa: BLE001 - any failure fails the test
+                    errors.append(e)
+
+    def watcher() -> None:
+        while not stop.is_set():
+            healths.append(health(server.address))
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=caller) for _ in range(4)] + [threading.Thread(target=watcher)]
+    try:
+        with AttributionClient(server.address) as client:
+            for t in threads:
+                t.start()
+            wait_for(lambda: len(results) >= 20, "requests before the reload")
+            write(tmp_path / "good", mlp(7))
+            statuses = client.load_model("good", timeout=120)
+            assert [(s.model, s.version, pb.ModelState.Name(s.state)) for s in statuses] == [("good", "1", "MODEL_STATE_READY")]
+            after = len(results)
+            wait_for(lambda: len(results) >= after + 20, "requests after the reload")
+            stop.set()
+            for t in threads:
+                t.join(60)
+            assert not errors, errors[:3]
+            matches_old = [np.allclose(r, old, atol=1e-5) for r in results]
+            matches_new = [np.allclose(r, new, atol=1e-5) for r in results]
+            assert all(o or n for o, n in zip(matches_old, matches_new))  # every answer is one load's exact numbers
+            assert any(matches_old) and all(matches_new[after + 4 :])  # the old load answered; later calls get the new one
+            assert set(healths) == {SERVING}
+            np.testing.assert_allclose(ig(client, "other").attributions, captum(4), atol=1e-5)
+    finally:
+        stop.set()
+        server.stop()
+
+
+def test_unload_and_load_back_through_the_admin_service(tmp_path) -> None:
+    write(tmp_path / "good", mlp(1))
+    write(tmp_path / "m" / "1", mlp(2))
+    write(tmp_path / "m" / "2", mlp(3))
+    server = start(tmp_path, model_control="explicit")
+    try:
+        with AttributionClient(server.address) as client, grpc.insecure_channel(server.address) as channel:
+            admin = pb_grpc.ModelRepositoryServiceStub(channel)
+            admin.UnloadModel(pb.UnloadModelRequest(model="m", version="2"), timeout=30)
+            assert ig(client, "m").model_version == "1"  # the newest version left
+            index = admin.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models
+            assert [(s.model, s.version, pb.ModelState.Name(s.state)) for s in index] == [
+                ("good", "1", "MODEL_STATE_READY"), ("m", "1", "MODEL_STATE_READY"), ("m", "2", "MODEL_STATE_UNLOADED")]
+            assert [s.version for s in admin.RepositoryIndex(pb.RepositoryIndexRequest(ready_only=True), timeout=10).models] == ["1", "1"]
+            assert ("m", "2") not in ready_gauges(server)  # its series is gone, not stuck at 0
+
+            admin.UnloadModel(pb.UnloadModelRequest(model="good"), timeout=30)
+            admin.UnloadModel(pb.UnloadModelRequest(model="m"), timeout=30)
+            assert health(server.address) == NOT_SERVING  # nothing left that can compute
+            with pytest.raises(grpc.RpcError) as err:
+                ig(client, "good")
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+            loaded = admin.LoadModel(pb.LoadModelRequest(model="m"), timeout=120).models
+            assert [(s.version, pb.ModelState.Name(s.state)) for s in loaded] == [("1", "MODEL_STATE_READY"), ("2", "MODEL_STATE_READY")]
+            assert health(server.address) == SERVING
+            newest = ig(client, "m")
+            assert newest.model_version == "2"
+            np.testing.assert_allclose(newest.attributions, captum(3), atol=1e-5)
+
+            # A version removed from the folder is unloaded by a load of the whole model.
+            shutil.rmtree(tmp_path / "m" / "2")
+            loaded = admin.LoadModel(pb.LoadModelRequest(model="m"), timeout=120).models
+            assert [s.version for s in loaded] == ["1"]
+
+            # Errors name what is wrong.
+            with pytest.raises(grpc.RpcError) as err:
+                admin.LoadModel(pb.LoadModelRequest(model="nope"), timeout=30)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND and "'nope' is not in the model repository" in err.value.details()
+            with pytest.raises(grpc.RpcError) as err:
+                admin.UnloadModel(pb.UnloadModelRequest(model="good"), timeout=30)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            write(tmp_path / "good", BROKEN)
+            with pytest.raises(grpc.RpcError) as err:
+                admin.LoadModel(pb.LoadModelRequest(model="good"), timeout=60)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert err.value.details() == "model 'good' version '1' could not be loaded: RuntimeError: no weights here"
+            assert health(server.address) == SERVING  # m still serves
+            np.testing.assert_allclose(ig(client, "m").attributions, captum(2), atol=1e-5)
+    finally:
+        server.stop()
+
+
+def test_a_reload_right_after_an_edit_runs_the_edited_code(tmp_path, monkeypatch) -> None:
+    """model.py rewritten at the same length within a second: Python's .pyc check (mtime in seconds, size) would
+    call it unchanged; every load compiles the source as it is."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # as in a server run without PYTHONDONTWRITEBYTECODE
+    source = tmp_path / "good" / "model.py"
+    second = int(time.time()) * 10**9
+
+    def edit(seed: int) -> None:  # the same length, and an mtime within the same second as the last edit
+        write(tmp_path / "good", mlp(seed))
+        os.utime(source, ns=(second + seed, second + seed))
+
+    edit(1)
+    server = start(tmp_path, model_control="explicit")
+    try:
+        with AttributionClient(server.address) as client:
+            for seed in (2, 3, 4):
+                edit(seed)
+                client.load_model("good", timeout=60)
+                np.testing.assert_allclose(ig(client, "good").attributions, captum(seed), atol=1e-5)
+    finally:
+        server.stop()
+
+
+def test_the_admin_service_is_refused_unless_explicit(tmp_path) -> None:
+    write(tmp_path / "good", mlp(1))
+    server = start(tmp_path)
+    try:
+        with AttributionClient(server.address) as client, grpc.insecure_channel(server.address) as channel:
+            admin = pb_grpc.ModelRepositoryServiceStub(channel)
+            for call in (lambda: admin.LoadModel(pb.LoadModelRequest(model="good"), timeout=10),
+                         lambda: admin.UnloadModel(pb.UnloadModelRequest(model="good"), timeout=10)):
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "--model-control explicit" in err.value.details()
+            assert [s.model for s in admin.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models] == ["good"]
+            np.testing.assert_allclose(ig(client, "good").attributions, captum(1), atol=1e-5)
+            assert health(server.address) == SERVING
+    finally:
+        server.stop()
+
+
+def test_polling_follows_the_repository(tmp_path) -> None:
+    write(tmp_path / "good", mlp(1))
+    server = start(tmp_path, model_control="poll", repository_poll_seconds=0.1)
+    try:
+        with AttributionClient(server.address) as client:
+            write(tmp_path / "added", mlp(5))
+            wait_for(lambda: states(client).get(("added", "1"), ("",))[0] == "MODEL_STATE_READY", "a new folder to load")
+            np.testing.assert_allclose(ig(client, "added").attributions, captum(5), atol=1e-5)
+
+            write(tmp_path / "added", mlp(6))  # changed: reloaded
+            wait_for(lambda: np.allclose(ig(client, "added").attributions, captum(6), atol=1e-5), "the changed folder to reload")
+
+            write(tmp_path / "added", BROKEN)  # a broken change: the previous load keeps serving
+            wait_for(lambda: "its last reload failed" in states(client)[("added", "1")][1], "the failed reload to be reported")
+            np.testing.assert_allclose(ig(client, "added").attributions, captum(6), atol=1e-5)
+
+            write(tmp_path / "late", BROKEN)  # broken from the start: reported, then fixed
+            wait_for(lambda: states(client).get(("late", "1"), ("",))[0] == "MODEL_STATE_UNAVAILABLE", "the broken folder")
+            write(tmp_path / "late", mlp(8))
+            wait_for(lambda: states(client)[("late", "1")][0] == "MODEL_STATE_READY", "the fixed folder to load")
+            np.testing.assert_allclose(ig(client, "late").attributions, captum(8), atol=1e-5)
+
+            shutil.rmtree(tmp_path / "added")  # removed: unloaded
+            wait_for(lambda: ("added", "1") not in states(client), "the removed folder to unload")
+            with pytest.raises(grpc.RpcError) as err:
+                ig(client, "added")
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            np.testing.assert_allclose(ig(client, "good").attributions, captum(1), atol=1e-5)
+            assert health(server.address) == SERVING
+            with pytest.raises(grpc.RpcError) as err:  # the folder is the truth: no explicit loads
+                client.load_model("good", timeout=10)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        server.stop()
