@@ -298,6 +298,8 @@ class Engine:
     def _scheduler(self, model: LoadedModel) -> Scheduler:
         key = str(model.device)
         with self._lock:
+            if self._closed:  # e.g. a load still running when the server stopped: no new worker after shutdown
+                raise Unavailable("the engine has shut down")
             if key not in self._schedulers:
                 self._schedulers[key] = Scheduler(
                     key,

@@ -230,7 +230,7 @@ class ModelManager:
         """(Re)load a model's versions from its folder as it is now; versions gone from the folder are unloaded
         (when no version is named). Raises FailedPrecondition naming every version that failed."""
         self.check_control()
-        entries = [e for e in self._scan() if e.name == name]
+        entries = [e for e in await asyncio.to_thread(self._scan) if e.name == name]
         if not entries:
             raise NotFound(f"model {name[:100]!r} is not in the model repository {self.root}")
         if version:
@@ -264,7 +264,7 @@ class ModelManager:
     async def poll(self) -> None:
         """One look at the repository: load new versions, reload changed ones, unload removed ones."""
         try:
-            entries = self._scan()
+            entries = await asyncio.to_thread(self._scan)  # file system calls stay off the event loop
         except RepositoryError as e:
             log.error("model repository: %s; the loaded models keep serving", e)
             return

@@ -204,3 +204,15 @@ def test_unload_of_one_version_leaves_the_others(engine) -> None:
         engine.unload("m", "7")
     with pytest.raises(NotFound):
         engine.unload("nope")
+
+
+def test_a_load_after_shutdown_fails_and_starts_no_worker() -> None:
+    """A load still running when the server stops (a LoadModel call, a poll) must not start a worker afterwards."""
+    engine = Engine(EngineLimits(probe_batch_rows=False))
+    engine.load(spec("m", "1", Scaled(1.0)))
+    engine.shutdown(drain=True, timeout=5)
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(Unavailable, match="shut down"):
+        engine.load(spec("late", "1", Scaled(2.0)))
+    assert {t.name for t in threading.enumerate()} <= before
+    assert engine.model_record("late", "1").state == ModelState.UNAVAILABLE
