@@ -53,6 +53,8 @@ class AttributionJob:
     also: tuple[AlgorithmSpec, ...] = ()
     # Quality metrics of the attributions: {"infidelity": {...}, "sensitivity_max": {...}} (Captum names).
     evaluate: dict[str, Any] | None = None
+    # "interactive" (default): a caller waits, its rows go first; "batch": a back-fill, never starved.
+    priority: str = "interactive"
     arrival: float = field(default_factory=time.monotonic)
 
 

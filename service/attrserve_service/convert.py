@@ -165,7 +165,16 @@ def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) 
         arrival=arrival,
         also=tuple(_also(spec, i) for i, spec in enumerate(request.also)),
         evaluate={f.name: _fields(v) for f, v in request.evaluate.ListFields()} if request.HasField("evaluate") else None,
+        priority=_priority(request.priority),
     )
+
+
+def _priority(value: int) -> str:
+    if value == pb.PRIORITY_BATCH:
+        return "batch"
+    if value in (pb.PRIORITY_UNSPECIFIED, pb.PRIORITY_INTERACTIVE):
+        return "interactive"
+    raise InvalidArgument(f"priority {value} is not one of PRIORITY_INTERACTIVE (1) or PRIORITY_BATCH (2)")
 
 
 def result_to_response(result: AttributionResult) -> pb.AttributeResponse:

@@ -36,7 +36,7 @@ class OutputSelector(_message.Message):
     def __init__(self, index: _Optional[int] = ..., key: _Optional[str] = ...) -> None: ...
 
 class ModelConfig(_message.Message):
-    __slots__ = ("name", "version", "platform", "inputs", "max_batch_rows", "max_queue_delay_microseconds", "device", "output", "description", "precision")
+    __slots__ = ("name", "version", "platform", "inputs", "max_batch_rows", "max_queue_delay_microseconds", "device", "output", "description", "precision", "max_queued_rows", "max_queued_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,8 @@ class ModelConfig(_message.Message):
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     platform: Platform
@@ -57,4 +59,6 @@ class ModelConfig(_message.Message):
     output: OutputSelector
     description: str
     precision: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., platform: _Optional[_Union[Platform, str]] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., max_batch_rows: _Optional[int] = ..., max_queue_delay_microseconds: _Optional[int] = ..., device: _Optional[str] = ..., output: _Optional[_Union[OutputSelector, _Mapping]] = ..., description: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    max_queued_rows: int
+    max_queued_bytes: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., platform: _Optional[_Union[Platform, str]] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., max_batch_rows: _Optional[int] = ..., max_queue_delay_microseconds: _Optional[int] = ..., device: _Optional[str] = ..., output: _Optional[_Union[OutputSelector, _Mapping]] = ..., description: _Optional[str] = ..., precision: _Optional[str] = ..., max_queued_rows: _Optional[int] = ..., max_queued_bytes: _Optional[int] = ...) -> None: ...
