@@ -67,7 +67,7 @@ def oracle_engine(**limits) -> Engine:
 
 
 def start_server(**limits) -> ServerThread:
-    return ServerThread(oracle_engine(**limits), ServerConfig(port=0, metrics_port=0, max_request_bytes=1 << 20))
+    return ServerThread(oracle_engine(**limits), ServerConfig(port=0, metrics_port=0, max_request_bytes=1 << 20, reflection=True))
 
 
 # -- `attrserve serve` as a subprocess ----------------------------------------------------------

@@ -82,6 +82,33 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--max-queue-delay-us", "limits.default_max_queue_delay_us", "default longest wait for company before a pass is cut", int),
     Setting("--max-rows-per-request", "limits.max_rows_per_request", "a request needing more rows of model work is refused", int),
     Setting("--max-queued-requests", "limits.max_queued_requests", "requests in flight per device before new ones are refused", int),
+    Setting(
+        "--max-queued-rows",
+        "limits.default_max_queued_rows",
+        "rows of work a model may have queued before new requests are refused (0: --max-queue-seconds of work at its measured rate)",
+        int,
+    ),
+    Setting(
+        "--max-queue-seconds",
+        "limits.max_queue_seconds",
+        "with --max-queued-rows 0, a model's queue holds this much work at its measured rate",
+        float,
+        "SECONDS",
+    ),
+    Setting(
+        "--max-queued-bytes",
+        "limits.default_max_queued_bytes",
+        "estimated bytes of work (rows x (input + activation bytes)) a model may have queued before new requests are refused",
+        int,
+        "BYTES",
+    ),
+    Setting(
+        "--max-pass-seconds",
+        "limits.max_pass_seconds",
+        "a fused pass is cut to at most this long at the model's measured rate, so models on a device take turns quickly",
+        float,
+        "SECONDS",
+    ),
     Setting("--max-n-steps", "limits.max_n_steps", "cap on n_steps", int),
     Setting("--max-nt-samples", "limits.max_nt_samples", "cap on a noise tunnel's nt_samples", int),
     Setting("--max-request-bytes", "max_request_bytes", "largest request message accepted", int, "BYTES"),
@@ -135,6 +162,50 @@ SETTINGS: tuple[Setting, ...] = (
         "a device worker that died restarts after this long (doubling while it keeps dying)",
         float,
         "SECONDS",
+    ),
+    Setting("--tls-cert", "tls_cert", "serve TLS with this certificate chain (PEM; needs --tls-key; default: plaintext)", Path, "FILE"),
+    Setting("--tls-key", "tls_key", "the private key of --tls-cert (PEM)", Path, "FILE"),
+    Setting(
+        "--tls-client-ca",
+        "tls_client_ca",
+        "mutual TLS: clients must present a certificate signed by this CA (PEM)",
+        Path,
+        "FILE",
+    ),
+    Setting(
+        "--auth-tokens-file",
+        "auth_tokens_file",
+        "require a bearer token (metadata 'authorization: Bearer TOKEN') from this file: one a line, # comments",
+        Path,
+        "FILE",
+    ),
+    Setting(
+        "--auth-token-env",
+        "auth_token_env",
+        "require a bearer token from the environment variable NAME (comma-separated tokens)",
+        str,
+        "NAME",
+    ),
+    Setting(
+        "--admin-tokens-file",
+        "admin_tokens_file",
+        "only these tokens (one a line) may call LoadModel and UnloadModel (they are accepted everywhere else too)",
+        Path,
+        "FILE",
+    ),
+    Setting(
+        "--auth-health",
+        "auth_health",
+        "with token auth, health checks need a token too (default: exempt, for probes and balancers)",
+        _bool,
+        switch=True,
+    ),
+    Setting(
+        "--reflection",
+        "reflection",
+        "serve gRPC server reflection (grpcurl list/describe; needs a token when auth is on)",
+        _bool,
+        switch=True,
     ),
 )
 
@@ -224,18 +295,24 @@ def server_config(argv: Sequence[str], environ: dict[str, str] | None = None) ->
     return ServerConfig(**server, limits=EngineLimits(**limits)), (log_level, log_format)
 
 
+# `attrserve serve`'s exit codes: 0 after a clean drain, 2 for a configuration it cannot serve, and this when
+# accepted requests were lost at shutdown (still running when the grace ended).
+EXIT_LOST = 3
+
+
 def serve_main(argv: Sequence[str]) -> int:
+    from attrserve_service.config import ConfigError
     from attrserve_service.repository import RepositoryError
     from attrserve_service.server import serve
 
     config, (log_level, log_format) = server_config(argv)
     logs.configure(log_level, log_format)
     try:
-        asyncio.run(serve(config))
-    except RepositoryError as e:
+        lost = asyncio.run(serve(config))
+    except (RepositoryError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return EXIT_LOST if lost else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,24 @@ class ServerConfig:
     repository_poll_seconds: float = 15.0
     # Health says SERVING only when every model version in the repository serves (default: at least one).
     strict_readiness: bool = False
+    # TLS: the server's certificate chain and key (PEM); both or neither (plaintext). With tls_client_ca, clients
+    # must present a certificate signed by that CA (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Bearer tokens (`authorization: Bearer <token>`): accepted tokens from a file (one a line, # comments) and/or
+    # from the environment variable named by auth_token_env (comma-separated). Any of the three turns auth on.
+    # With admin tokens, only they may call LoadModel / UnloadModel.
+    auth_tokens_file: Path | None = None
+    admin_tokens_file: Path | None = None
+    auth_token_env: str | None = None  # the NAME of the variable, not a token
+    auth_health: bool = False  # health checks need a token too (default: exempt, for probes and balancers)
+    reflection: bool = False  # gRPC server reflection (grpcurl list/describe); needs a token when auth is on
+
+
+class ConfigError(ValueError):
+    """A setting the server cannot start with (a TLS file that is missing, a key without its certificate, ...);
+    the message names the setting. `attrserve serve` exits with 2."""
 
 
 def effective_config(model: LoadedModel) -> mc.ModelConfig:
@@ -41,6 +59,8 @@ def effective_config(model: LoadedModel) -> mc.ModelConfig:
     config.max_queue_delay_microseconds = round(model.max_queue_delay_s * 1e6)
     config.device = str(model.device)
     config.precision = model.spec.precision or "float32"
+    config.max_queued_rows = model.max_queued_rows  # 0: auto, Scheduler.row_bound
+    config.max_queued_bytes = model.max_queued_bytes
     return config
 
 
@@ -54,6 +74,8 @@ def spec_config(spec: ModelSpec) -> mc.ModelConfig:
         device=spec.device,
         description=spec.description,
         precision=spec.precision,
+        max_queued_rows=spec.max_queued_rows,
+        max_queued_bytes=spec.max_queued_bytes,
     )
     for s in spec.inputs:
         wire = TORCH_TO_WIRE.get(s.dtype, 0) if s.dtype is not None else 0  # 0: DATA_TYPE_UNSPECIFIED, any dtype

@@ -17,6 +17,9 @@ from attrserve_service.servicer import deadline_passed, grpc_status
 
 log = logging.getLogger(__name__)
 
+# Trailing metadata with the milliseconds after which a refused call may be retried (gRPC's retry design A6).
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"
+
 
 def _split(method: str) -> tuple[str, str]:
     service, _, name = method.lstrip("/").rpartition("/")
@@ -41,8 +44,9 @@ async def _handled(grpc_type: str, full_method: str, context: grpc.aio.ServicerC
         raise
     except Exception as e:
         code, message = grpc_status(e)
-        if code is grpc.StatusCode.INTERNAL:
-            log.exception("%s failed", full_method)
+        if (retry := getattr(e, "retry_after_s", None)) is not None:  # admission's hint, honoured by gRPC retry policies
+            context.set_trailing_metadata(((RETRY_PUSHBACK, str(round(retry * 1e3))),))
+        # INTERNAL: a fixed message with an error id; grpc_status has logged the exception (once) under that id.
         await context.abort(code, message)
     finally:
         metrics.GRPC_SERVER_HANDLED_TOTAL.labels(*labels, code.name).inc()
@@ -66,7 +70,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             behavior = cast("Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]", handler.unary_unary)
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                REQUEST_ID.set(getattr(request, "request_id", ""))  # this RPC's task only: its log lines carry it
+                # This RPC's task only: its log lines carry it. Our methods get raw bytes (servicer.add_attribution_service,
+                # so that a request that does not parse is an INVALID_ARGUMENT counted below): the servicer sets it once parsed.
+                REQUEST_ID.set(getattr(request, "request_id", ""))
                 async with _handled("unary", details.method, context):
                     return await behavior(request, context)
 

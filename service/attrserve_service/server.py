@@ -15,14 +15,14 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from attrserve.v1 import attribution_service_pb2 as pb
-from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_engine import Engine, EngineObserver, ModelState
 from attrserve_service import __version__, metrics
+from attrserve_service.auth import ServerSecurity
 from attrserve_service.config import ServerConfig
 from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
 from attrserve_service.interceptor import StatusInterceptor
 from attrserve_service.repository import CONTROL_POLL, ModelManager, RepositoryError
-from attrserve_service.servicer import AttributionServicer, ModelRepositoryServicer
+from attrserve_service.servicer import AttributionServicer, ModelRepositoryServicer, add_attribution_service, add_model_repository_service
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class RunningServer:
     metrics_port: int | None = None
     _metrics_http: Any = None
     _poller: asyncio.Task | None = None
+    attribution: AttributionServicer | None = None
     _ready_labels: set[tuple[str, str]] = dataclasses.field(default_factory=set)
     draining: bool = False
 
@@ -78,9 +79,10 @@ class RunningServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def stop(self, grace: float = 10.0, prestop: float = 0.0) -> None:
+    async def stop(self, grace: float = 10.0, prestop: float = 0.0) -> int:
         """NOT_SERVING; for `prestop` seconds new requests are still accepted while balancers and clients move
-        away; then `grace` seconds for the requests in flight; then the engine stops."""
+        away; then `grace` seconds for the requests in flight; then the engine stops. Returns how many accepted
+        attribution requests were lost: still running when the grace ended (cut off), or left in the engine."""
         self.draining = True
         if self._poller is not None:
             self._poller.cancel()
@@ -88,11 +90,24 @@ class RunningServer:
         if prestop > 0:
             log.info("NOT_SERVING; accepting requests for %.1f s more while clients move away", prestop)
             await asyncio.sleep(prestop)
-        await self.server.stop(grace)
-        await asyncio.get_running_loop().run_in_executor(None, lambda: self.engine.shutdown(drain=True, timeout=grace))
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.ensure_future(self.server.stop(grace))  # refuses new RPCs; cancels the rest after `grace`
+        until = loop.time() + grace
+        while self._active() and loop.time() < until - 0.05:
+            await asyncio.sleep(0.02)
+        cut_off = self._active()
+        await stopping
+        left = await loop.run_in_executor(None, lambda: self.engine.shutdown(drain=True, timeout=grace))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        lost = max(cut_off, left)  # a request cut off by the grace is also cancelled in the engine: count it once
+        if lost:
+            log.error("%d accepted request(s) did not finish within the %.1f s grace and were lost", lost, grace)
+        return lost
+
+    def _active(self) -> int:
+        return self.attribution.active if self.attribution is not None else 0
 
 
 class _HealthSync(EngineObserver):
@@ -120,6 +135,7 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
 
     With `engine`, its models are served as they are (tests, embedding) and the repository is only read when
     `config.model_repository` names one."""
+    security = ServerSecurity.from_config(config)  # TLS files and tokens first: a bad setting fails before any load
     if engine is None:
         engine = Engine(config.limits)
         engine.observers.append(metrics.EngineMetrics(engine))  # before the loads, so they are measured
@@ -147,26 +163,40 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
         ]
     )
 
+    # StatusInterceptor outermost: it counts every RPC, an auth refusal (the auth interceptor's aborted handler) included.
+    interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor()]
+    if security.interceptor is not None:
+        interceptors.append(security.interceptor)
     server = grpc.aio.server(
-        interceptors=[StatusInterceptor()],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_AttributionServiceServicer_to_server(AttributionServicer(engine, config.max_requests_per_stream), server)
-    pb_grpc.add_ModelRepositoryServiceServicer_to_server(ModelRepositoryServicer(manager), server)
+    attribution = AttributionServicer(engine, config.max_requests_per_stream)
+    add_attribution_service(attribution, server)
+    add_model_repository_service(ModelRepositoryServicer(manager), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, REPOSITORY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if config.reflection:
+        reflection.enable_server_reflection((SERVICE_NAME, REPOSITORY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    credentials = security.credentials
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
     await server.start()
 
     running = RunningServer(
-        server=server, port=port, engine=engine, health=health_servicer, manager=manager, strict_readiness=config.strict_readiness
+        server=server,
+        port=port,
+        engine=engine,
+        health=health_servicer,
+        manager=manager,
+        strict_readiness=config.strict_readiness,
+        attribution=attribution,
     )
     if config.metrics_port is not None:
         httpd, _ = start_http_server(config.metrics_port, addr=config.host)
@@ -180,8 +210,8 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
     return running
 
 
-async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM/SIGINT, then drain."""
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT, then drain; returns how many accepted requests were lost."""
     running = await create_server(config)
     log.info(
         "attrserve serving %s on %s:%d (metrics on :%s)",
@@ -199,4 +229,4 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining")
-    await running.stop(config.grace_seconds, config.prestop_seconds)
+    return await running.stop(config.grace_seconds, config.prestop_seconds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, cast
@@ -19,6 +20,7 @@ from .client import Attribution, AttributionClient, algorithm_name, algorithm_na
 _MAX_COLUMNS = 12
 _STATE_PREFIX = "MODEL_STATE_"
 _DEFAULT_ADDRESS = "127.0.0.1:50051"
+_TOKEN_ENV = "ATTRSERVE_TOKEN"
 _DT = tensor_pb2.DataType
 # A model input's wire dtype -> the numpy dtype JSON data is cast to. Absent (no cast): unspecified,
 # bfloat16 (numpy has none) and any type this client does not know.
@@ -145,9 +147,40 @@ def _as_json(result: Attribution) -> str:
     )
 
 
+def _add_connection(p: argparse.ArgumentParser) -> None:
+    """The options of every command that connects: the address, TLS, client certificate and token."""
+    p.add_argument("--target-address", default=_DEFAULT_ADDRESS, help="server host:port")
+    g = p.add_argument_group("security")
+    g.add_argument("--tls", action="store_true", help="connect over TLS, checking the server against the system's root certificates")
+    g.add_argument("--root-cert", metavar="FILE", help="connect over TLS, checking the server against this CA certificate (PEM)")
+    g.add_argument("--client-cert", metavar="FILE", help="mutual TLS: this client certificate (PEM; with --client-key)")
+    g.add_argument("--client-key", metavar="FILE", help="mutual TLS: the private key of --client-cert (PEM)")
+    g.add_argument(
+        "--token",
+        help=f"bearer token sent with every call (default: ${_TOKEN_ENV}; the variable keeps it out of the process list)",
+    )
+
+
+def _connect(p: argparse.ArgumentParser, args: argparse.Namespace) -> AttributionClient:
+    """A client for the connection options of `args`; a bad option is a usage error (exit 2)."""
+    if (args.client_cert is None) != (args.client_key is None):
+        p.error("--client-cert and --client-key go together")
+    token = args.token if args.token is not None else os.environ.get(_TOKEN_ENV) or None
+    try:
+        return AttributionClient(
+            args.target_address,
+            tls=args.tls,
+            root_certificates=args.root_cert,
+            client_cert=None if args.client_cert is None else (args.client_cert, args.client_key),
+            token=token,
+        )
+    except ValueError as e:
+        p.error(str(e))
+
+
 def _attribute_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attrserve attribute", description="Ask an attrserve server for attributions.")
-    p.add_argument("--target-address", default=_DEFAULT_ADDRESS, help="server host:port")
+    _add_connection(p)
     p.add_argument("--model", required=True)
     p.add_argument("--model-version", default="")
     p.add_argument("--algorithm", required=True, help="one of: " + ", ".join(algorithm_names()))
@@ -181,9 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return subcommands[argv[0]](argv[1:])
     if argv[:1] == ["attribute"]:
         argv = argv[1:]
-    args = _attribute_parser().parse_args(argv)
+    parser = _attribute_parser()
+    args = parser.parse_args(argv)
     try:
-        with AttributionClient(args.target_address) as client:
+        with _connect(parser, args) as client:
             inputs = [_load(x) for x in args.inputs]
             baselines = [_load(x) for x in args.baselines or ()]
             # JSON numbers arrive as int64 or float32; cast them to the dtypes the model's config
@@ -244,7 +278,7 @@ def _print_reasons(rows: Sequence[dict[str, Any]], name_key: str) -> None:
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--target-address", default=_DEFAULT_ADDRESS, help="server host:port")
+    _add_connection(p)
     p.add_argument("--timeout", type=float, help="seconds")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -252,9 +286,10 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def models_main(argv: Sequence[str] | None = None) -> int:
     """`attrserve models`: the served models, their versions, readiness, state and algorithms."""
-    args = _parser("attrserve models", "List an attrserve server's models.").parse_args(argv)
+    p = _parser("attrserve models", "List an attrserve server's models.")
+    args = p.parse_args(argv)
     try:
-        with AttributionClient(args.target_address) as client:
+        with _connect(p, args) as client:
             models = client.list_models(timeout=args.timeout)
     except grpc.RpcError as e:
         return _error(f"{e.code().name}: {e.details()}")
@@ -295,7 +330,7 @@ def repository_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ready-only", action="store_true", help="only the versions that serve now")
     args = p.parse_args(argv)
     try:
-        with AttributionClient(args.target_address) as client:
+        with _connect(p, args) as client:
             statuses = client.repository_index(ready_only=args.ready_only, timeout=args.timeout)
     except grpc.RpcError as e:
         return _error(f"{e.code().name}: {e.details()}")
@@ -312,7 +347,7 @@ def _control_main(argv: Sequence[str] | None, verb: str) -> int:
     p.add_argument("--version", default="", help="one version (default: all of them)")
     args = p.parse_args(argv)
     try:
-        with AttributionClient(args.target_address) as client:
+        with _connect(p, args) as client:
             call = client.load_model if verb == "load" else client.unload_model
             statuses = call(args.model, args.version, timeout=args.timeout)
     except grpc.RpcError as e:

@@ -1,0 +1,106 @@
+"""Certificates for TLS tests, made with `cryptography`: a CA, a server certificate for 127.0.0.1 and localhost
+signed by it, and client certificates (mTLS). Everything is PEM bytes; `write` puts a set on disk.
+
+    ca = CertificateAuthority("test CA")
+    server = ca.issue("attrserve test server", server=True)   # (cert_pem, key_pem)
+    client = ca.issue("attrserve test client")
+    other = CertificateAuthority("unrelated CA").issue("stranger")  # refused by a server that trusts `ca`
+
+Keys are EC P-256 (fast to generate); certificates are valid from an hour ago for a day.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return builder.not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+
+
+@dataclass(frozen=True)
+class Pair:
+    cert: bytes  # PEM
+    key: bytes  # PEM (PKCS#8, unencrypted)
+
+    def write(self, folder: Path, stem: str) -> tuple[Path, Path]:
+        """`<stem>.crt` and `<stem>.key` in `folder`; their paths."""
+        folder.mkdir(parents=True, exist_ok=True)
+        cert, key = folder / f"{stem}.crt", folder / f"{stem}.key"
+        cert.write_bytes(self.cert)
+        key.write_bytes(self.key)
+        return cert, key
+
+
+class CertificateAuthority:
+    def __init__(self, common_name: str) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = _name(common_name)
+        builder = (
+            _validity(x509.CertificateBuilder())
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
+        )
+        self.certificate = builder.sign(self.key, hashes.SHA256())
+        self.cert = self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    def issue(self, common_name: str, *, server: bool = False) -> Pair:
+        """A certificate signed by this CA: for a server (127.0.0.1 and localhost) or a client."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = (
+            _validity(x509.CertificateBuilder())
+            .subject_name(_name(common_name))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+        )
+        if server:
+            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return Pair(builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+    def write(self, folder: Path, stem: str = "ca") -> Path:
+        """`<stem>.crt` in `folder`; its path."""
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{stem}.crt"
+        path.write_bytes(self.cert)
+        return path

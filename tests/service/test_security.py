@@ -1,0 +1,533 @@
+"""Security of a real server built from a repository on disk: TLS and mutual TLS, bearer tokens (with admin tokens
+for model control), reflection off unless asked, INTERNAL errors that say nothing of the exception, and model
+weights that are never unpickled as code. After every refusal the server still answers a correct request with
+Captum's numbers and health is SERVING."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pickle
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from captum.attr import IntegratedGradients
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from attrserve.v1 import attribution_service_pb2 as pb
+from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
+from attrserve_client import AsyncAttributionClient, AttributionClient
+from attrserve_client import cli as client_cli
+from attrserve_client.tensors import from_tensor_proto
+from attrserve_engine import EngineLimits
+from attrserve_service.auth import ServerSecurity, TokenAuthInterceptor, bearer_token, read_tokens
+from attrserve_service.config import ConfigError, ServerConfig
+from certs import CertificateAuthority
+from servers import ROOT, ServerThread, scrape
+
+SERVICE = "attrserve.v1.AttributionService"
+REPOSITORY = "attrserve.v1.ModelRepositoryService"
+X = np.array([[0.3, -0.2, 0.9, 1.4], [1.0, 0.5, -0.4, 0.2]], dtype=np.float32)
+TARGET = [0, 1]
+PINNED = 'inputs { name: "x" dtype: DATA_TYPE_FLOAT32 dims: 4 }\n'
+SERVING = health_pb2.HealthCheckResponse.SERVING
+MODEL = """
+import torch
+from torch import nn
+
+
+def build_model():
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+"""
+USER_TOKEN = "user-token-0123456789abcdef"
+ENV_TOKEN = "env-token-fedcba9876543210"
+ADMIN_TOKEN = "admin-token-00112233445566778899"
+RETIRED_TOKEN = "retired-token-aabbccddeeff"  # in the token file, but commented out
+TOKEN_FILE = f"""# attrserve tokens: one a line
+{USER_TOKEN}   # the batch pipeline
+
+#{RETIRED_TOKEN}
+"""
+TOKEN_VARIABLE = "ATTRSERVE_TEST_SECURITY_TOKENS"
+# What a plugin's bug carries in its message: it must reach the log, never a client.
+SECRET = "SECRET-DETAIL /srv/private/credentials.yaml"
+FAILING_PLUGIN = f'''
+from attrserve_engine.algorithms.saliency import Saliency
+
+
+class FailsOnHugeInputs(Saliency):
+    """Saliency, except that inputs beyond 1000 hit a bug (a RuntimeError, not an AttributionError: INTERNAL)."""
+
+    name = "fails_on_huge_inputs"
+
+    def plan(self, task):
+        if float(task.inputs[0].abs().max()) > 1000:
+            raise RuntimeError({SECRET!r})
+        return (yield from super().plan(task))
+
+
+ALGORITHM = FailsOnHugeInputs
+'''
+
+
+class _Payload:
+    """Unpickling this calls open(marker, "w"): code execution, which creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def captum() -> np.ndarray:
+    namespace: dict = {}
+    exec(MODEL, namespace)
+    return IntegratedGradients(namespace["build_model"]()).attribute(torch.from_numpy(X), target=TARGET).numpy()
+
+
+EXPECTED = captum()
+
+
+def write_model(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.py").write_text(MODEL)
+    (folder / "config.pbtxt").write_text(PINNED)
+
+
+def start(repo: Path, **settings) -> ServerThread:
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False, drain_seconds=5.0)
+    return ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, **settings))
+
+
+def ig(client: AttributionClient):
+    return client.attribute("m", "integrated_gradients", X, target=TARGET, timeout=60)
+
+
+def health(channel: grpc.Channel, metadata=None) -> int:
+    request = health_pb2.HealthCheckRequest(service=SERVICE)
+    return health_pb2_grpc.HealthStub(channel).Check(request, metadata=metadata, timeout=10).status
+
+
+def reflection_services(channel: grpc.Channel, metadata=None) -> set[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    requests = iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    reply = next(iter(stub.ServerReflectionInfo(requests, metadata=metadata, timeout=10)))
+    return {s.name for s in reply.list_services_response.service}
+
+
+def code_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    return error.value.code(), error.value.details() or ""
+
+
+def handled(server: ServerThread, grpc_type: str, service: str, method: str, code: str) -> float:
+    labels = frozenset({"grpc_type": grpc_type, "grpc_service": service, "grpc_method": method, "grpc_code": code}.items())
+    return scrape(server.running.metrics_port).get(("grpc_server_handled_total", labels), 0.0)
+
+
+def still_serving(server: ServerThread, **client_args) -> None:
+    """The server answers a correct request with Captum's numbers, and health is SERVING."""
+    with AttributionClient(server.address, **client_args) as client:
+        np.testing.assert_allclose(ig(client).attributions, EXPECTED, atol=1e-5)
+        assert health(client._channel) == SERVING  # the client's channel sends its token, if any
+
+
+def _auth(token: str | None):
+    return None if token is None else [("authorization", f"Bearer {token}")]
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("pki")
+    ca, stranger_ca = CertificateAuthority("attrserve test CA"), CertificateAuthority("unrelated CA")
+    paths = {"ca": ca.write(folder, "ca"), "stranger_ca": stranger_ca.write(folder, "stranger_ca")}
+    paths["server_cert"], paths["server_key"] = ca.issue("attrserve test server", server=True).write(folder, "server")
+    paths["client_cert"], paths["client_key"] = ca.issue("attrserve test client").write(folder, "client")
+    paths["stranger_cert"], paths["stranger_key"] = stranger_ca.issue("stranger").write(folder, "stranger")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("repo")
+    write_model(folder / "m")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tls_server(repo, pki) -> Iterator[ServerThread]:
+    server = start(repo, tls_cert=pki["server_cert"], tls_key=pki["server_key"], reflection=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def mtls_server(repo, pki, tmp_path_factory) -> Iterator[ServerThread]:
+    """Mutual TLS and tokens together (the client sends its token as call credentials over TLS)."""
+    tokens = tmp_path_factory.mktemp("mtls-tokens") / "tokens"
+    tokens.write_text(USER_TOKEN + "\n")
+    server = start(repo, tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=pki["ca"], auth_tokens_file=tokens)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def token_server(repo, tmp_path_factory) -> Iterator[ServerThread]:
+    """Plaintext; tokens from a file (with comments) and a variable; admin tokens for LoadModel/UnloadModel."""
+    folder = tmp_path_factory.mktemp("tokens")
+    (folder / "tokens").write_text(TOKEN_FILE)
+    (folder / "admin").write_text(f"# operators\n{ADMIN_TOKEN}\n")
+    os.environ[TOKEN_VARIABLE] = f"{ENV_TOKEN}, "
+    try:
+        server = start(
+            repo,
+            model_control="explicit",
+            auth_tokens_file=folder / "tokens",
+            auth_token_env=TOKEN_VARIABLE,
+            admin_tokens_file=folder / "admin",
+        )
+    finally:
+        del os.environ[TOKEN_VARIABLE]  # read once, at start-up
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded_health_server(repo, tmp_path_factory) -> Iterator[ServerThread]:
+    tokens = tmp_path_factory.mktemp("guarded") / "tokens"
+    tokens.write_text(USER_TOKEN + "\n")
+    server = start(repo, auth_tokens_file=tokens, auth_health=True, reflection=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def markers(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("markers")
+    return {"server": folder / "server-ran-the-pickle", "control": folder / "control-ran-the-pickle"}
+
+
+@pytest.fixture(scope="module")
+def plain_server(repo, markers, tmp_path_factory) -> Iterator[ServerThread]:
+    """No security settings (the defaults), a plugin with a bug, and a model whose weights.pt is a malicious pickle."""
+    folder = tmp_path_factory.mktemp("plain")
+    write_model(folder / "m")
+    write_model(folder / "evil")
+    torch.save({"0.weight": _Payload(markers["server"])}, folder / "evil" / "weights.pt")
+    plugin = folder / "fails_on_huge_inputs.py"
+    plugin.write_text(FAILING_PLUGIN)
+    server = start(folder, plugins=[str(plugin)])
+    yield server
+    server.stop()
+
+
+# -- TLS ------------------------------------------------------------------------------------------
+
+
+def test_a_tls_client_gets_captums_numbers_and_plaintext_is_refused(tls_server, pki) -> None:
+    with AttributionClient(tls_server.address, root_certificates=pki["ca"]) as client:
+        np.testing.assert_allclose(ig(client).attributions, EXPECTED, atol=1e-5)
+        assert health(client._channel) == SERVING
+        assert {SERVICE, REPOSITORY, "grpc.health.v1.Health"} <= reflection_services(client._channel)  # --reflection
+    with AttributionClient(tls_server.address, root_certificates=pki["ca"].read_bytes()) as client:  # PEM bytes too
+        np.testing.assert_allclose(ig(client).attributions, EXPECTED, atol=1e-5)
+
+    with AttributionClient(tls_server.address) as plaintext:
+        assert code_of(lambda: plaintext.list_models(timeout=10))[0] == grpc.StatusCode.UNAVAILABLE
+    still_serving(tls_server, root_certificates=pki["ca"])
+    with AttributionClient(tls_server.address, root_certificates=pki["stranger_ca"]) as distrustful:  # not the server's CA
+        assert code_of(lambda: distrustful.list_models(timeout=10))[0] == grpc.StatusCode.UNAVAILABLE
+    still_serving(tls_server, root_certificates=pki["ca"])
+
+
+def test_the_async_client_speaks_tls(tls_server, pki) -> None:
+    async def main() -> np.ndarray:
+        async with AsyncAttributionClient(tls_server.address, root_certificates=pki["ca"]) as client:
+            result = await client.attribute("m", "integrated_gradients", X, target=TARGET, timeout=60)
+            return result.attributions
+
+    np.testing.assert_allclose(asyncio.run(main()), EXPECTED, atol=1e-5)
+
+
+def test_mutual_tls_wants_a_client_certificate_from_its_ca(mtls_server, pki) -> None:
+    good = {"root_certificates": pki["ca"], "client_cert": (pki["client_cert"], pki["client_key"]), "token": USER_TOKEN}
+    with AttributionClient(mtls_server.address, root_certificates=pki["ca"], token=USER_TOKEN) as no_cert:
+        assert code_of(lambda: no_cert.list_models(timeout=10))[0] == grpc.StatusCode.UNAVAILABLE
+    still_serving(mtls_server, **good)
+    stranger = (pki["stranger_cert"], pki["stranger_key"])
+    with AttributionClient(mtls_server.address, root_certificates=pki["ca"], client_cert=stranger, token=USER_TOKEN) as wrong_ca:
+        assert code_of(lambda: wrong_ca.list_models(timeout=10))[0] == grpc.StatusCode.UNAVAILABLE
+    still_serving(mtls_server, **good)
+    # The right certificate gets through TLS; the token is still needed (call credentials composed with TLS).
+    with AttributionClient(mtls_server.address, root_certificates=pki["ca"], client_cert=good["client_cert"]) as no_token:
+        assert code_of(lambda: no_token.list_models(timeout=10))[0] == grpc.StatusCode.UNAUTHENTICATED
+    cert_bytes = (pki["client_cert"].read_bytes(), pki["client_key"].read_bytes())
+    still_serving(mtls_server, root_certificates=pki["ca"], client_cert=cert_bytes, token=USER_TOKEN)
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+
+
+def test_tokens_unauthenticated_without_an_accepted_one(token_server) -> None:
+    before = handled(token_server, "unary", SERVICE, "ListModels", "UNAUTHENTICATED")
+    details = []
+    with grpc.insecure_channel(token_server.address) as channel:
+        stub = pb_grpc.AttributionServiceStub(channel)
+        for metadata in (
+            None,  # no token
+            [("authorization", "Bearer not-a-token-we-know")],  # unknown token
+            [("authorization", f"Bearer {RETIRED_TOKEN}")],  # commented out in the file
+            [("authorization", f"Basic {USER_TOKEN}")],  # not a bearer token
+            [("authorization", "Bearer")],  # malformed
+            [("authorization", f"Bearer {USER_TOKEN} extra")],  # malformed
+        ):
+            code, detail = code_of(lambda metadata=metadata: stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=10))
+            assert code == grpc.StatusCode.UNAUTHENTICATED, (metadata, code, detail)
+            details.append(detail)
+        # A stream is refused the same way.
+        request = pb.AttributeStreamRequest(request=AttributionClient.build_request("m", "saliency", X, target=TARGET))
+        stream = stub.AttributeStream(iter([request]), metadata=[("authorization", "Bearer nope-nope-nope")], timeout=10)
+        code, detail = code_of(lambda: list(stream))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        details.append(detail)
+    for detail in details:
+        for token in ("not-a-token-we-know", RETIRED_TOKEN, USER_TOKEN, "nope-nope-nope"):
+            assert token not in detail
+    assert "needs a bearer token" in details[0] and details[1] == "the bearer token is not accepted"
+    # Every refusal counted once, with its code.
+    assert handled(token_server, "unary", SERVICE, "ListModels", "UNAUTHENTICATED") - before == 6
+    assert handled(token_server, "bidi_stream", SERVICE, "AttributeStream", "UNAUTHENTICATED") >= 1
+    still_serving(token_server, token=USER_TOKEN)
+
+
+def test_tokens_from_the_file_and_the_variable_get_captums_numbers(token_server) -> None:
+    before = handled(token_server, "unary", SERVICE, "Attribute", "OK")
+    for token in (USER_TOKEN, ENV_TOKEN, ADMIN_TOKEN):
+        with AttributionClient(token_server.address, token=token) as client:
+            np.testing.assert_allclose(ig(client).attributions, EXPECTED, atol=1e-5)
+            request = client.build_request("m", "integrated_gradients", X, target=TARGET)
+            (answer,) = client.attribute_stream([request], timeout=60)
+            assert answer.WhichOneof("result") == "response"
+            np.testing.assert_allclose(from_tensor_proto(answer.response.attributions[0]), EXPECTED, atol=1e-5)
+    assert handled(token_server, "unary", SERVICE, "Attribute", "OK") - before == 3
+    with grpc.insecure_channel(token_server.address) as channel:
+        assert health(channel) == SERVING  # health is exempt by default
+        assert code_of(lambda: reflection_services(channel, _auth(USER_TOKEN)))[0] == grpc.StatusCode.UNIMPLEMENTED  # off by default
+
+
+def test_the_async_client_sends_its_token_over_plaintext(token_server) -> None:
+    async def main() -> tuple[np.ndarray, str]:
+        async with AsyncAttributionClient(token_server.address, token=ENV_TOKEN) as client:
+            result = await client.attribute("m", "integrated_gradients", X, target=TARGET, timeout=60)
+            request = client.build_request("m", "integrated_gradients", X, target=TARGET)
+            answers = [r async for r in client.attribute_stream([request], timeout=60)]
+            return result.attributions, answers[0].WhichOneof("result")
+
+    attributions, kind = asyncio.run(main())
+    np.testing.assert_allclose(attributions, EXPECTED, atol=1e-5)
+    assert kind == "response"
+
+    async def refused() -> grpc.StatusCode:
+        async with AsyncAttributionClient(token_server.address, token="not-this-one") as client:
+            try:
+                await client.list_models(timeout=10)
+            except grpc.aio.AioRpcError as e:
+                assert "not-this-one" not in (e.details() or "")
+                return e.code()
+        return grpc.StatusCode.OK
+
+    assert asyncio.run(refused()) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_model_control_needs_an_admin_token(token_server) -> None:
+    before = handled(token_server, "unary", REPOSITORY, "LoadModel", "PERMISSION_DENIED")
+    with AttributionClient(token_server.address, token=USER_TOKEN) as user:
+        assert [s.model for s in user.repository_index(timeout=10)] == ["m"]  # reading the index is not model control
+        code, detail = code_of(lambda: user.load_model("m", timeout=30))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and detail == "LoadModel needs an admin token"
+        assert code_of(lambda: user.unload_model("m", timeout=30))[0] == grpc.StatusCode.PERMISSION_DENIED
+    with AttributionClient(token_server.address) as anonymous:
+        assert code_of(lambda: anonymous.load_model("m", timeout=30))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert handled(token_server, "unary", REPOSITORY, "LoadModel", "PERMISSION_DENIED") - before == 1
+    assert handled(token_server, "unary", REPOSITORY, "UnloadModel", "PERMISSION_DENIED") >= 1
+    still_serving(token_server, token=USER_TOKEN)
+    with AttributionClient(token_server.address, token=ADMIN_TOKEN) as admin:
+        statuses = admin.load_model("m", timeout=60)  # a reload: the new load serves once warm
+        assert [(s.model, pb.ModelState.Name(s.state)) for s in statuses] == [("m", "MODEL_STATE_READY")]
+    still_serving(token_server, token=USER_TOKEN)
+
+
+def test_health_and_reflection_need_a_token_with_auth_health(guarded_health_server) -> None:
+    with grpc.insecure_channel(guarded_health_server.address) as channel:
+        assert code_of(lambda: health(channel))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert health(channel, _auth(USER_TOKEN)) == SERVING
+        assert code_of(lambda: reflection_services(channel))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert SERVICE in reflection_services(channel, _auth(USER_TOKEN))
+    still_serving(guarded_health_server, token=USER_TOKEN)
+
+
+def test_the_cli_connects_with_tokens_and_certificates(token_server, mtls_server, tls_server, pki, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("ATTRSERVE_TOKEN", raising=False)
+    assert client_cli.models_main(["--target-address", token_server.address, "--token", USER_TOKEN, "--json"]) == 0
+    assert '"name": "m"' in capsys.readouterr().out
+    assert client_cli.models_main(["--target-address", token_server.address]) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert client_cli.models_main(["--target-address", token_server.address, "--token", "wrong-token-123"]) == 2
+    err = capsys.readouterr().err
+    assert "UNAUTHENTICATED" in err and "wrong-token-123" not in err
+    monkeypatch.setenv("ATTRSERVE_TOKEN", ENV_TOKEN)
+    assert client_cli.repository_main(["--target-address", token_server.address]) == 0
+    assert "ready" in capsys.readouterr().out
+    assert client_cli.load_main(["m", "--target-address", token_server.address]) == 2  # a user token
+    assert "PERMISSION_DENIED" in capsys.readouterr().err
+    assert client_cli.load_main(["m", "--target-address", token_server.address, "--token", ADMIN_TOKEN, "--timeout", "60"]) == 0
+    capsys.readouterr()
+    monkeypatch.delenv("ATTRSERVE_TOKEN")
+    inputs = json.dumps(X.tolist())
+    attribute = ["attribute", "--model", "m", "--algorithm", "integrated_gradients", "--inputs", inputs, "--target", "[0,1]", "--json"]
+    assert client_cli.main([*attribute, "--target-address", token_server.address, "--token", USER_TOKEN]) == 0
+    np.testing.assert_allclose(np.array(json.loads(capsys.readouterr().out)["attributions"]), EXPECTED, atol=1e-5)
+
+    assert client_cli.models_main(["--target-address", tls_server.address, "--root-cert", str(pki["ca"])]) == 0
+    assert "m" in capsys.readouterr().out
+    mtls = ["--target-address", mtls_server.address, "--root-cert", str(pki["ca"]), "--token", USER_TOKEN]
+    assert client_cli.models_main(mtls) == 2  # no client certificate
+    capsys.readouterr()
+    assert client_cli.models_main([*mtls, "--client-cert", str(pki["client_cert"]), "--client-key", str(pki["client_key"])]) == 0
+    assert "m" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        client_cli.models_main([*mtls, "--client-cert", str(pki["client_cert"])])
+    assert exit_.value.code == 2
+    with pytest.raises(SystemExit):
+        client_cli.models_main(["--target-address", tls_server.address, "--root-cert", str(pki["ca"]) + ".missing"])
+    assert "cannot read" in capsys.readouterr().err
+
+
+# -- reflection, INTERNAL errors, weights ---------------------------------------------------------
+
+
+def test_reflection_is_off_by_default(plain_server) -> None:
+    with grpc.insecure_channel(plain_server.address) as channel:
+        assert code_of(lambda: reflection_services(channel))[0] == grpc.StatusCode.UNIMPLEMENTED
+    still_serving(plain_server)
+
+
+def test_internal_errors_carry_an_id_not_the_exception(plain_server, caplog) -> None:
+    caplog.set_level(logging.ERROR)
+    huge = X * 10_000
+    with AttributionClient(plain_server.address) as client:
+        np.testing.assert_allclose(  # the plugin works on ordinary inputs (Saliency)
+            client.attribute("m", "fails_on_huge_inputs", X, target=TARGET, timeout=60).attributions,
+            np.abs(_gradients()),
+            atol=1e-5,
+        )
+        code, detail = code_of(lambda: client.attribute("m", "fails_on_huge_inputs", huge, target=TARGET, timeout=60))
+        assert code == grpc.StatusCode.INTERNAL
+        match = re.fullmatch(r"internal error \(id ([0-9a-f]{16})\); the server's log has the details", detail)
+        assert match, detail
+        assert "RuntimeError" not in detail and "SECRET" not in detail
+        # The same in a stream's error entry.
+        answers = list(client.attribute_stream([client.build_request("m", "fails_on_huge_inputs", huge, target=TARGET)], timeout=60))
+        assert answers[0].WhichOneof("result") == "error" and answers[0].error.code == grpc.StatusCode.INTERNAL.value[0]
+        assert answers[0].error.message.startswith("internal error (id ") and "SECRET" not in answers[0].error.message
+    # The log has the id, the exception and its traceback, once per failure.
+    logged = [r for r in caplog.records if match.group(1) in r.getMessage()]
+    assert len(logged) == 1 and SECRET in logged[0].getMessage() and logged[0].exc_info is not None
+    still_serving(plain_server)
+
+
+def _gradients() -> np.ndarray:
+    namespace: dict = {}
+    exec(MODEL, namespace)
+    x = torch.from_numpy(X).requires_grad_()
+    out = namespace["build_model"]()(x)
+    out.gather(1, torch.tensor(TARGET).view(-1, 1)).sum().backward()
+    return x.grad.numpy()
+
+
+def test_a_malicious_weights_pickle_is_refused_not_run(plain_server, markers, tmp_path) -> None:
+    # The payload is live: an unrestricted unpickler runs it (here, on a copy aimed at another marker).
+    control = tmp_path / "control.pt"
+    torch.save({"0.weight": _Payload(markers["control"])}, control)
+    torch.load(control, weights_only=False)
+    assert markers["control"].exists()
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(control, weights_only=True)
+
+    with AttributionClient(plain_server.address) as client:
+        listed = {m.config.name: m for m in client.list_models(timeout=10)}
+        assert listed["evil"].state == pb.MODEL_STATE_UNAVAILABLE and not listed["evil"].ready
+        assert listed["evil"].reason.startswith("UnpicklingError: Weights only load failed"), listed["evil"].reason
+        assert code_of(lambda: client.attribute("evil", "saliency", X, target=TARGET, timeout=30))[0] == grpc.StatusCode.UNAVAILABLE
+    assert not markers["server"].exists()
+    still_serving(plain_server)
+
+
+# -- settings -------------------------------------------------------------------------------------
+
+
+def test_bad_security_settings_fail_at_start_up_naming_the_setting(pki, tmp_path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing yet\n\n")
+    bad_line = tmp_path / "bad"
+    bad_line.write_text("two words\n")
+    cases = {
+        "--tls-key": ServerConfig(tls_cert=pki["server_cert"]),
+        "--tls-cert": ServerConfig(tls_key=pki["server_key"]),
+        "--tls-client-ca": ServerConfig(tls_client_ca=pki["ca"]),
+        "--tls-cert ": ServerConfig(tls_cert=tmp_path / "missing.crt", tls_key=pki["server_key"]),
+        "--tls-key ": ServerConfig(tls_cert=pki["server_cert"], tls_key=pki["server_cert"]),  # not a key
+        "--auth-tokens-file": ServerConfig(auth_tokens_file=tmp_path / "missing"),
+        "--auth-token-env": ServerConfig(auth_token_env="ATTRSERVE_TEST_NO_SUCH_VARIABLE"),
+        "--admin-tokens-file": ServerConfig(admin_tokens_file=empty),
+        "no token": ServerConfig(auth_tokens_file=empty),
+        "line 1": ServerConfig(auth_tokens_file=bad_line),
+        "--auth-health": ServerConfig(auth_health=True),
+    }
+    for needle, config in cases.items():
+        with pytest.raises(ConfigError) as error:
+            ServerSecurity.from_config(config, environ={})
+        assert needle.strip() in str(error.value), (needle, str(error.value))
+        assert "two words" not in str(error.value)
+    assert ServerSecurity.from_config(ServerConfig(), environ={}) == ServerSecurity(None, None)
+
+
+def test_serve_exits_with_2_on_a_bad_security_setting(pki) -> None:
+    command = [sys.executable, "-m", "attrserve_service.cli", "serve", "--port", "0", "--metrics-port", "-1"]
+    out = subprocess.run([*command, "--tls-cert", str(pki["server_cert"])], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2, out.stderr
+    assert "--tls-key" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_token_parsing() -> None:
+    assert bearer_token([("authorization", "Bearer abc")]) == ("abc", "")
+    assert bearer_token([("authorization", "bearer abc")]) == ("abc", "")  # the scheme is case-insensitive
+    assert bearer_token([])[0] is None and bearer_token([("authorization", "Bearer a"), ("authorization", "Bearer a")])[0] is None
+    interceptor = TokenAuthInterceptor({"a-token"}, {"an-admin"})
+    assert interceptor.check(f"/{SERVICE}/Attribute", [("authorization", "Bearer a-token")]) is None
+    assert interceptor.check(f"/{SERVICE}/Attribute", [("authorization", "Bearer an-admin")]) is None
+    assert interceptor.check(f"/{REPOSITORY}/LoadModel", [("authorization", "Bearer an-admin")]) is None
+    assert interceptor.check(f"/{REPOSITORY}/LoadModel", [("authorization", "Bearer a-token")])[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert interceptor.check(f"/{REPOSITORY}/LoadModel", [("authorization", "Bearer a-tokenX")])[0] == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_token_files_skip_comments_and_blank_lines(tmp_path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(TOKEN_FILE)
+    assert read_tokens(path) == {USER_TOKEN}
