@@ -2,9 +2,14 @@
 
 
 class AttributionError(Exception):
-    """Base of errors a caller can act on; `code` is a grpc.StatusCode name."""
+    """Base of errors a caller can act on; `code` is a grpc.StatusCode name. `retry_after_s`: when the caller
+    may try again (the service sends it as trailing metadata)."""
 
     code = "INTERNAL"
+
+    def __init__(self, *args: object, retry_after_s: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgument(AttributionError):
@@ -33,3 +38,19 @@ class Unavailable(AttributionError):
 
 class FailedPrecondition(AttributionError):
     code = "FAILED_PRECONDITION"
+
+
+def shown(text: object, limit: int = 100) -> str:
+    """A client-chosen value in a message, cut short so a huge one cannot bloat the status.
+
+    A string is quoted (repr) and cut to its first `limit` characters, with its length; any other value is
+    its repr, cut the same way (sequences are cut before their repr is built, so a long list costs nothing).
+    gRPC statuses travel in trailers of at most a few KiB: every message that quotes what a client sent
+    quotes it through here."""
+    if isinstance(text, str):
+        return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+    if isinstance(text, (list, tuple)) and len(text) > limit:
+        head = shown(type(text)(text[:limit]), limit)
+        return f"{head}... ({len(text)} items)"
+    r = repr(text)
+    return r if len(r) <= limit else r[:limit] + f"... ({len(r)} characters)"

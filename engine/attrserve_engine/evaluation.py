@@ -8,6 +8,7 @@ reproduces `captum.metrics` run after the attribution with the same seed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -48,13 +49,15 @@ def parse_evaluate(raw: dict[str, Any], limits: Limits) -> EvaluateParams:
     if raw.get("infidelity") is not None:
         infidelity = parse_dataclass(InfidelityParams, raw["infidelity"], "evaluate.infidelity")
         check_positive(infidelity.n_perturb_samples, "evaluate.infidelity.n_perturb_samples", limits.max_nt_samples)
-        if not infidelity.noise_scale > 0:
-            raise InvalidArgument(f"evaluate.infidelity.noise_scale must be positive, got {infidelity.noise_scale}")
+        # the noise's standard deviation: 0 is no noise (infidelity 0, as Captum computes it)
+        if not (math.isfinite(infidelity.noise_scale) and infidelity.noise_scale >= 0):
+            raise InvalidArgument(f"evaluate.infidelity.noise_scale must be a finite number >= 0, got {infidelity.noise_scale}")
     if raw.get("sensitivity_max") is not None:
         sensitivity = parse_dataclass(SensitivityMaxParams, raw["sensitivity_max"], "evaluate.sensitivity_max")
         check_positive(sensitivity.n_perturb_samples, "evaluate.sensitivity_max.n_perturb_samples", limits.max_nt_samples)
-        if not sensitivity.perturb_radius > 0:
-            raise InvalidArgument(f"evaluate.sensitivity_max.perturb_radius must be positive, got {sensitivity.perturb_radius}")
+        # Captum's uniform_(-radius, radius) refuses a negative radius (and torch an infinite one); 0 perturbs nothing
+        if not (math.isfinite(sensitivity.perturb_radius) and sensitivity.perturb_radius >= 0):
+            raise InvalidArgument(f"evaluate.sensitivity_max.perturb_radius must be a finite number >= 0, got {sensitivity.perturb_radius}")
     return EvaluateParams(infidelity, sensitivity)
 
 

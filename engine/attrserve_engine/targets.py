@@ -22,6 +22,9 @@ from torch import Tensor
 
 from attrserve_engine.errors import InvalidArgument
 
+# Indices in one target: one per output dim after dim 0 (torch tensors have at most 64 dims; models far fewer).
+MAX_INDICES = 32
+
 # What a caller may pass as a target (Captum's forms, or the formatted tensor).
 TargetLike = None | int | Sequence[int] | Sequence[int | Sequence[int]] | Tensor
 
@@ -38,13 +41,19 @@ def format_target(target: TargetLike, n: int) -> Tensor:
     if isinstance(target, (int, np.integer)):
         return torch.from_numpy(np.full((n, 1), int(target), dtype=np.int64))
     if isinstance(target, tuple):
+        if len(target) > MAX_INDICES:
+            raise InvalidArgument(f"target.tuple has {len(target)} indices; an output has far fewer dims (at most {MAX_INDICES})")
         index = np.asarray(target, dtype=np.int64).reshape(1, len(target))
         return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(index, (n, len(target)))))
+    if len(target) != n:  # before building anything: the count alone refuses a huge list
+        raise InvalidArgument(f"target.per_example has {len(target)} entries; there are {n} examples")
     rows = [(row,) if isinstance(row, (int, np.integer)) else tuple(row) for row in target]
-    if len(rows) != n:
-        raise InvalidArgument(f"target.per_example has {len(rows)} entries; there are {n} examples")
     if len({len(r) for r in rows}) > 1:
         raise InvalidArgument("target.per_example entries must all have the same number of indices")
+    if rows and len(rows[0]) > MAX_INDICES:
+        raise InvalidArgument(
+            f"target.per_example entries have {len(rows[0])} indices; an output has far fewer dims (at most {MAX_INDICES})"
+        )
     return torch.from_numpy(np.asarray(rows, dtype=np.int64).reshape(n, len(rows[0]) if rows else 0))
 
 

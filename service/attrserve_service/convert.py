@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
-from google.protobuf import json_format
+from google.protobuf import struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from torch import Tensor
@@ -16,6 +17,7 @@ from torch import Tensor
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import tensor_pb2
 from attrserve_engine import AlgorithmSpec, AttributionJob, AttributionResult, InvalidArgument
+from attrserve_engine.errors import shown
 
 DType = tensor_pb2.DataType
 
@@ -34,6 +36,14 @@ WIRE_DTYPES: dict[tensor_pb2.DataType, tuple[np.dtype, torch.dtype]] = {
 }
 TORCH_TO_WIRE = {torch_dtype: wire for wire, (_, torch_dtype) in WIRE_DTYPES.items()}
 _PREFIX = "ALGORITHM_"
+# A tensor's dims: NumPy takes at most 64; no model input needs more than a handful.
+MAX_DIMS = 32
+# Bounds of a google.protobuf.Struct of parameters (custom_params, also[i].params), checked while it is converted, so
+# a huge or deeply nested one costs at most this much work before it is refused.
+MAX_STRUCT_DEPTH = 8
+MAX_STRUCT_VALUES = 1000
+MAX_STRUCT_STRING = 1000
+M = TypeVar("M", bound=Message)
 # Request tensors view the message's immutable bytes; the engine never writes into its inputs.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
@@ -46,10 +56,15 @@ def tensor_from_proto(t: tensor_pb2.Tensor, label: str) -> Tensor:
             f"set one of {', '.join(DType.Name(d) for d in WIRE_DTYPES)}"
         )
     np_dtype, torch_dtype = WIRE_DTYPES[t.dtype]
+    if len(t.shape) > MAX_DIMS:
+        raise InvalidArgument(f"{label}.shape has {len(t.shape)} dims; at most {MAX_DIMS}")
     shape = tuple(t.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{label}.shape {list(shape)} has a negative dim")
-    want = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    # Python ints: a product of int64 dims may not fit in one (NumPy's would wrap around).
+    if math.prod(d for d in shape if d) >= 2**62:
+        raise InvalidArgument(f"{label}.shape {list(shape)} has more elements than any tensor can hold")
+    want = math.prod(shape) * np_dtype.itemsize
     if len(t.data) != want:
         raise InvalidArgument(f"{label}: shape {list(shape)} of {DType.Name(t.dtype)} needs {want} bytes of data, got {len(t.data)}")
     tensor = torch.from_numpy(np.frombuffer(t.data, dtype=np_dtype).reshape(shape))
@@ -69,11 +84,11 @@ def tensor_to_proto(t: Tensor) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=wire, shape=list(t.shape), data=data)
 
 
-def algorithm_name(value: int) -> str:
+def algorithm_name(value: int, label: str = "algorithm") -> str:
     if value == pb.ALGORITHM_UNSPECIFIED:
-        raise InvalidArgument("algorithm is ALGORITHM_UNSPECIFIED; name the algorithm to run (or a plugin in custom_algorithm)")
+        raise InvalidArgument(f"{label} is ALGORITHM_UNSPECIFIED; name the algorithm to run (or a plugin in custom_algorithm)")
     if value not in pb.Algorithm.values():
-        raise InvalidArgument(f"algorithm {value} is not known to this server")
+        raise InvalidArgument(f"{label} {value} is not known to this server")
     return pb.Algorithm.Name(value)[len(_PREFIX) :].lower()
 
 
@@ -82,6 +97,72 @@ def algorithm_enum(name: str) -> pb.Algorithm | None:
     key = _PREFIX + name.upper()
     # cast: the stubs type enum values as the enum class; Value() says int
     return cast("pb.Algorithm", pb.Algorithm.Value(key)) if key in pb.Algorithm.keys() else None
+
+
+def decode(message_type: type[M], data: bytes | M) -> M:
+    """A request message from its wire bytes (the servicers take raw bytes, so that a request that does not
+    parse is an INVALID_ARGUMENT of ours rather than grpc's UNKNOWN); a message passes through."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return data
+    try:
+        return message_type.FromString(bytes(data))
+    except Exception as e:  # DecodeError (garbage, truncated, nested past protobuf's recursion limit), RecursionError
+        name = message_type.DESCRIPTOR.full_name
+        raise InvalidArgument(f"the request is not a valid {name}: {shown(str(e), 200)}") from None
+
+
+def struct_to_dict(struct: struct_pb2.Struct, label: str) -> dict[str, Any]:
+    """A Struct of parameters as Python values (json_format.MessageToDict's), refused past the bounds: at most
+    MAX_STRUCT_DEPTH levels of nesting, MAX_STRUCT_VALUES values and MAX_STRUCT_STRING characters a string or key,
+    and numbers finite (a Struct is JSON, which has no NaN or Infinity). Costs O(the bounds), whatever the size."""
+    budget = [MAX_STRUCT_VALUES]
+    return _struct(struct, label, 1, budget)
+
+
+def _path(label: str, key: str) -> str:
+    return f"{label}.{key}" if len(key) <= 40 else f"{label}.{key[:40]}..."
+
+
+def _spend(label: str, count: int, budget: list[int]) -> None:
+    budget[0] -= count
+    if budget[0] < 0:
+        raise InvalidArgument(f"{label} holds more than {MAX_STRUCT_VALUES} values in all; this server takes at most {MAX_STRUCT_VALUES}")
+
+
+def _struct(struct: struct_pb2.Struct, label: str, depth: int, budget: list[int]) -> dict[str, Any]:
+    if depth > MAX_STRUCT_DEPTH:
+        raise InvalidArgument(f"{label} is nested more than {MAX_STRUCT_DEPTH} levels deep")
+    _spend(label, len(struct.fields), budget)
+    out = {}
+    for key, value in struct.fields.items():
+        if len(key) > MAX_STRUCT_STRING:
+            raise InvalidArgument(f"{label} has a key of {len(key)} characters ({shown(key, 40)}); at most {MAX_STRUCT_STRING}")
+        out[key] = _value(value, _path(label, key), depth, budget)
+    return out
+
+
+def _value(value: struct_pb2.Value, label: str, depth: int, budget: list[int]) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise InvalidArgument(f"{label} is {number}; numbers must be finite (a Struct is JSON, which has no NaN or Infinity)")
+        return number
+    if kind == "string_value":
+        if len(value.string_value) > MAX_STRUCT_STRING:
+            raise InvalidArgument(f"{label} is a string of {len(value.string_value)} characters; at most {MAX_STRUCT_STRING}")
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return _struct(value.struct_value, label, depth + 1, budget)
+    if kind == "list_value":
+        if depth + 1 > MAX_STRUCT_DEPTH:
+            raise InvalidArgument(f"{label} is nested more than {MAX_STRUCT_DEPTH} levels deep")
+        items = value.list_value.values
+        _spend(label, len(items), budget)
+        return [_value(item, f"{label}[{i}]", depth + 1, budget) for i, item in enumerate(items)]
+    return None  # null_value, or no value set (as json_format reads them)
 
 
 def _fields(message: Message) -> dict:
@@ -112,7 +193,7 @@ def _algorithm_and_params(request: pb.AttributeRequest) -> tuple[str, dict]:
     if request.custom_algorithm:
         if request.algorithm != pb.ALGORITHM_UNSPECIFIED or params_field is not None:
             raise InvalidArgument("custom_algorithm is set: leave algorithm and its params unset, and pass parameters in custom_params")
-        return request.custom_algorithm, json_format.MessageToDict(request.custom_params)
+        return request.custom_algorithm, struct_to_dict(request.custom_params, "custom_params")
     if request.HasField("custom_params"):
         raise InvalidArgument("custom_params is only for custom_algorithm; use the params field of the algorithm")
     algorithm = algorithm_name(request.algorithm)
@@ -125,8 +206,8 @@ def _also(spec: pb.AlgorithmSpec, i: int) -> AlgorithmSpec:
     if bool(spec.custom_algorithm) == (spec.algorithm != pb.ALGORITHM_UNSPECIFIED):
         raise InvalidArgument(f"also[{i}]: set exactly one of algorithm and custom_algorithm")
     return AlgorithmSpec(
-        algorithm=spec.custom_algorithm or algorithm_name(spec.algorithm),
-        params=json_format.MessageToDict(spec.params),
+        algorithm=spec.custom_algorithm or algorithm_name(spec.algorithm, f"also[{i}].algorithm"),
+        params=struct_to_dict(spec.params, f"also[{i}].params"),
         noise_tunnel=_fields(spec.noise_tunnel) if spec.HasField("noise_tunnel") else None,
         layer=spec.layer,
         return_convergence_delta=spec.return_convergence_delta,
@@ -135,6 +216,8 @@ def _also(spec: pb.AlgorithmSpec, i: int) -> AlgorithmSpec:
 
 def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) -> AttributionJob:
     arrival = time.monotonic()
+    if not request.model:
+        raise InvalidArgument("model is empty; name a served model (ListModels lists them)")
     algorithm, params = _algorithm_and_params(request)
     inputs = tuple(tensor_from_proto(t, f"inputs[{i}]") for i, t in enumerate(request.inputs))
     baselines = []

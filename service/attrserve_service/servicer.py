@@ -4,18 +4,24 @@ manager), encodes. Errors are mapped by the interceptor."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve.v1 import model_config_pb2 as mc
-from attrserve_engine import AttributionError, Engine, ModelRecord, ModelState
+from attrserve_engine import AttributionError, AttributionJob, Engine, InvalidArgument, ModelRecord, ModelState, NotFound
+from attrserve_engine.algorithms.noise_tunnel import parse_noise_tunnel
+from attrserve_engine.errors import shown
 from attrserve_service import metrics
 from attrserve_service.config import effective_config, spec_config
-from attrserve_service.convert import algorithm_enum, request_to_job, result_to_response
+from attrserve_service.convert import algorithm_enum, decode, request_to_job, result_to_response
 from attrserve_service.logs import REQUEST_ID
 from attrserve_service.repository import UNLOADED, ModelManager, Status
 
@@ -23,6 +29,8 @@ from attrserve_service.repository import UNLOADED, ModelManager, Status
 # passed cancels the call that much before the server's own deadline. A cancel that close to the deadline
 # is the deadline.
 _DEADLINE_SLACK_S = 0.025
+_ERROR_ID = "_attrserve_error_id"  # set on an exception once grpc_status has logged it as INTERNAL
+log = logging.getLogger(__name__)
 
 
 def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
@@ -34,20 +42,68 @@ def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
 def grpc_status(error: BaseException, context: grpc.aio.ServicerContext | None = None) -> tuple[grpc.StatusCode, str]:
     """The status a failed request gets: AttributionErrors carry theirs; anything else is a bug (INTERNAL).
 
-    A cancelled handler is DEADLINE_EXCEEDED when its RPC's deadline passed, else CANCELLED (the caller left)."""
+    A cancelled handler is DEADLINE_EXCEEDED when its RPC's deadline passed, else CANCELLED (the caller left).
+
+    An INTERNAL message says nothing of the exception (its text may hold paths, data or configuration): it carries
+    an error id, and the exception is logged once with that id and its traceback (the id stays with the exception,
+    so every caller that maps it again gets the same id and no second log line)."""
     if isinstance(error, AttributionError):
         return grpc.StatusCode[error.code], str(error)
     if isinstance(error, asyncio.CancelledError):
         if context is not None and deadline_passed(context):
             return grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed"
         return grpc.StatusCode.CANCELLED, "the request was cancelled"
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+    error_id = getattr(error, _ERROR_ID, None)
+    if error_id is None:
+        error_id = uuid.uuid4().hex[:16]
+        log.error("internal error (id %s): %s: %s", error_id, type(error).__name__, error, exc_info=error)
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(error, _ERROR_ID, error_id)
+    return grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); the server's log has the details"
 
 
 class AttributionServicer(pb_grpc.AttributionServiceServicer):
     def __init__(self, engine: Engine, max_requests_per_stream: int) -> None:
         self.engine = engine
         self.max_requests_per_stream = max_requests_per_stream
+        self.active = 0  # attribution requests between arrival and answer (a stream's each count): the drain waits on them
+
+    def _undecodable(self) -> None:
+        """A request that did not parse is counted with the others (model and algorithm unknown)."""
+        metrics.ATTRSERVE_ATTRIBUTIONS_COMPLETED_TOTAL.labels("unknown", "unknown", grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+
+    def _check_also(self, job: AttributionJob) -> None:
+        """What can be checked of each `also` entry before the engine sees the job, with the entry's index in the
+        message: its algorithm, parameters, noise tunnel, layer and convergence delta (the engine checks them again)."""
+        if not job.also:
+            return
+        try:
+            model = self.engine.get_model(job.model, job.model_version)
+        except AttributionError:
+            return  # the engine says why
+        dtypes = [x.dtype for x in job.inputs]
+        limits = self.engine.limits.algorithm_limits
+        for i, spec in enumerate(job.also):
+            try:
+                algorithm = self.engine.algorithms.get(spec.algorithm)
+                if algorithm is None:
+                    raise InvalidArgument(f"unknown algorithm {shown(spec.algorithm)}; GetModel lists what the model serves")
+                refusal = algorithm.refusal(model, dtypes)
+                if refusal:
+                    raise InvalidArgument(refusal)
+                algorithm.parse_params(dict(spec.params), limits)
+                if spec.noise_tunnel is not None:
+                    parse_noise_tunnel(dict(spec.noise_tunnel), limits)
+                if algorithm.layer_method and not spec.layer:
+                    raise InvalidArgument(f"{spec.algorithm} needs `layer`, a dotted module path; GetModel lists the model's layers")
+                if algorithm.layer_method and spec.layer not in model.layers:
+                    raise NotFound(f"model {model.name!r} has no layer {shown(spec.layer)}")
+                if spec.layer and not algorithm.layer_method:
+                    raise InvalidArgument(f"layer is only for layer methods; {spec.algorithm} attributes to the inputs")
+                if spec.return_convergence_delta and not algorithm.has_convergence_delta:
+                    raise InvalidArgument(f"{spec.algorithm} has no convergence delta; do not set return_convergence_delta")
+            except (InvalidArgument, NotFound) as e:
+                raise (NotFound if isinstance(e, NotFound) else InvalidArgument)(f"also[{i}]: {e}") from None
 
     async def _attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> pb.AttributeResponse:
         """One request through the engine, with its metrics; raises AttributionError on failure.
@@ -63,9 +119,11 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         name = pb.Algorithm.Name(request.algorithm)[len("ALGORITHM_") :].lower() if known else request.custom_algorithm
         labels = (model, name if name in self.engine.algorithms else "unknown")
         metrics.ATTRSERVE_REQUESTS_IN_FLIGHT.inc()
+        self.active += 1
         code = "OK"
         try:
             job = request_to_job(request, deadline)
+            self._check_also(job)
             result = await asyncio.wrap_future(self.engine.submit(job))
             metrics.ATTRSERVE_QUEUE_WAIT_SECONDS.labels(labels[0]).observe(result.timing.queue_ms / 1e3)
             if result.convergence_delta is not None:
@@ -75,32 +133,50 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
             code = grpc_status(e, context)[0].name
             raise
         finally:
+            self.active -= 1
             metrics.ATTRSERVE_REQUESTS_IN_FLIGHT.dec()
             metrics.ATTRSERVE_ATTRIBUTIONS_COMPLETED_TOTAL.labels(*labels, code).inc()
             metrics.ATTRSERVE_ATTRIBUTION_DURATION_SECONDS.labels(*labels).observe(time.monotonic() - start)
 
-    async def Attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> pb.AttributeResponse:
-        return await self._attribute(request, context)
+    async def Attribute(self, request: pb.AttributeRequest | bytes, context: grpc.aio.ServicerContext) -> pb.AttributeResponse:
+        """`request` is the message's wire bytes as the server hands them over (add_attribution_service), or a message."""
+        try:
+            message = decode(pb.AttributeRequest, request)
+        except InvalidArgument:
+            self._undecodable()
+            raise
+        REQUEST_ID.set(message.request_id)  # this RPC's task only: its log lines carry it
+        return await self._attribute(message, context)
 
     async def AttributeStream(
-        self, request_iterator: AsyncIterator[pb.AttributeStreamRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[pb.AttributeStreamRequest | bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AttributeStreamResponse]:
-        """Requests run concurrently (at most max_requests_per_stream at once); responses go out as they finish."""
+        """Requests run concurrently (at most max_requests_per_stream at once); responses go out as they finish.
+
+        Each message is parsed on its own: one that does not parse gets an INVALID_ARGUMENT error entry (its
+        position on the stream as request_id) and the stream goes on."""
         done: asyncio.Queue = asyncio.Queue()
         slots = asyncio.Semaphore(self.max_requests_per_stream)
         tasks: set[asyncio.Task] = set()
 
-        async def one(position: int, request: pb.AttributeRequest) -> None:
+        async def one(position: int, item: pb.AttributeStreamRequest | bytes) -> None:
             # NOTE: an empty request_id is replaced by the request's position on the stream, so every answer is matchable.
-            request_id = request.request_id or str(position)
-            REQUEST_ID.set(request_id)  # this request's task only: its log lines carry it
+            request_id = str(position)
             try:
+                try:
+                    request = decode(pb.AttributeStreamRequest, item).request
+                except InvalidArgument:
+                    self._undecodable()
+                    raise
+                request_id = request.request_id or request_id
+                REQUEST_ID.set(request_id)  # this request's task only: its log lines carry it
                 response = await self._attribute(request, context)
                 response.request_id = request_id
                 await done.put(pb.AttributeStreamResponse(request_id=request_id, response=response))
             except Exception as e:  # every failure becomes an error entry; the stream goes on
                 code, message = grpc_status(e)
-                error = pb.RequestError(code=code.value[0], message=message)
+                retry = getattr(e, "retry_after_s", None)
+                error = pb.RequestError(code=code.value[0], message=message, retry_after_ms=round(retry * 1e3) if retry else 0)
                 await done.put(pb.AttributeStreamResponse(request_id=request_id, error=error))
             finally:
                 slots.release()
@@ -109,7 +185,7 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
             count = 0
             async for item in request_iterator:
                 await slots.acquire()
-                task = asyncio.ensure_future(one(count, item.request))
+                task = asyncio.ensure_future(one(count, item))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 count += 1
@@ -138,12 +214,14 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
                 if task is not None:
                     task.cancel()
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest | bytes, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         """Every model version the server knows of: those that serve, and those loading or failed (with why)."""
+        decode(pb.ListModelsRequest, request)
         return pb.ListModelsResponse(models=[self._info(r) for r in self.engine.model_records()])
 
-    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
-        return pb.GetModelResponse(model=self._info(self.engine.model_record(request.model, request.model_version)))
+    async def GetModel(self, request: pb.GetModelRequest | bytes, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
+        message = decode(pb.GetModelRequest, request)
+        return pb.GetModelResponse(model=self._info(self.engine.model_record(message.model, message.model_version)))
 
     def _info(self, record: ModelRecord) -> pb.ModelInfo:
         model = record.model
@@ -180,18 +258,78 @@ class ModelRepositoryServicer(pb_grpc.ModelRepositoryServiceServicer):
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
 
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest | bytes, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        message = decode(pb.RepositoryIndexRequest, request)
         statuses = self.manager.statuses()
-        if request.ready_only:
+        if message.ready_only:
             statuses = [s for s in statuses if s.state == ModelState.READY.value]
         return pb.RepositoryIndexResponse(models=_statuses(statuses))
 
-    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
-        return pb.LoadModelResponse(models=_statuses(await self.manager.load(request.model, request.version)))
+    async def LoadModel(self, request: pb.LoadModelRequest | bytes, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
+        message = decode(pb.LoadModelRequest, request)
+        return pb.LoadModelResponse(models=_statuses(await self.manager.load(message.model, message.version)))
 
-    async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext) -> pb.UnloadModelResponse:
-        return pb.UnloadModelResponse(models=_statuses(await self.manager.unload(request.model, request.version)))
+    async def UnloadModel(self, request: pb.UnloadModelRequest | bytes, context: grpc.aio.ServicerContext) -> pb.UnloadModelResponse:
+        message = decode(pb.UnloadModelRequest, request)
+        return pb.UnloadModelResponse(models=_statuses(await self.manager.unload(message.model, message.version)))
 
 
 def _statuses(statuses: list[Status]) -> list[pb.ModelStatus]:
     return [pb.ModelStatus(model=s.name, version=s.version, state=_STATE_NAMES[s.state], reason=s.reason) for s in statuses]
+
+
+# -- registration ---------------------------------------------------------------------------------------------------
+# grpc runs a method's request deserializer before its handler, and one that raises fails the call with UNKNOWN
+# ("Unexpected DecodeError") where no interceptor sees it. Our methods are registered without one: each handler gets
+# the message's bytes and parses them itself (convert.decode), so a request that does not parse is an INVALID_ARGUMENT
+# naming the message type, counted like any other status, and on AttributeStream one bad message is an error entry
+# while the stream goes on.
+
+_Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _register(server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> None:
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+def _unary(behavior: _Unary, response_type: Any) -> grpc.RpcMethodHandler[Any, Any]:
+    # request_deserializer=None: the handler gets the request's raw bytes
+    return grpc.unary_unary_rpc_method_handler(
+        behavior,
+        request_deserializer=None,
+        response_serializer=response_type.SerializeToString,
+    )
+
+
+def add_attribution_service(servicer: AttributionServicer, server: grpc.aio.Server) -> None:
+    """Registers attrserve.v1.AttributionService (in place of the generated add_AttributionServiceServicer_to_server)."""
+    _register(
+        server,
+        "attrserve.v1.AttributionService",
+        {
+            "Attribute": _unary(servicer.Attribute, pb.AttributeResponse),
+            "AttributeStream": grpc.stream_stream_rpc_method_handler(
+                servicer.AttributeStream,
+                request_deserializer=None,
+                response_serializer=pb.AttributeStreamResponse.SerializeToString,
+            ),
+            "ListModels": _unary(servicer.ListModels, pb.ListModelsResponse),
+            "GetModel": _unary(servicer.GetModel, pb.GetModelResponse),
+        },
+    )
+
+
+def add_model_repository_service(servicer: ModelRepositoryServicer, server: grpc.aio.Server) -> None:
+    """Registers attrserve.v1.ModelRepositoryService (in place of the generated add_ModelRepositoryServiceServicer_to_server)."""
+    _register(
+        server,
+        "attrserve.v1.ModelRepositoryService",
+        {
+            "RepositoryIndex": _unary(servicer.RepositoryIndex, pb.RepositoryIndexResponse),
+            "LoadModel": _unary(servicer.LoadModel, pb.LoadModelResponse),
+            "UnloadModel": _unary(servicer.UnloadModel, pb.UnloadModelResponse),
+        },
+    )

@@ -60,8 +60,8 @@ def test_metrics_defaults_errors_and_caps(engine: Engine) -> None:
         engine.submit(AttributionJob(algorithm="layer_grad_cam", layer="conv2", evaluate={"infidelity": {}}, **base))
     with pytest.raises(InvalidArgument, match="unknown metric"):
         engine.submit(AttributionJob(algorithm="saliency", evaluate={"faithfulness": {}}, **base))
-    with pytest.raises(InvalidArgument, match="perturb_radius must be positive"):
-        engine.submit(AttributionJob(algorithm="saliency", evaluate={"sensitivity_max": {"perturb_radius": 0.0}}, **base))
+    with pytest.raises(InvalidArgument, match="perturb_radius must be a finite number >= 0"):  # Captum takes 0 (and gives 0)
+        engine.submit(AttributionJob(algorithm="saliency", evaluate={"sensitivity_max": {"perturb_radius": -1.0}}, **base))
     with pytest.raises(ResourceExhausted):
         engine.submit(AttributionJob(algorithm="integrated_gradients", params={"n_steps": 500}, evaluate={"sensitivity_max": {"n_perturb_samples": 500}}, **base))
     # A layer method's sensitivity is measured in the layer's space.

@@ -254,7 +254,6 @@ def test_seeds_reproduce_differ_and_leave_the_global_rng_alone(engine: Engine) -
         ("lime", {"kernel_width": 0.0}, (), "kernel_width"),
         ("lime", {"alpha": -1.0}, (), "alpha"),
         ("lime", {"n_samples": 0}, (), "n_samples"),
-        ("kernel_shap", {"perturbations_per_eval": 0}, (), "perturbations_per_eval"),
         ("kernel_shap", {"alpha": 0.1}, (), "unknown parameter"),
     ],
 )

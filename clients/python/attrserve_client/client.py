@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+import os
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
@@ -186,7 +190,19 @@ def _baselines(baselines: Any, n_inputs: int) -> list[pb.Baseline]:
 
 
 def _target_index(value: Any) -> pb.TargetIndex:
-    return pb.TargetIndex(index=[int(value)] if np.ndim(value) == 0 else [int(i) for i in value])
+    return pb.TargetIndex(index=[_integer(value, "target")] if np.ndim(value) == 0 else [_integer(i, "target") for i in value])
+
+
+def _text(value: Any, label: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{label}: expected a string, got {_shown(value)}")
+    return value
+
+
+def _flag(value: Any, label: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{label}: expected a bool, got {_shown(value)}")
+    return bool(value)
 
 
 def _target(target: Any) -> pb.Target:
@@ -201,22 +217,103 @@ def _target(target: Any) -> pb.Target:
     )
 
 
-def _fill(message: Any, values: Mapping[str, Any], what: str) -> None:
+def _shown(value: Any, limit: int = 60) -> str:
+    """A value in an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# protobuf scalar field types (FieldDescriptor.TYPE_*) → (kind, low, high) of the Python values they take
+_INT_RANGES = {
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+}
+_FLOAT_TYPES = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
+
+
+def _integer(value: Any, label: str, low: int = -(2**63), high: int = 2**63 - 1) -> int:
+    """An integer from an int (or numpy int, or a float with no fraction), in [low, high]; else a ValueError naming `label`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
+        raise TypeError(f"{label}: expected an integer, got {_shown(value)}")
+    if isinstance(value, (float, np.floating)):
+        if not float(value).is_integer():
+            raise ValueError(f"{label}: expected an integer, got {_shown(value)}")
+        value = int(value)
+    value = int(value)
+    if not low <= value <= high:
+        raise ValueError(f"{label}: expected an integer in [{low}, {high}], got {value}")
+    return value
+
+
+def _number(value: Any, label: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{label}: expected a number, got {_shown(value)}")
+    return float(value)
+
+
+def _scalar(field: FieldDescriptor, value: Any, label: str) -> Any:
+    """`value` as field's Python type, or a TypeError/ValueError that names the field."""
+    if field.type in _INT_RANGES:
+        return _integer(value, label, *_INT_RANGES[field.type])
+    if field.type in _FLOAT_TYPES:
+        return _number(value, label)
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{label}: expected a bool, got {_shown(value)}")
+        return bool(value)
+    if field.type == FieldDescriptor.TYPE_STRING:
+        if not isinstance(value, str):
+            raise TypeError(f"{label}: expected a string, got {_shown(value)}")
+        return value
+    return value
+
+
+def _fill(message: Any, values: Mapping[str, Any], what: str, label: str) -> None:
+    """Sets `values` on `message` by field name; `what` names them in "unknown ..." errors, `label` prefixes the field in
+    the others (e.g. "params.n_steps: expected an integer, got 'ten'")."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"{label}: expected a dict of field values, got {_shown(values)}")
     fields = message.DESCRIPTOR.fields_by_name
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"unknown {what} {', '.join(unknown)}; valid: {', '.join(fields)}")
+        raise ValueError(f"unknown {what} {', '.join(map(str, unknown))}; valid: {', '.join(fields)}")
     for key, value in values.items():
         if value is None:  # None keeps the server's default, like leaving the key out
             continue
-        if fields[key].is_repeated and fields[key].message_type is not None:
+        field, name = fields[key], f"{label}.{key}"
+        if field.is_repeated and field.message_type is not None:
             # IntList per input, e.g. sliding_window_shapes: (3, 4, 4) for one input, ((3, 4, 4), (2,)) for two
+            if _is_number(value) or not isinstance(value, (list, tuple, np.ndarray)):
+                raise TypeError(f"{name}: expected a list of integers per input, got {_shown(value)}")
             lists = [value] if all(_is_number(v) for v in value) else value
-            getattr(message, key).extend(pb.IntList(values=[int(v) for v in item]) for item in lists)
-        elif fields[key].is_repeated:  # stdevs: one value for all inputs or one per input
-            getattr(message, key).extend(np.ravel(value).tolist())
+            items = []
+            for i, item in enumerate(lists):
+                if not isinstance(item, (list, tuple, np.ndarray)):
+                    raise TypeError(f"{name}[{i}]: expected a list of integers, got {_shown(item)}")
+                items.append(pb.IntList(values=[_integer(v, f"{name}[{i}]") for v in item]))
+            getattr(message, key).extend(items)
+        elif field.is_repeated:  # stdevs: one value for all inputs or one per input
+            flat = [value] if _is_number(value) else np.ravel(np.asarray(value, dtype=object)).tolist()
+            getattr(message, key).extend(_scalar(field, v, name) for v in flat)
         else:
-            setattr(message, key, value)
+            setattr(message, key, _scalar(field, value, name))
+
+
+def _struct(message: Any, values: Mapping[str, Any], label: str) -> None:
+    """Fills a google.protobuf.Struct (a plugin's custom_params, an also entry's params), naming the field on failure."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"{label}: expected a dict of parameters, got {_shown(values)}")
+    for key, value in values.items():
+        if value is None:
+            continue
+        if not isinstance(key, str):
+            raise TypeError(f"{label}: parameter names must be strings, got {_shown(key)}")
+        try:
+            message.update({key: _plain(value)})
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{label}.{key}: {_shown(value)} cannot be sent as JSON-like parameters: {e}") from None
 
 
 def build_request(
@@ -245,16 +342,16 @@ def build_request(
     name = algorithm if algorithm_value is None else algorithm_name(algorithm_value)  # built-ins: also the params oneof field
     inputs = _entries(inputs, None, "inputs")
     request = pb.AttributeRequest(
-        request_id=request_id,
-        model=model,
-        model_version=model_version,
+        request_id=_text(request_id, "request_id"),
+        model=_text(model, "model"),
+        model_version=_text(model_version, "model_version"),
         algorithm=algorithm_value or pb.ALGORITHM_UNSPECIFIED,
         custom_algorithm=name if custom else "",
         inputs=[to_tensor_proto(x) for x in inputs],
         baselines=_baselines(baselines, len(inputs)),
-        layer=layer or "",
-        return_convergence_delta=return_convergence_delta,
-        return_outputs=return_outputs,
+        layer=_text(layer or "", "layer"),
+        return_convergence_delta=_flag(return_convergence_delta, "return_convergence_delta"),
+        return_outputs=_flag(return_outputs, "return_outputs"),
     )
     if target is not None:
         request.target.CopyFrom(_target(target))
@@ -265,33 +362,35 @@ def build_request(
     if feature_mask is not None:
         request.feature_masks.extend(to_tensor_proto(m) for m in _entries(feature_mask, len(inputs), "feature_mask"))
     if params and custom:
-        request.custom_params.update({k: _plain(v) for k, v in params.items() if v is not None})
+        _struct(request.custom_params, params, "params")
     elif params:
         oneof = {f.name for f in pb.AttributeRequest.DESCRIPTOR.oneofs_by_name["params"].fields}
         if name not in oneof:
             raise ValueError(f"algorithm {name!r} takes no params")
         getattr(request, name).SetInParent()
-        _fill(getattr(request, name), params, f"{name} params")
+        _fill(getattr(request, name), params, f"{name} params", "params")
     if noise_tunnel is not None:
         request.noise_tunnel.SetInParent()  # an empty dict still asks for the default SmoothGrad
-        _fill(request.noise_tunnel, noise_tunnel, "noise_tunnel fields")
+        _fill(request.noise_tunnel, noise_tunnel, "noise_tunnel fields", "noise_tunnel")
     if seed is not None:
-        request.seed = seed
-    for spec in also or ():
-        request.also.append(_algorithm_spec(spec))
+        request.seed = _integer(seed, "seed", 0, 2**64 - 1)
+    for i, spec in enumerate(also or ()):
+        request.also.append(_algorithm_spec(spec, f"also[{i}]"))
     for metric, fields in (evaluate or {}).items():  # {"infidelity": {...}, "sensitivity_max": {...}}
         if metric not in pb.Evaluate.DESCRIPTOR.fields_by_name:
             raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(pb.Evaluate.DESCRIPTOR.fields_by_name)}")
         getattr(request.evaluate, metric).SetInParent()
-        _fill(getattr(request.evaluate, metric), fields or {}, f"{metric} fields")
+        _fill(getattr(request.evaluate, metric), fields or {}, f"{metric} fields", f"evaluate.{metric}")
     return request
 
 
 _SPEC_KEYS = {"algorithm", "params", "noise_tunnel", "layer", "return_convergence_delta"}
 
 
-def _algorithm_spec(spec: Mapping[str, Any]) -> pb.AlgorithmSpec:
+def _algorithm_spec(spec: Mapping[str, Any], label: str = "also[0]") -> pb.AlgorithmSpec:
     """One `also=` entry: {"algorithm": name, "params": {...}, "noise_tunnel": {...}, "layer": ..., "return_convergence_delta": ...}."""
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"{label}: expected a dict with the algorithm and its params, got {_shown(spec)}")
     unknown = sorted(set(spec) - _SPEC_KEYS)
     if unknown or "algorithm" not in spec:
         raise ValueError(f"also entries take {', '.join(sorted(_SPEC_KEYS))} (algorithm required); got {', '.join(sorted(spec))}")
@@ -299,14 +398,14 @@ def _algorithm_spec(spec: Mapping[str, Any]) -> pb.AlgorithmSpec:
     message = pb.AlgorithmSpec(
         algorithm=value or pb.ALGORITHM_UNSPECIFIED,
         custom_algorithm="" if value is not None else spec["algorithm"],
-        layer=spec.get("layer") or "",
+        layer=_text(spec.get("layer") or "", f"{label}.layer"),
         return_convergence_delta=bool(spec.get("return_convergence_delta", False)),
     )
     if spec.get("params"):
-        message.params.update({k: _plain(v) for k, v in spec["params"].items() if v is not None})
+        _struct(message.params, spec["params"], f"{label}.params")
     if spec.get("noise_tunnel") is not None:
         message.noise_tunnel.SetInParent()
-        _fill(message.noise_tunnel, spec["noise_tunnel"], "noise_tunnel fields")
+        _fill(message.noise_tunnel, spec["noise_tunnel"], "noise_tunnel fields", f"{label}.noise_tunnel")
     return message
 
 
@@ -318,18 +417,129 @@ def _stream_request(request: pb.AttributeRequest | pb.AttributeStreamRequest) ->
     raise TypeError(f"expected an AttributeRequest, got {type(request).__name__}")
 
 
+Pem = bytes | str | os.PathLike[str]  # PEM bytes (or text), or the path of a PEM file
+
+
+def _pem(value: Pem, what: str) -> bytes:
+    """PEM bytes as given, PEM text encoded, or a file's contents."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
+        return value.encode()
+    try:
+        return Path(value).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{what}: cannot read {value}: {e.strerror or e}") from None
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _BearerHeader(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <token>` to every call of a plaintext channel (gRPC sends call credentials
+    only over secure channels)."""
+
+    def __init__(self, token: str) -> None:
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(details.metadata or ()), self.header]
+        compression = getattr(details, "compression", None)
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, compression)
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: grpc.ClientCallDetails, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: grpc.ClientCallDetails, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation: Any, client_call_details: grpc.ClientCallDetails, request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, client_call_details: grpc.ClientCallDetails, request_iterator: Any) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def _aio_bearer_header(token: str) -> list[grpc.aio.ClientInterceptor]:
+    """_BearerHeader for grpc.aio channels: one interceptor per call kind (an aio channel files each under one kind)."""
+    header = ("authorization", f"Bearer {token}")
+
+    def details(d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(d.metadata or ()), header)
+        return grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
+
+    class UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+            return await continuation(details(client_call_details), request)
+
+    class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+            return await continuation(details(client_call_details), request)
+
+    class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+        async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+            return await continuation(details(client_call_details), request_iterator)
+
+    class StreamStream(grpc.aio.StreamStreamClientInterceptor):
+        async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+            return await continuation(details(client_call_details), request_iterator)
+
+    return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]
+
+
 class _ClientBase:
     build_request = staticmethod(build_request)
 
     def __init__(
-        self, target: Target, credentials: grpc.ChannelCredentials | None, options: Iterable[tuple[str, Any]] | None, grpc_module: Any
+        self,
+        target: Target,
+        credentials: grpc.ChannelCredentials | None,
+        options: Iterable[tuple[str, Any]] | None,
+        grpc_module: Any,
+        *,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        client_cert: tuple[Pem, Pem] | None = None,
+        token: str | None = None,
     ) -> None:
+        """`credentials`: ready-made channel credentials; or `tls=True` (the system's root certificates),
+        `root_certificates` (PEM bytes or a file: the CA that signed the server's certificate; implies TLS) and
+        `client_cert=(certificate, key)` (PEM bytes or files, for a server that requires client certificates; implies
+        TLS). `token`: sent as `authorization: Bearer <token>` on every call (with TLS as call credentials; on a
+        plaintext channel, where gRPC sends no call credentials, by an interceptor)."""
         resolved, balanced = channel_target(target)
         defaults = {**_DEFAULT_OPTIONS, **({"grpc.service_config": _BALANCED_SERVICE_CONFIG} if balanced else {})}
         merged = list({**defaults, **dict(options or ())}.items())
+        if credentials is not None and (tls or root_certificates is not None or client_cert is not None):
+            raise ValueError("give either credentials or tls/root_certificates/client_cert, not both")
+        if credentials is None and (tls or root_certificates is not None or client_cert is not None):
+            key, chain = (None, None) if client_cert is None else (_pem(client_cert[1], "client key"), _pem(client_cert[0], "client_cert"))
+            roots = None if root_certificates is None else _pem(root_certificates, "root_certificates")
+            credentials = grpc.ssl_channel_credentials(root_certificates=roots, private_key=key, certificate_chain=chain)
+        if token is not None:
+            token = token.strip()
+            if not token or any(c.isspace() or not c.isprintable() or not c.isascii() for c in token):
+                raise ValueError("token must be one word of printable ASCII characters")
+        aio = grpc_module is grpc.aio
         if credentials is None:
-            self._channel = grpc_module.insecure_channel(resolved, options=merged)
+            if token is None:
+                self._channel = grpc_module.insecure_channel(resolved, options=merged)
+            elif aio:
+                self._channel = grpc.aio.insecure_channel(resolved, options=merged, interceptors=_aio_bearer_header(token))
+            else:
+                self._channel = grpc.intercept_channel(grpc.insecure_channel(resolved, options=merged), _BearerHeader(token))
         else:
+            if token is not None:
+                credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
             self._channel = grpc_module.secure_channel(resolved, credentials, options=merged)
         self._stub = pb_grpc.AttributionServiceStub(self._channel)
         self._repository = pb_grpc.ModelRepositoryServiceStub(self._channel)
@@ -343,9 +553,20 @@ class AttributionClient(_ClientBase):
     skipping servers that are not SERVING and retrying on another one a call refused with UNAVAILABLE."""
 
     def __init__(
-        self, target: Target, *, credentials: grpc.ChannelCredentials | None = None, options: Iterable[tuple[str, Any]] | None = None
+        self,
+        target: Target,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Iterable[tuple[str, Any]] | None = None,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        client_cert: tuple[Pem, Pem] | None = None,
+        token: str | None = None,
     ) -> None:
-        super().__init__(target, credentials, options, grpc)
+        """TLS, client certificates and tokens: see `_ClientBase.__init__`."""
+        super().__init__(
+            target, credentials, options, grpc, tls=tls, root_certificates=root_certificates, client_cert=client_cert, token=token
+        )
 
     def attribute(self, model: str, algorithm: str, inputs: Any, *, timeout: float | None = None, **kwargs: Any) -> Attribution:
         """Attributes `inputs`; keyword arguments are `build_request`'s."""
@@ -396,9 +617,20 @@ class AsyncAttributionClient(_ClientBase):
     """grpc.aio client; gRPC failures propagate as `grpc.aio.AioRpcError`. `target` as AttributionClient's."""
 
     def __init__(
-        self, target: Target, *, credentials: grpc.ChannelCredentials | None = None, options: Iterable[tuple[str, Any]] | None = None
+        self,
+        target: Target,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Iterable[tuple[str, Any]] | None = None,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        client_cert: tuple[Pem, Pem] | None = None,
+        token: str | None = None,
     ) -> None:
-        super().__init__(target, credentials, options, grpc.aio)
+        """TLS, client certificates and tokens: see `_ClientBase.__init__`."""
+        super().__init__(
+            target, credentials, options, grpc.aio, tls=tls, root_certificates=root_certificates, client_cert=client_cert, token=token
+        )
 
     async def attribute(self, model: str, algorithm: str, inputs: Any, *, timeout: float | None = None, **kwargs: Any) -> Attribution:
         """Attributes `inputs`; keyword arguments are `build_request`'s."""

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.errors import InvalidArgument, shown
 from attrserve_engine.models import LoadedModel
 from attrserve_engine.plan import Block, BlockResult, PassKind, Plan, Task, repeat_rows
 from attrserve_engine.rules.deeplift import hooked_modules
@@ -121,7 +121,9 @@ def parse_dataclass(cls: type, raw: dict[str, Any], owner: str) -> Any:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         valid = ", ".join(fields) or "none"
-        raise InvalidArgument(f"{owner}: unknown parameter(s) {', '.join(unknown)}; valid: {valid}")
+        listed = ", ".join(k if len(k) <= 40 else f"{k[:40]}... ({len(k)} characters)" for k in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise InvalidArgument(f"{owner}: unknown parameter(s) {listed}{more}; valid: {valid}")
     values = {}
     for name, value in raw.items():
         f = fields[name]
@@ -135,31 +137,31 @@ def parse_dataclass(cls: type, raw: dict[str, Any], owner: str) -> Any:
 def _coerce(value: Any, default: Any, label: str) -> Any:
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise InvalidArgument(f"{label} must be a bool, got {value!r}")
+            raise InvalidArgument(f"{label} must be a bool, got {shown(value)}")
         return value
     if isinstance(default, int):
         if isinstance(value, float) and value.is_integer():  # JSON / protobuf Struct numbers are doubles
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidArgument(f"{label} must be an integer, got {value!r}")
+            raise InvalidArgument(f"{label} must be an integer, got {shown(value)}")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidArgument(f"{label} must be a number, got {value!r}")
+            raise InvalidArgument(f"{label} must be a number, got {shown(value)}")
         return float(value)
     if isinstance(default, str):
         if not isinstance(value, str):
-            raise InvalidArgument(f"{label} must be a string, got {value!r}")
+            raise InvalidArgument(f"{label} must be a string, got {shown(value)}")
         return value
     if isinstance(default, tuple):
         if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
             if not all(isinstance(i, (int, float)) and not isinstance(i, bool) and float(i).is_integer() for v in value for i in v):
-                raise InvalidArgument(f"{label} must be lists of integers, one per input, got {value!r}")
+                raise InvalidArgument(f"{label} must be lists of integers, one per input, got {shown(value)}")
             return tuple(tuple(int(i) for i in v) for v in value)  # one int list per input (window shapes, strides)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return (float(value),)
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise InvalidArgument(f"{label} must be a number or a list of numbers, got {value!r}")
+            raise InvalidArgument(f"{label} must be a number or a list of numbers, got {shown(value)}")
         return tuple(float(v) for v in value)
     return value
 
@@ -175,9 +177,17 @@ def per_input_values(values: tuple[float, ...], n_inputs: int, label: str) -> tu
 
 def check_positive(value: int, label: str, cap: int, minimum: int = 1) -> None:
     if value < minimum:
-        raise InvalidArgument(f"{label} must be at least {minimum}, got {value}")
+        raise InvalidArgument(f"{label} must be at least {minimum}, got {shown(value)}")
     if value > cap:
-        raise InvalidArgument(f"{label} is {value}, over this server's limit of {cap}")
+        raise InvalidArgument(f"{label} is {shown(value)}, over this server's limit of {cap}")
+
+
+def check_stdevs(values: tuple[float, ...], label: str) -> None:
+    """Standard deviations of Gaussian noise: Captum's torch.normal refuses negative ones and NaN (infinity it takes)."""
+    for i, v in enumerate(values):
+        if not v >= 0:
+            where = label if len(values) == 1 else f"{label}[{i}]"
+            raise InvalidArgument(f"{where} must be >= 0 (a standard deviation), got {v}")
 
 
 def example_baselines(task: Task) -> tuple[Tensor, ...]:

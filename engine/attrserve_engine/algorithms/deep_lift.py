@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, delta_block, delta_from, example_baselines
-from attrserve_engine.errors import InvalidArgument
 from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task
 from attrserve_engine.rules import DeepLiftOptions
 
@@ -23,9 +24,11 @@ class DeepLift(Algorithm):
     needs_module_hooks = True
     uses_baselines = True
 
-    def check_params(self, params: DeepLiftParams, limits: Limits) -> None:
-        if not params.eps > 0:
-            raise InvalidArgument(f"deep_lift.eps must be positive, got {params.eps}")
+    def parse_params(self, raw: dict[str, Any], limits: Limits) -> DeepLiftParams:
+        params: DeepLiftParams = super().parse_params(raw, limits)
+        # Captum takes any eps: the rules use the plain quotient where |Δin| >= eps. For eps <= 0 and NaN that is
+        # everywhere, exactly as for eps = 0; one value keeps the batch key (Block.options) a plain float.
+        return params if params.eps > 0 else dataclasses.replace(params, eps=0.0)
 
     def rows(self, task: Task, n_examples: int) -> int:
         return 2 * n_examples

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, delta_block, delta_from, per_input_values
+from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, check_stdevs, delta_block, delta_from, per_input_values
 from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task, interleave_rows
 
 
@@ -48,8 +48,10 @@ class GradientShap(Algorithm):
 
     def check_params(self, params: GradientShapParams, limits: Limits) -> None:
         check_positive(params.n_samples, "gradient_shap.n_samples", limits.max_nt_samples)
+        check_stdevs(params.stdevs, "gradient_shap.stdevs")
 
     def rows(self, task: Task, n_examples: int) -> int:
+        per_input_values(task.params.stdevs, len(task.inputs), "gradient_shap.stdevs")  # early: before any work
         return task.params.n_samples * n_examples
 
     def delta_rows(self, task: Task, n_examples: int) -> int:

@@ -11,7 +11,7 @@ from attrserve_engine.algorithms.base import Limits
 from attrserve_engine.algorithms.guided_backprop import GuidedBackprop
 from attrserve_engine.algorithms.layer import LayerAlgorithm
 from attrserve_engine.algorithms.layer_grad_cam import LayerGradCam, LayerGradCamParams
-from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.errors import InvalidArgument, shown
 from attrserve_engine.plan import Attribution, Plan, Task, concurrently
 
 INTERPOLATE_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear", "area")
@@ -35,7 +35,7 @@ class GuidedGradCam(LayerAlgorithm):
     def check_params(self, params: GuidedGradCamParams, limits: Limits) -> None:
         if params.interpolate_mode not in INTERPOLATE_MODES:
             raise InvalidArgument(
-                f"guided_grad_cam.interpolate_mode must be one of {', '.join(INTERPOLATE_MODES)}, got {params.interpolate_mode!r}"
+                f"guided_grad_cam.interpolate_mode must be one of {', '.join(INTERPOLATE_MODES)}, got {shown(params.interpolate_mode)}"
             )
 
     def rows(self, task: Task, n_examples: int) -> int:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, delta_block, delta_from, example_baselines
-from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.errors import InvalidArgument, shown
 from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task, repeat_rows
 
 RIEMANN_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
@@ -79,11 +79,13 @@ def integrate(grads: tuple[Tensor, ...], step_sizes: tuple[float, ...], n: int) 
     return tuple(totals)
 
 
-def check_steps(owner: str, method: str, n_steps: int, limits: Limits) -> None:
-    """Captum's rules for `method` and `n_steps` (Riemann sums need 2 steps), and this server's cap."""
+def check_steps(owner: str, method: str, n_steps: int, limits: Limits, points: int = 0) -> None:
+    """Captum's rules for `method` and `n_steps` (a quadrature needs a point, Riemann sums 2), and this server's cap.
+
+    `points`: how many more path points than n_steps the method takes (LayerConductance: 1)."""
     if method not in METHODS:
-        raise InvalidArgument(f"{owner}.method must be one of {', '.join(METHODS)}, got {method!r}")
-    check_positive(n_steps, f"{owner}.n_steps", limits.max_n_steps, 2 if method in RIEMANN_METHODS else 1)
+        raise InvalidArgument(f"{owner}.method must be one of {', '.join(METHODS)}, got {shown(method)}")
+    check_positive(n_steps, f"{owner}.n_steps", limits.max_n_steps, (2 if method in RIEMANN_METHODS else 1) - points)
 
 
 class IntegratedGradients(Algorithm):

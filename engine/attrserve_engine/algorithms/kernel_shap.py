@@ -24,7 +24,6 @@ from torch import Tensor
 from attrserve_engine.algorithms.base import Limits, check_positive
 from attrserve_engine.algorithms.lime import MAX_N_SAMPLES, Lime, skip_fit_draws
 from attrserve_engine.algorithms.linear_models import weighted_least_squares
-from attrserve_engine.algorithms.perturbation import check_perturbations_per_eval
 from attrserve_engine.errors import InvalidArgument
 from attrserve_engine.plan import Task
 
@@ -66,8 +65,8 @@ class KernelShap(Lime):
     params_type = KernelShapParams
 
     def check_params(self, params: KernelShapParams, limits: Limits) -> None:  # type: ignore[override]  # Lime's plan, not its params (as in Captum)
+        # NOTE: Captum's KernelShap takes any perturbations_per_eval (it only sizes its forward calls): so does this one.
         check_positive(params.n_samples, f"{self.name}.n_samples", MAX_N_SAMPLES)
-        check_perturbations_per_eval(params.perturbations_per_eval, self.name)
 
     def check_features(self, n_interp: int) -> None:
         if n_interp < 2:

@@ -27,7 +27,8 @@ class LayerConductance(LayerAlgorithm):
     needs_input_gradients = True  # the path runs through input space
 
     def check_params(self, params: LayerConductanceParams, limits: Limits) -> None:
-        check_steps(self.name, params.method, params.n_steps, limits)
+        # Captum takes n_steps + 1 path points (layer_conductance.py:289): n_steps=0 is one point, and no step
+        check_steps(self.name, params.method, params.n_steps, limits, points=1)
 
     def rows(self, task: Task, n_examples: int) -> int:
         return (task.params.n_steps + 1) * n_examples

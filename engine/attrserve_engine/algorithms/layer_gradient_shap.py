@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attrserve_engine.algorithms.base import Limits, check_positive, delta_block, delta_from, per_input_values
+from attrserve_engine.algorithms.base import Limits, check_positive, check_stdevs, delta_block, delta_from, per_input_values
 from attrserve_engine.algorithms.gradient_shap import add_noise, draw_baselines
 from attrserve_engine.algorithms.layer import LayerAlgorithm, layer_block
 from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task, interleave_rows, repeat_rows
@@ -30,6 +30,7 @@ class LayerGradientShap(LayerAlgorithm):
 
     def check_params(self, params: LayerGradientShapParams, limits: Limits) -> None:
         check_positive(params.n_samples, "layer_gradient_shap.n_samples", limits.max_nt_samples)
+        check_stdevs(params.stdevs, "layer_gradient_shap.stdevs")
 
     def rows(self, task: Task, n_examples: int) -> int:
         # gradients at the path points, then the layer at the noisy inputs and at the drawn baselines

@@ -31,11 +31,14 @@ from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, example_baselines
 from attrserve_engine.algorithms.linear_models import lasso
-from attrserve_engine.algorithms.perturbation import check_perturbations_per_eval, feature_masks_or_default, n_features
+from attrserve_engine.algorithms.perturbation import check_has_features, feature_masks_or_default, n_features
 from attrserve_engine.errors import InvalidArgument
 from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task, interleave_rows
 
 MAX_N_SAMPLES = 100_000  # the per-request row cap (n_samples × examples) is the real bound
+# Interpretable features (max id - min id + 1 of the masks): each is a column of every pattern, drawn and fitted,
+# present in the masks or not. Refused past the inputs' scalars and this (the engine's default row cap) before any work.
+MAX_FEATURES = 100_000
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,22 @@ def interpretable_masks(task: Task) -> tuple[tuple[Tensor, ...], int]:
     if low != 0:
         masks = tuple(m - low for m in masks)
     return masks, n_features(masks)
+
+
+def check_feature_count(task: Task, owner: str) -> None:
+    """Refuses masks whose ids span more interpretable features than the inputs have scalars and MAX_FEATURES,
+    from the masks' min and max alone (no mask is shifted, nothing is allocated)."""
+    masks = feature_masks_or_default(task)
+    live = [m for m in masks if m.numel()]
+    if not live:
+        return
+    low, high = min(int(m.min()) for m in live), max(int(m.max()) for m in live)
+    count, scalars = high - low + 1, sum(math.prod(x.shape[1:]) for x in task.inputs)
+    if count > max(scalars, MAX_FEATURES):
+        raise InvalidArgument(
+            f"feature_masks: {owner} takes one interpretable feature per id from the smallest ({low}) to the largest ({high}), "
+            f"{count} here, over this server's limit of {max(scalars, MAX_FEATURES)}; number the features 0 .. n_features - 1"
+        )
 
 
 def pattern_inputs(task: Task, masks: tuple[Tensor, ...], patterns: Tensor) -> tuple[Tensor, ...]:
@@ -113,14 +132,24 @@ class Lime(Algorithm):
     uses_baselines = True
 
     def check_params(self, params: LimeParams, limits: Limits) -> None:
+        # NOTE: Captum's Lime takes any perturbations_per_eval (it only sizes its forward calls): so does this one.
         check_positive(params.n_samples, f"{self.name}.n_samples", MAX_N_SAMPLES)
-        check_perturbations_per_eval(params.perturbations_per_eval, self.name)
-        if not (math.isfinite(params.alpha) and params.alpha >= 0):
+        if not (math.isfinite(params.alpha) and params.alpha >= 0):  # SkLearnLasso refuses the others
             raise InvalidArgument(f"{self.name}.alpha must be a finite number >= 0, got {params.alpha}")
-        if not (math.isfinite(params.kernel_width) and params.kernel_width > 0):
-            raise InvalidArgument(f"{self.name}.kernel_width must be a finite number > 0, got {params.kernel_width}")
+        # Captum's kernel divides by 2 * kernel_width ** 2 (any sign, infinity too); where that is 0, NaN or overflows,
+        # its fit refuses the weights.
+        try:
+            square = params.kernel_width**2
+        except OverflowError:
+            square = math.nan
+        if not square > 0:
+            raise InvalidArgument(
+                f"{self.name}.kernel_width must be a nonzero number whose square is finite or infinite, got {params.kernel_width}"
+            )
 
     def rows(self, task: Task, n_examples: int) -> int:
+        check_has_features(task, self.name)
+        check_feature_count(task, self.name)
         return task.params.n_samples * n_examples
 
     def plan(self, task: Task) -> Plan:
@@ -166,11 +195,21 @@ class Lime(Algorithm):
         perturbed = torch.cat([p.reshape(n, s, -1) for p in inputs], dim=2).float().contiguous()  # (n, S, D)
         distance = 1 - functional.cosine_similarity(original.unsqueeze(1), perturbed, dim=2)  # (n, S)
         exponent = -1 * (distance**2) / (2 * (task.params.kernel_width**2))
-        return torch.exp(exponent.double()).float()
+        weights = torch.exp(exponent.double()).float()
+        usable = torch.isfinite(weights).all(1) & (weights != 0).any(1)  # (n,)
+        if not bool(usable.all()):
+            # Captum's fit refuses such weights too ("contains NaN", "must contain at least one non-zero number")
+            i = int((~usable).nonzero()[0, 0])
+            raise InvalidArgument(
+                f"{self.name}: the similarity kernel gives example {i}'s patterns no usable weights (NaN, or all 0); "
+                f"look at its inputs (NaN?) and kernel_width ({task.params.kernel_width})"
+            )
+        return weights
 
     def fit(self, task: Task, patterns: Tensor, outputs: Tensor, weights: Tensor) -> Tensor:
         """SkLearnLasso(alpha) per example; returns (n, F) float32 coefficients (Captum's FloatTensor(coef_))."""
-        return torch.stack([lasso(patterns[i], outputs[i], weights[i], task.params.alpha).coef for i in range(task.n)]).float()
+        fits = [lasso(patterns[i], outputs[i], weights[i], task.params.alpha, deadline=task.deadline) for i in range(task.n)]
+        return torch.stack([fit.coef for fit in fits]).float()
 
 
 ALGORITHM = Lime

@@ -33,10 +33,13 @@ steps, and torch has gelsd only on the CPU.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from attrserve_engine.errors import DeadlineExceeded
 
 # scikit-learn's defaults.
 LASSO_TOL = 1e-4
@@ -60,10 +63,12 @@ def lasso(
     *,
     tol: float = LASSO_TOL,
     max_iter: int = LASSO_MAX_ITER,
+    deadline: float | None = None,
 ) -> LinearFit:
     """sklearn `Lasso(alpha, tol=tol, max_iter=max_iter).fit(x, y, sample_weight)`; x (S, F), y (S,), weights (S,).
 
-    Returns float64 coefficients (F,) and intercept ().
+    Returns float64 coefficients (F,) and intercept (). Raises DeadlineExceeded once `deadline` (time.monotonic())
+    passes between sweeps: a fit over thousands of features can take seconds, and nobody waits for it then.
     """
     x = x.detach().to("cpu", torch.float64)
     y = y.detach().to("cpu", torch.float64)
@@ -73,7 +78,7 @@ def lasso(
         sw = sample_weight.detach().to("cpu", torch.float64)
         sw = sw * (n_samples / sw.sum())  # scikit-learn rescales weights to sum to n_samples
     xc, yc, x_offset, y_offset = _centre(x, y, sw)
-    coef, gap, n_iter = _coordinate_descent(xc, yc, alpha * n_samples, tol, max_iter)
+    coef, gap, n_iter = _coordinate_descent(xc, yc, alpha * n_samples, tol, max_iter, deadline)
     return LinearFit(coef, y_offset - x_offset @ coef, n_iter, gap)
 
 
@@ -103,7 +108,9 @@ def _centre(x: Tensor, y: Tensor, sw: Tensor | None) -> tuple[Tensor, Tensor, Te
     return (x - x_offset.unsqueeze(-2)) * root.unsqueeze(-1), (y - y_offset.unsqueeze(-1)) * root, x_offset, y_offset
 
 
-def _coordinate_descent(x: Tensor, y: Tensor, alpha: float, tol: float, max_iter: int) -> tuple[Tensor, float, int]:
+def _coordinate_descent(
+    x: Tensor, y: Tensor, alpha: float, tol: float, max_iter: int, deadline: float | None = None
+) -> tuple[Tensor, float, int]:
     """scikit-learn's `enet_coordinate_descent` (l1 only, cyclic, gap-safe screening) on centred data.
 
     Minimises ½‖y − x·w‖² + alpha‖w‖₁ from w = 0. Returns (w, duality gap, sweeps).
@@ -160,6 +167,8 @@ def _coordinate_descent(x: Tensor, y: Tensor, alpha: float, tol: float, max_iter
 
     n_iter = 0
     for n_iter in range(max_iter):
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(f"the request's deadline passed while fitting Lime's surrogate ({n_features} features, sweep {n_iter})")
         w_max = d_w_max = 0.0
         for j in active:
             n2 = norm2_list[j]

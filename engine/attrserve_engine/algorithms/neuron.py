@@ -10,15 +10,19 @@ explains that unit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from attrserve_engine.algorithms.base import Algorithm, Limits
-from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.errors import InvalidArgument, shown
 from attrserve_engine.plan import Attribution, Block, Plan, Task
+
+MAX_SELECTOR = 32  # indices in a neuron selector, one per dim of the layer's output after dim 0
 
 
 @dataclass(frozen=True)
@@ -33,15 +37,34 @@ def parse_neuron_params(owner: str, base: Algorithm, raw: dict[str, Any], limits
     if "neuron_selector" not in raw:
         raise InvalidArgument(f"{owner}.neuron_selector is required: the index of the neuron in the layer's output (after dim 0)")
     selector = raw.pop("neuron_selector")
+    if not isinstance(selector, (int, float, list, tuple)):
+        raise InvalidArgument(f"{owner}.neuron_selector must be one or more integers, got {shown(selector)}")
     selector = (selector,) if isinstance(selector, (int, float)) else tuple(selector)
+    if len(selector) > MAX_SELECTOR:
+        raise InvalidArgument(
+            f"{owner}.neuron_selector has {len(selector)} indices; a layer's output has far fewer dims (at most {MAX_SELECTOR})"
+        )
     if all(isinstance(i, float) and i.is_integer() for i in selector):  # from a protobuf Struct
         selector = tuple(int(i) for i in selector)
     if not selector or not all(isinstance(i, int) and not isinstance(i, bool) for i in selector):
-        raise InvalidArgument(f"{owner}.neuron_selector must be one or more integers, got {selector!r}")
+        raise InvalidArgument(f"{owner}.neuron_selector must be one or more integers, got {shown(selector)}")
     to_input = raw.pop("attribute_to_neuron_input", False)
     if not isinstance(to_input, bool):
-        raise InvalidArgument(f"{owner}.attribute_to_neuron_input must be a bool, got {to_input!r}")
-    return NeuronParams(selector, to_input, base.parse_params(raw, limits))
+        raise InvalidArgument(f"{owner}.attribute_to_neuron_input must be a bool, got {shown(to_input)}")
+    with relabelled(base.name, owner):
+        return NeuronParams(selector, to_input, base.parse_params(raw, limits))
+
+
+@contextlib.contextmanager
+def relabelled(base: str, owner: str) -> Iterator[None]:
+    """The base method's errors name the neuron method's fields ("gradient_shap.stdevs" → "neuron_gradient_shap.stdevs")."""
+    try:
+        yield
+    except InvalidArgument as e:
+        message = str(e)
+        if base != owner and message.startswith((f"{base}.", f"{base}:")):
+            raise InvalidArgument(owner + message[len(base) :]) from None
+        raise
 
 
 def neuron_rows(task: Task) -> torch.Tensor:
@@ -74,7 +97,8 @@ class NeuronMethod(Algorithm):
         return parse_neuron_params(self.name, self.base, raw, limits)
 
     def rows(self, task: Task, n_examples: int) -> int:
-        return self.base.rows(task.replace(params=task.params.base), n_examples)
+        with relabelled(self.base.name, self.name):
+            return self.base.rows(task.replace(params=task.params.base), n_examples)
 
     def plan(self, task: Task) -> Plan:
         inner = self.base.plan(task.replace(params=task.params.base, target=neuron_rows(task), return_convergence_delta=False))

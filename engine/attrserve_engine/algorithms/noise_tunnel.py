@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, parse_dataclass, per_input_values
+from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, check_stdevs, parse_dataclass, per_input_values
 from attrserve_engine.algorithms.gradient_shap import add_noise, draw_baselines
-from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.errors import InvalidArgument, shown
 from attrserve_engine.plan import Attribution, Plan, Task, interleave_rows
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
@@ -25,8 +25,9 @@ class NoiseTunnelParams:
 def parse_noise_tunnel(raw: dict, limits: Limits) -> NoiseTunnelParams:
     params = parse_dataclass(NoiseTunnelParams, raw, "noise_tunnel")
     if params.nt_type not in NT_TYPES:
-        raise InvalidArgument(f"noise_tunnel.nt_type must be one of {', '.join(NT_TYPES)}, got {params.nt_type!r}")
+        raise InvalidArgument(f"noise_tunnel.nt_type must be one of {', '.join(NT_TYPES)}, got {shown(params.nt_type)}")
     check_positive(params.nt_samples, "noise_tunnel.nt_samples", limits.max_nt_samples)
+    check_stdevs(params.stdevs, "noise_tunnel.stdevs")
     return params
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, example_baselines, parse_dataclass
 from attrserve_engine.algorithms.perturbation import check_perturbations_per_eval, forward_block, mix_rows
-from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.errors import InvalidArgument, shown
 from attrserve_engine.plan import Attribution, Plan, Task
 
 
@@ -27,12 +27,21 @@ class OcclusionParams:
 
 def _int_tuple(value: Any, label: str) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise InvalidArgument(f"{label} must be a list of integers, got {value!r}")
+        raise InvalidArgument(f"{label} must be a list of integers, got {shown(value)}")
     return tuple(value)
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integral(value: Any) -> Any:
+    """Whole floats as ints, in nested lists too: a protobuf Struct (custom_params, also[i].params) has only doubles."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_integral(v) for v in value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -95,22 +104,22 @@ class Occlusion(Algorithm):
 
     def parse_params(self, raw: dict[str, Any], limits: Limits) -> OcclusionParams:
         params = parse_dataclass(self.params_type, raw, self.name)
-        shapes = params.sliding_window_shapes
+        shapes = _integral(params.sliding_window_shapes)
         if shapes is None:
             raise InvalidArgument("occlusion.sliding_window_shapes is required: one window shape per input (dims after dim 0)")
         if isinstance(shapes, (list, tuple)) and shapes and all(_is_int(v) for v in shapes):
             shapes = (shapes,)  # one input's window, as Captum accepts
         if not isinstance(shapes, (list, tuple)) or not shapes:
-            raise InvalidArgument(f"occlusion.sliding_window_shapes must be one list of integers per input, got {shapes!r}")
+            raise InvalidArgument(f"occlusion.sliding_window_shapes must be one list of integers per input, got {shown(shapes)}")
         shapes = tuple(_int_tuple(s, f"occlusion.sliding_window_shapes[{i}]") for i, s in enumerate(shapes))
         for i, s in enumerate(shapes):
             if any(v < 1 for v in s):
-                raise InvalidArgument(f"occlusion.sliding_window_shapes[{i}] must be positive, got {s}")
-        strides = params.strides
+                raise InvalidArgument(f"occlusion.sliding_window_shapes[{i}] must be positive, got {shown(s)}")
+        strides = _integral(params.strides)
         if isinstance(strides, (list, tuple)):
             strides = tuple(v if _is_int(v) else _int_tuple(v, f"occlusion.strides[{i}]") for i, v in enumerate(strides))
         elif strides is not None and not _is_int(strides):
-            raise InvalidArgument(f"occlusion.strides must be an integer or one integer list per input, got {strides!r}")
+            raise InvalidArgument(f"occlusion.strides must be an integer or one integer list per input, got {shown(strides)}")
         params = OcclusionParams(shapes, strides, params.perturbations_per_eval)
         check_perturbations_per_eval(params.perturbations_per_eval, self.name)
         return params
@@ -137,17 +146,17 @@ class Occlusion(Algorithm):
             sizes = tuple(x.shape[1:])
             label = f"inputs[{i}] {tuple(x.shape)}"
             if len(shape) != len(sizes):
-                raise InvalidArgument(f"occlusion.sliding_window_shapes[{i}] is {shape}; {label} needs {len(sizes)} dims")
+                raise InvalidArgument(f"occlusion.sliding_window_shapes[{i}] is {shown(shape)}; {label} needs {len(sizes)} dims")
             if _is_int(stride) or len(stride) in (0, 1):  # an IntList of one value is Captum's int stride
                 stride = (stride if _is_int(stride) else (stride[0] if stride else 1),) * len(sizes)
             if len(stride) != len(sizes):
-                raise InvalidArgument(f"occlusion.strides[{i}] is {stride}; {label} needs one int or {len(sizes)}")
+                raise InvalidArgument(f"occlusion.strides[{i}] is {shown(stride)}; {label} needs one int or {len(sizes)}")
             if any(s < 1 for s in stride):
-                raise InvalidArgument(f"occlusion.strides[{i}] must be positive, got {stride}")
+                raise InvalidArgument(f"occlusion.strides[{i}] must be positive, got {shown(stride)}")
             if any(w > size for w, size in zip(shape, sizes)):
-                raise InvalidArgument(f"occlusion.sliding_window_shapes[{i}] {shape} exceeds {label}")
+                raise InvalidArgument(f"occlusion.sliding_window_shapes[{i}] {shown(shape)} exceeds {label}")
             if any(size > w and s > w for w, s, size in zip(shape, stride, sizes)):
-                raise InvalidArgument(f"occlusion.strides[{i}] {stride} is larger than the window {shape}")
+                raise InvalidArgument(f"occlusion.strides[{i}] {shown(stride)} is larger than the window {shown(shape)}")
             counts = tuple(-(-(size - w) // s) + 1 for w, s, size in zip(shape, stride, sizes))  # ceil((size - w) / s) + 1
             out.append(Windows(shape, stride, counts))
         return out

@@ -38,6 +38,13 @@ def n_features(masks: tuple[Tensor, ...]) -> int:
     return int(max(int(m.max()) for m in masks if m.numel())) + 1
 
 
+def check_has_features(task: Task, owner: str) -> None:
+    """Methods that number features by their ids (Lime, KernelShap, ShapleyValueSampling) need at least one scalar."""
+    if not any(math.prod(x.shape[1:]) for x in task.inputs):
+        shapes = ", ".join(str(tuple(x.shape)) for x in task.inputs[:8])
+        raise InvalidArgument(f"inputs have no scalars after dim 0 ({shapes}); {owner} needs at least one feature to attribute to")
+
+
 def feature_ids(masks: tuple[Tensor, ...]) -> Tensor:
     """The feature ids present in the masks, in Captum's order (`_get_feature_idx_to_tensor_idx`):
     each mask's sorted unique ids, in order of first appearance across inputs. int64 (P,)."""

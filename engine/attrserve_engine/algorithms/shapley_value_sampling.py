@@ -11,6 +11,7 @@ from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive
 from attrserve_engine.algorithms.perturbation import (
+    check_has_features,
     check_perturbations_per_eval,
     coalition_block,
     feature_ids,
@@ -48,19 +49,21 @@ class ShapleyValueSampling(Algorithm):
     uses_baselines = True
 
     def check_params(self, params: ShapleyValueSamplingParams, limits: Limits) -> None:
-        check_positive(params.n_samples, f"{self.name}.n_samples", limits.max_nt_samples)
+        # NOTE: Captum takes n_samples <= 0 too: no order is drawn and every attribution is 0 / 0, NaN. So does this one.
+        check_positive(params.n_samples, f"{self.name}.n_samples", limits.max_nt_samples, minimum=-(2**63))
         check_perturbations_per_eval(params.perturbations_per_eval, self.name)
 
     def rows(self, task: Task, n_examples: int) -> int:
+        check_has_features(task, self.name)
         masks = feature_masks_or_default(task)
         check_feature_ids(task, masks)
         n_feat = len(feature_ids(masks))
         # the baseline, the full input, and each order's n_feat - 1 proper prefixes
-        return n_examples * (2 + task.params.n_samples * (n_feat - 1))
+        return n_examples * (2 + max(task.params.n_samples, 0) * (n_feat - 1))
 
     def plan(self, task: Task) -> Plan:
         p: ShapleyValueSamplingParams = task.params
-        n, ns = task.n, p.n_samples
+        n, ns = task.n, max(p.n_samples, 0)
         masks = feature_masks_or_default(task)
         total = check_feature_ids(task, masks)
         ids = feature_ids(masks)  # (P,) present ids
@@ -70,7 +73,8 @@ class ShapleyValueSampling(Algorithm):
         #    from every mask dropped — adding one changes no input, so its gain is 0 and lands nowhere.
         position = torch.full((total,), -1, dtype=torch.int64)
         position[ids] = torch.arange(n_feat)
-        drawn = position[torch.stack([torch.randperm(total, generator=task.rng.torch_gen) for _ in range(ns)])]  # (ns, total)
+        perms = [torch.randperm(total, generator=task.rng.torch_gen) for _ in range(ns)]
+        drawn = position[torch.stack(perms) if perms else torch.empty((0, total), dtype=torch.int64)]  # (ns, total)
         order = drawn[drawn >= 0].view(ns, n_feat)  # (ns, P) feature indices in the order they are added
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_feat).expand(ns, n_feat))  # (ns, P)
         # 2) coalitions: [baseline; full input; each order's prefixes of 1 .. P-1 features]
@@ -85,7 +89,7 @@ class ShapleyValueSampling(Algorithm):
         )  # (ns, P + 1, n)
         gains = chain[:, 1:] - chain[:, :-1]  # (ns, P, n): gain of the k-th added feature
         per_feature = gains.gather(1, rank.to(gains.device).unsqueeze(-1).expand(ns, n_feat, n))  # (ns, P, n)
-        mean = (per_feature.to(torch.float64).sum(0) / ns).to(torch.float32)  # (P, n); Captum accumulates in float32
+        mean = (per_feature.to(torch.float64).sum(0) / ns).to(torch.float32)  # (P, n); Captum accumulates in float32; 0 / 0: NaN
         return Attribution(tuple(spread(mean, idx) for idx in index))
 
 
