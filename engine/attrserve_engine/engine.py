@@ -20,14 +20,14 @@ from torch import Tensor
 
 from attrserve_engine.algorithms import ALGORITHMS, Algorithm, Limits
 from attrserve_engine.algorithms.noise_tunnel import NoiseTunnelParams, noise_tunnel_plan, parse_noise_tunnel
-from attrserve_engine.errors import AttributionError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from attrserve_engine.errors import AttributionError, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable, shown
 from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluate
 from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks
 from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult
 from attrserve_engine.models import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelRecord, ModelSpec, ServedModels
 from attrserve_engine.plan import Block, BlockResult, JobPlan, PassKind, Plan, PlanOf, RequestRNG, Task, concurrently
 from attrserve_engine.plugins import load_plugins
-from attrserve_engine.scheduler import EngineObserver, LiveJob, Observers, PassStats, Scheduler
+from attrserve_engine.scheduler import BATCH, INTERACTIVE, REFUSED_DEADLINE, EngineObserver, LiveJob, Observers, PassStats, Scheduler
 from attrserve_engine.targets import check_target, format_target
 from attrserve_engine.tuning import pick_batch_rows, probe_batch_rows
 
@@ -58,6 +58,13 @@ class EngineLimits:
     worker_restart_delay_s: float = 0.1
     # An unloaded or replaced load finishes the requests it accepted for at most this long before it is released.
     drain_seconds: float = 30.0
+    # Admission, per model: rows accepted and not yet computed (0: max_queue_seconds of work at the model's
+    # measured rate) and their estimated bytes; a model's config.pbtxt may set its own.
+    default_max_queued_rows: int = 0
+    max_queue_seconds: float = 2.0
+    default_max_queued_bytes: int = 1 << 30
+    # A fused pass is cut to at most this long at the model's measured rate (never below one block's rows).
+    max_pass_seconds: float = 0.25
 
     @property
     def algorithm_limits(self) -> Limits:
@@ -152,12 +159,16 @@ class Engine:
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
         model = LoadedModel(spec, self.limits.default_max_batch_rows, self.limits.default_max_queue_delay_us)
+        model.max_queued_rows = model.max_queued_rows or self.limits.default_max_queued_rows
+        model.max_queued_bytes = model.max_queued_bytes or self.limits.default_max_queued_bytes
         model.warm_up()
+        model.measure_activations()
         if not spec.max_batch_rows and self.limits.probe_batch_rows:  # a config's value always wins
             measured = probe_batch_rows(model, self.limits.probe_seconds)
             if measured:
                 model.batch_probe = measured
                 model.max_batch_rows = pick_batch_rows(measured)
+                model.rows_per_second = measured[model.max_batch_rows]
                 log.info(
                     "model %s: %s rows/s by pass size; max_batch_rows=%d",
                     model.name,
@@ -190,7 +201,7 @@ class Engine:
                 live = self._prepare(job, model)
             except AttributionError:  # needs parameters a default request lacks (e.g. Occlusion's window): nothing to warm
                 continue
-            futures[name] = self._scheduler(model).submit(live)
+            futures[name] = self._scheduler(model).submit(live, admit=False)  # load-time work is not the clients' queue
         for name, future in futures.items():
             try:
                 future.result(timeout=120)
@@ -235,12 +246,34 @@ class Engine:
         if self._closed:
             raise Unavailable("the engine has shut down")
         model = self.served.get(job.model, job.model_version)
-        live = self._prepare(job, model)
+        if job.priority not in (INTERACTIVE, BATCH):
+            raise InvalidArgument(f"priority must be {INTERACTIVE!r} or {BATCH!r}, got {job.priority[:20]!r}")
         scheduler = self._scheduler(model)
+        scheduler.admit(model, job.priority)  # a full queue refuses before any parsing work
+        live = self._prepare(job, model)
+        self._refuse_if_late(scheduler, live)
         future = scheduler.submit(live)
         # Cancelling the future (asyncio cancels it when the RPC ends early) drops the job's rows.
         future.add_done_callback(lambda f: scheduler.cancel(live) if f.cancelled() else None)
         return future
+
+    def _refuse_if_late(self, scheduler: Scheduler, live: LiveJob) -> None:
+        """Refuse now (DEADLINE_EXCEEDED) a request that cannot finish before its deadline: the rows of its model
+        already queued plus its own, at the model's measured rate, take longer than the time it has left. Other
+        models' work on the device is not counted, so the estimate errs towards admitting."""
+        model = live.model
+        if live.deadline is None or not model.rows_per_second:
+            return
+        ahead = scheduler.pending_rows(model)
+        need = (ahead + live.rows) / model.rows_per_second
+        left = live.deadline - time.monotonic()
+        if need > left:
+            Observers(self.observers).request_refused(model.name, REFUSED_DEADLINE)
+            raise DeadlineExceeded(
+                f"this request would not finish before its deadline: {ahead} rows queued ahead of it and its own "
+                f"{live.rows} take about {need * 1e3:.0f} ms at model {model.name!r}'s ~{model.rows_per_second:.0f} rows/s, "
+                f"and {max(left, 0) * 1e3:.0f} ms are left"
+            )
 
     def attribute(self, job: AttributionJob, timeout: float | None = None) -> AttributionResult:
         """Blocking convenience for in-process callers and tests; on timeout the job is cancelled."""
@@ -307,6 +340,8 @@ class Engine:
                     self.observers,
                     ready_check=lambda: self._check_device(key),
                     restart_delay_s=self.limits.worker_restart_delay_s,
+                    max_queue_seconds=self.limits.max_queue_seconds,
+                    max_pass_seconds=self.limits.max_pass_seconds,
                 )
             return self._schedulers[key]
 
@@ -382,6 +417,8 @@ class Engine:
             deadline=job.deadline,
             arrival=job.arrival,
             request_id=job.request_id,
+            priority=job.priority,
+            row_bytes=model.row_bytes(inputs),
         )
 
     def _prepare_call(
@@ -398,7 +435,7 @@ class Engine:
         name = call.algorithm
         algorithm = self.algorithms.get(name)
         if algorithm is None:
-            raise InvalidArgument(f"unknown algorithm {name!r}; this server has: {', '.join(sorted(self.algorithms))}")
+            raise InvalidArgument(f"unknown algorithm {shown(name)}; this server has: {', '.join(sorted(self.algorithms))}")
         refusal = algorithm.refusal(model, [x.dtype for x in inputs])
         if refusal:
             raise InvalidArgument(refusal)
@@ -409,7 +446,7 @@ class Engine:
             if not call.layer:
                 raise InvalidArgument(f"{name} needs `layer`, a dotted module path; GetModel lists the model's layers")
             if call.layer not in model.layers:
-                raise NotFound(f"model {model.name!r} has no layer {call.layer!r}")
+                raise NotFound(f"model {model.name!r} has no layer {shown(call.layer)}")
         elif call.layer:
             raise InvalidArgument(f"layer is only for layer methods; {name} attributes to the inputs")
         if job.feature_masks and not algorithm.uses_feature_mask and not job.also:
@@ -433,6 +470,7 @@ class Engine:
             return_convergence_delta=call.return_convergence_delta,
             feature_masks=format_feature_masks(job.feature_masks, inputs) if algorithm.uses_feature_mask else (),
             layer=call.layer,
+            deadline=job.deadline,
         )
         examples = task.n * nt.nt_samples if nt else task.n  # NoiseTunnel runs the algorithm on its noisy copies
         rows = algorithm.rows(task, examples) + (algorithm.delta_rows(task, examples) if call.return_convergence_delta else 0)

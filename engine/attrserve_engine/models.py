@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attrserve_engine.errors import InvalidArgument, NotFound, Unavailable
+from attrserve_engine.errors import InvalidArgument, NotFound, Unavailable, shown
 from attrserve_engine.user_code import import_file
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class ModelSpec:
     output_key: str | None = None
     description: str = ""
     precision: str = ""  # autocast dtype for passes: "" / "float32", "bfloat16", "float16"
+    max_queued_rows: int = 0  # admission bound on rows accepted and not computed; 0: server default
+    max_queued_bytes: int = 0  # admission bound on their estimated bytes; 0: server default
     module: nn.Module | None = None  # an already-built model (tests, embedding in other programs)
 
 
@@ -123,6 +125,14 @@ class LoadedModel:
         self.refusals: dict[tuple, str | None] = {}
         # Rows per second by pass size, when max_batch_rows was measured at load (tuning.py).
         self.batch_probe: dict[int, float] = {}
+        # Admission (Scheduler.submit): bounds on the work accepted and not yet computed (0 for rows: 2 s of
+        # work at the measured rate, see Scheduler.row_bound), set by the engine from the spec or its limits.
+        self.max_queued_rows = spec.max_queued_rows
+        self.max_queued_bytes = spec.max_queued_bytes
+        # Bytes of activations one example makes in a forward (measured at load when the inputs are pinned).
+        self.activation_bytes = 0
+        # Measured throughput: the probe's best, then every pass (smoothed); None until something ran.
+        self.rows_per_second: float | None = None
         for p in self.module.parameters():
             p.requires_grad_(False)
 
@@ -174,6 +184,35 @@ class LoadedModel:
         if inputs is not None:
             with torch.no_grad():
                 self.forward(*(x.to(self.device) for x in inputs))
+
+    def measure_activations(self) -> None:
+        """Bytes of the outputs of every leaf module for one example (pinned shapes only): what a row of
+        queued work costs beyond its inputs, in admission's estimate."""
+        inputs = self.example_inputs()
+        if inputs is None:
+            return
+        total = 0
+
+        def count(module: nn.Module, args: Any, output: Any) -> None:
+            nonlocal total
+            for t in output if isinstance(output, (tuple, list)) else (output,):
+                if isinstance(t, Tensor):
+                    total += t.numel() * t.element_size()
+
+        leaves = [m for m in self.module.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(count) for m in leaves if not isinstance(m, torch.jit.ScriptModule)]
+        try:
+            with torch.no_grad():
+                self.forward(*(x.to(self.device) for x in inputs))
+        finally:
+            for h in handles:
+                h.remove()
+        self.activation_bytes = total
+
+    def row_bytes(self, inputs: tuple[Tensor, ...]) -> int:
+        """Admission's estimate of one row of a request's work: its inputs per example and the activations."""
+        n = max(int(inputs[0].shape[0]), 1) if inputs else 1
+        return sum(x.numel() * x.element_size() for x in inputs) // n + self.activation_bytes
 
     def check_inputs(self, inputs: tuple[Tensor, ...]) -> None:
         specs = self.spec.inputs
@@ -305,12 +344,12 @@ class ServedModels:
         versions = sorted((r for (n, _), r in self._records.items() if n == name), key=lambda r: version_order(r.version))
         if not versions:
             known = sorted({n for n, _ in self._records})
-            raise NotFound(f"model {_shown(name)} is not served; served models: {', '.join(known) or 'none'}")
+            raise NotFound(f"model {shown(name)} is not served; served models: {', '.join(known) or 'none'}")
         if version:
             for record in versions:
                 if record.version == version:
                     return record
-            raise NotFound(f"model {name!r} has no version {_shown(version)}; it has {', '.join(r.version for r in versions)}")
+            raise NotFound(f"model {name!r} has no version {shown(version)}; it has {', '.join(r.version for r in versions)}")
         ready = [r for r in versions if r.state == ModelState.READY]
         return (ready or versions)[-1]
 
@@ -325,8 +364,3 @@ class ServedModels:
     def all(self) -> list[LoadedModel]:
         """The loads that serve (READY), by name and version."""
         return [r.model for r in self.records() if r.state == ModelState.READY and r.model is not None]
-
-
-def _shown(name: str, limit: int = 100) -> str:
-    """A client-chosen name in a message, cut short so a huge one cannot bloat the status."""
-    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"... ({len(name)} characters)"

@@ -172,6 +172,7 @@ class Task:
     # One per input or none: int64 feature ids, each (1 or n, *feature_shape) (perturbation methods).
     feature_masks: tuple[Tensor, ...] = ()
     layer: str = ""  # dotted module path (layer methods)
+    deadline: float | None = None  # the request's (time.monotonic()); long reductions on the worker stop at it
 
     @property
     def n(self) -> int:

@@ -24,10 +24,11 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 from attrserve_engine.errors import AttributionError, Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 from attrserve_engine.executor import run_pass
@@ -44,6 +45,22 @@ BatchKey = tuple
 # Why a job's rows were dropped before compute (a metric label).
 DROP_DEADLINE = "deadline"
 DROP_CANCELLED = "cancelled"
+
+# Why a request was refused at admission (a metric label).
+REFUSED_ROWS = "queue_rows"  # its model's queued rows would pass the model's bound
+REFUSED_BYTES = "queue_bytes"  # their estimated bytes would
+REFUSED_REQUESTS = "queue_requests"  # the device holds max_queued_requests already
+REFUSED_DEADLINE = "deadline"  # the work ahead of it and its own would not finish before its deadline
+REFUSAL_REASONS = (REFUSED_ROWS, REFUSED_BYTES, REFUSED_REQUESTS, REFUSED_DEADLINE)
+
+INTERACTIVE, BATCH = "interactive", "batch"
+# Admission's rows bound of a model whose rate is not measured yet (and whose config sets none).
+AUTO_ROWS_WITHOUT_RATE = 100_000
+# While interactive rows wait, ripe batch rows still get at least one pass in this many (starvation bound).
+BATCH_EVERY = 4
+# Batch requests are admitted only while their model's queue is under this share of its bounds: back-fills
+# never fill the queue that online calls need.
+BATCH_SHARE = 0.5
 
 
 @dataclass
@@ -65,6 +82,9 @@ class EngineObserver:
 
     def pass_executed(self, stats: PassStats) -> None:
         """After every fused pass."""
+
+    def request_refused(self, model: str, reason: str) -> None:
+        """A request was refused at admission (REFUSAL_REASONS), before any work."""
 
     def request_dropped(self, model: str, reason: str, rows: int) -> None:
         """A request died before all its rows ran (DROP_DEADLINE or DROP_CANCELLED); `rows` were never computed."""
@@ -114,6 +134,8 @@ class LiveJob:
     deadline: float | None
     arrival: float
     request_id: str = ""  # the caller's id, for log lines about the job
+    priority: str = INTERACTIVE  # or BATCH
+    row_bytes: int = 0  # admission's estimate of one row's bytes (LoadedModel.row_bytes)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     plan: JobPlan | None = None
     cancelled: bool = False  # set by any thread (Scheduler.cancel); acted on by the worker
@@ -125,6 +147,7 @@ class LiveJob:
     first_pass_start: float | None = None
     rows_done: int = 0  # rows of this job computed so far
     queue_keys: set = field(default_factory=set)  # batch keys it has (or had) blocks queued under
+    rows_released: int = 0  # of `rows`, how many no longer count as queued work (admission)
 
 
 @dataclass
@@ -162,10 +185,21 @@ class Scheduler:
         ready_check: Callable[[], None] = lambda: None,
         restart_delay_s: float = 0.1,
         run_pass: Callable[[LoadedModel, list[Block], Callable[[str], None]], list] = run_pass,
+        max_queue_seconds: float = 2.0,
+        max_pass_seconds: float = 0.25,
     ) -> None:
         self.name = name
         self._run_pass = run_pass  # the executor; tests give a fake
         self.max_queued_jobs = max_queued_jobs
+        self.max_queue_seconds = max_queue_seconds
+        self.max_pass_seconds = max_pass_seconds
+        # Per load: [rows, bytes] accepted and not yet computed (admission's view of the queue).
+        self._pending: dict[LoadedModel, list[int]] = {}
+        # Fairness: the pass number at which each load last had a pass (least recently served goes first),
+        # and passes since batch rows last ran while some waited.
+        self._served_at: weakref.WeakKeyDictionary[LoadedModel, int] = weakref.WeakKeyDictionary()
+        self._passes = 0
+        self._since_batch = 0
         self._observers = Observers(observers)
         self._ready_check = ready_check  # run on a restarted worker before it serves again
         self._restart_delay_s = restart_delay_s
@@ -192,14 +226,15 @@ class Scheduler:
         self._start_worker(None)
 
     # -- any thread --------------------------------------------------------
-    def submit(self, job: LiveJob) -> concurrent.futures.Future:
+    def submit(self, job: LiveJob, admit: bool = True) -> concurrent.futures.Future:
+        """Queue a job; with `admit`, refuse it (ResourceExhausted) when it would pass its model's bounds."""
         with self._cv:
-            if self._stopping:
-                raise Unavailable("the engine is shutting down")
-            if not self._serving:
-                raise Unavailable(f"the engine worker for {self.name} is restarting after a failure ({self._down_reason}); retry shortly")
-            if len(self._jobs) >= self.max_queued_jobs:
-                raise ResourceExhausted(f"the queue is full ({self.max_queued_jobs} requests in flight); retry later")
+            self._check_open()
+            if admit:
+                self._admit(job.model, job.rows, job.rows * job.row_bytes, job.priority)
+            pending = self._pending.setdefault(job.model, [0, 0])
+            pending[0] += job.rows
+            pending[1] += job.rows * job.row_bytes
             self._jobs.add(job)
             self._inbox.append(job)
             if job.deadline is not None:
@@ -210,6 +245,65 @@ class Scheduler:
             self._arrival_gap = 0.8 * self._arrival_gap + 0.2 * gap
             self._cv.notify()
         return job.future
+
+    def admit(self, model: LoadedModel, priority: str = INTERACTIVE) -> None:
+        """Refuse at once, before a request is even parsed, when its model's queue is already full."""
+        with self._cv:
+            self._check_open()
+            self._admit(model, 1, 0, priority)
+
+    def row_bound(self, model: LoadedModel) -> int:
+        """Admission's bound on a model's queued rows: its own, or max_queue_seconds of work at its measured rate."""
+        if model.max_queued_rows:
+            return model.max_queued_rows
+        if model.rows_per_second:
+            return max(2 * model.max_batch_rows, int(model.rows_per_second * self.max_queue_seconds))
+        return AUTO_ROWS_WITHOUT_RATE
+
+    def pending_rows(self, model: LoadedModel) -> int:
+        """Rows of `model`'s (this load's) accepted requests not yet computed."""
+        with self._cv:
+            return self._pending.get(model, [0, 0])[0]
+
+    def _check_open(self) -> None:
+        if self._stopping:
+            raise Unavailable("the engine is shutting down")
+        if not self._serving:
+            raise Unavailable(f"the engine worker for {self.name} is restarting after a failure ({self._down_reason}); retry shortly")
+
+    def _admit(self, model: LoadedModel, rows: int, nbytes: int, priority: str) -> None:
+        """Raise ResourceExhausted (with a retry hint) when this work would pass a bound. Holds the lock.
+
+        An empty queue takes any request (the per-request row cap still applies), so no request is refused
+        forever; batch requests may fill only BATCH_SHARE of the bounds."""
+        if len(self._jobs) >= self.max_queued_jobs:
+            self._refuse(model, REFUSED_REQUESTS, f"this server holds {len(self._jobs)} requests for {self.name}, its limit")
+        queued_rows, queued_bytes = self._pending.get(model, (0, 0))
+        if not queued_rows:
+            return
+        share = BATCH_SHARE if priority == BATCH else 1.0
+        rows_bound = int(self.row_bound(model) * share)
+        if queued_rows + rows > rows_bound:
+            self._refuse(
+                model,
+                REFUSED_ROWS,
+                f"model {model.name!r} has {queued_rows} rows of work queued; {rows} more would pass its bound of {rows_bound}"
+                + (" for batch requests" if priority == BATCH else ""),
+            )
+        bytes_bound = int(model.max_queued_bytes * share)
+        if model.max_queued_bytes and queued_bytes + nbytes > bytes_bound:
+            self._refuse(
+                model,
+                REFUSED_BYTES,
+                f"model {model.name!r} has ~{queued_bytes >> 20} MiB of work queued; this request's ~{nbytes >> 20} MiB "
+                f"would pass its bound of {bytes_bound >> 20} MiB" + (" for batch requests" if priority == BATCH else ""),
+            )
+
+    def _refuse(self, model: LoadedModel, reason: str, why: str) -> NoReturn:
+        queued = self._pending.get(model, (0, 0))[0]
+        retry = min(30.0, max(0.05, queued / model.rows_per_second)) if model.rows_per_second else 1.0
+        self._observers.request_refused(model.name, reason)
+        raise ResourceExhausted(f"{why}; retry in about {retry * 1e3:.0f} ms", retry_after_s=retry)
 
     def cancel(self, job: LiveJob) -> None:
         """The caller gave up on `job`: its rows are dropped at the next pass boundary, before they cost compute."""
@@ -308,6 +402,7 @@ class Scheduler:
             held, self._jobs = list(self._jobs), set()
             self._inbox, self._cancelled, self._deadlines = [], [], []
             self._queues, self._queue_rows, self._evicted_keys = {}, {}, set()
+            self._pending = {}
             exiting = self._exit
             self.restarts += 1
             # Back off when it keeps dying (a model that kills the worker on every request), not after a rare crash.
@@ -423,23 +518,32 @@ class Scheduler:
         self._evicted_keys = set()
 
     def _cut(self) -> tuple[LoadedModel, list[tuple[QueuedBlock, Block]]] | None:
+        """One fused pass from a ripe queue (full, or its oldest row waited the model's delay).
+
+        Which queue: interactive rows before batch rows (batch rows that wait get every BATCH_EVERY-th pass),
+        then the model served least recently (models on a device take turns), then the oldest rows. Within
+        the queue, blocks of that priority first, oldest first, up to the pass budget (`_pass_budget`)."""
         now = time.monotonic()
-        ripe = None
-        for key, queue in self._queues.items():
-            model = queue[0].job.model
-            full = self._queue_rows[key] >= model.max_batch_rows
-            if (full or now - queue[0].enqueued >= self._delay(model)) and (
-                ripe is None or queue[0].enqueued < self._queues[ripe][0].enqueued
-            ):
-                ripe = key
-        if ripe is None:
+        ripe = [
+            key
+            for key, queue in self._queues.items()
+            if self._queue_rows[key] >= queue[0].job.model.max_batch_rows or now - queue[0].enqueued >= self._delay(queue[0].job.model)
+        ]
+        if not ripe:
             return None
-        queue = self._queues[ripe]
+        with_batch = {key for key in ripe if any(qb.job.priority == BATCH for qb in self._queues[key])}
+        with_interactive = {key for key in ripe if any(qb.job.priority != BATCH for qb in self._queues[key])}
+        batch_turn = bool(with_batch) and (not with_interactive or self._since_batch >= BATCH_EVERY - 1)
+        pool = with_batch if batch_turn else with_interactive
+        ripe_key = min(pool, key=lambda k: (self._served_at.get(self._queues[k][0].job.model, -1), self._queues[k][0].enqueued))
+        queue = self._queues[ripe_key]
         model = queue[0].job.model
-        budget = model.max_batch_rows
+        first = [qb for qb in queue if (qb.job.priority == BATCH) == batch_turn]
+        budget = self._pass_budget(model)
         segments: list[tuple[QueuedBlock, Block]] = []
-        while queue and budget > 0:
-            qb = queue[0]
+        for qb in first + [qb for qb in queue if (qb.job.priority == BATCH) != batch_turn]:
+            if budget <= 0:
+                break
             left = qb.block.rows - qb.taken
             if left <= budget or (not qb.block.splittable and not segments):
                 part = qb.block if qb.taken == 0 else slice_block(qb.block, qb.taken, qb.block.rows)
@@ -448,27 +552,45 @@ class Scheduler:
                 part = slice_block(qb.block, qb.taken, qb.taken + budget)
                 take = budget
             else:
-                break
+                continue  # a paired block that does not fit waits for a pass of its own (it goes first when oldest)
             qb.taken += take
             qb.parts_expected += 1
             budget -= take
-            self._queue_rows[ripe] -= take
+            self._queue_rows[ripe_key] -= take
             segments.append((qb, part))
-            if qb.taken == qb.block.rows:
-                queue.popleft()
-        if not queue:
-            del self._queues[ripe]
-            del self._queue_rows[ripe]
+        left_over = collections.deque(qb for qb in queue if qb.taken < qb.block.rows)
+        if left_over:
+            self._queues[ripe_key] = left_over
+        else:
+            del self._queues[ripe_key]
+            del self._queue_rows[ripe_key]
+        ran_batch = any(qb.job.priority == BATCH for qb, _ in segments)
+        self._since_batch = 0 if ran_batch or not with_batch else self._since_batch + 1
+        self._served_at[model] = self._passes
+        self._passes += 1
         return model, segments
+
+    def _pass_budget(self, model: LoadedModel) -> int:
+        """Rows in one pass: the model's max_batch_rows, fewer when that would take longer than
+        max_pass_seconds at its measured rate (so a slow model does not hold the device for long)."""
+        if model.rows_per_second:
+            return max(1, min(model.max_batch_rows, int(model.rows_per_second * self.max_pass_seconds)))
+        return model.max_batch_rows
 
     def _execute(self, model: LoadedModel, segments: list[tuple[QueuedBlock, Block]]) -> None:
         start = time.monotonic()
         outcomes = self._run_pass(model, [part for _, part in segments], partial(self._observers.pass_split, model.name))
         seconds = time.monotonic() - start
         rows = sum(part.rows for _, part in segments)
+        if seconds > 0 and rows >= self._pass_budget(model) / 2:  # near-full passes only: small ones pay fixed costs
+            rate = rows / seconds
+            model.rows_per_second = rate if model.rows_per_second is None else 0.8 * model.rows_per_second + 0.2 * rate
         jobs = {id(qb.job): qb.job for qb, _ in segments}
         for qb, part in segments:
             qb.job.rows_done += part.rows
+        with self._cv:
+            for job in jobs.values():
+                self._release(job, min(job.rows, job.rows_done))
         for job in jobs.values():
             job.first_pass_start = job.first_pass_start or start
             job.timing.compute_ms += 1e3 * seconds
@@ -538,8 +660,24 @@ class Scheduler:
         job.done = True
         self._close_plan(job)
         with self._cv:
+            if job in self._jobs:
+                self._release(job, job.rows)
             self._jobs.discard(job)
             self._cv.notify_all()
+
+    def _release(self, job: LiveJob, upto: int) -> None:
+        """Rows of `job` up to `upto` no longer count as queued work. Holds the lock."""
+        rows = upto - job.rows_released
+        if rows <= 0:
+            return
+        job.rows_released = upto
+        pending = self._pending.get(job.model)
+        if pending is None:
+            return
+        pending[0] -= rows
+        pending[1] -= rows * job.row_bytes
+        if pending[0] <= 0:
+            del self._pending[job.model]
 
     @staticmethod
     def _close_plan(job: LiveJob) -> None:

@@ -11,6 +11,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from attrserve_engine import DROP_CANCELLED, DROP_DEADLINE, Engine, EngineObserver, LoadedModel, PassStats
 from attrserve_engine.executor import SPLIT_FAILURE, SPLIT_OOM
 from attrserve_engine.plan import PassKind
+from attrserve_engine.scheduler import REFUSAL_REASONS
 
 # Latency buckets span a ~1 ms cached saliency call to multi-second IG on big images.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -64,6 +65,12 @@ ATTRSERVE_MODEL_READY = Gauge(
 ATTRSERVE_REQUESTS_DROPPED_TOTAL = Counter(
     "attrserve_requests_dropped_total",
     "Requests dropped before all their rows ran, because their deadline passed or their caller cancelled.",
+    ["model", "reason"],
+)
+ATTRSERVE_REQUESTS_REFUSED_TOTAL = Counter(
+    "attrserve_requests_refused_total",
+    "Requests refused at admission before any work: the model's queued rows or bytes at their bound, the device's "
+    "request limit reached, or a deadline the queued work would not let it meet.",
     ["model", "reason"],
 )
 ATTRSERVE_ROWS_DROPPED_TOTAL = Counter(
@@ -141,6 +148,8 @@ def watch_model(engine: Engine, model: LoadedModel) -> None:
             ATTRSERVE_ATTRIBUTIONS_COMPLETED_TOTAL.labels(name, algorithm, code)
     ATTRSERVE_QUEUE_WAIT_SECONDS.labels(name)
     ATTRSERVE_MODEL_LOAD_FAILURES_TOTAL.labels(name)
+    for reason in REFUSAL_REASONS:
+        ATTRSERVE_REQUESTS_REFUSED_TOTAL.labels(name, reason)
     for reason in DROP_REASONS:
         ATTRSERVE_REQUESTS_DROPPED_TOTAL.labels(name, reason)
         ATTRSERVE_ROWS_DROPPED_TOTAL.labels(name, reason)
@@ -199,6 +208,9 @@ class EngineMetrics(EngineObserver):
         ATTRSERVE_PASS_ROWS.labels(stats.model, stats.kind).observe(stats.rows)
         ATTRSERVE_PASS_REQUESTS.labels(stats.model, stats.kind).observe(stats.requests)
         ATTRSERVE_PASS_DURATION_SECONDS.labels(stats.model, stats.kind).observe(stats.seconds)
+
+    def request_refused(self, model: str, reason: str) -> None:
+        ATTRSERVE_REQUESTS_REFUSED_TOTAL.labels(model, reason).inc()
 
     def request_dropped(self, model: str, reason: str, rows: int) -> None:
         ATTRSERVE_REQUESTS_DROPPED_TOTAL.labels(model, reason).inc()

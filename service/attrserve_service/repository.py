@@ -91,6 +91,8 @@ def spec_from_config(folder: Path, config: mc.ModelConfig, config_path: Path | N
         output_key=config.output.key if which == "key" else None,
         description=config.description,
         precision=config.precision,
+        max_queued_rows=config.max_queued_rows,
+        max_queued_bytes=config.max_queued_bytes,
     )
 
 

@@ -23,7 +23,7 @@ REQUIRED_TITLES = (
     "In flight",
     "Model readiness",
     "Engine workers",
-    "Dropped requests by reason",
+    "Dropped and refused requests by reason",
     "Pass splits by reason",
     "Convergence delta",
 )

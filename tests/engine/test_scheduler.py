@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from attrserve_engine import Cancelled, DeadlineExceeded, EngineObserver, ModelSpec, Unavailable
+from attrserve_engine import Cancelled, DeadlineExceeded, EngineObserver, ModelSpec, ResourceExhausted, Unavailable
 from attrserve_engine.plan import Attribution, Block, BlockResult, PassKind
 from attrserve_engine.models import LoadedModel
 from attrserve_engine.scheduler import LiveJob, Scheduler
@@ -312,5 +312,135 @@ def test_a_queue_is_cut_when_its_oldest_row_has_waited_the_delay_or_when_it_is_f
         futures = [s.submit(job(full, 3.0, rows=4)), s.submit(job(full, 4.0, rows=4))]
         assert [f.result(5) for f in futures] == [12.0, 16.0]  # long before the delay: cut because it was full
         assert [(p.model, p.rows, p.requests) for p in rec.passes[1:]] == [("full", 8, 2)]
+    finally:
+        s.stop(drain=False)
+
+
+# --- admission, fairness, priorities, pass budget ----------------------------------------------
+
+class Refusals(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: list[tuple[str, str]] = []
+
+    def request_refused(self, model: str, reason: str) -> None:
+        self.refused.append((model, reason))
+
+
+def prioritized(m: LoadedModel, tag: float, priority: str, rows: int = 8, row_bytes: int = 0) -> LiveJob:
+    live = job(m, tag, rows=rows)
+    live.priority, live.row_bytes = priority, row_bytes
+    return live
+
+
+def test_admission_refuses_work_past_the_models_row_bound_with_a_retry_hint_and_frees_it_as_passes_run() -> None:
+    passes, rec = FakePasses(), Refusals()
+    s = scheduler(passes, rec)
+    m = model(max_batch_rows=8)
+    m.max_queued_rows, m.rows_per_second = 20, 80.0
+    try:
+        s.hold()
+        accepted = [s.submit(job(m, 1.0)), s.submit(job(m, 2.0))]  # 16 rows queued
+        with pytest.raises(ResourceExhausted, match=r"model 'm' has 16 rows of work queued; 8 more would pass its bound of 20") as err:
+            s.submit(job(m, 3.0))
+        assert err.value.retry_after_s == pytest.approx(16 / 80.0)  # the queued rows at the measured rate
+        with pytest.raises(ResourceExhausted, match="bound of 10 for batch requests"):  # batch may fill half
+            s.submit(prioritized(m, 4.0, "batch"))
+        s.admit(m)  # the quick check before parsing asks for one row: 17 <= 20
+    finally:
+        s.release()
+    try:
+        assert [f.result(5) for f in accepted] == [8.0, 16.0]
+        assert s.pending_rows(m) == 0 and s.backlog(m) == (0, 0)
+        assert s.submit(job(m, 5.0)).result(5) == 40.0  # room again
+        assert rec.refused == [("m", "queue_rows"), ("m", "queue_rows")]
+    finally:
+        s.stop(drain=False)
+
+
+def test_the_quick_admission_check_refuses_a_full_queue_before_any_parsing() -> None:
+    passes, rec = FakePasses(), Refusals()
+    s = scheduler(passes, rec)
+    m = model(max_batch_rows=8)
+    m.max_queued_rows = 16
+    try:
+        s.hold()
+        s.admit(m)  # empty: admitted
+        accepted = [s.submit(job(m, 1.0)), s.submit(job(m, 2.0))]
+        with pytest.raises(ResourceExhausted, match="16 rows of work queued"):
+            s.admit(m)
+        s.release()
+        assert [f.result(5) for f in accepted] == [8.0, 16.0]
+        s.admit(m)
+    finally:
+        s.stop(drain=False)
+
+
+def test_an_empty_queue_takes_a_request_larger_than_the_bound_and_bytes_are_bounded_too() -> None:
+    passes, rec = FakePasses(), Refusals()
+    s = scheduler(passes, rec)
+    m = model(max_batch_rows=8)
+    m.max_queued_rows, m.max_queued_bytes = 10, 20_000
+    try:
+        assert s.submit(job(m, 1.0, rows=30)).result(5) == 30.0  # alone it always runs (rows are capped per request)
+        s.hold()
+        first = s.submit(prioritized(m, 2.0, "interactive", rows=5, row_bytes=2_000))  # 10,000 bytes
+        second = s.submit(prioritized(m, 3.0, "interactive", rows=4, row_bytes=2_000))  # 18,000 bytes, 9 rows
+        with pytest.raises(ResourceExhausted, match=r"MiB of work queued|would pass its bound"):
+            s.submit(prioritized(m, 4.0, "interactive", rows=1, row_bytes=4_000))  # 22,000 bytes > 20,000
+        s.release()
+        assert (first.result(5), second.result(5)) == (10.0, 12.0)
+        assert rec.refused == [("m", "queue_bytes")]
+        assert s.pending_rows(m) == 0
+    finally:
+        s.stop(drain=False)
+
+
+def test_models_on_one_device_take_turns() -> None:
+    """A model with a long queue does not make another wait behind all of it (one oldest-first queue did)."""
+    passes, rec = FakePasses(), Recorder()
+    s = scheduler(passes, rec)
+    a, b = model(max_batch_rows=8, name="a"), model(max_batch_rows=8, name="b")
+    try:
+        s.hold()
+        futures = [s.submit(job(a, 1.0)) for _ in range(5)] + [s.submit(job(b, 2.0)) for _ in range(3)]
+        s.release()
+        for f in futures:
+            f.result(5)
+        order = [p.model for p in rec.passes]
+        assert order == ["a", "b", "a", "b", "a", "b", "a", "a"]
+    finally:
+        s.stop(drain=False)
+
+
+def test_interactive_rows_overtake_batch_rows_and_batch_never_starves() -> None:
+    passes, rec = FakePasses(), Recorder()
+    s = scheduler(passes, rec)
+    m = model(max_batch_rows=8)
+    try:
+        s.hold()
+        batch = [s.submit(prioritized(m, 2.0, "batch")) for _ in range(4)]  # queued first
+        interactive = [s.submit(prioritized(m, 1.0, "interactive")) for _ in range(6)]
+        s.release()
+        for f in batch + interactive:
+            f.result(5)
+        tags = [tag for tag, _ in passes.computed]
+        # interactive first; while interactive rows wait, every 4th pass is batch's; then the rest of batch
+        assert tags == [1.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0]
+    finally:
+        s.stop(drain=False)
+
+
+def test_a_pass_is_cut_to_the_time_budget_at_the_measured_rate() -> None:
+    passes, rec = FakePasses(), Recorder()
+    s = scheduler(passes, rec, max_pass_seconds=0.1)
+    m = model(max_batch_rows=64)
+    m.rows_per_second = 100.0  # 0.1 s of work is 10 rows
+    passes.during = lambda segments: time.sleep(sum(b.rows for b in segments) / 100.0)  # and the model runs at that rate
+    try:
+        assert s.submit(job(m, 1.0, rows=50)).result(5) == 50.0
+        sizes = [rows for _, rows in passes.computed]
+        assert sizes[0] == 10 and max(sizes) <= 10 and sum(sizes) == 50  # then ~0.1 s at the measured rate
+        assert 60 < m.rows_per_second < 110  # measured from the passes (sleep overshoots a little)
     finally:
         s.stop(drain=False)

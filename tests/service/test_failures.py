@@ -54,7 +54,7 @@ def test_storms_of_expiring_and_cancelled_requests_never_disturb_the_worker() ->
     and a stream cancelled by its caller. After each round: Captum's numbers within seconds, SERVING, nothing
     left in the engine."""
     rng = random.Random(3)
-    s = start_server()
+    s = start_server(default_max_queued_rows=10**9)  # about deadlines, not admission: the queue bound never refuses
     try:
         before = scrape(s.running.metrics_port)
         client_deadlines = 0
@@ -235,14 +235,15 @@ def test_a_worker_that_dies_flips_health_fails_its_requests_and_comes_back(caplo
 def test_sigterm_during_a_storm_exits_promptly_and_cleanly() -> None:
     """SIGTERM while requests expire, leave, and run past the grace: the server exits within the grace and a
     few seconds, every call gets an answer, and nothing dies on the way (no traceback in the log)."""
-    with ServeProcess(["--no-batch-probe", "--grace-seconds", "1"]) as server:
+    # Admission bounds out of the way: this storm must leave more work queued than the grace can finish.
+    with ServeProcess(["--no-batch-probe", "--grace-seconds", "1", "--max-queued-rows", "10000000", "--max-queued-bytes", str(1 << 40)]) as server:
         rng = np.random.default_rng(0)
         image = rng.random((40, 3, 16, 16), dtype=np.float32)
         long_request = AttributionClient.build_request("image", "integrated_gradients", image, target=1, params={"n_steps": 500})
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.AttributionServiceStub(channel)
             calls = [stub.Attribute.future(long_request, timeout=random.uniform(0.001, 0.03)) for _ in range(20)]
-            calls += [stub.Attribute.future(long_request, timeout=60) for _ in range(6)]  # 20,000 rows each: past the grace
+            calls += [stub.Attribute.future(long_request, timeout=60) for _ in range(12)]  # 20,000 rows each: past the grace
             leaving = [stub.Attribute.future(long_request, timeout=60) for _ in range(4)]
             time.sleep(0.3)
             for call in leaving:
@@ -253,9 +254,13 @@ def test_sigterm_during_a_storm_exits_promptly_and_cleanly() -> None:
                 try:
                     call.result(timeout=15)
                 except grpc.RpcError as e:
-                    assert e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), e
-        assert server.wait(15) == 0, server.output()
+                    # RESOURCE_EXHAUSTED: admission refuses what would pass the image model's queue bound
+                    assert e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE,
+                                        grpc.StatusCode.RESOURCE_EXHAUSTED), e
+        code = server.wait(15)
         took = time.monotonic() - signalled
+        assert code == 3, server.output()  # the 20,000-row requests still ran when the 1 s grace ended: lost, and said so
+        assert "accepted request(s) did not finish within the 1.0 s grace and were lost" in server.output()
         err = server.output()
     assert took < 1 + 4, f"SIGTERM took {took:.1f} s with a 1 s grace"
     assert "Traceback" not in err and "Exception in thread" not in err, err

@@ -346,13 +346,13 @@ def test_effective_config_fills_in_defaults(tmp_path, engines):
     bare = effective_config(models["bare"])
     assert bare == mc.ModelConfig(
         name="bare", version="1", platform=mc.PLATFORM_PYTORCH_EAGER, max_batch_rows=64,
-        max_queue_delay_microseconds=2500, device="cpu", precision="float32")
+        max_queue_delay_microseconds=2500, device="cpu", precision="float32", max_queued_bytes=1 << 30)
     assert bare.output.WhichOneof("selector") is None
 
     configured = effective_config(models["custom"])
     assert configured == mc.ModelConfig(
         name="custom", version="7", platform=mc.PLATFORM_PYTORCH_EAGER, max_batch_rows=8,
-        max_queue_delay_microseconds=1234, device="cpu", description="a configured MLP", precision="float32",
+        max_queue_delay_microseconds=1234, device="cpu", description="a configured MLP", precision="float32", max_queued_bytes=1 << 30,
         inputs=[mc.InputSpec(name="features", dtype=tensor_pb2.DATA_TYPE_FLOAT32, dims=[4])])
 
     tup = effective_config(models["tup"])

@@ -1,0 +1,107 @@
+"""Admission through the engine: the quick check comes before any parsing, deadlines that the queued work would
+miss are refused up front, and the estimate of a row's bytes counts the model's activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attrserve_engine import AttributionJob, DeadlineExceeded, Engine, EngineLimits, InputSpec, InvalidArgument, ModelSpec, ResourceExhausted
+from doubles import Linear3
+from oracle import wait_in_flight
+
+X = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.7, -1.1]])
+
+
+def ig(deadline: float | None = None, inputs=(X,), priority: str = "interactive") -> AttributionJob:
+    return AttributionJob(model="m", algorithm="integrated_gradients", inputs=inputs, target=0, deadline=deadline, priority=priority)
+
+
+@pytest.fixture
+def engine():
+    engine = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu"))
+    engine.load(ModelSpec(name="m", module=Linear3(), inputs=[InputSpec("x", torch.float32, (3,))], max_batch_rows=64, max_queued_rows=200))
+    yield engine
+    engine.shutdown(drain=False, timeout=5)
+
+
+def test_a_full_queue_is_refused_before_the_request_is_parsed(engine) -> None:
+    with engine.held():
+        accepted = [engine.submit(ig()) for _ in range(2)]  # 2 × 100 rows: the second joins a non-empty queue ...
+        wait_in_flight(engine, 2)
+        with pytest.raises(ResourceExhausted, match="model 'm' has 200 rows of work queued"):
+            engine.submit(ig(inputs=(torch.zeros(2, 7),)))  # ... and a malformed third is refused for the queue, unparsed
+    for f in accepted:
+        f.result(30)
+    with pytest.raises(InvalidArgument):  # with room, the same request gets its real error
+        engine.submit(ig(inputs=(torch.zeros(2, 7),)))
+
+
+def test_a_deadline_the_queued_work_would_miss_is_refused_up_front(engine) -> None:
+    import time
+
+    model = engine.get_model("m")
+    model.rows_per_second = 1_000.0  # 100 rows of IG take ~0.1 s
+    with pytest.raises(DeadlineExceeded, match=r"would not finish before its deadline: 0 rows queued ahead of it and its own 100 take about 100 ms"):
+        engine.submit(ig(deadline=time.monotonic() + 0.05))
+    assert engine.submit(ig(deadline=time.monotonic() + 5)).result(30).attributions[0].shape == X.shape
+    model.rows_per_second = 1_000.0  # (the pass just run measured the real rate)
+    with engine.held():
+        first = engine.submit(ig(deadline=time.monotonic() + 5))
+        wait_in_flight(engine, 1)
+        with pytest.raises(DeadlineExceeded, match="100 rows queued ahead of it"):  # 0.2 s needed, 0.15 s left
+            engine.submit(ig(deadline=time.monotonic() + 0.15))
+    first.result(30)
+
+
+def test_a_rows_bytes_count_the_models_activations(engine) -> None:
+    model = engine.get_model("m")
+    assert model.activation_bytes == 2 * 4  # Linear3's one leaf outputs 2 float32 per example
+    assert model.row_bytes((X,)) == 3 * 4 + 2 * 4
+
+
+def test_an_unknown_priority_is_refused(engine) -> None:
+    with pytest.raises(InvalidArgument, match="priority must be 'interactive' or 'batch'"):
+        engine.submit(ig(priority="urgent"))
+
+
+def test_the_lasso_fit_stops_at_a_deadline_between_sweeps() -> None:
+    import time
+
+    from attrserve_engine.algorithms.linear_models import lasso
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(50, 300, generator=g), torch.rand(50, generator=g)
+    with pytest.raises(DeadlineExceeded, match=r"while fitting Lime's surrogate \(300 features, sweep 0\)"):
+        lasso(x, y, alpha=0.001, deadline=time.monotonic() - 1)
+    assert lasso(x, y, alpha=0.001, deadline=time.monotonic() + 60).coef.shape == (300,)
+
+
+def test_a_lime_request_hands_its_deadline_to_the_fit(monkeypatch) -> None:
+    """Lime's surrogate runs on the worker after the passes (an outside probe saw a fit over 4,096 features hold the
+    worker 8.7 s past a 2 s deadline). The fit gets the request's deadline and stops between sweeps once it passed."""
+    import time
+
+    from attrserve_engine.algorithms import lime, linear_models
+
+    seen: list[float | None] = []
+
+    def slow_lasso(*args, deadline=None, **kwargs):
+        seen.append(deadline)
+        time.sleep(0.3)  # a fit that takes long; the deadline passes meanwhile
+        return linear_models.lasso(*args, deadline=deadline, **kwargs)
+
+    monkeypatch.setattr(lime, "lasso", slow_lasso)
+    engine = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu"))
+    engine.load(ModelSpec(name="m", module=Linear3(), max_batch_rows=64))
+    try:
+        deadline = time.monotonic() + 0.2
+        job = AttributionJob(model="m", algorithm="lime", inputs=(X,), target=0, seed=0, deadline=deadline)
+        with pytest.raises(DeadlineExceeded, match="while fitting Lime's surrogate"):
+            engine.submit(job).result(30)
+        assert seen and seen[0] == deadline and len(seen) == 1  # the second example's fit never started
+        assert engine.in_flight() == 0
+        ok = engine.submit(AttributionJob(model="m", algorithm="lime", inputs=(X,), target=0, seed=0))
+        assert ok.result(30).attributions[0].shape == X.shape
+    finally:
+        engine.shutdown(drain=False, timeout=5)
