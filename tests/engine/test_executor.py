@@ -162,3 +162,30 @@ def test_blocks_that_differ_in_any_setting_have_different_batch_keys(field: str)
     assert block.pass_key != other.pass_key
     # Same settings, other values and row counts: the same key.
     assert block.pass_key == gradient_block(xs(7, 9), 0).pass_key
+
+
+def test_nan_inputs_in_a_fused_pass_poison_only_their_own_request() -> None:
+    """A request whose inputs are NaN (Captum then answers NaN) shares passes with others: their answers equal
+    what they get alone, bit for bit; NaN never crosses rows."""
+    from attrserve_engine import AttributionJob
+    from oracle import MODELS, example_inputs, make_engine, submit_held
+
+    engine = make_engine({"conv": MODELS["conv"]}, default_max_queue_delay_us=0, probe_batch_rows=False)
+    try:
+        jobs = []
+        for seed in range(4):
+            (x,), _ = example_inputs("conv", 2, seed=seed)
+            jobs.append(AttributionJob(model="conv", algorithm="integrated_gradients", inputs=(x,), target=torch.tensor([[0], [1]])))
+        (poison,), _ = example_inputs("conv", 2, seed=9)
+        poison = poison.clone()
+        poison[0, 0, 0, 0] = float("nan")
+        fused = submit_held(engine, [jobs[0], jobs[1], AttributionJob(model="conv", algorithm="integrated_gradients", inputs=(poison,), target=torch.tensor([[0], [1]])), jobs[2], jobs[3]])
+        results = [f.result(60) for f in fused]
+        assert results[2].timing.pass_requests >= 2  # it really shared passes with others
+        assert bool(torch.isnan(results[2].attributions[0][0]).any())
+        alone = [engine.attribute(j, timeout=60) for j in jobs]
+        for got, want in zip([results[i] for i in (0, 1, 3, 4)], alone):
+            assert not bool(torch.isnan(got.attributions[0]).any())
+            torch.testing.assert_close(got.attributions[0], want.attributions[0], atol=1e-6, rtol=0)
+    finally:
+        engine.shutdown(drain=False, timeout=5)
