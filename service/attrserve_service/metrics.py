@@ -119,6 +119,8 @@ GRPC_CODES = (
     "UNAVAILABLE",
     "INTERNAL",
 )
+# RPC-level codes besides those: admin calls refused by model control, and token refusals.
+RPC_CODES = (*GRPC_CODES, "FAILED_PRECONDITION", "UNAUTHENTICATED", "PERMISSION_DENIED")
 PASS_KINDS = tuple(kind.value for kind in PassKind)
 DROP_REASONS = (DROP_DEADLINE, DROP_CANCELLED)
 SPLIT_REASONS = (SPLIT_FAILURE, SPLIT_OOM)
@@ -129,7 +131,7 @@ def precreate_methods(methods: list[tuple[str, str, str]]) -> None:
     for grpc_type, service, method in methods:
         GRPC_SERVER_STARTED_TOTAL.labels(grpc_type, service, method)
         GRPC_SERVER_HANDLING_SECONDS.labels(grpc_type, service, method)
-        for code in GRPC_CODES:
+        for code in RPC_CODES:
             GRPC_SERVER_HANDLED_TOTAL.labels(grpc_type, service, method, code)
 
 
