@@ -282,6 +282,18 @@ class ServedModels:
     def __init__(self) -> None:
         self._records: dict[tuple[str, str], ModelRecord] = {}
         self._lock = threading.Lock()
+        # Rebuilt on every change (rare), read on every request: each name's records, oldest version first.
+        self._by_name: dict[str, list[ModelRecord]] = {}
+        self._names: frozenset[str] = frozenset()
+
+    def _reindex(self) -> None:
+        """After a change to _records (holding the lock)."""
+        by_name: dict[str, list[ModelRecord]] = {}
+        for (name, _), record in self._records.items():
+            by_name.setdefault(name, []).append(record)
+        for versions in by_name.values():
+            versions.sort(key=lambda r: version_order(r.version))
+        self._by_name, self._names = by_name, frozenset(by_name)
 
     # -- lifecycle (Engine.load / unload) ----------------------------------------
     def begin_load(self, spec: ModelSpec) -> None:
@@ -291,12 +303,14 @@ class ServedModels:
             record = self._records.get(key)
             if record is None or record.model is None or record.state != ModelState.READY:
                 self._records[key] = ModelRecord(key[0], key[1], ModelState.LOADING, spec=spec)
+                self._reindex()
 
     def loaded(self, model: LoadedModel) -> LoadedModel | None:
         """The load is warm: it serves from now on. Returns the load it replaces (to be drained), if any."""
         with self._lock:
             previous = self._records.get(model.key)
             self._records[model.key] = ModelRecord(model.name, model.version, ModelState.READY, model=model, spec=model.spec)
+            self._reindex()
         return previous.model if previous is not None and previous.model is not model else None
 
     def load_failed(self, name: str, version: str, reason: str, spec: ModelSpec | None = None) -> None:
@@ -308,6 +322,7 @@ class ServedModels:
                 record.reason = f"its last reload failed, the previous load serves: {reason}"
             else:
                 self._records[key] = ModelRecord(key[0], key[1], ModelState.UNAVAILABLE, reason=reason, spec=spec)
+                self._reindex()
 
     def begin_unload(self, name: str, version: str) -> LoadedModel | None:
         """New requests for this version are refused from now on; returns the load to drain (None if none)."""
@@ -321,6 +336,7 @@ class ServedModels:
     def remove(self, name: str, version: str) -> None:
         with self._lock:
             self._records.pop((name, version), None)
+            self._reindex()
 
     # -- lookups -------------------------------------------------------------------
     def get(self, name: str, version: str = "") -> LoadedModel:
@@ -341,9 +357,9 @@ class ServedModels:
             return self._find(name, version)
 
     def _find(self, name: str, version: str) -> ModelRecord:
-        versions = sorted((r for (n, _), r in self._records.items() if n == name), key=lambda r: version_order(r.version))
+        versions = self._by_name.get(name, [])
         if not versions:
-            known = sorted({n for n, _ in self._records})
+            known = sorted(self._names)
             raise NotFound(f"model {shown(name)} is not served; served models: {', '.join(known) or 'none'}")
         if version:
             for record in versions:
@@ -357,9 +373,9 @@ class ServedModels:
         with self._lock:
             return sorted(self._records.values(), key=lambda r: (r.name, version_order(r.version)))
 
-    def names(self) -> set[str]:
-        with self._lock:
-            return {name for name, _ in self._records}
+    def names(self) -> frozenset[str]:
+        """The model names known (any state); read on every request, so kept ready-made."""
+        return self._names
 
     def all(self) -> list[LoadedModel]:
         """The loads that serve (READY), by name and version."""
