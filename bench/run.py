@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import sys
 import time
 import traceback
@@ -201,27 +202,32 @@ def run_workload(w: Workload, args: argparse.Namespace, log_dir: Path) -> dict:
     systems = [s for s in args.systems if s != "L" or w.limit]
     model = build_model(w.model, repository(args.smoke, args.gpu))
     requests = w.requests()
-    results: dict[str, dict] = {}
-    for system in systems:
-        print(f"[{w.key}] {LABELS[system]} ...", file=sys.stderr, flush=True)
-        t0 = time.monotonic()
-        if system == "L":
-            results[system] = run_l(w, model, concurrency, args.smoke)
-        elif system == "B1":
-            results[system] = run_b1(w, model, args.seconds, args.warmup_seconds)
-        else:
-            results[system] = run_server(system, w, args, concurrency, requests, log_dir)
-        r = results[system]
-        print(
-            f"[{w.key}] {LABELS[system]}: {r['throughput_rps']:.1f} req/s, p50 {_fmt(r['p50_ms'], 2)} ms, "
-            f"{r['errors']} errors ({time.monotonic() - t0:.0f} s)",
-            file=sys.stderr,
-            flush=True,
-        )
-    for r in results.values():
-        for ref, key in (("B2", "ratio_vs_B2"), ("L", "ratio_vs_L"), ("noop", "ratio_vs_noop")):
-            base = results.get(ref)
-            r[key] = r["throughput_rps"] / base["throughput_rps"] if base and base["throughput_rps"] else None
+    rounds: list[dict[str, dict]] = []
+    for number in range(1, args.rounds + 1):  # A, B, C, A, B, C, ...: a ratio is taken inside one round
+        results: dict[str, dict] = {}
+        for system in systems:
+            shown = f"{LABELS[system]}" + (f" (round {number}/{args.rounds})" if args.rounds > 1 else "")
+            print(f"[{w.key}] {shown} ...", file=sys.stderr, flush=True)
+            t0 = time.monotonic()
+            if system == "L":
+                results[system] = run_l(w, model, concurrency, args.smoke)
+            elif system == "B1":
+                results[system] = run_b1(w, model, args.seconds, args.warmup_seconds)
+            else:
+                results[system] = run_server(system, w, args, concurrency, requests, log_dir)
+            r = results[system]
+            print(
+                f"[{w.key}] {shown}: {r['throughput_rps']:.1f} req/s, p50 {_fmt(r['p50_ms'], 2)} ms, "
+                f"{r['errors']} errors ({time.monotonic() - t0:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        for r in results.values():
+            for ref, key in RATIOS:
+                base = results.get(ref)
+                r[key] = r["throughput_rps"] / base["throughput_rps"] if base and base["throughput_rps"] else None
+        rounds.append(results)
+    results = {system: merge_rounds([r[system] for r in rounds]) for system in systems}
     return {
         "workload": w.key,
         "title": w.title,
@@ -233,6 +239,26 @@ def run_workload(w: Workload, args: argparse.Namespace, log_dir: Path) -> dict:
         "payload_bytes": w.payload_bytes(),
         "systems": results,
     }
+
+
+RATIOS = (("B2", "ratio_vs_B2"), ("L", "ratio_vs_L"), ("noop", "ratio_vs_noop"))
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One system's row from its rounds: the measurement of its median round (by throughput; every field from that
+    one real run) except `errors`, which counts every round's, and each ratio, the median of the ratios taken inside
+    each round; every round's figures are kept under `rounds`."""
+    if len(runs) == 1:
+        return runs[0]
+    chosen = dict(sorted(runs, key=lambda r: r["throughput_rps"])[(len(runs) - 1) // 2])
+    chosen["errors"] = sum(r["errors"] for r in runs)
+    for _, key in RATIOS:
+        ratios = [r[key] for r in runs if r.get(key) is not None]
+        chosen[key] = statistics.median(ratios) if ratios else None
+    chosen["rounds"] = [
+        {"throughput_rps": r["throughput_rps"], "p50_ms": r.get("p50_ms"), "p99_ms": r.get("p99_ms"), "errors": r["errors"]} for r in runs
+    ]
+    return chosen
 
 
 def run_soak(w: Workload, args: argparse.Namespace, log_dir: Path) -> dict:
@@ -457,6 +483,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=None, help="measured seconds per system per workload (default 10; --smoke 2)")
     p.add_argument("--warmup-seconds", type=float, default=None, help="unmeasured load before each window (default 2; --smoke 0.5)")
     p.add_argument("--concurrency", type=int, default=0, help="callers for every workload (default: each workload's own)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the systems of a workload in this many interleaved rounds (A, B, A, B, ...); a row is the system's median "
+        "round and a ratio the median of the ratios inside each round, so no ratio straddles the machine's fast and slow phases",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes for the test: n_steps 4, 2 s, concurrency 4")
     p.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "out" / "results.json")
     p.add_argument(
@@ -550,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
             "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
             "argv": sys.argv[1:] if argv is None else argv,
             "smoke": args.smoke,
+            "rounds": args.rounds,
             "seconds": args.seconds,
             "warmup_seconds": args.warmup_seconds,
             "attrserve_args": args.attrserve_arg,

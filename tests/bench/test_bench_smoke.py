@@ -71,3 +71,21 @@ def test_bench_smoke_prints_the_table_and_writes_the_json(tmp_path: Path) -> Non
     targets = {(t["workload"], t["target"]) for t in report["targets"]}
     assert ("W1", "throughput >= 8x B2") in targets
     assert ("W5", "p50 <= in-process (B1) p50 + 1.5 ms") in targets
+
+
+def test_interleaved_rounds_give_a_median_row_and_ratios_taken_inside_each_round(tmp_path: Path) -> None:
+    out = tmp_path / "rounds.json"
+    code, stdout, stderr = run_bench(["--smoke", "--workloads", "W5", "--systems", "attrserve,noop", "--rounds", "2",
+                                      "--json", str(out)], timeout=180)
+    assert code == 0, f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}"
+    assert "(round 2/2)" in stderr
+    report = json.loads(out.read_text())
+    assert report["meta"]["rounds"] == 2
+    systems = report["workloads"]["W5"]["systems"]
+    for name in ("attrserve", "noop"):
+        rounds = systems[name]["rounds"]
+        assert len(rounds) == 2 and all(r["errors"] == 0 and r["throughput_rps"] > 0 for r in rounds)
+        assert systems[name]["throughput_rps"] == min(r["throughput_rps"] for r in rounds)  # the lower median of two
+        assert systems[name]["errors"] == 0
+    assert systems["noop"]["ratio_vs_noop"] == 1.0
+    assert systems["attrserve"]["ratio_vs_noop"] > 0
