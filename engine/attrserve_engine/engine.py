@@ -24,7 +24,15 @@ from attrserve_engine.errors import AttributionError, DeadlineExceeded, InvalidA
 from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluate
 from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks
 from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult
-from attrserve_engine.models import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US, LoadedModel, ModelRecord, ModelSpec, ServedModels
+from attrserve_engine.models import (
+    DEFAULT_MAX_BATCH_ROWS,
+    DEFAULT_MAX_QUEUE_DELAY_US,
+    LoadedModel,
+    ModelRecord,
+    ModelSpec,
+    ModelState,
+    ServedModels,
+)
 from attrserve_engine.plan import Block, BlockResult, JobPlan, PassKind, Plan, PlanOf, RequestRNG, Task, concurrently
 from attrserve_engine.plugins import load_plugins
 from attrserve_engine.scheduler import BATCH, INTERACTIVE, REFUSED_DEADLINE, EngineObserver, LiveJob, Observers, PassStats, Scheduler
@@ -326,6 +334,13 @@ class Engine:
         """Loaded, warm, and its device's worker is up."""
         scheduler = self._schedulers.get(str(model.device))
         return model.ready and scheduler is not None and scheduler.serving()[0]
+
+    def model_state(self, record: ModelRecord) -> tuple[ModelState, str]:
+        """A version's state and reason as clients see them: READY only while it can compute now (its device's
+        worker up); a READY version whose worker is down is UNAVAILABLE, with why."""
+        if record.state == ModelState.READY and (record.model is None or not self.model_serving(record.model)):
+            return ModelState.UNAVAILABLE, self.serving()[1]
+        return record.state, record.reason
 
     # -- internals ---------------------------------------------------------
     def _scheduler(self, model: LoadedModel) -> Scheduler:

@@ -23,7 +23,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from attrserve.v1 import model_config_pb2 as mc
-from attrserve_engine import Engine, FailedPrecondition, InputSpec, ModelRecord, ModelSpec, ModelState, NotFound, version_order
+from attrserve_engine import Engine, FailedPrecondition, InputSpec, ModelRecord, ModelSpec, NotFound, version_order
 from attrserve_service.convert import WIRE_DTYPES
 from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
 
@@ -309,9 +309,8 @@ class ModelManager:
         return [] if self.root is None else scan(self.root)
 
     def _status(self, record: ModelRecord) -> Status:
-        if record.state == ModelState.READY and record.model is not None and not self.engine.model_serving(record.model):
-            return Status(record.name, record.version, ModelState.UNAVAILABLE.value, self.engine.serving()[1])
-        return Status(record.name, record.version, record.state.value, record.reason)
+        state, reason = self.engine.model_state(record)
+        return Status(record.name, record.version, state.value, reason)
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())

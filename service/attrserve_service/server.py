@@ -54,7 +54,7 @@ class RunningServer:
         if not up:
             return False, reason
         records = self.engine.model_records()
-        serving = [r for r in records if r.model is not None and r.state == ModelState.READY and self.engine.model_serving(r.model)]
+        serving = [r for r in records if self.engine.model_state(r)[0] == ModelState.READY]
         if not serving:
             return False, "no model can serve"
         if self.strict_readiness and len(serving) < len(records):

@@ -229,16 +229,15 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
             config = spec_config(record.spec) if record.spec is not None else mc.ModelConfig(name=record.name, version=record.version)
             return pb.ModelInfo(config=config, state=_STATES[record.state], reason=record.reason)
         names = self.engine.supported_algorithms(model)
-        serving = record.state == ModelState.READY and self.engine.model_serving(model)
-        state = _STATES[record.state] if serving or record.state != ModelState.READY else pb.MODEL_STATE_UNAVAILABLE
+        state, reason = self.engine.model_state(record)
         return pb.ModelInfo(
             config=effective_config(model),
             layers=model.layers,
             algorithms=[e for e in map(algorithm_enum, names) if e is not None],
             custom_algorithms=[name for name in names if algorithm_enum(name) is None],
-            ready=serving,
-            state=state,
-            reason=record.reason if serving or record.state != ModelState.READY else self.engine.serving()[1],
+            ready=state == ModelState.READY,
+            state=_STATES[state],
+            reason=reason,
             batch_probe=[pb.BatchProbe(rows=rows, rows_per_second=rate) for rows, rate in sorted(model.batch_probe.items())],
         )
 
