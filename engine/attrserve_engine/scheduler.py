@@ -151,6 +151,13 @@ class LiveJob:
 
 
 @dataclass
+class _Backlog:
+    jobs: int = 0
+    rows: int = 0
+    bytes: int = 0
+
+
+@dataclass
 class QueuedBlock:
     job: LiveJob
     block: Block
@@ -193,8 +200,9 @@ class Scheduler:
         self.max_queued_jobs = max_queued_jobs
         self.max_queue_seconds = max_queue_seconds
         self.max_pass_seconds = max_pass_seconds
-        # Per load: [rows, bytes] accepted and not yet computed (admission's view of the queue).
-        self._pending: dict[LoadedModel, list[int]] = {}
+        # Per load: its jobs accepted and not finished, their rows not yet computed and those rows' estimated bytes
+        # (admission's bounds and the backlog the metrics and drains read).
+        self._pending: dict[LoadedModel, _Backlog] = {}
         # Fairness: the pass number at which each load last had a pass (least recently served goes first),
         # and passes since batch rows last ran while some waited.
         self._served_at: weakref.WeakKeyDictionary[LoadedModel, int] = weakref.WeakKeyDictionary()
@@ -232,9 +240,10 @@ class Scheduler:
             self._check_open()
             if admit:
                 self._admit(job.model, job.rows, job.rows * job.row_bytes, job.priority)
-            pending = self._pending.setdefault(job.model, [0, 0])
-            pending[0] += job.rows
-            pending[1] += job.rows * job.row_bytes
+            pending = self._pending.setdefault(job.model, _Backlog())
+            pending.jobs += 1
+            pending.rows += job.rows
+            pending.bytes += job.rows * job.row_bytes
             self._jobs.add(job)
             self._inbox.append(job)
             if job.deadline is not None:
@@ -263,7 +272,7 @@ class Scheduler:
     def pending_rows(self, model: LoadedModel) -> int:
         """Rows of `model`'s (this load's) accepted requests not yet computed."""
         with self._cv:
-            return self._pending.get(model, [0, 0])[0]
+            return self._pending.get(model, _Backlog()).rows
 
     def _check_open(self) -> None:
         if self._stopping:
@@ -278,7 +287,8 @@ class Scheduler:
         forever; batch requests may fill only BATCH_SHARE of the bounds."""
         if len(self._jobs) >= self.max_queued_jobs:
             self._refuse(model, REFUSED_REQUESTS, f"this server holds {len(self._jobs)} requests for {self.name}, its limit")
-        queued_rows, queued_bytes = self._pending.get(model, (0, 0))
+        pending = self._pending.get(model, _Backlog())
+        queued_rows, queued_bytes = pending.rows, pending.bytes
         if not queued_rows:
             return
         share = BATCH_SHARE if priority == BATCH else 1.0
@@ -300,7 +310,7 @@ class Scheduler:
             )
 
     def _refuse(self, model: LoadedModel, reason: str, why: str) -> NoReturn:
-        queued = self._pending.get(model, (0, 0))[0]
+        queued = self._pending.get(model, _Backlog()).rows
         retry = min(30.0, max(0.05, queued / model.rows_per_second)) if model.rows_per_second else 1.0
         self._observers.request_refused(model.name, reason)
         raise ResourceExhausted(f"{why}; retry in about {retry * 1e3:.0f} ms", retry_after_s=retry)
@@ -333,10 +343,10 @@ class Scheduler:
         time (metrics) and while a load drains, any thread."""
         with self._cv:
             if isinstance(model, str):
-                jobs = [job for job in self._jobs if job.model.name == model]
+                loads = [pending for load, pending in self._pending.items() if load.name == model]
             else:
-                jobs = [job for job in self._jobs if job.model is model]
-            return len(jobs), sum(max(job.rows - job.rows_done, 0) for job in jobs)
+                loads = [self._pending.get(model, _Backlog())]
+            return sum(p.jobs for p in loads), sum(p.rows for p in loads)
 
     def serving(self) -> tuple[bool, str]:
         """Whether the worker is up, and if not, why."""
@@ -366,7 +376,7 @@ class Scheduler:
         thread.join(timeout=5)
         if thread.is_alive():  # stuck in a model's forward: answer its callers anyway
             with self._cv:
-                stranded, self._jobs = list(self._jobs), set()
+                stranded, self._jobs, self._pending = list(self._jobs), set(), {}
             for job in stranded:
                 _resolve(job.future, error=Unavailable("the server shut down before this request finished"))
         return lost
@@ -662,22 +672,22 @@ class Scheduler:
         with self._cv:
             if job in self._jobs:
                 self._release(job, job.rows)
+                pending = self._pending[job.model]
+                pending.jobs -= 1
+                if not pending.jobs:
+                    del self._pending[job.model]
             self._jobs.discard(job)
             self._cv.notify_all()
 
     def _release(self, job: LiveJob, upto: int) -> None:
         """Rows of `job` up to `upto` no longer count as queued work. Holds the lock."""
         rows = upto - job.rows_released
-        if rows <= 0:
+        if rows <= 0 or job not in self._jobs:  # a finished job released all its rows when it closed
             return
         job.rows_released = upto
-        pending = self._pending.get(job.model)
-        if pending is None:
-            return
-        pending[0] -= rows
-        pending[1] -= rows * job.row_bytes
-        if pending[0] <= 0:
-            del self._pending[job.model]
+        pending = self._pending[job.model]
+        pending.rows -= rows
+        pending.bytes -= rows * job.row_bytes
 
     @staticmethod
     def _close_plan(job: LiveJob) -> None:
