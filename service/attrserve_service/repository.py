@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from google.protobuf import text_format
 
 from attrserve.v1 import model_config_pb2 as mc
 from attrserve_engine import Engine, FailedPrecondition, InputSpec, ModelRecord, ModelSpec, NotFound, version_order
+from attrserve_engine.errors import shown
 from attrserve_service.convert import WIRE_DTYPES
 from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
 
@@ -232,13 +233,14 @@ class ModelManager:
         """(Re)load a model's versions from its folder as it is now; versions gone from the folder are unloaded
         (when no version is named). Raises FailedPrecondition naming every version that failed."""
         self.check_control()
-        entries = [e for e in await asyncio.to_thread(self._scan) if e.name == name]
+        scanned = await asyncio.to_thread(self._scan)
+        entries = [e for e in scanned if e.name == name]
         if not entries:
-            raise NotFound(f"model {name[:100]!r} is not in the model repository {self.root}")
+            raise NotFound(f"model {shown(name)} is not in the model repository {self.root}")
         if version:
             entries = [e for e in entries if e.version == version]
             if not entries:
-                raise NotFound(f"model {name!r} has no version {version[:100]!r} in the model repository {self.root}")
+                raise NotFound(f"model {name!r} has no version {shown(version)} in the model repository {self.root}")
         async with self._lock(name):
             for entry in entries:
                 await self._load_entry(entry)
@@ -247,7 +249,7 @@ class ModelManager:
                 for record in self.engine.model_records():
                     if record.name == name and record.version not in present:
                         await self._unload(name, record.version)
-        statuses = self.statuses(name)
+        statuses = self.statuses(name, scanned)
         failed = [s for s in statuses if s.version in {e.version for e in entries} and s.reason]
         if failed:
             raise FailedPrecondition("; ".join(f"model {s.name!r} version {s.version!r} could not be loaded: {s.reason}" for s in failed))
@@ -261,7 +263,7 @@ class ModelManager:
             versions = [r.version for r in self.engine.model_records() if r.name == name and (not version or r.version == version)]
             for v in versions:
                 await self._unload(name, v)
-        return self.statuses(name)
+        return await self.index(name)
 
     async def poll(self) -> None:
         """One look at the repository: load new versions, reload changed ones, unload removed ones."""
@@ -289,17 +291,19 @@ class ModelManager:
             except Exception:  # a poll must never end the polling
                 log.exception("model repository poll failed")
 
-    def statuses(self, name: str | None = None, repository: bool = True) -> list[Status]:
-        """Every version known to the engine, and (with `repository`) every other one in the repository (UNLOADED)."""
-        records = [r for r in self.engine.model_records() if name is None or r.name == name]
-        statuses = [self._status(r) for r in records]
-        if not repository:
-            return statuses
-        known = {(r.name, r.version) for r in records}
+    async def index(self, name: str | None = None) -> list[Status]:
+        """`statuses` with the repository as it is now (read off the event loop)."""
         try:
-            entries = self._scan()
+            entries = await asyncio.to_thread(self._scan)
         except RepositoryError:
             entries = []
+        return self.statuses(name, entries)
+
+    def statuses(self, name: str | None = None, entries: Sequence[Entry] = ()) -> list[Status]:
+        """Every version known to the engine, and every other one of `entries` (a scan of the repository) as UNLOADED."""
+        records = [r for r in self.engine.model_records() if name is None or r.name == name]
+        statuses = [self._status(r) for r in records]
+        known = {(r.name, r.version) for r in records}
         statuses += [
             Status(e.name, e.version, UNLOADED) for e in entries if (name is None or e.name == name) and (e.name, e.version) not in known
         ]

@@ -66,7 +66,7 @@ class RunningServer:
         """Health and model readiness say what the engine can do now: NOT_SERVING while a worker is down or no
         model can serve; attrserve_model_ready 0 for a version that is loading, failed or unloading."""
         labels = set()
-        for known in self.manager.statuses(repository=False):
+        for known in self.manager.statuses():
             labels.add((known.name, known.version))
             metrics.ATTRSERVE_MODEL_READY.labels(known.name, known.version).set(1.0 if known.state == ModelState.READY.value else 0.0)
         for gone in self._ready_labels - labels:

@@ -261,7 +261,7 @@ class ModelRepositoryServicer(pb_grpc.ModelRepositoryServiceServicer):
         self, request: pb.RepositoryIndexRequest | bytes, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
         message = decode(pb.RepositoryIndexRequest, request)
-        statuses = self.manager.statuses()
+        statuses = await self.manager.index()
         if message.ready_only:
             statuses = [s for s in statuses if s.state == ModelState.READY.value]
         return pb.RepositoryIndexResponse(models=_statuses(statuses))
