@@ -5,8 +5,9 @@
     .venv/bin/python bench/run.py --smoke --workloads W1,W4,W5 --json /tmp/r.json   # tiny sizes (the test)
 
 Systems (see bench/README.md): attrserve; B1 Captum in-process one request at a time; B2 a grpc.aio
-server calling Captum per request in a thread pool; L the fused in-process limit (W1-W4); noop a
-no-op RPC of the same payload (the transport ceiling). Servers run one at a time as subprocesses on
+server calling Captum per request in a thread pool; B3 a TorchServe-style server batching up to 8 requests
+(5 ms) onto 2 single-threaded worker processes, one Captum call per batch; L the fused in-process limit
+(W1-W4); noop a no-op RPC of the same payload (the transport ceiling). Servers run one at a time as subprocesses on
 free 127.0.0.1 ports, each warmed up before its measured window, and are always killed afterwards.
 """
 
@@ -26,19 +27,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import grpc
+import numpy as np
 import torch
+
+from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
+from attrserve_client.tensors import from_tensor_proto
 
 import harness
 from captum_calls import PassCounter, run_captum
 from limit import measure_limit
 from workloads import Workload, all_workloads, build_model, gpu_workloads, repository
 
-SYSTEMS = ("attrserve", "B1", "B2", "L", "noop")
+SYSTEMS = ("attrserve", "B1", "B2", "B3", "L", "noop")
 SOAK_WARMUP_S = 10.0
 LABELS = {
     "attrserve": "attrserve",
     "B1": "B1 Captum in-process",
     "B2": "B2 gRPC + Captum thread pool",
+    "B3": "B3 TorchServe-style batched Captum",
     "L": "L fused in-process limit",
     "noop": "no-op RPC (transport ceiling)",
 }
@@ -118,6 +125,49 @@ def run_l(w: Workload, model: torch.nn.Module, concurrency: int, smoke: bool) ->
     )
 
 
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started (B3's workers), from /proc/*/stat's parent pid."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _rss_sum_kib(pids: list[int], field_name: str) -> int | None:
+    values = [harness.proc_status_kib(p, field_name) for p in pids]
+    return sum(v for v in values if v is not None) if any(v is not None for v in values) else None
+
+
+CHECK_TOLERANCE = 1e-4  # of the largest attribution: float round-off of a batched call, nothing more
+
+
+def check_against_captum(target: str, w: Workload, model: torch.nn.Module, requests: list, timeout: float) -> dict:
+    """Sends the workload's distinct requests all at once (so a batching server batches them) and compares every
+    answer with Captum called on that one request in this process (same weights); raises if one differs."""
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        stub = pb_grpc.AttributionServiceStub(channel)
+        futures = [stub.Attribute.future(r, timeout=timeout) for r in requests]
+        answers = [f.result() for f in futures]
+    worst = 0.0
+    for i, (x, t, answer) in enumerate(zip(w.inputs(len(requests)), w.targets(len(requests)), answers)):
+        want = run_captum(model, w.algorithm, torch.from_numpy(x), target=t, baselines=w.baselines, params=w.params, layer=w.layer)
+        want_np = want.detach().numpy()
+        got = from_tensor_proto(answer.attributions[0])
+        if got.shape != want_np.shape:
+            raise AssertionError(f"{w.key} request {i}: attributions of shape {got.shape}, Captum's are {want_np.shape}")
+        err = float(np.abs(got - want_np).max()) / max(float(np.abs(want_np).max()), 1e-12)
+        if not err <= CHECK_TOLERANCE:
+            raise AssertionError(f"{w.key} request {i}: max error {err:.2e} of the largest attribution (tolerance {CHECK_TOLERANCE:g})")
+        worst = max(worst, err)
+    return {"requests": len(requests), "max_rel_error": worst, "tolerance": CHECK_TOLERANCE}
+
+
 def run_server(
     system: str,
     w: Workload,
@@ -128,8 +178,12 @@ def run_server(
     seconds: float | None = None,
     rss_every: float = 0.5,
     warmup: float | None = None,
+    model: torch.nn.Module | None = None,
 ) -> dict:
-    """Start the server, wait until ready, warm up, measure, read its metrics and RSS, kill it."""
+    """Start the server, wait until ready, warm up, measure, read its metrics and RSS, kill it.
+
+    B3 (a front process and its workers): its answers are first checked against Captum per request (`model`,
+    on the CPU); its CPU and RSS are the front's plus its workers'."""
     seconds = args.seconds if seconds is None else seconds
     repo = repository(args.smoke, args.gpu)
     port = harness.free_port()
@@ -138,6 +192,9 @@ def run_server(
         metrics_port = harness.free_port()
         profile = args.attrserve_profile / f"{w.key}-attrserve.txt" if args.attrserve_profile else None
         argv = harness.attrserve_argv(repo, port, metrics_port, args.attrserve_arg, profile, args.device)
+    elif system == "B3":
+        argv = [sys.executable, str(harness.ROOT / "bench" / "baseline_batched.py"), "--model-repository", str(repo)]
+        argv += ["--port", str(port), "--device", args.device]
     else:
         argv = harness.baseline_argv(repo, port, noop=system == "noop", device=args.device)
     env = dict(kv.split("=", 1) for kv in args.attrserve_env) if system == "attrserve" else {}
@@ -145,6 +202,10 @@ def run_server(
     try:
         server.start()
         ready_s = server.wait_ready([w.model])
+        workers = _children(server.pid) if system == "B3" else []
+        check = None
+        if system == "B3" and model is not None and args.device == "cpu":
+            check = check_against_captum(server.target, w, model, requests, args.timeout)
         harness.drive(
             server.target, requests, concurrency, args.warmup_seconds if warmup is None else warmup, record=False, timeout=args.timeout
         )
@@ -152,7 +213,7 @@ def run_server(
         profiling = system == "attrserve" and args.attrserve_profile
         if profiling:
             os.kill(server.pid, signal.SIGUSR1)
-        watch = harness.CpuWatch([server.pid])
+        watch = harness.CpuWatch([server.pid, *workers])
         load = harness.drive(
             server.target, requests, concurrency, seconds, record=True, timeout=args.timeout, pid=server.pid, rss_every=rss_every
         )
@@ -161,10 +222,13 @@ def run_server(
             os.kill(server.pid, signal.SIGUSR2)
             time.sleep(0.5)
         after = harness.scrape(metrics_port, w.model) if metrics_port else None
-        hwm = harness.proc_status_kib(server.pid, "VmHWM")
+        hwm = _rss_sum_kib([server.pid, *workers], "VmHWM")
+        workers_rss = _rss_sum_kib(workers, "VmRSS") or 0  # the front's samples + the workers' RSS after the window
     finally:
         server.stop()
     assert load is not None
+    if workers_rss:
+        load.rss_samples_kib = [(t, kib + workers_rss) for t, kib in load.rss_samples_kib]
     rss = [kib for _, kib in load.rss_samples_kib]
     out = _summary(
         system,
@@ -182,11 +246,15 @@ def run_server(
         server_timing=harness.server_timing(load),
         rss_samples_mib=[(round(t, 2), harness.mib(k)) for t, k in load.rss_samples_kib],
     )
+    if check is not None:
+        out["check"] = check
+    if workers:
+        out["worker_pids"] = workers
     if system == "attrserve":
         engine = harness.metrics_delta(before, after, load.wall_s)
         out.update(passes=engine.pop("passes"), rows=engine.pop("rows"), rows_per_pass=engine.pop("rows_per_pass"), engine=engine)
         out["request_rows"] = load.timing_rows  # rows the answered requests needed, from their timing
-    elif system == "B2":
+    elif system in ("B2", "B3"):
         out.update(
             passes=load.timing_passes,
             rows=load.timing_rows,
@@ -214,7 +282,7 @@ def run_workload(w: Workload, args: argparse.Namespace, log_dir: Path) -> dict:
             elif system == "B1":
                 results[system] = run_b1(w, model, args.seconds, args.warmup_seconds)
             else:
-                results[system] = run_server(system, w, args, concurrency, requests, log_dir)
+                results[system] = run_server(system, w, args, concurrency, requests, log_dir, model=model)
             r = results[system]
             print(
                 f"[{w.key}] {shown}: {r['throughput_rps']:.1f} req/s, p50 {_fmt(r['p50_ms'], 2)} ms, "
@@ -241,7 +309,7 @@ def run_workload(w: Workload, args: argparse.Namespace, log_dir: Path) -> dict:
     }
 
 
-RATIOS = (("B2", "ratio_vs_B2"), ("L", "ratio_vs_L"), ("noop", "ratio_vs_noop"))
+RATIOS = (("B2", "ratio_vs_B2"), ("B3", "ratio_vs_B3"), ("L", "ratio_vs_L"), ("noop", "ratio_vs_noop"))
 
 
 def merge_rounds(runs: list[dict]) -> dict:
@@ -333,7 +401,9 @@ def evaluate_targets(workloads: dict[str, dict], soaks: dict[str, dict]) -> list
     for wk, text, ref, thr in (
         ("W1", "throughput >= 8x B2", "B2", 8.0),
         ("W1", "throughput >= 50% of the no-op RPC ceiling", "noop", 0.5),
+        ("W1", "throughput >= 2x B3", "B3", 2.0),
         ("W2", "throughput >= 1.5x B2", "B2", 1.5),
+        ("W2", "throughput >= 1.3x B3", "B3", 1.3),
         ("W2", "throughput >= 80% of L", "L", 0.8),
         ("W3", "throughput >= 3x B2", "B2", 3.0),
         ("W4", "throughput >= 2x B2", "B2", 2.0),
@@ -419,16 +489,17 @@ def markdown(report: dict) -> str:
     lines = [
         (
             "| workload | system | req/s | p50 ms | p99 ms | errors | requests | passes | rows/pass | peak RSS MiB | RSS in load MiB "
-            "| vs B2 | vs L | vs no-op | server CPU ms/req | other CPU |"
+            "| vs B2 | vs B3 | vs L | vs no-op | server CPU ms/req | other CPU |"
         ),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for wk, res in report["workloads"].items():
         lines.extend(
             f"| {wk} (c={res['concurrency']}) | {r['label']} | {r['throughput_rps']:.1f} | {_fmt(r['p50_ms'], 2)} | "
             f"{_fmt(r['p99_ms'], 2)} | {r['errors']} | {r['requests']} | {_fmt(r['passes'])} | "
             f"{_fmt(r['rows_per_pass'])} | {_fmt(r['rss_peak_mib'])} | {_fmt(r.get('rss_max_mib'))} | "
-            f"{_ratio(r.get('ratio_vs_B2'))} | {_ratio(r.get('ratio_vs_L'))} | {_ratio(r.get('ratio_vs_noop'))} | "
+            f"{_ratio(r.get('ratio_vs_B2'))} | {_ratio(r.get('ratio_vs_B3'))} | "
+            f"{_ratio(r.get('ratio_vs_L'))} | {_ratio(r.get('ratio_vs_noop'))} | "
             f"{_fmt(_server_cpu_ms(r), 2)} | {_pct((r.get('cpu') or {}).get('foreign_cpu_fraction'))} |"
             for r in res["systems"].values()
         )

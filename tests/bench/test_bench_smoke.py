@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKLOADS = ("W1", "W4", "W5")
-SERVER_SYSTEMS = {"attrserve", "B1", "B2", "noop"}
+SERVER_SYSTEMS = {"attrserve", "B1", "B2", "B3", "noop"}
 
 
 def run_bench(args: list[str], timeout: float) -> tuple[int, str, str]:
