@@ -201,6 +201,14 @@ SETTINGS: tuple[Setting, ...] = (
         switch=True,
     ),
     Setting(
+        "--no-engine-process",
+        "engine_process",
+        "run the models in the front end's process instead of an engine-core process of their own",
+        _bool,
+        inverted=True,
+    ),
+    Setting("--engine-threads", "engine_threads", "torch intra-op threads of the engine process (0: one per core less one)", int),
+    Setting(
         "--reflection",
         "reflection",
         "serve gRPC server reflection (grpcurl list/describe; needs a token when auth is on)",

@@ -43,6 +43,10 @@ class ServerConfig:
     auth_token_env: str | None = None  # the NAME of the variable, not a token
     auth_health: bool = False  # health checks need a token too (default: exempt, for probes and balancers)
     reflection: bool = False  # gRPC server reflection (grpcurl list/describe); needs a token when auth is on
+    # The models run in an engine-core process of their own (the front end's event loop and the engine's worker
+    # then never share an interpreter lock); False: in this process (embedding, tests with in-memory models).
+    engine_process: bool = True
+    engine_threads: int = 0  # torch intra-op threads of the engine process (0: one per core less one, for the front)
 
 
 class ConfigError(ValueError):

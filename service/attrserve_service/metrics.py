@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from attrserve_engine import DROP_CANCELLED, DROP_DEADLINE, Engine, EngineObserver, LoadedModel, PassStats
+from attrserve_engine import DROP_CANCELLED, DROP_DEADLINE, EngineObserver, PassStats
 from attrserve_engine.executor import SPLIT_FAILURE, SPLIT_OOM
 from attrserve_engine.plan import PassKind
 from attrserve_engine.scheduler import REFUSAL_REASONS
+
+if TYPE_CHECKING:
+    from attrserve_service.core import Core
 
 # Latency buckets span a ~1 ms cached saliency call to multi-second IG on big images.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -82,6 +86,13 @@ ATTRSERVE_WORKER_UP = Gauge(
 ATTRSERVE_WORKER_RESTARTS_TOTAL = Counter(
     "attrserve_worker_restarts_total", "Engine workers restarted after they died (each failure is logged with its traceback).", ["device"]
 )
+ATTRSERVE_ENGINE_PROCESS_UP = Gauge(
+    "attrserve_engine_process_up",
+    "1 while the engine core serves (its own process, or the front end's with --no-engine-process); 0 from its death to its restart.",
+)
+ATTRSERVE_ENGINE_PROCESS_RESTARTS_TOTAL = Counter(
+    "attrserve_engine_process_restarts_total", "Engine-core processes started again after one died (each death is logged)."
+)
 ATTRSERVE_QUEUE_REQUESTS = Gauge(
     "attrserve_queue_requests", "Attribution requests of the model accepted by the engine and not yet finished.", ["model"]
 )
@@ -138,13 +149,12 @@ def precreate_methods(methods: list[tuple[str, str, str]]) -> None:
 _DEVICES: set[str] = set()
 
 
-def watch_model(engine: Engine, model: LoadedModel) -> None:
+def watch_model(core: Core, name: str, algorithms: list[str], device: str) -> None:
     """A model that serves: its queue-depth gauges (read from the engine at scrape time, summed over its versions),
     its device's gauges, and its label sets created up front (zeros instead of gaps)."""
-    name = model.name
-    ATTRSERVE_QUEUE_REQUESTS.labels(name).set_function(partial(_backlog, engine, name, 0))
-    ATTRSERVE_QUEUE_ROWS.labels(name).set_function(partial(_backlog, engine, name, 1))
-    for algorithm in engine.supported_algorithms(model):
+    ATTRSERVE_QUEUE_REQUESTS.labels(name).set_function(partial(_backlog, core, name, 0))
+    ATTRSERVE_QUEUE_ROWS.labels(name).set_function(partial(_backlog, core, name, 1))
+    for algorithm in algorithms:
         ATTRSERVE_ATTRIBUTION_DURATION_SECONDS.labels(name, algorithm)
         for code in GRPC_CODES:
             ATTRSERVE_ATTRIBUTIONS_COMPLETED_TOTAL.labels(name, algorithm, code)
@@ -159,25 +169,25 @@ def watch_model(engine: Engine, model: LoadedModel) -> None:
         ATTRSERVE_PASSES_EXECUTED_TOTAL.labels(name, kind)
     for reason in SPLIT_REASONS:
         ATTRSERVE_PASS_SPLITS_TOTAL.labels(name, reason)
-    device = str(model.device)
     if device not in _DEVICES:  # afterwards EngineMetrics.worker_state keeps it true
         _DEVICES.add(device)
-        ATTRSERVE_WORKER_UP.labels(device).set(1.0 if engine.serving()[0] else 0.0)
+        ATTRSERVE_WORKER_UP.labels(device).set(1.0 if core.snapshot().workers[0] else 0.0)
     ATTRSERVE_WORKER_RESTARTS_TOTAL.labels(device)
     if device.startswith("cuda"):
         ATTRSERVE_DEVICE_MEMORY_BYTES.labels(device).set_function(partial(torch.cuda.memory_allocated, device))
 
 
-def observe_engine(engine: Engine, version: str) -> None:
+def observe_engine(core: Core, version: str) -> None:
     """The models that serve now (watch_model; later loads are watched by EngineMetrics), and the build info."""
-    for model in engine.models():
-        watch_model(engine, model)
-    devices = sorted({str(m.device) for m in engine.models()})
-    ATTRSERVE_BUILD_INFO.labels(version, torch.__version__, ",".join(devices) or "none").set(1.0)
+    snapshot = core.snapshot()
+    for name, loads in snapshot.watched.items():
+        for algorithms, device in loads:
+            watch_model(core, name, algorithms, device)
+    ATTRSERVE_BUILD_INFO.labels(version, torch.__version__, ",".join(snapshot.devices) or "none").set(1.0)
 
 
-def _backlog(engine: Engine, name: str, which: int) -> float:
-    return float(engine.backlog(name)[which])
+def _backlog(core: Core, name: str, which: int) -> float:
+    return float(core.backlog(name)[which])
 
 
 def observe_delta(model: str, algorithm: str, delta: np.ndarray) -> None:
@@ -188,16 +198,22 @@ def observe_delta(model: str, algorithm: str, delta: np.ndarray) -> None:
 
 
 class EngineMetrics(EngineObserver):
-    """What the engine reports from its worker threads (and loading threads), as metrics."""
+    """What the engine reports from its worker threads (and loading threads), as metrics; with an engine process,
+    its reports replayed on the front's event loop, and the engine process's own state."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, core: Core) -> None:
+        self.core = core
 
     def model_loaded(self, model: str, seconds: float) -> None:
         ATTRSERVE_MODEL_LOAD_SECONDS.labels(model).observe(seconds)
-        for loaded in self.engine.models():
-            if loaded.name == model:
-                watch_model(self.engine, loaded)
+        for algorithms, device in self.core.watched(model):
+            watch_model(self.core, model, algorithms, device)
+
+    def engine_process_state(self, serving: bool, reason: str) -> None:
+        ATTRSERVE_ENGINE_PROCESS_UP.set(1.0 if serving else 0.0)
+
+    def engine_process_restarted(self) -> None:
+        ATTRSERVE_ENGINE_PROCESS_RESTARTS_TOTAL.inc()
 
     def model_load_failed(self, model: str, error: BaseException) -> None:
         ATTRSERVE_MODEL_LOAD_FAILURES_TOTAL.labels(model).inc()

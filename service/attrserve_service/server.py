@@ -15,13 +15,14 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from attrserve.v1 import attribution_service_pb2 as pb
-from attrserve_engine import Engine, EngineObserver, ModelState
-from attrserve_service import __version__, metrics
+from attrserve_engine import Engine, ModelState
+from attrserve_service import __version__, logs, metrics
 from attrserve_service.auth import ServerSecurity
 from attrserve_service.config import ServerConfig
-from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
+from attrserve_service.core import Core, LocalCore, build_core
+from attrserve_service.engine_process import EngineProcess
 from attrserve_service.interceptor import StatusInterceptor
-from attrserve_service.repository import CONTROL_POLL, ModelManager, RepositoryError
+from attrserve_service.repository import CONTROL_POLL, ModelManager
 from attrserve_service.servicer import AttributionServicer, ModelRepositoryServicer, add_attribution_service, add_model_repository_service
 
 log = logging.getLogger(__name__)
@@ -36,37 +37,29 @@ class RunningServer:
 
     server: grpc.aio.Server
     port: int
-    engine: Engine
+    core: Core
     health: health.aio.HealthServicer
-    manager: ModelManager
+    engine: Engine | None = None  # the engine, when it runs in this process (--no-engine-process, tests)
     strict_readiness: bool = False
     metrics_port: int | None = None
     _metrics_http: Any = None
     _poller: asyncio.Task | None = None
     attribution: AttributionServicer | None = None
     _ready_labels: set[tuple[str, str]] = dataclasses.field(default_factory=set)
+    _serving: bool | None = None
     draining: bool = False
 
     def can_serve(self) -> tuple[bool, str]:
-        """SERVING: every device's worker is up and a model serves (with strict readiness: every model version
-        the server knows of serves). Otherwise NOT_SERVING, and why."""
-        up, reason = self.engine.serving()
-        if not up:
-            return False, reason
-        records = self.engine.model_records()
-        serving = [r for r in records if self.engine.model_state(r)[0] == ModelState.READY]
-        if not serving:
-            return False, "no model can serve"
-        if self.strict_readiness and len(serving) < len(records):
-            waiting = [f"{r.name} v{r.version} ({r.state.value})" for r in records if r not in serving]
-            return False, f"strict readiness: {', '.join(waiting)} not ready"
-        return True, ""
+        """SERVING: the engine's workers are up and a model serves (with strict readiness: every model version the
+        server knows of serves). Otherwise NOT_SERVING, and why."""
+        return self.core.readiness(self.strict_readiness)
 
     async def sync_health(self) -> None:
-        """Health and model readiness say what the engine can do now: NOT_SERVING while a worker is down or no
-        model can serve; attrserve_model_ready 0 for a version that is loading, failed or unloading."""
+        """Health and model readiness say what the engine can do now: NOT_SERVING while the engine process or a
+        worker is down or no model can serve; attrserve_model_ready 0 for a version that is loading, failed or
+        unloading."""
         labels = set()
-        for known in self.manager.statuses():
+        for known in self.core.statuses():
             labels.add((known.name, known.version))
             metrics.ATTRSERVE_MODEL_READY.labels(known.name, known.version).set(1.0 if known.state == ModelState.READY.value else 0.0)
         for gone in self._ready_labels - labels:
@@ -74,7 +67,10 @@ class RunningServer:
         self._ready_labels = labels
         if self.draining:
             return  # enter_graceful_shutdown set NOT_SERVING for good
-        up = self.can_serve()[0]
+        up, reason = self.can_serve()
+        if self._serving is not None and up != self._serving:
+            log.log(logging.INFO if up else logging.ERROR, "health: %s", "SERVING" if up else f"NOT_SERVING ({reason})")
+        self._serving = up
         status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
@@ -97,7 +93,7 @@ class RunningServer:
             await asyncio.sleep(0.02)
         cut_off = self._active()
         await stopping
-        left = await loop.run_in_executor(None, lambda: self.engine.shutdown(drain=True, timeout=grace))
+        left = await self.core.shutdown(drain=True, timeout=grace)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -110,24 +106,20 @@ class RunningServer:
         return self.attribution.active if self.attribution is not None else 0
 
 
-class _HealthSync(EngineObserver):
-    """Moves a worker's failure or restart (reported on its thread) onto the event loop, into health at once."""
-
-    def __init__(self, running: RunningServer, loop: asyncio.AbstractEventLoop) -> None:
-        self.running = running
-        self.loop = loop
-
-    def worker_state(self, device: str, serving: bool, reason: str) -> None:
-        if not serving:
-            log.error("health: NOT_SERVING until the engine worker for %s is back (%s)", device, reason)
-        self._sync()
-
-    def model_state_changed(self, model: str, version: str) -> None:
-        self._sync()
-
-    def _sync(self) -> None:
-        if not self.loop.is_closed():
-            asyncio.run_coroutine_threadsafe(self.running.sync_health(), self.loop)
+async def _start_core(config: ServerConfig, engine: Engine | None) -> tuple[Core, Engine | None]:
+    """The models: `engine` as it is (tests, embedding; the repository only read when config.model_repository names
+    one), an engine-core process (the default), or an engine in this process (config.engine_process False)."""
+    if engine is not None:
+        local = LocalCore(engine, ModelManager(engine, config.model_repository, config.model_control))
+        local.watch(metrics.EngineMetrics(local))
+        return local, engine
+    if config.engine_process:
+        process = EngineProcess(config, logs.current())
+        process.watch(metrics.EngineMetrics(process))  # before the start, so the loads are measured
+        await process.start()
+        return process, None
+    local = await build_core(config, lambda core: [metrics.EngineMetrics(core)])
+    return local, local.engine
 
 
 async def create_server(config: ServerConfig, engine: Engine | None = None) -> RunningServer:
@@ -136,21 +128,9 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
     With `engine`, its models are served as they are (tests, embedding) and the repository is only read when
     `config.model_repository` names one."""
     security = ServerSecurity.from_config(config)  # TLS files and tokens first: a bad setting fails before any load
-    if engine is None:
-        engine = Engine(config.limits)
-        engine.observers.append(metrics.EngineMetrics(engine))  # before the loads, so they are measured
-        for plugin in config.plugins:
-            try:
-                engine.load_plugins(plugin)
-            except Exception as e:
-                raise RepositoryError(f"plugin {plugin} could not be loaded: {type(e).__name__}: {e}") from e
-        manager = ModelManager(engine, config.model_repository or DEMO_MODEL_REPOSITORY, config.model_control)
-        await manager.load_all()  # a model that fails is reported, not fatal (unless nothing at all can serve)
-    else:
-        manager = ModelManager(engine, config.model_repository, config.model_control)
-    if not any(isinstance(o, metrics.EngineMetrics) for o in engine.observers):
-        engine.observers.append(metrics.EngineMetrics(engine))
-    metrics.observe_engine(engine, __version__)
+    core, engine = await _start_core(config, engine)
+    metrics.observe_engine(core, __version__)
+    metrics.ATTRSERVE_ENGINE_PROCESS_UP.set(1.0)
     metrics.precreate_methods(
         [
             ("unary", SERVICE_NAME, "Attribute"),
@@ -175,9 +155,9 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
             ("grpc.so_reuseport", 0),
         ],
     )
-    attribution = AttributionServicer(engine, config.max_requests_per_stream)
+    attribution = AttributionServicer(core, config.max_requests_per_stream)
     add_attribution_service(attribution, server)
-    add_model_repository_service(ModelRepositoryServicer(manager), server)
+    add_model_repository_service(ModelRepositoryServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
@@ -186,15 +166,16 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
     credentials = security.credentials
     port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if port == 0:
+        await core.shutdown(drain=False, timeout=1.0)
         raise OSError(f"could not bind {config.host}:{config.port}")
     await server.start()
 
     running = RunningServer(
         server=server,
         port=port,
-        engine=engine,
+        core=core,
         health=health_servicer,
-        manager=manager,
+        engine=engine,
         strict_readiness=config.strict_readiness,
         attribution=attribution,
     )
@@ -202,11 +183,19 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
         httpd, _ = start_http_server(config.metrics_port, addr=config.host)
         running._metrics_http = httpd
         running.metrics_port = httpd.server_port
-    engine.observers.append(_HealthSync(running, asyncio.get_running_loop()))
+    loop = asyncio.get_running_loop()
+    syncs: set[asyncio.Task] = set()
+
+    def sync() -> None:
+        task = asyncio.ensure_future(running.sync_health())
+        syncs.add(task)
+        task.add_done_callback(syncs.discard)
+
+    core.on_change(sync, loop)
     # Readiness only now: every model is loaded and warm (or has failed, with its reason).
     await running.sync_health()
     if config.model_control == CONTROL_POLL:
-        running._poller = asyncio.ensure_future(manager.poll_forever(config.repository_poll_seconds))
+        running._poller = asyncio.ensure_future(core.poll_forever(config.repository_poll_seconds))
     return running
 
 
@@ -215,7 +204,7 @@ async def serve(config: ServerConfig) -> int:
     running = await create_server(config)
     log.info(
         "attrserve serving %s on %s:%d (metrics on :%s)",
-        ", ".join(m.name for m in running.engine.models()),
+        ", ".join(sorted(running.core.snapshot().names)),
         config.host,
         running.port,
         running.metrics_port,

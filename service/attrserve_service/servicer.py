@@ -15,21 +15,17 @@ import grpc
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
-from attrserve.v1 import model_config_pb2 as mc
-from attrserve_engine import AttributionError, AttributionJob, Engine, InvalidArgument, ModelRecord, ModelState, NotFound
-from attrserve_engine.algorithms.noise_tunnel import parse_noise_tunnel
-from attrserve_engine.errors import shown
+from attrserve_engine import AttributionError, InvalidArgument, ModelState
 from attrserve_service import metrics
-from attrserve_service.config import effective_config, spec_config
-from attrserve_service.convert import algorithm_enum, decode, request_to_job, result_to_response
+from attrserve_service.convert import decode, request_to_job, result_to_response
+from attrserve_service.core import ERROR_ID, STATE_NAMES, Core
 from attrserve_service.logs import REQUEST_ID
-from attrserve_service.repository import UNLOADED, ModelManager, Status
+from attrserve_service.repository import Status
 
 # The server's deadline starts when the call arrives, a little after the client's: a client whose deadline
 # passed cancels the call that much before the server's own deadline. A cancel that close to the deadline
 # is the deadline.
 _DEADLINE_SLACK_S = 0.025
-_ERROR_ID = "_attrserve_error_id"  # set on an exception once grpc_status has logged it as INTERNAL
 log = logging.getLogger(__name__)
 
 
@@ -53,57 +49,24 @@ def grpc_status(error: BaseException, context: grpc.aio.ServicerContext | None =
         if context is not None and deadline_passed(context):
             return grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed"
         return grpc.StatusCode.CANCELLED, "the request was cancelled"
-    error_id = getattr(error, _ERROR_ID, None)
+    error_id = getattr(error, ERROR_ID, None)
     if error_id is None:
         error_id = uuid.uuid4().hex[:16]
         log.error("internal error (id %s): %s: %s", error_id, type(error).__name__, error, exc_info=error)
         with contextlib.suppress(AttributeError, TypeError):
-            setattr(error, _ERROR_ID, error_id)
+            setattr(error, ERROR_ID, error_id)
     return grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); the server's log has the details"
 
 
 class AttributionServicer(pb_grpc.AttributionServiceServicer):
-    def __init__(self, engine: Engine, max_requests_per_stream: int) -> None:
-        self.engine = engine
+    def __init__(self, core: Core, max_requests_per_stream: int) -> None:
+        self.core = core
         self.max_requests_per_stream = max_requests_per_stream
         self.active = 0  # attribution requests between arrival and answer (a stream's each count): the drain waits on them
 
     def _undecodable(self) -> None:
         """A request that did not parse is counted with the others (model and algorithm unknown)."""
         metrics.ATTRSERVE_ATTRIBUTIONS_COMPLETED_TOTAL.labels("unknown", "unknown", grpc.StatusCode.INVALID_ARGUMENT.name).inc()
-
-    def _check_also(self, job: AttributionJob) -> None:
-        """What can be checked of each `also` entry before the engine sees the job, with the entry's index in the
-        message: its algorithm, parameters, noise tunnel, layer and convergence delta (the engine checks them again)."""
-        if not job.also:
-            return
-        try:
-            model = self.engine.get_model(job.model, job.model_version)
-        except AttributionError:
-            return  # the engine says why
-        dtypes = [x.dtype for x in job.inputs]
-        limits = self.engine.limits.algorithm_limits
-        for i, spec in enumerate(job.also):
-            try:
-                algorithm = self.engine.algorithms.get(spec.algorithm)
-                if algorithm is None:
-                    raise InvalidArgument(f"unknown algorithm {shown(spec.algorithm)}; GetModel lists what the model serves")
-                refusal = algorithm.refusal(model, dtypes)
-                if refusal:
-                    raise InvalidArgument(refusal)
-                algorithm.parse_params(dict(spec.params), limits)
-                if spec.noise_tunnel is not None:
-                    parse_noise_tunnel(dict(spec.noise_tunnel), limits)
-                if algorithm.layer_method and not spec.layer:
-                    raise InvalidArgument(f"{spec.algorithm} needs `layer`, a dotted module path; GetModel lists the model's layers")
-                if algorithm.layer_method and spec.layer not in model.layers:
-                    raise NotFound(f"model {model.name!r} has no layer {shown(spec.layer)}")
-                if spec.layer and not algorithm.layer_method:
-                    raise InvalidArgument(f"layer is only for layer methods; {spec.algorithm} attributes to the inputs")
-                if spec.return_convergence_delta and not algorithm.has_convergence_delta:
-                    raise InvalidArgument(f"{spec.algorithm} has no convergence delta; do not set return_convergence_delta")
-            except (InvalidArgument, NotFound) as e:
-                raise (NotFound if isinstance(e, NotFound) else InvalidArgument)(f"also[{i}]: {e}") from None
 
     async def _attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> pb.AttributeResponse:
         """One request through the engine, with its metrics; raises AttributionError on failure.
@@ -113,18 +76,14 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         start = time.monotonic()
         remaining = context.time_remaining()
         deadline = None if remaining is None else start + remaining
-        # Metric labels stay bounded: names a client makes up are counted as "unknown".
-        model = request.model if request.model in self.engine.served.names() else "unknown"
         known = request.algorithm in pb.Algorithm.values() and request.algorithm != pb.ALGORITHM_UNSPECIFIED
         name = pb.Algorithm.Name(request.algorithm)[len("ALGORITHM_") :].lower() if known else request.custom_algorithm
-        labels = (model, name if name in self.engine.algorithms else "unknown")
+        labels = self.core.labels(request.model, name)  # bounded: names a client makes up count as "unknown"
         metrics.ATTRSERVE_REQUESTS_IN_FLIGHT.inc()
         self.active += 1
         code = "OK"
         try:
-            job = request_to_job(request, deadline)
-            self._check_also(job)
-            result = await asyncio.wrap_future(self.engine.submit(job))
+            result = await self.core.attribute(request_to_job(request, deadline))
             metrics.ATTRSERVE_QUEUE_WAIT_SECONDS.labels(labels[0]).observe(result.timing.queue_ms / 1e3)
             if result.convergence_delta is not None:
                 metrics.observe_delta(*labels, result.convergence_delta.numpy())
@@ -217,66 +176,39 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
     async def ListModels(self, request: pb.ListModelsRequest | bytes, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         """Every model version the server knows of: those that serve, and those loading or failed (with why)."""
         decode(pb.ListModelsRequest, request)
-        return pb.ListModelsResponse(models=[self._info(r) for r in self.engine.model_records()])
+        return pb.ListModelsResponse(models=await self.core.model_infos())
 
     async def GetModel(self, request: pb.GetModelRequest | bytes, context: grpc.aio.ServicerContext) -> pb.GetModelResponse:
         message = decode(pb.GetModelRequest, request)
-        return pb.GetModelResponse(model=self._info(self.engine.model_record(message.model, message.model_version)))
-
-    def _info(self, record: ModelRecord) -> pb.ModelInfo:
-        model = record.model
-        if model is None:  # loading, or its load failed: what was asked for, and why it does not serve
-            config = spec_config(record.spec) if record.spec is not None else mc.ModelConfig(name=record.name, version=record.version)
-            return pb.ModelInfo(config=config, state=_STATES[record.state], reason=record.reason)
-        names = self.engine.supported_algorithms(model)
-        state, reason = self.engine.model_state(record)
-        return pb.ModelInfo(
-            config=effective_config(model),
-            layers=model.layers,
-            algorithms=[e for e in map(algorithm_enum, names) if e is not None],
-            custom_algorithms=[name for name in names if algorithm_enum(name) is None],
-            ready=state == ModelState.READY,
-            state=_STATES[state],
-            reason=reason,
-            batch_probe=[pb.BatchProbe(rows=rows, rows_per_second=rate) for rows, rate in sorted(model.batch_probe.items())],
-        )
-
-
-_STATES = {
-    ModelState.LOADING: pb.MODEL_STATE_LOADING,
-    ModelState.READY: pb.MODEL_STATE_READY,
-    ModelState.UNAVAILABLE: pb.MODEL_STATE_UNAVAILABLE,
-    ModelState.UNLOADING: pb.MODEL_STATE_UNLOADING,
-}
-_STATE_NAMES = {state.value: code for state, code in _STATES.items()} | {UNLOADED: pb.MODEL_STATE_UNLOADED}
+        return pb.GetModelResponse(model=await self.core.model_info(message.model, message.model_version))
 
 
 class ModelRepositoryServicer(pb_grpc.ModelRepositoryServiceServicer):
     """Runtime model management (the ModelManager does the work; this maps it to the contract)."""
 
-    def __init__(self, manager: ModelManager) -> None:
-        self.manager = manager
+    def __init__(self, core: Core) -> None:
+        self.core = core
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest | bytes, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
         message = decode(pb.RepositoryIndexRequest, request)
-        statuses = await self.manager.index()
+        statuses = await self.core.index()
         if message.ready_only:
             statuses = [s for s in statuses if s.state == ModelState.READY.value]
         return pb.RepositoryIndexResponse(models=_statuses(statuses))
 
     async def LoadModel(self, request: pb.LoadModelRequest | bytes, context: grpc.aio.ServicerContext) -> pb.LoadModelResponse:
         message = decode(pb.LoadModelRequest, request)
-        return pb.LoadModelResponse(models=_statuses(await self.manager.load(message.model, message.version)))
+        return pb.LoadModelResponse(models=_statuses(await self.core.load(message.model, message.version)))
 
     async def UnloadModel(self, request: pb.UnloadModelRequest | bytes, context: grpc.aio.ServicerContext) -> pb.UnloadModelResponse:
         message = decode(pb.UnloadModelRequest, request)
-        return pb.UnloadModelResponse(models=_statuses(await self.manager.unload(message.model, message.version)))
+        return pb.UnloadModelResponse(models=_statuses(await self.core.unload(message.model, message.version)))
 
 
 def _statuses(statuses: list[Status]) -> list[pb.ModelStatus]:
-    return [pb.ModelStatus(model=s.name, version=s.version, state=_STATE_NAMES[s.state], reason=s.reason) for s in statuses]
+    return [pb.ModelStatus(model=s.name, version=s.version, state=STATE_NAMES[s.state], reason=s.reason) for s in statuses]
 
 
 # -- registration ---------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from attrserve_engine import EngineLimits
 from attrserve_service.auth import ServerSecurity, TokenAuthInterceptor, bearer_token, read_tokens
 from attrserve_service.config import ConfigError, ServerConfig
 from certs import CertificateAuthority
-from servers import ROOT, ServerThread, scrape
+from servers import ROOT, ServeProcess, ServerThread, scrape
 
 SERVICE = "attrserve.v1.AttributionService"
 REPOSITORY = "attrserve.v1.ModelRepositoryService"
@@ -232,7 +232,9 @@ def plain_server(repo, markers, tmp_path_factory) -> Iterator[ServerThread]:
     torch.save({"0.weight": _Payload(markers["server"])}, folder / "evil" / "weights.pt")
     plugin = folder / "fails_on_huge_inputs.py"
     plugin.write_text(FAILING_PLUGIN)
-    server = start(folder, plugins=[str(plugin)])
+    # One process, so the test's log capture sees the engine's log lines (the engine process's are checked in
+    # test_internal_errors_in_the_engine_process_carry_an_id_not_the_exception).
+    server = start(folder, plugins=[str(plugin)], engine_process=False)
     yield server
     server.stop()
 
@@ -450,6 +452,26 @@ def test_internal_errors_carry_an_id_not_the_exception(plain_server, caplog) -> 
     logged = [r for r in caplog.records if match.group(1) in r.getMessage()]
     assert len(logged) == 1 and SECRET in logged[0].getMessage() and logged[0].exc_info is not None
     still_serving(plain_server)
+
+
+def test_internal_errors_in_the_engine_process_carry_an_id_not_the_exception(tmp_path) -> None:
+    write_model(tmp_path / "m")
+    plugin = tmp_path / "fails_on_huge_inputs.py"
+    plugin.write_text(FAILING_PLUGIN)
+    args = ["--model-repository", str(tmp_path), "--plugins", str(plugin), "--no-batch-probe", "--device", "cpu"]
+    with ServeProcess(args) as server, AttributionClient(server.address) as client:
+        code, detail = code_of(lambda: client.attribute("m", "fails_on_huge_inputs", X * 10_000, target=TARGET, timeout=60))
+        assert code == grpc.StatusCode.INTERNAL
+        match = re.fullmatch(r"internal error \(id ([0-9a-f]{16})\); the server's log has the details", detail)
+        assert match, detail
+        assert "RuntimeError" not in detail and "SECRET" not in detail
+        np.testing.assert_allclose(ig(client).attributions, EXPECTED, atol=1e-5)  # still serving
+        assert health(client._channel) == SERVING
+        # The engine process logged it once, with the exception and its traceback, under the same id.
+        output = server.output()
+        assert output.count(match.group(1)) == 1
+        logged = output[output.index(match.group(1)) :]
+        assert SECRET in logged.splitlines()[0] and "Traceback (most recent call last)" in logged
 
 
 def _gradients() -> np.ndarray:

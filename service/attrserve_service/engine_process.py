@@ -1,0 +1,609 @@
+"""The engine-core process, and the front end's handle on it (EngineProcess).
+
+`attrserve serve` runs two processes. The front end (grpc.aio event loop: decode, validate the wire format,
+encode, metrics, health) and the engine core (this module's `main`: the models, the schedulers and their worker
+threads, the model manager). They talk over two Unix socket pairs, one each way, in frames:
+
+    u64 length of the rest | u32 buffer count | u64 pickle length | u64 length of each buffer | pickle | buffers
+
+A frame is a pickled tuple (protocol 5). Tensors travel as numpy arrays whose bytes are out-of-band buffers: they are
+written to the socket as they lie in memory and the receiver's tensors are views on the frame it read (no
+serialisation of their contents, one copy through the kernel).
+
+front → engine: ("init", config, log settings) once; ("submit", id, job); ("cancel", id); ("call", id, method, args).
+engine → front: ("ready", snapshot) or ("fatal", message) once; ("result", id, result); ("error", id, exception);
+("reply", id, value); ("reply_error", id, exception); ("snapshot", snapshot) when a model or worker changes state;
+("event", observer method, args) for every engine observer call (the front's metrics replay them).
+
+The engine process ignores SIGINT and SIGTERM (the front drains it with a "shutdown" call) and exits when the
+front's socket closes, so it never outlives the front. The front notices the engine process's death from its
+socket's end: health goes NOT_SERVING, every request it held fails with UNAVAILABLE, and a new engine process is
+started (after a back-off while it keeps dying) that loads the repository again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import io
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from attrserve_engine import AttributionJob, AttributionResult, EngineObserver, PassStats, Unavailable
+from attrserve_engine.errors import AttributionError
+from attrserve_service import logs
+from attrserve_service.config import ServerConfig
+from attrserve_service.core import ERROR_ID, LocalCore, Snapshot, build_core
+from attrserve_service.repository import CONTROL_POLL, UNLOADED, RepositoryError, Status
+
+log = logging.getLogger(__name__)
+
+# -- frames ------------------------------------------------------------------------------------------------------------
+
+_LENGTH = struct.Struct("<Q")
+_HEAD = struct.Struct("<IQ")  # buffer count, pickle length
+# dtypes numpy has no type for travel as an integer view of their bits
+_BITS = {torch.bfloat16: torch.int16}
+
+
+def _tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(array)
+    return t.view(getattr(torch, dtype)) if dtype else t
+
+
+class _Pickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            bits = _BITS.get(t.dtype)
+            if bits is not None:
+                return _tensor, (t.contiguous().view(bits).numpy(), str(t.dtype).removeprefix("torch."))
+            return _tensor, (t.contiguous().numpy(), "")
+        return NotImplemented
+
+
+def encode(message: Any) -> bytes:
+    """One frame holding `message`."""
+    buffers: list[pickle.PickleBuffer] = []
+    stream = io.BytesIO()
+    _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(message)
+    raw = [b.raw() for b in buffers]
+    data = stream.getbuffer()
+    head = _HEAD.pack(len(raw), data.nbytes) + struct.pack(f"<{len(raw)}Q", *(r.nbytes for r in raw))
+    size = len(head) + data.nbytes + sum(r.nbytes for r in raw)
+    return b"".join([_LENGTH.pack(size), head, data, *raw])
+
+
+def decode(frame: bytearray) -> Any:
+    """The message of one frame (without its length prefix); its arrays are views on `frame`."""
+    view = memoryview(frame)
+    count, length = _HEAD.unpack_from(view, 0)
+    sizes = struct.unpack_from(f"<{count}Q", view, _HEAD.size)
+    at = _HEAD.size + 8 * count
+    data = view[at : at + length]
+    at += length
+    buffers = []
+    for size in sizes:
+        buffers.append(view[at : at + size])
+        at += size
+    return pickle.loads(data, buffers=buffers)
+
+
+class _Frames(asyncio.Protocol):
+    """Reads frames off a socket on the event loop; `on_message` gets each message, `on_end` the socket's end."""
+
+    def __init__(self, on_message: Callable[[Any], None], on_end: Callable[[], None]) -> None:
+        self.on_message = on_message
+        self.on_end = on_end
+        self._buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(self._buffer, 0)
+            end = _LENGTH.size + size
+            if len(self._buffer) < end:
+                return
+            frame = self._buffer[_LENGTH.size : end]
+            del self._buffer[:end]
+            self.on_message(decode(frame))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.on_end()
+
+
+def portable(error: BaseException) -> BaseException:
+    """An exception the other process can unpickle: AttributionErrors as they are; anything else is a bug, logged
+    here with its traceback under an error id that travels with it (the front's INTERNAL status quotes it)."""
+    if isinstance(error, AttributionError):
+        return error
+    error_id = getattr(error, ERROR_ID, None) or uuid.uuid4().hex[:16]
+    if getattr(error, ERROR_ID, None) is None:
+        log.error("internal error (id %s): %s: %s", error_id, type(error).__name__, error, exc_info=error)
+    internal = RuntimeError(f"{type(error).__name__} in the engine process")
+    setattr(internal, ERROR_ID, error_id)
+    return internal
+
+
+# -- the engine-core process ---------------------------------------------------------------------------------------
+
+
+class _Out:
+    """The engine's side of engine → front: whole frames, from any thread (worker threads answer their jobs)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def send(self, message: Any) -> None:
+        frame = encode(message)
+        with self.lock, contextlib.suppress(OSError):  # the front is gone: the reading side sees the end and exits
+            self.sock.sendall(frame)
+
+
+class _Forward(EngineObserver):
+    """Every engine event goes to the front (its metrics), a fresh snapshot first when a state changed."""
+
+    def __init__(self, out: _Out, core: LocalCore) -> None:
+        self.out = out
+        self.core = core
+
+    def _event(self, method: str, *args: Any) -> None:
+        self.out.send(("event", method, args))
+
+    def _changed(self) -> None:
+        self.out.send(("snapshot", self.core.snapshot()))
+
+    def pass_executed(self, stats: PassStats) -> None:
+        self._event("pass_executed", stats)
+
+    def request_refused(self, model: str, reason: str) -> None:
+        self._event("request_refused", model, reason)
+
+    def request_dropped(self, model: str, reason: str, rows: int) -> None:
+        self._event("request_dropped", model, reason, rows)
+
+    def pass_split(self, model: str, reason: str) -> None:
+        self._event("pass_split", model, reason)
+
+    def model_load_failed(self, model: str, error: BaseException) -> None:
+        self._event("model_load_failed", model, RuntimeError(f"{type(error).__name__}: {error}"))
+
+    def worker_state(self, device: str, serving: bool, reason: str) -> None:
+        self._changed()
+        self._event("worker_state", device, serving, reason)
+
+    def model_loaded(self, model: str, seconds: float) -> None:
+        self._changed()
+        self._event("model_loaded", model, seconds)
+
+    def model_state_changed(self, model: str, version: str) -> None:
+        self._changed()
+        self._event("model_state_changed", model, version)
+
+
+class _Engine:
+    """Serves the front's messages from the engine process's event loop."""
+
+    CALLS = ("model_infos", "model_info", "index", "load", "unload", "backlogs", "shutdown")
+
+    def __init__(self, core: LocalCore, out: _Out) -> None:
+        self.core = core
+        self.out = out
+        self.futures: dict[int, concurrent.futures.Future] = {}
+        self.stopped = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+
+    def handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "submit":
+            self.submit(message[1], message[2])
+        elif kind == "cancel":
+            self.cancel(message[1])
+        elif kind == "call":
+            task = asyncio.ensure_future(self.call(message[1], message[2], message[3]))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def submit(self, key: int, job: AttributionJob) -> None:
+        try:
+            future = self.core.submit(job)
+        except BaseException as e:
+            self.out.send(("error", key, portable(e)))
+            return
+        self.futures[key] = future
+        future.add_done_callback(partial(self._done, key))
+
+    def _done(self, key: int, future: concurrent.futures.Future) -> None:
+        self.futures.pop(key, None)
+        if future.cancelled():
+            return  # the front cancelled it: nobody waits for an answer
+        error = future.exception()
+        self.out.send(("result", key, future.result()) if error is None else ("error", key, portable(error)))
+
+    def cancel(self, key: int) -> None:
+        future = self.futures.pop(key, None)
+        if future is not None:
+            future.cancel()
+
+    async def call(self, key: int, method: str, args: tuple) -> None:
+        try:
+            if method not in self.CALLS:
+                raise ValueError(f"no call {method!r}")
+            value = getattr(self.core, method)(*args)
+            if asyncio.iscoroutine(value):
+                value = await value
+            self.out.send(("reply", key, value))
+        except BaseException as e:
+            self.out.send(("reply_error", key, portable(e)))
+        if method == "shutdown":
+            self.stopped.set()
+
+
+async def _engine_main(fd_in: int, fd_out: int) -> int:
+    loop = asyncio.get_running_loop()
+    out = _Out(socket.socket(fileno=fd_out))
+    out.sock.setblocking(True)
+    init: asyncio.Future = loop.create_future()
+    gone = asyncio.Event()
+    engine: _Engine | None = None
+
+    def received(message: Any) -> None:
+        if engine is not None:
+            engine.handle(message)
+        elif not init.done():
+            init.set_result(message)
+
+    transport, _ = await loop.create_unix_connection(lambda: _Frames(received, gone.set), sock=socket.socket(fileno=fd_in))
+    _, config, (log_level, log_format) = await init
+    logs.configure(log_level, log_format)
+    torch.set_num_threads(intra_op_threads(config))
+    try:
+        core = await build_core(config, lambda core: [_Forward(out, core)])  # the front measures the loads too
+    except RepositoryError as e:
+        out.send(("fatal", str(e)))
+        return 2
+    out.send(("ready", core.snapshot()))
+    engine = _Engine(core, out)
+    if config.model_control == CONTROL_POLL:
+        engine.tasks.add(asyncio.ensure_future(core.poll_forever(config.repository_poll_seconds)))
+    ends = [asyncio.ensure_future(gone.wait()), asyncio.ensure_future(engine.stopped.wait())]
+    await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+    if not engine.stopped.is_set():
+        log.info("the front end is gone; the engine process stops")
+        core.engine.shutdown(drain=False, timeout=1.0)
+    transport.close()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    # The front end owns the signals: SIGTERM drains the engine through it, and a terminal's Ctrl-C (sent to the
+    # whole process group) must not kill the engine under a drain.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    code = asyncio.run(_engine_main(int(argv[0]), int(argv[1])))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # worker and executor threads are done or abandoned: do not wait for them
+
+
+# -- the front end's handle ---------------------------------------------------------------------------------------
+
+_RESTART_DELAY_S = 0.5
+_MAX_RESTART_DELAY_S = 30.0
+_STABLE_S = 60.0  # an engine process that served this long before it died restarts after the shortest delay
+_BACKLOG_TTL_S = 0.25
+
+
+def intra_op_threads(config: ServerConfig) -> int:
+    """The engine's torch intra-op threads: as configured, else one per core this process may use less one, which the
+    front end keeps (on 2 cores: 1 — no OpenMP fork/join per op, and the front never waits for a core)."""
+    return config.engine_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class EngineProcess:
+    """The engine core in its own process, behind the calls LocalCore answers in this one."""
+
+    def __init__(self, config: ServerConfig, log_settings: tuple[str, str] = ("INFO", "text")) -> None:
+        self.config = config
+        self.log_settings = log_settings
+        self.observers: list[EngineObserver] = []  # hear the engine's events (replayed here, on the event loop)
+        self.listeners: list[Callable[[], None]] = []  # called on the event loop when readiness may have changed
+        self.restarts = 0
+        self.up = False
+        self.reason = "the engine process is starting"
+        self._snapshot = Snapshot()
+        self._pending: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count()
+        self._generation = 0
+        self._proc: subprocess.Popen | None = None
+        self._writer: asyncio.WriteTransport | None = None
+        self._reader: asyncio.BaseTransport | None = None
+        self._ready: asyncio.Future | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._restarting: asyncio.Task | None = None
+        self._started_at = 0.0
+        self._delay = _RESTART_DELAY_S
+        self._backlogs: dict[str, tuple[int, int]] = {}
+        self._backlogs_at = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self) -> None:
+        """Start the engine process and wait until its models are loaded; RepositoryError when it cannot serve."""
+        self._loop = asyncio.get_running_loop()
+        await self._spawn()
+
+    async def _spawn(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._generation += 1
+        generation = self._generation
+        to_engine, engine_in = socket.socketpair()
+        engine_out, from_engine = socket.socketpair()
+        env = dict(os.environ, OMP_NUM_THREADS=str(intra_op_threads(self.config)))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "attrserve_service.engine_process", str(engine_in.fileno()), str(engine_out.fileno())],
+            pass_fds=(engine_in.fileno(), engine_out.fileno()),
+            env=env,
+        )
+        engine_in.close()
+        engine_out.close()
+        self._ready = loop.create_future()
+        self._writer, _ = await loop.create_unix_connection(asyncio.Protocol, sock=to_engine)
+        self._reader, _ = await loop.create_unix_connection(
+            lambda: _Frames(partial(self._received, generation), partial(self._ended, generation)), sock=from_engine
+        )
+        self._write(("init", self.config, self.log_settings))
+        self._snapshot = await self._ready
+        self._started_at = time.monotonic()
+        self.up = True
+        self.reason = ""
+        log.info("engine process %d serves", self._proc.pid)
+        self._tell("engine_process_state", True, "")
+        self._changed()
+
+    def _write(self, message: Any) -> None:
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(encode(message))
+
+    def _received(self, generation: int, message: Any) -> None:
+        if generation != self._generation:
+            return
+        kind = message[0]
+        if kind in ("result", "reply"):
+            future = self._pending.pop(message[1], None)
+            if future is not None and not future.done():
+                future.set_result(message[2])
+        elif kind in ("error", "reply_error"):
+            future = self._pending.pop(message[1], None)
+            if future is not None and not future.done():
+                future.set_exception(message[2])
+        elif kind == "event":
+            self._tell(message[1], *message[2])
+        elif kind == "snapshot":
+            self._snapshot = message[1]
+            self._changed()
+        elif kind in ("ready", "fatal") and self._ready is not None and not self._ready.done():
+            if kind == "ready":
+                self._ready.set_result(message[1])
+            else:
+                self._ready.set_exception(RepositoryError(message[1]))
+
+    def _tell(self, method: str, *args: Any) -> None:
+        for observer in list(self.observers):
+            try:
+                getattr(observer, method)(*args)
+            except Exception:
+                log.exception("engine observer %s.%s failed", type(observer).__name__, method)
+
+    def _changed(self) -> None:
+        for listener in list(self.listeners):
+            listener()
+
+    def _ended(self, generation: int) -> None:
+        """The engine process's socket closed: it exited (or is about to: it was told to shut down)."""
+        if generation != self._generation:
+            return
+        proc = self._proc
+        code = None
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = proc.wait(1.0)  # its socket closes as it exits
+        if self._writer is not None:
+            self._writer.close()
+        reason = f"the engine process {proc.pid if proc else '?'} exited ({describe_exit(code)})"
+        was_up = self.up
+        self.up = False
+        self.reason = reason
+        lost = Unavailable(f"{reason}; the request was lost with it and may be retried", retry_after_s=1.0)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(lost)
+        self._pending.clear()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(RepositoryError(f"{reason} before its models were loaded"))
+        if self._closing:
+            return
+        if was_up:
+            log.error("%s; NOT_SERVING until a new engine process has loaded the models", reason)
+            self._tell("engine_process_state", False, reason)
+            self._changed()
+            served_for = time.monotonic() - self._started_at
+            self._delay = _RESTART_DELAY_S if served_for > _STABLE_S else min(self._delay * 2, _MAX_RESTART_DELAY_S)
+            if self._restarting is None or self._restarting.done():
+                self._restarting = asyncio.ensure_future(self._restart())
+
+    async def _restart(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(self._delay)
+            if self._closing:
+                return
+            try:
+                await self._spawn()
+            except Exception as e:
+                log.error("the engine process could not be restarted: %s; trying again in %.1f s", e, self._delay)
+                self._delay = min(self._delay * 2, _MAX_RESTART_DELAY_S)
+                continue
+            self.restarts += 1
+            self._tell("engine_process_restarted")
+            return
+
+    def _unavailable(self) -> Unavailable:
+        return Unavailable(f"the engine is not serving: {self.reason}", retry_after_s=1.0)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        if not self.up:
+            raise self._unavailable()
+        assert self._loop is not None
+        key = next(self._ids)
+        future = self._loop.create_future()
+        self._pending[key] = future
+        self._write(("call", key, method, args))
+        return await future
+
+    # -- what LocalCore answers ---------------------------------------------------------------------------------------
+    async def attribute(self, job: AttributionJob) -> AttributionResult:
+        if not self.up:
+            raise self._unavailable()
+        assert self._loop is not None
+        key = next(self._ids)
+        future = self._loop.create_future()
+        self._pending[key] = future
+        self._write(("submit", key, job))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self._pending.pop(key, None) is not None:
+                self._write(("cancel", key))  # its rows are dropped before they cost compute
+            raise
+
+    def labels(self, model: str, algorithm: str) -> tuple[str, str]:
+        snapshot = self._snapshot
+        return (model if model in snapshot.names else "unknown", algorithm if algorithm in snapshot.algorithms else "unknown")
+
+    async def model_infos(self) -> list:
+        return await self._call("model_infos")
+
+    async def model_info(self, name: str, version: str) -> Any:
+        return await self._call("model_info", name, version)
+
+    def readiness(self, strict: bool) -> tuple[bool, str]:
+        if not self.up:
+            return False, self.reason
+        return self._snapshot.strict_readiness if strict else self._snapshot.readiness
+
+    def statuses(self) -> list[Status]:
+        if self.up:
+            return list(self._snapshot.statuses)
+        return [s if s.state == UNLOADED else Status(s.name, s.version, "unavailable", self.reason) for s in self._snapshot.statuses]
+
+    async def index(self, name: str | None = None) -> list[Status]:
+        return await self._call("index", name)
+
+    async def load(self, name: str, version: str = "") -> list[Status]:
+        return await self._call("load", name, version)
+
+    async def unload(self, name: str, version: str = "") -> list[Status]:
+        return await self._call("unload", name, version)
+
+    async def poll_forever(self, interval: float) -> None:
+        """The engine process follows the repository itself."""
+
+    def backlog(self, name: str) -> tuple[int, int]:
+        """(requests, rows) queued for a model; asked of the engine at most every 0.25 s (metrics scrapes call this
+        from their own thread; on the event loop the last answer is used)."""
+        loop = self._loop
+        now = time.monotonic()
+        if self.up and loop is not None and now - self._backlogs_at > _BACKLOG_TTL_S and not _on(loop):
+            with contextlib.suppress(Exception):
+                self._backlogs = asyncio.run_coroutine_threadsafe(self._call("backlogs"), loop).result(1.0)
+                self._backlogs_at = now
+        return self._backlogs.get(name, (0, 0)) if self.up else (0, 0)
+
+    def watched(self, name: str) -> list[tuple[list[str], str]]:
+        return self._snapshot.watched.get(name, [])
+
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def watch(self, observer: EngineObserver) -> None:
+        self.observers.append(observer)
+
+    def on_change(self, callback: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
+        self.listeners.append(callback)
+
+    async def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> int:
+        """Drain the engine process (for at most `timeout` s) and let it exit; how many accepted requests were lost."""
+        self._closing = True
+        if self._restarting is not None:
+            self._restarting.cancel()
+        lost = 0
+        if self.up:
+            try:
+                lost = await asyncio.wait_for(self._call("shutdown", drain, timeout), (timeout or 30.0) + 10.0)
+            except (asyncio.TimeoutError, AttributionError) as e:
+                log.error("the engine process did not shut down cleanly: %s", e)
+        self.up = False
+        self.reason = "the server is shutting down"
+        proc = self._proc
+        if proc is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, proc.wait, 10.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for transport in (self._writer, self._reader):
+            if transport is not None:
+                transport.close()
+        return lost
+
+    def kill(self) -> None:
+        """Kill the engine process at once (tests: what a segfault in a model does)."""
+        if self._proc is not None:
+            self._proc.kill()
+
+
+def _on(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+if __name__ == "__main__":
+    # Run from the module under its own name, so what this process pickles names attrserve_service.engine_process.
+    from attrserve_service import engine_process
+
+    engine_process.main(sys.argv[1:])

@@ -1,0 +1,237 @@
+"""The engine-core process (`attrserve serve`'s default layout): requests, deadlines and metrics cross the process
+boundary, and an engine process that dies (SIGKILL, a model calling os._exit) is noticed: its requests fail with
+UNAVAILABLE at once, health says NOT_SERVING, a new engine process is started, and then the server serves Captum's
+numbers again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from captum.attr import IntegratedGradients, Saliency
+from grpc_health.v1 import health_pb2
+from servers import ServeProcess, ServerThread, scrape
+from test_model_management import PINNED, TARGET, X, captum, health, mlp, write
+
+from attrserve_client import AttributionClient
+from attrserve_engine import EngineLimits
+from attrserve_service.config import ServerConfig
+from attrserve_service.engine_process import EngineProcess, decode, encode
+
+# Sleeps for inputs holding 777 (a request that keeps the engine busy), kills the engine process for 1234.
+FRAGILE = """
+import os
+import time
+
+import torch
+from torch import nn
+
+
+class Fragile(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+    def forward(self, x):
+        if bool((x == 777.0).any()):
+            time.sleep(3.0)
+        if bool((x == 1234.0).any()):
+            os._exit(13)
+        return self.net(x)
+
+
+def build_model():
+    return Fragile()
+"""
+
+
+def start(repo: Path) -> ServerThread:
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False)
+    server = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits))
+    assert isinstance(server.running.core, EngineProcess)
+    return server
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    write(tmp_path / "good", mlp(1))
+    write(tmp_path / "crashy", FRAGILE)
+    return tmp_path
+
+
+def wait_health(address: str, status: int, timeout: float = 60.0) -> float:
+    """Seconds until health reports `status` (fails after `timeout`)."""
+    start = time.monotonic()
+    while health(address) != status:
+        assert time.monotonic() - start < timeout, f"health never became {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def busy(client: AttributionClient, outcome: list) -> threading.Thread:
+    """A request that keeps the engine busy for 3 s; its status code or result lands in `outcome`."""
+
+    def run() -> None:
+        try:
+            outcome.append(client.attribute("crashy", "saliency", np.full((1, 4), 777.0, np.float32), target=0, timeout=30))
+        except grpc.RpcError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_the_frames_carry_tensors_of_every_dtype_exactly() -> None:
+    tensors = [
+        torch.randn(3, 4),
+        torch.randn(2, 3, dtype=torch.float64)[:, ::2],  # not contiguous
+        torch.randn(5, dtype=torch.bfloat16),
+        torch.randn(4, dtype=torch.float16),
+        torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        torch.tensor([True, False]),
+        torch.tensor(2.5),
+        torch.randn(3, requires_grad=True),
+    ]
+    frame = encode(("result", 7, tensors, {"x": tensors[0]}))
+    kind, key, back, named = decode(bytearray(frame[8:]))
+    assert (kind, key) == ("result", 7)
+    for sent, got in zip(tensors, back, strict=True):
+        assert got.dtype == sent.dtype and got.shape == sent.shape and not got.requires_grad
+        assert torch.equal(got, sent.detach())
+    assert torch.equal(named["x"], tensors[0])
+
+
+def test_an_engine_process_that_dies_is_noticed_and_restarted(repo: Path) -> None:
+    server = start(repo)
+    try:
+        client = AttributionClient(server.address)
+        front = os.getpid()
+        before = scrape(server.running.metrics_port)  # this process's registry: other tests' servers count there too
+        np.testing.assert_allclose(
+            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+        )
+
+        # SIGKILL while a request runs: it fails with UNAVAILABLE at once, not after its 3 s, nor at its deadline.
+        outcome: list = []
+        thread = busy(client, outcome)
+        time.sleep(0.5)
+        first = server.running.core.pid
+        killed = time.monotonic()
+        os.kill(first, signal.SIGKILL)
+        thread.join(30)
+        assert len(outcome) == 1 and isinstance(outcome[0], grpc.RpcError), outcome
+        assert outcome[0].code() == grpc.StatusCode.UNAVAILABLE
+        assert "killed by SIGKILL" in outcome[0].details()
+        assert time.monotonic() - killed < 2.5
+        # While it is down: NOT_SERVING, and requests are refused with UNAVAILABLE and why.
+        assert health(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            client.attribute("good", "saliency", X, target=TARGET, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "engine" in refused.value.details()
+        wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
+        assert server.running.core.pid != first
+        np.testing.assert_allclose(
+            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+        )
+
+        # A model that ends the interpreter (os._exit, as a crash in an extension would) takes only the engine process.
+        with pytest.raises(grpc.RpcError) as crashed:
+            client.attribute("crashy", "saliency", np.full((1, 4), 1234.0, np.float32), target=0, timeout=30)
+        assert crashed.value.code() == grpc.StatusCode.UNAVAILABLE and "exit code 13" in crashed.value.details()
+        wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
+        assert os.getpid() == front
+        np.testing.assert_allclose(
+            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+        )
+        fragile = server_model(repo)
+        expected = Saliency(fragile).attribute(torch.from_numpy(X), target=TARGET, abs=True).numpy()
+        np.testing.assert_allclose(client.attribute("crashy", "saliency", X, target=TARGET, timeout=60).attributions, expected, atol=1e-6)
+
+        after = scrape(server.running.metrics_port)
+
+        def grew(name: str, **labels: str) -> float:
+            key = (name, frozenset(labels.items()))
+            return after[key] - before.get(key, 0.0)
+
+        assert grew("attrserve_engine_process_restarts_total") == 2
+        assert after[("attrserve_engine_process_up", frozenset())] == 1
+        assert grew("attrserve_attributions_completed_total", model="crashy", algorithm="saliency", grpc_code="UNAVAILABLE") == 2
+        # The engine's own events (passes, loads) reach the front's metrics from every engine process.
+        assert grew("attrserve_passes_executed_total", model="good", kind="gradient") >= 3
+        assert grew("attrserve_model_load_seconds_count", model="good") == 2  # the two restarts (the first load came before `before`)
+    finally:
+        server.stop()
+
+
+def server_model(repo: Path) -> torch.nn.Module:
+    namespace: dict = {}
+    exec((repo / "crashy" / "model.py").read_text(), namespace)
+    return namespace["build_model"]()
+
+
+def test_deadlines_and_cancels_reach_the_engine_process(repo: Path) -> None:
+    server = start(repo)
+    try:
+        client = AttributionClient(server.address)
+        before = scrape(server.running.metrics_port)
+        outcome: list = []
+        thread = busy(client, outcome)
+        time.sleep(0.5)
+        # Queued behind the busy pass: its deadline passes in the engine process, which drops it unrun.
+        with pytest.raises(grpc.RpcError) as late:
+            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=0.5)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        thread.join(30)
+        assert not isinstance(outcome[0], grpc.RpcError), outcome
+        until = time.monotonic() + 10
+        dropped = ("attrserve_requests_dropped_total", frozenset({"model": "good", "reason": "deadline"}.items()))
+        while scrape(server.running.metrics_port)[dropped] < before[dropped] + 1:
+            assert time.monotonic() < until, "the engine process never reported the dropped request"
+            time.sleep(0.05)
+        assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+        np.testing.assert_allclose(
+            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+        )
+    finally:
+        server.stop()
+
+
+def test_an_engine_process_that_dies_while_loading_fails_the_start(tmp_path: Path) -> None:
+    write(tmp_path / "doomed", "import os\n\n\ndef build_model():\n    os._exit(5)\n", PINNED)
+    with pytest.raises(AssertionError, match="exit code 5"):
+        ServeProcess(["--model-repository", str(tmp_path)], start_timeout=60)
+
+
+def test_attributions_through_the_engine_process_equal_captum(repo: Path) -> None:
+    server = start(repo)
+    try:
+        client = AttributionClient(server.address)
+        model = server_model(repo)
+        inputs = torch.from_numpy(X)
+        expected = IntegratedGradients(model).attribute(inputs, target=TARGET, n_steps=20).numpy()
+        results: list = [None] * 8
+        threads = [
+            threading.Thread(
+                target=lambda i=i: results.__setitem__(
+                    i, client.attribute("crashy", "integrated_gradients", X, target=TARGET, params={"n_steps": 20}, timeout=60)
+                )
+            )
+            for i in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for result in results:
+            np.testing.assert_allclose(result.attributions, expected, atol=1e-5)
+    finally:
+        server.stop()
