@@ -1,7 +1,7 @@
 """attrserve benchmark: one command, every system measured in the same run, a markdown table and a JSON file.
 
     .venv/bin/python bench/run.py                       # W1-W6, 10 s per system per workload
-    .venv/bin/python bench/run.py --rss-soak 60         # plus a 60 s steady run per soaked workload for the RSS target
+    .venv/bin/python bench/run.py --rss-soak 60         # plus a 60 s steady run per workload for the RSS target
     .venv/bin/python bench/run.py --smoke --workloads W1,W4,W5 --json /tmp/r.json   # tiny sizes (the test)
 
 Systems (see bench/README.md): attrserve; B1 Captum in-process one request at a time; B2 a grpc.aio
@@ -182,8 +182,8 @@ def run_server(
 ) -> dict:
     """Start the server, wait until ready, warm up, measure, read its metrics and RSS, kill it.
 
-    B3 (a front process and its workers): its answers are first checked against Captum per request (`model`,
-    on the CPU); its CPU and RSS are the front's plus its workers'."""
+    B3 and attrserve (a front process and its workers / its engine process): their answers are first checked against
+    Captum per request (`model`, on the CPU); their CPU and RSS are the front's plus its children's."""
     seconds = args.seconds if seconds is None else seconds
     repo = repository(args.smoke, args.gpu)
     port = harness.free_port()
@@ -202,9 +202,9 @@ def run_server(
     try:
         server.start()
         ready_s = server.wait_ready([w.model])
-        workers = _children(server.pid) if system == "B3" else []
+        workers = _children(server.pid) if system in ("B3", "attrserve") else []  # B3's workers, attrserve's engine process
         check = None
-        if system == "B3" and model is not None and args.device == "cpu":
+        if system in ("B3", "attrserve") and model is not None and args.device == "cpu":
             check = check_against_captum(server.target, w, model, requests, args.timeout)
         harness.drive(
             server.target, requests, concurrency, args.warmup_seconds if warmup is None else warmup, record=False, timeout=args.timeout
@@ -378,88 +378,139 @@ def soak_range(soak: dict) -> dict:
 
 
 # -- targets ------------------------------------------------------------------------------------
-def evaluate_targets(workloads: dict[str, dict], soaks: dict[str, dict]) -> list[dict]:
-    """The issue's targets, each with what was measured and met / missed / not measured."""
+THROUGHPUT_TARGETS = (  # (workload, target, reference system, least attrserve/reference req/s in the same run)
+    ("W1", "throughput >= 2x B3", "B3", 2.0),
+    ("W1", "throughput >= 8x B2", "B2", 8.0),
+    ("W1", "throughput >= 50% of the no-op RPC", "noop", 0.5),
+    ("W2", "throughput >= 1.3x B3", "B3", 1.3),
+    ("W2", "throughput >= 1.5x B2", "B2", 1.5),
+    ("W2", "throughput >= 80% of L", "L", 0.8),
+    ("W3", "throughput >= 3x B2", "B2", 3.0),
+    ("W3", "throughput >= 80% of L", "L", 0.8),
+    ("W4", "throughput >= 2x B2", "B2", 2.0),
+    ("G2", "throughput >= 10x B2 on the same GPU", "B2", 10.0),
+)
+P50_SLACK_MS = {"W5": 0.5, "W6": 2.0}  # attrserve p50 <= B1 p50 + no-op RPC p50 + this
+CPU_PER_REQUEST_VS_NOOP = ("W1", 2.0)  # server CPU per request <= this x the no-op RPC server's
+CPU_BUSY = ("W1", 0.9)  # server CPU >= this share of the machine's cores over the window
+P99_OVER_P50 = 3.0  # every workload
+RSS_DEVIATION = 0.10  # every workload: every RSS sample of the steady run within this of its first
+
+
+def _server_cpu_share(r: dict, cpus: int) -> float | None:
+    """Server CPU over the window as a share of the machine's cores (1.0 = every core busy with the server)."""
+    cpu = r.get("cpu") or {}
+    return cpu["server_cpu_s"] / (cpu["wall_s"] * cpus) if cpu.get("server_cpu_s") is not None and cpu.get("wall_s") else None
+
+
+def evaluate_targets(workloads: dict[str, dict], soaks: dict[str, dict], cpus: int | None = None) -> list[dict]:
+    """The issue's targets, per workload in run order: each with its measured value, threshold and status (met /
+    MISSED / not measured: a system or a figure the run did not measure). `cpus`: the machine's (default this one's)."""
+    cpus = cpus or os.cpu_count() or 1
     out = []
 
-    def sys_of(wk: str, s: str) -> dict | None:
-        return workloads.get(wk, {}).get("systems", {}).get(s)
+    def sys_of(wk: str, s: str) -> dict:
+        return workloads.get(wk, {}).get("systems", {}).get(s) or {}
 
-    def add(wk: str, text: str, value: float | None, threshold: float, higher_is_better: bool, shown: str) -> None:
+    def add(wk: str, text: str, value, threshold, higher_is_better: bool, shown: str, missing: str = "n/a", **figures) -> None:
+        """`shown`: the measured figures in words, a str.format template of `v` (the value), `thr` and `figures`,
+        filled in only when the value and the threshold were measured."""
         if wk not in workloads:
             return
-        if value is None:
-            status = "not measured"
+        if value is None or threshold is None:
+            status, shown = "not measured", missing
         else:
             status = "met" if (value >= threshold if higher_is_better else value <= threshold) else "MISSED"
-        out.append({"workload": wk, "target": text, "measured": shown, "value": value, "threshold": threshold, "status": status})
+            shown = shown.format(v=value, thr=threshold, **figures)
+        out.append(
+            {
+                "workload": wk,
+                "target": text,
+                "measured": shown,
+                "value": value,
+                "compare": ">=" if higher_is_better else "<=",
+                "threshold": threshold,
+                "status": status,
+            }
+        )
 
     def ratio(wk: str, ref: str) -> float | None:
+        """attrserve's req/s over `ref`'s: the ratio taken inside the run (with --rounds, the median of the rounds')."""
         a, b = sys_of(wk, "attrserve"), sys_of(wk, ref)
+        if a.get(f"ratio_vs_{ref}") is not None:
+            return a[f"ratio_vs_{ref}"]
         return a["throughput_rps"] / b["throughput_rps"] if a and b and b["throughput_rps"] else None
 
-    for wk, text, ref, thr in (
-        ("W1", "throughput >= 8x B2", "B2", 8.0),
-        ("W1", "throughput >= 50% of the no-op RPC ceiling", "noop", 0.5),
-        ("W1", "throughput >= 2x B3", "B3", 2.0),
-        ("W2", "throughput >= 1.5x B2", "B2", 1.5),
-        ("W2", "throughput >= 1.3x B3", "B3", 1.3),
-        ("W2", "throughput >= 80% of L", "L", 0.8),
-        ("W3", "throughput >= 3x B2", "B2", 3.0),
-        ("W4", "throughput >= 2x B2", "B2", 2.0),
-        ("G2", "throughput >= 10x B2 on the same GPU", "B2", 10.0),
-    ):
-        v = ratio(wk, ref)
-        add(wk, text, v, thr, True, "n/a" if v is None else (f"{v:.2f}x" if thr >= 1 else f"{100 * v:.0f}%"))
-    for wk, slack in (("W5", 1.5), ("W6", 5.0)):
-        a, b = sys_of(wk, "attrserve"), sys_of(wk, "B1")
-        v = a["p50_ms"] - b["p50_ms"] if a and b and a["p50_ms"] is not None and b["p50_ms"] is not None else None
+    for wk, text, ref, thr in THROUGHPUT_TARGETS:
+        a, b = sys_of(wk, "attrserve"), sys_of(wk, ref)
+        shown = "{v:.2f}x" if thr >= 1 else "{v:.0%}"
         add(
-            wk,
-            f"p50 <= in-process (B1) p50 + {slack:g} ms",
-            v,
-            slack,
-            False,
-            "n/a" if v is None else f"{a['p50_ms']:.2f} ms vs {b['p50_ms']:.2f} ms ({v:+.2f} ms)",
+            wk, text, ratio(wk, ref), thr, True, shown + " ({a:.1f} vs {b:.1f} req/s)", a=a.get("throughput_rps"), b=b.get("throughput_rps")
         )
-    for wk, res in workloads.items():
-        a = res["systems"].get("attrserve")
-        v = a["p99_ms"] / a["p50_ms"] if a and a["p50_ms"] else None
+    for wk, slack in P50_SLACK_MS.items():
+        a, b1, noop = (sys_of(wk, s).get("p50_ms") for s in ("attrserve", "B1", "noop"))
         add(
             wk,
-            f"p99 <= 3x p50 (at {res['concurrency']} callers)",
-            v,
-            3.0,
+            f"p50 <= in-process (B1) p50 + no-op RPC p50 + {slack:g} ms",
+            a,
+            b1 + noop + slack if b1 is not None and noop is not None else None,
             False,
-            "n/a" if v is None else f"{a['p99_ms']:.1f} / {a['p50_ms']:.1f} ms = {v:.2f}x",
+            "{v:.2f} ms vs {b1:.2f} + {noop:.2f} + {slack:g} = {thr:.2f} ms",
+            b1=b1,
+            noop=noop,
+            slack=slack,
+        )
+    wk, thr = CPU_PER_REQUEST_VS_NOOP
+    a_ms, noop_ms = _server_cpu_ms(sys_of(wk, "attrserve")), _server_cpu_ms(sys_of(wk, "noop"))
+    add(
+        wk,
+        f"server CPU per request <= {thr:g}x the no-op RPC's",
+        a_ms / noop_ms if a_ms is not None and noop_ms else None,
+        thr,
+        False,
+        "{a:.2f} vs {noop:.2f} ms/req = {v:.2f}x",
+        a=a_ms,
+        noop=noop_ms,
+    )
+    wk, thr = CPU_BUSY
+    a = sys_of(wk, "attrserve")
+    add(
+        wk,
+        f"CPU busy: server CPU >= {thr:.0%} of the machine's cores",
+        _server_cpu_share(a, cpus),
+        thr,
+        True,
+        "{v:.0%} ({cpu[server_cpu_s]:.1f} CPU s in {cpu[wall_s]:.1f} s on {cpus} cores)",
+        cpu=a.get("cpu"),
+        cpus=cpus,
+    )
+    for wk, res in workloads.items():
+        a = res["systems"].get("attrserve") or {}
+        add(
+            wk,
+            f"p99 <= {P99_OVER_P50:g}x p50 (at {res['concurrency']} callers)",
+            a["p99_ms"] / a["p50_ms"] if a.get("p50_ms") and a.get("p99_ms") is not None else None,
+            P99_OVER_P50,
+            False,
+            "{p99:.1f} / {p50:.1f} ms = {v:.2f}x",
+            p99=a.get("p99_ms"),
+            p50=a.get("p50_ms"),
         )
     for wk in workloads:
-        soak = soaks.get(wk)
-        text = "server RSS flat (+-5%) over a 60 s steady run"
-        if soak is None:
-            out.append(
-                {
-                    "workload": wk,
-                    "target": text,
-                    "measured": "not run (use --rss-soak 60)",
-                    "value": None,
-                    "threshold": 0.05,
-                    "status": "not measured",
-                }
-            )
-            continue
-        # Flat: every sample of the steady run within 5% of its first, not just the last one.
-        v = soak["max_deviation"]
-        add(
+        soak = soaks.get(wk) or {}
+        add(  # flat: every sample of the steady run within RSS_DEVIATION of its first, not just the last one
             wk,
-            text,
-            v,
-            0.05,
+            f"server RSS within +-{RSS_DEVIATION:.0%} over a 60 s steady run",
+            soak.get("max_deviation"),
+            RSS_DEVIATION,
             False,
-            f"{soak['rss_start_mib']} -> {soak['rss_end_mib']} MiB over {soak['seconds']:.0f} s ({100 * soak['drift']:+.1f}%), "
-            f"range {soak['rss_min_mib']}-{soak['rss_max_mib']} MiB (max deviation {100 * v:.1f}%)",
+            "max deviation {v:.1%}: {s[rss_start_mib]} -> {s[rss_end_mib]} MiB over {s[seconds]:.0f} s ({s[drift]:+.1%}), "
+            "range {s[rss_min_mib]}-{s[rss_max_mib]} MiB",
+            missing="n/a" if soak else "not run (use --rss-soak 60)",
+            s=soak,
         )
-    return out
+    order = list(workloads)
+    return sorted(out, key=lambda t: order.index(t["workload"]))  # stable: each workload's targets in the order above
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -568,9 +619,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="also run attrserve steady this long per soaked workload and report RSS at start/end",
+        help="also run attrserve steady this long per soaked workload and report its RSS (the target: 60, within +-10%%)",
     )
-    p.add_argument("--rss-soak-workloads", default="W1", help="workloads to soak (default W1; 'all' = every selected one)")
+    p.add_argument(
+        "--rss-soak-workloads", default="all", help="workloads to soak (default 'all' = every selected one; e.g. W1,W4 to narrow it)"
+    )
     p.add_argument(
         "--attrserve-arg",
         action="append",
@@ -631,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(args.render.read_text())
         for soak in report.get("rss_soak", {}).values():
             soak_range(soak)
-        report["targets"] = evaluate_targets(report["workloads"], report.get("rss_soak", {}))
+        report["targets"] = evaluate_targets(report["workloads"], report.get("rss_soak", {}), report.get("meta", {}).get("cpus"))
         print(markdown(report))
         return 0
     # SIGTERM (a test's timeout, a CI cancel) unwinds like Ctrl-C, so every server is stopped in its finally.
@@ -662,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
-            "cpus": __import__("os").cpu_count(),
+            "cpus": os.cpu_count(),
             "machine": platform.machine(),
             "device": args.device,
             "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available() else None,
@@ -686,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:
                     traceback.print_exc()
                     failures.append(f"{k} soak: {type(e).__name__}: {e}")
-    report["targets"] = evaluate_targets(report["workloads"], report["rss_soak"])
+    report["targets"] = evaluate_targets(report["workloads"], report["rss_soak"], report["meta"]["cpus"])
     report["meta"]["elapsed_s"] = round(time.time() - started, 1)
     report["failures"] = failures
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -84,12 +84,17 @@ def tensor_to_proto(t: Tensor) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=wire, shape=list(t.shape), data=data)
 
 
+# Built-in algorithm names by enum value (ALGORITHM_UNSPECIFIED left out), built once: a request looks its up.
+ALGORITHM_NAMES = {v: n[len(_PREFIX) :].lower() for n, v in pb.Algorithm.items() if v != pb.ALGORITHM_UNSPECIFIED}
+
+
 def algorithm_name(value: int, label: str = "algorithm") -> str:
     if value == pb.ALGORITHM_UNSPECIFIED:
         raise InvalidArgument(f"{label} is ALGORITHM_UNSPECIFIED; name the algorithm to run (or a plugin in custom_algorithm)")
-    if value not in pb.Algorithm.values():
+    name = ALGORITHM_NAMES.get(value)
+    if name is None:
         raise InvalidArgument(f"{label} {value} is not known to this server")
-    return pb.Algorithm.Name(value)[len(_PREFIX) :].lower()
+    return name
 
 
 def algorithm_enum(name: str) -> pb.Algorithm | None:

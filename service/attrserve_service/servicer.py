@@ -17,7 +17,7 @@ from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_engine import AttributionError, InvalidArgument, ModelState
 from attrserve_service import metrics
-from attrserve_service.convert import decode, request_to_job, result_to_response
+from attrserve_service.convert import ALGORITHM_NAMES, decode, request_to_job, result_to_response
 from attrserve_service.core import ERROR_ID, STATE_NAMES, Core
 from attrserve_service.logs import REQUEST_ID
 from attrserve_service.repository import Status
@@ -76,8 +76,7 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         start = time.monotonic()
         remaining = context.time_remaining()
         deadline = None if remaining is None else start + remaining
-        known = request.algorithm in pb.Algorithm.values() and request.algorithm != pb.ALGORITHM_UNSPECIFIED
-        name = pb.Algorithm.Name(request.algorithm)[len("ALGORITHM_") :].lower() if known else request.custom_algorithm
+        name = ALGORITHM_NAMES.get(request.algorithm, request.custom_algorithm)
         labels = self.core.labels(request.model, name)  # bounded: names a client makes up count as "unknown"
         metrics.ATTRSERVE_REQUESTS_IN_FLIGHT.inc()
         self.active += 1
