@@ -276,7 +276,8 @@ async def _engine_main(fd_in: int, fd_out: int) -> int:
     transport, _ = await loop.create_unix_connection(lambda: _Frames(received, gone.set), sock=socket.socket(fileno=fd_in))
     _, config, (log_level, log_format) = await init
     logs.configure(log_level, log_format)
-    torch.set_num_threads(intra_op_threads(config))
+    if config.engine_threads > 0:
+        torch.set_num_threads(config.engine_threads)
     try:
         core = await build_core(config, lambda core: [_Forward(out, core)])  # the front measures the loads too
     except RepositoryError as e:
@@ -312,12 +313,6 @@ _RESTART_DELAY_S = 0.5
 _MAX_RESTART_DELAY_S = 30.0
 _STABLE_S = 60.0  # an engine process that served this long before it died restarts after the shortest delay
 _BACKLOG_TTL_S = 0.25
-
-
-def intra_op_threads(config: ServerConfig) -> int:
-    """The engine's torch intra-op threads: as configured, else one per core this process may use less one, which the
-    front end keeps (on 2 cores: 1 — no OpenMP fork/join per op, and the front never waits for a core)."""
-    return config.engine_threads or max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def describe_exit(code: int | None) -> str:
@@ -372,7 +367,9 @@ class EngineProcess:
         generation = self._generation
         to_engine, engine_in = socket.socketpair()
         engine_out, from_engine = socket.socketpair()
-        env = dict(os.environ, OMP_NUM_THREADS=str(intra_op_threads(self.config)))
+        env = dict(os.environ)
+        if self.config.engine_threads > 0:
+            env["OMP_NUM_THREADS"] = str(self.config.engine_threads)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "attrserve_service.engine_process", str(engine_in.fileno()), str(engine_out.fileno())],
             pass_fds=(engine_in.fileno(), engine_out.fileno()),

@@ -1,0 +1,103 @@
+"""`attrserve serve` in different configurations, in alternating rounds, under one workload: throughput, latency and
+CPU per request of every process and thread of the server (front end, engine-core process).
+
+    .venv/bin/python bench/prototypes/layout_ab.py --workload W1 --rounds 3 --seconds 6 \\
+        --config split= --config one-process=--no-engine-process
+
+Each `--config NAME=FLAGS` is a set of extra `attrserve serve` flags (space-separated; empty: the defaults). Rounds
+alternate the configurations (A, B, A, B, ...) with a fresh server each time, so a comparison does not straddle the
+machine's fast and slow phases: read the ratios inside a round. The load client is bench/harness.py's, in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import common
+from common import W, harness
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pids: list[int]) -> dict[tuple[int, str], tuple[str, float]]:
+    """(pid, tid) → (thread name, CPU seconds so far) for every thread of `pids`."""
+    out = {}
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    raw = f.read()
+            except OSError:
+                continue
+            fields = raw.rsplit(")", 1)[1].split()
+            out[(pid, tid)] = (raw[raw.index("(") + 1 : raw.rindex(")")], (int(fields[11]) + int(fields[12])) / _TICK)
+    return out
+
+
+def run(name: str, flags: list[str], workload: str, seconds: float) -> dict:
+    port, metrics_port = harness.free_port(), harness.free_port()
+    server = common.start(f"ab-{name}", common.attrserve_argv(port, metrics_port, flags), port)
+    try:
+        pids = common.tree(server.pid)
+        w = W[workload]
+        requests = w.requests()
+        harness.drive(server.target, requests, w.concurrency, 1.5, record=False)
+        before, start = thread_cpu(pids), time.monotonic()
+        load = harness.drive(server.target, requests, w.concurrency, seconds, record=True)
+        after, wall = thread_cpu(pids), time.monotonic() - start
+    finally:
+        server.stop()
+    n = len(load.latencies_ms)
+    stats = harness.latency_stats(load.latencies_ms)
+    per_process: dict[int, float] = {}
+    threads = []
+    for key, (thread, cpu) in after.items():
+        used = cpu - before.get(key, (thread, 0.0))[1]
+        per_process[key[0]] = per_process.get(key[0], 0.0) + used
+        if used > 0.02 * wall:
+            threads.append(f"{'front' if key[0] == server.pid else 'engine'}/{thread} {100 * used / wall:.0f}%")
+    return {
+        "req_s": n / load.wall_s,
+        "p50": stats["p50_ms"],
+        "p99": stats["p99_ms"],
+        "errors": load.errors,
+        "front_ms": 1e3 * per_process.get(server.pid, 0.0) / n if n else None,
+        "engine_ms": 1e3 * sum(v for p, v in per_process.items() if p != server.pid) / n if n else None,
+        "busy": sum(per_process.values()) / wall / (os.cpu_count() or 1),
+        "threads": ", ".join(threads),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", default="W1")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--config", action="append", required=True, metavar="NAME=FLAGS")
+    args = p.parse_args()
+    configs = [(c.split("=", 1)[0], c.split("=", 1)[1].split()) for c in args.config]
+    rows: dict[str, list[dict]] = {name: [] for name, _ in configs}
+    print(
+        "| round | config | req/s | p50 ms | p99 ms | errors | front CPU ms/req | engine CPU ms/req | "
+        f"server CPU % of {os.cpu_count()} cores | threads (% of a core) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for number in range(1, args.rounds + 1):
+        for name, flags in configs:
+            r = run(name, flags, args.workload, args.seconds)
+            rows[name].append(r)
+            print(
+                f"| {number} | {name} | {r['req_s']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['errors']} | {r['front_ms']:.3f} | "
+                f"{r['engine_ms']:.3f} | {100 * r['busy']:.0f}% | {r['threads']} |",
+                flush=True,
+            )
+    for name, runs in rows.items():
+        req_s, p50 = statistics.median(r["req_s"] for r in runs), statistics.median(r["p50"] for r in runs)
+        print(f"{args.workload} {name}: median {req_s:.0f} req/s, p50 {p50:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
