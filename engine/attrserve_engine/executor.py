@@ -23,19 +23,6 @@ SegmentOutcome = BlockResult | AttributionError
 SPLIT_FAILURE = "failure"
 SPLIT_OOM = "oom"
 
-# A CPU pass expected to take less than this (its rows at the model's measured rate) runs on one torch intra-op
-# thread: for a short pass the OpenMP fork/join of every op costs more than the second core gives back (W5, one
-# row of a CNN: p50 3.1 ms on one thread vs 4.7 ms on two), while a long one gains from every core (W3, a
-# transformer: 51 vs 35 req/s on two threads). bench/RESULTS.md (issue 12, step 2) has the measurements.
-SHORT_PASS_S = 0.002
-_ALL_THREADS = torch.get_num_threads()  # as configured for the process (OMP_NUM_THREADS, --engine-threads)
-
-
-def intra_op_threads(model: LoadedModel, rows: int) -> int:
-    """The torch intra-op threads a pass of `rows` runs on (CPU: one for a short pass, else all)."""
-    rate = model.rows_per_second
-    return 1 if rate and rows / rate < SHORT_PASS_S else _ALL_THREADS
-
 
 def run_pass(model: LoadedModel, segments: list[Block], on_split: Callable[[str], None] | None = None) -> list[SegmentOutcome]:
     """Run `segments` (same batch key) as one pass; one outcome per segment, in order.
@@ -45,10 +32,6 @@ def run_pass(model: LoadedModel, segments: list[Block], on_split: Callable[[str]
     Out-of-memory splits the same way, down to halves of a single block.
     `on_split(SPLIT_FAILURE or SPLIT_OOM)` is told of every split.
     """
-    if model.device.type == "cpu":
-        threads = intra_op_threads(model, sum(b.rows for b in segments))
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
     try:
         return _fused_pass(model, segments)
     except AttributionError as e:

@@ -207,12 +207,7 @@ SETTINGS: tuple[Setting, ...] = (
         _bool,
         inverted=True,
     ),
-    Setting(
-        "--engine-threads",
-        "engine_threads",
-        "torch intra-op threads of the engine process at most; short passes run on one (0: one per core)",
-        int,
-    ),
+    Setting("--engine-threads", "engine_threads", "torch intra-op threads of the engine process (0: one per core less one)", int),
     Setting(
         "--reflection",
         "reflection",

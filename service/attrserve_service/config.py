@@ -46,7 +46,7 @@ class ServerConfig:
     # The models run in an engine-core process of their own (the front end's event loop and the engine's worker
     # then never share an interpreter lock); False: in this process (embedding, tests with in-memory models).
     engine_process: bool = True
-    engine_threads: int = 0  # torch intra-op threads of the engine process at most (0: torch's default, one per core)
+    engine_threads: int = 0  # torch intra-op threads of the engine process (0: one per core less one, for the front)
 
 
 class ConfigError(ValueError):

@@ -276,8 +276,7 @@ async def _engine_main(fd_in: int, fd_out: int) -> int:
     transport, _ = await loop.create_unix_connection(lambda: _Frames(received, gone.set), sock=socket.socket(fileno=fd_in))
     _, config, (log_level, log_format) = await init
     logs.configure(log_level, log_format)
-    if config.engine_threads > 0:
-        torch.set_num_threads(config.engine_threads)
+    torch.set_num_threads(intra_op_threads(config))
     try:
         core = await build_core(config, lambda core: [_Forward(out, core)])  # the front measures the loads too
     except RepositoryError as e:
@@ -313,6 +312,14 @@ _RESTART_DELAY_S = 0.5
 _MAX_RESTART_DELAY_S = 30.0
 _STABLE_S = 60.0  # an engine process that served this long before it died restarts after the shortest delay
 _BACKLOG_TTL_S = 0.25
+
+
+def intra_op_threads(config: ServerConfig) -> int:
+    """The engine's torch intra-op threads: as configured, else one per core this process may use less one, which the
+    front end keeps (on 2 cores: 1, measured best for short passes; bench/RESULTS.md, issue 12 step 2). The count is
+    fixed for the process: a pass's numbers must not depend on its size or company, and a convolution's do depend
+    on the thread count."""
+    return config.engine_threads or max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def describe_exit(code: int | None) -> str:
@@ -351,6 +358,8 @@ class EngineProcess:
         self._delay = _RESTART_DELAY_S
         self._backlogs: dict[str, tuple[int, int]] = {}
         self._backlogs_at = 0.0
+        self._backlogs_changes = -1
+        self._changes = 0  # requests, cancels and engine messages so far (a backlog answer is stale once it moves)
 
     @property
     def pid(self) -> int | None:
@@ -367,9 +376,7 @@ class EngineProcess:
         generation = self._generation
         to_engine, engine_in = socket.socketpair()
         engine_out, from_engine = socket.socketpair()
-        env = dict(os.environ)
-        if self.config.engine_threads > 0:
-            env["OMP_NUM_THREADS"] = str(self.config.engine_threads)
+        env = dict(os.environ, OMP_NUM_THREADS=str(intra_op_threads(self.config)))
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "attrserve_service.engine_process", str(engine_in.fileno()), str(engine_out.fileno())],
             pass_fds=(engine_in.fileno(), engine_out.fileno()),
@@ -399,6 +406,8 @@ class EngineProcess:
         if generation != self._generation:
             return
         kind = message[0]
+        if kind != "reply":
+            self._changes += 1  # something changed in the engine: the next scrape asks again
         if kind in ("result", "reply"):
             future = self._pending.pop(message[1], None)
             if future is not None and not future.done():
@@ -499,11 +508,13 @@ class EngineProcess:
         future = self._loop.create_future()
         self._pending[key] = future
         self._write(("submit", key, job))
+        self._changes += 1
         try:
             return await future
         except asyncio.CancelledError:
             if self._pending.pop(key, None) is not None:
                 self._write(("cancel", key))  # its rows are dropped before they cost compute
+                self._changes += 1
             raise
 
     def labels(self, model: str, algorithm: str) -> tuple[str, str]:
@@ -539,14 +550,16 @@ class EngineProcess:
         """The engine process follows the repository itself."""
 
     def backlog(self, name: str) -> tuple[int, int]:
-        """(requests, rows) queued for a model; asked of the engine at most every 0.25 s (metrics scrapes call this
-        from their own thread; on the event loop the last answer is used)."""
+        """(requests, rows) queued for a model, asked of the engine (metrics scrapes call this from their own thread;
+        on the event loop the last answer is used). One answer serves the reads of one scrape: it is kept for 0.25 s
+        unless a request, a cancel or a message from the engine came since."""
         loop = self._loop
-        now = time.monotonic()
-        if self.up and loop is not None and now - self._backlogs_at > _BACKLOG_TTL_S and not _on(loop):
+        now, changes = time.monotonic(), self._changes
+        stale = changes != self._backlogs_changes or now - self._backlogs_at > _BACKLOG_TTL_S
+        if self.up and loop is not None and stale and not _on(loop):
             with contextlib.suppress(Exception):
                 self._backlogs = asyncio.run_coroutine_threadsafe(self._call("backlogs"), loop).result(1.0)
-                self._backlogs_at = now
+                self._backlogs_at, self._backlogs_changes = now, changes
         return self._backlogs.get(name, (0, 0)) if self.up else (0, 0)
 
     def watched(self, name: str) -> list[tuple[list[str], str]]:

@@ -189,22 +189,3 @@ def test_nan_inputs_in_a_fused_pass_poison_only_their_own_request() -> None:
             torch.testing.assert_close(got.attributions[0], want.attributions[0], atol=1e-6, rtol=0)
     finally:
         engine.shutdown(drain=False, timeout=5)
-
-
-def test_short_cpu_passes_run_on_one_intra_op_thread() -> None:
-    model = loaded(Fragile())
-    x = xs(2, seed=3)
-    try:
-        assert model.rows_per_second is None  # not measured yet: every core
-        assert executor.intra_op_threads(model, 1) == executor._ALL_THREADS
-        model.rows_per_second = 10_000.0  # 2 rows: 0.2 ms, one thread; 1,000 rows: 100 ms, every core
-        assert executor.intra_op_threads(model, 2) == 1
-        assert executor.intra_op_threads(model, 1_000) == executor._ALL_THREADS
-        short = executor.run_pass(model, [gradient_block(x, 0)])[0]
-        assert torch.get_num_threads() == 1
-        model.rows_per_second = 1.0  # now the same pass is long: every core, and the same numbers
-        long = executor.run_pass(model, [gradient_block(x, 0)])[0]
-        assert torch.get_num_threads() == executor._ALL_THREADS
-        assert_close(short.grads[0], long.grads[0])
-    finally:
-        torch.set_num_threads(executor._ALL_THREADS)
