@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -209,10 +209,14 @@ class LocalCore:
         return await asyncio.get_running_loop().run_in_executor(None, lambda: self.engine.shutdown(drain=drain, timeout=timeout))
 
 
-async def build_core(config: ServerConfig, observers: Callable[[LocalCore], Sequence[EngineObserver]] = lambda core: ()) -> LocalCore:
-    """An engine with the configured plugins and the repository's models (the built-in demo models without one);
-    `observers(core)` hear the loads too. RepositoryError when nothing can serve (a model that fails is reported,
-    not fatal)."""
+async def build_core(
+    config: ServerConfig,
+    observers: Callable[[LocalCore], Sequence[EngineObserver]] = lambda core: (),
+    only: Collection[tuple[str, str]] | None = None,
+) -> LocalCore:
+    """An engine with the configured plugins and the repository's models (the built-in demo models without one;
+    `only`: just these versions); `observers(core)` hear the loads too. RepositoryError when nothing can serve (a
+    model that fails is reported, not fatal)."""
     engine = Engine(config.limits)
     for plugin in config.plugins:
         try:
@@ -222,7 +226,7 @@ async def build_core(config: ServerConfig, observers: Callable[[LocalCore], Sequ
     core = LocalCore(engine, ModelManager(engine, config.model_repository or DEMO_MODEL_REPOSITORY, config.model_control))
     for observer in observers(core):
         core.watch(observer)
-    await core.manager.load_all()
+    await core.manager.load_all(only)
     return core
 
 

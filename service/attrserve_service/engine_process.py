@@ -10,7 +10,8 @@ A frame is a pickled tuple (protocol 5). Tensors travel as numpy arrays whose by
 written to the socket as they lie in memory and the receiver's tensors are views on the frame it read (no
 serialisation of their contents, one copy through the kernel).
 
-front → engine: ("init", config, log settings) once; ("submit", id, job); ("cancel", id); ("call", id, method, args).
+front → engine: ("init", config, log settings, the versions to load or None for all) once; ("submit", id, job);
+("cancel", id); ("call", id, method, args).
 engine → front: ("ready", snapshot) or ("fatal", message) once; ("result", id, result); ("error", id, exception);
 ("reply", id, value); ("reply_error", id, exception); ("snapshot", snapshot) when a model or worker changes state;
 ("event", observer method, args) for every engine observer call (the front's metrics replay them).
@@ -46,12 +47,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from attrserve_engine import AttributionJob, AttributionResult, EngineObserver, PassStats, Unavailable
+from attrserve_engine import AttributionJob, AttributionResult, EngineObserver, ModelState, PassStats, Unavailable
 from attrserve_engine.errors import AttributionError
 from attrserve_service import logs
 from attrserve_service.config import ServerConfig
 from attrserve_service.core import ERROR_ID, LocalCore, Snapshot, build_core
-from attrserve_service.repository import CONTROL_POLL, UNLOADED, RepositoryError, Status
+from attrserve_service.repository import CONTROL_EXPLICIT, CONTROL_POLL, UNLOADED, RepositoryError, Status
 
 log = logging.getLogger(__name__)
 
@@ -274,11 +275,11 @@ async def _engine_main(fd_in: int, fd_out: int) -> int:
             init.set_result(message)
 
     transport, _ = await loop.create_unix_connection(lambda: _Frames(received, gone.set), sock=socket.socket(fileno=fd_in))
-    _, config, (log_level, log_format) = await init
+    _, config, (log_level, log_format), only = await init
     logs.configure(log_level, log_format)
     torch.set_num_threads(intra_op_threads(config))
     try:
-        core = await build_core(config, lambda core: [_Forward(out, core)])  # the front measures the loads too
+        core = await build_core(config, lambda core: [_Forward(out, core)], only)  # the front measures the loads too
     except RepositoryError as e:
         out.send(("fatal", str(e)))
         return 2
@@ -389,7 +390,7 @@ class EngineProcess:
         self._reader, _ = await loop.create_unix_connection(
             lambda: _Frames(partial(self._received, generation), partial(self._ended, generation)), sock=from_engine
         )
-        self._write(("init", self.config, self.log_settings))
+        self._write(("init", self.config, self.log_settings, self._restore()))
         self._snapshot = await self._ready
         self._started_at = time.monotonic()
         self.up = True
@@ -397,6 +398,13 @@ class EngineProcess:
         log.info("engine process %d serves", self._proc.pid)
         self._tell("engine_process_state", True, "")
         self._changed()
+
+    def _restore(self) -> set[tuple[str, str]] | None:
+        """What a restarted engine process loads: under explicit model control, the versions that were loaded (or
+        loading, or failed) before, so a model unloaded on request stays unloaded; otherwise the whole repository."""
+        if self.config.model_control != CONTROL_EXPLICIT or self._generation == 1:
+            return None
+        return {(s.name, s.version) for s in self._snapshot.statuses if s.state not in (UNLOADED, ModelState.UNLOADING.value)}
 
     def _write(self, message: Any) -> None:
         if self._writer is not None and not self._writer.is_closing():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,10 +209,11 @@ class ModelManager:
         self._loaded: dict[tuple[str, str], str] = {}  # fingerprint of the folder each version was last loaded from
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def load_all(self) -> None:
-        """Start-up: load every version in the repository. Without runtime control a repository where nothing
-        can be loaded is an error (RepositoryError, with every reason); with it the server starts anyway."""
-        entries = self._scan()
+    async def load_all(self, only: Collection[tuple[str, str]] | None = None) -> None:
+        """Start-up: load every version in the repository (`only`: just these (name, version) pairs — an engine
+        process restarted under explicit control loads what was loaded before). Without runtime control a repository
+        where nothing can be loaded is an error (RepositoryError, with every reason); with it the server starts anyway."""
+        entries = [e for e in self._scan() if only is None or (e.name, e.version) in only]
         for entry in entries:
             await self._load_entry(entry)
         if self.control != CONTROL_NONE or self.engine.models():

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2
 from servers import ServeProcess, ServerThread, scrape
 from test_model_management import PINNED, TARGET, X, captum, health, mlp, write
 
+from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_client import AttributionClient
 from attrserve_engine import EngineLimits
 from attrserve_service.config import ServerConfig
@@ -200,6 +201,31 @@ def test_deadlines_and_cancels_reach_the_engine_process(repo: Path) -> None:
         assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
         np.testing.assert_allclose(
             client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+        )
+    finally:
+        server.stop()
+
+
+def test_a_restarted_engine_process_keeps_explicit_unloads(repo: Path, tmp_path: Path) -> None:
+    write(repo / "other", mlp(2))
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False, drain_seconds=5.0)
+    server = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, model_control="explicit"))
+    try:
+        client = AttributionClient(server.address)
+        client.unload_model("other", timeout=30)
+        first = server.running.core.pid
+        os.kill(first, signal.SIGKILL)
+        wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING)
+        wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
+        assert server.running.core.pid != first
+        states = {(s.model, s.version): pb.ModelState.Name(s.state) for s in client.repository_index(timeout=30)}
+        assert states == {("good", "1"): "MODEL_STATE_READY", ("crashy", "1"): "MODEL_STATE_READY", ("other", "1"): "MODEL_STATE_UNLOADED"}
+        np.testing.assert_allclose(
+            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+        )
+        client.load_model("other", timeout=60)  # and it can still be loaded on request
+        np.testing.assert_allclose(
+            client.attribute("other", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(2), atol=1e-5
         )
     finally:
         server.stop()
