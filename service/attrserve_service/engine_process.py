@@ -497,26 +497,24 @@ class EngineProcess:
     def _unavailable(self) -> Unavailable:
         return Unavailable(f"the engine is not serving: {self.reason}", retry_after_s=1.0)
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    def _send(self, kind: str, *payload: Any) -> tuple[int, asyncio.Future]:
+        """Send a request or a call; its answer resolves the returned future (or the engine's death fails it)."""
         if not self.up:
             raise self._unavailable()
         assert self._loop is not None
         key = next(self._ids)
         future = self._loop.create_future()
         self._pending[key] = future
-        self._write(("call", key, method, args))
-        return await future
+        self._write((kind, key, *payload))
+        return key, future
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        return await self._send("call", method, args)[1]
 
     # -- what LocalCore answers ---------------------------------------------------------------------------------------
     async def attribute(self, job: AttributionJob) -> AttributionResult:
-        if not self.up:
-            raise self._unavailable()
-        assert self._loop is not None
-        key = next(self._ids)
-        future = self._loop.create_future()
-        self._pending[key] = future
-        self._write(("submit", key, job))
-        self._changes += 1
+        key, future = self._send("submit", job)
+        self._changes += 1  # the engine's backlog moves
         try:
             return await future
         except asyncio.CancelledError:
