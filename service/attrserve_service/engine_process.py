@@ -49,6 +49,7 @@ import torch
 
 from attrserve_engine import AttributionJob, AttributionResult, EngineObserver, ModelState, PassStats, Unavailable
 from attrserve_engine.errors import AttributionError
+from attrserve_engine.scheduler import Observers
 from attrserve_service import logs
 from attrserve_service.config import ServerConfig
 from attrserve_service.core import ERROR_ID, LocalCore, Snapshot, build_core
@@ -341,7 +342,6 @@ class EngineProcess:
         self.log_settings = log_settings
         self.observers: list[EngineObserver] = []  # hear the engine's events (replayed here, on the event loop)
         self.listeners: list[Callable[[], None]] = []  # called on the event loop when readiness may have changed
-        self.restarts = 0
         self.up = False
         self.reason = "the engine process is starting"
         self._snapshot = Snapshot()
@@ -436,11 +436,7 @@ class EngineProcess:
                 self._ready.set_exception(RepositoryError(message[1]))
 
     def _tell(self, method: str, *args: Any) -> None:
-        for observer in list(self.observers):
-            try:
-                getattr(observer, method)(*args)
-            except Exception:
-                log.exception("engine observer %s.%s failed", type(observer).__name__, method)
+        getattr(Observers(self.observers), method)(*args)  # an observer that raises is logged and ignored
 
     def _changed(self) -> None:
         for listener in list(self.listeners):
@@ -490,7 +486,6 @@ class EngineProcess:
                 log.error("the engine process could not be restarted: %s; trying again in %.1f s", e, self._delay)
                 self._delay = min(self._delay * 2, _MAX_RESTART_DELAY_S)
                 continue
-            self.restarts += 1
             self._tell("engine_process_restarted")
             return
 
@@ -604,11 +599,6 @@ class EngineProcess:
             if transport is not None:
                 transport.close()
         return lost
-
-    def kill(self) -> None:
-        """Kill the engine process at once (tests: what a segfault in a model does)."""
-        if self._proc is not None:
-            self._proc.kill()
 
 
 def _on(loop: asyncio.AbstractEventLoop) -> bool:
