@@ -4,7 +4,8 @@ CPU per request of every process and thread of the server (front end, engine-cor
     .venv/bin/python bench/prototypes/layout_ab.py --workload W1 --rounds 3 --seconds 6 \\
         --config split= --config one-process=--no-engine-process
 
-Each `--config NAME=FLAGS` is a set of extra `attrserve serve` flags (space-separated; empty: the defaults). Rounds
+Each `--config NAME=FLAGS` is a set of extra `attrserve serve` flags (space-separated; empty: the defaults; a token
+`env:KEY=VALUE` sets an environment variable of the server instead). Rounds
 alternate the configurations (A, B, A, B, ...) with a fresh server each time, so a comparison does not straddle the
 machine's fast and slow phases: read the ratios inside a round. The load client is bench/harness.py's, in this process.
 """
@@ -37,9 +38,11 @@ def thread_cpu(pids: list[int]) -> dict[tuple[int, str], tuple[str, float]]:
     return out
 
 
-def run(name: str, flags: list[str], workload: str, seconds: float) -> dict:
+def run(name: str, tokens: list[str], workload: str, seconds: float) -> dict:
     port, metrics_port = harness.free_port(), harness.free_port()
-    server = common.start(f"ab-{name}", common.attrserve_argv(port, metrics_port, flags), port)
+    flags = [t for t in tokens if not t.startswith("env:")]
+    env = dict(t[4:].split("=", 1) for t in tokens if t.startswith("env:"))
+    server = common.start(f"ab-{name}", common.attrserve_argv(port, metrics_port, flags), port, env=env)
     try:
         pids = common.tree(server.pid)
         w = W[workload]

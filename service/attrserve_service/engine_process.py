@@ -52,7 +52,7 @@ from attrserve_engine.errors import AttributionError
 from attrserve_engine.scheduler import Observers
 from attrserve_service import logs
 from attrserve_service.config import ServerConfig
-from attrserve_service.core import ERROR_ID, LocalCore, Snapshot, build_core
+from attrserve_service.core import ERROR_ID, LocalCore, Snapshot, build_core, settle_heap
 from attrserve_service.repository import CONTROL_EXPLICIT, CONTROL_POLL, UNLOADED, RepositoryError, Status
 
 log = logging.getLogger(__name__)
@@ -284,6 +284,7 @@ async def _engine_main(fd_in: int, fd_out: int) -> int:
     except RepositoryError as e:
         out.send(("fatal", str(e)))
         return 2
+    settle_heap()
     out.send(("ready", core.snapshot()))
     engine = _Engine(core, out)
     if config.model_control == CONTROL_POLL:

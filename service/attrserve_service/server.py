@@ -19,7 +19,7 @@ from attrserve_engine import Engine, ModelState
 from attrserve_service import __version__, logs, metrics
 from attrserve_service.auth import ServerSecurity
 from attrserve_service.config import ServerConfig
-from attrserve_service.core import Core, LocalCore, build_core
+from attrserve_service.core import Core, LocalCore, build_core, settle_heap
 from attrserve_service.engine_process import EngineProcess
 from attrserve_service.interceptor import StatusInterceptor
 from attrserve_service.repository import CONTROL_POLL, ModelManager
@@ -202,6 +202,7 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT, then drain; returns how many accepted requests were lost."""
     running = await create_server(config)
+    settle_heap()
     log.info(
         "attrserve serving %s on %s:%d (metrics on :%s)",
         ", ".join(sorted(running.core.snapshot().names)),
