@@ -12,7 +12,7 @@ from attrserve_engine.errors import (
     Unavailable,
 )
 from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult, JobTiming
-from attrserve_engine.models import InputSpec, LoadedModel, ModelRecord, ModelSpec, ModelState, version_order
+from attrserve_engine.models import InputCast, InputSpec, LoadedModel, ModelRecord, ModelSpec, ModelState, version_order
 from attrserve_engine.scheduler import DROP_CANCELLED, DROP_DEADLINE, EngineObserver, PassStats
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "EngineLimits",
     "EngineObserver",
     "FailedPrecondition",
+    "InputCast",
     "InputSpec",
     "InvalidArgument",
     "JobTiming",

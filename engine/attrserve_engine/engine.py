@@ -248,6 +248,11 @@ class Engine:
         """Algorithms this model can serve (GetModel's list): those whose `refusal` has nothing to say."""
         return [name for name, algorithm in self.algorithms.items() if algorithm.refusal(model) is None]
 
+    def refused_algorithms(self, model: LoadedModel) -> dict[str, str]:
+        """The others, each with why: the message a request for it gets (GetModel's `refused`)."""
+        reasons = {name: algorithm.refusal(model) for name, algorithm in self.algorithms.items()}
+        return {name: reason for name, reason in reasons.items() if reason is not None}
+
     # -- jobs --------------------------------------------------------------
     def submit(self, job: AttributionJob) -> concurrent.futures.Future:
         """Validate `job` and queue it; the future resolves to an AttributionResult or an AttributionError."""
@@ -368,7 +373,7 @@ class Engine:
 
     def _prepare(self, job: AttributionJob, model: LoadedModel) -> LiveJob:
         """Validate a job against its model and build what the worker runs: one plan per algorithm, driven together."""
-        inputs = check_inputs(job, model)
+        inputs, casts = check_inputs(job, model)
         n = int(inputs[0].shape[0])
         target = format_target(job.target, n)
         args = tuple(job.additional_forward_args)
@@ -422,6 +427,7 @@ class Engine:
                 ),
                 infidelity=_cpu(metrics.get("infidelity")),
                 sensitivity_max=_cpu(metrics.get("sensitivity_max")),
+                input_casts=casts,
             )
 
         return LiveJob(

@@ -13,10 +13,11 @@ from torch import Tensor
 
 from attrserve_engine.errors import InvalidArgument
 from attrserve_engine.job import AttributionJob
-from attrserve_engine.models import LoadedModel
+from attrserve_engine.models import InputCast, LoadedModel
 
 
-def check_inputs(job: AttributionJob, model: LoadedModel) -> tuple[Tensor, ...]:
+def check_inputs(job: AttributionJob, model: LoadedModel) -> tuple[tuple[Tensor, ...], tuple[InputCast, ...]]:
+    """The job's inputs checked against the model, in the dtypes it computes in, and the casts made to get them."""
     inputs = tuple(job.inputs)
     if not inputs:
         raise InvalidArgument("inputs is empty; send one tensor per model input")
@@ -27,8 +28,7 @@ def check_inputs(job: AttributionJob, model: LoadedModel) -> tuple[Tensor, ...]:
             raise InvalidArgument(f"inputs[{i}] has {x.shape[0]} examples but inputs[0] has {inputs[0].shape[0]}")
     if inputs[0].shape[0] == 0:
         raise InvalidArgument("inputs have 0 examples")
-    model.check_inputs(inputs)
-    return inputs
+    return model.conform_inputs(inputs)
 
 
 @functools.lru_cache(maxsize=512)

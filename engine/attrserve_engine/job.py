@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from attrserve_engine.targets import TargetLike
+
+if TYPE_CHECKING:
+    from attrserve_engine.models import InputCast
 
 
 @dataclass
@@ -90,3 +93,4 @@ class AttributionResult:
     also: tuple[AlgorithmResult, ...] = ()  # one per AttributionJob.also, in order
     infidelity: Tensor | None = None  # (n,), when asked for in evaluate
     sensitivity_max: Tensor | None = None  # (n,)
+    input_casts: tuple[InputCast, ...] = ()  # inputs computed in the model's pinned dtype, not the one sent

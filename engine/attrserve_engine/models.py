@@ -1,4 +1,5 @@
-"""The models an engine serves: loads model folders (eager `model.py` or TorchScript `model.pt`) and keeps them resident."""
+"""The models an engine serves: loads model folders (eager `model.py`, TorchScript `model.pt` or a torch.export program
+`model.pt2`) and keeps them resident."""
 
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ DEFAULT_MAX_BATCH_ROWS = 256
 DEFAULT_MAX_QUEUE_DELAY_US = 500
 
 
+@dataclass(frozen=True)
+class InputCast:
+    """A request input computed in the model's pinned dtype instead of the one it was sent in."""
+
+    input: int
+    sent: torch.dtype
+    used: torch.dtype
+
+
 @dataclass
 class InputSpec:
     name: str
@@ -39,7 +49,7 @@ class ModelSpec:
     name: str
     version: str = "1"
     path: Path | None = None  # model folder
-    platform: str = ""  # "pytorch_eager" | "torchscript" | "" (detect from the folder)
+    platform: str = ""  # "pytorch_eager" | "torchscript" | "torch_export" | "" (detect from the folder)
     inputs: list[InputSpec] = field(default_factory=list)
     max_batch_rows: int = 0  # 0: engine default
     max_queue_delay_us: int = 0  # 0: engine default
@@ -50,6 +60,7 @@ class ModelSpec:
     precision: str = ""  # autocast dtype for passes: "" / "float32", "bfloat16", "float16"
     max_queued_rows: int = 0  # admission bound on rows accepted and not computed; 0: server default
     max_queued_bytes: int = 0  # admission bound on their estimated bytes; 0: server default
+    strict_input_dtypes: bool = False  # refuse, rather than cast, a floating input in another floating dtype
     module: nn.Module | None = None  # an already-built model (tests, embedding in other programs)
 
 
@@ -74,11 +85,40 @@ def _load_module(spec: ModelSpec) -> nn.Module:
     if spec.path is None:
         raise InvalidArgument(f"model {spec.name!r} has neither a folder nor a module")
     folder = Path(spec.path)
-    platform = spec.platform or ("torchscript" if (folder / "model.pt").exists() else "pytorch_eager")
+    detected = [p for f, p in (("model.pt", "torchscript"), ("model.pt2", "torch_export")) if (folder / f).exists()]
+    platform = spec.platform or (detected + ["pytorch_eager"])[0]
     if platform == "torchscript":
         if not (folder / "model.pt").exists():
             raise NotFound(f"model folder {folder} is configured as TorchScript but has no model.pt")
         return torch.jit.load(str(folder / "model.pt"), map_location="cpu")
+    if platform == "torch_export":
+        # torch.export.save(torch.export.export(model.eval(), args, dynamic_shapes=...), "model.pt2"): one graph, hooks
+        # only on the whole module (its layers are inlined), the train/eval mode fixed at export.
+        path = folder / "model.pt2"
+        if not path.exists():
+            raise NotFound(f"model folder {folder} is configured as a torch.export program but has no model.pt2")
+        program = torch.export.load(str(path))
+        for node in program.graph.find_nodes(op="placeholder"):
+            if node.name not in program.graph_signature.user_inputs or not isinstance(node.meta.get("val"), Tensor):
+                continue
+            batch = node.meta["val"].shape[0] if node.meta["val"].dim() else None
+            limits = program.range_constraints.get(batch.node.expr) if isinstance(batch, torch.SymInt) else None
+            bounded = limits is not None and float(limits.upper) != float("inf")
+            if not isinstance(batch, torch.SymInt) or bounded:
+                raise InvalidArgument(
+                    f"{path}: input {node.name!r} has a {'bounded' if bounded else 'fixed'} batch size (dim 0: {batch}); the "
+                    "server runs passes of any number of rows, so export with an unbounded dynamic dim 0 from an example "
+                    'of 2 or more rows: dynamic_shapes=({0: torch.export.Dim("batch")},)'
+                )
+        from torch.export.passes import move_to_device_pass  # rewrites the devices the graph names, as .to() does not
+
+        module = move_to_device_pass(program, resolve_device(spec.device)).module()
+
+        def exported_mode(mode: bool = True) -> nn.Module:  # .module() makes eval() raise; the mode is the one exported
+            return module
+
+        module.eval = exported_mode  # type: ignore[method-assign,assignment]
+        return module
     source = folder / "model.py"
     if not source.exists():
         raise NotFound(f"model folder {folder} is configured as eager PyTorch but has no model.py")
@@ -115,7 +155,10 @@ class LoadedModel:
         self.max_batch_rows = spec.max_batch_rows or default_max_batch_rows
         self.max_queue_delay_s = (spec.max_queue_delay_us or default_max_queue_delay_us) / 1e6
         self.is_torchscript = isinstance(self.module, torch.jit.ScriptModule)
-        self.layers = [name for name, _ in self.module.named_modules() if name]
+        # A torch.export program's .module(): one graph (its layers inlined) that checks its arguments against the exported ones.
+        self.is_exported = any(c.__name__ == "_StatefulGraphModule" for c in type(self.module).__mro__)
+        # What a layer method may name (none in an exported program: its submodules are never called).
+        self.layers = [] if self.is_exported else [name for name, _ in self.module.named_modules() if name]
         # Per-example shape of the explained output, learned at warm-up or first pass.
         self.output_shape: tuple[int, ...] | None = None
         self.ready = False
@@ -214,22 +257,35 @@ class LoadedModel:
         n = max(int(inputs[0].shape[0]), 1) if inputs else 1
         return sum(x.numel() * x.element_size() for x in inputs) // n + self.activation_bytes
 
-    def check_inputs(self, inputs: tuple[Tensor, ...]) -> None:
+    def conform_inputs(self, inputs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[InputCast, ...]]:
+        """Check inputs against the pinned specs. A floating input in another floating dtype than the one pinned (numpy's
+        default float64 for a float32 model) is cast to it, unless the config sets strict_input_dtypes; returns the
+        inputs to compute on and the casts made. Integer inputs are never cast (token ids are not numbers)."""
         specs = self.spec.inputs
         if not specs:
-            return
+            return inputs, ()
         if len(inputs) != len(specs):
             raise InvalidArgument(f"model {self.name!r} takes {len(specs)} inputs ({', '.join(s.name for s in specs)}), got {len(inputs)}")
+        out, casts = list(inputs), []
         for i, (x, s) in enumerate(zip(inputs, specs)):
             label = f"inputs[{i}] ({s.name!r})"
             if s.dtype is not None and x.dtype != s.dtype:
-                raise InvalidArgument(f"{label}: expected dtype {_dtype_name(s.dtype)}, got {_dtype_name(x.dtype)}")
+                if not (x.dtype.is_floating_point and s.dtype.is_floating_point):
+                    raise InvalidArgument(f"{label}: expected dtype {_dtype_name(s.dtype)}, got {_dtype_name(x.dtype)}")
+                if self.spec.strict_input_dtypes:
+                    raise InvalidArgument(
+                        f"{label}: expected dtype {_dtype_name(s.dtype)}, got {_dtype_name(x.dtype)} "
+                        f"(model {self.name!r} sets strict_input_dtypes, so floating inputs are not cast)"
+                    )
+                out[i] = x.to(s.dtype)
+                casts.append(InputCast(i, x.dtype, s.dtype))
             if s.dims is not None:
                 dims = tuple(x.shape[1:])
                 ok = len(dims) == len(s.dims) and all(d == -1 or d == g for d, g in zip(s.dims, dims))
                 if not ok:
                     want = "(n, " + ", ".join("*" if d == -1 else str(d) for d in s.dims) + ")"
                     raise InvalidArgument(f"{label}: expected shape {want}, got {tuple(x.shape)}")
+        return tuple(out), tuple(casts)
 
 
 def _float32(out: Any) -> Any:

@@ -58,7 +58,9 @@ def effective_config(model: LoadedModel) -> mc.ModelConfig:
     """The config a model is served with, defaults filled in (for GetModel)."""
     config = spec_config(model.spec)
     config.version = model.version
-    config.platform = mc.PLATFORM_TORCHSCRIPT if model.is_torchscript else mc.PLATFORM_PYTORCH_EAGER
+    config.platform = (
+        mc.PLATFORM_TORCHSCRIPT if model.is_torchscript else mc.PLATFORM_TORCH_EXPORT if model.is_exported else mc.PLATFORM_PYTORCH_EAGER
+    )
     config.max_batch_rows = model.max_batch_rows
     config.max_queue_delay_microseconds = round(model.max_queue_delay_s * 1e6)
     config.device = str(model.device)
@@ -80,6 +82,7 @@ def spec_config(spec: ModelSpec) -> mc.ModelConfig:
         precision=spec.precision,
         max_queued_rows=spec.max_queued_rows,
         max_queued_bytes=spec.max_queued_bytes,
+        strict_input_dtypes=spec.strict_input_dtypes,
     )
     for s in spec.inputs:
         wire = TORCH_TO_WIRE.get(s.dtype, 0) if s.dtype is not None else 0  # 0: DATA_TYPE_UNSPECIFIED, any dtype

@@ -286,6 +286,8 @@ def result_to_response(result: AttributionResult) -> pb.AttributeResponse:
         entry = response.also.add(algorithm=outcome.algorithm, attributions=[tensor_to_proto(a) for a in outcome.attributions])
         if outcome.convergence_delta is not None:
             entry.convergence_delta.CopyFrom(tensor_to_proto(outcome.convergence_delta))
+    for made in result.input_casts:
+        response.input_casts.add(input=made.input, sent=TORCH_TO_WIRE[made.sent], used=TORCH_TO_WIRE[made.used])
     for name in ("convergence_delta", "outputs", "infidelity", "sensitivity_max"):
         value = getattr(result, name)
         if value is not None:

@@ -146,6 +146,7 @@ class LocalCore:
             layers=model.layers,
             algorithms=[e for e in map(algorithm_enum, names) if e is not None],
             custom_algorithms=[name for name in names if algorithm_enum(name) is None],
+            refused=[pb.RefusedAlgorithm(name=name, reason=why) for name, why in sorted(self.engine.refused_algorithms(model).items())],
             ready=state == ModelState.READY,
             state=STATES[state],
             reason=reason,

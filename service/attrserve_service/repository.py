@@ -3,9 +3,13 @@ unloads them while the server runs — at start-up, through the admin RPC, or by
 
 Layouts, side by side in one repository:
 
-    <repository>/<model>/model.py | model.pt  [config.pbtxt]      one version: config's `version`, default "1"
-    <repository>/<model>/<N>/model.py | model.pt  [config.pbtxt]  versions N (positive integers); a config.pbtxt
-    <repository>/<model>/config.pbtxt                              beside them serves every version without its own
+    <repository>/<model>/model.py | model.pt | model.pt2  [config.pbtxt]      one version: config's `version`, default "1"
+    <repository>/<model>/<N>/model.py | model.pt | model.pt2  [config.pbtxt]  versions N (positive integers); a config.pbtxt
+    <repository>/<model>/config.pbtxt                                          beside them serves every version without its own
+
+model.py: eager (`build_model()`, optional weights.pt); model.pt: TorchScript; model.pt2: a torch.export program
+(`torch.export.save`), exported with a dynamic dim 0, e.g. `dynamic_shapes=({0: torch.export.Dim("batch")},)`; its
+platform is told by the file name (config.pbtxt's `platform` has no value for it).
 
 A folder that cannot be read (a malformed config.pbtxt, a version that contradicts its folder) becomes an Entry
 with an `error`: that version is reported UNAVAILABLE with the error while every other model serves.
@@ -30,8 +34,13 @@ from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
 
 log = logging.getLogger(__name__)
 
-_PLATFORMS = {mc.PLATFORM_UNSPECIFIED: "", mc.PLATFORM_PYTORCH_EAGER: "pytorch_eager", mc.PLATFORM_TORCHSCRIPT: "torchscript"}
-_MODEL_FILES = ("model.py", "model.pt")
+_PLATFORMS = {
+    mc.PLATFORM_UNSPECIFIED: "",
+    mc.PLATFORM_PYTORCH_EAGER: "pytorch_eager",
+    mc.PLATFORM_TORCHSCRIPT: "torchscript",
+    mc.PLATFORM_TORCH_EXPORT: "torch_export",
+}
+_MODEL_FILES = ("model.py", "model.pt", "model.pt2")
 CONFIG = "config.pbtxt"
 
 # How models are managed while the server runs (Triton's --model-control-mode):
@@ -94,6 +103,7 @@ def spec_from_config(folder: Path, config: mc.ModelConfig, config_path: Path | N
         precision=config.precision,
         max_queued_rows=config.max_queued_rows,
         max_queued_bytes=config.max_queued_bytes,
+        strict_input_dtypes=config.strict_input_dtypes,
     )
 
 
@@ -174,7 +184,7 @@ def load_repository(root: Path | None) -> list[ModelSpec]:
         if entry.spec is None:
             raise RepositoryError(entry.error)
     if not entries:
-        raise RepositoryError(f"model repository {root} has no model folders (each needs model.py or model.pt)")
+        raise RepositoryError(f"model repository {root} has no model folders (each needs model.py, model.pt or model.pt2)")
     return [entry.spec for entry in entries if entry.spec is not None]
 
 
@@ -219,7 +229,7 @@ class ModelManager:
         if self.control != CONTROL_NONE or self.engine.models():
             return
         if not entries:
-            raise RepositoryError(f"model repository {self.root} has no model folders (each needs model.py or model.pt)")
+            raise RepositoryError(f"model repository {self.root} has no model folders (each needs model.py, model.pt or model.pt2)")
         reasons = "; ".join(f"{r.name} v{r.version} ({r.spec.path if r.spec else '?'}): {r.reason}" for r in self.engine.model_records())
         raise RepositoryError(f"no model in {self.root} could be served: {reasons}")
 

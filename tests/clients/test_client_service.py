@@ -23,7 +23,8 @@ X = np.array([[0.2961, 0.5166, 0.2517], [0.6886, 0.0740, 0.8665]], dtype=np.floa
 Y = np.array([[1.0], [2.0]], dtype=np.float32)
 BROKEN = "model 'broken' rejects every request"
 MODEL = pb.ModelInfo(config={"name": "toy", "version": "1"}, ready=True, state=pb.MODEL_STATE_READY,
-                     algorithms=[pb.ALGORITHM_INTEGRATED_GRADIENTS, pb.ALGORITHM_SALIENCY])
+                     algorithms=[pb.ALGORITHM_INTEGRATED_GRADIENTS, pb.ALGORITHM_SALIENCY],
+                     refused=[pb.RefusedAlgorithm(name="lrp", reason="LRP has no rule for module 'norm' (LayerNorm)")])
 DT = tensor_pb2.DataType
 
 
@@ -324,7 +325,8 @@ def test_cli_models(sync_server, capsys):
     ]
     assert cli.models_main(["--target-address", address, "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"models": [
-        {"name": "toy", "version": "1", "ready": True, "state": "ready", "reason": "", "algorithms": ["integrated_gradients", "saliency"]}]}
+        {"name": "toy", "version": "1", "ready": True, "state": "ready", "reason": "", "algorithms": ["integrated_gradients", "saliency"],
+         "refused": {"lrp": "LRP has no rule for module 'norm' (LayerNorm)"}}]}
 
 
 def test_python_m_cli(sync_server):

@@ -56,9 +56,9 @@ CASES = {
         "inputs[0] ('x'): expected shape (n, 3), got (1, 4)",
     ),
     "wrong dtype against the config": (
-        request(model="fragile", inputs=[to_tensor_proto(np.zeros((1, 3), np.float64))]),
+        request(model="fragile", inputs=[to_tensor_proto(np.zeros((1, 3), np.int64))]),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "expected dtype float32, got float64",
+        "inputs[0] ('x'): expected dtype float32, got int64",
     ),
     "target out of range": (request(target=pb.Target(index=5)), grpc.StatusCode.INVALID_ARGUMENT, "target index 5 is out of range"),
     "target count": (

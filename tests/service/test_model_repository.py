@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from captum.attr import IntegratedGradients, Saliency
+from captum.attr import DeepLift, GuidedBackprop, IntegratedGradients, Saliency
 from torch import nn
 
 from attrserve.v1 import model_config_pb2 as mc
@@ -223,10 +223,16 @@ def test_torchscript_model_pt(tmp_path, engines, how):
     supported = engine.supported_algorithms(model)
     assert "deep_lift" not in supported and "deep_lift" in ALGORITHMS
     assert {"saliency", "integrated_gradients"} <= set(supported)
-    with pytest.raises(InvalidArgument, match="deep_lift needs an eager model"):
+    with pytest.raises(InvalidArgument, match="deep_lift hooks the model's forward .* TorchScript, which takes no hooks"):
         attribute(engine, "ts", "deep_lift")
 
     oracle = torch.jit.load(str(folder / "model.pt")).eval()
+    with pytest.raises(RuntimeError, match="not supported on ScriptModules"):  # Captum cannot either
+        DeepLift(oracle).attribute(X.clone(), target=CAPTUM_TARGET)
+    # Guided Backprop sees no ReLU module in TorchScript: Captum's answer is the plain gradient, and so is ours.
+    assert_close(
+        attribute(engine, "ts", "guided_backprop").attributions[0], GuidedBackprop(oracle).attribute(X.clone(), target=CAPTUM_TARGET)
+    )
     assert_close(attribute(engine, "ts", "saliency").attributions[0], Saliency(oracle).attribute(X.clone(), target=CAPTUM_TARGET))
     assert_close(attribute(engine, "ts", "integrated_gradients").attributions[0], captum_ig(oracle))
     assert_close(attribute(engine, "ts", "integrated_gradients").attributions[0], captum_ig(eager))  # same math as eager
@@ -265,14 +271,31 @@ def test_config_fields_are_honoured(tmp_path, engines):
     # A request is checked against the inputs: shape and dtype, naming the input.
     with pytest.raises(InvalidArgument, match=r"inputs\[0\] \('features'\): expected shape \(n, 4\), got \(2, 5\)"):
         attribute(engine, "custom", "saliency", x=torch.ones(2, 5))
-    with pytest.raises(InvalidArgument, match=r"'features'.*expected dtype float32, got float64"):
-        attribute(engine, "custom", "saliency", x=X.double())
+    with pytest.raises(InvalidArgument, match=r"'features'.*expected dtype float32, got int64"):
+        attribute(engine, "custom", "saliency", x=X.long())
+    # A float64 input (numpy's default) is cast to the pinned float32, said in the result, and gets Captum's
+    # numbers on the float32 input.
+    cast = attribute(engine, "custom", "integrated_gradients", x=X.double() + 1e-9)
+    assert [(c.input, c.sent, c.used) for c in cast.input_casts] == [(0, torch.float64, torch.float32)]
+    assert_close(cast.attributions[0], captum_ig(build(MLP), x=(X.double() + 1e-9).float()))
+    assert attribute(engine, "custom", "integrated_gradients").input_casts == ()
     with pytest.raises(InvalidArgument, match="takes 1 inputs"):
         engine.attribute(AttributionJob(model="custom", algorithm="saliency", inputs=(X, X)), timeout=60)
 
     result = attribute(engine, "custom", "integrated_gradients")
     assert result.model_version == "7"
     assert_close(result.attributions[0], captum_ig(build(MLP)))
+
+
+def test_strict_input_dtypes_refuses_instead_of_casting(tmp_path, engines):
+    write_model(tmp_path / "strict", config=CONFIGURED.replace('name: "custom"', 'name: "strict"\n    strict_input_dtypes: true'))
+    (spec,) = load_repository(tmp_path)
+    assert spec.strict_input_dtypes
+    engine = engines()
+    engine.load(spec)
+    with pytest.raises(InvalidArgument, match=r"inputs\[0\] \('features'\): expected dtype float32, got float64 .*strict_input_dtypes"):
+        attribute(engine, "strict", "saliency", x=X.double())
+    assert_close(attribute(engine, "strict", "integrated_gradients").attributions[0], captum_ig(build(MLP)))
 
 
 def test_output_selection_tuple_index(tmp_path, engines):

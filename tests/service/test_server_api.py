@@ -18,7 +18,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_client import AsyncAttributionClient, Attribution, AttributionClient
 from attrserve_engine import AttributionJob, Unavailable
-from doubles import Linear3
+from attrserve_engine.algorithms import ALGORITHMS
+from doubles import Fragile, Linear3
 from oracle import MODELS, assert_all_close, wait_in_flight
 from servers import scrape, start_server
 
@@ -99,10 +100,29 @@ def test_list_and_get_model(server) -> None:
     assert {"conv1", "relu1", "pool", "conv2", "fc"} <= set(info.layers)
     assert pb.ALGORITHM_DEEP_LIFT in info.algorithms and pb.ALGORITHM_INTEGRATED_GRADIENTS in info.algorithms
     assert info.config.max_batch_rows > 0 and info.config.device == "cpu" and info.config.version == "1"
-    # fragile has no DeepLift-hookable module, so DeepLift is not offered.
-    assert pb.ALGORITHM_DEEP_LIFT not in fragile.algorithms
+    # fragile is one Linear: no module DeepLift has a rule for, so (as in Captum) DeepLift is its plain gradient.
+    assert pb.ALGORITHM_DEEP_LIFT in fragile.algorithms
+    # What a model cannot serve is listed with why: conv's LeakyReLU has no LRP rule, in Captum too.
+    refused = {r.name: r.reason for r in info.refused}
+    assert "LeakyReLU" in refused["lrp"] and "relu2" in refused["lrp"]
+    named = {pb.Algorithm.Name(a).removeprefix("ALGORITHM_").lower() for a in info.algorithms} | set(info.custom_algorithms)
+    assert not named & set(refused) and all(refused.values())
+    assert len(named | set(refused)) == len(ALGORITHMS)
     assert [(s.name, list(s.dims)) for s in fragile.config.inputs] == [("x", [3])]
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_float64_inputs_are_cast_to_the_pinned_dtype_and_said_so(server) -> None:
+    """numpy's default float64, sent to a model whose config pins float32: computed in float32 (Captum's numbers on
+    the cast input), and the response lists the cast; a float32 request lists none."""
+    x64 = X.astype(np.float64) + 1e-9  # not representable in float32: the cast is a real one
+    with AttributionClient(server.address) as client:
+        cast = client.attribute("fragile", "integrated_gradients", x64, target=1)
+        exact = client.attribute("fragile", "integrated_gradients", X, target=1)
+    assert cast.input_casts == ((0, "float64", "float32"),) and exact.input_casts == ()
+    want = IntegratedGradients(Fragile()).attribute(torch.from_numpy(x64).float(), target=1)
+    assert cast.attributions.dtype == np.float32
+    assert_all_close((torch.from_numpy(cast.attributions),), (want.detach(),))
 
 
 def test_health_and_reflection(server) -> None:

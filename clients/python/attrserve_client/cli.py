@@ -285,7 +285,8 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def models_main(argv: Sequence[str] | None = None) -> int:
-    """`attrserve models`: the served models, their versions, readiness, state and algorithms."""
+    """`attrserve models`: the served models, their versions, readiness, state and algorithms (--json: and the
+    algorithms each cannot serve, with why)."""
     p = _parser("attrserve models", "List an attrserve server's models.")
     args = p.parse_args(argv)
     try:
@@ -301,6 +302,7 @@ def models_main(argv: Sequence[str] | None = None) -> int:
             "state": state_name(m.state),
             "reason": m.reason,
             "algorithms": [algorithm_name(a) for a in m.algorithms],
+            "refused": {r.name: r.reason for r in m.refused},  # the algorithms it cannot serve, and why
         }
         for m in models
     ]

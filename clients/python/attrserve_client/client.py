@@ -17,6 +17,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
+from attrserve.v1 import tensor_pb2
 
 from .tensors import from_tensor_proto, to_tensor_proto
 
@@ -98,6 +99,9 @@ class Attribution:
     also: tuple[AlgorithmResult, ...] = ()
     infidelity: np.ndarray | None = None  # per example, when asked for with evaluate=
     sensitivity_max: np.ndarray | None = None
+    # (input index, dtype sent, dtype computed in) for each input the server cast to the model's pinned dtype,
+    # e.g. (0, "float64", "float32") for numpy's default float64 sent to a float32 model.
+    input_casts: tuple[tuple[int, str, str], ...] = ()
 
     @classmethod
     def from_response(cls, response: pb.AttributeResponse, *, single: bool = False) -> Attribution:
@@ -113,6 +117,7 @@ class Attribution:
             request_id=response.request_id,
             infidelity=from_tensor_proto(response.infidelity) if response.HasField("infidelity") else None,
             sensitivity_max=from_tensor_proto(response.sensitivity_max) if response.HasField("sensitivity_max") else None,
+            input_casts=tuple((c.input, _dtype_name(c.sent), _dtype_name(c.used)) for c in response.input_casts),
             also=tuple(
                 AlgorithmResult(
                     r.algorithm,
@@ -122,6 +127,11 @@ class Attribution:
                 for r in response.also
             ),
         )
+
+
+def _dtype_name(dtype: int) -> str:
+    """DATA_TYPE_FLOAT64 → "float64"."""
+    return tensor_pb2.DataType.Name(dtype).removeprefix("DATA_TYPE_").lower()
 
 
 def algorithm_names() -> list[str]:

@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from attrserve_engine.errors import InvalidArgument, shown
 from attrserve_engine.models import LoadedModel
 from attrserve_engine.plan import Block, BlockResult, PassKind, Plan, Task, repeat_rows
-from attrserve_engine.rules.deeplift import hooked_modules
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,8 @@ class Algorithm:
     name: ClassVar[str]
     params_type: ClassVar[type] = NoParams
     has_convergence_delta: ClassVar[bool] = False
-    # Pass kinds the plan uses; GetModel lists an algorithm only where the model allows them.
+    # Hooks the model's own forward (Captum's DeepLift family: a forward pre-hook pairs inputs with baselines),
+    # which TorchScript does not take. Modules without a rule need no hook: they pass their plain gradient.
     needs_module_hooks: ClassVar[bool] = False
     # Gradients w.r.t. the inputs need floating point inputs (token ids need a layer method).
     needs_input_gradients: ClassVar[bool] = True
@@ -83,10 +83,24 @@ class Algorithm:
     def _refusal(self, model: LoadedModel, dtypes: tuple[torch.dtype | None, ...]) -> str | None:
         if self.name in model.unsupported:  # failed at warm-up
             return f"model {model.name!r} cannot serve {self.name}: {model.unsupported[self.name]}"
-        if self.needs_module_hooks and (model.is_torchscript or not hooked_modules(model.module)):
-            return f"{self.name} needs an eager model with modules it can hook (ReLU, Sigmoid, MaxPool, ...); model {model.name!r} has none"
+        if self.needs_module_hooks and model.is_torchscript:
+            return (
+                f"{self.name} hooks the model's forward (as Captum's DeepLift does); model {model.name!r} is TorchScript, "
+                "which takes no hooks (Captum raises on it too); serve it as an eager model.py"
+            )
         if self.layer_method and model.is_torchscript:
             return f"{self.name} hooks a layer; model {model.name!r} is TorchScript, which takes no hooks"
+        if self.layer_method and model.is_exported:  # Captum: "Forward hook did not obtain any outputs for given layer"
+            return (
+                f"{self.name} hooks a layer; model {model.name!r} is a torch.export program, whose layers are inlined into "
+                "one graph: its submodules only hold parameters and are never called, so a hook on one never runs"
+            )
+        if self.needs_module_hooks and model.is_exported:  # Captum: "Trying to flatten user inputs with exported input tree spec"
+            return (
+                f"{self.name} runs the model on inputs and baselines joined by a forward pre-hook (as Captum's DeepLift does); "
+                f"model {model.name!r} is a torch.export program, which checks its arguments against the exported ones before "
+                "that hook runs (Captum fails on it too)"
+            )
         if self.needs_input_gradients:
             for i, dtype in enumerate(dtypes):
                 if dtype is not None and not dtype.is_floating_point:
@@ -94,11 +108,12 @@ class Algorithm:
                         f"inputs[{i}] has dtype {str(dtype).replace('torch.', '')}; {self.name} takes gradients w.r.t. "
                         "the inputs, so they must be floating point (for token ids, use a layer method on the embedding)"
                     )
-        reason = None if model.is_torchscript else self.module_refusal(model.module)
+        reason = self.module_refusal(model.module)
         return f"model {model.name!r} cannot serve {self.name}: {reason}" if reason else None
 
     def module_refusal(self, module: nn.Module) -> str | None:
-        """Why this algorithm cannot explain an eager `module` at all (e.g. LRP: a module type with no rule), or None.
+        """Why this algorithm cannot explain `module` (eager or TorchScript) at all (e.g. LRP: a module type with no
+        rule), or None.
 
         Override for rules of the model's structure; `refusal` asks it once per model."""
         return None

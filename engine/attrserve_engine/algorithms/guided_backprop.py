@@ -17,7 +17,6 @@ class ModifiedReluGradient(Algorithm):
     """
 
     rule: ClassVar[str]
-    needs_module_hooks = True
 
     def plan(self, task: Task) -> Plan:
         result = yield Block(kind=PassKind.GUIDED, inputs=task.inputs, args=task.args, target=task.target, options=GuidedOptions(self.rule))

@@ -28,7 +28,6 @@ class GuidedGradCam(LayerAlgorithm):
 
     name = "guided_grad_cam"
     params_type = GuidedGradCamParams
-    needs_module_hooks = True  # Guided Backprop's ReLU hooks
     needs_input_gradients = True
     input_shaped = True  # the upsampled CAM times Guided Backprop, at the inputs
 

@@ -646,7 +646,7 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., rows: _Optional[int] = ..., passes: _Optional[int] = ..., pass_rows: _Optional[int] = ..., pass_requests: _Optional[int] = ...) -> None: ...
 
 class AttributeResponse(_message.Message):
-    __slots__ = ("request_id", "attributions", "convergence_delta", "outputs", "model_version", "timing", "seed", "also", "infidelity", "sensitivity_max")
+    __slots__ = ("request_id", "attributions", "convergence_delta", "outputs", "model_version", "timing", "seed", "also", "infidelity", "sensitivity_max", "input_casts")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     CONVERGENCE_DELTA_FIELD_NUMBER: _ClassVar[int]
@@ -657,6 +657,7 @@ class AttributeResponse(_message.Message):
     ALSO_FIELD_NUMBER: _ClassVar[int]
     INFIDELITY_FIELD_NUMBER: _ClassVar[int]
     SENSITIVITY_MAX_FIELD_NUMBER: _ClassVar[int]
+    INPUT_CASTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attributions: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.Tensor]
     convergence_delta: _tensor_pb2.Tensor
@@ -667,7 +668,18 @@ class AttributeResponse(_message.Message):
     also: _containers.RepeatedCompositeFieldContainer[AlgorithmResult]
     infidelity: _tensor_pb2.Tensor
     sensitivity_max: _tensor_pb2.Tensor
-    def __init__(self, request_id: _Optional[str] = ..., attributions: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., convergence_delta: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., model_version: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., seed: _Optional[int] = ..., also: _Optional[_Iterable[_Union[AlgorithmResult, _Mapping]]] = ..., infidelity: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sensitivity_max: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    input_casts: _containers.RepeatedCompositeFieldContainer[InputCast]
+    def __init__(self, request_id: _Optional[str] = ..., attributions: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., convergence_delta: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., outputs: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., model_version: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., seed: _Optional[int] = ..., also: _Optional[_Iterable[_Union[AlgorithmResult, _Mapping]]] = ..., infidelity: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sensitivity_max: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., input_casts: _Optional[_Iterable[_Union[InputCast, _Mapping]]] = ...) -> None: ...
+
+class InputCast(_message.Message):
+    __slots__ = ("input", "sent", "used")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    input: int
+    sent: _tensor_pb2.DataType
+    used: _tensor_pb2.DataType
+    def __init__(self, input: _Optional[int] = ..., sent: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., used: _Optional[_Union[_tensor_pb2.DataType, str]] = ...) -> None: ...
 
 class AttributeStreamRequest(_message.Message):
     __slots__ = ("request",)
@@ -720,7 +732,7 @@ class GetModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("config", "layers", "algorithms", "ready", "custom_algorithms", "batch_probe", "state", "reason")
+    __slots__ = ("config", "layers", "algorithms", "ready", "custom_algorithms", "batch_probe", "state", "reason", "refused")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
@@ -729,6 +741,7 @@ class ModelInfo(_message.Message):
     BATCH_PROBE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     config: _model_config_pb2.ModelConfig
     layers: _containers.RepeatedScalarFieldContainer[str]
     algorithms: _containers.RepeatedScalarFieldContainer[Algorithm]
@@ -737,7 +750,16 @@ class ModelInfo(_message.Message):
     batch_probe: _containers.RepeatedCompositeFieldContainer[BatchProbe]
     state: ModelState
     reason: str
-    def __init__(self, config: _Optional[_Union[_model_config_pb2.ModelConfig, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., algorithms: _Optional[_Iterable[_Union[Algorithm, str]]] = ..., ready: _Optional[bool] = ..., custom_algorithms: _Optional[_Iterable[str]] = ..., batch_probe: _Optional[_Iterable[_Union[BatchProbe, _Mapping]]] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+    refused: _containers.RepeatedCompositeFieldContainer[RefusedAlgorithm]
+    def __init__(self, config: _Optional[_Union[_model_config_pb2.ModelConfig, _Mapping]] = ..., layers: _Optional[_Iterable[str]] = ..., algorithms: _Optional[_Iterable[_Union[Algorithm, str]]] = ..., ready: _Optional[bool] = ..., custom_algorithms: _Optional[_Iterable[str]] = ..., batch_probe: _Optional[_Iterable[_Union[BatchProbe, _Mapping]]] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., refused: _Optional[_Iterable[_Union[RefusedAlgorithm, _Mapping]]] = ...) -> None: ...
+
+class RefusedAlgorithm(_message.Message):
+    __slots__ = ("name", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
     __slots__ = ("model", "version", "state", "reason")
