@@ -77,17 +77,26 @@ class LayerHook:
         self.use_input = block.layer_input
         self.substitute = substitute
         self.grad = grad
+        # LayerLRP reads the relevance LRP's rules leave on the gradient of the very tensors the layer consumes
+        # (Captum reads its rule's record, not a hook's copy): no clone there.
+        self.clone = block.kind is not PassKind.LRP
         self.activations: tuple[Tensor, ...] | None = None
         self.handle: RemovableHandle | None = None
 
     def _capture(self, acts: tuple) -> tuple:
+        """What the model goes on with. Captum's `_forward_layer_distributed_eval`: the kept activations are never the
+        tensors the model goes on with, so an in-place op after the layer (`ReLU(inplace=True)`, a residual `+=`)
+        leaves them alone — a clone is kept, or, when gradients are taken against them, they are kept and the model
+        gets a clone. Substituted values (LayerIntegratedGradients) go in as they are, as in Captum."""
         if self.activations is not None:
             raise InvalidArgument(f"layer {type(self.module).__name__} runs more than once per forward; attribute to a layer used once")
         if self.substitute is not None:
-            acts = tuple(v.detach().requires_grad_(self.grad) for v in self.substitute)
-        elif self.grad:
-            acts = tuple(a if a.requires_grad else a.detach().requires_grad_() for a in acts)
-        self.activations = acts
+            self.activations = tuple(v.detach().requires_grad_(self.grad) for v in self.substitute)
+            return self.activations
+        if self.grad:
+            self.activations = tuple(a if a.requires_grad else a.detach().requires_grad_() for a in acts)
+            return tuple(a.clone() for a in self.activations) if self.clone else self.activations
+        self.activations = tuple(a.clone() for a in acts) if self.clone else acts
         return acts
 
     def install(self) -> None:

@@ -44,6 +44,10 @@ class Algorithm:
     needs_module_hooks: ClassVar[bool] = False
     # Gradients w.r.t. the inputs need floating point inputs (token ids need a layer method).
     needs_input_gradients: ClassVar[bool] = True
+    # Why, in the words a refused request with integer inputs gets.
+    float_inputs_why: ClassVar[str] = (
+        "takes gradients w.r.t. the inputs, so they must be floating point (for token ids, use a layer method on the embedding)"
+    )
     # Takes `feature_masks` (perturbation methods).
     uses_feature_mask: ClassVar[bool] = False
     # Attributes to (or through) the request's `layer`.
@@ -104,10 +108,7 @@ class Algorithm:
         if self.needs_input_gradients:
             for i, dtype in enumerate(dtypes):
                 if dtype is not None and not dtype.is_floating_point:
-                    return (
-                        f"inputs[{i}] has dtype {str(dtype).replace('torch.', '')}; {self.name} takes gradients w.r.t. "
-                        "the inputs, so they must be floating point (for token ids, use a layer method on the embedding)"
-                    )
+                    return f"inputs[{i}] has dtype {str(dtype).replace('torch.', '')}; {self.name} {self.float_inputs_why}"
         reason = self.module_refusal(model.module)
         return f"model {model.name!r} cannot serve {self.name}: {reason}" if reason else None
 

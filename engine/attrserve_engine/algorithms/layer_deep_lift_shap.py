@@ -28,6 +28,12 @@ class LayerDeepLiftShap(LayerAlgorithm):
     params_type = LayerDeepLiftShapParams
     has_convergence_delta = True
     needs_module_hooks = True
+    # Captum's _expand_inputs_baselines_targets (deep_lift.py:860) calls requires_grad_() on the expanded inputs.
+    needs_input_gradients = True
+    float_inputs_why = (
+        "marks its expanded inputs as needing gradients, as Captum's LayerDeepLiftShap does, so they must be floating "
+        "point (for token ids, use layer_deep_lift, one baseline per request)"
+    )
     uses_baselines = True
     baseline_distribution = True
 

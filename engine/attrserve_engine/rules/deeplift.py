@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attrserve_engine.errors import InvalidArgument
 from attrserve_engine.rules.hooks import ModuleHooks, replace_input_gradient
 
 
@@ -130,11 +129,7 @@ class DeepLiftRules(ModuleHooks):
         state: dict[str, Tensor] = {}
 
         def keep_input(x: Tensor) -> None:
-            if "input" in state:  # Captum refuses this too: the rule needs one input/output pair per module
-                raise InvalidArgument(
-                    f"module {type(module).__name__} runs more than once per forward; DeepLift needs each nonlinearity to be its own module"
-                )
-            state["input"] = x.detach().clone()
+            state["input"] = x.detach().clone()  # a module that runs twice keeps its last run's values, as in Captum
 
         def keep_output(y: Tensor) -> None:
             state["output"] = y.detach().clone()
@@ -142,4 +137,15 @@ class DeepLiftRules(ModuleHooks):
         def multiplier(grad_in: Tensor, grad_out: Tensor) -> Tensor:
             return rule(module, state["input"], state["output"], grad_in, grad_out, self.eps, self.layout)
 
-        replace_input_gradient(module, self, multiplier, on_input=keep_input, on_output=keep_output)
+        replace_input_gradient(
+            module,
+            self,
+            multiplier,
+            on_input=keep_input,
+            on_output=keep_output,
+            only_last_use=(
+                f"module {type(module).__name__} runs more than once per forward and the gradient flows back through a run "
+                "other than its last; DeepLift's rule needs each run's own input and output (Captum fails or mixes runs "
+                "here): give each use its own module"
+            ),
+        )

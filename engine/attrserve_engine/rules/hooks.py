@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from attrserve_engine.errors import InvalidArgument
 
 
 class ModuleHooks:
@@ -26,6 +29,7 @@ def replace_input_gradient(
     replace: Callable[[Tensor, Tensor], Tensor | None],
     on_input: Callable[[Tensor], None] | None = None,
     on_output: Callable[[Tensor], None] | None = None,
+    only_last_use: str | None = None,
 ) -> None:
     """Captum's `_register_backward_hook` (captum/_utils/common.py) on one module.
 
@@ -36,22 +40,29 @@ def replace_input_gradient(
     `on_output` see the forward values (DeepLift keeps them).
 
     NOTE: one slot per module, overwritten by each output gradient, as Captum's per-device dict is: a module
-    that runs twice pairs each input gradient with the output gradient that arrived last.
+    that runs twice pairs each input gradient with the output gradient that arrived last. With `only_last_use`
+    (DeepLift, whose rule reads the values of the module's last run, as Captum keeps them), a gradient flowing
+    back through any earlier run of the module raises InvalidArgument with that message: there Captum either
+    fails (the values were used up) or silently pairs this run's gradient with another run's values.
     """
     grad_out: list[Tensor] = []
+    runs = [0]
 
     def output_grad_hook(grad: Tensor) -> None:
         grad_out[:] = [grad]
 
-    def input_grad_hook(grad: Tensor) -> Tensor | None:
+    def input_grad_hook(run: int, grad: Tensor) -> Tensor | None:
+        if only_last_use is not None and run != runs[0]:
+            raise InvalidArgument(only_last_use)
         return replace(grad, grad_out[0]) if grad_out else None
 
     def pre_hook(mod: nn.Module, inp: tuple) -> tuple:
         x = inp[0]
+        runs[0] += 1
         if on_input is not None:
             on_input(x)
         if x.requires_grad:  # nothing flows back through an input that needs no gradient
-            x.register_hook(input_grad_hook)
+            x.register_hook(partial(input_grad_hook, runs[0]))
         return (x.clone(), *inp[1:])
 
     def forward_hook(mod: nn.Module, inp: tuple, out: Tensor | tuple) -> None:
