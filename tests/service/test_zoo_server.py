@@ -1,0 +1,149 @@
+"""The model zoo (tests/zoo.py) through the service: what a client sends over the wire (token ids, padding masks as
+additional forward arguments, tuple targets, dict/tuple outputs chosen by the config, a TorchScript model.pt folder)
+gets Captum's numbers, with the model's requests sent at once on one stream so they share passes; and GetModel's
+`refused` lists exactly what the engine refuses, each with its reason.
+
+tests/engine/test_model_zoo.py runs every (model, algorithm) pair at the engine; here a few per model, one per kind of
+algorithm (input gradients, rule-based, layer, neuron, perturbation), so the wire paths are all crossed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from attrserve.v1 import attribution_service_pb2 as pb
+from attrserve_client import Attribution, AttributionClient
+from attrserve_engine import Engine, EngineLimits, InputSpec, ModelSpec
+from attrserve_engine.algorithms import ALGORITHMS
+from attrserve_service.config import ServerConfig
+from oracle import assert_all_close, assert_close
+from servers import ServerThread
+from zoo import ALGOS, ZOO, Request, captum_attribute, make_request
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.* is deprecated:DeprecationWarning"),
+]
+
+# One algorithm of each kind a model may serve; a model gets those it serves (and Captum runs).
+PICKS = (
+    "integrated_gradients",
+    "deep_lift",
+    "guided_backprop",
+    "layer_integrated_gradients",
+    "layer_deep_lift",
+    "layer_gradient_x_activation",
+    "neuron_gradient",
+    "neuron_feature_ablation",
+    "feature_ablation",
+    "shapley_value_sampling",
+    "lrp",
+)
+# The TorchScript zoo model, served from a repository folder (model.pt) rather than handed to the engine.
+SCRIPTED_FOLDER = "scripted_pt"
+
+
+def spec(name: str) -> ModelSpec:
+    z = ZOO[name]
+    inputs = [InputSpec("input_ids" if z.tokens else "x", z.dtype)]
+    return ModelSpec(name=name, module=z.build(), inputs=inputs, output_key=z.output_key, output_index=z.output_index)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("zoo_repository")
+    (root / SCRIPTED_FOLDER).mkdir()
+    ZOO["scripted"].build().save(str(root / SCRIPTED_FOLDER / "model.pt"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path) -> Iterator[ServerThread]:
+    engine = Engine(EngineLimits(default_device="cpu", probe_batch_rows=False))
+    for name in ZOO:
+        if name != "scripted":
+            engine.load(spec(name))
+    # The folder as the repository would load it: model.pt found in it, TorchScript detected from the file.
+    engine.load(ModelSpec(name=SCRIPTED_FOLDER, path=repo / SCRIPTED_FOLDER, inputs=[InputSpec("x", torch.float32)]))
+    s = ServerThread(engine, ServerConfig(port=0))
+    yield s
+    s.stop()
+
+
+def served_name(model: str) -> str:
+    return SCRIPTED_FOLDER if model == "scripted" else model
+
+
+def wire_request(req: Request, request_id: str) -> pb.AttributeRequest:
+    """The zoo request as a client builds it: numpy in, Captum's argument names."""
+    return AttributionClient.build_request(
+        served_name(req.zoo.name),
+        req.algorithm,
+        req.inputs.numpy(),
+        baselines=None if req.baselines is None else [req.baselines.numpy()],
+        target=(list(req.targets) if req.algo.target else None),
+        additional_forward_args=[a.numpy() for a in req.args] or None,
+        layer=req.layer or None,
+        params=dict(req.params) or None,
+        feature_mask=None if req.mask is None else [req.mask.numpy()],
+        seed=req.seed,
+        return_convergence_delta=req.delta,
+        request_id=request_id,
+    )
+
+
+def picks(model: str, served: set[str]) -> list[Request]:
+    out = []
+    for algorithm in PICKS:
+        if algorithm not in served:
+            continue
+        req = make_request(ZOO[model], algorithm, seed=sorted(ALGOS).index(algorithm), delta=ALGORITHMS[algorithm].has_convergence_delta)
+        try:
+            captum_attribute(req)
+        except Exception:  # e.g. an in-place op after the layer: test_model_zoo checks the service refuses it too
+            continue
+        out.append(req)
+    return out
+
+
+@pytest.mark.parametrize("model", list(ZOO))
+def test_zoo_model_through_the_service_like_captum(server: ServerThread, model: str) -> None:
+    with AttributionClient(server.address) as client:
+        info = client.get_model(served_name(model))
+        served = {pb.Algorithm.Name(a).removeprefix("ALGORITHM_").lower() for a in info.algorithms}
+        refused = {r.name: r.reason for r in info.refused}
+        reqs = picks(model, served)
+        assert len(reqs) >= 3, (model, sorted(served))
+        # One stream, all at once: the model's requests queue together and share passes.
+        responses = list(client.attribute_stream([wire_request(r, str(i)) for i, r in enumerate(reqs)], timeout=120))
+    assert info.ready and served and not served & set(refused) and all(refused.values())
+    assert served | set(refused) == set(ALGORITHMS)
+    by_id = {r.request_id: r for r in responses}
+    assert len(by_id) == len(reqs)
+    shared = 0
+    for i, req in enumerate(reqs):
+        entry = by_id[str(i)]
+        assert entry.WhichOneof("result") == "response", (req.algorithm, entry.error.message)
+        got = Attribution.from_response(entry.response, single=True)
+        want, want_delta = captum_attribute(req)
+        assert_all_close((torch.from_numpy(np.asarray(got.attributions)),), want)
+        if req.delta:
+            assert_close(torch.from_numpy(got.convergence_delta), want_delta)
+        shared = max(shared, got.timing["pass_requests"])
+    assert shared > 1, "no two of the model's requests shared a pass"
+
+
+def test_get_model_refusals_are_the_engines(server: ServerThread) -> None:
+    """GetModel's `refused` is the engine's own refusal message, per algorithm (a request for one gets that message)."""
+    with AttributionClient(server.address) as client:
+        infos = {m.config.name: m for m in client.list_models()}
+    engine = server.running.engine
+    for name in map(served_name, ZOO):
+        assert {r.name: r.reason for r in infos[name].refused} == engine.refused_algorithms(engine.get_model(name)), name
+    scripted = {r.name: r.reason for r in infos[SCRIPTED_FOLDER].refused}
+    assert "TorchScript" in scripted["deep_lift"] and "TorchScript" in scripted["layer_integrated_gradients"]
+    assert "guided_backprop" not in scripted  # Captum's plain gradient: served
