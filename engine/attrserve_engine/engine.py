@@ -27,6 +27,7 @@ from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob,
 from attrserve_engine.models import (
     DEFAULT_MAX_BATCH_ROWS,
     DEFAULT_MAX_QUEUE_DELAY_US,
+    InputCast,
     LoadedModel,
     ModelRecord,
     ModelSpec,
@@ -383,6 +384,8 @@ class Engine:
         seed = job.seed if job.seed is not None else _SEEDS.getrandbits(32)
         if not 0 <= seed <= MAX_SEED:
             raise InvalidArgument(f"seed must be in [0, {MAX_SEED}], got {seed}")
+        if not job.algorithm:
+            return self._prepare_predictions(job, model, inputs, casts, args, seed)
         primary = AlgorithmSpec(job.algorithm, job.params, job.noise_tunnel, job.layer, job.return_convergence_delta)
         calls = [self._prepare_call(call, job, model, inputs, target, args, seed) for call in (primary, *job.also)]
         evaluate = parse_evaluate(dict(job.evaluate), self.limits.algorithm_limits) if job.evaluate else None
@@ -435,6 +438,74 @@ class Engine:
             plan_factory=plan_factory,
             finish=finish,
             rows=rows,
+            deadline=job.deadline,
+            arrival=job.arrival,
+            request_id=job.request_id,
+            priority=job.priority,
+            row_bytes=model.row_bytes(inputs),
+        )
+
+    def _prepare_predictions(
+        self,
+        job: AttributionJob,
+        model: LoadedModel,
+        inputs: tuple[Tensor, ...],
+        casts: tuple[InputCast, ...],
+        args: tuple[Tensor, ...],
+        seed: int,
+    ) -> LiveJob:
+        """A job without an algorithm (return_outputs set): the model's explained output alone (the Open Inference
+        Protocol's ModelInfer). One forward row per example, no gradient, no target selected; its rows share passes
+        with other predictions of the model."""
+        if not job.return_outputs:
+            raise InvalidArgument("algorithm is empty; name the algorithm to run (or set return_outputs for the model's outputs alone)")
+        unused = {
+            "target": job.target is not None,
+            "baselines": bool(job.baselines),
+            "params": bool(job.params),
+            "noise_tunnel": job.noise_tunnel is not None,
+            "layer": bool(job.layer),
+            "feature_masks": bool(job.feature_masks),
+            "return_convergence_delta": job.return_convergence_delta,
+            "also": bool(job.also),
+            "evaluate": bool(job.evaluate),
+        }
+        if any(unused.values()):
+            names = ", ".join(name for name, used in unused.items() if used)
+            raise InvalidArgument(f"{names}: only for an algorithm; a job without one returns the model's outputs")
+        n = int(inputs[0].shape[0])
+        if n > self.limits.max_rows_per_request:
+            limit = self.limits.max_rows_per_request
+            raise ResourceExhausted(f"this request needs {n} rows of model work, over this server's limit of {limit} rows per request")
+        task = Task(inputs=inputs, baselines=(), target=format_target(None, n), args=args, params=None, rng=RequestRNG(seed))
+
+        def plan_factory() -> JobPlan:
+            return concurrently([_outputs_plan(task.to(model.device), select=False)])
+
+        def finish(returned: list, live: LiveJob) -> AttributionResult:
+            now = time.monotonic()
+            timing = dataclasses.replace(
+                live.timing,
+                queue_ms=1e3 * ((live.first_pass_start or now) - live.arrival),
+                total_ms=1e3 * (now - live.arrival),
+                rows=live.rows,
+            )
+            return AttributionResult(
+                attributions=(),
+                convergence_delta=None,
+                outputs=_cpu(returned[0]),
+                model_version=model.version,
+                seed=seed,
+                timing=timing,
+                request_id=job.request_id,
+                input_casts=casts,
+            )
+
+        return LiveJob(
+            model=model,
+            plan_factory=plan_factory,
+            finish=finish,
+            rows=n,
             deadline=job.deadline,
             arrival=job.arrival,
             request_id=job.request_id,
@@ -554,9 +625,9 @@ def _count(rows: int) -> str:
     return str(rows) if rows.bit_length() <= 130 else f"about 2^{rows.bit_length() - 1}"
 
 
-def _outputs_plan(task: Task) -> PlanOf[Tensor]:
-    """The model's explained output for the inputs (return_outputs)."""
-    result: BlockResult = yield Block(kind=PassKind.FORWARD, inputs=task.inputs, args=task.args, target=task.target)
+def _outputs_plan(task: Task, select: bool = True) -> PlanOf[Tensor]:
+    """The model's explained output for the inputs (return_outputs; select=False: predictions alone, no target)."""
+    result: BlockResult = yield Block(kind=PassKind.FORWARD, inputs=task.inputs, args=task.args, target=task.target, select=select)
     return result.outputs
 
 

@@ -22,6 +22,9 @@ from attrserve_service.config import ServerConfig
 from attrserve_service.core import Core, LocalCore, build_core, settle_heap
 from attrserve_service.engine_process import EngineProcess
 from attrserve_service.interceptor import StatusInterceptor
+from attrserve_service.oip import METHODS as OIP_METHODS
+from attrserve_service.oip import SERVICE_NAME as OIP_SERVICE_NAME
+from attrserve_service.oip import InferenceServicer, add_inference_service
 from attrserve_service.repository import CONTROL_POLL, ModelManager
 from attrserve_service.servicer import AttributionServicer, ModelRepositoryServicer, add_attribution_service, add_model_repository_service
 
@@ -140,6 +143,7 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
             ("unary", REPOSITORY_SERVICE_NAME, "RepositoryIndex"),
             ("unary", REPOSITORY_SERVICE_NAME, "LoadModel"),
             ("unary", REPOSITORY_SERVICE_NAME, "UnloadModel"),
+            *(("unary", OIP_SERVICE_NAME, method) for method in OIP_METHODS),
         ]
     )
 
@@ -158,10 +162,12 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
     attribution = AttributionServicer(core, config.max_requests_per_stream)
     add_attribution_service(attribution, server)
     add_model_repository_service(ModelRepositoryServicer(core), server)
+    add_inference_service(InferenceServicer(core, attribution, config.strict_readiness), server)  # KServe v2 / Triton clients
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
-        reflection.enable_server_reflection((SERVICE_NAME, REPOSITORY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        names = (SERVICE_NAME, REPOSITORY_SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
     address = f"{config.host}:{config.port}"
     credentials = security.credentials
     port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)

@@ -1,0 +1,275 @@
+"""The Open Inference Protocol (KServe v2 / Triton gRPC) on attrserve's port, called with the real Triton client.
+
+tritonclient's generated messages and attrserve's (service/attrserve_service/kserve) both define `inference.*` in
+protobuf's default descriptor pool, which refuses a symbol twice: one Python process cannot import both. The
+server runs in this process (ServerThread), so each tritonclient call runs in a short child process (`triton`);
+requests tritonclient cannot send (typed `contents`, malformed messages) go out with attrserve's own messages."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from captum.attr import IntegratedGradients
+
+from attrserve_client import AttributionClient
+from attrserve_engine import InputSpec, ModelSpec
+from attrserve_service.config import ServerConfig
+from attrserve_service.kserve import grpc_predict_v2_pb2 as oip
+from oracle import MultiInput, ToyModel
+from servers import ServeProcess, ServerThread, oracle_engine
+
+X = np.array([[1.0, -2.0, 0.5], [0.3, 0.7, -1.1], [2.0, 0.1, -0.4]], dtype=np.float32)
+
+_CLIENT = r"""
+import pickle, sys
+import numpy as np
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+address, calls = pickle.load(sys.stdin.buffer)
+results = []
+client = tc.InferenceServerClient(address)
+for call in calls:
+    kind, args = call[0], call[1:]
+    try:
+        if kind == "live":
+            results.append(client.is_server_live())
+        elif kind == "ready":
+            results.append(client.is_server_ready())
+        elif kind == "model_ready":
+            results.append(client.is_model_ready(*args))
+        elif kind == "server_metadata":
+            results.append(client.get_server_metadata(as_json=True))
+        elif kind == "model_metadata":
+            results.append(client.get_model_metadata(args[0], as_json=True))
+        elif kind == "infer":
+            model, inputs, params, outputs = args
+            infer_inputs = []
+            for name, array, datatype in inputs:
+                item = tc.InferInput(name, list(array.shape), datatype)
+                item.set_data_from_numpy(array)
+                infer_inputs.append(item)
+            requested = [tc.InferRequestedOutput(name) for name in outputs] if outputs else None
+            result = client.infer(model, infer_inputs, parameters=params or None, outputs=requested, request_id="req-1")
+            response = result.get_response(as_json=True)
+            results.append({
+                "outputs": {o["name"]: result.as_numpy(o["name"]) for o in response["outputs"]},
+                "response": response,
+            })
+    except InferenceServerException as e:
+        results.append(("error", e.status(), e.message()))
+client.close()
+sys.stdout.buffer.write(pickle.dumps(results))
+"""
+
+
+def triton(address: str, *calls: tuple) -> list:
+    """Run `calls` with tritonclient.grpc in a child process (see the module docstring); each call's result, or
+    ("error", status, message) for an InferenceServerException."""
+    proc = subprocess.run([sys.executable, "-c", _CLIENT], input=pickle.dumps((address, calls)), capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return pickle.loads(proc.stdout)
+
+
+def infer(model: str, inputs: list, params: dict | None = None, outputs: list | None = None) -> tuple:
+    return ("infer", model, inputs, params, outputs)
+
+
+@pytest.fixture(scope="module")
+def oip_server():
+    engine = oracle_engine()
+    torch.manual_seed(0)
+    spec = [InputSpec("a", torch.float32, (4,)), InputSpec("b", torch.float32, (3,))]
+    engine.load(ModelSpec(name="named", module=MultiInput(), inputs=spec))
+    server = ServerThread(engine, ServerConfig(port=0, max_request_bytes=1 << 20, reflection=True))
+    yield server
+    server.stop()
+
+
+def model_infer(address: str, request: oip.ModelInferRequest) -> oip.ModelInferResponse:
+    """ModelInfer with attrserve's own messages (what tritonclient cannot send: typed contents, bad messages)."""
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=oip.ModelInferRequest.SerializeToString,
+            response_deserializer=oip.ModelInferResponse.FromString,
+        )
+        return call(request, timeout=60)
+
+
+def raw_output(response: oip.ModelInferResponse, name: str) -> np.ndarray:
+    (i,) = [i for i, o in enumerate(response.outputs) if o.name == name]
+    out = response.outputs[i]
+    assert out.datatype == "FP32"
+    return np.frombuffer(response.raw_output_contents[i], dtype="<f4").reshape(list(out.shape))
+
+
+def test_health_and_metadata_through_the_triton_client(oip_server) -> None:
+    live, ready, toy_ready, missing_ready, server_meta, toy_meta, named_meta = triton(
+        oip_server.address,
+        ("live",),
+        ("ready",),
+        ("model_ready", "toy"),
+        ("model_ready", "no-such-model"),
+        ("server_metadata",),
+        ("model_metadata", "toy"),
+        ("model_metadata", "named"),
+    )
+    assert (live, ready, toy_ready, missing_ready) == (True, True, True, False)
+    assert server_meta["name"] == "attrserve"
+    assert server_meta["version"]
+    assert toy_meta["name"] == "toy"
+    assert toy_meta["versions"] == ["1"]
+    assert toy_meta["platform"] == "pytorch"
+    assert toy_meta.get("inputs", []) == []  # the oracle models' configs name no inputs: matched by position
+    assert named_meta["inputs"] == [
+        {"name": "a", "datatype": "FP32", "shape": ["-1", "4"]},  # the JSON form of int64 is a string
+        {"name": "b", "datatype": "FP32", "shape": ["-1", "3"]},
+    ]
+    assert [o["name"] for o in named_meta["outputs"]] == ["output", "attributions__a", "attributions__b"]
+    assert named_meta["outputs"][0]["shape"] == ["-1"]
+
+
+def test_predictions_equal_the_models_forward(oip_server) -> None:
+    a = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    b = np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32)
+    toy, named = triton(
+        oip_server.address,
+        infer("toy", [("x", X, "FP32")]),
+        infer("named", [("b", b, "FP32"), ("a", a, "FP32")]),  # by name, in any order
+    )
+    with torch.no_grad():
+        torch.manual_seed(0)
+        want_named = MultiInput()(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+        want_toy = ToyModel()(torch.from_numpy(X)).numpy()
+    assert list(toy["outputs"]) == ["output"]
+    np.testing.assert_allclose(toy["outputs"]["output"], want_toy, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(named["outputs"]["output"], want_named, rtol=0, atol=1e-6)
+    assert toy["response"]["model_name"] == "toy"
+    assert toy["response"]["model_version"] == "1"
+    assert toy["response"]["id"] == "req-1"
+
+
+def test_integrated_gradients_equal_captum_and_attribute(oip_server) -> None:
+    params = {"algorithm": "integrated_gradients", "target": 1, "n_steps": 24, "return_convergence_delta": True}
+    (result,) = triton(oip_server.address, infer("toy", [("x", X, "FP32")], params))
+    model = ToyModel()
+    want, want_delta = IntegratedGradients(model).attribute(
+        torch.from_numpy(X), target=1, n_steps=24, return_convergence_delta=True
+    )
+    got = result["outputs"]
+    assert set(got) == {"attributions__x", "convergence_delta"}
+    np.testing.assert_allclose(got["attributions__x"], want.detach().numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["convergence_delta"], want_delta.detach().numpy(), rtol=1e-4, atol=1e-5)
+    with AttributionClient(oip_server.address) as client:
+        answer = client.attribute("toy", "integrated_gradients", X, target=1, params={"n_steps": 24}, return_convergence_delta=True)
+    np.testing.assert_array_equal(got["attributions__x"], answer.attributions)
+    np.testing.assert_array_equal(got["convergence_delta"], answer.convergence_delta)
+
+
+def test_attributions_with_baselines_per_example_targets_and_the_output_by_name(oip_server) -> None:
+    a = np.random.default_rng(2).normal(size=(2, 4)).astype(np.float32)
+    b = np.random.default_rng(3).normal(size=(2, 3)).astype(np.float32)
+    base = np.full((1, 4), 0.5, dtype=np.float32)
+    params = {"algorithm": "integrated_gradients", "target": "[1, 0]", "n_steps": 16}
+    inputs = [("a", a, "FP32"), ("b", b, "FP32"), ("a__baselines", base, "FP32")]
+    (result,) = triton(oip_server.address, infer("named", inputs, params, ["attributions__a", "output"]))
+    torch.manual_seed(0)
+    model = MultiInput()
+    want = IntegratedGradients(model).attribute(
+        (torch.from_numpy(a), torch.from_numpy(b)), baselines=(torch.from_numpy(base), 0.0), target=[1, 0], n_steps=16
+    )
+    assert list(result["outputs"]) == ["output", "attributions__a"]  # only what was asked for
+    np.testing.assert_allclose(result["outputs"]["attributions__a"], want[0].detach().numpy(), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(result["outputs"]["output"], model(torch.from_numpy(a), torch.from_numpy(b)).numpy(), atol=1e-6)
+
+
+def test_typed_contents_and_raw_bytes_of_other_datatypes_give_the_same_answer(oip_server) -> None:
+    """`named` pins float32 inputs: FP64 and FP16 data are cast to it (as Attribute does); typed contents and raw
+    bytes are the same tensor."""
+    a = np.random.default_rng(4).normal(size=(2, 4))
+    b = np.random.default_rng(5).normal(size=(2, 3))
+    typed = oip.ModelInferRequest(model_name="named")
+    typed.inputs.add(name="a", datatype="FP64", shape=[2, 4]).contents.fp64_contents.extend(a.ravel().tolist())
+    typed.inputs.add(name="b", datatype="FP32", shape=[2, 3]).contents.fp32_contents.extend(b.ravel().tolist())
+    raw16 = oip.ModelInferRequest(model_name="named", raw_input_contents=[b.astype("<f4").tobytes(), a.astype("<f2").tobytes()])
+    raw16.inputs.add(name="b", datatype="FP32", shape=[2, 3])
+    raw16.inputs.add(name="a", datatype="FP16", shape=[2, 4])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        want = MultiInput()(torch.from_numpy(a).float(), torch.from_numpy(b).float()).numpy()
+    np.testing.assert_allclose(raw_output(model_infer(oip_server.address, typed), "output"), want, atol=1e-6)
+    np.testing.assert_allclose(raw_output(model_infer(oip_server.address, raw16), "output"), want, atol=5e-3)
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda r: r.inputs.add(name="x", datatype="FP99", shape=[3, 3]), "inputs[0].datatype"),
+        (lambda r: r.inputs.add(name="x", datatype="FP32", shape=[3, 3]).contents.fp32_contents.extend([1.0] * 4), "inputs[0]"),
+        (lambda r: r.inputs.add(name="x", datatype="FP16", shape=[1, 3]).contents.fp32_contents.extend([1.0] * 3), "inputs[0]"),
+        (lambda r: (r.inputs.add(name="x", datatype="FP32", shape=[1, 3]), r.raw_input_contents.extend([b"", b""])), "raw_input_contents"),
+        (lambda r: (r.inputs.add(name="x", datatype="FP32", shape=[1, 3]).contents.fp32_contents.extend([1.0] * 3),
+                    r.parameters["target"].MergeFrom(oip.InferParameter(string_param="{bad"))), "parameters.target"),
+        (lambda r: (r.inputs.add(name="x", datatype="FP32", shape=[1, 3]).contents.fp32_contents.extend([1.0] * 3),
+                    r.outputs.add(name="logits")), "outputs[0].name"),
+    ],
+)
+def test_a_bad_request_is_invalid_argument_naming_the_field(oip_server, build, field) -> None:
+    request = oip.ModelInferRequest(model_name="toy")
+    build(request)
+    with pytest.raises(grpc.RpcError) as raised:
+        model_infer(oip_server.address, request)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in raised.value.details()
+
+
+def test_bad_requests_through_the_triton_client_then_the_server_still_answers(oip_server) -> None:
+    bad_param, bad_algorithm, unknown_input, good = triton(
+        oip_server.address,
+        infer("toy", [("x", X, "FP32")], {"algorithm": "integrated_gradients", "target": 0, "n_steps": -3}),
+        infer("toy", [("x", X, "FP32")], {"algorithm": "no_such_algorithm"}),
+        infer("named", [("a", X[:, :3].copy(), "FP32"), ("c", X, "FP32")]),
+        infer("toy", [("x", X, "FP32")]),
+    )
+    for error, field in ((bad_param, "n_steps"), (bad_algorithm, "no_such_algorithm"), (unknown_input, "'c'")):
+        assert error[0] == "error"
+        assert error[1] == "StatusCode.INVALID_ARGUMENT", error
+        assert field in error[2]
+    with torch.no_grad():
+        np.testing.assert_allclose(good["outputs"]["output"], ToyModel()(torch.from_numpy(X)).numpy(), atol=1e-6)
+    (malformed,) = [b"\xff\xff\xff"]
+    with grpc.insecure_channel(oip_server.address) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as raised:
+            call(malformed, timeout=30)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "inference.ModelInferRequest" in raised.value.details()
+
+
+def test_attrserve_serve_with_its_engine_process_answers_triton_clients() -> None:
+    """`attrserve serve` as it ships: the default engine-core process and the built-in demo models (toy is Captum's
+    ToyModel, its input named x)."""
+    with ServeProcess([]) as served:
+        ready, meta, predicted, explained = triton(
+            served.address,
+            ("model_ready", "toy"),
+            ("model_metadata", "toy"),
+            infer("toy", [("x", X, "FP32")]),
+            infer("toy", [("x", X, "FP32")], {"algorithm": "integrated_gradients", "target": 0, "n_steps": 20}),
+        )
+    assert ready is True
+    assert meta["platform"] == "pytorch"
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "3"]}]
+    model = ToyModel()
+    with torch.no_grad():
+        np.testing.assert_allclose(predicted["outputs"]["output"], model(torch.from_numpy(X)).numpy(), atol=1e-6)
+    want = IntegratedGradients(model).attribute(torch.from_numpy(X), target=0, n_steps=20)
+    np.testing.assert_allclose(explained["outputs"]["attributions__x"], want.detach().numpy(), rtol=1e-5, atol=1e-5)
