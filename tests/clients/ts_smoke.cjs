@@ -1,0 +1,107 @@
+// Drives the compiled TypeScript client (clients/typescript) against a live server and prints one JSON object.
+// Usage: node ts_smoke.cjs DIST_DIR ADDRESS [TOKEN]   (tests/clients/test_typescript_client.py runs it)
+// With TOKEN (a server that checks bearer tokens): ListModels with it, without one and with a wrong one.
+"use strict";
+const path = require("node:path");
+
+const [distDir, address, token] = process.argv.slice(2);
+const { AttrserveClient, AttrserveError, toNested } = require(path.resolve(distDir, "index.js"));
+
+const X = [
+  [0.2961119413, 0.516562283, 0.2516707182],
+  [0.6885567904, 0.0739724636, 0.8665219545],
+];
+const MULTI = [
+  [[0.3, -0.2, 0.9, 1.4], [1.0, 0.5, -0.4, 0.2]],
+  [[0.7, -1.1, 0.05], [-0.3, 0.8, 1.2]],
+];
+
+async function failure(promise) {
+  try {
+    await promise;
+    return { thrown: false };
+  } catch (e) {
+    return {
+      thrown: true,
+      isAttrserveError: e instanceof AttrserveError,
+      isError: e instanceof Error,
+      name: e.name,
+      code: e.code,
+      codeName: e.codeName,
+      details: e.details,
+      message: e.message,
+    };
+  }
+}
+
+const plain = (t) => t && { data: Array.from(t.data, Number), shape: t.shape, dtype: t.dtype, typedArray: t.data.constructor.name };
+
+async function auth() {
+  const clients = [new AttrserveClient(address, { token }), new AttrserveClient(address), new AttrserveClient(address, { token: "wrong-token" })];
+  try {
+    const [good, none, wrong] = clients;
+    const models = await good.listModels({ deadline: 30000 });
+    const out = {
+      models: models.map((m) => m.config && m.config.name),
+      withoutToken: await failure(none.listModels({ deadline: 30000 })),
+      wrongToken: await failure(wrong.listModels({ deadline: 30000 })),
+    };
+    process.stdout.write(JSON.stringify(out) + "\n");
+  } finally {
+    clients.forEach((c) => c.close());
+  }
+}
+
+async function main() {
+  const client = new AttrserveClient(address);
+  try {
+    const models = await client.listModels({ deadline: 30000 });
+    const toy = await client.getModel("toy");
+    const ig = await client.attribute("toy", "integrated_gradients", X, {
+      baselines: 0,
+      target: 0,
+      returnConvergenceDelta: true,
+      deadline: 60000,
+    });
+    // A typed-array input, per-example targets and Captum-named params.
+    const typed = await client.attribute(
+      "toy",
+      "integrated_gradients",
+      { data: Float32Array.from(X.flat()), shape: [2, 3] },
+      { target: [0, 1], params: { n_steps: 20, method: "riemann_trapezoid" }, seed: 7 },
+    );
+    // Two inputs (the oracle's `multi`: 4 and 3 features): one Float64Array and one nested-number tensor per input,
+    // one baseline per input; the attributions come back one per input.
+    const multi = await client.attribute(
+      "multi",
+      "integrated_gradients",
+      [
+        { data: Float64Array.from(MULTI[0].flat()), shape: [2, 4], dtype: "float32" },
+        { data: MULTI[1].flat(), shape: [2, 3] },
+      ],
+      { target: 1, baselines: [0.5, { data: [0.1, 0.2, 0.3], shape: [1, 3] }], params: { n_steps: 16 } },
+    );
+    const out = {
+      multi: { attributions: multi.attributions.map(plain), nested: multi.attributions.map(toNested) },
+      models: models.map((m) => ({ name: m.config && m.config.name, ready: m.ready, algorithms: m.algorithmNames })),
+      toy: { name: toy.config.name, algorithms: toy.algorithmNames, layers: toy.layers, inputs: toy.config.inputs.map((i) => ({ name: i.name, dims: i.dims.map(Number) })) },
+      ig: { attributions: plain(ig.attributions), convergenceDelta: plain(ig.convergenceDelta), modelVersion: ig.modelVersion, seed: ig.seed.toString(), timing: ig.timing },
+      typed: { attributions: plain(typed.attributions), seed: typed.seed.toString() },
+      // Rejected by the server: a target past the model's 2 outputs.
+      badTarget: await failure(client.attribute("toy", "integrated_gradients", X, { target: 5 })),
+      // Rejected by the server: params out of range.
+      badParams: await failure(client.attribute("toy", "integrated_gradients", X, { target: 0, params: { n_steps: 0 } })),
+      // Refused by the client before sending: an unknown parameter name.
+      unknownParam: await failure(client.attribute("toy", "integrated_gradients", X, { params: { nsteps: 3 } })),
+      unknownModel: await failure(client.getModel("no-such-model")),
+    };
+    process.stdout.write(JSON.stringify(out) + "\n");
+  } finally {
+    client.close();
+  }
+}
+
+(token ? auth() : main()).catch((e) => {
+  console.error(e && e.stack ? e.stack : e);
+  process.exit(1);
+});
