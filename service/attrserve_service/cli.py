@@ -1,4 +1,5 @@
-"""`attrserve` command: `serve` runs the server; `attribute` and `models` call one (from attrserve-client).
+"""`attrserve serve`: runs the server. The `attrserve` command itself is attrserve_client.cli:main (in both packages'
+entry points), which imports this module for `serve` only.
 
 Every server setting is one row of SETTINGS: its flag, the ServerConfig or EngineLimits field it sets (whose
 default is the default), and its environment variable (ATTRSERVE_ + the flag in upper snake case, e.g.
@@ -324,24 +325,14 @@ def serve_main(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m attrserve_service.cli`: `serve` here; every other word (and `--help`) as the `attrserve` command, which
+    both packages install as attrserve_client.cli:main (so the client commands never import torch)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("serve", "attribute", "models", "repository", "load", "unload")
-    if not argv or argv[0] not in commands:
-        print(f"usage: attrserve {{{','.join(commands)}}} [options]  (attrserve COMMAND --help)", file=sys.stderr)
-        return 2
-    command, rest = argv[0], argv[1:]
-    if command == "serve":
-        return serve_main(rest)
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
     from attrserve_client import cli as client_cli
 
-    client_commands = {
-        "attribute": client_cli.main,
-        "models": client_cli.models_main,
-        "repository": client_cli.repository_main,
-        "load": client_cli.load_main,
-        "unload": client_cli.unload_main,
-    }
-    return client_commands[command](rest)
+    return client_cli.main(argv)
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ def test_cli_models_shows_states_and_reasons(client, server, repo, capsys):
         assert captured.err.startswith("error: FAILED_PRECONDITION: ") and "no weights here" in captured.err
         assert cli.models_main(address) == 0
         lines = capsys.readouterr().out.splitlines()
-        assert lines[0].split() == ["name", "version", "ready", "state", "algorithms"]
+        assert lines[0].split() == ["name", "version", "ready", "state", "inputs", "layers", "algorithms"]
         rows = {tuple(line.split()[:4]) for line in lines[1:5]}
         assert rows == {("a", "1", "yes", "ready"), ("b", "1", "yes", "ready"), ("b", "2", "yes", "ready"),
                         ("c", "1", "no", "unavailable")}, lines

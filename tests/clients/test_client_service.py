@@ -320,12 +320,13 @@ def test_cli_models(sync_server, capsys):
     address, _ = sync_server
     assert cli.main(["models", "--target-address", address]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "name  version  ready  state  algorithms",
-        "toy   1        yes    ready  integrated_gradients, saliency",
+        "name  version  ready  state  inputs  layers  algorithms",
+        "toy   1        yes    ready  -       0       integrated_gradients, saliency",
     ]
     assert cli.models_main(["--target-address", address, "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"models": [
-        {"name": "toy", "version": "1", "ready": True, "state": "ready", "reason": "", "algorithms": ["integrated_gradients", "saliency"],
+        {"name": "toy", "version": "1", "ready": True, "state": "ready", "reason": "", "inputs": [], "layers": [],
+         "algorithms": ["integrated_gradients", "saliency"],
          "refused": {"lrp": "LRP has no rule for module 'norm' (LayerNorm)"}}]}
 
 

@@ -1,4 +1,8 @@
-"""Command line of the client side of attrserve: `attrserve attribute`, `models`, `repository`, `load` and `unload`."""
+"""The `attrserve` command: `attribute`, `models`, `describe`, `repository`, `load` and `unload` call a server; `serve`
+runs one (from the server package, imported only then).
+
+Both packages install this module's `main` as `attrserve`, so the command is the same whichever was installed last.
+It imports no torch: a client call starts in a fraction of a second."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import numpy as np
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import tensor_pb2
 
+from . import viz
 from .client import Attribution, AttributionClient, algorithm_name, algorithm_names
 
 _MAX_COLUMNS = 12
@@ -37,20 +42,30 @@ _CAST_TO = {
 }
 
 
-def _load(text: str) -> Any:
-    """A JSON literal, or the path of a .json or .npy file (no JSON literal ends that way)."""
-    if text.endswith(".npy"):
-        return np.load(text)
-    if text.endswith(".json"):
-        with open(text) as f:
-            return json.load(f)
-    return json.loads(text)
+def _load(text: str, flag: str = "") -> Any:
+    """A JSON literal, or the path of a .json or .npy file (no JSON literal ends that way); errors name `flag`."""
+    prefix = f"{flag}: " if flag else ""
+    try:
+        if text.endswith(".npy"):
+            return np.load(text)
+        if text.endswith(".json"):
+            with open(text) as f:
+                return json.load(f)
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{prefix}not JSON (nor a .json or .npy file): {_shown(text)}: {e}") from None
+    except OSError as e:
+        raise ValueError(f"{prefix}cannot read {text}: {e.strerror or e}") from None
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit] + "...")
 
 
 def _load_dict(text: str | None, flag: str) -> dict[str, Any] | None:
     if text is None:
         return None
-    value = _load(text)
+    value = _load(text, flag)
     if not isinstance(value, dict):
         raise ValueError(f"{flag} must be a JSON object")
     return value
@@ -123,6 +138,16 @@ def _render(result: Attribution) -> str:
         lines += _table("convergence delta", result.convergence_delta)
     if result.outputs is not None:
         lines += _table(f"outputs {result.outputs.shape}", result.outputs)
+    for more in result.also:  # --also
+        for i, a in enumerate(more.attributions if isinstance(more.attributions, tuple) else (more.attributions,)):
+            which = f" of input {i}" if isinstance(more.attributions, tuple) else ""
+            lines += _table(f"{more.algorithm}: attributions{which} {a.shape}", a)
+        if more.convergence_delta is not None:
+            lines += _table(f"{more.algorithm}: convergence delta", more.convergence_delta)
+    if result.infidelity is not None:  # --evaluate
+        lines += _table("infidelity", result.infidelity)
+    if result.sensitivity_max is not None:
+        lines += _table("sensitivity_max", result.sensitivity_max)
     t = result.timing
     lines.append(
         f"timing: queue {t['queue_ms']:.2f} ms, compute {t['compute_ms']:.2f} ms, "
@@ -132,19 +157,33 @@ def _render(result: Attribution) -> str:
     return "\n".join(lines)
 
 
+def _listed(attributions: np.ndarray | tuple[np.ndarray, ...]) -> Any:
+    return [a.tolist() for a in attributions] if isinstance(attributions, tuple) else attributions.tolist()
+
+
 def _as_json(result: Attribution) -> str:
-    attributions = result.attributions
-    return json.dumps(
-        {
-            "request_id": result.request_id,
-            "model_version": result.model_version,
-            "seed": result.seed,
-            "attributions": ([a.tolist() for a in attributions] if isinstance(attributions, tuple) else attributions.tolist()),
-            "convergence_delta": None if result.convergence_delta is None else result.convergence_delta.tolist(),
-            "outputs": None if result.outputs is None else result.outputs.tolist(),
-            "timing": result.timing,
-        }
-    )
+    value: dict[str, Any] = {
+        "request_id": result.request_id,
+        "model_version": result.model_version,
+        "seed": result.seed,
+        "attributions": _listed(result.attributions),
+        "convergence_delta": None if result.convergence_delta is None else result.convergence_delta.tolist(),
+        "outputs": None if result.outputs is None else result.outputs.tolist(),
+        "timing": result.timing,
+    }
+    if result.also:  # --also: one entry per extra algorithm, in the order asked
+        value["also"] = [
+            {
+                "algorithm": a.algorithm,
+                "attributions": _listed(a.attributions),
+                "convergence_delta": None if a.convergence_delta is None else a.convergence_delta.tolist(),
+            }
+            for a in result.also
+        ]
+    for metric in ("infidelity", "sensitivity_max"):  # --evaluate
+        if (scores := getattr(result, metric)) is not None:
+            value[metric] = scores.tolist()
+    return json.dumps(value)
 
 
 def _add_connection(p: argparse.ArgumentParser) -> None:
@@ -192,13 +231,70 @@ def _attribute_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer")
     p.add_argument("--params", help='JSON object of the algorithm\'s parameters, e.g. {"n_steps": 50}')
     p.add_argument("--noise-tunnel", help='JSON object, e.g. {"nt_type": "smoothgrad", "nt_samples": 10}')
+    p.add_argument(
+        "--also",
+        action="append",
+        metavar="JSON",
+        help='one more algorithm on the same inputs, as the client\'s also= entries: {"algorithm": "saliency", "params": {...}, '
+        '"noise_tunnel": {...}, "layer": ..., "return_convergence_delta": true}; JSON or a .json file; repeatable',
+    )
+    p.add_argument(
+        "--evaluate",
+        metavar="JSON",
+        help='quality metrics of the attributions, as the client\'s evaluate=: {"infidelity": {"n_perturb_samples": 10}, '
+        '"sensitivity_max": {}}',
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--return-convergence-delta", action="store_true")
     p.add_argument("--return-outputs", action="store_true")
     p.add_argument("--request-id", default="")
     p.add_argument("--timeout", type=float, help="seconds")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    g = p.add_argument_group("pictures (needs matplotlib: pip install 'attrserve-client[viz]')")
+    g.add_argument(
+        "--render",
+        metavar="FILE",
+        help="also draw example 0's attributions (of the first input) to FILE: .png for an image or bars of features, "
+        ".html (or .png with --render-tokens) for highlighted tokens",
+    )
+    g.add_argument("--render-kind", choices=viz.KINDS, default="auto", help="what to draw (default: from FILE and the shape)")
+    g.add_argument("--render-method", choices=viz.METHODS, help="for images (default: blended_heat_map)")
+    g.add_argument("--render-sign", choices=viz.SIGNS, default="absolute_value", help="for images (default: absolute_value)")
+    g.add_argument("--render-tokens", metavar="WORDS", help='the words of a text input: a JSON list, a .json file or "the movie was ..."')
+    g.add_argument("--render-feature-names", metavar="NAMES", help="the names of tabular features: a JSON list or a .json file")
     return p
+
+
+def _words(text: str | None, flag: str) -> list[str] | None:
+    """A JSON list (or .json file) of strings; for --render-tokens also plain words separated by spaces."""
+    if text is None:
+        return None
+    if flag == "--render-tokens" and not text.lstrip().startswith("[") and not text.endswith(".json"):
+        return text.split()
+    value = _load(text, flag)
+    if not isinstance(value, list):
+        raise ValueError(f"{flag} must be a JSON list")
+    return [str(v) for v in value]
+
+
+def _draw(args: argparse.Namespace, inputs: list[Any], result: Attribution) -> int:
+    """--render: draws the first input's attributions for example 0 with attrserve_client.viz."""
+    attributions = result.attributions[0] if isinstance(result.attributions, tuple) else result.attributions
+    try:
+        kind = viz.render(
+            attributions,
+            np.asarray(inputs[0]),
+            args.render,
+            kind=args.render_kind,
+            tokens=_words(args.render_tokens, "--render-tokens"),
+            feature_names=_words(args.render_feature_names, "--render-feature-names"),
+            method=args.render_method,
+            sign=args.render_sign,
+        )
+    except (ImportError, ValueError, OSError) as e:
+        return _error(f"--render: {e}")
+    print(f"wrote {args.render} ({kind})", file=sys.stderr)
+    return 0
 
 
 def _error(message: str) -> int:
@@ -206,20 +302,94 @@ def _error(message: str) -> int:
     return 2
 
 
+# `attrserve --help`: each command with one line, in this order.
+COMMANDS = {
+    "serve": "run the server (needs the server package; `attrserve serve --help` lists its settings)",
+    "attribute": "attributions of inputs from a server (--also: more algorithms, --evaluate: their quality)",
+    "models": "the served models: version, state, inputs, layers and algorithms",
+    "describe": "everything the server says about one model (GetModel): config, inputs, layers, algorithms, refusals",
+    "repository": "every model version in the server's repository and its state",
+    "load": "load or reload a model (server run with --model-control explicit)",
+    "unload": "unload a model or one version (server run with --model-control explicit)",
+}
+_EXAMPLES = """\
+examples:
+  attrserve serve --port 50051                       # the built-in demo models
+  attrserve models                                   # what 127.0.0.1:50051 serves
+  attrserve describe toy --json
+  attrserve attribute --model toy --algorithm integrated_gradients \\
+      --inputs '[[0.3, 0.5, 0.25]]' --baselines 0 --target 0 --also '{"algorithm": "saliency"}'
+  attrserve models --target-address attrserve.example.com:50051 --root-cert ca.crt   # TLS; token: $ATTRSERVE_TOKEN
+
+Every client command takes --target-address HOST:PORT (default 127.0.0.1:50051), --timeout SECONDS, --json and the
+TLS/token options; `attrserve COMMAND --help` lists them. Errors print "error: ..." on stderr and exit 2."""
+_SERVER_MISSING = (
+    "error: `attrserve serve` needs the attrserve server, which is not installed here (only the client is).\n"
+    "Install both from a checkout of attrserve: pip install ./clients/python .   (or run `make serve` there)"
+)
+
+
+def usage() -> str:
+    """`attrserve --help`."""
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: attrserve COMMAND [options]    (attrserve COMMAND --help for its options)",
+        "",
+        "Explanations of PyTorch models from an attrserve gRPC server (Captum's algorithms).",
+        "",
+        "commands:",
+        *(f"  {name.ljust(width)}  {text}" for name, text in COMMANDS.items()),
+        "",
+        _EXAMPLES,
+    ]
+    return "\n".join(lines)
+
+
+def serve(argv: Sequence[str]) -> int:
+    """`attrserve serve`: the server package's command, imported only now (it imports torch)."""
+    try:
+        from attrserve_service.cli import serve_main
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in ("attrserve_service", "attrserve_engine"):
+            raise  # the server is there but broken (e.g. no torch): show the real error
+        print(_SERVER_MISSING, file=sys.stderr)
+        return 2
+    return serve_main(list(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`attrserve attribute`; a leading "attribute", "models", "repository", "load" or "unload" word picks the subcommand."""
+    """The `attrserve` command: the first word picks the command (COMMANDS); options alone mean `attribute`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    subcommands = {"models": models_main, "repository": repository_main, "load": load_main, "unload": unload_main}
-    if argv[:1] and argv[0] in subcommands:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    subcommands = {
+        "serve": serve,
+        "models": models_main,
+        "describe": describe_main,
+        "repository": repository_main,
+        "load": load_main,
+        "unload": unload_main,
+    }
+    if argv[0] in subcommands:
         return subcommands[argv[0]](argv[1:])
+    if not argv[0].startswith("-") and argv[0] != "attribute":
+        print(f"error: unknown command {argv[0]!r}; use one of {', '.join(COMMANDS)}\n\n{usage()}", file=sys.stderr)
+        return 2
     if argv[:1] == ["attribute"]:
         argv = argv[1:]
     parser = _attribute_parser()
     args = parser.parse_args(argv)
+    if args.render is not None:
+        try:  # before the request, not after it
+            viz.require_matplotlib()
+        except ImportError as e:
+            return _error(str(e))
     try:
         with _connect(parser, args) as client:
-            inputs = [_load(x) for x in args.inputs]
-            baselines = [_load(x) for x in args.baselines or ()]
+            inputs = [_load(x, "--inputs") for x in args.inputs]
+            baselines = [_load(x, "--baselines") for x in args.baselines or ()]
+            also = [_load_dict(x, "--also") for x in args.also or ()]
             # JSON numbers arrive as int64 or float32; cast them to the dtypes the model's config
             # declares, so `--inputs '[[1, 2, 3]]'` works for a float32 model.
             if any(isinstance(v, list) for v in inputs + baselines):
@@ -233,8 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _one_or_tuple(inputs),
                 baselines=_one_or_tuple(baselines),
                 target=_target(args.target),
-                additional_forward_args=_one_or_tuple([_load(x) for x in args.additional_forward_args or ()]),
-                feature_mask=_one_or_tuple([_load(x) for x in args.feature_mask or ()]),
+                additional_forward_args=_one_or_tuple([_load(x, "--additional-forward-args") for x in args.additional_forward_args or ()]),
+                feature_mask=_one_or_tuple([_load(x, "--feature-mask") for x in args.feature_mask or ()]),
                 layer=args.layer,
                 params=_load_dict(args.params, "--params"),
                 noise_tunnel=_load_dict(args.noise_tunnel, "--noise-tunnel"),
@@ -243,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return_outputs=args.return_outputs,
                 model_version=args.model_version,
                 request_id=args.request_id,
+                also=also or None,
+                evaluate=_load_dict(args.evaluate, "--evaluate"),
                 timeout=args.timeout,
             )
     except grpc.RpcError as e:
@@ -250,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, OSError) as e:  # unreadable or ill-formed arguments
         return _error(str(e))
     print(_as_json(result) if args.json else _render(result))
-    return 0
+    return 0 if args.render is None else _draw(args, inputs, result)
 
 
 def state_name(value: int) -> str:
@@ -284,9 +456,28 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def _dtype(value: int) -> str:
+    """DATA_TYPE_FLOAT32 → "float32"; "any" for an unspecified dtype."""
+    try:
+        name = _DT.Name(cast("tensor_pb2.DataType", value)).removeprefix("DATA_TYPE_").lower()
+    except ValueError:
+        return str(value)
+    return "any" if name == "unspecified" else name
+
+
+def _inputs(info: pb.ModelInfo) -> list[dict[str, Any]]:
+    """The model's declared inputs: name, dtype and per-example dims (-1: varies)."""
+    return [{"name": i.name, "dtype": _dtype(i.dtype), "dims": list(i.dims)} for i in info.config.inputs]
+
+
+def _input_text(spec: dict[str, Any]) -> str:
+    """{"name": "x", "dtype": "float32", "dims": [-1, 3]} → "x:float32[*,3]" (dims per example; *: varies)."""
+    return f"{spec['name']}:{spec['dtype']}[{','.join('*' if d < 0 else str(d) for d in spec['dims'])}]"
+
+
 def models_main(argv: Sequence[str] | None = None) -> int:
-    """`attrserve models`: the served models, their versions, readiness, state and algorithms (--json: and the
-    algorithms each cannot serve, with why)."""
+    """`attrserve models`: the served models, their versions, readiness, state, inputs (name:dtype[dims per example]),
+    layer count and algorithms (--json: the layers and the algorithms each cannot serve, with why)."""
     p = _parser("attrserve models", "List an attrserve server's models.")
     args = p.parse_args(argv)
     try:
@@ -301,7 +492,9 @@ def models_main(argv: Sequence[str] | None = None) -> int:
             "ready": m.ready,
             "state": state_name(m.state),
             "reason": m.reason,
-            "algorithms": [algorithm_name(a) for a in m.algorithms],
+            "inputs": _inputs(m),
+            "layers": list(m.layers),
+            "algorithms": [algorithm_name(a) for a in m.algorithms] + list(m.custom_algorithms),
             "refused": {r.name: r.reason for r in m.refused},  # the algorithms it cannot serve, and why
         }
         for m in models
@@ -310,10 +503,81 @@ def models_main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({"models": rows}))
         return 0
     _print_table(
-        [("name", "version", "ready", "state", "algorithms")]
-        + [(r["name"], r["version"], "yes" if r["ready"] else "no", r["state"], ", ".join(r["algorithms"])) for r in rows]
+        [("name", "version", "ready", "state", "inputs", "layers", "algorithms")]
+        + [
+            (
+                r["name"],
+                r["version"],
+                "yes" if r["ready"] else "no",
+                r["state"],
+                " ".join(map(_input_text, r["inputs"])) or "-",
+                str(len(r["layers"])),
+                ", ".join(r["algorithms"]),
+            )
+            for r in rows
+        ]
     )
     _print_reasons(rows, "name")
+    return 0
+
+
+def _describe_text(info: pb.ModelInfo) -> list[str]:
+    config = info.config
+    lines = [f"model {config.name} version {config.version}: {state_name(info.state)}" + ("" if info.ready else " (not ready)")]
+    if info.reason:
+        lines.append(f"reason: {info.reason}")
+    lines.append("config:")
+    for field, value in config.ListFields():
+        if field.name in ("name", "version", "inputs", "output"):
+            continue
+        shown = (
+            field.enum_type.values_by_number[value].name
+            if field.enum_type is not None and value in field.enum_type.values_by_number
+            else value
+        )
+        lines.append(f"  {field.name}: {shown}")
+    lines.append("inputs:" if config.inputs else "inputs: not declared (any number, dtype and shape)")
+    lines += [f"  {i['name'] or '-'}  {i['dtype']}  dims per example [{', '.join(map(str, i['dims']))}]" for i in _inputs(info)]
+    which = config.output.WhichOneof("selector") if config.HasField("output") else None
+    output = {"index": f"index {config.output.index}", "key": f"key {config.output.key!r}", None: "the forward's output"}[which]
+    lines.append(f"output selector: {output}")
+    lines.append(f"layers ({len(info.layers)}):" if info.layers else "layers: none (no layer methods)")
+    lines += [f"  {layer}" for layer in info.layers]
+    lines.append("algorithms: " + (", ".join(algorithm_name(a) for a in info.algorithms) or "none"))
+    if info.custom_algorithms:
+        lines.append("plugin algorithms: " + ", ".join(info.custom_algorithms))
+    if info.refused:
+        lines.append(f"refused ({len(info.refused)}):")
+        lines += [f"  {r.name}: {r.reason}" for r in info.refused]
+    if info.batch_probe:
+        lines.append("batch probe (rows per pass: rows/s):")
+        lines += [f"  {p.rows}: {p.rows_per_second:.1f}" for p in info.batch_probe]
+    return lines
+
+
+def describe_main(argv: Sequence[str] | None = None) -> int:
+    """`attrserve describe MODEL [--version V]`: everything GetModel says about a model (--json: GetModel's ModelInfo
+    as JSON, with the proto's field names)."""
+    p = _parser("attrserve describe", "Show everything an attrserve server says about one model (GetModel).")
+    p.add_argument("model")
+    p.add_argument("--version", default="", help="one version (default: the one the server serves by default)")
+    args = p.parse_args(argv)
+    try:
+        with _connect(p, args) as client:
+            info = client.get_model(args.model, args.version, timeout=args.timeout)
+    except grpc.RpcError as e:
+        return _error(f"{e.code().name}: {e.details()}")
+    if args.json:
+        from google.protobuf import json_format
+
+        value = json_format.MessageToDict(
+            info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True, unquote_int64_if_possible=True
+        )
+        value["state"] = state_name(info.state)
+        value["algorithms"] = [algorithm_name(a) for a in info.algorithms]
+        print(json.dumps(value))
+        return 0
+    print("\n".join(_describe_text(info)))
     return 0
 
 

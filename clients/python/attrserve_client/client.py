@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import json
 import os
+import random
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
+import threading
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import grpc
 import numpy as np
@@ -19,7 +23,7 @@ from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve.v1 import tensor_pb2
 
-from .tensors import from_tensor_proto, to_tensor_proto
+from .tensors import as_numpy, from_tensor_proto, to_tensor_proto
 
 _PREFIX = "ALGORITHM_"
 # Inputs and attributions easily pass gRPC's 4 MiB default; the server enforces its own limit.
@@ -216,6 +220,7 @@ def _flag(value: Any, label: str) -> bool:
 
 
 def _target(target: Any) -> pb.Target:
+    target = as_numpy(target)
     if isinstance(target, (int, np.integer)) and not isinstance(target, (bool, np.bool_)):
         return pb.Target(index=int(target))
     if isinstance(target, tuple):
@@ -506,6 +511,175 @@ def _aio_bearer_header(token: str) -> list[grpc.aio.ClientInterceptor]:
     return [UnaryUnary(), UnaryStream(), StreamUnary(), StreamStream()]
 
 
+# --- deadlines and retries ------------------------------------------------------------------------
+
+DEFAULT_TIMEOUT = 30.0  # seconds: the deadline of a unary call (all its attempts) unless the client or the call sets another
+# Trailing metadata with the milliseconds after which a refused call may be retried (gRPC's retry design A6); the
+# server sets it on RESOURCE_EXHAUSTED from admission control and on UNAVAILABLE from a restarting engine.
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """How a client retries a call the server refused with UNAVAILABLE or RESOURCE_EXHAUSTED.
+
+    Only calls that give the same answer when repeated are retried: ListModels, GetModel, RepositoryIndex, and an
+    Attribute request that is `replayable` (it carries a seed, or nothing in it draws random numbers). LoadModel,
+    UnloadModel and AttributeStream are never retried. Attempt n (from 0) waits the server's pushback hint when it sent
+    one (`grpc-retry-pushback-ms`), else a random time in [0, min(max_backoff, initial_backoff * multiplier**n)]
+    ("full jitter"). No retry starts after `max_attempts` attempts, or when its wait would end past `max_total` seconds
+    from the first attempt or past the call's deadline; the last error is raised then."""
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+    max_total: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts: expected at least 1, got {self.max_attempts}")
+        if min(self.initial_backoff, self.max_backoff, self.max_total) < 0 or self.multiplier < 1:
+            raise ValueError("backoffs and max_total must be >= 0, multiplier >= 1")
+
+    def backoff(self, attempt: int) -> float:
+        """The jittered wait before retry `attempt` + 1 when the server sent no hint."""
+        return random.uniform(0.0, min(self.max_backoff, self.initial_backoff * self.multiplier**attempt))
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+# Built-in algorithms whose result depends on random draws (and so on the seed); a plugin's may too.
+RANDOM_ALGORITHMS = frozenset(
+    {
+        "gradient_shap",
+        "layer_gradient_shap",
+        "neuron_gradient_shap",
+        "feature_permutation",
+        "shapley_value_sampling",
+        "lime",
+        "kernel_shap",
+    }
+)
+
+
+def replayable(request: pb.AttributeRequest) -> bool:
+    """Whether sending `request` again gives the same answer, so that a refused attempt may be retried: it carries a
+    seed, or it draws no random numbers (built-in algorithms outside RANDOM_ALGORITHMS, for the request and each `also`
+    entry, with no noise tunnel and no `evaluate` metrics, which perturb at random). A request without a seed gets a
+    random one from the server, so a retry of a random one could answer differently: it is not retried."""
+    if request.HasField("seed"):
+        return True
+    if request.HasField("noise_tunnel") or request.HasField("evaluate"):
+        return False
+    specs = [(request.algorithm, request.custom_algorithm, False)]
+    specs += [(a.algorithm, a.custom_algorithm, a.HasField("noise_tunnel")) for a in request.also]
+    return all(not custom and not noise and algorithm_name(value) not in RANDOM_ALGORITHMS for value, custom, noise in specs)
+
+
+def _retry_wait(error: BaseException, attempt: int, policy: RetryPolicy, elapsed: float, timeout: float | None) -> float | None:
+    """Seconds to wait before retrying after `error` on attempt `attempt` (from 0), `elapsed` seconds after the first
+    began; None: do not retry."""
+    code = getattr(error, "code", None)
+    if not callable(code) or code() not in RETRYABLE or attempt + 1 >= policy.max_attempts:
+        return None
+    wait = policy.backoff(attempt)
+    trailing = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None  # type: ignore[attr-defined]
+    hints = [value for key, value in trailing or () if key == RETRY_PUSHBACK]
+    if hints:
+        try:
+            wait = int(hints[0]) / 1e3
+        except ValueError:
+            return None  # A6: a malformed hint means do not retry
+        if wait < 0:
+            return None
+    end = elapsed + wait
+    if end > policy.max_total or (timeout is not None and end >= timeout):
+        return None
+    return wait
+
+
+T = TypeVar("T")
+
+
+def _effective(timeout: float | None, default: float | None) -> float | None:
+    """A call's deadline in seconds: its own, else the client's; math.inf means none."""
+    chosen = default if timeout is None else timeout
+    return None if chosen is None or chosen == float("inf") else chosen
+
+
+def _with_retries(call: Callable[[float | None], T], timeout: float | None, policy: RetryPolicy) -> T:
+    """`call(seconds left)` until it answers or `policy` gives up (the last error is raised)."""
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        elapsed = time.monotonic() - start
+        try:
+            return call(None if timeout is None else max(timeout - elapsed, 0.0))
+        except grpc.RpcError as e:
+            wait = _retry_wait(e, attempt, policy, time.monotonic() - start, timeout)
+            if wait is None:
+                raise
+        time.sleep(wait)
+        attempt += 1
+
+
+async def _with_retries_async(call: Callable[[float | None], Awaitable[T]], timeout: float | None, policy: RetryPolicy) -> T:
+    """_with_retries for grpc.aio calls."""
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        elapsed = time.monotonic() - start
+        try:
+            return await call(None if timeout is None else max(timeout - elapsed, 0.0))
+        except grpc.RpcError as e:  # grpc.aio.AioRpcError is one
+            wait = _retry_wait(e, attempt, policy, time.monotonic() - start, timeout)
+            if wait is None:
+                raise
+        await asyncio.sleep(wait)
+        attempt += 1
+
+
+class RequestFailed(Exception):
+    """A request of `attribute_many` that the server answered with an error (the other requests go on): yielded in its
+    place, so that `raise` works on it. `code` is a grpc.StatusCode; `retry_after_ms` the server's hint (0: none)."""
+
+    def __init__(self, request_id: str, code: grpc.StatusCode, message: str, retry_after_ms: int = 0) -> None:
+        super().__init__(f"{request_id}: {code.name}: {message}")
+        self.request_id, self.code, self.message, self.retry_after_ms = request_id, code, message, retry_after_ms
+
+
+_STATUS_OF = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def _many_request(item: pb.AttributeRequest | Mapping[str, Any], position: int) -> tuple[pb.AttributeRequest, bool]:
+    """One `attribute_many` item as a request with a request_id, and whether its answer is unwrapped to one array."""
+    if isinstance(item, Mapping):
+        kwargs = dict(item)
+        try:
+            model, algorithm, inputs = kwargs.pop("model"), kwargs.pop("algorithm"), kwargs.pop("inputs")
+        except KeyError as e:
+            raise ValueError(f"requests[{position}]: needs model, algorithm and inputs; missing {e.args[0]}") from None
+        request, single = build_request(model, algorithm, inputs, **kwargs), not is_multi(inputs)
+    elif isinstance(item, pb.AttributeRequest):
+        request, single = item, len(item.inputs) == 1
+    else:
+        raise TypeError(f"requests[{position}]: expected an AttributeRequest or a dict of attribute() arguments, got {_shown(item)}")
+    if not request.request_id:
+        named = pb.AttributeRequest()
+        named.CopyFrom(request)
+        named.request_id = str(position)
+        request = named
+    return request, single
+
+
+def _many_result(response: pb.AttributeStreamResponse, single: bool) -> Attribution | RequestFailed:
+    if response.WhichOneof("result") == "error":
+        e = response.error
+        return RequestFailed(response.request_id, _STATUS_OF.get(e.code, grpc.StatusCode.UNKNOWN), e.message, e.retry_after_ms)
+    return Attribution.from_response(response.response, single=single)
+
+
 class _ClientBase:
     build_request = staticmethod(build_request)
 
@@ -520,12 +694,20 @@ class _ClientBase:
         root_certificates: Pem | None = None,
         client_cert: tuple[Pem, Pem] | None = None,
         token: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
     ) -> None:
-        """`credentials`: ready-made channel credentials; or `tls=True` (the system's root certificates),
+        """`timeout`: the default deadline of unary calls in seconds (None: none; a call's `timeout=` wins, and
+        `timeout=math.inf` there means none); streams have none unless the call sets one. `retry`: the RetryPolicy of
+        idempotent calls (default RetryPolicy(); NO_RETRY: never).
+
+        `credentials`: ready-made channel credentials; or `tls=True` (the system's root certificates),
         `root_certificates` (PEM bytes or a file: the CA that signed the server's certificate; implies TLS) and
         `client_cert=(certificate, key)` (PEM bytes or files, for a server that requires client certificates; implies
         TLS). `token`: sent as `authorization: Bearer <token>` on every call (with TLS as call credentials; on a
         plaintext channel, where gRPC sends no call credentials, by an interceptor)."""
+        self._timeout = timeout
+        self._retry = RetryPolicy() if retry is None else retry
         resolved, balanced = channel_target(target)
         defaults = {**_DEFAULT_OPTIONS, **({"grpc.service_config": _BALANCED_SERVICE_CONFIG} if balanced else {})}
         merged = list({**defaults, **dict(options or ())}.items())
@@ -572,15 +754,36 @@ class AttributionClient(_ClientBase):
         root_certificates: Pem | None = None,
         client_cert: tuple[Pem, Pem] | None = None,
         token: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
     ) -> None:
-        """TLS, client certificates and tokens: see `_ClientBase.__init__`."""
+        """Deadlines, retries, TLS, client certificates and tokens: see `_ClientBase.__init__`."""
         super().__init__(
-            target, credentials, options, grpc, tls=tls, root_certificates=root_certificates, client_cert=client_cert, token=token
+            target,
+            credentials,
+            options,
+            grpc,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_cert=client_cert,
+            token=token,
+            timeout=timeout,
+            retry=retry,
         )
 
+    def _unary(self, method: Any, request: Any, timeout: float | None, idempotent: bool) -> Any:
+        """One unary call under the client's deadline, retried when `idempotent` (RetryPolicy)."""
+
+        def attempt(left: float | None) -> Any:
+            return method(request, timeout=left)
+
+        return _with_retries(attempt, _effective(timeout, self._timeout), self._retry if idempotent else NO_RETRY)
+
     def attribute(self, model: str, algorithm: str, inputs: Any, *, timeout: float | None = None, **kwargs: Any) -> Attribution:
-        """Attributes `inputs`; keyword arguments are `build_request`'s."""
-        response = self._stub.Attribute(build_request(model, algorithm, inputs, **kwargs), timeout=timeout)
+        """Attributes `inputs` (numpy arrays, torch tensors or nested lists); keyword arguments are `build_request`'s.
+        Retried on UNAVAILABLE/RESOURCE_EXHAUSTED only when the request is `replayable`."""
+        request = build_request(model, algorithm, inputs, **kwargs)
+        response = self._unary(self._stub.Attribute, request, timeout, replayable(request))
         return Attribution.from_response(response, single=not is_multi(inputs))
 
     def attribute_stream(
@@ -589,29 +792,96 @@ class AttributionClient(_ClientBase):
         """Sends requests over one stream; responses come as they finish, matched by request_id."""
         return self._stub.AttributeStream((_stream_request(r) for r in requests), timeout=timeout)
 
+    def attribute_many(
+        self,
+        requests: Iterable[pb.AttributeRequest | Mapping[str, Any]],
+        *,
+        max_in_flight: int = 32,
+        ordered: bool = True,
+        timeout: float | None = None,
+    ) -> Iterator[Attribution | RequestFailed]:
+        """Pipelines many requests over one AttributeStream and yields each decoded answer.
+
+        `requests`: AttributeRequests (`build_request(...)`; one with a single input gets a single array back) or dicts
+        of `attribute()`'s arguments ({"model": ..., "algorithm": ..., "inputs": ..., "target": 0, ...}); it is read
+        lazily, as room opens. At most `max_in_flight` requests are sent and not yet yielded (keep it at or under the
+        server's --max-requests-per-stream, 256 by default). `ordered=True` yields in the order of `requests` (a slow
+        request holds back later answers, which stay within the window); `ordered=False` as they complete. A request
+        without a request_id gets its position ("0", "1", ...), which comes back in `Attribution.request_id`.
+        A request the server refuses yields a RequestFailed in its place and the others go on; a failure of the stream
+        itself raises grpc.RpcError (the stream is not retried). `timeout`: a deadline for the whole stream (default:
+        none). Leaving the loop early cancels the stream."""
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight: expected at least 1, got {max_in_flight}")
+        room = threading.Semaphore(max_in_flight)
+        closed = threading.Event()
+        lock = threading.Lock()
+        sent: dict[str, tuple[int, bool]] = {}  # request_id -> (position, single input)
+        failure: list[BaseException] = []
+
+        def outgoing() -> Iterator[pb.AttributeStreamRequest]:
+            try:
+                for i, item in enumerate(requests):
+                    request, single = _many_request(item, i)
+                    while not room.acquire(timeout=0.05):
+                        if closed.is_set():
+                            return
+                    with lock:
+                        if request.request_id in sent:
+                            raise ValueError(f"requests[{i}]: request_id {request.request_id!r} is already in flight")
+                        sent[request.request_id] = (i, single)
+                    yield pb.AttributeStreamRequest(request=request)
+            except Exception as e:  # raised to the caller (gRPC would only log it)
+                failure.append(e)
+
+        call = self._stub.AttributeStream(outgoing(), timeout=_effective(timeout, None))
+        held: dict[int, Attribution | RequestFailed] = {}
+        next_position = 0
+        try:
+            for response in call:
+                with lock:
+                    position, single = sent.pop(response.request_id)
+                result = _many_result(response, single)
+                if not ordered:
+                    room.release()
+                    yield result
+                    continue
+                held[position] = result
+                while next_position in held:
+                    room.release()
+                    yield held.pop(next_position)
+                    next_position += 1
+                if failure:
+                    break
+            if failure:
+                raise failure[0]
+        finally:
+            closed.set()
+            call.cancel()  # a consumer that stops early must not leave the RPC open
+
     def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
-        return list(self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout).models)
+        return list(self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout, True).models)
 
     def get_model(self, model: str, version: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
         request = pb.GetModelRequest(model=model, model_version=version)
-        return self._stub.GetModel(request, timeout=timeout).model
+        return self._unary(self._stub.GetModel, request, timeout, True).model
 
     def repository_index(self, *, ready_only: bool = False, timeout: float | None = None) -> list[pb.ModelStatus]:
         """Every model version in the server's repository with its state (`ready_only`: those serving now)."""
         request = pb.RepositoryIndexRequest(ready_only=ready_only)
-        return list(self._repository.RepositoryIndex(request, timeout=timeout).models)
+        return list(self._unary(self._repository.RepositoryIndex, request, timeout, True).models)
 
     def load_model(self, model: str, version: str = "", *, timeout: float | None = None) -> list[pb.ModelStatus]:
         """Loads (or reloads) a model's versions, or the one named; the model's versions after the load.
         Needs a server run with `--model-control explicit`."""
         request = pb.LoadModelRequest(model=model, version=version)
-        return list(self._repository.LoadModel(request, timeout=timeout).models)
+        return list(self._unary(self._repository.LoadModel, request, timeout, False).models)
 
     def unload_model(self, model: str, version: str = "", *, timeout: float | None = None) -> list[pb.ModelStatus]:
         """Unloads a model's versions, or the one named, once their accepted requests finish; the model's
         versions after the unload. Needs a server run with `--model-control explicit`."""
         request = pb.UnloadModelRequest(model=model, version=version)
-        return list(self._repository.UnloadModel(request, timeout=timeout).models)
+        return list(self._unary(self._repository.UnloadModel, request, timeout, False).models)
 
     def close(self) -> None:
         self._channel.close()
@@ -636,16 +906,35 @@ class AsyncAttributionClient(_ClientBase):
         root_certificates: Pem | None = None,
         client_cert: tuple[Pem, Pem] | None = None,
         token: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
     ) -> None:
-        """TLS, client certificates and tokens: see `_ClientBase.__init__`."""
+        """Deadlines, retries, TLS, client certificates and tokens: see `_ClientBase.__init__`."""
         super().__init__(
-            target, credentials, options, grpc.aio, tls=tls, root_certificates=root_certificates, client_cert=client_cert, token=token
+            target,
+            credentials,
+            options,
+            grpc.aio,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_cert=client_cert,
+            token=token,
+            timeout=timeout,
+            retry=retry,
         )
+
+    async def _unary(self, method: Any, request: Any, timeout: float | None, idempotent: bool) -> Any:
+        """One unary call under the client's deadline, retried when `idempotent` (RetryPolicy)."""
+
+        async def attempt(left: float | None) -> Any:
+            return await method(request, timeout=left)
+
+        return await _with_retries_async(attempt, _effective(timeout, self._timeout), self._retry if idempotent else NO_RETRY)
 
     async def attribute(self, model: str, algorithm: str, inputs: Any, *, timeout: float | None = None, **kwargs: Any) -> Attribution:
         """Attributes `inputs`; keyword arguments are `build_request`'s."""
         request = build_request(model, algorithm, inputs, **kwargs)
-        response = await self._stub.Attribute(request, timeout=timeout)
+        response = await self._unary(self._stub.Attribute, request, timeout, replayable(request))
         return Attribution.from_response(response, single=not is_multi(inputs))
 
     async def attribute_stream(
@@ -672,26 +961,26 @@ class AsyncAttributionClient(_ClientBase):
             call.cancel()  # a consumer that stops early must not leave the RPC open
 
     async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
-        return list((await self._stub.ListModels(pb.ListModelsRequest(), timeout=timeout)).models)
+        return list((await self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout, True)).models)
 
     async def get_model(self, model: str, version: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
         request = pb.GetModelRequest(model=model, model_version=version)
-        return (await self._stub.GetModel(request, timeout=timeout)).model
+        return (await self._unary(self._stub.GetModel, request, timeout, True)).model
 
     async def repository_index(self, *, ready_only: bool = False, timeout: float | None = None) -> list[pb.ModelStatus]:
         """Every model version in the server's repository with its state (`ready_only`: those serving now)."""
         request = pb.RepositoryIndexRequest(ready_only=ready_only)
-        return list((await self._repository.RepositoryIndex(request, timeout=timeout)).models)
+        return list((await self._unary(self._repository.RepositoryIndex, request, timeout, True)).models)
 
     async def load_model(self, model: str, version: str = "", *, timeout: float | None = None) -> list[pb.ModelStatus]:
         """Loads (or reloads) a model's versions, or the one named; needs `--model-control explicit`."""
         request = pb.LoadModelRequest(model=model, version=version)
-        return list((await self._repository.LoadModel(request, timeout=timeout)).models)
+        return list((await self._unary(self._repository.LoadModel, request, timeout, False)).models)
 
     async def unload_model(self, model: str, version: str = "", *, timeout: float | None = None) -> list[pb.ModelStatus]:
         """Unloads a model's versions, or the one named; needs `--model-control explicit`."""
         request = pb.UnloadModelRequest(model=model, version=version)
-        return list((await self._repository.UnloadModel(request, timeout=timeout)).models)
+        return list((await self._unary(self._repository.UnloadModel, request, timeout, False)).models)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -1,6 +1,10 @@
-"""Converts between numpy arrays and attrserve's wire `Tensor` (raw little-endian, row-major bytes)."""
+"""Converts between numpy arrays (or torch tensors, going out) and attrserve's wire `Tensor` (raw little-endian,
+row-major bytes). torch is never imported: a tensor is recognised by its `.detach().cpu().numpy()`."""
 
 from __future__ import annotations
+
+import sys
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -25,7 +29,27 @@ _NUMPY_OF: dict[tensor_pb2.DataType, np.dtype] = {
 _WIRE_OF = {(d.kind, d.itemsize): (wire, d) for wire, d in _NUMPY_OF.items()}
 
 
+def is_tensor(value: Any) -> bool:
+    """Whether `value` looks like a torch tensor (duck typing: torch itself is not imported)."""
+    return not isinstance(value, (np.ndarray, np.generic)) and all(hasattr(value, a) for a in ("detach", "cpu", "numpy"))
+
+
+def as_numpy(value: Any) -> Any:
+    """A torch tensor as a numpy array (detached, on the CPU, same dtype); anything else unchanged."""
+    return value.detach().cpu().numpy() if is_tensor(value) else value
+
+
+def _bfloat16(value: Any) -> tensor_pb2.Tensor | None:
+    """A torch bfloat16 tensor as a BFLOAT16 wire tensor (numpy has no bfloat16: its 16-bit patterns are sent as they are)."""
+    if not is_tensor(value) or str(getattr(value, "dtype", "")) != "torch.bfloat16":
+        return None
+    torch = sys.modules["torch"]  # a torch tensor exists, so torch is imported already
+    bits = value.detach().cpu().contiguous().view(torch.int16).numpy()
+    return tensor_pb2.Tensor(dtype=_DT.DATA_TYPE_BFLOAT16, shape=bits.shape, data=bits.astype("<i2").tobytes())
+
+
 def _as_array(value: npt.ArrayLike) -> np.ndarray:
+    value = as_numpy(value)
     if isinstance(value, (np.ndarray, np.generic)):
         return np.asarray(value)
     # Python data follows torch's defaults: floats -> float32, ints -> int64, bools -> bool.
@@ -38,7 +62,10 @@ def _as_array(value: npt.ArrayLike) -> np.ndarray:
 
 
 def to_tensor_proto(value: npt.ArrayLike) -> tensor_pb2.Tensor:
-    """Encodes an array-like (numpy array, scalar or nested lists) as a `Tensor`."""
+    """Encodes an array-like (numpy array, torch tensor, scalar or nested lists) as a `Tensor`; numpy arrays and torch
+    tensors keep their dtype (bfloat16 tensors too), Python data follows torch's defaults (float32, int64)."""
+    if (bf16 := _bfloat16(value)) is not None:
+        return bf16
     arr = _as_array(value)
     try:
         wire, dtype = _WIRE_OF[arr.dtype.kind, arr.dtype.itemsize]
