@@ -82,6 +82,18 @@ def test_readme_example_prints_what_the_readme_says(readme_server, code: str, pr
     assert out.stdout.strip() == printed.strip()
 
 
+def test_readme_picture_is_what_the_example_draws(readme_server, tmp_path) -> None:
+    """The Pictures example, run as written (in a scratch folder), draws the picture the README shows."""
+    import matplotlib.image
+
+    port = readme_server.port
+    code = block_after("readme-picture").replace("127.0.0.1:50051", f"127.0.0.1:{port}")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    drawn, shown = matplotlib.image.imread(tmp_path / "image_ig.png"), matplotlib.image.imread(ROOT / "docs" / "images" / "image_ig.png")
+    assert drawn.shape == shown.shape and float(abs(drawn - shown).max()) <= 2 / 255
+
+
 def test_demo_models_report_their_measured_pass_size(readme_server) -> None:
     port = readme_server.port
     with AttributionClient(f"127.0.0.1:{port}") as client:
