@@ -11,7 +11,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from attrserve_engine.algorithms.noise_tunnel import NoiseTunnelParams, noise_tu
 from attrserve_engine.errors import AttributionError, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable, shown
 from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluate
 from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks
-from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult
+from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult, JobTiming
 from attrserve_engine.models import (
     DEFAULT_MAX_BATCH_ROWS,
     DEFAULT_MAX_QUEUE_DELAY_US,
@@ -408,13 +408,7 @@ class Engine:
             return concurrently(plans)
 
         def finish(returned: list, live: LiveJob) -> AttributionResult:
-            now = time.monotonic()
-            timing = dataclasses.replace(
-                live.timing,
-                queue_ms=1e3 * ((live.first_pass_start or now) - live.arrival),
-                total_ms=1e3 * (now - live.arrival),
-                rows=live.rows,
-            )
+            timing = _final_timing(live)
             first, metrics = returned[0] if evaluate is not None else (returned[0], {})
             return AttributionResult(
                 attributions=_cpu(first.attributions),
@@ -433,17 +427,7 @@ class Engine:
                 input_casts=casts,
             )
 
-        return LiveJob(
-            model=model,
-            plan_factory=plan_factory,
-            finish=finish,
-            rows=rows,
-            deadline=job.deadline,
-            arrival=job.arrival,
-            request_id=job.request_id,
-            priority=job.priority,
-            row_bytes=model.row_bytes(inputs),
-        )
+        return _live_job(job, model, inputs, rows, plan_factory, finish)
 
     def _prepare_predictions(
         self,
@@ -483,13 +467,7 @@ class Engine:
             return concurrently([_outputs_plan(task.to(model.device), select=False)])
 
         def finish(returned: list, live: LiveJob) -> AttributionResult:
-            now = time.monotonic()
-            timing = dataclasses.replace(
-                live.timing,
-                queue_ms=1e3 * ((live.first_pass_start or now) - live.arrival),
-                total_ms=1e3 * (now - live.arrival),
-                rows=live.rows,
-            )
+            timing = _final_timing(live)
             return AttributionResult(
                 attributions=(),
                 convergence_delta=None,
@@ -501,17 +479,7 @@ class Engine:
                 input_casts=casts,
             )
 
-        return LiveJob(
-            model=model,
-            plan_factory=plan_factory,
-            finish=finish,
-            rows=n,
-            deadline=job.deadline,
-            arrival=job.arrival,
-            request_id=job.request_id,
-            priority=job.priority,
-            row_bytes=model.row_bytes(inputs),
-        )
+        return _live_job(job, model, inputs, n, plan_factory, finish)
 
     def _prepare_call(
         self,
@@ -623,6 +591,38 @@ def _count(rows: int) -> str:
     """A row count for a message; exact Shapley counts can have more digits than Python will print."""
     # a readable length (and Python prints at most 4,300 digits)
     return str(rows) if rows.bit_length() <= 130 else f"about 2^{rows.bit_length() - 1}"
+
+
+def _final_timing(live: LiveJob) -> JobTiming:
+    """A finished job's timing: its queue wait (until its first pass) and total time, and its rows."""
+    now = time.monotonic()
+    return dataclasses.replace(
+        live.timing,
+        queue_ms=1e3 * ((live.first_pass_start or now) - live.arrival),
+        total_ms=1e3 * (now - live.arrival),
+        rows=live.rows,
+    )
+
+
+def _live_job(
+    job: AttributionJob,
+    model: LoadedModel,
+    inputs: tuple[Tensor, ...],
+    rows: int,
+    plan_factory: Callable[[], JobPlan],
+    finish: Callable[[list, LiveJob], AttributionResult],
+) -> LiveJob:
+    return LiveJob(
+        model=model,
+        plan_factory=plan_factory,
+        finish=finish,
+        rows=rows,
+        deadline=job.deadline,
+        arrival=job.arrival,
+        request_id=job.request_id,
+        priority=job.priority,
+        row_bytes=model.row_bytes(inputs),
+    )
 
 
 def _outputs_plan(task: Task, select: bool = True) -> PlanOf[Tensor]:
