@@ -290,3 +290,13 @@ def test_attribute_many_bad_request_raises(flaky):
         with pytest.raises(ValueError, match=r"requests\[1\]: needs model, algorithm and inputs; missing inputs"):
             list(client.attribute_many([{"model": "toy", "algorithm": "saliency", "inputs": X},
                                         {"model": "toy", "algorithm": "saliency"}]))
+
+
+def test_a_client_retries_by_default_outside_the_tests(monkeypatch) -> None:
+    """tests/conftest.py turns the default off for the other tests; the package's own default retries."""
+    import attrserve_client.client as module
+
+    monkeypatch.undo()  # this test's view: the package as installed
+    assert module.DEFAULT_RETRY == RetryPolicy() and RetryPolicy().max_attempts > 1
+    with module.AttributionClient("127.0.0.1:1") as client:  # no call: nothing connects
+        assert client._retry == RetryPolicy()

@@ -549,6 +549,8 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(max_attempts=1)
+# What a client built without `retry=` uses (read when the client is built).
+DEFAULT_RETRY = RetryPolicy()
 # Built-in algorithms whose result depends on random draws (and so on the seed); a plugin's may too.
 RANDOM_ALGORITHMS = frozenset(
     {
@@ -699,7 +701,7 @@ class _ClientBase:
     ) -> None:
         """`timeout`: the default deadline of unary calls in seconds (None: none; a call's `timeout=` wins, and
         `timeout=math.inf` there means none); streams have none unless the call sets one. `retry`: the RetryPolicy of
-        idempotent calls (default RetryPolicy(); NO_RETRY: never).
+        idempotent calls (default DEFAULT_RETRY, RetryPolicy(); NO_RETRY: never).
 
         `credentials`: ready-made channel credentials; or `tls=True` (the system's root certificates),
         `root_certificates` (PEM bytes or a file: the CA that signed the server's certificate; implies TLS) and
@@ -707,7 +709,7 @@ class _ClientBase:
         TLS). `token`: sent as `authorization: Bearer <token>` on every call (with TLS as call credentials; on a
         plaintext channel, where gRPC sends no call credentials, by an interceptor)."""
         self._timeout = timeout
-        self._retry = RetryPolicy() if retry is None else retry
+        self._retry = DEFAULT_RETRY if retry is None else retry
         resolved, balanced = channel_target(target)
         defaults = {**_DEFAULT_OPTIONS, **({"grpc.service_config": _BALANCED_SERVICE_CONFIG} if balanced else {})}
         merged = list({**defaults, **dict(options or ())}.items())
