@@ -292,6 +292,27 @@ def test_attribute_many_bad_request_raises(flaky):
                                         {"model": "toy", "algorithm": "saliency"}]))
 
 
+@pytest.mark.asyncio
+async def test_async_attribute_many_in_order_as_completed_and_errors_in_place(flaky):
+    address, fake = flaky
+
+    async def requests():  # an async iterable, read as room opens
+        for i in range(12):
+            yield {"model": "toy", "algorithm": "saliency", "inputs": X * i}
+
+    async with AsyncAttributionClient(address) as client:
+        ordered = [r async for r in client.attribute_many(requests(), max_in_flight=4)]
+        assert 1 < fake.most_pending <= 4  # bounded in flight
+        mixed = [build_request("broken" if i == 3 else "toy", "saliency", X * i, request_id=f"r{i}") for i in range(6)]
+        completed = [r async for r in client.attribute_many(mixed, max_in_flight=6, ordered=False)]
+    assert [r.request_id for r in ordered] == [str(i) for i in range(12)]
+    assert [r.attributions.tolist() for r in ordered] == [(X * i * 2).tolist() for i in range(12)]
+    by_id = {r.request_id: r for r in completed}
+    assert sorted(by_id) == [f"r{i}" for i in range(6)] and len(completed) == 6
+    assert isinstance(by_id["r3"], RequestFailed) and by_id["r3"].code == grpc.StatusCode.INVALID_ARGUMENT
+    assert by_id["r2"].attributions.tolist() == (X * 4).tolist()
+
+
 def test_a_client_retries_by_default_outside_the_tests(monkeypatch) -> None:
     """tests/conftest.py turns the default off for the other tests; the package's own default retries."""
     import attrserve_client.client as module

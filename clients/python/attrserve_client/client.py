@@ -962,6 +962,69 @@ class AsyncAttributionClient(_ClientBase):
         finally:
             call.cancel()  # a consumer that stops early must not leave the RPC open
 
+    async def attribute_many(
+        self,
+        requests: AsyncIterable[pb.AttributeRequest | Mapping[str, Any]] | Iterable[pb.AttributeRequest | Mapping[str, Any]],
+        *,
+        max_in_flight: int = 32,
+        ordered: bool = True,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Attribution | RequestFailed]:
+        """AttributionClient.attribute_many on asyncio: pipelines many requests over one AttributeStream, at most
+        `max_in_flight` sent and not yet yielded, and yields each decoded answer (in the order of `requests`, or as
+        they complete with `ordered=False`); a refused request yields a RequestFailed in its place. `requests` may
+        be an async iterable; it is read lazily, as room opens."""
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight: expected at least 1, got {max_in_flight}")
+        room = asyncio.Semaphore(max_in_flight)
+        sent: dict[str, tuple[int, bool]] = {}  # request_id -> (position, single input)
+        failure: list[BaseException] = []
+
+        async def items() -> AsyncIterator[pb.AttributeRequest | Mapping[str, Any]]:
+            if isinstance(requests, AsyncIterable):
+                async for item in requests:
+                    yield item
+            else:
+                for item in requests:
+                    yield item
+
+        async def outgoing() -> AsyncIterator[pb.AttributeStreamRequest]:
+            i = 0
+            try:
+                async for item in items():
+                    request, single = _many_request(item, i)
+                    await room.acquire()
+                    if request.request_id in sent:
+                        raise ValueError(f"requests[{i}]: request_id {request.request_id!r} is already in flight")
+                    sent[request.request_id] = (i, single)
+                    i += 1
+                    yield pb.AttributeStreamRequest(request=request)
+            except Exception as e:  # raised to the caller (gRPC would only log it)
+                failure.append(e)
+
+        call = self._stub.AttributeStream(outgoing(), timeout=_effective(timeout, None))
+        held: dict[int, Attribution | RequestFailed] = {}
+        next_position = 0
+        try:
+            async for response in call:
+                position, single = sent.pop(response.request_id)
+                result = _many_result(response, single)
+                if not ordered:
+                    room.release()
+                    yield result
+                    continue
+                held[position] = result
+                while next_position in held:
+                    room.release()
+                    yield held.pop(next_position)
+                    next_position += 1
+                if failure:
+                    break
+            if failure:
+                raise failure[0]
+        finally:
+            call.cancel()  # a consumer that stops early must not leave the RPC open
+
     async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         return list((await self._unary(self._stub.ListModels, pb.ListModelsRequest(), timeout, True)).models)
 
