@@ -56,7 +56,14 @@ def run_pass(model: LoadedModel, segments: list[Block], on_split: Callable[[str]
     except Exception as e:  # a model that raises on some input
         if len(segments) == 1:
             log.debug("model %s failed on a block", model.name, exc_info=True)
-            return [InvalidArgument(f"model {model.name!r} failed on this input: {type(e).__name__}: {e}")]
+            hint = ""
+            if segments[0].layer and "in-place operation" in str(e):
+                hint = (
+                    f" (the output of layer {segments[0].layer!r} is changed in place after it, e.g. by ReLU(inplace=True), "
+                    "and this method hands the model tensors it takes gradients against; Captum fails here too: name the "
+                    "module after the in-place op, or build the model with inplace=False)"
+                )
+            return [InvalidArgument(f"model {model.name!r} failed on this input: {type(e).__name__}: {e}{hint}")]
         reason = SPLIT_FAILURE
     if on_split is not None:
         on_split(reason)

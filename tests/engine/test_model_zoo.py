@@ -177,3 +177,13 @@ def test_zoo_input_dtypes_pinned(engine: Engine) -> None:
                 algorithm,
             )
     assert torch.int64 in {z.dtype for z in ZOO.values()}
+
+
+def test_an_in_place_op_after_a_substituted_layer_is_refused_saying_why(engine: Engine) -> None:
+    """VGG's conv is followed by ReLU(inplace=True): LayerIntegratedGradients hands the model the interpolated
+    activations it takes gradients against, so the in-place op fails, in Captum too; the message says what to do."""
+    with pytest.raises(Exception) as captum:
+        captum_attribute(request("vgg", "layer_integrated_gradients"))
+    assert "in-place operation" in str(captum.value)
+    with pytest.raises(InvalidArgument, match=r"layer 'features.2' is changed in place.*Captum fails here too.*inplace=False"):
+        engine.attribute(job_for(request("vgg", "layer_integrated_gradients")), timeout=60)
