@@ -682,6 +682,42 @@ def _many_result(response: pb.AttributeStreamResponse, single: bool) -> Attribut
     return Attribution.from_response(response.response, single=single)
 
 
+class _Pipeline:
+    """attribute_many's bookkeeping, the same for the sync and the asyncio client: which requests are in flight, and
+    which decoded answers may be yielded now (in the order of the requests, or as they arrive). No I/O; the caller
+    frees one slot of its in-flight bound per answer `arrived` returns. Thread-safe (the sync client sends from
+    gRPC's thread)."""
+
+    def __init__(self, ordered: bool) -> None:
+        self.ordered = ordered
+        self.sent: dict[str, tuple[int, bool]] = {}  # request_id -> (position, single input)
+        self.held: dict[int, Attribution | RequestFailed] = {}
+        self.next_position = 0
+        self.lock = threading.Lock()
+
+    def sending(self, request: pb.AttributeRequest, single: bool, position: int) -> pb.AttributeStreamRequest:
+        """`request` (item `position`, built by _many_request) recorded as in flight, as the stream sends it."""
+        with self.lock:
+            if request.request_id in self.sent:
+                raise ValueError(f"requests[{position}]: request_id {request.request_id!r} is already in flight")
+            self.sent[request.request_id] = (position, single)
+        return pb.AttributeStreamRequest(request=request)
+
+    def arrived(self, response: pb.AttributeStreamResponse) -> list[Attribution | RequestFailed]:
+        """The answers to yield now that `response` came (none while an earlier request's answer is missing)."""
+        with self.lock:
+            position, single = self.sent.pop(response.request_id)
+        result = _many_result(response, single)
+        if not self.ordered:
+            return [result]
+        self.held[position] = result
+        ready = []
+        while self.next_position in self.held:
+            ready.append(self.held.pop(self.next_position))
+            self.next_position += 1
+        return ready
+
+
 class _ClientBase:
     build_request = staticmethod(build_request)
 
@@ -817,8 +853,7 @@ class AttributionClient(_ClientBase):
             raise ValueError(f"max_in_flight: expected at least 1, got {max_in_flight}")
         room = threading.Semaphore(max_in_flight)
         closed = threading.Event()
-        lock = threading.Lock()
-        sent: dict[str, tuple[int, bool]] = {}  # request_id -> (position, single input)
+        pipeline = _Pipeline(ordered)
         failure: list[BaseException] = []
 
         def outgoing() -> Iterator[pb.AttributeStreamRequest]:
@@ -828,32 +863,17 @@ class AttributionClient(_ClientBase):
                     while not room.acquire(timeout=0.05):
                         if closed.is_set():
                             return
-                    with lock:
-                        if request.request_id in sent:
-                            raise ValueError(f"requests[{i}]: request_id {request.request_id!r} is already in flight")
-                        sent[request.request_id] = (i, single)
-                    yield pb.AttributeStreamRequest(request=request)
+                    yield pipeline.sending(request, single, i)
             except Exception as e:  # raised to the caller (gRPC would only log it)
                 failure.append(e)
 
         call = self._stub.AttributeStream(outgoing(), timeout=_effective(timeout, None))
-        held: dict[int, Attribution | RequestFailed] = {}
-        next_position = 0
         try:
             for response in call:
-                with lock:
-                    position, single = sent.pop(response.request_id)
-                result = _many_result(response, single)
-                if not ordered:
+                for result in pipeline.arrived(response):
                     room.release()
                     yield result
-                    continue
-                held[position] = result
-                while next_position in held:
-                    room.release()
-                    yield held.pop(next_position)
-                    next_position += 1
-                if failure:
+                if failure and ordered:
                     break
             if failure:
                 raise failure[0]
@@ -977,7 +997,7 @@ class AsyncAttributionClient(_ClientBase):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight: expected at least 1, got {max_in_flight}")
         room = asyncio.Semaphore(max_in_flight)
-        sent: dict[str, tuple[int, bool]] = {}  # request_id -> (position, single input)
+        pipeline = _Pipeline(ordered)
         failure: list[BaseException] = []
 
         async def items() -> AsyncIterator[pb.AttributeRequest | Mapping[str, Any]]:
@@ -994,31 +1014,18 @@ class AsyncAttributionClient(_ClientBase):
                 async for item in items():
                     request, single = _many_request(item, i)
                     await room.acquire()
-                    if request.request_id in sent:
-                        raise ValueError(f"requests[{i}]: request_id {request.request_id!r} is already in flight")
-                    sent[request.request_id] = (i, single)
+                    yield pipeline.sending(request, single, i)
                     i += 1
-                    yield pb.AttributeStreamRequest(request=request)
             except Exception as e:  # raised to the caller (gRPC would only log it)
                 failure.append(e)
 
         call = self._stub.AttributeStream(outgoing(), timeout=_effective(timeout, None))
-        held: dict[int, Attribution | RequestFailed] = {}
-        next_position = 0
         try:
             async for response in call:
-                position, single = sent.pop(response.request_id)
-                result = _many_result(response, single)
-                if not ordered:
+                for result in pipeline.arrived(response):
                     room.release()
                     yield result
-                    continue
-                held[position] = result
-                while next_position in held:
-                    room.release()
-                    yield held.pop(next_position)
-                    next_position += 1
-                if failure:
+                if failure and ordered:
                     break
             if failure:
                 raise failure[0]
