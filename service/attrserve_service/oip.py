@@ -21,6 +21,7 @@ Errors are the same statuses as Attribute's (the interceptor maps them): a bad f
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -84,6 +85,25 @@ class InferenceServicer:
         self.core = core
         self.attribution = attribution  # its `active` count is what the drain waits on
         self.strict_readiness = strict_readiness
+        # ModelInfer's input names per (model, version asked for), so a request does not ask the engine process for
+        # the whole ModelInfo; forgotten whenever a model or worker changes state (a new version may serve "").
+        self._input_names: dict[tuple[str, str], list[str]] = {}
+        self._changes = 0
+        core.on_change(self._changed, asyncio.get_running_loop())
+
+    def _changed(self) -> None:
+        self._changes += 1
+        self._input_names.clear()
+
+    async def _model_inputs(self, model: str, version: str) -> list[str]:
+        key = (model, version)
+        names = self._input_names.get(key)
+        if names is None:
+            changes = self._changes
+            names = _input_names((await self.core.model_info(model, version)).config)
+            if changes == self._changes:  # no state change while it was asked: still the answer
+                self._input_names[key] = names
+        return names
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> oip.ServerLiveResponse:
         decode(oip.ServerLiveRequest, request)
@@ -129,8 +149,8 @@ class InferenceServicer:
         message = decode(oip.ModelInferRequest, request)
         if not message.model_name:
             raise InvalidArgument("model_name is empty; name a served model (ModelMetadata describes it)")
-        info = await self.core.model_info(message.model_name, message.model_version)
-        job, names = infer_request_to_job(message, _input_names(info.config), None if remaining is None else start + remaining)
+        model_inputs = await self._model_inputs(message.model_name, message.model_version)
+        job, names = infer_request_to_job(message, model_inputs, None if remaining is None else start + remaining)
         if not job.algorithm:
             result = await self.core.attribute(job)
             return _response(message, result, names)

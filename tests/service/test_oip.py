@@ -273,3 +273,25 @@ def test_attrserve_serve_with_its_engine_process_answers_triton_clients() -> Non
         np.testing.assert_allclose(predicted["outputs"]["output"], model(torch.from_numpy(X)).numpy(), atol=1e-6)
     want = IntegratedGradients(model).attribute(torch.from_numpy(X), target=0, n_steps=20)
     np.testing.assert_allclose(explained["outputs"]["attributions__x"], want.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_new_version_with_other_input_names_is_matched_by_its_names(oip_server) -> None:
+    """ModelInfer remembers a model's input names between requests (no ModelInfo per request) and forgets them when a
+    model changes state: once version 2 serves, its names are the ones that match."""
+    engine = oip_server.running.engine
+    a, b = np.ones((1, 4), np.float32), np.ones((1, 3), np.float32)
+
+    def request(first: str, second: str) -> oip.ModelInferRequest:
+        r = oip.ModelInferRequest(model_name="renamed", raw_input_contents=[a.tobytes(), b.tobytes()])
+        r.inputs.add(name=first, datatype="FP32", shape=[1, 4])
+        r.inputs.add(name=second, datatype="FP32", shape=[1, 3])
+        return r
+
+    spec = [InputSpec("a", torch.float32, (4,)), InputSpec("b", torch.float32, (3,))]
+    engine.load(ModelSpec(name="renamed", module=MultiInput(), inputs=spec))
+    first = raw_output(model_infer(oip_server.address, request("a", "b")), "output")
+    engine.load(ModelSpec(name="renamed", version="2", module=MultiInput(), inputs=[InputSpec("p", torch.float32, (4,)), InputSpec("q", torch.float32, (3,))]))
+    with pytest.raises(grpc.RpcError) as old_names:
+        model_infer(oip_server.address, request("a", "b"))
+    assert old_names.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'p'" in old_names.value.details()
+    np.testing.assert_allclose(raw_output(model_infer(oip_server.address, request("p", "q")), "output"), first, atol=1e-6)
