@@ -247,7 +247,8 @@ class Engine:
 
     def supported_algorithms(self, model: LoadedModel) -> list[str]:
         """Algorithms this model can serve (GetModel's list): those whose `refusal` has nothing to say."""
-        return [name for name, algorithm in self.algorithms.items() if algorithm.refusal(model) is None]
+        refused = self.refused_algorithms(model)
+        return [name for name in self.algorithms if name not in refused]
 
     def refused_algorithms(self, model: LoadedModel) -> dict[str, str]:
         """The others, each with why: the message a request for it gets (GetModel's `refused`)."""
@@ -385,7 +386,7 @@ class Engine:
         if not 0 <= seed <= MAX_SEED:
             raise InvalidArgument(f"seed must be in [0, {MAX_SEED}], got {seed}")
         if not job.algorithm:
-            return self._prepare_predictions(job, model, inputs, casts, args, seed)
+            return self._prepare_predictions(job, model, inputs, casts, target, args, seed)
         primary = AlgorithmSpec(job.algorithm, job.params, job.noise_tunnel, job.layer, job.return_convergence_delta)
         calls = [self._prepare_call(call, job, model, inputs, target, args, seed) for call in (primary, *job.also)]
         evaluate = parse_evaluate(dict(job.evaluate), self.limits.algorithm_limits) if job.evaluate else None
@@ -435,6 +436,7 @@ class Engine:
         model: LoadedModel,
         inputs: tuple[Tensor, ...],
         casts: tuple[InputCast, ...],
+        target: Tensor,
         args: tuple[Tensor, ...],
         seed: int,
     ) -> LiveJob:
@@ -461,7 +463,7 @@ class Engine:
         if n > self.limits.max_rows_per_request:
             limit = self.limits.max_rows_per_request
             raise ResourceExhausted(f"this request needs {n} rows of model work, over this server's limit of {limit} rows per request")
-        task = Task(inputs=inputs, baselines=(), target=format_target(None, n), args=args, params=None, rng=RequestRNG(seed))
+        task = Task(inputs=inputs, baselines=(), target=target, args=args, params=None, rng=RequestRNG(seed))
 
         def plan_factory() -> JobPlan:
             return concurrently([_outputs_plan(task.to(model.device), select=False)])

@@ -139,14 +139,15 @@ class LocalCore:
         if model is None:  # loading, or its load failed: what was asked for, and why it does not serve
             config = spec_config(record.spec) if record.spec is not None else mc.ModelConfig(name=record.name, version=record.version)
             return pb.ModelInfo(config=config, state=STATES[record.state], reason=record.reason)
-        names = self.engine.supported_algorithms(model)
+        refused = self.engine.refused_algorithms(model)
+        names = [name for name in self.engine.algorithms if name not in refused]
         state, reason = self.engine.model_state(record)
         return pb.ModelInfo(
             config=effective_config(model),
             layers=model.layers,
             algorithms=[e for e in map(algorithm_enum, names) if e is not None],
             custom_algorithms=[name for name in names if algorithm_enum(name) is None],
-            refused=[pb.RefusedAlgorithm(name=name, reason=why) for name, why in sorted(self.engine.refused_algorithms(model).items())],
+            refused=[pb.RefusedAlgorithm(name=name, reason=why) for name, why in sorted(refused.items())],
             ready=state == ModelState.READY,
             state=STATES[state],
             reason=reason,
