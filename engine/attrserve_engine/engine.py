@@ -99,6 +99,9 @@ class Engine:
         self._closed = False
         # Built-ins plus plugins loaded into this engine.
         self.algorithms: dict[str, Algorithm] = dict(ALGORITHMS)
+        # The process's torch intra-op threads when the engine was made: what a model's passes run with unless its
+        # config sets intra_op_threads (passes set the count per model, so it is read once, here).
+        self.default_threads = torch.get_num_threads()
 
     # -- models ------------------------------------------------------------
     def load(self, spec: ModelSpec) -> LoadedModel:
@@ -167,7 +170,7 @@ class Engine:
         release_free_memory()
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
-        model = LoadedModel(spec, self.limits.default_max_batch_rows, self.limits.default_max_queue_delay_us)
+        model = LoadedModel(spec, self.limits.default_max_batch_rows, self.limits.default_max_queue_delay_us, self.default_threads)
         model.max_queued_rows = model.max_queued_rows or self.limits.default_max_queued_rows
         model.max_queued_bytes = model.max_queued_bytes or self.limits.default_max_queued_bytes
         model.warm_up()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 import torch
@@ -122,7 +123,23 @@ class LayerHook:
             self.handle.remove()
 
 
+# CPU passes run one at a time. Each model's passes set its own torch intra-op thread count (ModelConfig.intra_op_threads),
+# and part of that count (MKL's) is the process's, not the thread's. The worker is the only thread that runs passes
+# while serving, but a model being loaded runs its probe passes on its loading thread (tuning.py), and those must not
+# change the count under a served pass.
+_CPU_PASS = threading.Lock()
+
+
 def _fused_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcome]:
+    if model.device.type != "cpu":
+        return _pass(model, segments)
+    with _CPU_PASS:
+        if torch.get_num_threads() != model.intra_op_threads:
+            torch.set_num_threads(model.intra_op_threads)
+        return _pass(model, segments)
+
+
+def _pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcome]:
     first = segments[0]
     kind = first.kind
     paired = first.refs is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ class ModelSpec:
     max_queued_rows: int = 0  # admission bound on rows accepted and not computed; 0: server default
     max_queued_bytes: int = 0  # admission bound on their estimated bytes; 0: server default
     strict_input_dtypes: bool = False  # refuse, rather than cast, a floating input in another floating dtype
+    intra_op_threads: int = 0  # torch intra-op threads of the model's CPU passes; 0: the engine's
     module: nn.Module | None = None  # an already-built model (tests, embedding in other programs)
 
 
@@ -136,11 +138,20 @@ def _load_module(spec: ModelSpec) -> nn.Module:
 class LoadedModel:
     """A model resident on its device, with what the engine knows about it."""
 
-    def __init__(self, spec: ModelSpec, default_max_batch_rows: int, default_max_queue_delay_us: int) -> None:
+    def __init__(self, spec: ModelSpec, default_max_batch_rows: int, default_max_queue_delay_us: int, default_threads: int = 0) -> None:
         self.spec = spec
         self.name = spec.name
         self.version = spec.version or "1"
         self.device = resolve_device(spec.device)
+        # Torch intra-op threads of this model's passes (executor._fused_pass sets them on CPU), fixed for the model:
+        # a convolution's numbers depend on the count, and a request's must not depend on its pass's company.
+        cores = len(os.sched_getaffinity(0))
+        if spec.intra_op_threads > 4 * cores:
+            raise InvalidArgument(
+                f"model {spec.name!r}: intra_op_threads {spec.intra_op_threads} is more than 4 per core "
+                f"({cores} cores here); 0 takes the engine's count"
+            )
+        self.intra_op_threads = spec.intra_op_threads or default_threads or torch.get_num_threads()
         if self.device.type == "cuda":
             # NOTE: TF32 convolutions trade ~1e-3 relative error for speed; attributions must equal Captum's fp32 numbers.
             torch.backends.cudnn.allow_tf32 = False

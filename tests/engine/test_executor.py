@@ -3,6 +3,9 @@ out-of-memory is pinned on its own segment by re-running in halves."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -189,3 +192,50 @@ def test_nan_inputs_in_a_fused_pass_poison_only_their_own_request() -> None:
             torch.testing.assert_close(got.attributions[0], want.attributions[0], atol=1e-6, rtol=0)
     finally:
         engine.shutdown(drain=False, timeout=5)
+
+
+class _ThreadsSeen(torch.nn.Module):
+    """A small CNN that records the torch intra-op thread count each forward runs with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8 * 6 * 6, 4)
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(torch.get_num_threads())
+        time.sleep(0.0002)  # lets another thread run here, as a model's ops that release the GIL do
+        hidden = torch.relu(self.conv(x))
+        self.seen.append(torch.get_num_threads())
+        return self.fc(hidden.flatten(1))
+
+
+def test_each_model_runs_its_passes_with_its_own_intra_op_threads() -> None:
+    """ModelConfig.intra_op_threads: a model's passes run with its count and another's with the engine's, even while a
+    model being loaded runs its probe passes on another thread; a fused pass still equals its segments alone."""
+    before = torch.get_num_threads()
+    try:
+        two = LoadedModel(ModelSpec(name="two", module=_ThreadsSeen(), intra_op_threads=2), 256, 500, default_threads=1)
+        one = LoadedModel(ModelSpec(name="one", module=_ThreadsSeen()), 256, 500, default_threads=1)
+        assert (two.intra_op_threads, one.intra_op_threads) == (2, 1)
+        images = torch.rand(6, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+        segments = [gradient_block(images[a:b], t) for a, b, t in ((0, 1, 0), (1, 4, 3), (4, 6, 1))]
+
+        def serve(model: LoadedModel, passes: int) -> None:
+            for _ in range(passes):
+                executor.run_pass(model, segments)
+
+        loading = threading.Thread(target=serve, args=(two, 150))  # like tuning.py's probe on a loading thread
+        loading.start()
+        serve(one, 150)
+        loading.join()
+        assert set(two.module.seen) == {2} and set(one.module.seen) == {1}
+        for model in (two, one):
+            fused = executor.run_pass(model, segments)
+            for segment, got in zip(segments, fused):
+                assert_same(got, executor.run_pass(model, [segment])[0])
+                assert_autograd(got, model.module, segment)
+    finally:
+        torch.set_num_threads(before)

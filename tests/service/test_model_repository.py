@@ -298,6 +298,20 @@ def test_strict_input_dtypes_refuses_instead_of_casting(tmp_path, engines):
     assert_close(attribute(engine, "strict", "integrated_gradients").attributions[0], captum_ig(build(MLP)))
 
 
+def test_intra_op_threads_is_read_shown_and_bounded(tmp_path, engines):
+    write_model(tmp_path / "threads", config=CONFIGURED.replace('name: "custom"', 'name: "threads"\n    intra_op_threads: 2'))
+    write_model(tmp_path / "greedy", config=CONFIGURED.replace('name: "custom"', 'name: "greedy"\n    intra_op_threads: 100000'))
+    specs = {s.name: s for s in load_repository(tmp_path)}
+    assert specs["threads"].intra_op_threads == 2
+    engine = engines()
+    model = engine.load(specs["threads"])
+    assert effective_config(model).intra_op_threads == 2  # GetModel shows the count the passes run with
+    assert_close(attribute(engine, "threads", "integrated_gradients").attributions[0], captum_ig(build(MLP)))
+    with pytest.raises(InvalidArgument, match=r"model 'greedy': intra_op_threads 100000 is more than 4 per core"):
+        engine.load(specs["greedy"])
+    assert_close(attribute(engine, "threads", "saliency").attributions[0], Saliency(build(MLP)).attribute(X.clone(), target=CAPTUM_TARGET, abs=True))
+
+
 def test_output_selection_tuple_index(tmp_path, engines):
     write_model(tmp_path / "tup0", TUPLE, 'output { index: 0 }\n')
     write_model(tmp_path / "tup1", TUPLE, 'output { index: 1 }\n')
@@ -364,19 +378,23 @@ def test_effective_config_fills_in_defaults(tmp_path, engines):
     write_model(tmp_path / "configured", config=CONFIGURED)
     write_model(tmp_path / "tup", TUPLE, "output { index: 1 }\n")
     write_model(tmp_path / "dict", DICT, 'output { key: "logits" }\ndevice: "cpu"\n')
-    models = load_all(engines(default_device="cpu", default_max_batch_rows=64, default_max_queue_delay_us=2500), tmp_path)
+    engine = engines(default_device="cpu", default_max_batch_rows=64, default_max_queue_delay_us=2500)
+    models = load_all(engine, tmp_path)
+    threads = engine.default_threads  # the engine's intra-op threads: what a model that sets none runs with
+    assert threads == torch.get_num_threads()
 
     bare = effective_config(models["bare"])
     assert bare == mc.ModelConfig(
         name="bare", version="1", platform=mc.PLATFORM_PYTORCH_EAGER, max_batch_rows=64,
-        max_queue_delay_microseconds=2500, device="cpu", precision="float32", max_queued_bytes=1 << 30)
+        max_queue_delay_microseconds=2500, device="cpu", precision="float32", max_queued_bytes=1 << 30,
+        intra_op_threads=threads)
     assert bare.output.WhichOneof("selector") is None
 
     configured = effective_config(models["custom"])
     assert configured == mc.ModelConfig(
         name="custom", version="7", platform=mc.PLATFORM_PYTORCH_EAGER, max_batch_rows=8,
         max_queue_delay_microseconds=1234, device="cpu", description="a configured MLP", precision="float32", max_queued_bytes=1 << 30,
-        inputs=[mc.InputSpec(name="features", dtype=tensor_pb2.DATA_TYPE_FLOAT32, dims=[4])])
+        inputs=[mc.InputSpec(name="features", dtype=tensor_pb2.DATA_TYPE_FLOAT32, dims=[4])], intra_op_threads=threads)
 
     tup = effective_config(models["tup"])
     assert tup.output.WhichOneof("selector") == "index" and tup.output.index == 1

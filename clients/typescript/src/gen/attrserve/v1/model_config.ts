@@ -126,6 +126,15 @@ export interface ModelConfig {
    * it instead (INVALID_ARGUMENT). Integer inputs are never cast.
    */
   strictInputDtypes: boolean;
+  /**
+   * Torch intra-op threads for this model's passes (0 = the engine's: the
+   * server's --engine-threads, by default one per core less one). A model
+   * whose passes are long and compute-bound (a transformer under
+   * LayerIntegratedGradients) gains from every core; a model serving small
+   * latency-bound passes runs them fastest on one. Fixed per model, so a
+   * request's numbers never depend on the requests it shares a pass with.
+   */
+  intraOpThreads: number;
 }
 
 function createBaseInputSpec(): InputSpec {
@@ -346,6 +355,7 @@ function createBaseModelConfig(): ModelConfig {
     maxQueuedRows: 0n,
     maxQueuedBytes: 0n,
     strictInputDtypes: false,
+    intraOpThreads: 0,
   };
 }
 
@@ -400,6 +410,9 @@ export const ModelConfig: MessageFns<ModelConfig> = {
     }
     if (message.strictInputDtypes !== false) {
       writer.uint32(104).bool(message.strictInputDtypes);
+    }
+    if (message.intraOpThreads !== 0) {
+      writer.uint32(112).uint32(message.intraOpThreads);
     }
     return writer;
   },
@@ -521,6 +534,14 @@ export const ModelConfig: MessageFns<ModelConfig> = {
             message.strictInputDtypes = reader.bool();
             continue;
           }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.intraOpThreads = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -568,6 +589,11 @@ export const ModelConfig: MessageFns<ModelConfig> = {
         : isSet(object.strict_input_dtypes)
         ? globalThis.Boolean(object.strict_input_dtypes)
         : false,
+      intraOpThreads: isSet(object.intraOpThreads)
+        ? globalThis.Number(object.intraOpThreads)
+        : isSet(object.intra_op_threads)
+        ? globalThis.Number(object.intra_op_threads)
+        : 0,
     };
   },
 
@@ -612,6 +638,9 @@ export const ModelConfig: MessageFns<ModelConfig> = {
     if (message.strictInputDtypes !== false) {
       obj.strictInputDtypes = message.strictInputDtypes;
     }
+    if (message.intraOpThreads !== 0) {
+      obj.intraOpThreads = Math.round(message.intraOpThreads);
+    }
     return obj;
   },
 
@@ -642,6 +671,7 @@ export const ModelConfig: MessageFns<ModelConfig> = {
       ? BigInt(object.maxQueuedBytes)
       : 0n;
     message.strictInputDtypes = object.strictInputDtypes ?? false;
+    message.intraOpThreads = object.intraOpThreads ?? 0;
     return message;
   },
 };
