@@ -1,5 +1,6 @@
 """`attrserve serve` in different configurations, in alternating rounds, under one workload: throughput, latency and
-CPU per request of every process and thread of the server (front end, engine-core process).
+CPU per request of every process and thread of the server (front end, engine-core process), of the load client, and
+how busy the whole machine was.
 
     .venv/bin/python bench/prototypes/layout_ab.py --workload W1 --rounds 3 --seconds 6 \\
         --config split= --config one-process=--no-engine-process
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 
@@ -38,6 +40,18 @@ def thread_cpu(pids: list[int]) -> dict[tuple[int, str], tuple[str, float]]:
     return out
 
 
+def _client_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _machine() -> tuple[int, int]:
+    """(all, idle) jiffies of every core since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return sum(values), values[3] + values[4]  # idle + iowait
+
+
 def run(name: str, tokens: list[str], workload: str, seconds: float) -> dict:
     port, metrics_port = harness.free_port(), harness.free_port()
     flags = [t for t in tokens if not t.startswith("env:")]
@@ -48,9 +62,9 @@ def run(name: str, tokens: list[str], workload: str, seconds: float) -> dict:
         w = W[workload]
         requests = w.requests()
         harness.drive(server.target, requests, w.concurrency, 1.5, record=False)
-        before, start = thread_cpu(pids), time.monotonic()
+        before, start, client0, machine0 = thread_cpu(pids), time.monotonic(), _client_cpu(), _machine()
         load = harness.drive(server.target, requests, w.concurrency, seconds, record=True)
-        after, wall = thread_cpu(pids), time.monotonic() - start
+        after, wall, client1, machine1 = thread_cpu(pids), time.monotonic() - start, _client_cpu(), _machine()
     finally:
         server.stop()
     n = len(load.latencies_ms)
@@ -70,6 +84,8 @@ def run(name: str, tokens: list[str], workload: str, seconds: float) -> dict:
         "front_ms": 1e3 * per_process.get(server.pid, 0.0) / n if n else None,
         "engine_ms": 1e3 * sum(v for p, v in per_process.items() if p != server.pid) / n if n else None,
         "busy": sum(per_process.values()) / wall / (os.cpu_count() or 1),
+        "client_ms": 1e3 * (client1 - client0) / n if n else None,  # the load client (this process)
+        "machine": 1 - (machine1[1] - machine0[1]) / max(machine1[0] - machine0[0], 1),  # every core, all processes
         "threads": ", ".join(threads),
     }
 
@@ -85,16 +101,16 @@ def main() -> None:
     rows: dict[str, list[dict]] = {name: [] for name, _ in configs}
     print(
         "| round | config | req/s | p50 ms | p99 ms | errors | front CPU ms/req | engine CPU ms/req | "
-        f"server CPU % of {os.cpu_count()} cores | threads (% of a core) |"
+        f"server CPU % of {os.cpu_count()} cores | client CPU ms/req | machine busy | threads (% of a core) |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for number in range(1, args.rounds + 1):
         for name, flags in configs:
             r = run(name, flags, args.workload, args.seconds)
             rows[name].append(r)
             print(
                 f"| {number} | {name} | {r['req_s']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['errors']} | {r['front_ms']:.3f} | "
-                f"{r['engine_ms']:.3f} | {100 * r['busy']:.0f}% | {r['threads']} |",
+                f"{r['engine_ms']:.3f} | {100 * r['busy']:.0f}% | {r['client_ms']:.3f} | {100 * r['machine']:.0f}% | {r['threads']} |",
                 flush=True,
             )
     for name, runs in rows.items():
