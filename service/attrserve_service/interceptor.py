@@ -13,7 +13,7 @@ import grpc
 
 from attrserve_service import metrics
 from attrserve_service.logs import REQUEST_ID
-from attrserve_service.servicer import deadline_passed, grpc_status
+from attrserve_service.servicer import RPC_WINDOW, deadline_passed, grpc_status
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ async def _handled(grpc_type: str, full_method: str, context: grpc.aio.ServicerC
     """Counts the RPC and times it; turns an escaping exception into the status it stands for."""
     service, method = _split(full_method)
     labels = (grpc_type, service, method)
+    RPC_WINDOW.set(context.time_remaining())  # this RPC's task (and the tasks it starts): what deadline_passed measures against
     metrics.GRPC_SERVER_STARTED_TOTAL.labels(*labels).inc()
     start = time.monotonic()
     code = grpc.StatusCode.OK

@@ -21,6 +21,7 @@ from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_client import AttributionClient
 from attrserve_engine import InputSpec, ModelSpec
 from attrserve_service.config import ServerConfig
+from attrserve_service.servicer import RPC_WINDOW, deadline_passed
 from doubles import Exiting, Gated
 from oracle import MODELS, Case, assert_all_close, captum_attribute, make_engine, wait_in_flight
 from servers import ServeProcess, ServerThread, oracle_engine, scrape, start_server
@@ -48,6 +49,35 @@ def heavy_request(rng: random.Random) -> pb.AttributeRequest:
     """IG on 20 conv examples × 200 steps: 4,000 rows, many passes — long enough to expire mid-way."""
     x = np.asarray(rng.random() * np.ones((20, 2, 8, 8)), dtype=np.float32)
     return AttributionClient.build_request("conv", "integrated_gradients", x, target=1, params={"n_steps": 200})
+
+
+class _Remaining:
+    """A servicer context as deadline_passed reads it."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+
+    def time_remaining(self) -> float | None:
+        return self.seconds
+
+
+def test_a_cancel_close_to_the_deadline_is_the_deadline() -> None:
+    """A client whose deadline passed cancels the call a little before the server's own deadline (the server's
+    starts when the headers arrive): a cancel within 25 ms of it, or within the last 5% of the RPC's window (at most
+    250 ms), is DEADLINE_EXCEEDED; an earlier one is the caller leaving."""
+
+    def passed(remaining: float | None, window: float | None) -> bool:
+        token = RPC_WINDOW.set(window)
+        try:
+            return deadline_passed(_Remaining(remaining))  # type: ignore[arg-type]
+        finally:
+            RPC_WINDOW.reset(token)
+
+    assert passed(0.02, None) and passed(0.02, 0.1)
+    assert not passed(0.03, 0.1)  # 5% of 100 ms is under the 25 ms floor
+    assert passed(0.045, 1.0) and not passed(0.06, 1.0)  # the storm's sure stream: 1 s, so the last 50 ms
+    assert passed(0.2, 30.0) and not passed(0.3, 30.0)  # a 30 s call cancelled 1.5 s early is the caller leaving
+    assert not passed(None, None) and not passed(0.5, None)
 
 
 def test_storms_of_expiring_and_cancelled_requests_never_disturb_the_worker() -> None:
@@ -129,8 +159,11 @@ def test_storms_of_expiring_and_cancelled_requests_never_disturb_the_worker() ->
     assert 0 < grew("attrserve_attributions_completed_total", model="conv", algorithm="integrated_gradients", grpc_code="DEADLINE_EXCEEDED")
     assert grew("grpc_server_handled_total", grpc_code="CANCELLED", **attribute) > 0
     # The three sure ones, and each round's 30 ms stream when the server saw it before it expired.
-    assert 3 <= grew("grpc_server_handled_total", grpc_code="DEADLINE_EXCEEDED", grpc_type="bidi_stream", grpc_service=SERVICE,
-                     grpc_method="AttributeStream") <= 6
+    streams = {
+        code: grew("grpc_server_handled_total", grpc_code=code, grpc_type="bidi_stream", grpc_service=SERVICE, grpc_method="AttributeStream")
+        for code in ("OK", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL")
+    }
+    assert 3 <= streams["DEADLINE_EXCEEDED"] <= 6, streams
     assert grew("attrserve_requests_dropped_total", model="conv", reason="deadline") > 0
     assert grew("attrserve_requests_dropped_total", model="conv", reason="cancelled") > 0
     assert grew("attrserve_rows_dropped_total", model="conv", reason="deadline") > 0
