@@ -1,5 +1,6 @@
-"""Servers for tests: a real attrserve server in a background thread of this process (ServerThread), and
-`attrserve serve` as a subprocess (ServeProcess), both on ports they pick themselves.
+"""Servers for tests: a real attrserve server in a background thread of this process (ServerThread),
+`attrserve serve` as a subprocess (ServeProcess), and a plain gRPC server around a test double (fake_server), all on
+ports they pick themselves.
 
 Importable from any test package (tests/ is on sys.path, see tests/conftest.py); the conftest.py files only
 hold fixtures, so `import servers` works whichever test folders one run collects.
@@ -8,6 +9,7 @@ hold fixtures, so `import servers` works whichever test folders one run collects
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -16,12 +18,15 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_engine import Engine, InputSpec, ModelSpec
 from attrserve_service.config import ServerConfig
 from attrserve_service.server import RunningServer, create_server
@@ -29,6 +34,22 @@ from doubles import Fragile, Slow
 from oracle import MODELS, make_engine
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def fake_server(servicer: object, workers: int = 4, repository: bool = False) -> Iterator[str]:
+    """A synchronous gRPC server on a free 127.0.0.1 port whose AttributionService (and, with `repository`, its
+    ModelRepositoryService) is `servicer`, a test double; yields its address and stops it afterwards."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    pb_grpc.add_AttributionServiceServicer_to_server(servicer, server)
+    if repository:
+        pb_grpc.add_ModelRepositoryServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None).wait()
 
 # -- in-process ---------------------------------------------------------------------------------
 

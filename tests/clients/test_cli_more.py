@@ -6,7 +6,6 @@ import os
 import pathlib
 import subprocess
 import sys
-from concurrent import futures
 
 import grpc
 import numpy as np
@@ -16,6 +15,7 @@ from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve.v1 import tensor_pb2
 from attrserve_client import cli, from_tensor_proto, to_tensor_proto
+from servers import fake_server
 
 CLIENT_ROOT = pathlib.Path(__file__).resolve().parents[2] / "clients" / "python"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CLIENT_ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -64,14 +64,8 @@ class Fake(pb_grpc.AttributionServiceServicer):
 @pytest.fixture
 def server():
     fake = Fake()
-    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_AttributionServiceServicer_to_server(fake, srv)
-    port = srv.add_insecure_port("127.0.0.1:0")
-    srv.start()
-    try:
-        yield f"127.0.0.1:{port}", fake
-    finally:
-        srv.stop(None).wait()
+    with fake_server(fake, workers=4) as address:
+        yield address, fake
 
 
 def run_cli(*args, code=""):

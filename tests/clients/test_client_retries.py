@@ -3,7 +3,6 @@
 import queue
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import numpy as np
@@ -14,6 +13,7 @@ from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve.v1 import tensor_pb2
 from attrserve_client import (AsyncAttributionClient, Attribution, AttributionClient, RequestFailed, RetryPolicy,
                               build_request, from_tensor_proto, replayable, to_tensor_proto)
+from servers import fake_server
 
 FAST = RetryPolicy(initial_backoff=0.01, max_backoff=0.02)
 X = np.array([[1.0, 2.0, 3.0]], np.float32)
@@ -101,15 +101,8 @@ class Flaky(pb_grpc.AttributionServiceServicer, pb_grpc.ModelRepositoryServiceSe
 @pytest.fixture
 def flaky():
     fake = Flaky()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    pb_grpc.add_AttributionServiceServicer_to_server(fake, server)
-    pb_grpc.add_ModelRepositoryServiceServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}", fake
-    finally:
-        server.stop(None).wait()
+    with fake_server(fake, workers=8, repository=True) as address:
+        yield address, fake
 
 
 # --- retries -------------------------------------------------------------------------------------

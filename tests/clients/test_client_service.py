@@ -6,7 +6,6 @@ import os
 import pathlib
 import subprocess
 import sys
-from concurrent import futures
 
 import grpc
 import numpy as np
@@ -17,6 +16,7 @@ from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve.v1 import tensor_pb2
 from attrserve_client import AsyncAttributionClient, AttributionClient, from_tensor_proto, to_tensor_proto
 from attrserve_client import cli
+from servers import fake_server
 
 CLIENT_ROOT = pathlib.Path(__file__).resolve().parents[2] / "clients" / "python"
 X = np.array([[0.2961, 0.5166, 0.2517], [0.6886, 0.0740, 0.8665]], dtype=np.float32)
@@ -123,14 +123,8 @@ class AsyncFake(pb_grpc.AttributionServiceServicer):
 @pytest.fixture
 def sync_server():
     fake = SyncFake()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_AttributionServiceServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}", fake
-    finally:
-        server.stop(None).wait()
+    with fake_server(fake, workers=4) as address:
+        yield address, fake
 
 
 @contextlib.asynccontextmanager

@@ -7,7 +7,6 @@ import pathlib
 import re
 import subprocess
 import sys
-from concurrent import futures
 
 import grpc
 import matplotlib.image as mpimg
@@ -18,6 +17,7 @@ from captum.attr._utils import visualization as captum_viz
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_client import cli, from_tensor_proto, to_tensor_proto, viz
+from servers import fake_server as serve_fake
 
 CLIENT_ROOT = pathlib.Path(__file__).resolve().parents[2] / "clients" / "python"
 HINT = "pip install 'attrserve-client[viz]'"
@@ -272,14 +272,8 @@ class Fake(pb_grpc.AttributionServiceServicer):
 @pytest.fixture
 def fake_server():
     fake = Fake()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_AttributionServiceServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}", fake
-    finally:
-        server.stop(None).wait()
+    with serve_fake(fake, workers=2) as address:
+        yield address, fake
 
 
 def attribute(address, *extra):
