@@ -248,9 +248,10 @@ class Engine:
         """Every model version known, with its state: ready, loading, failed (with why) or unloading."""
         return self.served.records()
 
-    def supported_algorithms(self, model: LoadedModel) -> list[str]:
-        """Algorithms this model can serve (GetModel's list): those whose `refusal` has nothing to say."""
-        refused = self.refused_algorithms(model)
+    def supported_algorithms(self, model: LoadedModel, refused: dict[str, str] | None = None) -> list[str]:
+        """Algorithms this model can serve (GetModel's list): those whose `refusal` has nothing to say (`refused`:
+        refused_algorithms' answer, when the caller has it already)."""
+        refused = self.refused_algorithms(model) if refused is None else refused
         return [name for name in self.algorithms if name not in refused]
 
     def refused_algorithms(self, model: LoadedModel) -> dict[str, str]:
@@ -396,12 +397,7 @@ class Engine:
         rows = sum(call.rows for call in calls) + (n if job.return_outputs else 0)
         if evaluate is not None:
             rows += calls[0].evaluation_rows(evaluate)
-        if rows > self.limits.max_rows_per_request:
-            raise ResourceExhausted(
-                f"this request needs {_count(rows)} rows of model work ({n} example(s) with these parameters), "
-                f"over this server's limit of {self.limits.max_rows_per_request} rows per request; "
-                "send fewer examples, features or steps/samples"
-            )
+        self._check_rows(rows, n)
 
         def plan_factory() -> JobPlan:
             plans: list[PlanOf[Any]] = [call.plan(model.device) for call in calls]
@@ -433,6 +429,15 @@ class Engine:
 
         return _live_job(job, model, inputs, rows, plan_factory, finish)
 
+    def _check_rows(self, rows: int, n: int) -> None:
+        """Refuse a request of `n` examples whose rows of model work pass the server's limit per request."""
+        if rows > self.limits.max_rows_per_request:
+            raise ResourceExhausted(
+                f"this request needs {_count(rows)} rows of model work ({n} example(s) with these parameters), "
+                f"over this server's limit of {self.limits.max_rows_per_request} rows per request; "
+                "send fewer examples, features or steps/samples"
+            )
+
     def _prepare_predictions(
         self,
         job: AttributionJob,
@@ -463,9 +468,7 @@ class Engine:
             names = ", ".join(name for name, used in unused.items() if used)
             raise InvalidArgument(f"{names}: only for an algorithm; a job without one returns the model's outputs")
         n = int(inputs[0].shape[0])
-        if n > self.limits.max_rows_per_request:
-            limit = self.limits.max_rows_per_request
-            raise ResourceExhausted(f"this request needs {n} rows of model work, over this server's limit of {limit} rows per request")
+        self._check_rows(n, n)
         task = Task(inputs=inputs, baselines=(), target=target, args=args, params=None, rng=RequestRNG(seed))
 
         def plan_factory() -> JobPlan:

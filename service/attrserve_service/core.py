@@ -140,7 +140,7 @@ class LocalCore:
             config = spec_config(record.spec) if record.spec is not None else mc.ModelConfig(name=record.name, version=record.version)
             return pb.ModelInfo(config=config, state=STATES[record.state], reason=record.reason)
         refused = self.engine.refused_algorithms(model)
-        names = [name for name in self.engine.algorithms if name not in refused]
+        names = self.engine.supported_algorithms(model, refused)
         state, reason = self.engine.model_state(record)
         return pb.ModelInfo(
             config=effective_config(model),
