@@ -130,17 +130,13 @@ class InferenceServicer:
         info = await self.core.model_info(message.name, message.version)
         config = info.config
         versions = sorted({i.config.version for i in await self.core.model_infos() if i.config.name == config.name})
-        inputs = [
-            oip.ModelMetadataResponse.TensorMetadata(name=name, datatype=WIRE_TO_OIP.get(spec.dtype, "FP32"), shape=[-1, *spec.dims])
-            for name, spec in zip(_input_names(config), config.inputs)
-        ]
+        metadata = oip.ModelMetadataResponse.TensorMetadata
+        # Each input, and its attributions shaped like it: (name, datatype, shape).
+        tensors = [(name, WIRE_TO_OIP.get(spec.dtype, "FP32"), [-1, *spec.dims]) for name, spec in zip(_input_names(config), config.inputs)]
+        inputs = [metadata(name=name, datatype=datatype, shape=shape) for name, datatype, shape in tensors]
         # The output's dtype and per-example shape are the model's (not in its config): a float, rank unknown.
-        outputs = [oip.ModelMetadataResponse.TensorMetadata(name=OUTPUT, datatype="FP32", shape=[-1])]
-        for name, spec in zip(_input_names(config), config.inputs):
-            datatype = WIRE_TO_OIP.get(spec.dtype, "FP32")
-            outputs.append(
-                oip.ModelMetadataResponse.TensorMetadata(name=f"attributions__{name}", datatype=datatype, shape=[-1, *spec.dims])
-            )
+        outputs = [metadata(name=OUTPUT, datatype="FP32", shape=[-1])]
+        outputs += [metadata(name=f"attributions__{name}", datatype=datatype, shape=shape) for name, datatype, shape in tensors]
         return oip.ModelMetadataResponse(name=config.name, versions=versions, platform=PLATFORM, inputs=inputs, outputs=outputs)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
