@@ -281,16 +281,16 @@ class Engine:
         already queued plus its own, at the model's measured rate, take longer than the time it has left. Other
         models' work on the device is not counted, so the estimate errs towards admitting."""
         model = live.model
-        if live.deadline is None or not model.rows_per_second:
+        if live.deadline is None or not model.throughput:
             return
         ahead = scheduler.pending_rows(model)
-        need = (ahead + live.rows) / model.rows_per_second
+        need = (ahead + live.rows) / model.throughput
         left = live.deadline - time.monotonic()
         if need > left:
             Observers(self.observers).request_refused(model.name, REFUSED_DEADLINE)
             raise DeadlineExceeded(
                 f"this request would not finish before its deadline: {ahead} rows queued ahead of it and its own "
-                f"{live.rows} take about {need * 1e3:.0f} ms at model {model.name!r}'s ~{model.rows_per_second:.0f} rows/s, "
+                f"{live.rows} take about {need * 1e3:.0f} ms at model {model.name!r}'s ~{model.throughput:.0f} rows/s, "
                 f"and {max(left, 0) * 1e3:.0f} ms are left"
             )
 

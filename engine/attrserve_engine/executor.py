@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -25,8 +27,10 @@ SPLIT_FAILURE = "failure"
 SPLIT_OOM = "oom"
 
 
-def run_pass(model: LoadedModel, segments: list[Block], on_split: Callable[[str], None] | None = None) -> list[SegmentOutcome]:
-    """Run `segments` (same batch key) as one pass; one outcome per segment, in order.
+def run_pass(
+    model: LoadedModel, segments: list[Block], on_split: Callable[[str], None] | None = None, replica: int = 0
+) -> list[SegmentOutcome]:
+    """Run `segments` (same batch key) as one pass on `model.replicas[replica]`; one outcome per segment, in order.
 
     NOTE: a failure is pinned on the segment that causes it: a failing fused
     pass is re-run in halves, so one bad request never fails its neighbours.
@@ -34,7 +38,7 @@ def run_pass(model: LoadedModel, segments: list[Block], on_split: Callable[[str]
     `on_split(SPLIT_FAILURE or SPLIT_OOM)` is told of every split.
     """
     try:
-        return _fused_pass(model, segments)
+        return _fused_pass(model, segments, model.replicas[replica])
     except AttributionError as e:
         if len(segments) == 1:
             return [e]
@@ -49,8 +53,8 @@ def run_pass(model: LoadedModel, segments: list[Block], on_split: Callable[[str]
             if on_split is not None:
                 on_split(reason)
             half = block.rows // 2
-            outcomes = run_pass(model, [slice_block(block, 0, half)], on_split) + run_pass(
-                model, [slice_block(block, half, block.rows)], on_split
+            outcomes = run_pass(model, [slice_block(block, 0, half)], on_split, replica) + run_pass(
+                model, [slice_block(block, half, block.rows)], on_split, replica
             )
             failed = [o for o in outcomes if isinstance(o, AttributionError)]
             return [failed[0]] if failed else [concat_results(outcomes)]  # type: ignore[arg-type]
@@ -69,7 +73,7 @@ def run_pass(model: LoadedModel, segments: list[Block], on_split: Callable[[str]
     if on_split is not None:
         on_split(reason)
     half = len(segments) // 2
-    return run_pass(model, segments[:half], on_split) + run_pass(model, segments[half:], on_split)
+    return run_pass(model, segments[:half], on_split, replica) + run_pass(model, segments[half:], on_split, replica)
 
 
 class LayerHook:
@@ -80,8 +84,8 @@ class LayerHook:
     (LayerIntegratedGradients' interpolated activations).
     """
 
-    def __init__(self, model: LoadedModel, block: Block, substitute: tuple[Tensor, ...] | None, grad: bool) -> None:
-        self.module = model.module.get_submodule(block.layer)
+    def __init__(self, module: torch.nn.Module, block: Block, substitute: tuple[Tensor, ...] | None, grad: bool) -> None:
+        self.module = module.get_submodule(block.layer)
         self.use_input = block.layer_input
         self.substitute = substitute
         self.grad = grad
@@ -123,23 +127,49 @@ class LayerHook:
             self.handle.remove()
 
 
-# CPU passes run one at a time. Each model's passes set its own torch intra-op thread count (ModelConfig.intra_op_threads),
-# and part of that count (MKL's) is the process's, not the thread's. The worker is the only thread that runs passes
-# while serving, but a model being loaded runs its probe passes on its loading thread (tuning.py), and those must not
-# change the count under a served pass.
-_CPU_PASS = threading.Lock()
+class _CpuThreads:
+    """CPU passes run together only when they use the same torch intra-op thread count.
+
+    Each model's passes set its own count (ModelConfig.intra_op_threads), and part of that count (MKL's) is the
+    process's, not the thread's; replicas' passes run on several workers at once, and a model being loaded runs
+    its probe passes on its loading thread (tuning.py). A pass whose count differs from the running ones waits
+    until they end, and passes that would join them wait behind it (so it is not starved)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._threads = 0  # the count the running passes use
+        self._running = 0
+        self._waiting: collections.Counter[int] = collections.Counter()  # passes waiting, by their count
+
+    @contextlib.contextmanager
+    def use(self, threads: int) -> Iterator[None]:
+        with self._cv:
+            self._waiting[threads] += 1
+            self._cv.wait_for(lambda: self._running == 0 or (self._threads == threads and self._waiting.total() == self._waiting[threads]))
+            self._waiting[threads] -= 1
+            self._threads = threads
+            self._running += 1
+        try:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            yield
+        finally:
+            with self._cv:
+                self._running -= 1
+                self._cv.notify_all()
 
 
-def _fused_pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcome]:
+_CPU_THREADS = _CpuThreads()
+
+
+def _fused_pass(model: LoadedModel, segments: list[Block], module: torch.nn.Module) -> list[SegmentOutcome]:
     if model.device.type != "cpu":
-        return _pass(model, segments)
-    with _CPU_PASS:
-        if torch.get_num_threads() != model.intra_op_threads:
-            torch.set_num_threads(model.intra_op_threads)
-        return _pass(model, segments)
+        return _pass(model, module, segments)
+    with _CPU_THREADS.use(model.intra_op_threads):
+        return _pass(model, module, segments)
 
 
-def _pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcome]:
+def _pass(model: LoadedModel, module: torch.nn.Module, segments: list[Block]) -> list[SegmentOutcome]:
     first = segments[0]
     kind = first.kind
     paired = first.refs is not None
@@ -164,11 +194,11 @@ def _pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcome]:
             xs[i] = x.detach().requires_grad_(True)  # a fresh leaf, whatever the plan built
     hooks = []
     if first.options is not None:  # a rule pass
-        hooks.append(first.options.rules(model.module, seg_rows, xs[0].device))
+        hooks.append(first.options.rules(module, seg_rows, xs[0].device))
     layer_hook = None
     if first.layer:
         substitute = tuple(stacked("layer_values")) if first.layer_values is not None else None
-        layer_hook = LayerHook(model, first, substitute, grad=grad_mode and first.grad_wrt_layer)
+        layer_hook = LayerHook(module, first, substitute, grad=grad_mode and first.grad_wrt_layer)
         hooks.append(layer_hook)
 
     # 2) forward, select each row's target, backward
@@ -176,7 +206,7 @@ def _pass(model: LoadedModel, segments: list[Block]) -> list[SegmentOutcome]:
         for h in hooks:
             h.install()
         try:
-            out = model.forward(*xs, *args)  # (R, *out_shape)
+            out = model.forward(*xs, *args, module=module)  # (R, *out_shape)
             # Neuron methods explain one unit of the layer instead of the model's output.
             explained = out
             if first.objective_layer:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 import logging
 import os
@@ -63,6 +64,7 @@ class ModelSpec:
     max_queued_bytes: int = 0  # admission bound on their estimated bytes; 0: server default
     strict_input_dtypes: bool = False  # refuse, rather than cast, a floating input in another floating dtype
     intra_op_threads: int = 0  # torch intra-op threads of the model's CPU passes; 0: the engine's
+    instances: int = 0  # copies of the model that run passes at the same time; 0: one
     module: nn.Module | None = None  # an already-built model (tests, embedding in other programs)
 
 
@@ -189,18 +191,34 @@ class LoadedModel:
         self.rows_per_second: float | None = None
         for p in self.module.parameters():
             p.requires_grad_(False)
+        # Copies that run passes at the same time (ModelSpec.instances; the scheduler hands each pass a free one).
+        # Hooks are module state, so two passes at once need two modules; the first copy is `module` itself.
+        if spec.instances > 4 * cores:
+            raise InvalidArgument(f"model {spec.name!r}: instances {spec.instances} is more than 4 per core ({cores} cores here)")
+        try:
+            self.replicas: list[nn.Module] = [self.module] + [copy.deepcopy(self.module) for _ in range(spec.instances - 1)]
+        except Exception as e:
+            why = f"instances {spec.instances} needs copies of the model, and it cannot be copied: {e}"
+            raise InvalidArgument(f"model {spec.name!r}: {why}") from e
+        self.instances = len(self.replicas)
+
+    @property
+    def throughput(self) -> float | None:
+        """Rows per second of all its replicas together (queue-time estimates); None until something ran."""
+        return None if self.rows_per_second is None else self.rows_per_second * self.instances
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.name, self.version)
 
-    def forward(self, *args: Tensor) -> Tensor:
-        """Run the model and pick the explained output (tuple index or dict key)."""
+    def forward(self, *args: Tensor, module: nn.Module | None = None) -> Tensor:
+        """Run the model (or one of its `replicas`) and pick the explained output (tuple index or dict key)."""
+        module = self.module if module is None else module
         if self.autocast_dtype is None:
-            out: Any = self.module(*args)
+            out: Any = module(*args)
         else:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                out = self.module(*args)
+                out = module(*args)
             out = _float32(out)
         key, index = self.spec.output_key, self.spec.output_index
         if isinstance(out, dict):

@@ -1,9 +1,13 @@
-"""Scheduler: one worker thread per device that queues plan blocks by batch key, cuts fused passes and routes results.
+"""Scheduler: the worker threads of one device, which queue plan blocks by batch key, cut fused passes and route results.
 
 Who calls what:
 - `submit`, `cancel`, `in_flight`, `serving`, `stop`: any thread (the service's event loop, the engine
   facade, a future's done-callback). They only touch the inbox, the cancel list and flags, under `_cv`.
-- everything else runs on the worker thread, which alone drives plans, owns the queues and runs the model.
+- everything else runs on the workers, which drive plans, own the queues and run the model. A device has one
+  worker, or as many as the most `instances` (replicas) any of its models has: a worker holds `_state` while it
+  takes the inbox into the queues, cuts a pass or routes a pass's results, and runs the pass itself without it,
+  on a replica no other pass uses. So every waiting request's rows can join the next pass, whichever worker cuts
+  it, and the passes of a model with two replicas overlap.
 
 NOTE: jobs leave the queues in one place, `_evict`, at a pass boundary; nothing removes queue entries while
 another step walks them. A job that dies (deadline passed, caller cancelled, a failed block) is failed at
@@ -164,7 +168,7 @@ class QueuedBlock:
     index: int  # position in the job's current yield
     enqueued: float
     taken: int = 0  # rows already cut into passes
-    parts: list = field(default_factory=list)
+    parts: list = field(default_factory=list)  # (first row's offset in the block, result) per pass that ran some
     parts_expected: int = 0
 
 
@@ -191,7 +195,7 @@ class Scheduler:
         observers: list[EngineObserver],
         ready_check: Callable[[], None] = lambda: None,
         restart_delay_s: float = 0.1,
-        run_pass: Callable[[LoadedModel, list[Block], Callable[[str], None]], list] = run_pass,
+        run_pass: Callable[[LoadedModel, list[Block], Callable[[str], None], int], list] = run_pass,
         max_queue_seconds: float = 2.0,
         max_pass_seconds: float = 0.25,
     ) -> None:
@@ -212,6 +216,14 @@ class Scheduler:
         self._ready_check = ready_check  # run on a restarted worker before it serves again
         self._restart_delay_s = restart_delay_s
         self._cv = threading.Condition()
+        # The workers' own state (queues, plans, replicas in use); taken before `_cv` when both are held.
+        self._state = threading.Lock()
+        self._workers = 1  # worker threads per generation: the most replicas of a model submitted here
+        self._generation = 0  # a crash starts a new one; the workers of an old one leave
+        self._threads: list[threading.Thread] = []
+        self._changed = 0  # bumped (under _cv) when a worker made work another worker could take
+        # Per load, the replicas no pass uses now (absent: all of them).
+        self._free: weakref.WeakKeyDictionary[LoadedModel, list[int]] = weakref.WeakKeyDictionary()
         self._inbox: list[LiveJob] = []
         self._cancelled: list[LiveJob] = []
         self._jobs: set[LiveJob] = set()  # accepted and not finished: inbox, queued or in a pass
@@ -222,7 +234,7 @@ class Scheduler:
         self._evicted_keys: set[BatchKey] = set()  # queues holding blocks of jobs that died since the last boundary
         self._held = 0  # > 0: queue what arrives, cut no pass (hold/release)
         self._stopping = False  # no new jobs
-        self._exit = False  # the worker leaves its loop
+        self._exit = False  # the workers leave their loops
         self._serving = True
         self._down_reason = ""
         self.restarts = 0
@@ -231,7 +243,7 @@ class Scheduler:
         # Smoothed time between arrivals: waiting for company only pays when company comes sooner than the delay.
         self._last_arrival = time.monotonic()
         self._arrival_gap = 0.0
-        self._start_worker(None)
+        self._start_workers(None)
 
     # -- any thread --------------------------------------------------------
     def submit(self, job: LiveJob, admit: bool = True) -> concurrent.futures.Future:
@@ -252,6 +264,10 @@ class Scheduler:
             gap = min(now - self._last_arrival, 1.0)
             self._last_arrival = now
             self._arrival_gap = 0.8 * self._arrival_gap + 0.2 * gap
+            if job.model.instances > self._workers:  # more workers now (after a crash, the restart starts them)
+                if self._serving:
+                    self._spawn(self._generation, job.model.instances - self._workers)
+                self._workers = job.model.instances
             self._cv.notify()
         return job.future
 
@@ -265,8 +281,8 @@ class Scheduler:
         """Admission's bound on a model's queued rows: its own, or max_queue_seconds of work at its measured rate."""
         if model.max_queued_rows:
             return model.max_queued_rows
-        if model.rows_per_second:
-            return max(2 * model.max_batch_rows, int(model.rows_per_second * self.max_queue_seconds))
+        if model.throughput:
+            return max(2 * model.max_batch_rows, int(model.throughput * self.max_queue_seconds))
         return AUTO_ROWS_WITHOUT_RATE
 
     def pending_rows(self, model: LoadedModel) -> int:
@@ -311,7 +327,7 @@ class Scheduler:
 
     def _refuse(self, model: LoadedModel, reason: str, why: str) -> NoReturn:
         queued = self._pending.get(model, _Backlog()).rows
-        retry = min(30.0, max(0.05, queued / model.rows_per_second)) if model.rows_per_second else 1.0
+        retry = min(30.0, max(0.05, queued / model.throughput)) if model.throughput else 1.0
         self._observers.request_refused(model.name, reason)
         raise ResourceExhausted(f"{why}; retry in about {retry * 1e3:.0f} ms", retry_after_s=retry)
 
@@ -370,23 +386,33 @@ class Scheduler:
             while self._jobs and (until is None or time.monotonic() < until):
                 self._cv.wait(0.05 if until is None else max(0.0, min(0.05, until - time.monotonic())))
             lost = len(self._jobs)
-            self._exit = True  # the worker fails what is left and leaves
+            self._exit = True  # the workers fail what is left and leave
             self._cv.notify_all()
-            thread = self._thread
-        thread.join(timeout=5)
-        if thread.is_alive():  # stuck in a model's forward: answer its callers anyway
+            threads = list(self._threads)
+        until = time.monotonic() + 5
+        for thread in threads:
+            thread.join(timeout=max(0.0, until - time.monotonic()))
+        if any(thread.is_alive() for thread in threads):  # stuck in a model's forward: answer its callers anyway
             with self._cv:
                 stranded, self._jobs, self._pending = list(self._jobs), set(), {}
             for job in stranded:
                 _resolve(job.future, error=Unavailable("the server shut down before this request finished"))
         return lost
 
-    # -- worker thread -----------------------------------------------------
-    def _start_worker(self, restart_delay: float | None) -> None:
-        self._thread = threading.Thread(target=self._work, args=(restart_delay,), name=f"attrserve-worker-{self.name}", daemon=True)
-        self._thread.start()
+    # -- worker threads ----------------------------------------------------
+    def _start_workers(self, restart_delay: float | None) -> None:
+        """A new generation of workers: the first (after a crash: waits, checks the models, serves again) starts the rest."""
+        self._threads = []
+        self._spawn(self._generation, 1, restart_delay)
 
-    def _work(self, restart_delay: float | None) -> None:
+    def _spawn(self, generation: int, count: int, restart_delay: float | None = None) -> None:
+        for _ in range(count):
+            name = f"attrserve-worker-{self.name}" + (f"-{len(self._threads)}" if self._threads else "")
+            thread = threading.Thread(target=self._work, args=(generation, restart_delay), name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _work(self, generation: int, restart_delay: float | None) -> None:
         """Thread body: (after a crash: wait, check the models, serve again) then the loop; recovery if it dies."""
         try:
             if restart_delay is not None:
@@ -398,21 +424,28 @@ class Scheduler:
                 with self._cv:
                     self._serving, self._down_reason = True, ""
                     self._started = time.monotonic()
+                    self._spawn(generation, self._workers - 1)
                 log.warning("engine worker for %s restarted (restart %d); serving again", self.name, self.restarts)
                 self._observers.worker_state(self.name, True, "")
-            self._loop()
+            self._loop(generation)
         except BaseException as e:  # whatever killed it, the worker must not die silently
-            self._crashed(e)
+            self._crashed(e, generation)
 
-    def _crashed(self, error: BaseException) -> None:
+    def _crashed(self, error: BaseException, generation: int) -> None:
+        """A worker died: every job on the device fails with UNAVAILABLE, its other workers leave (they may be in a pass:
+        its results are dropped), and a new generation starts after a back-off."""
         reason = f"{type(error).__name__}: {error}"[:500]
         log.error("engine worker for %s died: %s", self.name, reason, exc_info=error)
-        with self._cv:
+        with self._state, self._cv:
+            if generation != self._generation:  # a sibling's crash already failed everything
+                return
+            self._generation += 1
             self._serving, self._down_reason = False, reason
             held, self._jobs = list(self._jobs), set()
             self._inbox, self._cancelled, self._deadlines = [], [], []
             self._queues, self._queue_rows, self._evicted_keys = {}, {}, set()
             self._pending = {}
+            self._free = weakref.WeakKeyDictionary()
             exiting = self._exit
             self.restarts += 1
             # Back off when it keeps dying (a model that kills the worker on every request), not after a rare crash.
@@ -426,52 +459,87 @@ class Scheduler:
             self._close_plan(job)
             _resolve(job.future, error=lost)
         if not exiting:
-            self._start_worker(delay)
-
-    def _loop(self) -> None:
-        while True:
             with self._cv:
-                while not (self._exit or self._inbox or self._cancelled):
-                    wait = self._next_wake_in()
-                    if wait is not None and wait <= 0:
-                        break
-                    self._cv.wait(wait)
-                if self._exit:
-                    break
-                arrivals, self._inbox = self._inbox, []
-                cancelled, self._cancelled = self._cancelled, []
-                held = self._held > 0
-            # 1) drop the jobs that died since the last pass boundary (deadline passed, caller cancelled)
-            self._drop_dead(cancelled)
-            # 2) start new plans: their first blocks join the queues
-            for job in arrivals:
-                self._advance(job, None)
-            self._evict()
-            # 3) cut one fused pass from the ripest queue, 4) execute it and route the results back to their plans
-            cut = None if held else self._cut()
-            if cut is not None:
-                self._execute(*cut)
-        # Leaving (stop): whatever is still here will not be computed.
-        for job in list(self._jobs):
-            self._fail(job, Unavailable("the server shut down before this request finished"))
+                self._start_workers(delay)
 
-    def _next_wake_in(self) -> float | None:
-        """Seconds until some queue must be cut or some deadline passes (<= 0: now); None when nothing waits."""
+    def _loop(self, generation: int) -> None:
+        while True:
+            with self._state:
+                # The inbox and the deaths are taken under _state too: a job that died before a worker's cut is
+                # dropped before it, whichever worker took the news.
+                with self._cv:
+                    if self._exit or generation != self._generation:
+                        break
+                    seen = self._changed
+                    arrivals, self._inbox = self._inbox, []
+                    dead, self._cancelled = self._cancelled, []
+                    now = time.monotonic()
+                    while self._deadlines and (self._deadlines[0][2].done or self._deadlines[0][0] <= now):
+                        dead.append(heapq.heappop(self._deadlines)[2])
+                    held = self._held > 0
+                # 1) drop the jobs that died since the last pass boundary (deadline passed, caller cancelled)
+                for job in dead:
+                    self._drop_if_dead(job, now)
+                # 2) start new plans: their first blocks join the queues
+                for job in arrivals:
+                    self._advance(job, None)
+                self._evict()
+                # 3) cut one fused pass from the ripest queue whose model has a free replica
+                cut = None if held else self._cut()
+                wake_in = self._queues_wake_in() if cut is None and not held else None
+            if cut is None:
+                with self._cv:
+                    if not (self._exit or generation != self._generation or self._inbox or self._cancelled or self._changed != seen):
+                        if self._deadlines:
+                            due = self._deadlines[0][0] - time.monotonic()
+                            wake_in = due if wake_in is None else min(wake_in, due)
+                        if wake_in is None or wake_in > 0:
+                            self._cv.wait(wake_in)
+                continue
+            if self._workers > 1:
+                self._changed_now()  # a sibling may cut the next pass while this one runs
+            # 4) execute it on the replica, then route the results back to their plans
+            model, segments, replica = cut
+            start = time.monotonic()
+            outcomes = self._run_pass(model, [part for _, part, _ in segments], partial(self._observers.pass_split, model.name), replica)
+            seconds = time.monotonic() - start
+            with self._state:
+                if generation != self._generation:
+                    break
+                self._free[model].append(replica)
+                self._route(model, segments, outcomes, start, seconds)
+            if self._workers > 1:
+                self._changed_now()
+        # Leaving (stop): whatever is still here will not be computed.
+        with self._state:
+            if generation == self._generation:
+                with self._cv:
+                    left = list(self._jobs)
+                for job in left:
+                    self._fail(job, Unavailable("the server shut down before this request finished"))
+
+    def _changed_now(self) -> None:
+        with self._cv:
+            self._changed += 1
+            self._cv.notify()
+
+    def _queues_wake_in(self) -> float | None:
+        """Seconds until some queue whose model has a free replica must be cut (<= 0: now); None when none waits."""
         now = time.monotonic()
         soonest = None
-        while self._deadlines and self._deadlines[0][2].done:
-            heapq.heappop(self._deadlines)
-        if self._deadlines:
-            soonest = self._deadlines[0][0] - now
-        if self._held:
-            return soonest
         for key, queue in self._queues.items():
             model = queue[0].job.model
+            if not self._has_free(model):
+                continue  # the worker that returns a replica looks again
             if self._queue_rows[key] >= model.max_batch_rows:
                 return 0.0
             due = queue[0].enqueued + self._delay(model) - now
             soonest = due if soonest is None else min(soonest, due)
         return soonest
+
+    def _has_free(self, model: LoadedModel) -> bool:
+        free = self._free.get(model)
+        return free is None or bool(free)
 
     def _delay(self, model: LoadedModel) -> float:
         """How long a queue waits for more rows: the model's max_queue_delay, or nothing when requests
@@ -486,14 +554,6 @@ class Scheduler:
         if job.cancelled:
             return DROP_CANCELLED, Cancelled("the request was cancelled by its caller")
         return None
-
-    def _drop_dead(self, cancelled: list[LiveJob]) -> None:
-        now = time.monotonic()
-        expired = []
-        while self._deadlines and (self._deadlines[0][2].done or self._deadlines[0][0] <= now):
-            expired.append(heapq.heappop(self._deadlines)[2])
-        for job in itertools.chain(expired, cancelled):
-            self._drop_if_dead(job, now)
 
     def _drop_if_dead(self, job: LiveJob, now: float) -> bool:
         if job.done:
@@ -527,8 +587,9 @@ class Scheduler:
                 del self._queue_rows[key]
         self._evicted_keys = set()
 
-    def _cut(self) -> tuple[LoadedModel, list[tuple[QueuedBlock, Block]]] | None:
-        """One fused pass from a ripe queue (full, or its oldest row waited the model's delay).
+    def _cut(self) -> tuple[LoadedModel, list[tuple[QueuedBlock, Block, int]], int] | None:
+        """One fused pass from a ripe queue (full, or its oldest row waited the model's delay) whose model has a free
+        replica: the model, its segments (each with its first row's offset in its block) and the replica it takes.
 
         Which queue: interactive rows before batch rows (batch rows that wait get every BATCH_EVERY-th pass),
         then the model served least recently (models on a device take turns), then the oldest rows. Within
@@ -537,7 +598,8 @@ class Scheduler:
         ripe = [
             key
             for key, queue in self._queues.items()
-            if self._queue_rows[key] >= queue[0].job.model.max_batch_rows or now - queue[0].enqueued >= self._delay(queue[0].job.model)
+            if self._has_free(queue[0].job.model)
+            and (self._queue_rows[key] >= queue[0].job.model.max_batch_rows or now - queue[0].enqueued >= self._delay(queue[0].job.model))
         ]
         if not ripe:
             return None
@@ -550,7 +612,7 @@ class Scheduler:
         model = queue[0].job.model
         first = [qb for qb in queue if (qb.job.priority == BATCH) == batch_turn]
         budget = self._pass_budget(model)
-        segments: list[tuple[QueuedBlock, Block]] = []
+        segments: list[tuple[QueuedBlock, Block, int]] = []
         for qb in first + [qb for qb in queue if (qb.job.priority == BATCH) != batch_turn]:
             if budget <= 0:
                 break
@@ -563,22 +625,25 @@ class Scheduler:
                 take = budget
             else:
                 continue  # a paired block that does not fit waits for a pass of its own (it goes first when oldest)
+            segments.append((qb, part, qb.taken))
             qb.taken += take
             qb.parts_expected += 1
             budget -= take
             self._queue_rows[ripe_key] -= take
-            segments.append((qb, part))
         left_over = collections.deque(qb for qb in queue if qb.taken < qb.block.rows)
         if left_over:
             self._queues[ripe_key] = left_over
         else:
             del self._queues[ripe_key]
             del self._queue_rows[ripe_key]
-        ran_batch = any(qb.job.priority == BATCH for qb, _ in segments)
+        ran_batch = any(qb.job.priority == BATCH for qb, _, _ in segments)
         self._since_batch = 0 if ran_batch or not with_batch else self._since_batch + 1
         self._served_at[model] = self._passes
         self._passes += 1
-        return model, segments
+        free = self._free.setdefault(model, list(range(model.instances)))
+        replica = min(free)
+        free.remove(replica)
+        return model, segments, replica
 
     def _pass_budget(self, model: LoadedModel) -> int:
         """Rows in one pass: the model's max_batch_rows, fewer when that would take longer than
@@ -587,16 +652,16 @@ class Scheduler:
             return max(1, min(model.max_batch_rows, int(model.rows_per_second * self.max_pass_seconds)))
         return model.max_batch_rows
 
-    def _execute(self, model: LoadedModel, segments: list[tuple[QueuedBlock, Block]]) -> None:
-        start = time.monotonic()
-        outcomes = self._run_pass(model, [part for _, part in segments], partial(self._observers.pass_split, model.name))
-        seconds = time.monotonic() - start
-        rows = sum(part.rows for _, part in segments)
+    def _route(
+        self, model: LoadedModel, segments: list[tuple[QueuedBlock, Block, int]], outcomes: list, start: float, seconds: float
+    ) -> None:
+        """After a pass: learn the model's rate, count, and hand each segment's outcome to its job's plan."""
+        rows = sum(part.rows for _, part, _ in segments)
         if seconds > 0 and rows >= self._pass_budget(model) / 2:  # near-full passes only: small ones pay fixed costs
             rate = rows / seconds
             model.rows_per_second = rate if model.rows_per_second is None else 0.8 * model.rows_per_second + 0.2 * rate
-        jobs = {id(qb.job): qb.job for qb, _ in segments}
-        for qb, part in segments:
+        jobs = {id(qb.job): qb.job for qb, _, _ in segments}
+        for qb, part, _ in segments:
             qb.job.rows_done += part.rows
         with self._cv:
             for job in jobs.values():
@@ -609,16 +674,16 @@ class Scheduler:
             job.timing.pass_requests = max(job.timing.pass_requests, len(jobs))
         self._observers.pass_executed(PassStats(model.name, segments[0][1].kind.value, rows, len(jobs), seconds))
         now = time.monotonic()
-        for (qb, _), outcome in zip(segments, outcomes):
+        for (qb, _, offset), outcome in zip(segments, outcomes):
             job = qb.job
             if job.done or self._drop_if_dead(job, now):  # died mid-pass: its remaining rows are not computed
                 continue
             if isinstance(outcome, AttributionError):
                 self._fail(job, outcome)
                 continue
-            qb.parts.append(outcome)
+            qb.parts.append((offset, outcome))  # parts of a block may come back out of order (two replicas)
             if qb.taken == qb.block.rows and len(qb.parts) == qb.parts_expected:
-                job.results[qb.index] = concat_results(qb.parts)
+                job.results[qb.index] = concat_results([part for _, part in sorted(qb.parts, key=lambda p: p[0])])
                 job.pending -= 1
                 if job.pending == 0:
                     self._advance(job, job.results)

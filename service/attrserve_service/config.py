@@ -68,6 +68,7 @@ def effective_config(model: LoadedModel) -> mc.ModelConfig:
     config.max_queued_rows = model.max_queued_rows  # 0: auto, Scheduler.row_bound
     config.max_queued_bytes = model.max_queued_bytes
     config.intra_op_threads = model.intra_op_threads if model.device.type == "cpu" else model.spec.intra_op_threads
+    config.instances = model.instances
     return config
 
 
@@ -85,6 +86,7 @@ def spec_config(spec: ModelSpec) -> mc.ModelConfig:
         max_queued_bytes=spec.max_queued_bytes,
         strict_input_dtypes=spec.strict_input_dtypes,
         intra_op_threads=spec.intra_op_threads,
+        instances=spec.instances,
     )
     for s in spec.inputs:
         wire = TORCH_TO_WIRE.get(s.dtype, 0) if s.dtype is not None else 0  # 0: DATA_TYPE_UNSPECIFIED, any dtype

@@ -105,6 +105,7 @@ def spec_from_config(folder: Path, config: mc.ModelConfig, config_path: Path | N
         max_queued_bytes=config.max_queued_bytes,
         strict_input_dtypes=config.strict_input_dtypes,
         intra_op_threads=config.intra_op_threads,
+        instances=config.instances,
     )
 
 

@@ -68,9 +68,9 @@ def test_a_segment_that_breaks_the_model_fails_alone(monkeypatch) -> None:
     calls: list[int] = []
     real = executor._fused_pass
 
-    def counting(m, segments):
+    def counting(m, segments, *replica):
         calls.append(sum(s.rows for s in segments))
-        return real(m, segments)
+        return real(m, segments, *replica)
 
     monkeypatch.setattr(executor, "_fused_pass", counting)
     good = [gradient_block(xs(2, seed), 1) for seed in range(3)]
@@ -99,12 +99,12 @@ def simulate_oom(monkeypatch, max_rows: int) -> list[int]:
     attempts: list[int] = []
     real = executor._fused_pass
 
-    def limited(m, segments):
+    def limited(m, segments, *replica):
         rows = sum(s.rows for s in segments)
         attempts.append(rows)
         if rows > max_rows:
             raise torch.cuda.OutOfMemoryError(f"simulated: {rows} rows do not fit")
-        return real(m, segments)
+        return real(m, segments, *replica)
 
     monkeypatch.setattr(executor, "_fused_pass", limited)
     return attempts

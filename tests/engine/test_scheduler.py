@@ -37,31 +37,35 @@ class FakePasses:
     """Stands in for the executor: each row's output is its input value; remembers which job tags it computed.
 
     `during` runs inside a pass (after the rows are recorded), to make things happen mid-pass.
-    `previous_end` is when the pass before this one returned: the pass boundary came after it."""
+    `previous_end` is when the pass before this one, on the same worker thread, returned: the pass boundary this one
+    was cut at came after it (read within `during`)."""
 
     def __init__(self) -> None:
         self.computed: list[tuple[float, int]] = []  # (job tag, rows) per segment
         self.during = None
         self.lock = threading.Lock()
-        self.previous_end = 0.0
-        self._end = 0.0
+        self._ends = threading.local()  # per worker thread: when its last pass returned
 
-    def __call__(self, model, segments: list[Block], on_split=None) -> list[BlockResult]:
-        self.previous_end = self._end
+    def __call__(self, model, segments: list[Block], on_split=None, replica=0) -> list[BlockResult]:
+        self._ends.previous = getattr(self._ends, "end", 0.0)
         with self.lock:
             self.computed += [(float(s.inputs[0][0, 0]), s.rows) for s in segments]
         if self.during is not None:
             self.during(segments)
-        self._end = time.monotonic()
+        self._ends.end = time.monotonic()
         return [BlockResult(outputs=s.inputs[0], selected=s.inputs[0][:, 0]) for s in segments]
+
+    @property
+    def previous_end(self) -> float:
+        return getattr(self._ends, "previous", 0.0)
 
     def rows_of(self, tag: float) -> int:
         with self.lock:
             return sum(rows for t, rows in self.computed if t == tag)
 
 
-def model(max_batch_rows: int = 32, delay_us: int = 0, name: str = "m") -> LoadedModel:
-    return LoadedModel(ModelSpec(name=name, module=torch.nn.Linear(1, 1)), max_batch_rows, delay_us or 1)
+def model(max_batch_rows: int = 32, delay_us: int = 0, name: str = "m", instances: int = 1) -> LoadedModel:
+    return LoadedModel(ModelSpec(name=name, module=torch.nn.Linear(1, 1), instances=instances), max_batch_rows, delay_us or 1)
 
 
 def job(m: LoadedModel, tag: float, rows: int = 8, stages: int = 1, deadline: float | None = None) -> LiveJob:
@@ -146,9 +150,11 @@ def test_a_deadline_that_passes_between_stages_stops_the_plan() -> None:
         s.stop(drain=False)
 
 
-def test_random_deaths_never_disturb_the_worker() -> None:
+@pytest.mark.parametrize("instances", [1, 2], ids=["one-worker", "two-replicas"])
+def test_random_deaths_never_disturb_the_worker(instances: int) -> None:
     """Many jobs over several queues; a third expire, a third are cancelled at random moments (queued, between
-    passes, mid-pass). Every future resolves; survivors are exact; no job computes rows after it died."""
+    passes, mid-pass). Every future resolves; survivors are exact; no job computes rows after it died. With two
+    replicas per model, passes of a model overlap and a block's parts may come back out of order."""
     rng = random.Random(7)
     passes, rec = FakePasses(), Recorder()
     died_at: dict[float, float] = {}  # deadline, or when the cancel had been handed to the scheduler
@@ -163,7 +169,7 @@ def test_random_deaths_never_disturb_the_worker() -> None:
 
     passes.during = check_not_dead
     s = scheduler(passes, rec)
-    models = [model(max_batch_rows=rng.choice([8, 20, 64]), name=f"m{i}") for i in range(3)]
+    models = [model(max_batch_rows=rng.choice([8, 20, 64]), name=f"m{i}", instances=instances) for i in range(3)]
     try:
         for round_ in range(4):
             futures = {}

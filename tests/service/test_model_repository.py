@@ -312,6 +312,22 @@ def test_intra_op_threads_is_read_shown_and_bounded(tmp_path, engines):
     assert_close(attribute(engine, "threads", "saliency").attributions[0], Saliency(build(MLP)).attribute(X.clone(), target=CAPTUM_TARGET, abs=True))
 
 
+def test_instances_are_read_shown_bounded_and_equal_captum(tmp_path, engines):
+    write_model(tmp_path / "twice", config=CONFIGURED.replace('name: "custom"', 'name: "twice"\n    instances: 2'))
+    write_model(tmp_path / "crowd", config=CONFIGURED.replace('name: "custom"', 'name: "crowd"\n    instances: 100000'))
+    specs = {s.name: s for s in load_repository(tmp_path)}
+    assert specs["twice"].instances == 2
+    engine = engines()
+    model = engine.load(specs["twice"])
+    assert effective_config(model).instances == 2 and len(model.replicas) == 2  # GetModel shows the copies that serve
+    assert model.replicas[1] is not model.module and all(torch.equal(a, b) for a, b in zip(model.module.state_dict().values(), model.replicas[1].state_dict().values()))
+    with pytest.raises(InvalidArgument, match=r"model 'crowd': instances 100000 is more than 4 per core"):
+        engine.load(specs["crowd"])
+    futures = [engine.submit(AttributionJob(model="twice", algorithm="integrated_gradients", inputs=(X,), target=TARGET)) for _ in range(6)]
+    for f in futures:
+        assert_close(f.result(timeout=60).attributions[0], captum_ig(build(MLP)))
+
+
 def test_output_selection_tuple_index(tmp_path, engines):
     write_model(tmp_path / "tup0", TUPLE, 'output { index: 0 }\n')
     write_model(tmp_path / "tup1", TUPLE, 'output { index: 1 }\n')
@@ -387,14 +403,14 @@ def test_effective_config_fills_in_defaults(tmp_path, engines):
     assert bare == mc.ModelConfig(
         name="bare", version="1", platform=mc.PLATFORM_PYTORCH_EAGER, max_batch_rows=64,
         max_queue_delay_microseconds=2500, device="cpu", precision="float32", max_queued_bytes=1 << 30,
-        intra_op_threads=threads)
+        intra_op_threads=threads, instances=1)
     assert bare.output.WhichOneof("selector") is None
 
     configured = effective_config(models["custom"])
     assert configured == mc.ModelConfig(
         name="custom", version="7", platform=mc.PLATFORM_PYTORCH_EAGER, max_batch_rows=8,
         max_queue_delay_microseconds=1234, device="cpu", description="a configured MLP", precision="float32", max_queued_bytes=1 << 30,
-        inputs=[mc.InputSpec(name="features", dtype=tensor_pb2.DATA_TYPE_FLOAT32, dims=[4])], intra_op_threads=threads)
+        inputs=[mc.InputSpec(name="features", dtype=tensor_pb2.DATA_TYPE_FLOAT32, dims=[4])], intra_op_threads=threads, instances=1)
 
     tup = effective_config(models["tup"])
     assert tup.output.WhichOneof("selector") == "index" and tup.output.index == 1

@@ -135,6 +135,15 @@ export interface ModelConfig {
    * request's numbers never depend on the requests it shares a pass with.
    */
   intraOpThreads: number;
+  /**
+   * Copies of the model that run passes at the same time on its device (0 =
+   * 1), like Triton's instance_group count. Each copy runs one pass at a time
+   * on intra_op_threads threads; the device's queue still fuses every waiting
+   * request's rows and hands each pass to a free copy. On a CPU, two copies of
+   * one thread each beat one copy of two threads for compute-bound passes
+   * (convolutions, transformers); each copy holds its own parameters.
+   */
+  instances: number;
 }
 
 function createBaseInputSpec(): InputSpec {
@@ -356,6 +365,7 @@ function createBaseModelConfig(): ModelConfig {
     maxQueuedBytes: 0n,
     strictInputDtypes: false,
     intraOpThreads: 0,
+    instances: 0,
   };
 }
 
@@ -413,6 +423,9 @@ export const ModelConfig: MessageFns<ModelConfig> = {
     }
     if (message.intraOpThreads !== 0) {
       writer.uint32(112).uint32(message.intraOpThreads);
+    }
+    if (message.instances !== 0) {
+      writer.uint32(120).uint32(message.instances);
     }
     return writer;
   },
@@ -542,6 +555,14 @@ export const ModelConfig: MessageFns<ModelConfig> = {
             message.intraOpThreads = reader.uint32();
             continue;
           }
+          case 15: {
+            if (tag !== 120) {
+              break;
+            }
+
+            message.instances = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -594,6 +615,7 @@ export const ModelConfig: MessageFns<ModelConfig> = {
         : isSet(object.intra_op_threads)
         ? globalThis.Number(object.intra_op_threads)
         : 0,
+      instances: isSet(object.instances) ? globalThis.Number(object.instances) : 0,
     };
   },
 
@@ -641,6 +663,9 @@ export const ModelConfig: MessageFns<ModelConfig> = {
     if (message.intraOpThreads !== 0) {
       obj.intraOpThreads = Math.round(message.intraOpThreads);
     }
+    if (message.instances !== 0) {
+      obj.instances = Math.round(message.instances);
+    }
     return obj;
   },
 
@@ -672,6 +697,7 @@ export const ModelConfig: MessageFns<ModelConfig> = {
       : 0n;
     message.strictInputDtypes = object.strictInputDtypes ?? false;
     message.intraOpThreads = object.intraOpThreads ?? 0;
+    message.instances = object.instances ?? 0;
     return message;
   },
 };

@@ -1,0 +1,204 @@
+"""ModelConfig.instances: a model's replicas run passes at the same time, one pass per replica, on the workers of its
+device; results are exact and Captum's whatever replica ran them and in whatever order a block's parts come back;
+a worker that dies takes its siblings' jobs with it (UNAVAILABLE), and the restart brings every worker back."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import test_layer_methods as layer_methods
+import test_rule_methods as rule_methods
+from attrserve_engine import Engine, EngineLimits, InvalidArgument, ModelSpec, Unavailable
+from attrserve_engine.models import LoadedModel
+from attrserve_engine.plan import Attribution, Block, BlockResult, PassKind
+from attrserve_engine.scheduler import LiveJob, Scheduler
+from oracle import CASES, MODELS, assert_all_close, assert_close, captum_attribute, job_for
+from test_scheduler import FakePasses, Recorder, job
+
+
+class OverlapPasses(FakePasses):
+    """FakePasses that take `seconds` each and record which replica ran each pass and how many ran at once."""
+
+    def __init__(self, seconds: float = 0.03) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.running: dict[int, int] = {}  # replica -> passes on it now
+        self.most_at_once = 0
+        self.replicas: list[int] = []
+        self.shared_replica = False
+
+    def __call__(self, model, segments, on_split=None, replica=0):
+        with self.lock:
+            self.shared_replica |= self.running.get(replica, 0) > 0
+            self.running[replica] = self.running.get(replica, 0) + 1
+            self.most_at_once = max(self.most_at_once, sum(self.running.values()))
+            self.replicas.append(replica)
+        try:
+            time.sleep(self.seconds)
+            return super().__call__(model, segments, on_split, replica)
+        finally:
+            with self.lock:
+                self.running[replica] -= 1
+
+
+def replicated(instances: int, max_batch_rows: int = 8, name: str = "m", delay_us: int = 1) -> LoadedModel:
+    return LoadedModel(ModelSpec(name=name, module=torch.nn.Linear(1, 1), instances=instances), max_batch_rows, delay_us)
+
+
+def test_passes_of_a_model_with_two_replicas_overlap_each_on_its_own_replica() -> None:
+    passes, rec = OverlapPasses(), Recorder()
+    s = Scheduler("test", 10_000, [rec], run_pass=passes)
+    try:
+        two = replicated(2)
+        futures = [s.submit(job(two, 1.0 + i, rows=8)) for i in range(12)]  # 12 passes of 8 rows
+        assert [f.result(10) for f in futures] == [8 * (1.0 + i) for i in range(12)]
+        assert passes.most_at_once == 2 and not passes.shared_replica and set(passes.replicas) == {0, 1}
+        # A model with one replica never overlaps itself, though the device now has two workers.
+        passes.most_at_once, passes.replicas = 0, []
+        one = replicated(1, name="one")
+        futures = [s.submit(job(one, 1.0 + i, rows=8)) for i in range(6)]
+        assert [f.result(10) for f in futures] == [8 * (1.0 + i) for i in range(6)]
+        assert passes.most_at_once == 1 and set(passes.replicas) == {0}
+        assert s.in_flight() == 0 and s.serving() == (True, "")
+    finally:
+        s.stop(drain=False)
+
+
+def test_a_block_split_across_replicas_is_put_back_together_in_row_order() -> None:
+    """A block bigger than a pass is cut into parts that run on both replicas; the first part is the slowest, so the
+    parts come back out of order, and the result must still be the block's rows in order."""
+
+    passes, rec = OverlapPasses(seconds=0.01), Recorder()
+    passes.during = lambda segments: time.sleep(0.1) if float(segments[0].inputs[0][0, 0]) == 0.0 else None  # the first part
+    s = Scheduler("test", 10_000, [rec], run_pass=passes)
+    rows = 40
+    values = torch.arange(rows, dtype=torch.float32)[:, None]
+
+    def plan():
+        (result,) = yield [Block(kind=PassKind.FORWARD, inputs=(values,), args=(), target=torch.zeros((rows, 0), dtype=torch.int64))]
+        return Attribution((result.outputs,))
+
+    try:
+        m = replicated(2, max_batch_rows=8)
+        live = LiveJob(model=m, plan_factory=plan, finish=lambda a, _: a.attributions[0], rows=rows, deadline=None, arrival=time.monotonic())
+        got = s.submit(live).result(10)
+        assert torch.equal(got, values)
+        assert len(rec.passes) == 5 and passes.most_at_once == 2
+        assert rec.passes[-1].seconds > 0.1  # the first part came back last
+    finally:
+        s.stop(drain=False)
+
+
+def test_a_dying_worker_fails_its_siblings_jobs_and_the_restart_brings_every_worker_back() -> None:
+    passes, rec = OverlapPasses(seconds=0.0), Recorder()
+    s = Scheduler("test", 10_000, [rec], run_pass=passes, restart_delay_s=0.05)
+    m = replicated(2)
+    inside, release = threading.Barrier(2, timeout=10), threading.Event()
+
+    def die(segments: list[Block]) -> None:
+        tag = float(segments[0].inputs[0][0, 0])
+        if tag in (666.0, 7.0):
+            inside.wait()  # both passes are running, one on each replica
+            if tag == 666.0:
+                raise SystemExit("injected: the worker thread dies")
+            release.wait(10)  # the sibling is still in its pass when the other dies
+
+    passes.during = die
+    try:
+        killer, sibling = s.submit(job(m, 666.0)), s.submit(job(m, 7.0))
+        with pytest.raises(Unavailable, match="failed \\(SystemExit: injected"):
+            killer.result(10)
+        with pytest.raises(Unavailable, match="restarting"):
+            sibling.result(10)  # failed at once, though its pass is still running
+        assert not s.serving()[0]
+        release.set()
+        deadline = time.monotonic() + 10
+        while not s.serving()[0]:
+            assert time.monotonic() < deadline, "the workers were not restarted"
+            time.sleep(0.01)
+        passes.during, passes.seconds, passes.most_at_once = None, 0.03, 0
+        futures = [s.submit(job(m, 1.0 + i, rows=8)) for i in range(8)]
+        assert [f.result(10) for f in futures] == [8 * (1.0 + i) for i in range(8)]  # exact after the restart
+        assert passes.most_at_once == 2  # both workers are back
+        assert s.restarts == 1 and [state for state, _ in rec.states] == [False, True] and s.in_flight() == 0
+    finally:
+        s.stop(drain=False)
+
+
+def test_instances_are_bounded_and_a_model_that_cannot_be_copied_is_refused_by_name() -> None:
+    with pytest.raises(InvalidArgument, match=r"model 'many': instances 100000 is more than 4 per core"):
+        LoadedModel(ModelSpec(name="many", module=torch.nn.Linear(1, 1), instances=100_000), 8, 1)
+
+    class Uncopyable(torch.nn.Linear):
+        def __deepcopy__(self, memo):
+            raise TypeError("holds a handle that cannot be copied")
+
+    with pytest.raises(InvalidArgument, match=r"model 'handle': instances 2 needs copies of the model.*cannot be copied"):
+        LoadedModel(ModelSpec(name="handle", module=Uncopyable(1, 1), instances=2), 8, 1)
+
+
+class ReplicaLog:
+    """Wraps a scheduler's pass function: which replicas ran passes, and the most passes that ran at once."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.real, self.lock, self.now, self.most, self.replicas = scheduler._run_pass, threading.Lock(), 0, 0, set()
+        scheduler._run_pass = self
+
+    def __call__(self, model, segments, on_split=None, replica=0):
+        with self.lock:
+            self.now += 1
+            self.most, self.replicas = max(self.most, self.now), self.replicas | {replica}
+        try:
+            return self.real(model, segments, on_split, replica)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def _replica_engine(models) -> tuple[Engine, ReplicaLog]:
+    engine = Engine(EngineLimits(default_max_batch_rows=37, default_max_queue_delay_us=0))
+    for name, build in models.items():
+        engine.load(ModelSpec(name=name, module=build(), instances=2))
+    return engine, ReplicaLog(engine._scheduler(engine.models()[0]))
+
+
+def _all_at_once(engine: Engine, jobs: list) -> list:
+    with engine.held():  # every job's first blocks are queued before a pass is cut: the passes overlap on two replicas
+        futures = [engine.submit(j) for j in jobs]
+    return [f.result(timeout=120) for f in futures]
+
+
+def test_every_kind_of_pass_on_two_replicas_at_once_equals_captum() -> None:
+    """Gradient, DeepLift and noise-tunnel cases (oracle.CASES), layer methods (hooks on the replica that runs the
+    pass) and rule methods (GuidedBackprop, Deconvolution, DeepLiftShap: hooks too), all submitted at once to models
+    with two replicas, fused and split into passes of 37 rows: each equals Captum."""
+    engine, log = _replica_engine(MODELS)
+    try:
+        built = [c.build() for c in CASES]
+        for case, b, got in zip(CASES, built, _all_at_once(engine, [job_for(c, b) for c, b in zip(CASES, built)])):
+            want, want_delta = captum_attribute(case, MODELS[case.model](), b)
+            assert_all_close(got.attributions, want)
+            if case.delta:
+                assert_close(got.convergence_delta, want_delta)
+        assert log.replicas == {0, 1} and log.most == 2, (log.replicas, log.most)  # passes ran on both replicas at once
+    finally:
+        engine.shutdown()
+    for models, cases, oracle, make_job in (
+        (layer_methods.LAYER_MODELS, layer_methods.CASES, layer_methods.captum_layer, layer_methods.job),
+        (rule_methods.ALL_MODELS, rule_methods.CASES, rule_methods.captum_attribute, rule_methods.job_for),
+    ):
+        engine, log = _replica_engine(models)
+        try:
+            built = [c.build() for c in cases]
+            for case, b, got in zip(cases, built, _all_at_once(engine, [make_job(c, b) for c, b in zip(cases, built)])):
+                want, want_delta = oracle(case, b)
+                assert_all_close(got.attributions, want)
+                if case.delta:
+                    assert_close(got.convergence_delta, want_delta)
+            assert log.replicas == {0, 1}
+        finally:
+            engine.shutdown()
