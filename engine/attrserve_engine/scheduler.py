@@ -13,10 +13,10 @@ NOTE: jobs leave the queues in one place, `_evict`, at a pass boundary; nothing 
 another step walks them. A job that dies (deadline passed, caller cancelled, a failed block) is failed at
 once and its rows are gone before the next pass is cut.
 
-NOTE: nothing may escape the worker silently. Whatever kills the loop (a bug here, a model raising
-SystemExit) is logged with its traceback, every job the worker held fails with UNAVAILABLE, observers hear
-`serving=False` at once (health goes NOT_SERVING), and a new worker thread starts after a back-off, once
-the device's models answer again (`ready_check`).
+NOTE: nothing may escape a worker silently. Whatever kills a loop (a bug here, a model raising
+SystemExit) is logged with its traceback, every job the device held fails with UNAVAILABLE (its other workers
+leave too), observers hear `serving=False` at once (health goes NOT_SERVING), and a new generation of workers
+starts after a back-off, once the device's models answer again (`ready_check`).
 """
 
 from __future__ import annotations
@@ -222,8 +222,8 @@ class Scheduler:
         self._generation = 0  # a crash starts a new one; the workers of an old one leave
         self._threads: list[threading.Thread] = []
         self._changed = 0  # bumped (under _cv) when a worker made work another worker could take
-        # Per load, the replicas no pass uses now (absent: all of them).
-        self._free: weakref.WeakKeyDictionary[LoadedModel, list[int]] = weakref.WeakKeyDictionary()
+        # Per load, the replicas no pass uses now, least recently used first (absent: all of them).
+        self._free: weakref.WeakKeyDictionary[LoadedModel, collections.deque[int]] = weakref.WeakKeyDictionary()
         self._inbox: list[LiveJob] = []
         self._cancelled: list[LiveJob] = []
         self._jobs: set[LiveJob] = set()  # accepted and not finished: inbox, queued or in a pass
@@ -489,7 +489,9 @@ class Scheduler:
                 wake_in = self._queues_wake_in() if cut is None and not held else None
             if cut is None:
                 with self._cv:
-                    if not (self._exit or generation != self._generation or self._inbox or self._cancelled or self._changed != seen):
+                    # Anything that may have changed since the lists were taken wakes the loop: no lost wake-ups.
+                    changed = self._changed != seen or (self._held > 0) != held
+                    if not (self._exit or generation != self._generation or self._inbox or self._cancelled or changed):
                         if self._deadlines:
                             due = self._deadlines[0][0] - time.monotonic()
                             wake_in = due if wake_in is None else min(wake_in, due)
@@ -640,9 +642,7 @@ class Scheduler:
         self._since_batch = 0 if ran_batch or not with_batch else self._since_batch + 1
         self._served_at[model] = self._passes
         self._passes += 1
-        free = self._free.setdefault(model, list(range(model.instances)))
-        replica = min(free)
-        free.remove(replica)
+        replica = self._free.setdefault(model, collections.deque(range(model.instances))).popleft()
         return model, segments, replica
 
     def _pass_budget(self, model: LoadedModel) -> int:

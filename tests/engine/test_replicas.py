@@ -175,7 +175,8 @@ def _all_at_once(engine: Engine, jobs: list) -> list:
 def test_every_kind_of_pass_on_two_replicas_at_once_equals_captum() -> None:
     """Gradient, DeepLift and noise-tunnel cases (oracle.CASES), layer methods (hooks on the replica that runs the
     pass) and rule methods (GuidedBackprop, Deconvolution, DeepLiftShap: hooks too), all submitted at once to models
-    with two replicas, fused and split into passes of 37 rows: each equals Captum."""
+    with two replicas, fused and split into passes of 37 rows: each equals Captum. (That passes overlap is shown
+    with timed fakes above; here the passes run on both replicas, at once whenever the machine lets them.)"""
     engine, log = _replica_engine(MODELS)
     try:
         built = [c.build() for c in CASES]
@@ -184,7 +185,7 @@ def test_every_kind_of_pass_on_two_replicas_at_once_equals_captum() -> None:
             assert_all_close(got.attributions, want)
             if case.delta:
                 assert_close(got.convergence_delta, want_delta)
-        assert log.replicas == {0, 1} and log.most == 2, (log.replicas, log.most)  # passes ran on both replicas at once
+        assert log.replicas == {0, 1}  # passes take the least recently used replica: both ran some
     finally:
         engine.shutdown()
     for models, cases, oracle, make_job in (

@@ -302,6 +302,33 @@ def test_held_queues_everything_and_release_cuts_full_passes() -> None:
         s.stop(drain=False)
 
 
+def test_a_release_that_comes_while_the_worker_queues_held_arrivals_is_never_lost() -> None:
+    """hold, submit, release at once, many times: the release may come while the worker is between reading the hold
+    and waiting; it must still cut the pass (a lost wake-up would leave the job queued until the next arrival)."""
+    passes, rec = FakePasses(), Recorder()
+    s = scheduler(passes, rec)
+    m = model(max_batch_rows=32)
+    try:
+        for i in range(20):
+            s.hold()
+            live = job(m, 1.0 + i, rows=2)
+            started, factory = threading.Event(), live.plan_factory
+
+            def slow_start(factory=factory, started=started):  # the worker starts the plan after it read the hold
+                started.set()
+                time.sleep(0.005)
+                return factory()
+
+            live.plan_factory = slow_start
+            future = s.submit(live)
+            assert started.wait(5)
+            s.release()  # while the worker is still starting the plan
+            assert future.result(5) == 2 * (1.0 + i), f"round {i}"
+        assert s.in_flight() == 0 and s.serving() == (True, "")
+    finally:
+        s.stop(drain=False)
+
+
 def test_a_queue_is_cut_when_its_oldest_row_has_waited_the_delay_or_when_it_is_full() -> None:
     passes, rec = FakePasses(), Recorder()
     s = scheduler(passes, rec)
