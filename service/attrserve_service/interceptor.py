@@ -37,6 +37,9 @@ async def _handled(grpc_type: str, full_method: str, context: grpc.aio.ServicerC
     code = grpc.StatusCode.OK
     try:
         yield
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:  # answered after its deadline: the client got DEADLINE_EXCEEDED
+            code = grpc.StatusCode.DEADLINE_EXCEEDED
     except grpc.aio.AbortError:  # the handler set its own status
         code = context.code() or grpc.StatusCode.UNKNOWN
         raise

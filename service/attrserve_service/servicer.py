@@ -169,6 +169,10 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
                     if (error := reader.exception()) is not None:
                         raise error
                     if sent == reader.result():  # every request read and answered
+                        # Under grpc.aio a client that cancels, or whose deadline passes, ends the request iterator
+                        # like a half-close does; grpc cancels this task a moment later. One turn of the loop lets
+                        # that cancel arrive here, so the stream is counted CANCELLED or DEADLINE_EXCEEDED, not OK.
+                        await asyncio.sleep(0)
                         break
                 if getter is None:
                     getter = asyncio.ensure_future(done.get())

@@ -80,6 +80,47 @@ def test_a_cancel_close_to_the_deadline_is_the_deadline() -> None:
     assert not passed(None, None) and not passed(0.5, None)
 
 
+def test_a_stream_that_ends_by_deadline_or_cancel_after_its_answers_is_not_counted_ok() -> None:
+    """Under grpc.aio a client's deadline or cancel ends the server's request iterator like a half-close; a stream whose
+    requests were all answered must still be counted DEADLINE_EXCEEDED or CANCELLED (a CI run counted one OK), and a
+    stream the client half-closes is OK. Each kind several times; then the server still serves Captum's numbers."""
+    s = start_server()
+    try:
+        before = scrape(s.running.metrics_port)
+        toy = pb.AttributeStreamRequest(request=AttributionClient.build_request("toy", "saliency", np.ones((1, 3), np.float32), target=0))
+        with grpc.insecure_channel(s.address) as channel:
+            stub = pb_grpc.AttributionServiceStub(channel)
+            for _ in range(4):
+                release = threading.Event()
+
+                def one_then_wait() -> Iterator[pb.AttributeStreamRequest]:
+                    yield toy
+                    release.wait(10)
+
+                with pytest.raises(grpc.RpcError) as expired:  # its deadline passes after its one answer
+                    list(stub.AttributeStream(one_then_wait(), timeout=0.5))
+                assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                release.set()
+                release = threading.Event()
+                left = stub.AttributeStream(one_then_wait())
+                assert next(left).WhichOneof("result") == "response"
+                left.cancel()  # its caller leaves after its one answer
+                release.set()
+                assert [r.WhichOneof("result") for r in stub.AttributeStream(iter([toy, toy]), timeout=10)] == ["response"] * 2
+        time.sleep(0.2)  # the last handler's metrics
+        after = scrape(s.running.metrics_port)
+        assert_serves_captums_numbers(s.address, seed=0)
+        assert health(s.address) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        s.stop()
+    streams = {
+        code: after.get(key := ("grpc_server_handled_total", frozenset(dict(grpc_code=code, grpc_type="bidi_stream", grpc_service=SERVICE,
+                                                                          grpc_method="AttributeStream").items())), 0.0) - before.get(key, 0.0)
+        for code in ("OK", "DEADLINE_EXCEEDED", "CANCELLED")
+    }
+    assert streams == {"OK": 4, "DEADLINE_EXCEEDED": 4, "CANCELLED": 4}, streams
+
+
 def test_storms_of_expiring_and_cancelled_requests_never_disturb_the_worker() -> None:
     """Rounds of unary calls with 1-50 ms deadlines, unary calls cancelled mid-flight, a stream with a deadline
     and a stream cancelled by its caller. After each round: Captum's numbers within seconds, SERVING, nothing
