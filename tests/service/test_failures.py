@@ -82,7 +82,7 @@ def test_a_cancel_close_to_the_deadline_is_the_deadline() -> None:
 
 def test_a_stream_that_ends_by_deadline_or_cancel_after_its_answers_is_not_counted_ok() -> None:
     """Under grpc.aio a client's deadline or cancel ends the server's request iterator like a half-close; a stream whose
-    requests were all answered must still be counted DEADLINE_EXCEEDED or CANCELLED (a CI run counted one OK), and a
+    requests were all answered must still be counted DEADLINE_EXCEEDED or CANCELLED (CI runs counted one, then two, OK), and a
     stream the client half-closes is OK. Each kind several times; then the server still serves Captum's numbers."""
     s = start_server()
     try:
