@@ -332,10 +332,14 @@ class Scheduler:
         raise ResourceExhausted(f"{why}; retry in about {retry * 1e3:.0f} ms", retry_after_s=retry)
 
     def cancel(self, job: LiveJob) -> None:
-        """The caller gave up on `job`: its rows are dropped at the next pass boundary, before they cost compute."""
+        """The caller gave up on `job`: its rows are dropped at the next pass boundary, before they cost compute, and
+        stop counting as queued work now: admission's bounds and the deadline estimate must not refuse a request for
+        work nobody waits for while a long pass runs (a storm of cancelled calls once made the next request look 6 s
+        late)."""
         with self._cv:
             if job in self._jobs and not job.cancelled:
                 job.cancelled = True
+                self._release(job, job.rows)
                 self._cancelled.append(job)
                 self._cv.notify()
 

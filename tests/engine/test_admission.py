@@ -54,6 +54,34 @@ def test_a_deadline_the_queued_work_would_miss_is_refused_up_front(engine) -> No
     first.result(30)
 
 
+def test_cancelled_work_stops_counting_as_queued_at_once(engine) -> None:
+    """While the worker cannot reach a pass boundary (held here; a long pass in the server), the rows of cancelled
+    requests no longer count: neither the queue bound nor the deadline estimate refuses a request for them. Then
+    the queue drains and the next request is exact."""
+    import time
+
+    model = engine.get_model("m")
+    with engine.held():
+        gone = [engine.submit(ig())]
+        wait_in_flight(engine, 1)
+        model.rows_per_second = 100.0  # 100 rows ahead and 100 own: 2 s; its own alone: 1 s
+        with pytest.raises(DeadlineExceeded, match="100 rows queued ahead of it"):
+            engine.submit(ig(deadline=time.monotonic() + 1.5))
+        gone.append(engine.submit(ig()))  # 200 rows: the bound
+        wait_in_flight(engine, 2)
+        with pytest.raises(ResourceExhausted, match="model 'm' has 200 rows of work queued"):
+            engine.submit(ig())
+        for f in gone:
+            assert f.cancel()
+        assert engine.backlog("m") == (2, 0)  # not yet dropped (no pass boundary while held), but no longer work
+        kept = engine.submit(ig(deadline=time.monotonic() + 1.5))  # neither the bound nor the estimate refuses it now
+        also = engine.submit(ig())
+    assert torch.allclose(kept.result(30).attributions[0], engine.attribute(ig()).attributions[0])
+    assert torch.allclose(also.result(30).attributions[0], kept.result().attributions[0])
+    wait_in_flight(engine, 0)
+    assert engine.backlog("m") == (0, 0)
+
+
 def test_a_rows_bytes_count_the_models_activations(engine) -> None:
     model = engine.get_model("m")
     assert model.activation_bytes == 2 * 4  # Linear3's one leaf outputs 2 float32 per example
