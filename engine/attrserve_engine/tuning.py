@@ -34,13 +34,51 @@ DIPS = 2
 CONFIRM_ROUNDS = 3
 
 
+def first_float_layer(model: LoadedModel, example: tuple[torch.Tensor, ...]) -> str:
+    """The first module, in the order a forward calls them, whose output is a floating tensor: for a model of token ids
+    its embedding, the layer its gradient methods (LayerIntegratedGradients, ...) take gradients at. "" when there is
+    none or hooks cannot see the modules (TorchScript, exported programs)."""
+    if model.is_exported or isinstance(model.module, torch.jit.ScriptModule):
+        return ""
+    found: list[str] = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def seen(module: torch.nn.Module, args: object, output: object) -> None:
+            if not found and isinstance(output, torch.Tensor) and output.is_floating_point():
+                found.append(name)
+
+        return seen
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.module.named_modules() if name]
+    try:
+        with torch.no_grad():
+            model.forward(*(x.to(model.device) for x in example))
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else ""
+
+
 def probe_batch_rows(model: LoadedModel, budget_s: float = 1.5) -> dict[int, float] | None:
-    """Rows per second of a gradient pass (forward pass for integer inputs) at each size; None if it cannot run."""
+    """Rows per second of a gradient pass at each size (for integer inputs, gradients at the first floating layer, as
+    layer methods take them; forward passes where hooks cannot see one); None if it cannot run."""
     example = model.example_inputs()
     if example is None or model.output_shape is None:
         return None
     k = len(model.output_shape) if math.prod(model.output_shape) > 1 else 0
     float_inputs = all(x.is_floating_point() for x in example)
+    layer = "" if float_inputs else first_float_layer(model, example)
+    if layer:  # a layer the gradient pass refuses (it runs twice per forward, ...): forward passes, as for TorchScript
+        one = Block(
+            kind=PassKind.GRADIENT,
+            inputs=tuple(x.to(model.device) for x in example),
+            args=(),
+            target=torch.zeros((1, k), dtype=torch.int64, device=model.device),
+            layer=layer,
+            grad_wrt_layer=True,
+        )
+        if isinstance(run_pass(model, [one])[0], AttributionError):
+            layer = ""
     g = torch.Generator().manual_seed(0)
     measured: dict[int, float] = {}
     blocks: dict[int, Block] = {}
@@ -64,10 +102,12 @@ def probe_batch_rows(model: LoadedModel, budget_s: float = 1.5) -> dict[int, flo
             for x in example
         )
         blocks[size] = Block(
-            kind=PassKind.GRADIENT if float_inputs else PassKind.FORWARD,
+            kind=PassKind.GRADIENT if float_inputs or layer else PassKind.FORWARD,
             inputs=inputs,
             args=(),
             target=torch.zeros((size, k), dtype=torch.int64, device=model.device),
+            layer=layer,
+            grad_wrt_layer=bool(layer),
         )
         times = []
         for _ in range(1 + RUNS):  # the first run warms the kernels for this shape

@@ -85,3 +85,55 @@ def test_one_slow_size_does_not_end_the_probe_and_near_best_sizes_are_timed_agai
     assert measured is not None and max(measured) == 2048  # past the dip at 64
     assert tuning.pick_batch_rows(measured) in (1024, 2048)  # on the plateau: 1024 rows is within 90% of 2048's rate
     assert calls[2048] > 1 + tuning.RUNS  # the sizes near the best were timed again
+
+
+def test_a_token_id_model_is_probed_with_gradients_at_its_embedding_and_torchscript_with_forwards(monkeypatch) -> None:
+    """Layer methods take a token-id model's gradients at its embedding: the probe times those passes (their cost
+    and best size differ from a forward's, whose curve was flat from 16 to 256 rows for bench W3's transformer and
+    picked 16-64 on different starts). TorchScript hides its modules from hooks, and a layer run twice per forward
+    has no gradient pass: forward passes, as before. All real passes; then the model still answers LayerIntegratedGradients equal to Captum."""
+    import captum.attr as ca
+
+    from attrserve_engine import AttributionJob
+    from attrserve_engine import tuning
+    from attrserve_engine.plan import PassKind
+    from oracle import LAYER_MODELS, assert_all_close
+
+    seen: list[tuple[PassKind, str, bool]] = []
+    real = tuning.run_pass
+
+    def recording(model, blocks):
+        seen.append((blocks[0].kind, blocks[0].layer, blocks[0].grad_wrt_layer))
+        return real(model, blocks)
+
+    monkeypatch.setattr(tuning, "run_pass", recording)
+    tokens = [InputSpec("tokens", torch.int64, (6,))]
+    engine = Engine(EngineLimits(probe_seconds=0.2))
+    try:
+        eager = engine.load(ModelSpec(name="tokens", module=LAYER_MODELS["tokens"](), inputs=tokens))
+        assert eager.batch_probe and eager.max_batch_rows == pick_batch_rows(eager.batch_probe)
+        assert seen and set(seen) == {(PassKind.GRADIENT, "embedding", True)}
+        seen.clear()
+        scripted = engine.load(ModelSpec(name="tokens_ts", module=torch.jit.script(LAYER_MODELS["tokens"]()), inputs=tokens))
+        assert scripted.batch_probe and set(seen) == {(PassKind.FORWARD, "", False)}
+        seen.clear()
+
+        class Twice(torch.nn.Module):  # its embedding runs twice a forward: no gradient pass at it, so forward passes
+            def __init__(self) -> None:
+                super().__init__()
+                self.embedding = torch.nn.Embedding(20, 4)
+
+            def forward(self, tokens):
+                return (self.embedding(tokens) + self.embedding(tokens.flip(1))).sum(1)
+
+        twice = engine.load(ModelSpec(name="twice", module=Twice(), inputs=tokens))
+        assert twice.batch_probe and (PassKind.FORWARD, "", False) in seen
+        ids = torch.tensor([[3, 5, 0, 0, 1, 2], [7, 7, 7, 1, 0, 0]])
+        job = AttributionJob(model="tokens", algorithm="layer_integrated_gradients", inputs=(ids,), target=torch.tensor([[1], [0]]),
+                             layer="embedding", params={"n_steps": 12})
+        got = engine.submit(job).result(timeout=30)
+    finally:
+        engine.shutdown()
+    module = LAYER_MODELS["tokens"]()
+    expected = ca.LayerIntegratedGradients(module, module.embedding).attribute(ids, target=torch.tensor([1, 0]), n_steps=12)
+    assert_all_close(got.attributions[0], expected)
