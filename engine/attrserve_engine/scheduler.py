@@ -7,7 +7,9 @@ Who calls what:
   worker, or as many as the most `instances` (replicas) any of its models has: a worker holds `_state` while it
   takes the inbox into the queues, cuts a pass or routes a pass's results, and runs the pass itself without it,
   on a replica no other pass uses. So every waiting request's rows can join the next pass, whichever worker cuts
-  it, and the passes of a model with two replicas overlap.
+  it, and the passes of a model with two replicas overlap. A model of one replica runs on the first worker only
+  (its passes stay on one thread); the others run the replicas of models that have several. Any news wakes every
+  worker (`_wake`), and a worker that queued work it may not run tells the others (`_changed_now`).
 
 NOTE: jobs leave the queues in one place, `_evict`, at a pass boundary; nothing removes queue entries while
 another step walks them. A job that dies (deadline passed, caller cancelled, a failed block) is failed at
@@ -268,7 +270,7 @@ class Scheduler:
                 if self._serving:
                     self._spawn(self._generation, job.model.instances - self._workers)
                 self._workers = job.model.instances
-            self._cv.notify()
+            self._wake()
         return job.future
 
     def admit(self, model: LoadedModel, priority: str = INTERACTIVE) -> None:
@@ -341,7 +343,7 @@ class Scheduler:
                 job.cancelled = True
                 self._release(job, job.rows)
                 self._cancelled.append(job)
-                self._cv.notify()
+                self._wake()
 
     def in_flight(self) -> int:
         with self._cv:
@@ -355,7 +357,7 @@ class Scheduler:
     def release(self) -> None:
         with self._cv:
             self._held -= 1
-            self._cv.notify()
+            self._wake()
 
     def backlog(self, model: str | LoadedModel) -> tuple[int, int]:
         """(requests, rows) accepted and not finished, of every load of a model (by name) or of one load: their
@@ -411,12 +413,13 @@ class Scheduler:
 
     def _spawn(self, generation: int, count: int, restart_delay: float | None = None) -> None:
         for _ in range(count):
-            name = f"attrserve-worker-{self.name}" + (f"-{len(self._threads)}" if self._threads else "")
-            thread = threading.Thread(target=self._work, args=(generation, restart_delay), name=name, daemon=True)
+            index = len(self._threads)  # 0 for a generation's first worker, the only one that runs one-replica models
+            name = f"attrserve-worker-{self.name}" + (f"-{index}" if index else "")
+            thread = threading.Thread(target=self._work, args=(generation, restart_delay, index), name=name, daemon=True)
             self._threads.append(thread)
             thread.start()
 
-    def _work(self, generation: int, restart_delay: float | None) -> None:
+    def _work(self, generation: int, restart_delay: float | None, index: int) -> None:
         """Thread body: (after a crash: wait, check the models, serve again) then the loop; recovery if it dies."""
         try:
             if restart_delay is not None:
@@ -431,7 +434,7 @@ class Scheduler:
                     self._spawn(generation, self._workers - 1)
                 log.warning("engine worker for %s restarted (restart %d); serving again", self.name, self.restarts)
                 self._observers.worker_state(self.name, True, "")
-            self._loop(generation)
+            self._loop(generation, index)
         except BaseException as e:  # whatever killed it, the worker must not die silently
             self._crashed(e, generation)
 
@@ -466,7 +469,7 @@ class Scheduler:
             with self._cv:
                 self._start_workers(delay)
 
-    def _loop(self, generation: int) -> None:
+    def _loop(self, generation: int, index: int) -> None:
         while True:
             with self._state:
                 # The inbox and the deaths are taken under _state too: a job that died before a worker's cut is
@@ -489,8 +492,10 @@ class Scheduler:
                     self._advance(job, None)
                 self._evict()
                 # 3) cut one fused pass from the ripest queue whose model has a free replica
-                cut = None if held else self._cut()
-                wake_in = self._queues_wake_in() if cut is None and not held else None
+                cut = None if held else self._cut(index)
+                wake_in = self._queues_wake_in(index) if cut is None and not held else None
+                if cut is None and (arrivals or dead) and self._workers > 1:
+                    self._changed_now()  # what it queued may be a pass only a sibling may run (a one-replica model)
             if cut is None:
                 with self._cv:
                     # Anything that may have changed since the lists were taken wakes the loop: no lost wake-ups.
@@ -527,15 +532,22 @@ class Scheduler:
     def _changed_now(self) -> None:
         with self._cv:
             self._changed += 1
+            self._wake()
+
+    def _wake(self) -> None:
+        """Wake the workers (holds _cv): the one that can use the news may not be the one notify() would pick."""
+        if self._workers > 1:
+            self._cv.notify_all()
+        else:
             self._cv.notify()
 
-    def _queues_wake_in(self) -> float | None:
+    def _queues_wake_in(self, index: int) -> float | None:
         """Seconds until some queue whose model has a free replica must be cut (<= 0: now); None when none waits."""
         now = time.monotonic()
         soonest = None
         for key, queue in self._queues.items():
             model = queue[0].job.model
-            if not self._has_free(model):
+            if not self._may_run(model, index):
                 continue  # the worker that returns a replica looks again
             if self._queue_rows[key] >= model.max_batch_rows:
                 return 0.0
@@ -543,7 +555,12 @@ class Scheduler:
             soonest = due if soonest is None else min(soonest, due)
         return soonest
 
-    def _has_free(self, model: LoadedModel) -> bool:
+    def _may_run(self, model: LoadedModel, index: int) -> bool:
+        """Whether worker `index` may cut a pass of `model` now: a replica is free, and a model of one replica runs
+        on the first worker only. Its passes then stay on one thread, as with a single worker: on 2 cores, passes
+        of one CNN that hopped between two threads served W4 8% slower (bench/RESULTS.md, issue 12 step 6)."""
+        if index and model.instances == 1:
+            return False
         free = self._free.get(model)
         return free is None or bool(free)
 
@@ -593,7 +610,7 @@ class Scheduler:
                 del self._queue_rows[key]
         self._evicted_keys = set()
 
-    def _cut(self) -> tuple[LoadedModel, list[tuple[QueuedBlock, Block, int]], int] | None:
+    def _cut(self, index: int) -> tuple[LoadedModel, list[tuple[QueuedBlock, Block, int]], int] | None:
         """One fused pass from a ripe queue (full, or its oldest row waited the model's delay) whose model has a free
         replica: the model, its segments (each with its first row's offset in its block) and the replica it takes.
 
@@ -604,7 +621,7 @@ class Scheduler:
         ripe = [
             key
             for key, queue in self._queues.items()
-            if self._has_free(queue[0].job.model)
+            if self._may_run(queue[0].job.model, index)
             and (self._queue_rows[key] >= queue[0].job.model.max_batch_rows or now - queue[0].enqueued >= self._delay(queue[0].job.model))
         ]
         if not ripe:
