@@ -272,14 +272,18 @@ class LoadedModel:
                     total += t.numel() * t.element_size()
 
         leaves = [m for m in self.module.modules() if not list(m.children())]
-        handles = [m.register_forward_hook(count) for m in leaves if not isinstance(m, torch.jit.ScriptModule)]
+        self.hooked_forward([(m, count) for m in leaves if not isinstance(m, torch.jit.ScriptModule)], inputs)
+        self.activation_bytes = total
+
+    def hooked_forward(self, hooks: list[tuple[nn.Module, Callable[..., None]]], inputs: tuple[Tensor, ...]) -> None:
+        """One forward of `inputs` without autograd, with each (module, forward hook) installed for it only."""
+        handles = [module.register_forward_hook(hook) for module, hook in hooks]
         try:
             with torch.no_grad():
                 self.forward(*(x.to(self.device) for x in inputs))
         finally:
             for h in handles:
                 h.remove()
-        self.activation_bytes = total
 
     def row_bytes(self, inputs: tuple[Tensor, ...]) -> int:
         """Admission's estimate of one row of a request's work: its inputs per example and the activations."""

@@ -49,13 +49,7 @@ def first_float_layer(model: LoadedModel, example: tuple[torch.Tensor, ...]) -> 
 
         return seen
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in model.module.named_modules() if name]
-    try:
-        with torch.no_grad():
-            model.forward(*(x.to(model.device) for x in example))
-    finally:
-        for h in handles:
-            h.remove()
+    model.hooked_forward([(m, hook(name)) for name, m in model.module.named_modules() if name], example)
     return found[0] if found else ""
 
 
