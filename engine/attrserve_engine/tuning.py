@@ -40,17 +40,28 @@ def first_float_layer(model: LoadedModel, example: tuple[torch.Tensor, ...]) -> 
     none or hooks cannot see the modules (TorchScript, exported programs)."""
     if model.is_exported or isinstance(model.module, torch.jit.ScriptModule):
         return ""
+    names = {m: name for name, m in model.module.named_modules() if name}
     found: list[str] = []
 
-    def hook(name: str) -> Callable[..., None]:
-        def seen(module: torch.nn.Module, args: object, output: object) -> None:
-            if not found and isinstance(output, torch.Tensor) and output.is_floating_point():
-                found.append(name)
+    def seen(module: torch.nn.Module, args: object, output: object) -> None:
+        if not found and isinstance(output, torch.Tensor) and output.is_floating_point():
+            found.append(names[module])
 
-        return seen
-
-    model.hooked_forward([(m, hook(name)) for name, m in model.module.named_modules() if name], example)
+    model.hooked_forward([(m, seen) for m in names], example)
     return found[0] if found else ""
+
+
+def _probe_block(inputs: tuple[torch.Tensor, ...], k: int, gradient: bool, layer: str) -> Block:
+    """One probe pass of `inputs`' rows, all at target 0: gradients (w.r.t. `layer` when set) or a forward pass."""
+    rows, device = inputs[0].shape[0], inputs[0].device
+    return Block(
+        kind=PassKind.GRADIENT if gradient else PassKind.FORWARD,
+        inputs=inputs,
+        args=(),
+        target=torch.zeros((rows, k), dtype=torch.int64, device=device),
+        layer=layer,
+        grad_wrt_layer=bool(layer),
+    )
 
 
 def probe_batch_rows(model: LoadedModel, budget_s: float = 1.5) -> dict[int, float] | None:
@@ -63,14 +74,7 @@ def probe_batch_rows(model: LoadedModel, budget_s: float = 1.5) -> dict[int, flo
     float_inputs = all(x.is_floating_point() for x in example)
     layer = "" if float_inputs else first_float_layer(model, example)
     if layer:  # a layer the gradient pass refuses (it runs twice per forward, ...): forward passes, as for TorchScript
-        one = Block(
-            kind=PassKind.GRADIENT,
-            inputs=tuple(x.to(model.device) for x in example),
-            args=(),
-            target=torch.zeros((1, k), dtype=torch.int64, device=model.device),
-            layer=layer,
-            grad_wrt_layer=True,
-        )
+        one = _probe_block(tuple(x.to(model.device) for x in example), k, True, layer)
         if isinstance(run_pass(model, [one])[0], AttributionError):
             layer = ""
     g = torch.Generator().manual_seed(0)
@@ -95,14 +99,7 @@ def probe_batch_rows(model: LoadedModel, budget_s: float = 1.5) -> dict[int, flo
             ).to(model.device)
             for x in example
         )
-        blocks[size] = Block(
-            kind=PassKind.GRADIENT if float_inputs or layer else PassKind.FORWARD,
-            inputs=inputs,
-            args=(),
-            target=torch.zeros((size, k), dtype=torch.int64, device=model.device),
-            layer=layer,
-            grad_wrt_layer=bool(layer),
-        )
+        blocks[size] = _probe_block(inputs, k, float_inputs or bool(layer), layer)
         times = []
         for _ in range(1 + RUNS):  # the first run warms the kernels for this shape
             took = timed(size)
