@@ -8,8 +8,9 @@ Who calls what:
   takes the inbox into the queues, cuts a pass or routes a pass's results, and runs the pass itself without it,
   on a replica no other pass uses. So every waiting request's rows can join the next pass, whichever worker cuts
   it, and the passes of a model with two replicas overlap. A model of one replica runs on the first worker only
-  (its passes stay on one thread); the others run the replicas of models that have several. Any news wakes every
-  worker (`_wake`), and a worker that queued work it may not run tells the others (`_changed_now`).
+  (its passes stay on one thread); the others run the replicas of models that have several. News wakes the first
+  worker, and the others only when it is work of a model of several replicas (`_wake`); a worker that queued work
+  it may not run tells the others (`_changed_now`).
 
 NOTE: jobs leave the queues in one place, `_evict`, at a pass boundary; nothing removes queue entries while
 another step walks them. A job that dies (deadline passed, caller cancelled, a failed block) is failed at
@@ -217,7 +218,12 @@ class Scheduler:
         self._observers = Observers(observers)
         self._ready_check = ready_check  # run on a restarted worker before it serves again
         self._restart_delay_s = restart_delay_s
-        self._cv = threading.Condition()
+        # One lock, two conditions: the first worker (it runs every model) and the stop() waiter wait on `_cv`; the
+        # other workers, which run only models of several replicas, on `_siblings`, so work they cannot take does
+        # not wake them.
+        lock = threading.RLock()
+        self._cv = threading.Condition(lock)
+        self._siblings = threading.Condition(lock)
         # The workers' own state (queues, plans, replicas in use); taken before `_cv` when both are held.
         self._state = threading.Lock()
         self._workers = 1  # worker threads per generation: the most replicas of a model submitted here
@@ -270,7 +276,7 @@ class Scheduler:
                 if self._serving:
                     self._spawn(self._generation, job.model.instances - self._workers)
                 self._workers = job.model.instances
-            self._wake()
+            self._wake(everyone=job.model.instances > 1)
         return job.future
 
     def admit(self, model: LoadedModel, priority: str = INTERACTIVE) -> None:
@@ -343,7 +349,7 @@ class Scheduler:
                 job.cancelled = True
                 self._release(job, job.rows)
                 self._cancelled.append(job)
-                self._wake()
+                self._wake(everyone=True)
 
     def in_flight(self) -> int:
         with self._cv:
@@ -357,7 +363,7 @@ class Scheduler:
     def release(self) -> None:
         with self._cv:
             self._held -= 1
-            self._wake()
+            self._wake(everyone=True)
 
     def backlog(self, model: str | LoadedModel) -> tuple[int, int]:
         """(requests, rows) accepted and not finished, of every load of a model (by name) or of one load: their
@@ -387,13 +393,13 @@ class Scheduler:
                     if not job.cancelled:
                         job.cancelled = True
                         self._cancelled.append(job)
-            self._cv.notify_all()
+            self._wake(everyone=True)
             until = None if timeout is None else time.monotonic() + timeout
             while self._jobs and (until is None or time.monotonic() < until):
                 self._cv.wait(0.05 if until is None else max(0.0, min(0.05, until - time.monotonic())))
             lost = len(self._jobs)
             self._exit = True  # the workers fail what is left and leave
-            self._cv.notify_all()
+            self._wake(everyone=True)
             threads = list(self._threads)
         until = time.monotonic() + 5
         for thread in threads:
@@ -458,7 +464,7 @@ class Scheduler:
             # Back off when it keeps dying (a model that kills the worker on every request), not after a rare crash.
             self._failures_in_a_row = 1 if time.monotonic() - self._started > 60 else self._failures_in_a_row + 1
             delay = min(self._restart_delay_s * 2 ** (self._failures_in_a_row - 1), 30.0)
-            self._cv.notify_all()
+            self._wake(everyone=True)
         self._observers.worker_state(self.name, False, reason)  # health first, then the callers hear why
         lost = Unavailable(f"the engine worker for {self.name} failed ({reason}) before this request finished; it is restarting, retry")
         for job in held:
@@ -494,8 +500,9 @@ class Scheduler:
                 # 3) cut one fused pass from the ripest queue whose model has a free replica
                 cut = None if held else self._cut(index)
                 wake_in = self._queues_wake_in(index) if cut is None and not held else None
+                shared = self._shared_work()
                 if cut is None and (arrivals or dead) and self._workers > 1:
-                    self._changed_now()  # what it queued may be a pass only a sibling may run (a one-replica model)
+                    self._changed_now(everyone=shared)  # what it queued may be a pass only another worker may run
             if cut is None:
                 with self._cv:
                     # Anything that may have changed since the lists were taken wakes the loop: no lost wake-ups.
@@ -505,10 +512,10 @@ class Scheduler:
                             due = self._deadlines[0][0] - time.monotonic()
                             wake_in = due if wake_in is None else min(wake_in, due)
                         if wake_in is None or wake_in > 0:
-                            self._cv.wait(wake_in)
+                            (self._siblings if index else self._cv).wait(wake_in)
                 continue
-            if self._workers > 1:
-                self._changed_now()  # a sibling may cut the next pass while this one runs
+            if shared:
+                self._changed_now(everyone=True)  # a sibling may cut the next pass while this one runs
             # 4) execute it on the replica, then route the results back to their plans
             model, segments, replica = cut
             start = time.monotonic()
@@ -519,8 +526,9 @@ class Scheduler:
                     break
                 self._free[model].append(replica)
                 self._route(model, segments, outcomes, start, seconds)
-            if self._workers > 1:
-                self._changed_now()
+                shared = self._shared_work()
+            if shared:
+                self._changed_now(everyone=True)
         # Leaving (stop): whatever is still here will not be computed.
         with self._state:
             if generation == self._generation:
@@ -529,17 +537,23 @@ class Scheduler:
                 for job in left:
                     self._fail(job, Unavailable("the server shut down before this request finished"))
 
-    def _changed_now(self) -> None:
+    def _changed_now(self, everyone: bool) -> None:
         with self._cv:
             self._changed += 1
-            self._wake()
+            self._wake(everyone)
 
-    def _wake(self) -> None:
-        """Wake the workers (holds _cv): the one that can use the news may not be the one notify() would pick."""
-        if self._workers > 1:
-            self._cv.notify_all()
-        else:
-            self._cv.notify()
+    def _wake(self, everyone: bool) -> None:
+        """Wake the first worker (and a `stop` that waits for the drain); with `everyone`, the other workers too (holds
+        _cv). Those run only models of several replicas, so news of other work leaves them asleep: woken by every
+        arrival, the second worker of bench's CPU device took 12% of a core and every W5 request's plan start on a
+        turn of its own (bench/RESULTS.md, issue 12 step 7)."""
+        self._cv.notify_all()
+        if everyone and self._workers > 1:
+            self._siblings.notify_all()
+
+    def _shared_work(self) -> bool:
+        """Whether a queue holds work a worker other than the first may run: a model of several replicas (holds _state)."""
+        return self._workers > 1 and any(queue[0].job.model.instances > 1 for queue in self._queues.values())
 
     def _queues_wake_in(self, index: int) -> float | None:
         """Seconds until some queue whose model has a free replica must be cut (<= 0: now); None when none waits."""
