@@ -41,7 +41,8 @@ from attrserve_engine.errors import AttributionError, Cancelled, DeadlineExceede
 from attrserve_engine.executor import run_pass
 from attrserve_engine.job import JobTiming
 from attrserve_engine.models import LoadedModel
-from attrserve_engine.plan import Block, BlockResult, JobPlan, concat_results, slice_block
+from attrserve_engine.plan import Block, BlockResult, JobPlan, PassKind, concat_results, slice_block
+from attrserve_engine.tuning import PassSizeTuner
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,18 @@ class QueuedBlock:
     parts_expected: int = 0
 
 
+@dataclass
+class _Cut:
+    """One pass a worker cut: its model, its segments (each with its first row's offset in its block), the replica it
+    runs on, the size it was cut to (the pass-size tuner's) and the rows that size allowed (the pass budget)."""
+
+    model: LoadedModel
+    segments: list[tuple[QueuedBlock, Block, int]]
+    replica: int
+    size: int
+    budget: int
+
+
 def batch_key(model: LoadedModel, block: Block) -> BatchKey:
     return (model, block.pass_key)  # LoadedModel hashes by identity
 
@@ -232,6 +245,8 @@ class Scheduler:
         self._changed = 0  # bumped (under _cv) when a worker made work another worker could take
         # Per load, the replicas no pass uses now, least recently used first (absent: all of them).
         self._free: weakref.WeakKeyDictionary[LoadedModel, collections.deque[int]] = weakref.WeakKeyDictionary()
+        # Per load whose max_batch_rows the probe chose, the rows per pass of each pass kind, tuned on its passes.
+        self._tuners: weakref.WeakKeyDictionary[LoadedModel, dict[PassKind, PassSizeTuner]] = weakref.WeakKeyDictionary()
         self._inbox: list[LiveJob] = []
         self._cancelled: list[LiveJob] = []
         self._jobs: set[LiveJob] = set()  # accepted and not finished: inbox, queued or in a pass
@@ -517,7 +532,7 @@ class Scheduler:
             if shared:
                 self._changed_now(everyone=True)  # a sibling may cut the next pass while this one runs
             # 4) execute it on the replica, then route the results back to their plans
-            model, segments, replica = cut
+            model, segments, replica = cut.model, cut.segments, cut.replica
             start = time.monotonic()
             outcomes = self._run_pass(model, [part for _, part, _ in segments], partial(self._observers.pass_split, model.name), replica)
             seconds = time.monotonic() - start
@@ -525,7 +540,7 @@ class Scheduler:
                 if generation != self._generation:
                     break
                 self._free[model].append(replica)
-                self._route(model, segments, outcomes, start, seconds)
+                self._route(cut, outcomes, start, seconds)
                 shared = self._shared_work()
             if shared:
                 self._changed_now(everyone=True)
@@ -563,7 +578,7 @@ class Scheduler:
             model = queue[0].job.model
             if not self._may_run(model, index):
                 continue  # the worker that returns a replica looks again
-            if self._queue_rows[key] >= model.max_batch_rows:
+            if self._queue_rows[key] >= self._full_at(model, queue[0].block.kind):
                 return 0.0
             due = queue[0].enqueued + self._delay(model) - now
             soonest = due if soonest is None else min(soonest, due)
@@ -624,9 +639,9 @@ class Scheduler:
                 del self._queue_rows[key]
         self._evicted_keys = set()
 
-    def _cut(self, index: int) -> tuple[LoadedModel, list[tuple[QueuedBlock, Block, int]], int] | None:
+    def _cut(self, index: int) -> _Cut | None:
         """One fused pass from a ripe queue (full, or its oldest row waited the model's delay) whose model has a free
-        replica: the model, its segments (each with its first row's offset in its block) and the replica it takes.
+        replica.
 
         Which queue: interactive rows before batch rows (batch rows that wait get every BATCH_EVERY-th pass),
         then the model served least recently (models on a device take turns), then the oldest rows. Within
@@ -636,7 +651,10 @@ class Scheduler:
             key
             for key, queue in self._queues.items()
             if self._may_run(queue[0].job.model, index)
-            and (self._queue_rows[key] >= queue[0].job.model.max_batch_rows or now - queue[0].enqueued >= self._delay(queue[0].job.model))
+            and (
+                self._queue_rows[key] >= self._full_at(queue[0].job.model, queue[0].block.kind)
+                or now - queue[0].enqueued >= self._delay(queue[0].job.model)
+            )
         ]
         if not ripe:
             return None
@@ -648,7 +666,9 @@ class Scheduler:
         queue = self._queues[ripe_key]
         model = queue[0].job.model
         first = [qb for qb in queue if (qb.job.priority == BATCH) == batch_turn]
-        budget = self._pass_budget(model)
+        tuner = self._tuner(model, queue[0].block.kind)
+        size = tuner.take() if tuner is not None else model.max_batch_rows
+        budget = planned = self._pass_budget(model, size)
         segments: list[tuple[QueuedBlock, Block, int]] = []
         for qb in first + [qb for qb in queue if (qb.job.priority == BATCH) != batch_turn]:
             if budget <= 0:
@@ -678,23 +698,40 @@ class Scheduler:
         self._served_at[model] = self._passes
         self._passes += 1
         replica = self._free.setdefault(model, collections.deque(range(model.instances))).popleft()
-        return model, segments, replica
+        return _Cut(model, segments, replica, size, planned)
 
-    def _pass_budget(self, model: LoadedModel) -> int:
-        """Rows in one pass: the model's max_batch_rows, fewer when that would take longer than
-        max_pass_seconds at its measured rate (so a slow model does not hold the device for long)."""
+    def _tuner(self, model: LoadedModel, kind: PassKind) -> PassSizeTuner | None:
+        """The tuner of `model`'s passes of `kind`, when the probe chose its pass size (a configured one stays)."""
+        if not model.batch_probe:
+            return None
+        tuners = self._tuners.setdefault(model, {})
+        if kind not in tuners:
+            tuners[kind] = PassSizeTuner(model.max_batch_rows, f"model {model.name!r} {kind.value} passes")
+        return tuners[kind]
+
+    def _full_at(self, model: LoadedModel, kind: PassKind) -> int:
+        """Queued rows that fill a pass of `model`'s `kind` (the queue is ripe then)."""
+        tuner = self._tuner(model, kind)
+        return tuner.peek() if tuner is not None else model.max_batch_rows
+
+    def _pass_budget(self, model: LoadedModel, size: int) -> int:
+        """Rows in one pass: `size`, fewer when that would take longer than max_pass_seconds at the model's
+        measured rate (so a slow model does not hold the device for long)."""
         if model.rows_per_second:
-            return max(1, min(model.max_batch_rows, int(model.rows_per_second * self.max_pass_seconds)))
-        return model.max_batch_rows
+            return max(1, min(size, int(model.rows_per_second * self.max_pass_seconds)))
+        return size
 
-    def _route(
-        self, model: LoadedModel, segments: list[tuple[QueuedBlock, Block, int]], outcomes: list, start: float, seconds: float
-    ) -> None:
-        """After a pass: learn the model's rate, count, and hand each segment's outcome to its job's plan."""
+    def _route(self, cut: _Cut, outcomes: list, start: float, seconds: float) -> None:
+        """After a pass: learn the model's rate (and tune its pass size), count, and hand each segment's outcome to its
+        job's plan."""
+        model, segments = cut.model, cut.segments
         rows = sum(part.rows for _, part, _ in segments)
-        if seconds > 0 and rows >= self._pass_budget(model) / 2:  # near-full passes only: small ones pay fixed costs
+        if seconds > 0 and rows >= cut.budget / 2:  # near-full passes only: small ones pay fixed costs
             rate = rows / seconds
             model.rows_per_second = rate if model.rows_per_second is None else 0.8 * model.rows_per_second + 0.2 * rate
+        tuner = self._tuners.get(model, {}).get(segments[0][1].kind)
+        if tuner is not None:
+            tuner.observe(cut.size, rows >= cut.budget, rows, seconds)
         jobs = {id(qb.job): qb.job for qb, _, _ in segments}
         for qb, part, _ in segments:
             qb.job.rows_done += part.rows

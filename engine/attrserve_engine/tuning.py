@@ -139,3 +139,115 @@ def _confirmed(
 def pick_batch_rows(measured: dict[int, float]) -> int:
     best = max(measured.values())
     return min(size for size, rate in measured.items() if rate >= GOOD_ENOUGH * best)
+
+
+# -- online: the pass size tuned on real traffic ---------------------------------------------------------------------
+# The probe times one kind of pass on a quiet device at load; served passes run other kinds (Occlusion's forwards,
+# LayerIntegratedGradients' layer gradients) next to the front end and the callers, and their best size differs (bench
+# W2's CNN: the probe picked 16 or 32 rows, its IntegratedGradients passes ran best at 256). So the scheduler keeps one
+# PassSizeTuner per (model, pass kind) whose size the probe chose, and lets it move that size on the passes it serves.
+# Full passes of the size (FIRST_TRIAL_AFTER of them) before its first trial; every trial that keeps the size doubles
+# the wait, up to MOST_BETWEEN_TRIALS, so a settled size spends ~1% of its passes on trials.
+FIRST_TRIAL_AFTER = 16
+MOST_BETWEEN_TRIALS = 512
+# Full passes of each of the two sizes a trial compares; they are cut in turns, so both see the same load and phase.
+TRIAL_PASSES = 8
+# A trial ends (the size stays) after this many passes that were not full: the queue cannot fill the candidate.
+TRIAL_MISSES = 2 * TRIAL_PASSES
+
+
+class PassSizeTuner:
+    """Rows per pass for one model's passes of one kind, tuned on the passes it serves: a hill climb over SIZES that,
+    from time to time, cuts full passes of the size and of a neighbour (twice or half as big) in turns, and moves to
+    the neighbour by pick_batch_rows' rule (the smallest size within GOOD_ENOUGH of the best): a bigger size must be
+    faster by 1/GOOD_ENOUGH, a smaller one may be slower by as much. The two rules agree, so it settles instead of
+    swinging between two sizes of one plateau. Only full passes count: a pass that is short because the queue held
+    fewer rows says nothing about its size.
+
+    Not thread-safe: the scheduler calls it under its state lock."""
+
+    def __init__(self, size: int, label: str = "") -> None:
+        self.size = size
+        self.label = label  # for the log: whose passes
+        self._wait = FIRST_TRIAL_AFTER
+        self._full = 0  # full passes of `size` since the last trial
+        self._up = True  # the direction of the next trial
+        self.candidate: int | None = None  # the neighbour on trial
+        self._cuts: dict[int, int] = {}  # passes cut for each size in this trial
+        self._rates: dict[int, list[float]] = {}  # rows/s of each size's full passes in this trial
+        self._misses = 0
+        self.moves: list[tuple[int, int, float, float]] = []  # (from, to, rate there, rate here) per move
+
+    def peek(self) -> int:
+        """The size the next pass is cut to (a queue holding this many rows is ripe)."""
+        if self.candidate is None:
+            return self.size
+        return min((self.size, self.candidate), key=lambda s: self._cuts.get(s, 0))
+
+    def take(self) -> int:
+        """The size of a pass being cut now (during a trial, the two sizes in turns)."""
+        size = self.peek()
+        if self.candidate is not None:
+            self._cuts[size] = self._cuts.get(size, 0) + 1
+        return size
+
+    def observe(self, size: int, full: bool, rows: int, seconds: float) -> None:
+        """A pass cut to `size` (take's answer) ran `rows` rows in `seconds`; `full`: it had all the rows it was cut to."""
+        if self.candidate is None:
+            if size != self.size or not full or seconds <= 0:
+                return
+            self._full += 1
+            if self._full >= self._wait:
+                self._start_trial()
+            return
+        if size not in (self.size, self.candidate):
+            return  # cut before this trial began
+        if not full or seconds <= 0:
+            self._misses += 1
+            if self._misses >= TRIAL_MISSES:
+                self._end_trial(moved=False)
+            return
+        self._rates.setdefault(size, []).append(rows / seconds)
+        if all(len(self._rates.get(s, ())) >= TRIAL_PASSES for s in (self.size, self.candidate)):
+            here, there = _median(self._rates[self.size]), _median(self._rates[self.candidate])
+            bigger = self.candidate > self.size
+            better = there * GOOD_ENOUGH >= here if bigger else there >= GOOD_ENOUGH * here
+            back = bool(self.moves) and self.moves[-1][0] == self.candidate
+            if better:
+                self.moves.append((self.size, self.candidate, there, here))
+                log.info(
+                    "%s: %d rows per pass instead of %d (%.0f against %.0f rows/s on served passes)",
+                    self.label,
+                    self.candidate,
+                    self.size,
+                    there,
+                    here,
+                )
+                self.size = self.candidate
+            self._end_trial(moved=better and not back)
+
+    def _start_trial(self) -> None:
+        up, down = self.size * 2, self.size // 2
+        options = [s for s in ((up, down) if self._up else (down, up)) if SIZES[0] <= s <= SIZES[-1]]
+        if not options:
+            self._full = 0
+            return
+        self.candidate = options[0]
+        self._up = self.candidate > self.size
+        self._cuts, self._rates, self._misses = {}, {}, 0
+
+    def _end_trial(self, moved: bool) -> None:
+        """`moved`: to a size it had not just left. Going back to the last one is noise on a plateau as much as a
+        finding, so it backs off like a trial that kept the size: on a flat curve the size may still move now and
+        then, but ever less often."""
+        if moved:
+            self._wait = FIRST_TRIAL_AFTER  # keep climbing the same way soon
+        else:
+            self._wait = min(2 * self._wait, MOST_BETWEEN_TRIALS)
+            self._up = not self._up
+        self.candidate, self._full = None, 0
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]

@@ -1,12 +1,22 @@
-"""The batch-size probe: measured at load when nothing configures the size, never when the config does."""
+"""The batch-size probe: measured at load when nothing configures the size, never when the config does; then the size
+tuned online on served passes (PassSizeTuner)."""
 
 from __future__ import annotations
 
+import collections
+import random
+import time
+
+import pytest
 import torch
 
 from attrserve_engine import Engine, EngineLimits, InputSpec, ModelSpec
-from attrserve_engine.tuning import SIZES, pick_batch_rows
+from attrserve_engine.models import LoadedModel
+from attrserve_engine.plan import PassKind
+from attrserve_engine.scheduler import Scheduler
+from attrserve_engine.tuning import SIZES, PassSizeTuner, pick_batch_rows
 from oracle import MODELS
+from test_scheduler import FakePasses, Recorder, job
 
 
 def test_probe_measures_and_picks_a_size_and_config_wins() -> None:
@@ -137,3 +147,99 @@ def test_a_token_id_model_is_probed_with_gradients_at_its_embedding_and_torchscr
     module = LAYER_MODELS["tokens"]()
     expected = ca.LayerIntegratedGradients(module, module.embedding).attribute(ids, target=torch.tensor([1, 0]), n_steps=12)
     assert_all_close(got.attributions[0], expected)
+
+
+# -- PassSizeTuner: the pass size tuned online, on served passes ------------------------------------------------------
+
+
+def _serve(tuner: PassSizeTuner, rate: dict[int, float], passes: int, noise: float = 0.0, full=lambda size: True) -> list[int]:
+    """`passes` passes through `tuner` on a machine whose rows/s at each size is `rate` (times 1 +- `noise`, seeded);
+    returns the size each pass was cut to."""
+    rng = random.Random(7)
+    cut = []
+    for _ in range(passes):
+        size = tuner.take()
+        cut.append(size)
+        seconds = size / (rate[size] * (1 + rng.uniform(-noise, noise)))
+        tuner.observe(size, full(size), size, seconds)
+    return cut
+
+
+# A CNN's gradient passes on 2 cores: best at 64 rows, 32 under 90% of it, bigger ones slower.
+PEAKED = {8: 1000.0, 16: 1800.0, 32: 2500.0, 64: 3000.0, 128: 2800.0, 256: 2400.0, 512: 1500.0, 1024: 1200.0, 2048: 900.0}
+# A plateau: 32 within 90% of the best, so pick_batch_rows' rule says 32.
+FLAT = {8: 1000.0, 16: 2000.0, 32: 2900.0, 64: 3000.0, 128: 3050.0, 256: 3000.0, 512: 2900.0, 1024: 2500.0, 2048: 2000.0}
+
+
+@pytest.mark.parametrize("start", [8, 16, 512, 2048])
+def test_the_tuner_climbs_to_the_size_the_probes_rule_picks_from_either_side(start: int) -> None:
+    tuner = PassSizeTuner(start)
+    _serve(tuner, PEAKED, 3000, noise=0.05)
+    assert tuner.size == pick_batch_rows(PEAKED) == 64
+    flat = PassSizeTuner(start)
+    _serve(flat, FLAT, 3000, noise=0.05)
+    assert flat.size == pick_batch_rows(FLAT) == 32
+
+
+def test_a_settled_size_stays_and_trials_cost_few_passes() -> None:
+    """On a plateau it settles and does not swing between two sizes of it (what made the probe's choice move between
+    starts), and once settled, trials take ~1% of the passes."""
+    tuner = PassSizeTuner(64)
+    cut = _serve(tuner, FLAT, 20_000, noise=0.05)
+    assert [(a, b) for a, b, _, _ in tuner.moves] == [(64, 32)]
+    late = cut[5_000:]
+    assert sum(size != 32 for size in late) / len(late) < 0.02
+
+
+@pytest.mark.parametrize("curve", [PEAKED, FLAT], ids=["peaked", "flat"])
+def test_on_noisy_passes_it_still_ends_at_the_rules_size_and_mostly_stays_there(curve: dict[int, float]) -> None:
+    """Served passes share the machine with the front end and the callers: +-25% per pass is what bench W2's passes
+    showed. The size still ends where pick_batch_rows' rule puts it, and over the second half at least 80% of the
+    passes run at it (the rest are trials, and moves back and forth on a plateau, which back off)."""
+    for start in (16, 64, 512):
+        tuner = PassSizeTuner(start)
+        cut = _serve(tuner, curve, 20_000, noise=0.25)
+        late = cut[10_000:]
+        assert tuner.size == pick_batch_rows(curve)
+        assert late.count(tuner.size) / len(late) >= 0.8
+
+
+def test_a_size_the_queue_cannot_fill_is_not_taken() -> None:
+    """Passes that are short (the queue held fewer rows than the size) say nothing about the size: a bigger neighbour
+    whose passes are never full is given up after a few, and the size stays."""
+    tuner = PassSizeTuner(32)
+    _serve(tuner, PEAKED, 2000, full=lambda size: size <= 32)
+    assert tuner.size == 32 and not tuner.moves
+    assert tuner.candidate in (None, 16, 64)
+
+
+def test_the_scheduler_tunes_a_probed_models_passes_on_what_it_serves_and_leaves_a_configured_size() -> None:
+    """A model whose size the probe chose (16 rows) runs its passes faster per row at 64 and much slower at 128: under a
+    full queue its passes move to 64 rows, every result stays exact, and a model with a configured size keeps it."""
+    seconds_per_row = {16: 2e-4, 32: 1e-4, 64: 5e-5, 128: 1e-4, 256: 1e-4, 8: 4e-4}
+
+    class Timed(FakePasses):
+        def __call__(self, model, segments, on_split=None, replica=0):
+            rows = sum(s.rows for s in segments)
+            time.sleep(rows * seconds_per_row.get(rows, 2e-4))
+            return super().__call__(model, segments, on_split, replica)
+
+    rec = Recorder()
+    s = Scheduler("test", 10_000, [rec], run_pass=Timed())
+    try:
+        probed = LoadedModel(ModelSpec(name="probed", module=torch.nn.Linear(1, 1)), 16, 1)
+        probed.batch_probe = {16: 5000.0}
+        configured = LoadedModel(ModelSpec(name="configured", module=torch.nn.Linear(1, 1), max_batch_rows=16), 16, 1)
+        for _ in range(3):
+            first = len(rec.passes)
+            futures = [s.submit(job(m, 1.0 + i % 5, rows=16), admit=False) for i in range(150) for m in (probed, configured)]
+            assert [f.result(30) for f in futures] == [16 * (1.0 + i % 5) for i in range(150) for _ in (probed, configured)]
+        tuner = s._tuners[probed][PassKind.FORWARD]
+        assert tuner.size == 64 and [(a, b) for a, b, _, _ in tuner.moves] == [(16, 32), (32, 64)]
+        rows = {name: [p.rows for p in rec.passes if p.model == name] for name in ("probed", "configured")}
+        assert set(rows["configured"]) == {16}
+        last_round = [p.rows for p in rec.passes[first:] if p.model == "probed"]
+        assert max(rows["probed"]) <= 128 and collections.Counter(last_round).most_common(1)[0][0] == 64
+        assert s.in_flight() == 0 and s.serving() == (True, "")
+    finally:
+        s.stop(drain=False)
