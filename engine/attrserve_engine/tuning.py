@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 
@@ -209,7 +210,7 @@ class PassSizeTuner:
             return
         self._rates.setdefault(size, []).append(rows / seconds)
         if all(len(self._rates.get(s, ())) >= TRIAL_PASSES for s in (self.size, self.candidate)):
-            here, there = _median(self._rates[self.size]), _median(self._rates[self.candidate])
+            here, there = statistics.median_high(self._rates[self.size]), statistics.median_high(self._rates[self.candidate])
             bigger = self.candidate > self.size
             better = there * GOOD_ENOUGH >= here if bigger else there >= GOOD_ENOUGH * here
             back = bool(self.moves) and self.moves[-1][0] == self.candidate
@@ -246,8 +247,3 @@ class PassSizeTuner:
             self._wait = min(2 * self._wait, MOST_BETWEEN_TRIALS)
             self._up = not self._up
         self.candidate, self._full = None, 0
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2]
