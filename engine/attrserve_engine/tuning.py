@@ -7,6 +7,7 @@ and device, not guessed.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import statistics
@@ -155,6 +156,8 @@ MOST_BETWEEN_TRIALS = 512
 TRIAL_PASSES = 8
 # A trial ends (the size stays) after this many passes that were not full: the queue cannot fill the candidate.
 TRIAL_MISSES = 2 * TRIAL_PASSES
+# Moves a tuner remembers (the tests read them; the last one tells a move back to the size just left).
+MOVES_KEPT = 64
 
 
 class PassSizeTuner:
@@ -177,7 +180,9 @@ class PassSizeTuner:
         self._cuts: dict[int, int] = {}  # passes cut for each size in this trial
         self._rates: dict[int, list[float]] = {}  # rows/s of each size's full passes in this trial
         self._misses = 0
-        self.moves: list[tuple[int, int, float, float]] = []  # (from, to, rate there, rate here) per move
+        # (from, to, rate there, rate here) of the latest moves: on a plateau it still moves now and then, for as long
+        # as the server runs, so only the last MOVES_KEPT are kept (the last one tells a move back).
+        self.moves: collections.deque[tuple[int, int, float, float]] = collections.deque(maxlen=MOVES_KEPT)
 
     def peek(self) -> int:
         """The size the next pass is cut to (a queue holding this many rows is ripe)."""

@@ -14,7 +14,7 @@ from attrserve_engine import Engine, EngineLimits, InputSpec, ModelSpec
 from attrserve_engine.models import LoadedModel
 from attrserve_engine.plan import PassKind
 from attrserve_engine.scheduler import Scheduler
-from attrserve_engine.tuning import SIZES, PassSizeTuner, pick_batch_rows
+from attrserve_engine.tuning import MOVES_KEPT, SIZES, PassSizeTuner, pick_batch_rows
 from oracle import MODELS
 from test_scheduler import FakePasses, Recorder, job
 
@@ -243,3 +243,14 @@ def test_the_scheduler_tunes_a_probed_models_passes_on_what_it_serves_and_leaves
         assert s.in_flight() == 0 and s.serving() == (True, "")
     finally:
         s.stop(drain=False)
+
+
+def test_a_tuner_that_keeps_moving_keeps_only_its_latest_moves() -> None:
+    """A server runs for months; a tuner whose every trial finds the neighbour faster (a machine whose phases flip)
+    still moves, ever less often, and must not keep every move it ever made."""
+    tuner = PassSizeTuner(64)
+    for _ in range(200_000):
+        size = tuner.take()
+        tuner.observe(size, True, size, size / (2000.0 if size != tuner.size else 1000.0))
+    assert len(tuner.moves) == MOVES_KEPT
+    assert tuner.moves[-1][1] == tuner.size
