@@ -8,9 +8,10 @@ Who calls what:
   takes the inbox into the queues, cuts a pass or routes a pass's results, and runs the pass itself without it,
   on a replica no other pass uses. So every waiting request's rows can join the next pass, whichever worker cuts
   it, and the passes of a model with two replicas overlap. A model of one replica runs on the first worker only
-  (its passes stay on one thread); the others run the replicas of models that have several. News wakes the first
-  worker, and the others only when it is work of a model of several replicas (`_wake`); a worker that queued work
-  it may not run tells the others (`_changed_now`).
+  (its passes stay on one thread); the others run the replicas of models that have several. News of work wakes the
+  first worker, and the others only when it is work of a model of several replicas that the first is not idle to
+  take (`_offer`); a worker that queued work it may not run tells the others (`_changed_now`). Cancels, holds,
+  stops and crashes wake every worker (`_wake`).
 
 NOTE: jobs leave the queues in one place, `_evict`, at a pass boundary; nothing removes queue entries while
 another step walks them. A job that dies (deadline passed, caller cancelled, a failed block) is failed at
@@ -243,7 +244,9 @@ class Scheduler:
         self._generation = 0  # a crash starts a new one; the workers of an old one leave
         self._threads: list[threading.Thread] = []
         self._changed = 0  # bumped (under _cv) when a worker made work another worker could take
-        # Per load, the replicas no pass uses now, least recently used first (absent: all of them).
+        self._first_idle = False  # the first worker waits and no news has been sent to it since (under _cv)
+        # Per load, the replicas no pass uses now, the most recently used last (absent: all of them). A pass takes the
+        # last: on one caller a model's passes then stay on one replica, whose weights are warm in the caches.
         self._free: weakref.WeakKeyDictionary[LoadedModel, collections.deque[int]] = weakref.WeakKeyDictionary()
         # Per load whose max_batch_rows the probe chose, the rows per pass of each pass kind, tuned on its passes.
         self._tuners: weakref.WeakKeyDictionary[LoadedModel, dict[PassKind, PassSizeTuner]] = weakref.WeakKeyDictionary()
@@ -291,7 +294,7 @@ class Scheduler:
                 if self._serving:
                     self._spawn(self._generation, job.model.instances - self._workers)
                 self._workers = job.model.instances
-            self._wake(everyone=job.model.instances > 1)
+            self._offer(shared=job.model.instances > 1)
         return job.future
 
     def admit(self, model: LoadedModel, priority: str = INTERACTIVE) -> None:
@@ -517,7 +520,7 @@ class Scheduler:
                 wake_in = self._queues_wake_in(index) if cut is None and not held else None
                 shared = self._shared_work()
                 if cut is None and (arrivals or dead) and self._workers > 1:
-                    self._changed_now(everyone=shared)  # what it queued may be a pass only another worker may run
+                    self._changed_now(shared)  # what it queued may be a pass only another worker may run
             if cut is None:
                 with self._cv:
                     # Anything that may have changed since the lists were taken wakes the loop: no lost wake-ups.
@@ -527,10 +530,15 @@ class Scheduler:
                             due = self._deadlines[0][0] - time.monotonic()
                             wake_in = due if wake_in is None else min(wake_in, due)
                         if wake_in is None or wake_in > 0:
-                            (self._siblings if index else self._cv).wait(wake_in)
+                            if index:
+                                self._siblings.wait(wake_in)
+                            else:
+                                self._first_idle = True
+                                self._cv.wait(wake_in)
+                                self._first_idle = False
                 continue
             if shared:
-                self._changed_now(everyone=True)  # a sibling may cut the next pass while this one runs
+                self._changed_now(shared=True)  # a sibling may cut the next pass while this one runs
             # 4) execute it on the replica, then route the results back to their plans
             model, segments, replica = cut.model, cut.segments, cut.replica
             start = time.monotonic()
@@ -543,7 +551,7 @@ class Scheduler:
                 self._route(cut, outcomes, start, seconds)
                 shared = self._shared_work()
             if shared:
-                self._changed_now(everyone=True)
+                self._changed_now(shared=True)
         # Leaving (stop): whatever is still here will not be computed.
         with self._state:
             if generation == self._generation:
@@ -552,16 +560,25 @@ class Scheduler:
                 for job in left:
                     self._fail(job, Unavailable("the server shut down before this request finished"))
 
-    def _changed_now(self, everyone: bool) -> None:
+    def _changed_now(self, shared: bool) -> None:
         with self._cv:
             self._changed += 1
-            self._wake(everyone)
+            self._offer(shared)
+
+    def _offer(self, shared: bool) -> None:
+        """News of work (holds _cv): wake the first worker, which may run every model; with `shared` (work of a model of
+        several replicas) also the others, unless the first worker was idle and this is the first news since: it takes
+        that work itself, and a pass it cuts that leaves work behind wakes them then. The others run only models of
+        several replicas, so news of other work leaves them asleep: woken by every arrival, the second worker of
+        bench's CPU device took 12% of a core and every W5 request's plan start on a turn of its own; woken by every
+        arrival of a two-replica model, one caller's passes hopped between workers and replicas (bench/RESULTS.md,
+        issue 12 steps 7 and 8)."""
+        idle, self._first_idle = self._first_idle, False
+        self._wake(everyone=shared and not idle)
 
     def _wake(self, everyone: bool) -> None:
         """Wake the first worker (and a `stop` that waits for the drain); with `everyone`, the other workers too (holds
-        _cv). Those run only models of several replicas, so news of other work leaves them asleep: woken by every
-        arrival, the second worker of bench's CPU device took 12% of a core and every W5 request's plan start on a
-        turn of its own (bench/RESULTS.md, issue 12 step 7)."""
+        _cv): cancels, holds, stops and crashes, which every worker must see."""
         self._cv.notify_all()
         if everyone and self._workers > 1:
             self._siblings.notify_all()
@@ -697,7 +714,7 @@ class Scheduler:
         self._since_batch = 0 if ran_batch or not with_batch else self._since_batch + 1
         self._served_at[model] = self._passes
         self._passes += 1
-        replica = self._free.setdefault(model, collections.deque(range(model.instances))).popleft()
+        replica = self._free.setdefault(model, collections.deque(range(model.instances))).pop()
         return _Cut(model, segments, replica, size, planned)
 
     def _tuner(self, model: LoadedModel, kind: PassKind) -> PassSizeTuner | None:
