@@ -571,8 +571,8 @@ class Scheduler:
         that work itself, and a pass it cuts that leaves work behind wakes them then. The others run only models of
         several replicas, so news of other work leaves them asleep: woken by every arrival, the second worker of
         bench's CPU device took 12% of a core and every W5 request's plan start on a turn of its own; woken by every
-        arrival of a two-replica model, one caller's passes hopped between workers and replicas (bench/RESULTS.md,
-        issue 12 steps 7 and 8)."""
+        arrival of a two-replica model, one caller's plans and passes hopped between workers and replicas, a
+        hand-over and a cold copy per request (bench/RESULTS.md, issue 12 steps 7 and 8)."""
         idle, self._first_idle = self._first_idle, False
         self._wake(everyone=shared and not idle)
 

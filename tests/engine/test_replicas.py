@@ -139,7 +139,7 @@ def test_work_of_a_one_replica_model_does_not_wake_the_other_workers() -> None:
 def test_one_callers_work_of_a_two_replica_model_stays_on_the_idle_first_worker_and_one_replica() -> None:
     """Lone arrivals of a two-replica model, with both workers idle between them: the first worker takes each one
     itself and runs it on the replica it used last (warm in the caches), instead of waking the second worker and
-    alternating replicas (bench W5 on a two-replica CNN: 15% slower). A burst still runs on both replicas at once."""
+    alternating replicas, a hand-over and a cold copy per request. A burst still runs on both replicas at once."""
     starters: list[str] = []
     passes = OverlapPasses(seconds=0.002)
 
