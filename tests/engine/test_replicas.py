@@ -49,6 +49,19 @@ def replicated(instances: int, max_batch_rows: int = 8, name: str = "m", delay_u
     return LoadedModel(ModelSpec(name=name, module=torch.nn.Linear(1, 1), instances=instances), max_batch_rows, delay_us)
 
 
+def started_by(starters: list[str], m: LoadedModel, tag: float, rows: int) -> LiveJob:
+    """A job whose plan, when a worker starts it, appends that worker thread's name to `starters`."""
+    live = job(m, tag, rows=rows)
+    plan = live.plan_factory
+
+    def factory():
+        starters.append(threading.current_thread().name)
+        return plan()
+
+    live.plan_factory = factory
+    return live
+
+
 def test_passes_of_a_model_with_two_replicas_overlap_each_on_its_own_replica() -> None:
     passes, rec = OverlapPasses(), Recorder()
     s = Scheduler("test", 10_000, [rec], run_pass=passes)
@@ -110,25 +123,13 @@ def test_work_of_a_one_replica_model_does_not_wake_the_other_workers() -> None:
     asleep: the first worker starts every such plan itself, instead of the two racing for each arrival (which cost
     the bench's CPU device 12% of a core and a hand-over per request). Work of the two-replica model still wakes it."""
     starters: dict[str, list[str]] = {"one": [], "two": []}
-
-    def recorded(m: LoadedModel, tag: float, rows: int) -> LiveJob:
-        live = job(m, tag, rows=rows)
-        plan = live.plan_factory
-
-        def factory():
-            starters[m.name].append(threading.current_thread().name)
-            return plan()
-
-        live.plan_factory = factory
-        return live
-
     s = Scheduler("test", 10_000, [Recorder()], run_pass=OverlapPasses(seconds=0.005))
     try:
         two, one = replicated(2, name="two"), replicated(1, name="one")
-        assert [f.result(10) for f in [s.submit(recorded(two, 1.0, rows=8)) for _ in range(8)]] == [8.0] * 8
+        assert [f.result(10) for f in [s.submit(started_by(starters["two"], two, 1.0, 8)) for _ in range(8)]] == [8.0] * 8
         assert "attrserve-worker-test-1" in set(starters["two"])  # both workers are up and took work
         for i in range(40):  # lone arrivals, both workers idle between them
-            assert s.submit(recorded(one, 2.0, rows=1)).result(10) == 2.0
+            assert s.submit(started_by(starters["one"], one, 2.0, 1)).result(10) == 2.0
             time.sleep(0.001 * (i % 3))
         assert set(starters["one"]) == {"attrserve-worker-test"}
         assert s.in_flight() == 0 and s.serving() == (True, "")
@@ -142,18 +143,6 @@ def test_one_callers_work_of_a_two_replica_model_stays_on_the_idle_first_worker_
     alternating replicas, a hand-over and a cold copy per request. A burst still runs on both replicas at once."""
     starters: list[str] = []
     passes = OverlapPasses(seconds=0.002)
-
-    def recorded(m: LoadedModel, tag: float, rows: int) -> LiveJob:
-        live = job(m, tag, rows=rows)
-        plan = live.plan_factory
-
-        def factory():
-            starters.append(threading.current_thread().name)
-            return plan()
-
-        live.plan_factory = factory
-        return live
-
     s = Scheduler("test", 10_000, [Recorder()], run_pass=passes)
     try:
         two = replicated(2, name="two")
@@ -163,7 +152,7 @@ def test_one_callers_work_of_a_two_replica_model_stays_on_the_idle_first_worker_
         time.sleep(0.05)  # both workers wait
         passes.replicas = []
         for i in range(40):  # lone arrivals, both workers idle between them
-            assert s.submit(recorded(two, 2.0, rows=1)).result(10) == 2.0
+            assert s.submit(started_by(starters, two, 2.0, 1)).result(10) == 2.0
             time.sleep(0.001 * (i % 3))
         assert set(starters) == {"attrserve-worker-test"}
         assert len(set(passes.replicas)) == 1 and len(passes.replicas) == 40
