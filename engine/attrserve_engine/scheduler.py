@@ -180,13 +180,15 @@ class QueuedBlock:
 @dataclass
 class _Cut:
     """One pass a worker cut: its model, its segments (each with its first row's offset in its block), the replica it
-    runs on, the size it was cut to (the pass-size tuner's) and the rows that size allowed (the pass budget)."""
+    runs on, the size it was cut to, the rows that size allowed (the pass budget) and the tuner that chose the size
+    (None where the size is configured), which hears how the pass ran."""
 
     model: LoadedModel
     segments: list[tuple[QueuedBlock, Block, int]]
     replica: int
     size: int
     budget: int
+    tuner: PassSizeTuner | None
 
 
 def batch_key(model: LoadedModel, block: Block) -> BatchKey:
@@ -715,7 +717,7 @@ class Scheduler:
         self._served_at[model] = self._passes
         self._passes += 1
         replica = self._free.setdefault(model, collections.deque(range(model.instances))).pop()
-        return _Cut(model, segments, replica, size, planned)
+        return _Cut(model, segments, replica, size, planned, tuner)
 
     def _tuner(self, model: LoadedModel, kind: PassKind) -> PassSizeTuner | None:
         """The tuner of `model`'s passes of `kind`, when the probe chose its pass size (a configured one stays)."""
@@ -746,9 +748,8 @@ class Scheduler:
         if seconds > 0 and rows >= cut.budget / 2:  # near-full passes only: small ones pay fixed costs
             rate = rows / seconds
             model.rows_per_second = rate if model.rows_per_second is None else 0.8 * model.rows_per_second + 0.2 * rate
-        tuner = self._tuners.get(model, {}).get(segments[0][1].kind)
-        if tuner is not None:
-            tuner.observe(cut.size, rows >= cut.budget, rows, seconds)
+        if cut.tuner is not None:
+            cut.tuner.observe(cut.size, rows >= cut.budget, rows, seconds)
         jobs = {id(qb.job): qb.job for qb, _, _ in segments}
         for qb, part, _ in segments:
             qb.job.rows_done += part.rows
