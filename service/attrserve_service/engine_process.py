@@ -315,6 +315,9 @@ _RESTART_DELAY_S = 0.5
 _MAX_RESTART_DELAY_S = 30.0
 _STABLE_S = 60.0  # an engine process that served this long before it died restarts after the shortest delay
 _BACKLOG_TTL_S = 0.25
+# An engine process's socket closes as it exits: its exit status is polled for (_reap) this long, every _REAP_POLL_S.
+_REAP_S = 1.0
+_REAP_POLL_S = 0.002
 
 
 def intra_op_threads(config: ServerConfig) -> int:
@@ -356,6 +359,7 @@ class EngineProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._restarting: asyncio.Task | None = None
+        self._reaping: asyncio.Future | None = None  # reads a dead engine process's exit status (_ended)
         self._started_at = 0.0
         self._delay = _RESTART_DELAY_S
         self._backlogs: dict[str, tuple[int, int]] = {}
@@ -444,19 +448,42 @@ class EngineProcess:
             listener()
 
     def _ended(self, generation: int) -> None:
-        """The engine process's socket closed: it exited (or is about to: it was told to shut down)."""
+        """The engine process's socket closed: it exited, or is exiting (told to shut down, or dying). It stops serving
+        at once (health, metrics); the requests it held fail once its exit status is known, which `_reap` reads
+        without blocking the event loop."""
         if generation != self._generation:
             return
         proc = self._proc
-        code = None
-        if proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                code = proc.wait(1.0)  # its socket closes as it exits
+        was_up, self.up = self.up, False
         if self._writer is not None:
             self._writer.close()
-        reason = f"the engine process {proc.pid if proc else '?'} exited ({describe_exit(code)})"
-        was_up = self.up
-        self.up = False
+        if self._closing or proc is None:  # shutdown() waits for the exit itself
+            self._lost(proc, None if proc is None else proc.poll(), was_up)
+            return
+        self.reason = f"the engine process {proc.pid} closed its connection"
+        if was_up:
+            self._tell("engine_process_state", False, self.reason)
+            self._changed()
+        self._reaping = asyncio.ensure_future(self._reap(proc, was_up))
+
+    async def _reap(self, proc: subprocess.Popen, was_up: bool) -> None:
+        """Wait (polling, on the event loop) for the exit of an engine process whose socket closed: moments, as a
+        process's sockets close when it exits. One that lingers, e.g. stuck in a model's code after it closed its
+        end, is killed after _REAP_S: it can serve nothing and must not hold its memory beside the next one."""
+        code = await _exit_status(proc, _REAP_S)
+        lingered = code is None
+        if lingered:
+            proc.kill()
+            code = await _exit_status(proc, _REAP_S)
+        self._lost(proc, code, was_up, lingered)
+
+    def _lost(self, proc: subprocess.Popen | None, code: int | None, was_up: bool, lingered: bool = False) -> None:
+        """The engine process is gone: fail what it held with why, and start another (unless the server is closing)."""
+        pid = proc.pid if proc is not None else "?"
+        if lingered:
+            reason = f"the engine process {pid} closed its connection and did not exit within {_REAP_S:g} s; it was killed"
+        else:
+            reason = f"the engine process {pid} exited ({describe_exit(code)})"
         self.reason = reason
         lost = Unavailable(f"{reason}; the request was lost with it and may be retried", retry_after_s=1.0)
         for future in self._pending.values():
@@ -469,7 +496,6 @@ class EngineProcess:
             return
         if was_up:
             log.error("%s; NOT_SERVING until a new engine process has loaded the models", reason)
-            self._tell("engine_process_state", False, reason)
             self._changed()
             served_for = time.monotonic() - self._started_at
             self._delay = _RESTART_DELAY_S if served_for > _STABLE_S else min(self._delay * 2, _MAX_RESTART_DELAY_S)
@@ -600,6 +626,14 @@ class EngineProcess:
             if transport is not None:
                 transport.close()
         return lost
+
+
+async def _exit_status(proc: subprocess.Popen, within: float) -> int | None:
+    """`proc`'s exit status once it exits, polled without blocking the event loop; None if it is still running after `within` s."""
+    give_up = time.monotonic() + within
+    while (code := proc.poll()) is None and time.monotonic() < give_up:
+        await asyncio.sleep(_REAP_POLL_S)
+    return code
 
 
 def _on(loop: asyncio.AbstractEventLoop) -> bool:

@@ -26,9 +26,13 @@ from attrserve_engine import EngineLimits
 from attrserve_service.config import ServerConfig
 from attrserve_service.engine_process import EngineProcess, decode, encode
 
-# Sleeps for inputs holding 777 (a request that keeps the engine busy), kills the engine process for 1234.
+# Sleeps for inputs holding 777 (a request that keeps the engine busy), kills the engine process for 1234; for 4321 it
+# hangs up on the front (shuts its sockets down) and stops itself (SIGSTOP): an engine process that lingers after its end.
 FRAGILE = """
 import os
+import signal
+import socket
+import stat
 import time
 
 import torch
@@ -46,6 +50,15 @@ class Fragile(nn.Module):
             time.sleep(3.0)
         if bool((x == 1234.0).any()):
             os._exit(13)
+        if bool((x == 4321.0).any()):
+            for name in os.listdir("/proc/self/fd"):
+                try:
+                    if stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                        with socket.socket(fileno=os.dup(int(name))) as s:
+                            s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            os.kill(os.getpid(), signal.SIGSTOP)
         return self.net(x)
 
 
@@ -169,6 +182,47 @@ def test_an_engine_process_that_dies_is_noticed_and_restarted(repo: Path) -> Non
         # The engine's own events (passes, loads) reach the front's metrics from every engine process.
         assert grew("attrserve_passes_executed_total", model="good", kind="gradient") >= 3
         assert grew("attrserve_model_load_seconds_count", model="good") == 2  # the two restarts (the first load came before `before`)
+    finally:
+        server.stop()
+
+
+def test_an_engine_process_that_hangs_up_and_lingers_is_killed_and_the_front_answers_meanwhile(repo: Path) -> None:
+    """Its socket closed but the process stays (stopped here; stuck in a model's code, say): the front's event loop does
+    not wait for its exit (health answers throughout), the request fails with UNAVAILABLE saying why, the process is
+    killed instead of holding its memory beside the next one, and a new one serves Captum's numbers."""
+    server = start(repo)
+    try:
+        client = AttributionClient(server.address)
+        first = server.running.core.pid
+        outcome: list = []
+
+        def call() -> None:
+            try:
+                outcome.append(client.attribute("crashy", "saliency", np.full((1, 4), 4321.0, np.float32), target=0, timeout=30))
+            except grpc.RpcError as e:
+                outcome.append(e)
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        slowest, seen = 0.0, set()
+        while thread.is_alive():  # health, asked over and over while the front waits for the process to go
+            asked = time.monotonic()
+            seen.add(health(server.address))
+            slowest = max(slowest, time.monotonic() - asked)
+            time.sleep(0.01)
+        thread.join()
+        assert len(outcome) == 1 and isinstance(outcome[0], grpc.RpcError), outcome
+        assert outcome[0].code() == grpc.StatusCode.UNAVAILABLE
+        assert "did not exit" in outcome[0].details() and "killed" in outcome[0].details(), outcome[0].details()
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in seen
+        assert slowest < 0.5, f"a health check took {slowest:.2f} s while the engine process lingered"
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)  # killed and reaped
+        wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
+        assert server.running.core.pid != first
+        np.testing.assert_allclose(
+            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+        )
     finally:
         server.stop()
 
