@@ -81,6 +81,9 @@ class PassStats:
     rows: int
     requests: int
     seconds: float
+    # The rows it was cut to at most: the model's pass size for the kind (configured, or chosen by the probe and moved
+    # by its tuner; a trial alternates two) capped at max_pass_seconds of work. `rows` is less when the queue held less.
+    size: int
 
 
 class EngineObserver:
@@ -762,7 +765,7 @@ class Scheduler:
             job.timing.passes += 1
             job.timing.pass_rows += rows
             job.timing.pass_requests = max(job.timing.pass_requests, len(jobs))
-        self._observers.pass_executed(PassStats(model.name, segments[0][1].kind.value, rows, len(jobs), seconds))
+        self._observers.pass_executed(PassStats(model.name, segments[0][1].kind.value, rows, len(jobs), seconds, cut.budget))
         now = time.monotonic()
         for (qb, _, offset), outcome in zip(segments, outcomes):
             job = qb.job

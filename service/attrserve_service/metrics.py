@@ -62,6 +62,13 @@ ATTRSERVE_PASS_REQUESTS = Histogram(
 ATTRSERVE_PASS_DURATION_SECONDS = Histogram(
     "attrserve_pass_duration_seconds", "Duration of one fused pass.", ["model", "kind"], buckets=_LATENCY_BUCKETS
 )
+ATTRSERVE_PASS_SIZE_ROWS = Gauge(
+    "attrserve_pass_size_rows",
+    "Rows the model's latest fused pass of this kind was cut to at most: its max_batch_rows as configured, or as the "
+    "load-time probe chose it and the tuner moves it on served passes (a trial alternates two sizes), capped at "
+    "max_pass_seconds of work. attrserve_pass_rows shows how full the passes were.",
+    ["model", "kind"],
+)
 ATTRSERVE_REQUESTS_IN_FLIGHT = Gauge("attrserve_requests_in_flight", "Attribution requests accepted and not yet answered.")
 ATTRSERVE_MODEL_READY = Gauge(
     "attrserve_model_ready", "1 when the model is loaded, warm and its device's worker is up.", ["model", "version"]
@@ -226,6 +233,7 @@ class EngineMetrics(EngineObserver):
         ATTRSERVE_PASS_ROWS.labels(stats.model, stats.kind).observe(stats.rows)
         ATTRSERVE_PASS_REQUESTS.labels(stats.model, stats.kind).observe(stats.requests)
         ATTRSERVE_PASS_DURATION_SECONDS.labels(stats.model, stats.kind).observe(stats.seconds)
+        ATTRSERVE_PASS_SIZE_ROWS.labels(stats.model, stats.kind).set(stats.size)
 
     def request_refused(self, model: str, reason: str) -> None:
         ATTRSERVE_REQUESTS_REFUSED_TOTAL.labels(model, reason).inc()

@@ -240,6 +240,11 @@ def test_the_scheduler_tunes_a_probed_models_passes_on_what_it_serves_and_leaves
         assert set(rows["configured"]) == {16}
         last_round = [p.rows for p in rec.passes[first:] if p.model == "probed"]
         assert max(rows["probed"]) <= 128 and collections.Counter(last_round).most_common(1)[0][0] == 64
+        # Each pass reports the size it was cut to (the attrserve_pass_size_rows gauge): the tuner's, or the configured one.
+        assert all(p.rows <= p.size for p in rec.passes)
+        assert {p.size for p in rec.passes if p.model == "configured"} == {16}
+        sizes = [p.size for p in rec.passes if p.model == "probed"]
+        assert sizes[0] == 16 and set(sizes) <= {16, 32, 64, 128} and collections.Counter(sizes[-20:]).most_common(1)[0][0] == 64
         assert s.in_flight() == 0 and s.serving() == (True, "")
     finally:
         s.stop(drain=False)

@@ -181,6 +181,9 @@ def test_an_engine_process_that_dies_is_noticed_and_restarted(repo: Path) -> Non
         assert grew("attrserve_attributions_completed_total", model="crashy", algorithm="saliency", grpc_code="UNAVAILABLE") == 2
         # The engine's own events (passes, loads) reach the front's metrics from every engine process.
         assert grew("attrserve_passes_executed_total", model="good", kind="gradient") >= 3
+        # ... and the size its passes are cut to: here the model's max_batch_rows (no probe, so no tuner).
+        size = after[("attrserve_pass_size_rows", frozenset({"model": "good", "kind": "gradient"}.items()))]
+        assert size == client.get_model("good", timeout=10).config.max_batch_rows > 0
         assert grew("attrserve_model_load_seconds_count", model="good") == 2  # the two restarts (the first load came before `before`)
     finally:
         server.stop()
