@@ -447,29 +447,21 @@ def case_rng(case_id: str) -> random.Random:
     return random.Random(zlib.crc32(case_id.encode()))
 
 
-class PassLog:
-    """Records every pass an engine runs (its PassStats); attach with `passes_of(engine)`."""
-
-    def __init__(self) -> None:
-        self.passes: list = []
-
-    def pass_executed(self, stats) -> None:  # EngineObserver's hook, on the worker thread
-        self.passes.append(stats)
-
-    def request_dropped(self, model: str, reason: str, rows: int) -> None:
-        pass
-
-    def worker_state(self, device: str, serving: bool, reason: str) -> None:
-        pass
-
-
 @contextlib.contextmanager
 def passes_of(engine: Engine) -> Iterator[list]:
-    """Within the block, the PassStats of every pass `engine` runs, in order."""
+    """Within the block, the PassStats of every pass `engine` runs, in order (a load's warm-up passes too)."""
+    from attrserve_engine.scheduler import EngineObserver
+
+    passes: list = []
+
+    class PassLog(EngineObserver):  # the engine's other news: EngineObserver's no-ops
+        def pass_executed(self, stats) -> None:  # on the worker thread
+            passes.append(stats)
+
     log = PassLog()
     engine.observers.append(log)
     try:
-        yield log.passes
+        yield passes
     finally:
         engine.observers.remove(log)
 
