@@ -6,13 +6,16 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import logging
 import math
+import os
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,6 +77,11 @@ class EngineLimits:
     default_max_queued_bytes: int = 1 << 30
     # A fused pass is cut to at most this long at the model's measured rate (never below one block's rows).
     max_pass_seconds: float = 0.25
+    # A request's plans build its rows of model work at once (IntegratedGradients' n_steps copies of each example,
+    # every coalition of a Shapley method), so a request whose rows would hold more input bytes than this is refused
+    # before it can exhaust memory; 0: a quarter of the memory of the model's device (for the CPU: the engine's cgroup
+    # limit, or the machine's memory).
+    max_request_work_bytes: int = 0
 
     @property
     def algorithm_limits(self) -> Limits:
@@ -405,7 +413,7 @@ class Engine:
         rows = sum(call.rows for call in calls) + (n if job.return_outputs else 0)
         if evaluate is not None:
             rows += calls[0].evaluation_rows(evaluate)
-        self._check_rows(rows, n)
+        self._check_rows(rows, n, model, (*inputs, *args))
 
         def plan_factory() -> JobPlan:
             plans: list[PlanOf[Any]] = [call.plan(model.device) for call in calls]
@@ -437,12 +445,22 @@ class Engine:
 
         return _live_job(job, model, inputs, rows, plan_factory, finish)
 
-    def _check_rows(self, rows: int, n: int) -> None:
-        """Refuse a request of `n` examples whose rows of model work pass the server's limit per request."""
+    def _check_rows(self, rows: int, n: int, model: LoadedModel, tensors: tuple[Tensor, ...]) -> None:
+        """Refuse a request of `n` examples whose rows of model work pass the server's limits per request: their count,
+        and the bytes of their inputs (`tensors`: the inputs and forward args of the `n` examples), which the plans
+        build at once."""
         if rows > self.limits.max_rows_per_request:
             raise ResourceExhausted(
                 f"this request needs {_count(rows)} rows of model work ({n} example(s) with these parameters), "
                 f"over this server's limit of {self.limits.max_rows_per_request} rows per request; "
+                "send fewer examples, features or steps/samples"
+            )
+        per_row = sum(t.numel() * t.element_size() for t in tensors) // max(n, 1)
+        cap = self.limits.max_request_work_bytes or device_memory(model.device) // 4
+        if rows * per_row > cap:
+            raise ResourceExhausted(
+                f"this request's {rows} rows of model work ({n} example(s) with these parameters) would hold "
+                f"{_size(rows * per_row)} of inputs at once, over this server's limit of {_size(cap)} per request; "
                 "send fewer examples, features or steps/samples"
             )
 
@@ -476,7 +494,7 @@ class Engine:
             names = ", ".join(name for name, used in unused.items() if used)
             raise InvalidArgument(f"{names}: only for an algorithm; a job without one returns the model's outputs")
         n = int(inputs[0].shape[0])
-        self._check_rows(n, n)
+        self._check_rows(n, n, model, (*inputs, *args))
         task = Task(inputs=inputs, baselines=(), target=target, args=args, params=None, rng=RequestRNG(seed))
 
         def plan_factory() -> JobPlan:
@@ -601,6 +619,27 @@ def release_free_memory() -> None:
     not make it flat, and the pages it returns are faulted back in by the next passes."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@functools.cache
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory work on `device` may use: a CUDA device's total memory; for the CPU, the machine's memory or
+    this process's cgroup limit, whichever is less."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
+        with contextlib.suppress(OSError, ValueError):
+            total = min(total, int(Path(path).read_text().strip()))  # v2's "max" (no limit) is not a number
+    return total
+
+
+def _size(nbytes: int) -> str:
+    """Bytes for a message: 58.6 KiB, 1.6 MiB, 39.2 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes / 2**10:.1f} KiB"
 
 
 def _count(rows: int) -> str:

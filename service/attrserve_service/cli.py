@@ -82,6 +82,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--probe-seconds", "limits.probe_seconds", "time budget of a model's pass-size probe at load", float, "SECONDS"),
     Setting("--max-queue-delay-us", "limits.default_max_queue_delay_us", "default longest wait for company before a pass is cut", int),
     Setting("--max-rows-per-request", "limits.max_rows_per_request", "a request needing more rows of model work is refused", int),
+    Setting(
+        "--max-request-work-bytes",
+        "limits.max_request_work_bytes",
+        "a request whose rows of model work would hold more input bytes at once is refused (0: a quarter of the device's memory)",
+        int,
+        "BYTES",
+    ),
     Setting("--max-queued-requests", "limits.max_queued_requests", "requests in flight per device before new ones are refused", int),
     Setting(
         "--max-queued-rows",

@@ -3,6 +3,8 @@ miss are refused up front, and the estimate of a row's bytes counts the model's 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -133,3 +135,28 @@ def test_a_lime_request_hands_its_deadline_to_the_fit(monkeypatch) -> None:
         assert ok.result(30).attributions[0].shape == X.shape
     finally:
         engine.shutdown(drain=False, timeout=5)
+
+
+def test_a_request_whose_rows_would_hold_more_input_bytes_than_a_quarter_of_the_memory_is_refused(engine, monkeypatch) -> None:
+    """Plans build a request's rows at once (IntegratedGradients: n_steps copies of each example), so a request whose
+    rows would hold more input bytes than max_request_work_bytes (by default a quarter of the device's memory) is
+    refused before any work, whatever the queue; one under it runs and equals the model's exact IG."""
+    from attrserve_engine import engine as engine_module
+
+    assert 0 < engine_module.device_memory(torch.device("cpu")) <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    monkeypatch.setattr(engine_module, "device_memory", lambda device: 4 * 48_000)  # the default cap: 48,000 bytes
+    x = torch.randn(20, 3)
+    with pytest.raises(ResourceExhausted, match=r"this request's 5000 rows of model work \(20 example\(s\).* would hold 58.6 KiB of inputs at once, over this server's limit of 46.9 KiB"):
+        engine.submit(AttributionJob(model="m", algorithm="integrated_gradients", inputs=(x,), target=0, params={"n_steps": 250}))
+    # 4,000 rows of 12 bytes: under the cap
+    got = engine.submit(AttributionJob(model="m", algorithm="integrated_gradients", inputs=(x,), target=0, params={"n_steps": 200}))
+    torch.testing.assert_close(got.result(30).attributions[0], torch.stack([Linear3().integrated_gradients(r, 0) for r in x]), atol=1e-4, rtol=0)
+    assert engine.in_flight() == 0 and engine.serving() == (True, "")
+
+    capped = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu", max_request_work_bytes=1_000))
+    try:
+        capped.load(ModelSpec(name="m", module=Linear3(), inputs=[InputSpec("x", torch.float32, (3,))], max_batch_rows=64))
+        with pytest.raises(ResourceExhausted, match="over this server's limit of 1.0 KiB per request"):
+            capped.submit(ig())  # 100 rows of 12 bytes
+    finally:
+        capped.shutdown(drain=False, timeout=5)

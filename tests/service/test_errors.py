@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from captum.attr import IntegratedGradients, Saliency
+from grpc_health.v1 import health_pb2
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
@@ -14,7 +15,8 @@ from attrserve.v1 import tensor_pb2
 from attrserve_client import Attribution, AttributionClient, to_tensor_proto
 from doubles import Linear3
 from oracle import MODELS, assert_all_close
-from servers import send_held
+from servers import send_held, start_server
+from test_model_management import health
 
 X = np.array([[0.1, 0.2, 0.3]], dtype=np.float32)
 
@@ -176,3 +178,24 @@ def test_bad_target_in_a_fused_pass_fails_alone(fusing_server) -> None:
 def test_deadline_exceeded(server) -> None:
     code, _ = status_of(server.address, request(model="slow"), timeout=0.05)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_request_whose_rows_would_hold_too_many_bytes_is_refused_and_the_server_serves_on() -> None:
+    """A request's plans build its rows at once (64 examples × 50 IG steps of a 2×8×8 image: 3,200 rows, 1.6 MiB), so
+    their bytes are capped per request (--max-request-work-bytes; by default a quarter of the device's memory, where a
+    request of 100,000 rows could otherwise take the engine's memory): over the cap, RESOURCE_EXHAUSTED that says why,
+    before any work; then health still says SERVING and the next request gets Captum's numbers."""
+    s = start_server(max_request_work_bytes=1 << 20)
+    try:
+        x = np.random.default_rng(0).standard_normal((64, 2, 8, 8)).astype(np.float32)
+        big = AttributionClient.build_request("conv", "integrated_gradients", x, target=0, params={"n_steps": 50})
+        code, details = status_of(s.address, big)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        assert "3200 rows of model work (64 example(s)" in details and "1.6 MiB of inputs" in details and "limit of 1.0 MiB" in details
+        assert health(s.address) == health_pb2.HealthCheckResponse.SERVING
+        with AttributionClient(s.address) as client:
+            got = client.attribute("conv", "integrated_gradients", x[:8], target=0, params={"n_steps": 50}, timeout=60)  # 400 rows
+        want = IntegratedGradients(MODELS["conv"]()).attribute(torch.from_numpy(x[:8]), target=0, n_steps=50)
+        assert_all_close((torch.from_numpy(got.attributions),), (want.detach(),))
+    finally:
+        s.stop()
