@@ -239,16 +239,25 @@ def test_instances_are_bounded_and_a_model_that_cannot_be_copied_is_refused_by_n
 
 
 class ReplicaLog:
-    """Wraps a scheduler's pass function: which replicas ran passes, and the most passes that ran at once."""
+    """Wraps a scheduler's pass function: which replicas ran passes, and the most passes that ran at once. The first
+    pass waits (up to 30 s) until a second one starts, so the two replicas both run passes however slowly the second
+    worker wakes: a worker hands out the replica returned last, so passes that never overlap all run on one."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.real, self.lock, self.now, self.most, self.replicas = scheduler._run_pass, threading.Lock(), 0, 0, set()
+        self.calls, self.second = 0, threading.Event()
         scheduler._run_pass = self
 
     def __call__(self, model, segments, on_split=None, replica=0):
         with self.lock:
             self.now += 1
+            self.calls += 1
             self.most, self.replicas = max(self.most, self.now), self.replicas | {replica}
+            first = self.calls == 1
+            if not first:
+                self.second.set()
+        if first:
+            self.second.wait(30)
         try:
             return self.real(model, segments, on_split, replica)
         finally:
@@ -282,7 +291,7 @@ def test_every_kind_of_pass_on_two_replicas_at_once_equals_captum() -> None:
             assert_all_close(got.attributions, want)
             if case.delta:
                 assert_close(got.convergence_delta, want_delta)
-        assert log.replicas == {0, 1}  # passes take the least recently used replica: both ran some
+        assert log.replicas == {0, 1}  # the first pass waited for a second, which ran on the other replica
     finally:
         engine.shutdown()
     for models, cases, oracle, make_job in (
