@@ -315,7 +315,8 @@ _RESTART_DELAY_S = 0.5
 _MAX_RESTART_DELAY_S = 30.0
 _STABLE_S = 60.0  # an engine process that served this long before it died restarts after the shortest delay
 _BACKLOG_TTL_S = 0.25
-# An engine process's socket closes as it exits: its exit status is polled for (_reap) this long, every _REAP_POLL_S.
+# An engine process's exit status is polled for every _REAP_POLL_S (`_exit_status`, on the event loop); its socket closes
+# as it exits, so `_reap` gives one whose socket closed _REAP_S to go.
 _REAP_S = 1.0
 _REAP_POLL_S = 0.002
 
@@ -616,12 +617,9 @@ class EngineProcess:
         self.up = False
         self.reason = "the server is shutting down"
         proc = self._proc
-        if proc is not None:
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, proc.wait, 10.0)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None and await _exit_status(proc, 10.0) is None:
+            proc.kill()
+            proc.wait()
         for transport in (self._writer, self._reader):
             if transport is not None:
                 transport.close()
