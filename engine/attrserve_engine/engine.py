@@ -36,6 +36,7 @@ from attrserve_engine.models import (
     ModelSpec,
     ModelState,
     ServedModels,
+    example_bytes,
 )
 from attrserve_engine.plan import Block, BlockResult, JobPlan, PassKind, Plan, PlanOf, RequestRNG, Task, concurrently
 from attrserve_engine.plugins import load_plugins
@@ -455,7 +456,7 @@ class Engine:
                 f"over this server's limit of {self.limits.max_rows_per_request} rows per request; "
                 "send fewer examples, features or steps/samples"
             )
-        per_row = sum(t.numel() * t.element_size() for t in tensors) // max(n, 1)
+        per_row = example_bytes(tensors)
         cap = self.limits.max_request_work_bytes or device_memory(model.device) // 4
         if rows * per_row > cap:
             raise ResourceExhausted(

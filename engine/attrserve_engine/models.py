@@ -137,6 +137,12 @@ def _load_module(spec: ModelSpec) -> nn.Module:
     return model
 
 
+def example_bytes(tensors: tuple[Tensor, ...]) -> int:
+    """Bytes of one example of `tensors` (each (n, ...), the n examples of a request): what each row of its work holds."""
+    n = max(int(tensors[0].shape[0]), 1) if tensors else 1
+    return sum(t.numel() * t.element_size() for t in tensors) // n
+
+
 class LoadedModel:
     """A model resident on its device, with what the engine knows about it."""
 
@@ -287,8 +293,7 @@ class LoadedModel:
 
     def row_bytes(self, inputs: tuple[Tensor, ...]) -> int:
         """Admission's estimate of one row of a request's work: its inputs per example and the activations."""
-        n = max(int(inputs[0].shape[0]), 1) if inputs else 1
-        return sum(x.numel() * x.element_size() for x in inputs) // n + self.activation_bytes
+        return example_bytes(inputs) + self.activation_bytes
 
     def conform_inputs(self, inputs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[InputCast, ...]]:
         """Check inputs against the pinned specs. A floating input in another floating dtype than the one pinned (numpy's
