@@ -10,24 +10,23 @@ of each kind was cut to (the `attrserve_pass_size_rows` gauge). The load client 
 from __future__ import annotations
 
 import argparse
-import re
 import urllib.request
 
 import common
 from common import W, harness
 
-_GAUGE = re.compile(r"^attrserve_pass_size_rows\{(?P<labels>[^}]*)\} (?P<value>\S+)$", re.MULTILINE)
-
 
 def sizes(metrics_port: int, model: str) -> dict[str, int]:
-    """The attrserve_pass_size_rows gauge of `model`, by pass kind."""
+    """The attrserve_pass_size_rows gauge of `model`, by pass kind (parsed as harness.scrape parses /metrics)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
         text = r.read().decode()
     out = {}
-    for m in _GAUGE.finditer(text):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group("labels")))
-        if labels.get("model") == model:
-            out[labels["kind"]] = int(float(m.group("value")))
+    for line in text.splitlines():
+        m = harness._SAMPLE.match(line)
+        if m and m.group(1) == "attrserve_pass_size_rows":
+            labels = dict(harness._LABEL.findall(m.group(2) or ""))
+            if labels.get("model") == model:
+                out[labels["kind"]] = int(float(m.group(3)))
     return out
 
 
