@@ -78,10 +78,10 @@ class EngineLimits:
     default_max_queued_bytes: int = 1 << 30
     # A fused pass is cut to at most this long at the model's measured rate (never below one block's rows).
     max_pass_seconds: float = 0.25
-    # A request's plans build its rows of model work at once (IntegratedGradients' n_steps copies of each example,
-    # every coalition of a Shapley method), so a request whose rows would hold more input bytes than this is refused
-    # before it can exhaust memory; 0: a quarter of the memory of the model's device (for the CPU: the engine's cgroup
-    # limit, or the machine's memory).
+    # Most plans build a request's rows of model work at once (IntegratedGradients' n_steps copies of each example), so
+    # a request whose rows would hold more input bytes than this at once is refused before it can exhaust memory
+    # (perturbation methods build theirs a pass at a time and hold only their examples); 0: a quarter of the memory of
+    # the model's device (for the CPU: the engine's cgroup limit, or the machine's memory).
     max_request_work_bytes: int = 0
 
     @property
@@ -412,9 +412,11 @@ class Engine:
         calls = [self._prepare_call(call, job, model, inputs, target, args, seed) for call in (primary, *job.also)]
         evaluate = parse_evaluate(dict(job.evaluate), self.limits.algorithm_limits) if job.evaluate else None
         rows = sum(call.rows for call in calls) + (n if job.return_outputs else 0)
+        held = sum(call.held for call in calls) + (n if job.return_outputs else 0)
         if evaluate is not None:
             rows += calls[0].evaluation_rows(evaluate)
-        self._check_rows(rows, n, model, (*inputs, *args))
+            held += calls[0].evaluation_rows(evaluate)
+        self._check_rows(rows, n, model, (*inputs, *args), held)
 
         def plan_factory() -> JobPlan:
             plans: list[PlanOf[Any]] = [call.plan(model.device) for call in calls]
@@ -444,24 +446,25 @@ class Engine:
                 input_casts=casts,
             )
 
-        return _live_job(job, model, inputs, rows, plan_factory, finish)
+        return _live_job(job, model, inputs, rows, plan_factory, finish, held)
 
-    def _check_rows(self, rows: int, n: int, model: LoadedModel, tensors: tuple[Tensor, ...]) -> None:
+    def _check_rows(self, rows: int, n: int, model: LoadedModel, tensors: tuple[Tensor, ...], held: int | None = None) -> None:
         """Refuse a request of `n` examples whose rows of model work pass the server's limits per request: their count,
-        and the bytes of their inputs (`tensors`: the inputs and forward args of the `n` examples), which the plans
-        build at once."""
+        and the bytes of the `held` rows (default: all of them) its plans build at once (`tensors`: the inputs and
+        forward args of the `n` examples). Rows built a pass at a time (`Algorithm.rows_per_pass`) are not held."""
         if rows > self.limits.max_rows_per_request:
             raise ResourceExhausted(
                 f"this request needs {_count(rows)} rows of model work ({n} example(s) with these parameters), "
                 f"over this server's limit of {self.limits.max_rows_per_request} rows per request; "
                 "send fewer examples, features or steps/samples"
             )
+        held = rows if held is None else held
         per_row = example_bytes(tensors)
         cap = self.limits.max_request_work_bytes or device_memory(model.device) // 4
-        if rows * per_row > cap:
+        if held * per_row > cap:
             raise ResourceExhausted(
-                f"this request's {rows} rows of model work ({n} example(s) with these parameters) would hold "
-                f"{_size(rows * per_row)} of inputs at once, over this server's limit of {_size(cap)} per request; "
+                f"this request's {held} rows of model work ({n} example(s) with these parameters) would hold "
+                f"{_size(held * per_row)} of inputs at once, over this server's limit of {_size(cap)} per request; "
                 "send fewer examples, features or steps/samples"
             )
 
@@ -569,7 +572,8 @@ class Engine:
         )
         examples = task.n * nt.nt_samples if nt else task.n  # NoiseTunnel runs the algorithm on its noisy copies
         rows = algorithm.rows(task, examples) + (algorithm.delta_rows(task, examples) if call.return_convergence_delta else 0)
-        return _PreparedCall(name, algorithm, nt, task, rows)
+        # rows built a pass at a time are not held at once: such a call holds its examples (NoiseTunnel's noisy copies)
+        return _PreparedCall(name, algorithm, nt, task, rows, examples if algorithm.rows_per_pass else rows)
 
 
 class _PassCounter(EngineObserver):
@@ -590,6 +594,7 @@ class _PreparedCall:
     nt: NoiseTunnelParams | None
     task: Task  # on CPU until the worker starts the plan
     rows: int
+    held: int  # of `rows`, those its plan builds at once (all, unless the algorithm builds them a pass at a time)
 
     def plan(self, device: torch.device) -> Plan:
         return self.run(self.task.to(device))
@@ -667,7 +672,11 @@ def _live_job(
     rows: int,
     plan_factory: Callable[[], JobPlan],
     finish: Callable[[list, LiveJob], AttributionResult],
+    held: int | None = None,
 ) -> LiveJob:
+    """The scheduler's job; its queued bytes (admission's max_queued_bytes) count the `held` rows of its `rows`
+    (default: all), spread evenly over them as they are computed."""
+    held = rows if held is None else held
     return LiveJob(
         model=model,
         plan_factory=plan_factory,
@@ -677,7 +686,7 @@ def _live_job(
         arrival=job.arrival,
         request_id=job.request_id,
         priority=job.priority,
-        row_bytes=model.row_bytes(inputs),
+        row_bytes=model.row_bytes(inputs) * held // max(rows, 1),
     )
 
 

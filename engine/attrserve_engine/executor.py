@@ -14,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from attrserve_engine.errors import AttributionError, InvalidArgument, ResourceExhausted
 from attrserve_engine.models import LoadedModel
-from attrserve_engine.plan import Block, BlockResult, PassKind, concat_results, slice_block
+from attrserve_engine.plan import Block, BlockResult, PassKind, build_rows, concat_results, slice_block
 from attrserve_engine.targets import fused_flat_target
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ def _fused_pass(model: LoadedModel, segments: list[Block], module: torch.nn.Modu
 
 
 def _pass(model: LoadedModel, module: torch.nn.Module, segments: list[Block]) -> list[SegmentOutcome]:
+    segments = [build_rows(s) for s in segments]  # rows that plans left lazy are made now, one pass's worth
     first = segments[0]
     kind = first.kind
     paired = first.refs is not None
@@ -183,7 +184,7 @@ def _pass(model: LoadedModel, module: torch.nn.Module, segments: list[Block]) ->
         count = len(getattr(first, field) or ())
         return [stack([getattr(s, field)[i] for s in segments] * (2 if twice else 1)) for i in range(count)]
 
-    xs = [stack([s.inputs[i] for s in segments] + ([s.refs[i] for s in segments] if paired else [])) for i in range(len(first.inputs))]  # type: ignore[index]
+    xs = [stack([s.inputs[i] for s in segments] + ([s.refs[i] for s in segments] if paired else [])) for i in range(len(first.inputs))]  # type: ignore[index,arg-type]  # tensors: built above
     args = stacked("args", twice=paired)
     grad_mode = kind is not PassKind.FORWARD
     wrt_inputs = grad_mode and not first.grad_wrt_layer

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import itertools
 from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -45,6 +46,68 @@ class RuleOptions(Protocol):
     def rules(self, model: nn.Module, rows_per_segment: list[int], device: torch.device) -> RulePass: ...
 
 
+class Rows:
+    """A block's rows made only when a pass takes them: `count` rows of `row_shape` and `dtype`, rows [start, stop)
+    built by `make(start, stop)`.
+
+    Perturbation plans yield one row per coalition (a feature ablated, an order's prefix, a window occluded), which
+    can be tens of thousands of copies of the input; as Rows a request holds only the rows of the pass that runs them,
+    as Captum's perturbations_per_eval holds only one evaluation's. A block field may be a Tensor or Rows; the
+    scheduler slices Rows like a tensor (`rows[a:b]` stays lazy) and the executor builds them (`build_rows`).
+    """
+
+    def __init__(
+        self, count: int, row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, make: Callable[[int, int], Tensor]
+    ) -> None:
+        self.count, self.row_shape, self.dtype, self.device, self._make = count, tuple(row_shape), dtype, device, make
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.count, *self.row_shape))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, rows: slice) -> Rows:
+        start, stop, step = rows.indices(self.count)
+        assert step == 1, "Rows are sliced in runs"
+        stop = max(start, stop)
+        return Rows(stop - start, self.row_shape, self.dtype, self.device, lambda a, b: self._make(start + a, start + b))
+
+    def build(self) -> Tensor:
+        return self._make(0, self.count)
+
+    @staticmethod
+    def of(t: Tensor) -> Rows:
+        """A tensor's rows, as Rows (to join with lazy ones)."""
+        return Rows(int(t.shape[0]), tuple(t.shape[1:]), t.dtype, t.device, lambda a, b: t[a:b])
+
+    @staticmethod
+    def cat(parts: list[Tensor | Rows]) -> Rows:
+        """Parts one after the other (of one row shape and dtype), as torch.cat along dim 0 would join them."""
+        lazy = [p if isinstance(p, Rows) else Rows.of(p) for p in parts]
+        ends = list(itertools.accumulate(p.count for p in lazy))
+
+        def make(start: int, stop: int) -> Tensor:
+            pieces, begin = [], 0
+            for part, end in zip(lazy, ends):
+                if start < end and stop > begin:
+                    pieces.append(part._make(max(start, begin) - begin, min(stop, end) - begin))
+                begin = end
+            if not pieces:
+                return torch.empty((0, *first.row_shape), dtype=first.dtype, device=first.device)
+            return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+        first = lazy[0]
+        return Rows(ends[-1], first.row_shape, first.dtype, first.device, make)
+
+    @staticmethod
+    def repeated(t: Tensor, times: int) -> Rows:
+        """`repeat_rows(t, times)` built per pass: row r is t[r % n]."""
+        n = int(t.shape[0])
+        return Rows(n * times, tuple(t.shape[1:]), t.dtype, t.device, lambda a, b: t[torch.arange(a, b, device=t.device) % n])
+
+
 def _rows(**kwargs: Any) -> Any:
     """A Block field holding row tensors: in the batch key by per-row shape and dtype, not by value."""
     return field(metadata={"rows": True}, **kwargs)
@@ -60,8 +123,8 @@ class Block:
     """
 
     kind: PassKind
-    inputs: tuple[Tensor, ...] = _rows()  # each (rows, *feature_shape)
-    args: tuple[Tensor, ...] = _rows()  # additional forward args, each (rows, ...)
+    inputs: tuple[Tensor | Rows, ...] = _rows()  # each (rows, *feature_shape)
+    args: tuple[Tensor | Rows, ...] = _rows()  # additional forward args, each (rows, ...)
     target: Tensor = _rows()  # (rows, k) int64 index into the output after dim 0
     # DEEPLIFT: reference rows paired one-to-one with `inputs` (Captum runs
     # cat([inputs, refs]) through the model).
@@ -73,7 +136,7 @@ class Block:
     # aligned with `inputs`), and whether gradients are taken w.r.t. the layer.
     layer: str = ""
     layer_input: bool = False
-    layer_values: tuple[Tensor, ...] | None = _rows(default=None)
+    layer_values: tuple[Tensor | Rows, ...] | None = _rows(default=None)
     grad_wrt_layer: bool = False
     # False: the plan needs no output at a target (LayerActivation), so none is selected.
     select: bool = True
@@ -97,10 +160,10 @@ class Block:
         return tuple(_row_signature(getattr(self, f.name)) if f.metadata.get("rows") else getattr(self, f.name) for f in _BLOCK_FIELDS)
 
 
-def _row_signature(value: Tensor | tuple[Tensor, ...] | None) -> Hashable:
+def _row_signature(value: Tensor | Rows | tuple[Tensor | Rows, ...] | None) -> Hashable:
     if value is None:
         return None
-    if isinstance(value, Tensor):
+    if isinstance(value, (Tensor, Rows)):
         return (tuple(value.shape[1:]), value.dtype)
     return tuple((tuple(t.shape[1:]), t.dtype) for t in value)
 
@@ -213,6 +276,17 @@ def slice_block(block: Block, start: int, stop: int) -> Block:
         args=tuple(a[start:stop] for a in block.args),
         target=block.target[start:stop],
         layer_values=None if block.layer_values is None else tuple(v[start:stop] for v in block.layer_values),
+    )
+
+
+def build_rows(block: Block) -> Block:
+    """The block with its lazy fields (`Rows`) built into tensors; the block itself when it has none."""
+    fields = {"inputs": block.inputs, "args": block.args, "layer_values": block.layer_values or ()}
+    if not any(isinstance(t, Rows) for ts in fields.values() for t in ts):
+        return block
+    built = {name: tuple(t.build() if isinstance(t, Rows) else t for t in ts) for name, ts in fields.items()}
+    return dataclasses.replace(
+        block, inputs=built["inputs"], args=built["args"], layer_values=built["layer_values"] if block.layer_values is not None else None
     )
 
 

@@ -375,3 +375,109 @@ def test_bad_params_are_invalid_argument(engine: Engine, algorithm: str, params:
     job = AttributionJob(model="mlp", algorithm=algorithm, inputs=X6, target=torch.zeros(2, 1, dtype=torch.int64), params=params, **extra)
     with pytest.raises(InvalidArgument, match=match):
         engine.submit(job)
+
+
+SEEN_INPUT_BYTES: list[int] = []  # the storage behind each input a RecordingImage forward got (replicas share this list)
+
+
+class RecordingImage(nn.Module):
+    """A small CNN on 3x16x16 (768 features with the default mask) that records how many bytes of input it was handed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 3))
+
+    def forward(self, x):
+        SEEN_INPUT_BYTES.append(x.untyped_storage().nbytes())
+        return self.net(x)
+
+
+@pytest.mark.parametrize(
+    "algorithm,params,n,rows",
+    [
+        ("shapley_value_sampling", {"n_samples": 2}, 1, 2 + 2 * 767),
+        ("feature_ablation", {}, 2, 2 * 769),
+        ("feature_permutation", {}, 2, 2 * 769),
+        ("occlusion", {"sliding_window_shapes": (1, 1, 1)}, 1, 769),
+        ("neuron_feature_ablation", {"neuron_selector": [0, 0, 0]}, 1, 769),
+    ],
+)
+def test_perturbation_rows_are_built_a_pass_at_a_time_so_a_request_over_the_byte_cap_runs_and_equals_captum(
+    algorithm, params, n, rows
+) -> None:
+    """A perturbation plan's rows (one per feature ablated, per order's prefix, per window) are made as each pass takes
+    them, not all at once: every forward is handed at most one pass of rows (the block used to be built whole and
+    passes were views into it), and a request whose rows would hold more than max_request_work_bytes at once runs —
+    its examples are all it holds — and equals Captum. A gradient method's request of the same size is still refused."""
+    from attrserve_engine import EngineLimits, InputSpec, ModelSpec
+
+    import captum.attr as ca
+
+    row_bytes, cap = 3 * 16 * 16 * 4, 200_000  # every row's inputs: 3 KiB; the cap: ~65 rows
+    assert rows * row_bytes > 5 * cap
+    engine = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu", max_request_work_bytes=cap))
+    try:
+        spec = ModelSpec(name="img", module=RecordingImage(), inputs=[InputSpec("x", torch.float32, (3, 16, 16))], max_batch_rows=32)
+        engine.load(spec)
+        x = torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+        target = None if algorithm.startswith("neuron") else torch.tensor([[1]] * n)
+        SEEN_INPUT_BYTES.clear()
+        layer = "net.0" if algorithm.startswith("neuron") else ""
+        job = AttributionJob(model="img", algorithm=algorithm, inputs=(x,), target=target, params=params, layer=layer, seed=9)
+        got = engine.attribute(job, timeout=120)
+        assert got.timing.rows == rows and got.timing.passes >= rows // 32
+        assert max(SEEN_INPUT_BYTES) <= 32 * row_bytes, max(SEEN_INPUT_BYTES)
+
+        module = RecordingImage().eval()
+        kwargs: dict[str, Any] = {"target": 1} if target is not None else {}
+        if algorithm == "shapley_value_sampling":
+            kwargs["n_samples"] = 2
+        elif algorithm == "occlusion":
+            kwargs["sliding_window_shapes"] = (1, 1, 1)
+        torch.manual_seed(9)
+        if algorithm == "neuron_feature_ablation":
+            want = ca.NeuronFeatureAblation(module, module.net[0]).attribute(x, neuron_selector=(0, 0, 0))
+        else:
+            want = getattr(ca, CAPTUM[algorithm])(module).attribute(x, **kwargs)
+        assert_all_close(got.attributions, (want,))
+
+        # the same bytes of gradient work are built at once, and refused
+        with pytest.raises(ResourceExhausted, match=r"would hold .* of inputs at once, over this server's limit"):
+            engine.submit(
+                AttributionJob(
+                    model="img", algorithm="integrated_gradients", inputs=(x,), target=torch.tensor([[1]] * n), params={"n_steps": 100}
+                )
+            )
+        assert engine.in_flight() == 0 and engine.serving() == (True, "")
+    finally:
+        engine.shutdown(drain=False, timeout=5)
+
+
+def test_lazy_rows_slice_and_join_like_the_tensors_they_stand_for() -> None:
+    """plan.Rows against the eager tensors: any run of rows, sliced again, across the parts of a join, of repeated
+    rows, and of coalition rows mixed per coalition (perturbation.coalition_rows against mix_rows)."""
+    from attrserve_engine.algorithms.perturbation import chosen_positions, coalition_rows, mix_rows, one_feature_each
+    from attrserve_engine.plan import Rows, repeat_rows
+
+    g = torch.Generator().manual_seed(0)
+    n, x, b = 3, torch.randn(3, 2, 4, generator=g), torch.randn(1, 2, 4, generator=g)
+    index = (torch.arange(8) % 5).view(1, 2, 4)  # 5 features
+    eye = torch.eye(5, dtype=torch.bool)
+    shuffled = torch.randn(5, n, 2, 4, generator=g)  # one replacement per coalition
+    lazy = Rows.cat([x, coalition_rows(one_feature_each(5, index), 5, b, x, n), Rows.repeated(x, 2), x[:0]])
+    eager = torch.cat([x, mix_rows(chosen_positions(eye, index), b, x, n), repeat_rows(x, 2), x[:0]])
+    per_coalition = coalition_rows(one_feature_each(5, index), 5, lambda a, c: shuffled[a:c], x, n)
+    per_coalition_eager = mix_rows(chosen_positions(eye, index), shuffled, x, n)
+    assert lazy.shape == eager.shape and lazy.dtype == eager.dtype and per_coalition.shape == per_coalition_eager.shape
+    rng = random.Random(1)
+    for _ in range(200):
+        start = rng.randrange(0, eager.shape[0] + 1)
+        stop = rng.randrange(start, eager.shape[0] + 1)
+        part = lazy[start:stop]
+        assert torch.equal(part.build(), eager[start:stop]), (start, stop)
+        inner = rng.randrange(0, part.count + 1)
+        assert torch.equal(part[inner:].build(), eager[start + inner : stop])
+        stop = min(stop, per_coalition_eager.shape[0])
+        start = min(start, stop)
+        assert torch.equal(per_coalition[start:stop].build(), per_coalition_eager[start:stop])

@@ -59,6 +59,9 @@ class Algorithm:
     uses_baselines: ClassVar[bool] = False
     # True where baselines are a distribution to draw from (GradientShap).
     baseline_distribution: ClassVar[bool] = False
+    # Yields its rows as plan.Rows, built a pass at a time (perturbation methods): a request then holds its examples,
+    # not every row of its work at once (what the per-request byte cap counts).
+    rows_per_pass: ClassVar[bool] = False
 
     def parse_params(self, raw: dict[str, Any], limits: Limits) -> Any:
         params = parse_dataclass(self.params_type, raw, self.name)

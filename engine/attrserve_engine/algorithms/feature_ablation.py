@@ -4,20 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from attrserve_engine.algorithms.base import Algorithm, Limits, example_baselines
 from attrserve_engine.algorithms.perturbation import (
     check_perturbations_per_eval,
-    chosen_positions,
+    coalition_rows,
     feature_ids,
     feature_index,
     feature_masks_or_default,
     forward_block,
-    mix_rows,
+    one_feature_each,
     spread,
 )
-from attrserve_engine.plan import Attribution, Plan, Task
+from attrserve_engine.plan import Attribution, Plan, Rows, Task
 
 
 @dataclass(frozen=True)
@@ -33,6 +31,7 @@ class FeatureAblation(Algorithm):
     needs_input_gradients = False
     uses_feature_mask = True
     uses_baselines = True
+    rows_per_pass = True
 
     def check_params(self, params: FeatureAblationParams, limits: Limits) -> None:
         check_perturbations_per_eval(params.perturbations_per_eval, self.name)
@@ -49,9 +48,9 @@ class FeatureAblation(Algorithm):
         n_feat = int(ids.numel())
         # NOTE: features are ablated across inputs at once (Captum 0.9's cross-tensor
         # ablation): an id used in two inputs' masks is one feature.
-        ablate = torch.eye(n_feat, dtype=torch.bool, device=task.inputs[0].device)  # (P, P): row k ablates feature k
+        # ((1 + P) * n, *fs): the inputs, then row group k with feature k at its baseline
         rows = tuple(
-            torch.cat([x, mix_rows(chosen_positions(ablate, idx.to(x.device)), b, x, n)])  # ((1 + P) * n, *fs)
+            Rows.cat([x, coalition_rows(one_feature_each(n_feat, idx.to(x.device)), n_feat, b, x, n)])
             for x, b, idx in zip(task.inputs, example_baselines(task), index)
         )
         result = yield forward_block(rows, task, 1 + n_feat)

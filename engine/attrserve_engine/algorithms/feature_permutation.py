@@ -3,6 +3,7 @@ examples and measure the output drop."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,16 +12,16 @@ from torch import Tensor
 from attrserve_engine.algorithms.base import Algorithm, Limits
 from attrserve_engine.algorithms.perturbation import (
     check_perturbations_per_eval,
-    chosen_positions,
+    coalition_rows,
     feature_ids,
     feature_index,
     feature_masks_or_default,
     forward_block,
-    mix_rows,
+    one_feature_each,
     spread,
     tensors_with_feature,
 )
-from attrserve_engine.plan import Attribution, Plan, Task
+from attrserve_engine.plan import Attribution, Plan, Rows, Task
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,17 @@ def draw_permutations(task: Task, masks: tuple[Tensor, ...], ids: Tensor, per_ev
     return perms
 
 
+def _shuffled(x: Tensor, perms: Tensor) -> Callable[[int, int], Tensor]:
+    """(a, b) → (b - a, n, *fs): the examples of `x` reordered by the permutations of features a..b-1 (perms: (P, n))."""
+    return lambda a, b: x[perms[a:b]]
+
+
 class FeaturePermutation(Algorithm):
     name = "feature_permutation"
     params_type = FeaturePermutationParams
     needs_input_gradients = False
     uses_feature_mask = True
+    rows_per_pass = True
 
     def check_params(self, params: FeaturePermutationParams, limits: Limits) -> None:
         check_perturbations_per_eval(params.perturbations_per_eval, self.name)
@@ -82,14 +89,14 @@ class FeaturePermutation(Algorithm):
         # and returns zeros; only the initial eval runs, for the output dtype.
         n_feat = int(ids.numel()) if n >= 2 else 0
         perms = draw_permutations(task, masks, ids, p.perturbations_per_eval) if n_feat else []
-        permute = torch.eye(n_feat, dtype=torch.bool, device=task.inputs[0].device)  # (P, P): row k shuffles feature k
-        rows = []
+        rows: list[Tensor | Rows] = []
         for i, (x, idx) in enumerate(zip(task.inputs, index)):
             if not n_feat:
                 rows.append(x)
                 continue
-            shuffled = x[perms[i].to(x.device)]  # (P, n, *fs): the examples reordered per feature
-            rows.append(torch.cat([x, mix_rows(chosen_positions(permute, idx.to(x.device)), shuffled, x, n)]))
+            # the inputs, then row group k with feature k taken from the examples reordered by feature k's permutation
+            shuffled = _shuffled(x, perms[i].to(x.device))
+            rows.append(Rows.cat([x, coalition_rows(one_feature_each(n_feat, idx.to(x.device)), n_feat, shuffled, x, n)]))
         result = yield forward_block(tuple(rows), task, 1 + n_feat)
         evals = result.selected.view(1 + n_feat, n)  # (1 + P, n)
         if not n_feat:

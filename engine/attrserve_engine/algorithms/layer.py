@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm
-from attrserve_engine.plan import Block, PassKind, Task, repeat_rows
+from attrserve_engine.plan import Block, PassKind, Rows, Task, repeat_rows
 
 
 class LayerAlgorithm(Algorithm):
@@ -18,12 +18,12 @@ class LayerAlgorithm(Algorithm):
 
 def layer_block(
     task: Task,
-    inputs: tuple[Tensor, ...],
-    args: tuple[Tensor, ...],
+    inputs: tuple[Tensor | Rows, ...],
+    args: tuple[Tensor | Rows, ...],
     target: Tensor,
     *,
     gradients: bool,
-    values: tuple[Tensor, ...] | None = None,
+    values: tuple[Tensor | Rows, ...] | None = None,
     select: bool = True,
 ) -> Block:
     """Rows whose pass hooks task.layer: capture its activations (or substitute `values`),

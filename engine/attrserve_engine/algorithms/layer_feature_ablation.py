@@ -10,15 +10,15 @@ from attrserve_engine.algorithms.base import Limits
 from attrserve_engine.algorithms.layer import LayerAlgorithm, layer_block
 from attrserve_engine.algorithms.perturbation import (
     check_perturbations_per_eval,
-    chosen_positions,
+    coalition_rows,
     feature_ids,
     feature_index,
     feature_masks_or_default,
-    mix_rows,
+    one_feature_each,
     spread,
 )
 from attrserve_engine.errors import ResourceExhausted
-from attrserve_engine.plan import Attribution, Plan, Task, repeat_rows
+from attrserve_engine.plan import Attribution, Plan, Rows, Task, repeat_rows
 
 # NOTE: a layer's size is unknown when the job is submitted, so `rows` cannot
 # count the ablation rows; the plan refuses a layer whose rows pass this cap
@@ -40,6 +40,7 @@ class LayerFeatureAblation(LayerAlgorithm):
     name = "layer_feature_ablation"
     params_type = LayerFeatureAblationParams
     uses_baselines = False  # the baseline is the layer value `layer_baselines`, not an input
+    rows_per_pass = True
 
     def check_params(self, params: LayerFeatureAblationParams, limits: Limits) -> None:
         check_perturbations_per_eval(params.perturbations_per_eval, self.name)
@@ -66,15 +67,15 @@ class LayerFeatureAblation(LayerAlgorithm):
                 f"over the limit of {MAX_ABLATION_ROWS}; pick a smaller layer or send fewer examples"
             )
         # 2) the model re-run with the layer replaced by ablated copies: row (k, e) is example e with unit k at the baseline
-        ablate = torch.eye(n_feat, dtype=torch.bool, device=acts[0].device)  # (P, P)
+        #    (P * n, *layer_shape) each, built a pass at a time
         values = tuple(
-            mix_rows(chosen_positions(ablate, idx.to(a.device)), torch.full_like(a[:1], p.layer_baselines), a, n)  # (P * n, *layer_shape)
+            coalition_rows(one_feature_each(n_feat, idx.to(a.device)), n_feat, torch.full_like(a[:1], p.layer_baselines), a, n)
             for a, idx in zip(acts, index)
         )
         ablated = yield layer_block(
             task,
-            tuple(repeat_rows(x, n_feat) for x in task.inputs),
-            tuple(repeat_rows(a, n_feat) for a in task.args),
+            tuple(Rows.repeated(x, n_feat) for x in task.inputs),
+            tuple(Rows.repeated(a, n_feat) for a in task.args),
             repeat_rows(task.target, n_feat),
             gradients=False,
             values=values,

@@ -4,6 +4,7 @@ of the windows that cover it."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,9 +12,9 @@ import torch
 from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, example_baselines, parse_dataclass
-from attrserve_engine.algorithms.perturbation import check_perturbations_per_eval, forward_block, mix_rows
+from attrserve_engine.algorithms.perturbation import check_perturbations_per_eval, coalition_rows, forward_block
 from attrserve_engine.errors import InvalidArgument, shown
-from attrserve_engine.plan import Attribution, Plan, Task
+from attrserve_engine.plan import Attribution, Plan, Rows, Task
 
 
 @dataclass(frozen=True)
@@ -66,17 +67,18 @@ class Windows:
             out.append((pos >= start) & (pos < start + w))
         return out
 
-    def masks(self, sizes: tuple[int, ...], device: torch.device) -> Tensor:
-        """(total, *sizes) bool, window k ablated by mask k in Captum's numbering (dim 0's window index fastest,
-        occlusion.py:312-318)."""
-        dims = len(sizes)
-        mask = torch.ones((1,) * (2 * dims), dtype=torch.bool, device=device)
+    def masks(self, sizes: tuple[int, ...], device: torch.device, start: int, stop: int) -> Tensor:
+        """(stop - start, *sizes) bool, windows start..stop-1 in Captum's numbering (dim 0's window index fastest,
+        occlusion.py:312-318): mask k is the positions window k occludes."""
+        k = torch.arange(start, stop, device=device)
+        mask = torch.ones((stop - start,) + (1,) * len(sizes), dtype=torch.bool, device=device)
+        step = 1
         for d, cov in enumerate(self.cover(sizes, device)):
-            view = [1] * (2 * dims)
-            view[dims - 1 - d] = cov.shape[0]  # window index of dim d; dims reversed so dim 0 varies fastest
-            view[dims + d] = cov.shape[1]
-            mask = mask & cov.view(view)
-        return mask.reshape((self.total,) + sizes)
+            view = [stop - start] + [1] * len(sizes)
+            view[1 + d] = sizes[d]
+            mask = mask & cov[(k // step) % self.counts[d]].view(view)  # this window's interval along dim d
+            step *= self.counts[d]
+        return mask
 
     def average(self, drops: Tensor, sizes: tuple[int, ...]) -> Tensor:
         """drops: (total, n) output drop per window → (n, *sizes) mean drop over the windows covering each position.
@@ -96,11 +98,17 @@ class Windows:
         return (total / count).to(torch.float32)  # (n, *sizes); Captum returns total.float() / weight
 
 
+def _window_masks(w: Windows, x: Tensor) -> Callable[[int, int], Tensor]:
+    """(a, b) → (b - a, 1, *fs): the positions of x's features that windows a..b-1 occlude."""
+    return lambda a, b: w.masks(tuple(x.shape[1:]), x.device, a, b).unsqueeze(1)
+
+
 class Occlusion(Algorithm):
     name = "occlusion"
     params_type = OcclusionParams
     needs_input_gradients = False
     uses_baselines = True
+    rows_per_pass = True
 
     def parse_params(self, raw: dict[str, Any], limits: Limits) -> OcclusionParams:
         params = parse_dataclass(self.params_type, raw, self.name)
@@ -171,16 +179,16 @@ class Occlusion(Algorithm):
         totals = [w.total for w in windows]
         # NOTE: window features of input i occlude input i only (occlusion.py:332-342); the rows are
         # [inputs; input 0's windows; input 1's windows; ...], the other inputs left as they are.
+        # Built a pass at a time: one 1x1 window per position of a 224x224 image is 150,528 copies of it.
         rows = []
         for i, (x, b, w) in enumerate(zip(task.inputs, example_baselines(task), windows)):
-            parts = [x]
+            parts: list[Tensor | Rows] = [x]
             for j, count in enumerate(totals):
                 if j == i:
-                    masks = w.masks(tuple(x.shape[1:]), x.device).unsqueeze(1)  # (W_i, 1, *fs)
-                    parts.append(mix_rows(masks, b, x, n))  # (W_i * n, *fs)
+                    parts.append(coalition_rows(_window_masks(w, x), count, b, x, n))  # (W_i * n, *fs)
                 else:
-                    parts.append(x.repeat((count,) + (1,) * (x.dim() - 1)))
-            rows.append(torch.cat(parts))
+                    parts.append(Rows.repeated(x, count))
+            rows.append(Rows.cat(parts))
         result = yield forward_block(tuple(rows), task, 1 + sum(totals))
         evals = result.selected.view(1 + sum(totals), n)  # (1 + W, n)
         drops = evals[:1] - evals[1:]  # (W, n): initial_eval - modified_eval

@@ -8,12 +8,13 @@ onto the input's positions.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Block, PassKind, Task, repeat_rows
+from attrserve_engine.plan import Block, PassKind, Rows, Task, repeat_rows
 
 
 def feature_masks_or_default(task: Task) -> tuple[Tensor, ...]:
@@ -93,6 +94,36 @@ def mix_rows(chosen: Tensor, picked: Tensor, other: Tensor, n: int) -> Tensor:
     return rows.expand((k, n) + feature_shape).reshape((k * n,) + feature_shape)
 
 
+Chosen = Callable[[int, int], Tensor]  # (a, b) → (b - a, 1 or n, *feature_shape) bool: the positions coalitions a..b-1 pick
+
+
+def coalition_rows(chosen: Chosen, count: int, picked: Tensor | Chosen, other: Tensor, n: int) -> Rows:
+    """`mix_rows` for `count` coalitions, built a pass at a time (`Rows`): row (k, e) of example e is `picked` where
+    coalition k picks, `other` elsewhere; coalition-major, `count * n` rows.
+
+    picked, other: (1 or n, *fs) tensors; `picked` may instead be a function of (a, b) giving (b - a, n, *fs), one
+    replacement per coalition (FeaturePermutation's shuffled examples)."""
+    shape = tuple(other.shape[1:])
+    dtype = torch.result_type(picked, other) if isinstance(picked, Tensor) else other.dtype
+
+    def make(start: int, stop: int) -> Tensor:
+        a, b = start // n, -(-stop // n)  # the coalitions these rows belong to
+        replacement = picked if isinstance(picked, Tensor) else picked(a, b)
+        return mix_rows(chosen(a, b), replacement, other, n)[start - a * n : stop - a * n]
+
+    return Rows(count * n, shape, dtype, other.device, make)
+
+
+def one_feature_each(n_feat: int, index: Tensor) -> Chosen:
+    """Coalition k is feature k alone (FeatureAblation, FeaturePermutation): its positions in `index`."""
+
+    def chosen(a: int, b: int) -> Tensor:
+        members = torch.arange(a, b, device=index.device).view(-1, 1) == torch.arange(n_feat, device=index.device)  # (b - a, P)
+        return chosen_positions(members, index)
+
+    return chosen
+
+
 def spread(values: Tensor, index: Tensor) -> Tensor:
     """Per-feature values (P, n) onto an input's positions: (n, *feature_shape), each position its feature's value."""
     n = values.shape[1]
@@ -100,12 +131,13 @@ def spread(values: Tensor, index: Tensor) -> Tensor:
     return values.t().gather(1, flat.to(values.device)).reshape((n,) + tuple(index.shape[1:]))
 
 
-def forward_block(inputs: tuple[Tensor, ...], task: Task, times: int) -> Block:
-    """A FORWARD block of `times` groups of the request's n examples, each group with the request's args and targets."""
+def forward_block(inputs: tuple[Tensor | Rows, ...], task: Task, times: int) -> Block:
+    """A FORWARD block of `times` groups of the request's n examples, each group with the request's args (built per
+    pass) and targets."""
     return Block(
         kind=PassKind.FORWARD,
         inputs=inputs,
-        args=tuple(repeat_rows(a, times) for a in task.args),
+        args=tuple(Rows.repeated(a, times) if times > 1 else a for a in task.args),
         target=repeat_rows(task.target, times),
     )
 
@@ -117,13 +149,15 @@ def check_perturbations_per_eval(value: int, owner: str) -> None:
         raise InvalidArgument(f"{owner}.perturbations_per_eval must be at least 1, got {value}")
 
 
-def coalition_block(task: Task, members: Tensor, index: tuple[Tensor, ...]) -> Block:
+def coalition_block(task: Task, members: Callable[[int, int], Tensor], count: int, index: tuple[Tensor, ...]) -> Block:
     """One FORWARD row group per coalition: the inputs on the coalition's features, baselines elsewhere.
 
-    members: (K, P) bool over the features of `index`; rows are coalition-major, (K * n) per input.
+    members(a, b): (b - a, P) bool, coalitions a..b-1 over the features of `index`; `count` coalitions. Rows are
+    coalition-major, (count * n) per input, built a pass at a time.
     """
-    rows = tuple(
-        mix_rows(chosen_positions(members.to(x.device), idx.to(x.device)), x, b, task.n)  # (K * n, *fs)
-        for x, b, idx in zip(task.inputs, task.baselines, index)
-    )
-    return forward_block(rows, task, int(members.shape[0]))
+
+    def on(idx: Tensor) -> Chosen:
+        return lambda a, b: chosen_positions(members(a, b).to(idx.device), idx)
+
+    rows = tuple(coalition_rows(on(idx.to(x.device)), count, x, b, task.n) for x, b, idx in zip(task.inputs, task.baselines, index))
+    return forward_block(rows, task, count)

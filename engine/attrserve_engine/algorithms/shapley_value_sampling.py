@@ -4,6 +4,7 @@ orders; each feature gets its mean output gain."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,12 +42,30 @@ def check_feature_ids(task: Task, masks: tuple[Tensor, ...]) -> int:
     return count
 
 
+def _prefixes(rank: Tensor) -> Callable[[int, int], Tensor]:
+    """(a, b) → (b - a, P) bool, coalitions a..b-1 of [no feature; every feature; order s's first j features for each
+    order s and j = 1 .. P-1]. rank: (ns, P), each feature's position in each order."""
+    n_feat = int(rank.shape[1])
+
+    def members(a: int, b: int) -> Tensor:
+        k = torch.arange(a, b)
+        out = (k == 1).view(-1, 1).expand(b - a, n_feat).clone()  # coalition 1: every feature
+        prefix = k >= 2
+        if bool(prefix.any()):
+            j = k[prefix] - 2
+            out[prefix] = rank[j // (n_feat - 1)] < (j % (n_feat - 1) + 1).view(-1, 1)
+        return out
+
+    return members
+
+
 class ShapleyValueSampling(Algorithm):
     name = "shapley_value_sampling"
     params_type = ShapleyValueSamplingParams
     needs_input_gradients = False
     uses_feature_mask = True
     uses_baselines = True
+    rows_per_pass = True
 
     def check_params(self, params: ShapleyValueSamplingParams, limits: Limits) -> None:
         # NOTE: Captum takes n_samples <= 0 too: no order is drawn and every attribution is 0 / 0, NaN. So does this one.
@@ -77,11 +96,8 @@ class ShapleyValueSampling(Algorithm):
         drawn = position[torch.stack(perms) if perms else torch.empty((0, total), dtype=torch.int64)]  # (ns, total)
         order = drawn[drawn >= 0].view(ns, n_feat)  # (ns, P) feature indices in the order they are added
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_feat).expand(ns, n_feat))  # (ns, P)
-        # 2) coalitions: [baseline; full input; each order's prefixes of 1 .. P-1 features]
-        steps = torch.arange(1, n_feat).view(1, n_feat - 1, 1)
-        prefixes = (rank.unsqueeze(1) < steps).reshape(ns * (n_feat - 1), n_feat)  # (ns * (P-1), P)
-        members = torch.cat([torch.zeros(1, n_feat, dtype=torch.bool), torch.ones(1, n_feat, dtype=torch.bool), prefixes])
-        result = yield coalition_block(task, members, index)
+        # 2) coalitions: [baseline; full input; each order's prefixes of 1 .. P-1 features], built a pass at a time
+        result = yield coalition_block(task, _prefixes(rank), 2 + ns * (n_feat - 1), index)
         evals = result.selected.view(-1, n)  # (K, n)
         # 3) each order's chain of evaluations, from the baseline to the full input
         chain = torch.cat(

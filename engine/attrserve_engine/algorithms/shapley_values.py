@@ -39,6 +39,7 @@ class ShapleyValues(Algorithm):
     needs_input_gradients = False
     uses_feature_mask = True
     uses_baselines = True
+    rows_per_pass = True
 
     def check_params(self, params: ShapleyValuesParams, limits: Limits) -> None:
         check_perturbations_per_eval(params.perturbations_per_eval, self.name)
@@ -56,7 +57,7 @@ class ShapleyValues(Algorithm):
         coalitions = torch.arange(2**n_feat)  # (K,) bit f set: feature f is in
         bit = 1 << torch.arange(n_feat)  # (P,)
         members = (coalitions.view(-1, 1) & bit) != 0  # (K, P)
-        result = yield coalition_block(task, members, index)
+        result = yield coalition_block(task, lambda a, b: members[a:b], int(members.shape[0]), index)
         value = result.selected.view(-1, n).to(torch.float64)  # (K, n) the model on each coalition
         # gain of adding feature f to coalition S, weighted by the share of orders that put exactly S before f
         size = members.sum(1)  # (K,)
