@@ -481,3 +481,9 @@ def test_lazy_rows_slice_and_join_like_the_tensors_they_stand_for() -> None:
         stop = min(stop, per_coalition_eager.shape[0])
         start = min(start, stop)
         assert torch.equal(per_coalition[start:stop].build(), per_coalition_eager[start:stop])
+    # small rows are built when yielded (building a pass's share per segment costs Python on every pass); large stay lazy
+    from attrserve_engine.plan import EAGER_ROWS_BYTES, settled
+
+    small, large = Rows.repeated(x, 2), Rows.repeated(x, EAGER_ROWS_BYTES // (8 * 4 * 3) + 1)
+    assert isinstance(settled(small), torch.Tensor) and torch.equal(settled(small), repeat_rows(x, 2))
+    assert isinstance(settled(large), Rows)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm
-from attrserve_engine.plan import Block, PassKind, Rows, Task, repeat_rows
+from attrserve_engine.plan import Block, PassKind, Rows, Task, repeat_rows, settled
 
 
 class LayerAlgorithm(Algorithm):
@@ -30,12 +30,12 @@ def layer_block(
     and with `gradients` take d output[target] / d activations."""
     return Block(
         kind=PassKind.GRADIENT if gradients else PassKind.FORWARD,
-        inputs=inputs,
-        args=args,
+        inputs=tuple(map(settled, inputs)),
+        args=tuple(map(settled, args)),
         target=target,
         layer=task.layer,
         layer_input=task.params.attribute_to_layer_input,
-        layer_values=values,
+        layer_values=None if values is None else tuple(map(settled, values)),
         grad_wrt_layer=gradients,
         select=select,
     )

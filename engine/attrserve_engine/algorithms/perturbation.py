@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Block, PassKind, Rows, Task, repeat_rows
+from attrserve_engine.plan import Block, PassKind, Rows, Task, repeat_rows, settled
 
 
 def feature_masks_or_default(task: Task) -> tuple[Tensor, ...]:
@@ -136,8 +136,8 @@ def forward_block(inputs: tuple[Tensor | Rows, ...], task: Task, times: int) -> 
     pass) and targets."""
     return Block(
         kind=PassKind.FORWARD,
-        inputs=inputs,
-        args=tuple(Rows.repeated(a, times) if times > 1 else a for a in task.args),
+        inputs=tuple(map(settled, inputs)),
+        args=tuple(settled(Rows.repeated(a, times)) if times > 1 else a for a in task.args),
         target=repeat_rows(task.target, times),
     )
 
