@@ -416,7 +416,7 @@ class Engine:
         if evaluate is not None:
             rows += calls[0].evaluation_rows(evaluate)
             held += calls[0].evaluation_rows(evaluate)
-        self._check_rows(rows, n, model, (*inputs, *args), held)
+        self._check_rows(rows, n, model, (*inputs, *args), held, sum(call.held * call.layer_row_bytes for call in calls))
 
         def plan_factory() -> JobPlan:
             plans: list[PlanOf[Any]] = [call.plan(model.device) for call in calls]
@@ -448,10 +448,13 @@ class Engine:
 
         return _live_job(job, model, inputs, rows, plan_factory, finish, held)
 
-    def _check_rows(self, rows: int, n: int, model: LoadedModel, tensors: tuple[Tensor, ...], held: int | None = None) -> None:
+    def _check_rows(
+        self, rows: int, n: int, model: LoadedModel, tensors: tuple[Tensor, ...], held: int | None = None, layer_bytes: int = 0
+    ) -> None:
         """Refuse a request of `n` examples whose rows of model work pass the server's limits per request: their count,
         and the bytes of the `held` rows (default: all of them) its plans build at once (`tensors`: the inputs and
-        forward args of the `n` examples). Rows built a pass at a time (`Algorithm.rows_per_pass`) are not held."""
+        forward args of the `n` examples), plus `layer_bytes` of layer values and gradients that layer methods' rows
+        hold. Rows built a pass at a time (`Algorithm.rows_per_pass`) are not held."""
         if rows > self.limits.max_rows_per_request:
             raise ResourceExhausted(
                 f"this request needs {_count(rows)} rows of model work ({n} example(s) with these parameters), "
@@ -459,12 +462,13 @@ class Engine:
                 "send fewer examples, features or steps/samples"
             )
         held = rows if held is None else held
-        per_row = example_bytes(tensors)
+        total = held * example_bytes(tensors) + layer_bytes
         cap = self.limits.max_request_work_bytes or device_memory(model.device) // 4
-        if held * per_row > cap:
+        if total > cap:
             raise ResourceExhausted(
                 f"this request's {held} rows of model work ({n} example(s) with these parameters) would hold "
-                f"{_size(held * per_row)} of inputs at once, over this server's limit of {_size(cap)} per request; "
+                f"{_size(total)} of inputs{' and layer values' if layer_bytes else ''} at once, over this server's limit "
+                f"of {_size(cap)} per request; "
                 "send fewer examples, features or steps/samples"
             )
 
@@ -573,7 +577,10 @@ class Engine:
         examples = task.n * nt.nt_samples if nt else task.n  # NoiseTunnel runs the algorithm on its noisy copies
         rows = algorithm.rows(task, examples) + (algorithm.delta_rows(task, examples) if call.return_convergence_delta else 0)
         # rows built a pass at a time are not held at once: such a call holds its examples (NoiseTunnel's noisy copies)
-        return _PreparedCall(name, algorithm, nt, task, rows, examples if algorithm.rows_per_pass else rows)
+        held = examples if algorithm.rows_per_pass else rows
+        # a layer method's rows also hold the layer's values: its activations (or those substituted) and their gradients
+        layer_row_bytes = 2 * model.layer_bytes.get(call.layer, 0) if algorithm.layer_method and call.layer else 0
+        return _PreparedCall(name, algorithm, nt, task, rows, held, layer_row_bytes)
 
 
 class _PassCounter(EngineObserver):
@@ -595,6 +602,7 @@ class _PreparedCall:
     task: Task  # on CPU until the worker starts the plan
     rows: int
     held: int  # of `rows`, those its plan builds at once (all, unless the algorithm builds them a pass at a time)
+    layer_row_bytes: int = 0  # layer methods: the layer's bytes each held row holds (measured at load; 0 if unknown)
 
     def plan(self, device: torch.device) -> Plan:
         return self.run(self.task.to(device))

@@ -191,8 +191,10 @@ class LoadedModel:
         # work at the measured rate, see Scheduler.row_bound), set by the engine from the spec or its limits.
         self.max_queued_rows = spec.max_queued_rows
         self.max_queued_bytes = spec.max_queued_bytes
-        # Bytes of activations one example makes in a forward (measured at load when the inputs are pinned).
+        # Bytes of activations one example makes in a forward (measured at load when the inputs are pinned), and per
+        # layer (dotted path) the bytes of its output or input, whichever is larger: what a layer method's row holds.
         self.activation_bytes = 0
+        self.layer_bytes: dict[str, int] = {}
         # Measured throughput: the probe's best, then every pass (smoothed); None until something ran.
         self.rows_per_second: float | None = None
         for p in self.module.parameters():
@@ -265,20 +267,28 @@ class LoadedModel:
 
     def measure_activations(self) -> None:
         """Bytes of the outputs of every leaf module for one example (pinned shapes only): what a row of
-        queued work costs beyond its inputs, in admission's estimate."""
+        queued work costs beyond its inputs, in admission's estimate; and each layer's (`layer_bytes`)."""
         inputs = self.example_inputs()
         if inputs is None:
             return
         total = 0
 
-        def count(module: nn.Module, args: Any, output: Any) -> None:
-            nonlocal total
-            for t in output if isinstance(output, (tuple, list)) else (output,):
-                if isinstance(t, Tensor):
-                    total += t.numel() * t.element_size()
+        def nbytes(value: Any) -> int:
+            return sum(
+                t.numel() * t.element_size() for t in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(t, Tensor)
+            )
 
-        leaves = [m for m in self.module.modules() if not list(m.children())]
-        self.hooked_forward([(m, count) for m in leaves if not isinstance(m, torch.jit.ScriptModule)], inputs)
+        def count(name: str, leaf: bool) -> Callable[..., None]:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                nonlocal total
+                out = nbytes(output)
+                total += out if leaf else 0
+                self.layer_bytes[name] = max(self.layer_bytes.get(name, 0), out, nbytes(args))
+
+            return hook
+
+        named = [(name, m) for name, m in self.module.named_modules() if not isinstance(m, torch.jit.ScriptModule)]
+        self.hooked_forward([(m, count(name, not list(m.children()))) for name, m in named], inputs)
         self.activation_bytes = total
 
     def hooked_forward(self, hooks: list[tuple[nn.Module, Callable[..., None]]], inputs: tuple[Tensor, ...]) -> None:

@@ -160,3 +160,42 @@ def test_a_request_whose_rows_would_hold_more_input_bytes_than_a_quarter_of_the_
             capped.submit(ig())  # 100 rows of 12 bytes
     finally:
         capped.shutdown(drain=False, timeout=5)
+
+
+class WideEmbedding(torch.nn.Module):
+    """32 token ids → a 512-wide embedding (64 KiB per example, 256 times the ids' bytes) → mean → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.emb = torch.nn.Embedding(100, 512)
+        self.head = torch.nn.Linear(512, 2)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def test_a_layer_methods_rows_count_the_layers_values_against_the_request_byte_cap() -> None:
+    """A layer method's rows hold the layer's values (LayerIntegratedGradients: the interpolated embeddings) and their
+    gradients, which for token ids are hundreds of times the inputs' bytes: the per-request byte cap counts them, from
+    each layer's size measured at load. One under the cap runs and equals Captum."""
+    import captum.attr as ca
+
+    from oracle import assert_all_close
+
+    engine = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu", max_request_work_bytes=4 << 20))
+    try:
+        model = engine.load(ModelSpec(name="t", module=WideEmbedding(), inputs=[InputSpec("ids", torch.int64, (32,))], max_batch_rows=256))
+        assert model.layer_bytes["emb"] == 32 * 512 * 4 and model.layer_bytes["head"] == 512 * 4
+        ids = torch.randint(0, 100, (4, 32), generator=torch.Generator().manual_seed(1))
+        lig = dict(model="t", algorithm="layer_integrated_gradients", layer="emb")
+        # 4 examples × (50 steps + 2): 208 rows of 256 bytes of ids, but 2 × 13 MiB of embeddings and their gradients
+        with pytest.raises(ResourceExhausted, match=r"this request's 208 rows .* would hold 26.1 MiB of inputs and layer values at once, over this server's limit of 4.0 MiB"):
+            engine.submit(AttributionJob(inputs=(ids,), target=torch.tensor([[1]] * 4), params={"n_steps": 50}, **lig))
+        got = engine.attribute(AttributionJob(inputs=(ids[:1],), target=torch.tensor([[1]]), params={"n_steps": 10}, **lig), timeout=60)  # 12 rows: 1.5 MiB
+        module = WideEmbedding().eval()
+        want = ca.LayerIntegratedGradients(module, module.emb).attribute(ids[:1], target=1, n_steps=10)
+        assert_all_close(got.attributions, (want,))
+        assert engine.in_flight() == 0 and engine.serving() == (True, "")
+    finally:
+        engine.shutdown(drain=False, timeout=5)
