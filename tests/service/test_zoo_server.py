@@ -8,6 +8,7 @@ algorithm (input gradients, rule-based, layer, neuron, perturbation), so the wir
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from attrserve_client import Attribution, AttributionClient
 from attrserve_engine import Engine, EngineLimits, InputSpec, ModelSpec
 from attrserve_engine.algorithms import ALGORITHMS
 from attrserve_service.config import ServerConfig
-from oracle import assert_all_close, assert_close
+from oracle import assert_all_close, assert_close, wait_in_flight
 from servers import ServerThread
 from zoo import ALGOS, ZOO, Request, captum_attribute, make_request
 
@@ -62,13 +63,18 @@ def repo(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(repo: Path) -> Iterator[ServerThread]:
+def engine(repo: Path) -> Engine:
     engine = Engine(EngineLimits(default_device="cpu", probe_batch_rows=False))
     for name in ZOO:
         if name != "scripted":
             engine.load(spec(name))
     # The folder as the repository would load it: model.pt found in it, TorchScript detected from the file.
     engine.load(ModelSpec(name=SCRIPTED_FOLDER, path=repo / SCRIPTED_FOLDER, inputs=[InputSpec("x", torch.float32)]))
+    return engine
+
+
+@pytest.fixture(scope="module")
+def server(engine: Engine) -> Iterator[ServerThread]:
     s = ServerThread(engine, ServerConfig(port=0))
     yield s
     s.stop()
@@ -111,15 +117,20 @@ def picks(model: str, served: set[str]) -> list[Request]:
 
 
 @pytest.mark.parametrize("model", list(ZOO))
-def test_zoo_model_through_the_service_like_captum(server: ServerThread, model: str) -> None:
+def test_zoo_model_through_the_service_like_captum(server: ServerThread, engine: Engine, model: str) -> None:
     with AttributionClient(server.address) as client:
         info = client.get_model(served_name(model))
         served = {pb.Algorithm.Name(a).removeprefix("ALGORITHM_").lower() for a in info.algorithms}
         refused = {r.name: r.reason for r in info.refused}
         reqs = picks(model, served)
         assert len(reqs) >= 3, (model, sorted(served))
-        # One stream, all at once: the model's requests queue together and share passes.
-        responses = list(client.attribute_stream([wire_request(r, str(i)) for i, r in enumerate(reqs)], timeout=120))
+        # One stream, all at once: the model's requests queue together and share passes. Held until every one is
+        # queued: otherwise the worker may cut a pass before the next arrives (3 runs in 8 shared none, then).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with engine.held():
+                sent = pool.submit(lambda: list(client.attribute_stream([wire_request(r, str(i)) for i, r in enumerate(reqs)], timeout=120)))
+                wait_in_flight(engine, len(reqs))
+            responses = sent.result(timeout=120)
     assert info.ready and served and not served & set(refused) and all(refused.values())
     assert served | set(refused) == set(ALGORITHMS)
     by_id = {r.request_id: r for r in responses}
