@@ -230,7 +230,9 @@ def test_prometheus_scrapes_attrserve_and_evaluates_the_rules(tmp_path: Path) ->
         )
         assert prom.value('attrserve:attribution_errors:ratio_rate5m{model="toy", algorithm="integrated_gradients"}') == 0
         assert prom.value('attrserve:attribution_errors:ratio_rate5m{model="unknown"}') is None
-        backlog = prom.query("attrserve:queue_rows:sum", at)
+        # Polled, not read at `at`: the rule's group runs on its own clock, and its last evaluation before that scrape
+        # may have seen no series (a failed scrape marks them stale; the fresh-clone CI of 6547975 read [] here).
+        backlog = wait_until("the backlog rule to record its series", lambda: prom.query("attrserve:queue_rows:sum"), timeout=10)
         assert [r["metric"] for r in backlog] == [{"__name__": "attrserve:queue_rows:sum", "namespace": "attrserve", "pod": "attrserve-0"}]
         assert float(backlog[0]["value"][1]) >= 0
 
