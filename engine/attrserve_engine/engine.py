@@ -411,11 +411,10 @@ class Engine:
         primary = AlgorithmSpec(job.algorithm, job.params, job.noise_tunnel, job.layer, job.return_convergence_delta)
         calls = [self._prepare_call(call, job, model, inputs, target, args, seed) for call in (primary, *job.also)]
         evaluate = parse_evaluate(dict(job.evaluate), self.limits.algorithm_limits) if job.evaluate else None
-        rows = sum(call.rows for call in calls) + (n if job.return_outputs else 0)
-        held = sum(call.held for call in calls) + (n if job.return_outputs else 0)
-        if evaluate is not None:
-            rows += calls[0].evaluation_rows(evaluate)
-            held += calls[0].evaluation_rows(evaluate)
+        # the outputs' forward rows and the metrics' rows are built at once: held as well as counted
+        extra = (n if job.return_outputs else 0) + (calls[0].evaluation_rows(evaluate) if evaluate is not None else 0)
+        rows = sum(call.rows for call in calls) + extra
+        held = sum(call.held for call in calls) + extra
         self._check_rows(rows, n, model, (*inputs, *args), held, sum(call.held * call.layer_row_bytes for call in calls))
 
         def plan_factory() -> JobPlan:
