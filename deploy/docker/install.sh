@@ -11,6 +11,9 @@
 #                                    DEST with `uv python install` (uv must be on PATH): DEST/bin/python3.11.
 #   install.sh user                  (as root) the unprivileged user and group attrserve, uid/gid 10001, and the
 #                                    /models mount point.
+#   install.sh malloc                (as root) tcmalloc from the distribution (Debian: libtcmalloc-minimal4, Ubuntu
+#                                    24.04: libtcmalloc-minimal4t64), which `attrserve serve --allocator auto` preloads
+#                                    into the engine process (bench/RESULTS.md, issue 12 step 11).
 #
 # torch is pinned here as in pyproject.toml (a test keeps the two equal) and installed first, alone, so that no
 # later step can pull another build: `==2.13.0` also matches the local-version builds 2.13.0+cpu and +cuXXX.
@@ -71,12 +74,26 @@ phase_user() {
   install -d -m 0755 -o root -g root /models
 }
 
-[ $# -ge 1 ] || die "usage: install.sh {app SRC VENV | python VERSION DEST | user}"
+phase_malloc() {
+  [ $# -eq 0 ] || die "usage: install.sh malloc"
+  local package=libtcmalloc-minimal4
+  # Ubuntu 24.04 renamed its libraries for the 64-bit time_t transition.
+  if grep -q '^VERSION_CODENAME=noble$' /etc/os-release; then
+    package=libtcmalloc-minimal4t64
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$package"
+  rm -rf /var/lib/apt/lists/*
+  ldconfig -p | grep -q 'libtcmalloc_minimal\.so\.4 ' || die "$package did not install libtcmalloc_minimal.so.4"
+}
+
+[ $# -ge 1 ] || die "usage: install.sh {app SRC VENV | python VERSION DEST | user | malloc}"
 phase=$1
 shift
 case "$phase" in
 app) phase_app "$@" ;;
 python) phase_python "$@" ;;
 user) phase_user "$@" ;;
-*) die "unknown phase $phase (app, python or user)" ;;
+malloc) phase_malloc "$@" ;;
+*) die "unknown phase $phase (app, python, user or malloc)" ;;
 esac

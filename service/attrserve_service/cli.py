@@ -217,6 +217,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("--engine-threads", "engine_threads", "torch intra-op threads of the engine process (0: one per core less one)", int),
     Setting(
+        "--allocator",
+        "allocator",
+        "the engine process's malloc: auto (tcmalloc where installed), tcmalloc, glibc, or a malloc library's path",
+        metavar="NAME|PATH",
+    ),
+    Setting(
         "--reflection",
         "reflection",
         "serve gRPC server reflection (grpcurl list/describe; needs a token when auth is on)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import gc
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,18 @@ def settle_heap() -> None:
     gc.set_threshold(20_000, 10, 10)
 
 
+@functools.cache
+def heap_allocator() -> str:
+    """The malloc this process runs on: "tcmalloc" or "jemalloc" when that library is mapped (LD_PRELOAD), else
+    "glibc" (attrserve_build_info's allocator label; engine_process.allocator_preload chooses it)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = maps.read()
+    except OSError:
+        return "unknown"
+    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in mapped), "glibc")
+
+
 # Set on an exception once it has been logged as an internal error, to the id its INTERNAL status quotes.
 ERROR_ID = "_attrserve_error_id"
 
@@ -47,6 +60,7 @@ class Snapshot:
     statuses: tuple[Status, ...] = ()
     watched: dict[str, list[tuple[list[str], str]]] = field(default_factory=dict)  # model → (algorithms, device) per load
     devices: tuple[str, ...] = ()
+    allocator: str = ""  # the models' process's malloc (heap_allocator)
 
 
 class Core(Protocol):
@@ -206,6 +220,7 @@ class LocalCore:
             statuses=tuple(self.statuses()),
             watched={name: self.watched(name) for name in names},
             devices=tuple(sorted({str(m.device) for m in self.engine.models()})),
+            allocator=heap_allocator(),
         )
 
     def watch(self, observer: EngineObserver) -> None:

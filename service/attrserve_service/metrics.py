@@ -123,7 +123,9 @@ ATTRSERVE_CONVERGENCE_DELTA = Histogram(
 )
 ATTRSERVE_DEVICE_MEMORY_BYTES = Gauge("attrserve_device_memory_bytes", "Device memory allocated by torch (CUDA devices only).", ["device"])
 ATTRSERVE_BUILD_INFO = Gauge(
-    "attrserve_build_info", "1, labelled with the server's version, torch's version and its devices.", ["version", "torch", "device"]
+    "attrserve_build_info",
+    "1, labelled with the server's version, torch's version, its devices and the malloc its models run on.",
+    ["version", "torch", "device", "allocator"],
 )
 
 GRPC_CODES = (
@@ -190,7 +192,7 @@ def observe_engine(core: Core, version: str) -> None:
     for name, loads in snapshot.watched.items():
         for algorithms, device in loads:
             watch_model(core, name, algorithms, device)
-    ATTRSERVE_BUILD_INFO.labels(version, torch.__version__, ",".join(snapshot.devices) or "none").set(1.0)
+    ATTRSERVE_BUILD_INFO.labels(version, torch.__version__, ",".join(snapshot.devices) or "none", snapshot.allocator).set(1.0)
 
 
 def _backlog(core: Core, name: str, which: int) -> float:

@@ -18,7 +18,7 @@ from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_engine import Engine, ModelState
 from attrserve_service import __version__, logs, metrics
 from attrserve_service.auth import ServerSecurity
-from attrserve_service.config import ServerConfig
+from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import Core, LocalCore, build_core, settle_heap
 from attrserve_service.engine_process import EngineProcess
 from attrserve_service.interceptor import StatusInterceptor
@@ -121,6 +121,8 @@ async def _start_core(config: ServerConfig, engine: Engine | None) -> tuple[Core
         process.watch(metrics.EngineMetrics(process))  # before the start, so the loads are measured
         await process.start()
         return process, None
+    if config.allocator not in ("auto", "glibc"):
+        raise ConfigError(f"--allocator {config.allocator}: applies to the engine process (with --no-engine-process, set LD_PRELOAD)")
     local = await build_core(config, lambda core: [metrics.EngineMetrics(core)])
     return local, local.engine
 

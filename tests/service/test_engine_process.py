@@ -5,8 +5,10 @@ numbers again."""
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,14 +19,14 @@ import pytest
 import torch
 from captum.attr import IntegratedGradients, Saliency
 from grpc_health.v1 import health_pb2
-from servers import ServeProcess, ServerThread, scrape
+from servers import SERVE_MODULE, ServeProcess, ServerThread, scrape
 from test_model_management import PINNED, TARGET, X, captum, health, mlp, write
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_client import AttributionClient
 from attrserve_engine import EngineLimits
-from attrserve_service.config import ServerConfig
-from attrserve_service.engine_process import EngineProcess, decode, encode
+from attrserve_service.config import ConfigError, ServerConfig
+from attrserve_service.engine_process import EngineProcess, allocator_preload, decode, encode
 
 # Sleeps for inputs holding 777 (a request that keeps the engine busy), kills the engine process for 1234; for 4321 it
 # hangs up on the front (shuts its sockets down) and stops itself (SIGSTOP): an engine process that lingers after its end.
@@ -67,11 +69,27 @@ def build_model():
 """
 
 
-def start(repo: Path) -> ServerThread:
+def start(repo: Path, allocator: str = "auto") -> ServerThread:
     limits = EngineLimits(default_device="cpu", probe_batch_rows=False)
-    server = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits))
+    server = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, allocator=allocator))
     assert isinstance(server.running.core, EngineProcess)
     return server
+
+
+# tcmalloc where this machine has it (CI installs libtcmalloc-minimal4): what "auto" gives the engine process.
+TCMALLOC = ctypes.util.find_library("tcmalloc_minimal")
+
+
+def library_file(soname: str) -> str:
+    """The file of an installed library (from the linker's cache), without loading it into this process."""
+    listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
+    return next(line.rsplit("=> ", 1)[1].strip() for line in listing.splitlines() if line.strip().startswith(soname + " "))
+
+
+def malloc_of(pid: int) -> str:
+    """The malloc library process `pid` has mapped (by LD_PRELOAD), or glibc's."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in maps), "glibc")
 
 
 @pytest.fixture
@@ -154,6 +172,7 @@ def test_an_engine_process_that_dies_is_noticed_and_restarted(repo: Path) -> Non
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "engine" in refused.value.details()
         wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
         assert server.running.core.pid != first
+        assert malloc_of(server.running.core.pid) == ("tcmalloc" if TCMALLOC else "glibc")  # a restart keeps the allocator
         np.testing.assert_allclose(
             client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
         )
@@ -312,3 +331,67 @@ def test_attributions_through_the_engine_process_equal_captum(repo: Path) -> Non
             np.testing.assert_allclose(result.attributions, expected, atol=1e-5)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("choice", ["auto", "glibc", "path"])
+def test_the_engine_process_runs_on_the_malloc_it_is_given(repo: Path, choice: str) -> None:
+    """--allocator: "auto" preloads tcmalloc into the engine process where it is installed, "glibc" keeps the C
+    library's malloc, a path preloads that library. The front stays as it was started, the engine's numbers equal
+    Captum's, health serves, and attrserve_build_info says which malloc the models run on."""
+    if choice == "path" and TCMALLOC is None:
+        pytest.skip("libtcmalloc_minimal is not installed (CI installs libtcmalloc-minimal4)")
+    front = malloc_of(os.getpid())
+    server = start(repo, allocator=library_file(TCMALLOC) if choice == "path" and TCMALLOC else choice)
+    try:
+        want = "glibc" if choice == "glibc" or TCMALLOC is None else "tcmalloc"
+        assert malloc_of(server.running.core.pid) == want
+        assert malloc_of(os.getpid()) == front
+        client = AttributionClient(server.address)
+        np.testing.assert_allclose(
+            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+        )
+        assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+        info = {dict(labels)["allocator"] for (name, labels), value in scrape(server.running.metrics_port).items() if name == "attrserve_build_info" and value == 1}
+        assert want in info
+    finally:
+        server.stop()
+
+
+def test_the_allocator_setting_is_read_strictly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto takes tcmalloc where it is found and leaves an operator's LD_PRELOAD alone; tcmalloc, a path or an unknown
+    name that cannot be had fail the start with a ConfigError naming the setting."""
+
+    def config(choice: str) -> ServerConfig:
+        return ServerConfig(allocator=choice)
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libtcmalloc_minimal.so.4" if name == "tcmalloc_minimal" else None)
+    assert allocator_preload(config("auto"), {}) == "libtcmalloc_minimal.so.4"
+    assert allocator_preload(config("auto"), {"LD_PRELOAD": "/opt/libmine.so"}) is None
+    assert allocator_preload(config("tcmalloc"), {"LD_PRELOAD": "/opt/libmine.so"}) == "libtcmalloc_minimal.so.4 /opt/libmine.so"
+    assert allocator_preload(config("glibc"), {}) is None
+    libm = library_file("libm.so.6")
+    assert allocator_preload(config(libm), {}) == libm
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert allocator_preload(config("auto"), {}) is None  # not installed: glibc's malloc, no error
+    with pytest.raises(ConfigError, match="--allocator tcmalloc: libtcmalloc_minimal is not installed"):
+        allocator_preload(config("tcmalloc"), {})
+    with pytest.raises(ConfigError, match="--allocator /nonexistent/libnope.so: cannot be read"):
+        allocator_preload(config("/nonexistent/libnope.so"), {})
+    with pytest.raises(ConfigError, match=f"--allocator {__file__}: not a shared library"):
+        allocator_preload(config(__file__), {})
+    with pytest.raises(ConfigError, match="use auto, tcmalloc, glibc or the path of a malloc library"):
+        allocator_preload(config("hoard"), {})
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--allocator", "/nonexistent/libnope.so"], "--allocator /nonexistent/libnope.so: cannot be read"),
+        (["--no-engine-process", "--allocator", "tcmalloc"], "--allocator tcmalloc: applies to the engine process"),
+    ],
+)
+def test_attrserve_serve_with_an_allocator_it_cannot_use_exits_with_2_and_says_why(args: list[str], message: str) -> None:
+    done = subprocess.run([*SERVE_MODULE, "serve", "--port", "0", "--metrics-port", "-1", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr
