@@ -14,6 +14,7 @@ free 127.0.0.1 ports, each warmed up before its measured window, and are always 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import datetime
 import json
 import os
@@ -585,6 +586,9 @@ def markdown(report: dict) -> str:
                 f"- {wk} L: {lim['rows']} rows of {lim['requests']} requests, best chunk {lim['best_chunk_rows']} rows "
                 f"({lim['rows_per_s']:.0f} rows/s); rows/s by chunk: {lim['per_chunk_rows_per_s']}"
             )
+    malloc = report.get("meta", {}).get("malloc")
+    if malloc:
+        notes.append(f"- malloc of every system in this run: {malloc}")
     if notes:
         lines += ["", *notes]
     return "\n".join(lines)
@@ -658,6 +662,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--device", default=None, help="where attrserve and B2 run models (default: cuda with --gpu, else cpu)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds")
+    p.add_argument(
+        "--malloc",
+        choices=("auto", "glibc"),
+        default="auto",
+        help="the malloc of every system in the run. auto: tcmalloc where installed, which attrserve's engine process "
+        "takes by default (--allocator auto); the run executes itself again with it preloaded, so that B1, L, the "
+        "baselines' servers and the load client run on it too. glibc: the C library's for all (attrserve: --allocator glibc)",
+    )
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if args.gpu else "cpu")
     if args.gpu:
@@ -678,6 +690,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _malloc() -> str:
+    """The malloc this process (and so every system of the run) has: tcmalloc or jemalloc when preloaded, else glibc."""
+    maps = Path("/proc/self/maps").read_text()
+    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in maps), "glibc")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render is not None:
@@ -687,6 +705,10 @@ def main(argv: list[str] | None = None) -> int:
         report["targets"] = evaluate_targets(report["workloads"], report.get("rss_soak", {}), report.get("meta", {}).get("cpus"))
         print(markdown(report))
         return 0
+    if args.malloc == "glibc":
+        args.attrserve_arg.append("--allocator=glibc")
+    elif argv is None and "LD_PRELOAD" not in os.environ and (tcmalloc := ctypes.util.find_library("tcmalloc_minimal")):
+        os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, LD_PRELOAD=tcmalloc))
     # SIGTERM (a test's timeout, a CI cancel) unwinds like Ctrl-C, so every server is stopped in its finally.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     catalog = gpu_workloads(args.smoke) if args.gpu else all_workloads(args.smoke)
@@ -717,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch_threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
             "machine": platform.machine(),
+            "malloc": _malloc(),
             "device": args.device,
             "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available() else None,
         },
