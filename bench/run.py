@@ -707,6 +707,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.malloc == "glibc":
         args.attrserve_arg.append("--allocator=glibc")
+        if argv is None and _malloc() != "glibc":  # started with a malloc preloaded: again without it
+            os.execve(sys.executable, [sys.executable, *sys.argv], {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
     elif argv is None and "LD_PRELOAD" not in os.environ and (tcmalloc := ctypes.util.find_library("tcmalloc_minimal")):
         os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, LD_PRELOAD=tcmalloc))
     # SIGTERM (a test's timeout, a CI cancel) unwinds like Ctrl-C, so every server is stopped in its finally.

@@ -40,7 +40,7 @@ def heap_allocator() -> str:
             mapped = maps.read()
     except OSError:
         return "unknown"
-    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in mapped), "glibc")
+    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in mapped), "glibc")  # engine_process.MALLOCS
 
 
 # Set on an exception once it has been logged as an internal error, to the id its INTERNAL status quotes.

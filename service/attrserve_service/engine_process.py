@@ -330,17 +330,26 @@ def intra_op_threads(config: ServerConfig) -> int:
     return config.engine_threads or max(1, len(os.sched_getaffinity(0)) - 1)
 
 
+# The malloc libraries `--allocator` knows by name in a memory map or an LD_PRELOAD (core.heap_allocator reads the map).
+MALLOCS = ("tcmalloc", "jemalloc")
+
+
 def allocator_preload(config: ServerConfig, environ: Mapping[str, str]) -> str | None:
-    """The LD_PRELOAD the engine process starts with, for config.allocator; None: the environment's own.
+    """The LD_PRELOAD the engine process starts with, for config.allocator; None: the environment's own, "": none.
 
     The engine's tensors are allocated with malloc. With tcmalloc, LayerIntegratedGradients over bench_text's
     transformer served 14% more requests per second and IntegratedGradients on bench_cnn 6% more, others the same
     (bench/RESULTS.md, issue 12 step 11). "auto" takes it where it is installed (Debian and Ubuntu:
-    libtcmalloc-minimal4; the CPU image has it), and leaves an LD_PRELOAD that the operator set alone. "tcmalloc" must
+    libtcmalloc-minimal4; the CPU image has it), and leaves an LD_PRELOAD that the operator set alone. "glibc" takes
+    tcmalloc and jemalloc out of an inherited LD_PRELOAD and keeps the rest (a profiler, say). "tcmalloc" must
     be installed and a path must be a shared library: ConfigError otherwise. A library that the engine process then
     fails to preload leaves it on glibc's malloc, which the front logs as a warning."""
     choice = config.allocator
-    if choice == "glibc" or (choice == "auto" and environ.get("LD_PRELOAD")):
+    inherited = environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    if choice == "glibc":
+        kept = [p for p in inherited if not any(f"lib{name}" in os.path.basename(p) for name in MALLOCS)]
+        return None if kept == inherited else " ".join(kept)
+    if choice == "auto" and inherited:
         return None
     if choice in ("auto", "tcmalloc"):
         library = ctypes.util.find_library("tcmalloc_minimal")
@@ -419,10 +428,12 @@ class EngineProcess:
         to_engine, engine_in = socket.socketpair()
         engine_out, from_engine = socket.socketpair()
         env = dict(os.environ, OMP_NUM_THREADS=str(intra_op_threads(self.config)))
-        if self._preload is not None:
+        if self._preload:
             env["LD_PRELOAD"] = self._preload
             # tcmalloc reports every allocation over 1 GiB on stderr, outside the server's log format; the byte caps bound them.
             env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 62))
+        elif self._preload == "":
+            env.pop("LD_PRELOAD", None)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "attrserve_service.engine_process", str(engine_in.fileno()), str(engine_out.fileno())],
             pass_fds=(engine_in.fileno(), engine_out.fileno()),
@@ -441,7 +452,7 @@ class EngineProcess:
         self.up = True
         self.reason = ""
         log.info("engine process %d serves (malloc: %s)", self._proc.pid, self._snapshot.allocator)
-        if self._preload is not None and self._snapshot.allocator == "glibc":
+        if self._preload and self._snapshot.allocator == "glibc":
             log.warning("engine process %d runs on glibc's malloc: LD_PRELOAD=%s did not load", self._proc.pid, self._preload)
         self._tell("engine_process_state", True, "")
         self._changed()

@@ -70,7 +70,7 @@ def build_model():
 
 
 def start(repo: Path, allocator: str = "auto") -> ServerThread:
-    limits = EngineLimits(default_device="cpu", probe_batch_rows=False)
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False)  # the engine process inherits this environment
     server = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, allocator=allocator))
     assert isinstance(server.running.core, EngineProcess)
     return server
@@ -334,13 +334,15 @@ def test_attributions_through_the_engine_process_equal_captum(repo: Path) -> Non
 
 
 @pytest.mark.parametrize("choice", ["auto", "glibc", "path"])
-def test_the_engine_process_runs_on_the_malloc_it_is_given(repo: Path, choice: str) -> None:
+def test_the_engine_process_runs_on_the_malloc_it_is_given(repo: Path, choice: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """--allocator: "auto" preloads tcmalloc into the engine process where it is installed, "glibc" keeps the C
-    library's malloc, a path preloads that library. The front stays as it was started, the engine's numbers equal
+    library's malloc (and takes a tcmalloc out of an inherited LD_PRELOAD), a path preloads that library. The front stays as it was started, the engine's numbers equal
     Captum's, health serves, and attrserve_build_info says which malloc the models run on."""
     if choice == "path" and TCMALLOC is None:
         pytest.skip("libtcmalloc_minimal is not installed (CI installs libtcmalloc-minimal4)")
     front = malloc_of(os.getpid())
+    if choice == "glibc" and TCMALLOC:  # an inherited tcmalloc (bench/run.py preloads it) is taken out too
+        monkeypatch.setenv("LD_PRELOAD", TCMALLOC)
     server = start(repo, allocator=library_file(TCMALLOC) if choice == "path" and TCMALLOC else choice)
     try:
         want = "glibc" if choice == "glibc" or TCMALLOC is None else "tcmalloc"
@@ -369,6 +371,10 @@ def test_the_allocator_setting_is_read_strictly(monkeypatch: pytest.MonkeyPatch)
     assert allocator_preload(config("auto"), {"LD_PRELOAD": "/opt/libmine.so"}) is None
     assert allocator_preload(config("tcmalloc"), {"LD_PRELOAD": "/opt/libmine.so"}) == "libtcmalloc_minimal.so.4 /opt/libmine.so"
     assert allocator_preload(config("glibc"), {}) is None
+    # glibc takes a malloc out of an inherited LD_PRELOAD (bench/run.py runs under tcmalloc) and keeps the rest.
+    assert allocator_preload(config("glibc"), {"LD_PRELOAD": "/opt/libmine.so"}) is None
+    assert allocator_preload(config("glibc"), {"LD_PRELOAD": "libtcmalloc_minimal.so.4:/opt/libmine.so"}) == "/opt/libmine.so"
+    assert allocator_preload(config("glibc"), {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) == ""
     libm = library_file("libm.so.6")
     assert allocator_preload(config(libm), {}) == libm
 
