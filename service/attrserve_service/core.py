@@ -31,6 +31,10 @@ def settle_heap() -> None:
     gc.set_threshold(20_000, 10, 10)
 
 
+# The malloc libraries known by name in a memory map (heap_allocator) or an LD_PRELOAD (engine_process.allocator_preload).
+MALLOCS = ("tcmalloc", "jemalloc")
+
+
 @functools.cache
 def heap_allocator() -> str:
     """The malloc this process runs on: "tcmalloc" or "jemalloc" when that library is mapped (LD_PRELOAD), else
@@ -40,7 +44,7 @@ def heap_allocator() -> str:
             mapped = maps.read()
     except OSError:
         return "unknown"
-    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in mapped), "glibc")  # engine_process.MALLOCS
+    return next((name for name in MALLOCS if f"lib{name}" in mapped), "glibc")
 
 
 # Set on an exception once it has been logged as an internal error, to the id its INTERNAL status quotes.

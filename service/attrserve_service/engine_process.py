@@ -53,7 +53,7 @@ from attrserve_engine.errors import AttributionError
 from attrserve_engine.scheduler import Observers
 from attrserve_service import logs
 from attrserve_service.config import ConfigError, ServerConfig
-from attrserve_service.core import ERROR_ID, LocalCore, Snapshot, build_core, settle_heap
+from attrserve_service.core import ERROR_ID, MALLOCS, LocalCore, Snapshot, build_core, settle_heap
 from attrserve_service.repository import CONTROL_EXPLICIT, CONTROL_POLL, UNLOADED, RepositoryError, Status
 
 log = logging.getLogger(__name__)
@@ -328,10 +328,6 @@ def intra_op_threads(config: ServerConfig) -> int:
     fixed for the process: a pass's numbers must not depend on its size or company, and a convolution's do depend
     on the thread count."""
     return config.engine_threads or max(1, len(os.sched_getaffinity(0)) - 1)
-
-
-# The malloc libraries `--allocator` knows by name in a memory map or an LD_PRELOAD (core.heap_allocator reads the map).
-MALLOCS = ("tcmalloc", "jemalloc")
 
 
 def allocator_preload(config: ServerConfig, environ: Mapping[str, str]) -> str | None:
