@@ -335,11 +335,11 @@ def allocator_preload(config: ServerConfig, environ: Mapping[str, str]) -> str |
 
     The engine's tensors are allocated with malloc. With tcmalloc, LayerIntegratedGradients over bench_text's
     transformer served 14% more requests per second and IntegratedGradients on bench_cnn 6% more, others the same
-    (bench/RESULTS.md, issue 12 step 11). "auto" takes it where it is installed (Debian and Ubuntu:
-    libtcmalloc-minimal4; the CPU image has it), and leaves an LD_PRELOAD that the operator set alone. "glibc" takes
-    tcmalloc and jemalloc out of an inherited LD_PRELOAD and keeps the rest (a profiler, say). "tcmalloc" must
-    be installed and a path must be a shared library: ConfigError otherwise. A library that the engine process then
-    fails to preload leaves it on glibc's malloc, which the front logs as a warning."""
+    (bench/RESULTS.md, issue 12 step 11). "auto" takes it where it is installed (Debian: libtcmalloc-minimal4,
+    Ubuntu 24.04: libtcmalloc-minimal4t64; the CPU image has it), and leaves an LD_PRELOAD that the operator set
+    alone. "glibc" takes tcmalloc and jemalloc out of an inherited LD_PRELOAD and keeps the rest (a profiler, say).
+    "tcmalloc" must be installed and a path must be a shared library: ConfigError otherwise. A library that the
+    engine process then fails to preload leaves it on glibc's malloc, which the front logs as a warning."""
     choice = config.allocator
     inherited = environ.get("LD_PRELOAD", "").replace(":", " ").split()
     if choice == "glibc":
@@ -352,7 +352,7 @@ def allocator_preload(config: ServerConfig, environ: Mapping[str, str]) -> str |
         if library is None:
             if choice == "auto":
                 return None
-            raise ConfigError("--allocator tcmalloc: libtcmalloc_minimal is not installed (Debian, Ubuntu: libtcmalloc-minimal4)")
+            raise ConfigError("--allocator tcmalloc: libtcmalloc_minimal is not installed (Debian: libtcmalloc-minimal4)")
     elif "/" in choice:
         library = choice  # checked, not loaded: a malloc must come first in a process, not be dlopen'ed into this one
         try:
