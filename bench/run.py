@@ -34,6 +34,7 @@ import torch
 
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_client.tensors import from_tensor_proto
+from attrserve_service.core import heap_allocator
 
 import harness
 from captum_calls import PassCounter, run_captum
@@ -690,12 +691,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _malloc() -> str:
-    """The malloc this process (and so every system of the run) has: tcmalloc or jemalloc when preloaded, else glibc."""
-    maps = Path("/proc/self/maps").read_text()
-    return next((name for name in ("tcmalloc", "jemalloc") if f"lib{name}" in maps), "glibc")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render is not None:
@@ -707,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.malloc == "glibc":
         args.attrserve_arg.append("--allocator=glibc")
-        if argv is None and _malloc() != "glibc":  # started with a malloc preloaded: again without it
+        if argv is None and heap_allocator() != "glibc":  # started with a malloc preloaded: again without it
             os.execve(sys.executable, [sys.executable, *sys.argv], {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
     elif argv is None and "LD_PRELOAD" not in os.environ and (tcmalloc := ctypes.util.find_library("tcmalloc_minimal")):
         os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, LD_PRELOAD=tcmalloc))
@@ -741,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch_threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
             "machine": platform.machine(),
-            "malloc": _malloc(),
+            "malloc": heap_allocator(),  # this process's, and so every system's of the run
             "device": args.device,
             "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available() else None,
         },

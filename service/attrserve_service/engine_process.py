@@ -364,7 +364,7 @@ def allocator_preload(config: ServerConfig, environ: Mapping[str, str]) -> str |
             raise ConfigError(f"--allocator {choice}: not a shared library")
     else:
         raise ConfigError(f"--allocator {choice!r}: use auto, tcmalloc, glibc or the path of a malloc library")
-    return " ".join(p for p in (library, environ.get("LD_PRELOAD")) if p)
+    return " ".join([library, *inherited])
 
 
 def describe_exit(code: int | None) -> str:

@@ -336,8 +336,9 @@ def test_attributions_through_the_engine_process_equal_captum(repo: Path) -> Non
 @pytest.mark.parametrize("choice", ["auto", "glibc", "path"])
 def test_the_engine_process_runs_on_the_malloc_it_is_given(repo: Path, choice: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """--allocator: "auto" preloads tcmalloc into the engine process where it is installed, "glibc" keeps the C
-    library's malloc (and takes a tcmalloc out of an inherited LD_PRELOAD), a path preloads that library. The front stays as it was started, the engine's numbers equal
-    Captum's, health serves, and attrserve_build_info says which malloc the models run on."""
+    library's malloc (and takes a tcmalloc out of an inherited LD_PRELOAD), a path preloads that library. The front
+    stays as it was started, the engine's numbers equal Captum's, health serves, and attrserve_build_info says which
+    malloc the models run on."""
     if choice == "path" and TCMALLOC is None:
         pytest.skip("libtcmalloc_minimal is not installed (CI installs libtcmalloc-minimal4)")
     front = malloc_of(os.getpid())
