@@ -1,6 +1,9 @@
 """`attrserve serve` in different configurations, in alternating rounds, under one workload: throughput, latency and
 CPU per request of every process and thread of the server (front end, engine-core process), of the load client, and
 how busy the whole machine was.
+With `--scrape-every S` (or a config's token `scrape:S`, for that configuration only) a thread fetches /metrics every
+S seconds during the measured load (gzip, as Prometheus asks for it); the table shows the tail (p99.9, max) and
+what the scrapes took.
 
     .venv/bin/python bench/prototypes/layout_ab.py --workload W1 --rounds 3 --seconds 6 \\
         --config split= --config one-process=--no-engine-process
@@ -17,7 +20,9 @@ import argparse
 import os
 import resource
 import statistics
+import threading
 import time
+import urllib.request
 
 import common
 from common import W, harness
@@ -52,9 +57,28 @@ def _machine() -> tuple[int, int]:
     return sum(values), values[3] + values[4]  # idle + iowait
 
 
-def run(name: str, tokens: list[str], workload: str, seconds: float) -> dict:
+class Scraper(threading.Thread):
+    """GET /metrics every `every` seconds until stopped: how long each took and how many bytes came."""
+
+    def __init__(self, metrics_port: int, every: float) -> None:
+        super().__init__(daemon=True)
+        self.url, self.every = f"http://127.0.0.1:{metrics_port}/metrics", every
+        self.stopped = threading.Event()
+        self.took: list[float] = []
+        self.nbytes = 0
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            start = time.perf_counter()
+            with urllib.request.urlopen(urllib.request.Request(self.url, headers={"Accept-Encoding": "gzip"}), timeout=30) as r:
+                self.nbytes = len(r.read())
+            self.took.append(time.perf_counter() - start)
+
+
+def run(name: str, tokens: list[str], workload: str, seconds: float, scrape_every: float | None = None) -> dict:
     port, metrics_port = harness.free_port(), harness.free_port()
-    flags = [t for t in tokens if not t.startswith("env:")]
+    flags = [t for t in tokens if not t.startswith(("env:", "scrape:"))]
+    scrape_every = next((float(t[7:]) for t in tokens if t.startswith("scrape:")), scrape_every)
     env = dict(t[4:].split("=", 1) for t in tokens if t.startswith("env:"))
     server = common.start(f"ab-{name}", common.attrserve_argv(port, metrics_port, flags), port, env=env)
     try:
@@ -63,7 +87,13 @@ def run(name: str, tokens: list[str], workload: str, seconds: float) -> dict:
         requests = w.requests()
         harness.drive(server.target, requests, w.concurrency, 1.5, record=False)
         before, start, client0, machine0 = thread_cpu(pids), time.monotonic(), _client_cpu(), _machine()
+        scraper = Scraper(metrics_port, scrape_every) if scrape_every else None
+        if scraper is not None:
+            scraper.start()
         load = harness.drive(server.target, requests, w.concurrency, seconds, record=True)
+        if scraper is not None:
+            scraper.stopped.set()
+            scraper.join()
         after, wall, client1, machine1 = thread_cpu(pids), time.monotonic() - start, _client_cpu(), _machine()
     finally:
         server.stop()
@@ -87,6 +117,11 @@ def run(name: str, tokens: list[str], workload: str, seconds: float) -> dict:
         "client_ms": 1e3 * (client1 - client0) / n if n else None,  # the load client (this process)
         "machine": 1 - (machine1[1] - machine0[1]) / max(machine1[0] - machine0[0], 1),  # every core, all processes
         "threads": ", ".join(threads),
+        "p999": float(statistics.quantiles(load.latencies_ms, n=1000)[-1]) if n > 1 else None,
+        "max": max(load.latencies_ms) if n else None,
+        "scrapes": f"{len(scraper.took)}, {1e3 * statistics.mean(scraper.took):.0f} ms, {scraper.nbytes / 1024:.0f} KiB"
+        if scraper is not None and scraper.took
+        else "",
     }
 
 
@@ -96,26 +131,29 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--config", action="append", required=True, metavar="NAME=FLAGS")
+    p.add_argument("--scrape-every", type=float, default=None, metavar="S", help="scrape /metrics every S s during the load")
     args = p.parse_args()
     configs = [(c.split("=", 1)[0], c.split("=", 1)[1].split()) for c in args.config]
     rows: dict[str, list[dict]] = {name: [] for name, _ in configs}
     print(
-        "| round | config | req/s | p50 ms | p99 ms | errors | front CPU ms/req | engine CPU ms/req | "
-        f"server CPU % of {os.cpu_count()} cores | client CPU ms/req | machine busy | threads (% of a core) |"
+        "| round | config | req/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | front CPU ms/req | engine CPU ms/req | "
+        f"server CPU % of {os.cpu_count()} cores | client CPU ms/req | machine busy | threads (% of a core) | scrapes: count, mean, page |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for number in range(1, args.rounds + 1):
         for name, flags in configs:
-            r = run(name, flags, args.workload, args.seconds)
+            r = run(name, flags, args.workload, args.seconds, args.scrape_every)
             rows[name].append(r)
             print(
-                f"| {number} | {name} | {r['req_s']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['errors']} | {r['front_ms']:.3f} | "
-                f"{r['engine_ms']:.3f} | {100 * r['busy']:.0f}% | {r['client_ms']:.3f} | {100 * r['machine']:.0f}% | {r['threads']} |",
+                f"| {number} | {name} | {r['req_s']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['p999']:.2f} | {r['max']:.1f} | "
+                f"{r['errors']} | {r['front_ms']:.3f} | {r['engine_ms']:.3f} | {100 * r['busy']:.0f}% | {r['client_ms']:.3f} | "
+                f"{100 * r['machine']:.0f}% | {r['threads']} | {r['scrapes']} |",
                 flush=True,
             )
     for name, runs in rows.items():
         req_s, p50 = statistics.median(r["req_s"] for r in runs), statistics.median(r["p50"] for r in runs)
-        print(f"{args.workload} {name}: median {req_s:.0f} req/s, p50 {p50:.2f} ms")
+        p99 = statistics.median(r["p99"] for r in runs)
+        print(f"{args.workload} {name}: median {req_s:.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms")
 
 
 if __name__ == "__main__":
