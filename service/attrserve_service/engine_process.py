@@ -626,17 +626,19 @@ class EngineProcess:
     async def poll_forever(self, interval: float) -> None:
         """The engine process follows the repository itself."""
 
-    def backlog(self, name: str) -> tuple[int, int]:
-        """(requests, rows) queued for a model, asked of the engine (metrics scrapes call this from their own thread;
-        on the event loop the last answer is used). One answer serves the reads of one scrape: it is kept for 0.25 s
-        unless a request, a cancel or a message from the engine came since."""
-        loop = self._loop
+    async def refresh(self) -> None:
+        """Ask the engine for every model's backlog; /metrics calls this before it writes a page. One answer serves
+        the scrapes of 0.25 s unless a request, a cancel or a message from the engine came since. An engine that does
+        not answer within a second leaves the last answer."""
         now, changes = time.monotonic(), self._changes
-        stale = changes != self._backlogs_changes or now - self._backlogs_at > _BACKLOG_TTL_S
-        if self.up and loop is not None and stale and not _on(loop):
-            with contextlib.suppress(Exception):
-                self._backlogs = asyncio.run_coroutine_threadsafe(self._call("backlogs"), loop).result(1.0)
-                self._backlogs_at, self._backlogs_changes = now, changes
+        if not self.up or (changes == self._backlogs_changes and now - self._backlogs_at <= _BACKLOG_TTL_S):
+            return
+        with contextlib.suppress(Exception):
+            self._backlogs = await asyncio.wait_for(self._call("backlogs"), 1.0)
+            self._backlogs_at, self._backlogs_changes = now, changes
+
+    def backlog(self, name: str) -> tuple[int, int]:
+        """(requests, rows) queued for a model: the engine's answer to the last `refresh`."""
         return self._backlogs.get(name, (0, 0)) if self.up else (0, 0)
 
     def watched(self, name: str) -> list[tuple[list[str], str]]:
@@ -680,13 +682,6 @@ async def _exit_status(proc: subprocess.Popen, within: float) -> int | None:
     while (code := proc.poll()) is None and time.monotonic() < give_up:
         await asyncio.sleep(_REAP_POLL_S)
     return code
-
-
-def _on(loop: asyncio.AbstractEventLoop) -> bool:
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False
 
 
 if __name__ == "__main__":

@@ -7,12 +7,10 @@ import dataclasses
 import logging
 import signal
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_engine import Engine, ModelState
@@ -26,6 +24,7 @@ from attrserve_service.oip import METHODS as OIP_METHODS
 from attrserve_service.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from attrserve_service.oip import InferenceServicer, add_inference_service
 from attrserve_service.repository import CONTROL_POLL, ModelManager
+from attrserve_service.scrape import MetricsEndpoint
 from attrserve_service.servicer import AttributionServicer, ModelRepositoryServicer, add_attribution_service, add_model_repository_service
 
 log = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ class RunningServer:
     engine: Engine | None = None  # the engine, when it runs in this process (--no-engine-process, tests)
     strict_readiness: bool = False
     metrics_port: int | None = None
-    _metrics_http: Any = None
+    _metrics_http: MetricsEndpoint | None = None
     _poller: asyncio.Task | None = None
     attribution: AttributionServicer | None = None
     _ready_labels: set[tuple[str, str]] = dataclasses.field(default_factory=set)
@@ -98,8 +97,7 @@ class RunningServer:
         await stopping
         left = await self.core.shutdown(drain=True, timeout=grace)
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            await self._metrics_http.close()
         lost = max(cut_off, left)  # a request cut off by the grace is also cancelled in the engine: count it once
         if lost:
             log.error("%d accepted request(s) did not finish within the %.1f s grace and were lost", lost, grace)
@@ -188,9 +186,14 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
         attribution=attribution,
     )
     if config.metrics_port is not None:
-        httpd, _ = start_http_server(config.metrics_port, addr=config.host)
-        running._metrics_http = httpd
-        running.metrics_port = httpd.server_port
+        endpoint = MetricsEndpoint(before=core.refresh)
+        try:
+            running.metrics_port = await endpoint.start(config.host, config.metrics_port)
+        except OSError:
+            await server.stop(None)
+            await core.shutdown(drain=False, timeout=1.0)
+            raise
+        running._metrics_http = endpoint
     loop = asyncio.get_running_loop()
     syncs: set[asyncio.Task] = set()
 

@@ -276,6 +276,40 @@ def test_deadlines_and_cancels_reach_the_engine_process(repo: Path) -> None:
         server.stop()
 
 
+def test_the_queue_gauges_read_the_engine_process_when_scraped(repo: Path) -> None:
+    """/metrics asks the engine process for its backlog before it writes the page (from the front's event loop, which
+    the page is written on): a request held in a pass and one queued behind it show in attrserve_queue_requests and
+    attrserve_queue_rows, and both read 0 once they are answered."""
+    server = start(repo)
+    try:
+        client = AttributionClient(server.address)
+        outcome: list = []
+        thread = busy(client, outcome)
+        time.sleep(0.5)
+        queued: list = []
+        behind = threading.Thread(
+            target=lambda: queued.append(client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=30))
+        )
+        behind.start()
+        until = time.monotonic() + 2
+        while (page := scrape(server.running.metrics_port))[("attrserve_queue_requests", frozenset({"model": "good"}.items()))] < 1:
+            assert time.monotonic() < until, "the queued request never showed on /metrics"
+            time.sleep(0.05)
+        assert page[("attrserve_queue_requests", frozenset({"model": "crashy"}.items()))] == 1
+        assert page[("attrserve_queue_rows", frozenset({"model": "good"}.items()))] == 50 * len(X)  # n_steps rows per example
+        thread.join(30)
+        behind.join(30)
+        assert not isinstance(outcome[0], grpc.RpcError), outcome
+        np.testing.assert_allclose(queued[0].attributions, captum(1), atol=1e-5)
+        page = scrape(server.running.metrics_port)
+        for model in ("good", "crashy"):
+            for gauge in ("attrserve_queue_requests", "attrserve_queue_rows"):
+                assert page[(gauge, frozenset({"model": model}.items()))] == 0, (gauge, model)
+        assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
+
+
 def test_a_restarted_engine_process_keeps_explicit_unloads(repo: Path, tmp_path: Path) -> None:
     write(repo / "other", mlp(2))
     limits = EngineLimits(default_device="cpu", probe_batch_rows=False, drain_seconds=5.0)
