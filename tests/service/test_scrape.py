@@ -131,9 +131,12 @@ def still_serves(server: ServerThread) -> None:
     np.testing.assert_allclose(got.attributions, expected, rtol=1e-5, atol=1e-6)
     assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
     http_ = connection(server)
-    http_.request("GET", "/metrics")
-    answer = http_.getresponse()
-    assert answer.status == 200 and "attrserve_attributions_completed" in families(answer.read().decode())  # the parser names a counter without _total
+    try:
+        http_.request("GET", "/metrics")
+        answer = http_.getresponse()
+        assert answer.status == 200 and "attrserve_attributions_completed" in families(answer.read().decode())  # the parser drops _total
+    finally:
+        http_.close()
 
 
 def test_get_head_and_gzip_on_one_kept_alive_connection(server: ServerThread) -> None:
@@ -164,6 +167,7 @@ def test_get_head_and_gzip_on_one_kept_alive_connection(server: ServerThread) ->
     http_.request("GET", "/", headers={"Connection": "close"})  # prometheus_client served / too
     last = http_.getresponse()
     assert last.status == 200 and last.getheader("Connection") == "close" and b"attrserve_" in last.read()
+    http_.close()
     still_serves(server)
 
 
