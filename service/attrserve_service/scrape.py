@@ -43,7 +43,7 @@ IDLE_S = 300.0
 
 # Samples the text format moves out of their family into a gauge of their own, as generate_latest does.
 _OM_SUFFIXES = ("_created", "_gsum", "_gcount")
-_TYPES = {"counter": "counter", "info": "gauge", "stateset": "gauge", "gaugehistogram": "histogram", "unknown": "untyped"}
+_TYPES = {"info": "gauge", "stateset": "gauge", "gaugehistogram": "histogram", "unknown": "untyped"}
 _NAME_SUFFIX = {"counter": "_total", "info": "_info"}
 _LEGACY_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _INVALID_NAME_CHAR = re.compile(r"[^a-zA-Z0-9_:]")
@@ -105,8 +105,9 @@ async def exposition(registry: Collector = REGISTRY, slice_s: float = SLICE_S, p
         name = _name(metric.name + _NAME_SUFFIX.get(metric.type, ""))
         out.append(_help(name, metric.documentation, _TYPES.get(metric.type, metric.type)))
         moved: dict[str, list[str]] = {}
+        suffix_of = {metric.name + suffix: suffix for suffix in _OM_SUFFIXES}
         for sample in samples:
-            suffix = next((s for s in _OM_SUFFIXES if sample.name == metric.name + s), None)
+            suffix = suffix_of.get(sample.name)
             if suffix is None:
                 out.append(_line(sample))
             else:
@@ -136,18 +137,15 @@ class MetricsEndpoint:
     """/metrics on the running event loop. `before` runs ahead of every page (the engine process's backlogs are
     asked for then, so the queue gauges read a fresh answer without a thread waiting on the loop)."""
 
-    def __init__(self, before: Callable[[], Awaitable[None]] | None = None, registry: Collector = REGISTRY) -> None:
+    def __init__(self, before: Callable[[], Awaitable[None]] | None = None) -> None:
         self.before = before
-        self.registry = registry
-        self.port: int | None = None
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
 
     async def start(self, host: str, port: int) -> int:
         """Listen on `host`:`port` (0: a free port); the port it got."""
         self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_HEAD_BYTES)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self.port
+        return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
         """Stop listening and close every connection, kept-alive ones included."""
@@ -204,7 +202,7 @@ class MetricsEndpoint:
             return not close
         if self.before is not None:
             await self.before()
-        body = await exposition(self.registry)
+        body = await exposition()
         extra = ""
         if _wants_gzip(headers.get("accept-encoding", "")):
             body = await asyncio.to_thread(gzip.compress, body, GZIP_LEVEL)
