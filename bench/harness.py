@@ -375,12 +375,13 @@ def server_timing(result: LoadResult) -> dict | None:
 
 def latency_stats(latencies_ms: list[float]) -> dict:
     if not latencies_ms:
-        return {"p50_ms": None, "p90_ms": None, "p99_ms": None, "mean_ms": None, "max_ms": None}
+        return {"p50_ms": None, "p90_ms": None, "p99_ms": None, "p999_ms": None, "mean_ms": None, "max_ms": None}
     a = np.asarray(latencies_ms)
     return {
         "p50_ms": float(np.percentile(a, 50)),
         "p90_ms": float(np.percentile(a, 90)),
         "p99_ms": float(np.percentile(a, 99)),
+        "p999_ms": float(np.percentile(a, 99.9)),
         "mean_ms": float(a.mean()),
         "max_ms": float(a.max()),
     }

@@ -117,8 +117,8 @@ def run(name: str, tokens: list[str], workload: str, seconds: float, scrape_ever
         "client_ms": 1e3 * (client1 - client0) / n if n else None,  # the load client (this process)
         "machine": 1 - (machine1[1] - machine0[1]) / max(machine1[0] - machine0[0], 1),  # every core, all processes
         "threads": ", ".join(threads),
-        "p999": float(statistics.quantiles(load.latencies_ms, n=1000)[-1]) if n > 1 else None,
-        "max": max(load.latencies_ms) if n else None,
+        "p999": stats["p999_ms"],
+        "max": stats["max_ms"],
         "scrapes": f"{len(scraper.took)}, {1e3 * statistics.mean(scraper.took):.0f} ms, {scraper.nbytes / 1024:.0f} KiB"
         if scraper is not None and scraper.took
         else "",
