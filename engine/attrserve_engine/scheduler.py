@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import heapq
 import itertools
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NoReturn
@@ -92,6 +93,12 @@ class EngineObserver:
     Called on worker threads: keep each call short. An observer that raises is logged and ignored.
     """
 
+    def worker_step(self) -> contextlib.AbstractContextManager[None]:
+        """Around one step of a worker: taking the new and dead jobs, or routing one pass's results. What the step
+        tells observers (pass_executed first) and the answers it completes happen inside; an observer that forwards
+        them elsewhere may hold them and send them together when the step ends."""
+        return contextlib.nullcontext()
+
     def pass_executed(self, stats: PassStats) -> None:
         """After every fused pass."""
 
@@ -123,6 +130,25 @@ class Observers:
 
     def __init__(self, observers: list[EngineObserver]) -> None:
         self._observers = observers
+
+    @contextlib.contextmanager
+    def worker_step(self) -> Iterator[None]:
+        entered = []
+        for observer in list(self._observers):
+            try:
+                step = observer.worker_step()
+                step.__enter__()
+                entered.append((observer, step))
+            except Exception:
+                log.exception("engine observer %s.worker_step failed", type(observer).__name__)
+        try:
+            yield
+        finally:
+            for observer, step in reversed(entered):
+                try:
+                    step.__exit__(None, None, None)
+                except Exception:
+                    log.exception("engine observer %s.worker_step failed", type(observer).__name__)
 
     def __getattr__(self, method: str) -> Callable[..., None]:
         def call(*args: Any) -> None:
@@ -500,7 +526,7 @@ class Scheduler:
 
     def _loop(self, generation: int, index: int) -> None:
         while True:
-            with self._state:
+            with self._observers.worker_step(), self._state:
                 # The inbox and the deaths are taken under _state too: a job that died before a worker's cut is
                 # dropped before it, whichever worker took the news.
                 with self._cv:
@@ -549,7 +575,7 @@ class Scheduler:
             start = time.monotonic()
             outcomes = self._run_pass(model, [part for _, part, _ in segments], partial(self._observers.pass_split, model.name), replica)
             seconds = time.monotonic() - start
-            with self._state:
+            with self._observers.worker_step(), self._state:
                 if generation != self._generation:
                     break
                 self._free[model].append(replica)

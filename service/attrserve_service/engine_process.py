@@ -6,9 +6,12 @@ threads, the model manager). They talk over two Unix socket pairs, one each way,
 
     u64 length of the rest | u32 buffer count | u64 pickle length | u64 length of each buffer | pickle | buffers
 
-A frame is a pickled tuple (protocol 5). Tensors travel as numpy arrays whose bytes are out-of-band buffers: they are
-written to the socket as they lie in memory and the receiver's tensors are views on the frame it read (no
-serialisation of their contents, one copy through the kernel).
+A frame is a pickled list of messages, each a tuple (protocol 5). Tensors travel as numpy arrays whose bytes are
+out-of-band buffers: they are written to the socket as they lie in memory and the receiver's tensors are views on the
+frame it read (no serialisation of their contents, one copy through the kernel). Messages go in batches: the front
+writes what one turn of its event loop sent (the requests of many callers) as one frame, and a worker what one step
+of its loop sent (a pass's metrics event, then the answers of the jobs it finished); one pickle, one system call and
+one wake-up of the other side per batch instead of per message.
 
 front → engine: ("init", config, log settings, the versions to load or None for all) once; ("submit", id, job);
 ("cancel", id); ("call", id, method, args).
@@ -41,7 +44,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -85,7 +88,7 @@ class _Pickler(pickle.Pickler):
 
 
 def encode(message: Any) -> bytes:
-    """One frame holding `message`."""
+    """One frame holding `message` (a list of messages, on the wire)."""
     buffers: list[pickle.PickleBuffer] = []
     stream = io.BytesIO()
     _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(message)
@@ -128,7 +131,8 @@ class _Frames(asyncio.Protocol):
                 return
             frame = self._buffer[_LENGTH.size : end]
             del self._buffer[:end]
-            self.on_message(decode(frame))
+            for message in decode(frame):
+                self.on_message(message)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.on_end()
@@ -150,15 +154,73 @@ def portable(error: BaseException) -> BaseException:
 # -- the engine-core process ---------------------------------------------------------------------------------------
 
 
+def frame_of(messages: list[tuple], unpicklable: Callable[[tuple, Exception], tuple | None]) -> bytes:
+    """One frame of `messages` (b"" for none). One that cannot be pickled does not take the others with it: it goes as
+    what `unpicklable(message, error)` returns instead, or is left out where that is None."""
+    try:
+        return encode(messages) if messages else b""
+    except Exception:
+        pass
+    kept = []
+    for message in messages:
+        try:
+            encode([message])
+        except Exception as e:
+            replaced = unpicklable(message, e)
+            if replaced is None:
+                continue
+            message = replaced
+        kept.append(message)
+    return encode(kept) if kept else b""
+
+
+# An answer that cannot be pickled goes as this kind of answer instead (INTERNAL at the front, with an error id).
+_ANSWERS = {"result": "error", "reply": "reply_error", "error": "error", "reply_error": "reply_error"}
+
+
+def _unpicklable_answer(message: tuple, error: Exception) -> tuple | None:
+    """An answer the front cannot be sent becomes an error answer, so its caller does not wait forever."""
+    if message[0] in _ANSWERS:
+        return (_ANSWERS[message[0]], message[1], portable(error))
+    log.error("a %r message could not be pickled; it is not sent: %s", message[0], error, exc_info=error)
+    return None
+
+
 class _Out:
-    """The engine's side of engine → front: whole frames, from any thread (worker threads answer their jobs)."""
+    """The engine's side of engine → front: whole frames, from any thread (worker threads answer their jobs).
+
+    Inside `holding()`, what a thread sends is kept and goes out as one frame when it ends."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.lock = threading.Lock()
+        self._held = threading.local()
 
-    def send(self, message: Any) -> None:
-        frame = encode(message)
+    def send(self, message: tuple) -> None:
+        held: list | None = getattr(self._held, "messages", None)
+        if held is not None:
+            held.append(message)
+        else:
+            self._write([message])
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        if getattr(self._held, "messages", None) is not None:  # nested: the outermost sends
+            yield
+            return
+        held: list[tuple] = []
+        self._held.messages = held
+        try:
+            yield
+        finally:
+            self._held.messages = None
+            if held:
+                self._write(held)
+
+    def _write(self, messages: list[tuple]) -> None:
+        frame = frame_of(messages, _unpicklable_answer)
+        if not frame:
+            return
         with self.lock, contextlib.suppress(OSError):  # the front is gone: the reading side sees the end and exits
             self.sock.sendall(frame)
 
@@ -175,6 +237,9 @@ class _Forward(EngineObserver):
 
     def _changed(self) -> None:
         self.out.send(("snapshot", self.core.snapshot()))
+
+    def worker_step(self) -> contextlib.AbstractContextManager[None]:
+        return self.out.holding()
 
     def pass_executed(self, stats: PassStats) -> None:
         self._event("pass_executed", stats)
@@ -390,6 +455,7 @@ class EngineProcess:
         self._snapshot = Snapshot()
         self._preload: str | None = None  # the engine process's LD_PRELOAD (allocator_preload), chosen at start
         self._pending: dict[int, asyncio.Future] = {}
+        self._outbox: list[tuple] = []  # messages of this turn of the event loop, not yet written (_write)
         self._ids = itertools.count()
         self._generation = 0
         self._proc: subprocess.Popen | None = None
@@ -460,9 +526,25 @@ class EngineProcess:
             return None
         return {(s.name, s.version) for s in self._snapshot.statuses if s.state not in (UNLOADED, ModelState.UNLOADING.value)}
 
-    def _write(self, message: Any) -> None:
+    def _write(self, message: tuple) -> None:
+        """Send `message` with the others of this turn of the event loop, as one frame (written at the next turn)."""
+        self._outbox.append(message)
+        if len(self._outbox) == 1:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        messages, self._outbox = self._outbox, []
         if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(encode(message))
+            self._writer.write(frame_of(messages, self._unsendable))
+
+    def _unsendable(self, message: tuple, error: Exception) -> None:
+        """A request or call that cannot be pickled fails alone (INTERNAL); the others of its frame go."""
+        future = self._pending.pop(message[1], None) if message[0] in ("submit", "call") else None
+        if future is None:
+            log.error("a %r message could not be pickled; it is not sent: %s", message[0], error, exc_info=error)
+        elif not future.done():
+            future.set_exception(error)
 
     def _received(self, generation: int, message: Any) -> None:
         if generation != self._generation:
@@ -504,6 +586,7 @@ class EngineProcess:
             return
         proc = self._proc
         was_up, self.up = self.up, False
+        self._outbox.clear()  # for the process that is gone: its requests fail below
         if self._writer is not None:
             self._writer.close()
         if self._closing or proc is None:  # shutdown() waits for the exit itself

@@ -4,6 +4,7 @@ the moment they die, and a worker that dies is reported, fails what it held and 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import random
 import threading
 import time
@@ -475,5 +476,66 @@ def test_a_pass_is_cut_to_the_time_budget_at_the_measured_rate() -> None:
         sizes = [rows for _, rows in passes.computed]
         assert sizes[0] == 10 and max(sizes) <= 10 and sum(sizes) == 50  # then ~0.1 s at the measured rate
         assert 60 < m.rows_per_second < 110  # measured from the passes (sleep overshoots a little)
+    finally:
+        s.stop(drain=False)
+
+
+class Steps(EngineObserver):
+    """Records, in order, the worker steps and what happened inside or outside them (events and answers)."""
+
+    def __init__(self, fail: str = "") -> None:
+        self.fail = fail  # "enter" or "exit": its worker_step raises there
+        self.inside = False
+        self.log: list = []
+
+    @contextlib.contextmanager
+    def worker_step(self):
+        if self.fail == "enter":
+            raise RuntimeError("a broken observer")
+        self.inside = True
+        self.log.append("step")
+        try:
+            yield
+        finally:
+            self.inside = False
+            if self.fail == "exit":
+                raise RuntimeError("a broken observer")
+
+    def pass_executed(self, stats) -> None:
+        self.log.append(("pass", stats.requests, self.inside))
+
+    def request_dropped(self, model: str, reason: str, rows: int) -> None:
+        self.log.append(("dropped", reason, self.inside))
+
+    def answered(self, future: concurrent.futures.Future) -> None:
+        self.log.append(("answer", self.inside))
+
+
+def test_a_passs_event_and_the_answers_it_completes_come_inside_one_worker_step_event_first() -> None:
+    """What the engine process sends the front as one frame: observers see pass_executed, then the answers the pass
+    completed, within one worker_step; a job that died before its pass is dropped and answered within a step too.
+    Observers whose worker_step raises (on entering or leaving) are logged and ignored."""
+    steps = Steps()
+    passes = FakePasses()
+    s = Scheduler("test", 10_000, [Steps("enter"), steps, Steps("exit")], run_pass=passes)
+    m = model(max_batch_rows=32)
+    try:
+        s.hold()
+        futures = [s.submit(job(m, 1.0 + i, rows=8)) for i in range(4)]
+        doomed = s.submit(job(m, 9.0, deadline=time.monotonic() + 0.01))
+        for f in [*futures, doomed]:
+            f.add_done_callback(steps.answered)  # runs on the worker thread, as the engine process's sender does
+        time.sleep(0.05)
+        s.release()
+        assert [f.result(5) for f in futures] == [8 * (1.0 + i) for i in range(4)]
+        with pytest.raises(DeadlineExceeded):
+            doomed.result(5)
+        events = [e for e in steps.log if e != "step"]
+        assert all(inside for *_, inside in events), steps.log
+        assert ("dropped", "deadline", True) in events
+        at = steps.log.index(("pass", 4, True))
+        assert steps.log[at - 1] == "step" and steps.log[at + 1 : at + 5] == [("answer", True)] * 4  # one step: event, answers
+        assert s.serving() == (True, "") and s.restarts == 0
+        assert s.submit(job(m, 5.0, rows=2)).result(5) == 10.0  # still serves
     finally:
         s.stop(drain=False)

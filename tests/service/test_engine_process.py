@@ -5,9 +5,12 @@ numbers again."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes.util
 import os
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -24,9 +27,10 @@ from test_model_management import PINNED, TARGET, X, captum, health, mlp, write
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_client import AttributionClient
-from attrserve_engine import EngineLimits
+from attrserve_engine import Cancelled, EngineLimits
 from attrserve_service.config import ConfigError, ServerConfig
-from attrserve_service.engine_process import EngineProcess, allocator_preload, decode, encode
+from attrserve_service.core import ERROR_ID
+from attrserve_service.engine_process import EngineProcess, _Out, allocator_preload, decode, encode
 
 # Sleeps for inputs holding 777 (a request that keeps the engine busy), kills the engine process for 1234; for 4321 it
 # hangs up on the front (shuts its sockets down) and stops itself (SIGSTOP): an engine process that lingers after its end.
@@ -141,6 +145,72 @@ def test_the_frames_carry_tensors_of_every_dtype_exactly() -> None:
         assert got.dtype == sent.dtype and got.shape == sent.shape and not got.requires_grad
         assert torch.equal(got, sent.detach())
     assert torch.equal(named["x"], tensors[0])
+
+
+def read_frame(sock: socket.socket) -> list:
+    """The messages of the next frame on `sock`."""
+    (size,) = struct.unpack("<Q", sock.recv(8, socket.MSG_WAITALL))
+    return decode(bytearray(sock.recv(size, socket.MSG_WAITALL)))
+
+
+def test_what_a_worker_step_sends_goes_as_one_frame_and_an_unpicklable_answer_as_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    engine_end, front_end = socket.socketpair()
+    try:
+        out = _Out(engine_end)
+        front_end.setblocking(False)
+        with out.holding():
+            out.send(("event", "pass_executed", ("stats",)))
+            with out.holding():  # nested: the outermost sends
+                out.send(("result", 1, torch.ones(2)))
+            out.send(("result", 2, lambda: 0))  # cannot be pickled
+            out.send(("event", "request_dropped", (lambda: 0,)))  # cannot be pickled either
+            out.send(("error", 3, Cancelled("gone")))
+            with pytest.raises(BlockingIOError):
+                front_end.recv(1)  # held: nothing sent yet
+        front_end.setblocking(True)
+        messages = read_frame(front_end)
+        assert [m[:2] for m in messages] == [("event", "pass_executed"), ("result", 1), ("error", 2), ("error", 3)]
+        assert torch.equal(messages[1][2], torch.ones(2))
+        assert "in the engine process" in str(messages[2][2]) and getattr(messages[2][2], ERROR_ID)  # INTERNAL, with an id
+        assert isinstance(messages[3][2], Cancelled)
+        assert "'event' message could not be pickled" in caplog.text
+        out.send(("result", 4, 4.0))  # not held: at once, a frame of its own
+        assert read_frame(front_end) == [("result", 4, 4.0)]
+    finally:
+        engine_end.close()
+        front_end.close()
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.frames.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_the_front_writes_one_turns_messages_as_one_frame_and_fails_alone_a_request_it_cannot_send() -> None:
+    async def scenario() -> None:
+        engine = EngineProcess(ServerConfig(port=0))
+        engine._loop, engine._writer, engine.up = asyncio.get_running_loop(), Transport(), True
+        first = engine._send("submit", "a job")
+        unsendable = engine._send("submit", lambda: 0)
+        engine._write(("cancel", first[0]))
+        assert engine._writer.frames == []  # written at the next turn of the loop
+        await asyncio.sleep(0)
+        assert len(engine._writer.frames) == 1
+        assert decode(bytearray(engine._writer.frames[0][8:])) == [("submit", first[0], "a job"), ("cancel", first[0])]
+        with pytest.raises(Exception, match="pickle"):
+            await unsendable[1]
+        assert not first[1].done() and list(engine._pending) == [first[0]]
+        third = engine._send("call", "backlogs", ())
+        await asyncio.sleep(0)
+        assert decode(bytearray(engine._writer.frames[1][8:])) == [("call", third[0], "backlogs", ())]
+
+    asyncio.run(scenario())
 
 
 def test_an_engine_process_that_dies_is_noticed_and_restarted(repo: Path) -> None:
