@@ -46,19 +46,34 @@ def step_sizes_and_alphas(method: str, n: int) -> tuple[tuple[float, ...], tuple
     return tuple(deltas), tuple(torch.linspace(start, stop, n).tolist())
 
 
+@functools.lru_cache(maxsize=256)
+def _alphas(alphas: tuple[float, ...], dtype: torch.dtype, device: torch.device, dims: int) -> Tensor:
+    """The path's points as a (steps, 1, ...) tensor that broadcasts over a `dims`-dimensional input; cached, never
+    written to (building it from the floats was a third of `interpolate`'s time)."""
+    return torch.tensor(alphas, dtype=dtype, device=device).view(-1, *([1] * dims))
+
+
 def interpolate(inputs: tuple[Tensor, ...], baselines: tuple[Tensor, ...], alphas: tuple[float, ...]) -> tuple[Tensor, ...]:
     """Points on the straight path, step-major like Captum: (len(alphas) * n, *shape) per tensor.
 
     One broadcast op per tensor instead of Captum's loop over steps; the same two roundings per element
     (`alpha * (x - b)`, then `b + ...`), so the values are bit-identical. Integer inputs (token ids under a
-    layer method) become floating point as they do in Captum.
+    layer method) become floating point as they do in Captum. Captum's alpha is a Python float, which torch
+    multiplies a half-precision tensor by in float32 before rounding: so do these, not by alphas rounded to
+    the tensor's own dtype first.
     """
     out = []
     for x, b in zip(inputs, baselines):
         dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
-        a = torch.tensor(alphas, dtype=dtype, device=x.device).view(-1, *([1] * x.dim()))  # (steps, 1, ...)
-        out.append((b + a * (x - b)).reshape(len(alphas) * x.shape[0], *x.shape[1:]))
+        if dtype in _HALF:
+            scaled = (_alphas(alphas, torch.float32, x.device, x.dim()) * (x - b)).to(dtype)
+        else:
+            scaled = _alphas(alphas, dtype, x.device, x.dim()) * (x - b)
+        out.append((b + scaled).reshape(len(alphas) * x.shape[0], *x.shape[1:]))
     return tuple(out)
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=256)
