@@ -239,22 +239,28 @@ def test_instances_are_bounded_and_a_model_that_cannot_be_copied_is_refused_by_n
 
 
 class ReplicaLog:
-    """Wraps a scheduler's pass function: which replicas ran passes, and the most passes that ran at once. The first
-    pass waits (up to 30 s) until a second one starts, so the two replicas both run passes however slowly the second
-    worker wakes: a worker hands out the replica returned last, so passes that never overlap all run on one."""
+    """Wraps a scheduler's pass function: which replicas ran passes, and the most passes that ran at once.
+
+    The first pass waits (up to 30 s) until a second pass *of its model* starts, so that model's two replicas both run
+    a pass however slowly the other worker wakes. A second pass of another model would not do: a worker hands out the
+    replica returned last, so that pass takes the other model's replica 1 too, and passes that never overlap within
+    a model all run on replica 1 (CI saw {1}). The first pass's model must therefore have more than one pass of rows
+    queued: `_all_at_once` puts LEAD copies of the first job in front."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.real, self.lock, self.now, self.most, self.replicas = scheduler._run_pass, threading.Lock(), 0, 0, set()
-        self.calls, self.second = 0, threading.Event()
+        self.first_model: str | None = None
+        self.second = threading.Event()
         scheduler._run_pass = self
 
     def __call__(self, model, segments, on_split=None, replica=0):
         with self.lock:
             self.now += 1
-            self.calls += 1
             self.most, self.replicas = max(self.most, self.now), self.replicas | {replica}
-            first = self.calls == 1
-            if not first:
+            first = self.first_model is None
+            if first:
+                self.first_model = model.name
+            elif model.name == self.first_model:
                 self.second.set()
         if first:
             self.second.wait(30)
@@ -265,16 +271,23 @@ class ReplicaLog:
                 self.now -= 1
 
 
+PASS_ROWS = 37
+LEAD = PASS_ROWS + 1  # copies of the first job: at least one row more than a pass takes, so its model has a second pass
+
+
 def _replica_engine(models) -> tuple[Engine, ReplicaLog]:
-    engine = Engine(EngineLimits(default_max_batch_rows=37, default_max_queue_delay_us=0))
+    engine = Engine(EngineLimits(default_max_batch_rows=PASS_ROWS, default_max_queue_delay_us=0))
     for name, build in models.items():
         engine.load(ModelSpec(name=name, module=build(), instances=2))
     return engine, ReplicaLog(engine._scheduler(engine.models()[0]))
 
 
-def _all_at_once(engine: Engine, jobs: list) -> list:
+def _all_at_once(engine: Engine, jobs: list, copy_first) -> list:
+    """`jobs` submitted at once behind LEAD copies of the first (`copy_first()` makes one; they are the oldest rows, so
+    the first pass is theirs); every job's result, the copies' first."""
+    lead = [copy_first() for _ in range(LEAD)]
     with engine.held():  # every job's first blocks are queued before a pass is cut: the passes overlap on two replicas
-        futures = [engine.submit(j) for j in jobs]
+        futures = [engine.submit(j) for j in lead + jobs]
     return [f.result(timeout=120) for f in futures]
 
 
@@ -282,30 +295,25 @@ def test_every_kind_of_pass_on_two_replicas_at_once_equals_captum() -> None:
     """Gradient, DeepLift and noise-tunnel cases (oracle.CASES), layer methods (hooks on the replica that runs the
     pass) and rule methods (GuidedBackprop, Deconvolution, DeepLiftShap: hooks too), all submitted at once to models
     with two replicas, fused and split into passes of 37 rows: each equals Captum. (That passes overlap is shown
-    with timed fakes above; here the passes run on both replicas, at once whenever the machine lets them.)"""
-    engine, log = _replica_engine(MODELS)
-    try:
-        built = [c.build() for c in CASES]
-        for case, b, got in zip(CASES, built, _all_at_once(engine, [job_for(c, b) for c, b in zip(CASES, built)])):
-            want, want_delta = captum_attribute(case, MODELS[case.model](), b)
-            assert_all_close(got.attributions, want)
-            if case.delta:
-                assert_close(got.convergence_delta, want_delta)
-        assert log.replicas == {0, 1}  # the first pass waited for a second, which ran on the other replica
-    finally:
-        engine.shutdown()
+    with timed fakes above; here the first pass waits for a second of its model, which runs on the other replica.)"""
     for models, cases, oracle, make_job in (
+        (MODELS, CASES, lambda case, b: captum_attribute(case, MODELS[case.model](), b), job_for),
         (layer_methods.LAYER_MODELS, layer_methods.CASES, layer_methods.captum_layer, layer_methods.job),
         (rule_methods.ALL_MODELS, rule_methods.CASES, rule_methods.captum_attribute, rule_methods.job_for),
     ):
         engine, log = _replica_engine(models)
         try:
             built = [c.build() for c in cases]
-            for case, b, got in zip(cases, built, _all_at_once(engine, [make_job(c, b) for c, b in zip(cases, built)])):
-                want, want_delta = oracle(case, b)
-                assert_all_close(got.attributions, want)
-                if case.delta:
-                    assert_close(got.convergence_delta, want_delta)
-            assert log.replicas == {0, 1}
+            jobs = [make_job(c, b) for c, b in zip(cases, built)]
+            got = _all_at_once(engine, jobs, lambda: make_job(cases[0], built[0]))
+            wants = [oracle(c, b) for c, b in zip(cases, built)]
+            for i, result in enumerate(got):
+                k = max(i - LEAD, 0)  # the copies are case 0's
+                want, want_delta = wants[k]
+                assert_all_close(result.attributions, want)
+                if cases[k].delta:
+                    assert_close(result.convergence_delta, want_delta)
+            assert log.replicas == {0, 1}  # the first pass waited for a second of its model, on the other replica
+            assert log.second.is_set()
         finally:
             engine.shutdown()
