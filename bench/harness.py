@@ -211,10 +211,17 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+([-+0-9.eEi
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-def scrape(metrics_port: int, model: str) -> dict[str, float]:
-    """attrserve's pass counters for one model, summed over pass kinds."""
+def _samples(metrics_port: int):
+    """(name, labels, value) of every sample on attrserve's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
         text = r.read().decode()
+    for line in text.splitlines():
+        if m := _SAMPLE.match(line):
+            yield m.group(1), dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))
+
+
+def scrape(metrics_port: int, model: str) -> dict[str, float]:
+    """attrserve's pass counters for one model, summed over pass kinds."""
     wanted = {
         "attrserve_passes_executed_total": "passes",
         "attrserve_pass_rows_sum": "rows",
@@ -225,14 +232,20 @@ def scrape(metrics_port: int, model: str) -> dict[str, float]:
         "attrserve_queue_wait_seconds_count": "queue_count",
     }
     out = dict.fromkeys(wanted.values(), 0.0)
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if not m or m.group(1) not in wanted:
-            continue
-        labels = dict(_LABEL.findall(m.group(2) or ""))
-        if labels.get("model") == model:
-            out[wanted[m.group(1)]] += float(m.group(3))
+    for name, labels, value in _samples(metrics_port):
+        if name in wanted and labels.get("model") == model:
+            out[wanted[name]] += value
     return out
+
+
+def pass_sizes(metrics_port: int, model: str) -> dict[str, int]:
+    """The rows `model`'s latest pass of each kind was cut to at most (the attrserve_pass_size_rows gauge): its
+    max_batch_rows as configured, or where the load-time probe and the tuner have taken it."""
+    return {
+        labels["kind"]: int(value)
+        for name, labels, value in _samples(metrics_port)
+        if name == "attrserve_pass_size_rows" and labels.get("model") == model
+    }
 
 
 def metrics_delta(before: dict[str, float], after: dict[str, float], wall: float) -> dict:

@@ -224,6 +224,7 @@ def run_server(
             os.kill(server.pid, signal.SIGUSR2)
             time.sleep(0.5)
         after = harness.scrape(metrics_port, w.model) if metrics_port else None
+        sizes = harness.pass_sizes(metrics_port, w.model) if metrics_port else None
         hwm = _rss_sum_kib([server.pid, *workers], "VmHWM")
         workers_rss = _rss_sum_kib(workers, "VmRSS") or 0  # the front's samples + the workers' RSS after the window
     finally:
@@ -254,6 +255,7 @@ def run_server(
         out["worker_pids"] = workers
     if system == "attrserve":
         engine = harness.metrics_delta(before, after, load.wall_s)
+        engine["pass_size_rows"] = sizes  # by pass kind, at the end of the window: the tuner may move it between runs
         out.update(passes=engine.pop("passes"), rows=engine.pop("rows"), rows_per_pass=engine.pop("rows_per_pass"), engine=engine)
         out["request_rows"] = load.timing_rows  # rows the answered requests needed, from their timing
     elif system in ("B2", "B3"):
@@ -580,6 +582,7 @@ def markdown(report: dict) -> str:
                 f"- {wk} attrserve engine: {_fmt(e['requests_per_pass'])} requests/pass, "
                 f"mean pass {_fmt(e['mean_pass_ms'], 2)} ms, worker busy {_fmt(100 * (e['worker_busy_fraction'] or 0), 0)}%, "
                 f"mean queue wait {_fmt(e['mean_queue_wait_ms'], 2)} ms"
+                + (f", pass size at the end {e['pass_size_rows']} rows" if e.get("pass_size_rows") else "")
             )
         lim = res["systems"].get("L", {}).get("limit")
         if lim:

@@ -10,24 +10,9 @@ of each kind was cut to (the `attrserve_pass_size_rows` gauge). The load client 
 from __future__ import annotations
 
 import argparse
-import urllib.request
 
 import common
 from common import W, harness
-
-
-def sizes(metrics_port: int, model: str) -> dict[str, int]:
-    """The attrserve_pass_size_rows gauge of `model`, by pass kind (parsed as harness.scrape parses /metrics)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        m = harness._SAMPLE.match(line)
-        if m and m.group(1) == "attrserve_pass_size_rows":
-            labels = dict(harness._LABEL.findall(m.group(2) or ""))
-            if labels.get("model") == model:
-                out[labels["kind"]] = int(float(m.group(3)))
-    return out
 
 
 def main() -> None:
@@ -46,7 +31,7 @@ def main() -> None:
                 r = common.measure(server, a.workload, a.seconds, warmup=2.0 if window == 0 else 0.2, metrics_port=metrics_port)
                 print(
                     f"start {start} window {window}: {r['req_s']:.0f} req/s, p50 {r['p50']:.1f} ms, "
-                    f"{common.fmt(r.get('rows_per_pass'), 0)} rows/pass, sizes {sizes(metrics_port, w.model)}",
+                    f"{common.fmt(r.get('rows_per_pass'), 0)} rows/pass, sizes {harness.pass_sizes(metrics_port, w.model)}",
                     flush=True,
                 )
         finally:

@@ -68,6 +68,10 @@ def test_bench_smoke_prints_the_table_and_writes_the_json(tmp_path: Path) -> Non
             assert systems[name]["p50_ms"] is not None and systems[name]["p99_ms"] is not None
             assert systems[name]["rss_peak_mib"] > 0
         assert systems["attrserve"]["passes"] > 0 and systems["attrserve"]["rows_per_pass"] >= 1
+        # where the model's pass size stood at the end of the window, by pass kind (the tuner may move it between runs)
+        sizes = systems["attrserve"]["engine"]["pass_size_rows"]
+        assert sizes and all(isinstance(rows, int) and rows >= 1 for rows in sizes.values()), (w, sizes)
+        assert f"- {w} attrserve engine: " in stdout and f", pass size at the end {sizes} rows" in stdout
         assert systems["B2"]["passes"] > 0
     targets = {(t["workload"], t["target"]) for t in report["targets"]}
     assert ("W1", "throughput >= 8x B2") in targets
