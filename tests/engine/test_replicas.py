@@ -4,6 +4,7 @@ a worker that dies takes its siblings' jobs with it (UNAVAILABLE), and the resta
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -18,6 +19,22 @@ from attrserve_engine.plan import Attribution, Block, BlockResult, PassKind
 from attrserve_engine.scheduler import LiveJob, Scheduler
 from oracle import CASES, MODELS, assert_all_close, assert_close, captum_attribute, job_for
 from test_scheduler import FakePasses, Recorder, job
+
+
+def wait_until_waiting(thread_name: str, timeout: float = 10.0) -> None:
+    """Until the named worker thread waits on a condition (asleep at the end of its loop), not merely between passes.
+
+    A worker still finishing its last turn takes whatever is in the inbox at its next one: a lone arrival sent the
+    moment a burst's results are in may be started by the second worker before it goes to sleep (CI saw a one-replica
+    model's plan started there). Tests of who is woken must begin with every worker asleep."""
+    ident = next(t.ident for t in threading.enumerate() if t.name == thread_name)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        frame = sys._current_frames().get(ident)
+        if frame is not None and frame.f_code.co_name == "wait" and frame.f_code.co_filename == threading.__file__:
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"{thread_name} did not go to sleep in {timeout} s")
 
 
 class OverlapPasses(FakePasses):
@@ -128,6 +145,7 @@ def test_work_of_a_one_replica_model_does_not_wake_the_other_workers() -> None:
         two, one = replicated(2, name="two"), replicated(1, name="one")
         assert [f.result(10) for f in [s.submit(started_by(starters["two"], two, 1.0, 8)) for _ in range(8)]] == [8.0] * 8
         assert "attrserve-worker-test-1" in set(starters["two"])  # both workers are up and took work
+        wait_until_waiting("attrserve-worker-test-1")
         for i in range(40):  # lone arrivals, both workers idle between them
             assert s.submit(started_by(starters["one"], one, 2.0, 1)).result(10) == 2.0
             time.sleep(0.001 * (i % 3))
@@ -149,7 +167,8 @@ def test_one_callers_work_of_a_two_replica_model_stays_on_the_idle_first_worker_
         burst = [s.submit(job(two, 1.0 + i, rows=8)) for i in range(12)]
         assert [f.result(10) for f in burst] == [8 * (1.0 + i) for i in range(12)]
         assert passes.most_at_once == 2 and set(passes.replicas) == {0, 1}  # both workers and replicas under load
-        time.sleep(0.05)  # both workers wait
+        wait_until_waiting("attrserve-worker-test-1")  # both workers wait (the first takes each lone arrival itself)
+        wait_until_waiting("attrserve-worker-test")
         passes.replicas = []
         for i in range(40):  # lone arrivals, both workers idle between them
             assert s.submit(started_by(starters, two, 2.0, 1)).result(10) == 2.0
