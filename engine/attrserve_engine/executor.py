@@ -76,6 +76,28 @@ def run_pass(
     return run_pass(model, segments[:half], on_split, replica) + run_pass(model, segments[half:], on_split, replica)
 
 
+class RnnTrainingMode:
+    """cuDNN takes an RNN's gradient only in training mode ("cudnn RNN backward can only be called in training mode"),
+    so a gradient pass on CUDA runs the model's eval-mode LSTM/GRU/RNN modules in training mode with dropout 0: the
+    same numbers as eval mode (dropout is the only thing training mode changes in them), and the one cuDNN accepts.
+    Each module's flag and dropout are put back after the pass; a replica runs one pass at a time."""
+
+    def __init__(self, rnns: list[torch.nn.RNNBase]) -> None:
+        self.rnns = rnns
+        self.saved: list[tuple[torch.nn.RNNBase, bool, float]] = []
+
+    def install(self) -> None:
+        for rnn in self.rnns:
+            if not rnn.training:
+                self.saved.append((rnn, rnn.training, rnn.dropout))
+                rnn.training, rnn.dropout = True, 0.0
+
+    def remove(self) -> None:
+        for rnn, training, dropout in self.saved:
+            rnn.training, rnn.dropout = training, dropout
+        self.saved.clear()
+
+
 class LayerHook:
     """Captures (or substitutes) a layer's output — or its input — for one fused pass.
 
@@ -193,7 +215,9 @@ def _pass(model: LoadedModel, module: torch.nn.Module, segments: list[Block]) ->
             if not x.is_floating_point():
                 raise InvalidArgument(f"inputs[{i}] has dtype {x.dtype}; gradient methods need floating point inputs")
             xs[i] = x.detach().requires_grad_(True)  # a fresh leaf, whatever the plan built
-    hooks = []
+    hooks: list = []  # each has install() and remove()
+    if grad_mode and model.device.type == "cuda" and (rnns := model.rnns(module)):
+        hooks.append(RnnTrainingMode(rnns))
     if first.options is not None:  # a rule pass
         hooks.append(first.options.rules(module, seg_rows, xs[0].device))
     layer_hook = None

@@ -209,11 +209,17 @@ class LoadedModel:
             why = f"instances {spec.instances} needs copies of the model, and it cannot be copied: {e}"
             raise InvalidArgument(f"model {spec.name!r}: {why}") from e
         self.instances = len(self.replicas)
+        # Each replica's LSTM/GRU/RNN modules (executor.RnnTrainingMode: cuDNN takes their gradients in training mode only).
+        self._rnns = {id(r): [m for m in r.modules() if isinstance(m, nn.RNNBase)] for r in self.replicas}
 
     @property
     def throughput(self) -> float | None:
         """Rows per second of all its replicas together (queue-time estimates); None until something ran."""
         return None if self.rows_per_second is None else self.rows_per_second * self.instances
+
+    def rnns(self, module: nn.Module) -> list[nn.RNNBase]:
+        """The recurrent modules (nn.LSTM, nn.GRU, nn.RNN) inside one of `replicas`."""
+        return self._rnns.get(id(module), [])
 
     @property
     def key(self) -> tuple[str, str]:
