@@ -24,7 +24,7 @@ class Linear3(nn.Module):
 
     def integrated_gradients(self, x: torch.Tensor, target: int) -> torch.Tensor:
         """The exact IG of a linear model from zero baselines (any quadrature is exact on a constant gradient)."""
-        return self.fc.weight[target].detach() * x
+        return self.fc.weight[target].detach().to(x.device) * x
 
 
 class Fragile(Linear3):

@@ -368,6 +368,11 @@ CASES = _cases()
 
 ATOL = RTOL = 1e-5
 FUSED_TOL = 1e-6  # fused with other requests vs alone
+# On CUDA, cuBLAS and cuDNN choose kernels by shape, so a row's float32 rounding depends on the size of the pass it
+# ran in, and LRP's divisions by small outputs amplify it: on an H200 (bench/RESULTS.md, GPU check) one LRP request
+# whose largest attribution was 5.33 differed by 2e-4 fused vs alone (the CPU: under 1e-7). There a fused result is
+# compared relative to its largest attribution; rows mixed between requests would be off by far more.
+FUSED_TOL_CUDA = 1e-4
 ALONE_ROWS = 1 << 20  # an engine that never splits a request: each of its passes is one group of one request's blocks
 
 
@@ -599,9 +604,14 @@ def assert_split_passes(run: FusedRun, max_batch_rows: int) -> None:
 
 
 def assert_fused_equals_alone(fused: AttributionResult, alone: AttributionResult, delta: bool, check_dtype: bool = True) -> None:
-    """The fused result's attributions (and delta, where asked for) within FUSED_TOL of the result alone, same dtype."""
-    assert_all_close(fused.attributions, alone.attributions, FUSED_TOL, FUSED_TOL, check_dtype, informative=False)
+    """The fused result's attributions (and delta, where asked for) within FUSED_TOL of the result alone, same dtype
+    (with the engine's default device on CUDA: within FUSED_TOL_CUDA of the largest attribution)."""
+    atol = rtol = FUSED_TOL
+    if torch.cuda.is_available():
+        rtol = FUSED_TOL_CUDA
+        atol = FUSED_TOL_CUDA * max([float(a.abs().max()) for a in alone.attributions if a.numel()] + [1.0])
+    assert_all_close(fused.attributions, alone.attributions, atol, rtol, check_dtype, informative=False)
     if delta:
-        assert_close(fused.convergence_delta, alone.convergence_delta, FUSED_TOL, FUSED_TOL, check_dtype)
+        assert_close(fused.convergence_delta, alone.convergence_delta, atol, rtol, check_dtype)
     else:
         assert fused.convergence_delta is None and alone.convergence_delta is None

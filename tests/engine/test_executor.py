@@ -1,5 +1,8 @@
 """The executor alone: one fused pass over several segments equals each segment run alone; a failure or a device
-out-of-memory is pinned on its own segment by re-running in halves."""
+out-of-memory is pinned on its own segment by re-running in halves.
+
+These tests hand the executor blocks the engine would have built, on the CPU, so their models are loaded on the
+CPU whatever the engine's default device is; the engine-level tests (oracle, zoo) run on CUDA in bench/gpu_check.sh."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from oracle import MODELS, assert_close
 
 
 def loaded(module: torch.nn.Module, name: str = "m") -> LoadedModel:
-    return LoadedModel(ModelSpec(name=name, module=module), 256, 500)
+    return LoadedModel(ModelSpec(name=name, module=module, device="cpu"), 256, 500)
 
 
 def gradient_block(x: torch.Tensor, target: int) -> Block:
@@ -154,6 +157,48 @@ def test_the_pass_leaves_the_model_as_it_found_it() -> None:
         assert all(not p.requires_grad for p in module.parameters())
 
 
+class _Recurrent(torch.nn.Module):
+    """Embeddings through a two-layer LSTM with dropout between its layers (eval mode: none), then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.lstm = torch.nn.LSTM(4, 5, num_layers=2, dropout=0.5, batch_first=True)
+        self.head = torch.nn.Linear(5, 2)
+        self.training_seen: list[tuple[bool, float]] = []
+
+    def forward(self, x):
+        self.training_seen.append((self.lstm.training, self.lstm.dropout))
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_a_gradient_pass_on_cuda_runs_rnns_in_training_mode_without_dropout_and_puts_them_back(monkeypatch) -> None:
+    """cuDNN refuses an eval-mode RNN's backward, so on CUDA a gradient pass switches the model's RNN modules to
+    training mode with dropout 0 (eval mode's numbers) and restores both after the pass, also when the pass fails.
+    Run on the CPU with the model's device said to be CUDA: the switch is the executor's, not cuDNN's."""
+    module = _Recurrent()
+    model = loaded(module)
+    x = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(0))
+    (cpu,) = executor.run_pass(model, [gradient_block(x, 1)])
+    assert module.training_seen == [(False, 0.5)]  # on the CPU nothing is switched
+    monkeypatch.setattr(model, "device", torch.device("cuda"))
+    module.training_seen.clear()
+    (switched,) = executor.run_pass(model, [gradient_block(x, 1)])
+    assert module.training_seen == [(True, 0.0)]
+    assert_same(switched, cpu)  # dropout 0 in training mode is eval mode's answer
+    assert (module.lstm.training, module.lstm.dropout) == (False, 0.5)
+    forward = Block(kind=PassKind.FORWARD, inputs=(x,), args=(), target=torch.ones((3, 1), dtype=torch.int64))
+    module.training_seen.clear()
+    executor.run_pass(model, [forward])
+    assert module.training_seen == [(False, 0.5)]  # a forward pass needs no gradient: eval mode as loaded
+    (failed,) = executor.run_pass(model, [gradient_block(x, 7)])  # the model has 2 outputs
+    assert isinstance(failed, InvalidArgument)
+    assert (module.lstm.training, module.lstm.dropout) == (False, 0.5)
+    monkeypatch.undo()
+    (again,) = executor.run_pass(model, [gradient_block(x, 1)])
+    assert_same(again, cpu)
+
+
 @pytest.mark.parametrize("field", ["layer", "options", "select"])
 def test_blocks_that_differ_in_any_setting_have_different_batch_keys(field: str) -> None:
     block = gradient_block(xs(2, 0), 1)
@@ -217,8 +262,8 @@ def test_each_model_runs_its_passes_with_its_own_intra_op_threads() -> None:
     model being loaded runs its probe passes on another thread; a fused pass still equals its segments alone."""
     before = torch.get_num_threads()
     try:
-        two = LoadedModel(ModelSpec(name="two", module=_ThreadsSeen(), intra_op_threads=2), 256, 500, default_threads=1)
-        one = LoadedModel(ModelSpec(name="one", module=_ThreadsSeen()), 256, 500, default_threads=1)
+        two = LoadedModel(ModelSpec(name="two", module=_ThreadsSeen(), intra_op_threads=2, device="cpu"), 256, 500, default_threads=1)
+        one = LoadedModel(ModelSpec(name="one", module=_ThreadsSeen(), device="cpu"), 256, 500, default_threads=1)
         assert (two.intra_op_threads, one.intra_op_threads) == (2, 1)
         images = torch.rand(6, 3, 6, 6, generator=torch.Generator().manual_seed(0))
         segments = [gradient_block(images[a:b], t) for a, b, t in ((0, 1, 0), (1, 4, 3), (4, 6, 1))]
