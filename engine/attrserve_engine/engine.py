@@ -72,10 +72,11 @@ class EngineLimits:
     # An unloaded or replaced load finishes the requests it accepted for at most this long before it is released.
     drain_seconds: float = 30.0
     # Admission, per model: rows accepted and not yet computed (0: max_queue_seconds of work at the model's
-    # measured rate) and their estimated bytes; a model's config.pbtxt may set its own.
+    # measured rate) and their estimated bytes (0: queued_bytes_bound of its device); a model's config.pbtxt may set
+    # its own.
     default_max_queued_rows: int = 0
     max_queue_seconds: float = 2.0
-    default_max_queued_bytes: int = 1 << 30
+    default_max_queued_bytes: int = 0
     # A fused pass is cut to at most this long at the model's measured rate (never below one block's rows).
     max_pass_seconds: float = 0.25
     # Most plans build a request's rows of model work at once (IntegratedGradients' n_steps copies of each example), so
@@ -181,7 +182,7 @@ class Engine:
     def _load(self, spec: ModelSpec) -> LoadedModel:
         model = LoadedModel(spec, self.limits.default_max_batch_rows, self.limits.default_max_queue_delay_us, self.default_threads)
         model.max_queued_rows = model.max_queued_rows or self.limits.default_max_queued_rows
-        model.max_queued_bytes = model.max_queued_bytes or self.limits.default_max_queued_bytes
+        model.max_queued_bytes = model.max_queued_bytes or self.limits.default_max_queued_bytes or queued_bytes_bound(model.device)
         model.warm_up()
         model.measure_activations()
         if not spec.max_batch_rows and self.limits.probe_batch_rows:  # a config's value always wins
@@ -645,6 +646,16 @@ def device_memory(device: torch.device) -> int:
         with contextlib.suppress(OSError, ValueError):
             total = min(total, int(Path(path).read_text().strip()))  # v2's "max" (no limit) is not a number
     return total
+
+
+def queued_bytes_bound(device: torch.device) -> int:
+    """Admission's default bound on a model's queued work in estimated bytes (rows x (input + activation bytes)):
+    1 GiB on the CPU; on a GPU a quarter of its memory, and at least 1 GiB. The estimate counts each row's
+    activations, which live on the device: 64 callers of ResNet-18 IG-50 queue ~15 GiB by it, and a 1 GiB bound
+    on an H200 refused most of them and left one request per pass (RESULTS.md, GPU check)."""
+    if device.type == "cpu":
+        return 1 << 30
+    return max(1 << 30, device_memory(device) // 4)
 
 
 def _size(nbytes: int) -> str:

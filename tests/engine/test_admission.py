@@ -90,6 +90,27 @@ def test_a_rows_bytes_count_the_models_activations(engine) -> None:
     assert model.row_bytes((X,)) == 3 * 4 + 2 * 4
 
 
+def test_the_default_bound_on_queued_bytes_is_1_gib_on_the_cpu_and_a_quarter_of_a_gpus_memory(engine, monkeypatch) -> None:
+    """The bytes estimate counts each row's activations, which on a GPU live in its memory: a CPU-sized 1 GiB bound on
+    an H200 refused most of 64 callers' ResNet-18 requests. A config's or the command line's bound still wins."""
+    import attrserve_engine.engine as engine_module
+
+    assert engine.get_model("m").max_queued_bytes == 1 << 30
+    monkeypatch.setattr(engine_module, "device_memory", lambda device: 140 << 30)
+    assert engine_module.queued_bytes_bound(torch.device("cuda", 0)) == 35 << 30
+    monkeypatch.setattr(engine_module, "device_memory", lambda device: 2 << 30)
+    assert engine_module.queued_bytes_bound(torch.device("cuda", 0)) == 1 << 30  # never below the CPU's
+    monkeypatch.undo()
+    other = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu", default_max_queued_bytes=5 << 20))
+    try:
+        other.load(ModelSpec(name="m", module=Linear3()))
+        other.load(ModelSpec(name="own", module=Linear3(), max_queued_bytes=7 << 20))
+        assert (other.get_model("m").max_queued_bytes, other.get_model("own").max_queued_bytes) == (5 << 20, 7 << 20)
+        assert other.attribute(ig(), timeout=30).attributions[0].shape == X.shape
+    finally:
+        other.shutdown(drain=False, timeout=5)
+
+
 def test_an_unknown_priority_is_refused(engine) -> None:
     with pytest.raises(InvalidArgument, match="priority must be 'interactive' or 'batch'"):
         engine.submit(ig(priority="urgent"))
