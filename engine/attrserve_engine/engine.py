@@ -651,8 +651,8 @@ def device_memory(device: torch.device) -> int:
 def queued_bytes_bound(device: torch.device) -> int:
     """Admission's default bound on a model's queued work in estimated bytes (rows x (input + activation bytes)):
     1 GiB on the CPU; on a GPU a quarter of its memory, and at least 1 GiB. The estimate counts each row's
-    activations, which live on the device: 64 callers of ResNet-18 IG-50 queue ~15 GiB by it, and a 1 GiB bound
-    on an H200 refused most of them and left one request per pass (RESULTS.md, GPU check)."""
+    activations, which a GPU holds in its memory: one ResNet-18 IG-50 request is ~1.4 GiB by it, and a 1 GiB bound
+    on an H200 left one request a pass and refused the rest (bench/RESULTS.md, step 15)."""
     if device.type == "cpu":
         return 1 << 30
     return max(1 << 30, device_memory(device) // 4)
