@@ -20,6 +20,7 @@ import numpy as np
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
+from attrserve_client.client import RETRY_PUSHBACK
 
 ROOT = Path(__file__).resolve().parents[1]
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -286,6 +287,15 @@ def well_formed(response: pb.AttributeResponse) -> bool:
     return len(t.shape) >= 1 and t.shape[0] == 1 and t.dtype in _ITEMSIZE and len(t.data) == _ITEMSIZE[t.dtype] * int(np.prod(t.shape))
 
 
+def retry_pushback_s(error: grpc.aio.AioRpcError) -> float:
+    """The retry hint of a refusal in seconds (its `grpc-retry-pushback-ms` trailer), 0 without one."""
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_PUSHBACK:
+            with contextlib.suppress(ValueError):
+                return max(0, int(value)) / 1e3
+    return 0.0
+
+
 async def _drive(
     target: str,
     requests: list[pb.AttributeRequest],
@@ -296,7 +306,10 @@ async def _drive(
     pid: int | None,
     rss_every: float,
 ) -> None:
-    """`concurrency` closed-loop callers on one channel, each sending its next request as soon as the last returns."""
+    """`concurrency` closed-loop callers on one channel, each sending its next request as soon as the last returns,
+    or, after a refusal that carries a retry hint (`grpc-retry-pushback-ms`, admission's RESOURCE_EXHAUSTED), once the
+    hint's time has passed, as a gRPC retry policy would: a caller that resends at once turns a full queue into a stream
+    of refused payloads (the GPU check's G2: ~340 a second, bench/RESULTS.md step 15)."""
     async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.AttributionServiceStub(channel)
         t_start = time.perf_counter()
@@ -315,6 +328,9 @@ async def _drive(
                         if len(result.error_samples) < 5:
                             result.error_samples.append(f"{e.code().name}: {e.details()}")
                     i += concurrency
+                    pushback = retry_pushback_s(e)
+                    if pushback:
+                        await asyncio.sleep(min(pushback, max(0.0, t_end - time.perf_counter())))
                     continue
                 dt = time.perf_counter() - t0
                 if result is not None:
