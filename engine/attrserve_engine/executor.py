@@ -80,21 +80,28 @@ class RnnTrainingMode:
     """cuDNN takes an RNN's gradient only in training mode ("cudnn RNN backward can only be called in training mode"),
     so a gradient pass on CUDA runs the model's eval-mode LSTM/GRU/RNN modules in training mode with dropout 0: the
     same numbers as eval mode (dropout is the only thing training mode changes in them), and the one cuDNN accepts.
-    Each module's flag and dropout are put back after the pass; a replica runs one pass at a time."""
+    Scripted RNNs too, where their (constant) dropout drops nothing (LoadedModel.rnns). Each module's flag and
+    dropout are put back after the pass; a replica runs one pass at a time."""
 
-    def __init__(self, rnns: list[torch.nn.RNNBase]) -> None:
+    def __init__(self, rnns: list[torch.nn.Module]) -> None:
         self.rnns = rnns
-        self.saved: list[tuple[torch.nn.RNNBase, bool, float]] = []
+        self.saved: list[tuple[torch.nn.Module, float | None]] = []  # (module, its dropout to put back)
 
     def install(self) -> None:
         for rnn in self.rnns:
             if not rnn.training:
-                self.saved.append((rnn, rnn.training, rnn.dropout))
-                rnn.training, rnn.dropout = True, 0.0
+                # A scripted RNN's dropout is a constant, and 0 where it is listed (LoadedModel.rnns).
+                dropout = rnn.dropout if isinstance(rnn, torch.nn.RNNBase) else None
+                self.saved.append((rnn, dropout))
+                rnn.training = True
+                if isinstance(rnn, torch.nn.RNNBase):
+                    rnn.dropout = 0.0
 
     def remove(self) -> None:
-        for rnn, training, dropout in self.saved:
-            rnn.training, rnn.dropout = training, dropout
+        for rnn, dropout in self.saved:
+            rnn.training = False
+            if isinstance(rnn, torch.nn.RNNBase) and dropout is not None:
+                rnn.dropout = dropout
         self.saved.clear()
 
 

@@ -143,6 +143,21 @@ def example_bytes(tensors: tuple[Tensor, ...]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors) // n
 
 
+_RNN_MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+
+
+def _is_rnn(module: nn.Module) -> bool:
+    """An nn.LSTM/GRU/RNN, or one compiled by torch.jit.script whose training mode changes nothing but dropout: in
+    TorchScript dropout is a constant, so a scripted RNN counts only where it drops nothing (dropout 0 or one
+    layer); a scripted one that would drop is left in eval mode, where cuDNN refuses its gradient, rather than
+    computed with dropout."""
+    if isinstance(module, nn.RNNBase):
+        return True
+    if not isinstance(module, torch.jit.ScriptModule) or getattr(module, "mode", None) not in _RNN_MODES:
+        return False
+    return hasattr(module, "_flat_weights_names") and (module.dropout == 0 or module.num_layers == 1)
+
+
 class LoadedModel:
     """A model resident on its device, with what the engine knows about it."""
 
@@ -210,15 +225,15 @@ class LoadedModel:
             raise InvalidArgument(f"model {spec.name!r}: {why}") from e
         self.instances = len(self.replicas)
         # Each replica's LSTM/GRU/RNN modules (executor.RnnTrainingMode: cuDNN takes their gradients in training mode only).
-        self._rnns = {id(r): [m for m in r.modules() if isinstance(m, nn.RNNBase)] for r in self.replicas}
+        self._rnns = {id(r): [m for m in r.modules() if _is_rnn(m)] for r in self.replicas}
 
     @property
     def throughput(self) -> float | None:
         """Rows per second of all its replicas together (queue-time estimates); None until something ran."""
         return None if self.rows_per_second is None else self.rows_per_second * self.instances
 
-    def rnns(self, module: nn.Module) -> list[nn.RNNBase]:
-        """The recurrent modules (nn.LSTM, nn.GRU, nn.RNN) inside one of `replicas`."""
+    def rnns(self, module: nn.Module) -> list[nn.Module]:
+        """The recurrent modules (nn.LSTM, nn.GRU, nn.RNN, scripted or not) inside one of `replicas`."""
         return self._rnns.get(id(module), [])
 
     @property

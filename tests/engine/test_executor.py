@@ -199,6 +199,44 @@ def test_a_gradient_pass_on_cuda_runs_rnns_in_training_mode_without_dropout_and_
     assert_same(again, cpu)
 
 
+class _ScriptableRecurrent(torch.nn.Module):
+    def __init__(self, layers: int, dropout: float) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.lstm = torch.nn.LSTM(4, 5, num_layers=layers, dropout=dropout, batch_first=True)
+        self.head = torch.nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_a_scripted_rnn_is_switched_only_where_its_constant_dropout_drops_nothing(monkeypatch) -> None:
+    """In TorchScript an RNN's dropout is a constant: one that drops nothing (one layer, or dropout 0) is switched to
+    training mode like an eager one, with eval mode's numbers; one that would drop stays in eval mode."""
+    x = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(1))
+    for layers, dropout, switched in ((1, 0.5, True), (2, 0.0, True), (2, 0.5, False)):
+        model = loaded(torch.jit.script(_ScriptableRecurrent(layers, dropout)))
+        rnns = model.rnns(model.module)
+        assert [r.original_name for r in rnns] == (["LSTM"] if switched else [])
+        (cpu,) = executor.run_pass(model, [gradient_block(x, 1)])
+        monkeypatch.setattr(model, "device", torch.device("cuda"))
+        seen: list[bool] = []
+        monkeypatch.setattr(executor.RnnTrainingMode, "install", _spy(executor.RnnTrainingMode.install, seen, model.module.lstm))
+        (pass_,) = executor.run_pass(model, [gradient_block(x, 1)])
+        assert seen == ([True] if switched else [])
+        assert_same(pass_, cpu)  # eval mode's numbers either way
+        assert not model.module.lstm.training
+        monkeypatch.undo()
+
+
+def _spy(install, seen: list[bool], lstm):
+    def spied(self) -> None:
+        install(self)
+        seen.append(lstm.training)
+
+    return spied
+
+
 @pytest.mark.parametrize("field", ["layer", "options", "select"])
 def test_blocks_that_differ_in_any_setting_have_different_batch_keys(field: str) -> None:
     block = gradient_block(xs(2, 0), 1)
