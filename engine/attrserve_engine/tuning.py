@@ -149,11 +149,18 @@ def pick_batch_rows(measured: dict[int, float]) -> int:
 # W2's CNN: the probe picked 16 or 32 rows, its IntegratedGradients passes ran best at 256). So the scheduler keeps one
 # PassSizeTuner per (model, pass kind) whose size the probe chose, and lets it move that size on the passes it serves.
 # Full passes of the size (FIRST_TRIAL_AFTER of them) before its first trial; every trial that keeps the size doubles
-# the wait, up to MOST_BETWEEN_TRIALS, so a settled size spends ~1% of its passes on trials.
+# the wait, up to MOST_BETWEEN_TRIALS, so a settled size spends ~4% of its passes on trials.
 FIRST_TRIAL_AFTER = 16
 MOST_BETWEEN_TRIALS = 512
 # Full passes of each of the two sizes a trial compares; they are cut in turns, so both see the same load and phase.
-TRIAL_PASSES = 8
+TRIAL_PASSES = 24
+# The neighbour is taken when its median rows/s beats the size's by more than this share, in either direction. Full
+# passes mean a queue is waiting, so the fastest size also answers soonest: pick_batch_rows' tolerance (the smallest
+# size within 10% of the best), which this tuner used to follow, held bench W2 at 64 rows where 128 served 9% more
+# (bench/RESULTS.md step 15). 24 passes and 6% were chosen by simulating served passes with +-0-40% noise (bench
+# W2's vary by +-25%): the tuner then ran at 98.3-99.6% of the best size's rate on four curve shapes, against
+# 90-99.8% with the old rule (tests/engine/test_tuning.py has the curves).
+MOVE_MARGIN = 0.06
 # A trial ends (the size stays) after this many passes that were not full: the queue cannot fill the candidate.
 TRIAL_MISSES = 2 * TRIAL_PASSES
 # Moves a tuner remembers (the tests read them; the last one tells a move back to the size just left).
@@ -163,10 +170,10 @@ MOVES_KEPT = 64
 class PassSizeTuner:
     """Rows per pass for one model's passes of one kind, tuned on the passes it serves: a hill climb over SIZES that,
     from time to time, cuts full passes of the size and of a neighbour (twice or half as big) in turns, and moves to
-    the neighbour by pick_batch_rows' rule (the smallest size within GOOD_ENOUGH of the best): a bigger size must be
-    faster by 1/GOOD_ENOUGH, a smaller one may be slower by as much. The two rules agree, so it settles instead of
-    swinging between two sizes of one plateau. Only full passes count: a pass that is short because the queue held
-    fewer rows says nothing about its size.
+    the neighbour when it is faster by more than MOVE_MARGIN. The rule is the same both ways, so on a plateau it
+    stays where it is (a move there is noise, and a move back backs off like a kept size). Only full passes count: a
+    pass that is short because the queue held fewer rows says nothing about its size, and with a queue waiting the
+    fastest size is also the one that answers soonest.
 
     Not thread-safe: the scheduler calls it under its state lock."""
 
@@ -216,8 +223,7 @@ class PassSizeTuner:
         self._rates.setdefault(size, []).append(rows / seconds)
         if all(len(self._rates.get(s, ())) >= TRIAL_PASSES for s in (self.size, self.candidate)):
             here, there = statistics.median_high(self._rates[self.size]), statistics.median_high(self._rates[self.candidate])
-            bigger = self.candidate > self.size
-            better = there * GOOD_ENOUGH >= here if bigger else there >= GOOD_ENOUGH * here
+            better = there > here * (1 + MOVE_MARGIN)
             back = bool(self.moves) and self.moves[-1][0] == self.candidate
             if better:
                 self.moves.append((self.size, self.candidate, there, here))

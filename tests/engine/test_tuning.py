@@ -152,56 +152,70 @@ def test_a_token_id_model_is_probed_with_gradients_at_its_embedding_and_torchscr
 # -- PassSizeTuner: the pass size tuned online, on served passes ------------------------------------------------------
 
 
-def _serve(tuner: PassSizeTuner, rate: dict[int, float], passes: int, noise: float = 0.0, full=lambda size: True) -> list[int]:
+def _serve(tuner: PassSizeTuner, rate: dict[int, float], passes: int, noise: float = 0.0, full=lambda size: True) -> list[tuple[int, int]]:
     """`passes` passes through `tuner` on a machine whose rows/s at each size is `rate` (times 1 +- `noise`, seeded);
-    returns the size each pass was cut to."""
+    returns, for each pass, the size it was cut to and the tuner's size then (they differ on a trial's passes)."""
     rng = random.Random(7)
     cut = []
     for _ in range(passes):
+        held = tuner.size
         size = tuner.take()
-        cut.append(size)
+        cut.append((size, held))
         seconds = size / (rate[size] * (1 + rng.uniform(-noise, noise)))
         tuner.observe(size, full(size), size, seconds)
     return cut
 
 
+def trial_share(cut: list[tuple[int, int]]) -> float:
+    """The share of passes cut to a trial's other size."""
+    return sum(size != held for size, held in cut) / len(cut)
+
+
 # A CNN's gradient passes on 2 cores: best at 64 rows, 32 under 90% of it, bigger ones slower.
 PEAKED = {8: 1000.0, 16: 1800.0, 32: 2500.0, 64: 3000.0, 128: 2800.0, 256: 2400.0, 512: 1500.0, 1024: 1200.0, 2048: 900.0}
-# A plateau: 32 within 90% of the best, so pick_batch_rows' rule says 32.
+# Faster up to 256 rows, 128 within 10% of it: the probe's rule (the smallest size within 10%) says 128, served passes
+# with a queue waiting run best at 256.
+SLOPED = {8: 800.0, 16: 1400.0, 32: 2000.0, 64: 2500.0, 128: 2800.0, 256: 3000.0, 512: 2600.0, 1024: 2000.0, 2048: 1500.0}
+# A plateau: every size from 32 to 512 within 5% of the best.
 FLAT = {8: 1000.0, 16: 2000.0, 32: 2900.0, 64: 3000.0, 128: 3050.0, 256: 3000.0, 512: 2900.0, 1024: 2500.0, 2048: 2000.0}
 
 
+def near_best(curve: dict[int, float], size: int, share: float) -> bool:
+    return curve[size] >= share * max(curve.values())
+
+
 @pytest.mark.parametrize("start", [8, 16, 512, 2048])
-def test_the_tuner_climbs_to_the_size_the_probes_rule_picks_from_either_side(start: int) -> None:
-    tuner = PassSizeTuner(start)
-    _serve(tuner, PEAKED, 3000, noise=0.05)
-    assert tuner.size == pick_batch_rows(PEAKED) == 64
-    flat = PassSizeTuner(start)
-    _serve(flat, FLAT, 3000, noise=0.05)
-    assert flat.size == pick_batch_rows(FLAT) == 32
+def test_the_tuner_climbs_to_the_fastest_size_from_either_side(start: int) -> None:
+    """Full passes mean a queue is waiting: the fastest size serves it soonest, not the smallest near-best one."""
+    for curve, fastest in ((PEAKED, 64), (SLOPED, 256)):
+        tuner = PassSizeTuner(start)
+        _serve(tuner, curve, 5000, noise=0.05)
+        assert tuner.size == fastest
+    assert pick_batch_rows(SLOPED) == 128  # where the probe's rule would have stopped
 
 
 def test_a_settled_size_stays_and_trials_cost_few_passes() -> None:
-    """On a plateau it settles and does not swing between two sizes of it (what made the probe's choice move between
-    starts), and once settled, trials take ~1% of the passes."""
+    """On a plateau it stays on it: no size is faster by the margin, so moves are rare, and once settled, trials take
+    a few percent of the passes."""
     tuner = PassSizeTuner(64)
     cut = _serve(tuner, FLAT, 20_000, noise=0.05)
-    assert [(a, b) for a, b, _, _ in tuner.moves] == [(64, 32)]
-    late = cut[5_000:]
-    assert sum(size != 32 for size in late) / len(late) < 0.02
+    assert len(tuner.moves) <= 2 and all(near_best(FLAT, held, 0.95) for _, held in cut)
+    assert trial_share(cut[5_000:]) < 0.05
 
 
-@pytest.mark.parametrize("curve", [PEAKED, FLAT], ids=["peaked", "flat"])
-def test_on_noisy_passes_it_still_ends_at_the_rules_size_and_mostly_stays_there(curve: dict[int, float]) -> None:
+@pytest.mark.parametrize("curve", [PEAKED, SLOPED, FLAT], ids=["peaked", "sloped", "flat"])
+def test_on_noisy_passes_it_still_ends_near_the_fastest_size_and_mostly_stays_there(curve: dict[int, float]) -> None:
     """Served passes share the machine with the front end and the callers: +-25% per pass is what bench W2's passes
-    showed. The size still ends where pick_batch_rows' rule puts it, and over the second half at least 80% of the
-    passes run at it (the rest are trials, and moves back and forth on a plateau, which back off)."""
+    showed. Over the second half every size it holds is within 10% of the fastest, it moves now and then at most (on a
+    plateau noise still beats the margin sometimes, and moves back back off: at most 10 moves in 10,000 passes over 30
+    seeds), and trials take under 10% of the passes."""
     for start in (16, 64, 512):
         tuner = PassSizeTuner(start)
         cut = _serve(tuner, curve, 20_000, noise=0.25)
         late = cut[10_000:]
-        assert tuner.size == pick_batch_rows(curve)
-        assert late.count(tuner.size) / len(late) >= 0.8
+        assert all(near_best(curve, held, 0.9) for _, held in late), (start, {held for _, held in late})
+        assert sum(a != b for (_, a), (_, b) in zip(late, late[1:])) <= 12
+        assert trial_share(late) < 0.1
 
 
 def test_a_size_the_queue_cannot_fill_is_not_taken() -> None:
@@ -244,7 +258,7 @@ def test_the_scheduler_tunes_a_probed_models_passes_on_what_it_serves_and_leaves
         assert all(p.rows <= p.size for p in rec.passes)
         assert {p.size for p in rec.passes if p.model == "configured"} == {16}
         sizes = [p.size for p in rec.passes if p.model == "probed"]
-        assert sizes[0] == 16 and set(sizes) <= {16, 32, 64, 128} and collections.Counter(sizes[-20:]).most_common(1)[0][0] == 64
+        assert sizes[0] == 16 and set(sizes) <= {16, 32, 64, 128} and sizes[-40:].count(64) >= 20  # (a trial cuts half)
         assert s.in_flight() == 0 and s.serving() == (True, "")
     finally:
         s.stop(drain=False)
