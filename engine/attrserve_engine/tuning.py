@@ -223,7 +223,7 @@ class PassSizeTuner:
         self._rates.setdefault(size, []).append(rows / seconds)
         if all(len(self._rates.get(s, ())) >= TRIAL_PASSES for s in (self.size, self.candidate)):
             here, there = statistics.median_high(self._rates[self.size]), statistics.median_high(self._rates[self.candidate])
-            better = there > here * (1 + MOVE_MARGIN)
+            better = self.takes(here, there)
             back = bool(self.moves) and self.moves[-1][0] == self.candidate
             if better:
                 self.moves.append((self.size, self.candidate, there, here))
@@ -237,6 +237,10 @@ class PassSizeTuner:
                 )
                 self.size = self.candidate
             self._end_trial(moved=better and not back)
+
+    def takes(self, here: float, there: float) -> bool:
+        """Whether a trial moves to the neighbour: its median rows/s `there` against the size's `here`."""
+        return there > here * (1 + MOVE_MARGIN)
 
     def _start_trial(self) -> None:
         up, down = self.size * 2, self.size // 2
