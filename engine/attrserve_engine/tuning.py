@@ -157,9 +157,9 @@ TRIAL_PASSES = 24
 # The neighbour is taken when its median rows/s beats the size's by more than this share, in either direction. Full
 # passes mean a queue is waiting, so the fastest size also answers soonest: pick_batch_rows' tolerance (the smallest
 # size within 10% of the best), which this tuner used to follow, held bench W2 at 64 rows where 128 served 9% more
-# (bench/RESULTS.md step 15). 24 passes and 6% were chosen by simulating served passes with +-0-40% noise (bench
-# W2's vary by +-25%): the tuner then ran at 98.3-99.6% of the best size's rate on four curve shapes, against
-# 90-99.8% with the old rule (tests/engine/test_tuning.py has the curves).
+# (bench/RESULTS.md step 15). 24 passes and 6% were chosen by simulating served passes (bench/prototypes/tuner_sim.py):
+# with +-25-40% noise per pass (bench W2's vary by +-25%) the tuner ran at 98.3-99.6% of the best size's rate on
+# four curve shapes, against 90.1-97.2% with the old rule.
 MOVE_MARGIN = 0.06
 # A trial ends (the size stays) after this many passes that were not full: the queue cannot fill the candidate.
 TRIAL_MISSES = 2 * TRIAL_PASSES
