@@ -23,7 +23,16 @@ from torch import Tensor
 
 from attrserve_engine.algorithms import ALGORITHMS, Algorithm, Limits
 from attrserve_engine.algorithms.noise_tunnel import NoiseTunnelParams, noise_tunnel_plan, parse_noise_tunnel
-from attrserve_engine.errors import AttributionError, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, Unavailable, shown
+from attrserve_engine.errors import (
+    AttributionError,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    shown,
+    size_text,
+)
 from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluate
 from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks
 from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult, JobTiming
@@ -184,7 +193,7 @@ class Engine:
         model.max_queued_rows = model.max_queued_rows or self.limits.default_max_queued_rows
         model.max_queued_bytes = model.max_queued_bytes or self.limits.default_max_queued_bytes or queued_bytes_bound(model.device)
         model.warm_up()
-        model.measure_activations()
+        model.measure_layers()
         if not spec.max_batch_rows and self.limits.probe_batch_rows:  # a config's value always wins
             measured = probe_batch_rows(model, self.limits.probe_seconds)
             if measured:
@@ -416,7 +425,7 @@ class Engine:
         extra = (n if job.return_outputs else 0) + (calls[0].evaluation_rows(evaluate) if evaluate is not None else 0)
         rows = sum(call.rows for call in calls) + extra
         held = sum(call.held for call in calls) + extra
-        self._check_rows(rows, n, model, (*inputs, *args), held, sum(call.held * call.layer_row_bytes for call in calls))
+        work_bytes = self._check_rows(rows, n, model, (*inputs, *args), held, sum(call.held * call.layer_row_bytes for call in calls))
 
         def plan_factory() -> JobPlan:
             plans: list[PlanOf[Any]] = [call.plan(model.device) for call in calls]
@@ -446,15 +455,16 @@ class Engine:
                 input_casts=casts,
             )
 
-        return _live_job(job, model, inputs, rows, plan_factory, finish, held)
+        return _live_job(job, model, rows, work_bytes, plan_factory, finish)
 
     def _check_rows(
         self, rows: int, n: int, model: LoadedModel, tensors: tuple[Tensor, ...], held: int | None = None, layer_bytes: int = 0
-    ) -> None:
+    ) -> int:
         """Refuse a request of `n` examples whose rows of model work pass the server's limits per request: their count,
         and the bytes of the `held` rows (default: all of them) its plans build at once (`tensors`: the inputs and
         forward args of the `n` examples), plus `layer_bytes` of layer values and gradients that layer methods' rows
-        hold. Rows built a pass at a time (`Algorithm.rows_per_pass`) are not held."""
+        hold. Rows built a pass at a time (`Algorithm.rows_per_pass`) are not held. Returns those bytes: what the
+        request holds while it is queued, admission's estimate of it."""
         if rows > self.limits.max_rows_per_request:
             raise ResourceExhausted(
                 f"this request needs {_count(rows)} rows of model work ({n} example(s) with these parameters), "
@@ -467,10 +477,11 @@ class Engine:
         if total > cap:
             raise ResourceExhausted(
                 f"this request's {held} rows of model work ({n} example(s) with these parameters) would hold "
-                f"{_size(total)} of inputs{' and layer values' if layer_bytes else ''} at once, over this server's limit "
-                f"of {_size(cap)} per request; "
+                f"{size_text(total)} of inputs{' and layer values' if layer_bytes else ''} at once, over this server's limit "
+                f"of {size_text(cap)} per request; "
                 "send fewer examples, features or steps/samples"
             )
+        return total
 
     def _prepare_predictions(
         self,
@@ -502,7 +513,7 @@ class Engine:
             names = ", ".join(name for name, used in unused.items() if used)
             raise InvalidArgument(f"{names}: only for an algorithm; a job without one returns the model's outputs")
         n = int(inputs[0].shape[0])
-        self._check_rows(n, n, model, (*inputs, *args))
+        work_bytes = self._check_rows(n, n, model, (*inputs, *args))
         task = Task(inputs=inputs, baselines=(), target=target, args=args, params=None, rng=RequestRNG(seed))
 
         def plan_factory() -> JobPlan:
@@ -521,7 +532,7 @@ class Engine:
                 input_casts=casts,
             )
 
-        return _live_job(job, model, inputs, n, plan_factory, finish)
+        return _live_job(job, model, n, work_bytes, plan_factory, finish)
 
     def _prepare_call(
         self,
@@ -649,21 +660,13 @@ def device_memory(device: torch.device) -> int:
 
 
 def queued_bytes_bound(device: torch.device) -> int:
-    """Admission's default bound on a model's queued work in estimated bytes (rows x (input + activation bytes)):
-    1 GiB on the CPU; on a GPU a quarter of its memory, and at least 1 GiB. The estimate counts each row's
-    activations, which a GPU holds in its memory: one ResNet-18 IG-50 request is ~1.4 GiB by it, and a 1 GiB bound
-    on an H200 left one request a pass and refused the rest (bench/RESULTS.md, step 15)."""
+    """Admission's default bound on a model's queued work in estimated bytes (what its requests' plans hold:
+    `Engine._check_rows`): 1 GiB on the CPU; on a GPU, whose memory holds the started plans' rows, a quarter of it
+    (at least 1 GiB), which leaves the rest to the models and a pass's activations. 64 callers' ResNet-18 IG-50
+    requests hold ~1.9 GiB (bench/RESULTS.md, step 16)."""
     if device.type == "cpu":
         return 1 << 30
     return max(1 << 30, device_memory(device) // 4)
-
-
-def _size(nbytes: int) -> str:
-    """Bytes for a message: 58.6 KiB, 1.6 MiB, 39.2 GiB."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:,.1f} {unit}"
-    return f"{nbytes / 2**10:.1f} KiB"
 
 
 def _count(rows: int) -> str:
@@ -686,15 +689,13 @@ def _final_timing(live: LiveJob) -> JobTiming:
 def _live_job(
     job: AttributionJob,
     model: LoadedModel,
-    inputs: tuple[Tensor, ...],
     rows: int,
+    work_bytes: int,
     plan_factory: Callable[[], JobPlan],
     finish: Callable[[list, LiveJob], AttributionResult],
-    held: int | None = None,
 ) -> LiveJob:
-    """The scheduler's job; its queued bytes (admission's max_queued_bytes) count the `held` rows of its `rows`
-    (default: all), spread evenly over them as they are computed."""
-    held = rows if held is None else held
+    """The scheduler's job; its queued bytes (admission's max_queued_bytes) are the `work_bytes` its plans hold
+    (`Engine._check_rows`), spread evenly over its `rows` and released as they are computed."""
     return LiveJob(
         model=model,
         plan_factory=plan_factory,
@@ -704,7 +705,7 @@ def _live_job(
         arrival=job.arrival,
         request_id=job.request_id,
         priority=job.priority,
-        row_bytes=model.row_bytes(inputs) * held // max(rows, 1),
+        row_bytes=-(-work_bytes // max(rows, 1)),
     )
 
 

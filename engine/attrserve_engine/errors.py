@@ -1,4 +1,4 @@
-"""Engine errors: each names the gRPC status the service edge maps it to."""
+"""Engine errors: each names the gRPC status the service edge maps it to; `size_text` writes bytes for their messages."""
 
 
 class AttributionError(Exception):
@@ -54,3 +54,11 @@ def shown(text: object, limit: int = 100) -> str:
         return f"{head}... ({len(text)} items)"
     r = repr(text)
     return r if len(r) <= limit else r[:limit] + f"... ({len(r)} characters)"
+
+
+def size_text(nbytes: int) -> str:
+    """Bytes for a message: 58.6 KiB, 1.6 MiB, 39.2 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes / 2**10:.1f} KiB"

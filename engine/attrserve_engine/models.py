@@ -206,9 +206,8 @@ class LoadedModel:
         # work at the measured rate, see Scheduler.row_bound), set by the engine from the spec or its limits.
         self.max_queued_rows = spec.max_queued_rows
         self.max_queued_bytes = spec.max_queued_bytes
-        # Bytes of activations one example makes in a forward (measured at load when the inputs are pinned), and per
-        # layer (dotted path) the bytes of its output or input, whichever is larger: what a layer method's row holds.
-        self.activation_bytes = 0
+        # Per layer (dotted path), the bytes of one example's output or input of it, whichever is larger: what a layer
+        # method's row holds (measured at load when the inputs are pinned).
         self.layer_bytes: dict[str, int] = {}
         # Measured throughput: the probe's best, then every pass (smoothed); None until something ran.
         self.rows_per_second: float | None = None
@@ -286,31 +285,25 @@ class LoadedModel:
             with torch.no_grad():
                 self.forward(*(x.to(self.device) for x in inputs))
 
-    def measure_activations(self) -> None:
-        """Bytes of the outputs of every leaf module for one example (pinned shapes only): what a row of
-        queued work costs beyond its inputs, in admission's estimate; and each layer's (`layer_bytes`)."""
+    def measure_layers(self) -> None:
+        """`layer_bytes` for one example (pinned shapes only): every module's larger of its inputs' and outputs' bytes."""
         inputs = self.example_inputs()
         if inputs is None:
             return
-        total = 0
 
         def nbytes(value: Any) -> int:
             return sum(
                 t.numel() * t.element_size() for t in (value if isinstance(value, (tuple, list)) else (value,)) if isinstance(t, Tensor)
             )
 
-        def count(name: str, leaf: bool) -> Callable[..., None]:
+        def count(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
-                nonlocal total
-                out = nbytes(output)
-                total += out if leaf else 0
-                self.layer_bytes[name] = max(self.layer_bytes.get(name, 0), out, nbytes(args))
+                self.layer_bytes[name] = max(self.layer_bytes.get(name, 0), nbytes(output), nbytes(args))
 
             return hook
 
         named = [(name, m) for name, m in self.module.named_modules() if not isinstance(m, torch.jit.ScriptModule)]
-        self.hooked_forward([(m, count(name, not list(m.children()))) for name, m in named], inputs)
-        self.activation_bytes = total
+        self.hooked_forward([(m, count(name)) for name, m in named], inputs)
 
     def hooked_forward(self, hooks: list[tuple[nn.Module, Callable[..., None]]], inputs: tuple[Tensor, ...]) -> None:
         """One forward of `inputs` without autograd, with each (module, forward hook) installed for it only."""
@@ -321,10 +314,6 @@ class LoadedModel:
         finally:
             for h in handles:
                 h.remove()
-
-    def row_bytes(self, inputs: tuple[Tensor, ...]) -> int:
-        """Admission's estimate of one row of a request's work: its inputs per example and the activations."""
-        return example_bytes(inputs) + self.activation_bytes
 
     def conform_inputs(self, inputs: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[InputCast, ...]]:
         """Check inputs against the pinned specs. A floating input in another floating dtype than the one pinned (numpy's

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NoReturn
 
-from attrserve_engine.errors import AttributionError, Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+from attrserve_engine.errors import AttributionError, Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable, size_text
 from attrserve_engine.executor import run_pass
 from attrserve_engine.job import JobTiming
 from attrserve_engine.models import LoadedModel
@@ -378,8 +378,8 @@ class Scheduler:
             self._refuse(
                 model,
                 REFUSED_BYTES,
-                f"model {model.name!r} has ~{queued_bytes >> 20} MiB of work queued; this request's ~{nbytes >> 20} MiB "
-                f"would pass its bound of {bytes_bound >> 20} MiB" + (" for batch requests" if priority == BATCH else ""),
+                f"model {model.name!r} has ~{size_text(queued_bytes)} of work queued; this request's ~{size_text(nbytes)} "
+                f"would pass its bound of {size_text(bytes_bound)}" + (" for batch requests" if priority == BATCH else ""),
             )
 
     def _refuse(self, model: LoadedModel, reason: str, why: str) -> NoReturn:

@@ -106,7 +106,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "--max-queued-bytes",
         "limits.default_max_queued_bytes",
-        "estimated bytes of work (rows x (input + activation bytes)) a model may have queued before new requests are refused "
+        "estimated bytes a model's queued requests may hold (their rows' inputs and layer values) before new requests are refused "
         "(0: 1 GiB for a model on the CPU, a quarter of the GPU's memory for a model on a GPU)",
         int,
         "BYTES",

@@ -1,5 +1,6 @@
 """Admission through the engine: the quick check comes before any parsing, deadlines that the queued work would
-miss are refused up front, and the estimate of a row's bytes counts the model's activations."""
+miss are refused up front, and the estimate of queued bytes counts what the queued requests hold: their rows' inputs
+(and a layer method's layer values), not the activations that exist only during a pass."""
 
 from __future__ import annotations
 
@@ -84,15 +85,46 @@ def test_cancelled_work_stops_counting_as_queued_at_once(engine) -> None:
     assert engine.backlog("m") == (0, 0)
 
 
-def test_a_rows_bytes_count_the_models_activations(engine) -> None:
-    model = engine.get_model("m")
-    assert model.activation_bytes == 2 * 4  # Linear3's one leaf outputs 2 float32 per example
-    assert model.row_bytes((X,)) == 3 * 4 + 2 * 4
+def wide_mlp() -> torch.nn.Module:
+    """3 inputs → 4,096 hidden → 2: 32 KiB of activations per example against 12 bytes of inputs."""
+    torch.manual_seed(5)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 2)).eval()
+
+
+def test_queued_bytes_count_what_queued_requests_hold_not_a_passs_activations() -> None:
+    """A queued request holds its rows' inputs (IntegratedGradients: 50 scaled copies of each example), and the
+    activations exist only for the rows of the pass that runs. The estimate once counted every queued row's
+    activations: on an H200 it let ~24 of 64 callers' ResNet-18 requests queue under a 35 GiB bound, when they
+    held 1.9 GiB. Here a bound of three requests' inputs takes three and refuses the fourth; the queued ones
+    then give the model's exact IG, and the backlog empties."""
+    from oracle import assert_all_close
+
+    engine = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu"))
+    try:
+        one = 100 * 3 * 4  # 2 examples × 50 steps, 12 bytes each; their activations would be 100 × 32 KiB
+        engine.load(ModelSpec(name="m", module=wide_mlp(), inputs=[InputSpec("x", torch.float32, (3,))], max_batch_rows=64, max_queued_bytes=3 * one))
+        with engine.held():
+            queued = [engine.submit(ig()) for _ in range(3)]
+            wait_in_flight(engine, 3)
+            with pytest.raises(ResourceExhausted, match=r"model 'm' has ~3.5 KiB of work queued; this request's ~1.2 KiB would pass its bound of 3.5 KiB"):
+                engine.submit(ig())
+        got = [f.result(30) for f in queued]
+        alone = engine.attribute(ig(), timeout=30)
+        for result in got:
+            assert_all_close(result.attributions, alone.attributions)
+        wait_in_flight(engine, 0)
+        assert engine.backlog("m") == (0, 0) and engine.serving() == (True, "")
+        with engine.held():  # freed: three fit again
+            again = [engine.submit(ig()) for _ in range(3)]
+        for f in again:
+            assert_all_close(f.result(30).attributions, alone.attributions)
+    finally:
+        engine.shutdown(drain=False, timeout=5)
 
 
 def test_the_default_bound_on_queued_bytes_is_1_gib_on_the_cpu_and_a_quarter_of_a_gpus_memory(engine, monkeypatch) -> None:
-    """The bytes estimate counts each row's activations, which on a GPU live in its memory: a CPU-sized 1 GiB bound on
-    an H200 refused most of 64 callers' ResNet-18 requests. A config's or the command line's bound still wins."""
+    """Queued requests' rows live in the memory of their model's device: on a GPU the bound is a quarter of it. A
+    config's or the command line's bound still wins."""
     import attrserve_engine.engine as engine_module
 
     assert engine.get_model("m").max_queued_bytes == 1 << 30
@@ -217,6 +249,33 @@ def test_a_layer_methods_rows_count_the_layers_values_against_the_request_byte_c
         module = WideEmbedding().eval()
         want = ca.LayerIntegratedGradients(module, module.emb).attribute(ids[:1], target=1, n_steps=10)
         assert_all_close(got.attributions, (want,))
+        assert engine.in_flight() == 0 and engine.serving() == (True, "")
+    finally:
+        engine.shutdown(drain=False, timeout=5)
+
+
+def test_a_queued_layer_method_counts_its_layers_values_against_the_queued_bytes_bound() -> None:
+    """Queued LayerIntegratedGradients requests hold their interpolated embeddings and gradients, hundreds of times
+    their ids' bytes: admission counts them as the per-request cap does. A bound of 2 MiB takes one 1.5 MiB request
+    and refuses the next; both then equal Captum."""
+    import captum.attr as ca
+
+    from oracle import assert_all_close
+
+    engine = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu"))
+    try:
+        engine.load(ModelSpec(name="t", module=WideEmbedding(), inputs=[InputSpec("ids", torch.int64, (32,))], max_batch_rows=256, max_queued_bytes=2 << 20))
+        ids = torch.randint(0, 100, (1, 32), generator=torch.Generator().manual_seed(2))
+        job = AttributionJob(model="t", algorithm="layer_integrated_gradients", layer="emb", inputs=(ids,), target=torch.tensor([[1]]), params={"n_steps": 10})
+        with engine.held():
+            first = engine.submit(job)  # 12 rows × (256 bytes of ids + 2 × 64 KiB of embeddings): 1.5 MiB
+            wait_in_flight(engine, 1)
+            with pytest.raises(ResourceExhausted, match=r"model 't' has ~1.5 MiB of work queued; this request's ~1.5 MiB would pass its bound of 2.0 MiB"):
+                engine.submit(job)
+        module = WideEmbedding().eval()
+        want = ca.LayerIntegratedGradients(module, module.emb).attribute(ids, target=1, n_steps=10)
+        assert_all_close(first.result(30).attributions, (want,))
+        assert_all_close(engine.attribute(job, timeout=30).attributions, (want,))
         assert engine.in_flight() == 0 and engine.serving() == (True, "")
     finally:
         engine.shutdown(drain=False, timeout=5)
