@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from attrserve_engine.errors import AttributionError, InvalidArgument, ResourceExhausted
+from attrserve_engine.errors import AttributionError, FailedPrecondition, InvalidArgument, ResourceExhausted
 from attrserve_engine.models import LoadedModel
 from attrserve_engine.plan import Block, BlockResult, PassKind, build_rows, concat_results, slice_block
 from attrserve_engine.targets import fused_flat_target
@@ -37,6 +37,8 @@ def run_pass(
     Out-of-memory splits the same way, down to halves of a single block.
     `on_split(SPLIT_FAILURE or SPLIT_OOM)` is told of every split.
     """
+    if refusal := rnn_gradient_refusal(model, segments[0].kind):
+        return [refusal] * len(segments)
     try:
         return _fused_pass(model, segments, model.replicas[replica])
     except AttributionError as e:
@@ -103,6 +105,23 @@ class RnnTrainingMode:
             if isinstance(rnn, torch.nn.RNNBase) and dropout is not None:
                 rnn.dropout = dropout
         self.saved.clear()
+
+
+def rnn_gradient_refusal(model: LoadedModel, kind: PassKind) -> FailedPrecondition | None:
+    """Why a pass of `kind` cannot run: a gradient pass on CUDA through a scripted RNN that RnnTrainingMode cannot
+    switch (its dropout is a TorchScript constant that training mode would apply, and cuDNN refuses the gradient in
+    eval mode). Names the module and the ways out, instead of cuDNN's "cudnn RNN backward can only be called in
+    training mode"; the whole pass is refused at once, not split in search of a culprit."""
+    if not model.dropping_rnns or kind is PassKind.FORWARD or model.device.type != "cuda":
+        return None
+    name, rnn = model.dropping_rnns[0]
+    return FailedPrecondition(
+        f"model {model.name!r}: its scripted {rnn.original_name} {name or '(the model)'!r} has dropout {rnn.dropout:g} between "
+        f"its {rnn.num_layers} layers, fixed by TorchScript; on CUDA, cuDNN takes an RNN's gradient only in training mode, "
+        "where that dropout would apply, so methods that take gradients cannot run on it here. Script it with dropout=0 "
+        "(eval mode gives the same numbers), serve it unscripted, or serve it on the CPU; methods without gradients "
+        "(feature_ablation, occlusion, shapley_values, lime, ...) serve it as it is",
+    )
 
 
 class LayerHook:

@@ -149,13 +149,20 @@ _RNN_MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 def _is_rnn(module: nn.Module) -> bool:
     """An nn.LSTM/GRU/RNN, or one compiled by torch.jit.script whose training mode changes nothing but dropout: in
     TorchScript dropout is a constant, so a scripted RNN counts only where it drops nothing (dropout 0 or one
-    layer); a scripted one that would drop is left in eval mode, where cuDNN refuses its gradient, rather than
-    computed with dropout."""
+    layer); one that would drop (`_drops_when_trained`) is left in eval mode."""
     if isinstance(module, nn.RNNBase):
         return True
-    if not isinstance(module, torch.jit.ScriptModule) or getattr(module, "mode", None) not in _RNN_MODES:
-        return False
-    return hasattr(module, "_flat_weights_names") and (module.dropout == 0 or module.num_layers == 1)
+    return _is_scripted_rnn(module) and not _drops_when_trained(module)
+
+
+def _is_scripted_rnn(module: nn.Module) -> bool:
+    scripted = isinstance(module, torch.jit.ScriptModule)
+    return scripted and getattr(module, "mode", None) in _RNN_MODES and hasattr(module, "_flat_weights_names")
+
+
+def _drops_when_trained(module: nn.Module) -> bool:
+    """A scripted RNN whose constant dropout would drop in training mode (more than one layer, dropout > 0)."""
+    return _is_scripted_rnn(module) and bool(module.dropout) and getattr(module, "num_layers", 1) > 1
 
 
 class LoadedModel:
@@ -223,8 +230,10 @@ class LoadedModel:
             why = f"instances {spec.instances} needs copies of the model, and it cannot be copied: {e}"
             raise InvalidArgument(f"model {spec.name!r}: {why}") from e
         self.instances = len(self.replicas)
-        # Each replica's LSTM/GRU/RNN modules (executor.RnnTrainingMode: cuDNN takes their gradients in training mode only).
+        # Each replica's LSTM/GRU/RNN modules (executor.RnnTrainingMode: cuDNN takes their gradients in training mode only),
+        # and the scripted ones that would drop there, which cuDNN cannot take a gradient of (executor.check_rnn_gradients).
         self._rnns = {id(r): [m for m in r.modules() if _is_rnn(m)] for r in self.replicas}
+        self.dropping_rnns = [(name, m) for name, m in self.module.named_modules() if _drops_when_trained(m)]
 
     @property
     def throughput(self) -> float | None:

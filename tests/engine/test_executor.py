@@ -212,9 +212,9 @@ class _ScriptableRecurrent(torch.nn.Module):
 
 def test_a_scripted_rnn_is_switched_only_where_its_constant_dropout_drops_nothing(monkeypatch) -> None:
     """In TorchScript an RNN's dropout is a constant: one that drops nothing (one layer, or dropout 0) is switched to
-    training mode like an eager one, with eval mode's numbers; one that would drop stays in eval mode."""
+    training mode like an eager one, with eval mode's numbers. (One that would drop is refused on CUDA: below.)"""
     x = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(1))
-    for layers, dropout, switched in ((1, 0.5, True), (2, 0.0, True), (2, 0.5, False)):
+    for layers, dropout, switched in ((1, 0.5, True), (2, 0.0, True)):
         model = loaded(torch.jit.script(_ScriptableRecurrent(layers, dropout)))
         rnns = model.rnns(model.module)
         assert [r.original_name for r in rnns] == (["LSTM"] if switched else [])
@@ -227,6 +227,59 @@ def test_a_scripted_rnn_is_switched_only_where_its_constant_dropout_drops_nothin
         assert_same(pass_, cpu)  # eval mode's numbers either way
         assert not model.module.lstm.training
         monkeypatch.undo()
+
+
+class _Encoder(torch.nn.Module):
+    def __init__(self, lstm: torch.nn.LSTM) -> None:
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x):
+        return self.lstm(x)[0][:, -1]
+
+
+class _WithScriptedEncoder(torch.nn.Module):
+    def __init__(self, eager: _ScriptableRecurrent) -> None:
+        super().__init__()
+        self.encoder = torch.jit.script(_Encoder(eager.lstm))
+        self.head = eager.head
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+@pytest.mark.parametrize("scripted", ["model", "submodule"])
+def test_a_gradient_pass_on_cuda_through_a_scripted_rnn_that_would_drop_is_refused_naming_the_module(monkeypatch, scripted: str) -> None:
+    """cuDNN takes an RNN's gradient only in training mode, where a scripted 2-layer LSTM's constant dropout 0.5 would
+    apply: the pass is refused at once (FAILED_PRECONDITION, not cuDNN's raw error, and not split in halves in search
+    of a culprit), with the module's name and the ways out. Forward passes still run, and on the CPU gradients too."""
+    from attrserve_engine.errors import FailedPrecondition
+
+    x = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(1))
+    module: torch.nn.Module = _ScriptableRecurrent(2, 0.5).eval()
+    if scripted == "model":
+        module, name = torch.jit.script(module), "lstm"
+    else:  # an eager model whose encoder is scripted
+        module, name = _WithScriptedEncoder(module), "encoder.lstm"
+    model = loaded(module)
+    assert model.rnns(model.module) == [] and [n for n, _ in model.dropping_rnns] == [name]
+    forward = Block(kind=PassKind.FORWARD, inputs=(x,), args=(), target=torch.ones(3, 1, dtype=torch.int64))
+    (cpu,) = executor.run_pass(model, [gradient_block(x, 1)])
+    (cpu_forward,) = executor.run_pass(model, [forward])
+    monkeypatch.setattr(model, "device", torch.device("cuda"))
+    splits: list[str] = []
+    outcomes = executor.run_pass(model, [gradient_block(x, 1), gradient_block(x[:2], 0)], splits.append)
+    assert len(outcomes) == 2 and splits == []
+    for refused in outcomes:
+        assert isinstance(refused, FailedPrecondition) and refused.code == "FAILED_PRECONDITION"
+        assert f"model 'm': its scripted LSTM '{name}' has dropout 0.5 between its 2 layers" in str(refused)
+        assert "Script it with dropout=0" in str(refused) and "serve it on the CPU" in str(refused)
+    (on_cuda_forward,) = executor.run_pass(model, [forward])  # no gradient: runs
+    assert_close(on_cuda_forward.outputs, cpu_forward.outputs, check_dtype=True)
+    monkeypatch.undo()
+    (again,) = executor.run_pass(model, [gradient_block(x, 1)])
+    assert_same(again, cpu)
+    assert not any(m.training for m in model.module.modules())
 
 
 def _spy(install, seen: list[bool], lstm):
@@ -348,3 +401,24 @@ def test_the_path_points_are_captums_bit_for_bit(x: torch.Tensor) -> None:
             xf, bf = (x, b) if x.is_floating_point() else (x.to(torch.get_default_dtype()), b.to(torch.get_default_dtype()))
             expected = torch.cat([bf + alpha * (xf - bf) for alpha in alphas], dim=0)  # Captum's IntegratedGradients
             assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu_check.sh runs it on a GPU)")
+def test_on_a_real_gpu_scripted_rnns_give_the_cpus_gradients_or_are_refused_where_cudnn_cannot() -> None:
+    """On CUDA: scripted LSTMs that drop nothing give the CPU's gradients; through one that would drop, cuDNN really
+    refuses the gradient (so the refusal is needed) and the pass gets the FAILED_PRECONDITION that names it."""
+    from attrserve_engine.errors import FailedPrecondition
+
+    x = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(1))
+    for layers, dropout in ((1, 0.5), (2, 0.0), (2, 0.5)):
+        cpu_model = loaded(torch.jit.script(_ScriptableRecurrent(layers, dropout)))
+        (cpu,) = executor.run_pass(cpu_model, [gradient_block(x, 1)])
+        model = LoadedModel(ModelSpec(name="m", module=torch.jit.script(_ScriptableRecurrent(layers, dropout)), device="cuda"), 256, 500)
+        block = gradient_block(x.cuda(), 1)
+        (got,) = executor.run_pass(model, [block])
+        if (layers, dropout) != (2, 0.5):
+            torch.testing.assert_close(got.grads[0].cpu(), cpu.grads[0], atol=1e-5, rtol=1e-4)
+            continue
+        assert isinstance(got, FailedPrecondition)
+        with pytest.raises(RuntimeError, match="cudnn RNN backward can only be called in training mode"):
+            executor._fused_pass(model, [block], model.module)
