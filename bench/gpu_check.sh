@@ -10,7 +10,7 @@
 #    attrserve vs B2 (Captum per request in a thread pool) on the same GPU; target >= 10x B2.
 # Exit status: 0 when every step ran and passed, 1 otherwise (the tables are written either way).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${1:-${OUT:-bench/out}}
 mkdir -p "$OUT"
 PY=${PY:-python3}
@@ -34,8 +34,8 @@ step() {  # step NAME SECONDS COMMAND... : run with a time limit, keep its outpu
     [ "$rc" -eq 0 ] || status=1
 }
 
-step gpu_tests 170 $PY -m pytest -q -p no:cacheprovider tests/engine
-step gpu_accuracy 60 $PY bench/gpu_accuracy.py
-step gpu_bench 130 $PY bench/run.py --gpu --seconds 20 --warmup-seconds 5 --json "$OUT/gpu_results.json"
+step gpu_tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/engine
+step gpu_accuracy 60 "$PY" bench/gpu_accuracy.py
+step gpu_bench 130 "$PY" bench/run.py --gpu --seconds 20 --warmup-seconds 5 --json "$OUT/gpu_results.json"
 echo "== gpu_check: $([ $status -eq 0 ] && echo passed || echo FAILED) in $SECONDS s; logs and tables in $OUT"
 exit $status
