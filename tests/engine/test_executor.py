@@ -25,6 +25,15 @@ def loaded(module: torch.nn.Module, name: str = "m") -> LoadedModel:
     return LoadedModel(ModelSpec(name=name, module=module, device="cpu"), 256, 500)
 
 
+def said_to_be_cuda(monkeypatch, model: LoadedModel) -> list[torch.device]:
+    """Tell the executor that `model` (on the CPU) is on CUDA, to test what it does there without a GPU; returns the
+    devices it waited for (executor.wait_for_device, which on the CPU would find no CUDA to wait for)."""
+    waited: list[torch.device] = []
+    monkeypatch.setattr(model, "device", torch.device("cuda"))
+    monkeypatch.setattr(executor, "wait_for_device", waited.append)
+    return waited
+
+
 def gradient_block(x: torch.Tensor, target: int) -> Block:
     return Block(kind=PassKind.GRADIENT, inputs=(x,), args=(), target=torch.full((x.shape[0], 1), target, dtype=torch.int64))
 
@@ -181,7 +190,7 @@ def test_a_gradient_pass_on_cuda_runs_rnns_in_training_mode_without_dropout_and_
     x = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(0))
     (cpu,) = executor.run_pass(model, [gradient_block(x, 1)])
     assert module.training_seen == [(False, 0.5)]  # on the CPU nothing is switched
-    monkeypatch.setattr(model, "device", torch.device("cuda"))
+    said_to_be_cuda(monkeypatch, model)
     module.training_seen.clear()
     (switched,) = executor.run_pass(model, [gradient_block(x, 1)])
     assert module.training_seen == [(True, 0.0)]
@@ -197,6 +206,38 @@ def test_a_gradient_pass_on_cuda_runs_rnns_in_training_mode_without_dropout_and_
     monkeypatch.undo()
     (again,) = executor.run_pass(model, [gradient_block(x, 1)])
     assert_same(again, cpu)
+
+
+def test_a_pass_on_cuda_returns_once_the_gpu_has_finished_it(monkeypatch) -> None:
+    """CUDA kernels run after their launch returns: a pass waits for the GPU after its backward, inside run_pass, so
+    the scheduler's pass time (the model's rate, the tuner, worker busy, compute_ms) is the GPU's work, not its
+    launches. Once per pass, fused or not, and not on the CPU; the numbers are the same."""
+    events: list[str] = []
+    module = _Recurrent()
+    module.register_forward_hook(lambda *_: events.append("forward"))
+    module.register_full_backward_hook(lambda *_: events.append("backward"))
+    model = loaded(module)
+    x = torch.rand(3, 6, 4, generator=torch.Generator().manual_seed(0))
+    (cpu,) = executor.run_pass(model, [gradient_block(x, 1)])
+    waited = said_to_be_cuda(monkeypatch, model)
+    monkeypatch.setattr(executor, "wait_for_device", lambda device: (waited.append(device), events.append("wait")))
+    events.clear()
+    first, _ = executor.run_pass(model, [gradient_block(x, 1), gradient_block(x[:2], 0)])
+    assert events == ["forward", "backward", "wait"] and waited == [torch.device("cuda")]
+    assert_same(first, cpu)
+    monkeypatch.undo()
+    events.clear()
+    executor.run_pass(model, [gradient_block(x, 1)])
+    assert events == ["forward", "backward"]  # the CPU computes before it returns
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu_check.sh runs it on a GPU)")
+def test_on_a_real_gpu_a_pass_returns_with_its_kernels_done() -> None:
+    model = LoadedModel(ModelSpec(name="m", module=_Recurrent(), device="cuda"), 256, 500)
+    x = torch.rand(512, 6, 4, generator=torch.Generator().manual_seed(0)).cuda()
+    (result,) = executor.run_pass(model, [gradient_block(x, 1)])
+    assert torch.cuda.current_stream().query()  # nothing of the pass is left to run
+    assert result.grads[0].shape == x.shape
 
 
 class _ScriptableRecurrent(torch.nn.Module):
@@ -219,7 +260,7 @@ def test_a_scripted_rnn_is_switched_only_where_its_constant_dropout_drops_nothin
         rnns = model.rnns(model.module)
         assert [r.original_name for r in rnns] == (["LSTM"] if switched else [])
         (cpu,) = executor.run_pass(model, [gradient_block(x, 1)])
-        monkeypatch.setattr(model, "device", torch.device("cuda"))
+        said_to_be_cuda(monkeypatch, model)
         seen: list[bool] = []
         monkeypatch.setattr(executor.RnnTrainingMode, "install", _spy(executor.RnnTrainingMode.install, seen, model.module.lstm))
         (pass_,) = executor.run_pass(model, [gradient_block(x, 1)])
@@ -266,7 +307,7 @@ def test_a_gradient_pass_on_cuda_through_a_scripted_rnn_that_would_drop_is_refus
     forward = Block(kind=PassKind.FORWARD, inputs=(x,), args=(), target=torch.ones(3, 1, dtype=torch.int64))
     (cpu,) = executor.run_pass(model, [gradient_block(x, 1)])
     (cpu_forward,) = executor.run_pass(model, [forward])
-    monkeypatch.setattr(model, "device", torch.device("cuda"))
+    said_to_be_cuda(monkeypatch, model)
     splits: list[str] = []
     outcomes = executor.run_pass(model, [gradient_block(x, 1), gradient_block(x[:2], 0)], splits.append)
     assert len(outcomes) == 2 and splits == []
