@@ -152,23 +152,34 @@ FIRST_TRIAL_AFTER = 16
 MOST_BETWEEN_TRIALS = 512
 # Full passes of each of the two sizes a trial compares; they are cut in turns, so both see the same load and phase.
 TRIAL_PASSES = 24
-# The neighbour is taken when its median rows/s beats the size's by more than this share, in either direction. Full
-# passes mean a queue is waiting, so the fastest size also answers soonest: pick_batch_rows' tolerance (the smallest
-# size within 10% of the best), which this tuner used to follow, held bench W2 at 64 rows where 128 served 9% more
-# (bench/RESULTS.md step 15). 24 passes and 6% were chosen by simulating served passes (bench/prototypes/tuner_sim.py):
-# with +-25-40% noise per pass (bench W2's vary by +-25%) the tuner ran at 98.3-99.6% of the best size's rate on
-# four curve shapes, against 90.1-97.2% with the old rule.
-MOVE_MARGIN = 0.06
+# The neighbour is taken when its median rows/s beats the size's by more than the noise allows (`PassSizeTuner.margin`):
+# one standard error of the difference of the two medians, from the spread of the passes' rows/s (smoothed over
+# trials), and at least MIN_MARGIN; in either direction. Full passes mean a queue is waiting, so the fastest size also answers soonest:
+# pick_batch_rows' tolerance (the smallest size within 10% of the best), which this tuner used to follow, held bench W2
+# at 64 rows where 128 served 9% more (bench/RESULTS.md step 15). A fixed 6% margin then fitted the CPU's noise (bench
+# W2's passes vary by +-25%, where the estimate gives ~6.7%), but on an H200, whose passes vary by ~1%, ResNet-18 gains
+# ~2-3% a doubling from 256 to 2048 rows and a fixed 6% never moved: 75.5 req/s at 256 rows against 79.9 pinned at 2048
+# (step 16). 24 passes and the rule were chosen by simulating served passes (bench/prototypes/tuner_sim.py).
+MIN_MARGIN = 0.015
+# The weight of a trial's spread in the smoothed one the margin uses (the noise is the deployment's, and changes slowly).
+SPREAD_WEIGHT = 0.25
 # A trial ends (the size stays) after this many passes that were not full: the queue cannot fill the candidate.
 TRIAL_MISSES = 2 * TRIAL_PASSES
 # Moves a tuner remembers (the tests read them; the last one tells a move back to the size just left).
 MOVES_KEPT = 64
 
 
+def spread(rates: list[float]) -> float:
+    """The spread of passes' rows/s relative to their median: 1.4826 x the median absolute deviation, a standard
+    deviation that a slow pass now and then does not inflate."""
+    middle = statistics.median(rates)
+    return 1.4826 * statistics.median(abs(r - middle) for r in rates) / middle
+
+
 class PassSizeTuner:
     """Rows per pass for one model's passes of one kind, tuned on the passes it serves: a hill climb over SIZES that,
     from time to time, cuts full passes of the size and of a neighbour (twice or half as big) in turns, and moves to
-    the neighbour when it is faster by more than MOVE_MARGIN. The rule is the same both ways, so on a plateau it
+    the neighbour when it is faster by more than the trial's noise (`margin`). The rule is the same both ways, so on a plateau it
     stays where it is (a move there is noise, and a move back backs off like a kept size). Only full passes count: a
     pass that is short because the queue held fewer rows says nothing about its size, and with a queue waiting the
     fastest size is also the one that answers soonest.
@@ -188,6 +199,8 @@ class PassSizeTuner:
         # (from, to, rate there, rate here) of the latest moves: on a plateau it still moves now and then, for as long
         # as the server runs, so only the last MOVES_KEPT are kept (the last one tells a move back).
         self.moves: collections.deque[tuple[int, int, float, float]] = collections.deque(maxlen=MOVES_KEPT)
+        # The spread of its passes' rows/s (`spread`), smoothed over trials: one trial's 24 passes estimate it loosely.
+        self.spread: float | None = None
 
     def peek(self) -> int:
         """The size the next pass is cut to (a queue holding this many rows is ripe)."""
@@ -221,7 +234,9 @@ class PassSizeTuner:
         self._rates.setdefault(size, []).append(rows / seconds)
         if all(len(self._rates.get(s, ())) >= TRIAL_PASSES for s in (self.size, self.candidate)):
             here, there = statistics.median_high(self._rates[self.size]), statistics.median_high(self._rates[self.candidate])
-            better = self.takes(here, there)
+            trial = math.sqrt((spread(self._rates[self.size]) ** 2 + spread(self._rates[self.candidate]) ** 2) / 2)
+            self.spread = trial if self.spread is None else (1 - SPREAD_WEIGHT) * self.spread + SPREAD_WEIGHT * trial
+            better = self.takes(self._rates[self.size], self._rates[self.candidate])
             back = bool(self.moves) and self.moves[-1][0] == self.candidate
             if better:
                 self.moves.append((self.size, self.candidate, there, here))
@@ -236,9 +251,16 @@ class PassSizeTuner:
                 self.size = self.candidate
             self._end_trial(moved=better and not back)
 
-    def takes(self, here: float, there: float) -> bool:
-        """Whether a trial moves to the neighbour: its median rows/s `there` against the size's `here`."""
-        return there > here * (1 + MOVE_MARGIN)
+    def takes(self, here: list[float], there: list[float]) -> bool:
+        """Whether a trial moves to the neighbour: the rows/s of its full passes `there` against the size's `here`."""
+        return statistics.median_high(there) > statistics.median_high(here) * (1 + self.margin(len(here), len(there)))
+
+    def margin(self, n_here: int, n_there: int) -> float:
+        """How much faster the neighbour must look: one standard error of the difference of two medians of n_here and
+        n_there passes (a median's is 1.2533 sigma / sqrt(n)) at the passes' spread, and at least MIN_MARGIN."""
+        if self.spread is None:
+            return MIN_MARGIN
+        return max(MIN_MARGIN, 1.2533 * self.spread * math.sqrt(1 / n_here + 1 / n_there))
 
     def _start_trial(self) -> None:
         up, down = self.size * 2, self.size // 2

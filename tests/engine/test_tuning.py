@@ -14,7 +14,7 @@ from attrserve_engine import Engine, EngineLimits, InputSpec, ModelSpec
 from attrserve_engine.models import LoadedModel
 from attrserve_engine.plan import PassKind
 from attrserve_engine.scheduler import Scheduler
-from attrserve_engine.tuning import MOVES_KEPT, SIZES, PassSizeTuner, pick_batch_rows
+from attrserve_engine.tuning import MIN_MARGIN, MOVES_KEPT, SIZES, PassSizeTuner, pick_batch_rows
 from oracle import MODELS
 from test_scheduler import FakePasses, Recorder, job
 
@@ -195,11 +195,12 @@ def test_the_tuner_climbs_to_the_fastest_size_from_either_side(start: int) -> No
 
 
 def test_a_settled_size_stays_and_trials_cost_few_passes() -> None:
-    """On a plateau it stays on it: no size is faster by the margin, so moves are rare, and once settled, trials take
-    a few percent of the passes."""
+    """On a plateau it stays on it: moves are rare (at +-5% per pass the margin is ~1.5%, so it finds 128's 1.7% and
+    noise takes it back now and then: at most 5 moves in 20,000 passes over 30 seeds), every size it holds is within 5%
+    of the best, and once settled, trials take a few percent of the passes."""
     tuner = PassSizeTuner(64)
     cut = _serve(tuner, FLAT, 20_000, noise=0.05)
-    assert len(tuner.moves) <= 2 and all(near_best(FLAT, held, 0.95) for _, held in cut)
+    assert len(tuner.moves) <= 6 and all(near_best(FLAT, held, 0.95) for _, held in cut)
     assert trial_share(cut[5_000:]) < 0.05
 
 
@@ -216,6 +217,23 @@ def test_on_noisy_passes_it_still_ends_near_the_fastest_size_and_mostly_stays_th
         assert all(near_best(curve, held, 0.9) for _, held in late), (start, {held for _, held in late})
         assert sum(a != b for (_, a), (_, b) in zip(late, late[1:])) <= 12
         assert trial_share(late) < 0.1
+
+
+# An H200's ResNet-18 IntegratedGradients (bench/RESULTS.md step 16): 2048 rows 5.8% faster than 256, ~2% a doubling.
+GPU_SLOPE = {8: 400.0, 16: 800.0, 32: 1500.0, 64: 2300.0, 128: 2800.0, 256: 3000.0, 512: 3060.0, 1024: 3120.0, 2048: 3175.0}
+
+
+def test_where_passes_vary_little_it_climbs_a_gentle_slope_that_a_fixed_margin_would_not() -> None:
+    """The margin is the noise's: a GPU's passes vary by ~1-2%, so gains of ~2% a doubling are real and taken (a fixed
+    6% held G2 at 256 rows, 5.8% below 2048); at +-25% the same rule asks ~6%, as before (the noisy test above)."""
+    for start in (256, 512):
+        tuner = PassSizeTuner(start)
+        _serve(tuner, GPU_SLOPE, 5_000, noise=0.02)
+        assert tuner.size == 2048, (start, tuner.moves)
+        assert 0.005 < tuner.spread < 0.03 and tuner.margin(24, 24) == MIN_MARGIN
+    noisy = PassSizeTuner(256)
+    _serve(noisy, SLOPED, 5_000, noise=0.25)
+    assert 0.05 < noisy.margin(24, 24) < 0.08
 
 
 def test_a_size_the_queue_cannot_fill_is_not_taken() -> None:
