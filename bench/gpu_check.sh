@@ -13,13 +13,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${1:-${OUT:-bench/out}}
 mkdir -p "$OUT"
-PY=${PY:-python3}
-SITE=/tmp/attrserve-gpu-site
-if [ -d .whl ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
-fi
-export PYTHONPATH="$PWD/engine:$PWD/service:$PWD/clients/python:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
+# shellcheck source=bench/gpu_env.sh
+. bench/gpu_env.sh
 $PY -c "import torch; assert torch.cuda.is_available(), 'CUDA is not available'; print('torch', torch.__version__, 'on', torch.cuda.get_device_name(0))" || exit 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 

@@ -5,7 +5,7 @@
 # nvidia-smi sampling the GPU's utilisation meanwhile.
 #
 #   here, once:   bash bench/gpu_wheels.sh           # .whl/ holds py-spy too
-#   there:        bash bench/gpu_profile.sh [OUT]    # with .whl/ carried; after bench/gpu_check.sh, which installs it
+#   there:        bash bench/gpu_profile.sh [OUT]    # with .whl/ carried
 #
 # OUT gets: engine.txt and front.txt (py-spy's collapsed stacks: "frame;frame;... count"; --idle, so waits show),
 # engine-top.txt and front-top.txt (the leaf frames by share of samples), gpu.csv, and the run's table and JSON.
@@ -14,13 +14,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${1:-${OUT:-bench/out}}
 mkdir -p "$OUT"
-PY=${PY:-python3}
-SITE=/tmp/attrserve-gpu-site
-if [ -d .whl ] && ! command -v py-spy > /dev/null && [ ! -x "$SITE/bin/py-spy" ]; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
-fi
-export PYTHONPATH="$PWD/engine:$PWD/service:$PWD/clients/python:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
+# shellcheck source=bench/gpu_env.sh
+. bench/gpu_env.sh
 PYSPY=$(command -v py-spy || echo "$SITE/bin/py-spy")
 DELAY=${PROFILE_DELAY:-25}
 SECONDS_=${PROFILE_SECONDS:-15}
