@@ -231,7 +231,7 @@ class LoadedModel:
             raise InvalidArgument(f"model {spec.name!r}: {why}") from e
         self.instances = len(self.replicas)
         # Each replica's LSTM/GRU/RNN modules (executor.RnnTrainingMode: cuDNN takes their gradients in training mode only),
-        # and the scripted ones that would drop there, which cuDNN cannot take a gradient of (executor.check_rnn_gradients).
+        # and the scripted ones that would drop there, which cuDNN cannot take a gradient of (executor.rnn_gradient_refusal).
         self._rnns = {id(r): [m for m in r.modules() if _is_rnn(m)] for r in self.replicas}
         self.dropping_rnns = [(name, m) for name, m in self.module.named_modules() if _drops_when_trained(m)]
 
