@@ -1,6 +1,6 @@
 """The online pass-size tuner (engine/attrserve_engine/tuning.py) fed simulated served passes: per-pass rows/s from a
 curve of rate by size, times 1 ± uniform noise. Prints, per noise level and rule, the mean rate of the second half's
-passes (trials included) as a share of the best size's rate, over 3 starts × `--seeds` seeds.
+passes (trials included) as a share of the best size's rate, over 4 starts × `--seeds` seeds.
 
     .venv/bin/python bench/prototypes/tuner_sim.py                 # the table in bench/RESULTS.md step 16
     .venv/bin/python bench/prototypes/tuner_sim.py --min-margin 0.01 --trial-passes 32
@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--min-margin", type=float, default=tuning.MIN_MARGIN)
     p.add_argument("--trial-passes", type=int, default=tuning.TRIAL_PASSES)
     a = p.parse_args()
+    starts = (16, 64, 256, 512)
     print("| noise per pass | rule | " + " | ".join(CURVES) + " |")
     print("|---|---|" + "---:|" * len(CURVES))
     for noise in (float(n) for n in a.noise.split(",")):
@@ -68,7 +69,6 @@ def main() -> None:
             tuning.TRIAL_PASSES, tuning.MIN_MARGIN = trial_passes, a.min_margin
             cells = []
             for curve in CURVES.values():
-                starts = (16, 64, 256, 512)
                 shares = [share_of_best(cls(start), curve, noise, seed, a.passes) for start in starts for seed in range(a.seeds)]
                 cells.append(f"{statistics.mean(shares):.3f} (min {min(shares):.3f})")
             print(f"| ±{noise:.0%} | {rule} | " + " | ".join(cells) + " |")

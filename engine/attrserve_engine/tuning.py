@@ -154,12 +154,13 @@ MOST_BETWEEN_TRIALS = 512
 TRIAL_PASSES = 24
 # The neighbour is taken when its median rows/s beats the size's by more than the noise allows (`PassSizeTuner.margin`):
 # one standard error of the difference of the two medians, from the spread of the passes' rows/s (smoothed over
-# trials), and at least MIN_MARGIN; in either direction. Full passes mean a queue is waiting, so the fastest size also answers soonest:
-# pick_batch_rows' tolerance (the smallest size within 10% of the best), which this tuner used to follow, held bench W2
-# at 64 rows where 128 served 9% more (bench/RESULTS.md step 15). A fixed 6% margin then fitted the CPU's noise (bench
-# W2's passes vary by +-25%, where the estimate gives ~6.7%), but on an H200, whose passes vary by ~1%, ResNet-18 gains
-# ~2-3% a doubling from 256 to 2048 rows and a fixed 6% never moved: 75.5 req/s at 256 rows against 79.9 pinned at 2048
-# (step 16). 24 passes and the rule were chosen by simulating served passes (bench/prototypes/tuner_sim.py).
+# trials), and at least MIN_MARGIN; in either direction. Full passes mean a queue is waiting, so the fastest size also
+# answers soonest: pick_batch_rows' tolerance (the smallest size within 10% of the best), which this tuner used to
+# follow, held bench W2 at 64 rows where 128 served 9% more (bench/RESULTS.md step 15). A fixed 6% margin then fitted
+# the CPU's noise (bench W2's passes vary by +-25%, where the estimate gives ~6.7%), but on an H200, whose passes vary
+# by ~1%, ResNet-18 gains ~2-3% a doubling from 256 to 2048 rows and a fixed 6% never moved: 75.5 req/s at 256 rows
+# against 79.9 pinned at 2048 (step 16). 24 passes and the rule were chosen by simulating served passes
+# (bench/prototypes/tuner_sim.py).
 MIN_MARGIN = 0.015
 # The weight of a trial's spread in the smoothed one the margin uses (the noise is the deployment's, and changes slowly).
 SPREAD_WEIGHT = 0.25
@@ -179,10 +180,10 @@ def spread(rates: list[float]) -> float:
 class PassSizeTuner:
     """Rows per pass for one model's passes of one kind, tuned on the passes it serves: a hill climb over SIZES that,
     from time to time, cuts full passes of the size and of a neighbour (twice or half as big) in turns, and moves to
-    the neighbour when it is faster by more than the trial's noise (`margin`). The rule is the same both ways, so on a plateau it
-    stays where it is (a move there is noise, and a move back backs off like a kept size). Only full passes count: a
-    pass that is short because the queue held fewer rows says nothing about its size, and with a queue waiting the
-    fastest size is also the one that answers soonest.
+    the neighbour when it is faster by more than its passes' noise allows (`margin`). The rule is the same both ways,
+    so on a plateau it stays where it is (a move there is noise, and a move back backs off like a kept size). Only full
+    passes count: a pass that is short because the queue held fewer rows says nothing about its size, and with a queue
+    waiting the fastest size is also the one that answers soonest.
 
     Not thread-safe: the scheduler calls it under its state lock."""
 
