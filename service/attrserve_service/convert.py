@@ -49,7 +49,7 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 
 def tensor_from_proto(t: tensor_pb2.Tensor, label: str) -> Tensor:
-    """A torch tensor viewing the message's bytes (read-only numpy → torch without a copy)."""
+    """A torch tensor viewing the bytes read out of the message (read-only numpy → torch without a further copy)."""
     if t.dtype not in WIRE_DTYPES:
         raise InvalidArgument(
             f"{label}.dtype is {DType.Name(t.dtype) if t.dtype in DType.values() else t.dtype}; "
@@ -65,9 +65,10 @@ def tensor_from_proto(t: tensor_pb2.Tensor, label: str) -> Tensor:
     if math.prod(d for d in shape if d) >= 2**62:
         raise InvalidArgument(f"{label}.shape {list(shape)} has more elements than any tensor can hold")
     want = math.prod(shape) * np_dtype.itemsize
-    if len(t.data) != want:
-        raise InvalidArgument(f"{label}: shape {list(shape)} of {DType.Name(t.dtype)} needs {want} bytes of data, got {len(t.data)}")
-    tensor = torch.from_numpy(np.frombuffer(t.data, dtype=np_dtype).reshape(shape))
+    data = t.data  # read once: each read of a bytes field copies it out of the message (15 µs for 588 KiB)
+    if len(data) != want:
+        raise InvalidArgument(f"{label}: shape {list(shape)} of {DType.Name(t.dtype)} needs {want} bytes of data, got {len(data)}")
+    tensor = torch.from_numpy(np.frombuffer(data, dtype=np_dtype).reshape(shape))
     return tensor.view(torch.bfloat16) if torch_dtype is torch.bfloat16 else tensor
 
 
