@@ -7,8 +7,11 @@ threads, the model manager). They talk over two Unix socket pairs, one each way,
     u64 length of the rest | u32 buffer count | u64 pickle length | u64 length of each buffer | pickle | buffers
 
 A frame is a pickled list of messages, each a tuple (protocol 5). Tensors travel as numpy arrays whose bytes are
-out-of-band buffers: they are written to the socket as they lie in memory and the receiver's tensors are views on the
-frame it read (no serialisation of their contents, one copy through the kernel). Messages go in batches: the front
+out-of-band buffers, never serialised. The engine writes a frame of 64 KiB or more from where its parts lie (sendmsg);
+it joins a smaller one, and the front joins every frame into one buffer first (asyncio's writelines; 3.12 turns it
+into sendmsg too). A reader reads a frame of 64 KiB or more straight into a buffer of its own, which the received tensors
+then view; smaller frames share one reused buffer and are copied out of it (_Frames). Each socket asks for a 4 MiB
+send buffer, so that a large frame is written in one call where the kernel grants it. Messages go in batches: the front
 writes what one turn of its event loop sent (the requests of many callers) as one frame, and a worker what one step
 of its loop sent (a pass's metrics event, then the answers of the jobs it finished); one pickle, one system call and
 one wake-up of the other side per batch instead of per message.
@@ -67,6 +70,14 @@ _LENGTH = struct.Struct("<Q")
 _HEAD = struct.Struct("<IQ")  # buffer count, pickle length
 # dtypes numpy has no type for travel as an integer view of their bits
 _BITS = {torch.bfloat16: torch.int16}
+# Reading (_Frames): a frame this large gets a buffer of its own; smaller ones share one, read into at most
+# _OWN_BUFFER bytes at a time (so that a large frame's first read, which cannot know its size, copies little).
+_OWN_BUFFER = 64 << 10
+_SCRATCH = 2 * _OWN_BUFFER + _LENGTH.size
+# Each socket asks for this much send buffer (the kernel grants at most net.core.wmem_max, often 208 KiB): a frame
+# that fits is written in one system call, without the sender waiting for the reader or asyncio copying the rest.
+_SOCKET_BUFFER = 4 << 20
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
 
 
 def _tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
@@ -87,8 +98,9 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
-def encode(message: Any) -> bytes:
-    """One frame holding `message` (a list of messages, on the wire)."""
+def encode_parts(message: Any) -> list:
+    """One frame holding `message` (a list of messages, on the wire), as the buffers to write one after another: the
+    length, the head, the pickle, then each tensor's bytes where they lie."""
     buffers: list[pickle.PickleBuffer] = []
     stream = io.BytesIO()
     _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(message)
@@ -96,7 +108,24 @@ def encode(message: Any) -> bytes:
     data = stream.getbuffer()
     head = _HEAD.pack(len(raw), data.nbytes) + struct.pack(f"<{len(raw)}Q", *(r.nbytes for r in raw))
     size = len(head) + data.nbytes + sum(r.nbytes for r in raw)
-    return b"".join([_LENGTH.pack(size), head, data, *raw])
+    return [_LENGTH.pack(size), head, data, *raw]
+
+
+def encode(message: Any) -> bytes:
+    """One frame holding `message`, in one piece."""
+    return b"".join(encode_parts(message))
+
+
+def send_parts(sock: socket.socket, parts: list) -> None:
+    """Write a frame (encode_parts) to a blocking socket: a large one from where its parts lie (sendmsg, no joined
+    copy), a small one joined (one buffer for the kernel instead of many small ones)."""
+    (size,) = _LENGTH.unpack(parts[0])
+    if size < _OWN_BUFFER or len(parts) > _IOV_MAX:
+        sock.sendall(b"".join(parts))
+        return
+    sent = sock.sendmsg(parts)
+    if sent < _LENGTH.size + size:  # the socket took part of it: the rest, in order
+        sock.sendall(memoryview(b"".join(parts))[sent:])
 
 
 def decode(frame: bytearray) -> Any:
@@ -114,28 +143,73 @@ def decode(frame: bytearray) -> Any:
     return pickle.loads(data, buffers=buffers)
 
 
-class _Frames(asyncio.Protocol):
-    """Reads frames off a socket on the event loop; `on_message` gets each message, `on_end` the socket's end."""
+class _Frames(asyncio.BufferedProtocol):
+    """Reads frames off a socket on the event loop; `on_message` gets each message, `on_end` the socket's end.
+
+    The loop reads into our buffers (recv_into), not into a fresh bytes object per read. Small frames land in one
+    reused buffer, several per read, and each is copied out of it (its tensors must not view a buffer that is read
+    into again). A frame of _OWN_BUFFER bytes or more (a 3x224x224 image is 588 KiB) gets a buffer of its own, read
+    into directly: its tensors view the bytes that came through the kernel, with no copy in between."""
 
     def __init__(self, on_message: Callable[[Any], None], on_end: Callable[[], None]) -> None:
         self.on_message = on_message
         self.on_end = on_end
-        self._buffer = bytearray()
+        self._scratch = bytearray(_SCRATCH)  # never resized: get_buffer hands out views of it
+        self._have = 0  # bytes read into _scratch, not yet taken
+        self._frame: bytearray | None = None  # the large frame being read into its own buffer
+        self._got = 0  # ... and how much of it has arrived
 
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        while len(self._buffer) >= _LENGTH.size:
-            (size,) = _LENGTH.unpack_from(self._buffer, 0)
-            end = _LENGTH.size + size
-            if len(self._buffer) < end:
-                return
-            frame = self._buffer[_LENGTH.size : end]
-            del self._buffer[:end]
-            for message in decode(frame):
-                self.on_message(message)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._frame is not None:
+            return memoryview(self._frame)[self._got :]
+        return memoryview(self._scratch)[self._have : self._have + _OWN_BUFFER]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._frame is not None:
+            self._got += nbytes
+            if self._got == len(self._frame):
+                frame, self._frame = self._frame, None
+                self._deliver(frame)
+            return
+        self._have += nbytes
+        scratch, at = self._scratch, 0
+        while self._have - at >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(scratch, at)
+            start = at + _LENGTH.size
+            if size >= _OWN_BUFFER:
+                frame = bytearray(size)
+                part = min(size, self._have - start)
+                frame[:part] = memoryview(scratch)[start : start + part]
+                at = start + part
+                if part < size:  # the rest is read straight into it
+                    self._frame, self._got = frame, part
+                    break
+                self._deliver(frame)
+                continue
+            if start + size > self._have:
+                break
+            at = start + size
+            self._deliver(scratch[start:at])
+        if at:  # an unfinished small frame's bytes move to the front (fewer than _OWN_BUFFER + 8: room stays)
+            rest = self._have - at
+            scratch[:rest] = memoryview(scratch)[at : self._have]
+            self._have = rest
+
+    def _deliver(self, frame: bytearray) -> None:
+        for message in decode(frame):
+            self.on_message(message)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.on_end()
+
+
+def _socketpair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair whose ends ask for _SOCKET_BUFFER bytes of send buffer (the kernel may grant less)."""
+    pair = socket.socketpair()
+    for end in pair:
+        with contextlib.suppress(OSError):
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+    return pair
 
 
 def portable(error: BaseException) -> BaseException:
@@ -154,24 +228,24 @@ def portable(error: BaseException) -> BaseException:
 # -- the engine-core process ---------------------------------------------------------------------------------------
 
 
-def frame_of(messages: list[tuple], unpicklable: Callable[[tuple, Exception], tuple | None]) -> bytes:
-    """One frame of `messages` (b"" for none). One that cannot be pickled does not take the others with it: it goes as
-    what `unpicklable(message, error)` returns instead, or is left out where that is None."""
+def frame_of(messages: list[tuple], unpicklable: Callable[[tuple, Exception], tuple | None]) -> list:
+    """One frame of `messages`, as encode_parts' buffers ([] for none). One that cannot be pickled does not take the
+    others with it: it goes as what `unpicklable(message, error)` returns instead, or is left out where that is None."""
     try:
-        return encode(messages) if messages else b""
+        return encode_parts(messages) if messages else []
     except Exception:
         pass
     kept = []
     for message in messages:
         try:
-            encode([message])
+            encode_parts([message])
         except Exception as e:
             replaced = unpicklable(message, e)
             if replaced is None:
                 continue
             message = replaced
         kept.append(message)
-    return encode(kept) if kept else b""
+    return encode_parts(kept) if kept else []
 
 
 # An answer that cannot be pickled goes as this kind of answer instead (INTERNAL at the front, with an error id).
@@ -218,11 +292,11 @@ class _Out:
                 self._write(held)
 
     def _write(self, messages: list[tuple]) -> None:
-        frame = frame_of(messages, _unpicklable_answer)
-        if not frame:
+        parts = frame_of(messages, _unpicklable_answer)
+        if not parts:
             return
         with self.lock, contextlib.suppress(OSError):  # the front is gone: the reading side sees the end and exits
-            self.sock.sendall(frame)
+            send_parts(self.sock, parts)
 
 
 class _Forward(EngineObserver):
@@ -487,8 +561,8 @@ class EngineProcess:
         loop = asyncio.get_running_loop()
         self._generation += 1
         generation = self._generation
-        to_engine, engine_in = socket.socketpair()
-        engine_out, from_engine = socket.socketpair()
+        to_engine, engine_in = _socketpair()
+        engine_out, from_engine = _socketpair()
         env = dict(os.environ, OMP_NUM_THREADS=str(intra_op_threads(self.config)))
         if self._preload:
             env["LD_PRELOAD"] = self._preload
@@ -536,7 +610,7 @@ class EngineProcess:
     def _flush(self) -> None:
         messages, self._outbox = self._outbox, []
         if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(frame_of(messages, self._unsendable))
+            self._writer.writelines(frame_of(messages, self._unsendable))
 
     def _unsendable(self, message: tuple, error: Exception) -> None:
         """A request or call that cannot be pickled fails alone (INTERNAL); the others of its frame go."""

@@ -30,7 +30,8 @@ from attrserve_client import AttributionClient
 from attrserve_engine import Cancelled, EngineLimits
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import ERROR_ID
-from attrserve_service.engine_process import EngineProcess, _Out, allocator_preload, decode, encode
+from attrserve_service import engine_process
+from attrserve_service.engine_process import EngineProcess, _Frames, _Out, allocator_preload, decode, encode, send_parts
 
 # Sleeps for inputs holding 777 (a request that keeps the engine busy), kills the engine process for 1234; for 4321 it
 # hangs up on the front (shuts its sockets down) and stops itself (SIGSTOP): an engine process that lingers after its end.
@@ -147,6 +148,101 @@ def test_the_frames_carry_tensors_of_every_dtype_exactly() -> None:
     assert torch.equal(named["x"], tensors[0])
 
 
+def test_the_reader_takes_frames_however_the_socket_cuts_them_and_reads_large_ones_into_their_own_buffer() -> None:
+    small = [("result", i, torch.full((3,), float(i)), {"n": i}) for i in range(6)]
+    image = torch.randn(1, 3, 224, 224)  # 588 KiB: a large frame
+    large = [("submit", 9, image), ("event", "pass_executed", (1, 2))]
+    frames = [encode([m]) for m in small[:3]] + [encode(large)] + [encode([m]) for m in small[3:]] + [encode(large)]
+    stream = b"".join(frames)
+    expected = [m for f in frames for m in decode(bytearray(f[8:]))]
+    rng = np.random.default_rng(5)
+    for trial in range(40):  # cuts anywhere: inside a length, between frames, several frames in one read
+        got: list = []
+        reader = _Frames(got.append, lambda: None)
+        at = 0
+        while at < len(stream):
+            room = reader.get_buffer(-1)
+            assert len(room) > 0
+            n = min(len(room), len(stream) - at, int(rng.integers(1, 8)) if trial % 2 else int(rng.integers(1, 300_000)))
+            room[:n] = stream[at : at + n]
+            reader.buffer_updated(n)
+            at += n
+        assert len(got) == len(expected)
+        for sent, back in zip(expected, got, strict=True):
+            assert sent[:2] == back[:2]
+            if sent[0] == "submit":
+                assert torch.equal(back[2], image)
+            elif sent[0] == "result":
+                assert torch.equal(back[2], sent[2]) and back[3] == sent[3]
+            else:
+                assert back == sent
+    # A large frame's rest is read straight into its own buffer: the reader asks for exactly what is missing.
+    reader = _Frames(lambda m: None, lambda: None)
+    head = encode(large)
+    room = reader.get_buffer(-1)
+    room[:1000] = head[:1000]
+    reader.buffer_updated(1000)
+    assert len(reader.get_buffer(-1)) == len(head) - 1000
+    # Messages decoded from the shared buffer do not change when it is read into again.
+    got = []
+    reader = _Frames(got.append, lambda: None)
+    for frame in (encode([small[0]]), encode([small[1]])):
+        room = reader.get_buffer(-1)
+        room[: len(frame)] = frame
+        reader.buffer_updated(len(frame))
+    assert torch.equal(got[0][2], small[0][2]) and torch.equal(got[1][2], small[1][2])
+
+
+class ShortSocket:
+    """A blocking socket that takes at most `limit` bytes per sendmsg, as a real one may when a signal interrupts it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.sendmsg_calls = 0
+
+    def sendmsg(self, parts: list) -> int:
+        self.sendmsg_calls += 1
+        joined = b"".join(parts)[: self.limit]
+        self.data += joined
+        return len(joined)
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+
+def test_send_parts_writes_the_whole_frame_in_order_when_the_socket_takes_part_of_it_or_there_are_too_many_parts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    message = [("result", 1, torch.randn(300, 300)), ("result", 2, [torch.randn(7) for _ in range(40)])]
+    frame = encode(message)
+    for limit in (10**9, 100_000, 5, 0):
+        sock = ShortSocket(limit)
+        send_parts(sock, engine_process.encode_parts(message))  # type: ignore[arg-type]
+        assert bytes(sock.data) == frame and sock.sendmsg_calls == 1
+    small = [("result", 3, torch.randn(5, 7))]  # joined: one buffer for the kernel
+    sock = ShortSocket(10**9)
+    send_parts(sock, engine_process.encode_parts(small))  # type: ignore[arg-type]
+    assert bytes(sock.data) == encode(small) and sock.sendmsg_calls == 0
+    monkeypatch.setattr(engine_process, "_IOV_MAX", 8)  # more parts than one sendmsg may take: joined
+    sock = ShortSocket(10**9)
+    send_parts(sock, engine_process.encode_parts(message))  # type: ignore[arg-type]
+    assert bytes(sock.data) == frame and sock.sendmsg_calls == 0
+    # And through a real socket pair, with a frame larger than its send buffer, read by another thread.
+    a, b = engine_process._socketpair()
+    try:
+        big = [("result", 3, torch.randn(2, 3, 224, 224))]
+        reader = threading.Thread(target=lambda: received.extend(read_frame(b)))
+        received: list = []
+        reader.start()
+        send_parts(a, engine_process.encode_parts(big))
+        reader.join(30)
+        assert torch.equal(received[0][2], big[0][2])
+    finally:
+        a.close()
+        b.close()
+
+
 def read_frame(sock: socket.socket) -> list:
     """The messages of the next frame on `sock`."""
     (size,) = struct.unpack("<Q", sock.recv(8, socket.MSG_WAITALL))
@@ -187,6 +283,9 @@ class Transport:
 
     def write(self, data: bytes) -> None:
         self.frames.append(data)
+
+    def writelines(self, parts: list) -> None:
+        self.frames.append(b"".join(parts))
 
     def is_closing(self) -> bool:
         return False
