@@ -192,7 +192,7 @@ class _Frames(asyncio.BufferedProtocol):
             self._deliver(scratch[start:at])
         if at:  # an unfinished small frame's bytes move to the front (fewer than _OWN_BUFFER + 8: room stays)
             rest = self._have - at
-            scratch[:rest] = memoryview(scratch)[at : self._have]
+            scratch[:rest] = scratch[at : self._have]  # through a copy: bytearray would memcpy a view of itself
             self._have = rest
 
     def _deliver(self, frame: bytearray) -> None:
