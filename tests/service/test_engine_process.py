@@ -193,6 +193,39 @@ def test_the_reader_takes_frames_however_the_socket_cuts_them_and_reads_large_on
     assert torch.equal(got[0][2], small[0][2]) and torch.equal(got[1][2], small[1][2])
 
 
+def test_frames_written_by_asyncio_arrive_whole_through_a_real_socket_pair() -> None:
+    """The front's path: frame_of's parts handed to an asyncio transport's writelines (Python 3.12+ sends them with
+    sendmsg from where they lie, 3.11 joins them), read by _Frames on another connection."""
+    image = torch.randn(2, 3, 224, 224)
+    batches = [[("submit", 1, image)], [("cancel", 1)], [("submit", i, torch.full((4,), float(i))) for i in range(2, 40)]]
+
+    async def scenario() -> list:
+        loop = asyncio.get_running_loop()
+        front, engine = engine_process._socketpair()
+        got: list = []
+        done = asyncio.Event()
+
+        def received(message: tuple) -> None:
+            got.append(message)
+            if len(got) == sum(map(len, batches)):
+                done.set()
+
+        writer, _ = await loop.create_unix_connection(asyncio.Protocol, sock=front)
+        reader, _ = await loop.create_unix_connection(lambda: _Frames(received, lambda: None), sock=engine)
+        for batch in batches:
+            writer.writelines(engine_process.frame_of(batch, lambda m, e: None))
+        await asyncio.wait_for(done.wait(), 30)
+        writer.close()
+        reader.close()
+        return got
+
+    got = asyncio.run(scenario())
+    assert got[0][:2] == ("submit", 1) and torch.equal(got[0][2], image)
+    assert got[1] == ("cancel", 1)
+    for i, message in zip(range(2, 40), got[2:], strict=True):
+        assert message[:2] == ("submit", i) and torch.equal(message[2], torch.full((4,), float(i)))
+
+
 class ShortSocket:
     """A blocking socket that takes at most `limit` bytes per sendmsg, as a real one may when a signal interrupts it."""
 
