@@ -265,8 +265,8 @@ def test_send_parts_writes_the_whole_frame_in_order_when_the_socket_takes_part_o
     a, b = engine_process._socketpair()
     try:
         big = [("result", 3, torch.randn(2, 3, 224, 224))]
-        reader = threading.Thread(target=lambda: received.extend(read_frame(b)))
         received: list = []
+        reader = threading.Thread(target=lambda: received.extend(read_frame(b)))
         reader.start()
         send_parts(a, engine_process.encode_parts(big))
         reader.join(30)
