@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import os
@@ -47,9 +48,9 @@ from attrserve_engine.models import (
     ServedModels,
     example_bytes,
 )
-from attrserve_engine.plan import Block, BlockResult, JobPlan, PassKind, Plan, PlanOf, RequestRNG, Task, concurrently
+from attrserve_engine.plan import Attribution, Block, BlockResult, JobPlan, PassKind, Plan, PlanOf, RequestRNG, Task, concurrently
 from attrserve_engine.plugins import load_plugins
-from attrserve_engine.scheduler import BATCH, INTERACTIVE, REFUSED_DEADLINE, EngineObserver, LiveJob, Observers, PassStats, Scheduler
+from attrserve_engine.scheduler import BATCH, INTERACTIVE, REFUSED_DEADLINE, EngineObserver, LiveJob, Merge, Observers, PassStats, Scheduler
 from attrserve_engine.targets import check_target, format_target
 from attrserve_engine.tuning import pick_batch_rows, probe_batch_rows
 
@@ -455,7 +456,8 @@ class Engine:
                 input_casts=casts,
             )
 
-        return _live_job(job, model, rows, work_bytes, plan_factory, finish)
+        merge = _merge_of(calls[0], job, model) if len(calls) == 1 and evaluate is None else None
+        return _live_job(job, model, rows, work_bytes, plan_factory, finish, merge)
 
     def _check_rows(
         self, rows: int, n: int, model: LoadedModel, tensors: tuple[Tensor, ...], held: int | None = None, layer_bytes: int = 0
@@ -693,10 +695,12 @@ def _live_job(
     work_bytes: int,
     plan_factory: Callable[[], JobPlan],
     finish: Callable[[list, LiveJob], AttributionResult],
+    merge: Merge | None = None,
 ) -> LiveJob:
     """The scheduler's job; its queued bytes (admission's max_queued_bytes) are the `work_bytes` its plans hold
     (`Engine._check_rows`), spread evenly over its `rows` and released as they are computed."""
     return LiveJob(
+        merge=merge,
         model=model,
         plan_factory=plan_factory,
         finish=finish,
@@ -707,6 +711,94 @@ def _live_job(
         priority=job.priority,
         row_bytes=-(-work_bytes // max(rows, 1)),
     )
+
+
+def _merge_of(call: _PreparedCall, job: AttributionJob, model: LoadedModel) -> Merge | None:
+    """How a job of one algorithm may run as one plan with others (Scheduler._merged): where the algorithm treats each
+    example on its own and no noise tunnel draws, with the jobs that agree in everything but their examples' values."""
+    if call.nt is not None or not call.algorithm.examples_independent:
+        return None
+    task = call.task
+    key = (
+        call.name,
+        task.params,
+        task.return_convergence_delta,
+        task.layer,
+        job.return_outputs,
+        job.priority,
+        _signature(task.inputs),
+        _signature(task.baselines),
+        _signature((task.target,)),
+        _signature(task.args),
+        _signature(task.feature_masks),
+    )
+    try:
+        hash(key)
+    except TypeError:  # parameters that do not hash (a plugin's) are not compared: such jobs run alone
+        return None
+    return Merge(key, (call, job.return_outputs, model.device), _combine)
+
+
+def _signature(tensors: tuple[Tensor, ...]) -> tuple:
+    return tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in tensors)
+
+
+def _combine(payloads: list[tuple[_PreparedCall, bool, torch.device]]) -> tuple[JobPlan, Callable[[list], list[list]]]:
+    """Merge.combine: one plan over the examples of several jobs (_merge_of), and the split of what it returns into each
+    job's share, as its own plan would have returned it."""
+    call, outputs, device = payloads[0]
+    tasks = [c.task for c, _, _ in payloads]
+    deadlines = [t.deadline for t in tasks]
+    task = tasks[0].replace(
+        inputs=_cat_examples([t.inputs for t in tasks]),
+        baselines=_cat_examples([t.baselines for t in tasks], [t.n for t in tasks]),
+        target=torch.cat([t.target for t in tasks]),
+        args=_cat_examples([t.args for t in tasks]),
+        deadline=None if None in deadlines else max(d for d in deadlines if d is not None),
+    )
+    merged = dataclasses.replace(call, task=task)
+    plans: list[PlanOf[Any]] = [merged.plan(device)]
+    if outputs:
+        plans.append(_outputs_plan(task.to(device)))
+    bounds = list(itertools.accumulate((t.n for t in tasks), initial=0))
+
+    def split(returned: list) -> list[list]:
+        shares = []
+        for start, stop in itertools.pairwise(bounds):
+            cut = _examples(start, stop)
+            attribution: Attribution = returned[0]
+            share: list = [Attribution(cut(attribution.attributions), cut(attribution.convergence_delta), cut(attribution.outputs))]
+            if outputs:
+                share.append(cut(returned[-1]))
+            shares.append(share)
+        return shares
+
+    return concurrently(plans), split
+
+
+def _cat_examples(per_job: list[tuple[Tensor, ...]], examples: list[int] | None = None) -> tuple[Tensor, ...]:
+    """Each position's tensors of several jobs, one after another along dim 0. With `examples` (baselines: 1 or n
+    rows each), a tensor every job shares as one row stays that row, and the others are expanded to their job's n."""
+    merged = []
+    for parts in zip(*per_job):
+        if examples is not None and all(p is parts[0] for p in parts) and parts[0].shape[0] == 1:
+            merged.append(parts[0])
+        elif examples is not None:
+            merged.append(torch.cat([p.expand(n, *p.shape[1:]) for p, n in zip(parts, examples)]))
+        else:
+            merged.append(torch.cat(parts))
+    return tuple(merged)
+
+
+def _examples(start: int, stop: int) -> Callable[[Any], Any]:
+    """Examples [start, stop) of a tensor or a tuple of them (None stays None)."""
+
+    def cut(value: Any) -> Any:
+        if value is None:
+            return None
+        return tuple(t[start:stop] for t in value) if isinstance(value, tuple) else value[start:stop]
+
+    return cut
 
 
 def _outputs_plan(task: Task, select: bool = True) -> PlanOf[Tensor]:

@@ -13,6 +13,10 @@ Who calls what:
   take (`_offer`); a worker that queued work it may not run tells the others (`_changed_now`). Cancels, holds,
   stops and crashes wake every worker (`_wake`).
 
+Arrivals that may run as one plan (`Merge`: same load and key, set by the engine) start as one merged job
+(`_merged`): it holds the plan, its members stay the jobs the scheduler accounts for, and its answer is split into
+theirs (docs/ARCHITECTURE.md, "Merged plans").
+
 NOTE: jobs leave the queues in one place, `_evict`, at a pass boundary; nothing removes queue entries while
 another step walks them. A job that dies (deadline passed, caller cancelled, a failed block) is failed at
 once and its rows are gone before the next pass is cut.
@@ -34,8 +38,8 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, NoReturn
 
@@ -161,6 +165,17 @@ class Observers:
         return call
 
 
+@dataclass(frozen=True)
+class Merge:
+    """How a job may run as one plan with others that arrive with it (the engine sets it where the algorithm's examples
+    are independent of one another): jobs of one load with equal `key` may. `combine` takes their `payload`s, in order,
+    and returns the plan over all their examples and a function that cuts that plan's returned values into each job's."""
+
+    key: Hashable
+    payload: Any
+    combine: Callable[[list[Any]], tuple[JobPlan, Callable[[list], list[list]]]]
+
+
 @dataclass(eq=False)
 class LiveJob:
     """A submitted job while its plan runs. Created by the engine, owned by the worker afterwards."""
@@ -186,6 +201,11 @@ class LiveJob:
     rows_done: int = 0  # rows of this job computed so far
     queue_keys: set = field(default_factory=set)  # batch keys it has (or had) blocks queued under
     rows_released: int = 0  # of `rows`, how many no longer count as queued work (admission)
+    merge: Merge | None = None  # may run as one plan with others (Scheduler._merged)
+    merged_into: LiveJob | None = None  # the merged job whose plan runs its examples
+    # A merged job: the jobs whose examples its plan runs, and how its returned values split into theirs.
+    members: tuple[LiveJob, ...] = ()
+    split: Callable[[list], list[list]] | None = None
 
 
 @dataclass
@@ -222,6 +242,10 @@ class _Cut:
 
 def batch_key(model: LoadedModel, block: Block) -> BatchKey:
     return (model, block.pass_key)  # LoadedModel hashes by identity
+
+
+def _finished_by_members(returned: list, job: LiveJob) -> Any:
+    raise AssertionError("a merged job finishes through its members (Scheduler._succeed_members)")
 
 
 def _resolve(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -542,8 +566,8 @@ class Scheduler:
                 # 1) drop the jobs that died since the last pass boundary (deadline passed, caller cancelled)
                 for job in dead:
                     self._drop_if_dead(job, now)
-                # 2) start new plans: their first blocks join the queues
-                for job in arrivals:
+                # 2) start new plans (one for the arrivals that may run as one): their first blocks join the queues
+                for job in self._merged(arrivals):
                     self._advance(job, None)
                 self._evict()
                 # 3) cut one fused pass from the ripest queue whose model has a free replica
@@ -658,12 +682,27 @@ class Scheduler:
     def _drop_if_dead(self, job: LiveJob, now: float) -> bool:
         if job.done:
             return False
+        if job.members:  # a merged job lives while one of its jobs does (each dies on its own, as any job)
+            if not all(member.done for member in job.members):
+                return False
+            self._close(job)
+            self._evicted_keys |= job.queue_keys
+            return True
         dead = self._dead(job, now)
         if dead is None:
             return False
         reason, error = dead
-        self._observers.request_dropped(job.model.name, reason, max(job.rows - job.rows_done, 0))
+        merged = job.merged_into
+        if merged is None:
+            dropped = max(job.rows - job.rows_done, 0)
+        elif all(member.done or member is job for member in merged.members):
+            dropped = max(merged.rows - merged.rows_done, 0)  # the last of a merged job's members: its rows go with it
+        else:
+            dropped = 0  # the merged job's rows run for its other members
+        self._observers.request_dropped(job.model.name, reason, dropped)
         self._fail(job, error)
+        if merged is not None:
+            self._drop_if_dead(merged, now)
         return True
 
     def _enqueue(self, job: LiveJob, block: Block, index: int) -> None:
@@ -780,6 +819,7 @@ class Scheduler:
         if cut.tuner is not None:
             cut.tuner.observe(cut.size, rows >= cut.budget, rows, seconds)
         jobs = {id(qb.job): qb.job for qb, _, _ in segments}
+        requests = sum(len(job.members) or 1 for job in jobs.values())
         for qb, part, _ in segments:
             qb.job.rows_done += part.rows
         with self._cv:
@@ -790,8 +830,8 @@ class Scheduler:
             job.timing.compute_ms += 1e3 * seconds
             job.timing.passes += 1
             job.timing.pass_rows += rows
-            job.timing.pass_requests = max(job.timing.pass_requests, len(jobs))
-        self._observers.pass_executed(PassStats(model.name, segments[0][1].kind.value, rows, len(jobs), seconds, cut.budget))
+            job.timing.pass_requests = max(job.timing.pass_requests, requests)
+        self._observers.pass_executed(PassStats(model.name, segments[0][1].kind.value, rows, requests, seconds, cut.budget))
         now = time.monotonic()
         for (qb, _, offset), outcome in zip(segments, outcomes):
             job = qb.job
@@ -833,7 +873,57 @@ class Scheduler:
         for i, block in enumerate(yielded):
             self._enqueue(job, block, i)
 
+    def _merged(self, arrivals: list[LiveJob]) -> list[LiveJob]:
+        """The arrivals, in order, with those that may run as one plan (same load, same Merge.key; together at most
+        the load's max_batch_rows rows) as one merged job each.
+
+        The merged job holds the plan and is not one of `_jobs`. Its members stay there, with their own futures,
+        deadlines, cancels and admission counts: one that dies fails alone, and its rows are computed with the
+        others'; the members' rows count as queued work until each finishes."""
+        order: list[LiveJob | list[LiveJob]] = []
+        groups: dict[tuple, list[LiveJob]] = {}  # the open group of each key, and its rows
+        rows: dict[tuple, int] = {}
+        for job in arrivals:
+            if job.merge is None or job.done:
+                order.append(job)
+                continue
+            key = (job.model, job.merge.key)
+            group = groups.get(key)
+            if group is None or rows[key] + job.rows > job.model.max_batch_rows:
+                group = groups[key] = []
+                rows[key] = 0
+                order.append(group)
+            group.append(job)
+            rows[key] += job.rows
+        return [item if isinstance(item, LiveJob) else item[0] if len(item) == 1 else self._merge(item) for item in order]
+
+    @staticmethod
+    def _merge(jobs: list[LiveJob]) -> LiveJob:
+        first = jobs[0]
+        assert first.merge is not None
+        plan, split = first.merge.combine([job.merge.payload for job in jobs if job.merge])
+        deadlines = [job.deadline for job in jobs]
+        merged = LiveJob(
+            model=first.model,
+            plan_factory=lambda: plan,
+            finish=_finished_by_members,
+            rows=sum(job.rows for job in jobs),
+            deadline=None if None in deadlines else max(d for d in deadlines if d is not None),
+            arrival=min(job.arrival for job in jobs),
+            request_id=f"{first.request_id} (+{len(jobs) - 1} merged)",
+            priority=first.priority,
+            row_bytes=first.row_bytes,
+            members=tuple(jobs),
+            split=split,
+        )
+        for job in jobs:
+            job.merged_into = merged
+        return merged
+
     def _succeed(self, job: LiveJob, returned: list) -> None:
+        if job.members:
+            self._succeed_members(job, returned)
+            return
         try:
             result = job.finish(returned, job)
         except Exception as e:
@@ -843,11 +933,38 @@ class Scheduler:
         self._close(job)
         _resolve(job.future, result)
 
+    def _succeed_members(self, merged: LiveJob, returned: list) -> None:
+        """A merged job's plan finished: each member still waiting finishes with its share and the merged job's timing."""
+        self._close(merged)
+        assert merged.split is not None
+        try:
+            shares = merged.split(returned)
+        except Exception as e:
+            log.exception("splitting a merged job's results failed", extra={"request_id": merged.request_id})
+            for member in merged.members:
+                self._fail(member, e)
+            return
+        for member, share in zip(merged.members, shares):
+            if member.done:
+                continue
+            member.timing = replace(merged.timing)
+            member.first_pass_start = merged.first_pass_start
+            member.rows_done = member.rows
+            self._succeed(member, share)
+
     def _fail(self, job: LiveJob, error: BaseException) -> None:
         if job.done:
             return
         self._close(job)
         self._evicted_keys |= job.queue_keys
+        if job.members:
+            # A merged plan failed: each member still waiting runs alone, so that it gets its own verdict (one
+            # member's bad input must not fail the others).
+            for member in job.members:
+                if not member.done:
+                    member.merged_into = None
+                    self._advance(member, None)
+            return
         _resolve(job.future, error=error)
 
     def _close(self, job: LiveJob) -> None:

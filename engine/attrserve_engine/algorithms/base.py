@@ -62,6 +62,10 @@ class Algorithm:
     # Yields its rows as plan.Rows, built a pass at a time (perturbation methods): a request then holds its examples,
     # not every row of its work at once (what the per-request byte cap counts).
     rows_per_pass: ClassVar[bool] = False
+    # Each example's attribution depends on that example's rows alone: no random draws, no rule that looks across the
+    # batch, no per-request cap on work that a larger batch would pass. Requests that agree in everything but their
+    # examples may then run as one plan over all their examples (Scheduler._merged), as Captum would on their batch.
+    examples_independent: ClassVar[bool] = False
 
     def parse_params(self, raw: dict[str, Any], limits: Limits) -> Any:
         params = parse_dataclass(self.params_type, raw, self.name)

@@ -9,6 +9,7 @@ from attrserve_engine.plan import Attribution, Plan, Task
 
 class InputXGradient(Algorithm):
     name = "input_x_gradient"
+    examples_independent = True
 
     def plan(self, task: Task) -> Plan:
         result = yield gradient_block(task)

@@ -105,6 +105,7 @@ def check_steps(owner: str, method: str, n_steps: int, limits: Limits, points: i
 
 class IntegratedGradients(Algorithm):
     name = "integrated_gradients"
+    examples_independent = True
     params_type = IntegratedGradientsParams
     has_convergence_delta = True
     uses_baselines = True

@@ -20,6 +20,7 @@ def gradient_block(task: Task) -> Block:
 
 class Saliency(Algorithm):
     name = "saliency"
+    examples_independent = True
     params_type = SaliencyParams
 
     def plan(self, task: Task) -> Plan:

@@ -1,0 +1,237 @@
+"""Requests whose algorithm treats each example on its own (IntegratedGradients, Saliency, InputXGradient) and that
+agree in everything but their examples run as one plan over all their examples (Scheduler._merged). Each answer is
+still its own request's and equals Captum's; a request that fails, is cancelled or passes its deadline does so alone."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from attrserve_engine import AttributionJob, DeadlineExceeded, Engine, InvalidArgument, ModelSpec
+from attrserve_engine.scheduler import EngineObserver, Scheduler
+from oracle import MODELS, Case, assert_all_close, assert_close, captum_attribute, job_for, make_engine, passes_of, submit_held
+
+
+@pytest.fixture
+def merges(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every merged job the schedulers build, in order."""
+    sizes: list[int] = []
+    merge = Scheduler._merge
+
+    def counted(jobs: list) -> Any:
+        sizes.append(len(jobs))
+        return merge(jobs)
+
+    monkeypatch.setattr(Scheduler, "_merge", staticmethod(counted))
+    return sizes
+
+
+class Drops(EngineObserver):
+    def __init__(self) -> None:
+        self.dropped: list[tuple[str, int]] = []
+
+    def request_dropped(self, model: str, reason: str, rows: int) -> None:
+        self.dropped.append((reason, rows))
+
+
+def _check(case: Case, built: dict, result: Any, outputs: bool = False) -> None:
+    want, want_delta = captum_attribute(case, MODELS[case.model](), built)
+    assert_all_close(result.attributions, want)
+    if case.delta:
+        assert_close(result.convergence_delta, want_delta)
+    else:
+        assert result.convergence_delta is None
+    if outputs:
+        with torch.no_grad():
+            assert_close(result.outputs, MODELS[case.model]()(*built["inputs"], *built["args"]))
+
+
+# Each group merges: same model, algorithm, parameters, delta and outputs; 1 to 3 examples each; baselines of one form,
+# or (the last group) of every form: none, a number, one row, one per example.
+GROUPS = [
+    [Case("conv", "integrated_gradients", {"n_steps": 12}, target="per_example", n=n, seed=s) for s, n in enumerate((1, 3, 2))],
+    [Case("conv", "integrated_gradients", {"n_steps": 12}, baselines="row", delta=True, n=n, seed=10 + s) for s, n in enumerate((2, 1))],
+    [Case("conv", "integrated_gradients", {"n_steps": 12}, baselines="per_example", n=n, seed=20 + s) for s, n in enumerate((1, 2))],
+    [Case("multi", "integrated_gradients", {"n_steps": 7}, baselines="scalar", target="per_example", n=n, seed=30 + s) for s, n in enumerate((3, 1))],
+    [Case("mlp", "saliency", {"abs": False}, target="per_example", n=n, seed=40 + s) for s, n in enumerate((1, 2, 1))],
+    [Case("multi", "input_x_gradient", n=n, seed=50 + s) for s, n in enumerate((2, 2))],
+    [Case("conv", "integrated_gradients", {"n_steps": 9}, baselines=b, n=2, seed=60 + s) for s, b in enumerate(("none", "scalar", "row", "per_example"))],
+]
+
+
+def test_merged_requests_each_equal_captum(merges: list[int]) -> None:
+    engine = make_engine(MODELS, default_max_queue_delay_us=0, default_max_batch_rows=4096)
+    cases = [case for group in GROUPS for case in group]
+    built = [case.build() for case in cases]
+    jobs = [job_for(case, b) for case, b in zip(cases, built)]
+    for job in jobs[::4]:
+        job.return_outputs = True  # in the key: these merge only with each other
+    try:
+        with passes_of(engine) as passes:
+            results = [f.result(timeout=60) for f in submit_held(engine, jobs)]
+        again = engine.attribute(jobs[0], timeout=60)  # and the engine serves as before
+    finally:
+        engine.shutdown()
+    assert sorted(merges) and all(size >= 2 for size in merges), merges
+    assert sum(merges) >= len(cases) - 8, merges  # most requests ran merged
+    for case, b, job, result in zip(cases, built, jobs, results):
+        _check(case, b, result, outputs=job.return_outputs)
+        assert result.timing.rows == (job.params.get("n_steps", 1) + (2 if case.delta else 0)) * case.n + (case.n if job.return_outputs else 0)
+    # The passes count the requests, not the merged plans: every pass's requests are the requests that ran in it.
+    assert sum(p.requests for p in passes) == sum(r.timing.passes for r in results)
+    assert max(p.requests for p in passes) == max(r.timing.pass_requests for r in results)
+    _check(cases[0], built[0], again, outputs=True)
+
+
+def test_requests_that_differ_do_not_merge(merges: list[int]) -> None:
+    """Other parameters, a convergence delta, a noise tunnel, another priority, an algorithm whose rules look across the
+    batch: separate plans."""
+    engine = make_engine(MODELS, default_max_queue_delay_us=0, default_max_batch_rows=4096)
+    cases = [
+        Case("mlp", "integrated_gradients", {"n_steps": 5}, n=1, seed=1),
+        Case("mlp", "integrated_gradients", {"n_steps": 6}, n=1, seed=2),
+        Case("mlp", "integrated_gradients", {"n_steps": 5}, delta=True, n=1, seed=3),
+        Case("mlp", "integrated_gradients", {"n_steps": 5}, noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 2, "stdevs": 0.1}, n=1, seed=4),
+        Case("mlp", "integrated_gradients", {"n_steps": 5}, n=1, seed=5),  # as the first, but a batch request
+        Case("mlp", "deep_lift", n=1, seed=6),
+        Case("mlp", "deep_lift", n=1, seed=7),  # DeepLift's rules look across the batch: never merged
+    ]
+    built = [c.build() for c in cases]
+    jobs = [job_for(c, b) for c, b in zip(cases, built)]
+    jobs[4].priority = "batch"
+    try:
+        results = [f.result(timeout=60) for f in submit_held(engine, jobs)]
+    finally:
+        engine.shutdown()
+    assert merges == []
+    for case, b, result in zip(cases, built, results):
+        if not case.noise_tunnel:  # (the noise tunnel's draws are checked against Captum elsewhere)
+            _check(case, b, result)
+
+
+def test_merged_jobs_are_capped_at_a_pass(merges: list[int]) -> None:
+    """At most max_batch_rows rows a merged job: 30 requests of 50 rows with 400 rows a pass merge 8, 8, 8 and 6."""
+    engine = make_engine(MODELS, default_max_queue_delay_us=0, default_max_batch_rows=400)
+    cases = [Case("mlp", "integrated_gradients", {"n_steps": 50}, target="per_example", n=1, seed=i) for i in range(30)]
+    built = [c.build() for c in cases]
+    try:
+        results = [f.result(timeout=60) for f in submit_held(engine, [job_for(c, b) for c, b in zip(cases, built)])]
+    finally:
+        engine.shutdown()
+    assert merges == [8, 8, 8, 6]
+    for case, b, result in zip(cases, built, results):
+        _check(case, b, result)
+
+
+class Picky(nn.Module):
+    """Fails on an input with an element over 100, as a model may fail on one request's data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x > 100).any()):
+            raise ValueError("an element over 100")
+        return self.lin(x)
+
+
+def _picky_engine() -> tuple[Engine, Drops]:
+    engine = Engine()
+    drops = Drops()
+    engine.observers.append(drops)
+    engine.load(ModelSpec(name="picky", module=Picky(), max_queue_delay_us=0))
+    return engine, drops
+
+
+def _picky_jobs(count: int, bad: int | None = None) -> list[AttributionJob]:
+    g = torch.Generator().manual_seed(3)
+    jobs = []
+    for i in range(count):
+        x = torch.rand(1 + i % 2, 4, generator=g)
+        if i == bad:
+            x[0, 1] = 1000.0
+        jobs.append(AttributionJob(model="picky", algorithm="integrated_gradients", inputs=(x,), target=i % 3, params={"n_steps": 8}))
+    return jobs
+
+
+def _alone(jobs: list[AttributionJob]) -> list[torch.Tensor]:
+    engine, _ = _picky_engine()
+    try:
+        return [engine.attribute(job, timeout=30).attributions[0] for job in jobs]
+    finally:
+        engine.shutdown()
+
+
+def test_a_failing_request_fails_alone_and_the_others_run_again_unmerged(merges: list[int]) -> None:
+    jobs = _picky_jobs(4, bad=2)
+    engine, _ = _picky_engine()
+    try:
+        futures = submit_held(engine, jobs)
+        with pytest.raises(InvalidArgument, match="failed on this input: ValueError: an element over 100"):
+            futures[2].result(timeout=30)
+        got = [futures[i].result(timeout=30).attributions[0] for i in (0, 1, 3)]
+        after = engine.attribute(jobs[0], timeout=30).attributions[0]  # the engine serves as before
+        assert engine.serving()[0]
+    finally:
+        engine.shutdown()
+    assert merges == [4]
+    want = _alone([jobs[i] for i in (0, 1, 3)])
+    for g, w in zip(got, want):
+        assert_close(g, w)
+    assert_close(after, want[0])
+
+
+def test_a_cancelled_or_late_member_ends_alone_and_its_rows_still_run(merges: list[int]) -> None:
+    """A member cancelled, and one whose deadline passed, while their merged job waits: each gets its own error, the
+    others their attributions; their rows are computed with the others', so none counts as dropped."""
+    jobs = _picky_jobs(4)
+    jobs[3].deadline = time.monotonic() + 0.05
+    engine, drops = _picky_engine()
+    try:
+        with engine.held():
+            futures = [engine.submit(job) for job in jobs]
+            time.sleep(0.01)  # the worker merges the arrivals while held
+            futures[1].cancel()
+            time.sleep(0.1)  # jobs[3]'s deadline passes
+        with pytest.raises(DeadlineExceeded):
+            futures[3].result(timeout=30)
+        got = [futures[i].result(timeout=30).attributions[0] for i in (0, 2)]
+        assert futures[1].cancelled()
+        assert engine.in_flight() == 0
+    finally:
+        engine.shutdown()
+    assert merges == [4]
+    assert sorted(drops.dropped) == [("cancelled", 0), ("deadline", 0)]
+    for g, w in zip(got, _alone([jobs[0], jobs[2]])):
+        assert_close(g, w)
+
+
+def test_when_every_member_is_gone_the_merged_job_runs_no_pass(merges: list[int]) -> None:
+    """Its rows are dropped with the last member, before they cost a pass, and counted as dropped once."""
+    jobs = _picky_jobs(3)
+    engine, drops = _picky_engine()
+    try:
+        with passes_of(engine) as passes:
+            with engine.held():
+                futures = [engine.submit(job) for job in jobs]
+                time.sleep(0.01)
+                for future in futures:
+                    future.cancel()
+            deadline = time.monotonic() + 10
+            while engine.in_flight() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.05)
+        assert engine.in_flight() == 0
+        assert passes == []
+        # the last member out takes the merged job's rows with it: every row is counted as dropped, once
+        assert sorted(drops.dropped) == [("cancelled", 0), ("cancelled", 0), ("cancelled", sum(8 * j.inputs[0].shape[0] for j in jobs))]
+        assert_close(engine.attribute(jobs[0], timeout=30).attributions[0], _alone(jobs[:1])[0])
+    finally:
+        engine.shutdown()
+    assert merges == [3]
