@@ -736,7 +736,9 @@ def _merge_of(call: _PreparedCall, job: AttributionJob, model: LoadedModel) -> M
         hash(key)
     except TypeError:  # parameters that do not hash (a plugin's) are not compared: such jobs run alone
         return None
-    return Merge(key, (call, job.return_outputs, model.device), _combine)
+    # Their rows are gradient rows (and a delta's or the outputs' forward rows, a fraction of them): a merged job holds
+    # at most one gradient pass.
+    return Merge(key, PassKind.GRADIENT, (call, job.return_outputs, model.device), _combine)
 
 
 def _signature(tensors: tuple[Tensor, ...]) -> tuple:

@@ -168,10 +168,12 @@ class Observers:
 @dataclass(frozen=True)
 class Merge:
     """How a job may run as one plan with others that arrive with it (the engine sets it where the algorithm's examples
-    are independent of one another): jobs of one load with equal `key` may. `combine` takes their `payload`s, in order,
-    and returns the plan over all their examples and a function that cuts that plan's returned values into each job's."""
+    are independent of one another): jobs of one load with equal `key` may, as many as one pass of `kind` holds.
+    `combine` takes their `payload`s, in order, and returns the plan over all their examples and a function that cuts
+    that plan's returned values into each job's."""
 
     key: Hashable
+    kind: PassKind  # the pass kind of the jobs' rows
     payload: Any
     combine: Callable[[list[Any]], tuple[JobPlan, Callable[[list], list[list]]]]
 
@@ -874,8 +876,9 @@ class Scheduler:
             self._enqueue(job, block, i)
 
     def _merged(self, arrivals: list[LiveJob]) -> list[LiveJob]:
-        """The arrivals, in order, with those that may run as one plan (same load, same Merge.key; together at most
-        the load's max_batch_rows rows) as one merged job each.
+        """The arrivals, in order, with those that may run as one plan (same load, same Merge.key) as one merged job
+        each. A merged job holds at most the rows of one pass (the load's pass size for Merge.kind; a job larger than
+        that runs alone), so no member waits for more rows than the pass it would have shared with the others.
 
         The merged job holds the plan and is not one of `_jobs`. Its members stay there, with their own futures,
         deadlines, cancels and admission counts: one that dies fails alone, and its rows are computed with the
@@ -889,7 +892,7 @@ class Scheduler:
                 continue
             key = (job.model, job.merge.key)
             group = groups.get(key)
-            if group is None or rows[key] + job.rows > job.model.max_batch_rows:
+            if group is None or rows[key] + job.rows > self._full_at(job.model, job.merge.kind):
                 group = groups[key] = []
                 rows[key] = 0
                 order.append(group)

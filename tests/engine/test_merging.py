@@ -114,7 +114,7 @@ def test_requests_that_differ_do_not_merge(merges: list[int]) -> None:
 
 
 def test_merged_jobs_are_capped_at_a_pass(merges: list[int]) -> None:
-    """At most max_batch_rows rows a merged job: 30 requests of 50 rows with 400 rows a pass merge 8, 8, 8 and 6."""
+    """At most one pass of rows a merged job: 30 requests of 50 rows with 400 rows a pass merge 8, 8, 8 and 6."""
     engine = make_engine(MODELS, default_max_queue_delay_us=0, default_max_batch_rows=400)
     cases = [Case("mlp", "integrated_gradients", {"n_steps": 50}, target="per_example", n=1, seed=i) for i in range(30)]
     built = [c.build() for c in cases]
