@@ -898,7 +898,17 @@ class Scheduler:
                 order.append(group)
             group.append(job)
             rows[key] += job.rows
-        return [item if isinstance(item, LiveJob) else item[0] if len(item) == 1 else self._merge(item) for item in order]
+        out: list[LiveJob] = []
+        for item in order:
+            if isinstance(item, LiveJob) or len(item) == 1:
+                out.append(item if isinstance(item, LiveJob) else item[0])
+                continue
+            try:
+                out.append(self._merge(item))
+            except Exception:  # a bug in building the merged plan must not cost the requests (or the worker)
+                log.exception("merging %d jobs failed; each runs on its own plan", len(item))
+                out.extend(item)
+        return out
 
     @staticmethod
     def _merge(jobs: list[LiveJob]) -> LiveJob:

@@ -235,3 +235,22 @@ def test_when_every_member_is_gone_the_merged_job_runs_no_pass(merges: list[int]
     finally:
         engine.shutdown()
     assert merges == [3]
+
+
+def test_a_merge_that_cannot_be_built_leaves_each_request_its_own_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in building a merged plan is logged; the requests run unmerged, right, and the worker stays up."""
+    from attrserve_engine import scheduler
+
+    def broken(jobs: list) -> Any:
+        raise RuntimeError("no merge today")
+
+    monkeypatch.setattr(scheduler.Scheduler, "_merge", staticmethod(broken))
+    jobs = _picky_jobs(3)
+    engine, _ = _picky_engine()
+    try:
+        got = [f.result(timeout=30).attributions[0] for f in submit_held(engine, jobs)]
+        assert engine.serving()[0]
+    finally:
+        engine.shutdown()
+    for g, w in zip(got, _alone(jobs)):
+        assert_close(g, w)
