@@ -343,8 +343,9 @@ class Engine:
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
-        """Within the block, requests are accepted and queued but no pass runs; at its end the queues are cut as
-        usual. Makes the composition of fused passes deterministic (tests) and pauses compute (operations)."""
+        """Within the block, requests are accepted but no plan starts and no pass runs; at its end they start together
+        (merged where they may be) and the queues are cut as usual. Makes the composition of merged plans and fused
+        passes deterministic (tests) and pauses compute (operations)."""
         schedulers = list(self._schedulers.values())
         for scheduler in schedulers:
             scheduler.hold()
@@ -716,9 +717,9 @@ def _live_job(
 def _merge_of(call: _PreparedCall, job: AttributionJob, model: LoadedModel) -> Merge | None:
     """How a job of one algorithm may run as one plan with others (Scheduler._merged): where the algorithm treats each
     example on its own and no noise tunnel draws, with the jobs that agree in everything but their examples' values."""
-    if call.nt is not None or not call.algorithm.examples_independent:
-        return None
     task = call.task
+    if call.nt is not None or not call.algorithm.examples_independent or task.feature_masks:
+        return None
     key = (
         call.name,
         task.params,
@@ -730,7 +731,6 @@ def _merge_of(call: _PreparedCall, job: AttributionJob, model: LoadedModel) -> M
         _signature(task.baselines),
         _signature((task.target,)),
         _signature(task.args),
-        _signature(task.feature_masks),
     )
     try:
         hash(key)
@@ -765,10 +765,10 @@ def _combine(payloads: list[tuple[_PreparedCall, bool, torch.device]]) -> tuple[
     bounds = list(itertools.accumulate((t.n for t in tasks), initial=0))
 
     def split(returned: list) -> list[list]:
+        attribution: Attribution = returned[0]
         shares = []
         for start, stop in itertools.pairwise(bounds):
             cut = _examples(start, stop)
-            attribution: Attribution = returned[0]
             share: list = [Attribution(cut(attribution.attributions), cut(attribution.convergence_delta), cut(attribution.outputs))]
             if outputs:
                 share.append(cut(returned[-1]))

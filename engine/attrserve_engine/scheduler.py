@@ -431,7 +431,8 @@ class Scheduler:
             return len(self._jobs)
 
     def hold(self) -> None:
-        """Queue what arrives but cut no pass until `release` (nested holds count). Deadlines still apply."""
+        """Accept what arrives but start no plan and cut no pass until `release` (nested holds count): then the arrivals
+        start together, in order. Deadlines and cancels still apply."""
         with self._cv:
             self._held += 1
 
@@ -559,12 +560,14 @@ class Scheduler:
                     if self._exit or generation != self._generation:
                         break
                     seen = self._changed
-                    arrivals, self._inbox = self._inbox, []
+                    held = self._held > 0
+                    # While held, arrivals wait in the inbox: their plans start together at the release (merged where
+                    # they may be), so what a held block queues runs the same way however the submitter was scheduled.
+                    arrivals, self._inbox = ([], self._inbox) if held else (self._inbox, [])
                     dead, self._cancelled = self._cancelled, []
                     now = time.monotonic()
                     while self._deadlines and (self._deadlines[0][2].done or self._deadlines[0][0] <= now):
                         dead.append(heapq.heappop(self._deadlines)[2])
-                    held = self._held > 0
                 # 1) drop the jobs that died since the last pass boundary (deadline passed, caller cancelled)
                 for job in dead:
                     self._drop_if_dead(job, now)
@@ -582,7 +585,8 @@ class Scheduler:
                 with self._cv:
                     # Anything that may have changed since the lists were taken wakes the loop: no lost wake-ups.
                     changed = self._changed != seen or (self._held > 0) != held
-                    if not (self._exit or generation != self._generation or self._inbox or self._cancelled or changed):
+                    arrived = bool(self._inbox) and not held
+                    if not (self._exit or generation != self._generation or arrived or self._cancelled or changed):
                         if self._deadlines:
                             due = self._deadlines[0][0] - time.monotonic()
                             wake_in = due if wake_in is None else min(wake_in, due)
@@ -957,8 +961,9 @@ class Scheduler:
             for member in merged.members:
                 self._fail(member, e)
             return
+        now = time.monotonic()
         for member, share in zip(merged.members, shares):
-            if member.done:
+            if member.done or self._drop_if_dead(member, now):  # died in the last pass: as a job alone would
                 continue
             member.timing = replace(merged.timing)
             member.first_pass_start = merged.first_pass_start

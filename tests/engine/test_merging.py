@@ -4,6 +4,8 @@ still its own request's and equals Captum's; a request that fails, is cancelled 
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
 from typing import Any
 
@@ -128,49 +130,61 @@ def test_merged_jobs_are_capped_at_a_pass(merges: list[int]) -> None:
 
 
 class Picky(nn.Module):
-    """Fails on an input with an element over 100, as a model may fail on one request's data."""
+    """Fails on an input with an element over 100, as a model may fail on one request's data. With a `gate`, a pass
+    waits for it to open (`entered` is set then): the test decides what happens while the worker is in a pass."""
 
-    def __init__(self) -> None:
+    def __init__(self, gate: threading.Event | None = None) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.lin = nn.Linear(4, 3)
+        self.gate, self.entered = gate, threading.Event()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if bool((x > 100).any()):
             raise ValueError("an element over 100")
+        if self.gate is not None and not self.gate.is_set():
+            self.entered.set()
+            assert self.gate.wait(30)
         return self.lin(x)
 
 
-def _picky_engine() -> tuple[Engine, Drops]:
+def _picky_engine(gate: threading.Event | None = None) -> tuple[Engine, Drops, Picky]:
+    """"picky", and with a gate "gated" (loaded first: its passes are cut before picky's, the model served least
+    recently), one worker for both."""
     engine = Engine()
     drops = Drops()
     engine.observers.append(drops)
+    gated = Picky(gate)
+    if gate is not None:
+        gate.set()  # open through the load's warm-ups
+        engine.load(ModelSpec(name="gated", module=gated, max_queue_delay_us=0))
+        gate.clear()
     engine.load(ModelSpec(name="picky", module=Picky(), max_queue_delay_us=0))
-    return engine, drops
+    return engine, drops, gated
 
 
-def _picky_jobs(count: int, bad: int | None = None) -> list[AttributionJob]:
+def _picky_jobs(count: int, bad: int | None = None, model: str = "picky") -> list[AttributionJob]:
     g = torch.Generator().manual_seed(3)
     jobs = []
     for i in range(count):
         x = torch.rand(1 + i % 2, 4, generator=g)
         if i == bad:
             x[0, 1] = 1000.0
-        jobs.append(AttributionJob(model="picky", algorithm="integrated_gradients", inputs=(x,), target=i % 3, params={"n_steps": 8}))
+        jobs.append(AttributionJob(model=model, algorithm="integrated_gradients", inputs=(x,), target=i % 3, params={"n_steps": 8}))
     return jobs
 
 
 def _alone(jobs: list[AttributionJob]) -> list[torch.Tensor]:
-    engine, _ = _picky_engine()
+    engine, _, _ = _picky_engine()
     try:
-        return [engine.attribute(job, timeout=30).attributions[0] for job in jobs]
+        return [engine.attribute(dataclasses.replace(job, model="picky"), timeout=30).attributions[0] for job in jobs]
     finally:
         engine.shutdown()
 
 
 def test_a_failing_request_fails_alone_and_the_others_run_again_unmerged(merges: list[int]) -> None:
     jobs = _picky_jobs(4, bad=2)
-    engine, _ = _picky_engine()
+    engine, _, _ = _picky_engine()
     try:
         futures = submit_held(engine, jobs)
         with pytest.raises(InvalidArgument, match="failed on this input: ValueError: an element over 100"):
@@ -187,24 +201,32 @@ def test_a_failing_request_fails_alone_and_the_others_run_again_unmerged(merges:
     assert_close(after, want[0])
 
 
-def test_a_cancelled_or_late_member_ends_alone_and_its_rows_still_run(merges: list[int]) -> None:
-    """A member cancelled, and one whose deadline passed, while their merged job waits: each gets its own error, the
-    others their attributions; their rows are computed with the others', so none counts as dropped."""
-    jobs = _picky_jobs(4)
-    jobs[3].deadline = time.monotonic() + 0.05
-    engine, drops = _picky_engine()
+@pytest.mark.parametrize("when", ["before its pass", "during its pass"])
+def test_a_cancelled_or_late_member_ends_alone_and_its_rows_still_run(merges: list[int], when: str) -> None:
+    """A member cancelled, and one whose deadline passed, after their merge: each gets its own error, the others their
+    attributions; their rows are computed with the others', so none counts as dropped. Before its pass: the worker is
+    in another model's pass meanwhile; during: in the merged job's own pass."""
+    gate = threading.Event()
+    engine, drops, gated = _picky_engine(gate)
+    jobs = _picky_jobs(4, model="picky" if when == "before its pass" else "gated")
     try:
+        jobs[3].deadline = time.monotonic() + 0.3
         with engine.held():
+            blocker = engine.submit(_picky_jobs(1, model="gated")[0]) if when == "before its pass" else None
             futures = [engine.submit(job) for job in jobs]
-            time.sleep(0.01)  # the worker merges the arrivals while held
-            futures[1].cancel()
-            time.sleep(0.1)  # jobs[3]'s deadline passes
+        assert gated.entered.wait(30)  # the worker is in a pass, the jobs merged
+        futures[1].cancel()
+        time.sleep(max(jobs[3].deadline - time.monotonic(), 0) + 0.02)  # jobs[3]'s deadline passes
+        gate.set()
         with pytest.raises(DeadlineExceeded):
             futures[3].result(timeout=30)
         got = [futures[i].result(timeout=30).attributions[0] for i in (0, 2)]
         assert futures[1].cancelled()
+        if blocker is not None:
+            blocker.result(timeout=30)
         assert engine.in_flight() == 0
     finally:
+        gate.set()
         engine.shutdown()
     assert merges == [4]
     assert sorted(drops.dropped) == [("cancelled", 0), ("deadline", 0)]
@@ -214,25 +236,30 @@ def test_a_cancelled_or_late_member_ends_alone_and_its_rows_still_run(merges: li
 
 def test_when_every_member_is_gone_the_merged_job_runs_no_pass(merges: list[int]) -> None:
     """Its rows are dropped with the last member, before they cost a pass, and counted as dropped once."""
+    gate = threading.Event()
+    engine, drops, gated = _picky_engine(gate)
     jobs = _picky_jobs(3)
-    engine, drops = _picky_engine()
     try:
         with passes_of(engine) as passes:
             with engine.held():
+                blocker = engine.submit(_picky_jobs(1, model="gated")[0])
                 futures = [engine.submit(job) for job in jobs]
-                time.sleep(0.01)
-                for future in futures:
-                    future.cancel()
+            assert gated.entered.wait(30)
+            for future in futures:
+                future.cancel()
+            time.sleep(0.01)
+            gate.set()
+            blocker.result(timeout=30)
             deadline = time.monotonic() + 10
             while engine.in_flight() and time.monotonic() < deadline:
                 time.sleep(0.005)
-            time.sleep(0.05)
         assert engine.in_flight() == 0
-        assert passes == []
+        assert [p.model for p in passes] == ["gated"]
         # the last member out takes the merged job's rows with it: every row is counted as dropped, once
         assert sorted(drops.dropped) == [("cancelled", 0), ("cancelled", 0), ("cancelled", sum(8 * j.inputs[0].shape[0] for j in jobs))]
         assert_close(engine.attribute(jobs[0], timeout=30).attributions[0], _alone(jobs[:1])[0])
     finally:
+        gate.set()
         engine.shutdown()
     assert merges == [3]
 
@@ -246,7 +273,7 @@ def test_a_merge_that_cannot_be_built_leaves_each_request_its_own_plan(monkeypat
 
     monkeypatch.setattr(scheduler.Scheduler, "_merge", staticmethod(broken))
     jobs = _picky_jobs(3)
-    engine, _ = _picky_engine()
+    engine, _, _ = _picky_engine()
     try:
         got = [f.result(timeout=30).attributions[0] for f in submit_held(engine, jobs)]
         assert engine.serving()[0]

@@ -305,25 +305,28 @@ def test_held_queues_everything_and_release_cuts_full_passes() -> None:
 
 def test_a_release_that_comes_while_the_worker_queues_held_arrivals_is_never_lost() -> None:
     """hold, submit, release at once, many times: the release may come while the worker is between reading the hold
-    and waiting; it must still cut the pass (a lost wake-up would leave the job queued until the next arrival)."""
+    (and leaving the arrival in the inbox) and waiting; it must still start the plan and cut the pass (a lost wake-up
+    would leave the job waiting until the next arrival)."""
     passes, rec = FakePasses(), Recorder()
     s = scheduler(passes, rec)
     m = model(max_batch_rows=32)
+    started = threading.Event()
+    shared_work = s._shared_work
+
+    def slow_step() -> bool:  # the worker's turn after it read the hold, before it waits
+        if s._held and s._inbox:
+            started.set()
+            time.sleep(0.005)
+        return shared_work()
+
+    s._shared_work = slow_step
     try:
         for i in range(20):
+            started.clear()
             s.hold()
-            live = job(m, 1.0 + i, rows=2)
-            started, factory = threading.Event(), live.plan_factory
-
-            def slow_start(factory=factory, started=started):  # the worker starts the plan after it read the hold
-                started.set()
-                time.sleep(0.005)
-                return factory()
-
-            live.plan_factory = slow_start
-            future = s.submit(live)
+            future = s.submit(job(m, 1.0 + i, rows=2))
             assert started.wait(5)
-            s.release()  # while the worker is still starting the plan
+            s.release()  # while the worker is still in its turn
             assert future.result(5) == 2 * (1.0 + i), f"round {i}"
         assert s.in_flight() == 0 and s.serving() == (True, "")
     finally:

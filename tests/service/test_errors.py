@@ -131,9 +131,11 @@ def outcomes_of(calls: list[grpc.Future]) -> list:
 
 def test_model_failure_is_invalid_argument_and_fails_only_its_request(fusing_server) -> None:
     """8 IG requests of 50 rows on `fragile` (256 rows a pass), queued in order while the engine holds; the 4th
-    breaks the model. The 400 rows take two passes: requests 0-4 and 6 rows of request 5 (256), then the rest of
-    5 and requests 6-7 (144). The broken pass is re-run in halves, so only request 3 fails; each other one equals
-    Captum's answer for it and reports the passes it shared."""
+    breaks the model. They merge into two plans of at most a pass: requests 0-4 (250 rows) and 5-7 (150). Pass 1
+    (0-4 and 6 rows of 5-7) fails and is re-run in halves: the failure is pinned on 0-4, whose requests start again
+    each on its own plan, behind the rest of 5-7. Pass 2: the rest of 5-7 (144), 0, 1 and 12 rows of 2 (256). Pass 3:
+    the rest of 2, 3 and 4 (138), re-run in halves until only 3 fails. Each other request equals Captum's answer for
+    it and reports the passes it shared (a pass counts the requests in it, merged or not)."""
     good = np.array([[0.5, -1.0, 2.0]], dtype=np.float32)
     bad = np.array([[500.0, 0.0, 0.0]], dtype=np.float32)
     inputs = [bad if i == 3 else good * (i + 1) for i in range(8)]
@@ -146,7 +148,7 @@ def test_model_failure_is_invalid_argument_and_fails_only_its_request(fusing_ser
     assert isinstance(bad_outcome, grpc.RpcError)
     assert bad_outcome.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "input out of the model's range" in bad_outcome.details()
-    timing = {0: (1, 256, 6), 1: (1, 256, 6), 2: (1, 256, 6), 4: (1, 256, 6), 5: (2, 400, 6), 6: (1, 144, 3), 7: (1, 144, 3)}
+    timing = {0: (1, 256, 6), 1: (1, 256, 6), 2: (2, 394, 6), 4: (1, 138, 3), 5: (2, 512, 8), 6: (2, 512, 8), 7: (2, 512, 8)}
     for i, (passes, pass_rows, pass_requests) in timing.items():
         result = Attribution.from_response(outcomes[i], single=True)
         want = IntegratedGradients(Linear3()).attribute(torch.from_numpy(inputs[i]), target=1, n_steps=50)
