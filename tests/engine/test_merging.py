@@ -225,12 +225,14 @@ def test_a_cancelled_or_late_member_ends_alone_and_its_rows_still_run(merges: li
         if blocker is not None:
             blocker.result(timeout=30)
         assert engine.in_flight() == 0
+        after = engine.attribute(jobs[1], timeout=30).attributions[0]  # the engine serves as before
+        assert engine.serving()[0]
     finally:
         gate.set()
         engine.shutdown()
     assert merges == [4]
     assert sorted(drops.dropped) == [("cancelled", 0), ("deadline", 0)]
-    for g, w in zip(got, _alone([jobs[0], jobs[2]])):
+    for g, w in zip([*got, after], _alone([jobs[0], jobs[2], jobs[1]])):
         assert_close(g, w)
 
 
