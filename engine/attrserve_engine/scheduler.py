@@ -904,14 +904,16 @@ class Scheduler:
             rows[key] += job.rows
         out: list[LiveJob] = []
         for item in order:
-            if isinstance(item, LiveJob) or len(item) == 1:
-                out.append(item if isinstance(item, LiveJob) else item[0])
-                continue
-            try:
-                out.append(self._merge(item))
-            except Exception:  # a bug in building the merged plan must not cost the requests (or the worker)
-                log.exception("merging %d jobs failed; each runs on its own plan", len(item))
-                out.extend(item)
+            if isinstance(item, LiveJob):
+                out.append(item)
+            elif len(item) == 1:
+                out.append(item[0])
+            else:
+                try:
+                    out.append(self._merge(item))
+                except Exception:  # a bug in building the merged plan must not cost the requests (or the worker)
+                    log.exception("merging %d jobs failed; each runs on its own plan", len(item))
+                    out.extend(item)
         return out
 
     @staticmethod
@@ -919,13 +921,12 @@ class Scheduler:
         first = jobs[0]
         assert first.merge is not None
         plan, split = first.merge.combine([job.merge.payload for job in jobs if job.merge])
-        deadlines = [job.deadline for job in jobs]
         merged = LiveJob(
             model=first.model,
             plan_factory=lambda: plan,
             finish=_finished_by_members,
             rows=sum(job.rows for job in jobs),
-            deadline=None if None in deadlines else max(d for d in deadlines if d is not None),
+            deadline=None,  # never read: its members' deadlines apply, each to its own member (_drop_if_dead)
             arrival=min(job.arrival for job in jobs),
             request_id=f"{first.request_id} (+{len(jobs) - 1} merged)",
             priority=first.priority,
