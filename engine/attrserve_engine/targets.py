@@ -6,9 +6,11 @@ index tuple, or a list with one of those per example — or already as an (n, k)
 which every algorithm expands like any other row (and neuron methods use for their neuron_selector).
 
 The rules (how many indices a target needs, which values are in range) are checked twice, with the same
-helpers: `check_target` in numpy when a request is submitted (the caller is the event loop, where a torch
-call would hand the GIL to the worker and wait to get it back), and `flat_target` in torch on the worker,
-for every fused pass (any device), where it also builds the flat index the executor gathers with.
+helpers: `check_target` when a request is submitted (the caller is the event loop, where a torch call would
+hand the GIL to the worker and wait to get it back), and `flat_target` on the worker, for every fused pass,
+where it also builds the flat index the executor gathers with. A target on the CPU (every request's; a pass's
+unless a plan moved it) is worked on in numpy: a torch call on a few integers costs several microseconds of
+dispatch, a numpy call one; a target on another device stays in torch there.
 """
 
 from __future__ import annotations
@@ -75,28 +77,42 @@ def _out_of_range(what: str, value: int, j: int, size: int) -> InvalidArgument:
     return InvalidArgument(f"{what} index {value} is out of range for output dim {j + 1} of size {size}")
 
 
-def check_target(target: Tensor, out_shape: tuple[int, ...], what: str = "target") -> None:
-    """flat_target's checks without building the index, in numpy on the request's CPU tensor (see the module doc)."""
-    k = index_width(target, out_shape, what)
-    if k == 0:
-        return
-    t = target.numpy()
+def _flat_numpy(t: np.ndarray, out_shape: tuple[int, ...], k: int, what: str) -> np.ndarray:
+    """flat_target on a CPU target's numpy view (k >= 1): a few numpy calls, microseconds where torch's take tens."""
     sizes = np.asarray(out_shape[:k], dtype=np.int64)
     bad = (t < -sizes) | (t >= sizes)
     if bad.any():
         row, j = np.argwhere(bad)[0]
         raise _out_of_range(what, int(t[row, j]), int(j), out_shape[j])
+    wrapped = np.remainder(t, sizes)
+    if k == 1:
+        return np.ascontiguousarray(wrapped[:, 0])
+    return wrapped @ np.asarray([math.prod(out_shape[j + 1 : k]) for j in range(k)], dtype=np.int64)
+
+
+def check_target(target: Tensor, out_shape: tuple[int, ...], what: str = "target") -> None:
+    """flat_target's checks on the request's CPU tensor, in numpy (see the module doc)."""
+    k = index_width(target, out_shape, what)
+    if k:
+        _flat_numpy(target.numpy(), out_shape, k, what)
 
 
 def flat_target(target: Tensor, out_shape: tuple[int, ...], what: str = "target") -> Tensor:
     """(rows, k) index tuples → (rows,) flat index into each row's output; negative indices count from the end.
 
     `what` names the index in messages: the target, or a neuron method's neuron_selector.
-    A handful of torch ops whatever the row count: the executor calls it once per fused pass.
+    A handful of array operations whatever the row count: the executor calls it once per fused pass.
     """
     k = index_width(target, out_shape, what)
     if k == 0:
         return torch.zeros(target.shape[0], dtype=torch.int64, device=target.device)
+    if target.device.type == "cpu":
+        return torch.from_numpy(_flat_numpy(target.numpy(), out_shape, k, what))
+    return _flat_torch(target, out_shape, k, what)
+
+
+def _flat_torch(target: Tensor, out_shape: tuple[int, ...], k: int, what: str) -> Tensor:
+    """flat_target on the target's own device (k >= 1): no copy to the CPU and back for a GPU's pass."""
     sizes = torch.tensor(out_shape[:k], dtype=torch.int64, device=target.device)
     bad = (target < -sizes) | (target >= sizes)
     if bool(bad.any()):

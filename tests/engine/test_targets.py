@@ -1,0 +1,98 @@
+"""targets.flat_target: the numpy path (every CPU target) and the torch path (targets on another device) build the
+same flat index and refuse the same targets with the same message; check_target refuses exactly what they refuse."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.targets import _flat_torch, check_target, flat_target, fused_flat_target, index_width
+
+SHAPES = [(10,), (3, 4), (2, 3, 5), (4, 1), (6, 2, 1)]
+
+
+def _reference(target: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
+    """The flat index, one row at a time in plain Python (negative indices count from the end)."""
+    k = target.shape[1]
+    flats = []
+    for row in target.tolist():
+        flat = 0
+        for j, i in enumerate(row):
+            flat = flat * out_shape[j] + (i % out_shape[j])
+        flats.append(flat * math.prod(out_shape[k:]))
+    return torch.tensor(flats, dtype=torch.int64)
+
+
+def _targets(out_shape: tuple[int, ...], rows: int, seed: int) -> list[torch.Tensor]:
+    """In-range targets of every width the shape admits (an index for each dim up to the last one that is not 1)."""
+    g = torch.Generator().manual_seed(seed)
+    need = max((j + 1 for j, size in enumerate(out_shape) if size != 1), default=0)
+    out = []
+    for k in range(need, len(out_shape) + 1):
+        sizes = torch.tensor(out_shape[:k], dtype=torch.int64)
+        out.append(torch.randint(-(1 << 20), 1 << 20, (rows, k), generator=g) % (2 * sizes) - sizes)
+    return out
+
+
+@pytest.mark.parametrize("out_shape", SHAPES)
+@pytest.mark.parametrize("rows", [1, 7, 400])
+def test_numpy_and_torch_paths_build_the_same_flat_index(out_shape: tuple[int, ...], rows: int) -> None:
+    for target in _targets(out_shape, rows, seed=rows):
+        flat = flat_target(target, out_shape)
+        assert flat.dtype == torch.int64 and flat.shape == (rows,) and flat.is_contiguous()
+        assert torch.equal(flat, _reference(target, out_shape))
+        assert torch.equal(_flat_torch(target, out_shape, target.shape[1], "target"), flat)
+        check_target(target, out_shape)  # in range: no error
+
+
+def test_a_target_of_no_indices_selects_the_one_value() -> None:
+    target = torch.zeros((3, 0), dtype=torch.int64)
+    assert torch.equal(flat_target(target, ()), torch.zeros(3, dtype=torch.int64))
+    assert torch.equal(flat_target(target, (1, 1)), torch.zeros(3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize(
+    ("rows", "out_shape", "message"),
+    [
+        ([[0], [10]], (10,), "target index 10 is out of range for output dim 1 of size 10"),
+        ([[0], [-11]], (10,), "target index -11 is out of range for output dim 1 of size 10"),
+        ([[1, 1], [2, 4], [5, 9]], (3, 4), "target index 4 is out of range for output dim 2 of size 4"),
+        ([[3, 0], [0, 9]], (3, 4), "target index 3 is out of range for output dim 1 of size 3"),  # the first, row-major
+    ],
+)
+def test_both_paths_and_check_target_refuse_an_out_of_range_index_alike(rows: list, out_shape: tuple, message: str) -> None:
+    target = torch.tensor(rows, dtype=torch.int64)
+    errors = []
+    for refuse in (
+        lambda: flat_target(target, out_shape),
+        lambda: _flat_torch(target, out_shape, target.shape[1], "target"),
+        lambda: check_target(target, out_shape),
+    ):
+        with pytest.raises(InvalidArgument) as e:
+            refuse()
+        errors.append(str(e.value))
+    assert errors == [message] * 3
+
+
+def test_the_message_names_what_is_indexed() -> None:
+    with pytest.raises(InvalidArgument, match="^neuron_selector index 7 is out of range"):
+        flat_target(torch.tensor([[7]]), (4,), "neuron_selector")
+
+
+def test_a_width_the_output_does_not_take_is_refused_before_any_index_is_read() -> None:
+    with pytest.raises(InvalidArgument, match=r"target has 2 indices but the explained output per example has shape \(10,\)"):
+        index_width(torch.zeros((1, 2), dtype=torch.int64), (10,))
+    with pytest.raises(InvalidArgument, match=r"needs 2 index\(es\), got 1"):
+        check_target(torch.zeros((1, 1), dtype=torch.int64), (3, 4))
+
+
+def test_a_fused_pass_refuses_only_the_segments_with_bad_targets() -> None:
+    good, bad = torch.tensor([[1], [-1]]), torch.tensor([[2], [12]])
+    failures: list = [None, None, None]
+    flat = fused_flat_target([good, bad, good], (10,), failures)
+    assert failures[0] is None and failures[2] is None
+    assert isinstance(failures[1], InvalidArgument) and "index 12" in str(failures[1])
+    assert flat.tolist() == [1, 9, 0, 0, 1, 9]  # the refused segment's rows select index 0
