@@ -52,7 +52,7 @@ from attrserve_engine.plan import Attribution, Block, BlockResult, JobPlan, Pass
 from attrserve_engine.plugins import load_plugins
 from attrserve_engine.scheduler import BATCH, INTERACTIVE, REFUSED_DEADLINE, EngineObserver, LiveJob, Merge, Observers, PassStats, Scheduler
 from attrserve_engine.targets import check_target, format_target
-from attrserve_engine.tuning import pick_batch_rows, probe_batch_rows
+from attrserve_engine.tuning import choose_memory_format, pick_batch_rows, probe_batch_rows
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ class Engine:
         model.max_queued_bytes = model.max_queued_bytes or self.limits.default_max_queued_bytes or queued_bytes_bound(model.device)
         model.warm_up()
         model.measure_layers()
+        log.info("model %s: layout %s", model.name, choose_memory_format(model))  # before the probe times its passes
         if not spec.max_batch_rows and self.limits.probe_batch_rows:  # a config's value always wins
             measured = probe_batch_rows(model, self.limits.probe_seconds)
             if measured:

@@ -65,10 +65,12 @@ class ModelSpec:
     strict_input_dtypes: bool = False  # refuse, rather than cast, a floating input in another floating dtype
     intra_op_threads: int = 0  # torch intra-op threads of the model's CPU passes; 0: the engine's
     instances: int = 0  # copies of the model that run passes at the same time; 0: one
+    memory_format: str = ""  # layout of 4-D tensors in passes: "" / "auto", "contiguous", "channels_last" (tuning.py)
     module: nn.Module | None = None  # an already-built model (tests, embedding in other programs)
 
 
 _AUTOCAST = {"": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MEMORY_FORMATS = ("", "auto", "contiguous", "channels_last")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -193,6 +195,13 @@ class LoadedModel:
             raise InvalidArgument(
                 f"model {spec.name!r}: precision {spec.precision!r} is not one of {', '.join(repr(k) for k in _AUTOCAST)}"
             )
+        if spec.memory_format not in MEMORY_FORMATS:
+            raise InvalidArgument(
+                f"model {spec.name!r}: memory_format {spec.memory_format!r} is not one of {', '.join(repr(k) for k in MEMORY_FORMATS)}"
+            )
+        # Passes lay 4-D floating tensors out channels_last (and the replicas' 4-D weights) when this is set: the
+        # spec's choice, or at load (tuning.choose_memory_format).
+        self.channels_last = False
         self.max_batch_rows = spec.max_batch_rows or default_max_batch_rows
         self.max_queue_delay_s = (spec.max_queue_delay_us or default_max_queue_delay_us) / 1e6
         self.is_torchscript = isinstance(self.module, torch.jit.ScriptModule)
@@ -234,6 +243,19 @@ class LoadedModel:
         # and the scripted ones that would drop there, which cuDNN cannot take a gradient of (executor.rnn_gradient_refusal).
         self._rnns = {id(r): [m for m in r.modules() if _is_rnn(m)] for r in self.replicas}
         self.dropping_rnns = [(name, m) for name, m in self.module.named_modules() if _drops_when_trained(m)]
+
+    def lay_out(self, channels_last: bool) -> None:
+        """Every replica's 4-D parameters and buffers in channels_last, or back in the contiguous layout."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        for replica in self.replicas:
+            replica.to(memory_format=fmt)  # type: ignore[call-overload]  # Module.to takes it; its stubs do not say so
+        self.channels_last = channels_last
+
+    def laid_out(self, x: Tensor) -> Tensor:
+        """A pass's input in the model's layout: a 4-D floating tensor in channels_last where the model runs so."""
+        if self.channels_last and x.dim() == 4 and x.is_floating_point():
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     @property
     def throughput(self) -> float | None:

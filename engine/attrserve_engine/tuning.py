@@ -1,4 +1,5 @@
-"""Batch-size probe: measure a model's rows per second at a few pass sizes at load and pick max_batch_rows.
+"""Batch-size probe: measure a model's rows per second at a few pass sizes at load and pick max_batch_rows. Also the
+layout of its passes (choose_memory_format), and the pass size tuned online on served traffic (PassSizeTuner).
 
 Bigger passes are not always faster (docs/ARCHITECTURE.md, "Pass size": a small CNN on a 2-core CPU peaks
 at 100–200 rows and is 3× slower at 1,600), so the size is measured per model
@@ -16,10 +17,10 @@ from collections.abc import Callable
 
 import torch
 
-from attrserve_engine.errors import AttributionError
+from attrserve_engine.errors import AttributionError, InvalidArgument
 from attrserve_engine.executor import run_pass
 from attrserve_engine.models import LoadedModel
-from attrserve_engine.plan import Block, PassKind
+from attrserve_engine.plan import Block, BlockResult, PassKind
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,95 @@ def _confirmed(
 def pick_batch_rows(measured: dict[int, float]) -> int:
     best = max(measured.values())
     return min(size for size, rate in measured.items() if rate >= GOOD_ENOUGH * best)
+
+
+# -- the layout of a model's passes ----------------------------------------------------------------------------------
+# channels_last must be at least this much faster to be taken where the config leaves the choice to the load ("auto"):
+# the layouts' run-to-run spread must not flip it between starts.
+LAYOUT_GAIN = 1.1
+# Rows of the passes that compare the layouts; the passes of a model that is slow at that size are timed fewer times.
+LAYOUT_ROWS = 8
+LAYOUT_QUICK_S = 0.1
+# The largest difference the layouts may make to a pass's gradients (or outputs), relative to their largest value:
+# float32 rounding (convolutions sum in another order), well inside what equals Captum (1e-5).
+LAYOUT_RTOL = 1e-5
+
+
+def _has_conv2d(module: torch.nn.Module) -> bool:
+    """Whether a 2-D convolution is among the modules (a scripted one keeps its class name in original_name)."""
+    return any(isinstance(m, torch.nn.Conv2d) or getattr(m, "original_name", "") == "Conv2d" for m in module.modules())
+
+
+def choose_memory_format(model: LoadedModel) -> str:
+    """Lay the model's passes out as its spec's memory_format says, and return how and why (for the load's log).
+
+    "contiguous" keeps PyTorch's default layout. "auto" (or "") tries channels_last where it can pay: a model with 2-D
+    convolutions and a 4-D floating input, with pinned shapes to try it on. The same gradient pass (a forward pass for
+    integer inputs) runs in both layouts; channels_last is kept when it gives the same numbers (LAYOUT_RTOL) and is
+    LAYOUT_GAIN times as fast. "channels_last" is checked the same way where the shapes are pinned, and a model that
+    fails it does not load (InvalidArgument); with unpinned shapes it is taken on trust."""
+    choice = model.spec.memory_format or "auto"
+    if choice == "contiguous":
+        return "contiguous (config)"
+    example = model.example_inputs()
+    forced = choice == "channels_last"
+    if example is None or model.output_shape is None:
+        if forced:
+            model.lay_out(True)
+            return "channels_last (config; the inputs' shapes are not pinned, so it was not tried at load)"
+        return "contiguous"
+    if not forced and not (_has_conv2d(model.module) and any(x.dim() == 4 and x.is_floating_point() for x in example)):
+        return "contiguous"
+    g = torch.Generator().manual_seed(0)
+    inputs = tuple(
+        (
+            torch.randn((LAYOUT_ROWS, *x.shape[1:]), generator=g, dtype=x.dtype)
+            if x.is_floating_point()
+            else x.expand(LAYOUT_ROWS, *x.shape[1:]).clone()
+        ).to(model.device)
+        for x in example
+    )
+    k = len(model.output_shape) if math.prod(model.output_shape) > 1 else 0
+    gradient = all(x.is_floating_point() for x in example)
+    block = _probe_block(inputs, k, gradient, "")
+
+    def run(channels_last: bool, times: int) -> tuple[float, torch.Tensor] | AttributionError:
+        model.lay_out(channels_last)
+        best, outcome = math.inf, None
+        for _ in range(times):
+            start = time.perf_counter()
+            outcome = run_pass(model, [block])[0]
+            if isinstance(outcome, AttributionError):
+                return outcome
+            best = min(best, time.perf_counter() - start)
+        assert isinstance(outcome, BlockResult)  # times >= 1, and a failed pass returned above
+        got = outcome.grads[0] if gradient and outcome.grads else outcome.outputs
+        return best, got.detach().contiguous()
+
+    first = run(False, 1)
+    if isinstance(first, AttributionError):  # the model's own failure, which the probe and warm-ups report
+        model.lay_out(forced)
+        return "channels_last (config; not tried: the model's pass fails)" if forced else "contiguous"
+    times = 2 if first[0] < LAYOUT_QUICK_S else 1
+    contiguous, channels_last = run(False, times), run(True, 1 + times)  # channels_last's first run warms its kernels
+    why = ""
+    if isinstance(channels_last, AttributionError):
+        why = f"its forward fails in channels_last: {channels_last}"
+    elif not isinstance(contiguous, AttributionError):
+        (fast, want), (t, got) = contiguous, channels_last
+        differs = float((got - want).abs().max()) if got.shape == want.shape else math.inf
+        if not differs <= LAYOUT_RTOL * float(want.abs().max()):
+            why = f"channels_last changes its gradients by {differs:.3g} (largest {float(want.abs().max()):.3g})"
+        elif forced:
+            return f"channels_last (config; {fast / t:.2f}x the contiguous layout's speed at {LAYOUT_ROWS} rows)"
+        elif fast >= LAYOUT_GAIN * t:
+            return f"channels_last ({fast / t:.2f}x the contiguous layout's speed at {LAYOUT_ROWS} rows)"
+        else:
+            why = f"channels_last ran {fast / t:.2f}x as fast, under {LAYOUT_GAIN}x"
+    model.lay_out(False)
+    if forced:
+        raise InvalidArgument(f"model {model.name!r}: memory_format channels_last: {why}; use contiguous or auto")
+    return f"contiguous ({why})" if why else "contiguous"
 
 
 # -- online: the pass size tuned on real traffic ---------------------------------------------------------------------

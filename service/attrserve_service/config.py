@@ -72,6 +72,7 @@ def effective_config(model: LoadedModel) -> mc.ModelConfig:
     config.max_queued_bytes = model.max_queued_bytes
     config.intra_op_threads = model.intra_op_threads if model.device.type == "cpu" else model.spec.intra_op_threads
     config.instances = model.instances
+    config.memory_format = "channels_last" if model.channels_last else "contiguous"
     return config
 
 
@@ -90,6 +91,7 @@ def spec_config(spec: ModelSpec) -> mc.ModelConfig:
         strict_input_dtypes=spec.strict_input_dtypes,
         intra_op_threads=spec.intra_op_threads,
         instances=spec.instances,
+        memory_format=spec.memory_format,
     )
     for s in spec.inputs:
         wire = TORCH_TO_WIRE.get(s.dtype, 0) if s.dtype is not None else 0  # 0: DATA_TYPE_UNSPECIFIED, any dtype

@@ -106,6 +106,7 @@ def spec_from_config(folder: Path, config: mc.ModelConfig, config_path: Path | N
         strict_input_dtypes=config.strict_input_dtypes,
         intra_op_threads=config.intra_op_threads,
         instances=config.instances,
+        memory_format=config.memory_format,
     )
 
 

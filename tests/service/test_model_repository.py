@@ -27,7 +27,7 @@ from attrserve_client import cli as client_cli
 from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgument
 from attrserve_engine.algorithms import ALGORITHMS
 from attrserve_engine.models import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US
-from attrserve_service.config import effective_config
+from attrserve_service.config import effective_config, spec_config
 from attrserve_service.repository import RepositoryError, load_repository
 from servers import ServeProcess
 
@@ -312,6 +312,23 @@ def test_intra_op_threads_is_read_shown_and_bounded(tmp_path, engines):
     assert_close(attribute(engine, "threads", "saliency").attributions[0], Saliency(build(MLP)).attribute(X.clone(), target=CAPTUM_TARGET, abs=True))
 
 
+def test_memory_format_is_read_checked_and_shown(tmp_path, engines):
+    """The config's memory_format reaches the load, which checks it on the pinned inputs, and GetModel shows the layout the
+    passes run in. An MLP has no 4-D tensor, so channels_last changes nothing in its passes: the config is honoured."""
+    write_model(tmp_path / "last", config=CONFIGURED.replace('name: "custom"', 'name: "last"\n    memory_format: "channels_last"'))
+    write_model(tmp_path / "odd", config=CONFIGURED.replace('name: "custom"', 'name: "odd"\n    memory_format: "sideways"'))
+    specs = {s.name: s for s in load_repository(tmp_path)}
+    assert specs["last"].memory_format == "channels_last"
+    engine = engines()
+    model = engine.load(specs["last"])
+    assert model.channels_last and effective_config(model).memory_format == "channels_last"
+    assert spec_config(specs["last"]).memory_format == "channels_last"  # GetModel of a version that is not loaded
+    assert_close(attribute(engine, "last", "integrated_gradients").attributions[0], captum_ig(build(MLP)))
+    with pytest.raises(InvalidArgument, match=r"model 'odd': memory_format 'sideways' is not one of"):
+        engine.load(specs["odd"])
+    assert_close(attribute(engine, "last", "integrated_gradients").attributions[0], captum_ig(build(MLP)))
+
+
 def test_instances_are_read_shown_bounded_and_equal_captum(tmp_path, engines):
     write_model(tmp_path / "twice", config=CONFIGURED.replace('name: "custom"', 'name: "twice"\n    instances: 2'))
     write_model(tmp_path / "crowd", config=CONFIGURED.replace('name: "custom"', 'name: "crowd"\n    instances: 100000'))
@@ -403,14 +420,14 @@ def test_effective_config_fills_in_defaults(tmp_path, engines):
     assert bare == mc.ModelConfig(
         name="bare", version="1", platform=mc.PLATFORM_PYTORCH_EAGER, max_batch_rows=64,
         max_queue_delay_microseconds=2500, device="cpu", precision="float32", max_queued_bytes=1 << 30,
-        intra_op_threads=threads, instances=1)
+        intra_op_threads=threads, instances=1, memory_format="contiguous")
     assert bare.output.WhichOneof("selector") is None
 
     configured = effective_config(models["custom"])
     assert configured == mc.ModelConfig(
         name="custom", version="7", platform=mc.PLATFORM_PYTORCH_EAGER, max_batch_rows=8,
         max_queue_delay_microseconds=1234, device="cpu", description="a configured MLP", precision="float32", max_queued_bytes=1 << 30,
-        inputs=[mc.InputSpec(name="features", dtype=tensor_pb2.DATA_TYPE_FLOAT32, dims=[4])], intra_op_threads=threads, instances=1)
+        inputs=[mc.InputSpec(name="features", dtype=tensor_pb2.DATA_TYPE_FLOAT32, dims=[4])], intra_op_threads=threads, instances=1, memory_format="contiguous")
 
     tup = effective_config(models["tup"])
     assert tup.output.WhichOneof("selector") == "index" and tup.output.index == 1

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from attrserve.v1 import tensor_pb2 as attrserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61ttrserve/v1/model_config.proto\x12\x0c\x61ttrserve.v1\x1a\x19\x61ttrserve/v1/tensor.proto\"N\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.attrserve.v1.DataType\x12\x0c\n\x04\x64ims\x18\x03 \x03(\x03\"<\n\x0eOutputSelector\x12\x0f\n\x05index\x18\x01 \x01(\rH\x00\x12\r\n\x03key\x18\x02 \x01(\tH\x00\x42\n\n\x08selector\"\xa0\x03\n\x0bModelConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x08platform\x18\x03 \x01(\x0e\x32\x16.attrserve.v1.Platform\x12\'\n\x06inputs\x18\x04 \x03(\x0b\x32\x17.attrserve.v1.InputSpec\x12\x16\n\x0emax_batch_rows\x18\x05 \x01(\r\x12$\n\x1cmax_queue_delay_microseconds\x18\x06 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12,\n\x06output\x18\x08 \x01(\x0b\x32\x1c.attrserve.v1.OutputSelector\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12\x11\n\tprecision\x18\n \x01(\t\x12\x17\n\x0fmax_queued_rows\x18\x0b \x01(\x04\x12\x18\n\x10max_queued_bytes\x18\x0c \x01(\x04\x12\x1b\n\x13strict_input_dtypes\x18\r \x01(\x08\x12\x18\n\x10intra_op_threads\x18\x0e \x01(\r\x12\x11\n\tinstances\x18\x0f \x01(\r*u\n\x08Platform\x12\x18\n\x14PLATFORM_UNSPECIFIED\x10\x00\x12\x1a\n\x16PLATFORM_PYTORCH_EAGER\x10\x01\x12\x18\n\x14PLATFORM_TORCHSCRIPT\x10\x02\x12\x19\n\x15PLATFORM_TORCH_EXPORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x61ttrserve/v1/model_config.proto\x12\x0c\x61ttrserve.v1\x1a\x19\x61ttrserve/v1/tensor.proto\"N\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x64type\x18\x02 \x01(\x0e\x32\x16.attrserve.v1.DataType\x12\x0c\n\x04\x64ims\x18\x03 \x03(\x03\"<\n\x0eOutputSelector\x12\x0f\n\x05index\x18\x01 \x01(\rH\x00\x12\r\n\x03key\x18\x02 \x01(\tH\x00\x42\n\n\x08selector\"\xb7\x03\n\x0bModelConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12(\n\x08platform\x18\x03 \x01(\x0e\x32\x16.attrserve.v1.Platform\x12\'\n\x06inputs\x18\x04 \x03(\x0b\x32\x17.attrserve.v1.InputSpec\x12\x16\n\x0emax_batch_rows\x18\x05 \x01(\r\x12$\n\x1cmax_queue_delay_microseconds\x18\x06 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12,\n\x06output\x18\x08 \x01(\x0b\x32\x1c.attrserve.v1.OutputSelector\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t\x12\x11\n\tprecision\x18\n \x01(\t\x12\x17\n\x0fmax_queued_rows\x18\x0b \x01(\x04\x12\x18\n\x10max_queued_bytes\x18\x0c \x01(\x04\x12\x1b\n\x13strict_input_dtypes\x18\r \x01(\x08\x12\x18\n\x10intra_op_threads\x18\x0e \x01(\r\x12\x11\n\tinstances\x18\x0f \x01(\r\x12\x15\n\rmemory_format\x18\x10 \x01(\t*u\n\x08Platform\x12\x18\n\x14PLATFORM_UNSPECIFIED\x10\x00\x12\x1a\n\x16PLATFORM_PYTORCH_EAGER\x10\x01\x12\x18\n\x14PLATFORM_TORCHSCRIPT\x10\x02\x12\x19\n\x15PLATFORM_TORCH_EXPORT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'attrserve.v1.model_config_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLATFORM']._serialized_start=637
-  _globals['_PLATFORM']._serialized_end=754
+  _globals['_PLATFORM']._serialized_start=660
+  _globals['_PLATFORM']._serialized_end=777
   _globals['_INPUTSPEC']._serialized_start=76
   _globals['_INPUTSPEC']._serialized_end=154
   _globals['_OUTPUTSELECTOR']._serialized_start=156
   _globals['_OUTPUTSELECTOR']._serialized_end=216
   _globals['_MODELCONFIG']._serialized_start=219
-  _globals['_MODELCONFIG']._serialized_end=635
+  _globals['_MODELCONFIG']._serialized_end=658
 # @@protoc_insertion_point(module_scope)

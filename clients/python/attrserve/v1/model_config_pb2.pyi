@@ -38,7 +38,7 @@ class OutputSelector(_message.Message):
     def __init__(self, index: _Optional[int] = ..., key: _Optional[str] = ...) -> None: ...
 
 class ModelConfig(_message.Message):
-    __slots__ = ("name", "version", "platform", "inputs", "max_batch_rows", "max_queue_delay_microseconds", "device", "output", "description", "precision", "max_queued_rows", "max_queued_bytes", "strict_input_dtypes", "intra_op_threads", "instances")
+    __slots__ = ("name", "version", "platform", "inputs", "max_batch_rows", "max_queue_delay_microseconds", "device", "output", "description", "precision", "max_queued_rows", "max_queued_bytes", "strict_input_dtypes", "intra_op_threads", "instances", "memory_format")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class ModelConfig(_message.Message):
     STRICT_INPUT_DTYPES_FIELD_NUMBER: _ClassVar[int]
     INTRA_OP_THREADS_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FORMAT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     platform: Platform
@@ -69,4 +70,5 @@ class ModelConfig(_message.Message):
     strict_input_dtypes: bool
     intra_op_threads: int
     instances: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., platform: _Optional[_Union[Platform, str]] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., max_batch_rows: _Optional[int] = ..., max_queue_delay_microseconds: _Optional[int] = ..., device: _Optional[str] = ..., output: _Optional[_Union[OutputSelector, _Mapping]] = ..., description: _Optional[str] = ..., precision: _Optional[str] = ..., max_queued_rows: _Optional[int] = ..., max_queued_bytes: _Optional[int] = ..., strict_input_dtypes: _Optional[bool] = ..., intra_op_threads: _Optional[int] = ..., instances: _Optional[int] = ...) -> None: ...
+    memory_format: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., platform: _Optional[_Union[Platform, str]] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., max_batch_rows: _Optional[int] = ..., max_queue_delay_microseconds: _Optional[int] = ..., device: _Optional[str] = ..., output: _Optional[_Union[OutputSelector, _Mapping]] = ..., description: _Optional[str] = ..., precision: _Optional[str] = ..., max_queued_rows: _Optional[int] = ..., max_queued_bytes: _Optional[int] = ..., strict_input_dtypes: _Optional[bool] = ..., intra_op_threads: _Optional[int] = ..., instances: _Optional[int] = ..., memory_format: _Optional[str] = ...) -> None: ...

@@ -144,6 +144,18 @@ export interface ModelConfig {
    * (convolutions, transformers); each copy holds its own parameters.
    */
   instances: number;
+  /**
+   * Layout of the passes' 4-D floating tensors (images) and of the model's
+   * 4-D weights. "" or "auto" (default): channels_last when the model has 2-D
+   * convolutions and pinned input shapes, and at load a forward and backward
+   * in channels_last give the contiguous layout's numbers within float32
+   * rounding and run at least 10% faster (oneDNN's convolutions on a CPU ran
+   * a CNN 1.3-1.6x as fast); "contiguous"; "channels_last" (checked the same
+   * way where the inputs are pinned: a model whose forward cannot take it,
+   * say a view() of a convolution's output, fails to load). The layout moves
+   * no attribution by more than float32 rounding.
+   */
+  memoryFormat: string;
 }
 
 function createBaseInputSpec(): InputSpec {
@@ -366,6 +378,7 @@ function createBaseModelConfig(): ModelConfig {
     strictInputDtypes: false,
     intraOpThreads: 0,
     instances: 0,
+    memoryFormat: "",
   };
 }
 
@@ -426,6 +439,9 @@ export const ModelConfig: MessageFns<ModelConfig> = {
     }
     if (message.instances !== 0) {
       writer.uint32(120).uint32(message.instances);
+    }
+    if (message.memoryFormat !== "") {
+      writer.uint32(130).string(message.memoryFormat);
     }
     return writer;
   },
@@ -563,6 +579,14 @@ export const ModelConfig: MessageFns<ModelConfig> = {
             message.instances = reader.uint32();
             continue;
           }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.memoryFormat = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -616,6 +640,11 @@ export const ModelConfig: MessageFns<ModelConfig> = {
         ? globalThis.Number(object.intra_op_threads)
         : 0,
       instances: isSet(object.instances) ? globalThis.Number(object.instances) : 0,
+      memoryFormat: isSet(object.memoryFormat)
+        ? globalThis.String(object.memoryFormat)
+        : isSet(object.memory_format)
+        ? globalThis.String(object.memory_format)
+        : "",
     };
   },
 
@@ -666,6 +695,9 @@ export const ModelConfig: MessageFns<ModelConfig> = {
     if (message.instances !== 0) {
       obj.instances = Math.round(message.instances);
     }
+    if (message.memoryFormat !== "") {
+      obj.memoryFormat = message.memoryFormat;
+    }
     return obj;
   },
 
@@ -698,6 +730,7 @@ export const ModelConfig: MessageFns<ModelConfig> = {
     message.strictInputDtypes = object.strictInputDtypes ?? false;
     message.intraOpThreads = object.intraOpThreads ?? 0;
     message.instances = object.instances ?? 0;
+    message.memoryFormat = object.memoryFormat ?? "";
     return message;
   },
 };

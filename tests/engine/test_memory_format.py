@@ -1,0 +1,233 @@
+"""A model's pass layout (ModelSpec.memory_format, tuning.choose_memory_format): channels_last serves Captum's numbers
+for every algorithm on the zoo's convolutional models, alone and fused; "auto" takes it only where the model runs in it,
+gives the same numbers and is faster, and never tries it on a model without 2-D convolutions; a model that cannot run
+channels_last refuses it at load when the config insists, and the engine serves on."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from attrserve_engine import AttributionJob, Engine, EngineLimits, InputSpec, InvalidArgument, ModelSpec, tuning
+from attrserve_engine.algorithms import ALGORITHMS
+from oracle import assert_all_close, assert_close, submit_held
+from test_model_zoo import CAPTUM_WRONG, captum_answer, request
+from zoo import ALGOS, ZOO, job_for
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.* is deprecated:DeprecationWarning"),
+]
+
+CONV_MODELS = [name for name, z in ZOO.items() if tuning._has_conv2d(z.build())]
+
+
+def test_the_zoo_has_convolutional_models() -> None:
+    assert {"resnet", "vgg"} <= set(CONV_MODELS)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The zoo's convolutional models with pinned shapes and memory_format channels_last (checked at load)."""
+    e = Engine(EngineLimits(probe_batch_rows=False))
+    for name in CONV_MODELS:
+        z = ZOO[name]
+        e.load(
+            ModelSpec(
+                name=name,
+                module=z.build(),
+                inputs=[InputSpec("x", z.dtype, z.shape)],
+                output_key=z.output_key,
+                output_index=z.output_index,
+                memory_format="channels_last",
+            )
+        )
+    yield e
+    e.shutdown()
+
+
+def _answerable(engine: Engine, model: str) -> list[str]:
+    """The algorithms the model serves where Captum runs them right (the zoo test covers the others)."""
+    loaded = engine.get_model(model)
+    return [
+        name
+        for name in sorted(ALGOS)
+        if name in ALGORITHMS
+        and engine.algorithms[name].refusal(loaded, [ZOO[model].dtype]) is None
+        and not isinstance(captum_answer(model, name), Exception)
+        and (model, name) not in CAPTUM_WRONG
+    ]
+
+
+def _like_captum(model: str, name: str, got) -> None:
+    want, want_delta = captum_answer(model, name)
+    assert_all_close(got.attributions, want)
+    if request(model, name).delta:
+        assert_close(got.convergence_delta, want_delta)
+
+
+@pytest.mark.parametrize("model", CONV_MODELS)
+def test_every_algorithm_in_channels_last_equals_captum(engine: Engine, model: str) -> None:
+    assert engine.get_model(model).channels_last
+    names = _answerable(engine, model)
+    assert len(names) > 20
+    failures = []
+    for name in names:
+        try:
+            _like_captum(model, name, engine.attribute(job_for(request(model, name)), timeout=60))
+        except Exception as e:
+            failures.append(f"{name}: {type(e).__name__}: {e}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("model", CONV_MODELS)
+def test_every_algorithm_in_channels_last_fused_equals_captum(engine: Engine, model: str) -> None:
+    names = _answerable(engine, model)
+    futures = submit_held(engine, [job_for(request(model, n)) for n in names])
+    failures, shared = [], 0
+    for name, future in zip(names, futures):
+        try:
+            got = future.result(timeout=120)
+            shared = max(shared, got.timing.pass_requests)
+            _like_captum(model, name, got)
+        except Exception as e:
+            failures.append(f"{name}: {type(e).__name__}: {e}")
+    assert not failures, "\n".join(failures)
+    assert shared > 1, "no two requests shared a pass"
+
+
+class Flattens(nn.Module):
+    """A CNN that flattens with view(), which a channels_last activation cannot take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.shape[0], -1))
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+X = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(7))
+
+
+def _spec(name: str, module: nn.Module, memory_format: str = "", dims: tuple | None = (3, 6, 6)) -> ModelSpec:
+    return ModelSpec(name=name, module=module, inputs=[InputSpec("x", torch.float32, dims)], memory_format=memory_format)
+
+
+def _saliency_like_captum(engine: Engine, name: str, module: nn.Module) -> None:
+    from captum.attr import Saliency
+
+    got = engine.attribute(AttributionJob(model=name, algorithm="saliency", inputs=(X,), target=[0, 2]), timeout=60)
+    assert_close(got.attributions[0], Saliency(module.eval()).attribute(X.clone(), target=[0, 2]))
+
+
+def test_auto_keeps_the_contiguous_layout_where_the_forward_cannot_take_channels_last() -> None:
+    engine = Engine(EngineLimits(probe_batch_rows=False))
+    try:
+        model = engine.load(_spec("flat", Flattens()))
+        assert not model.channels_last
+        assert "fails in channels_last" in tuning.choose_memory_format(model) and not model.channels_last
+        _saliency_like_captum(engine, "flat", Flattens())
+    finally:
+        engine.shutdown()
+
+
+def test_a_config_that_insists_on_channels_last_fails_such_a_model_at_load_and_the_engine_serves_on() -> None:
+    engine = Engine(EngineLimits(probe_batch_rows=False))
+    try:
+        engine.load(_spec("fine", Flattens(), "contiguous"))
+        with pytest.raises(InvalidArgument, match=r"model 'flat': memory_format channels_last: its forward fails in channels_last"):
+            engine.load(_spec("flat", Flattens(), "channels_last"))
+        _saliency_like_captum(engine, "fine", Flattens())
+        assert engine.serving()[0]
+    finally:
+        engine.shutdown()
+
+
+def test_auto_never_tries_a_model_without_2d_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_pass(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the layout of a model without convolutions was tried")
+
+    engine = Engine(EngineLimits(probe_batch_rows=False))
+    try:
+        model = engine.load(ModelSpec(name="mlp", module=Mlp(), inputs=[InputSpec("x", torch.float32, (4,))]))
+        monkeypatch.setattr(tuning, "run_pass", no_pass)
+        assert tuning.choose_memory_format(model) == "contiguous" and not model.channels_last
+        model.spec.memory_format = "contiguous"
+        assert tuning.choose_memory_format(model) == "contiguous (config)"
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("slower", [False, True])
+def test_auto_takes_channels_last_only_when_it_is_faster(monkeypatch: pytest.MonkeyPatch, slower: bool) -> None:
+    """The passes of one layout are made 20 ms slower: auto takes the other."""
+    real = tuning.run_pass
+
+    def run_pass(model, blocks):  # type: ignore[no-untyped-def]
+        if model.channels_last == slower:
+            time.sleep(0.02)
+        return real(model, blocks)
+
+    engine = Engine(EngineLimits(probe_batch_rows=False))
+    try:
+        model = engine.load(_spec("cnn", ZOO["vgg"].build(), dims=ZOO["vgg"].shape))
+        monkeypatch.setattr(tuning, "run_pass", run_pass)
+        why = tuning.choose_memory_format(model)
+        assert model.channels_last is not slower
+        assert why.startswith("contiguous (channels_last ran") if slower else why.startswith("channels_last (")
+    finally:
+        engine.shutdown()
+
+
+class Pools(nn.Module):
+    """A CNN that flattens with flatten(), which takes any layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(nn.functional.max_pool2d(torch.relu(self.conv(x)), 2).flatten(1))
+
+
+def test_channels_last_with_unpinned_shapes_is_taken_on_trust_and_equals_captum() -> None:
+    engine = Engine(EngineLimits(probe_batch_rows=False))
+    try:
+        model = engine.load(_spec("cnn", Pools(), "channels_last", dims=None))
+        assert model.channels_last and all(
+            p.is_contiguous(memory_format=torch.channels_last) for p in model.module.parameters() if p.dim() == 4
+        )
+        _saliency_like_captum(engine, "cnn", Pools())
+        assert engine.serving()[0]
+    finally:
+        engine.shutdown()
+
+
+def test_an_unknown_memory_format_is_refused_naming_the_choices() -> None:
+    engine = Engine(EngineLimits(probe_batch_rows=False))
+    try:
+        with pytest.raises(InvalidArgument, match=r"model 'cnn': memory_format 'sideways' is not one of '', 'auto', 'contiguous', 'channels_last'"):
+            engine.load(_spec("cnn", Flattens(), "sideways"))
+        engine.load(_spec("cnn", Flattens(), "contiguous"))
+        _saliency_like_captum(engine, "cnn", Flattens())
+    finally:
+        engine.shutdown()
