@@ -11,7 +11,9 @@ then time only what the model must do with them, in chunks of c rows:
     (for LayerIntegratedGradients w.r.t. the embedding output, substituted by a forward hook);
   forward rows: forward under torch.no_grad.
 Each chunk size c in CHUNKS (and c = all rows) is timed best-of-several; L's throughput is
-N / (best total time) requests per second, and its chunk size is the best c. It leaves out what any
+N / (best total time) requests per second, and its chunk size is the best c. A model with 2-D
+convolutions and image rows is timed in both memory layouts (contiguous, channels_last) and L takes the
+faster, as attrserve's load does (docs/ARCHITECTURE.md, "Pass layout"). It leaves out what any
 serving path must add — building and reducing rows, (de)serialization, RPC, scheduling — so it is an
 upper bound on what fusion can reach on this machine, not something a server can equal.
 """
@@ -81,7 +83,9 @@ def measure_limit(w: Workload, model: torch.nn.Module, n_requests: int, min_seco
         rows = (alphas.view(-1, 1, *([1] * (x.dim() - 1))) * x.unsqueeze(0)).reshape(-1, *x.shape[1:])  # step-major
         row_t = targets.repeat(n_steps)
         total = rows.shape[0]
-        run = functools.partial(gradient_rows, rows, row_t)
+
+        def run(rows: torch.Tensor, c: int) -> None:
+            gradient_rows(rows, row_t, c)
     elif w.algorithm == "layer_integrated_gradients":
         base = torch.zeros_like(x)
         stage1 = torch.cat([x, base])
@@ -93,7 +97,7 @@ def measure_limit(w: Workload, model: torch.nn.Module, n_requests: int, min_seco
         row_t = targets.repeat(n_steps)
         total = rows.shape[0] + stage1.shape[0]
 
-        def run(c: int) -> None:
+        def run(rows: torch.Tensor, c: int) -> None:
             forward_rows(stage1, c)
             gradient_rows(rows, row_t, c, tokens)
     elif w.algorithm == "occlusion":
@@ -106,13 +110,20 @@ def measure_limit(w: Workload, model: torch.nn.Module, n_requests: int, min_seco
             copies.append(occluded)
         rows = torch.cat(copies)
         total = rows.shape[0]
-        run = functools.partial(forward_rows, rows)
+        run = forward_rows
     else:
         raise ValueError(f"L is not defined for {w.algorithm}")
 
-    per_chunk = {}
-    for c in _chunks(total):
-        per_chunk[c] = _best(functools.partial(run, c), min_seconds)
+    layouts = [torch.contiguous_format]
+    if rows.dim() == 4 and rows.is_floating_point() and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        layouts.append(torch.channels_last)
+    timed = {}
+    for layout in layouts:
+        model.to(memory_format=layout)
+        laid_out = rows.contiguous(memory_format=layout) if rows.dim() == 4 else rows
+        timed[layout] = {c: _best(functools.partial(run, laid_out, c), min_seconds) for c in _chunks(total)}
+    layout = min(timed, key=lambda k: min(timed[k].values()))
+    per_chunk = timed[layout]
     best_c = min(per_chunk, key=per_chunk.get)
     best = per_chunk[best_c]
     return {
@@ -124,4 +135,5 @@ def measure_limit(w: Workload, model: torch.nn.Module, n_requests: int, min_seco
         "throughput_rps": n_requests / best,
         "rows_per_s": total / best,
         "per_chunk_rows_per_s": {str(c): round(total / t, 1) for c, t in per_chunk.items()},
+        "layout": "channels_last" if layout is torch.channels_last else "contiguous",
     }
