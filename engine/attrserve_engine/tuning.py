@@ -214,17 +214,20 @@ def choose_memory_format(model: LoadedModel) -> str:
     why = ""
     if isinstance(channels_last, AttributionError):
         why = f"its forward fails in channels_last: {channels_last}"
-    elif not isinstance(contiguous, AttributionError):
-        (fast, want), (t, got) = contiguous, channels_last
+    elif isinstance(contiguous, AttributionError):
+        why = f"its pass failed in the contiguous layout: {contiguous}"
+    else:
+        (t_contiguous, want), (t_last, got) = contiguous, channels_last
+        speed = f"{t_contiguous / t_last:.2f}x the contiguous layout's speed at {LAYOUT_ROWS} rows"
         differs = float((got - want).abs().max()) if got.shape == want.shape else math.inf
         if not differs <= LAYOUT_RTOL * float(want.abs().max()):
-            why = f"channels_last changes its gradients by {differs:.3g} (largest {float(want.abs().max()):.3g})"
+            why = f"channels_last changes the pass's numbers by {differs:.3g} (largest {float(want.abs().max()):.3g})"
         elif forced:
-            return f"channels_last (config; {fast / t:.2f}x the contiguous layout's speed at {LAYOUT_ROWS} rows)"
-        elif fast >= LAYOUT_GAIN * t:
-            return f"channels_last ({fast / t:.2f}x the contiguous layout's speed at {LAYOUT_ROWS} rows)"
+            return f"channels_last (config; {speed})"
+        elif t_contiguous >= LAYOUT_GAIN * t_last:
+            return f"channels_last ({speed})"
         else:
-            why = f"channels_last ran {fast / t:.2f}x as fast, under {LAYOUT_GAIN}x"
+            why = f"channels_last ran at {speed}, under {LAYOUT_GAIN}x"
     model.lay_out(False)
     if forced:
         raise InvalidArgument(f"model {model.name!r}: memory_format channels_last: {why}; use contiguous or auto")
