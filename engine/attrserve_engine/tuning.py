@@ -67,6 +67,16 @@ def _probe_block(inputs: tuple[torch.Tensor, ...], k: int, gradient: bool, layer
     )
 
 
+def _probe_inputs(model: LoadedModel, example: tuple[torch.Tensor, ...], rows: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """`rows` rows of each example input on the model's device: random floats, or the integer example repeated."""
+    return tuple(
+        (
+            torch.randn((rows, *x.shape[1:]), generator=g, dtype=x.dtype) if x.is_floating_point() else x.expand(rows, *x.shape[1:]).clone()
+        ).to(model.device)
+        for x in example
+    )
+
+
 def probe_batch_rows(model: LoadedModel, budget_s: float = 1.5) -> dict[int, float] | None:
     """Rows per second of a gradient pass at each size (for integer inputs, gradients at the first floating layer, as
     layer methods take them; forward passes where hooks cannot see one); None if it cannot run."""
@@ -92,15 +102,7 @@ def probe_batch_rows(model: LoadedModel, budget_s: float = 1.5) -> dict[int, flo
         return outcome if isinstance(outcome, AttributionError) else time.perf_counter() - start
 
     for size in SIZES:
-        inputs = tuple(
-            (
-                torch.randn((size, *x.shape[1:]), generator=g, dtype=x.dtype)
-                if x.is_floating_point()
-                else x.expand(size, *x.shape[1:]).clone()
-            ).to(model.device)
-            for x in example
-        )
-        blocks[size] = _probe_block(inputs, k, float_inputs or bool(layer), layer)
+        blocks[size] = _probe_block(_probe_inputs(model, example, size, g), k, float_inputs or bool(layer), layer)
         times = []
         for _ in range(1 + RUNS):  # the first run warms the kernels for this shape
             took = timed(size)
@@ -179,15 +181,7 @@ def choose_memory_format(model: LoadedModel) -> str:
         return "contiguous"
     if not forced and not (_has_conv2d(model.module) and any(x.dim() == 4 and x.is_floating_point() for x in example)):
         return "contiguous"
-    g = torch.Generator().manual_seed(0)
-    inputs = tuple(
-        (
-            torch.randn((LAYOUT_ROWS, *x.shape[1:]), generator=g, dtype=x.dtype)
-            if x.is_floating_point()
-            else x.expand(LAYOUT_ROWS, *x.shape[1:]).clone()
-        ).to(model.device)
-        for x in example
-    )
+    inputs = _probe_inputs(model, example, LAYOUT_ROWS, torch.Generator().manual_seed(0))
     k = len(model.output_shape) if math.prod(model.output_shape) > 1 else 0
     gradient = all(x.is_floating_point() for x in example)
     block = _probe_block(inputs, k, gradient, "")
