@@ -487,3 +487,63 @@ def test_lazy_rows_slice_and_join_like_the_tensors_they_stand_for() -> None:
     small, large = Rows.repeated(x, 2), Rows.repeated(x, EAGER_ROWS_BYTES // (8 * 4 * 3) + 1)
     assert isinstance(settled(small), torch.Tensor) and torch.equal(settled(small), repeat_rows(x, 2))
     assert isinstance(settled(large), Rows)
+
+
+def test_occlusion_keeps_the_masks_its_requests_share_builds_large_ones_a_pass_at_a_time_and_never_writes_to_them() -> None:
+    """Occlusion's masks and covers depend only on the windows and the input's shape: they are built once and kept, and
+    a pass's masks are a view of them (bench W4: 64 windows on 3x32x32, ~165 us a request to build, bench/RESULTS.md
+    issue 12 step 20). Masks over _MASKS_KEPT_BYTES are not kept and are built a pass at a time, as before. Requests
+    of different windows and shapes, fused in one engine, each equal Captum, and what was kept still equals what is
+    built afresh: no request wrote to it."""
+    import captum.attr as ca
+
+    from attrserve_engine import EngineLimits, InputSpec, ModelSpec
+    from attrserve_engine.algorithms import occlusion
+    from attrserve_engine.algorithms.occlusion import Windows
+
+    cpu = torch.device("cpu")
+    w4 = Windows((3, 4, 4), (3, 4, 4), (1, 8, 8))
+    sizes = (3, 32, 32)
+    every = w4.masks(sizes, cpu, 0, w4.total)
+    assert torch.equal(every, w4.build_masks(sizes, cpu, 0, w4.total)) and every.shape == (64, 3, 32, 32)
+    for a, b in ((0, 1), (5, 37), (63, 64)):
+        part = w4.masks(sizes, cpu, a, b)
+        assert torch.equal(part, w4.build_masks(sizes, cpu, a, b))
+        assert part.untyped_storage().data_ptr() == every.untyped_storage().data_ptr()  # a view of the kept masks
+    large = Windows((1, 1, 1), (1, 1, 1), (3, 224, 224))  # 150,528 masks of 150,528 positions: 22 GiB
+    assert occlusion._all_masks(large, (3, 224, 224), cpu) is None
+    first = large.masks((3, 224, 224), cpu, 1000, 1004)
+    assert first.shape == (4, 3, 224, 224) and first.sum().item() == 4
+    # window k occludes one position: dim 0's window index fastest (Captum's numbering)
+    assert all(first[i].flatten()[(k % 3) * 224 * 224 + (k // 3 % 224) * 224 + k // (3 * 224)] for i, k in enumerate(range(1000, 1004)))
+
+    engine = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu"))
+    try:
+        engine.load(ModelSpec(name="img", module=RecordingImage(), inputs=[InputSpec("x", torch.float32, (3, 16, 16))], max_batch_rows=64))
+        g = torch.Generator().manual_seed(11)
+        cases = [((3, 4, 4), (3, 4, 4)), ((1, 5, 5), (1, 3, 3)), ((3, 4, 4), (3, 4, 4)), ((3, 16, 16), (3, 16, 16))]
+        xs = [torch.randn(2, 3, 16, 16, generator=g) for _ in cases]
+        target = torch.tensor([[1], [2]])
+        jobs = [
+            AttributionJob(
+                model="img", algorithm="occlusion", inputs=(x,), target=target, params={"sliding_window_shapes": s, "strides": t}
+            )
+            for x, (s, t) in zip(xs, cases)
+        ]
+        futures = [engine.submit(job) for job in jobs]  # fused: their rows share passes
+        module = RecordingImage().eval()
+        for future, x, (s, t) in zip(futures, xs, cases):
+            want = ca.Occlusion(module).attribute(x, sliding_window_shapes=s, strides=t, target=[1, 2])
+            assert_all_close(future.result(60).attributions, (want,))
+        for s, t in set(cases):
+            w = Windows(s, t, tuple(-(-(n - a) // b) + 1 for a, b, n in zip(s, t, (3, 16, 16))))
+            kept = occlusion._all_masks(w, (3, 16, 16), cpu)
+            assert kept is not None and torch.equal(kept, w.build_masks((3, 16, 16), cpu, 0, w.total))
+            fresh = occlusion._cover.__wrapped__(w, (3, 16, 16), cpu)
+            assert all(torch.equal(a, b) for a, b in zip(occlusion._cover(w, (3, 16, 16), cpu), fresh))
+            cover, count = occlusion._cover_counts(w, (3, 16, 16), cpu)
+            assert all(torch.equal(a, b.to(torch.float64)) for a, b in zip(cover, fresh))
+            assert torch.equal(count, occlusion._cover_counts.__wrapped__(w, (3, 16, 16), cpu)[1])
+        assert engine.in_flight() == 0 and engine.serving() == (True, "")
+    finally:
+        engine.shutdown(drain=False, timeout=5)

@@ -3,6 +3,7 @@ of the windows that cover it."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,16 @@ def _integral(value: Any) -> Any:
     return value
 
 
+# What a request's windows need besides its own numbers (the windows' masks, which windows cover each position) depends
+# only on the windows and the input's shape, which the requests of one model and one parameter set share. So it is
+# built once and kept, for the last _KEPT (windows, shape, device); the masks of all windows only while they take at
+# most _MASKS_KEPT_BYTES (bench W4: 64 windows on 3x32x32, 192 KiB), and a pass's share of them is then a view. Larger
+# ones (one 1x1 window per position of a 224x224 image: 22 GiB) are still built a pass at a time. Kept tensors are
+# shared by every request that uses them: nothing writes to them.
+_KEPT = 64
+_MASKS_KEPT_BYTES = 1 << 20
+
+
 @dataclass(frozen=True)
 class Windows:
     """One input's sliding windows: shape, stride and window count per dim (Captum's shift_counts)."""
@@ -57,19 +68,18 @@ class Windows:
     def total(self) -> int:
         return math.prod(self.counts)
 
-    def cover(self, sizes: tuple[int, ...], device: torch.device) -> list[Tensor]:
-        """Per dim d, (counts[d], sizes[d]) bool: which positions the k-th window along d covers.
-        The last window may run past the end and is cut off, as Captum's negative padding does."""
-        out = []
-        for w, s, c, size in zip(self.shape, self.strides, self.counts, sizes):
-            start = torch.arange(c, device=device).view(c, 1) * s  # (c, 1)
-            pos = torch.arange(size, device=device).view(1, size)  # (1, size)
-            out.append((pos >= start) & (pos < start + w))
-        return out
+    def cover(self, sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, ...]:
+        """Per dim d, (counts[d], sizes[d]) bool: which positions the k-th window along d covers (kept: _cover)."""
+        return _cover(self, sizes, device)
 
     def masks(self, sizes: tuple[int, ...], device: torch.device, start: int, stop: int) -> Tensor:
         """(stop - start, *sizes) bool, windows start..stop-1 in Captum's numbering (dim 0's window index fastest,
-        occlusion.py:312-318): mask k is the positions window k occludes."""
+        occlusion.py:312-318): mask k is the positions window k occludes. A view of the kept masks where they are kept."""
+        every = _all_masks(self, sizes, device)
+        return every[start:stop] if every is not None else self.build_masks(sizes, device, start, stop)
+
+    def build_masks(self, sizes: tuple[int, ...], device: torch.device, start: int, stop: int) -> Tensor:
+        """`masks`, built."""
         k = torch.arange(start, stop, device=device)
         mask = torch.ones((stop - start,) + (1,) * len(sizes), dtype=torch.bool, device=device)
         step = 1
@@ -87,15 +97,42 @@ class Windows:
         it is D small matmuls rather than a (windows × positions) product.
         """
         n, dims = drops.shape[1], len(sizes)
-        cover = [c.to(torch.float64) for c in self.cover(sizes, drops.device)]
+        cover, count = _cover_counts(self, sizes, drops.device)
         # (n, counts[D-1], ..., counts[0]) → (n, counts[0], ..., counts[D-1])
         total = drops.to(torch.float64).t().reshape((n,) + tuple(reversed(self.counts)))
         total = total.permute((0,) + tuple(range(dims, 0, -1)))
-        count = torch.ones((), dtype=torch.float64, device=drops.device)
         for d, cov in enumerate(cover):
             total = torch.movedim(torch.movedim(total, 1 + d, -1) @ cov, -1, 1 + d)  # window axis d → position axis d
-            count = count.unsqueeze(-1) * cov.sum(0)  # (*sizes[:d+1]) windows covering each position
         return (total / count).to(torch.float32)  # (n, *sizes); Captum returns total.float() / weight
+
+
+@functools.lru_cache(maxsize=_KEPT)
+def _cover(w: Windows, sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, ...]:
+    """Windows.cover. The last window may run past the end and is cut off, as Captum's negative padding does."""
+    out = []
+    for shape, stride, count, size in zip(w.shape, w.strides, w.counts, sizes):
+        start = torch.arange(count, device=device).view(count, 1) * stride  # (count, 1)
+        pos = torch.arange(size, device=device).view(1, size)  # (1, size)
+        out.append((pos >= start) & (pos < start + shape))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=_KEPT)
+def _cover_counts(w: Windows, sizes: tuple[int, ...], device: torch.device) -> tuple[tuple[Tensor, ...], Tensor]:
+    """Windows.average's operands: the cover as float64, and (*sizes) how many windows cover each position."""
+    cover = tuple(c.to(torch.float64) for c in _cover(w, sizes, device))
+    count = torch.ones((), dtype=torch.float64, device=device)
+    for cov in cover:
+        count = count.unsqueeze(-1) * cov.sum(0)
+    return cover, count
+
+
+@functools.lru_cache(maxsize=_KEPT)
+def _all_masks(w: Windows, sizes: tuple[int, ...], device: torch.device) -> Tensor | None:
+    """Every window's mask (Windows.build_masks), where they take at most _MASKS_KEPT_BYTES; else None."""
+    if w.total * math.prod(sizes) > _MASKS_KEPT_BYTES:
+        return None
+    return w.build_masks(sizes, device, 0, w.total)
 
 
 def _window_masks(w: Windows, x: Tensor) -> Callable[[int, int], Tensor]:
