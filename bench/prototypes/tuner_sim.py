@@ -1,14 +1,17 @@
 """The online pass-size tuner (engine/attrserve_engine/tuning.py) fed simulated served passes: per-pass rows/s from a
-curve of rate by size, times 1 ± uniform noise. Prints, per noise level and rule, the mean rate of the second half's
-passes (trials included) as a share of the best size's rate, over 4 starts × `--seeds` seeds.
+curve of rate by size, times 1 ± uniform noise. Prints, per noise level and rule, the rows served per second (trials
+included) as a share of the best size's, over the second half of the passes and over the first `--early` passes (a
+bench run's first seconds), over 4 starts × `--seeds` seeds. `--overhead-rows` adds a cost to every pass that the
+tuner does not see (the worker's cut and routing, the front's frames), in rows of the best rate.
 
-    .venv/bin/python bench/prototypes/tuner_sim.py                 # the table in bench/RESULTS.md step 16
+    .venv/bin/python bench/prototypes/tuner_sim.py                 # the table in bench/RESULTS.md step 20
     .venv/bin/python bench/prototypes/tuner_sim.py --min-margin 0.01 --trial-passes 32
 
 Rules: "noise" is the tuner as built: the neighbour must beat the size by one standard error of the trial's medians,
 at least MIN_MARGIN (--min-margin and --trial-passes override MIN_MARGIN and TRIAL_PASSES); "6%" its fixed margin of
 step 15 (c772a9d); "old" its rule before c772a9d: 8 passes a trial, and pick_batch_rows' tolerance (a bigger size must
-be 1/0.9 faster, a smaller one may be 10% slower). No server, no timing: pure Python, a few seconds.
+be 1/0.9 faster, a smaller one may be 10% slower); "up-ties" (step 20, not kept) takes a bigger neighbour unless it is
+slower by the margin. No server, no timing: pure Python, a few seconds.
 """
 
 from __future__ import annotations
@@ -36,20 +39,39 @@ class OldRule(PassSizeTuner):
         return b * GOOD_ENOUGH >= a if self.candidate is not None and self.candidate > self.size else b >= GOOD_ENOUGH * a
 
 
+class UpTies(PassSizeTuner):
+    """Tried in step 20, not kept: a bigger neighbour is taken unless slower by the margin."""
+
+    def takes(self, here: list[float], there: list[float]) -> bool:
+        a, b = statistics.median_high(here), statistics.median_high(there)
+        if self.candidate is not None and self.candidate > self.size:
+            return b >= a * (1 - self.margin(len(here), len(there)))
+        return super().takes(here, there)
+
+
 class FixedMargin(PassSizeTuner):
     def takes(self, here: list[float], there: list[float]) -> bool:
         return statistics.median_high(there) > statistics.median_high(here) * 1.06
 
 
-def share_of_best(tuner: PassSizeTuner, curve: dict[int, int], noise: float, seed: int, passes: int) -> float:
+def share_of_best(
+    tuner: PassSizeTuner, curve: dict[int, int], noise: float, seed: int, passes: int, overhead: float, early: int
+) -> tuple[float, float]:
+    """The served rate as a share of the best size's, over the second half of `passes` and over the first `early`
+    passes. A pass of `size` rows takes size / rate (what the tuner sees, times 1 ± noise) plus `overhead` seconds
+    that it does not see (the worker's cut and route, the front's frames), and the share counts both."""
     rng = random.Random(seed)
-    late = []
+    late, first = [0, 0.0], [0, 0.0]
     for i in range(passes):
         size = tuner.take()
         tuner.observe(size, True, size, size / (curve[size] * (1 + rng.uniform(-noise, noise))))
-        if i >= passes // 2:
-            late.append(curve[size])
-    return statistics.mean(late) / max(curve.values())
+        for window, inside in ((late, i >= passes // 2), (first, i < early)):
+            if inside:
+                window[0] += size
+                window[1] += size / curve[size] + overhead
+
+    top = max(s / (s / r + overhead) for s, r in curve.items())
+    return late[0] / late[1] / top, first[0] / first[1] / top
 
 
 def main() -> None:
@@ -59,18 +81,32 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=20_000)
     p.add_argument("--min-margin", type=float, default=tuning.MIN_MARGIN)
     p.add_argument("--trial-passes", type=int, default=tuning.TRIAL_PASSES)
+    p.add_argument("--overhead-rows", type=float, default=0.0, help="per-pass cost the tuner does not see, in rows of the best rate")
+    p.add_argument("--early", type=int, default=600, help="passes in the early window (a bench run's first seconds)")
     a = p.parse_args()
     starts = (16, 64, 256, 512)
+    print("each cell: share of the best in the second half / in the first --early passes (min over starts and seeds)\n")
     print("| noise per pass | rule | " + " | ".join(CURVES) + " |")
     print("|---|---|" + "---:|" * len(CURVES))
     for noise in (float(n) for n in a.noise.split(",")):
-        rules = (("old", OldRule, 8), ("6%", FixedMargin, 24), ("noise", PassSizeTuner, a.trial_passes))
+        rules = (
+            ("old", OldRule, 8),
+            ("6%", FixedMargin, 24),
+            ("noise", PassSizeTuner, a.trial_passes),
+            ("up-ties", UpTies, a.trial_passes),
+        )
         for rule, cls, trial_passes in rules:
             tuning.TRIAL_PASSES, tuning.MIN_MARGIN = trial_passes, a.min_margin
             cells = []
             for curve in CURVES.values():
-                shares = [share_of_best(cls(start), curve, noise, seed, a.passes) for start in starts for seed in range(a.seeds)]
-                cells.append(f"{statistics.mean(shares):.3f} (min {min(shares):.3f})")
+                overhead = a.overhead_rows / max(curve.values())
+                shares = [
+                    share_of_best(cls(start), curve, noise, seed, a.passes, overhead, a.early)
+                    for start in starts
+                    for seed in range(a.seeds)
+                ]
+                late, first = [s[0] for s in shares], [s[1] for s in shares]
+                cells.append(f"{statistics.mean(late):.3f} / {statistics.mean(first):.3f} (min {min(late):.3f} / {min(first):.3f})")
             print(f"| ±{noise:.0%} | {rule} | " + " | ".join(cells) + " |")
 
 
