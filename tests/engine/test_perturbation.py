@@ -500,6 +500,7 @@ def test_occlusion_keeps_the_masks_its_requests_share_builds_large_ones_a_pass_a
     from attrserve_engine import EngineLimits, InputSpec, ModelSpec
     from attrserve_engine.algorithms import occlusion
     from attrserve_engine.algorithms.occlusion import Windows
+    from attrserve_engine.plan import Task
 
     cpu = torch.device("cpu")
     w4 = Windows((3, 4, 4), (3, 4, 4), (1, 8, 8))
@@ -536,7 +537,8 @@ def test_occlusion_keeps_the_masks_its_requests_share_builds_large_ones_a_pass_a
             want = ca.Occlusion(module).attribute(x, sliding_window_shapes=s, strides=t, target=[1, 2])
             assert_all_close(future.result(60).attributions, (want,))
         for s, t in set(cases):
-            w = Windows(s, t, tuple(-(-(n - a) // b) + 1 for a, b, n in zip(s, t, (3, 16, 16))))
+            x = xs[cases.index((s, t))]
+            (w,) = occlusion.Occlusion().windows(Task((x,), (), target, (), occlusion.OcclusionParams((s,), (t,)), rng=None))
             kept = occlusion._all_masks(w, (3, 16, 16), cpu)
             assert kept is not None and torch.equal(kept, w.build_masks((3, 16, 16), cpu, 0, w.total))
             fresh = occlusion._cover.__wrapped__(w, (3, 16, 16), cpu)
