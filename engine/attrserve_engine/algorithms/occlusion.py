@@ -68,10 +68,6 @@ class Windows:
     def total(self) -> int:
         return math.prod(self.counts)
 
-    def cover(self, sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, ...]:
-        """Per dim d, (counts[d], sizes[d]) bool: which positions the k-th window along d covers (kept: _cover)."""
-        return _cover(self, sizes, device)
-
     def masks(self, sizes: tuple[int, ...], device: torch.device, start: int, stop: int) -> Tensor:
         """(stop - start, *sizes) bool, windows start..stop-1 in Captum's numbering (dim 0's window index fastest,
         occlusion.py:312-318): mask k is the positions window k occludes. A view of the kept masks where they are kept."""
@@ -83,7 +79,7 @@ class Windows:
         k = torch.arange(start, stop, device=device)
         mask = torch.ones((stop - start,) + (1,) * len(sizes), dtype=torch.bool, device=device)
         step = 1
-        for d, cov in enumerate(self.cover(sizes, device)):
+        for d, cov in enumerate(_cover(self, sizes, device)):
             view = [stop - start] + [1] * len(sizes)
             view[1 + d] = sizes[d]
             mask = mask & cov[(k // step) % self.counts[d]].view(view)  # this window's interval along dim d
@@ -108,7 +104,8 @@ class Windows:
 
 @functools.lru_cache(maxsize=_KEPT)
 def _cover(w: Windows, sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, ...]:
-    """Windows.cover. The last window may run past the end and is cut off, as Captum's negative padding does."""
+    """Per dim d, (counts[d], sizes[d]) bool: which positions the k-th window along d covers. The last window may run
+    past the end and is cut off, as Captum's negative padding does."""
     out = []
     for shape, stride, count, size in zip(w.shape, w.strides, w.counts, sizes):
         start = torch.arange(count, device=device).view(count, 1) * stride  # (count, 1)
