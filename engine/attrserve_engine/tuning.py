@@ -237,8 +237,16 @@ def choose_memory_format(model: LoadedModel) -> str:
 # the wait, up to MOST_BETWEEN_TRIALS, so a settled size spends ~4% of its passes on trials.
 FIRST_TRIAL_AFTER = 16
 MOST_BETWEEN_TRIALS = 512
-# Full passes of each of the two sizes a trial compares; they are cut in turns, so both see the same load and phase.
+# Full passes of each of the two sizes a trial compares.
 TRIAL_PASSES = 24
+# A trial cuts its two sizes in phases of this many passes, in turns (the neighbour first), so both see the same load
+# and the same phase of the machine, yet each size's passes run beside the work that passes of that size cause
+# elsewhere. The front end's frames and wake-ups for the answers a pass completes, and the callers' next requests, run
+# on the same cores as the passes running then, and there are more of them per row with smaller passes. Cut one by one
+# in turns, both sizes ran beside the same mix and shared that cost: bench W2's 128- and 256-row passes ran within 3%
+# of each other in every trial, so the size stayed at 128, where 512 served more. In phases of 6, 256 rows beat 128 by
+# 6-9% and 512 beat 256 (bench/RESULTS.md, issue 12 step 21).
+PHASE_PASSES = 6
 # The neighbour is taken when its median rows/s beats the size's by more than the noise allows (`PassSizeTuner.margin`):
 # one standard error of the difference of the two medians, from the spread of the passes' rows/s (smoothed over
 # trials), and at least MIN_MARGIN; in either direction. Full passes mean a queue is waiting, so the fastest size also
@@ -266,8 +274,9 @@ def spread(rates: list[float]) -> float:
 
 class PassSizeTuner:
     """Rows per pass for one model's passes of one kind, tuned on the passes it serves: a hill climb over SIZES that,
-    from time to time, cuts full passes of the size and of a neighbour (twice or half as big) in turns, and moves to
-    the neighbour when it is faster by more than its passes' noise allows (`margin`). The rule is the same both ways,
+    from time to time, cuts full passes of the size and of a neighbour (twice or half as big), in phases of
+    PHASE_PASSES each in turns, and moves to the neighbour when it is faster by more than its passes' noise allows
+    (`margin`). The rule is the same both ways,
     so on a plateau it stays where it is (a move there is noise, and a move back backs off like a kept size). Only full
     passes count: a pass that is short because the queue held fewer rows says nothing about its size, and with a queue
     waiting the fastest size is also the one that answers soonest.
@@ -281,7 +290,7 @@ class PassSizeTuner:
         self._full = 0  # full passes of `size` since the last trial
         self._up = True  # the direction of the next trial
         self.candidate: int | None = None  # the neighbour on trial
-        self._cuts: dict[int, int] = {}  # passes cut for each size in this trial
+        self._cuts = 0  # passes cut in this trial
         self._rates: dict[int, list[float]] = {}  # rows/s of each size's full passes in this trial
         self._misses = 0
         # (from, to, rate there, rate here) of the latest moves: on a plateau it still moves now and then, for as long
@@ -294,13 +303,13 @@ class PassSizeTuner:
         """The size the next pass is cut to (a queue holding this many rows is ripe)."""
         if self.candidate is None:
             return self.size
-        return min((self.size, self.candidate), key=lambda s: self._cuts.get(s, 0))
+        return (self.candidate, self.size)[self._cuts // PHASE_PASSES % 2]
 
     def take(self) -> int:
-        """The size of a pass being cut now (during a trial, the two sizes in turns)."""
+        """The size of a pass being cut now (during a trial, the two sizes' phases in turns)."""
         size = self.peek()
         if self.candidate is not None:
-            self._cuts[size] = self._cuts.get(size, 0) + 1
+            self._cuts += 1
         return size
 
     def observe(self, size: int, full: bool, rows: int, seconds: float) -> None:
@@ -358,7 +367,7 @@ class PassSizeTuner:
             return
         self.candidate = options[0]
         self._up = self.candidate > self.size
-        self._cuts, self._rates, self._misses = {}, {}, 0
+        self._cuts, self._rates, self._misses = 0, {}, 0
 
     def _end_trial(self, moved: bool) -> None:
         """`moved`: to a size it had not just left. Going back to the last one is noise on a plateau as much as a
