@@ -14,11 +14,13 @@ alternate the configurations (A, B, A, B, ...) with a fresh server each time, so
 machine's fast and slow phases: read the ratios inside a round. The load client is bench/harness.py's, in this process.
 
 `--paired` starts every configuration's server afresh in each round, all at once, and measures them in bursts of
-`--seconds` in the order A, B, B, A (after a 0.3 s warm-up each), so both see the same phase of the machine; the
-two bursts of a configuration are averaged. It ends with each configuration's ratios against the first, round by
-round: the median, the range and in how many rounds it did better. Why: the machine's phases last tens of seconds and
-swing throughput by up to 40%, and two servers of the same code differ by ~5% for their whole life (an A/A run,
-10 rounds of bursts on one pair of servers: 0.94×, 2 of 10 faster); a fresh pair each round averages that out.
+`--seconds` in the order A, B, B, A (after a 0.3 s warm-up each), so both see the same phase of the machine; the two
+bursts of a configuration are averaged. Before the bursts each fresh server gets `--settle` seconds of unmeasured load
+(2 by default); 20 or more measure where the pass-size tuner settles rather than its start. It ends with each
+configuration's ratios against the first, round by round: the median, the range and in how many rounds it did better.
+Why: the machine's phases last tens of seconds and swing throughput by up to 40%, and two servers of the same code
+differ by ~5% for their whole life (an A/A run, 10 rounds of bursts on one pair of servers: 0.94×, 2 of 10 faster); a
+fresh pair each round averages that out.
 """
 
 from __future__ import annotations
@@ -154,6 +156,7 @@ def main() -> None:
     p.add_argument("--config", action="append", required=True, metavar="NAME=FLAGS")
     p.add_argument("--scrape-every", type=float, default=None, metavar="S", help="scrape /metrics every S s during the load")
     p.add_argument("--paired", action="store_true", help="per round: fresh servers of all configs, bursts A, B, B, A; paired ratios")
+    p.add_argument("--settle", type=float, default=2.0, metavar="S", help="--paired: unmeasured load on each fresh server first")
     args = p.parse_args()
     configs = [(c.split("=", 1)[0], c.split("=", 1)[1].split()) for c in args.config]
     rows: dict[str, list[dict]] = {name: [] for name, _ in configs}
@@ -172,7 +175,7 @@ def _paired_round(args: argparse.Namespace, configs: list[tuple[str, list[str]]]
     try:
         for name, flags in configs:
             servers[name] = Config(name, flags, args.scrape_every)
-            harness.drive(servers[name].server.target, W[args.workload].requests(), W[args.workload].concurrency, 2.0, record=False)
+            harness.drive(servers[name].server.target, W[args.workload].requests(), W[args.workload].concurrency, args.settle, record=False)
         bursts: dict[str, list[dict]] = {name: [] for name, _ in configs}
         for name, _ in configs + configs[::-1]:
             bursts[name].append(measure(servers[name], args.workload, args.seconds, warmup=0.3))
