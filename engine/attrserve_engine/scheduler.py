@@ -48,7 +48,7 @@ from attrserve_engine.executor import run_pass
 from attrserve_engine.job import JobTiming
 from attrserve_engine.models import LoadedModel
 from attrserve_engine.plan import Block, BlockResult, JobPlan, PassKind, concat_results, slice_block
-from attrserve_engine.tuning import PassSizeTuner
+from attrserve_engine.tuning import PassSizeTuner, tuning_start
 
 log = logging.getLogger(__name__)
 
@@ -799,7 +799,7 @@ class Scheduler:
             return None
         tuners = self._tuners.setdefault(model, {})
         if kind not in tuners:
-            tuners[kind] = PassSizeTuner(model.max_batch_rows, f"model {model.name!r} {kind.value} passes")
+            tuners[kind] = PassSizeTuner(tuning_start(model.batch_probe), f"model {model.name!r} {kind.value} passes")
         return tuners[kind]
 
     def _full_at(self, model: LoadedModel, kind: PassKind) -> int:

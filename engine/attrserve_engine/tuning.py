@@ -144,6 +144,17 @@ def pick_batch_rows(measured: dict[int, float]) -> int:
     return min(size for size, rate in measured.items() if rate >= GOOD_ENOUGH * best)
 
 
+def tuning_start(measured: dict[int, float]) -> int:
+    """The size the online tuner (PassSizeTuner) starts a probed model's passes at: the largest the probe found within
+    GOOD_ENOUGH of its best. The probe cannot tell those sizes apart on a quiet device, and the full passes that the
+    tuner reads carry work elsewhere per pass that favours the bigger (PHASE_PASSES). From the smallest
+    (`pick_batch_rows`, still the model's max_batch_rows) a fresh server climbed a doubling a trial and bench W2 spent
+    its first seconds at 16-64 rows (bench/RESULTS.md, issue 12 step 21). A queue is cut when it fills or after
+    max_queue_delay (0.5 ms by default), so on a lightly loaded model a bigger size adds at most that wait."""
+    best = max(measured.values())
+    return max(size for size, rate in measured.items() if rate >= GOOD_ENOUGH * best)
+
+
 # -- the layout of a model's passes ----------------------------------------------------------------------------------
 # channels_last must be at least this much faster to be taken where the config leaves the choice to the load ("auto"):
 # the layouts' run-to-run spread must not flip it between starts.

@@ -14,7 +14,7 @@ from attrserve_engine import Engine, EngineLimits, InputSpec, ModelSpec
 from attrserve_engine.models import LoadedModel
 from attrserve_engine.plan import PassKind
 from attrserve_engine.scheduler import Scheduler
-from attrserve_engine.tuning import MIN_MARGIN, MOVES_KEPT, SIZES, PassSizeTuner, pick_batch_rows
+from attrserve_engine.tuning import MIN_MARGIN, MOVES_KEPT, SIZES, PassSizeTuner, pick_batch_rows, tuning_start
 from oracle import MODELS
 from test_scheduler import FakePasses, Recorder, job
 
@@ -328,6 +328,30 @@ def test_the_scheduler_tunes_a_probed_models_passes_on_what_it_serves_and_leaves
         assert {p.size for p in rec.passes if p.model == "configured"} == {16}
         sizes = [p.size for p in rec.passes if p.model == "probed"]
         assert sizes[0] == 16 and set(sizes) <= {16, 32, 64, 128} and sizes[-40:].count(64) >= 20  # (a trial cuts half)
+        assert s.in_flight() == 0 and s.serving() == (True, "")
+    finally:
+        s.stop(drain=False)
+
+
+def test_the_tuner_starts_at_the_largest_size_the_probe_could_not_tell_from_the_best() -> None:
+    """A probe's curve flat within 10% from 16 to 128 rows (bench_cnn's on one thread, step 20): max_batch_rows stays
+    the smallest (16), and served passes start at 128, the largest; with a queue waiting the first pass is 128 rows,
+    whatever its results, which stay exact."""
+    flat = {8: 4000.0, 16: 5600.0, 32: 6001.0, 64: 6112.0, 128: 6058.0, 256: 5359.0, 512: 5450.0}
+    assert (pick_batch_rows(flat), tuning_start(flat)) == (16, 128)
+    assert (pick_batch_rows(PEAKED), tuning_start(PEAKED)) == (64, 128)
+    assert tuning_start({16: 5000.0}) == 16
+
+    rec = Recorder()
+    s = Scheduler("test", 10_000, [rec], run_pass=FakePasses())
+    try:
+        probed = LoadedModel(ModelSpec(name="probed", module=torch.nn.Linear(1, 1)), 16, 1)
+        probed.batch_probe = flat
+        s.hold()
+        futures = [s.submit(job(probed, 1.0 + i % 5, rows=16), admit=False) for i in range(40)]
+        s.release()
+        assert [f.result(30) for f in futures] == [16 * (1.0 + i % 5) for i in range(40)]
+        assert (rec.passes[0].rows, rec.passes[0].size) == (128, 128) and probed.max_batch_rows == 16
         assert s.in_flight() == 0 and s.serving() == (True, "")
     finally:
         s.stop(drain=False)
