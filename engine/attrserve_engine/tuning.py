@@ -255,8 +255,8 @@ TRIAL_PASSES = 24
 # elsewhere. The front end's frames and wake-ups for the answers a pass completes, and the callers' next requests, run
 # on the same cores as the passes running then, and there are more of them per row with smaller passes. Cut one by one
 # in turns, both sizes ran beside the same mix and shared that cost: bench W2's 128- and 256-row passes ran within 3%
-# of each other in every trial, so the size stayed at 128, where 512 served more. In phases of 6, 256 rows beat 128 by
-# 6-9% and 512 beat 256 (bench/RESULTS.md, issue 12 step 21).
+# of each other in every trial, so the size stayed at 128, where 512 pinned served more. In phases of 6, two starts'
+# trials found 256 rows 6-9% faster than 128, and 512 ~8% faster than 256 (bench/RESULTS.md, issue 12 step 21).
 PHASE_PASSES = 6
 # The neighbour is taken when its median rows/s beats the size's by more than the noise allows (`PassSizeTuner.margin`):
 # one standard error of the difference of the two medians, from the spread of the passes' rows/s (smoothed over
@@ -287,10 +287,9 @@ class PassSizeTuner:
     """Rows per pass for one model's passes of one kind, tuned on the passes it serves: a hill climb over SIZES that,
     from time to time, cuts full passes of the size and of a neighbour (twice or half as big), in phases of
     PHASE_PASSES each in turns, and moves to the neighbour when it is faster by more than its passes' noise allows
-    (`margin`). The rule is the same both ways,
-    so on a plateau it stays where it is (a move there is noise, and a move back backs off like a kept size). Only full
-    passes count: a pass that is short because the queue held fewer rows says nothing about its size, and with a queue
-    waiting the fastest size is also the one that answers soonest.
+    (`margin`). The rule is the same both ways, so on a plateau it stays where it is (a move there is noise, and a move
+    back backs off like a kept size). Only full passes count: a pass that is short because the queue held fewer rows
+    says nothing about its size, and with a queue waiting the fastest size is also the one that answers soonest.
 
     Not thread-safe: the scheduler calls it under its state lock."""
 
