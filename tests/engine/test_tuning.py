@@ -152,6 +152,9 @@ def test_a_token_id_model_is_probed_with_gradients_at_its_embedding_and_torchscr
 # -- PassSizeTuner: the pass size tuned online, on served passes ------------------------------------------------------
 
 
+RECENT = 4  # passes whose completions set how much of the cores the work elsewhere takes (`_serve`)
+
+
 def _serve(
     tuner: PassSizeTuner, rate: dict[int, float], passes: int, noise: float = 0.0, full=lambda size: True, elsewhere: float = 0.0
 ) -> list[tuple[int, int]]:
@@ -174,9 +177,6 @@ def _serve(
             recent.append(seconds)
         tuner.observe(size, full(size), size, seconds)
     return cut
-
-
-RECENT = 4
 
 
 def trial_share(cut: list[tuple[int, int]]) -> float:
@@ -335,8 +335,8 @@ def test_the_scheduler_tunes_a_probed_models_passes_on_what_it_serves_and_leaves
 
 def test_the_tuner_starts_at_the_largest_size_the_probe_could_not_tell_from_the_best() -> None:
     """A probe's curve flat within 10% from 16 to 128 rows (bench_cnn's on one thread, step 20): max_batch_rows stays
-    the smallest (16), and served passes start at 128, the largest; with a queue waiting the first pass is 128 rows,
-    whatever its results, which stay exact."""
+    the smallest (16), and served passes start at 128, the largest: with a queue waiting, the first pass is 128 rows,
+    and the results stay exact."""
     flat = {8: 4000.0, 16: 5600.0, 32: 6001.0, 64: 6112.0, 128: 6058.0, 256: 5359.0, 512: 5450.0}
     assert (pick_batch_rows(flat), tuning_start(flat)) == (16, 128)
     assert (pick_batch_rows(PEAKED), tuning_start(PEAKED)) == (64, 128)
