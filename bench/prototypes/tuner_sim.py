@@ -15,8 +15,8 @@ Rules: "noise" is the tuner as built: the neighbour must beat the size by one st
 at least MIN_MARGIN (--min-margin and --trial-passes override MIN_MARGIN and TRIAL_PASSES); "6%" its fixed margin of
 step 15 (c772a9d); "old" its rule before c772a9d: 8 passes a trial, and pick_batch_rows' tolerance (a bigger size must
 be 1/0.9 faster, a smaller one may be 10% slower); "up-ties" (step 20, not kept) takes a bigger neighbour unless it is
-slower by the margin; "one by one" is the built rule with a trial's passes cut one by one in turns, as before step 21
-(the other rules cut them in phases). No server, no timing: pure Python, a few seconds.
+slower by the margin; "one by one" is the built rule with a trial's passes cut one by one in turns (PHASE_PASSES 1),
+as before step 21 (the other rules cut them in phases). No server, no timing: pure Python, a few seconds.
 """
 
 from __future__ import annotations
@@ -55,13 +55,6 @@ class UpTies(PassSizeTuner):
         if self.candidate is not None and self.candidate > self.size:
             return b >= a * (1 - self.margin(len(here), len(there)))
         return super().takes(here, there)
-
-
-class OneByOne(PassSizeTuner):
-    """The built rule with a trial's two sizes cut one by one in turns (before step 21)."""
-
-    def peek(self) -> int:
-        return self.size if self.candidate is None else (self.candidate, self.size)[self._cuts % 2]
 
 
 class FixedMargin(PassSizeTuner):
@@ -106,19 +99,20 @@ def main() -> None:
     p.add_argument("--early", type=int, default=600, help="passes in the early window (a bench run's first seconds)")
     a = p.parse_args()
     starts = (16, 64, 256, 512)
+    phase = tuning.PHASE_PASSES
     print("each cell: share of the best in the second half / in the first --early passes (min over starts and seeds)\n")
     print("| noise per pass | rule | " + " | ".join(CURVES) + " |")
     print("|---|---|" + "---:|" * len(CURVES))
     for noise in (float(n) for n in a.noise.split(",")):
-        rules = (
-            ("old", OldRule, 8),
-            ("6%", FixedMargin, 24),
-            ("noise", PassSizeTuner, a.trial_passes),
-            ("up-ties", UpTies, a.trial_passes),
-            ("one by one", OneByOne, a.trial_passes),
+        rules = (  # (name, class, TRIAL_PASSES, PHASE_PASSES)
+            ("old", OldRule, 8, phase),
+            ("6%", FixedMargin, 24, phase),
+            ("noise", PassSizeTuner, a.trial_passes, phase),
+            ("up-ties", UpTies, a.trial_passes, phase),
+            ("one by one", PassSizeTuner, a.trial_passes, 1),
         )
-        for rule, cls, trial_passes in rules:
-            tuning.TRIAL_PASSES, tuning.MIN_MARGIN = trial_passes, a.min_margin
+        for rule, cls, trial_passes, phase_passes in rules:
+            tuning.TRIAL_PASSES, tuning.MIN_MARGIN, tuning.PHASE_PASSES = trial_passes, a.min_margin, phase_passes
             cells = []
             for curve in CURVES.values():
                 overhead, elsewhere = a.overhead_rows / max(curve.values()), a.elsewhere_rows / max(curve.values())

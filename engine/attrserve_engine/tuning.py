@@ -139,9 +139,14 @@ def _confirmed(
     return measured
 
 
-def pick_batch_rows(measured: dict[int, float]) -> int:
+def near_best(measured: dict[int, float]) -> list[int]:
+    """The sizes the probe measured within GOOD_ENOUGH of its best rate."""
     best = max(measured.values())
-    return min(size for size, rate in measured.items() if rate >= GOOD_ENOUGH * best)
+    return [size for size, rate in measured.items() if rate >= GOOD_ENOUGH * best]
+
+
+def pick_batch_rows(measured: dict[int, float]) -> int:
+    return min(near_best(measured))
 
 
 def tuning_start(measured: dict[int, float]) -> int:
@@ -151,8 +156,7 @@ def tuning_start(measured: dict[int, float]) -> int:
     (`pick_batch_rows`, still the model's max_batch_rows) a fresh server climbed a doubling a trial and bench W2 spent
     its first seconds at 16-64 rows (bench/RESULTS.md, issue 12 step 21). A queue is cut when it fills or after
     max_queue_delay (0.5 ms by default), so on a lightly loaded model a bigger size adds at most that wait."""
-    best = max(measured.values())
-    return max(size for size, rate in measured.items() if rate >= GOOD_ENOUGH * best)
+    return max(near_best(measured))
 
 
 # -- the layout of a model's passes ----------------------------------------------------------------------------------
