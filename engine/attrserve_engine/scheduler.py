@@ -803,9 +803,10 @@ class Scheduler:
         return tuners[kind]
 
     def _full_at(self, model: LoadedModel, kind: PassKind) -> int:
-        """Queued rows that fill a pass of `model`'s `kind` (the queue is ripe then)."""
+        """Queued rows that fill a pass of `model`'s `kind` (the queue is ripe then): the size its next pass is cut to,
+        within the pass budget, as `_cut` takes it. A queue that already holds a pass's worth does not wait for more."""
         tuner = self._tuner(model, kind)
-        return tuner.peek() if tuner is not None else model.max_batch_rows
+        return self._pass_budget(model, tuner.peek() if tuner is not None else model.max_batch_rows)
 
     def _pass_budget(self, model: LoadedModel, size: int) -> int:
         """Rows in one pass: `size`, fewer when that would take longer than max_pass_seconds at the model's

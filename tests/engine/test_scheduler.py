@@ -353,6 +353,26 @@ def test_a_queue_is_cut_when_its_oldest_row_has_waited_the_delay_or_when_it_is_f
         s.stop(drain=False)
 
 
+@pytest.mark.parametrize("sized_by", ["config", "tuner"])
+def test_a_queue_that_holds_a_pass_budget_is_full(sized_by: str) -> None:
+    """A slow model's pass is cut to max_pass_seconds of work (`_pass_budget`), below its size. A queue holding that
+    many rows fills the pass it will get, so it is cut at once: it used to wait for the size's rows or the delay."""
+    passes, rec = FakePasses(), Recorder()
+    s = scheduler(passes, rec, max_pass_seconds=0.25)
+    try:
+        slow = model(max_batch_rows=128, delay_us=30_000_000, name="slow")  # a 30 s delay: only a full queue is cut
+        if sized_by == "tuner":
+            slow.batch_probe = {64: 1000.0, 128: 1000.0}  # the tuner starts at 128
+        slow.rows_per_second = 200.0  # 0.25 s of work: 50 rows a pass
+        s._arrival_gap = 0.0
+        futures = [s.submit(job(slow, 1.0 + i, rows=10)) for i in range(5)]
+        assert [f.result(5) for f in futures] == [10.0 * (1.0 + i) for i in range(5)]  # long before the delay
+        assert [(p.rows, p.size) for p in rec.passes] == [(50, 50)]
+        assert s.in_flight() == 0 and s.serving() == (True, "")
+    finally:
+        s.stop(drain=False)
+
+
 # --- admission, fairness, priorities, pass budget ----------------------------------------------
 
 class Refusals(Recorder):
