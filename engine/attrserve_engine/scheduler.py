@@ -384,8 +384,9 @@ class Scheduler:
 
         An empty queue takes any request (the per-request row cap still applies), so no request is refused
         forever; batch requests may fill only BATCH_SHARE of the bounds."""
-        if len(self._jobs) >= self.max_queued_jobs:
-            self._refuse(model, REFUSED_REQUESTS, f"this server holds {len(self._jobs)} requests for {self.name}, its limit")
+        held = sum(backlog.jobs for backlog in self._pending.values())  # abandoned jobs no longer count
+        if held >= self.max_queued_jobs:
+            self._refuse(model, REFUSED_REQUESTS, f"this server holds {held} requests for {self.name}, its limit")
         pending = self._pending.get(model, _Backlog())
         queued_rows, queued_bytes = pending.rows, pending.bytes
         if not queued_rows:
@@ -421,12 +422,26 @@ class Scheduler:
         late)."""
         with self._cv:
             if job in self._jobs and not job.cancelled:
-                job.cancelled = True
-                self._release(job, job.rows)
-                self._cancelled.append(job)
+                self._abandon(job)
                 self._wake(everyone=True)
 
+    def _abandon(self, job: LiveJob) -> None:
+        """Nobody waits for `job` any more: it stops counting as held work now (admission's bounds, the backlog), and
+        the worker drops it at the next pass boundary. Holds the lock."""
+        job.cancelled = True
+        self._uncount(job)
+        self._cancelled.append(job)
+
+    def _uncount(self, job: LiveJob) -> None:
+        """`job`, held and not yet abandoned, stops counting: its rows and its place. Holds the lock."""
+        self._release(job, job.rows)
+        pending = self._pending[job.model]
+        pending.jobs -= 1
+        if not pending.jobs:
+            del self._pending[job.model]
+
     def in_flight(self) -> int:
+        """Jobs accepted and not yet finished, the abandoned ones until a worker has dropped them."""
         with self._cv:
             return len(self._jobs)
 
@@ -467,8 +482,7 @@ class Scheduler:
             if not drain:
                 for job in self._jobs:
                     if not job.cancelled:
-                        job.cancelled = True
-                        self._cancelled.append(job)
+                        self._abandon(job)
             self._wake(everyone=True)
             until = None if timeout is None else time.monotonic() + timeout
             while self._jobs and (until is None or time.monotonic() < until):
@@ -991,12 +1005,8 @@ class Scheduler:
         job.done = True
         self._close_plan(job)
         with self._cv:
-            if job in self._jobs:
-                self._release(job, job.rows)
-                pending = self._pending[job.model]
-                pending.jobs -= 1
-                if not pending.jobs:
-                    del self._pending[job.model]
+            if job in self._jobs and not job.cancelled:
+                self._uncount(job)
             self._jobs.discard(job)
             self._cv.notify_all()
 

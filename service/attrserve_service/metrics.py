@@ -105,7 +105,9 @@ ATTRSERVE_ENGINE_PROCESS_RESTARTS_TOTAL = Counter(
     "attrserve_engine_process_restarts_total", "Engine-core processes started again after one died (each death is logged)."
 )
 ATTRSERVE_QUEUE_REQUESTS = Gauge(
-    "attrserve_queue_requests", "Attribution requests of the model accepted by the engine and not yet finished.", ["model"]
+    "attrserve_queue_requests",
+    "Attribution requests of the model accepted by the engine and not yet finished, less those whose callers gave up.",
+    ["model"],
 )
 ATTRSERVE_QUEUE_ROWS = Gauge(
     "attrserve_queue_rows", "Rows of model work of those requests not yet computed: the backlog to scale on.", ["model"]

@@ -76,7 +76,9 @@ def test_cancelled_work_stops_counting_as_queued_at_once(engine) -> None:
             engine.submit(ig())
         for f in gone:
             assert f.cancel()
-        assert engine.backlog("m") == (2, 0)  # not yet dropped (no pass boundary while held), but no longer work
+        # Not yet dropped (no pass boundary while held), but nobody waits for them: neither their rows nor the
+        # requests count (the request limit and the attrserve_queue_requests gauge).
+        assert engine.backlog("m") == (0, 0)
         kept = engine.submit(ig(deadline=time.monotonic() + 1.5))  # neither the bound nor the estimate refuses it now
         also = engine.submit(ig())
     assert torch.allclose(kept.result(30).attributions[0], engine.attribute(ig()).attributions[0])
