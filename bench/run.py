@@ -328,7 +328,9 @@ def merge_rounds(runs: list[dict]) -> dict:
         ratios = [r[key] for r in runs if r.get(key) is not None]
         chosen[key] = statistics.median(ratios) if ratios else None
     chosen["rounds"] = [
-        {"throughput_rps": r["throughput_rps"], "p50_ms": r.get("p50_ms"), "p99_ms": r.get("p99_ms"), "errors": r["errors"]} for r in runs
+        {"throughput_rps": r["throughput_rps"], "p50_ms": r.get("p50_ms"), "p99_ms": r.get("p99_ms"), "errors": r["errors"]}
+        | {key: r.get(key) for _, key in RATIOS}
+        for r in runs
     ]
     return chosen
 
@@ -448,8 +450,24 @@ def evaluate_targets(workloads: dict[str, dict], soaks: dict[str, dict], cpus: i
     for wk, text, ref, thr in THROUGHPUT_TARGETS:
         a, b = sys_of(wk, "attrserve"), sys_of(wk, ref)
         shown = "{v:.2f}x" if thr >= 1 else "{v:.0%}"
+        # With rounds, the value is the median of the ratios inside each round, which the rows' medians (each system's
+        # median round) need not give: show both.
+        by_round = [r.get(f"ratio_vs_{ref}") for r in a.get("rounds", ())]
+        rounds = (
+            "the median of the rounds' " + ", ".join(shown.format(v=v) for v in by_round) + "; the rows' "
+            if by_round and None not in by_round
+            else ""
+        )
         add(
-            wk, text, ratio(wk, ref), thr, True, shown + " ({a:.1f} vs {b:.1f} req/s)", a=a.get("throughput_rps"), b=b.get("throughput_rps")
+            wk,
+            text,
+            ratio(wk, ref),
+            thr,
+            True,
+            shown + " ({rounds}{a:.1f} vs {b:.1f} req/s)",
+            rounds=rounds,
+            a=a.get("throughput_rps"),
+            b=b.get("throughput_rps"),
         )
     for wk, slack in P50_SLACK_MS.items():
         a, b1, noop = (sys_of(wk, s).get("p50_ms") for s in ("attrserve", "B1", "noop"))
