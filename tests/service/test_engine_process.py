@@ -55,6 +55,8 @@ class Fragile(nn.Module):
     def forward(self, x):
         if bool((x == 777.0).any()):
             time.sleep(3.0)
+        if bool((x == 778.0).any()):
+            time.sleep(8.0)
         if bool((x == 1234.0).any()):
             os._exit(13)
         if bool((x == 4321.0).any()):
@@ -478,6 +480,65 @@ def test_deadlines_and_cancels_reach_the_engine_process(repo: Path) -> None:
         server.stop()
 
 
+def test_requests_cancelled_behind_a_long_pass_free_their_places_at_once(repo: Path) -> None:
+    """--max-queued-requests 3: a request in an 8 s pass and two queued behind it fill it, and a fourth is refused. The
+    two callers give up (their deadlines pass): the front cancels them in the engine process, and their places are free
+    at once, not when the worker reaches its next pass boundary. So two new requests are taken while the pass still
+    runs (they were refused until then), attrserve_queue_requests counts only what callers wait for, and every answer
+    is exact."""
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False, max_queued_requests=3)
+    server = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits))
+    queued = ("attrserve_queue_requests", frozenset({"model": "good"}.items()))
+
+    def wait_queued(n: int) -> None:
+        until = time.monotonic() + 5
+        while scrape(server.running.metrics_port)[queued] != n:
+            assert time.monotonic() < until, f"attrserve_queue_requests{{model=good}} never read {n}"
+            time.sleep(0.02)
+
+    def call(timeout: float, outcome: list) -> threading.Thread:
+        def run() -> None:
+            try:
+                outcome.append(client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=timeout))
+            except grpc.RpcError as e:
+                outcome.append(e)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    try:
+        client = AttributionClient(server.address)
+        held: list = []
+        holder = busy(client, held, value=778.0)
+        time.sleep(0.5)
+        gone: list = []
+        leaving = [call(1.0, gone) for _ in range(2)]
+        wait_queued(2)
+        with pytest.raises(grpc.RpcError) as full:
+            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=30)
+        assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "this server holds 3 requests" in full.value.details()
+        for thread in leaving:
+            thread.join(10)
+        assert [e.code() for e in gone] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+        wait_queued(0)
+        answers: list = []
+        taken = [call(30, answers) for _ in range(2)]
+        wait_queued(2)
+        assert not held, "the long pass ended before the new requests were queued: the test proves nothing"
+        for thread in [holder, *taken]:
+            thread.join(30)
+        assert not isinstance(held[0], grpc.RpcError), held
+        for answer in answers:
+            assert not isinstance(answer, grpc.RpcError), answer
+            np.testing.assert_allclose(answer.attributions, captum(1), atol=1e-5)
+        wait_queued(0)
+        assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
+
+
 def test_the_queue_gauges_read_the_engine_process_when_scraped(repo: Path) -> None:
     """/metrics asks the engine process for its backlog before it writes the page (from the front's event loop, which
     the page is written on): a request held in a pass and one queued behind it show in attrserve_queue_requests and
@@ -590,7 +651,11 @@ def test_the_engine_process_runs_on_the_malloc_it_is_given(repo: Path, choice: s
             client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
         )
         assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
-        info = {dict(labels)["allocator"] for (name, labels), value in scrape(server.running.metrics_port).items() if name == "attrserve_build_info" and value == 1}
+        info = {
+            dict(labels)["allocator"]
+            for (name, labels), value in scrape(server.running.metrics_port).items()
+            if name == "attrserve_build_info" and value == 1
+        }
         assert want in info
     finally:
         server.stop()
@@ -635,6 +700,8 @@ def test_the_allocator_setting_is_read_strictly(monkeypatch: pytest.MonkeyPatch)
     ],
 )
 def test_attrserve_serve_with_an_allocator_it_cannot_use_exits_with_2_and_says_why(args: list[str], message: str) -> None:
-    done = subprocess.run([*SERVE_MODULE, "serve", "--port", "0", "--metrics-port", "-1", *args], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*SERVE_MODULE, "serve", "--port", "0", "--metrics-port", "-1", *args], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in done.stderr
