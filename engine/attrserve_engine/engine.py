@@ -357,8 +357,8 @@ class Engine:
                 scheduler.release()
 
     def backlog(self, model: str | LoadedModel) -> tuple[int, int]:
-        """(requests, rows) accepted and not yet answered, of every load of a model (by name: the queue depth
-        operators scale on) or of one load."""
+        """(requests, rows) accepted and not yet answered, less those whose callers gave up, of every load of a
+        model (by name: the queue depth operators scale on) or of one load."""
         schedulers = list(self._schedulers.values())
         counts = [scheduler.backlog(model) for scheduler in schedulers]
         return sum(c[0] for c in counts), sum(c[1] for c in counts)

@@ -458,8 +458,9 @@ class Scheduler:
 
     def backlog(self, model: str | LoadedModel) -> tuple[int, int]:
         """(requests, rows) accepted and not finished, of every load of a model (by name) or of one load: their
-        jobs, and their rows not yet computed (each job's row count less the rows already run). Read at scrape
-        time (metrics) and while a load drains, any thread."""
+        jobs, and their rows not yet computed (each job's row count less the rows already run). A job whose caller
+        gave up counts in neither from that moment (`_abandon`). Read at scrape time (metrics) and while a load
+        drains, any thread."""
         with self._cv:
             if isinstance(model, str):
                 loads = [pending for load, pending in self._pending.items() if load.name == model]
