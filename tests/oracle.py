@@ -22,6 +22,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from attrserve_engine import AttributionJob, AttributionResult, Engine
+    from attrserve_engine.scheduler import Scheduler
 
 
 def _seeded(seed: int) -> None:
@@ -487,8 +488,9 @@ def submit_held(engine: Engine, jobs: Sequence[AttributionJob]) -> list[concurre
     return futures
 
 
-def wait_in_flight(engine: Engine, count: int, timeout: float = 30.0) -> None:
-    """Until exactly `count` requests are in `engine` (accepted, not yet answered or dropped). Fails after `timeout` s."""
+def wait_in_flight(engine: Engine | Scheduler, count: int, timeout: float = 30.0) -> None:
+    """Until exactly `count` requests are in `engine` (accepted, not yet answered or dropped; a request its caller
+    cancelled stays until a worker's next pass boundary drops it, after its future is done). Fails after `timeout` s."""
     until = time.monotonic() + timeout
     while engine.in_flight() != count:
         assert time.monotonic() < until, f"{engine.in_flight()} requests in flight, expected {count}"

@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import grpc
 import numpy as np
@@ -115,19 +116,24 @@ def wait_health(address: str, status: int, timeout: float = 60.0) -> float:
     return time.monotonic() - start
 
 
-def busy(client: AttributionClient, outcome: list, value: float = 777.0) -> threading.Thread:
-    """A request to crashy in a thread of its own, its inputs all `value` (777: it keeps the engine busy for 3 s); its
-    error or result lands in `outcome`."""
+def in_thread(outcome: list, call: Callable[[], Any]) -> threading.Thread:
+    """`call` (a client's RPC) in a thread of its own; its result or its grpc.RpcError lands in `outcome`."""
 
     def run() -> None:
         try:
-            outcome.append(client.attribute("crashy", "saliency", np.full((1, 4), value, np.float32), target=0, timeout=30))
+            outcome.append(call())
         except grpc.RpcError as e:
             outcome.append(e)
 
     thread = threading.Thread(target=run)
     thread.start()
     return thread
+
+
+def busy(client: AttributionClient, outcome: list, value: float = 777.0) -> threading.Thread:
+    """A request to crashy in a thread of its own, its inputs all `value` (777: it keeps the engine busy for 3 s, 778:
+    for 8 s); its error or result lands in `outcome`."""
+    return in_thread(outcome, lambda: client.attribute("crashy", "saliency", np.full((1, 4), value, np.float32), target=0, timeout=30))
 
 
 def test_the_frames_carry_tensors_of_every_dtype_exactly() -> None:
@@ -497,15 +503,7 @@ def test_requests_cancelled_behind_a_long_pass_free_their_places_at_once(repo: P
             time.sleep(0.02)
 
     def call(timeout: float, outcome: list) -> threading.Thread:
-        def run() -> None:
-            try:
-                outcome.append(client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=timeout))
-            except grpc.RpcError as e:
-                outcome.append(e)
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        return thread
+        return in_thread(outcome, lambda: client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=timeout))
 
     try:
         client = AttributionClient(server.address)
