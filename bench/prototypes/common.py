@@ -116,7 +116,7 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
     return "\n".join(lines)
 
 
-async def _drive_multi(target, requests, concurrency, seconds, channels, lat, errs):
+async def _drive_multi(targets, requests, concurrency, seconds, channels, lat, errs):
     import asyncio
 
     import grpc
@@ -124,8 +124,8 @@ async def _drive_multi(target, requests, concurrency, seconds, channels, lat, er
     from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 
     chans = [
-        grpc.aio.insecure_channel(target, options=harness._CHANNEL_OPTIONS + [("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(channels)
+        grpc.aio.insecure_channel(targets[i % len(targets)], options=harness._CHANNEL_OPTIONS + [("grpc.use_local_subchannel_pool", 1)])
+        for i in range(channels)
     ]
     stubs = [pb_grpc.AttributionServiceStub(c) for c in chans]
     t_end = time.perf_counter() + seconds
@@ -148,10 +148,13 @@ async def _drive_multi(target, requests, concurrency, seconds, channels, lat, er
 
 def drive_multi(target, requests, concurrency, seconds, channels):
     """Like harness.drive, but the callers are spread over `channels` separate channels (separate TCP
-    connections: a local subchannel pool per channel), so SO_REUSEPORT can spread them over processes."""
+    connections: a local subchannel pool per channel), so SO_REUSEPORT can spread them over processes.
+    `target` may be a list of servers: channel i goes to the i-th, in turns. Returns (latencies in ms, errors,
+    wall seconds)."""
     import asyncio
 
     lat, errs = [], []
     t0 = time.perf_counter()
-    asyncio.run(_drive_multi(target, requests, concurrency, seconds, channels, lat, errs))
+    targets = [target] if isinstance(target, str) else list(target)
+    asyncio.run(_drive_multi(targets, requests, concurrency, seconds, channels, lat, errs))
     return lat, len(errs), time.perf_counter() - t0

@@ -19,20 +19,15 @@ CPU is every process of the servers, from /proc.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import common
-import grpc
 from common import MODELS, W, harness
-
-from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 
 
 def repository(root: Path, model: str, instances: int, size: int) -> Path:
@@ -45,40 +40,14 @@ def repository(root: Path, model: str, instances: int, size: int) -> Path:
     return repo
 
 
-async def _load(targets: list[str], requests: list, callers: int, seconds: float) -> tuple[float, float, int]:
-    """Closed-loop callers, caller c on server c % len(targets): (req/s, p50 ms, errors)."""
-    channels = [grpc.aio.insecure_channel(t, options=harness._CHANNEL_OPTIONS) for t in targets]
-    stubs = [pb_grpc.AttributionServiceStub(c) for c in channels]
-    latencies: list[float] = []
-    errors = 0
-    t_end = time.perf_counter() + seconds
-
-    async def caller(c: int) -> None:
-        nonlocal errors
-        i, stub = c, stubs[c % len(stubs)]
-        while time.perf_counter() < t_end:
-            t0 = time.perf_counter()
-            try:
-                await stub.Attribute(requests[i % len(requests)], timeout=60)
-                latencies.append(time.perf_counter() - t0)
-            except grpc.aio.AioRpcError:
-                errors += 1
-            i += callers
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(caller(c) for c in range(callers)))
-    wall = time.perf_counter() - t0
-    for channel in channels:
-        await channel.close()
-    return len(latencies) / wall, 1e3 * statistics.median(latencies) if latencies else float("nan"), errors
-
-
 def burst(servers: list, requests: list, callers: int, seconds: float) -> dict:
     pids = [p for s in servers for p in common.tree(s.pid)]
     ticks = common.tree_ticks(pids)
-    req_s, p50, errors = asyncio.run(_load([s.target for s in servers], requests, callers, seconds))
+    # Caller c on server c % len(servers), each server on a channel of its own.
+    latencies, errors, wall = common.drive_multi([s.target for s in servers], requests, callers, seconds, len(servers))
     cpu_s = (common.tree_ticks(pids) - ticks) / os.sysconf("SC_CLK_TCK")
-    return {"req_s": req_s, "p50": p50, "errors": errors, "cpu_ms": 1e3 * cpu_s / max(req_s * seconds, 1.0)}
+    p50 = statistics.median(latencies) if latencies else float("nan")
+    return {"req_s": len(latencies) / wall, "p50": p50, "errors": errors, "cpu_ms": 1e3 * cpu_s / max(len(latencies), 1)}
 
 
 def main() -> None:
