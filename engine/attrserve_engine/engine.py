@@ -14,6 +14,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,13 @@ MAX_SEED = 2**32 - 1  # numpy's legacy seeding, which Captum's users call, takes
 
 # Seeds for requests that bring none: a PRNG seeded once from the OS (no syscall, so no GIL hand-off, per request).
 _SEEDS = random.Random()
+
+
+def _cancel_if_cancelled(scheduler: Scheduler, job: weakref.ref[LiveJob], future: concurrent.futures.Future) -> None:
+    """A request's future is done: when its caller cancelled it, its job stops (if the scheduler still holds it)."""
+    live = job()
+    if live is not None and future.cancelled():
+        scheduler.cancel(live)
 
 
 @dataclass(frozen=True)
@@ -301,8 +309,11 @@ class Engine:
         live = self._prepare(job, model)
         self._refuse_if_late(scheduler, live)
         future = scheduler.submit(live)
-        # Cancelling the future (asyncio cancels it when the RPC ends early) drops the job's rows.
-        future.add_done_callback(lambda f: scheduler.cancel(live) if f.cancelled() else None)
+        # Cancelling the future (asyncio cancels it when the RPC ends early) drops the job's rows. The callback holds
+        # the job weakly: a future keeps its callbacks after it resolves, and the job holds its future, so a strong
+        # reference made every request a reference cycle that only the cyclic collector freed, in pauses of 10-30 ms
+        # (bench/RESULTS.md, issue 12 step 24). The scheduler holds the job until it finishes.
+        future.add_done_callback(functools.partial(_cancel_if_cancelled, scheduler, weakref.ref(live)))
         return future
 
     def _refuse_if_late(self, scheduler: Scheduler, live: LiveJob) -> None:

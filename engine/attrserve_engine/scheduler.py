@@ -1004,6 +1004,9 @@ class Scheduler:
 
     def _close(self, job: LiveJob) -> None:
         job.done = True
+        # A member and its merged job refer to each other; the member's side goes when it finishes, so that neither
+        # waits for the cyclic collector (Engine.submit says why that matters).
+        job.merged_into = None
         self._close_plan(job)
         with self._cv:
             if job in self._jobs and not job.cancelled:
