@@ -494,12 +494,11 @@ def test_requests_cancelled_behind_a_long_pass_free_their_places_at_once(repo: P
     is exact."""
     limits = EngineLimits(default_device="cpu", probe_batch_rows=False, max_queued_requests=3)
     server = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits))
-    queued = ("attrserve_queue_requests", frozenset({"model": "good"}.items()))
 
-    def wait_queued(n: int) -> None:
-        until = time.monotonic() + 5
-        while scrape(server.running.metrics_port)[queued] != n:
-            assert time.monotonic() < until, f"attrserve_queue_requests{{model=good}} never read {n}"
+    def wait_queued(n: int, model: str = "good") -> None:
+        until = time.monotonic() + 10
+        while scrape(server.running.metrics_port)[("attrserve_queue_requests", frozenset({"model": model}.items()))] != n:
+            assert time.monotonic() < until, f"attrserve_queue_requests{{model={model}}} never read {n}"
             time.sleep(0.02)
 
     def call(timeout: float, outcome: list) -> threading.Thread:
@@ -509,9 +508,9 @@ def test_requests_cancelled_behind_a_long_pass_free_their_places_at_once(repo: P
         client = AttributionClient(server.address)
         held: list = []
         holder = busy(client, held, value=778.0)
-        time.sleep(0.5)
+        wait_queued(1, "crashy")  # held in its pass: on a busy machine 0.5 s was not always enough (the limit then had room)
         gone: list = []
-        leaving = [call(1.0, gone) for _ in range(2)]
+        leaving = [call(3.0, gone) for _ in range(2)]  # gone well before the 8 s pass ends, with time to see them queued
         wait_queued(2)
         with pytest.raises(grpc.RpcError) as full:
             client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=30)
