@@ -12,10 +12,9 @@ import torch
 from torch import nn
 
 from attrserve_engine import AttributionJob, Engine, EngineLimits, InputSpec, InvalidArgument, ModelSpec, tuning
-from attrserve_engine.algorithms import ALGORITHMS
 from oracle import assert_all_close, assert_close, submit_held
-from test_model_zoo import CAPTUM_WRONG, captum_answer, request
-from zoo import ALGOS, ZOO, job_for
+from test_model_zoo import answerable, captum_answer, request
+from zoo import ZOO, job_for
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -49,19 +48,6 @@ def engine():
     e.shutdown()
 
 
-def _answerable(engine: Engine, model: str) -> list[str]:
-    """The algorithms the model serves where Captum runs them right (the zoo test covers the others)."""
-    loaded = engine.get_model(model)
-    return [
-        name
-        for name in sorted(ALGOS)
-        if name in ALGORITHMS
-        and engine.algorithms[name].refusal(loaded, [ZOO[model].dtype]) is None
-        and not isinstance(captum_answer(model, name), Exception)
-        and (model, name) not in CAPTUM_WRONG
-    ]
-
-
 def _like_captum(model: str, name: str, got) -> None:
     want, want_delta = captum_answer(model, name)
     assert_all_close(got.attributions, want)
@@ -72,7 +58,7 @@ def _like_captum(model: str, name: str, got) -> None:
 @pytest.mark.parametrize("model", CONV_MODELS)
 def test_every_algorithm_in_channels_last_equals_captum(engine: Engine, model: str) -> None:
     assert engine.get_model(model).channels_last
-    names = _answerable(engine, model)
+    names = answerable(engine, model)
     assert len(names) > 20
     failures = []
     for name in names:
@@ -85,7 +71,7 @@ def test_every_algorithm_in_channels_last_equals_captum(engine: Engine, model: s
 
 @pytest.mark.parametrize("model", CONV_MODELS)
 def test_every_algorithm_in_channels_last_fused_equals_captum(engine: Engine, model: str) -> None:
-    names = _answerable(engine, model)
+    names = answerable(engine, model)
     futures = submit_held(engine, [job_for(request(model, n)) for n in names])
     failures, shared = [], 0
     for name, future in zip(names, futures):

@@ -34,19 +34,36 @@ REASONS = (
 )
 
 
+def zoo_spec(name: str) -> ModelSpec:
+    """A zoo model as the engine serves it, its inputs' shapes left open."""
+    z = ZOO[name]
+    return ModelSpec(
+        name=z.name,
+        module=z.build(),
+        inputs=[InputSpec("input_ids" if z.tokens else "x", z.dtype)],
+        output_key=z.output_key,
+        output_index=z.output_index,
+    )
+
+
+def answerable(engine: Engine, model: str) -> list[str]:
+    """The algorithms the model serves where Captum runs them right (the zoo test covers the others)."""
+    loaded = engine.get_model(model)
+    return [
+        name
+        for name in sorted(ALGOS)
+        if name in ALGORITHMS
+        and engine.algorithms[name].refusal(loaded, [ZOO[model].dtype]) is None
+        and not isinstance(captum_answer(model, name), Exception)
+        and (model, name) not in CAPTUM_WRONG
+    ]
+
+
 @pytest.fixture(scope="module")
 def engine():
     e = Engine(EngineLimits())
-    for z in ZOO.values():
-        e.load(
-            ModelSpec(
-                name=z.name,
-                module=z.build(),
-                inputs=[InputSpec("input_ids" if z.tokens else "x", z.dtype)],
-                output_key=z.output_key,
-                output_index=z.output_index,
-            )
-        )
+    for name in ZOO:
+        e.load(zoo_spec(name))
     yield e
     e.shutdown()
 

@@ -17,11 +17,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from attrserve_engine import AttributionJob, Engine, EngineLimits, InputSpec, ModelSpec
-from attrserve_engine.algorithms import ALGORITHMS
+from attrserve_engine import AttributionJob, Engine, EngineLimits
 from oracle import submit_held
-from test_model_zoo import CAPTUM_WRONG, captum_answer, request
-from zoo import ALGOS, ZOO, job_for
+from test_model_zoo import answerable, request, zoo_spec
+from zoo import job_for
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -35,16 +34,7 @@ MODELS = ["resnet", "transformer", "norm_act", "lstm"]
 def engine():
     e = Engine(EngineLimits(probe_batch_rows=False, default_max_queue_delay_us=0))
     for name in MODELS:
-        z = ZOO[name]
-        e.load(
-            ModelSpec(
-                name=name,
-                module=z.build(),
-                inputs=[InputSpec("input_ids" if z.tokens else "x", z.dtype)],
-                output_key=z.output_key,
-                output_index=z.output_index,
-            )
-        )
+        e.load(zoo_spec(name))
     yield e
     e.shutdown()
 
@@ -64,18 +54,6 @@ def cycles_left() -> Iterator[list[int]]:
             gc.enable()
 
 
-def _served(engine: Engine, model: str) -> list[str]:
-    loaded = engine.get_model(model)
-    return [
-        name
-        for name in sorted(ALGOS)
-        if name in ALGORITHMS
-        and name in engine.supported_algorithms(loaded)
-        and not isinstance(captum_answer(model, name), Exception)
-        and (model, name) not in CAPTUM_WRONG
-    ]
-
-
 def _answers(futures: list[concurrent.futures.Future]) -> None:
     for future in futures:
         future.result(timeout=120)
@@ -83,7 +61,7 @@ def _answers(futures: list[concurrent.futures.Future]) -> None:
 
 @pytest.mark.parametrize("model", MODELS)
 def test_requests_of_every_algorithm_leave_no_reference_cycle(engine: Engine, model: str) -> None:
-    names = _served(engine, model)
+    names = answerable(engine, model)
     assert len(names) > 10
     for name in names:  # alone
         engine.attribute(job_for(request(model, name)), timeout=120)
@@ -95,7 +73,7 @@ def test_requests_of_every_algorithm_leave_no_reference_cycle(engine: Engine, mo
 
 @pytest.mark.parametrize("model", MODELS)
 def test_fused_requests_leave_no_reference_cycle(engine: Engine, model: str) -> None:
-    names = _served(engine, model)
+    names = answerable(engine, model)
     _answers(submit_held(engine, [job_for(request(model, n)) for n in names]))
     with cycles_left() as left:
         _answers(submit_held(engine, [job_for(request(model, n)) for n in names]))
