@@ -311,7 +311,7 @@ class Engine:
         future = scheduler.submit(live)
         # Cancelling the future (asyncio cancels it when the RPC ends early) drops the job's rows. The callback holds
         # the job weakly: a future keeps its callbacks after it resolves, and the job holds its future, so a strong
-        # reference made every request a reference cycle that only the cyclic collector freed, in pauses of 10-30 ms
+        # reference made every request a reference cycle that only the cyclic collector freed, in pauses of 10-35 ms
         # (bench/RESULTS.md, issue 12 step 24). The scheduler holds the job until it finishes.
         future.add_done_callback(functools.partial(_cancel_if_cancelled, scheduler, weakref.ref(live)))
         return future

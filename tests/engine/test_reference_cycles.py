@@ -1,7 +1,7 @@
 """A request leaves no reference cycle behind in the engine: what it made is freed by reference counting once its answer
 is taken, not by Python's cyclic collector. One cycle per request (the job and its future, through the future's cancel
 callback; a merged job and its members) made every object a request allocated wait for the collector. In the engine
-process at bench W1's rate that was a generation-0 collection of ~21,000 objects every ~0.5 s, 10-30 ms during which
+process at bench W1's rate that was a generation-0 collection of ~21,000 objects every ~0.5 s, 10-35 ms during which
 every pass and request waited: p99 3.5-4x p50 at 4 callers (bench/RESULTS.md, issue 12 step 24).
 
 Each test runs its requests once to warm the code paths up (first calls build caches that live on), then runs them
