@@ -44,6 +44,15 @@ def tree_ticks(pids: list[int]) -> int:
     return sum(harness._proc_ticks(p) for p in pids)
 
 
+def config_tokens(tokens: list[str], own: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str]]:
+    """A configuration's tokens (a prototype's `--config NAME=FLAGS`, split on spaces): its `attrserve serve` flags,
+    and its `env:KEY=VALUE` environment variables for the server. Tokens that start with one of `own` (a tool's own
+    settings, such as layout_ab's `scrape:S`) are in neither."""
+    flags = [t for t in tokens if not t.startswith(("env:", *own))]
+    env = dict(t[4:].split("=", 1) for t in tokens if t.startswith("env:"))
+    return flags, env
+
+
 def attrserve_argv(port: int, metrics_port: int, extra: list[str] | None = None) -> list[str]:
     return harness.attrserve_argv(MODELS, port, metrics_port, extra or [])
 

@@ -90,9 +90,8 @@ class Config:
     def __init__(self, name: str, tokens: list[str], scrape_every: float | None) -> None:
         self.name = name
         self.port, self.metrics_port = harness.free_port(), harness.free_port()
-        self.flags = [t for t in tokens if not t.startswith(("env:", "scrape:"))]
+        self.flags, self.env = common.config_tokens(tokens, own=("scrape:",))
         self.scrape_every = next((float(t[7:]) for t in tokens if t.startswith("scrape:")), scrape_every)
-        self.env = dict(t[4:].split("=", 1) for t in tokens if t.startswith("env:"))
         self.server = common.start(f"ab-{name}", common.attrserve_argv(self.port, self.metrics_port, self.flags), self.port, env=self.env)
         self.pids = common.tree(self.server.pid)
 

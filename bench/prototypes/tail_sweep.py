@@ -21,18 +21,18 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # bench/
 
+import common  # noqa: E402
 import run  # noqa: E402
 
 from workloads import all_workloads  # noqa: E402
 
 
-def configs(specs: list[str]) -> dict[str, tuple[list[str], list[str]]]:
-    """NAME=FLAGS → name: (attrserve flags, KEY=VALUE environment)."""
+def configs(specs: list[str]) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """NAME=FLAGS → name: (attrserve flags, environment)."""
     out = {}
     for spec in specs or ["attrserve="]:
         name, _, flags = spec.partition("=")
-        tokens = flags.split()
-        out[name] = ([t for t in tokens if not t.startswith("env:")], [t[4:] for t in tokens if t.startswith("env:")])
+        out[name] = common.config_tokens(flags.split())
     return out
 
 
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, (flags, env) in runs.items():
                 base = ["--workloads", w.key, "--systems", "attrserve", "--seconds", str(args.seconds)]
                 base += ["--warmup-seconds", str(args.warmup_seconds)] + (["--smoke"] if args.smoke else [])
-                settings = run.parse_args(base + [f"--attrserve-arg={f}" for f in flags] + [f"--attrserve-env={e}" for e in env])
+                base += [f"--attrserve-arg={f}" for f in flags] + [f"--attrserve-env={k}={v}" for k, v in env.items()]
+                settings = run.parse_args(base)
                 r = run.run_server("attrserve", w, settings, c, w.requests(), log_dir)
                 results.setdefault((c, name), []).append(r)
                 ratio = r["p99_ms"] / r["p50_ms"] if r["p50_ms"] else float("nan")

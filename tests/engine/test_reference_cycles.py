@@ -80,7 +80,7 @@ def test_fused_requests_leave_no_reference_cycle(engine: Engine, model: str) -> 
     assert left == [0], f"{left[0]} objects in reference cycles after {len(names)} fused requests"
 
 
-def _merging(engine: Engine) -> list[AttributionJob]:
+def _merging() -> list[AttributionJob]:
     """Four IntegratedGradients requests that differ only in their examples: one merged plan."""
     jobs = [job_for(request("norm_act", "integrated_gradients")) for _ in range(4)]
     return [AttributionJob(**{**job.__dict__, "inputs": (job.inputs[0] + i,)}) for i, job in enumerate(jobs)]
@@ -90,11 +90,11 @@ def test_merged_requests_and_requests_that_end_early_leave_no_reference_cycle(en
     """A merged plan whose members all succeed, and one whose member is cancelled while it waits."""
 
     def run() -> None:
-        merged = submit_held(engine, _merging(engine))
+        merged = submit_held(engine, _merging())
         _answers(merged)
         assert min(f.result().timing.pass_requests for f in merged) == 4  # one merged plan, so one pass of all four
         with engine.held():
-            futures = [engine.submit(job) for job in _merging(engine)]
+            futures = [engine.submit(job) for job in _merging()]
             assert futures[1].cancel()
         _answers([f for i, f in enumerate(futures) if i != 1])
 
