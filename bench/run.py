@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run.py                       # W1-W6, 10 s per system per workload
     .venv/bin/python bench/run.py --rss-soak 60         # plus a 60 s steady run per workload for the RSS target
+    .venv/bin/python bench/run.py --tail-sweep 1,2,4,8,16,32   # plus attrserve at these callers: p99 <= 3x p50 at each
     .venv/bin/python bench/run.py --smoke --workloads W1,W4,W5 --json /tmp/r.json   # tiny sizes (the test)
 
 Systems (see bench/README.md): attrserve; B1 Captum in-process one request at a time; B2 a grpc.aio
@@ -383,6 +384,36 @@ def soak_range(soak: dict) -> dict:
     return soak
 
 
+def tail_point(w: Workload, args: argparse.Namespace, callers: int, log_dir: Path) -> dict:
+    """attrserve alone at `callers` (a fresh server, measured as in the table): req/s, p50, p99, their ratio, errors."""
+    r = run_server("attrserve", w, args, callers, w.requests(), log_dir)
+    ratio = r["p99_ms"] / r["p50_ms"] if r.get("p50_ms") and r.get("p99_ms") is not None else None
+    return {k: r[k] for k in ("throughput_rps", "p50_ms", "p99_ms", "errors")} | {"p99_over_p50": ratio}
+
+
+def run_tail_sweep(w: Workload, args: argparse.Namespace, own: int, log_dir: Path) -> dict:
+    """The issue's "p99 <= 3x p50 at every concurrency" beyond the workload's own (`own`, measured in the table):
+    attrserve at each of --tail-sweep's callers, --tail-sweep-rounds times each (a concurrency's ratio is the median of
+    its runs'). Step 24 found W1 meeting the target at its own 32 callers and missing it at 4 and 8."""
+    callers = [c for c in args.tail_sweep if c != own]
+    runs: dict[int, list[dict]] = {c: [] for c in callers}
+    for number in range(1, args.tail_sweep_rounds + 1):
+        for c in callers:
+            r = tail_point(w, args, c, log_dir)
+            runs[c].append(r)
+            print(
+                f"[{w.key}] tail sweep, {c} callers (round {number}/{args.tail_sweep_rounds}): {r['throughput_rps']:.1f} "
+                f"req/s, p50 {_fmt(r['p50_ms'], 2)} ms, p99 {_fmt(r['p99_ms'], 2)} ms, {r['errors']} errors",
+                file=sys.stderr,
+                flush=True,
+            )
+    out = {}
+    for c, rs in runs.items():
+        ratios = [r["p99_over_p50"] for r in rs if r["p99_over_p50"] is not None]
+        out[str(c)] = {"runs": rs, "p99_over_p50": statistics.median(ratios) if ratios else None, "errors": sum(r["errors"] for r in rs)}
+    return out
+
+
 # -- targets ------------------------------------------------------------------------------------
 THROUGHPUT_TARGETS = (  # (workload, target, reference system, least attrserve/reference req/s in the same run)
     ("W1", "throughput >= 2x B3", "B3", 2.0),
@@ -409,9 +440,13 @@ def _server_cpu_share(r: dict, cpus: int) -> float | None:
     return cpu["server_cpu_s"] / (cpu["wall_s"] * cpus) if cpu.get("server_cpu_s") is not None and cpu.get("wall_s") else None
 
 
-def evaluate_targets(workloads: dict[str, dict], soaks: dict[str, dict], cpus: int | None = None) -> list[dict]:
+def evaluate_targets(
+    workloads: dict[str, dict], soaks: dict[str, dict], cpus: int | None = None, sweeps: dict[str, dict] | None = None
+) -> list[dict]:
     """The issue's targets, per workload in run order: each with its measured value, threshold and status (met /
-    MISSED / not measured: a system or a figure the run did not measure). `cpus`: the machine's (default this one's)."""
+    MISSED / not measured: a system or a figure the run did not measure). `cpus`: the machine's (default this one's);
+    `sweeps`: run_tail_sweep's by workload."""
+    sweeps = sweeps or {}
     cpus = cpus or os.cpu_count() or 1
     out = []
 
@@ -518,6 +553,23 @@ def evaluate_targets(workloads: dict[str, dict], soaks: dict[str, dict], cpus: i
             p99=a.get("p99_ms"),
             p50=a.get("p50_ms"),
         )
+    for wk, res in workloads.items():  # the own concurrency's ratio (the table's row) with the sweep's
+        a = res["systems"].get("attrserve") or {}
+        sweep = {int(c): p["p99_over_p50"] for c, p in (sweeps.get(wk) or {}).items()}
+        own = a["p99_ms"] / a["p50_ms"] if a.get("p50_ms") and a.get("p99_ms") is not None else None
+        points = sorted((sweep | {res["concurrency"]: own}).items())
+        measured = [(c, v) for c, v in points if v is not None]
+        worst = max(measured, key=lambda cv: cv[1]) if sweep and measured and len(measured) == len(points) else None
+        add(
+            wk,
+            f"p99 <= {P99_OVER_P50:g}x p50 at every concurrency",
+            worst[1] if worst else None,
+            P99_OVER_P50,
+            False,
+            "worst {v:.2f}x at {c} callers (" + ", ".join(f"{c}: {v:.2f}x" for c, v in measured) + ")",
+            missing="n/a" if sweep else "not run (use --tail-sweep 1,2,4,8,16,32)",
+            c=worst[0] if worst else None,
+        )
     for wk in workloads:
         soak = soaks.get(wk) or {}
         add(  # flat: every sample of the steady run within RSS_DEVIATION of its first, not just the last one
@@ -558,6 +610,9 @@ def _server_cpu_ms(r: dict) -> float | None:
     return 1e3 * cpu / r["requests"] if cpu is not None and r.get("requests") else None
 
 
+TAIL_COLUMNS = (("throughput_rps", 1), ("p50_ms", 2), ("p99_ms", 2))
+
+
 def markdown(report: dict) -> str:
     lines = [
         (
@@ -591,6 +646,19 @@ def markdown(report: dict) -> str:
                 f"{s['rss_end_mib']} | {s['rss_min_mib']} | {s['rss_max_mib']} | {100 * s['drift']:+.1f}% | "
                 f"{100 * s['max_deviation']:.1f}% |"
             )
+    if report.get("tail_sweep"):
+        lines += [
+            "",
+            "| tail sweep | callers | req/s by run | p50 ms by run | p99 ms by run | p99/p50 (median) | errors |",
+            "|---|---:|---|---|---|---:|---:|",
+        ]
+        for wk, sweep in report["tail_sweep"].items():
+            for c, p in sweep.items():
+                lines.append(
+                    f"| {wk} attrserve | {c} | "
+                    + " | ".join(", ".join(_fmt(r[k], d) for r in p["runs"]) for k, d in TAIL_COLUMNS)
+                    + f" | {_fmt(p['p99_over_p50'], 2)} | {p['errors']} |"
+                )
     notes = []
     for wk, res in report["workloads"].items():
         a = res["systems"].get("attrserve", {})
@@ -651,6 +719,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rss-soak-workloads", default="all", help="workloads to soak (default 'all' = every selected one; e.g. W1,W4 to narrow it)"
     )
     p.add_argument(
+        "--tail-sweep",
+        default="",
+        metavar="CALLERS",
+        help="also run attrserve alone at each of these comma-separated concurrencies per workload (its own is the "
+        "table's) for the target p99 <= 3x p50 at every concurrency, e.g. 1,2,4,8,16,32",
+    )
+    p.add_argument("--tail-sweep-rounds", type=int, default=1, help="runs per swept concurrency (its ratio: their median)")
+    p.add_argument(
         "--attrserve-arg",
         action="append",
         default=[],
@@ -706,6 +782,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.warmup_seconds is None:
         args.warmup_seconds = 0.5 if args.smoke else 2.0
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    try:
+        args.tail_sweep = sorted({int(c) for c in args.tail_sweep.split(",") if c.strip()})
+    except ValueError:
+        p.error(f"--tail-sweep: comma-separated caller counts, got {args.tail_sweep!r}")
+    if any(c < 1 for c in args.tail_sweep) or args.tail_sweep_rounds < 1:
+        p.error("--tail-sweep's callers and --tail-sweep-rounds must be at least 1")
     unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
         p.error(f"unknown systems {sorted(unknown)}; valid: {', '.join(SYSTEMS)}")
@@ -718,7 +800,9 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(args.render.read_text())
         for soak in report.get("rss_soak", {}).values():
             soak_range(soak)
-        report["targets"] = evaluate_targets(report["workloads"], report.get("rss_soak", {}), report.get("meta", {}).get("cpus"))
+        report["targets"] = evaluate_targets(
+            report["workloads"], report.get("rss_soak", {}), report.get("meta", {}).get("cpus"), report.get("tail_sweep")
+        )
         print(markdown(report))
         return 0
     if args.malloc == "glibc":
@@ -748,6 +832,8 @@ def main(argv: list[str] | None = None) -> int:
             "argv": sys.argv[1:] if argv is None else argv,
             "smoke": args.smoke,
             "rounds": args.rounds,
+            "tail_sweep": args.tail_sweep,
+            "tail_sweep_rounds": args.tail_sweep_rounds,
             "seconds": args.seconds,
             "warmup_seconds": args.warmup_seconds,
             "attrserve_args": args.attrserve_arg,
@@ -763,6 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "workloads": {},
         "rss_soak": {},
+        "tail_sweep": {},
         "targets": [],
     }
     failures = []
@@ -772,6 +859,13 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # one broken workload must not lose the others' numbers
             traceback.print_exc()
             failures.append(f"{k}: {type(e).__name__}: {e}")
+    for k in keys if args.tail_sweep and "attrserve" in args.systems else ():
+        if k in report["workloads"]:
+            try:
+                report["tail_sweep"][k] = run_tail_sweep(catalog[k], args, report["workloads"][k]["concurrency"], log_dir)
+            except Exception as e:
+                traceback.print_exc()
+                failures.append(f"{k} tail sweep: {type(e).__name__}: {e}")
     if args.rss_soak > 0:
         for k in soak_keys:
             if k in catalog:
@@ -780,7 +874,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:
                     traceback.print_exc()
                     failures.append(f"{k} soak: {type(e).__name__}: {e}")
-    report["targets"] = evaluate_targets(report["workloads"], report["rss_soak"], report["meta"]["cpus"])
+    report["targets"] = evaluate_targets(report["workloads"], report["rss_soak"], report["meta"]["cpus"], report["tail_sweep"])
     report["meta"]["elapsed_s"] = round(time.time() - started, 1)
     report["failures"] = failures
     args.json.parent.mkdir(parents=True, exist_ok=True)

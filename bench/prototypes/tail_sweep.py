@@ -1,11 +1,11 @@
 """attrserve's tail latency at several concurrencies: p50, p99 and p99/p50 against the issue's "p99 <= 3x p50 at every
-concurrency". bench/run.py checks that target at each workload's own concurrency only (32 callers, or W5's 1 and W6's
-4); W1 missed it at 4 and 8 callers while it met it at 32 (bench/RESULTS.md, issue 12 step 24).
+concurrency", for comparing configurations (bench/run.py --tail-sweep judges the defaults in the table of record). W1
+missed it at 4 and 8 callers while it met it at 32 (bench/RESULTS.md, issue 12 step 24).
 
     .venv/bin/python bench/prototypes/tail_sweep.py --workload W1 [--callers 2,4,8,16,32] [--seconds 8] [--rounds 2] \\
         [--config "old=env:PYTHONPATH=<tree>/engine:<tree>/service:<tree>/clients/python" --config "new="]
 
-Every (round, callers, configuration) starts a fresh server and measures it as bench/run.py does (`run_server`: ready,
+Every (round, callers, configuration) starts a fresh server and measures it as bench/run.py does (`tail_point`: ready,
 warm-up, the measured window). A `--config NAME=FLAGS` is extra `attrserve serve` flags, space-separated; a token
 `env:KEY=VALUE` sets an environment variable of the server instead (default: one configuration, the defaults). Inside a
 round the configurations alternate at each concurrency. The table gives each round's p99/p50 and their median.
@@ -62,12 +62,11 @@ def main(argv: list[str] | None = None) -> int:
                 base += ["--warmup-seconds", str(args.warmup_seconds)] + (["--smoke"] if args.smoke else [])
                 base += [f"--attrserve-arg={f}" for f in flags] + [f"--attrserve-env={k}={v}" for k, v in env.items()]
                 settings = run.parse_args(base)
-                r = run.run_server("attrserve", w, settings, c, w.requests(), log_dir)
+                r = run.tail_point(w, settings, c, log_dir)
                 results.setdefault((c, name), []).append(r)
-                ratio = r["p99_ms"] / r["p50_ms"] if r["p50_ms"] else float("nan")
                 print(
                     f"round {number}, {c} callers, {name}: {r['throughput_rps']:.1f} req/s, p50 {r['p50_ms']:.2f} ms, "
-                    f"p99 {r['p99_ms']:.2f} ms ({ratio:.2f}x), {r['errors']} errors",
+                    f"p99 {r['p99_ms']:.2f} ms ({r['p99_over_p50']:.2f}x), {r['errors']} errors",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|---|---|---|---|---|---:|---|")
     limit = run.P99_OVER_P50
     for (c, name), rs in results.items():
-        ratios = [r["p99_ms"] / r["p50_ms"] for r in rs if r["p50_ms"]]
+        ratios = [r["p99_over_p50"] for r in rs if r["p99_over_p50"] is not None]
         median = statistics.median(ratios) if ratios else float("nan")
 
         print(

@@ -116,3 +116,50 @@ def test_a_throughput_target_over_rounds_shows_the_rounds_ratios_it_is_the_media
     one_round = {"W3": {"concurrency": 32, "systems": {"attrserve": {"throughput_rps": 99.8}, "L": {"throughput_rps": 121.8}}}}
     target = next(t for t in run.evaluate_targets(one_round, {}, cpus=2) if t["target"] == "throughput >= 80% of L")
     assert target["measured"] == "82% (99.8 vs 121.8 req/s)" and target["status"] == "met"
+
+
+def test_a_tail_sweep_runs_attrserve_at_each_other_concurrency_and_judges_the_worst(tmp_path: Path) -> None:
+    """--tail-sweep: attrserve alone at each listed concurrency but the workload's own (the table's row), every request
+    answered; the target "at every concurrency" takes the worst ratio of those and the own one."""
+    out = tmp_path / "sweep.json"
+    code, stdout, stderr = run_bench(
+        ["--smoke", "--workloads", "W5", "--systems", "attrserve", "--tail-sweep", "1,2,3", "--seconds", "0.5"]
+        + ["--warmup-seconds", "0.2", "--json", str(out)],
+        timeout=180,
+    )
+    assert code == 0, f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}"
+    report = json.loads(out.read_text())
+    own = report["workloads"]["W5"]["concurrency"]
+    sweep = report["tail_sweep"]["W5"]
+    assert sorted(int(c) for c in sweep) == sorted({1, 2, 3} - {own})
+    for c, point in sweep.items():
+        (run,) = point["runs"]
+        assert run["errors"] == 0 and point["errors"] == 0 and run["throughput_rps"] > 0, (c, point)
+        assert point["p99_over_p50"] == run["p99_ms"] / run["p50_ms"] >= 1.0
+        assert f"| W5 attrserve | {c} | " in stdout
+    a = report["workloads"]["W5"]["systems"]["attrserve"]
+    ratios = {int(c): p["p99_over_p50"] for c, p in sweep.items()} | {own: a["p99_ms"] / a["p50_ms"]}
+    target = next(t for t in report["targets"] if t["target"] == "p99 <= 3x p50 at every concurrency")
+    assert target["value"] == max(ratios.values())
+    assert target["status"] == ("met" if target["value"] <= 3 else "MISSED")
+    assert f"| W5 | p99 <= 3x p50 at every concurrency | worst {target['value']:.2f}x at " in stdout
+
+
+def test_the_every_concurrency_target_is_the_worst_point_and_says_when_no_sweep_ran() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run
+
+    workloads = {"W1": {"concurrency": 32, "systems": {"attrserve": {"p50_ms": 10.0, "p99_ms": 20.0}}}}
+    sweeps = {"W1": {"4": {"p99_over_p50": 3.4}, "8": {"p99_over_p50": 2.9}}}
+
+    def every(**kw) -> dict:
+        return next(t for t in run.evaluate_targets(workloads, {}, cpus=2, **kw) if t["target"].endswith("at every concurrency"))
+
+    target = every(sweeps=sweeps)
+    assert (target["value"], target["status"]) == (3.4, "MISSED")
+    assert target["measured"] == "worst 3.40x at 4 callers (4: 3.40x, 8: 2.90x, 32: 2.00x)"
+    sweeps["W1"]["4"]["p99_over_p50"] = 1.5
+    assert (every(sweeps=sweeps)["value"], every(sweeps=sweeps)["status"]) == (2.9, "met")
+    assert (every()["status"], every()["measured"]) == ("not measured", "not run (use --tail-sweep 1,2,4,8,16,32)")
+    sweeps["W1"]["8"]["p99_over_p50"] = None  # a point without latencies: not judged on the others alone
+    assert every(sweeps=sweeps)["status"] == "not measured"
