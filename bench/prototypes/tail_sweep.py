@@ -37,7 +37,7 @@ def configs(specs: list[str]) -> dict[str, tuple[list[str], dict[str, str]]]:
 
 
 def _joined(rs: list[dict], key: str, digits: int) -> str:
-    return ", ".join(f"{r[key]:.{digits}f}" for r in rs)
+    return ", ".join(run._fmt(r[key], digits) for r in rs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = run.tail_point(w, settings, c, log_dir)
                 results.setdefault((c, name), []).append(r)
                 print(
-                    f"round {number}, {c} callers, {name}: {r['throughput_rps']:.1f} req/s, p50 {r['p50_ms']:.2f} ms, "
-                    f"p99 {r['p99_ms']:.2f} ms ({r['p99_over_p50']:.2f}x), {r['errors']} errors",
+                    f"round {number}, {c} callers, {name}: {r['throughput_rps']:.1f} req/s, p50 {run._fmt(r['p50_ms'], 2)} ms, "
+                    f"p99 {run._fmt(r['p99_ms'], 2)} ms ({run._fmt(r['p99_over_p50'], 2)}x), {r['errors']} errors",
                     file=sys.stderr,
                     flush=True,
                 )
