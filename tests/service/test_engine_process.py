@@ -136,7 +136,7 @@ def busy(client: AttributionClient, outcome: list, value: float = 777.0) -> thre
     return in_thread(outcome, lambda: client.attribute("crashy", "saliency", np.full((1, 4), value, np.float32), target=0, timeout=30))
 
 
-def wait_queued(server: ServerThread, n: int, model: str = "good", within: float = 10.0) -> dict:
+def wait_queued(server: ServerThread, n: int, model: str = "good", within: float = 5.0) -> dict:
     """Until `model`'s attrserve_queue_requests (what the engine process holds of it: queued or in a pass) reads `n`;
     returns that /metrics page. Tests that need a request held, or gone, wait for this rather than sleep: on a busy
     machine a sleep is not always long enough (a 0.5 s sleep left a test's server-wide limit with room, issue 12 step
