@@ -407,11 +407,13 @@ def run_tail_sweep(w: Workload, args: argparse.Namespace, own: int, log_dir: Pat
                 file=sys.stderr,
                 flush=True,
             )
-    out = {}
-    for c, rs in runs.items():
-        ratios = [r["p99_over_p50"] for r in rs if r["p99_over_p50"] is not None]
-        out[str(c)] = {"runs": rs, "p99_over_p50": statistics.median(ratios) if ratios else None, "errors": sum(r["errors"] for r in rs)}
-    return out
+    return {str(c): tail_summary(rs) for c, rs in runs.items()}
+
+
+def tail_summary(runs: list[dict]) -> dict:
+    """One concurrency's tail_point runs: kept, their median p99/p50 (None when no run had latencies), their errors."""
+    ratios = [r["p99_over_p50"] for r in runs if r["p99_over_p50"] is not None]
+    return {"runs": runs, "p99_over_p50": statistics.median(ratios) if ratios else None, "errors": sum(r["errors"] for r in runs)}
 
 
 # -- targets ------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ round the configurations alternate at each concurrency. The table gives each rou
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -75,12 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|---|---|---|---|---|---:|---|")
     limit = run.P99_OVER_P50
     for (c, name), rs in results.items():
-        ratios = [r["p99_over_p50"] for r in rs if r["p99_over_p50"] is not None]
-        median = statistics.median(ratios) if ratios else float("nan")
-
+        median = run.tail_summary(rs)["p99_over_p50"]
         print(
             f"| {c} | {name} | {_joined(rs, 'throughput_rps', 1)} | {_joined(rs, 'p50_ms', 2)} | {_joined(rs, 'p99_ms', 2)} | "
-            f"{', '.join(f'{x:.2f}' for x in ratios)} | {median:.2f} | {'met' if median <= limit else 'MISSED'} |"
+            f"{_joined(rs, 'p99_over_p50', 2)} | {run._fmt(median, 2)} | {'met' if median is not None and median <= limit else 'MISSED'} |"
         )
     return 0
 
