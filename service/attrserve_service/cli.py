@@ -10,17 +10,17 @@ A flag wins over its variable.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attrserve_engine import EngineLimits
-from attrserve_service import logs
+from attrserve_service import eventloop, logs
 from attrserve_service.logs import FORMATS
 
 if TYPE_CHECKING:
@@ -224,6 +224,13 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="NAME|PATH",
     ),
     Setting(
+        "--event-loop",
+        "event_loop",
+        "the event loop of the front end and the engine process: auto (uvloop where installed), uvloop, asyncio",
+        choices=eventloop.EVENT_LOOPS,
+        metavar="LOOP",
+    ),
+    Setting(
         "--reflection",
         "reflection",
         "serve gRPC server reflection (grpcurl list/describe; needs a token when auth is on)",
@@ -331,7 +338,7 @@ def serve_main(argv: Sequence[str]) -> int:
     config, (log_level, log_format) = server_config(argv)
     logs.configure(log_level, log_format)
     try:
-        lost = asyncio.run(serve(config))
+        lost = eventloop.run(partial(serve, config), config.event_loop)
     except (RepositoryError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -50,6 +50,9 @@ class ServerConfig:
     # The engine process's C heap (engine_process.allocator_preload): "auto" (tcmalloc where it is installed and
     # LD_PRELOAD is not set), "tcmalloc" (required), "glibc" (the C library's malloc), or a malloc library's path.
     allocator: str = "auto"
+    # The event loop of both processes (eventloop.py): "auto" (uvloop where it is installed), "uvloop" (required),
+    # "asyncio" (the standard library's).
+    event_loop: str = "auto"
 
 
 class ConfigError(ValueError):

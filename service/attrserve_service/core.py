@@ -17,6 +17,7 @@ from attrserve.v1 import model_config_pb2 as mc
 from attrserve_engine import AttributionJob, AttributionResult, Engine, EngineObserver, InvalidArgument, ModelRecord, ModelState, NotFound
 from attrserve_engine.algorithms.noise_tunnel import parse_noise_tunnel
 from attrserve_engine.errors import AttributionError, shown
+from attrserve_service import eventloop
 from attrserve_service.config import ServerConfig, effective_config, spec_config
 from attrserve_service.convert import algorithm_enum
 from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
@@ -65,6 +66,7 @@ class Snapshot:
     watched: dict[str, list[tuple[list[str], str]]] = field(default_factory=dict)  # model → (algorithms, device) per load
     devices: tuple[str, ...] = ()
     allocator: str = ""  # the models' process's malloc (heap_allocator)
+    event_loop: str = ""  # the models' process's event loop (eventloop.running)
 
 
 class Core(Protocol):
@@ -95,6 +97,7 @@ class LocalCore:
     def __init__(self, engine: Engine, manager: ModelManager) -> None:
         self.engine = engine
         self.manager = manager
+        self.event_loop = eventloop.running()  # made on the loop that serves it (build_core, create_server)
 
     # -- requests -------------------------------------------------------------------------------------------------
     def submit(self, job: AttributionJob) -> concurrent.futures.Future:
@@ -229,6 +232,7 @@ class LocalCore:
             watched={name: self.watched(name) for name in names},
             devices=tuple(sorted({str(m.device) for m in self.engine.models()})),
             allocator=heap_allocator(),
+            event_loop=self.event_loop,
         )
 
     def watch(self, observer: EngineObserver) -> None:

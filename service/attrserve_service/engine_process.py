@@ -57,7 +57,7 @@ import torch
 from attrserve_engine import AttributionJob, AttributionResult, EngineObserver, ModelState, PassStats, Unavailable
 from attrserve_engine.errors import AttributionError
 from attrserve_engine.scheduler import Observers
-from attrserve_service import logs
+from attrserve_service import eventloop, logs
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import ERROR_ID, MALLOCS, LocalCore, Snapshot, build_core, settle_heap
 from attrserve_service.repository import CONTROL_EXPLICIT, CONTROL_POLL, UNLOADED, RepositoryError, Status
@@ -443,7 +443,7 @@ def main(argv: list[str]) -> int:
     # whole process group) must not kill the engine under a drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    code = asyncio.run(_engine_main(int(argv[0]), int(argv[1])))
+    code = eventloop.run(partial(_engine_main, int(argv[0]), int(argv[1])), argv[2])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # worker and executor threads are done or abandoned: do not wait for them
@@ -528,6 +528,7 @@ class EngineProcess:
         self.reason = "the engine process is starting"
         self._snapshot = Snapshot()
         self._preload: str | None = None  # the engine process's LD_PRELOAD (allocator_preload), chosen at start
+        self._event_loop = "asyncio"  # the engine process's event loop (eventloop.resolve), chosen at start
         self._pending: dict[int, asyncio.Future] = {}
         self._outbox: list[tuple] = []  # messages of this turn of the event loop, not yet written (_write)
         self._ids = itertools.count()
@@ -555,6 +556,7 @@ class EngineProcess:
         """Start the engine process and wait until its models are loaded; RepositoryError when it cannot serve."""
         self._loop = asyncio.get_running_loop()
         self._preload = allocator_preload(self.config, os.environ)
+        self._event_loop = eventloop.resolve(self.config.event_loop)
         await self._spawn()
 
     async def _spawn(self) -> None:
@@ -571,7 +573,7 @@ class EngineProcess:
         elif self._preload == "":
             env.pop("LD_PRELOAD", None)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "attrserve_service.engine_process", str(engine_in.fileno()), str(engine_out.fileno())],
+            [sys.executable, "-m", "attrserve_service.engine_process", str(engine_in.fileno()), str(engine_out.fileno()), self._event_loop],
             pass_fds=(engine_in.fileno(), engine_out.fileno()),
             env=env,
         )
@@ -587,7 +589,8 @@ class EngineProcess:
         self._started_at = time.monotonic()
         self.up = True
         self.reason = ""
-        log.info("engine process %d serves (malloc: %s)", self._proc.pid, self._snapshot.allocator)
+        snapshot = self._snapshot
+        log.info("engine process %d serves (malloc: %s, event loop: %s)", self._proc.pid, snapshot.allocator, snapshot.event_loop)
         if self._preload and self._snapshot.allocator == "glibc":
             log.warning("engine process %d runs on glibc's malloc: LD_PRELOAD=%s did not load", self._proc.pid, self._preload)
         self._tell("engine_process_state", True, "")

@@ -130,8 +130,8 @@ ATTRSERVE_CONVERGENCE_DELTA = Histogram(
 ATTRSERVE_DEVICE_MEMORY_BYTES = Gauge("attrserve_device_memory_bytes", "Device memory allocated by torch (CUDA devices only).", ["device"])
 ATTRSERVE_BUILD_INFO = Gauge(
     "attrserve_build_info",
-    "1, labelled with the server's version, torch's version, its devices and the malloc its models run on.",
-    ["version", "torch", "device", "allocator"],
+    "1, labelled with the server's version, torch's version, its devices, and the malloc and event loop its models run on.",
+    ["version", "torch", "device", "allocator", "event_loop"],
 )
 
 GRPC_CODES = (
@@ -198,7 +198,8 @@ def observe_engine(core: Core, version: str) -> None:
     for name, loads in snapshot.watched.items():
         for algorithms, device in loads:
             watch_model(core, name, algorithms, device)
-    ATTRSERVE_BUILD_INFO.labels(version, torch.__version__, ",".join(snapshot.devices) or "none", snapshot.allocator).set(1.0)
+    devices = ",".join(snapshot.devices) or "none"
+    ATTRSERVE_BUILD_INFO.labels(version, torch.__version__, devices, snapshot.allocator, snapshot.event_loop).set(1.0)
 
 
 def _backlog(core: Core, name: str, which: int) -> float:

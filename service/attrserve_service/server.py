@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_engine import Engine, ModelState
-from attrserve_service import __version__, logs, metrics
+from attrserve_service import __version__, eventloop, logs, metrics
 from attrserve_service.auth import ServerSecurity
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import Core, LocalCore, build_core, settle_heap
@@ -215,11 +215,12 @@ async def serve(config: ServerConfig) -> int:
     running = await create_server(config)
     settle_heap()
     log.info(
-        "attrserve serving %s on %s:%d (metrics on :%s)",
+        "attrserve serving %s on %s:%d (metrics on :%s, event loop: %s)",
         ", ".join(sorted(running.core.snapshot().names)),
         config.host,
         running.port,
         running.metrics_port,
+        eventloop.running(),
     )
     # One line a supervisor (or a test that bound port 0) can read the ports from.
     metrics = f" (metrics on {config.host}:{running.metrics_port})" if running.metrics_port is not None else ""

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import ctypes.util
 import os
+import re
 import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,7 +33,7 @@ from attrserve_client import AttributionClient
 from attrserve_engine import Cancelled, EngineLimits
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import ERROR_ID
-from attrserve_service import engine_process
+from attrserve_service import engine_process, eventloop
 from attrserve_service.engine_process import EngineProcess, _Frames, _Out, allocator_preload, decode, encode, send_parts
 
 # Sleeps for inputs holding 777 (a request that keeps the engine busy), kills the engine process for 1234; for 4321 it
@@ -719,3 +721,102 @@ def test_attrserve_serve_with_an_allocator_it_cannot_use_exits_with_2_and_says_w
     )
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in done.stderr
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc/*/stat)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            pass  # a process that exited while it was read
+    return out
+
+
+def runs_uvloop_code(pid: int) -> bool:
+    """Whether process `pid` has uvloop's extension module mapped: it is imported only by the loop that runs it."""
+    return "/uvloop/" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def served_event_loops(server: ServeProcess) -> dict[str, Any]:
+    """What a served `attrserve serve` says and shows of its event loops, after checking that it serves Captum's
+    numbers and health says SERVING: the front's and the engine process's loop as logged, attrserve_build_info's
+    event_loop label, and whether uvloop's code is mapped into each process."""
+    with AttributionClient(server.address) as client:
+        got = client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions
+    np.testing.assert_allclose(got, captum(1), atol=1e-5)
+    assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+    (engine,) = children(server.proc.pid)
+    assert server.metrics_port is not None
+    output = server.output()
+    return {
+        "front": re.findall(r"attrserve serving .*event loop: (\w+)", output),
+        "engine": re.findall(r"engine process \d+ serves .*event loop: (\w+)", output),
+        "build_info": {
+            dict(labels)["event_loop"]
+            for (name, labels), value in scrape(server.metrics_port).items()
+            if name == "attrserve_build_info" and value == 1
+        },
+        "uvloop mapped": (runs_uvloop_code(server.proc.pid), runs_uvloop_code(engine)),
+    }
+
+
+@pytest.mark.parametrize(("choice", "loop"), [("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")])
+def test_both_processes_run_the_event_loop_they_are_given(repo: Path, choice: str, loop: str) -> None:
+    """--event-loop: auto and uvloop run uvloop (a dependency) in the front end and in the engine process, asyncio
+    runs the standard library's loop in both. Either way the numbers equal Captum's and health serves; the log lines
+    and attrserve_build_info say which loop runs."""
+    with ServeProcess(["--model-repository", str(repo), "--no-batch-probe", "--event-loop", choice], metrics=True) as server:
+        assert served_event_loops(server) == {
+            "front": [loop],
+            "engine": [loop],
+            "build_info": {loop},
+            "uvloop mapped": (loop == "uvloop", loop == "uvloop"),
+        }
+
+
+def test_without_uvloop_auto_serves_on_asyncio_and_uvloop_is_refused(repo: Path, tmp_path: Path) -> None:
+    """Where uvloop cannot be imported (a platform without its wheel), "auto" serves on the standard library's loop in
+    both processes, and "uvloop" fails the start with exit status 2 and a message that names the setting."""
+    shim = tmp_path / "shim"
+    (shim / "uvloop").mkdir(parents=True)
+    (shim / "uvloop" / "__init__.py").write_text('raise ImportError("no uvloop here")\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(
+        [*SERVE_MODULE, "serve", "--port", "0", "--metrics-port", "-1", "--event-loop", "uvloop"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--event-loop uvloop: uvloop cannot be imported (no uvloop here; pip install uvloop)" in done.stderr
+    with ServeProcess(["--model-repository", str(repo), "--no-batch-probe"], metrics=True, env=env) as server:
+        assert served_event_loops(server) == {
+            "front": ["asyncio"],
+            "engine": ["asyncio"],
+            "build_info": {"asyncio"},
+            "uvloop mapped": (False, False),
+        }
+
+
+def test_the_event_loop_setting_is_read_strictly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """resolve: auto takes uvloop where it imports and asyncio where it does not; uvloop requires it; an unknown name
+    is refused. run runs the coroutine on the loop resolved, which running() reports ("" off a loop)."""
+    assert eventloop.resolve("auto") == eventloop.resolve("uvloop") == "uvloop"
+    assert eventloop.resolve("asyncio") == "asyncio"
+
+    async def loop_name() -> str:
+        return eventloop.running()
+
+    assert eventloop.run(loop_name, "auto") == "uvloop"
+    assert eventloop.run(loop_name, "asyncio") == "asyncio"
+    assert eventloop.running() == ""
+    with pytest.raises(ConfigError, match="--event-loop 'libev': use one of auto, uvloop, asyncio"):
+        eventloop.resolve("libev")
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # `import uvloop` raises ImportError
+    assert eventloop.resolve("auto") == "asyncio"
+    with pytest.raises(ConfigError, match="--event-loop uvloop: uvloop cannot be imported"):
+        eventloop.resolve("uvloop")
