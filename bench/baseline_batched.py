@@ -5,7 +5,8 @@
 It speaks the same `attrserve.v1.AttributionService` `Attribute` RPC as B2 (bench/baseline_server.py), so
 the same load client drives it with the same requests, models and weights. Its shape is TorchServe's:
 
-- a front process (grpc.aio) decodes each request and puts it on one queue;
+- a front process (grpc.aio, on the event loop `attrserve serve` picks: `--event-loop`, default auto) decodes each
+  request and puts it on one queue;
 - `--workers` worker processes (multiprocessing "spawn"), each with `OMP_NUM_THREADS=1` in its environment
   before torch is imported and `torch.set_num_threads(1)`, each loading every model once. As in TorchServe's
   batch aggregator, a worker that is free takes the first queued request and then up to `--batch-size` - 1
@@ -33,6 +34,7 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ from baseline_server import BaselineServicer, decode
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_client.tensors import to_tensor_proto
+from attrserve_service import eventloop
 
 from captum_calls import PassCounter, run_captum
 from workloads import MODELS, build_model, model_names
@@ -298,9 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-repository", type=Path, default=MODELS, help="folder of model folders (default: bench/models)")
     p.add_argument("--models", default="", help="comma-separated model folders to serve (default: all)")
     p.add_argument("--device", default="cpu", help="where the workers run Captum: cpu or cuda[:i]")
+    p.add_argument(
+        "--event-loop", default="auto", choices=eventloop.EVENT_LOOPS, help="as attrserve serve's (default auto: uvloop where installed)"
+    )
     args = p.parse_args(argv)
     names = [n for n in args.models.split(",") if n] or model_names(args.model_repository)
-    asyncio.run(serve(args.port, args.workers, args.batch_size, args.max_batch_delay_ms, args.model_repository, names, args.device))
+    eventloop.run(
+        partial(serve, args.port, args.workers, args.batch_size, args.max_batch_delay_ms, args.model_repository, names, args.device),
+        args.event_loop,
+    )
     return 0
 
 

@@ -12,6 +12,9 @@ model: Captum's layer methods install hooks on the model's modules, which two th
 `--noop` answers `Attribute` on the event loop with attributions equal to the input tensor (same dtype,
 shape and bytes): the gRPC + protobuf cost of the same payload in both directions with no compute at all.
 
+Both run on the event loop `attrserve serve` picks (`--event-loop`, default auto: uvloop where it is installed), so the
+ceiling is the transport stack attrserve's front end runs on, and B2 gets what its own server could have.
+
 Both fill `AttributeResponse.timing` with the Captum passes (model forward calls) and rows the request
 ran, so the bench reports passes and rows per pass for B2 as it does for attrserve.
 """
@@ -26,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,6 +42,7 @@ from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve.v1 import model_config_pb2 as mc
 from attrserve.v1 import tensor_pb2
 from attrserve_client.tensors import from_tensor_proto, to_tensor_proto
+from attrserve_service import eventloop
 
 from captum_calls import PassCounter, as_tensor, run_captum
 from workloads import MODELS, build_model, model_names
@@ -195,9 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-repository", type=Path, default=MODELS, help="folder of model folders (default: bench/models)")
     p.add_argument("--models", default="", help="comma-separated model folders to serve (default: all)")
     p.add_argument("--device", default="cpu", help="where Captum runs: cpu or cuda[:i] (each pool thread keeps its own replica there)")
+    p.add_argument(
+        "--event-loop", default="auto", choices=eventloop.EVENT_LOOPS, help="as attrserve serve's (default auto: uvloop where installed)"
+    )
     args = p.parse_args(argv)
     names = [n for n in args.models.split(",") if n] or model_names(args.model_repository)
-    asyncio.run(serve(args.port, args.noop, args.workers, args.model_repository, names, args.device))
+    eventloop.run(partial(serve, args.port, args.noop, args.workers, args.model_repository, names, args.device), args.event_loop)
     return 0
 
 
