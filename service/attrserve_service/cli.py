@@ -226,7 +226,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "--event-loop",
         "event_loop",
-        "the event loop of the front end and the engine process: auto (uvloop where installed), uvloop, asyncio",
+        "the event loop of the front end and the engine process: auto (uvloop where installed), uvloop or asyncio",
         choices=eventloop.EVENT_LOOPS,
         metavar="LOOP",
     ),
