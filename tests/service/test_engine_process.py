@@ -138,14 +138,14 @@ def busy(client: AttributionClient, outcome: list, value: float = 777.0) -> thre
     return in_thread(outcome, lambda: client.attribute("crashy", "saliency", np.full((1, 4), value, np.float32), target=0, timeout=30))
 
 
-def held(server: ServerThread, model: str) -> tuple[int, int]:
-    """(requests, rows) the engine process holds of `model`, queued or in a pass, asked now through the front's core:
-    what attrserve_queue_requests and attrserve_queue_rows report, without writing and parsing a /metrics page."""
+def held(server: ServerThread, model: str) -> int:
+    """The requests the engine process holds of `model`, queued or in a pass, asked now through the front's core: what
+    attrserve_queue_requests reports, without writing and parsing a /metrics page."""
     core = server.running.core
 
-    async def ask() -> tuple[int, int]:
+    async def ask() -> int:
         await core.refresh()
-        return core.backlog(model)
+        return core.backlog(model)[0]
 
     return asyncio.run_coroutine_threadsafe(ask(), server.loop).result(10)
 
@@ -157,7 +157,7 @@ def wait_queued(server: ServerThread, n: int, model: str = "good", within: float
     keeps the series of every server the run started, so after a few hundred tests a page took seconds to write and
     parse, and a test saw the 3 s busy pass held only once it was over (issue 12 step 26)."""
     until = time.monotonic() + within
-    while held(server, model)[0] != n:
+    while held(server, model) != n:
         assert time.monotonic() < until, f"the engine process never held {n} request(s) of {model}"
         time.sleep(0.02)
 
