@@ -723,18 +723,6 @@ def test_attrserve_serve_with_an_allocator_it_cannot_use_exits_with_2_and_says_w
     assert message in done.stderr
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (from /proc/*/stat)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-        except (OSError, ValueError, IndexError):
-            pass  # a process that exited while it was read
-    return out
-
-
 def runs_uvloop_code(pid: int) -> bool:
     """Whether process `pid` has uvloop's extension module mapped: it is imported only by the loop that runs it."""
     return "/uvloop/" in Path(f"/proc/{pid}/maps").read_text()
@@ -748,18 +736,18 @@ def served_event_loops(server: ServeProcess) -> dict[str, Any]:
         got = client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions
     np.testing.assert_allclose(got, captum(1), atol=1e-5)
     assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
-    (engine,) = children(server.proc.pid)
     assert server.metrics_port is not None
     output = server.output()
+    engines = re.findall(r"engine process (\d+) serves .*event loop: (\w+)", output)  # (pid, loop) of each one started
     return {
         "front": re.findall(r"attrserve serving .*event loop: (\w+)", output),
-        "engine": re.findall(r"engine process \d+ serves .*event loop: (\w+)", output),
+        "engine": [loop for _, loop in engines],
         "build_info": {
             dict(labels)["event_loop"]
             for (name, labels), value in scrape(server.metrics_port).items()
             if name == "attrserve_build_info" and value == 1
         },
-        "uvloop mapped": (runs_uvloop_code(server.proc.pid), runs_uvloop_code(engine)),
+        "uvloop mapped": (runs_uvloop_code(server.proc.pid), *(runs_uvloop_code(int(pid)) for pid, _ in engines)),
     }
 
 
