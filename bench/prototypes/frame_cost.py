@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from attrserve_service import engine_process as ep
+from attrserve_service import frames as ep
 
 FRAMES = {
     "W6 result (588 KiB)": [("result", 1, {"attributions": torch.randn(1, 3, 224, 224), "output": torch.randn(1, 10)})],

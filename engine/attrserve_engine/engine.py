@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attrserve_engine.algorithms import ALGORITHMS, Algorithm, Limits
+from attrserve_engine.algorithms import ALGORITHMS, Algorithm
 from attrserve_engine.algorithms.noise_tunnel import NoiseTunnelParams, noise_tunnel_plan, parse_noise_tunnel
 from attrserve_engine.errors import (
     AttributionError,
@@ -38,9 +38,8 @@ from attrserve_engine.errors import (
 from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluate
 from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks
 from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult, JobTiming
+from attrserve_engine.limits import EngineLimits
 from attrserve_engine.models import (
-    DEFAULT_MAX_BATCH_ROWS,
-    DEFAULT_MAX_QUEUE_DELAY_US,
     InputCast,
     LoadedModel,
     ModelRecord,
@@ -71,43 +70,6 @@ def _cancel_if_cancelled(scheduler: Scheduler, job: weakref.ref[LiveJob], future
         scheduler.cancel(live)
 
 
-@dataclass(frozen=True)
-class EngineLimits:
-    """Server-wide caps; each breach is a clear INVALID_ARGUMENT or RESOURCE_EXHAUSTED."""
-
-    max_n_steps: int = 1000
-    max_nt_samples: int = 1000
-    max_rows_per_request: int = 100_000
-    max_queued_requests: int = 10_000
-    default_max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS
-    default_max_queue_delay_us: int = DEFAULT_MAX_QUEUE_DELAY_US
-    default_device: str = "auto"
-    # Measure each model's best pass size at load (models with pinned input shapes and no configured max_batch_rows).
-    probe_batch_rows: bool = True
-    probe_seconds: float = 1.5
-    # A worker that died is restarted after this long (doubling while it keeps dying, up to 30 s).
-    worker_restart_delay_s: float = 0.1
-    # An unloaded or replaced load finishes the requests it accepted for at most this long before it is released.
-    drain_seconds: float = 30.0
-    # Admission, per model: rows accepted and not yet computed (0: max_queue_seconds of work at the model's
-    # measured rate) and their estimated bytes (0: queued_bytes_bound of its device); a model's config.pbtxt may set
-    # its own.
-    default_max_queued_rows: int = 0
-    max_queue_seconds: float = 2.0
-    default_max_queued_bytes: int = 0
-    # A fused pass is cut to at most this long at the model's measured rate (never below one block's rows).
-    max_pass_seconds: float = 0.25
-    # Most plans build a request's rows of model work at once (IntegratedGradients' n_steps copies of each example), so
-    # a request whose rows would hold more input bytes than this at once is refused before it can exhaust memory
-    # (perturbation methods build theirs a pass at a time and hold only their examples); 0: a quarter of the memory of
-    # the model's device (for the CPU: the engine's cgroup limit, or the machine's memory).
-    max_request_work_bytes: int = 0
-
-    @property
-    def algorithm_limits(self) -> Limits:
-        return Limits(max_n_steps=self.max_n_steps, max_nt_samples=self.max_nt_samples)
-
-
 class Engine:
     """Entry point for the service edge (and for in-process use).
 
@@ -115,8 +77,8 @@ class Engine:
     request (validation only, no model code); `shutdown` on SIGTERM.
     """
 
-    def __init__(self, limits: EngineLimits = EngineLimits()) -> None:
-        self.limits = limits
+    def __init__(self, limits: EngineLimits | None = None) -> None:
+        self.limits = limits if limits is not None else EngineLimits()
         self.served = ServedModels()
         # Told about every pass, dropped request and worker failure/restart (metrics, health). Append to add one.
         self.observers: list[EngineObserver] = [_PassCounter(self)]

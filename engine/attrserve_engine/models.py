@@ -21,9 +21,6 @@ from attrserve_engine.user_code import import_file
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH_ROWS = 256
-DEFAULT_MAX_QUEUE_DELAY_US = 500
-
 
 @dataclass(frozen=True)
 class InputCast:

@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attrserve_engine import EngineLimits
+from attrserve_engine.limits import EngineLimits
 from attrserve_service import eventloop, logs
 from attrserve_service.logs import FORMATS
 
@@ -332,16 +332,34 @@ EXIT_LOST = 3
 
 def serve_main(argv: Sequence[str]) -> int:
     from attrserve_service.config import ConfigError
-    from attrserve_service.repository import RepositoryError
-    from attrserve_service.server import serve
 
     config, (log_level, log_format) = server_config(argv)
     logs.configure(log_level, log_format)
+    launched = None
     try:
-        lost = eventloop.run(partial(serve, config), config.event_loop)
-    except (RepositoryError, ConfigError) as e:
+        if config.engine_process:
+            # Nothing so far imported torch or grpc's server. The engine process starts now, so that it imports torch
+            # and loads the models while this process imports the server (launch.py). A bad TLS or token setting
+            # still fails before any model loads: read here, and again (and logged) by create_server.
+            from attrserve_service import auth, launch
+
+            auth.server_credentials(config)
+            auth.token_interceptor(config)
+            launched = launch.start(config, logs.current())
+        from attrserve_service.repository import RepositoryError
+        from attrserve_service.server import serve
+
+        try:
+            lost = eventloop.run(partial(serve, config, launched), config.event_loop)
+        except RepositoryError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if launched is not None:
+            launched.close()  # an engine process that the server never took over (it failed to start first)
     return EXIT_LOST if lost else 0
 
 

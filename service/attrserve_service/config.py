@@ -1,13 +1,19 @@
-"""Server configuration, and the effective ModelConfig of a served model (GetModel)."""
+"""Server configuration, and the effective ModelConfig of a served model (GetModel).
+
+Imports neither torch nor grpc: `attrserve serve` builds its ServerConfig and starts the engine process before the
+front end imports them (launch.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from attrserve.v1 import model_config_pb2 as mc
-from attrserve_engine import EngineLimits, LoadedModel, ModelSpec
-from attrserve_service.convert import TORCH_TO_WIRE
+from attrserve_engine.limits import EngineLimits
+
+if TYPE_CHECKING:
+    from attrserve_engine import LoadedModel, ModelSpec
 
 
 @dataclass
@@ -96,6 +102,8 @@ def spec_config(spec: ModelSpec) -> mc.ModelConfig:
         instances=spec.instances,
         memory_format=spec.memory_format,
     )
+    from attrserve_service.convert import TORCH_TO_WIRE  # torch: GetModel runs in a process that has it
+
     for s in spec.inputs:
         wire = TORCH_TO_WIRE.get(s.dtype, 0) if s.dtype is not None else 0  # 0: DATA_TYPE_UNSPECIFIED, any dtype
         config.inputs.add(name=s.name, dtype=wire, dims=list(s.dims or ()))

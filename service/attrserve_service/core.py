@@ -21,6 +21,7 @@ from attrserve_service import eventloop
 from attrserve_service.config import ServerConfig, effective_config, spec_config
 from attrserve_service.convert import algorithm_enum
 from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
+from attrserve_service.launch import MALLOCS
 from attrserve_service.repository import UNLOADED, ModelManager, RepositoryError, Status
 
 
@@ -32,14 +33,10 @@ def settle_heap() -> None:
     gc.set_threshold(20_000, 10, 10)
 
 
-# The malloc libraries known by name in a memory map (heap_allocator) or an LD_PRELOAD (engine_process.allocator_preload).
-MALLOCS = ("tcmalloc", "jemalloc")
-
-
 @functools.cache
 def heap_allocator() -> str:
     """The malloc this process runs on: "tcmalloc" or "jemalloc" when that library is mapped (LD_PRELOAD), else
-    "glibc" (attrserve_build_info's allocator label; engine_process.allocator_preload chooses it)."""
+    "glibc" (attrserve_build_info's allocator label; launch.allocator_preload chooses it)."""
     try:
         with open("/proc/self/maps") as maps:
             mapped = maps.read()

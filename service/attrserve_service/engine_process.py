@@ -2,16 +2,8 @@
 
 `attrserve serve` runs two processes. The front end (grpc.aio event loop: decode, validate the wire format,
 encode, metrics, health) and the engine core (this module's `main`: the models, the schedulers and their worker
-threads, the model manager). They talk over two Unix socket pairs, one each way, in frames:
-
-    u64 length of the rest | u32 buffer count | u64 pickle length | u64 length of each buffer | pickle | buffers
-
-A frame is a pickled list of messages, each a tuple (protocol 5). Tensors travel as numpy arrays whose bytes are
-out-of-band buffers, never serialised. The engine writes a frame of 64 KiB or more from where its parts lie (sendmsg);
-it joins a smaller one, and the front joins every frame into one buffer first (asyncio's writelines; 3.12 turns it
-into sendmsg too). A reader reads a frame of 64 KiB or more straight into a buffer of its own, which the received tensors
-then view; smaller frames share one reused buffer and are copied out of it (_Frames). Each socket asks for a 4 MiB
-send buffer, so that a large frame is written in one call where the kernel grants it. Messages go in batches: the front
+threads, the model manager). They talk over two Unix socket pairs, one each way, in frames (frames.py: a pickled list of messages, each a
+tuple; tensors as out-of-band buffers). Messages go in batches: the front
 writes what one turn of its event loop sent (the requests of many callers) as one frame, and a worker what one step
 of its loop sent (a pass's metrics event, then the answers of the jobs it finished); one pickle, one system call and
 one wake-up of the other side per batch instead of per message.
@@ -33,183 +25,33 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ctypes.util
-import io
 import itertools
 import logging
 import os
-import pickle
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 
 from attrserve_engine import AttributionJob, AttributionResult, EngineObserver, ModelState, PassStats, Unavailable
 from attrserve_engine.errors import AttributionError
 from attrserve_engine.scheduler import Observers
-from attrserve_service import eventloop, logs
-from attrserve_service.config import ConfigError, ServerConfig
-from attrserve_service.core import ERROR_ID, MALLOCS, LocalCore, Snapshot, build_core, settle_heap
+from attrserve_service import eventloop, launch, logs
+from attrserve_service.config import ServerConfig
+from attrserve_service.core import ERROR_ID, LocalCore, Snapshot, build_core, settle_heap
+from attrserve_service.frames import _Frames, encode_parts, send_parts
+from attrserve_service.launch import intra_op_threads
 from attrserve_service.repository import CONTROL_EXPLICIT, CONTROL_POLL, UNLOADED, RepositoryError, Status
 
 log = logging.getLogger(__name__)
-
-# -- frames ------------------------------------------------------------------------------------------------------------
-
-_LENGTH = struct.Struct("<Q")
-_HEAD = struct.Struct("<IQ")  # buffer count, pickle length
-# dtypes numpy has no type for travel as an integer view of their bits
-_BITS = {torch.bfloat16: torch.int16}
-# Reading (_Frames): a frame this large gets a buffer of its own; smaller ones share one, read into at most
-# _OWN_BUFFER bytes at a time (so that a large frame's first read, which cannot know its size, copies little).
-_OWN_BUFFER = 64 << 10
-_SCRATCH = 2 * _OWN_BUFFER + _LENGTH.size
-# Each socket asks for this much send buffer (the kernel grants at most net.core.wmem_max, often 208 KiB): a frame
-# that fits is written in one system call, without the sender waiting for the reader or asyncio copying the rest.
-_SOCKET_BUFFER = 4 << 20
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
-
-
-def _tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
-    t = torch.from_numpy(array)
-    return t.view(getattr(torch, dtype)) if dtype else t
-
-
-class _Pickler(pickle.Pickler):
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            t = obj.detach()
-            if t.device.type != "cpu":
-                t = t.cpu()
-            bits = _BITS.get(t.dtype)
-            if bits is not None:
-                return _tensor, (t.contiguous().view(bits).numpy(), str(t.dtype).removeprefix("torch."))
-            return _tensor, (t.contiguous().numpy(), "")
-        return NotImplemented
-
-
-def encode_parts(message: Any) -> list:
-    """One frame holding `message` (a list of messages, on the wire), as the buffers to write one after another: the
-    length, the head, the pickle, then each tensor's bytes where they lie."""
-    buffers: list[pickle.PickleBuffer] = []
-    stream = io.BytesIO()
-    _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(message)
-    raw = [b.raw() for b in buffers]
-    data = stream.getbuffer()
-    head = _HEAD.pack(len(raw), data.nbytes) + struct.pack(f"<{len(raw)}Q", *(r.nbytes for r in raw))
-    size = len(head) + data.nbytes + sum(r.nbytes for r in raw)
-    return [_LENGTH.pack(size), head, data, *raw]
-
-
-def encode(message: Any) -> bytes:
-    """One frame holding `message`, in one piece."""
-    return b"".join(encode_parts(message))
-
-
-def send_parts(sock: socket.socket, parts: list) -> None:
-    """Write a frame (encode_parts) to a blocking socket: a large one from where its parts lie (sendmsg, no joined
-    copy), a small one joined (one buffer for the kernel instead of many small ones)."""
-    (size,) = _LENGTH.unpack(parts[0])
-    if size < _OWN_BUFFER or len(parts) > _IOV_MAX:
-        sock.sendall(b"".join(parts))
-        return
-    sent = sock.sendmsg(parts)
-    if sent < _LENGTH.size + size:  # the socket took part of it: the rest, in order
-        sock.sendall(memoryview(b"".join(parts))[sent:])
-
-
-def decode(frame: bytearray) -> Any:
-    """The message of one frame (without its length prefix); its arrays are views on `frame`."""
-    view = memoryview(frame)
-    count, length = _HEAD.unpack_from(view, 0)
-    sizes = struct.unpack_from(f"<{count}Q", view, _HEAD.size)
-    at = _HEAD.size + 8 * count
-    data = view[at : at + length]
-    at += length
-    buffers = []
-    for size in sizes:
-        buffers.append(view[at : at + size])
-        at += size
-    return pickle.loads(data, buffers=buffers)
-
-
-class _Frames(asyncio.BufferedProtocol):
-    """Reads frames off a socket on the event loop; `on_message` gets each message, `on_end` the socket's end.
-
-    The loop reads into our buffers (recv_into), not into a fresh bytes object per read. Small frames land in one
-    reused buffer, several per read, and each is copied out of it (its tensors must not view a buffer that is read
-    into again). A frame of _OWN_BUFFER bytes or more (a 3x224x224 image is 588 KiB) gets a buffer of its own, read
-    into directly: its tensors view the bytes that came through the kernel, with no copy in between."""
-
-    def __init__(self, on_message: Callable[[Any], None], on_end: Callable[[], None]) -> None:
-        self.on_message = on_message
-        self.on_end = on_end
-        self._scratch = bytearray(_SCRATCH)  # never resized: get_buffer hands out views of it
-        self._have = 0  # bytes read into _scratch, not yet taken
-        self._frame: bytearray | None = None  # the large frame being read into its own buffer
-        self._got = 0  # ... and how much of it has arrived
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self._frame is not None:
-            return memoryview(self._frame)[self._got :]
-        return memoryview(self._scratch)[self._have : self._have + _OWN_BUFFER]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self._frame is not None:
-            self._got += nbytes
-            if self._got == len(self._frame):
-                frame, self._frame = self._frame, None
-                self._deliver(frame)
-            return
-        self._have += nbytes
-        scratch, at = self._scratch, 0
-        while self._have - at >= _LENGTH.size:
-            (size,) = _LENGTH.unpack_from(scratch, at)
-            start = at + _LENGTH.size
-            if size >= _OWN_BUFFER:
-                frame = bytearray(size)
-                part = min(size, self._have - start)
-                frame[:part] = memoryview(scratch)[start : start + part]
-                at = start + part
-                if part < size:  # the rest is read straight into it
-                    self._frame, self._got = frame, part
-                    break
-                self._deliver(frame)
-                continue
-            if start + size > self._have:
-                break
-            at = start + size
-            self._deliver(scratch[start:at])
-        if at:  # an unfinished small frame's bytes move to the front (fewer than _OWN_BUFFER + 8: room stays)
-            rest = self._have - at
-            scratch[:rest] = scratch[at : self._have]  # through a copy: bytearray would memcpy a view of itself
-            self._have = rest
-
-    def _deliver(self, frame: bytearray) -> None:
-        for message in decode(frame):
-            self.on_message(message)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.on_end()
-
-
-def _socketpair() -> tuple[socket.socket, socket.socket]:
-    """A connected pair whose ends ask for _SOCKET_BUFFER bytes of send buffer (the kernel may grant less)."""
-    pair = socket.socketpair()
-    for end in pair:
-        with contextlib.suppress(OSError):
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-    return pair
 
 
 def portable(error: BaseException) -> BaseException:
@@ -461,51 +303,6 @@ _REAP_S = 1.0
 _REAP_POLL_S = 0.002
 
 
-def intra_op_threads(config: ServerConfig) -> int:
-    """The engine's torch intra-op threads: as configured, else one per core this process may use less one, which the
-    front end keeps (on 2 cores: 1, measured best for short passes; bench/RESULTS.md, issue 12 step 2). The count is
-    fixed for the process: a pass's numbers must not depend on its size or company, and a convolution's do depend
-    on the thread count."""
-    return config.engine_threads or max(1, len(os.sched_getaffinity(0)) - 1)
-
-
-def allocator_preload(config: ServerConfig, environ: Mapping[str, str]) -> str | None:
-    """The LD_PRELOAD the engine process starts with, for config.allocator; None: the environment's own, "": none.
-
-    The engine's tensors are allocated with malloc. With tcmalloc, LayerIntegratedGradients over bench_text's
-    transformer served 14% more requests per second and IntegratedGradients on bench_cnn 6% more, others the same
-    (bench/RESULTS.md, issue 12 step 11). "auto" takes it where it is installed (Debian: libtcmalloc-minimal4,
-    Ubuntu 24.04: libtcmalloc-minimal4t64; the CPU image has it), and leaves an LD_PRELOAD that the operator set
-    alone. "glibc" takes tcmalloc and jemalloc out of an inherited LD_PRELOAD and keeps the rest (a profiler, say).
-    "tcmalloc" must be installed and a path must be a shared library: ConfigError otherwise. A library that the
-    engine process then fails to preload leaves it on glibc's malloc, which the front logs as a warning."""
-    choice = config.allocator
-    inherited = environ.get("LD_PRELOAD", "").replace(":", " ").split()
-    if choice == "glibc":
-        kept = [p for p in inherited if not any(f"lib{name}" in os.path.basename(p) for name in MALLOCS)]
-        return None if kept == inherited else " ".join(kept)
-    if choice == "auto" and inherited:
-        return None
-    if choice in ("auto", "tcmalloc"):
-        library = ctypes.util.find_library("tcmalloc_minimal")
-        if library is None:
-            if choice == "auto":
-                return None
-            raise ConfigError("--allocator tcmalloc: libtcmalloc_minimal is not installed (Debian: libtcmalloc-minimal4)")
-    elif "/" in choice:
-        library = choice  # checked, not loaded: a malloc must come first in a process, not be dlopen'ed into this one
-        try:
-            with open(library, "rb") as f:
-                elf = f.read(4) == b"\x7fELF"
-        except OSError as e:
-            raise ConfigError(f"--allocator {choice}: cannot be read ({e.strerror or type(e).__name__})") from None
-        if not elf:
-            raise ConfigError(f"--allocator {choice}: not a shared library")
-    else:
-        raise ConfigError(f"--allocator {choice!r}: use auto, tcmalloc, glibc or the path of a malloc library")
-    return " ".join([library, *inherited])
-
-
 def describe_exit(code: int | None) -> str:
     if code is None:
         return "exit status unknown"
@@ -552,39 +349,30 @@ class EngineProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    async def start(self) -> None:
-        """Start the engine process and wait until its models are loaded; RepositoryError when it cannot serve."""
+    async def start(self, launched: launch.Launched | None = None) -> None:
+        """Start the engine process, or take over `launched` (started for this config by `attrserve serve` before it
+        imported torch), and wait until its models are loaded; RepositoryError when it cannot serve."""
         self._loop = asyncio.get_running_loop()
-        self._preload = allocator_preload(self.config, os.environ)
-        self._event_loop = eventloop.resolve(self.config.event_loop)
-        await self._spawn()
+        if launched is None:
+            launched = launch.start(self.config, self.log_settings)
+        self._preload, self._event_loop = launched.preload, launched.event_loop
+        await self._take(launched)
 
     async def _spawn(self) -> None:
+        """A new engine process (a restart), with the first one's malloc and event loop."""
+        await self._take(launch.launch(self.config, self.log_settings, self._preload, self._event_loop, self._restore()))
+
+    async def _take(self, launched: launch.Launched) -> None:
         loop = asyncio.get_running_loop()
+        launched.taken = True
         self._generation += 1
         generation = self._generation
-        to_engine, engine_in = _socketpair()
-        engine_out, from_engine = _socketpair()
-        env = dict(os.environ, OMP_NUM_THREADS=str(intra_op_threads(self.config)))
-        if self._preload:
-            env["LD_PRELOAD"] = self._preload
-            # tcmalloc reports every allocation over 1 GiB on stderr, outside the server's log format; the byte caps bound them.
-            env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 62))
-        elif self._preload == "":
-            env.pop("LD_PRELOAD", None)
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "attrserve_service.engine_process", str(engine_in.fileno()), str(engine_out.fileno()), self._event_loop],
-            pass_fds=(engine_in.fileno(), engine_out.fileno()),
-            env=env,
-        )
-        engine_in.close()
-        engine_out.close()
+        self._proc = launched.proc
         self._ready = loop.create_future()
-        self._writer, _ = await loop.create_unix_connection(asyncio.Protocol, sock=to_engine)
+        self._writer, _ = await loop.create_unix_connection(asyncio.Protocol, sock=launched.to_engine)
         self._reader, _ = await loop.create_unix_connection(
-            lambda: _Frames(partial(self._received, generation), partial(self._ended, generation)), sock=from_engine
+            lambda: _Frames(partial(self._received, generation), partial(self._ended, generation)), sock=launched.from_engine
         )
-        self._write(("init", self.config, self.log_settings, self._restore()))
         self._snapshot = await self._ready
         self._started_at = time.monotonic()
         self.up = True
@@ -598,8 +386,9 @@ class EngineProcess:
 
     def _restore(self) -> set[tuple[str, str]] | None:
         """What a restarted engine process loads: under explicit model control, the versions that were loaded (or
-        loading, or failed) before, so a model unloaded on request stays unloaded; otherwise the whole repository."""
-        if self.config.model_control != CONTROL_EXPLICIT or self._generation == 1:
+        loading, or failed) before, so a model unloaded on request stays unloaded; otherwise the whole repository.
+        Asked before the new process is started (and counted in _generation)."""
+        if self.config.model_control != CONTROL_EXPLICIT or self._generation == 0:
             return None
         return {(s.name, s.version) for s in self._snapshot.statuses if s.state not in (UNLOADED, ModelState.UNLOADING.value)}
 

@@ -20,6 +20,7 @@ from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import Core, LocalCore, build_core, settle_heap
 from attrserve_service.engine_process import EngineProcess
 from attrserve_service.interceptor import StatusInterceptor
+from attrserve_service.launch import Launched
 from attrserve_service.oip import METHODS as OIP_METHODS
 from attrserve_service.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from attrserve_service.oip import InferenceServicer, add_inference_service
@@ -107,9 +108,10 @@ class RunningServer:
         return self.attribution.active if self.attribution is not None else 0
 
 
-async def _start_core(config: ServerConfig, engine: Engine | None) -> tuple[Core, Engine | None]:
+async def _start_core(config: ServerConfig, engine: Engine | None, launched: Launched | None) -> tuple[Core, Engine | None]:
     """The models: `engine` as it is (tests, embedding; the repository only read when config.model_repository names
-    one), an engine-core process (the default), or an engine in this process (config.engine_process False)."""
+    one), an engine-core process (the default; `launched`: the one `attrserve serve` started already), or an engine in
+    this process (config.engine_process False)."""
     if engine is not None:
         local = LocalCore(engine, ModelManager(engine, config.model_repository, config.model_control))
         local.watch(metrics.EngineMetrics(local))
@@ -117,7 +119,7 @@ async def _start_core(config: ServerConfig, engine: Engine | None) -> tuple[Core
     if config.engine_process:
         process = EngineProcess(config, logs.current())
         process.watch(metrics.EngineMetrics(process))  # before the start, so the loads are measured
-        await process.start()
+        await process.start(launched)
         return process, None
     if config.allocator not in ("auto", "glibc"):
         raise ConfigError(f"--allocator {config.allocator}: applies to the engine process (with --no-engine-process, set LD_PRELOAD)")
@@ -125,13 +127,13 @@ async def _start_core(config: ServerConfig, engine: Engine | None) -> tuple[Core
     return local, local.engine
 
 
-async def create_server(config: ServerConfig, engine: Engine | None = None) -> RunningServer:
+async def create_server(config: ServerConfig, engine: Engine | None = None, launched: Launched | None = None) -> RunningServer:
     """Load the models, bind, and start serving; port 0 binds any free port (tests).
 
     With `engine`, its models are served as they are (tests, embedding) and the repository is only read when
-    `config.model_repository` names one."""
+    `config.model_repository` names one. `launched`: the engine process, already started for `config` (`serve`)."""
     security = ServerSecurity.from_config(config)  # TLS files and tokens first: a bad setting fails before any load
-    core, engine = await _start_core(config, engine)
+    core, engine = await _start_core(config, engine, launched)
     metrics.observe_engine(core, __version__)
     metrics.ATTRSERVE_ENGINE_PROCESS_UP.set(1.0)
     metrics.precreate_methods(
@@ -210,9 +212,10 @@ async def create_server(config: ServerConfig, engine: Engine | None = None) -> R
     return running
 
 
-async def serve(config: ServerConfig) -> int:
-    """Run until SIGTERM/SIGINT, then drain; returns how many accepted requests were lost."""
-    running = await create_server(config)
+async def serve(config: ServerConfig, launched: Launched | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain; returns how many accepted requests were lost. `launched`: the engine
+    process, started by the command line before this process imported torch (launch.py)."""
+    running = await create_server(config, launched=launched)
     settle_heap()
     log.info(
         "attrserve serving %s on %s:%d (metrics on :%s, event loop: %s)",

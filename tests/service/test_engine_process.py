@@ -33,8 +33,10 @@ from attrserve_client import AttributionClient
 from attrserve_engine import Cancelled, EngineLimits
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import ERROR_ID
-from attrserve_service import engine_process, eventloop
-from attrserve_service.engine_process import EngineProcess, _Frames, _Out, allocator_preload, decode, encode, send_parts
+from attrserve_service import engine_process, eventloop, frames, launch
+from attrserve_service.engine_process import EngineProcess, _Out
+from attrserve_service.frames import _Frames, decode, encode, send_parts
+from attrserve_service.launch import allocator_preload
 
 # Sleeps for inputs holding 777 (a request that keeps the engine busy), kills the engine process for 1234; for 4321 it
 # hangs up on the front (shuts its sockets down) and stops itself (SIGSTOP): an engine process that lingers after its end.
@@ -185,11 +187,11 @@ def test_the_frames_carry_tensors_of_every_dtype_exactly() -> None:
 def test_the_reader_takes_frames_however_the_socket_cuts_them_and_reads_large_ones_into_their_own_buffer() -> None:
     small = [("result", i, torch.full((3,), float(i)), {"n": i}) for i in range(6)]
     image = torch.randn(1, 3, 64, 128)  # 96 KiB: a large frame, over the shared buffer's reads
-    assert image.nbytes > engine_process._OWN_BUFFER
+    assert image.nbytes > frames._OWN_BUFFER
     large = [("submit", 9, image), ("event", "pass_executed", (1, 2))]
-    frames = [encode([m]) for m in small[:3]] + [encode(large)] + [encode([m]) for m in small[3:]] + [encode(large)]
-    stream = b"".join(frames)
-    expected = [m for f in frames for m in decode(bytearray(f[8:]))]
+    sent = [encode([m]) for m in small[:3]] + [encode(large)] + [encode([m]) for m in small[3:]] + [encode(large)]
+    stream = b"".join(sent)
+    expected = [m for f in sent for m in decode(bytearray(f[8:]))]
     rng = np.random.default_rng(5)
     # Cuts anywhere: inside a length, between frames, several frames in one read. One trial in four cuts at most 7 bytes
     # at a time (~50,000 reads of the stream, the slow part); the others up to 300,000.
@@ -238,7 +240,7 @@ def test_frames_written_by_asyncio_arrive_whole_through_a_real_socket_pair() -> 
 
     async def scenario() -> list:
         loop = asyncio.get_running_loop()
-        front, engine = engine_process._socketpair()
+        front, engine = frames.socketpair()
         got: list = []
         done = asyncio.Event()
 
@@ -288,24 +290,24 @@ def test_send_parts_writes_the_whole_frame_in_order_when_the_socket_takes_part_o
     frame = encode(message)
     for limit in (10**9, 100_000, 5, 0):
         sock = ShortSocket(limit)
-        send_parts(sock, engine_process.encode_parts(message))  # type: ignore[arg-type]
+        send_parts(sock, frames.encode_parts(message))  # type: ignore[arg-type]
         assert bytes(sock.data) == frame and sock.sendmsg_calls == 1
     small = [("result", 3, torch.randn(5, 7))]  # joined: one buffer for the kernel
     sock = ShortSocket(10**9)
-    send_parts(sock, engine_process.encode_parts(small))  # type: ignore[arg-type]
+    send_parts(sock, frames.encode_parts(small))  # type: ignore[arg-type]
     assert bytes(sock.data) == encode(small) and sock.sendmsg_calls == 0
-    monkeypatch.setattr(engine_process, "_IOV_MAX", 8)  # more parts than one sendmsg may take: joined
+    monkeypatch.setattr(frames, "_IOV_MAX", 8)  # more parts than one sendmsg may take: joined
     sock = ShortSocket(10**9)
-    send_parts(sock, engine_process.encode_parts(message))  # type: ignore[arg-type]
+    send_parts(sock, frames.encode_parts(message))  # type: ignore[arg-type]
     assert bytes(sock.data) == frame and sock.sendmsg_calls == 0
     # And through a real socket pair, with a frame larger than its send buffer, read by another thread.
-    a, b = engine_process._socketpair()
+    a, b = frames.socketpair()
     try:
         big = [("result", 3, torch.randn(2, 3, 224, 224))]
         received: list = []
         reader = threading.Thread(target=lambda: received.extend(read_frame(b)))
         reader.start()
-        send_parts(a, engine_process.encode_parts(big))
+        send_parts(a, frames.encode_parts(big))
         reader.join(30)
         assert torch.equal(received[0][2], big[0][2])
     finally:
@@ -791,6 +793,61 @@ def test_without_uvloop_auto_serves_on_asyncio_and_uvloop_is_refused(repo: Path,
             "build_info": {"asyncio"},
             "uvloop mapped": (False, False),
         }
+
+
+# `attrserve serve` with launch.start recorded: what this process had imported when it started the engine process.
+RECORD_LAUNCH = """
+import sys
+from attrserve_service import cli, launch
+
+start = launch.start
+
+
+def recorded(config, log_settings):
+    imported = sorted(m for m in ("torch", "attrserve_engine.engine", "attrserve_service.server") if m in sys.modules)
+    launched = start(config, log_settings)
+    print(f"launched engine process {launched.proc.pid}; imported then: {imported}", flush=True)
+    return launched
+
+
+launch.start = recorded
+sys.exit(cli.main())
+"""
+
+
+def test_attrserve_serve_starts_its_engine_process_before_it_imports_torch_and_takes_that_one_over(repo: Path) -> None:
+    """The engine process is started from the command line's settings before the front end imports torch, the engine
+    or the server (launch.py), so both import at once and the engine loads its models meanwhile. The server then
+    serves with that very process (one engine process, no second start): Captum's numbers, SERVING, a clean drain."""
+    command = (sys.executable, "-c", RECORD_LAUNCH)
+    with ServeProcess(["--model-repository", str(repo), "--no-batch-probe"], command=command) as server:
+        with AttributionClient(server.address) as client:
+            got = client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions
+        np.testing.assert_allclose(got, captum(1), atol=1e-5)
+        assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+        output = server.output()
+    assert re.findall(r"launched engine process (\d+); imported then: (.*)", output) == [(m, "[]") for m in re.findall(r"engine process (\d+) serves", output)]
+    assert server.proc.returncode == 0, server.output()
+
+
+def test_an_engine_process_launched_and_never_taken_over_is_ended(repo: Path) -> None:
+    """A start-up that fails after the command line started the engine process (before the server took it over) ends
+    that process and closes its sockets; once taken over, close leaves it to the server."""
+    config = ServerConfig(model_repository=repo, limits=EngineLimits(default_device="cpu", probe_batch_rows=False))
+    launched = launch.start(config, ("WARNING", "text"))
+    assert launched.proc.poll() is None
+    launched.close()
+    assert launched.proc.poll() is not None
+    assert launched.to_engine.fileno() == launched.from_engine.fileno() == -1
+    launched.close()  # again: nothing left to do
+
+    taken = launch.start(config, ("WARNING", "text"))
+    taken.taken = True
+    taken.close()
+    assert taken.proc.poll() is None and taken.to_engine.fileno() != -1
+    taken.to_engine.close()  # what the server does at its end: the engine process exits when the front's socket closes
+    taken.from_engine.close()
+    assert taken.proc.wait(60) == 0
 
 
 def test_the_event_loop_setting_is_read_strictly(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,7 +26,7 @@ from attrserve_client import AttributionClient
 from attrserve_client import cli as client_cli
 from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgument
 from attrserve_engine.algorithms import ALGORITHMS
-from attrserve_engine.models import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US
+from attrserve_engine.limits import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US
 from attrserve_service.config import effective_config, spec_config
 from attrserve_service.repository import RepositoryError, load_repository
 from servers import ServeProcess

@@ -1,0 +1,128 @@
+"""Start-up: seconds from exec to every model ready and to the first answer, attrserve against B2, in alternating rounds.
+
+    .venv/bin/python bench/prototypes/startup.py [--rounds 5] [--smoke-models] \\
+        [--config "old=env:PYTHONPATH=<tree>/engine:<tree>/service:<tree>/clients/python" --config "new="]
+
+Every round starts each system once, in turn: B2 (bench/baseline_server.py: one process, gRPC + Captum, what a user
+could run instead), then attrserve in each `--config NAME=FLAGS` (extra `attrserve serve` flags; `env:KEY=VALUE` sets
+a variable of the server; default: one configuration, the defaults). Each serves bench/models, the bench's four
+models, whose pass-size probes take seconds (`--smoke-models`: bench/models_smoke, the same four at tiny sizes).
+Measured per start, from the exec: every model ready (ListModels, polled every 20 ms on a channel that reconnects
+within 100 ms), the first answer (Saliency on bench_mlp, checked against Captum), and the RSS of the server's process
+tree then. The table gives the median and the range over the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/
+
+from common import ROOT, config_tokens, tree
+
+from attrserve.v1 import attribution_service_pb2 as pb
+from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
+from attrserve_client import AttributionClient
+
+import harness
+from workloads import build_model
+
+NAMES = ("bench_cnn", "bench_cnn224", "bench_mlp", "bench_text")
+POLL_S = 0.02
+
+
+def rss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
+    return total / 1024
+
+
+def one_start(name: str, argv: list[str], port: int, env: dict[str, str], x: np.ndarray, expected: np.ndarray) -> dict:
+    server = harness.ServerProcess(name, argv, port, ROOT / "bench" / "out" / "proto_logs" / f"startup-{name}.log", env=env)
+    t0 = time.monotonic()
+    server.start()
+    try:
+        with grpc.insecure_channel(server.target, options=harness.READY_OPTIONS) as channel:
+            stub = pb_grpc.AttributionServiceStub(channel)
+            while True:
+                if server.proc is not None and server.proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited during start-up:\n{server.log_tail()}")
+                try:
+                    listed = stub.ListModels(pb.ListModelsRequest(), timeout=1)
+                    if {m.config.name for m in listed.models if m.ready} >= set(NAMES):
+                        break
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() - t0 > 180:
+                    raise RuntimeError(f"{name} was not ready after 180 s:\n{server.log_tail()}")
+                time.sleep(POLL_S)
+        ready = time.monotonic() - t0
+        with AttributionClient(server.target) as client:
+            got = client.attribute("bench_mlp", "saliency", x, target=0, timeout=60).attributions
+        answered = time.monotonic() - t0
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        return {"ready": ready, "answer": answered, "rss": rss_mib(tree(server.pid))}
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS")
+    parser.add_argument("--smoke-models", action="store_true", help="bench/models_smoke instead of bench/models")
+    args = parser.parse_args()
+    repo = ROOT / "bench" / ("models_smoke" if args.smoke_models else "models")
+    configs = {spec.split("=", 1)[0]: config_tokens(spec.split("=", 1)[1].split()) for spec in args.config} or {"attrserve": ([], {})}
+
+    from captum.attr import Saliency  # the oracle of the first answer
+
+    model = build_model("bench_mlp", repo)
+    features = next(m for m in model.modules() if isinstance(m, torch.nn.Linear)).in_features
+    x = np.random.default_rng(0).standard_normal((1, features)).astype(np.float32)
+    expected = Saliency(model).attribute(torch.from_numpy(x), target=0).detach().numpy()
+
+    systems: dict[str, tuple[list[str], dict[str, str]]] = {"B2": ([], {})}
+    systems |= {f"attrserve {name}" if name != "attrserve" else name: c for name, c in configs.items()}
+    runs: dict[str, list[dict]] = {s: [] for s in systems}
+    for number in range(1, args.rounds + 1):
+        for system, (flags, env) in systems.items():
+            port = harness.free_port()
+            if system == "B2":
+                argv = harness.baseline_argv(repo, port, noop=False)
+            else:
+                argv = harness.attrserve_argv(repo, port, harness.free_port(), flags)
+            r = one_start(system, argv, port, env, x, expected)
+            runs[system].append(r)
+            print(
+                f"round {number}, {system}: ready {r['ready']:.2f} s, first answer {r['answer']:.2f} s, {r['rss']:.0f} MiB",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def cell(values: list[float], digits: int = 2) -> str:
+        return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+    print(f"\n{args.rounds} rounds; {os.cpu_count()} CPUs; {repo.relative_to(ROOT)}: {', '.join(NAMES)}\n")
+    print("| system | every model ready, s | first answer, s | RSS then, MiB |")
+    print("|---|---:|---:|---:|")
+    for system, rs in runs.items():
+        print(f"| {system} | {cell([r['ready'] for r in rs])} | {cell([r['answer'] for r in rs])} | {cell([r['rss'] for r in rs], 0)} |")
+
+
+if __name__ == "__main__":
+    main()

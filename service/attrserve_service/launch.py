@@ -1,0 +1,137 @@
+"""Starting an engine-core process (engine_process.main): its command line, its environment (torch's intra-op threads,
+the malloc it runs on), its two socket pairs and its first frame, ("init", config, log settings, versions).
+
+Imports neither torch nor grpc. `attrserve serve` builds its configuration and starts the engine process (`start`)
+before the front end imports them, so the two processes import torch at once (seconds each on a small machine) and
+the engine loads its models while the front builds its server; EngineProcess.start takes the running process over
+(docs/ARCHITECTURE.md, "Start-up"). EngineProcess starts every later one (a restart) here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes.util
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from attrserve_service import eventloop
+from attrserve_service.config import ConfigError, ServerConfig
+from attrserve_service.frames import encode_parts, send_parts, socketpair
+
+# The malloc libraries known by name in a memory map (core.heap_allocator) or an LD_PRELOAD (allocator_preload).
+MALLOCS = ("tcmalloc", "jemalloc")
+
+
+@dataclass
+class Launched:
+    """An engine process that has been sent its "init" frame, and the front's ends of its sockets, not yet on an event
+    loop. EngineProcess takes it over (`taken`); `close` ends one that nothing took (start-up failed before)."""
+
+    proc: subprocess.Popen
+    to_engine: socket.socket
+    from_engine: socket.socket
+    preload: str | None  # its LD_PRELOAD: allocator_preload's answer
+    event_loop: str  # its event loop: eventloop.resolve's answer
+    taken: bool = False
+
+    def close(self) -> None:
+        if self.taken:
+            return
+        self.taken = True
+        for end in (self.to_engine, self.from_engine):
+            end.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+
+
+def start(config: ServerConfig, log_settings: tuple[str, str]) -> Launched:
+    """The first engine process of a server: its malloc and event loop resolved from `config` (ConfigError when one
+    cannot be had), then `launch`."""
+    return launch(config, log_settings, allocator_preload(config, os.environ), eventloop.resolve(config.event_loop))
+
+
+def launch(
+    config: ServerConfig,
+    log_settings: tuple[str, str],
+    preload: str | None,
+    event_loop: str,
+    restore: set[tuple[str, str]] | None = None,
+) -> Launched:
+    """Start `python -m attrserve_service.engine_process` on two new socket pairs and write its "init" frame, which
+    waits in the socket until the process has imported its modules and reads it; `restore`: the versions to load
+    (None: the whole repository)."""
+    to_engine, engine_in = socketpair()
+    engine_out, from_engine = socketpair()
+    env = dict(os.environ, OMP_NUM_THREADS=str(intra_op_threads(config)))
+    if preload:
+        env["LD_PRELOAD"] = preload
+        # tcmalloc reports every allocation over 1 GiB on stderr, outside the server's log format; the byte caps bound them.
+        env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 62))
+    elif preload == "":
+        env.pop("LD_PRELOAD", None)
+    try:
+        send_parts(to_engine, encode_parts([("init", config, log_settings, restore)]))  # a few KiB: the socket holds it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "attrserve_service.engine_process", str(engine_in.fileno()), str(engine_out.fileno()), event_loop],
+            pass_fds=(engine_in.fileno(), engine_out.fileno()),
+            env=env,
+        )
+    except BaseException:
+        for end in (to_engine, from_engine):
+            end.close()
+        raise
+    finally:
+        engine_in.close()
+        engine_out.close()
+    return Launched(proc, to_engine, from_engine, preload, event_loop)
+
+
+def intra_op_threads(config: ServerConfig) -> int:
+    """The engine's torch intra-op threads: as configured, else one per core this process may use less one, which the
+    front end keeps (on 2 cores: 1, measured best for short passes; bench/RESULTS.md, issue 12 step 2). The count is
+    fixed for the process: a pass's numbers must not depend on its size or company, and a convolution's do depend
+    on the thread count."""
+    return config.engine_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+def allocator_preload(config: ServerConfig, environ: Mapping[str, str]) -> str | None:
+    """The LD_PRELOAD the engine process starts with, for config.allocator; None: the environment's own, "": none.
+
+    The engine's tensors are allocated with malloc. With tcmalloc, LayerIntegratedGradients over bench_text's
+    transformer served 14% more requests per second and IntegratedGradients on bench_cnn 6% more, others the same
+    (bench/RESULTS.md, issue 12 step 11). "auto" takes it where it is installed (Debian: libtcmalloc-minimal4,
+    Ubuntu 24.04: libtcmalloc-minimal4t64; the CPU image has it), and leaves an LD_PRELOAD that the operator set
+    alone. "glibc" takes tcmalloc and jemalloc out of an inherited LD_PRELOAD and keeps the rest (a profiler, say).
+    "tcmalloc" must be installed and a path must be a shared library: ConfigError otherwise. A library that the
+    engine process then fails to preload leaves it on glibc's malloc, which the front logs as a warning."""
+    choice = config.allocator
+    inherited = environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    if choice == "glibc":
+        kept = [p for p in inherited if not any(f"lib{name}" in os.path.basename(p) for name in MALLOCS)]
+        return None if kept == inherited else " ".join(kept)
+    if choice == "auto" and inherited:
+        return None
+    if choice in ("auto", "tcmalloc"):
+        library = ctypes.util.find_library("tcmalloc_minimal")
+        if library is None:
+            if choice == "auto":
+                return None
+            raise ConfigError("--allocator tcmalloc: libtcmalloc_minimal is not installed (Debian: libtcmalloc-minimal4)")
+    elif "/" in choice:
+        library = choice  # checked, not loaded: a malloc must come first in a process, not be dlopen'ed into this one
+        try:
+            with open(library, "rb") as f:
+                elf = f.read(4) == b"\x7fELF"
+        except OSError as e:
+            raise ConfigError(f"--allocator {choice}: cannot be read ({e.strerror or type(e).__name__})") from None
+        if not elf:
+            raise ConfigError(f"--allocator {choice}: not a shared library")
+    else:
+        raise ConfigError(f"--allocator {choice!r}: use auto, tcmalloc, glibc or the path of a malloc library")
+    return " ".join([library, *inherited])
