@@ -1,5 +1,5 @@
 """CPU per frame between attrserve's two processes: one thread encodes and writes frames to a socket pair as the
-engine does (`encode_parts`, `send_parts`), the event loop reads and decodes them with the front's reader (`_Frames`);
+engine does (`encode_parts`, `send_parts`), the event loop reads and decodes them with the front's reader (`FrameReader`);
 each side's CPU time per frame (`time.thread_time`).
 
     .venv/bin/python bench/prototypes/frame_cost.py                                   # this checkout
@@ -43,7 +43,7 @@ async def cpu_per_frame(message: list, count: int) -> tuple[float, float]:
         if seen == count * len(message):
             done.set()
 
-    transport, _ = await loop.create_unix_connection(lambda: ep._Frames(received, lambda: None), sock=reader_end)
+    transport, _ = await loop.create_unix_connection(lambda: ep.FrameReader(received, lambda: None), sock=reader_end)
     if hasattr(ep, "send_parts"):
 
         def send() -> None:

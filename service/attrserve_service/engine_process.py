@@ -2,11 +2,11 @@
 
 `attrserve serve` runs two processes. The front end (grpc.aio event loop: decode, validate the wire format,
 encode, metrics, health) and the engine core (this module's `main`: the models, the schedulers and their worker
-threads, the model manager). They talk over two Unix socket pairs, one each way, in frames (frames.py: a pickled list of messages, each a
-tuple; tensors as out-of-band buffers). Messages go in batches: the front
-writes what one turn of its event loop sent (the requests of many callers) as one frame, and a worker what one step
-of its loop sent (a pass's metrics event, then the answers of the jobs it finished); one pickle, one system call and
-one wake-up of the other side per batch instead of per message.
+threads, the model manager). They talk over two Unix socket pairs, one each way, in frames (frames.py: a pickled
+list of messages, each a tuple; tensors as out-of-band buffers). Messages go in batches: the front writes what one
+turn of its event loop sent (the requests of many callers) as one frame, and a worker what one step of its loop sent
+(a pass's metrics event, then the answers of the jobs it finished); one pickle, one system call and one wake-up of
+the other side per batch instead of per message. The front starts the engine process through launch.py.
 
 front → engine: ("init", config, log settings, the versions to load or None for all) once; ("submit", id, job);
 ("cancel", id); ("call", id, method, args).
@@ -47,7 +47,7 @@ from attrserve_engine.scheduler import Observers
 from attrserve_service import eventloop, launch, logs
 from attrserve_service.config import ServerConfig
 from attrserve_service.core import ERROR_ID, LocalCore, Snapshot, build_core, settle_heap
-from attrserve_service.frames import _Frames, encode_parts, send_parts
+from attrserve_service.frames import FrameReader, encode_parts, send_parts
 from attrserve_service.launch import intra_op_threads
 from attrserve_service.repository import CONTROL_EXPLICIT, CONTROL_POLL, UNLOADED, RepositoryError, Status
 
@@ -257,7 +257,7 @@ async def _engine_main(fd_in: int, fd_out: int) -> int:
         elif not init.done():
             init.set_result(message)
 
-    transport, _ = await loop.create_unix_connection(lambda: _Frames(received, gone.set), sock=socket.socket(fileno=fd_in))
+    transport, _ = await loop.create_unix_connection(lambda: FrameReader(received, gone.set), sock=socket.socket(fileno=fd_in))
     _, config, (log_level, log_format), only = await init
     logs.configure(log_level, log_format)
     torch.set_num_threads(intra_op_threads(config))
@@ -371,7 +371,7 @@ class EngineProcess:
         self._ready = loop.create_future()
         self._writer, _ = await loop.create_unix_connection(asyncio.Protocol, sock=launched.to_engine)
         self._reader, _ = await loop.create_unix_connection(
-            lambda: _Frames(partial(self._received, generation), partial(self._ended, generation)), sock=launched.from_engine
+            lambda: FrameReader(partial(self._received, generation), partial(self._ended, generation)), sock=launched.from_engine
         )
         self._snapshot = await self._ready
         self._started_at = time.monotonic()

@@ -6,7 +6,7 @@ A frame is a pickled list of messages, each a tuple (protocol 5). Tensors travel
 out-of-band buffers, never serialised. The engine writes a frame of 64 KiB or more from where its parts lie (sendmsg);
 it joins a smaller one, and the front joins every frame into one buffer first (asyncio's writelines; 3.12 turns it
 into sendmsg too). A reader reads a frame of 64 KiB or more straight into a buffer of its own, which the received tensors
-then view; smaller frames share one reused buffer and are copied out of it (_Frames). Each socket asks for a 4 MiB
+then view; smaller frames share one reused buffer and are copied out of it (FrameReader). Each socket asks for a 4 MiB
 send buffer, so that a large frame is written in one call where the kernel grants it.
 
 This module does not import torch (launch.py writes the engine process's first frame before the front has it).
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 _LENGTH = struct.Struct("<Q")
 _HEAD = struct.Struct("<IQ")  # buffer count, pickle length
-# Reading (_Frames): a frame this large gets a buffer of its own; smaller ones share one, read into at most
+# Reading (FrameReader): a frame this large gets a buffer of its own; smaller ones share one, read into at most
 # _OWN_BUFFER bytes at a time (so that a large frame's first read, which cannot know its size, copies little).
 _OWN_BUFFER = 64 << 10
 _SCRATCH = 2 * _OWN_BUFFER + _LENGTH.size
@@ -114,7 +114,7 @@ def decode(frame: bytearray) -> Any:
     return pickle.loads(data, buffers=buffers)
 
 
-class _Frames(asyncio.BufferedProtocol):
+class FrameReader(asyncio.BufferedProtocol):
     """Reads frames off a socket on the event loop; `on_message` gets each message, `on_end` the socket's end.
 
     The loop reads into our buffers (recv_into), not into a fresh bytes object per read. Small frames land in one

@@ -35,7 +35,7 @@ from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import ERROR_ID
 from attrserve_service import engine_process, eventloop, frames, launch
 from attrserve_service.engine_process import EngineProcess, _Out
-from attrserve_service.frames import _Frames, decode, encode, send_parts
+from attrserve_service.frames import FrameReader, decode, encode, send_parts
 from attrserve_service.launch import allocator_preload
 
 # Sleeps for inputs holding 777 (a request that keeps the engine busy), kills the engine process for 1234; for 4321 it
@@ -197,7 +197,7 @@ def test_the_reader_takes_frames_however_the_socket_cuts_them_and_reads_large_on
     # at a time (~50,000 reads of the stream, the slow part); the others up to 300,000.
     for trial in range(40):
         got: list = []
-        reader = _Frames(got.append, lambda: None)
+        reader = FrameReader(got.append, lambda: None)
         at = 0
         while at < len(stream):
             room = reader.get_buffer(-1)
@@ -216,7 +216,7 @@ def test_the_reader_takes_frames_however_the_socket_cuts_them_and_reads_large_on
             else:
                 assert back == sent
     # A large frame's rest is read straight into its own buffer: the reader asks for exactly what is missing.
-    reader = _Frames(lambda m: None, lambda: None)
+    reader = FrameReader(lambda m: None, lambda: None)
     head = encode(large)
     room = reader.get_buffer(-1)
     room[:1000] = head[:1000]
@@ -224,7 +224,7 @@ def test_the_reader_takes_frames_however_the_socket_cuts_them_and_reads_large_on
     assert len(reader.get_buffer(-1)) == len(head) - 1000
     # Messages decoded from the shared buffer do not change when it is read into again.
     got = []
-    reader = _Frames(got.append, lambda: None)
+    reader = FrameReader(got.append, lambda: None)
     for frame in (encode([small[0]]), encode([small[1]])):
         room = reader.get_buffer(-1)
         room[: len(frame)] = frame
@@ -234,7 +234,7 @@ def test_the_reader_takes_frames_however_the_socket_cuts_them_and_reads_large_on
 
 def test_frames_written_by_asyncio_arrive_whole_through_a_real_socket_pair() -> None:
     """The front's path: frame_of's parts handed to an asyncio transport's writelines (Python 3.12+ sends them with
-    sendmsg from where they lie, 3.11 joins them), read by _Frames on another connection."""
+    sendmsg from where they lie, 3.11 joins them), read by FrameReader on another connection."""
     image = torch.randn(2, 3, 224, 224)
     batches = [[("submit", 1, image)], [("cancel", 1)], [("submit", i, torch.full((4,), float(i))) for i in range(2, 40)]]
 
@@ -250,7 +250,7 @@ def test_frames_written_by_asyncio_arrive_whole_through_a_real_socket_pair() -> 
                 done.set()
 
         writer, _ = await loop.create_unix_connection(asyncio.Protocol, sock=front)
-        reader, _ = await loop.create_unix_connection(lambda: _Frames(received, lambda: None), sock=engine)
+        reader, _ = await loop.create_unix_connection(lambda: FrameReader(received, lambda: None), sock=engine)
         for batch in batches:
             writer.writelines(engine_process.frame_of(batch, lambda m, e: None))
         await asyncio.wait_for(done.wait(), 30)

@@ -55,13 +55,13 @@ def _install(marks: collections.deque) -> None:
         wrap(engine_process.EngineProcess, "_flush", "front: next loop turn, frame out", None)
         # marked once encoded, before the write: the reader may run before a write's system call returns
         wrap(engine_process, "frame_of", None, "front: frame encoded")
-        wrap(frames._Frames, "buffer_updated", "front: answer frame read", None)
+        wrap(frames.FrameReader, "buffer_updated", "front: answer frame read", None)
         wrap(engine_process.EngineProcess, "_received", "front: answer decoded", None, when=lambda self, g, m: m[0] == "result")
     else:
         from attrserve_engine import executor, scheduler
         from attrserve_service import engine_process, frames
 
-        wrap(frames._Frames, "buffer_updated", "engine: frame read", None)
+        wrap(frames.FrameReader, "buffer_updated", "engine: frame read", None)
         wrap(
             engine_process._Engine, "handle", "engine: request decoded", "engine: validated, queued", when=lambda self, m: m[0] == "submit"
         )
