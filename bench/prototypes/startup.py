@@ -40,17 +40,6 @@ NAMES = ("bench_cnn", "bench_cnn224", "bench_mlp", "bench_text")
 POLL_S = 0.02
 
 
-def rss_mib(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            pass
-    return total / 1024
-
-
 def one_start(name: str, argv: list[str], port: int, env: dict[str, str], x: np.ndarray, expected: np.ndarray) -> dict:
     server = harness.ServerProcess(name, argv, port, ROOT / "bench" / "out" / "proto_logs" / f"startup-{name}.log", env=env)
     t0 = time.monotonic()
@@ -75,7 +64,8 @@ def one_start(name: str, argv: list[str], port: int, env: dict[str, str], x: np.
             got = client.attribute("bench_mlp", "saliency", x, target=0, timeout=60).attributions
         answered = time.monotonic() - t0
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-        return {"ready": ready, "answer": answered, "rss": rss_mib(tree(server.pid))}
+        rss_kib = sum(harness.proc_status_kib(pid, "VmRSS") or 0 for pid in tree(server.pid))
+        return {"ready": ready, "answer": answered, "rss": harness.mib(rss_kib)}
     finally:
         server.stop()
 

@@ -17,7 +17,7 @@ EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 def resolve(choice: str) -> str:
     """The loop a `--event-loop` setting runs: "uvloop" or "asyncio". "auto" takes uvloop where it is installed;
     "uvloop" requires it (ConfigError otherwise)."""
-    from attrserve_service.config import ConfigError  # here: the CLI reads EVENT_LOOPS without importing config (grpc)
+    from attrserve_service.config import ConfigError  # here: the CLI reads EVENT_LOOPS without importing config (protobuf)
 
     if choice not in EVENT_LOOPS:
         raise ConfigError(f"--event-loop {choice!r}: use one of {', '.join(EVENT_LOOPS)}")
