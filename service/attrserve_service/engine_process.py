@@ -387,8 +387,8 @@ class EngineProcess:
     def _restore(self) -> set[tuple[str, str]] | None:
         """What a restarted engine process loads: under explicit model control, the versions that were loaded (or
         loading, or failed) before, so a model unloaded on request stays unloaded; otherwise the whole repository.
-        Asked before the new process is started (and counted in _generation)."""
-        if self.config.model_control != CONTROL_EXPLICIT or self._generation == 0:
+        Only restarts ask (_spawn): the first process, started by `launch.start`, loads the whole repository."""
+        if self.config.model_control != CONTROL_EXPLICIT:
             return None
         return {(s.name, s.version) for s in self._snapshot.statuses if s.state not in (UNLOADED, ModelState.UNLOADING.value)}
 
