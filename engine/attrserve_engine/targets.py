@@ -5,12 +5,14 @@ index tuple, or a list with one of those per example — or already as an (n, k)
 `format_target` turns it into that tensor: k indices per example into the explained output after dim 0,
 which every algorithm expands like any other row (and neuron methods use for their neuron_selector).
 
-The rules (how many indices a target needs, which values are in range) are checked twice, with the same
-helpers: `check_target` when a request is submitted (the caller is the event loop, where a torch call would
-hand the GIL to the worker and wait to get it back), and `flat_target` on the worker, for every fused pass,
-where it also builds the flat index the executor gathers with. A target on the CPU (every request's; a pass's
-unless a plan moved it) is worked on in numpy: a torch call on a few integers costs several microseconds of
-dispatch, a numpy call one; a target on another device stays in torch there.
+The rules (how many indices a target needs, which values are in range) are checked twice: `check_target` when a
+request is submitted, and `flat_target` on the worker, for every fused pass, where it also builds the flat index
+the executor gathers with. `check_target`'s caller is the engine process's event loop, where a torch call would
+hand the GIL to the worker and wait to get it back; so would freeing a tensor, which PyTorch destroys without the
+GIL, and `target.numpy()` makes one (the array's base) that dies with the array. So it reads the values as Python
+ints (`tolist()` makes no tensor) and checks them in Python (docs/ARCHITECTURE.md, "Threads, the GIL and the hot
+path"). `flat_target` works on a CPU target (a pass's, unless a plan moved it) in numpy: a torch call on a few
+integers costs several microseconds of dispatch, a numpy call one; a target on another device stays in torch there.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ TargetLike = None | int | Sequence[int] | Sequence[int | Sequence[int]] | Tensor
 def format_target(target: TargetLike, n: int) -> Tensor:
     """The (n, k) int64 index tuples of a request with n examples (k = 0: the output is a scalar per example)."""
     if target is None:
-        return torch.zeros((n, 0), dtype=torch.int64)
+        return torch.from_numpy(np.zeros((n, 0), dtype=np.int64))
     if isinstance(target, Tensor):
         if target.dim() != 2 or target.shape[0] != n:
             raise InvalidArgument(f"target must give an index tuple per example, shape ({n}, k); got {tuple(target.shape)}")
@@ -91,10 +93,15 @@ def _flat_numpy(t: np.ndarray, out_shape: tuple[int, ...], k: int, what: str) ->
 
 
 def check_target(target: Tensor, out_shape: tuple[int, ...], what: str = "target") -> None:
-    """flat_target's checks on the request's CPU tensor, in numpy (see the module doc)."""
+    """flat_target's checks on the request's CPU tensor, on its values as Python ints (see the module doc)."""
     k = index_width(target, out_shape, what)
-    if k:
-        _flat_numpy(target.numpy(), out_shape, k, what)
+    if not k:
+        return
+    sizes = out_shape[:k]
+    for row in target.tolist():
+        for j, (value, size) in enumerate(zip(row, sizes)):
+            if not -size <= value < size:
+                raise _out_of_range(what, value, j, size)
 
 
 def flat_target(target: Tensor, out_shape: tuple[int, ...], what: str = "target") -> Tensor:
