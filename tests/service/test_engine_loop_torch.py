@@ -14,6 +14,7 @@ sent as tensors (broadcast and cast there), and the feature-mask methods' masks 
 from __future__ import annotations
 
 import collections
+import gc
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,7 +71,8 @@ class _Operators(TorchDispatchMode):
 
 @contextmanager
 def _torch_on_this_thread() -> Iterator[tuple[list[str], collections.Counter[str]]]:
-    """(where tensors died on this thread, the operators dispatched on it) within the block."""
+    """(where tensors died on this thread, the operators dispatched on it) within the block. The cyclic collector is
+    off meanwhile: it would free other tests' garbage (a model's weights) here, which the engine did not make."""
     me = threading.get_ident()
     died: list[str] = []
 
@@ -78,12 +80,17 @@ def _torch_on_this_thread() -> Iterator[tuple[list[str], collections.Counter[str
         if threading.get_ident() == me:
             died.append(f"{tuple(tensor.shape)} {tensor.dtype}")
 
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
     torch.Tensor.__del__ = finalizer  # type: ignore[attr-defined]
     try:
         with _Operators() as operators:
             yield died, operators.called
     finally:
         del torch.Tensor.__del__  # type: ignore[attr-defined]
+        if enabled:
+            gc.enable()
 
 
 def _frame(message: tuple) -> bytearray:
