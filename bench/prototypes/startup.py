@@ -1,6 +1,6 @@
 """Start-up: seconds from exec to every model ready and to the first answer, attrserve against B2, in alternating rounds.
 
-    .venv/bin/python bench/prototypes/startup.py [--rounds 5] [--smoke-models] \\
+    .venv/bin/python bench/prototypes/startup.py [--rounds 5] [--smoke-models] [--restarts N] \\
         [--config "old=env:PYTHONPATH=<tree>/engine:<tree>/service:<tree>/clients/python" --config "new="]
 
 Every round starts each system once, in turn: B2 (bench/baseline_server.py: one process, gRPC + Captum, what a user
@@ -9,13 +9,18 @@ a variable of the server; default: one configuration, the defaults). Each serves
 models, whose pass-size probes take seconds (`--smoke-models`: bench/models_smoke, the same four at tiny sizes).
 Measured per start, from the exec: every model ready (ListModels, polled every 20 ms on a channel that reconnects
 within 100 ms), the first answer (Saliency on bench_mlp, checked against Captum), and the RSS of the server's process
-tree then. The table gives the median and the range over the rounds.
+tree then. With `--restarts N`, attrserve's engine process is then killed (SIGKILL) N times, and each recovery is
+measured the same way from the kill: every model ready again in a new engine process, and its first answer. Each
+kill comes 1 s after the last recovery, so the front's back-off doubles as for a process that keeps dying (0.5 s
+before the first restart, then 1 s, 2 s, ...; the stderr lines give each). The table gives the median and the
+range over the rounds (and the restarts).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import sys
 import time
@@ -40,32 +45,51 @@ NAMES = ("bench_cnn", "bench_cnn224", "bench_mlp", "bench_text")
 POLL_S = 0.02
 
 
-def one_start(name: str, argv: list[str], port: int, env: dict[str, str], x: np.ndarray, expected: np.ndarray) -> dict:
+def wait_ready(name: str, server: harness.ServerProcess, t0: float, engine_gone: int | None = None) -> float:
+    """Seconds from `t0` until every model is ready (with `engine_gone`: in an engine process other than that one)."""
+    with grpc.insecure_channel(server.target, options=harness.READY_OPTIONS) as channel:
+        stub = pb_grpc.AttributionServiceStub(channel)
+        while True:
+            if server.proc is not None and server.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited:\n{server.log_tail()}")
+            try:
+                listed = stub.ListModels(pb.ListModelsRequest(), timeout=1)
+                fresh = engine_gone is None or engine_gone not in tree(server.pid)
+                if fresh and {m.config.name for m in listed.models if m.ready} >= set(NAMES):
+                    return time.monotonic() - t0
+            except grpc.RpcError:
+                pass
+            if time.monotonic() - t0 > 180:
+                raise RuntimeError(f"{name} was not ready after 180 s:\n{server.log_tail()}")
+            time.sleep(POLL_S)
+
+
+def answer(server: harness.ServerProcess, t0: float, x: np.ndarray, expected: np.ndarray) -> float:
+    """Seconds from `t0` until the first answer is back; it must equal Captum's."""
+    with AttributionClient(server.target) as client:
+        got = client.attribute("bench_mlp", "saliency", x, target=0, timeout=60).attributions
+    answered = time.monotonic() - t0
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    return answered
+
+
+def one_start(name: str, argv: list[str], port: int, env: dict[str, str], x: np.ndarray, expected: np.ndarray, restarts: int) -> dict:
     server = harness.ServerProcess(name, argv, port, ROOT / "bench" / "out" / "proto_logs" / f"startup-{name}.log", env=env)
     t0 = time.monotonic()
     server.start()
     try:
-        with grpc.insecure_channel(server.target, options=harness.READY_OPTIONS) as channel:
-            stub = pb_grpc.AttributionServiceStub(channel)
-            while True:
-                if server.proc is not None and server.proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited during start-up:\n{server.log_tail()}")
-                try:
-                    listed = stub.ListModels(pb.ListModelsRequest(), timeout=1)
-                    if {m.config.name for m in listed.models if m.ready} >= set(NAMES):
-                        break
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() - t0 > 180:
-                    raise RuntimeError(f"{name} was not ready after 180 s:\n{server.log_tail()}")
-                time.sleep(POLL_S)
-        ready = time.monotonic() - t0
-        with AttributionClient(server.target) as client:
-            got = client.attribute("bench_mlp", "saliency", x, target=0, timeout=60).attributions
-        answered = time.monotonic() - t0
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        ready = wait_ready(name, server, t0)
+        answered = answer(server, t0, x, expected)
         rss_kib = sum(harness.proc_status_kib(pid, "VmRSS") or 0 for pid in tree(server.pid))
-        return {"ready": ready, "answer": answered, "rss": harness.mib(rss_kib)}
+        out = {"ready": ready, "answer": answered, "rss": harness.mib(rss_kib), "restarts": []}
+        for _ in range(restarts):
+            time.sleep(1.0)  # the front's restart delay counts from the last start
+            engine = next(pid for pid in tree(server.pid) if pid != server.pid)
+            t0 = time.monotonic()
+            os.kill(engine, signal.SIGKILL)
+            again = wait_ready(name, server, t0, engine_gone=engine)
+            out["restarts"].append({"ready": again, "answer": answer(server, t0, x, expected)})
+        return out
     finally:
         server.stop()
 
@@ -75,6 +99,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--config", action="append", default=[], metavar="NAME=FLAGS")
     parser.add_argument("--smoke-models", action="store_true", help="bench/models_smoke instead of bench/models")
+    parser.add_argument("--restarts", type=int, default=0, help="then kill attrserve's engine process this many times")
     args = parser.parse_args()
     repo = ROOT / "bench" / ("models_smoke" if args.smoke_models else "models")
     configs = {spec.split("=", 1)[0]: config_tokens(spec.split("=", 1)[1].split()) for spec in args.config} or {"attrserve": ([], {})}
@@ -96,10 +121,11 @@ def main() -> None:
                 argv = harness.baseline_argv(repo, port, noop=False)
             else:
                 argv = harness.attrserve_argv(repo, port, harness.free_port(), flags)
-            r = one_start(system, argv, port, env, x, expected)
+            r = one_start(system, argv, port, env, x, expected, 0 if system == "B2" else args.restarts)
             runs[system].append(r)
+            again = "".join(f", restart {a['ready']:.2f} s" for a in r["restarts"])
             print(
-                f"round {number}, {system}: ready {r['ready']:.2f} s, first answer {r['answer']:.2f} s, {r['rss']:.0f} MiB",
+                f"round {number}, {system}: ready {r['ready']:.2f} s, first answer {r['answer']:.2f} s, {r['rss']:.0f} MiB{again}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -108,10 +134,17 @@ def main() -> None:
         return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
     print(f"\n{args.rounds} rounds; {os.cpu_count()} CPUs; {repo.relative_to(ROOT)}: {', '.join(NAMES)}\n")
-    print("| system | every model ready, s | first answer, s | RSS then, MiB |")
-    print("|---|---:|---:|---:|")
+    head, rule = "| system | every model ready, s | first answer, s | RSS then, MiB |", "|---|---:|---:|---:|"
+    if args.restarts:
+        head, rule = head + " after a SIGKILL of the engine process: every model ready, s | its first answer, s |", rule + "---:|---:|"
+    print(head)
+    print(rule)
     for system, rs in runs.items():
-        print(f"| {system} | {cell([r['ready'] for r in rs])} | {cell([r['answer'] for r in rs])} | {cell([r['rss'] for r in rs], 0)} |")
+        row = f"| {system} | {cell([r['ready'] for r in rs])} | {cell([r['answer'] for r in rs])} | {cell([r['rss'] for r in rs], 0)} |"
+        if args.restarts:
+            again = [a for r in rs for a in r["restarts"]]
+            row += f" {cell([a['ready'] for a in again])} | {cell([a['answer'] for a in again])} |" if again else " — | — |"
+        print(row)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ class ModelSpec:
     instances: int = 0  # copies of the model that run passes at the same time; 0: one
     memory_format: str = ""  # layout of 4-D tensors in passes: "" / "auto", "contiguous", "channels_last" (tuning.py)
     module: nn.Module | None = None  # an already-built model (tests, embedding in other programs)
+    # Names, sizes and modification times of the files it was read from (the repository's); "" when unknown (a module
+    # built in code). Equal fingerprints: the same model, so an earlier load's pass-size probe holds (tuning.probe_key).
+    fingerprint: str = ""
 
 
 _AUTOCAST = {"": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -37,6 +37,26 @@ DIPS = 2
 CONFIRM_ROUNDS = 3
 
 
+def probe_key(model: LoadedModel) -> tuple | None:
+    """What a model's load-time probes (its layout, choose_memory_format; its rows per second by pass size,
+    probe_batch_rows) depend on, as a key: its files (ModelSpec.fingerprint, which covers its config), name, version,
+    device, intra-op threads and replicas. An engine that loads the same key again (a restarted engine process, a
+    reload of unchanged files) takes what it kept (Engine.probes) instead of timing passes again: the same machine and
+    the same model give the same answers, within the noise the tuner works in anyway, and a layout chosen by timing
+    does not flip between restarts near its threshold. None when the files are unknown (a module built in code)."""
+    if not model.spec.fingerprint:
+        return None
+    return (model.name, model.version, model.spec.fingerprint, str(model.device), model.intra_op_threads, model.instances)
+
+
+def kept_memory_format(model: LoadedModel, channels_last: bool) -> str:
+    """Lay the model's passes out as an earlier load of the same files chose (probe_key), and say so for the log."""
+    if model.spec.memory_format == "contiguous":
+        return "contiguous (config)"
+    model.lay_out(channels_last)
+    return f"{'channels_last' if channels_last else 'contiguous'} (kept from an earlier load of the same files)"
+
+
 def first_float_layer(model: LoadedModel, example: tuple[torch.Tensor, ...]) -> str:
     """The first module, in the order a forward calls them, whose output is a floating tensor: for a model of token ids
     its embedding, the layer its gradient methods (LayerIntegratedGradients, ...) take gradients at. "" when there is

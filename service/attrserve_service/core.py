@@ -8,7 +8,7 @@ import asyncio
 import concurrent.futures
 import functools
 import gc
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -16,6 +16,7 @@ from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import model_config_pb2 as mc
 from attrserve_engine import AttributionJob, AttributionResult, Engine, EngineObserver, InvalidArgument, ModelRecord, ModelState, NotFound
 from attrserve_engine.algorithms.noise_tunnel import parse_noise_tunnel
+from attrserve_engine.engine import Probes
 from attrserve_engine.errors import AttributionError, shown
 from attrserve_service import eventloop
 from attrserve_service.config import ServerConfig, effective_config, spec_config
@@ -64,6 +65,7 @@ class Snapshot:
     devices: tuple[str, ...] = ()
     allocator: str = ""  # the models' process's malloc (heap_allocator)
     event_loop: str = ""  # the models' process's event loop (eventloop.running)
+    probes: dict[tuple, Probes] = field(default_factory=dict)  # Engine.probes: handed to a restarted engine process
 
 
 class Core(Protocol):
@@ -230,6 +232,7 @@ class LocalCore:
             devices=tuple(sorted({str(m.device) for m in self.engine.models()})),
             allocator=heap_allocator(),
             event_loop=self.event_loop,
+            probes=self.engine.probes(),
         )
 
     def watch(self, observer: EngineObserver) -> None:
@@ -249,11 +252,14 @@ async def build_core(
     config: ServerConfig,
     observers: Callable[[LocalCore], Sequence[EngineObserver]] = lambda core: (),
     only: Collection[tuple[str, str]] | None = None,
+    probes: Mapping[tuple, Probes] | None = None,
 ) -> LocalCore:
     """An engine with the configured plugins and the repository's models (the built-in demo models without one;
-    `only`: just these versions); `observers(core)` hear the loads too. RepositoryError when nothing can serve (a
-    model that fails is reported, not fatal)."""
+    `only`: just these versions; `probes`: the load-time probes (layouts, pass-size rates) the engine process before
+    this one kept, which its loads of the same files take instead of timing passes again); `observers(core)` hear
+    the loads too. RepositoryError when nothing can serve (a model that fails is reported, not fatal)."""
     engine = Engine(config.limits)
+    engine.keep_probes(probes or {})
     for plugin in config.plugins:
         try:
             engine.load_plugins(plugin)

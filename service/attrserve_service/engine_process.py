@@ -258,11 +258,11 @@ async def _engine_main(fd_in: int, fd_out: int) -> int:
             init.set_result(message)
 
     transport, _ = await loop.create_unix_connection(lambda: FrameReader(received, gone.set), sock=socket.socket(fileno=fd_in))
-    _, config, (log_level, log_format), only = await init
+    _, config, (log_level, log_format), only, probes = await init
     logs.configure(log_level, log_format)
     torch.set_num_threads(intra_op_threads(config))
     try:
-        core = await build_core(config, lambda core: [_Forward(out, core)], only)  # the front measures the loads too
+        core = await build_core(config, lambda core: [_Forward(out, core)], only, probes)  # the front measures the loads too
     except RepositoryError as e:
         out.send(("fatal", str(e)))
         return 2
@@ -359,8 +359,11 @@ class EngineProcess:
         await self._take(launched)
 
     async def _spawn(self) -> None:
-        """A new engine process (a restart), with the first one's malloc and event loop."""
-        await self._take(launch.launch(self.config, self.log_settings, self._preload, self._event_loop, self._restore()))
+        """A new engine process (a restart), with the first one's malloc and event loop, and the load-time probes the
+        last one reported (its Snapshot: layouts, pass-size rates): its loads of unchanged files skip timing passes,
+        which was over half of a restart on bench/models (bench/RESULTS.md, issue 12 step 28)."""
+        restore, probes = self._restore(), self._snapshot.probes
+        await self._take(launch.launch(self.config, self.log_settings, self._preload, self._event_loop, restore, probes))
 
     async def _take(self, launched: launch.Launched) -> None:
         loop = asyncio.get_running_loop()

@@ -1,5 +1,5 @@
 """Starting an engine-core process (engine_process.main): its command line, its environment (torch's intra-op threads,
-the malloc it runs on), its two socket pairs and its first frame, ("init", config, log settings, versions).
+the malloc it runs on), its two socket pairs and its first frame, ("init", config, log settings, versions, probes).
 
 Imports neither torch nor grpc. `attrserve serve` builds its configuration and starts the engine process (`start`)
 before the front end imports them, so the two processes import torch at once (seconds each on a small machine) and
@@ -62,10 +62,12 @@ def launch(
     preload: str | None,
     event_loop: str,
     restore: set[tuple[str, str]] | None = None,
+    probes: Mapping[tuple, tuple[bool, dict[int, float]]] | None = None,
 ) -> Launched:
     """Start `python -m attrserve_service.engine_process` on two new socket pairs and write its "init" frame, which
     waits in the socket until the process has imported its modules and reads it; `restore`: the versions to load
-    (None: the whole repository)."""
+    (None: the whole repository); `probes`: the load-time probes (layout, pass-size rates) the process before kept
+    (Engine.probes), which its loads of the same files take instead of timing passes again."""
     to_engine, engine_in = socketpair()
     engine_out, from_engine = socketpair()
     env = dict(os.environ, OMP_NUM_THREADS=str(intra_op_threads(config)))
@@ -76,7 +78,7 @@ def launch(
     elif preload == "":
         env.pop("LD_PRELOAD", None)
     try:
-        send_parts(to_engine, encode_parts([("init", config, log_settings, restore)]))  # a few KiB: the socket holds it
+        send_parts(to_engine, encode_parts([("init", config, log_settings, restore, dict(probes or {}))]))  # KiB: the socket holds it
         proc = subprocess.Popen(
             [sys.executable, "-m", "attrserve_service.engine_process", str(engine_in.fileno()), str(engine_out.fileno()), event_loop],
             pass_fds=(engine_in.fileno(), engine_out.fileno()),

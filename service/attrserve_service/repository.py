@@ -141,6 +141,7 @@ def _entry(model_folder: Path, folder: Path, version: str | None) -> Entry:
             config.version = version
         spec = spec_from_config(folder, config, config_path)
         spec.name = name
+        spec.fingerprint = fingerprint
         return Entry(name, spec.version, folder, fingerprint, spec)
     except RepositoryError as e:
         return Entry(name, shown, folder, fingerprint, None, str(e))

@@ -14,6 +14,7 @@ from attrserve_engine import Engine, EngineLimits, InputSpec, ModelSpec
 from attrserve_engine.models import LoadedModel
 from attrserve_engine.plan import PassKind
 from attrserve_engine.scheduler import Scheduler
+from attrserve_engine import tuning
 from attrserve_engine.tuning import MIN_MARGIN, MOVES_KEPT, SIZES, PassSizeTuner, pick_batch_rows, tuning_start
 from oracle import MODELS
 from test_scheduler import FakePasses, Recorder, job
@@ -33,6 +34,63 @@ def test_probe_measures_and_picks_a_size_and_config_wins() -> None:
     assert probed.max_batch_rows == pick_batch_rows(probed.batch_probe)
     assert configured.batch_probe == {} and configured.max_batch_rows == 48
     assert unpinned.batch_probe == {} and unpinned.max_batch_rows == EngineLimits().default_max_batch_rows
+
+
+def test_a_load_of_the_same_files_takes_the_probe_kept_and_any_change_is_probed_again(monkeypatch) -> None:
+    """A probe is kept by tuning.probe_key: the files' fingerprint (a repository's spec), name, version, device,
+    threads, replicas and layout. A reload of the same files, or an engine handed the probes of the one before it (a
+    restarted engine process), takes the kept probe; other files, other threads, or a module built in code (no
+    fingerprint) are timed again. The bound keeps the newest."""
+    import attrserve_engine.engine as engine_module
+
+    timed: list[str] = []
+    laid_out: list[str] = []
+
+    def counting(model, budget_s=1.5):  # type: ignore[no-untyped-def]
+        timed.append(model.name)
+        return tuning.probe_batch_rows(model, budget_s)
+
+    def choosing(model):  # type: ignore[no-untyped-def]
+        laid_out.append(model.spec.fingerprint)
+        return tuning.choose_memory_format(model)
+
+    monkeypatch.setattr(engine_module, "probe_batch_rows", counting)
+    monkeypatch.setattr(engine_module, "choose_memory_format", choosing)
+    shapes = [InputSpec("x", torch.float32, (2, 8, 8))]
+
+    def spec(fingerprint: str = "f1", memory_format: str = "auto", **kw) -> ModelSpec:  # type: ignore[no-untyped-def]
+        return ModelSpec(name="conv", module=MODELS["conv"](), inputs=shapes, fingerprint=fingerprint, memory_format=memory_format, **kw)
+
+    engine = Engine(EngineLimits(probe_seconds=0.2))
+    try:
+        first = engine.load(spec())
+        again = engine.load(spec())  # a reload of the same files: its layout (chosen by timing) and its probe kept
+        assert timed == ["conv"] and again.batch_probe == first.batch_probe and again.max_batch_rows == first.max_batch_rows
+        assert laid_out == ["f1"] and again.channels_last == first.channels_last
+        engine.load(spec("f2"))  # the files changed
+        engine.load(spec(intra_op_threads=torch.get_num_threads() + 1))  # the same files, other threads
+        engine.load(spec(""))  # a module built in code: nothing says it is the same
+        engine.load(spec(""))
+        assert timed == ["conv"] * 5 and laid_out == ["f1", "f2", "f1", "", ""]
+        kept = engine.probes()
+        assert len(kept) == 3 and (first.channels_last, first.batch_probe) in kept.values()
+    finally:
+        engine.shutdown()
+    follower = Engine(EngineLimits(probe_seconds=0.2))  # a restarted engine process, handed what the first one kept
+    try:
+        follower.keep_probes(kept)
+        restarted = follower.load(spec())
+        assert timed == ["conv"] * 5 and restarted.batch_probe == first.batch_probe
+        assert restarted.max_batch_rows == first.max_batch_rows and restarted.rows_per_second == first.rows_per_second
+        assert len(laid_out) == 5 and restarted.channels_last == first.channels_last
+        pinned = follower.load(spec(memory_format="contiguous"))  # a config's layout wins over a kept one
+        assert not pinned.channels_last
+        follower.keep_probes({("m", str(i)): (False, {8: float(i)}) for i in range(engine_module.MAX_KEPT_PROBES + 5)})
+        kept = follower.probes()
+        assert len(kept) == engine_module.MAX_KEPT_PROBES
+        assert ("m", str(engine_module.MAX_KEPT_PROBES + 4)) in kept and ("m", "4") not in kept  # the oldest went
+    finally:
+        follower.shutdown()
 
 
 def test_pick_prefers_the_smallest_size_near_the_best() -> None:
@@ -74,7 +132,6 @@ def test_one_slow_size_does_not_end_the_probe_and_near_best_sizes_are_timed_agai
     the best before choosing."""
     import time
 
-    from attrserve_engine import tuning
 
     calls: dict[int, int] = {}
 

@@ -619,6 +619,40 @@ def test_a_restarted_engine_process_keeps_explicit_unloads(repo: Path, tmp_path:
         server.stop()
 
 
+def test_a_restarted_engine_process_takes_the_probes_measured_before_unless_the_files_changed(repo: Path) -> None:
+    """Timing pass sizes was over half of a restart on bench/models (7 of 12 s). The front hands a restarted engine
+    process the load-time probes of the one before (its Snapshot: layouts and pass-size rates), and a load of
+    unchanged files takes them from there: GetModel's batch_probe (measured rates, which a second timing would not
+    repeat to the last digit) is the same after the restart. A model whose files changed meanwhile is probed again.
+    The restarted process serves Captum's numbers and health says SERVING."""
+    limits = EngineLimits(default_device="cpu", probe_seconds=0.2)
+    server = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits))
+
+    def probes(client: AttributionClient, name: str) -> list[tuple[int, float]]:
+        return [(p.rows, p.rows_per_second) for p in client.get_model(name, timeout=10).batch_probe]
+
+    try:
+        client = AttributionClient(server.address)
+        before = {name: probes(client, name) for name in ("good", "crashy")}
+        assert before["good"] and before["crashy"]
+        with open(repo / "crashy" / "model.py", "a") as source:  # changed files: another fingerprint
+            source.write("\n# edited\n")
+        first = server.running.core.pid
+        os.kill(first, signal.SIGKILL)
+        wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING)
+        wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
+        assert server.running.core.pid != first
+        assert probes(client, "good") == before["good"]
+        again = probes(client, "crashy")
+        assert again and again != before["crashy"]
+        np.testing.assert_allclose(
+            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+        )
+        assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
+
+
 def test_an_engine_process_that_dies_while_loading_fails_the_start(tmp_path: Path) -> None:
     write(tmp_path / "doomed", "import os\n\n\ndef build_model():\n    os._exit(5)\n", PINNED)
     with pytest.raises(AssertionError, match="exit code 5"):
