@@ -997,7 +997,9 @@ export interface ModelInfo {
   customAlgorithms: string[];
   /**
    * The pass sizes measured at load to choose config.max_batch_rows (empty
-   * when the config sets it or the input shapes are not pinned).
+   * when the config sets it or the input shapes are not pinned). A load of
+   * files this server loaded before unchanged (a reload, or the engine process
+   * restarted after a crash) shows the measurement it kept from that load.
    */
   batchProbe: BatchProbe[];
   /** Where the model is in its life; `ready` is state == MODEL_STATE_READY. */
