@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -60,13 +61,19 @@ def format_baselines(baselines: tuple, inputs: tuple[Tensor, ...], distribution:
             b = b.unsqueeze(0)
         if b.dim() != x.dim():
             raise InvalidArgument(f"baselines[{i}] has shape {tuple(b.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}")
-        try:
-            b = torch.broadcast_to(b, (b.shape[0], *feature_shape))
-        except RuntimeError:
-            raise InvalidArgument(f"baselines[{i}] has shape {tuple(b.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}") from None
+        # Each torch call below is skipped where it would change nothing: this runs on the engine process's event loop
+        # (docs/ARCHITECTURE.md, "Threads, the GIL and the hot path"), and a baseline sent whole needs none of them.
+        if tuple(b.shape[1:]) != feature_shape:
+            try:
+                b = torch.broadcast_to(b, (b.shape[0], *feature_shape))
+            except RuntimeError:
+                shapes = f"baselines[{i}] has shape {tuple(b.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}"
+                raise InvalidArgument(shapes) from None
         if not distribution and b.shape[0] not in (1, x.shape[0]):
             raise InvalidArgument(f"baselines[{i}] has {b.shape[0]} rows; give 1 or one per example ({x.shape[0]})")
-        out.append(b.to(x.dtype).contiguous())
+        if b.dtype != x.dtype:
+            b = b.to(x.dtype)
+        out.append(b if b.is_contiguous() else b.contiguous())
     return tuple(out)
 
 
@@ -80,20 +87,23 @@ def format_feature_masks(masks: tuple, inputs: tuple[Tensor, ...]) -> tuple[Tens
     for i, (m, x) in enumerate(zip(masks, inputs)):
         if m.is_floating_point() or m.dtype == torch.bool:
             raise InvalidArgument(f"feature_masks[{i}] must hold integer feature ids, got dtype {str(m.dtype).replace('torch.', '')}")
-        if m.dim() == x.dim() - 1:
-            m = m.unsqueeze(0)
-        if m.dim() != x.dim() or m.shape[0] not in (1, x.shape[0]):
+        # In numpy: this runs on the engine process's event loop, where a torch call or a freed tensor hands the GIL to
+        # the worker (docs/ARCHITECTURE.md, "Threads, the GIL and the hot path"); np.from_dlpack makes no tensor.
+        a = np.from_dlpack(m if m.device.type == "cpu" else m.cpu())
+        if a.ndim == x.dim() - 1:
+            a = a[np.newaxis]
+        if a.ndim != x.dim() or a.shape[0] not in (1, x.shape[0]):
             raise InvalidArgument(
-                f"feature_masks[{i}] has shape {tuple(m.shape)}; "
+                f"feature_masks[{i}] has shape {tuple(a.shape)}; "
                 f"it must broadcast to inputs[{i}] {tuple(x.shape)} with 1 or {x.shape[0]} rows"
             )
         try:
-            m = torch.broadcast_to(m, (m.shape[0], *x.shape[1:]))
-        except RuntimeError:
+            a = np.broadcast_to(a, (a.shape[0], *x.shape[1:]))
+        except ValueError:
             raise InvalidArgument(
-                f"feature_masks[{i}] has shape {tuple(m.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}"
+                f"feature_masks[{i}] has shape {tuple(a.shape)}; it must broadcast to inputs[{i}] {tuple(x.shape)}"
             ) from None
-        if bool((m < 0).any()):
+        if a.size and a.min() < 0:
             raise InvalidArgument(f"feature_masks[{i}] has negative feature ids")
-        out.append(m.to(torch.int64).contiguous())
+        out.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)))
     return tuple(out)

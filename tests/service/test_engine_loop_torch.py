@@ -8,21 +8,16 @@ part of a request (decoding its frame, `Engine.submit`: validation, plans, queue
 checked here for the bench's six workloads, as the front sends them: no tensor dies on the loop's thread, and no
 torch operator is dispatched there but `lift_fresh` (`torch.from_numpy`, which keeps the GIL).
 
-Not covered, and known to run torch on the loop (docs/ARCHITECTURE.md, "Threads, the GIL and the hot path"): baselines
-sent as tensors (broadcast and cast there), and the feature-mask methods' masks and feature counts."""
+tests/engine/test_engine_loop_torch_zoo.py checks every algorithm's requests the same way, on the engine alone."""
 
 from __future__ import annotations
 
-import collections
-import gc
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch_calls import ALLOWED, torch_on_this_thread
 
 from attrserve_engine import Engine, EngineLimits
 from attrserve_service import frames
@@ -57,42 +52,6 @@ def engine() -> Iterator[Engine]:
     e.shutdown()
 
 
-class _Operators(TorchDispatchMode):
-    """Counts the aten operators dispatched on the thread that entered it (dispatch modes are thread-local)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.called: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        self.called[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
-@contextmanager
-def _torch_on_this_thread() -> Iterator[tuple[list[str], collections.Counter[str]]]:
-    """(where tensors died on this thread, the operators dispatched on it) within the block. The cyclic collector is
-    off meanwhile: it would free other tests' garbage (a model's weights) here, which the engine did not make."""
-    me = threading.get_ident()
-    died: list[str] = []
-
-    def finalizer(tensor: torch.Tensor) -> None:
-        if threading.get_ident() == me:
-            died.append(f"{tuple(tensor.shape)} {tensor.dtype}")
-
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    torch.Tensor.__del__ = finalizer  # type: ignore[attr-defined]
-    try:
-        with _Operators() as operators:
-            yield died, operators.called
-    finally:
-        del torch.Tensor.__del__  # type: ignore[attr-defined]
-        if enabled:
-            gc.enable()
-
-
 def _frame(message: tuple) -> bytearray:
     """The frame's body as the engine process's reader hands it to `frames.decode` (the length prefix taken off)."""
     return bytearray(b"".join(bytes(part) for part in frame_of([message], lambda m, e: None))[8:])
@@ -107,13 +66,13 @@ def test_the_event_loop_takes_a_request_in_without_torch(engine: Engine, key: st
     alone = [engine.attribute(frames.decode(body)[0][2], timeout=120) for body in bodies]
     futures = []
     with engine.held():  # the worker starts nothing meanwhile: what happens on this thread is the loop's part alone
-        with _torch_on_this_thread() as (died, operators):
+        with torch_on_this_thread() as (died, operators):
             for body in bodies:
                 (message,) = frames.decode(body)
                 futures.append(engine.submit(message[2]))
                 del message  # the engine process drops the message once it is queued
     assert died == [], f"{key}: tensors freed on the event loop: {died}"
-    assert set(operators) <= {"aten.lift_fresh.default"}, f"{key}: torch operators on the event loop: {dict(operators)}"
+    assert set(operators) <= ALLOWED, f"{key}: torch operators on the event loop: {dict(operators)}"
     for future, want in zip(futures, alone):  # answered, as they were alone
         got = future.result(timeout=120)
         for a, b in zip(got.attributions, want.attributions, strict=True):

@@ -12,6 +12,7 @@ from attrserve_engine.algorithms.perturbation import (
     feature_index,
     feature_masks_or_default,
     forward_block,
+    mask_features,
     one_feature_each,
     spread,
 )
@@ -38,7 +39,7 @@ class FeatureAblation(Algorithm):
 
     def rows(self, task: Task, n_examples: int) -> int:
         # the unablated inputs, then one copy per feature (group)
-        return n_examples * (1 + len(feature_ids(feature_masks_or_default(task))))
+        return n_examples * (1 + mask_features(task)[0])
 
     def plan(self, task: Task) -> Plan:
         n = task.n

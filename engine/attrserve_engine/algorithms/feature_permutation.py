@@ -17,6 +17,7 @@ from attrserve_engine.algorithms.perturbation import (
     feature_index,
     feature_masks_or_default,
     forward_block,
+    mask_features,
     one_feature_each,
     spread,
     tensors_with_feature,
@@ -77,7 +78,7 @@ class FeaturePermutation(Algorithm):
     def rows(self, task: Task, n_examples: int) -> int:
         if n_examples < 2:  # nothing to permute: Captum skips every feature
             return n_examples
-        return n_examples * (1 + len(feature_ids(feature_masks_or_default(task))))
+        return n_examples * (1 + mask_features(task)[0])
 
     def plan(self, task: Task) -> Plan:
         p: FeaturePermutationParams = task.params

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,6 +33,22 @@ def feature_masks_or_default(task: Task) -> tuple[Tensor, ...]:
         masks.append((torch.arange(count, device=x.device) + offset).reshape((1, *x.shape[1:])))
         offset += count
     return tuple(masks)
+
+
+def mask_features(task: Task) -> tuple[int, int, int]:
+    """(how many feature ids are present, the smallest, the largest) in the request's masks, or in Captum's default
+    (every scalar its own id): what `rows` and the checks before a plan need, read without torch. They run on the
+    engine process's event loop (Engine._prepare), where a torch call or a freed tensor hands the GIL to the worker
+    (docs/ARCHITECTURE.md, "Threads, the GIL and the hot path"), so the masks are read as numpy arrays
+    (`np.from_dlpack` makes no tensor) and the default masks are not built. (0, 0, -1) without any id."""
+    if not task.feature_masks:
+        total = sum(math.prod(x.shape[1:]) for x in task.inputs)
+        return total, 0, total - 1
+    present = [np.unique(np.from_dlpack(m if m.device.type == "cpu" else m.cpu())) for m in task.feature_masks if m.numel()]
+    if not present:
+        return 0, 0, -1
+    ids = np.unique(np.concatenate(present))
+    return len(ids), int(ids[0]), int(ids[-1])
 
 
 def n_features(masks: tuple[Tensor, ...]) -> int:

@@ -18,6 +18,7 @@ from attrserve_engine.algorithms.perturbation import (
     feature_ids,
     feature_index,
     feature_masks_or_default,
+    mask_features,
     n_features,
     spread,
 )
@@ -31,9 +32,8 @@ class ShapleyValueSamplingParams:
     perturbations_per_eval: int = 1  # changes no number: the orders are drawn before their evaluations
 
 
-def check_feature_ids(task: Task, masks: tuple[Tensor, ...]) -> int:
+def check_feature_ids(task: Task, count: int) -> int:
     """Captum's feature count, max id + 1 (ids are drawn in permutations of it); refuses ids past the inputs' size."""
-    count = n_features(masks)
     scalars = sum(math.prod(x.shape[1:]) for x in task.inputs)
     if count > scalars:
         raise InvalidArgument(
@@ -74,9 +74,8 @@ class ShapleyValueSampling(Algorithm):
 
     def rows(self, task: Task, n_examples: int) -> int:
         check_has_features(task, self.name)
-        masks = feature_masks_or_default(task)
-        check_feature_ids(task, masks)
-        n_feat = len(feature_ids(masks))
+        n_feat, _, high = mask_features(task)
+        check_feature_ids(task, high + 1)
         # the baseline, the full input, and each order's n_feat - 1 proper prefixes
         return n_examples * (2 + max(task.params.n_samples, 0) * (n_feat - 1))
 
@@ -84,7 +83,7 @@ class ShapleyValueSampling(Algorithm):
         p: ShapleyValueSamplingParams = task.params
         n, ns = task.n, max(p.n_samples, 0)
         masks = feature_masks_or_default(task)
-        total = check_feature_ids(task, masks)
+        total = check_feature_ids(task, n_features(masks))
         ids = feature_ids(masks)  # (P,) present ids
         index = feature_index(masks, ids)
         n_feat = int(ids.numel())

@@ -15,6 +15,7 @@ from attrserve_engine.algorithms.perturbation import (
     feature_ids,
     feature_index,
     feature_masks_or_default,
+    mask_features,
     spread,
 )
 from attrserve_engine.plan import Attribution, Plan, Task
@@ -46,7 +47,7 @@ class ShapleyValues(Algorithm):
 
     def rows(self, task: Task, n_examples: int) -> int:
         # Python ints: 20 features is 2**20 rows per example, refused by the row cap before any work
-        return n_examples * 2 ** len(feature_ids(feature_masks_or_default(task)))
+        return n_examples * 2 ** mask_features(task)[0]
 
     def plan(self, task: Task) -> Plan:
         n = task.n
