@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model_zoo import answerable, request, zoo_spec
+from test_model_zoo import answerable, request, zoo_engine
 from torch_calls import ALLOWED, torch_on_this_thread
 from zoo import job_for
 
-from attrserve_engine import Engine, EngineLimits
+from attrserve_engine import Engine
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -27,9 +27,7 @@ MODELS = ["resnet", "transformer"]  # images (convolutions, 4-D masks) and token
 
 @pytest.fixture(scope="module")
 def engine():
-    e = Engine(EngineLimits(probe_batch_rows=False, default_max_queue_delay_us=0))
-    for name in MODELS:
-        e.load(zoo_spec(name))
+    e = zoo_engine(MODELS)
     yield e
     e.shutdown()
 

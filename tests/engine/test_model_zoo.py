@@ -46,6 +46,14 @@ def zoo_spec(name: str) -> ModelSpec:
     )
 
 
+def zoo_engine(names: list[str]) -> Engine:
+    """An engine serving these zoo models, without the pass-size probe or a queue delay (shut it down after)."""
+    engine = Engine(EngineLimits(probe_batch_rows=False, default_max_queue_delay_us=0))
+    for name in names:
+        engine.load(zoo_spec(name))
+    return engine
+
+
 def answerable(engine: Engine, model: str) -> list[str]:
     """The algorithms the model serves where Captum runs them right (the zoo test covers the others)."""
     loaded = engine.get_model(model)

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from attrserve_engine import AttributionJob, Engine, EngineLimits
+from attrserve_engine import AttributionJob, Engine
 from oracle import submit_held
-from test_model_zoo import answerable, request, zoo_spec
+from test_model_zoo import answerable, request, zoo_engine
 from zoo import job_for
 
 pytestmark = [
@@ -32,9 +32,7 @@ MODELS = ["resnet", "transformer", "norm_act", "lstm"]
 
 @pytest.fixture(scope="module")
 def engine():
-    e = Engine(EngineLimits(probe_batch_rows=False, default_max_queue_delay_us=0))
-    for name in MODELS:
-        e.load(zoo_spec(name))
+    e = zoo_engine(MODELS)
     yield e
     e.shutdown()
 

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, example_baselines
 from attrserve_engine.algorithms.linear_models import lasso
-from attrserve_engine.algorithms.perturbation import check_has_features, feature_masks_or_default, mask_features, n_features
+from attrserve_engine.algorithms.perturbation import check_has_features, feature_masks_or_default, mask_id_range, n_features
 from attrserve_engine.errors import InvalidArgument
 from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task, interleave_rows
 
@@ -64,10 +64,11 @@ def interpretable_masks(task: Task) -> tuple[tuple[Tensor, ...], int]:
 def check_feature_count(task: Task, owner: str) -> None:
     """Refuses masks whose ids span more interpretable features than the inputs have scalars and MAX_FEATURES,
     from the masks' min and max alone (no mask is shifted, nothing is allocated, no torch: `rows` runs on the event
-    loop; perturbation.mask_features)."""
-    present, low, high = mask_features(task)
-    if not present:
+    loop; perturbation.mask_id_range)."""
+    ids = mask_id_range(task)
+    if ids is None:
         return
+    low, high = ids
     count, scalars = high - low + 1, sum(math.prod(x.shape[1:]) for x in task.inputs)
     if count > max(scalars, MAX_FEATURES):
         raise InvalidArgument(

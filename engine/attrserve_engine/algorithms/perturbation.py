@@ -44,11 +44,26 @@ def mask_features(task: Task) -> tuple[int, int, int]:
     if not task.feature_masks:
         total = sum(math.prod(x.shape[1:]) for x in task.inputs)
         return total, 0, total - 1
-    present = [np.unique(np.from_dlpack(m if m.device.type == "cpu" else m.cpu())) for m in task.feature_masks if m.numel()]
+    present = [np.unique(a) for a in _mask_arrays(task)]
     if not present:
         return 0, 0, -1
     ids = np.unique(np.concatenate(present))
     return len(ids), int(ids[0]), int(ids[-1])
+
+
+def mask_id_range(task: Task) -> tuple[int, int] | None:
+    """(the smallest, the largest) feature id, as mask_features reads them but without counting the distinct ids (a
+    sort): None without any id."""
+    if not task.feature_masks:
+        total = sum(math.prod(x.shape[1:]) for x in task.inputs)
+        return (0, total - 1) if total else None
+    arrays = _mask_arrays(task)
+    return (min(int(a.min()) for a in arrays), max(int(a.max()) for a in arrays)) if arrays else None
+
+
+def _mask_arrays(task: Task) -> list[np.ndarray]:
+    """The request's non-empty masks as numpy arrays (views: np.from_dlpack makes no tensor)."""
+    return [np.from_dlpack(m if m.device.type == "cpu" else m.cpu()) for m in task.feature_masks if m.numel()]
 
 
 def n_features(masks: tuple[Tensor, ...]) -> int:
