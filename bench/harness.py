@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,9 +97,12 @@ class ServerProcess:
         except OSError:
             return ""
 
-    def wait_ready(self, models: list[str]) -> float:
-        """Blocks until ListModels answers with every model ready; returns the seconds it took."""
-        t0 = time.monotonic()
+    def wait_ready(
+        self, models: list[str], since: float | None = None, poll_s: float = 0.2, also: Callable[[], bool] | None = None
+    ) -> float:
+        """Blocks until ListModels answers with every model ready (and `also()` holds); returns the seconds since
+        `since` (a time.monotonic() reading; default: this call), which the timeout also counts from."""
+        t0 = time.monotonic() if since is None else since
         deadline = t0 + self.ready_timeout
         with grpc.insecure_channel(self.target, options=READY_OPTIONS) as channel:
             stub = pb_grpc.AttributionServiceStub(channel)
@@ -108,13 +112,13 @@ class ServerProcess:
                 try:
                     listed = stub.ListModels(pb.ListModelsRequest(), timeout=2)
                     ready = {m.config.name for m in listed.models if m.ready}
-                    if all(m in ready for m in models):
+                    if all(m in ready for m in models) and (also is None or also()):
                         return time.monotonic() - t0
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.name} was not ready after {self.ready_timeout:.0f} s:\n{self.log_tail()}")
-                time.sleep(0.2)
+                time.sleep(poll_s)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

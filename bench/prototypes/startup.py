@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import torch
 
@@ -34,8 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/
 
 from common import ROOT, config_tokens, tree
 
-from attrserve.v1 import attribution_service_pb2 as pb
-from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_client import AttributionClient
 
 import harness
@@ -43,25 +40,6 @@ from workloads import build_model
 
 NAMES = ("bench_cnn", "bench_cnn224", "bench_mlp", "bench_text")
 POLL_S = 0.02
-
-
-def wait_ready(name: str, server: harness.ServerProcess, t0: float, engine_gone: int | None = None) -> float:
-    """Seconds from `t0` until every model is ready (with `engine_gone`: in an engine process other than that one)."""
-    with grpc.insecure_channel(server.target, options=harness.READY_OPTIONS) as channel:
-        stub = pb_grpc.AttributionServiceStub(channel)
-        while True:
-            if server.proc is not None and server.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited:\n{server.log_tail()}")
-            try:
-                listed = stub.ListModels(pb.ListModelsRequest(), timeout=1)
-                fresh = engine_gone is None or engine_gone not in tree(server.pid)
-                if fresh and {m.config.name for m in listed.models if m.ready} >= set(NAMES):
-                    return time.monotonic() - t0
-            except grpc.RpcError:
-                pass
-            if time.monotonic() - t0 > 180:
-                raise RuntimeError(f"{name} was not ready after 180 s:\n{server.log_tail()}")
-            time.sleep(POLL_S)
 
 
 def answer(server: harness.ServerProcess, t0: float, x: np.ndarray, expected: np.ndarray) -> float:
@@ -78,7 +56,7 @@ def one_start(name: str, argv: list[str], port: int, env: dict[str, str], x: np.
     t0 = time.monotonic()
     server.start()
     try:
-        ready = wait_ready(name, server, t0)
+        ready = server.wait_ready(list(NAMES), since=t0, poll_s=POLL_S)
         answered = answer(server, t0, x, expected)
         rss_kib = sum(harness.proc_status_kib(pid, "VmRSS") or 0 for pid in tree(server.pid))
         out = {"ready": ready, "answer": answered, "rss": harness.mib(rss_kib), "restarts": []}
@@ -87,7 +65,8 @@ def one_start(name: str, argv: list[str], port: int, env: dict[str, str], x: np.
             engine = next(pid for pid in tree(server.pid) if pid != server.pid)
             t0 = time.monotonic()
             os.kill(engine, signal.SIGKILL)
-            again = wait_ready(name, server, t0, engine_gone=engine)
+            # every model ready again, in a new engine process
+            again = server.wait_ready(list(NAMES), since=t0, poll_s=POLL_S, also=lambda gone=engine: gone not in tree(server.pid))
             out["restarts"].append({"ready": again, "answer": answer(server, t0, x, expected)})
         return out
     finally:
