@@ -22,7 +22,6 @@ from torch_calls import ALLOWED, torch_on_this_thread
 from attrserve_engine import Engine, EngineLimits
 from attrserve_service import frames
 from attrserve_service.convert import request_to_job
-from attrserve_service.engine_process import frame_of
 from attrserve_service.repository import load_repository
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +53,7 @@ def engine() -> Iterator[Engine]:
 
 def _frame(message: tuple) -> bytearray:
     """The frame's body as the engine process's reader hands it to `frames.decode` (the length prefix taken off)."""
-    return bytearray(b"".join(bytes(part) for part in frame_of([message], lambda m, e: None))[8:])
+    return bytearray(frames.encode([message])[8:])
 
 
 @pytest.mark.parametrize("key", sorted(WORKLOADS))
