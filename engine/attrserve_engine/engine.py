@@ -176,11 +176,12 @@ class Engine:
         model.measure_layers()
         key = probe_key(model)
         kept = self._probes.get(key) if key is not None else None
+        kept_rates = kept[1] if kept is not None else {}
         # the layout before the probe times its passes
         layout = kept_memory_format(model, kept[0]) if kept is not None else choose_memory_format(model)
         log.info("model %s: layout %s", model.name, layout)
         if not spec.max_batch_rows and self.limits.probe_batch_rows:  # a config's value always wins
-            measured = dict(kept[1]) if kept is not None and kept[1] else probe_batch_rows(model, self.limits.probe_seconds)
+            measured = dict(kept_rates) if kept_rates else probe_batch_rows(model, self.limits.probe_seconds)
             if measured:
                 model.batch_probe = measured
                 model.max_batch_rows = pick_batch_rows(measured)
@@ -189,7 +190,7 @@ class Engine:
                     "model %s: %s rows/s by pass size%s; max_batch_rows=%d",
                     model.name,
                     {k: round(v) for k, v in measured.items()},
-                    " (kept from an earlier load of the same files)" if kept is not None and kept[1] else "",
+                    " (kept from an earlier load of the same files)" if kept_rates else "",
                     model.max_batch_rows,
                 )
         if key is not None:
