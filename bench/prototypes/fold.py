@@ -100,9 +100,9 @@ def classify(frames: list[str]) -> str:
             return "engine: executor Python (plan, targets, scatter)"
         return "engine: executor C/torch ops outside model"
     # 4. event loop / request path
-    if has(stack, "request_to_job", "tensor_from_proto"):
+    if has(stack, "request_to_job", "tensor_from_proto", "array_from_proto"):
         return "request: protobuf -> tensor (convert)"
-    if has(stack, "result_to_response", "tensor_to_proto"):
+    if has(stack, "result_to_response", "tensor_to_proto", "array_to_proto"):
         return "request: tensor -> protobuf (convert)"
     if has(stack, "Engine._prepare", "check_target", "format_target", "formatting.py", "parse_params", "check_inputs"):
         return "request: validation / _prepare"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import socket
 import statistics
 import threading
@@ -43,7 +44,8 @@ async def cpu_per_frame(message: list, count: int) -> tuple[float, float]:
         if seen == count * len(message):
             done.set()
 
-    transport, _ = await loop.create_unix_connection(lambda: ep.FrameReader(received, lambda: None), sock=reader_end)
+    front = {"tensors": False} if "tensors" in inspect.signature(ep.FrameReader).parameters else {}  # numpy arrays
+    transport, _ = await loop.create_unix_connection(lambda: ep.FrameReader(received, lambda: None, **front), sock=reader_end)
     if hasattr(ep, "send_parts"):
 
         def send() -> None:

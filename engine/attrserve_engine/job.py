@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic
 
-from torch import Tensor
-
-from attrserve_engine.targets import TargetLike
+from typing_extensions import TypeVar
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from attrserve_engine.models import InputCast
+    from attrserve_engine.targets import TargetLike
+
+# What a job's and a result's tensors are: torch tensors in the engine (the default), numpy arrays in the service's
+# front end, whose request path does not use torch. The frames between its two processes turn one into the other.
+# This module imports no torch, so that the front end's does not.
+A = TypeVar("A", default="Tensor")
 
 
 @dataclass
@@ -26,7 +32,7 @@ class AlgorithmSpec:
 
 
 @dataclass
-class AttributionJob:
+class AttributionJob(Generic[A]):
     """One attribution request, already decoded into torch tensors (on CPU).
 
     Built by the service edge (or a test) and passed to `Engine.submit`.
@@ -34,18 +40,18 @@ class AttributionJob:
 
     model: str
     algorithm: str  # Captum's class name in snake_case, e.g. "integrated_gradients"
-    inputs: tuple[Tensor, ...]  # each (n_examples, *feature_shape)
+    inputs: tuple[A, ...]  # each (n_examples, *feature_shape)
     # One per input: None (zeros), a Python number, or a tensor broadcastable to
     # the input (GradientShap: a baseline distribution along dim 0).
-    baselines: tuple[Tensor | float | None, ...] = ()
+    baselines: tuple[A | float | None, ...] = ()
     # Captum's forms (None, an int, an index tuple, or one per example) or an (n_examples, k) int64 tensor:
     # k indices per example into the output after dim 0 (attrserve_engine.targets).
     target: TargetLike = None
-    additional_forward_args: tuple[Tensor, ...] = ()  # each (n_examples, ...)
+    additional_forward_args: tuple[A, ...] = ()  # each (n_examples, ...)
     params: dict[str, Any] = field(default_factory=dict)  # Captum's parameter names
     noise_tunnel: dict[str, Any] | None = None  # nt_type, nt_samples, stdevs, draw_baseline_from_distrib
     layer: str = ""
-    feature_masks: tuple[Tensor, ...] = ()
+    feature_masks: tuple[A, ...] = ()
     return_convergence_delta: bool = False
     return_outputs: bool = False
     seed: int | None = None
@@ -73,24 +79,24 @@ class JobTiming:
 
 
 @dataclass
-class AlgorithmResult:
+class AlgorithmResult(Generic[A]):
     """The result of one AlgorithmSpec of a job (proto AlgorithmResult; the client's AlgorithmResult)."""
 
     algorithm: str
-    attributions: tuple[Tensor, ...]
-    convergence_delta: Tensor | None
+    attributions: tuple[A, ...]
+    convergence_delta: A | None
 
 
 @dataclass
-class AttributionResult:
-    attributions: tuple[Tensor, ...]  # one per input, shaped like it, on CPU
-    convergence_delta: Tensor | None
-    outputs: Tensor | None  # the explained model output for the inputs
+class AttributionResult(Generic[A]):
+    attributions: tuple[A, ...]  # one per input, shaped like it, on CPU
+    convergence_delta: A | None
+    outputs: A | None  # the explained model output for the inputs
     model_version: str
     seed: int
     timing: JobTiming
     request_id: str = ""
-    also: tuple[AlgorithmResult, ...] = ()  # one per AttributionJob.also, in order
-    infidelity: Tensor | None = None  # (n,), when asked for in evaluate
-    sensitivity_max: Tensor | None = None  # (n,)
+    also: tuple[AlgorithmResult[A], ...] = ()  # one per AttributionJob.also, in order
+    infidelity: A | None = None  # (n,), when asked for in evaluate
+    sensitivity_max: A | None = None  # (n,)
     input_casts: tuple[InputCast, ...] = ()  # inputs computed in the model's pinned dtype, not the one sent

@@ -102,10 +102,10 @@ def spec_config(spec: ModelSpec) -> mc.ModelConfig:
         instances=spec.instances,
         memory_format=spec.memory_format,
     )
-    from attrserve_service.convert import TORCH_TO_WIRE  # torch: GetModel runs in a process that has it
+    from attrserve_service.convert import wire_dtype
 
     for s in spec.inputs:
-        wire = TORCH_TO_WIRE.get(s.dtype, 0) if s.dtype is not None else 0  # 0: DATA_TYPE_UNSPECIFIED, any dtype
+        wire = wire_dtype(s.dtype) if s.dtype is not None else 0  # 0: DATA_TYPE_UNSPECIFIED, any dtype
         config.inputs.add(name=s.name, dtype=wire, dims=list(s.dims or ()))
     if spec.output_key is not None:
         config.output.key = spec.output_key

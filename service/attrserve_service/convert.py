@@ -1,18 +1,19 @@
-"""Protobuf ↔ torch at the service edge: decode requests into AttributionJobs, encode results (zero-copy where possible)."""
+"""Protobuf ↔ numpy at the service edge: decode requests into AttributionJobs, encode results (zero-copy where possible).
+
+Without torch: a job's tensors are numpy arrays here and become torch tensors in the engine process, and a result's
+come back as numpy arrays (frames.py; docs/ARCHITECTURE.md, "Threads, the GIL and the hot path")."""
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from typing import Any, TypeVar, cast
 
+import ml_dtypes
 import numpy as np
-import torch
 from google.protobuf import struct_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from torch import Tensor
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import tensor_pb2
@@ -20,21 +21,25 @@ from attrserve_engine import AlgorithmSpec, AttributionJob, AttributionResult, I
 from attrserve_engine.errors import shown
 
 DType = tensor_pb2.DataType
+# A job and a result as the front end holds them: numpy arrays, which the frames turn into the engine's tensors and back.
+Job = AttributionJob[np.ndarray]
+Result = AttributionResult[np.ndarray]
 
-# wire dtype → (numpy dtype of the raw bytes, torch dtype); bfloat16 travels as its 16 raw bits.
-WIRE_DTYPES: dict[tensor_pb2.DataType, tuple[np.dtype, torch.dtype]] = {
-    DType.DATA_TYPE_FLOAT32: (np.dtype("<f4"), torch.float32),
-    DType.DATA_TYPE_FLOAT64: (np.dtype("<f8"), torch.float64),
-    DType.DATA_TYPE_FLOAT16: (np.dtype("<f2"), torch.float16),
-    DType.DATA_TYPE_BFLOAT16: (np.dtype("<u2"), torch.bfloat16),
-    DType.DATA_TYPE_INT64: (np.dtype("<i8"), torch.int64),
-    DType.DATA_TYPE_INT32: (np.dtype("<i4"), torch.int32),
-    DType.DATA_TYPE_INT16: (np.dtype("<i2"), torch.int16),
-    DType.DATA_TYPE_INT8: (np.dtype("i1"), torch.int8),
-    DType.DATA_TYPE_UINT8: (np.dtype("u1"), torch.uint8),
-    DType.DATA_TYPE_BOOL: (np.dtype("?"), torch.bool),
+# wire dtype → the numpy dtype its little-endian bytes are read as (bfloat16: ml_dtypes', as numpy has none). Each
+# one's name is torch's name for it too (torch.float32, torch.bfloat16, ...).
+WIRE_DTYPES: dict[tensor_pb2.DataType, np.dtype] = {
+    DType.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    DType.DATA_TYPE_FLOAT64: np.dtype("<f8"),
+    DType.DATA_TYPE_FLOAT16: np.dtype("<f2"),
+    DType.DATA_TYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+    DType.DATA_TYPE_INT64: np.dtype("<i8"),
+    DType.DATA_TYPE_INT32: np.dtype("<i4"),
+    DType.DATA_TYPE_INT16: np.dtype("<i2"),
+    DType.DATA_TYPE_INT8: np.dtype("i1"),
+    DType.DATA_TYPE_UINT8: np.dtype("u1"),
+    DType.DATA_TYPE_BOOL: np.dtype("?"),
 }
-TORCH_TO_WIRE = {torch_dtype: wire for wire, (_, torch_dtype) in WIRE_DTYPES.items()}
+NAME_TO_WIRE = {dtype.name: wire for wire, dtype in WIRE_DTYPES.items()}
 _PREFIX = "ALGORITHM_"
 # A tensor's dims: NumPy takes at most 64; no model input needs more than a handful.
 MAX_DIMS = 32
@@ -44,18 +49,21 @@ MAX_STRUCT_DEPTH = 8
 MAX_STRUCT_VALUES = 1000
 MAX_STRUCT_STRING = 1000
 M = TypeVar("M", bound=Message)
-# Request tensors view the message's immutable bytes; the engine never writes into its inputs.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
-def tensor_from_proto(t: tensor_pb2.Tensor, label: str) -> Tensor:
-    """A torch tensor viewing the bytes read out of the message (read-only numpy → torch without a further copy)."""
+def wire_dtype(dtype: object) -> int:
+    """The wire dtype of a torch or numpy dtype (by its name); 0, DATA_TYPE_UNSPECIFIED, for one the wire lacks."""
+    return NAME_TO_WIRE.get(str(dtype).removeprefix("torch."), 0)
+
+
+def array_from_proto(t: tensor_pb2.Tensor, label: str) -> np.ndarray:
+    """A read-only numpy array viewing the bytes read out of the message."""
     if t.dtype not in WIRE_DTYPES:
         raise InvalidArgument(
             f"{label}.dtype is {DType.Name(t.dtype) if t.dtype in DType.values() else t.dtype}; "
             f"set one of {', '.join(DType.Name(d) for d in WIRE_DTYPES)}"
         )
-    np_dtype, torch_dtype = WIRE_DTYPES[t.dtype]
+    np_dtype = WIRE_DTYPES[t.dtype]
     if len(t.shape) > MAX_DIMS:
         raise InvalidArgument(f"{label}.shape has {len(t.shape)} dims; at most {MAX_DIMS}")
     shape = tuple(t.shape)
@@ -68,21 +76,16 @@ def tensor_from_proto(t: tensor_pb2.Tensor, label: str) -> Tensor:
     data = t.data  # read once: each read of a bytes field copies it out of the message (15 µs for 588 KiB)
     if len(data) != want:
         raise InvalidArgument(f"{label}: shape {list(shape)} of {DType.Name(t.dtype)} needs {want} bytes of data, got {len(data)}")
-    tensor = torch.from_numpy(np.frombuffer(data, dtype=np_dtype).reshape(shape))
-    return tensor.view(torch.bfloat16) if torch_dtype is torch.bfloat16 else tensor
+    return np.frombuffer(data, dtype=np_dtype).reshape(shape)
 
 
-def tensor_to_proto(t: Tensor) -> tensor_pb2.Tensor:
-    if t.device.type != "cpu" or t.requires_grad:
-        t = t.detach().cpu()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    wire = TORCH_TO_WIRE.get(t.dtype)
+def array_to_proto(a: np.ndarray) -> tensor_pb2.Tensor:
+    """A result's array as a message: a dtype the wire lacks (uint16, ...) goes as float32."""
+    wire = NAME_TO_WIRE.get(a.dtype.name)
     if wire is None:
-        t, wire = t.to(torch.float32), DType.DATA_TYPE_FLOAT32
-    raw = t.view(torch.uint16) if t.dtype is torch.bfloat16 else t
-    data = raw.numpy().astype(WIRE_DTYPES[wire][0], copy=False).tobytes()
-    return tensor_pb2.Tensor(dtype=wire, shape=list(t.shape), data=data)
+        a, wire = a.astype(np.float32), DType.DATA_TYPE_FLOAT32
+    data = a.astype(WIRE_DTYPES[wire], copy=False).tobytes()  # C order, little-endian
+    return tensor_pb2.Tensor(dtype=wire, shape=list(a.shape), data=data)
 
 
 # Built-in algorithm names by enum value (ALGORITHM_UNSPECIFIED left out), built once: a request looks its up.
@@ -220,19 +223,17 @@ def _also(spec: pb.AlgorithmSpec, i: int) -> AlgorithmSpec:
     )
 
 
-def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) -> AttributionJob:
+def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) -> Job:
     arrival = time.monotonic()
     if not request.model:
         raise InvalidArgument("model is empty; name a served model (ListModels lists them)")
     algorithm, params = _algorithm_and_params(request)
-    inputs = tuple(tensor_from_proto(t, f"inputs[{i}]") for i, t in enumerate(request.inputs))
+    inputs = tuple(array_from_proto(t, f"inputs[{i}]") for i, t in enumerate(request.inputs))
     baselines = []
     for i, b in enumerate(request.baselines):
         which = b.WhichOneof("value")
-        baselines.append(
-            None if which is None else b.scalar if which == "scalar" else tensor_from_proto(b.tensor, f"baselines[{i}].tensor")
-        )
-    return AttributionJob(
+        baselines.append(None if which is None else b.scalar if which == "scalar" else array_from_proto(b.tensor, f"baselines[{i}].tensor"))
+    return Job(
         model=request.model,
         model_version=request.model_version,
         algorithm=algorithm,
@@ -240,12 +241,12 @@ def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) 
         baselines=tuple(baselines),
         target=_target(request.target),
         additional_forward_args=tuple(
-            tensor_from_proto(t, f"additional_forward_args[{i}]") for i, t in enumerate(request.additional_forward_args)
+            array_from_proto(t, f"additional_forward_args[{i}]") for i, t in enumerate(request.additional_forward_args)
         ),
         params=params,
         noise_tunnel=_fields(request.noise_tunnel) if request.HasField("noise_tunnel") else None,
         layer=request.layer,
-        feature_masks=tuple(tensor_from_proto(t, f"feature_masks[{i}]") for i, t in enumerate(request.feature_masks)),
+        feature_masks=tuple(array_from_proto(t, f"feature_masks[{i}]") for i, t in enumerate(request.feature_masks)),
         return_convergence_delta=request.return_convergence_delta,
         return_outputs=request.return_outputs,
         seed=request.seed if request.HasField("seed") else None,
@@ -266,11 +267,11 @@ def _priority(value: int) -> str:
     raise InvalidArgument(f"priority {value} is not one of PRIORITY_INTERACTIVE (1) or PRIORITY_BATCH (2)")
 
 
-def result_to_response(result: AttributionResult) -> pb.AttributeResponse:
+def result_to_response(result: Result) -> pb.AttributeResponse:
     t = result.timing
     response = pb.AttributeResponse(
         request_id=result.request_id,
-        attributions=[tensor_to_proto(a) for a in result.attributions],
+        attributions=[array_to_proto(a) for a in result.attributions],
         model_version=result.model_version,
         seed=result.seed,
         timing=pb.Timing(
@@ -284,13 +285,13 @@ def result_to_response(result: AttributionResult) -> pb.AttributeResponse:
         ),
     )
     for outcome in result.also:
-        entry = response.also.add(algorithm=outcome.algorithm, attributions=[tensor_to_proto(a) for a in outcome.attributions])
+        entry = response.also.add(algorithm=outcome.algorithm, attributions=[array_to_proto(a) for a in outcome.attributions])
         if outcome.convergence_delta is not None:
-            entry.convergence_delta.CopyFrom(tensor_to_proto(outcome.convergence_delta))
+            entry.convergence_delta.CopyFrom(array_to_proto(outcome.convergence_delta))
     for made in result.input_casts:
-        response.input_casts.add(input=made.input, sent=TORCH_TO_WIRE[made.sent], used=TORCH_TO_WIRE[made.used])
+        response.input_casts.add(input=made.input, sent=wire_dtype(made.sent), used=wire_dtype(made.used))
     for name in ("convergence_delta", "outputs", "infidelity", "sensitivity_max"):
         value = getattr(result, name)
         if value is not None:
-            getattr(response, name).CopyFrom(tensor_to_proto(value))
+            getattr(response, name).CopyFrom(array_to_proto(value))
     return response

@@ -14,13 +14,13 @@ from typing import Protocol
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import model_config_pb2 as mc
-from attrserve_engine import AttributionJob, AttributionResult, Engine, EngineObserver, InvalidArgument, ModelRecord, ModelState, NotFound
+from attrserve_engine import AttributionJob, Engine, EngineObserver, InvalidArgument, ModelRecord, ModelState, NotFound
 from attrserve_engine.algorithms.noise_tunnel import parse_noise_tunnel
 from attrserve_engine.engine import Probes
 from attrserve_engine.errors import AttributionError, shown
-from attrserve_service import eventloop
+from attrserve_service import eventloop, frames
 from attrserve_service.config import ServerConfig, effective_config, spec_config
-from attrserve_service.convert import algorithm_enum
+from attrserve_service.convert import Job, Result, algorithm_enum
 from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
 from attrserve_service.launch import MALLOCS
 from attrserve_service.repository import UNLOADED, ModelManager, RepositoryError, Status
@@ -69,9 +69,12 @@ class Snapshot:
 
 
 class Core(Protocol):
-    """What the front end asks of the models: LocalCore (this process) or engine_process.EngineProcess (another one)."""
+    """What the front end asks of the models: LocalCore (this process) or engine_process.EngineProcess (another one).
 
-    async def attribute(self, job: AttributionJob) -> AttributionResult: ...
+    `attribute` takes a job whose tensors are numpy arrays, as convert.py builds it, and answers with numpy arrays:
+    the front end's request path does not use torch."""
+
+    async def attribute(self, job: Job) -> Result: ...
     def labels(self, model: str, algorithm: str) -> tuple[str, str]: ...
     async def model_infos(self) -> list[pb.ModelInfo]: ...
     async def model_info(self, name: str, version: str) -> pb.ModelInfo: ...
@@ -100,12 +103,15 @@ class LocalCore:
 
     # -- requests -------------------------------------------------------------------------------------------------
     def submit(self, job: AttributionJob) -> concurrent.futures.Future:
-        """Validate and queue a job (the `also` entries first, so their errors name their index)."""
+        """Validate and queue a job of torch tensors (the `also` entries first, so their errors name their index)."""
         self._check_also(job)
         return self.engine.submit(job)
 
-    async def attribute(self, job: AttributionJob) -> AttributionResult:
-        return await asyncio.wrap_future(self.submit(job))
+    async def attribute(self, job: Job) -> Result:
+        """A job of numpy arrays (Core.attribute), answered in numpy arrays; they cross as the engine process's frames
+        would carry them, without the bytes."""
+        result = await asyncio.wrap_future(self.submit(frames.translate(job, tensors=True)))
+        return frames.translate(result, tensors=False)
 
     def labels(self, model: str, algorithm: str) -> tuple[str, str]:
         """Metric labels stay bounded: names a client makes up are counted as "unknown"."""

@@ -3,7 +3,8 @@
 `attrserve serve` runs two processes. The front end (grpc.aio event loop: decode, validate the wire format,
 encode, metrics, health) and the engine core (this module's `main`: the models, the schedulers and their worker
 threads, the model manager). They talk over two Unix socket pairs, one each way, in frames (frames.py: a pickled
-list of messages, each a tuple; tensors as out-of-band buffers). Messages go in batches: the front writes what one
+list of messages, each a tuple; tensors and arrays as out-of-band buffers, which arrive as tensors here and as numpy
+arrays in the front). Messages go in batches: the front writes what one
 turn of its event loop sent (the requests of many callers) as one frame, and a worker what one step of its loop sent
 (a pass's metrics event, then the answers of the jobs it finished); one pickle, one system call and one wake-up of
 the other side per batch instead of per message. The front starts the engine process through launch.py.
@@ -41,11 +42,12 @@ from typing import Any
 
 import torch
 
-from attrserve_engine import AttributionJob, AttributionResult, EngineObserver, ModelState, PassStats, Unavailable
+from attrserve_engine import AttributionJob, EngineObserver, ModelState, PassStats, Unavailable
 from attrserve_engine.errors import AttributionError
 from attrserve_engine.scheduler import Observers
 from attrserve_service import eventloop, launch, logs
 from attrserve_service.config import ServerConfig
+from attrserve_service.convert import Job, Result
 from attrserve_service.core import ERROR_ID, LocalCore, Snapshot, build_core, settle_heap
 from attrserve_service.frames import FrameReader, encode_parts, send_parts
 from attrserve_service.launch import intra_op_threads
@@ -257,7 +259,8 @@ async def _engine_main(fd_in: int, fd_out: int) -> int:
         elif not init.done():
             init.set_result(message)
 
-    transport, _ = await loop.create_unix_connection(lambda: FrameReader(received, gone.set), sock=socket.socket(fileno=fd_in))
+    reader = partial(FrameReader, received, gone.set, tensors=True)
+    transport, _ = await loop.create_unix_connection(reader, sock=socket.socket(fileno=fd_in))
     _, config, (log_level, log_format), only, probes = await init
     logs.configure(log_level, log_format)
     torch.set_num_threads(intra_op_threads(config))
@@ -374,7 +377,8 @@ class EngineProcess:
         self._ready = loop.create_future()
         self._writer, _ = await loop.create_unix_connection(asyncio.Protocol, sock=launched.to_engine)
         self._reader, _ = await loop.create_unix_connection(
-            lambda: FrameReader(partial(self._received, generation), partial(self._ended, generation)), sock=launched.from_engine
+            lambda: FrameReader(partial(self._received, generation), partial(self._ended, generation), tensors=False),
+            sock=launched.from_engine,
         )
         self._snapshot = await self._ready
         self._started_at = time.monotonic()
@@ -535,7 +539,7 @@ class EngineProcess:
         return await self._send("call", method, args)[1]
 
     # -- what LocalCore answers ---------------------------------------------------------------------------------------
-    async def attribute(self, job: AttributionJob) -> AttributionResult:
+    async def attribute(self, job: Job) -> Result:
         key, future = self._send("submit", job)
         self._changes += 1  # the engine's backlog moves
         try:

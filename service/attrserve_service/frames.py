@@ -2,14 +2,18 @@
 
     u64 length of the rest | u32 buffer count | u64 pickle length | u64 length of each buffer | pickle | buffers
 
-A frame is a pickled list of messages, each a tuple (protocol 5). Tensors travel as numpy arrays whose bytes are
-out-of-band buffers, never serialised. The engine writes a frame of 64 KiB or more from where its parts lie (sendmsg);
+A frame is a pickled list of messages, each a tuple (protocol 5). Tensors and numpy arrays travel as their bytes in
+out-of-band buffers, never serialised, with their dtype's name and shape. They arrive as the reader asks: as torch
+tensors in the engine process, as numpy arrays in the front end, whose request path does not use torch (a torch
+operator, or a tensor freed, lets the gRPC poller thread take the GIL: docs/ARCHITECTURE.md, "Threads, the GIL and the
+hot path"). The engine writes a frame of 64 KiB or more from where its parts lie (sendmsg);
 it joins a smaller one, and the front joins every frame into one buffer first (asyncio's writelines; 3.12 turns it
 into sendmsg too). A reader reads a frame of 64 KiB or more straight into a buffer of its own, which the received tensors
 then view; smaller frames share one reused buffer and are copied out of it (FrameReader). Each socket asks for a 4 MiB
 send buffer, so that a large frame is written in one call where the kernel grants it.
 
-This module does not import torch (launch.py writes the engine process's first frame before the front has it).
+This module does not import torch: the front end does not use it, and launch.py writes the engine process's first frame
+before anything imports it.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import pickle
 import socket
 import struct
 import sys
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import ml_dtypes
 import numpy as np
 
 if TYPE_CHECKING:
@@ -42,31 +48,67 @@ _SOCKET_BUFFER = 4 << 20
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
 
 
-def _tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
-    import torch  # a process that is sent tensors has imported torch (the front, once it serves; the engine)
+# A request's arrays view the message's immutable bytes where the engine runs in the front end's process (translate);
+# the engine never writes into its inputs.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-    t = torch.from_numpy(array)
-    return t.view(getattr(torch, dtype)) if dtype else t
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a dtype name as torch and numpy spell it; bfloat16 is ml_dtypes' (numpy has none)."""
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def _array(buffer: Any, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """An array as the front end receives it: a view on the frame's bytes."""
+    return np.frombuffer(buffer, dtype=numpy_dtype(dtype)).reshape(shape)
+
+
+def _tensor(buffer: Any, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """An array as the engine process receives it: a tensor viewing the frame's bytes (torch.from_numpy keeps the
+    GIL). The name the pickles refer to: readers that want numpy arrays take `_array` in its place (_ArrayUnpickler)."""
+    import torch  # a process that is sent tensors has imported torch (the engine)
+
+    if dtype == "bfloat16":  # torch.from_numpy takes no ml_dtypes array: the bits, viewed
+        return torch.from_numpy(np.frombuffer(buffer, dtype=np.int16).reshape(shape)).view(torch.bfloat16)
+    return torch.from_numpy(np.frombuffer(buffer, dtype=dtype).reshape(shape))
 
 
 class _Pickler(pickle.Pickler):
-    """Tensors as numpy arrays (protocol 5: their bytes out of band). Torch is looked up, not imported: a process
-    that has not imported it has no tensors to send (the front when it starts the engine process, launch.py)."""
+    """Tensors and numpy arrays as (their bytes out of band, dtype name, shape). Torch is looked up, not imported: a
+    process that has not imported it has no tensors to send (the front end)."""
 
     def __init__(self, file: io.BytesIO, buffer_callback: Callable[[pickle.PickleBuffer], None]) -> None:
         super().__init__(file, protocol=5, buffer_callback=buffer_callback)
         self._torch = sys.modules.get("torch")
 
     def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.hasobject:
+                return NotImplemented
+            a = obj if obj.flags.c_contiguous else obj.copy(order="C")  # (ascontiguousarray makes a 0-d array 1-d)
+            # Its bytes: ml_dtypes' bfloat16 has no buffer format of its own.
+            return _tensor, (pickle.PickleBuffer(a.reshape(-1).view(np.uint8).data), a.dtype.name, a.shape)
         torch = self._torch
         if torch is None or not isinstance(obj, torch.Tensor):
             return NotImplemented
-        t = obj.detach()
+        t = obj.detach() if obj.requires_grad else obj
         if t.device.type != "cpu":
             t = t.cpu()
-        if t.dtype is torch.bfloat16:  # numpy has no bfloat16: its bits travel as int16
-            return _tensor, (t.contiguous().view(torch.int16).numpy(), "bfloat16")
-        return _tensor, (t.contiguous().numpy(), "")
+        if not t.is_contiguous():
+            t = t.contiguous()
+        if t.dtype is torch.bfloat16:
+            return _tensor, (pickle.PickleBuffer(t.view(torch.int16).numpy()), "bfloat16", tuple(t.shape))
+        a = t.numpy()
+        return _tensor, (pickle.PickleBuffer(a), a.dtype.name, a.shape)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Reads a frame's tensors and arrays as numpy arrays (the front end)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == __name__ and name == "_tensor":
+            return _array
+        return super().find_class(module, name)
 
 
 def encode_parts(message: Any) -> list:
@@ -99,8 +141,9 @@ def send_parts(sock: socket.socket, parts: list) -> None:
         sock.sendall(memoryview(b"".join(parts))[sent:])
 
 
-def decode(frame: bytearray) -> Any:
-    """The message of one frame (without its length prefix); its arrays are views on `frame`."""
+def decode(frame: bytearray, tensors: bool) -> Any:
+    """The message of one frame (without its length prefix); its tensors and arrays are views on `frame`: torch
+    tensors where `tensors`, numpy arrays otherwise."""
     view = memoryview(frame)
     count, length = _HEAD.unpack_from(view, 0)
     sizes = struct.unpack_from(f"<{count}Q", view, _HEAD.size)
@@ -111,7 +154,22 @@ def decode(frame: bytearray) -> Any:
     for size in sizes:
         buffers.append(view[at : at + size])
         at += size
-    return pickle.loads(data, buffers=buffers)
+    if tensors:
+        return pickle.loads(data, buffers=buffers)
+    return _ArrayUnpickler(io.BytesIO(data), buffers=buffers).load()
+
+
+def translate(obj: Any, tensors: bool) -> Any:
+    """`obj` as a frame would carry it, without the bytes: its tensors and arrays as torch tensors where `tensors`, as
+    numpy arrays otherwise, viewing the same memory where they can. For an engine in the front end's own process
+    (LocalCore's callers send numpy arrays and take numpy arrays back)."""
+    buffers: list[pickle.PickleBuffer] = []
+    stream = io.BytesIO()
+    _Pickler(stream, buffers.append).dump(obj)
+    stream.seek(0)
+    if tensors:
+        return pickle.load(stream, buffers=buffers)
+    return _ArrayUnpickler(stream, buffers=buffers).load()
 
 
 class FrameReader(asyncio.BufferedProtocol):
@@ -122,8 +180,9 @@ class FrameReader(asyncio.BufferedProtocol):
     into again). A frame of _OWN_BUFFER bytes or more (a 3x224x224 image is 588 KiB) gets a buffer of its own, read
     into directly: its tensors view the bytes that came through the kernel, with no copy in between."""
 
-    def __init__(self, on_message: Callable[[Any], None], on_end: Callable[[], None]) -> None:
+    def __init__(self, on_message: Callable[[Any], None], on_end: Callable[[], None], tensors: bool) -> None:
         self.on_message = on_message
+        self.tensors = tensors  # decode's
         self.on_end = on_end
         self._scratch = bytearray(_SCRATCH)  # never resized: get_buffer hands out views of it
         self._have = 0  # bytes read into _scratch, not yet taken
@@ -167,7 +226,7 @@ class FrameReader(asyncio.BufferedProtocol):
             self._have = rest
 
     def _deliver(self, frame: bytearray) -> None:
-        for message in decode(frame):
+        for message in decode(frame, self.tensors):
             self.on_message(message)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -29,14 +29,13 @@ from typing import Any
 
 import grpc
 import numpy as np
-from torch import Tensor
 
 from attrserve.v1 import model_config_pb2 as mc
 from attrserve.v1 import tensor_pb2
-from attrserve_engine import AttributionJob, AttributionResult, InvalidArgument, NotFound
+from attrserve_engine import InvalidArgument, NotFound
 from attrserve_engine.errors import shown
 from attrserve_service import __version__, metrics
-from attrserve_service.convert import MAX_STRUCT_STRING, TORCH_TO_WIRE, WIRE_DTYPES, decode, tensor_from_proto, tensor_to_proto
+from attrserve_service.convert import MAX_STRUCT_STRING, WIRE_DTYPES, Job, Result, array_from_proto, array_to_proto, decode
 from attrserve_service.core import Core
 from attrserve_service.kserve import grpc_predict_v2_pb2 as oip
 from attrserve_service.servicer import AttributionServicer, _register, _unary, grpc_status
@@ -158,7 +157,7 @@ class InferenceServicer:
             result = await self.core.attribute(job)
             metrics.ATTRSERVE_QUEUE_WAIT_SECONDS.labels(labels[0]).observe(result.timing.queue_ms / 1e3)
             if result.convergence_delta is not None:
-                metrics.observe_delta(*labels, result.convergence_delta.numpy())
+                metrics.observe_delta(*labels, result.convergence_delta)
             return _response(message, result, names)
         except BaseException as e:
             code = grpc_status(e, context)[0].name
@@ -179,9 +178,7 @@ def _input_names(config: mc.ModelConfig) -> list[str]:
 # -- ModelInferRequest → AttributionJob --------------------------------------------------------------------------------
 
 
-def infer_request_to_job(
-    request: oip.ModelInferRequest, model_inputs: list[str], deadline: float | None = None
-) -> tuple[AttributionJob, list[str]]:
+def infer_request_to_job(request: oip.ModelInferRequest, model_inputs: list[str], deadline: float | None = None) -> tuple[Job, list[str]]:
     """The job a ModelInfer asks for, and the names of its inputs in the model's order (the output names use them)."""
     arrival = time.monotonic()
     tensors = _input_tensors(request)
@@ -223,7 +220,7 @@ def infer_request_to_job(
     masks = [name for name in extras if name.endswith(FEATURE_MASK)]
     if masks and len(masks) != len(names):
         raise InvalidArgument(f"inputs: send a {FEATURE_MASK} tensor for every input or for none")
-    job = AttributionJob(
+    job = Job(
         model=request.model_name,
         model_version=request.model_version,
         algorithm=algorithm,
@@ -243,11 +240,11 @@ def infer_request_to_job(
     return job, names
 
 
-def _input_tensors(request: oip.ModelInferRequest) -> dict[str, Tensor]:
+def _input_tensors(request: oip.ModelInferRequest) -> dict[str, np.ndarray]:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(f"raw_input_contents has {len(raw)} entries; send one per input ({len(request.inputs)})")
-    tensors: dict[str, Tensor] = {}
+    tensors: dict[str, np.ndarray] = {}
     for i, t in enumerate(request.inputs):
         label = f"inputs[{i}]"
         if not t.name:
@@ -265,7 +262,7 @@ def _input_tensors(request: oip.ModelInferRequest) -> dict[str, Tensor]:
             label = f"raw_input_contents[{i}] (input {shown(t.name)})"
         else:
             data = _contents_bytes(t, label)
-        tensors[t.name] = tensor_from_proto(tensor_pb2.Tensor(dtype=wire, shape=t.shape, data=data), label)
+        tensors[t.name] = array_from_proto(tensor_pb2.Tensor(dtype=wire, shape=t.shape, data=data), label)
     return tensors
 
 
@@ -278,7 +275,7 @@ def _contents_bytes(t: oip.ModelInferRequest.InferInputTensor, label: str) -> by
         if other.name != field and len(getattr(t.contents, other.name)):
             raise InvalidArgument(f"{label}.contents.{other.name} is set; a {t.datatype} tensor's values go in contents.{field}")
     values = getattr(t.contents, field)
-    np_dtype = WIRE_DTYPES[OIP_DTYPES[t.datatype]][0]
+    np_dtype = WIRE_DTYPES[OIP_DTYPES[t.datatype]]
     if np_dtype.kind in "iu" and np_dtype.itemsize < 4 and len(values):
         info = np.iinfo(np_dtype)
         array = np.asarray(values, dtype=np.int64)
@@ -340,8 +337,8 @@ def _ints(values: Any) -> bool:
 # -- AttributionResult → ModelInferResponse ------------------------------------------------------------------------------
 
 
-def _response(request: oip.ModelInferRequest, result: AttributionResult, names: list[str]) -> oip.ModelInferResponse:
-    outputs: list[tuple[str, Tensor]] = []
+def _response(request: oip.ModelInferRequest, result: Result, names: list[str]) -> oip.ModelInferResponse:
+    outputs: list[tuple[str, np.ndarray]] = []
     if result.outputs is not None:
         outputs.append((OUTPUT, result.outputs))
     per_input = len(result.attributions) == len(names)
@@ -355,13 +352,13 @@ def _response(request: oip.ModelInferRequest, result: AttributionResult, names: 
     for name, tensor in outputs:
         if requested and name not in requested:
             continue
-        encoded = tensor_to_proto(tensor)
+        encoded = array_to_proto(tensor)
         response.outputs.add(name=name, datatype=WIRE_TO_OIP[encoded.dtype], shape=encoded.shape)
         response.raw_output_contents.append(encoded.data)
     return response
 
 
-assert set(TORCH_TO_WIRE.values()) == set(WIRE_TO_OIP)  # every dtype tensor_to_proto writes has an OIP name
+assert set(WIRE_DTYPES) == set(WIRE_TO_OIP)  # every dtype array_to_proto writes has an OIP name
 
 
 def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:

@@ -77,6 +77,8 @@ def read_model_config(path: Path) -> mc.ModelConfig:
 
 
 def spec_from_config(folder: Path, config: mc.ModelConfig, config_path: Path | None = None) -> ModelSpec:
+    import torch  # a ModelSpec names its inputs' torch dtypes: the engine process's loads read them
+
     where = config_path or folder / CONFIG
     inputs = []
     for i, s in enumerate(config.inputs):
@@ -84,7 +86,8 @@ def spec_from_config(folder: Path, config: mc.ModelConfig, config_path: Path | N
             raise RepositoryError(f"{where}: inputs[{i}].dtype {s.dtype} is not supported")
         # No dims means "not pinned" (any shape), not a scalar per example.
         dims = tuple(s.dims) if s.dims else None
-        inputs.append(InputSpec(name=s.name or f"input{i}", dtype=WIRE_DTYPES[s.dtype][1] if s.dtype else None, dims=dims))
+        dtype = getattr(torch, WIRE_DTYPES[s.dtype].name) if s.dtype else None
+        inputs.append(InputSpec(name=s.name or f"input{i}", dtype=dtype, dims=dims))
     if config.platform not in _PLATFORMS:
         raise RepositoryError(f"{where}: platform {config.platform} is not one this server knows")
     which = config.output.WhichOneof("selector")

@@ -103,7 +103,7 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
             result = await self.core.attribute(request_to_job(request, deadline))
             metrics.ATTRSERVE_QUEUE_WAIT_SECONDS.labels(labels[0]).observe(result.timing.queue_ms / 1e3)
             if result.convergence_delta is not None:
-                metrics.observe_delta(*labels, result.convergence_delta.numpy())
+                metrics.observe_delta(*labels, result.convergence_delta)
             return result_to_response(result)
         except BaseException as e:
             code = grpc_status(e, context)[0].name

@@ -1,5 +1,9 @@
-"""The service edge's conversions: every wire dtype both ways (torch ↔ Tensor message), byte lengths checked,
-and requests decoded into the engine's job with Captum's target forms."""
+"""The service edge's conversions: every wire dtype both ways (numpy ↔ Tensor message), byte lengths checked,
+and requests decoded into the engine's job with Captum's target forms.
+
+The front end handles numpy arrays; the engine computes in torch tensors, and the frames between the two processes
+turn one into the other (frames.py). So the round trips here go the whole way a served value goes: an engine's tensor,
+framed to the front as an array, into a message; a message's array, framed to the engine as a tensor."""
 
 from __future__ import annotations
 
@@ -10,10 +14,31 @@ import torch
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import tensor_pb2
 from attrserve_engine import AttributionResult, InvalidArgument, JobTiming
-from attrserve_service.convert import WIRE_DTYPES, request_to_job, result_to_response, tensor_from_proto, tensor_to_proto
+from attrserve_service import frames
+from attrserve_service.convert import WIRE_DTYPES, array_from_proto, array_to_proto, request_to_job, result_to_response
 
 DT = tensor_pb2.DataType
 SHAPES = [(), (0,), (2, 0, 3), (5,), (2, 3, 4)]
+
+
+def crossed(value: object, tensors: bool) -> object:
+    """`value` as a frame carries it to the engine process (tensors) or to the front end (numpy arrays)."""
+    (back,) = frames.decode(bytearray(frames.encode([value])[8:]), tensors=tensors)
+    return back
+
+
+def tensor_to_proto(t: torch.Tensor) -> tensor_pb2.Tensor:
+    """An engine's result tensor as the front end encodes it."""
+    array = crossed(t, tensors=False)
+    assert isinstance(array, np.ndarray)
+    return array_to_proto(array)
+
+
+def tensor_from_proto(message: tensor_pb2.Tensor, label: str) -> torch.Tensor:
+    """A request's tensor as the engine receives it."""
+    t = crossed(array_from_proto(message, label), tensors=True)
+    assert isinstance(t, torch.Tensor)
+    return t
 
 
 def sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -28,7 +53,8 @@ def sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("wire", list(WIRE_DTYPES), ids=lambda w: DT.Name(w))
 def test_every_wire_dtype_round_trips_exactly(wire: int, shape: tuple[int, ...]) -> None:
-    np_dtype, torch_dtype = WIRE_DTYPES[wire]
+    np_dtype = WIRE_DTYPES[wire]
+    torch_dtype = getattr(torch, np_dtype.name)
     t = sample(torch_dtype, shape)
     message = tensor_to_proto(t)
     assert message.dtype == wire and list(message.shape) == list(shape)
@@ -36,6 +62,9 @@ def test_every_wire_dtype_round_trips_exactly(wire: int, shape: tuple[int, ...])
     back = tensor_from_proto(message, "x")
     assert back.dtype == torch_dtype and tuple(back.shape) == shape
     assert torch.equal(back, t)
+    array = array_from_proto(message, "x")  # the front's array: the same values, in ml_dtypes' bfloat16 for bfloat16
+    assert array.dtype == np_dtype and array.shape == shape
+    assert np.array_equal(array.astype(np.float64), t.to(torch.float64).numpy())
 
 
 def test_bytes_are_little_endian_row_major() -> None:
@@ -93,8 +122,9 @@ def test_a_result_is_encoded_with_its_timing_and_extras() -> None:
         timing=JobTiming(queue_ms=1.0, compute_ms=2.0, total_ms=3.0, rows=4, passes=1, pass_rows=8, pass_requests=2),
         request_id="r1",
     )
-    response = result_to_response(result)
+    response = result_to_response(crossed(result, tensors=False))  # as the engine process's answer reaches the front
     assert response.request_id == "r1" and response.seed == 7 and response.model_version == "1"
     assert (response.timing.rows, response.timing.passes, response.timing.pass_requests) == (4, 1, 2)
     assert torch.equal(tensor_from_proto(response.attributions[0], "a"), torch.ones(2, 3))
+    assert np.array_equal(array_from_proto(response.convergence_delta, "d"), np.zeros(2, dtype=np.float32))
     assert response.HasField("convergence_delta") and not response.HasField("outputs")

@@ -62,12 +62,12 @@ def test_the_event_loop_takes_a_request_in_without_torch(engine: Engine, key: st
     bodies = [_frame(("submit", i, request_to_job(r))) for i, r in enumerate(w.requests(3))]
     # Each request alone first: its answer to compare with, and the caches a first request fills (a constant
     # baseline of its shape) filled, as they are in a server that serves.
-    alone = [engine.attribute(frames.decode(body)[0][2], timeout=120) for body in bodies]
+    alone = [engine.attribute(frames.decode(body, tensors=True)[0][2], timeout=120) for body in bodies]
     futures = []
     with engine.held():  # the worker starts nothing meanwhile: what happens on this thread is the loop's part alone
         with torch_on_this_thread() as (died, operators):
             for body in bodies:
-                (message,) = frames.decode(body)
+                (message,) = frames.decode(body, tensors=True)
                 futures.append(engine.submit(message[2]))
                 del message  # the engine process drops the message once it is queued
     assert died == [], f"{key}: tensors freed on the event loop: {died}"

@@ -176,12 +176,48 @@ def test_the_frames_carry_tensors_of_every_dtype_exactly() -> None:
         torch.randn(3, requires_grad=True),
     ]
     frame = encode(("result", 7, tensors, {"x": tensors[0]}))
-    kind, key, back, named = decode(bytearray(frame[8:]))
+    kind, key, back, named = decode(bytearray(frame[8:]), tensors=True)
     assert (kind, key) == ("result", 7)
     for sent, got in zip(tensors, back, strict=True):
         assert got.dtype == sent.dtype and got.shape == sent.shape and not got.requires_grad
         assert torch.equal(got, sent.detach())
     assert torch.equal(named["x"], tensors[0])
+
+
+def test_the_front_reads_tensors_as_numpy_arrays_and_its_arrays_reach_the_engine_as_tensors() -> None:
+    """The front end's request path uses no torch (test_front_path_torch.py): the engine's tensors reach it as numpy
+    arrays (bfloat16 as ml_dtypes'), and its arrays reach the engine as the same tensors. `translate` does the same
+    without the bytes, for an engine in the front's own process, viewing the same memory."""
+    tensors = [
+        torch.randn(3, 4),
+        torch.randn(2, 3, dtype=torch.float64)[:, ::2],  # not contiguous
+        torch.randn(5, dtype=torch.bfloat16),
+        torch.randn(4, dtype=torch.float16),
+        torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        torch.tensor([1, 2, 40000], dtype=torch.uint16),  # no wire dtype: the front sends it as float32 (test_convert)
+        torch.tensor([True, False]),
+        torch.tensor(2.5),
+        torch.zeros(2, 0, 3, dtype=torch.int8),
+        torch.randn(3, requires_grad=True),
+    ]
+    (arrays,) = decode(bytearray(encode([tensors])[8:]), tensors=False)
+    for sent, got in zip(tensors, arrays, strict=True):
+        assert isinstance(got, np.ndarray) and got.dtype.name == str(sent.dtype).removeprefix("torch.")
+        assert got.shape == tuple(sent.shape)
+        bits = sent.detach().view(torch.int16) if sent.dtype is torch.bfloat16 else sent.detach()
+        assert got.tobytes() == bits.contiguous().numpy().tobytes()
+    (back,) = decode(bytearray(encode([arrays])[8:]), tensors=True)
+    for sent, got in zip(tensors, back, strict=True):
+        assert isinstance(got, torch.Tensor) and got.dtype == sent.dtype and torch.equal(got, sent.detach())
+    a_f = np.asfortranarray(np.arange(6.0).reshape(2, 3))  # an array in any layout goes by its values
+    (t_f,) = decode(bytearray(encode([a_f])[8:]), tensors=True)
+    assert torch.equal(t_f, torch.arange(6.0, dtype=torch.float64).reshape(2, 3))
+    # translate: the same conversions, viewing the same memory where the layout allows it
+    crossed = frames.translate({"t": tensors[0], "n": 3}, tensors=False)
+    assert crossed["n"] == 3 and np.shares_memory(crossed["t"], tensors[0].numpy())
+    again = frames.translate(crossed, tensors=True)
+    assert again["t"].data_ptr() == tensors[0].data_ptr() and torch.equal(again["t"], tensors[0])
+    assert frames.translate(("x", 1), tensors=True) == ("x", 1)
 
 
 def test_the_reader_takes_frames_however_the_socket_cuts_them_and_reads_large_ones_into_their_own_buffer() -> None:
@@ -191,13 +227,13 @@ def test_the_reader_takes_frames_however_the_socket_cuts_them_and_reads_large_on
     large = [("submit", 9, image), ("event", "pass_executed", (1, 2))]
     sent = [encode([m]) for m in small[:3]] + [encode(large)] + [encode([m]) for m in small[3:]] + [encode(large)]
     stream = b"".join(sent)
-    expected = [m for f in sent for m in decode(bytearray(f[8:]))]
+    expected = [m for f in sent for m in decode(bytearray(f[8:]), tensors=True)]
     rng = np.random.default_rng(5)
     # Cuts anywhere: inside a length, between frames, several frames in one read. One trial in four cuts at most 7 bytes
     # at a time (~50,000 reads of the stream, the slow part); the others up to 300,000.
     for trial in range(40):
         got: list = []
-        reader = FrameReader(got.append, lambda: None)
+        reader = FrameReader(got.append, lambda: None, tensors=True)
         at = 0
         while at < len(stream):
             room = reader.get_buffer(-1)
@@ -216,7 +252,7 @@ def test_the_reader_takes_frames_however_the_socket_cuts_them_and_reads_large_on
             else:
                 assert back == sent
     # A large frame's rest is read straight into its own buffer: the reader asks for exactly what is missing.
-    reader = FrameReader(lambda m: None, lambda: None)
+    reader = FrameReader(lambda m: None, lambda: None, tensors=True)
     head = encode(large)
     room = reader.get_buffer(-1)
     room[:1000] = head[:1000]
@@ -224,7 +260,7 @@ def test_the_reader_takes_frames_however_the_socket_cuts_them_and_reads_large_on
     assert len(reader.get_buffer(-1)) == len(head) - 1000
     # Messages decoded from the shared buffer do not change when it is read into again.
     got = []
-    reader = FrameReader(got.append, lambda: None)
+    reader = FrameReader(got.append, lambda: None, tensors=True)
     for frame in (encode([small[0]]), encode([small[1]])):
         room = reader.get_buffer(-1)
         room[: len(frame)] = frame
@@ -250,7 +286,7 @@ def test_frames_written_by_asyncio_arrive_whole_through_a_real_socket_pair() -> 
                 done.set()
 
         writer, _ = await loop.create_unix_connection(asyncio.Protocol, sock=front)
-        reader, _ = await loop.create_unix_connection(lambda: FrameReader(received, lambda: None), sock=engine)
+        reader, _ = await loop.create_unix_connection(lambda: FrameReader(received, lambda: None, tensors=True), sock=engine)
         for batch in batches:
             writer.writelines(engine_process.frame_of(batch, lambda m, e: None))
         await asyncio.wait_for(done.wait(), 30)
@@ -318,7 +354,7 @@ def test_send_parts_writes_the_whole_frame_in_order_when_the_socket_takes_part_o
 def read_frame(sock: socket.socket) -> list:
     """The messages of the next frame on `sock`."""
     (size,) = struct.unpack("<Q", sock.recv(8, socket.MSG_WAITALL))
-    return decode(bytearray(sock.recv(size, socket.MSG_WAITALL)))
+    return decode(bytearray(sock.recv(size, socket.MSG_WAITALL)), tensors=True)
 
 
 def test_what_a_worker_step_sends_goes_as_one_frame_and_an_unpicklable_answer_as_an_error(caplog: pytest.LogCaptureFixture) -> None:
@@ -373,13 +409,13 @@ def test_the_front_writes_one_turns_messages_as_one_frame_and_fails_alone_a_requ
         assert engine._writer.frames == []  # written at the next turn of the loop
         await asyncio.sleep(0)
         assert len(engine._writer.frames) == 1
-        assert decode(bytearray(engine._writer.frames[0][8:])) == [("submit", first[0], "a job"), ("cancel", first[0])]
+        assert decode(bytearray(engine._writer.frames[0][8:]), tensors=True) == [("submit", first[0], "a job"), ("cancel", first[0])]
         with pytest.raises(Exception, match="pickle"):
             await unsendable[1]
         assert not first[1].done() and list(engine._pending) == [first[0]]
         third = engine._send("call", "backlogs", ())
         await asyncio.sleep(0)
-        assert decode(bytearray(engine._writer.frames[1][8:])) == [("call", third[0], "backlogs", ())]
+        assert decode(bytearray(engine._writer.frames[1][8:]), tensors=True) == [("call", third[0], "backlogs", ())]
 
     asyncio.run(scenario())
 
