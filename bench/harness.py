@@ -251,6 +251,11 @@ def scrape(metrics_port: int, model: str) -> dict[str, float]:
     return out
 
 
+def device_memory(metrics_port: int) -> dict[str, float]:
+    """attrserve_device_memory_bytes by device: what torch holds on each CUDA device in the engine process."""
+    return {labels["device"]: value for name, labels, value in _samples(metrics_port) if name == "attrserve_device_memory_bytes"}
+
+
 def pass_sizes(metrics_port: int, model: str) -> dict[str, int]:
     """The rows `model`'s latest pass of each kind was cut to at most (the attrserve_pass_size_rows gauge): its
     max_batch_rows as configured, or where the load-time probe and the tuner have taken it."""

@@ -226,6 +226,9 @@ def run_server(
             time.sleep(0.5)
         after = harness.scrape(metrics_port, w.model) if metrics_port else None
         sizes = harness.pass_sizes(metrics_port, w.model) if metrics_port else None
+        # On a GPU: the gauge must show the engine process's models and buffers (it read the front's torch, 0, until
+        # issue 12 step 29).
+        memory = harness.device_memory(metrics_port) if metrics_port and args.device != "cpu" else None
         hwm = _rss_sum_kib([server.pid, *workers], "VmHWM")
         workers_rss = _rss_sum_kib(workers, "VmRSS") or 0  # the front's samples + the workers' RSS after the window
     finally:
@@ -252,6 +255,9 @@ def run_server(
     )
     if check is not None:
         out["check"] = check
+    if memory is not None:
+        out["device_memory_bytes"] = memory
+        print(f"  {w.key} attrserve: attrserve_device_memory_bytes {memory or 'MISSING'}", flush=True)
     if workers:
         out["worker_pids"] = workers
     if system == "attrserve":

@@ -669,6 +669,12 @@ def device_memory(device: torch.device) -> int:
     return total
 
 
+def memory_allocated(device: str) -> int:
+    """Bytes torch has allocated on `device` in this process: a CUDA device's (attrserve_device_memory_bytes); 0 for
+    the CPU, whose use the process's RSS shows."""
+    return int(torch.cuda.memory_allocated(device)) if device.startswith("cuda") else 0
+
+
 def queued_bytes_bound(device: torch.device) -> int:
     """Admission's default bound on a model's queued work in estimated bytes (what its requests' plans hold:
     `Engine._check_rows`): 1 GiB on the CPU; on a GPU, whose memory holds the started plans' rows, a quarter of it

@@ -10,13 +10,15 @@ import functools
 import gc
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
+
+import torch
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import model_config_pb2 as mc
 from attrserve_engine import AttributionJob, Engine, EngineObserver, InvalidArgument, ModelRecord, ModelState, NotFound
 from attrserve_engine.algorithms.noise_tunnel import parse_noise_tunnel
-from attrserve_engine.engine import Probes
+from attrserve_engine.engine import Probes, memory_allocated
 from attrserve_engine.errors import AttributionError, shown
 from attrserve_service import eventloop, frames
 from attrserve_service.config import ServerConfig, effective_config, spec_config
@@ -46,6 +48,14 @@ def heap_allocator() -> str:
     return next((name for name in MALLOCS if f"lib{name}" in mapped), "glibc")
 
 
+class Gauges(NamedTuple):
+    """The engine's numbers that /metrics reads at each scrape (Core.refresh): per model (requests, rows) queued, and
+    per CUDA device the bytes torch has allocated in the models' process."""
+
+    backlogs: dict[str, tuple[int, int]]
+    device_memory: dict[str, int]
+
+
 # Set on an exception once it has been logged as an internal error, to the id its INTERNAL status quotes.
 ERROR_ID = "_attrserve_error_id"
 
@@ -65,6 +75,7 @@ class Snapshot:
     devices: tuple[str, ...] = ()
     allocator: str = ""  # the models' process's malloc (heap_allocator)
     event_loop: str = ""  # the models' process's event loop (eventloop.running)
+    torch: str = ""  # the models' process's torch.__version__ (attrserve_build_info)
     probes: dict[tuple, Probes] = field(default_factory=dict)  # Engine.probes: handed to a restarted engine process
 
 
@@ -86,6 +97,7 @@ class Core(Protocol):
     async def poll_forever(self, interval: float) -> None: ...
     async def refresh(self) -> None: ...
     def backlog(self, name: str) -> tuple[int, int]: ...
+    def device_memory(self, device: str) -> int: ...
     def watched(self, name: str) -> list[tuple[list[str], str]]: ...
     def snapshot(self) -> Snapshot: ...
     def watch(self, observer: EngineObserver) -> None: ...
@@ -213,13 +225,25 @@ class LocalCore:
 
     # -- metrics and health ----------------------------------------------------------------------------------------
     async def refresh(self) -> None:
-        """Nothing to ask: backlog reads the engine in this process."""
+        """Nothing to ask: backlog and device_memory read the engine in this process."""
 
     def backlog(self, name: str) -> tuple[int, int]:
         return self.engine.backlog(name)
 
-    def backlogs(self) -> dict[str, tuple[int, int]]:
-        return {name: self.engine.backlog(name) for name in self.engine.served.names()}
+    def device_memory(self, device: str) -> int:
+        """Bytes torch has allocated on a CUDA device, in the process that runs the models (this one)."""
+        return memory_allocated(device)
+
+    def gauges(self) -> Gauges:
+        """What /metrics reads of the engine at each scrape; the engine process's answer to its front's refresh."""
+        return Gauges(
+            backlogs={name: self.engine.backlog(name) for name in self.engine.served.names()},
+            device_memory={device: memory_allocated(device) for device in self.devices() if device.startswith("cuda")},
+        )
+
+    def devices(self) -> tuple[str, ...]:
+        """The devices the loaded models run on."""
+        return tuple(sorted({str(m.device) for m in self.engine.models()}))
 
     def watched(self, name: str) -> list[tuple[list[str], str]]:
         """(algorithms, device) of each load of a model that serves: the label sets its metrics create up front."""
@@ -235,9 +259,10 @@ class LocalCore:
             strict_readiness=self.readiness(True),
             statuses=tuple(self.statuses()),
             watched={name: self.watched(name) for name in names},
-            devices=tuple(sorted({str(m.device) for m in self.engine.models()})),
+            devices=self.devices(),
             allocator=heap_allocator(),
             event_loop=self.event_loop,
+            torch=torch.__version__,
             probes=self.engine.probes(),
         )
 

@@ -48,7 +48,7 @@ from attrserve_engine.scheduler import Observers
 from attrserve_service import eventloop, launch, logs
 from attrserve_service.config import ServerConfig
 from attrserve_service.convert import Job, Result
-from attrserve_service.core import ERROR_ID, LocalCore, Snapshot, build_core, settle_heap
+from attrserve_service.core import ERROR_ID, Gauges, LocalCore, Snapshot, build_core, settle_heap
 from attrserve_service.frames import FrameReader, encode_parts, send_parts
 from attrserve_service.launch import intra_op_threads
 from attrserve_service.repository import CONTROL_EXPLICIT, CONTROL_POLL, UNLOADED, RepositoryError, Status
@@ -190,7 +190,7 @@ class _Forward(EngineObserver):
 class _Engine:
     """Serves the front's messages from the engine process's event loop."""
 
-    CALLS = ("model_infos", "model_info", "index", "load", "unload", "backlogs", "shutdown")
+    CALLS = ("model_infos", "model_info", "index", "load", "unload", "gauges", "shutdown")
 
     def __init__(self, core: LocalCore, out: _Out) -> None:
         self.core = core
@@ -343,9 +343,9 @@ class EngineProcess:
         self._reaping: asyncio.Future | None = None  # reads a dead engine process's exit status (_ended)
         self._started_at = 0.0
         self._delay = _RESTART_DELAY_S
-        self._backlogs: dict[str, tuple[int, int]] = {}
-        self._backlogs_at = 0.0
-        self._backlogs_changes = -1
+        self._gauges = Gauges({}, {})
+        self._gauges_at = 0.0
+        self._gauges_changes = -1
         self._changes = 0  # requests, cancels and engine messages so far (a backlog answer is stale once it moves)
 
     @property
@@ -583,19 +583,24 @@ class EngineProcess:
         """The engine process follows the repository itself."""
 
     async def refresh(self) -> None:
-        """Ask the engine for every model's backlog; /metrics calls this before it writes a page. One answer serves
-        the scrapes of 0.25 s unless a request, a cancel or a message from the engine came since. An engine that does
-        not answer within a second leaves the last answer."""
+        """Ask the engine for every model's backlog and its devices' memory (LocalCore.gauges); /metrics calls this
+        before it writes a page. One answer serves the scrapes of 0.25 s unless a request, a cancel or a message from
+        the engine came since. An engine that does not answer within a second leaves the last answer."""
         now, changes = time.monotonic(), self._changes
-        if not self.up or (changes == self._backlogs_changes and now - self._backlogs_at <= _BACKLOG_TTL_S):
+        if not self.up or (changes == self._gauges_changes and now - self._gauges_at <= _BACKLOG_TTL_S):
             return
         with contextlib.suppress(Exception):
-            self._backlogs = await asyncio.wait_for(self._call("backlogs"), 1.0)
-            self._backlogs_at, self._backlogs_changes = now, changes
+            self._gauges = await asyncio.wait_for(self._call("gauges"), 1.0)
+            self._gauges_at, self._gauges_changes = now, changes
 
     def backlog(self, name: str) -> tuple[int, int]:
         """(requests, rows) queued for a model: the engine's answer to the last `refresh`."""
-        return self._backlogs.get(name, (0, 0)) if self.up else (0, 0)
+        return self._gauges.backlogs.get(name, (0, 0)) if self.up else (0, 0)
+
+    def device_memory(self, device: str) -> int:
+        """Bytes torch has allocated on a CUDA device in the engine process: its answer to the last `refresh` (0 while
+        no engine process runs: a dead one's memory is freed)."""
+        return self._gauges.device_memory.get(device, 0) if self.up else 0
 
     def watched(self, name: str) -> list[tuple[list[str], str]]:
         return self._snapshot.watched.get(name, [])

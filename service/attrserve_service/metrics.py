@@ -6,7 +6,6 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
 from attrserve_engine import DROP_CANCELLED, DROP_DEADLINE, EngineObserver, PassStats
@@ -184,12 +183,18 @@ def watch_model(core: Core, name: str, algorithms: list[str], device: str) -> No
         ATTRSERVE_PASSES_EXECUTED_TOTAL.labels(name, kind)
     for reason in SPLIT_REASONS:
         ATTRSERVE_PASS_SPLITS_TOTAL.labels(name, reason)
+    watch_device(core, device)
+
+
+def watch_device(core: Core, device: str) -> None:
+    """A device that models serve on: its workers' gauge and restarts, and a CUDA device's memory, read at scrape time
+    from the process that runs the models (core.device_memory; with an engine process, not the front's own torch)."""
     if device not in _DEVICES:  # afterwards EngineMetrics.worker_state keeps it true
         _DEVICES.add(device)
         ATTRSERVE_WORKER_UP.labels(device).set(1.0 if core.snapshot().workers[0] else 0.0)
     ATTRSERVE_WORKER_RESTARTS_TOTAL.labels(device)
     if device.startswith("cuda"):
-        ATTRSERVE_DEVICE_MEMORY_BYTES.labels(device).set_function(partial(torch.cuda.memory_allocated, device))
+        ATTRSERVE_DEVICE_MEMORY_BYTES.labels(device).set_function(partial(_device_memory, core, device))
 
 
 def observe_engine(core: Core, version: str) -> None:
@@ -199,11 +204,15 @@ def observe_engine(core: Core, version: str) -> None:
         for algorithms, device in loads:
             watch_model(core, name, algorithms, device)
     devices = ",".join(snapshot.devices) or "none"
-    ATTRSERVE_BUILD_INFO.labels(version, torch.__version__, devices, snapshot.allocator, snapshot.event_loop).set(1.0)
+    ATTRSERVE_BUILD_INFO.labels(version, snapshot.torch, devices, snapshot.allocator, snapshot.event_loop).set(1.0)
 
 
 def _backlog(core: Core, name: str, which: int) -> float:
     return float(core.backlog(name)[which])
+
+
+def _device_memory(core: Core, device: str) -> float:
+    return float(core.device_memory(device))
 
 
 def observe_delta(model: str, algorithm: str, delta: np.ndarray) -> None:

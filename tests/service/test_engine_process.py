@@ -32,8 +32,8 @@ from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_client import AttributionClient
 from attrserve_engine import Cancelled, EngineLimits
 from attrserve_service.config import ConfigError, ServerConfig
-from attrserve_service.core import ERROR_ID
-from attrserve_service import engine_process, eventloop, frames, launch
+from attrserve_service.core import ERROR_ID, Gauges
+from attrserve_service import engine_process, eventloop, frames, launch, metrics
 from attrserve_service.engine_process import EngineProcess, _Out
 from attrserve_service.frames import FrameReader, decode, encode, send_parts
 from attrserve_service.launch import allocator_preload
@@ -413,9 +413,45 @@ def test_the_front_writes_one_turns_messages_as_one_frame_and_fails_alone_a_requ
         with pytest.raises(Exception, match="pickle"):
             await unsendable[1]
         assert not first[1].done() and list(engine._pending) == [first[0]]
-        third = engine._send("call", "backlogs", ())
+        third = engine._send("call", "gauges", ())
         await asyncio.sleep(0)
-        assert decode(bytearray(engine._writer.frames[1][8:]), tensors=True) == [("call", third[0], "backlogs", ())]
+        assert decode(bytearray(engine._writer.frames[1][8:]), tensors=True) == [("call", third[0], "gauges", ())]
+
+    asyncio.run(scenario())
+
+
+def test_the_device_memory_gauge_reads_the_engine_process_not_the_front() -> None:
+    """attrserve_device_memory_bytes is what torch has allocated on a CUDA device in the process that runs the models.
+    Before issue 12 step 29 the front read its own torch's, which allocates nothing on a GPU once the models run in an
+    engine process: the gauge said 0 on every GPU server. No GPU here, so the engine's answer is played: the front's
+    refresh asks the engine process's `gauges` call, and the gauge reads its answer, and 0 once that process is gone.
+    (A real engine process answers the same call for every backlog check of these tests: `held`.)"""
+
+    def samples() -> dict[str, float]:
+        (family,) = metrics.ATTRSERVE_DEVICE_MEMORY_BYTES.collect()
+        return {s.labels["device"]: s.value for s in family.samples}
+
+    async def scenario() -> None:
+        engine = EngineProcess(ServerConfig(port=0))
+        engine._loop, engine._writer, engine.up = asyncio.get_running_loop(), Transport(), True
+        metrics.watch_device(engine, "cuda:7")
+        try:
+            assert samples()["cuda:7"] == 0.0  # nothing asked yet
+            refresh = asyncio.ensure_future(engine.refresh())
+            while not engine._writer.frames:
+                await asyncio.sleep(0)
+            ((kind, key, method, args),) = decode(bytearray(engine._writer.frames[0][8:]), tensors=False)
+            assert (kind, method, args) == ("call", "gauges", ())
+            engine._received(engine._generation, ("reply", key, Gauges({"m": (2, 100)}, {"cuda:7": 123_456})))
+            await refresh
+            assert samples()["cuda:7"] == 123_456.0 and engine.backlog("m") == (2, 100)
+            engine.up = False  # the engine process is gone, and its memory with it
+            assert samples()["cuda:7"] == 0.0 and engine.backlog("m") == (0, 0)
+        finally:
+            metrics.ATTRSERVE_DEVICE_MEMORY_BYTES.remove("cuda:7")
+            metrics.ATTRSERVE_WORKER_UP.remove("cuda:7")
+            metrics.ATTRSERVE_WORKER_RESTARTS_TOTAL.remove("cuda:7")
+            metrics._DEVICES.discard("cuda:7")
 
     asyncio.run(scenario())
 
@@ -743,11 +779,11 @@ def test_the_engine_process_runs_on_the_malloc_it_is_given(repo: Path, choice: s
         )
         assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
         info = {
-            dict(labels)["allocator"]
+            (dict(labels)["allocator"], dict(labels)["torch"])
             for (name, labels), value in scrape(server.running.metrics_port).items()
             if name == "attrserve_build_info" and value == 1
         }
-        assert want in info
+        assert (want, torch.__version__) in info  # the engine process's torch, as its Snapshot reports it
     finally:
         server.stop()
 
