@@ -164,17 +164,24 @@ def wait_queued(server: ServerThread, n: int, model: str = "good", within: float
         time.sleep(0.02)
 
 
-def test_the_frames_carry_tensors_of_every_dtype_exactly() -> None:
-    tensors = [
+def tensors_of_every_dtype() -> list[torch.Tensor]:
+    """Tensors as an engine's answers hold them: every kind of dtype, a view, a scalar, an empty one, one that needs grad."""
+    return [
         torch.randn(3, 4),
         torch.randn(2, 3, dtype=torch.float64)[:, ::2],  # not contiguous
         torch.randn(5, dtype=torch.bfloat16),
         torch.randn(4, dtype=torch.float16),
         torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        torch.tensor([1, 2, 40000], dtype=torch.uint16),  # no wire dtype: the front sends it as float32 (test_convert)
         torch.tensor([True, False]),
         torch.tensor(2.5),
+        torch.zeros(2, 0, 3, dtype=torch.int8),
         torch.randn(3, requires_grad=True),
     ]
+
+
+def test_the_frames_carry_tensors_of_every_dtype_exactly() -> None:
+    tensors = tensors_of_every_dtype()
     frame = encode(("result", 7, tensors, {"x": tensors[0]}))
     kind, key, back, named = decode(bytearray(frame[8:]), tensors=True)
     assert (kind, key) == ("result", 7)
@@ -188,18 +195,7 @@ def test_the_front_reads_tensors_as_numpy_arrays_and_its_arrays_reach_the_engine
     """The front end's request path uses no torch (test_front_path_torch.py): the engine's tensors reach it as numpy
     arrays (bfloat16 as ml_dtypes'), and its arrays reach the engine as the same tensors. `translate` does the same
     without the bytes, for an engine in the front's own process, viewing the same memory."""
-    tensors = [
-        torch.randn(3, 4),
-        torch.randn(2, 3, dtype=torch.float64)[:, ::2],  # not contiguous
-        torch.randn(5, dtype=torch.bfloat16),
-        torch.randn(4, dtype=torch.float16),
-        torch.arange(6, dtype=torch.int64).reshape(2, 3),
-        torch.tensor([1, 2, 40000], dtype=torch.uint16),  # no wire dtype: the front sends it as float32 (test_convert)
-        torch.tensor([True, False]),
-        torch.tensor(2.5),
-        torch.zeros(2, 0, 3, dtype=torch.int8),
-        torch.randn(3, requires_grad=True),
-    ]
+    tensors = tensors_of_every_dtype()
     (arrays,) = decode(bytearray(encode([tensors])[8:]), tensors=False)
     for sent, got in zip(tensors, arrays, strict=True):
         assert isinstance(got, np.ndarray) and got.dtype.name == str(sent.dtype).removeprefix("torch.")

@@ -11,43 +11,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_engine_loop_torch import WORKLOADS, engine  # engine: the smoke models' Engine, a fixture
 from torch_calls import torch_on_this_thread
 
-from attrserve_engine import Engine, EngineLimits
+from attrserve_engine import Engine
 from attrserve_service import frames
 from attrserve_service.convert import array_from_proto, request_to_job, result_to_response
 from attrserve_service.engine_process import _unpicklable_answer, frame_of
-from attrserve_service.repository import load_repository
-
-ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def _workloads() -> dict:
-    sys.path.insert(0, str(ROOT / "bench"))
-    from workloads import all_workloads
-
-    return all_workloads(smoke=True)
-
-
-WORKLOADS = _workloads()
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Engine]:
-    e = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu"))
-    for spec in load_repository(ROOT / "bench" / "models_smoke"):
-        spec.instances = 1
-        e.load(spec)
-    yield e
-    e.shutdown()
 
 
 def _body(parts: list) -> bytearray:
