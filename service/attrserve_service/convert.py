@@ -22,6 +22,7 @@ from attrserve_engine.errors import shown
 
 DType = tensor_pb2.DataType
 # A job and a result as the front end holds them: numpy arrays, which the frames turn into the engine's tensors and back.
+# Types only: an instance made through the alias would carry it (`__orig_class__`) into every frame.
 Job = AttributionJob[np.ndarray]
 Result = AttributionResult[np.ndarray]
 
@@ -233,7 +234,7 @@ def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) 
     for i, b in enumerate(request.baselines):
         which = b.WhichOneof("value")
         baselines.append(None if which is None else b.scalar if which == "scalar" else array_from_proto(b.tensor, f"baselines[{i}].tensor"))
-    return Job(
+    return AttributionJob(
         model=request.model,
         model_version=request.model_version,
         algorithm=algorithm,

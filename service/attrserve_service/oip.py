@@ -32,7 +32,7 @@ import numpy as np
 
 from attrserve.v1 import model_config_pb2 as mc
 from attrserve.v1 import tensor_pb2
-from attrserve_engine import InvalidArgument, NotFound
+from attrserve_engine import AttributionJob, InvalidArgument, NotFound
 from attrserve_engine.errors import shown
 from attrserve_service import __version__, metrics
 from attrserve_service.convert import MAX_STRUCT_STRING, WIRE_DTYPES, Job, Result, array_from_proto, array_to_proto, decode
@@ -220,7 +220,7 @@ def infer_request_to_job(request: oip.ModelInferRequest, model_inputs: list[str]
     masks = [name for name in extras if name.endswith(FEATURE_MASK)]
     if masks and len(masks) != len(names):
         raise InvalidArgument(f"inputs: send a {FEATURE_MASK} tensor for every input or for none")
-    job = Job(
+    job: Job = AttributionJob(
         model=request.model_name,
         model_version=request.model_version,
         algorithm=algorithm,

@@ -7,6 +7,8 @@ framed to the front as an array, into a message; a message's array, framed to th
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -112,6 +114,7 @@ def test_targets_are_decoded_into_captums_forms(target: pb.Target, want) -> None
     if target.WhichOneof("value"):
         request.target.CopyFrom(target)
     job = request_to_job(request, deadline=12.5)
+    assert set(vars(job)) == {f.name for f in dataclasses.fields(job)}  # the fields alone go into the engine's frame
     assert job.target == want
     assert job.algorithm == "saliency" and job.deadline == 12.5 and job.inputs[0].shape == (2, 3)
 
