@@ -152,8 +152,11 @@ export interface ModelConfig {
    * rounding and run at least 10% faster (oneDNN's convolutions on a CPU ran
    * a CNN 1.3-1.6x as fast); "contiguous"; "channels_last" (checked the same
    * way where the inputs are pinned: a model whose forward cannot take it,
-   * say a view() of a convolution's output, fails to load). The layout moves
-   * no attribution by more than float32 rounding.
+   * say a view() of a convolution's output, fails to load). Known gap: where
+   * a max-pool or a ReLU sits near a tie, channels_last can move an
+   * attribution by more than float32 rounding (bench W2's CNN under
+   * IntegratedGradients: up to 1.8e-3 of the largest); "contiguous" serves
+   * Captum's numbers.
    */
   memoryFormat: string;
 }
