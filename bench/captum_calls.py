@@ -14,6 +14,16 @@ import numpy as np
 import torch
 from captum.attr import IntegratedGradients, LayerIntegratedGradients, Occlusion, Saliency
 
+# The most an answer may differ from Captum's, relative to Captum's largest attribution: float round-off of a batched
+# call, nothing more (bench/run.py's check, tests/bench/test_bench_numbers.py). Relative to the largest, not per
+# element: an absolute tolerance would pass any error in attributions that are small throughout.
+CHECK_TOLERANCE = 1e-4
+
+
+def error_of(got: np.ndarray, want: np.ndarray) -> float:
+    """The largest difference between an answer and Captum's, relative to Captum's largest attribution."""
+    return float(np.abs(got - want).max()) / max(float(np.abs(want).max()), 1e-12)
+
 
 class PassCounter:
     """Forward calls and rows of a model, counted per thread (B2 runs requests on a thread pool)."""

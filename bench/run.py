@@ -30,7 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc
-import numpy as np
 import torch
 
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
@@ -38,7 +37,7 @@ from attrserve_client.tensors import from_tensor_proto
 from attrserve_service.core import heap_allocator
 
 import harness
-from captum_calls import PassCounter, run_captum
+from captum_calls import CHECK_TOLERANCE, PassCounter, error_of, run_captum
 from limit import measure_limit
 from workloads import Workload, all_workloads, build_model, gpu_workloads, repository
 
@@ -146,9 +145,6 @@ def _rss_sum_kib(pids: list[int], field_name: str) -> int | None:
     return sum(v for v in values if v is not None) if any(v is not None for v in values) else None
 
 
-CHECK_TOLERANCE = 1e-4  # of the largest attribution: float round-off of a batched call, nothing more
-
-
 def check_against_captum(target: str, w: Workload, model: torch.nn.Module, requests: list, timeout: float) -> dict:
     """Sends the workload's distinct requests all at once (so a batching server batches them) and compares every
     answer with Captum called on that one request in this process (same weights); raises if one differs."""
@@ -164,7 +160,7 @@ def check_against_captum(target: str, w: Workload, model: torch.nn.Module, reque
         got = from_tensor_proto(answer.attributions[0])
         if got.shape != want_np.shape:
             raise AssertionError(f"{w.key} request {i}: attributions of shape {got.shape}, Captum's are {want_np.shape}")
-        err = float(np.abs(got - want_np).max()) / max(float(np.abs(want_np).max()), 1e-12)
+        err = error_of(got, want_np)
         if not err <= CHECK_TOLERANCE:
             raise AssertionError(f"{w.key} request {i}: max error {err:.2e} of the largest attribution (tolerance {CHECK_TOLERANCE:g})")
         worst = max(worst, err)

@@ -52,15 +52,15 @@ from attrserve_engine.plan import Attribution, Block, BlockResult, JobPlan, Pass
 from attrserve_engine.plugins import load_plugins
 from attrserve_engine.scheduler import BATCH, INTERACTIVE, REFUSED_DEADLINE, EngineObserver, LiveJob, Merge, Observers, PassStats, Scheduler
 from attrserve_engine.targets import check_target, format_target
-from attrserve_engine.tuning import choose_memory_format, kept_memory_format, pick_batch_rows, probe_batch_rows, probe_key
+from attrserve_engine.tuning import choose_memory_format, pick_batch_rows, probe_batch_rows, probe_key
 
 log = logging.getLogger(__name__)
 
 # Load-time probes an engine keeps (Engine.keep_probes): far more than a repository's versions, still a bound.
 MAX_KEPT_PROBES = 256
-# What a model's load measured (tuning.probe_key): whether its passes run channels_last, and rows/s by pass size
-# (empty where the size is configured or probes are off).
-Probes = tuple[bool, dict[int, float]]
+# What a model's load measured (tuning.probe_key): rows/s by pass size (empty where the size is configured or probes
+# are off).
+Probes = dict[int, float]
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding, which Captum's users call, takes 32 bits
 
 
@@ -97,7 +97,7 @@ class Engine:
         # The process's torch intra-op threads when the engine was made: what a model's passes run with unless its
         # config sets intra_op_threads (passes set the count per model, so it is read once, here).
         self.default_threads = torch.get_num_threads()
-        # Load-time probes by tuning.probe_key, the newest MAX_KEPT_PROBES: (channels_last, rows/s by pass size) as a
+        # Load-time probes by tuning.probe_key, the newest MAX_KEPT_PROBES: rows/s by pass size as a
         # load of this engine measured them, or the engine process before it (keep_probes). A load of the same key
         # takes them instead of timing passes again.
         self._probes: dict[tuple, Probes] = {}
@@ -175,11 +175,8 @@ class Engine:
         model.warm_up()
         model.measure_layers()
         key = probe_key(model)
-        kept = self._probes.get(key) if key is not None else None
-        kept_rates = kept[1] if kept is not None else {}
-        # the layout before the probe times its passes
-        layout = kept_memory_format(model, kept[0]) if kept is not None else choose_memory_format(model)
-        log.info("model %s: layout %s", model.name, layout)
+        kept_rates = self._probes.get(key, {}) if key is not None else {}
+        log.info("model %s: layout %s", model.name, choose_memory_format(model))  # before the probe times its passes
         if not spec.max_batch_rows and self.limits.probe_batch_rows:  # a config's value always wins
             measured = dict(kept_rates) if kept_rates else probe_batch_rows(model, self.limits.probe_seconds)
             if measured:
@@ -194,7 +191,7 @@ class Engine:
                     model.max_batch_rows,
                 )
         if key is not None:
-            self.keep_probes({key: (model.channels_last, model.batch_probe)})
+            self.keep_probes({key: model.batch_probe})
         self._scheduler(model)
         self._warm_up_algorithms(model)
         release_free_memory()  # the probe and warm-ups freed far more than serving keeps
@@ -202,20 +199,20 @@ class Engine:
         return model
 
     def keep_probes(self, probes: Mapping[tuple, Probes]) -> None:
-        """Keep these load-time probes (tuning.probe_key → (channels_last, rows/s by pass size)): a restarted engine
+        """Keep these load-time probes (tuning.probe_key → rows/s by pass size): a restarted engine
         process is handed its predecessor's (core.build_core), so it loads without timing passes again. The newest
         MAX_KEPT_PROBES stay."""
         with self._lock:
-            for key, (channels_last, rates) in probes.items():
+            for key, rates in probes.items():
                 self._probes.pop(key, None)
-                self._probes[key] = (channels_last, dict(rates))
+                self._probes[key] = dict(rates)
             while len(self._probes) > MAX_KEPT_PROBES:
                 del self._probes[next(iter(self._probes))]
 
     def probes(self) -> dict[tuple, Probes]:
         """The load-time probes kept (a copy), for the engine process that may follow this one."""
         with self._lock:
-            return {key: (channels_last, dict(rates)) for key, (channels_last, rates) in self._probes.items()}
+            return {key: dict(rates) for key, rates in self._probes.items()}
 
     def _warm_up_algorithms(self, model: LoadedModel) -> None:
         """Run each algorithm once on a zero example, so the first request pays no first-call costs

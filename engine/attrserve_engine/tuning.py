@@ -38,23 +38,15 @@ CONFIRM_ROUNDS = 3
 
 
 def probe_key(model: LoadedModel) -> tuple | None:
-    """What a model's load-time probes (its layout, choose_memory_format; its rows per second by pass size,
-    probe_batch_rows) depend on, as a key: its files (ModelSpec.fingerprint, which covers its config), name, version,
-    device, intra-op threads and replicas. An engine that loads the same key again (a restarted engine process, a
-    reload of unchanged files) takes what it kept (Engine.probes) instead of timing passes again: the same machine and
-    the same model give the same answers, within the noise the tuner works in anyway, and a layout chosen by timing
-    does not flip between restarts near its threshold. None when the files are unknown (a module built in code)."""
+    """What a model's load-time probe (its rows per second by pass size, probe_batch_rows) depends on, as a key: its
+    files (ModelSpec.fingerprint, which covers its config and so its layout), name, version, device, intra-op threads
+    and replicas. An engine that loads the same key again (a restarted engine process, a reload of unchanged files)
+    takes what it kept (Engine.probes) instead of timing passes again: the same machine and the same model give the
+    same answers, within the noise the tuner works in anyway, and the pass size does not flip between restarts. None
+    when the files are unknown (a module built in code)."""
     if not model.spec.fingerprint:
         return None
     return (model.name, model.version, model.spec.fingerprint, str(model.device), model.intra_op_threads, model.instances)
-
-
-def kept_memory_format(model: LoadedModel, channels_last: bool) -> str:
-    """Lay the model's passes out as an earlier load of the same files chose (probe_key), and say so for the log."""
-    if model.spec.memory_format == "contiguous":
-        return "contiguous (config)"
-    model.lay_out(channels_last)
-    return f"{'channels_last' if channels_last else 'contiguous'} (kept from an earlier load of the same files)"
 
 
 def first_float_layer(model: LoadedModel, example: tuple[torch.Tensor, ...]) -> str:
@@ -180,42 +172,31 @@ def tuning_start(measured: dict[int, float]) -> int:
 
 
 # -- the layout of a model's passes ----------------------------------------------------------------------------------
-# channels_last must be at least this much faster to be taken where the config leaves the choice to the load ("auto"):
-# the layouts' run-to-run spread must not flip it between starts.
-LAYOUT_GAIN = 1.1
-# Rows of the passes that compare the layouts; the passes of a model that is slow at that size are timed fewer times.
+# Rows of the passes that check a config's channels_last; the passes of a model that is slow at that size are timed
+# fewer times.
 LAYOUT_ROWS = 8
 LAYOUT_QUICK_S = 0.1
-# The largest difference the layouts may make to a pass's gradients (or outputs), relative to their largest value:
-# float32 rounding (convolutions sum in another order), well inside what equals Captum (1e-5).
+# The largest difference channels_last may make to those passes' gradients (or outputs), relative to their largest
+# value: float32 rounding (convolutions sum in another order), well inside what equals Captum (1e-5).
 LAYOUT_RTOL = 1e-5
-
-
-def _has_conv2d(module: torch.nn.Module) -> bool:
-    """Whether a 2-D convolution is among the modules (a scripted one keeps its class name in original_name)."""
-    return any(isinstance(m, torch.nn.Conv2d) or getattr(m, "original_name", "") == "Conv2d" for m in module.modules())
 
 
 def choose_memory_format(model: LoadedModel) -> str:
     """Lay the model's passes out as its spec's memory_format says, and return how and why (for the load's log).
 
-    "contiguous" keeps PyTorch's default layout. "auto" (or "") tries channels_last where it can pay: a model with 2-D
-    convolutions and a 4-D floating input, with pinned shapes to try it on. The same gradient pass (a forward pass for
-    integer inputs) runs in both layouts; channels_last is kept when it gives the same numbers (LAYOUT_RTOL) and is
-    LAYOUT_GAIN times as fast. "channels_last" is checked the same way where the shapes are pinned, and a model that
-    fails it does not load (InvalidArgument); with unpinned shapes it is taken on trust."""
-    choice = model.spec.memory_format or "auto"
-    if choice == "contiguous":
-        return "contiguous (config)"
+    "" / "auto" (the default) and "contiguous" keep PyTorch's default layout, the one Captum runs in: only it serves
+    Captum's numbers on every input (docs/ARCHITECTURE.md, "Pass layout"). "channels_last" is the operator's opt-in,
+    for a CNN whose passes run faster so: where the shapes are pinned, the same gradient pass (a forward pass for integer
+    inputs) runs in both layouts at load, and a model whose forward fails in channels_last or whose numbers it changes
+    beyond float32 rounding (LAYOUT_RTOL) does not load (InvalidArgument); with unpinned shapes it is taken on trust.
+    The check passing does not make channels_last Captum's numbers on every input: a gradient through a max-pool or a
+    ReLU whose winner rounding flips can jump, and interpolated inputs (IntegratedGradients) cross such points."""
+    if model.spec.memory_format != "channels_last":
+        return "contiguous (config)" if model.spec.memory_format == "contiguous" else "contiguous"
     example = model.example_inputs()
-    forced = choice == "channels_last"
     if example is None or model.output_shape is None:
-        if forced:
-            model.lay_out(True)
-            return "channels_last (config; the inputs' shapes are not pinned, so it was not tried at load)"
-        return "contiguous"
-    if not forced and not (_has_conv2d(model.module) and any(x.dim() == 4 and x.is_floating_point() for x in example)):
-        return "contiguous"
+        model.lay_out(True)
+        return "channels_last (config; the inputs' shapes are not pinned, so it was not tried at load)"
     inputs = _probe_inputs(model, example, LAYOUT_ROWS, torch.Generator().manual_seed(0))
     k = len(model.output_shape) if math.prod(model.output_shape) > 1 else 0
     gradient = all(x.is_floating_point() for x in example)
@@ -236,31 +217,22 @@ def choose_memory_format(model: LoadedModel) -> str:
 
     first = run(False, 1)
     if isinstance(first, AttributionError):  # the model's own failure, which the probe and warm-ups report
-        model.lay_out(forced)
-        return "channels_last (config; not tried: the model's pass fails)" if forced else "contiguous"
+        model.lay_out(True)
+        return "channels_last (config; not tried: the model's pass fails)"
     times = 2 if first[0] < LAYOUT_QUICK_S else 1
     contiguous, channels_last = run(False, times), run(True, 1 + times)  # channels_last's first run warms its kernels
-    why = ""
     if isinstance(channels_last, AttributionError):
         why = f"its forward fails in channels_last: {channels_last}"
     elif isinstance(contiguous, AttributionError):
         why = f"its pass failed in the contiguous layout: {contiguous}"
     else:
         (t_contiguous, want), (t_last, got) = contiguous, channels_last
-        speed = f"{t_contiguous / t_last:.2f}x the contiguous layout's speed at {LAYOUT_ROWS} rows"
         differs = float((got - want).abs().max()) if got.shape == want.shape else math.inf
-        if not differs <= LAYOUT_RTOL * float(want.abs().max()):
-            why = f"channels_last changes the pass's numbers by {differs:.3g} (largest {float(want.abs().max()):.3g})"
-        elif forced:
-            return f"channels_last (config; {speed})"
-        elif t_contiguous >= LAYOUT_GAIN * t_last:
-            return f"channels_last ({speed})"
-        else:
-            why = f"channels_last ran at {speed}, under {LAYOUT_GAIN}x"
+        if differs <= LAYOUT_RTOL * float(want.abs().max()):
+            return f"channels_last (config; {t_contiguous / t_last:.2f}x the contiguous layout's speed at {LAYOUT_ROWS} rows)"
+        why = f"channels_last changes the pass's numbers by {differs:.3g} (largest {float(want.abs().max()):.3g})"
     model.lay_out(False)
-    if forced:
-        raise InvalidArgument(f"model {model.name!r}: memory_format channels_last: {why}; use contiguous or auto")
-    return f"contiguous ({why})" if why else "contiguous"
+    raise InvalidArgument(f"model {model.name!r}: memory_format channels_last: {why}; use contiguous or auto")
 
 
 # -- online: the pass size tuned on real traffic ---------------------------------------------------------------------

@@ -286,7 +286,7 @@ async def build_core(
     probes: Mapping[tuple, Probes] | None = None,
 ) -> LocalCore:
     """An engine with the configured plugins and the repository's models (the built-in demo models without one;
-    `only`: just these versions; `probes`: the load-time probes (layouts, pass-size rates) the engine process before
+    `only`: just these versions; `probes`: the load-time probes (pass-size rates) the engine process before
     this one kept, which its loads of the same files take instead of timing passes again); `observers(core)` hear
     the loads too. RepositoryError when nothing can serve (a model that fails is reported, not fatal)."""
     engine = Engine(config.limits)

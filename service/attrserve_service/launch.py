@@ -62,11 +62,11 @@ def launch(
     preload: str | None,
     event_loop: str,
     restore: set[tuple[str, str]] | None = None,
-    probes: Mapping[tuple, tuple[bool, dict[int, float]]] | None = None,
+    probes: Mapping[tuple, dict[int, float]] | None = None,  # engine.Probes, which would import torch here
 ) -> Launched:
     """Start `python -m attrserve_service.engine_process` on two new socket pairs and write its "init" frame, which
     waits in the socket until the process has imported its modules and reads it; `restore`: the versions to load
-    (None: the whole repository); `probes`: the load-time probes (layout, pass-size rates) the process before kept
+    (None: the whole repository); `probes`: the load-time probes (pass-size rates) the process before kept
     (Engine.probes), which its loads of the same files take instead of timing passes again."""
     to_engine, engine_in = socketpair()
     engine_out, from_engine = socketpair()

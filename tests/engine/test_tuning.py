@@ -37,8 +37,8 @@ def test_probe_measures_and_picks_a_size_and_config_wins() -> None:
 
 
 def test_a_load_of_the_same_files_takes_the_probe_kept_and_any_change_is_probed_again(monkeypatch) -> None:
-    """A probe is kept by tuning.probe_key: the files' fingerprint (a repository's spec), name, version, device,
-    threads, replicas and layout. A reload of the same files, or an engine handed the probes of the one before it (a
+    """A probe is kept by tuning.probe_key: the files' fingerprint (a repository's spec, its config and so its layout),
+    name, version, device, threads and replicas. The layout is the config's, laid out on every load. A reload of the same files, or an engine handed the probes of the one before it (a
     restarted engine process), takes the kept probe; other files, other threads, or a module built in code (no
     fingerprint) are timed again. The bound keeps the newest."""
     import attrserve_engine.engine as engine_module
@@ -64,16 +64,16 @@ def test_a_load_of_the_same_files_takes_the_probe_kept_and_any_change_is_probed_
     engine = Engine(EngineLimits(probe_seconds=0.2))
     try:
         first = engine.load(spec())
-        again = engine.load(spec())  # a reload of the same files: its layout (chosen by timing) and its probe kept
+        again = engine.load(spec())  # a reload of the same files: its probe kept
         assert timed == ["conv"] and again.batch_probe == first.batch_probe and again.max_batch_rows == first.max_batch_rows
-        assert laid_out == ["f1"] and again.channels_last == first.channels_last
+        assert laid_out == ["f1", "f1"] and not again.channels_last
         engine.load(spec("f2"))  # the files changed
         engine.load(spec(intra_op_threads=torch.get_num_threads() + 1))  # the same files, other threads
         engine.load(spec(""))  # a module built in code: nothing says it is the same
         engine.load(spec(""))
-        assert timed == ["conv"] * 5 and laid_out == ["f1", "f2", "f1", "", ""]
+        assert timed == ["conv"] * 5 and laid_out == ["f1", "f1", "f2", "f1", "", ""]
         kept = engine.probes()
-        assert len(kept) == 3 and (first.channels_last, first.batch_probe) in kept.values()
+        assert len(kept) == 3 and first.batch_probe in kept.values()
     finally:
         engine.shutdown()
     follower = Engine(EngineLimits(probe_seconds=0.2))  # a restarted engine process, handed what the first one kept
@@ -82,10 +82,9 @@ def test_a_load_of_the_same_files_takes_the_probe_kept_and_any_change_is_probed_
         restarted = follower.load(spec())
         assert timed == ["conv"] * 5 and restarted.batch_probe == first.batch_probe
         assert restarted.max_batch_rows == first.max_batch_rows and restarted.rows_per_second == first.rows_per_second
-        assert len(laid_out) == 5 and restarted.channels_last == first.channels_last
-        pinned = follower.load(spec(memory_format="contiguous"))  # a config's layout wins over a kept one
-        assert not pinned.channels_last
-        follower.keep_probes({("m", str(i)): (False, {8: float(i)}) for i in range(engine_module.MAX_KEPT_PROBES + 5)})
+        last = follower.load(spec("f3", memory_format="channels_last"))  # the opt-in, checked on its load
+        assert last.channels_last and laid_out[-2:] == ["f1", "f3"] and timed == ["conv"] * 6
+        follower.keep_probes({("m", str(i)): {8: float(i)} for i in range(engine_module.MAX_KEPT_PROBES + 5)})
         kept = follower.probes()
         assert len(kept) == engine_module.MAX_KEPT_PROBES
         assert ("m", str(engine_module.MAX_KEPT_PROBES + 4)) in kept and ("m", "4") not in kept  # the oldest went

@@ -146,17 +146,16 @@ export interface ModelConfig {
   instances: number;
   /**
    * Layout of the passes' 4-D floating tensors (images) and of the model's
-   * 4-D weights. "" or "auto" (default): channels_last when the model has 2-D
-   * convolutions and pinned input shapes, and at load a forward and backward
-   * in channels_last give the contiguous layout's numbers within float32
-   * rounding and run at least 10% faster (oneDNN's convolutions on a CPU ran
-   * a CNN 1.3-1.6x as fast); "contiguous"; "channels_last" (checked the same
-   * way where the inputs are pinned: a model whose forward cannot take it,
-   * say a view() of a convolution's output, fails to load). Known gap: where
-   * a max-pool or a ReLU sits near a tie, channels_last can move an
-   * attribution by more than float32 rounding (bench W2's CNN under
-   * IntegratedGradients: up to 1.8e-3 of the largest); "contiguous" serves
-   * Captum's numbers.
+   * 4-D weights. "", "auto" (default) or "contiguous": PyTorch's default
+   * layout, the one Captum runs in. "channels_last": an opt-in for a CNN
+   * whose passes run faster so (oneDNN's convolutions on a CPU ran a CNN
+   * 1.3-1.6x as fast), at a cost: where a max-pool or a ReLU sits near a tie,
+   * the layout's rounding can move which value wins, and an attribution by
+   * more than rounding (bench W2's CNN under IntegratedGradients: up to
+   * 1.8e-3 of the largest). Where the inputs are pinned the load checks it on
+   * 8 rows: a model whose forward cannot take it (say a view() of a
+   * convolution's output), or whose numbers it moves beyond 1e-5, fails to
+   * load.
    */
   memoryFormat: string;
 }
