@@ -245,9 +245,8 @@ def _pass(model: LoadedModel, module: torch.nn.Module, segments: list[Block]) ->
 
     xs = [stack([s.inputs[i] for s in segments] + ([s.refs[i] for s in segments] if paired else [])) for i in range(len(first.inputs))]  # type: ignore[index,arg-type]  # tensors: built above
     args = stacked("args", twice=paired)
-    if model.channels_last:  # the layout its load chose (tuning.choose_memory_format): images channels_last
-        xs = [model.laid_out(x) for x in xs]
     grad_mode = kind is not PassKind.FORWARD
+    xs = [model.laid_out(x, forward=not grad_mode) for x in xs]  # the layout its load set (tuning.choose_memory_format)
     wrt_inputs = grad_mode and not first.grad_wrt_layer
     if wrt_inputs:
         for i, x in enumerate(xs):

@@ -62,7 +62,7 @@ class ModelSpec:
     strict_input_dtypes: bool = False  # refuse, rather than cast, a floating input in another floating dtype
     intra_op_threads: int = 0  # torch intra-op threads of the model's CPU passes; 0: the engine's
     instances: int = 0  # copies of the model that run passes at the same time; 0: one
-    memory_format: str = ""  # layout of 4-D tensors in passes: "" / "auto", "contiguous", "channels_last" (tuning.py)
+    memory_format: str = ""  # layout of 4-D tensors in passes: MEMORY_FORMATS (tuning.choose_memory_format)
     module: nn.Module | None = None  # an already-built model (tests, embedding in other programs)
     # Names, sizes and modification times of the files it was read from (the repository's); "" when unknown (a module
     # built in code). Equal fingerprints: the same model, so an earlier load's layout and pass-size rates hold
@@ -71,7 +71,7 @@ class ModelSpec:
 
 
 _AUTOCAST = {"": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MEMORY_FORMATS = ("", "auto", "contiguous", "channels_last")
+MEMORY_FORMATS = ("", "auto", "contiguous", "channels_last_forward", "channels_last")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -200,9 +200,10 @@ class LoadedModel:
             raise InvalidArgument(
                 f"model {spec.name!r}: memory_format {spec.memory_format!r} is not one of {', '.join(repr(k) for k in MEMORY_FORMATS)}"
             )
-        # Passes lay 4-D floating tensors out channels_last (and the replicas' 4-D weights) when this is set: the
-        # spec's choice, or at load (tuning.choose_memory_format).
+        # Every pass lays 4-D floating tensors out channels_last (and the replicas' 4-D weights) when this is set (the
+        # spec's opt-in); forward passes alone (not their weights) when the second is (tuning.choose_memory_format).
         self.channels_last = False
+        self.forward_channels_last = False
         self.max_batch_rows = spec.max_batch_rows or default_max_batch_rows
         self.max_queue_delay_s = (spec.max_queue_delay_us or default_max_queue_delay_us) / 1e6
         self.is_torchscript = isinstance(self.module, torch.jit.ScriptModule)
@@ -252,9 +253,15 @@ class LoadedModel:
             replica.to(memory_format=fmt)  # type: ignore[call-overload]  # Module.to takes it; its stubs do not say so
         self.channels_last = channels_last
 
-    def laid_out(self, x: Tensor) -> Tensor:
-        """A pass's input in the model's layout: a 4-D floating tensor in channels_last where the model runs so."""
-        if self.channels_last and x.dim() == 4 and x.is_floating_point():
+    @property
+    def memory_format(self) -> str:
+        """The layout its passes run in, as a config names it (GetModel)."""
+        return "channels_last" if self.channels_last else "channels_last_forward" if self.forward_channels_last else "contiguous"
+
+    def laid_out(self, x: Tensor, forward: bool) -> Tensor:
+        """A pass's input in the model's layout: a 4-D floating tensor in channels_last where the model runs so, every
+        pass or (`forward`: a pass without gradients) its forward passes."""
+        if (self.channels_last or (forward and self.forward_channels_last)) and x.dim() == 4 and x.is_floating_point():
             return x.contiguous(memory_format=torch.channels_last)
         return x
 

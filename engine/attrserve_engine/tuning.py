@@ -172,8 +172,10 @@ def tuning_start(measured: dict[int, float]) -> int:
 
 
 # -- the layout of a model's passes ----------------------------------------------------------------------------------
-# Rows of the passes that check a config's channels_last; the passes of a model that is slow at that size are timed
-# fewer times.
+# channels_last forward passes must be at least this much faster to be taken where the config leaves the choice to the
+# load ("auto"): the layouts' run-to-run spread must not flip it between starts.
+LAYOUT_GAIN = 1.1
+# Rows of the passes that compare the layouts; the passes of a model that is slow at that size are timed fewer times.
 LAYOUT_ROWS = 8
 LAYOUT_QUICK_S = 0.1
 # The largest difference channels_last may make to those passes' gradients (or outputs), relative to their largest
@@ -181,29 +183,53 @@ LAYOUT_QUICK_S = 0.1
 LAYOUT_RTOL = 1e-5
 
 
+def _has_conv2d(module: torch.nn.Module) -> bool:
+    """Whether a 2-D convolution is among the modules (a scripted one keeps its class name in original_name)."""
+    return any(isinstance(m, torch.nn.Conv2d) or getattr(m, "original_name", "") == "Conv2d" for m in module.modules())
+
+
+def _set_layout(model: LoadedModel, forward: bool, on: bool) -> None:
+    if forward:
+        model.forward_channels_last = on  # its inputs alone: a convolution runs channels_last when its input is
+    else:
+        model.lay_out(on)
+
+
 def choose_memory_format(model: LoadedModel) -> str:
     """Lay the model's passes out as its spec's memory_format says, and return how and why (for the load's log).
 
-    "" / "auto" (the default) and "contiguous" keep PyTorch's default layout, the one Captum runs in: only it serves
-    Captum's numbers on every input (docs/ARCHITECTURE.md, "Pass layout"). "channels_last" is the operator's opt-in,
-    for a CNN whose passes run faster so: where the shapes are pinned, the same gradient pass (a forward pass for integer
-    inputs) runs in both layouts at load, and a model whose forward fails in channels_last or whose numbers it changes
-    beyond float32 rounding (LAYOUT_RTOL) does not load (InvalidArgument); with unpinned shapes it is taken on trust.
-    The check passing does not make channels_last Captum's numbers on every input: a gradient through a max-pool or a
-    ReLU whose winner rounding flips can jump, and interpolated inputs (IntegratedGradients) cross such points."""
-    if model.spec.memory_format != "channels_last":
-        return "contiguous (config)" if model.spec.memory_format == "contiguous" else "contiguous"
+    Gradient passes run PyTorch's default (contiguous) layout, the one Captum runs in, unless the config opts in to
+    "channels_last": a gradient through a max-pool or a ReLU jumps where the layout's rounding moves which value wins,
+    and interpolated inputs (IntegratedGradients) cross such points, so only the contiguous layout's gradients are
+    Captum's on every input (docs/ARCHITECTURE.md, "Pass layout"). A forward pass's outputs move by rounding alone.
+
+    - "contiguous": every pass contiguous.
+    - "" / "auto" (the default): forward passes channels_last ("channels_last_forward") where that can pay and holds:
+      a model with 2-D convolutions, a 4-D floating input and pinned shapes, whose 8-row forward pass runs in
+      channels_last, gives the contiguous layout's outputs within LAYOUT_RTOL and is LAYOUT_GAIN times as fast.
+    - "channels_last_forward": the same without the speed test; "channels_last": every pass, its weights too, checked
+      on a gradient pass (a forward pass for integer inputs). Where the shapes are pinned, a model that fails the check
+      does not load (InvalidArgument); with unpinned shapes either is taken on trust."""
+    choice = model.spec.memory_format or "auto"
+    if choice == "contiguous":
+        return "contiguous (config)"
+    forced, forward = choice != "auto", choice != "channels_last"
+    name = "channels_last_forward" if forward else "channels_last"
     example = model.example_inputs()
     if example is None or model.output_shape is None:
-        model.lay_out(True)
-        return "channels_last (config; the inputs' shapes are not pinned, so it was not tried at load)"
+        if forced:
+            _set_layout(model, forward, True)
+            return f"{name} (config; the inputs' shapes are not pinned, so it was not tried at load)"
+        return "contiguous"
+    if not forced and not (_has_conv2d(model.module) and any(x.dim() == 4 and x.is_floating_point() for x in example)):
+        return "contiguous"
     inputs = _probe_inputs(model, example, LAYOUT_ROWS, torch.Generator().manual_seed(0))
     k = len(model.output_shape) if math.prod(model.output_shape) > 1 else 0
-    gradient = all(x.is_floating_point() for x in example)
+    gradient = not forward and all(x.is_floating_point() for x in example)
     block = _probe_block(inputs, k, gradient, "")
 
-    def run(channels_last: bool, times: int) -> tuple[float, torch.Tensor] | AttributionError:
-        model.lay_out(channels_last)
+    def run(on: bool, times: int) -> tuple[float, torch.Tensor] | AttributionError:
+        _set_layout(model, forward, on)
         best, outcome = math.inf, None
         for _ in range(times):
             start = time.perf_counter()
@@ -217,8 +243,8 @@ def choose_memory_format(model: LoadedModel) -> str:
 
     first = run(False, 1)
     if isinstance(first, AttributionError):  # the model's own failure, which the probe and warm-ups report
-        model.lay_out(True)
-        return "channels_last (config; not tried: the model's pass fails)"
+        _set_layout(model, forward, forced)
+        return f"{name} (config; not tried: the model's pass fails)" if forced else "contiguous"
     times = 2 if first[0] < LAYOUT_QUICK_S else 1
     contiguous, channels_last = run(False, times), run(True, 1 + times)  # channels_last's first run warms its kernels
     if isinstance(channels_last, AttributionError):
@@ -227,12 +253,20 @@ def choose_memory_format(model: LoadedModel) -> str:
         why = f"its pass failed in the contiguous layout: {contiguous}"
     else:
         (t_contiguous, want), (t_last, got) = contiguous, channels_last
+        speed = f"{t_contiguous / t_last:.2f}x the contiguous layout's speed at {LAYOUT_ROWS} rows"
         differs = float((got - want).abs().max()) if got.shape == want.shape else math.inf
-        if differs <= LAYOUT_RTOL * float(want.abs().max()):
-            return f"channels_last (config; {t_contiguous / t_last:.2f}x the contiguous layout's speed at {LAYOUT_ROWS} rows)"
-        why = f"channels_last changes the pass's numbers by {differs:.3g} (largest {float(want.abs().max()):.3g})"
-    model.lay_out(False)
-    raise InvalidArgument(f"model {model.name!r}: memory_format channels_last: {why}; use contiguous or auto")
+        if not differs <= LAYOUT_RTOL * float(want.abs().max()):
+            why = f"channels_last changes the pass's numbers by {differs:.3g} (largest {float(want.abs().max()):.3g})"
+        elif forced:
+            return f"{name} (config; {speed})"
+        elif t_contiguous >= LAYOUT_GAIN * t_last:
+            return f"{name} ({speed})"
+        else:
+            why = f"channels_last forward passes ran at {speed}, under {LAYOUT_GAIN}x"
+    _set_layout(model, forward, False)
+    if forced:
+        raise InvalidArgument(f"model {model.name!r}: memory_format {name}: {why}; use contiguous or auto")
+    return f"contiguous ({why})"
 
 
 # -- online: the pass size tuned on real traffic ---------------------------------------------------------------------

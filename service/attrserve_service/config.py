@@ -81,7 +81,7 @@ def effective_config(model: LoadedModel) -> mc.ModelConfig:
     config.max_queued_bytes = model.max_queued_bytes
     config.intra_op_threads = model.intra_op_threads if model.device.type == "cpu" else model.spec.intra_op_threads
     config.instances = model.instances
-    config.memory_format = "channels_last" if model.channels_last else "contiguous"
+    config.memory_format = model.memory_format
     return config
 
 

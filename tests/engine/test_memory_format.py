@@ -1,17 +1,24 @@
-"""A model's pass layout (ModelSpec.memory_format, tuning.choose_memory_format): "auto" (the default) and "contiguous"
-serve PyTorch's default layout and never try another; "channels_last" is an opt-in, checked at load where the shapes are
-pinned, and serves Captum's numbers for every algorithm on the zoo's convolutional models, alone and fused; a model that
-cannot run channels_last, or whose numbers it changes, refuses it at load, and the engine serves on.
+"""A model's pass layout (ModelSpec.memory_format, tuning.choose_memory_format).
 
-Why auto is not channels_last where that is faster (it was, until issue 12 step 30): a gradient through a max-pool or a
-ReLU whose winner rounding flips jumps, and IntegratedGradients' interpolated inputs cross such points. On bench W2's
-CNN, channels_last served 6 of 16 answers more than 1e-4 of the largest attribution from Captum's
-(tests/bench/test_bench_numbers.py checks the default layout there).
+- "contiguous" serves PyTorch's default layout.
+- "auto" (the default) lays forward passes out channels_last ("channels_last_forward") only where the model has 2-D
+  convolutions, its forward takes that layout, gives the same outputs and is faster; never a gradient pass, and it
+  tries nothing on a model without 2-D convolutions.
+- "channels_last_forward" and "channels_last" (every pass, the weights too) are opt-ins, checked at load where the
+  shapes are pinned. Both serve Captum's numbers for every algorithm on the zoo's convolutional models, alone and
+  fused. A model that cannot run channels_last, or whose numbers it changes, refuses them at load, and the engine
+  serves on.
+
+Why auto never lays a gradient pass out channels_last (it did, until issue 12 step 30): a gradient through a max-pool
+or a ReLU whose winner rounding flips jumps, and IntegratedGradients' interpolated inputs cross such points. On bench
+W2's CNN, channels_last served 6 of 16 answers more than 1e-4 of the largest attribution from Captum's
+(tests/bench/test_bench_numbers.py checks the default layout there). A forward pass's outputs move by rounding only.
 """
 
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import torch
@@ -34,9 +41,10 @@ def test_the_zoo_has_convolutional_models() -> None:
     assert {"resnet", "vgg"} <= set(CONV_MODELS)
 
 
-@pytest.fixture(scope="module")
-def engine():
-    """The zoo's convolutional models with pinned shapes and memory_format channels_last (checked at load)."""
+@pytest.fixture(scope="module", params=["channels_last", "channels_last_forward"])
+def engine(request: pytest.FixtureRequest):
+    """The zoo's convolutional models with pinned shapes and memory_format channels_last or channels_last_forward
+    (checked at load)."""
     e = Engine(EngineLimits(probe_batch_rows=False))
     for name in CONV_MODELS:
         z = ZOO[name]
@@ -47,7 +55,7 @@ def engine():
                 inputs=[InputSpec("x", z.dtype, z.shape)],
                 output_key=z.output_key,
                 output_index=z.output_index,
-                memory_format="channels_last",
+                memory_format=request.param,
             )
         )
     yield e
@@ -63,7 +71,7 @@ def _like_captum(model: str, name: str, got) -> None:
 
 @pytest.mark.parametrize("model", CONV_MODELS)
 def test_every_algorithm_in_channels_last_equals_captum(engine: Engine, model: str) -> None:
-    assert engine.get_model(model).channels_last
+    assert engine.get_model(model).memory_format != "contiguous"
     names = answerable(engine, model)
     assert len(names) > 20
     failures = []
@@ -129,25 +137,72 @@ def _saliency_like_captum(engine: Engine, name: str, module: nn.Module) -> None:
     assert_close(got.attributions[0], Saliency(module.eval()).attribute(X.clone(), target=[0, 2]))
 
 
-@pytest.mark.parametrize("memory_format", ["", "auto"])
-@pytest.mark.parametrize("model", ["vgg", "flat", "mlp"])
-def test_auto_serves_the_contiguous_layout_and_never_tries_another(monkeypatch: pytest.MonkeyPatch, memory_format: str, model: str) -> None:
-    """A CNN that runs faster channels_last (vgg), one whose forward cannot take it, and an MLP: no layout is tried."""
-
+def test_auto_never_tries_a_model_without_2d_convolutions(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_pass(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise AssertionError("auto tried a layout")
+        raise AssertionError("the layout of a model without convolutions was tried")
 
-    modules = {"vgg": (ZOO["vgg"].build, ZOO["vgg"].shape), "flat": (Flattens, (3, 6, 6)), "mlp": (Mlp, (4,))}
-    build, dims = modules[model]
     monkeypatch.setattr(tuning, "run_pass", no_pass)
     engine = Engine(EngineLimits(probe_batch_rows=False))
     try:
-        loaded = engine.load(_spec(model, build(), memory_format, dims=dims))
-        assert not loaded.channels_last
-        assert all(p.is_contiguous() for p in loaded.module.parameters())
-        assert tuning.choose_memory_format(loaded) == "contiguous" and not loaded.channels_last
-        loaded.spec.memory_format = "contiguous"
-        assert tuning.choose_memory_format(loaded) == "contiguous (config)" and not loaded.channels_last
+        model = engine.load(_spec("mlp", Mlp(), dims=(4,)))
+        assert tuning.choose_memory_format(model) == "contiguous" and model.memory_format == "contiguous"
+        model.spec.memory_format = "contiguous"
+        assert tuning.choose_memory_format(model) == "contiguous (config)" and model.memory_format == "contiguous"
+    finally:
+        engine.shutdown()
+
+
+def test_auto_keeps_the_contiguous_layout_where_the_forward_cannot_take_channels_last() -> None:
+    engine = Engine(EngineLimits(probe_batch_rows=False))
+    try:
+        model = engine.load(_spec("flat", Flattens()))
+        assert model.memory_format == "contiguous"
+        assert "fails in channels_last" in tuning.choose_memory_format(model) and model.memory_format == "contiguous"
+        _saliency_like_captum(engine, "flat", Flattens())
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("slower", [False, True])
+def test_auto_lays_out_forward_passes_alone_and_only_when_faster(monkeypatch: pytest.MonkeyPatch, slower: bool) -> None:
+    """The forward passes of one layout are made 20 ms slower: auto takes the other. Where it takes channels_last, the
+    weights stay contiguous, the forward passes (Occlusion) get channels_last inputs and the gradient passes (Saliency)
+    contiguous ones, and both answer Captum's numbers."""
+    real = tuning.run_pass
+
+    def run_pass(model, blocks):  # type: ignore[no-untyped-def]
+        if model.forward_channels_last == slower:
+            time.sleep(0.02)
+        return real(model, blocks)
+
+    engine = Engine(EngineLimits(probe_batch_rows=False))
+    try:
+        model = engine.load(_spec("cnn", Pools()))
+        monkeypatch.setattr(tuning, "run_pass", run_pass)
+        why = tuning.choose_memory_format(model)
+        assert why.startswith("contiguous (channels_last forward passes ran") if slower else why.startswith("channels_last_forward ("), why
+        assert model.memory_format == ("contiguous" if slower else "channels_last_forward") and not model.channels_last
+        assert all(p.is_contiguous() for p in model.module.parameters())
+        seen: list[tuple[bool, bool]] = []  # (grad enabled, input channels_last) per forward
+
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            seen.append((torch.is_grad_enabled(), x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()))
+
+        handle = model.module.register_forward_pre_hook(record)
+        try:
+            _saliency_like_captum(engine, "cnn", Pools())
+            from captum.attr import Occlusion
+
+            job = AttributionJob(model="cnn", algorithm="occlusion", inputs=(X,), target=[0, 2], params={"sliding_window_shapes": (3, 2, 2)})
+            got = engine.attribute(job, timeout=60)
+            want = Occlusion(Pools().eval()).attribute(X.clone(), target=[0, 2], sliding_window_shapes=(3, 2, 2))
+            assert_close(got.attributions[0], want)
+        finally:
+            handle.remove()
+        assert {grad for grad, _ in seen} == {True, False}
+        assert all(not last for grad, last in seen if grad)  # a gradient pass never runs channels_last under auto
+        assert all(last is not slower for grad, last in seen if not grad)
     finally:
         engine.shutdown()
 
@@ -156,8 +211,9 @@ def test_a_config_that_insists_on_channels_last_fails_such_a_model_at_load_and_t
     engine = Engine(EngineLimits(probe_batch_rows=False))
     try:
         engine.load(_spec("fine", Flattens(), "contiguous"))
-        with pytest.raises(InvalidArgument, match=r"model 'flat': memory_format channels_last: its forward fails in channels_last"):
-            engine.load(_spec("flat", Flattens(), "channels_last"))
+        for memory_format in ("channels_last", "channels_last_forward"):
+            with pytest.raises(InvalidArgument, match=rf"model 'flat': memory_format {memory_format}: its forward fails in channels_last"):
+                engine.load(_spec("flat", Flattens(), memory_format))
         _saliency_like_captum(engine, "fine", Flattens())
         assert engine.serving()[0]
     finally:
@@ -219,7 +275,9 @@ def test_channels_last_with_unpinned_shapes_is_taken_on_trust_and_equals_captum(
 def test_an_unknown_memory_format_is_refused_naming_the_choices() -> None:
     engine = Engine(EngineLimits(probe_batch_rows=False))
     try:
-        with pytest.raises(InvalidArgument, match=r"model 'cnn': memory_format 'sideways' is not one of '', 'auto', 'contiguous', 'channels_last'"):
+        with pytest.raises(
+            InvalidArgument, match=r"model 'cnn': memory_format 'sideways' is not one of '', 'auto', 'contiguous', 'channels_last_forward', 'channels_last'"
+        ):
             engine.load(_spec("cnn", Flattens(), "sideways"))
         engine.load(_spec("cnn", Flattens(), "contiguous"))
         _saliency_like_captum(engine, "cnn", Flattens())

@@ -314,8 +314,10 @@ def test_intra_op_threads_is_read_shown_and_bounded(tmp_path, engines):
 
 def test_memory_format_is_read_checked_and_shown(tmp_path, engines):
     """The config's memory_format reaches the load, which checks it on the pinned inputs, and GetModel shows the layout the
-    passes run in. An MLP has no 4-D tensor, so channels_last changes nothing in its passes: the config is honoured."""
+    passes run in. An MLP has no 4-D tensor, so channels_last (or channels_last_forward) changes nothing in its passes: the
+    config is honoured."""
     write_model(tmp_path / "last", config=CONFIGURED.replace('name: "custom"', 'name: "last"\n    memory_format: "channels_last"'))
+    write_model(tmp_path / "fwd", config=CONFIGURED.replace('name: "custom"', 'name: "fwd"\n    memory_format: "channels_last_forward"'))
     write_model(tmp_path / "odd", config=CONFIGURED.replace('name: "custom"', 'name: "odd"\n    memory_format: "sideways"'))
     specs = {s.name: s for s in load_repository(tmp_path)}
     assert specs["last"].memory_format == "channels_last"
@@ -323,6 +325,9 @@ def test_memory_format_is_read_checked_and_shown(tmp_path, engines):
     model = engine.load(specs["last"])
     assert model.channels_last and effective_config(model).memory_format == "channels_last"
     assert spec_config(specs["last"]).memory_format == "channels_last"  # GetModel of a version that is not loaded
+    forward = engine.load(specs["fwd"])
+    assert forward.forward_channels_last and not forward.channels_last and effective_config(forward).memory_format == "channels_last_forward"
+    assert_close(attribute(engine, "fwd", "integrated_gradients").attributions[0], captum_ig(build(MLP)))
     assert_close(attribute(engine, "last", "integrated_gradients").attributions[0], captum_ig(build(MLP)))
     with pytest.raises(InvalidArgument, match=r"model 'odd': memory_format 'sideways' is not one of"):
         engine.load(specs["odd"])

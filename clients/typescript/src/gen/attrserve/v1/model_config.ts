@@ -146,14 +146,20 @@ export interface ModelConfig {
   instances: number;
   /**
    * Layout of the passes' 4-D floating tensors (images) and of the model's
-   * 4-D weights. "", "auto" (default) or "contiguous": PyTorch's default
-   * layout, the one Captum runs in. "channels_last": an opt-in for a CNN
-   * whose passes run faster so (oneDNN's convolutions on a CPU ran a CNN
-   * 1.3-1.6x as fast), at a cost: where a max-pool or a ReLU sits near a tie,
-   * the layout's rounding can move which value wins, and an attribution by
-   * more than rounding (bench W2's CNN under IntegratedGradients: up to
-   * 1.8e-3 of the largest). Where the inputs are pinned the load checks it on
-   * 8 rows: a model whose forward cannot take it (say a view() of a
+   * 4-D weights. Gradient passes run PyTorch's default (contiguous) layout,
+   * the one Captum runs in, unless "channels_last" opts in. "" or "auto"
+   * (default): forward passes (perturbation methods) take channels_last
+   * inputs where the model has 2-D convolutions and pinned input shapes, and
+   * at load that forward pass gives the same outputs within float32 rounding
+   * and runs at least 10% faster; GetModel then shows "channels_last_forward".
+   * "contiguous": every pass. "channels_last_forward": forward passes, without
+   * the speed test. "channels_last": every pass and the weights (oneDNN's
+   * convolutions on a CPU ran a CNN's gradient passes 1.3x as fast), at a
+   * cost: where a max-pool or a ReLU sits near a tie, the layout's rounding
+   * can move which value wins, and a gradient-based attribution by more than
+   * rounding (bench W2's CNN under IntegratedGradients: up to 1.8e-3 of the
+   * largest). Where the inputs are pinned the load checks the last two on 8
+   * rows: a model whose forward cannot take it (say a view() of a
    * convolution's output), or whose numbers it moves beyond 1e-5, fails to
    * load.
    */
