@@ -39,11 +39,11 @@ CONFIRM_ROUNDS = 3
 
 def probe_key(model: LoadedModel) -> tuple | None:
     """What a model's load-time probe (its rows per second by pass size, probe_batch_rows) depends on, as a key: its
-    files (ModelSpec.fingerprint, which covers its config and so its layout), name, version, device, intra-op threads
-    and replicas. An engine that loads the same key again (a restarted engine process, a reload of unchanged files)
-    takes what it kept (Engine.probes) instead of timing passes again: the same machine and the same model give the
-    same answers, within the noise the tuner works in anyway, and the pass size does not flip between restarts. None
-    when the files are unknown (a module built in code)."""
+    files (ModelSpec.fingerprint, which covers its config), name, version, device, intra-op threads and replicas. An
+    engine that loads the same key again (a restarted engine process, a reload of unchanged files) takes what it kept
+    (Engine.probes) instead of timing passes again: the same machine and the same model give the same answers, within
+    the noise the tuner works in anyway, and the pass size does not flip between restarts. None when the files are
+    unknown (a module built in code)."""
     if not model.spec.fingerprint:
         return None
     return (model.name, model.version, model.spec.fingerprint, str(model.device), model.intra_op_threads, model.instances)
