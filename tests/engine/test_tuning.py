@@ -37,10 +37,11 @@ def test_probe_measures_and_picks_a_size_and_config_wins() -> None:
 
 
 def test_a_load_of_the_same_files_takes_the_probe_kept_and_any_change_is_probed_again(monkeypatch) -> None:
-    """A probe is kept by tuning.probe_key: the files' fingerprint (a repository's spec, its config and so its layout),
-    name, version, device, threads and replicas. The layout is the config's, laid out on every load. A reload of the same files, or an engine handed the probes of the one before it (a
-    restarted engine process), takes the kept probe; other files, other threads, or a module built in code (no
-    fingerprint) are timed again. The bound keeps the newest."""
+    """A probe is kept by tuning.probe_key: the files' fingerprint (a repository's spec, its config included), name,
+    version, device, threads and replicas. The layout is set on every load (choose_memory_format), never kept. A reload
+    of the same files, or an engine handed the probes of the one before it (a restarted engine process), takes the
+    kept probe; other files, other threads, or a module built in code (no fingerprint) are timed again. The bound keeps
+    the newest."""
     import attrserve_engine.engine as engine_module
 
     timed: list[str] = []
