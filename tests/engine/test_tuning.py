@@ -82,7 +82,8 @@ def test_a_load_of_the_same_files_takes_the_probe_kept_and_any_change_is_probed_
         follower.keep_probes(kept)
         restarted = follower.load(spec())
         assert timed == ["conv"] * 5 and restarted.batch_probe == first.batch_probe
-        assert restarted.max_batch_rows == first.max_batch_rows and restarted.rows_per_second == first.rows_per_second
+        # (not rows_per_second: each engine's warm-up passes that fill half a pass move it, by their own timing)
+        assert restarted.max_batch_rows == first.max_batch_rows
         last = follower.load(spec("f3", memory_format="channels_last"))  # the opt-in, checked on its load
         assert last.channels_last and laid_out[-2:] == ["f1", "f3"] and timed == ["conv"] * 6
         follower.keep_probes({("m", str(i)): {8: float(i)} for i in range(engine_module.MAX_KEPT_PROBES + 5)})
