@@ -65,7 +65,7 @@ class ModelSpec:
     memory_format: str = ""  # layout of 4-D tensors in passes: MEMORY_FORMATS (tuning.choose_memory_format)
     module: nn.Module | None = None  # an already-built model (tests, embedding in other programs)
     # Names, sizes and modification times of the files it was read from (the repository's); "" when unknown (a module
-    # built in code). Equal fingerprints: the same model, so an earlier load's layout and pass-size rates hold
+    # built in code). Equal fingerprints: the same model, so an earlier load's pass-size rates hold
     # (tuning.probe_key).
     fingerprint: str = ""
 

@@ -34,7 +34,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.* is deprecated:DeprecationWarning"),
 ]
 
-CONV_MODELS = [name for name, z in ZOO.items() if any(isinstance(m, nn.Conv2d) for m in z.build().modules())]
+CONV_MODELS = [name for name, z in ZOO.items() if tuning._has_conv2d(z.build())]
 
 
 def test_the_zoo_has_convolutional_models() -> None:
