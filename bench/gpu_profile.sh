@@ -25,7 +25,7 @@ RUN_ARGS=${RUN_ARGS:---gpu --systems attrserve --seconds 30 --warmup-seconds 5}
 $PY bench/run.py $RUN_ARGS --json "$OUT/profile_results.json" > "$OUT/profile_run.log" 2>&1 &
 run=$!
 sleep "$DELAY"
-engine=$(pgrep -n -f "attrserve_service.engine_process" || true)
+engine=$(pgrep -n -f "attrserve_service.engine_main" || true)
 front=$(pgrep -n -f "attrserve_service.cli serve|profile_server.py" || true)
 echo "engine process: ${engine:-none}, front: ${front:-none}"
 if command -v nvidia-smi > /dev/null; then

@@ -34,7 +34,7 @@ import torch
 
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_client.tensors import from_tensor_proto
-from attrserve_service.core import heap_allocator
+from attrserve_service.local_core import heap_allocator
 
 import harness
 from captum_calls import CHECK_TOLERANCE, PassCounter, error_of, run_captum

@@ -9,11 +9,11 @@ a variable of the server; default: one configuration, the defaults). Each serves
 models, whose pass-size probes take seconds (`--smoke-models`: bench/models_smoke, the same four at tiny sizes).
 Measured per start, from the exec: every model ready (ListModels, polled every 20 ms on a channel that reconnects
 within 100 ms), the first answer (Saliency on bench_mlp, checked against Captum), and the RSS of the server's process
-tree then. With `--restarts N`, attrserve's engine process is then killed (SIGKILL) N times, and each recovery is
-measured the same way from the kill: every model ready again in a new engine process, and its first answer. Each
-kill comes 1 s after the last recovery, so the front's back-off doubles as for a process that keeps dying (0.5 s
-before the first restart, then 1 s, 2 s, ...; the stderr lines give each). The table gives the median and the
-range over the rounds (and the restarts).
+tree then, and of its front end alone. With `--restarts N`, attrserve's engine process is then killed (SIGKILL) N
+times, and each recovery is measured the same way from the kill: every model ready again in a new engine process,
+and its first answer. Each kill comes 1 s after the last recovery, so the front's back-off doubles as for a process
+that keeps dying (0.5 s before the first restart, then 1 s, 2 s, ...; the stderr lines give each). The table gives
+the median and the range over the rounds (and the restarts).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def one_start(name: str, argv: list[str], port: int, env: dict[str, str], x: np.
         ready = server.wait_ready(list(NAMES), since=t0, poll_s=POLL_S)
         answered = answer(server, t0, x, expected)
         rss_kib = sum(harness.proc_status_kib(pid, "VmRSS") or 0 for pid in tree(server.pid))
-        out = {"ready": ready, "answer": answered, "rss": harness.mib(rss_kib), "restarts": []}
+        front_kib = harness.proc_status_kib(server.pid, "VmRSS") or 0  # attrserve's front end; B2's one process
+        out = {"ready": ready, "answer": answered, "rss": harness.mib(rss_kib), "front": harness.mib(front_kib), "restarts": []}
         for _ in range(restarts):
             time.sleep(1.0)  # the front's restart delay counts from the last start
             engine = next(pid for pid in tree(server.pid) if pid != server.pid)
@@ -104,7 +105,8 @@ def main() -> None:
             runs[system].append(r)
             again = "".join(f", restart {a['ready']:.2f} s" for a in r["restarts"])
             print(
-                f"round {number}, {system}: ready {r['ready']:.2f} s, first answer {r['answer']:.2f} s, {r['rss']:.0f} MiB{again}",
+                f"round {number}, {system}: ready {r['ready']:.2f} s, first answer {r['answer']:.2f} s, "
+                f"{r['rss']:.0f} MiB (front {r['front']:.0f}){again}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -113,13 +115,15 @@ def main() -> None:
         return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
     print(f"\n{args.rounds} rounds; {os.cpu_count()} CPUs; {repo.relative_to(ROOT)}: {', '.join(NAMES)}\n")
-    head, rule = "| system | every model ready, s | first answer, s | RSS then, MiB |", "|---|---:|---:|---:|"
+    head = "| system | every model ready, s | first answer, s | RSS then, MiB | the front end's (B2: its one process), MiB |"
+    rule = "|---|---:|---:|---:|---:|"
     if args.restarts:
         head, rule = head + " after a SIGKILL of the engine process: every model ready, s | its first answer, s |", rule + "---:|---:|"
     print(head)
     print(rule)
     for system, rs in runs.items():
-        row = f"| {system} | {cell([r['ready'] for r in rs])} | {cell([r['answer'] for r in rs])} | {cell([r['rss'] for r in rs], 0)} |"
+        row = f"| {system} | {cell([r['ready'] for r in rs])} | {cell([r['answer'] for r in rs])} | "
+        row += f"{cell([r['rss'] for r in rs], 0)} | {cell([r['front'] for r in rs], 0)} |"
         if args.restarts:
             again = [a for r in rs for a in r["restarts"]]
             row += f" {cell([a['ready'] for a in again])} | {cell([a['answer'] for a in again])} |" if again else " — | — |"

@@ -1,8 +1,8 @@
 """attrserve_engine: pure-torch attribution engine that fuses the work rows of many requests.
 
-The names below are imported from their modules when first used, so that `attrserve_engine.limits` (what the server's
-command line reads) imports without torch: `attrserve serve` starts its engine process before the front end imports
-torch, and both imports then run at once (docs/ARCHITECTURE.md, "Start-up").
+The names below are imported from their modules when first used, so that the modules the front-end process needs
+import without torch: errors, job, limits and events (docs/ARCHITECTURE.md, "Processes"). The front end never
+imports torch; the engine-core process does.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 # name → the module of this package that defines it
 _EXPORTS = {
-    "DROP_CANCELLED": "scheduler",
-    "DROP_DEADLINE": "scheduler",
+    "DROP_CANCELLED": "events",
+    "DROP_DEADLINE": "events",
     "AlgorithmResult": "job",
     "AlgorithmSpec": "job",
     "AttributionError": "errors",
@@ -23,21 +23,21 @@ _EXPORTS = {
     "DeadlineExceeded": "errors",
     "Engine": "engine",
     "EngineLimits": "limits",
-    "EngineObserver": "scheduler",
+    "EngineObserver": "events",
     "FailedPrecondition": "errors",
-    "InputCast": "models",
+    "InputCast": "job",
     "InputSpec": "models",
     "InvalidArgument": "errors",
     "JobTiming": "job",
     "LoadedModel": "models",
     "ModelRecord": "models",
     "ModelSpec": "models",
-    "ModelState": "models",
+    "ModelState": "events",
     "NotFound": "errors",
-    "PassStats": "scheduler",
+    "PassStats": "events",
     "ResourceExhausted": "errors",
     "Unavailable": "errors",
-    "version_order": "models",
+    "version_order": "events",
 }
 __all__ = [
     "DROP_CANCELLED",
@@ -80,10 +80,10 @@ if TYPE_CHECKING:
         ResourceExhausted,
         Unavailable,
     )
-    from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult, JobTiming
+    from attrserve_engine.events import DROP_CANCELLED, DROP_DEADLINE, EngineObserver, ModelState, PassStats, version_order
+    from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult, InputCast, JobTiming
     from attrserve_engine.limits import EngineLimits
-    from attrserve_engine.models import InputCast, InputSpec, LoadedModel, ModelRecord, ModelSpec, ModelState, version_order
-    from attrserve_engine.scheduler import DROP_CANCELLED, DROP_DEADLINE, EngineObserver, PassStats
+    from attrserve_engine.models import InputSpec, LoadedModel, ModelRecord, ModelSpec
 
 
 def __getattr__(name: str) -> Any:

@@ -36,21 +36,20 @@ from attrserve_engine.errors import (
     size_text,
 )
 from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluate
+from attrserve_engine.events import REFUSED_DEADLINE, EngineObserver, ModelState, Observers, PassStats
 from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks
-from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult, JobTiming
+from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult, InputCast, JobTiming
 from attrserve_engine.limits import EngineLimits
 from attrserve_engine.models import (
-    InputCast,
     LoadedModel,
     ModelRecord,
     ModelSpec,
-    ModelState,
     ServedModels,
     example_bytes,
 )
 from attrserve_engine.plan import Attribution, Block, BlockResult, JobPlan, PassKind, Plan, PlanOf, RequestRNG, Task, concurrently
 from attrserve_engine.plugins import load_plugins
-from attrserve_engine.scheduler import BATCH, INTERACTIVE, REFUSED_DEADLINE, EngineObserver, LiveJob, Merge, Observers, PassStats, Scheduler
+from attrserve_engine.scheduler import BATCH, INTERACTIVE, LiveJob, Merge, Scheduler
 from attrserve_engine.targets import check_target, format_target
 from attrserve_engine.tuning import choose_memory_format, pick_batch_rows, probe_batch_rows, probe_key
 
@@ -200,7 +199,7 @@ class Engine:
 
     def keep_probes(self, probes: Mapping[tuple, Probes]) -> None:
         """Keep these load-time probes (tuning.probe_key → rows/s by pass size): a restarted engine
-        process is handed its predecessor's (core.build_core), so it loads without timing passes again. The newest
+        process is handed its predecessor's (local_core.build_core), so it loads without timing passes again. The newest
         MAX_KEPT_PROBES stay."""
         with self._lock:
             for key, rates in probes.items():

@@ -13,18 +13,14 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from attrserve_engine.errors import AttributionError, FailedPrecondition, InvalidArgument, ResourceExhausted
+from attrserve_engine.events import SPLIT_FAILURE, SPLIT_OOM, PassKind
 from attrserve_engine.models import LoadedModel
-from attrserve_engine.plan import Block, BlockResult, PassKind, build_rows, concat_results, slice_block
+from attrserve_engine.plan import Block, BlockResult, build_rows, concat_results, slice_block
 from attrserve_engine.targets import fused_flat_target
 
 log = logging.getLogger(__name__)
 
 SegmentOutcome = BlockResult | AttributionError
-
-
-# Why a fused pass was re-run in two halves (a metric label).
-SPLIT_FAILURE = "failure"
-SPLIT_OOM = "oom"
 
 
 def run_pass(

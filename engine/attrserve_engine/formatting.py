@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.job import AttributionJob
-from attrserve_engine.models import InputCast, LoadedModel
+from attrserve_engine.job import AttributionJob, InputCast
+from attrserve_engine.models import LoadedModel
 
 
 def check_inputs(job: AttributionJob, model: LoadedModel) -> tuple[tuple[Tensor, ...], tuple[InputCast, ...]]:

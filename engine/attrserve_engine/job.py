@@ -11,7 +11,6 @@ from typing_extensions import TypeVar
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from attrserve_engine.models import InputCast
     from attrserve_engine.targets import TargetLike
 
 # What a job's and a result's tensors are: torch tensors in the engine (the default), numpy arrays in the service's
@@ -65,6 +64,16 @@ class AttributionJob(Generic[A]):
     # "interactive" (default): a caller waits, its rows go first; "batch": a back-fill, never starved.
     priority: str = "interactive"
     arrival: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class InputCast:
+    """A request input computed in the model's pinned dtype instead of the one it was sent in (the dtypes' names, such
+    as "float64": a result carries nothing that needs torch to read)."""
+
+    input: int
+    sent: str
+    used: str
 
 
 @dataclass

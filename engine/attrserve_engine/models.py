@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import enum
 import logging
 import os
 import threading
@@ -17,18 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from attrserve_engine.errors import InvalidArgument, NotFound, Unavailable, shown
+from attrserve_engine.events import ModelState, version_order
+from attrserve_engine.job import InputCast
 from attrserve_engine.user_code import import_file
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class InputCast:
-    """A request input computed in the model's pinned dtype instead of the one it was sent in."""
-
-    input: int
-    sent: torch.dtype
-    used: torch.dtype
 
 
 @dataclass
@@ -375,7 +367,7 @@ class LoadedModel:
                         f"(model {self.name!r} sets strict_input_dtypes, so floating inputs are not cast)"
                     )
                 out[i] = x.to(s.dtype)
-                casts.append(InputCast(i, x.dtype, s.dtype))
+                casts.append(InputCast(i, _dtype_name(x.dtype), _dtype_name(s.dtype)))
             if s.dims is not None:
                 dims = tuple(x.shape[1:])
                 ok = len(dims) == len(s.dims) and all(d == -1 or d == g for d, g in zip(s.dims, dims))
@@ -400,15 +392,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-class ModelState(str, enum.Enum):
-    """Where a model version is in its life (ServedModels' records)."""
-
-    LOADING = "loading"  # being built, measured and warmed up; requests get UNAVAILABLE
-    READY = "ready"  # serving
-    UNAVAILABLE = "unavailable"  # its load failed (the record's reason says why)
-    UNLOADING = "unloading"  # finishing the requests it accepted; new ones are refused
-
-
 @dataclass
 class ModelRecord:
     """One model version the engine knows of: its state, why it is not ready, and the load that serves."""
@@ -419,11 +402,6 @@ class ModelRecord:
     reason: str = ""
     model: LoadedModel | None = None  # the load that serves (READY, UNLOADING, or READY while a reload runs)
     spec: ModelSpec | None = None  # what was asked for (None: its config could not even be read)
-
-
-def version_order(version: str) -> tuple[bool, int, str]:
-    """Sort key of versions: numbers by value, after any non-numeric names; the last one is the newest."""
-    return (version.isdigit(), int(version) if version.isdigit() else 0, version)
 
 
 class ServedModels:

@@ -8,7 +8,6 @@ scheduler never needs to know which algorithm a row belongs to.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import itertools
 import math
@@ -20,15 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-
-class PassKind(str, enum.Enum):
-    """What a fused pass does; the executor knows how to run each (and metrics label passes with it)."""
-
-    GRADIENT = "gradient"  # forward + backward w.r.t. the inputs (or the hooked layer)
-    FORWARD = "forward"  # forward only, no autograd
-    DEEPLIFT = "deeplift"  # forward + backward with DeepLift's rule hooks, rows paired with references
-    GUIDED = "guided"  # forward + backward with Guided Backprop's or Deconvolution's ReLU hooks
-    LRP = "lrp"  # forward + backward with LRP's relevance rules (gradients are normalised relevances)
+from attrserve_engine.events import PassKind
 
 
 class RulePass(Protocol):

@@ -31,19 +31,28 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import heapq
 import itertools
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, NoReturn
 
 from attrserve_engine.errors import AttributionError, Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable, size_text
+from attrserve_engine.events import (
+    DROP_CANCELLED,
+    DROP_DEADLINE,
+    REFUSED_BYTES,
+    REFUSED_REQUESTS,
+    REFUSED_ROWS,
+    EngineObserver,
+    Observers,
+    PassStats,
+)
 from attrserve_engine.executor import run_pass
 from attrserve_engine.job import JobTiming
 from attrserve_engine.models import LoadedModel
@@ -56,17 +65,6 @@ log = logging.getLogger(__name__)
 # version: while a reload replaces a version, rows of the old and the new load never share a pass.
 BatchKey = tuple
 
-# Why a job's rows were dropped before compute (a metric label).
-DROP_DEADLINE = "deadline"
-DROP_CANCELLED = "cancelled"
-
-# Why a request was refused at admission (a metric label).
-REFUSED_ROWS = "queue_rows"  # its model's queued rows would pass the model's bound
-REFUSED_BYTES = "queue_bytes"  # their estimated bytes would
-REFUSED_REQUESTS = "queue_requests"  # the device holds max_queued_requests already
-REFUSED_DEADLINE = "deadline"  # the work ahead of it and its own would not finish before its deadline
-REFUSAL_REASONS = (REFUSED_ROWS, REFUSED_BYTES, REFUSED_REQUESTS, REFUSED_DEADLINE)
-
 INTERACTIVE, BATCH = "interactive", "batch"
 # Admission's rows bound of a model whose rate is not measured yet (and whose config sets none).
 AUTO_ROWS_WITHOUT_RATE = 100_000
@@ -75,94 +73,6 @@ BATCH_EVERY = 4
 # Batch requests are admitted only while their model's queue is under this share of its bounds: back-fills
 # never fill the queue that online calls need.
 BATCH_SHARE = 0.5
-
-
-@dataclass
-class PassStats:
-    """What one fused pass did; handed to observers (metrics) after each pass."""
-
-    model: str
-    kind: str
-    rows: int
-    requests: int
-    seconds: float
-    # The rows it was cut to at most: the model's pass size for the kind (configured, or chosen by the probe and moved
-    # by its tuner; a trial alternates two) capped at max_pass_seconds of work. `rows` is less when the queue held less.
-    size: int
-
-
-class EngineObserver:
-    """What the engine tells the outside (metrics, health) as it happens. Override what you need.
-
-    Called on worker threads: keep each call short. An observer that raises is logged and ignored.
-    """
-
-    def worker_step(self) -> contextlib.AbstractContextManager[None]:
-        """Around one step of a worker: taking the new and dead jobs, or routing one pass's results. What the step
-        tells observers (pass_executed first) and the answers it completes happen inside; an observer that forwards
-        them elsewhere may hold them and send them together when the step ends."""
-        return contextlib.nullcontext()
-
-    def pass_executed(self, stats: PassStats) -> None:
-        """After every fused pass."""
-
-    def request_refused(self, model: str, reason: str) -> None:
-        """A request was refused at admission (REFUSAL_REASONS), before any work."""
-
-    def request_dropped(self, model: str, reason: str, rows: int) -> None:
-        """A request died before all its rows ran (DROP_DEADLINE or DROP_CANCELLED); `rows` were never computed."""
-
-    def worker_state(self, device: str, serving: bool, reason: str) -> None:
-        """A device's worker went down (serving=False, with why) or is serving again after a restart."""
-
-    def pass_split(self, model: str, reason: str) -> None:
-        """A fused pass was re-run in two halves, after a failure (SPLIT_FAILURE) or a device out-of-memory (SPLIT_OOM)."""
-
-    def model_loaded(self, model: str, seconds: float) -> None:
-        """A model finished loading (build, weights, probe, warm-ups) in `seconds`; it is ready."""
-
-    def model_load_failed(self, model: str, error: BaseException) -> None:
-        """A model failed to load."""
-
-    def model_state_changed(self, model: str, version: str) -> None:
-        """A model version started or finished loading, failed to, started unloading, or is gone (see the
-        engine's model_records); readiness and health follow."""
-
-
-class Observers:
-    """Fans one call out to every observer; a failing observer never breaks the engine."""
-
-    def __init__(self, observers: list[EngineObserver]) -> None:
-        self._observers = observers
-
-    @contextlib.contextmanager
-    def worker_step(self) -> Iterator[None]:
-        entered = []
-        for observer in list(self._observers):
-            try:
-                step = observer.worker_step()
-                step.__enter__()
-                entered.append((observer, step))
-            except Exception:
-                log.exception("engine observer %s.worker_step failed", type(observer).__name__)
-        try:
-            yield
-        finally:
-            for observer, step in reversed(entered):
-                try:
-                    step.__exit__(None, None, None)
-                except Exception:
-                    log.exception("engine observer %s.worker_step failed", type(observer).__name__)
-
-    def __getattr__(self, method: str) -> Callable[..., None]:
-        def call(*args: Any) -> None:
-            for observer in list(self._observers):
-                try:
-                    getattr(observer, method)(*args)
-                except Exception:
-                    log.exception("engine observer %s.%s failed", type(observer).__name__, method)
-
-        return call
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ class ServerConfig:
     # then never share an interpreter lock); False: in this process (embedding, tests with in-memory models).
     engine_process: bool = True
     engine_threads: int = 0  # torch intra-op threads of the engine process (0: one per core less one, for the front)
-    # The engine process's C heap (engine_process.allocator_preload): "auto" (tcmalloc where it is installed and
+    # The engine process's C heap (launch.allocator_preload): "auto" (tcmalloc where it is installed and
     # LD_PRELOAD is not set), "tcmalloc" (required), "glibc" (the C library's malloc), or a malloc library's path.
     allocator: str = "auto"
     # The event loop of both processes (eventloop.py): "auto" (uvloop where it is installed), "uvloop" (required),

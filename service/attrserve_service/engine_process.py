@@ -1,13 +1,13 @@
-"""The engine-core process, and the front end's handle on it (EngineProcess).
+"""The front end's handle on the engine-core process (EngineProcess); the engine process's side is engine_main.py.
 
-`attrserve serve` runs two processes. The front end (grpc.aio event loop: decode, validate the wire format,
-encode, metrics, health) and the engine core (this module's `main`: the models, the schedulers and their worker
-threads, the model manager). They talk over two Unix socket pairs, one each way, in frames (frames.py: a pickled
-list of messages, each a tuple; tensors and arrays as out-of-band buffers, which arrive as tensors here and as numpy
-arrays in the front). Messages go in batches: the front writes what one
-turn of its event loop sent (the requests of many callers) as one frame, and a worker what one step of its loop sent
-(a pass's metrics event, then the answers of the jobs it finished); one pickle, one system call and one wake-up of
-the other side per batch instead of per message. The front starts the engine process through launch.py.
+`attrserve serve` runs two processes. The front end (grpc.aio event loop: decode, validate the wire format, encode,
+metrics, health; it never imports torch) and the engine core (engine_main.py: the models, the schedulers and their
+worker threads, the model manager). They talk over two Unix socket pairs, one each way, in frames (frames.py: a
+pickled list of messages, each a tuple; tensors and arrays as out-of-band buffers, which arrive as tensors in the
+engine and as numpy arrays in the front). Messages go in batches: the front writes what one turn of its event loop
+sent (the requests of many callers) as one frame, and a worker what one step of its loop sent (a pass's metrics event,
+then the answers of the jobs it finished); one pickle, one system call and one wake-up of the other side per batch
+instead of per message. The front starts the engine process through launch.py.
 
 front → engine: ("init", config, log settings, the versions to load or None for all) once; ("submit", id, job);
 ("cancel", id); ("call", id, method, args).
@@ -24,277 +24,26 @@ started (after a back-off while it keeps dying) that loads the repository again.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import itertools
 import logging
-import os
 import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import torch
-
-from attrserve_engine import AttributionJob, EngineObserver, ModelState, PassStats, Unavailable
-from attrserve_engine.errors import AttributionError
-from attrserve_engine.scheduler import Observers
-from attrserve_service import eventloop, launch, logs
+from attrserve_engine.errors import AttributionError, Unavailable
+from attrserve_engine.events import EngineObserver, ModelState, Observers
+from attrserve_service import launch
 from attrserve_service.config import ServerConfig
 from attrserve_service.convert import Job, Result
-from attrserve_service.core import ERROR_ID, Gauges, LocalCore, Snapshot, build_core, settle_heap
-from attrserve_service.frames import FrameReader, encode_parts, send_parts
-from attrserve_service.launch import intra_op_threads
-from attrserve_service.repository import CONTROL_EXPLICIT, CONTROL_POLL, UNLOADED, RepositoryError, Status
+from attrserve_service.core import Gauges, Snapshot
+from attrserve_service.frames import FrameReader, frame_of
+from attrserve_service.repository import CONTROL_EXPLICIT, UNLOADED, RepositoryError, Status
 
 log = logging.getLogger(__name__)
-
-
-def portable(error: BaseException) -> BaseException:
-    """An exception the other process can unpickle: AttributionErrors as they are; anything else is a bug, logged
-    here with its traceback under an error id that travels with it (the front's INTERNAL status quotes it)."""
-    if isinstance(error, AttributionError):
-        return error
-    error_id = getattr(error, ERROR_ID, None) or uuid.uuid4().hex[:16]
-    if getattr(error, ERROR_ID, None) is None:
-        log.error("internal error (id %s): %s: %s", error_id, type(error).__name__, error, exc_info=error)
-    internal = RuntimeError(f"{type(error).__name__} in the engine process")
-    setattr(internal, ERROR_ID, error_id)
-    return internal
-
-
-# -- the engine-core process ---------------------------------------------------------------------------------------
-
-
-def frame_of(messages: list[tuple], unpicklable: Callable[[tuple, Exception], tuple | None]) -> list:
-    """One frame of `messages`, as encode_parts' buffers ([] for none). One that cannot be pickled does not take the
-    others with it: it goes as what `unpicklable(message, error)` returns instead, or is left out where that is None."""
-    try:
-        return encode_parts(messages) if messages else []
-    except Exception:
-        pass
-    kept = []
-    for message in messages:
-        try:
-            encode_parts([message])
-        except Exception as e:
-            replaced = unpicklable(message, e)
-            if replaced is None:
-                continue
-            message = replaced
-        kept.append(message)
-    return encode_parts(kept) if kept else []
-
-
-# An answer that cannot be pickled goes as this kind of answer instead (INTERNAL at the front, with an error id).
-_ANSWERS = {"result": "error", "reply": "reply_error", "error": "error", "reply_error": "reply_error"}
-
-
-def _unpicklable_answer(message: tuple, error: Exception) -> tuple | None:
-    """An answer the front cannot be sent becomes an error answer, so its caller does not wait forever."""
-    if message[0] in _ANSWERS:
-        return (_ANSWERS[message[0]], message[1], portable(error))
-    log.error("a %r message could not be pickled; it is not sent: %s", message[0], error, exc_info=error)
-    return None
-
-
-class _Out:
-    """The engine's side of engine → front: whole frames, from any thread (worker threads answer their jobs).
-
-    Inside `holding()`, what a thread sends is kept and goes out as one frame when it ends."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.lock = threading.Lock()
-        self._held = threading.local()
-
-    def send(self, message: tuple) -> None:
-        held: list | None = getattr(self._held, "messages", None)
-        if held is not None:
-            held.append(message)
-        else:
-            self._write([message])
-
-    @contextlib.contextmanager
-    def holding(self) -> Iterator[None]:
-        if getattr(self._held, "messages", None) is not None:  # nested: the outermost sends
-            yield
-            return
-        held: list[tuple] = []
-        self._held.messages = held
-        try:
-            yield
-        finally:
-            self._held.messages = None
-            if held:
-                self._write(held)
-
-    def _write(self, messages: list[tuple]) -> None:
-        parts = frame_of(messages, _unpicklable_answer)
-        if not parts:
-            return
-        with self.lock, contextlib.suppress(OSError):  # the front is gone: the reading side sees the end and exits
-            send_parts(self.sock, parts)
-
-
-class _Forward(EngineObserver):
-    """Every engine event goes to the front (its metrics), a fresh snapshot first when a state changed."""
-
-    def __init__(self, out: _Out, core: LocalCore) -> None:
-        self.out = out
-        self.core = core
-
-    def _event(self, method: str, *args: Any) -> None:
-        self.out.send(("event", method, args))
-
-    def _changed(self) -> None:
-        self.out.send(("snapshot", self.core.snapshot()))
-
-    def worker_step(self) -> contextlib.AbstractContextManager[None]:
-        return self.out.holding()
-
-    def pass_executed(self, stats: PassStats) -> None:
-        self._event("pass_executed", stats)
-
-    def request_refused(self, model: str, reason: str) -> None:
-        self._event("request_refused", model, reason)
-
-    def request_dropped(self, model: str, reason: str, rows: int) -> None:
-        self._event("request_dropped", model, reason, rows)
-
-    def pass_split(self, model: str, reason: str) -> None:
-        self._event("pass_split", model, reason)
-
-    def model_load_failed(self, model: str, error: BaseException) -> None:
-        self._event("model_load_failed", model, RuntimeError(f"{type(error).__name__}: {error}"))
-
-    def worker_state(self, device: str, serving: bool, reason: str) -> None:
-        self._changed()
-        self._event("worker_state", device, serving, reason)
-
-    def model_loaded(self, model: str, seconds: float) -> None:
-        self._changed()
-        self._event("model_loaded", model, seconds)
-
-    def model_state_changed(self, model: str, version: str) -> None:
-        self._changed()
-        self._event("model_state_changed", model, version)
-
-
-class _Engine:
-    """Serves the front's messages from the engine process's event loop."""
-
-    CALLS = ("model_infos", "model_info", "index", "load", "unload", "gauges", "shutdown")
-
-    def __init__(self, core: LocalCore, out: _Out) -> None:
-        self.core = core
-        self.out = out
-        self.futures: dict[int, concurrent.futures.Future] = {}
-        self.stopped = asyncio.Event()
-        self.tasks: set[asyncio.Task] = set()
-
-    def handle(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "submit":
-            self.submit(message[1], message[2])
-        elif kind == "cancel":
-            self.cancel(message[1])
-        elif kind == "call":
-            task = asyncio.ensure_future(self.call(message[1], message[2], message[3]))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    def submit(self, key: int, job: AttributionJob) -> None:
-        try:
-            future = self.core.submit(job)
-        except BaseException as e:
-            self.out.send(("error", key, portable(e)))
-            return
-        self.futures[key] = future
-        future.add_done_callback(partial(self._done, key))
-
-    def _done(self, key: int, future: concurrent.futures.Future) -> None:
-        self.futures.pop(key, None)
-        if future.cancelled():
-            return  # the front cancelled it: nobody waits for an answer
-        error = future.exception()
-        self.out.send(("result", key, future.result()) if error is None else ("error", key, portable(error)))
-
-    def cancel(self, key: int) -> None:
-        future = self.futures.pop(key, None)
-        if future is not None:
-            future.cancel()
-
-    async def call(self, key: int, method: str, args: tuple) -> None:
-        try:
-            if method not in self.CALLS:
-                raise ValueError(f"no call {method!r}")
-            value = getattr(self.core, method)(*args)
-            if asyncio.iscoroutine(value):
-                value = await value
-            self.out.send(("reply", key, value))
-        except BaseException as e:
-            self.out.send(("reply_error", key, portable(e)))
-        if method == "shutdown":
-            self.stopped.set()
-
-
-async def _engine_main(fd_in: int, fd_out: int) -> int:
-    loop = asyncio.get_running_loop()
-    out = _Out(socket.socket(fileno=fd_out))
-    out.sock.setblocking(True)
-    init: asyncio.Future = loop.create_future()
-    gone = asyncio.Event()
-    engine: _Engine | None = None
-
-    def received(message: Any) -> None:
-        if engine is not None:
-            engine.handle(message)
-        elif not init.done():
-            init.set_result(message)
-
-    reader = partial(FrameReader, received, gone.set, tensors=True)
-    transport, _ = await loop.create_unix_connection(reader, sock=socket.socket(fileno=fd_in))
-    _, config, (log_level, log_format), only, probes = await init
-    logs.configure(log_level, log_format)
-    torch.set_num_threads(intra_op_threads(config))
-    try:
-        core = await build_core(config, lambda core: [_Forward(out, core)], only, probes)  # the front measures the loads too
-    except RepositoryError as e:
-        out.send(("fatal", str(e)))
-        return 2
-    settle_heap()
-    out.send(("ready", core.snapshot()))
-    engine = _Engine(core, out)
-    if config.model_control == CONTROL_POLL:
-        engine.tasks.add(asyncio.ensure_future(core.poll_forever(config.repository_poll_seconds)))
-    ends = [asyncio.ensure_future(gone.wait()), asyncio.ensure_future(engine.stopped.wait())]
-    await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
-    if not engine.stopped.is_set():
-        log.info("the front end is gone; the engine process stops")
-        core.engine.shutdown(drain=False, timeout=1.0)
-    transport.close()
-    return 0
-
-
-def main(argv: list[str]) -> int:
-    # The front end owns the signals: SIGTERM drains the engine through it, and a terminal's Ctrl-C (sent to the
-    # whole process group) must not kill the engine under a drain.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    code = eventloop.run(partial(_engine_main, int(argv[0]), int(argv[1])), argv[2])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # worker and executor threads are done or abandoned: do not wait for them
-
-
-# -- the front end's handle ---------------------------------------------------------------------------------------
 
 _RESTART_DELAY_S = 0.5
 _MAX_RESTART_DELAY_S = 30.0
@@ -643,10 +392,3 @@ async def _exit_status(proc: subprocess.Popen, within: float) -> int | None:
     while (code := proc.poll()) is None and time.monotonic() < give_up:
         await asyncio.sleep(_REAP_POLL_S)
     return code
-
-
-if __name__ == "__main__":
-    # Run from the module under its own name, so what this process pickles names attrserve_service.engine_process.
-    from attrserve_service import engine_process
-
-    engine_process.main(sys.argv[1:])

@@ -75,7 +75,11 @@ def _tensor(buffer: Any, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
 
 class _Pickler(pickle.Pickler):
     """Tensors and numpy arrays as (their bytes out of band, dtype name, shape). Torch is looked up, not imported: a
-    process that has not imported it has no tensors to send (the front end)."""
+    process that has not imported it has no tensors to send (the front end).
+
+    Any other object of torch's (a dtype, a torch.Size, torch.__version__) is refused: the front end, which never
+    imports torch, could not read it, and its reader would fail the whole frame. Refused here, in the engine process,
+    the message alone fails (frame_of) and the error is logged where the object was made."""
 
     def __init__(self, file: io.BytesIO, buffer_callback: Callable[[pickle.PickleBuffer], None]) -> None:
         super().__init__(file, protocol=5, buffer_callback=buffer_callback)
@@ -89,7 +93,11 @@ class _Pickler(pickle.Pickler):
             # Its bytes: ml_dtypes' bfloat16 has no buffer format of its own.
             return _tensor, (pickle.PickleBuffer(a.reshape(-1).view(np.uint8).data), a.dtype.name, a.shape)
         torch = self._torch
-        if torch is None or not isinstance(obj, torch.Tensor):
+        if torch is None:
+            return NotImplemented
+        if not isinstance(obj, torch.Tensor):
+            if type(obj).__module__.partition(".")[0] == "torch":
+                raise pickle.PicklingError(f"{type(obj).__module__}.{type(obj).__qualname__} {obj!r}: the front end does not import torch")
             return NotImplemented
         t = obj.detach() if obj.requires_grad else obj
         if t.device.type != "cpu":
@@ -127,6 +135,26 @@ def encode_parts(message: Any) -> list:
 def encode(message: Any) -> bytes:
     """One frame holding `message`, in one piece."""
     return b"".join(encode_parts(message))
+
+
+def frame_of(messages: list[tuple], unpicklable: Callable[[tuple, Exception], tuple | None]) -> list:
+    """One frame of `messages`, as encode_parts' buffers ([] for none). One that cannot be pickled does not take the
+    others with it: it goes as what `unpicklable(message, error)` returns instead, or is left out where that is None."""
+    try:
+        return encode_parts(messages) if messages else []
+    except Exception:
+        pass
+    kept = []
+    for message in messages:
+        try:
+            encode_parts([message])
+        except Exception as e:
+            replaced = unpicklable(message, e)
+            if replaced is None:
+                continue
+            message = replaced
+        kept.append(message)
+    return encode_parts(kept) if kept else []
 
 
 def send_parts(sock: socket.socket, parts: list) -> None:

@@ -1,10 +1,10 @@
-"""Starting an engine-core process (engine_process.main): its command line, its environment (torch's intra-op threads,
+"""Starting an engine-core process (engine_main.main): its command line, its environment (torch's intra-op threads,
 the malloc it runs on), its two socket pairs and its first frame, ("init", config, log settings, versions, probes).
 
 Imports neither torch nor grpc. `attrserve serve` builds its configuration and starts the engine process (`start`)
-before the front end imports them, so the two processes import torch at once (seconds each on a small machine) and
-the engine loads its models while the front builds its server; EngineProcess.start takes the running process over
-(docs/ARCHITECTURE.md, "Start-up"). EngineProcess starts every later one (a restart) here too.
+before the front end imports grpc, so the engine imports torch (seconds on a small machine) and loads its models while
+the front builds its server; EngineProcess.start takes the running process over (docs/ARCHITECTURE.md, "Start-up").
+The front end never imports torch. EngineProcess starts every later one (a restart) here too.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from attrserve_service import eventloop
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.frames import encode_parts, send_parts, socketpair
 
-# The malloc libraries known by name in a memory map (core.heap_allocator) or an LD_PRELOAD (allocator_preload).
+# The malloc libraries known by name in a memory map (local_core.heap_allocator) or an LD_PRELOAD (allocator_preload).
 MALLOCS = ("tcmalloc", "jemalloc")
 
 
@@ -64,7 +64,7 @@ def launch(
     restore: set[tuple[str, str]] | None = None,
     probes: Mapping[tuple, dict[int, float]] | None = None,  # engine.Probes, which would import torch here
 ) -> Launched:
-    """Start `python -m attrserve_service.engine_process` on two new socket pairs and write its "init" frame, which
+    """Start `python -m attrserve_service.engine_main` on two new socket pairs and write its "init" frame, which
     waits in the socket until the process has imported its modules and reads it; `restore`: the versions to load
     (None: the whole repository); `probes`: the load-time probes (pass-size rates) the process before kept
     (Engine.probes), which its loads of the same files take instead of timing passes again."""
@@ -80,7 +80,7 @@ def launch(
     try:
         send_parts(to_engine, encode_parts([("init", config, log_settings, restore, dict(probes or {}))]))  # KiB: the socket holds it
         proc = subprocess.Popen(
-            [sys.executable, "-m", "attrserve_service.engine_process", str(engine_in.fileno()), str(engine_out.fileno()), event_loop],
+            [sys.executable, "-m", "attrserve_service.engine_main", str(engine_in.fileno()), str(engine_out.fileno()), event_loop],
             pass_fds=(engine_in.fileno(), engine_out.fileno()),
             env=env,
         )

@@ -8,10 +8,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
-from attrserve_engine import DROP_CANCELLED, DROP_DEADLINE, EngineObserver, PassStats
-from attrserve_engine.executor import SPLIT_FAILURE, SPLIT_OOM
-from attrserve_engine.plan import PassKind
-from attrserve_engine.scheduler import REFUSAL_REASONS
+from attrserve_engine.events import (
+    DROP_CANCELLED,
+    DROP_DEADLINE,
+    REFUSAL_REASONS,
+    SPLIT_FAILURE,
+    SPLIT_OOM,
+    EngineObserver,
+    PassKind,
+    PassStats,
+)
 
 if TYPE_CHECKING:
     from attrserve_service.core import Core

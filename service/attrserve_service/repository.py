@@ -13,6 +13,9 @@ platform is told by the file name (config.pbtxt's `platform` has no value for it
 
 A folder that cannot be read (a malformed config.pbtxt, a version that contradicts its folder) becomes an Entry
 with an `error`: that version is reported UNAVAILABLE with the error while every other model serves.
+
+The repository is read and its models loaded where the engine runs (the engine-core process); the front end imports
+this module for Status, the control modes and RepositoryError, without torch.
 """
 
 from __future__ import annotations
@@ -23,14 +26,18 @@ import logging
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf import text_format
 
 from attrserve.v1 import model_config_pb2 as mc
-from attrserve_engine import Engine, FailedPrecondition, InputSpec, ModelRecord, ModelSpec, NotFound, version_order
-from attrserve_engine.errors import shown
+from attrserve_engine.errors import FailedPrecondition, NotFound, shown
+from attrserve_engine.events import version_order
 from attrserve_service.convert import WIRE_DTYPES
 from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
+
+if TYPE_CHECKING:
+    from attrserve_engine import Engine, ModelRecord, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +84,9 @@ def read_model_config(path: Path) -> mc.ModelConfig:
 
 
 def spec_from_config(folder: Path, config: mc.ModelConfig, config_path: Path | None = None) -> ModelSpec:
-    import torch  # a ModelSpec names its inputs' torch dtypes: the engine process's loads read them
+    import torch  # a ModelSpec names its inputs' torch dtypes: only the engine process reads the repository
+
+    from attrserve_engine.models import InputSpec, ModelSpec
 
     where = config_path or folder / CONFIG
     inputs = []

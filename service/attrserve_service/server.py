@@ -7,17 +7,18 @@ import dataclasses
 import logging
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from attrserve.v1 import attribution_service_pb2 as pb
-from attrserve_engine import Engine, ModelState
+from attrserve_engine.events import ModelState
 from attrserve_service import __version__, eventloop, logs, metrics
 from attrserve_service.auth import ServerSecurity
 from attrserve_service.config import ConfigError, ServerConfig
-from attrserve_service.core import Core, LocalCore, build_core, settle_heap
+from attrserve_service.core import Core, settle_heap
 from attrserve_service.engine_process import EngineProcess
 from attrserve_service.interceptor import StatusInterceptor
 from attrserve_service.launch import Launched
@@ -27,6 +28,9 @@ from attrserve_service.oip import InferenceServicer, add_inference_service
 from attrserve_service.repository import CONTROL_POLL, ModelManager
 from attrserve_service.scrape import MetricsEndpoint
 from attrserve_service.servicer import AttributionServicer, ModelRepositoryServicer, add_attribution_service, add_model_repository_service
+
+if TYPE_CHECKING:
+    from attrserve_engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +116,17 @@ async def _start_core(config: ServerConfig, engine: Engine | None, launched: Lau
     """The models: `engine` as it is (tests, embedding; the repository only read when config.model_repository names
     one), an engine-core process (the default; `launched`: the one `attrserve serve` started already), or an engine in
     this process (config.engine_process False)."""
-    if engine is not None:
-        local = LocalCore(engine, ModelManager(engine, config.model_repository, config.model_control))
-        local.watch(metrics.EngineMetrics(local))
-        return local, engine
-    if config.engine_process:
+    if engine is None and config.engine_process:
         process = EngineProcess(config, logs.current())
         process.watch(metrics.EngineMetrics(process))  # before the start, so the loads are measured
         await process.start(launched)
         return process, None
+    from attrserve_service.local_core import LocalCore, build_core  # imports torch: only an engine in this process needs it
+
+    if engine is not None:
+        local = LocalCore(engine, ModelManager(engine, config.model_repository, config.model_control))
+        local.watch(metrics.EngineMetrics(local))
+        return local, engine
     if config.allocator not in ("auto", "glibc"):
         raise ConfigError(f"--allocator {config.allocator}: applies to the engine process (with --no-engine-process, set LD_PRELOAD)")
     local = await build_core(config, lambda core: [metrics.EngineMetrics(core)])

@@ -33,8 +33,9 @@ from attrserve_client import AttributionClient
 from attrserve_engine import Cancelled, EngineLimits
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import ERROR_ID, Gauges
-from attrserve_service import engine_process, eventloop, frames, launch, metrics
-from attrserve_service.engine_process import EngineProcess, _Out
+from attrserve_service import eventloop, frames, launch, metrics
+from attrserve_service.engine_main import _Out
+from attrserve_service.engine_process import EngineProcess
 from attrserve_service.frames import FrameReader, decode, encode, send_parts
 from attrserve_service.launch import allocator_preload
 
@@ -284,7 +285,7 @@ def test_frames_written_by_asyncio_arrive_whole_through_a_real_socket_pair() -> 
         writer, _ = await loop.create_unix_connection(asyncio.Protocol, sock=front)
         reader, _ = await loop.create_unix_connection(lambda: FrameReader(received, lambda: None, tensors=True), sock=engine)
         for batch in batches:
-            writer.writelines(engine_process.frame_of(batch, lambda m, e: None))
+            writer.writelines(frames.frame_of(batch, lambda m, e: None))
         await asyncio.wait_for(done.wait(), 30)
         writer.close()
         reader.close()
@@ -376,6 +377,44 @@ def test_what_a_worker_step_sends_goes_as_one_frame_and_an_unpicklable_answer_as
         assert "'event' message could not be pickled" in caplog.text
         out.send(("result", 4, 4.0))  # not held: at once, a frame of its own
         assert read_frame(front_end) == [("result", 4, 4.0)]
+    finally:
+        engine_end.close()
+        front_end.close()
+
+
+def test_an_answer_holding_a_torch_object_fails_alone_and_the_front_reads_the_rest_without_torch(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only tensors cross as torch's: any other torch object (a dtype, a torch.Size, torch.__version__) in an answer
+    would make the front end, which never imports torch, fail to read the whole frame. The engine refuses it: that
+    answer goes as an INTERNAL error with an id, logged in the engine, and the others of its frame go."""
+    engine_end, front_end = socket.socketpair()
+    read_torch = []
+    find_class = frames._ArrayUnpickler.find_class
+
+    def without_torch(self: Any, module: str, name: str) -> Any:
+        if module.partition(".")[0] == "torch":
+            read_torch.append((module, name))
+        return find_class(self, module, name)
+
+    monkeypatch.setattr(frames._ArrayUnpickler, "find_class", without_torch)
+    try:
+        out = _Out(engine_end)
+        with out.holding():
+            out.send(("result", 1, {"dtype": torch.float64}))
+            out.send(("result", 2, torch.ones(2)))
+            out.send(("reply", 3, torch.Size([2, 3])))
+            out.send(("reply", 4, torch.__version__))
+            out.send(("result", 5, {"attributions": (torch.arange(3.0),), "input_casts": ((0, "float64", "float32"),)}))
+        (length,) = struct.unpack("<Q", front_end.recv(8, socket.MSG_WAITALL))
+        messages = decode(bytearray(front_end.recv(length, socket.MSG_WAITALL)), tensors=False)
+        assert read_torch == []
+        assert [m[:2] for m in messages] == [("error", 1), ("result", 2), ("reply_error", 3), ("reply_error", 4), ("result", 5)]
+        for failed in (messages[0][2], messages[2][2], messages[3][2]):
+            assert "in the engine process" in str(failed) and getattr(failed, ERROR_ID)  # INTERNAL, with an id
+        assert "torch.dtype torch.float64: the front end does not import torch" in caplog.text
+        assert isinstance(messages[1][2], np.ndarray) and messages[1][2].tolist() == [1.0, 1.0]
+        assert messages[4][2]["attributions"][0].tolist() == [0.0, 1.0, 2.0]
     finally:
         engine_end.close()
         front_end.close()
@@ -930,6 +969,82 @@ def test_attrserve_serve_starts_its_engine_process_before_it_imports_torch_and_t
         output = server.output()
     assert re.findall(r"launched engine process (\d+); imported then: (.*)", output) == [(m, "[]") for m in re.findall(r"engine process (\d+) serves", output)]
     assert server.proc.returncode == 0, server.output()
+
+
+# `attrserve serve` in a process where importing torch fails, and says so: the front end never imports it.
+FRONT_WITHOUT_TORCH = """
+import sys
+
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            print(f"the front end imported {name}", flush=True)
+            raise ImportError(f"{name} is not for the front end")
+        return None
+
+
+sys.meta_path.insert(0, NoTorch())
+from attrserve_service import cli
+
+code = cli.main()
+print(f"front end exits {code}; torch imported: {'torch' in sys.modules}", flush=True)
+sys.exit(code)
+"""
+
+
+def engine_pids(front: int) -> list[int]:
+    """The engine processes `front` started (its children)."""
+    children = Path(f"/proc/{front}/task/{front}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def test_the_front_end_serves_without_ever_importing_torch(repo: Path) -> None:
+    """The front end (gRPC, conversion, frames, health, metrics, the admin RPC, the engine process's restart) runs
+    where torch cannot be imported: Captum's numbers, alone and in a stream, and an input cast to the pinned dtype (the
+    answer names the dtypes); GetModel; /metrics; an explicit unload and
+    load; an engine process killed, noticed (NOT_SERVING) and restarted; a clean drain. Torch is mapped in the engine
+    process only (its ~185 MiB are not the front's)."""
+    command = (sys.executable, "-c", FRONT_WITHOUT_TORCH)
+    args = ["--model-repository", str(repo), "--no-batch-probe", "--model-control", "explicit"]
+    with ServeProcess(args, command=command, metrics=True) as server, AttributionClient(server.address) as client:
+        got = client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions
+        np.testing.assert_allclose(got, captum(1), atol=1e-5)
+        cast = client.attribute("good", "integrated_gradients", X.astype(np.float64), target=TARGET, timeout=60)  # the model pins float32
+        assert cast.input_casts == ((0, "float64", "float32"),)
+        np.testing.assert_allclose(cast.attributions, captum(1), atol=1e-5)
+        request = {"model": "good", "algorithm": "integrated_gradients", "inputs": X, "target": TARGET}
+        streamed = list(client.attribute_many([request] * 3, timeout=60))
+        assert len(streamed) == 3
+        for answer in streamed:
+            np.testing.assert_allclose(answer.attributions, captum(1), atol=1e-5)
+        info = client.get_model("good", timeout=10)
+        assert info.ready and pb.ALGORITHM_INTEGRATED_GRADIENTS in info.algorithms
+        assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+        assert server.metrics_port is not None
+        samples = scrape(server.metrics_port)
+        assert samples[("attrserve_passes_executed_total", frozenset({"model": "good", "kind": "gradient"}.items()))] >= 2
+        assert {labels for name, labels in samples if name == "attrserve_build_info"} != set()
+
+        client.unload_model("crashy", timeout=30)
+        assert {(m.model, m.state) for m in client.repository_index(timeout=10)} == {("good", pb.MODEL_STATE_READY), ("crashy", pb.MODEL_STATE_UNLOADED)}
+        client.load_model("crashy", timeout=60)
+        fragile = Saliency(server_model(repo)).attribute(torch.from_numpy(X), target=TARGET, abs=True).numpy()
+        np.testing.assert_allclose(client.attribute("crashy", "saliency", X, target=TARGET, timeout=60).attributions, fragile, atol=1e-6)
+
+        (first,) = engine_pids(server.proc.pid)
+        maps = {pid: Path(f"/proc/{pid}/maps").read_text() for pid in (server.proc.pid, first)}
+        assert "libtorch" not in maps[server.proc.pid] and "libtorch" in maps[first]
+        os.kill(first, signal.SIGKILL)
+        wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+        wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
+        assert engine_pids(server.proc.pid) not in ([], [first])
+        got = client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions
+        np.testing.assert_allclose(got, captum(1), atol=1e-5)
+        assert server.signal(signal.SIGTERM) == 0
+    output = server.output()
+    assert "the front end imported" not in output, output
+    assert "front end exits 0; torch imported: False" in output, output
 
 
 def test_an_engine_process_launched_and_never_taken_over_is_ended(repo: Path) -> None:

@@ -22,7 +22,8 @@ from torch_calls import torch_on_this_thread
 from attrserve_engine import Engine
 from attrserve_service import frames
 from attrserve_service.convert import array_from_proto, request_to_job, result_to_response
-from attrserve_service.engine_process import _unpicklable_answer, frame_of
+from attrserve_service.engine_main import _unpicklable_answer
+from attrserve_service.frames import frame_of
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -276,7 +276,7 @@ def test_config_fields_are_honoured(tmp_path, engines):
     # A float64 input (numpy's default) is cast to the pinned float32, said in the result, and gets Captum's
     # numbers on the float32 input.
     cast = attribute(engine, "custom", "integrated_gradients", x=X.double() + 1e-9)
-    assert [(c.input, c.sent, c.used) for c in cast.input_casts] == [(0, torch.float64, torch.float32)]
+    assert [(c.input, c.sent, c.used) for c in cast.input_casts] == [(0, "float64", "float32")]
     assert_close(cast.attributions[0], captum_ig(build(MLP), x=(X.double() + 1e-9).float()))
     assert attribute(engine, "custom", "integrated_gradients").input_casts == ()
     with pytest.raises(InvalidArgument, match="takes 1 inputs"):

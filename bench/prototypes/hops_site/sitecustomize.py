@@ -16,7 +16,7 @@ import time
 
 _DIR = os.environ.get("ATTRSERVE_HOPS_DIR")
 _ARGV = " ".join(getattr(sys, "orig_argv", sys.argv))
-_ROLE = "engine" if "attrserve_service.engine_process" in _ARGV else "front" if "attrserve_service.cli" in _ARGV else None
+_ROLE = "engine" if "attrserve_service.engine_main" in _ARGV else "front" if "attrserve_service.cli" in _ARGV else None
 
 
 def _install(marks: collections.deque) -> None:
@@ -59,15 +59,13 @@ def _install(marks: collections.deque) -> None:
         wrap(engine_process.EngineProcess, "_received", "front: answer decoded", None, when=lambda self, g, m: m[0] == "result")
     else:
         from attrserve_engine import executor, scheduler
-        from attrserve_service import engine_process, frames
+        from attrserve_service import engine_main, frames
 
         wrap(frames.FrameReader, "buffer_updated", "engine: frame read", None)
-        wrap(
-            engine_process._Engine, "handle", "engine: request decoded", "engine: validated, queued", when=lambda self, m: m[0] == "submit"
-        )
+        wrap(engine_main._Engine, "handle", "engine: request decoded", "engine: validated, queued", when=lambda self, m: m[0] == "submit")
         wrap(scheduler.Scheduler, "_merged", "worker: takes the arrival", None, when=lambda self, arrivals: bool(arrivals))
         wrap(executor, "_fused_pass", "worker: pass starts", "worker: pass ends")
-        wrap(engine_process, "frame_of", None, "worker: answer frame encoded")
+        wrap(engine_main, "frame_of", None, "worker: answer frame encoded")
 
 
 def _flush_forever(marks: collections.deque, path: str) -> None:

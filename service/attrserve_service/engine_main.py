@@ -1,0 +1,254 @@
+"""The engine-core process: `python -m attrserve_service.engine_main`, started by launch.py. It runs a LocalCore
+(the models, the schedulers and their worker threads, the model manager) and serves the front end's frames on its
+event loop; engine_process.py describes the messages and holds the front end's handle."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import torch
+
+from attrserve_engine import AttributionJob, EngineObserver, PassStats
+from attrserve_engine.errors import AttributionError
+from attrserve_service import eventloop, logs
+from attrserve_service.core import ERROR_ID, settle_heap
+from attrserve_service.frames import FrameReader, frame_of, send_parts
+from attrserve_service.launch import intra_op_threads
+from attrserve_service.local_core import LocalCore, build_core
+from attrserve_service.repository import CONTROL_POLL, RepositoryError
+
+log = logging.getLogger(__name__)
+
+
+def portable(error: BaseException) -> BaseException:
+    """An exception the other process can unpickle: AttributionErrors as they are; anything else is a bug, logged
+    here with its traceback under an error id that travels with it (the front's INTERNAL status quotes it)."""
+    if isinstance(error, AttributionError):
+        return error
+    error_id = getattr(error, ERROR_ID, None) or uuid.uuid4().hex[:16]
+    if getattr(error, ERROR_ID, None) is None:
+        log.error("internal error (id %s): %s: %s", error_id, type(error).__name__, error, exc_info=error)
+    internal = RuntimeError(f"{type(error).__name__} in the engine process")
+    setattr(internal, ERROR_ID, error_id)
+    return internal
+
+
+# An answer that cannot be pickled goes as this kind of answer instead (INTERNAL at the front, with an error id).
+_ANSWERS = {"result": "error", "reply": "reply_error", "error": "error", "reply_error": "reply_error"}
+
+
+def _unpicklable_answer(message: tuple, error: Exception) -> tuple | None:
+    """An answer the front cannot be sent becomes an error answer, so its caller does not wait forever."""
+    if message[0] in _ANSWERS:
+        return (_ANSWERS[message[0]], message[1], portable(error))
+    log.error("a %r message could not be pickled; it is not sent: %s", message[0], error, exc_info=error)
+    return None
+
+
+class _Out:
+    """The engine's side of engine → front: whole frames, from any thread (worker threads answer their jobs).
+
+    Inside `holding()`, what a thread sends is kept and goes out as one frame when it ends."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+        self._held = threading.local()
+
+    def send(self, message: tuple) -> None:
+        held: list | None = getattr(self._held, "messages", None)
+        if held is not None:
+            held.append(message)
+        else:
+            self._write([message])
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        if getattr(self._held, "messages", None) is not None:  # nested: the outermost sends
+            yield
+            return
+        held: list[tuple] = []
+        self._held.messages = held
+        try:
+            yield
+        finally:
+            self._held.messages = None
+            if held:
+                self._write(held)
+
+    def _write(self, messages: list[tuple]) -> None:
+        parts = frame_of(messages, _unpicklable_answer)
+        if not parts:
+            return
+        with self.lock, contextlib.suppress(OSError):  # the front is gone: the reading side sees the end and exits
+            send_parts(self.sock, parts)
+
+
+class _Forward(EngineObserver):
+    """Every engine event goes to the front (its metrics), a fresh snapshot first when a state changed."""
+
+    def __init__(self, out: _Out, core: LocalCore) -> None:
+        self.out = out
+        self.core = core
+
+    def _event(self, method: str, *args: Any) -> None:
+        self.out.send(("event", method, args))
+
+    def _changed(self) -> None:
+        self.out.send(("snapshot", self.core.snapshot()))
+
+    def worker_step(self) -> contextlib.AbstractContextManager[None]:
+        return self.out.holding()
+
+    def pass_executed(self, stats: PassStats) -> None:
+        self._event("pass_executed", stats)
+
+    def request_refused(self, model: str, reason: str) -> None:
+        self._event("request_refused", model, reason)
+
+    def request_dropped(self, model: str, reason: str, rows: int) -> None:
+        self._event("request_dropped", model, reason, rows)
+
+    def pass_split(self, model: str, reason: str) -> None:
+        self._event("pass_split", model, reason)
+
+    def model_load_failed(self, model: str, error: BaseException) -> None:
+        self._event("model_load_failed", model, RuntimeError(f"{type(error).__name__}: {error}"))
+
+    def worker_state(self, device: str, serving: bool, reason: str) -> None:
+        self._changed()
+        self._event("worker_state", device, serving, reason)
+
+    def model_loaded(self, model: str, seconds: float) -> None:
+        self._changed()
+        self._event("model_loaded", model, seconds)
+
+    def model_state_changed(self, model: str, version: str) -> None:
+        self._changed()
+        self._event("model_state_changed", model, version)
+
+
+class _Engine:
+    """Serves the front's messages from the engine process's event loop."""
+
+    CALLS = ("model_infos", "model_info", "index", "load", "unload", "gauges", "shutdown")
+
+    def __init__(self, core: LocalCore, out: _Out) -> None:
+        self.core = core
+        self.out = out
+        self.futures: dict[int, concurrent.futures.Future] = {}
+        self.stopped = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+
+    def handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "submit":
+            self.submit(message[1], message[2])
+        elif kind == "cancel":
+            self.cancel(message[1])
+        elif kind == "call":
+            task = asyncio.ensure_future(self.call(message[1], message[2], message[3]))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def submit(self, key: int, job: AttributionJob) -> None:
+        try:
+            future = self.core.submit(job)
+        except BaseException as e:
+            self.out.send(("error", key, portable(e)))
+            return
+        self.futures[key] = future
+        future.add_done_callback(partial(self._done, key))
+
+    def _done(self, key: int, future: concurrent.futures.Future) -> None:
+        self.futures.pop(key, None)
+        if future.cancelled():
+            return  # the front cancelled it: nobody waits for an answer
+        error = future.exception()
+        self.out.send(("result", key, future.result()) if error is None else ("error", key, portable(error)))
+
+    def cancel(self, key: int) -> None:
+        future = self.futures.pop(key, None)
+        if future is not None:
+            future.cancel()
+
+    async def call(self, key: int, method: str, args: tuple) -> None:
+        try:
+            if method not in self.CALLS:
+                raise ValueError(f"no call {method!r}")
+            value = getattr(self.core, method)(*args)
+            if asyncio.iscoroutine(value):
+                value = await value
+            self.out.send(("reply", key, value))
+        except BaseException as e:
+            self.out.send(("reply_error", key, portable(e)))
+        if method == "shutdown":
+            self.stopped.set()
+
+
+async def _engine_main(fd_in: int, fd_out: int) -> int:
+    loop = asyncio.get_running_loop()
+    out = _Out(socket.socket(fileno=fd_out))
+    out.sock.setblocking(True)
+    init: asyncio.Future = loop.create_future()
+    gone = asyncio.Event()
+    engine: _Engine | None = None
+
+    def received(message: Any) -> None:
+        if engine is not None:
+            engine.handle(message)
+        elif not init.done():
+            init.set_result(message)
+
+    reader = partial(FrameReader, received, gone.set, tensors=True)
+    transport, _ = await loop.create_unix_connection(reader, sock=socket.socket(fileno=fd_in))
+    _, config, (log_level, log_format), only, probes = await init
+    logs.configure(log_level, log_format)
+    torch.set_num_threads(intra_op_threads(config))
+    try:
+        core = await build_core(config, lambda core: [_Forward(out, core)], only, probes)  # the front measures the loads too
+    except RepositoryError as e:
+        out.send(("fatal", str(e)))
+        return 2
+    settle_heap()
+    out.send(("ready", core.snapshot()))
+    engine = _Engine(core, out)
+    if config.model_control == CONTROL_POLL:
+        engine.tasks.add(asyncio.ensure_future(core.poll_forever(config.repository_poll_seconds)))
+    ends = [asyncio.ensure_future(gone.wait()), asyncio.ensure_future(engine.stopped.wait())]
+    await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+    if not engine.stopped.is_set():
+        log.info("the front end is gone; the engine process stops")
+        core.engine.shutdown(drain=False, timeout=1.0)
+    transport.close()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    # The front end owns the signals: SIGTERM drains the engine through it, and a terminal's Ctrl-C (sent to the
+    # whole process group) must not kill the engine under a drain.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    code = eventloop.run(partial(_engine_main, int(argv[0]), int(argv[1])), argv[2])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # worker and executor threads are done or abandoned: do not wait for them
+
+
+if __name__ == "__main__":
+    # Run from the module under its own name, so what this process pickles names attrserve_service.engine_main.
+    from attrserve_service import engine_main
+
+    engine_main.main(sys.argv[1:])

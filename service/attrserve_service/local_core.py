@@ -1,0 +1,251 @@
+"""LocalCore: an Engine and its ModelManager in this process. The engine-core process runs one (engine_main.py);
+`--no-engine-process` and tests serve from one in the front end's own process."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+from collections.abc import Callable, Collection, Mapping, Sequence
+
+import torch
+
+from attrserve.v1 import attribution_service_pb2 as pb
+from attrserve.v1 import model_config_pb2 as mc
+from attrserve_engine import AttributionJob, Engine, EngineObserver, InvalidArgument, ModelRecord, ModelState, NotFound
+from attrserve_engine.algorithms.noise_tunnel import parse_noise_tunnel
+from attrserve_engine.engine import Probes, memory_allocated
+from attrserve_engine.errors import AttributionError, shown
+from attrserve_service import eventloop, frames
+from attrserve_service.config import ServerConfig, effective_config, spec_config
+from attrserve_service.convert import Job, Result, algorithm_enum
+from attrserve_service.core import STATES, Gauges, Snapshot
+from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
+from attrserve_service.launch import MALLOCS
+from attrserve_service.repository import ModelManager, RepositoryError, Status
+
+
+@functools.cache
+def heap_allocator() -> str:
+    """The malloc this process runs on: "tcmalloc" or "jemalloc" when that library is mapped (LD_PRELOAD), else
+    "glibc" (attrserve_build_info's allocator label; launch.allocator_preload chooses it)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            mapped = maps.read()
+    except OSError:
+        return "unknown"
+    return next((name for name in MALLOCS if f"lib{name}" in mapped), "glibc")
+
+
+class LocalCore:
+    """The engine and its model manager, in this process."""
+
+    def __init__(self, engine: Engine, manager: ModelManager) -> None:
+        self.engine = engine
+        self.manager = manager
+        self.event_loop = eventloop.running()  # made on the loop that serves it (build_core, create_server)
+
+    # -- requests -------------------------------------------------------------------------------------------------
+    def submit(self, job: AttributionJob) -> concurrent.futures.Future:
+        """Validate and queue a job of torch tensors (the `also` entries first, so their errors name their index)."""
+        self._check_also(job)
+        return self.engine.submit(job)
+
+    async def attribute(self, job: Job) -> Result:
+        """A job of numpy arrays (Core.attribute), answered in numpy arrays; they cross as the engine process's frames
+        would carry them, without the bytes."""
+        result = await asyncio.wrap_future(self.submit(frames.translate(job, tensors=True)))
+        return frames.translate(result, tensors=False)
+
+    def labels(self, model: str, algorithm: str) -> tuple[str, str]:
+        """Metric labels stay bounded: names a client makes up are counted as "unknown"."""
+        return (
+            model if model in self.engine.served.names() else "unknown",
+            algorithm if algorithm in self.engine.algorithms else "unknown",
+        )
+
+    def _check_also(self, job: AttributionJob) -> None:
+        """What can be checked of each `also` entry before the engine sees the job, with the entry's index in the
+        message: its algorithm, parameters, noise tunnel, layer and convergence delta (the engine checks them again)."""
+        if not job.also:
+            return
+        try:
+            model = self.engine.get_model(job.model, job.model_version)
+        except AttributionError:
+            return  # the engine says why
+        dtypes = [x.dtype for x in job.inputs]
+        limits = self.engine.limits.algorithm_limits
+        for i, spec in enumerate(job.also):
+            try:
+                algorithm = self.engine.algorithms.get(spec.algorithm)
+                if algorithm is None:
+                    raise InvalidArgument(f"unknown algorithm {shown(spec.algorithm)}; GetModel lists what the model serves")
+                refusal = algorithm.refusal(model, dtypes)
+                if refusal:
+                    raise InvalidArgument(refusal)
+                algorithm.parse_params(dict(spec.params), limits)
+                if spec.noise_tunnel is not None:
+                    parse_noise_tunnel(dict(spec.noise_tunnel), limits)
+                if algorithm.layer_method and not spec.layer:
+                    raise InvalidArgument(f"{spec.algorithm} needs `layer`, a dotted module path; GetModel lists the model's layers")
+                if algorithm.layer_method and spec.layer not in model.layers:
+                    raise NotFound(f"model {model.name!r} has no layer {shown(spec.layer)}")
+                if spec.layer and not algorithm.layer_method:
+                    raise InvalidArgument(f"layer is only for layer methods; {spec.algorithm} attributes to the inputs")
+                if spec.return_convergence_delta and not algorithm.has_convergence_delta:
+                    raise InvalidArgument(f"{spec.algorithm} has no convergence delta; do not set return_convergence_delta")
+            except (InvalidArgument, NotFound) as e:
+                raise (NotFound if isinstance(e, NotFound) else InvalidArgument)(f"also[{i}]: {e}") from None
+
+    # -- models -----------------------------------------------------------------------------------------------------
+    async def model_infos(self) -> list[pb.ModelInfo]:
+        """Every model version the server knows of: those that serve, and those loading or failed (with why)."""
+        return [self._info(r) for r in self.engine.model_records()]
+
+    async def model_info(self, name: str, version: str) -> pb.ModelInfo:
+        return self._info(self.engine.model_record(name, version))
+
+    def _info(self, record: ModelRecord) -> pb.ModelInfo:
+        model = record.model
+        if model is None:  # loading, or its load failed: what was asked for, and why it does not serve
+            config = spec_config(record.spec) if record.spec is not None else mc.ModelConfig(name=record.name, version=record.version)
+            return pb.ModelInfo(config=config, state=STATES[record.state], reason=record.reason)
+        refused = self.engine.refused_algorithms(model)
+        names = self.engine.supported_algorithms(model, refused)
+        state, reason = self.engine.model_state(record)
+        return pb.ModelInfo(
+            config=effective_config(model),
+            layers=model.layers,
+            algorithms=[e for e in map(algorithm_enum, names) if e is not None],
+            custom_algorithms=[name for name in names if algorithm_enum(name) is None],
+            refused=[pb.RefusedAlgorithm(name=name, reason=why) for name, why in sorted(refused.items())],
+            ready=state == ModelState.READY,
+            state=STATES[state],
+            reason=reason,
+            batch_probe=[pb.BatchProbe(rows=rows, rows_per_second=rate) for rows, rate in sorted(model.batch_probe.items())],
+        )
+
+    def readiness(self, strict: bool) -> tuple[bool, str]:
+        """SERVING: every device's worker is up and a model serves (strict: every model version the server knows
+        of serves). Otherwise NOT_SERVING, and why."""
+        up, reason = self.engine.serving()
+        if not up:
+            return False, reason
+        records = self.engine.model_records()
+        serving = [r for r in records if self.engine.model_state(r)[0] == ModelState.READY]
+        if not serving:
+            return False, "no model can serve"
+        if strict and len(serving) < len(records):
+            waiting = [f"{r.name} v{r.version} ({r.state.value})" for r in records if r not in serving]
+            return False, f"strict readiness: {', '.join(waiting)} not ready"
+        return True, ""
+
+    def statuses(self) -> list[Status]:
+        return self.manager.statuses()
+
+    async def index(self, name: str | None = None) -> list[Status]:
+        return await self.manager.index(name)
+
+    async def load(self, name: str, version: str = "") -> list[Status]:
+        return await self.manager.load(name, version)
+
+    async def unload(self, name: str, version: str = "") -> list[Status]:
+        return await self.manager.unload(name, version)
+
+    async def poll_forever(self, interval: float) -> None:
+        await self.manager.poll_forever(interval)
+
+    # -- metrics and health ----------------------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        """Nothing to ask: backlog and device_memory read the engine in this process."""
+
+    def backlog(self, name: str) -> tuple[int, int]:
+        return self.engine.backlog(name)
+
+    def device_memory(self, device: str) -> int:
+        """Bytes torch has allocated on a CUDA device, in the process that runs the models (this one)."""
+        return memory_allocated(device)
+
+    def gauges(self) -> Gauges:
+        """What /metrics reads of the engine at each scrape; the engine process's answer to its front's refresh."""
+        return Gauges(
+            backlogs={name: self.engine.backlog(name) for name in self.engine.served.names()},
+            device_memory={device: memory_allocated(device) for device in self.devices() if device.startswith("cuda")},
+        )
+
+    def devices(self) -> tuple[str, ...]:
+        """The devices the loaded models run on."""
+        return tuple(sorted({str(m.device) for m in self.engine.models()}))
+
+    def watched(self, name: str) -> list[tuple[list[str], str]]:
+        """(algorithms, device) of each load of a model that serves: the label sets its metrics create up front."""
+        return [(self.engine.supported_algorithms(m), str(m.device)) for m in self.engine.models() if m.name == name]
+
+    def snapshot(self) -> Snapshot:
+        names = self.engine.served.names()
+        return Snapshot(
+            names=frozenset(names),
+            algorithms=frozenset(self.engine.algorithms),
+            workers=self.engine.serving(),
+            readiness=self.readiness(False),
+            strict_readiness=self.readiness(True),
+            statuses=tuple(self.statuses()),
+            watched={name: self.watched(name) for name in names},
+            devices=self.devices(),
+            allocator=heap_allocator(),
+            event_loop=self.event_loop,
+            torch=str(torch.__version__),  # a TorchVersion would make the front import torch to unpickle it
+            probes=self.engine.probes(),
+        )
+
+    def watch(self, observer: EngineObserver) -> None:
+        """`observer` hears the engine's events (on its worker and loading threads)."""
+        self.engine.observers.append(observer)
+
+    def on_change(self, callback: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
+        """`callback` runs on `loop` whenever a worker or a model version changes state (health follows)."""
+        self.watch(_Changes(callback, loop))
+
+    async def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> int:
+        """Stop the engine (draining for at most `timeout` s); how many accepted requests were lost."""
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: self.engine.shutdown(drain=drain, timeout=timeout))
+
+
+async def build_core(
+    config: ServerConfig,
+    observers: Callable[[LocalCore], Sequence[EngineObserver]] = lambda core: (),
+    only: Collection[tuple[str, str]] | None = None,
+    probes: Mapping[tuple, Probes] | None = None,
+) -> LocalCore:
+    """An engine with the configured plugins and the repository's models (the built-in demo models without one;
+    `only`: just these versions; `probes`: the load-time probes (pass-size rates) the engine process before
+    this one kept, which its loads of the same files take instead of timing passes again); `observers(core)` hear
+    the loads too. RepositoryError when nothing can serve (a model that fails is reported, not fatal)."""
+    engine = Engine(config.limits)
+    engine.keep_probes(probes or {})
+    for plugin in config.plugins:
+        try:
+            engine.load_plugins(plugin)
+        except Exception as e:
+            raise RepositoryError(f"plugin {plugin} could not be loaded: {type(e).__name__}: {e}") from e
+    core = LocalCore(engine, ModelManager(engine, config.model_repository or DEMO_MODEL_REPOSITORY, config.model_control))
+    for observer in observers(core):
+        core.watch(observer)
+    await core.manager.load_all(only)
+    return core
+
+
+class _Changes(EngineObserver):
+    def __init__(self, callback: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
+        self.callback = callback
+        self.loop = loop
+
+    def worker_state(self, device: str, serving: bool, reason: str) -> None:
+        self._changed()
+
+    def model_state_changed(self, model: str, version: str) -> None:
+        self._changed()
+
+    def _changed(self) -> None:
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.callback)
