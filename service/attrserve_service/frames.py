@@ -73,6 +73,10 @@ def _tensor(buffer: Any, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(buffer, dtype=dtype).reshape(shape))
 
 
+# The types _Pickler has found not to be torch's (a handful: results, their dataclasses, classes and functions).
+_NOT_TORCH: set[type] = set()
+
+
 class _Pickler(pickle.Pickler):
     """Tensors and numpy arrays as (their bytes out of band, dtype name, shape). Torch is looked up, not imported: a
     process that has not imported it has no tensors to send (the front end).
@@ -96,8 +100,11 @@ class _Pickler(pickle.Pickler):
         if torch is None:
             return NotImplemented
         if not isinstance(obj, torch.Tensor):
-            if type(obj).__module__.partition(".")[0] == "torch":
-                raise pickle.PicklingError(f"{type(obj).__module__}.{type(obj).__qualname__} {obj!r}: the front end does not import torch")
+            kind = type(obj)
+            if kind not in _NOT_TORCH:  # a type seen before: one set lookup, not a module name split per object
+                if kind.__module__.partition(".")[0] == "torch":
+                    raise pickle.PicklingError(f"{kind.__module__}.{kind.__qualname__} {obj!r}: the front end does not import torch")
+                _NOT_TORCH.add(kind)
             return NotImplemented
         t = obj.detach() if obj.requires_grad else obj
         if t.device.type != "cpu":
