@@ -30,11 +30,11 @@ from test_model_management import PINNED, TARGET, X, captum, health, mlp, write
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_client import AttributionClient
-from attrserve_engine import Cancelled, EngineLimits
+from attrserve_engine import Cancelled, EngineLimits, InvalidArgument, user_code
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import ERROR_ID, Gauges
 from attrserve_service import eventloop, frames, launch, metrics
-from attrserve_service.engine_main import _Out
+from attrserve_service.engine_main import _Out, portable
 from attrserve_service.engine_process import EngineProcess
 from attrserve_service.frames import FrameReader, decode, encode, send_parts
 from attrserve_service.launch import allocator_preload
@@ -415,6 +415,38 @@ def test_an_answer_holding_a_torch_object_fails_alone_and_the_front_reads_the_re
         assert "torch.dtype torch.float64: the front end does not import torch" in caplog.text
         assert isinstance(messages[1][2], np.ndarray) and messages[1][2].tolist() == [1.0, 1.0]
         assert messages[4][2]["attributions"][0].tolist() == [0.0, 1.0, 2.0]
+    finally:
+        engine_end.close()
+        front_end.close()
+
+
+PLUGIN_ERROR = """
+from attrserve_engine.errors import InvalidArgument
+
+
+class TooManyBins(InvalidArgument):
+    pass
+"""
+
+
+def test_a_plugins_own_error_reaches_the_front_as_the_engines_class_it_extends(tmp_path: Path) -> None:
+    """An AttributionError subclass defined in a plugin or a model.py lives in a module the front cannot import: sent
+    as it is, the front could not read its frame. It goes as the engine's class it extends (the status code), with
+    its message and retry hint; the engine's own classes go as they are."""
+    path = tmp_path / "binning.py"
+    path.write_text(PLUGIN_ERROR)
+    module = user_code.import_file(path, "attrserve_plugin")
+    engine_end, front_end = socket.socketpair()
+    try:
+        out = _Out(engine_end)
+        with out.holding():
+            out.send(("error", 1, portable(module.TooManyBins("params.bins: at most 64", retry_after_s=2.0))))
+            out.send(("error", 2, portable(Cancelled("gone"))))
+        del sys.modules[module.__name__]  # the front has never imported it
+        messages = read_frame(front_end)
+        sent = messages[0][2]
+        assert type(sent) is InvalidArgument and str(sent) == "params.bins: at most 64" and sent.retry_after_s == 2.0
+        assert type(messages[1][2]) is Cancelled and str(messages[1][2]) == "gone"
     finally:
         engine_end.close()
         front_end.close()
