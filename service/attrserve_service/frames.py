@@ -73,17 +73,38 @@ def _tensor(buffer: Any, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(buffer, dtype=dtype).reshape(shape))
 
 
-# The types _Pickler has found not to be torch's (a handful: results, their dataclasses, classes and functions).
-_NOT_TORCH: set[type] = set()
+# The modules of the engine and the service that the front end imports: the others import torch.
+_FRONT_MODULES = frozenset({"attrserve_engine.errors", "attrserve_engine.events", "attrserve_engine.job", "attrserve_engine.limits"})
+_ENGINE_SIDE = frozenset({"attrserve_service.local_core", "attrserve_service.engine_main"})
+# The modules user code runs as (user_code.import_file's prefixes): only the engine process has them.
+_USER_CODE = ("attrserve_plugin_", "attrserve_model_")
+
+
+def unreadable_by_the_front(module: str) -> str:
+    """Why the front end could not read an object of a class defined in `module` without importing torch or a
+    module only the engine process has; "" when it can."""
+    top = module.partition(".")[0]
+    if top == "torch":
+        return "the front end does not import torch"
+    if (top == "attrserve_engine" and module not in _FRONT_MODULES) or module in _ENGINE_SIDE:
+        return "its module imports torch, which the front end does not"
+    if top.startswith(_USER_CODE):
+        return "a plugin's or a model's module, which only the engine process has"
+    return ""
+
+
+# The types _Pickler has found the front end can read (a handful: results, their dataclasses, classes and functions).
+_READABLE: set[type] = set()
 
 
 class _Pickler(pickle.Pickler):
     """Tensors and numpy arrays as (their bytes out of band, dtype name, shape). Torch is looked up, not imported: a
     process that has not imported it has no tensors to send (the front end).
 
-    Any other object of torch's (a dtype, a torch.Size, torch.__version__) is refused: the front end, which never
-    imports torch, could not read it, and its reader would fail the whole frame. Refused here, in the engine process,
-    the message alone fails (frame_of) and the error is logged where the object was made."""
+    Any other object the front end could not read is refused: one of torch's (a dtype, a torch.Size,
+    torch.__version__), of a class from an engine module that imports torch, or from a plugin's or a model's module
+    (unreadable_by_the_front). Its reader would fail the whole frame, and take that for the engine's end. Refused here,
+    in the engine process, the message alone fails (frame_of) and the error is logged where the object was made."""
 
     def __init__(self, file: io.BytesIO, buffer_callback: Callable[[pickle.PickleBuffer], None]) -> None:
         super().__init__(file, protocol=5, buffer_callback=buffer_callback)
@@ -101,10 +122,11 @@ class _Pickler(pickle.Pickler):
             return NotImplemented
         if not isinstance(obj, torch.Tensor):
             kind = type(obj)
-            if kind not in _NOT_TORCH:  # a type seen before: one set lookup, not a module name split per object
-                if kind.__module__.partition(".")[0] == "torch":
-                    raise pickle.PicklingError(f"{kind.__module__}.{kind.__qualname__} {obj!r}: the front end does not import torch")
-                _NOT_TORCH.add(kind)
+            if kind not in _READABLE:  # a type seen before: one set lookup, not a module name check per object
+                why = unreadable_by_the_front(kind.__module__)
+                if why:
+                    raise pickle.PicklingError(f"{kind.__module__}.{kind.__qualname__} {obj!r}: {why}")
+                _READABLE.add(kind)
             return NotImplemented
         t = obj.detach() if obj.requires_grad else obj
         if t.device.type != "cpu":

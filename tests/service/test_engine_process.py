@@ -30,7 +30,7 @@ from test_model_management import PINNED, TARGET, X, captum, health, mlp, write
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_client import AttributionClient
-from attrserve_engine import Cancelled, EngineLimits, InvalidArgument, user_code
+from attrserve_engine import Cancelled, EngineLimits, InputSpec, InvalidArgument, user_code
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import ERROR_ID, Gauges
 from attrserve_service import eventloop, frames, launch, metrics
@@ -382,11 +382,22 @@ def test_what_a_worker_step_sends_goes_as_one_frame_and_an_unpicklable_answer_as
         front_end.close()
 
 
+BINNED = """
+from dataclasses import dataclass
+
+
+@dataclass
+class Binned:
+    bins: int
+"""
+
+
 def test_an_answer_holding_a_torch_object_fails_alone_and_the_front_reads_the_rest_without_torch(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Only tensors cross as torch's: any other torch object (a dtype, a torch.Size, torch.__version__) in an answer
-    would make the front end, which never imports torch, fail to read the whole frame. The engine refuses it: that
+    """Only tensors cross as torch's: any other torch object (a dtype, a torch.Size, torch.__version__) in an answer,
+    or an object of a class from an engine module that imports torch or from a plugin's module, would make the front
+    end, which never imports torch nor has those modules, fail to read the whole frame. The engine refuses it: that
     answer goes as an INTERNAL error with an id, logged in the engine, and the others of its frame go."""
     engine_end, front_end = socket.socketpair()
     read_torch = []
@@ -398,6 +409,8 @@ def test_an_answer_holding_a_torch_object_fails_alone_and_the_front_reads_the_re
         return find_class(self, module, name)
 
     monkeypatch.setattr(frames._ArrayUnpickler, "find_class", without_torch)
+    (tmp_path / "binned.py").write_text(BINNED)
+    plugin = user_code.import_file(tmp_path / "binned.py", "attrserve_plugin")
     try:
         out = _Out(engine_end)
         with out.holding():
@@ -406,13 +419,18 @@ def test_an_answer_holding_a_torch_object_fails_alone_and_the_front_reads_the_re
             out.send(("reply", 3, torch.Size([2, 3])))
             out.send(("reply", 4, torch.__version__))
             out.send(("result", 5, {"attributions": (torch.arange(3.0),), "input_casts": ((0, "float64", "float32"),)}))
+            out.send(("reply", 6, InputSpec(name="x", dtype=None, dims=(4,))))  # attrserve_engine.models imports torch
+            out.send(("result", 7, plugin.Binned(3)))
         (length,) = struct.unpack("<Q", front_end.recv(8, socket.MSG_WAITALL))
         messages = decode(bytearray(front_end.recv(length, socket.MSG_WAITALL)), tensors=False)
         assert read_torch == []
-        assert [m[:2] for m in messages] == [("error", 1), ("result", 2), ("reply_error", 3), ("reply_error", 4), ("result", 5)]
+        kinds = [m[:2] for m in messages]
+        assert kinds == [("error", 1), ("result", 2), ("reply_error", 3), ("reply_error", 4), ("result", 5), ("reply_error", 6), ("error", 7)]
         for failed in (messages[0][2], messages[2][2], messages[3][2]):
             assert "in the engine process" in str(failed) and getattr(failed, ERROR_ID)  # INTERNAL, with an id
         assert "torch.dtype torch.float64: the front end does not import torch" in caplog.text
+        assert "attrserve_engine.models.InputSpec" in caplog.text and "its module imports torch" in caplog.text
+        assert "Binned(bins=3): a plugin's or a model's module, which only the engine process has" in caplog.text
         assert isinstance(messages[1][2], np.ndarray) and messages[1][2].tolist() == [1.0, 1.0]
         assert messages[4][2]["attributions"][0].tolist() == [0.0, 1.0, 2.0]
     finally:
