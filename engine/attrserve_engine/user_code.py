@@ -19,6 +19,11 @@ class _FreshSourceLoader(importlib.machinery.SourceFileLoader):
         return compile(self.get_data(self.path), self.path, "exec", dont_inherit=True)
 
 
+def is_user_module(name: str) -> bool:
+    """Whether the module called `name` is a user's file that import_file ran (only the process that ran it has it)."""
+    return isinstance(getattr(sys.modules.get(name), "__loader__", None), _FreshSourceLoader)
+
+
 def import_file(path: Path, prefix: str) -> ModuleType:
     """Run `path` as a module named `<prefix>_<stem>_<digest of its path>`, so two files never collide; each call
     runs the file as it is now."""

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 import ml_dtypes
 import numpy as np
 
+from attrserve_engine.user_code import is_user_module
+
 if TYPE_CHECKING:
     import torch
 
@@ -76,8 +78,6 @@ def _tensor(buffer: Any, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
 # The modules of the engine and the service that the front end imports: the others import torch.
 _FRONT_MODULES = frozenset({"attrserve_engine.errors", "attrserve_engine.events", "attrserve_engine.job", "attrserve_engine.limits"})
 _ENGINE_SIDE = frozenset({"attrserve_service.local_core", "attrserve_service.engine_main"})
-# The modules user code runs as (user_code.import_file's prefixes): only the engine process has them.
-_USER_CODE = ("attrserve_plugin_", "attrserve_model_")
 
 
 def unreadable_by_the_front(module: str) -> str:
@@ -88,7 +88,7 @@ def unreadable_by_the_front(module: str) -> str:
         return "the front end does not import torch"
     if (top == "attrserve_engine" and module not in _FRONT_MODULES) or module in _ENGINE_SIDE:
         return "its module imports torch, which the front end does not"
-    if top.startswith(_USER_CODE):
+    if is_user_module(module):
         return "a plugin's or a model's module, which only the engine process has"
     return ""
 
