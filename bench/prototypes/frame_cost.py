@@ -47,9 +47,11 @@ async def cpu_per_frame(message: list, count: int) -> tuple[float, float]:
     front = {"tensors": False} if "tensors" in inspect.signature(ep.FrameReader).parameters else {}  # numpy arrays
     transport, _ = await loop.create_unix_connection(lambda: ep.FrameReader(received, lambda: None, **front), sock=reader_end)
     if hasattr(ep, "send_parts"):
+        # The engine's answers are checked for what the front may read (`to_front`, since issue 12 step 32; before, always).
+        engine = {"to_front": True} if "to_front" in inspect.signature(ep.encode_parts).parameters else {}
 
         def send() -> None:
-            ep.send_parts(writer_end, ep.encode_parts(message))
+            ep.send_parts(writer_end, ep.encode_parts(message, **engine))
     else:
 
         def send() -> None:

@@ -94,7 +94,7 @@ class _Out:
                 self._write(held)
 
     def _write(self, messages: list[tuple]) -> None:
-        parts = frame_of(messages, _unpicklable_answer)
+        parts = frame_of(messages, _unpicklable_answer, to_front=True)
         if not parts:
             return
         with self.lock, contextlib.suppress(OSError):  # the front is gone: the reading side sees the end and exits

@@ -126,7 +126,12 @@ class EngineProcess:
         self._ready = loop.create_future()
         self._writer, _ = await loop.create_unix_connection(asyncio.Protocol, sock=launched.to_engine)
         self._reader, _ = await loop.create_unix_connection(
-            lambda: FrameReader(partial(self._received, generation), partial(self._ended, generation), tensors=False),
+            lambda: FrameReader(
+                partial(self._received, generation),
+                partial(self._ended, generation),
+                tensors=False,
+                on_unreadable=partial(self._unreadable, generation),
+            ),
             sock=launched.from_engine,
         )
         self._snapshot = await self._ready
@@ -192,6 +197,24 @@ class EngineProcess:
                 self._ready.set_result(message[1])
             else:
                 self._ready.set_exception(RepositoryError(message[1]))
+
+    def _unreadable(self, generation: int, message: Any, why: str) -> None:
+        """A message of the engine process's that the front end could not read whole (it holds an object of a class or
+        function the front end does not import, which the engine's pickler should have refused): an answer fails
+        alone, INTERNAL (the servicer logs it with an id); any other is logged and dropped. The engine serves on."""
+        if generation != self._generation:
+            return
+        kind = message[0] if isinstance(message, tuple) and message and isinstance(message[0], str) else "malformed"
+        problem = f"the engine process's {kind!r} message holds what the front end does not read: {why}"
+        if kind in ("result", "reply", "error", "reply_error"):
+            future = self._pending.pop(message[1], None)
+            if future is not None and not future.done():
+                future.set_exception(RuntimeError(problem))
+                return
+        if kind in ("ready", "fatal") and self._ready is not None and not self._ready.done():
+            self._ready.set_exception(RepositoryError(problem))
+            return
+        log.error("%s; it is dropped", problem)
 
     def _tell(self, method: str, *args: Any) -> None:
         getattr(Observers(self.observers), method)(*args)  # an observer that raises is logged and ignored

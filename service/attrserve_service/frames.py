@@ -75,40 +75,66 @@ def _tensor(buffer: Any, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(buffer, dtype=dtype).reshape(shape))
 
 
-# The modules of the engine and the service that the front end imports: the others import torch.
-_FRONT_MODULES = frozenset({"attrserve_engine.errors", "attrserve_engine.events", "attrserve_engine.job", "attrserve_engine.limits"})
-_ENGINE_SIDE = frozenset({"attrserve_service.local_core", "attrserve_service.engine_main"})
+# What an object from the engine process may be made of: classes and functions of these modules only (and of the
+# standard library and protobuf), which the front end imports, or may import without torch. The engine's modules not
+# named here import torch, as do the engine process's own (local_core, engine_main) and the demo models; a plugin's or a
+# model's module exists in the engine process only; a third-party package (transformers, torchvision, ...) may import
+# torch or may not be installed where the front runs.
+_FRONT_MODULES = frozenset(
+    {"attrserve_engine", "attrserve_engine.errors", "attrserve_engine.events", "attrserve_engine.job", "attrserve_engine.limits"}
+)
+_ENGINE_SIDE = ("attrserve_service.local_core", "attrserve_service.engine_main", "attrserve_service.demo_models")
+_LIBRARIES = frozenset({"numpy", "ml_dtypes", "attrserve"})  # attrserve: the generated contract (GetModel's ModelInfo)
 
 
 def unreadable_by_the_front(module: str) -> str:
-    """Why the front end could not read an object of a class defined in `module` without importing torch or a
-    module only the engine process has; "" when it can."""
+    """Why the front end must not read a class or function of `module` (it would import torch, or a module only the
+    engine process has, or one the front end does not use); "" when it may. One rule for both ends: the engine refuses
+    to send such an object (_Pickler), the front end to read one (_ArrayUnpickler)."""
     top = module.partition(".")[0]
     if top == "torch":
         return "the front end does not import torch"
-    if (top == "attrserve_engine" and module not in _FRONT_MODULES) or module in _ENGINE_SIDE:
-        return "its module imports torch, which the front end does not"
+    if top == "attrserve_engine":
+        return "" if module in _FRONT_MODULES else "its module imports torch, which the front end does not"
+    if top == "attrserve_service":
+        engine_side = any(module == m or module.startswith(m + ".") for m in _ENGINE_SIDE)
+        return "its module imports torch, which the front end does not" if engine_side else ""
+    if top in sys.stdlib_module_names or top in _LIBRARIES or module == "google.protobuf" or module.startswith("google.protobuf."):
+        return ""
     if is_user_module(module):
         return "a plugin's or a model's module, which only the engine process has"
-    return ""
+    return "the front end reads only objects of the standard library, numpy, ml_dtypes, protobuf and attrserve's own front-end modules"
 
 
-# The types _Pickler has found the front end can read (a handful: results, their dataclasses, classes and functions).
-_READABLE: set[type] = set()
+# The classes and functions found readable so far (a handful: results, their dataclasses, errors, reduce functions).
+_READABLE: set[Any] = set()
+# Objects that a pickle names (a global) rather than builds: a class, a function (types.FunctionType, len's type).
+_NAMED = (type, type(unreadable_by_the_front), type(len))
+
+
+def _check_readable(kind: Any, obj: Any) -> None:
+    """Add `kind` (a class or function) to _READABLE, or raise PicklingError naming `obj` and why the front end must
+    not read it."""
+    module = getattr(kind, "__module__", None) or pickle.whichmodule(kind, kind.__qualname__)  # type: ignore[attr-defined]
+    why = unreadable_by_the_front(module)
+    if why:
+        raise pickle.PicklingError(f"{module}.{kind.__qualname__} {obj!r}: {why}")
+    _READABLE.add(kind)
 
 
 class _Pickler(pickle.Pickler):
     """Tensors and numpy arrays as (their bytes out of band, dtype name, shape). Torch is looked up, not imported: a
     process that has not imported it has no tensors to send (the front end).
 
-    Any other object the front end could not read is refused: one of torch's (a dtype, a torch.Size,
-    torch.__version__), of a class from an engine module that imports torch, or from a plugin's or a model's module
-    (unreadable_by_the_front). Its reader would fail the whole frame, and take that for the engine's end. Refused here,
-    in the engine process, the message alone fails (frame_of) and the error is logged where the object was made."""
+    `to_front` (the engine's answers): any other object the front end must not read is refused, an object, class or
+    function of torch's (a dtype, a torch.Size, torch.__version__, nn.Linear), of an engine module that imports torch,
+    of a plugin's or a model's module, of a third-party package (unreadable_by_the_front). Refused here, in the engine
+    process, the message alone fails (frame_of) and the error is logged where the object was made."""
 
-    def __init__(self, file: io.BytesIO, buffer_callback: Callable[[pickle.PickleBuffer], None]) -> None:
+    def __init__(self, file: io.BytesIO, buffer_callback: Callable[[pickle.PickleBuffer], None], to_front: bool) -> None:
         super().__init__(file, protocol=5, buffer_callback=buffer_callback)
         self._torch = sys.modules.get("torch")
+        self._to_front = to_front
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
@@ -118,15 +144,14 @@ class _Pickler(pickle.Pickler):
             # Its bytes: ml_dtypes' bfloat16 has no buffer format of its own.
             return _tensor, (pickle.PickleBuffer(a.reshape(-1).view(np.uint8).data), a.dtype.name, a.shape)
         torch = self._torch
-        if torch is None:
-            return NotImplemented
-        if not isinstance(obj, torch.Tensor):
-            kind = type(obj)
-            if kind not in _READABLE:  # a type seen before: one set lookup, not a module name check per object
-                why = unreadable_by_the_front(kind.__module__)
-                if why:
-                    raise pickle.PicklingError(f"{kind.__module__}.{kind.__qualname__} {obj!r}: {why}")
-                _READABLE.add(kind)
+        if torch is None or not isinstance(obj, torch.Tensor):
+            if not self._to_front:
+                return NotImplemented
+            if isinstance(obj, _NAMED):  # pickled as its module and name (its metaclass is not in the pickle)
+                if obj not in _READABLE:
+                    _check_readable(obj, obj)
+            elif type(obj) not in _READABLE:  # a type seen before: one set lookup, not a module name check per object
+                _check_readable(type(obj), obj)
             return NotImplemented
         t = obj.detach() if obj.requires_grad else obj
         if t.device.type != "cpu":
@@ -139,21 +164,105 @@ class _Pickler(pickle.Pickler):
         return _tensor, (pickle.PickleBuffer(a), a.dtype.name, a.shape)
 
 
+# The modules the front end's reader has found readable so far.
+_READABLE_MODULES: set[str] = set()
+
+
 class _ArrayUnpickler(pickle.Unpickler):
-    """Reads a frame's tensors and arrays as numpy arrays (the front end)."""
+    """Reads a frame's tensors and arrays as numpy arrays (the front end). A class or function of a module that
+    unreadable_by_the_front refuses fails the read (UnpicklingError) before that module is imported."""
 
     def find_class(self, module: str, name: str) -> Any:
         if module == __name__ and name == "_tensor":
             return _array
+        if module not in _READABLE_MODULES:
+            why = unreadable_by_the_front(module)
+            if why:
+                raise pickle.UnpicklingError(f"{module}.{name}: {why}")
+            _READABLE_MODULES.add(module)
         return super().find_class(module, name)
 
 
-def encode_parts(message: Any) -> list:
+class _Unreadable:
+    """Stands, in a salvaged frame, for an object made by a class or function the front end did not read (`name`
+    says which, and why). It takes whatever a pickle does to build it."""
+
+    name = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Unreadable:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+
+class _SalvagingUnpickler(_ArrayUnpickler):
+    """Reads what it can of a frame that _ArrayUnpickler could not read: a class or function it refuses, or cannot
+    find, is read as a subclass of _Unreadable that names it."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except Exception as error:
+            what = str(error) if isinstance(error, pickle.UnpicklingError) else f"{module}.{name}: {error}"
+            return type(name, (_Unreadable,), {"name": what})
+
+
+_ATOMS = (str, bytes, bytearray, memoryview, int, float, complex, type, type(None))
+
+
+def _unreadable_in(obj: Any, seen: set[int]) -> str:
+    """The `name` of the first _Unreadable in `obj` (its items, attributes, an exception's args), or ""."""
+    if isinstance(obj, _Unreadable) or (isinstance(obj, type) and issubclass(obj, _Unreadable)):
+        return obj.name
+    if isinstance(obj, _ATOMS) or id(obj) in seen:
+        return ""
+    seen.add(id(obj))
+    items: Any
+    if isinstance(obj, dict):
+        items = [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = obj
+    elif isinstance(obj, np.ndarray):
+        items = obj.ravel() if obj.dtype.hasobject else ()
+    else:
+        items = [*getattr(obj, "__dict__", {}).values(), *(getattr(obj, s, None) for s in getattr(type(obj), "__slots__", ()))]
+        if isinstance(obj, BaseException):
+            items += obj.args
+    for item in items:
+        found = _unreadable_in(item, seen)
+        if found:
+            return found
+    return ""
+
+
+def salvage(frame: bytearray) -> list[tuple[Any, str]]:
+    """The messages of a frame that the front end could not read (decode raised), each with what it holds that the
+    front end does not read ("" for a message read whole). Raises where even this cannot read the frame."""
+    data, buffers = _parts(frame)
+    messages = _SalvagingUnpickler(io.BytesIO(data), buffers=buffers).load()
+    return [(message, _unreadable_in(message, set())) for message in messages]
+
+
+def encode_parts(message: Any, to_front: bool = False) -> list:
     """One frame holding `message` (a list of messages, on the wire), as the buffers to write one after another: the
-    length, the head, the pickle, then each tensor's bytes where they lie."""
+    length, the head, the pickle, then each tensor's bytes where they lie. `to_front`: the engine's, to the front end
+    (_Pickler refuses what the front end must not read)."""
     buffers: list[pickle.PickleBuffer] = []
     stream = io.BytesIO()
-    _Pickler(stream, buffers.append).dump(message)
+    _Pickler(stream, buffers.append, to_front).dump(message)
     raw = [b.raw() for b in buffers]
     data = stream.getbuffer()
     head = _HEAD.pack(len(raw), data.nbytes) + struct.pack(f"<{len(raw)}Q", *(r.nbytes for r in raw))
@@ -166,24 +275,24 @@ def encode(message: Any) -> bytes:
     return b"".join(encode_parts(message))
 
 
-def frame_of(messages: list[tuple], unpicklable: Callable[[tuple, Exception], tuple | None]) -> list:
+def frame_of(messages: list[tuple], unpicklable: Callable[[tuple, Exception], tuple | None], to_front: bool = False) -> list:
     """One frame of `messages`, as encode_parts' buffers ([] for none). One that cannot be pickled does not take the
     others with it: it goes as what `unpicklable(message, error)` returns instead, or is left out where that is None."""
     try:
-        return encode_parts(messages) if messages else []
+        return encode_parts(messages, to_front) if messages else []
     except Exception:
         pass
     kept = []
     for message in messages:
         try:
-            encode_parts([message])
+            encode_parts([message], to_front)
         except Exception as e:
             replaced = unpicklable(message, e)
             if replaced is None:
                 continue
             message = replaced
         kept.append(message)
-    return encode_parts(kept) if kept else []
+    return encode_parts(kept, to_front) if kept else []
 
 
 def send_parts(sock: socket.socket, parts: list) -> None:
@@ -201,6 +310,14 @@ def send_parts(sock: socket.socket, parts: list) -> None:
 def decode(frame: bytearray, tensors: bool) -> Any:
     """The message of one frame (without its length prefix); its tensors and arrays are views on `frame`: torch
     tensors where `tensors`, numpy arrays otherwise."""
+    data, buffers = _parts(frame)
+    if tensors:
+        return pickle.loads(data, buffers=buffers)
+    return _ArrayUnpickler(io.BytesIO(data), buffers=buffers).load()
+
+
+def _parts(frame: bytearray) -> tuple[memoryview, list[memoryview]]:
+    """A frame's pickle and its out-of-band buffers, as views on it."""
     view = memoryview(frame)
     count, length = _HEAD.unpack_from(view, 0)
     sizes = struct.unpack_from(f"<{count}Q", view, _HEAD.size)
@@ -211,9 +328,7 @@ def decode(frame: bytearray, tensors: bool) -> Any:
     for size in sizes:
         buffers.append(view[at : at + size])
         at += size
-    if tensors:
-        return pickle.loads(data, buffers=buffers)
-    return _ArrayUnpickler(io.BytesIO(data), buffers=buffers).load()
+    return data, buffers
 
 
 def translate(obj: Any, tensors: bool) -> Any:
@@ -222,7 +337,7 @@ def translate(obj: Any, tensors: bool) -> Any:
     (LocalCore's callers send numpy arrays and take numpy arrays back)."""
     buffers: list[pickle.PickleBuffer] = []
     stream = io.BytesIO()
-    _Pickler(stream, buffers.append).dump(obj)
+    _Pickler(stream, buffers.append, to_front=not tensors).dump(obj)
     stream.seek(0)
     if tensors:
         return pickle.load(stream, buffers=buffers)
@@ -235,12 +350,24 @@ class FrameReader(asyncio.BufferedProtocol):
     The loop reads into our buffers (recv_into), not into a fresh bytes object per read. Small frames land in one
     reused buffer, several per read, and each is copied out of it (its tensors must not view a buffer that is read
     into again). A frame of _OWN_BUFFER bytes or more (a 3x224x224 image is 588 KiB) gets a buffer of its own, read
-    into directly: its tensors view the bytes that came through the kernel, with no copy in between."""
+    into directly: its tensors view the bytes that came through the kernel, with no copy in between.
 
-    def __init__(self, on_message: Callable[[Any], None], on_end: Callable[[], None], tensors: bool) -> None:
+    A frame that cannot be read whole (the front end's reader refuses a class or function, or cannot find one) is
+    salvaged where `on_unreadable` is given: it gets each message that holds such an object, with what and why, and
+    `on_message` the others. Frames are delimited by their lengths, so the frames after it read as ever. A frame not
+    even salvage can read ends the reader, as before (the transport closes: `on_end`)."""
+
+    def __init__(
+        self,
+        on_message: Callable[[Any], None],
+        on_end: Callable[[], None],
+        tensors: bool,
+        on_unreadable: Callable[[Any, str], None] | None = None,
+    ) -> None:
         self.on_message = on_message
         self.tensors = tensors  # decode's
         self.on_end = on_end
+        self.on_unreadable = on_unreadable
         self._scratch = bytearray(_SCRATCH)  # never resized: get_buffer hands out views of it
         self._have = 0  # bytes read into _scratch, not yet taken
         self._frame: bytearray | None = None  # the large frame being read into its own buffer
@@ -283,7 +410,22 @@ class FrameReader(asyncio.BufferedProtocol):
             self._have = rest
 
     def _deliver(self, frame: bytearray) -> None:
-        for message in decode(frame, self.tensors):
+        try:
+            messages = decode(frame, self.tensors)
+        except Exception as error:
+            if self.on_unreadable is None:
+                raise
+            try:
+                salvaged = salvage(frame)
+            except Exception:
+                raise error from None
+            for message, why in salvaged:
+                if why:
+                    self.on_unreadable(message, why)
+                else:
+                    self.on_message(message)
+            return
+        for message in messages:
             self.on_message(message)
 
     def connection_lost(self, exc: Exception | None) -> None:

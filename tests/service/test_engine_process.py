@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import ctypes.util
 import os
+import pickle
+import pkgutil
 import re
 import signal
 import socket
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -389,28 +392,46 @@ from dataclasses import dataclass
 @dataclass
 class Binned:
     bins: int
+
+
+def bin_edges(n):
+    return list(range(n + 1))
+"""
+
+# A third-party package as a plugin might return one of its objects (transformers', say: importing it imports torch).
+VENDOR = """
+IMPORTED = True
+
+
+class Tokens:
+    def __init__(self, ids):
+        self.ids = ids
 """
 
 
 def test_an_answer_holding_a_torch_object_fails_alone_and_the_front_reads_the_rest_without_torch(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Only tensors cross as torch's: any other torch object (a dtype, a torch.Size, torch.__version__) in an answer,
-    or an object of a class from an engine module that imports torch or from a plugin's module, would make the front
-    end, which never imports torch nor has those modules, fail to read the whole frame. The engine refuses it: that
-    answer goes as an INTERNAL error with an id, logged in the engine, and the others of its frame go."""
+    """Only tensors cross as torch's: any other torch object (a dtype, a torch.Size, torch.__version__, a class such as
+    nn.Linear) in an answer, or an object, class or function of an engine module that imports torch, of a plugin's
+    module or of a third-party package, would make the front end import torch or a module it does not have. The
+    engine refuses it (frames.unreadable_by_the_front: an allowlist, so a package nobody thought of is refused too):
+    that answer goes as an INTERNAL error with an id, logged in the engine, and the others of its frame go."""
     engine_end, front_end = socket.socketpair()
-    read_torch = []
+    read = []
     find_class = frames._ArrayUnpickler.find_class
 
-    def without_torch(self: Any, module: str, name: str) -> Any:
-        if module.partition(".")[0] == "torch":
-            read_torch.append((module, name))
+    def recorded(self: Any, module: str, name: str) -> Any:
+        read.append(module)
         return find_class(self, module, name)
 
-    monkeypatch.setattr(frames._ArrayUnpickler, "find_class", without_torch)
+    monkeypatch.setattr(frames._ArrayUnpickler, "find_class", recorded)
     (tmp_path / "binned.py").write_text(BINNED)
     plugin = user_code.import_file(tmp_path / "binned.py", "attrserve_plugin")
+    (tmp_path / "vendor_tokens.py").write_text(VENDOR)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import vendor_tokens  # type: ignore[import-not-found]
+
     try:
         out = _Out(engine_end)
         with out.holding():
@@ -421,18 +442,32 @@ def test_an_answer_holding_a_torch_object_fails_alone_and_the_front_reads_the_re
             out.send(("result", 5, {"attributions": (torch.arange(3.0),), "input_casts": ((0, "float64", "float32"),)}))
             out.send(("reply", 6, InputSpec(name="x", dtype=None, dims=(4,))))  # attrserve_engine.models imports torch
             out.send(("result", 7, plugin.Binned(3)))
+            out.send(("result", 8, {"layer": torch.nn.Linear}))  # a class: pickled by its module and name
+            out.send(("reply", 9, [plugin.bin_edges]))  # a plugin's function
+            out.send(("result", 10, vendor_tokens.Tokens([1, 2])))
+            out.send(("reply", 11, (vendor_tokens.Tokens,)))
+            out.send(("result", 12, {"when": __import__("datetime").date(2026, 12, 6), "kind": pb.ModelInfo}))  # readable
         (length,) = struct.unpack("<Q", front_end.recv(8, socket.MSG_WAITALL))
         messages = decode(bytearray(front_end.recv(length, socket.MSG_WAITALL)), tensors=False)
-        assert read_torch == []
+        assert {m.partition(".")[0] for m in read} <= {"builtins", "attrserve_engine", "attrserve_service", "datetime", "attrserve"}
         kinds = [m[:2] for m in messages]
-        assert kinds == [("error", 1), ("result", 2), ("reply_error", 3), ("reply_error", 4), ("result", 5), ("reply_error", 6), ("error", 7)]
-        for failed in (messages[0][2], messages[2][2], messages[3][2]):
+        assert kinds == [
+            ("error", 1), ("result", 2), ("reply_error", 3), ("reply_error", 4), ("result", 5), ("reply_error", 6), ("error", 7),
+            ("error", 8), ("reply_error", 9), ("error", 10), ("reply_error", 11), ("result", 12),
+        ]  # fmt: skip
+        for failed in [m[2] for m in messages if m[0] in ("error", "reply_error")]:
             assert "in the engine process" in str(failed) and getattr(failed, ERROR_ID)  # INTERNAL, with an id
         assert "torch.dtype torch.float64: the front end does not import torch" in caplog.text
         assert "attrserve_engine.models.InputSpec" in caplog.text and "its module imports torch" in caplog.text
         assert "Binned(bins=3): a plugin's or a model's module, which only the engine process has" in caplog.text
+        assert "torch.nn.modules.linear.Linear <class 'torch.nn.modules.linear.Linear'>: the front end does not import torch" in caplog.text
+        assert ".bin_edges <function bin_edges" in caplog.text
+        third_party = "the front end reads only objects of the standard library, numpy, ml_dtypes, protobuf and attrserve's own"
+        assert f"vendor_tokens.Tokens <vendor_tokens.Tokens object" in caplog.text and third_party in caplog.text
+        assert "vendor_tokens.Tokens <class 'vendor_tokens.Tokens'>" in caplog.text
         assert isinstance(messages[1][2], np.ndarray) and messages[1][2].tolist() == [1.0, 1.0]
         assert messages[4][2]["attributions"][0].tolist() == [0.0, 1.0, 2.0]
+        assert messages[11][2] == {"when": __import__("datetime").date(2026, 12, 6), "kind": pb.ModelInfo}
     finally:
         engine_end.close()
         front_end.close()
@@ -468,6 +503,176 @@ def test_a_plugins_own_error_reaches_the_front_as_the_engines_class_it_extends(t
     finally:
         engine_end.close()
         front_end.close()
+
+
+def test_every_module_of_attrserve_that_the_front_may_read_imports_no_torch() -> None:
+    """unreadable_by_the_front admits the service's modules but the engine process's own, and four of the engine's:
+    importing every module it admits, in a fresh interpreter, must not import torch (a module that starts to import
+    it must be named there, or the front end would import torch to read an answer)."""
+    import attrserve_engine
+    import attrserve_service
+
+    names = [
+        info.name
+        for package in (attrserve_engine, attrserve_service)
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+    ]
+    admitted = [name for name in names if not frames.unreadable_by_the_front(name)]
+    refused = set(names) - set(admitted)
+    assert {"attrserve_engine.errors", "attrserve_engine.job", "attrserve_service.core", "attrserve_service.servicer"} <= set(admitted)
+    assert {"attrserve_engine.engine", "attrserve_service.engine_main", "attrserve_service.local_core"} <= refused
+    code = f"import importlib, sys\nfor name in {admitted!r}:\n    importlib.import_module(name)\nprint('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def feed(reader: FrameReader, stream: bytes) -> None:
+    """Hand `stream` to `reader` as its socket would, in reads as large as it asks for."""
+    at = 0
+    while at < len(stream):
+        room = reader.get_buffer(-1)
+        n = min(len(room), len(stream) - at)
+        room[:n] = stream[at : at + n]
+        reader.buffer_updated(n)
+        at += n
+
+
+GONE = """
+class Thing:
+    def __init__(self, n):
+        self.n = n
+"""
+
+
+def test_a_frame_the_front_cannot_read_whole_fails_only_the_answers_that_hold_what_it_does_not_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind the engine's refusal, the front end's reader: it imports no module that unreadable_by_the_front refuses
+    (not even to fail), and a frame it cannot read whole is salvaged: an answer that holds such an object, or one of a
+    module it cannot find, goes to `on_unreadable` with what and why, every other message of the frame is read as
+    ever, and so are the frames after it. Only a frame that not even salvage can read ends the reader."""
+    (tmp_path / "vendor_tokens.py").write_text(VENDOR)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import vendor_tokens  # type: ignore[import-not-found]
+
+    # A module the engine process has and the front end does not, under a name the rule admits (made at run time).
+    gone_module = types.ModuleType("attrserve_service.made_at_run_time")
+    exec(GONE, gone_module.__dict__)
+    monkeypatch.setitem(sys.modules, gone_module.__name__, gone_module)
+
+    first = encode(
+        [
+            ("result", 1, {"tokens": vendor_tokens.Tokens([1, 2])}),
+            ("result", 2, torch.arange(3.0)),
+            ("reply", 3, [gone_module.Thing(4)]),
+            ("event", "pass_executed", (vendor_tokens.Tokens,)),
+            ("error", 4, InvalidArgument("inputs[0]: 3 values, the model takes 4")),
+            ("error", 5, RuntimeError(gone_module.Thing(5))),
+            ("result", 6, np.array([gone_module.Thing(6)], dtype=object)),
+        ]
+    )
+    after = encode([("result", 7, torch.ones(2))])
+    del sys.modules["vendor_tokens"], sys.modules[gone_module.__name__]
+    got: list = []
+    unreadable: list = []
+    reader = FrameReader(got.append, lambda: None, tensors=False, on_unreadable=lambda m, why: unreadable.append((m[:2], why)))
+    feed(reader, first + after)
+    assert "vendor_tokens" not in sys.modules  # refused before its import
+    assert [m[:2] for m in got] == [("result", 2), ("error", 4), ("result", 7)]
+    assert got[0][2].tolist() == [0.0, 1.0, 2.0] and isinstance(got[0][2], np.ndarray)
+    assert isinstance(got[1][2], InvalidArgument) and str(got[1][2]) == "inputs[0]: 3 values, the model takes 4"
+    assert got[2][2].tolist() == [1.0, 1.0]
+    third_party = "the front end reads only objects of the standard library, numpy, ml_dtypes, protobuf"
+    assert [m for m, _ in unreadable] == [("result", 1), ("reply", 3), ("event", "pass_executed"), ("error", 5), ("result", 6)]
+    assert unreadable[0][1].startswith("vendor_tokens.Tokens: " + third_party)
+    assert unreadable[1][1] == "attrserve_service.made_at_run_time.Thing: No module named 'attrserve_service.made_at_run_time'"
+    assert unreadable[2][1].startswith("vendor_tokens.Tokens: ")
+    assert unreadable[3][1] == unreadable[4][1] == unreadable[1][1]
+    # Where no one salvages (the engine process's reader), a frame it cannot read fails the reader, as one that not even
+    # salvage can read fails the front end's.
+    with pytest.raises(pickle.UnpicklingError, match="vendor_tokens.Tokens"):
+        feed(FrameReader(got.append, lambda: None, tensors=False), first)
+    broken = bytearray(after)
+    broken[-9] ^= 0xFF  # inside the pickle: its STOP opcode
+    with pytest.raises(pickle.UnpicklingError):
+        feed(FrameReader(got.append, lambda: None, tensors=False, on_unreadable=lambda m, why: None), bytes(broken))
+
+
+# A hole in the engine's refusal, played in its process: the answer after a forward of an input holding 555 carries an
+# object of a module the engine process made at run time, under a name unreadable_by_the_front admits, which the front
+# end does not have. Otherwise the `good` model (mlp(1)).
+LEAKY = """
+import sys
+import types
+
+import torch
+from torch import nn
+
+from attrserve_service import engine_main
+
+helpers = types.ModuleType("attrserve_service.made_at_run_time")
+exec("class Thing:\\n    pass\\n", helpers.__dict__)
+sys.modules[helpers.__name__] = helpers
+LEAK = []
+_send = engine_main._Out.send
+
+
+def send(self, message):
+    if message[0] == "result" and LEAK:
+        LEAK.clear()
+        message = (message[0], message[1], {"attributions": helpers.Thing()})
+    _send(self, message)
+
+
+engine_main._Out.send = send
+
+
+class Leaky(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+    def forward(self, x):
+        if bool((x == 555.0).any()):
+            LEAK.append(True)
+        return self.net(x)
+
+
+def build_model():
+    return Leaky()
+"""
+
+
+def test_an_answer_the_front_cannot_read_fails_alone_with_internal_and_the_engine_process_serves_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before, an answer the front end could not read failed its whole frame, and the front took that for the engine
+    process's end: every request in flight UNAVAILABLE, NOT_SERVING, a restart. Now that answer alone fails with
+    INTERNAL and an error id, and the same engine process serves Captum's numbers on, SERVING throughout."""
+    write(tmp_path / "leaky", LEAKY)
+    server = start(tmp_path)
+    try:
+        client = AttributionClient(server.address)
+        engine_pid = server.running.core.pid
+        before = scrape(server.running.metrics_port)
+        served = client.attribute("leaky", "integrated_gradients", X, target=TARGET, timeout=60).attributions
+        np.testing.assert_allclose(served, captum(1), atol=1e-5)
+        with pytest.raises(grpc.RpcError) as failed:
+            client.attribute("leaky", "saliency", np.full((1, 4), 555.0, np.float32), target=0, timeout=30)  # its forward sees 555
+        assert failed.value.code() == grpc.StatusCode.INTERNAL and "internal error (id " in failed.value.details()
+        assert "attrserve_service.made_at_run_time.Thing: No module named 'attrserve_service.made_at_run_time'" in caplog.text
+        assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+        for _ in range(3):
+            served = client.attribute("leaky", "integrated_gradients", X, target=TARGET, timeout=60).attributions
+            np.testing.assert_allclose(served, captum(1), atol=1e-5)
+        assert server.running.core.pid == engine_pid
+        after = scrape(server.running.metrics_port)
+        restarts = ("attrserve_engine_process_restarts_total", frozenset())
+        assert after[restarts] == before.get(restarts, 0.0) and after[("attrserve_engine_process_up", frozenset())] == 1
+        internal = ("attrserve_attributions_completed_total", frozenset({"model": "leaky", "algorithm": "saliency", "grpc_code": "INTERNAL"}.items()))
+        assert after[internal] - before.get(internal, 0.0) == 1
+    finally:
+        server.stop()
 
 
 class Transport:
