@@ -212,10 +212,12 @@ class RequestRNG:
     """
 
     seed: int
-    torch_gen: torch.Generator = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.torch_gen = torch.Generator(device="cpu").manual_seed(self.seed)
+    @functools.cached_property
+    def torch_gen(self) -> torch.Generator:
+        # Built on first use, as numpy_gen: most methods never draw (a generator cost the engine's event loop 5% of its
+        # samples at bench W1, IntegratedGradients: bench/RESULTS.md, issue 12 step 32).
+        return torch.Generator(device="cpu").manual_seed(self.seed)
 
     @functools.cached_property
     def numpy_gen(self) -> np.random.RandomState:
