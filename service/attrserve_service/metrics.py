@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.metrics import MetricWrapperBase
 
 from attrserve_engine.events import (
     DROP_CANCELLED,
@@ -221,6 +222,22 @@ def _device_memory(core: Core, device: str) -> float:
     return float(core.device_memory(device))
 
 
+# The children of the families a request or a pass updates, by their label values (bounded: the names are the served
+# models' and algorithms', "unknown" otherwise). prometheus_client's labels() checks the values and takes the family's
+# lock on every call: 2.4 µs each, eight a request at one pass a request (bench/RESULTS.md, issue 12 step 32).
+_CHILDREN: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
+
+
+def child(family: MetricWrapperBase, *values: str) -> Any:
+    """family.labels(*values), made once. Only for families whose series are never removed: a removed series' child
+    would go on counting where no scrape sees it."""
+    key = (family, values)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = family.labels(*values)
+    return found
+
+
 def observe_delta(model: str, algorithm: str, delta: np.ndarray) -> None:
     """One observation per example (the largest |delta| of its entries, e.g. DeepLiftShap's per baseline)."""
     histogram = ATTRSERVE_CONVERGENCE_DELTA.labels(model, algorithm)
@@ -253,11 +270,11 @@ class EngineMetrics(EngineObserver):
         ATTRSERVE_PASS_SPLITS_TOTAL.labels(model, reason).inc()
 
     def pass_executed(self, stats: PassStats) -> None:
-        ATTRSERVE_PASSES_EXECUTED_TOTAL.labels(stats.model, stats.kind).inc()
-        ATTRSERVE_PASS_ROWS.labels(stats.model, stats.kind).observe(stats.rows)
-        ATTRSERVE_PASS_REQUESTS.labels(stats.model, stats.kind).observe(stats.requests)
-        ATTRSERVE_PASS_DURATION_SECONDS.labels(stats.model, stats.kind).observe(stats.seconds)
-        ATTRSERVE_PASS_SIZE_ROWS.labels(stats.model, stats.kind).set(stats.size)
+        child(ATTRSERVE_PASSES_EXECUTED_TOTAL, stats.model, stats.kind).inc()
+        child(ATTRSERVE_PASS_ROWS, stats.model, stats.kind).observe(stats.rows)
+        child(ATTRSERVE_PASS_REQUESTS, stats.model, stats.kind).observe(stats.requests)
+        child(ATTRSERVE_PASS_DURATION_SECONDS, stats.model, stats.kind).observe(stats.seconds)
+        child(ATTRSERVE_PASS_SIZE_ROWS, stats.model, stats.kind).set(stats.size)
 
     def request_refused(self, model: str, reason: str) -> None:
         ATTRSERVE_REQUESTS_REFUSED_TOTAL.labels(model, reason).inc()

@@ -101,7 +101,7 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         code = "OK"
         try:
             result = await self.core.attribute(request_to_job(request, deadline))
-            metrics.ATTRSERVE_QUEUE_WAIT_SECONDS.labels(labels[0]).observe(result.timing.queue_ms / 1e3)
+            metrics.child(metrics.ATTRSERVE_QUEUE_WAIT_SECONDS, labels[0]).observe(result.timing.queue_ms / 1e3)
             if result.convergence_delta is not None:
                 metrics.observe_delta(*labels, result.convergence_delta)
             return result_to_response(result)
@@ -111,8 +111,8 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         finally:
             self.active -= 1
             metrics.ATTRSERVE_REQUESTS_IN_FLIGHT.dec()
-            metrics.ATTRSERVE_ATTRIBUTIONS_COMPLETED_TOTAL.labels(*labels, code).inc()
-            metrics.ATTRSERVE_ATTRIBUTION_DURATION_SECONDS.labels(*labels).observe(time.monotonic() - start)
+            metrics.child(metrics.ATTRSERVE_ATTRIBUTIONS_COMPLETED_TOTAL, *labels, code).inc()
+            metrics.child(metrics.ATTRSERVE_ATTRIBUTION_DURATION_SECONDS, *labels).observe(time.monotonic() - start)
 
     async def Attribute(self, request: pb.AttributeRequest | bytes, context: grpc.aio.ServicerContext) -> pb.AttributeResponse:
         """`request` is the message's wire bytes as the server hands them over (add_attribution_service), or a message."""
