@@ -60,7 +60,8 @@ def classify(frames: list[str]) -> str:
     # 2. idle: blocked in epoll, a condition/queue wait, select
     if has(stack, "Scheduler._loop") and has(stack, "Condition.wait"):
         return "idle: waiting for work (queue condition)"
-    if has(tail, "epoll_wait", "select_epoll_poll", "EpollSelector.select") or has(stack, "EpollSelector.select"):
+    # (uvloop's loop waits in libuv's uv__io_poll, in epoll_pwait)
+    if has(tail, "epoll_wait", "epoll_pwait", "select_epoll_poll", "EpollSelector.select") or has(stack, "EpollSelector.select"):
         return "idle: epoll wait"
     if has(stack, "SimpleQueue_get", "serve_forever", "selectors.py", "select_poll_poll"):
         return "idle: executor/http threads waiting"
