@@ -1,6 +1,8 @@
 """py-spy on a running `attrserve serve` under W5-like (1 caller) and W1-like (32 callers) load.
 
-    .venv/bin/python bench/prototypes/profile_pyspy.py [--seconds 15] [--modes native,gil,idle]
+    .venv/bin/python bench/prototypes/profile_pyspy.py [--seconds 15] [--modes native,gil,idle] [--process engine]
+
+`--process` picks the process sampled: the front end (the default) or the engine-core process.
 
 For each load and mode it writes bench/out/prof/<W>-<mode>.txt (py-spy --format raw: collapsed stacks, one
 thread per root frame) and <W>-<mode>.svg (flame graph), then bench/prototypes/fold.py aggregates them.
@@ -69,10 +71,12 @@ def main() -> int:
     p.add_argument("--seconds", type=int, default=15)
     p.add_argument("--modes", default="native,idle,gil")
     p.add_argument("--loads", default="W5,W1")
+    p.add_argument("--process", choices=("front", "engine"), default="front")
     a = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     port, mport = harness.free_port(), harness.free_port()
     server = common.start("prof-attrserve", common.attrserve_argv(port, mport), port)
+    sampled = server.pid if a.process == "front" else next(p for p in common.tree(server.pid) if p != server.pid)
     try:
         for wk in a.loads.split(","):
             w = common.W[wk]
@@ -89,14 +93,14 @@ def main() -> int:
                 # and render the svg from a second, shorter window (the svg is for looking, the raw for numbers).
                 for fmt in ("raw", "flamegraph"):
                     secs = a.seconds if fmt == "raw" else max(5, a.seconds // 3)
-                    spy = record(server.pid, secs, mode, wk, fmt)
+                    spy = record(sampled, secs, mode, wk if a.process == "front" else f"{wk}-engine", fmt)
                     time.sleep(0.5)
-                    t0 = thread_cpu(server.pid)
+                    t0 = thread_cpu(sampled)
                     res = common.measure(server, wk, secs + 0.5, warmup=0.1, metrics_port=mport)
-                    t1 = thread_cpu(server.pid)
+                    t1 = thread_cpu(sampled)
                     out, _ = spy.communicate(timeout=120)
                     if fmt == "raw":
-                        (OUT / f"{wk}-{mode}.cpu.json").write_text(
+                        (OUT / f"{wk if a.process == 'front' else f'{wk}-engine'}-{mode}.cpu.json").write_text(
                             json.dumps(
                                 {
                                     "wall_s": secs + 0.5,
