@@ -80,13 +80,29 @@ def array_from_proto(t: tensor_pb2.Tensor, label: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np_dtype).reshape(shape)
 
 
-def array_to_proto(a: np.ndarray) -> tensor_pb2.Tensor:
-    """A result's array as a message: a dtype the wire lacks (uint16, ...) goes as float32."""
+def wire_array(a: np.ndarray) -> tuple[DType, tuple[int, ...], bytes]:
+    """A result's array as the wire carries it: its dtype (one the wire lacks, uint16 say, goes as float32), its shape
+    and its bytes (C order, little-endian)."""
     wire = NAME_TO_WIRE.get(a.dtype.name)
     if wire is None:
         a, wire = a.astype(np.float32), DType.DATA_TYPE_FLOAT32
-    data = a.astype(WIRE_DTYPES[wire], copy=False).tobytes()  # C order, little-endian
-    return tensor_pb2.Tensor(dtype=wire, shape=list(a.shape), data=data)
+    return wire, a.shape, a.astype(WIRE_DTYPES[wire], copy=False).tobytes()
+
+
+def fill_tensor(message: tensor_pb2.Tensor, a: np.ndarray) -> None:
+    """Write a result's array into `message`, a field of the response being built. In place: a Tensor built apart and
+    then put into its parent (a constructor's argument, CopyFrom) is copied there, which upb does by serialising it and
+    parsing the bytes; for a 3x224x224 answer that doubled the front's cost of building the response (bench/RESULTS.md,
+    issue 12 step 32)."""
+    message.dtype, shape, message.data = wire_array(a)
+    message.shape.extend(shape)
+
+
+def array_to_proto(a: np.ndarray) -> tensor_pb2.Tensor:
+    """A result's array as a message of its own."""
+    message = tensor_pb2.Tensor()
+    fill_tensor(message, a)
+    return message
 
 
 # Built-in algorithm names by enum value (ALGORITHM_UNSPECIFIED left out), built once: a request looks its up.
@@ -272,7 +288,6 @@ def result_to_response(result: Result) -> pb.AttributeResponse:
     t = result.timing
     response = pb.AttributeResponse(
         request_id=result.request_id,
-        attributions=[array_to_proto(a) for a in result.attributions],
         model_version=result.model_version,
         seed=result.seed,
         timing=pb.Timing(
@@ -285,14 +300,18 @@ def result_to_response(result: Result) -> pb.AttributeResponse:
             pass_requests=t.pass_requests,
         ),
     )
+    for a in result.attributions:
+        fill_tensor(response.attributions.add(), a)
     for outcome in result.also:
-        entry = response.also.add(algorithm=outcome.algorithm, attributions=[array_to_proto(a) for a in outcome.attributions])
+        entry = response.also.add(algorithm=outcome.algorithm)
+        for a in outcome.attributions:
+            fill_tensor(entry.attributions.add(), a)
         if outcome.convergence_delta is not None:
-            entry.convergence_delta.CopyFrom(array_to_proto(outcome.convergence_delta))
+            fill_tensor(entry.convergence_delta, outcome.convergence_delta)
     for made in result.input_casts:
         response.input_casts.add(input=made.input, sent=wire_dtype(made.sent), used=wire_dtype(made.used))
     for name in ("convergence_delta", "outputs", "infidelity", "sensitivity_max"):
         value = getattr(result, name)
         if value is not None:
-            getattr(response, name).CopyFrom(array_to_proto(value))
+            fill_tensor(getattr(response, name), value)
     return response

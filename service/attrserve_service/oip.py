@@ -35,7 +35,7 @@ from attrserve.v1 import tensor_pb2
 from attrserve_engine import AttributionJob, InvalidArgument, NotFound
 from attrserve_engine.errors import shown
 from attrserve_service import __version__, metrics
-from attrserve_service.convert import MAX_STRUCT_STRING, WIRE_DTYPES, Job, Result, array_from_proto, array_to_proto, decode
+from attrserve_service.convert import MAX_STRUCT_STRING, WIRE_DTYPES, Job, Result, array_from_proto, decode, wire_array
 from attrserve_service.core import Core
 from attrserve_service.kserve import grpc_predict_v2_pb2 as oip
 from attrserve_service.servicer import AttributionServicer, _register, _unary, grpc_status
@@ -352,13 +352,13 @@ def _response(request: oip.ModelInferRequest, result: Result, names: list[str]) 
     for name, tensor in outputs:
         if requested and name not in requested:
             continue
-        encoded = array_to_proto(tensor)
-        response.outputs.add(name=name, datatype=WIRE_TO_OIP[encoded.dtype], shape=encoded.shape)
-        response.raw_output_contents.append(encoded.data)
+        wire, shape, data = wire_array(tensor)
+        response.outputs.add(name=name, datatype=WIRE_TO_OIP[wire], shape=shape)
+        response.raw_output_contents.append(data)
     return response
 
 
-assert set(WIRE_DTYPES) == set(WIRE_TO_OIP)  # every dtype array_to_proto writes has an OIP name
+assert set(WIRE_DTYPES) == set(WIRE_TO_OIP)  # every dtype wire_array writes has an OIP name
 
 
 def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
