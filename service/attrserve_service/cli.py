@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -331,17 +332,19 @@ EXIT_LOST = 3
 
 
 def serve_main(argv: Sequence[str]) -> int:
+    from attrserve_service import launch
     from attrserve_service.config import ConfigError
 
     config, (log_level, log_format) = server_config(argv)
     logs.configure(log_level, log_format)
+    logging.getLogger("attrserve_service.launch").info("front end malloc: %s", launch.tune_front_malloc(os.environ))
     launched = None
     try:
         if config.engine_process:
             # Nothing so far imported torch or grpc's server. The engine process starts now, so that it imports torch
             # and loads the models while this process imports the server (launch.py). A bad TLS or token setting
             # still fails before any model loads: read here, and again (and logged) by create_server.
-            from attrserve_service import auth, launch
+            from attrserve_service import auth
 
             auth.server_credentials(config)
             auth.token_interceptor(config)

@@ -102,6 +102,34 @@ def intra_op_threads(config: ServerConfig) -> int:
     return config.engine_threads or max(1, len(os.sched_getaffinity(0)) - 1)
 
 
+# glibc's malloc in the front end (the process `attrserve serve` runs in): allocations under this size come from its
+# heap, and the heap keeps up to this much free memory at its top. glibc's defaults (a threshold that starts at 128 KiB
+# and follows what is freed, a trim threshold of twice that) hand a large payload's buffers back to the kernel when
+# they are freed and fault them in again for the next request: building and serialising a 588 KiB answer cost 1.2 ms
+# against 0.14 ms so on this VM (bench/RESULTS.md, issue 12 step 32). 32 MiB is the largest glibc takes.
+FRONT_MMAP_THRESHOLD = 32 << 20
+FRONT_TRIM_THRESHOLD = 128 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
+_GLIBC_TUNABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def tune_front_malloc(environ: Mapping[str, str]) -> str:
+    """Fix glibc's mmap and trim thresholds in this process (FRONT_MMAP_THRESHOLD, FRONT_TRIM_THRESHOLD), and say
+    what malloc it runs on. Left alone: another malloc preloaded (tcmalloc, jemalloc: they do not hand memory back so
+    eagerly), thresholds the operator set in the environment, a C library that is not glibc."""
+    preloaded = [name for name in MALLOCS if f"lib{name}" in environ.get("LD_PRELOAD", "")]
+    if preloaded:
+        return preloaded[0]
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "gnu_get_libc_version"):
+        return "the C library's own"
+    if any(name in environ for name in _GLIBC_TUNABLES):
+        return "glibc, as the environment tunes it"
+    if libc.mallopt(_M_MMAP_THRESHOLD, FRONT_MMAP_THRESHOLD) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, FRONT_TRIM_THRESHOLD) != 1:
+        return "glibc"
+    return f"glibc, mmap threshold {FRONT_MMAP_THRESHOLD >> 20} MiB, trim threshold {FRONT_TRIM_THRESHOLD >> 20} MiB"
+
+
 def allocator_preload(config: ServerConfig, environ: Mapping[str, str]) -> str | None:
     """The LD_PRELOAD the engine process starts with, for config.allocator; None: the environment's own, "": none.
 
