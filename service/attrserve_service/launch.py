@@ -26,6 +26,16 @@ from attrserve_service.frames import encode_parts, send_parts, socketpair
 MALLOCS = ("tcmalloc", "jemalloc")
 
 
+def _preloaded(environ: Mapping[str, str]) -> list[str]:
+    """The libraries of the environment's LD_PRELOAD (space- or colon-separated)."""
+    return environ.get("LD_PRELOAD", "").replace(":", " ").split()
+
+
+def _malloc_of(library: str) -> str | None:
+    """Which of MALLOCS the preloaded `library` is, if any."""
+    return next((name for name in MALLOCS if f"lib{name}" in os.path.basename(library)), None)
+
+
 @dataclass
 class Launched:
     """An engine process that has been sent its "init" frame, and the front's ends of its sockets, not yet on an event
@@ -117,9 +127,9 @@ def tune_front_malloc(environ: Mapping[str, str]) -> str:
     """Fix glibc's mmap and trim thresholds in this process (FRONT_MMAP_THRESHOLD, FRONT_TRIM_THRESHOLD), and say
     what malloc it runs on. Left alone: another malloc preloaded (tcmalloc, jemalloc: they do not hand memory back so
     eagerly), thresholds the operator set in the environment, a C library that is not glibc."""
-    preloaded = [name for name in MALLOCS if f"lib{name}" in environ.get("LD_PRELOAD", "")]
+    preloaded = next((name for name in map(_malloc_of, _preloaded(environ)) if name), None)
     if preloaded:
-        return preloaded[0]
+        return preloaded
     libc = ctypes.CDLL(None)
     if not hasattr(libc, "gnu_get_libc_version"):
         return "the C library's own"
@@ -141,9 +151,9 @@ def allocator_preload(config: ServerConfig, environ: Mapping[str, str]) -> str |
     "tcmalloc" must be installed and a path must be a shared library: ConfigError otherwise. A library that the
     engine process then fails to preload leaves it on glibc's malloc, which the front logs as a warning."""
     choice = config.allocator
-    inherited = environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    inherited = _preloaded(environ)
     if choice == "glibc":
-        kept = [p for p in inherited if not any(f"lib{name}" in os.path.basename(p) for name in MALLOCS)]
+        kept = [p for p in inherited if _malloc_of(p) is None]
         return None if kept == inherited else " ".join(kept)
     if choice == "auto" and inherited:
         return None
