@@ -111,8 +111,8 @@ def classify(frames: list[str]) -> str:
         return "request: engine submit / scheduler bookkeeping"
     if has(stack, "prometheus_client", "metrics.py"):
         return "request: metrics"
-    if has(stack, "interceptor.py", "servicer.py"):
-        return "request: servicer / interceptor Python"
+    if has(stack, "methods.py", "interceptor.py", "servicer.py"):
+        return "request: servicer / methods.py Python"
     if "cygrpc" in stack:
         return "gRPC core (cygrpc: recv/send/call setup, HTTP/2)"
     if has(stack, "base_events.py", "events.py", "futures.py", "tasks.py", "base_futures.py", "selector_events.py"):

@@ -6,8 +6,8 @@ meaning: no usable credentials (no header, a malformed one, a token that is not 
 token that may not call the method (a normal token on LoadModel/UnloadModel when admin tokens are configured) →
 PERMISSION_DENIED. Messages never repeat the token. Health is exempt unless `auth_health`.
 
-The interceptor goes inside StatusInterceptor (after it in the server's list): a refusal is an aborted handler of the
-method's own kind, so StatusInterceptor counts it once in grpc_server_handled_total with its code.
+methods.py checks the token inside what counts a call: a refusal is counted once in grpc_server_handled_total with its
+code.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import hmac
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,33 +121,9 @@ def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> tuple[str | None
     return token, ""
 
 
-def _refusal(handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of the same kind as `handler` (so interceptors outside this one wrap it as they would the method)
-    that aborts with `code`."""
-    kwargs: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(code, message)
-
-    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(code, message)
-        yield  # an async generator, as stream handlers are
-
-    # Under grpc.aio, handlers are coroutine functions (async generator functions for streamed responses).
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
-
-
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without an accepted bearer token; with admin tokens, ADMIN_METHODS need one of them."""
+class TokenAuth:
+    """Which calls may go on: those with an accepted bearer token; with admin tokens, ADMIN_METHODS need one of them.
+    methods.py asks it before each call of a service it guards (all but `exempt_services`)."""
 
     def __init__(
         self, tokens: Iterable[str], admin_tokens: Iterable[str] = (), *, exempt_services: Iterable[str] = (HEALTH_SERVICE,)
@@ -172,23 +148,9 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return grpc.StatusCode.PERMISSION_DENIED, f"{method.rpartition('/')[2]} needs an admin token"
         return None
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(details)
-        if handler is None or details.method.lstrip("/").rpartition("/")[0] in self.exempt_services:
-            return handler  # an unknown method stays UNIMPLEMENTED (and uncounted: labels stay bounded)
-        refused = self.check(details.method, details.invocation_metadata)
-        if refused is None:
-            return handler
-        log.info("refused %s: %s (%s)", details.method, refused[0].name, refused[1])
-        return _refusal(handler, *refused)
 
-
-def token_interceptor(config: ServerConfig, environ: dict[str, str] | None = None) -> TokenAuthInterceptor | None:
-    """The auth interceptor the settings ask for; None when no token source is set (auth off)."""
+def token_auth(config: ServerConfig, environ: dict[str, str] | None = None) -> TokenAuth | None:
+    """The token check the settings ask for; None when no token source is set (auth off)."""
     if config.auth_tokens_file is None and config.admin_tokens_file is None and not config.auth_token_env:
         if config.auth_health:
             raise ConfigError("--auth-health needs tokens: --auth-tokens-file, --auth-token-env or --admin-tokens-file")
@@ -201,23 +163,23 @@ def token_interceptor(config: ServerConfig, environ: dict[str, str] | None = Non
     admin = frozenset() if config.admin_tokens_file is None else read_tokens(config.admin_tokens_file, "--admin-tokens-file")
     if config.admin_tokens_file is not None and not admin:
         raise ConfigError(f"--admin-tokens-file {config.admin_tokens_file}: holds no token")
-    return TokenAuthInterceptor(tokens, admin, exempt_services=() if config.auth_health else (HEALTH_SERVICE,))
+    return TokenAuth(tokens, admin, exempt_services=() if config.auth_health else (HEALTH_SERVICE,))
 
 
 @dataclass(frozen=True)
 class ServerSecurity:
-    """What create_server binds and intercepts with: read from the settings before anything loads, so a bad
+    """What create_server binds and checks calls with: read from the settings before anything loads, so a bad
     setting fails at once (ConfigError)."""
 
     credentials: grpc.ServerCredentials | None  # None: plaintext
-    interceptor: TokenAuthInterceptor | None  # None: no token auth
+    auth: TokenAuth | None  # None: no token auth
 
     @classmethod
     def from_config(cls, config: ServerConfig, environ: dict[str, str] | None = None) -> ServerSecurity:
-        security = cls(server_credentials(config), token_interceptor(config, environ))
+        security = cls(server_credentials(config), token_auth(config, environ))
         log.info(
             "transport: %s; token auth: %s",
             "plaintext" if security.credentials is None else "mutual TLS" if config.tls_client_ca is not None else "TLS",
-            "off" if security.interceptor is None else "on" + (", admin tokens for model control" if security.interceptor._admin else ""),
+            "off" if security.auth is None else "on" + (", admin tokens for model control" if security.auth._admin else ""),
         )
         return security

@@ -347,7 +347,7 @@ def serve_main(argv: Sequence[str]) -> int:
             from attrserve_service import auth
 
             auth.server_credentials(config)
-            auth.token_interceptor(config)
+            auth.token_auth(config)
             launched = launch.start(config, logs.current())
         from attrserve_service.repository import RepositoryError
         from attrserve_service.server import serve

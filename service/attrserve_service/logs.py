@@ -1,7 +1,7 @@
 """Logging set-up: plain text, or one JSON object per line (--log-format json) carrying the id of the request a
 line is about.
 
-The id of the request being handled lives in a context variable (`REQUEST_ID`) that the interceptor and the
+The id of the request being handled lives in a context variable (`REQUEST_ID`) that methods.py and the
 stream handler set, so every log line written while handling it carries it; the engine's worker, which has no
 such context, passes a job's id explicitly (`extra={"request_id": ...}`).
 """

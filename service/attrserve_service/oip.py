@@ -17,7 +17,7 @@ predictions-only job, one forward row per example). With one it returns attribut
   request's `outputs`), `attributions__<input>` (one per input; `attributions__<i>` for a layer method's),
   `convergence_delta`; all as raw_output_contents. The response's `seed` parameter reproduces the request.
 
-Errors are the same statuses as Attribute's (the interceptor maps them): a bad field is INVALID_ARGUMENT naming it."""
+Errors are the same statuses as Attribute's (methods.py maps them): a bad field is INVALID_ARGUMENT naming it."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import asyncio
 import json
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -38,7 +38,10 @@ from attrserve_service import __version__, metrics
 from attrserve_service.convert import MAX_STRUCT_STRING, WIRE_DTYPES, Job, Result, array_from_proto, decode, wire_array
 from attrserve_service.core import Core
 from attrserve_service.kserve import grpc_predict_v2_pb2 as oip
-from attrserve_service.servicer import AttributionServicer, _register, _unary, grpc_status
+from attrserve_service.servicer import AttributionServicer, _unary, grpc_status
+
+if TYPE_CHECKING:
+    from attrserve_service.methods import Registrar
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")
@@ -361,7 +364,7 @@ def _response(request: oip.ModelInferRequest, result: Result, names: list[str]) 
 assert set(WIRE_DTYPES) == set(WIRE_TO_OIP)  # every dtype wire_array writes has an OIP name
 
 
-def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+def add_inference_service(servicer: InferenceServicer, server: Registrar) -> None:
     """Registers inference.GRPCInferenceService; like attrserve's services, each handler parses its request's bytes."""
     responses = {
         "ServerLive": oip.ServerLiveResponse,
@@ -371,4 +374,4 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
         "ModelMetadata": oip.ModelMetadataResponse,
         "ModelInfer": oip.ModelInferResponse,
     }
-    _register(server, SERVICE_NAME, {name: _unary(getattr(servicer, name), responses[name]) for name in METHODS})
+    server.add_registered_method_handlers(SERVICE_NAME, {name: _unary(getattr(servicer, name), responses[name]) for name in METHODS})

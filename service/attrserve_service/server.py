@@ -7,11 +7,11 @@ import dataclasses
 import logging
 import signal
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_engine.events import ModelState
@@ -20,8 +20,8 @@ from attrserve_service.auth import ServerSecurity
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import Core, settle_heap
 from attrserve_service.engine_process import EngineProcess
-from attrserve_service.interceptor import StatusInterceptor
 from attrserve_service.launch import Launched
+from attrserve_service.methods import Registrar
 from attrserve_service.oip import METHODS as OIP_METHODS
 from attrserve_service.oip import SERVICE_NAME as OIP_SERVICE_NAME
 from attrserve_service.oip import InferenceServicer, add_inference_service
@@ -155,27 +155,27 @@ async def create_server(config: ServerConfig, engine: Engine | None = None, laun
         ]
     )
 
-    # StatusInterceptor outermost: it counts every RPC, an auth refusal (the auth interceptor's aborted handler) included.
-    interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor()]
-    if security.interceptor is not None:
-        interceptors.append(security.interceptor)
     server = grpc.aio.server(
-        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
         ],
     )
+    # Every service through the registrar: each method wrapped once with its token check, statuses and metrics
+    # (methods.py; no interceptors, which grpc runs on every call).
+    registrar = Registrar(server, security.auth)
     attribution = AttributionServicer(core, config.max_requests_per_stream)
-    add_attribution_service(attribution, server)
-    add_model_repository_service(ModelRepositoryServicer(core), server)
-    add_inference_service(InferenceServicer(core, attribution, config.strict_readiness), server)  # KServe v2 / Triton clients
+    add_attribution_service(attribution, registrar)
+    add_model_repository_service(ModelRepositoryServicer(core), registrar)
+    add_inference_service(InferenceServicer(core, attribution, config.strict_readiness), registrar)  # KServe v2 / Triton clients
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # the generated functions call only the two methods the registrar has (their stubs type a server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, cast("grpc.aio.Server", registrar))
     if config.reflection:
         names = (SERVICE_NAME, REPOSITORY_SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
+        # reflection.enable_server_reflection picks its servicer by the server's type; the registrar is not a server
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), registrar)
     address = f"{config.host}:{config.port}"
     credentials = security.credentials
     port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)

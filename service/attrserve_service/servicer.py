@@ -1,5 +1,5 @@
 """AttributionService and ModelRepositoryService servicers: each method decodes, calls the engine (or the model
-manager), encodes. Errors are mapped by the interceptor."""
+manager), encodes. Errors are mapped by methods.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -22,6 +22,9 @@ from attrserve_service.convert import ALGORITHM_NAMES, decode, request_to_job, r
 from attrserve_service.core import ERROR_ID, STATE_NAMES, Core
 from attrserve_service.logs import REQUEST_ID
 from attrserve_service.repository import Status
+
+if TYPE_CHECKING:
+    from attrserve_service.methods import Registrar
 
 # The server's deadline starts when the call arrives, a little after the client's: a client whose deadline
 # passed cancels the call that much before the server's own deadline. A cancel that close to the deadline
@@ -38,7 +41,7 @@ _DEADLINE_SLACK_MAX_S = 0.25
 # counted CANCELLED (a deadline after the last answer is DEADLINE_EXCEEDED whatever the wait). It delays only the
 # status of a stream the client half-closed, never an answer.
 _STREAM_CANCEL_GRACE_S = 0.002
-# The RPC's deadline window (seconds from its arrival to its deadline; None without one), set by the interceptor.
+# The RPC's deadline window (seconds from its arrival to its deadline; None without one), set by methods.py.
 RPC_WINDOW: contextvars.ContextVar[float | None] = contextvars.ContextVar("rpc_window", default=None)
 log = logging.getLogger(__name__)
 
@@ -231,17 +234,12 @@ def _statuses(statuses: list[Status]) -> list[pb.ModelStatus]:
 
 # -- registration ---------------------------------------------------------------------------------------------------
 # grpc runs a method's request deserializer before its handler, and one that raises fails the call with UNKNOWN
-# ("Unexpected DecodeError") where no interceptor sees it. Our methods are registered without one: each handler gets
+# ("Unexpected DecodeError") before what wraps the handler (methods.py) sees it. Our methods are registered without one: each handler gets
 # the message's bytes and parses them itself (convert.decode), so a request that does not parse is an INVALID_ARGUMENT
 # naming the message type, counted like any other status, and on AttributeStream one bad message is an error entry
 # while the stream goes on.
 
 _Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-
-
-def _register(server: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> None:
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)
 
 
 def _unary(behavior: _Unary, response_type: Any) -> grpc.RpcMethodHandler[Any, Any]:
@@ -253,10 +251,9 @@ def _unary(behavior: _Unary, response_type: Any) -> grpc.RpcMethodHandler[Any, A
     )
 
 
-def add_attribution_service(servicer: AttributionServicer, server: grpc.aio.Server) -> None:
+def add_attribution_service(servicer: AttributionServicer, server: Registrar) -> None:
     """Registers attrserve.v1.AttributionService (in place of the generated add_AttributionServiceServicer_to_server)."""
-    _register(
-        server,
+    server.add_registered_method_handlers(
         "attrserve.v1.AttributionService",
         {
             "Attribute": _unary(servicer.Attribute, pb.AttributeResponse),
@@ -271,10 +268,9 @@ def add_attribution_service(servicer: AttributionServicer, server: grpc.aio.Serv
     )
 
 
-def add_model_repository_service(servicer: ModelRepositoryServicer, server: grpc.aio.Server) -> None:
+def add_model_repository_service(servicer: ModelRepositoryServicer, server: Registrar) -> None:
     """Registers attrserve.v1.ModelRepositoryService (in place of the generated add_ModelRepositoryServiceServicer_to_server)."""
-    _register(
-        server,
+    server.add_registered_method_handlers(
         "attrserve.v1.ModelRepositoryService",
         {
             "RepositoryIndex": _unary(servicer.RepositoryIndex, pb.RepositoryIndexResponse),

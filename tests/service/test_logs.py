@@ -67,7 +67,7 @@ def test_lines_written_while_handling_a_request_carry_its_id(json_lines) -> None
     log = logging.getLogger("attrserve_service.test")
 
     async def handle(request_id: str) -> None:
-        REQUEST_ID.set(request_id)  # what the interceptor does for each RPC's task
+        REQUEST_ID.set(request_id)  # what methods.py does for each RPC's task
         await asyncio.sleep(0)
         log.warning("about %s", request_id)
 

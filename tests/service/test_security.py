@@ -30,7 +30,7 @@ from attrserve_client import AsyncAttributionClient, AttributionClient
 from attrserve_client import cli as client_cli
 from attrserve_client.tensors import from_tensor_proto
 from attrserve_engine import EngineLimits
-from attrserve_service.auth import ServerSecurity, TokenAuthInterceptor, bearer_token, read_tokens
+from attrserve_service.auth import ServerSecurity, TokenAuth, bearer_token, read_tokens
 from attrserve_service.config import ConfigError, ServerConfig
 from certs import CertificateAuthority
 from servers import ROOT, ServeProcess, ServerThread, scrape
@@ -41,6 +41,7 @@ X = np.array([[0.3, -0.2, 0.9, 1.4], [1.0, 0.5, -0.4, 0.2]], dtype=np.float32)
 TARGET = [0, 1]
 PINNED = 'inputs { name: "x" dtype: DATA_TYPE_FLOAT32 dims: 4 }\n'
 SERVING = health_pb2.HealthCheckResponse.SERVING
+REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
 MODEL = """
 import torch
 from torch import nn
@@ -375,13 +376,37 @@ def test_model_control_needs_an_admin_token(token_server) -> None:
     still_serving(token_server, token=USER_TOKEN)
 
 
+def health_watch(channel: grpc.Channel, metadata=None) -> int:
+    """The first status health's Watch streams (a server-streaming method)."""
+    stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), metadata=metadata, timeout=10)
+    try:
+        return next(iter(stream)).status
+    finally:
+        stream.cancel()
+
+
 def test_health_and_reflection_need_a_token_with_auth_health(guarded_health_server) -> None:
-    with grpc.insecure_channel(guarded_health_server.address) as channel:
+    """Every kind of method is checked (unary Check, server-streaming Watch, bidi reflection), and a refusal of a counted
+    kind is counted with its status (methods.py wraps each method once, where it is registered)."""
+    server = guarded_health_server
+    refused = {
+        ("unary", "grpc.health.v1.Health", "Check"): handled(server, "unary", "grpc.health.v1.Health", "Check", "UNAUTHENTICATED"),
+        ("bidi_stream", REFLECTION, "ServerReflectionInfo"): handled(
+            server, "bidi_stream", REFLECTION, "ServerReflectionInfo", "UNAUTHENTICATED"
+        ),
+    }
+    with grpc.insecure_channel(server.address) as channel:
         assert code_of(lambda: health(channel))[0] == grpc.StatusCode.UNAUTHENTICATED
         assert health(channel, _auth(USER_TOKEN)) == SERVING
+        assert code_of(lambda: health_watch(channel))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert code_of(lambda: health_watch(channel, _auth("wrong-token-123")))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert health_watch(channel, _auth(USER_TOKEN)) == SERVING
         assert code_of(lambda: reflection_services(channel))[0] == grpc.StatusCode.UNAUTHENTICATED
         assert SERVICE in reflection_services(channel, _auth(USER_TOKEN))
-    still_serving(guarded_health_server, token=USER_TOKEN)
+    for (grpc_type, service, method), before in refused.items():
+        assert handled(server, grpc_type, service, method, "UNAUTHENTICATED") == before + 1, method
+    assert handled(server, "unary", "grpc.health.v1.Health", "Check", "OK") >= 1
+    still_serving(server, token=USER_TOKEN)
 
 
 def test_the_cli_connects_with_tokens_and_certificates(token_server, mtls_server, tls_server, pki, capsys, monkeypatch) -> None:
@@ -541,12 +566,12 @@ def test_token_parsing() -> None:
     assert bearer_token([("authorization", "Bearer abc")]) == ("abc", "")
     assert bearer_token([("authorization", "bearer abc")]) == ("abc", "")  # the scheme is case-insensitive
     assert bearer_token([])[0] is None and bearer_token([("authorization", "Bearer a"), ("authorization", "Bearer a")])[0] is None
-    interceptor = TokenAuthInterceptor({"a-token"}, {"an-admin"})
-    assert interceptor.check(f"/{SERVICE}/Attribute", [("authorization", "Bearer a-token")]) is None
-    assert interceptor.check(f"/{SERVICE}/Attribute", [("authorization", "Bearer an-admin")]) is None
-    assert interceptor.check(f"/{REPOSITORY}/LoadModel", [("authorization", "Bearer an-admin")]) is None
-    assert interceptor.check(f"/{REPOSITORY}/LoadModel", [("authorization", "Bearer a-token")])[0] == grpc.StatusCode.PERMISSION_DENIED
-    assert interceptor.check(f"/{REPOSITORY}/LoadModel", [("authorization", "Bearer a-tokenX")])[0] == grpc.StatusCode.UNAUTHENTICATED
+    auth = TokenAuth({"a-token"}, {"an-admin"})
+    assert auth.check(f"/{SERVICE}/Attribute", [("authorization", "Bearer a-token")]) is None
+    assert auth.check(f"/{SERVICE}/Attribute", [("authorization", "Bearer an-admin")]) is None
+    assert auth.check(f"/{REPOSITORY}/LoadModel", [("authorization", "Bearer an-admin")]) is None
+    assert auth.check(f"/{REPOSITORY}/LoadModel", [("authorization", "Bearer a-token")])[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert auth.check(f"/{REPOSITORY}/LoadModel", [("authorization", "Bearer a-tokenX")])[0] == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_token_files_skip_comments_and_blank_lines(tmp_path) -> None:
