@@ -9,12 +9,10 @@ handler anew, and that was a tenth of the front end's CPU a request at 32 caller
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from functools import partial
 from types import TracebackType
 from typing import Any, TypeAlias
 
@@ -33,11 +31,6 @@ RETRY_PUSHBACK = "grpc-retry-pushback-ms"
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in grpc's stubs only
 
 
-def _guard(service: str, auth: TokenAuth | None) -> TokenAuth | None:
-    """The token check a service's calls need; None where auth is off or the service is exempt (health, by default)."""
-    return None if auth is None or service in auth.exempt_services else auth
-
-
 async def _refuse_unless_allowed(auth: TokenAuth, path: str, context: grpc.aio.ServicerContext) -> None:
     """Aborts the call (UNAUTHENTICATED, PERMISSION_DENIED) unless its metadata carries a token it may use."""
     refused = auth.check(path, context.invocation_metadata())
@@ -47,18 +40,19 @@ async def _refuse_unless_allowed(auth: TokenAuth, path: str, context: grpc.aio.S
 
 
 class _Method:
-    """A counted method: its grpc_server_* series (made once) and its token check."""
+    """A method: its grpc_server_* series (made once) and its token check."""
 
     def __init__(self, grpc_type: str, service: str, name: str, auth: TokenAuth | None) -> None:
         self.path = f"/{service}/{name}"
         self.labels = (grpc_type, service, name)
         self.started = metrics.child(metrics.GRPC_SERVER_STARTED_TOTAL, *self.labels)
         self.handling = metrics.child(metrics.GRPC_SERVER_HANDLING_SECONDS, *self.labels)
-        self.auth = _guard(service, auth)
+        # the token check its calls need; None where auth is off or the service is exempt (health, by default)
+        self.auth = None if auth is None or service in auth.exempt_services else auth
 
 
 class _Call:
-    """`async with _Call(method, context)` around a counted call's handler: checks its token, counts and times it, and
+    """`async with _Call(method, context)` around a call's handler: checks its token, counts and times it, and
     turns an escaping exception into the status it stands for. A class, not a generator-based context manager: it
     runs on every call."""
 
@@ -106,65 +100,38 @@ class _Call:
             method.handling.observe(time.monotonic() - self.start)
 
 
-class _Guard:
-    """`async with _Guard(auth, path, context)`: the token check alone, for the kinds that are not counted."""
-
-    __slots__ = ("auth", "context", "path")
-
-    def __init__(self, auth: TokenAuth, path: str, context: grpc.aio.ServicerContext) -> None:
-        self.auth, self.path, self.context = auth, path, context
-
-    async def __aenter__(self) -> None:
-        await _refuse_unless_allowed(self.auth, self.path, self.context)
-
-    async def __aexit__(self, *_: object) -> None:
-        return None
-
-
-Scope = Callable[[grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[None]]
-
-
-def _inside(behavior: Callable[..., Any], scope: Scope) -> Callable[..., Any]:
-    """`behavior` run inside `scope(context)`. Under grpc.aio a handler is a coroutine function, or, where it streams its
-    answers, an async generator function or a coroutine function that writes them (health's Watch); the wrapper is of
-    the same kind."""
+def _inside(behavior: Callable[..., Any], method: _Method) -> Callable[..., Any]:
+    """`behavior` run inside `_Call(method, context)`. Under grpc.aio a handler is a coroutine function, or, where it
+    streams its answers, an async generator function or a coroutine function that writes them (health's Watch); the
+    wrapper is of the same kind."""
     if inspect.isasyncgenfunction(behavior):
 
         async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with scope(context):
+            async with _Call(method, context):
                 async for response in behavior(request, context):
                     yield response
 
         return streamed
 
     async def awaited(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with scope(context):
+        async with _Call(method, context):
             return await behavior(request, context)
 
     return awaited
 
 
-_KINDS = (  # a handler's attribute, grpc_type (None: not counted), the constructor of its kind
+_KINDS = (  # a handler's attribute, its grpc_type label, the constructor of its kind
     ("unary_unary", "unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", "server_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", "client_stream", grpc.stream_unary_rpc_method_handler),
     ("stream_stream", "bidi_stream", grpc.stream_stream_rpc_method_handler),
-    ("unary_stream", None, grpc.unary_stream_rpc_method_handler),
-    ("stream_unary", None, grpc.stream_unary_rpc_method_handler),
 )
 
 
 def wrap(service: str, name: str, handler: Handler, auth: TokenAuth | None) -> Handler:
-    """`handler` with what every call runs around it. Unary and bidi methods are counted and mapped; the others
-    (health's Watch) only checked for a token."""
+    """`handler` with what every call runs around it (`_Call`), whatever its kind."""
     attribute, grpc_type, kind = next(k for k in _KINDS if getattr(handler, k[0]) is not None)
-    behavior = getattr(handler, attribute)
-    if grpc_type is not None:
-        method = _Method(grpc_type, service, name, auth)
-        wrapped = _inside(behavior, partial(_Call, method))
-    else:
-        guard, path = _guard(service, auth), f"/{service}/{name}"
-        if guard is None:
-            return handler
-        wrapped = _inside(behavior, partial(_Guard, guard, path))
+    wrapped = _inside(getattr(handler, attribute), _Method(grpc_type, service, name, auth))
     return kind(wrapped, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 

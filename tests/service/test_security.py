@@ -386,15 +386,15 @@ def health_watch(channel: grpc.Channel, metadata=None) -> int:
 
 
 def test_health_and_reflection_need_a_token_with_auth_health(guarded_health_server) -> None:
-    """Every kind of method is checked (unary Check, server-streaming Watch, bidi reflection), and a refusal of a counted
-    kind is counted with its status (methods.py wraps each method once, where it is registered)."""
+    """Every kind of method is checked (unary Check, server-streaming Watch, bidi reflection), and each refusal is
+    counted with its status (methods.py wraps each method once, where it is registered)."""
     server = guarded_health_server
-    refused = {
-        ("unary", "grpc.health.v1.Health", "Check"): handled(server, "unary", "grpc.health.v1.Health", "Check", "UNAUTHENTICATED"),
-        ("bidi_stream", REFLECTION, "ServerReflectionInfo"): handled(
-            server, "bidi_stream", REFLECTION, "ServerReflectionInfo", "UNAUTHENTICATED"
-        ),
-    }
+    methods = [
+        ("unary", "grpc.health.v1.Health", "Check", 1),
+        ("server_stream", "grpc.health.v1.Health", "Watch", 2),
+        ("bidi_stream", REFLECTION, "ServerReflectionInfo", 1),
+    ]
+    before = {m: handled(server, *m[:3], "UNAUTHENTICATED") for m in methods}
     with grpc.insecure_channel(server.address) as channel:
         assert code_of(lambda: health(channel))[0] == grpc.StatusCode.UNAUTHENTICATED
         assert health(channel, _auth(USER_TOKEN)) == SERVING
@@ -403,8 +403,8 @@ def test_health_and_reflection_need_a_token_with_auth_health(guarded_health_serv
         assert health_watch(channel, _auth(USER_TOKEN)) == SERVING
         assert code_of(lambda: reflection_services(channel))[0] == grpc.StatusCode.UNAUTHENTICATED
         assert SERVICE in reflection_services(channel, _auth(USER_TOKEN))
-    for (grpc_type, service, method), before in refused.items():
-        assert handled(server, grpc_type, service, method, "UNAUTHENTICATED") == before + 1, method
+    for m in methods:
+        assert handled(server, *m[:3], "UNAUTHENTICATED") == before[m] + m[3], m
     assert handled(server, "unary", "grpc.health.v1.Health", "Check", "OK") >= 1
     still_serving(server, token=USER_TOKEN)
 

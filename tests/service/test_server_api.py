@@ -126,13 +126,43 @@ def test_float64_inputs_are_cast_to_the_pinned_dtype_and_said_so(server) -> None
 
 
 def test_health_and_reflection(server) -> None:
+    """Health's Check and Watch and reflection answer, and each call is counted under its kind (grpc_type), whatever
+    kind its method is (methods.py wraps them all)."""
+    services = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
+    before = scrape(server.running.metrics_port)
     with grpc.insecure_channel(server.address) as channel:
-        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="attrserve.v1.AttributionService"))
+        stub = health_pb2_grpc.HealthStub(channel)
+        status = stub.Check(health_pb2.HealthCheckRequest(service="attrserve.v1.AttributionService"))
         assert status.status == health_pb2.HealthCheckResponse.SERVING
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        reply = next(iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))))
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert next(iter(watch)).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(iter(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))))
         names = {s.name for s in reply.list_services_response.service}
     assert "attrserve.v1.AttributionService" in names and "grpc.health.v1.Health" in names
+    # (kind, service, method): the codes its end may have. Reflection's stream ends OK once its requests are answered,
+    # or CANCELLED where the channel closes first; the client cancels Watch, which never ends by itself.
+    calls = {
+        ("unary", services[0], "Check"): ("OK",),
+        ("server_stream", services[0], "Watch"): ("CANCELLED",),
+        ("bidi_stream", services[1], "ServerReflectionInfo"): ("OK", "CANCELLED"),
+    }
+    labels = ("grpc_type", "grpc_service", "grpc_method")
+
+    def grew(after: dict, name: str, call: tuple, **code: str) -> float:
+        key = (name, frozenset({**dict(zip(labels, call)), **code}.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    deadline = time.monotonic() + 10  # a call is counted as it ends on the server, after the client has its answer
+    while True:
+        after = scrape(server.running.metrics_port)
+        ended = {call: sum(grew(after, "grpc_server_handled_total", call, grpc_code=c) for c in codes) for call, codes in calls.items()}
+        if all(ended.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert ended == dict.fromkeys(calls, 1.0)
+    assert {call: grew(after, "grpc_server_started_total", call) for call in calls} == dict.fromkeys(calls, 1.0)
 
 
 def test_metrics_count_requests_and_passes(server) -> None:
