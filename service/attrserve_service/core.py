@@ -40,6 +40,11 @@ class Gauges(NamedTuple):
 # Set on an exception once it has been logged as an internal error, to the id its INTERNAL status quotes.
 ERROR_ID = "_attrserve_error_id"
 
+# The engine process's answers to the front end's requests and calls, each with the kind of answer that fails it in its
+# place (INTERNAL at the front, with an error id): where the engine cannot pickle an answer (engine_main), or the front
+# cannot read one (EngineProcess._unreadable).
+ANSWERS = {"result": "error", "reply": "reply_error", "error": "error", "reply_error": "reply_error"}
+
 
 @dataclass(frozen=True)
 class Snapshot:

@@ -23,7 +23,7 @@ import torch
 from attrserve_engine import AttributionJob, EngineObserver, PassStats
 from attrserve_engine.errors import AttributionError
 from attrserve_service import eventloop, logs
-from attrserve_service.core import ERROR_ID, settle_heap
+from attrserve_service.core import ANSWERS, ERROR_ID, settle_heap
 from attrserve_service.frames import FrameReader, frame_of, send_parts
 from attrserve_service.launch import intra_op_threads
 from attrserve_service.local_core import LocalCore, build_core
@@ -50,14 +50,10 @@ def portable(error: BaseException) -> BaseException:
     return internal
 
 
-# An answer that cannot be pickled goes as this kind of answer instead (INTERNAL at the front, with an error id).
-_ANSWERS = {"result": "error", "reply": "reply_error", "error": "error", "reply_error": "reply_error"}
-
-
 def _unpicklable_answer(message: tuple, error: Exception) -> tuple | None:
     """An answer the front cannot be sent becomes an error answer, so its caller does not wait forever."""
-    if message[0] in _ANSWERS:
-        return (_ANSWERS[message[0]], message[1], portable(error))
+    if message[0] in ANSWERS:
+        return (ANSWERS[message[0]], message[1], portable(error))
     log.error("a %r message could not be pickled; it is not sent: %s", message[0], error, exc_info=error)
     return None
 

@@ -39,7 +39,7 @@ from attrserve_engine.events import EngineObserver, ModelState, Observers
 from attrserve_service import launch
 from attrserve_service.config import ServerConfig
 from attrserve_service.convert import Job, Result
-from attrserve_service.core import Gauges, Snapshot
+from attrserve_service.core import ANSWERS, Gauges, Snapshot
 from attrserve_service.frames import FrameReader, frame_of
 from attrserve_service.repository import CONTROL_EXPLICIT, UNLOADED, RepositoryError, Status
 
@@ -206,7 +206,7 @@ class EngineProcess:
             return
         kind = message[0] if isinstance(message, tuple) and message and isinstance(message[0], str) else "malformed"
         problem = f"the engine process's {kind!r} message holds what the front end does not read: {why}"
-        if kind in ("result", "reply", "error", "reply_error"):
+        if kind in ANSWERS:
             future = self._pending.pop(message[1], None)
             if future is not None and not future.done():
                 future.set_exception(RuntimeError(problem))

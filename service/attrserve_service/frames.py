@@ -85,6 +85,7 @@ _FRONT_MODULES = frozenset(
 )
 _ENGINE_SIDE = ("attrserve_service.local_core", "attrserve_service.engine_main", "attrserve_service.demo_models")
 _LIBRARIES = frozenset({"numpy", "ml_dtypes", "attrserve"})  # attrserve: the generated contract (GetModel's ModelInfo)
+_IMPORTS_TORCH = "its module imports torch, which the front end does not"
 
 
 def unreadable_by_the_front(module: str) -> str:
@@ -95,10 +96,10 @@ def unreadable_by_the_front(module: str) -> str:
     if top == "torch":
         return "the front end does not import torch"
     if top == "attrserve_engine":
-        return "" if module in _FRONT_MODULES else "its module imports torch, which the front end does not"
+        return "" if module in _FRONT_MODULES else _IMPORTS_TORCH
     if top == "attrserve_service":
         engine_side = any(module == m or module.startswith(m + ".") for m in _ENGINE_SIDE)
-        return "its module imports torch, which the front end does not" if engine_side else ""
+        return _IMPORTS_TORCH if engine_side else ""
     if top in sys.stdlib_module_names or top in _LIBRARIES or module == "google.protobuf" or module.startswith("google.protobuf."):
         return ""
     if is_user_module(module):
