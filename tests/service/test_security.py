@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
+from attrserve_service.kserve import grpc_predict_v2_pb2 as oip
 from attrserve_client import AsyncAttributionClient, AttributionClient
 from attrserve_client import cli as client_cli
 from attrserve_client.tensors import from_tensor_proto
@@ -316,6 +317,28 @@ def test_tokens_unauthenticated_without_an_accepted_one(token_server) -> None:
     # Every refusal counted once, with its code.
     assert handled(token_server, "unary", SERVICE, "ListModels", "UNAUTHENTICATED") - before == 6
     assert handled(token_server, "bidi_stream", SERVICE, "AttributeStream", "UNAUTHENTICATED") >= 1
+    still_serving(token_server, token=USER_TOKEN)
+
+
+def test_every_method_of_every_service_needs_a_token(token_server) -> None:
+    """Every method the server serves is wrapped where it is registered (methods.Registrar): each refuses a call without
+    a token before it reads the request, and counts it. A method registered around the registrar would answer (an
+    empty request is a valid message: ServerLive says live) or fail otherwise. Health stays open (exempt by default)."""
+    services = [*pb.DESCRIPTOR.services_by_name.values(), *oip.DESCRIPTOR.services_by_name.values()]
+    methods = [(service.full_name, method) for service in services for method in service.methods]
+    assert len(methods) == 13  # AttributionService 4, ModelRepositoryService 3, GRPCInferenceService 6
+    with grpc.insecure_channel(token_server.address) as channel:
+        for service, method in methods:
+            path = f"/{service}/{method.name}"
+            before = handled(token_server, "bidi_stream" if method.client_streaming else "unary", service, method.name, "UNAUTHENTICATED")
+            if method.client_streaming:
+                call = lambda path=path: list(channel.stream_stream(path)(iter([b""]), timeout=10))  # noqa: E731
+            else:
+                call = lambda path=path: channel.unary_unary(path)(b"", timeout=10)  # noqa: E731
+            assert code_of(call)[0] == grpc.StatusCode.UNAUTHENTICATED, path
+            after = handled(token_server, "bidi_stream" if method.client_streaming else "unary", service, method.name, "UNAUTHENTICATED")
+            assert after == before + 1, path
+        assert health(channel) == SERVING
     still_serving(token_server, token=USER_TOKEN)
 
 
