@@ -80,6 +80,7 @@ def main() -> int:
     try:
         for wk in a.loads.split(","):
             w = common.W[wk]
+            name = wk if a.process == "front" else f"{wk}-engine"  # the output files' stem
             reqs = w.requests()
             harness.drive(server.target, reqs, w.concurrency, 2.0, record=False)
             base = common.measure(server, wk, a.seconds, warmup=0.1, metrics_port=mport)
@@ -93,14 +94,14 @@ def main() -> int:
                 # and render the svg from a second, shorter window (the svg is for looking, the raw for numbers).
                 for fmt in ("raw", "flamegraph"):
                     secs = a.seconds if fmt == "raw" else max(5, a.seconds // 3)
-                    spy = record(sampled, secs, mode, wk if a.process == "front" else f"{wk}-engine", fmt)
+                    spy = record(sampled, secs, mode, name, fmt)
                     time.sleep(0.5)
                     t0 = thread_cpu(sampled)
                     res = common.measure(server, wk, secs + 0.5, warmup=0.1, metrics_port=mport)
                     t1 = thread_cpu(sampled)
                     out, _ = spy.communicate(timeout=120)
                     if fmt == "raw":
-                        (OUT / f"{wk if a.process == 'front' else f'{wk}-engine'}-{mode}.cpu.json").write_text(
+                        (OUT / f"{name}-{mode}.cpu.json").write_text(
                             json.dumps(
                                 {
                                     "wall_s": secs + 0.5,

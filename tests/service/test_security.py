@@ -330,14 +330,14 @@ def test_every_method_of_every_service_needs_a_token(token_server) -> None:
     with grpc.insecure_channel(token_server.address) as channel:
         for service, method in methods:
             path = f"/{service}/{method.name}"
-            before = handled(token_server, "bidi_stream" if method.client_streaming else "unary", service, method.name, "UNAUTHENTICATED")
+            counted = ("bidi_stream" if method.client_streaming else "unary", service, method.name, "UNAUTHENTICATED")
+            before = handled(token_server, *counted)
             if method.client_streaming:
                 call = lambda path=path: list(channel.stream_stream(path)(iter([b""]), timeout=10))  # noqa: E731
             else:
                 call = lambda path=path: channel.unary_unary(path)(b"", timeout=10)  # noqa: E731
             assert code_of(call)[0] == grpc.StatusCode.UNAUTHENTICATED, path
-            after = handled(token_server, "bidi_stream" if method.client_streaming else "unary", service, method.name, "UNAUTHENTICATED")
-            assert after == before + 1, path
+            assert handled(token_server, *counted) == before + 1, path
         assert health(channel) == SERVING
     still_serving(token_server, token=USER_TOKEN)
 
