@@ -17,7 +17,15 @@ from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import tensor_pb2
 from attrserve_engine import AttributionResult, InvalidArgument, JobTiming
 from attrserve_service import frames
-from attrserve_service.convert import WIRE_DTYPES, array_from_proto, array_to_proto, request_to_job, result_to_response
+from attrserve_service.convert import (
+    WIRE_DTYPES,
+    algorithm_enum,
+    algorithm_name,
+    array_from_proto,
+    array_to_proto,
+    request_to_job,
+    result_to_response,
+)
 
 DT = tensor_pb2.DataType
 SHAPES = [(), (0,), (2, 0, 3), (5,), (2, 3, 4)]
@@ -131,3 +139,17 @@ def test_a_result_is_encoded_with_its_timing_and_extras() -> None:
     assert torch.equal(tensor_from_proto(response.attributions[0], "a"), torch.ones(2, 3))
     assert np.array_equal(array_from_proto(response.convergence_delta, "d"), np.zeros(2, dtype=np.float32))
     assert response.HasField("convergence_delta") and not response.HasField("outputs")
+
+
+def test_algorithm_names_and_enum_values_map_both_ways() -> None:
+    """A model's info lists its built-in algorithms by enum value and its plugins' by name (`algorithm_enum`); a
+    request names its algorithm by value (`algorithm_name`). Every built-in maps both ways, in any case; a name the
+    enum lacks is a plugin's, ALGORITHM_UNSPECIFIED's included."""
+    values = [v for v in pb.Algorithm.values() if v != pb.ALGORITHM_UNSPECIFIED]
+    assert values
+    for value in values:
+        name = algorithm_name(value)
+        assert name == pb.Algorithm.Name(value).removeprefix("ALGORITHM_").lower()
+        assert algorithm_enum(name) == value and algorithm_enum(name.upper()) == value
+    for plugin in ("blur_integrated_gradients", "unspecified", "", "ALGORITHM_SALIENCY"):
+        assert algorithm_enum(plugin) is None
