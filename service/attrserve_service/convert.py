@@ -19,6 +19,7 @@ from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import tensor_pb2
 from attrserve_engine import AlgorithmSpec, AttributionJob, AttributionResult, InvalidArgument
 from attrserve_engine.errors import shown
+from attrserve_service.frames import dtype_name
 
 DType = tensor_pb2.DataType
 # A job and a result as the front end holds them: numpy arrays, which the frames turn into the engine's tensors and back.
@@ -83,7 +84,7 @@ def array_from_proto(t: tensor_pb2.Tensor, label: str) -> np.ndarray:
 def wire_array(a: np.ndarray) -> tuple[DType, tuple[int, ...], bytes]:
     """A result's array as the wire carries it: its dtype (one the wire lacks, uint16 say, goes as float32), its shape
     and its bytes (C order, little-endian)."""
-    wire = NAME_TO_WIRE.get(a.dtype.name)
+    wire = NAME_TO_WIRE.get(dtype_name(a.dtype))
     if wire is None:
         a, wire = a.astype(np.float32), DType.DATA_TYPE_FLOAT32
     return wire, a.shape, a.astype(WIRE_DTYPES[wire], copy=False).tobytes()

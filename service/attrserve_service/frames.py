@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import os
 import pickle
@@ -58,6 +59,13 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 def numpy_dtype(name: str) -> np.dtype:
     """The numpy dtype of a dtype name as torch and numpy spell it; bfloat16 is ml_dtypes' (numpy has none)."""
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+@functools.cache
+def dtype_name(dtype: np.dtype) -> str:
+    """`dtype.name`, remembered: numpy works it out in Python on every read (~2 µs), and each array of every frame and
+    answer asks."""
+    return dtype.name
 
 
 def _array(buffer: Any, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -143,7 +151,7 @@ class _Pickler(pickle.Pickler):
                 return NotImplemented
             a = obj if obj.flags.c_contiguous else obj.copy(order="C")  # (ascontiguousarray makes a 0-d array 1-d)
             # Its bytes: ml_dtypes' bfloat16 has no buffer format of its own.
-            return _tensor, (pickle.PickleBuffer(a.reshape(-1).view(np.uint8).data), a.dtype.name, a.shape)
+            return _tensor, (pickle.PickleBuffer(a.reshape(-1).view(np.uint8).data), dtype_name(a.dtype), a.shape)
         torch = self._torch
         if torch is None or not isinstance(obj, torch.Tensor):
             if not self._to_front:
@@ -162,7 +170,7 @@ class _Pickler(pickle.Pickler):
         if t.dtype is torch.bfloat16:
             return _tensor, (pickle.PickleBuffer(t.view(torch.int16).numpy()), "bfloat16", tuple(t.shape))
         a = t.numpy()
-        return _tensor, (pickle.PickleBuffer(a), a.dtype.name, a.shape)
+        return _tensor, (pickle.PickleBuffer(a), dtype_name(a.dtype), a.shape)
 
 
 # The modules the front end's reader has found readable so far.
