@@ -41,6 +41,15 @@ def test_flags_and_variables() -> None:
     assert config.limits.probe_batch_rows is False and config.plugins == ["x.py", "y.py"]
 
 
+def test_busy_polling_is_set_in_microseconds_and_a_negative_time_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert server_config([], environ={})[0].busy_poll_us == 3000
+    assert server_config(["--busy-poll-us", "0"], environ={"ATTRSERVE_BUSY_POLL_US": "500"})[0].busy_poll_us == 0
+    assert server_config([], environ={"ATTRSERVE_BUSY_POLL_US": "500"})[0].busy_poll_us == 500
+    with pytest.raises(SystemExit):
+        server_config(["--busy-poll-us", "-1"], environ={})
+    assert "--busy-poll-us -1: use 0 (off)" in capsys.readouterr().err
+
+
 def test_a_bad_variable_names_itself() -> None:
     with pytest.raises(SystemExit):
         server_config([], environ={"ATTRSERVE_PORT": "eighty"})

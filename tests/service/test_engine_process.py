@@ -710,6 +710,114 @@ def test_the_front_writes_one_turns_messages_as_one_frame_and_fails_alone_a_requ
     asyncio.run(scenario())
 
 
+class Turns:
+    """Counts the event loop's turns a coroutine asks for with `asyncio.sleep(0)` (EngineProcess._busy_poll's poll)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        sleep = asyncio.sleep
+
+        async def counted(delay: float, *args: Any) -> Any:
+            self.count += delay == 0
+            return await sleep(delay, *args)
+
+        monkeypatch.setattr(asyncio, "sleep", counted)
+
+
+def polling_front(busy_poll_us: int) -> EngineProcess:
+    engine = EngineProcess(ServerConfig(port=0, busy_poll_us=busy_poll_us))
+    engine._loop, engine._writer, engine.up = asyncio.get_running_loop(), Transport(), True
+    return engine
+
+
+def answer(engine: EngineProcess, key: int) -> None:
+    engine._pending.pop(key).set_result("the answer")
+
+
+def test_a_lone_request_is_waited_for_by_turning_the_loop_and_the_answer_ends_the_polling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one request in flight the front's loop turns without sleeping while the engine computes (the next turns
+    still run everything else), and the answer ends the polling at once though the budget (10 s) is far from spent."""
+    turns = Turns(monkeypatch)
+
+    async def scenario() -> None:
+        engine = polling_front(10_000_000)
+        loop = asyncio.get_running_loop()
+        others: list[float] = []
+        loop.call_later(0.02, lambda: others.append(loop.time()))  # the loop's own work goes on meanwhile
+        loop.call_later(0.05, answer, engine, 0)
+        start = loop.time()
+        assert await engine.attribute("a job") == "the answer"
+        assert loop.time() - start < 5, "the polling went on after the answer"
+        assert others, "a callback due during the polling did not run"
+        assert turns.count > 10, f"the loop slept instead of turning ({turns.count} turns)"
+        polled = turns.count
+        await asyncio.sleep(0.02)
+        assert turns.count == polled, "the polling went on after the answer"
+
+    asyncio.run(scenario())
+
+
+def test_the_polling_stops_at_its_budget_and_when_a_second_request_is_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    turns = Turns(monkeypatch)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        # Its budget spent (20 ms), the front waits for the answer asleep, and still gets it.
+        engine = polling_front(20_000)
+        lone = asyncio.ensure_future(engine.attribute("a job"))
+        await asyncio.sleep(0.2)
+        assert not lone.done()
+        after_budget = turns.count
+        await asyncio.sleep(0.1)
+        assert turns.count == after_budget, "the polling went on past its budget"
+        answer(engine, 0)
+        assert await lone == "the answer"
+        # A second request in flight ends the first one's polling (budget 10 s): the loop has work of its own then.
+        engine = polling_front(10_000_000)
+        first = asyncio.ensure_future(engine.attribute("a job"))
+        await asyncio.sleep(0.02)
+        assert turns.count > 10
+        second = asyncio.ensure_future(engine.attribute("another job"))
+        await asyncio.sleep(0.05)
+        counted = turns.count
+        await asyncio.sleep(0.05)
+        assert turns.count == counted, "two requests in flight, and the loop still polls"
+        answer(engine, 1)
+        answer(engine, 0)
+        assert await first == await second == "the answer"
+        # Off (0): a lone request is waited for asleep.
+        engine = polling_front(0)
+        before = turns.count
+        loop.call_later(0.05, answer, engine, 0)
+        assert await engine.attribute("a job") == "the answer"
+        assert turns.count == before
+
+    asyncio.run(scenario())
+
+
+def test_a_request_cancelled_while_the_front_polls_is_cancelled_in_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that gives up (deadline, cancel) while its lone request is polled for: the polling ends, the request
+    leaves the front's table and a cancel goes to the engine process, as for a request waited for asleep."""
+    turns = Turns(monkeypatch)
+
+    async def scenario() -> None:
+        engine = polling_front(10_000_000)
+        request = asyncio.ensure_future(engine.attribute("a job"))
+        await asyncio.sleep(0.02)
+        assert turns.count > 10
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        assert engine._pending == {}
+        counted = turns.count
+        await asyncio.sleep(0.05)
+        assert turns.count == counted, "the polling went on after the cancel"
+        sent = [m for f in engine._writer.frames for m in decode(bytearray(f[8:]), tensors=True)]
+        assert sent == [("submit", 0, "a job"), ("cancel", 0)]
+
+    asyncio.run(scenario())
+
+
 def test_the_device_memory_gauge_reads_the_engine_process_not_the_front() -> None:
     """attrserve_device_memory_bytes is what torch has allocated on a CUDA device in the process that runs the models.
     Before issue 12 step 29 the front read its own torch's, which allocates nothing on a GPU once the models run in an
@@ -875,6 +983,34 @@ def test_deadlines_and_cancels_reach_the_engine_process(repo: Path) -> None:
         np.testing.assert_allclose(
             client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
         )
+    finally:
+        server.stop()
+
+
+def test_a_lone_callers_deadline_ends_the_fronts_polling_and_lone_requests_equal_captum(repo: Path) -> None:
+    """A server that polls for a lone request's answer for up to 10 s: a lone request in a 3 s pass whose caller's
+    deadline (1 s) passes meanwhile gets DEADLINE_EXCEEDED at its deadline, not when the pass ends; the engine process
+    drops it; then lone requests, one after another, get Captum's numbers and health says SERVING."""
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False)
+    config = ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, busy_poll_us=10_000_000)
+    server = ServerThread(None, config)
+    try:
+        client = AttributionClient(server.address)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as late:
+            client.attribute("crashy", "saliency", np.full((1, 4), 777.0, np.float32), target=0, timeout=1.0)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - start < 2.5, "the caller waited for the 3 s pass"
+        until = time.monotonic() + 5
+        while server.running.core._pending:  # the front's table lets the request go when gRPC cancels its handler
+            assert time.monotonic() < until, "the front still holds the request its caller gave up"
+            time.sleep(0.02)
+        wait_queued(server, 0, "crashy")
+        assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+        for _ in range(3):
+            np.testing.assert_allclose(
+                client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+            )
     finally:
         server.stop()
 
