@@ -55,7 +55,7 @@ class ServerConfig:
     engine_threads: int = 0  # torch intra-op threads of the engine process (0: one per core less one, for the front)
     # While one request is in flight to the engine process and nothing else is, the front end's event loop keeps
     # turning instead of sleeping, for up to this many microseconds (0: never), so that its core is awake when the
-    # answer comes. It costs up to that much of a core's CPU per lone request (EngineProcess._busy_poll).
+    # answer comes. It costs up to that much of a core's CPU per lone request (EngineProcess._lone).
     busy_poll_us: int = 3000
     # The engine process's C heap (launch.allocator_preload): "auto" (tcmalloc where it is installed and
     # LD_PRELOAD is not set), "tcmalloc" (required), "glibc" (the C library's malloc), or a malloc library's path.

@@ -96,7 +96,8 @@ class EngineProcess:
         self._gauges_at = 0.0
         self._gauges_changes = -1
         self._changes = 0  # requests, cancels and engine messages so far (a backlog answer is stale once it moves)
-        self._busy_poll_s = config.busy_poll_us / 1e6  # see _busy_poll
+        self._busy_poll_s = config.busy_poll_us / 1e6  # see _lone
+        self._lone_s: dict[tuple[str, str], float] = {}  # (model, algorithm) → its lone answers' time, smoothed (_lone)
 
     @property
     def pid(self) -> int | None:
@@ -317,7 +318,7 @@ class EngineProcess:
         self._changes += 1  # the engine's backlog moves
         try:
             if self._busy_poll_s and len(self._pending) == 1:
-                await self._busy_poll(future)
+                return await self._lone(job, future)
             return await future
         except asyncio.CancelledError:
             if self._pending.pop(key, None) is not None:
@@ -325,20 +326,31 @@ class EngineProcess:
                 self._changes += 1
             raise
 
-    async def _busy_poll(self, future: asyncio.Future) -> None:
-        """Turn the event loop without sleeping until `future` is done, another request or call is in flight, or
-        `busy_poll_us` have passed. Each turn still polls the loop's sockets (with a timeout of 0) and runs its
+    async def _lone(self, job: Job, future: asyncio.Future) -> Result:
+        """A request alone in flight: its answer is polled for (below) unless this model and algorithm's lone answers
+        have been taking more than twice the budget (the smoothed time from send to answer, `_lone_s`), which the
+        polling would not reach: it would only spend a core.
+
+        Polling: the event loop turns without sleeping until `future` is done, another request or call is in flight,
+        or `busy_poll_us` have passed. Each turn still polls the loop's sockets (with a timeout of 0) and runs its
         callbacks, so nothing else waits; the thread just never blocks, and its core never idles.
 
         Why: on the 2-core VM of bench/RESULTS.md a core that idles runs the next thing it is given several times slower
         (issue 12 steps 19 and 33), and a lone request's every step, in both processes, came after such an idle gap.
-        Keeping the front's loop turning while the engine computes cut W5's p50 by ~20% (step 35). With two or more
-        requests in flight the loop has work of its own, and a core more of polling would take CPU from the engine's
-        passes: it sleeps as before."""
+        Keeping the front's loop turning while the engine computes made W5's answers come sooner (step 35). With two or
+        more requests in flight the loop has work of its own, and a core more of polling would take CPU from the
+        engine's passes: it sleeps as before."""
         assert self._loop is not None
-        end = self._loop.time() + self._busy_poll_s
-        while not future.done() and len(self._pending) == 1 and self._loop.time() < end:
-            await asyncio.sleep(0)
+        loop, kind = self._loop, (job.model, job.algorithm)
+        start = loop.time()
+        if self._lone_s.get(kind, 0.0) <= 2 * self._busy_poll_s:
+            end = start + self._busy_poll_s
+            while not future.done() and len(self._pending) == 1 and loop.time() < end:
+                await asyncio.sleep(0)
+        result = await future
+        took = loop.time() - start
+        self._lone_s[kind] = took if kind not in self._lone_s else 0.75 * self._lone_s[kind] + 0.25 * took
+        return result
 
     def labels(self, model: str, algorithm: str) -> tuple[str, str]:
         snapshot = self._snapshot

@@ -711,7 +711,7 @@ def test_the_front_writes_one_turns_messages_as_one_frame_and_fails_alone_a_requ
 
 
 class Turns:
-    """Counts the event loop's turns a coroutine asks for with `asyncio.sleep(0)` (EngineProcess._busy_poll's poll)."""
+    """Counts the event loop's turns a coroutine asks for with `asyncio.sleep(0)` (EngineProcess._lone's polling)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
@@ -722,6 +722,9 @@ class Turns:
             return await sleep(delay, *args)
 
         monkeypatch.setattr(asyncio, "sleep", counted)
+
+
+JOB = types.SimpleNamespace(model="m", algorithm="saliency")  # what EngineProcess reads of a job: it only sends it
 
 
 def polling_front(busy_poll_us: int) -> EngineProcess:
@@ -746,7 +749,7 @@ def test_a_lone_request_is_waited_for_by_turning_the_loop_and_the_answer_ends_th
         loop.call_later(0.02, lambda: others.append(loop.time()))  # the loop's own work goes on meanwhile
         loop.call_later(0.05, answer, engine, 0)
         start = loop.time()
-        assert await engine.attribute("a job") == "the answer"
+        assert await engine.attribute(JOB) == "the answer"
         assert loop.time() - start < 5, "the polling went on after the answer"
         assert others, "a callback due during the polling did not run"
         assert turns.count > 10, f"the loop slept instead of turning ({turns.count} turns)"
@@ -764,7 +767,7 @@ def test_the_polling_stops_at_its_budget_and_when_a_second_request_is_in_flight(
         loop = asyncio.get_running_loop()
         # Its budget spent (20 ms), the front waits for the answer asleep, and still gets it.
         engine = polling_front(20_000)
-        lone = asyncio.ensure_future(engine.attribute("a job"))
+        lone = asyncio.ensure_future(engine.attribute(JOB))
         await asyncio.sleep(0.2)
         assert not lone.done()
         after_budget = turns.count
@@ -774,10 +777,10 @@ def test_the_polling_stops_at_its_budget_and_when_a_second_request_is_in_flight(
         assert await lone == "the answer"
         # A second request in flight ends the first one's polling (budget 10 s): the loop has work of its own then.
         engine = polling_front(10_000_000)
-        first = asyncio.ensure_future(engine.attribute("a job"))
+        first = asyncio.ensure_future(engine.attribute(JOB))
         await asyncio.sleep(0.02)
         assert turns.count > 10
-        second = asyncio.ensure_future(engine.attribute("another job"))
+        second = asyncio.ensure_future(engine.attribute(JOB))
         await asyncio.sleep(0.05)
         counted = turns.count
         await asyncio.sleep(0.05)
@@ -789,8 +792,36 @@ def test_the_polling_stops_at_its_budget_and_when_a_second_request_is_in_flight(
         engine = polling_front(0)
         before = turns.count
         loop.call_later(0.05, answer, engine, 0)
-        assert await engine.attribute("a job") == "the answer"
+        assert await engine.attribute(JOB) == "the answer"
         assert turns.count == before
+
+    asyncio.run(scenario())
+
+
+def test_no_polling_for_a_model_and_algorithm_whose_lone_answers_take_longer_than_twice_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lone request whose answer came long after the budget (20 ms) was spent: the next lone request of that model
+    and algorithm is waited for asleep, another algorithm's is still polled for, and once the slow pair's answers come
+    quickly again (the smoothed time falls to within twice the budget) it is polled for again."""
+    turns = Turns(monkeypatch)
+    other = types.SimpleNamespace(model="m", algorithm="integrated_gradients")
+
+    async def lone(engine: EngineProcess, job: Any, after: float) -> int:
+        before = turns.count
+        asyncio.get_running_loop().call_later(after, lambda: answer(engine, max(engine._pending)))
+        assert await engine.attribute(job) == "the answer"
+        return turns.count - before
+
+    async def scenario() -> None:
+        engine = polling_front(20_000)
+        assert await lone(engine, JOB, 0.2) > 10  # not known yet: polled for, 20 ms of the 200
+        assert await lone(engine, JOB, 0.01) == 0  # ~200 ms smoothed: asleep, though this one is quick
+        assert await lone(engine, other, 0.01) > 0
+        for _ in range(12):  # quick answers bring the smoothed time down
+            await lone(engine, JOB, 0.001)
+        assert engine._lone_s[("m", "saliency")] <= 0.04
+        assert await lone(engine, JOB, 0.01) > 0
 
     asyncio.run(scenario())
 
@@ -802,7 +833,7 @@ def test_a_request_cancelled_while_the_front_polls_is_cancelled_in_the_engine(mo
 
     async def scenario() -> None:
         engine = polling_front(10_000_000)
-        request = asyncio.ensure_future(engine.attribute("a job"))
+        request = asyncio.ensure_future(engine.attribute(JOB))
         await asyncio.sleep(0.02)
         assert turns.count > 10
         request.cancel()
@@ -813,7 +844,7 @@ def test_a_request_cancelled_while_the_front_polls_is_cancelled_in_the_engine(mo
         await asyncio.sleep(0.05)
         assert turns.count == counted, "the polling went on after the cancel"
         sent = [m for f in engine._writer.frames for m in decode(bytearray(f[8:]), tensors=True)]
-        assert sent == [("submit", 0, "a job"), ("cancel", 0)]
+        assert sent == [("submit", 0, JOB), ("cancel", 0)]
 
     asyncio.run(scenario())
 
