@@ -336,7 +336,7 @@ class EngineProcess:
         callbacks, so nothing else waits; the thread just never blocks, and its core never idles.
 
         Why: on the 2-core VM of bench/RESULTS.md a core that idles runs the next thing it is given several times slower
-        (issue 12 steps 19 and 33), and a lone request's every step, in both processes, came after such an idle gap.
+        (issue 12 steps 19, 33 and 34), and a lone request's every step, in both processes, came after such an idle gap.
         Keeping the front's loop turning while the engine computes made W5's answers come sooner (step 35). With two or
         more requests in flight the loop has work of its own, and a core more of polling would take CPU from the
         engine's passes: it sleeps as before."""
