@@ -345,8 +345,11 @@ class EngineProcess:
         start = loop.time()
         if self._lone_s.get(kind, 0.0) <= 2 * self._busy_poll_s:
             end = start + self._busy_poll_s
-            while not future.done() and len(self._pending) == 1 and loop.time() < end:
-                await asyncio.sleep(0)
+            try:
+                while not future.done() and len(self._pending) == 1 and loop.time() < end:
+                    await asyncio.sleep(0)
+            finally:
+                self._tell("busy_polled", loop.time() - start)  # attrserve_busy_poll_seconds_total
         result = await future
         took = loop.time() - start
         self._lone_s[kind] = took if kind not in self._lone_s else 0.75 * self._lone_s[kind] + 0.25 * took

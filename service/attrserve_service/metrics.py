@@ -110,6 +110,11 @@ ATTRSERVE_ENGINE_PROCESS_UP = Gauge(
 ATTRSERVE_ENGINE_PROCESS_RESTARTS_TOTAL = Counter(
     "attrserve_engine_process_restarts_total", "Engine-core processes started again after one died (each death is logged)."
 )
+ATTRSERVE_BUSY_POLL_SECONDS_TOTAL = Counter(
+    "attrserve_busy_poll_seconds",
+    "Seconds the front end's event loop polled for a lone request's answer instead of sleeping (--busy-poll-us): "
+    "CPU spent so that a lone caller is answered sooner.",
+)
 ATTRSERVE_QUEUE_REQUESTS = Gauge(
     "attrserve_queue_requests",
     "Attribution requests of the model accepted by the engine and not yet finished, less those whose callers gave up.",
@@ -262,6 +267,9 @@ class EngineMetrics(EngineObserver):
 
     def engine_process_restarted(self) -> None:
         ATTRSERVE_ENGINE_PROCESS_RESTARTS_TOTAL.inc()
+
+    def busy_polled(self, seconds: float) -> None:
+        ATTRSERVE_BUSY_POLL_SECONDS_TOTAL.inc(seconds)
 
     def model_load_failed(self, model: str, error: BaseException) -> None:
         ATTRSERVE_MODEL_LOAD_FAILURES_TOTAL.labels(model).inc()

@@ -33,7 +33,7 @@ from test_model_management import PINNED, TARGET, X, captum, health, mlp, write
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_client import AttributionClient
-from attrserve_engine import Cancelled, EngineLimits, InputSpec, InvalidArgument, user_code
+from attrserve_engine import Cancelled, EngineLimits, EngineObserver, InputSpec, InvalidArgument, user_code
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import ERROR_ID, Gauges
 from attrserve_service import eventloop, frames, launch, metrics
@@ -727,10 +727,25 @@ class Turns:
 JOB = types.SimpleNamespace(model="m", algorithm="saliency")  # what EngineProcess reads of a job: it only sends it
 
 
+class Polled(EngineObserver):
+    """The seconds of each polling the front reports (attrserve_busy_poll_seconds_total's source)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def busy_polled(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+
+
 def polling_front(busy_poll_us: int) -> EngineProcess:
     engine = EngineProcess(ServerConfig(port=0, busy_poll_us=busy_poll_us))
     engine._loop, engine._writer, engine.up = asyncio.get_running_loop(), Transport(), True
+    engine.watch(Polled())
     return engine
+
+
+def polled(engine: EngineProcess) -> list[float]:
+    return next(o for o in engine.observers if isinstance(o, Polled)).seconds
 
 
 def answer(engine: EngineProcess, key: int) -> None:
@@ -775,6 +790,7 @@ def test_the_polling_stops_at_its_budget_and_when_a_second_request_is_in_flight(
         assert turns.count == after_budget, "the polling went on past its budget"
         answer(engine, 0)
         assert await lone == "the answer"
+        assert len(polled(engine)) == 1 and 0.02 <= polled(engine)[0] < 0.2  # what /metrics counts
         # A second request in flight ends the first one's polling (budget 10 s): the loop has work of its own then.
         engine = polling_front(10_000_000)
         first = asyncio.ensure_future(engine.attribute(JOB))
@@ -793,7 +809,7 @@ def test_the_polling_stops_at_its_budget_and_when_a_second_request_is_in_flight(
         before = turns.count
         loop.call_later(0.05, answer, engine, 0)
         assert await engine.attribute(JOB) == "the answer"
-        assert turns.count == before
+        assert turns.count == before and polled(engine) == []
 
     asyncio.run(scenario())
 
@@ -817,6 +833,7 @@ def test_no_polling_for_a_model_and_algorithm_whose_lone_answers_take_longer_tha
         engine = polling_front(20_000)
         assert await lone(engine, JOB, 0.2) > 10  # not known yet: polled for, 20 ms of the 200
         assert await lone(engine, JOB, 0.01) == 0  # ~200 ms smoothed: asleep, though this one is quick
+        assert len(polled(engine)) == 1  # nothing polled, nothing counted
         assert await lone(engine, other, 0.01) > 0
         for _ in range(12):  # quick answers bring the smoothed time down
             await lone(engine, JOB, 0.001)
@@ -1027,6 +1044,8 @@ def test_a_lone_callers_deadline_ends_the_fronts_polling_and_lone_requests_equal
     server = ServerThread(None, config)
     try:
         client = AttributionClient(server.address)
+        polling = ("attrserve_busy_poll_seconds_total", frozenset())
+        before = scrape(server.running.metrics_port)[polling]
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as late:
             client.attribute("crashy", "saliency", np.full((1, 4), 777.0, np.float32), target=0, timeout=1.0)
@@ -1042,6 +1061,7 @@ def test_a_lone_callers_deadline_ends_the_fronts_polling_and_lone_requests_equal
             np.testing.assert_allclose(
                 client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
             )
+        assert scrape(server.running.metrics_port)[polling] - before >= 0.9  # polled until the deadline, ~1 s
     finally:
         server.stop()
 
