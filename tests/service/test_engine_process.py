@@ -768,9 +768,9 @@ def test_a_lone_request_is_waited_for_by_turning_the_loop_and_the_answer_ends_th
         assert loop.time() - start < 5, "the polling went on after the answer"
         assert others, "a callback due during the polling did not run"
         assert turns.count > 10, f"the loop slept instead of turning ({turns.count} turns)"
-        polled = turns.count
+        turned = turns.count
         await asyncio.sleep(0.02)
-        assert turns.count == polled, "the polling went on after the answer"
+        assert turns.count == turned, "the polling went on after the answer"
 
     asyncio.run(scenario())
 
