@@ -217,12 +217,19 @@ SETTINGS: tuple[Setting, ...] = (
         _bool,
         inverted=True,
     ),
-    Setting("--engine-threads", "engine_threads", "torch intra-op threads of the engine process (0: one per core less one)", int),
+    Setting(
+        "--engine-threads",
+        "engine_threads",
+        "torch intra-op threads of the engine process (0: one per core it may use, by its CPU affinity and CPU quota, less "
+        "one; with --no-engine-process, 0: torch's default, at most those cores)",
+        int,
+    ),
     Setting(
         "--busy-poll-us",
         "busy_poll_us",
         "while one request alone waits on the engine process, the front end polls for its answer this many µs at most "
-        "instead of sleeping: lower latency for a lone caller, at up to that much CPU per request (0: off)",
+        "instead of sleeping: lower latency for a lone caller, at up to that much CPU per request (0: off; off where "
+        "the server may use fewer than 2 cores, by its CPU affinity and CPU quota)",
         int,
         metavar="US",
     ),

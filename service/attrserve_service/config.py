@@ -52,10 +52,11 @@ class ServerConfig:
     # The models run in an engine-core process of their own (the front end's event loop and the engine's worker
     # then never share an interpreter lock); False: in this process (embedding, tests with in-memory models).
     engine_process: bool = True
-    engine_threads: int = 0  # torch intra-op threads of the engine process (0: one per core less one, for the front)
+    engine_threads: int = 0  # torch intra-op threads of the engine process (0: launch.intra_op_threads)
     # While one request is in flight to the engine process and nothing else is, the front end's event loop keeps
     # turning instead of sleeping, for up to this many microseconds (0: never), so that its core is awake when the
-    # answer comes. It costs up to that much of a core's CPU per lone request (EngineProcess._lone).
+    # answer comes. It costs up to that much of a core's CPU per lone request (EngineProcess._lone). Off where the
+    # server may use fewer than 2 cores (engine_process.busy_poll_seconds).
     busy_poll_us: int = 3000
     # The engine process's C heap (launch.allocator_preload): "auto" (tcmalloc where it is installed and
     # LD_PRELOAD is not set), "tcmalloc" (required), "glibc" (the C library's malloc), or a malloc library's path.

@@ -25,7 +25,7 @@ from attrserve_engine.errors import AttributionError
 from attrserve_service import eventloop, logs
 from attrserve_service.core import ANSWERS, ERROR_ID, settle_heap
 from attrserve_service.frames import FrameReader, frame_of, send_parts
-from attrserve_service.launch import intra_op_threads
+from attrserve_service.launch import cpu_limit, intra_op_threads
 from attrserve_service.local_core import LocalCore, build_core
 from attrserve_service.repository import CONTROL_POLL, RepositoryError
 
@@ -218,6 +218,11 @@ async def _engine_main(fd_in: int, fd_out: int) -> int:
     _, config, (log_level, log_format), only, probes = await init
     logs.configure(log_level, log_format)
     torch.set_num_threads(intra_op_threads(config))
+    log.info(
+        "torch intra-op threads: %d (this process may use %.3g cores, by its CPU affinity and CPU quota)",
+        torch.get_num_threads(),
+        cpu_limit(),
+    )
     try:
         core = await build_core(config, lambda core: [_Forward(out, core)], only, probes)  # the front measures the loads too
     except RepositoryError as e:

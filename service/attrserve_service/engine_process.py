@@ -65,6 +65,24 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+# Busy polling (EngineProcess._lone) keeps one core turning while the engine computes on another: it needs two.
+BUSY_POLL_CORES = 2.0
+
+
+def busy_poll_seconds(config: ServerConfig) -> float:
+    """How long the front polls for a lone request's answer: `busy_poll_us`, unless this process may use fewer than
+    BUSY_POLL_CORES cores (launch.cpu_limit: its affinity, its CPU quota). There the polling loop would take the core or
+    the quota the engine's pass needs: on one core it runs until the kernel preempts it, and under a quota it spends the
+    pod's CPU time and gets the whole pod throttled (bench/RESULTS.md, issue 12 step 36). Then 0: off, and logged."""
+    if not config.busy_poll_us:
+        return 0.0
+    cores = launch.cpu_limit()
+    if cores < BUSY_POLL_CORES:
+        log.info("busy polling off: this process may use %.2g core(s) (its CPU affinity and quota); it needs %g", cores, BUSY_POLL_CORES)
+        return 0.0
+    return config.busy_poll_us / 1e6
+
+
 class EngineProcess:
     """The engine core in its own process, behind the calls LocalCore answers in this one."""
 
@@ -96,7 +114,7 @@ class EngineProcess:
         self._gauges_at = 0.0
         self._gauges_changes = -1
         self._changes = 0  # requests, cancels and engine messages so far (a backlog answer is stale once it moves)
-        self._busy_poll_s = config.busy_poll_us / 1e6  # see _lone
+        self._busy_poll_s = busy_poll_seconds(config)  # see _lone
         self._lone_s: dict[tuple[str, str], float] = {}  # (model, algorithm) → its lone answers' time, smoothed (_lone)
 
     @property

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_engine.events import ModelState
-from attrserve_service import __version__, eventloop, logs, metrics
+from attrserve_service import __version__, eventloop, launch, logs, metrics
 from attrserve_service.auth import ServerSecurity
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import Core, settle_heap
@@ -129,6 +129,9 @@ async def _start_core(config: ServerConfig, engine: Engine | None, launched: Lau
         return local, engine
     if config.allocator not in ("auto", "glibc"):
         raise ConfigError(f"--allocator {config.allocator}: applies to the engine process (with --no-engine-process, set LD_PRELOAD)")
+    import torch  # (local_core imported it)
+
+    torch.set_num_threads(launch.in_process_threads(config, torch.get_num_threads()))
     local = await build_core(config, lambda core: [metrics.EngineMetrics(core)])
     return local, local.engine
 

@@ -310,11 +310,12 @@ def test_the_deployment(overlay: str) -> None:
     else:
         assert volumes[mounts["/models"]["name"]]["persistentVolumeClaim"] == {"claimName": "attrserve-models", "readOnly": True}
 
-    # Requests equal limits (Guaranteed QoS); torch's threads follow the CPU limit.
+    # Requests equal limits (Guaranteed QoS). The server reads the CPU limit from its cgroup (launch.cpu_limit); an
+    # OMP_NUM_THREADS here would mislead, as the engine process sets its own.
     resources = container["resources"]
     assert resources["requests"] == {**resources["limits"], "ephemeral-storage": resources["requests"]["ephemeral-storage"]}
-    env = {e["name"]: e for e in container["env"]}
-    assert env["OMP_NUM_THREADS"]["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu"
+    assert float(resources["limits"]["cpu"]) >= 1
+    assert "OMP_NUM_THREADS" not in {e["name"] for e in container.get("env", [])}
     image = container["image"]
     assert re.fullmatch(r"\S+/attrserve:\d+\.\d+\.\d+-(cpu|cuda)", image), image
     if overlay == "gpu":

@@ -737,8 +737,13 @@ class Polled(EngineObserver):
         self.seconds.append(seconds)
 
 
-def polling_front(busy_poll_us: int) -> EngineProcess:
-    engine = EngineProcess(ServerConfig(port=0, busy_poll_us=busy_poll_us))
+def polling_front(busy_poll_us: int, cores: float = 2.0) -> EngineProcess:
+    """A front with a fake transport, built as on a machine where it may use `cores` (launch.cpu_limit)."""
+    real, launch.cpu_limit = launch.cpu_limit, lambda proc="/proc/self": cores
+    try:
+        engine = EngineProcess(ServerConfig(port=0, busy_poll_us=busy_poll_us))
+    finally:
+        launch.cpu_limit = real
     engine._loop, engine._writer, engine.up = asyncio.get_running_loop(), Transport(), True
     engine.watch(Polled())
     return engine
@@ -1035,10 +1040,41 @@ def test_deadlines_and_cancels_reach_the_engine_process(repo: Path) -> None:
         server.stop()
 
 
-def test_a_lone_callers_deadline_ends_the_fronts_polling_and_lone_requests_equal_captum(repo: Path) -> None:
+@pytest.mark.parametrize(("cores", "polls"), [(1.0, False), (1.5, False), (1.99, False), (2.0, True), (64.0, True)])
+def test_the_front_polls_for_lone_answers_only_where_it_may_use_two_cores(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, cores: float, polls: bool
+) -> None:
+    """Polling keeps one core turning while the engine computes on another. With fewer cores (the CPU affinity, or a
+    CPU quota: launch.cpu_limit) it would take the core or the quota the engine's pass needs, so it is off, and the log
+    says why; a lone request is then waited for asleep and no polling is counted."""
+    turns = Turns(monkeypatch)
+
+    async def scenario() -> None:
+        with caplog.at_level("INFO", logger="attrserve_service.engine_process"):
+            engine = polling_front(3_000_000, cores)
+        assert engine._busy_poll_s == (3.0 if polls else 0.0)
+        assert ("busy polling off: this process may use" in caplog.text) == (not polls)
+        asyncio.get_running_loop().call_later(0.05, answer, engine, 0)
+        assert await engine.attribute(JOB) == "the answer"
+        assert (turns.count > 10, len(polled(engine))) == ((True, 1) if polls else (False, 0))
+
+    asyncio.run(scenario())
+    caplog.clear()
+
+    async def off() -> None:
+        with caplog.at_level("INFO", logger="attrserve_service.engine_process"):
+            assert polling_front(0, cores)._busy_poll_s == 0.0
+        assert "busy polling off" not in caplog.text  # off by the setting: nothing to explain
+
+    asyncio.run(off())
+
+
+def test_a_lone_callers_deadline_ends_the_fronts_polling_and_lone_requests_equal_captum(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A server that polls for a lone request's answer for up to 10 s: a lone request in a 3 s pass whose caller's
     deadline (1 s) passes meanwhile gets DEADLINE_EXCEEDED at its deadline, not when the pass ends; the engine process
-    drops it; then lone requests, one after another, get Captum's numbers and health says SERVING."""
+    drops it; then lone requests, one after another, get Captum's numbers and health says SERVING. (Its front polls
+    whatever this machine's cores: the front runs in this process.)"""
+    monkeypatch.setattr(launch, "cpu_limit", lambda proc="/proc/self": 2.0)
     limits = EngineLimits(default_device="cpu", probe_batch_rows=False)
     config = ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, busy_poll_us=10_000_000)
     server = ServerThread(None, config)
@@ -1354,6 +1390,108 @@ def test_attrserve_serve_with_an_allocator_it_cannot_use_exits_with_2_and_says_w
     )
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in done.stderr
+
+
+def fake_proc(tmp_path: Path, cgroups: list[str], mounts: list[tuple[str, str, str, str]], files: dict[str, str]) -> str:
+    """A /proc/<pid> with its cgroup and mountinfo files (`mounts`: root, mount point under tmp_path, fstype, super
+    options), and the cgroup files (`files`: path under tmp_path → content) that launch.cgroup_cpu_quota reads."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cgroup").write_text("".join(line + "\n" for line in cgroups))
+    lines = [f"{30 + i} 20 0:{40 + i} {root} {tmp_path}/{point} rw,relatime - {fstype} {fstype} {options}\n" for i, (root, point, fstype, options) in enumerate(mounts)]
+    (proc / "mountinfo").write_text("25 1 8:1 / / rw - ext4 /dev/sda1 rw\n" + "".join(lines))
+    for path, content in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(content)
+    return str(proc)
+
+
+V2 = [("/", "cg", "cgroup2", "rw,nsdelegate")]
+V1 = [("/", "cg/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct"), ("/", "cg/memory", "cgroup", "rw,memory")]
+
+
+@pytest.mark.parametrize(
+    ("cgroups", "mounts", "files", "quota"),
+    [
+        # cgroup v2 in a container (its namespace's root): Kubernetes' limits.cpu 4, 1.5; none
+        (["0::/"], V2, {"cg/cpu.max": "400000 100000\n"}, 4.0),
+        (["0::/"], V2, {"cg/cpu.max": "150000 100000\n"}, 1.5),
+        (["0::/"], V2, {"cg/cpu.max": "max 100000\n"}, None),
+        # v2 seen from the host: the pod's quota sits above the container's cgroup, and the lowest on the path counts
+        (["0::/kubepods/pod1/ctr"], V2, {"cg/kubepods/pod1/cpu.max": "200000 100000", "cg/kubepods/pod1/ctr/cpu.max": "max 100000"}, 2.0),
+        (["0::/a/b"], V2, {"cg/a/cpu.max": "300000 100000", "cg/a/b/cpu.max": "250000 100000"}, 2.5),
+        # cgroup v1 (docker --cpus 2 on a v1 host): cpu and cpuacct mounted together; -1 is no quota
+        (["5:memory:/", "4:cpu,cpuacct:/"], V1, {"cg/cpu,cpuacct/cpu.cfs_quota_us": "200000", "cg/cpu,cpuacct/cpu.cfs_period_us": "100000"}, 2.0),
+        (["4:cpu,cpuacct:/"], V1, {"cg/cpu,cpuacct/cpu.cfs_quota_us": "-1", "cg/cpu,cpuacct/cpu.cfs_period_us": "100000"}, None),
+        # v1 without a cgroup namespace: the mount shows the container's own part of the hierarchy
+        (["4:cpu,cpuacct:/docker/abc"], [("/docker/abc", "cg/cpu", "cgroup", "rw,cpu,cpuacct")], {"cg/cpu/cpu.cfs_quota_us": "50000", "cg/cpu/cpu.cfs_period_us": "100000"}, 0.5),
+        # a quota in a memory cgroup is no CPU quota; unreadable or broken files are no quota
+        (["5:memory:/"], V1, {"cg/memory/cpu.cfs_quota_us": "100000", "cg/memory/cpu.cfs_period_us": "100000"}, None),
+        (["0::/"], V2, {"cg/cpu.max": "lots\n"}, None),
+        (["0::/"], V2, {}, None),
+        (["0::/"], [], {"cg/cpu.max": "100000 100000"}, None),
+    ],
+)
+def test_the_cpu_quota_is_read_from_the_processs_cgroups(tmp_path: Path, cgroups, mounts, files, quota) -> None:
+    assert launch.cgroup_cpu_quota(fake_proc(tmp_path, cgroups, mounts, files)) == quota
+
+
+def test_no_cgroup_files_is_no_quota(tmp_path: Path) -> None:
+    assert launch.cgroup_cpu_quota(str(tmp_path / "no such process")) is None
+    assert launch.cpu_limit(str(tmp_path / "no such process")) == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    ("affinity", "quota", "limit", "engine", "in_process"),
+    [
+        (64, 4.0, 4.0, 3, 4),  # a pod limited to 4 cores on a 64-core node: 3 threads, not 63
+        (64, None, 64.0, 63, 32),  # no quota: the node's cores (in process: torch's default, here 32, stays)
+        (2, None, 2.0, 1, 2),  # this project's CI machine
+        (8, 1.5, 1.5, 1, 2),
+        (8, 0.5, 0.5, 1, 1),
+        (2, 4.0, 2.0, 1, 2),  # a quota above the affinity: the affinity
+    ],
+)
+def test_torch_threads_follow_the_cores_the_process_may_use(
+    monkeypatch: pytest.MonkeyPatch, affinity: int, quota: float | None, limit: float, engine: int, in_process: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
+    monkeypatch.setattr(launch, "cgroup_cpu_quota", lambda proc="/proc/self": quota)
+    assert launch.cpu_limit() == limit
+    assert launch.intra_op_threads(ServerConfig()) == engine
+    assert launch.in_process_threads(ServerConfig(), torch_default=32) == in_process
+    assert launch.intra_op_threads(ServerConfig(engine_threads=5)) == launch.in_process_threads(ServerConfig(engine_threads=5), 32) == 5
+
+
+# `attrserve serve` on one core of this machine's: its CPU affinity set first (the engine process inherits it).
+ONE_CORE = """
+import os
+import sys
+
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+from attrserve_service import cli
+
+sys.exit(cli.main())
+"""
+
+
+def test_a_server_on_one_core_runs_torch_on_one_thread_and_does_not_poll(repo: Path) -> None:
+    """On one core (a CPU affinity, as the kubelet's static CPU manager sets; a quota counts the same) the engine runs
+    torch on one thread, and the front does not poll for a lone request's answer, which would hold the core the
+    engine's pass needs: the logs say both. Lone requests one after another get Captum's numbers,
+    attrserve_busy_poll_seconds_total stays 0, health says SERVING, and SIGTERM drains."""
+    command = (sys.executable, "-c", ONE_CORE)
+    with ServeProcess(["--model-repository", str(repo), "--no-batch-probe"], command=command, metrics=True) as server:
+        with AttributionClient(server.address) as client:
+            for _ in range(5):
+                got = client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions
+                np.testing.assert_allclose(got, captum(1), atol=1e-5)
+        assert scrape(server.metrics_port)[("attrserve_busy_poll_seconds_total", frozenset())] == 0
+        assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+        assert server.signal(signal.SIGTERM) == 0, server.output()
+    output = server.output()
+    assert "torch intra-op threads: 1 (this process may use 1 cores" in output, output
+    assert "busy polling off: this process may use 1 core(s)" in output, output
 
 
 def runs_uvloop_code(pid: int) -> bool:
