@@ -17,7 +17,6 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +38,7 @@ from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluat
 from attrserve_engine.events import REFUSED_DEADLINE, EngineObserver, ModelState, Observers, PassStats
 from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks
 from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult, InputCast, JobTiming
-from attrserve_engine.limits import EngineLimits
+from attrserve_engine.limits import EngineLimits, cgroup_memory_limit
 from attrserve_engine.models import (
     LoadedModel,
     ModelRecord,
@@ -659,10 +658,7 @@ def device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v2, v1
-        with contextlib.suppress(OSError, ValueError):
-            total = min(total, int(Path(path).read_text().strip()))  # v2's "max" (no limit) is not a number
-    return total
+    return min(total, cgroup_memory_limit() or total)
 
 
 def memory_allocated(device: str) -> int:

@@ -3,6 +3,8 @@ settings from here and starts the engine process before the front end imports to
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -50,3 +52,92 @@ class EngineLimits:
         from attrserve_engine.algorithms import Limits  # torch: only the engine asks for these
 
         return Limits(max_n_steps=self.max_n_steps, max_nt_samples=self.max_nt_samples)
+
+
+# -- what the process's control groups allow it (a container's limits) -----------------------------------------------
+
+
+def cgroup_cpu_quota(proc: str = "/proc/self") -> float | None:
+    """The CPU quota, in cores, of the process's control group and of those above it that its mounts show (Kubernetes'
+    limits.cpu, docker's --cpus): cgroup v2's cpu.max, v1's cpu.cfs_quota_us over cpu.cfs_period_us; the lowest of
+    them. None without a quota, or where none of the files can be read. `proc`: /proc/<pid> (tests give a fake one)."""
+    return min(_cgroup_values("cpu", _cpu_quota, proc), default=None)
+
+
+def cgroup_memory_limit(proc: str = "/proc/self") -> int | None:
+    """The memory limit, in bytes, of the process's control group and of those above it that its mounts show (v2's
+    memory.max, v1's memory.limit_in_bytes); the lowest of them. None without one (v1 writes "no limit" as a number
+    near 2^63, which the machine's memory is below anyway)."""
+    return min(_cgroup_values("memory", _memory_limit, proc), default=None)
+
+
+def _cgroup_values(controller: str, read: Callable[[str, int], float | None], proc: str) -> Iterator:
+    """`read(directory, version)` of each cgroup on the process's path in `controller`'s hierarchy, from its own up to
+    the root its mount shows: a limit set on any of them applies (v2: the hierarchy; v1: the controller's mount)."""
+    try:
+        with open(f"{proc}/cgroup") as f:
+            memberships = [line.rstrip("\n").split(":", 2) for line in f]
+        with open(f"{proc}/mountinfo") as f:
+            mounts = [m for m in map(_cgroup_mount, f) if m is not None]
+    except OSError:
+        return
+    for membership in memberships:
+        if len(membership) != 3:
+            continue
+        _, controllers, path = membership
+        version = 2 if controllers == "" else 1
+        if version == 1 and controller not in controllers.split(","):
+            continue
+        for root, point, mounted, options in mounts:
+            if mounted != version or (version == 1 and controller not in options):
+                continue
+            if root != "/" and path != root and not path.startswith(root + "/"):
+                continue  # the mount shows another part of the hierarchy
+            here = os.path.normpath(os.path.join(point, os.path.relpath(path, root)))
+            while here.startswith(point):
+                value = read(here, version)
+                if value is not None:
+                    yield value
+                if here == point:
+                    break
+                here = os.path.dirname(here)
+
+
+def _cgroup_mount(line: str) -> tuple[str, str, int, set[str]] | None:
+    """A mountinfo line's (root, mount point, cgroup version, super options) when it mounts a cgroup hierarchy."""
+    fields, _, tail = line.partition(" - ")
+    own, rest = fields.split(), tail.split()
+    if len(own) < 5 or len(rest) < 3 or rest[0] not in ("cgroup", "cgroup2"):
+        return None
+    return own[3], own[4], 2 if rest[0] == "cgroup2" else 1, set(rest[2].split(","))
+
+
+def _read(directory: str, name: str) -> str | None:
+    try:
+        with open(os.path.join(directory, name)) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _cpu_quota(directory: str, version: int) -> float | None:
+    """The quota (cores) one cgroup sets: v2 "max 100000" (none) or "150000 100000" (1.5); v1 -1 (none) or µs per
+    period. None without one, or where the files cannot be read."""
+    if version == 2:
+        quota, _, period = (_read(directory, "cpu.max") or "").partition(" ")
+    else:
+        quota, period = _read(directory, "cpu.cfs_quota_us") or "", _read(directory, "cpu.cfs_period_us") or ""
+    try:
+        cores = int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):  # "max", or no file
+        return None
+    return cores if cores > 0 else None
+
+
+def _memory_limit(directory: str, version: int) -> int | None:
+    """The memory limit (bytes) one cgroup sets: v2 "max" (none) or a number; v1 a number."""
+    try:
+        limit = int(_read(directory, "memory.max" if version == 2 else "memory.limit_in_bytes") or "")
+    except ValueError:
+        return None
+    return limit if limit > 0 else None

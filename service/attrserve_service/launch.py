@@ -19,6 +19,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from attrserve_engine.limits import cgroup_cpu_quota
 from attrserve_service import eventloop
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.frames import encode_parts, send_parts, socketpair
@@ -127,70 +128,6 @@ def cpu_limit(proc: str = "/proc/self") -> float:
     cores = float(len(os.sched_getaffinity(0)))
     quota = cgroup_cpu_quota(proc)
     return cores if quota is None else min(cores, quota)
-
-
-def cgroup_cpu_quota(proc: str = "/proc/self") -> float | None:
-    """The CPU quota, in cores, of the process's control group (`proc`/cgroup) and of those above it that its mounts
-    show (`proc`/mountinfo): cgroup v2's cpu.max, v1's cpu.cfs_quota_us over cpu.cfs_period_us; the lowest of them.
-    None without a quota, or where none of the files can be read."""
-    try:
-        with open(f"{proc}/cgroup") as f:
-            memberships = [line.rstrip("\n").split(":", 2) for line in f]
-        with open(f"{proc}/mountinfo") as f:
-            mounts = [_cgroup_mount(line) for line in f]
-    except OSError:
-        return None
-    quotas = []
-    for membership in memberships:
-        if len(membership) != 3:
-            continue
-        _, controllers, path = membership
-        for mount in mounts:
-            if mount is None:
-                continue
-            root, point, version, options = mount
-            if version != (2 if controllers == "" else 1) or (version == 1 and not {"cpu"} <= set(controllers.split(",")) & options):
-                continue
-            if root != "/" and path != root and not path.startswith(root + "/"):
-                continue  # the mount shows another part of the hierarchy
-            here = os.path.normpath(os.path.join(point, os.path.relpath(path, root)))
-            while True:  # this cgroup and each one above it, up to the mount's root: every quota on the way applies
-                quota = _cpu_quota(here, version)
-                if quota is not None:
-                    quotas.append(quota)
-                if here == point or not here.startswith(point):
-                    break
-                here = os.path.dirname(here)
-    return min(quotas, default=None)
-
-
-def _cgroup_mount(line: str) -> tuple[str, str, int, set[str]] | None:
-    """A mountinfo line's (root, mount point, cgroup version, super options) when it mounts a cgroup hierarchy."""
-    fields, _, tail = line.partition(" - ")
-    own, rest = fields.split(), tail.split()
-    if len(own) < 5 or len(rest) < 3 or rest[0] not in ("cgroup", "cgroup2"):
-        return None
-    return own[3], own[4], 2 if rest[0] == "cgroup2" else 1, set(rest[2].split(","))
-
-
-def _cpu_quota(directory: str, version: int) -> float | None:
-    """The quota (cores) one cgroup sets: v2 "max 100000" (none) or "150000 100000" (1.5); v1 -1 (none) or a number of µs
-    per period. None without one, or where the files cannot be read."""
-    try:
-        if version == 2:
-            with open(os.path.join(directory, "cpu.max")) as f:
-                quota, period = f.read().split()[:2]
-            if quota == "max":
-                return None
-        else:
-            with open(os.path.join(directory, "cpu.cfs_quota_us")) as f:
-                quota = f.read().strip()
-            with open(os.path.join(directory, "cpu.cfs_period_us")) as f:
-                period = f.read().strip()
-        cores = int(quota) / int(period)
-    except (OSError, ValueError, ZeroDivisionError):
-        return None
-    return cores if cores > 0 else None
 
 
 # glibc's malloc in the front end (the process `attrserve serve` runs in): allocations under this size come from its

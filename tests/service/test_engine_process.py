@@ -1392,55 +1392,6 @@ def test_attrserve_serve_with_an_allocator_it_cannot_use_exits_with_2_and_says_w
     assert message in done.stderr
 
 
-def fake_proc(tmp_path: Path, cgroups: list[str], mounts: list[tuple[str, str, str, str]], files: dict[str, str]) -> str:
-    """A /proc/<pid> with its cgroup and mountinfo files (`mounts`: root, mount point under tmp_path, fstype, super
-    options), and the cgroup files (`files`: path under tmp_path → content) that launch.cgroup_cpu_quota reads."""
-    proc = tmp_path / "proc"
-    proc.mkdir()
-    (proc / "cgroup").write_text("".join(line + "\n" for line in cgroups))
-    lines = [f"{30 + i} 20 0:{40 + i} {root} {tmp_path}/{point} rw,relatime - {fstype} {fstype} {options}\n" for i, (root, point, fstype, options) in enumerate(mounts)]
-    (proc / "mountinfo").write_text("25 1 8:1 / / rw - ext4 /dev/sda1 rw\n" + "".join(lines))
-    for path, content in files.items():
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_text(content)
-    return str(proc)
-
-
-V2 = [("/", "cg", "cgroup2", "rw,nsdelegate")]
-V1 = [("/", "cg/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct"), ("/", "cg/memory", "cgroup", "rw,memory")]
-
-
-@pytest.mark.parametrize(
-    ("cgroups", "mounts", "files", "quota"),
-    [
-        # cgroup v2 in a container (its namespace's root): Kubernetes' limits.cpu 4, 1.5; none
-        (["0::/"], V2, {"cg/cpu.max": "400000 100000\n"}, 4.0),
-        (["0::/"], V2, {"cg/cpu.max": "150000 100000\n"}, 1.5),
-        (["0::/"], V2, {"cg/cpu.max": "max 100000\n"}, None),
-        # v2 seen from the host: the pod's quota sits above the container's cgroup, and the lowest on the path counts
-        (["0::/kubepods/pod1/ctr"], V2, {"cg/kubepods/pod1/cpu.max": "200000 100000", "cg/kubepods/pod1/ctr/cpu.max": "max 100000"}, 2.0),
-        (["0::/a/b"], V2, {"cg/a/cpu.max": "300000 100000", "cg/a/b/cpu.max": "250000 100000"}, 2.5),
-        # cgroup v1 (docker --cpus 2 on a v1 host): cpu and cpuacct mounted together; -1 is no quota
-        (["5:memory:/", "4:cpu,cpuacct:/"], V1, {"cg/cpu,cpuacct/cpu.cfs_quota_us": "200000", "cg/cpu,cpuacct/cpu.cfs_period_us": "100000"}, 2.0),
-        (["4:cpu,cpuacct:/"], V1, {"cg/cpu,cpuacct/cpu.cfs_quota_us": "-1", "cg/cpu,cpuacct/cpu.cfs_period_us": "100000"}, None),
-        # v1 without a cgroup namespace: the mount shows the container's own part of the hierarchy
-        (["4:cpu,cpuacct:/docker/abc"], [("/docker/abc", "cg/cpu", "cgroup", "rw,cpu,cpuacct")], {"cg/cpu/cpu.cfs_quota_us": "50000", "cg/cpu/cpu.cfs_period_us": "100000"}, 0.5),
-        # a quota in a memory cgroup is no CPU quota; unreadable or broken files are no quota
-        (["5:memory:/"], V1, {"cg/memory/cpu.cfs_quota_us": "100000", "cg/memory/cpu.cfs_period_us": "100000"}, None),
-        (["0::/"], V2, {"cg/cpu.max": "lots\n"}, None),
-        (["0::/"], V2, {}, None),
-        (["0::/"], [], {"cg/cpu.max": "100000 100000"}, None),
-    ],
-)
-def test_the_cpu_quota_is_read_from_the_processs_cgroups(tmp_path: Path, cgroups, mounts, files, quota) -> None:
-    assert launch.cgroup_cpu_quota(fake_proc(tmp_path, cgroups, mounts, files)) == quota
-
-
-def test_no_cgroup_files_is_no_quota(tmp_path: Path) -> None:
-    assert launch.cgroup_cpu_quota(str(tmp_path / "no such process")) is None
-    assert launch.cpu_limit(str(tmp_path / "no such process")) == len(os.sched_getaffinity(0))
-
-
 @pytest.mark.parametrize(
     ("affinity", "quota", "limit", "engine", "in_process"),
     [
@@ -1461,6 +1412,10 @@ def test_torch_threads_follow_the_cores_the_process_may_use(
     assert launch.intra_op_threads(ServerConfig()) == engine
     assert launch.in_process_threads(ServerConfig(), torch_default=32) == in_process
     assert launch.intra_op_threads(ServerConfig(engine_threads=5)) == launch.in_process_threads(ServerConfig(engine_threads=5), 32) == 5
+
+
+def test_without_cgroup_files_the_cores_are_the_affinity(tmp_path: Path) -> None:
+    assert launch.cpu_limit(str(tmp_path / "no such process")) == len(os.sched_getaffinity(0))
 
 
 # `attrserve serve` on one core of this machine's: its CPU affinity set first (the engine process inherits it).
