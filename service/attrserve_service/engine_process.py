@@ -78,7 +78,7 @@ def busy_poll_seconds(config: ServerConfig) -> float:
         return 0.0
     cores = launch.cpu_limit()
     if cores < BUSY_POLL_CORES:
-        log.info("busy polling off: this process may use %.2g core(s) (its CPU affinity and quota); it needs %g", cores, BUSY_POLL_CORES)
+        log.info("busy polling off: this process may use %.3g core(s) (its CPU affinity and quota); it needs %g", cores, BUSY_POLL_CORES)
         return 0.0
     return config.busy_poll_us / 1e6
 
