@@ -57,6 +57,16 @@ class EngineLimits:
 # -- what the process's control groups allow it (a container's limits) -----------------------------------------------
 
 
+def cpu_limit(proc: str = "/proc/self") -> float:
+    """The cores this process may keep busy: its CPU affinity, capped by its control groups' CPU quota (Kubernetes'
+    limits.cpu, docker's --cpus). A container's affinity is every core of its node unless the node pins it (the
+    kubelet's static CPU manager), so counting the affinity alone gave the engine of a pod limited to 4 cores on a
+    64-core node 63 torch threads, which the quota then throttled."""
+    cores = float(len(os.sched_getaffinity(0)))
+    quota = cgroup_cpu_quota(proc)
+    return cores if quota is None else min(cores, quota)
+
+
 def cgroup_cpu_quota(proc: str = "/proc/self") -> float | None:
     """The CPU quota, in cores, of the process's control group and of those above it that its mounts show (Kubernetes'
     limits.cpu, docker's --cpus): cgroup v2's cpu.max, v1's cpu.cfs_quota_us over cpu.cfs_period_us; the lowest of

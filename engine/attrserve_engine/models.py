@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from attrserve_engine.errors import InvalidArgument, NotFound, Unavailable, shown
 from attrserve_engine.events import ModelState, version_order
 from attrserve_engine.job import InputCast
+from attrserve_engine.limits import cpu_limit
 from attrserve_engine.user_code import import_file
 
 log = logging.getLogger(__name__)
@@ -175,6 +177,14 @@ class LoadedModel:
             raise InvalidArgument(
                 f"model {spec.name!r}: intra_op_threads {spec.intra_op_threads} is more than 4 per core "
                 f"({cores} cores here); 0 takes the engine's count"
+            )
+        if spec.intra_op_threads > math.ceil(cpu_limit()):
+            log.warning(
+                "model %s: intra_op_threads %d is more than the %.3g cores this process may use (its CPU affinity and CPU "
+                "quota): its passes' threads will wait for cores, or for the quota",
+                spec.name,
+                spec.intra_op_threads,
+                cpu_limit(),
             )
         self.intra_op_threads = spec.intra_op_threads or default_threads or torch.get_num_threads()
         if self.device.type == "cuda":

@@ -22,10 +22,11 @@ import torch
 
 from attrserve_engine import AttributionJob, EngineObserver, PassStats
 from attrserve_engine.errors import AttributionError
+from attrserve_engine.limits import cpu_limit
 from attrserve_service import eventloop, logs
 from attrserve_service.core import ANSWERS, ERROR_ID, settle_heap
 from attrserve_service.frames import FrameReader, frame_of, send_parts
-from attrserve_service.launch import cpu_limit, intra_op_threads
+from attrserve_service.launch import intra_op_threads
 from attrserve_service.local_core import LocalCore, build_core
 from attrserve_service.repository import CONTROL_POLL, RepositoryError
 

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from attrserve_engine import limits
 from attrserve_engine.errors import AttributionError, Unavailable
 from attrserve_engine.events import EngineObserver, ModelState, Observers
 from attrserve_service import launch
@@ -71,12 +72,12 @@ BUSY_POLL_CORES = 2.0
 
 def busy_poll_seconds(config: ServerConfig) -> float:
     """How long the front polls for a lone request's answer: `busy_poll_us`, unless this process may use fewer than
-    BUSY_POLL_CORES cores (launch.cpu_limit: its affinity, its CPU quota). There the polling loop would take the core or
+    BUSY_POLL_CORES cores (limits.cpu_limit: its affinity, its CPU quota). There the polling loop would take the core or
     the quota the engine's pass needs: on one core it runs until the kernel preempts it, and under a quota it spends the
     pod's CPU time and gets the whole pod throttled (bench/RESULTS.md, issue 12 step 36). Then 0: off, and logged."""
     if not config.busy_poll_us:
         return 0.0
-    cores = launch.cpu_limit()
+    cores = limits.cpu_limit()
     if cores < BUSY_POLL_CORES:
         log.info("busy polling off: this process may use %.3g core(s) (its CPU affinity and quota); it needs %g", cores, BUSY_POLL_CORES)
         return 0.0

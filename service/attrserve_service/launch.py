@@ -19,7 +19,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from attrserve_engine.limits import cgroup_cpu_quota
+from attrserve_engine.limits import cpu_limit
 from attrserve_service import eventloop
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.frames import encode_parts, send_parts, socketpair
@@ -118,16 +118,6 @@ def in_process_threads(config: ServerConfig, torch_default: int) -> int:
     """Torch's intra-op threads for an engine in the front end's own process (--no-engine-process): as configured,
     else torch's default (its count of cores, which ignores a CPU quota) capped by cpu_limit, rounded up."""
     return config.engine_threads or max(1, min(torch_default, math.ceil(cpu_limit())))
-
-
-def cpu_limit(proc: str = "/proc/self") -> float:
-    """The cores this process may keep busy: its CPU affinity, capped by its control groups' CPU quota (Kubernetes'
-    limits.cpu, docker's --cpus). A container's affinity is every core of its node unless the node pins it (the
-    kubelet's static CPU manager), so counting the affinity alone gave the engine of a pod limited to 4 cores on a
-    64-core node 63 torch threads, which the quota then throttled."""
-    cores = float(len(os.sched_getaffinity(0)))
-    quota = cgroup_cpu_quota(proc)
-    return cores if quota is None else min(cores, quota)
 
 
 # glibc's malloc in the front end (the process `attrserve serve` runs in): allocations under this size come from its

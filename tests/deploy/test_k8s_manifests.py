@@ -310,7 +310,7 @@ def test_the_deployment(overlay: str) -> None:
     else:
         assert volumes[mounts["/models"]["name"]]["persistentVolumeClaim"] == {"claimName": "attrserve-models", "readOnly": True}
 
-    # Requests equal limits (Guaranteed QoS). The server reads the CPU limit from its cgroup (launch.cpu_limit); an
+    # Requests equal limits (Guaranteed QoS). The server reads the CPU limit from its cgroup (limits.cpu_limit); an
     # OMP_NUM_THREADS here would mislead, as the engine process sets its own.
     resources = container["resources"]
     assert resources["requests"] == {**resources["limits"], "ephemeral-storage": resources["requests"]["ephemeral-storage"]}

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from attrserve_engine import ModelSpec
 from attrserve_engine import engine as engine_module
+from attrserve_engine import models
 from attrserve_engine.limits import cgroup_cpu_quota, cgroup_memory_limit
 
 
@@ -88,3 +90,16 @@ def test_the_cpus_memory_is_the_machines_or_the_cgroups_limit_whichever_is_less(
         engine_module.device_memory.cache_clear()
         assert engine_module.device_memory(torch.device("cpu")) == memory
     engine_module.device_memory.cache_clear()
+
+
+@pytest.mark.parametrize(("threads", "cores", "warned"), [(3, 1.0, True), (3, 2.5, False), (2, 1.5, False), (2, 1.0, True)])
+def test_a_model_asking_for_more_threads_than_the_cores_it_may_use_loads_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, threads: int, cores: float, warned: bool
+) -> None:
+    """A config's intra_op_threads above the cores the process may use (its affinity, its CPU quota: rounded up) still
+    loads, with the count it asked for, and the log says its threads will wait for cores or for the quota."""
+    monkeypatch.setattr(models, "cpu_limit", lambda proc="/proc/self": cores)
+    with caplog.at_level("WARNING", logger="attrserve_engine.models"):
+        model = models.LoadedModel(ModelSpec(name="m", module=torch.nn.Linear(2, 2), intra_op_threads=threads, device="cpu"), 256, 500)
+    assert model.intra_op_threads == threads
+    assert (f"model m: intra_op_threads {threads} is more than the" in caplog.text) == warned

@@ -36,6 +36,7 @@ from attrserve_client import AttributionClient
 from attrserve_engine import Cancelled, EngineLimits, EngineObserver, InputSpec, InvalidArgument, user_code
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import ERROR_ID, Gauges
+from attrserve_engine import limits as limits_module  # (tests here name their EngineLimits `limits`)
 from attrserve_service import eventloop, frames, launch, metrics
 from attrserve_service.engine_main import _Out, portable
 from attrserve_service.engine_process import EngineProcess
@@ -738,12 +739,12 @@ class Polled(EngineObserver):
 
 
 def polling_front(busy_poll_us: int, cores: float = 2.0) -> EngineProcess:
-    """A front with a fake transport, built as on a machine where it may use `cores` (launch.cpu_limit)."""
-    real, launch.cpu_limit = launch.cpu_limit, lambda proc="/proc/self": cores
+    """A front with a fake transport, built as on a machine where it may use `cores` (limits.cpu_limit)."""
+    real, limits_module.cpu_limit = limits_module.cpu_limit, lambda proc="/proc/self": cores
     try:
         engine = EngineProcess(ServerConfig(port=0, busy_poll_us=busy_poll_us))
     finally:
-        launch.cpu_limit = real
+        limits_module.cpu_limit = real
     engine._loop, engine._writer, engine.up = asyncio.get_running_loop(), Transport(), True
     engine.watch(Polled())
     return engine
@@ -1045,7 +1046,7 @@ def test_the_front_polls_for_lone_answers_only_where_it_may_use_two_cores(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, cores: float, polls: bool
 ) -> None:
     """Polling keeps one core turning while the engine computes on another. With fewer cores (the CPU affinity, or a
-    CPU quota: launch.cpu_limit) it would take the core or the quota the engine's pass needs, so it is off, and the log
+    CPU quota: limits.cpu_limit) it would take the core or the quota the engine's pass needs, so it is off, and the log
     says why; a lone request is then waited for asleep and no polling is counted."""
     turns = Turns(monkeypatch)
 
@@ -1074,7 +1075,7 @@ def test_a_lone_callers_deadline_ends_the_fronts_polling_and_lone_requests_equal
     deadline (1 s) passes meanwhile gets DEADLINE_EXCEEDED at its deadline, not when the pass ends; the engine process
     drops it; then lone requests, one after another, get Captum's numbers and health says SERVING. (Its front polls
     whatever this machine's cores: the front runs in this process.)"""
-    monkeypatch.setattr(launch, "cpu_limit", lambda proc="/proc/self": 2.0)
+    monkeypatch.setattr(limits_module, "cpu_limit", lambda proc="/proc/self": 2.0)
     limits = EngineLimits(default_device="cpu", probe_batch_rows=False)
     config = ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, busy_poll_us=10_000_000)
     server = ServerThread(None, config)
@@ -1407,15 +1408,15 @@ def test_torch_threads_follow_the_cores_the_process_may_use(
     monkeypatch: pytest.MonkeyPatch, affinity: int, quota: float | None, limit: float, engine: int, in_process: int
 ) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
-    monkeypatch.setattr(launch, "cgroup_cpu_quota", lambda proc="/proc/self": quota)
-    assert launch.cpu_limit() == limit
+    monkeypatch.setattr(limits_module, "cgroup_cpu_quota", lambda proc="/proc/self": quota)
+    assert limits_module.cpu_limit() == limit
     assert launch.intra_op_threads(ServerConfig()) == engine
     assert launch.in_process_threads(ServerConfig(), torch_default=32) == in_process
     assert launch.intra_op_threads(ServerConfig(engine_threads=5)) == launch.in_process_threads(ServerConfig(engine_threads=5), 32) == 5
 
 
 def test_without_cgroup_files_the_cores_are_the_affinity(tmp_path: Path) -> None:
-    assert launch.cpu_limit(str(tmp_path / "no such process")) == len(os.sched_getaffinity(0))
+    assert limits_module.cpu_limit(str(tmp_path / "no such process")) == len(os.sched_getaffinity(0))
 
 
 # `attrserve serve` on one core of this machine's: its CPU affinity set first (the engine process inherits it).
