@@ -669,11 +669,13 @@ def memory_allocated(device: str) -> int:
 
 def queued_bytes_bound(device: torch.device) -> int:
     """Admission's default bound on a model's queued work in estimated bytes (what its requests' plans hold:
-    `Engine._check_rows`): 1 GiB on the CPU; on a GPU, whose memory holds the started plans' rows, a quarter of it
-    (at least 1 GiB), which leaves the rest to the models and a pass's activations. 64 callers' ResNet-18 IG-50
-    requests hold ~1.9 GiB (bench/RESULTS.md, step 16)."""
+    `Engine._check_rows`): 1 GiB on the CPU, or a quarter of the memory the process may use where that is less (its
+    cgroup's limit, `device_memory`: a 2 GiB pod queues at most 512 MiB a model, where 1 GiB beside the models' own
+    memory could get it killed for memory, every request in flight with it); on a GPU, whose memory holds the started
+    plans' rows, a quarter of it (at least 1 GiB), which leaves the rest to the models and a pass's activations. 64
+    callers' ResNet-18 IG-50 requests hold ~1.9 GiB (bench/RESULTS.md, step 16)."""
     if device.type == "cpu":
-        return 1 << 30
+        return min(1 << 30, device_memory(device) // 4)
     return max(1 << 30, device_memory(device) // 4)
 
 

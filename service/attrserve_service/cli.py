@@ -108,7 +108,8 @@ SETTINGS: tuple[Setting, ...] = (
         "--max-queued-bytes",
         "limits.default_max_queued_bytes",
         "estimated bytes a model's queued requests may hold (their rows' inputs and layer values) before new requests are refused "
-        "(0: 1 GiB for a model on the CPU, a quarter of the GPU's memory for a model on a GPU)",
+        "(0: 1 GiB for a model on the CPU, or a quarter of the container's memory limit where that is less; a quarter of "
+        "the GPU's memory for a model on a GPU)",
         int,
         "BYTES",
     ),

@@ -125,11 +125,15 @@ def test_queued_bytes_count_what_queued_requests_hold_not_a_passs_activations() 
 
 
 def test_the_default_bound_on_queued_bytes_is_1_gib_on_the_cpu_and_a_quarter_of_a_gpus_memory(engine, monkeypatch) -> None:
-    """Queued requests' rows live in the memory of their model's device: on a GPU the bound is a quarter of it. A
-    config's or the command line's bound still wins."""
+    """Queued requests' rows live in the memory of their model's device: on a GPU the bound is a quarter of it; on the
+    CPU 1 GiB, or a quarter of a smaller memory limit (a 2 GiB pod). A config's or the command line's bound still
+    wins."""
     import attrserve_engine.engine as engine_module
 
-    assert engine.get_model("m").max_queued_bytes == 1 << 30
+    assert engine.get_model("m").max_queued_bytes == min(1 << 30, engine_module.device_memory(torch.device("cpu")) // 4)
+    for memory, bound in ((2 << 30, 512 << 20), (64 << 30, 1 << 30)):
+        monkeypatch.setattr(engine_module, "device_memory", lambda device, memory=memory: memory)
+        assert engine_module.queued_bytes_bound(torch.device("cpu")) == bound
     monkeypatch.setattr(engine_module, "device_memory", lambda device: 140 << 30)
     assert engine_module.queued_bytes_bound(torch.device("cuda", 0)) == 35 << 30
     monkeypatch.setattr(engine_module, "device_memory", lambda device: 2 << 30)
