@@ -38,7 +38,7 @@ from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluat
 from attrserve_engine.events import REFUSED_DEADLINE, EngineObserver, ModelState, Observers, PassStats
 from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks
 from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult, InputCast, JobTiming
-from attrserve_engine.limits import EngineLimits, cgroup_memory_limit
+from attrserve_engine.limits import EngineLimits, cgroup_memory_limit, cpu_limit
 from attrserve_engine.models import (
     LoadedModel,
     ModelRecord,
@@ -92,9 +92,10 @@ class Engine:
         self._closed = False
         # Built-ins plus plugins loaded into this engine.
         self.algorithms: dict[str, Algorithm] = dict(ALGORITHMS)
-        # The process's torch intra-op threads when the engine was made: what a model's passes run with unless its
+        # The process's torch intra-op threads when the engine was made, at most the cores the process may use (torch's
+        # own default counts the node's cores, not a container's CPU quota): what a model's passes run with unless its
         # config sets intra_op_threads (passes set the count per model, so it is read once, here).
-        self.default_threads = torch.get_num_threads()
+        self.default_threads = min(torch.get_num_threads(), max(1, math.ceil(cpu_limit())))
         # Load-time probes by tuning.probe_key, the newest MAX_KEPT_PROBES: rows/s by pass size as a
         # load of this engine measured them, or the engine process before it (keep_probes). A load of the same key
         # takes them instead of timing passes again.

@@ -103,3 +103,24 @@ def test_a_model_asking_for_more_threads_than_the_cores_it_may_use_loads_with_a_
         model = models.LoadedModel(ModelSpec(name="m", module=torch.nn.Linear(2, 2), intra_op_threads=threads, device="cpu"), 256, 500)
     assert model.intra_op_threads == threads
     assert (f"model m: intra_op_threads {threads} is more than the" in caplog.text) == warned
+
+
+def test_an_engine_made_in_a_container_caps_its_models_default_threads_at_the_cores_it_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torch's own default counts the node's cores. An Engine made in the caller's process (embedding, tests,
+    --no-engine-process) gives its models at most the cores the process may use, its CPU quota rounded up; a model's
+    config still sets its own."""
+    monkeypatch.setattr(engine_module, "cpu_limit", lambda proc="/proc/self": 0.5)
+    engine = engine_module.Engine(engine_module.EngineLimits(probe_batch_rows=False, default_device="cpu"))
+    try:
+        assert engine.default_threads == 1
+        engine.load(ModelSpec(name="m", module=torch.nn.Linear(2, 2)))
+        engine.load(ModelSpec(name="own", module=torch.nn.Linear(2, 2), intra_op_threads=2))
+        assert (engine.get_model("m").intra_op_threads, engine.get_model("own").intra_op_threads) == (1, 2)
+    finally:
+        engine.shutdown(drain=False, timeout=5)
+    monkeypatch.setattr(engine_module, "cpu_limit", lambda proc="/proc/self": 64.0)
+    engine = engine_module.Engine(engine_module.EngineLimits(probe_batch_rows=False, default_device="cpu"))
+    try:
+        assert engine.default_threads == torch.get_num_threads()  # no quota below torch's count: torch's count
+    finally:
+        engine.shutdown(drain=False, timeout=5)
