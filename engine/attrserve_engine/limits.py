@@ -1,4 +1,5 @@
-"""The engine's server-wide caps and defaults (EngineLimits). Imports nothing heavy: `attrserve serve` reads its
+"""The engine's server-wide caps and defaults (EngineLimits), and what the machine lets the process use: the cores
+(cpu_limit) and the memory its container's control groups allow. Imports nothing heavy: `attrserve serve` reads its
 settings from here and starts the engine process before the front end imports torch (docs/ARCHITECTURE.md, "Start-up")."""
 
 from __future__ import annotations
