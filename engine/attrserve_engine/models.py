@@ -173,6 +173,10 @@ class LoadedModel:
         # Torch intra-op threads of this model's passes (executor._fused_pass sets them on CPU), fixed for the model:
         # a convolution's numbers depend on the count, and a request's must not depend on its pass's company.
         cores = len(os.sched_getaffinity(0))
+        if spec.intra_op_threads < 0:
+            raise InvalidArgument(
+                f"model {spec.name!r}: intra_op_threads {spec.intra_op_threads}: use 0 (the engine's count) or a number of threads"
+            )
         if spec.intra_op_threads > 4 * cores:
             raise InvalidArgument(
                 f"model {spec.name!r}: intra_op_threads {spec.intra_op_threads} is more than 4 per core "

@@ -337,6 +337,10 @@ def server_config(argv: Sequence[str], environ: dict[str, str] | None = None) ->
         server["metrics_port"] = None
     if server.get("busy_poll_us", 0) < 0:
         parser.error(f"--busy-poll-us {server['busy_poll_us']}: use 0 (off) or a number of microseconds")
+    if server.get("engine_threads", 0) < 0:
+        parser.error(
+            f"--engine-threads {server['engine_threads']}: use 0 (one per core the server may use, less one) or a number of threads"
+        )
     log_level: str = args["log_level"] or environ.get("ATTRSERVE_LOG_LEVEL", "INFO")
     log_format: str = args["log_format"] or environ.get("ATTRSERVE_LOG_FORMAT", "text")
     if log_format not in FORMATS:

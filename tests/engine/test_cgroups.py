@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attrserve_engine import ModelSpec
+from attrserve_engine import InvalidArgument, ModelSpec
 from attrserve_engine import engine as engine_module
 from attrserve_engine import models
 from attrserve_engine.limits import cgroup_cpu_quota, cgroup_memory_limit
@@ -90,6 +90,12 @@ def test_the_cpus_memory_is_the_machines_or_the_cgroups_limit_whichever_is_less(
         engine_module.device_memory.cache_clear()
         assert engine_module.device_memory(torch.device("cpu")) == memory
     engine_module.device_memory.cache_clear()
+
+
+def test_a_negative_thread_count_is_refused_at_load() -> None:
+    """A ModelSpec built in code (embedding) can carry one; torch.set_num_threads would fail on every pass."""
+    with pytest.raises(InvalidArgument, match=r"model 'm': intra_op_threads -1: use 0"):
+        models.LoadedModel(ModelSpec(name="m", module=torch.nn.Linear(2, 2), intra_op_threads=-1, device="cpu"), 256, 500)
 
 
 @pytest.mark.parametrize(("threads", "cores", "warned"), [(3, 1.0, True), (3, 2.5, False), (2, 1.5, False), (2, 1.0, True)])

@@ -50,6 +50,15 @@ def test_busy_polling_is_set_in_microseconds_and_a_negative_time_is_refused(caps
     assert "--busy-poll-us -1: use 0 (off)" in capsys.readouterr().err
 
 
+def test_a_negative_engine_thread_count_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    """It reached torch.set_num_threads in the engine process, which failed with a traceback before any model loaded."""
+    assert server_config([], environ={"ATTRSERVE_ENGINE_THREADS": "3"})[0].engine_threads == 3
+    for argv, environ in ((["--engine-threads", "-1"], {}), ([], {"ATTRSERVE_ENGINE_THREADS": "-2"})):
+        with pytest.raises(SystemExit):
+            server_config(argv, environ=environ)
+        assert "--engine-threads -" in capsys.readouterr().err
+
+
 def test_a_bad_variable_names_itself() -> None:
     with pytest.raises(SystemExit):
         server_config([], environ={"ATTRSERVE_PORT": "eighty"})
