@@ -45,6 +45,35 @@ class Setting:
         return "ATTRSERVE_" + self.flag.removeprefix("--").removeprefix("no-").replace("-", "_").upper()
 
 
+# The least value each numeric setting takes. Below it a server started and said SERVING, then refused every request
+# ("this server holds 0 requests for cpu, its limit"; "n_steps is 50, over this server's limit of -1") or failed in
+# the engine process (torch.set_num_threads(-1)). --metrics-port takes any negative number as "off".
+MINIMUMS: dict[str, float] = {
+    "--port": 0,
+    "--max-batch-rows": 1,
+    "--probe-seconds": 0,
+    "--max-queue-delay-us": 0,
+    "--max-rows-per-request": 1,
+    "--max-request-work-bytes": 0,
+    "--max-queued-requests": 1,
+    "--max-queued-rows": 0,
+    "--max-queue-seconds": 0,
+    "--max-queued-bytes": 0,
+    "--max-pass-seconds": 0,
+    "--max-n-steps": 1,
+    "--max-nt-samples": 1,
+    "--max-request-bytes": 1,
+    "--max-requests-per-stream": 1,
+    "--prestop-seconds": 0,
+    "--grace-seconds": 0,
+    "--repository-poll-seconds": 0,
+    "--drain-seconds": 0,
+    "--worker-restart-delay": 0,
+    "--engine-threads": 0,
+    "--busy-poll-us": 0,
+}
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -329,18 +358,15 @@ def server_config(argv: Sequence[str], environ: dict[str, str] | None = None) ->
                 parser.error(f"{s.env}={raw!r}: {e}")
         if value is None:
             continue
+        if s.flag in MINIMUMS and value < MINIMUMS[s.flag]:
+            given = f"{s.flag} {value}" if args[s.field] is not None else f"{s.env}={environ[s.env]!r}"
+            parser.error(f"{given}: must be {MINIMUMS[s.flag]:g} or more")
         if s.field.startswith("limits."):
             limits[s.field.removeprefix("limits.")] = value
         else:
             server[s.field] = value
     if server.get("metrics_port") is not None and server["metrics_port"] < 0:
         server["metrics_port"] = None
-    if server.get("busy_poll_us", 0) < 0:
-        parser.error(f"--busy-poll-us {server['busy_poll_us']}: use 0 (off) or a number of microseconds")
-    if server.get("engine_threads", 0) < 0:
-        parser.error(
-            f"--engine-threads {server['engine_threads']}: use 0 (one per core the server may use, less one) or a number of threads"
-        )
     log_level: str = args["log_level"] or environ.get("ATTRSERVE_LOG_LEVEL", "INFO")
     log_format: str = args["log_format"] or environ.get("ATTRSERVE_LOG_FORMAT", "text")
     if log_format not in FORMATS:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from attrserve_engine import EngineLimits
-from attrserve_service.cli import SETTINGS, server_config
+from attrserve_service.cli import MINIMUMS, SETTINGS, server_config
 from attrserve_service.config import ServerConfig
 
 
@@ -47,16 +47,27 @@ def test_busy_polling_is_set_in_microseconds_and_a_negative_time_is_refused(caps
     assert server_config([], environ={"ATTRSERVE_BUSY_POLL_US": "500"})[0].busy_poll_us == 500
     with pytest.raises(SystemExit):
         server_config(["--busy-poll-us", "-1"], environ={})
-    assert "--busy-poll-us -1: use 0 (off)" in capsys.readouterr().err
+    assert "--busy-poll-us -1: must be 0 or more" in capsys.readouterr().err
 
 
-def test_a_negative_engine_thread_count_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
-    """It reached torch.set_num_threads in the engine process, which failed with a traceback before any model loaded."""
-    assert server_config([], environ={"ATTRSERVE_ENGINE_THREADS": "3"})[0].engine_threads == 3
-    for argv, environ in ((["--engine-threads", "-1"], {}), ([], {"ATTRSERVE_ENGINE_THREADS": "-2"})):
-        with pytest.raises(SystemExit):
-            server_config(argv, environ=environ)
-        assert "--engine-threads -" in capsys.readouterr().err
+def test_every_numeric_setting_below_its_least_value_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    """A negative limit made a server that said SERVING and refused every request (--max-queued-requests -1: "this
+    server holds 0 requests", --max-n-steps -1: "over this server's limit of -1"); --engine-threads -1 failed in the
+    engine process with a traceback. Each numeric setting has its least value (MINIMUMS), given as a flag or as its
+    variable: refused at start, naming it. The least value itself is taken."""
+    numeric = {s.flag: s for s in SETTINGS if s.parse in (int, float)}
+    assert set(numeric) - set(MINIMUMS) == {"--metrics-port"}  # a new numeric setting must say its least value
+    for flag, least in MINIMUMS.items():
+        s = numeric[flag]
+        below = s.parse("-1") if least == 0 else s.parse("0")
+        for argv, environ in (([flag, str(below)], {}), ([], {s.env: str(below)})):
+            with pytest.raises(SystemExit):
+                server_config(argv, environ=environ)
+            err = capsys.readouterr().err
+            assert f"must be {least:g} or more" in err and (flag in err if argv else s.env in err), err
+        config, _ = server_config([flag, str(s.parse(str(least)))], environ={})
+        field = s.field.removeprefix("limits.")
+        assert getattr(config.limits if s.field.startswith("limits.") else config, field) == least
 
 
 def test_a_bad_variable_names_itself() -> None:
