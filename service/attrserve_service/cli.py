@@ -74,6 +74,10 @@ MINIMUMS: dict[str, float] = {
 }
 
 
+# And the most: gRPC took --port 70000 as port 4464 (70000 - 65536), and served there.
+MAXIMUMS: dict[str, float] = {"--port": 65535, "--metrics-port": 65535}
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -358,9 +362,11 @@ def server_config(argv: Sequence[str], environ: dict[str, str] | None = None) ->
                 parser.error(f"{s.env}={raw!r}: {e}")
         if value is None:
             continue
+        given = f"{s.flag} {value}" if args[s.field] is not None else f"{s.env}={environ.get(s.env)!r}"
         if s.flag in MINIMUMS and value < MINIMUMS[s.flag]:
-            given = f"{s.flag} {value}" if args[s.field] is not None else f"{s.env}={environ[s.env]!r}"
             parser.error(f"{given}: must be {MINIMUMS[s.flag]:g} or more")
+        if s.flag in MAXIMUMS and value > MAXIMUMS[s.flag]:
+            parser.error(f"{given}: must be {MAXIMUMS[s.flag]:g} or less")
         if s.field.startswith("limits."):
             limits[s.field.removeprefix("limits.")] = value
         else:

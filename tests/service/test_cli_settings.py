@@ -70,6 +70,19 @@ def test_every_numeric_setting_below_its_least_value_is_refused_by_name(capsys: 
         assert getattr(config.limits if s.field.startswith("limits.") else config, field) == least
 
 
+def test_a_port_above_65535_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    """gRPC bound --port 70000 as port 4464 (70000 - 65536) and served there."""
+    for argv, environ, named in (
+        (["--port", "70000"], {}, "--port 70000"),
+        ([], {"ATTRSERVE_METRICS_PORT": "65536"}, "ATTRSERVE_METRICS_PORT='65536'"),
+    ):
+        with pytest.raises(SystemExit):
+            server_config(argv, environ=environ)
+        assert f"{named}: must be 65535 or less" in capsys.readouterr().err
+    config, _ = server_config(["--port", "65535", "--metrics-port", "65535"], environ={})
+    assert (config.port, config.metrics_port) == (65535, 65535)
+
+
 def test_a_bad_variable_names_itself() -> None:
     with pytest.raises(SystemExit):
         server_config([], environ={"ATTRSERVE_PORT": "eighty"})
