@@ -182,13 +182,14 @@ class LoadedModel:
                 f"model {spec.name!r}: intra_op_threads {spec.intra_op_threads} is more than 4 per core "
                 f"({cores} cores here); 0 takes the engine's count"
             )
-        if spec.intra_op_threads > math.ceil(cpu_limit()):
+        usable = cpu_limit()
+        if spec.intra_op_threads > math.ceil(usable):
             log.warning(
                 "model %s: intra_op_threads %d is more than the %.3g cores this process may use (its CPU affinity and CPU "
                 "quota): its passes' threads will wait for cores, or for the quota",
                 spec.name,
                 spec.intra_op_threads,
-                cpu_limit(),
+                usable,
             )
         self.intra_op_threads = spec.intra_op_threads or default_threads or torch.get_num_threads()
         if self.device.type == "cuda":
