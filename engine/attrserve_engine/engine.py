@@ -80,7 +80,7 @@ class Engine:
     request (validation only, no model code); `shutdown` on SIGTERM.
     """
 
-    def __init__(self, limits: EngineLimits | None = None) -> None:
+    def __init__(self, limits: EngineLimits | None = None, threads: int = 0) -> None:
         self.limits = limits if limits is not None else EngineLimits()
         self.served = ServedModels()
         # Told about every pass, dropped request and worker failure/restart (metrics, health). Append to add one.
@@ -92,10 +92,11 @@ class Engine:
         self._closed = False
         # Built-ins plus plugins loaded into this engine.
         self.algorithms: dict[str, Algorithm] = dict(ALGORITHMS)
-        # The process's torch intra-op threads when the engine was made, at most the cores the process may use (torch's
-        # own default counts the node's cores, not a container's CPU quota): what a model's passes run with unless its
-        # config sets intra_op_threads (passes set the count per model, so it is read once, here).
-        self.default_threads = min(torch.get_num_threads(), max(1, math.ceil(cpu_limit())))
+        # What a model's passes run with unless its config sets intra_op_threads (passes set the count per model, so it
+        # is read once, here): `threads` as given (the server's count, which --engine-threads sets), else the process's
+        # torch intra-op threads when the engine was made, at most the cores the process may use (torch's own default
+        # counts the node's cores, not a container's CPU quota).
+        self.default_threads = threads or min(torch.get_num_threads(), max(1, math.ceil(cpu_limit())))
         # Load-time probes by tuning.probe_key, the newest MAX_KEPT_PROBES: rows/s by pass size as a
         # load of this engine measured them, or the engine process before it (keep_probes). A load of the same key
         # takes them instead of timing passes again.

@@ -221,7 +221,9 @@ async def build_core(
     `only`: just these versions; `probes`: the load-time probes (pass-size rates) the engine process before
     this one kept, which its loads of the same files take instead of timing passes again); `observers(core)` hear
     the loads too. RepositoryError when nothing can serve (a model that fails is reported, not fatal)."""
-    engine = Engine(config.limits)
+    # The count this process's torch was given (launch.intra_op_threads or in_process_threads: an explicit
+    # --engine-threads as it is, else capped at the cores the process may use), not capped again by the Engine.
+    engine = Engine(config.limits, threads=torch.get_num_threads())
     engine.keep_probes(probes or {})
     for plugin in config.plugins:
         try:

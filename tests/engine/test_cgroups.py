@@ -124,6 +124,11 @@ def test_an_engine_made_in_a_container_caps_its_models_default_threads_at_the_co
         assert (engine.get_model("m").intra_op_threads, engine.get_model("own").intra_op_threads) == (1, 2)
     finally:
         engine.shutdown(drain=False, timeout=5)
+    given = engine_module.Engine(engine_module.EngineLimits(probe_batch_rows=False, default_device="cpu"), threads=8)
+    try:
+        assert given.default_threads == 8  # a count given (the server's --engine-threads) is not capped again
+    finally:
+        given.shutdown(drain=False, timeout=5)
     monkeypatch.setattr(engine_module, "cpu_limit", lambda proc="/proc/self": 64.0)
     engine = engine_module.Engine(engine_module.EngineLimits(probe_batch_rows=False, default_device="cpu"))
     try:
