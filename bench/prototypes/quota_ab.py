@@ -63,24 +63,14 @@ def run(name: str, tokens: list[str], workload: str, seconds: float, cgroup: str
     server = common.start(f"quota-{name}", argv, port, env=env)
     try:
         w = W[workload]
-        requests = w.requests()
-        harness.drive(server.target, requests, w.concurrency, 3.0, record=False)
-        pids = common.tree(server.pid)
-        ticks, before = common.tree_ticks(pids), throttling(cgroup)
-        load = harness.drive(server.target, requests, w.concurrency, seconds, record=True)
-        ticks, after = common.tree_ticks(pids) - ticks, throttling(cgroup)
-        n = len(load.latencies_ms)
-        stats = harness.latency_stats(load.latencies_ms)
-        periods = after[0] - before[0]
-        return {
-            "req_s": n / load.wall_s,
-            "p50": stats["p50_ms"],
-            "p99": stats["p99_ms"],
-            "errors": load.errors,
-            "cpu_ms_req": 1e3 * ticks / os.sysconf("SC_CLK_TCK") / max(n, 1),
-            "throttled": (after[1] - before[1]) / periods if periods else 0.0,
-            "throttled_ms_s": 1e3 * (after[2] - before[2]) / load.wall_s,
-        }
+        harness.drive(server.target, w.requests(), w.concurrency, 3.0, record=False)
+        before = throttling(cgroup)
+        out = common.measure(server, workload, seconds, warmup=0.0)
+        after = throttling(cgroup)
+        periods, wall = after[0] - before[0], out["n"] / out["req_s"] if out["n"] else seconds
+        out["throttled"] = (after[1] - before[1]) / periods if periods else 0.0
+        out["throttled_ms_s"] = 1e3 * (after[2] - before[2]) / wall
+        return out
     finally:
         server.stop()
 
