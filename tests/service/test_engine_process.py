@@ -1422,11 +1422,12 @@ def test_without_cgroup_files_the_cores_are_the_affinity(tmp_path: Path) -> None
 def test_engine_threads_reach_the_models_even_above_the_cores(repo: Path) -> None:
     """An explicit --engine-threads is what the engine's models run with (GetModel), as the log says, even above the
     cores the process may use: 3a8ad3c's cap of an Engine's default at the cores capped it again, to 2 here."""
-    args = ["--model-repository", str(repo), "--no-batch-probe", "--engine-threads", str(len(os.sched_getaffinity(0)) + 1)]
+    threads = len(os.sched_getaffinity(0)) + 1
+    args = ["--model-repository", str(repo), "--no-batch-probe", "--engine-threads", str(threads)]
     with ServeProcess(args) as server, AttributionClient(server.address) as client:
-        assert client.get_model("good").config.intra_op_threads == len(os.sched_getaffinity(0)) + 1
+        assert client.get_model("good").config.intra_op_threads == threads
         np.testing.assert_allclose(client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5)
-    assert f"torch intra-op threads: {len(os.sched_getaffinity(0)) + 1} (" in server.output()
+    assert f"torch intra-op threads: {threads} (" in server.output()
 
 
 # `attrserve serve` on one core of this machine's: its CPU affinity set first (the engine process inherits it).
