@@ -401,6 +401,7 @@ class Engine:
                     restart_delay_s=self.limits.worker_restart_delay_s,
                     max_queue_seconds=self.limits.max_queue_seconds,
                     max_pass_seconds=self.limits.max_pass_seconds,
+                    stuck_pass_seconds=self.limits.stuck_pass_seconds,
                 )
             return self._schedulers[key]
 

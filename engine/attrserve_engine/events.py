@@ -91,6 +91,10 @@ class EngineObserver:
     def worker_state(self, device: str, serving: bool, reason: str) -> None:
         """A device's worker went down (serving=False, with why) or is serving again after a restart."""
 
+    def worker_stuck(self, device: str, reason: str) -> None:
+        """A pass on `device` ran so long that it was given up as stuck (Scheduler.give_up_stuck_pass); worker_state
+        has said the device is down, and its jobs have failed."""
+
     def pass_split(self, model: str, reason: str) -> None:
         """A fused pass was re-run in two halves, after a failure (SPLIT_FAILURE) or a device out-of-memory (SPLIT_OOM)."""
 

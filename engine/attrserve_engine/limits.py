@@ -42,6 +42,10 @@ class EngineLimits:
     default_max_queued_bytes: int = 0
     # A fused pass is cut to at most this long at the model's measured rate (never below one block's rows).
     max_pass_seconds: float = 0.25
+    # A pass still running after this long (and after STUCK_PASS_FACTOR times what its rows take at the model's
+    # measured rate) is given up as stuck in the model's code: its device's requests fail and health says NOT_SERVING
+    # (the engine process exits and is started again). 0: never.
+    stuck_pass_seconds: float = 60.0
     # Most plans build a request's rows of model work at once (IntegratedGradients' n_steps copies of each example), so
     # a request whose rows would hold more input bytes than this at once is refused before it can exhaust memory
     # (perturbation methods build theirs a pass at a time and hold only their examples); 0: a quarter of the memory of

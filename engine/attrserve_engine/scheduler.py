@@ -68,6 +68,9 @@ BatchKey = tuple
 INTERACTIVE, BATCH = "interactive", "batch"
 # Admission's rows bound of a model whose rate is not measured yet (and whose config sets none).
 AUTO_ROWS_WITHOUT_RATE = 100_000
+# A pass is given up as stuck after stuck_pass_seconds, or after this many times as long as the model's measured rate
+# says its rows take, whichever is longer: a slow model's long passes are not taken for stuck ones.
+STUCK_PASS_FACTOR = 20.0
 # While interactive rows wait, ripe batch rows still get at least one pass in this many (starvation bound).
 BATCH_EVERY = 4
 # Batch requests are admitted only while their model's queue is under this share of its bounds: back-fills
@@ -182,6 +185,7 @@ class Scheduler:
         run_pass: Callable[[LoadedModel, list[Block], Callable[[str], None], int], list] = run_pass,
         max_queue_seconds: float = 2.0,
         max_pass_seconds: float = 0.25,
+        stuck_pass_seconds: float = 0.0,
     ) -> None:
         self.name = name
         self._run_pass = run_pass  # the executor; tests give a fake
@@ -231,12 +235,21 @@ class Scheduler:
         self._serving = True
         self._down_reason = ""
         self.restarts = 0
+        # A pass that runs longer than stuck_pass_seconds (0: never) is given up (_watch): (generation, worker index) ->
+        # (start, model, rows) of each pass running now, and the (generation, index) of a pass given up, until it returns.
+        self.stuck_pass_seconds = stuck_pass_seconds
+        self._running: dict[tuple[int, int], tuple[float, LoadedModel, int]] = {}
+        self._stalled: tuple[int, int] | None = None
+        self._stopped = threading.Event()  # the watchdog's: set at stop
         self._failures_in_a_row = 0
         self._started = time.monotonic()
         # Smoothed time between arrivals: waiting for company only pays when company comes sooner than the delay.
         self._last_arrival = time.monotonic()
         self._arrival_gap = 0.0
         self._start_workers(None)
+        if stuck_pass_seconds > 0:
+            watchdog = threading.Thread(target=self._watch, name=f"attrserve-watchdog-{name}", daemon=True)
+            watchdog.start()
 
     # -- any thread --------------------------------------------------------
     def submit(self, job: LiveJob, admit: bool = True) -> concurrent.futures.Future:
@@ -287,6 +300,8 @@ class Scheduler:
         if self._stopping:
             raise Unavailable("the engine is shutting down")
         if not self._serving:
+            if self._stalled is not None:
+                raise Unavailable(f"the engine worker for {self.name} is down until a stuck pass returns ({self._down_reason})")
             raise Unavailable(f"the engine worker for {self.name} is restarting after a failure ({self._down_reason}); retry shortly")
 
     def _admit(self, model: LoadedModel, rows: int, nbytes: int, priority: str) -> None:
@@ -388,6 +403,7 @@ class Scheduler:
 
         Jobs still unfinished after that fail with UNAVAILABLE. Returns how many jobs were lost that way.
         """
+        self._stopped.set()
         with self._cv:
             self._stopping = True
             if not drain:
@@ -450,11 +466,23 @@ class Scheduler:
         its results are dropped), and a new generation starts after a back-off."""
         reason = f"{type(error).__name__}: {error}"[:500]
         log.error("engine worker for %s died: %s", self.name, reason, exc_info=error)
+        lost = Unavailable(f"the engine worker for {self.name} failed ({reason}) before this request finished; it is restarting, retry")
+        delay = self._give_up(generation, reason, lost)
+        if delay is not None:
+            with self._cv:
+                self._start_workers(delay)
+
+    def _give_up(self, generation: int, reason: str, lost: Unavailable, stalled: int | None = None) -> float | None:
+        """End `generation`: the device is down for `reason`, and every job on it fails with `lost`; its workers leave
+        at their next boundary (the results of their passes are dropped). Returns the back-off before a new generation
+        starts (None when the workers are exiting, or `generation` is over already: a sibling's crash ended it)."""
         with self._state, self._cv:
-            if generation != self._generation:  # a sibling's crash already failed everything
-                return
+            if generation != self._generation:
+                return None
             self._generation += 1
             self._serving, self._down_reason = False, reason
+            if stalled is not None:
+                self._stalled = (generation, stalled)
             held, self._jobs = list(self._jobs), set()
             self._inbox, self._cancelled, self._deadlines = [], [], []
             self._queues, self._queue_rows, self._evicted_keys = {}, {}, set()
@@ -467,14 +495,54 @@ class Scheduler:
             delay = min(self._restart_delay_s * 2 ** (self._failures_in_a_row - 1), 30.0)
             self._wake(everyone=True)
         self._observers.worker_state(self.name, False, reason)  # health first, then the callers hear why
-        lost = Unavailable(f"the engine worker for {self.name} failed ({reason}) before this request finished; it is restarting, retry")
         for job in held:
             job.done = True
             self._close_plan(job)
             _resolve(job.future, error=lost)
-        if not exiting:
-            with self._cv:
-                self._start_workers(delay)
+        return None if exiting else delay
+
+    def _watch(self) -> None:
+        """The watchdog's thread: every second (or a quarter of stuck_pass_seconds) it looks for a stuck pass."""
+        period = min(1.0, self.stuck_pass_seconds / 4)
+        while not self._stopped.wait(period):
+            self.give_up_stuck_pass()
+
+    def give_up_stuck_pass(self) -> str:
+        """Give up a pass that has run longer than it may (stuck_pass_seconds, or STUCK_PASS_FACTOR times what its rows
+        take at the model's measured rate): a model's code that never returns (a deadlock, a wait on something that
+        never comes) held the device, and health said SERVING while every request on it waited for its deadline. Its
+        jobs and every other on the device fail with UNAVAILABLE saying why, health says NOT_SERVING, new requests are
+        refused, and observers hear `worker_stuck` (the engine process then exits, and the front starts another).
+        The device serves again once the pass returns: a thread cannot be stopped, and until then the model may still
+        hold the pass's hooks. Returns why, or "" when no pass is stuck."""
+        now = time.monotonic()
+        for (generation, index), (start, model, rows) in list(self._running.items()):
+            rate = model.rows_per_second
+            limit = max(self.stuck_pass_seconds, STUCK_PASS_FACTOR * rows / rate if rate else 0.0)
+            if now - start <= limit:
+                continue
+            reason = (
+                f"a pass of model {model.name!r} ({rows} rows) has run for {now - start:.1f} s, over the {limit:.1f} s "
+                "a pass may take (stuck_pass_seconds): the model's code is stuck"
+            )
+            lost = Unavailable(f"the engine worker for {self.name} gave up: {reason}; retry")
+            if self._give_up(generation, reason, lost, stalled=index) is None:
+                continue
+            log.error("engine worker for %s: %s; NOT_SERVING until that pass returns", self.name, reason)
+            self._observers.worker_stuck(self.name, reason)
+            return reason
+        return ""
+
+    def _returned(self, generation: int, index: int) -> None:
+        """A worker's pass returned: if it was given up as stuck, the device serves again (a new generation, at once:
+        the pass's hooks are off the model now)."""
+        with self._cv:
+            if self._stalled != (generation, index):
+                return
+            self._stalled = None
+            if not self._exit:
+                log.warning("engine worker for %s: the pass given up as stuck returned; restarting the worker", self.name)
+                self._start_workers(0.0)
 
     def _loop(self, generation: int, index: int) -> None:
         while True:
@@ -528,7 +596,14 @@ class Scheduler:
             # 4) execute it on the replica, then route the results back to their plans
             model, segments, replica = cut.model, cut.segments, cut.replica
             start = time.monotonic()
-            outcomes = self._run_pass(model, [part for _, part, _ in segments], partial(self._observers.pass_split, model.name), replica)
+            parts = [part for _, part, _ in segments]
+            self._running[generation, index] = (start, model, sum(part.rows for part in parts))
+            try:
+                outcomes = self._run_pass(model, parts, partial(self._observers.pass_split, model.name), replica)
+            finally:
+                del self._running[generation, index]
+                if self._stalled is not None:
+                    self._returned(generation, index)
             seconds = time.monotonic() - start
             with self._observers.worker_step(), self._state:
                 if generation != self._generation:

@@ -60,6 +60,7 @@ MINIMUMS: dict[str, float] = {
     "--max-queue-seconds": 0,
     "--max-queued-bytes": 0,
     "--max-pass-seconds": 0,
+    "--stuck-pass-seconds": 0,
     "--max-n-steps": 1,
     "--max-nt-samples": 1,
     "--max-request-bytes": 1,
@@ -150,6 +151,15 @@ SETTINGS: tuple[Setting, ...] = (
         "--max-pass-seconds",
         "limits.max_pass_seconds",
         "a fused pass is cut to at most this long at the model's measured rate, so models on a device take turns quickly",
+        float,
+        "SECONDS",
+    ),
+    Setting(
+        "--stuck-pass-seconds",
+        "limits.stuck_pass_seconds",
+        "a pass still running after this long (and after 20 times what its rows take at the model's measured rate) is "
+        "given up as stuck in the model's code: the device's requests fail with UNAVAILABLE, health says NOT_SERVING, "
+        "and the engine process is started again (0: never)",
         float,
         "SECONDS",
     ),

@@ -26,7 +26,7 @@ from attrserve_engine.limits import cpu_limit
 from attrserve_service import eventloop, logs
 from attrserve_service.core import ANSWERS, ERROR_ID, settle_heap
 from attrserve_service.frames import FrameReader, frame_of, send_parts
-from attrserve_service.launch import intra_op_threads
+from attrserve_service.launch import EXIT_STUCK, intra_op_threads
 from attrserve_service.local_core import LocalCore, build_core
 from attrserve_service.repository import CONTROL_POLL, RepositoryError
 
@@ -132,6 +132,15 @@ class _Forward(EngineObserver):
     def worker_state(self, device: str, serving: bool, reason: str) -> None:
         self._changed()
         self._event("worker_state", device, serving, reason)
+
+    def worker_stuck(self, device: str, reason: str) -> None:
+        """The pass cannot be stopped, and until it returns the model may hold its hooks: this process ends and the
+        front starts another. The device's requests have had their answers (the scheduler failed them first); the
+        front fails what else this process held with UNAVAILABLE, naming the exit code."""
+        self._event("worker_stuck", device, reason)
+        log.error("the engine process exits (code %d), and the front starts another: %s", EXIT_STUCK, reason)
+        sys.stderr.flush()
+        os._exit(EXIT_STUCK)
 
     def model_loaded(self, model: str, seconds: float) -> None:
         self._changed()

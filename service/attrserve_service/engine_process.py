@@ -63,6 +63,8 @@ def describe_exit(code: int | None) -> str:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-code).name}"
         return f"killed by signal {-code}"
+    if code == launch.EXIT_STUCK:
+        return f"exit code {code}: it gave up a pass stuck in a model's code"
     return f"exit code {code}"
 
 

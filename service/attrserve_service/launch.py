@@ -26,6 +26,9 @@ from attrserve_service.frames import encode_parts, send_parts, socketpair
 
 # The malloc libraries known by name in a memory map (local_core.heap_allocator) or an LD_PRELOAD (allocator_preload).
 MALLOCS = ("tcmalloc", "jemalloc")
+# The engine process's exit code when it gave up a pass stuck in a model's code (Scheduler.give_up_stuck_pass): its
+# worker thread cannot be stopped, so the process ends and the front starts another.
+EXIT_STUCK = 75  # EX_TEMPFAIL
 
 
 def _preloaded(environ: Mapping[str, str]) -> list[str]:

@@ -103,6 +103,12 @@ ATTRSERVE_WORKER_UP = Gauge(
 ATTRSERVE_WORKER_RESTARTS_TOTAL = Counter(
     "attrserve_worker_restarts_total", "Engine workers restarted after they died (each failure is logged with its traceback).", ["device"]
 )
+ATTRSERVE_PASSES_STUCK_TOTAL = Counter(
+    "attrserve_passes_stuck_total",
+    "Passes given up as stuck in a model's code (--stuck-pass-seconds): the device's requests failed with UNAVAILABLE, "
+    "and the engine process was started again.",
+    ["device"],
+)
 ATTRSERVE_ENGINE_PROCESS_UP = Gauge(
     "attrserve_engine_process_up",
     "1 while the engine core serves (its own process, or the front end's with --no-engine-process); 0 from its death to its restart.",
@@ -205,6 +211,7 @@ def watch_device(core: Core, device: str) -> None:
         _DEVICES.add(device)
         ATTRSERVE_WORKER_UP.labels(device).set(1.0 if core.snapshot().workers[0] else 0.0)
     ATTRSERVE_WORKER_RESTARTS_TOTAL.labels(device)
+    ATTRSERVE_PASSES_STUCK_TOTAL.labels(device)
     if device.startswith("cuda"):
         ATTRSERVE_DEVICE_MEMORY_BYTES.labels(device).set_function(partial(_device_memory, core, device))
 
@@ -295,3 +302,6 @@ class EngineMetrics(EngineObserver):
         ATTRSERVE_WORKER_UP.labels(device).set(1.0 if serving else 0.0)
         if serving:
             ATTRSERVE_WORKER_RESTARTS_TOTAL.labels(device).inc()
+
+    def worker_stuck(self, device: str, reason: str) -> None:
+        ATTRSERVE_PASSES_STUCK_TOTAL.labels(device).inc()

@@ -604,3 +604,97 @@ def test_a_cancelled_request_stops_counting_against_the_limits_at_once() -> None
     finally:
         release.set()
         s.stop(drain=False)
+
+
+class Stuck(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stuck: list[tuple[str, str]] = []
+
+    def worker_stuck(self, device: str, reason: str) -> None:
+        self.stuck.append((device, reason))
+
+
+def test_a_pass_stuck_in_the_models_code_is_given_up_and_the_device_serves_again_when_it_returns() -> None:
+    """A model's code that never returns held the device: health said SERVING while every request on it waited for its
+    deadline (or for ever). Now the pass is given up after stuck_pass_seconds: its jobs and those queued behind it fail
+    with UNAVAILABLE saying why, the device is down (health), observers hear worker_stuck, new jobs are refused, and
+    once the pass returns (its hooks off the model) a new worker serves exact answers again."""
+    passes, rec = FakePasses(), Stuck()
+    checks: list[float] = []
+    s = scheduler(passes, rec, ready_check=lambda: checks.append(time.monotonic()), stuck_pass_seconds=0.5)
+    m = model()
+    entered, release = threading.Event(), threading.Event()
+
+    def hang(segments: list[Block]) -> None:
+        if float(segments[0].inputs[0][0, 0]) == 999.0:
+            entered.set()
+            release.wait(30)
+
+    passes.during = hang
+    try:
+        stuck = s.submit(job(m, 999.0))
+        assert entered.wait(5)
+        queued = [s.submit(job(model(name="other"), 1.0 + i)) for i in range(3)]  # behind the stuck pass
+        started = time.monotonic()
+        for f in [stuck, *queued]:
+            with pytest.raises(Unavailable, match=r"gave up: a pass of model 'm' \(8 rows\) has run for .* over the 0.5 s.*stuck"):
+                f.result(10)
+        assert 0.3 < time.monotonic() - started < 5  # given up at about stuck_pass_seconds, not at a deadline
+        assert rec.stuck == [("test", rec.states[0][1])] and "model 'm'" in rec.stuck[0][1]
+        serving, reason = s.serving()
+        assert not serving and "stuck" in reason and rec.states == [(False, reason)]
+        with pytest.raises(Unavailable, match="down until a stuck pass returns"):
+            s.submit(job(m, 5.0))
+        time.sleep(1.0)  # still stuck: given up once, not again; no new worker while the model may hold the pass's hooks
+        assert len(rec.stuck) == 1 and not s.serving()[0] and not checks
+        release.set()
+        deadline = time.monotonic() + 5
+        while not s.serving()[0]:
+            assert time.monotonic() < deadline, "the device did not serve again after the stuck pass returned"
+            time.sleep(0.01)
+        assert len(checks) == 1 and [state for state, _ in rec.states] == [False, True]
+        assert s.submit(job(m, 3.0, rows=2)).result(5) == 6.0  # exact after it
+        assert s.submit(job(model(name="other"), 2.0, rows=3)).result(5) == 6.0
+        assert s.in_flight() == 0 and len(rec.stuck) == 1
+    finally:
+        release.set()
+        s.stop(drain=False)
+
+
+@pytest.mark.parametrize(("rate", "given_up"), [(None, True), (10_000.0, True), (100.0, False)])
+def test_a_pass_is_stuck_only_past_both_the_limit_and_many_times_what_the_models_rate_says_it_takes(rate, given_up) -> None:
+    """A slow model's long passes are not taken for stuck ones: 8 rows at 100 rows/s take 0.08 s, and 20 times that
+    (1.6 s) is longer than the 0.8 s pass here, so it is not given up though it passes stuck_pass_seconds (0.3 s)."""
+    passes, rec = FakePasses(), Stuck()
+    s = scheduler(passes, rec, stuck_pass_seconds=0.3)
+    m = model()
+    m.rows_per_second = rate
+    passes.during = lambda segments: time.sleep(0.8) if float(segments[0].inputs[0][0, 0]) == 7.0 else None
+    try:
+        future = s.submit(job(m, 7.0))
+        if given_up:
+            with pytest.raises(Unavailable, match="stuck"):
+                future.result(5)
+            assert len(rec.stuck) == 1
+            deadline = time.monotonic() + 5
+            while not s.serving()[0]:  # the pass returns after 0.8 s: serving again
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        else:
+            assert future.result(5) == 56.0 and not rec.stuck and s.serving()[0]
+        assert s.submit(job(m, 1.0, rows=2)).result(5) == 2.0
+    finally:
+        s.stop(drain=False)
+
+
+def test_stuck_pass_seconds_0_never_gives_a_pass_up() -> None:
+    passes, rec = FakePasses(), Stuck()
+    s = Scheduler("never", 10_000, [rec], run_pass=passes, stuck_pass_seconds=0)
+    passes.during = lambda segments: time.sleep(0.6)
+    try:
+        assert s.submit(job(model(), 1.0)).result(5) == 8.0
+        assert s.give_up_stuck_pass() == "" and not rec.stuck and s.serving()[0]
+        assert not any(t.name == "attrserve-watchdog-never" for t in threading.enumerate())
+    finally:
+        s.stop(drain=False)

@@ -32,7 +32,7 @@ from servers import SERVE_MODULE, ServeProcess, ServerThread, scrape
 from test_model_management import PINNED, TARGET, X, captum, health, mlp, write
 
 from attrserve.v1 import attribution_service_pb2 as pb
-from attrserve_client import AttributionClient
+from attrserve_client import NO_RETRY, AttributionClient
 from attrserve_engine import Cancelled, EngineLimits, EngineObserver, InputSpec, InvalidArgument, user_code
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import ERROR_ID, Gauges
@@ -1005,6 +1005,137 @@ def test_an_engine_process_that_hangs_up_and_lingers_is_killed_and_the_front_ans
             client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
         )
     finally:
+        server.stop()
+
+
+# Stuck (until the file HANGY_RELEASE names exists) for inputs holding 999: a model's code that never returns.
+HANGY = """
+import os
+import time
+
+import torch
+from torch import nn
+
+
+class Hangy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+    def forward(self, x):
+        if bool((x == 999.0).any()):
+            while not os.path.exists(os.environ["HANGY_RELEASE"]):
+                time.sleep(0.02)
+        return self.net(x)
+
+
+def build_model():
+    return Hangy()
+"""
+
+
+def stuck_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine_process: bool) -> tuple[ServerThread, Path]:
+    """good and hangy on the CPU, passes given up after 1 s; returns the server and the file that frees hangy."""
+    release = tmp_path / "release"
+    monkeypatch.setenv("HANGY_RELEASE", str(release))  # the engine process inherits it
+    repo = tmp_path / "repo"
+    write(repo / "good", mlp(1))
+    write(repo / "hangy", HANGY)
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False, stuck_pass_seconds=1.0)
+    config = ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, engine_process=engine_process)
+    return ServerThread(None, config), release
+
+
+def stuck_and_behind(server: ServerThread, client: AttributionClient) -> tuple[list, list, float]:
+    """A request that gets hangy stuck and one to good queued behind it, both waited for; their outcomes and how long."""
+    stuck: list = []
+    behind: list = []
+    started = time.monotonic()
+    threads = [in_thread(stuck, lambda: client.attribute("hangy", "saliency", np.full((1, 4), 999.0, np.float32), target=0, timeout=60))]
+    wait_queued(server, 1, "hangy")
+    threads.append(in_thread(behind, lambda: client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60)))
+    for thread in threads:
+        thread.join(60)
+    return stuck, behind, time.monotonic() - started
+
+
+def assert_given_up(outcomes: list, message: str) -> None:
+    assert len(outcomes) == 1 and isinstance(outcomes[0], grpc.RpcError), outcomes
+    assert outcomes[0].code() == grpc.StatusCode.UNAVAILABLE
+    assert re.search(message, outcomes[0].details()), outcomes[0].details()
+
+
+def test_an_engine_process_whose_pass_is_stuck_gives_it_up_and_exits_and_a_new_one_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model's code that never returns held the device: health said SERVING while every request on it waited for its
+    deadline. Now the pass is given up after --stuck-pass-seconds: the requests on the device fail with UNAVAILABLE
+    saying why, long before their deadlines; the engine process exits (its stuck thread cannot be stopped), health
+    says NOT_SERVING, a new engine process serves Captum's numbers, and the metrics count the stuck pass and the
+    restart."""
+    server, _ = stuck_server(tmp_path, monkeypatch, engine_process=True)
+    try:
+        client = AttributionClient(server.address, retry=NO_RETRY)
+        before = scrape(server.running.metrics_port)
+        first = server.running.core.pid
+        stuck, behind, took = stuck_and_behind(server, client)
+        given_up = r"gave up: a pass of model 'hangy' \(1 rows\) has run for .* over the 1.0 s a pass may take.*stuck"
+        assert_given_up(stuck, given_up)
+        assert_given_up(behind, given_up)
+        assert took < 20, f"the requests waited {took:.1f} s"
+        wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+        wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
+        assert server.running.core.pid != first
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)  # exited and reaped
+        np.testing.assert_allclose(
+            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+        )
+        namespace: dict = {}
+        exec(HANGY, namespace)
+        expected = Saliency(namespace["build_model"]()).attribute(torch.from_numpy(X), target=TARGET, abs=True).numpy()
+        np.testing.assert_allclose(client.attribute("hangy", "saliency", X, target=TARGET, timeout=60).attributions, expected, atol=1e-6)
+        after = scrape(server.running.metrics_port)
+
+        def grew(name: str, **labels: str) -> float:
+            key = (name, frozenset(labels.items()))
+            return after[key] - before.get(key, 0.0)
+
+        assert grew("attrserve_passes_stuck_total", device="cpu") == 1
+        assert grew("attrserve_engine_process_restarts_total") == 1
+        assert grew("attrserve_attributions_completed_total", model="hangy", algorithm="saliency", grpc_code="UNAVAILABLE") == 1
+        assert after[("attrserve_engine_process_up", frozenset())] == 1
+    finally:
+        server.stop()
+
+
+def test_with_no_engine_process_a_stuck_pass_keeps_the_server_not_serving_until_it_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In one process the stuck thread cannot be replaced: the requests fail with UNAVAILABLE saying why, health says
+    NOT_SERVING and new requests are refused while the pass is stuck, and once it returns the server serves Captum's
+    numbers again."""
+    server, release = stuck_server(tmp_path, monkeypatch, engine_process=False)
+    try:
+        client = AttributionClient(server.address, retry=NO_RETRY)
+        stuck, behind, took = stuck_and_behind(server, client)
+        assert_given_up(stuck, r"gave up: a pass of model 'hangy'.*stuck")
+        assert_given_up(behind, r"gave up: a pass of model 'hangy'.*stuck")
+        assert took < 20, f"the requests waited {took:.1f} s"
+        assert health(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        time.sleep(1.5)  # still stuck: still down
+        assert health(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            client.attribute("good", "saliency", X, target=TARGET, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "down until a stuck pass returns" in refused.value.details()
+        release.touch()
+        wait_health(server.address, health_pb2.HealthCheckResponse.SERVING, timeout=20)
+        np.testing.assert_allclose(
+            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+        )
+    finally:
+        release.touch()
         server.stop()
 
 
