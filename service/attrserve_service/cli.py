@@ -159,7 +159,8 @@ SETTINGS: tuple[Setting, ...] = (
         "limits.stuck_pass_seconds",
         "a pass still running after this long (and after 20 times what its rows take at the model's measured rate) is "
         "given up as stuck in the model's code: the device's requests fail with UNAVAILABLE, health says NOT_SERVING, "
-        "and the engine process is started again (0: never)",
+        "and the engine process is started again; an engine process that does not answer the front for this long is "
+        "killed and started again (0: never)",
         float,
         "SECONDS",
     ),

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 _RESTART_DELAY_S = 0.5
 _MAX_RESTART_DELAY_S = 30.0
 _STABLE_S = 60.0  # an engine process that served this long before it died restarts after the shortest delay
+# The front asks a serving engine process for its gauges every _HEARTBEAT_S (or a quarter of stuck_pass_seconds); one
+# that has not answered within stuck_pass_seconds is killed (_heartbeat).
+_HEARTBEAT_S = 5.0
 _BACKLOG_TTL_S = 0.25
 # An engine process's exit status is polled for every _REAP_POLL_S (`_exit_status`, on the event loop); its socket closes
 # as it exits, so `_reap` gives one whose socket closed _REAP_S to go.
@@ -117,6 +120,8 @@ class EngineProcess:
         self._gauges_at = 0.0
         self._gauges_changes = -1
         self._changes = 0  # requests, cancels and engine messages so far (a backlog answer is stale once it moves)
+        self._killed_why = ""  # why the front killed the engine process (_heartbeat), for its requests' errors
+        self._heartbeats: set[asyncio.Task] = set()
         self._busy_poll_s = busy_poll_seconds(config)  # see _lone
         self._lone_s: dict[tuple[str, str], float] = {}  # (model, algorithm) → its lone answers' time, smoothed (_lone)
 
@@ -167,6 +172,36 @@ class EngineProcess:
             log.warning("engine process %d runs on glibc's malloc: LD_PRELOAD=%s did not load", self._proc.pid, self._preload)
         self._tell("engine_process_state", True, "")
         self._changed()
+        if self.config.limits.stuck_pass_seconds > 0:
+            task = asyncio.ensure_future(self._heartbeat(generation, self._proc))
+            self._heartbeats.add(task)
+            task.add_done_callback(self._heartbeats.discard)
+
+    async def _heartbeat(self, generation: int, proc: subprocess.Popen) -> None:
+        """Kill an engine process that stops answering. The engine's own watchdog (Scheduler._watch) gives up a pass
+        stuck in a model's code, but code stuck with the GIL held (a C extension's busy loop, a blocking call that keeps
+        the GIL) stops that watchdog and the engine's event loop with it: its requests waited for their deadlines while
+        health said SERVING. Every few seconds the front asks for the gauges; an engine process that has not answered
+        within stuck_pass_seconds is killed, and its requests fail and it is started again as after any death."""
+        limit = self.config.limits.stuck_pass_seconds
+        while True:
+            await asyncio.sleep(min(_HEARTBEAT_S, limit / 4))
+            if generation != self._generation or not self.up:
+                return
+            try:
+                self._gauges = await asyncio.wait_for(self._call("gauges"), limit)
+            except asyncio.TimeoutError:
+                break
+            except AttributionError:  # it died meanwhile: _lost has it
+                return
+            self._gauges_at, self._gauges_changes = time.monotonic(), self._changes
+        if generation == self._generation and self.up:
+            self._killed_why = (
+                f"the engine process {proc.pid} did not answer for {limit:g} s (stuck_pass_seconds): something holds its "
+                "event loop, such as a model's code stuck with the GIL held; it was killed"
+            )
+            log.error("%s", self._killed_why)
+            proc.kill()
 
     def _restore(self) -> set[tuple[str, str]] | None:
         """What a restarted engine process loads: under explicit model control, the versions that were loaded (or
@@ -280,7 +315,9 @@ class EngineProcess:
     def _lost(self, proc: subprocess.Popen | None, code: int | None, was_up: bool, lingered: bool = False) -> None:
         """The engine process is gone: fail what it held with why, and start another (unless the server is closing)."""
         pid = proc.pid if proc is not None else "?"
-        if lingered:
+        if self._killed_why:
+            reason, self._killed_why = self._killed_why, ""
+        elif lingered:
             reason = f"the engine process {pid} closed its connection and did not exit within {_REAP_S:g} s; it was killed"
         else:
             reason = f"the engine process {pid} exited ({describe_exit(code)})"
@@ -445,6 +482,8 @@ class EngineProcess:
         self._closing = True
         if self._restarting is not None:
             self._restarting.cancel()
+        for task in list(self._heartbeats):
+            task.cancel()
         lost = 0
         if self.up:
             try:

@@ -1008,8 +1008,10 @@ def test_an_engine_process_that_hangs_up_and_lingers_is_killed_and_the_front_ans
         server.stop()
 
 
-# Stuck (until the file HANGY_RELEASE names exists) for inputs holding 999: a model's code that never returns.
+# Stuck (until the file HANGY_RELEASE names exists) for inputs holding 999: a model's code that never returns. For
+# 555 it sleeps an hour in libc with the GIL held (ctypes.PyDLL keeps it), as a C extension's busy loop would.
 HANGY = """
+import ctypes
 import os
 import time
 
@@ -1027,6 +1029,8 @@ class Hangy(nn.Module):
         if bool((x == 999.0).any()):
             while not os.path.exists(os.environ["HANGY_RELEASE"]):
                 time.sleep(0.02)
+        if bool((x == 555.0).any()):
+            ctypes.PyDLL(None).sleep(3600)
         return self.net(x)
 
 
@@ -1106,6 +1110,34 @@ def test_an_engine_process_whose_pass_is_stuck_gives_it_up_and_exits_and_a_new_o
         assert grew("attrserve_engine_process_restarts_total") == 1
         assert grew("attrserve_attributions_completed_total", model="hangy", algorithm="saliency", grpc_code="UNAVAILABLE") == 1
         assert after[("attrserve_engine_process_up", frozenset())] == 1
+    finally:
+        server.stop()
+
+
+def test_an_engine_process_stuck_with_the_gil_held_stops_answering_and_the_front_kills_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Code stuck with the GIL held stops the engine's own watchdog and its event loop. The front asks the engine for
+    its gauges every few seconds; one that has not answered within stuck_pass_seconds is killed: the request fails
+    with UNAVAILABLE saying why, long before its deadline, health says NOT_SERVING, and a new engine process serves
+    Captum's numbers."""
+    server, _ = stuck_server(tmp_path, monkeypatch, engine_process=True)
+    try:
+        client = AttributionClient(server.address, retry=NO_RETRY)
+        first = server.running.core.pid
+        outcome: list = []
+        started = time.monotonic()
+        in_thread(outcome, lambda: client.attribute("hangy", "saliency", np.full((1, 4), 555.0, np.float32), target=0, timeout=60)).join(60)
+        assert_given_up(outcome, r"the engine process \d+ did not answer for 1 s \(stuck_pass_seconds\).*GIL held; it was killed")
+        assert time.monotonic() - started < 20
+        wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+        wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
+        assert server.running.core.pid != first
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)  # killed and reaped
+        np.testing.assert_allclose(
+            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+        )
     finally:
         server.stop()
 
