@@ -698,3 +698,33 @@ def test_stuck_pass_seconds_0_never_gives_a_pass_up() -> None:
         assert not any(t.name == "attrserve-watchdog-never" for t in threading.enumerate())
     finally:
         s.stop(drain=False)
+
+
+def test_a_stop_while_a_pass_is_stuck_returns_at_once_and_the_pass_returning_later_starts_nothing() -> None:
+    passes, rec = FakePasses(), Stuck()
+    s = scheduler(passes, rec, stuck_pass_seconds=0.3)
+    entered, release, returned = threading.Event(), threading.Event(), threading.Event()
+
+    def hang(segments: list[Block]) -> None:
+        entered.set()
+        release.wait(30)
+        returned.set()
+
+    passes.during = hang
+    try:
+        future = s.submit(job(model(), 999.0))
+        assert entered.wait(5)
+        with pytest.raises(Unavailable, match="stuck"):
+            future.result(5)
+        workers = list(s._threads)
+        started = time.monotonic()
+        assert s.stop(drain=True, timeout=10) == 0  # nothing left to drain: the stuck pass's job has its answer
+        assert time.monotonic() - started < 7  # the stuck thread is waited for 5 s at most, as any in a forward
+        release.set()
+        assert returned.wait(5)
+        time.sleep(0.3)
+        assert s._threads == workers and not any(t.is_alive() for t in workers)  # no new worker after the stop
+        with pytest.raises(Unavailable, match="shutting down"):
+            s.submit(job(model(), 1.0))
+    finally:
+        release.set()
