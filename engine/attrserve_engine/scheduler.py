@@ -474,15 +474,19 @@ class Scheduler:
 
     def _give_up(self, generation: int, reason: str, lost: Unavailable, stalled: int | None = None) -> float | None:
         """End `generation`: the device is down for `reason`, and every job on it fails with `lost`; its workers leave
-        at their next boundary (the results of their passes are dropped). Returns the back-off before a new generation
-        starts (None when the workers are exiting, or `generation` is over already: a sibling's crash ended it)."""
+        at their next boundary (the results of their passes are dropped). With `stalled`, the worker of that index is
+        stuck in a pass, and the next generation waits for it (_returned). Returns the back-off before a new generation
+        starts; None when the workers are exiting, when `generation` is over already (a sibling's crash ended it), or
+        when the stalled pass has returned meanwhile (then nothing is given up)."""
         with self._state, self._cv:
             if generation != self._generation:
                 return None
+            if stalled is not None:
+                if (generation, stalled) not in self._running:  # the stuck pass returned meanwhile: nothing to give up
+                    return None
+                self._stalled = (generation, stalled)
             self._generation += 1
             self._serving, self._down_reason = False, reason
-            if stalled is not None:
-                self._stalled = (generation, stalled)
             held, self._jobs = list(self._jobs), set()
             self._inbox, self._cancelled, self._deadlines = [], [], []
             self._queues, self._queue_rows, self._evicted_keys = {}, {}, set()
@@ -534,11 +538,9 @@ class Scheduler:
         return ""
 
     def _returned(self, generation: int, index: int) -> None:
-        """A worker's pass returned: if it was given up as stuck, the device serves again (a new generation, at once:
-        the pass's hooks are off the model now)."""
+        """A pass given up as stuck returned: the device serves again (a new generation, at once: the pass's hooks are
+        off the model now)."""
         with self._cv:
-            if self._stalled != (generation, index):
-                return
             self._stalled = None
             if not self._exit:
                 log.warning("engine worker for %s: the pass given up as stuck returned; restarting the worker", self.name)
@@ -601,8 +603,10 @@ class Scheduler:
             try:
                 outcomes = self._run_pass(model, parts, partial(self._observers.pass_split, model.name), replica)
             finally:
-                del self._running[generation, index]
-                if self._stalled is not None:
+                with self._state:  # against a watchdog giving this pass up as it returns (_give_up checks under it)
+                    del self._running[generation, index]
+                    given_up = self._stalled == (generation, index)
+                if given_up:
                     self._returned(generation, index)
             seconds = time.monotonic() - start
             with self._observers.worker_step(), self._state:
