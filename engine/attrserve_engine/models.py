@@ -236,6 +236,10 @@ class LoadedModel:
         self.layer_bytes: dict[str, int] = {}
         # Measured throughput: the probe's best, then every pass (smoothed); None until something ran.
         self.rows_per_second: float | None = None
+        # Seconds a row of its passes took, smoothed over every pass, small ones too (which pay fixed costs, so this
+        # overstates a large pass's time: what the stuck-pass rule wants, Scheduler.give_up_stuck_pass); None until a
+        # pass ran.
+        self.row_seconds: float | None = None
         for p in self.module.parameters():
             p.requires_grad_(False)
         # Copies that run passes at the same time (ModelSpec.instances; the scheduler hands each pass a free one).

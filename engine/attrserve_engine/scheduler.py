@@ -71,6 +71,10 @@ AUTO_ROWS_WITHOUT_RATE = 100_000
 # A pass is given up as stuck after stuck_pass_seconds, or after this many times as long as the model's measured rate
 # says its rows take, whichever is longer: a slow model's long passes are not taken for stuck ones.
 STUCK_PASS_FACTOR = 20.0
+# A model none of whose passes has ended yet (nor a load-time probe timed: a model without pinned input shapes, whose
+# load runs no warm-up, before its first pass ends) gets this many times stuck_pass_seconds: its first pass may be a
+# large model's max_batch_rows rows.
+STUCK_UNMEASURED_FACTOR = 10.0
 # While interactive rows wait, ripe batch rows still get at least one pass in this many (starvation bound).
 BATCH_EVERY = 4
 # Batch requests are admitted only while their model's queue is under this share of its bounds: back-fills
@@ -513,7 +517,8 @@ class Scheduler:
 
     def give_up_stuck_pass(self) -> str:
         """Give up a pass that has run longer than it may (stuck_pass_seconds, or STUCK_PASS_FACTOR times what its rows
-        take at the model's measured rate): a model's code that never returns (a deadlock, a wait on something that
+        take as the model's passes so far and its probe measured them; STUCK_UNMEASURED_FACTOR times stuck_pass_seconds
+        before any was measured): a model's code that never returns (a deadlock, a wait on something that
         never comes) held the device, and health said SERVING while every request on it waited for its deadline. Its
         jobs and every other on the device fail with UNAVAILABLE saying why, health says NOT_SERVING, new requests are
         refused, and observers hear `worker_stuck` (the engine process then exits, and the front starts another).
@@ -521,8 +526,10 @@ class Scheduler:
         hold the pass's hooks. Returns why, or "" when no pass is stuck."""
         now = time.monotonic()
         for (generation, index), (start, model, rows) in list(self._running.items()):
-            rate = model.rows_per_second
-            limit = max(self.stuck_pass_seconds, STUCK_PASS_FACTOR * rows / rate if rate else 0.0)
+            # the longer of two estimates of a row's time: every pass's (small ones overstate it) and the probe's rate
+            per_row = max(model.row_seconds or 0.0, 1 / model.rows_per_second if model.rows_per_second else 0.0)
+            limit = STUCK_PASS_FACTOR * rows * per_row if per_row else STUCK_UNMEASURED_FACTOR * self.stuck_pass_seconds
+            limit = max(self.stuck_pass_seconds, limit)
             if now - start <= limit:
                 continue
             reason = (
@@ -827,6 +834,9 @@ class Scheduler:
         if seconds > 0 and rows >= cut.budget / 2:  # near-full passes only: small ones pay fixed costs
             rate = rows / seconds
             model.rows_per_second = rate if model.rows_per_second is None else 0.8 * model.rows_per_second + 0.2 * rate
+        if rows:
+            per_row = seconds / rows
+            model.row_seconds = per_row if model.row_seconds is None else 0.8 * model.row_seconds + 0.2 * per_row
         if cut.tuner is not None:
             cut.tuner.observe(cut.size, rows >= cut.budget, rows, seconds)
         jobs = {id(qb.job): qb.job for qb, _, _ in segments}

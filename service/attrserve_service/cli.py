@@ -157,7 +157,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "--stuck-pass-seconds",
         "limits.stuck_pass_seconds",
-        "a pass still running after this long (and after 20 times what its rows take at the model's measured rate) is "
+        "a pass still running after this long (and after 20 times what its rows take as the model's passes so far took "
+        "them; before any has ended, 10 times this long) is "
         "given up as stuck in the model's code: the device's requests fail with UNAVAILABLE, health says NOT_SERVING, "
         "and the engine process is started again; an engine process that does not answer the front for this long is "
         "killed and started again (0: never)",

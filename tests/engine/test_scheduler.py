@@ -624,6 +624,7 @@ def test_a_pass_stuck_in_the_models_code_is_given_up_and_the_device_serves_again
     checks: list[float] = []
     s = scheduler(passes, rec, ready_check=lambda: checks.append(time.monotonic()), stuck_pass_seconds=0.5)
     m = model()
+    m.rows_per_second = 1000.0  # measured: 8 rows take 8 ms, so the limit is stuck_pass_seconds
     entered, release = threading.Event(), threading.Event()
 
     def hang(segments: list[Block]) -> None:
@@ -667,12 +668,16 @@ def test_a_pass_stuck_in_the_models_code_is_given_up_and_the_device_serves_again
         s.stop(drain=False)
 
 
-@pytest.mark.parametrize(("rate", "given_up"), [(None, True), (10_000.0, True), (100.0, False)])
-def test_a_pass_is_stuck_only_past_both_the_limit_and_many_times_what_the_models_rate_says_it_takes(rate, given_up) -> None:
+@pytest.mark.parametrize(
+    ("rate", "limit", "given_up"), [(10_000.0, 0.3, True), (100.0, 0.3, False), (None, 0.3, False), (None, 0.05, True)]
+)
+def test_a_pass_is_stuck_only_past_both_the_limit_and_many_times_what_the_models_rate_says_it_takes(rate, limit, given_up) -> None:
     """A slow model's long passes are not taken for stuck ones: 8 rows at 100 rows/s take 0.08 s, and 20 times that
-    (1.6 s) is longer than the 0.8 s pass here, so it is not given up though it passes stuck_pass_seconds (0.3 s)."""
+    (1.6 s) is longer than the 0.8 s pass here, so it is not given up though it passes stuck_pass_seconds (0.3 s). A
+    model whose rate is not measured yet gets 10 times stuck_pass_seconds (its first pass may be long): 3 s is not
+    passed, 0.5 s is."""
     passes, rec = FakePasses(), Stuck()
-    s = scheduler(passes, rec, stuck_pass_seconds=0.3)
+    s = scheduler(passes, rec, stuck_pass_seconds=limit)
     m = model()
     m.rows_per_second = rate
     passes.during = lambda segments: time.sleep(0.8) if float(segments[0].inputs[0][0, 0]) == 7.0 else None
@@ -712,6 +717,8 @@ def test_a_stop_while_a_pass_is_stuck_has_nothing_to_drain_and_the_pass_returnin
     as for any pass in a model's code); a pass that returns meanwhile starts no new worker."""
     passes, rec = FakePasses(), Stuck()
     s = scheduler(passes, rec, stuck_pass_seconds=0.3)
+    m = model()
+    m.rows_per_second = 1000.0
     entered, release, returned = threading.Event(), threading.Event(), threading.Event()
 
     def hang(segments: list[Block]) -> None:
@@ -721,7 +728,7 @@ def test_a_stop_while_a_pass_is_stuck_has_nothing_to_drain_and_the_pass_returnin
 
     passes.during = hang
     try:
-        future = s.submit(job(model(), 999.0))
+        future = s.submit(job(m, 999.0))
         assert entered.wait(5)
         with pytest.raises(Unavailable, match="stuck"):
             future.result(5)
@@ -750,5 +757,23 @@ def test_a_pass_that_returns_as_the_watchdog_gives_it_up_is_not_given_up() -> No
         assert s._give_up(generation, "stuck", Unavailable("stuck"), stalled=0) is None  # worker 0 runs no pass now
         assert s.serving() == (True, "") and s._stalled is None and s._generation == generation and not rec.states
         assert s.submit(job(m, 2.0, rows=2)).result(5) == 4.0
+    finally:
+        s.stop(drain=False)
+
+
+def test_every_pass_small_ones_too_tells_the_stuck_rule_how_long_a_row_takes() -> None:
+    """The rate that sizes passes learns from near-full passes only, so a model served small requests may never have
+    one; the stuck rule learns from every pass. After a pass of 8 rows in 0.1 s (12.5 ms a row), 8 rows may take 20
+    times 0.1 s: a 0.8 s pass is not given up, though 10 times stuck_pass_seconds (0.5 s, the limit before anything
+    was measured) has passed."""
+    passes, rec = FakePasses(), Stuck()
+    s = scheduler(passes, rec, stuck_pass_seconds=0.05)
+    m = model()
+    passes.during = lambda segments: time.sleep(0.1 if float(segments[0].inputs[0][0, 0]) == 1.0 else 0.8)
+    try:
+        assert s.submit(job(m, 1.0)).result(5) == 8.0
+        assert m.rows_per_second is None and m.row_seconds is not None and m.row_seconds >= 0.1 / 8
+        assert s.submit(job(m, 2.0)).result(5) == 16.0
+        assert not rec.stuck and s.serving()[0]
     finally:
         s.stop(drain=False)
