@@ -45,7 +45,10 @@ from attrserve_service.launch import allocator_preload
 
 # Sleeps for inputs holding 777 (a request that keeps the engine busy), kills the engine process for 1234; for 4321 it
 # hangs up on the front (shuts its sockets down) and stops itself (SIGSTOP): an engine process that lingers after its end.
+# For 999 it is stuck until the file CRASHY_RELEASE names exists (a model's code that never returns); for 555 it sleeps
+# an hour in libc with the GIL held (ctypes.PyDLL keeps it), as a C extension's busy loop would.
 FRAGILE = """
+import ctypes
 import os
 import signal
 import socket
@@ -78,6 +81,11 @@ class Fragile(nn.Module):
                 except OSError:
                     pass
             os.kill(os.getpid(), signal.SIGSTOP)
+        if bool((x == 999.0).any()):
+            while not os.path.exists(os.environ["CRASHY_RELEASE"]):
+                time.sleep(0.02)
+        if bool((x == 555.0).any()):
+            ctypes.PyDLL(None).sleep(3600)
         return self.net(x)
 
 
@@ -1008,56 +1016,25 @@ def test_an_engine_process_that_hangs_up_and_lingers_is_killed_and_the_front_ans
         server.stop()
 
 
-# Stuck (until the file HANGY_RELEASE names exists) for inputs holding 999: a model's code that never returns. For
-# 555 it sleeps an hour in libc with the GIL held (ctypes.PyDLL keeps it), as a C extension's busy loop would.
-HANGY = """
-import ctypes
-import os
-import time
-
-import torch
-from torch import nn
-
-
-class Hangy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        self.net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
-
-    def forward(self, x):
-        if bool((x == 999.0).any()):
-            while not os.path.exists(os.environ["HANGY_RELEASE"]):
-                time.sleep(0.02)
-        if bool((x == 555.0).any()):
-            ctypes.PyDLL(None).sleep(3600)
-        return self.net(x)
-
-
-def build_model():
-    return Hangy()
-"""
-
-
 def stuck_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine_process: bool) -> tuple[ServerThread, Path]:
-    """good and hangy on the CPU, passes given up after 1 s; returns the server and the file that frees hangy."""
+    """good and crashy on the CPU, passes given up after 1 s; returns the server and the file that frees crashy."""
     release = tmp_path / "release"
-    monkeypatch.setenv("HANGY_RELEASE", str(release))  # the engine process inherits it
+    monkeypatch.setenv("CRASHY_RELEASE", str(release))  # the engine process inherits it
     repo = tmp_path / "repo"
     write(repo / "good", mlp(1))
-    write(repo / "hangy", HANGY)
+    write(repo / "crashy", FRAGILE)
     limits = EngineLimits(default_device="cpu", probe_batch_rows=False, stuck_pass_seconds=1.0)
     config = ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, engine_process=engine_process)
     return ServerThread(None, config), release
 
 
 def stuck_and_behind(server: ServerThread, client: AttributionClient) -> tuple[list, list, float]:
-    """A request that gets hangy stuck and one to good queued behind it, both waited for; their outcomes and how long."""
+    """A request that gets crashy stuck and one to good queued behind it, both waited for; their outcomes and how long."""
     stuck: list = []
     behind: list = []
     started = time.monotonic()
-    threads = [in_thread(stuck, lambda: client.attribute("hangy", "saliency", np.full((1, 4), 999.0, np.float32), target=0, timeout=60))]
-    wait_queued(server, 1, "hangy")
+    threads = [in_thread(stuck, lambda: client.attribute("crashy", "saliency", np.full((1, 4), 999.0, np.float32), target=0, timeout=60))]
+    wait_queued(server, 1, "crashy")
     threads.append(in_thread(behind, lambda: client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60)))
     for thread in threads:
         thread.join(60)
@@ -1068,6 +1045,19 @@ def assert_given_up(outcomes: list, message: str) -> None:
     assert len(outcomes) == 1 and isinstance(outcomes[0], grpc.RpcError), outcomes
     assert outcomes[0].code() == grpc.StatusCode.UNAVAILABLE
     assert re.search(message, outcomes[0].details()), outcomes[0].details()
+
+
+def assert_a_new_engine_process_serves(server: ServerThread, client: AttributionClient, first: int) -> None:
+    """Health goes NOT_SERVING, then SERVING on a new engine process (engine process `first` exited and was reaped),
+    whose answers equal Captum."""
+    wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
+    wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
+    assert server.running.core.pid != first
+    with pytest.raises(ProcessLookupError):
+        os.kill(first, 0)
+    np.testing.assert_allclose(
+        client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+    )
 
 
 def test_an_engine_process_whose_pass_is_stuck_gives_it_up_and_exits_and_a_new_one_serves(
@@ -1084,22 +1074,13 @@ def test_an_engine_process_whose_pass_is_stuck_gives_it_up_and_exits_and_a_new_o
         before = scrape(server.running.metrics_port)
         first = server.running.core.pid
         stuck, behind, took = stuck_and_behind(server, client)
-        given_up = r"gave up: a pass of model 'hangy' \(1 rows\) has run for .* over the 1.0 s a pass may take.*stuck"
+        given_up = r"gave up: a pass of model 'crashy' \(1 rows\) has run for .* over the 1.0 s a pass may take.*stuck"
         assert_given_up(stuck, given_up)
         assert_given_up(behind, given_up)
         assert took < 20, f"the requests waited {took:.1f} s"
-        wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
-        wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
-        assert server.running.core.pid != first
-        with pytest.raises(ProcessLookupError):
-            os.kill(first, 0)  # exited and reaped
-        np.testing.assert_allclose(
-            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
-        )
-        namespace: dict = {}
-        exec(HANGY, namespace)
-        expected = Saliency(namespace["build_model"]()).attribute(torch.from_numpy(X), target=TARGET, abs=True).numpy()
-        np.testing.assert_allclose(client.attribute("hangy", "saliency", X, target=TARGET, timeout=60).attributions, expected, atol=1e-6)
+        assert_a_new_engine_process_serves(server, client, first)
+        expected = Saliency(server_model(tmp_path / "repo")).attribute(torch.from_numpy(X), target=TARGET, abs=True).numpy()
+        np.testing.assert_allclose(client.attribute("crashy", "saliency", X, target=TARGET, timeout=60).attributions, expected, atol=1e-6)
         after = scrape(server.running.metrics_port)
 
         def grew(name: str, **labels: str) -> float:
@@ -1108,7 +1089,7 @@ def test_an_engine_process_whose_pass_is_stuck_gives_it_up_and_exits_and_a_new_o
 
         assert grew("attrserve_passes_stuck_total", device="cpu") == 1
         assert grew("attrserve_engine_process_restarts_total") == 1
-        assert grew("attrserve_attributions_completed_total", model="hangy", algorithm="saliency", grpc_code="UNAVAILABLE") == 1
+        assert grew("attrserve_attributions_completed_total", model="crashy", algorithm="saliency", grpc_code="UNAVAILABLE") == 1
         assert after[("attrserve_engine_process_up", frozenset())] == 1
     finally:
         server.stop()
@@ -1127,17 +1108,10 @@ def test_an_engine_process_stuck_with_the_gil_held_stops_answering_and_the_front
         first = server.running.core.pid
         outcome: list = []
         started = time.monotonic()
-        in_thread(outcome, lambda: client.attribute("hangy", "saliency", np.full((1, 4), 555.0, np.float32), target=0, timeout=60)).join(60)
+        in_thread(outcome, lambda: client.attribute("crashy", "saliency", np.full((1, 4), 555.0, np.float32), target=0, timeout=60)).join(60)
         assert_given_up(outcome, r"the engine process \d+ did not answer for 1 s \(stuck_pass_seconds\).*GIL held; it was killed")
         assert time.monotonic() - started < 20
-        wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING, timeout=10)
-        wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
-        assert server.running.core.pid != first
-        with pytest.raises(ProcessLookupError):
-            os.kill(first, 0)  # killed and reaped
-        np.testing.assert_allclose(
-            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
-        )
+        assert_a_new_engine_process_serves(server, client, first)
     finally:
         server.stop()
 
@@ -1152,8 +1126,8 @@ def test_with_no_engine_process_a_stuck_pass_keeps_the_server_not_serving_until_
     try:
         client = AttributionClient(server.address, retry=NO_RETRY)
         stuck, behind, took = stuck_and_behind(server, client)
-        assert_given_up(stuck, r"gave up: a pass of model 'hangy'.*stuck")
-        assert_given_up(behind, r"gave up: a pass of model 'hangy'.*stuck")
+        assert_given_up(stuck, r"gave up: a pass of model 'crashy'.*stuck")
+        assert_given_up(behind, r"gave up: a pass of model 'crashy'.*stuck")
         assert took < 20, f"the requests waited {took:.1f} s"
         assert health(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING
         time.sleep(1.5)  # still stuck: still down
