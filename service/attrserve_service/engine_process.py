@@ -188,13 +188,16 @@ class EngineProcess:
             await asyncio.sleep(min(_HEARTBEAT_S, limit / 4))
             if generation != self._generation or not self.up:
                 return
+            asked, changes = time.monotonic(), self._changes
             try:
                 self._gauges = await asyncio.wait_for(self._call("gauges"), limit)
             except asyncio.TimeoutError:
                 break
-            except AttributionError:  # it died meanwhile: _lost has it
+            except Unavailable:  # it is down or died meanwhile: _lost has it, and a new one has its own heartbeat
                 return
-            self._gauges_at, self._gauges_changes = time.monotonic(), self._changes
+            except Exception:  # it answered, with an error: it is alive
+                continue
+            self._gauges_at, self._gauges_changes = asked, changes  # as fresh as a scrape's own answer (refresh)
         if generation == self._generation and self.up:
             self._killed_why = (
                 f"the engine process {proc.pid} did not answer for {limit:g} s (stuck_pass_seconds): something holds its "
