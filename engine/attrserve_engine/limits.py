@@ -42,8 +42,8 @@ class EngineLimits:
     default_max_queued_bytes: int = 0
     # A fused pass is cut to at most this long at the model's measured rate (never below one block's rows).
     max_pass_seconds: float = 0.25
-    # A pass still running after this long (and after STUCK_PASS_FACTOR times what its rows take at the model's
-    # measured rate) is given up as stuck in the model's code: its device's requests fail and health says NOT_SERVING
+    # A pass still running after this long (and after Scheduler.give_up_stuck_pass's multiple of what its rows take)
+    # is given up as stuck in the model's code: its device's requests fail and health says NOT_SERVING
     # (the engine process exits and is started again). 0: never.
     stuck_pass_seconds: float = 60.0
     # Most plans build a request's rows of model work at once (IntegratedGradients' n_steps copies of each example), so

@@ -188,16 +188,14 @@ class EngineProcess:
             await asyncio.sleep(min(_HEARTBEAT_S, limit / 4))
             if generation != self._generation or not self.up:
                 return
-            asked, changes = time.monotonic(), self._changes
             try:
-                self._gauges = await asyncio.wait_for(self._call("gauges"), limit)
+                await self._ask_gauges(limit)
             except asyncio.TimeoutError:
                 break
             except Unavailable:  # it is down or died meanwhile: _lost has it, and a new one has its own heartbeat
                 return
             except Exception:  # it answered, with an error: it is alive
                 continue
-            self._gauges_at, self._gauges_changes = asked, changes  # as fresh as a scrape's own answer (refresh)
         if generation == self._generation and self.up:
             self._killed_why = (
                 f"the engine process {proc.pid} did not answer for {limit:g} s (stuck_pass_seconds): something holds its "
@@ -456,8 +454,14 @@ class EngineProcess:
         if not self.up or (changes == self._gauges_changes and now - self._gauges_at <= _BACKLOG_TTL_S):
             return
         with contextlib.suppress(Exception):
-            self._gauges = await asyncio.wait_for(self._call("gauges"), 1.0)
-            self._gauges_at, self._gauges_changes = now, changes
+            await self._ask_gauges(1.0)
+
+    async def _ask_gauges(self, timeout: float) -> None:
+        """The engine's gauges (LocalCore.gauges), kept with when they were asked for and the changes seen then: what
+        `refresh` serves a scrape from. Raises what the call raises (TimeoutError after `timeout` s)."""
+        asked, changes = time.monotonic(), self._changes
+        self._gauges = await asyncio.wait_for(self._call("gauges"), timeout)
+        self._gauges_at, self._gauges_changes = asked, changes
 
     def backlog(self, name: str) -> tuple[int, int]:
         """(requests, rows) queued for a model: the engine's answer to the last `refresh`."""

@@ -24,6 +24,7 @@ class Recorder(EngineObserver):
         self.passes: list = []
         self.dropped: list[tuple[str, str, int]] = []
         self.states: list[tuple[bool, str]] = []
+        self.stuck: list[tuple[str, str]] = []
 
     def pass_executed(self, stats) -> None:
         self.passes.append(stats)
@@ -33,6 +34,9 @@ class Recorder(EngineObserver):
 
     def worker_state(self, device: str, serving: bool, reason: str) -> None:
         self.states.append((serving, reason))
+
+    def worker_stuck(self, device: str, reason: str) -> None:
+        self.stuck.append((device, reason))
 
 
 class FakePasses:
@@ -606,21 +610,12 @@ def test_a_cancelled_request_stops_counting_against_the_limits_at_once() -> None
         s.stop(drain=False)
 
 
-class Stuck(Recorder):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stuck: list[tuple[str, str]] = []
-
-    def worker_stuck(self, device: str, reason: str) -> None:
-        self.stuck.append((device, reason))
-
-
 def test_a_pass_stuck_in_the_models_code_is_given_up_and_the_device_serves_again_when_it_returns() -> None:
     """A model's code that never returns held the device: health said SERVING while every request on it waited for its
     deadline (or for ever). Now the pass is given up after stuck_pass_seconds: its jobs and those queued behind it fail
     with UNAVAILABLE saying why, the device is down (health), observers hear worker_stuck, new jobs are refused, and
     once the pass returns (its hooks off the model) a new worker serves exact answers again."""
-    passes, rec = FakePasses(), Stuck()
+    passes, rec = FakePasses(), Recorder()
     checks: list[float] = []
     s = scheduler(passes, rec, ready_check=lambda: checks.append(time.monotonic()), stuck_pass_seconds=0.5)
     m = model()
@@ -676,7 +671,7 @@ def test_a_pass_is_stuck_only_past_both_the_limit_and_many_times_what_the_models
     (1.6 s) is longer than the 0.8 s pass here, so it is not given up though it passes stuck_pass_seconds (0.3 s). A
     model whose rate is not measured yet gets 10 times stuck_pass_seconds (its first pass may be long): 3 s is not
     passed, 0.5 s is."""
-    passes, rec = FakePasses(), Stuck()
+    passes, rec = FakePasses(), Recorder()
     s = scheduler(passes, rec, stuck_pass_seconds=limit)
     m = model()
     m.rows_per_second = rate
@@ -701,7 +696,7 @@ def test_a_pass_is_stuck_only_past_both_the_limit_and_many_times_what_the_models
 
 
 def test_stuck_pass_seconds_0_never_gives_a_pass_up() -> None:
-    passes, rec = FakePasses(), Stuck()
+    passes, rec = FakePasses(), Recorder()
     s = Scheduler("never", 10_000, [rec], run_pass=passes, stuck_pass_seconds=0)
     passes.during = lambda segments: time.sleep(0.6)
     try:
@@ -715,7 +710,7 @@ def test_stuck_pass_seconds_0_never_gives_a_pass_up() -> None:
 def test_a_stop_while_a_pass_is_stuck_has_nothing_to_drain_and_the_pass_returning_during_it_starts_nothing() -> None:
     """The stuck pass's job already has its answer, so a draining stop waits only for the worker threads (5 s at most,
     as for any pass in a model's code); a pass that returns meanwhile starts no new worker."""
-    passes, rec = FakePasses(), Stuck()
+    passes, rec = FakePasses(), Recorder()
     s = scheduler(passes, rec, stuck_pass_seconds=0.3)
     m = model()
     m.rows_per_second = 1000.0
@@ -748,7 +743,7 @@ def test_a_stop_while_a_pass_is_stuck_has_nothing_to_drain_and_the_pass_returnin
 def test_a_pass_that_returns_as_the_watchdog_gives_it_up_is_not_given_up() -> None:
     """The watchdog reads the running passes, then gives one up; a pass that returned in between is not given up (the
     device would have waited for its return for ever)."""
-    passes, rec = FakePasses(), Stuck()
+    passes, rec = FakePasses(), Recorder()
     s = scheduler(passes, rec)
     try:
         m = model()
@@ -766,7 +761,7 @@ def test_every_pass_small_ones_too_tells_the_stuck_rule_how_long_a_row_takes() -
     one; the stuck rule learns from every pass. After a pass of 8 rows in 0.1 s (12.5 ms a row), 8 rows may take 20
     times 0.1 s: a 0.8 s pass is not given up, though 10 times stuck_pass_seconds (0.5 s, the limit before anything
     was measured) has passed."""
-    passes, rec = FakePasses(), Stuck()
+    passes, rec = FakePasses(), Recorder()
     s = scheduler(passes, rec, stuck_pass_seconds=0.05)
     m = model()
     passes.during = lambda segments: time.sleep(0.1 if float(segments[0].inputs[0][0, 0]) == 1.0 else 0.8)
