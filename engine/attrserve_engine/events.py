@@ -22,7 +22,9 @@ REFUSED_ROWS = "queue_rows"  # its model's queued rows would pass the model's bo
 REFUSED_BYTES = "queue_bytes"  # their estimated bytes would
 REFUSED_REQUESTS = "queue_requests"  # the device holds max_queued_requests already
 REFUSED_DEADLINE = "deadline"  # the work ahead of it and its own would not finish before its deadline
-REFUSAL_REASONS = (REFUSED_ROWS, REFUSED_BYTES, REFUSED_REQUESTS, REFUSED_DEADLINE)
+# The front end refuses it: it killed the engine process when it ran alone (a query of death, service quarantine.py).
+REFUSED_QUARANTINED = "quarantined"
+REFUSAL_REASONS = (REFUSED_ROWS, REFUSED_BYTES, REFUSED_REQUESTS, REFUSED_DEADLINE, REFUSED_QUARANTINED)
 
 # Why a fused pass was re-run in two halves (a metric label).
 SPLIT_FAILURE = "failure"

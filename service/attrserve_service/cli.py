@@ -72,6 +72,7 @@ MINIMUMS: dict[str, float] = {
     "--worker-restart-delay": 0,
     "--engine-threads": 0,
     "--busy-poll-us": 0,
+    "--quarantine-seconds": 0,
 }
 
 
@@ -278,6 +279,14 @@ SETTINGS: tuple[Setting, ...] = (
         "the server may use fewer than 2 cores, by its CPU affinity and CPU quota)",
         int,
         metavar="US",
+    ),
+    Setting(
+        "--quarantine-seconds",
+        "quarantine_seconds",
+        "a request in flight when the engine process died runs alone if it is sent again; if the engine process dies "
+        "then too, it and every identical request are refused with FAILED_PRECONDITION for this long (0: off)",
+        float,
+        "SECONDS",
     ),
     Setting(
         "--allocator",

@@ -36,12 +36,13 @@ from typing import Any
 
 from attrserve_engine import limits
 from attrserve_engine.errors import AttributionError, Unavailable
-from attrserve_engine.events import EngineObserver, ModelState, Observers
+from attrserve_engine.events import REFUSED_QUARANTINED, EngineObserver, ModelState, Observers
 from attrserve_service import launch
 from attrserve_service.config import ServerConfig
 from attrserve_service.convert import Job, Result
 from attrserve_service.core import ANSWERS, Gauges, Snapshot
 from attrserve_service.frames import FrameReader, frame_of
+from attrserve_service.quarantine import PROBE_QUARANTINED, PROBE_SERVED, Quarantine, fingerprint
 from attrserve_service.repository import CONTROL_EXPLICIT, UNLOADED, RepositoryError, Status
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,16 @@ _BACKLOG_TTL_S = 0.25
 # as it exits, so `_reap` gives one whose socket closed _REAP_S to go.
 _REAP_S = 1.0
 _REAP_POLL_S = 0.002
+# A suspect's probe waits for the requests in flight before it to be answered, looking every _PROBE_POLL_S (_probe).
+_PROBE_POLL_S = 0.001
+
+
+class EngineLost(Unavailable):
+    """A request or call in flight when the engine process died (`why`: how), not one refused while it was down."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"{why}; the request was lost with it and may be retried", retry_after_s=1.0)
+        self.why = why
 
 
 def describe_exit(code: int | None) -> str:
@@ -124,6 +135,11 @@ class EngineProcess:
         self._heartbeats: set[asyncio.Task] = set()
         self._busy_poll_s = busy_poll_seconds(config)  # see _lone
         self._lone_s: dict[tuple[str, str], float] = {}  # (model, algorithm) → its lone answers' time, smoothed (_lone)
+        self._attributing = 0  # requests sent to the engine process and not yet answered (calls are not counted)
+        self._quarantine = Quarantine(config.quarantine_seconds)  # queries of death (quarantine.py; _guarded)
+        self._probing = False  # a suspect runs alone: nothing else is sent until it is answered (_probe)
+        self._probe_over = asyncio.Event()
+        self._probe_over.set()
 
     @property
     def pid(self) -> int | None:
@@ -323,7 +339,14 @@ class EngineProcess:
         else:
             reason = f"the engine process {pid} exited ({describe_exit(code)})"
         self.reason = reason
-        lost = Unavailable(f"{reason}; the request was lost with it and may be retried", retry_after_s=1.0)
+        # At shutdown nothing is suspected: the process was told to exit.
+        lost = Unavailable(f"{reason}; the request was lost with it", retry_after_s=1.0) if self._closing else EngineLost(reason)
+        if self._attributing and self._quarantine.enabled and not self._closing:
+            log.warning(
+                "%d request(s) in flight died with the engine process: each runs alone if it is sent again, and one that "
+                "kills the engine process then is quarantined (--quarantine-seconds)",
+                self._attributing,
+            )
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(lost)
@@ -373,17 +396,90 @@ class EngineProcess:
 
     # -- what LocalCore answers ---------------------------------------------------------------------------------------
     async def attribute(self, job: Job) -> Result:
-        key, future = self._send("submit", job)
+        if self._probing or self._quarantine.watching:  # only after an engine process died (quarantine.py)
+            return await self._guarded(job)
+        return await self._attribute(job)
+
+    async def _attribute(self, job: Job, key: bytes | None = None) -> Result:
+        """Send `job` and wait for its answer. One that was in flight when the engine process died becomes a suspect
+        (`key`: its fingerprint, where known)."""
+        sent, future = self._send("submit", job)
         self._changes += 1  # the engine's backlog moves
+        self._attributing += 1
         try:
             if self._busy_poll_s and len(self._pending) == 1:
                 return await self._lone(job, future)
             return await future
         except asyncio.CancelledError:
-            if self._pending.pop(key, None) is not None:
-                self._write(("cancel", key))  # its rows are dropped before they cost compute
+            if self._pending.pop(sent, None) is not None:
+                self._write(("cancel", sent))  # its rows are dropped before they cost compute
                 self._changes += 1
             raise
+        except EngineLost:
+            if self._quarantine.enabled:
+                self._quarantine.suspect(fingerprint(job) if key is None else key)
+            raise
+        finally:
+            self._attributing -= 1
+
+    async def _guarded(self, job: Job) -> Result:
+        """A request while some fingerprint is suspected or quarantined (quarantine.py): a quarantined one is refused
+        with FAILED_PRECONDITION, a suspect runs alone (_probe), and any other waits while a suspect runs alone."""
+        key, quarantine = fingerprint(job), self._quarantine
+        while True:
+            refusal = quarantine.refusal(key, job.model, job.algorithm)
+            if refusal is not None:
+                self._tell("request_refused", self.labels(job.model, job.algorithm)[0], REFUSED_QUARANTINED)
+                raise refusal
+            if not self._probing:
+                if quarantine.suspected(key):
+                    return await self._probe(job, key)
+                return await self._attribute(job, key)
+            await self._probe_over.wait()  # then look again: an identical request's probe may have settled it
+
+    async def _probe(self, job: Job, key: bytes) -> Result:
+        """Run a suspect alone: hold back every other request (`_probing`), wait until none is in flight, send it, and
+        let the others go once it is answered. If the engine process dies meanwhile, the suspect did it (nothing else
+        ran): it is quarantined and its caller gets FAILED_PRECONDITION, which clients do not retry. Any answer, an
+        error too, clears it. A cancel, or an engine process that is down when it is sent, leaves it a suspect.
+
+        What the front cannot see: a request whose caller gave up just before may still be in the engine's pass."""
+        self._probing = True
+        self._probe_over.clear()
+        model = self.labels(job.model, job.algorithm)[0]
+        try:
+            while self._attributing:
+                await asyncio.sleep(_PROBE_POLL_S)
+            try:
+                result = await self._attribute(job, key)
+            except EngineLost as lost:
+                self._quarantine.quarantine(key, lost.why)
+                self._tell("suspect_probed", model, PROBE_QUARANTINED)
+                log.error(
+                    "quarantined a query of death for %g s: model %r, algorithm %r, request id %r (fingerprint %s) ran alone and %s",
+                    self._quarantine.seconds,
+                    job.model,
+                    job.algorithm,
+                    job.request_id,
+                    key.hex(),
+                    lost.why,
+                )
+                refusal = self._quarantine.refusal(key, job.model, job.algorithm)
+                raise (lost if refusal is None else refusal) from None  # (None: a quarantine shorter than the log line)
+            except Unavailable:  # the engine process was down, or its device: nothing learnt
+                raise
+            except Exception:
+                self._cleared(key, model)
+                raise
+            self._cleared(key, model)
+            return result
+        finally:
+            self._probing = False
+            self._probe_over.set()
+
+    def _cleared(self, key: bytes, model: str) -> None:
+        self._quarantine.clear(key)
+        self._tell("suspect_probed", model, PROBE_SERVED)
 
     async def _lone(self, job: Job, future: asyncio.Future) -> Result:
         """A request alone in flight: its answer is polled for (below) unless this model and algorithm's lone answers

@@ -19,6 +19,7 @@ from attrserve_engine.events import (
     PassKind,
     PassStats,
 )
+from attrserve_service.quarantine import PROBE_OUTCOMES
 
 if TYPE_CHECKING:
     from attrserve_service.core import Core
@@ -91,7 +92,7 @@ ATTRSERVE_REQUESTS_DROPPED_TOTAL = Counter(
 ATTRSERVE_REQUESTS_REFUSED_TOTAL = Counter(
     "attrserve_requests_refused_total",
     "Requests refused at admission before any work: the model's queued rows or bytes at their bound, the device's "
-    "request limit reached, or a deadline the queued work would not let it meet.",
+    "request limit reached, a deadline the queued work would not let it meet, or a quarantined query of death.",
     ["model", "reason"],
 )
 ATTRSERVE_ROWS_DROPPED_TOTAL = Counter(
@@ -120,6 +121,12 @@ ATTRSERVE_BUSY_POLL_SECONDS_TOTAL = Counter(
     "attrserve_busy_poll_seconds",
     "Seconds the front end's event loop polled for a lone request's answer instead of sleeping (--busy-poll-us): "
     "CPU spent so that a lone caller is answered sooner.",
+)
+ATTRSERVE_SUSPECT_PROBES_TOTAL = Counter(
+    "attrserve_suspect_probes_total",
+    "Requests run alone because they were in flight when the engine process died, by outcome: served (answered, so not "
+    "the cause), or quarantined (the engine process died again: a query of death, refused for --quarantine-seconds).",
+    ["model", "outcome"],
 )
 ATTRSERVE_QUEUE_REQUESTS = Gauge(
     "attrserve_queue_requests",
@@ -201,6 +208,8 @@ def watch_model(core: Core, name: str, algorithms: list[str], device: str) -> No
         ATTRSERVE_PASSES_EXECUTED_TOTAL.labels(name, kind)
     for reason in SPLIT_REASONS:
         ATTRSERVE_PASS_SPLITS_TOTAL.labels(name, reason)
+    for outcome in PROBE_OUTCOMES:
+        ATTRSERVE_SUSPECT_PROBES_TOTAL.labels(name, outcome)
     watch_device(core, device)
 
 
@@ -277,6 +286,9 @@ class EngineMetrics(EngineObserver):
 
     def busy_polled(self, seconds: float) -> None:
         ATTRSERVE_BUSY_POLL_SECONDS_TOTAL.inc(seconds)
+
+    def suspect_probed(self, model: str, outcome: str) -> None:
+        ATTRSERVE_SUSPECT_PROBES_TOTAL.labels(model, outcome).inc()
 
     def model_load_failed(self, model: str, error: BaseException) -> None:
         ATTRSERVE_MODEL_LOAD_FAILURES_TOTAL.labels(model).inc()

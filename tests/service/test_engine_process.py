@@ -32,7 +32,7 @@ from servers import SERVE_MODULE, ServeProcess, ServerThread, scrape
 from test_model_management import PINNED, TARGET, X, captum, health, mlp, write
 
 from attrserve.v1 import attribution_service_pb2 as pb
-from attrserve_client import NO_RETRY, AttributionClient
+from attrserve_client import NO_RETRY, AttributionClient, RetryPolicy
 from attrserve_engine import Cancelled, EngineLimits, EngineObserver, InputSpec, InvalidArgument, user_code
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import ERROR_ID, Gauges
@@ -951,8 +951,9 @@ def test_an_engine_process_that_dies_is_noticed_and_restarted(repo: Path) -> Non
         )
 
         # A model that ends the interpreter (os._exit, as a crash in an extension would) takes only the engine process.
+        # (Not retried: a retry would run alone and be quarantined, the next test's subject.)
         with pytest.raises(grpc.RpcError) as crashed:
-            client.attribute("crashy", "saliency", np.full((1, 4), 1234.0, np.float32), target=0, timeout=30)
+            AttributionClient(server.address, retry=NO_RETRY).attribute("crashy", "saliency", np.full((1, 4), 1234.0, np.float32), target=0, timeout=30)
         assert crashed.value.code() == grpc.StatusCode.UNAVAILABLE and "exit code 13" in crashed.value.details()
         wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
         assert os.getpid() == front
@@ -978,6 +979,105 @@ def test_an_engine_process_that_dies_is_noticed_and_restarted(repo: Path) -> Non
         size = after[("attrserve_pass_size_rows", frozenset({"model": "good", "kind": "gradient"}.items()))]
         assert size == client.get_model("good", timeout=10).config.max_batch_rows > 0
         assert grew("attrserve_model_load_seconds_count", model="good") == 2  # the two restarts (the first load came before `before`)
+    finally:
+        server.stop()
+
+
+def grown(before: dict, after: dict) -> Callable[..., float]:
+    """How much a metric series grew between two scrapes."""
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    return grew
+
+
+def test_a_query_of_death_sent_with_retries_kills_the_engine_process_twice_at_most_and_is_then_refused(repo: Path) -> None:
+    """A request that kills the engine process whenever it runs, from a client that retries UNAVAILABLE: before,
+    every retry that reached a new engine process killed it too. Now its first death makes it a suspect, its retry
+    runs alone and kills the engine process once more, and it is quarantined: the caller gets FAILED_PRECONDITION
+    (not retried), identical requests are refused at once without reaching the engine, and everything else is served
+    with Captum's numbers."""
+    server = start(repo)
+    try:
+        client = AttributionClient(server.address, retry=RetryPolicy(max_attempts=30, max_total=90))
+        before = scrape(server.running.metrics_port)
+        deadly = np.full((1, 4), 1234.0, np.float32)
+        with pytest.raises(grpc.RpcError) as quarantined:
+            client.attribute("crashy", "saliency", deadly, target=0, timeout=90)
+        assert quarantined.value.code() == grpc.StatusCode.FAILED_PRECONDITION, quarantined.value.details()
+        details = quarantined.value.details()
+        assert "'crashy'" in details and "query of death" in details and "exit code 13" in details, details
+        wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
+        pid = server.running.core.pid
+        with pytest.raises(grpc.RpcError) as refused:
+            client.attribute("crashy", "saliency", deadly, target=0, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "quarantined" in refused.value.details()
+        assert server.running.core.pid == pid and health(server.address) == health_pb2.HealthCheckResponse.SERVING
+        np.testing.assert_allclose(
+            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+        )
+        expected = Saliency(server_model(repo)).attribute(torch.from_numpy(X), target=TARGET, abs=True).numpy()
+        np.testing.assert_allclose(client.attribute("crashy", "saliency", X, target=TARGET, timeout=60).attributions, expected, atol=1e-6)
+        grew = grown(before, scrape(server.running.metrics_port))
+        assert grew("attrserve_engine_process_restarts_total") == 2
+        assert grew("attrserve_suspect_probes_total", model="crashy", outcome="quarantined") == 1
+        assert grew("attrserve_suspect_probes_total", model="crashy", outcome="served") == 0
+        assert grew("attrserve_requests_refused_total", model="crashy", reason="quarantined") == 1
+        assert grew("attrserve_attributions_completed_total", model="crashy", algorithm="saliency", grpc_code="FAILED_PRECONDITION") == 2
+    finally:
+        server.stop()
+
+
+def test_a_request_in_flight_at_a_death_runs_alone_when_sent_again_and_is_then_served_as_ever(repo: Path) -> None:
+    """An innocent request that was in flight when the engine process was killed is a suspect: sent again, it runs
+    alone (a request to another model waits in the front meanwhile, and health stays SERVING), it is answered, and it
+    is cleared: the next time it runs with the others."""
+    server = start(repo)
+    try:
+        client = AttributionClient(server.address, retry=NO_RETRY)
+        outcome: list = []
+        thread = busy(client, outcome)
+        wait_queued(server, 1, "crashy")
+        os.kill(server.running.core.pid, signal.SIGKILL)
+        thread.join(30)
+        assert isinstance(outcome[0], grpc.RpcError) and outcome[0].code() == grpc.StatusCode.UNAVAILABLE
+        wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
+        before = scrape(server.running.metrics_port)
+
+        fragile = server_model(repo)
+        busy_input = torch.full((1, 4), 777.0)
+        probe: list = []
+        thread = busy(client, probe)  # the same request again: it runs alone for its 3 s
+        wait_queued(server, 1, "crashy")
+        waiting: list = []
+        other = in_thread(waiting, lambda: client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60))
+        time.sleep(0.5)
+        assert held(server, "good") == 0 and waiting == [], "a request reached the engine while a suspect ran alone"
+        assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+        thread.join(30)
+        other.join(30)
+        np.testing.assert_allclose(probe[0].attributions, Saliency(fragile).attribute(busy_input, target=0, abs=True).numpy(), atol=1e-6)
+        np.testing.assert_allclose(waiting[0].attributions, captum(1), atol=1e-5)
+        grew = grown(before, scrape(server.running.metrics_port))
+        assert grew("attrserve_suspect_probes_total", model="crashy", outcome="served") == 1
+        assert grew("attrserve_suspect_probes_total", model="crashy", outcome="quarantined") == 0
+
+        # Cleared: sent once more, it runs with the others: a request to good reaches the engine while it runs.
+        again: list = []
+        thread = busy(client, again)
+        wait_queued(server, 1, "crashy")
+        other = in_thread(waiting, lambda: client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60))
+        wait_queued(server, 1, "good")
+        assert not again
+        thread.join(30)
+        other.join(30)
+        np.testing.assert_allclose(waiting[1].attributions, captum(1), atol=1e-5)
+        np.testing.assert_allclose(again[0].attributions, probe[0].attributions)
+        grew = grown(before, scrape(server.running.metrics_port))
+        assert grew("attrserve_suspect_probes_total", model="crashy", outcome="served") == 1
+        assert grew("attrserve_engine_process_restarts_total") == 0
     finally:
         server.stop()
 

@@ -1,0 +1,135 @@
+"""Queries of death: a request that kills the engine process whenever it runs (a model's code that segfaults, calls
+os._exit, or never returns on some input) is found and refused, so that its retries cannot take the engine process,
+and every request in flight with it, down again and again.
+
+Without this, a client that retries UNAVAILABLE (the Python client does, five attempts by default; a balanced client
+retries on the next server) sends the request again as soon as a new engine process serves, and it kills that one
+too: each death fails every request the engine process held, and health says NOT_SERVING until the next restart.
+
+What the front end (EngineProcess) does with this table:
+- An engine process dies. Every request that was in flight to it fails with UNAVAILABLE, as before, and becomes a
+  *suspect*: its fingerprint (what it asks the engine to compute, not its request id or deadline) is kept.
+- A suspect sent again runs alone: the front stops sending other requests, waits until none is in flight, sends the
+  suspect, and sends the others once it is answered. A death then can only be the suspect's doing, and took nothing
+  else with it: the suspect is *quarantined* and its caller gets FAILED_PRECONDITION, which clients do not retry. A
+  suspect that is answered (with attributions or with any error) is cleared.
+- A quarantined request, and every identical one, is refused with FAILED_PRECONDITION before it reaches the engine,
+  for `quarantine_seconds`.
+
+So one query of death costs at most two engine restarts, and only the first takes other requests with it. Suspects
+and quarantined fingerprints expire after `quarantine_seconds`; each table holds at most CAPACITY, the oldest dropped
+first. Nothing here runs on the request path while both tables are empty (EngineProcess checks `watching`).
+
+Imports neither torch nor grpc (the front end's)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from attrserve_engine.errors import FailedPrecondition
+from attrserve_service.frames import encode_parts
+
+# What a suspect's run alone came to (attrserve_suspect_probes_total's outcome label).
+PROBE_SERVED = "served"
+PROBE_QUARANTINED = "quarantined"
+PROBE_OUTCOMES = (PROBE_SERVED, PROBE_QUARANTINED)
+# Fingerprints each table keeps at most; beyond it the oldest is forgotten (a suspect: it runs with the others again;
+# quarantined: it may kill the engine process again, once).
+CAPACITY = 4096
+
+
+def fingerprint(job: Any) -> bytes:
+    """What identifies a request across its retries: everything the engine computes from (model, version, algorithm,
+    inputs' bytes, dtypes and shapes, baselines, target, parameters, seed, ...), not its request id, deadline, arrival
+    or priority, which a retry may change."""
+    same = dataclasses.replace(job, request_id="", deadline=None, arrival=0.0, priority="interactive")
+    digest = hashlib.blake2b(digest_size=16)
+    for part in encode_parts(same):
+        digest.update(part)
+    return digest.digest()
+
+
+@dataclasses.dataclass
+class _Entry:
+    expires: float
+    why: str = ""
+
+
+class Quarantine:
+    """The suspects and the quarantined fingerprints of one front end (module docstring). `seconds` 0: off."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._suspects: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._quarantined: OrderedDict[bytes, _Entry] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.seconds > 0
+
+    @property
+    def watching(self) -> bool:
+        """Whether a request must be fingerprinted: some suspect or quarantined fingerprint is live. One truth test
+        while both tables are empty, as they are unless an engine process died in the last `seconds`."""
+        if not (self._suspects or self._quarantined):
+            return False
+        self._expire(self._suspects)
+        self._expire(self._quarantined)
+        return bool(self._suspects or self._quarantined)
+
+    def suspect(self, key: bytes) -> None:
+        """`key` was in flight when the engine process died."""
+        if self.enabled:
+            self._put(self._suspects, key, _Entry(self._clock() + self.seconds))
+
+    def suspected(self, key: bytes) -> bool:
+        return self._live(self._suspects, key) is not None
+
+    def clear(self, key: bytes) -> None:
+        """`key` ran alone and the engine process lived: it is not a query of death."""
+        self._suspects.pop(key, None)
+
+    def quarantine(self, key: bytes, why: str) -> None:
+        """`key` ran alone and the engine process died (`why`): refuse it from now on."""
+        self._suspects.pop(key, None)
+        self._put(self._quarantined, key, _Entry(self._clock() + self.seconds, why))
+
+    def refusal(self, key: bytes, model: str, algorithm: str) -> FailedPrecondition | None:
+        """The error for a quarantined `key` (None: it is not)."""
+        entry = self._live(self._quarantined, key)
+        if entry is None:
+            return None
+        left = max(0.0, entry.expires - self._clock())
+        return FailedPrecondition(
+            f"this request (model {model!r}, algorithm {algorithm!r}) is quarantined as a query of death: the engine "
+            f"process died while it ran alone ({entry.why}), after it had been in flight at an earlier death. It and "
+            f"every identical request are refused for {left:.0f} s more (--quarantine-seconds); the model's code "
+            "cannot serve this input, and retrying will not help"
+        )
+
+    def _put(self, table: OrderedDict[bytes, _Entry], key: bytes, entry: _Entry) -> None:
+        table.pop(key, None)
+        table[key] = entry
+        self._expire(table)
+        while len(table) > CAPACITY:
+            table.popitem(last=False)
+
+    def _live(self, table: OrderedDict[bytes, _Entry], key: bytes) -> _Entry | None:
+        self._expire(table)
+        return table.get(key)
+
+    def _expire(self, table: OrderedDict[bytes, _Entry]) -> None:
+        """Drop the expired entries (oldest first: each table is in the order its entries expire, as they all live
+        `seconds`)."""
+        now = self._clock()
+        while table:
+            key, entry = next(iter(table.items()))
+            if entry.expires > now:
+                return
+            del table[key]
