@@ -84,6 +84,11 @@ class EngineObserver:
     def pass_executed(self, stats: PassStats) -> None:
         """After every fused pass."""
 
+    def worker_running(self, device: str, worker: int, callers: tuple[Any, ...]) -> None:
+        """Worker `worker` of `device` starts a pass holding rows of the requests whose callers wait on `callers` (the
+        futures Engine.submit returned), right before the model runs; `()` when the pass has returned. Lets an
+        engine process tell, after it died, which requests were computing (the service's quarantine.Board)."""
+
     def request_refused(self, model: str, reason: str) -> None:
         """A request was refused at admission (REFUSAL_REASONS), before any work."""
 

@@ -163,6 +163,12 @@ def batch_key(model: LoadedModel, block: Block) -> BatchKey:
     return (model, block.pass_key)  # LoadedModel hashes by identity
 
 
+def _callers(segments: list[tuple[QueuedBlock, Block, int]]) -> tuple[concurrent.futures.Future, ...]:
+    """The futures of the requests a pass holds rows of (a merged job's: its members')."""
+    jobs = {id(qb.job): qb.job for qb, _, _ in segments}.values()
+    return tuple(member.future for job in jobs for member in (job.members or (job,)))
+
+
 def _finished_by_members(returned: list, job: LiveJob) -> Any:
     raise AssertionError("a merged job finishes through its members (Scheduler._succeed_members)")
 
@@ -607,9 +613,11 @@ class Scheduler:
             start = time.monotonic()
             parts = [part for _, part, _ in segments]
             self._running[generation, index] = (start, model, sum(part.rows for part in parts))
+            self._observers.worker_running(self.name, index, _callers(segments))
             try:
                 outcomes = self._run_pass(model, parts, partial(self._observers.pass_split, model.name), replica)
             finally:
+                self._observers.worker_running(self.name, index, ())
                 with self._state:  # against a watchdog giving this pass up as it returns (_give_up checks under it)
                     del self._running[generation, index]
                     given_up = self._stalled == (generation, index)

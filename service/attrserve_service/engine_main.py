@@ -28,6 +28,7 @@ from attrserve_service.core import ANSWERS, ERROR_ID, settle_heap
 from attrserve_service.frames import FrameReader, frame_of, send_parts
 from attrserve_service.launch import EXIT_STUCK, intra_op_threads
 from attrserve_service.local_core import LocalCore, build_core
+from attrserve_service.quarantine import Board
 from attrserve_service.repository import CONTROL_POLL, RepositoryError
 
 log = logging.getLogger(__name__)
@@ -99,11 +100,19 @@ class _Out:
 
 
 class _Forward(EngineObserver):
-    """Every engine event goes to the front (its metrics), a fresh snapshot first when a state changed."""
+    """Every engine event goes to the front (its metrics), a fresh snapshot first when a state changed; what each
+    worker computes goes on the board, for the front to read should this process die (quarantine.Board)."""
 
-    def __init__(self, out: _Out, core: LocalCore) -> None:
+    def __init__(self, out: _Out, core: LocalCore, board: Board | None, keys: dict[concurrent.futures.Future, int]) -> None:
         self.out = out
         self.core = core
+        self.board = board
+        self.keys = keys  # the front's key of each request this process holds, by its future (_Engine's)
+
+    def worker_running(self, device: str, worker: int, callers: tuple[Any, ...]) -> None:
+        if self.board is not None:
+            found = map(self.keys.get, callers)  # (one lookup each: the event loop removes answered ones meanwhile)
+            self.board.running((device, worker), [key for key in found if key is not None])  # (warm-ups have none)
 
     def _event(self, method: str, *args: Any) -> None:
         self.out.send(("event", method, args))
@@ -156,10 +165,11 @@ class _Engine:
 
     CALLS = ("model_infos", "model_info", "index", "load", "unload", "gauges", "shutdown")
 
-    def __init__(self, core: LocalCore, out: _Out) -> None:
+    def __init__(self, core: LocalCore, out: _Out, keys: dict[concurrent.futures.Future, int]) -> None:
         self.core = core
         self.out = out
         self.futures: dict[int, concurrent.futures.Future] = {}
+        self.keys = keys  # the other way round (_Forward's)
         self.stopped = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
 
@@ -181,10 +191,12 @@ class _Engine:
             self.out.send(("error", key, portable(e)))
             return
         self.futures[key] = future
+        self.keys[future] = key
         future.add_done_callback(partial(self._done, key))
 
     def _done(self, key: int, future: concurrent.futures.Future) -> None:
         self.futures.pop(key, None)
+        self.keys.pop(future, None)
         if future.cancelled():
             return  # the front cancelled it: nobody waits for an answer
         error = future.exception()
@@ -209,8 +221,10 @@ class _Engine:
             self.stopped.set()
 
 
-async def _engine_main(fd_in: int, fd_out: int) -> int:
+async def _engine_main(fd_in: int, fd_out: int, fd_board: int) -> int:
     loop = asyncio.get_running_loop()
+    board = Board(fd_board) if fd_board >= 0 else None
+    keys: dict[concurrent.futures.Future, int] = {}
     out = _Out(socket.socket(fileno=fd_out))
     out.sock.setblocking(True)
     init: asyncio.Future = loop.create_future()
@@ -234,13 +248,13 @@ async def _engine_main(fd_in: int, fd_out: int) -> int:
         cpu_limit(),
     )
     try:
-        core = await build_core(config, lambda core: [_Forward(out, core)], only, probes)  # the front measures the loads too
+        core = await build_core(config, lambda core: [_Forward(out, core, board, keys)], only, probes)  # the front measures the loads too
     except RepositoryError as e:
         out.send(("fatal", str(e)))
         return 2
     settle_heap()
     out.send(("ready", core.snapshot()))
-    engine = _Engine(core, out)
+    engine = _Engine(core, out, keys)
     if config.model_control == CONTROL_POLL:
         engine.tasks.add(asyncio.ensure_future(core.poll_forever(config.repository_poll_seconds)))
     ends = [asyncio.ensure_future(gone.wait()), asyncio.ensure_future(engine.stopped.wait())]
@@ -257,7 +271,7 @@ def main(argv: list[str]) -> int:
     # whole process group) must not kill the engine under a drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    code = eventloop.run(partial(_engine_main, int(argv[0]), int(argv[1])), argv[2])
+    code = eventloop.run(partial(_engine_main, int(argv[0]), int(argv[1]), int(argv[2])), argv[3])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # worker and executor threads are done or abandoned: do not wait for them

@@ -42,7 +42,7 @@ from attrserve_service.config import ServerConfig
 from attrserve_service.convert import Job, Result
 from attrserve_service.core import ANSWERS, Gauges, Snapshot
 from attrserve_service.frames import FrameReader, frame_of
-from attrserve_service.quarantine import PROBE_QUARANTINED, PROBE_SERVED, Quarantine, fingerprint
+from attrserve_service.quarantine import PROBE_QUARANTINED, PROBE_SERVED, Board, Quarantine, fingerprint
 from attrserve_service.repository import CONTROL_EXPLICIT, UNLOADED, RepositoryError, Status
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,14 @@ _PROBE_POLL_S = 0.001
 
 
 class EngineLost(Unavailable):
-    """A request or call in flight when the engine process died (`why`: how), not one refused while it was down."""
+    """A request or call in flight when the engine process died (`why`: how), not one refused while it was down.
+    `computing`: the keys of the requests in the passes that were running then (quarantine.Board), None where that is
+    not known."""
 
-    def __init__(self, why: str) -> None:
+    def __init__(self, why: str, computing: frozenset[int] | None = None) -> None:
         super().__init__(f"{why}; the request was lost with it and may be retried", retry_after_s=1.0)
         self.why = why
+        self.computing = computing
 
 
 def describe_exit(code: int | None) -> str:
@@ -118,6 +121,7 @@ class EngineProcess:
         self._ids = itertools.count()
         self._generation = 0
         self._proc: subprocess.Popen | None = None
+        self._board: Board | None = None  # what the engine process's workers compute (quarantine.Board)
         self._writer: asyncio.WriteTransport | None = None
         self._reader: asyncio.BaseTransport | None = None
         self._ready: asyncio.Future | None = None
@@ -167,6 +171,9 @@ class EngineProcess:
         self._generation += 1
         generation = self._generation
         self._proc = launched.proc
+        if self._board is not None:
+            self._board.close()
+        self._board = launched.board
         self._ready = loop.create_future()
         self._writer, _ = await loop.create_unix_connection(asyncio.Protocol, sock=launched.to_engine)
         self._reader, _ = await loop.create_unix_connection(
@@ -339,14 +346,19 @@ class EngineProcess:
         else:
             reason = f"the engine process {pid} exited ({describe_exit(code)})"
         self.reason = reason
-        # At shutdown nothing is suspected: the process was told to exit.
-        lost = Unavailable(f"{reason}; the request was lost with it", retry_after_s=1.0) if self._closing else EngineLost(reason)
-        if self._attributing and self._quarantine.enabled and not self._closing:
-            log.warning(
-                "%d request(s) in flight died with the engine process: each runs alone if it is sent again, and one that "
-                "kills the engine process then is quarantined (--quarantine-seconds)",
-                self._attributing,
-            )
+        lost: Unavailable
+        if self._closing:  # nothing is suspected: the process was told to exit
+            lost = Unavailable(f"{reason}; the request was lost with it", retry_after_s=1.0)
+        else:
+            computing = self._board.computing() if self._board is not None else None
+            lost = EngineLost(reason, computing)
+            if self._quarantine.enabled and self._attributing:
+                log.warning(
+                    "%s of the %d request(s) in flight: each runs alone if it is sent again, and one that kills the "
+                    "engine process then is quarantined (--quarantine-seconds)",
+                    "suspected: all" if computing is None else f"suspected: the {len(computing)} in the passes that ran",
+                    self._attributing,
+                )
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(lost)
@@ -401,9 +413,13 @@ class EngineProcess:
         return await self._attribute(job)
 
     async def _attribute(self, job: Job, key: bytes | None = None) -> Result:
-        """Send `job` and wait for its answer. One that was in flight when the engine process died becomes a suspect
-        (`key`: its fingerprint, where known)."""
+        """Send `job` and wait for its answer (`key`: its fingerprint, where known)."""
         sent, future = self._send("submit", job)
+        return await self._answer(job, sent, future, key)
+
+    async def _answer(self, job: Job, sent: int, future: asyncio.Future, key: bytes | None) -> Result:
+        """The answer to `job`, sent as `sent`. One whose rows were computing when the engine process died (or every one
+        in flight, where the board cannot say) becomes a suspect."""
         self._changes += 1  # the engine's backlog moves
         self._attributing += 1
         try:
@@ -415,8 +431,8 @@ class EngineProcess:
                 self._write(("cancel", sent))  # its rows are dropped before they cost compute
                 self._changes += 1
             raise
-        except EngineLost:
-            if self._quarantine.enabled:
+        except EngineLost as lost:
+            if self._quarantine.enabled and (lost.computing is None or sent in lost.computing):
                 self._quarantine.suspect(fingerprint(job) if key is None else key)
             raise
         finally:
@@ -450,9 +466,12 @@ class EngineProcess:
         try:
             while self._attributing:
                 await asyncio.sleep(_PROBE_POLL_S)
+            sent, future = self._send("submit", job)
             try:
-                result = await self._attribute(job, key)
+                result = await self._answer(job, sent, future, key)
             except EngineLost as lost:
+                if lost.computing is not None and sent not in lost.computing:
+                    raise  # it was not computing: what was (a request its caller left) is not known here; still a suspect
                 self._quarantine.quarantine(key, lost.why)
                 self._tell("suspect_probed", model, PROBE_QUARANTINED)
                 log.error(
@@ -602,6 +621,9 @@ class EngineProcess:
         for transport in (self._writer, self._reader):
             if transport is not None:
                 transport.close()
+        if self._board is not None:
+            self._board.close()
+            self._board = None
         return lost
 
 

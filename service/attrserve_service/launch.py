@@ -23,6 +23,7 @@ from attrserve_engine.limits import cpu_limit
 from attrserve_service import eventloop
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.frames import encode_parts, send_parts, socketpair
+from attrserve_service.quarantine import Board
 
 # The malloc libraries known by name in a memory map (local_core.heap_allocator) or an LD_PRELOAD (allocator_preload).
 MALLOCS = ("tcmalloc", "jemalloc")
@@ -51,6 +52,7 @@ class Launched:
     from_engine: socket.socket
     preload: str | None  # its LD_PRELOAD: allocator_preload's answer
     event_loop: str  # its event loop: eventloop.resolve's answer
+    board: Board | None = None  # what its workers are computing (quarantine.Board; None where there is no memfd)
     taken: bool = False
 
     def close(self) -> None:
@@ -59,6 +61,8 @@ class Launched:
         self.taken = True
         for end in (self.to_engine, self.from_engine):
             end.close()
+        if self.board is not None:
+            self.board.close()
         if self.proc.poll() is None:
             self.proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -92,21 +96,25 @@ def launch(
         env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 62))
     elif preload == "":
         env.pop("LD_PRELOAD", None)
+    board = Board.create()
+    fds = (engine_in.fileno(), engine_out.fileno(), -1 if board is None else board.fd)
     try:
         send_parts(to_engine, encode_parts([("init", config, log_settings, restore, dict(probes or {}))]))  # KiB: the socket holds it
         proc = subprocess.Popen(
-            [sys.executable, "-m", "attrserve_service.engine_main", str(engine_in.fileno()), str(engine_out.fileno()), event_loop],
-            pass_fds=(engine_in.fileno(), engine_out.fileno()),
+            [sys.executable, "-m", "attrserve_service.engine_main", *map(str, fds), event_loop],
+            pass_fds=[fd for fd in fds if fd >= 0],
             env=env,
         )
     except BaseException:
         for end in (to_engine, from_engine):
             end.close()
+        if board is not None:
+            board.close()
         raise
     finally:
         engine_in.close()
         engine_out.close()
-    return Launched(proc, to_engine, from_engine, preload, event_loop)
+    return Launched(proc, to_engine, from_engine, preload, event_loop, board)
 
 
 def intra_op_threads(config: ServerConfig) -> int:

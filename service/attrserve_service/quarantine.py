@@ -7,8 +7,10 @@ retries on the next server) sends the request again as soon as a new engine proc
 too: each death fails every request the engine process held, and health says NOT_SERVING until the next restart.
 
 What the front end (EngineProcess) does with this table:
-- An engine process dies. Every request that was in flight to it fails with UNAVAILABLE, as before, and becomes a
-  *suspect*: its fingerprint (what it asks the engine to compute, not its request id or deadline) is kept.
+- An engine process dies. Every request that was in flight to it fails with UNAVAILABLE, as before. Those whose rows
+  were in a pass that was running then (the Board says which) become *suspects*: their fingerprints (what each asks
+  the engine to compute, not its request id or deadline) are kept. Where the board cannot say (no pass was running:
+  the death came from elsewhere, or a pass held more requests than a slot holds), every request in flight is one.
 - A suspect sent again runs alone: the front stops sending other requests, waits until none is in flight, sends the
   suspect, and sends the others once it is answered. A death then can only be the suspect's doing, and took nothing
   else with it: the suspect is *quarantined* and its caller gets FAILED_PRECONDITION, which clients do not retry. A
@@ -24,12 +26,18 @@ Imports neither torch nor grpc (the front end's)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import mmap
+import os
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+import numpy as np
 
 from attrserve_engine.errors import FailedPrecondition
 from attrserve_service.frames import encode_parts
@@ -133,3 +141,67 @@ class Quarantine:
             if entry.expires > now:
                 return
             del table[key]
+
+
+class Board:
+    """What each worker thread of an engine process is running, in memory both processes map (a memfd the front
+    creates and the engine process inherits): per worker, the front's keys of the requests whose rows are in its
+    pass, written before the pass starts and cleared when it returns. The front reads it after the process died, so a
+    crash, an os._exit, a kill or a stuck pass names the requests that were computing, not every request queued.
+
+    A slot is SLOT_WORDS int64s: the count of keys (0: no pass; -1: more requests than fit, or more workers than
+    slots: unknown), then the keys. The keys are written before the count, so a death between the two reads as the
+    pass not started (no model code of it has run)."""
+
+    SLOTS = 64
+    SLOT_WORDS = 1024  # a count and up to 1,023 keys: 8 KiB a slot, 512 KiB a board
+    UNKNOWN = -1
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._map = mmap.mmap(fd, self.SLOTS * self.SLOT_WORDS * 8)
+        self._words = np.frombuffer(self._map, dtype=np.int64)
+        self._slots: dict[Any, int] = {}  # the engine's: a worker's slot, by (device, worker index)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls) -> Board | None:
+        """A new board, zeroed, for an engine process about to start (None where memfd_create is missing)."""
+        if not hasattr(os, "memfd_create"):
+            return None
+        fd = os.memfd_create("attrserve-board")  # launch hands it to the engine process (pass_fds)
+        os.ftruncate(fd, cls.SLOTS * cls.SLOT_WORDS * 8)
+        return cls(fd)
+
+    def running(self, worker: Any, keys: Iterable[int]) -> None:
+        """The engine's: `worker` starts a pass holding the requests `keys` (empty: its pass returned)."""
+        slot = self._slots.get(worker)
+        if slot is None:
+            with self._lock:
+                slot = self._slots.setdefault(worker, len(self._slots))
+        if slot >= self.SLOTS:  # more workers than slots: the board cannot say who ran what
+            self._words[0] = self.UNKNOWN
+            return
+        at = slot * self.SLOT_WORDS
+        keys = list(keys)
+        if len(keys) >= self.SLOT_WORDS:
+            self._words[at] = self.UNKNOWN
+            return
+        self._words[at + 1 : at + 1 + len(keys)] = keys
+        self._words[at] = len(keys)
+
+    def computing(self) -> frozenset[int] | None:
+        """The front's, after the engine process died: the keys of the requests in the passes that were running, or
+        None where the board cannot say (no pass was running, or a slot overflowed)."""
+        words = self._words.reshape(self.SLOTS, self.SLOT_WORDS)
+        counts = words[:, 0]
+        if (counts < 0).any() or not counts.any():
+            return None
+        return frozenset(int(key) for row, count in zip(words, counts) for key in row[1 : 1 + count])
+
+    def close(self) -> None:
+        del self._words
+        with contextlib.suppress(BufferError):
+            self._map.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)

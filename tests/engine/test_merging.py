@@ -283,3 +283,34 @@ def test_a_merge_that_cannot_be_built_leaves_each_request_its_own_plan(monkeypat
         engine.shutdown()
     for g, w in zip(got, _alone(jobs)):
         assert_close(g, w)
+
+
+class Running(EngineObserver):
+    """What each worker says it computes (worker_running): every pass's callers, and () as each pass returns."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, tuple]] = []
+
+    def worker_running(self, device: str, worker: int, callers: tuple) -> None:
+        self.calls.append((device, worker, callers))
+
+
+def test_a_worker_names_the_requests_of_its_pass_before_it_runs_and_none_after_merged_requests_each_by_their_own(
+    merges: list[int],
+) -> None:
+    """What the engine process writes on its board (the service's quarantine.Board), so the front knows which
+    requests were computing should the process die: the futures their callers hold, a merged plan's members each."""
+    engine = make_engine(MODELS, default_max_queue_delay_us=0, default_max_batch_rows=4096)
+    running = Running()
+    engine.observers.append(running)
+    cases = GROUPS[0]
+    try:
+        futures = submit_held(engine, [job_for(case, case.build()) for case in cases])
+        for future in futures:
+            future.result(timeout=60)
+    finally:
+        engine.shutdown()
+    assert merges == [len(cases)]
+    named = [callers for _, _, callers in running.calls if callers]
+    assert named and all(set(callers) == set(futures) for callers in named), named
+    assert len(running.calls) == 2 * len(named) and all(not c for _, _, c in running.calls[1::2])  # each pass ends ()

@@ -43,7 +43,8 @@ from attrserve_service.engine_process import EngineProcess
 from attrserve_service.frames import FrameReader, decode, encode, send_parts
 from attrserve_service.launch import allocator_preload
 
-# Sleeps for inputs holding 777 (a request that keeps the engine busy), kills the engine process for 1234; for 4321 it
+# Sleeps for inputs holding 777 (a request that keeps the engine busy), kills the engine process for 1234 (for 4242,
+# after a second's work: a request can queue behind it); for 4321 it
 # hangs up on the front (shuts its sockets down) and stops itself (SIGSTOP): an engine process that lingers after its end.
 # For 999 it is stuck until the file CRASHY_RELEASE names exists (a model's code that never returns); for 555 it sleeps
 # an hour in libc with the GIL held (ctypes.PyDLL keeps it), as a C extension's busy loop would.
@@ -71,6 +72,9 @@ class Fragile(nn.Module):
         if bool((x == 778.0).any()):
             time.sleep(8.0)
         if bool((x == 1234.0).any()):
+            os._exit(13)
+        if bool((x == 4242.0).any()):
+            time.sleep(1.0)
             os._exit(13)
         if bool((x == 4321.0).any()):
             for name in os.listdir("/proc/self/fd"):
@@ -995,19 +999,26 @@ def grown(before: dict, after: dict) -> Callable[..., float]:
 
 def test_a_query_of_death_sent_with_retries_kills_the_engine_process_twice_at_most_and_is_then_refused(repo: Path) -> None:
     """A request that kills the engine process whenever it runs, from a client that retries UNAVAILABLE: before,
-    every retry that reached a new engine process killed it too. Now its first death makes it a suspect, its retry
-    runs alone and kills the engine process once more, and it is quarantined: the caller gets FAILED_PRECONDITION
-    (not retried), identical requests are refused at once without reaching the engine, and everything else is served
-    with Captum's numbers."""
+    every retry that reached a new engine process killed it too. Now its first death makes it a suspect (the board
+    says its rows were computing; a request queued behind it fails too, but is not suspected), its retry runs alone
+    and kills the engine process once more, and it is quarantined: the caller gets FAILED_PRECONDITION (not retried),
+    identical requests are refused at once without reaching the engine, and everything else is served with Captum's
+    numbers."""
     server = start(repo)
     try:
         client = AttributionClient(server.address, retry=RetryPolicy(max_attempts=30, max_total=90))
         before = scrape(server.running.metrics_port)
-        deadly = np.full((1, 4), 1234.0, np.float32)
-        with pytest.raises(grpc.RpcError) as quarantined:
-            client.attribute("crashy", "saliency", deadly, target=0, timeout=90)
-        assert quarantined.value.code() == grpc.StatusCode.FAILED_PRECONDITION, quarantined.value.details()
-        details = quarantined.value.details()
+        deadly = np.full((1, 4), 4242.0, np.float32)
+        quarantined: list = []
+        thread = in_thread(quarantined, lambda: client.attribute("crashy", "saliency", deadly, target=0, timeout=90))
+        wait_queued(server, 1, "crashy")
+        behind: list = []
+        in_thread(behind, lambda: AttributionClient(server.address, retry=NO_RETRY).attribute("good", "integrated_gradients", X, target=TARGET, timeout=60)).join(60)
+        assert isinstance(behind[0], grpc.RpcError) and behind[0].code() == grpc.StatusCode.UNAVAILABLE, behind
+        thread.join(90)
+        assert isinstance(quarantined[0], grpc.RpcError), quarantined
+        assert quarantined[0].code() == grpc.StatusCode.FAILED_PRECONDITION, quarantined[0].details()
+        details = quarantined[0].details()
         assert "'crashy'" in details and "query of death" in details and "exit code 13" in details, details
         wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
         pid = server.running.core.pid
@@ -1024,6 +1035,7 @@ def test_a_query_of_death_sent_with_retries_kills_the_engine_process_twice_at_mo
         assert grew("attrserve_engine_process_restarts_total") == 2
         assert grew("attrserve_suspect_probes_total", model="crashy", outcome="quarantined") == 1
         assert grew("attrserve_suspect_probes_total", model="crashy", outcome="served") == 0
+        assert grew("attrserve_suspect_probes_total", model="good", outcome="served") == 0  # the one behind ran as ever
         assert grew("attrserve_requests_refused_total", model="crashy", reason="quarantined") == 1
         assert grew("attrserve_attributions_completed_total", model="crashy", algorithm="saliency", grpc_code="FAILED_PRECONDITION") == 2
     finally:

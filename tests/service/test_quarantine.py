@@ -19,7 +19,7 @@ from attrserve_service import quarantine as quarantine_module
 from attrserve_service.config import ServerConfig
 from attrserve_service.engine_process import EngineLost, EngineProcess
 from attrserve_service.frames import decode
-from attrserve_service.quarantine import Quarantine, fingerprint
+from attrserve_service.quarantine import Board, Quarantine, fingerprint
 
 
 class Clock:
@@ -122,8 +122,10 @@ def answer(engine: EngineProcess, key: int) -> None:
     engine._pending.pop(key).set_result(f"answer {key}")
 
 
-def die(engine: EngineProcess) -> None:
-    """The engine process dies (as its reaper reports it), and a new one serves at once."""
+def die(engine: EngineProcess, computing: frozenset[int] | None = None) -> None:
+    """The engine process dies (as its reaper reports it) while the requests `computing` were in its passes (None: its
+    board cannot say), and a new one serves at once."""
+    engine._board = types.SimpleNamespace(computing=lambda: computing, close=lambda: None)  # type: ignore[assignment]
     engine._lost(types.SimpleNamespace(pid=7), 13, was_up=False)
     engine.up = True
 
@@ -269,5 +271,58 @@ def test_with_the_quarantine_off_a_death_leaves_no_suspects() -> None:
             with pytest.raises(EngineLost):
                 await request
         assert heard.events == []
+
+    asyncio.run(scenario())
+
+
+def test_the_board_says_which_requests_each_worker_computes_and_when_it_cannot_say() -> None:
+    board = Board.create()
+    assert board is not None
+    engine_side = Board(board.fd)  # the engine process maps the same memory (here: a second map in this process)
+    try:
+        assert board.computing() is None  # nothing running: the death came from elsewhere
+        engine_side.running(("cpu", 0), [3, 5])
+        engine_side.running(("cuda:0", 0), [8])
+        assert board.computing() == {3, 5, 8}
+        engine_side.running(("cpu", 0), [])
+        assert board.computing() == {8}
+        engine_side.running(("cuda:0", 0), list(range(Board.SLOT_WORDS)))  # more than a slot holds
+        assert board.computing() is None
+        engine_side.running(("cuda:0", 0), [9])
+        assert board.computing() == {9}
+        for worker in range(1, Board.SLOTS - 1):  # every slot taken ...
+            engine_side.running(("cpu", worker), [])
+        assert board.computing() == {9}
+        engine_side.running(("cpu", Board.SLOTS), [1])  # ... one worker more has none: the board cannot say any more
+        assert board.computing() is None
+    finally:
+        engine_side.close()
+        board.close()
+
+
+def test_only_the_requests_computing_at_a_death_are_suspects() -> None:
+    async def scenario() -> None:
+        engine, heard = fake_front()
+        computing, queued = asyncio.ensure_future(engine.attribute(job(1.0))), asyncio.ensure_future(engine.attribute(job(2.0)))
+        await turns()
+        die(engine, computing=frozenset({sent(engine)[0][0]}))
+        for request in (computing, queued):
+            with pytest.raises(EngineLost):
+                await request
+        assert engine._quarantine.suspected(fingerprint(job(1.0))) and not engine._quarantine.suspected(fingerprint(job(2.0)))
+        # A death during a probe that the board does not pin on the probe (what computed was not the front's: a
+        # request whose caller left) leaves it a suspect, not quarantined.
+        probe = asyncio.ensure_future(engine.attribute(job(1.0)))
+        await turns()
+        die(engine, computing=frozenset({999}))
+        with pytest.raises(EngineLost):
+            await probe
+        assert engine._quarantine.suspected(fingerprint(job(1.0))) and heard.events == []
+        probe = asyncio.ensure_future(engine.attribute(job(1.0)))
+        await turns()
+        die(engine, computing=frozenset({sent(engine)[-1][0]}))
+        with pytest.raises(FailedPrecondition):
+            await probe
+        assert heard.events == [("suspect_probed", "m", "quarantined")]
 
     asyncio.run(scenario())
