@@ -283,8 +283,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "--quarantine-seconds",
         "quarantine_seconds",
-        "a request in flight when the engine process died runs alone if it is sent again; if the engine process dies "
-        "then too, it and every identical request are refused with FAILED_PRECONDITION for this long (0: off)",
+        "a request computing when the engine process died runs alone if it is sent again; if the engine process dies "
+        "then too, it and every identical request are refused with FAILED_PRECONDITION for this long (0: off; "
+        "without an engine process, unused)",
         float,
         "SECONDS",
     ),

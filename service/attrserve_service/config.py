@@ -58,9 +58,9 @@ class ServerConfig:
     # answer comes. It costs up to that much of a core's CPU per lone request (EngineProcess._lone). Off where the
     # server may use fewer than 2 cores (engine_process.busy_poll_seconds).
     busy_poll_us: int = 3000
-    # Queries of death (quarantine.py): a request in flight when the engine process died runs alone when it is sent
+    # Queries of death (quarantine.py): a request computing when the engine process died runs alone when it is sent
     # again; if the engine process dies then too, it and every identical request are refused with FAILED_PRECONDITION
-    # for this many seconds (0: off, and every retry runs with the others).
+    # for this many seconds (0: off, and every retry runs with the others). Only with engine_process.
     quarantine_seconds: float = 600.0
     # The engine process's C heap (launch.allocator_preload): "auto" (tcmalloc where it is installed and
     # LD_PRELOAD is not set), "tcmalloc" (required), "glibc" (the C library's malloc), or a malloc library's path.

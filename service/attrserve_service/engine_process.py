@@ -433,7 +433,8 @@ class EngineProcess:
             raise
         except EngineLost as lost:
             if self._quarantine.enabled and (lost.computing is None or sent in lost.computing):
-                self._quarantine.suspect(fingerprint(job) if key is None else key)
+                with contextlib.suppress(Exception):  # (it was pickled to be sent: it can be fingerprinted)
+                    self._quarantine.suspect(fingerprint(job) if key is None else key)
             raise
         finally:
             self._attributing -= 1
@@ -441,7 +442,11 @@ class EngineProcess:
     async def _guarded(self, job: Job) -> Result:
         """A request while some fingerprint is suspected or quarantined (quarantine.py): a quarantined one is refused
         with FAILED_PRECONDITION, a suspect runs alone (_probe), and any other waits while a suspect runs alone."""
-        key, quarantine = fingerprint(job), self._quarantine
+        quarantine = self._quarantine
+        try:
+            key = fingerprint(job)
+        except Exception:  # it cannot be pickled, so not sent either: _send's frame fails it alone, as ever
+            return await self._attribute(job)
         while True:
             refusal = quarantine.refusal(key, job.model, job.algorithm)
             if refusal is not None:

@@ -124,7 +124,7 @@ ATTRSERVE_BUSY_POLL_SECONDS_TOTAL = Counter(
 )
 ATTRSERVE_SUSPECT_PROBES_TOTAL = Counter(
     "attrserve_suspect_probes_total",
-    "Requests run alone because they were in flight when the engine process died, by outcome: served (answered, so not "
+    "Requests run alone because they were computing when the engine process died, by outcome: served (answered, so not "
     "the cause), or quarantined (the engine process died again: a query of death, refused for --quarantine-seconds).",
     ["model", "outcome"],
 )

@@ -116,7 +116,7 @@ class Quarantine:
         left = max(0.0, entry.expires - self._clock())
         return FailedPrecondition(
             f"this request (model {model!r}, algorithm {algorithm!r}) is quarantined as a query of death: the engine "
-            f"process died while it ran alone ({entry.why}), after it had been in flight at an earlier death. It and "
+            f"process died while it ran alone ({entry.why}), after it had been computing when it died before. It and "
             f"every identical request are refused for {left:.0f} s more (--quarantine-seconds); the model's code "
             "cannot serve this input, and retrying will not help"
         )
