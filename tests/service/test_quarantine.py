@@ -220,19 +220,27 @@ def test_a_cancelled_probe_or_an_engine_down_leaves_a_suspect_and_lets_the_other
         die(engine)
         with pytest.raises(EngineLost):
             await first
-        # The caller of the probe gives up: the others go, and it stays a suspect.
+        # The caller of the probe gives up: the others go, and it stays a suspect. (One waiting behind it that gives up
+        # is never sent.)
         probe = asyncio.ensure_future(engine.attribute(job(1.0)))
         await turns()
         waiting = asyncio.ensure_future(engine.attribute(job(2.0)))
+        leaves = asyncio.ensure_future(engine.attribute(job(7.0)))
         await turns()
+        leaves.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaves
         probe.cancel()
         with pytest.raises(asyncio.CancelledError):
             await probe
         await turns()
-        assert sent(engine)[-1][1] == 2.0 and not engine._probing
+        assert [value for _, value in sent(engine)[-2:]] == [1.0, 2.0] and not engine._probing
         answer(engine, sent(engine)[-1][0])
         assert (await waiting).startswith("answer")
         assert engine._quarantine.suspected(fingerprint(job(1.0)))
+        # A request that cannot be pickled (so not fingerprinted either) fails alone, as it always did.
+        with pytest.raises(Exception, match="pickle"):
+            await engine.attribute(job(params={"abs": lambda: 0}))
         # Sent while the engine process is down: refused with UNAVAILABLE, still a suspect, not quarantined.
         engine.up = False
         with pytest.raises(Unavailable) as down:
