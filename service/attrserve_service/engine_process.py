@@ -58,8 +58,10 @@ _BACKLOG_TTL_S = 0.25
 # as it exits, so `_reap` gives one whose socket closed _REAP_S to go.
 _REAP_S = 1.0
 _REAP_POLL_S = 0.002
-# A suspect's probe waits for the requests in flight before it to be answered, looking every _PROBE_POLL_S (_probe).
+# A suspect's probe waits for the requests in flight before it to be answered, looking every _PROBE_POLL_S, for at most
+# _PROBE_WAIT_S; then it runs with them (_probe).
 _PROBE_POLL_S = 0.001
+_PROBE_WAIT_S = 30.0
 
 
 class EngineLost(Unavailable):
@@ -354,10 +356,10 @@ class EngineProcess:
             lost = EngineLost(reason, computing)
             if self._quarantine.enabled and self._attributing:
                 log.warning(
-                    "%s of the %d request(s) in flight: each runs alone if it is sent again, and one that kills the "
-                    "engine process then is quarantined (--quarantine-seconds)",
-                    "suspected: all" if computing is None else f"suspected: the {len(computing)} in the passes that ran",
+                    "%d request(s) were in flight; %s suspects: each runs alone if it is sent again, and one that kills "
+                    "the engine process then is quarantined (--quarantine-seconds)",
                     self._attributing,
+                    "all are" if computing is None else f"the {len(computing)} whose rows were computing are",
                 )
         for future in self._pending.values():
             if not future.done():
@@ -464,12 +466,24 @@ class EngineProcess:
         ran): it is quarantined and its caller gets FAILED_PRECONDITION, which clients do not retry. Any answer, an
         error too, clears it. A cancel, or an engine process that is down when it is sent, leaves it a suspect.
 
-        What the front cannot see: a request whose caller gave up just before may still be in the engine's pass."""
+        Requests in flight that are not answered within _PROBE_WAIT_S (a pass stuck with the watchdog off, say) do not
+        hold everything back for longer: the suspect then runs with them (an answer clears it; a death proves nothing
+        then, and it stays a suspect). What the front cannot
+        see: a request whose caller gave up just before may still be in the engine's pass."""
         self._probing = True
         self._probe_over.clear()
         model = self.labels(job.model, job.algorithm)[0]
         try:
+            assert self._loop is not None
+            give_up = self._loop.time() + _PROBE_WAIT_S
             while self._attributing:
+                if self._loop.time() > give_up:
+                    log.warning("a suspect of model %r could not run alone within %g s; it runs with the others", job.model, _PROBE_WAIT_S)
+                    self._probing = False
+                    self._probe_over.set()
+                    result = await self._attribute(job, key)
+                    self._quarantine.clear(key)  # answered: not the cause (a death proves nothing, with others in flight)
+                    return result
                 await asyncio.sleep(_PROBE_POLL_S)
             sent, future = self._send("submit", job)
             try:

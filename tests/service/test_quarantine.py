@@ -15,6 +15,7 @@ from test_engine_process import Transport
 
 from attrserve_engine import AlgorithmSpec, AttributionJob, EngineObserver
 from attrserve_engine.errors import FailedPrecondition, Unavailable
+from attrserve_service import engine_process
 from attrserve_service import quarantine as quarantine_module
 from attrserve_service.config import ServerConfig
 from attrserve_service.engine_process import EngineLost, EngineProcess
@@ -332,5 +333,35 @@ def test_only_the_requests_computing_at_a_death_are_suspects() -> None:
         with pytest.raises(FailedPrecondition):
             await probe
         assert heard.events == [("suspect_probed", "m", "quarantined")]
+
+    asyncio.run(scenario())
+
+
+def test_a_suspect_that_cannot_run_alone_in_time_runs_with_the_others_and_its_answer_clears_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request in flight that is never answered (a pass stuck with the watchdog off) must not hold every other
+    request back behind a probe for ever: after _PROBE_WAIT_S the suspect runs with the others."""
+    monkeypatch.setattr(engine_process, "_PROBE_WAIT_S", 0.05)
+
+    async def scenario() -> None:
+        engine, heard = fake_front()
+        first = asyncio.ensure_future(engine.attribute(job(1.0)))
+        await turns()
+        die(engine)
+        with pytest.raises(EngineLost):
+            await first
+        stuck = asyncio.ensure_future(engine.attribute(job(2.0)))  # never answered
+        await turns()
+        probe = asyncio.ensure_future(engine.attribute(job(1.0)))
+        await turns()
+        other = asyncio.ensure_future(engine.attribute(job(3.0)))
+        await turns()
+        assert [value for _, value in sent(engine)[-1:]] == [2.0]
+        await asyncio.sleep(0.2)
+        assert [value for _, value in sent(engine)[-3:]] == [2.0, 1.0, 3.0] and not engine._probing
+        answer(engine, sent(engine)[-2][0])
+        answer(engine, sent(engine)[-1][0])
+        assert (await probe).startswith("answer") and (await other).startswith("answer")
+        assert not engine._quarantine.suspected(fingerprint(job(1.0))) and heard.events == []  # answered: cleared, not counted
+        stuck.cancel()
 
     asyncio.run(scenario())
