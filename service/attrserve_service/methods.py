@@ -93,7 +93,19 @@ class _Call:
                 if (retry := getattr(error, "retry_after_s", None)) is not None:  # admission's hint, honoured by gRPC retry policies
                     context.set_trailing_metadata(((RETRY_PUSHBACK, str(round(retry * 1e3))),))
                 # INTERNAL: a fixed message with an error id; grpc_status has logged the exception (once) under that id.
-                await context.abort(code, message)
+                try:
+                    await context.abort(code, message)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception:
+                    remaining = context.time_remaining()
+                    if remaining is None or remaining > 0:
+                        raise
+                    # The deadline passed as the answer came (the engine's DEADLINE_EXCEEDED, say): gRPC has ended the
+                    # call with DEADLINE_EXCEEDED, so no status can be sent, and grpc would log the failed send with a
+                    # traceback. The handler ends as grpc ends one whose deadline passed: cancelled.
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    raise asyncio.CancelledError from None
         finally:
             method = self.method
             metrics.child(metrics.GRPC_SERVER_HANDLED_TOTAL, *method.labels, code.name).inc()

@@ -201,3 +201,50 @@ def test_a_request_whose_rows_would_hold_too_many_bytes_is_refused_and_the_serve
         assert_all_close((torch.from_numpy(got.attributions),), (want.detach(),))
     finally:
         s.stop()
+
+
+class EndedCall:
+    """A grpc.aio context whose call gRPC has already ended at its deadline: sending a status fails."""
+
+    def __init__(self, remaining: float) -> None:
+        self.remaining = remaining
+        self.aborted: list = []
+
+    def time_remaining(self) -> float:
+        return self.remaining
+
+    def set_trailing_metadata(self, metadata) -> None:
+        pass
+
+    async def abort(self, code, message) -> None:
+        self.aborted.append(code)
+        raise RuntimeError('Failed "execute_batch"')  # grpc's ExecuteBatchError
+
+
+def test_an_error_that_comes_after_the_deadline_ends_the_handler_as_cancelled_not_with_a_failed_send() -> None:
+    """The engine's DEADLINE_EXCEEDED can come back just after gRPC ended the call at its deadline: the status can no
+    longer be sent, and grpc logged the failed send with a traceback (issue 12 step 38, test_failures' SIGTERM storm).
+    The handler now ends as one that grpc cancelled at its deadline, counted DEADLINE_EXCEEDED; before the deadline a
+    failed send is not hidden."""
+    import asyncio
+
+    from attrserve_engine.errors import DeadlineExceeded
+    from attrserve_service import metrics
+    from attrserve_service.methods import _Call, _Method
+
+    method = _Method("unary", "attrserve.test.Errors", "Late", None)
+    counted = metrics.child(metrics.GRPC_SERVER_HANDLED_TOTAL, *method.labels, "DEADLINE_EXCEEDED")
+    before = counted._value.get()
+
+    async def end(context: EndedCall) -> None:
+        call = _Call(method, context)
+        call.start = 0.0
+        error = DeadlineExceeded("the request's deadline passed before its attribution was computed")
+        await call.__aexit__(type(error), error, None)
+
+    late = EndedCall(remaining=-0.001)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(end(late))
+    assert late.aborted == [grpc.StatusCode.DEADLINE_EXCEEDED] and counted._value.get() == before + 1
+    with pytest.raises(RuntimeError, match="execute_batch"):
+        asyncio.run(end(EndedCall(remaining=5.0)))
