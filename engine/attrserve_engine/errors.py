@@ -36,6 +36,16 @@ class Unavailable(AttributionError):
     code = "UNAVAILABLE"
 
 
+class PassStuck(Unavailable):
+    """UNAVAILABLE for a request whose rows were in a pass given up as stuck in a model's code
+    (Scheduler.give_up_stuck_pass), where the other requests of the device get a plain Unavailable: the service's
+    front end suspects it of being a query of death (attrserve_service/quarantine.py). `why`: the pass's reason."""
+
+    def __init__(self, *args: object, why: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(*args, retry_after_s=retry_after_s)
+        self.why = why
+
+
 class FailedPrecondition(AttributionError):
     code = "FAILED_PRECONDITION"
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, NoReturn
 
-from attrserve_engine.errors import AttributionError, Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable, size_text
+from attrserve_engine.errors import AttributionError, Cancelled, DeadlineExceeded, PassStuck, ResourceExhausted, Unavailable, size_text
 from attrserve_engine.events import (
     DROP_CANCELLED,
     DROP_DEADLINE,
@@ -246,9 +246,10 @@ class Scheduler:
         self._down_reason = ""
         self.restarts = 0
         # A pass that runs longer than stuck_pass_seconds (0: never) is given up (_watch): (generation, worker index) ->
-        # (start, model, rows) of each pass running now, and the (generation, index) of a pass given up, until it returns.
+        # (start, model, rows, its requests' futures) of each pass running now, and the (generation, index) of a pass
+        # given up, until it returns.
         self.stuck_pass_seconds = stuck_pass_seconds
-        self._running: dict[tuple[int, int], tuple[float, LoadedModel, int]] = {}
+        self._running: dict[tuple[int, int], tuple[float, LoadedModel, int, tuple[concurrent.futures.Future, ...]]] = {}
         self._stalled: tuple[int, int] | None = None
         self._stopped = threading.Event()  # the watchdog's: set at stop
         self._failures_in_a_row = 0
@@ -482,10 +483,18 @@ class Scheduler:
             with self._cv:
                 self._start_workers(delay)
 
-    def _give_up(self, generation: int, reason: str, lost: Unavailable, stalled: int | None = None) -> float | None:
-        """End `generation`: the device is down for `reason`, and every job on it fails with `lost`; its workers leave
-        at their next boundary (the results of their passes are dropped). With `stalled`, the worker of that index is
-        stuck in a pass, and the next generation waits for it (_returned). Returns the back-off before a new generation
+    def _give_up(
+        self,
+        generation: int,
+        reason: str,
+        lost: Unavailable,
+        stalled: int | None = None,
+        stuck: tuple[set[concurrent.futures.Future], PassStuck] | None = None,
+    ) -> float | None:
+        """End `generation`: the device is down for `reason`, and every job on it fails with `lost` (those whose futures
+        are in `stuck`'s set: with its error); its workers leave at their next boundary (the results of their passes
+        are dropped). With `stalled`, the worker of that index is stuck in a pass, and the next generation waits for it
+        (_returned). Returns the back-off before a new generation
         starts; None when the workers are exiting, when `generation` is over already (a sibling's crash ended it), or
         when the stalled pass has returned meanwhile (then nothing is given up)."""
         with self._state, self._cv:
@@ -512,7 +521,7 @@ class Scheduler:
         for job in held:
             job.done = True
             self._close_plan(job)
-            _resolve(job.future, error=lost)
+            _resolve(job.future, error=stuck[1] if stuck is not None and job.future in stuck[0] else lost)
         return None if exiting else delay
 
     def _watch(self) -> None:
@@ -531,7 +540,7 @@ class Scheduler:
         The device serves again once the pass returns: a thread cannot be stopped, and until then the model may still
         hold the pass's hooks. Returns why, or "" when no pass is stuck."""
         now = time.monotonic()
-        for (generation, index), (start, model, rows) in list(self._running.items()):
+        for (generation, index), (start, model, rows, callers) in list(self._running.items()):
             # the longer of two estimates of a row's time: every pass's (small ones overstate it) and the probe's rate
             per_row = max(model.row_seconds or 0.0, 1 / model.rows_per_second if model.rows_per_second else 0.0)
             limit = STUCK_PASS_FACTOR * rows * per_row if per_row else STUCK_UNMEASURED_FACTOR * self.stuck_pass_seconds
@@ -543,7 +552,8 @@ class Scheduler:
                 "a pass may take (stuck_pass_seconds): the model's code is stuck"
             )
             lost = Unavailable(f"the engine worker for {self.name} gave up: {reason}; retry")
-            if self._give_up(generation, reason, lost, stalled=index) is None:
+            stuck = PassStuck(f"the engine worker for {self.name} gave up: {reason}; retry", why=reason)
+            if self._give_up(generation, reason, lost, stalled=index, stuck=(set(callers), stuck)) is None:
                 continue
             log.error("engine worker for %s: %s; NOT_SERVING until that pass returns", self.name, reason)
             self._observers.worker_stuck(self.name, reason)
@@ -612,8 +622,9 @@ class Scheduler:
             model, segments, replica = cut.model, cut.segments, cut.replica
             start = time.monotonic()
             parts = [part for _, part, _ in segments]
-            self._running[generation, index] = (start, model, sum(part.rows for part in parts))
-            self._observers.worker_running(self.name, index, _callers(segments))
+            callers = _callers(segments)
+            self._running[generation, index] = (start, model, sum(part.rows for part in parts), callers)
+            self._observers.worker_running(self.name, index, callers)
             try:
                 outcomes = self._run_pass(model, parts, partial(self._observers.pass_split, model.name), replica)
             finally:

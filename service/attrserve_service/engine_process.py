@@ -35,7 +35,7 @@ from functools import partial
 from typing import Any
 
 from attrserve_engine import limits
-from attrserve_engine.errors import AttributionError, Unavailable
+from attrserve_engine.errors import AttributionError, PassStuck, Unavailable
 from attrserve_engine.events import REFUSED_QUARANTINED, EngineObserver, ModelState, Observers
 from attrserve_service import launch
 from attrserve_service.config import ServerConfig
@@ -73,6 +73,12 @@ class EngineLost(Unavailable):
         super().__init__(f"{why}; the request was lost with it and may be retried", retry_after_s=1.0)
         self.why = why
         self.computing = computing
+
+
+def _computing(lost: EngineLost | PassStuck, sent: int) -> bool:
+    """Whether the request sent as `sent`, failed with `lost`, was computing: in the pass given up as stuck, or in a pass
+    running when the engine process died (any request in flight, where its board could not say)."""
+    return isinstance(lost, PassStuck) or lost.computing is None or sent in lost.computing
 
 
 def describe_exit(code: int | None) -> str:
@@ -433,8 +439,8 @@ class EngineProcess:
                 self._write(("cancel", sent))  # its rows are dropped before they cost compute
                 self._changes += 1
             raise
-        except EngineLost as lost:
-            if self._quarantine.enabled and (lost.computing is None or sent in lost.computing):
+        except (EngineLost, PassStuck) as lost:
+            if self._quarantine.enabled and _computing(lost, sent):
                 with contextlib.suppress(Exception):  # (it was pickled to be sent: it can be fingerprinted)
                     self._quarantine.suspect(fingerprint(job) if key is None else key)
             raise
@@ -488,8 +494,8 @@ class EngineProcess:
             sent, future = self._send("submit", job)
             try:
                 result = await self._answer(job, sent, future, key)
-            except EngineLost as lost:
-                if lost.computing is not None and sent not in lost.computing:
+            except (EngineLost, PassStuck) as lost:
+                if not _computing(lost, sent):
                     raise  # it was not computing: what was (a request its caller left) is not known here; still a suspect
                 self._quarantine.quarantine(key, lost.why)
                 self._tell("suspect_probed", model, PROBE_QUARANTINED)

@@ -14,6 +14,7 @@ import torch
 from oracle import wait_in_flight
 
 from attrserve_engine import Cancelled, DeadlineExceeded, EngineObserver, ModelSpec, ResourceExhausted, Unavailable
+from attrserve_engine.errors import PassStuck
 from attrserve_engine.plan import Attribution, Block, BlockResult, PassKind
 from attrserve_engine.models import LoadedModel
 from attrserve_engine.scheduler import LiveJob, Scheduler
@@ -636,6 +637,9 @@ def test_a_pass_stuck_in_the_models_code_is_given_up_and_the_device_serves_again
         for f in [stuck, *queued]:
             with pytest.raises(Unavailable, match=r"gave up: a pass of model 'm' \(8 rows\) has run for .* over the 0.5 s.*stuck"):
                 f.result(10)
+        # The request in the stuck pass is told so (the service suspects it of being a query of death); those behind not.
+        assert isinstance(stuck.exception(), PassStuck) and "model 'm'" in stuck.exception().why
+        assert not any(isinstance(f.exception(), PassStuck) for f in queued)
         assert 0.3 < time.monotonic() - started < 5  # given up at about stuck_pass_seconds, not at a deadline
         # The callers hear first (the engine process exits on worker_stuck, so their answers must have gone out).
         until = time.monotonic() + 5

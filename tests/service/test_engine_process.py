@@ -1203,6 +1203,18 @@ def test_an_engine_process_whose_pass_is_stuck_gives_it_up_and_exits_and_a_new_o
         assert grew("attrserve_engine_process_restarts_total") == 1
         assert grew("attrserve_attributions_completed_total", model="crashy", algorithm="saliency", grpc_code="UNAVAILABLE") == 1
         assert after[("attrserve_engine_process_up", frozenset())] == 1
+        # The request to good behind it was not computing: sent again above, it was not run alone. The stuck one was:
+        # sent again, it runs alone, gets stuck again, and is quarantined, a query of death like a crash.
+        assert grew("attrserve_suspect_probes_total", model="good", outcome="served") == 0
+        pid = server.running.core.pid
+        with pytest.raises(grpc.RpcError) as quarantined:
+            client.attribute("crashy", "saliency", np.full((1, 4), 999.0, np.float32), target=0, timeout=60)
+        assert quarantined.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "query of death" in quarantined.value.details() and "stuck" in quarantined.value.details(), quarantined.value.details()
+        assert_a_new_engine_process_serves(server, client, pid)
+        grew = grown(before, scrape(server.running.metrics_port))
+        assert grew("attrserve_suspect_probes_total", model="crashy", outcome="quarantined") == 1
+        assert grew("attrserve_passes_stuck_total", device="cpu") == 2
     finally:
         server.stop()
 
