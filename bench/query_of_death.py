@@ -105,8 +105,11 @@ class Load:
 
 def counters(server: ServerThread) -> dict:
     page = scrape(server.running.metrics_port)
-    probes = {dict(labels)["outcome"]: value for (name, labels), value in page.items() if name == "attrserve_suspect_probes_total"}
-    return {"deaths": page.get(("attrserve_engine_process_restarts_total", frozenset()), 0.0), **probes}
+    found = {"deaths": page.get(("attrserve_engine_process_restarts_total", frozenset()), 0.0), "served": 0.0, "quarantined": 0.0}
+    for (name, labels), value in page.items():
+        if name == "attrserve_suspect_probes_total":  # summed over the models
+            found[dict(labels)["outcome"]] += value
+    return found
 
 
 def grown(before: dict, after: dict) -> dict:
