@@ -51,6 +51,7 @@ def fake_server(servicer: object, workers: int = 4, repository: bool = False) ->
     finally:
         server.stop(None).wait()
 
+
 # -- in-process ---------------------------------------------------------------------------------
 
 

@@ -149,17 +149,19 @@ class Board:
     pass, written before the pass starts and cleared when it returns. The front reads it after the process died, so a
     crash, an os._exit, a kill or a stuck pass names the requests that were computing, not every request queued.
 
-    A slot is SLOT_WORDS int64s: the count of keys (0: no pass; -1: more requests than fit, or more workers than
-    slots: unknown), then the keys. The keys are written before the count, so a death between the two reads as the
-    pass not started (no model code of it has run)."""
+    The board is int64s: first the number of workers that found no slot (then it cannot say who ran what), then SLOTS
+    slots of SLOT_WORDS: the count of keys (0: no pass; -1: more requests than fit, unknown), then the keys. The keys
+    are written before the count, so a death between the two reads as the pass not started (no model code of it has
+    run)."""
 
     SLOTS = 64
     SLOT_WORDS = 1024  # a count and up to 1,023 keys: 8 KiB a slot, 512 KiB a board
     UNKNOWN = -1
+    BYTES = 8 * (1 + SLOTS * SLOT_WORDS)
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._map = mmap.mmap(fd, self.SLOTS * self.SLOT_WORDS * 8)
+        self._map = mmap.mmap(fd, self.BYTES)
         self._words = np.frombuffer(self._map, dtype=np.int64)
         self._slots: dict[Any, int] = {}  # the engine's: a worker's slot, by (device, worker index)
         self._lock = threading.Lock()
@@ -170,7 +172,7 @@ class Board:
         if not hasattr(os, "memfd_create"):
             return None
         fd = os.memfd_create("attrserve-board")  # launch hands it to the engine process (pass_fds)
-        os.ftruncate(fd, cls.SLOTS * cls.SLOT_WORDS * 8)
+        os.ftruncate(fd, cls.BYTES)
         return cls(fd)
 
     def running(self, worker: Any, keys: Iterable[int]) -> None:
@@ -180,9 +182,9 @@ class Board:
             with self._lock:
                 slot = self._slots.setdefault(worker, len(self._slots))
         if slot >= self.SLOTS:  # more workers than slots: the board cannot say who ran what
-            self._words[0] = self.UNKNOWN
+            self._words[0] += 1
             return
-        at = slot * self.SLOT_WORDS
+        at = 1 + slot * self.SLOT_WORDS
         keys = list(keys)
         if len(keys) >= self.SLOT_WORDS:
             self._words[at] = self.UNKNOWN
@@ -193,9 +195,9 @@ class Board:
     def computing(self) -> frozenset[int] | None:
         """The front's, after the engine process died: the keys of the requests in the passes that were running, or
         None where the board cannot say (no pass was running, or a slot overflowed)."""
-        words = self._words.reshape(self.SLOTS, self.SLOT_WORDS)
+        words = self._words[1:].reshape(self.SLOTS, self.SLOT_WORDS)
         counts = words[:, 0]
-        if (counts < 0).any() or not counts.any():
+        if self._words[0] or (counts < 0).any() or not counts.any():
             return None
         return frozenset(int(key) for row, count in zip(words, counts) for key in row[1 : 1 + count])
 

@@ -32,7 +32,9 @@ class Clock:
 
 
 def job(value: float = 1.0, **changes: Any) -> AttributionJob:
-    return dataclasses.replace(AttributionJob(model="m", algorithm="saliency", inputs=(np.full((1, 4), value, np.float32),), target=0), **changes)
+    return dataclasses.replace(
+        AttributionJob(model="m", algorithm="saliency", inputs=(np.full((1, 4), value, np.float32),), target=0), **changes
+    )
 
 
 def test_a_fingerprint_is_what_the_engine_computes_from_not_what_a_retry_changes() -> None:
@@ -303,6 +305,8 @@ def test_the_board_says_which_requests_each_worker_computes_and_when_it_cannot_s
             engine_side.running(("cpu", worker), [])
         assert board.computing() == {9}
         engine_side.running(("cpu", Board.SLOTS), [1])  # ... one worker more has none: the board cannot say any more
+        assert board.computing() is None
+        engine_side.running(("cpu", 0), [3])  # whatever the others write
         assert board.computing() is None
     finally:
         engine_side.close()
