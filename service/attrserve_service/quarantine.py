@@ -11,8 +11,9 @@ What the front end (EngineProcess) does with this table:
   were in a pass that was running then (the Board says which) become *suspects*: their fingerprints (what each asks
   the engine to compute, not its request id or deadline) are kept. Where the board cannot say (no pass was running:
   the death came from elsewhere, or a pass held more requests than a slot holds), every request in flight is one.
-- A suspect sent again runs alone: the front stops sending other requests, waits until none is in flight, sends the
-  suspect, and sends the others once it is answered. A death then can only be the suspect's doing, and took nothing
+  The requests of a pass given up as stuck are answered with PassStuck before the engine process exits: suspects too.
+- A suspect sent again runs alone: the front stops sending other requests, waits until none is in flight (at most
+  30 s), sends the suspect, and sends the others once it is answered. A death then can only be the suspect's doing, and took nothing
   else with it: the suspect is *quarantined* and its caller gets FAILED_PRECONDITION, which clients do not retry. A
   suspect that is answered (with attributions or with any error) is cleared.
 - A quarantined request, and every identical one, is refused with FAILED_PRECONDITION before it reaches the engine,
