@@ -277,18 +277,7 @@ def captum_attribute(case: Case, model: nn.Module, built: dict[str, Any]) -> tup
     return tuple(o.detach() for o in out), (None if delta is None else delta.detach())
 
 
-def captum_quality(
-    model: nn.Module,
-    method: Any,
-    params: dict,
-    nt: dict | None,
-    inputs: tuple,
-    args: tuple,
-    target: list,
-    seed: int,
-    infid: dict,
-    sens: dict,
-):
+def captum_quality(model: nn.Module, method: Any, params: dict, nt: dict | None, inputs: tuple, args: tuple, target: list, seed: int, infid: dict, sens: dict):
     """Captum's attribute, then captum.metrics.infidelity, then sensitivity_max: one sequence seeded with `seed`, in the
     order and with the perturbation the service documents. `method` is the Captum attribution object.
     Returns (attributions, infidelity, sensitivity_max)."""
@@ -314,18 +303,10 @@ def captum_quality(
         return noise, perturbed
 
     infid_value = infidelity(
-        model,
-        perturb if len(inputs) > 1 else perturb_one,
-        inputs,
-        attributions,
-        target=target,
-        additional_forward_args=args or None,
-        n_perturb_samples=infid["n_perturb_samples"],
-        normalize=infid.get("normalize", False),
+        model, perturb if len(inputs) > 1 else perturb_one, inputs, attributions, target=target,
+        additional_forward_args=args or None, n_perturb_samples=infid["n_perturb_samples"], normalize=infid.get("normalize", False),
     )
-    sens_value = sensitivity_max(
-        explain, inputs, perturb_radius=sens["perturb_radius"], n_perturb_samples=sens["n_perturb_samples"], **kwargs
-    )
+    sens_value = sensitivity_max(explain, inputs, perturb_radius=sens["perturb_radius"], n_perturb_samples=sens["n_perturb_samples"], **kwargs)
     return attributions, infid_value, sens_value
 
 
@@ -352,9 +333,7 @@ def _cases() -> list[Case]:
     for m in main_models:
         cases += [
             Case(m, "integrated_gradients", delta=True),
-            Case(
-                m, "integrated_gradients", {"n_steps": 20, "method": "riemann_trapezoid"}, baselines="row", target="per_example", delta=True
-            ),
+            Case(m, "integrated_gradients", {"n_steps": 20, "method": "riemann_trapezoid"}, baselines="row", target="per_example", delta=True),
             Case(m, "saliency"),
             Case(m, "saliency", {"abs": False}, target="per_example"),
             Case(m, "input_x_gradient", target="per_example"),
@@ -367,49 +346,14 @@ def _cases() -> list[Case]:
         cases.append(Case("mlp", "integrated_gradients", {"n_steps": 7, "method": method}, baselines="scalar", delta=True))
     cases += [
         Case("toy", "integrated_gradients", {"multiply_by_inputs": False}, baselines="per_example"),
-        Case(
-            "conv",
-            "integrated_gradients",
-            {"n_steps": 16},
-            noise_tunnel={"nt_type": "vargrad", "nt_samples": 3, "stdevs": 0.1},
-            delta=True,
-            seed=11,
-        ),
-        Case(
-            "multi",
-            "integrated_gradients",
-            {"n_steps": 8},
-            noise_tunnel={"nt_type": "smoothgrad_sq", "nt_samples": 3, "stdevs": [0.1, 0.3]},
-            baselines="per_example",
-            seed=5,
-        ),
-        Case(
-            "mlp", "deep_lift", noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 3, "stdevs": 0.5}, baselines="row", delta=True, seed=2
-        ),
+        Case("conv", "integrated_gradients", {"n_steps": 16}, noise_tunnel={"nt_type": "vargrad", "nt_samples": 3, "stdevs": 0.1}, delta=True, seed=11),
+        Case("multi", "integrated_gradients", {"n_steps": 8}, noise_tunnel={"nt_type": "smoothgrad_sq", "nt_samples": 3, "stdevs": [0.1, 0.3]}, baselines="per_example", seed=5),
+        Case("mlp", "deep_lift", noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 3, "stdevs": 0.5}, baselines="row", delta=True, seed=2),
         Case("conv", "deep_lift", {"eps": 1e-6}, baselines="scalar", n=5),
         Case("multi", "input_x_gradient", noise_tunnel={"nt_type": "vargrad", "nt_samples": 5, "stdevs": 0.3}, seed=9),
-        Case(
-            "toy",
-            "integrated_gradients",
-            noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 4, "stdevs": 0.1, "draw_baseline_from_distrib": True},
-            baselines="distribution",
-            seed=4,
-        ),
-        Case(
-            "multi",
-            "gradient_shap",
-            {"n_samples": 3, "stdevs": [0.0, 0.2], "multiply_by_inputs": False},
-            baselines="distribution",
-            delta=True,
-            seed=13,
-        ),
-        Case(
-            "mlp",
-            "gradient_shap",
-            noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 2, "stdevs": 0.1, "draw_baseline_from_distrib": True},
-            baselines="distribution",
-            seed=21,
-        ),
+        Case("toy", "integrated_gradients", noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 4, "stdevs": 0.1, "draw_baseline_from_distrib": True}, baselines="distribution", seed=4),
+        Case("multi", "gradient_shap", {"n_samples": 3, "stdevs": [0.0, 0.2], "multiply_by_inputs": False}, baselines="distribution", delta=True, seed=13),
+        Case("mlp", "gradient_shap", noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 2, "stdevs": 0.1, "draw_baseline_from_distrib": True}, baselines="distribution", seed=21),
         Case("grid", "integrated_gradients", target="tuple", delta=True),
         Case("grid", "saliency", target="per_example"),
         Case("grid", "deep_lift", target="per_example", delta=True),
@@ -459,9 +403,7 @@ def assert_informative(want: Sequence[torch.Tensor], atol: float = ATOL) -> None
     """The expected attributions are not (within `atol`) all zeros, so an answer of zeros would fail the comparison:
     a case whose oracle answers zeros checks nothing and must be changed (another target, input or baseline)."""
     biggest = max((float(w.abs().max()) for w in want if w.numel()), default=0.0)
-    assert biggest > atol, (
-        f"the expected attributions are all within {atol:g} of zero (largest {biggest:.3g}): the case cannot tell a right answer from zeros"
-    )
+    assert biggest > atol, f"the expected attributions are all within {atol:g} of zero (largest {biggest:.3g}): the case cannot tell a right answer from zeros"
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = ATOL, rtol: float = RTOL, check_dtype: bool = True) -> None:
@@ -509,9 +451,7 @@ def assert_served_close(got: Any, want: Any, atol: float = ATOL, rtol: float = R
     so float32 and not all zeros where wanted too. informative=False for a convergence delta (about zero by design)."""
     got = got if isinstance(got, tuple) else (got,)
     want = tuple(want) if isinstance(want, (tuple, list)) else (want,)
-    assert_all_close(
-        tuple(torch.from_numpy(np.asarray(g)) for g in got), tuple(w.detach() for w in want), atol, rtol, informative=informative
-    )
+    assert_all_close(tuple(torch.from_numpy(np.asarray(g)) for g in got), tuple(w.detach() for w in want), atol, rtol, informative=informative)
 
 
 def case_rng(case_id: str) -> random.Random:

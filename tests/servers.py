@@ -51,7 +51,6 @@ def fake_server(servicer: object, workers: int = 4, repository: bool = False) ->
     finally:
         server.stop(None).wait()
 
-
 # -- in-process ---------------------------------------------------------------------------------
 
 

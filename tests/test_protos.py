@@ -12,17 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_generated_stubs_are_current(tmp_path: Path) -> None:
     protos = sorted((ROOT / "protos" / "attrserve" / "v1").glob("*.proto"))
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            "-I",
-            str(ROOT / "protos"),
-            f"--python_out={tmp_path}",
-            f"--pyi_out={tmp_path}",
-            f"--grpc_python_out={tmp_path}",
-            *map(str, protos),
-        ],
+        [sys.executable, "-m", "grpc_tools.protoc", "-I", str(ROOT / "protos"), f"--python_out={tmp_path}",
+         f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", *map(str, protos)],
         check=True,
         timeout=120,
     )

@@ -21,26 +21,14 @@ CLIENT_ROOT = pathlib.Path(__file__).resolve().parents[2] / "clients" / "python"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CLIENT_ROOT), os.environ.get("PYTHONPATH", "")])}
 DT = tensor_pb2.DataType
 LRP_REASON = "LRP has no rule for module 'norm' (LayerNorm)"
-
-
 def _model() -> pb.ModelInfo:
     return pb.ModelInfo(
-        config={
-            "name": "img",
-            "version": "2",
-            "description": "a small conv net",
-            "max_batch_rows": 64,
-            "inputs": [
-                {"name": "pixels", "dtype": DT.DATA_TYPE_FLOAT32, "dims": [3, -1, 8]},
-                {"name": "ids", "dtype": DT.DATA_TYPE_INT64, "dims": [4]},
-            ],
-            "output": {"key": "logits"},
-        },
-        layers=["conv1", "relu1", "fc"],
-        ready=True,
-        state=pb.MODEL_STATE_READY,
-        algorithms=[pb.ALGORITHM_INTEGRATED_GRADIENTS, pb.ALGORITHM_SALIENCY],
-        custom_algorithms=["blur_ig"],
+        config={"name": "img", "version": "2", "description": "a small conv net", "max_batch_rows": 64,
+                "inputs": [{"name": "pixels", "dtype": DT.DATA_TYPE_FLOAT32, "dims": [3, -1, 8]},
+                           {"name": "ids", "dtype": DT.DATA_TYPE_INT64, "dims": [4]}],
+                "output": {"key": "logits"}},
+        layers=["conv1", "relu1", "fc"], ready=True, state=pb.MODEL_STATE_READY,
+        algorithms=[pb.ALGORITHM_INTEGRATED_GRADIENTS, pb.ALGORITHM_SALIENCY], custom_algorithms=["blur_ig"],
         refused=[pb.RefusedAlgorithm(name="lrp", reason=LRP_REASON)],
         batch_probe=[pb.BatchProbe(rows=16, rows_per_second=1200.0), pb.BatchProbe(rows=64, rows_per_second=3000.5)],
     )
@@ -55,11 +43,11 @@ class Fake(pb_grpc.AttributionServiceServicer):
     def Attribute(self, request, context):
         self.requests.append(request)
         x = from_tensor_proto(request.inputs[0])
-        response = pb.AttributeResponse(
-            request_id=request.request_id, model_version="2", seed=5, attributions=[to_tensor_proto(x * 2)], timing=pb.Timing(total_ms=1.0)
-        )
+        response = pb.AttributeResponse(request_id=request.request_id, model_version="2", seed=5,
+                                        attributions=[to_tensor_proto(x * 2)], timing=pb.Timing(total_ms=1.0))
         for spec in request.also:
-            response.also.append(pb.AlgorithmResult(algorithm=cli.algorithm_name(spec.algorithm), attributions=[to_tensor_proto(x * 3)]))
+            response.also.append(pb.AlgorithmResult(algorithm=cli.algorithm_name(spec.algorithm),
+                                                    attributions=[to_tensor_proto(x * 3)]))
         if request.evaluate.HasField("infidelity"):
             response.infidelity.CopyFrom(to_tensor_proto(np.full(x.shape[0], 0.5, np.float32)))
         return response
@@ -88,7 +76,6 @@ def run_cli(*args, code=""):
 
 # --- the command as a whole ----------------------------------------------------------------------
 
-
 def test_help_lists_every_command_with_examples(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -106,12 +93,10 @@ def test_unknown_command_exits_2(capsys):
 
 
 def test_client_commands_import_no_torch():
-    code = (
-        "import sys; from attrserve_client import cli\n"
-        "for argv in (['--help'], ['models', '--help'], ['describe', '--help'], ['attribute', '--help']):\n"
-        "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
-        "print('torch' in sys.modules, 'attrserve_engine' in sys.modules)"
-    )
+    code = ("import sys; from attrserve_client import cli\n"
+            "for argv in (['--help'], ['models', '--help'], ['describe', '--help'], ['attribute', '--help']):\n"
+            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules, 'attrserve_engine' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-2:] == ["False", "False"]
@@ -131,7 +116,6 @@ def test_serve_dispatches_to_the_server_package():
 
 # --- models and describe ------------------------------------------------------------------------
 
-
 def test_models_shows_inputs_and_layers(server, capsys):
     address, _ = server
     assert cli.main(["models", "--target-address", address]) == 0
@@ -141,7 +125,8 @@ def test_models_shows_inputs_and_layers(server, capsys):
     ]
     assert cli.main(["models", "--target-address", address, "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["models"][0]
-    assert row["inputs"] == [{"name": "pixels", "dtype": "float32", "dims": [3, -1, 8]}, {"name": "ids", "dtype": "int64", "dims": [4]}]
+    assert row["inputs"] == [{"name": "pixels", "dtype": "float32", "dims": [3, -1, 8]},
+                             {"name": "ids", "dtype": "int64", "dims": [4]}]
     assert row["layers"] == ["conv1", "relu1", "fc"] and row["refused"] == {"lrp": LRP_REASON}
 
 
@@ -150,20 +135,10 @@ def test_describe_shows_everything_get_model_says(server, capsys):
     assert cli.main(["describe", "img", "--target-address", address]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "model img version 2: ready"
-    for line in (
-        "  max_batch_rows: 64",
-        "  description: a small conv net",
-        "  pixels  float32  dims per example [3, -1, 8]",
-        "  ids  int64  dims per example [4]",
-        "output selector: key 'logits'",
-        "layers (3):",
-        "  relu1",
-        "algorithms: integrated_gradients, saliency",
-        "plugin algorithms: blur_ig",
-        "refused (1):",
-        f"  lrp: {LRP_REASON}",
-        "  64: 3000.5",
-    ):
+    for line in ("  max_batch_rows: 64", "  description: a small conv net", "  pixels  float32  dims per example [3, -1, 8]",
+                 "  ids  int64  dims per example [4]", "output selector: key 'logits'", "layers (3):", "  relu1",
+                 "algorithms: integrated_gradients, saliency", "plugin algorithms: blur_ig", "refused (1):",
+                 f"  lrp: {LRP_REASON}", "  64: 3000.5"):
         assert line in out, (line, out)
 
 
@@ -174,52 +149,28 @@ def test_describe_json_and_version(server, capsys):
     assert info["config"]["inputs"][0]["dims"] == [3, -1, 8] and info["config"]["output"] == {"key": "logits"}
     assert info["refused"] == [{"name": "lrp", "reason": LRP_REASON}]
     assert info["batch_probe"][1] == {"rows": 64, "rows_per_second": 3000.5}
-    assert (info["state"], info["algorithms"], info["layers"]) == ("ready", ["integrated_gradients", "saliency"], ["conv1", "relu1", "fc"])
+    assert (info["state"], info["algorithms"], info["layers"]) == ("ready", ["integrated_gradients", "saliency"],
+                                                                  ["conv1", "relu1", "fc"])
     assert cli.main(["describe", "nope", "--target-address", address]) == 2
     assert capsys.readouterr().err == "error: NOT_FOUND: no model 'nope'\n"
 
 
 # --- attribute --also and --evaluate -------------------------------------------------------------
 
-
 def attribute(address, *extra):
-    return cli.main(
-        [
-            "attribute",
-            "--target-address",
-            address,
-            "--model",
-            "img",
-            "--algorithm",
-            "integrated_gradients",
-            "--inputs",
-            "[[1.0, 2.0]]",
-            *extra,
-        ]
-    )
+    return cli.main(["attribute", "--target-address", address, "--model", "img", "--algorithm", "integrated_gradients",
+                     "--inputs", "[[1.0, 2.0]]", *extra])
 
 
 def test_attribute_also_and_evaluate(server, capsys, tmp_path):
     address, fake = server
     (tmp_path / "also.json").write_text('{"algorithm": "saliency", "params": {"abs": false}}')
-    assert (
-        attribute(
-            address,
-            "--also",
-            '{"algorithm": "input_x_gradient", "return_convergence_delta": true}',
-            "--also",
-            str(tmp_path / "also.json"),
-            "--evaluate",
-            '{"infidelity": {"n_perturb_samples": 4}}',
-            "--json",
-        )
-        == 0
-    )
+    assert attribute(address, "--also", '{"algorithm": "input_x_gradient", "return_convergence_delta": true}',
+                     "--also", str(tmp_path / "also.json"),
+                     "--evaluate", '{"infidelity": {"n_perturb_samples": 4}}', "--json") == 0
     sent = fake.requests[-1]
     assert [(cli.algorithm_name(a.algorithm), a.return_convergence_delta) for a in sent.also] == [
-        ("input_x_gradient", True),
-        ("saliency", False),
-    ]
+        ("input_x_gradient", True), ("saliency", False)]
     assert dict(sent.also[1].params) == {"abs": False}
     assert sent.evaluate.infidelity.n_perturb_samples == 4 and not sent.evaluate.HasField("sensitivity_max")
     out = json.loads(capsys.readouterr().out)
@@ -231,19 +182,16 @@ def test_attribute_also_and_evaluate(server, capsys, tmp_path):
     assert "saliency: attributions (1, 2)" in text and "infidelity" in text
 
 
-@pytest.mark.parametrize(
-    "flags,message",
-    [
-        (["--also", "saliency"], "--also: not JSON"),
-        (["--also", "[1]"], "--also must be a JSON object"),
-        (["--also", '{"params": {}}'], "algorithm required"),
-        (["--also", '{"algorithm": "saliency", "layer": 3}'], "also[0].layer: expected a string"),
-        (["--evaluate", '{"fidelity": {}}'], "unknown metric 'fidelity'"),
-        (["--evaluate", '{"infidelity": {"n_perturb_samples": "ten"}}'], "evaluate.infidelity.n_perturb_samples"),
-        (["--params", "{oops"], "--params: not JSON"),
-        (["--baselines", "/no/such/file.npy"], "--baselines: cannot read /no/such/file.npy"),
-    ],
-)
+@pytest.mark.parametrize("flags,message", [
+    (["--also", "saliency"], "--also: not JSON"),
+    (["--also", "[1]"], "--also must be a JSON object"),
+    (["--also", '{"params": {}}'], "algorithm required"),
+    (["--also", '{"algorithm": "saliency", "layer": 3}'], "also[0].layer: expected a string"),
+    (["--evaluate", '{"fidelity": {}}'], "unknown metric 'fidelity'"),
+    (["--evaluate", '{"infidelity": {"n_perturb_samples": "ten"}}'], "evaluate.infidelity.n_perturb_samples"),
+    (["--params", "{oops"], "--params: not JSON"),
+    (["--baselines", "/no/such/file.npy"], "--baselines: cannot read /no/such/file.npy"),
+])
 def test_attribute_errors_name_the_flag_or_field(server, capsys, flags, message):
     address, fake = server
     assert attribute(address, *flags) == 2

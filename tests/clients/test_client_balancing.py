@@ -19,28 +19,21 @@ X = [[0.2961119413, 0.5165622830, 0.2516707182]]
 WANT = np.array([[-0.5922, -1.5497, -1.0067]])  # IG of Captum's ToyModel, target 0 (README)
 
 
-@pytest.mark.parametrize(
-    "target, want",
-    [
-        ("127.0.0.1:1", ("127.0.0.1:1", False)),
-        ("127.0.0.1:1,127.0.0.1:2", ("ipv4:127.0.0.1:1,127.0.0.1:2", True)),
-        (["127.0.0.1:1", "127.0.0.1:2"], ("ipv4:127.0.0.1:1,127.0.0.1:2", True)),
-        (["[::1]:1", "[::1]:2"], ("ipv6:[::1]:1,[::1]:2", True)),
-        ("dns:///attrserve-headless.default.svc:50051", ("dns:///attrserve-headless.default.svc:50051", True)),
-    ],
-)
+@pytest.mark.parametrize("target, want", [
+    ("127.0.0.1:1", ("127.0.0.1:1", False)),
+    ("127.0.0.1:1,127.0.0.1:2", ("ipv4:127.0.0.1:1,127.0.0.1:2", True)),
+    (["127.0.0.1:1", "127.0.0.1:2"], ("ipv4:127.0.0.1:1,127.0.0.1:2", True)),
+    (["[::1]:1", "[::1]:2"], ("ipv6:[::1]:1,[::1]:2", True)),
+    ("dns:///attrserve-headless.default.svc:50051", ("dns:///attrserve-headless.default.svc:50051", True)),
+])
 def test_targets(target, want) -> None:
     assert channel_target(target) == want
 
 
 def handled_ok(server: ServeProcess) -> float:
     assert server.metrics_port is not None
-    key = (
-        "grpc_server_handled_total",
-        frozenset(
-            {"grpc_type": "unary", "grpc_service": "attrserve.v1.AttributionService", "grpc_method": "Attribute", "grpc_code": "OK"}.items()
-        ),
-    )
+    key = ("grpc_server_handled_total", frozenset({"grpc_type": "unary", "grpc_service": "attrserve.v1.AttributionService",
+                                                    "grpc_method": "Attribute", "grpc_code": "OK"}.items()))
     return scrape(server.metrics_port).get(key, 0.0)
 
 

@@ -121,10 +121,7 @@ def test_repository_index_lists_every_version_with_its_state(client):
     assert states(client.repository_index(ready_only=True, timeout=TIMEOUT)) == ALL_READY
     models = client.list_models(timeout=TIMEOUT)
     assert sorted((m.config.name, m.config.version, m.ready, m.state) for m in models) == [
-        ("a", "1", True, READY),
-        ("b", "1", True, READY),
-        ("b", "2", True, READY),
-    ]
+        ("a", "1", True, READY), ("b", "1", True, READY), ("b", "2", True, READY)]
     assert_serves(client, "a")
     assert_serves(client, "b", want_version="2")  # no version: the newest
 
@@ -285,12 +282,8 @@ def test_cli_models_shows_states_and_reasons(client, server, repo, capsys):
         lines = capsys.readouterr().out.splitlines()
         assert lines[0].split() == ["name", "version", "ready", "state", "inputs", "layers", "algorithms"]
         rows = {tuple(line.split()[:4]) for line in lines[1:5]}
-        assert rows == {
-            ("a", "1", "yes", "ready"),
-            ("b", "1", "yes", "ready"),
-            ("b", "2", "yes", "ready"),
-            ("c", "1", "no", "unavailable"),
-        }, lines
+        assert rows == {("a", "1", "yes", "ready"), ("b", "1", "yes", "ready"), ("b", "2", "yes", "ready"),
+                        ("c", "1", "no", "unavailable")}, lines
         assert lines[5] == ""
         assert lines[6].startswith("c v1: ") and "no weights here" in lines[6], lines
         assert len(lines) == 7, lines

@@ -20,70 +20,64 @@ def req(algorithm="integrated_gradients", inputs=X, **kwargs):
     return build_request("toy", algorithm, inputs, **kwargs)
 
 
-@pytest.mark.parametrize(
-    "name, value",
-    [
-        ("integrated_gradients", pb.ALGORITHM_INTEGRATED_GRADIENTS),
-        ("saliency", pb.ALGORITHM_SALIENCY),
-        ("input_x_gradient", pb.ALGORITHM_INPUT_X_GRADIENT),
-        ("deep_lift", pb.ALGORITHM_DEEP_LIFT),
-        ("gradient_shap", pb.ALGORITHM_GRADIENT_SHAP),
-        ("Gradient_Shap", pb.ALGORITHM_GRADIENT_SHAP),
-    ],
-)
+@pytest.mark.parametrize("name, value", [
+    ("integrated_gradients", pb.ALGORITHM_INTEGRATED_GRADIENTS),
+    ("saliency", pb.ALGORITHM_SALIENCY),
+    ("input_x_gradient", pb.ALGORITHM_INPUT_X_GRADIENT),
+    ("deep_lift", pb.ALGORITHM_DEEP_LIFT),
+    ("gradient_shap", pb.ALGORITHM_GRADIENT_SHAP),
+    ("Gradient_Shap", pb.ALGORITHM_GRADIENT_SHAP),
+])
 def test_algorithm_names_map_to_the_enum(name, value):
     assert req(name).algorithm == value
 
 
 @pytest.mark.parametrize("name", ["unspecified", "blur ig", "IntegratedGradients", ""])
 def test_unknown_algorithm_lists_the_valid_ones(name):
-    with pytest.raises(ValueError, match="valid: integrated_gradients, saliency, input_x_gradient, deep_lift, gradient_shap"):
+    with pytest.raises(ValueError, match="valid: integrated_gradients, saliency, input_x_gradient, "
+                                         "deep_lift, gradient_shap"):
         req(name)
 
 
 def test_minimal_request_sets_only_what_was_given():
-    assert req() == pb.AttributeRequest(model="toy", algorithm=pb.ALGORITHM_INTEGRATED_GRADIENTS, inputs=[to_tensor_proto(X)])
+    assert req() == pb.AttributeRequest(
+        model="toy", algorithm=pb.ALGORITHM_INTEGRATED_GRADIENTS, inputs=[to_tensor_proto(X)])
     r = req()
     for field in ("target", "noise_tunnel", "seed", "params"):
         assert not (r.HasField(field) if field != "params" else r.WhichOneof("params"))
 
 
 def test_scalar_fields():
-    r = req(layer="net.fc1", model_version="3", request_id="r-1", seed=0, return_convergence_delta=True, return_outputs=True)
+    r = req(layer="net.fc1", model_version="3", request_id="r-1", seed=0,
+            return_convergence_delta=True, return_outputs=True)
     assert (r.layer, r.model_version, r.request_id) == ("net.fc1", "3", "r-1")
     assert r.HasField("seed") and r.seed == 0
     assert r.return_convergence_delta and r.return_outputs
 
 
-@pytest.mark.parametrize(
-    "inputs, expected",
-    [
-        (X, [X]),
-        (X.tolist(), [X]),  # nested lists are data
-        ((X,), [X]),
-        ((X, Y), [X, Y]),
-        ([X, Y], [X, Y]),  # a list of arrays is one per input
-    ],
-)
+@pytest.mark.parametrize("inputs, expected", [
+    (X, [X]),
+    (X.tolist(), [X]),  # nested lists are data
+    ((X,), [X]),
+    ((X, Y), [X, Y]),
+    ([X, Y], [X, Y]),  # a list of arrays is one per input
+])
 def test_inputs_forms(inputs, expected):
     assert list(req(inputs=inputs).inputs) == [to_tensor_proto(e) for e in expected]
 
 
-@pytest.mark.parametrize(
-    "baselines, inputs, expected",
-    [
-        (None, X, []),
-        (0, X, [pb.Baseline(scalar=0.0)]),
-        (0.5, (X, Y), [pb.Baseline(scalar=0.5), pb.Baseline(scalar=0.5)]),  # a number serves every input
-        (np.float32(0.25), X, [pb.Baseline(scalar=0.25)]),
-        (X * 0, X, [pb.Baseline(tensor=to_tensor_proto(X * 0))]),
-        ([[0.0, 0.0, 0.0]], X, [pb.Baseline(tensor=to_tensor_proto(np.zeros((1, 3), np.float32)))]),
-        ((None, 1.0), (X, Y), [pb.Baseline(), pb.Baseline(scalar=1.0)]),
-        ((Y, None), (X, Y), [pb.Baseline(tensor=to_tensor_proto(Y)), pb.Baseline()]),
-        ((None, None), (X, Y), []),
-        ((None,), X, []),
-    ],
-)
+@pytest.mark.parametrize("baselines, inputs, expected", [
+    (None, X, []),
+    (0, X, [pb.Baseline(scalar=0.0)]),
+    (0.5, (X, Y), [pb.Baseline(scalar=0.5), pb.Baseline(scalar=0.5)]),  # a number serves every input
+    (np.float32(0.25), X, [pb.Baseline(scalar=0.25)]),
+    (X * 0, X, [pb.Baseline(tensor=to_tensor_proto(X * 0))]),
+    ([[0.0, 0.0, 0.0]], X, [pb.Baseline(tensor=to_tensor_proto(np.zeros((1, 3), np.float32)))]),
+    ((None, 1.0), (X, Y), [pb.Baseline(), pb.Baseline(scalar=1.0)]),
+    ((Y, None), (X, Y), [pb.Baseline(tensor=to_tensor_proto(Y)), pb.Baseline()]),
+    ((None, None), (X, Y), []),
+    ((None,), X, []),
+])
 def test_baselines_forms(baselines, inputs, expected):
     assert list(req(inputs=inputs, baselines=baselines).baselines) == expected
 
@@ -99,18 +93,15 @@ def idx(*values):
     return pb.TargetIndex(index=list(values))
 
 
-@pytest.mark.parametrize(
-    "target, expected",
-    [
-        (0, pb.Target(index=0)),
-        (np.int64(2), pb.Target(index=2)),
-        ((1, 2), pb.Target(tuple=idx(1, 2))),
-        ([0, 1], pb.Target(per_example=pb.TargetIndexList(indices=[idx(0), idx(1)]))),
-        ([(0, 1), 2], pb.Target(per_example=pb.TargetIndexList(indices=[idx(0, 1), idx(2)]))),
-        ([[0, 1], [1, 0]], pb.Target(per_example=pb.TargetIndexList(indices=[idx(0, 1), idx(1, 0)]))),
-        (np.array([1, 0]), pb.Target(per_example=pb.TargetIndexList(indices=[idx(1), idx(0)]))),
-    ],
-)
+@pytest.mark.parametrize("target, expected", [
+    (0, pb.Target(index=0)),
+    (np.int64(2), pb.Target(index=2)),
+    ((1, 2), pb.Target(tuple=idx(1, 2))),
+    ([0, 1], pb.Target(per_example=pb.TargetIndexList(indices=[idx(0), idx(1)]))),
+    ([(0, 1), 2], pb.Target(per_example=pb.TargetIndexList(indices=[idx(0, 1), idx(2)]))),
+    ([[0, 1], [1, 0]], pb.Target(per_example=pb.TargetIndexList(indices=[idx(0, 1), idx(1, 0)]))),
+    (np.array([1, 0]), pb.Target(per_example=pb.TargetIndexList(indices=[idx(1), idx(0)]))),
+])
 def test_target_forms(target, expected):
     r = req(target=target)
     assert r.HasField("target") and r.target == expected
@@ -125,21 +116,19 @@ def test_bad_targets_are_rejected(target):
 def test_integrated_gradients_params():
     r = req(params={"n_steps": 50, "method": "riemann_trapezoid", "multiply_by_inputs": False})
     assert r.WhichOneof("params") == "integrated_gradients"
-    assert r.integrated_gradients == pb.IntegratedGradientsParams(n_steps=50, method="riemann_trapezoid", multiply_by_inputs=False)
+    assert r.integrated_gradients == pb.IntegratedGradientsParams(
+        n_steps=50, method="riemann_trapezoid", multiply_by_inputs=False)
     assert r.integrated_gradients.HasField("multiply_by_inputs")
 
 
-@pytest.mark.parametrize(
-    "algorithm, params, expected",
-    [
-        ("saliency", {"abs": False}, pb.SaliencyParams(abs=False)),
-        ("deep_lift", {"eps": 1e-6}, pb.DeepLiftParams(eps=1e-6)),
-        ("gradient_shap", {"n_samples": 3, "stdevs": 0.1}, pb.GradientShapParams(n_samples=3, stdevs=[0.1])),
-        ("gradient_shap", {"stdevs": [0.1, 0.2]}, pb.GradientShapParams(stdevs=[0.1, 0.2])),
-        ("gradient_shap", {"stdevs": np.array([1, 2])}, pb.GradientShapParams(stdevs=[1.0, 2.0])),
-        ("gradient_shap", {"n_samples": None}, pb.GradientShapParams()),  # None keeps the default
-    ],
-)
+@pytest.mark.parametrize("algorithm, params, expected", [
+    ("saliency", {"abs": False}, pb.SaliencyParams(abs=False)),
+    ("deep_lift", {"eps": 1e-6}, pb.DeepLiftParams(eps=1e-6)),
+    ("gradient_shap", {"n_samples": 3, "stdevs": 0.1}, pb.GradientShapParams(n_samples=3, stdevs=[0.1])),
+    ("gradient_shap", {"stdevs": [0.1, 0.2]}, pb.GradientShapParams(stdevs=[0.1, 0.2])),
+    ("gradient_shap", {"stdevs": np.array([1, 2])}, pb.GradientShapParams(stdevs=[1.0, 2.0])),
+    ("gradient_shap", {"n_samples": None}, pb.GradientShapParams()),  # None keeps the default
+])
 def test_params_go_to_the_algorithms_oneof_field(algorithm, params, expected):
     r = req(algorithm, params=params)
     assert r.WhichOneof("params") == algorithm
@@ -147,7 +136,8 @@ def test_params_go_to_the_algorithms_oneof_field(algorithm, params, expected):
 
 
 def test_unknown_params_name_the_valid_fields():
-    with pytest.raises(ValueError, match="unknown integrated_gradients params steps; valid: n_steps, method, multiply_by_inputs"):
+    with pytest.raises(ValueError, match="unknown integrated_gradients params steps; "
+                                         "valid: n_steps, method, multiply_by_inputs"):
         req(params={"steps": 5})
 
 
@@ -158,7 +148,8 @@ def test_params_for_an_algorithm_without_params_message():
 
 
 def test_noise_tunnel():
-    r = req(noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 10, "stdevs": 0.1, "draw_baseline_from_distrib": False})
+    r = req(noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 10, "stdevs": 0.1,
+                          "draw_baseline_from_distrib": False})
     assert r.noise_tunnel == pb.NoiseTunnel(nt_type="smoothgrad", nt_samples=10, stdevs=[0.1])
     assert req(noise_tunnel={"stdevs": (0.1, 0.2)}).noise_tunnel.stdevs == [0.1, 0.2]
     assert req(noise_tunnel={}).HasField("noise_tunnel")  # defaults: SmoothGrad
@@ -188,7 +179,8 @@ def test_build_request_is_on_both_clients():
 
 
 def test_client_does_not_import_torch():
-    code = "import sys, attrserve_client, attrserve_client.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, attrserve_client, attrserve_client.cli; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=CLIENT_ROOT, timeout=120)
 
 

@@ -11,17 +11,8 @@ import pytest
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve.v1 import tensor_pb2
-from attrserve_client import (
-    AsyncAttributionClient,
-    Attribution,
-    AttributionClient,
-    RequestFailed,
-    RetryPolicy,
-    build_request,
-    from_tensor_proto,
-    replayable,
-    to_tensor_proto,
-)
+from attrserve_client import (AsyncAttributionClient, Attribution, AttributionClient, RequestFailed, RetryPolicy,
+                              build_request, from_tensor_proto, replayable, to_tensor_proto)
 from servers import fake_server
 
 FAST = RetryPolicy(initial_backoff=0.01, max_backoff=0.02)
@@ -102,9 +93,8 @@ class Flaky(pb_grpc.AttributionServiceServicer, pb_grpc.ModelRepositoryServiceSe
                     error = pb.RequestError(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="no such model")
                     yield pb.AttributeStreamResponse(request_id=request.request_id, error=error)
                     continue
-                response = pb.AttributeResponse(
-                    request_id=request.request_id, attributions=[to_tensor_proto(from_tensor_proto(t) * 2) for t in request.inputs]
-                )
+                response = pb.AttributeResponse(request_id=request.request_id,
+                                                attributions=[to_tensor_proto(from_tensor_proto(t) * 2) for t in request.inputs])
                 yield pb.AttributeStreamResponse(request_id=request.request_id, response=response)
 
 
@@ -116,7 +106,6 @@ def flaky():
 
 
 # --- retries -------------------------------------------------------------------------------------
-
 
 @pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
 def test_idempotent_calls_are_retried_until_they_answer(flaky, code):
@@ -214,7 +203,6 @@ async def test_async_client_retries_too(flaky):
 
 # --- deadlines -----------------------------------------------------------------------------------
 
-
 def test_default_deadline_applies_and_can_be_overridden(flaky):
     address, fake = flaky
     with AttributionClient(address) as client:
@@ -244,20 +232,13 @@ def test_the_deadline_covers_every_attempt(flaky):
 
 # --- torch tensors in ----------------------------------------------------------------------------
 
-
 def test_torch_tensors_in(flaky):
     torch = pytest.importorskip("torch")
     address, fake = flaky
     x = torch.tensor([[0.5, -1.0, 2.0]], requires_grad=True)
     with AttributionClient(address) as client:
-        result = client.attribute(
-            "toy",
-            "integrated_gradients",
-            x,
-            baselines=torch.zeros(1, 3),
-            target=torch.tensor([0]),
-            additional_forward_args=torch.ones(1, dtype=torch.int64),
-        )
+        result = client.attribute("toy", "integrated_gradients", x, baselines=torch.zeros(1, 3), target=torch.tensor([0]),
+                                  additional_forward_args=torch.ones(1, dtype=torch.int64))
         assert result.attributions.tolist() == [[1.0, -2.0, 4.0]]
         sent = fake.last
         assert sent.inputs[0].dtype == tensor_pb2.DATA_TYPE_FLOAT32
@@ -272,7 +253,6 @@ def test_torch_tensors_in(flaky):
 
 
 # --- attribute_many ------------------------------------------------------------------------------
-
 
 def test_attribute_many_in_order_with_bounded_in_flight(flaky):
     address, fake = flaky
@@ -301,7 +281,8 @@ def test_attribute_many_bad_request_raises(flaky):
     address, _ = flaky
     with AttributionClient(address) as client:
         with pytest.raises(ValueError, match=r"requests\[1\]: needs model, algorithm and inputs; missing inputs"):
-            list(client.attribute_many([{"model": "toy", "algorithm": "saliency", "inputs": X}, {"model": "toy", "algorithm": "saliency"}]))
+            list(client.attribute_many([{"model": "toy", "algorithm": "saliency", "inputs": X},
+                                        {"model": "toy", "algorithm": "saliency"}]))
 
 
 @pytest.mark.asyncio

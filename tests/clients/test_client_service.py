@@ -22,36 +22,26 @@ CLIENT_ROOT = pathlib.Path(__file__).resolve().parents[2] / "clients" / "python"
 X = np.array([[0.2961, 0.5166, 0.2517], [0.6886, 0.0740, 0.8665]], dtype=np.float32)
 Y = np.array([[1.0], [2.0]], dtype=np.float32)
 BROKEN = "model 'broken' rejects every request"
-MODEL = pb.ModelInfo(
-    config={"name": "toy", "version": "1"},
-    ready=True,
-    state=pb.MODEL_STATE_READY,
-    algorithms=[pb.ALGORITHM_INTEGRATED_GRADIENTS, pb.ALGORITHM_SALIENCY],
-    refused=[pb.RefusedAlgorithm(name="lrp", reason="LRP has no rule for module 'norm' (LayerNorm)")],
-)
+MODEL = pb.ModelInfo(config={"name": "toy", "version": "1"}, ready=True, state=pb.MODEL_STATE_READY,
+                     algorithms=[pb.ALGORITHM_INTEGRATED_GRADIENTS, pb.ALGORITHM_SALIENCY],
+                     refused=[pb.RefusedAlgorithm(name="lrp", reason="LRP has no rule for module 'norm' (LayerNorm)")])
 DT = tensor_pb2.DataType
 
 
 def typed_model(name, *dtypes):
     """A model whose config declares its inputs' dtypes (what the CLI casts JSON data to)."""
     inputs = [{"name": f"x{i}", "dtype": d, "dims": [-1]} for i, d in enumerate(dtypes)]
-    return pb.ModelInfo(
-        config={"name": name, "version": "1", "inputs": inputs},
-        ready=True,
-        algorithms=[pb.ALGORITHM_INTEGRATED_GRADIENTS, pb.ALGORITHM_SALIENCY],
-    )
+    return pb.ModelInfo(config={"name": name, "version": "1", "inputs": inputs}, ready=True,
+                        algorithms=[pb.ALGORITHM_INTEGRATED_GRADIENTS, pb.ALGORITHM_SALIENCY])
 
 
 # What GetModel knows; Attribute answers for any model but "broken" (so "unlisted" tests a failing GetModel).
-GET_MODEL = {
-    m.config.name: m
-    for m in [
-        MODEL,
-        typed_model("toy_f32", DT.DATA_TYPE_FLOAT32),
-        typed_model("toy_i64", DT.DATA_TYPE_INT64),
-        typed_model("toy_mixed", DT.DATA_TYPE_FLOAT64, DT.DATA_TYPE_INT32, DT.DATA_TYPE_BFLOAT16, DT.DATA_TYPE_UNSPECIFIED),
-    ]
-}
+GET_MODEL = {m.config.name: m for m in [
+    MODEL,
+    typed_model("toy_f32", DT.DATA_TYPE_FLOAT32),
+    typed_model("toy_i64", DT.DATA_TYPE_INT64),
+    typed_model("toy_mixed", DT.DATA_TYPE_FLOAT64, DT.DATA_TYPE_INT32, DT.DATA_TYPE_BFLOAT16, DT.DATA_TYPE_UNSPECIFIED),
+]}
 
 
 def respond(request: pb.AttributeRequest) -> pb.AttributeResponse:
@@ -63,7 +53,8 @@ def respond(request: pb.AttributeRequest) -> pb.AttributeResponse:
         attributions=[to_tensor_proto(from_tensor_proto(t) * 2) for t in request.inputs],
         model_version=request.model_version or "1",
         seed=request.seed if request.HasField("seed") else 1234,
-        timing=pb.Timing(queue_ms=0.5, compute_ms=1.25, total_ms=2.0, rows=rows, passes=1, pass_rows=rows + 4, pass_requests=3),
+        timing=pb.Timing(queue_ms=0.5, compute_ms=1.25, total_ms=2.0, rows=rows, passes=1,
+                         pass_rows=rows + 4, pass_requests=3),
     )
     if request.return_convergence_delta:
         response.convergence_delta.CopyFrom(to_tensor_proto(np.zeros(rows, np.float32)))
@@ -151,37 +142,19 @@ async def aio_server():
 
 # --- sync client -------------------------------------------------------------------------------
 
-
 def test_sync_single_input(sync_server):
     address, fake = sync_server
     with AttributionClient(address) as client:
-        result = client.attribute(
-            "toy",
-            "integrated_gradients",
-            X,
-            target=0,
-            baselines=0,
-            params={"n_steps": 50},
-            seed=7,
-            return_convergence_delta=True,
-            return_outputs=True,
-            request_id="r1",
-            timeout=5,
-        )
+        result = client.attribute("toy", "integrated_gradients", X, target=0, baselines=0,
+                                  params={"n_steps": 50}, seed=7, return_convergence_delta=True,
+                                  return_outputs=True, request_id="r1", timeout=5)
     assert isinstance(result.attributions, np.ndarray)
     np.testing.assert_array_equal(result.attributions, X * 2)
     np.testing.assert_array_equal(result.convergence_delta, np.zeros(2, np.float32))
     np.testing.assert_allclose(result.outputs, X.sum(axis=1))
     assert (result.seed, result.model_version, result.request_id) == (7, "1", "r1")
-    assert result.timing == {
-        "queue_ms": 0.5,
-        "compute_ms": 1.25,
-        "total_ms": 2.0,
-        "rows": 2,
-        "passes": 1,
-        "pass_rows": 6,
-        "pass_requests": 3,
-    }
+    assert result.timing == {"queue_ms": 0.5, "compute_ms": 1.25, "total_ms": 2.0, "rows": 2,
+                             "passes": 1, "pass_rows": 6, "pass_requests": 3}
     sent = fake.requests[-1]
     assert sent.target.index == 0 and sent.integrated_gradients.n_steps == 50
 
@@ -207,10 +180,8 @@ def test_sync_models_stream_and_errors(sync_server):
         with pytest.raises(grpc.RpcError) as err:
             client.attribute("broken", "saliency", X)
         assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, BROKEN)
-        requests = [
-            client.build_request("toy", "saliency", X, request_id="a"),
-            client.build_request("broken", "saliency", X, request_id="b"),
-        ]
+        requests = [client.build_request("toy", "saliency", X, request_id="a"),
+                    client.build_request("broken", "saliency", X, request_id="b")]
         answers = {r.request_id: r for r in client.attribute_stream(requests)}
     assert answers["a"].WhichOneof("result") == "response"
     assert answers["b"].error.message == BROKEN
@@ -218,12 +189,12 @@ def test_sync_models_stream_and_errors(sync_server):
 
 # --- async client ------------------------------------------------------------------------------
 
-
 @pytest.mark.asyncio
 async def test_async_client():
     async with aio_server() as (address, fake):
         async with AsyncAttributionClient(address) as client:
-            single = await client.attribute("toy", "integrated_gradients", X, target=[0, 1], return_convergence_delta=True, seed=0)
+            single = await client.attribute("toy", "integrated_gradients", X, target=[0, 1],
+                                            return_convergence_delta=True, seed=0)
             multi = await client.attribute("toy", "deep_lift", [X, Y], baselines=(None, 0.5))
             models = await client.list_models()
             info = await client.get_model("toy", "1")
@@ -241,10 +212,8 @@ async def test_async_client():
 
 @pytest.mark.asyncio
 async def test_async_stream_from_sync_and_async_iterables():
-    requests = [
-        AsyncAttributionClient.build_request(model, "saliency", X * i, request_id=str(i))
-        for i, model in enumerate(["toy", "toy", "broken"])
-    ]
+    requests = [AsyncAttributionClient.build_request(model, "saliency", X * i, request_id=str(i))
+                for i, model in enumerate(["toy", "toy", "broken"])]
 
     async def agen():
         for r in requests:
@@ -268,32 +237,17 @@ async def test_async_stream_from_sync_and_async_iterables():
 
 # --- CLI ---------------------------------------------------------------------------------------
 
-
 def attribute_args(address, *extra):
-    return ["attribute", "--target-address", address, "--model", "toy", "--algorithm", "integrated_gradients", *extra]
+    return ["attribute", "--target-address", address, "--model", "toy",
+            "--algorithm", "integrated_gradients", *extra]
 
 
 def test_cli_json(sync_server, capsys):
     address, fake = sync_server
-    rc = cli.main(
-        attribute_args(
-            address,
-            "--inputs",
-            json.dumps(X.tolist()),
-            "--target",
-            "0",
-            "--baselines",
-            "0",
-            "--params",
-            '{"n_steps": 50}',
-            "--noise-tunnel",
-            '{"nt_type": "smoothgrad", "nt_samples": 4}',
-            "--return-convergence-delta",
-            "--seed",
-            "0",
-            "--json",
-        )
-    )
+    rc = cli.main(attribute_args(
+        address, "--inputs", json.dumps(X.tolist()), "--target", "0", "--baselines", "0",
+        "--params", '{"n_steps": 50}', "--noise-tunnel", '{"nt_type": "smoothgrad", "nt_samples": 4}',
+        "--return-convergence-delta", "--seed", "0", "--json"))
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     np.testing.assert_allclose(out["attributions"], X * 2, rtol=1e-6)
@@ -310,7 +264,8 @@ def test_cli_json(sync_server, capsys):
 def test_cli_table_truncates_wide_rows(sync_server, capsys):
     address, _ = sync_server
     wide = np.round(np.linspace(0, 1, 28, dtype=np.float32).reshape(2, 14), 4)
-    assert cli.main(attribute_args(address, "--inputs", json.dumps(wide.tolist()), "--return-convergence-delta", "--return-outputs")) == 0
+    assert cli.main(attribute_args(address, "--inputs", json.dumps(wide.tolist()),
+                                   "--return-convergence-delta", "--return-outputs")) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "model version 1, seed 1234"
     assert lines[1] == "attributions (2, 14)"
@@ -318,29 +273,18 @@ def test_cli_table_truncates_wide_rows(sync_server, capsys):
     first = lines[3].split()
     assert first[:3] == ["0", "0.0000", f"{wide[0, 1] * 2:.4f}"] and len(first) == 14 and first[-1] == "…"
     assert lines[5:8] == ["convergence delta", "example      0", "      0 0.0000"]
-    assert lines[-1] == ("timing: queue 0.50 ms, compute 1.25 ms, total 2.00 ms, passes 1, pass_rows 6, pass_requests 3")
+    assert lines[-1] == ("timing: queue 0.50 ms, compute 1.25 ms, total 2.00 ms, passes 1, "
+                         "pass_rows 6, pass_requests 3")
 
 
 def test_cli_multi_input_from_files(sync_server, capsys, tmp_path):
     address, fake = sync_server
     np.save(tmp_path / "x.npy", X)
     (tmp_path / "y.json").write_text(json.dumps(Y.tolist()))
-    rc = cli.main(
-        attribute_args(
-            address,
-            "--inputs",
-            str(tmp_path / "x.npy"),
-            "--inputs",
-            str(tmp_path / "y.json"),
-            "--baselines",
-            "null",
-            "--baselines",
-            "0.5",
-            "--target",
-            "1,2",
-            "--json",
-        )
-    )
+    rc = cli.main(attribute_args(address, "--inputs", str(tmp_path / "x.npy"),
+                                 "--inputs", str(tmp_path / "y.json"),
+                                 "--baselines", "null", "--baselines", "0.5",
+                                 "--target", "1,2", "--json"))
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     np.testing.assert_allclose(out["attributions"][0], X * 2)
@@ -374,53 +318,24 @@ def test_cli_models(sync_server, capsys):
         "toy   1        yes    ready  -       0       integrated_gradients, saliency",
     ]
     assert cli.models_main(["--target-address", address, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {
-        "models": [
-            {
-                "name": "toy",
-                "version": "1",
-                "ready": True,
-                "state": "ready",
-                "reason": "",
-                "inputs": [],
-                "layers": [],
-                "algorithms": ["integrated_gradients", "saliency"],
-                "refused": {"lrp": "LRP has no rule for module 'norm' (LayerNorm)"},
-            }
-        ]
-    }
+    assert json.loads(capsys.readouterr().out) == {"models": [
+        {"name": "toy", "version": "1", "ready": True, "state": "ready", "reason": "", "inputs": [], "layers": [],
+         "algorithms": ["integrated_gradients", "saliency"],
+         "refused": {"lrp": "LRP has no rule for module 'norm' (LayerNorm)"}}]}
 
 
 def test_python_m_cli(sync_server):
     address, _ = sync_server
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CLIENT_ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "attrserve_client.cli",
-            "attribute",
-            "--target-address",
-            address,
-            "--model",
-            "toy",
-            "--algorithm",
-            "saliency",
-            "--inputs",
-            "[[1.5, -2.0]]",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+        [sys.executable, "-m", "attrserve_client.cli", "attribute", "--target-address", address,
+         "--model", "toy", "--algorithm", "saliency", "--inputs", "[[1.5, -2.0]]", "--json"],
+        capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["attributions"] == [[3.0, -4.0]]
 
 
 # --- CLI: JSON data follows the model's declared input dtypes -----------------------------------
-
 
 def sent_inputs(fake):
     return [(t.dtype, from_tensor_proto(t).tolist()) for t in fake.requests[-1].inputs]
@@ -460,31 +375,15 @@ def test_cli_casts_json_inputs_to_an_int64_model(sync_server, capsys):
 def test_cli_casts_each_input_by_position(sync_server, capsys, tmp_path):
     address, fake = sync_server
     (tmp_path / "ids.json").write_text("[[7, 8]]")
-    args = attribute_args(
-        address,
-        "--inputs",
-        "[[1, 2]]",
-        "--inputs",
-        str(tmp_path / "ids.json"),
-        "--inputs",
-        "[[3, 4]]",
-        "--inputs",
-        "[[0.25, 1]]",
-        "--inputs",
-        "[[5, 6]]",
-        "--json",
-    )
+    args = attribute_args(address, "--inputs", "[[1, 2]]", "--inputs", str(tmp_path / "ids.json"),
+                          "--inputs", "[[3, 4]]", "--inputs", "[[0.25, 1]]", "--inputs", "[[5, 6]]", "--json")
     args[args.index("toy")] = "toy_mixed"
     assert cli.main(args) == 0
     # float64, int32 (from a .json file), bfloat16 and unspecified (left as JSON made them), and
     # a fifth input the config does not list (left too).
-    assert sent_inputs(fake) == [
-        (DT.DATA_TYPE_FLOAT64, [[1.0, 2.0]]),
-        (DT.DATA_TYPE_INT32, [[7, 8]]),
-        (DT.DATA_TYPE_INT64, [[3, 4]]),
-        (DT.DATA_TYPE_FLOAT32, [[0.25, 1.0]]),
-        (DT.DATA_TYPE_INT64, [[5, 6]]),
-    ]
+    assert sent_inputs(fake) == [(DT.DATA_TYPE_FLOAT64, [[1.0, 2.0]]), (DT.DATA_TYPE_INT32, [[7, 8]]),
+                                 (DT.DATA_TYPE_INT64, [[3, 4]]), (DT.DATA_TYPE_FLOAT32, [[0.25, 1.0]]),
+                                 (DT.DATA_TYPE_INT64, [[5, 6]])]
 
 
 def test_cli_keeps_npy_dtypes(sync_server, capsys, tmp_path):

@@ -8,15 +8,9 @@ from attrserve_client import from_tensor_proto, to_tensor_proto
 
 DT = tensor_pb2.DataType
 WIRE = {
-    "float32": DT.DATA_TYPE_FLOAT32,
-    "float64": DT.DATA_TYPE_FLOAT64,
-    "float16": DT.DATA_TYPE_FLOAT16,
-    "int64": DT.DATA_TYPE_INT64,
-    "int32": DT.DATA_TYPE_INT32,
-    "int16": DT.DATA_TYPE_INT16,
-    "int8": DT.DATA_TYPE_INT8,
-    "uint8": DT.DATA_TYPE_UINT8,
-    "bool": DT.DATA_TYPE_BOOL,
+    "float32": DT.DATA_TYPE_FLOAT32, "float64": DT.DATA_TYPE_FLOAT64, "float16": DT.DATA_TYPE_FLOAT16,
+    "int64": DT.DATA_TYPE_INT64, "int32": DT.DATA_TYPE_INT32, "int16": DT.DATA_TYPE_INT16,
+    "int8": DT.DATA_TYPE_INT8, "uint8": DT.DATA_TYPE_UINT8, "bool": DT.DATA_TYPE_BOOL,
 }
 SHAPES = [(), (0,), (2, 0, 3), (5,), (2, 3, 4)]
 
@@ -39,35 +33,29 @@ def test_round_trip_every_dtype_and_shape(dtype, shape):
     np.testing.assert_array_equal(back, arr)
 
 
-@pytest.mark.parametrize(
-    "value, dtype, shape",
-    [
-        (1.5, DT.DATA_TYPE_FLOAT32, []),
-        (3, DT.DATA_TYPE_INT64, []),
-        (True, DT.DATA_TYPE_BOOL, []),
-        ([[1, 2], [3, 4]], DT.DATA_TYPE_INT64, [2, 2]),
-        ([1.0, 2], DT.DATA_TYPE_FLOAT32, [2]),
-        ([True, False], DT.DATA_TYPE_BOOL, [2]),
-        ([], DT.DATA_TYPE_FLOAT32, [0]),
-        (np.float64(2.0), DT.DATA_TYPE_FLOAT64, []),  # numpy values keep their dtype
-        (np.int16(7), DT.DATA_TYPE_INT16, []),
-    ],
-)
+@pytest.mark.parametrize("value, dtype, shape", [
+    (1.5, DT.DATA_TYPE_FLOAT32, []),
+    (3, DT.DATA_TYPE_INT64, []),
+    (True, DT.DATA_TYPE_BOOL, []),
+    ([[1, 2], [3, 4]], DT.DATA_TYPE_INT64, [2, 2]),
+    ([1.0, 2], DT.DATA_TYPE_FLOAT32, [2]),
+    ([True, False], DT.DATA_TYPE_BOOL, [2]),
+    ([], DT.DATA_TYPE_FLOAT32, [0]),
+    (np.float64(2.0), DT.DATA_TYPE_FLOAT64, []),  # numpy values keep their dtype
+    (np.int16(7), DT.DATA_TYPE_INT16, []),
+])
 def test_python_values_follow_torch_defaults(value, dtype, shape):
     t = to_tensor_proto(value)
     assert (t.dtype, list(t.shape)) == (dtype, shape)
     np.testing.assert_array_equal(from_tensor_proto(t), np.asarray(value))
 
 
-@pytest.mark.parametrize(
-    "view",
-    [
-        lambda a: a[:, ::2],
-        lambda a: a.T,
-        lambda a: np.asfortranarray(a),
-        lambda a: a[::-1],
-    ],
-)
+@pytest.mark.parametrize("view", [
+    lambda a: a[:, ::2],
+    lambda a: a.T,
+    lambda a: np.asfortranarray(a),
+    lambda a: a[::-1],
+])
 def test_non_contiguous_inputs_are_sent_row_major(view):
     arr = view(np.arange(12, dtype=np.float32).reshape(3, 4))
     assert not arr.flags.c_contiguous
@@ -124,17 +112,10 @@ def test_negative_dims_and_unknown_dtypes_are_rejected():
         from_tensor_proto(tensor_pb2.Tensor(dtype=99, shape=[1], data=b"\0"))
 
 
-@pytest.mark.parametrize(
-    "value",
-    [
-        np.zeros(2, np.complex64),
-        np.zeros(2, np.uint16),
-        np.zeros(2, np.uint32),
-        np.zeros(2, np.uint64),
-        ["a", "b"],
-        np.array([object()]),
-    ],
-)
+@pytest.mark.parametrize("value", [
+    np.zeros(2, np.complex64), np.zeros(2, np.uint16), np.zeros(2, np.uint32), np.zeros(2, np.uint64),
+    ["a", "b"], np.array([object()]),
+])
 def test_unsupported_dtypes_are_rejected(value):
     with pytest.raises(ValueError, match="unsupported dtype"):
         to_tensor_proto(value)

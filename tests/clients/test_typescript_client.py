@@ -44,13 +44,8 @@ def dist(tmp_path_factory) -> pathlib.Path:
     node = _node()
     out = tmp_path_factory.mktemp("ts-dist")
     tsc = TS_ROOT / "node_modules" / "typescript" / "bin" / "tsc"
-    done = subprocess.run(
-        [node, str(tsc), "-p", str(TS_ROOT / "tsconfig.json"), "--outDir", str(out)],
-        cwd=TS_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = subprocess.run([node, str(tsc), "-p", str(TS_ROOT / "tsconfig.json"), "--outDir", str(out)],
+                          cwd=TS_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"tsc failed:\n{done.stdout}\n{done.stderr}"
     assert (out / "index.js").is_file() and (out / "index.d.ts").is_file()
     return out
@@ -115,8 +110,7 @@ def test_multi_input_model(smoke):
     x1 = torch.tensor([[0.3, -0.2, 0.9, 1.4], [1.0, 0.5, -0.4, 0.2]])
     x2 = torch.tensor([[0.7, -1.1, 0.05], [-0.3, 0.8, 1.2]])
     expected = IntegratedGradients(oracle.MODELS["multi"]().eval()).attribute(
-        (x1, x2), baselines=(0.5, torch.tensor([[0.1, 0.2, 0.3]])), target=1, n_steps=16
-    )
+        (x1, x2), baselines=(0.5, torch.tensor([[0.1, 0.2, 0.3]])), target=1, n_steps=16)
     assert [a["shape"] for a in multi["attributions"]] == [[2, 4], [2, 3]]
     assert [a["typedArray"] for a in multi["attributions"]] == ["Float32Array", "Float32Array"]
     for got, nested, want in zip(multi["attributions"], multi["nested"], expected):
@@ -136,15 +130,12 @@ def test_list_and_get_model(smoke):
     assert toy["algorithms"] == listed_toy["algorithms"]
 
 
-@pytest.mark.parametrize(
-    ("case", "code", "names"),
-    [
-        ("badTarget", 3, "target"),  # refused by the server
-        ("badParams", 3, "n_steps"),  # refused by the server
-        ("unknownParam", 3, "nsteps"),  # refused by the client before sending, with the same error class and code
-        ("unknownModel", 5, "no-such-model"),
-    ],
-)
+@pytest.mark.parametrize(("case", "code", "names"), [
+    ("badTarget", 3, "target"),  # refused by the server
+    ("badParams", 3, "n_steps"),  # refused by the server
+    ("unknownParam", 3, "nsteps"),  # refused by the client before sending, with the same error class and code
+    ("unknownModel", 5, "no-such-model"),
+])
 def test_errors_carry_the_status_code_and_message(smoke, case, code, names):
     error = smoke[case]
     assert error["thrown"], f"{case} did not throw"

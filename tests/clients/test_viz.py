@@ -34,7 +34,6 @@ def patch_image(size=16, patch=(slice(2, 6), slice(9, 13)), seed=0):
 
 # --- the normalisation is Captum's -------------------------------------------------------------------------------
 
-
 @pytest.mark.parametrize("percentile", [0, 50, 98, 100])
 def test_cumulative_sum_threshold_matches_captum(percentile):
     values = np.abs(np.random.default_rng(1).normal(size=(7, 9)))
@@ -76,19 +75,11 @@ def captum_picture(attr_hwc, image_hwc, method, sign):
     return pixels
 
 
-@pytest.mark.parametrize(
-    "method,sign",
-    [
-        ("heat_map", "absolute_value"),
-        ("heat_map", "all"),
-        ("heat_map", "negative"),
-        ("blended_heat_map", "positive"),
-        ("blended_heat_map", "all"),
-        ("masked_image", "absolute_value"),
-        ("alpha_scaling", "positive"),
-        ("original_image", "all"),
-    ],
-)
+@pytest.mark.parametrize("method,sign", [
+    ("heat_map", "absolute_value"), ("heat_map", "all"), ("heat_map", "negative"),
+    ("blended_heat_map", "positive"), ("blended_heat_map", "all"),
+    ("masked_image", "absolute_value"), ("alpha_scaling", "positive"), ("original_image", "all"),
+])
 def test_image_pixels_are_captums(method, sign):
     image, attributions = patch_image(seed=3)
     attributions += np.random.default_rng(4).normal(0, 0.3, attributions.shape)  # both signs, everywhere
@@ -113,7 +104,6 @@ def test_image_errors():
 
 
 # --- PNG files ---------------------------------------------------------------------------------------------------
-
 
 def test_image_png_size(tmp_path):
     image, attributions = patch_image(size=16)
@@ -200,7 +190,6 @@ def test_text_png(tmp_path):
 
 # --- tabular -----------------------------------------------------------------------------------------------------
 
-
 def test_bar_chart_orders_by_magnitude_and_colours_by_sign(tmp_path):
     values = np.array([0.1, -3.0, 0.0, 2.0, -0.5, 1.0])
     names = [f"f{i}" for i in range(6)]
@@ -221,7 +210,6 @@ def test_bar_chart_orders_by_magnitude_and_colours_by_sign(tmp_path):
 
 
 # --- render --------------------------------------------------------------------------------------------------------
-
 
 def test_render_picks_the_kind(tmp_path):
     image, attributions = patch_image()
@@ -251,12 +239,10 @@ def test_without_matplotlib_drawing_says_how_to_install_it(monkeypatch, tmp_path
 
 
 def test_client_and_cli_import_without_matplotlib_or_torch():
-    code = (
-        "import sys; sys.modules['matplotlib'] = None; sys.modules['torch'] = None\n"
-        "import attrserve_client.cli, attrserve_client.viz\n"
-        "assert not any(m.startswith(('matplotlib', 'torch')) for m in sys.modules if sys.modules[m] is not None)\n"
-        "sys.exit(attrserve_client.cli.main(['attribute', '--help']))"
-    )
+    code = ("import sys; sys.modules['matplotlib'] = None; sys.modules['torch'] = None\n"
+            "import attrserve_client.cli, attrserve_client.viz\n"
+            "assert not any(m.startswith(('matplotlib', 'torch')) for m in sys.modules if sys.modules[m] is not None)\n"
+            "sys.exit(attrserve_client.cli.main(['attribute', '--help']))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CLIENT_ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -264,7 +250,6 @@ def test_client_and_cli_import_without_matplotlib_or_torch():
 
 
 # --- the CLI -------------------------------------------------------------------------------------------------------
-
 
 class Fake(pb_grpc.AttributionServiceServicer):
     """Attributions are the inputs times 2 (minus 1 for floats, so both signs show); no model has a config."""
@@ -304,30 +289,14 @@ def test_cli_render_writes_pictures(fake_server, tmp_path, capsys):
     assert captured.out.startswith("{") and f"wrote {tmp_path / 'image.png'} (image)" in captured.err
     picture = read_png(tmp_path / "image.png")
     assert picture.shape == (256, 256, 3)
-    np.testing.assert_allclose(
-        picture, viz.image_rgb(image * 2 - 1, image, method="blended_heat_map").repeat(32, 0).repeat(32, 1), atol=1 / 255
-    )
+    np.testing.assert_allclose(picture, viz.image_rgb(image * 2 - 1, image, method="blended_heat_map").repeat(32, 0).repeat(32, 1), atol=1 / 255)
 
-    assert (
-        attribute(
-            address,
-            "--inputs",
-            "[[0.9, 0.1, 0.2, 0.0]]",
-            "--render",
-            str(tmp_path / "bars.png"),
-            "--render-feature-names",
-            '["a", "b", "c", "d"]',
-        )
-        == 0
-    )
+    assert attribute(address, "--inputs", "[[0.9, 0.1, 0.2, 0.0]]", "--render", str(tmp_path / "bars.png"),
+                     "--render-feature-names", '["a", "b", "c", "d"]') == 0
     assert mpimg.imread(tmp_path / "bars.png").shape[:2] == (24 * 4 + 72, 640)
 
-    assert (
-        attribute(
-            address, "--inputs", "[[3, 4, 6, 0]]", "--render", str(tmp_path / "text.html"), "--render-tokens", "good <great> bad <pad>"
-        )
-        == 0
-    )
+    assert attribute(address, "--inputs", "[[3, 4, 6, 0]]", "--render", str(tmp_path / "text.html"),
+                     "--render-tokens", "good <great> bad <pad>") == 0
     found = spans((tmp_path / "text.html").read_text())
     assert [t for *_, t in found] == ["good", "&lt;great&gt;", "bad", "&lt;pad&gt;"]
     assert "(text)" in capsys.readouterr().err

@@ -106,7 +106,5 @@ def test_the_kubernetes_prometheusrule_carries_exactly_rules_yaml() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, str(root / "deploy/prometheus/prometheusrule.py"), "--check"], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([sys.executable, str(root / "deploy/prometheus/prometheusrule.py"), "--check"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

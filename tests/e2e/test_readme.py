@@ -77,9 +77,7 @@ EXAMPLES = re.findall(r"<!-- readme-(?:example|plugin) -->\s*```python\n(.*?)```
 @pytest.mark.parametrize("code,printed", EXAMPLES, ids=[f"example{i}" for i in range(len(EXAMPLES))])
 def test_readme_example_prints_what_the_readme_says(readme_server, code: str, printed: str) -> None:
     port = readme_server.port
-    out = subprocess.run(
-        [sys.executable, "-c", code.replace("127.0.0.1:50051", f"127.0.0.1:{port}")], capture_output=True, text=True, timeout=120
-    )
+    out = subprocess.run([sys.executable, "-c", code.replace("127.0.0.1:50051", f"127.0.0.1:{port}")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == printed.strip()
 

@@ -9,16 +9,7 @@ import os
 import pytest
 import torch
 
-from attrserve_engine import (
-    AttributionJob,
-    DeadlineExceeded,
-    Engine,
-    EngineLimits,
-    InputSpec,
-    InvalidArgument,
-    ModelSpec,
-    ResourceExhausted,
-)
+from attrserve_engine import AttributionJob, DeadlineExceeded, Engine, EngineLimits, InputSpec, InvalidArgument, ModelSpec, ResourceExhausted
 from doubles import Linear3
 from oracle import wait_in_flight
 
@@ -54,9 +45,7 @@ def test_a_deadline_the_queued_work_would_miss_is_refused_up_front(engine) -> No
 
     model = engine.get_model("m")
     model.rows_per_second = 1_000.0  # 100 rows of IG take ~0.1 s
-    with pytest.raises(
-        DeadlineExceeded, match=r"would not finish before its deadline: 0 rows queued ahead of it and its own 100 take about 100 ms"
-    ):
+    with pytest.raises(DeadlineExceeded, match=r"would not finish before its deadline: 0 rows queued ahead of it and its own 100 take about 100 ms"):
         engine.submit(ig(deadline=time.monotonic() + 0.05))
     assert engine.submit(ig(deadline=time.monotonic() + 5)).result(30).attributions[0].shape == X.shape
     model.rows_per_second = 1_000.0  # (the pass just run measured the real rate)
@@ -115,17 +104,11 @@ def test_queued_bytes_count_what_queued_requests_hold_not_a_passs_activations() 
     engine = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu"))
     try:
         one = 100 * 3 * 4  # 2 examples × 50 steps, 12 bytes each; their activations would be 100 × 32 KiB
-        engine.load(
-            ModelSpec(
-                name="m", module=wide_mlp(), inputs=[InputSpec("x", torch.float32, (3,))], max_batch_rows=64, max_queued_bytes=3 * one
-            )
-        )
+        engine.load(ModelSpec(name="m", module=wide_mlp(), inputs=[InputSpec("x", torch.float32, (3,))], max_batch_rows=64, max_queued_bytes=3 * one))
         with engine.held():
             queued = [engine.submit(ig()) for _ in range(3)]
             wait_in_flight(engine, 3)
-            with pytest.raises(
-                ResourceExhausted, match=r"model 'm' has ~3.5 KiB of work queued; this request's ~1.2 KiB would pass its bound of 3.5 KiB"
-            ):
+            with pytest.raises(ResourceExhausted, match=r"model 'm' has ~3.5 KiB of work queued; this request's ~1.2 KiB would pass its bound of 3.5 KiB"):
                 engine.submit(ig())
         got = [f.result(30) for f in queued]
         alone = engine.attribute(ig(), timeout=30)
@@ -222,16 +205,11 @@ def test_a_request_whose_rows_would_hold_more_input_bytes_than_a_quarter_of_the_
     assert 0 < engine_module.device_memory(torch.device("cpu")) <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     monkeypatch.setattr(engine_module, "device_memory", lambda device: 4 * 48_000)  # the default cap: 48,000 bytes
     x = torch.randn(20, 3)
-    with pytest.raises(
-        ResourceExhausted,
-        match=r"this request's 5000 rows of model work \(20 example\(s\).* would hold 58.6 KiB of inputs at once, over this server's limit of 46.9 KiB",
-    ):
+    with pytest.raises(ResourceExhausted, match=r"this request's 5000 rows of model work \(20 example\(s\).* would hold 58.6 KiB of inputs at once, over this server's limit of 46.9 KiB"):
         engine.submit(AttributionJob(model="m", algorithm="integrated_gradients", inputs=(x,), target=0, params={"n_steps": 250}))
     # 4,000 rows of 12 bytes: under the cap
     got = engine.submit(AttributionJob(model="m", algorithm="integrated_gradients", inputs=(x,), target=0, params={"n_steps": 200}))
-    torch.testing.assert_close(
-        got.result(30).attributions[0], torch.stack([Linear3().integrated_gradients(r, 0) for r in x]), atol=1e-4, rtol=0
-    )
+    torch.testing.assert_close(got.result(30).attributions[0], torch.stack([Linear3().integrated_gradients(r, 0) for r in x]), atol=1e-4, rtol=0)
     assert engine.in_flight() == 0 and engine.serving() == (True, "")
 
     capped = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu", max_request_work_bytes=1_000))
@@ -271,14 +249,9 @@ def test_a_layer_methods_rows_count_the_layers_values_against_the_request_byte_c
         ids = torch.randint(0, 100, (4, 32), generator=torch.Generator().manual_seed(1))
         lig = dict(model="t", algorithm="layer_integrated_gradients", layer="emb")
         # 4 examples × (50 steps + 2): 208 rows of 256 bytes of ids, but 2 × 13 MiB of embeddings and their gradients
-        with pytest.raises(
-            ResourceExhausted,
-            match=r"this request's 208 rows .* would hold 26.1 MiB of inputs and layer values at once, over this server's limit of 4.0 MiB",
-        ):
+        with pytest.raises(ResourceExhausted, match=r"this request's 208 rows .* would hold 26.1 MiB of inputs and layer values at once, over this server's limit of 4.0 MiB"):
             engine.submit(AttributionJob(inputs=(ids,), target=torch.tensor([[1]] * 4), params={"n_steps": 50}, **lig))
-        got = engine.attribute(
-            AttributionJob(inputs=(ids[:1],), target=torch.tensor([[1]]), params={"n_steps": 10}, **lig), timeout=60
-        )  # 12 rows: 1.5 MiB
+        got = engine.attribute(AttributionJob(inputs=(ids[:1],), target=torch.tensor([[1]]), params={"n_steps": 10}, **lig), timeout=60)  # 12 rows: 1.5 MiB
         module = WideEmbedding().eval()
         want = ca.LayerIntegratedGradients(module, module.emb).attribute(ids[:1], target=1, n_steps=10)
         assert_all_close(got.attributions, (want,))
@@ -297,30 +270,13 @@ def test_a_queued_layer_method_counts_its_layers_values_against_the_queued_bytes
 
     engine = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu"))
     try:
-        engine.load(
-            ModelSpec(
-                name="t",
-                module=WideEmbedding(),
-                inputs=[InputSpec("ids", torch.int64, (32,))],
-                max_batch_rows=256,
-                max_queued_bytes=2 << 20,
-            )
-        )
+        engine.load(ModelSpec(name="t", module=WideEmbedding(), inputs=[InputSpec("ids", torch.int64, (32,))], max_batch_rows=256, max_queued_bytes=2 << 20))
         ids = torch.randint(0, 100, (1, 32), generator=torch.Generator().manual_seed(2))
-        job = AttributionJob(
-            model="t",
-            algorithm="layer_integrated_gradients",
-            layer="emb",
-            inputs=(ids,),
-            target=torch.tensor([[1]]),
-            params={"n_steps": 10},
-        )
+        job = AttributionJob(model="t", algorithm="layer_integrated_gradients", layer="emb", inputs=(ids,), target=torch.tensor([[1]]), params={"n_steps": 10})
         with engine.held():
             first = engine.submit(job)  # 12 rows × (256 bytes of ids + 2 × 64 KiB of embeddings): 1.5 MiB
             wait_in_flight(engine, 1)
-            with pytest.raises(
-                ResourceExhausted, match=r"model 't' has ~1.5 MiB of work queued; this request's ~1.5 MiB would pass its bound of 2.0 MiB"
-            ):
+            with pytest.raises(ResourceExhausted, match=r"model 't' has ~1.5 MiB of work queued; this request's ~1.5 MiB would pass its bound of 2.0 MiB"):
                 engine.submit(job)
         module = WideEmbedding().eval()
         want = ca.LayerIntegratedGradients(module, module.emb).attribute(ids, target=1, n_steps=10)

@@ -22,10 +22,7 @@ def fake_proc(tmp_path: Path, cgroups: list[str], mounts: list[tuple[str, str, s
     proc = tmp_path / "proc"
     proc.mkdir()
     (proc / "cgroup").write_text("".join(line + "\n" for line in cgroups))
-    lines = [
-        f"{30 + i} 20 0:{40 + i} {root} {tmp_path}/{point} rw,relatime - {fstype} {fstype} {options}\n"
-        for i, (root, point, fstype, options) in enumerate(mounts)
-    ]
+    lines = [f"{30 + i} 20 0:{40 + i} {root} {tmp_path}/{point} rw,relatime - {fstype} {fstype} {options}\n" for i, (root, point, fstype, options) in enumerate(mounts)]
     (proc / "mountinfo").write_text("25 1 8:1 / / rw - ext4 /dev/sda1 rw\n" + "".join(lines))
     for path, content in files.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
@@ -48,20 +45,10 @@ V1 = [("/", "cg/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct"), ("/", "cg/memory", "c
         (["0::/kubepods/pod1/ctr"], V2, {"cg/kubepods/pod1/cpu.max": "200000 100000", "cg/kubepods/pod1/ctr/cpu.max": "max 100000"}, 2.0),
         (["0::/a/b"], V2, {"cg/a/cpu.max": "300000 100000", "cg/a/b/cpu.max": "250000 100000"}, 2.5),
         # cgroup v1 (docker --cpus 2 on a v1 host): cpu and cpuacct mounted together; -1 is no quota
-        (
-            ["5:memory:/", "4:cpu,cpuacct:/"],
-            V1,
-            {"cg/cpu,cpuacct/cpu.cfs_quota_us": "200000", "cg/cpu,cpuacct/cpu.cfs_period_us": "100000"},
-            2.0,
-        ),
+        (["5:memory:/", "4:cpu,cpuacct:/"], V1, {"cg/cpu,cpuacct/cpu.cfs_quota_us": "200000", "cg/cpu,cpuacct/cpu.cfs_period_us": "100000"}, 2.0),
         (["4:cpu,cpuacct:/"], V1, {"cg/cpu,cpuacct/cpu.cfs_quota_us": "-1", "cg/cpu,cpuacct/cpu.cfs_period_us": "100000"}, None),
         # v1 without a cgroup namespace: the mount shows the container's own part of the hierarchy
-        (
-            ["4:cpu,cpuacct:/docker/abc"],
-            [("/docker/abc", "cg/cpu", "cgroup", "rw,cpu,cpuacct")],
-            {"cg/cpu/cpu.cfs_quota_us": "50000", "cg/cpu/cpu.cfs_period_us": "100000"},
-            0.5,
-        ),
+        (["4:cpu,cpuacct:/docker/abc"], [("/docker/abc", "cg/cpu", "cgroup", "rw,cpu,cpuacct")], {"cg/cpu/cpu.cfs_quota_us": "50000", "cg/cpu/cpu.cfs_period_us": "100000"}, 0.5),
         # a quota in a memory cgroup is no CPU quota; unreadable or broken files are no quota
         (["5:memory:/"], V1, {"cg/memory/cpu.cfs_quota_us": "100000", "cg/memory/cpu.cfs_period_us": "100000"}, None),
         (["0::/"], V2, {"cg/cpu.max": "lots\n"}, None),

@@ -38,14 +38,8 @@ def gated():
 
 
 def ig(n_steps: int, deadline: float | None = None, x: torch.Tensor = X) -> AttributionJob:
-    return AttributionJob(
-        model="gated",
-        algorithm="integrated_gradients",
-        inputs=(x,),
-        target=torch.tensor([[1]] * len(x)),
-        params={"n_steps": n_steps},
-        deadline=deadline,
-    )
+    return AttributionJob(model="gated", algorithm="integrated_gradients", inputs=(x,), target=torch.tensor([[1]] * len(x)),
+                          params={"n_steps": n_steps}, deadline=deadline)
 
 
 def hold_worker(engine: Engine, model: Gated) -> concurrent.futures.Future:
@@ -111,15 +105,8 @@ def test_a_deadline_between_stages_stops_a_multi_stage_plan(gated) -> None:
     the first, so the second never runs."""
     engine, model, drops = gated
     model.hold()
-    job = AttributionJob(
-        model="gated",
-        algorithm="layer_integrated_gradients",
-        inputs=(X,),
-        target=torch.tensor([[1]]),
-        layer="fc",
-        params={"n_steps": 8},
-        deadline=time.monotonic() + 0.1,
-    )
+    job = AttributionJob(model="gated", algorithm="layer_integrated_gradients", inputs=(X,), target=torch.tensor([[1]]),
+                         layer="fc", params={"n_steps": 8}, deadline=time.monotonic() + 0.1)
     doomed = engine.submit(job)
     assert model.entered.wait(10)
     time.sleep(0.15)

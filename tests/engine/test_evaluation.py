@@ -12,12 +12,7 @@ from oracle import MODELS, assert_all_close, assert_metric_close, captum_quality
 engine = engine_fixture(MODELS)
 
 
-CAPTUM = {
-    "integrated_gradients": ca.IntegratedGradients,
-    "saliency": ca.Saliency,
-    "gradient_shap": ca.GradientShap,
-    "deep_lift": ca.DeepLift,
-}
+CAPTUM = {"integrated_gradients": ca.IntegratedGradients, "saliency": ca.Saliency, "gradient_shap": ca.GradientShap, "deep_lift": ca.DeepLift}
 
 CASES = [
     ("conv", "integrated_gradients", {"n_steps": 8}, None),
@@ -36,9 +31,7 @@ def captum_reference(model_name: str, algorithm: str, params: dict, nt: dict | N
     params = dict(params)
     if algorithm == "gradient_shap":
         params["baselines"] = tuple(torch.zeros((1, *x.shape[1:])) for x in inputs)
-    attributions, infid_value, sens_value = captum_quality(
-        model, CAPTUM[algorithm](model), params, nt, inputs, args, target, seed, infid, sens
-    )
+    attributions, infid_value, sens_value = captum_quality(model, CAPTUM[algorithm](model), params, nt, inputs, args, target, seed, infid, sens)
     return inputs, args, target, attributions, infid_value, sens_value
 
 
@@ -49,15 +42,8 @@ def test_metrics_match_captum(engine: Engine, model_name, algorithm, params, nt,
     sens = {"perturb_radius": 0.05, "n_perturb_samples": 3}
     inputs, args, target, attributions, want_infid, want_sens = captum_reference(model_name, algorithm, params, nt, 11, infid, sens)
     job = AttributionJob(
-        model=model_name,
-        algorithm=algorithm,
-        inputs=inputs,
-        additional_forward_args=args,
-        params=dict(params),
-        noise_tunnel=nt,
-        target=torch.tensor([[t] for t in target]),
-        seed=11,
-        evaluate={"infidelity": infid, "sensitivity_max": sens},
+        model=model_name, algorithm=algorithm, inputs=inputs, additional_forward_args=args, params=dict(params), noise_tunnel=nt,
+        target=torch.tensor([[t] for t in target]), seed=11, evaluate={"infidelity": infid, "sensitivity_max": sens},
     )
     got = engine.attribute(job, timeout=60)
     assert_all_close(got.attributions, tuple(w.detach() for w in (attributions if isinstance(attributions, tuple) else (attributions,))))
@@ -77,14 +63,7 @@ def test_metrics_defaults_errors_and_caps(engine: Engine) -> None:
     with pytest.raises(InvalidArgument, match="perturb_radius must be a finite number >= 0"):  # Captum takes 0 (and gives 0)
         engine.submit(AttributionJob(algorithm="saliency", evaluate={"sensitivity_max": {"perturb_radius": -1.0}}, **base))
     with pytest.raises(ResourceExhausted):
-        engine.submit(
-            AttributionJob(
-                algorithm="integrated_gradients", params={"n_steps": 500}, evaluate={"sensitivity_max": {"n_perturb_samples": 500}}, **base
-            )
-        )
+        engine.submit(AttributionJob(algorithm="integrated_gradients", params={"n_steps": 500}, evaluate={"sensitivity_max": {"n_perturb_samples": 500}}, **base))
     # A layer method's sensitivity is measured in the layer's space.
-    lay = engine.attribute(
-        AttributionJob(algorithm="layer_grad_cam", layer="conv2", evaluate={"sensitivity_max": {"n_perturb_samples": 2}}, **base),
-        timeout=60,
-    )
+    lay = engine.attribute(AttributionJob(algorithm="layer_grad_cam", layer="conv2", evaluate={"sensitivity_max": {"n_perturb_samples": 2}}, **base), timeout=60)
     assert lay.sensitivity_max.shape == (2,)

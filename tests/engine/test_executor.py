@@ -139,14 +139,8 @@ def test_out_of_memory_splits_segments_then_blocks_and_results_stay_exact(monkey
 def test_out_of_memory_on_an_unsplittable_block_is_resource_exhausted(monkeypatch) -> None:
     model = loaded(MODELS["toy"]())
     x = xs(4, 5)
-    paired = Block(
-        kind=PassKind.DEEPLIFT,
-        inputs=(x,),
-        refs=(torch.zeros_like(x),),
-        args=(),
-        target=torch.zeros((4, 1), dtype=torch.int64),
-        options=DeepLiftOptions(1e-10),
-    )
+    paired = Block(kind=PassKind.DEEPLIFT, inputs=(x,), refs=(torch.zeros_like(x),), args=(), target=torch.zeros((4, 1), dtype=torch.int64),
+                   options=DeepLiftOptions(1e-10))
     fits = gradient_block(xs(2, 6), 0)
     simulate_oom(monkeypatch, max_rows=4)
     outcomes = executor.run_pass(model, [paired, fits])
@@ -160,17 +154,9 @@ def test_the_pass_leaves_the_model_as_it_found_it() -> None:
     model = loaded(module)
     x = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0))
     blocks = [
-        Block(
-            kind=PassKind.DEEPLIFT,
-            inputs=(x,),
-            refs=(torch.zeros_like(x),),
-            args=(),
-            target=torch.ones((3, 1), dtype=torch.int64),
-            options=DeepLiftOptions(1e-10),
-        ),
-        Block(
-            kind=PassKind.GRADIENT, inputs=(x,), args=(), target=torch.ones((3, 1), dtype=torch.int64), layer="conv2", grad_wrt_layer=True
-        ),
+        Block(kind=PassKind.DEEPLIFT, inputs=(x,), refs=(torch.zeros_like(x),), args=(), target=torch.ones((3, 1), dtype=torch.int64),
+              options=DeepLiftOptions(1e-10)),
+        Block(kind=PassKind.GRADIENT, inputs=(x,), args=(), target=torch.ones((3, 1), dtype=torch.int64), layer="conv2", grad_wrt_layer=True),
     ]
     for block in blocks:
         (outcome,) = executor.run_pass(model, [block])
@@ -373,16 +359,7 @@ def test_nan_inputs_in_a_fused_pass_poison_only_their_own_request() -> None:
         (poison,), _ = example_inputs("conv", 2, seed=9)
         poison = poison.clone()
         poison[0, 0, 0, 0] = float("nan")
-        fused = submit_held(
-            engine,
-            [
-                jobs[0],
-                jobs[1],
-                AttributionJob(model="conv", algorithm="integrated_gradients", inputs=(poison,), target=torch.tensor([[0], [1]])),
-                jobs[2],
-                jobs[3],
-            ],
-        )
+        fused = submit_held(engine, [jobs[0], jobs[1], AttributionJob(model="conv", algorithm="integrated_gradients", inputs=(poison,), target=torch.tensor([[0], [1]])), jobs[2], jobs[3]])
         results = [f.result(60) for f in fused]
         assert results[2].timing.pass_requests >= 2  # it really shared passes with others
         assert bool(torch.isnan(results[2].attributions[0][0]).any())

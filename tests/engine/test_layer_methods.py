@@ -14,19 +14,9 @@ from torch import nn
 
 import captum.attr as ca
 from attrserve_engine import AttributionJob, Engine, InvalidArgument, NotFound
-from oracle import (
-    LAYER_MODELS,
-    MODELS,
-    assert_all_close,
-    assert_close,
-    assert_fused_equals_alone,
-    assert_split_passes,
-    case_rng,
-    engine_fixture,
-    example_inputs,
-    make_engine,
-    run_fused,
-)
+from oracle import LAYER_MODELS, MODELS, assert_all_close, assert_close, assert_fused_equals_alone, assert_split_passes, case_rng, engine_fixture, example_inputs, make_engine, run_fused
+
+
 
 
 def inputs_for(model: str, n: int, seed: int):
@@ -62,12 +52,7 @@ class LayerCase:
 
     @property
     def id(self) -> str:
-        return "-".join(
-            [self.model, self.algorithm, self.layer]
-            + [f"{k}={v}" for k, v in self.params.items()]
-            + [self.baselines]
-            + (["delta"] if self.delta else [])
-        )
+        return "-".join([self.model, self.algorithm, self.layer] + [f"{k}={v}" for k, v in self.params.items()] + [self.baselines] + (["delta"] if self.delta else []))
 
     def build(self) -> dict:
         inputs, args = inputs_for(self.model, self.n, seed=300)
@@ -75,9 +60,7 @@ class LayerCase:
         if self.baselines == "row":
             g = torch.Generator().manual_seed(301)
             baselines = tuple(
-                torch.zeros((1, *x.shape[1:]), dtype=x.dtype)
-                if not x.is_floating_point()
-                else 0.1 * torch.randn((1, *x.shape[1:]), generator=g)
+                torch.zeros((1, *x.shape[1:]), dtype=x.dtype) if not x.is_floating_point() else 0.1 * torch.randn((1, *x.shape[1:]), generator=g)
                 for x in inputs
             )
         target = [i % 2 for i in range(self.n)]
@@ -125,41 +108,15 @@ def job(case: LayerCase, built: dict) -> AttributionJob:
 
 def _cases() -> list[LayerCase]:
     cases = []
-    for model, layer, layer_input in [
-        ("conv", "conv2", "pool"),
-        ("mlp", "fc2", "act1"),
-        ("multi", "head", "b_act"),
-        ("text", "proj", "act"),
-    ]:
-        for name in (
-            "layer_activation",
-            "layer_gradient_x_activation",
-            "layer_grad_cam",
-            "internal_influence",
-            "layer_conductance",
-            "layer_integrated_gradients",
-        ):
+    for model, layer, layer_input in [("conv", "conv2", "pool"), ("mlp", "fc2", "act1"), ("multi", "head", "b_act"), ("text", "proj", "act")]:
+        for name in ("layer_activation", "layer_gradient_x_activation", "layer_grad_cam", "internal_influence", "layer_conductance", "layer_integrated_gradients"):
             steps = {"n_steps": 12} if name in HAS_BASELINES else {}
             cases.append(LayerCase(model, name, layer, dict(steps), delta=name in ("layer_conductance", "layer_integrated_gradients")))
-            cases.append(
-                LayerCase(
-                    model,
-                    name,
-                    layer_input,
-                    {**steps, "attribute_to_layer_input": True},
-                    baselines="row" if name in HAS_BASELINES else "none",
-                )
-            )
+            cases.append(LayerCase(model, name, layer_input, {**steps, "attribute_to_layer_input": True}, baselines="row" if name in HAS_BASELINES else "none"))
     cases += [
         LayerCase("conv", "layer_grad_cam", "relu1", {"relu_attributions": True, "attr_dim_summation": False}),
         LayerCase("conv", "layer_gradient_x_activation", "conv1", {"multiply_by_inputs": False}),
-        LayerCase(
-            "mlp",
-            "layer_integrated_gradients",
-            "fc1",
-            {"n_steps": 9, "method": "riemann_trapezoid", "multiply_by_inputs": False},
-            baselines="row",
-        ),
+        LayerCase("mlp", "layer_integrated_gradients", "fc1", {"n_steps": 9, "method": "riemann_trapezoid", "multiply_by_inputs": False}, baselines="row"),
         LayerCase("conv", "layer_conductance", "relu1", {"n_steps": 7, "method": "riemann_left"}, baselines="row", delta=True),
         LayerCase("tokens", "layer_integrated_gradients", "embedding", {"n_steps": 20}, delta=True),
         LayerCase("tokens", "layer_integrated_gradients", "embedding", {"n_steps": 10}, baselines="row"),

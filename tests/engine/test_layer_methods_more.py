@@ -15,19 +15,7 @@ from torch import nn
 
 import captum.attr as ca
 from attrserve_engine import AttributionJob, Engine, InvalidArgument, ResourceExhausted
-from oracle import (
-    LAYER_MODELS,
-    MODELS,
-    assert_all_close,
-    assert_close,
-    assert_fused_equals_alone,
-    assert_split_passes,
-    case_rng,
-    engine_fixture,
-    example_inputs,
-    make_engine,
-    run_fused,
-)
+from oracle import LAYER_MODELS, MODELS, assert_all_close, assert_close, assert_fused_equals_alone, assert_split_passes, case_rng, engine_fixture, example_inputs, make_engine, run_fused
 
 
 CAPTUM = {
@@ -133,26 +121,17 @@ def _cases() -> list[MoreCase]:
     to_input = {"attribute_to_layer_input": True}
     cases = []
     # (model, a layer's output, a layer whose input is attributed)
-    for model, out_layer, in_layer in [
-        ("conv", "conv2", "relu2"),
-        ("mlp", "fc2", "act2"),
-        ("multi", "head", "b_act"),
-        ("text", "proj", "act"),
-    ]:
+    for model, out_layer, in_layer in [("conv", "conv2", "relu2"), ("mlp", "fc2", "act2"), ("multi", "head", "b_act"), ("text", "proj", "act")]:
         cases += [
             MoreCase(model, "layer_deep_lift", out_layer, baselines="row", delta=True),
             MoreCase(model, "layer_deep_lift", in_layer, dict(to_input), baselines="per_example", target="index", delta=True),
             MoreCase(model, "layer_deep_lift", out_layer, {"multiply_by_inputs": False}, baselines="scalar"),
             MoreCase(model, "layer_deep_lift_shap", out_layer, baselines="distribution", delta=True),
             MoreCase(model, "layer_deep_lift_shap", in_layer, {**to_input, "multiply_by_inputs": False}, baselines="distribution"),
-            MoreCase(
-                model, "layer_gradient_shap", out_layer, {"n_samples": 4, "stdevs": 0.1}, baselines="distribution", delta=True, seed=7
-            ),
+            MoreCase(model, "layer_gradient_shap", out_layer, {"n_samples": 4, "stdevs": 0.1}, baselines="distribution", delta=True, seed=7),
             MoreCase(model, "layer_gradient_shap", in_layer, {**to_input, "n_samples": 3}, target="index", seed=3),
             MoreCase(model, "layer_feature_ablation", out_layer),
-            MoreCase(
-                model, "layer_feature_ablation", in_layer, {**to_input, "layer_baselines": 0.5, "perturbations_per_eval": 4}, target="index"
-            ),
+            MoreCase(model, "layer_feature_ablation", in_layer, {**to_input, "layer_baselines": 0.5, "perturbations_per_eval": 4}, target="index"),
         ]
     cases += [
         # The layer is itself a rule-hooked module (ReLU, MaxPool, Softmax, ELU): Captum leaves it unhooked for its output.
@@ -162,15 +141,7 @@ def _cases() -> list[MoreCase]:
         MoreCase("conv", "layer_deep_lift_shap", "pool", {"attribute_to_layer_input": True}, baselines="distribution", delta=True),
         MoreCase("mlp", "layer_deep_lift", "softmax", {"attribute_to_layer_input": True}, baselines="row", delta=True),
         MoreCase("mlp", "layer_deep_lift", "act1", baselines="row", n=5),
-        MoreCase(
-            "multi",
-            "layer_gradient_shap",
-            "a_act",
-            {"n_samples": 5, "stdevs": [0.2, 0.0], "multiply_by_inputs": False},
-            baselines="distribution",
-            delta=True,
-            seed=11,
-        ),
+        MoreCase("multi", "layer_gradient_shap", "a_act", {"n_samples": 5, "stdevs": [0.2, 0.0], "multiply_by_inputs": False}, baselines="distribution", delta=True, seed=11),
         MoreCase("conv", "layer_gradient_shap", "pool", {"n_samples": 2, "stdevs": 0.3}, baselines="row", seed=5),
         MoreCase("conv", "layer_feature_ablation", "relu1", {"layer_baselines": -0.1}, n=2),
         # An embedding (token ids): ablation and DeepLift need no gradient w.r.t. the inputs.
@@ -231,17 +202,7 @@ def test_more_layer_methods_fused_equal_alone(engine: Engine, case: MoreCase, ma
         other = random.Random(rng.random())
         # a few requests like this one (so some pass is surely shared), the rest anything on this model
         pick = case if i % 3 == 0 else other.choice([c for c in CASES if c.model == case.model])
-        o = MoreCase(
-            case.model,
-            pick.algorithm,
-            pick.layer,
-            dict(pick.params),
-            pick.baselines,
-            pick.target,
-            pick.algorithm in HAS_DELTA,
-            other.randint(0, 9),
-            n=other.randint(1, 3),
-        )
+        o = MoreCase(case.model, pick.algorithm, pick.layer, dict(pick.params), pick.baselines, pick.target, pick.algorithm in HAS_DELTA, other.randint(0, 9), n=other.randint(1, 3))
         others.append(job(o, o.build()))
     run = run_fused(partial(make_engine, LAYER_MODELS), job(case, built), others, max_batch_rows, before=5)
     assert_fused_equals_alone(run.fused, alone, case.delta)

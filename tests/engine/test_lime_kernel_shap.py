@@ -31,19 +31,7 @@ from torch import nn
 
 from attrserve_engine import AttributionJob, Engine, InvalidArgument
 from attrserve_engine.algorithms.linear_models import lasso, weighted_least_squares
-from oracle import (
-    MODELS,
-    Case,
-    assert_all_close,
-    assert_fused_equals_alone,
-    assert_split_passes,
-    case_rng,
-    engine_fixture,
-    example_inputs,
-    job_for,
-    make_engine,
-    run_fused,
-)
+from oracle import MODELS, Case, assert_all_close, assert_fused_equals_alone, assert_split_passes, case_rng, engine_fixture, example_inputs, job_for, make_engine, run_fused
 
 VOCAB = 10
 
@@ -215,9 +203,7 @@ def test_matches_captum(engine: Engine, case: LKCase) -> None:
 
 def test_the_cases_are_not_all_zero(engine: Engine) -> None:
     """Lasso at alpha=0.01 zeroes most coefficients on these models; the table must still test real fits."""
-    nonzero = [
-        c.id for c in CASES if c.algorithm == "lime" and any(bool(a.ne(0).any()) for a in engine.attribute(c.job(c.build())).attributions)
-    ]
+    nonzero = [c.id for c in CASES if c.algorithm == "lime" and any(bool(a.ne(0).any()) for a in engine.attribute(c.job(c.build())).attributions)]
     assert len(nonzero) >= 6, nonzero
 
 
@@ -225,26 +211,10 @@ def random_job(model: str, rng: random.Random) -> AttributionJob:
     """Another request for the same model: Lime or KernelShap with random parameters, or a gradient method."""
     kind = rng.choice(["lime", "kernel_shap", "kernel_shap", "integrated_gradients", "saliency"])
     if kind in ("integrated_gradients", "saliency"):
-        case = Case(
-            model,
-            kind,
-            {"n_steps": rng.randint(2, 20)} if kind == "integrated_gradients" else {},
-            target="per_example",
-            n=rng.randint(1, 3),
-            seed=rng.randint(0, 99),
-        )
+        case = Case(model, kind, {"n_steps": rng.randint(2, 20)} if kind == "integrated_gradients" else {}, target="per_example", n=rng.randint(1, 3), seed=rng.randint(0, 99))
         return job_for(case, case.build())
     params = {"n_samples": rng.randint(2, 40)} | ({"alpha": rng.choice([0.01, 0.001])} if kind == "lime" else {})
-    other = LKCase(
-        model,
-        kind,
-        params,
-        mask=rng.choice(["none", "grouped"]),
-        baselines=rng.choice(["none", "row"]),
-        target="per_example",
-        n=rng.randint(1, 3),
-        seed=rng.randint(0, 99),
-    )
+    other = LKCase(model, kind, params, mask=rng.choice(["none", "grouped"]), baselines=rng.choice(["none", "row"]), target="per_example", n=rng.randint(1, 3), seed=rng.randint(0, 99))
     return other.job(other.build())
 
 
@@ -288,15 +258,7 @@ def test_seeds_reproduce_differ_and_leave_the_global_rng_alone(engine: Engine) -
     ],
 )
 def test_bad_requests_are_invalid_arguments(engine: Engine, algorithm: str, params: dict, masks: tuple, message: str) -> None:
-    job = AttributionJob(
-        model="mlp",
-        algorithm=algorithm,
-        inputs=(torch.randn(2, 6),),
-        target=torch.zeros(2, 1, dtype=torch.int64),
-        params=params,
-        feature_masks=masks,
-        seed=0,
-    )
+    job = AttributionJob(model="mlp", algorithm=algorithm, inputs=(torch.randn(2, 6),), target=torch.zeros(2, 1, dtype=torch.int64), params=params, feature_masks=masks, seed=0)
     with pytest.raises(InvalidArgument, match=message):
         engine.attribute(job, timeout=30)
 

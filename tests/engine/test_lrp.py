@@ -15,18 +15,7 @@ from torch import nn
 import captum.attr as ca
 from attrserve_engine import AttributionJob, Engine, InputSpec, InvalidArgument, ModelSpec
 from captum.attr._utils.custom_modules import Addition_Module
-from oracle import (
-    MODELS,
-    assert_all_close,
-    assert_close,
-    assert_fused_equals_alone,
-    assert_split_passes,
-    case_rng,
-    engine_fixture,
-    example_inputs,
-    make_engine,
-    run_fused,
-)
+from oracle import MODELS, assert_all_close, assert_close, assert_fused_equals_alone, assert_split_passes, case_rng, engine_fixture, example_inputs, make_engine, run_fused
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -107,14 +96,7 @@ class ReusedLinear(nn.Module):
         return self.head(self.fc(self.relu(self.fc(x))))
 
 
-LRP_MODELS = {
-    "toy": MODELS["toy"],
-    "text": MODELS["text"],
-    "grid": MODELS["grid"],
-    "convlrp": ConvLRP,
-    "two": TwoInput,
-    "residual": Residual,
-}
+LRP_MODELS = {"toy": MODELS["toy"], "text": MODELS["text"], "grid": MODELS["grid"], "convlrp": ConvLRP, "two": TwoInput, "residual": Residual}
 REFUSED = {"conv": ("relu2", "LeakyReLU"), "mlp": ("act1", "ELU"), "multi": ("b_act", "Softplus")}  # first leaf without a rule
 N_CLASSES = {"toy": 2, "text": 2, "convlrp": 3, "two": 2, "residual": 3}
 
@@ -274,13 +256,7 @@ def test_models_captum_refuses_are_invalid_argument_naming_the_module(engine: En
         ca.LRP(MODELS[model]()).attribute(example_inputs(model, 1, 0)[0][0].requires_grad_(), target=0)
     inputs, args = example_inputs(model, 2, 0)
     layer = next(n for n, m in MODELS[model]().named_modules() if isinstance(m, nn.Linear))
-    job = AttributionJob(
-        model=model,
-        algorithm=algorithm,
-        inputs=inputs,
-        target=torch.zeros((2, 1), dtype=torch.int64),
-        layer=layer if algorithm == "layer_lrp" else "",
-    )
+    job = AttributionJob(model=model, algorithm=algorithm, inputs=inputs, target=torch.zeros((2, 1), dtype=torch.int64), layer=layer if algorithm == "layer_lrp" else "")
     with pytest.raises(InvalidArgument, match=f"no rule for module '{name}' \\({kind}\\)"):
         engine.attribute(job, timeout=30)
 
@@ -357,9 +333,7 @@ def random_job(case: LrpCase, rng: random.Random) -> AttributionJob:
             other.layer = rng.choice([name for name, m in LRP_MODELS[case.model]().named_modules() if isinstance(m, nn.Linear)])
         return other.job(other.build())
     built = LrpCase(case.model, n=n, seed=rng.randint(0, 1000)).build()
-    return AttributionJob(
-        model=case.model, algorithm=algorithm, inputs=built["inputs"], target=built["target"], additional_forward_args=built["args"]
-    )
+    return AttributionJob(model=case.model, algorithm=algorithm, inputs=built["inputs"], target=built["target"], additional_forward_args=built["args"])
 
 
 FUSION_CASES = [

@@ -194,9 +194,7 @@ def test_auto_lays_out_forward_passes_alone_and_only_when_faster(monkeypatch: py
             _saliency_like_captum(engine, "cnn", Pools())
             from captum.attr import Occlusion
 
-            job = AttributionJob(
-                model="cnn", algorithm="occlusion", inputs=(X,), target=[0, 2], params={"sliding_window_shapes": (3, 2, 2)}
-            )
+            job = AttributionJob(model="cnn", algorithm="occlusion", inputs=(X,), target=[0, 2], params={"sliding_window_shapes": (3, 2, 2)})
             got = engine.attribute(job, timeout=60)
             want = Occlusion(Pools().eval()).attribute(X.clone(), target=[0, 2], sliding_window_shapes=(3, 2, 2))
             assert_close(got.attributions[0], want)
@@ -237,9 +235,7 @@ def test_a_config_that_insists_on_channels_last_fails_a_model_whose_numbers_it_c
     monkeypatch.setattr(tuning, "run_pass", run_pass)
     engine = Engine(EngineLimits(probe_batch_rows=False))
     try:
-        with pytest.raises(
-            InvalidArgument, match=r"model 'moved': memory_format channels_last: channels_last changes the pass's numbers by"
-        ):
+        with pytest.raises(InvalidArgument, match=r"model 'moved': memory_format channels_last: channels_last changes the pass's numbers by"):
             engine.load(_spec("moved", Pools(), "channels_last"))
         model = engine.load(_spec("cnn", Pools(), "channels_last"))
         why = tuning.choose_memory_format(model)
@@ -280,8 +276,7 @@ def test_an_unknown_memory_format_is_refused_naming_the_choices() -> None:
     engine = Engine(EngineLimits(probe_batch_rows=False))
     try:
         with pytest.raises(
-            InvalidArgument,
-            match=r"model 'cnn': memory_format 'sideways' is not one of '', 'auto', 'contiguous', 'channels_last_forward', 'channels_last'",
+            InvalidArgument, match=r"model 'cnn': memory_format 'sideways' is not one of '', 'auto', 'contiguous', 'channels_last_forward', 'channels_last'"
         ):
             engine.load(_spec("cnn", Flattens(), "sideways"))
         engine.load(_spec("cnn", Flattens(), "contiguous"))

@@ -58,16 +58,10 @@ GROUPS = [
     [Case("conv", "integrated_gradients", {"n_steps": 12}, target="per_example", n=n, seed=s) for s, n in enumerate((1, 3, 2))],
     [Case("conv", "integrated_gradients", {"n_steps": 12}, baselines="row", delta=True, n=n, seed=10 + s) for s, n in enumerate((2, 1))],
     [Case("conv", "integrated_gradients", {"n_steps": 12}, baselines="per_example", n=n, seed=20 + s) for s, n in enumerate((1, 2))],
-    [
-        Case("multi", "integrated_gradients", {"n_steps": 7}, baselines="scalar", target="per_example", n=n, seed=30 + s)
-        for s, n in enumerate((3, 1))
-    ],
+    [Case("multi", "integrated_gradients", {"n_steps": 7}, baselines="scalar", target="per_example", n=n, seed=30 + s) for s, n in enumerate((3, 1))],
     [Case("mlp", "saliency", {"abs": False}, target="per_example", n=n, seed=40 + s) for s, n in enumerate((1, 2, 1))],
     [Case("multi", "input_x_gradient", n=n, seed=50 + s) for s, n in enumerate((2, 2))],
-    [
-        Case("conv", "integrated_gradients", {"n_steps": 9}, baselines=b, n=2, seed=60 + s)
-        for s, b in enumerate(("none", "scalar", "row", "per_example"))
-    ],
+    [Case("conv", "integrated_gradients", {"n_steps": 9}, baselines=b, n=2, seed=60 + s) for s, b in enumerate(("none", "scalar", "row", "per_example"))],
 ]
 
 
@@ -88,9 +82,7 @@ def test_merged_requests_each_equal_captum(merges: list[int]) -> None:
     assert sum(merges) >= len(cases) - 8, merges  # most requests ran merged
     for case, b, job, result in zip(cases, built, jobs, results):
         _check(case, b, result, outputs=job.return_outputs)
-        assert result.timing.rows == (job.params.get("n_steps", 1) + (2 if case.delta else 0)) * case.n + (
-            case.n if job.return_outputs else 0
-        )
+        assert result.timing.rows == (job.params.get("n_steps", 1) + (2 if case.delta else 0)) * case.n + (case.n if job.return_outputs else 0)
     # The passes count the requests, not the merged plans: every pass's requests are the requests that ran in it.
     assert sum(p.requests for p in passes) == sum(r.timing.passes for r in results)
     assert max(p.requests for p in passes) == max(r.timing.pass_requests for r in results)
@@ -105,14 +97,7 @@ def test_requests_that_differ_do_not_merge(merges: list[int]) -> None:
         Case("mlp", "integrated_gradients", {"n_steps": 5}, n=1, seed=1),
         Case("mlp", "integrated_gradients", {"n_steps": 6}, n=1, seed=2),
         Case("mlp", "integrated_gradients", {"n_steps": 5}, delta=True, n=1, seed=3),
-        Case(
-            "mlp",
-            "integrated_gradients",
-            {"n_steps": 5},
-            noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 2, "stdevs": 0.1},
-            n=1,
-            seed=4,
-        ),
+        Case("mlp", "integrated_gradients", {"n_steps": 5}, noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 2, "stdevs": 0.1}, n=1, seed=4),
         Case("mlp", "integrated_gradients", {"n_steps": 5}, n=1, seed=5),  # as the first, but a batch request
         Case("mlp", "deep_lift", n=1, seed=6),
         Case("mlp", "deep_lift", n=1, seed=7),  # DeepLift's rules look across the batch: never merged
@@ -164,7 +149,7 @@ class Picky(nn.Module):
 
 
 def _picky_engine(gate: threading.Event | None = None) -> tuple[Engine, Drops, Picky]:
-    """ "picky", and with a gate "gated" (loaded first: its passes are cut before picky's, the model served least
+    """"picky", and with a gate "gated" (loaded first: its passes are cut before picky's, the model served least
     recently), one worker for both."""
     engine = Engine()
     drops = Drops()

@@ -68,11 +68,7 @@ def test_a_request_without_a_version_gets_the_newest_ready_one(engine) -> None:
     assert_from(ig(engine, "m").result(30), ten, "10")
     assert_from(ig(engine, "m", "1").result(30), one, "1")
     assert_from(ig(engine, "m", "2").result(30), two, "2")
-    assert [(r.version, r.state) for r in engine.model_records()] == [
-        ("1", ModelState.READY),
-        ("2", ModelState.READY),
-        ("10", ModelState.READY),
-    ]
+    assert [(r.version, r.state) for r in engine.model_records()] == [("1", ModelState.READY), ("2", ModelState.READY), ("10", ModelState.READY)]
     with pytest.raises(NotFound, match=r"model 'm' has no version '3'; it has 1, 2, 10"):
         ig(engine, "m", "3")
     with pytest.raises(NotFound, match=r"model 'x' is not served; served models: m"):

@@ -12,16 +12,7 @@ import torch
 
 import captum.attr as ca
 from attrserve_engine import AttributionJob, Engine, InvalidArgument
-from oracle import (
-    MODELS,
-    assert_all_close,
-    assert_fused_equals_alone,
-    assert_split_passes,
-    engine_fixture,
-    example_inputs,
-    make_engine,
-    run_fused,
-)
+from oracle import MODELS, assert_all_close, assert_fused_equals_alone, assert_split_passes, engine_fixture, example_inputs, make_engine, run_fused
 
 CAPTUM = {
     "neuron_gradient": ca.NeuronGradient,
@@ -53,12 +44,7 @@ class NeuronCase:
 
     @property
     def id(self) -> str:
-        return "-".join(
-            [self.model, self.algorithm, self.layer, str(self.neuron)]
-            + [f"{k}={v}" for k, v in self.params.items()]
-            + [self.baselines]
-            + (["input"] if self.to_input else [])
-        )
+        return "-".join([self.model, self.algorithm, self.layer, str(self.neuron)] + [f"{k}={v}" for k, v in self.params.items()] + [self.baselines] + (["input"] if self.to_input else []))
 
     def build(self) -> dict:
         inputs, args = example_inputs(self.model, self.n, seed=400 + self.seed)
@@ -121,13 +107,7 @@ def _cases() -> list[NeuronCase]:
             cases.append(NeuronCase(model, name, layer, neuron, dict(params), baselines=base, seed=5))
             cases.append(NeuronCase(model, name, in_layer, in_neuron, dict(params), baselines=other, to_input=True, seed=6))
     cases += [
-        NeuronCase(
-            "conv",
-            "neuron_integrated_gradients",
-            "conv1",
-            (0, 4, 4),
-            {"n_steps": 8, "method": "riemann_right", "multiply_by_inputs": False},
-        ),
+        NeuronCase("conv", "neuron_integrated_gradients", "conv1", (0, 4, 4), {"n_steps": 8, "method": "riemann_right", "multiply_by_inputs": False}),
         NeuronCase("conv", "neuron_conductance", "relu1", (2, 3, 3), {"n_steps": 6, "method": "gausslegendre"}, baselines="row"),
         NeuronCase("mlp", "neuron_deep_lift", "act1", (1,), {"multiply_by_inputs": False}, baselines="row"),
         NeuronCase("conv", "neuron_gradient", "pool", (1, 2, 2), n=5),

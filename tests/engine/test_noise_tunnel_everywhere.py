@@ -79,16 +79,7 @@ TABLE = [
     WrapCase("neuron_conductance", ca.NeuronConductance, "mlp", "fc2", _neuron((3,), n_steps=6)),
     WrapCase("neuron_deconvolution", ca.NeuronDeconvolution, "conv", "conv2", _neuron((1, 2, 2)), target=False),
     WrapCase("neuron_deep_lift", ca.NeuronDeepLift, "mlp", "fc2", _neuron((3,)), baselines="row", target=False),
-    WrapCase(
-        "neuron_deep_lift_shap",
-        ca.NeuronDeepLiftShap,
-        "mlp",
-        "fc2",
-        _neuron((3,)),
-        baselines="distribution",
-        draw_baseline_from_distrib=True,
-        target=False,
-    ),
+    WrapCase("neuron_deep_lift_shap", ca.NeuronDeepLiftShap, "mlp", "fc2", _neuron((3,)), baselines="distribution", draw_baseline_from_distrib=True, target=False),
     WrapCase("neuron_feature_ablation", ca.NeuronFeatureAblation, "toy", "lin1", _neuron((1,)), target=False),
     WrapCase("neuron_gradient", ca.NeuronGradient, "mlp", "fc2", _neuron((2,)), target=False),
     WrapCase("neuron_gradient_shap", ca.NeuronGradientShap, "mlp", "fc1", _neuron((0,), n_samples=3), baselines="row", target=False),
@@ -125,11 +116,7 @@ def _params() -> list:
         if name in CANNOT_WRAP:
             out.append(pytest.param(None, id=f"{name}-captum-cannot-wrap", marks=pytest.mark.skip(reason=CANNOT_WRAP[name])))
         elif name not in ALGORITHMS:
-            out.append(
-                pytest.param(
-                    None, id=f"{name}-not-in-ALGORITHMS", marks=pytest.mark.skip(reason=f"{name} is not (yet) an attrserve algorithm")
-                )
-            )
+            out.append(pytest.param(None, id=f"{name}-not-in-ALGORITHMS", marks=pytest.mark.skip(reason=f"{name} is not (yet) an attrserve algorithm")))
         elif name in BY_NAME:
             out.append(pytest.param(BY_NAME[name], id=BY_NAME[name].id))
     return out

@@ -48,9 +48,7 @@ def random_job(model: str, rng: random.Random):
     case = Case(
         model,
         algorithm,
-        params={"integrated_gradients": {"n_steps": rng.randint(2, 30)}, "gradient_shap": {"n_samples": rng.randint(1, 8)}}.get(
-            algorithm, {}
-        ),
+        params={"integrated_gradients": {"n_steps": rng.randint(2, 30)}, "gradient_shap": {"n_samples": rng.randint(1, 8)}}.get(algorithm, {}),
         baselines={"gradient_shap": "distribution", "saliency": "none", "input_x_gradient": "none"}.get(
             algorithm, rng.choice(["none", "row", "per_example"])
         ),
@@ -159,9 +157,7 @@ def test_deep_lift_refuses_a_module_used_twice() -> None:
         assert "deep_lift" not in engine.supported_algorithms(with_specs)  # found at warm-up
         assert "more than once" in with_specs.unsupported["deep_lift"]
         engine.load(ModelSpec(name="reused_nospec", module=ReusedReLU()))
-        job = AttributionJob(
-            model="reused_nospec", algorithm="deep_lift", inputs=(torch.rand(2, 3),), target=torch.zeros(2, 1, dtype=torch.int64)
-        )
+        job = AttributionJob(model="reused_nospec", algorithm="deep_lift", inputs=(torch.rand(2, 3),), target=torch.zeros(2, 1, dtype=torch.int64))
         with pytest.raises(InvalidArgument, match="more than once"):
             engine.attribute(job, timeout=30)
     finally:

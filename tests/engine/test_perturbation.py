@@ -16,17 +16,7 @@ import torch
 from torch import nn
 
 from attrserve_engine import AttributionJob, Engine, InvalidArgument, ResourceExhausted
-from oracle import (
-    MODELS,
-    assert_all_close,
-    assert_fused_equals_alone,
-    assert_split_passes,
-    case_rng,
-    engine_fixture,
-    example_inputs,
-    make_engine,
-    run_fused,
-)
+from oracle import MODELS, assert_all_close, assert_fused_equals_alone, assert_split_passes, case_rng, engine_fixture, example_inputs, make_engine, run_fused
 
 VOCAB = 12
 
@@ -228,10 +218,7 @@ def test_matches_captum(engine: Engine, case: Case) -> None:
 
 def test_permutation_draws_follow_perturbations_per_eval() -> None:
     """Captum's FeaturePermutation draws per (group, input, feature): grouping changes its numbers, and ours with it."""
-    one, three = (
-        Case("multi", "feature_permutation", n=4, seed=2),
-        Case("multi", "feature_permutation", {"perturbations_per_eval": 3}, n=4, seed=2),
-    )
+    one, three = Case("multi", "feature_permutation", n=4, seed=2), Case("multi", "feature_permutation", {"perturbations_per_eval": 3}, n=4, seed=2)
     assert not torch.allclose(captum_attribute(one, one.build())[1], captum_attribute(three, three.build())[1])
 
 
@@ -312,17 +299,9 @@ def test_concurrent_callers_share_forward_passes() -> None:
     callers, per_caller = 4, 5
     # n=2 examples, 3 feature groups (occlusion: 3 windows): the inputs plus one copy per feature, per sampled
     # permutation (the first and last coalitions are shared: 2 + 3 × (3 − 1)), or per coalition (2^3).
-    rows = {
-        "feature_ablation": 2 * (1 + 3),
-        "feature_permutation": 2 * (1 + 3),
-        "occlusion": 2 * (1 + 3),
-        "shapley_value_sampling": 2 * (2 + 3 * (3 - 1)),
-        "shapley_values": 2 * 2**3,
-    }
-    cases = [
-        [Case("mlp", a, p, mask="none" if a == "occlusion" else "grouped", n=2, seed=c) for a, p in algorithms[:per_caller]]
-        for c in range(callers)
-    ]
+    rows = {"feature_ablation": 2 * (1 + 3), "feature_permutation": 2 * (1 + 3), "occlusion": 2 * (1 + 3),
+            "shapley_value_sampling": 2 * (2 + 3 * (3 - 1)), "shapley_values": 2 * 2**3}
+    cases = [[Case("mlp", a, p, mask="none" if a == "occlusion" else "grouped", n=2, seed=c) for a, p in algorithms[:per_caller]] for c in range(callers)]
     built = [[case.build() for case in mine] for mine in cases]
     futures: list = [None] * callers
     barrier = threading.Barrier(callers)
@@ -347,18 +326,14 @@ def test_concurrent_callers_share_forward_passes() -> None:
     assert (engine.passes, engine.rows, total) == (1, total, 224)
     for mine, b, got in zip(cases, built, results):
         for case, bb, r in zip(mine, b, got):
-            assert (r.timing.rows, r.timing.passes, r.timing.pass_rows, r.timing.pass_requests) == (rows[case.algorithm], 1, total, 20), (
-                case.id
-            )
+            assert (r.timing.rows, r.timing.passes, r.timing.pass_rows, r.timing.pass_requests) == (rows[case.algorithm], 1, total, 20), case.id
             assert_all_close(r.attributions, captum_attribute(case, bb))
 
 
 def test_exact_shapley_on_20_features_is_refused_before_any_work(engine: Engine) -> None:
     inputs, _ = model_inputs("conv", 1, seed=0)
     mask = (torch.arange(2 * 8 * 8) % 20).view(1, 2, 8, 8)
-    job = AttributionJob(
-        model="conv", algorithm="shapley_values", inputs=inputs, target=torch.zeros(1, 1, dtype=torch.int64), feature_masks=(mask,)
-    )
+    job = AttributionJob(model="conv", algorithm="shapley_values", inputs=inputs, target=torch.zeros(1, 1, dtype=torch.int64), feature_masks=(mask,))
     passes = engine.passes
     with pytest.raises(ResourceExhausted, match=r"needs 1048576 rows"):
         engine.submit(job)
@@ -387,12 +362,7 @@ BAD = [
     ("occlusion", {"sliding_window_shapes": ((2,), (2,))}, {}, "give one per input"),
     ("occlusion", {"sliding_window_shapes": "2x2"}, {}, "occlusion.sliding_window_shapes"),
     ("occlusion", {"sliding_window_shapes": (2,)}, {"feature_masks": (torch.zeros(1, 6, dtype=torch.int64),)}, "does not take it"),
-    (
-        "shapley_value_sampling",
-        {"perturbations_per_eval": 0},
-        {},
-        "shapley_value_sampling.perturbations_per_eval",
-    ),  # n_samples=0: Captum gives NaN
+    ("shapley_value_sampling", {"perturbations_per_eval": 0}, {}, "shapley_value_sampling.perturbations_per_eval"),  # n_samples=0: Captum gives NaN
     ("shapley_value_sampling", {"n_samples": 10**6}, {}, "shapley_value_sampling.n_samples is 1000000, over"),
     ("shapley_value_sampling", {}, {"feature_masks": (torch.tensor([[0, 0, 1, 1, 2, 99]]),)}, "feature_masks use id 99"),
     ("shapley_values", {"perturbations_per_eval": 0}, {}, "shapley_values.perturbations_per_eval"),

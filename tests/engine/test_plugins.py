@@ -24,9 +24,7 @@ def blur_engine(**limits) -> Engine:
 
 
 def blur_job(x: torch.Tensor, target: list[int], **params) -> AttributionJob:
-    return AttributionJob(
-        model="conv", algorithm="blur_integrated_gradients", inputs=(x,), target=torch.tensor([[t] for t in target]), params=params
-    )
+    return AttributionJob(model="conv", algorithm="blur_integrated_gradients", inputs=(x,), target=torch.tensor([[t] for t in target]), params=params)
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +85,7 @@ def test_plugin_rows_fuse_with_built_in_requests() -> None:
     (x,), _ = example_inputs("conv", 2, seed=4)
     alone_engine = blur_engine()
     fused_engine = blur_engine(default_max_queue_delay_us=0, default_max_batch_rows=4096)
-    ig = [
-        AttributionJob(
-            model="conv", algorithm="integrated_gradients", inputs=(x * k,), target=torch.tensor([[2], [0]]), params={"n_steps": 7}
-        )
-        for k in (0.5, 2.0, 3.0)
-    ]
+    ig = [AttributionJob(model="conv", algorithm="integrated_gradients", inputs=(x * k,), target=torch.tensor([[2], [0]]), params={"n_steps": 7}) for k in (0.5, 2.0, 3.0)]
     try:
         alone = [alone_engine.attribute(j, timeout=60) for j in [*ig, blur_job(x, [0, 1], n_steps=10)]]
         futures = submit_held(fused_engine, [*ig, blur_job(x, [0, 1], n_steps=10)])
@@ -101,9 +94,7 @@ def test_plugin_rows_fuse_with_built_in_requests() -> None:
         alone_engine.shutdown()
         fused_engine.shutdown()
     assert (fused_engine.passes, fused_engine.rows) == (1, 62)
-    assert [(r.timing.rows, r.timing.passes, r.timing.pass_rows, r.timing.pass_requests) for r in fused] == [(14, 1, 62, 4)] * 3 + [
-        (20, 1, 62, 4)
-    ]
+    assert [(r.timing.rows, r.timing.passes, r.timing.pass_rows, r.timing.pass_requests) for r in fused] == [(14, 1, 62, 4)] * 3 + [(20, 1, 62, 4)]
     for got, want in zip(fused, alone):
         assert_fused_equals_alone(got, want, delta=False)
 
@@ -113,14 +104,12 @@ def test_plugin_validation(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "none.py").write_text("X = 1\n")
     with pytest.raises(InvalidArgument, match="defines no ALGORITHM"):
         engine.load_plugins(str(tmp_path / "none.py"))
-    (tmp_path / "clash.py").write_text(
-        textwrap.dedent("""
+    (tmp_path / "clash.py").write_text(textwrap.dedent('''
         from attrserve_engine.algorithms.saliency import Saliency
         class Again(Saliency):
             name = "saliency"
         ALGORITHM = Again
-    """)
-    )
+    '''))
     with pytest.raises(InvalidArgument, match="clashes"):
         engine.load_plugins(str(tmp_path / "clash.py"))
     (tmp_path / "notalgo.py").write_text("ALGORITHM = dict\n")
@@ -131,14 +120,12 @@ def test_plugin_validation(tmp_path: Path, monkeypatch) -> None:
     # A folder of plugins, and an importable module path.
     folder = tmp_path / "plugins"
     folder.mkdir()
-    (folder / "signed.py").write_text(
-        textwrap.dedent("""
+    (folder / "signed.py").write_text(textwrap.dedent('''
         from attrserve_engine.algorithms.saliency import Saliency
         class SignedSaliency(Saliency):
             name = "signed_saliency"
         ALGORITHM = SignedSaliency
-    """)
-    )
+    '''))
     assert engine.load_plugins(str(folder)) == ["signed_saliency"]
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "my_algos.py").write_text((folder / "signed.py").read_text().replace("signed_saliency", "module_saliency"))

@@ -18,13 +18,7 @@ def test_bfloat16_autocast_costs_little_accuracy() -> None:
         engine.load(ModelSpec(name="fp32", module=MODELS["conv"]()))
         engine.load(ModelSpec(name="bf16", module=MODELS["conv"](), precision="bfloat16"))
         (x,), _ = example_inputs("conv", 4, seed=3)
-        job = dict(
-            algorithm="integrated_gradients",
-            inputs=(x,),
-            target=torch.tensor([[t] for t in targets]),
-            params={"n_steps": 16},
-            return_convergence_delta=True,
-        )
+        job = dict(algorithm="integrated_gradients", inputs=(x,), target=torch.tensor([[t] for t in targets]), params={"n_steps": 16}, return_convergence_delta=True)
         full = engine.attribute(AttributionJob(model="fp32", **job), timeout=60)
         half = engine.attribute(AttributionJob(model="bf16", **job), timeout=60)
     finally:

@@ -200,9 +200,7 @@ def test_a_block_split_across_replicas_is_put_back_together_in_row_order() -> No
 
     try:
         m = replicated(2, max_batch_rows=8)
-        live = LiveJob(
-            model=m, plan_factory=plan, finish=lambda a, _: a.attributions[0], rows=rows, deadline=None, arrival=time.monotonic()
-        )
+        live = LiveJob(model=m, plan_factory=plan, finish=lambda a, _: a.attributions[0], rows=rows, deadline=None, arrival=time.monotonic())
         got = s.submit(live).result(10)
         assert torch.equal(got, values)
         assert len(rec.passes) == 5 and passes.most_at_once == 2

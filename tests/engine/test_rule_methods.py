@@ -13,19 +13,7 @@ import torch
 from torch import nn
 
 from attrserve_engine import Engine, InvalidArgument, ModelSpec
-from oracle import (
-    MODELS,
-    Case,
-    assert_all_close,
-    assert_close,
-    assert_fused_equals_alone,
-    assert_split_passes,
-    case_rng,
-    engine_fixture,
-    job_for,
-    make_engine,
-    run_fused,
-)
+from oracle import MODELS, Case, assert_all_close, assert_close, assert_fused_equals_alone, assert_split_passes, case_rng, engine_fixture, job_for, make_engine, run_fused
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU:UserWarning")
 
@@ -164,20 +152,10 @@ def _cases() -> list[RuleCase]:
         RuleCase("toy", "deep_lift_shap", baselines="distribution", n=1),
         RuleCase("conv", "guided_backprop", n=1),
         # NoiseTunnel wraps all three (Captum needs m == n, or drawing, for deep_lift_shap)
-        RuleCase(
-            "conv", "guided_backprop", noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 4, "stdevs": 0.2}, target="per_example", seed=3
-        ),
+        RuleCase("conv", "guided_backprop", noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 4, "stdevs": 0.2}, target="per_example", seed=3),
         RuleCase("multi", "deconvolution", noise_tunnel={"nt_type": "vargrad", "nt_samples": 3, "stdevs": [0.1, 0.3]}, seed=5),
         RuleCase("inplace", "guided_backprop", noise_tunnel={"nt_type": "smoothgrad_sq", "nt_samples": 3, "stdevs": 0.5}, seed=8),
-        RuleCase(
-            "mlp",
-            "deep_lift_shap",
-            noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 2, "stdevs": 0.1},
-            baselines="per_example",
-            n=2,
-            delta=True,
-            seed=2,
-        ),
+        RuleCase("mlp", "deep_lift_shap", noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 2, "stdevs": 0.1}, baselines="per_example", n=2, delta=True, seed=2),
         RuleCase(
             "conv",
             "deep_lift_shap",
@@ -188,9 +166,7 @@ def _cases() -> list[RuleCase]:
             seed=6,
         ),
         # a 1-row distribution is fine where NoiseTunnel draws n * nt_samples rows from it, as in Captum
-        RuleCase(
-            "toy", "deep_lift_shap", noise_tunnel={"nt_samples": 2, "stdevs": 0.1, "draw_baseline_from_distrib": True}, m=1, n=2, seed=1
-        ),
+        RuleCase("toy", "deep_lift_shap", noise_tunnel={"nt_samples": 2, "stdevs": 0.1, "draw_baseline_from_distrib": True}, m=1, n=2, seed=1),
     ]
     return cases
 
@@ -289,9 +265,7 @@ FUSION_CASES = [
     RuleCase("conv", "deep_lift_shap", target="per_example", delta=True, m=4),
     RuleCase("mlp", "deep_lift_shap", {"multiply_by_inputs": False}, target="per_example", delta=True, m=3),
     RuleCase("text", "guided_backprop", target="per_example"),
-    RuleCase(
-        "multi", "deconvolution", noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 5, "stdevs": 0.2}, target="per_example", seed=4
-    ),
+    RuleCase("multi", "deconvolution", noise_tunnel={"nt_type": "smoothgrad", "nt_samples": 5, "stdevs": 0.2}, target="per_example", seed=4),
 ]
 
 

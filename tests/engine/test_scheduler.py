@@ -81,22 +81,12 @@ def job(m: LoadedModel, tag: float, rows: int = 8, stages: int = 1, deadline: fl
     def plan():
         total = 0.0
         for _ in range(stages):
-            results = yield [
-                Block(
-                    kind=PassKind.FORWARD, inputs=(torch.full((rows, 1), tag),), args=(), target=torch.zeros((rows, 0), dtype=torch.int64)
-                )
-            ]
+            results = yield [Block(kind=PassKind.FORWARD, inputs=(torch.full((rows, 1), tag),), args=(), target=torch.zeros((rows, 0), dtype=torch.int64))]
             total += float(results[0].outputs.sum())
         return Attribution((torch.tensor([total]),))
 
-    return LiveJob(
-        model=m,
-        plan_factory=plan,
-        finish=lambda a, live: float(a.attributions[0]),
-        rows=rows * stages,
-        deadline=deadline,
-        arrival=time.monotonic(),
-    )
+    return LiveJob(model=m, plan_factory=plan, finish=lambda a, live: float(a.attributions[0]), rows=rows * stages,
+                   deadline=deadline, arrival=time.monotonic())
 
 
 def scheduler(passes: FakePasses, recorder: Recorder, **kw) -> Scheduler:
@@ -392,7 +382,6 @@ def test_a_queue_that_holds_a_pass_budget_is_full(sized_by: str) -> None:
 
 
 # --- admission, fairness, priorities, pass budget ----------------------------------------------
-
 
 class Refusals(Recorder):
     def __init__(self) -> None:

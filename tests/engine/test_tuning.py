@@ -114,18 +114,11 @@ def test_a_huge_exact_shapley_is_refused_cleanly_and_does_not_stop_the_model_loa
     engine = Engine(EngineLimits(probe_batch_rows=False))
     try:
         # 3*64*64 = 12,288 features: 2^12288 rows, a number Python refuses to print in full
-        model = engine.load(
-            ModelSpec(
-                name="big",
-                module=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 2)),
-                inputs=[InputSpec("x", torch.float32, (3, 64, 64))],
-            )
-        )
+        model = engine.load(ModelSpec(name="big", module=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 2)),
+                                      inputs=[InputSpec("x", torch.float32, (3, 64, 64))]))
         assert model.ready and "shapley_values" in engine.supported_algorithms(model)
         try:
-            engine.submit(
-                AttributionJob(model="big", algorithm="shapley_values", inputs=(torch.zeros(1, 3, 64, 64),), target=torch.tensor([[0]]))
-            )
+            engine.submit(AttributionJob(model="big", algorithm="shapley_values", inputs=(torch.zeros(1, 3, 64, 64),), target=torch.tensor([[0]])))
         except ResourceExhausted as e:
             assert "about 2^12288 rows" in str(e)
         else:
@@ -139,6 +132,7 @@ def test_one_slow_size_does_not_end_the_probe_and_near_best_sizes_are_timed_agai
     the old probe stopped there and chose 32 rows; this one goes on past a single dip, and re-times the sizes near
     the best before choosing."""
     import time
+
 
     calls: dict[int, int] = {}
 
@@ -203,14 +197,8 @@ def test_a_token_id_model_is_probed_with_gradients_at_its_embedding_and_torchscr
         twice = engine.load(ModelSpec(name="twice", module=Twice(), inputs=tokens))
         assert twice.batch_probe and (PassKind.FORWARD, "", False) in seen
         ids = torch.tensor([[3, 5, 0, 0, 1, 2], [7, 7, 7, 1, 0, 0]])
-        job = AttributionJob(
-            model="tokens",
-            algorithm="layer_integrated_gradients",
-            inputs=(ids,),
-            target=torch.tensor([[1], [0]]),
-            layer="embedding",
-            params={"n_steps": 12},
-        )
+        job = AttributionJob(model="tokens", algorithm="layer_integrated_gradients", inputs=(ids,), target=torch.tensor([[1], [0]]),
+                             layer="embedding", params={"n_steps": 12})
         got = engine.submit(job).result(timeout=30)
     finally:
         engine.shutdown()

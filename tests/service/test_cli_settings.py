@@ -30,14 +30,8 @@ def test_no_arguments_give_the_declared_defaults() -> None:
 
 
 def test_flags_and_variables() -> None:
-    env = {
-        "ATTRSERVE_PORT": "7001",
-        "ATTRSERVE_MAX_BATCH_ROWS": "64",
-        "ATTRSERVE_BATCH_PROBE": "0",
-        "ATTRSERVE_PLUGINS": "a.py,b.py",
-        "ATTRSERVE_GRACE_SECONDS": "2.5",
-        "ATTRSERVE_MODEL_REPOSITORY": "/models",
-    }
+    env = {"ATTRSERVE_PORT": "7001", "ATTRSERVE_MAX_BATCH_ROWS": "64", "ATTRSERVE_BATCH_PROBE": "0",
+           "ATTRSERVE_PLUGINS": "a.py,b.py", "ATTRSERVE_GRACE_SECONDS": "2.5", "ATTRSERVE_MODEL_REPOSITORY": "/models"}
     config, _ = server_config(["--port", "7002", "--metrics-port", "-1"], environ=env)
     assert config.port == 7002  # the flag wins
     assert config.metrics_port is None  # -1: off

@@ -98,33 +98,25 @@ def test_a_dtype_without_a_wire_type_is_sent_as_float32() -> None:
     assert torch.equal(tensor_from_proto(message, "x"), torch.tensor([1.0, 2.0]))
 
 
-@pytest.mark.parametrize(
-    "message, match",
-    [
-        (
-            tensor_pb2.Tensor(dtype=DT.DATA_TYPE_FLOAT32, shape=[2, 3], data=b"\0" * 20),
-            r"inputs\[0\]: shape \[2, 3\] of DATA_TYPE_FLOAT32 needs 24 bytes of data, got 20",
-        ),
-        (tensor_pb2.Tensor(dtype=DT.DATA_TYPE_INT64, shape=[1], data=b"\0" * 9), r"inputs\[0\]: .* needs 8 bytes of data, got 9"),
-        (tensor_pb2.Tensor(dtype=DT.DATA_TYPE_FLOAT32, shape=[-1, 3], data=b""), r"inputs\[0\]\.shape \[-1, 3\] has a negative dim"),
-        (tensor_pb2.Tensor(dtype=DT.DATA_TYPE_UNSPECIFIED, shape=[1], data=b"\0" * 4), r"inputs\[0\]\.dtype is DATA_TYPE_UNSPECIFIED"),
-        (tensor_pb2.Tensor(dtype=99, shape=[1], data=b"\0" * 4), r"inputs\[0\]\.dtype is 99"),
-    ],
-)
+@pytest.mark.parametrize("message, match", [
+    (tensor_pb2.Tensor(dtype=DT.DATA_TYPE_FLOAT32, shape=[2, 3], data=b"\0" * 20),
+     r"inputs\[0\]: shape \[2, 3\] of DATA_TYPE_FLOAT32 needs 24 bytes of data, got 20"),
+    (tensor_pb2.Tensor(dtype=DT.DATA_TYPE_INT64, shape=[1], data=b"\0" * 9), r"inputs\[0\]: .* needs 8 bytes of data, got 9"),
+    (tensor_pb2.Tensor(dtype=DT.DATA_TYPE_FLOAT32, shape=[-1, 3], data=b""), r"inputs\[0\]\.shape \[-1, 3\] has a negative dim"),
+    (tensor_pb2.Tensor(dtype=DT.DATA_TYPE_UNSPECIFIED, shape=[1], data=b"\0" * 4), r"inputs\[0\]\.dtype is DATA_TYPE_UNSPECIFIED"),
+    (tensor_pb2.Tensor(dtype=99, shape=[1], data=b"\0" * 4), r"inputs\[0\]\.dtype is 99"),
+])
 def test_bad_tensors_are_refused_naming_the_field(message: tensor_pb2.Tensor, match: str) -> None:
     with pytest.raises(InvalidArgument, match=match):
         tensor_from_proto(message, "inputs[0]")
 
 
-@pytest.mark.parametrize(
-    "target, want",
-    [
-        (pb.Target(), None),
-        (pb.Target(index=3), 3),
-        (pb.Target(tuple=pb.TargetIndex(index=[1, 2])), (1, 2)),
-        (pb.Target(per_example=pb.TargetIndexList(indices=[pb.TargetIndex(index=[0]), pb.TargetIndex(index=[1])])), [(0,), (1,)]),
-    ],
-)
+@pytest.mark.parametrize("target, want", [
+    (pb.Target(), None),
+    (pb.Target(index=3), 3),
+    (pb.Target(tuple=pb.TargetIndex(index=[1, 2])), (1, 2)),
+    (pb.Target(per_example=pb.TargetIndexList(indices=[pb.TargetIndex(index=[0]), pb.TargetIndex(index=[1])])), [(0,), (1,)]),
+])
 def test_targets_are_decoded_into_captums_forms(target: pb.Target, want) -> None:
     request = pb.AttributeRequest(model="m", algorithm=pb.ALGORITHM_SALIENCY, inputs=[tensor_to_proto(torch.zeros(2, 3))])
     if target.WhichOneof("value"):
@@ -137,11 +129,7 @@ def test_targets_are_decoded_into_captums_forms(target: pb.Target, want) -> None
 
 def test_a_result_is_encoded_with_its_timing_and_extras() -> None:
     result = AttributionResult(
-        attributions=(torch.ones(2, 3),),
-        convergence_delta=torch.zeros(2),
-        outputs=None,
-        model_version="1",
-        seed=7,
+        attributions=(torch.ones(2, 3),), convergence_delta=torch.zeros(2), outputs=None, model_version="1", seed=7,
         timing=JobTiming(queue_ms=1.0, compute_ms=2.0, total_ms=3.0, rows=4, passes=1, pass_rows=8, pass_requests=2),
         request_id="r1",
     )

@@ -4,7 +4,6 @@ Each model is built the way the server's loader builds it (exec model.py by
 path, load weights.pt, eval()), checked against its config.pbtxt, and then
 explained with Captum as the oracle, which must recover the planted signal.
 """
-
 import importlib.util
 import pathlib
 import sys
@@ -44,7 +43,8 @@ def build(name):
 
 
 def config(name):
-    return text_format.Parse((REPO / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    return text_format.Parse((REPO / name / "config.pbtxt").read_text(),
+                             model_config_pb2.ModelConfig())
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +65,11 @@ def _single_thread():
 # Repository layout, configs, shapes
 # --------------------------------------------------------------------------
 
-
 def test_repository_constant_points_at_the_folder():
     init = _import_path("test_demo_models_pkg", REPO / "__init__.py")
     assert init.DEMO_MODEL_REPOSITORY.resolve() == REPO
-    assert sorted(p.name for p in REPO.iterdir() if (p / "model.py").exists()) == sorted(MODELS)
+    assert sorted(p.name for p in REPO.iterdir() if (p / "model.py").exists()) \
+        == sorted(MODELS)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -84,7 +84,8 @@ def test_folder_contents(name):
         assert 0 < size < 300_000
     # model.py imports only torch.
     source = (folder / "model.py").read_text()
-    imports = {line.split()[1].split(".")[0] for line in source.splitlines() if line.startswith(("import ", "from "))}
+    imports = {line.split()[1].split(".")[0] for line in source.splitlines()
+               if line.startswith(("import ", "from "))}
     assert imports == {"torch"}
 
 
@@ -114,11 +115,9 @@ def test_config_and_output_shape(name):
 
     # Every module runs at most once per forward (layer methods can hook any).
     calls = {}
-    hooks = [
-        m.register_forward_hook(lambda mod, i, o, key=n: calls.__setitem__(key, calls.get(key, 0) + 1))
-        for n, m in model.named_modules()
-        if n
-    ]
+    hooks = [m.register_forward_hook(
+        lambda mod, i, o, key=n: calls.__setitem__(key, calls.get(key, 0) + 1))
+        for n, m in model.named_modules() if n]
     g = torch.Generator().manual_seed(7)
     (x,) = _example_inputs(cfg.inputs, 5, g)
     with torch.no_grad():
@@ -126,14 +125,15 @@ def test_config_and_output_shape(name):
     for h in hooks:
         h.remove()
     assert max(calls.values()) == 1
-    assert not any(isinstance(m, (torch.nn.Dropout, torch.nn.modules.batchnorm._BatchNorm)) for m in model.modules())
+    assert not any(isinstance(m, (torch.nn.Dropout, torch.nn.modules.batchnorm._BatchNorm))
+                   for m in model.modules())
 
     assert out.shape == (5, 2)
     assert out.dtype == torch.float32
     assert torch.isfinite(out).all()
     # Each example's output depends only on that example.
     with torch.no_grad():
-        single = torch.cat([model(x[i : i + 1]) for i in range(5)])
+        single = torch.cat([model(x[i:i + 1]) for i in range(5)])
     torch.testing.assert_close(single, out, atol=1e-5, rtol=1e-5)
 
 
@@ -141,12 +141,13 @@ def test_config_and_output_shape(name):
 # Explanations recover the planted signals (Captum as oracle)
 # --------------------------------------------------------------------------
 
-
 def test_toy_integrated_gradients_matches_captum_overview():
     model, _ = build("toy")
     x = torch.tensor([[0.2961, 0.5166, 0.2517], [0.6886, 0.0740, 0.8665]])
-    attr, delta = IntegratedGradients(model).attribute(x, baselines=torch.zeros_like(x), target=0, return_convergence_delta=True)
-    expected = torch.tensor([[-0.5922, -1.5497, -1.0067], [0.0000, -0.2219, -5.1991]])
+    attr, delta = IntegratedGradients(model).attribute(
+        x, baselines=torch.zeros_like(x), target=0, return_convergence_delta=True)
+    expected = torch.tensor([[-0.5922, -1.5497, -1.0067],
+                             [0.0000, -0.2219, -5.1991]])
     assert torch.allclose(attr, expected, atol=1e-4)
     assert delta.abs().max().item() < 1e-4
     # The model is positively homogeneous from a zero baseline, so IG is exact:
@@ -154,7 +155,8 @@ def test_toy_integrated_gradients_matches_captum_overview():
     exact = torch.tensor([[-2.0, -3.0, -4.0], [0.0, -3.0, -6.0]]) * x
     torch.testing.assert_close(attr, exact, atol=1e-5, rtol=1e-5)
     # The tutorial's own (unrounded) input: torch.manual_seed(123); rand(2, 3).
-    x = torch.tensor([[0.2961119, 0.5165623, 0.2516707], [0.6885568, 0.0739725, 0.8665220]])
+    x = torch.tensor([[0.2961119, 0.5165623, 0.2516707],
+                      [0.6885568, 0.0739725, 0.8665220]])
     attr = IntegratedGradients(model).attribute(x, torch.zeros_like(x), target=0)
     assert torch.allclose(attr, expected, atol=5e-5, rtol=0)
 
@@ -166,7 +168,8 @@ def test_tabular_attribution_finds_planted_features(data):
     with torch.no_grad():
         assert (model(x).argmax(1) == y).float().mean().item() > 0.95
     x = x[y == 1][:64]
-    attr = IntegratedGradients(model).attribute(x, baselines=torch.zeros_like(x), target=1)
+    attr = IntegratedGradients(model).attribute(
+        x, baselines=torch.zeros_like(x), target=1)
     importance = attr.abs().mean(dim=0)
     top3 = set(importance.topk(3).indices.tolist())
     assert top3 == {2, 7, 11} == set(module.SIGNAL_FEATURES)
@@ -189,7 +192,8 @@ def test_image_attribution_concentrates_on_patch(data):
     x = data.make_image(4, g, label=1)[0]
     with torch.no_grad():
         assert (model(x).argmax(1) == 1).all()
-    attr = IntegratedGradients(model).attribute(x, baselines=torch.zeros_like(x), target=1).sum(dim=1)  # (4, 16, 16)
+    attr = IntegratedGradients(model).attribute(
+        x, baselines=torch.zeros_like(x), target=1).sum(dim=1)  # (4, 16, 16)
     positive = attr.clamp(min=0)
     (r0, r1), (c0, c1) = module.PATCH_ROWS, module.PATCH_COLS
     assert (r0, r1, c0, c1) == (2, 6, 9, 13)
@@ -212,7 +216,8 @@ def test_text_attribution_finds_sentiment_words(data):
 
     ids, y = ids[:16], y[:16]
     lig = LayerIntegratedGradients(model, model.embedding)
-    attr = lig.attribute(ids, baselines=torch.zeros_like(ids), target=torch.ones_like(y)).sum(dim=-1)  # (16, 12)
+    attr = lig.attribute(ids, baselines=torch.zeros_like(ids),
+                         target=torch.ones_like(y)).sum(dim=-1)  # (16, 12)
     positive = torch.isin(ids, torch.tensor(module.POSITIVE_IDS))
     negative = torch.isin(ids, torch.tensor(module.NEGATIVE_IDS))
     sentiment = positive | negative

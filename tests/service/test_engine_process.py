@@ -682,10 +682,7 @@ def test_an_answer_the_front_cannot_read_fails_alone_with_internal_and_the_engin
         after = scrape(server.running.metrics_port)
         restarts = ("attrserve_engine_process_restarts_total", frozenset())
         assert after[restarts] == before.get(restarts, 0.0) and after[("attrserve_engine_process_up", frozenset())] == 1
-        internal = (
-            "attrserve_attributions_completed_total",
-            frozenset({"model": "leaky", "algorithm": "saliency", "grpc_code": "INTERNAL"}.items()),
-        )
+        internal = ("attrserve_attributions_completed_total", frozenset({"model": "leaky", "algorithm": "saliency", "grpc_code": "INTERNAL"}.items()))
         assert after[internal] - before.get(internal, 0.0) == 1
     finally:
         server.stop()
@@ -960,9 +957,7 @@ def test_an_engine_process_that_dies_is_noticed_and_restarted(repo: Path) -> Non
         # A model that ends the interpreter (os._exit, as a crash in an extension would) takes only the engine process.
         # (Not retried: a retry would run alone and be quarantined, the next test's subject.)
         with pytest.raises(grpc.RpcError) as crashed:
-            AttributionClient(server.address, retry=NO_RETRY).attribute(
-                "crashy", "saliency", np.full((1, 4), 1234.0, np.float32), target=0, timeout=30
-            )
+            AttributionClient(server.address, retry=NO_RETRY).attribute("crashy", "saliency", np.full((1, 4), 1234.0, np.float32), target=0, timeout=30)
         assert crashed.value.code() == grpc.StatusCode.UNAVAILABLE and "exit code 13" in crashed.value.details()
         wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
         assert os.getpid() == front
@@ -1018,12 +1013,7 @@ def test_a_query_of_death_sent_with_retries_kills_the_engine_process_twice_at_mo
         thread = in_thread(quarantined, lambda: client.attribute("crashy", "saliency", deadly, target=0, timeout=90))
         wait_queued(server, 1, "crashy")
         behind: list = []
-        in_thread(
-            behind,
-            lambda: AttributionClient(server.address, retry=NO_RETRY).attribute(
-                "good", "integrated_gradients", X, target=TARGET, timeout=60
-            ),
-        ).join(60)
+        in_thread(behind, lambda: AttributionClient(server.address, retry=NO_RETRY).attribute("good", "integrated_gradients", X, target=TARGET, timeout=60)).join(60)
         assert isinstance(behind[0], grpc.RpcError) and behind[0].code() == grpc.StatusCode.UNAVAILABLE, behind
         thread.join(90)
         assert isinstance(quarantined[0], grpc.RpcError), quarantined
@@ -1242,9 +1232,7 @@ def test_an_engine_process_stuck_with_the_gil_held_stops_answering_and_the_front
         first = server.running.core.pid
         outcome: list = []
         started = time.monotonic()
-        in_thread(outcome, lambda: client.attribute("crashy", "saliency", np.full((1, 4), 555.0, np.float32), target=0, timeout=60)).join(
-            60
-        )
+        in_thread(outcome, lambda: client.attribute("crashy", "saliency", np.full((1, 4), 555.0, np.float32), target=0, timeout=60)).join(60)
         assert_given_up(outcome, r"the engine process \d+ did not answer for 1 s \(stuck_pass_seconds\).*GIL held; it was killed")
         assert time.monotonic() - started < 20
         assert_a_new_engine_process_serves(server, client, first)
@@ -1343,9 +1331,7 @@ def test_the_front_polls_for_lone_answers_only_where_it_may_use_two_cores(
     asyncio.run(off())
 
 
-def test_a_lone_callers_deadline_ends_the_fronts_polling_and_lone_requests_equal_captum(
-    repo: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_lone_callers_deadline_ends_the_fronts_polling_and_lone_requests_equal_captum(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A server that polls for a lone request's answer for up to 10 s: a lone request in a 3 s pass whose caller's
     deadline (1 s) passes meanwhile gets DEADLINE_EXCEEDED at its deadline, not when the pass ends; the engine process
     drops it; then lone requests, one after another, get Captum's numbers and health says SERVING. (Its front polls
@@ -1701,9 +1687,7 @@ def test_engine_threads_reach_the_models_even_above_the_cores(repo: Path) -> Non
     args = ["--model-repository", str(repo), "--no-batch-probe", "--engine-threads", str(threads)]
     with ServeProcess(args) as server, AttributionClient(server.address) as client:
         assert client.get_model("good").config.intra_op_threads == threads
-        np.testing.assert_allclose(
-            client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
-        )
+        np.testing.assert_allclose(client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5)
     assert f"torch intra-op threads: {threads} (" in server.output()
 
 
@@ -1836,9 +1820,7 @@ def test_attrserve_serve_starts_its_engine_process_before_it_imports_torch_and_t
         np.testing.assert_allclose(got, captum(1), atol=1e-5)
         assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
         output = server.output()
-    assert re.findall(r"launched engine process (\d+); imported then: (.*)", output) == [
-        (m, "[]") for m in re.findall(r"engine process (\d+) serves", output)
-    ]
+    assert re.findall(r"launched engine process (\d+); imported then: (.*)", output) == [(m, "[]") for m in re.findall(r"engine process (\d+) serves", output)]
     assert server.proc.returncode == 0, server.output()
 
 
@@ -1892,10 +1874,7 @@ def test_the_front_end_serves_without_ever_importing_torch(repo: Path) -> None:
         assert {labels for name, labels in samples if name == "attrserve_build_info"} != set()
 
         client.unload_model("crashy", timeout=30)
-        assert {(m.model, m.state) for m in client.repository_index(timeout=10)} == {
-            ("good", pb.MODEL_STATE_READY),
-            ("crashy", pb.MODEL_STATE_UNLOADED),
-        }
+        assert {(m.model, m.state) for m in client.repository_index(timeout=10)} == {("good", pb.MODEL_STATE_READY), ("crashy", pb.MODEL_STATE_UNLOADED)}
         client.load_model("crashy", timeout=60)
         fragile = Saliency(server_model(repo)).attribute(torch.from_numpy(X), target=TARGET, abs=True).numpy()
         np.testing.assert_allclose(client.attribute("crashy", "saliency", X, target=TARGET, timeout=60).attributions, fragile, atol=1e-6)

@@ -46,11 +46,7 @@ CASES = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "inputs[0]: shape [1, 3] of DATA_TYPE_FLOAT32 needs 12 bytes of data, got 8",
     ),
-    "unspecified dtype": (
-        request(inputs=[tensor_pb2.Tensor(shape=[1, 3], data=b"\0" * 12)]),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "inputs[0].dtype",
-    ),
+    "unspecified dtype": (request(inputs=[tensor_pb2.Tensor(shape=[1, 3], data=b"\0" * 12)]), grpc.StatusCode.INVALID_ARGUMENT, "inputs[0].dtype"),
     "wrong dtype for a gradient": (
         request(model="toy", inputs=[to_tensor_proto(np.array([[1, 2, 3]], dtype=np.int64))]),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -89,11 +85,7 @@ CASES = {
         "integrated_gradients.n_steps is 501, over this server's limit of 500",
     ),
     "bad nt_type": (request(noise_tunnel=pb.NoiseTunnel(nt_type="blur")), grpc.StatusCode.INVALID_ARGUMENT, "noise_tunnel.nt_type"),
-    "delta where there is none": (
-        request(return_convergence_delta=True),
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "saliency has no convergence delta",
-    ),
+    "delta where there is none": (request(return_convergence_delta=True), grpc.StatusCode.INVALID_ARGUMENT, "saliency has no convergence delta"),
     "baseline that does not broadcast": (
         request(algorithm=pb.ALGORITHM_INTEGRATED_GRADIENTS, baselines=[pb.Baseline(tensor=to_tensor_proto(np.zeros((1, 4), np.float32)))]),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -148,11 +140,9 @@ def test_model_failure_is_invalid_argument_and_fails_only_its_request(fusing_ser
     bad = np.array([[500.0, 0.0, 0.0]], dtype=np.float32)
     inputs = [bad if i == 3 else good * (i + 1) for i in range(8)]
     with AttributionClient(fusing_server.address) as client:
-        calls = send_held(
-            fusing_server,
-            client,
-            [AttributionClient.build_request("fragile", "integrated_gradients", x, target=1, params={"n_steps": 50}) for x in inputs],
-        )
+        calls = send_held(fusing_server, client, [
+            AttributionClient.build_request("fragile", "integrated_gradients", x, target=1, params={"n_steps": 50}) for x in inputs
+        ])
         outcomes = outcomes_of(calls)
     bad_outcome = outcomes[3]
     assert isinstance(bad_outcome, grpc.RpcError)
@@ -164,11 +154,7 @@ def test_model_failure_is_invalid_argument_and_fails_only_its_request(fusing_ser
         want = IntegratedGradients(Linear3()).attribute(torch.from_numpy(inputs[i]), target=1, n_steps=50)
         assert_all_close((torch.from_numpy(result.attributions),), (want.detach(),))
         assert {k: result.timing[k] for k in ("rows", "passes", "pass_rows", "pass_requests")} == {
-            "rows": 50,
-            "passes": passes,
-            "pass_rows": pass_rows,
-            "pass_requests": pass_requests,
-        }, i
+            "rows": 50, "passes": passes, "pass_rows": pass_rows, "pass_requests": pass_requests}, i
 
 
 def test_bad_target_in_a_fused_pass_fails_alone(fusing_server) -> None:
@@ -177,11 +163,9 @@ def test_bad_target_in_a_fused_pass_fails_alone(fusing_server) -> None:
     request equals Captum's answer for it."""
     x = np.random.default_rng(1).standard_normal((2, 5)).astype(np.float32)
     with AttributionClient(fusing_server.address) as client:
-        calls = send_held(
-            fusing_server,
-            client,
-            [AttributionClient.build_request("grid", "saliency", x * (i + 1), target=(1, 2) if i != 2 else (2, 0)) for i in range(6)],
-        )
+        calls = send_held(fusing_server, client, [
+            AttributionClient.build_request("grid", "saliency", x * (i + 1), target=(1, 2) if i != 2 else (2, 0)) for i in range(6)
+        ])
         outcomes = outcomes_of(calls)
     assert isinstance(outcomes[2], grpc.RpcError) and outcomes[2].code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "target" in outcomes[2].details()
@@ -190,11 +174,7 @@ def test_bad_target_in_a_fused_pass_fails_alone(fusing_server) -> None:
         want = Saliency(MODELS["grid"]()).attribute(torch.from_numpy(x * (i + 1)).requires_grad_(), target=(1, 2))
         assert_all_close((torch.from_numpy(result.attributions),), (want.detach(),))
         assert {k: result.timing[k] for k in ("rows", "passes", "pass_rows", "pass_requests")} == {
-            "rows": 2,
-            "passes": 1,
-            "pass_rows": 12,
-            "pass_requests": 6,
-        }, i
+            "rows": 2, "passes": 1, "pass_rows": 12, "pass_requests": 6}, i
 
 
 def test_deadline_exceeded(server) -> None:

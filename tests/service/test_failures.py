@@ -40,9 +40,8 @@ def assert_serves_captums_numbers(address: str, seed: int) -> None:
     built = case.build()
     want, _ = captum_attribute(case, MODELS["conv"](), built)
     with AttributionClient(address) as client:
-        got = client.attribute(
-            "conv", "integrated_gradients", built["inputs"][0].numpy(), target=[[0], [1]], params={"n_steps": 16}, timeout=5
-        )
+        got = client.attribute("conv", "integrated_gradients", built["inputs"][0].numpy(), target=[[0], [1]],
+                               params={"n_steps": 16}, timeout=5)
     assert_all_close((torch.from_numpy(got.attributions),), want)
 
 
@@ -115,14 +114,8 @@ def test_a_stream_that_ends_by_deadline_or_cancel_after_its_answers_is_not_count
     finally:
         s.stop()
     streams = {
-        code: after.get(
-            key := (
-                "grpc_server_handled_total",
-                frozenset(dict(grpc_code=code, grpc_type="bidi_stream", grpc_service=SERVICE, grpc_method="AttributeStream").items()),
-            ),
-            0.0,
-        )
-        - before.get(key, 0.0)
+        code: after.get(key := ("grpc_server_handled_total", frozenset(dict(grpc_code=code, grpc_type="bidi_stream", grpc_service=SERVICE,
+                                                                          grpc_method="AttributeStream").items())), 0.0) - before.get(key, 0.0)
         for code in ("OK", "DEADLINE_EXCEEDED", "CANCELLED")
     }
     assert streams == {"OK": 4, "DEADLINE_EXCEEDED": 4, "CANCELLED": 4}, streams
@@ -156,9 +149,7 @@ def test_storms_of_expiring_and_cancelled_requests_never_disturb_the_worker() ->
                 def one_then_wait() -> Iterator[pb.AttributeStreamRequest]:
                     # Another model's small request: conv's measured rate (which refuses hopeless deadlines up front)
                     # and the storm's random draws stay as they were.
-                    yield pb.AttributeStreamRequest(
-                        request=AttributionClient.build_request("toy", "saliency", np.ones((1, 3), np.float32), target=0)
-                    )
+                    yield pb.AttributeStreamRequest(request=AttributionClient.build_request("toy", "saliency", np.ones((1, 3), np.float32), target=0))
                     release.wait(10)
 
                 with pytest.raises(grpc.RpcError) as expired:
@@ -167,9 +158,7 @@ def test_storms_of_expiring_and_cancelled_requests_never_disturb_the_worker() ->
                 assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 expiring = [stub.Attribute.future(heavy_request(rng), timeout=rng.uniform(0.001, 0.05)) for _ in range(30)]
                 leaving = [stub.Attribute.future(heavy_request(rng)) for _ in range(10)]
-                stream = stub.AttributeStream(
-                    iter([pb.AttributeStreamRequest(request=heavy_request(rng)) for _ in range(10)]), timeout=0.03
-                )
+                stream = stub.AttributeStream(iter([pb.AttributeStreamRequest(request=heavy_request(rng)) for _ in range(10)]), timeout=0.03)
                 abandoned = stub.AttributeStream(iter([pb.AttributeStreamRequest(request=heavy_request(rng)) for _ in range(10)]))
                 for call in leaving:
                     time.sleep(rng.uniform(0, 0.003))
@@ -212,9 +201,7 @@ def test_storms_of_expiring_and_cancelled_requests_never_disturb_the_worker() ->
     assert grew("grpc_server_handled_total", grpc_code="CANCELLED", **attribute) > 0
     # The three sure ones, and each round's 30 ms stream when the server saw it before it expired.
     streams = {
-        code: grew(
-            "grpc_server_handled_total", grpc_code=code, grpc_type="bidi_stream", grpc_service=SERVICE, grpc_method="AttributeStream"
-        )
+        code: grew("grpc_server_handled_total", grpc_code=code, grpc_type="bidi_stream", grpc_service=SERVICE, grpc_method="AttributeStream")
         for code in ("OK", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL")
     }
     assert 3 <= streams["DEADLINE_EXCEEDED"] <= 6, streams
@@ -284,14 +271,9 @@ def test_a_worker_that_dies_flips_health_fails_its_requests_and_comes_back(caplo
         watcher.start()
         x_conv = np.zeros((1, 2, 8, 8), np.float32)
         with AttributionClient(s.address) as client, caplog.at_level(logging.ERROR):
-            doomed = client._stub.Attribute.future(
-                AttributionClient.build_request("killer", "saliency", np.full((1, 3), 200.0, np.float32), target=0), timeout=30
-            )
+            doomed = client._stub.Attribute.future(AttributionClient.build_request("killer", "saliency", np.full((1, 3), 200.0, np.float32), target=0), timeout=30)
             assert killer.entered.wait(10)
-            queued = [
-                client._stub.Attribute.future(AttributionClient.build_request("conv", "saliency", x_conv, target=0), timeout=30)
-                for _ in range(3)
-            ]
+            queued = [client._stub.Attribute.future(AttributionClient.build_request("conv", "saliency", x_conv, target=0), timeout=30) for _ in range(3)]
             wait_in_flight(engine, 4)
             killer.release.set()
             for call in [doomed, *queued]:
@@ -345,9 +327,7 @@ def test_sigterm_during_a_storm_exits_promptly_and_cleanly() -> None:
     """SIGTERM while requests expire, leave, and run past the grace: the server exits within the grace and a
     few seconds, every call gets an answer, and nothing dies on the way (no traceback in the log)."""
     # Admission bounds out of the way: this storm must leave more work queued than the grace can finish.
-    with ServeProcess(
-        ["--no-batch-probe", "--grace-seconds", "1", "--max-queued-rows", "10000000", "--max-queued-bytes", str(1 << 40)]
-    ) as server:
+    with ServeProcess(["--no-batch-probe", "--grace-seconds", "1", "--max-queued-rows", "10000000", "--max-queued-bytes", str(1 << 40)]) as server:
         rng = np.random.default_rng(0)
         image = rng.random((40, 3, 16, 16), dtype=np.float32)
         long_request = AttributionClient.build_request("image", "integrated_gradients", image, target=1, params={"n_steps": 500})
@@ -366,12 +346,8 @@ def test_sigterm_during_a_storm_exits_promptly_and_cleanly() -> None:
                     call.result(timeout=15)
                 except grpc.RpcError as e:
                     # RESOURCE_EXHAUSTED: admission refuses what would pass the image model's queue bound
-                    assert e.code() in (
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        grpc.StatusCode.CANCELLED,
-                        grpc.StatusCode.UNAVAILABLE,
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    ), e
+                    assert e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE,
+                                        grpc.StatusCode.RESOURCE_EXHAUSTED), e
         code = server.wait(15)
         took = time.monotonic() - signalled
         assert code == 3, server.output()  # the 20,000-row requests still ran when the 1 s grace ended: lost, and said so

@@ -169,10 +169,8 @@ def test_a_server_killed_mid_load_and_restarted_on_its_port_serves_correct_resul
         for t in callers:
             t.join(30)
         channel.close()
-        print(
-            f"\nrestart → first OK: {first_ok - restarted:.2f} s (listening after {listening - restarted:.2f} s); "
-            f"calls: {sum(1 for _, c in outcomes if c == 'OK')} OK, {sum(1 for _, c in outcomes if c != 'OK')} failed"
-        )
+        print(f"\nrestart → first OK: {first_ok - restarted:.2f} s (listening after {listening - restarted:.2f} s); "
+              f"calls: {sum(1 for _, c in outcomes if c == 'OK')} OK, {sum(1 for _, c in outcomes if c != 'OK')} failed")
         assert not problems, problems[:5]
         assert any(code == "UNAVAILABLE" for t, code in outcomes if t >= killed)  # the kill was seen
         assert health(second.address) == health_pb2.HealthCheckResponse.SERVING
@@ -218,10 +216,7 @@ def test_a_client_process_killed_mid_stream_leaves_nothing_behind(metered_server
     before = scrape(server.metrics_port)
     client = subprocess.Popen(
         [sys.executable, "-c", STREAM_CLIENT, server.address, str(HEAVY_STREAM), str(HEAVY_STEPS)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         assert client.stdout is not None
@@ -313,10 +308,8 @@ def test_a_stream_still_sending_when_sigterm_drains_gets_answers_or_clear_errors
     finally:
         stop_sending.set()
         server.stop()
-    print(
-        f"\nSIGTERM → exit {exited:.2f} s (prestop {prestop:g} s + grace {grace:g} s); sent {len(sent)}, "
-        f"entries {len(entries)}, stream ended with {final}"
-    )
+    print(f"\nSIGTERM → exit {exited:.2f} s (prestop {prestop:g} s + grace {grace:g} s); sent {len(sent)}, "
+          f"entries {len(entries)}, stream ended with {final}")
     assert code == 0, output
     assert final and final[0] in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), final
     seen = set()
@@ -348,9 +341,8 @@ def conv_request(k: int, priority: int) -> tuple[pb.AttributeRequest, torch.Tens
     case = Case("conv", "integrated_gradients", {"n_steps": 64}, target="index", n=1, seed=k)
     built = case.build()
     want, _ = captum_attribute(case, MODELS["conv"](), built)
-    request = AttributionClient.build_request(
-        "conv", "integrated_gradients", built["inputs"][0].numpy(), target=1, params={"n_steps": 64}, request_id=str(k)
-    )
+    request = AttributionClient.build_request("conv", "integrated_gradients", built["inputs"][0].numpy(), target=1,
+                                              params={"n_steps": 64}, request_id=str(k))
     request.priority = priority
     return request, want[0]
 

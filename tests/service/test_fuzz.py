@@ -63,22 +63,12 @@ SERVICE = "attrserve.v1.AttributionService"
 # Served names (not `slow`: its 0.3 s forwards would make valid requests queue each other past their deadlines).
 SERVED = ["toy", "mlp", "conv", "multi", "text", "grid", "fragile"]
 INPUT_SHAPES = {  # per example, per input (tests/oracle.py example_inputs)
-    "toy": [(3,)],
-    "mlp": [(6,)],
-    "conv": [(2, 8, 8)],
-    "multi": [(4,), (3,)],
-    "text": [(5, 6)],
-    "grid": [(5,)],
-    "fragile": [(3,)],
+    "toy": [(3,)], "mlp": [(6,)], "conv": [(2, 8, 8)], "multi": [(4,), (3,)], "text": [(5, 6)], "grid": [(5,)], "fragile": [(3,)],
 }
 MODEL_LAYERS = {  # tests/oracle.py's modules
-    "toy": ["lin1", "relu", "lin2"],
-    "mlp": ["fc1", "act1", "fc2", "act2", "fc3", "softmax"],
-    "conv": ["conv1", "relu1", "pool", "conv2", "relu2", "flatten", "fc"],
-    "multi": ["a", "a_act", "b", "b_act", "head"],
-    "text": ["proj", "act", "head"],
-    "grid": ["fc", "act"],
-    "fragile": ["fc"],
+    "toy": ["lin1", "relu", "lin2"], "mlp": ["fc1", "act1", "fc2", "act2", "fc3", "softmax"],
+    "conv": ["conv1", "relu1", "pool", "conv2", "relu2", "flatten", "fc"], "multi": ["a", "a_act", "b", "b_act", "head"],
+    "text": ["proj", "act", "head"], "grid": ["fc", "act"], "fragile": ["fc"],
 }
 LAYERS = sorted({layer for layers in MODEL_LAYERS.values() for layer in layers})
 WORDS = ["gausslegendre", "riemann_left", "riemann_trapezoid", "smoothgrad", "smoothgrad_sq", "vargrad", "nearest", "bilinear"]
@@ -260,8 +250,9 @@ def _assign(message, field: FD, value) -> None:
 
 PARAMS = list(pb.AttributeRequest.DESCRIPTOR.oneofs_by_name["params"].fields)
 ALGORITHMS = [v.number for v in pb.Algorithm.DESCRIPTOR.values if v.number]
-ALGORITHM_NAMES = {v.number: v.name[len("ALGORITHM_") :].lower() for v in pb.Algorithm.DESCRIPTOR.values}
-HANDLED = frozenset({"model", "algorithm", "inputs", "additional_forward_args", "target", "layer", "priority", *(f.name for f in PARAMS)})
+ALGORITHM_NAMES = {v.number: v.name[len("ALGORITHM_"):].lower() for v in pb.Algorithm.DESCRIPTOR.values}
+HANDLED = frozenset({"model", "algorithm", "inputs", "additional_forward_args", "target", "layer", "priority",
+                     *(f.name for f in PARAMS)})
 # What a coherent request may also carry (drawn tame): the rest (baselines, feature_masks, custom_*) is drawn as junk.
 COHERENT_EXTRAS = frozenset({"return_convergence_delta", "return_outputs", "seed", "noise_tunnel", "evaluate", "request_id"})
 
@@ -271,14 +262,8 @@ def attribute_requests(draw) -> pb.AttributeRequest:
     """Half of them coherent (a served model, a real algorithm, its own params field with small values, inputs of the
     right shapes, few tame extras: they get past the first checks and into the engine), half anything."""
     if draw(st.integers(0, 9)) < 6:
-        request = draw(
-            messages(
-                pb.AttributeRequest.DESCRIPTOR,
-                skip=frozenset(f.name for f in pb.AttributeRequest.DESCRIPTOR.fields if f.name not in COHERENT_EXTRAS),
-                tame=True,
-                most=2,
-            )
-        )
+        request = draw(messages(pb.AttributeRequest.DESCRIPTOR, skip=frozenset(
+            f.name for f in pb.AttributeRequest.DESCRIPTOR.fields if f.name not in COHERENT_EXTRAS), tame=True, most=2))
         model = draw(st.sampled_from(SERVED))
         request.model = model
         request.algorithm = draw(st.sampled_from(ALGORITHMS))
@@ -349,43 +334,21 @@ def _valid_attribute_requests() -> list[pb.AttributeRequest]:
     x = np.array([[0.2, -0.4, 0.9]], np.float32)
     conv = np.zeros((2, 2, 8, 8), np.float32)
     text = np.ones((1, 5, 6), np.float32)
-    also = AttributionClient.build_request(
-        "toy",
-        "integrated_gradients",
-        x,
-        target=0,
-        params={"n_steps": 8},
-        also=[{"algorithm": "saliency"}, {"algorithm": "deep_lift", "params": {"eps": 1e-3}}],
-        evaluate={"infidelity": {"n_perturb_samples": 2}},
-        noise_tunnel={"nt_samples": 2},
-        seed=3,
-    )
+    also = AttributionClient.build_request("toy", "integrated_gradients", x, target=0, params={"n_steps": 8},
+                                           also=[{"algorithm": "saliency"}, {"algorithm": "deep_lift", "params": {"eps": 1e-3}}],
+                                           evaluate={"infidelity": {"n_perturb_samples": 2}}, noise_tunnel={"nt_samples": 2}, seed=3)
     custom = AttributionClient.build_request("toy", "integrated_gradients", x, target=1)
     custom.algorithm, custom.custom_algorithm = pb.ALGORITHM_UNSPECIFIED, "integrated_gradients"
     custom.custom_params.update({"n_steps": 4, "nested": {"a": [1, 2, {"b": "c"}]}})
     return [
         AttributionClient.build_request("toy", "saliency", x, target=0),
         AttributionClient.build_request("conv", "integrated_gradients", conv, target=[1, 2], params={"n_steps": 8}),
-        AttributionClient.build_request(
-            "multi",
-            "gradient_shap",
-            (np.ones((1, 4), np.float32), np.ones((1, 3), np.float32)),
-            baselines=(np.zeros((2, 4), np.float32), np.zeros((2, 3), np.float32)),
-            target=0,
-            seed=1,
-        ),
-        AttributionClient.build_request(
-            "text",
-            "layer_integrated_gradients",
-            text,
-            layer="proj",
-            target=1,
-            additional_forward_args=np.ones((1, 5), np.float32),
-            params={"n_steps": 4},
-        ),
-        AttributionClient.build_request(
-            "grid", "occlusion", np.ones((1, 5), np.float32), target=(1, 2), params={"sliding_window_shapes": (2,)}
-        ),
+        AttributionClient.build_request("multi", "gradient_shap", (np.ones((1, 4), np.float32), np.ones((1, 3), np.float32)),
+                                        baselines=(np.zeros((2, 4), np.float32), np.zeros((2, 3), np.float32)), target=0, seed=1),
+        AttributionClient.build_request("text", "layer_integrated_gradients", text, layer="proj", target=1,
+                                        additional_forward_args=np.ones((1, 5), np.float32), params={"n_steps": 4}),
+        AttributionClient.build_request("grid", "occlusion", np.ones((1, 5), np.float32), target=(1, 2),
+                                        params={"sliding_window_shapes": (2,)}),
         also,
         custom,
     ]
@@ -395,10 +358,8 @@ ATTRIBUTE_SEEDS = [r.SerializeToString() for r in _valid_attribute_requests()]
 UNARY_SEEDS = {
     ATTRIBUTION + "Attribute": ATTRIBUTE_SEEDS,
     ATTRIBUTION + "ListModels": [b""],
-    ATTRIBUTION + "GetModel": [
-        pb.GetModelRequest(model="conv").SerializeToString(),
-        pb.GetModelRequest(model="toy", model_version="1").SerializeToString(),
-    ],
+    ATTRIBUTION + "GetModel": [pb.GetModelRequest(model="conv").SerializeToString(),
+                               pb.GetModelRequest(model="toy", model_version="1").SerializeToString()],
     REPOSITORY + "RepositoryIndex": [pb.RepositoryIndexRequest(ready_only=True).SerializeToString(), b""],
     # The test server runs without --model-control explicit: these are refused (FAILED_PRECONDITION) once decoded,
     # and nothing is loaded or unloaded whatever the bytes say.
@@ -488,9 +449,8 @@ def assert_still_serving(server) -> None:
     built = case.build()
     want, _ = captum_attribute(case, MODELS["conv"](), built)
     with AttributionClient(server.address) as client:
-        got = client.attribute(
-            "conv", "integrated_gradients", built["inputs"][0].numpy(), target=[[0], [1]], params={"n_steps": 16}, timeout=30
-        )
+        got = client.attribute("conv", "integrated_gradients", built["inputs"][0].numpy(), target=[[0], [1]],
+                               params={"n_steps": 16}, timeout=30)
     assert_all_close((torch.from_numpy(got.attributions),), want)
     assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
 

@@ -20,12 +20,7 @@ def test_layer_deep_lift_through_the_server(server) -> None:
     baseline = 0.1 * torch.ones((1, 2, 8, 8))
     with AttributionClient(server.address) as client:
         got = client.attribute(
-            "conv",
-            "layer_deep_lift",
-            x.numpy(),
-            baselines=baseline.numpy(),
-            target=[0, 1, 2],
-            layer="relu1",
+            "conv", "layer_deep_lift", x.numpy(), baselines=baseline.numpy(), target=[0, 1, 2], layer="relu1",
             return_convergence_delta=True,
         )
         info = client.get_model("conv")
@@ -36,11 +31,8 @@ def test_layer_deep_lift_through_the_server(server) -> None:
     assert got.attributions.shape == (3, 4, 8, 8)  # shaped like the layer's output
     names = {pb.Algorithm.Name(a) for a in info.algorithms}
     assert {
-        "ALGORITHM_LAYER_DEEP_LIFT",
-        "ALGORITHM_LAYER_DEEP_LIFT_SHAP",
-        "ALGORITHM_LAYER_GRADIENT_SHAP",
-        "ALGORITHM_LAYER_FEATURE_ABLATION",
-        "ALGORITHM_GUIDED_GRAD_CAM",
+        "ALGORITHM_LAYER_DEEP_LIFT", "ALGORITHM_LAYER_DEEP_LIFT_SHAP", "ALGORITHM_LAYER_GRADIENT_SHAP",
+        "ALGORITHM_LAYER_FEATURE_ABLATION", "ALGORITHM_GUIDED_GRAD_CAM",
     } <= names
 
 
@@ -49,12 +41,7 @@ def test_layer_deep_lift_shap_through_the_server(server) -> None:
     distribution = torch.randn((5, 6), generator=torch.Generator().manual_seed(23))
     with AttributionClient(server.address) as client:
         got = client.attribute(
-            "mlp",
-            "layer_deep_lift_shap",
-            x.numpy(),
-            baselines=distribution.numpy(),
-            target=2,
-            layer="act2",
+            "mlp", "layer_deep_lift_shap", x.numpy(), baselines=distribution.numpy(), target=2, layer="act2",
             params={"attribute_to_layer_input": True},
         )
     model = MODELS["mlp"]().eval()
@@ -68,14 +55,8 @@ def test_layer_gradient_shap_through_the_server(server) -> None:
     distribution = (torch.randn((4, 4), generator=g), torch.randn((4, 3), generator=g))
     with AttributionClient(server.address) as client:
         got = client.attribute(
-            "multi",
-            "layer_gradient_shap",
-            (x1.numpy(), x2.numpy()),
-            baselines=tuple(d.numpy() for d in distribution),
-            target=[1, 0, 1],
-            layer="b_act",
-            params={"n_samples": 6, "stdevs": [0.1, 0.2]},
-            seed=31,
+            "multi", "layer_gradient_shap", (x1.numpy(), x2.numpy()), baselines=tuple(d.numpy() for d in distribution),
+            target=[1, 0, 1], layer="b_act", params={"n_samples": 6, "stdevs": [0.1, 0.2]}, seed=31,
             return_convergence_delta=True,
         )
     model = MODELS["multi"]().eval()
@@ -95,18 +76,11 @@ def test_layer_feature_ablation_through_the_server(server) -> None:
     (x,), (mask,) = example_inputs("text", 2, seed=26)
     with AttributionClient(server.address) as client:
         got = client.attribute(
-            "text",
-            "layer_feature_ablation",
-            x.numpy(),
-            additional_forward_args=mask.numpy(),
-            target=1,
-            layer="proj",
+            "text", "layer_feature_ablation", x.numpy(), additional_forward_args=mask.numpy(), target=1, layer="proj",
             params={"layer_baselines": 0.25, "perturbations_per_eval": 8},
         )
     model = MODELS["text"]().eval()
-    want = ca.LayerFeatureAblation(model, model.proj).attribute(
-        x, layer_baselines=0.25, target=1, additional_forward_args=(mask,), perturbations_per_eval=8
-    )
+    want = ca.LayerFeatureAblation(model, model.proj).attribute(x, layer_baselines=0.25, target=1, additional_forward_args=(mask,), perturbations_per_eval=8)
     assert_served_close(got.attributions, want)
 
 

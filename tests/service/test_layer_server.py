@@ -19,13 +19,8 @@ def test_layer_grad_cam_and_layer_ig_through_the_server(server) -> None:
     with AttributionClient(server.address) as client:
         cam = client.attribute("conv", "layer_grad_cam", x.numpy(), target=2, layer="conv2", params={"relu_attributions": True})
         lig = client.attribute(
-            "conv",
-            "layer_integrated_gradients",
-            x.numpy(),
-            target=[0, 1, 2],
-            layer="relu1",
-            params={"n_steps": 16, "method": "riemann_middle"},
-            return_convergence_delta=True,
+            "conv", "layer_integrated_gradients", x.numpy(), target=[0, 1, 2], layer="relu1",
+            params={"n_steps": 16, "method": "riemann_middle"}, return_convergence_delta=True,
         )
         info = client.get_model("conv")
     want_cam = ca.LayerGradCam(model, model.conv2).attribute(x, target=2, relu_attributions=True)
@@ -61,11 +56,7 @@ def test_neuron_method_through_the_server(server) -> None:
     model = MODELS["conv"]().eval()
     with AttributionClient(server.address) as client:
         got = client.attribute(
-            "conv",
-            "neuron_conductance",
-            x.numpy(),
-            target=1,
-            layer="conv2",
+            "conv", "neuron_conductance", x.numpy(), target=1, layer="conv2",
             params={"neuron_selector": (1, 2, 3), "n_steps": 8},
         )
     want = ca.NeuronConductance(model, model.conv2).attribute(x, neuron_selector=(1, 2, 3), target=1, n_steps=8)

@@ -51,11 +51,7 @@ class ServerCase:
             offset, grouped = 0, []
             for x in inputs:
                 shape = tuple(x.shape[1:])
-                ids = (
-                    torch.arange(shape[0])[:, None].expand(shape)
-                    if self.model == "text"
-                    else torch.arange(int(np.prod(shape))).reshape(shape) // 2
-                )
+                ids = torch.arange(shape[0])[:, None].expand(shape) if self.model == "text" else torch.arange(int(np.prod(shape))).reshape(shape) // 2
                 grouped.append((ids + offset).reshape(1, *shape))
                 offset += int(ids.max()) + 1
             masks = tuple(grouped)
@@ -160,11 +156,7 @@ def test_concurrent_requests_fuse_and_stay_correct(fusing_server) -> None:
     assert (engine.passes - passes, engine.rows - engine_rows) == (4, 625)
     for result, case, r in zip(results, CASES, rows):
         assert {k: result.timing[k] for k in ("rows", "passes", "pass_rows", "pass_requests")} == {
-            "rows": r,
-            "passes": 1,
-            "pass_rows": rows_of_model[case.model],
-            "pass_requests": requests_of_model[case.model],
-        }, case.id
+            "rows": r, "passes": 1, "pass_rows": rows_of_model[case.model], "pass_requests": requests_of_model[case.model]}, case.id
 
 
 @pytest.mark.parametrize(

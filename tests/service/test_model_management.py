@@ -110,9 +110,7 @@ def test_a_model_that_fails_to_load_is_reported_while_the_others_serve(tmp_path)
             assert listed[("m", "1")] == ("MODEL_STATE_READY", "") and listed[("m", "2")] == ("MODEL_STATE_READY", "")
             assert listed[("broken", "1")] == ("MODEL_STATE_UNAVAILABLE", "RuntimeError: no weights here")
             state, reason = listed[("badconfig", "1")]
-            assert (
-                state == "MODEL_STATE_UNAVAILABLE" and str(tmp_path / "badconfig" / "config.pbtxt") in reason and "max_batch_rows" in reason
-            )
+            assert state == "MODEL_STATE_UNAVAILABLE" and str(tmp_path / "badconfig" / "config.pbtxt") in reason and "max_batch_rows" in reason
 
             info = client.get_model("broken")
             assert not info.ready and info.reason == "RuntimeError: no weights here" and info.config.inputs[0].name == "x"
@@ -131,11 +129,8 @@ def test_a_model_that_fails_to_load_is_reported_while_the_others_serve(tmp_path)
         gauges = ready_gauges(server)  # (the registry is the process's: servers of earlier tests left theirs)
         want = {("good", "1"): 1.0, ("m", "1"): 1.0, ("m", "2"): 1.0, ("broken", "1"): 0.0, ("badconfig", "1"): 0.0}
         assert {key: gauges.get(key) for key in want} == want
-        failures = {
-            dict(labels)["model"]: v
-            for (name, labels), v in scrape(server.running.metrics_port).items()
-            if name == "attrserve_model_load_failures_total"
-        }
+        failures = {dict(labels)["model"]: v for (name, labels), v in scrape(server.running.metrics_port).items()
+                    if name == "attrserve_model_load_failures_total"}
         assert failures["broken"] == 1.0 and failures["badconfig"] == 1.0 and failures["good"] == 0.0
     finally:
         server.stop()
@@ -216,10 +211,7 @@ def test_unload_and_load_back_through_the_admin_service(tmp_path) -> None:
             assert ig(client, "m").model_version == "1"  # the newest version left
             index = admin.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10).models
             assert [(s.model, s.version, pb.ModelState.Name(s.state)) for s in index] == [
-                ("good", "1", "MODEL_STATE_READY"),
-                ("m", "1", "MODEL_STATE_READY"),
-                ("m", "2", "MODEL_STATE_UNLOADED"),
-            ]
+                ("good", "1", "MODEL_STATE_READY"), ("m", "1", "MODEL_STATE_READY"), ("m", "2", "MODEL_STATE_UNLOADED")]
             assert [s.version for s in admin.RepositoryIndex(pb.RepositoryIndexRequest(ready_only=True), timeout=10).models] == ["1", "1"]
             assert ("m", "2") not in ready_gauges(server)  # its series is gone, not stuck at 0
 
@@ -289,10 +281,8 @@ def test_the_admin_service_is_refused_unless_explicit(tmp_path) -> None:
     try:
         with AttributionClient(server.address) as client, grpc.insecure_channel(server.address) as channel:
             admin = pb_grpc.ModelRepositoryServiceStub(channel)
-            for call in (
-                lambda: admin.LoadModel(pb.LoadModelRequest(model="good"), timeout=10),
-                lambda: admin.UnloadModel(pb.UnloadModelRequest(model="good"), timeout=10),
-            ):
+            for call in (lambda: admin.LoadModel(pb.LoadModelRequest(model="good"), timeout=10),
+                         lambda: admin.UnloadModel(pb.UnloadModelRequest(model="good"), timeout=10)):
                 with pytest.raises(grpc.RpcError) as err:
                     call()
                 assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "--model-control explicit" in err.value.details()

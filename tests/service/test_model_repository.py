@@ -146,7 +146,6 @@ def captum_ig(forward, x: torch.Tensor = X, target=CAPTUM_TARGET) -> torch.Tenso
 
 # --- 1. model.py alone ---------------------------------------------------------------------------
 
-
 def test_bare_model_py_gets_defaults_and_serves_integrated_gradients(tmp_path, engines):
     write_model(tmp_path / "mlp")
     (spec,) = load_repository(tmp_path)
@@ -183,7 +182,6 @@ def test_bare_model_py_on_cpu_engine_default(tmp_path, engines):
 
 # --- 2. weights.pt -------------------------------------------------------------------------------
 
-
 def test_weights_pt_is_loaded(tmp_path, engines):
     folder = write_model(tmp_path / "weighted")
     saved = build(MLP)
@@ -207,7 +205,6 @@ def test_weights_pt_is_loaded(tmp_path, engines):
 
 
 # --- 3. TorchScript model.pt ---------------------------------------------------------------------
-
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.* is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("how", ["script", "trace"])
@@ -312,9 +309,7 @@ def test_intra_op_threads_is_read_shown_and_bounded(tmp_path, engines):
     assert_close(attribute(engine, "threads", "integrated_gradients").attributions[0], captum_ig(build(MLP)))
     with pytest.raises(InvalidArgument, match=r"model 'greedy': intra_op_threads 100000 is more than 4 per core"):
         engine.load(specs["greedy"])
-    assert_close(
-        attribute(engine, "threads", "saliency").attributions[0], Saliency(build(MLP)).attribute(X.clone(), target=CAPTUM_TARGET, abs=True)
-    )
+    assert_close(attribute(engine, "threads", "saliency").attributions[0], Saliency(build(MLP)).attribute(X.clone(), target=CAPTUM_TARGET, abs=True))
 
 
 def test_memory_format_is_read_checked_and_shown(tmp_path, engines):
@@ -331,9 +326,7 @@ def test_memory_format_is_read_checked_and_shown(tmp_path, engines):
     assert model.channels_last and effective_config(model).memory_format == "channels_last"
     assert spec_config(specs["last"]).memory_format == "channels_last"  # GetModel of a version that is not loaded
     forward = engine.load(specs["fwd"])
-    assert (
-        forward.forward_channels_last and not forward.channels_last and effective_config(forward).memory_format == "channels_last_forward"
-    )
+    assert forward.forward_channels_last and not forward.channels_last and effective_config(forward).memory_format == "channels_last_forward"
     assert_close(attribute(engine, "fwd", "integrated_gradients").attributions[0], captum_ig(build(MLP)))
     assert_close(attribute(engine, "last", "integrated_gradients").attributions[0], captum_ig(build(MLP)))
     with pytest.raises(InvalidArgument, match=r"model 'odd': memory_format 'sideways' is not one of"):
@@ -349,9 +342,7 @@ def test_instances_are_read_shown_bounded_and_equal_captum(tmp_path, engines):
     engine = engines()
     model = engine.load(specs["twice"])
     assert effective_config(model).instances == 2 and len(model.replicas) == 2  # GetModel shows the copies that serve
-    assert model.replicas[1] is not model.module and all(
-        torch.equal(a, b) for a, b in zip(model.module.state_dict().values(), model.replicas[1].state_dict().values())
-    )
+    assert model.replicas[1] is not model.module and all(torch.equal(a, b) for a, b in zip(model.module.state_dict().values(), model.replicas[1].state_dict().values()))
     with pytest.raises(InvalidArgument, match=r"model 'crowd': instances 100000 is more than 4 per core"):
         engine.load(specs["crowd"])
     futures = [engine.submit(AttributionJob(model="twice", algorithm="integrated_gradients", inputs=(X,), target=TARGET)) for _ in range(6)]
@@ -360,8 +351,8 @@ def test_instances_are_read_shown_bounded_and_equal_captum(tmp_path, engines):
 
 
 def test_output_selection_tuple_index(tmp_path, engines):
-    write_model(tmp_path / "tup0", TUPLE, "output { index: 0 }\n")
-    write_model(tmp_path / "tup1", TUPLE, "output { index: 1 }\n")
+    write_model(tmp_path / "tup0", TUPLE, 'output { index: 0 }\n')
+    write_model(tmp_path / "tup1", TUPLE, 'output { index: 1 }\n')
     write_model(tmp_path / "tup_default", TUPLE)  # no selector: element 0
     specs = {s.name: s for s in load_repository(tmp_path)}
     assert (specs["tup0"].output_index, specs["tup1"].output_index, specs["tup_default"].output_index) == (0, 1, None)
@@ -391,10 +382,8 @@ def test_output_selection_dict_key(tmp_path, engines):
     oracle = build(DICT)
 
     assert_close(attribute(engine, "logits", "integrated_gradients").attributions[0], captum_ig(lambda x: oracle(x)["logits"]))
-    assert_close(
-        attribute(engine, "logits", "saliency").attributions[0],
-        Saliency(lambda x: oracle(x)["logits"]).attribute(X.clone(), target=CAPTUM_TARGET),
-    )
+    assert_close(attribute(engine, "logits", "saliency").attributions[0],
+                 Saliency(lambda x: oracle(x)["logits"]).attribute(X.clone(), target=CAPTUM_TARGET))
     # aux = sum(x^2) per example, one scalar each: IG from zero is exactly x^2.
     aux = attribute(engine, "aux", "integrated_gradients", target=None).attributions[0]
     assert_close(aux, captum_ig(lambda x: oracle(x)["aux"], target=0))
@@ -422,7 +411,6 @@ def test_dict_output_without_key_fails_clearly(tmp_path, engines):
 
 # --- 5. effective_config -------------------------------------------------------------------------
 
-
 def test_effective_config_fills_in_defaults(tmp_path, engines):
     write_model(tmp_path / "bare")
     write_model(tmp_path / "configured", config=CONFIGURED)
@@ -435,36 +423,16 @@ def test_effective_config_fills_in_defaults(tmp_path, engines):
 
     bare = effective_config(models["bare"])
     assert bare == mc.ModelConfig(
-        name="bare",
-        version="1",
-        platform=mc.PLATFORM_PYTORCH_EAGER,
-        max_batch_rows=64,
-        max_queue_delay_microseconds=2500,
-        device="cpu",
-        precision="float32",
-        max_queued_bytes=1 << 30,
-        intra_op_threads=threads,
-        instances=1,
-        memory_format="contiguous",
-    )
+        name="bare", version="1", platform=mc.PLATFORM_PYTORCH_EAGER, max_batch_rows=64,
+        max_queue_delay_microseconds=2500, device="cpu", precision="float32", max_queued_bytes=1 << 30,
+        intra_op_threads=threads, instances=1, memory_format="contiguous")
     assert bare.output.WhichOneof("selector") is None
 
     configured = effective_config(models["custom"])
     assert configured == mc.ModelConfig(
-        name="custom",
-        version="7",
-        platform=mc.PLATFORM_PYTORCH_EAGER,
-        max_batch_rows=8,
-        max_queue_delay_microseconds=1234,
-        device="cpu",
-        description="a configured MLP",
-        precision="float32",
-        max_queued_bytes=1 << 30,
-        inputs=[mc.InputSpec(name="features", dtype=tensor_pb2.DATA_TYPE_FLOAT32, dims=[4])],
-        intra_op_threads=threads,
-        instances=1,
-        memory_format="contiguous",
-    )
+        name="custom", version="7", platform=mc.PLATFORM_PYTORCH_EAGER, max_batch_rows=8,
+        max_queue_delay_microseconds=1234, device="cpu", description="a configured MLP", precision="float32", max_queued_bytes=1 << 30,
+        inputs=[mc.InputSpec(name="features", dtype=tensor_pb2.DATA_TYPE_FLOAT32, dims=[4])], intra_op_threads=threads, instances=1, memory_format="contiguous")
 
     tup = effective_config(models["tup"])
     assert tup.output.WhichOneof("selector") == "index" and tup.output.index == 1
@@ -475,23 +443,22 @@ def test_effective_config_fills_in_defaults(tmp_path, engines):
 
 # --- 6. errors -----------------------------------------------------------------------------------
 
-
 def test_malformed_config_names_the_file(tmp_path):
     write_model(tmp_path / "good")
-    write_model(tmp_path / "bad", config='name: "bad"\nmax_batch_rows: lots\n')
+    write_model(tmp_path / "bad", config="name: \"bad\"\nmax_batch_rows: lots\n")
     with pytest.raises(RepositoryError) as err:
         load_repository(tmp_path)
     assert str(tmp_path / "bad" / "config.pbtxt") in str(err.value)
     assert "max_batch_rows" in str(err.value)
 
-    write_model(tmp_path / "unknown_field", config='nme: "typo"\n')
+    write_model(tmp_path / "unknown_field", config="nme: \"typo\"\n")
     (tmp_path / "bad" / "config.pbtxt").unlink()
     with pytest.raises(RepositoryError, match=str(tmp_path / "unknown_field" / "config.pbtxt")):
         load_repository(tmp_path)
 
 
 def test_unsupported_input_dtype_in_config(tmp_path):
-    write_model(tmp_path / "m", config='inputs { name: "x" dtype: 99 dims: 4 }\n')
+    write_model(tmp_path / "m", config="inputs { name: \"x\" dtype: 99 dims: 4 }\n")
     with pytest.raises(RepositoryError, match=r"config.pbtxt: inputs\[0\].dtype 99 is not supported"):
         load_repository(tmp_path)
 
@@ -522,7 +489,6 @@ def test_folders_without_a_model_are_skipped(tmp_path):
 
 # --- 7. `attrserve serve --model-repository` -----------------------------------------------------
 
-
 def test_serve_cli_on_a_repository(tmp_path, capsys):
     repo = tmp_path / "repo"
     write_model(repo / "mlp")
@@ -538,22 +504,8 @@ def test_serve_cli_on_a_repository(tmp_path, capsys):
                 client.attribute("custom", "saliency", x[:, :3], timeout=60)
         # `attrserve attribute` with integer JSON for the float32 model: cast after GetModel.
         capsys.readouterr()
-        rc = client_cli.main(
-            [
-                "attribute",
-                "--target-address",
-                address,
-                "--model",
-                "custom",
-                "--algorithm",
-                "saliency",
-                "--inputs",
-                "[[1, 2, 3, 4]]",
-                "--target",
-                "1",
-                "--json",
-            ]
-        )
+        rc = client_cli.main(["attribute", "--target-address", address, "--model", "custom",
+                              "--algorithm", "saliency", "--inputs", "[[1, 2, 3, 4]]", "--target", "1", "--json"])
         cli_out = capsys.readouterr()
         assert rc == 0, cli_out.err
         assert sorted((m.config.name, m.config.version, m.ready) for m in models) == [("custom", "7", True), ("mlp", "1", True)]
@@ -575,7 +527,7 @@ def test_output_selector_that_does_not_fit_the_output_fails_at_load(tmp_path, en
     pinned = 'inputs { name: "x" dtype: DATA_TYPE_FLOAT32 dims: 4 }\n'
     write_model(tmp_path / "key_on_tuple", TUPLE, pinned + 'output { key: "logits" }\n')
     write_model(tmp_path / "missing_key", DICT, pinned + 'output { key: "nope" }\n')
-    write_model(tmp_path / "index_past_end", TUPLE, pinned + "output { index: 2 }\n")
+    write_model(tmp_path / "index_past_end", TUPLE, pinned + 'output { index: 2 }\n')
     specs = {s.name: s for s in load_repository(tmp_path)}
     engine = engines(default_device="cpu")
     with pytest.raises(InvalidArgument, match="returns tuple, not a dict; output.key 'logits' does not apply"):
@@ -607,21 +559,8 @@ def test_serve_exits_when_no_model_can_load_and_names_the_folder(tmp_path):
     (One broken model among good ones does not stop the server: tests/service/test_model_management.py.)"""
     write_model(tmp_path / "broken", "def build_model():\n    raise RuntimeError('no weights here')\n")
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "attrserve_service.cli",
-            "serve",
-            "--model-repository",
-            str(tmp_path),
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-m", "attrserve_service.cli", "serve", "--model-repository", str(tmp_path), "--port", "0", "--metrics-port", "-1"],
+        capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 2
     assert f"no model in {tmp_path} could be served: broken v1 ({tmp_path / 'broken'}): RuntimeError: no weights here" in out.stderr

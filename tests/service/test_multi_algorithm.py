@@ -29,9 +29,7 @@ def captum_answers(x: torch.Tensor, target: list[int], baseline: float, seed: in
         seeded(lambda: ca.DeepLift(model).attribute(x.clone(), b, target=target, return_convergence_delta=True)),
         seeded(lambda: ca.GradientShap(model).attribute(x.clone(), b, target=target, n_samples=4, stdevs=0.2)),
         seeded(lambda: ca.LayerGradCam(model, model.conv2).attribute(x.clone(), target=target, relu_attributions=True)),
-        seeded(
-            lambda: ca.NoiseTunnel(ca.Saliency(model)).attribute(x.clone(), nt_type="smoothgrad", nt_samples=3, stdevs=0.1, target=target)
-        ),
+        seeded(lambda: ca.NoiseTunnel(ca.Saliency(model)).attribute(x.clone(), nt_type="smoothgrad", nt_samples=3, stdevs=0.1, target=target)),
     ]
 
 
@@ -50,9 +48,7 @@ def test_several_algorithms_in_one_request_equal_separate_requests(fusing_server
         {"algorithm": "saliency", "noise_tunnel": {"nt_type": "smoothgrad", "nt_samples": 3, "stdevs": 0.1}},
     ]
     with AttributionClient(fusing_server.address) as client:
-        combined = client.attribute(
-            "conv", "integrated_gradients", x.numpy(), params={"n_steps": 16}, return_convergence_delta=True, also=also, **common
-        )
+        combined = client.attribute("conv", "integrated_gradients", x.numpy(), params={"n_steps": 16}, return_convergence_delta=True, also=also, **common)
         alone = client.attribute("conv", "integrated_gradients", x.numpy(), params={"n_steps": 16}, return_convergence_delta=True, **common)
         separate = []
         for spec in also:
@@ -61,21 +57,13 @@ def test_several_algorithms_in_one_request_equal_separate_requests(fusing_server
                 kwargs.pop("baselines")
             separate.append(
                 client.attribute(
-                    "conv",
-                    spec["algorithm"],
-                    x.numpy(),
-                    params=spec.get("params"),
-                    layer=spec.get("layer"),
-                    noise_tunnel=spec.get("noise_tunnel"),
-                    return_convergence_delta=spec.get("return_convergence_delta", False),
-                    **kwargs,
+                    "conv", spec["algorithm"], x.numpy(), params=spec.get("params"), layer=spec.get("layer"),
+                    noise_tunnel=spec.get("noise_tunnel"), return_convergence_delta=spec.get("return_convergence_delta", False), **kwargs,
                 )
             )
     want = captum_answers(x, target, baseline, seed)
     assert [a.algorithm for a in combined.also] == [s["algorithm"] for s in also]
-    combined_answers = [(combined.attributions, combined.convergence_delta)] + [
-        (a.attributions, a.convergence_delta) for a in combined.also
-    ]
+    combined_answers = [(combined.attributions, combined.convergence_delta)] + [(a.attributions, a.convergence_delta) for a in combined.also]
     separate_answers = [(r.attributions, r.convergence_delta) for r in [alone, *separate]]
     for answers in (combined_answers, separate_answers):
         for (got, got_delta), (w, w_delta) in zip(answers, want, strict=True):
@@ -84,22 +72,10 @@ def test_several_algorithms_in_one_request_equal_separate_requests(fusing_server
                 assert got_delta is None
             else:
                 assert_close(torch.from_numpy(got_delta), w_delta)
-    rows = [
-        16 * 2 + 2 * 2,
-        2,
-        2 * 2 + 2 * 2,
-        4 * 2,
-        2,
-        3 * 2,
-    ]  # IG + delta, Saliency, DeepLift pairs + delta, GradientShap, Grad-CAM, NoiseTunnel
+    rows = [16 * 2 + 2 * 2, 2, 2 * 2 + 2 * 2, 4 * 2, 2, 3 * 2]  # IG + delta, Saliency, DeepLift pairs + delta, GradientShap, Grad-CAM, NoiseTunnel
     assert [r.timing["rows"] for r in [alone, *separate]] == rows
     assert [r.timing["passes"] for r in [alone, *separate]] == [2, 1, 2, 1, 1, 1]
-    assert (combined.timing["rows"], combined.timing["passes"], combined.timing["pass_rows"], combined.timing["pass_requests"]) == (
-        sum(rows),
-        4,
-        sum(rows),
-        1,
-    )
+    assert (combined.timing["rows"], combined.timing["passes"], combined.timing["pass_rows"], combined.timing["pass_requests"]) == (sum(rows), 4, sum(rows), 1)
 
 
 def test_bad_also_entries_are_named(server) -> None:
@@ -120,20 +96,11 @@ def test_quality_metrics_in_the_same_request(server) -> None:
     target, seed = [1, 0], 4
     infid, sens = {"n_perturb_samples": 3, "noise_scale": 0.02}, {"n_perturb_samples": 2, "perturb_radius": 0.03}
     with AttributionClient(server.address) as client:
-        got = client.attribute(
-            "conv",
-            "integrated_gradients",
-            x.numpy(),
-            target=target,
-            params={"n_steps": 10},
-            seed=seed,
-            evaluate={"infidelity": infid, "sensitivity_max": sens},
-        )
+        got = client.attribute("conv", "integrated_gradients", x.numpy(), target=target, params={"n_steps": 10}, seed=seed,
+                               evaluate={"infidelity": infid, "sensitivity_max": sens})
         plain = client.attribute("conv", "integrated_gradients", x.numpy(), target=target, params={"n_steps": 10}, seed=seed)
     model = MODELS["conv"]().eval()
-    want, want_infid, want_sens = captum_quality(
-        model, ca.IntegratedGradients(model), {"n_steps": 10}, None, (x,), (), target, seed, infid, sens
-    )
+    want, want_infid, want_sens = captum_quality(model, ca.IntegratedGradients(model), {"n_steps": 10}, None, (x,), (), target, seed, infid, sens)
     assert_all_close((torch.from_numpy(got.attributions),), (want[0].detach(),))
     assert_all_close((torch.from_numpy(plain.attributions),), (want[0].detach(),))
     assert got.infidelity.shape == got.sensitivity_max.shape == (2,) and plain.infidelity is None and plain.sensitivity_max is None

@@ -160,7 +160,9 @@ def test_integrated_gradients_equal_captum_and_attribute(oip_server) -> None:
     params = {"algorithm": "integrated_gradients", "target": 1, "n_steps": 24, "return_convergence_delta": True}
     (result,) = triton(oip_server.address, infer("toy", [("x", X, "FP32")], params))
     model = ToyModel()
-    want, want_delta = IntegratedGradients(model).attribute(torch.from_numpy(X), target=1, n_steps=24, return_convergence_delta=True)
+    want, want_delta = IntegratedGradients(model).attribute(
+        torch.from_numpy(X), target=1, n_steps=24, return_convergence_delta=True
+    )
     got = result["outputs"]
     assert set(got) == {"attributions__x", "convergence_delta"}
     np.testing.assert_allclose(got["attributions__x"], want.detach().numpy(), rtol=1e-5, atol=1e-5)
@@ -214,20 +216,10 @@ def test_typed_contents_and_raw_bytes_of_other_datatypes_give_the_same_answer(oi
         (lambda r: r.inputs.add(name="x", datatype="FP32", shape=[3, 3]).contents.fp32_contents.extend([1.0] * 4), "inputs[0]"),
         (lambda r: r.inputs.add(name="x", datatype="FP16", shape=[1, 3]).contents.fp32_contents.extend([1.0] * 3), "inputs[0]"),
         (lambda r: (r.inputs.add(name="x", datatype="FP32", shape=[1, 3]), r.raw_input_contents.extend([b"", b""])), "raw_input_contents"),
-        (
-            lambda r: (
-                r.inputs.add(name="x", datatype="FP32", shape=[1, 3]).contents.fp32_contents.extend([1.0] * 3),
-                r.parameters["target"].MergeFrom(oip.InferParameter(string_param="{bad")),
-            ),
-            "parameters.target",
-        ),
-        (
-            lambda r: (
-                r.inputs.add(name="x", datatype="FP32", shape=[1, 3]).contents.fp32_contents.extend([1.0] * 3),
-                r.outputs.add(name="logits"),
-            ),
-            "outputs[0].name",
-        ),
+        (lambda r: (r.inputs.add(name="x", datatype="FP32", shape=[1, 3]).contents.fp32_contents.extend([1.0] * 3),
+                    r.parameters["target"].MergeFrom(oip.InferParameter(string_param="{bad"))), "parameters.target"),
+        (lambda r: (r.inputs.add(name="x", datatype="FP32", shape=[1, 3]).contents.fp32_contents.extend([1.0] * 3),
+                    r.outputs.add(name="logits")), "outputs[0].name"),
     ],
 )
 def test_a_bad_request_is_invalid_argument_naming_the_field(oip_server, build, field) -> None:
@@ -298,14 +290,7 @@ def test_a_new_version_with_other_input_names_is_matched_by_its_names(oip_server
     spec = [InputSpec("a", torch.float32, (4,)), InputSpec("b", torch.float32, (3,))]
     engine.load(ModelSpec(name="renamed", module=MultiInput(), inputs=spec))
     first = raw_output(model_infer(oip_server.address, request("a", "b")), "output")
-    engine.load(
-        ModelSpec(
-            name="renamed",
-            version="2",
-            module=MultiInput(),
-            inputs=[InputSpec("p", torch.float32, (4,)), InputSpec("q", torch.float32, (3,))],
-        )
-    )
+    engine.load(ModelSpec(name="renamed", version="2", module=MultiInput(), inputs=[InputSpec("p", torch.float32, (4,)), InputSpec("q", torch.float32, (3,))]))
     with pytest.raises(grpc.RpcError) as old_names:
         model_infer(oip_server.address, request("a", "b"))
     assert old_names.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'p'" in old_names.value.details()

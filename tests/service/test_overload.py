@@ -173,11 +173,9 @@ def test_a_burst_far_over_capacity_is_refused_with_a_retry_hint_and_leaves_the_s
         codes = Counter(code.name for _, code, _, _, _ in unary)
         names = {c.value[0]: c.name for c in grpc.StatusCode}
         stream_codes = Counter("OK" if e.WhichOneof("result") == "response" else names[e.error.code] for e in stream_entries)
-        print(
-            f"\nunary outcomes {dict(codes)}; stream outcomes {dict(stream_codes)}; "
-            f"queue rows peak {max(sampled.queue_rows):.0f} (bound {ROW_BOUND}); "
-            f"RSS {rss_before / 1024:.0f} MiB → peak {max(sampled.rss_kib) / 1024:.0f} MiB"
-        )
+        print(f"\nunary outcomes {dict(codes)}; stream outcomes {dict(stream_codes)}; "
+              f"queue rows peak {max(sampled.queue_rows):.0f} (bound {ROW_BOUND}); "
+              f"RSS {rss_before / 1024:.0f} MiB → peak {max(sampled.rss_kib) / 1024:.0f} MiB")
 
         # Only answers and refusals: the 60 s deadline never passes here, and nothing breaks.
         assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes

@@ -21,24 +21,8 @@ CASES = [
     ("ablation-conv-blocks", "conv", "feature_ablation", {"perturbations_per_eval": 2}, (CONV_MASK,), (0.25,), 0),
     ("permutation-multi", "multi", "feature_permutation", {"perturbations_per_eval": 3}, (), (), 7),
     ("occlusion-conv", "conv", "occlusion", {"sliding_window_shapes": (2, 3, 3), "strides": (1, 2, 2)}, (), (), 0),
-    (
-        "occlusion-multi-per-input",
-        "multi",
-        "occlusion",
-        {"sliding_window_shapes": ((2,), (2,)), "strides": ((1,), (1,))},
-        (),
-        (0.5, -0.5),
-        0,
-    ),
-    (
-        "shapley-sampling-text",
-        "text",
-        "shapley_value_sampling",
-        {"n_samples": 4, "perturbations_per_eval": 2},
-        (torch.arange(5).view(1, 5, 1),),
-        (),
-        11,
-    ),
+    ("occlusion-multi-per-input", "multi", "occlusion", {"sliding_window_shapes": ((2,), (2,)), "strides": ((1,), (1,))}, (), (0.5, -0.5), 0),
+    ("shapley-sampling-text", "text", "shapley_value_sampling", {"n_samples": 4, "perturbations_per_eval": 2}, (torch.arange(5).view(1, 5, 1),), (), 11),
     ("shapley-exact-mlp", "mlp", "shapley_values", {}, (torch.tensor([[0, 0, 1, 1, 2, 3]]),), (0.1,), 0),
 ]
 CAPTUM = {

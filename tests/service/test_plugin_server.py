@@ -113,21 +113,8 @@ def test_plugin_by_name_through_the_client(plugin_server) -> None:
 
 def test_serve_cli_loads_plugins_and_reports_bad_ones(tmp_path: Path) -> None:
     bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "attrserve_service.cli",
-            "serve",
-            "--plugins",
-            str(tmp_path / "missing.py"),
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-m", "attrserve_service.cli", "serve", "--plugins", str(tmp_path / "missing.py"), "--port", "0", "--metrics-port", "-1"],
+        capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode == 2 and "plugin" in bad.stderr and "missing.py" in bad.stderr
 

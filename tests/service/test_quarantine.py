@@ -32,9 +32,7 @@ class Clock:
 
 
 def job(value: float = 1.0, **changes: Any) -> AttributionJob:
-    return dataclasses.replace(
-        AttributionJob(model="m", algorithm="saliency", inputs=(np.full((1, 4), value, np.float32),), target=0), **changes
-    )
+    return dataclasses.replace(AttributionJob(model="m", algorithm="saliency", inputs=(np.full((1, 4), value, np.float32),), target=0), **changes)
 
 
 def test_a_fingerprint_is_what_the_engine_computes_from_not_what_a_retry_changes() -> None:

@@ -37,9 +37,7 @@ class _Families:
         counter = CounterMetricFamily("jobs", "Jobs, with a created time.", labels=["queue"])
         counter.add_metric(["a"], 3.0, created=1700000000.5, timestamp=1700000001.25)
         counter.add_metric(["b"], 0.0, created=1700000002.0)
-        gauge_histogram = GaugeHistogramMetricFamily(
-            "in_flight_bytes", "Bytes in flight.", buckets=[("1.0", 2.0), ("+Inf", 5.0)], gsum_value=9.5
-        )
+        gauge_histogram = GaugeHistogramMetricFamily("in_flight_bytes", "Bytes in flight.", buckets=[("1.0", 2.0), ("+Inf", 5.0)], gsum_value=9.5)
         return [counter, gauge_histogram]
 
 
@@ -194,9 +192,7 @@ def raw(server: ServerThread, data: bytes) -> bytes:
     ],
     ids=["unknown-path", "post", "body", "not-http", "head-too-long"],
 )
-def test_what_the_endpoint_does_not_serve_is_refused_and_harms_nothing(
-    server: ServerThread, request_bytes: bytes, status: bytes, says: bytes
-) -> None:
+def test_what_the_endpoint_does_not_serve_is_refused_and_harms_nothing(server: ServerThread, request_bytes: bytes, status: bytes, says: bytes) -> None:
     answer = raw(server, request_bytes)
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
     assert says in answer

@@ -35,9 +35,7 @@ async def test_stream_answers_every_request_by_id_and_errors_do_not_end_it(fusin
     for i in range(12):
         model = "nope" if i == 5 else "toy"
         requests.append(
-            AttributionClient.build_request(
-                model, "integrated_gradients", X * (i + 1), target=i % 2, request_id=f"r{i}", params={"n_steps": 5 + i}
-            )
+            AttributionClient.build_request(model, "integrated_gradients", X * (i + 1), target=i % 2, request_id=f"r{i}", params={"n_steps": 5 + i})
         )
     requests.append(AttributionClient.build_request("toy", "saliency", X, target=0))  # no id: gets its position
     engine = fusing_server.running.engine
@@ -86,11 +84,7 @@ async def test_stream_answers_every_request_by_id_and_errors_do_not_end_it(fusin
             want = IntegratedGradients(toy).attribute(torch.from_numpy(X * (i + 1)), target=i % 2, n_steps=5 + i)
         assert_all_close((torch.from_numpy(got.attributions),), (want.detach(),))
         assert {k: got.timing[k] for k in ("rows", "passes", "pass_rows", "pass_requests")} == {
-            "rows": n_rows,
-            "passes": 1,
-            "pass_rows": 234,
-            "pass_requests": 12,
-        }, request_id
+            "rows": n_rows, "passes": 1, "pass_rows": 234, "pass_requests": 12}, request_id
     assert (engine.passes - passes, engine.rows - rows) == (1, 234)
 
 
@@ -190,16 +184,7 @@ def test_metrics_count_requests_and_passes(server) -> None:
     assert grew("attrserve_pass_rows_count", kind="deeplift", model="toy") == 3
     assert grew("attrserve_pass_rows_sum", kind="deeplift", model="toy") == 3 * 4
     assert grew("attrserve_pass_requests_sum", kind="deeplift", model="toy") == 3
-    assert (
-        grew(
-            "grpc_server_handled_total",
-            grpc_code="OK",
-            grpc_method="Attribute",
-            grpc_service="attrserve.v1.AttributionService",
-            grpc_type="unary",
-        )
-        == 3
-    )
+    assert grew("grpc_server_handled_total", grpc_code="OK", grpc_method="Attribute", grpc_service="attrserve.v1.AttributionService", grpc_type="unary") == 3
     # Label sets exist before any traffic, so dashboards show zeros.
     assert 'attrserve_attributions_completed_total{algorithm="gradient_shap",grpc_code="RESOURCE_EXHAUSTED",model="conv"} 0.0' in text
 
@@ -208,10 +193,7 @@ def test_drain_finishes_in_flight_requests_then_refuses() -> None:
     s = start_server()
     try:
         with AttributionClient(s.address) as client:
-            pending = [
-                client._stub.Attribute.future(AttributionClient.build_request("slow", "saliency", X[:1] * (k + 1), target=0), timeout=60)
-                for k in range(3)
-            ]
+            pending = [client._stub.Attribute.future(AttributionClient.build_request("slow", "saliency", X[:1] * (k + 1), target=0), timeout=60) for k in range(3)]
             wait_in_flight(s.running.engine, 3)
             stopping = asyncio.run_coroutine_threadsafe(s.running.stop(5.0), s.loop)
             results = [Attribution.from_response(p.result(timeout=30), single=True) for p in pending]

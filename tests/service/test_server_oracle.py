@@ -75,9 +75,7 @@ def groups_of(case: Case) -> dict[str, int]:
     gradient rows (steps, samples or the inputs, for each noise-tunnel copy), DeepLift's pairs (keyed by eps too), and
     the convergence delta's forward rows (end and start point per example; per sample for GradientShap)."""
     examples = case.n * (case.noise_tunnel["nt_samples"] if case.noise_tunnel else 1)
-    per_example = {"integrated_gradients": case.params.get("n_steps", 50), "gradient_shap": case.params.get("n_samples", 5)}.get(
-        case.algorithm, 1
-    )
+    per_example = {"integrated_gradients": case.params.get("n_steps", 50), "gradient_shap": case.params.get("n_samples", 5)}.get(case.algorithm, 1)
     if case.algorithm == "deep_lift":
         groups = {f"deeplift eps={case.params.get('eps', 1e-10)}": 2 * examples}
     else:

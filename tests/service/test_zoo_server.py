@@ -128,9 +128,7 @@ def test_zoo_model_through_the_service_like_captum(server: ServerThread, engine:
         # queued: otherwise the worker may cut a pass before the next arrives (3 runs in 8 shared none, then).
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             with engine.held():
-                sent = pool.submit(
-                    lambda: list(client.attribute_stream([wire_request(r, str(i)) for i, r in enumerate(reqs)], timeout=120))
-                )
+                sent = pool.submit(lambda: list(client.attribute_stream([wire_request(r, str(i)) for i, r in enumerate(reqs)], timeout=120)))
                 wait_in_flight(engine, len(reqs))
             responses = sent.result(timeout=120)
     assert info.ready and served and not served & set(refused) and all(refused.values())
