@@ -136,6 +136,15 @@ async def turns(n: int = 5) -> None:
         await asyncio.sleep(0)
 
 
+async def lost_in_a_death(engine: EngineProcess, value: float) -> None:
+    """A request of `value` is in flight when the engine process dies (its board cannot say who computed: a suspect)."""
+    request = asyncio.ensure_future(engine.attribute(job(value)))
+    await turns()
+    die(engine)
+    with pytest.raises(EngineLost):
+        await request
+
+
 def test_after_a_death_a_suspect_runs_alone_and_the_others_wait_for_it() -> None:
     async def scenario() -> None:
         engine, heard = fake_front()
@@ -186,11 +195,7 @@ def test_after_a_death_a_suspect_runs_alone_and_the_others_wait_for_it() -> None
 def test_a_suspect_that_kills_the_engine_process_when_alone_is_quarantined_and_identical_requests_are_refused() -> None:
     async def scenario() -> None:
         engine, heard = fake_front()
-        first = asyncio.ensure_future(engine.attribute(job(1234.0)))
-        await turns()
-        die(engine)
-        with pytest.raises(EngineLost):
-            await first
+        await lost_in_a_death(engine, 1234.0)
         retry = asyncio.ensure_future(engine.attribute(job(1234.0, request_id="retry")))
         await turns()
         die(engine)
@@ -216,11 +221,7 @@ def test_a_suspect_that_kills_the_engine_process_when_alone_is_quarantined_and_i
 def test_a_cancelled_probe_or_an_engine_down_leaves_a_suspect_and_lets_the_others_go() -> None:
     async def scenario() -> None:
         engine, heard = fake_front()
-        first = asyncio.ensure_future(engine.attribute(job(1.0)))
-        await turns()
-        die(engine)
-        with pytest.raises(EngineLost):
-            await first
+        await lost_in_a_death(engine, 1.0)
         # The caller of the probe gives up: the others go, and it stays a suspect. (One waiting behind it that gives up
         # is never sent.)
         probe = asyncio.ensure_future(engine.attribute(job(1.0)))
@@ -265,11 +266,7 @@ def test_a_cancelled_probe_or_an_engine_down_leaves_a_suspect_and_lets_the_other
 def test_with_the_quarantine_off_a_death_leaves_no_suspects() -> None:
     async def scenario() -> None:
         engine, heard = fake_front(quarantine_seconds=0)
-        first = asyncio.ensure_future(engine.attribute(job(1234.0)))
-        await turns()
-        die(engine)
-        with pytest.raises(EngineLost):
-            await first
+        await lost_in_a_death(engine, 1234.0)
         assert not engine._quarantine.watching
         again = asyncio.ensure_future(engine.attribute(job(1234.0)))
         other = asyncio.ensure_future(engine.attribute(job(2.0)))
@@ -346,11 +343,7 @@ def test_a_suspect_that_cannot_run_alone_in_time_runs_with_the_others_and_its_an
 
     async def scenario() -> None:
         engine, heard = fake_front()
-        first = asyncio.ensure_future(engine.attribute(job(1.0)))
-        await turns()
-        die(engine)
-        with pytest.raises(EngineLost):
-            await first
+        await lost_in_a_death(engine, 1.0)
         stuck = asyncio.ensure_future(engine.attribute(job(2.0)))  # never answered
         await turns()
         probe = asyncio.ensure_future(engine.attribute(job(1.0)))
