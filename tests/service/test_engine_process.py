@@ -920,6 +920,16 @@ def test_the_device_memory_gauge_reads_the_engine_process_not_the_front() -> Non
     asyncio.run(scenario())
 
 
+def grown(before: dict, after: dict) -> Callable[..., float]:
+    """How much a metric series grew between two scrapes (`after` must hold it)."""
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after[key] - before.get(key, 0.0)
+
+    return grew
+
+
 def test_an_engine_process_that_dies_is_noticed_and_restarted(repo: Path) -> None:
     server = start(repo)
     try:
@@ -969,11 +979,7 @@ def test_an_engine_process_that_dies_is_noticed_and_restarted(repo: Path) -> Non
         np.testing.assert_allclose(client.attribute("crashy", "saliency", X, target=TARGET, timeout=60).attributions, expected, atol=1e-6)
 
         after = scrape(server.running.metrics_port)
-
-        def grew(name: str, **labels: str) -> float:
-            key = (name, frozenset(labels.items()))
-            return after[key] - before.get(key, 0.0)
-
+        grew = grown(before, after)
         assert grew("attrserve_engine_process_restarts_total") == 2
         assert after[("attrserve_engine_process_up", frozenset())] == 1
         assert grew("attrserve_attributions_completed_total", model="crashy", algorithm="saliency", grpc_code="UNAVAILABLE") == 2
@@ -985,16 +991,6 @@ def test_an_engine_process_that_dies_is_noticed_and_restarted(repo: Path) -> Non
         assert grew("attrserve_model_load_seconds_count", model="good") == 2  # the two restarts (the first load came before `before`)
     finally:
         server.stop()
-
-
-def grown(before: dict, after: dict) -> Callable[..., float]:
-    """How much a metric series grew between two scrapes."""
-
-    def grew(name: str, **labels: str) -> float:
-        key = (name, frozenset(labels.items()))
-        return after.get(key, 0.0) - before.get(key, 0.0)
-
-    return grew
 
 
 def test_a_query_of_death_sent_with_retries_kills_the_engine_process_twice_at_most_and_is_then_refused(repo: Path) -> None:
@@ -1194,11 +1190,7 @@ def test_an_engine_process_whose_pass_is_stuck_gives_it_up_and_exits_and_a_new_o
         expected = Saliency(server_model(tmp_path / "repo")).attribute(torch.from_numpy(X), target=TARGET, abs=True).numpy()
         np.testing.assert_allclose(client.attribute("crashy", "saliency", X, target=TARGET, timeout=60).attributions, expected, atol=1e-6)
         after = scrape(server.running.metrics_port)
-
-        def grew(name: str, **labels: str) -> float:
-            key = (name, frozenset(labels.items()))
-            return after[key] - before.get(key, 0.0)
-
+        grew = grown(before, after)
         assert grew("attrserve_passes_stuck_total", device="cpu") == 1
         assert grew("attrserve_engine_process_restarts_total") == 1
         assert grew("attrserve_attributions_completed_total", model="crashy", algorithm="saliency", grpc_code="UNAVAILABLE") == 1
