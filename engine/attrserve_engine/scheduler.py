@@ -551,8 +551,8 @@ class Scheduler:
                 f"a pass of model {model.name!r} ({rows} rows) has run for {now - start:.1f} s, over the {limit:.1f} s "
                 "a pass may take (stuck_pass_seconds): the model's code is stuck"
             )
-            lost = Unavailable(f"the engine worker for {self.name} gave up: {reason}; retry")
-            stuck = PassStuck(f"the engine worker for {self.name} gave up: {reason}; retry", why=reason)
+            message = f"the engine worker for {self.name} gave up: {reason}; retry"
+            lost, stuck = Unavailable(message), PassStuck(message, why=reason)
             if self._give_up(generation, reason, lost, stalled=index, stuck=(set(callers), stuck)) is None:
                 continue
             log.error("engine worker for %s: %s; NOT_SERVING until that pass returns", self.name, reason)

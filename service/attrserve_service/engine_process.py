@@ -64,13 +64,18 @@ _PROBE_POLL_S = 0.001
 _PROBE_WAIT_S = 30.0
 
 
+def _lost_text(why: str) -> str:
+    """The error of a request or call in flight when the engine process died (`why`: how)."""
+    return f"{why}; the request was lost with it and may be retried"
+
+
 class EngineLost(Unavailable):
     """A request or call in flight when the engine process died (`why`: how), not one refused while it was down.
     `computing`: the keys of the requests in the passes that were running then (quarantine.Board), None where that is
     not known."""
 
     def __init__(self, why: str, computing: frozenset[int] | None = None) -> None:
-        super().__init__(f"{why}; the request was lost with it and may be retried", retry_after_s=1.0)
+        super().__init__(_lost_text(why), retry_after_s=1.0)
         self.why = why
         self.computing = computing
 
@@ -356,7 +361,7 @@ class EngineProcess:
         self.reason = reason
         lost: Unavailable
         if self._closing:  # nothing is suspected: the process was told to exit
-            lost = Unavailable(f"{reason}; the request was lost with it", retry_after_s=1.0)
+            lost = Unavailable(_lost_text(reason), retry_after_s=1.0)
         else:
             computing = self._board.computing() if self._board is not None else None
             lost = EngineLost(reason, computing)
