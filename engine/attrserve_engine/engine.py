@@ -28,6 +28,7 @@ from attrserve_engine.errors import (
     AttributionError,
     DeadlineExceeded,
     InvalidArgument,
+    LoadStuck,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -40,6 +41,7 @@ from attrserve_engine.formatting import check_inputs, format_baselines, format_f
 from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult, InputCast, JobTiming
 from attrserve_engine.limits import EngineLimits, cgroup_memory_limit, cpu_limit
 from attrserve_engine.models import (
+    LoadAttempt,
     LoadedModel,
     ModelRecord,
     ModelSpec,
@@ -108,14 +110,15 @@ class Engine:
 
         Loading a version that already serves is a reload: the previous load serves until the new one is
         warm, then finishes the requests it accepted (for at most `limits.drain_seconds`) and is released; if
-        the new load fails, the previous one keeps serving. The observers hear how long it took or why it failed."""
+        the new load fails, the previous one keeps serving. The observers hear how long it took or why it failed.
+        A load still running after `limits.stuck_load_seconds` fails with LoadStuck (_watched_load)."""
         start = time.monotonic()
         if not spec.device:
             spec.device = self.limits.default_device
-        self.served.begin_load(spec)
+        attempt = self.served.begin_load(spec)
         Observers(self.observers).model_state_changed(spec.name, spec.version or "1")
         try:
-            model = self._load(spec)
+            model = self._watched_load(spec, attempt)
         except BaseException as e:
             self.load_failed(spec.name, spec.version, e, spec)
             raise
@@ -126,6 +129,60 @@ class Engine:
         if previous is not None:
             self._retire(previous)
         return model
+
+    def _watched_load(self, spec: ModelSpec, attempt: LoadAttempt) -> LoadedModel:
+        """`_load` on a thread of its own, given up as stuck (LoadStuck) once it has run for `stuck_load_seconds`:
+        a model whose build, weights or warm-up never returns (a download that stalls, a lock never released) held
+        the server's start-up, every later poll of the repository, or a LoadModel, for ever. A thread cannot be
+        stopped: one given up runs on, and if it ever returns what it built serves then, unless its version was
+        unloaded meanwhile (_load_on_thread). No other load of the version starts until it does (begin_load)."""
+        limit = self.limits.stuck_load_seconds
+        if limit <= 0:
+            return self._load(spec)
+        built: concurrent.futures.Future = concurrent.futures.Future()
+        name = f"attrserve-load-{spec.name}-v{attempt.key[1]}"
+        threading.Thread(target=self._load_on_thread, args=(spec, attempt, built), name=name, daemon=True).start()
+        try:
+            return built.result(limit)
+        except concurrent.futures.TimeoutError:
+            if not self.served.give_up_load(attempt):
+                return built.result()  # it returned just now
+        log.error("model %s v%s: its load has run for %g s (stuck_load_seconds); it is given up as stuck", *attempt.key, limit)
+        raise LoadStuck(
+            f"its load did not finish within {limit:g} s (stuck_load_seconds): the model's code (its build, its weights or "
+            "its warm-up) is stuck; the load runs on, and the version serves if it ever returns"
+        )
+
+    def _load_on_thread(self, spec: ModelSpec, attempt: LoadAttempt, built: concurrent.futures.Future) -> None:
+        try:
+            model = self._load(spec)
+        except BaseException as e:
+            if self.served.load_returned(attempt):
+                built.set_exception(e)
+            else:
+                log.warning("model %s v%s: its load, given up as stuck, failed after all: %s: %s", *attempt.key, type(e).__name__, e)
+            return
+        if self.served.load_returned(attempt):
+            built.set_result(model)
+            return
+        seconds = time.monotonic() - attempt.started
+        serves, previous = self.served.late_loaded(model, attempt)
+        if not serves:
+            log.warning(
+                "model %s v%s: its load, given up as stuck, returned after %.0f s; the version was unloaded or "
+                "loaded again meanwhile, so it is dropped",
+                *attempt.key,
+                seconds,
+            )
+            del model
+            torch.cuda.empty_cache()  # (nothing where CUDA was never initialised)
+            release_free_memory()
+            return
+        log.warning("model %s v%s: its load, given up as stuck, returned after %.0f s; it serves now", *attempt.key, seconds)
+        Observers(self.observers).model_loaded(model.name, seconds)
+        Observers(self.observers).model_state_changed(model.name, model.version)
+        if previous is not None:
+            self._retire(previous)
 
     def load_failed(self, name: str, version: str, error: BaseException, spec: ModelSpec | None = None) -> None:
         """Record that a version could not be loaded (also for a folder whose config cannot be read): it is

@@ -46,6 +46,12 @@ class PassStuck(Unavailable):
         self.why = why
 
 
+class LoadStuck(Unavailable):
+    """A model version's load given up as stuck in the model's code (Engine.load, stuck_load_seconds): its record's
+    reason, and what requests for it are told. The load's thread cannot be stopped; it runs on, and the version serves
+    if it ever returns."""
+
+
 class FailedPrecondition(AttributionError):
     code = "FAILED_PRECONDITION"
 

@@ -46,6 +46,11 @@ class EngineLimits:
     # is given up as stuck in the model's code: its device's requests fail and health says NOT_SERVING
     # (the engine process exits and is started again). 0: never.
     stuck_pass_seconds: float = 60.0
+    # A load (the model's build, its weights, the pass-size probe, the warm-ups) still running after this long is
+    # given up as stuck in the model's code: the version is UNAVAILABLE with why (it serves if the load ever returns),
+    # and loading goes on with the next model (Engine.load). 0: never. Well under the start-up probe's 10 minutes
+    # (deploy/k8s), so a pod serves its other models.
+    stuck_load_seconds: float = 300.0
     # Most plans build a request's rows of model work at once (IntegratedGradients' n_steps copies of each example), so
     # a request whose rows would hold more input bytes than this at once is refused before it can exhaust memory
     # (perturbation methods build theirs a pass at a time and hold only their examples); 0: a quarter of the memory of

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attrserve_engine.errors import InvalidArgument, NotFound, Unavailable, shown
+from attrserve_engine.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, shown
 from attrserve_engine.events import ModelState, version_order
 from attrserve_engine.job import InputCast
 from attrserve_engine.limits import cpu_limit
@@ -411,6 +412,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+@dataclass(eq=False)
+class LoadAttempt:
+    """One load of a version (ServedModels.begin_load), from its start until it returns or is given up as stuck."""
+
+    key: tuple[str, str]
+    started: float  # time.monotonic()
+    returned: bool = False
+    given_up: bool = False
+
+
 @dataclass
 class ModelRecord:
     """One model version the engine knows of: its state, why it is not ready, and the load that serves."""
@@ -421,6 +432,7 @@ class ModelRecord:
     reason: str = ""
     model: LoadedModel | None = None  # the load that serves (READY, UNLOADING, or READY while a reload runs)
     spec: ModelSpec | None = None  # what was asked for (None: its config could not even be read)
+    attempt: LoadAttempt | None = None  # the last load that began for it (a stuck one serves if it returns: late_loaded)
 
 
 class ServedModels:
@@ -435,6 +447,8 @@ class ServedModels:
         # Rebuilt on every change (rare), read on every request: each name's records, oldest version first.
         self._by_name: dict[str, list[ModelRecord]] = {}
         self._names: frozenset[str] = frozenset()
+        # Loads given up as stuck whose threads still run, by version: no new load of it starts until its returns.
+        self._stuck: dict[tuple[str, str], LoadAttempt] = {}
 
     def _reindex(self) -> None:
         """After a change to _records (holding the lock)."""
@@ -446,21 +460,65 @@ class ServedModels:
         self._by_name, self._names = by_name, frozenset(by_name)
 
     # -- lifecycle (Engine.load / unload) ----------------------------------------
-    def begin_load(self, spec: ModelSpec) -> None:
-        """A load of spec's version starts; while a previous load serves, it keeps serving."""
+    def begin_load(self, spec: ModelSpec) -> LoadAttempt:
+        """A load of spec's version starts; while a previous load serves, it keeps serving. FailedPrecondition while an
+        earlier load of the version, given up as stuck, still runs: its code may still hold what a second one needs."""
         key = (spec.name, spec.version or "1")
+        now = time.monotonic()
         with self._lock:
+            stuck = self._stuck.get(key)
+            if stuck is not None:
+                raise FailedPrecondition(
+                    f"model {key[0]!r} version {key[1]!r}: its load started {now - stuck.started:.0f} s ago was given up as "
+                    "stuck and has not returned (it serves if it does); it is not loaded again until then (a restart ends it)"
+                )
+            attempt = LoadAttempt(key, now)
             record = self._records.get(key)
             if record is None or record.model is None or record.state != ModelState.READY:
-                self._records[key] = ModelRecord(key[0], key[1], ModelState.LOADING, spec=spec)
+                self._records[key] = ModelRecord(key[0], key[1], ModelState.LOADING, spec=spec, attempt=attempt)
                 self._reindex()
+            else:
+                record.attempt = attempt
+            return attempt
+
+    def give_up_load(self, attempt: LoadAttempt) -> bool:
+        """Give a load up as stuck, unless it has just returned (False). Its version is not loaded again until it does."""
+        with self._lock:
+            if attempt.returned:
+                return False
+            attempt.given_up = True
+            self._stuck[attempt.key] = attempt
+            return True
+
+    def load_returned(self, attempt: LoadAttempt) -> bool:
+        """A load's code returned (or raised): True while its caller still waits for it. False when it had been given
+        up: its version may be loaded again, and what it built serves only through late_loaded."""
+        with self._lock:
+            attempt.returned = True
+            if attempt.given_up:
+                if self._stuck.get(attempt.key) is attempt:
+                    del self._stuck[attempt.key]
+                return False
+            return True
+
+    def late_loaded(self, model: LoadedModel, attempt: LoadAttempt) -> tuple[bool, LoadedModel | None]:
+        """A load given up as stuck returned with `model`: it serves from now on, unless its version was unloaded or
+        loaded again meanwhile. (Whether it serves, and the load it replaces.)"""
+        with self._lock:
+            record = self._records.get(attempt.key)
+            if record is None or record.attempt is not attempt:
+                return False, None
+            return True, self._install(model)
 
     def loaded(self, model: LoadedModel) -> LoadedModel | None:
         """The load is warm: it serves from now on. Returns the load it replaces (to be drained), if any."""
         with self._lock:
-            previous = self._records.get(model.key)
-            self._records[model.key] = ModelRecord(model.name, model.version, ModelState.READY, model=model, spec=model.spec)
-            self._reindex()
+            return self._install(model)
+
+    def _install(self, model: LoadedModel) -> LoadedModel | None:
+        previous = self._records.get(model.key)
+        self._records[model.key] = ModelRecord(model.name, model.version, ModelState.READY, model=model, spec=model.spec)
+        self._reindex()
         return previous.model if previous is not None and previous.model is not model else None
 
     def load_failed(self, name: str, version: str, reason: str, spec: ModelSpec | None = None) -> None:
@@ -471,7 +529,8 @@ class ServedModels:
             if record is not None and record.model is not None and record.state == ModelState.READY:
                 record.reason = f"its last reload failed, the previous load serves: {reason}"
             else:
-                self._records[key] = ModelRecord(key[0], key[1], ModelState.UNAVAILABLE, reason=reason, spec=spec)
+                attempt = record.attempt if record is not None else None
+                self._records[key] = ModelRecord(key[0], key[1], ModelState.UNAVAILABLE, reason=reason, spec=spec, attempt=attempt)
                 self._reindex()
 
     def begin_unload(self, name: str, version: str) -> LoadedModel | None:

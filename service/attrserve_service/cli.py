@@ -61,6 +61,7 @@ MINIMUMS: dict[str, float] = {
     "--max-queued-bytes": 0,
     "--max-pass-seconds": 0,
     "--stuck-pass-seconds": 0,
+    "--stuck-load-seconds": 0,
     "--max-n-steps": 1,
     "--max-nt-samples": 1,
     "--max-request-bytes": 1,
@@ -163,6 +164,15 @@ SETTINGS: tuple[Setting, ...] = (
         "given up as stuck in the model's code: the device's requests fail with UNAVAILABLE, health says NOT_SERVING, "
         "and the engine process is started again; an engine process that does not answer the front for this long is "
         "killed and started again (0: never)",
+        float,
+        "SECONDS",
+    ),
+    Setting(
+        "--stuck-load-seconds",
+        "limits.stuck_load_seconds",
+        "a model's load (its build, weights, pass-size probe and warm-ups) still running after this long is given up as "
+        "stuck in the model's code: the version is UNAVAILABLE saying so and the other models load and serve; it serves "
+        "if the stuck load ever returns, and is not loaded again until then (0: never)",
         float,
         "SECONDS",
     ),

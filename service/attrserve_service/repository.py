@@ -354,6 +354,9 @@ class ModelManager:
             return
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.load, entry.spec)
+        except FailedPrecondition as e:  # refused: an earlier load of it, given up as stuck, still runs
+            self._loaded.pop((entry.name, entry.version), None)  # so a later poll loads these files once it returns
+            log.error("model folder %s was not loaded: %s", entry.folder, e)
         except Exception as e:  # recorded by the engine: the version is UNAVAILABLE with the reason
             log.error("model folder %s could not be loaded: %s: %s", entry.folder, type(e).__name__, e)
 

@@ -12,7 +12,8 @@ import captum.attr as ca
 import pytest
 import torch
 
-from attrserve_engine import AttributionJob, Engine, EngineLimits, InputSpec, ModelSpec, ModelState, NotFound, Unavailable
+from attrserve_engine import AttributionJob, Engine, EngineLimits, FailedPrecondition, InputSpec, ModelSpec, ModelState, NotFound, Unavailable
+from attrserve_engine.errors import LoadStuck
 from doubles import Gated, Linear3
 from oracle import passes_of, wait_in_flight
 
@@ -240,5 +241,114 @@ def test_a_load_warms_every_perturbation_method_on_a_few_rows_and_the_default_ma
         job = AttributionJob(model="img", algorithm="feature_ablation", inputs=(x,), target=torch.tensor([[1]]))
         got = engine.submit(job).result(timeout=60)
         torch.testing.assert_close(got.attributions[0], ca.FeatureAblation(module).attribute(x, target=1), atol=1e-5, rtol=0)
+    finally:
+        engine.shutdown(drain=False, timeout=5)
+
+
+def stuck_engine(limit: float = 1.0) -> Engine:
+    return Engine(EngineLimits(probe_batch_rows=False, drain_seconds=30.0, stuck_load_seconds=limit))
+
+
+def stuck_loads(name: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"attrserve-load-{name}-v1"]
+
+
+def test_a_load_stuck_in_the_models_code_is_given_up_and_serves_if_it_returns() -> None:
+    """A model whose load never returns (here its warm-up forward waits on a gate) held its caller for ever: the server's
+    start-up, every later poll of the repository, a LoadModel. Now the load is given up after stuck_load_seconds:
+    the version is UNAVAILABLE saying so, the others serve, and it is not loaded again while its stuck thread runs.
+    When that load returns after all, its model serves."""
+    engine = stuck_engine()
+    try:
+        good = Scaled(2.0)
+        engine.load(spec("m", "1", good))
+        gated = Gated()
+        gated.hold()
+        started = time.monotonic()
+        with pytest.raises(LoadStuck, match=r"^its load did not finish within 1 s \(stuck_load_seconds\): the model's code"):
+            engine.load(spec("s", "1", gated, pinned=True))
+        assert 0.9 < time.monotonic() - started < 10
+        assert gated.entered.is_set()  # still inside its warm-up
+        record = engine.model_record("s", "1")
+        assert record.state == ModelState.UNAVAILABLE and record.reason.startswith("LoadStuck: its load did not finish within 1 s")
+        assert record.reason.endswith("the load runs on, and the version serves if it ever returns")
+        with pytest.raises(Unavailable, match=r"model 's' version '1' cannot serve: LoadStuck: its load did not finish"):
+            ig(engine, "s")
+        assert_from(ig(engine, "m").result(30), good, "1")
+        with pytest.raises(FailedPrecondition, match=r"model 's' version '1': its load started \d+ s ago was given up as stuck"):
+            engine.load(spec("s", "1", Scaled(3.0)))
+        assert engine.model_record("s", "1").reason == record.reason  # the refusal changes nothing
+
+        (stuck,) = stuck_loads("s")
+        assert stuck.daemon  # it never holds up the process's exit
+        gated.open()  # the stuck load returns: its model serves
+        stuck.join(30)
+        assert not stuck.is_alive()
+        assert engine.model_record("s", "1").state == ModelState.READY and engine.model_record("s", "1").reason == ""
+        assert_from(ig(engine, "s").result(30), gated, "1")
+        again = Scaled(-3.0)
+        engine.load(spec("s", "1", again))  # and it may be loaded again
+        assert_from(ig(engine, "s").result(30), again, "1")
+        assert_from(ig(engine, "m").result(30), good, "1")
+    finally:
+        engine.shutdown(drain=False, timeout=5)
+
+
+def test_a_stuck_reload_keeps_the_previous_load_serving_and_one_unloaded_meanwhile_is_dropped() -> None:
+    engine = stuck_engine()
+    try:
+        good = Scaled(4.0)
+        engine.load(spec("m", "1", good))
+        gated = Gated()
+        gated.hold()
+        with pytest.raises(LoadStuck):
+            engine.load(spec("m", "1", gated, pinned=True))
+        record = engine.model_record("m", "1")
+        assert record.state == ModelState.READY and record.model is not None and record.model.module is good
+        assert record.reason.startswith("its last reload failed, the previous load serves: LoadStuck: its load did not finish")
+        assert_from(ig(engine, "m").result(30), good, "1")
+        (stuck,) = stuck_loads("m")
+        gated.open()
+        stuck.join(30)
+        assert engine.get_model("m").module is gated  # the late reload swapped in, as a reload does
+        assert_from(ig(engine, "m").result(30), gated, "1")
+
+        late = Gated()
+        late.hold()
+        with pytest.raises(LoadStuck):
+            engine.load(spec("u", "1", late, pinned=True))
+        engine.unload("u")  # while its load is stuck
+        (stuck,) = stuck_loads("u")
+        late.open()
+        stuck.join(30)
+        assert [m.key for m in engine.models()] == [("m", "1")]  # unloaded stays unloaded
+        with pytest.raises(NotFound):
+            ig(engine, "u")
+    finally:
+        engine.shutdown(drain=False, timeout=5)
+
+
+def test_a_load_that_fails_or_succeeds_within_the_limit_is_as_before_and_0_never_gives_up() -> None:
+    engine = stuck_engine(limit=30.0)
+    try:
+        with pytest.raises(RuntimeError, match="this build is broken"):
+            engine.load(spec("b", "1", Broken(), pinned=True))  # the load thread's error, raised in the caller
+        assert engine.model_record("b", "1").reason == "RuntimeError: this build is broken"
+        engine.load(spec("b", "1", Scaled(1.0)))  # a failed load leaves nothing stuck
+        assert engine.model_record("b", "1").state == ModelState.READY
+    finally:
+        engine.shutdown(drain=False, timeout=5)
+    engine = stuck_engine(limit=0)
+    try:
+        gated = Gated()
+        gated.hold()
+        loader = threading.Thread(target=engine.load, args=(spec("s", "1", gated, pinned=True),))
+        loader.start()
+        assert gated.entered.wait(30)
+        time.sleep(1.0)  # longer than the other engine's limit: 0 never gives a load up
+        assert engine.model_record("s", "1").state == ModelState.LOADING
+        gated.open()
+        loader.join(30)
+        assert_from(ig(engine, "s").result(30), gated, "1")
     finally:
         engine.shutdown(drain=False, timeout=5)

@@ -24,6 +24,7 @@ from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_client import AttributionClient
 from attrserve_engine import EngineLimits
 from attrserve_service.config import ServerConfig
+from attrserve_service.metrics import ATTRSERVE_MODEL_LOAD_FAILURES_TOTAL as LOAD_FAILURES
 from servers import ServerThread, scrape
 
 SERVICE = "attrserve.v1.AttributionService"
@@ -326,4 +327,94 @@ def test_polling_follows_the_repository(tmp_path) -> None:
                 client.load_model("good", timeout=10)
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
+        server.stop()
+
+
+def stuck_mlp(seed: int, release: Path) -> str:
+    """mlp(seed), whose build waits until `release` exists: a load stuck in the model's code (a download that stalls)."""
+    return mlp(seed).replace(
+        "def build_model():\n",
+        f"def build_model():\n    import os, time\n    while not os.path.exists({str(release)!r}):\n        time.sleep(0.02)\n",
+    )
+
+
+def start_stuck(repo: Path, **settings) -> tuple[ServerThread, float]:
+    """A server whose loads are given up after 2 s, and the seconds it took to start."""
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False, drain_seconds=10.0, stuck_load_seconds=2.0)
+    started = time.monotonic()
+    server = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, **settings))
+    return server, time.monotonic() - started
+
+
+def load_failures(server: ServerThread) -> float:
+    return scrape(server.running.metrics_port)[("attrserve_model_load_failures_total", frozenset({("model", "stuck")}))]
+
+
+STUCK_REASON = "LoadStuck: its load did not finish within 2 s (stuck_load_seconds): the model's code"
+
+
+@pytest.mark.parametrize("engine_process", [True, False], ids=["engine-process", "one-process"])
+def test_a_load_stuck_in_the_models_code_is_given_up_the_others_serve_and_it_serves_once_it_returns(tmp_path, engine_process) -> None:
+    """A model whose build never returned held the server's start-up for ever: the port never opened, and Kubernetes'
+    start-up probe restarted the pod into the same wait. Now its load is given up after --stuck-load-seconds: the server
+    starts with the other models, the stuck one is UNAVAILABLE saying why, and when its load returns after all it
+    serves Captum's numbers."""
+    release = tmp_path / "release"
+    repo = tmp_path / "models"
+    write(repo / "good", mlp(1))
+    write(repo / "stuck", stuck_mlp(4, release))
+    failed_before = LOAD_FAILURES.labels("stuck")._value.get()
+    server, seconds = start_stuck(repo, model_control="explicit", engine_process=engine_process)
+    try:
+        assert seconds >= 2.0
+        with AttributionClient(server.address) as client:
+            assert health(server.address) == SERVING
+            listed = states(client)
+            assert listed[("good", "1")] == ("MODEL_STATE_READY", "")
+            assert listed[("stuck", "1")][0] == "MODEL_STATE_UNAVAILABLE" and listed[("stuck", "1")][1].startswith(STUCK_REASON)
+            np.testing.assert_allclose(ig(client, "good").attributions, captum(1), atol=1e-5)
+            with pytest.raises(grpc.RpcError) as err:
+                ig(client, "stuck")
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert err.value.details().startswith(f"model 'stuck' version '1' cannot serve: {STUCK_REASON}")
+            with pytest.raises(grpc.RpcError) as err:  # not loaded again while the stuck load runs
+                client.load_model("stuck", timeout=30)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and STUCK_REASON in err.value.details()
+            assert load_failures(server) == failed_before + 1.0  # (this process's registry holds earlier servers' too)
+            assert ready_gauges(server)[("stuck", "1")] == 0.0
+
+            release.touch()  # the stuck load returns: it serves
+            wait_for(lambda: states(client)[("stuck", "1")] == ("MODEL_STATE_READY", ""), "the stuck load to return and serve")
+            np.testing.assert_allclose(ig(client, "stuck").attributions, captum(4), atol=1e-5)
+            client.load_model("stuck", timeout=60)  # and it loads again
+            np.testing.assert_allclose(ig(client, "stuck").attributions, captum(4), atol=1e-5)
+            np.testing.assert_allclose(ig(client, "good").attributions, captum(1), atol=1e-5)
+            assert health(server.address) == SERVING
+            assert ready_gauges(server)[("stuck", "1")] == 1.0 and load_failures(server) == failed_before + 1.0
+    finally:
+        release.touch()
+        server.stop()
+
+
+def test_a_stuck_load_no_longer_holds_the_polling_of_the_repository(tmp_path) -> None:
+    """Polling loads one folder after another: a load that never returned stopped every later poll, so no model was
+    added, changed or removed again. Now the stuck load is given up and the polls go on."""
+    release = tmp_path / "release"
+    repo = tmp_path / "models"
+    write(repo / "good", mlp(1))
+    server, _ = start_stuck(repo, model_control="poll", repository_poll_seconds=0.1)
+    try:
+        with AttributionClient(server.address) as client:
+            write(repo / "stuck", stuck_mlp(4, release))
+            wait_for(lambda: states(client).get(("stuck", "1"), ("", ""))[1].startswith(STUCK_REASON), "the load to be given up")
+            write(repo / "added", mlp(5))
+            wait_for(lambda: states(client).get(("added", "1"), ("",))[0] == "MODEL_STATE_READY", "a folder added after it")
+            np.testing.assert_allclose(ig(client, "added").attributions, captum(5), atol=1e-5)
+            release.touch()
+            wait_for(lambda: states(client)[("stuck", "1")] == ("MODEL_STATE_READY", ""), "the stuck load to return and serve")
+            np.testing.assert_allclose(ig(client, "stuck").attributions, captum(4), atol=1e-5)
+            np.testing.assert_allclose(ig(client, "good").attributions, captum(1), atol=1e-5)
+            assert health(server.address) == SERVING
+    finally:
+        release.touch()
         server.stop()
