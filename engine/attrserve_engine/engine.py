@@ -138,7 +138,8 @@ class Engine:
         unloaded meanwhile (_load_on_thread). No other load of the version starts until it does (begin_load)."""
         limit = self.limits.stuck_load_seconds
         if limit <= 0:
-            return self._load(spec)
+            with self._running(attempt):
+                return self._load(spec)
         built: concurrent.futures.Future = concurrent.futures.Future()
         name = f"attrserve-load-{spec.name}-v{attempt.key[1]}"
         threading.Thread(target=self._load_on_thread, args=(spec, attempt, built), name=name, daemon=True).start()
@@ -153,9 +154,18 @@ class Engine:
             "its warm-up) is stuck; the load runs on, and the version serves if it ever returns"
         )
 
+    @contextlib.contextmanager
+    def _running(self, attempt: LoadAttempt) -> Iterator[None]:
+        Observers(self.observers).load_running(*attempt.key, True)
+        try:
+            yield
+        finally:
+            Observers(self.observers).load_running(*attempt.key, False)
+
     def _load_on_thread(self, spec: ModelSpec, attempt: LoadAttempt, built: concurrent.futures.Future) -> None:
         try:
-            model = self._load(spec)
+            with self._running(attempt):
+                model = self._load(spec)
         except BaseException as e:
             if self.served.load_returned(attempt):
                 built.set_exception(e)

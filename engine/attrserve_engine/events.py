@@ -111,6 +111,11 @@ class EngineObserver:
     def model_load_failed(self, model: str, error: BaseException) -> None:
         """A model failed to load."""
 
+    def load_running(self, model: str, version: str, running: bool) -> None:
+        """A load of a model version starts running the model's code (True), on the thread that runs it; False once
+        that code has returned or raised (a load given up as stuck runs on until then). Lets an engine process's front
+        tell which loads were running when the process stopped answering."""
+
     def model_state_changed(self, model: str, version: str) -> None:
         """A model version started or finished loading, failed to, started unloading, or is gone (see the
         engine's model_records); readiness and health follow."""

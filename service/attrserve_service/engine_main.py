@@ -159,6 +159,18 @@ class _Forward(EngineObserver):
         self._changed()
         self._event("model_state_changed", model, version)
 
+    def load_running(self, model: str, version: str, running: bool) -> None:
+        self._event("load_running", model, version, running)
+
+
+def _alive(out: _Out, message: tuple) -> bool:
+    """Answer the front's heartbeat (EngineProcess._heartbeat), from this process's event loop: before the models are
+    loaded too, so that a load holding the event loop (a model's code stuck with the GIL held) is noticed."""
+    if message[0] == "call" and message[2] == "alive":
+        out.send(("reply", message[1], None))
+        return True
+    return False
+
 
 class _Engine:
     """Serves the front's messages from the engine process's event loop."""
@@ -175,6 +187,8 @@ class _Engine:
 
     def handle(self, message: tuple) -> None:
         kind = message[0]
+        if _alive(self.out, message):
+            return
         if kind == "submit":
             self.submit(message[1], message[2])
         elif kind == "cancel":
@@ -236,10 +250,12 @@ async def _engine_main(fd_in: int, fd_out: int, fd_board: int) -> int:
             engine.handle(message)
         elif not init.done():
             init.set_result(message)
+        else:
+            _alive(out, message)  # loading: nothing else is asked before "ready"
 
     reader = partial(FrameReader, received, gone.set, tensors=True)
     transport, _ = await loop.create_unix_connection(reader, sock=socket.socket(fileno=fd_in))
-    _, config, (log_level, log_format), only, probes = await init
+    _, config, (log_level, log_format), only, probes, skip = await init
     logs.configure(log_level, log_format)
     torch.set_num_threads(intra_op_threads(config))
     log.info(
@@ -248,7 +264,7 @@ async def _engine_main(fd_in: int, fd_out: int, fd_board: int) -> int:
         cpu_limit(),
     )
     try:
-        core = await build_core(config, lambda core: [_Forward(out, core, board, keys)], only, probes)  # the front measures the loads too
+        core = await build_core(config, lambda core: [_Forward(out, core, board, keys)], only, probes, skip)  # the front measures loads too
     except RepositoryError as e:
         out.send(("fatal", str(e)))
         return 2

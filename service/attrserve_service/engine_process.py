@@ -9,8 +9,9 @@ sent (the requests of many callers) as one frame, and a worker what one step of 
 then the answers of the jobs it finished); one pickle, one system call and one wake-up of the other side per batch
 instead of per message. The front starts the engine process through launch.py.
 
-front → engine: ("init", config, log settings, the versions to load or None for all) once; ("submit", id, job);
-("cancel", id); ("call", id, method, args).
+front → engine: ("init", config, log settings, the versions to load or None for all, load-time probes, the versions not
+to load with why) once; ("submit", id, job); ("cancel", id); ("call", id, method, args); ("call", id, "alive", ()), the
+heartbeat, is answered while the models load too.
 engine → front: ("ready", snapshot) or ("fatal", message) once; ("result", id, result); ("error", id, exception);
 ("reply", id, value); ("reply_error", id, exception); ("snapshot", snapshot) when a model or worker changes state;
 ("event", observer method, args) for every engine observer call (the front's metrics replay them).
@@ -157,6 +158,10 @@ class EngineProcess:
         self._probing = False  # a suspect runs alone: nothing else is sent until it is answered (_probe)
         self._probe_over = asyncio.Event()
         self._probe_over.set()
+        self._loading: set[tuple[str, str]] = set()  # versions whose load runs the model's code now ("load_running")
+        # Versions that were loading when an engine process stopped answering and was killed (_heartbeat): the ones
+        # after it do not load them (ModelManager.load_all's skip), with this reason, until one of them is READY again.
+        self._stuck_loads: dict[tuple[str, str], str] = {}
 
     @property
     def pid(self) -> int | None:
@@ -169,14 +174,27 @@ class EngineProcess:
         if launched is None:
             launched = launch.start(self.config, self.log_settings)
         self._preload, self._event_loop = launched.preload, launched.event_loop
-        await self._take(launched)
+        while True:
+            skipped = len(self._stuck_loads)
+            try:
+                await self._take(launched)
+                return
+            except RepositoryError:
+                if len(self._stuck_loads) == skipped:  # not killed in a load: it cannot serve
+                    raise
+            log.error("starting another engine process, which does not load %s", ", ".join(f"{n} v{v}" for n, v in self._stuck_loads))
+            launched = self._launch(None)
+
+    def _launch(self, restore: set[tuple[str, str]] | None) -> launch.Launched:
+        return launch.launch(
+            self.config, self.log_settings, self._preload, self._event_loop, restore, self._snapshot.probes, self._stuck_loads
+        )
 
     async def _spawn(self) -> None:
         """A new engine process (a restart), with the first one's malloc and event loop, and the load-time probes the
         last one reported (its Snapshot: layouts, pass-size rates): its loads of unchanged files skip timing passes,
         which was over half of a restart on bench/models (bench/RESULTS.md, issue 12 step 28)."""
-        restore, probes = self._restore(), self._snapshot.probes
-        await self._take(launch.launch(self.config, self.log_settings, self._preload, self._event_loop, restore, probes))
+        await self._take(self._launch(self._restore()))
 
     async def _take(self, launched: launch.Launched) -> None:
         loop = asyncio.get_running_loop()
@@ -187,6 +205,7 @@ class EngineProcess:
         if self._board is not None:
             self._board.close()
         self._board = launched.board
+        self._loading = set()
         self._ready = loop.create_future()
         self._writer, _ = await loop.create_unix_connection(asyncio.Protocol, sock=launched.to_engine)
         self._reader, _ = await loop.create_unix_connection(
@@ -198,6 +217,10 @@ class EngineProcess:
             ),
             sock=launched.from_engine,
         )
+        if self.config.limits.stuck_pass_seconds > 0:  # from the start: a load may hold the event loop too
+            task = asyncio.ensure_future(self._heartbeat(generation, self._proc))
+            self._heartbeats.add(task)
+            task.add_done_callback(self._heartbeats.discard)
         self._snapshot = await self._ready
         self._started_at = time.monotonic()
         self.up = True
@@ -208,37 +231,54 @@ class EngineProcess:
             log.warning("engine process %d runs on glibc's malloc: LD_PRELOAD=%s did not load", self._proc.pid, self._preload)
         self._tell("engine_process_state", True, "")
         self._changed()
-        if self.config.limits.stuck_pass_seconds > 0:
-            task = asyncio.ensure_future(self._heartbeat(generation, self._proc))
-            self._heartbeats.add(task)
-            task.add_done_callback(self._heartbeats.discard)
 
     async def _heartbeat(self, generation: int, proc: subprocess.Popen) -> None:
-        """Kill an engine process that stops answering. The engine's own watchdog (Scheduler._watch) gives up a pass
-        stuck in a model's code, but code stuck with the GIL held (a C extension's busy loop, a blocking call that keeps
-        the GIL) stops that watchdog and the engine's event loop with it: its requests waited for their deadlines while
-        health said SERVING. Every few seconds the front asks for the gauges; an engine process that has not answered
-        within stuck_pass_seconds is killed, and its requests fail and it is started again as after any death."""
+        """Kill an engine process that stops answering. The engine's own watchdogs give up a pass or a load stuck in a
+        model's code (Scheduler._watch, Engine._watched_load), but code stuck with the GIL held (a C extension's busy
+        loop, a blocking call that keeps the GIL) stops them and the engine's event loop with it: its requests waited
+        for their deadlines while health said SERVING, and a load held the server's start for ever. Every few seconds,
+        from its start, the front asks the engine process for its gauges (before it serves: whether it is alive); one
+        that has not answered within stuck_pass_seconds is killed, and its requests fail and it is started again as
+        after any death. The loads it was running then are not run by the ones after it (_stuck_loads)."""
         limit = self.config.limits.stuck_pass_seconds
+        started = False  # the first answer comes once the process has imported torch and runs its event loop
         while True:
             await asyncio.sleep(min(_HEARTBEAT_S, limit / 4))
-            if generation != self._generation or not self.up:
+            if not self._current(generation, proc):
                 return
             try:
-                await self._ask_gauges(limit)
+                if self.up:
+                    await self._ask_gauges(limit)
+                else:
+                    await asyncio.wait_for(self._post("call", "alive", ())[1], limit if started else None)
+                started = True
             except asyncio.TimeoutError:
                 break
             except Unavailable:  # it is down or died meanwhile: _lost has it, and a new one has its own heartbeat
                 return
             except Exception:  # it answered, with an error: it is alive
                 continue
-        if generation == self._generation and self.up:
-            self._killed_why = (
-                f"the engine process {proc.pid} did not answer for {limit:g} s (stuck_pass_seconds): something holds its "
-                "event loop, such as a model's code stuck with the GIL held; it was killed"
+        if not self._current(generation, proc):
+            return
+        loading = sorted(self._loading)
+        held = f" while it loaded {', '.join(f'{n} v{v}' for n, v in loading)}" if loading else ""
+        self._killed_why = (
+            f"the engine process {proc.pid} did not answer for {limit:g} s (stuck_pass_seconds){held}: something holds "
+            "its event loop, such as a model's code stuck with the GIL held; it was killed"
+        )
+        for key in loading:
+            self._stuck_loads[key] = (
+                f"the engine process stopped answering for {limit:g} s (stuck_pass_seconds) while this version loaded "
+                "(its code stuck with the GIL held, say) and was killed; the engine processes after it do not load this "
+                "version (a LoadModel, or a change to its files under --model-control poll, loads it again)"
             )
-            log.error("%s", self._killed_why)
-            proc.kill()
+        log.error("%s", self._killed_why)
+        proc.kill()
+
+    def _current(self, generation: int, proc: subprocess.Popen) -> bool:
+        """Whether `proc` is the engine process of `generation`, the latest, and its connection is still open."""
+        writer = self._writer
+        return generation == self._generation and proc.poll() is None and writer is not None and not writer.is_closing()
 
     def _restore(self) -> set[tuple[str, str]] | None:
         """What a restarted engine process loads: under explicit model control, the versions that were loaded (or
@@ -283,9 +323,16 @@ class EngineProcess:
             if future is not None and not future.done():
                 future.set_exception(message[2])
         elif kind == "event":
+            if message[1] == "load_running":
+                model, version, running = message[2]
+                (self._loading.add if running else self._loading.discard)((model, version))
             self._tell(message[1], *message[2])
         elif kind == "snapshot":
             self._snapshot = message[1]
+            if self._stuck_loads:  # one loaded again (a LoadModel, a changed folder): later processes load it again
+                for status in self._snapshot.statuses:
+                    if status.state == ModelState.READY.value:
+                        self._stuck_loads.pop((status.name, status.version), None)
             self._changed()
         elif kind in ("ready", "fatal") and self._ready is not None and not self._ready.done():
             if kind == "ready":
@@ -409,6 +456,10 @@ class EngineProcess:
         """Send a request or a call; its answer resolves the returned future (or the engine's death fails it)."""
         if not self.up:
             raise self._unavailable()
+        return self._post(kind, *payload)
+
+    def _post(self, kind: str, *payload: Any) -> tuple[int, asyncio.Future]:
+        """_send, up or not (the heartbeat asks an engine process that is still loading whether it is alive)."""
         assert self._loop is not None
         key = next(self._ids)
         future = self._loop.create_future()

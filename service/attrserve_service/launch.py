@@ -1,5 +1,6 @@
 """Starting an engine-core process (engine_main.main): its command line, its environment (torch's intra-op threads,
-the malloc it runs on), its two socket pairs and its first frame, ("init", config, log settings, versions, probes).
+the malloc it runs on), its two socket pairs and its first frame, ("init", config, log settings, versions, probes,
+versions skipped).
 
 Imports neither torch nor grpc. `attrserve serve` builds its configuration and starts the engine process (`start`)
 before the front end imports grpc, so the engine imports torch (seconds on a small machine) and loads its models while
@@ -82,11 +83,13 @@ def launch(
     event_loop: str,
     restore: set[tuple[str, str]] | None = None,
     probes: Mapping[tuple, dict[int, float]] | None = None,  # engine.Probes, which would import torch here
+    skip: Mapping[tuple[str, str], str] | None = None,
 ) -> Launched:
     """Start `python -m attrserve_service.engine_main` on two new socket pairs and write its "init" frame, which
     waits in the socket until the process has imported its modules and reads it; `restore`: the versions to load
     (None: the whole repository); `probes`: the load-time probes (pass-size rates) the process before kept
-    (Engine.probes), which its loads of the same files take instead of timing passes again."""
+    (Engine.probes), which its loads of the same files take instead of timing passes again; `skip`: versions it does
+    not load, with why (ModelManager.load_all)."""
     to_engine, engine_in = socketpair()
     engine_out, from_engine = socketpair()
     env = dict(os.environ, OMP_NUM_THREADS=str(intra_op_threads(config)))
@@ -99,7 +102,8 @@ def launch(
     board = Board.create()
     fds = (engine_in.fileno(), engine_out.fileno(), -1 if board is None else board.fd)
     try:
-        send_parts(to_engine, encode_parts([("init", config, log_settings, restore, dict(probes or {}))]))  # KiB: the socket holds it
+        init = ("init", config, log_settings, restore, dict(probes or {}), dict(skip or {}))
+        send_parts(to_engine, encode_parts([init]))  # KiB: the socket holds it
         proc = subprocess.Popen(
             [sys.executable, "-m", "attrserve_service.engine_main", *map(str, fds), event_loop],
             pass_fds=[fd for fd in fds if fd >= 0],

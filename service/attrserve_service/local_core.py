@@ -216,11 +216,13 @@ async def build_core(
     observers: Callable[[LocalCore], Sequence[EngineObserver]] = lambda core: (),
     only: Collection[tuple[str, str]] | None = None,
     probes: Mapping[tuple, Probes] | None = None,
+    skip: Mapping[tuple[str, str], str] | None = None,
 ) -> LocalCore:
     """An engine with the configured plugins and the repository's models (the built-in demo models without one;
     `only`: just these versions; `probes`: the load-time probes (pass-size rates) the engine process before
-    this one kept, which its loads of the same files take instead of timing passes again); `observers(core)` hear
-    the loads too. RepositoryError when nothing can serve (a model that fails is reported, not fatal)."""
+    this one kept, which its loads of the same files take instead of timing passes again; `skip`: versions not loaded,
+    with why: ModelManager.load_all); `observers(core)` hear the loads too. RepositoryError when nothing can serve
+    (a model that fails is reported, not fatal)."""
     # The count this process's torch was given (launch.intra_op_threads or in_process_threads: an explicit
     # --engine-threads as it is, else capped at the cores the process may use), not capped again by the Engine.
     engine = Engine(config.limits, threads=torch.get_num_threads())
@@ -233,7 +235,7 @@ async def build_core(
     core = LocalCore(engine, ModelManager(engine, config.model_repository or DEMO_MODEL_REPOSITORY, config.model_control))
     for observer in observers(core):
         core.watch(observer)
-    await core.manager.load_all(only)
+    await core.manager.load_all(only, skip)
     return core
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from google.protobuf import text_format
 
 from attrserve.v1 import model_config_pb2 as mc
-from attrserve_engine.errors import FailedPrecondition, NotFound, shown
+from attrserve_engine.errors import FailedPrecondition, LoadStuck, NotFound, shown
 from attrserve_engine.events import version_order
 from attrserve_service.convert import WIRE_DTYPES
 from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
@@ -235,13 +235,21 @@ class ModelManager:
         self._loaded: dict[tuple[str, str], str] = {}  # fingerprint of the folder each version was last loaded from
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def load_all(self, only: Collection[tuple[str, str]] | None = None) -> None:
+    async def load_all(self, only: Collection[tuple[str, str]] | None = None, skip: Mapping[tuple[str, str], str] | None = None) -> None:
         """Start-up: load every version in the repository (`only`: just these (name, version) pairs — an engine
-        process restarted under explicit control loads what was loaded before). Without runtime control a repository
-        where nothing can be loaded is an error (RepositoryError, with every reason); with it the server starts anyway."""
+        process restarted under explicit control loads what was loaded before). Versions in `skip` are not loaded: they
+        are UNAVAILABLE with its reason (LoadStuck), and a poll loads them once their files change (loads that held the
+        engine process before this one, EngineProcess._heartbeat). Without runtime control a repository where nothing
+        can be loaded is an error (RepositoryError, with every reason); with it the server starts anyway."""
         entries = [e for e in self._scan() if only is None or (e.name, e.version) in only]
         for entry in entries:
-            await self._load_entry(entry)
+            why = (skip or {}).get((entry.name, entry.version))
+            if why is None:
+                await self._load_entry(entry)
+                continue
+            self._loaded[(entry.name, entry.version)] = entry.fingerprint
+            log.error("model %s v%s is not loaded: %s", entry.name, entry.version, why)
+            self.engine.load_failed(entry.name, entry.version, LoadStuck(why), entry.spec)
         if self.control != CONTROL_NONE or self.engine.models():
             return
         if not entries:

@@ -1232,6 +1232,68 @@ def test_an_engine_process_stuck_with_the_gil_held_stops_answering_and_the_front
         server.stop()
 
 
+def held_load(seed: int, release: Path) -> str:
+    """mlp(seed), whose build sleeps an hour in libc with the GIL held (ctypes.PyDLL keeps it) unless `release` exists."""
+    return mlp(seed).replace(
+        "def build_model():\n",
+        f"def build_model():\n    import ctypes, os\n    if not os.path.exists({str(release)!r}):\n        ctypes.PyDLL(None).sleep(3600)\n",
+    )
+
+
+HELD_REASON = "LoadStuck: the engine process stopped answering for 1 s (stuck_pass_seconds) while this version loaded"
+
+
+def test_a_load_stuck_with_the_gil_held_is_killed_with_its_engine_process_and_the_next_one_skips_it(tmp_path: Path) -> None:
+    """A load stuck with the GIL held stops the engine's load watchdog and its event loop: the front waited for the
+    engine process's first models for ever (the port never opened), and a runtime LoadModel of such a model, once the
+    front's heartbeat had killed the engine process, was loaded again by the next one, which stopped answering too. Now
+    the heartbeat runs from the engine process's start, and the versions that were loading when it was killed are not
+    loaded by the engine processes after it: the server starts and serves its other models, and says why."""
+    release = tmp_path / "release"
+    repo = tmp_path / "repo"
+    write(repo / "good", mlp(1))
+    write(repo / "held", held_load(6, release))
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False, stuck_pass_seconds=1.0)
+    server = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, model_control="explicit"))
+    try:
+        with AttributionClient(server.address, retry=NO_RETRY) as client:
+            assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+            listed = {(m.config.name, m.config.version): (m.state, m.reason) for m in client.list_models(timeout=10)}
+            assert listed[("good", "1")] == (pb.MODEL_STATE_READY, "")
+            assert listed[("held", "1")][0] == pb.MODEL_STATE_UNAVAILABLE and listed[("held", "1")][1].startswith(HELD_REASON)
+            np.testing.assert_allclose(client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5)
+
+            release.touch()  # a LoadModel loads it again
+            client.load_model("held", timeout=60)
+            np.testing.assert_allclose(client.attribute("held", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(6), atol=1e-5)
+
+            release.unlink()  # a reload at run time holds the GIL: the engine process is killed, and the next skips it
+            before = scrape(server.running.metrics_port)
+            first = server.running.core.pid
+            with pytest.raises(grpc.RpcError) as lost:
+                client.load_model("held", timeout=60)
+            assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert re.search(r"did not answer for 1 s \(stuck_pass_seconds\) while it loaded held v1", lost.value.details()), lost.value.details()
+            assert_a_new_engine_process_serves(server, client, first)
+            listed = {(m.config.name, m.config.version): (m.state, m.reason) for m in client.list_models(timeout=10)}
+            assert listed[("held", "1")][0] == pb.MODEL_STATE_UNAVAILABLE and listed[("held", "1")][1].startswith(HELD_REASON)
+            with pytest.raises(grpc.RpcError) as refused:
+                client.attribute("held", "integrated_gradients", X, target=TARGET, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and HELD_REASON in refused.value.details()
+            assert grown(before, scrape(server.running.metrics_port))("attrserve_engine_process_restarts_total") == 1
+            assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+
+            release.touch()  # loaded again, it is no longer skipped: the engine process after the next death loads it
+            client.load_model("held", timeout=60)
+            first = server.running.core.pid
+            os.kill(first, signal.SIGKILL)
+            assert_a_new_engine_process_serves(server, client, first)
+            assert client.get_model("held", timeout=10).ready
+            np.testing.assert_allclose(client.attribute("held", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(6), atol=1e-5)
+    finally:
+        server.stop()
+
+
 def test_with_no_engine_process_a_stuck_pass_keeps_the_server_not_serving_until_it_returns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
