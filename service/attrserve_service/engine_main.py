@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -263,8 +264,17 @@ async def _engine_main(fd_in: int, fd_out: int, fd_board: int) -> int:
         torch.get_num_threads(),
         cpu_limit(),
     )
+    building = asyncio.ensure_future(build_core(config, lambda core: [_Forward(out, core, board, keys)], only, probes, skip))
+    await asyncio.wait([building, asyncio.ensure_future(gone.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if not building.done():
+        # The front died or gave up on this process while it loaded (a load stuck in a model's code, say). Exit now:
+        # an orphan would hold its memory, and the front's stdout, until its loads return. asyncio.run would wait for
+        # the loading threads; they are abandoned.
+        log.info("the front end is gone while the models load; the engine process stops")
+        sys.stderr.flush()
+        os._exit(0)
     try:
-        core = await build_core(config, lambda core: [_Forward(out, core, board, keys)], only, probes, skip)  # the front measures loads too
+        core = building.result()
     except RepositoryError as e:
         out.send(("fatal", str(e)))
         return 2
@@ -282,7 +292,20 @@ async def _engine_main(fd_in: int, fd_out: int, fd_board: int) -> int:
     return 0
 
 
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _die_with_the_front() -> None:
+    """Have the kernel kill this process (SIGKILL) when the front end that started it ends, however it ends. This
+    process also exits when the front's socket closes, but only while its event loop runs: one held by a model's code
+    stuck with the GIL (a load, a pass) outlived a front that was killed, holding its memory and the front's output
+    pipe. (Linux; elsewhere the socket is all.)"""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def main(argv: list[str]) -> int:
+    _die_with_the_front()
     # The front end owns the signals: SIGTERM drains the engine through it, and a terminal's Ctrl-C (sent to the
     # whole process group) must not kill the engine under a drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -6,11 +6,13 @@ numbers again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes.util
 import os
 import pickle
 import pkgutil
 import re
+import select
 import signal
 import socket
 import struct
@@ -29,7 +31,7 @@ import torch
 from captum.attr import IntegratedGradients, Saliency
 from grpc_health.v1 import health_pb2
 from servers import SERVE_MODULE, ServeProcess, ServerThread, scrape
-from test_model_management import PINNED, TARGET, X, captum, health, mlp, write
+from test_model_management import PINNED, TARGET, X, captum, health, mlp, stuck_mlp, write
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_client import NO_RETRY, AttributionClient, RetryPolicy
@@ -1968,6 +1970,63 @@ def test_an_engine_process_launched_and_never_taken_over_is_ended(repo: Path) ->
     taken.to_engine.close()  # what the server does at its end: the engine process exits when the front's socket closes
     taken.from_engine.close()
     assert taken.proc.wait(60) == 0
+
+
+def test_an_engine_process_whose_front_goes_while_a_load_is_stuck_exits(tmp_path: Path) -> None:
+    """The engine process exits when the front's socket closes, also while its models load: it noticed only once every
+    load had returned, so after a front killed during a stuck load it lived on, holding its memory and the front's
+    output pipe (a supervisor reading that pipe waited for ever)."""
+    release = tmp_path / "release"
+    write(tmp_path / "repo" / "stuck", stuck_mlp(1, release))
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False, stuck_load_seconds=0)  # never given up
+    launched = launch.start(ServerConfig(model_repository=tmp_path / "repo", limits=limits), ("WARNING", "text"))
+    try:
+        launched.taken = True
+        readable, _, _ = select.select([launched.from_engine], [], [], 60)  # its first frame: the load has begun
+        assert readable, "the engine process never began loading"
+        time.sleep(0.5)
+        assert launched.proc.poll() is None  # stuck in the load
+        launched.to_engine.close()
+        launched.from_engine.close()
+        assert launched.proc.wait(20) == 0
+    finally:
+        release.touch()
+        if launched.proc.poll() is None:
+            launched.proc.kill()
+            launched.proc.wait()
+        if launched.board is not None:
+            launched.board.close()
+
+
+def test_an_engine_process_stuck_with_the_gil_held_dies_with_its_front(tmp_path: Path) -> None:
+    """An engine process whose event loop is held (a load stuck with the GIL held, the heartbeat off) cannot see the
+    front's socket close: a front killed meanwhile left it running for ever, holding its memory and the front's output
+    pipe. The kernel now kills it with the front (prctl PR_SET_PDEATHSIG)."""
+    write(tmp_path / "repo" / "held", held_load(6, tmp_path / "never"))
+    args = ["--model-repository", str(tmp_path / "repo"), "--port", "0", "--metrics-port", "-1", "--stuck-pass-seconds", "0"]
+    front = subprocess.Popen([*SERVE_MODULE, "serve", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    engine = 0
+    try:
+        assert front.stdout is not None
+        for line in front.stdout:  # the engine process logs this as it begins loading
+            if "torch intra-op threads" in line:
+                break
+        (engine,) = map(int, Path(f"/proc/{front.pid}/task/{front.pid}/children").read_text().split())
+        time.sleep(1.0)  # in the build, with the GIL held
+        front.kill()
+        front.wait(10)
+        until = time.monotonic() + 10
+        while Path(f"/proc/{engine}").exists() and "zombie" not in Path(f"/proc/{engine}/status").read_text():
+            assert time.monotonic() < until, "the engine process outlived its front"
+            time.sleep(0.05)
+    finally:
+        if front.poll() is None:
+            front.kill()
+        with contextlib.suppress(ProcessLookupError):
+            if engine:
+                os.kill(engine, signal.SIGKILL)
+        if front.stdout is not None:
+            front.stdout.close()
 
 
 def test_the_event_loop_setting_is_read_strictly(monkeypatch: pytest.MonkeyPatch) -> None:
