@@ -257,6 +257,7 @@ async def _engine_main(fd_in: int, fd_out: int, fd_board: int) -> int:
     reader = partial(FrameReader, received, gone.set, tensors=True)
     transport, _ = await loop.create_unix_connection(reader, sock=socket.socket(fileno=fd_in))
     _, config, (log_level, log_format), only, probes, skip = await init
+    out.send(("started",))  # the front's heartbeat asks from now on: no model's code has run yet
     logs.configure(log_level, log_format)
     torch.set_num_threads(intra_op_threads(config))
     log.info(

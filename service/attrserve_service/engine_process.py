@@ -12,9 +12,10 @@ instead of per message. The front starts the engine process through launch.py.
 front → engine: ("init", config, log settings, the versions to load or None for all, load-time probes, the versions not
 to load with why) once; ("submit", id, job); ("cancel", id); ("call", id, method, args); ("call", id, "alive", ()), the
 heartbeat, is answered while the models load too.
-engine → front: ("ready", snapshot) or ("fatal", message) once; ("result", id, result); ("error", id, exception);
-("reply", id, value); ("reply_error", id, exception); ("snapshot", snapshot) when a model or worker changes state;
-("event", observer method, args) for every engine observer call (the front's metrics replay them).
+engine → front: ("started",) once its event loop runs, then ("ready", snapshot) or ("fatal", message) once;
+("result", id, result); ("error", id, exception); ("reply", id, value); ("reply_error", id, exception); ("snapshot",
+snapshot) when a model or worker changes state; ("event", observer method, args) for every engine observer call (the
+front's metrics replay them).
 
 The engine process ignores SIGINT and SIGTERM (the front drains it with a "shutdown" call) and exits when the
 front's socket closes, so it never outlives the front. The front notices the engine process's death from its
@@ -158,6 +159,7 @@ class EngineProcess:
         self._probing = False  # a suspect runs alone: nothing else is sent until it is answered (_probe)
         self._probe_over = asyncio.Event()
         self._probe_over.set()
+        self._started = False  # the engine process's event loop runs ("started", before any model's code)
         self._loading: set[tuple[str, str]] = set()  # versions whose load runs the model's code now ("load_running")
         # Versions that were loading when an engine process stopped answering and was killed (_heartbeat): the ones
         # after it do not load them (ModelManager.load_all's skip), with this reason, until one of them is READY again.
@@ -206,6 +208,7 @@ class EngineProcess:
             self._board.close()
         self._board = launched.board
         self._loading = set()
+        self._started = False  # its event loop runs: it has said "started"
         self._ready = loop.create_future()
         self._writer, _ = await loop.create_unix_connection(asyncio.Protocol, sock=launched.to_engine)
         self._reader, _ = await loop.create_unix_connection(
@@ -241,17 +244,17 @@ class EngineProcess:
         that has not answered within stuck_pass_seconds is killed, and its requests fail and it is started again as
         after any death. The loads it was running then are not run by the ones after it (_stuck_loads)."""
         limit = self.config.limits.stuck_pass_seconds
-        started = False  # the first answer comes once the process has imported torch and runs its event loop
         while True:
             await asyncio.sleep(min(_HEARTBEAT_S, limit / 4))
             if not self._current(generation, proc):
                 return
+            if not self._started:  # still importing torch: its event loop does not run yet
+                continue
             try:
                 if self.up:
                     await self._ask_gauges(limit)
                 else:
-                    await asyncio.wait_for(self._post("call", "alive", ())[1], limit if started else None)
-                started = True
+                    await asyncio.wait_for(self._post("call", "alive", ())[1], limit)
             except asyncio.TimeoutError:
                 break
             except Unavailable:  # it is down or died meanwhile: _lost has it, and a new one has its own heartbeat
@@ -322,6 +325,8 @@ class EngineProcess:
             future = self._pending.pop(message[1], None)
             if future is not None and not future.done():
                 future.set_exception(message[2])
+        elif kind == "started":
+            self._started = True
         elif kind == "event":
             if message[1] == "load_running":
                 model, version, running = message[2]

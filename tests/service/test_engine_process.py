@@ -704,6 +704,43 @@ class Transport:
         return False
 
 
+def test_the_heartbeat_asks_a_loading_engine_process_once_it_has_started_and_kills_one_that_stops_answering() -> None:
+    """Before it serves, the front asks the engine process whether it is alive, from its "started" on (before that it
+    imports torch, and its event loop does not run); one that does not answer within stuck_pass_seconds is killed,
+    naming the loads it was running, which the engine processes after it skip. An engine process that answers is
+    never killed."""
+
+    async def scenario() -> None:
+        limits = EngineLimits(stuck_pass_seconds=0.2)
+        engine = EngineProcess(ServerConfig(port=0, limits=limits))
+        engine._loop, engine._writer, engine._generation = asyncio.get_running_loop(), Transport(), 1
+        killed: list[bool] = []
+        proc = types.SimpleNamespace(pid=7, poll=lambda: None, kill=lambda: killed.append(True))
+
+        def asked() -> int:
+            assert isinstance(engine._writer, Transport)
+            return sum(m[:1] == ("call",) for frame in engine._writer.frames for m in decode(bytearray(frame[8:]), tensors=False))
+
+        heartbeat = asyncio.ensure_future(engine._heartbeat(1, proc))  # type: ignore[arg-type]
+        await asyncio.sleep(0.6)  # importing torch: nothing is asked, however long it takes
+        assert asked() == 0 and not killed
+        engine._received(1, ("started",))
+        engine._received(1, ("event", "load_running", ("m", "1", True)))
+        until = time.monotonic() + 0.8
+        while time.monotonic() < until:  # it answers: alive
+            for future in list(engine._pending.values()):
+                future.set_result(None)
+            engine._pending.clear()
+            await asyncio.sleep(0.01)
+        assert asked() >= 3 and not killed
+        await asyncio.wait_for(heartbeat, 5)  # it stops answering: killed
+        assert killed == [True]
+        assert "did not answer for 0.2 s (stuck_pass_seconds) while it loaded m v1" in engine._killed_why
+        assert engine._stuck_loads[("m", "1")].startswith("the engine process stopped answering for 0.2 s")
+
+    asyncio.run(scenario())
+
+
 def test_the_front_writes_one_turns_messages_as_one_frame_and_fails_alone_a_request_it_cannot_send() -> None:
     async def scenario() -> None:
         engine = EngineProcess(ServerConfig(port=0))
