@@ -188,13 +188,11 @@ class _Engine:
 
     def handle(self, message: tuple) -> None:
         kind = message[0]
-        if _alive(self.out, message):
-            return
         if kind == "submit":
             self.submit(message[1], message[2])
         elif kind == "cancel":
             self.cancel(message[1])
-        elif kind == "call":
+        elif kind == "call" and not _alive(self.out, message):
             task = asyncio.ensure_future(self.call(message[1], message[2], message[3]))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
