@@ -151,6 +151,7 @@ class EngineProcess:
         self._gauges_changes = -1
         self._changes = 0  # requests, cancels and engine messages so far (a backlog answer is stale once it moves)
         self._killed_why = ""  # why the front killed the engine process (_heartbeat), for its requests' errors
+        self._killed_in_load = False  # ... while loads ran model code (_stuck_loads has them)
         self._heartbeats: set[asyncio.Task] = set()
         self._busy_poll_s = busy_poll_seconds(config)  # see _lone
         self._lone_s: dict[tuple[str, str], float] = {}  # (model, algorithm) → its lone answers' time, smoothed (_lone)
@@ -269,6 +270,7 @@ class EngineProcess:
             f"the engine process {proc.pid} did not answer for {limit:g} s (stuck_pass_seconds){held}: something holds "
             "its event loop, such as a model's code stuck with the GIL held; it was killed"
         )
+        self._killed_in_load = bool(loading)
         for key in loading:
             self._stuck_loads[key] = (
                 f"the engine process stopped answering for {limit:g} s (stuck_pass_seconds) while this version loaded "
@@ -404,6 +406,7 @@ class EngineProcess:
     def _lost(self, proc: subprocess.Popen | None, code: int | None, was_up: bool, lingered: bool = False) -> None:
         """The engine process is gone: fail what it held with why, and start another (unless the server is closing)."""
         pid = proc.pid if proc is not None else "?"
+        in_a_load, self._killed_in_load = self._killed_in_load, False
         if self._killed_why:
             reason, self._killed_why = self._killed_why, ""
         elif lingered:
@@ -416,6 +419,8 @@ class EngineProcess:
             lost = Unavailable(_lost_text(reason), retry_after_s=1.0)
         else:
             computing = self._board.computing() if self._board is not None else None
+            if computing is None and in_a_load:  # no pass ran: the load that held it is to blame, not a request
+                computing = frozenset()
             lost = EngineLost(reason, computing)
             if self._quarantine.enabled and self._attributing:
                 log.warning(

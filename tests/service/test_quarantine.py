@@ -281,6 +281,41 @@ def test_with_the_quarantine_off_a_death_leaves_no_suspects() -> None:
     asyncio.run(scenario())
 
 
+def test_a_kill_while_a_load_ran_and_no_pass_did_blames_the_load_not_the_requests_in_flight() -> None:
+    """The front's heartbeat killed an engine process whose event loop a load held (the load is skipped from then on):
+    no pass ran, so the board cannot say who computed, but no request is to blame. They are not suspects, and are not
+    run alone when sent again. Where a pass did run, its requests are suspects as after any death."""
+
+    async def scenario() -> None:
+        engine, heard = fake_front()
+        request = asyncio.ensure_future(engine.attribute(job(3.0)))
+        await turns()
+        engine._killed_why, engine._killed_in_load = "killed while it loaded m v1", True
+        die(engine)  # the board cannot say (None)
+        with pytest.raises(EngineLost, match="killed while it loaded m v1"):
+            await request
+        assert not engine._quarantine.watching
+        again = asyncio.ensure_future(engine.attribute(job(3.0)))
+        other = asyncio.ensure_future(engine.attribute(job(4.0)))
+        await turns()
+        assert [value for _, value in sent(engine)[-2:]] == [3.0, 4.0]  # both at once: nothing runs alone
+        for key, _ in sent(engine)[-2:]:
+            answer(engine, key)
+        assert await again == f"answer {sent(engine)[-2][0]}" and heard.events == []
+
+        request = asyncio.ensure_future(engine.attribute(job(5.0)))
+        await turns()
+        (key, _), = sent(engine)[-1:]
+        engine._killed_why, engine._killed_in_load = "killed while it loaded m v1", True
+        die(engine, computing=frozenset({key}))  # a pass ran that request: it is a suspect
+        with pytest.raises(EngineLost):
+            await request
+        assert engine._quarantine.watching
+        assert not engine._killed_in_load  # each death reads it once
+
+    asyncio.run(scenario())
+
+
 def test_the_board_says_which_requests_each_worker_computes_and_when_it_cannot_say() -> None:
     board = Board.create()
     assert board is not None
