@@ -173,6 +173,11 @@ def main() -> None:
         for row in (query_of_death(quarantine, args.sends), outside_kill(quarantine)):
             rows.append({"--quarantine-seconds": f"{quarantine:g}", **row})
             print(rows[-1], file=sys.stderr, flush=True)
+    print_rows(rows)
+
+
+def print_rows(rows: list[dict]) -> None:
+    """`rows` as a Markdown table, its columns every key in the order first seen (blank where a row has none)."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))

@@ -35,7 +35,7 @@ from grpc_health.v1 import health_pb2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests" / "service"), str(ROOT / "tests")]
 
-from query_of_death import Load  # noqa: E402
+from query_of_death import Load, print_rows  # noqa: E402
 from servers import ServeProcess  # noqa: E402
 from test_engine_process import held_load  # noqa: E402
 from test_model_management import TARGET, X, health, mlp, stuck_mlp, write  # noqa: E402
@@ -145,11 +145,7 @@ def main() -> None:
         for run in runs:
             rows.append(run())
             print(rows[-1], file=sys.stderr, flush=True)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(str(row.get(column, "")) for column in columns) + " |")
+    print_rows(rows)
 
 
 if __name__ == "__main__":

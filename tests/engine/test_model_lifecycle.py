@@ -249,6 +249,13 @@ def stuck_engine(limit: float = 1.0) -> Engine:
     return Engine(EngineLimits(probe_batch_rows=False, drain_seconds=30.0, stuck_load_seconds=limit))
 
 
+def held_gate() -> Gated:
+    """A model whose next forward (a pinned load's warm-up) waits until it is opened."""
+    gated = Gated()
+    gated.hold()
+    return gated
+
+
 def stuck_loads(name: str) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == f"attrserve-load-{name}-v1"]
 
@@ -262,8 +269,7 @@ def test_a_load_stuck_in_the_models_code_is_given_up_and_serves_if_it_returns() 
     try:
         good = Scaled(2.0)
         engine.load(spec("m", "1", good))
-        gated = Gated()
-        gated.hold()
+        gated = held_gate()
         started = time.monotonic()
         with pytest.raises(LoadStuck, match=r"^its load did not finish within 1 s \(stuck_load_seconds\): the model's code"):
             engine.load(spec("s", "1", gated, pinned=True))
@@ -299,8 +305,7 @@ def test_a_stuck_reload_keeps_the_previous_load_serving_and_one_unloaded_meanwhi
     try:
         good = Scaled(4.0)
         engine.load(spec("m", "1", good))
-        gated = Gated()
-        gated.hold()
+        gated = held_gate()
         with pytest.raises(LoadStuck):
             engine.load(spec("m", "1", gated, pinned=True))
         record = engine.model_record("m", "1")
@@ -313,8 +318,7 @@ def test_a_stuck_reload_keeps_the_previous_load_serving_and_one_unloaded_meanwhi
         assert engine.get_model("m").module is gated  # the late reload swapped in, as a reload does
         assert_from(ig(engine, "m").result(30), gated, "1")
 
-        late = Gated()
-        late.hold()
+        late = held_gate()
         with pytest.raises(LoadStuck):
             engine.load(spec("u", "1", late, pinned=True))
         engine.unload("u")  # while its load is stuck
@@ -340,8 +344,7 @@ def test_a_load_that_fails_or_succeeds_within_the_limit_is_as_before_and_0_never
         engine.shutdown(drain=False, timeout=5)
     engine = stuck_engine(limit=0)
     try:
-        gated = Gated()
-        gated.hold()
+        gated = held_gate()
         loader = threading.Thread(target=engine.load, args=(spec("s", "1", gated, pinned=True),))
         loader.start()
         assert gated.entered.wait(30)
