@@ -226,9 +226,13 @@ async def serve(config: ServerConfig, launched: Launched | None = None) -> int:
     process, started by the command line before this process imported torch (launch.py)."""
     running = await create_server(config, launched=launched)
     settle_heap()
+    statuses = running.core.snapshot().statuses
+    ready = sorted({s.name for s in statuses if s.state == ModelState.READY.value})
+    not_ready = [f"{s.name} v{s.version}: {s.state}" for s in statuses if s.state != ModelState.READY.value]
     log.info(
-        "attrserve serving %s on %s:%d (metrics on :%s, event loop: %s)",
-        ", ".join(sorted(running.core.snapshot().names)),
+        "attrserve serving %s%s on %s:%d (metrics on :%s, event loop: %s)",
+        ", ".join(ready) or "no model",
+        f" (not serving: {'; '.join(not_ready)})" if not_ready else "",
         config.host,
         running.port,
         running.metrics_port,

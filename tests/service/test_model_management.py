@@ -25,7 +25,7 @@ from attrserve_client import AttributionClient
 from attrserve_engine import EngineLimits
 from attrserve_service.config import ServerConfig
 from attrserve_service.metrics import ATTRSERVE_MODEL_LOAD_FAILURES_TOTAL as LOAD_FAILURES
-from servers import ServerThread, scrape
+from servers import ServeProcess, ServerThread, scrape
 
 SERVICE = "attrserve.v1.AttributionService"
 X = np.array([[0.3, -0.2, 0.9, 1.4], [1.0, 0.5, -0.4, 0.2]], dtype=np.float32)
@@ -418,3 +418,11 @@ def test_a_stuck_load_no_longer_holds_the_polling_of_the_repository(tmp_path) ->
     finally:
         release.touch()
         server.stop()
+
+
+def test_the_start_up_line_names_the_models_that_serve_and_those_that_do_not(tmp_path) -> None:
+    """It named every model the engine knew as served, one whose load failed or was given up among them."""
+    write(tmp_path / "good", mlp(1))
+    write(tmp_path / "broken", BROKEN)
+    with ServeProcess(["--model-repository", str(tmp_path), "--no-batch-probe"]) as server:
+        assert "attrserve serving good (not serving: broken v1: unavailable) on " in server.output(), server.output()
