@@ -122,13 +122,17 @@ class Engine:
         except BaseException as e:
             self.load_failed(spec.name, spec.version, e, spec)
             raise
-        previous = self.served.loaded(model)
-        Observers(self.observers).model_loaded(model.name, time.monotonic() - start)
+        self._serves(model, self.served.loaded(model), time.monotonic() - start)
+        return model
+
+    def _serves(self, model: LoadedModel, previous: LoadedModel | None, seconds: float) -> None:
+        """`model` serves from now on (ServedModels has it): the observers hear it, and `previous`, the load it
+        replaced, finishes what it accepted and is released."""
+        Observers(self.observers).model_loaded(model.name, seconds)
         Observers(self.observers).model_state_changed(model.name, model.version)
         log.info("loaded model %s v%s on %s", model.name, model.version, model.device)
         if previous is not None:
             self._retire(previous)
-        return model
 
     def _watched_load(self, spec: ModelSpec, attempt: LoadAttempt) -> LoadedModel:
         """`_load` on a thread of its own, given up as stuck (LoadStuck) once it has run for `stuck_load_seconds`:
@@ -189,10 +193,7 @@ class Engine:
             release_free_memory()
             return
         log.warning("model %s v%s: its load, given up as stuck, returned after %.0f s; it serves now", *attempt.key, seconds)
-        Observers(self.observers).model_loaded(model.name, seconds)
-        Observers(self.observers).model_state_changed(model.name, model.version)
-        if previous is not None:
-            self._retire(previous)
+        self._serves(model, previous, seconds)
 
     def load_failed(self, name: str, version: str, error: BaseException, spec: ModelSpec | None = None) -> None:
         """Record that a version could not be loaded (also for a folder whose config cannot be read): it is
