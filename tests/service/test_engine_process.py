@@ -1273,10 +1273,7 @@ def test_an_engine_process_stuck_with_the_gil_held_stops_answering_and_the_front
 
 def held_load(seed: int, release: Path) -> str:
     """mlp(seed), whose build sleeps an hour in libc with the GIL held (ctypes.PyDLL keeps it) unless `release` exists."""
-    return mlp(seed).replace(
-        "def build_model():\n",
-        f"def build_model():\n    import ctypes, os\n    if not os.path.exists({str(release)!r}):\n        ctypes.PyDLL(None).sleep(3600)\n",
-    )
+    return mlp(seed, f"    import ctypes, os\n    if not os.path.exists({str(release)!r}):\n        ctypes.PyDLL(None).sleep(3600)\n")
 
 
 HELD_REASON = "LoadStuck: the engine process stopped answering for 1 s (stuck_pass_seconds) while this version loaded"

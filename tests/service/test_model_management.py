@@ -33,14 +33,15 @@ TARGET = [0, 1]
 PINNED = 'inputs { name: "x" dtype: DATA_TYPE_FLOAT32 dims: 4 }\n'
 
 
-def mlp(seed: int) -> str:
+def mlp(seed: int, first: str = "") -> str:
+    """A model.py building a small MLP seeded with `seed`; `first`: code its build_model runs first (indented)."""
     return f"""
 import torch
 from torch import nn
 
 
 def build_model():
-    torch.manual_seed({seed})
+{first}    torch.manual_seed({seed})
     return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
 """
 
@@ -332,10 +333,7 @@ def test_polling_follows_the_repository(tmp_path) -> None:
 
 def stuck_mlp(seed: int, release: Path) -> str:
     """mlp(seed), whose build waits until `release` exists: a load stuck in the model's code (a download that stalls)."""
-    return mlp(seed).replace(
-        "def build_model():\n",
-        f"def build_model():\n    import os, time\n    while not os.path.exists({str(release)!r}):\n        time.sleep(0.02)\n",
-    )
+    return mlp(seed, f"    import os, time\n    while not os.path.exists({str(release)!r}):\n        time.sleep(0.02)\n")
 
 
 def start_stuck(repo: Path, **settings) -> tuple[ServerThread, float]:
