@@ -161,6 +161,7 @@ class EngineProcess:
         self._probe_over = asyncio.Event()
         self._probe_over.set()
         self._started = False  # the engine process's event loop runs ("started", before any model's code)
+        self._loaded = False  # ... and has loaded its models ("ready"): its snapshots are taken (_take)
         self._loading: set[tuple[str, str]] = set()  # versions whose load runs the model's code now ("load_running")
         # Versions that were loading when an engine process stopped answering and was killed (_heartbeat): the ones
         # after it do not load them (ModelManager.load_all's skip), with this reason, until one of them is READY again.
@@ -210,6 +211,11 @@ class EngineProcess:
         self._board = launched.board
         self._loading = set()
         self._started = False  # its event loop runs: it has said "started"
+        # Its snapshots are taken from its "ready" on (_received). Until then the front keeps the last serving process's:
+        # a loading one's names only the models it has loaded so far. Taken, the requests refused meanwhile were counted
+        # under model "unknown" (labels), ListModels left the others out, and had it died too, the next one under
+        # explicit model control would have restored only what it had loaded (_restore).
+        self._loaded = False
         self._ready = loop.create_future()
         self._writer, _ = await loop.create_unix_connection(asyncio.Protocol, sock=launched.to_engine)
         self._reader, _ = await loop.create_unix_connection(
@@ -225,7 +231,7 @@ class EngineProcess:
             task = asyncio.ensure_future(self._heartbeat(generation, self._proc))
             self._heartbeats.add(task)
             task.add_done_callback(self._heartbeats.discard)
-        self._snapshot = await self._ready
+        await self._ready  # _received takes its snapshot
         self._started_at = time.monotonic()
         self.up = True
         self.reason = ""
@@ -335,14 +341,18 @@ class EngineProcess:
                 (self._loading.add if running else self._loading.discard)((model, version))
             self._tell(message[1], *message[2])
         elif kind == "snapshot":
-            self._snapshot = message[1]
+            snapshot = message[1]
             if self._stuck_loads:  # one loaded again (a LoadModel, a changed folder): later processes load it again
-                for status in self._snapshot.statuses:
+                for status in snapshot.statuses:
                     if status.state == ModelState.READY.value:
                         self._stuck_loads.pop((status.name, status.version), None)
-            self._changed()
+            if self._loaded:  # see _take: a process still loading has only some of the models
+                self._snapshot = snapshot
+                self._changed()
         elif kind in ("ready", "fatal") and self._ready is not None and not self._ready.done():
             if kind == "ready":
+                self._loaded = True
+                self._snapshot = message[1]
                 self._ready.set_result(message[1])
             else:
                 self._ready.set_exception(RepositoryError(message[1]))

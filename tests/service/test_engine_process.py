@@ -37,13 +37,14 @@ from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_client import NO_RETRY, AttributionClient, RetryPolicy
 from attrserve_engine import Cancelled, EngineLimits, EngineObserver, InputSpec, InvalidArgument, user_code
 from attrserve_service.config import ConfigError, ServerConfig
-from attrserve_service.core import ERROR_ID, Gauges
+from attrserve_service.core import ERROR_ID, Gauges, Snapshot
 from attrserve_engine import limits as limits_module  # (tests here name their EngineLimits `limits`)
 from attrserve_service import eventloop, frames, launch, metrics
 from attrserve_service.engine_main import _Out, portable
 from attrserve_service.engine_process import EngineProcess
 from attrserve_service.frames import FrameReader, decode, encode, send_parts
 from attrserve_service.launch import allocator_preload
+from attrserve_service.repository import CONTROL_EXPLICIT, Status
 
 # Sleeps for inputs holding 777 (a request that keeps the engine busy), kills the engine process for 1234 (for 4242,
 # after a second's work: a request can queue behind it); for 4321 it
@@ -737,6 +738,38 @@ def test_the_heartbeat_asks_a_loading_engine_process_once_it_has_started_and_kil
         assert killed == [True]
         assert "did not answer for 0.2 s (stuck_pass_seconds) while it loaded m v1" in engine._killed_why
         assert engine._stuck_loads[("m", "1")].startswith("the engine process stopped answering for 0.2 s")
+
+    asyncio.run(scenario())
+
+
+def test_while_a_restarted_engine_process_loads_the_front_keeps_what_the_last_serving_one_said() -> None:
+    """A restarted engine process sends a snapshot at each model it loads, each naming only the models loaded so far.
+    The front took them: requests refused meanwhile were counted under model "unknown", ListModels named only those
+    models, and the versions a restart under explicit control loads were only those. It takes them from "ready" on."""
+
+    async def scenario() -> None:
+        engine = EngineProcess(ServerConfig(port=0, model_control=CONTROL_EXPLICIT))
+        engine._loop, engine._generation = asyncio.get_running_loop(), 1
+        statuses = (Status("a", "1", "READY"), Status("b", "1", "READY"), Status("c", "2", "READY"))
+        served = Snapshot(names=frozenset("abc"), algorithms=frozenset({"saliency"}), statuses=statuses)
+        engine._ready = asyncio.get_running_loop().create_future()
+        engine._received(1, ("ready", served))
+        engine.up = True
+        assert engine.labels("c", "saliency") == ("c", "saliency")
+        # It dies; the next one (generation 2) loads a, and is loading b.
+        engine.up, engine.reason, engine._loaded, engine._generation = False, "the engine process 7 exited", False, 2
+        engine._ready = asyncio.get_running_loop().create_future()
+        loading = Snapshot(names=frozenset("a"), algorithms=frozenset({"saliency"}), statuses=(statuses[0], Status("b", "1", "LOADING")))
+        engine._received(2, ("snapshot", loading))
+        assert engine.labels("c", "saliency") == ("c", "saliency")
+        assert engine.labels("made up", "saliency") == ("unknown", "saliency")
+        assert [(s.name, s.state) for s in engine.statuses()] == [("a", "unavailable"), ("b", "unavailable"), ("c", "unavailable")]
+        assert engine._restore() == {("a", "1"), ("b", "1"), ("c", "2")}
+        # Once it is ready, its snapshots are taken: an unload is seen.
+        engine._received(2, ("ready", served))
+        engine.up = True
+        engine._received(2, ("snapshot", Snapshot(names=frozenset("ab"), statuses=statuses[:2])))
+        assert engine._restore() == {("a", "1"), ("b", "1")}
 
     asyncio.run(scenario())
 
