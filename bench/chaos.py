@@ -1,0 +1,89 @@
+"""Chaos: every kind of failure the engine process survives, one after another on one server under load; how long
+each took to serve again, and whether anything was wrong on the way.
+
+    .venv/bin/python bench/chaos.py                       # 3 rounds of the 9 events: ~2 minutes
+    .venv/bin/python bench/chaos.py --rounds 10 --seed 7 --callers 8
+
+tests/service/test_chaos.py's harness (one round there): a server in this process (its engine process a child) serves
+the tests' `good` MLP and `crashy` model, `--callers` threads call `good` with IntegratedGradients in a closed loop,
+each answer checked against Captum's, and the events run in a seeded random order, each once per round: SIGKILL, a
+request that ends the interpreter (at once, and after a second with requests queued behind it), a forward stuck with
+the GIL free and held, an engine process that hangs up and stops itself, a pause (SIGSTOP for a quarter of
+stuck_pass_seconds), a reload of `good` under load, an unload and load of `crashy`. After each event: until health
+says SERVING (a new engine process where one died), then one request to each model, checked. The restart back-off,
+which doubles while deaths come within a minute of each other, is capped at `--max-restart-delay` (30 s in
+production) so that a run stays short.
+
+Prints a row per event, then per kind of event the median and worst seconds to serve again, and what the callers
+got against what the metrics counted. Any wrong answer, a call that outlived its deadline, or counts that differ is
+printed as such; nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests" / "service"), str(ROOT / "tests")]
+
+from query_of_death import print_rows  # noqa: E402
+from test_chaos import Chaos, schedule  # noqa: E402
+
+from attrserve_service import engine_process  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--callers", type=int, default=8)
+    parser.add_argument("--limit", type=float, default=2.0, help="stuck_pass_seconds (the watchdog and the heartbeat)")
+    parser.add_argument("--max-restart-delay", type=float, default=2.0)
+    args = parser.parse_args()
+    engine_process._MAX_RESTART_DELAY_S = args.max_restart_delay
+    tmp = Path(tempfile.mkdtemp())
+    os.environ["CRASHY_RELEASE"] = str(tmp / "never")  # the stuck forward is never released
+    events = schedule(args.seed, args.rounds)
+    chaos = Chaos(tmp, args.callers, args.seed, args.limit)
+    started = time.monotonic()
+    rows = []
+    try:
+        for event in events:
+            rows.append(chaos.run(event))
+            print(rows[-1], file=sys.stderr, flush=True)
+        time.sleep(0.5)
+        seen = chaos.end()
+    finally:
+        chaos.close()
+    print_rows(rows)
+    print()
+    by_kind: dict[str, list[float]] = {}
+    for row in rows:
+        by_kind.setdefault(row["event"], []).append(row["serving again after s"])
+    summary = [
+        {"event": kind, "runs": len(times), "median s": round(statistics.median(times), 2), "worst s": max(times)}
+        for kind, times in by_kind.items()
+    ]
+    print_rows(summary)
+    expected = dict(seen["callers"])
+    expected["OK"] = expected.get("OK", 0) + chaos.checks
+    print()
+    print(f"{len(events)} events in {time.monotonic() - started:.0f} s; {args.callers} callers")
+    print(f"- the callers' calls: {seen['callers']} (and {chaos.checks} checks after the events, all equal to Captum)")
+    print(
+        f"- counted by attrserve_attributions_completed_total: {seen['counted']}: {'equal' if seen['counted'] == expected else 'DIFFERENT'}"
+    )
+    deaths = sum(event.deaths for event in events)
+    restarts = seen["restarts"]
+    print(f"- engine process restarts counted: {restarts} of {deaths} deaths: {'equal' if restarts == deaths else 'DIFFERENT'}")
+    print(f"- wrong answers: {len(chaos.wrong)}; calls that ended after their deadline: {len(chaos.late)}")
+
+
+if __name__ == "__main__":
+    main()

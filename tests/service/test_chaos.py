@@ -1,0 +1,254 @@
+"""Chaos: every kind of failure the engine process survives, one after another on one server under load.
+
+Each failure has its own test elsewhere (test_engine_process.py, test_quarantine.py, test_model_management.py), on a
+fresh server. Here they come one after another, in a seeded random order, on one server that callers keep busy
+throughout, so that what one failure leaves behind (a restart back-off, a suspect, a skipped load, a quarantine, a
+stale gauge) meets the next. After every event: health says SERVING again within its time, a new engine process
+serves when one died, and both models answer with Captum's numbers. Throughout: no caller ever gets a wrong answer,
+and no call outlives its deadline. At the end the metrics count what the callers saw: every call once, with its code,
+and one restart per death.
+
+bench/chaos.py runs the same harness longer and prints how long each kind of event took to recover from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from captum.attr import IntegratedGradients, Saliency
+from grpc_health.v1 import health_pb2
+from servers import ServerThread, scrape
+from test_engine_process import FRAGILE, server_model
+from test_model_management import TARGET, X, health, mlp, write
+
+from attrserve_client import NO_RETRY, AttributionClient
+from attrserve_engine import EngineLimits
+from attrserve_service import engine_process
+from attrserve_service.config import ServerConfig
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+CALLER_DEADLINE_S = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    name: str
+    deaths: int  # engine processes it ends
+    run: Callable[[Chaos], object]
+
+
+def _deadly(value: float, rng: np.random.Generator) -> np.ndarray:
+    """A crashy input holding `value` at a random place, the rest random: each event sends a request of its own, so
+    none is the same as an earlier one that the quarantine may know."""
+    x = rng.normal(size=(1, 4)).astype(np.float32)
+    x[0, rng.integers(4)] = value
+    return x
+
+
+def _send_crashy(value: float) -> Callable[[Chaos], object]:
+    def run(chaos: Chaos) -> object:
+        x = _deadly(value, chaos.rng)
+        try:
+            chaos.client.attribute("crashy", "saliency", x, target=0, timeout=30)
+            return "OK"
+        except grpc.RpcError as e:
+            return e.code().name
+
+    return run
+
+
+def _kill(chaos: Chaos) -> object:
+    os.kill(chaos.pid(), signal.SIGKILL)
+    return "killed"
+
+
+def _freeze(chaos: Chaos) -> object:
+    """SIGSTOP for a quarter of stuck_pass_seconds, then SIGCONT: a pause (a page-in storm, a debugger) that is no death."""
+    pid = chaos.pid()
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(chaos.limit / 4)
+    os.kill(pid, signal.SIGCONT)
+    return "paused"
+
+
+def _reload(chaos: Chaos) -> object:
+    chaos.client.load_model("good", timeout=60)
+    return "reloaded"
+
+
+def _unload_and_load(chaos: Chaos) -> object:
+    chaos.client.unload_model("crashy", timeout=60)
+    chaos.client.load_model("crashy", timeout=60)
+    return "unloaded and loaded"
+
+
+EVENTS = {
+    event.name: event
+    for event in (
+        Event("kill", 1, _kill),  # SIGKILL from outside (the OOM killer, an operator)
+        Event("crash", 1, _send_crashy(1234.0)),  # a request whose forward ends the interpreter (os._exit)
+        Event("crash after a second", 1, _send_crashy(4242.0)),  # ... with the callers' requests queued behind it
+        Event("stuck", 1, _send_crashy(999.0)),  # a forward that never returns, the GIL free: the watchdog
+        Event("stuck, GIL held", 1, _send_crashy(555.0)),  # ... with the GIL held: the front's heartbeat
+        Event("hangs up and stops", 1, _send_crashy(4321.0)),  # closes its sockets and stops itself: reaped
+        Event("paused", 0, _freeze),
+        Event("reload under load", 0, _reload),
+        Event("unload and load", 0, _unload_and_load),
+    )
+}
+
+
+class Chaos:
+    """A server of `good` (the tests' MLP) and `crashy` (FRAGILE) in its engine process, `callers` threads calling
+    `good` with checked answers, and the events run on it."""
+
+    def __init__(self, tmp: Path, callers: int, seed: int, limit: float = 2.0) -> None:
+        self.limit = limit
+        self.rng = np.random.default_rng(seed)
+        repo = tmp / "repo"
+        write(repo / "good", mlp(1))
+        write(repo / "crashy", FRAGILE)
+        # Fixed inputs for the callers, each with Captum's answer: every answer is checked.
+        namespace: dict = {}
+        exec(mlp(1), namespace)
+        good = namespace["build_model"]()
+        self.inputs = [X + np.float32(i) / 4 for i in range(8)]
+        self.expected = [IntegratedGradients(good).attribute(torch.from_numpy(x), target=TARGET).numpy() for x in self.inputs]
+        self.crashy_expected = Saliency(server_model(repo)).attribute(torch.from_numpy(X), target=TARGET, abs=True).numpy()
+        limits = EngineLimits(default_device="cpu", probe_batch_rows=False, stuck_pass_seconds=limit, drain_seconds=10.0)
+        config = ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, model_control="explicit")
+        self.server = ServerThread(None, config)
+        self.client = AttributionClient(self.server.address, retry=NO_RETRY)
+        self.before = scrape(self.server.running.metrics_port)
+        self.lock = threading.Lock()
+        self.codes: Counter[str] = Counter()  # the callers' calls by outcome
+        self.wrong: list[str] = []  # answers that were not Captum's
+        self.late: list[float] = []  # calls that ended after their deadline (seconds over it)
+        self.checks = 0  # calls to good after an event (all OK)
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._call, args=(i,), daemon=True) for i in range(callers)]
+        for thread in self.threads:
+            thread.start()
+
+    def pid(self) -> int:
+        pid = self.server.running.core.pid
+        assert pid is not None
+        return pid
+
+    def _call(self, index: int) -> None:
+        client = AttributionClient(self.server.address, retry=NO_RETRY)
+        i = index
+        while not self.stop.is_set():
+            i = (i + 1) % len(self.inputs)
+            started = time.monotonic()
+            try:
+                got = client.attribute("good", "integrated_gradients", self.inputs[i], target=TARGET, timeout=CALLER_DEADLINE_S)
+                code = "OK"
+                if not np.allclose(got.attributions, self.expected[i], atol=1e-5, rtol=1e-5):
+                    with self.lock:
+                        self.wrong.append(f"input {i}: {got.attributions} against {self.expected[i]}")
+            except grpc.RpcError as e:
+                code = e.code().name
+            took = time.monotonic() - started
+            with self.lock:
+                self.codes[code] += 1
+                if took > CALLER_DEADLINE_S + 1.0:
+                    self.late.append(took - CALLER_DEADLINE_S)
+            if code != "OK":
+                time.sleep(0.05)
+
+    def run(self, event: Event, within: float = 60.0) -> dict:
+        """Run `event`, then wait until the server serves again (a new engine process if it should have died) and check
+        both models' answers; what it took."""
+        pid = self.pid()
+        started = time.monotonic()
+        outcome = event.run(self)
+        until = started + within
+        while event.deaths and self.server.running.core.pid in (pid, None):
+            assert time.monotonic() < until, f"{event.name}: engine process {pid} never ended"
+            time.sleep(0.02)
+        while health(self.server.address) != SERVING:
+            assert time.monotonic() < until, f"{event.name}: health never said SERVING again"
+            time.sleep(0.02)
+        back = time.monotonic() - started
+        if not event.deaths:
+            assert self.pid() == pid, f"{event.name}: the engine process {pid} ended"
+        got = self.client.attribute("good", "integrated_gradients", self.inputs[0], target=TARGET, timeout=30)
+        np.testing.assert_allclose(got.attributions, self.expected[0], atol=1e-5, rtol=1e-5)
+        got = self.client.attribute("crashy", "saliency", X, target=TARGET, timeout=30)
+        np.testing.assert_allclose(got.attributions, self.crashy_expected, atol=1e-6)
+        self.checks += 1
+        return {"event": event.name, "outcome": outcome, "serving again after s": round(back, 2)}
+
+    def end(self) -> dict:
+        """Stop the callers and check what the metrics counted against what they and the events saw."""
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(CALLER_DEADLINE_S + 5)
+        after = scrape(self.server.running.metrics_port)
+
+        def grew(name: str, **labels: str) -> float:
+            key = (name, frozenset(labels.items()))
+            return after.get(key, 0.0) - self.before.get(key, 0.0)
+
+        codes = {dict(labels)["grpc_code"] for name, labels in after if name == "attrserve_attributions_completed_total"}
+        counted = {code: grew("attrserve_attributions_completed_total", model="good", algorithm="integrated_gradients", grpc_code=code) for code in codes}
+        return {
+            "callers": dict(self.codes),
+            "counted": {code: int(n) for code, n in counted.items() if n},
+            "restarts": int(grew("attrserve_engine_process_restarts_total")),
+            "engine process up": after.get(("attrserve_engine_process_up", frozenset()), 0.0),
+        }
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.stop()
+
+
+def schedule(seed: int, rounds: int) -> list[Event]:
+    """Every event once per round, in a seeded random order."""
+    rng = random.Random(seed)
+    order: list[Event] = []
+    for _ in range(rounds):
+        events = list(EVENTS.values())
+        rng.shuffle(events)
+        order += events
+    return order
+
+
+def test_failures_one_after_another_under_load_never_give_a_wrong_answer_and_the_metrics_count_every_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One round of every event (about a minute): after each the server serves Captum's numbers again; no caller got a
+    wrong answer or waited past its deadline; the metrics count each caller's call once with its code (and the checks'
+    calls after each event), one restart per death, and the engine process up."""
+    monkeypatch.setenv("CRASHY_RELEASE", str(tmp_path / "never"))  # the stuck forward is never released
+    monkeypatch.setattr(engine_process, "_MAX_RESTART_DELAY_S", 2.0)  # deaths in a row: bounded back-off, a bounded test
+    chaos = Chaos(tmp_path, callers=4, seed=12)
+    try:
+        events = schedule(seed=12, rounds=1)
+        rows = [chaos.run(event) for event in events]
+        time.sleep(0.5)
+        seen = chaos.end()
+        assert not chaos.wrong, chaos.wrong[:3]
+        assert not chaos.late, f"calls ended {chaos.late} s after their deadlines"
+        assert seen["callers"].get("OK", 0) > 0, rows
+        expected = dict(seen["callers"])
+        expected["OK"] = expected.get("OK", 0) + chaos.checks
+        assert seen["counted"] == expected, (seen, rows)
+        assert seen["restarts"] == sum(event.deaths for event in events), rows
+        assert seen["engine process up"] == 1
+    finally:
+        chaos.close()
