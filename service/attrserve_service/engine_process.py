@@ -198,7 +198,11 @@ class EngineProcess:
         """A new engine process (a restart), with the first one's malloc and event loop, and the load-time probes the
         last one reported (its Snapshot: layouts, pass-size rates): its loads of unchanged files skip timing passes,
         which was over half of a restart on bench/models (bench/RESULTS.md, issue 12 step 28)."""
-        await self._take(self._launch(self._restore()))
+        launched = self._launch(self._restore())
+        # Counted as started, not once it serves: one that dies while it loads (a model whose load ends the process,
+        # a kill) is a restart too, and counted after it served, a crash loop counted nothing.
+        self._tell("engine_process_restarted")
+        await self._take(launched)
 
     async def _take(self, launched: launch.Launched) -> None:
         loop = asyncio.get_running_loop()
@@ -466,7 +470,6 @@ class EngineProcess:
                 log.error("the engine process could not be restarted: %s; trying again in %.1f s", e, self._delay)
                 self._delay = min(self._delay * 2, _MAX_RESTART_DELAY_S)
                 continue
-            self._tell("engine_process_restarted")
             return
 
     def _unavailable(self) -> Unavailable:

@@ -115,7 +115,8 @@ ATTRSERVE_ENGINE_PROCESS_UP = Gauge(
     "1 while the engine core serves (its own process, or the front end's with --no-engine-process); 0 from its death to its restart.",
 )
 ATTRSERVE_ENGINE_PROCESS_RESTARTS_TOTAL = Counter(
-    "attrserve_engine_process_restarts_total", "Engine-core processes started again after one died (each death is logged)."
+    "attrserve_engine_process_restarts_total",
+    "Engine-core processes started again after one died, whether they then serve or die too (each death is logged).",
 )
 ATTRSERVE_BUSY_POLL_SECONDS_TOTAL = Counter(
     "attrserve_busy_poll_seconds",
