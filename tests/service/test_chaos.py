@@ -33,7 +33,7 @@ from servers import ServerThread, scrape
 from test_engine_process import FRAGILE, server_model
 from test_model_management import TARGET, X, health, mlp, write
 
-from attrserve_client import NO_RETRY, AttributionClient
+from attrserve_client import NO_RETRY, AttributionClient, RetryPolicy
 from attrserve_engine import EngineLimits
 from attrserve_service import engine_process
 from attrserve_service.config import ServerConfig
@@ -74,6 +74,36 @@ def _kill(chaos: Chaos) -> object:
     return "killed"
 
 
+def _kill_while_it_restarts(chaos: Chaos) -> object:
+    """SIGKILL, then SIGKILL its successor while it loads `early` (its build made slow for the while), before `good`.
+    The next one must load every version again, `good` too: under explicit model control it loads what was loaded
+    before, and the front once took that from the loading successor's snapshot, which named only what it had loaded."""
+    chaos.slow_load.touch()
+    try:
+        first = chaos.pid()
+        os.kill(first, signal.SIGKILL)
+        core = chaos.server.running.core
+        until = time.monotonic() + 30
+        while core.pid in (first, None) or ("early", "1") not in core._loading:
+            assert time.monotonic() < until, "the restarted engine process never loaded early"
+            time.sleep(0.005)
+        os.kill(core.pid, signal.SIGKILL)
+    finally:
+        chaos.slow_load.unlink()
+    return "killed twice"
+
+
+def _query_of_death(chaos: Chaos) -> object:
+    """A request that ends the interpreter, sent by a client that retries UNAVAILABLE (the Python client's default):
+    sent again it runs alone and kills the engine process again, and is then refused (the quarantine)."""
+    try:
+        patient = AttributionClient(chaos.server.address, retry=RetryPolicy(max_attempts=30))  # outlasts the restarts
+        patient.attribute("crashy", "saliency", _deadly(1234.0, chaos.rng), target=0, timeout=60)
+        return "OK"
+    except grpc.RpcError as e:
+        return e.code().name
+
+
 def _freeze(chaos: Chaos) -> object:
     """SIGSTOP for a quarter of stuck_pass_seconds, then SIGCONT: a pause (a page-in storm, a debugger) that is no death."""
     pid = chaos.pid()
@@ -98,6 +128,8 @@ EVENTS = {
     event.name: event
     for event in (
         Event("kill", 1, _kill),  # SIGKILL from outside (the OOM killer, an operator)
+        Event("killed again while it restarts", 2, _kill_while_it_restarts),
+        Event("query of death, retried", 2, _query_of_death),
         Event("crash", 1, _send_crashy(1234.0)),  # a request whose forward ends the interpreter (os._exit)
         Event("crash after a second", 1, _send_crashy(4242.0)),  # ... with the callers' requests queued behind it
         Event("stuck", 1, _send_crashy(999.0)),  # a forward that never returns, the GIL free: the watchdog
@@ -111,8 +143,9 @@ EVENTS = {
 
 
 class Chaos:
-    """A server of `good` (the tests' MLP) and `crashy` (FRAGILE) in its engine process, `callers` threads calling
-    `good` with checked answers, and the events run on it."""
+    """A server of `good` (the tests' MLP), `crashy` (FRAGILE) and `early` (an MLP whose load can be made slow) in its
+    engine process under explicit model control, `callers` threads calling `good` with checked answers, and the events
+    run on it."""
 
     def __init__(self, tmp: Path, callers: int, seed: int, limit: float = 2.0) -> None:
         self.limit = limit
@@ -120,6 +153,9 @@ class Chaos:
         repo = tmp / "repo"
         write(repo / "good", mlp(1))
         write(repo / "crashy", FRAGILE)
+        # Loads before good (the repository's order), slowly while this file exists (_kill_while_it_restarts).
+        self.slow_load = tmp / "slow-load"
+        write(repo / "early", mlp(2, first=f"    import os, time\n    if os.path.exists({str(self.slow_load)!r}):\n        time.sleep(3)\n"))
         # Fixed inputs for the callers, each with Captum's answer: every answer is checked.
         namespace: dict = {}
         exec(mlp(1), namespace)
