@@ -74,12 +74,27 @@ def _lost_text(why: str) -> str:
 class EngineLost(Unavailable):
     """A request or call in flight when the engine process died (`why`: how), not one refused while it was down.
     `computing`: the keys of the requests in the passes that were running then (quarantine.Board), None where that is
-    not known."""
+    not known. `outside_kill`: it was killed by SIGKILL, and not by the front (its heartbeat, its reaper): by an
+    operator, or by the kernel's OOM killer (oom_kills tells)."""
 
-    def __init__(self, why: str, computing: frozenset[int] | None = None) -> None:
+    def __init__(self, why: str, computing: frozenset[int] | None = None, outside_kill: bool = False) -> None:
         super().__init__(_lost_text(why), retry_after_s=1.0)
         self.why = why
         self.computing = computing
+        self.outside_kill = outside_kill
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has ended on this machine (/proc/vmstat's oom_kill: Linux 4.13 on,
+    a container's memory limit included), or None where that cannot be read."""
+    try:
+        with open("/proc/vmstat", "rb") as f:
+            for line in f:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _computing(lost: EngineLost | PassStuck, sent: int) -> bool:
@@ -421,6 +436,7 @@ class EngineProcess:
         """The engine process is gone: fail what it held with why, and start another (unless the server is closing)."""
         pid = proc.pid if proc is not None else "?"
         in_a_load, self._killed_in_load = self._killed_in_load, False
+        outside_kill = code == -signal.SIGKILL and not self._killed_why and not lingered
         if self._killed_why:
             reason, self._killed_why = self._killed_why, ""
         elif lingered:
@@ -435,7 +451,7 @@ class EngineProcess:
             computing = self._board.computing() if self._board is not None else None
             if computing is None and in_a_load:  # no pass ran: the load that held it is to blame, not a request
                 computing = frozenset()
-            lost = EngineLost(reason, computing)
+            lost = EngineLost(reason, computing, outside_kill)
             if self._quarantine.enabled and self._attributing:
                 log.warning(
                     "%d request(s) were in flight; %s suspects: each runs alone if it is sent again, and one that kills "
@@ -570,12 +586,25 @@ class EngineProcess:
                     self._quarantine.clear(key)  # answered: not the cause (a death proves nothing, with others in flight)
                     return result
                 await asyncio.sleep(_PROBE_POLL_S)
+            ooms = oom_kills()
             sent, future = self._send("submit", job)
             try:
                 result = await self._answer(job, sent, future, key)
             except (EngineLost, PassStuck) as lost:
                 if not _computing(lost, sent):
                     raise  # it was not computing: what was (a request its caller left) is not known here; still a suspect
+                # Killed from outside, by no OOM kill (an operator, say): proof of nothing, once. It stays a suspect, and
+                # a second such kill while it runs alone quarantines it: a request whose code SIGKILLs its own process
+                # costs three deaths, and a request that was merely there is not refused for quarantine_seconds
+                # (bench/chaos.py: every identical `good` request was, after one outside kill).
+                outside = isinstance(lost, EngineLost) and lost.outside_kill and ooms is not None and oom_kills() == ooms
+                if outside and self._quarantine.strike(key) < 2:
+                    log.warning(
+                        "a suspect of model %r ran alone and the engine process was killed from outside (SIGKILL, by no OOM "
+                        "kill): it stays a suspect; a second such kill while it runs alone quarantines it",
+                        job.model,
+                    )
+                    raise
                 self._quarantine.quarantine(key, lost.why)
                 self._tell("suspect_probed", model, PROBE_QUARANTINED)
                 log.error(

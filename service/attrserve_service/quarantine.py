@@ -15,11 +15,14 @@ What the front end (EngineProcess) does with this table:
 - A suspect sent again runs alone: the front stops sending other requests, waits until none is in flight (at most
   30 s), sends the suspect, and sends the others once it is answered. A death then can only be the suspect's doing, and took nothing
   else with it: the suspect is *quarantined* and its caller gets FAILED_PRECONDITION, which clients do not retry. A
-  suspect that is answered (with attributions or with any error) is cleared.
+  suspect that is answered (with attributions or with any error) is cleared. Except a SIGKILL that neither the front
+  nor the kernel's OOM killer sent (an operator's): the request's code cannot have done that unless it kills its own
+  process, so it stays a suspect, and only a second such kill during its runs alone quarantines it (`strike`).
 - A quarantined request, and every identical one, is refused with FAILED_PRECONDITION before it reaches the engine,
   for `quarantine_seconds`.
 
-So one query of death costs at most two engine restarts, and only the first takes other requests with it. Suspects
+So one query of death costs at most two engine restarts (three for one that SIGKILLs its own process), and only the
+first takes other requests with it. Suspects
 and quarantined fingerprints expire after `quarantine_seconds`; each table holds at most CAPACITY, the oldest dropped
 first. Nothing here runs on the request path while both tables are empty (EngineProcess checks `watching`).
 
@@ -67,6 +70,7 @@ def fingerprint(job: Any) -> bytes:
 class _Entry:
     expires: float
     why: str = ""
+    strikes: int = 0  # a suspect's runs alone that ended in a kill from outside (strike)
 
 
 class Quarantine:
@@ -93,9 +97,10 @@ class Quarantine:
         return bool(self._suspects or self._quarantined)
 
     def suspect(self, key: bytes) -> None:
-        """`key` was in flight when the engine process died."""
+        """`key` was in flight when the engine process died (a suspect already keeps its strikes)."""
         if self.enabled:
-            self._put(self._suspects, key, _Entry(self._clock() + self.seconds))
+            known = self._live(self._suspects, key)
+            self._put(self._suspects, key, _Entry(self._clock() + self.seconds, strikes=known.strikes if known else 0))
 
     def suspected(self, key: bytes) -> bool:
         return self._live(self._suspects, key) is not None
@@ -103,6 +108,15 @@ class Quarantine:
     def clear(self, key: bytes) -> None:
         """`key` ran alone and the engine process lived: it is not a query of death."""
         self._suspects.pop(key, None)
+
+    def strike(self, key: bytes) -> int:
+        """`key` ran alone and the engine process was killed from outside (SIGKILL, by no OOM kill): how many times now.
+        It stays a suspect (EngineProcess._probe quarantines it at the second)."""
+        entry = self._live(self._suspects, key)
+        if entry is None:
+            return 0
+        entry.strikes += 1
+        return entry.strikes
 
     def quarantine(self, key: bytes, why: str) -> None:
         """`key` ran alone and the engine process died (`why`): refuse it from now on."""

@@ -123,11 +123,11 @@ def answer(engine: EngineProcess, key: int) -> None:
     engine._pending.pop(key).set_result(f"answer {key}")
 
 
-def die(engine: EngineProcess, computing: frozenset[int] | None = None) -> None:
-    """The engine process dies (as its reaper reports it) while the requests `computing` were in its passes (None: its
-    board cannot say), and a new one serves at once."""
+def die(engine: EngineProcess, computing: frozenset[int] | None = None, code: int = 13) -> None:
+    """The engine process dies (as its reaper reports it, with exit status `code`: -9 is SIGKILL) while the requests
+    `computing` were in its passes (None: its board cannot say), and a new one serves at once."""
     engine._board = types.SimpleNamespace(computing=lambda: computing, close=lambda: None)  # type: ignore[assignment]
-    engine._lost(types.SimpleNamespace(pid=7), 13, was_up=False)
+    engine._lost(types.SimpleNamespace(pid=7), code, was_up=False)
     engine.up = True
 
 
@@ -214,6 +214,65 @@ def test_a_suspect_that_kills_the_engine_process_when_alone_is_quarantined_and_i
         await turns()
         answer(engine, sent(engine)[-1][0])
         assert await other == f"answer {sent(engine)[-1][0]}"
+
+    asyncio.run(scenario())
+
+
+def test_a_suspect_killed_from_outside_while_alone_stays_a_suspect_until_a_second_such_kill(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGKILL that neither the front nor the OOM killer sent (an operator's) while a suspect runs alone proves nothing
+    the first time: bench/chaos.py saw a `good` request that had merely been in flight quarantined for 600 s by one, and
+    every identical request refused. It stays a suspect; a second such kill quarantines it. An OOM kill, the front's own
+    kill (its heartbeat), or any other death quarantines it at once, as before."""
+    ooms = [5]
+    monkeypatch.setattr(engine_process, "oom_kills", lambda: ooms[0])
+
+    async def probe_dies(engine: EngineProcess, value: float, code: int) -> BaseException:
+        request = asyncio.ensure_future(engine.attribute(job(value, request_id="again")))
+        await turns()
+        assert sent(engine)[-1][1] == value and engine._probing  # it runs alone
+        die(engine, code=code)
+        with pytest.raises((Unavailable, FailedPrecondition)) as failed:
+            await request
+        return failed.value
+
+    async def scenario() -> None:
+        engine, heard = fake_front()
+        await lost_in_a_death(engine, 1.0)
+        first = await probe_dies(engine, 1.0, -9)
+        assert isinstance(first, EngineLost) and not isinstance(first, FailedPrecondition) and "killed by SIGKILL" in first.why
+        assert engine._quarantine.suspected(fingerprint(job(1.0))) and heard.events == []
+        second = await probe_dies(engine, 1.0, -9)
+        assert isinstance(second, FailedPrecondition) and "killed by SIGKILL" in str(second)
+        assert heard.events == [("suspect_probed", "m", "quarantined")]
+
+        # Killed by the OOM killer (its count grew): the suspect did it, at once.
+        await lost_in_a_death(engine, 2.0)
+        request = asyncio.ensure_future(engine.attribute(job(2.0)))
+        await turns()
+        ooms[0] += 1
+        die(engine, code=-9)
+        with pytest.raises(FailedPrecondition):
+            await request
+        # Killed by the front's heartbeat (the suspect held the GIL): at once.
+        await lost_in_a_death(engine, 3.0)
+        request = asyncio.ensure_future(engine.attribute(job(3.0)))
+        await turns()
+        engine._killed_why = "the engine process 7 did not answer for 60 s (stuck_pass_seconds)"
+        die(engine, code=-9)
+        with pytest.raises(FailedPrecondition):
+            await request
+        # Where the OOM kills cannot be read, a SIGKILL quarantines at once, as before.
+        monkeypatch.setattr(engine_process, "oom_kills", lambda: None)
+        await lost_in_a_death(engine, 4.0)
+        assert isinstance(await probe_dies(engine, 4.0, -9), FailedPrecondition)
+        # A suspect killed from outside once and then answered is cleared.
+        monkeypatch.setattr(engine_process, "oom_kills", lambda: ooms[0])
+        await lost_in_a_death(engine, 5.0)
+        await probe_dies(engine, 5.0, -9)
+        request = asyncio.ensure_future(engine.attribute(job(5.0)))
+        await turns()
+        answer(engine, sent(engine)[-1][0])
+        assert (await request).startswith("answer") and not engine._quarantine.suspected(fingerprint(job(5.0)))
 
     asyncio.run(scenario())
 
