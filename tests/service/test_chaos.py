@@ -20,8 +20,8 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import grpc
 import numpy as np
@@ -47,6 +47,7 @@ class Event:
     name: str
     deaths: int  # engine processes it ends
     run: Callable[[Chaos], object]
+    expect: object  # what `run` returns: the deadly request's status code, or what was done
 
 
 def _deadly(value: float, rng: np.random.Generator) -> np.ndarray:
@@ -127,17 +128,17 @@ def _unload_and_load(chaos: Chaos) -> object:
 EVENTS = {
     event.name: event
     for event in (
-        Event("kill", 1, _kill),  # SIGKILL from outside (the OOM killer, an operator)
-        Event("killed again while it restarts", 2, _kill_while_it_restarts),
-        Event("query of death, retried", 2, _query_of_death),
-        Event("crash", 1, _send_crashy(1234.0)),  # a request whose forward ends the interpreter (os._exit)
-        Event("crash after a second", 1, _send_crashy(4242.0)),  # ... with the callers' requests queued behind it
-        Event("stuck", 1, _send_crashy(999.0)),  # a forward that never returns, the GIL free: the watchdog
-        Event("stuck, GIL held", 1, _send_crashy(555.0)),  # ... with the GIL held: the front's heartbeat
-        Event("hangs up and stops", 1, _send_crashy(4321.0)),  # closes its sockets and stops itself: reaped
-        Event("paused", 0, _freeze),
-        Event("reload under load", 0, _reload),
-        Event("unload and load", 0, _unload_and_load),
+        Event("kill", 1, _kill, "killed"),  # SIGKILL from outside (the OOM killer, an operator)
+        Event("killed again while it restarts", 2, _kill_while_it_restarts, "killed twice"),
+        Event("query of death, retried", 2, _query_of_death, "FAILED_PRECONDITION"),  # quarantined at its second death
+        Event("crash", 1, _send_crashy(1234.0), "UNAVAILABLE"),  # a request whose forward ends the interpreter (os._exit)
+        Event("crash after a second", 1, _send_crashy(4242.0), "UNAVAILABLE"),  # ... the callers' requests queued behind it
+        Event("stuck", 1, _send_crashy(999.0), "UNAVAILABLE"),  # a forward that never returns, the GIL free: the watchdog
+        Event("stuck, GIL held", 1, _send_crashy(555.0), "UNAVAILABLE"),  # ... with the GIL held: the front's heartbeat
+        Event("hangs up and stops", 1, _send_crashy(4321.0), "UNAVAILABLE"),  # closes its sockets, stops itself: reaped
+        Event("paused", 0, _freeze, "paused"),
+        Event("reload under load", 0, _reload, "reloaded"),
+        Event("unload and load", 0, _unload_and_load, "unloaded and loaded"),
     )
 }
 
@@ -155,7 +156,8 @@ class Chaos:
         write(repo / "crashy", FRAGILE)
         # Loads before good (the repository's order), slowly while this file exists (_kill_while_it_restarts).
         self.slow_load = tmp / "slow-load"
-        write(repo / "early", mlp(2, first=f"    import os, time\n    if os.path.exists({str(self.slow_load)!r}):\n        time.sleep(3)\n"))
+        slowly = f"    import os, time\n    if os.path.exists({str(self.slow_load)!r}):\n        time.sleep(3)\n"
+        write(repo / "early", mlp(2, first=slowly))
         # Fixed inputs for the callers, each with Captum's answer: every answer is checked.
         namespace: dict = {}
         exec(mlp(1), namespace)
@@ -211,6 +213,7 @@ class Chaos:
         pid = self.pid()
         started = time.monotonic()
         outcome = event.run(self)
+        assert outcome == event.expect, f"{event.name}: {outcome} (expected {event.expect})"
         until = started + within
         while event.deaths and self.server.running.core.pid in (pid, None):
             assert time.monotonic() < until, f"{event.name}: engine process {pid} never ended"
@@ -240,7 +243,10 @@ class Chaos:
             return after.get(key, 0.0) - self.before.get(key, 0.0)
 
         codes = {dict(labels)["grpc_code"] for name, labels in after if name == "attrserve_attributions_completed_total"}
-        counted = {code: grew("attrserve_attributions_completed_total", model="good", algorithm="integrated_gradients", grpc_code=code) for code in codes}
+        counted = {
+            code: grew("attrserve_attributions_completed_total", model="good", algorithm="integrated_gradients", grpc_code=code)
+            for code in codes
+        }
         return {
             "callers": dict(self.codes),
             "counted": {code: int(n) for code, n in counted.items() if n},
