@@ -5,15 +5,15 @@ each took to serve again, and whether anything was wrong on the way.
     .venv/bin/python bench/chaos.py --rounds 10 --seed 7 --callers 8
 
 tests/service/test_chaos.py's harness (one round there): a server in this process (its engine process a child) serves
-the tests' `good` MLP and `crashy` model, `--callers` threads call `good` with IntegratedGradients in a closed loop,
-each answer checked against Captum's, and the events run in a seeded random order, each once per round: SIGKILL, a
-request that ends the interpreter (at once, and after a second with requests queued behind it), a forward stuck with
-the GIL free and held, an engine process that hangs up and stops itself, a second SIGKILL while the restarted
-engine process loads, a query of death sent by a client that retries, a pause (SIGSTOP for a quarter of
-stuck_pass_seconds), a reload of `good` under load, an unload and load of `crashy`. After each event: until health
-says SERVING (a new engine process where one died), then one request to each model, checked. The restart back-off,
-which doubles while deaths come within a minute of each other, is capped at `--max-restart-delay` (30 s in
-production) so that a run stays short.
+the tests' `good` MLP, `crashy` model and `early` MLP under explicit model control. `--callers` threads call `good`
+with IntegratedGradients in a closed loop, and one more on a single AttributeStream for the whole run; every answer is
+checked against Captum's. The events run in a seeded random order, each once per round: SIGKILL; a second SIGKILL
+while the restarted engine process loads; a request that ends the interpreter, at once and after a second with
+requests queued behind it; the same sent by a client that retries; a forward stuck with the GIL free and held; an
+engine process that hangs up and stops itself; a pause (SIGSTOP for a quarter of stuck_pass_seconds); a reload of
+`good` under load; an unload and load of `crashy`. After each event: until health says SERVING (a new engine process
+where one died), then one request to each model, checked. The restart back-off, which doubles while deaths come
+within a minute of each other, is capped at `--max-restart-delay` (30 s in production) so that a run stays short.
 
 Prints a row per event (FAILED and why where the server did not serve both models' right answers again), then per
 kind of event the median and worst seconds to serve again, and what the callers got against what the metrics
@@ -91,6 +91,7 @@ def main() -> None:
     restarts = seen["restarts"]
     print(f"- engine process restarts counted: {restarts} of {deaths} deaths: {'equal' if restarts == deaths else 'DIFFERENT'}")
     print(f"- wrong answers: {len(chaos.wrong)}; calls that ended after their deadline: {len(chaos.late)}")
+    print(f"- the caller on one AttributeStream: {chaos.streamed} answers; {chaos.stream_broke or 'the stream never broke'}")
 
 
 if __name__ == "__main__":

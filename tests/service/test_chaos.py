@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -33,7 +33,7 @@ from servers import ServerThread, scrape
 from test_engine_process import FRAGILE, server_model
 from test_model_management import TARGET, X, health, mlp, write
 
-from attrserve_client import NO_RETRY, AttributionClient, RetryPolicy
+from attrserve_client import NO_RETRY, Attribution, AttributionClient, RequestFailed, RetryPolicy
 from attrserve_engine import EngineLimits
 from attrserve_service import engine_process
 from attrserve_service.config import ServerConfig
@@ -145,8 +145,8 @@ EVENTS = {
 
 class Chaos:
     """A server of `good` (the tests' MLP), `crashy` (FRAGILE) and `early` (an MLP whose load can be made slow) in its
-    engine process under explicit model control, `callers` threads calling `good` with checked answers, and the events
-    run on it."""
+    engine process under explicit model control, `callers` threads calling `good` with checked answers and one more on
+    a single AttributeStream, and the events run on it."""
 
     def __init__(self, tmp: Path, callers: int, seed: int, limit: float = 2.0) -> None:
         self.limit = limit
@@ -176,7 +176,11 @@ class Chaos:
         self.late: list[float] = []  # calls that ended after their deadline (seconds over it)
         self.checks = 0  # calls to good after an event (all OK)
         self.stop = threading.Event()
+        self.stream_broke = ""  # why the streaming caller's stream ended before the run did ("": it did not)
+        self.streamed = 0  # its answers
+        self._stream_failing = False
         self.threads = [threading.Thread(target=self._call, args=(i,), daemon=True) for i in range(callers)]
+        self.threads.append(threading.Thread(target=self._stream, daemon=True))
         for thread in self.threads:
             thread.start()
 
@@ -206,6 +210,33 @@ class Chaos:
                     self.late.append(took - CALLER_DEADLINE_S)
             if code != "OK":
                 time.sleep(0.05)
+
+    def _stream(self) -> None:
+        """One more caller: a single AttributeStream for the whole run, 4 requests in flight. A death fails the requests
+        it held (error entries) and the stream goes on; it must never end before the run does."""
+        client = AttributionClient(self.server.address, retry=NO_RETRY)
+
+        def requests() -> Iterator[dict]:
+            i = 0
+            while not self.stop.is_set():
+                if self._stream_failing:
+                    time.sleep(0.05)
+                yield {"model": "good", "algorithm": "integrated_gradients", "inputs": self.inputs[i % 8], "target": TARGET,
+                       "request_id": str(i)}
+                i += 1
+
+        try:
+            for answer in client.attribute_many(requests(), max_in_flight=4, ordered=False):
+                code = answer.code.name if isinstance(answer, RequestFailed) else "OK"
+                self._stream_failing = code != "OK"
+                i = int(answer.request_id) % 8
+                with self.lock:
+                    self.codes[code] += 1
+                    self.streamed += 1
+                    if isinstance(answer, Attribution) and not np.allclose(answer.attributions, self.expected[i], atol=1e-5, rtol=1e-5):
+                        self.wrong.append(f"streamed input {i}: {answer.attributions} against {self.expected[i]}")
+        except grpc.RpcError as e:
+            self.stream_broke = f"{e.code().name}: {e.details()}"
 
     def run(self, event: Event, within: float = 60.0) -> dict:
         """Run `event`, then wait until the server serves again (a new engine process if it should have died) and check
@@ -274,8 +305,8 @@ def test_failures_one_after_another_under_load_never_give_a_wrong_answer_and_the
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One round of every event (about a minute): after each the server serves Captum's numbers again; no caller got a
-    wrong answer or waited past its deadline; the metrics count each caller's call once with its code (and the checks'
-    calls after each event), one restart per death, and the engine process up."""
+    wrong answer or waited past its deadline, and the stream never broke; the metrics count each caller's call once
+    with its code (and the checks' calls after each event), one restart per death, and the engine process up."""
     monkeypatch.setenv("CRASHY_RELEASE", str(tmp_path / "never"))  # the stuck forward is never released
     monkeypatch.setattr(engine_process, "_MAX_RESTART_DELAY_S", 2.0)  # deaths in a row: bounded back-off, a bounded test
     chaos = Chaos(tmp_path, callers=4, seed=12)
@@ -290,6 +321,7 @@ def test_failures_one_after_another_under_load_never_give_a_wrong_answer_and_the
         # None of the callers' requests kills anything: none may be quarantined (an outside kill during one's run alone
         # did that for 600 s, before 86f45a7).
         assert "FAILED_PRECONDITION" not in seen["callers"], (seen, rows)
+        assert not chaos.stream_broke and chaos.streamed > 0, (chaos.stream_broke, chaos.streamed)
         expected = dict(seen["callers"])
         expected["OK"] = expected.get("OK", 0) + chaos.checks
         assert seen["counted"] == expected, (seen, rows)
