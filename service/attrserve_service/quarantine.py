@@ -23,7 +23,8 @@ What the front end (EngineProcess) does with this table:
 
 So one query of death costs at most two engine restarts (three for one that SIGKILLs its own process), and only the
 first takes other requests with it. Suspects and quarantined fingerprints expire after `quarantine_seconds`; each
-table holds at most CAPACITY, the oldest dropped first. Nothing here runs on the request path while both tables are empty (EngineProcess checks `watching`).
+table holds at most CAPACITY, the oldest dropped first. Nothing here runs on the request path while both tables are
+empty (EngineProcess checks `watching`).
 
 Imports neither torch nor grpc (the front end's)."""
 

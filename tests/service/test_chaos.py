@@ -190,7 +190,10 @@ class Chaos:
         return pid
 
     def _call(self, index: int) -> None:
-        client = AttributionClient(self.server.address, retry=NO_RETRY)
+        with AttributionClient(self.server.address, retry=NO_RETRY) as client:
+            self._calls(client, index)
+
+    def _calls(self, client: AttributionClient, index: int) -> None:
         i = index
         while not self.stop.is_set():
             i = (i + 1) % len(self.inputs)
@@ -214,7 +217,6 @@ class Chaos:
     def _stream(self) -> None:
         """One more caller: a single AttributeStream for the whole run, 4 requests in flight. A death fails the requests
         it held (error entries) and the stream goes on; it must never end before the run does."""
-        client = AttributionClient(self.server.address, retry=NO_RETRY)
 
         def requests() -> Iterator[dict]:
             i = 0
@@ -226,17 +228,21 @@ class Chaos:
                 i += 1
 
         try:
-            for answer in client.attribute_many(requests(), max_in_flight=4, ordered=False):
-                code = answer.code.name if isinstance(answer, RequestFailed) else "OK"
-                self._stream_failing = code != "OK"
-                i = int(answer.request_id) % 8
-                with self.lock:
-                    self.codes[code] += 1
-                    self.streamed += 1
-                    if isinstance(answer, Attribution) and not np.allclose(answer.attributions, self.expected[i], atol=1e-5, rtol=1e-5):
-                        self.wrong.append(f"streamed input {i}: {answer.attributions} against {self.expected[i]}")
+            with AttributionClient(self.server.address, retry=NO_RETRY) as client:
+                self._streamed(client.attribute_many(requests(), max_in_flight=4, ordered=False))
         except grpc.RpcError as e:
             self.stream_broke = f"{e.code().name}: {e.details()}"
+
+    def _streamed(self, answers: Iterator[Attribution | RequestFailed]) -> None:
+        for answer in answers:
+            code = answer.code.name if isinstance(answer, RequestFailed) else "OK"
+            self._stream_failing = code != "OK"
+            i = int(answer.request_id) % 8
+            with self.lock:
+                self.codes[code] += 1
+                self.streamed += 1
+                if isinstance(answer, Attribution) and not np.allclose(answer.attributions, self.expected[i], atol=1e-5, rtol=1e-5):
+                    self.wrong.append(f"streamed input {i}: {answer.attributions} against {self.expected[i]}")
 
     def run(self, event: Event, within: float = 60.0) -> dict:
         """Run `event`, then wait until the server serves again (a new engine process if it should have died) and check
@@ -287,6 +293,7 @@ class Chaos:
 
     def close(self) -> None:
         self.stop.set()
+        self.client.close()
         self.server.stop()
 
 
