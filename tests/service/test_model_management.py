@@ -81,11 +81,11 @@ def states(client: AttributionClient) -> dict[tuple[str, str], tuple[str, str]]:
     return {(m.config.name, m.config.version): (pb.ModelState.Name(m.state), m.reason) for m in client.list_models(timeout=10)}
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0, every: float = 0.05) -> None:
     until = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < until, f"timed out waiting for {what}"
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def ready_gauges(server: ServerThread) -> dict[tuple[str, str], float]:
