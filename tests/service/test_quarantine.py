@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import types
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -226,10 +227,12 @@ def test_a_suspect_killed_from_outside_while_alone_stays_a_suspect_until_a_secon
     ooms = [5]
     monkeypatch.setattr(engine_process, "oom_kills", lambda: ooms[0])
 
-    async def probe_dies(engine: EngineProcess, value: float, code: int) -> BaseException:
+    async def probe_dies(engine: EngineProcess, value: float, code: int, meanwhile: Callable[[], Any] = lambda: None) -> BaseException:
+        """The suspect of `value`, sent again, runs alone; `meanwhile` happens, and the engine process dies with `code`."""
         request = asyncio.ensure_future(engine.attribute(job(value, request_id="again")))
         await turns()
         assert sent(engine)[-1][1] == value and engine._probing  # it runs alone
+        meanwhile()
         die(engine, code=code)
         with pytest.raises((Unavailable, FailedPrecondition)) as failed:
             await request
@@ -247,20 +250,11 @@ def test_a_suspect_killed_from_outside_while_alone_stays_a_suspect_until_a_secon
 
         # Killed by the OOM killer (its count grew): the suspect did it, at once.
         await lost_in_a_death(engine, 2.0)
-        request = asyncio.ensure_future(engine.attribute(job(2.0)))
-        await turns()
-        ooms[0] += 1
-        die(engine, code=-9)
-        with pytest.raises(FailedPrecondition):
-            await request
+        assert isinstance(await probe_dies(engine, 2.0, -9, meanwhile=lambda: ooms.append(ooms.pop() + 1)), FailedPrecondition)
         # Killed by the front's heartbeat (the suspect held the GIL): at once.
         await lost_in_a_death(engine, 3.0)
-        request = asyncio.ensure_future(engine.attribute(job(3.0)))
-        await turns()
-        engine._killed_why = "the engine process 7 did not answer for 60 s (stuck_pass_seconds)"
-        die(engine, code=-9)
-        with pytest.raises(FailedPrecondition):
-            await request
+        killed = lambda: setattr(engine, "_killed_why", "the engine process 7 did not answer for 60 s (stuck_pass_seconds)")  # noqa: E731
+        assert isinstance(await probe_dies(engine, 3.0, -9, meanwhile=killed), FailedPrecondition)
         # Where the OOM kills cannot be read, a SIGKILL quarantines at once, as before.
         monkeypatch.setattr(engine_process, "oom_kills", lambda: None)
         await lost_in_a_death(engine, 4.0)
