@@ -10,7 +10,6 @@ import functools
 import itertools
 import logging
 import math
-import os
 import random
 import threading
 import time
@@ -39,7 +38,7 @@ from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluat
 from attrserve_engine.events import REFUSED_DEADLINE, EngineObserver, ModelState, Observers, PassStats
 from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks
 from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult, InputCast, JobTiming
-from attrserve_engine.limits import EngineLimits, cgroup_memory_limit, cpu_limit
+from attrserve_engine.limits import EngineLimits, cpu_limit, memory_limit
 from attrserve_engine.models import (
     LoadAttempt,
     LoadedModel,
@@ -728,8 +727,7 @@ def device_memory(device: torch.device) -> int:
     this process's cgroup limit, whichever is less."""
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(total, cgroup_memory_limit() or total)
+    return memory_limit()
 
 
 def memory_allocated(device: str) -> int:

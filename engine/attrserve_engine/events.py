@@ -24,7 +24,10 @@ REFUSED_REQUESTS = "queue_requests"  # the device holds max_queued_requests alre
 REFUSED_DEADLINE = "deadline"  # the work ahead of it and its own would not finish before its deadline
 # The front end refuses it: it killed the engine process when it ran alone (a query of death, service quarantine.py).
 REFUSED_QUARANTINED = "quarantined"
-REFUSAL_REASONS = (REFUSED_ROWS, REFUSED_BYTES, REFUSED_REQUESTS, REFUSED_DEADLINE, REFUSED_QUARANTINED)
+# The front end refuses it: the requests it holds for the engine process would pass --max-front-bytes (service
+# engine_process.py).
+REFUSED_FRONT_BYTES = "front_bytes"
+REFUSAL_REASONS = (REFUSED_ROWS, REFUSED_BYTES, REFUSED_REQUESTS, REFUSED_DEADLINE, REFUSED_QUARANTINED, REFUSED_FRONT_BYTES)
 
 # Why a fused pass was re-run in two halves (a metric label).
 SPLIT_FAILURE = "failure"

@@ -84,6 +84,12 @@ def cgroup_cpu_quota(proc: str = "/proc/self") -> float | None:
     return min(_cgroup_values("cpu", _cpu_quota, proc), default=None)
 
 
+def memory_limit(proc: str = "/proc/self") -> int:
+    """Bytes of memory this process may use: the machine's, or its control groups' limit where that is less."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(total, cgroup_memory_limit(proc) or total)
+
+
 def cgroup_memory_limit(proc: str = "/proc/self") -> int | None:
     """The memory limit, in bytes, of the process's control group and of those above it that its mounts show (v2's
     memory.max, v1's memory.limit_in_bytes); the lowest of them. None without one (v1 writes "no limit" as a number

@@ -74,6 +74,7 @@ MINIMUMS: dict[str, float] = {
     "--engine-threads": 0,
     "--busy-poll-us": 0,
     "--quarantine-seconds": 0,
+    "--max-front-bytes": 0,
 }
 
 
@@ -298,6 +299,15 @@ SETTINGS: tuple[Setting, ...] = (
         "without an engine process, unused)",
         float,
         "SECONDS",
+    ),
+    Setting(
+        "--max-front-bytes",
+        "max_front_bytes",
+        "bytes of requests the front end may hold for the engine process until they are answered (their tensors plus "
+        "32 KiB each); a request that would pass it is refused with RESOURCE_EXHAUSTED (0: a thirty-second of the memory "
+        "the server may use, at most 256 MiB; without an engine process, unused)",
+        int,
+        "BYTES",
     ),
     Setting(
         "--allocator",

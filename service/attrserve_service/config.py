@@ -62,6 +62,11 @@ class ServerConfig:
     # again; if the engine process dies then too, it and every identical request are refused with FAILED_PRECONDITION
     # for this many seconds (0: off, and every retry runs with the others). Only with engine_process.
     quarantine_seconds: float = 600.0
+    # Bytes of requests the front end may hold for the engine process, sent or waiting to be, and not yet answered:
+    # their tensors plus engine_process.REQUEST_COST each. A request that would pass it is refused with
+    # RESOURCE_EXHAUSTED (EngineProcess.attribute); 0: engine_process.front_bytes_bound's default. Only with
+    # engine_process: an engine in this process refuses at admission before the front holds anything.
+    max_front_bytes: int = 0
     # The engine process's C heap (launch.allocator_preload): "auto" (tcmalloc where it is installed and
     # LD_PRELOAD is not set), "tcmalloc" (required), "glibc" (the C library's malloc), or a malloc library's path.
     allocator: str = "auto"

@@ -279,6 +279,12 @@ def request_to_job(request: pb.AttributeRequest, deadline: float | None = None) 
     )
 
 
+def payload_bytes(job: Job) -> int:
+    """The bytes of a job's arrays: its inputs, array baselines, additional forward args, feature masks and target."""
+    arrays = (*job.inputs, *job.baselines, *job.additional_forward_args, *job.feature_masks, job.target)
+    return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+
+
 def _priority(value: int) -> str:
     if value == pb.PRIORITY_BATCH:
         return "batch"

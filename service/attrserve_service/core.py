@@ -69,7 +69,11 @@ class Core(Protocol):
     """What the front end asks of the models: LocalCore (this process) or engine_process.EngineProcess (another one).
 
     `attribute` takes a job whose tensors are numpy arrays, as convert.py builds it, and answers with numpy arrays:
-    the front end's request path does not use torch."""
+    the front end's request path does not use torch. `held_bytes`: what the front end holds of the requests it sent
+    and that are not answered yet (EngineProcess.attribute bounds it; LocalCore holds none: its engine refuses at
+    admission before it holds anything)."""
+
+    held_bytes: int
 
     async def attribute(self, job: Job) -> Result: ...
     def labels(self, model: str, algorithm: str) -> tuple[str, str]: ...

@@ -34,14 +34,14 @@ import subprocess
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 from attrserve_engine import limits
-from attrserve_engine.errors import AttributionError, PassStuck, Unavailable
-from attrserve_engine.events import REFUSED_QUARANTINED, EngineObserver, ModelState, Observers
+from attrserve_engine.errors import AttributionError, PassStuck, ResourceExhausted, Unavailable, size_text
+from attrserve_engine.events import REFUSED_FRONT_BYTES, REFUSED_QUARANTINED, EngineObserver, ModelState, Observers
 from attrserve_service import launch
 from attrserve_service.config import ServerConfig
-from attrserve_service.convert import Job, Result
+from attrserve_service.convert import Job, Result, payload_bytes
 from attrserve_service.core import ANSWERS, Gauges, Snapshot
 from attrserve_service.frames import FrameReader, frame_of
 from attrserve_service.quarantine import PROBE_QUARANTINED, PROBE_SERVED, Board, Quarantine, fingerprint
@@ -64,6 +64,10 @@ _REAP_POLL_S = 0.002
 # _PROBE_WAIT_S; then it runs with them (_probe).
 _PROBE_POLL_S = 0.001
 _PROBE_WAIT_S = 30.0
+# What a request held for the engine process costs the front end beyond its tensors (its call, task and futures, its
+# message and the message's parse, its frame): ~26 KiB each, measured with the engine process stopped (bench/flood.py).
+REQUEST_COST = 32 << 10
+_FRONT_BYTES_CAP = 256 << 20
 
 
 def _lost_text(why: str) -> str:
@@ -133,6 +137,22 @@ def busy_poll_seconds(config: ServerConfig) -> float:
     return config.busy_poll_us / 1e6
 
 
+def front_bytes_bound(config: ServerConfig) -> int:
+    """How many bytes of requests the front end may hold for the engine process (`EngineProcess.attribute`):
+    --max-front-bytes, or a sixteenth of the memory the server may use (limits.memory_limit: the machine's, or its
+    cgroup's limit where that is less), at most 512 MiB.
+
+    Why a bound: the engine's admission bounds what the engine process has read, but nothing bounded what the front
+    held before that. With the engine process stopped (or its event loop held) for 10 s, 200 requests a second of
+    588 KiB grew the front end to 4.2 GiB, and a plain overload of 600 a second to 2.5 GiB (bench/RESULTS.md, issue 12
+    step 41): the default pod (2 GiB) would be killed for memory, every request in flight with it. While the engine
+    process reads nothing, the front's memory grows by ~3 bytes for each byte it holds (the message, its parse, the
+    unsent frame), so a sixteenth keeps it under a fifth of the pod's memory; 512 MiB is ~900 such requests."""
+    if config.max_front_bytes:
+        return config.max_front_bytes
+    return min(_FRONT_BYTES_CAP, limits.memory_limit() // 32)
+
+
 class EngineProcess:
     """The engine core in its own process, behind the calls LocalCore answers in this one."""
 
@@ -181,6 +201,10 @@ class EngineProcess:
         # Versions that were loading when an engine process stopped answering and was killed (_heartbeat): the ones
         # after it do not load them (ModelManager.load_all's skip), with this reason, until one of them is READY again.
         self._stuck_loads: dict[tuple[str, str], str] = {}
+        self._held_bound = front_bytes_bound(config)  # what `attribute` may hold (--max-front-bytes)
+        self.held_bytes = 0  # requests' bytes held from `attribute` to their answer (attrserve_front_held_bytes)
+        self._answered_bytes = 0  # ... and released so far: how fast held bytes drain (_refuse_held's hint)
+        self._drain = (time.monotonic(), 0, 0.0)  # (when, _answered_bytes then, bytes a second before that)
 
     @property
     def pid(self) -> int | None:
@@ -511,9 +535,37 @@ class EngineProcess:
 
     # -- what LocalCore answers ---------------------------------------------------------------------------------------
     async def attribute(self, job: Job) -> Result:
-        if self._probing or self._quarantine.watching:  # only after an engine process died (quarantine.py)
-            return await self._guarded(job)
-        return await self._attribute(job)
+        """`job`'s answer. The front holds the request until then, and holds at most `front_bytes_bound` of them:
+        one that would pass it is refused (an empty front takes any request, so none is refused for ever)."""
+        size = payload_bytes(job) + REQUEST_COST
+        if self.held_bytes and self.held_bytes + size > self._held_bound:
+            self._refuse_held(job, size)
+        self.held_bytes += size
+        try:
+            if self._probing or self._quarantine.watching:  # only after an engine process died (quarantine.py)
+                return await self._guarded(job)
+            return await self._attribute(job)
+        finally:
+            self.held_bytes -= size
+            self._answered_bytes += size
+
+    def _refuse_held(self, job: Job, size: int) -> NoReturn:
+        """RESOURCE_EXHAUSTED, counted (reason front_bytes), with a hint: the time the bytes above the bound take to be
+        answered at the rate held bytes were answered over the last second or more (1 s where none were)."""
+        now = time.monotonic()
+        since, answered, rate = self._drain
+        if now - since >= 1.0:
+            rate = (self._answered_bytes - answered) / (now - since) if now - since <= 10.0 else 0.0
+            self._drain = (now, self._answered_bytes, rate)
+        excess = self.held_bytes + size - self._held_bound
+        retry = min(5.0, max(0.05, excess / rate)) if rate else 1.0
+        self._tell("request_refused", self.labels(job.model, job.algorithm)[0], REFUSED_FRONT_BYTES)
+        raise ResourceExhausted(
+            f"the front end holds ~{size_text(self.held_bytes)} of requests the engine process has not answered; this "
+            f"request's ~{size_text(size)} would pass its bound of {size_text(self._held_bound)} (--max-front-bytes); "
+            f"retry in about {retry * 1e3:.0f} ms",
+            retry_after_s=retry,
+        )
 
     async def _attribute(self, job: Job, key: bytes | None = None) -> Result:
         """Send `job` and wait for its answer (`key`: its fingerprint, where known)."""

@@ -40,6 +40,8 @@ def heap_allocator() -> str:
 class LocalCore:
     """The engine and its model manager, in this process."""
 
+    held_bytes = 0  # (Core) the engine's admission refuses before this process holds anything for it
+
     def __init__(self, engine: Engine, manager: ModelManager) -> None:
         self.engine = engine
         self.manager = manager

@@ -123,6 +123,11 @@ ATTRSERVE_BUSY_POLL_SECONDS_TOTAL = Counter(
     "Seconds the front end's event loop polled for a lone request's answer instead of sleeping (--busy-poll-us): "
     "CPU spent so that a lone caller is answered sooner.",
 )
+ATTRSERVE_FRONT_HELD_BYTES = Gauge(
+    "attrserve_front_held_bytes",
+    "Bytes of requests the front end holds for the engine process until they are answered (their tensors plus 32 KiB "
+    "each); at --max-front-bytes, new requests are refused (reason front_bytes). 0 without an engine process.",
+)
 ATTRSERVE_SUSPECT_PROBES_TOTAL = Counter(
     "attrserve_suspect_probes_total",
     "Requests run alone because they were computing when the engine process died, by outcome: served (answered, so not "

@@ -12,6 +12,7 @@ import torch
 
 from attrserve_engine import InvalidArgument, ModelSpec
 from attrserve_engine import engine as engine_module
+from attrserve_engine import limits as limits_module
 from attrserve_engine import models
 from attrserve_engine.limits import cgroup_cpu_quota, cgroup_memory_limit
 
@@ -83,12 +84,13 @@ def test_no_cgroup_files_is_no_limit(tmp_path: Path) -> None:
 
 
 def test_the_cpus_memory_is_the_machines_or_the_cgroups_limit_whichever_is_less(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CPU's memory (the per-request work cap's default, a quarter of it) follows the cgroup's memory limit."""
+    """The CPU's memory (the per-request work cap's default, a quarter of it) follows the cgroup's memory limit, as the
+    memory the front end reads (limits.memory_limit: its --max-front-bytes default) does."""
     machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     for limit, memory in ((1 << 30, 1 << 30), (None, machine), (machine * 4, machine)):
-        monkeypatch.setattr(engine_module, "cgroup_memory_limit", lambda limit=limit: limit)
+        monkeypatch.setattr(limits_module, "cgroup_memory_limit", lambda proc="/proc/self", limit=limit: limit)
         engine_module.device_memory.cache_clear()
-        assert engine_module.device_memory(torch.device("cpu")) == memory
+        assert engine_module.device_memory(torch.device("cpu")) == limits_module.memory_limit() == memory
     engine_module.device_memory.cache_clear()
 
 

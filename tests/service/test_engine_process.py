@@ -35,13 +35,14 @@ from test_model_management import PINNED, TARGET, X, captum, health, mlp, stuck_
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_client import NO_RETRY, AttributionClient, RetryPolicy
-from attrserve_engine import Cancelled, EngineLimits, EngineObserver, InputSpec, InvalidArgument, user_code
+from attrserve_engine import Cancelled, EngineLimits, EngineObserver, InputSpec, InvalidArgument, ResourceExhausted, user_code
+from attrserve_engine.events import REFUSED_FRONT_BYTES
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import ERROR_ID, Gauges, Snapshot
 from attrserve_engine import limits as limits_module  # (tests here name their EngineLimits `limits`)
 from attrserve_service import eventloop, frames, launch, metrics
 from attrserve_service.engine_main import _Out, portable
-from attrserve_service.engine_process import EngineProcess
+from attrserve_service.engine_process import REQUEST_COST, EngineProcess, front_bytes_bound
 from attrserve_service.frames import FrameReader, decode, encode, send_parts
 from attrserve_service.launch import allocator_preload
 from attrserve_service.repository import CONTROL_EXPLICIT, Status
@@ -809,7 +810,15 @@ class Turns:
         monkeypatch.setattr(asyncio, "sleep", counted)
 
 
-JOB = types.SimpleNamespace(model="m", algorithm="saliency")  # what EngineProcess reads of a job: it only sends it
+def fake_job(algorithm: str = "saliency", *inputs: np.ndarray) -> types.SimpleNamespace:
+    """What EngineProcess reads of a job (its model and algorithm, and the arrays it holds for `front_bytes_bound`): it
+    only sends it."""
+    return types.SimpleNamespace(
+        model="m", algorithm=algorithm, inputs=inputs, baselines=(), additional_forward_args=(), feature_masks=(), target=None
+    )
+
+
+JOB = fake_job()
 
 
 class Polled(EngineObserver):
@@ -911,7 +920,7 @@ def test_no_polling_for_a_model_and_algorithm_whose_lone_answers_take_longer_tha
     and algorithm is waited for asleep, another algorithm's is still polled for, and once the slow pair's answers come
     quickly again (the smoothed time falls to within twice the budget) it is polled for again."""
     turns = Turns(monkeypatch)
-    other = types.SimpleNamespace(model="m", algorithm="integrated_gradients")
+    other = fake_job("integrated_gradients")
 
     async def lone(engine: EngineProcess, job: Any, after: float) -> int:
         before = turns.count
@@ -954,6 +963,82 @@ def test_a_request_cancelled_while_the_front_polls_is_cancelled_in_the_engine(mo
         assert sent == [("submit", 0, JOB), ("cancel", 0)]
 
     asyncio.run(scenario())
+
+
+class Refusals(EngineObserver):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    def request_refused(self, model: str, reason: str) -> None:
+        self.seen.append((model, reason))
+
+
+def test_the_front_holds_at_most_max_front_bytes_of_requests_and_refuses_the_rest_counted_and_with_a_hint() -> None:
+    """The front counts each request it holds for the engine process (its arrays, plus REQUEST_COST) from `attribute`
+    until its answer, its error or its cancel. One that would pass --max-front-bytes is refused at once with
+    RESOURCE_EXHAUSTED, sends nothing, is counted (reason front_bytes), and carries a hint: the time the excess takes
+    to be answered at the rate held bytes were answered over the last second or more (1 s where it is not known). An
+    empty front takes any request, so one larger than the bound is not refused for ever."""
+    x = np.zeros(1000, np.float32)  # 4,000 bytes
+    size = x.nbytes + REQUEST_COST
+
+    async def refused(engine: EngineProcess) -> ResourceExhausted:
+        with pytest.raises(ResourceExhausted, match=r"--max-front-bytes") as refusal:
+            await engine.attribute(fake_job("saliency", x))
+        return refusal.value
+
+    async def scenario() -> None:
+        engine = EngineProcess(ServerConfig(port=0, busy_poll_us=0, max_front_bytes=2 * size))
+        engine._loop, engine._writer, engine.up = asyncio.get_running_loop(), Transport(), True
+        refusals = Refusals()
+        engine.watch(refusals)
+        # Alone, a request of three times the bound is taken; while it is held, nothing else is.
+        huge = asyncio.ensure_future(engine.attribute(fake_job("saliency", np.zeros(6 * size // 4, np.float32))))
+        await asyncio.sleep(0)
+        assert engine.held_bytes == 6 * size + REQUEST_COST
+        first = await refused(engine)
+        assert first.retry_after_s == 1.0 and "would pass its bound of 71.8 KiB (--max-front-bytes)" in str(first)
+        assert refusals.seen == [("unknown", REFUSED_FRONT_BYTES)]  # (labels: "m" is not a served model here)
+        answer(engine, 0)
+        assert await huge == "the answer" and engine.held_bytes == 0
+        # Two of `size` fill the bound exactly; the third is refused, and its frame never goes.
+        a, b = (asyncio.ensure_future(engine.attribute(fake_job("saliency", x))) for _ in range(2))
+        await asyncio.sleep(0)
+        assert engine.held_bytes == 2 * size
+        await refused(engine)
+        await asyncio.sleep(0)
+        sent = [m[0] for f in engine._writer.frames for m in decode(bytearray(f[8:]), tensors=True)]
+        assert sent == ["submit"] * 3
+        # An error and a cancel release what they held, as an answer does.
+        engine._pending.pop(1).set_exception(InvalidArgument("no"))
+        with pytest.raises(InvalidArgument):
+            await a
+        b.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await b
+        assert engine.held_bytes == 0
+        # The hint: 2 s ago, `size` fewer bytes had been answered, so the 12,000 bytes above the bound take ~0.65 s.
+        held = asyncio.ensure_future(engine.attribute(fake_job("saliency", np.zeros(4000, np.float32))))
+        await asyncio.sleep(0)
+        engine._drain = (time.monotonic() - 2.0, engine._answered_bytes - size, 0.0)
+        assert engine.held_bytes + size - 2 * size == 12_000
+        assert (await refused(engine)).retry_after_s == pytest.approx(12_000 / (size / 2), rel=0.05)
+        assert [reason for _, reason in refusals.seen] == [REFUSED_FRONT_BYTES] * 3
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        assert engine.held_bytes == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_front_holds_by_default_a_thirty_second_of_the_memory_the_server_may_use_at_most_256_mib(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for memory, bound in ((2 << 30, 64 << 20), (8 << 30, 256 << 20), (64 << 30, 256 << 20), (1 << 30, 32 << 20)):
+        monkeypatch.setattr(limits_module, "memory_limit", lambda proc="/proc/self", memory=memory: memory)
+        assert front_bytes_bound(ServerConfig()) == bound
+        assert front_bytes_bound(ServerConfig(max_front_bytes=12345)) == 12345
 
 
 def test_the_device_memory_gauge_reads_the_engine_process_not_the_front() -> None:
@@ -1158,6 +1243,61 @@ def test_a_request_in_flight_at_a_death_runs_alone_when_sent_again_and_is_then_s
         grew = grown(before, scrape(server.running.metrics_port))
         assert grew("attrserve_suspect_probes_total", model="crashy", outcome="served") == 1
         assert grew("attrserve_engine_process_restarts_total") == 0
+    finally:
+        server.stop()
+
+
+def test_while_the_engine_process_reads_nothing_the_front_holds_at_most_max_front_bytes_and_then_serves_them(repo: Path) -> None:
+    """An engine process that reads nothing (stopped here; an event loop held, or more requests than it reads, do the
+    same): before, the front held every request sent meanwhile, and its memory grew by ~330 MiB a second under 200
+    requests a second of 588 KiB (bench/flood.py), until a pod's limit would kill it with every request in flight. Now
+    it holds at most --max-front-bytes of them and refuses the rest at once with RESOURCE_EXHAUSTED and a retry hint,
+    counted. Health says SERVING meanwhile: the engine process is alive, and the heartbeat kills one that stays so for
+    stuck_pass_seconds. Once it reads again, every held request gets Captum's numbers and the front holds nothing."""
+    size = X.nbytes + REQUEST_COST
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False)
+    server = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, max_front_bytes=3 * size))
+    try:
+        client = AttributionClient(server.address, retry=NO_RETRY)
+        core = server.running.core
+        np.testing.assert_allclose(client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5)
+        before = scrape(server.running.metrics_port)
+        pid = core.pid
+        os.kill(pid, signal.SIGSTOP)
+        outcomes: list = []
+        try:
+            threads = [in_thread(outcomes, lambda: client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60)) for _ in range(3)]
+            until = time.monotonic() + 10
+            while core.held_bytes != 3 * size:
+                assert time.monotonic() < until, f"the front never held the 3 requests ({core.held_bytes} bytes)"
+                time.sleep(0.02)
+            asked = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=30)
+            assert time.monotonic() - asked < 5  # at once, not at its deadline
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "the engine process has not answered" in refused.value.details() and "--max-front-bytes" in refused.value.details()
+            assert float(dict(refused.value.trailing_metadata())["grpc-retry-pushback-ms"]) > 0
+            assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+            assert scrape(server.running.metrics_port)[("attrserve_front_held_bytes", frozenset())] == 3 * size
+            assert not outcomes
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        for thread in threads:
+            thread.join(60)
+        assert len(outcomes) == 3
+        for outcome in outcomes:
+            np.testing.assert_allclose(outcome.attributions, captum(1), atol=1e-5)
+        np.testing.assert_allclose(client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5)
+        assert core.held_bytes == 0 and core.pid == pid
+        after = scrape(server.running.metrics_port)
+        grew = grown(before, after)
+        assert after[("attrserve_front_held_bytes", frozenset())] == 0
+        assert grew("attrserve_requests_refused_total", model="good", reason="front_bytes") == 1
+        assert grew("attrserve_attributions_completed_total", model="good", algorithm="integrated_gradients", grpc_code="RESOURCE_EXHAUSTED") == 1
+        assert grew("attrserve_attributions_completed_total", model="good", algorithm="integrated_gradients", grpc_code="OK") == 4
+        assert grew("attrserve_engine_process_restarts_total") == 0
+        assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop()
 

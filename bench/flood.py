@@ -1,0 +1,184 @@
+"""The front end's memory under a flood: open-loop callers send more requests than the engine process reads, or the
+engine process is stopped and reads none. The front end holds at most --max-front-bytes of requests for the engine
+process and refuses the rest (RESOURCE_EXHAUSTED, reason front_bytes); "unbounded" is the server before that bound
+(--max-front-bytes 1 TiB), measured in the same run.
+
+    .venv/bin/python bench/flood.py                      # the three scenarios below, both settings: ~3 minutes
+    .venv/bin/python bench/flood.py --scenarios stopped --settings default,64MiB=67108864
+
+Each scenario starts `attrserve serve` (bench/models' one model the workload uses, a fresh server per row) and sends the
+workload's requests at a fixed rate, each with a 30 s deadline, whatever the answers: open loop, as many independent
+services would. The front end's RSS is read every 0.1 s.
+
+- stopped: W6 (588 KiB images) at 200 a second; the engine process is stopped (SIGSTOP) from 2 s to 12 s, then goes
+  on; sending ends at 16 s.
+- stopped-small: W1 (256-byte inputs) at 1,500 a second, stopped from 2 s to 10 s: what each request costs beyond its
+  tensors.
+- overload: W6 at 600 a second for 6 s, nothing stopped: three times what the engine computes.
+
+Per row: the front end's RSS before, its peak, and at the end (all answered); the requests it held at most
+(attrserve_front_held_bytes, scraped every 0.5 s); what the callers got; the refusals by reason. Nothing asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from query_of_death import print_rows  # noqa: E402
+
+from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc  # noqa: E402
+
+import harness  # noqa: E402
+from workloads import MODELS, all_workloads  # noqa: E402
+
+# name → (workload, requests a second, seconds of sending, stopped from, stopped until)
+SCENARIOS = {
+    "stopped": ("W6", 200.0, 16.0, 2.0, 12.0),
+    "stopped-small": ("W1", 1500.0, 12.0, 2.0, 10.0),
+    "overload": ("W6", 600.0, 6.0, None, None),
+}
+SETTINGS = {"unbounded": 1 << 40, "default": 0}
+
+
+class Sampler(threading.Thread):
+    """The front end's RSS every 0.1 s, and attrserve_front_held_bytes every 0.5 s, until stopped."""
+
+    def __init__(self, pid: int, metrics_port: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.metrics_port = pid, metrics_port
+        self.rss_kib: list[int] = []
+        self.held: list[float] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        ticks = 0
+        while not self.done.wait(0.1):
+            kib = harness.proc_status_kib(self.pid, "VmRSS")
+            if kib is not None:
+                self.rss_kib.append(kib)
+            ticks += 1
+            if ticks % 5 == 0:
+                self.held.append(metric(self.metrics_port, "attrserve_front_held_bytes"))
+
+
+def metric(port: int, prefix: str) -> float:
+    """The sum of the samples of /metrics whose line starts with `prefix` (0 where there is none)."""
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith(prefix))
+
+
+async def flood(target: str, requests: list, rate: float, seconds: float, stop: tuple, engine_pid: int) -> dict[str, int]:
+    """Send `rate` requests a second for `seconds` on 4 channels without waiting for answers; SIGSTOP the engine process
+    from stop[0] to stop[1] s. Returns the callers' status codes, counted, once every call has ended."""
+    codes: dict[str, int] = {}
+    channels = [grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", -1)]) for _ in range(4)]
+    stubs = [pb_grpc.AttributionServiceStub(c) for c in channels]
+    calls: set[asyncio.Task] = set()
+
+    async def call(i: int) -> None:
+        try:
+            await stubs[i % 4].Attribute(requests[i % len(requests)], timeout=30)
+            code = "OK"
+        except grpc.aio.AioRpcError as e:
+            code = e.code().name
+        codes[code] = codes.get(code, 0) + 1
+
+    start, sent, stopped = time.monotonic(), 0, False
+    try:
+        while (now := time.monotonic() - start) < seconds:
+            if stop[0] is not None and not stopped and stop[0] <= now < stop[1]:
+                os.kill(engine_pid, signal.SIGSTOP)
+                stopped = True
+            if stopped and now >= stop[1]:
+                os.kill(engine_pid, signal.SIGCONT)
+                stopped = False
+            while sent < now * rate:
+                task = asyncio.ensure_future(call(sent))
+                calls.add(task)
+                task.add_done_callback(calls.discard)
+                sent += 1
+            await asyncio.sleep(0.005)
+    finally:
+        if stopped:
+            os.kill(engine_pid, signal.SIGCONT)
+    await asyncio.gather(*calls, return_exceptions=True)
+    for channel in channels:
+        await channel.close()
+    return codes
+
+
+def run(scenario: str, setting: str, max_front_bytes: int) -> dict:
+    name, rate, seconds, *stop = SCENARIOS[scenario]
+    w = all_workloads()[name]
+    repo = Path(tempfile.mkdtemp())
+    (repo / w.model).symlink_to(MODELS / w.model)
+    port, metrics_port = harness.free_port(), harness.free_port()
+    argv = harness.attrserve_argv(repo, port, metrics_port, ["--max-front-bytes", str(max_front_bytes)])
+    server = harness.ServerProcess(setting, argv, port, HERE / "out" / f"flood-{scenario}-{setting}.log")
+    server.start()
+    try:
+        server.wait_ready([w.model])
+        with open(f"/proc/{server.pid}/task/{server.pid}/children") as f:
+            engine_pid = int(f.read().split()[0])
+        sampler = Sampler(server.pid, metrics_port)
+        before = harness.proc_status_kib(server.pid, "VmRSS") or 0
+        sampler.start()
+        codes = asyncio.run(flood(server.target, w.requests(), rate, seconds, tuple(stop), engine_pid))
+        sampler.done.set()
+        sampler.join()
+        refused = {
+            reason: int(metric(metrics_port, f'attrserve_requests_refused_total{{model="{w.model}",reason="{reason}"}}'))
+            for reason in ("front_bytes", "queue_rows", "queue_bytes", "queue_requests", "deadline")
+        }
+        return {
+            "scenario": scenario,
+            "setting": setting,
+            "front RSS before MiB": before >> 10,
+            "peak MiB": max(sampler.rss_kib, default=0) >> 10,
+            "at the end MiB": (harness.proc_status_kib(server.pid, "VmRSS") or 0) >> 10,
+            "held at most MiB": f"{max(sampler.held, default=0.0) / 2**20:.1f}",
+            "sent": sum(codes.values()),
+            "callers got": ", ".join(f"{k} {v}" for k, v in sorted(codes.items())),
+            "refused by reason": ", ".join(f"{k} {v}" for k, v in refused.items() if v),
+            "engine process": "the same" if server.proc.poll() is None and os.path.exists(f"/proc/{engine_pid}") else "GONE",
+        }
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}")
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help="comma-separated NAME or NAME=BYTES (--max-front-bytes; 0: the default)"
+    )
+    args = parser.parse_args()
+    settings = []
+    for item in args.settings.split(","):
+        name, _, value = item.partition("=")
+        settings.append((name, int(value) if value else SETTINGS[name]))
+    rows = []
+    for scenario in args.scenarios.split(","):
+        for name, value in settings:
+            rows.append(run(scenario, name, value))
+            print(rows[-1], flush=True)
+    print()
+    print_rows(rows)
+
+
+if __name__ == "__main__":
+    main()
