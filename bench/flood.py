@@ -1,10 +1,12 @@
 """The front end's memory under a flood: open-loop callers send more requests than the engine process reads, or the
 engine process is stopped and reads none. The front end holds at most --max-front-bytes of requests for the engine
 process and refuses the rest (RESOURCE_EXHAUSTED, reason front_bytes); "unbounded" is the server before that bound
-(--max-front-bytes 1 TiB), measured in the same run.
+(--max-front-bytes 1 TiB), measured in the same run. A setting `NAME=env:KEY=VALUE` runs the server with that
+environment variable and without the flag: the code before, through a worktree's PYTHONPATH.
 
     .venv/bin/python bench/flood.py                      # the three scenarios below, both settings: ~3 minutes
     .venv/bin/python bench/flood.py --scenarios stopped --settings default,64MiB=67108864
+    .venv/bin/python bench/flood.py --settings "before=env:PYTHONPATH=/tmp/wt/engine:/tmp/wt/service,unbounded,default"
 
 Each scenario starts `attrserve serve` (bench/models' one model the workload uses, a fresh server per row) and sends the
 workload's requests at a fixed rate, each with a 30 s deadline, whatever the answers: open loop, as many independent
@@ -121,14 +123,16 @@ async def flood(target: str, requests: list, rate: float, seconds: float, stop: 
     return codes
 
 
-def run(scenario: str, setting: str, max_front_bytes: int) -> dict:
+def run(scenario: str, setting: str, value: str) -> dict:
+    """One scenario on a fresh server with one setting (`value`: --max-front-bytes, or env:KEY=VALUE)."""
     name, rate, seconds, *stop = SCENARIOS[scenario]
     w = all_workloads()[name]
     repo = Path(tempfile.mkdtemp())
     (repo / w.model).symlink_to(MODELS / w.model)
     port, metrics_port = harness.free_port(), harness.free_port()
-    argv = harness.attrserve_argv(repo, port, metrics_port, ["--max-front-bytes", str(max_front_bytes)])
-    server = harness.ServerProcess(setting, argv, port, HERE / "out" / f"flood-{scenario}-{setting}.log")
+    env = dict([value.removeprefix("env:").split("=", 1)]) if value.startswith("env:") else {}
+    argv = harness.attrserve_argv(repo, port, metrics_port, [] if env else ["--max-front-bytes", value])
+    server = harness.ServerProcess(setting, argv, port, HERE / "out" / f"flood-{scenario}-{setting}.log", env=env)
     server.start()
     try:
         server.wait_ready([w.model])
@@ -164,13 +168,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}")
     parser.add_argument(
-        "--settings", default=",".join(SETTINGS), help="comma-separated NAME or NAME=BYTES (--max-front-bytes; 0: the default)"
+        "--settings",
+        default=",".join(SETTINGS),
+        help="comma-separated NAME, NAME=BYTES (--max-front-bytes; 0: the default) or NAME=env:KEY=VALUE (no flag)",
     )
     args = parser.parse_args()
     settings = []
     for item in args.settings.split(","):
         name, _, value = item.partition("=")
-        settings.append((name, int(value) if value else SETTINGS[name]))
+        settings.append((name, value or str(SETTINGS[name])))
     rows = []
     for scenario in args.scenarios.split(","):
         for name, value in settings:

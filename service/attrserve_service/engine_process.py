@@ -569,12 +569,16 @@ class EngineProcess:
 
     async def _attribute(self, job: Job, key: bytes | None = None) -> Result:
         """Send `job` and wait for its answer (`key`: its fingerprint, where known)."""
-        sent, future = self._send("submit", job)
-        return await self._answer(job, sent, future, key)
+        return await self._answer(job, *self._send("submit", job), key)  # (no frame but _answer's holds the future)
 
     async def _answer(self, job: Job, sent: int, future: asyncio.Future, key: bytes | None) -> Result:
         """The answer to `job`, sent as `sent`. One whose rows were computing when the engine process died (or every one
-        in flight, where the board cannot say) becomes a suspect."""
+        in flight, where the board cannot say) becomes a suspect.
+
+        Only this frame (and _lone's) holds `future`, and lets go of it before an exception leaves: a failed future
+        holds its exception, whose traceback holds every frame it passed through, so a frame that still held the future
+        made a reference cycle, and the request's message and arrays waited for the collector's rare full collection
+        (bench/RESULTS.md, issue 12 step 41; tests/service/test_reference_cycles.py)."""
         self._changes += 1  # the engine's backlog moves
         self._attributing += 1
         try:
@@ -593,6 +597,7 @@ class EngineProcess:
             raise
         finally:
             self._attributing -= 1
+            del future  # (see the docstring)
 
     async def _guarded(self, job: Job) -> Result:
         """A request while some fingerprint is suspected or quarantined (quarantine.py): a quarantined one is refused
@@ -640,8 +645,10 @@ class EngineProcess:
                 await asyncio.sleep(_PROBE_POLL_S)
             ooms = oom_kills()
             sent, future = self._send("submit", job)
+            answer = self._answer(job, sent, future, key)
+            del future  # only _answer holds it (its docstring)
             try:
-                result = await self._answer(job, sent, future, key)
+                result = await answer
             except (EngineLost, PassStuck) as lost:
                 if not _computing(lost, sent):
                     raise  # it was not computing: what was (a request its caller left) is not known here; still a suspect
@@ -709,7 +716,11 @@ class EngineProcess:
                     await asyncio.sleep(0)
             finally:
                 self._tell("busy_polled", loop.time() - start)  # attrserve_busy_poll_seconds_total
-        result = await future
+        try:
+            result = await future
+        except BaseException:
+            del future  # (a reference cycle otherwise: _answer's docstring)
+            raise
         took = loop.time() - start
         self._lone_s[kind] = took if kind not in self._lone_s else 0.75 * self._lone_s[kind] + 0.25 * took
         return result

@@ -31,14 +31,6 @@ RETRY_PUSHBACK = "grpc-retry-pushback-ms"
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in grpc's stubs only
 
 
-async def _refuse_unless_allowed(auth: TokenAuth, path: str, context: grpc.aio.ServicerContext) -> None:
-    """Aborts the call (UNAUTHENTICATED, PERMISSION_DENIED) unless its metadata carries a token it may use."""
-    refused = auth.check(path, context.invocation_metadata())
-    if refused is not None:
-        log.info("refused %s: %s (%s)", path, refused[0].name, refused[1])
-        await context.abort(*refused)
-
-
 class _Method:
     """A method: its grpc_server_* series (made once) and its token check."""
 
@@ -52,60 +44,72 @@ class _Method:
 
 
 class _Call:
-    """`async with _Call(method, context)` around a call's handler: checks its token, counts and times it, and
-    turns an escaping exception into the status it stands for. A class, not a generator-based context manager: it
-    runs on every call."""
+    """`async with _Call(method, context) as allowed:` around a call's handler: checks its token, counts and times it,
+    and answers an escaping exception with the status it stands for. A class, not a generator-based context manager:
+    it runs on every call.
 
-    __slots__ = ("context", "method", "start")
+    A status is set on the context and the handler then ends without raising (__aexit__ swallows the exception), never
+    by `context.abort`: abort raises grpc's AbortError and keeps it on the call's state, which its traceback's frames
+    hold, a reference cycle through every frame of the failed call. The collector, which runs rarely here
+    (core.settle_heap), then kept each failed request's message, its parse and its arrays: 1.75 MiB for a refused
+    588 KiB request, ~800 MiB after 500 refusals (bench/RESULTS.md, issue 12 step 41). grpc sends the status set on
+    the context when the handler returns, and no answer."""
+
+    __slots__ = ("context", "method", "refused", "start")
 
     def __init__(self, method: _Method, context: grpc.aio.ServicerContext) -> None:
         self.method = method
         self.context = context
+        self.refused: grpc.StatusCode | None = None
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> bool:
+        """Whether the handler may run: False for a call without a token it may use (UNAUTHENTICATED,
+        PERMISSION_DENIED), whose refusal is then its status."""
         # This RPC's task only: its log lines carry it. Our methods get raw bytes (servicer._unary, so that a request that
         # does not parse is an INVALID_ARGUMENT counted here): the servicer sets it once parsed.
         REQUEST_ID.set("")
-        RPC_WINDOW.set(self.context.time_remaining())  # this RPC's task (and the tasks it starts): what deadline_passed measures against
+        context = self.context
+        RPC_WINDOW.set(context.time_remaining())  # this RPC's task (and the tasks it starts): what deadline_passed measures against
         self.method.started.inc()
         self.start = time.monotonic()
         if self.method.auth is not None:
-            try:
-                await _refuse_unless_allowed(self.method.auth, self.method.path, self.context)
-            except BaseException as refused:  # counted with its status, as any other end of the call
-                await self.__aexit__(type(refused), refused, None)
-                raise
+            refused = self.method.auth.check(self.method.path, context.invocation_metadata())
+            if refused is not None:
+                log.info("refused %s: %s (%s)", self.method.path, refused[0].name, refused[1])
+                self.refused = refused[0]
+                context.set_code(refused[0])
+                context.set_details(refused[1])
+                return False
+        return True
 
-    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: TracebackType | None) -> None:
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: TracebackType | None) -> bool:
         context = self.context
-        code = grpc.StatusCode.OK
+        code = self.refused or grpc.StatusCode.OK
         try:
             if error is None:
                 remaining = context.time_remaining()
-                if remaining is not None and remaining <= 0:  # answered after its deadline: the client got DEADLINE_EXCEEDED
-                    code = grpc.StatusCode.DEADLINE_EXCEEDED
-            elif isinstance(error, grpc.aio.AbortError):  # the handler (or the token check) set its own status
+                if code == grpc.StatusCode.OK and remaining is not None and remaining <= 0:
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED  # answered after its deadline: the client got DEADLINE_EXCEEDED
+            elif isinstance(error, grpc.aio.AbortError):  # a handler that called context.abort (health's, reflection's)
                 code = context.code() or grpc.StatusCode.UNKNOWN
             elif isinstance(error, asyncio.CancelledError):  # grpc cancels the handler when the deadline passes or the client leaves
                 code = grpc.StatusCode.DEADLINE_EXCEEDED if deadline_passed(context) else grpc.StatusCode.CANCELLED
             elif isinstance(error, Exception):
                 code, message = grpc_status(error)
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    # The deadline passed as the answer came (the engine's DEADLINE_EXCEEDED, say): gRPC has ended the
+                    # call with DEADLINE_EXCEEDED, and no status can be sent. The handler ends as grpc ends one whose
+                    # deadline passed: cancelled.
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    raise asyncio.CancelledError from None
                 if (retry := getattr(error, "retry_after_s", None)) is not None:  # admission's hint, honoured by gRPC retry policies
                     context.set_trailing_metadata(((RETRY_PUSHBACK, str(round(retry * 1e3))),))
                 # INTERNAL: a fixed message with an error id; grpc_status has logged the exception (once) under that id.
-                try:
-                    await context.abort(code, message)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception:
-                    remaining = context.time_remaining()
-                    if remaining is None or remaining > 0:
-                        raise
-                    # The deadline passed as the answer came (the engine's DEADLINE_EXCEEDED, say): gRPC has ended the
-                    # call with DEADLINE_EXCEEDED, so no status can be sent, and grpc would log the failed send with a
-                    # traceback. The handler ends as grpc ends one whose deadline passed: cancelled.
-                    code = grpc.StatusCode.DEADLINE_EXCEEDED
-                    raise asyncio.CancelledError from None
+                context.set_code(code)
+                context.set_details(message)
+                return True
+            return False
         finally:
             method = self.method
             metrics.child(metrics.GRPC_SERVER_HANDLED_TOTAL, *method.labels, code.name).inc()
@@ -119,15 +123,18 @@ def _inside(behavior: Callable[..., Any], method: _Method) -> Callable[..., Any]
     if inspect.isasyncgenfunction(behavior):
 
         async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async with _Call(method, context):
-                async for response in behavior(request, context):
-                    yield response
+            async with _Call(method, context) as allowed:
+                if allowed:
+                    async for response in behavior(request, context):
+                        yield response
 
         return streamed
 
     async def awaited(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with _Call(method, context):
-            return await behavior(request, context)
+        async with _Call(method, context) as allowed:
+            if allowed:
+                return await behavior(request, context)
+        return None  # its status is set on the context (_Call)
 
     return awaited
 
