@@ -139,15 +139,15 @@ def busy_poll_seconds(config: ServerConfig) -> float:
 
 def front_bytes_bound(config: ServerConfig) -> int:
     """How many bytes of requests the front end may hold for the engine process (`EngineProcess.attribute`):
-    --max-front-bytes, or a sixteenth of the memory the server may use (limits.memory_limit: the machine's, or its
-    cgroup's limit where that is less), at most 512 MiB.
+    --max-front-bytes, or a thirty-second of the memory the server may use (limits.memory_limit: the machine's, or its
+    cgroup's limit where that is less), at most 256 MiB: 64 MiB in the default 2 GiB pod.
 
     Why a bound: the engine's admission bounds what the engine process has read, but nothing bounded what the front
     held before that. With the engine process stopped (or its event loop held) for 10 s, 200 requests a second of
-    588 KiB grew the front end to 4.2 GiB, and a plain overload of 600 a second to 2.5 GiB (bench/RESULTS.md, issue 12
-    step 41): the default pod (2 GiB) would be killed for memory, every request in flight with it. While the engine
-    process reads nothing, the front's memory grows by ~3 bytes for each byte it holds (the message, its parse, the
-    unsent frame), so a sixteenth keeps it under a fifth of the pod's memory; 512 MiB is ~900 such requests."""
+    588 KiB grew the front end to 4.5 GiB (bench/RESULTS.md, issue 12 step 41): a pod is killed for memory long before,
+    every request in flight with it. The front's memory grows by ~3 bytes for each byte it holds (gRPC's copy of the
+    message, its parse, the arrays, and the unsent frame while the engine process does not read: 842 MiB at 256 MiB
+    held there), so a thirty-second keeps it near a tenth of the pod's memory; 256 MiB is ~430 such requests."""
     if config.max_front_bytes:
         return config.max_front_bytes
     return min(_FRONT_BYTES_CAP, limits.memory_limit() // 32)
@@ -204,7 +204,7 @@ class EngineProcess:
         self._held_bound = front_bytes_bound(config)  # what `attribute` may hold (--max-front-bytes)
         self.held_bytes = 0  # requests' bytes held from `attribute` to their answer (attrserve_front_held_bytes)
         self._answered_bytes = 0  # ... and released so far: how fast held bytes drain (_refuse_held's hint)
-        self._drain = (time.monotonic(), 0, 0.0)  # (when, _answered_bytes then, bytes a second before that)
+        self._drain = (time.monotonic(), 0, 0.0)  # (when, _answered_bytes then, the rate measured then: bytes a second)
 
     @property
     def pid(self) -> int | None:
@@ -578,7 +578,7 @@ class EngineProcess:
         Only this frame (and _lone's) holds `future`, and lets go of it before an exception leaves: a failed future
         holds its exception, whose traceback holds every frame it passed through, so a frame that still held the future
         made a reference cycle, and the request's message and arrays waited for the collector's rare full collection
-        (bench/RESULTS.md, issue 12 step 41; tests/service/test_reference_cycles.py)."""
+        (bench/RESULTS.md, issue 12 step 41; tests/service/test_failed_call_cycles.py)."""
         self._changes += 1  # the engine's backlog moves
         self._attributing += 1
         try:
