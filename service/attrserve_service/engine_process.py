@@ -53,8 +53,10 @@ _RESTART_DELAY_S = 0.5
 _MAX_RESTART_DELAY_S = 30.0
 _STABLE_S = 60.0  # an engine process that served this long before it died restarts after the shortest delay
 # The front asks a serving engine process for its gauges every _HEARTBEAT_S (or a quarter of stuck_pass_seconds); one
-# that has not answered within stuck_pass_seconds is killed (_heartbeat).
+# that has not answered within _SILENT_S (or half of stuck_pass_seconds) is NOT_SERVING until it answers, and one that
+# has not answered within stuck_pass_seconds is killed (_heartbeat).
 _HEARTBEAT_S = 5.0
+_SILENT_S = 10.0
 _BACKLOG_TTL_S = 0.25
 # An engine process's exit status is polled for every _REAP_POLL_S (`_exit_status`, on the event loop); its socket closes
 # as it exits, so `_reap` gives one whose socket closed _REAP_S to go.
@@ -205,6 +207,8 @@ class EngineProcess:
         self.held_bytes = 0  # requests' bytes held from `attribute` to their answer (attrserve_front_held_bytes)
         self._answered_bytes = 0  # ... and released so far: how fast held bytes drain (_refuse_held's hint)
         self._drain = (time.monotonic(), 0, 0.0)  # (when, _answered_bytes then, the rate measured then: bytes a second)
+        self._silent = ""  # why health says NOT_SERVING though the engine process is up: it has not answered (_heartbeat)
+        self._silent_at = 0.0
 
     @property
     def pid(self) -> int | None:
@@ -292,7 +296,12 @@ class EngineProcess:
         for their deadlines while health said SERVING, and a load held the server's start for ever. Every few seconds,
         from its start, the front asks the engine process for its gauges (before it serves: whether it is alive); one
         that has not answered within stuck_pass_seconds is killed, and its requests fail and it is started again as
-        after any death. The loads it was running then are not run by the ones after it (_stuck_loads)."""
+        after any death. The loads it was running then are not run by the ones after it (_stuck_loads).
+
+        Before that, a serving one that has not answered within _SILENT_S (or half of stuck_pass_seconds) makes health
+        say NOT_SERVING (`_silent`) until it answers: it cannot take work meanwhile (stopped, its event loop held), and
+        a balancer or a client that watches health moves its calls to another replica, for the tens of seconds before
+        the kill. Its requests are held meanwhile (at most --max-front-bytes) and answered if it answers again."""
         limit = self.config.limits.stuck_pass_seconds
         while True:
             await asyncio.sleep(min(_HEARTBEAT_S, limit / 4))
@@ -302,7 +311,7 @@ class EngineProcess:
                 continue
             try:
                 if self.up:
-                    await self._ask_gauges(limit)
+                    await self._answered_within(self._ask_gauges(limit), min(_SILENT_S, limit / 2), proc.pid)
                 else:
                     await asyncio.wait_for(self._post("call", "alive", ())[1], limit)
             except asyncio.TimeoutError:
@@ -310,7 +319,8 @@ class EngineProcess:
             except Unavailable:  # it is down or died meanwhile: _lost has it, and a new one has its own heartbeat
                 return
             except Exception:  # it answered, with an error: it is alive
-                continue
+                pass
+            self._heard(generation)
         if not self._current(generation, proc):
             return
         loading = sorted(self._loading)
@@ -328,6 +338,27 @@ class EngineProcess:
             )
         log.error("%s", self._killed_why)
         proc.kill()
+
+    async def _answered_within(self, ask: Any, seconds: float, pid: int) -> None:
+        """Await `ask` (a heartbeat's question); if it takes longer than `seconds`, say NOT_SERVING meanwhile."""
+        task = asyncio.ensure_future(ask)
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+        if not done:
+            self._silent = (
+                f"the engine process {pid} has not answered for {seconds:g} s: something holds its event loop (stopped, or "
+                "a model's code holding the GIL); it is killed if it does not answer within stuck_pass_seconds"
+            )
+            self._silent_at = time.monotonic() - seconds
+            log.warning("%s; NOT_SERVING until it answers", self._silent)
+            self._changed()
+        await task
+
+    def _heard(self, generation: int) -> None:
+        """The heartbeat's question was answered: health follows the engine's own state again."""
+        if self._silent and generation == self._generation:
+            log.warning("the engine process %s answers again, after %.1f s without an answer", self.pid, time.monotonic() - self._silent_at)
+            self._silent = ""
+            self._changed()
 
     def _current(self, generation: int, proc: subprocess.Popen) -> bool:
         """Whether `proc` is the engine process of `generation`, the latest, and its connection is still open."""
@@ -468,6 +499,7 @@ class EngineProcess:
         else:
             reason = f"the engine process {pid} exited ({describe_exit(code)})"
         self.reason = reason
+        self._silent = ""  # (the death's reason is health's now)
         lost: Unavailable
         if self._closing:  # nothing is suspected: the process was told to exit
             lost = Unavailable(_lost_text(reason), retry_after_s=1.0)
@@ -738,6 +770,8 @@ class EngineProcess:
     def readiness(self, strict: bool) -> tuple[bool, str]:
         if not self.up:
             return False, self.reason
+        if self._silent:
+            return False, self._silent
         return self._snapshot.strict_readiness if strict else self._snapshot.readiness
 
     def statuses(self) -> list[Status]:

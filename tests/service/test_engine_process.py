@@ -1302,6 +1302,43 @@ def test_while_the_engine_process_reads_nothing_the_front_holds_at_most_max_fron
         server.stop()
 
 
+def test_an_engine_process_that_does_not_answer_is_not_serving_until_it_answers_again(repo: Path) -> None:
+    """An engine process that stops answering (stopped here; an event loop held does the same) cannot take work, but
+    health said SERVING until the heartbeat killed it, stuck_pass_seconds later (60 s by default): balancers and
+    clients that watch health kept sending to it. Now health says NOT_SERVING once a heartbeat has gone unanswered for
+    half of stuck_pass_seconds (at most 10 s), and SERVING again when it answers; nothing is killed or lost, and the
+    request it held is answered with Captum's numbers."""
+    # stuck_pass_seconds 12: a heartbeat every 3 s, NOT_SERVING after 6 s without an answer, killed after 12
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False, stuck_pass_seconds=12.0)
+    server = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits))
+    try:
+        client = AttributionClient(server.address, retry=NO_RETRY)
+        core = server.running.core
+        np.testing.assert_allclose(client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5)
+        before = scrape(server.running.metrics_port)
+        pid = core.pid
+        os.kill(pid, signal.SIGSTOP)
+        outcome: list = []
+        try:
+            thread = in_thread(outcome, lambda: client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60))
+            wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING, timeout=11)
+            serving, why = core.readiness(strict=False)
+            assert not serving and f"the engine process {pid} has not answered for 6 s" in why, why
+            assert core.pid == pid and core.up and not outcome
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_health(server.address, health_pb2.HealthCheckResponse.SERVING, timeout=10)
+        thread.join(60)
+        np.testing.assert_allclose(outcome[0].attributions, captum(1), atol=1e-5)
+        np.testing.assert_allclose(client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5)
+        assert core.pid == pid and core.readiness(strict=False) == (True, core.readiness(strict=False)[1])
+        grew = grown(before, scrape(server.running.metrics_port))
+        assert grew("attrserve_engine_process_restarts_total") == 0
+        assert grew("attrserve_attributions_completed_total", model="good", algorithm="integrated_gradients", grpc_code="OK") == 2
+    finally:
+        server.stop()
+
+
 def test_an_engine_process_that_hangs_up_and_lingers_is_killed_and_the_front_answers_meanwhile(repo: Path) -> None:
     """Its socket closed but the process stays (stopped here; stuck in a model's code, say): the front's event loop does
     not wait for its exit (health answers throughout), the request fails with UNAVAILABLE saying why, the process is
