@@ -61,7 +61,8 @@ def garbage_of(calls: Callable[[], None]) -> tuple[int, collections.Counter]:
 
 def assert_only_grpcs(calls: Callable[[], None], count: int = CALLS) -> None:
     found, kinds = garbage_of(calls)
-    assert found <= GRPC_PER_CALL * count, f"{found} unreachable objects after {count} calls: {kinds.most_common(12)}"
+    # (10 to spare for what the process's other threads may leave meanwhile; a failed call's cycle was ~50 objects)
+    assert found <= GRPC_PER_CALL * count + 10, f"{found} unreachable objects after {count} calls: {kinds.most_common(12)}"
     assert not OURS & set(kinds), kinds.most_common(12)
 
 
