@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -1247,6 +1248,30 @@ def test_a_request_in_flight_at_a_death_runs_alone_when_sent_again_and_is_then_s
         server.stop()
 
 
+@contextlib.contextmanager
+def stopped(server: ServerThread) -> Iterator[int]:
+    """The server's engine process stopped (SIGSTOP) within the block, continued (SIGCONT) after it; yields its pid."""
+    pid = server.running.core.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def serving_good(repo: Path, limits: EngineLimits, **settings: Any) -> tuple[ServerThread, AttributionClient, dict]:
+    """A server on `repo` (an engine process) whose `good` has answered Captum's numbers once, a client that does not
+    retry, and the server's metrics then."""
+    server = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, **settings))
+    try:
+        client = AttributionClient(server.address, retry=NO_RETRY)
+        np.testing.assert_allclose(client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5)
+        return server, client, scrape(server.running.metrics_port)
+    except BaseException:
+        server.stop()
+        raise
+
+
 def test_while_the_engine_process_reads_nothing_the_front_holds_at_most_max_front_bytes_and_then_serves_them(repo: Path) -> None:
     """An engine process that reads nothing (stopped here; an event loop held, or more requests than it reads, do the
     same): before, the front held every request sent meanwhile, and its memory grew by ~330 MiB a second under 200
@@ -1255,17 +1280,11 @@ def test_while_the_engine_process_reads_nothing_the_front_holds_at_most_max_fron
     counted. Health says SERVING meanwhile: the engine process is alive, and the heartbeat kills one that stays so for
     stuck_pass_seconds. Once it reads again, every held request gets Captum's numbers and the front holds nothing."""
     size = X.nbytes + REQUEST_COST
-    limits = EngineLimits(default_device="cpu", probe_batch_rows=False)
-    server = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits, max_front_bytes=3 * size))
+    server, client, before = serving_good(repo, EngineLimits(default_device="cpu", probe_batch_rows=False), max_front_bytes=3 * size)
     try:
-        client = AttributionClient(server.address, retry=NO_RETRY)
         core = server.running.core
-        np.testing.assert_allclose(client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5)
-        before = scrape(server.running.metrics_port)
-        pid = core.pid
-        os.kill(pid, signal.SIGSTOP)
         outcomes: list = []
-        try:
+        with stopped(server) as pid:
             threads = [in_thread(outcomes, lambda: client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60)) for _ in range(3)]
             until = time.monotonic() + 10
             while core.held_bytes != 3 * size:
@@ -1281,8 +1300,6 @@ def test_while_the_engine_process_reads_nothing_the_front_holds_at_most_max_fron
             assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
             assert scrape(server.running.metrics_port)[("attrserve_front_held_bytes", frozenset())] == 3 * size
             assert not outcomes
-        finally:
-            os.kill(pid, signal.SIGCONT)
         for thread in threads:
             thread.join(60)
         assert len(outcomes) == 3
@@ -1309,24 +1326,16 @@ def test_an_engine_process_that_does_not_answer_is_not_serving_until_it_answers_
     half of stuck_pass_seconds (at most 10 s), and SERVING again when it answers; nothing is killed or lost, and the
     request it held is answered with Captum's numbers."""
     # stuck_pass_seconds 12: a heartbeat every 3 s, NOT_SERVING after 6 s without an answer, killed after 12
-    limits = EngineLimits(default_device="cpu", probe_batch_rows=False, stuck_pass_seconds=12.0)
-    server = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=repo, limits=limits))
+    server, client, before = serving_good(repo, EngineLimits(default_device="cpu", probe_batch_rows=False, stuck_pass_seconds=12.0))
     try:
-        client = AttributionClient(server.address, retry=NO_RETRY)
         core = server.running.core
-        np.testing.assert_allclose(client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5)
-        before = scrape(server.running.metrics_port)
-        pid = core.pid
-        os.kill(pid, signal.SIGSTOP)
         outcome: list = []
-        try:
+        with stopped(server) as pid:
             thread = in_thread(outcome, lambda: client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60))
             wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING, timeout=11)
             serving, why = core.readiness(strict=False)
             assert not serving and f"the engine process {pid} has not answered for 6 s" in why, why
             assert core.pid == pid and core.up and not outcome
-        finally:
-            os.kill(pid, signal.SIGCONT)
         wait_health(server.address, health_pb2.HealthCheckResponse.SERVING, timeout=10)
         thread.join(60)
         np.testing.assert_allclose(outcome[0].attributions, captum(1), atol=1e-5)
