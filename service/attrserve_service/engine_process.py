@@ -147,9 +147,9 @@ def front_bytes_bound(config: ServerConfig) -> int:
     Why a bound: the engine's admission bounds what the engine process has read, but nothing bounded what the front
     held before that. With the engine process stopped (or its event loop held) for 10 s, 200 requests a second of
     588 KiB grew the front end to 4.5 GiB (bench/RESULTS.md, issue 12 step 41): a pod is killed for memory long before,
-    every request in flight with it. The front's memory grows by ~3 bytes for each byte it holds (gRPC's copy of the
-    message, its parse, the arrays, and the unsent frame while the engine process does not read: 842 MiB at 256 MiB
-    held there), so a thirty-second keeps it near a tenth of the pod's memory; 256 MiB is ~430 such requests."""
+    every request in flight with it. The front's memory grows by 2-3 bytes for each byte it holds (gRPC's copy of the
+    message, the arrays, and the unsent frame while the engine process does not read: a peak of 603 MiB at 256 MiB
+    held there), so a thirty-second keeps it under a tenth of the pod's memory; 256 MiB is ~430 such requests."""
     if config.max_front_bytes:
         return config.max_front_bytes
     return min(_FRONT_BYTES_CAP, limits.memory_limit() // 32)
