@@ -32,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -74,13 +73,9 @@ class Sampler(threading.Thread):
                 self.rss_kib.append(kib)
             ticks += 1
             if ticks % 5 == 0:
-                self.held.append(metric(self.metrics_port, "attrserve_front_held_bytes"))
-
-
-def metric(port: int, prefix: str) -> float:
-    """The sum of the samples of /metrics whose line starts with `prefix` (0 where there is none)."""
-    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith(prefix))
+                self.held.append(
+                    next((value for name, _, value in harness.samples(self.metrics_port) if name == "attrserve_front_held_bytes"), 0.0)
+                )
 
 
 async def flood(target: str, requests: list, rate: float, seconds: float, stop: tuple, engine_pid: int) -> dict[str, int]:
@@ -145,8 +140,9 @@ def run(scenario: str, setting: str, value: str) -> dict:
         sampler.done.set()
         sampler.join()
         refused = {
-            reason: int(metric(metrics_port, f'attrserve_requests_refused_total{{model="{w.model}",reason="{reason}"}}'))
-            for reason in ("front_bytes", "queue_rows", "queue_bytes", "queue_requests", "deadline")
+            labels["reason"]: int(value)
+            for name, labels, value in harness.samples(metrics_port)
+            if name == "attrserve_requests_refused_total" and labels.get("model") == w.model
         }
         return {
             "scenario": scenario,

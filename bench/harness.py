@@ -224,7 +224,7 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+([-+0-9.eEi
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-def _samples(metrics_port: int):
+def samples(metrics_port: int):
     """(name, labels, value) of every sample on attrserve's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -245,7 +245,7 @@ def scrape(metrics_port: int, model: str) -> dict[str, float]:
         "attrserve_queue_wait_seconds_count": "queue_count",
     }
     out = dict.fromkeys(wanted.values(), 0.0)
-    for name, labels, value in _samples(metrics_port):
+    for name, labels, value in samples(metrics_port):
         if name in wanted and labels.get("model") == model:
             out[wanted[name]] += value
     return out
@@ -253,7 +253,7 @@ def scrape(metrics_port: int, model: str) -> dict[str, float]:
 
 def device_memory(metrics_port: int) -> dict[str, float]:
     """attrserve_device_memory_bytes by device: what torch holds on each CUDA device in the engine process."""
-    return {labels["device"]: value for name, labels, value in _samples(metrics_port) if name == "attrserve_device_memory_bytes"}
+    return {labels["device"]: value for name, labels, value in samples(metrics_port) if name == "attrserve_device_memory_bytes"}
 
 
 def pass_sizes(metrics_port: int, model: str) -> dict[str, int]:
@@ -261,7 +261,7 @@ def pass_sizes(metrics_port: int, model: str) -> dict[str, int]:
     max_batch_rows as configured, or where the load-time probe and the tuner have taken it."""
     return {
         labels["kind"]: int(value)
-        for name, labels, value in _samples(metrics_port)
+        for name, labels, value in samples(metrics_port)
         if name == "attrserve_pass_size_rows" and labels.get("model") == model
     }
 

@@ -232,7 +232,9 @@ def watch_device(core: Core, device: str) -> None:
 
 
 def observe_engine(core: Core, version: str) -> None:
-    """The models that serve now (watch_model; later loads are watched by EngineMetrics), and the build info."""
+    """The models that serve now (watch_model; later loads are watched by EngineMetrics), the build info, and what the
+    front end holds for the engine (read at each scrape)."""
+    ATTRSERVE_FRONT_HELD_BYTES.set_function(lambda: core.held_bytes)
     snapshot = core.snapshot()
     for name, loads in snapshot.watched.items():
         for algorithms, device in loads:

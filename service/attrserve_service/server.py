@@ -144,7 +144,6 @@ async def create_server(config: ServerConfig, engine: Engine | None = None, laun
     security = ServerSecurity.from_config(config)  # TLS files and tokens first: a bad setting fails before any load
     core, engine = await _start_core(config, engine, launched)
     metrics.observe_engine(core, __version__)
-    metrics.ATTRSERVE_FRONT_HELD_BYTES.set_function(lambda: core.held_bytes)
     metrics.ATTRSERVE_ENGINE_PROCESS_UP.set(1.0)
     metrics.precreate_methods(
         [
