@@ -75,6 +75,7 @@ MINIMUMS: dict[str, float] = {
     "--busy-poll-us": 0,
     "--quarantine-seconds": 0,
     "--max-front-bytes": 0,
+    "--max-concurrent-rpcs": 0,
 }
 
 
@@ -308,6 +309,15 @@ SETTINGS: tuple[Setting, ...] = (
         "the server may use, at most 256 MiB; without an engine process, unused)",
         int,
         "BYTES",
+    ),
+    Setting(
+        "--max-concurrent-rpcs",
+        "max_concurrent_rpcs",
+        "calls gRPC may have in flight, of every method (health checks too); past it gRPC refuses a call with "
+        "RESOURCE_EXHAUSTED before reading its message, which bounds the memory of a flood the front end cannot read "
+        "as fast as it comes (0: no bound)",
+        int,
+        "N",
     ),
     Setting(
         "--allocator",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from grpc._cython import cygrpc  # type: ignore[attr-defined]  # channelz: no public Python API in grpcio
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -128,6 +130,12 @@ ATTRSERVE_FRONT_HELD_BYTES = Gauge(
     "Bytes of requests the front end holds for the engine process until they are answered (their tensors plus 32 KiB "
     "each); at --max-front-bytes, new requests are refused (reason front_bytes). 0 without an engine process.",
 )
+ATTRSERVE_GRPC_CORE_CALLS_STARTED_TOTAL = Counter(
+    "attrserve_grpc_core_calls_started",
+    "Calls gRPC's core started on the server (its channelz count, followed at each scrape of /metrics), those "
+    "attrserve's code never saw included: less the sum of grpc_server_started_total, the calls gRPC refused at "
+    "--max-concurrent-rpcs or ended itself.",
+)
 ATTRSERVE_SUSPECT_PROBES_TOTAL = Counter(
     "attrserve_suspect_probes_total",
     "Requests run alone because they were computing when the engine process died, by outcome: served (answered, so not "
@@ -241,6 +249,43 @@ def observe_engine(core: Core, version: str) -> None:
             watch_model(core, name, algorithms, device)
     devices = ",".join(snapshot.devices) or "none"
     ATTRSERVE_BUILD_INFO.labels(version, snapshot.torch, devices, snapshot.allocator, snapshot.event_loop).set(1.0)
+
+
+def grpc_server_ids() -> set[int]:
+    """The channelz ids of the gRPC servers of this process (grpc's core registers a server when it is built and drops
+    it when it stops)."""
+    ids: set[int] = set()
+    while True:
+        page = json.loads(cygrpc.channelz_get_servers(max(ids, default=-1) + 1))
+        ids.update(int(server["ref"]["serverId"]) for server in page.get("server", ()))
+        if page.get("end", True) or not page.get("server"):
+            return ids
+
+
+class GrpcCoreCalls:
+    """Follows gRPC's channelz count of the calls its core started on one server into
+    attrserve_grpc_core_calls_started_total. Every call that reaches attrserve's code is in grpc_server_started_total
+    (methods.py); the difference is the calls gRPC ended itself: refused at --max-concurrent-rpcs (RESOURCE_EXHAUSTED,
+    before reading the message), cancelled before their handler ran, or of a method the server does not have."""
+
+    def __init__(self, before: set[int]) -> None:
+        """The server is the one gRPC built since `before` (grpc_server_ids() then); with none or several (servers built
+        at once in one process, as tests may), nothing is followed."""
+        built = grpc_server_ids() - before
+        self.server_id = built.pop() if len(built) == 1 else None
+        self.counted = 0
+
+    def sync(self) -> None:
+        """Add the calls started since the last sync (the /metrics endpoint calls it ahead of every page)."""
+        if self.server_id is None:
+            return
+        try:
+            started = int(json.loads(cygrpc.channelz_get_server(self.server_id))["server"]["data"].get("callsStarted", 0))
+        except (ValueError, KeyError):  # the server has stopped: channelz has dropped it
+            return
+        if started > self.counted:
+            ATTRSERVE_GRPC_CORE_CALLS_STARTED_TOTAL.inc(started - self.counted)
+            self.counted = started
 
 
 def _backlog(core: Core, name: str, which: int) -> float:

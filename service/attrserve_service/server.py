@@ -158,13 +158,16 @@ async def create_server(config: ServerConfig, engine: Engine | None = None, laun
         ]
     )
 
+    servers_before = metrics.grpc_server_ids()
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
         ],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
     )
+    grpc_calls = metrics.GrpcCoreCalls(servers_before)
     # Every service through the registrar: each method wrapped once with its token check, statuses and metrics
     # (methods.py; no interceptors, which grpc runs on every call).
     registrar = Registrar(server, security.auth)
@@ -197,7 +200,12 @@ async def create_server(config: ServerConfig, engine: Engine | None = None, laun
         attribution=attribution,
     )
     if config.metrics_port is not None:
-        endpoint = MetricsEndpoint(before=core.refresh)
+
+        async def before_page() -> None:
+            grpc_calls.sync()
+            await core.refresh()
+
+        endpoint = MetricsEndpoint(before=before_page)
         try:
             running.metrics_port = await endpoint.start(config.host, config.metrics_port)
         except OSError:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 import torch
 from captum.attr import IntegratedGradients
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -226,3 +227,53 @@ def test_a_burst_far_over_capacity_is_refused_with_a_retry_hint_and_leaves_the_s
                 got = client.attribute(MODEL, "integrated_gradients", xs[i], target=i % 2, params={"n_steps": N_STEPS}, timeout=60)
                 assert_all_close((torch.from_numpy(got.attributions),), (want[i],))
         assert "Traceback" not in server.output(), server.output()
+
+
+def unseen_calls(scraped: dict) -> float:
+    """Calls gRPC's core started that attrserve's code never saw: its channelz count less grpc_server_started_total."""
+    seen = sum(v for (name, _), v in scraped.items() if name == "grpc_server_started_total")
+    return scraped[("attrserve_grpc_core_calls_started_total", frozenset())] - seen
+
+
+def test_past_max_concurrent_rpcs_grpc_refuses_a_call_before_its_message_counted_and_the_server_serves_on() -> None:
+    """--max-concurrent-rpcs 3 with three health Watch streams open: an Attribute call is refused by gRPC with
+    RESOURCE_EXHAUSTED and never reaches attrserve's code, and attrserve_grpc_core_calls_started_total counts it (as it
+    counts a call of a method the server does not have). Once the streams end, the same request is answered with
+    Captum's numbers and health says SERVING."""
+    xs = examples()
+    with ServeProcess(["--max-concurrent-rpcs", "3", "--max-batch-rows", "256"], metrics=True) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.AttributionServiceStub(channel)
+            assert unseen_calls(scrape(server.metrics_port)) == 0
+            with pytest.raises(grpc.RpcError) as unknown:
+                channel.unary_unary("/attrserve.v1.AttributionService/NoSuchMethod")(b"", timeout=10)
+            assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert unseen_calls(scrape(server.metrics_port)) == 1
+
+            watches = [health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE)) for _ in range(3)]
+            try:
+                for watch in watches:
+                    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.Attribute(request(xs, 0), timeout=10)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "Concurrent RPC limit exceeded" in refused.value.details()
+                scraped = scrape(server.metrics_port)
+                assert unseen_calls(scraped) == 2
+                assert refused_total(scraped) == 0  # admission never saw it
+            finally:
+                for watch in watches:
+                    watch.cancel()
+
+            deadline = time.monotonic() + 10
+            while True:  # the streams' ends reach the server's count a moment after the client cancels them
+                try:
+                    answer = stub.Attribute(request(xs, 0), timeout=10)
+                    break
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                    time.sleep(0.05)
+            assert_all_close((torch.from_numpy(from_tensor_proto(answer.attributions[0])),), (captum_answers(xs[:1])[0],))
+            assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+            scraped = scrape(server.metrics_port)
+            assert scraped[("grpc_server_handled_total", frozenset({"grpc_service": SERVICE, "grpc_method": "Attribute", "grpc_type": "unary", "grpc_code": "OK"}.items()))] == 1
