@@ -17,9 +17,14 @@ services would. The front end's RSS is read every 0.1 s.
 - stopped-small: W1 (256-byte inputs) at 1,500 a second, stopped from 2 s to 10 s: what each request costs beyond its
   tensors.
 - overload: W6 at 600 a second for 6 s, nothing stopped: three times what the engine computes.
+- flood: W6 at up to 1,800 a second for 6 s (the load client sends what it can, ~700-1,300): more than the front end's
+  gRPC reads. Try it with `cap=env:ATTRSERVE_MAX_CONCURRENT_RPCS=200`.
 
 Per row: the front end's RSS before, its peak, and at the end (all answered); the requests it held at most
-(attrserve_front_held_bytes, scraped every 0.5 s); what the callers got; the refusals by reason. Nothing asserts.
+(attrserve_front_held_bytes, scraped every 0.5 s); what the callers got; the refusals by reason; the calls gRPC ended
+before attrserve's code saw them (attrserve_grpc_core_calls_started_total less grpc_server_started_total: refused at
+--max-concurrent-rpcs; "—" for a server without that metric); a health Check every 0.5 s on a connection of its own
+(3 s timeout, as Kubernetes probes): what they got, and the slowest. Nothing asserts.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import time
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -51,6 +57,7 @@ SCENARIOS = {
     "stopped": ("W6", 200.0, 16.0, 2.0, 12.0),
     "stopped-small": ("W1", 1500.0, 12.0, 2.0, 10.0),
     "overload": ("W6", 600.0, 6.0, None, None),
+    "flood": ("W6", 1800.0, 6.0, None, None),
 }
 SETTINGS = {"unbounded": 1 << 40, "default": 0}
 
@@ -76,6 +83,30 @@ class Sampler(threading.Thread):
                 self.held.append(
                     next((value for name, _, value in harness.samples(self.metrics_port) if name == "attrserve_front_held_bytes"), 0.0)
                 )
+
+
+class HealthProber(threading.Thread):
+    """A health Check every 0.5 s on a connection of its own with a 3 s timeout, as Kubernetes' gRPC probes make them
+    (deploy/k8s: readiness 3 s, liveness 5 s), until stopped: what each got, and the slowest answer."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(daemon=True)
+        self.target = target
+        self.outcomes: dict[str, int] = {}
+        self.slowest = 0.0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            start = time.monotonic()
+            with grpc.insecure_channel(self.target) as channel:
+                try:
+                    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3).status
+                    outcome = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+                except grpc.RpcError as e:
+                    outcome = e.code().name
+            self.slowest = max(self.slowest, time.monotonic() - start)
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
 
 async def flood(target: str, requests: list, rate: float, seconds: float, stop: tuple, engine_pid: int) -> dict[str, int]:
@@ -135,15 +166,21 @@ def run(scenario: str, setting: str, value: str) -> dict:
             engine_pid = int(f.read().split()[0])
         sampler = Sampler(server.pid, metrics_port)
         before = harness.proc_status_kib(server.pid, "VmRSS") or 0
+        prober = HealthProber(server.target)
         sampler.start()
+        prober.start()
         codes = asyncio.run(flood(server.target, w.requests(), rate, seconds, tuple(stop), engine_pid))
-        sampler.done.set()
-        sampler.join()
+        for thread in (sampler, prober):
+            thread.done.set()
+            thread.join()
+        samples = list(harness.samples(metrics_port))
         refused = {
             labels["reason"]: int(value)
-            for name, labels, value in harness.samples(metrics_port)
+            for name, labels, value in samples
             if name == "attrserve_requests_refused_total" and labels.get("model") == w.model
         }
+        core = sum(value for name, _, value in samples if name == "attrserve_grpc_core_calls_started_total")
+        seen = sum(value for name, _, value in samples if name == "grpc_server_started_total")
         return {
             "scenario": scenario,
             "setting": setting,
@@ -154,6 +191,8 @@ def run(scenario: str, setting: str, value: str) -> dict:
             "sent": sum(codes.values()),
             "callers got": ", ".join(f"{k} {v}" for k, v in sorted(codes.items())),
             "refused by reason": ", ".join(f"{k} {v}" for k, v in refused.items() if v),
+            "ended by gRPC": int(core - seen) if core else "—",
+            "health checks": ", ".join(f"{k} {v}" for k, v in sorted(prober.outcomes.items())) + f"; slowest {prober.slowest:.1f} s",
             "engine process": "the same" if server.proc.poll() is None and os.path.exists(f"/proc/{engine_pid}") else "GONE",
         }
     finally:
