@@ -1,8 +1,9 @@
 """The front end's memory under a flood: open-loop callers send more requests than the engine process reads, or the
 engine process is stopped and reads none. The front end holds at most --max-front-bytes of requests for the engine
 process and refuses the rest (RESOURCE_EXHAUSTED, reason front_bytes); "unbounded" is the server before that bound
-(--max-front-bytes 1 TiB), measured in the same run. A setting `NAME=env:KEY=VALUE` runs the server with that
-environment variable and without the flag: the code before, through a worktree's PYTHONPATH.
+(--max-front-bytes 1 TiB), measured in the same run. A setting `NAME=env:KEY=VALUE [env:KEY=VALUE ...]` runs the server
+with those environment variables and without the flag: the code before, through a worktree's PYTHONPATH, or settings
+such as ATTRSERVE_MAX_PENDING_CALLS.
 
     .venv/bin/python bench/flood.py                      # the three scenarios below, both settings: ~3 minutes
     .venv/bin/python bench/flood.py --scenarios stopped --settings default,64MiB=67108864
@@ -17,13 +18,14 @@ services would. The front end's RSS is read every 0.1 s.
 - stopped-small: W1 (256-byte inputs) at 1,500 a second, stopped from 2 s to 10 s: what each request costs beyond its
   tensors.
 - overload: W6 at 600 a second for 6 s, nothing stopped: three times what the engine computes.
-- flood: W6 at up to 1,800 a second for 6 s (the load client sends what it can, ~700-1,300): more than the front end's
-  gRPC reads. Try it with `cap=env:ATTRSERVE_MAX_CONCURRENT_RPCS=200`.
+- flood: W6 at up to 1,800 a second for 6 s (the load client sends what it can, ~700-1,800): more than the front end's
+  event loop takes from gRPC. With the pod's settings:
+  `--settings "pod=67108864,pod-p256=env:ATTRSERVE_MAX_FRONT_BYTES=67108864 env:ATTRSERVE_MAX_PENDING_CALLS=256"`.
 
 Per row: the front end's RSS before, its peak, and at the end (all answered); the requests it held at most
 (attrserve_front_held_bytes, scraped every 0.5 s); what the callers got; the refusals by reason; the calls gRPC ended
-before attrserve's code saw them (attrserve_grpc_core_calls_started_total less grpc_server_started_total: refused at
---max-concurrent-rpcs; "—" for a server without that metric); a health Check every 0.5 s on a connection of its own
+before attrserve's code saw them (attrserve_grpc_core_calls_started_total less grpc_server_started_total: cancelled
+past --max-pending-calls or gRPC's own bound; "—" for a server without that metric); a health Check every 0.5 s on a connection of its own
 (3 s timeout, as Kubernetes probes): what they got, and the slowest. Nothing asserts.
 """
 
@@ -86,7 +88,7 @@ class Sampler(threading.Thread):
 
 
 class HealthProber(threading.Thread):
-    """A health Check every 0.5 s on a connection of its own with a 3 s timeout, as Kubernetes' gRPC probes make them
+    """A gRPC health Check every 0.5 s on a connection of its own with a 3 s timeout, as Kubernetes' probes make them
     (deploy/k8s: readiness 3 s, liveness 5 s), until stopped: what each got, and the slowest answer."""
 
     def __init__(self, target: str) -> None:
@@ -107,6 +109,9 @@ class HealthProber(threading.Thread):
                     outcome = e.code().name
             self.slowest = max(self.slowest, time.monotonic() - start)
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def said(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items())) + f"; slowest {self.slowest:.1f} s"
 
 
 async def flood(target: str, requests: list, rate: float, seconds: float, stop: tuple, engine_pid: int) -> dict[str, int]:
@@ -156,7 +161,7 @@ def run(scenario: str, setting: str, value: str) -> dict:
     repo = Path(tempfile.mkdtemp())
     (repo / w.model).symlink_to(MODELS / w.model)
     port, metrics_port = harness.free_port(), harness.free_port()
-    env = dict([value.removeprefix("env:").split("=", 1)]) if value.startswith("env:") else {}
+    env = dict(token.removeprefix("env:").split("=", 1) for token in value.split()) if value.startswith("env:") else {}
     argv = harness.attrserve_argv(repo, port, metrics_port, [] if env else ["--max-front-bytes", value])
     server = harness.ServerProcess(setting, argv, port, HERE / "out" / f"flood-{scenario}-{setting}.log", env=env)
     server.start()
@@ -192,7 +197,7 @@ def run(scenario: str, setting: str, value: str) -> dict:
             "callers got": ", ".join(f"{k} {v}" for k, v in sorted(codes.items())),
             "refused by reason": ", ".join(f"{k} {v}" for k, v in refused.items() if v),
             "ended by gRPC": int(core - seen) if core else "—",
-            "health checks": ", ".join(f"{k} {v}" for k, v in sorted(prober.outcomes.items())) + f"; slowest {prober.slowest:.1f} s",
+            "health checks": prober.said(),
             "engine process": "the same" if server.proc.poll() is None and os.path.exists(f"/proc/{engine_pid}") else "GONE",
         }
     finally:
@@ -205,7 +210,7 @@ def main() -> None:
     parser.add_argument(
         "--settings",
         default=",".join(SETTINGS),
-        help="comma-separated NAME, NAME=BYTES (--max-front-bytes; 0: the default) or NAME=env:KEY=VALUE (no flag)",
+        help="comma-separated NAME, NAME=BYTES (--max-front-bytes; 0: the default) or NAME=env:KEY=VALUE [env:KEY=VALUE ...] (no flag)",
     )
     args = parser.parse_args()
     settings = []

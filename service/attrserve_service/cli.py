@@ -75,7 +75,7 @@ MINIMUMS: dict[str, float] = {
     "--busy-poll-us": 0,
     "--quarantine-seconds": 0,
     "--max-front-bytes": 0,
-    "--max-concurrent-rpcs": 0,
+    "--max-pending-calls": 0,
 }
 
 
@@ -311,11 +311,10 @@ SETTINGS: tuple[Setting, ...] = (
         "BYTES",
     ),
     Setting(
-        "--max-concurrent-rpcs",
-        "max_concurrent_rpcs",
-        "calls gRPC may have in flight, of every method (health checks too); past it gRPC refuses a call with "
-        "RESOURCE_EXHAUSTED before reading its message, which bounds the memory of a flood the front end cannot read "
-        "as fast as it comes (0: no bound)",
+        "--max-pending-calls",
+        "max_pending_calls",
+        "calls gRPC may hold, with their messages, that the front end has not taken yet (while its event loop is behind "
+        "a flood); past it gRPC cancels a new call before attrserve sees it (0: gRPC's own, 1,000 to 3,000)",
         int,
         "N",
     ),

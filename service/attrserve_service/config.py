@@ -67,10 +67,11 @@ class ServerConfig:
     # RESOURCE_EXHAUSTED (EngineProcess.attribute); 0: engine_process.front_bytes_bound's default. Only with
     # engine_process: an engine in this process refuses at admission before the front holds anything.
     max_front_bytes: int = 0
-    # Calls gRPC may have in flight on the server, every method's (grpc.aio.server's maximum_concurrent_rpcs); past it
-    # gRPC itself refuses a call with RESOURCE_EXHAUSTED before reading its message, and attrserve's code never sees
-    # it (attrserve_grpc_core_calls_started_total counts it). 0: no bound. Off by default: health checks are calls too.
-    max_concurrent_rpcs: int = 0
+    # Calls gRPC's core may hold, each with its message, that the front end's event loop has not taken yet (gRPC's
+    # grpc.server.max_pending_requests and its hard limit, both set to it); past it gRPC cancels a new call (CANCELLED)
+    # before attrserve's code sees it (attrserve_grpc_core_calls_started_total counts it). 0: gRPC's own, which starts
+    # cancelling at 1,000 and cancels every call past 3,000. They wait only while the event loop is behind.
+    max_pending_calls: int = 0
     # The engine process's C heap (launch.allocator_preload): "auto" (tcmalloc where it is installed and
     # LD_PRELOAD is not set), "tcmalloc" (required), "glibc" (the C library's malloc), or a malloc library's path.
     allocator: str = "auto"

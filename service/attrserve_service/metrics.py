@@ -133,8 +133,8 @@ ATTRSERVE_FRONT_HELD_BYTES = Gauge(
 ATTRSERVE_GRPC_CORE_CALLS_STARTED_TOTAL = Counter(
     "attrserve_grpc_core_calls_started",
     "Calls gRPC's core started on the server (its channelz count, followed at each scrape of /metrics), those "
-    "attrserve's code never saw included: less the sum of grpc_server_started_total, the calls gRPC refused at "
-    "--max-concurrent-rpcs or ended itself.",
+    "attrserve's code never saw included: less the sum of grpc_server_started_total, the calls gRPC ended itself "
+    "(cancelled past --max-pending-calls).",
 )
 ATTRSERVE_SUSPECT_PROBES_TOTAL = Counter(
     "attrserve_suspect_probes_total",
@@ -265,8 +265,8 @@ def grpc_server_ids() -> set[int]:
 class GrpcCoreCalls:
     """Follows gRPC's channelz count of the calls its core started on one server into
     attrserve_grpc_core_calls_started_total. Every call that reaches attrserve's code is in grpc_server_started_total
-    (methods.py); the difference is the calls gRPC ended itself: refused at --max-concurrent-rpcs (RESOURCE_EXHAUSTED,
-    before reading the message), cancelled before their handler ran, or of a method the server does not have."""
+    (methods.py); the difference is the calls gRPC ended itself: cancelled while they waited for the event loop to take
+    them (past --max-pending-calls, or gRPC's own bound), or of a method the server does not have."""
 
     def __init__(self, before: set[int]) -> None:
         """The server is the one gRPC built since `before` (grpc_server_ids() then); with none or several (servers built

@@ -164,8 +164,8 @@ async def create_server(config: ServerConfig, engine: Engine | None = None, laun
             ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),
+            *pending_calls_options(config.max_pending_calls),
         ],
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs or None,
     )
     grpc_calls = metrics.GrpcCoreCalls(servers_before)
     # Every service through the registrar: each method wrapped once with its token check, statuses and metrics
@@ -227,6 +227,16 @@ async def create_server(config: ServerConfig, engine: Engine | None = None, laun
     if config.model_control == CONTROL_POLL:
         running._poller = asyncio.ensure_future(core.poll_forever(config.repository_poll_seconds))
     return running
+
+
+def pending_calls_options(bound: int) -> list[tuple[str, int]]:
+    """gRPC's options for --max-pending-calls: the calls its core holds that the event loop has not taken yet. Past the
+    soft limit gRPC cancels a new call with a chance that grows to 1 at the hard limit; both at `bound`: every new call
+    past it. [] (0): gRPC's own, 1,000 and 3,000, which let a flood of 588 KiB images hold ~2 GiB in the front end
+    (bench/RESULTS.md, issue 12 step 42)."""
+    if not bound:
+        return []
+    return [("grpc.server.max_pending_requests", bound), ("grpc.server.max_pending_requests_hard_limit", bound)]
 
 
 async def serve(config: ServerConfig, launched: Launched | None = None) -> int:

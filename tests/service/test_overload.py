@@ -15,7 +15,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
 import torch
 from captum.attr import IntegratedGradients
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,8 +23,9 @@ from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_client import AttributionClient
 from attrserve_client.tensors import from_tensor_proto
-from oracle import assert_all_close
-from servers import ROOT, ServeProcess, scrape
+from attrserve_service.config import ServerConfig
+from oracle import MODELS, assert_all_close
+from servers import ROOT, ServeProcess, ServerThread, oracle_engine, scrape
 
 MODEL = "image"
 N_STEPS = 200  # IG on one example: 200 rows of model work a request
@@ -235,45 +235,49 @@ def unseen_calls(scraped: dict) -> float:
     return scraped[("attrserve_grpc_core_calls_started_total", frozenset())] - seen
 
 
-def test_past_max_concurrent_rpcs_grpc_refuses_a_call_before_its_message_counted_and_the_server_serves_on() -> None:
-    """--max-concurrent-rpcs 3 with three health Watch streams open: an Attribute call is refused by gRPC with
-    RESOURCE_EXHAUSTED and never reaches attrserve's code, and attrserve_grpc_core_calls_started_total counts it (as it
-    counts a call of a method the server does not have). Once the streams end, the same request is answered with
-    Captum's numbers and health says SERVING."""
-    xs = examples()
-    with ServeProcess(["--max-concurrent-rpcs", "3", "--max-batch-rows", "256"], metrics=True) as server:
+def test_past_max_pending_calls_grpc_cancels_what_the_event_loop_has_not_taken_counted_and_the_server_serves_on() -> None:
+    """--max-pending-calls 4 and the front end's event loop held for 2 s, as a flood it cannot read as fast as it comes
+    holds it: of 24 calls sent meanwhile, gRPC keeps a few (its bound, and the one the server had asked for) and cancels
+    the rest before attrserve's code sees them. attrserve_grpc_core_calls_started_total counts each of those, which no
+    metric showed before. Once the loop runs, the calls kept are answered with Captum's numbers, health says SERVING and
+    a new call is answered too."""
+    x = np.array([[0.3, -0.2, 0.9]], dtype=np.float32)
+    want = IntegratedGradients(MODELS["toy"]()).attribute(torch.from_numpy(x), target=1, n_steps=20)
+    message = AttributionClient.build_request("toy", "integrated_gradients", x, target=1, params={"n_steps": 20})
+    server = ServerThread(oracle_engine(), ServerConfig(port=0, metrics_port=0, max_pending_calls=4))
+    try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.AttributionServiceStub(channel)
-            assert unseen_calls(scrape(server.metrics_port)) == 0
-            with pytest.raises(grpc.RpcError) as unknown:
-                channel.unary_unary("/attrserve.v1.AttributionService/NoSuchMethod")(b"", timeout=10)
-            assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
-            assert unseen_calls(scrape(server.metrics_port)) == 1
+            first = stub.Attribute(message, timeout=30)  # the channel is connected; the server waits for calls
+            assert_all_close((torch.from_numpy(from_tensor_proto(first.attributions[0])),), (want,))
+            before = scrape(server.running.metrics_port)  # (the process's counts: other tests' servers are in them)
 
-            watches = [health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE)) for _ in range(3)]
-            try:
-                for watch in watches:
-                    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-                with pytest.raises(grpc.RpcError) as refused:
-                    stub.Attribute(request(xs, 0), timeout=10)
-                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "Concurrent RPC limit exceeded" in refused.value.details()
-                scraped = scrape(server.metrics_port)
-                assert unseen_calls(scraped) == 2
-                assert refused_total(scraped) == 0  # admission never saw it
-            finally:
-                for watch in watches:
-                    watch.cancel()
+            holding = threading.Event()
 
-            deadline = time.monotonic() + 10
-            while True:  # the streams' ends reach the server's count a moment after the client cancels them
+            def hold() -> None:
+                holding.set()
+                time.sleep(2.0)
+
+            server.loop.call_soon_threadsafe(hold)
+            assert holding.wait(10)
+            calls = [stub.Attribute.future(message, timeout=30) for _ in range(24)]
+            outcomes = Counter()
+            for call in calls:
                 try:
-                    answer = stub.Attribute(request(xs, 0), timeout=10)
-                    break
-                except grpc.RpcError as e:
-                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
-                    time.sleep(0.05)
-            assert_all_close((torch.from_numpy(from_tensor_proto(answer.attributions[0])),), (captum_answers(xs[:1])[0],))
+                    answer = call.result()
+                    assert_all_close((torch.from_numpy(from_tensor_proto(answer.attributions[0])),), (want,))
+                    outcomes["OK"] += 1
+                except grpc.RpcError:
+                    outcomes[call.code().name] += 1
+            print(f"\n24 calls while the event loop was held: {dict(outcomes)}")
+            assert set(outcomes) == {"OK", "CANCELLED"} and 0 < outcomes["OK"] <= 8, outcomes
+
+            after = scrape(server.running.metrics_port)
+            assert unseen_calls(after) - unseen_calls(before) == outcomes["CANCELLED"]
+            ok = ("grpc_server_handled_total", frozenset({"grpc_service": SERVICE, "grpc_method": "Attribute", "grpc_type": "unary", "grpc_code": "OK"}.items()))
+            assert after[ok] - before[ok] == outcomes["OK"]
             assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
-            scraped = scrape(server.metrics_port)
-            assert scraped[("grpc_server_handled_total", frozenset({"grpc_service": SERVICE, "grpc_method": "Attribute", "grpc_type": "unary", "grpc_code": "OK"}.items()))] == 1
+            again = stub.Attribute(message, timeout=30)
+            assert_all_close((torch.from_numpy(from_tensor_proto(again.attributions[0])),), (want,))
+    finally:
+        server.stop()
