@@ -25,8 +25,8 @@ services would. The front end's RSS is read every 0.1 s.
 Per row: the front end's RSS before, its peak, and at the end (all answered); the requests it held at most
 (attrserve_front_held_bytes, scraped every 0.5 s); what the callers got; the refusals by reason; the calls gRPC ended
 before attrserve's code saw them (attrserve_grpc_core_calls_started_total less grpc_server_started_total: cancelled
-past --max-pending-calls or gRPC's own bound; "—" for a server without that metric); a health Check every 0.5 s on a connection of its own
-(3 s timeout, as Kubernetes probes): what they got, and the slowest. Nothing asserts.
+past --max-pending-calls or gRPC's own bound; "—" for a server without that metric); a health Check every 0.5 s on a
+connection of its own (3 s timeout, as Kubernetes probes): what they got, and the slowest. Nothing asserts.
 """
 
 from __future__ import annotations
