@@ -22,11 +22,12 @@ services would. The front end's RSS is read every 0.1 s.
   event loop takes from gRPC. With the pod's settings:
   `--settings "pod=67108864,pod-p256=env:ATTRSERVE_MAX_FRONT_BYTES=67108864 env:ATTRSERVE_MAX_PENDING_CALLS=256"`.
 
-Per row: the front end's RSS before, its peak, and at the end (all answered); the requests it held at most
-(attrserve_front_held_bytes, scraped every 0.5 s); what the callers got; the refusals by reason; the calls gRPC ended
-before attrserve's code saw them (attrserve_grpc_core_calls_started_total less grpc_server_started_total: cancelled
-past --max-pending-calls or gRPC's own bound; "—" for a server without that metric); a health Check every 0.5 s on a
-connection of its own (3 s timeout, as Kubernetes probes): what they got, and the slowest. Nothing asserts.
+`--repeat N` runs each scenario N times on the same server, a row a round. Per row: the front end's RSS before, its
+peak, and at the end (all answered); the requests it held at most (attrserve_front_held_bytes, scraped every 0.5 s);
+what the callers got; the refusals by reason; the calls gRPC ended before attrserve's code saw them
+(attrserve_grpc_core_calls_started_total less grpc_server_started_total: cancelled past --max-pending-calls or gRPC's
+own bound; "—" for a server without that metric); a health Check every 0.5 s on a connection of its own (3 s timeout,
+as Kubernetes probes): what they got, and the slowest. Nothing asserts.
 """
 
 from __future__ import annotations
@@ -154,8 +155,23 @@ async def flood(target: str, requests: list, rate: float, seconds: float, stop: 
     return codes
 
 
-def run(scenario: str, setting: str, value: str) -> dict:
-    """One scenario on a fresh server with one setting (`value`: --max-front-bytes, or env:KEY=VALUE)."""
+def counts(metrics_port: int, model: str) -> dict[str, float]:
+    """The server's counts so far: its refusals of `model`'s requests by reason, gRPC's own count of the calls its core
+    started ("core") and the calls that reached attrserve's code ("seen")."""
+    samples = list(harness.samples(metrics_port))
+    out = {
+        labels["reason"]: value
+        for name, labels, value in samples
+        if name == "attrserve_requests_refused_total" and labels.get("model") == model
+    }
+    out["core"] = sum(value for name, _, value in samples if name == "attrserve_grpc_core_calls_started_total")
+    out["seen"] = sum(value for name, _, value in samples if name == "grpc_server_started_total")
+    return out
+
+
+def run(scenario: str, setting: str, value: str, repeat: int = 1) -> list[dict]:
+    """One scenario `repeat` times on one fresh server with one setting (`value`: --max-front-bytes, or env:KEY=VALUE
+    ...): a row a round, each with that round's counts."""
     name, rate, seconds, *stop = SCENARIOS[scenario]
     w = all_workloads()[name]
     repo = Path(tempfile.mkdtemp())
@@ -169,37 +185,39 @@ def run(scenario: str, setting: str, value: str) -> dict:
         server.wait_ready([w.model])
         with open(f"/proc/{server.pid}/task/{server.pid}/children") as f:
             engine_pid = int(f.read().split()[0])
-        sampler = Sampler(server.pid, metrics_port)
-        before = harness.proc_status_kib(server.pid, "VmRSS") or 0
-        prober = HealthProber(server.target)
-        sampler.start()
-        prober.start()
-        codes = asyncio.run(flood(server.target, w.requests(), rate, seconds, tuple(stop), engine_pid))
-        for thread in (sampler, prober):
-            thread.done.set()
-            thread.join()
-        samples = list(harness.samples(metrics_port))
-        refused = {
-            labels["reason"]: int(value)
-            for name, labels, value in samples
-            if name == "attrserve_requests_refused_total" and labels.get("model") == w.model
-        }
-        core = sum(value for name, _, value in samples if name == "attrserve_grpc_core_calls_started_total")
-        seen = sum(value for name, _, value in samples if name == "grpc_server_started_total")
-        return {
-            "scenario": scenario,
-            "setting": setting,
-            "front RSS before MiB": before >> 10,
-            "peak MiB": max(sampler.rss_kib, default=0) >> 10,
-            "at the end MiB": (harness.proc_status_kib(server.pid, "VmRSS") or 0) >> 10,
-            "held at most MiB": f"{max(sampler.held, default=0.0) / 2**20:.1f}",
-            "sent": sum(codes.values()),
-            "callers got": ", ".join(f"{k} {v}" for k, v in sorted(codes.items())),
-            "refused by reason": ", ".join(f"{k} {v}" for k, v in refused.items() if v),
-            "ended by gRPC": int(core - seen) if core else "—",
-            "health checks": prober.said(),
-            "engine process": "the same" if server.proc.poll() is None and os.path.exists(f"/proc/{engine_pid}") else "GONE",
-        }
+        rows, last = [], counts(metrics_port, w.model)
+        for round_ in range(1, repeat + 1):
+            sampler = Sampler(server.pid, metrics_port)
+            before = harness.proc_status_kib(server.pid, "VmRSS") or 0
+            prober = HealthProber(server.target)
+            sampler.start()
+            prober.start()
+            codes = asyncio.run(flood(server.target, w.requests(), rate, seconds, tuple(stop), engine_pid))
+            for thread in (sampler, prober):
+                thread.done.set()
+                thread.join()
+            now = counts(metrics_port, w.model)
+            grew = {key: int(now[key] - last.get(key, 0.0)) for key in now}
+            last = now
+            rows.append(
+                {
+                    "scenario": scenario,
+                    "setting": setting,
+                    "round": round_,
+                    "front RSS before MiB": before >> 10,
+                    "peak MiB": max(sampler.rss_kib, default=0) >> 10,
+                    "at the end MiB": (harness.proc_status_kib(server.pid, "VmRSS") or 0) >> 10,
+                    "held at most MiB": f"{max(sampler.held, default=0.0) / 2**20:.1f}",
+                    "sent": sum(codes.values()),
+                    "callers got": ", ".join(f"{k} {v}" for k, v in sorted(codes.items())),
+                    "refused by reason": ", ".join(f"{k} {v}" for k, v in grew.items() if v and k not in ("core", "seen")),
+                    "ended by gRPC": grew["core"] - grew["seen"] if now["core"] else "—",
+                    "health checks": prober.said(),
+                    "engine process": "the same" if server.proc.poll() is None and os.path.exists(f"/proc/{engine_pid}") else "GONE",
+                }
+            )
+            print(rows[-1], flush=True)
+        return rows
     finally:
         server.stop()
 
@@ -212,6 +230,7 @@ def main() -> None:
         default=",".join(SETTINGS),
         help="comma-separated NAME, NAME=BYTES (--max-front-bytes; 0: the default) or NAME=env:KEY=VALUE [env:KEY=VALUE ...] (no flag)",
     )
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of each scenario on the same server (a row each)")
     args = parser.parse_args()
     settings = []
     for item in args.settings.split(","):
@@ -220,8 +239,7 @@ def main() -> None:
     rows = []
     for scenario in args.scenarios.split(","):
         for name, value in settings:
-            rows.append(run(scenario, name, value))
-            print(rows[-1], flush=True)
+            rows += run(scenario, name, value, args.repeat)
     print()
     print_rows(rows)
 
