@@ -144,12 +144,19 @@ FRONT_MMAP_THRESHOLD = 32 << 20
 FRONT_TRIM_THRESHOLD = 128 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 _GLIBC_TUNABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_front_tuned = False  # tune_front_malloc fixed the thresholds in this process
+
+
+def front_heap_tuned() -> bool:
+    """Whether this process's malloc is glibc with the front end's thresholds, which tune_front_malloc fixed."""
+    return _front_tuned
 
 
 def tune_front_malloc(environ: Mapping[str, str]) -> str:
     """Fix glibc's mmap and trim thresholds in this process (FRONT_MMAP_THRESHOLD, FRONT_TRIM_THRESHOLD), and say
     what malloc it runs on. Left alone: another malloc preloaded (tcmalloc, jemalloc: they do not hand memory back so
     eagerly), thresholds the operator set in the environment, a C library that is not glibc."""
+    global _front_tuned
     preloaded = next((name for name in map(_malloc_of, _preloaded(environ)) if name), None)
     if preloaded:
         return preloaded
@@ -160,6 +167,7 @@ def tune_front_malloc(environ: Mapping[str, str]) -> str:
         return "glibc, as the environment tunes it"
     if libc.mallopt(_M_MMAP_THRESHOLD, FRONT_MMAP_THRESHOLD) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, FRONT_TRIM_THRESHOLD) != 1:
         return "glibc"
+    _front_tuned = True
     return f"glibc, mmap threshold {FRONT_MMAP_THRESHOLD >> 20} MiB, trim threshold {FRONT_TRIM_THRESHOLD >> 20} MiB"
 
 

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve_engine.events import ModelState
-from attrserve_service import __version__, eventloop, launch, logs, metrics
+from attrserve_service import __version__, eventloop, heap, launch, logs, metrics
 from attrserve_service.auth import ServerSecurity
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.core import Core, settle_heap
@@ -244,6 +244,9 @@ async def serve(config: ServerConfig, launched: Launched | None = None) -> int:
     process, started by the command line before this process imported torch (launch.py)."""
     running = await create_server(config, launched=launched)
     settle_heap()
+    # The front's heap after a surge (heap.py): where the engine's tensors are not in it, and its malloc is glibc tuned.
+    keeper = heap.HeapKeeper.of_this_process() if config.engine_process and launch.front_heap_tuned() else None
+    keeping = asyncio.ensure_future(keeper.run()) if keeper is not None else None
     statuses = running.core.snapshot().statuses
     ready = sorted({s.name for s in statuses if s.state == ModelState.READY.value})
     not_ready = [f"{s.name} v{s.version}: {s.state}" for s in statuses if s.state != ModelState.READY.value]
@@ -265,4 +268,6 @@ async def serve(config: ServerConfig, launched: Launched | None = None) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining")
+    if keeping is not None:
+        keeping.cancel()
     return await running.stop(config.grace_seconds, config.prestop_seconds)
