@@ -23,11 +23,11 @@ services would. The front end's RSS is read every 0.1 s.
   `--settings "pod=67108864,pod-p256=env:ATTRSERVE_MAX_FRONT_BYTES=67108864 env:ATTRSERVE_MAX_PENDING_CALLS=256"`.
 
 `--repeat N` runs each scenario N times on the same server, a row a round. Per row: the front end's RSS before, its
-peak, and at the end (all answered); the requests it held at most (attrserve_front_held_bytes, scraped every 0.5 s);
-what the callers got; the refusals by reason; the calls gRPC ended before attrserve's code saw them
-(attrserve_grpc_core_calls_started_total less grpc_server_started_total: cancelled past --max-pending-calls or gRPC's
-own bound; "—" for a server without that metric); a health Check every 0.5 s on a connection of its own (3 s timeout,
-as Kubernetes probes): what they got, and the slowest. Nothing asserts.
+peak, at the end (all answered) and 3 s later (what it handed back meanwhile: heap.HeapKeeper); the requests it held
+at most (attrserve_front_held_bytes, scraped every 0.5 s); what the callers got; the refusals by reason; the calls
+gRPC ended before attrserve's code saw them (attrserve_grpc_core_calls_started_total less grpc_server_started_total:
+cancelled past --max-pending-calls or gRPC's own bound; "—" for a server without that metric); a health Check every
+0.5 s on a connection of its own (3 s timeout, as Kubernetes probes): what they got, and the slowest. Nothing asserts.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ SCENARIOS = {
     "flood": ("W6", 1800.0, 6.0, None, None),
 }
 SETTINGS = {"unbounded": 1 << 40, "default": 0}
+QUIET = 3.0  # seconds without calls after each round, before its RSS is read again
 
 
 class Sampler(threading.Thread):
@@ -196,6 +197,8 @@ def run(scenario: str, setting: str, value: str, repeat: int = 1) -> list[dict]:
             for thread in (sampler, prober):
                 thread.done.set()
                 thread.join()
+            at_end = harness.proc_status_kib(server.pid, "VmRSS") or 0
+            time.sleep(QUIET)
             now = counts(metrics_port, w.model)
             grew = {key: int(now[key] - last.get(key, 0.0)) for key in now}
             last = now
@@ -206,7 +209,8 @@ def run(scenario: str, setting: str, value: str, repeat: int = 1) -> list[dict]:
                     "round": round_,
                     "front RSS before MiB": before >> 10,
                     "peak MiB": max(sampler.rss_kib, default=0) >> 10,
-                    "at the end MiB": (harness.proc_status_kib(server.pid, "VmRSS") or 0) >> 10,
+                    "at the end MiB": at_end >> 10,
+                    f"{QUIET:g} s later MiB": (harness.proc_status_kib(server.pid, "VmRSS") or 0) >> 10,
                     "held at most MiB": f"{max(sampler.held, default=0.0) / 2**20:.1f}",
                     "sent": sum(codes.values()),
                     "callers got": ", ".join(f"{k} {v}" for k, v in sorted(codes.items())),
