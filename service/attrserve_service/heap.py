@@ -126,7 +126,8 @@ class HeapKeeper:
             await asyncio.to_thread(self.trim)
             after = self.measure()
             self.trimmed(after)
-            log.info(
+            log.log(
+                logging.INFO if before.rss - after.rss >= 1 << 20 else logging.DEBUG,
                 "handed %d MiB of free heap back to the kernel in %.0f ms (RSS %d → %d MiB; next in %g s at the earliest)",
                 max(0, before.rss - after.rss) >> 20,
                 (time.perf_counter() - start) * 1e3,
