@@ -116,19 +116,23 @@ class HeapKeeper:
         self.peak_in_use = after.in_use
 
     async def run(self) -> None:
-        """Look every PERIOD seconds until cancelled."""
+        """Look every PERIOD seconds until cancelled; a heap it cannot read (OSError) ends it, logged."""
         while True:
             await asyncio.sleep(PERIOD)
-            before = self.measure()
-            if not self.due(before):
-                continue
-            start = time.perf_counter()
-            await asyncio.to_thread(self.trim)
-            after = self.measure()
+            try:
+                before = self.measure()
+                if not self.due(before):
+                    continue
+                start = time.perf_counter()
+                await asyncio.to_thread(self.trim)
+                after = self.measure()
+            except OSError as e:
+                log.warning("the front end's heap is no longer watched: %s", e)
+                return
             self.trimmed(after)
             log.log(
                 logging.INFO if before.rss - after.rss >= 1 << 20 else logging.DEBUG,
-                "handed %d MiB of free heap back to the kernel in %.0f ms (RSS %d → %d MiB; next in %g s at the earliest)",
+                "handed %d MiB of free heap back to the kernel in %.0f ms (RSS %d → %d MiB; the next trim in %.0f s at the earliest)",
                 max(0, before.rss - after.rss) >> 20,
                 (time.perf_counter() - start) * 1e3,
                 before.rss >> 20,

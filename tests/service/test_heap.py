@@ -26,6 +26,7 @@ from test_overload import Sampler, demo_model, health, rss_kib
 
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_client import AttributionClient
+from attrserve_service import launch
 from attrserve_service.heap import LONGEST_WAIT, PERIOD, Heap, HeapKeeper
 
 MiB = 1 << 20
@@ -143,7 +144,7 @@ REAL = textwrap.dedent(
 
     from attrserve_service import heap, launch
 
-    print(launch.tune_front_malloc({}))
+    print(launch.front_heap_tuned(), launch.tune_front_malloc({}), launch.front_heap_tuned(), sep="|")
     keeper = heap.HeapKeeper.of_this_process()
     start = keeper.measure()
     large, small = [], []
@@ -161,11 +162,18 @@ REAL = textwrap.dedent(
 )
 
 
+def test_no_keeper_where_the_front_end_runs_another_malloc_or_the_operators_glibc_settings() -> None:
+    """`serve` keeps the heap only where tune_front_malloc fixed glibc's thresholds (these calls return before)."""
+    assert launch.tune_front_malloc({"LD_PRELOAD": "/usr/lib/libtcmalloc_minimal.so.4"}) == "tcmalloc"
+    assert launch.tune_front_malloc({"MALLOC_TRIM_THRESHOLD_": "1"}) == "glibc, as the environment tunes it"
+    assert not launch.front_heap_tuned()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_this_machines_glibc_hands_a_freed_heap_back_when_the_keeper_trims() -> None:
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     said, numbers = subprocess.run([sys.executable, "-c", REAL], capture_output=True, text=True, check=True, env=env).stdout.splitlines()
-    assert said == "glibc, mmap threshold 32 MiB, trim threshold 128 MiB"
+    assert said == "False|glibc, mmap threshold 32 MiB, trim threshold 128 MiB|True"  # what `serve` asks before it keeps
     start, grown, freed, due, after, still_due = numbers.split()
     start, grown, freed, after = int(start), int(grown), int(freed), int(after)
     print(f"\nRSS: start {start} MiB, 400 MiB made {grown}, freed {freed}, trimmed {after}")
@@ -245,3 +253,19 @@ def test_the_front_hands_back_the_memory_a_surge_of_large_requests_left_and_serv
         with AttributionClient(server.address) as client:
             np.testing.assert_allclose(client.attribute("image", "saliency", xs[:4], target=1, timeout=60).attributions, want, atol=1e-6)
         assert "Traceback" not in server.output()
+
+
+def test_a_heap_that_cannot_be_read_ends_the_keeper_with_a_warning_not_an_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    heap = PlayedHeap()
+    keeper = heap.keeper()
+
+    def unreadable() -> Heap:
+        raise FileNotFoundError("/proc/self/statm")
+
+    keeper.measure = unreadable
+    monkeypatch.setattr("attrserve_service.heap.PERIOD", 0.0)
+    asyncio.run(asyncio.wait_for(keeper.run(), 5))
+    assert "the front end's heap is no longer watched: /proc/self/statm" in caplog.text
+    assert heap.trims == []
