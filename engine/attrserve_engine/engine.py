@@ -711,12 +711,18 @@ class _PreparedCall:
 
 
 def release_free_memory() -> None:
-    """Give the C heap's free pages back to the OS (glibc malloc_trim; a no-op where glibc is absent).
+    """Give the C heap's free pages back to the OS: tcmalloc's where it is the process's malloc (the engine process's
+    by default), glibc's (malloc_trim); a no-op for what is absent.
 
     Called after a model's load-time probe and warm-ups, which free far more than serving keeps: glibc would
     otherwise keep that memory mapped and hand it back only bit by bit under load (RSS drifting down by
-    hundreds of MiB for minutes). Trimming once a second during load was tried too: it lowers RSS but does
-    not make it flat, and the pages it returns are faulted back in by the next passes."""
+    hundreds of MiB for minutes), and tcmalloc keeps it until it is reused. Trimming once a second during load was
+    tried too: it lowers RSS but does not make it flat, and the pages it returns are faulted back in by the next
+    passes."""
+    with contextlib.suppress(OSError):
+        release = getattr(ctypes.CDLL(None), "MallocExtension_ReleaseFreeMemory", None)  # tcmalloc's (gperftools)
+        if release is not None:
+            release()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
