@@ -23,7 +23,8 @@ services would. The front end's RSS is read every 0.1 s.
   `--settings "pod=67108864,pod-p256=env:ATTRSERVE_MAX_FRONT_BYTES=67108864 env:ATTRSERVE_MAX_PENDING_CALLS=256"`.
 
 `--repeat N` runs each scenario N times on the same server, a row a round. Per row: the front end's RSS before, its
-peak, at the end (all answered) and 3 s later (what it handed back meanwhile: heap.HeapKeeper); the requests it held
+peak, at the end (all answered) and 3 s later (what it handed back meanwhile: heap.HeapKeeper); the engine process's
+RSS before, at the end and 3 s later; the requests it held
 at most (attrserve_front_held_bytes, scraped every 0.5 s); what the callers got; the refusals by reason; the calls
 gRPC ended before attrserve's code saw them (attrserve_grpc_core_calls_started_total less grpc_server_started_total:
 cancelled past --max-pending-calls or gRPC's own bound; "—" for a server without that metric); a health Check every
@@ -190,6 +191,7 @@ def run(scenario: str, setting: str, value: str, repeat: int = 1) -> list[dict]:
         for round_ in range(1, repeat + 1):
             sampler = Sampler(server.pid, metrics_port)
             before = harness.proc_status_kib(server.pid, "VmRSS") or 0
+            engine_before = harness.proc_status_kib(engine_pid, "VmRSS") or 0
             prober = HealthProber(server.target)
             sampler.start()
             prober.start()
@@ -198,6 +200,7 @@ def run(scenario: str, setting: str, value: str, repeat: int = 1) -> list[dict]:
                 thread.done.set()
                 thread.join()
             at_end = harness.proc_status_kib(server.pid, "VmRSS") or 0
+            engine_at_end = harness.proc_status_kib(engine_pid, "VmRSS") or 0
             time.sleep(QUIET)
             now = counts(metrics_port, w.model)
             grew = {key: int(now[key] - last.get(key, 0.0)) for key in now}
@@ -211,6 +214,8 @@ def run(scenario: str, setting: str, value: str, repeat: int = 1) -> list[dict]:
                     "peak MiB": max(sampler.rss_kib, default=0) >> 10,
                     "at the end MiB": at_end >> 10,
                     f"{QUIET:g} s later MiB": (harness.proc_status_kib(server.pid, "VmRSS") or 0) >> 10,
+                    "engine process MiB: before, at the end, later": f"{engine_before >> 10}, {engine_at_end >> 10}, "
+                    f"{(harness.proc_status_kib(engine_pid, 'VmRSS') or 0) >> 10}",
                     "held at most MiB": f"{max(sampler.held, default=0.0) / 2**20:.1f}",
                     "sent": sum(codes.values()),
                     "callers got": ", ".join(f"{k} {v}" for k, v in sorted(codes.items())),
