@@ -24,11 +24,11 @@ services would. The front end's RSS is read every 0.1 s.
 
 `--repeat N` runs each scenario N times on the same server, a row a round. Per row: the front end's RSS before, its
 peak, at the end (all answered) and 3 s later (what it handed back meanwhile: heap.HeapKeeper); the engine process's
-RSS before, at the end and 3 s later; the requests it held
-at most (attrserve_front_held_bytes, scraped every 0.5 s); what the callers got; the refusals by reason; the calls
-gRPC ended before attrserve's code saw them (attrserve_grpc_core_calls_started_total less grpc_server_started_total:
-cancelled past --max-pending-calls or gRPC's own bound; "—" for a server without that metric); a health Check every
-0.5 s on a connection of its own (3 s timeout, as Kubernetes probes): what they got, and the slowest. Nothing asserts.
+RSS before, at the end and 3 s later; the requests the front held at most (attrserve_front_held_bytes, scraped every
+0.5 s); what the callers got; the refusals by reason; the calls gRPC ended before attrserve's code saw them
+(attrserve_grpc_core_calls_started_total less grpc_server_started_total: cancelled past --max-pending-calls or gRPC's
+own bound; "—" for a server without that metric); a health Check every 0.5 s on a connection of its own (3 s timeout,
+as Kubernetes probes): what they got, and the slowest. Nothing asserts.
 """
 
 from __future__ import annotations
