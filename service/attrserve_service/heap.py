@@ -132,10 +132,9 @@ class HeapKeeper:
             self.trimmed(after)
             log.log(
                 logging.INFO if before.rss - after.rss >= 1 << 20 else logging.DEBUG,
-                "handed %d MiB of free heap back to the kernel in %.0f ms (RSS %d → %d MiB; the next trim in %.0f s at the earliest)",
+                "handed %d MiB of free heap back to the kernel in %.0f ms (RSS %d → %d MiB)",
                 max(0, before.rss - after.rss) >> 20,
                 (time.perf_counter() - start) * 1e3,
                 before.rss >> 20,
                 after.rss >> 20,
-                self.next_at - self.clock(),
             )
