@@ -228,7 +228,7 @@ def test_release_free_memory_hands_back_what_tcmalloc_keeps() -> None:
 ROWS = 341
 REQUESTS = 300
 BACK_WITHIN = 30.0  # seconds after the answers for the front's RSS to come back near its start
-BACK_NEAR = 96  # MiB over its start: with the keeper 8-63 MiB stayed (9 runs); without it 69-245 (5 runs)
+BACK_NEAR = 96  # MiB over its start: with the keeper 8-63 MiB stayed (7 runs); without it 69-245 (5 runs)
 
 
 def engine_pid(front: int) -> int:
