@@ -228,7 +228,9 @@ def test_release_free_memory_hands_back_what_tcmalloc_keeps() -> None:
 ROWS = 341
 REQUESTS = 300
 BACK_WITHIN = 30.0  # seconds after the answers for the front's RSS to come back near its start
-BACK_NEAR = 96  # MiB over its start: with the keeper 8-63 MiB stayed (7 runs); without it 69-245 (5 runs)
+# MiB over its start: what the keeper may leave (its threshold of free heap) and some. With it 8-117 MiB stayed (13 runs),
+# without it 69-245 (5 runs): what tells them apart is what the keeper's log lines say it handed back, 585-733 MiB.
+BACK_NEAR = THRESHOLD // MiB + 32
 
 
 def engine_pid(front: int) -> int:
@@ -287,7 +289,7 @@ def test_the_front_hands_back_the_memory_a_surge_of_large_requests_left_and_serv
         print(f"\n{dict(codes)}; the front's RSS: {start} MiB at the start, {peak} at most, {now} after")
         assert now - start <= BACK_NEAR, server.output()[-3000:]
         handed = sum(int(mib) for mib in re.findall(r"handed (\d+) MiB of free heap back to the kernel", server.output()))
-        assert handed >= 200, server.output()[-3000:]  # the keeper's doing (glibc alone hands back some of it too)
+        assert handed >= 200, server.output()[-3000:]  # the keeper's doing (glibc alone hands back much of it too)
 
         assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
         with AttributionClient(server.address) as client:
