@@ -64,10 +64,10 @@ class HeapKeeper:
     """Once a second: the process's resident memory that its heap does not use (Heap.idle), against that at the start.
     Past `threshold` more, it trims the heap (malloc_trim, on a thread: tens of milliseconds after a flood) and waits
     before the next trim, twice as long each time (1, 2, 4 … LONGEST_WAIT seconds), so a steady load whose heap keeps
-    that much free pays at most one trim a minute; the wait starts again at a second once the excess is gone. A fall of
+    that much free settles at one trim a minute; the wait starts again at a second once the excess is gone. A fall of
     the heap's use by `threshold` from its peak since the last trim (a surge ended) trims at once, whatever the wait, if
     an eighth of `threshold` is free.
-    `measure`, `trim` and `clock` are the process's own unless a test gives others."""
+    `of_this_process` gives the process's own `measure` and `trim`; tests give others, and a `clock`."""
 
     def __init__(
         self,
