@@ -169,12 +169,32 @@ def _callers(segments: list[tuple[QueuedBlock, Block, int]]) -> tuple[concurrent
     return tuple(member.future for job in jobs for member in (job.members or (job,)))
 
 
+def _finished(*_: Any) -> Any:
+    raise AssertionError("a finished job has let go of its plan (Scheduler._close_plan)")
+
+
 def _finished_by_members(returned: list, job: LiveJob) -> Any:
     raise AssertionError("a merged job finishes through its members (Scheduler._succeed_members)")
 
 
-def _resolve(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
-    """Complete a caller's future unless the caller cancelled it first (a race the worker must not die of)."""
+# What a finished job holds in place of its caller's future: that future went with the answer (_answer).
+_ANSWERED: concurrent.futures.Future = concurrent.futures.Future()
+
+
+def _answer(job: LiveJob, result: Any = None, error: BaseException | None = None) -> None:
+    """Complete `job`'s caller's future unless the caller cancelled it first (a race the worker must not die of), and
+    let go of it. A finished job's bookkeeping may outlive it (Scheduler._close_plan), and the future holds the answer,
+    or an error whose traceback holds the frames of the plan and of the pass it came from, with their tensors.
+
+    An error the caller can act on (AttributionError) goes without its traceback, and the ones it was raised from
+    without theirs: the caller gets its type and message, and nothing shows the frames. An internal error keeps its
+    traceback for the log line that gives it an id (the servicer's, the engine process's); it holds those frames for
+    as long as its caller holds it."""
+    future, job.future = job.future, _ANSWERED
+    chained: BaseException | None = error if isinstance(error, AttributionError) else None
+    while chained is not None and chained.__traceback__ is not None:
+        chained.__traceback__ = None
+        chained = chained.__cause__ or chained.__context__
     try:
         if error is not None:
             future.set_exception(error)
@@ -436,7 +456,7 @@ class Scheduler:
             with self._cv:
                 stranded, self._jobs, self._pending = list(self._jobs), set(), {}
             for job in stranded:
-                _resolve(job.future, error=Unavailable("the server shut down before this request finished"))
+                _answer(job, error=Unavailable("the server shut down before this request finished"))
         return lost
 
     # -- worker threads ----------------------------------------------------
@@ -521,7 +541,7 @@ class Scheduler:
         for job in held:
             job.done = True
             self._close_plan(job)
-            _resolve(job.future, error=stuck[1] if stuck is not None and job.future in stuck[0] else lost)
+            _answer(job, error=stuck[1] if stuck is not None and job.future in stuck[0] else lost)
         return None if exiting else delay
 
     def _watch(self) -> None:
@@ -618,31 +638,8 @@ class Scheduler:
                 continue
             if shared:
                 self._changed_now(shared=True)  # a sibling may cut the next pass while this one runs
-            # 4) execute it on the replica, then route the results back to their plans
-            model, segments, replica = cut.model, cut.segments, cut.replica
-            start = time.monotonic()
-            parts = [part for _, part, _ in segments]
-            callers = _callers(segments)
-            self._running[generation, index] = (start, model, sum(part.rows for part in parts), callers)
-            self._observers.worker_running(self.name, index, callers)
-            try:
-                outcomes = self._run_pass(model, parts, partial(self._observers.pass_split, model.name), replica)
-            finally:
-                self._observers.worker_running(self.name, index, ())
-                with self._state:  # against a watchdog giving this pass up as it returns (_give_up checks under it)
-                    del self._running[generation, index]
-                    given_up = self._stalled == (generation, index)
-                if given_up:
-                    self._returned(generation, index)
-            seconds = time.monotonic() - start
-            with self._observers.worker_step(), self._state:
-                if generation != self._generation:
-                    break
-                self._free[model].append(replica)
-                self._route(cut, outcomes, start, seconds)
-                shared = self._shared_work()
-            if shared:
-                self._changed_now(shared=True)
+            if not self._execute(cut, generation, index):
+                break
         # Leaving (stop): whatever is still here will not be computed.
         with self._state:
             if generation == self._generation:
@@ -650,6 +647,37 @@ class Scheduler:
                     left = list(self._jobs)
                 for job in left:
                     self._fail(job, Unavailable("the server shut down before this request finished"))
+
+    def _execute(self, cut: _Cut, generation: int, index: int) -> bool:
+        """4) Run the pass `cut` on its replica, then route the results back to their plans; False when the generation
+        ended meanwhile. The pass's blocks and outputs are this call's locals: they go when it returns, not when the
+        worker cuts its next pass (an idle worker held its last pass's tensors for as long as it waited)."""
+        model, segments, replica = cut.model, cut.segments, cut.replica
+        start = time.monotonic()
+        parts = [part for _, part, _ in segments]
+        # The callers' futures are not a local: a plan's error raised while its results are routed holds this frame (its
+        # traceback's), and this frame would hold the error's future, a reference cycle only the collector ends.
+        self._running[generation, index] = (start, model, sum(part.rows for part in parts), _callers(segments))
+        self._observers.worker_running(self.name, index, self._running[generation, index][3])
+        try:
+            outcomes = self._run_pass(model, parts, partial(self._observers.pass_split, model.name), replica)
+        finally:
+            self._observers.worker_running(self.name, index, ())
+            with self._state:  # against a watchdog giving this pass up as it returns (_give_up checks under it)
+                del self._running[generation, index]
+                given_up = self._stalled == (generation, index)
+            if given_up:
+                self._returned(generation, index)
+        seconds = time.monotonic() - start
+        with self._observers.worker_step(), self._state:
+            if generation != self._generation:
+                return False
+            self._free[model].append(replica)
+            self._route(cut, outcomes, start, seconds)
+            shared = self._shared_work()
+        if shared:
+            self._changed_now(shared=True)
+        return True
 
     def _changed_now(self, shared: bool) -> None:
         with self._cv:
@@ -983,7 +1011,7 @@ class Scheduler:
             self._fail(job, e)
             return
         self._close(job)
-        _resolve(job.future, result)
+        _answer(job, result)
 
     def _succeed_members(self, merged: LiveJob, returned: list) -> None:
         """A merged job's plan finished: each member still waiting finishes with its share and the merged job's timing."""
@@ -1018,7 +1046,7 @@ class Scheduler:
                     member.merged_into = None
                     self._advance(member, None)
             return
-        _resolve(job.future, error=error)
+        _answer(job, error=error)
 
     def _close(self, job: LiveJob) -> None:
         job.done = True
@@ -1044,9 +1072,16 @@ class Scheduler:
 
     @staticmethod
     def _close_plan(job: LiveJob) -> None:
-        if job.plan is None:
+        """A finished job lets go of its request: the plan (closed), what builds it, its results so far and its merge
+        payload. What outlives the job (its entry in the deadline heap until that reaches the top, a worker's list of
+        the jobs that died) then holds none of the request's tensors: a flood's finished jobs kept hundreds of MiB in
+        the engine process until their deadlines passed (bench/RESULTS.md, issue 12 step 44). A merged job keeps its
+        members and split, which finishing it reads after."""
+        plan, job.plan, job.results, job.merge = job.plan, None, [], None
+        job.plan_factory = job.finish = _finished
+        if plan is None:
             return
         try:
-            job.plan.close()
+            plan.close()
         except Exception:  # a plan that misbehaves on close must not take the worker with it
             log.exception("closing a plan failed")
