@@ -24,11 +24,12 @@ services would. The front end's RSS is read every 0.1 s.
 
 `--repeat N` runs each scenario N times on the same server, a row a round. Per row: the front end's RSS before, its
 peak, at the end (all answered) and 3 s later (what it handed back meanwhile: heap.HeapKeeper); the engine process's
-RSS before, at the end and 3 s later; the requests the front held at most (attrserve_front_held_bytes, scraped every
-0.5 s); what the callers got; the refusals by reason; the calls gRPC ended before attrserve's code saw them
-(attrserve_grpc_core_calls_started_total less grpc_server_started_total: cancelled past --max-pending-calls or gRPC's
-own bound; "—" for a server without that metric); a health Check every 0.5 s on a connection of its own (3 s timeout,
-as Kubernetes probes): what they got, and the slowest. Nothing asserts.
+RSS before, at the end, 3 s and 15 s later (what it handed back once idle for 10 s: heap.IdleKeeper); the requests the
+front held at most (attrserve_front_held_bytes, scraped every 0.5 s); what the callers got; the refusals by reason; the
+calls gRPC ended before attrserve's code saw them (attrserve_grpc_core_calls_started_total less
+grpc_server_started_total: cancelled past --max-pending-calls or gRPC's own bound; "—" for a server without that
+metric); a health Check every 0.5 s on a connection of its own (3 s timeout, as Kubernetes probes): what they got, and
+the slowest. The server logs at INFO to bench/out/flood-<scenario>-<setting>.log. Nothing asserts.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ SCENARIOS = {
 }
 SETTINGS = {"unbounded": 1 << 40, "default": 0}
 QUIET = 3.0  # seconds without calls after each round, before its RSS is read again
+ENGINE_QUIET = 15.0  # seconds without calls after which the engine process's RSS is read again (heap.IdleKeeper: 10 s)
 
 
 class Sampler(threading.Thread):
@@ -180,7 +182,7 @@ def run(scenario: str, setting: str, value: str, repeat: int = 1) -> list[dict]:
     (repo / w.model).symlink_to(MODELS / w.model)
     port, metrics_port = harness.free_port(), harness.free_port()
     env = dict(token.removeprefix("env:").split("=", 1) for token in value.split()) if value.startswith("env:") else {}
-    argv = harness.attrserve_argv(repo, port, metrics_port, [] if env else ["--max-front-bytes", value])
+    argv = harness.attrserve_argv(repo, port, metrics_port, ["--log-level", "INFO"] + ([] if env else ["--max-front-bytes", value]))
     server = harness.ServerProcess(setting, argv, port, HERE / "out" / f"flood-{scenario}-{setting}.log", env=env)
     server.start()
     try:
@@ -202,6 +204,10 @@ def run(scenario: str, setting: str, value: str, repeat: int = 1) -> list[dict]:
             at_end = harness.proc_status_kib(server.pid, "VmRSS") or 0
             engine_at_end = harness.proc_status_kib(engine_pid, "VmRSS") or 0
             time.sleep(QUIET)
+            front_later = harness.proc_status_kib(server.pid, "VmRSS") or 0
+            engine_later = harness.proc_status_kib(engine_pid, "VmRSS") or 0
+            time.sleep(ENGINE_QUIET - QUIET)
+            engine_quiet = harness.proc_status_kib(engine_pid, "VmRSS") or 0
             now = counts(metrics_port, w.model)
             grew = {key: int(now[key] - last.get(key, 0.0)) for key in now}
             last = now
@@ -213,9 +219,10 @@ def run(scenario: str, setting: str, value: str, repeat: int = 1) -> list[dict]:
                     "front RSS before MiB": before >> 10,
                     "peak MiB": max(sampler.rss_kib, default=0) >> 10,
                     "at the end MiB": at_end >> 10,
-                    f"{QUIET:g} s later MiB": (harness.proc_status_kib(server.pid, "VmRSS") or 0) >> 10,
-                    "engine process MiB: before, at the end, later": f"{engine_before >> 10}, {engine_at_end >> 10}, "
-                    f"{(harness.proc_status_kib(engine_pid, 'VmRSS') or 0) >> 10}",
+                    f"{QUIET:g} s later MiB": front_later >> 10,
+                    f"engine process MiB: before, at the end, {QUIET:g} s and {ENGINE_QUIET:g} s later": ", ".join(
+                        str(kib >> 10) for kib in (engine_before, engine_at_end, engine_later, engine_quiet)
+                    ),
                     "held at most MiB": f"{max(sampler.held, default=0.0) / 2**20:.1f}",
                     "sent": sum(codes.values()),
                     "callers got": ", ".join(f"{k} {v}" for k, v in sorted(codes.items())),

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from attrserve_engine import AttributionJob, EngineObserver, PassStats
+from attrserve_engine.engine import release_free_memory
 from attrserve_engine.errors import AttributionError
 from attrserve_engine.limits import cpu_limit
-from attrserve_service import eventloop, logs
+from attrserve_service import eventloop, heap, logs
 from attrserve_service.core import ANSWERS, ERROR_ID, settle_heap
 from attrserve_service.frames import FrameReader, frame_of, send_parts
 from attrserve_service.launch import EXIT_STUCK, intra_op_threads
@@ -280,6 +281,11 @@ async def _engine_main(fd_in: int, fd_out: int, fd_board: int) -> int:
     settle_heap()
     out.send(("ready", core.snapshot()))
     engine = _Engine(core, out, keys)
+    free = heap.free_heap_bytes()
+    if free is not None:  # what a flood left free goes back once the engine is idle (heap.IdleKeeper)
+        in_flight = engine.futures
+        keeper = heap.IdleKeeper(free, release_free_memory, busy=lambda: bool(in_flight))
+        engine.tasks.add(asyncio.ensure_future(keeper.run()))
     if config.model_control == CONTROL_POLL:
         engine.tasks.add(asyncio.ensure_future(core.poll_forever(config.repository_poll_seconds)))
     ends = [asyncio.ensure_future(gone.wait()), asyncio.ensure_future(engine.stopped.wait())]

@@ -1,15 +1,18 @@
-"""The front end's heap after a surge: HeapKeeper hands the memory a flood of requests left free back to the kernel.
+"""What a surge leaves free goes back to the kernel: the front end's heap (HeapKeeper) and the engine process's
+(IdleKeeper).
 
 A flood grows the front's glibc heap by up to gigabytes: the calls gRPC holds with their messages, the requests the front
 holds for the engine process, the answers on their way out. When it is over that memory is free but stays mapped: it
 lies in the middle of the heap's arenas, where glibc's trim threshold (`launch.FRONT_TRIM_THRESHOLD`, which acts on an
 arena's top) does not reach. A pod's memory limit counts it against the engine process. 3 s after `bench/flood.py`'s
 floods and overloads the front's RSS was 339–934 MiB without the keeper, 107–196 MiB with it (bench/RESULTS.md, issue
-12 step 43).
+12 step 43). HeapKeeper runs in `attrserve serve`'s front end when its malloc is glibc with the front's thresholds
+(`launch.tune_front_malloc`) and the engine runs in its own process: with `--no-engine-process` the heap holds the
+passes' tensors too, whose pages the next pass would fault in again.
 
-Runs in `attrserve serve`'s front end when its malloc is glibc with the front's thresholds (`launch.tune_front_malloc`)
-and the engine runs in its own process: with `--no-engine-process` the heap holds the passes' tensors too, whose pages
-the next pass would fault in again. Imports neither torch nor grpc.
+The engine process's tcmalloc keeps what a flood's queued requests and passes freed, 0.5–1.0 GiB over its start after
+bench/flood.py's rounds, until the next flood reuses it. IdleKeeper hands it back once the engine has had no request
+for IDLE_SECONDS (step 44). Imports neither torch nor grpc.
 """
 
 from __future__ import annotations
@@ -88,13 +91,10 @@ class HeapKeeper:
         libc = _libc()
         if libc is None:
             return None
-        page = os.sysconf("SC_PAGE_SIZE")
 
         def measure() -> Heap:
-            with open("/proc/self/statm", "rb") as f:
-                rss = int(f.read().split()[1]) * page
             info = libc.mallinfo2()
-            return Heap(rss, info.uordblks + info.hblkhd)
+            return Heap(_rss(), info.uordblks + info.hblkhd)
 
         return cls(measure, lambda: libc.malloc_trim(0))
 
@@ -138,3 +138,91 @@ class HeapKeeper:
                 before.rss >> 20,
                 after.rss >> 20,
             )
+
+
+IDLE_SECONDS = 10.0  # how long the engine process has had no request before its free heap goes back
+IDLE_THRESHOLD = 128 << 20  # bytes: a free heap smaller than this stays
+
+
+class IdleKeeper:
+    """The engine process's heap after a surge: once no request has been in the engine for IDLE_SECONDS, its malloc's
+    free memory goes back to the kernel, when it is `threshold` or more (bench/flood.py: 450-1,000 MiB 10 s after
+    each round, the engine process back at its start's RSS; bench/RESULTS.md, issue 12 step 44).
+
+    Only when idle: under load, what the passes will take again cannot be told from what a surge left. Each pass takes
+    and frees hundreds of MiB within milliseconds, between two looks. Handing back what stayed free over every look of
+    the last 10 s (ten a second) was tried: W2 and W4 took it back within 0.15-5 s, and their heaps then grew 60-110 MiB
+    past where they had been. Once idle, the first requests fault in their passes' memory again (tens of
+    milliseconds for hundreds of MiB); a free heap under `threshold` is not worth that.
+
+    Looks once a second; `free` gives the malloc's free bytes, `release` hands them back (`engine.release_free_memory`),
+    `busy` says whether a request is in the engine. One release per idle spell."""
+
+    def __init__(
+        self,
+        free: Callable[[], int],
+        release: Callable[[], object],
+        busy: Callable[[], bool],
+        threshold: int = IDLE_THRESHOLD,
+        quiet: float = IDLE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.free, self.release, self.busy, self.threshold, self.quiet, self.clock = free, release, busy, threshold, quiet, clock
+        self.idle_since: float | None = None
+        self.released = False  # in this idle spell
+
+    def due(self) -> bool:
+        """Whether to hand the free heap back now."""
+        if self.busy():
+            self.idle_since, self.released = None, False
+            return False
+        now = self.clock()
+        if self.idle_since is None:
+            self.idle_since = now
+        return not self.released and now - self.idle_since >= self.quiet and self.free() >= self.threshold
+
+    async def run(self) -> None:
+        """Look every PERIOD seconds until cancelled; a heap it cannot read (OSError) ends it, logged."""
+        while True:
+            await asyncio.sleep(PERIOD)
+            try:
+                if not self.due():
+                    continue
+                before, start = _rss(), time.perf_counter()
+                await asyncio.to_thread(self.release)
+                after = _rss()
+            except OSError as e:
+                log.warning("the engine process's heap is no longer watched: %s", e)
+                return
+            self.released = True
+            log.info(
+                "idle for %.0f s: released %d MiB of the engine process's free heap to the kernel in %.0f ms (RSS %d → %d MiB)",
+                self.quiet,
+                max(0, before - after) >> 20,
+                (time.perf_counter() - start) * 1e3,
+                before >> 20,
+                after >> 20,
+            )
+
+
+def free_heap_bytes() -> Callable[[], int] | None:
+    """This process's malloc's free bytes, read: tcmalloc's free page heap (gperftools), else glibc's free chunks
+    (mallinfo2: near 0 under jemalloc, whose own decay hands memory back); None where neither can be read."""
+    with contextlib.suppress(OSError):
+        get = getattr(ctypes.CDLL(None), "MallocExtension_GetNumericProperty", None)
+        if get is not None:
+
+            def tcmalloc_free() -> int:
+                value = ctypes.c_size_t()
+                if not get(b"tcmalloc.pageheap_free_bytes", ctypes.byref(value)):
+                    raise OSError("tcmalloc does not tell its free bytes")
+                return value.value
+
+            return tcmalloc_free
+    libc = _libc()
+    return None if libc is None else (lambda: libc.mallinfo2().fordblks)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,7 +1,8 @@
 """The front end hands the heap a surge left free back to the kernel (heap.HeapKeeper): its rule on a heap the test
 plays, its trim on this machine's glibc in a process of its own, and end to end on `attrserve serve`, whose front holds
-a surge of large requests while its engine process is stopped, and gives the memory back once they are answered. And
-the engine's release_free_memory, after a model's load, on the engine process's tcmalloc."""
+a surge of large requests while its engine process is stopped, and gives the memory back once they are answered. The
+engine process does too once it is idle (heap.IdleKeeper): its rule on a played engine, the engine's
+release_free_memory on tcmalloc in a process of its own, and in the same end-to-end run."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from test_overload import Sampler, demo_model, health, rss_kib
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_client import AttributionClient
 from attrserve_service import launch
-from attrserve_service.heap import LONGEST_WAIT, PERIOD, Heap, HeapKeeper
+from attrserve_service.heap import IDLE_SECONDS, LONGEST_WAIT, PERIOD, Heap, HeapKeeper, IdleKeeper
 
 MiB = 1 << 20
 THRESHOLD = 128 * MiB
@@ -185,6 +186,81 @@ def test_this_machines_glibc_hands_a_freed_heap_back_when_the_keeper_trims() -> 
     assert after - start < 64 and still_due == "False"  # handed back
 
 
+class PlayedEngine:
+    """An engine process's heap and requests, as the test sets them: `free` bytes, `busy` or not, at `now`."""
+
+    def __init__(self) -> None:
+        self.free, self.busy, self.now = 0, False, 0.0
+        self.releases: list[float] = []
+
+    def release(self) -> None:
+        self.releases.append(self.now)
+        self.free = 0
+
+    def keeper(self) -> IdleKeeper:
+        return IdleKeeper(lambda: self.free, self.release, lambda: self.busy, THRESHOLD, IDLE_SECONDS, clock=lambda: self.now)
+
+    def ticks(self, keeper: IdleKeeper, seconds: float) -> None:
+        """What IdleKeeper.run does every PERIOD, for `seconds`."""
+        until = self.now + seconds
+        while self.now < until:
+            self.now += PERIOD
+            if keeper.due():
+                self.release()
+                keeper.released = True
+
+
+def test_the_engine_hands_its_free_heap_back_once_idle_for_the_quiet_time_once_a_spell() -> None:
+    engine = PlayedEngine()
+    keeper = engine.keeper()
+    engine.busy, engine.free = True, 900 * MiB  # a flood: nothing while requests are in
+    engine.ticks(keeper, 60)
+    assert engine.releases == []
+    engine.busy = False  # over at 60 s
+    engine.ticks(keeper, IDLE_SECONDS - 2 * PERIOD)
+    assert engine.releases == []
+    engine.ticks(keeper, 3 * PERIOD)
+    assert engine.releases == [pytest.approx(60 + IDLE_SECONDS + PERIOD)]  # the first look a quiet time after the last request
+    engine.free = 500 * MiB  # what a release could not hand back is not tried again in the same idle spell
+    engine.ticks(keeper, 60)
+    assert len(engine.releases) == 1
+    engine.busy = True  # a request, then idle again: a new spell
+    engine.ticks(keeper, PERIOD)
+    engine.busy = False
+    engine.ticks(keeper, IDLE_SECONDS + PERIOD)
+    assert len(engine.releases) == 2
+
+
+def test_a_busy_engine_or_a_small_free_heap_is_left_alone() -> None:
+    engine = PlayedEngine()
+    keeper = engine.keeper()
+    engine.free = THRESHOLD - MiB  # idle, but too little free to be worth the faults the next passes pay
+    engine.ticks(keeper, 120)
+    engine.free, engine.busy = 2 * THRESHOLD, True  # much free, but a request in every look (a steady load)
+    engine.ticks(keeper, 120)
+    for _ in range(30):  # requests that come just under the quiet time apart
+        engine.busy = False
+        engine.ticks(keeper, IDLE_SECONDS - 2 * PERIOD)
+        engine.busy = True
+        engine.ticks(keeper, PERIOD)
+    assert engine.releases == []
+
+
+def test_an_engine_heap_that_cannot_be_read_ends_its_keeper_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = PlayedEngine()
+
+    def unreadable() -> int:
+        raise OSError("tcmalloc does not tell its free bytes")
+
+    keeper = IdleKeeper(unreadable, engine.release, lambda: False, THRESHOLD, quiet=0.0)
+    monkeypatch.setattr("attrserve_service.heap.PERIOD", 0.0)
+    asyncio.run(asyncio.wait_for(keeper.run(), 5))
+    assert "the engine process's heap is no longer watched: tcmalloc does not tell its free bytes" in caplog.text
+    assert engine.releases == []
+
+
 # engine.release_free_memory in a process of its own on tcmalloc: 300 MiB made and freed (tcmalloc keeps what is freed
 # until it is reused), then released.
 RELEASE = textwrap.dedent(
@@ -192,35 +268,39 @@ RELEASE = textwrap.dedent(
     import os
 
     from attrserve_engine.engine import release_free_memory
+    from attrserve_service.heap import free_heap_bytes
 
     def rss():
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
 
+    free = free_heap_bytes()
     start = rss()
     large = [bytearray(1 << 20) for _ in range(300)]
     del large
-    freed = rss()
+    freed, free_before = rss(), free() >> 20
     release_free_memory()
-    print(start, freed, rss())
+    print(start, freed, rss(), free_before, free() >> 20)
     """
 )
 
 
 def test_release_free_memory_hands_back_what_tcmalloc_keeps() -> None:
     """The engine process runs on tcmalloc where it is installed (--allocator auto), and releases its free memory after
-    a model's load-time probe and warm-ups: glibc's malloc_trim alone left it mapped there (bench W6's engine process
-    started at 608 MiB of RSS, and at 285 with tcmalloc's release; issue 12 step 43)."""
+    a model's load-time probe and warm-ups, and when idle after a surge: glibc's malloc_trim alone left it mapped there
+    (bench W6's engine process started at 608 MiB of RSS, and at 285 with tcmalloc's release; issue 12 step 43). What
+    the IdleKeeper reads as free is what goes."""
     library = ctypes.util.find_library("tcmalloc_minimal")
     if library is None:
         pytest.skip("libtcmalloc_minimal is not installed (CI installs libtcmalloc-minimal4)")
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     env["LD_PRELOAD"] = library
     out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True, env=env).stdout
-    start, freed, released = map(int, out.split())
-    print(f"\nRSS {start} MiB at the start, {freed} with 300 MiB freed, {released} released")
+    start, freed, released, free_before, free_after = map(int, out.split())
+    print(f"\nRSS {start} MiB at the start, {freed} with 300 MiB freed, {released} released; free heap {free_before} → {free_after}")
     assert freed - start >= 280  # freed, still resident
     assert released - start < 64
+    assert free_before >= 280 and free_after < 32  # what the engine process's IdleKeeper reads
 
 
 # End to end: 1 MiB requests (341 of the image model's rows each) that the front holds while its engine process is
@@ -267,17 +347,31 @@ async def surge(address: str, xs: np.ndarray, metrics_port: int, pid: int) -> Co
     return codes
 
 
-def test_the_front_hands_back_the_memory_a_surge_of_large_requests_left_and_serves_on() -> None:
+def test_the_front_and_the_engine_process_hand_back_the_memory_a_surge_of_large_requests_left_and_serve_on() -> None:
+    """The front's keeper hands back what the held requests left; the engine process's (IdleKeeper), once it has been
+    idle for IDLE_SECONDS, what the requests and their passes left in its tcmalloc heap."""
     xs = np.random.default_rng(5).random((ROWS, 3, 16, 16), dtype=np.float32)
     want = Saliency(demo_model("image")).attribute(torch.from_numpy(xs[:4].copy()).requires_grad_(), target=1).detach().numpy()
-    args = ["--device", "cpu", "--no-batch-probe", "--max-front-bytes", str(512 * MiB), "--log-level", "INFO"]
+    args = [
+        "--device",
+        "cpu",
+        "--no-batch-probe",
+        "--max-front-bytes",
+        str(512 * MiB),
+        "--max-queued-rows",
+        "200000",
+        "--log-level",
+        "INFO",
+    ]
     with ServeProcess(args, metrics=True) as server:
         assert server.metrics_port is not None
         with AttributionClient(server.address) as client:
             np.testing.assert_allclose(client.attribute("image", "saliency", xs[:4], target=1, timeout=60).attributions, want, atol=1e-6)
-        start = rss_kib(server.proc.pid) >> 10
+        start, engine = rss_kib(server.proc.pid) >> 10, engine_pid(server.proc.pid)
+        engine_start = rss_kib(engine) >> 10
         with Sampler(server.proc.pid, server.metrics_port) as sampled:
-            codes = asyncio.run(surge(server.address, xs, server.metrics_port, engine_pid(server.proc.pid)))
+            codes = asyncio.run(surge(server.address, xs, server.metrics_port, engine))
+        engine_end = rss_kib(engine) >> 10
         assert not sampled.errors, sampled.errors
         peak = max(sampled.rss_kib) >> 10
         assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and codes["OK"] > 0, codes  # answers, and the queue's refusals
@@ -290,6 +384,14 @@ def test_the_front_hands_back_the_memory_a_surge_of_large_requests_left_and_serv
         assert now - start <= BACK_NEAR, server.output()[-3000:]
         handed = sum(int(mib) for mib in re.findall(r"handed (\d+) MiB of free heap back to the kernel", server.output()))
         assert handed >= 200, server.output()[-3000:]  # the keeper's doing (glibc alone hands back much of it too)
+
+        assert engine_end - engine_start >= 100, (engine_start, engine_end)  # the surge's memory, free in the engine now
+        until = time.monotonic() + IDLE_SECONDS + BACK_WITHIN
+        while (engine_now := rss_kib(engine) >> 10) - engine_start > BACK_NEAR and time.monotonic() < until:
+            time.sleep(0.5)
+        print(f"the engine process's RSS: {engine_start} MiB at the start, {engine_end} after the surge, {engine_now} later")
+        assert engine_now - engine_start <= BACK_NEAR, server.output()[-3000:]
+        assert re.search(r"idle for 10 s: released \d+ MiB of the engine process's free heap", server.output())
 
         assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
         with AttributionClient(server.address) as client:
