@@ -177,7 +177,18 @@ def _finished_by_members(returned: list, job: LiveJob) -> Any:
     raise AssertionError("a merged job finishes through its members (Scheduler._succeed_members)")
 
 
-# What a finished job holds in place of its caller's future: that future went with the answer (_answer).
+def _drop_tracebacks(error: BaseException) -> None:
+    """`error`, and every exception it was raised from or while handling, without its traceback."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if id(e) not in seen:
+            seen.add(id(e))
+            e.__traceback__ = None
+            todo += [chained for chained in (e.__cause__, e.__context__) if chained is not None]
+
+
+# What a finished job holds in place of its caller's future, never resolved: that one went with the answer (_answer).
 _ANSWERED: concurrent.futures.Future = concurrent.futures.Future()
 
 
@@ -191,10 +202,8 @@ def _answer(job: LiveJob, result: Any = None, error: BaseException | None = None
     traceback for the log line that gives it an id (the servicer's, the engine process's); it holds those frames for
     as long as its caller holds it."""
     future, job.future = job.future, _ANSWERED
-    chained: BaseException | None = error if isinstance(error, AttributionError) else None
-    while chained is not None and chained.__traceback__ is not None:
-        chained.__traceback__ = None
-        chained = chained.__cause__ or chained.__context__
+    if isinstance(error, AttributionError):
+        _drop_tracebacks(error)
     try:
         if error is not None:
             future.set_exception(error)

@@ -1,6 +1,7 @@
 """A finished job lets go of its request: once its answer is out, none of the request's tensors stay in the engine, and
 none of its passes', whatever is still ahead (its deadline an hour away, the worker idle) and however it ended
-(answered, failed, cancelled, its deadline passed, merged with others).
+(answered, failed, cancelled, its deadline passed, merged with others). An error a caller can act on, which the caller
+may keep, keeps none of them either: it goes without its traceback, and so do the errors it was raised from.
 
 The scheduler's bookkeeping outlives a job: its entry in the deadline heap stays until it reaches the heap's top, and a
 worker's list of the jobs that died at its last pass boundary stays while it waits, as did its last pass's blocks and
@@ -69,6 +70,10 @@ class TrackedPasses(FakePasses):
         return [BlockResult(outputs=self.tracked.add("a pass's output", r.outputs.clone()), selected=r.selected) for r in results]
 
 
+def _check(values: torch.Tensor) -> None:
+    raise ValueError(f"{values.shape}: not allowed")
+
+
 def tracked_job(m, tracked: Tracked, tag: float, deadline: float, fail: bool = False) -> LiveJob:
     """A job of one block whose rows and payload (a tensor its plan holds, as a request's inputs) are tracked."""
     payload = tracked.add("a request's payload", torch.full((4, 1), tag))
@@ -76,8 +81,11 @@ def tracked_job(m, tracked: Tracked, tag: float, deadline: float, fail: bool = F
     def plan():
         rows = tracked.add("a block's rows", payload.clone())
         results = yield [Block(kind=PassKind.FORWARD, inputs=(rows,), args=(), target=torch.zeros((4, 0), dtype=torch.int64))]
-        if fail:  # an error the scheduler does not log: pytest's log capture would keep its traceback's frames
-            raise InvalidArgument("this plan fails after its pass")
+        if fail:  # an error the scheduler does not log (pytest's log capture would keep its traceback's frames),
+            try:  # raised from another, whose traceback holds a frame with a tensor of its own
+                _check(tracked.add("a failed check's tensor", payload * 2))
+            except ValueError as e:
+                raise InvalidArgument("this plan fails after its pass") from e
         return Attribution((results[0].outputs.sum().reshape(1) + payload.sum(),))
 
     return LiveJob(
@@ -85,13 +93,15 @@ def tracked_job(m, tracked: Tracked, tag: float, deadline: float, fail: bool = F
     )
 
 
-def _check_answers(futures: list[concurrent.futures.Future]) -> None:
-    """Every fifth job failed, the others answered (the futures, with their errors, go when this returns)."""
+def _check_answers(futures: list[concurrent.futures.Future]) -> list[BaseException]:
+    """Every fifth job failed, the others answered (the futures go when this returns). Returns the errors."""
+    errors = []
     for i, future in enumerate(futures):
         if i % 5 == 4:
-            assert isinstance(future.exception(timeout=10), InvalidArgument)
+            errors.append(future.exception(timeout=10))
         else:
             assert future.result(timeout=10) == pytest.approx(8.0 * i)
+    return errors
 
 
 def test_answered_and_failed_jobs_let_go_of_their_tensors_while_their_deadlines_are_ahead() -> None:
@@ -101,12 +111,15 @@ def test_answered_and_failed_jobs_let_go_of_their_tensors_while_their_deadlines_
         m = model(max_batch_rows=16)
         now = time.monotonic()
         jobs = [tracked_job(m, tracked, float(i), now + HOUR, fail=i % 5 == 4) for i in range(20)]
-        _check_answers([s.submit(job) for job in jobs])
+        errors = _check_answers([s.submit(job) for job in jobs])
         wait_in_flight(s, 0)
-        # The jobs themselves are still held here, as the scheduler's bookkeeping may hold them: they must not hold
-        # their requests' tensors.
+        # The jobs themselves are still held here, as the scheduler's bookkeeping may hold them, and the errors, as a
+        # caller may: neither holds the requests' tensors.
         assert all(job.done for job in jobs)
         tracked.assert_gone()
+        # What a caller acts on is all there: the error's type, its message, and what it was raised from.
+        assert len(errors) == 4 and all(isinstance(e, InvalidArgument) for e in errors)
+        assert all(str(e) == "this plan fails after its pass" and isinstance(e.__cause__, ValueError) for e in errors)
         # The scheduler still answers right.
         assert s.submit(tracked_job(m, tracked, 7.0, time.monotonic() + HOUR)).result(timeout=10) == 56.0
         tracked.assert_gone()
