@@ -41,6 +41,7 @@ def test_the_front_end_takes_a_request_in_and_answers_it_without_torch(engine: E
     for i, request in enumerate(requests):
         (message,) = frames.decode(_body(frame_of([("submit", i, request_to_job(request))], _unpicklable_answer)), tensors=True)
         answers.append(engine.attribute(message[2], timeout=120))
+    del message  # its tensors are the test's, freed here: the engine keeps nothing of a finished request
     answer_frames = [_body(frames.encode_parts([("result", i, a)])) for i, a in enumerate(answers)]
     responses, sent = [], []
     with torch_on_this_thread() as (died, operators):
