@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +42,12 @@ def free_port() -> int:
 
 
 # -- RSS ----------------------------------------------------------------------------------------
+def rss_sum_kib(pids: Sequence[int], field_name: str = "VmRSS") -> int | None:
+    """The processes' `field_name` (VmRSS, VmHWM) summed in KiB; None when none of them can be read."""
+    values = [proc_status_kib(p, field_name) for p in pids]
+    return sum(v for v in values if v is not None) if any(v is not None for v in values) else None
+
+
 def proc_status_kib(pid: int, field_name: str) -> int | None:
     """VmRSS / VmHWM of a process in KiB, from /proc/<pid>/status (psutil is not needed)."""
     try:
@@ -320,7 +326,7 @@ async def _drive(
     seconds: float,
     timeout: float,
     result: LoadResult | None,
-    pid: int | None,
+    pids: Sequence[int],
     rss_every: float,
 ) -> None:
     """`concurrency` closed-loop callers on one channel, each sending its next request as soon as the last returns,
@@ -365,12 +371,12 @@ async def _drive(
 
         async def sample_rss() -> None:
             while True:
-                kib = proc_status_kib(pid, "VmRSS") if pid else None
+                kib = rss_sum_kib(pids)
                 if kib is not None and result is not None:
                     result.rss_samples_kib.append((time.perf_counter() - t_start, kib))
                 await asyncio.sleep(rss_every)
 
-        sampler = asyncio.ensure_future(sample_rss()) if (pid and result is not None) else None
+        sampler = asyncio.ensure_future(sample_rss()) if (pids and result is not None) else None
         try:
             await asyncio.gather(*(caller(c) for c in range(concurrency)))
         finally:
@@ -380,10 +386,9 @@ async def _drive(
                     await sampler
         if result is not None:
             result.wall_s = time.perf_counter() - t_start
-            if pid:
-                kib = proc_status_kib(pid, "VmRSS")
-                if kib is not None:
-                    result.rss_samples_kib.append((result.wall_s, kib))
+            kib = rss_sum_kib(pids) if pids else None
+            if kib is not None:
+                result.rss_samples_kib.append((result.wall_s, kib))
 
 
 def drive(
@@ -394,12 +399,13 @@ def drive(
     *,
     record: bool = True,
     timeout: float = 60.0,
-    pid: int | None = None,
+    pids: Sequence[int] = (),
     rss_every: float = 0.5,
 ) -> LoadResult | None:
-    """`seconds` of closed-loop load; record=False for a warm-up (nothing kept)."""
+    """`seconds` of closed-loop load; record=False for a warm-up (nothing kept). With `pids`, their RSS summed every
+    `rss_every` seconds (a server's processes: attrserve's front and engine process, B3's front and workers)."""
     result = LoadResult() if record else None
-    asyncio.run(_drive(target, requests, concurrency, seconds, timeout, result, pid if record else None, rss_every))
+    asyncio.run(_drive(target, requests, concurrency, seconds, timeout, result, pids if record else (), rss_every))
     return result
 
 

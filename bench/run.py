@@ -140,11 +140,6 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _rss_sum_kib(pids: list[int], field_name: str) -> int | None:
-    values = [harness.proc_status_kib(p, field_name) for p in pids]
-    return sum(v for v in values if v is not None) if any(v is not None for v in values) else None
-
-
 def check_against_captum(target: str, w: Workload, model: torch.nn.Module, requests: list, timeout: float) -> dict:
     """Sends the workload's distinct requests all at once (so a batching server batches them) and compares every
     answer with Captum called on that one request in this process (same weights); raises if one differs."""
@@ -214,7 +209,14 @@ def run_server(
             os.kill(server.pid, signal.SIGUSR1)
         watch = harness.CpuWatch([server.pid, *workers])
         load = harness.drive(
-            server.target, requests, concurrency, seconds, record=True, timeout=args.timeout, pid=server.pid, rss_every=rss_every
+            server.target,
+            requests,
+            concurrency,
+            seconds,
+            record=True,
+            timeout=args.timeout,
+            pids=[server.pid, *workers],
+            rss_every=rss_every,
         )
         cpu = watch.stop()
         if profiling:
@@ -225,13 +227,10 @@ def run_server(
         # On a GPU: the gauge must show the engine process's models and buffers (it read the front's torch, 0, until
         # issue 12 step 29).
         memory = harness.device_memory(metrics_port) if metrics_port and args.device != "cpu" else None
-        hwm = _rss_sum_kib([server.pid, *workers], "VmHWM")
-        workers_rss = _rss_sum_kib(workers, "VmRSS") or 0  # the front's samples + the workers' RSS after the window
+        hwm = harness.rss_sum_kib([server.pid, *workers], "VmHWM")
     finally:
         server.stop()
     assert load is not None
-    if workers_rss:
-        load.rss_samples_kib = [(t, kib + workers_rss) for t, kib in load.rss_samples_kib]
     rss = [kib for _, kib in load.rss_samples_kib]
     out = _summary(
         system,
