@@ -69,6 +69,11 @@ QUIET = 3.0  # seconds without calls after each round, before its RSS is read ag
 ENGINE_QUIET = 15.0  # seconds without calls after which the engine process's RSS is read again (heap.IdleKeeper: 10 s)
 
 
+def rss_kib(pid: int) -> int:
+    """A process's VmRSS in KiB (0 once it is gone)."""
+    return harness.proc_status_kib(pid, "VmRSS") or 0
+
+
 class Sampler(threading.Thread):
     """The front end's RSS every 0.1 s, and attrserve_front_held_bytes every 0.5 s, until stopped."""
 
@@ -192,8 +197,8 @@ def run(scenario: str, setting: str, value: str, repeat: int = 1) -> list[dict]:
         rows, last = [], counts(metrics_port, w.model)
         for round_ in range(1, repeat + 1):
             sampler = Sampler(server.pid, metrics_port)
-            before = harness.proc_status_kib(server.pid, "VmRSS") or 0
-            engine_before = harness.proc_status_kib(engine_pid, "VmRSS") or 0
+            before = rss_kib(server.pid)
+            engine_before = rss_kib(engine_pid)
             prober = HealthProber(server.target)
             sampler.start()
             prober.start()
@@ -201,13 +206,13 @@ def run(scenario: str, setting: str, value: str, repeat: int = 1) -> list[dict]:
             for thread in (sampler, prober):
                 thread.done.set()
                 thread.join()
-            at_end = harness.proc_status_kib(server.pid, "VmRSS") or 0
-            engine_at_end = harness.proc_status_kib(engine_pid, "VmRSS") or 0
+            at_end = rss_kib(server.pid)
+            engine_at_end = rss_kib(engine_pid)
             time.sleep(QUIET)
-            front_later = harness.proc_status_kib(server.pid, "VmRSS") or 0
-            engine_later = harness.proc_status_kib(engine_pid, "VmRSS") or 0
+            front_later = rss_kib(server.pid)
+            engine_later = rss_kib(engine_pid)
             time.sleep(ENGINE_QUIET - QUIET)
-            engine_quiet = harness.proc_status_kib(engine_pid, "VmRSS") or 0
+            engine_quiet = rss_kib(engine_pid)
             now = counts(metrics_port, w.model)
             grew = {key: int(now[key] - last.get(key, 0.0)) for key in now}
             last = now

@@ -386,7 +386,7 @@ async def _drive(
                     await sampler
         if result is not None:
             result.wall_s = time.perf_counter() - t_start
-            kib = rss_sum_kib(pids) if pids else None
+            kib = rss_sum_kib(pids)  # None without pids
             if kib is not None:
                 result.rss_samples_kib.append((result.wall_s, kib))
 

@@ -93,11 +93,16 @@ def tracked_job(m, tracked: Tracked, tag: float, deadline: float, fail: bool = F
     )
 
 
+def _fails(i: int) -> bool:
+    """Whether the i-th job of the first test fails: every fifth."""
+    return i % 5 == 4
+
+
 def _check_answers(futures: list[concurrent.futures.Future]) -> list[BaseException]:
-    """Every fifth job failed, the others answered (the futures go when this returns). Returns the errors."""
+    """The failing jobs failed, the others answered (the futures go when this returns). Returns the errors."""
     errors = []
     for i, future in enumerate(futures):
-        if i % 5 == 4:
+        if _fails(i):
             errors.append(future.exception(timeout=10))
         else:
             assert future.result(timeout=10) == pytest.approx(8.0 * i)
@@ -110,7 +115,7 @@ def test_answered_and_failed_jobs_let_go_of_their_tensors_while_their_deadlines_
     try:
         m = model(max_batch_rows=16)
         now = time.monotonic()
-        jobs = [tracked_job(m, tracked, float(i), now + HOUR, fail=i % 5 == 4) for i in range(20)]
+        jobs = [tracked_job(m, tracked, float(i), now + HOUR, fail=_fails(i)) for i in range(20)]
         errors = _check_answers([s.submit(job) for job in jobs])
         wait_in_flight(s, 0)
         # The jobs themselves are still held here, as the scheduler's bookkeeping may hold them, and the errors, as a

@@ -385,7 +385,8 @@ def test_the_front_and_the_engine_process_hand_back_the_memory_a_surge_of_large_
         handed = sum(int(mib) for mib in re.findall(r"handed (\d+) MiB of free heap back to the kernel", server.output()))
         assert handed >= 200, server.output()[-3000:]  # the keeper's doing (glibc alone hands back much of it too)
 
-        assert engine_end - engine_start >= 100, (engine_start, engine_end)  # the surge's memory, free in the engine now
+        # The surge's memory, free in the engine now: well past what the check below lets stay (314 -> 630 MiB in runs).
+        assert engine_end - engine_start >= BACK_NEAR + 100, (engine_start, engine_end)
         until = time.monotonic() + IDLE_SECONDS + BACK_WITHIN
         while (engine_now := rss_kib(engine) >> 10) - engine_start > BACK_NEAR and time.monotonic() < until:
             time.sleep(0.5)
