@@ -44,7 +44,10 @@ def run_bench(args: list[str], timeout: float) -> tuple[int, str, str]:
 
 def test_bench_smoke_prints_the_table_and_writes_the_json(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    code, stdout, stderr = run_bench(["--smoke", "--workloads", ",".join(WORKLOADS), "--json", str(out)], timeout=240)
+    # 1 s windows after 0.25 s of warm-up (the smoke's default 2 s and 0.5 s): 15 windows of servers, ~20 s less
+    code, stdout, stderr = run_bench(
+        ["--smoke", "--workloads", ",".join(WORKLOADS), "--seconds", "1", "--warmup-seconds", "0.25", "--json", str(out)], timeout=240
+    )
     assert code == 0, f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}"
 
     # the markdown table: a header, one row per workload x system, and the targets
@@ -83,7 +86,7 @@ def test_interleaved_rounds_give_a_median_row_and_ratios_taken_inside_each_round
     out = tmp_path / "rounds.json"
     # B1 (in process) and the no-op server: the rounds' bookkeeping is the same for every system, and these two start fastest
     code, stdout, stderr = run_bench(
-        ["--smoke", "--workloads", "W5", "--systems", "B1,noop", "--rounds", "2", "--json", str(out)], timeout=180
+        ["--smoke", "--workloads", "W5", "--systems", "B1,noop", "--rounds", "2", "--seconds", "1", "--json", str(out)], timeout=180
     )
     assert code == 0, f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}"
     assert "(round 2/2)" in stderr
