@@ -284,7 +284,12 @@ async def _engine_main(fd_in: int, fd_out: int, fd_board: int) -> int:
     free = heap.free_heap_bytes()
     if free is not None:  # what a flood left free goes back once the engine is idle (heap.IdleKeeper)
         in_flight = engine.futures
-        keeper = heap.IdleKeeper(free, release_free_memory, busy=lambda: bool(in_flight))
+        keeper = heap.IdleKeeper(
+            free,
+            release_free_memory,
+            busy=lambda: bool(in_flight),
+            released=lambda released: out.send(("event", "heap_released", ("engine", released))),  # the front's metrics
+        )
         engine.tasks.add(asyncio.ensure_future(keeper.run()))
     if config.model_control == CONTROL_POLL:
         engine.tasks.add(asyncio.ensure_future(core.poll_forever(config.repository_poll_seconds)))

@@ -70,7 +70,8 @@ class HeapKeeper:
     that much free settles at one trim a minute; the wait starts again at a second once the excess is gone. A fall of
     the heap's use by `threshold` from its peak since the last trim (a surge ended) trims at once, whatever the wait, if
     an eighth of `threshold` is free.
-    `of_this_process` gives the process's own `measure` and `trim`; tests give others, and a `clock`."""
+    `of_this_process` gives the process's own `measure` and `trim`; tests give others, and a `clock`. `released` hears
+    the bytes of resident memory each trim handed back (metrics.heap_released)."""
 
     def __init__(
         self,
@@ -78,15 +79,16 @@ class HeapKeeper:
         trim: Callable[[], object],
         threshold: int = FRONT_TRIM_THRESHOLD,
         clock: Callable[[], float] = time.monotonic,
+        released: Callable[[int], object] = lambda released: None,
     ) -> None:
-        self.measure, self.trim, self.threshold, self.clock = measure, trim, threshold, clock
+        self.measure, self.trim, self.threshold, self.clock, self.released = measure, trim, threshold, clock, released
         self.base = measure().idle
         self.wait = PERIOD
         self.next_at = 0.0
         self.peak_in_use = 0
 
     @classmethod
-    def of_this_process(cls) -> HeapKeeper | None:
+    def of_this_process(cls, released: Callable[[int], object] = lambda released: None) -> HeapKeeper | None:
         """A keeper of this process's glibc heap; None where the C library is not glibc 2.33 or later."""
         libc = _libc()
         if libc is None:
@@ -96,7 +98,7 @@ class HeapKeeper:
             info = libc.mallinfo2()
             return Heap(_rss(), info.uordblks + info.hblkhd)
 
-        return cls(measure, lambda: libc.malloc_trim(0))
+        return cls(measure, lambda: libc.malloc_trim(0), released=released)
 
     def due(self, now: Heap) -> bool:
         """Whether to trim now, given the heap as it is."""
@@ -130,6 +132,7 @@ class HeapKeeper:
                 log.warning("the front end's heap is no longer watched: %s", e)
                 return
             self.trimmed(after)
+            self.released(max(0, before.rss - after.rss))
             log.log(
                 logging.INFO if before.rss - after.rss >= 1 << 20 else logging.DEBUG,
                 "handed %d MiB of free heap back to the kernel in %.0f ms (RSS %d → %d MiB)",
@@ -156,7 +159,8 @@ class IdleKeeper:
     milliseconds for hundreds of MiB); a free heap under `threshold` is not worth that.
 
     Looks once a second; `free` gives the malloc's free bytes, `release` hands them back (`engine.release_free_memory`),
-    `busy` says whether a request is in the engine. One release per idle spell."""
+    `busy` says whether a request is in the engine, `released` hears the bytes of resident memory each release handed
+    back (the front's metrics.heap_released). One release per idle spell."""
 
     def __init__(
         self,
@@ -166,20 +170,22 @@ class IdleKeeper:
         threshold: int = IDLE_THRESHOLD,
         quiet: float = IDLE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        released: Callable[[int], object] = lambda released: None,
     ) -> None:
         self.free, self.release, self.busy, self.threshold, self.quiet, self.clock = free, release, busy, threshold, quiet, clock
+        self.released = released
         self.idle_since: float | None = None
-        self.released = False  # in this idle spell
+        self.spent = False  # released in this idle spell
 
     def due(self) -> bool:
         """Whether to hand the free heap back now."""
         if self.busy():
-            self.idle_since, self.released = None, False
+            self.idle_since, self.spent = None, False
             return False
         now = self.clock()
         if self.idle_since is None:
             self.idle_since = now
-        return not self.released and now - self.idle_since >= self.quiet and self.free() >= self.threshold
+        return not self.spent and now - self.idle_since >= self.quiet and self.free() >= self.threshold
 
     async def run(self) -> None:
         """Look every PERIOD seconds until cancelled; a heap it cannot read (OSError) ends it, logged."""
@@ -194,7 +200,8 @@ class IdleKeeper:
             except OSError as e:
                 log.warning("the engine process's heap is no longer watched: %s", e)
                 return
-            self.released = True
+            self.spent = True
+            self.released(max(0, before - after))
             log.info(
                 "idle for %.0f s: released %d MiB of the engine process's free heap to the kernel in %.0f ms (RSS %d → %d MiB)",
                 self.quiet,

@@ -125,6 +125,15 @@ ATTRSERVE_BUSY_POLL_SECONDS_TOTAL = Counter(
     "Seconds the front end's event loop polled for a lone request's answer instead of sleeping (--busy-poll-us): "
     "CPU spent so that a lone caller is answered sooner.",
 )
+ATTRSERVE_HEAP_RELEASED_BYTES_TOTAL = Counter(
+    "attrserve_heap_released_bytes",
+    "Bytes of free heap a server process handed back to the kernel (its resident memory before less after), by process: "
+    "the front end's trims after a surge, the engine process's release once idle for 10 s.",
+    ["process"],
+)
+ATTRSERVE_HEAP_RELEASES_TOTAL = Counter(
+    "attrserve_heap_releases", "Times a server process handed its free heap back to the kernel, by process.", ["process"]
+)
 ATTRSERVE_FRONT_HELD_BYTES = Gauge(
     "attrserve_front_held_bytes",
     "Bytes of requests the front end holds for the engine process until they are answered (their tensors plus 32 KiB "
@@ -188,6 +197,8 @@ RPC_CODES = (*GRPC_CODES, "FAILED_PRECONDITION", "UNAUTHENTICATED", "PERMISSION_
 PASS_KINDS = tuple(kind.value for kind in PassKind)
 DROP_REASONS = (DROP_DEADLINE, DROP_CANCELLED)
 SPLIT_REASONS = (SPLIT_FAILURE, SPLIT_OOM)
+# The processes whose heap goes back to the kernel (heap.py's keepers): the front end and the engine process.
+HEAP_PROCESSES = ("front", "engine")
 
 
 def precreate_methods(methods: list[tuple[str, str, str]]) -> None:
@@ -249,6 +260,19 @@ def observe_engine(core: Core, version: str) -> None:
             watch_model(core, name, algorithms, device)
     devices = ",".join(snapshot.devices) or "none"
     ATTRSERVE_BUILD_INFO.labels(version, snapshot.torch, devices, snapshot.allocator, snapshot.event_loop).set(1.0)
+
+
+def watch_heaps() -> None:
+    """The heap-release series of both processes, up front (zeros instead of gaps); a server with an engine process."""
+    for process in HEAP_PROCESSES:
+        ATTRSERVE_HEAP_RELEASES_TOTAL.labels(process)
+        ATTRSERVE_HEAP_RELEASED_BYTES_TOTAL.labels(process)
+
+
+def heap_released(process: str, released: int) -> None:
+    """A heap keeper of `process` handed its free heap back: `released` bytes of resident memory (0 when none went)."""
+    ATTRSERVE_HEAP_RELEASES_TOTAL.labels(process).inc()
+    ATTRSERVE_HEAP_RELEASED_BYTES_TOTAL.labels(process).inc(released)
 
 
 def grpc_server_ids() -> set[int]:
@@ -339,6 +363,9 @@ class EngineMetrics(EngineObserver):
 
     def busy_polled(self, seconds: float) -> None:
         ATTRSERVE_BUSY_POLL_SECONDS_TOTAL.inc(seconds)
+
+    def heap_released(self, process: str, released: int) -> None:
+        heap_released(process, released)
 
     def suspect_probed(self, model: str, outcome: str) -> None:
         ATTRSERVE_SUSPECT_PROBES_TOTAL.labels(model, outcome).inc()

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import signal
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, cast
 
 import grpc
@@ -145,6 +146,8 @@ async def create_server(config: ServerConfig, engine: Engine | None = None, laun
     core, engine = await _start_core(config, engine, launched)
     metrics.observe_engine(core, __version__)
     metrics.ATTRSERVE_ENGINE_PROCESS_UP.set(1.0)
+    if config.engine_process:
+        metrics.watch_heaps()
     metrics.precreate_methods(
         [
             ("unary", SERVICE_NAME, "Attribute"),
@@ -245,7 +248,11 @@ async def serve(config: ServerConfig, launched: Launched | None = None) -> int:
     running = await create_server(config, launched=launched)
     settle_heap()
     # The front's heap after a surge (heap.py): where the engine's tensors are not in it, and its malloc is glibc tuned.
-    keeper = heap.HeapKeeper.of_this_process() if config.engine_process and launch.front_heap_tuned() else None
+    keeper = (
+        heap.HeapKeeper.of_this_process(released=partial(metrics.heap_released, "front"))
+        if config.engine_process and launch.front_heap_tuned()
+        else None
+    )
     keeping = asyncio.ensure_future(keeper.run()) if keeper is not None else None
     statuses = running.core.snapshot().statuses
     ready = sorted({s.name for s in statuses if s.state == ModelState.READY.value})
@@ -260,8 +267,8 @@ async def serve(config: ServerConfig, launched: Launched | None = None) -> int:
         eventloop.running(),
     )
     # One line a supervisor (or a test that bound port 0) can read the ports from.
-    metrics = f" (metrics on {config.host}:{running.metrics_port})" if running.metrics_port is not None else ""
-    print(f"attrserve listening on {config.host}:{running.port}{metrics}", flush=True)
+    scraped = f" (metrics on {config.host}:{running.metrics_port})" if running.metrics_port is not None else ""
+    print(f"attrserve listening on {config.host}:{running.port}{scraped}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -207,7 +207,7 @@ class PlayedEngine:
             self.now += PERIOD
             if keeper.due():
                 self.release()
-                keeper.released = True
+                keeper.spent = True
 
 
 def test_the_engine_hands_its_free_heap_back_once_idle_for_the_quiet_time_once_a_spell() -> None:
@@ -259,6 +259,39 @@ def test_an_engine_heap_that_cannot_be_read_ends_its_keeper_with_a_warning(
     asyncio.run(asyncio.wait_for(keeper.run(), 5))
     assert "the engine process's heap is no longer watched: tcmalloc does not tell its free bytes" in caplog.text
     assert engine.releases == []
+
+
+def test_each_keeper_tells_the_resident_bytes_every_release_handed_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run() tells `released` (the server's metrics.heap_released: attrserve_heap_released_bytes_total and
+    attrserve_heap_releases_total) once per trim or release, with the resident memory it handed back, 0 for none."""
+    monkeypatch.setattr("attrserve_service.heap.PERIOD", 0.0)
+
+    async def until_told(run, told: list[int], n: int) -> None:
+        task = asyncio.ensure_future(run())
+        while len(told) < n:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)  # nothing more in the meantime
+        task.cancel()
+
+    heap, front = PlayedHeap(), []
+    keeper = HeapKeeper(heap.measure, heap.trim, THRESHOLD, released=front.append)
+    heap.rss += 2 * THRESHOLD  # free memory past the threshold: trimmed at the first look
+    asyncio.run(asyncio.wait_for(until_told(keeper.run, front, 1), 5))
+    assert front == [2 * THRESHOLD] and len(heap.trims) == 1
+
+    heap, front = PlayedHeap(), []
+    heap.returnable = 0.0  # a trim that hands nothing back is still one, of 0 bytes
+    keeper = HeapKeeper(heap.measure, heap.trim, THRESHOLD, released=front.append)
+    heap.rss += 2 * THRESHOLD
+    asyncio.run(asyncio.wait_for(until_told(keeper.run, front, 1), 5))
+    assert front[0] == 0
+
+    engine, told = PlayedEngine(), []
+    resident = iter([900 * MiB, 300 * MiB])  # the engine process's RSS before and after its release
+    monkeypatch.setattr("attrserve_service.heap._rss", lambda: next(resident))
+    idle = IdleKeeper(lambda: 600 * MiB, engine.release, lambda: False, THRESHOLD, quiet=0.0, released=told.append)
+    asyncio.run(asyncio.wait_for(until_told(idle.run, told, 1), 5))
+    assert told == [600 * MiB] and len(engine.releases) == 1  # once in the idle spell
 
 
 # engine.release_free_memory in a process of its own on tcmalloc: 300 MiB made and freed (tcmalloc keeps what is freed
@@ -382,8 +415,8 @@ def test_the_front_and_the_engine_process_hand_back_the_memory_a_surge_of_large_
             time.sleep(0.5)
         print(f"\n{dict(codes)}; the front's RSS: {start} MiB at the start, {peak} at most, {now} after")
         assert now - start <= BACK_NEAR, server.output()[-3000:]
-        handed = sum(int(mib) for mib in re.findall(r"handed (\d+) MiB of free heap back to the kernel", server.output()))
-        assert handed >= 200, server.output()[-3000:]  # the keeper's doing (glibc alone hands back much of it too)
+        handed = [int(mib) for mib in re.findall(r"handed (\d+) MiB of free heap back to the kernel", server.output())]
+        assert sum(handed) >= 200, server.output()[-3000:]  # the keeper's doing (glibc alone hands back much of it too)
 
         # The surge's memory, free in the engine now: well past what the check below lets stay (314 -> 630 MiB in runs).
         assert engine_end - engine_start >= BACK_NEAR + 100, (engine_start, engine_end)
@@ -392,7 +425,22 @@ def test_the_front_and_the_engine_process_hand_back_the_memory_a_surge_of_large_
             time.sleep(0.5)
         print(f"the engine process's RSS: {engine_start} MiB at the start, {engine_end} after the surge, {engine_now} later")
         assert engine_now - engine_start <= BACK_NEAR, server.output()[-3000:]
-        assert re.search(r"idle for 10 s: released \d+ MiB of the engine process's free heap", server.output())
+        released = [int(mib) for mib in re.findall(r"idle for 10 s: released (\d+) MiB of the engine process's", server.output())]
+        assert released, server.output()[-3000:]
+
+        # The metrics count what the logs say each keeper handed back (a log line gives whole MiB; a front trim of
+        # less than 1 MiB is logged at DEBUG only). The logs are read again: the front may have trimmed since.
+        page = scrape(server.metrics_port)
+        time.sleep(0.5)  # a trim's log line follows its count
+        logged = {
+            "front": [int(mib) for mib in re.findall(r"handed (\d+) MiB of free heap back to the kernel", server.output())],
+            "engine": [int(mib) for mib in re.findall(r"idle for 10 s: released (\d+) MiB of the engine process's", server.output())],
+        }
+        for process, lines in logged.items():
+            releases = page[("attrserve_heap_releases_total", frozenset({("process", process)}))]
+            released_bytes = page[("attrserve_heap_released_bytes_total", frozenset({("process", process)}))]
+            assert releases >= len(lines) and (releases == len(lines) or process == "front"), (process, releases, lines)
+            assert sum(lines) * MiB <= released_bytes < (sum(lines) + releases) * MiB, (process, released_bytes, lines)
 
         assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
         with AttributionClient(server.address) as client:
