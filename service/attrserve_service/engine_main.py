@@ -79,6 +79,10 @@ class _Out:
         else:
             self._write([message])
 
+    def event(self, method: str, *args: Any) -> None:
+        """An engine observer's call, for the front to replay on its observers (its metrics)."""
+        self.send(("event", method, args))
+
     @contextlib.contextmanager
     def holding(self) -> Iterator[None]:
         if getattr(self._held, "messages", None) is not None:  # nested: the outermost sends
@@ -116,9 +120,6 @@ class _Forward(EngineObserver):
             found = map(self.keys.get, callers)  # (one lookup each: the event loop removes answered ones meanwhile)
             self.board.running((device, worker), [key for key in found if key is not None])  # (warm-ups have none)
 
-    def _event(self, method: str, *args: Any) -> None:
-        self.out.send(("event", method, args))
-
     def _changed(self) -> None:
         self.out.send(("snapshot", self.core.snapshot()))
 
@@ -126,43 +127,43 @@ class _Forward(EngineObserver):
         return self.out.holding()
 
     def pass_executed(self, stats: PassStats) -> None:
-        self._event("pass_executed", stats)
+        self.out.event("pass_executed", stats)
 
     def request_refused(self, model: str, reason: str) -> None:
-        self._event("request_refused", model, reason)
+        self.out.event("request_refused", model, reason)
 
     def request_dropped(self, model: str, reason: str, rows: int) -> None:
-        self._event("request_dropped", model, reason, rows)
+        self.out.event("request_dropped", model, reason, rows)
 
     def pass_split(self, model: str, reason: str) -> None:
-        self._event("pass_split", model, reason)
+        self.out.event("pass_split", model, reason)
 
     def model_load_failed(self, model: str, error: BaseException) -> None:
-        self._event("model_load_failed", model, RuntimeError(f"{type(error).__name__}: {error}"))
+        self.out.event("model_load_failed", model, RuntimeError(f"{type(error).__name__}: {error}"))
 
     def worker_state(self, device: str, serving: bool, reason: str) -> None:
         self._changed()
-        self._event("worker_state", device, serving, reason)
+        self.out.event("worker_state", device, serving, reason)
 
     def worker_stuck(self, device: str, reason: str) -> None:
         """The pass cannot be stopped, and until it returns the model may hold its hooks: this process ends and the
         front starts another. The device's requests have had their answers (the scheduler failed them first); the
         front fails what else this process held with UNAVAILABLE, naming the exit code."""
-        self._event("worker_stuck", device, reason)
+        self.out.event("worker_stuck", device, reason)
         log.error("the engine process exits (code %d), and the front starts another: %s", EXIT_STUCK, reason)
         sys.stderr.flush()
         os._exit(EXIT_STUCK)
 
     def model_loaded(self, model: str, seconds: float) -> None:
         self._changed()
-        self._event("model_loaded", model, seconds)
+        self.out.event("model_loaded", model, seconds)
 
     def model_state_changed(self, model: str, version: str) -> None:
         self._changed()
-        self._event("model_state_changed", model, version)
+        self.out.event("model_state_changed", model, version)
 
     def load_running(self, model: str, version: str, running: bool) -> None:
-        self._event("load_running", model, version, running)
+        self.out.event("load_running", model, version, running)
 
 
 def _alive(out: _Out, message: tuple) -> bool:
@@ -288,7 +289,7 @@ async def _engine_main(fd_in: int, fd_out: int, fd_board: int) -> int:
             free,
             release_free_memory,
             busy=lambda: bool(in_flight),
-            released=lambda released: out.send(("event", "heap_released", ("engine", released))),  # the front's metrics
+            released=partial(out.event, "heap_released", "engine"),  # the front's metrics
         )
         engine.tasks.add(asyncio.ensure_future(keeper.run()))
     if config.model_control == CONTROL_POLL:

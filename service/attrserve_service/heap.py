@@ -132,11 +132,12 @@ class HeapKeeper:
                 log.warning("the front end's heap is no longer watched: %s", e)
                 return
             self.trimmed(after)
-            self.released(max(0, before.rss - after.rss))
+            freed = max(0, before.rss - after.rss)
+            self.released(freed)
             log.log(
-                logging.INFO if before.rss - after.rss >= 1 << 20 else logging.DEBUG,
+                logging.INFO if freed >= 1 << 20 else logging.DEBUG,
                 "handed %d MiB of free heap back to the kernel in %.0f ms (RSS %d → %d MiB)",
-                max(0, before.rss - after.rss) >> 20,
+                freed >> 20,
                 (time.perf_counter() - start) * 1e3,
                 before.rss >> 20,
                 after.rss >> 20,
@@ -201,11 +202,12 @@ class IdleKeeper:
                 log.warning("the engine process's heap is no longer watched: %s", e)
                 return
             self.spent = True
-            self.released(max(0, before - after))
+            freed = max(0, before - after)
+            self.released(freed)
             log.info(
                 "idle for %.0f s: released %d MiB of the engine process's free heap to the kernel in %.0f ms (RSS %d → %d MiB)",
                 self.quiet,
-                max(0, before - after) >> 20,
+                freed >> 20,
                 (time.perf_counter() - start) * 1e3,
                 before >> 20,
                 after >> 20,
