@@ -125,6 +125,32 @@ def test_a_throughput_target_over_rounds_shows_the_rounds_ratios_it_is_the_media
     assert target["measured"] == "82% (99.8 vs 121.8 req/s)" and target["status"] == "met"
 
 
+def test_a_target_above_the_fused_limit_says_so_with_the_runs_own_figures() -> None:
+    """A target against a baseline that L, measured in the same run, does not reach (W2 >= 1.3x B3 with L at 1.20x B3
+    in step 45's table) is MISSED by any server: the measured text says so, with L's ratio. A target below L says
+    nothing more."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run
+
+    def workloads(l_over_b3: float) -> dict:
+        b3, attrserve = (100.0, 104.0, 98.0), (102.0, 103.0, 99.0)
+        rounds = {
+            "attrserve": [{"throughput_rps": a, "errors": 0, "ratio_vs_B3": a / b} for a, b in zip(attrserve, b3)],
+            "B3": [{"throughput_rps": b, "errors": 0, "ratio_vs_B3": 1.0} for b in b3],
+            "L": [{"throughput_rps": b * l_over_b3, "errors": 0, "ratio_vs_B3": l_over_b3} for b in b3],
+        }
+        return {"W2": {"concurrency": 32, "systems": {name: run.merge_rounds(runs) for name, runs in rounds.items()}}}
+
+    def target(l_over_b3: float) -> dict:
+        return next(t for t in run.evaluate_targets(workloads(l_over_b3), {}, cpus=2) if t["target"] == "throughput >= 1.3x B3")
+
+    above = target(1.2)
+    assert above["status"] == "MISSED" and above["value"] == statistics.median([102 / 100, 103 / 104, 99 / 98])
+    assert above["measured"].endswith("req/s; L, the fused in-process limit, is 1.20x B3 in this run: the target lies above it)")
+    below = target(1.5)
+    assert below["status"] == "MISSED" and "fused in-process limit" not in below["measured"]
+
+
 def test_a_tail_sweep_runs_attrserve_at_each_other_concurrency_and_judges_the_worst(tmp_path: Path) -> None:
     """--tail-sweep: attrserve alone at each listed concurrency but the workload's own (the table's row), every request
     answered; the target "at every concurrency" takes the worst ratio of those and the own one."""
