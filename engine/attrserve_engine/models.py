@@ -219,7 +219,9 @@ class LoadedModel:
         self.is_exported = any(c.__name__ == "_StatefulGraphModule" for c in type(self.module).__mro__)
         # What a layer method may name (none in an exported program: its submodules are never called).
         self.layers = [] if self.is_exported else [name for name, _ in self.module.named_modules() if name]
-        # Per-example shape of the explained output, learned at warm-up or first pass.
+        # Per-example shape of the explained output, learned at warm-up, and only there: where the config pins every
+        # input dim (no other shape passes check_inputs). A client's pass may have inputs of any shape the model takes, and
+        # its output then says nothing of the next request's (the first request's shape was kept for every later one).
         self.output_shape: tuple[int, ...] | None = None
         self.ready = False
         # Algorithms that failed on this model at warm-up, with why.
@@ -318,8 +320,6 @@ class LoadedModel:
             raise InvalidArgument(f"model {self.name!r} returned {type(out).__name__}, not a tensor")
         if out.dim() == 0 or out.shape[0] != args[0].shape[0]:
             raise InvalidArgument(f"model {self.name!r} returned shape {tuple(out.shape)}; the output's dim 0 must index examples")
-        if self.output_shape is None:
-            self.output_shape = tuple(out.shape[1:])
         return out
 
     def example_inputs(self) -> tuple[Tensor, ...] | None:
@@ -334,7 +334,7 @@ class LoadedModel:
         inputs = self.example_inputs()
         if inputs is not None:
             with torch.no_grad():
-                self.forward(*(x.to(self.device) for x in inputs))
+                self.output_shape = tuple(self.forward(*(x.to(self.device) for x in inputs)).shape[1:])
 
     def measure_layers(self) -> None:
         """`layer_bytes` for one example (pinned shapes only): every module's larger of its inputs' and outputs' bytes."""

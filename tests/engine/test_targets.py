@@ -7,7 +7,10 @@ import math
 
 import pytest
 import torch
+from captum.attr import Saliency
+from torch import nn
 
+from attrserve_engine import AttributionJob, Engine, EngineLimits, InputSpec, ModelSpec
 from attrserve_engine.errors import InvalidArgument
 from attrserve_engine.targets import _flat_torch, check_target, flat_target, fused_flat_target, index_width
 
@@ -96,3 +99,49 @@ def test_a_fused_pass_refuses_only_the_segments_with_bad_targets() -> None:
     assert failures[0] is None and failures[2] is None
     assert isinstance(failures[1], InvalidArgument) and "index 12" in str(failures[1])
     assert flat.tolist() == [1, 9, 0, 0, 1, 9]  # the refused segment's rows select index 0
+
+
+class _PerToken(nn.Module):
+    """(n, L, 4) -> (n, L, 3): a classifier of each token, whatever the sequence's length L."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_target_is_judged_by_its_own_requests_output_where_the_config_pins_no_shape(pinned: bool) -> None:
+    """The engine checks a target before queueing it against the output shape its warm-up learned, which holds for
+    every request only where the config pins every input dim. Elsewhere the output's shape is each request's own: the
+    model's first pass (a prediction on one token here) was kept as the model's shape, and later requests' valid
+    targets (token 1 of 2, token 5 of 6) were refused as out of range until the model was reloaded. Found by an audit
+    in issue 12 step 46."""
+    torch.manual_seed(0)
+    module = _PerToken().eval()
+    engine = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu"))
+    dims = (6, 4) if pinned else (-1, 4)
+    try:
+        engine.load(ModelSpec(name="tokens", module=module, inputs=[InputSpec("x", torch.float32, dims)]))
+        g = torch.Generator().manual_seed(1)
+        short, long = torch.randn(1, 2, 4, generator=g), torch.randn(1, 6, 4, generator=g)
+        if not pinned:
+            predicted = engine.submit(AttributionJob(model="tokens", algorithm="", inputs=(torch.randn(2, 1, 4),), return_outputs=True))
+            assert predicted.result(30).outputs.shape == (2, 1, 3)
+            first = engine.submit(AttributionJob(model="tokens", algorithm="saliency", inputs=(short,), target=[(1, 2)])).result(30)
+            want = Saliency(module).attribute(short.clone().requires_grad_(), target=(1, 2))
+            torch.testing.assert_close(first.attributions[0], want, rtol=0, atol=1e-6)
+        result = engine.submit(AttributionJob(model="tokens", algorithm="saliency", inputs=(long,), target=[(5, 0)])).result(30)
+        want = Saliency(module).attribute(long.clone().requires_grad_(), target=(5, 0))
+        torch.testing.assert_close(result.attributions[0], want, rtol=0, atol=1e-6)
+        # An index past this request's own output is still refused, naming the target: before queueing where the shape
+        # is pinned, by the pass otherwise.
+        with pytest.raises(InvalidArgument, match="target index 6 is out of range for output dim 1 of size 6"):
+            engine.submit(AttributionJob(model="tokens", algorithm="saliency", inputs=(long,), target=[(6, 0)])).result(30)
+        if not pinned:
+            with pytest.raises(InvalidArgument, match="target index 5 is out of range for output dim 1 of size 2"):
+                engine.submit(AttributionJob(model="tokens", algorithm="saliency", inputs=(short,), target=[(5, 0)])).result(30)
+    finally:
+        engine.shutdown(drain=False, timeout=5)
