@@ -40,7 +40,7 @@ import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from attrserve_engine.errors import AttributionError, Cancelled, DeadlineExceeded, PassStuck, ResourceExhausted, Unavailable, size_text
 from attrserve_engine.events import (
@@ -159,6 +159,17 @@ class _Cut:
     tuner: PassSizeTuner | None
 
 
+class _Running(NamedTuple):
+    """A pass running now (Scheduler._running): when it started, its model and rows, its requests' futures, and the
+    replica it runs on, which no other pass may use until it returns, whatever generation the device is in by then."""
+
+    start: float
+    model: LoadedModel
+    rows: int
+    callers: tuple[concurrent.futures.Future, ...]
+    replica: int
+
+
 def batch_key(model: LoadedModel, block: Block) -> BatchKey:
     return (model, block.pass_key)  # LoadedModel hashes by identity
 
@@ -275,10 +286,10 @@ class Scheduler:
         self._down_reason = ""
         self.restarts = 0
         # A pass that runs longer than stuck_pass_seconds (0: never) is given up (_watch): (generation, worker index) ->
-        # (start, model, rows, its requests' futures) of each pass running now, and the (generation, index) of a pass
-        # given up, until it returns.
+        # each pass running now, of this generation or an ended one, and the (generation, index) of a pass given up, until
+        # it returns.
         self.stuck_pass_seconds = stuck_pass_seconds
-        self._running: dict[tuple[int, int], tuple[float, LoadedModel, int, tuple[concurrent.futures.Future, ...]]] = {}
+        self._running: dict[tuple[int, int], _Running] = {}
         self._stalled: tuple[int, int] | None = None
         self._stopped = threading.Event()  # the watchdog's: set at stop
         self._failures_in_a_row = 0
@@ -539,7 +550,7 @@ class Scheduler:
             self._inbox, self._cancelled, self._deadlines = [], [], []
             self._queues, self._queue_rows, self._evicted_keys = {}, {}, set()
             self._pending = {}
-            self._free = weakref.WeakKeyDictionary()
+            self._free = self._replicas_not_running()
             exiting = self._exit
             self.restarts += 1
             # Back off when it keeps dying (a model that kills the worker on every request), not after a rare crash.
@@ -552,6 +563,16 @@ class Scheduler:
             self._close_plan(job)
             _answer(job, error=stuck[1] if stuck is not None and job.future in stuck[0] else lost)
         return None if exiting else delay
+
+    def _replicas_not_running(self) -> weakref.WeakKeyDictionary[LoadedModel, collections.deque[int]]:
+        """The free replicas a new generation starts with (holds _state): all but those a pass still runs on. A pass of
+        the ended generation keeps its replica until it returns (its hooks may be on the model: a layer method's, a
+        rule's, an RNN's training mode), and a pass of the new one on that replica would run with them (a crashed
+        worker's sibling in a long pass; a second stuck pass when the first given up returns). _execute gives it back."""
+        busy: dict[LoadedModel, set[int]] = {}
+        for running in self._running.values():
+            busy.setdefault(running.model, set()).add(running.replica)
+        return weakref.WeakKeyDictionary({m: collections.deque(r for r in range(m.instances) if r not in used) for m, used in busy.items()})
 
     def _watch(self) -> None:
         """The watchdog's thread: every second (or a quarter of stuck_pass_seconds) it looks for a stuck pass."""
@@ -569,7 +590,7 @@ class Scheduler:
         The device serves again once the pass returns: a thread cannot be stopped, and until then the model may still
         hold the pass's hooks. Returns why, or "" when no pass is stuck."""
         now = time.monotonic()
-        for (generation, index), (start, model, rows, callers) in list(self._running.items()):
+        for (generation, index), (start, model, rows, callers, _) in list(self._running.items()):
             # the longer of two estimates of a row's time: every pass's (small ones overstate it) and the probe's rate
             per_row = max(model.row_seconds or 0.0, 1 / model.rows_per_second if model.rows_per_second else 0.0)
             limit = STUCK_PASS_FACTOR * rows * per_row if per_row else STUCK_UNMEASURED_FACTOR * self.stuck_pass_seconds
@@ -626,8 +647,10 @@ class Scheduler:
                 cut = None if held else self._cut(index)
                 wake_in = self._queues_wake_in(index) if cut is None and not held else None
                 shared = self._shared_work()
-                if cut is None and (arrivals or dead) and self._workers > 1:
-                    self._changed_now(shared)  # what it queued may be a pass only another worker may run
+                if (arrivals or dead) and self._workers > 1 and (cut is None or index):
+                    # What it queued may be a pass only another worker may run: the first worker's (a model of one
+                    # replica), which may have looked at the inbox before this worker emptied it and be about to sleep.
+                    self._changed_now(shared)
             if cut is None:
                 with self._cv:
                     # Anything that may have changed since the lists were taken wakes the loop: no lost wake-ups.
@@ -666,8 +689,11 @@ class Scheduler:
         parts = [part for _, part, _ in segments]
         # The callers' futures are not a local: a plan's error raised while its results are routed holds this frame (its
         # traceback's), and this frame would hold the error's future, a reference cycle only the collector ends.
-        self._running[generation, index] = (start, model, sum(part.rows for part in parts), _callers(segments))
-        self._observers.worker_running(self.name, index, self._running[generation, index][3])
+        with self._state:
+            if generation != self._generation:  # ended since the cut: its jobs have failed, its replica is the new one's
+                return False
+            self._running[generation, index] = _Running(start, model, sum(part.rows for part in parts), _callers(segments), replica)
+        self._observers.worker_running(self.name, index, self._running[generation, index].callers)
         try:
             outcomes = self._run_pass(model, parts, partial(self._observers.pass_split, model.name), replica)
         finally:
@@ -675,6 +701,11 @@ class Scheduler:
             with self._state:  # against a watchdog giving this pass up as it returns (_give_up checks under it)
                 del self._running[generation, index]
                 given_up = self._stalled == (generation, index)
+                ended = generation != self._generation
+                if ended:  # the generation that began meanwhile left this replica out (_replicas_not_running): it is free now
+                    self._free[model].append(replica)
+            if ended:
+                self._changed_now(shared=model.instances > 1)  # a worker may wait for a replica of this model
             if given_up:
                 self._returned(generation, index)
         seconds = time.monotonic() - start

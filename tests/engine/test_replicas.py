@@ -13,7 +13,7 @@ import torch
 
 import test_layer_methods as layer_methods
 import test_rule_methods as rule_methods
-from attrserve_engine import Cancelled, Engine, EngineLimits, InvalidArgument, ModelSpec, Unavailable
+from attrserve_engine import AttributionJob, Cancelled, Engine, EngineLimits, InvalidArgument, ModelSpec, Unavailable
 from attrserve_engine.models import LoadedModel
 from attrserve_engine.plan import Attribution, Block, BlockResult, PassKind
 from attrserve_engine.scheduler import LiveJob, Scheduler
@@ -200,7 +200,9 @@ def test_a_block_split_across_replicas_is_put_back_together_in_row_order() -> No
 
     try:
         m = replicated(2, max_batch_rows=8)
-        live = LiveJob(model=m, plan_factory=plan, finish=lambda a, _: a.attributions[0], rows=rows, deadline=None, arrival=time.monotonic())
+        live = LiveJob(
+            model=m, plan_factory=plan, finish=lambda a, _: a.attributions[0], rows=rows, deadline=None, arrival=time.monotonic()
+        )
         got = s.submit(live).result(10)
         assert torch.equal(got, values)
         assert len(rec.passes) == 5 and passes.most_at_once == 2
@@ -336,3 +338,78 @@ def test_every_kind_of_pass_on_two_replicas_at_once_equals_captum() -> None:
             assert log.second.is_set()
         finally:
             engine.shutdown()
+
+
+_GATE = {"entered": threading.Event(), "release": threading.Event()}  # not the module's: its replicas are deep copies
+
+
+class _GatedNet(torch.nn.Module):
+    """Two linear layers; an example whose first feature is -2 holds its forward after lin1 until _GATE's release (its
+    LayerHook on lin1 installed meanwhile), one whose first feature is -1 raises SystemExit (the worker dies)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1 = torch.nn.Linear(4, 4)
+        self.lin2 = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin1(x)
+        if bool((x[:, 0] == -2).any()):
+            _GATE["entered"].set()
+            _GATE["release"].wait(30)
+        if bool((x[:, 0] == -1).any()):
+            raise SystemExit("injected: model code called sys.exit")
+        return self.lin2(h)
+
+
+def test_after_a_crash_no_pass_runs_on_a_replica_whose_old_pass_still_holds_its_layer_hook() -> None:
+    """A layer method's pass holds its hook on replica 1 while a request kills the worker on replica 0. The restarted
+    workers gave replica 1 to the next request, whose forward then ran the old pass's hook: "layer ... runs more than
+    once per forward" (a substitution pass's values would have been silently used). Now the next requests run on
+    replica 0 until that pass returns, with Captum's numbers, and both replicas serve again after it."""
+    from captum.attr import LayerActivation, Saliency
+
+    _GATE["entered"].clear()
+    _GATE["release"].clear()
+    torch.manual_seed(0)
+    net = _GatedNet().eval()
+    engine = Engine(EngineLimits(default_max_batch_rows=8, default_max_queue_delay_us=0, probe_batch_rows=False, default_device="cpu"))
+    x = torch.randn(2, 4)
+    held, killer = x.clone(), x.clone()
+    held[:, 0], killer[:, 0] = -2, -1
+
+    def saliency(inputs: torch.Tensor) -> torch.Tensor:
+        return engine.submit(AttributionJob(model="m", algorithm="saliency", inputs=(inputs,), target=0)).result(10).attributions[0]
+
+    def activation(inputs: torch.Tensor) -> torch.Tensor:
+        return (
+            engine.submit(AttributionJob(model="m", algorithm="layer_activation", inputs=(inputs,), layer="lin1"))
+            .result(10)
+            .attributions[0]
+        )
+
+    try:
+        engine.load(ModelSpec(name="m", module=net, instances=2))
+        want_saliency = Saliency(net).attribute(x.clone().requires_grad_(), target=0, abs=True)
+        want_activation = LayerActivation(net, net.lin1).attribute(x)
+        old = engine.submit(AttributionJob(model="m", algorithm="layer_activation", inputs=(held,), layer="lin1"))
+        assert _GATE["entered"].wait(10)
+        with pytest.raises(Unavailable, match="SystemExit"):
+            saliency(killer)
+        with pytest.raises(Unavailable, match="SystemExit"):
+            old.result(10)
+        deadline = time.monotonic() + 10
+        while not engine.serving()[0]:
+            assert time.monotonic() < deadline, "the worker was not restarted"
+            time.sleep(0.01)
+        for _ in range(3):  # the old pass still runs, its hook on lin1
+            assert_close(saliency(x), want_saliency)
+            assert_close(activation(x), want_activation)
+        _GATE["release"].set()
+        for _ in range(3):
+            assert_close(saliency(x), want_saliency)
+            assert_close(activation(x), want_activation)
+        assert engine.serving() == (True, "")
+    finally:
+        _GATE["release"].set()
+        engine.shutdown(drain=False, timeout=5)

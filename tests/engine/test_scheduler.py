@@ -81,12 +81,22 @@ def job(m: LoadedModel, tag: float, rows: int = 8, stages: int = 1, deadline: fl
     def plan():
         total = 0.0
         for _ in range(stages):
-            results = yield [Block(kind=PassKind.FORWARD, inputs=(torch.full((rows, 1), tag),), args=(), target=torch.zeros((rows, 0), dtype=torch.int64))]
+            results = yield [
+                Block(
+                    kind=PassKind.FORWARD, inputs=(torch.full((rows, 1), tag),), args=(), target=torch.zeros((rows, 0), dtype=torch.int64)
+                )
+            ]
             total += float(results[0].outputs.sum())
         return Attribution((torch.tensor([total]),))
 
-    return LiveJob(model=m, plan_factory=plan, finish=lambda a, live: float(a.attributions[0]), rows=rows * stages,
-                   deadline=deadline, arrival=time.monotonic())
+    return LiveJob(
+        model=m,
+        plan_factory=plan,
+        finish=lambda a, live: float(a.attributions[0]),
+        rows=rows * stages,
+        deadline=deadline,
+        arrival=time.monotonic(),
+    )
 
 
 def scheduler(passes: FakePasses, recorder: Recorder, **kw) -> Scheduler:
@@ -382,6 +392,7 @@ def test_a_queue_that_holds_a_pass_budget_is_full(sized_by: str) -> None:
 
 
 # --- admission, fairness, priorities, pass budget ----------------------------------------------
+
 
 class Refusals(Recorder):
     def __init__(self) -> None:
@@ -775,4 +786,160 @@ def test_every_pass_small_ones_too_tells_the_stuck_rule_how_long_a_row_takes() -
         assert s.submit(job(m, 2.0)).result(5) == 16.0
         assert not rec.stuck and s.serving()[0]
     finally:
+        s.stop(drain=False)
+
+
+class Replicas:
+    """A fake pass function that knows which replica each pass runs on: a pass on a replica another pass still runs
+    on is an overlap (the model's hooks of one would be in the other). Passes of a tag in `gates` wait for their gate;
+    `both` makes passes of those tags wait (up to 5 s) until two of them run at once; passes of 3.0 take 0.2 s."""
+
+    def __init__(self, gates: dict[float, threading.Event], die: float | None = None, both: tuple[float, ...] = ()) -> None:
+        self.gates, self.die, self.both = gates, die, both
+        self.started = {tag: threading.Event() for tag in gates}
+        self.lock = threading.Lock()
+        self.in_use: dict[int, float] = {}
+        self.overlaps: list[tuple[int, float, float]] = []
+        self.replicas: dict[float, int] = {}  # the replica of each tag's last pass
+        self.together = threading.Barrier(2)
+
+    def __call__(self, model, segments: list[Block], on_split=None, replica=0) -> list[BlockResult]:
+        tag = float(segments[0].inputs[0][0, 0])
+        with self.lock:
+            if replica in self.in_use:
+                self.overlaps.append((replica, self.in_use[replica], tag))
+            self.in_use[replica] = tag
+            self.replicas[tag] = replica
+        try:
+            if tag in self.gates:
+                self.started[tag].set()
+                self.gates[tag].wait(30)
+            if tag == self.die:
+                raise SystemExit("injected: the worker thread dies")
+            if tag in self.both:
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    self.together.wait(5)
+            if tag == 3.0:
+                time.sleep(0.2)  # the next job arrives while it runs: a second free replica would take it
+            return [BlockResult(outputs=s.inputs[0], selected=s.inputs[0][:, 0]) for s in segments]
+        finally:
+            with self.lock:
+                if self.in_use.get(replica) == tag:
+                    del self.in_use[replica]
+
+
+def _serving_again(s: Scheduler) -> None:
+    deadline = time.monotonic() + 5
+    while not s.serving()[0]:
+        assert time.monotonic() < deadline, "the device did not serve again"
+        time.sleep(0.01)
+
+
+def _both_replicas_serve(s: Scheduler, passes: Replicas, m: LoadedModel) -> None:
+    """Two jobs at once run on the model's two replicas at once: every replica is free again."""
+    first, second = s.submit(job(m, 5.0)), s.submit(job(m, 6.0))
+    assert first.result(10) == 40.0 and second.result(10) == 48.0
+    assert not passes.together.broken and {passes.replicas[5.0], passes.replicas[6.0]} == {0, 1}
+
+
+def test_a_restart_after_a_crash_leaves_the_replica_a_siblings_pass_still_runs_on_until_it_returns() -> None:
+    """A worker of a two-replica model dies while its sibling is in a long pass on the other replica. The restarted
+    workers ran their passes on that replica while the old pass still ran on it, with its hooks (a layer method's, a
+    rule's) on the model: the next request got "layer runs more than once per forward", or another's substituted layer
+    values. Found by an audit in issue 12 step 46. The replica now comes back when that pass returns."""
+    gates = {1.0: threading.Event()}
+    passes, rec = Replicas(gates, die=2.0, both=(5.0, 6.0)), Recorder()
+    s = scheduler(passes, rec, restart_delay_s=0.05)
+    m = model(max_batch_rows=8, instances=2)
+    try:
+        long = s.submit(job(m, 1.0))
+        assert passes.started[1.0].wait(5)
+        with pytest.raises(Unavailable, match="SystemExit"):
+            s.submit(job(m, 2.0)).result(5)
+        with pytest.raises(Unavailable, match="SystemExit"):
+            long.result(5)  # its generation ended: its result will be dropped
+        _serving_again(s)
+        assert [f.result(5) for f in [s.submit(job(m, 3.0)), s.submit(job(m, 4.0))]] == [24.0, 32.0]  # on the free replica alone
+        assert passes.overlaps == [] and passes.replicas[3.0] == passes.replicas[4.0] != passes.replicas[1.0]
+        gates[1.0].set()  # the old pass returns: its replica is free again
+        _both_replicas_serve(s, passes, m)
+        assert passes.overlaps == [] and s.in_flight() == 0 and s.serving() == (True, "")
+    finally:
+        gates[1.0].set()
+        s.stop(drain=False)
+
+
+def test_when_the_stuck_pass_given_up_returns_another_stuck_pass_keeps_its_replica() -> None:
+    """Two passes of a two-replica model stuck at once: the first is given up, and the device serves again when it
+    returns. The second, of the same ended generation, still runs on its replica: the new workers leave it alone until
+    it returns (they handed it out at once before)."""
+    gates = {1.0: threading.Event(), 2.0: threading.Event()}
+    passes, rec = Replicas(gates, both=(5.0, 6.0)), Recorder()
+    s = scheduler(passes, rec, stuck_pass_seconds=0.3)
+    m = model(max_batch_rows=8, instances=2)
+    m.rows_per_second = 10_000.0  # measured: the limit is stuck_pass_seconds
+    try:
+        stuck = [s.submit(job(m, 1.0)), s.submit(job(m, 2.0))]
+        assert passes.started[1.0].wait(5) and passes.started[2.0].wait(5)
+        for future in stuck:
+            with pytest.raises(Unavailable, match="stuck"):
+                future.result(10)
+        given_up = next(tag for tag, future in zip((1.0, 2.0), stuck) if isinstance(future.exception(), PassStuck))
+        other = 3.0 - given_up
+        gates[given_up].set()
+        _serving_again(s)
+        assert [f.result(5) for f in [s.submit(job(m, 3.0)), s.submit(job(m, 4.0))]] == [24.0, 32.0]
+        assert passes.overlaps == [] and passes.replicas[3.0] == passes.replicas[4.0] != passes.replicas[other]
+        gates[other].set()
+        _both_replicas_serve(s, passes, m)
+        assert passes.overlaps == [] and s.in_flight() == 0 and len(rec.stuck) == 1
+    finally:
+        for gate in gates.values():
+            gate.set()
+        s.stop(drain=False)
+
+
+def test_work_a_sibling_takes_from_the_inbox_for_the_first_worker_wakes_it_even_when_the_sibling_cuts_a_pass() -> None:
+    """The first worker (the only one that runs a model of one replica) ends a step with nothing to do and is about to
+    sleep. Meanwhile a job of such a model and one of a two-replica model arrive, and the second worker takes both from
+    the inbox and cuts the second's pass. It told nobody of the first job when it cut a pass, so the first worker slept
+    on, and the job waited for the next arrival (a lone caller's: until its deadline). Found by an audit in issue 12
+    step 46."""
+
+    class PauseOnce(EngineObserver):
+        """Holds the first worker once at the end of a step, after the scheduler's lock is released: where a GIL
+        switch may leave it."""
+
+        def __init__(self) -> None:
+            self.armed, self.paused, self.go = False, threading.Event(), threading.Event()
+
+        def worker_step(self):  # type: ignore[no-untyped-def]
+            @contextlib.contextmanager
+            def step():  # type: ignore[no-untyped-def]
+                yield
+                if self.armed and threading.current_thread().name == "attrserve-worker-test":
+                    self.armed = False
+                    self.paused.set()
+                    self.go.wait(10)
+
+            return step()
+
+    passes, pause = FakePasses(), PauseOnce()
+    s = Scheduler("test", 10_000, [pause], run_pass=passes)
+    one, two = model(max_batch_rows=8, name="one"), model(max_batch_rows=8, name="two", instances=2)
+    try:
+        assert s.submit(job(two, 0.5)).result(5) == 4.0  # the second worker exists from now on
+        time.sleep(0.2)  # both workers asleep
+        pause.armed = True
+        s.hold()
+        s.release()  # wakes the first worker for one step with nothing to do; it pauses at its end
+        assert pause.paused.wait(5)
+        time.sleep(0.2)
+        lone = s.submit(job(one, 1.0, rows=4))
+        assert s.submit(job(two, 2.0)).result(5) == 16.0  # the second worker took both and ran this one
+        pause.go.set()  # the first worker goes on to its wait
+        assert lone.result(3) == 4.0
+        assert s.in_flight() == 0
+    finally:
+        pause.go.set()
         s.stop(drain=False)
