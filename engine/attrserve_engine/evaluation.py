@@ -21,6 +21,9 @@ from attrserve_engine.algorithms.base import Limits, check_positive, parse_datac
 from attrserve_engine.errors import InvalidArgument
 from attrserve_engine.plan import Attribution, Block, BlockResult, PassKind, Plan, PlanOf, Task, concurrently, interleave_rows
 
+# uniform_(-radius, radius) draws in float32 and refuses a range (2 × radius) past float32's largest number.
+MAX_PERTURB_RADIUS = float(np.finfo(np.float32).max) / 2
+
 
 @dataclass(frozen=True)
 class InfidelityParams:
@@ -58,6 +61,11 @@ def parse_evaluate(raw: dict[str, Any], limits: Limits) -> EvaluateParams:
         # Captum's uniform_(-radius, radius) refuses a negative radius (and torch an infinite one); 0 perturbs nothing
         if not (math.isfinite(sensitivity.perturb_radius) and sensitivity.perturb_radius >= 0):
             raise InvalidArgument(f"evaluate.sensitivity_max.perturb_radius must be a finite number >= 0, got {sensitivity.perturb_radius}")
+        if sensitivity.perturb_radius > MAX_PERTURB_RADIUS:  # torch's uniform_ would raise RuntimeError: an INTERNAL error
+            raise InvalidArgument(
+                f"evaluate.sensitivity_max.perturb_radius is {sensitivity.perturb_radius}, over {MAX_PERTURB_RADIUS:.6g}: "
+                "the noise is drawn in float32, whose range must hold 2 × the radius"
+            )
     return EvaluateParams(infidelity, sensitivity)
 
 

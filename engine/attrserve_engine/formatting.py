@@ -7,12 +7,13 @@ the expected and given values.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.errors import InvalidArgument, shown
 from attrserve_engine.job import AttributionJob, InputCast
 from attrserve_engine.models import LoadedModel
 
@@ -44,6 +45,21 @@ def constant_baseline(feature_shape: tuple[int, ...], dtype: torch.dtype, value:
     return t
 
 
+def scalar_filled(fill: Callable[[float], Tensor], value: float, dtype: torch.dtype, what: str) -> Tensor:
+    """fill(value): a tensor of `dtype` filled with a client's number, or InvalidArgument naming `what` where the dtype
+    cannot hold it (torch raises RuntimeError "value cannot be converted to type float without overflow" for 1e300 in
+    float32, 300 in uint8, NaN in int64; float() an OverflowError for an int past a double), not an INTERNAL error."""
+    try:
+        return fill(float(value))
+    except OverflowError:
+        raise InvalidArgument(f"{what} is {shown(value)}, too large for a number") from None
+    except RuntimeError as e:
+        if "overflow" not in str(e):
+            raise
+        name = str(dtype).removeprefix("torch.")
+        raise InvalidArgument(f"{what} is {shown(value)}, which {name} (the dtype it fills) cannot hold") from None
+
+
 def format_baselines(baselines: tuple, inputs: tuple[Tensor, ...], distribution: bool) -> tuple[Tensor, ...]:
     """Each baseline → (b, *feature_shape) in the input's dtype: b = 1, n, or (distributions) any m."""
     if baselines and len(baselines) != len(inputs):
@@ -53,7 +69,7 @@ def format_baselines(baselines: tuple, inputs: tuple[Tensor, ...], distribution:
         b = baselines[i] if baselines else None
         feature_shape = tuple(x.shape[1:])
         if b is None or isinstance(b, (int, float)):
-            out.append(constant_baseline(feature_shape, x.dtype, float(b or 0)))
+            out.append(scalar_filled(functools.partial(constant_baseline, feature_shape, x.dtype), b or 0, x.dtype, f"baselines[{i}]"))
             continue
         if b.dim() == 0:
             b = b.reshape(1, *([1] * len(feature_shape)))
@@ -71,6 +87,8 @@ def format_baselines(baselines: tuple, inputs: tuple[Tensor, ...], distribution:
                 raise InvalidArgument(shapes) from None
         if not distribution and b.shape[0] not in (1, x.shape[0]):
             raise InvalidArgument(f"baselines[{i}] has {b.shape[0]} rows; give 1 or one per example ({x.shape[0]})")
+        if distribution and b.shape[0] == 0:  # nothing to draw from (GradientShap, draw_baseline_from_distrib)
+            raise InvalidArgument(f"baselines[{i}] has 0 rows: an empty baseline distribution, nothing to draw from")
         if b.dtype != x.dtype:
             b = b.to(x.dtype)
         out.append(b if b.is_contiguous() else b.contiguous())

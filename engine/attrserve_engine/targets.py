@@ -24,10 +24,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attrserve_engine.errors import InvalidArgument
+from attrserve_engine.errors import InvalidArgument, shown
 
 # Indices in one target: one per output dim after dim 0 (torch tensors have at most 64 dims; models far fewer).
 MAX_INDICES = 32
+# The range of an index: the target is an int64 tensor. A Python int past it (a JSON number, a uint64) is refused by
+# name here, where numpy would raise OverflowError (an INTERNAL error) building the tensor.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 # What a caller may pass as a target (Captum's forms, or the formatted tensor).
 TargetLike = None | int | Sequence[int] | Sequence[int | Sequence[int]] | Tensor
@@ -43,11 +46,16 @@ def format_target(target: TargetLike, n: int) -> Tensor:
         return target if target.dtype is torch.int64 else target.to(torch.int64)
     # numpy, then a zero-copy view: no torch arithmetic on the caller's thread.
     if isinstance(target, (int, np.integer)):
+        check_int64([int(target)], "target")
         return torch.from_numpy(np.full((n, 1), int(target), dtype=np.int64))
     if isinstance(target, tuple):
         if len(target) > MAX_INDICES:
             raise InvalidArgument(f"target.tuple has {len(target)} indices; an output has far fewer dims (at most {MAX_INDICES})")
-        index = np.asarray(target, dtype=np.int64).reshape(1, len(target))
+        try:
+            index = np.asarray(target, dtype=np.int64).reshape(1, len(target))
+        except OverflowError:
+            check_int64(target, "target.tuple")
+            raise
         return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(index, (n, len(target)))))
     if len(target) != n:  # before building anything: the count alone refuses a huge list
         raise InvalidArgument(f"target.per_example has {len(target)} entries; there are {n} examples")
@@ -58,7 +66,19 @@ def format_target(target: TargetLike, n: int) -> Tensor:
         raise InvalidArgument(
             f"target.per_example entries have {len(rows[0])} indices; an output has far fewer dims (at most {MAX_INDICES})"
         )
-    return torch.from_numpy(np.asarray(rows, dtype=np.int64).reshape(n, len(rows[0]) if rows else 0))
+    try:
+        return torch.from_numpy(np.asarray(rows, dtype=np.int64).reshape(n, len(rows[0]) if rows else 0))
+    except OverflowError:  # only then look for the value (the common path pays nothing)
+        for i, row in enumerate(rows):
+            check_int64(row, f"target.per_example[{i}]")
+        raise
+
+
+def check_int64(values: Sequence[int], what: str) -> None:
+    """Refuse an index past int64 (InvalidArgument naming `what`): no output dim is that large, and no tensor holds it."""
+    for value in values:
+        if isinstance(value, (int, np.integer)) and not INT64_MIN <= int(value) <= INT64_MAX:
+            raise InvalidArgument(f"{what} index {shown(int(value))} is out of range: an index must fit in an int64")
 
 
 def index_width(target: Tensor, out_shape: tuple[int, ...], what: str = "target") -> int:

@@ -45,6 +45,9 @@ NAME_TO_WIRE = {dtype.name: wire for wire, dtype in WIRE_DTYPES.items()}
 _PREFIX = "ALGORITHM_"
 # A tensor's dims: NumPy takes at most 64; no model input needs more than a handful.
 MAX_DIMS = 32
+# The bytes a tensor's nonzero dims may span (elements × itemsize): under what NumPy's intp counts (2**63 - 1), with
+# room, so that neither NumPy nor torch overflows on a shape that passed (an empty one included).
+MAX_TENSOR_BYTES = 2**62
 # Bounds of a google.protobuf.Struct of parameters (custom_params, also[i].params), checked while it is converted, so
 # a huge or deeply nested one costs at most this much work before it is refused.
 MAX_STRUCT_DEPTH = 8
@@ -71,9 +74,14 @@ def array_from_proto(t: tensor_pb2.Tensor, label: str) -> np.ndarray:
     shape = tuple(t.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{label}.shape {list(shape)} has a negative dim")
-    # Python ints: a product of int64 dims may not fit in one (NumPy's would wrap around).
-    if math.prod(d for d in shape if d) >= 2**62:
-        raise InvalidArgument(f"{label}.shape {list(shape)} has more elements than any tensor can hold")
+    # Python ints: a product of int64 dims may not fit in one (NumPy's would wrap around). NumPy refuses an array whose
+    # nonzero dims hold more bytes than an intp counts, even an empty one ([0, 2**61] of float32: ValueError, "array is
+    # too big"), so the bound is on those bytes, not on the elements.
+    nbytes = math.prod(d for d in shape if d) * np_dtype.itemsize
+    if nbytes >= MAX_TENSOR_BYTES:
+        raise InvalidArgument(
+            f"{label}.shape {list(shape)} of {DType.Name(t.dtype)} spans {nbytes} bytes (its nonzero dims); more than any tensor can hold"
+        )
     want = math.prod(shape) * np_dtype.itemsize
     data = t.data  # read once: each read of a bytes field copies it out of the message (15 µs for 588 KiB)
     if len(data) != want:

@@ -15,9 +15,12 @@ predictions-only job, one forward row per example). With one it returns attribut
   an input's baseline and feature mask. Data in `contents` (typed fields) or `raw_input_contents` (little-endian).
 - outputs: `output` (the model's explained output, returned with attributions when asked for by name in the
   request's `outputs`), `attributions__<input>` (one per input; `attributions__<i>` for a layer method's),
-  `convergence_delta`; all as raw_output_contents. The response's `seed` parameter reproduces the request.
+  `convergence_delta`; all as raw_output_contents. The response's `seed` parameter reproduces the request. A requested
+  output name the answer does not have is INVALID_ARGUMENT naming `outputs[i].name`.
 
-Errors are the same statuses as Attribute's (methods.py maps them): a bad field is INVALID_ARGUMENT naming it."""
+Errors are the same statuses as Attribute's (methods.py maps them): a bad field is INVALID_ARGUMENT naming it. An
+attribution request (one with `algorithm`) is counted in the attribution metrics as Attribute's are, whatever its
+outcome; predictions are not attributions."""
 
 from __future__ import annotations
 
@@ -142,34 +145,56 @@ class InferenceServicer:
         return oip.ModelMetadataResponse(name=config.name, versions=versions, platform=PLATFORM, inputs=inputs, outputs=outputs)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
+        """Predictions (no `algorithm` parameter) or attributions. An attribution request is counted in the attribution
+        metrics whatever its outcome, as Attribute counts its own: refused at the edge (a bad tensor, target or output
+        name, an unknown model) as much as by the engine; a name a client makes up is labelled "unknown"
+        (`Core.labels`). Predictions are no attribution: only the RPC metrics count them."""
         start = time.monotonic()
         remaining = context.time_remaining()
         message = decode(oip.ModelInferRequest, request)
-        if not message.model_name:
-            raise InvalidArgument("model_name is empty; name a served model (ModelMetadata describes it)")
-        model_inputs = await self._model_inputs(message.model_name, message.model_version)
-        job, names = infer_request_to_job(message, model_inputs, None if remaining is None else start + remaining)
-        if not job.algorithm:
-            result = await self.core.attribute(job)
-            return _response(message, result, names)
-        labels = self.core.labels(job.model, job.algorithm)
+        algorithm = _requested_algorithm(message)
+        if algorithm is None:
+            return await self._infer(message, start, remaining)
+        labels = self.core.labels(message.model_name, algorithm)  # bounded: made-up names count as "unknown"
         metrics.ATTRSERVE_REQUESTS_IN_FLIGHT.inc()
         self.attribution.active += 1
         code = "OK"
         try:
-            result = await self.core.attribute(job)
-            metrics.ATTRSERVE_QUEUE_WAIT_SECONDS.labels(labels[0]).observe(result.timing.queue_ms / 1e3)
-            if result.convergence_delta is not None:
-                metrics.observe_delta(*labels, result.convergence_delta)
-            return _response(message, result, names)
+            return await self._infer(message, start, remaining, labels)
         except BaseException as e:
             code = grpc_status(e, context)[0].name
             raise
         finally:
             self.attribution.active -= 1
             metrics.ATTRSERVE_REQUESTS_IN_FLIGHT.dec()
-            metrics.ATTRSERVE_ATTRIBUTIONS_COMPLETED_TOTAL.labels(*labels, code).inc()
-            metrics.ATTRSERVE_ATTRIBUTION_DURATION_SECONDS.labels(*labels).observe(time.monotonic() - start)
+            metrics.child(metrics.ATTRSERVE_ATTRIBUTIONS_COMPLETED_TOTAL, *labels, code).inc()
+            metrics.child(metrics.ATTRSERVE_ATTRIBUTION_DURATION_SECONDS, *labels).observe(time.monotonic() - start)
+
+    async def _infer(
+        self, message: oip.ModelInferRequest, start: float, remaining: float | None, labels: tuple[str, str] | None = None
+    ) -> oip.ModelInferResponse:
+        """ModelInfer's work: the job, the engine's answer, the response (`labels`: an attribution's metric labels)."""
+        if not message.model_name:
+            raise InvalidArgument("model_name is empty; name a served model (ModelMetadata describes it)")
+        model_inputs = await self._model_inputs(message.model_name, message.model_version)
+        job, names = infer_request_to_job(message, model_inputs, None if remaining is None else start + remaining)
+        result = await self.core.attribute(job)
+        if labels is not None:
+            metrics.child(metrics.ATTRSERVE_QUEUE_WAIT_SECONDS, labels[0]).observe(result.timing.queue_ms / 1e3)
+            if result.convergence_delta is not None:
+                metrics.observe_delta(*labels, result.convergence_delta)
+        return _response(message, result, names)
+
+
+def _requested_algorithm(request: oip.ModelInferRequest) -> str | None:
+    """The algorithm an attribution request names (its label before any check: "" where the parameter is no string);
+    None for predictions (no `algorithm` parameter, or an empty one), which infer_request_to_job reads the same way."""
+    if "algorithm" not in request.parameters:
+        return None
+    value = request.parameters["algorithm"]
+    if value.WhichOneof("parameter_choice") != "string_param":
+        return ""  # refused by infer_request_to_job, and counted as an attribution of algorithm "unknown"
+    return value.string_param or None
 
 
 def _input_names(config: mc.ModelConfig) -> list[str]:
@@ -206,17 +231,14 @@ def infer_request_to_job(request: oip.ModelInferRequest, model_inputs: list[str]
     algorithm = params.pop("algorithm", "")
     if not isinstance(algorithm, str):
         raise InvalidArgument("parameters.algorithm must be a string_param, e.g. integrated_gradients")
-    requested = [o.name for o in request.outputs]
-    known = {OUTPUT, "convergence_delta"} | {f"attributions__{name}" for name in names}
-    for i, name in enumerate(requested):
-        if name not in known and not name.startswith("attributions__"):
-            raise InvalidArgument(f"outputs[{i}].name {shown(name)} is not an output; it can be one of {sorted(known)}")
     seed = params.pop("seed", None)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise InvalidArgument("parameters.seed must be an int64_param")
     delta = params.pop("return_convergence_delta", False)
     if not isinstance(delta, bool):
         raise InvalidArgument("parameters.return_convergence_delta must be a bool_param")
+    requested = [o.name for o in request.outputs]
+    _check_requested(requested, names, algorithm, delta)
     layer = params.pop("layer", "")
     if not isinstance(layer, str):
         raise InvalidArgument("parameters.layer must be a string_param, a dotted module path")
@@ -241,6 +263,32 @@ def infer_request_to_job(request: oip.ModelInferRequest, model_inputs: list[str]
         arrival=arrival,
     )
     return job, names
+
+
+def _check_requested(requested: list[str], names: list[str], algorithm: str, delta: bool) -> None:
+    """Each requested output name is one the answer can have (`_response` writes them), or INVALID_ARGUMENT naming
+    outputs[i].name: a name no output has (a typo of an input's name) would otherwise get an answer without it.
+    Predictions have `output` alone; attributions `output`, `attributions__<input>`, `attributions__<i>` (a layer
+    method's: how many its layer gives is known only once it ran, so `_response` checks that index), and
+    `convergence_delta` when return_convergence_delta is set."""
+    known = [OUTPUT]
+    if algorithm:
+        known += [f"attributions__{name}" for name in names] + (["convergence_delta"] if delta else [])
+    for i, name in enumerate(requested):
+        if name in known or (algorithm and _layer_index(name) is not None):
+            continue
+        if name == "convergence_delta" and algorithm:
+            raise InvalidArgument(f"outputs[{i}].name is 'convergence_delta'; set parameters.return_convergence_delta to get it")
+        more = ", attributions__<i> (a layer method's i-th)" if algorithm else " (a request without parameters.algorithm is a prediction)"
+        raise InvalidArgument(f"outputs[{i}].name {shown(name)} is not an output; it can be one of {shown(known, 400)}{more}")
+
+
+def _layer_index(name: str) -> int | None:
+    """i of `attributions__<i>` (decimal, as `_response` writes it: no sign, no leading zero), else None."""
+    digits = name.removeprefix("attributions__")
+    if digits == name or not digits.isascii() or not digits.isdigit() or (len(digits) > 1 and digits[0] == "0") or len(digits) > 4:
+        return None
+    return int(digits)
 
 
 def _input_tensors(request: oip.ModelInferRequest) -> dict[str, np.ndarray]:
@@ -315,14 +363,17 @@ def _json(text: str, label: str) -> Any:
 
 
 def _target(value: Any) -> int | tuple[int, ...] | list[Any] | None:
-    """`target` in Captum's forms: an int64_param, or a string of JSON (an int, a list per example, {"tuple": [...]})."""
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+    """`target` in Captum's forms: an int64_param, or a string of JSON (an int, a list per example, {"tuple": [...]}).
+    Every index fits in an int64 (a uint64_param or a JSON number may not): the engine's target is an int64 tensor."""
+    if value is None:
         return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _int64(value)
     if not isinstance(value, str):
         raise InvalidArgument("parameters.target must be an int64_param or a string_param of JSON")
     parsed = _json(value, "parameters.target")
     if isinstance(parsed, int) and not isinstance(parsed, bool):
-        return parsed
+        return _int64(parsed)
     if isinstance(parsed, dict) and set(parsed) == {"tuple"} and _ints(parsed["tuple"]):
         return tuple(parsed["tuple"])
     if isinstance(parsed, list) and (_ints(parsed) or all(isinstance(row, list) and _ints(row) for row in parsed)):
@@ -333,8 +384,22 @@ def _target(value: Any) -> int | tuple[int, ...] | list[Any] | None:
     )
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _int64(value: int) -> int:
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise InvalidArgument(f"parameters.target has the index {shown(value)}, outside the int64 range")
+    return value
+
+
 def _ints(values: Any) -> bool:
-    return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    """A list of ints, each checked to fit in an int64 (refused naming parameters.target)."""
+    if not (isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)):
+        return False
+    for v in values:
+        _int64(v)
+    return True
 
 
 # -- AttributionResult → ModelInferResponse ------------------------------------------------------------------------------
@@ -350,6 +415,12 @@ def _response(request: oip.ModelInferRequest, result: Result, names: list[str]) 
     if result.convergence_delta is not None:
         outputs.append(("convergence_delta", result.convergence_delta))
     requested = {o.name for o in request.outputs}
+    written = {name for name, _ in outputs}
+    for i, o in enumerate(request.outputs):  # a layer method's attributions__<i> past its layer's tensors
+        if o.name not in written:
+            raise InvalidArgument(
+                f"outputs[{i}].name {shown(o.name)} is not an output of this answer; it has {shown(sorted(written), 400)}"
+            )
     response = oip.ModelInferResponse(model_name=request.model_name, model_version=result.model_version, id=request.id)
     response.parameters["seed"].int64_param = result.seed
     for name, tensor in outputs:

@@ -4,6 +4,7 @@ same flat index and refuse the same targets with the same message; check_target 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from attrserve_engine import AttributionJob, Engine, EngineLimits, InputSpec, ModelSpec
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.targets import _flat_torch, check_target, flat_target, fused_flat_target, index_width
+from attrserve_engine.targets import _flat_torch, check_target, flat_target, format_target, fused_flat_target, index_width
 
 SHAPES = [(10,), (3, 4), (2, 3, 5), (4, 1), (6, 2, 1)]
 
@@ -145,3 +146,22 @@ def test_a_target_is_judged_by_its_own_requests_output_where_the_config_pins_no_
                 engine.submit(AttributionJob(model="tokens", algorithm="saliency", inputs=(short,), target=[(5, 0)])).result(30)
     finally:
         engine.shutdown(drain=False, timeout=5)
+
+
+@pytest.mark.parametrize(
+    ("target", "field"),
+    [
+        (2**63, "target index 9223372036854775808"),
+        (-(2**63) - 1, "target index -9223372036854775809"),
+        (10**25, "target index 10000000000000000000000000"),
+        ((0, 2**64 - 1), "target.tuple index 18446744073709551615"),
+        ([0, 10**25, 1], "target.per_example[1] index 10000000000000000000000000"),
+        ([(0, 1), (1, 0), (2**63, 0)], "target.per_example[2] index 9223372036854775808"),
+    ],
+)
+def test_format_target_refuses_an_index_past_int64_naming_it(target, field: str) -> None:
+    """numpy's OverflowError building the int64 target was an INTERNAL error; the bounds themselves are accepted."""
+    with pytest.raises(InvalidArgument, match=re.escape(field) + " is out of range: an index must fit in an int64"):
+        format_target(target, 3)
+    assert format_target(2**63 - 1, 2).tolist() == [[2**63 - 1]] * 2
+    assert format_target((-(2**63), 0), 1).tolist() == [[-(2**63), 0]]

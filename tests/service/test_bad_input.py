@@ -138,6 +138,14 @@ CASES: dict[str, tuple[str, pb.AttributeRequest | bytes | pb.GetModelRequest, gr
     "inputs byte length": ("Attribute", req(inputs=[raw([1, 3], b"\0" * 8)]), INT, "inputs[0]: shape [1, 3] of DATA_TYPE_FLOAT32 needs 12"),
     "inputs dims overflow": ("Attribute", req(inputs=[raw([2**32, 2**32])]), INT, "inputs[0].shape [4294967296, 4294967296]"),
     "inputs dims wrap to 0": ("Attribute", req(inputs=[raw([2**33, 2**31, 4])]), INT, "inputs[0].shape"),
+    # empty, but its nonzero dims span 2**63 bytes: numpy refuses to shape it ("array is too big"), so the edge does
+    "inputs empty past numpy's bytes": (
+        "Attribute", req(inputs=[raw([0, 2**61])]), INT, "inputs[0].shape [0, 2305843009213693952] of DATA_TYPE_FLOAT32",
+    ),
+    "inputs empty past numpy's bytes, float64": (
+        "Attribute", req(inputs=[raw([0, 2**60], dtype=tensor_pb2.DATA_TYPE_FLOAT64)]),
+        INT, "inputs[0].shape [0, 1152921504606846976] of DATA_TYPE_FLOAT64",
+    ),
     "inputs dims negative": ("Attribute", req(inputs=[raw([1, -3])]), INT, "inputs[0].shape [1, -3] has a negative dim"),
     "inputs too many dims": ("Attribute", req(inputs=[raw([1] * 40, b"\0" * 4)]), INT, "inputs[0].shape has 40 dims"),
     # -- baselines -----------------------------------------------------------------------------------------
@@ -279,6 +287,38 @@ CASES: dict[str, tuple[str, pb.AttributeRequest | bytes | pb.GetModelRequest, gr
     "guided_grad_cam.interpolate_mode": (
         "Attribute", alg(pb.ALGORITHM_GUIDED_GRAD_CAM, layer="lin1", guided_grad_cam=pb.GuidedGradCamParams(interpolate_mode="x" * 5000)),
         INT, "guided_grad_cam.interpolate_mode must be one of",
+    ),
+    # -- numbers past what their field's integers or tensors hold (a Struct's whole double becomes a Python int) ---------
+    "custom_params neuron_selector 1e19": (
+        "Attribute", custom({"neuron_selector": [1e19]}, "neuron_gradient", target=None, layer="lin1"),
+        INT, "neuron_gradient.neuron_selector index 10000000000000000000 is out of range",
+    ),
+    "also[0] neuron_selector 1e300": (
+        "Attribute", req(also=[spec(custom_algorithm="neuron_gradient", layer="lin1", params={"neuron_selector": 1e300})]),
+        INT, "also[0]: neuron_gradient.neuron_selector index 10000000000000000525047602552044202487044685811081591549158541155118",
+    ),
+    "baselines scalar 1e300 in float32": (
+        "Attribute", ig(baselines=[pb.Baseline(scalar=1e300)]), INT, "baselines[0] is 1e+300, which float32",
+    ),
+    "layer_feature_ablation.layer_baselines 1e300": (
+        "Attribute",
+        alg(pb.ALGORITHM_LAYER_FEATURE_ABLATION, layer="lin1", layer_feature_ablation=pb.LayerFeatureAblationParams(layer_baselines=1e300)),
+        INT, "layer_feature_ablation.layer_baselines is 1e+300",
+    ),
+    "evaluate.sensitivity_max.perturb_radius 1e300": (
+        "Attribute", req(evaluate=pb.Evaluate(sensitivity_max=pb.SensitivityMax(perturb_radius=1e300))),
+        INT, "evaluate.sensitivity_max.perturb_radius is 1e+300",
+    ),
+    # -- an empty baseline distribution: nothing to draw from ------------------------------------------------------
+    "gradient_shap baselines of 0 rows": (
+        "Attribute", alg(pb.ALGORITHM_GRADIENT_SHAP, baselines=[pb.Baseline(tensor=T(np.zeros((0, 3), np.float32)))]),
+        INT, "baselines[0] has 0 rows",
+    ),
+    "noise_tunnel draw_baseline_from_distrib of 0 rows": (
+        "Attribute",
+        req(baselines=[pb.Baseline(tensor=T(np.zeros((0, 3), np.float32)))],
+            noise_tunnel=pb.NoiseTunnel(nt_samples=2, draw_baseline_from_distrib=True)),
+        INT, "baselines[0] has 0 rows",
     ),
     # -- noise_tunnel --------------------------------------------------------------------------------------
     "noise_tunnel.nt_type": ("Attribute", req(noise_tunnel=pb.NoiseTunnel(nt_type="blur")), INT, "noise_tunnel.nt_type must be one of"),

@@ -15,14 +15,15 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from captum.attr import IntegratedGradients
+from captum.attr import IntegratedGradients, LayerIntegratedGradients
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attrserve_client import AttributionClient
 from attrserve_engine import InputSpec, ModelSpec
 from attrserve_service.config import ServerConfig
 from attrserve_service.kserve import grpc_predict_v2_pb2 as oip
 from oracle import MultiInput, ToyModel
-from servers import ServeProcess, ServerThread, oracle_engine
+from servers import ServeProcess, ServerThread, oracle_engine, scrape
 
 X = np.array([[1.0, -2.0, 0.5], [0.3, 0.7, -1.1], [2.0, 0.1, -0.4]], dtype=np.float32)
 
@@ -87,7 +88,7 @@ def oip_server():
     torch.manual_seed(0)
     spec = [InputSpec("a", torch.float32, (4,)), InputSpec("b", torch.float32, (3,))]
     engine.load(ModelSpec(name="named", module=MultiInput(), inputs=spec))
-    server = ServerThread(engine, ServerConfig(port=0, max_request_bytes=1 << 20, reflection=True))
+    server = ServerThread(engine, ServerConfig(port=0, metrics_port=0, max_request_bytes=1 << 20, reflection=True))
     yield server
     server.stop()
 
@@ -229,6 +230,168 @@ def test_a_bad_request_is_invalid_argument_naming_the_field(oip_server, build, f
         model_infer(oip_server.address, request)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in raised.value.details()
+
+
+HUGE = "1" + "0" * 25  # a JSON integer past int64
+
+
+def toy_request(params: dict, outputs: tuple[str, ...] = ()) -> oip.ModelInferRequest:
+    """ModelInfer of `toy` on X: `params` as bool_param, int64_param (ints), uint64_param ((value,) tuples) or string_param."""
+    request = oip.ModelInferRequest(model_name="toy", raw_input_contents=[X.tobytes()])
+    request.inputs.add(name="x", datatype="FP32", shape=list(X.shape))
+    for key, value in params.items():
+        if isinstance(value, bool):
+            request.parameters[key].bool_param = value
+        elif isinstance(value, tuple):
+            request.parameters[key].uint64_param = value[0]
+        elif isinstance(value, int):
+            request.parameters[key].int64_param = value
+        else:
+            request.parameters[key].string_param = value
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+def assert_still_serves_and_is_healthy(address: str) -> None:
+    """After the refusals: Captum's numbers, and health SERVING."""
+    response = model_infer(address, toy_request({"algorithm": "integrated_gradients", "target": 1, "n_steps": 24}))
+    want = IntegratedGradients(ToyModel()).attribute(torch.from_numpy(X), target=1, n_steps=24)
+    np.testing.assert_allclose(raw_output(response, "attributions__x"), want.detach().numpy(), rtol=1e-5, atol=1e-5)
+    with grpc.insecure_channel(address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"algorithm": "saliency", "target": HUGE}, f"parameters.target has the index {HUGE}, outside the int64 range"),
+        ({"algorithm": "saliency", "target": f"[{HUGE}, 0, 1]"}, "parameters.target has the index"),
+        ({"algorithm": "saliency", "target": f"[[0], [{HUGE}], [1]]"}, "parameters.target has the index"),
+        ({"algorithm": "saliency", "target": f'{{"tuple": [{HUGE}]}}'}, "parameters.target has the index"),
+        ({"algorithm": "saliency", "target": (2**64 - 1,)}, "parameters.target has the index 18446744073709551615"),
+        ({"algorithm": "saliency", "target": (2**63,)}, "parameters.target has the index 9223372036854775808"),
+        ({"algorithm": "gradient_shap", "target": 0, "stdevs": f"[{'9' * 400}]"}, "gradient_shap.stdevs holds a number too large"),
+        ({"algorithm": "neuron_gradient", "layer": "lin1", "neuron_selector": f"[{HUGE}]"}, "neuron_gradient.neuron_selector index"),
+        ({"algorithm": "neuron_gradient", "layer": "lin1", "neuron_selector": (2**64 - 1,)}, "neuron_gradient.neuron_selector index"),
+    ],
+    ids=[
+        "target", "target list", "target tuples", "target tuple", "target uint64", "target 2**63", "stdevs",
+        "neuron_selector", "neuron_selector uint64",
+    ],
+)
+def test_integers_past_int64_are_invalid_argument_naming_the_field(oip_server, params, message) -> None:
+    """A JSON number or a uint64_param past int64 (numpy's and torch's OverflowError were INTERNAL)."""
+    with pytest.raises(grpc.RpcError) as raised:
+        model_infer(oip_server.address, toy_request(params))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+    assert message in raised.value.details()
+    assert len(raised.value.details()) < 2048
+    assert_still_serves_and_is_healthy(oip_server.address)
+
+
+@pytest.mark.parametrize(
+    ("params", "outputs", "message"),
+    [
+        ({"algorithm": "integrated_gradients", "target": 1}, ("attributions__X",), "outputs[0].name 'attributions__X' is not an output"),
+        ({"algorithm": "integrated_gradients", "target": 1}, ("output", "attributions__07"), "outputs[1].name 'attributions__07' is not"),
+        ({"algorithm": "integrated_gradients", "target": 1}, ("attributions__1",), "'attributions__1' is not an output of this answer"),
+        ({"algorithm": "integrated_gradients", "target": 1}, ("convergence_delta",), "set parameters.return_convergence_delta"),
+        ({}, ("attributions__x",), "outputs[0].name 'attributions__x' is not an output"),  # predictions have `output` alone
+    ],
+    ids=["typo", "leading zero", "index past the answer", "delta not asked for", "predictions"],
+)
+def test_a_requested_output_no_answer_has_is_invalid_argument(oip_server, params, outputs, message) -> None:
+    """Before, any name starting with attributions__ passed, and the answer was OK without it (no outputs at all)."""
+    with pytest.raises(grpc.RpcError) as raised:
+        model_infer(oip_server.address, toy_request(params, outputs))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+    assert message in raised.value.details()
+    assert_still_serves_and_is_healthy(oip_server.address)
+
+
+def test_every_name_an_answer_has_can_be_requested(oip_server) -> None:
+    """What `_response` writes: an input method's attributions__<input>, convergence_delta, output; a layer method's
+    attributions__<i> (`named` has two inputs and its head one output: attributions__0)."""
+    request = toy_request(
+        {"algorithm": "integrated_gradients", "target": 1, "n_steps": 24, "return_convergence_delta": True},
+        ("convergence_delta", "attributions__x", "output"),
+    )
+    response = model_infer(oip_server.address, request)
+    assert [o.name for o in response.outputs] == ["output", "attributions__x", "convergence_delta"]
+    a = np.random.default_rng(6).normal(size=(2, 4)).astype(np.float32)
+    b = np.random.default_rng(7).normal(size=(2, 3)).astype(np.float32)
+    layered = oip.ModelInferRequest(model_name="named", raw_input_contents=[a.tobytes(), b.tobytes()])
+    layered.inputs.add(name="a", datatype="FP32", shape=[2, 4])
+    layered.inputs.add(name="b", datatype="FP32", shape=[2, 3])
+    layered.parameters["algorithm"].string_param = "layer_integrated_gradients"
+    layered.parameters["layer"].string_param = "head"
+    layered.parameters["target"].int64_param = 1
+    layered.parameters["n_steps"].int64_param = 16
+    layered.outputs.add(name="attributions__0")
+    response = model_infer(oip_server.address, layered)
+    assert [o.name for o in response.outputs] == ["attributions__0"]
+    torch.manual_seed(0)
+    model = MultiInput()
+    want = LayerIntegratedGradients(model, model.head).attribute((torch.from_numpy(a), torch.from_numpy(b)), target=1, n_steps=16)
+    np.testing.assert_allclose(raw_output(response, "attributions__0"), want.detach().numpy(), rtol=1e-5, atol=1e-5)
+    layered.outputs.add(name="attributions__1")  # the head gives one tensor: no attributions__1 (known once it ran)
+    with pytest.raises(grpc.RpcError) as raised:
+        model_infer(oip_server.address, layered)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "outputs[1].name 'attributions__1' is not an output of this answer; it has ['attributions__0']" in raised.value.details()
+
+
+def test_model_infer_counts_every_attribution_request_as_attribute_does(oip_server) -> None:
+    """attrserve_attributions_completed_total and the duration histogram count a refused attribution request whether
+    the edge refused it (a short tensor, a bad target, an unknown model or output) or the engine; names a client made up
+    as "unknown". Predictions are not attributions: not counted there."""
+    port = oip_server.running.metrics_port
+
+    def completed() -> dict:
+        return {dict(labels)["grpc_code"] + " " + dict(labels)["model"] + "/" + dict(labels)["algorithm"]: v
+                for (name, labels), v in scrape(port).items() if name == "attrserve_attributions_completed_total"}
+
+    def durations() -> float:
+        return sum(v for (name, _), v in scrape(port).items() if name == "attrserve_attribution_duration_seconds_count")
+
+    short = toy_request({"algorithm": "integrated_gradients", "target": 0})
+    short.raw_input_contents[0] = b"xx"
+    unknown_model = toy_request({"algorithm": "integrated_gradients", "target": 0})
+    unknown_model.model_name = "nosuch"
+    no_algorithm_name = toy_request({"target": 0})
+    no_algorithm_name.parameters["algorithm"].int64_param = 3
+    refused = [
+        (short, "INVALID_ARGUMENT toy/integrated_gradients"),
+        (toy_request({"algorithm": "integrated_gradients", "target": "[0, oops]"}), "INVALID_ARGUMENT toy/integrated_gradients"),
+        (toy_request({"algorithm": "integrated_gradients", "target": HUGE}), "INVALID_ARGUMENT toy/integrated_gradients"),
+        (
+            toy_request({"algorithm": "integrated_gradients", "target": 0}, ("attributions__X",)),
+            "INVALID_ARGUMENT toy/integrated_gradients",
+        ),
+        (toy_request({"algorithm": "integrated_gradients", "target": 0, "n_steps": 0}), "INVALID_ARGUMENT toy/integrated_gradients"),
+        (unknown_model, "NOT_FOUND unknown/integrated_gradients"),
+        (toy_request({"algorithm": "no_such_method", "target": 0}), "INVALID_ARGUMENT toy/unknown"),
+        (no_algorithm_name, "INVALID_ARGUMENT toy/unknown"),
+    ]
+    before, timed = completed(), durations()
+    for request, _ in refused:
+        with pytest.raises(grpc.RpcError):
+            model_infer(oip_server.address, request)
+    model_infer(oip_server.address, toy_request({}))  # a prediction: not counted
+    bad_prediction = toy_request({})
+    bad_prediction.raw_input_contents[0] = b"xx"
+    with pytest.raises(grpc.RpcError):
+        model_infer(oip_server.address, bad_prediction)  # nor a refused one
+    model_infer(oip_server.address, toy_request({"algorithm": "saliency", "target": 0}))
+    after = completed()
+    want: dict[str, float] = {"OK toy/saliency": 1.0}
+    for _, key in refused:
+        want[key] = want.get(key, 0.0) + 1
+    assert {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)} == want
+    assert durations() - timed == len(refused) + 1
+    assert_still_serves_and_is_healthy(oip_server.address)
 
 
 def test_bad_requests_through_the_triton_client_then_the_server_still_answers(oip_server) -> None:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from attrserve_engine.errors import InvalidArgument, shown
 from attrserve_engine.models import LoadedModel
 from attrserve_engine.plan import Block, BlockResult, PassKind, Plan, Task, repeat_rows
+from attrserve_engine.targets import INT64_MAX, INT64_MIN
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,22 @@ def parse_dataclass(cls: type, raw: dict[str, Any], owner: str) -> Any:
 
 
 def _coerce(value: Any, default: Any, label: str) -> Any:
+    """`value` as the type of the field's default, or InvalidArgument naming the field. Integers fit in an int64 and
+    numbers in a double: a JSON number (ModelInfer's parameters) has no bound, and a whole double of a protobuf Struct
+    (1e300) becomes a Python int of any size, which torch and numpy refuse with OverflowError (an INTERNAL error)."""
+    try:
+        return _coerced(value, default, label)
+    except OverflowError:  # float() of an int past a double's range
+        raise InvalidArgument(f"{label} holds a number too large for a double, got {shown(value)}") from None
+
+
+def _int64(value: int, label: str) -> int:
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidArgument(f"{label} is {shown(value)}, outside the int64 range")
+    return value
+
+
+def _coerced(value: Any, default: Any, label: str) -> Any:
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise InvalidArgument(f"{label} must be a bool, got {shown(value)}")
@@ -167,7 +184,7 @@ def _coerce(value: Any, default: Any, label: str) -> Any:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidArgument(f"{label} must be an integer, got {shown(value)}")
-        return value
+        return _int64(value, label)
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidArgument(f"{label} must be a number, got {shown(value)}")
@@ -178,9 +195,11 @@ def _coerce(value: Any, default: Any, label: str) -> Any:
         return value
     if isinstance(default, tuple):
         if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
-            if not all(isinstance(i, (int, float)) and not isinstance(i, bool) and float(i).is_integer() for v in value for i in v):
+            if not all(
+                (isinstance(i, int) and not isinstance(i, bool)) or (isinstance(i, float) and i.is_integer()) for v in value for i in v
+            ):
                 raise InvalidArgument(f"{label} must be lists of integers, one per input, got {shown(value)}")
-            return tuple(tuple(int(i) for i in v) for v in value)  # one int list per input (window shapes, strides)
+            return tuple(tuple(_int64(int(i), label) for i in v) for v in value)  # one int list per input (window shapes, strides)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return (float(value),)
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):

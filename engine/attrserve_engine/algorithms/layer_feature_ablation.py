@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from attrserve_engine.algorithms.perturbation import (
     spread,
 )
 from attrserve_engine.errors import ResourceExhausted
+from attrserve_engine.formatting import scalar_filled
 from attrserve_engine.plan import Attribution, Plan, Rows, Task, repeat_rows
 
 # NOTE: a layer's size is unknown when the job is submitted, so `rows` cannot
@@ -69,7 +71,15 @@ class LayerFeatureAblation(LayerAlgorithm):
         # 2) the model re-run with the layer replaced by ablated copies: row (k, e) is example e with unit k at the baseline
         #    (P * n, *layer_shape) each, built a pass at a time
         values = tuple(
-            coalition_rows(one_feature_each(n_feat, idx.to(a.device)), n_feat, torch.full_like(a[:1], p.layer_baselines), a, n)
+            coalition_rows(
+                one_feature_each(n_feat, idx.to(a.device)),
+                n_feat,
+                scalar_filled(
+                    functools.partial(torch.full_like, a[:1]), p.layer_baselines, a.dtype, "layer_feature_ablation.layer_baselines"
+                ),
+                a,
+                n,
+            )
             for a, idx in zip(acts, index)
         )
         ablated = yield layer_block(
