@@ -658,10 +658,14 @@ class EngineProcess:
 
         Requests in flight that are not answered within _PROBE_WAIT_S (a pass stuck with the watchdog off, say) do not
         hold everything back for longer: the suspect then runs with them (an answer clears it; a death proves nothing
-        then, and it stays a suspect). What the front cannot
-        see: a request whose caller gave up just before may still be in the engine's pass."""
+        then, and it stays a suspect), and lets the others go at once: another suspect may then start a probe of its
+        own, which holds `_probing` until it is answered. So only the probe that holds `_probing` releases it (`holding`):
+        the first one's end had let plain requests go out beside the second suspect, which a death then quarantined
+        for what another request did. What the front cannot see: a request whose caller gave up just before may still
+        be in the engine's pass."""
         self._probing = True
         self._probe_over.clear()
+        holding = True  # this probe holds the others back (_probing); it lets them go once, and only while it holds
         model = self.labels(job.model, job.algorithm)[0]
         try:
             assert self._loop is not None
@@ -669,7 +673,7 @@ class EngineProcess:
             while self._attributing:
                 if self._loop.time() > give_up:
                     log.warning("a suspect of model %r could not run alone within %g s; it runs with the others", job.model, _PROBE_WAIT_S)
-                    self._probing = False
+                    holding = self._probing = False
                     self._probe_over.set()
                     result = await self._attribute(job, key)
                     self._quarantine.clear(key)  # answered: not the cause (a death proves nothing, with others in flight)
@@ -717,8 +721,9 @@ class EngineProcess:
             self._cleared(key, model)
             return result
         finally:
-            self._probing = False
-            self._probe_over.set()
+            if holding:  # (one that gave up waiting let go then: `_probing` may be another suspect's probe's now)
+                self._probing = False
+                self._probe_over.set()
 
     def _cleared(self, key: bytes, model: str) -> None:
         self._quarantine.clear(key)
@@ -830,10 +835,18 @@ class EngineProcess:
         self.listeners.append(callback)
 
     async def shutdown(self, drain: bool = True, timeout: float | None = 30.0) -> int:
-        """Drain the engine process (for at most `timeout` s) and let it exit; how many accepted requests were lost."""
+        """Drain the engine process (for at most `timeout` s) and let it exit; how many accepted requests were lost.
+
+        A serving engine process is drained by a "shutdown" call. One that does not serve (a restarted one still
+        loading its models, or one that has not started its event loop yet) is told to go by its socket's end: it
+        exits when the front's socket closes (engine_main). Before, it was waited for 10 s with that socket open and
+        then killed: a SIGTERM during a restart took 10 s more than the drain. A restart in its back-off is cancelled
+        first, so no process is started after this."""
         self._closing = True
-        if self._restarting is not None:
-            self._restarting.cancel()
+        restarting = self._restarting
+        if restarting is not None and not restarting.done():
+            restarting.cancel()  # in its back-off, or waiting for a new engine process's "ready" (_take)
+            await asyncio.wait({restarting})  # settled: self._proc and self._writer are that process's, if it started one
         for task in list(self._heartbeats):
             task.cancel()
         lost = 0
@@ -844,8 +857,13 @@ class EngineProcess:
                 log.error("the engine process did not shut down cleanly: %s", e)
         self.up = False
         self.reason = "the server is shutting down"
+        # Drained (it exits now), or not serving: its socket's end tells it to go. The reader stays open until it has
+        # exited, so that what it still writes meanwhile does not fail on a closed socket.
+        if self._writer is not None:
+            self._writer.close()
         proc = self._proc
         if proc is not None and await _exit_status(proc, 10.0) is None:
+            log.error("the engine process %d did not exit within 10 s of the server's shutdown; it is killed", proc.pid)
             proc.kill()
             proc.wait()
         for transport in (self._writer, self._reader):

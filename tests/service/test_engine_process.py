@@ -2300,3 +2300,145 @@ def test_the_event_loop_setting_is_read_strictly(monkeypatch: pytest.MonkeyPatch
     assert eventloop.resolve("auto") == "asyncio"
     with pytest.raises(ConfigError, match="--event-loop uvloop: uvloop cannot be imported"):
         eventloop.resolve("uvloop")
+
+
+class Exits:
+    """A fake engine process that exits (status 0) when the front's socket to it closes, as engine_main's does."""
+
+    def __init__(self, returncode: int | None = None) -> None:
+        self.pid = 7
+        self.returncode = returncode
+        self.killed = False
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def kill(self) -> None:
+        self.killed, self.returncode = True, -9
+
+    def wait(self) -> int | None:
+        return self.returncode
+
+
+class ToEngine(Transport):
+    """The front's socket to an `Exits`: closing it ends that process."""
+
+    def __init__(self, proc: Exits) -> None:
+        super().__init__()
+        self.proc = proc
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        if self.proc.returncode is None:
+            self.proc.returncode = 0
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def calls(self) -> list[tuple]:
+        return [m for frame in self.frames for m in decode(bytearray(frame[8:]), tensors=False) if m[0] == "call"]
+
+
+def test_shutdown_drains_a_serving_engine_process_and_tells_one_that_does_not_serve_to_go_at_once() -> None:
+    """A serving engine process is drained by the "shutdown" call, and its socket closes after the drain. A restart in
+    its back-off is cancelled and starts nothing. A restarted engine process still loading is not asked (it does not
+    serve calls yet): its socket closes at once and it exits by itself; before, shutdown waited 10 s for it with its
+    socket open (it exits only when that closes) and then killed it."""
+
+    async def shutdown(engine: EngineProcess) -> tuple[int, float]:
+        started = time.monotonic()
+        lost = await asyncio.wait_for(engine.shutdown(drain=True, timeout=2.0), 30)
+        return lost, time.monotonic() - started
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        # Up and serving: the "shutdown" call first, answered after the drain (3 requests lost), then its socket closes.
+        serving, proc = EngineProcess(ServerConfig(port=0)), Exits()
+        serving._loop, serving._proc, serving.up = loop, proc, True  # type: ignore[assignment]
+        serving._writer = writer = ToEngine(proc)
+        stopping = asyncio.ensure_future(shutdown(serving))
+        await asyncio.sleep(0.05)
+        assert [m[2:] for m in writer.calls()] == [("shutdown", (True, 2.0))] and not writer.closed
+        serving._received(serving._generation, ("reply", writer.calls()[0][1], 3))
+        proc.returncode = 0  # drained, it exits after its answer (engine_main), its socket open or not
+        lost, took = await stopping
+        assert lost == 3 and writer.closed and proc.returncode == 0 and not proc.killed and took < 5.0
+
+        # Restarting, in its back-off: no process is started, nothing is asked, the dead one is not waited for.
+        backing_off, dead = EngineProcess(ServerConfig(port=0)), Exits(-9)
+        backing_off._loop, backing_off._proc, backing_off._delay = loop, dead, 5.0  # type: ignore[assignment]
+        backing_off._writer = ToEngine(dead)
+        spawned: list[bool] = []
+
+        async def spawn() -> None:
+            spawned.append(True)
+
+        backing_off._spawn = spawn  # type: ignore[method-assign]
+        backing_off._restarting = restarting = asyncio.ensure_future(backing_off._restart())
+        await asyncio.sleep(0.01)
+        lost, took = await shutdown(backing_off)
+        assert lost == 0 and took < 5.0 and restarting.cancelled() and spawned == [] and not dead.killed
+        assert backing_off._writer.calls() == []
+
+        # Restarted and loading its models (waiting for its "ready", as _take does): not asked, told to go at once.
+        loading, old, new = EngineProcess(ServerConfig(port=0)), Exits(-9), Exits()
+        loading._loop, loading._proc, loading._delay = loop, old, 0.0  # type: ignore[assignment]
+        loading._writer = ToEngine(old)
+        ready: asyncio.Future = loop.create_future()
+
+        async def spawn_loading() -> None:
+            loading._proc, loading._writer = new, ToEngine(new)  # type: ignore[assignment]
+            await ready
+
+        loading._spawn = spawn_loading  # type: ignore[method-assign]
+        loading._restarting = asyncio.ensure_future(loading._restart())
+        await asyncio.sleep(0.01)
+        assert loading._proc is new and not loading.up
+        lost, took = await shutdown(loading)
+        assert isinstance(loading._writer, ToEngine) and loading._writer.calls() == [] and loading._writer.closed
+        assert lost == 0 and new.returncode == 0 and not new.killed and took < 5.0, (took, new.returncode)
+
+    asyncio.run(scenario())
+
+
+def test_a_server_stopped_while_a_restarted_engine_process_loads_stops_at_once_and_that_process_exits_by_itself(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM during a restart: the engine process that loads the models again is told to go at once (its socket to the
+    front closes; it exits 0 by itself), where the stop took 10 s more than the drain and then SIGKILLed it."""
+    release = tmp_path / "release"
+    release.touch()  # the first engine process loads `stuck` at once; the next one's load waits for `release`
+    write(tmp_path / "repo" / "good", mlp(1))
+    write(tmp_path / "repo" / "stuck", stuck_mlp(2, release))
+    server = start(tmp_path / "repo")
+    core = server.running.core
+    stopped = False
+    try:
+        with AttributionClient(server.address, retry=NO_RETRY) as client:
+            np.testing.assert_allclose(
+                client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5
+            )
+            first = core._proc
+            release.unlink()
+            os.kill(first.pid, signal.SIGKILL)
+            until = time.monotonic() + 60
+            while not (core._proc is not first and ("stuck", "1") in core._loading):  # the restarted one loads `stuck`
+                assert time.monotonic() < until, "the restarted engine process never began loading stuck"
+                time.sleep(0.02)
+            second = core._proc
+            assert health(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING and not core.up
+        began = time.monotonic()
+        server.stop()
+        stopped = True
+        took = time.monotonic() - began
+        assert took < 6.0, f"the stop took {took:.1f} s"  # before: over 10 s (then a SIGKILL)
+        assert second.poll() == 0, f"its exit status: {second.poll()}"  # it exited by itself, not killed
+        assert first.poll() == -signal.SIGKILL
+        for proc in (first, second):
+            with pytest.raises(ProcessLookupError):
+                os.kill(proc.pid, 0)  # reaped: nothing left running
+    finally:
+        release.touch()
+        if not stopped:
+            server.stop()

@@ -33,7 +33,9 @@ class Clock:
 
 
 def job(value: float = 1.0, **changes: Any) -> AttributionJob:
-    return dataclasses.replace(AttributionJob(model="m", algorithm="saliency", inputs=(np.full((1, 4), value, np.float32),), target=0), **changes)
+    return dataclasses.replace(
+        AttributionJob(model="m", algorithm="saliency", inputs=(np.full((1, 4), value, np.float32),), target=0), **changes
+    )
 
 
 def test_a_fingerprint_is_what_the_engine_computes_from_not_what_a_retry_changes() -> None:
@@ -358,7 +360,7 @@ def test_a_kill_while_a_load_ran_and_no_pass_did_blames_the_load_not_the_request
 
         request = asyncio.ensure_future(engine.attribute(job(5.0)))
         await turns()
-        (key, _), = sent(engine)[-1:]
+        ((key, _),) = sent(engine)[-1:]
         engine._killed_why, engine._killed_in_load = "killed while it loaded m v1", True
         die(engine, computing=frozenset({key}))  # a pass ran that request: it is a suspect
         with pytest.raises(EngineLost):
@@ -446,5 +448,44 @@ def test_a_suspect_that_cannot_run_alone_in_time_runs_with_the_others_and_its_an
         assert (await probe).startswith("answer") and (await other).startswith("answer")
         assert not engine._quarantine.suspected(fingerprint(job(1.0))) and heard.events == []  # answered: cleared, not counted
         stuck.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_a_probe_that_gave_up_waiting_does_not_end_a_later_suspects_run_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe that could not run alone in time runs with the others and lets them go; a second suspect's probe may
+    then hold everything back. The first one's end let go of that too: plain requests went out beside the second
+    suspect, and a death then quarantined it for what they did. Only the probe that holds the others back lets them go."""
+    monkeypatch.setattr(engine_process, "_PROBE_WAIT_S", 0.05)
+
+    async def scenario() -> None:
+        engine, heard = fake_front()
+        await lost_in_a_death(engine, 1.0)
+        await lost_in_a_death(engine, 2.0)
+        stuck = asyncio.ensure_future(engine.attribute(job(9.0)))  # in flight, unanswered for now (a long pass)
+        await turns()
+        first = asyncio.ensure_future(engine.attribute(job(1.0)))  # gives up waiting, runs with 9.0
+        await asyncio.sleep(0.2)
+        assert [value for _, value in sent(engine)[-2:]] == [9.0, 1.0] and not engine._probing
+        second = asyncio.ensure_future(engine.attribute(job(2.0)))  # a probe of its own: waits for 9.0 and 1.0
+        await turns()
+        assert engine._probing
+        answer(engine, sent(engine)[-1][0])  # 1.0 is answered: its probe ends, and must not let the others go
+        assert (await first).startswith("answer")
+        plain = asyncio.ensure_future(engine.attribute(job(3.0)))
+        await asyncio.sleep(0.02)
+        assert engine._probing and [value for _, value in sent(engine)[-2:]] == [9.0, 1.0]  # 3.0 waits behind 2.0
+        answer(engine, sent(engine)[-2][0])  # 9.0 is answered: 2.0 runs alone
+        await asyncio.sleep(0.02)
+        assert [value for _, value in sent(engine)[-3:]] == [9.0, 1.0, 2.0] and not plain.done()
+        die(engine)  # while 2.0 ran alone: it did it
+        with pytest.raises(FailedPrecondition, match="query of death"):
+            await second
+        assert heard.events == [("suspect_probed", "m", "quarantined")]
+        await asyncio.sleep(0.02)  # the others go again
+        assert sent(engine)[-1][1] == 3.0 and not engine._probing
+        answer(engine, sent(engine)[-1][0])
+        assert (await plain).startswith("answer") and (await stuck).startswith("answer")
+        assert not engine._quarantine.suspected(fingerprint(job(3.0))) and not engine._quarantine.suspected(fingerprint(job(1.0)))
 
     asyncio.run(scenario())
