@@ -17,6 +17,7 @@ import grpc
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_engine import AttributionError, InvalidArgument, ModelState
+from attrserve_engine.events import deadline_slack
 from attrserve_service import metrics
 from attrserve_service.convert import ALGORITHM_NAMES, decode, request_to_job, result_to_response
 from attrserve_service.core import ERROR_ID, STATE_NAMES, Core
@@ -26,14 +27,6 @@ from attrserve_service.repository import Status
 if TYPE_CHECKING:
     from attrserve_service.methods import Registrar
 
-# The server's deadline starts when the call arrives, a little after the client's: a client whose deadline
-# passed cancels the call that much before the server's own deadline. A cancel that close to the deadline
-# is the deadline: within 25 ms of it, or within the last 5% of the RPC's deadline window (at most 250 ms), whichever
-# is more. On a busy machine the call's headers take a while to arrive (measured: 0-8 ms with both cores busy; a
-# full CI run once counted a client's deadline as CANCELLED, most likely past the 25 ms alone).
-_DEADLINE_SLACK_S = 0.025
-_DEADLINE_SLACK_SHARE = 0.05
-_DEADLINE_SLACK_MAX_S = 0.25
 # Under grpc.aio a client that cancels a stream, or whose deadline passes, ends the request iterator just as a
 # half-close does; grpc cancels the handler a moment later (a second completion from grpc's core: measured 0.05-0.4 ms
 # after the end of the requests; a single turn of the event loop missed it 1 time in 40, a CI run 2 times in 4). A
@@ -51,9 +44,7 @@ def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
     remaining = context.time_remaining()
     if remaining is None:
         return False
-    window = RPC_WINDOW.get()
-    share = min(_DEADLINE_SLACK_SHARE * window, _DEADLINE_SLACK_MAX_S) if window else 0.0
-    return remaining <= max(_DEADLINE_SLACK_S, share)
+    return remaining <= deadline_slack(RPC_WINDOW.get())  # a cancel that close to the deadline is the deadline
 
 
 def grpc_status(error: BaseException, context: grpc.aio.ServicerContext | None = None) -> tuple[grpc.StatusCode, str]:

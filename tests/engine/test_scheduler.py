@@ -943,3 +943,32 @@ def test_work_a_sibling_takes_from_the_inbox_for_the_first_worker_wakes_it_even_
     finally:
         pause.go.set()
         s.stop(drain=False)
+
+
+def test_a_cancel_within_the_slack_of_the_deadline_is_dropped_as_the_deadline() -> None:
+    """A client's deadline cancels its call a moment before the server's own deadline (the call arrived a little later
+    than it was sent). The front counts that call DEADLINE_EXCEEDED (servicer.deadline_passed), and the engine dropped
+    its job as "cancelled": 15-22% of the requests whose deadline passed in the queue (an audit in issue 12 step 46).
+    Both judge a cancel by events.deadline_slack now; a cancel well before the deadline is still the caller's."""
+    passes, rec = FakePasses(), Recorder()
+    s = scheduler(passes, rec)
+    m = model()
+    s.hold()  # queued, no pass: the worker drops them at its next look, at once
+    try:
+        now = time.monotonic()
+        near = job(m, 1.0, deadline=now + 0.2)
+        near.arrival = now - 3.8  # a 4 s window: its slack is 0.2 s (5%), so a cancel now is its deadline
+        far = job(m, 2.0, deadline=now + 60.0)
+        futures = [s.submit(near), s.submit(far)]
+        s.cancel(near)
+        s.cancel(far)
+        with pytest.raises(DeadlineExceeded):
+            futures[0].result(5)
+        with pytest.raises(Cancelled):
+            futures[1].result(5)
+        s.release()
+        assert sorted(rec.dropped) == [("m", "cancelled", 8), ("m", "deadline", 8)]
+        assert passes.rows_of(1.0) == passes.rows_of(2.0) == 0 and s.in_flight() == 0
+        assert s.submit(job(m, 3.0, rows=2)).result(5) == 6.0
+    finally:
+        s.stop(drain=False)
