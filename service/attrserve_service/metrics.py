@@ -101,7 +101,9 @@ ATTRSERVE_ROWS_DROPPED_TOTAL = Counter(
     "attrserve_rows_dropped_total", "Rows of dropped requests that were never computed.", ["model", "reason"]
 )
 ATTRSERVE_WORKER_UP = Gauge(
-    "attrserve_worker_up", "1 while the device's engine worker runs; 0 from its failure to its restart.", ["device"]
+    "attrserve_worker_up",
+    "1 while the device's engine worker runs; 0 from its failure to its restart, and while the engine process is down.",
+    ["device"],
 )
 ATTRSERVE_WORKER_RESTARTS_TOTAL = Counter(
     "attrserve_worker_restarts_total", "Engine workers restarted after they died (each failure is logged with its traceback).", ["device"]
@@ -357,6 +359,12 @@ class EngineMetrics(EngineObserver):
 
     def engine_process_state(self, serving: bool, reason: str) -> None:
         ATTRSERVE_ENGINE_PROCESS_UP.set(1.0 if serving else 0.0)
+        # The workers are the engine process's: none runs while it is down, and a new one's serve as its first snapshot
+        # says. They are new, not restarted: they report no worker_state, and a gauge a stuck pass or a dying worker
+        # had set to 0 in the process before stayed 0 (AttrserveWorkerDown firing) while the new one served.
+        up = 1.0 if serving and self.core.snapshot().workers[0] else 0.0
+        for device in _DEVICES:
+            ATTRSERVE_WORKER_UP.labels(device).set(up)
 
     def engine_process_restarted(self) -> None:
         ATTRSERVE_ENGINE_PROCESS_RESTARTS_TOTAL.inc()

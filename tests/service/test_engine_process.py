@@ -1453,6 +1453,10 @@ def test_an_engine_process_whose_pass_is_stuck_gives_it_up_and_exits_and_a_new_o
         assert grew("attrserve_engine_process_restarts_total") == 1
         assert grew("attrserve_attributions_completed_total", model="crashy", algorithm="saliency", grpc_code="UNAVAILABLE") == 1
         assert after[("attrserve_engine_process_up", frozenset())] == 1
+        # The stuck pass set the device's worker gauge to 0 in the engine process that exited; the new one's workers
+        # serve (it stayed 0, and AttrserveWorkerDown fired while the server served: an audit in issue 12 step 46).
+        assert after[("attrserve_worker_up", frozenset({("device", "cpu")}))] == 1
+        assert grew("attrserve_worker_restarts_total", device="cpu") == 0  # new workers, not restarted ones
         # The request to good behind it was not computing: sent again above, it was not run alone. The stuck one was:
         # sent again, it runs alone, gets stuck again, and is quarantined, a query of death like a crash.
         assert grew("attrserve_suspect_probes_total", model="good", outcome="served") == 0
@@ -2442,3 +2446,27 @@ def test_a_server_stopped_while_a_restarted_engine_process_loads_stops_at_once_a
         release.touch()
         if not stopped:
             server.stop()
+
+
+def test_the_devices_worker_gauges_follow_the_engine_process_they_run_in() -> None:
+    """attrserve_worker_up: 0 while the engine process is down (no worker runs anywhere), and, when a new one serves,
+    what its first snapshot says of its workers. Its workers are new: they report no restart (worker_state), so a gauge
+    the process before had set to 0 (a stuck pass, a worker that died with it) stayed 0 while the new one served."""
+    workers = [(True, "")]
+    core = types.SimpleNamespace(snapshot=lambda: types.SimpleNamespace(workers=workers[0]))
+    observer = metrics.EngineMetrics(core)  # type: ignore[arg-type]
+    metrics.watch_device(core, "cpu")  # type: ignore[arg-type]
+    gauge = metrics.ATTRSERVE_WORKER_UP.labels("cpu")
+    restarts = metrics.ATTRSERVE_WORKER_RESTARTS_TOTAL.labels("cpu")._value.get()
+    observer.worker_state("cpu", False, "a pass of model 'm' is stuck")
+    assert gauge._value.get() == 0.0
+    observer.engine_process_state(False, "the engine process exited (code 75)")
+    assert gauge._value.get() == 0.0
+    observer.engine_process_state(True, "")
+    assert gauge._value.get() == 1.0
+    observer.engine_process_state(False, "killed by SIGKILL")
+    assert gauge._value.get() == 0.0
+    workers[0] = (False, "the device check failed")
+    observer.engine_process_state(True, "")
+    assert gauge._value.get() == 0.0
+    assert metrics.ATTRSERVE_WORKER_RESTARTS_TOTAL.labels("cpu")._value.get() == restarts
