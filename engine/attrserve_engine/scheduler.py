@@ -214,6 +214,8 @@ def _answer(job: LiveJob, result: Any = None, error: BaseException | None = None
     traceback for the log line that gives it an id (the servicer's, the engine process's); it holds those frames for
     as long as its caller holds it."""
     future, job.future = job.future, _ANSWERED
+    if future is _ANSWERED:  # answered already (a stop answered the callers of a pass that returned after it)
+        return
     if isinstance(error, AttributionError):
         _drop_tracebacks(error)
     try:
@@ -477,6 +479,7 @@ class Scheduler:
             with self._cv:
                 stranded, self._jobs, self._pending = list(self._jobs), set(), {}
             for job in stranded:
+                job.done = True  # what the stuck pass returns later is not routed to it
                 _answer(job, error=Unavailable("the server shut down before this request finished"))
         return lost
 

@@ -972,3 +972,38 @@ def test_a_cancel_within_the_slack_of_the_deadline_is_dropped_as_the_deadline() 
         assert s.submit(job(m, 3.0, rows=2)).result(5) == 6.0
     finally:
         s.stop(drain=False)
+
+
+def test_a_stop_answers_the_callers_of_a_pass_that_never_returns_and_what_it_returns_later_goes_nowhere() -> None:
+    """A stop whose workers do not leave within 5 s (a pass stuck in a model's code) answers their callers with
+    UNAVAILABLE anyway. When the pass returned later, its results were routed to those answered jobs, and the answer
+    went to the shared placeholder of answered futures, which then held it for the process's life (an audit in issue
+    12 step 46)."""
+    from attrserve_engine import scheduler as scheduler_module
+
+    passes, rec = FakePasses(), Recorder()
+    entered, release = threading.Event(), threading.Event()
+
+    def hang(segments: list[Block]) -> None:
+        if float(segments[0].inputs[0][0, 0]) == 9.0:
+            entered.set()
+            release.wait(30)
+
+    passes.during = hang
+    s = scheduler(passes, rec)
+    try:
+        stuck = s.submit(job(model(), 9.0))
+        assert entered.wait(5)
+        started = time.monotonic()
+        assert s.stop(drain=False, timeout=1.0) == 1
+        assert time.monotonic() - started < 15  # 1 s for the jobs, 5 s for the workers, then answered anyway
+        with pytest.raises(Unavailable, match="shut down"):
+            stuck.result(1)
+        release.set()
+        deadline = time.monotonic() + 5
+        while any(t.is_alive() for t in s._threads):
+            assert time.monotonic() < deadline, "the worker did not leave once its pass returned"
+            time.sleep(0.01)
+        assert not scheduler_module._ANSWERED.done()
+    finally:
+        release.set()
