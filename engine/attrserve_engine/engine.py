@@ -544,7 +544,8 @@ class Engine:
             raise ResourceExhausted(
                 f"this request needs {_count(rows)} rows of model work ({n} example(s) with these parameters), "
                 f"over this server's limit of {self.limits.max_rows_per_request} rows per request; "
-                "send fewer examples, features or steps/samples"
+                "send fewer examples, features or steps/samples",
+                permanent=True,
             )
         held = rows if held is None else held
         total = held * example_bytes(tensors) + layer_bytes
@@ -554,7 +555,8 @@ class Engine:
                 f"this request's {held} rows of model work ({n} example(s) with these parameters) would hold "
                 f"{size_text(total)} of inputs{' and layer values' if layer_bytes else ''} at once, over this server's limit "
                 f"of {size_text(cap)} per request; "
-                "send fewer examples, features or steps/samples"
+                "send fewer examples, features or steps/samples",
+                permanent=True,
             )
         return total
 

@@ -21,7 +21,16 @@ class NotFound(AttributionError):
 
 
 class ResourceExhausted(AttributionError):
+    """`permanent`: the refusal is about the request itself (it passes a limit per request), so the same request is
+    refused again however long its caller waits: the service tells clients not to retry it (a negative
+    `grpc-retry-pushback-ms`, gRPC's retry design A6). A refusal for the server's load (admission) is not permanent:
+    it carries `retry_after_s` instead."""
+
     code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, *args: object, retry_after_s: float | None = None, permanent: bool = False) -> None:
+        super().__init__(*args, retry_after_s=retry_after_s)
+        self.permanent = permanent
 
 
 class DeadlineExceeded(AttributionError):

@@ -515,9 +515,18 @@ def _aio_bearer_header(token: str) -> list[grpc.aio.ClientInterceptor]:
 
 DEFAULT_TIMEOUT = 30.0  # seconds: the deadline of a unary call (all its attempts) unless the client or the call sets another
 # Trailing metadata with the milliseconds after which a refused call may be retried (gRPC's retry design A6); the
-# server sets it on RESOURCE_EXHAUSTED from admission control and on UNAVAILABLE from a restarting engine.
+# server sets it on RESOURCE_EXHAUSTED from admission control and on UNAVAILABLE from a restarting engine, and sets -1
+# (A6: a negative or malformed hint means "do not retry") on a RESOURCE_EXHAUSTED that the request meets whenever it
+# is sent: over the server's limits per request (--max-rows-per-request, --max-request-work-bytes).
 RETRY_PUSHBACK = "grpc-retry-pushback-ms"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# A message over a size limit, refused by gRPC itself (RESOURCE_EXHAUSTED, no trailer: attrserve's code never sees it):
+# the server's (--max-request-bytes; "SERVER: Received message larger than max (240027 vs. 100000)") or this channel's
+# own grpc.max_send_message_length ("CLIENT: Sent ..."). The same message is as large every time it is sent, so it is
+# not retried. Matched as the whole of gRPC core's text (message_size_filter: "%s: %s message larger than max (%u vs.
+# %d)") and nothing looser: any other RESOURCE_EXHAUSTED without a hint, such as a server's bound on concurrent calls
+# ("Concurrent RPC limit exceeded!"), is the server's load and still retried.
+MESSAGE_TOO_LARGE = re.compile(r"(?:SERVER: Received|CLIENT: Sent) message larger than max \(\d+ vs\. -?\d+\)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,10 +535,13 @@ class RetryPolicy:
 
     Only calls that give the same answer when repeated are retried: ListModels, GetModel, RepositoryIndex, and an
     Attribute request that is `replayable` (it carries a seed, or nothing in it draws random numbers). LoadModel,
-    UnloadModel and AttributeStream are never retried. Attempt n (from 0) waits the server's pushback hint when it sent
-    one (`grpc-retry-pushback-ms`), else a random time in [0, min(max_backoff, initial_backoff * multiplier**n)]
-    ("full jitter"). No retry starts after `max_attempts` attempts, or when its wait would end past `max_total` seconds
-    from the first attempt or past the call's deadline; the last error is raised then."""
+    UnloadModel and AttributeStream are never retried. Nor is a refusal that the same request meets every time: one
+    with a negative (or malformed) pushback hint, which the server sends for a request over its limits per request,
+    and a message over a size limit, which gRPC itself refuses (MESSAGE_TOO_LARGE). Attempt n (from 0) waits the
+    server's pushback hint when it sent one (`grpc-retry-pushback-ms`), else a random time in
+    [0, min(max_backoff, initial_backoff * multiplier**n)] ("full jitter"). No retry starts after `max_attempts`
+    attempts, or when its wait would end past `max_total` seconds from the first attempt or past the call's deadline;
+    the last error is raised then."""
 
     max_attempts: int = 5
     initial_backoff: float = 0.1
@@ -584,6 +596,9 @@ def _retry_wait(error: BaseException, attempt: int, policy: RetryPolicy, elapsed
     began; None: do not retry."""
     code = getattr(error, "code", None)
     if not callable(code) or code() not in RETRYABLE or attempt + 1 >= policy.max_attempts:
+        return None
+    details = error.details() if callable(getattr(error, "details", None)) else None  # type: ignore[attr-defined]
+    if code() == grpc.StatusCode.RESOURCE_EXHAUSTED and isinstance(details, str) and MESSAGE_TOO_LARGE.fullmatch(details):
         return None
     wait = policy.backoff(attempt)
     trailing = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None  # type: ignore[attr-defined]

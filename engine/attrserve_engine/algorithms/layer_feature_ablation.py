@@ -66,7 +66,8 @@ class LayerFeatureAblation(LayerAlgorithm):
         if n * n_feat > MAX_ABLATION_ROWS:
             raise ResourceExhausted(
                 f"layer_feature_ablation on layer {task.layer!r} needs {n * n_feat} rows ({n_feat} units × {n} example(s)), "
-                f"over the limit of {MAX_ABLATION_ROWS}; pick a smaller layer or send fewer examples"
+                f"over the limit of {MAX_ABLATION_ROWS}; pick a smaller layer or send fewer examples",
+                permanent=True,
             )
         # 2) the model re-run with the layer replaced by ablated copies: row (k, e) is example e with unit k at the baseline
         #    (P * n, *layer_shape) each, built a pass at a time
