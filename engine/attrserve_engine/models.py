@@ -174,6 +174,13 @@ class LoadedModel:
         # Torch intra-op threads of this model's passes (executor._fused_pass sets them on CPU), fixed for the model:
         # a convolution's numbers depend on the count, and a request's must not depend on its pass's company.
         cores = len(os.sched_getaffinity(0))
+        for i, s in enumerate(spec.inputs):  # (a repository's config.pbtxt is checked as it is read: RepositoryError)
+            bad = [(j, d) for j, d in enumerate(s.dims or ()) if d != -1 and d <= 0]
+            if bad:
+                j, d = bad[0]
+                raise InvalidArgument(
+                    f"model {spec.name!r}: inputs[{i}] ({s.name!r}) dims[{j}] is {d}: each dim is a positive size, or -1 for any size"
+                )
         if spec.intra_op_threads < 0:
             raise InvalidArgument(
                 f"model {spec.name!r}: intra_op_threads {spec.intra_op_threads}: use 0 (the engine's count) or a number of threads"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from attrserve_engine.limits import EngineLimits
 from attrserve_service import eventloop, logs
-from attrserve_service.logs import FORMATS
+from attrserve_service.logs import FORMATS, LEVELS
 
 if TYPE_CHECKING:
     from attrserve_service.config import ServerConfig  # imported where used: `attrserve --help` stays light
@@ -377,7 +378,7 @@ def _serve_parser() -> argparse.ArgumentParser:
             action="append" if s.repeatable else "store",
             help=f"{s.help}{shown} [{s.env}]",
         )
-    p.add_argument("--log-level", help="(default: INFO) [ATTRSERVE_LOG_LEVEL]")
+    p.add_argument("--log-level", help=f"{', '.join(LEVELS)} (default: INFO) [ATTRSERVE_LOG_LEVEL]")
     p.add_argument(
         "--log-format",
         choices=FORMATS,
@@ -414,6 +415,8 @@ def server_config(argv: Sequence[str], environ: dict[str, str] | None = None) ->
         if value is None:
             continue
         given = f"{s.flag} {value}" if args[s.field] is not None else f"{s.env}={environ.get(s.env)!r}"
+        if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below; inf is no time
+            parser.error(f"{given}: must be a finite number")
         if s.flag in MINIMUMS and value < MINIMUMS[s.flag]:
             parser.error(f"{given}: must be {MINIMUMS[s.flag]:g} or more")
         if s.flag in MAXIMUMS and value > MAXIMUMS[s.flag]:
@@ -426,6 +429,9 @@ def server_config(argv: Sequence[str], environ: dict[str, str] | None = None) ->
         server["metrics_port"] = None
     log_level: str = args["log_level"] or environ.get("ATTRSERVE_LOG_LEVEL", "INFO")
     log_format: str = args["log_format"] or environ.get("ATTRSERVE_LOG_FORMAT", "text")
+    if not logs.is_level(log_level):
+        given = f"--log-level {log_level}" if args["log_level"] else f"ATTRSERVE_LOG_LEVEL={log_level!r}"
+        parser.error(f"{given}: use one of {', '.join(LEVELS)} (any case)")
     if log_format not in FORMATS:
         parser.error(f"ATTRSERVE_LOG_FORMAT={log_format!r}: use one of {', '.join(FORMATS)}")
     return ServerConfig(**server, limits=EngineLimits(**limits)), (log_level, log_format)
@@ -441,7 +447,11 @@ def serve_main(argv: Sequence[str]) -> int:
     from attrserve_service.config import ConfigError
 
     config, (log_level, log_format) = server_config(argv)
-    logs.configure(log_level, log_format)
+    try:
+        logs.configure(log_level, log_format)
+    except ValueError as e:  # (server_config refused what it knows is bad: --log-level, ATTRSERVE_LOG_FORMAT)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.getLogger("attrserve_service.launch").info("front end malloc: %s", launch.tune_front_malloc(os.environ))
     launched = None
     try:

@@ -15,6 +15,12 @@ import time
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("attrserve_request_id", default="")
 FORMATS = ("text", "json")
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # --log-level, in any case (and logging's other names)
+
+
+def is_level(name: str) -> bool:
+    """Whether `name` (any case) is a level the root logger takes: one of LEVELS, or NOTSET, WARN, FATAL."""
+    return isinstance(logging.getLevelName(name.upper()), int)
 
 
 class _RequestId(logging.Filter):

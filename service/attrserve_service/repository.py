@@ -11,8 +11,10 @@ model.py: eager (`build_model()`, optional weights.pt); model.pt: TorchScript; m
 (`torch.export.save`), exported with a dynamic dim 0, e.g. `dynamic_shapes=({0: torch.export.Dim("batch")},)`; its
 platform is told by the file name (config.pbtxt's `platform` has no value for it).
 
-A folder that cannot be read (a malformed config.pbtxt, a version that contradicts its folder) becomes an Entry
-with an `error`: that version is reported UNAVAILABLE with the error while every other model serves.
+A folder that cannot be read (a config.pbtxt that is malformed, not UTF-8, unreadable or a folder; input dims other
+than -1 or a positive size; a version that contradicts its folder; a folder that cannot be listed) becomes an Entry
+with an `error`: that version is reported UNAVAILABLE with the error while every other model serves. No folder can
+stop a scan: start-up and every poll go on with the others.
 
 The repository is read and its models loaded where the engine runs (the engine-core process); the front end imports
 this module for Status, the control modes and RepositoryError, without torch.
@@ -74,12 +76,22 @@ class Entry:
 
 
 def read_model_config(path: Path) -> mc.ModelConfig:
+    """The config in `path` (the defaults when there is none). Raises RepositoryError naming the file for any
+    failure to read or parse it: not UTF-8 text, a folder, unreadable, malformed."""
     config = mc.ModelConfig()
-    if path.exists():
-        try:
-            text_format.Parse(path.read_text(), config)
-        except text_format.ParseError as e:
-            raise RepositoryError(f"{path}: {e}") from None
+    try:
+        if not path.exists():
+            return config
+        text = path.read_bytes().decode("utf-8")
+        text_format.Parse(text, config)
+    except text_format.ParseError as e:
+        raise RepositoryError(f"{path}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise RepositoryError(f"{path}: not UTF-8 text: byte {e.object[e.start]:#04x} at offset {e.start} ({e.reason})") from None
+    except IsADirectoryError:
+        raise RepositoryError(f"{path}: is a folder, not a file") from None
+    except OSError as e:
+        raise RepositoryError(f"{path}: cannot be read: {e.strerror or e}") from None
     return config
 
 
@@ -95,6 +107,12 @@ def spec_from_config(folder: Path, config: mc.ModelConfig, config_path: Path | N
             raise RepositoryError(f"{where}: inputs[{i}].dtype {s.dtype} is not supported")
         # No dims means "not pinned" (any shape), not a scalar per example.
         dims = tuple(s.dims) if s.dims else None
+        for j, d in enumerate(dims or ()):
+            if d != -1 and d <= 0:
+                raise RepositoryError(
+                    f"{where}: model {config.name or folder.name!r} inputs[{i}] ({s.name or f'input{i}'!r}) dims[{j}] is {d}: "
+                    "each dim is a positive size, or -1 for any size"
+                )
         dtype = getattr(torch, WIRE_DTYPES[s.dtype].name) if s.dtype else None
         inputs.append(InputSpec(name=s.name or f"input{i}", dtype=dtype, dims=dims))
     if config.platform not in _PLATFORMS:
@@ -138,12 +156,18 @@ def _fingerprint(paths: Iterable[Path]) -> str:
 
 
 def _entry(model_folder: Path, folder: Path, version: str | None) -> Entry:
-    """The version in `folder` (`version`: its folder's name in the versioned layout, None in the flat one)."""
+    """The version in `folder` (`version`: its folder's name in the versioned layout, None in the flat one). Never
+    raises: a folder that cannot be read or parsed, whatever the failure, is an Entry with its `error`."""
     shared = model_folder / CONFIG
     own = folder / CONFIG
-    config_path = own if own.exists() or version is None else shared
-    fingerprint = _fingerprint([folder] + ([shared] if version is not None and shared.exists() else []))
     name, shown = model_folder.name, version or "1"
+    config_path = own
+    try:
+        config_path = own if own.exists() or version is None else shared
+        fingerprint = _fingerprint([folder] + ([shared] if version is not None and shared.exists() else []))
+    except OSError as e:  # a file that cannot be looked at; the error is the fingerprint, so a poll retries once it changes
+        fingerprint = hashlib.sha1(f"unreadable\0{e}".encode()).hexdigest()
+        return Entry(name, shown, folder, fingerprint, None, f"model folder {folder} cannot be read: {e}")
     try:
         config = read_model_config(config_path)
         name = config.name or model_folder.name
@@ -151,34 +175,37 @@ def _entry(model_folder: Path, folder: Path, version: str | None) -> Entry:
             if config.version and config.version != version:
                 raise RepositoryError(f"{config_path}: version {config.version!r} contradicts its folder {folder}")
             config.version = version
+        config.name = name  # (a version folder's config names the model folder's model)
         spec = spec_from_config(folder, config, config_path)
-        spec.name = name
         spec.fingerprint = fingerprint
         return Entry(name, spec.version, folder, fingerprint, spec)
     except RepositoryError as e:
         return Entry(name, shown, folder, fingerprint, None, str(e))
+    except Exception as e:  # whatever else reading the folder raised: this model's error, never the repository's
+        return Entry(name, shown, folder, fingerprint, None, f"{config_path}: {type(e).__name__}: {e}")
 
 
 def scan(root: Path | None) -> list[Entry]:
-    """Every model version in the repository, sorted; raises RepositoryError only when `root` is not a folder."""
+    """Every model version in the repository, sorted; raises RepositoryError only when `root` is not a folder (or
+    cannot be listed). A model folder that cannot be read is an Entry with its `error`: it never stops the scan."""
     root = Path(root) if root is not None else DEMO_MODEL_REPOSITORY
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} is not a folder")
+    try:
+        model_folders = sorted(p for p in root.iterdir() if p.is_dir())
+    except OSError as e:
+        raise RepositoryError(f"model repository {root} cannot be read: {e}") from None
     entries: list[Entry] = []
-    for model_folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        versions = sorted(
-            (p for p in model_folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0), key=lambda p: int(p.name)
-        )
-        versions = [p for p in versions if _has_model(p)]
-        if _has_model(model_folder):
-            entry = _entry(model_folder, model_folder, None)
-            if versions:
-                numbers = ", ".join(p.name for p in versions)
-                error = f"model folder {model_folder} has both a model file and version folders ({numbers}); keep one layout"
-                entry = Entry(entry.name, entry.version, model_folder, entry.fingerprint, None, error)
-            entries.append(entry)
-        else:
-            entries.extend(_entry(model_folder, folder, folder.name) for folder in versions)
+    for model_folder in model_folders:
+        try:
+            entries.extend(_model_entries(model_folder))
+        except Exception as e:  # the folder cannot be listed (permissions, removed while read): the model's error
+            if model_folder.name == "lost+found":
+                continue  # a file system's own folder on a mounted volume (root's alone): never a model
+            fingerprint = hashlib.sha1(f"unreadable\0{e}".encode()).hexdigest()  # a poll retries once the error changes
+            entries.append(
+                Entry(model_folder.name, "1", model_folder, fingerprint, None, f"model folder {model_folder} cannot be read: {e}")
+            )
     seen: dict[tuple[str, str], Path] = {}
     unique = []
     for entry in entries:
@@ -190,6 +217,20 @@ def scan(root: Path | None) -> list[Entry]:
         seen[key] = entry.folder
         unique.append(entry)
     return unique
+
+
+def _model_entries(model_folder: Path) -> list[Entry]:
+    """The versions of one model folder (none when it holds no model file)."""
+    versions = sorted((p for p in model_folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0), key=lambda p: int(p.name))
+    versions = [p for p in versions if _has_model(p)]
+    if not _has_model(model_folder):
+        return [_entry(model_folder, folder, folder.name) for folder in versions]
+    entry = _entry(model_folder, model_folder, None)
+    if versions:
+        numbers = ", ".join(p.name for p in versions)
+        error = f"model folder {model_folder} has both a model file and version folders ({numbers}); keep one layout"
+        entry = Entry(entry.name, entry.version, model_folder, entry.fingerprint, None, error)
+    return [entry]
 
 
 def load_repository(root: Path | None) -> list[ModelSpec]:

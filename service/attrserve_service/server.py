@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
+import socket
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, cast
@@ -187,10 +189,13 @@ async def create_server(config: ServerConfig, engine: Engine | None = None, laun
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), registrar)
     address = f"{config.host}:{config.port}"
     credentials = security.credentials
-    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    try:
+        port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    except RuntimeError:  # gRPC's "Failed to bind to address" (older releases returned 0)
+        port = 0
     if port == 0:
         await core.shutdown(drain=False, timeout=1.0)
-        raise OSError(f"could not bind {config.host}:{config.port}")
+        raise ConfigError(f"--port {config.port}: cannot listen on {address}: {bind_failure(config.host, config.port)}")
     await server.start()
 
     running = RunningServer(
@@ -211,10 +216,11 @@ async def create_server(config: ServerConfig, engine: Engine | None = None, laun
         endpoint = MetricsEndpoint(before=before_page)
         try:
             running.metrics_port = await endpoint.start(config.host, config.metrics_port)
-        except OSError:
+        except OSError as e:
             await server.stop(None)
             await core.shutdown(drain=False, timeout=1.0)
-            raise
+            where = f"{config.host}:{config.metrics_port}"
+            raise ConfigError(f"--metrics-port {config.metrics_port}: cannot listen on {where}: {_why(e)}") from None
         running._metrics_http = endpoint
     loop = asyncio.get_running_loop()
     syncs: set[asyncio.Task] = set()
@@ -230,6 +236,24 @@ async def create_server(config: ServerConfig, engine: Engine | None = None, laun
     if config.model_control == CONTROL_POLL:
         running._poller = asyncio.ensure_future(core.poll_forever(config.repository_poll_seconds))
     return running
+
+
+def bind_failure(host: str, port: int) -> str:
+    """Why gRPC could not listen on `host`:`port` (it says only that it failed): a plain socket's bind tells, e.g.
+    "address already in use"."""
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a port left in TIME_WAIT is free
+            probe.bind(where)
+    except OSError as e:
+        return _why(e)
+    return "the address could not be bound"
+
+
+def _why(error: OSError) -> str:
+    """An OSError's reason alone ("address already in use"), without the call and address asyncio wraps it in."""
+    return (os.strerror(error.errno) if error.errno and error.errno > 0 else error.strerror or str(error)).lower()  # (<0: getaddrinfo's)
 
 
 def pending_calls_options(bound: int) -> list[tuple[str, int]]:

@@ -4,6 +4,7 @@ defaults come from the dataclasses, and a flag wins over its variable."""
 from __future__ import annotations
 
 import dataclasses
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,55 @@ def test_help_lists_every_flag_and_variable() -> None:
     assert out.returncode == 0
     for s in SETTINGS:
         assert s.flag in out.stdout and s.env in out.stdout
+
+
+def test_every_float_setting_refuses_nan_and_infinity_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    """`value < minimum` is False for nan, so every float setting took nan and inf: --max-pass-seconds inf (or nan) then
+    killed the engine's worker on every pass (int(rate * inf)), with tracebacks that never named the flag, and the server
+    said SERVING with no model. Refused now, as a flag or as its variable, naming it (exit code 2)."""
+    floats = [s for s in SETTINGS if s.parse is float]
+    assert {s.flag for s in floats} >= {"--max-pass-seconds", "--grace-seconds", "--repository-poll-seconds", "--probe-seconds"}
+    for s in floats:
+        for text in ("nan", "inf", "-inf", "NaN", "Infinity"):
+            for argv, environ, named in (([f"{s.flag}={text}"], {}, f"{s.flag} {float(text)}"), ([], {s.env: text}, f"{s.env}={text!r}")):
+                with pytest.raises(SystemExit) as exit_:
+                    server_config(argv, environ=environ)
+                err = capsys.readouterr().err
+                assert exit_.value.code == 2 and f"error: {named}: must be a finite number" in err, err
+    config, _ = server_config(["--max-pass-seconds", "1e-3"], environ={"ATTRSERVE_GRACE_SECONDS": "2.5"})
+    assert config.limits.max_pass_seconds == 1e-3 and config.grace_seconds == 2.5
+
+
+def test_a_bad_log_level_is_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    """--log-level verbose (or ATTRSERVE_LOG_LEVEL=debg) passed the settings and failed in logging with a traceback
+    and exit code 1; refused now with the other bad settings (exit code 2), naming it and the levels there are."""
+    for argv, environ, named in ((["--log-level", "verbose"], {}, "--log-level verbose"),
+                                 ([], {"ATTRSERVE_LOG_LEVEL": "debg"}, "ATTRSERVE_LOG_LEVEL='debg'"),
+                                 ([], {"ATTRSERVE_LOG_LEVEL": "10"}, "ATTRSERVE_LOG_LEVEL='10'")):
+        with pytest.raises(SystemExit) as exit_:
+            server_config(argv, environ=environ)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"error: {named}: use one of DEBUG, INFO, WARNING, ERROR, CRITICAL" in err, err
+    assert server_config(["--log-level", "debug"], environ={})[1] == ("debug", "text")
+    assert server_config([], environ={"ATTRSERVE_LOG_LEVEL": "Warning"})[1] == ("Warning", "text")
+    out = subprocess.run([sys.executable, "-m", "attrserve_service.cli", "serve", "--port", "0", "--metrics-port", "-1",
+                          "--log-level", "verbose"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "--log-level verbose: use one of" in out.stderr, out.stderr
+
+
+def test_a_port_in_use_is_an_error_naming_it() -> None:
+    """A --port (or --metrics-port) that another program listens on ended `attrserve serve` with gRPC's RuntimeError
+    (or asyncio's OSError) traceback and exit code 1; now an `error:` line naming the setting and that it is in use,
+    and exit code 2 (with an engine process, and without one)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for ports, named in ((["--port", str(port), "--metrics-port", "-1"], f"--port {port}"),
+                             (["--port", "0", "--metrics-port", str(port), "--no-engine-process"], f"--metrics-port {port}")):
+            argv = [sys.executable, "-m", "attrserve_service.cli", "serve", *ports, "--host", "127.0.0.1", "--device", "cpu",
+                    "--no-batch-probe"]
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 2, out.stderr
+            assert "Traceback" not in out.stderr, out.stderr
+            assert f"error: {named}: cannot listen on 127.0.0.1:{port}: address already in use" in out.stderr, out.stderr

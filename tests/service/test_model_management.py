@@ -138,6 +138,74 @@ def test_a_model_that_fails_to_load_is_reported_while_the_others_serve(tmp_path)
         server.stop()
 
 
+LATIN1 = b'description: "caf\xe9"\n' + PINNED.encode()  # a Latin-1 e-acute, as a Windows editor saves it: not UTF-8
+
+
+def test_a_config_that_cannot_be_read_or_has_bad_dims_is_unavailable_while_the_others_serve(tmp_path) -> None:
+    """A config.pbtxt that is not UTF-8 (or is a folder) killed the engine process at start-up, so nothing served;
+    dims of 0 or -2 loaded READY and refused every request. Each is now its model's UNAVAILABLE reason."""
+    write(tmp_path / "good", mlp(1))
+    write(tmp_path / "latin1", mlp(2), config=None)
+    (tmp_path / "latin1" / "config.pbtxt").write_bytes(LATIN1)
+    write(tmp_path / "folder", mlp(3), config=None)
+    (tmp_path / "folder" / "config.pbtxt").mkdir()
+    write(tmp_path / "neg", mlp(4), 'inputs { name: "x" dtype: DATA_TYPE_FLOAT32 dims: -2 }\n')
+    write(tmp_path / "zero", mlp(4), 'inputs { name: "x" dtype: DATA_TYPE_FLOAT32 dims: 0 }\n')
+    server = start(tmp_path)
+    try:
+        with AttributionClient(server.address) as client:
+            assert health(server.address) == SERVING
+            listed = states(client)
+            assert listed[("good", "1")] == ("MODEL_STATE_READY", "")
+            config = tmp_path / "latin1" / "config.pbtxt"
+            why = f"RepositoryError: {config}: not UTF-8 text: byte 0xe9 at offset 17 (invalid continuation byte)"
+            assert listed[("latin1", "1")] == ("MODEL_STATE_UNAVAILABLE", why)
+            why = f"RepositoryError: {tmp_path / 'folder' / 'config.pbtxt'}: is a folder, not a file"
+            assert listed[("folder", "1")] == ("MODEL_STATE_UNAVAILABLE", why)
+            for name, dim in (("neg", -2), ("zero", 0)):
+                state, reason = listed[(name, "1")]
+                assert state == "MODEL_STATE_UNAVAILABLE" and f"model {name!r} inputs[0] ('x') dims[0] is {dim}: " in reason, reason
+                with pytest.raises(grpc.RpcError) as err:
+                    ig(client, name)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE and f"dims[0] is {dim}" in err.value.details()
+            np.testing.assert_allclose(ig(client, "good").attributions, captum(1), atol=1e-5)
+        gauges = ready_gauges(server)
+        assert {key: gauges.get(key) for key in [("good", "1"), ("latin1", "1"), ("neg", "1")]} == {
+            ("good", "1"): 1.0, ("latin1", "1"): 0.0, ("neg", "1"): 0.0}
+    finally:
+        server.stop()
+
+
+def test_a_folder_that_cannot_be_read_never_stops_the_polling(tmp_path) -> None:
+    """Under poll control a config.pbtxt that is not UTF-8, added later, made every poll fail with a traceback: no
+    folder was added, changed or removed again, and RepositoryIndex answered INTERNAL. Now it is UNAVAILABLE with why,
+    the polls go on, and it loads once fixed."""
+    write(tmp_path / "good", mlp(1))
+    server = start(tmp_path, model_control="poll", repository_poll_seconds=0.1)
+    try:
+        with AttributionClient(server.address) as client:
+            write(tmp_path / "bad", mlp(2), config=None)
+            (tmp_path / "bad" / "config.pbtxt").write_bytes(LATIN1)
+            wait_for(lambda: "not UTF-8 text" in states(client).get(("bad", "1"), ("", ""))[1], "the unreadable config to be reported")
+            write(tmp_path / "folder", mlp(3), config=None)
+            (tmp_path / "folder" / "config.pbtxt").mkdir()
+            write(tmp_path / "added", mlp(5))
+            wait_for(lambda: states(client).get(("added", "1"), ("",))[0] == "MODEL_STATE_READY", "a folder added after it")
+            np.testing.assert_allclose(ig(client, "added").attributions, captum(5), atol=1e-5)
+            index = {(s.model, s.version): (pb.ModelState.Name(s.state), s.reason) for s in client.repository_index(timeout=10)}
+            assert index[("bad", "1")][0] == index[("folder", "1")][0] == "MODEL_STATE_UNAVAILABLE"
+            assert "is a folder, not a file" in index[("folder", "1")][1] and index[("good", "1")] == ("MODEL_STATE_READY", "")
+            assert health(server.address) == SERVING
+
+            (tmp_path / "bad" / "config.pbtxt").write_text(PINNED)  # fixed: loads and serves
+            wait_for(lambda: states(client)[("bad", "1")] == ("MODEL_STATE_READY", ""), "the fixed config to load")
+            np.testing.assert_allclose(ig(client, "bad").attributions, captum(2), atol=1e-5)
+            np.testing.assert_allclose(ig(client, "good").attributions, captum(1), atol=1e-5)
+            assert health(server.address) == SERVING
+    finally:
+        server.stop()
+
+
 def test_strict_readiness_is_not_serving_while_a_model_is_not_ready(tmp_path) -> None:
     write(tmp_path / "good", mlp(1))
     write(tmp_path / "broken", BROKEN)

@@ -28,7 +28,7 @@ from attrserve_engine import AttributionJob, Engine, EngineLimits, InvalidArgume
 from attrserve_engine.algorithms import ALGORITHMS
 from attrserve_engine.limits import DEFAULT_MAX_BATCH_ROWS, DEFAULT_MAX_QUEUE_DELAY_US
 from attrserve_service.config import effective_config, spec_config
-from attrserve_service.repository import RepositoryError, load_repository
+from attrserve_service.repository import RepositoryError, load_repository, scan
 from servers import ServeProcess
 
 ATOL = 1e-5
@@ -455,6 +455,52 @@ def test_malformed_config_names_the_file(tmp_path):
     (tmp_path / "bad" / "config.pbtxt").unlink()
     with pytest.raises(RepositoryError, match=str(tmp_path / "unknown_field" / "config.pbtxt")):
         load_repository(tmp_path)
+
+
+def test_a_config_that_cannot_be_read_is_that_models_error_never_the_scans(tmp_path):
+    """A config.pbtxt that is not UTF-8 (a Latin-1 é, as a Windows editor saves it) raised UnicodeDecodeError out of
+    the scan, and one that is a folder IsADirectoryError: the whole server did not start, and under poll control every
+    later poll failed. Now each is its own folder's error (UNAVAILABLE with it) and the other folders are read."""
+    write_model(tmp_path / "good")
+    write_model(tmp_path / "latin1")
+    (tmp_path / "latin1" / "config.pbtxt").write_bytes(b'description: "caf\xe9"\n')
+    write_model(tmp_path / "folder_config")
+    (tmp_path / "folder_config" / "config.pbtxt").mkdir()
+    write_model(tmp_path / "versioned" / "1", config=None)  # the shared config beside the versions is the folder
+    (tmp_path / "versioned" / "config.pbtxt").mkdir()
+    entries = {(e.name, e.version): e for e in scan(tmp_path)}
+    assert sorted(entries) == [("folder_config", "1"), ("good", "1"), ("latin1", "1"), ("versioned", "1")]
+    assert entries[("good", "1")].spec is not None and entries[("good", "1")].error == ""
+    latin1 = entries[("latin1", "1")]
+    why = "not UTF-8 text: byte 0xe9 at offset 17 (invalid continuation byte)"
+    assert latin1.spec is None and latin1.error == f"{tmp_path / 'latin1' / 'config.pbtxt'}: {why}"
+    assert entries[("folder_config", "1")].error == f"{tmp_path / 'folder_config' / 'config.pbtxt'}: is a folder, not a file"
+    assert entries[("versioned", "1")].error == f"{tmp_path / 'versioned' / 'config.pbtxt'}: is a folder, not a file"
+    with pytest.raises(RepositoryError, match="folder_config"):  # the strict reader names the first one
+        load_repository(tmp_path)
+
+
+def test_input_dims_other_than_minus_one_or_a_size_are_refused_at_load(tmp_path, engines):
+    """dims 0 or -2 loaded READY, showed -2 as "*" (any size), and refused every request ("expected shape (n, -2)")."""
+    write_model(tmp_path / "neg", config='inputs { name: "x" dtype: DATA_TYPE_FLOAT32 dims: -2 }\n')
+    write_model(tmp_path / "zero", config='inputs { name: "a" dims: 4 } inputs { name: "b" dims: 4 dims: 0 }\n')
+    write_model(tmp_path / "ok", config='inputs { name: "x" dtype: DATA_TYPE_FLOAT32 dims: -1 }\n')
+    entries = {e.name: e for e in scan(tmp_path)}
+    assert entries["neg"].spec is None and entries["neg"].error == (
+        f"{tmp_path / 'neg' / 'config.pbtxt'}: model 'neg' inputs[0] ('x') dims[0] is -2: each dim is a positive size, or -1 for any size")
+    assert entries["zero"].spec is None and "model 'zero' inputs[1] ('b') dims[1] is 0: " in entries["zero"].error
+    assert entries["ok"].spec is not None and entries["ok"].spec.inputs[0].dims == (-1,)
+    with pytest.raises(RepositoryError, match=r"model 'neg' inputs\[0\] \('x'\) dims\[0\] is -2"):
+        load_repository(tmp_path)
+    engine = engines(default_device="cpu")  # a spec built in code is checked too
+    spec = entries["ok"].spec
+    spec.inputs[0].dims = (4, -3)
+    with pytest.raises(InvalidArgument, match=r"model 'ok': inputs\[0\] \('x'\) dims\[1\] is -3: each dim is a positive size"):
+        engine.load(spec)
+    assert engine.models() == []
+    spec.inputs[0].dims = (-1,)
+    engine.load(spec)
+    assert_close(attribute(engine, "ok", "integrated_gradients").attributions[0], captum_ig(build(MLP)))
 
 
 def test_unsupported_input_dtype_in_config(tmp_path):
