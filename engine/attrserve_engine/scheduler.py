@@ -916,7 +916,7 @@ class Scheduler:
         """Rows in one pass: `size`, fewer when that would take longer than max_pass_seconds at the model's
         measured rate (so a slow model does not hold the device for long)."""
         if model.rows_per_second:
-            return max(1, min(size, int(model.rows_per_second * self.max_pass_seconds)))
+            return max(1, int(min(size, model.rows_per_second * self.max_pass_seconds)))  # (no int() of a product past any int)
         return size
 
     def _route(self, cut: _Cut, outcomes: list, start: float, seconds: float) -> None:

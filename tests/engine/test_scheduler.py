@@ -1007,3 +1007,17 @@ def test_a_stop_answers_the_callers_of_a_pass_that_never_returns_and_what_it_ret
         assert not scheduler_module._ANSWERED.done()
     finally:
         release.set()
+
+
+def test_a_pass_time_cap_too_large_for_any_row_count_cuts_the_full_size() -> None:
+    """max_pass_seconds of 1e308 (a finite setting, so the command line takes it) made the pass budget int(rate x
+    1e308): an OverflowError that killed the worker on every request. A cap past every row count caps nothing."""
+    passes, rec = FakePasses(), Recorder()
+    s = scheduler(passes, rec, max_pass_seconds=1e308)
+    m = model(max_batch_rows=8)
+    m.rows_per_second = 1000.0
+    try:
+        assert [s.submit(job(m, 1.0 + i)).result(5) for i in range(2)] == [8.0, 16.0]
+        assert s.restarts == 0 and s.serving() == (True, "")
+    finally:
+        s.stop(drain=False)
