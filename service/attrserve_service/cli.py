@@ -378,7 +378,7 @@ def _serve_parser() -> argparse.ArgumentParser:
             action="append" if s.repeatable else "store",
             help=f"{s.help}{shown} [{s.env}]",
         )
-    p.add_argument("--log-level", help=f"{', '.join(LEVELS)} (default: INFO) [ATTRSERVE_LOG_LEVEL]")
+    p.add_argument("--log-level", help=f"log level: {', '.join(LEVELS)} (default: INFO) [ATTRSERVE_LOG_LEVEL]")
     p.add_argument(
         "--log-format",
         choices=FORMATS,
