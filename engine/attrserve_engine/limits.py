@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from attrserve_engine.algorithms import Limits
 
 DEFAULT_MAX_BATCH_ROWS = 256
+# The range of an index or integer parameter a client sends: what an int64 tensor holds. A Python int past it (a JSON
+# number, a uint64, a protobuf Struct's whole double) is refused by name where it is parsed (targets.check_int64,
+# algorithms.base's parameters, oip's targets): numpy and torch would raise OverflowError, an INTERNAL error.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 DEFAULT_MAX_QUEUE_DELAY_US = 500
 
 

@@ -25,12 +25,10 @@ import torch
 from torch import Tensor
 
 from attrserve_engine.errors import InvalidArgument, shown
+from attrserve_engine.limits import INT64_MAX, INT64_MIN
 
 # Indices in one target: one per output dim after dim 0 (torch tensors have at most 64 dims; models far fewer).
 MAX_INDICES = 32
-# The range of an index: the target is an int64 tensor. A Python int past it (a JSON number, a uint64) is refused by
-# name here, where numpy would raise OverflowError (an INTERNAL error) building the tensor.
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 # What a caller may pass as a target (Captum's forms, or the formatted tensor).
 TargetLike = None | int | Sequence[int] | Sequence[int | Sequence[int]] | Tensor

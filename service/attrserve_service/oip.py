@@ -37,6 +37,7 @@ from attrserve.v1 import model_config_pb2 as mc
 from attrserve.v1 import tensor_pb2
 from attrserve_engine import AttributionJob, InvalidArgument, NotFound
 from attrserve_engine.errors import shown
+from attrserve_engine.limits import INT64_MAX, INT64_MIN
 from attrserve_service import __version__, metrics
 from attrserve_service.convert import MAX_STRUCT_STRING, WIRE_DTYPES, Job, Result, array_from_proto, decode, wire_array
 from attrserve_service.core import Core
@@ -384,11 +385,8 @@ def _target(value: Any) -> int | tuple[int, ...] | list[Any] | None:
     )
 
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-
 def _int64(value: int) -> int:
-    if not _INT64_MIN <= value <= _INT64_MAX:
+    if not INT64_MIN <= value <= INT64_MAX:
         raise InvalidArgument(f"parameters.target has the index {shown(value)}, outside the int64 range")
     return value
 

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from attrserve_engine.errors import InvalidArgument, shown
+from attrserve_engine.limits import INT64_MAX, INT64_MIN
 from attrserve_engine.models import LoadedModel
 from attrserve_engine.plan import Block, BlockResult, PassKind, Plan, Task, repeat_rows
-from attrserve_engine.targets import INT64_MAX, INT64_MIN
 
 
 @dataclass(frozen=True)

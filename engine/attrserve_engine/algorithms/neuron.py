@@ -21,7 +21,7 @@ import torch
 from attrserve_engine.algorithms.base import Algorithm, Limits
 from attrserve_engine.errors import InvalidArgument, shown
 from attrserve_engine.plan import Attribution, Block, Plan, Task
-from attrserve_engine.targets import INT64_MAX, INT64_MIN
+from attrserve_engine.targets import check_int64
 
 MAX_SELECTOR = 32  # indices in a neuron selector, one per dim of the layer's output after dim 0
 
@@ -49,9 +49,7 @@ def parse_neuron_params(owner: str, base: Algorithm, raw: dict[str, Any], limits
         selector = tuple(int(i) for i in selector)
     if not selector or not all(isinstance(i, int) and not isinstance(i, bool) for i in selector):
         raise InvalidArgument(f"{owner}.neuron_selector must be one or more integers, got {shown(selector)}")
-    for i in selector:  # a JSON number, or a whole double (1e300) of a Struct, may be past what the int64 index tensor holds
-        if not INT64_MIN <= i <= INT64_MAX:
-            raise InvalidArgument(f"{owner}.neuron_selector index {shown(i)} is out of range: an index must fit in an int64")
+    check_int64(selector, f"{owner}.neuron_selector")  # a JSON number, or a Struct's whole double (1e300), may be past it
     to_input = raw.pop("attribute_to_neuron_input", False)
     if not isinstance(to_input, bool):
         raise InvalidArgument(f"{owner}.attribute_to_neuron_input must be a bool, got {shown(to_input)}")
