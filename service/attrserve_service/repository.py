@@ -165,9 +165,8 @@ def _entry(model_folder: Path, folder: Path, version: str | None) -> Entry:
     try:
         config_path = own if own.exists() or version is None else shared
         fingerprint = _fingerprint([folder] + ([shared] if version is not None and shared.exists() else []))
-    except OSError as e:  # a file that cannot be looked at; the error is the fingerprint, so a poll retries once it changes
-        fingerprint = hashlib.sha1(f"unreadable\0{e}".encode()).hexdigest()
-        return Entry(name, shown, folder, fingerprint, None, f"model folder {folder} cannot be read: {e}")
+    except OSError as e:  # a file that cannot be looked at
+        return _unreadable(name, shown, folder, e)
     try:
         config = read_model_config(config_path)
         name = config.name or model_folder.name
@@ -183,6 +182,13 @@ def _entry(model_folder: Path, folder: Path, version: str | None) -> Entry:
         return Entry(name, shown, folder, fingerprint, None, str(e))
     except Exception as e:  # whatever else reading the folder raised: this model's error, never the repository's
         return Entry(name, shown, folder, fingerprint, None, f"{config_path}: {type(e).__name__}: {e}")
+
+
+def _unreadable(name: str, version: str, folder: Path, error: Exception) -> Entry:
+    """A folder that cannot be read, as its model's error. The error is its fingerprint: a poll retries it once the
+    error changes."""
+    fingerprint = hashlib.sha1(f"unreadable\0{error}".encode()).hexdigest()
+    return Entry(name, version, folder, fingerprint, None, f"model folder {folder} cannot be read: {error}")
 
 
 def scan(root: Path | None) -> list[Entry]:
@@ -202,10 +208,7 @@ def scan(root: Path | None) -> list[Entry]:
         except Exception as e:  # the folder cannot be listed (permissions, removed while read): the model's error
             if model_folder.name == "lost+found":
                 continue  # a file system's own folder on a mounted volume (root's alone): never a model
-            fingerprint = hashlib.sha1(f"unreadable\0{e}".encode()).hexdigest()  # a poll retries once the error changes
-            entries.append(
-                Entry(model_folder.name, "1", model_folder, fingerprint, None, f"model folder {model_folder} cannot be read: {e}")
-            )
+            entries.append(_unreadable(model_folder.name, "1", model_folder, e))
     seen: dict[tuple[str, str], Path] = {}
     unique = []
     for entry in entries:
