@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive, check_stdevs, delta_block, delta_from, per_input_values
-from attrserve_engine.errors import InvalidArgument
 from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task, interleave_rows
 
 
@@ -23,9 +22,7 @@ class GradientShapParams:
 def draw_baselines(task: Task, n_samples: int) -> tuple[Tensor, ...]:
     """NoiseTunnel's draw_baseline_from_distrib: n_samples * n rows per input, drawn with np.random.choice."""
     drawn = []
-    for i, b in enumerate(task.baselines):
-        if not b.shape[0]:  # formatting.format_baselines refuses it first; numpy's choice would raise ValueError
-            raise InvalidArgument(f"baselines[{i}] has 0 rows: an empty baseline distribution, nothing to draw from")
+    for b in task.baselines:  # (never empty: formatting.format_baselines refuses an empty distribution)
         idx = task.rng.numpy_gen.choice(b.shape[0], n_samples * task.n).tolist()
         drawn.append(b[idx])  # (n * n_samples, *feature_shape)
     return tuple(drawn)
