@@ -5,8 +5,11 @@ signed by it, and client certificates (mTLS). Everything is PEM bytes; `write` p
     server = ca.issue("attrserve test server", server=True)   # (cert_pem, key_pem)
     client = ca.issue("attrserve test client")
     other = CertificateAuthority("unrelated CA").issue("stranger")  # refused by a server that trusts `ca`
+    expired = ca.issue("old server", server=True, valid=(now - 10 * DAY, now - DAY))
 
-Keys are EC P-256 (fast to generate); certificates are valid from an hour ago for a day.
+Keys are EC P-256 (fast to generate) unless `rsa_bits` says; certificates are valid from an hour ago for a day
+unless `valid` says. `ed448_pair`: a self-signed certificate and key that OpenSSL (the ssl module) reads and gRPC's
+BoringSSL does not.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: ec.EllipticCurvePrivateKey | ed448.Ed448PrivateKey | rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
@@ -30,9 +33,16 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _validity(builder: x509.CertificateBuilder) -> x509.CertificateBuilder:
+DAY = datetime.timedelta(days=1)
+
+
+Validity = tuple[datetime.datetime, datetime.datetime]  # (not before, not after)
+
+
+def _validity(builder: x509.CertificateBuilder, valid: Validity | None = None) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.timezone.utc)
-    return builder.not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+    since, until = valid or (now - datetime.timedelta(hours=1), now + DAY)
+    return builder.not_valid_before(since).not_valid_after(until)
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,19 @@ class Pair:
         cert.write_bytes(self.cert)
         key.write_bytes(self.key)
         return cert, key
+
+    def encrypted_key(self, password: bytes) -> bytes:
+        """The key, encrypted with `password` (PEM)."""
+        key = serialization.load_pem_private_key(self.key, None)
+        encryption = serialization.BestAvailableEncryption(password)
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+
+
+def ed448_pair(common_name: str) -> Pair:
+    key = ed448.Ed448PrivateKey.generate()
+    builder = _validity(x509.CertificateBuilder()).subject_name(_name(common_name)).issuer_name(_name(common_name))
+    cert = builder.public_key(key.public_key()).serial_number(x509.random_serial_number()).sign(key, None)
+    return Pair(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
 class CertificateAuthority:
@@ -79,12 +102,13 @@ class CertificateAuthority:
         self.certificate = builder.sign(self.key, hashes.SHA256())
         self.cert = self.certificate.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, common_name: str, *, server: bool = False) -> Pair:
-        """A certificate signed by this CA: for a server (127.0.0.1 and localhost) or a client."""
-        key = ec.generate_private_key(ec.SECP256R1())
+    def issue(self, common_name: str, *, server: bool = False, valid: Validity | None = None, rsa_bits: int = 0) -> Pair:
+        """A certificate signed by this CA: for a server (127.0.0.1 and localhost) or a client; `valid`: (from, until);
+        `rsa_bits`: an RSA key of that size instead of EC P-256."""
+        key = rsa.generate_private_key(65537, rsa_bits) if rsa_bits else ec.generate_private_key(ec.SECP256R1())
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (
-            _validity(x509.CertificateBuilder())
+            _validity(x509.CertificateBuilder(), valid)
             .subject_name(_name(common_name))
             .issuer_name(self.name)
             .public_key(key.public_key())

@@ -17,6 +17,8 @@ import hmac
 import logging
 import os
 import re
+import ssl
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,40 @@ def _pem(path: Path, setting: str, kind: str) -> bytes:
     return data
 
 
+def _usable(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """What gRPC would refuse only once the models have loaded, as it binds the port (saying "Invalid private key" in
+    its own log, and nothing of which file), and a certificate no client accepts ever again: checked with the ssl
+    module."""
+    for path, setting in ((cert, "--tls-cert"), (client_ca, "--tls-client-ca")):
+        if path is not None:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+            except ssl.SSLError as e:
+                raise ConfigError(f"{setting} {path}: holds a certificate that cannot be decoded ({_why(e)})") from None
+    decoded = ssl._ssl._test_decode_cert(str(cert))  # type: ignore[attr-defined]  # the first certificate: the server's
+    now = time.time()
+    if ssl.cert_time_to_seconds(decoded["notAfter"]) < now:
+        raise ConfigError(f"--tls-cert {cert}: the certificate expired on {decoded['notAfter']}")
+    if ssl.cert_time_to_seconds(decoded["notBefore"]) > now:  # (a clock behind the issuer's: it serves once valid)
+        log.warning("--tls-cert %s: the certificate is not valid until %s: clients refuse it until then", cert, decoded["notBefore"])
+
+    def encrypted() -> bytes:
+        raise ConfigError(f"--tls-key {key}: is encrypted; gRPC needs the key unencrypted")
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # what gRPC takes and OpenSSL's level would refuse: a 1024-bit RSA key, say
+    try:
+        context.load_cert_chain(cert, key, password=encrypted)
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(f"--tls-key {key}: is not the key of the certificate in --tls-cert {cert}") from None
+        raise ConfigError(f"--tls-key {key}: not a usable private key ({_why(e)})") from None
+
+
+def _why(error: ssl.SSLError) -> str:
+    return error.reason.lower().replace("_", " ") if error.reason else "malformed PEM"
+
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS credentials from --tls-cert/--tls-key (and --tls-client-ca: mutual TLS); None: plaintext."""
     if config.tls_cert is None and config.tls_key is None:
@@ -63,6 +99,7 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     cert = _pem(config.tls_cert, "--tls-cert", "CERTIFICATE")
     key = _pem(config.tls_key, "--tls-key", "PRIVATE KEY")
     client_ca = None if config.tls_client_ca is None else _pem(config.tls_client_ca, "--tls-client-ca", "CERTIFICATE")
+    _usable(config.tls_cert, config.tls_key, config.tls_client_ca)
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
@@ -86,6 +123,8 @@ def read_tokens(path: Path, setting: str = "--auth-tokens-file") -> frozenset[st
 def env_tokens(name: str, environ: dict[str, str] | None = None) -> frozenset[str]:
     """The comma-separated tokens of the environment variable `name`."""
     environ = dict(os.environ if environ is None else environ)
+    if not name:  # (an empty ATTRSERVE_AUTH_TOKEN_ENV turned auth off without a word)
+        raise ConfigError("--auth-token-env is empty: give the name of the environment variable that holds the tokens")
     if name not in environ:
         raise ConfigError(f"--auth-token-env: the environment variable {name} is not set")
     tokens = {part.strip() for part in environ[name].split(",") if part.strip()}
@@ -151,14 +190,14 @@ class TokenAuth:
 
 def token_auth(config: ServerConfig, environ: dict[str, str] | None = None) -> TokenAuth | None:
     """The token check the settings ask for; None when no token source is set (auth off)."""
-    if config.auth_tokens_file is None and config.admin_tokens_file is None and not config.auth_token_env:
+    if config.auth_tokens_file is None and config.admin_tokens_file is None and config.auth_token_env is None:
         if config.auth_health:
             raise ConfigError("--auth-health needs tokens: --auth-tokens-file, --auth-token-env or --admin-tokens-file")
         return None
     tokens: frozenset[str] = frozenset()
     if config.auth_tokens_file is not None:
         tokens |= read_tokens(config.auth_tokens_file, "--auth-tokens-file")
-    if config.auth_token_env:
+    if config.auth_token_env is not None:
         tokens |= env_tokens(config.auth_token_env, environ)
     admin = frozenset() if config.admin_tokens_file is None else read_tokens(config.admin_tokens_file, "--admin-tokens-file")
     if config.admin_tokens_file is not None and not admin:

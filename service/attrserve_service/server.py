@@ -195,7 +195,11 @@ async def create_server(config: ServerConfig, engine: Engine | None = None, laun
         port = 0
     if port == 0:
         await core.shutdown(drain=False, timeout=1.0)
-        raise ConfigError(f"--port {config.port}: cannot listen on {address}: {bind_failure(config.host, config.port)}")
+        why = bind_failure(config.host, config.port)
+        if credentials is not None and why == UNEXPLAINED:  # the address is free: gRPC refused the certificate or its key
+            tls = f"--tls-cert {config.tls_cert}, --tls-key {config.tls_key}"
+            raise ConfigError(f"{tls}: gRPC cannot serve TLS with them (its log says why)")
+        raise ConfigError(f"--port {config.port}: cannot listen on {address}: {why}")
     await server.start()
 
     running = RunningServer(
@@ -238,6 +242,9 @@ async def create_server(config: ServerConfig, engine: Engine | None = None, laun
     return running
 
 
+UNEXPLAINED = "the address could not be bound"  # bind_failure's answer where a plain socket binds
+
+
 def bind_failure(host: str, port: int) -> str:
     """Why gRPC could not listen on `host`:`port` (it says only that it failed): a plain socket's bind tells, e.g.
     "address already in use"."""
@@ -248,7 +255,7 @@ def bind_failure(host: str, port: int) -> str:
             probe.bind(where)
     except OSError as e:
         return _why(e)
-    return "the address could not be bound"
+    return UNEXPLAINED
 
 
 def _why(error: OSError) -> str:

@@ -6,6 +6,7 @@ Captum's numbers and health is SERVING."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import os
@@ -33,7 +34,8 @@ from attrserve_client.tensors import from_tensor_proto
 from attrserve_engine import EngineLimits
 from attrserve_service.auth import ServerSecurity, TokenAuth, bearer_token, read_tokens
 from attrserve_service.config import ConfigError, ServerConfig
-from certs import CertificateAuthority
+from attrserve_service.server import create_server
+from certs import DAY, CertificateAuthority, ed448_pair
 from servers import ROOT, ServeProcess, ServerThread, scrape
 
 SERVICE = "attrserve.v1.AttributionService"
@@ -578,11 +580,67 @@ def test_bad_security_settings_fail_at_start_up_naming_the_setting(pki, tmp_path
     assert ServerSecurity.from_config(ServerConfig(), environ={}) == ServerSecurity(None, None)
 
 
+def test_tls_files_grpc_cannot_use_and_an_empty_token_variable_fail_at_start_up_naming_the_setting(tls_server, pki, repo, tmp_path,
+                                                                                                    caplog) -> None:
+    """gRPC reads the TLS files only as it binds the port, after the models have loaded; it refused a key that is not
+    the certificate's (or one that does not decode, or is encrypted, or a certificate that does not decode) with "the
+    address could not be bound", blaming --port. An expired certificate served and every client's handshake failed.
+    An empty --auth-token-env turned token auth off."""
+    ca = CertificateAuthority("attrserve test CA")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    server = ca.issue("server", server=True)
+    cert, key = server.write(tmp_path, "server")
+    other_key = ca.issue("another server", server=True).write(tmp_path, "other")[1]
+    expired = ca.issue("old server", server=True, valid=(now - 10 * DAY, now - DAY)).write(tmp_path, "expired")
+    early = ca.issue("new server", server=True, valid=(now + DAY, now + 10 * DAY)).write(tmp_path, "early")
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(server.encrypted_key(b"a passphrase"))
+    garbled_cert, garbled_key = tmp_path / "garbled.crt", tmp_path / "garbled.key"
+    garbled_cert.write_text("-----BEGIN CERTIFICATE-----\nAAAAAAAAAAAAAAAA\n-----END CERTIFICATE-----\n")
+    garbled_key.write_text("-----BEGIN PRIVATE KEY-----\nAAAAAAAAAAAAAAAA\n-----END PRIVATE KEY-----\n")
+    cases = [
+        (ServerConfig(tls_cert=cert, tls_key=other_key), f"--tls-key {other_key}: is not the key of the certificate in --tls-cert"),
+        (ServerConfig(tls_cert=cert, tls_key=garbled_key), f"--tls-key {garbled_key}: not a usable private key"),
+        (ServerConfig(tls_cert=cert, tls_key=encrypted), f"--tls-key {encrypted}: is encrypted"),
+        (ServerConfig(tls_cert=garbled_cert, tls_key=key), f"--tls-cert {garbled_cert}: holds a certificate that cannot be decoded"),
+        (ServerConfig(tls_cert=expired[0], tls_key=expired[1]), f"--tls-cert {expired[0]}: the certificate expired on"),
+        (ServerConfig(tls_cert=cert, tls_key=key, tls_client_ca=garbled_cert), f"--tls-client-ca {garbled_cert}: holds a certificate that"),
+        (ServerConfig(auth_token_env=""), "--auth-token-env is empty"),
+    ]
+    for config, message in cases:
+        with pytest.raises(ConfigError) as error:
+            ServerSecurity.from_config(config, environ={})
+        assert str(error.value).startswith(message), (message, str(error.value))
+    # One not valid yet (the server's clock behind its issuer's) serves once it is valid: a warning, not a refusal.
+    with caplog.at_level(logging.WARNING, logger="attrserve_service.auth"):
+        assert ServerSecurity.from_config(ServerConfig(tls_cert=early[0], tls_key=early[1])).credentials is not None
+    assert f"--tls-cert {early[0]}: the certificate is not valid until" in caplog.text
+    # What gRPC takes is taken, where OpenSSL's default security level would refuse it (a 1024-bit RSA key).
+    weak = ca.issue("weak server", server=True, rsa_bits=1024).write(tmp_path, "weak")
+    assert ServerSecurity.from_config(ServerConfig(tls_cert=weak[0], tls_key=weak[1])).credentials is not None
+    # A key type OpenSSL reads and gRPC does not: refused as gRPC binds, naming the TLS settings, not --port.
+    odd_cert, odd_key = ed448_pair("ed448 server").write(tmp_path, "ed448")
+    assert ServerSecurity.from_config(ServerConfig(tls_cert=odd_cert, tls_key=odd_key)).credentials is not None
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False)
+    tls = {"tls_cert": odd_cert, "tls_key": odd_key}
+    config = ServerConfig(port=0, metrics_port=None, model_repository=repo, limits=limits, engine_process=False, **tls)
+    with pytest.raises(ConfigError) as error:
+        asyncio.run(create_server(config))
+    assert str(error.value).startswith(f"--tls-cert {odd_cert}, --tls-key {odd_key}: gRPC cannot serve TLS"), str(error.value)
+    still_serving(tls_server, root_certificates=pki["ca"])
+
+
 def test_serve_exits_with_2_on_a_bad_security_setting(pki) -> None:
     command = [sys.executable, "-m", "attrserve_service.cli", "serve", "--port", "0", "--metrics-port", "-1"]
     out = subprocess.run([*command, "--tls-cert", str(pki["server_cert"])], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 2, out.stderr
     assert "--tls-key" in out.stderr and "Traceback" not in out.stderr
+    # A key that is not the certificate's: refused before the engine process starts, naming the key (not --port).
+    mismatched = ["--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["client_key"])]
+    out = subprocess.run([*command, *mismatched], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2, out.stderr
+    assert f"error: --tls-key {pki['client_key']}: is not the key of the certificate" in out.stderr, out.stderr
+    assert "--port" not in out.stderr and "Traceback" not in out.stderr and "engine process" not in out.stderr
 
 
 def test_token_parsing() -> None:
