@@ -97,6 +97,8 @@ class RunningServer:
             log.info("NOT_SERVING; accepting requests for %.1f s more while clients move away", prestop)
             await asyncio.sleep(prestop)
         loop = asyncio.get_running_loop()
+        if self.attribution is not None:
+            self.attribution.drain()  # open AttributeStreams take no new request either
         stopping = asyncio.ensure_future(self.server.stop(grace))  # refuses new RPCs; cancels the rest after `grace`
         until = loop.time() + grace
         while self._active() and loop.time() < until - 0.05:

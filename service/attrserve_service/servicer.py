@@ -16,7 +16,7 @@ import grpc
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
-from attrserve_engine import AttributionError, InvalidArgument, ModelState
+from attrserve_engine import AttributionError, InvalidArgument, ModelState, Unavailable
 from attrserve_engine.events import deadline_slack
 from attrserve_service import metrics
 from attrserve_service.convert import ALGORITHM_NAMES, decode, request_to_job, result_to_response
@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 # counted CANCELLED (a deadline after the last answer is DEADLINE_EXCEEDED whatever the wait). It delays only the
 # status of a stream the client half-closed, never an answer.
 _STREAM_CANCEL_GRACE_S = 0.002
+# RequestError.retry_after_ms of a refusal that the same request meets whenever it is sent (ResourceExhausted.permanent:
+# a limit per request): the field's largest value (~49.7 days), "do not retry" (the field is unsigned; a unary call's
+# grpc-retry-pushback-ms trailer says -1, methods.NO_RETRY_PUSHBACK). 0 stays "no hint".
+NO_RETRY_MS = 2**32 - 1
 # The RPC's deadline window (seconds from its arrival to its deadline; None without one), set by methods.py.
 RPC_WINDOW: contextvars.ContextVar[float | None] = contextvars.ContextVar("rpc_window", default=None)
 log = logging.getLogger(__name__)
@@ -75,6 +79,13 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         self.core = core
         self.max_requests_per_stream = max_requests_per_stream
         self.active = 0  # attribution requests between arrival and answer (a stream's each count): the drain waits on them
+        self.stopping = asyncio.Event()  # set by drain()
+
+    def drain(self) -> None:
+        """The server takes no new call (RunningServer.stop, once its prestop is over): each open AttributeStream takes no
+        new request either, answers those it took, and ends UNAVAILABLE, so the drain ends with the last answer and not
+        with the grace (a stream the client kept open took requests until the grace cut them off)."""
+        self.stopping.set()
 
     def _undecodable(self) -> None:
         """A request that did not parse is counted with the others (model and algorithm unknown)."""
@@ -128,10 +139,12 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
     async def AttributeStream(
         self, request_iterator: AsyncIterator[pb.AttributeStreamRequest | bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AttributeStreamResponse]:
-        """Requests run concurrently (at most max_requests_per_stream at once); responses go out as they finish.
+        """Requests run concurrently (at most max_requests_per_stream at once, answers not yet sent included: a client that
+        stops reading stops the stream's work); responses go out as they finish.
 
         Each message is parsed on its own: one that does not parse gets an INVALID_ARGUMENT error entry (its
-        position on the stream as request_id) and the stream goes on."""
+        position on the stream as request_id) and the stream goes on. Once the server drains (drain()) the stream reads
+        no further request; when those it read are answered it ends UNAVAILABLE."""
         done: asyncio.Queue = asyncio.Queue()
         slots = asyncio.Semaphore(self.max_requests_per_stream)
         tasks: set[asyncio.Task] = set()
@@ -155,42 +168,48 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
             except Exception as e:  # every failure becomes an error entry; the stream goes on
                 code, message = grpc_status(e)
                 retry = getattr(e, "retry_after_s", None)
-                error = pb.RequestError(code=code.value[0], message=message, retry_after_ms=round(retry * 1e3) if retry else 0)
+                hint = round(retry * 1e3) if retry else NO_RETRY_MS if getattr(e, "permanent", False) else 0
+                error = pb.RequestError(code=code.value[0], message=message, retry_after_ms=hint)
                 await done.put(pb.AttributeStreamResponse(request_id=request_id, error=error))
-            finally:
-                slots.release()
 
-        async def read() -> int:
-            count = 0
+        started = 0
+
+        async def read() -> None:
+            nonlocal started
             async for item in request_iterator:
                 await slots.acquire()
-                task = asyncio.ensure_future(one(count, item))
+                task = asyncio.ensure_future(one(started, item))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-                count += 1
-            return count
+                started += 1
 
         reader = asyncio.ensure_future(read())
+        stopping = asyncio.ensure_future(self.stopping.wait())
         getter: asyncio.Future | None = None
         sent = 0
         try:
             while True:
-                if reader.done():
+                if reader.done() and not reader.cancelled():
                     if (error := reader.exception()) is not None:
                         raise error
-                    if sent == reader.result():  # every request read and answered
+                    if sent == started:  # every request read and answered
                         await asyncio.sleep(_STREAM_CANCEL_GRACE_S)  # a cancel that ended the requests lands here
                         break
+                elif stopping.done():
+                    reader.cancel()  # no new request: the server is draining
+                    if sent == started:
+                        raise Unavailable("the server is shutting down: the requests it did not answer on this stream were not started")
                 if getter is None:
                     getter = asyncio.ensure_future(done.get())
-                await asyncio.wait({getter} if reader.done() else {getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({f for f in (getter, reader, stopping) if not f.done()}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
                     yield getter.result()
                     sent += 1
                     getter = None
+                    slots.release()  # once sent, not once computed: a client that stops reading stops the stream's work
         finally:
             # The stream ended early (client left, deadline, error): nothing of it may linger.
-            for task in [reader, getter, *tasks]:
+            for task in [reader, stopping, getter, *tasks]:
                 if task is not None:
                     task.cancel()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 import urllib.request
 
@@ -16,12 +17,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from attrserve.v1 import attribution_service_pb2 as pb
+from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_client import AsyncAttributionClient, Attribution, AttributionClient
 from attrserve_engine import AttributionJob, Unavailable
 from attrserve_engine.algorithms import ALGORITHMS
+from attrserve_service.config import ServerConfig
+from attrserve_service.servicer import NO_RETRY_MS
 from doubles import Fragile, Linear3
 from oracle import MODELS, assert_all_close, wait_in_flight
-from servers import scrape, start_server
+from servers import ServerThread, oracle_engine, scrape, start_server
 
 X = np.array([[0.3, -0.2, 0.9], [1.0, 0.5, -0.4]], dtype=np.float32)
 
@@ -86,6 +90,65 @@ async def test_stream_answers_every_request_by_id_and_errors_do_not_end_it(fusin
         assert {k: got.timing[k] for k in ("rows", "passes", "pass_rows", "pass_requests")} == {
             "rows": n_rows, "passes": 1, "pass_rows": 234, "pass_requests": 12}, request_id
     assert (engine.passes - passes, engine.rows - rows) == (1, 234)
+
+
+def test_a_stream_whose_client_stops_reading_stops_taking_work(tmp_path) -> None:
+    """A client that sends 40 requests on a stream and reads nothing: the server computes the stream's
+    max_requests_per_stream (4) and waits for the client to read, where it answered all 40 and held the answers
+    (256 KiB each) without bound. Once the client reads: every answer, Captum's; then nothing in flight, SERVING."""
+    s = ServerThread(oracle_engine(), ServerConfig(port=0, metrics_port=0, max_request_bytes=1 << 20, max_requests_per_stream=4))
+    engine = s.running.engine
+    xs = [np.random.default_rng(i).random((512, 2, 8, 8), dtype=np.float32) for i in range(40)]  # answers of 256 KiB
+    requests = [pb.AttributeStreamRequest(request=AttributionClient.build_request("conv", "saliency", x, target=1, request_id=f"r{i}"))
+                for i, x in enumerate(xs)]
+    # No BDP probing: gRPC's flow-control window stays at 64 KiB, so what the server computes is what it holds.
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", -1)]
+    try:
+        with grpc.insecure_channel(s.address, options=options) as channel:
+            rows = engine.rows
+            stream = pb_grpc.AttributionServiceStub(channel).AttributeStream(iter(requests), timeout=120)
+            quiet, seen, until = time.monotonic(), rows, time.monotonic() + 60
+            while time.monotonic() - quiet < 1.0 and time.monotonic() < until:  # until the engine has been idle for 1 s
+                time.sleep(0.05)
+                if engine.rows != seen or engine.in_flight():
+                    quiet, seen = time.monotonic(), engine.rows
+            computed = (engine.rows - rows) // 512
+            answers = {entry.request_id: entry for entry in stream}
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(s.address)).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        in_flight = scrape(s.running.metrics_port)[("attrserve_requests_in_flight", frozenset())]
+    finally:
+        s.stop()
+    assert 4 <= computed <= 8, f"{computed} of 40 requests computed for a client that read none of their answers"
+    assert set(answers) == {f"r{i}" for i in range(40)}
+    conv = MODELS["conv"]()
+    for i in (0, 39):
+        want = Saliency(conv).attribute(torch.from_numpy(xs[i]).requires_grad_(), target=1).detach()
+        assert_all_close((torch.from_numpy(Attribution.from_response(answers[f"r{i}"].response, single=True).attributions),), (want,))
+    assert health == health_pb2.HealthCheckResponse.SERVING and in_flight == 0
+
+
+def test_a_stream_tells_a_permanent_refusal_not_to_retry(server) -> None:
+    """A request over --max-rows-per-request (20,000 here) is refused whenever it is sent: on a stream its error entry
+    says "do not retry" (retry_after_ms 4294967295, the unsigned field's largest value: it said 0, which reads as "no
+    hint"), as a unary call's trailer says -1; the stream's other request is answered, Captum's."""
+    big = AttributionClient.build_request("toy", "integrated_gradients", np.ones((50, 3), np.float32), target=0, params={"n_steps": 500})
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.AttributionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as unary:
+            stub.Attribute(big, timeout=30)
+        big.request_id = "big"
+        ok = AttributionClient.build_request("toy", "saliency", X, target=0, request_id="ok")
+        streamed = stub.AttributeStream(iter([pb.AttributeStreamRequest(request=r) for r in (big, ok)]), timeout=30)
+        entries = {e.request_id: e for e in streamed}
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    assert health == health_pb2.HealthCheckResponse.SERVING
+    assert unary.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ("grpc-retry-pushback-ms", "-1") in tuple(unary.value.trailing_metadata())
+    refused = entries["big"].error
+    assert (refused.code, refused.message) == (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], unary.value.details())
+    assert refused.retry_after_ms == NO_RETRY_MS == 2**32 - 1
+    want = Saliency(MODELS["toy"]()).attribute(torch.from_numpy(X).requires_grad_(), target=0).detach()
+    assert_all_close((torch.from_numpy(Attribution.from_response(entries["ok"].response, single=True).attributions),), (want,))
 
 
 def test_list_and_get_model(server) -> None:
@@ -206,3 +269,73 @@ def test_drain_finishes_in_flight_requests_then_refuses() -> None:
     finally:
         s.loop.call_soon_threadsafe(s.loop.stop)
         s.thread.join(10)
+
+
+def test_drain_answers_what_open_streams_took_then_ends_them() -> None:
+    """A stream the client keeps open and one it half-closed, each with requests queued when the server stops: both
+    get their answers (Captum's); the open one then ends UNAVAILABLE, saying that what it did not answer was not
+    started, and a request sent on it during the drain is not computed (it was taken and computed until the grace
+    cut the stream off); the half-closed one ends OK; nothing is lost."""
+    from prometheus_client import REGISTRY
+
+    def handled(code: str) -> float:
+        labels = dict(grpc_code=code, grpc_method="AttributeStream", grpc_service="attrserve.v1.AttributionService", grpc_type="bidi_stream")
+        return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
+
+    s = start_server()
+    engine = s.running.engine
+    before = {code: handled(code) for code in ("OK", "UNAVAILABLE")}
+    item = [pb.AttributeStreamRequest(request=AttributionClient.build_request("slow", "saliency", X[:1] * (k + 1), target=0, request_id=f"r{k}"))
+            for k in range(5)]
+    drained, finish = threading.Event(), threading.Event()
+
+    def kept_open():
+        yield from item[:3]
+        drained.wait(30)
+        yield item[4]  # sent during the drain
+        finish.wait(30)
+
+    def read(stream, into: list) -> None:
+        try:
+            into.extend(stream)
+        except grpc.RpcError as e:
+            into.append(e)
+
+    try:
+        with grpc.insecure_channel(s.address) as channel:
+            stub = pb_grpc.AttributionServiceStub(channel)
+            open_answers: list = []
+            closed_answers: list = []
+            with engine.held():
+                rows = engine.rows
+                readers = [threading.Thread(target=read, args=(stub.AttributeStream(kept_open(), timeout=60), open_answers)),
+                           threading.Thread(target=read, args=(stub.AttributeStream(iter(item[3:4]), timeout=60), closed_answers))]
+                for reader in readers:
+                    reader.start()
+                wait_in_flight(engine, 4)
+                stopping = asyncio.run_coroutine_threadsafe(s.running.stop(5.0), s.loop)
+                until = time.monotonic() + 30
+                while not s.running.attribution.stopping.is_set():
+                    assert time.monotonic() < until, "the drain never began"
+                    time.sleep(0.01)
+                drained.set()
+                time.sleep(0.2)  # r4 reaches the server
+            lost = stopping.result(30)
+            finish.set()
+            for reader in readers:
+                reader.join(30)
+            computed = engine.rows - rows
+    finally:
+        drained.set()
+        finish.set()
+        s.loop.call_soon_threadsafe(s.loop.stop)
+        s.thread.join(10)
+    *answers, ended = open_answers
+    assert isinstance(ended, grpc.RpcError) and ended.code() == grpc.StatusCode.UNAVAILABLE, ended
+    assert "shutting down" in ended.details() and "not started" in ended.details(), ended.details()
+    assert sorted(a.request_id for a in answers) == ["r0", "r1", "r2"] and [a.request_id for a in closed_answers] == ["r3"]
+    want = Saliency(Linear3()).attribute(torch.from_numpy(X[:1]).requires_grad_(), target=0).detach()  # |W[0]|, whatever x
+    for a in answers + closed_answers:
+        assert_all_close((torch.from_numpy(Attribution.from_response(a.response, single=True).attributions),), (want,))
+    assert computed == 4 and lost == 0
+    assert {code: handled(code) - before[code] for code in before} == {"OK": 1, "UNAVAILABLE": 1}

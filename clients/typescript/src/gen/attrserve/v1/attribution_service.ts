@@ -955,7 +955,10 @@ export interface RequestError {
   message: string;
   /**
    * For a refusal by admission (RESOURCE_EXHAUSTED): retry after this long
-   * (a unary call gets it as the grpc-retry-pushback-ms trailer).
+   * (a unary call gets it as the grpc-retry-pushback-ms trailer). 4294967295
+   * (the largest value): the request passes a limit per request and is
+   * refused whenever it is sent, so do not retry it (a unary call's trailer
+   * says -1). 0: no hint.
    */
   retryAfterMs: number;
 }
