@@ -527,6 +527,7 @@ class Engine:
                 infidelity=_cpu(metrics.get("infidelity")),
                 sensitivity_max=_cpu(metrics.get("sensitivity_max")),
                 input_casts=casts,
+                layer_shaped=not calls[0].algorithm.input_shaped,
             )
 
         merge = _merge_of(calls[0], job, model) if len(calls) == 1 and evaluate is None else None

@@ -98,7 +98,7 @@ class AlgorithmResult(Generic[A]):
 
 @dataclass
 class AttributionResult(Generic[A]):
-    attributions: tuple[A, ...]  # one per input, shaped like it, on CPU
+    attributions: tuple[A, ...]  # one per input, shaped like it, on CPU (a layer method's: its layer's tensors)
     convergence_delta: A | None
     outputs: A | None  # the explained model output for the inputs
     model_version: str
@@ -109,3 +109,4 @@ class AttributionResult(Generic[A]):
     infidelity: A | None = None  # (n,), when asked for in evaluate
     sensitivity_max: A | None = None  # (n,)
     input_casts: tuple[InputCast, ...] = ()  # inputs computed in the model's pinned dtype, not the one sent
+    layer_shaped: bool = False  # the attributions are a layer's (a layer method's), not one per input

@@ -16,7 +16,9 @@ predictions-only job, one forward row per example). With one it returns attribut
 - outputs: `output` (the model's explained output, returned with attributions when asked for by name in the
   request's `outputs`), `attributions__<input>` (one per input; `attributions__<i>` for a layer method's),
   `convergence_delta`; all as raw_output_contents. The response's `seed` parameter reproduces the request. A requested
-  output name the answer does not have is INVALID_ARGUMENT naming `outputs[i].name`.
+  output name the answer does not have is INVALID_ARGUMENT naming `outputs[i].name`, and so is an output asked for with
+  Triton's `classification` parameter (its clients' class_count: the top classes as text, which attrserve does not
+  give) naming `outputs[i].parameters.classification`.
 
 Errors are the same statuses as Attribute's (methods.py maps them): a bad field is INVALID_ARGUMENT naming it. An
 attribution request (one with `algorithm`) is counted in the attribution metrics as Attribute's are, whatever its
@@ -37,6 +39,7 @@ from attrserve.v1 import model_config_pb2 as mc
 from attrserve.v1 import tensor_pb2
 from attrserve_engine import AttributionJob, InvalidArgument, NotFound
 from attrserve_engine.errors import shown
+from attrserve_engine.events import version_order
 from attrserve_engine.limits import INT64_MAX, INT64_MIN
 from attrserve_service import __version__, metrics
 from attrserve_service.convert import MAX_STRUCT_STRING, WIRE_DTYPES, Job, Result, array_from_proto, decode, wire_array
@@ -65,6 +68,7 @@ OIP_DTYPES: dict[str, tensor_pb2.DataType] = {
     "BOOL": DType.DATA_TYPE_BOOL,
 }
 WIRE_TO_OIP = {wire: name for name, wire in OIP_DTYPES.items()}
+FLOAT_DTYPES = frozenset({"FP32", "FP64", "FP16", "BF16"})
 # The typed field of InferTensorContents each datatype is sent in (FP16 and BF16 have none: raw only).
 CONTENTS_FIELD = {
     "FP32": "fp32_contents",
@@ -135,14 +139,18 @@ class InferenceServicer:
         message = decode(oip.ModelMetadataRequest, request)
         info = await self.core.model_info(message.name, message.version)
         config = info.config
-        versions = sorted({i.config.version for i in await self.core.model_infos() if i.config.name == config.name})
+        versions = sorted({i.config.version for i in await self.core.model_infos() if i.config.name == config.name}, key=version_order)
         metadata = oip.ModelMetadataResponse.TensorMetadata
         # Each input, and its attributions shaped like it: (name, datatype, shape).
         tensors = [(name, WIRE_TO_OIP.get(spec.dtype, "FP32"), [-1, *spec.dims]) for name, spec in zip(_input_names(config), config.inputs)]
         inputs = [metadata(name=name, datatype=datatype, shape=shape) for name, datatype, shape in tensors]
         # The output's dtype and per-example shape are the model's (not in its config): a float, rank unknown.
         outputs = [metadata(name=OUTPUT, datatype="FP32", shape=[-1])]
-        outputs += [metadata(name=f"attributions__{name}", datatype=datatype, shape=shape) for name, datatype, shape in tensors]
+        # An integer or bool input's attributions are floats (a perturbation method's, in the output's dtype).
+        outputs += [
+            metadata(name=f"attributions__{name}", datatype=datatype if datatype in FLOAT_DTYPES else "FP32", shape=shape)
+            for name, datatype, shape in tensors
+        ]
         return oip.ModelMetadataResponse(name=config.name, versions=versions, platform=PLATFORM, inputs=inputs, outputs=outputs)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
@@ -240,6 +248,11 @@ def infer_request_to_job(request: oip.ModelInferRequest, model_inputs: list[str]
         raise InvalidArgument("parameters.return_convergence_delta must be a bool_param")
     requested = [o.name for o in request.outputs]
     _check_requested(requested, names, algorithm, delta)
+    for i, o in enumerate(request.outputs):  # Triton's classification extension (class_count): the top classes as text
+        if "classification" in o.parameters:
+            raise InvalidArgument(
+                f"outputs[{i}].parameters.classification is set; attrserve returns tensors only, so ask for {shown(o.name)} without it"
+            )
     layer = params.pop("layer", "")
     if not isinstance(layer, str):
         raise InvalidArgument("parameters.layer must be a string_param, a dotted module path")
@@ -407,9 +420,8 @@ def _response(request: oip.ModelInferRequest, result: Result, names: list[str]) 
     outputs: list[tuple[str, np.ndarray]] = []
     if result.outputs is not None:
         outputs.append((OUTPUT, result.outputs))
-    per_input = len(result.attributions) == len(names)
-    for i, a in enumerate(result.attributions):
-        outputs.append((f"attributions__{names[i] if per_input else i}", a))
+    for i, a in enumerate(result.attributions):  # a layer method's by position, whatever its count
+        outputs.append((f"attributions__{i if result.layer_shaped else names[i]}", a))
     if result.convergence_delta is not None:
         outputs.append(("convergence_delta", result.convergence_delta))
     requested = {o.name for o in request.outputs}

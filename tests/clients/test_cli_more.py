@@ -198,3 +198,17 @@ def test_attribute_errors_name_the_flag_or_field(server, capsys, flags, message)
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
     assert fake.requests == []
+
+
+@pytest.mark.parametrize("command", [["attribute", "--model", "img", "--algorithm", "saliency", "--inputs", "[[1.0, 2.0]]"],
+                                     ["models"], ["describe", "img"], ["repository"]])
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
+def test_a_timeout_that_is_no_positive_number_is_a_usage_error(server, capsys, command, timeout):
+    """It was sent, and gRPC failed the call at once: "error: DEADLINE_EXCEEDED: Deadline Exceeded"."""
+    address, fake = server
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*command, "--target-address", address, "--timeout", timeout])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --timeout: expected a positive number of seconds, got '{timeout}'" in err, err
+    assert fake.requests == []

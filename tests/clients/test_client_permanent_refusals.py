@@ -18,7 +18,7 @@ import torch
 from captum.attr import IntegratedGradients
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from attrserve_client import AsyncAttributionClient, AttributionClient, RetryPolicy
+from attrserve_client import AsyncAttributionClient, AttributionClient, RequestFailed, RetryPolicy
 from attrserve_engine import EngineLimits
 from attrserve_service.config import ServerConfig
 from servers import ServerThread, scrape
@@ -118,4 +118,41 @@ def test_a_message_over_max_request_bytes_is_sent_once(server) -> None:
     assert refused.value.details().startswith("SERVER: Received message larger than max ("), refused.value.details()
     # gRPC refused it before attrserve's code saw it: one call gRPC started, none handled
     assert delta(before, counts(server)) == {"core": 1}
+    still_serving(server)
+
+
+def test_an_answer_over_the_clients_max_receive_message_length_is_asked_for_once(server) -> None:
+    # gRPC's client refuses the answer itself ("Stream removed (CLIENT: Received message larger than max (N vs. 64))"):
+    # the same answer is as large every time, so a retry only repeats the server's work (the bug: 5 attempts)
+    small = [("grpc.max_receive_message_length", 64)]
+    still_serving(server)
+    before = counts(server)
+    with AttributionClient(server.address, retry=RETRY, options=small) as client, pytest.raises(grpc.RpcError) as refused:
+        client.attribute("m", "integrated_gradients", X, target=TARGET, timeout=60)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "CLIENT: Received message larger than max (" in refused.value.details(), refused.value.details()
+    assert delta(before, counts(server)) == {"core": 1, "OK": 1}  # one attempt, answered
+
+    async def async_client() -> grpc.RpcError:
+        async with AsyncAttributionClient(server.address, retry=RETRY, options=small) as client:
+            with pytest.raises(grpc.RpcError) as refused:
+                await client.attribute("m", "integrated_gradients", X, target=TARGET, timeout=60)
+        return refused.value
+
+    before = counts(server)
+    assert asyncio.run(async_client()).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert delta(before, counts(server)) == {"core": 1, "OK": 1}
+    still_serving(server)
+
+
+def test_a_streamed_request_over_a_limit_per_request_is_failed_as_permanent(server) -> None:
+    """On AttributeStream the refusal's entry carries the unsigned field's largest value for "do not retry" (it said 0,
+    "no hint"): attribute_many's RequestFailed tells it as `permanent`; the stream's other request is answered."""
+    items = [{"model": "m", "algorithm": "integrated_gradients", "inputs": X, "target": TARGET, "params": {"n_steps": 600}},
+             {"model": "m", "algorithm": "integrated_gradients", "inputs": X, "target": TARGET}]
+    with AttributionClient(server.address, retry=RETRY) as client:
+        refused, answered = list(client.attribute_many(items, timeout=60))
+    assert isinstance(refused, RequestFailed) and refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.permanent and refused.retry_after_ms == RequestFailed.NO_RETRY_MS == 2**32 - 1
+    np.testing.assert_allclose(answered.attributions, captum(), atol=1e-5)
     still_serving(server)

@@ -107,6 +107,16 @@ def test_target_forms(target, expected):
     assert r.HasField("target") and r.target == expected
 
 
+def test_a_target_array_or_tensor_of_one_element_is_one_index_as_in_captum():
+    """Captum reads a target tensor with one element as one index for all examples (torch.tensor(1), a label picked
+    from a tensor of labels); it was refused ("got ndarray"), or sent as one per-example entry for all the examples."""
+    import torch
+
+    for target in (torch.tensor(1), torch.tensor([1]), np.array(1), np.array([[1]], dtype=np.uint8), torch.tensor([5, 1])[1]):
+        assert req(target=target).target == pb.Target(index=1), target
+    assert req(target=torch.tensor([1, 0])).target == pb.Target(per_example=pb.TargetIndexList(indices=[idx(1), idx(0)]))
+
+
 @pytest.mark.parametrize("target", [True, 1.5, "0", np.array([0.5]), {"a": 1}])
 def test_bad_targets_are_rejected(target):
     with pytest.raises(ValueError, match="target must be"):

@@ -1,5 +1,6 @@
 """The Python client's retries, deadlines, torch tensors in, and attribute_many, against in-process fake servers."""
 
+import asyncio
 import queue
 import threading
 import time
@@ -220,6 +221,40 @@ def test_default_deadline_applies_and_can_be_overridden(flaky):
         assert fake.deadlines[-1] is None or fake.deadlines[-1] > 1e6
 
 
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("-inf"), "5"])
+def test_a_timeout_that_is_no_positive_number_is_refused_naming_it(flaky, bad):
+    """gRPC failed such a call at once with DEADLINE_EXCEEDED (a string: a TypeError from the client's arithmetic)."""
+    address, fake = flaky
+    with pytest.raises(ValueError, match="timeout: expected a positive number of seconds"):
+        AttributionClient(address, timeout=bad)
+    with AttributionClient(address) as client:
+        with pytest.raises(ValueError, match="timeout: expected a positive number of seconds"):
+            client.list_models(timeout=bad)
+        with pytest.raises(ValueError, match="timeout: expected a positive number of seconds"):
+            list(client.attribute_stream([build_request("toy", "saliency", X)], timeout=bad))
+        with pytest.raises(ValueError, match="timeout: expected a positive number of seconds"):
+            list(client.attribute_many([{"model": "toy", "algorithm": "saliency", "inputs": X}], timeout=bad))
+        assert client.list_models()[0].config.name == "toy"
+    assert fake.calls == {"ListModels": 1}  # nothing else was sent
+
+
+def test_a_timeout_past_what_grpc_can_hold_is_no_deadline(flaky):
+    """gRPC holds a deadline as int64 nanoseconds since the epoch: a timeout of 1e10 s was DEADLINE_EXCEEDED at once."""
+    address, fake = flaky
+    with AttributionClient(address, timeout=1e12) as client:
+        assert client.list_models()[0].config.name == "toy"
+        assert client.get_model("toy", timeout=1e10).config.name == "toy"
+        assert [r.attributions.tolist() for r in client.attribute_many([{"model": "toy", "algorithm": "saliency", "inputs": X}],
+                                                                     timeout=1e10)] == [(X * 2).tolist()]
+    assert all(d is None or d > 1e6 for d in fake.deadlines)
+
+    async def main():
+        async with AsyncAttributionClient(address) as client:
+            return (await client.list_models(timeout=1e12))[0].config.name
+
+    assert asyncio.run(main()) == "toy"
+
+
 def test_the_deadline_covers_every_attempt(flaky):
     address, fake = flaky
     fake.fail, fake.pushback_ms = 10, 150
@@ -243,7 +278,7 @@ def test_torch_tensors_in(flaky):
         sent = fake.last
         assert sent.inputs[0].dtype == tensor_pb2.DATA_TYPE_FLOAT32
         assert from_tensor_proto(sent.baselines[0].tensor).tolist() == [[0.0, 0.0, 0.0]]
-        assert sent.target.per_example.indices[0].index == [0]
+        assert sent.target == pb.Target(index=0)  # a tensor of one element is one index, as Captum reads it
         assert sent.additional_forward_args[0].dtype == tensor_pb2.DATA_TYPE_INT64
         two = client.attribute("toy", "saliency", (x, torch.tensor([[1, 2]])))  # a tuple of tensors: one per input
         assert [a.tolist() for a in two.attributions] == [[[1.0, -2.0, 4.0]], [[2, 4]]]

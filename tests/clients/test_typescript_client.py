@@ -14,9 +14,11 @@ import shutil
 import subprocess
 import sys
 
+import grpc
 import pytest
 import torch
 from captum.attr import IntegratedGradients
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import oracle
 from attrserve_service.config import ServerConfig
@@ -149,6 +151,35 @@ def test_errors_carry_the_status_code_and_message(smoke, case, code, names):
 def test_bad_params_message_names_the_field(smoke):
     assert smoke["badParams"]["details"] == "integrated_gradients.n_steps must be at least 1, got 0"
     assert "valid: n_steps, method, multiply_by_inputs" in smoke["unknownParam"]["details"]
+
+
+@pytest.mark.parametrize(("case", "names"), [
+    ("wideUint8", "inputs[0].data[0]: 300 is outside uint8's range [0, 255]"),  # was sent as 44
+    ("wideInt32", "inputs[0].data[0]: 3000000000 is outside int32's range"),  # was sent as -1294967296
+    ("fractionalParam", "params.n_steps: 1.5 does not fit the field"),  # was INTERNAL (grpc-js's serializer)
+    ("wideParam", "params.n_steps: 1099511627776 does not fit the field"),  # was INTERNAL
+    ("wideTarget", "target: 1180591620717411303424 is outside int64's range"),  # was INTERNAL
+    ("bigintPluginParam", "params.k: 1n cannot be sent as JSON-like parameters"),  # was INTERNAL
+    ("nanDeadline", "deadline: expected a positive number of milliseconds (Infinity: none), got NaN"),  # was DEADLINE_EXCEEDED
+    ("negativeDeadline", "deadline: expected a positive number of milliseconds (Infinity: none), got -5"),
+])
+def test_values_the_wire_cannot_hold_are_invalid_argument_naming_the_field(smoke, case, names):
+    error = smoke[case]
+    assert error["thrown"] and error["isAttrserveError"], error
+    assert error["code"] == 3 and error["codeName"] == "INVALID_ARGUMENT", error
+    assert names in error["details"], error
+
+
+def test_a_deadline_past_what_grpc_js_holds_is_none_and_the_server_still_answers(smoke, server):
+    """A deadline of 1e20 ms made grpc-js throw outside any promise: the node process exited."""
+    assert smoke["farDeadline"] >= 4
+    assert smoke["igAgain"]["attributions"] == smoke["ig"]["attributions"]
+    expected, delta = captum_ig(0, baselines=0.0, return_convergence_delta=True)
+    torch.testing.assert_close(as_tensor(smoke["igAgain"]["attributions"]), expected.double(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(as_tensor(smoke["igAgain"]["convergenceDelta"]), delta.double(), atol=1e-5, rtol=0)
+    with grpc.insecure_channel(server.address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_token_is_sent_as_bearer_header(dist, tmp_path):

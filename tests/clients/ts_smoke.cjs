@@ -94,7 +94,22 @@ async function main() {
       // Refused by the client before sending: an unknown parameter name.
       unknownParam: await failure(client.attribute("toy", "integrated_gradients", X, { params: { nsteps: 3 } })),
       unknownModel: await failure(client.getModel("no-such-model")),
+      // Refused by the client: values the wire cannot hold (they were wrapped silently, or INTERNAL from grpc-js's
+      // serializer), and deadlines grpc-js fails at once.
+      wideUint8: await failure(client.attribute("toy", "saliency", { data: [300, 1, 2], shape: [1, 3], dtype: "uint8" }, { target: 0 })),
+      wideInt32: await failure(client.attribute("toy", "saliency", { data: new Float64Array([3e9, 1, 2]), shape: [1, 3], dtype: "int32" }, { target: 0 })),
+      fractionalParam: await failure(client.attribute("toy", "integrated_gradients", X, { target: 0, params: { n_steps: 1.5 } })),
+      wideParam: await failure(client.attribute("toy", "integrated_gradients", X, { target: 0, params: { n_steps: 2 ** 40 } })),
+      wideTarget: await failure(client.attribute("toy", "saliency", X, { target: 2 ** 70 })),
+      bigintPluginParam: await failure(client.attribute("toy", "some_plugin", X, { target: 0, params: { k: 1n } })),
+      nanDeadline: await failure(client.listModels({ deadline: NaN })),
+      negativeDeadline: await failure(client.attribute("toy", "saliency", X, { target: 0, deadline: -5 })),
+      // Past what grpc-js can hold (10^8 hours): it threw where no caller could catch it, and the process exited.
+      farDeadline: (await client.listModels({ deadline: 1e20 })).length,
     };
+    // The server still answers, with the numbers it gave before the refusals.
+    const again = await client.attribute("toy", "integrated_gradients", X, { baselines: 0, target: 0, returnConvergenceDelta: true, deadline: 1e20 });
+    out.igAgain = { attributions: plain(again.attributions), convergenceDelta: plain(again.convergenceDelta) };
     process.stdout.write(JSON.stringify(out) + "\n");
   } finally {
     client.close();

@@ -343,6 +343,22 @@ def test_every_name_an_answer_has_can_be_requested(oip_server) -> None:
     assert "outputs[1].name 'attributions__1' is not an output of this answer; it has ['attributions__0']" in raised.value.details()
 
 
+def test_a_layer_methods_answer_is_named_by_position_on_a_model_of_one_input(oip_server) -> None:
+    """A layer method's attributions are attributions__<i>, as the README says, whatever their count: on `toy` (one
+    input, and lin1 gives one tensor) they were named attributions__x, as an input's, and attributions__0 was refused."""
+    response = model_infer(oip_server.address, toy_request({"algorithm": "layer_integrated_gradients", "layer": "lin1", "target": 1,
+                                                            "n_steps": 16}, ("attributions__0",)))
+    assert [o.name for o in response.outputs] == ["attributions__0"]
+    model = ToyModel()
+    want = LayerIntegratedGradients(model, model.lin1).attribute(torch.from_numpy(X), target=1, n_steps=16)
+    np.testing.assert_allclose(raw_output(response, "attributions__0"), want.detach().numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(grpc.RpcError) as raised:
+        model_infer(oip_server.address, toy_request({"algorithm": "layer_integrated_gradients", "layer": "lin1", "target": 1},
+                                                    ("attributions__x",)))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "outputs[0].name 'attributions__x'" in raised.value.details()
+    assert_still_serves_and_is_healthy(oip_server.address)
+
+
 def test_model_infer_counts_every_attribution_request_as_attribute_does(oip_server) -> None:
     """attrserve_attributions_completed_total and the duration histogram count a refused attribution request whether
     the edge refused it (a short tensor, a bad target, an unknown model or output) or the engine; names a client made up
@@ -458,3 +474,60 @@ def test_a_new_version_with_other_input_names_is_matched_by_its_names(oip_server
         model_infer(oip_server.address, request("a", "b"))
     assert old_names.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'p'" in old_names.value.details()
     np.testing.assert_allclose(raw_output(model_infer(oip_server.address, request("p", "q")), "output"), first, atol=1e-6)
+
+
+def test_model_metadata_lists_versions_in_number_order(oip_server) -> None:
+    """ModelMetadata's versions are ordered as the server orders them, numbers by value: they were sorted as strings
+    ("10" before "2")."""
+    engine = oip_server.running.engine
+    spec = [InputSpec("x", torch.float32, (3,))]
+    for version in ("10", "2"):
+        engine.load(ModelSpec(name="versioned", version=version, module=ToyModel(), inputs=spec))
+    with grpc.insecure_channel(oip_server.address) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelMetadata", request_serializer=oip.ModelMetadataRequest.SerializeToString,
+                                   response_deserializer=oip.ModelMetadataResponse.FromString)
+        metadata = call(oip.ModelMetadataRequest(name="versioned"), timeout=10)
+    assert list(metadata.versions) == ["2", "10"]
+    assert_still_serves_and_is_healthy(oip_server.address)
+
+
+def test_the_metadata_of_an_integer_inputs_attributions_is_the_datatype_they_come_in() -> None:
+    """Token ids are INT64, their attributions (a perturbation method's) floats: ModelMetadata declared them INT64, so
+    a client that sizes or decodes outputs by the metadata read 8-byte integers from 4-byte floats."""
+    from captum.attr import FeatureAblation
+
+    from oracle import TokenClassifier
+
+    engine = oracle_engine()
+    engine.load(ModelSpec(name="tokens", module=TokenClassifier(), inputs=[InputSpec("ids", torch.int64, (6,))]))
+    server = ServerThread(engine, ServerConfig(port=0, metrics_port=0))
+    try:
+        ids = np.array([[1, 5, 7, 0, 3, 2], [4, 4, 9, 1, 0, 0]], dtype=np.int64)
+        meta, answer = triton(
+            server.address,
+            ("model_metadata", "tokens"),
+            infer("tokens", [("ids", ids, "INT64")], {"algorithm": "feature_ablation", "target": 1}),
+        )
+        assert meta["inputs"] == [{"name": "ids", "datatype": "INT64", "shape": ["-1", "6"]}]
+        declared = {o["name"]: o["datatype"] for o in meta["outputs"]}
+        (sent,) = answer["response"]["outputs"]
+        assert sent["name"] == "attributions__ids"
+        assert declared["attributions__ids"] == sent["datatype"] == "FP32"  # the bug: INT64 declared
+        want = FeatureAblation(TokenClassifier()).attribute(torch.from_numpy(ids), target=1)
+        np.testing.assert_allclose(answer["outputs"]["attributions__ids"], want.numpy(), rtol=1e-5, atol=1e-6)
+        assert_still_serves_and_is_healthy(server.address)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("params", [{}, {"algorithm": "saliency", "target": 0}], ids=["prediction", "attribution"])
+def test_an_output_asked_for_as_classes_is_invalid_argument(oip_server, params) -> None:
+    """Triton's clients ask for the top classes as text with InferRequestedOutput(name, class_count=k) (the output's
+    `classification` parameter); attrserve answered the plain float tensor, which the client then read as its classes."""
+    request = toy_request(params, ("output",) if not params else ("attributions__x",))
+    request.outputs[0].parameters["classification"].int64_param = 2
+    with pytest.raises(grpc.RpcError) as raised:
+        model_infer(oip_server.address, request)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+    assert "outputs[0].parameters.classification is set" in raised.value.details()
+    assert_still_serves_and_is_healthy(oip_server.address)

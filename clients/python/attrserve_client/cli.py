@@ -186,6 +186,17 @@ def _as_json(result: Attribution) -> str:
     return json.dumps(value)
 
 
+def _seconds(text: str) -> float:
+    """--timeout: a positive number of seconds (gRPC fails a call with a timeout of 0, a negative one or nan at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _add_connection(p: argparse.ArgumentParser) -> None:
     """The options of every command that connects: the address, TLS, client certificate and token."""
     p.add_argument("--target-address", default=_DEFAULT_ADDRESS, help="server host:port")
@@ -248,7 +259,7 @@ def _attribute_parser() -> argparse.ArgumentParser:
     p.add_argument("--return-convergence-delta", action="store_true")
     p.add_argument("--return-outputs", action="store_true")
     p.add_argument("--request-id", default="")
-    p.add_argument("--timeout", type=float, help="seconds")
+    p.add_argument("--timeout", type=_seconds, help="seconds (inf: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     g = p.add_argument_group("pictures (needs matplotlib: pip install 'attrserve-client[viz]')")
     g.add_argument(
@@ -451,7 +462,7 @@ def _print_reasons(rows: Sequence[dict[str, Any]], name_key: str) -> None:
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     _add_connection(p)
-    p.add_argument("--timeout", type=float, help="seconds")
+    p.add_argument("--timeout", type=_seconds, help="seconds (inf: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 

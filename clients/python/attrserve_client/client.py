@@ -221,6 +221,8 @@ def _flag(value: Any, label: str) -> bool:
 
 def _target(target: Any) -> pb.Target:
     target = as_numpy(target)
+    if isinstance(target, np.ndarray) and target.size == 1 and target.dtype.kind in "iu":
+        target = target.item()  # Captum reads a tensor of one element as one index for all examples
     if isinstance(target, (int, np.integer)) and not isinstance(target, (bool, np.bool_)):
         return pb.Target(index=int(target))
     if isinstance(target, tuple):
@@ -521,12 +523,15 @@ DEFAULT_TIMEOUT = 30.0  # seconds: the deadline of a unary call (all its attempt
 RETRY_PUSHBACK = "grpc-retry-pushback-ms"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 # A message over a size limit, refused by gRPC itself (RESOURCE_EXHAUSTED, no trailer: attrserve's code never sees it):
-# the server's (--max-request-bytes; "SERVER: Received message larger than max (240027 vs. 100000)") or this channel's
-# own grpc.max_send_message_length ("CLIENT: Sent ..."). The same message is as large every time it is sent, so it is
-# not retried. Matched as the whole of gRPC core's text (message_size_filter: "%s: %s message larger than max (%u vs.
-# %d)") and nothing looser: any other RESOURCE_EXHAUSTED without a hint, such as a server's bound on concurrent calls
-# ("Concurrent RPC limit exceeded!"), is the server's load and still retried.
-MESSAGE_TOO_LARGE = re.compile(r"(?:SERVER: Received|CLIENT: Sent) message larger than max \(\d+ vs\. -?\d+\)")
+# the server's (--max-request-bytes; "SERVER: Received message larger than max (240027 vs. 100000)"), or this channel's
+# own grpc.max_send_message_length ("CLIENT: Sent ...") or grpc.max_receive_message_length (an answer too large:
+# "Stream removed (CLIENT: Received ...)"). The same message is as large every time it is sent, so it is not retried.
+# Matched as the whole of gRPC core's text (message_size_filter: "%s: %s message larger than max (%u vs. %d)", either
+# side, either direction; as is or wrapped in "Stream removed (...)") and nothing looser: any other RESOURCE_EXHAUSTED
+# without a hint, such as a server's bound on concurrent calls ("Concurrent RPC limit exceeded!"), is the server's load
+# and still retried.
+_SIZE_REFUSAL = r"(?:CLIENT|SERVER): (?:Sent|Received) message larger than max \(\d+ vs\. -?\d+\)"
+MESSAGE_TOO_LARGE = re.compile(rf"{_SIZE_REFUSAL}|Stream removed \({_SIZE_REFUSAL}\)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -619,10 +624,21 @@ def _retry_wait(error: BaseException, attempt: int, policy: RetryPolicy, elapsed
 T = TypeVar("T")
 
 
+# gRPC holds a deadline as nanoseconds since the epoch in an int64 (to the year 2262): a call whose timeout reaches past
+# it fails at once with DEADLINE_EXCEEDED, as one with a timeout of 0, a negative one or NaN does. A timeout past a
+# century is no deadline.
+_NO_DEADLINE = 100 * 365 * 86400.0
+
+
 def _effective(timeout: float | None, default: float | None) -> float | None:
-    """A call's deadline in seconds: its own, else the client's; math.inf means none."""
+    """A call's deadline in seconds: its own, else the client's; math.inf (or anything past a century) means none.
+    Anything but a positive number is a ValueError naming the timeout, not a call that gRPC fails at once."""
     chosen = default if timeout is None else timeout
-    return None if chosen is None or chosen == float("inf") else chosen
+    if chosen is None:
+        return None
+    if isinstance(chosen, (bool, np.bool_)) or not isinstance(chosen, (int, float, np.integer, np.floating)) or not chosen > 0:
+        raise ValueError(f"timeout: expected a positive number of seconds (math.inf: none), got {_shown(chosen)}")
+    return None if chosen >= _NO_DEADLINE else float(chosen)
 
 
 def _with_retries(call: Callable[[float | None], T], timeout: float | None, policy: RetryPolicy) -> T:
@@ -659,11 +675,20 @@ async def _with_retries_async(call: Callable[[float | None], Awaitable[T]], time
 
 class RequestFailed(Exception):
     """A request of `attribute_many` that the server answered with an error (the other requests go on): yielded in its
-    place, so that `raise` works on it. `code` is a grpc.StatusCode; `retry_after_ms` the server's hint (0: none)."""
+    place, so that `raise` works on it. `code` is a grpc.StatusCode; `retry_after_ms` the server's hint (0: none;
+    NO_RETRY_MS, the field's largest value: `permanent`, the request passes a limit per request and is refused whenever
+    it is sent, so do not send it again as it is)."""
+
+    NO_RETRY_MS = 2**32 - 1
 
     def __init__(self, request_id: str, code: grpc.StatusCode, message: str, retry_after_ms: int = 0) -> None:
         super().__init__(f"{request_id}: {code.name}: {message}")
         self.request_id, self.code, self.message, self.retry_after_ms = request_id, code, message, retry_after_ms
+
+    @property
+    def permanent(self) -> bool:
+        """Refused whenever it is sent (a limit per request): retrying it as it is cannot succeed."""
+        return self.retry_after_ms == self.NO_RETRY_MS
 
 
 _STATUS_OF = {c.value[0]: c for c in grpc.StatusCode}
@@ -759,7 +784,7 @@ class _ClientBase:
         `client_cert=(certificate, key)` (PEM bytes or files, for a server that requires client certificates; implies
         TLS). `token`: sent as `authorization: Bearer <token>` on every call (with TLS as call credentials; on a
         plaintext channel, where gRPC sends no call credentials, by an interceptor)."""
-        self._timeout = timeout
+        self._timeout = _effective(None, timeout)
         self._retry = DEFAULT_RETRY if retry is None else retry
         resolved, balanced = channel_target(target)
         defaults = {**_DEFAULT_OPTIONS, **({"grpc.service_config": _BALANCED_SERVICE_CONFIG} if balanced else {})}
@@ -843,7 +868,7 @@ class AttributionClient(_ClientBase):
         self, requests: Iterable[pb.AttributeRequest], *, timeout: float | None = None
     ) -> Iterator[pb.AttributeStreamResponse]:
         """Sends requests over one stream; responses come as they finish, matched by request_id."""
-        return self._stub.AttributeStream((_stream_request(r) for r in requests), timeout=timeout)
+        return self._stub.AttributeStream((_stream_request(r) for r in requests), timeout=_effective(timeout, None))
 
     def attribute_many(
         self,
@@ -990,7 +1015,7 @@ class AsyncAttributionClient(_ClientBase):
                 for r in requests:
                     yield _stream_request(r)
 
-        call = self._stub.AttributeStream(outgoing(), timeout=timeout)
+        call = self._stub.AttributeStream(outgoing(), timeout=_effective(timeout, None))
         try:
             async for response in call:
                 yield response

@@ -205,17 +205,17 @@ function castTo(values: ArrayLike<number | bigint>, dtype: DType, label: string)
       return Float64Array.from(values as ArrayLike<number>, (v, i) => num(v, label, i));
     case "int64": {
       const out = new BigInt64Array(n);
-      for (let i = 0; i < n; i++) out[i] = integer(values[i], `${label}[${i}]`);
+      for (let i = 0; i < n; i++) out[i] = fits(integer(values[i], `${label}[${i}]`), dtype, `${label}[${i}]`);
       return out;
     }
     case "int32":
-      return Int32Array.from(values as ArrayLike<number>, (v, i) => Number(integer(v, `${label}[${i}]`)));
+      return Int32Array.from(values as ArrayLike<number>, (v, i) => Number(fits(integer(v, `${label}[${i}]`), dtype, `${label}[${i}]`)));
     case "int16":
-      return Int16Array.from(values as ArrayLike<number>, (v, i) => Number(integer(v, `${label}[${i}]`)));
+      return Int16Array.from(values as ArrayLike<number>, (v, i) => Number(fits(integer(v, `${label}[${i}]`), dtype, `${label}[${i}]`)));
     case "int8":
-      return Int8Array.from(values as ArrayLike<number>, (v, i) => Number(integer(v, `${label}[${i}]`)));
+      return Int8Array.from(values as ArrayLike<number>, (v, i) => Number(fits(integer(v, `${label}[${i}]`), dtype, `${label}[${i}]`)));
     case "uint8":
-      return Uint8Array.from(values as ArrayLike<number>, (v, i) => Number(integer(v, `${label}[${i}]`)));
+      return Uint8Array.from(values as ArrayLike<number>, (v, i) => Number(fits(integer(v, `${label}[${i}]`), dtype, `${label}[${i}]`)));
     case "bool":
       return Uint8Array.from(values as ArrayLike<number>, (v) => (v ? 1 : 0));
     case "float16":
@@ -236,6 +236,25 @@ function integer(v: unknown, label: string): bigint {
   if (typeof v === "number" && Number.isInteger(v)) return BigInt(v);
   if (typeof v === "boolean") return v ? 1n : 0n;
   throw invalid(`${label}: expected an integer, got ${shown(v)}`);
+}
+
+// What each integer dtype holds: a typed array (and the wire's int64) would wrap a value outside it silently.
+const RANGE: Partial<Record<DType, [bigint, bigint]>> = {
+  int64: [-(1n << 63n), (1n << 63n) - 1n],
+  int32: [-(1n << 31n), (1n << 31n) - 1n],
+  int16: [-(1n << 15n), (1n << 15n) - 1n],
+  int8: [-128n, 127n],
+  uint8: [0n, 255n],
+};
+
+/** `v` when `dtype` (an integer dtype) holds it; else INVALID_ARGUMENT naming `label`. */
+function fits(v: bigint, dtype: DType, label: string): bigint {
+  const [low, high] = RANGE[dtype] as [bigint, bigint];
+  if (v < low || v > high) {
+    const text = String(v);
+    throw invalid(`${label}: ${text.length <= 40 ? text : `${text.slice(0, 40)}...`} is outside ${dtype}'s range [${low}, ${high}]`);
+  }
+  return v;
 }
 
 function shown(v: unknown): string {
@@ -287,7 +306,7 @@ export function toTensorMessage(value: TensorLike, label = "tensor"): TensorMess
   let dtype: DType;
   if (isTensorInput(value)) {
     shape = Array.from(value.shape, (d, i) => {
-      if (!Number.isInteger(d) || d < 0) throw invalid(`${label}.shape[${i}]: expected a non-negative integer, got ${shown(d)}`);
+      if (!Number.isSafeInteger(d) || d < 0) throw invalid(`${label}.shape[${i}]: expected a non-negative integer, got ${shown(d)}`);
       return d;
     });
     dtype = value.dtype ?? typedArrayDtype(value.data);
@@ -409,6 +428,7 @@ const camelToSnake = (s: string): string => s.replace(/[A-Z]/g, (c) => `_${c.toL
 interface MessageCodec<T> {
   create(base?: unknown): T;
   fromJSON(object: unknown): T;
+  encode(message: T): { finish(): Uint8Array };
 }
 
 /**
@@ -456,6 +476,12 @@ function fillMessage<T extends object>(codec: MessageCodec<T>, values: Params, w
     if (typeof value !== "object" && typeof got !== typeof value) {
       throw invalid(`${label}.${key}: expected a ${typeof got}, got ${shown(value)}`);
     }
+    try {
+      codec.encode(codec.fromJSON({ [key]: value })).finish();
+    } catch (e) {
+      // A value its field's type cannot hold (1.5 or 2^40 for a uint32): grpc-js would fail the call with INTERNAL.
+      throw invalid(`${label}.${key}: ${shown(values[key])} does not fit the field (${e instanceof Error ? e.message : String(e)})`);
+    }
   }
   return message as T;
 }
@@ -501,11 +527,11 @@ const PARAMS: Record<string, MessageCodec<object>> = {
 function targetIndex(value: number | readonly number[], label: string): pb.TargetIndex {
   const items = typeof value === "number" ? [value] : value;
   if (!Array.isArray(items)) throw invalid(`${label}: expected an integer or a list of integers, got ${shown(value)}`);
-  return { index: items.map((v, i) => integer(v, `${label}[${i}]`)) };
+  return { index: items.map((v, i) => fits(integer(v, `${label}[${i}]`), "int64", `${label}[${i}]`)) };
 }
 
 function target(value: TargetLike): pb.Target {
-  if (typeof value === "number" || typeof value === "bigint") return { index: integer(value, "target") };
+  if (typeof value === "number" || typeof value === "bigint") return { index: fits(integer(value, "target"), "int64", "target") };
   if (Array.isArray(value)) {
     return { perExample: { indices: value.map((t: number | readonly number[], i) => targetIndex(t, `target[${i}]`)) } };
   }
@@ -571,6 +597,14 @@ export function buildRequest(model: string, algorithm: string, inputs: TensorLik
   const params = options.params;
   if (params !== undefined && params !== null && Object.keys(params).length > 0) {
     if (!known) {
+      for (const [key, value] of Object.entries(params)) {
+        try {
+          pb.AttributeRequest.encode(pb.AttributeRequest.create({ customParams: { [key]: value } })).finish();
+        } catch (e) {
+          // A bigint, a function or a symbol has no google.protobuf.Value: grpc-js would fail the call with INTERNAL.
+          throw invalid(`params.${key}: ${shown(value)} cannot be sent as JSON-like parameters (${e instanceof Error ? e.message : String(e)})`);
+        }
+      }
       request.customParams = params;
     } else {
       const codec = PARAMS[algorithm];
@@ -701,7 +735,7 @@ export class AttrserveClient {
     request: Req,
     deadlineMs?: number,
   ): Promise<Res> {
-    const opts: Partial<grpc.CallOptions> = deadlineMs === undefined ? {} : { deadline: Date.now() + deadlineMs };
+    const opts: Partial<grpc.CallOptions> = deadlineMs === undefined ? {} : { deadline: deadlineAt(deadlineMs) };
     return new Promise((resolve, reject) => {
       method(request, this.metadata.clone(), opts, (error, response) => {
         if (error) reject(new AttrserveError(error.code, error.details, error.metadata));
@@ -709,6 +743,19 @@ export class AttrserveClient {
       });
     });
   }
+}
+
+// grpc-js throws on a deadline past 10^8 hours where no caller can catch it (the process exits), and fails a call
+// whose deadline is 0, negative or NaN at once: a deadline past a century is none, one that is no positive number
+// is refused.
+const NO_DEADLINE_MS = 100 * 365 * 86400 * 1000;
+
+/** The call's deadline for `deadline` milliseconds from now (Infinity: none). */
+function deadlineAt(ms: unknown): number {
+  if (typeof ms !== "number" || !(ms > 0)) {
+    throw invalid(`deadline: expected a positive number of milliseconds (Infinity: none), got ${typeof ms === "number" ? ms : shown(ms)}`);
+  }
+  return ms >= NO_DEADLINE_MS ? Infinity : Date.now() + ms;
 }
 
 function describe(info: pb.ModelInfo): ModelDescription {
