@@ -71,9 +71,12 @@ class ModelState(str, enum.Enum):
     UNLOADING = "unloading"  # finishing the requests it accepted; new ones are refused
 
 
-def version_order(version: str) -> tuple[bool, int, str]:
-    """Sort key of versions: numbers by value, after any non-numeric names; the last one is the newest."""
-    return (version.isdigit(), int(version) if version.isdigit() else 0, version)
+def version_order(version: str) -> tuple[bool, int, str, str]:
+    """Sort key of versions: numbers (ASCII digits) by value, after any other names; the last one is the newest.
+    Never raises: the value is compared as digits, as int() cannot read "²" and refuses over 4,300 digits."""
+    numeric = version.isascii() and version.isdigit()
+    digits = version.lstrip("0") if numeric else ""
+    return (numeric, len(digits), digits, version)
 
 
 @dataclass

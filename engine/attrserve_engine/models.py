@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,10 +130,25 @@ def _load_module(spec: ModelSpec) -> nn.Module:
     if build is None:
         raise InvalidArgument(f"{source} defines no build_model()")
     model = build()
+    if not isinstance(model, nn.Module):  # (a build_model() without its `return`: None)
+        raise InvalidArgument(f"{source}: build_model() returned {type(model).__name__}, not a torch.nn.Module")
     weights = folder / "weights.pt"
     if weights.exists():
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model
+
+
+@contextlib.contextmanager
+def _torch_defaults_kept() -> Iterator[None]:
+    """torch's process-wide defaults put back as they were after a model's code ran: a model.py that sets them
+    (torch.set_default_dtype(torch.float64), torch.set_float32_matmul_precision("high")) set them for every model the
+    process serves and for the engine's own tensors, and the loads after it failed."""
+    dtype, precision = torch.get_default_dtype(), torch.get_float32_matmul_precision()
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_float32_matmul_precision(precision)
 
 
 def example_bytes(tensors: tuple[Tensor, ...]) -> int:
@@ -204,7 +220,9 @@ class LoadedModel:
             # NOTE: TF32 convolutions trade ~1e-3 relative error for speed; attributions must equal Captum's fp32 numbers.
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-        self.module = _load_module(spec).to(self.device).eval()
+        with _torch_defaults_kept():
+            module = _load_module(spec)
+        self.module = module.to(self.device).eval()
         # Reduced-precision forward/backward (autocast), per model: "" / "float32" (default), "bfloat16", "float16".
         self.autocast_dtype = _AUTOCAST.get(spec.precision)
         if spec.precision not in _AUTOCAST:

@@ -38,14 +38,18 @@ log = logging.getLogger(__name__)
 
 def portable(error: BaseException) -> BaseException:
     """An exception the other process can unpickle: the engine's AttributionErrors as they are, and a plugin's or a
-    model's own subclass of one as the engine's class it extends, with its message (the front cannot import the module
-    that defines it, and would fail the whole frame); anything else is a bug, logged here with its traceback under an
+    model's own subclass of one as the engine's class it extends, with its message and every attribute that class
+    sets (retry_after_s, ResourceExhausted's permanent, PassStuck's why) (the front cannot import the module that
+    defines it, and would fail the whole frame); anything else is a bug, logged here with its traceback under an
     error id that travels with it (the front's INTERNAL status quotes it)."""
     if isinstance(error, AttributionError):
         if type(error).__module__ == AttributionError.__module__:
             return error
         engines = next(kind for kind in type(error).__mro__ if kind.__module__ == AttributionError.__module__)
-        return engines(str(error), retry_after_s=error.retry_after_s)
+        twin = engines(str(error))
+        for name, default in vars(twin).items():
+            setattr(twin, name, getattr(error, name, default))
+        return twin
     error_id = getattr(error, ERROR_ID, None) or uuid.uuid4().hex[:16]
     if getattr(error, ERROR_ID, None) is None:
         log.error("internal error (id %s): %s: %s", error_id, type(error).__name__, error, exc_info=error)

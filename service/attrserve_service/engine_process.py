@@ -498,6 +498,13 @@ class EngineProcess:
             reason = f"the engine process {pid} closed its connection and did not exit within {_REAP_S:g} s; it was killed"
         else:
             reason = f"the engine process {pid} exited ({describe_exit(code)})"
+            if self._loading and not self._closing:  # it died in a model's code (os._exit, a crash, the OOM killer)
+                in_a_load = True
+                for key in sorted(self._loading):
+                    self._stuck_loads[key] = (
+                        f"{reason} while this version loaded; the engine processes after it do not load this version "
+                        "(a LoadModel, or a change to its files under --model-control poll, loads it again)"
+                    )
         self.reason = reason
         self._silent = ""  # (the death's reason is health's now)
         lost: Unavailable

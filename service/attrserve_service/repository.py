@@ -12,8 +12,9 @@ model.py: eager (`build_model()`, optional weights.pt); model.pt: TorchScript; m
 platform is told by the file name (config.pbtxt's `platform` has no value for it).
 
 A folder that cannot be read (a config.pbtxt that is malformed, not UTF-8, unreadable or a folder; input dims other
-than -1 or a positive size; a version that contradicts its folder; a folder that cannot be listed) becomes an Entry
-with an `error`: that version is reported UNAVAILABLE with the error while every other model serves. No folder can
+than -1 or a positive size; a version that contradicts its folder; a folder that cannot be listed;
+a model version that two folders hold, through their configs' names) becomes an Entry with an `error`: that version is
+reported UNAVAILABLE with the error (a load that serves it keeps serving) while every other model serves. No folder can
 stop a scan: start-up and every poll go on with the others.
 
 The repository is read and its models loaded where the engine runs (the engine-core process); the front end imports
@@ -209,22 +210,24 @@ def scan(root: Path | None) -> list[Entry]:
             if model_folder.name == "lost+found":
                 continue  # a file system's own folder on a mounted volume (root's alone): never a model
             entries.append(_unreadable(model_folder.name, "1", model_folder, e))
-    seen: dict[tuple[str, str], Path] = {}
-    unique = []
+    by_key: dict[tuple[str, str], list[Entry]] = {}
     for entry in entries:
-        key = (entry.name, entry.version)
-        if key in seen:
-            error = f"model {entry.name!r} version {entry.version!r} is in both {seen[key]} and {entry.folder}; the first one is served"
-            log.error("%s", error)
-            continue
-        seen[key] = entry.folder
-        unique.append(entry)
+        by_key.setdefault((entry.name, entry.version), []).append(entry)
+    unique = []
+    for (name, version), same in by_key.items():
+        if len(same) > 1:  # none serves: a folder added later must not take the place of the one that serves
+            folders = ", ".join(str(e.folder) for e in same)
+            fingerprint = hashlib.sha1("\0".join(e.fingerprint for e in same).encode()).hexdigest()
+            error = f"model {name!r} version {version!r} is in {len(same)} folders ({folders}); keep one (a config's name: names it)"
+            same = [Entry(name, version, same[0].folder, fingerprint, None, error)]
+        unique.extend(same)
     return unique
 
 
 def _model_entries(model_folder: Path) -> list[Entry]:
     """The versions of one model folder (none when it holds no model file)."""
-    versions = sorted((p for p in model_folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0), key=lambda p: int(p.name))
+    numbered = (p for p in model_folder.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit() and int(p.name) > 0)
+    versions = sorted(numbered, key=lambda p: int(p.name))
     versions = [p for p in versions if _has_model(p)]
     if not _has_model(model_folder):
         return [_entry(model_folder, folder, folder.name) for folder in versions]

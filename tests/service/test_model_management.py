@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve_client import AttributionClient
+from attrserve_client.client import NO_RETRY
 from attrserve_engine import EngineLimits
 from attrserve_service.config import ServerConfig
 from attrserve_service.metrics import ATTRSERVE_MODEL_LOAD_FAILURES_TOTAL as LOAD_FAILURES
@@ -100,6 +101,7 @@ def test_a_model_that_fails_to_load_is_reported_while_the_others_serve(tmp_path)
     write(tmp_path / "good", mlp(1))
     write(tmp_path / "broken", BROKEN)
     write(tmp_path / "badconfig", mlp(1), "max_batch_rows: lots\n")
+    write(tmp_path / "noreturn", "from torch import nn\n\n\ndef build_model():\n    model = nn.Linear(4, 2)\n")
     write(tmp_path / "m" / "1", mlp(2), config=None)  # versions in folders, one config beside them
     write(tmp_path / "m" / "2", mlp(3), config=None)
     (tmp_path / "m" / "config.pbtxt").write_text(PINNED)
@@ -113,6 +115,9 @@ def test_a_model_that_fails_to_load_is_reported_while_the_others_serve(tmp_path)
             assert listed[("broken", "1")] == ("MODEL_STATE_UNAVAILABLE", "RuntimeError: no weights here")
             state, reason = listed[("badconfig", "1")]
             assert state == "MODEL_STATE_UNAVAILABLE" and str(tmp_path / "badconfig" / "config.pbtxt") in reason and "max_batch_rows" in reason
+            # (it was "AttributeError: 'NoneType' object has no attribute 'to'", naming neither the file nor the function)
+            why = f"InvalidArgument: {tmp_path / 'noreturn' / 'model.py'}: build_model() returned NoneType, not a torch.nn.Module"
+            assert listed[("noreturn", "1")] == ("MODEL_STATE_UNAVAILABLE", why)
 
             info = client.get_model("broken")
             assert not info.ready and info.reason == "RuntimeError: no weights here" and info.config.inputs[0].name == "x"
@@ -129,7 +134,7 @@ def test_a_model_that_fails_to_load_is_reported_while_the_others_serve(tmp_path)
             assert client.get_model("m").config.version == "2" and client.get_model("m").config.inputs[0].dims == [4]
 
         gauges = ready_gauges(server)  # (the registry is the process's: servers of earlier tests left theirs)
-        want = {("good", "1"): 1.0, ("m", "1"): 1.0, ("m", "2"): 1.0, ("broken", "1"): 0.0, ("badconfig", "1"): 0.0}
+        want = {("good", "1"): 1.0, ("m", "1"): 1.0, ("m", "2"): 1.0, ("broken", "1"): 0.0, ("badconfig", "1"): 0.0, ("noreturn", "1"): 0.0}
         assert {key: gauges.get(key) for key in want} == want
         failures = {dict(labels)["model"]: v for (name, labels), v in scrape(server.running.metrics_port).items()
                     if name == "attrserve_model_load_failures_total"}
@@ -204,6 +209,143 @@ def test_a_folder_that_cannot_be_read_never_stops_the_polling(tmp_path) -> None:
             assert health(server.address) == SERVING
     finally:
         server.stop()
+
+
+def test_a_version_int_cannot_read_is_a_name_and_never_stops_the_server(tmp_path) -> None:
+    """A config's `version` of digits that int() does not read ("²", or more than 4,300 digits) broke the ordering of
+    every model's versions: at start-up the engine process died (nothing served); added under polling, ListModels
+    answered INTERNAL from then on and no model could be loaded or unloaded again. Versions are ordered as digits now
+    (events.version_order never raises): "²" is a name, 5,000 ones a number; and a version folder named "²" is not a
+    version folder (it made its whole model unreadable)."""
+    write(tmp_path / "good", mlp(1))
+    write(tmp_path / "super", mlp(2), PINNED + 'version: "\u00b2"\n')
+    server = start(tmp_path, model_control="poll", repository_poll_seconds=0.1)
+    try:
+        with AttributionClient(server.address) as client:
+            assert states(client)[("super", "\u00b2")][0] == "MODEL_STATE_READY"
+            long = "1" * 5000
+            write(tmp_path / "long", mlp(3), PINNED + f'version: "{long}"\n')
+            wait_for(lambda: states(client).get(("long", long), ("",))[0] == "MODEL_STATE_READY", "the folder added later to load")
+            write(tmp_path / "numbered" / "1", mlp(4))
+            write(tmp_path / "numbered" / "\u00b2", mlp(5))
+            write(tmp_path / "added", mlp(6))  # polling, loading and listing go on
+            wait_for(lambda: states(client).get(("added", "1"), ("",))[0] == "MODEL_STATE_READY", "a folder added after them")
+            wait_for(lambda: states(client).get(("numbered", "1"), ("",))[0] == "MODEL_STATE_READY", "the numbered folder")
+            assert [key for key in states(client) if key[0] == "numbered"] == [("numbered", "1")]
+            for name, seed in (("added", 6), ("numbered", 4), ("good", 1), ("super", 2), ("long", 3)):
+                np.testing.assert_allclose(ig(client, name).attributions, captum(seed), atol=1e-5)
+            index = {(s.model, s.version): pb.ModelState.Name(s.state) for s in client.repository_index(timeout=10)}
+            assert index[("long", long)] == index[("super", "\u00b2")] == "MODEL_STATE_READY"
+            assert health(server.address) == SERVING
+        gauges = ready_gauges(server)
+        assert {key: gauges.get(key) for key in [("good", "1"), ("super", "\u00b2"), ("long", long), ("added", "1")]} == {
+            ("good", "1"): 1.0, ("super", "\u00b2"): 1.0, ("long", long): 1.0, ("added", "1"): 1.0}
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("control", ["none", "explicit", "poll"])
+def test_a_model_whose_load_ends_the_engine_process_is_unavailable_while_the_others_serve(tmp_path: Path, control: str) -> None:
+    """A model whose code ends the engine process while it loads (os._exit here; a crash in a C extension, the OOM
+    killer) was loaded again by every engine process after it: at start-up the server never started; added under
+    polling, or loaded with LoadModel, every restart died the same way, and no model served again. Like a load the
+    heartbeat kills, it is now not loaded by the processes after it: UNAVAILABLE with why, while the others serve."""
+    write(tmp_path / "good", mlp(1))
+    crasher = mlp(2, first="    import os\n    os._exit(7)\n")
+    if control == "none":
+        write(tmp_path / "crasher", crasher)
+    server = start(tmp_path, model_control=control, repository_poll_seconds=0.1)
+    try:
+        with AttributionClient(server.address, retry=NO_RETRY) as client:
+            if control == "explicit":
+                write(tmp_path / "crasher", crasher)
+                with pytest.raises(grpc.RpcError) as err:
+                    client.load_model("crasher", timeout=60)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "exited (exit code 7)" in err.value.details()
+            elif control == "poll":
+                write(tmp_path / "crasher", crasher)
+
+            def settled() -> bool:
+                try:
+                    return states(client).get(("crasher", "1"), ("",))[0] == "MODEL_STATE_UNAVAILABLE" and health(server.address) == SERVING
+                except grpc.RpcError:  # UNAVAILABLE while the next engine process starts
+                    return False
+
+            wait_for(settled, "the crashing model to be UNAVAILABLE and the server to serve again", timeout=120, every=0.2)
+            assert "exited (exit code 7) while this version loaded" in states(client)[("crasher", "1")][1]
+            with pytest.raises(grpc.RpcError) as err:
+                ig(client, "crasher")
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "exited (exit code 7)" in err.value.details()
+            np.testing.assert_allclose(ig(client, "good").attributions, captum(1), atol=1e-5)
+            if control == "poll":  # fixed: the next poll loads it
+                write(tmp_path / "crasher", mlp(2))
+                wait_for(lambda: states(client)[("crasher", "1")][0] == "MODEL_STATE_READY", "the fixed model to load")
+                np.testing.assert_allclose(ig(client, "crasher").attributions, captum(2), atol=1e-5)
+        gauges = ready_gauges(server)
+        assert gauges[("good", "1")] == 1.0 and gauges[("crasher", "1")] == (1.0 if control == "poll" else 0.0)
+    finally:
+        server.stop()
+
+
+def test_a_model_version_in_two_folders_is_an_error_and_never_replaces_the_one_that_serves(tmp_path) -> None:
+    """Two folders whose configs name the same model and version: the first by folder name was served, so a folder
+    added under polling (a copy of a model folder, its config's name kept) took the place of the load that served,
+    silently (a log line at every poll, nothing in ListModels). Now the version is an error naming both folders: the
+    load that serves keeps serving with it as its reason, and once one folder is gone it is that folder's again."""
+    write(tmp_path / "good", mlp(1), PINNED + 'name: "good"\n')
+    write(tmp_path / "x1", mlp(2), PINNED + 'name: "twice"\n')
+    write(tmp_path / "x2", mlp(3), PINNED + 'name: "twice"\n')
+    server = start(tmp_path, model_control="poll", repository_poll_seconds=0.1)
+    try:
+        with AttributionClient(server.address) as client:
+            state, reason = states(client)[("twice", "1")]
+            assert state == "MODEL_STATE_UNAVAILABLE" and f"is in 2 folders ({tmp_path / 'x1'}, {tmp_path / 'x2'})" in reason, reason
+            write(tmp_path / "backup", mlp(4), PINNED + 'name: "good"\n')  # sorts before "good"
+            wait_for(lambda: "is in 2 folders" in states(client)[("good", "1")][1], "the second folder to be reported")
+            assert states(client)[("good", "1")][0] == "MODEL_STATE_READY"
+            np.testing.assert_allclose(ig(client, "good").attributions, captum(1), atol=1e-5)  # still the first load's
+            assert health(server.address) == SERVING
+            shutil.rmtree(tmp_path / "backup")
+            shutil.rmtree(tmp_path / "x1")
+            wait_for(lambda: states(client)[("twice", "1")] == ("MODEL_STATE_READY", ""), "the folder left to load")
+            wait_for(lambda: states(client)[("good", "1")] == ("MODEL_STATE_READY", ""), "the reason to go")
+            np.testing.assert_allclose(ig(client, "twice").attributions, captum(3), atol=1e-5)
+            np.testing.assert_allclose(ig(client, "good").attributions, captum(1), atol=1e-5)
+            assert health(server.address) == SERVING
+        gauges = ready_gauges(server)
+        assert gauges[("good", "1")] == gauges[("twice", "1")] == 1.0
+    finally:
+        server.stop()
+
+
+def test_a_model_that_sets_torchs_defaults_as_it_loads_sets_them_for_itself_alone(tmp_path) -> None:
+    """A model.py that called torch.set_default_dtype(torch.float64) set it for the whole engine process: every model
+    loaded after it failed its warm-up ("mat1 and mat2 must have the same dtype"), and those loaded before it failed
+    gradient_shap (its random baselines were float64). torch's defaults are put back once a model's code has run."""
+    double = mlp(2, first="    torch.set_default_dtype(torch.float64)\n    torch.set_float32_matmul_precision('high')\n")
+    write(tmp_path / "a_double", double, 'inputs { name: "x" dtype: DATA_TYPE_FLOAT64 dims: 4 }\n')  # loads first
+    write(tmp_path / "good", mlp(1))
+    server = start(tmp_path)
+    try:
+        with AttributionClient(server.address) as client:
+            assert states(client) == {("a_double", "1"): ("MODEL_STATE_READY", ""), ("good", "1"): ("MODEL_STATE_READY", "")}
+            np.testing.assert_allclose(ig(client, "good").attributions, captum(1), atol=1e-5)
+            shap = client.attribute("good", "gradient_shap", X, target=TARGET, timeout=60)
+            assert shap.attributions.dtype == np.float32 and np.isfinite(shap.attributions).all()
+            got = client.attribute("a_double", "integrated_gradients", X.astype(np.float64), target=TARGET, timeout=60)
+            assert got.attributions.dtype == np.float64
+            assert health(server.address) == SERVING
+    finally:
+        server.stop()
+    namespace: dict = {}
+    exec(double, namespace)
+    try:
+        model = namespace["build_model"]()
+    finally:
+        torch.set_default_dtype(torch.float32)
+        torch.set_float32_matmul_precision("highest")
+    want = IntegratedGradients(model).attribute(torch.from_numpy(X.astype(np.float64)), target=TARGET).numpy()
+    np.testing.assert_allclose(got.attributions, want, atol=1e-9)
 
 
 def test_strict_readiness_is_not_serving_while_a_model_is_not_ready(tmp_path) -> None:

@@ -126,3 +126,73 @@ def test_serve_cli_loads_plugins_and_reports_bad_ones(tmp_path: Path) -> None:
     assert "blur_integrated_gradients" in info.custom_algorithms
     want = blur_ig(image_model(), torch.from_numpy(x), [1], n_steps=8, max_sigma=5.0)  # the plugin's default max_sigma
     assert_all_close((torch.from_numpy(result.attributions),), (want,))
+
+
+REFUSER = '''
+from dataclasses import dataclass
+
+from attrserve_engine.algorithms.base import Algorithm
+from attrserve_engine.errors import ResourceExhausted
+
+
+class TooManySteps(ResourceExhausted):
+    """The plugin's own refusal: about the request itself, so never worth a retry."""
+
+
+@dataclass(frozen=True)
+class Params:
+    n_steps: int = 1
+
+
+class Refuser(Algorithm):
+    name = "refuser"
+    params_type = Params
+
+    def check_params(self, params, limits):
+        raise TooManySteps(f"n_steps {params.n_steps} is more than this plugin takes", permanent=True)
+
+
+ALGORITHM = Refuser
+'''
+
+
+@pytest.mark.parametrize("engine_process", [True, False], ids=["engine-process", "one-process"])
+def test_a_plugins_own_permanent_refusal_tells_clients_not_to_retry(tmp_path: Path, engine_process: bool) -> None:
+    """A plugin's own subclass of ResourceExhausted(permanent=True) crosses from the engine process to the front as the
+    engine's class with its `permanent` flag (it was dropped there: the client was told nothing, and retried)."""
+    from captum.attr import IntegratedGradients
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from attrserve_engine import EngineLimits
+
+    (tmp_path / "plugin.py").write_text(REFUSER)
+    model_folder = tmp_path / "repo" / "mlp"
+    model_folder.mkdir(parents=True)
+    (model_folder / "model.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef build_model():\n    torch.manual_seed(3)\n"
+        "    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))\n"
+    )
+    (model_folder / "config.pbtxt").write_text('inputs { name: "x" dtype: DATA_TYPE_FLOAT32 dims: 4 }\n')
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False)
+    config = ServerConfig(
+        port=0, metrics_port=None, model_repository=tmp_path / "repo", plugins=[str(tmp_path / "plugin.py")],
+        engine_process=engine_process, limits=limits,
+    )
+    server = ServerThread(None, config)
+    x = np.array([[0.3, -0.2, 0.9, 1.4], [1.0, 0.5, -0.4, 0.2]], dtype=np.float32)
+    try:
+        with AttributionClient(server.address) as client, grpc.insecure_channel(server.address) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                client.attribute("mlp", "refuser", x, target=0, params={"n_steps": 7}, timeout=30)
+            got = client.attribute("mlp", "integrated_gradients", x, target=[0, 1], timeout=30)
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    finally:
+        server.stop()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.details() == "n_steps 7 is more than this plugin takes"
+    assert ("grpc-retry-pushback-ms", "-1") in tuple(refused.value.trailing_metadata())
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    want = IntegratedGradients(model).attribute(torch.from_numpy(x), target=[0, 1])
+    assert_all_close((torch.from_numpy(got.attributions),), (want,))
+    assert health == health_pb2.HealthCheckResponse.SERVING
