@@ -37,6 +37,7 @@ from attrserve_service.cli import SETTINGS, server_config
 KNOWN_VARIABLES = {s.env for s in SETTINGS} | {"ATTRSERVE_LOG_LEVEL", "ATTRSERVE_LOG_FORMAT"}
 ADAPTER = K8S / "prometheus-adapter" / "config.yaml"
 DRAIN_MARGIN_S = 10  # what terminationGracePeriodSeconds must leave over the whole drain, at least
+ENGINE_UNANSWERED_S = 20  # what a drain takes past prestop + 2 x grace when the engine process does not answer
 
 
 # -- validation ----------------------------------------------------------------------------------------------------
@@ -285,10 +286,17 @@ def test_the_deployment(overlay: str) -> None:
     assert budget("startupProbe") >= 600
     # The drain: NOT_SERVING while still accepting for prestop_seconds, then grace_seconds for in-flight RPCs, then
     # as long again for the engine; a kubelet preStop sleep (if any) comes before SIGTERM. All of it within
-    # terminationGracePeriodSeconds, and liveness must not kill a pod that is draining.
-    drain = config.prestop_seconds + 2 * config.grace_seconds
+    # terminationGracePeriodSeconds, and liveness must not kill a pod that is draining. An engine process that does not
+    # answer (a model's code holding the GIL) takes ENGINE_UNANSWERED_S more: EngineProcess.shutdown waits for its
+    # drain 10 s past the grace, then 10 s for its exit before it kills it (65 s with the base's settings, measured).
+    drain = config.prestop_seconds + 2 * config.grace_seconds + ENGINE_UNANSWERED_S
     assert config.prestop_seconds >= 1, "give clients and endpoints time to move away before the listener stops"
     assert budget("livenessProbe") > max(30, drain)
+    # Nor one whose engine process the server is restarting: NOT_SERVING from half of stuck_pass_seconds (at most 10 s)
+    # after the engine process stopped answering, through its kill at stuck_pass_seconds, a back-off of up to 30 s and the
+    # load of every model again, which may take as long as at start (the startup probe's window). A liveness kill then
+    # restarts the container instead, and forgets the suspects of the query-of-death quarantine.
+    assert budget("livenessProbe") >= budget("startupProbe") > config.limits.stuck_pass_seconds + 30
     assert container["readinessProbe"]["periodSeconds"] <= 10
     pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + DRAIN_MARGIN_S
@@ -378,6 +386,10 @@ def test_the_autoscaler_scales_on_the_queue_gauge_the_adapter_serves(overlay: st
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", one(docs, "Deployment")["metadata"]["name"])
     assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    if overlay == "cpu-demo":
+        # No prometheus-adapter in a try-out: the HPA gets no metric and never scales, but it still raises the replicas
+        # to its minimum before it asks for one (every pod the size of the cpu overlay's).
+        assert hpa["spec"]["minReplicas"] == 1, "the try-out runs one pod"
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
     name = metric["pods"]["metric"]["name"]
@@ -387,9 +399,6 @@ def test_the_autoscaler_scales_on_the_queue_gauge_the_adapter_serves(overlay: st
     assert re.fullmatch(rule["name"]["matches"], "attrserve_queue_rows")
     assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
     assert re.fullmatch(r"sum by \(<<\.GroupBy>>\) \(<<\.Series>>\{<<\.LabelMatchers>>\}\)", rule["metricsQuery"])
-    if overlay != "cpu-demo":
-        rules = [r for group in one(docs, "PrometheusRule")["spec"]["groups"] for r in group["rules"]]
-        assert {"record": "attrserve:queue_rows:sum", "expr": "sum by (namespace, pod) (attrserve_queue_rows)"} in rules
 
 
 def test_the_server_exports_the_gauge_the_autoscaler_uses() -> None:

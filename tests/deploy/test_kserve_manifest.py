@@ -47,3 +47,18 @@ def test_the_predictor_matches_the_repositorys_cpu_deployment() -> None:
     grpc_port = [p for p in deployed["ports"] if p["name"] == "grpc"]
     assert [p["containerPort"] for p in grpc_port] == [p["containerPort"] for p in container["ports"]]
     assert container["resources"] == deployed["resources"]
+
+
+# Knative Serving (KServe's serverless mode) puts its queue-proxy beside the container, in the same network namespace,
+# listening on these ports: 8012/8013 (HTTP/1, HTTP/2 proxy), 8022 (admin), 9090 (autoscaler metrics), 9091 (its
+# Prometheus metrics). A server port among them cannot be bound: `attrserve serve` exits 2 ("--metrics-port 9090: cannot
+# listen on 0.0.0.0:9090: address already in use") and the predictor restarts for ever.
+KNATIVE_QUEUE_PROXY_PORTS = frozenset({8012, 8013, 8022, 9090, 9091})
+
+
+def test_the_server_listens_on_no_port_of_knatives_queue_proxy() -> None:
+    (container,) = _predictor()["containers"]
+    config, _ = server_config([], environ={e["name"]: e["value"] for e in container["env"]})
+    listening = {"--port": config.port, "--metrics-port": config.metrics_port}
+    taken = {flag: port for flag, port in listening.items() if port in KNATIVE_QUEUE_PROXY_PORTS}
+    assert not taken, f"the queue-proxy listens on {taken} in the predictor's pod"

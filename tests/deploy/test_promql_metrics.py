@@ -74,12 +74,11 @@ def test_recording_rules_read_are_defined() -> None:
 
 
 def test_the_adapter_reads_the_backlog() -> None:
-    """prometheus-adapter (the HPA's metric) reads the backlog: the per-pod recording rule attrserve:queue_rows:sum
-    or the gauge it sums, attrserve_queue_rows."""
+    """prometheus-adapter (the HPA's metric) reads the backlog: the gauge attrserve_queue_rows, summed per pod."""
     if not adapter_files():
         pytest.skip("no prometheus-adapter rule config (a YAML file with seriesQuery) under deploy/k8s yet")
     names = {sel.name for e in adapter_exprs() for sel in selectors(e.expr)}
-    assert names and names <= {"attrserve:queue_rows:sum", "attrserve_queue_rows"}, names
+    assert names == {"attrserve_queue_rows"}, names
 
 
 # -- against a running server ---------------------------------------------------------------------------------------
