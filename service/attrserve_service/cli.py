@@ -182,7 +182,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--max-n-steps", "limits.max_n_steps", "cap on n_steps", int),
     Setting("--max-nt-samples", "limits.max_nt_samples", "cap on a noise tunnel's nt_samples", int),
     Setting("--max-request-bytes", "max_request_bytes", "largest request message accepted", int, "BYTES"),
-    Setting("--max-requests-per-stream", "max_requests_per_stream", "requests in flight on one AttributeStream", int),
+    Setting(
+        "--max-requests-per-stream",
+        "max_requests_per_stream",
+        "requests in flight on one AttributeStream, their answers until sent included",
+        int,
+    ),
     Setting(
         "--prestop-seconds",
         "prestop_seconds",
