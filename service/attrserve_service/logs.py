@@ -14,6 +14,9 @@ import logging
 import time
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("attrserve_request_id", default="")
+# A request id is the client's string, of any length: a line carries its first _MAX_ID_CHARS characters (and its
+# length), so a client cannot make every log line about its requests as long as it likes.
+_MAX_ID_CHARS = 200
 FORMATS = ("text", "json")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # --log-level, in any case (and logging's other names)
 
@@ -44,7 +47,8 @@ class JsonFormatter(logging.Formatter):
         }
         request_id = getattr(record, "request_id", "")
         if request_id:
-            entry["request_id"] = request_id
+            cut = len(request_id) > _MAX_ID_CHARS
+            entry["request_id"] = f"{request_id[:_MAX_ID_CHARS]}... ({len(request_id)} characters)" if cut else request_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

@@ -81,6 +81,18 @@ def test_lines_written_while_handling_a_request_carry_its_id(json_lines) -> None
     assert "request_id" not in entries["outside"]
 
 
+def test_a_long_request_id_is_cut_in_log_lines(json_lines) -> None:
+    """A client's request id of any length went whole into every log line about its request; a line carries its first
+    200 characters and its length, and a short one whole."""
+    log = logging.getLogger("attrserve_service.test")
+    for request_id in ("x" * 200, "y" * 100_000):
+        REQUEST_ID.set(request_id)
+        log.warning("about it")
+    REQUEST_ID.set("")
+    ids = [e["request_id"] for e in map(json.loads, json_lines) if e["logger"] == "attrserve_service.test"]
+    assert ids == ["x" * 200, "y" * 200 + "... (100000 characters)"]
+
+
 def test_configure_refuses_an_unknown_format() -> None:
     with pytest.raises(ValueError, match="text, json"):
         configure("INFO", "xml")
