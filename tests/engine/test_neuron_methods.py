@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import captum.attr as ca
 from attrserve_engine import AttributionJob, Engine, InvalidArgument
@@ -146,3 +147,70 @@ def test_neuron_selector_errors(engine: Engine) -> None:
     missing.params = {}
     with pytest.raises(InvalidArgument, match="neuron_selector is required"):
         engine.submit(missing)
+
+
+class _Split(nn.Module):
+    def forward(self, x):
+        return x[:, :3], x[:, 3:] * 2.0
+
+
+class _Join(nn.Module):
+    def forward(self, a, b):
+        return a * b + a
+
+
+class TwoTensorLayers(nn.Module):
+    """`split` returns two tensors and `join` takes two: neither has the one tensor a neuron selector indexes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(9)
+        self.fc = nn.Linear(5, 6)
+        self.act = nn.Tanh()
+        self.split = _Split()
+        self.join = _Join()
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        a, b = self.split(self.act(self.fc(x)))
+        return self.head(self.join(a, b))
+
+
+def test_layer_of_several_tensors_is_refused() -> None:
+    """Captum refuses a neuron selector on a layer with several output (or, with attribute_to_neuron_input, input)
+    tensors ("Cannot select neuron index from layer with multiple tensors"); attrserve explained the first tensor
+    silently. Every neuron method is refused with INVALID_ARGUMENT naming neuron_selector, and the engine then serves
+    a neuron of a one-tensor layer of the same model as Captum does."""
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    dist = 0.1 * torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    engine = make_engine({"two": TwoTensorLayers})
+    try:
+        for name, cls in CAPTUM.items():
+            baselines = (dist,) if name in DISTRIBUTION else () if name in NO_BASELINES else (dist[:1],)
+            params: dict[str, Any] = {"n_steps": 4} if name in ("neuron_integrated_gradients", "neuron_conductance") else {}
+            for layer, to_input in (("split", False), ("join", True)):
+                model = TwoTensorLayers()
+                kwargs: dict[str, Any] = dict(params, baselines=baselines[0]) if baselines else dict(params)
+                if name == "neuron_conductance":
+                    kwargs["target"] = 1
+                with pytest.raises(AssertionError, match="multiple tensors"):
+                    cls(model, model.get_submodule(layer)).attribute(x.clone().requires_grad_(), neuron_selector=(1,), attribute_to_neuron_input=to_input, **kwargs)
+                request = AttributionJob(
+                    model="two",
+                    algorithm=name,
+                    inputs=(x,),
+                    baselines=baselines,
+                    target=torch.tensor([[1]] * 3) if name == "neuron_conductance" else None,
+                    params={**params, "neuron_selector": [1], "attribute_to_neuron_input": to_input},
+                    layer=layer,
+                    seed=0,
+                )
+                what = "inputs" if to_input else "outputs"
+                with pytest.raises(InvalidArgument, match=f"{name}.neuron_selector indexes one tensor, but layer '{layer}' has 2 {what}"):
+                    engine.attribute(request, timeout=60)
+        model = TwoTensorLayers()
+        want = ca.NeuronGradient(model, model.act).attribute(x.clone().requires_grad_(), neuron_selector=(4,))
+        good = AttributionJob(model="two", algorithm="neuron_gradient", inputs=(x,), params={"neuron_selector": [4]}, layer="act")
+        assert_all_close(engine.attribute(good, timeout=60).attributions, (want.detach(),))
+    finally:
+        engine.shutdown()

@@ -364,7 +364,8 @@ BAD = [
     ("occlusion", {"sliding_window_shapes": (2,)}, {"feature_masks": (torch.zeros(1, 6, dtype=torch.int64),)}, "does not take it"),
     ("shapley_value_sampling", {"perturbations_per_eval": 0}, {}, "shapley_value_sampling.perturbations_per_eval"),  # n_samples=0: Captum gives NaN
     ("shapley_value_sampling", {"n_samples": 10**6}, {}, "shapley_value_sampling.n_samples is 1000000, over"),
-    ("shapley_value_sampling", {}, {"feature_masks": (torch.tensor([[0, 0, 1, 1, 2, 99]]),)}, "feature_masks use id 99"),
+    # ids past the scalars are Captum's too (test_sparse_feature_ids_match_captum); past Lime's limit on ids, refused
+    ("shapley_value_sampling", {}, {"feature_masks": (torch.tensor([[0, 0, 1, 1, 2, 100_000]]),)}, "feature_masks use id 100000"),
     ("shapley_values", {"perturbations_per_eval": 0}, {}, "shapley_values.perturbations_per_eval"),
     ("shapley_values", {"n_samples": 4}, {}, "shapley_values: unknown parameter"),
 ]
@@ -375,6 +376,26 @@ def test_bad_params_are_invalid_argument(engine: Engine, algorithm: str, params:
     job = AttributionJob(model="mlp", algorithm=algorithm, inputs=X6, target=torch.zeros(2, 1, dtype=torch.int64), params=params, **extra)
     with pytest.raises(InvalidArgument, match=match):
         engine.submit(job)
+
+
+@pytest.mark.parametrize("algorithm", ["feature_ablation", "feature_permutation", "shapley_value_sampling"])
+def test_sparse_feature_ids_match_captum(engine: Engine, algorithm: str) -> None:
+    """Feature ids past the inputs' scalars, with gaps (e.g. segment labels): Captum takes them in every perturbation
+    method that takes a mask (ShapleyValueSampling draws its orders over every id up to the largest); attrserve refused
+    them in ShapleyValueSampling alone. One mask row and per-example masks, then fused with other requests. (Captum's
+    ShapleyValues enumerates the orders of every id up to the largest: 14! here, so it is left out.)"""
+    inputs, _ = model_inputs("mlp", 3, seed=7)
+    masks = [torch.tensor([[0, 0, 9, 9, 4, 13]]), torch.tensor([[13, 2, 2, 40, 40, 0], [5, 5, 5, 7, 7, 7], [30, 1, 30, 1, 30, 1]])]
+    params = {"n_samples": 4} if algorithm == "shapley_value_sampling" else {}
+    baselines = () if algorithm == "feature_permutation" else (0.2,)
+    for mask in masks:
+        built = {"inputs": inputs, "args": (), "baselines": baselines, "masks": (mask,), "targets": [0, 1, 2]}
+        case = Case("mlp", algorithm, params, seed=3)
+        want = captum_attribute(case, built)
+        assert_all_close(engine.attribute(case.job(built), timeout=60).attributions, want)
+    others = [random_job("mlp", random.Random(i)) for i in range(6)]
+    run = run_fused(partial(make_engine, PERTURBATION_MODELS), case.job(built), others, 4096, before=3)
+    assert_all_close(run.fused.attributions, want)
 
 
 SEEN_INPUT_BYTES: list[int] = []  # the storage behind each input a RecordingImage forward got (replicas share this list)

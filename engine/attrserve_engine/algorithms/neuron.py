@@ -20,7 +20,7 @@ import torch
 
 from attrserve_engine.algorithms.base import Algorithm, Limits
 from attrserve_engine.errors import InvalidArgument, shown
-from attrserve_engine.plan import Attribution, Block, Plan, Task
+from attrserve_engine.plan import Attribution, Block, BlockResult, Plan, Task
 from attrserve_engine.targets import check_int64
 
 MAX_SELECTOR = 32  # indices in a neuron selector, one per dim of the layer's output after dim 0
@@ -74,6 +74,20 @@ def neuron_rows(task: Task) -> torch.Tensor:
     return torch.tensor([list(task.params.neuron_selector)] * task.n, dtype=torch.int64, device=task.inputs[0].device)
 
 
+def check_one_tensor(results: BlockResult | list[BlockResult], task: Task, owner: str) -> None:
+    """A neuron selector indexes one tensor: Captum refuses a layer of several outputs (or inputs, with
+    attribute_to_neuron_input) — "Cannot select neuron index from layer with multiple tensors" — where the pass
+    explained the first of them."""
+    for result in results if isinstance(results, list) else [results]:
+        count = len(result.layer_activations or ())
+        if count > 1:
+            what = "inputs" if task.params.attribute_to_neuron_input else "outputs"
+            raise InvalidArgument(
+                f"{owner}.neuron_selector indexes one tensor, but layer {task.layer!r} has {count} {what}; "
+                f"name a layer (or a submodule of it) with one {what[:-1]} tensor (Captum refuses this too)"
+            )
+
+
 def hook_neuron(block: Block, task: Task) -> Block:
     return dataclasses.replace(block, layer=task.layer, layer_input=task.params.attribute_to_neuron_input, objective_layer=True)
 
@@ -113,6 +127,7 @@ class NeuronMethod(Algorithm):
                     sent = yield [hook_neuron(b, task) for b in yielded]
                 else:
                     sent = yield hook_neuron(yielded, task)
+                check_one_tensor(sent, task, self.name)
         except StopIteration as stop:
             result: Attribution = stop.value
             return Attribution(result.attributions)

@@ -8,7 +8,7 @@ from typing import Any
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, example_baselines
 from attrserve_engine.algorithms.integrated_gradients import check_steps, integrate, interpolate, step_sizes_and_alphas
-from attrserve_engine.algorithms.neuron import NeuronParams, neuron_rows, parse_neuron_params
+from attrserve_engine.algorithms.neuron import NeuronParams, check_one_tensor, neuron_rows, parse_neuron_params
 from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task, repeat_rows
 from attrserve_engine.targets import flat_target
 
@@ -63,6 +63,7 @@ class NeuronConductance(Algorithm):
             dataclasses.replace(hooked, grad_wrt_layer=True),
             dataclasses.replace(hooked, target=neurons, objective_layer=True),
         ]
+        check_one_tensor(to_inputs, task, self.name)
         layer_grad = to_layer.layer_grads[0]  # (n_steps * n, *layer_shape)
         unit = flat_target(neurons, tuple(layer_grad.shape[1:]), "neuron_selector")
         mid = layer_grad.reshape(layer_grad.shape[0], -1).gather(1, unit[:, None]).squeeze(1)  # (n_steps * n,)

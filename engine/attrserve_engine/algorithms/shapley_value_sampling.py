@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, check_positive
+from attrserve_engine.algorithms.lime import MAX_FEATURES
 from attrserve_engine.algorithms.perturbation import (
     check_has_features,
     check_perturbations_per_eval,
@@ -33,11 +34,14 @@ class ShapleyValueSamplingParams:
 
 
 def check_feature_ids(task: Task, count: int) -> int:
-    """Captum's feature count, max id + 1 (ids are drawn in permutations of it); refuses ids past the inputs' size."""
-    scalars = sum(math.prod(x.shape[1:]) for x in task.inputs)
-    if count > scalars:
+    """Captum's feature count, max id + 1: each order is a permutation of every id up to the largest, present in the
+    masks or not (Captum takes any). Refused past the inputs' scalars and Lime's MAX_FEATURES, as Lime refuses its
+    span of ids: one order at a time is drawn over them."""
+    limit = max(sum(math.prod(x.shape[1:]) for x in task.inputs), MAX_FEATURES)
+    if count > limit:
         raise InvalidArgument(
-            f"feature_masks use id {count - 1}; ids must run from 0 to the number of features - 1 (at most {scalars - 1} for these inputs)"
+            f"feature_masks use id {count - 1}; {ShapleyValueSampling.name} draws orders of every id from 0 to the largest, "
+            f"{count} here, over this server's limit of {limit}; number the features 0 .. n_features - 1"
         )
     return count
 
@@ -91,9 +95,10 @@ class ShapleyValueSampling(Algorithm):
         #    from every mask dropped — adding one changes no input, so its gain is 0 and lands nowhere.
         position = torch.full((total,), -1, dtype=torch.int64)
         position[ids] = torch.arange(n_feat)
-        perms = [torch.randperm(total, generator=task.rng.torch_gen) for _ in range(ns)]
-        drawn = position[torch.stack(perms) if perms else torch.empty((0, total), dtype=torch.int64)]  # (ns, total)
-        order = drawn[drawn >= 0].view(ns, n_feat)  # (ns, P) feature indices in the order they are added
+        order = torch.empty((ns, n_feat), dtype=torch.int64)  # (ns, P) feature indices in the order they are added
+        for s in range(ns):  # one (total,) permutation at a time: the ids may far outnumber the features
+            drawn = position[torch.randperm(total, generator=task.rng.torch_gen)]
+            order[s] = drawn[drawn >= 0]
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n_feat).expand(ns, n_feat))  # (ns, P)
         # 2) coalitions: [baseline; full input; each order's prefixes of 1 .. P-1 features], built a pass at a time
         result = yield coalition_block(task, _prefixes(rank), 2 + ns * (n_feat - 1), index)
