@@ -493,13 +493,20 @@ class Engine:
         if not job.algorithm:
             return self._prepare_predictions(job, model, inputs, casts, target, args, seed)
         primary = AlgorithmSpec(job.algorithm, job.params, job.noise_tunnel, job.layer, job.return_convergence_delta)
-        calls = [self._prepare_call(call, job, model, inputs, target, args, seed) for call in (primary, *job.also)]
-        evaluate = parse_evaluate(dict(job.evaluate), self.limits.algorithm_limits) if job.evaluate else None
-        # the outputs' forward rows and the metrics' rows are built at once: held as well as counted
-        extra = (n if job.return_outputs else 0) + (calls[0].evaluation_rows(evaluate) if evaluate is not None else 0)
-        rows = sum(call.rows for call in calls) + extra
-        held = sum(call.held for call in calls) + extra
-        work_bytes = self._check_rows(rows, n, model, (*inputs, *args), held, sum(call.held * call.layer_row_bytes for call in calls))
+        calls = [self._prepare_call(primary, job, model, inputs, target, args, seed)]
+        for i, spec in enumerate(job.also):
+            try:
+                calls.append(self._prepare_call(spec, job, model, inputs, target, args, seed))
+            except (InvalidArgument, NotFound) as e:  # the entry's index, as for the checks the service edge makes first
+                raise type(e)(f"also[{i}]: {e}") from None
+        evaluate = parse_evaluate(dict(job.evaluate), self.limits.algorithm_limits, [x.dtype for x in inputs]) if job.evaluate else None
+        # the outputs' forward rows are built at once: held as well as counted
+        outputs = n if job.return_outputs else 0
+        metric_rows, metric_held, explained_held = calls[0].evaluation_rows(evaluate) if evaluate is not None else (0, 0, 0)
+        rows = sum(call.rows for call in calls) + outputs + metric_rows
+        held = sum(call.held for call in calls) + outputs + metric_held
+        layer_bytes = sum(call.held * call.layer_row_bytes for call in calls) + explained_held * calls[0].layer_row_bytes
+        work_bytes = self._check_rows(rows, n, model, (*inputs, *args), held, layer_bytes)
 
         def plan_factory() -> JobPlan:
             plans: list[PlanOf[Any]] = [call.plan(model.device) for call in calls]
@@ -700,17 +707,24 @@ class _PreparedCall:
         """This algorithm (with its noise tunnel) on `task` — the request's, or perturbed copies for sensitivity_max."""
         return noise_tunnel_plan(self.algorithm, self.nt, task) if self.nt else self.algorithm.plan(task)
 
-    def evaluation_rows(self, p: EvaluateParams) -> int:
-        """Rows of the metrics: infidelity's forwards; sensitivity_max's explanations (inputs again, then perturbed)."""
-        n, rows = self.task.n, 0
+    def evaluation_rows(self, p: EvaluateParams) -> tuple[int, int, int]:
+        """Rows of the metrics: infidelity's forwards; sensitivity_max's explanations (inputs again, then perturbed).
+        Returns (rows, held, explained): of the rows, those built at once (infidelity's forwards are; the explanations
+        hold what the algorithm's own rows hold: its examples alone where it builds its rows a pass at a time), and of
+        those the explanations' (a layer method's hold the layer's values too)."""
+        n, rows, held, explained = self.task.n, 0, 0, 0
         nt = self.nt.nt_samples if self.nt else 1
         if p.infidelity is not None:
             if not self.algorithm.input_shaped:
                 raise InvalidArgument(f"infidelity needs attributions shaped like the inputs; {self.name} attributes to a layer")
             rows += n * p.infidelity.n_perturb_samples + n
+            held += n * p.infidelity.n_perturb_samples + n
         if p.sensitivity_max is not None:
-            rows += self.algorithm.rows(self.task, n * nt) + self.algorithm.rows(self.task, n * nt * p.sensitivity_max.n_perturb_samples)
-        return rows
+            examples = (n * nt, n * nt * p.sensitivity_max.n_perturb_samples)  # the inputs again, then the perturbed ones
+            explanations = sum(self.algorithm.rows(self.task, e) for e in examples)
+            explained = sum(examples) if self.algorithm.rows_per_pass else explanations
+            rows, held = rows + explanations, held + explained
+        return rows, held, explained
 
 
 def release_free_memory() -> None:

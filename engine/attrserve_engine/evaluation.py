@@ -9,7 +9,7 @@ reproduces `captum.metrics` run after the attribution with the same seed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -44,10 +44,19 @@ class EvaluateParams:
     sensitivity_max: SensitivityMaxParams | None = None
 
 
-def parse_evaluate(raw: dict[str, Any], limits: Limits) -> EvaluateParams:
+def parse_evaluate(raw: dict[str, Any], limits: Limits, input_dtypes: Sequence[torch.dtype]) -> EvaluateParams:
     unknown = sorted(set(raw) - {"infidelity", "sensitivity_max"})
     if unknown:
         raise InvalidArgument(f"evaluate: unknown metric(s) {', '.join(unknown)}; valid: infidelity, sensitivity_max")
+    # Both add real-valued noise to every input: token ids (or flags) cannot take it. Captum fails on them too; the
+    # noise cast to an integer dtype would be all but zero (a meaningless infidelity of 0).
+    for name in ("infidelity", "sensitivity_max"):
+        for i, dtype in enumerate(input_dtypes):
+            if raw.get(name) is not None and not dtype.is_floating_point:
+                raise InvalidArgument(
+                    f"evaluate.{name} adds random noise to the inputs, so they must be floating point; "
+                    f"inputs[{i}] has dtype {str(dtype).replace('torch.', '')}"
+                )
     infidelity = sensitivity = None
     if raw.get("infidelity") is not None:
         infidelity = parse_dataclass(InfidelityParams, raw["infidelity"], "evaluate.infidelity")
@@ -107,8 +116,8 @@ def sensitivity_max_plan(
 ) -> PlanOf[Tensor]:
     """max over perturbations of ‖expl(x) − expl(x + δ)‖ / ‖expl(x)‖, δ uniform in [−radius, radius]."""
     n, k = task.n, p.n_perturb_samples
-    if rerun:  # Captum explains the inputs again; a method that draws must draw again
-        attributions = (yield from explain(task)).attributions
+    if rerun:  # Captum explains the inputs again; a method that draws must draw again (its delta is not needed)
+        attributions = (yield from explain(task.replace(return_convergence_delta=False))).attributions
     expanded = tuple(interleave_rows(x, k) for x in task.inputs)
     perturbed = tuple(
         x

@@ -67,3 +67,68 @@ def test_metrics_defaults_errors_and_caps(engine: Engine) -> None:
     # A layer method's sensitivity is measured in the layer's space.
     lay = engine.attribute(AttributionJob(algorithm="layer_grad_cam", layer="conv2", evaluate={"sensitivity_max": {"n_perturb_samples": 2}}, **base), timeout=60)
     assert lay.sensitivity_max.shape == (2,)
+
+
+def test_metrics_refuse_integer_inputs_and_the_engine_serves_on() -> None:
+    """Both metrics add real-valued noise to the inputs: token ids cannot take it (Captum fails on them too). Refused,
+    naming the metric and the input, rather than a failed model (sensitivity_max) or an infidelity of 0 (the noise
+    cast to int64 was all but zero); the engine then serves the same inputs correctly."""
+    from oracle import LAYER_MODELS, make_engine
+
+    tokens = torch.tensor([[3, 7, 1, 0], [5, 2, 9, 4]])
+    engine = make_engine({"tokens": LAYER_MODELS["tokens"]})
+    try:
+        for metric in ("infidelity", "sensitivity_max"):
+            job = AttributionJob(model="tokens", algorithm="feature_ablation", inputs=(tokens,), target=1, evaluate={metric: {}})
+            with pytest.raises(InvalidArgument, match=rf"evaluate\.{metric} adds random noise to the inputs.*inputs\[0\] has dtype int64"):
+                engine.submit(job)
+        got = engine.attribute(AttributionJob(model="tokens", algorithm="feature_ablation", inputs=(tokens,), target=1), timeout=60)
+    finally:
+        engine.shutdown()
+    want = ca.FeatureAblation(LAYER_MODELS["tokens"]().eval()).attribute(tokens, target=1)
+    assert_all_close(got.attributions, (want,))
+
+
+def test_sensitivity_max_rerun_computes_no_convergence_delta(engine: Engine) -> None:
+    """A drawing method (GradientShap) is explained again for sensitivity_max, as Captum does; the request's
+    convergence delta belongs to its attribution alone, so the rerun computes none: the rows run are the rows the
+    request declared, and the numbers are Captum's."""
+    infid, sens = {"n_perturb_samples": 3, "noise_scale": 0.05}, {"perturb_radius": 0.05, "n_perturb_samples": 3}
+    params = {"n_samples": 2, "stdevs": 0.1}
+    inputs, args, target, attributions, want_infid, want_sens = captum_reference("mlp", "gradient_shap", params, None, 13, infid, sens)
+    job = AttributionJob(
+        model="mlp", algorithm="gradient_shap", inputs=inputs, params=params, baselines=tuple(torch.zeros((1, *x.shape[1:])) for x in inputs),
+        target=torch.tensor([[t] for t in target]), seed=13, return_convergence_delta=True, evaluate={"infidelity": infid, "sensitivity_max": sens},
+    )
+    before = engine.rows
+    got = engine.attribute(job, timeout=60)
+    assert engine.rows - before == got.timing.rows
+    assert got.convergence_delta is not None and got.convergence_delta.shape == (3 * 2,)
+    assert_all_close(got.attributions, tuple(a.detach() for a in attributions))
+    assert_metric_close(got.infidelity, want_infid)
+    assert_metric_close(got.sensitivity_max, want_sens)
+
+
+def test_sensitivity_max_of_a_method_built_a_pass_at_a_time_holds_its_examples() -> None:
+    """FeatureAblation builds its rows a pass at a time, so explaining the perturbed inputs holds those examples, not
+    every ablated row (129 an example here): the per-request byte cap takes the request (it once counted 1040 rows held,
+    520 KiB over a 98 KiB cap, and refused it as too big for good), and its numbers are Captum's. A method whose rows are
+    built at once is still counted whole."""
+    from oracle import make_engine
+
+    infid, sens = {"n_perturb_samples": 2, "noise_scale": 0.05}, {"perturb_radius": 0.05, "n_perturb_samples": 3}
+    model = MODELS["conv"]().eval()
+    (x,), _ = example_inputs("conv", 2, seed=5)
+    want, want_infid, want_sens = captum_quality(model, ca.FeatureAblation(model), {}, None, (x,), (), [0, 2], 9, infid, sens)
+    capped = make_engine(MODELS, max_request_work_bytes=100_000)
+    try:
+        evaluate = {"infidelity": infid, "sensitivity_max": sens}
+        with pytest.raises(ResourceExhausted, match="would hold"):  # IG's 50 steps an example: 500 rows at once, 250 KiB
+            capped.submit(AttributionJob(model="conv", algorithm="integrated_gradients", params={"n_steps": 50}, inputs=(x,), target=0,
+                                         evaluate={"sensitivity_max": sens}))
+        got = capped.attribute(AttributionJob(model="conv", algorithm="feature_ablation", inputs=(x,), target=[0, 2], seed=9, evaluate=evaluate), timeout=60)
+    finally:
+        capped.shutdown()
+    assert_all_close(got.attributions, want)
+    assert_metric_close(got.infidelity, want_infid)
+    assert_metric_close(got.sensitivity_max, want_sens)

@@ -7,6 +7,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attrserve_client import AttributionClient
 from oracle import MODELS, assert_all_close, assert_close, assert_metric_close, captum_quality, example_inputs
@@ -85,8 +86,20 @@ def test_bad_also_entries_are_named(server) -> None:
             client.attribute("mlp", "saliency", x, target=0, also=[{"algorithm": "integrated_gradients", "params": {"n_steps": -3}}])
         with pytest.raises(grpc.RpcError) as layer:
             client.attribute("mlp", "saliency", x, target=0, also=[{"algorithm": "layer_activation", "layer": "nope"}])
+        # checked against the inputs when the engine prepares the entry, not at the edge: still named by its index
+        with pytest.raises(grpc.RpcError) as window:
+            client.attribute("mlp", "saliency", x, target=0, also=[{"algorithm": "saliency"}, {"algorithm": "occlusion", "params": {"sliding_window_shapes": [[2, 2]]}}])
+        got = client.attribute("mlp", "saliency", x + 0.5, target=0, also=[{"algorithm": "occlusion", "params": {"sliding_window_shapes": [[2]]}}])
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "n_steps" in bad.value.details()
     assert layer.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in layer.value.details()
+    assert window.value.code() == grpc.StatusCode.INVALID_ARGUMENT and window.value.details().startswith("also[1]: occlusion.sliding_window_shapes"), window.value.details()
+    # and the server still serves correct answers, and says so
+    model, xt = MODELS["mlp"]().eval(), torch.from_numpy(x + 0.5)
+    assert_all_close((torch.from_numpy(got.attributions),), (ca.Saliency(model).attribute(xt.clone().requires_grad_(), target=0).detach(),))
+    assert_all_close((torch.from_numpy(got.also[0].attributions),), (ca.Occlusion(model).attribute(xt, sliding_window_shapes=(2,), target=0),))
+    with grpc.insecure_channel(server.address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="attrserve.v1.AttributionService"))
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_quality_metrics_in_the_same_request(server) -> None:
