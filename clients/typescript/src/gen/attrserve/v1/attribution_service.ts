@@ -833,7 +833,10 @@ export interface AttributeRequest {
   priority: Priority;
 }
 
-/** Which quality metrics to compute; each is computed when its message is set. */
+/**
+ * Which quality metrics to compute; each is computed when its message is set.
+ * The inputs must be floating point: both metrics add random noise to them.
+ */
 export interface Evaluate {
   infidelity: Infidelity | undefined;
   sensitivityMax: SensitivityMax | undefined;
