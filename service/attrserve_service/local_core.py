@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -46,6 +47,7 @@ class LocalCore:
         self.engine = engine
         self.manager = manager
         self.event_loop = eventloop.running()  # made on the loop that serves it (build_core, create_server)
+        self._changing: set[asyncio.Task] = set()  # loads and unloads under way (_to_the_end)
 
     # -- requests -------------------------------------------------------------------------------------------------
     def submit(self, job: AttributionJob) -> concurrent.futures.Future:
@@ -149,10 +151,24 @@ class LocalCore:
         return await self.manager.index(name)
 
     async def load(self, name: str, version: str = "") -> list[Status]:
-        return await self.manager.load(name, version)
+        return await self._to_the_end(self.manager.load(name, version))
 
     async def unload(self, name: str, version: str = "") -> list[Status]:
-        return await self.manager.unload(name, version)
+        return await self._to_the_end(self.manager.unload(name, version))
+
+    def _to_the_end(self, change: Coroutine[Any, Any, list[Status]]) -> asyncio.Future[list[Status]]:
+        """A load or unload runs to its end when its caller leaves (a LoadModel's deadline, a cancel), as the engine
+        process runs a call (engine_main): cancelled with its caller, it stopped between a model's versions, some loaded
+        and some not. An error nobody waits for any more is dropped, as the front drops a late reply."""
+        task = asyncio.ensure_future(change)
+        self._changing.add(task)  # the event loop holds its tasks weakly
+        task.add_done_callback(self._changed)
+        return asyncio.shield(task)
+
+    def _changed(self, task: asyncio.Task) -> None:
+        self._changing.discard(task)
+        if not task.cancelled():
+            task.exception()  # (retrieved: asyncio logs a failed task's error that nobody retrieved)
 
     async def poll_forever(self, interval: float) -> None:
         await self.manager.poll_forever(interval)
