@@ -279,6 +279,13 @@ async def serve(config: ServerConfig, launched: Launched | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain; returns how many accepted requests were lost. `launched`: the engine
     process, started by the command line before this process imported torch (launch.py)."""
     running = await create_server(config, launched=launched)
+    # SIGTERM drains from the moment the port is open (before, the handlers came after the "listening" line, and a
+    # SIGTERM in between killed the process with the requests it had accepted). While the models load it still ends
+    # the process at once: nothing was accepted yet.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     settle_heap()
     # The front's heap after a surge (heap.py): where the engine's tensors are not in it, and its malloc is glibc tuned.
     keeper = (
@@ -302,10 +309,6 @@ async def serve(config: ServerConfig, launched: Launched | None = None) -> int:
     # One line a supervisor (or a test that bound port 0) can read the ports from.
     scraped = f" (metrics on {config.host}:{running.metrics_port})" if running.metrics_port is not None else ""
     print(f"attrserve listening on {config.host}:{running.port}{scraped}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining")
     if keeping is not None:
