@@ -24,11 +24,10 @@ import torch
 from attrserve_engine import AttributionJob, EngineObserver, PassStats
 from attrserve_engine.engine import release_free_memory
 from attrserve_engine.errors import AttributionError
-from attrserve_engine.limits import cpu_limit
 from attrserve_service import eventloop, heap, logs
 from attrserve_service.core import ANSWERS, ERROR_ID, settle_heap
 from attrserve_service.frames import FrameReader, frame_of, send_parts
-from attrserve_service.launch import EXIT_STUCK, intra_op_threads
+from attrserve_service.launch import EXIT_STUCK, intra_op_threads, threads_said
 from attrserve_service.local_core import LocalCore, build_core
 from attrserve_service.quarantine import Board
 from attrserve_service.repository import CONTROL_POLL, RepositoryError
@@ -264,11 +263,7 @@ async def _engine_main(fd_in: int, fd_out: int, fd_board: int) -> int:
     out.send(("started",))  # the front's heartbeat asks from now on: no model's code has run yet
     logs.configure(log_level, log_format)
     torch.set_num_threads(intra_op_threads(config))
-    log.info(
-        "torch intra-op threads: %d (this process may use %.3g cores, by its CPU affinity and CPU quota)",
-        torch.get_num_threads(),
-        cpu_limit(),
-    )
+    log.info("%s", threads_said(torch.get_num_threads()))
     building = asyncio.ensure_future(build_core(config, lambda core: [_Forward(out, core, board, keys)], only, probes, skip))
     await asyncio.wait([building, asyncio.ensure_future(gone.wait())], return_when=asyncio.FIRST_COMPLETED)
     if not building.done():

@@ -129,6 +129,11 @@ def intra_op_threads(config: ServerConfig) -> int:
     return config.engine_threads or max(1, math.ceil(cpu_limit()) - 1)
 
 
+def threads_said(threads: int) -> str:
+    """The log line that tells an engine's torch intra-op threads, in either layout."""
+    return f"torch intra-op threads: {threads} (this process may use {cpu_limit():.3g} cores, by its CPU affinity and CPU quota)"
+
+
 def in_process_threads(config: ServerConfig, torch_default: int) -> int:
     """Torch's intra-op threads for an engine in the front end's own process (--no-engine-process): as configured,
     else torch's default (its count of cores, which ignores a CPU quota) capped by cpu_limit, rounded up."""

@@ -137,6 +137,7 @@ async def _start_core(config: ServerConfig, engine: Engine | None, launched: Lau
     import torch  # (local_core imported it)
 
     torch.set_num_threads(launch.in_process_threads(config, torch.get_num_threads()))
+    log.info("%s", launch.threads_said(torch.get_num_threads()))
     local = await build_core(config, lambda core: [metrics.EngineMetrics(core)])
     return local, local.engine
 

@@ -1993,11 +1993,13 @@ def test_without_cgroup_files_the_cores_are_the_affinity(tmp_path: Path) -> None
     assert limits_module.cpu_limit(str(tmp_path / "no such process")) == len(os.sched_getaffinity(0))
 
 
-def test_engine_threads_reach_the_models_even_above_the_cores(repo: Path) -> None:
+@pytest.mark.parametrize("layout", [[], ["--no-engine-process"]], ids=["engine-process", "one-process"])
+def test_engine_threads_reach_the_models_even_above_the_cores(repo: Path, layout: list[str]) -> None:
     """An explicit --engine-threads is what the engine's models run with (GetModel), as the log says, even above the
-    cores the process may use: 3a8ad3c's cap of an Engine's default at the cores capped it again, to 2 here."""
+    cores the process may use: 3a8ad3c's cap of an Engine's default at the cores capped it again, to 2 here. With
+    --no-engine-process the log said nothing of the threads."""
     threads = len(os.sched_getaffinity(0)) + 1
-    args = ["--model-repository", str(repo), "--no-batch-probe", "--engine-threads", str(threads)]
+    args = ["--model-repository", str(repo), "--no-batch-probe", "--engine-threads", str(threads), *layout]
     with ServeProcess(args) as server, AttributionClient(server.address) as client:
         assert client.get_model("good").config.intra_op_threads == threads
         np.testing.assert_allclose(client.attribute("good", "integrated_gradients", X, target=TARGET, timeout=60).attributions, captum(1), atol=1e-5)
