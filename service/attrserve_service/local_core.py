@@ -13,10 +13,8 @@ import torch
 
 from attrserve.v1 import attribution_service_pb2 as pb
 from attrserve.v1 import model_config_pb2 as mc
-from attrserve_engine import AttributionJob, Engine, EngineObserver, InvalidArgument, ModelRecord, ModelState, NotFound
-from attrserve_engine.algorithms.noise_tunnel import parse_noise_tunnel
+from attrserve_engine import AttributionJob, Engine, EngineObserver, ModelRecord, ModelState
 from attrserve_engine.engine import Probes, memory_allocated
-from attrserve_engine.errors import AttributionError, shown
 from attrserve_service import eventloop, frames
 from attrserve_service.config import ServerConfig, effective_config, spec_config
 from attrserve_service.convert import Job, Result, algorithm_enum
@@ -52,7 +50,6 @@ class LocalCore:
     # -- requests -------------------------------------------------------------------------------------------------
     def submit(self, job: AttributionJob) -> concurrent.futures.Future:
         """Validate and queue a job of torch tensors (the `also` entries first, so their errors name their index)."""
-        self._check_also(job)
         return self.engine.submit(job)
 
     async def attribute(self, job: Job) -> Result:
@@ -67,39 +64,6 @@ class LocalCore:
             model if model in self.engine.served.names() else "unknown",
             algorithm if algorithm in self.engine.algorithms else "unknown",
         )
-
-    def _check_also(self, job: AttributionJob) -> None:
-        """What can be checked of each `also` entry before the engine sees the job, with the entry's index in the
-        message: its algorithm, parameters, noise tunnel, layer and convergence delta (the engine checks them again)."""
-        if not job.also:
-            return
-        try:
-            model = self.engine.get_model(job.model, job.model_version)
-        except AttributionError:
-            return  # the engine says why
-        dtypes = [x.dtype for x in job.inputs]
-        limits = self.engine.limits.algorithm_limits
-        for i, spec in enumerate(job.also):
-            try:
-                algorithm = self.engine.algorithms.get(spec.algorithm)
-                if algorithm is None:
-                    raise InvalidArgument(f"unknown algorithm {shown(spec.algorithm)}; GetModel lists what the model serves")
-                refusal = algorithm.refusal(model, dtypes)
-                if refusal:
-                    raise InvalidArgument(refusal)
-                algorithm.parse_params(dict(spec.params), limits)
-                if spec.noise_tunnel is not None:
-                    parse_noise_tunnel(dict(spec.noise_tunnel), limits)
-                if algorithm.layer_method and not spec.layer:
-                    raise InvalidArgument(f"{spec.algorithm} needs `layer`, a dotted module path; GetModel lists the model's layers")
-                if algorithm.layer_method and spec.layer not in model.layers:
-                    raise NotFound(f"model {model.name!r} has no layer {shown(spec.layer)}")
-                if spec.layer and not algorithm.layer_method:
-                    raise InvalidArgument(f"layer is only for layer methods; {spec.algorithm} attributes to the inputs")
-                if spec.return_convergence_delta and not algorithm.has_convergence_delta:
-                    raise InvalidArgument(f"{spec.algorithm} has no convergence delta; do not set return_convergence_delta")
-            except (InvalidArgument, NotFound) as e:
-                raise (NotFound if isinstance(e, NotFound) else InvalidArgument)(f"also[{i}]: {e}") from None
 
     # -- models -----------------------------------------------------------------------------------------------------
     async def model_infos(self) -> list[pb.ModelInfo]:
