@@ -268,6 +268,12 @@ def _pass(model: LoadedModel, module: torch.nn.Module, segments: list[Block]) ->
             out = model.forward(*xs, *args, module=module)  # (R, *out_shape)
             # Neuron methods explain one unit of the layer instead of the model's output.
             explained = out
+            if first.select and not first.objective_layer and out.dtype == torch.bool:
+                # Captum subtracts outputs (FeatureAblation, Occlusion, Shapley values, FeaturePermutation raise on bool).
+                raise InvalidArgument(
+                    f"model {model.name!r} returns a bool tensor; the explained output must be numbers (logits, probabilities, "
+                    "scores): return one, or pick it with the config's output.key or output.index"
+                )
             if first.objective_layer:
                 if layer_hook is None or layer_hook.activations is None:
                     raise InvalidArgument(f"layer {first.layer!r} did not run in the model's forward")

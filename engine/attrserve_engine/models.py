@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import math
 import os
@@ -348,9 +349,13 @@ class LoadedModel:
         return out
 
     def example_inputs(self) -> tuple[Tensor, ...] | None:
-        """One zero example per input when the config pins every dim; None otherwise."""
+        """One zero example per input when the config pins every dim; None otherwise, and where forward needs more
+        positional arguments than the inputs (additional_forward_args, such as a padding mask: no config describes them,
+        so the load-time passes cannot make them up and the model is served as one with open shapes)."""
         specs = self.spec.inputs
         if not specs or not all(s.dims is not None and all(d > 0 for d in s.dims) for s in specs):
+            return None
+        if _required_positional(self.module) > len(specs):
             return None
         return tuple(torch.zeros((1, *(s.dims or ())), dtype=s.dtype or torch.float32) for s in specs)  # dims: all set (checked above)
 
@@ -420,6 +425,19 @@ class LoadedModel:
                     want = "(n, " + ", ".join("*" if d == -1 else str(d) for d in s.dims) + ")"
                     raise InvalidArgument(f"{label}: expected shape {want}, got {tuple(x.shape)}")
         return tuple(out), tuple(casts)
+
+
+def _required_positional(module: nn.Module) -> int:
+    """How many positional arguments `module`'s forward cannot do without (0 where its signature does not say)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        schema = getattr(getattr(module, "forward", None), "schema", None)  # arguments[0] is self
+        return sum(not a.has_default_value() and not a.kwarg_only for a in schema.arguments[1:]) if schema else 0
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional and p.default is inspect.Parameter.empty for p in parameters)
 
 
 def _float32(out: Any) -> Any:

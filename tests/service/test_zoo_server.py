@@ -158,3 +158,126 @@ def test_get_model_refusals_are_the_engines(server: ServerThread) -> None:
     scripted = {r.name: r.reason for r in infos[SCRIPTED_FOLDER].refused}
     assert "TorchScript" in scripted["deep_lift"] and "TorchScript" in scripted["layer_integrated_gradients"]
     assert "guided_backprop" not in scripted  # Captum's plain gradient: served
+
+
+MASKED_MODEL_PY = """
+import torch
+from torch import nn
+
+
+class Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.l1 = nn.Linear(5, 8)
+        self.relu = nn.ReLU()
+        self.l2 = nn.Linear(8, 3)
+
+    def forward(self, x, mask):  # the mask arrives as an additional forward argument
+        return self.l2(self.relu(self.l1(x * mask)))
+
+
+def build_model():
+    return Masked()
+"""
+
+
+def test_a_model_with_additional_forward_args_and_pinned_shapes_loads_and_serves(tmp_path: Path) -> None:
+    """config.pbtxt pins the inputs of a model whose forward also takes a mask: no config describes the mask, so the
+    load-time warm-up cannot run it and must not try (it failed the load with forward's TypeError); requests that send
+    the mask as additional_forward_args get Captum's numbers, and health says SERVING."""
+    import captum.attr as ca
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    folder = tmp_path / "masked"
+    folder.mkdir()
+    (folder / "model.py").write_text(MASKED_MODEL_PY)
+    (folder / "config.pbtxt").write_text('inputs { name: "x" dtype: DATA_TYPE_FLOAT32 dims: 5 }\n')
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.3, -0.7], [1.5, 0.2, -0.4, 1.1, 0.9], [-0.3, 0.8, 0.6, -1.2, 0.4]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 0.0]])
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False)
+    s = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=tmp_path, limits=limits, engine_process=False))
+    try:
+        with AttributionClient(s.address) as client:
+            info = client.get_model("masked")
+            assert info.ready, info.reason
+            sent = {"target": [0, 1, 2], "additional_forward_args": [mask.numpy()], "params": {"n_steps": 8}}
+            ig = client.attribute("masked", "integrated_gradients", x.numpy(), **sent)
+            lig = client.attribute("masked", "layer_integrated_gradients", x.numpy(), layer="l1", **sent)
+        with grpc.insecure_channel(s.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="attrserve.v1.AttributionService"))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        s.stop()
+    namespace: dict = {}
+    exec(MASKED_MODEL_PY, namespace)
+    model = namespace["build_model"]().eval()
+    want_ig = ca.IntegratedGradients(model).attribute(x, target=[0, 1, 2], additional_forward_args=(mask,), n_steps=8)
+    want_lig = ca.LayerIntegratedGradients(model, model.l1).attribute(x, target=[0, 1, 2], additional_forward_args=(mask,), n_steps=8)
+    assert_all_close((torch.from_numpy(np.asarray(ig.attributions)),), (want_ig.detach(),))
+    assert_all_close((torch.from_numpy(np.asarray(lig.attributions)),), (want_lig.detach(),))
+
+
+BOOL_MODEL_PY = """
+import torch
+from torch import nn
+
+
+class Decision(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(x) > 0  # a decision, not a score
+"""
+
+
+def test_a_model_returning_bools_is_refused_naming_why_and_the_server_serves_on(tmp_path: Path) -> None:
+    """A bool output cannot be explained: Captum's perturbation methods subtract outputs and raise (a RuntimeError the
+    server answered INTERNAL; ShapleyValues, Lime and KernelShap answered numbers). Every algorithm that explains the
+    output is refused with INVALID_ARGUMENT saying why; a numeric model beside it still gets Captum's numbers, and
+    health says SERVING."""
+    import captum.attr as ca
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for name, source in (("decision", BOOL_MODEL_PY + "\n\ndef build_model():\n    return Decision()\n"), ("masked", MASKED_MODEL_PY)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.py").write_text(source)
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.3, -0.7], [1.5, 0.2, -0.4, 1.1, 0.9]])
+    mask = torch.ones_like(x)
+    refused = {
+        "feature_ablation": None,
+        "occlusion": {"sliding_window_shapes": (1,)},
+        "shapley_value_sampling": {"n_samples": 2},
+        "shapley_values": None,
+        "feature_permutation": None,
+        "lime": {"n_samples": 5},
+        "kernel_shap": {"n_samples": 5},
+    }
+    limits = EngineLimits(default_device="cpu", probe_batch_rows=False)
+    s = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=tmp_path, limits=limits, engine_process=False))
+    try:
+        with AttributionClient(s.address) as client:
+            for algorithm, params in refused.items():
+                with pytest.raises(grpc.RpcError) as err:
+                    client.attribute("decision", algorithm, x.numpy(), target=1, params=params, seed=0, timeout=60)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (algorithm, err.value.details())
+                assert "model 'decision' returns a bool tensor" in err.value.details(), (algorithm, err.value.details())
+            ok = client.attribute("masked", "feature_ablation", x.numpy(), target=1, additional_forward_args=[mask.numpy()], timeout=60)
+        with grpc.insecure_channel(s.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="attrserve.v1.AttributionService"))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        s.stop()
+    namespace: dict = {}
+    exec(BOOL_MODEL_PY, namespace)
+    with pytest.raises(RuntimeError, match="Subtraction, the `-` operator, with two bool tensors"):  # Captum fails too
+        ca.FeatureAblation(namespace["Decision"]().eval()).attribute(x, target=1)
+    namespace = {}
+    exec(MASKED_MODEL_PY, namespace)
+    want = ca.FeatureAblation(namespace["build_model"]().eval()).attribute(x, target=1, additional_forward_args=(mask,))
+    assert_all_close((torch.from_numpy(np.asarray(ok.attributions)),), (want.detach(),))
