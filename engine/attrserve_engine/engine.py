@@ -485,6 +485,8 @@ class Engine:
         target = format_target(job.target, n)
         args = tuple(job.additional_forward_args)
         for j, a in enumerate(args):
+            if not isinstance(a, torch.Tensor):  # (the wire carries tensors; an in-process caller may pass anything)
+                raise InvalidArgument(f"additional_forward_args[{j}] is {type(a).__name__}; send a tensor with one row per example")
             if a.dim() == 0 or a.shape[0] != n:
                 raise InvalidArgument(f"additional_forward_args[{j}] has shape {tuple(a.shape)}; dim 0 must be the {n} examples")
         seed = job.seed if job.seed is not None else _SEEDS.getrandbits(32)

@@ -72,3 +72,14 @@ def test_a_predictions_job_refuses_what_only_an_algorithm_takes(engine, changes,
         setattr(job, key, value)
     with pytest.raises(InvalidArgument, match=message):
         engine.submit(job)
+
+
+@pytest.mark.parametrize("arg", [2, None, "s", [1.0, 2.0]], ids=["int", "None", "str", "list"])
+def test_an_additional_forward_arg_that_is_no_tensor_is_refused_naming_it(engine, arg) -> None:
+    """In process a caller may pass anything as an additional forward argument: one that is no tensor raised
+    AttributeError ('int' object has no attribute 'dim'); it is INVALID_ARGUMENT naming it, and the engine serves on."""
+    job = AttributionJob(model="m", algorithm="saliency", inputs=(X,), target=0, additional_forward_args=(arg,))
+    with pytest.raises(InvalidArgument, match=r"additional_forward_args\[0\] is \w+; send a tensor with one row per example"):
+        engine.submit(job)
+    answer = engine.attribute(AttributionJob(model="m", algorithm="", inputs=(X,), return_outputs=True), timeout=30)
+    torch.testing.assert_close(answer.outputs, Linear3()(X).detach())
