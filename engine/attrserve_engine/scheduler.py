@@ -78,8 +78,8 @@ STUCK_PASS_FACTOR = 20.0
 STUCK_UNMEASURED_FACTOR = 10.0
 # While interactive rows wait, ripe batch rows still get at least one pass in this many (starvation bound).
 BATCH_EVERY = 4
-# Batch requests are admitted only while their model's queue is under this share of its bounds: back-fills
-# never fill the queue that online calls need.
+# Batch requests are admitted only while their model's queue is under this share of its bounds, and the device's
+# requests under this share of max_queued_jobs: back-fills never fill the queue that online calls need.
 BATCH_SHARE = 0.5
 
 
@@ -274,6 +274,10 @@ class Scheduler:
         self._free: weakref.WeakKeyDictionary[LoadedModel, collections.deque[int]] = weakref.WeakKeyDictionary()
         # Per load whose max_batch_rows the probe chose, the rows per pass of each pass kind, tuned on its passes.
         self._tuners: weakref.WeakKeyDictionary[LoadedModel, dict[PassKind, PassSizeTuner]] = weakref.WeakKeyDictionary()
+        # Per load, the measured rows/s of each pass kind (the pass budget's), and under None the model's rate before its
+        # first pass (the probe's): a forward pass runs several times as many rows a second as a gradient pass, so one
+        # rate over both cut a slow model's gradient passes to many times max_pass_seconds after forward traffic.
+        self._rates: weakref.WeakKeyDictionary[LoadedModel, dict[PassKind | None, float]] = weakref.WeakKeyDictionary()
         self._inbox: list[LiveJob] = []
         self._cancelled: list[LiveJob] = []
         self._jobs: set[LiveJob] = set()  # accepted and not finished: inbox, queued or in a pass
@@ -363,14 +367,19 @@ class Scheduler:
 
         An empty queue takes any request (the per-request row cap still applies), so no request is refused
         forever; batch requests may fill only BATCH_SHARE of the bounds."""
+        share = BATCH_SHARE if priority == BATCH else 1.0
         held = sum(backlog.jobs for backlog in self._pending.values())  # abandoned jobs no longer count
-        if held >= self.max_queued_jobs:
-            self._refuse(model, REFUSED_REQUESTS, f"this server holds {held} requests for {self.name}, its limit")
+        if held >= max(1, int(self.max_queued_jobs * share)):
+            self._refuse(
+                model,
+                REFUSED_REQUESTS,
+                f"this server holds {held} requests for {self.name}, its limit"
+                + (f" for batch requests ({BATCH_SHARE:.0%} of {self.max_queued_jobs})" if priority == BATCH else ""),
+            )
         pending = self._pending.get(model, _Backlog())
         queued_rows, queued_bytes = pending.rows, pending.bytes
         if not queued_rows:
             return
-        share = BATCH_SHARE if priority == BATCH else 1.0
         rows_bound = int(self.row_bound(model) * share)
         if queued_rows + rows > rows_bound:
             self._refuse(
@@ -865,7 +874,7 @@ class Scheduler:
         first = [qb for qb in queue if (qb.job.priority == BATCH) == batch_turn]
         tuner = self._tuner(model, queue[0].block.kind)
         size = tuner.take() if tuner is not None else model.max_batch_rows
-        budget = planned = self._pass_budget(model, size)
+        budget = planned = self._pass_budget(model, queue[0].block.kind, size)
         segments: list[tuple[QueuedBlock, Block, int]] = []
         for qb in first + [qb for qb in queue if (qb.job.priority == BATCH) != batch_turn]:
             if budget <= 0:
@@ -910,13 +919,16 @@ class Scheduler:
         """Queued rows that fill a pass of `model`'s `kind` (the queue is ripe then): the size its next pass is cut to,
         within the pass budget, as `_cut` takes it. A queue that already holds a pass's worth does not wait for more."""
         tuner = self._tuner(model, kind)
-        return self._pass_budget(model, tuner.peek() if tuner is not None else model.max_batch_rows)
+        return self._pass_budget(model, kind, tuner.peek() if tuner is not None else model.max_batch_rows)
 
-    def _pass_budget(self, model: LoadedModel, size: int) -> int:
-        """Rows in one pass: `size`, fewer when that would take longer than max_pass_seconds at the model's
-        measured rate (so a slow model does not hold the device for long)."""
-        if model.rows_per_second:
-            return max(1, int(min(size, model.rows_per_second * self.max_pass_seconds)))  # (no int() of a product past any int)
+    def _pass_budget(self, model: LoadedModel, kind: PassKind, size: int) -> int:
+        """Rows in one pass: `size`, fewer when that would take longer than max_pass_seconds at the measured rate of
+        the model's passes of `kind` (until one ran, the slowest rate known), so a slow model does not hold the device
+        for long."""
+        rates = self._rates.get(model)  # (never empty)
+        rate = model.rows_per_second if rates is None else rates.get(kind) or min(rates.values())
+        if rate:
+            return max(1, int(min(size, rate * self.max_pass_seconds)))  # (no int() of a product past any int)
         return size
 
     def _route(self, cut: _Cut, outcomes: list, start: float, seconds: float) -> None:
@@ -926,7 +938,10 @@ class Scheduler:
         rows = sum(part.rows for _, part, _ in segments)
         if seconds > 0 and rows >= cut.budget / 2:  # near-full passes only: small ones pay fixed costs
             rate = rows / seconds
+            rates = self._rates.setdefault(model, {None: model.rows_per_second} if model.rows_per_second else {})
             model.rows_per_second = rate if model.rows_per_second is None else 0.8 * model.rows_per_second + 0.2 * rate
+            kind = segments[0][1].kind
+            rates[kind] = 0.8 * rates[kind] + 0.2 * rate if kind in rates else rate
         if rows:
             per_row = seconds / rows
             model.row_seconds = per_row if model.row_seconds is None else 0.8 * model.row_seconds + 0.2 * per_row

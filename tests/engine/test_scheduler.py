@@ -472,6 +472,35 @@ def test_an_empty_queue_takes_a_request_larger_than_the_bound_and_bytes_are_boun
         s.stop(drain=False)
 
 
+def test_batch_requests_fill_at_most_half_the_devices_requests_bound() -> None:
+    """Many small batch requests, within their model's rows bound, once filled the device's max_queued_requests, and
+    every interactive request was refused."""
+    passes, rec = FakePasses(), Refusals()
+    s = Scheduler("test", 10, [rec], run_pass=passes)
+    m = model(max_batch_rows=8)
+    try:
+        s.hold()
+        batch = [s.submit(prioritized(m, 2.0, "batch", rows=1)) for _ in range(5)]
+        with pytest.raises(ResourceExhausted, match=r"holds 5 requests for test, its limit for batch requests \(50% of 10\)"):
+            s.submit(prioritized(m, 2.0, "batch", rows=1))
+        with pytest.raises(ResourceExhausted, match="holds 5 requests"):
+            s.admit(m, "batch")
+        interactive = [s.submit(prioritized(m, 1.0, "interactive", rows=1)) for _ in range(5)]  # the other half is theirs
+        with pytest.raises(ResourceExhausted, match="holds 10 requests for test, its limit;"):
+            s.submit(prioritized(m, 1.0, "interactive", rows=1))
+        s.release()
+        assert [f.result(5) for f in batch + interactive] == [2.0] * 5 + [1.0] * 5
+        assert rec.refused == [("m", "queue_requests")] * 3
+        assert s.serving() == (True, "") and s.submit(prioritized(m, 3.0, "batch", rows=1)).result(5) == 3.0  # room again
+    finally:
+        s.stop(drain=False)
+    alone = Scheduler("test", 1, [Recorder()], run_pass=FakePasses())
+    try:  # an empty device takes a batch request whatever its bound
+        assert alone.submit(prioritized(m, 2.0, "batch", rows=1)).result(5) == 2.0
+    finally:
+        alone.stop(drain=False)
+
+
 def test_models_on_one_device_take_turns() -> None:
     """A model with a long queue does not make another wait behind all of it (one oldest-first queue did)."""
     passes, rec = FakePasses(), Recorder()
@@ -518,6 +547,38 @@ def test_a_pass_is_cut_to_the_time_budget_at_the_measured_rate() -> None:
         sizes = [rows for _, rows in passes.computed]
         assert sizes[0] == 10 and max(sizes) <= 10 and sum(sizes) == 50  # then ~0.1 s at the measured rate
         assert 60 < m.rows_per_second < 110  # measured from the passes (sleep overshoots a little)
+    finally:
+        s.stop(drain=False)
+
+
+def kind_job(m: LoadedModel, kind: PassKind, rows: int) -> LiveJob:
+    """A job of one block of `rows` rows of pass kind `kind`."""
+
+    def plan():
+        yield [Block(kind=kind, inputs=(torch.ones((rows, 1)),), args=(), target=torch.zeros((rows, 0), dtype=torch.int64))]
+        return Attribution((torch.tensor([0.0]),))
+
+    return LiveJob(model=m, plan_factory=plan, finish=lambda a, live: 0, rows=rows, deadline=None, arrival=time.monotonic())
+
+
+def test_a_pass_budget_follows_the_rate_of_its_own_kind_of_pass() -> None:
+    """A slow model whose forward passes run 20x as many rows a second as its gradient passes: after forward traffic,
+    a gradient pass still holds about max_pass_seconds of work (one rate over both kinds cut it to many times that)."""
+    passes, rec = FakePasses(), Recorder()
+    s = scheduler(passes, rec, max_pass_seconds=0.05)
+    m = model(max_batch_rows=2048)
+    m.rows_per_second = 200.0  # the probe's gradient passes: 0.05 s is 10 rows
+    rate = {PassKind.FORWARD: 4000.0, PassKind.GRADIENT: 200.0}
+    passes.during = lambda segments: time.sleep(sum(b.rows for b in segments) / rate[segments[0].kind])
+    try:
+        for _ in range(10):
+            s.submit(kind_job(m, PassKind.FORWARD, 200)).result(10)  # the forward passes teach their rate
+        s.submit(kind_job(m, PassKind.GRADIENT, 60)).result(10)
+        gradient = [p.rows for p in rec.passes if p.kind == "gradient"]
+        assert sum(gradient) == 60 and max(gradient) <= 12  # ~10 rows, ~0.05 s each (sleep overshoots a little)
+        forward = [p.rows for p in rec.passes if p.kind == "forward"]
+        assert max(forward) > 30  # forward passes still take their own, larger budget (~200 rows)
+        assert s.submit(kind_job(m, PassKind.FORWARD, 1)).result(10) == 0 and s.serving() == (True, "")
     finally:
         s.stop(drain=False)
 
