@@ -32,7 +32,7 @@ import logging
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, NoReturn
 
@@ -330,14 +330,21 @@ class EngineProcess:
             "its event loop, such as a model's code stuck with the GIL held; it was killed"
         )
         self._killed_in_load = bool(loading)
-        for key in loading:
-            self._stuck_loads[key] = (
-                f"the engine process stopped answering for {limit:g} s (stuck_pass_seconds) while this version loaded "
-                "(its code stuck with the GIL held, say) and was killed; the engine processes after it do not load this "
-                "version (a LoadModel, or a change to its files under --model-control poll, loads it again)"
-            )
+        self._skip_loads(
+            loading,
+            f"the engine process stopped answering for {limit:g} s (stuck_pass_seconds) while this version "
+            "loaded (its code stuck with the GIL held, say) and was killed",
+        )
         log.error("%s", self._killed_why)
         proc.kill()
+
+    def _skip_loads(self, keys: Iterable[tuple[str, str]], why: str) -> None:
+        """The engine processes after this one do not run these versions' loads (_stuck_loads), saying `why`."""
+        for key in keys:
+            self._stuck_loads[key] = (
+                f"{why}; the engine processes after it do not load this version (a LoadModel, or a change to its files "
+                "under --model-control poll, loads it again)"
+            )
 
     async def _answered_within(self, ask: Any, seconds: float, pid: int) -> None:
         """Await `ask` (a heartbeat's question); if it takes longer than `seconds`, say NOT_SERVING meanwhile."""
@@ -498,13 +505,11 @@ class EngineProcess:
             reason = f"the engine process {pid} closed its connection and did not exit within {_REAP_S:g} s; it was killed"
         else:
             reason = f"the engine process {pid} exited ({describe_exit(code)})"
-            if self._loading and not self._closing:  # it died in a model's code (os._exit, a crash, the OOM killer)
+            # It died in a load's model code (os._exit, a crash, the OOM killer) where no pass ran: a pass that ran is
+            # the suspect instead (quarantine), and the loads beside it load again.
+            if self._loading and not self._closing and not (self._board.computing() if self._board is not None else None):
                 in_a_load = True
-                for key in sorted(self._loading):
-                    self._stuck_loads[key] = (
-                        f"{reason} while this version loaded; the engine processes after it do not load this version "
-                        "(a LoadModel, or a change to its files under --model-control poll, loads it again)"
-                    )
+                self._skip_loads(sorted(self._loading), f"{reason} while this version loaded")
         self.reason = reason
         self._silent = ""  # (the death's reason is health's now)
         lost: Unavailable

@@ -634,3 +634,37 @@ def test_the_start_up_line_names_the_models_that_serve_and_those_that_do_not(tmp
     write(tmp_path / "broken", BROKEN)
     with ServeProcess(["--model-repository", str(tmp_path), "--no-batch-probe"]) as server:
         assert "attrserve serving good (not serving: broken v1: unavailable) on " in server.output(), server.output()
+
+
+def test_a_pass_that_ends_the_engine_process_while_a_load_runs_leaves_the_load_to_the_next_one(tmp_path: Path) -> None:
+    """The engine process exits while a pass runs (a query of death) and a load runs beside it: the pass is the suspect,
+    and the load is not skipped by the engine processes after it (a load that ends the process is; blaming every load
+    that ran at a death left a version a poll had just added UNAVAILABLE until its files changed)."""
+    gate = tmp_path / "gate"
+    write(tmp_path / "repo" / "good", mlp(1))
+    crash_on = "    def forward(self, x):\n        if bool((x == 4242.0).any()):\n            import os, time\n            time.sleep(1.0)\n            os._exit(13)\n        return super().forward(x)\n"
+    write(tmp_path / "repo" / "crashy", mlp(2).replace("def build_model():", "class Crashy(nn.Sequential):\n" + crash_on + "\n\ndef build_model():")
+          .replace("return nn.Sequential(", "return Crashy("))
+    server = start(tmp_path / "repo", model_control="poll", repository_poll_seconds=0.1)
+    try:
+        with AttributionClient(server.address, retry=NO_RETRY) as client:
+            np.testing.assert_allclose(ig(client, "crashy").attributions, captum(2), atol=1e-5)
+            write(tmp_path / "repo" / "slow", mlp(3, first=f"    import os, time\n    while not os.path.exists({str(gate)!r}):\n        time.sleep(0.02)\n"))
+            wait_for(lambda: bool(server.running.core._loading), "the poll to start loading `slow`")
+            with pytest.raises(grpc.RpcError) as crashed:
+                client.attribute("crashy", "saliency", np.full((1, 4), 4242.0, np.float32), target=0, timeout=30)
+            assert crashed.value.code() == grpc.StatusCode.UNAVAILABLE and "exit code 13" in crashed.value.details()
+            gate.touch()
+
+            def slow_serves() -> bool:
+                try:
+                    return states(client).get(("slow", "1"), ("",))[0] == "MODEL_STATE_READY" and health(server.address) == SERVING
+                except grpc.RpcError:  # UNAVAILABLE while the next engine process starts
+                    return False
+
+            wait_for(slow_serves, "the next engine process to load `slow`", timeout=120, every=0.2)
+            assert ("slow", "1") not in server.running.core._stuck_loads
+            for name, seed in (("slow", 3), ("good", 1)):
+                np.testing.assert_allclose(ig(client, name).attributions, captum(seed), atol=1e-5)
+    finally:
+        server.stop()
