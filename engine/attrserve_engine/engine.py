@@ -36,7 +36,7 @@ from attrserve_engine.errors import (
 )
 from attrserve_engine.evaluation import EvaluateParams, evaluated, parse_evaluate
 from attrserve_engine.events import REFUSED_DEADLINE, EngineObserver, ModelState, Observers, PassStats
-from attrserve_engine.formatting import check_inputs, format_baselines, format_feature_masks
+from attrserve_engine.formatting import check_inputs, check_tensor, format_baselines, format_feature_masks
 from attrserve_engine.job import AlgorithmResult, AlgorithmSpec, AttributionJob, AttributionResult, InputCast, JobTiming
 from attrserve_engine.limits import EngineLimits, cpu_limit, memory_limit
 from attrserve_engine.models import (
@@ -485,9 +485,7 @@ class Engine:
         target = format_target(job.target, n)
         args = tuple(job.additional_forward_args)
         for j, a in enumerate(args):
-            if not isinstance(a, torch.Tensor):  # (the wire carries tensors; an in-process caller may pass anything)
-                raise InvalidArgument(f"additional_forward_args[{j}] is {type(a).__name__}; send a tensor with one row per example")
-            if a.dim() == 0 or a.shape[0] != n:
+            if check_tensor(a, f"additional_forward_args[{j}]", "a tensor with one row per example").dim() == 0 or a.shape[0] != n:
                 raise InvalidArgument(f"additional_forward_args[{j}] has shape {tuple(a.shape)}; dim 0 must be the {n} examples")
         seed = job.seed if job.seed is not None else _SEEDS.getrandbits(32)
         if not 0 <= seed <= MAX_SEED:
@@ -499,8 +497,8 @@ class Engine:
         for i, spec in enumerate(job.also):
             try:
                 calls.append(self._prepare_call(spec, job, model, inputs, target, args, seed))
-            except (InvalidArgument, NotFound) as e:  # the entry's index, as for the checks the service edge makes first
-                raise type(e)(f"also[{i}]: {e}") from None
+            except (InvalidArgument, NotFound) as e:  # the entry's index (as the engine's class: a plugin's own may take other arguments)
+                raise (NotFound if isinstance(e, NotFound) else InvalidArgument)(f"also[{i}]: {e}") from None
         evaluate = parse_evaluate(dict(job.evaluate), self.limits.algorithm_limits, [x.dtype for x in inputs]) if job.evaluate else None
         # the outputs' forward rows are built at once: held as well as counted
         outputs = n if job.return_outputs else 0

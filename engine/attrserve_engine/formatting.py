@@ -18,13 +18,21 @@ from attrserve_engine.job import AttributionJob, InputCast
 from attrserve_engine.models import LoadedModel
 
 
+def check_tensor(value: object, label: str, what: str = "a tensor") -> Tensor:
+    """`value` where it is a tensor; else INVALID_ARGUMENT naming `label` (the wire carries tensors, an in-process
+    caller may pass anything: an int's missing .dim() was an AttributeError, INTERNAL)."""
+    if not isinstance(value, Tensor):
+        raise InvalidArgument(f"{label} is {type(value).__name__}; send {what}")
+    return value
+
+
 def check_inputs(job: AttributionJob, model: LoadedModel) -> tuple[tuple[Tensor, ...], tuple[InputCast, ...]]:
     """The job's inputs checked against the model, in the dtypes it computes in, and the casts made to get them."""
     inputs = tuple(job.inputs)
     if not inputs:
         raise InvalidArgument("inputs is empty; send one tensor per model input")
     for i, x in enumerate(inputs):
-        if x.dim() == 0:
+        if check_tensor(x, f"inputs[{i}]").dim() == 0:
             raise InvalidArgument(f"inputs[{i}] is a scalar; dim 0 must index examples")
         if x.shape[0] != inputs[0].shape[0]:
             raise InvalidArgument(f"inputs[{i}] has {x.shape[0]} examples but inputs[0] has {inputs[0].shape[0]}")
@@ -71,7 +79,7 @@ def format_baselines(baselines: tuple, inputs: tuple[Tensor, ...], distribution:
         if b is None or isinstance(b, (int, float)):
             out.append(scalar_filled(functools.partial(constant_baseline, feature_shape, x.dtype), b or 0, x.dtype, f"baselines[{i}]"))
             continue
-        if b.dim() == 0:
+        if check_tensor(b, f"baselines[{i}]", "a number or a tensor").dim() == 0:
             b = b.reshape(1, *([1] * len(feature_shape)))
         elif b.dim() == x.dim() - 1:
             b = b.unsqueeze(0)
@@ -103,7 +111,7 @@ def format_feature_masks(masks: tuple, inputs: tuple[Tensor, ...]) -> tuple[Tens
         raise InvalidArgument(f"give one feature mask per input ({len(inputs)}) or none, got {len(masks)}")
     out = []
     for i, (m, x) in enumerate(zip(masks, inputs)):
-        if m.is_floating_point() or m.dtype == torch.bool:
+        if check_tensor(m, f"feature_masks[{i}]").is_floating_point() or m.dtype == torch.bool:
             raise InvalidArgument(f"feature_masks[{i}] must hold integer feature ids, got dtype {str(m.dtype).replace('torch.', '')}")
         # In numpy: this runs on the engine process's event loop, where a torch call or a freed tensor hands the GIL to
         # the worker (docs/ARCHITECTURE.md, "Threads, the GIL and the hot path"); np.from_dlpack makes no tensor.

@@ -75,11 +75,20 @@ def test_a_predictions_job_refuses_what_only_an_algorithm_takes(engine, changes,
 
 
 @pytest.mark.parametrize("arg", [2, None, "s", [1.0, 2.0]], ids=["int", "None", "str", "list"])
-def test_an_additional_forward_arg_that_is_no_tensor_is_refused_naming_it(engine, arg) -> None:
-    """In process a caller may pass anything as an additional forward argument: one that is no tensor raised
-    AttributeError ('int' object has no attribute 'dim'); it is INVALID_ARGUMENT naming it, and the engine serves on."""
-    job = AttributionJob(model="m", algorithm="saliency", inputs=(X,), target=0, additional_forward_args=(arg,))
-    with pytest.raises(InvalidArgument, match=r"additional_forward_args\[0\] is \w+; send a tensor with one row per example"):
-        engine.submit(job)
+@pytest.mark.parametrize("field", ["additional_forward_args", "inputs", "baselines", "feature_masks"])
+def test_a_tensor_field_that_holds_no_tensor_is_refused_naming_it(engine, field, arg) -> None:
+    """In process a caller may pass anything where a job holds tensors: an input, baseline, feature mask or additional
+    forward argument that is no tensor raised AttributeError ('int' object has no attribute 'dim'), INTERNAL; it is
+    INVALID_ARGUMENT naming it (a number or None is a baseline, Captum's scalar), and the engine serves on."""
+    fields = {"inputs": (X,), field: (X, arg) if field == "inputs" else (arg,)}
+    algorithm = "feature_ablation" if field == "feature_masks" else "integrated_gradients" if field == "baselines" else "saliency"
+    job = AttributionJob(model="m", algorithm=algorithm, target=0, **fields)
+    if field == "inputs":
+        job.inputs = (arg,)
+    if field == "baselines" and (arg is None or isinstance(arg, int)):
+        engine.attribute(job, timeout=30)  # a scalar baseline, or none
+    else:
+        with pytest.raises(InvalidArgument, match=rf"{field}\[0\] is \w+; send (a tensor|a number or a tensor)"):
+            engine.submit(job)
     answer = engine.attribute(AttributionJob(model="m", algorithm="", inputs=(X,), return_outputs=True), timeout=30)
     torch.testing.assert_close(answer.outputs, Linear3()(X).detach())
