@@ -129,7 +129,12 @@ SETTINGS: tuple[Setting, ...] = (
         int,
         "BYTES",
     ),
-    Setting("--max-queued-requests", "limits.max_queued_requests", "requests in flight per device before new ones are refused", int),
+    Setting(
+        "--max-queued-requests",
+        "limits.max_queued_requests",
+        "requests in flight per device before new ones are refused (batch requests: half of it)",
+        int,
+    ),
     Setting(
         "--max-queued-rows",
         "limits.default_max_queued_rows",

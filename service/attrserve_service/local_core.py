@@ -49,7 +49,7 @@ class LocalCore:
 
     # -- requests -------------------------------------------------------------------------------------------------
     def submit(self, job: AttributionJob) -> concurrent.futures.Future:
-        """Validate and queue a job of torch tensors (the `also` entries first, so their errors name their index)."""
+        """Validate and queue a job of torch tensors (Engine.submit; an `also` entry's errors name its index)."""
         return self.engine.submit(job)
 
     async def attribute(self, job: Job) -> Result:
