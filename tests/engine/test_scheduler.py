@@ -577,7 +577,7 @@ def test_a_pass_budget_follows_the_rate_of_its_own_kind_of_pass() -> None:
         gradient = [p.rows for p in rec.passes if p.kind == "gradient"]
         assert sum(gradient) == 60 and max(gradient) <= 12  # ~10 rows, ~0.05 s each (sleep overshoots a little)
         forward = [p.rows for p in rec.passes if p.kind == "forward"]
-        assert max(forward) > 30  # forward passes still take their own, larger budget (~200 rows)
+        assert max(forward) > 12  # forward passes still take their own, larger budget (~200 rows; more than a gradient pass's however busy the machine)
         assert s.submit(kind_job(m, PassKind.FORWARD, 1)).result(10) == 0 and s.serving() == (True, "")
     finally:
         s.stop(drain=False)

@@ -107,8 +107,11 @@ def test_a_stream_whose_client_stops_reading_stops_taking_work(tmp_path) -> None
         with grpc.insecure_channel(s.address, options=options) as channel:
             rows = engine.rows
             stream = pb_grpc.AttributionServiceStub(channel).AttributeStream(iter(requests), timeout=120)
-            quiet, seen, until = time.monotonic(), rows, time.monotonic() + 60
-            while time.monotonic() - quiet < 1.0 and time.monotonic() < until:  # until the engine has been idle for 1 s
+            until = time.monotonic() + 60
+            while engine.rows - rows < 4 * 512 and time.monotonic() < until:  # the stream's first 4, however slow the machine
+                time.sleep(0.05)
+            quiet, seen = time.monotonic(), engine.rows
+            while time.monotonic() - quiet < 1.0 and time.monotonic() < until:  # then until the engine has been idle for 1 s
                 time.sleep(0.05)
                 if engine.rows != seen or engine.in_flight():
                     quiet, seen = time.monotonic(), engine.rows
@@ -287,12 +290,13 @@ def test_drain_answers_what_open_streams_took_then_ends_them() -> None:
     before = {code: handled(code) for code in ("OK", "UNAVAILABLE")}
     item = [pb.AttributeStreamRequest(request=AttributionClient.build_request("slow", "saliency", X[:1] * (k + 1), target=0, request_id=f"r{k}"))
             for k in range(5)]
-    drained, finish = threading.Event(), threading.Event()
+    drained, finish, sent_r4 = threading.Event(), threading.Event(), threading.Event()
 
     def kept_open():
         yield from item[:3]
         drained.wait(30)
         yield item[4]  # sent during the drain
+        sent_r4.set()  # (gRPC asks for the next request once it has sent this one)
         finish.wait(30)
 
     def read(stream, into: list) -> None:
@@ -319,7 +323,7 @@ def test_drain_answers_what_open_streams_took_then_ends_them() -> None:
                     assert time.monotonic() < until, "the drain never began"
                     time.sleep(0.01)
                 drained.set()
-                time.sleep(0.2)  # r4 reaches the server
+                assert sent_r4.wait(30), "the client never sent r4"
             lost = stopping.result(30)
             finish.set()
             for reader in readers:
