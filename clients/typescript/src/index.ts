@@ -205,17 +205,17 @@ function castTo(values: ArrayLike<number | bigint>, dtype: DType, label: string)
       return Float64Array.from(values as ArrayLike<number>, (v, i) => num(v, label, i));
     case "int64": {
       const out = new BigInt64Array(n);
-      for (let i = 0; i < n; i++) out[i] = fits(integer(values[i], `${label}[${i}]`), dtype, `${label}[${i}]`);
+      for (let i = 0; i < n; i++) out[i] = intOf(values[i], dtype, `${label}[${i}]`);
       return out;
     }
     case "int32":
-      return Int32Array.from(values as ArrayLike<number>, (v, i) => Number(fits(integer(v, `${label}[${i}]`), dtype, `${label}[${i}]`)));
+      return Int32Array.from(values as ArrayLike<number>, (v, i) => Number(intOf(v, dtype, `${label}[${i}]`)));
     case "int16":
-      return Int16Array.from(values as ArrayLike<number>, (v, i) => Number(fits(integer(v, `${label}[${i}]`), dtype, `${label}[${i}]`)));
+      return Int16Array.from(values as ArrayLike<number>, (v, i) => Number(intOf(v, dtype, `${label}[${i}]`)));
     case "int8":
-      return Int8Array.from(values as ArrayLike<number>, (v, i) => Number(fits(integer(v, `${label}[${i}]`), dtype, `${label}[${i}]`)));
+      return Int8Array.from(values as ArrayLike<number>, (v, i) => Number(intOf(v, dtype, `${label}[${i}]`)));
     case "uint8":
-      return Uint8Array.from(values as ArrayLike<number>, (v, i) => Number(fits(integer(v, `${label}[${i}]`), dtype, `${label}[${i}]`)));
+      return Uint8Array.from(values as ArrayLike<number>, (v, i) => Number(intOf(v, dtype, `${label}[${i}]`)));
     case "bool":
       return Uint8Array.from(values as ArrayLike<number>, (v) => (v ? 1 : 0));
     case "float16":
@@ -246,6 +246,11 @@ const RANGE: Partial<Record<DType, [bigint, bigint]>> = {
   int8: [-128n, 127n],
   uint8: [0n, 255n],
 };
+
+/** `v` as an integer that `dtype` (an integer dtype) holds; else INVALID_ARGUMENT naming `label`. */
+function intOf(v: unknown, dtype: DType, label: string): bigint {
+  return fits(integer(v, label), dtype, label);
+}
 
 /** `v` when `dtype` (an integer dtype) holds it; else INVALID_ARGUMENT naming `label`. */
 function fits(v: bigint, dtype: DType, label: string): bigint {
@@ -527,11 +532,11 @@ const PARAMS: Record<string, MessageCodec<object>> = {
 function targetIndex(value: number | readonly number[], label: string): pb.TargetIndex {
   const items = typeof value === "number" ? [value] : value;
   if (!Array.isArray(items)) throw invalid(`${label}: expected an integer or a list of integers, got ${shown(value)}`);
-  return { index: items.map((v, i) => fits(integer(v, `${label}[${i}]`), "int64", `${label}[${i}]`)) };
+  return { index: items.map((v, i) => intOf(v, "int64", `${label}[${i}]`)) };
 }
 
 function target(value: TargetLike): pb.Target {
-  if (typeof value === "number" || typeof value === "bigint") return { index: fits(integer(value, "target"), "int64", "target") };
+  if (typeof value === "number" || typeof value === "bigint") return { index: intOf(value, "int64", "target") };
   if (Array.isArray(value)) {
     return { perExample: { indices: value.map((t: number | readonly number[], i) => targetIndex(t, `target[${i}]`)) } };
   }
