@@ -425,8 +425,14 @@ def test_the_front_and_the_engine_process_hand_back_the_memory_a_surge_of_large_
             time.sleep(0.5)
         print(f"the engine process's RSS: {engine_start} MiB at the start, {engine_end} after the surge, {engine_now} later")
         assert engine_now - engine_start <= BACK_NEAR, server.output()[-3000:]
-        released = [int(mib) for mib in re.findall(r"idle for 10 s: released (\d+) MiB of the engine process's", server.output())]
-        assert released, server.output()[-3000:]
+        # Who handed it back: the keeper (its line comes once it has released, and may reach the output after the RSS
+        # above fell), or tcmalloc itself, which returns free spans as it goes and left the keeper under its threshold
+        # (seen once in CI, issue 12 step 47: 724 -> 411 MiB with no release line). Either way the metrics below must
+        # count exactly what the lines say; the keeper's own decisions are tested above
+        # (test_the_engine_hands_its_free_heap_back_once_idle_for_the_quiet_time_once_a_spell).
+        until = time.monotonic() + IDLE_SECONDS + 5
+        while not re.search(r"idle for 10 s: released \d+ MiB of the engine process's", server.output()) and time.monotonic() < until:
+            time.sleep(0.2)
 
         # The metrics count what the logs say each keeper handed back (a log line gives whole MiB; a front trim of
         # less than 1 MiB is logged at DEBUG only). A trim is counted before its line is logged, and the front may trim
