@@ -34,6 +34,15 @@ class InputSpec:
     dtype: torch.dtype | None = None  # None: any dtype
     dims: tuple[int, ...] | None = None  # per example; -1 = any size; None: any shape
 
+    def dims_problem(self, i: int) -> str | None:
+        """What is wrong with the dims of this input (inputs[`i`]): a dim other than a positive size or -1; None: nothing.
+        The engine (LoadedModel) and the repository (a config.pbtxt, as it is read) refuse it with it."""
+        bad = [(j, d) for j, d in enumerate(self.dims or ()) if d != -1 and d <= 0]
+        if not bad:
+            return None
+        j, d = bad[0]
+        return f"inputs[{i}] ({self.name!r}) dims[{j}] is {d}: each dim is a positive size, or -1 for any size"
+
 
 @dataclass
 class ModelSpec:
@@ -192,12 +201,8 @@ class LoadedModel:
         # a convolution's numbers depend on the count, and a request's must not depend on its pass's company.
         cores = len(os.sched_getaffinity(0))
         for i, s in enumerate(spec.inputs):  # (a repository's config.pbtxt is checked as it is read: RepositoryError)
-            bad = [(j, d) for j, d in enumerate(s.dims or ()) if d != -1 and d <= 0]
-            if bad:
-                j, d = bad[0]
-                raise InvalidArgument(
-                    f"model {spec.name!r}: inputs[{i}] ({s.name!r}) dims[{j}] is {d}: each dim is a positive size, or -1 for any size"
-                )
+            if problem := s.dims_problem(i):
+                raise InvalidArgument(f"model {spec.name!r}: {problem}")
         if spec.intra_op_threads < 0:
             raise InvalidArgument(
                 f"model {spec.name!r}: intra_op_threads {spec.intra_op_threads}: use 0 (the engine's count) or a number of threads"

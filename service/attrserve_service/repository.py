@@ -108,14 +108,10 @@ def spec_from_config(folder: Path, config: mc.ModelConfig, config_path: Path | N
             raise RepositoryError(f"{where}: inputs[{i}].dtype {s.dtype} is not supported")
         # No dims means "not pinned" (any shape), not a scalar per example.
         dims = tuple(s.dims) if s.dims else None
-        for j, d in enumerate(dims or ()):
-            if d != -1 and d <= 0:
-                raise RepositoryError(
-                    f"{where}: model {config.name or folder.name!r} inputs[{i}] ({s.name or f'input{i}'!r}) dims[{j}] is {d}: "
-                    "each dim is a positive size, or -1 for any size"
-                )
         dtype = getattr(torch, WIRE_DTYPES[s.dtype].name) if s.dtype else None
         inputs.append(InputSpec(name=s.name or f"input{i}", dtype=dtype, dims=dims))
+        if problem := inputs[-1].dims_problem(i):
+            raise RepositoryError(f"{where}: model {config.name or folder.name!r} {problem}")
     if config.platform not in _PLATFORMS:
         raise RepositoryError(f"{where}: platform {config.platform} is not one this server knows")
     which = config.output.WhichOneof("selector")
