@@ -21,15 +21,14 @@ import grpc
 from attrserve_service import metrics
 from attrserve_service.auth import TokenAuth
 from attrserve_service.logs import REQUEST_ID
-from attrserve_service.servicer import RPC_WINDOW, deadline_passed, grpc_status
+from attrserve_service.servicer import RPC_WINDOW, deadline_passed, grpc_status, retry_after_ms
 
 log = logging.getLogger(__name__)
 
-# Trailing metadata with the milliseconds after which a refused call may be retried (gRPC's retry design A6).
+# Trailing metadata with the milliseconds after which a refused call may be retried (gRPC's retry design A6; -1 for a
+# refusal that the same request meets every time, "do not retry", which gRPC's own retry policies and attrserve's
+# clients honour: servicer.retry_after_ms).
 RETRY_PUSHBACK = "grpc-retry-pushback-ms"
-# Its value for a refusal that the same request meets every time (a limit per request): A6 says a negative hint means
-# "do not retry", which gRPC's own retry policies and attrserve's clients honour.
-NO_RETRY_PUSHBACK = "-1"
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic in grpc's stubs only
 
@@ -106,10 +105,8 @@ class _Call:
                     # deadline passed: cancelled.
                     code = grpc.StatusCode.DEADLINE_EXCEEDED
                     raise asyncio.CancelledError from None
-                if (retry := getattr(error, "retry_after_s", None)) is not None:  # admission's hint, honoured by gRPC retry policies
-                    context.set_trailing_metadata(((RETRY_PUSHBACK, str(round(retry * 1e3))),))
-                elif getattr(error, "permanent", False):  # a limit per request (ResourceExhausted.permanent): never retry it
-                    context.set_trailing_metadata(((RETRY_PUSHBACK, NO_RETRY_PUSHBACK),))
+                if (hint := retry_after_ms(error)) is not None:  # admission's, or -1 for a limit per request
+                    context.set_trailing_metadata(((RETRY_PUSHBACK, str(hint)),))
                 # INTERNAL: a fixed message with an error id; grpc_status has logged the exception (once) under that id.
                 context.set_code(code)
                 context.set_details(message)

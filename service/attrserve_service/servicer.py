@@ -36,11 +36,20 @@ if TYPE_CHECKING:
 _STREAM_CANCEL_GRACE_S = 0.002
 # RequestError.retry_after_ms of a refusal that the same request meets whenever it is sent (ResourceExhausted.permanent:
 # a limit per request): the field's largest value (~49.7 days), "do not retry" (the field is unsigned; a unary call's
-# grpc-retry-pushback-ms trailer says -1, methods.NO_RETRY_PUSHBACK). 0 stays "no hint".
+# grpc-retry-pushback-ms trailer says -1, retry_after_ms's). 0 stays "no hint".
 NO_RETRY_MS = 2**32 - 1
 # The RPC's deadline window (seconds from its arrival to its deadline; None without one), set by methods.py.
 RPC_WINDOW: contextvars.ContextVar[float | None] = contextvars.ContextVar("rpc_window", default=None)
 log = logging.getLogger(__name__)
+
+
+def retry_after_ms(error: BaseException) -> int | None:
+    """The retry hint a refusal carries, in milliseconds, for a unary call's grpc-retry-pushback-ms trailer and a
+    stream's RequestError: admission's `retry_after_s`; -1 for one the same request meets whenever it is sent
+    (ResourceExhausted.permanent: gRPC's retry design A6 reads a negative hint as "do not retry"); None: no hint."""
+    if (retry := getattr(error, "retry_after_s", None)) is not None:
+        return round(retry * 1e3)
+    return -1 if getattr(error, "permanent", False) else None
 
 
 def deadline_passed(context: grpc.aio.ServicerContext) -> bool:
@@ -167,8 +176,8 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
                 await done.put(pb.AttributeStreamResponse(request_id=request_id, response=response))
             except Exception as e:  # every failure becomes an error entry; the stream goes on
                 code, message = grpc_status(e)
-                retry = getattr(e, "retry_after_s", None)
-                hint = round(retry * 1e3) if retry else NO_RETRY_MS if getattr(e, "permanent", False) else 0
+                hint = retry_after_ms(e)
+                hint = NO_RETRY_MS if hint == -1 else hint or 0  # (the field is unsigned)
                 error = pb.RequestError(code=code.value[0], message=message, retry_after_ms=hint)
                 await done.put(pb.AttributeStreamResponse(request_id=request_id, error=error))
 
