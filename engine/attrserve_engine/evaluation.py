@@ -50,13 +50,14 @@ def parse_evaluate(raw: dict[str, Any], limits: Limits, input_dtypes: Sequence[t
         raise InvalidArgument(f"evaluate: unknown metric(s) {', '.join(unknown)}; valid: infidelity, sensitivity_max")
     # Both add real-valued noise to every input: token ids (or flags) cannot take it. Captum fails on them too; the
     # noise cast to an integer dtype would be all but zero (a meaningless infidelity of 0).
-    for name in ("infidelity", "sensitivity_max"):
-        for i, dtype in enumerate(input_dtypes):
-            if raw.get(name) is not None and not dtype.is_floating_point:
-                raise InvalidArgument(
-                    f"evaluate.{name} adds random noise to the inputs, so they must be floating point; "
-                    f"inputs[{i}] has dtype {str(dtype).replace('torch.', '')}"
-                )
+    asked = [name for name in ("infidelity", "sensitivity_max") if raw.get(name) is not None]
+    integer = next(((i, dtype) for i, dtype in enumerate(input_dtypes) if not dtype.is_floating_point), None)
+    if asked and integer is not None:
+        i, dtype = integer
+        raise InvalidArgument(
+            f"evaluate.{asked[0]} adds random noise to the inputs, so they must be floating point; "
+            f"inputs[{i}] has dtype {str(dtype).replace('torch.', '')}"
+        )
     infidelity = sensitivity = None
     if raw.get("infidelity") is not None:
         infidelity = parse_dataclass(InfidelityParams, raw["infidelity"], "evaluate.infidelity")
