@@ -499,6 +499,7 @@ class EngineProcess:
         pid = proc.pid if proc is not None else "?"
         in_a_load, self._killed_in_load = self._killed_in_load, False
         outside_kill = code == -signal.SIGKILL and not self._killed_why and not lingered
+        computing = self._board.computing() if self._board is not None else None  # the passes it ran as it went
         if self._killed_why:
             reason, self._killed_why = self._killed_why, ""
         elif lingered:
@@ -507,7 +508,7 @@ class EngineProcess:
             reason = f"the engine process {pid} exited ({describe_exit(code)})"
             # It died in a load's model code (os._exit, a crash, the OOM killer) where no pass ran: a pass that ran is
             # the suspect instead (quarantine), and the loads beside it load again.
-            if self._loading and not self._closing and not (self._board.computing() if self._board is not None else None):
+            if self._loading and not self._closing and not computing:
                 in_a_load = True
                 self._skip_loads(sorted(self._loading), f"{reason} while this version loaded")
         self.reason = reason
@@ -516,7 +517,6 @@ class EngineProcess:
         if self._closing:  # nothing is suspected: the process was told to exit
             lost = Unavailable(_lost_text(reason), retry_after_s=1.0)
         else:
-            computing = self._board.computing() if self._board is not None else None
             if computing is None and in_a_load:  # no pass ran: the load that held it is to blame, not a request
                 computing = frozenset()
             lost = EngineLost(reason, computing, outside_kill)
