@@ -249,17 +249,13 @@ const RANGE: Partial<Record<DType, [bigint, bigint]>> = {
 
 /** `v` as an integer that `dtype` (an integer dtype) holds; else INVALID_ARGUMENT naming `label`. */
 function intOf(v: unknown, dtype: DType, label: string): bigint {
-  return fits(integer(v, label), dtype, label);
-}
-
-/** `v` when `dtype` (an integer dtype) holds it; else INVALID_ARGUMENT naming `label`. */
-function fits(v: bigint, dtype: DType, label: string): bigint {
+  const value = integer(v, label);
   const [low, high] = RANGE[dtype] as [bigint, bigint];
-  if (v < low || v > high) {
-    const text = String(v);
+  if (value < low || value > high) {
+    const text = String(value);
     throw invalid(`${label}: ${text.length <= 40 ? text : `${text.slice(0, 40)}...`} is outside ${dtype}'s range [${low}, ${high}]`);
   }
-  return v;
+  return value;
 }
 
 function shown(v: unknown): string {
