@@ -82,6 +82,18 @@ def still_serving(server: ServerThread) -> None:
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def refused_async(server: ServerThread, params: dict | None = None, options: list | None = None) -> grpc.RpcError:
+    """The error AsyncAttributionClient raises for IG on X with `params` over a channel with `options`."""
+
+    async def call() -> grpc.RpcError:
+        async with AsyncAttributionClient(server.address, retry=RETRY, options=options) as client:
+            with pytest.raises(grpc.RpcError) as refused:
+                await client.attribute("m", "integrated_gradients", X, target=TARGET, params=params, timeout=60)
+        return refused.value
+
+    return asyncio.run(call())
+
+
 @pytest.mark.parametrize(
     ("n_steps", "says"),
     [(600, "over this server's limit of 1000 rows per request"), (200, "over this server's limit of 3.9 KiB per request")],
@@ -97,14 +109,8 @@ def test_a_request_over_a_limit_per_request_is_sent_once(server, n_steps, says) 
     assert delta(before, counts(server)) == {"core": 1, "RESOURCE_EXHAUSTED": 1}  # one attempt (the bug: 5)
     assert ("grpc-retry-pushback-ms", "-1") in tuple(refused.value.trailing_metadata())
 
-    async def async_client() -> grpc.RpcError:
-        async with AsyncAttributionClient(server.address, retry=RETRY) as client:
-            with pytest.raises(grpc.RpcError) as refused:
-                await client.attribute("m", "integrated_gradients", X, target=TARGET, params={"n_steps": n_steps}, timeout=60)
-        return refused.value
-
     before = counts(server)
-    assert asyncio.run(async_client()).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused_async(server, params={"n_steps": n_steps}).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert delta(before, counts(server)) == {"core": 1, "RESOURCE_EXHAUSTED": 1}
     still_serving(server)
 
@@ -133,14 +139,8 @@ def test_an_answer_over_the_clients_max_receive_message_length_is_asked_for_once
     assert "CLIENT: Received message larger than max (" in refused.value.details(), refused.value.details()
     assert delta(before, counts(server)) == {"core": 1, "OK": 1}  # one attempt, answered
 
-    async def async_client() -> grpc.RpcError:
-        async with AsyncAttributionClient(server.address, retry=RETRY, options=small) as client:
-            with pytest.raises(grpc.RpcError) as refused:
-                await client.attribute("m", "integrated_gradients", X, target=TARGET, timeout=60)
-        return refused.value
-
     before = counts(server)
-    assert asyncio.run(async_client()).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused_async(server, options=small).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert delta(before, counts(server)) == {"core": 1, "OK": 1}
     still_serving(server)
 

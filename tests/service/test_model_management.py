@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -80,6 +81,15 @@ def ig(client: AttributionClient, model: str, version: str = ""):
 
 def states(client: AttributionClient) -> dict[tuple[str, str], tuple[str, str]]:
     return {(m.config.name, m.config.version): (pb.ModelState.Name(m.state), m.reason) for m in client.list_models(timeout=10)}
+
+
+def in_state_and_serving(client: AttributionClient, server: ServerThread, key: tuple[str, str], state: str) -> bool:
+    """Whether model version `key` is in `state` and health says SERVING: False while a new engine process starts
+    (the calls get UNAVAILABLE)."""
+    try:
+        return states(client).get(key, ("",))[0] == state and health(server.address) == SERVING
+    except grpc.RpcError:
+        return False
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30.0, every: float = 0.05) -> None:
@@ -264,13 +274,7 @@ def test_a_model_whose_load_ends_the_engine_process_is_unavailable_while_the_oth
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "exited (exit code 7)" in err.value.details()
             elif control == "poll":
                 write(tmp_path / "crasher", crasher)
-
-            def settled() -> bool:
-                try:
-                    return states(client).get(("crasher", "1"), ("",))[0] == "MODEL_STATE_UNAVAILABLE" and health(server.address) == SERVING
-                except grpc.RpcError:  # UNAVAILABLE while the next engine process starts
-                    return False
-
+            settled = partial(in_state_and_serving, client, server, ("crasher", "1"), "MODEL_STATE_UNAVAILABLE")
             wait_for(settled, "the crashing model to be UNAVAILABLE and the server to serve again", timeout=120, every=0.2)
             assert "exited (exit code 7) while this version loaded" in states(client)[("crasher", "1")][1]
             with pytest.raises(grpc.RpcError) as err:
@@ -655,13 +659,7 @@ def test_a_pass_that_ends_the_engine_process_while_a_load_runs_leaves_the_load_t
                 client.attribute("crashy", "saliency", np.full((1, 4), 4242.0, np.float32), target=0, timeout=30)
             assert crashed.value.code() == grpc.StatusCode.UNAVAILABLE and "exit code 13" in crashed.value.details()
             gate.touch()
-
-            def slow_serves() -> bool:
-                try:
-                    return states(client).get(("slow", "1"), ("",))[0] == "MODEL_STATE_READY" and health(server.address) == SERVING
-                except grpc.RpcError:  # UNAVAILABLE while the next engine process starts
-                    return False
-
+            slow_serves = partial(in_state_and_serving, client, server, ("slow", "1"), "MODEL_STATE_READY")
             wait_for(slow_serves, "the next engine process to load `slow`", timeout=120, every=0.2)
             assert ("slow", "1") not in server.running.core._stuck_loads
             for name, seed in (("slow", 3), ("good", 1)):
