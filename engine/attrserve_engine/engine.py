@@ -377,19 +377,20 @@ class Engine:
 
     def _refuse_if_late(self, scheduler: Scheduler, live: LiveJob) -> None:
         """Refuse now (DEADLINE_EXCEEDED) a request that cannot finish before its deadline: the rows of its model
-        already queued plus its own, at the model's measured rate, take longer than the time it has left. Other
-        models' work on the device is not counted, so the estimate errs towards admitting."""
+        already queued plus its own, each job's at the measured rate of its pass kind (`Scheduler.estimate`), take longer
+        than the time it has left. Other models' work on the device is not counted, so the estimate errs towards
+        admitting."""
         model = live.model
-        if live.deadline is None or not model.throughput:
+        if live.deadline is None:
             return
-        ahead = scheduler.pending_rows(model)
-        need = (ahead + live.rows) / model.throughput
+        ahead, need = scheduler.estimate(model, live.rows, live.kind)
         left = live.deadline - time.monotonic()
-        if need > left:
+        if need is not None and need > left:
             Observers(self.observers).request_refused(model.name, REFUSED_DEADLINE)
+            rate = (ahead + live.rows) / need if need else 0.0  # (their mix's)
             raise DeadlineExceeded(
                 f"this request would not finish before its deadline: {ahead} rows queued ahead of it and its own "
-                f"{live.rows} take about {need * 1e3:.0f} ms at model {model.name!r}'s ~{model.throughput:.0f} rows/s, "
+                f"{live.rows} take about {need * 1e3:.0f} ms at model {model.name!r}'s ~{rate:.0f} rows/s, "
                 f"and {max(left, 0) * 1e3:.0f} ms are left"
             )
 
@@ -538,7 +539,7 @@ class Engine:
             )
 
         merge = _merge_of(calls[0], job, model) if len(calls) == 1 and evaluate is None else None
-        return _live_job(job, model, rows, work_bytes, plan_factory, finish, merge)
+        return _live_job(job, model, rows, work_bytes, plan_factory, finish, merge, _job_kind(calls, metric_rows, outputs))
 
     def _check_rows(
         self, rows: int, n: int, model: LoadedModel, tensors: tuple[Tensor, ...], held: int | None = None, layer_bytes: int = 0
@@ -617,7 +618,7 @@ class Engine:
                 input_casts=casts,
             )
 
-        return _live_job(job, model, n, work_bytes, plan_factory, finish)
+        return _live_job(job, model, n, work_bytes, plan_factory, finish, kind=PassKind.FORWARD)
 
     def _prepare_call(
         self,
@@ -796,10 +797,13 @@ def _live_job(
     plan_factory: Callable[[], JobPlan],
     finish: Callable[[list, LiveJob], AttributionResult],
     merge: Merge | None = None,
+    kind: PassKind = PassKind.GRADIENT,
 ) -> LiveJob:
     """The scheduler's job; its queued bytes (admission's max_queued_bytes) are the `work_bytes` its plans hold
-    (`Engine._check_rows`), spread evenly over its `rows` and released as they are computed."""
+    (`Engine._check_rows`), spread evenly over its `rows` and released as they are computed; its rows count at the rate
+    of `kind`'s passes (`_job_kind`)."""
     return LiveJob(
+        kind=kind,
         merge=merge,
         model=model,
         plan_factory=plan_factory,
@@ -811,6 +815,20 @@ def _live_job(
         priority=job.priority,
         row_bytes=-(-work_bytes // max(rows, 1)),
     )
+
+
+def _job_kind(calls: list[_PreparedCall], metric_rows: int, output_rows: int) -> PassKind:
+    """The pass kind of most of a job's rows, at whose rate admission's estimates count them all: each call's are of
+    its algorithm's `pass_kind` (its convergence delta's few forward rows too), the metrics' of the first call's, and the
+    outputs' are forward rows. A tie goes to the algorithm's kind."""
+    if len(calls) == 1 and not output_rows:
+        return calls[0].algorithm.pass_kind
+    rows: dict[PassKind, int] = {}
+    for call in calls:
+        rows[call.algorithm.pass_kind] = rows.get(call.algorithm.pass_kind, 0) + call.rows
+    rows[calls[0].algorithm.pass_kind] += metric_rows
+    rows[PassKind.FORWARD] = rows.get(PassKind.FORWARD, 0) + output_rows
+    return max(rows, key=rows.__getitem__)
 
 
 def _merge_of(call: _PreparedCall, job: AttributionJob, model: LoadedModel) -> Merge | None:

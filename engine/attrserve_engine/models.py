@@ -268,7 +268,9 @@ class LoadedModel:
         # Per layer (dotted path), the bytes of one example's output or input of it, whichever is larger: what a layer
         # method's row holds (measured at load when the inputs are pinned).
         self.layer_bytes: dict[str, int] = {}
-        # Measured throughput: the probe's best, then every pass (smoothed); None until something ran.
+        # Measured rows/s of one replica: the probe's best, then every near-full pass of any kind (smoothed); None until
+        # something ran. Admission and the pass budget read the scheduler's rates per pass kind, and this one only until
+        # a pass ran (Scheduler._rate).
         self.rows_per_second: float | None = None
         # Seconds a row of its passes took, smoothed over every pass, small ones too (which pay fixed costs, so this
         # overstates a large pass's time: what the stuck-pass rule wants, Scheduler.give_up_stuck_pass); None until a
@@ -309,11 +311,6 @@ class LoadedModel:
         if (self.channels_last or (forward and self.forward_channels_last)) and x.dim() == 4 and x.is_floating_point():
             return x.contiguous(memory_format=torch.channels_last)
         return x
-
-    @property
-    def throughput(self) -> float | None:
-        """Rows per second of all its replicas together (queue-time estimates); None until something ran."""
-        return None if self.rows_per_second is None else self.rows_per_second * self.instances
 
     def rnns(self, module: nn.Module) -> list[nn.Module]:
         """The recurrent modules (nn.LSTM, nn.GRU, nn.RNN, scripted or not) inside one of `replicas`."""

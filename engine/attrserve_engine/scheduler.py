@@ -109,6 +109,7 @@ class LiveJob:
     request_id: str = ""  # the caller's id, for log lines about the job
     priority: str = INTERACTIVE  # or BATCH
     row_bytes: int = 0  # admission's estimate of one row's bytes (LoadedModel.row_bytes)
+    kind: PassKind = PassKind.GRADIENT  # the pass kind of most of its rows: admission's estimates count them all at its rate
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     plan: JobPlan | None = None
     cancelled: bool = False  # set by any thread (Scheduler.cancel); acted on by the worker
@@ -133,6 +134,10 @@ class _Backlog:
     jobs: int = 0
     rows: int = 0
     bytes: int = 0
+    kinds: dict[PassKind, int] = field(default_factory=dict)  # `rows` by the jobs' pass kinds (LiveJob.kind)
+
+
+_NO_BACKLOG = _Backlog()  # (read only)
 
 
 @dataclass
@@ -274,7 +279,7 @@ class Scheduler:
         self._free: weakref.WeakKeyDictionary[LoadedModel, collections.deque[int]] = weakref.WeakKeyDictionary()
         # Per load whose max_batch_rows the probe chose, the rows per pass of each pass kind, tuned on its passes.
         self._tuners: weakref.WeakKeyDictionary[LoadedModel, dict[PassKind, PassSizeTuner]] = weakref.WeakKeyDictionary()
-        # Per load, the measured rows/s of each pass kind (the pass budget's), and under None the model's rate before its
+        # Per load, the measured rows/s of each pass kind (the pass budget's and admission's), and under None its rate before its
         # first pass (the probe's): a forward pass runs several times as many rows a second as a gradient pass, so one
         # rate over both cut a slow model's gradient passes to many times max_pass_seconds after forward traffic.
         self._rates: weakref.WeakKeyDictionary[LoadedModel, dict[PassKind | None, float]] = weakref.WeakKeyDictionary()
@@ -315,11 +320,14 @@ class Scheduler:
         with self._cv:
             self._check_open()
             if admit:
-                self._admit(job.model, job.rows, job.rows * job.row_bytes, job.priority)
-            pending = self._pending.setdefault(job.model, _Backlog())
+                self._admit(job.model, job.rows, job.rows * job.row_bytes, job.priority, job.kind)
+            pending = self._pending.get(job.model)
+            if pending is None:  # (not setdefault: a backlog and its dict built for every request)
+                pending = self._pending[job.model] = _Backlog()
             pending.jobs += 1
             pending.rows += job.rows
             pending.bytes += job.rows * job.row_bytes
+            pending.kinds[job.kind] = pending.kinds.get(job.kind, 0) + job.rows
             self._jobs.add(job)
             self._inbox.append(job)
             if job.deadline is not None:
@@ -341,18 +349,52 @@ class Scheduler:
             self._check_open()
             self._admit(model, 1, 0, priority)
 
-    def row_bound(self, model: LoadedModel) -> int:
-        """Admission's bound on a model's queued rows: its own, or max_queue_seconds of work at its measured rate."""
+    def row_bound(self, model: LoadedModel, kind: PassKind = PassKind.GRADIENT, share: float = 1.0) -> int:
+        """Admission's bound on a model's queued rows for a request of `kind`'s rows, within `share` of the bounds (batch
+        requests'): its own (max_queued_rows), or the rows that make `share` of max_queue_seconds of work at the measured
+        rates: those queued, each at its own kind's rate, and as many of `kind`'s as the seconds left hold. The bound is
+        in seconds for every kind: a forward pass runs several times as many rows a second as a gradient pass, and one
+        rate over both let a queue of gradient rows grow to many times the seconds, or refused forward rows at a fraction.
+        Holds the lock."""
         if model.max_queued_rows:
-            return model.max_queued_rows
-        if model.throughput:
-            return max(2 * model.max_batch_rows, int(model.throughput * self.max_queue_seconds))
-        return AUTO_ROWS_WITHOUT_RATE
+            return int(model.max_queued_rows * share)
+        pending = self._pending.get(model, _NO_BACKLOG)
+        estimate = self._seconds(model, pending, 0, kind)
+        if estimate is None:
+            return int(AUTO_ROWS_WITHOUT_RATE * share)
+        queued, rate = estimate
+        room = int((self.max_queue_seconds * share - queued) * rate * model.instances)
+        return max(int(2 * model.max_batch_rows * share), pending.rows + room)
 
     def pending_rows(self, model: LoadedModel) -> int:
         """Rows of `model`'s (this load's) accepted requests not yet computed."""
         with self._cv:
-            return self._pending.get(model, _Backlog()).rows
+            return self._pending.get(model, _NO_BACKLOG).rows
+
+    def estimate(self, model: LoadedModel, rows: int, kind: PassKind) -> tuple[int, float | None]:
+        """`model`'s (this load's) queued rows, and the seconds they and `rows` more of `kind` take (None before any rate
+        is known): the deadline estimate (Engine._refuse_if_late)."""
+        with self._cv:
+            pending = self._pending.get(model, _NO_BACKLOG)
+            estimate = self._seconds(model, pending, rows, kind)
+            return pending.rows, None if estimate is None else estimate[0]
+
+    def _seconds(
+        self, model: LoadedModel, pending: _Backlog, rows: int = 0, kind: PassKind = PassKind.GRADIENT
+    ) -> tuple[float, float] | None:
+        """The seconds `model`'s replicas together take for its queued rows, each job's at the rate of its pass kind, and
+        for `rows` more of `kind`; and one replica's rows/s of `kind`. Rates as `_rate` reads them (one lookup here: it
+        runs for every request); None before any is known. Holds the lock."""
+        rates = self._rates.get(model)
+        if rates is None:
+            rate = model.rows_per_second
+            return None if not rate else ((pending.rows + rows) / rate / model.instances, rate)
+        rate = rates.get(kind) or min(rates.values())
+        seconds = rows / rate
+        for queued_kind, queued in pending.kinds.items():
+            if queued:
+                seconds += queued / (rates.get(queued_kind) or min(rates.values()))
+        return seconds / model.instances, rate
 
     def _check_open(self) -> None:
         if self._stopping:
@@ -362,7 +404,7 @@ class Scheduler:
                 raise Unavailable(f"the engine worker for {self.name} is down until a stuck pass returns ({self._down_reason})")
             raise Unavailable(f"the engine worker for {self.name} is restarting after a failure ({self._down_reason}); retry shortly")
 
-    def _admit(self, model: LoadedModel, rows: int, nbytes: int, priority: str) -> None:
+    def _admit(self, model: LoadedModel, rows: int, nbytes: int, priority: str, kind: PassKind = PassKind.GRADIENT) -> None:
         """Raise ResourceExhausted (with a retry hint) when this work would pass a bound. Holds the lock.
 
         An empty queue takes any request (the per-request row cap still applies), so no request is refused
@@ -376,11 +418,11 @@ class Scheduler:
                 f"this server holds {held} requests for {self.name}, its limit"
                 + (f" for batch requests ({BATCH_SHARE:.0%} of {self.max_queued_jobs})" if priority == BATCH else ""),
             )
-        pending = self._pending.get(model, _Backlog())
+        pending = self._pending.get(model, _NO_BACKLOG)
         queued_rows, queued_bytes = pending.rows, pending.bytes
         if not queued_rows:
             return
-        rows_bound = int(self.row_bound(model) * share)
+        rows_bound = self.row_bound(model, kind, share)
         if queued_rows + rows > rows_bound:
             self._refuse(
                 model,
@@ -398,8 +440,8 @@ class Scheduler:
             )
 
     def _refuse(self, model: LoadedModel, reason: str, why: str) -> NoReturn:
-        queued = self._pending.get(model, _Backlog()).rows
-        retry = min(30.0, max(0.05, queued / model.throughput)) if model.throughput else 1.0
+        estimate = self._seconds(model, self._pending.get(model, _NO_BACKLOG))
+        retry = min(30.0, max(0.05, estimate[0])) if estimate is not None else 1.0
         self._observers.request_refused(model.name, reason)
         raise ResourceExhausted(f"{why}; retry in about {retry * 1e3:.0f} ms", retry_after_s=retry)
 
@@ -925,11 +967,16 @@ class Scheduler:
         """Rows in one pass: `size`, fewer when that would take longer than max_pass_seconds at the measured rate of
         the model's passes of `kind` (until one ran, the slowest rate known), so a slow model does not hold the device
         for long."""
-        rates = self._rates.get(model)  # (never empty)
-        rate = model.rows_per_second if rates is None else rates.get(kind) or min(rates.values())
+        rate = self._rate(model, kind)
         if rate:
             return max(1, int(min(size, rate * self.max_pass_seconds)))  # (no int() of a product past any int)
         return size
+
+    def _rate(self, model: LoadedModel, kind: PassKind) -> float | None:
+        """Rows/s of one replica's passes of `kind` of `model`: measured, or until one ran the slowest rate known (the
+        probe's before any pass); None before anything is known."""
+        rates = self._rates.get(model)  # (never empty)
+        return model.rows_per_second if rates is None else rates.get(kind) or min(rates.values())
 
     def _route(self, cut: _Cut, outcomes: list, start: float, seconds: float) -> None:
         """After a pass: learn the model's rate (and tune its pass size), count, and hand each segment's outcome to its
@@ -1130,6 +1177,7 @@ class Scheduler:
         pending = self._pending[job.model]
         pending.rows -= rows
         pending.bytes -= rows * job.row_bytes
+        pending.kinds[job.kind] -= rows
 
     @staticmethod
     def _close_plan(job: LiveJob) -> None:

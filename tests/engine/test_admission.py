@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from attrserve_engine import AttributionJob, DeadlineExceeded, Engine, EngineLimits, InputSpec, InvalidArgument, ModelSpec, ResourceExhausted
+from attrserve_engine.events import PassKind
 from doubles import Linear3
 from oracle import wait_in_flight
 
@@ -18,6 +19,20 @@ X = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.7, -1.1]])
 
 def ig(deadline: float | None = None, inputs=(X,), priority: str = "interactive") -> AttributionJob:
     return AttributionJob(model="m", algorithm="integrated_gradients", inputs=inputs, target=0, deadline=deadline, priority=priority)
+
+
+def measured(engine: Engine, blended: float, **kinds: float):
+    """Model m's rates as its passes would have measured them: rows/s per pass kind (the scheduler's, which admission
+    reads) and over every pass of any kind (LoadedModel.rows_per_second, the one rate admission read before)."""
+    model = engine.get_model("m")
+    model.rows_per_second = blended
+    engine._scheduler(model)._rates[model] = {PassKind(kind): rate for kind, rate in kinds.items()}
+    return model
+
+
+def ablation(n: int, deadline: float | None = None) -> AttributionJob:
+    """FeatureAblation of `n` examples: 4 forward rows each (the examples, then each of 3 features ablated)."""
+    return AttributionJob(model="m", algorithm="feature_ablation", inputs=(torch.rand(n, 3),), target=0, deadline=deadline)
 
 
 @pytest.fixture
@@ -43,12 +58,11 @@ def test_a_full_queue_is_refused_before_the_request_is_parsed(engine) -> None:
 def test_a_deadline_the_queued_work_would_miss_is_refused_up_front(engine) -> None:
     import time
 
-    model = engine.get_model("m")
-    model.rows_per_second = 1_000.0  # 100 rows of IG take ~0.1 s
+    measured(engine, 1_000.0, gradient=1_000.0)  # 100 rows of IG take ~0.1 s
     with pytest.raises(DeadlineExceeded, match=r"would not finish before its deadline: 0 rows queued ahead of it and its own 100 take about 100 ms"):
         engine.submit(ig(deadline=time.monotonic() + 0.05))
     assert engine.submit(ig(deadline=time.monotonic() + 5)).result(30).attributions[0].shape == X.shape
-    model.rows_per_second = 1_000.0  # (the pass just run measured the real rate)
+    measured(engine, 1_000.0, gradient=1_000.0)  # (the pass just run measured the real rate)
     with engine.held():
         first = engine.submit(ig(deadline=time.monotonic() + 5))
         wait_in_flight(engine, 1)
@@ -63,11 +77,10 @@ def test_cancelled_work_stops_counting_as_queued_at_once(engine) -> None:
     the queue drains and the next request is exact."""
     import time
 
-    model = engine.get_model("m")
     with engine.held():
         gone = [engine.submit(ig())]
         wait_in_flight(engine, 1)
-        model.rows_per_second = 100.0  # 100 rows ahead and 100 own: 2 s; its own alone: 1 s
+        measured(engine, 100.0, gradient=100.0)  # 100 rows ahead and 100 own: 2 s; its own alone: 1 s
         with pytest.raises(DeadlineExceeded, match="100 rows queued ahead of it"):
             engine.submit(ig(deadline=time.monotonic() + 1.5))
         gone.append(engine.submit(ig()))  # 200 rows: the bound
@@ -85,6 +98,149 @@ def test_cancelled_work_stops_counting_as_queued_at_once(engine) -> None:
     assert torch.allclose(also.result(30).attributions[0], kept.result().attributions[0])
     wait_in_flight(engine, 0)
     assert engine.backlog("m") == (0, 0)
+
+
+def test_the_deadline_estimate_counts_each_requests_rows_at_the_rate_of_its_own_pass_kind(engine) -> None:
+    """A model serving forward work (perturbation methods) and gradient work (IntegratedGradients) runs the first several
+    times as many rows a second. One rate blended over every pass followed the last traffic: after gradient traffic it
+    refused forward requests that would have finished well inside their deadlines, and after forward traffic it
+    admitted gradient requests that could not (measured on a small CNN: an Occlusion of 2,056 rows, done in 59 ms
+    alone, refused for an 89 ms deadline as needing 137 ms; an IG of 400 rows admitted for a 20 ms deadline it then
+    missed). The estimate counts each queued request's rows, and the new one's, at the rate of its own pass kind."""
+    import dataclasses
+    import time
+
+    from oracle import assert_all_close
+
+    measured(engine, 100.0, gradient=100.0, forward=1_000.0)  # after gradient traffic: the blend is the gradient rate
+    with engine.held():
+        ahead = engine.submit(ig(deadline=time.monotonic() + 30))  # 100 gradient rows: 1 s
+        wait_in_flight(engine, 1)
+        job = ablation(25, deadline=time.monotonic() + 1.5)  # 100 forward rows: 0.1 s after the 1 s ahead (not 1 s)
+        admitted = engine.submit(job)
+    assert ahead.result(30).attributions[0].shape == X.shape
+    exact = engine.attribute(dataclasses.replace(job, deadline=None), timeout=30)
+    assert_all_close(admitted.result(30).attributions, exact.attributions)
+
+    measured(engine, 1_000.0, gradient=100.0, forward=1_000.0)  # after forward traffic: the blend is the forward rate
+    with pytest.raises(DeadlineExceeded, match=r"0 rows queued ahead of it and its own 100 take about 1000 ms at model 'm''s ~100 rows/s"):
+        engine.submit(ig(deadline=time.monotonic() + 0.5))  # 100 gradient rows: 1 s (not 0.1 s)
+    with engine.held():  # a mix ahead: 100 gradient rows (1 s) and 40 forward rows (0.04 s); then 8 forward rows
+        queued = [engine.submit(ig()), engine.submit(ablation(10))]
+        wait_in_flight(engine, 2)
+        with pytest.raises(DeadlineExceeded, match=r"140 rows queued ahead of it and its own 8 take about 1048 ms at model 'm''s ~141 rows/s"):
+            engine.submit(ablation(2, deadline=time.monotonic() + 1.0))
+    for f in queued:
+        f.result(30)
+    wait_in_flight(engine, 0)
+    assert engine.backlog("m") == (0, 0) and engine.serving() == (True, "")
+    assert engine.attribute(ig(deadline=time.monotonic() + 30), timeout=30).attributions[0].shape == X.shape
+
+
+def test_each_algorithm_declares_the_pass_kind_most_of_its_rows_run_in() -> None:
+    """Admission counts a request's rows at the rate of its algorithm's `pass_kind`: each built-in one runs most of its
+    rows in passes of that kind (LayerGradientShap declares its gradient passes: its twice as many layer forwards take
+    less time); neuron methods take their base method's (algorithms/neuron.py)."""
+    import collections
+
+    from attrserve_engine.events import EngineObserver
+
+    class Rows(EngineObserver):
+        def __init__(self) -> None:
+            self.rows: collections.Counter = collections.Counter()
+
+        def pass_executed(self, stats) -> None:
+            self.rows[stats.kind] += stats.rows
+
+    engine = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu"))
+    try:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+        engine.load(ModelSpec(name="m", module=net, inputs=[InputSpec("x", torch.float32, (3,))], max_batch_rows=64))
+        seen = Rows()
+        engine.observers.append(seen)
+        checked = []
+        for name, algorithm in sorted(engine.algorithms.items()):
+            if name == "guided_grad_cam":  # (Grad-CAM needs an image model)
+                continue
+            params = {"sliding_window_shapes": [[1]]} if name == "occlusion" else {}
+            if name.startswith("neuron_"):
+                params["neuron_selector"] = 0
+            seen.rows.clear()
+            engine.attribute(
+                AttributionJob(
+                    model="m",
+                    algorithm=name,
+                    inputs=(X,),
+                    target=0 if algorithm.uses_target else None,
+                    layer="0" if algorithm.layer_method else "",
+                    params=params,
+                    baselines=(torch.zeros(2, 3),) if algorithm.baseline_distribution else (),
+                ),
+                timeout=60,
+            )
+            most = "gradient" if name == "layer_gradient_shap" else seen.rows.most_common(1)[0][0]  # (see above)
+            assert most == algorithm.pass_kind.value, (name, dict(seen.rows))
+            checked.append(name)
+        assert len(checked) == len(engine.algorithms) - 1 and engine.serving() == (True, "")
+    finally:
+        engine.shutdown(drain=False, timeout=5)
+
+
+def auto_bound_engine() -> Engine:
+    """Model m with no max_queued_rows: its queue holds max_queue_seconds (2 s) of work at the measured rates."""
+    engine = Engine(EngineLimits(probe_batch_rows=False, default_device="cpu"))
+    engine.load(ModelSpec(name="m", module=Linear3(), inputs=[InputSpec("x", torch.float32, (3,))], max_batch_rows=16))
+    return engine
+
+
+def test_the_queue_holds_max_queue_seconds_of_work_of_every_pass_kind_and_the_retry_hint_is_its_seconds() -> None:
+    """Each queued request's rows count at the rate of its own pass kind, and the new request's at its kind's: the
+    queue holds 2 s of work whether it is gradient rows or forward rows (8 times as many here). The blended rate
+    bounded it in rows at whatever rate the last traffic left: after gradient traffic it refused 0.5 s of forward rows
+    behind 0.8 s of gradient rows, and after forward traffic it would queue several times 2 s of gradient rows."""
+    engine = auto_bound_engine()
+    try:
+        measured(engine, 128.0, gradient=128.0, forward=1_024.0)  # after gradient traffic: the blend is the gradient rate
+        with engine.held():
+            queued = [engine.submit(ig())]  # 100 gradient rows: 0.78125 s
+            wait_in_flight(engine, 1)
+            queued.append(engine.submit(ablation(128)))  # 512 forward rows: 0.5 s, 1.28125 s in all (the blend's bound: 256 rows)
+            wait_in_flight(engine, 2)
+            # 0.71875 s left: 92 gradient rows or 736 forward rows; the hint is the queued work's 1.28 s
+            with pytest.raises(ResourceExhausted, match=r"model 'm' has 612 rows of work queued; 100 more would pass its bound of 704; retry in about 1281 ms"):
+                engine.submit(ig())
+            with pytest.raises(ResourceExhausted, match=r"model 'm' has 612 rows of work queued; 800 more would pass its bound of 1348; retry in about 1281 ms"):
+                engine.submit(ablation(200))
+            queued.append(engine.submit(ablation(184)))  # 736 forward rows: 2 s in all
+            wait_in_flight(engine, 3)
+            with pytest.raises(ResourceExhausted, match=r"model 'm' has 1348 rows of work queued; 1 more would pass its bound of 1348; retry in about 2000 ms"):
+                engine.submit(ablation(1))
+        results = [f.result(30) for f in queued]
+        assert results[0].attributions[0].shape == X.shape and [r.attributions[0].shape[0] for r in results[1:]] == [128, 184]
+        wait_in_flight(engine, 0)
+        assert engine.backlog("m") == (0, 0) and engine.serving() == (True, "")
+        assert engine.attribute(ig(), timeout=30).attributions[0].shape == X.shape
+    finally:
+        engine.shutdown(drain=False, timeout=5)
+
+
+def test_a_model_of_one_pass_kind_is_bounded_as_before() -> None:
+    """Gradient work alone: 2 s of it at the rate, and the retry hint the queued rows at it, as with the one rate."""
+    engine = auto_bound_engine()
+    try:
+        measured(engine, 100.0, gradient=100.0)
+        with engine.held():
+            queued = [engine.submit(ig()) for _ in range(2)]  # 200 rows: 2 s
+            wait_in_flight(engine, 2)
+            with pytest.raises(ResourceExhausted, match=r"model 'm' has 200 rows of work queued; 1 more would pass its bound of 200; retry in about 2000 ms"):
+                engine.submit(ig())
+        for f in queued:
+            assert f.result(30).attributions[0].shape == X.shape
+        wait_in_flight(engine, 0)
+        assert engine.backlog("m") == (0, 0) and engine.serving() == (True, "")
+    finally:
+        engine.shutdown(drain=False, timeout=5)
 
 
 def wide_mlp() -> torch.nn.Module:

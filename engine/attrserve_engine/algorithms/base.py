@@ -63,6 +63,10 @@ class Algorithm:
     # Yields its rows as plan.Rows, built a pass at a time (perturbation methods): a request then holds its examples,
     # not every row of its work at once (what the per-request byte cap counts).
     rows_per_pass: ClassVar[bool] = False
+    # The kind of the passes most of its work runs in: admission's estimates of its time count all its rows at that
+    # kind's rate (LayerIntegratedGradients' forward rows before its gradient path, and LayerGradientShap's layer
+    # forwards, twice its gradient rows but faster, count as gradient rows).
+    pass_kind: ClassVar[PassKind] = PassKind.GRADIENT
     # Each example's attribution depends on that example's rows alone: no random draws, no rule that looks across the
     # batch, no per-request cap on work that a larger batch would pass. Requests that agree in everything but their
     # examples may then run as one plan over all their examples (Scheduler._merged), as Captum would on their batch.

@@ -19,6 +19,7 @@ class DeepLiftParams:
 
 class DeepLift(Algorithm):
     name = "deep_lift"
+    pass_kind = PassKind.DEEPLIFT
     params_type = DeepLiftParams
     has_convergence_delta = True
     needs_module_hooks = True

@@ -10,7 +10,7 @@ from torch import Tensor
 from attrserve_engine.algorithms.base import Algorithm
 from attrserve_engine.algorithms.deep_lift import DeepLift, DeepLiftParams
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Attribution, Plan, Task, interleave_rows, repeat_rows
+from attrserve_engine.plan import Attribution, PassKind, Plan, Task, interleave_rows, repeat_rows
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ def check_distribution(baselines: tuple[Tensor, ...], owner: str = "deep_lift_sh
 
 class DeepLiftShap(Algorithm):
     name = "deep_lift_shap"
+    pass_kind = PassKind.DEEPLIFT
     params_type = DeepLiftShapParams
     has_convergence_delta = True
     needs_module_hooks = True

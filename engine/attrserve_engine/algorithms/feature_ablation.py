@@ -16,7 +16,7 @@ from attrserve_engine.algorithms.perturbation import (
     one_feature_each,
     spread,
 )
-from attrserve_engine.plan import Attribution, Plan, Rows, Task
+from attrserve_engine.plan import Attribution, PassKind, Plan, Rows, Task
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class FeatureAblationParams:
 
 class FeatureAblation(Algorithm):
     name = "feature_ablation"
+    pass_kind = PassKind.FORWARD
     params_type = FeatureAblationParams
     needs_input_gradients = False
     uses_feature_mask = True

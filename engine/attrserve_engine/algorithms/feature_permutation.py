@@ -22,7 +22,7 @@ from attrserve_engine.algorithms.perturbation import (
     spread,
     tensors_with_feature,
 )
-from attrserve_engine.plan import Attribution, Plan, Rows, Task
+from attrserve_engine.plan import Attribution, PassKind, Plan, Rows, Task
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ def _shuffled(x: Tensor, perms: Tensor) -> Callable[[int, int], Tensor]:
 
 class FeaturePermutation(Algorithm):
     name = "feature_permutation"
+    pass_kind = PassKind.FORWARD
     params_type = FeaturePermutationParams
     needs_input_gradients = False
     uses_feature_mask = True

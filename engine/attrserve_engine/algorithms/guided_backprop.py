@@ -17,6 +17,7 @@ class ModifiedReluGradient(Algorithm):
     """
 
     rule: ClassVar[str]
+    pass_kind = PassKind.GUIDED
 
     def plan(self, task: Task) -> Plan:
         result = yield Block(kind=PassKind.GUIDED, inputs=task.inputs, args=task.args, target=task.target, options=GuidedOptions(self.rule))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attrserve_engine.algorithms.layer import LayerAlgorithm, layer_activations
-from attrserve_engine.plan import Attribution, Plan, Task
+from attrserve_engine.plan import Attribution, PassKind, Plan, Task
 
 
 @dataclass(frozen=True)
@@ -15,6 +15,7 @@ class LayerActivationParams:
 
 class LayerActivation(LayerAlgorithm):
     name = "layer_activation"
+    pass_kind = PassKind.FORWARD
     params_type = LayerActivationParams
     uses_target = False
 

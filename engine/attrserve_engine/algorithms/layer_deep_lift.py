@@ -57,6 +57,7 @@ def layer_deep_lift_plan(task: Task, baselines: tuple[Tensor, ...], multiply_by_
 
 class LayerDeepLift(LayerAlgorithm):
     name = "layer_deep_lift"
+    pass_kind = PassKind.DEEPLIFT
     params_type = LayerDeepLiftParams
     has_convergence_delta = True
     needs_module_hooks = True

@@ -9,7 +9,7 @@ import torch
 from attrserve_engine.algorithms.deep_lift_shap import DeepLiftShap, check_distribution
 from attrserve_engine.algorithms.layer import LayerAlgorithm
 from attrserve_engine.algorithms.layer_deep_lift import layer_deep_lift_plan
-from attrserve_engine.plan import Attribution, Plan, Task, interleave_rows, repeat_rows
+from attrserve_engine.plan import Attribution, PassKind, Plan, Task, interleave_rows, repeat_rows
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ def check_layer_distribution(task: Task) -> None:
 
 class LayerDeepLiftShap(LayerAlgorithm):
     name = "layer_deep_lift_shap"
+    pass_kind = PassKind.DEEPLIFT
     params_type = LayerDeepLiftShapParams
     has_convergence_delta = True
     needs_module_hooks = True

@@ -20,7 +20,7 @@ from attrserve_engine.algorithms.perturbation import (
 )
 from attrserve_engine.errors import ResourceExhausted
 from attrserve_engine.formatting import scalar_filled
-from attrserve_engine.plan import Attribution, Plan, Rows, Task, repeat_rows
+from attrserve_engine.plan import Attribution, PassKind, Plan, Rows, Task, repeat_rows
 
 # NOTE: a layer's size is unknown when the job is submitted, so `rows` cannot
 # count the ablation rows; the plan refuses a layer whose rows pass this cap
@@ -40,6 +40,7 @@ class LayerFeatureAblationParams:
 
 class LayerFeatureAblation(LayerAlgorithm):
     name = "layer_feature_ablation"
+    pass_kind = PassKind.FORWARD
     params_type = LayerFeatureAblationParams
     uses_baselines = False  # the baseline is the layer value `layer_baselines`, not an input
     rows_per_pass = True

@@ -126,6 +126,7 @@ def skip_fit_draws(task: Task, n_interp: int) -> None:
 
 class Lime(Algorithm):
     name = "lime"
+    pass_kind = PassKind.FORWARD
     params_type: ClassVar[type] = LimeParams  # KernelShap, a subclass, has its own
     needs_input_gradients = False
     uses_feature_mask = True

@@ -34,6 +34,7 @@ class LRP(Algorithm):
     """
 
     name = "lrp"
+    pass_kind = PassKind.LRP
     has_convergence_delta = True
 
     def module_refusal(self, module: nn.Module) -> str | None:

@@ -109,6 +109,7 @@ class NeuronMethod(Algorithm):
             cls.baseline_distribution = cls.base.baseline_distribution
             cls.uses_feature_mask = cls.base.uses_feature_mask
             cls.rows_per_pass = cls.base.rows_per_pass
+            cls.pass_kind = cls.base.pass_kind
 
     def parse_params(self, raw: dict[str, Any], limits: Limits) -> NeuronParams:
         return parse_neuron_params(self.name, self.base, raw, limits)

@@ -15,7 +15,7 @@ from torch import Tensor
 from attrserve_engine.algorithms.base import Algorithm, Limits, example_baselines, parse_dataclass
 from attrserve_engine.algorithms.perturbation import check_perturbations_per_eval, coalition_rows, forward_block
 from attrserve_engine.errors import InvalidArgument, shown
-from attrserve_engine.plan import Attribution, Plan, Rows, Task
+from attrserve_engine.plan import Attribution, PassKind, Plan, Rows, Task
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,7 @@ def _window_masks(w: Windows, x: Tensor) -> Callable[[int, int], Tensor]:
 
 class Occlusion(Algorithm):
     name = "occlusion"
+    pass_kind = PassKind.FORWARD
     params_type = OcclusionParams
     needs_input_gradients = False
     uses_baselines = True

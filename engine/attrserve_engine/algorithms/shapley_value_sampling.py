@@ -24,7 +24,7 @@ from attrserve_engine.algorithms.perturbation import (
     spread,
 )
 from attrserve_engine.errors import InvalidArgument
-from attrserve_engine.plan import Attribution, Plan, Task
+from attrserve_engine.plan import Attribution, PassKind, Plan, Task
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ def _prefixes(rank: Tensor) -> Callable[[int, int], Tensor]:
 
 class ShapleyValueSampling(Algorithm):
     name = "shapley_value_sampling"
+    pass_kind = PassKind.FORWARD
     params_type = ShapleyValueSamplingParams
     needs_input_gradients = False
     uses_feature_mask = True

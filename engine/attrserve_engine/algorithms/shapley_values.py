@@ -18,7 +18,7 @@ from attrserve_engine.algorithms.perturbation import (
     mask_features,
     spread,
 )
-from attrserve_engine.plan import Attribution, Plan, Task
+from attrserve_engine.plan import Attribution, PassKind, Plan, Task
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class ShapleyValues(Algorithm):
     """
 
     name = "shapley_values"
+    pass_kind = PassKind.FORWARD
     params_type = ShapleyValuesParams
     needs_input_gradients = False
     uses_feature_mask = True
