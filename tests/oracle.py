@@ -565,8 +565,7 @@ def run_fused(
     for j, got, want in zip(jobs, results, alones):
         assert_fused_equals_alone(got, want, j.return_convergence_delta)
     # Accounting: the fused passes ran exactly the rows the requests ran alone, within the budget, and each request's
-    # timing adds up. (Rows as run, not `timing.rows`: LayerFeatureAblation declares 2 rows an example, as its layer's
-    # size is unknown at submission, and runs one more per unit.)
+    # timing adds up (`timing.rows`: the rows its passes ran, fused or alone).
     assert [r.timing.rows for r in results] == [a.timing.rows for a in alones]
     assert sum(p.rows for p in passes) == engine.rows == sum(rows for g in groups for _, rows in g)
     assert len(passes) == engine.passes

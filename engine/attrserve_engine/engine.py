@@ -779,13 +779,15 @@ def _count(rows: int) -> str:
 
 
 def _final_timing(live: LiveJob) -> JobTiming:
-    """A finished job's timing: its queue wait (until its first pass) and total time, and its rows."""
+    """A finished job's timing: its queue wait (until its first pass) and total time, and the rows its passes ran. Not
+    the rows it declared (`live.rows`, admission's estimate): sensitivity_max explains the inputs again only for a method
+    that draws, and LayerFeatureAblation runs one row per layer unit, which submission does not know."""
     now = time.monotonic()
     return dataclasses.replace(
         live.timing,
         queue_ms=1e3 * ((live.first_pass_start or now) - live.arrival),
         total_ms=1e3 * (now - live.arrival),
-        rows=live.rows,
+        rows=live.rows_done,
     )
 
 

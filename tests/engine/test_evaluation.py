@@ -132,3 +132,25 @@ def test_sensitivity_max_of_a_method_built_a_pass_at_a_time_holds_its_examples()
     assert_all_close(got.attributions, want)
     assert_metric_close(got.infidelity, want_infid)
     assert_metric_close(got.sensitivity_max, want_sens)
+
+
+@pytest.mark.parametrize(
+    "algorithm,params,nt,layer",
+    [
+        ("saliency", {}, None, ""),  # draws nothing: sensitivity_max reuses its attribution (it once declared the rerun's 3 rows)
+        ("integrated_gradients", {"n_steps": 4}, None, ""),
+        ("saliency", {}, {"nt_type": "smoothgrad", "nt_samples": 2, "stdevs": 0.1}, ""),  # draws: explained again
+        ("layer_feature_ablation", {}, None, "fc1"),  # one row per layer unit, unknown at submission (it declared 2 an example)
+    ],
+    ids=lambda v: str(v),
+)
+def test_timing_rows_are_the_rows_that_ran(engine: Engine, algorithm, params, nt, layer) -> None:
+    """timing.rows is what the request's passes ran, whatever the request declared for admission."""
+    (x,), _ = example_inputs("mlp", 3, seed=4)
+    for evaluate in (None, {"sensitivity_max": {"n_perturb_samples": 10}}):
+        before = engine.rows
+        got = engine.attribute(
+            AttributionJob(model="mlp", algorithm=algorithm, inputs=(x,), params=params, noise_tunnel=nt, layer=layer, target=0, seed=2, evaluate=evaluate),
+            timeout=60,
+        )
+        assert got.timing.rows == engine.rows - before, (algorithm, evaluate)
