@@ -646,6 +646,7 @@ class Engine:
                 raise InvalidArgument(f"{name} needs `layer`, a dotted module path; GetModel lists the model's layers")
             if call.layer not in model.layers:
                 raise NotFound(f"model {model.name!r} has no layer {shown(call.layer)}")
+            algorithm.check_layer(model, call.layer, params)
         elif call.layer:
             raise InvalidArgument(f"layer is only for layer methods; {name} attributes to the inputs")
         if job.feature_masks and not algorithm.uses_feature_mask and not job.also:

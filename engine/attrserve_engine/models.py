@@ -268,6 +268,9 @@ class LoadedModel:
         # Per layer (dotted path), the bytes of one example's output or input of it, whichever is larger: what a layer
         # method's row holds (measured at load when the inputs are pinned).
         self.layer_bytes: dict[str, int] = {}
+        # Per layer, how many positional inputs its forward takes and how many outputs it returns (measured at load with
+        # layer_bytes): a neuron method's selector indexes one tensor, so a layer of several is refused before any pass.
+        self.layer_tensors: dict[str, tuple[int, int]] = {}
         # Measured rows/s of one replica: the probe's best, then every near-full pass of any kind (smoothed); None until
         # something ran. Admission and the pass budget read the scheduler's rates per pass kind, and this one only until
         # a pass ran (Scheduler._rate).
@@ -369,7 +372,8 @@ class LoadedModel:
                 self.output_shape = tuple(self.forward(*(x.to(self.device) for x in inputs)).shape[1:])
 
     def measure_layers(self) -> None:
-        """`layer_bytes` for one example (pinned shapes only): every module's larger of its inputs' and outputs' bytes."""
+        """`layer_bytes` for one example (pinned shapes only): every module's larger of its inputs' and outputs' bytes; and
+        `layer_tensors`: how many inputs and outputs it has (as a layer hook sees them: positional inputs, a tuple's items)."""
         inputs = self.example_inputs()
         if inputs is None:
             return
@@ -382,6 +386,7 @@ class LoadedModel:
         def count(name: str) -> Callable[..., None]:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
                 self.layer_bytes[name] = max(self.layer_bytes.get(name, 0), nbytes(output), nbytes(args))
+                self.layer_tensors[name] = (len(args), len(output) if isinstance(output, tuple) else 1)
 
             return hook
 

@@ -214,3 +214,35 @@ def test_layer_of_several_tensors_is_refused() -> None:
         assert_all_close(engine.attribute(good, timeout=60).attributions, (want.detach(),))
     finally:
         engine.shutdown()
+
+
+def test_layer_of_several_tensors_is_refused_before_any_pass_where_its_shapes_are_pinned() -> None:
+    """A model whose input shapes are pinned has its layers measured at load: a neuron method on a layer of several
+    output (or input) tensors is refused at submission with the same message, before a pass runs (it once ran the
+    whole pass and threw it away); the engine then serves a one-tensor layer of the model as Captum does."""
+    from attrserve_engine import EngineLimits, InputSpec, ModelSpec
+
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    engine = Engine(EngineLimits())
+    try:
+        engine.load(ModelSpec(name="two", module=TwoTensorLayers(), inputs=[InputSpec("x", torch.float32, (5,))]))
+        passes = engine.passes
+        for name in CAPTUM:
+            baselines = (x[:1] * 0,) if name not in NO_BASELINES else ()
+            params: dict[str, Any] = {"n_steps": 4} if name in ("neuron_integrated_gradients", "neuron_conductance") else {}
+            for layer, to_input in (("split", False), ("join", True)):
+                what = "inputs" if to_input else "outputs"
+                request = AttributionJob(
+                    model="two", algorithm=name, inputs=(x,), baselines=baselines, target=torch.tensor([[1]] * 3) if name == "neuron_conductance" else None,
+                    params={**params, "neuron_selector": [1], "attribute_to_neuron_input": to_input}, layer=layer, seed=0,
+                )
+                with pytest.raises(InvalidArgument, match=f"{name}.neuron_selector indexes one tensor, but layer '{layer}' has 2 {what}"):
+                    engine.submit(request)
+        assert engine.passes == passes  # refused at submission: no pass ran
+        model = TwoTensorLayers()
+        want = ca.NeuronGradient(model, model.act).attribute(x.clone().requires_grad_(), neuron_selector=(4,))
+        good = AttributionJob(model="two", algorithm="neuron_gradient", inputs=(x,), params={"neuron_selector": [4]}, layer="act")
+        assert_all_close(engine.attribute(good, timeout=60).attributions, (want.detach(),))
+        assert engine.passes > passes
+    finally:
+        engine.shutdown()

@@ -131,6 +131,10 @@ class Algorithm:
         Override for rules of the model's structure; `refusal` asks it once per model."""
         return None
 
+    def check_layer(self, model: LoadedModel, layer: str, params: Any) -> None:
+        """Refuse (InvalidArgument) `layer` of `model` for these parsed params where its structure, measured at load
+        (`LoadedModel.layer_tensors`), rules it out; called before any pass. Layer methods that need it override it."""
+
     def rows(self, task: Task, n_examples: int) -> int:
         """Rows of model work the plan needs for `task` run on n_examples (NoiseTunnel multiplies them)."""
         return n_examples

@@ -20,6 +20,7 @@ import torch
 
 from attrserve_engine.algorithms.base import Algorithm, Limits
 from attrserve_engine.errors import InvalidArgument, shown
+from attrserve_engine.models import LoadedModel
 from attrserve_engine.plan import Attribution, Block, BlockResult, Plan, Task
 from attrserve_engine.targets import check_int64
 
@@ -77,15 +78,25 @@ def neuron_rows(task: Task) -> torch.Tensor:
 def check_one_tensor(results: BlockResult | list[BlockResult], task: Task, owner: str) -> None:
     """A neuron selector indexes one tensor: Captum refuses a layer of several outputs (or inputs, with
     attribute_to_neuron_input) — "Cannot select neuron index from layer with multiple tensors" — where the pass
-    explained the first of them."""
+    explained the first of them. After each pass, for a layer `check_layer_tensors` could not check before it."""
     for result in results if isinstance(results, list) else [results]:
-        count = len(result.layer_activations or ())
-        if count > 1:
-            what = "inputs" if task.params.attribute_to_neuron_input else "outputs"
-            raise InvalidArgument(
-                f"{owner}.neuron_selector indexes one tensor, but layer {task.layer!r} has {count} {what}; "
-                f"name a layer (or a submodule of it) with one {what[:-1]} tensor (Captum refuses this too)"
-            )
+        _refuse_several(len(result.layer_activations or ()), task.layer, task.params.attribute_to_neuron_input, owner)
+
+
+def check_layer_tensors(model: LoadedModel, layer: str, params: NeuronParams, owner: str) -> None:
+    """The same refusal before any pass, where the load measured the layer (pinned shapes: `LoadedModel.layer_tensors`)."""
+    if layer in model.layer_tensors:
+        inputs, outputs = model.layer_tensors[layer]
+        _refuse_several(inputs if params.attribute_to_neuron_input else outputs, layer, params.attribute_to_neuron_input, owner)
+
+
+def _refuse_several(count: int, layer: str, to_input: bool, owner: str) -> None:
+    if count > 1:
+        what = "inputs" if to_input else "outputs"
+        raise InvalidArgument(
+            f"{owner}.neuron_selector indexes one tensor, but layer {layer!r} has {count} {what}; "
+            f"name a layer (or a submodule of it) with one {what[:-1]} tensor (Captum refuses this too)"
+        )
 
 
 def hook_neuron(block: Block, task: Task) -> Block:
@@ -113,6 +124,9 @@ class NeuronMethod(Algorithm):
 
     def parse_params(self, raw: dict[str, Any], limits: Limits) -> NeuronParams:
         return parse_neuron_params(self.name, self.base, raw, limits)
+
+    def check_layer(self, model: LoadedModel, layer: str, params: NeuronParams) -> None:
+        check_layer_tensors(model, layer, params, self.name)
 
     def rows(self, task: Task, n_examples: int) -> int:
         with relabelled(self.base.name, self.name):

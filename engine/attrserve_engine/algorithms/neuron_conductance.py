@@ -8,7 +8,8 @@ from typing import Any
 
 from attrserve_engine.algorithms.base import Algorithm, Limits, example_baselines
 from attrserve_engine.algorithms.integrated_gradients import check_steps, integrate, interpolate, step_sizes_and_alphas
-from attrserve_engine.algorithms.neuron import NeuronParams, check_one_tensor, neuron_rows, parse_neuron_params
+from attrserve_engine.algorithms.neuron import NeuronParams, check_layer_tensors, check_one_tensor, neuron_rows, parse_neuron_params
+from attrserve_engine.models import LoadedModel
 from attrserve_engine.plan import Attribution, Block, PassKind, Plan, Task, repeat_rows
 from attrserve_engine.targets import flat_target
 
@@ -37,6 +38,9 @@ class NeuronConductance(Algorithm):
 
     def parse_params(self, raw: dict[str, Any], limits: Limits) -> NeuronParams:
         return parse_neuron_params(self.name, _Path(), raw, limits)
+
+    def check_layer(self, model: LoadedModel, layer: str, params: NeuronParams) -> None:
+        check_layer_tensors(model, layer, params, self.name)
 
     def rows(self, task: Task, n_examples: int) -> int:
         return 2 * task.params.base.n_steps * n_examples  # one pass for the layer's gradients, one for the unit's
