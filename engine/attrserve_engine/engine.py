@@ -10,6 +10,7 @@ import functools
 import itertools
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -196,8 +197,13 @@ class Engine:
 
     def load_failed(self, name: str, version: str, error: BaseException, spec: ModelSpec | None = None) -> None:
         """Record that a version could not be loaded (also for a folder whose config cannot be read): it is
-        UNAVAILABLE with the error as its reason, unless a previous load of it still serves."""
-        self.served.load_failed(name, version, f"{type(error).__name__}: {error}", spec)
+        UNAVAILABLE with the error as its reason, unless a previous load of it still serves. Clients read the reason: it
+        names the files of the model's folder from the folder that holds it ("m/model.py"), not where that is on the
+        server (the caller's log has the error as raised)."""
+        reason = f"{type(error).__name__}: {error}"
+        if spec is not None and spec.path is not None:
+            reason = reason.replace(f"{os.path.dirname(spec.path)}{os.sep}", "")
+        self.served.load_failed(name, version, reason, spec)
         Observers(self.observers).model_load_failed(name, error)
         Observers(self.observers).model_state_changed(name, version or "1")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,11 +315,11 @@ class ModelManager:
         scanned = await asyncio.to_thread(self._scan)
         entries = [e for e in scanned if e.name == name]
         if not entries:
-            raise NotFound(f"model {shown(name)} is not in the model repository {self.root}")
+            raise NotFound(f"model {shown(name)} is not in the model repository")
         if version:
             entries = [e for e in entries if e.version == version]
             if not entries:
-                raise NotFound(f"model {name!r} has no version {shown(version)} in the model repository {self.root}")
+                raise NotFound(f"model {name!r} has no version {shown(version)} in the model repository")
         async with self._lock(name):
             for entry in entries:
                 await self._load_entry(entry)
@@ -401,7 +402,9 @@ class ModelManager:
         self._loaded[(entry.name, entry.version)] = entry.fingerprint
         if entry.spec is None:
             log.error("model %s v%s cannot be loaded: %s", entry.name, entry.version, entry.error)
-            self.engine.load_failed(entry.name, entry.version, RepositoryError(entry.error))
+            # the version's reason, which clients read (GetModel, LoadModel, a request it cannot serve): its files named
+            # inside the repository ("m/config.pbtxt"), not where that is on the server (the log says)
+            self.engine.load_failed(entry.name, entry.version, RepositoryError(entry.error.replace(f"{self.root}{os.sep}", "")))
             return
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.load, entry.spec)
