@@ -145,6 +145,33 @@ def test_params_go_to_the_algorithms_oneof_field(algorithm, params, expected):
     assert getattr(r, algorithm) == expected
 
 
+def _lists(r, field):
+    return [list(v.values) for v in getattr(r.occlusion, field)]
+
+
+@pytest.mark.parametrize("inputs, strides, expected", [
+    ((X,), 2, [[2]]),  # Captum: one input's every dim
+    ((X,), np.int64(2), [[2]]),
+    ((X,), (2,), [[2]]),
+    ((X,), (1, 2), [[1, 2]]),  # one input's dims
+    ((X, Y), (2, 1), [[2], [1]]),  # Captum: one int per input, for its every dim
+    ((X, Y), (2, (1,)), [[2], [1]]),
+    ((X, Y), ((1, 2), (1,)), [[1, 2], [1]]),
+    ((X, Y), 2, [[2]]),  # Captum refuses an int for two inputs; so does the server ("give one per input")
+])
+def test_occlusion_strides_take_captums_forms(inputs, strides, expected):
+    r = req("occlusion", inputs=inputs, params={"sliding_window_shapes": (1, 2), "strides": strides})
+    assert _lists(r, "strides") == expected
+
+
+def test_occlusion_window_shapes_are_lists_as_in_captum():
+    assert _lists(req("occlusion", inputs=(X, Y), params={"sliding_window_shapes": ((1, 2), (1,))}), "sliding_window_shapes") == [[1, 2], [1]]
+    with pytest.raises(TypeError, match="params.sliding_window_shapes: expected a list of integers per input, got 2"):
+        req("occlusion", params={"sliding_window_shapes": 2})  # Captum: 'int' object is not subscriptable
+    with pytest.raises(TypeError, match=r"params.strides\[1\]: expected a list of integers, got 'a'"):
+        req("occlusion", inputs=(X, Y), params={"sliding_window_shapes": ((1, 2), (1,)), "strides": (1, "a")})
+
+
 def test_unknown_params_name_the_valid_fields():
     with pytest.raises(ValueError, match="unknown integrated_gradients params steps; "
                                          "valid: n_steps, method, multiply_by_inputs"):

@@ -120,6 +120,18 @@ def test_multi_input_model(smoke):
         assert nested == as_tensor(got).tolist()
 
 
+@pytest.mark.parametrize(("case", "strides"), [("occlusion", (2, 1)), ("occlusionMixed", (1, (2,)))])
+def test_occlusion_strides_in_captums_per_input_forms(smoke, case, strides):
+    """strides [2, 1] for two inputs is one int per input, as in Captum (it was sent as one input's list, which the
+    server refused), and [1, [2]] mixes an int and a list (it was refused by the client)."""
+    from captum.attr import Occlusion
+
+    inputs = (torch.tensor([[0.3, -0.2, 0.9, 1.4], [1.0, 0.5, -0.4, 0.2]]), torch.tensor([[0.7, -1.1, 0.05], [-0.3, 0.8, 1.2]]))
+    want = Occlusion(oracle.MODELS["multi"]().eval()).attribute(inputs, sliding_window_shapes=((2,), (2,)), strides=strides, target=1)
+    for got, w in zip(smoke[case], want):
+        torch.testing.assert_close(as_tensor(got), w.double(), atol=1e-5, rtol=0)
+
+
 def test_list_and_get_model(smoke):
     names = [m["name"] for m in smoke["models"]]
     assert {"toy", "mlp", "conv", "multi"} <= set(names)

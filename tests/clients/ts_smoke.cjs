@@ -81,7 +81,14 @@ async function main() {
       ],
       { target: 1, baselines: [0.5, { data: [0.1, 0.2, 0.3], shape: [1, 3] }], params: { n_steps: 16 } },
     );
+    // Occlusion's strides in Captum's forms for two inputs: one int per input (its every dim), or an int and a list.
+    const windows = { sliding_window_shapes: [[2], [2]] };
+    const two = [{ data: MULTI[0].flat(), shape: [2, 4] }, { data: MULTI[1].flat(), shape: [2, 3] }];
+    const occlusion = await client.attribute("multi", "occlusion", two, { target: 1, params: { ...windows, strides: [2, 1] } });
+    const occlusionMixed = await client.attribute("multi", "occlusion", two, { target: 1, params: { ...windows, strides: [1, [2]] } });
     const out = {
+      occlusion: occlusion.attributions.map(plain),
+      occlusionMixed: occlusionMixed.attributions.map(plain),
       multi: { attributions: multi.attributions.map(plain), nested: multi.attributions.map(toNested) },
       models: models.map((m) => ({ name: m.config && m.config.name, ready: m.ready, algorithms: m.algorithmNames })),
       toy: { name: toy.config.name, algorithms: toy.algorithmNames, layers: toy.layers, inputs: toy.config.inputs.map((i) => ({ name: i.name, dims: i.dims.map(Number) })) },

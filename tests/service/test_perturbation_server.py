@@ -22,6 +22,10 @@ CASES = [
     ("permutation-multi", "multi", "feature_permutation", {"perturbations_per_eval": 3}, (), (), 7),
     ("occlusion-conv", "conv", "occlusion", {"sliding_window_shapes": (2, 3, 3), "strides": (1, 2, 2)}, (), (), 0),
     ("occlusion-multi-per-input", "multi", "occlusion", {"sliding_window_shapes": ((2,), (2,)), "strides": ((1,), (1,))}, (), (0.5, -0.5), 0),
+    # Captum's other stride forms: an int for one input's every dim; per input an int (its every dim) or a list
+    ("occlusion-conv-int-stride", "conv", "occlusion", {"sliding_window_shapes": (2, 3, 3), "strides": 2}, (), (), 0),
+    ("occlusion-multi-int-per-input", "multi", "occlusion", {"sliding_window_shapes": ((2,), (2,)), "strides": (2, 1)}, (), (), 0),
+    ("occlusion-multi-int-and-list", "multi", "occlusion", {"sliding_window_shapes": ((2,), (2,)), "strides": (1, (2,))}, (), (), 0),
     ("shapley-sampling-text", "text", "shapley_value_sampling", {"n_samples": 4, "perturbations_per_eval": 2}, (torch.arange(5).view(1, 5, 1),), (), 11),
     ("shapley-exact-mlp", "mlp", "shapley_values", {}, (torch.tensor([[0, 0, 1, 1, 2, 3]]),), (0.1,), 0),
 ]

@@ -287,9 +287,10 @@ def _scalar(field: FieldDescriptor, value: Any, label: str) -> Any:
     return value
 
 
-def _fill(message: Any, values: Mapping[str, Any], what: str, label: str) -> None:
+def _fill(message: Any, values: Mapping[str, Any], what: str, label: str, n_inputs: int = 1) -> None:
     """Sets `values` on `message` by field name; `what` names them in "unknown ..." errors, `label` prefixes the field in
-    the others (e.g. "params.n_steps: expected an integer, got 'ten'")."""
+    the others (e.g. "params.n_steps: expected an integer, got 'ten'"). `n_inputs`: the request's inputs, which tell
+    Captum's forms of a list of IntLists apart (strides (2, 1): one int per input of two, one per dim of one)."""
     if not isinstance(values, Mapping):
         raise TypeError(f"{label}: expected a dict of field values, got {_shown(values)}")
     fields = message.DESCRIPTOR.fields_by_name
@@ -301,12 +302,19 @@ def _fill(message: Any, values: Mapping[str, Any], what: str, label: str) -> Non
             continue
         field, name = fields[key], f"{label}.{key}"
         if field.is_repeated and field.message_type is not None:
-            # IntList per input, e.g. sliding_window_shapes: (3, 4, 4) for one input, ((3, 4, 4), (2,)) for two
+            # IntList per input, e.g. sliding_window_shapes: (3, 4, 4) for one input, ((3, 4, 4), (2,)) for two. Captum's
+            # strides also take an int (one input's every dim), and per input an int (its every dim): 2, (2, 1), (2, (1, 2))
+            ints = key == "strides"
+            if ints and _is_number(value):
+                value = (value,)
             if _is_number(value) or not isinstance(value, (list, tuple, np.ndarray)):
                 raise TypeError(f"{name}: expected a list of integers per input, got {_shown(value)}")
-            lists = [value] if all(_is_number(v) for v in value) else value
+            one_input = all(_is_number(v) for v in value) and not (ints and n_inputs > 1)
+            lists = [value] if one_input else value
             items = []
             for i, item in enumerate(lists):
+                if ints and _is_number(item):
+                    item = (item,)  # an IntList of one value: the server's (and Captum's) int stride
                 if not isinstance(item, (list, tuple, np.ndarray)):
                     raise TypeError(f"{name}[{i}]: expected a list of integers, got {_shown(item)}")
                 items.append(pb.IntList(values=[_integer(v, f"{name}[{i}]") for v in item]))
@@ -385,7 +393,7 @@ def build_request(
         if name not in oneof:
             raise ValueError(f"algorithm {name!r} takes no params")
         getattr(request, name).SetInParent()
-        _fill(getattr(request, name), params, f"{name} params", "params")
+        _fill(getattr(request, name), params, f"{name} params", "params", len(inputs))
     if noise_tunnel is not None:
         request.noise_tunnel.SetInParent()  # an empty dict still asks for the default SmoothGrad
         _fill(request.noise_tunnel, noise_tunnel, "noise_tunnel fields", "noise_tunnel")

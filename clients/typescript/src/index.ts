@@ -434,10 +434,12 @@ interface MessageCodec<T> {
 
 /**
  * A params-like message from Captum-named values: unknown names are refused with the valid ones, a scalar for a
- * repeated field is a list of one (stdevs: 0.1), a flat list for a list of IntLists is one per input
- * (sliding_window_shapes: [3, 4, 4]), null or undefined keeps the server's default.
+ * repeated field is a list of one (stdevs: 0.1), a flat list for a list of IntLists is one input's
+ * (sliding_window_shapes: [3, 4, 4]), null or undefined keeps the server's default. Captum's strides also take, per
+ * input, an int for its every dim, so a flat list of strides is one int per input where there are `nInputs` > 1
+ * (strides: [2, 1] for two inputs; [1, [2, 2]]).
  */
-function fillMessage<T extends object>(codec: MessageCodec<T>, values: Params, what: string, label: string): T {
+function fillMessage<T extends object>(codec: MessageCodec<T>, values: Params, what: string, label: string, nInputs = 1): T {
   if (typeof values !== "object" || values === null || Array.isArray(values)) {
     throw invalid(`${label}: expected an object of field values, got ${shown(values)}`);
   }
@@ -453,10 +455,13 @@ function fillMessage<T extends object>(codec: MessageCodec<T>, values: Params, w
     if (Array.isArray(initial)) {
       const list: unknown[] = Array.isArray(value) ? value : [value];
       if (key === "sliding_window_shapes" || key === "strides") {
-        const lists = list.every((v) => typeof v === "number") ? [list] : list;
+        const ints = key === "strides";
+        const isInt = (v: unknown): boolean => typeof v === "number" || typeof v === "bigint";
+        const lists = list.every(isInt) && !(ints && nInputs > 1) ? [list] : list;
         json[key] = lists.map((item, i) => {
-          if (!Array.isArray(item)) throw invalid(`${name}[${i}]: expected a list of integers, got ${shown(item)}`);
-          return { values: item.map((v, j) => integer(v, `${name}[${i}][${j}]`).toString()) };
+          const values: unknown = ints && isInt(item) ? [item] : item; // an IntList of one value: an int stride
+          if (!Array.isArray(values)) throw invalid(`${name}[${i}]: expected a list of integers, got ${shown(item)}`);
+          return { values: values.map((v, j) => integer(v, `${name}[${i}][${j}]`).toString()) };
         });
       } else {
         list.forEach((v, i) => {
@@ -610,7 +615,7 @@ export function buildRequest(model: string, algorithm: string, inputs: TensorLik
     } else {
       const codec = PARAMS[algorithm];
       if (codec === undefined) throw invalid(`algorithm ${shown(algorithm)} takes no params`);
-      (request as unknown as Record<string, unknown>)[snakeToCamel(algorithm)] = fillMessage(codec, params, `${algorithm} params`, "params");
+      (request as unknown as Record<string, unknown>)[snakeToCamel(algorithm)] = fillMessage(codec, params, `${algorithm} params`, "params", tensors.length);
     }
   }
   if (options.noiseTunnel !== undefined) request.noiseTunnel = fillMessage(pb.NoiseTunnel, options.noiseTunnel, "noise_tunnel fields", "noiseTunnel");
