@@ -9,13 +9,14 @@ signed by it, and client certificates (mTLS). Everything is PEM bytes; `write` p
 
 Keys are EC P-256 (fast to generate) unless `rsa_bits` says; certificates are valid from an hour ago for a day
 unless `valid` says. `ed448_pair`: a self-signed certificate and key that OpenSSL (the ssl module) reads and gRPC's
-BoringSSL does not.
+BoringSSL does not. `SecretVolume`: files laid out, and replaced, as the kubelet mounts a Kubernetes Secret.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,16 @@ class Pair:
         cert.write_bytes(self.cert)
         key.write_bytes(self.key)
         return cert, key
+
+    @property
+    def der(self) -> bytes:
+        """The certificate, DER: what a TLS peer presents (ssl's getpeercert(binary_form=True))."""
+        return x509.load_pem_x509_certificate(self.cert).public_bytes(serialization.Encoding.DER)
+
+    @property
+    def not_after(self) -> float:
+        """The certificate's notAfter, Unix time."""
+        return x509.load_pem_x509_certificate(self.cert).not_valid_after_utc.timestamp()
 
     def encrypted_key(self, password: bytes) -> bytes:
         """The key, encrypted with `password` (PEM)."""
@@ -128,3 +139,31 @@ class CertificateAuthority:
         path = folder / f"{stem}.crt"
         path.write_bytes(self.cert)
         return path
+
+
+class SecretVolume:
+    """A folder as the kubelet mounts a Secret: each file a link to `..data/<name>`, and `..data` a link to a folder
+    of the current version. `update` writes a new version's folder and swaps `..data` to it by one rename (the files'
+    links stay; what they resolve to changes at once)."""
+
+    def __init__(self, folder: Path, files: dict[str, bytes]) -> None:
+        self.folder = folder
+        self.versions = 0
+        folder.mkdir(parents=True)
+        self.update(files)
+        for name in files:
+            (folder / name).symlink_to(Path("..data") / name)
+
+    def update(self, files: dict[str, bytes]) -> None:
+        """The Secret's new content (every file, as the kubelet writes them)."""
+        self.versions += 1
+        version = self.folder / f"..version_{self.versions}"
+        version.mkdir()
+        for name, data in files.items():
+            (version / name).write_bytes(data)
+        link = self.folder / "..data_tmp"
+        link.symlink_to(version.name)
+        os.replace(link, self.folder / "..data")
+
+    def path(self, name: str) -> Path:
+        return self.folder / name

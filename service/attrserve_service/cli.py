@@ -243,19 +243,27 @@ SETTINGS: tuple[Setting, ...] = (
         float,
         "SECONDS",
     ),
-    Setting("--tls-cert", "tls_cert", "serve TLS with this certificate chain (PEM; needs --tls-key; default: plaintext)", Path, "FILE"),
-    Setting("--tls-key", "tls_key", "the private key of --tls-cert (PEM)", Path, "FILE"),
+    Setting(
+        "--tls-cert",
+        "tls_cert",
+        "serve TLS with this certificate chain (PEM; needs --tls-key; default: plaintext); the TLS files are watched: "
+        "re-read when they change, a new set that passes the start-up checks serves new connections",
+        Path,
+        "FILE",
+    ),
+    Setting("--tls-key", "tls_key", "the private key of --tls-cert (PEM; watched, re-read on change)", Path, "FILE"),
     Setting(
         "--tls-client-ca",
         "tls_client_ca",
-        "mutual TLS: clients must present a certificate signed by this CA (PEM)",
+        "mutual TLS: clients must present a certificate signed by this CA (PEM; watched, re-read on change)",
         Path,
         "FILE",
     ),
     Setting(
         "--auth-tokens-file",
         "auth_tokens_file",
-        "require a bearer token (metadata 'authorization: Bearer TOKEN') from this file: one a line, # comments",
+        "require a bearer token (metadata 'authorization: Bearer TOKEN') from this file: one a line, # comments; "
+        "watched: re-read when it changes",
         Path,
         "FILE",
     ),
@@ -269,7 +277,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "--admin-tokens-file",
         "admin_tokens_file",
-        "only these tokens (one a line) may call LoadModel and UnloadModel (they are accepted everywhere else too)",
+        "only these tokens (one a line) may call LoadModel and UnloadModel (they are accepted everywhere else too); "
+        "watched: re-read when it changes",
         Path,
         "FILE",
     ),
@@ -471,7 +480,7 @@ def serve_main(argv: Sequence[str]) -> int:
             # still fails before any model loads: read here, and again (and logged) by create_server.
             from attrserve_service import auth
 
-            auth.server_credentials(config)
+            auth.tls_files(config)
             auth.token_auth(config)
             launched = launch.start(config, logs.current())
         from attrserve_service.repository import RepositoryError

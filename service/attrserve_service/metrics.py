@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from grpc._cython import cygrpc  # type: ignore[attr-defined]  # channelz: no public Python API in grpcio
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics import MetricWrapperBase
 
 from attrserve_engine.events import (
@@ -21,9 +22,11 @@ from attrserve_engine.events import (
     PassKind,
     PassStats,
 )
+from attrserve_service.auth import FAILED, LOADED
 from attrserve_service.quarantine import PROBE_OUTCOMES
 
 if TYPE_CHECKING:
+    from attrserve_service.auth import ServerSecurity
     from attrserve_service.core import Core
 
 # No `_created` series: the text format carries each as a gauge of its own, one more series per counter and
@@ -182,6 +185,18 @@ ATTRSERVE_BUILD_INFO = Gauge(
     "1, labelled with the server's version, torch's version, its devices, and the malloc and event loop its models run on.",
     ["version", "torch", "device", "allocator", "event_loop"],
 )
+ATTRSERVE_CREDENTIALS_RELOADS_TOTAL = Counter(
+    "attrserve_credentials_reloads_total",
+    "Changed TLS or token files read again, by kind (tls, tokens) and outcome: loaded (served from then on), or failed "
+    "(not used: the last good ones serve on, and the log says why).",
+    ["kind", "outcome"],
+)
+# Registered by watch_credentials, with TLS only: a plaintext server has no such series.
+ATTRSERVE_TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS = Gauge(
+    "attrserve_tls_certificate_expiry_timestamp_seconds",
+    "The notAfter of the TLS certificate the server serves to new connections, as Unix time.",
+    registry=None,
+)
 
 GRPC_CODES = (
     "OK",
@@ -201,6 +216,7 @@ DROP_REASONS = (DROP_DEADLINE, DROP_CANCELLED)
 SPLIT_REASONS = (SPLIT_FAILURE, SPLIT_OOM)
 # The processes whose heap goes back to the kernel (heap.py's keepers): the front end and the engine process.
 HEAP_PROCESSES = ("front", "engine")
+RELOAD_OUTCOMES = (LOADED, FAILED)
 
 
 def precreate_methods(methods: list[tuple[str, str, str]]) -> None:
@@ -275,6 +291,24 @@ def heap_released(process: str, released: int) -> None:
     """A heap keeper of `process` handed its free heap back: `released` bytes of resident memory (0 when none went)."""
     ATTRSERVE_HEAP_RELEASES_TOTAL.labels(process).inc()
     ATTRSERVE_HEAP_RELEASED_BYTES_TOTAL.labels(process).inc(released)
+
+
+def watch_credentials(security: ServerSecurity) -> None:
+    """The reload series of the credentials the server follows (zeros up front), and with TLS, the expiry of the
+    certificate it serves (read at each scrape)."""
+    for kind in security.watched:
+        for outcome in RELOAD_OUTCOMES:
+            ATTRSERVE_CREDENTIALS_RELOADS_TOTAL.labels(kind, outcome)
+    tls = security.tls
+    if tls is not None:
+        ATTRSERVE_TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS.set_function(lambda: tls.not_after)
+        with contextlib.suppress(ValueError):  # registered already: by a server before in this process (tests)
+            REGISTRY.register(ATTRSERVE_TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS)
+
+
+def credentials_reloaded(kind: str, outcome: str) -> None:
+    """TLS or token files that changed were read again (auth.py; TLS's on gRPC's threads)."""
+    ATTRSERVE_CREDENTIALS_RELOADS_TOTAL.labels(kind, outcome).inc()
 
 
 def grpc_server_ids() -> set[int]:

@@ -147,7 +147,9 @@ async def create_server(config: ServerConfig, engine: Engine | None = None, laun
 
     With `engine`, its models are served as they are (tests, embedding) and the repository is only read when
     `config.model_repository` names one. `launched`: the engine process, already started for `config` (`serve`)."""
-    security = ServerSecurity.from_config(config)  # TLS files and tokens first: a bad setting fails before any load
+    # TLS files and tokens first: a bad setting fails before any load. Their files are followed as they rotate.
+    security = ServerSecurity.from_config(config, reloaded=metrics.credentials_reloaded)
+    metrics.watch_credentials(security)
     core, engine = await _start_core(config, engine, launched)
     metrics.observe_engine(core, __version__)
     metrics.ATTRSERVE_ENGINE_PROCESS_UP.set(1.0)

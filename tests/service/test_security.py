@@ -12,8 +12,11 @@ import logging
 import os
 import pickle
 import re
+import socket
+import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,10 +35,11 @@ from attrserve_client import AsyncAttributionClient, AttributionClient
 from attrserve_client import cli as client_cli
 from attrserve_client.tensors import from_tensor_proto
 from attrserve_engine import EngineLimits
+from attrserve_service import auth
 from attrserve_service.auth import ServerSecurity, TokenAuth, bearer_token, read_tokens
 from attrserve_service.config import ConfigError, ServerConfig
 from attrserve_service.server import create_server
-from certs import DAY, CertificateAuthority, ed448_pair
+from certs import DAY, CertificateAuthority, SecretVolume, ed448_pair
 from servers import ROOT, ServeProcess, ServerThread, scrape
 
 SERVICE = "attrserve.v1.AttributionService"
@@ -142,7 +146,7 @@ def handled(server: ServerThread, grpc_type: str, service: str, method: str, cod
     return scrape(server.running.metrics_port).get(("grpc_server_handled_total", labels), 0.0)
 
 
-def still_serving(server: ServerThread, **client_args) -> None:
+def still_serving(server: ServerThread | ServeProcess, **client_args) -> None:
     """The server answers a correct request with Captum's numbers, and health is SERVING."""
     with AttributionClient(server.address, **client_args) as client:
         np.testing.assert_allclose(ig(client).attributions, EXPECTED, atol=1e-5)
@@ -469,6 +473,269 @@ def test_the_cli_connects_with_tokens_and_certificates(token_server, mtls_server
     with pytest.raises(SystemExit):
         client_cli.models_main(["--target-address", tls_server.address, "--root-cert", str(pki["ca"]) + ".missing"])
     assert "cannot read" in capsys.readouterr().err
+
+
+# -- rotation: TLS and token files read again when they change ------------------------------------
+
+
+def wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    until = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < until, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def served(address: str, ca: bytes, client: tuple[Path, Path] | None = None) -> bytes:
+    """The certificate (DER) the server presents to a new connection, verified against `ca`."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["h2"])
+    if client is not None:
+        context.load_cert_chain(*client)
+    with socket.create_connection((host, int(port)), timeout=10) as raw, context.wrap_socket(raw, server_hostname=host) as tls:
+        return tls.getpeercert(binary_form=True)
+
+
+def reloads(metrics_port: int, kind: str) -> dict[str, float | None]:
+    page = scrape(metrics_port)
+    series = {outcome: frozenset({"kind": kind, "outcome": outcome}.items()) for outcome in ("loaded", "failed")}
+    return {outcome: page.get(("attrserve_credentials_reloads_total", labels)) for outcome, labels in series.items()}
+
+
+def expiry(metrics_port: int) -> float | None:
+    return scrape(metrics_port).get(("attrserve_tls_certificate_expiry_timestamp_seconds", frozenset()))
+
+
+def replace(path: Path, data: bytes) -> None:
+    """`data` into `path` as one change: written beside it, then renamed over it."""
+    part = path.with_name(path.name + ".part")
+    part.write_bytes(data)
+    os.replace(part, path)
+
+
+def test_a_rotated_certificate_serves_new_connections_and_a_bad_one_is_not_used(repo, tmp_path, monkeypatch, caplog) -> None:
+    """cert-manager renews a certificate every few weeks and the kubelet swaps the Secret's files; the server read them
+    at start-up only and served the old certificate until a restart, expired in the end. Now a new connection gets
+    the new one (an open connection goes on), and a set that fails the start-up checks is not used: the last good one
+    serves on, each distinct failure is logged once, naming the setting, and counted."""
+    monkeypatch.setattr(auth, "CHECK_SECONDS", 0.02)  # (1 s in service)
+    caplog.set_level(logging.INFO, logger="attrserve_service.auth")
+    ca = CertificateAuthority("rotation CA")
+    first, second, third = (ca.issue(f"server {n}", server=True) for n in (1, 2, 3))
+    volume = SecretVolume(tmp_path / "secret", {"tls.crt": first.cert, "tls.key": first.key})
+    cert, key = volume.path("tls.crt"), volume.path("tls.key")
+    server = start(repo, tls_cert=cert, tls_key=key, engine_process=False)
+    port = server.running.metrics_port
+    try:
+        before = reloads(port, "tls")
+        assert None not in before.values()  # made at start
+
+        def counted() -> dict[str, float]:
+            return {o: n - before[o] for o, n in reloads(port, "tls").items()}
+
+        with AttributionClient(server.address, root_certificates=ca.cert) as opened:
+            np.testing.assert_allclose(ig(opened).attributions, EXPECTED, atol=1e-5)
+            assert served(server.address, ca.cert) == first.der and expiry(port) == first.not_after
+            # The kubelet's swap of ..data: new connections get the new certificate, the open one goes on.
+            volume.update({"tls.crt": second.cert, "tls.key": second.key})
+            wait_for(lambda: served(server.address, ca.cert) == second.der, "the swapped certificate")
+            np.testing.assert_allclose(ig(opened).attributions, EXPECTED, atol=1e-5)
+            assert expiry(port) == second.not_after and counted() == {"loaded": 1, "failed": 0}
+
+            now = datetime.datetime.now(datetime.timezone.utc)
+            expired = ca.issue("old server", server=True, valid=(now - 10 * DAY, now - DAY))
+            mismatch = f"--tls-key {key}: is not the key of the certificate in --tls-cert {cert}"
+            bad = [
+                ({"tls.crt": second.cert, "tls.key": third.key}, mismatch),  # a key of another certificate
+                ({"tls.crt": second.cert, "tls.key": first.key}, mismatch),  # the same failure again: counted, not logged again
+                ({"tls.crt": expired.cert, "tls.key": expired.key}, f"--tls-cert {cert}: the certificate expired on"),
+                ({"tls.crt": second.cert[: len(second.cert) // 2], "tls.key": second.key}, f"--tls-cert {cert}: holds a certificate that"),
+            ]
+            for failures, (files, _) in enumerate(bad, 1):
+                volume.update(files)
+                # (a new connection first: the files are looked at as it is made)
+                wait_for(lambda n=failures: served(server.address, ca.cert) == second.der and counted()["failed"] == n, "a failure")
+                assert served(server.address, ca.cert) == second.der and expiry(port) == second.not_after
+            # A good set again, each file renamed over the old one: taken.
+            replace(volume.path("..data") / "tls.key", first.key)
+            replace(volume.path("..data") / "tls.crt", first.cert)
+            wait_for(lambda: served(server.address, ca.cert) == first.der, "the renamed certificate")
+            assert counted() == {"loaded": 2, "failed": 4} and expiry(port) == first.not_after
+            np.testing.assert_allclose(ig(opened).attributions, EXPECTED, atol=1e-5)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "attrserve_service.auth"]
+        for _, why in bad[1:]:
+            assert len([m for m in warnings if why in m]) == 1, (why, warnings)
+        assert len(warnings) == 3 and not any(b"PRIVATE" in r.getMessage().encode() for r in caplog.records)
+        loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("TLS files reloaded")]
+        assert len(loaded) == 2 and str(cert) in loaded[0] and str(key) in loaded[0]
+        still_serving(server, root_certificates=ca.cert)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("layout", [[], ["--no-engine-process"]], ids=["engine process", "no engine process"])
+def test_attrserve_serve_follows_a_kubelet_secret_swap(repo, tmp_path, layout) -> None:
+    """`attrserve serve` as deployed (TLS is the front's, in either layout): the 1 s check of the files, and the
+    metrics of the front on /metrics."""
+    ca = CertificateAuthority("rotation CA")
+    first, second = ca.issue("server 1", server=True), ca.issue("server 2", server=True)
+    volume = SecretVolume(tmp_path / "secret", {"tls.crt": first.cert, "tls.key": first.key})
+    tls = ["--tls-cert", str(volume.path("tls.crt")), "--tls-key", str(volume.path("tls.key"))]
+    args = ["--model-repository", str(repo), "--no-batch-probe", "--device", "cpu", *tls, *layout]
+    with ServeProcess(args, metrics=True) as server:
+        assert served(server.address, ca.cert) == first.der and expiry(server.metrics_port) == first.not_after
+        assert reloads(server.metrics_port, "tls") == {"loaded": 0, "failed": 0}
+        assert reloads(server.metrics_port, "tokens") == {"loaded": None, "failed": None}  # no token file
+        with AttributionClient(server.address, root_certificates=ca.cert) as opened:
+            np.testing.assert_allclose(ig(opened).attributions, EXPECTED, atol=1e-5)
+            volume.update({"tls.crt": second.cert, "tls.key": second.key})
+            wait_for(lambda: served(server.address, ca.cert) == second.der, "the swapped certificate")
+            np.testing.assert_allclose(ig(opened).attributions, EXPECTED, atol=1e-5)  # the open connection goes on
+        assert expiry(server.metrics_port) == second.not_after
+        assert reloads(server.metrics_port, "tls") == {"loaded": 1, "failed": 0}
+        with AttributionClient(server.address, root_certificates=ca.cert) as client:
+            np.testing.assert_allclose(ig(client).attributions, EXPECTED, atol=1e-5)
+            assert health(client._channel) == SERVING
+        assert "TLS files reloaded: --tls-cert" in server.output() and "PRIVATE KEY" not in server.output()
+
+
+def test_mutual_tls_follows_a_rotated_client_ca(repo, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(auth, "CHECK_SECONDS", 0.02)
+    server_ca = CertificateAuthority("server CA")
+    old_ca, new_ca = CertificateAuthority("clients CA 1"), CertificateAuthority("clients CA 2")
+    pair = server_ca.issue("server", server=True)
+    old_client, new_client = old_ca.issue("old client").write(tmp_path, "old"), new_ca.issue("new client").write(tmp_path, "new")
+    volume = SecretVolume(tmp_path / "secret", {"tls.crt": pair.cert, "tls.key": pair.key, "ca.crt": old_ca.cert})
+    tls = {"tls_cert": volume.path("tls.crt"), "tls_key": volume.path("tls.key"), "tls_client_ca": volume.path("ca.crt")}
+    server = start(repo, **tls, engine_process=False)
+    before = reloads(server.running.metrics_port, "tls")["loaded"]
+
+    def accepts(client_cert: tuple[Path, Path]) -> bool:
+        with AttributionClient(server.address, root_certificates=server_ca.cert, client_cert=client_cert) as client:
+            try:
+                return [m.config.name for m in client.list_models(timeout=10)] == ["m"]
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE
+                return False
+
+    try:
+        assert accepts(old_client) and not accepts(new_client)
+        with AttributionClient(server.address, root_certificates=server_ca.cert, client_cert=old_client) as opened:
+            np.testing.assert_allclose(ig(opened).attributions, EXPECTED, atol=1e-5)
+            volume.update({"tls.crt": pair.cert, "tls.key": pair.key, "ca.crt": new_ca.cert})
+            wait_for(lambda: accepts(new_client), "a client of the new CA")
+            assert not accepts(old_client)  # a new connection of a client of the old CA
+            np.testing.assert_allclose(ig(opened).attributions, EXPECTED, atol=1e-5)  # its open connection goes on
+        assert reloads(server.running.metrics_port, "tls")["loaded"] == before + 1
+        still_serving(server, root_certificates=server_ca.cert, client_cert=new_client)
+    finally:
+        server.stop()
+
+
+def test_rotated_token_files_take_effect_and_a_bad_one_is_not_used(repo, tmp_path) -> None:
+    """Token files rotate as certificates do (a Secret): a token added is accepted and one removed refused from the
+    next look at the files on (at most 1 s), without a restart; a file that fails the start-up checks (a line that is
+    no token, not UTF-8, an admin file without a token) is not used and the tokens before it stay. The variable's
+    tokens cannot change and stay."""
+    new_token, new_admin = "rotated-token-5566778899aabbcc", "rotated-admin-ddeeff0011223344"
+    tokens, admin = tmp_path / "tokens", tmp_path / "admin"
+    tokens.write_text(USER_TOKEN + "\n")
+    admin.write_text(ADMIN_TOKEN + "\n")
+    files = ["--auth-tokens-file", str(tokens), "--admin-tokens-file", str(admin), "--auth-token-env", TOKEN_VARIABLE]
+    args = ["--model-repository", str(repo), "--no-batch-probe", "--device", "cpu", "--no-engine-process", *files]
+    env = dict(os.environ, **{TOKEN_VARIABLE: ENV_TOKEN})
+    ok, refused, denied = grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
+
+    with ServeProcess(args, metrics=True, env=env) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.AttributionServiceStub(channel)
+        repository = pb_grpc.ModelRepositoryServiceStub(channel)
+
+        def code(token: str, admin: bool = False) -> grpc.StatusCode:
+            """ListModels' code with `token`; with `admin`, LoadModel's (FAILED_PRECONDITION past the token check:
+            --model-control none)."""
+            try:
+                if admin:
+                    repository.LoadModel(pb.LoadModelRequest(model="m"), metadata=_auth(token), timeout=10)
+                else:
+                    stub.ListModels(pb.ListModelsRequest(), metadata=_auth(token), timeout=10)
+            except grpc.RpcError as e:
+                return e.code()
+            return ok
+
+        def failed() -> float:
+            return reloads(server.metrics_port, "tokens")["failed"]
+
+        assert reloads(server.metrics_port, "tokens") == {"loaded": 0, "failed": 0}
+        assert expiry(server.metrics_port) is None  # plaintext: no certificate
+        assert code(USER_TOKEN) == code(ENV_TOKEN) == ok and code(new_token) == refused
+        replace(tokens, f"# rotated\n{new_token}\n".encode())
+        wait_for(lambda: code(new_token) == ok, "the added token")
+        assert code(USER_TOKEN) == refused and code(ENV_TOKEN) == ok
+        assert reloads(server.metrics_port, "tokens") == {"loaded": 1, "failed": 0}
+        for n, text in enumerate([b"two words\n", b"\xff\xfe not UTF-8\n"], 1):
+            replace(tokens, text)
+            wait_for(lambda n=n: code(new_token) == ok and failed() == n, "a failed reload")
+            assert code(USER_TOKEN) == refused and code(ENV_TOKEN) == ok
+        # Emptied where other tokens are left (the variable's, the admin file's): taken, as at start-up.
+        replace(tokens, b"# emptied\n")
+        wait_for(lambda: code(new_token) == refused, "the emptied file")
+        assert code(ENV_TOKEN) == code(ADMIN_TOKEN) == ok
+        replace(tokens, f"{new_token}\n".encode())
+        wait_for(lambda: code(new_token) == ok, "the token back")
+        # Admin tokens: an emptied admin file is not used; a new admin token is taken, and the old one refused.
+        assert code(ADMIN_TOKEN, admin=True) == grpc.StatusCode.FAILED_PRECONDITION and code(new_token, admin=True) == denied
+        replace(admin, b"\n")
+        wait_for(lambda: code(new_token) == ok and failed() == 3, "a failed reload")
+        assert code(ADMIN_TOKEN, admin=True) == grpc.StatusCode.FAILED_PRECONDITION
+        replace(admin, f"{new_admin}\n".encode())
+        wait_for(lambda: code(new_admin, admin=True) == grpc.StatusCode.FAILED_PRECONDITION, "the new admin token")
+        assert code(ADMIN_TOKEN) == refused and code(new_token, admin=True) == denied
+        assert reloads(server.metrics_port, "tokens") == {"loaded": 4, "failed": 3}
+        assert reloads(server.metrics_port, "tls") == {"loaded": None, "failed": None}
+        still_serving(server, token=new_token)
+        output = server.output()
+        warned = (f"--auth-tokens-file {tokens} line 1", f"--auth-tokens-file {tokens}: not UTF-8", f"--admin-tokens-file {admin}: holds")
+        for why in warned:
+            assert output.count(why) == 1, (why, output)
+        assert output.count("token files reloaded") == 4
+        for secret in (USER_TOKEN, ENV_TOKEN, ADMIN_TOKEN, new_token, new_admin, "two words"):
+            assert secret not in output
+
+
+def test_a_token_file_left_without_a_token_is_not_used(tmp_path, monkeypatch, caplog) -> None:
+    """Where the file is the only source of tokens, an emptied one would refuse every call: the tokens before stay."""
+    monkeypatch.setattr(auth, "CHECK_SECONDS", 0.0)
+    path = tmp_path / "tokens"
+    path.write_text(USER_TOKEN + "\n")
+    told: list[tuple[str, str]] = []
+    guard = auth.token_auth(ServerConfig(auth_tokens_file=path), {}, lambda kind, outcome: told.append((kind, outcome)))
+    method = f"/{SERVICE}/ListModels"
+    replace(path, b"# emptied\n")
+    with caplog.at_level(logging.WARNING, logger="attrserve_service.auth"):
+        assert guard.check(method, _auth(USER_TOKEN)) is None
+        assert guard.check(method, _auth(USER_TOKEN)) is None  # (looked at again: unchanged)
+    assert told == [("tokens", "failed")] and len(caplog.records) == 1
+    assert f"--auth-tokens-file {path}: holds no token" in caplog.text and USER_TOKEN not in caplog.text
+    replace(path, b"another-token-00112233\n")
+    assert guard.check(method, _auth(USER_TOKEN))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert guard.check(method, _auth("another-token-00112233")) is None
+    assert told == [("tokens", "failed"), ("tokens", "loaded")]
+
+
+def test_nothing_the_certificate_check_raises_reaches_grpc(pki, monkeypatch, caplog) -> None:
+    """gRPC's core calls the fetcher before every handshake: what it raised, gRPC would log with a traceback for every
+    new connection. It is logged once per change, and the set served goes on (None: no change)."""
+    monkeypatch.setattr(auth, "CHECK_SECONDS", 0.0)
+    files = auth.TlsFiles(pki["server_cert"], pki["server_key"], None)
+
+    def broken(*_):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(auth, "_usable", broken)
+    monkeypatch.setattr(files._watched, "seen", ())  # as if the files had changed
+    with caplog.at_level(logging.ERROR, logger="attrserve_service.auth"):
+        assert files.fetch() is None and files.fetch() is None
+    assert len(caplog.records) == 1 and "RuntimeError: a bug" in caplog.text
 
 
 # -- reflection, INTERNAL errors, weights ---------------------------------------------------------
