@@ -2,8 +2,9 @@
 
 Exit 0 when the server answers SERVING (every model loaded and warm, its device worker up), 1 otherwise. It
 connects where `attrserve serve` listens: ATTRSERVE_PORT (default 50051) on ATTRSERVE_HOST, or on 127.0.0.1
-when that is a wildcard address. Kubernetes does not use it: its probes call the same service natively
-(deploy/k8s/base/deployment.yaml).
+when that is a wildcard address. On Kubernetes the base's probes call the same service natively (plaintext, no
+client certificate, no token: deploy/k8s/base/deployment.yaml); deploy/k8s/components/tls, mutual-tls and
+exec-probes run this script as exec probes instead.
 
 It speaks to the server as the server's ATTRSERVE_* variables configure it, read by the server's own code
 (attrserve_service.cli.server_config and attrserve_service.auth, in the image's virtualenv); flags given as the

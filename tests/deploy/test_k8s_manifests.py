@@ -11,7 +11,11 @@ and the other tests of deploy/prometheus.
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -424,3 +428,302 @@ def test_gpu_overlay_differs_from_cpu_only_where_it_should() -> None:
     cpu_settings, gpu_settings = _settings(cpu), _settings(gpu)
     assert {k: v for k, v in gpu_settings.items() if cpu_settings.get(k) != v} == {"ATTRSERVE_DEVICE": "cuda"}
     assert rendered("cpu") != rendered("gpu")
+
+
+# -- the security components (components/tls, mutual-tls, auth-tokens, exec-probes) ---------------------------------
+#
+# Each rendered on top of every overlay, as a user's overlay lists them under `components:` (plus a setting where the
+# combination needs one), from a kustomization written in a temporary folder.
+
+COMPONENTS = K8S / "components"
+HEALTHCHECK_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "docker" / "healthcheck.py"
+# (components, settings an overlay of the user's adds)
+COMBINATIONS = (
+    (("tls",), ()),
+    (("mutual-tls",), ()),
+    (("auth-tokens",), ()),
+    (("auth-tokens", "exec-probes"), ("ATTRSERVE_AUTH_HEALTH=1",)),
+    (("mutual-tls", "auth-tokens"), ("ATTRSERVE_AUTH_HEALTH=1",)),
+)
+CASES = [(overlay, components, literals) for overlay in OVERLAYS for components, literals in COMBINATIONS]
+CASE_IDS = [f"{overlay}+{'+'.join(components)}" for overlay, components, _ in CASES]
+# The Secrets the components mount (created by the user, never in git), and the keys a file setting may name.
+SECRETS = {
+    "attrserve-tls": {"tls.crt", "tls.key", "ca.crt"},  # type kubernetes.io/tls, as cert-manager writes it
+    "attrserve-healthcheck-tls": {"tls.crt", "tls.key"},
+    "attrserve-tokens": {"tokens", "admin-tokens"},
+}
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+def _healthcheck_variables() -> set[str]:
+    """The healthcheck's own variables (its client certificate for mutual TLS), read from healthcheck.py."""
+    return set(re.findall(r'^CLIENT_(?:CERT|KEY) = "(ATTRSERVE_\w+)"$', HEALTHCHECK_SCRIPT.read_text(), re.MULTILINE))
+
+
+@functools.cache
+def _render_with(overlay: str, components: tuple[str, ...], literals: tuple[str, ...]) -> str:
+    kubectl = require("kubectl")
+    with tempfile.TemporaryDirectory(prefix="attrserve-components-") as folder:
+        kustomization: dict = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [os.path.relpath(K8S / "overlays" / overlay, folder)],
+            "components": [os.path.relpath(COMPONENTS / c, folder) for c in components],
+        }
+        if literals:
+            kustomization["configMapGenerator"] = [{"name": "attrserve-config", "behavior": "merge", "literals": list(literals)}]
+        (Path(folder) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        return run([kubectl, "kustomize", folder], timeout=60).stdout
+
+
+def _docs_with(overlay: str, components: tuple[str, ...], literals: tuple[str, ...] = ()) -> list[dict]:
+    return [d for d in yaml.safe_load_all(_render_with(overlay, components, literals)) if d]
+
+
+def test_the_security_components_pass_strict_schemas(tmp_path: Path) -> None:
+    files, documents_checked = [], 0
+    for overlay, components, literals in CASES:
+        builtin = [d for d in _docs_with(overlay, components, literals) if (d["apiVersion"], d["kind"]) not in CUSTOM_KINDS]
+        documents_checked += len(builtin)
+        path = tmp_path / f"{overlay}+{'+'.join(components)}.yaml"
+        path.write_text(yaml.safe_dump_all(builtin))
+        files.append(path)
+    code, output = _kubernetes_validate(files)
+    assert code == 0, output
+    assert not re.search(r"^(WARN|ERROR)", output, re.MULTILINE), output
+    assert output.count("passed for resource") == documents_checked
+
+
+def test_checkov_passes_the_security_components(tmp_path: Path) -> None:
+    """As the overlays: nothing fails, and the one skip is the base's CKV_K8S_43 (image by digest), with its reason."""
+    checkov = require("checkov")
+    names = []
+    for overlay, components, literals in CASES:
+        name = f"{overlay}+{'+'.join(components)}.yaml"
+        (tmp_path / name).write_text(_render_with(overlay, components, literals))
+        names.append(name)
+    args = [checkov, "--skip-download", "--framework", "kubernetes", "-o", "json"] + [a for n in names for a in ("-f", n)]
+    env = dict(os.environ, CHECKOV_PARALLELIZATION_TYPE="none", BC_SKIP_MAPPING="TRUE")
+    result = run(args, timeout=300, check=False, cwd=tmp_path, env=env)
+    assert result.returncode in (0, 1), result.stdout[-4000:] + result.stderr[-4000:]
+    reports = json.loads(result.stdout)
+    (report,) = [r for r in (reports if isinstance(reports, list) else [reports]) if r["check_type"] == "kubernetes"]
+    failed = report["results"]["failed_checks"]
+    assert not failed, [(c["check_id"], c["check_name"], c["file_path"], c["resource"]) for c in failed]
+    skipped = report["results"]["skipped_checks"]
+    assert sorted((c["check_id"], c["resource"]) for c in skipped) == [("CKV_K8S_43", "Deployment.attrserve.attrserve")] * len(CASES)
+    assert all(len(suppress_comment(c)) > 40 for c in skipped)
+    assert report["summary"]["parsing_errors"] == 0 and report["summary"]["passed"] > 50 * len(CASES)
+
+
+@pytest.mark.parametrize(("overlay", "components", "literals"), CASES, ids=CASE_IDS)
+def test_the_security_components(overlay: str, components: tuple[str, ...], literals: tuple[str, ...]) -> None:
+    docs, plain = _docs_with(overlay, components, literals), documents(overlay)
+    settings = _settings(docs)
+    mutual = "mutual-tls" in components
+    # Settings the server accepts (and the healthcheck's own two, with mutual TLS), parsed by the server's own code.
+    healthcheck_variables = _healthcheck_variables()
+    assert len(healthcheck_variables) == 2
+    assert set(settings) <= KNOWN_VARIABLES | (healthcheck_variables if mutual else set()), set(settings) - KNOWN_VARIABLES
+    config, _ = server_config([], environ=settings)
+    tls = "tls" in components or mutual
+    assert (config.tls_cert is not None, config.tls_key is not None, config.tls_client_ca is not None) == (tls, tls, mutual)
+    assert (config.auth_tokens_file is not None) == ("auth-tokens" in components)
+    assert healthcheck_variables <= set(settings) if mutual else not healthcheck_variables & set(settings)
+
+    # Every file a setting names is a key of a Secret the pod mounts whole: read-only, no subPath (a subPath mount never
+    # sees the Secret's updates, and the server re-reads rotated files).
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    container = _container(docs)
+    secret_volumes = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert set(secret_volumes.values()) <= set(SECRETS)
+    mounted = {}
+    for mount in container["volumeMounts"]:
+        if mount["name"] in secret_volumes:
+            assert mount.get("readOnly") is True, mount
+            assert "subPath" not in mount and "subPathExpr" not in mount, mount
+            mounted[mount["mountPath"]] = secret_volumes[mount["name"]]
+    files = [config.tls_cert, config.tls_key, config.tls_client_ca, config.auth_tokens_file, config.admin_tokens_file]
+    files += [Path(settings[v]) for v in healthcheck_variables if v in settings]
+    for path in filter(None, files):
+        secret = mounted.get(str(path.parent))
+        assert secret is not None, f"{path} is in no Secret volume the container mounts"
+        assert path.name in SECRETS[secret], f"{path}: {secret} has no key {path.name}"
+    if mutual:
+        assert mounted[str(Path(settings["ATTRSERVE_HEALTHCHECK_TLS_CERT"]).parent)] == "attrserve-healthcheck-tls"
+    assert {v["secret"].get("optional") for v in pod["volumes"] if "secret" in v} <= {None, False}, "a missing Secret must stop the pod"
+
+    # The probes: exec probes running the healthcheck where the kubelet's plaintext gRPC probe cannot pass (TLS, mutual
+    # TLS, a token for health), with the overlay's period, timeout and thresholds; else the overlay's own.
+    plain_container = _container(plain)
+    for name in PROBES:
+        probe, before = container[name], plain_container[name]
+        if tls or config.auth_health:
+            assert "grpc" not in probe, name
+            assert probe["exec"]["command"] == [*_image_healthcheck(), "--timeout", str(probe["timeoutSeconds"] - 1)], name
+            assert {k: v for k, v in probe.items() if k != "exec"} == {k: v for k, v in before.items() if k != "grpc"}, name
+        else:
+            assert probe == before, name
+
+    # Nothing else changed: the same objects, and the same Deployment but for the volumes, mounts, probes and ConfigMap.
+    assert [(d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] != "ConfigMap"] == [
+        (d["kind"], d["metadata"]["name"]) for d in plain if d["kind"] != "ConfigMap"
+    ]
+
+    def rest(deployment: dict) -> dict:
+        deployment = json.loads(json.dumps(deployment))
+        spec = deployment["spec"]["template"]["spec"]
+        spec["volumes"] = [v for v in spec["volumes"] if "secret" not in v]
+        (c,) = spec["containers"]
+        c["volumeMounts"] = [m for m in c["volumeMounts"] if m["mountPath"] not in mounted]
+        for name in PROBES:
+            del c[name]
+        del c["envFrom"]
+        return deployment
+
+    assert rest(one(docs, "Deployment")) == rest(one(plain, "Deployment"))
+    plain_settings = _settings(plain)
+    assert {k: v for k, v in settings.items() if k in plain_settings} == plain_settings
+
+
+def _image_healthcheck() -> list[str]:
+    """How the image runs its healthcheck: its HEALTHCHECK's script, with the python of the virtualenv first on its PATH."""
+    from deploykit import dockerfile, env_of, stages
+
+    _, image = stages(dockerfile())[-1]
+    (healthcheck,) = [i for i in image if i.keyword == "HEALTHCHECK"]
+    command = json.loads(healthcheck.value.split("CMD", 1)[1])
+    assert command[0] == "python" and command[1].endswith("/healthcheck.py"), command
+    venv_bin = env_of(image)["PATH"].split(":")[0]
+    return [f"{venv_bin}/python", *command[1:]]
+
+
+def test_the_components_document_their_secrets() -> None:
+    """No Secret is written in deploy/k8s (the user creates them; deploy/README.md says how), and each component folder
+    says what it needs at the top of its kustomization."""
+    for path in K8S.rglob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert not (isinstance(doc, dict) and doc.get("kind") == "Secret"), f"{path} holds a Secret"
+        assert "secretGenerator" not in path.read_text(), path
+    readme = (K8S.parent / "README.md").read_text()
+    for secret in SECRETS:
+        assert secret in readme, f"deploy/README.md does not say how to create {secret}"
+    for component in ("tls", "mutual-tls", "auth-tokens", "exec-probes"):
+        assert (COMPONENTS / component / "kustomization.yaml").read_text().startswith("# "), component
+        assert f"components/{component}" in readme, component
+
+
+_MODEL = """
+import torch
+from torch import nn
+
+
+def build_model():
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+"""
+
+
+def _service_certificate(ca, names: list[str]):
+    """A server certificate for DNS names only (not 127.0.0.1, where the probes connect), signed by `ca`."""
+    import datetime
+
+    from certs import Pair
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca.name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=90))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+    return Pair(cert.public_bytes(serialization.Encoding.PEM), pem)  # the key as cert-manager writes it: PKCS#1/SEC1
+
+
+def test_the_exec_probes_pass_where_the_kubelets_grpc_probe_cannot(tmp_path: Path) -> None:
+    """mutual-tls + auth-tokens with health behind a token (cpu-demo): a server configured by the rendered ConfigMap,
+    its Secrets laid out as the kubelet mounts them (the keys of each Secret in its mountPath). The kubelet's native
+    probe (plaintext, no client certificate, no token) fails; each exec probe's command passes; the server still
+    answers a correct request with Captum's numbers and health is SERVING."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    import grpc
+    import numpy as np
+    import torch
+    from captum.attr import IntegratedGradients
+    from certs import CertificateAuthority
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from servers import ServerThread
+
+    from attrserve_client import AttributionClient
+    from attrserve_engine import EngineLimits
+
+    docs = _docs_with("cpu-demo", ("mutual-tls", "auth-tokens"), ("ATTRSERVE_AUTH_HEALTH=1",))
+    settings, container = _settings(docs), _container(docs)
+    volumes = one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in volumes if "secret" in v}
+    folders = {secrets[m["name"]]: tmp_path / m["mountPath"].lstrip("/") for m in container["volumeMounts"] if m["name"] in secrets}
+    ca = CertificateAuthority("components test CA")
+    # tls.crt, tls.key, ca.crt: the Secret cert-manager writes for deploy/README.md's Certificate (the Service's names)
+    service_names = ["attrserve-grpc.attrserve.svc.cluster.local", "attrserve-grpc.attrserve.svc"]
+    _service_certificate(ca, service_names).write(folders["attrserve-tls"], "tls")
+    ca.write(folders["attrserve-tls"], "ca")
+    client_cert, client_key = ca.issue("healthcheck").write(folders["attrserve-healthcheck-tls"], "tls")
+    token = "components-test-token-0123456789"
+    (folders["attrserve-tokens"] / "tokens").parent.mkdir(parents=True, exist_ok=True)
+    (folders["attrserve-tokens"] / "tokens").write_text(f"# accepted tokens\n{token}\n")
+    environ = {k: str(tmp_path / v.lstrip("/")) if v.startswith("/etc/") else v for k, v in settings.items()}
+    (tmp_path / "repo" / "m").mkdir(parents=True)
+    (tmp_path / "repo" / "m" / "model.py").write_text(_MODEL)
+    (tmp_path / "repo" / "m" / "config.pbtxt").write_text('inputs { name: "x" dtype: DATA_TYPE_FLOAT32 dims: 4 }\n')
+    config, _ = server_config([], environ=environ)
+    assert config.tls_client_ca is not None and config.auth_health and config.auth_tokens_file is not None
+    config = dataclasses.replace(
+        config, host="127.0.0.1", port=0, metrics_port=None, model_repository=tmp_path / "repo", engine_process=False,
+        limits=EngineLimits(default_device="cpu", probe_batch_rows=False),
+    )  # fmt: skip
+    server = ServerThread(None, config)
+    try:
+        port = server.running.port
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # what the kubelet's gRPC probe does
+            with pytest.raises(grpc.RpcError) as refused:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ATTRSERVE_")}
+        env.update(environ, ATTRSERVE_PORT=str(port))  # the ConfigMap's port, where this test's server listens
+        for name in PROBES:
+            command = container[name]["exec"]["command"]
+            assert command[:2] == _image_healthcheck()
+            done = subprocess.run([sys.executable, str(HEALTHCHECK_SCRIPT), *command[2:]], env=env, capture_output=True, text=True,
+                                  timeout=60)  # fmt: skip
+            assert done.returncode == 0 and done.stdout.strip() == f"127.0.0.1:{port}: SERVING", (name, done.stdout, done.stderr)
+        x = np.array([[0.3, -0.2, 0.9, 1.4], [1.0, 0.5, -0.4, 0.2]], dtype=np.float32)
+        namespace: dict = {}
+        exec(_MODEL, namespace)
+        expected = IntegratedGradients(namespace["build_model"]()).attribute(torch.from_numpy(x), target=[0, 1]).numpy()
+        ca_file = folders["attrserve-tls"] / "ca.crt"
+        client_args = {"root_certificates": ca_file, "client_cert": (client_cert, client_key), "token": token}
+        client_args["options"] = [("grpc.ssl_target_name_override", service_names[0])]  # as a client of the Service
+        with AttributionClient(f"127.0.0.1:{port}", **client_args) as client:
+            answer = client.attribute("m", "integrated_gradients", x, target=[0, 1], timeout=60)
+            np.testing.assert_allclose(answer.attributions, expected, atol=1e-5)
+            reply = health_pb2_grpc.HealthStub(client._channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()

@@ -6,7 +6,18 @@ from __future__ import annotations
 import re
 
 import yaml
-from promkit import RULES, RULES_README, RULES_TEST, adapter_exprs, dashboard_exprs, load_rules, metric_names, needs_promtool, promtool
+from promkit import (
+    RULES,
+    RULES_README,
+    RULES_TEST,
+    adapter_exprs,
+    dashboard_exprs,
+    load_rules,
+    metric_names,
+    needs_promtool,
+    promtool,
+    selectors,
+)
 
 SEVERITIES = {"critical", "warning"}
 
@@ -116,3 +127,25 @@ def test_the_kubernetes_prometheusrule_carries_exactly_rules_yaml() -> None:
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, str(root / "deploy/prometheus/prometheusrule.py"), "--check"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_credentials_alerts() -> None:
+    """The alerts on TLS and token files (deploy/k8s components/tls, mutual-tls, auth-tokens) read the server's metrics
+    by their declared names and labels: a certificate's expiry at 14 days (warning) and 2 days (critical), and a
+    refused reload (a warning: the last good credentials serve on)."""
+    from attrserve_service import metrics
+
+    expiry = metrics.ATTRSERVE_TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS
+    reloads = metrics.ATTRSERVE_CREDENTIALS_RELOADS_TOTAL
+    assert (expiry._type, expiry._labelnames) == ("gauge", ())
+    assert (reloads._type, reloads._labelnames) == ("counter", ("kind", "outcome"))
+    alerts = {alert["alert"]: alert for alert in _alerts()}
+    days = {"AttrserveCertificateExpiresSoon": (14, "warning"), "AttrserveCertificateExpiryImminent": (2, "critical")}
+    for name, (left, severity) in days.items():
+        assert alerts[name]["labels"]["severity"] == severity
+        assert re.sub(r"\s+", " ", alerts[name]["expr"]).strip() == f"{expiry._name} - time() < {left} * 86400", name
+    failed = alerts["AttrserveCredentialsReloadFailed"]
+    assert failed["labels"]["severity"] == "warning"
+    (selector,) = selectors(failed["expr"])
+    assert (selector.name, selector.matchers) == (f"{reloads._name}_total", [("outcome", "=", "failed")])
+    assert "failed" in metrics.RELOAD_OUTCOMES

@@ -6,6 +6,8 @@ running attrserve really exports."""
 from __future__ import annotations
 
 import re
+import tempfile
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +35,8 @@ from promkit import (
 )
 
 from attrserve_client import AttributionClient
+from certs import CertificateAuthority
+from servers import ServeProcess
 
 # Declared on /metrics but without samples on a CPU server that loaded its models: why that is fine.
 NO_SAMPLES_HERE = {
@@ -100,13 +104,21 @@ def exported() -> Iterator[tuple[dict[str, str], dict[str, set[str]], dict[str, 
             with pytest.raises(grpc.RpcError) as e:  # 32,000 rows: ~2 s of work, dropped once the 50 ms deadline passes
                 client.attribute("image", "integrated_gradients", image, target=1, params={"n_steps": 1000}, timeout=0.05)
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        text = server.scrape()
+        texts = [server.scrape()]
     finally:
         server.stop()
+    # The credentials' series exist only on a server with TLS (the certificate's expiry) or with files to follow (the
+    # reloads, made at 0): a second server, with both, scraped idle.
+    with tempfile.TemporaryDirectory(prefix="attrserve-promql-") as folder:
+        cert, key = CertificateAuthority("promql test CA").issue("attrserve", server=True).write(Path(folder), "tls")
+        (Path(folder) / "tokens").write_text("promql-test-token-0123456789\n")
+        args = ["--no-batch-probe", "--tls-cert", str(cert), "--tls-key", str(key), "--auth-tokens-file", str(Path(folder) / "tokens")]
+        with ServeProcess(args, metrics=True) as secured:
+            texts.append(urllib.request.urlopen(f"http://{secured.host}:{secured.metrics_port}/metrics", timeout=10).read().decode())
     declared: dict[str, str] = {}
     labels: dict[str, set[str]] = defaultdict(set)
     values: dict[str, set[str]] = defaultdict(set)
-    for family in text_string_to_metric_families(text):
+    for family in (f for text in texts for f in text_string_to_metric_families(text)):
         suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created")}.get(family.type, ("",))
         for suffix in suffixes:
             declared[family.name + suffix] = family.type
