@@ -897,7 +897,10 @@ export interface Timing {
   computeMs: number;
   /** From arrival to the response. */
   totalMs: number;
-  /** Rows this request needed. */
+  /**
+   * Rows of model work the passes ran for this request (sensitivity_max explains the inputs again only for a
+   * method that draws; LayerFeatureAblation runs a row per unit of its layer).
+   */
   rows: bigint;
   /** Fused passes that carried them. */
   passes: number;
