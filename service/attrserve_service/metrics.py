@@ -101,7 +101,10 @@ ATTRSERVE_REQUESTS_REFUSED_TOTAL = Counter(
     ["model", "reason"],
 )
 ATTRSERVE_ROWS_DROPPED_TOTAL = Counter(
-    "attrserve_rows_dropped_total", "Rows of dropped requests that were never computed.", ["model", "reason"]
+    "attrserve_rows_dropped_total",
+    "Rows of dropped requests that were never computed: those declared at admission less those run (an estimate where the "
+    "declared rows are).",
+    ["model", "reason"],
 )
 ATTRSERVE_WORKER_UP = Gauge(
     "attrserve_worker_up",
