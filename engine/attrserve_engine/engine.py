@@ -545,7 +545,9 @@ class Engine:
             )
 
         merge = _merge_of(calls[0], job, model) if len(calls) == 1 and evaluate is None else None
-        return _live_job(job, model, rows, work_bytes, plan_factory, finish, merge, _job_kind(calls, metric_rows, outputs))
+        infidelity = metric_held - explained_held  # the metrics' rows held that no explanation holds: infidelity's forwards
+        kind = _job_kind(calls, metric_rows - infidelity, outputs + infidelity)
+        return _live_job(job, model, rows, work_bytes, plan_factory, finish, merge, kind)
 
     def _check_rows(
         self, rows: int, n: int, model: LoadedModel, tensors: tuple[Tensor, ...], held: int | None = None, layer_bytes: int = 0
@@ -826,17 +828,18 @@ def _live_job(
     )
 
 
-def _job_kind(calls: list[_PreparedCall], metric_rows: int, output_rows: int) -> PassKind:
+def _job_kind(calls: list[_PreparedCall], explanation_rows: int, forward_rows: int) -> PassKind:
     """The pass kind of most of a job's rows, at whose rate admission's estimates count them all: each call's are of
-    its algorithm's `pass_kind` (its convergence delta's few forward rows too), the metrics' of the first call's, and the
-    outputs' are forward rows. A tie goes to the algorithm's kind."""
-    if len(calls) == 1 and not output_rows:
+    its algorithm's `pass_kind` (its convergence delta's few forward rows too), sensitivity_max's explanations
+    (`explanation_rows`) of the first call's, and the outputs' and infidelity's (`forward_rows`) are forward rows. A tie
+    goes to the algorithm's kind."""
+    if len(calls) == 1 and not forward_rows:
         return calls[0].algorithm.pass_kind
     rows: dict[PassKind, int] = {}
     for call in calls:
         rows[call.algorithm.pass_kind] = rows.get(call.algorithm.pass_kind, 0) + call.rows
-    rows[calls[0].algorithm.pass_kind] += metric_rows
-    rows[PassKind.FORWARD] = rows.get(PassKind.FORWARD, 0) + output_rows
+    rows[calls[0].algorithm.pass_kind] += explanation_rows
+    rows[PassKind.FORWARD] = rows.get(PassKind.FORWARD, 0) + forward_rows
     return max(rows, key=rows.__getitem__)
 
 

@@ -137,6 +137,32 @@ def test_the_deadline_estimate_counts_each_requests_rows_at_the_rate_of_its_own_
     assert engine.attribute(ig(deadline=time.monotonic() + 30), timeout=30).attributions[0].shape == X.shape
 
 
+def test_infidelity_counts_as_forward_rows_whatever_the_algorithm(engine) -> None:
+    """infidelity's rows are forward passes (its perturbed inputs and the inputs), whatever the method it evaluates: a
+    Saliency request's 2 gradient rows and its infidelity's 22 (10 draws an example, and the 2 examples) are 24 rows
+    of mostly forward work. They were counted at the gradient rate, as the method's: 2.4 s here for 0.24 s of work,
+    and a request with a deadline between the two was refused."""
+    import dataclasses
+    import time
+
+    from oracle import assert_all_close
+
+    def saliency(deadline: float | None = None) -> AttributionJob:
+        job = AttributionJob(model="m", algorithm="saliency", inputs=(X,), target=0, deadline=deadline, seed=3)
+        return dataclasses.replace(job, evaluate={"infidelity": {}})
+
+    measured(engine, 100.0, gradient=10.0, forward=100.0)
+    with pytest.raises(DeadlineExceeded, match=r"0 rows queued ahead of it and its own 24 take about 240 ms at model 'm''s ~100 rows/s"):
+        engine.submit(saliency(deadline=time.monotonic() + 0.01))
+    measured(engine, 100.0, gradient=10.0, forward=100.0)
+    got = engine.submit(saliency(deadline=time.monotonic() + 1.5)).result(30)
+    want = engine.attribute(saliency(), timeout=30)
+    assert_all_close(got.attributions, want.attributions)
+    assert got.infidelity is not None and torch.allclose(torch.as_tensor(got.infidelity), torch.as_tensor(want.infidelity))
+    wait_in_flight(engine, 0)
+    assert engine.backlog("m") == (0, 0) and engine.serving() == (True, "")
+
+
 def test_each_algorithm_declares_the_pass_kind_most_of_its_rows_run_in() -> None:
     """Admission counts a request's rows at the rate of its algorithm's `pass_kind`: each built-in one runs most of its
     rows in passes of that kind (LayerGradientShap declares its gradient passes: its twice as many layer forwards take
