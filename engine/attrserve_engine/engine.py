@@ -10,13 +10,13 @@ import functools
 import itertools
 import logging
 import math
-import os
 import random
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from attrserve_engine.errors import (
     NotFound,
     ResourceExhausted,
     Unavailable,
+    inside,
     shown,
     size_text,
 )
@@ -198,11 +199,11 @@ class Engine:
     def load_failed(self, name: str, version: str, error: BaseException, spec: ModelSpec | None = None) -> None:
         """Record that a version could not be loaded (also for a folder whose config cannot be read): it is
         UNAVAILABLE with the error as its reason, unless a previous load of it still serves. Clients read the reason: it
-        names the files of the model's folder from the folder that holds it ("m/model.py"), not where that is on the
-        server (the caller's log has the error as raised)."""
+        names the model's files from the repository that holds it ("m/model.py", "m/1/model.py"; `inside`), not where
+        that is on the server (the caller's log has the error as raised)."""
         reason = f"{type(error).__name__}: {error}"
         if spec is not None and spec.path is not None:
-            reason = reason.replace(f"{os.path.dirname(spec.path)}{os.sep}", "")
+            reason = inside(reason, spec.repository or Path(spec.path).parent)
         self.served.load_failed(name, version, reason, spec)
         Observers(self.observers).model_load_failed(name, error)
         Observers(self.observers).model_state_changed(name, version or "1")

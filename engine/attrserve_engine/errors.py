@@ -1,5 +1,8 @@
 """Engine errors: each names the gRPC status the service edge maps it to; `size_text` writes bytes for their messages."""
 
+import os
+import re
+
 
 class AttributionError(Exception):
     """Base of errors a caller can act on; `code` is a grpc.StatusCode name. `retry_after_s`: when the caller
@@ -87,3 +90,10 @@ def size_text(nbytes: int) -> str:
         if nbytes >= scale:
             return f"{nbytes / scale:,.1f} {unit}"
     return f"{nbytes / 2**10:.1f} KiB"
+
+
+def inside(text: str, folder: object) -> str:
+    """`text` with the paths under `folder` named from it ("/models/m/model.py" -> "m/model.py"): what clients read of a
+    model's failure, who have no business knowing where the repository lies on the server. A path that only ends in
+    the folder's ("/var/models/w.pt" for "/models") is another folder's, and stays as it is."""
+    return re.sub(rf"(?<![\w.~/-]){re.escape(f'{folder}{os.sep}')}", "", text)

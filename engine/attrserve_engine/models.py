@@ -74,6 +74,9 @@ class ModelSpec:
     # built in code). Equal fingerprints: the same model, so an earlier load's pass-size rates hold
     # (tuning.probe_key).
     fingerprint: str = ""
+    # The model repository that holds it: what clients read of its failure names its files from there ("m/1/model.py");
+    # None: from its folder's parent
+    repository: Path | None = None
 
 
 _AUTOCAST = {"": None, "float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}

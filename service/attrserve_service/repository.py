@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING
 from google.protobuf import text_format
 
 from attrserve.v1 import model_config_pb2 as mc
-from attrserve_engine.errors import FailedPrecondition, LoadStuck, NotFound, shown
+from attrserve_engine.errors import FailedPrecondition, LoadStuck, NotFound, inside, shown
 from attrserve_engine.events import version_order
 from attrserve_service.convert import WIRE_DTYPES
 from attrserve_service.demo_models import DEMO_MODEL_REPOSITORY
@@ -174,7 +173,7 @@ def _entry(model_folder: Path, folder: Path, version: str | None) -> Entry:
             config.version = version
         config.name = name  # (a version folder's config names the model folder's model)
         spec = spec_from_config(folder, config, config_path)
-        spec.fingerprint = fingerprint
+        spec.fingerprint, spec.repository = fingerprint, model_folder.parent
         return Entry(name, spec.version, folder, fingerprint, spec)
     except RepositoryError as e:
         return Entry(name, shown, folder, fingerprint, None, str(e))
@@ -404,7 +403,7 @@ class ModelManager:
             log.error("model %s v%s cannot be loaded: %s", entry.name, entry.version, entry.error)
             # the version's reason, which clients read (GetModel, LoadModel, a request it cannot serve): its files named
             # inside the repository ("m/config.pbtxt"), not where that is on the server (the log says)
-            self.engine.load_failed(entry.name, entry.version, RepositoryError(entry.error.replace(f"{self.root}{os.sep}", "")))
+            self.engine.load_failed(entry.name, entry.version, RepositoryError(inside(entry.error, self.root)))
             return
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.load, entry.spec)

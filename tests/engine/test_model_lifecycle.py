@@ -76,6 +76,23 @@ def test_a_request_without_a_version_gets_the_newest_ready_one(engine) -> None:
         ig(engine, "x")
 
 
+def test_a_failure_reason_of_a_folder_given_by_a_relative_path_keeps_its_other_paths(engine, tmp_path, monkeypatch) -> None:
+    """A reason names the folder's files from the folder that holds it; a model given as ModelSpec(path=Path("m"))
+    (embedding, the current folder) is held by "" and lost every "/" of its reason ("no varw.pt nor mw.pt")."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.py").write_text("def build_model():\n    raise RuntimeError('no /var/w.pt nor m/w.pt')\n")
+    with pytest.raises(RuntimeError, match="no /var/w.pt"):
+        engine.load(ModelSpec(name="m", path=Path("m")))
+    assert engine.model_record("m", "1").reason == "RuntimeError: no /var/w.pt nor m/w.pt"
+    good = Scaled(1.0)
+    engine.load(spec("g", "1", good))
+    assert_from(ig(engine, "g").result(30), good, "1")
+    assert engine.serving() == (True, "")
+
+
 def test_a_version_that_fails_to_load_is_unavailable_with_its_reason_and_the_others_serve(engine) -> None:
     good = Scaled(1.0)
     engine.load(spec("m", "1", good))

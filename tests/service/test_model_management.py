@@ -155,6 +155,33 @@ def test_a_model_that_fails_to_load_is_reported_while_the_others_serve(tmp_path)
         server.stop()
 
 
+def test_a_reason_names_the_repositorys_files_inside_it_and_leaves_other_folders_paths_alone(tmp_path) -> None:
+    """A failure reason names the repository's files from the repository, and only those: a path elsewhere that ends
+    in the repository's own (a mirror of it, or /var/models/... beside a repository in /models) lost that part and
+    read "/mnt/snapshotw.pt"; and a version folder's files were named from the model's folder ("1/model.py", where a
+    config error of the same version reads "v/1/config.pbtxt")."""
+    repo = tmp_path / "models"
+    write(repo / "good", mlp(1))
+    elsewhere = f"/mnt/snapshot{repo}/w.pt"
+    write(repo / "mirrored", f"def build_model():\n    raise RuntimeError({f'no {elsewhere}, nor {repo}/mirrored/w.pt'!r})\n")
+    write(repo / "v" / "1", "def build_model():\n    return None\n", config=None)
+    write(repo / "v" / "2", mlp(2), config=None)
+    (repo / "v" / "config.pbtxt").write_text(PINNED)
+    server = start(repo)
+    try:
+        with AttributionClient(server.address) as client:
+            assert health(server.address) == SERVING
+            listed = states(client)
+            assert listed[("mirrored", "1")] == ("MODEL_STATE_UNAVAILABLE", f"RuntimeError: no {elsewhere}, nor mirrored/w.pt")
+            why = "InvalidArgument: v/1/model.py: build_model() returned NoneType, not a torch.nn.Module"
+            assert listed[("v", "1")] == ("MODEL_STATE_UNAVAILABLE", why)
+            np.testing.assert_allclose(ig(client, "v", "2").attributions, captum(2), atol=1e-5)
+            np.testing.assert_allclose(ig(client, "good").attributions, captum(1), atol=1e-5)
+            assert health(server.address) == SERVING
+    finally:
+        server.stop()
+
+
 LATIN1 = b'description: "caf\xe9"\n' + PINNED.encode()  # a Latin-1 e-acute, as a Windows editor saves it: not UTF-8
 
 
