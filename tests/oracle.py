@@ -358,6 +358,10 @@ def _cases() -> list[Case]:
         Case("grid", "saliency", target="per_example"),
         Case("grid", "deep_lift", target="per_example", delta=True),
         Case("toy", "saliency", n=1),
+        # Captum's memory hints: its passes cut into chunks, the numbers the same (the server cuts its own passes).
+        Case("mlp", "integrated_gradients", {"n_steps": 8, "internal_batch_size": 3}, baselines="row", delta=True),
+        Case("toy", "integrated_gradients", {"n_steps": 4, "internal_batch_size": 2}, noise_tunnel={"nt_samples": 2, "stdevs": 0.1, "nt_samples_batch_size": 2}, delta=True, seed=8),
+        Case("mlp", "saliency", noise_tunnel={"nt_type": "smoothgrad_sq", "nt_samples": 3, "stdevs": 0.2, "nt_samples_batch_size": 7}, seed=3),
     ]
     return cases
 

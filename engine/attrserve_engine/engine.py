@@ -649,7 +649,7 @@ class Engine:
             raise InvalidArgument(refusal)
         limits = self.limits.algorithm_limits
         params = algorithm.parse_params(dict(call.params), limits)
-        nt = parse_noise_tunnel(dict(call.noise_tunnel), limits) if call.noise_tunnel is not None else None
+        nt = parse_noise_tunnel(dict(call.noise_tunnel), limits, job.seed is not None) if call.noise_tunnel is not None else None
         if algorithm.layer_method:
             if not call.layer:
                 raise InvalidArgument(f"{name} needs `layer`, a dotted module path; GetModel lists the model's layers")

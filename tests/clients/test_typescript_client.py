@@ -17,7 +17,7 @@ import sys
 import grpc
 import pytest
 import torch
-from captum.attr import IntegratedGradients
+from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import oracle
@@ -101,8 +101,17 @@ def test_typed_array_input_per_example_target_and_params(smoke):
     """A Float32Array with a shape, target [0, 1] (one per example) and Captum-named params reach the server."""
     typed = smoke["typed"]
     assert typed["seed"] == "7"
-    expected = captum_ig(torch.tensor([0, 1]), n_steps=20, method="riemann_trapezoid")
+    expected = captum_ig(torch.tensor([0, 1]), n_steps=20, method="riemann_trapezoid", internal_batch_size=3)
     torch.testing.assert_close(as_tensor(typed["attributions"]), expected.double(), atol=1e-5, rtol=0)
+
+
+def test_captums_memory_hints_are_taken(smoke):
+    """internal_batch_size (in the test above) and NoiseTunnel's nt_samples_batch_size reach the server on the typed
+    messages and change nothing: the numbers are Captum's, seeded as the server seeds."""
+    torch.manual_seed(4)
+    x = torch.tensor(X, dtype=torch.float32)
+    expected = NoiseTunnel(Saliency(oracle.MODELS["toy"]().eval())).attribute(x, target=0, nt_samples=3, stdevs=0.1, nt_samples_batch_size=3)
+    torch.testing.assert_close(as_tensor(smoke["smoothed"]["attributions"]), expected.double(), atol=1e-5, rtol=0)
 
 
 def test_multi_input_model(smoke):

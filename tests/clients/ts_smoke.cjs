@@ -68,8 +68,14 @@ async function main() {
       "toy",
       "integrated_gradients",
       { data: Float32Array.from(X.flat()), shape: [2, 3] },
-      { target: [0, 1], params: { n_steps: 20, method: "riemann_trapezoid" }, seed: 7 },
+      { target: [0, 1], params: { n_steps: 20, method: "riemann_trapezoid", internal_batch_size: 3 }, seed: 7 },
     );
+    // NoiseTunnel with Captum's memory hint (taken; the numbers are Captum's).
+    const smoothed = await client.attribute("toy", "saliency", X, {
+      target: 0,
+      noiseTunnel: { nt_samples: 3, stdevs: 0.1, nt_samples_batch_size: 3 },
+      seed: 4,
+    });
     // Two inputs (the oracle's `multi`: 4 and 3 features): one Float64Array and one nested-number tensor per input,
     // one baseline per input; the attributions come back one per input.
     const multi = await client.attribute(
@@ -94,6 +100,7 @@ async function main() {
       toy: { name: toy.config.name, algorithms: toy.algorithmNames, layers: toy.layers, inputs: toy.config.inputs.map((i) => ({ name: i.name, dims: i.dims.map(Number) })) },
       ig: { attributions: plain(ig.attributions), convergenceDelta: plain(ig.convergenceDelta), modelVersion: ig.modelVersion, seed: ig.seed.toString(), timing: ig.timing },
       typed: { attributions: plain(typed.attributions), seed: typed.seed.toString() },
+      smoothed: { attributions: plain(smoothed.attributions) },
       // Rejected by the server: a target past the model's 2 outputs.
       badTarget: await failure(client.attribute("toy", "integrated_gradients", X, { target: 5 })),
       // Rejected by the server: params out of range.

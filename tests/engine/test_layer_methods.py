@@ -123,6 +123,10 @@ def _cases() -> list[LayerCase]:
         LayerCase("tokens", "layer_gradient_x_activation", "embedding"),
         LayerCase("tokens", "layer_activation", "fc"),
         LayerCase("tokens", "layer_grad_cam", "fc"),
+        # Captum's memory hint: its passes cut into chunks of 3 rows, the numbers the same.
+        LayerCase("mlp", "layer_integrated_gradients", "fc1", {"n_steps": 8, "internal_batch_size": 3}, baselines="row", delta=True),
+        LayerCase("mlp", "layer_conductance", "act1", {"n_steps": 7, "internal_batch_size": 3}, delta=True),
+        LayerCase("mlp", "internal_influence", "fc2", {"n_steps": 6, "internal_batch_size": 4}, baselines="row"),
     ]
     return cases
 

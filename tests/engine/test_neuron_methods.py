@@ -112,6 +112,9 @@ def _cases() -> list[NeuronCase]:
         NeuronCase("conv", "neuron_conductance", "relu1", (2, 3, 3), {"n_steps": 6, "method": "gausslegendre"}, baselines="row"),
         NeuronCase("mlp", "neuron_deep_lift", "act1", (1,), {"multiply_by_inputs": False}, baselines="row"),
         NeuronCase("conv", "neuron_gradient", "pool", (1, 2, 2), n=5),
+        # Captum's memory hint: its passes cut into chunks of 3 rows, the numbers the same.
+        NeuronCase("mlp", "neuron_integrated_gradients", "fc2", (4,), {"n_steps": 8, "internal_batch_size": 3}, baselines="row"),
+        NeuronCase("mlp", "neuron_conductance", "act1", (1,), {"n_steps": 6, "internal_batch_size": 3}, baselines="row"),
     ]
     return cases
 

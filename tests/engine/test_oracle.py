@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from functools import partial
 
@@ -162,3 +163,94 @@ def test_deep_lift_refuses_a_module_used_twice() -> None:
             engine.attribute(job, timeout=30)
     finally:
         engine.shutdown()
+
+
+# Captum 0.9.0's attribute methods that take internal_batch_size, with the params and layer of a request to each.
+HINTED = [
+    ("integrated_gradients", "", {"n_steps": 8}),
+    ("layer_integrated_gradients", "fc1", {"n_steps": 8}),
+    ("layer_conductance", "act1", {"n_steps": 8}),
+    ("internal_influence", "fc2", {"n_steps": 8}),
+    ("neuron_integrated_gradients", "fc2", {"n_steps": 8, "neuron_selector": [1]}),
+    ("neuron_conductance", "act1", {"n_steps": 8, "neuron_selector": [1]}),
+]
+
+
+def test_internal_batch_size_is_taken_where_captum_takes_it() -> None:
+    """Every algorithm takes internal_batch_size exactly where Captum 0.9.0's attribute does (its name in CamelCase)."""
+    import inspect
+
+    import captum.attr as ca
+
+    from attrserve_engine.algorithms import ALGORITHMS, Limits
+
+    takes = set()
+    for name, algorithm in ALGORITHMS.items():
+        captum = getattr(ca, "".join(w.capitalize() for w in name.split("_")).replace("Lrp", "LRP"))
+        raw: dict = {"internal_batch_size": 3, **({"neuron_selector": [0]} if name.startswith("neuron_") else {})}
+        try:
+            algorithm.parse_params(raw, Limits())
+            takes.add(name)
+        except Exception as e:  # refused for another reason than the hint (a required parameter): it took the hint
+            if "internal_batch_size" not in str(e):
+                takes.add(name)
+        assert (name in takes) == ("internal_batch_size" in inspect.signature(captum.attribute).parameters), name
+    assert takes == {name for name, _, _ in HINTED}
+
+
+@pytest.mark.parametrize("value", [3, 1, 0, -1, 10**6])
+@pytest.mark.parametrize("algorithm,layer,params", HINTED, ids=[h[0] for h in HINTED])
+def test_internal_batch_size_changes_nothing(engine: Engine, algorithm: str, layer: str, params: dict, value: int) -> None:
+    """Captum's internal_batch_size only cuts its passes into chunks (below the examples' count, 0 and negatives
+    included, it warns and takes the count): taken, and the result is bit for bit the one without it."""
+    from attrserve_engine import AttributionJob
+
+    inputs, _ = example_inputs("mlp", 3, seed=5)
+    target = None if algorithm.startswith("neuron_") and algorithm != "neuron_conductance" else torch.tensor([[0], [1], [2]])
+
+    def run(extra: dict):
+        job = AttributionJob(model="mlp", algorithm=algorithm, inputs=inputs, target=target, params={**params, **extra}, layer=layer)
+        return engine.attribute(job, timeout=60).attributions
+
+    for got, want in zip(run({"internal_batch_size": value}), run({})):
+        assert torch.equal(got, want)
+
+
+def test_nt_samples_batch_size_is_checked_as_captum_does_then_changes_nothing(engine: Engine) -> None:
+    """NoiseTunnel's nt_samples_batch_size: Captum divides by 0, and runs no sample for a negative (no attributions
+    for a tuple of inputs, an AssertionError for a tensor), so those are INVALID_ARGUMENT naming the field. At or over
+    nt_samples the numbers are those without it (Captum's too: the table's case). Under it, Captum draws the noise a
+    chunk at a time, so its seeded numbers depend on the chunk: refused in a seeded request, taken in another."""
+    import captum.attr as ca
+
+    from attrserve_engine import InvalidArgument
+
+    case = Case("mlp", "saliency", noise_tunnel={"nt_samples": 4, "stdevs": 0.2}, seed=3)
+    built = case.build()
+    want = engine.attribute(job_for(case, built), timeout=60).attributions
+    nt = ca.NoiseTunnel(ca.Saliency(MODELS["mlp"]()))
+    with pytest.raises(ZeroDivisionError):
+        nt.attribute(built["inputs"], target=1, nt_samples=4, nt_samples_batch_size=0)
+    assert nt.attribute(built["inputs"], target=1, nt_samples=4, nt_samples_batch_size=-1) == ()  # no samples run, no attributions
+    for value in (0, -1):
+        bad = Case("mlp", "saliency", noise_tunnel={**case.noise_tunnel, "nt_samples_batch_size": value}, seed=3)
+        with pytest.raises(InvalidArgument, match=f"noise_tunnel.nt_samples_batch_size must be at least 1, got {value}"):
+            engine.attribute(job_for(bad, built), timeout=60)
+    for value in (4, 100):  # at or over nt_samples: Captum's numbers are its numbers without it, and so are these
+        hinted = Case("mlp", "saliency", noise_tunnel={**case.noise_tunnel, "nt_samples_batch_size": value}, seed=3)
+        for got, w in zip(engine.attribute(job_for(hinted, built), timeout=60).attributions, want):
+            assert torch.equal(got, w)
+    for value in (1, 3):  # under it, Captum's seeded numbers depend on the chunk: refused with a seed, taken without one
+        hinted = Case("mlp", "saliency", noise_tunnel={**case.noise_tunnel, "nt_samples_batch_size": value}, seed=3)
+        with pytest.raises(InvalidArgument, match=f"nt_samples_batch_size {value} is below nt_samples 4 in a seeded request"):
+            engine.attribute(job_for(hinted, built), timeout=60)
+        unseeded = Case("mlp", "saliency", noise_tunnel={**case.noise_tunnel, "nt_samples_batch_size": value})
+        got = engine.attribute(dataclasses.replace(job_for(unseeded, built), seed=None), timeout=60).attributions
+        assert [g.shape for g in got] == [w.shape for w in want] and all(torch.isfinite(g).all() for g in got)
+    for value, message in ((2.5, "must be an integer, got 2.5"), ("2", "must be an integer")):
+        bad = Case("mlp", "saliency", noise_tunnel={**case.noise_tunnel, "nt_samples_batch_size": value}, seed=3)
+        with pytest.raises(InvalidArgument, match=f"noise_tunnel.nt_samples_batch_size {message}"):
+            engine.attribute(job_for(bad, built), timeout=60)
+    typo = Case("mlp", "integrated_gradients", {"internal_batch_sise": 3})
+    with pytest.raises(InvalidArgument, match="unknown parameter.*internal_batch_sise; valid: .*internal_batch_size"):
+        engine.attribute(job_for(typo, built), timeout=60)

@@ -124,3 +124,50 @@ def test_return_outputs_through_the_server(server) -> None:
         want = MODELS["mlp"]()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(result.outputs, want, atol=1e-6)
     assert result.attributions.shape == x.shape
+
+
+def test_captums_memory_hints_are_taken_and_change_nothing(server) -> None:
+    """internal_batch_size on each of the six algorithms whose Captum attribute takes it, and NoiseTunnel's
+    nt_samples_batch_size: the client sets them on the typed messages and the server answers as without them (0 too:
+    Captum takes any internal_batch_size). An nt_samples_batch_size of 0 (Captum divides by it) is INVALID_ARGUMENT
+    naming the field; then health says SERVING and the next request gets Captum's numbers."""
+    import grpc
+    from grpc_health.v1 import health_pb2
+
+    from test_model_management import health
+
+    x = np.random.default_rng(0).standard_normal((3, 6)).astype(np.float32)
+    hinted = {
+        "integrated_gradients": ("", {"n_steps": 8}),
+        "layer_integrated_gradients": ("fc1", {"n_steps": 8}),
+        "layer_conductance": ("act1", {"n_steps": 8}),
+        "internal_influence": ("fc2", {"n_steps": 8}),
+        "neuron_integrated_gradients": ("fc2", {"n_steps": 8, "neuron_selector": [1]}),
+        "neuron_conductance": ("act1", {"n_steps": 8, "neuron_selector": [1]}),
+    }
+    with AttributionClient(server.address) as client:
+        for algorithm, (layer, params) in hinted.items():
+            target = None if algorithm == "neuron_integrated_gradients" else [0, 1, 2]
+            request = AttributionClient.build_request("mlp", algorithm, x, target=target, layer=layer, params={**params, "internal_batch_size": 3})
+            assert getattr(request, algorithm).internal_batch_size == 3
+            want = client.attribute("mlp", algorithm, x, target=target, layer=layer, params=params, timeout=60).attributions[0]
+            for value in (3, 0):
+                got = client.attribute("mlp", algorithm, x, target=target, layer=layer, params={**params, "internal_batch_size": value}, timeout=60)
+                np.testing.assert_array_equal(got.attributions[0], want, err_msg=f"{algorithm} internal_batch_size={value}")
+        nt = {"nt_samples": 4, "stdevs": 0.2}
+        want = client.attribute("mlp", "saliency", x, target=0, noise_tunnel=nt, seed=3, timeout=60).attributions[0]
+        got = client.attribute("mlp", "saliency", x, target=0, noise_tunnel={**nt, "nt_samples_batch_size": 4}, seed=3, timeout=60)
+        np.testing.assert_array_equal(got.attributions[0], want)
+        with pytest.raises(grpc.RpcError) as refused:  # under nt_samples with a seed: Captum's numbers depend on the chunk
+            client.attribute("mlp", "saliency", x, target=0, noise_tunnel={**nt, "nt_samples_batch_size": 2}, seed=3, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nt_samples_batch_size 2 is below nt_samples 4" in refused.value.details()
+        got = client.attribute("mlp", "saliency", x, target=0, noise_tunnel={**nt, "nt_samples_batch_size": 2}, timeout=60)  # unseeded: taken
+        assert got.attributions[0].shape == want.shape
+        with pytest.raises(grpc.RpcError) as refused:
+            client.attribute("mlp", "saliency", x, target=0, noise_tunnel={**nt, "nt_samples_batch_size": 0}, seed=3, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "noise_tunnel.nt_samples_batch_size must be at least 1, got 0" in refused.value.details()
+        assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+        case = next(c for c in CASES if c.params.get("internal_batch_size"))
+        built = case.build()
+        check(call(client, case, built), case, built)

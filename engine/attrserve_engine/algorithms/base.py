@@ -72,8 +72,11 @@ class Algorithm:
     # examples may then run as one plan over all their examples (Scheduler._merged), as Captum would on their batch.
     examples_independent: ClassVar[bool] = False
 
+    # Captum's memory hints its attribute takes (internal_batch_size): accepted and checked, then dropped (MEMORY_HINTS).
+    memory_hints: ClassVar[tuple[str, ...]] = ()
+
     def parse_params(self, raw: dict[str, Any], limits: Limits) -> Any:
-        params = parse_dataclass(self.params_type, raw, self.name)
+        params = parse_dataclass(self.params_type, raw, self.name, self.memory_hints)
         self.check_params(params, limits)
         return params
 
@@ -147,17 +150,31 @@ class Algorithm:
         raise NotImplementedError
 
 
-def parse_dataclass(cls: type, raw: dict[str, Any], owner: str) -> Any:
-    """Build a params dataclass from Captum-named values, with messages that name the field."""
+# Captum's memory hints, by the least value Captum takes (None: any integer; its internal batching raises a smaller
+# one to the examples' count, where NoiseTunnel divides by nt_samples_batch_size). They only cut Captum's work into
+# chunks, and this server cuts its own passes (max_batch_rows, the tuner): checked, then dropped from the params, so
+# the numbers, the passes and which requests merge are those without them.
+MEMORY_HINTS: dict[str, int | None] = {"internal_batch_size": None, "nt_samples_batch_size": 1}
+
+
+def parse_dataclass(cls: type, raw: dict[str, Any], owner: str, hints: tuple[str, ...] = ()) -> Any:
+    """Build a params dataclass from Captum-named values, with messages that name the field; `hints` name the
+    MEMORY_HINTS it takes."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields) - set(hints))
     if unknown:
-        valid = ", ".join(fields) or "none"
+        valid = ", ".join([*fields, *hints]) or "none"
         listed = ", ".join(k if len(k) <= 40 else f"{k[:40]}... ({len(k)} characters)" for k in unknown[:5])
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise InvalidArgument(f"{owner}: unknown parameter(s) {listed}{more}; valid: {valid}")
     values = {}
     for name, value in raw.items():
+        if name in hints:
+            minimum = MEMORY_HINTS[name]
+            value = _coerce(value, 0, f"{owner}.{name}")
+            if minimum is not None and value < minimum:
+                raise InvalidArgument(f"{owner}.{name} must be at least {minimum}, got {shown(value)}")
+            continue
         f = fields[name]
         default = f.default
         if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:

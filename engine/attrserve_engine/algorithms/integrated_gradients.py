@@ -107,6 +107,7 @@ class IntegratedGradients(Algorithm):
     name = "integrated_gradients"
     examples_independent = True
     params_type = IntegratedGradientsParams
+    memory_hints = ("internal_batch_size",)
     has_convergence_delta = True
     uses_baselines = True
 

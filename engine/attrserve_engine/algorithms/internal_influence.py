@@ -20,6 +20,7 @@ class InternalInfluenceParams:
 class InternalInfluence(LayerAlgorithm):
     name = "internal_influence"
     params_type = InternalInfluenceParams
+    memory_hints = ("internal_batch_size",)
     uses_baselines = True
     needs_input_gradients = True  # the path runs through input space
 

@@ -22,6 +22,7 @@ class LayerConductanceParams:
 class LayerConductance(LayerAlgorithm):
     name = "layer_conductance"
     params_type = LayerConductanceParams
+    memory_hints = ("internal_batch_size",)
     uses_baselines = True
     has_convergence_delta = True
     needs_input_gradients = True  # the path runs through input space

@@ -23,6 +23,7 @@ class LayerIntegratedGradientsParams:
 class LayerIntegratedGradients(LayerAlgorithm):
     name = "layer_integrated_gradients"
     params_type = LayerIntegratedGradientsParams
+    memory_hints = ("internal_batch_size",)
     uses_baselines = True
     has_convergence_delta = True
 

@@ -26,6 +26,7 @@ class _Path(Algorithm):
 
     name = "neuron_conductance"
     params_type = NeuronConductanceParams
+    memory_hints = ("internal_batch_size",)
 
     def check_params(self, params: NeuronConductanceParams, limits: Limits) -> None:
         check_steps(self.name, params.method, params.n_steps, limits)

@@ -22,12 +22,22 @@ class NoiseTunnelParams:
     draw_baseline_from_distrib: bool = False
 
 
-def parse_noise_tunnel(raw: dict, limits: Limits) -> NoiseTunnelParams:
-    params = parse_dataclass(NoiseTunnelParams, raw, "noise_tunnel")
+def parse_noise_tunnel(raw: dict, limits: Limits, seeded: bool = False) -> NoiseTunnelParams:
+    """`seeded`: the request gave its seed, so its numbers must be Captum's under that seed. Captum draws the noise a
+    chunk of nt_samples_batch_size samples at a time, so its seeded numbers depend on a chunk below nt_samples; this
+    server draws every sample at once, the numbers Captum gives without the hint: refused then, as it cannot be equal."""
+    params = parse_dataclass(NoiseTunnelParams, raw, "noise_tunnel", ("nt_samples_batch_size",))
     if params.nt_type not in NT_TYPES:
         raise InvalidArgument(f"noise_tunnel.nt_type must be one of {', '.join(NT_TYPES)}, got {shown(params.nt_type)}")
     check_positive(params.nt_samples, "noise_tunnel.nt_samples", limits.max_nt_samples)
     check_stdevs(params.stdevs, "noise_tunnel.stdevs")
+    chunk = raw.get("nt_samples_batch_size")
+    if seeded and chunk is not None and int(chunk) < params.nt_samples:
+        raise InvalidArgument(
+            f"noise_tunnel.nt_samples_batch_size {int(chunk)} is below nt_samples {params.nt_samples} in a seeded request: Captum "
+            "draws the noise a chunk at a time, so its numbers under a seed depend on the chunk, and this server draws every "
+            "sample at once; leave it out (the server cuts its own passes) or give at least nt_samples"
+        )
     return params
 
 

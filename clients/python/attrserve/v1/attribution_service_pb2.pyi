@@ -150,14 +150,16 @@ class TargetIndexList(_message.Message):
     def __init__(self, indices: _Optional[_Iterable[_Union[TargetIndex, _Mapping]]] = ...) -> None: ...
 
 class IntegratedGradientsParams(_message.Message):
-    __slots__ = ("n_steps", "method", "multiply_by_inputs")
+    __slots__ = ("n_steps", "method", "multiply_by_inputs", "internal_batch_size")
     N_STEPS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    INTERNAL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     n_steps: int
     method: str
     multiply_by_inputs: bool
-    def __init__(self, n_steps: _Optional[int] = ..., method: _Optional[str] = ..., multiply_by_inputs: _Optional[bool] = ...) -> None: ...
+    internal_batch_size: int
+    def __init__(self, n_steps: _Optional[int] = ..., method: _Optional[str] = ..., multiply_by_inputs: _Optional[bool] = ..., internal_batch_size: _Optional[int] = ...) -> None: ...
 
 class SaliencyParams(_message.Message):
     __slots__ = ("abs",)
@@ -246,36 +248,42 @@ class DeepLiftShapParams(_message.Message):
     def __init__(self, multiply_by_inputs: _Optional[bool] = ...) -> None: ...
 
 class LayerIntegratedGradientsParams(_message.Message):
-    __slots__ = ("n_steps", "method", "multiply_by_inputs", "attribute_to_layer_input")
+    __slots__ = ("n_steps", "method", "multiply_by_inputs", "attribute_to_layer_input", "internal_batch_size")
     N_STEPS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTE_TO_LAYER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    INTERNAL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     n_steps: int
     method: str
     multiply_by_inputs: bool
     attribute_to_layer_input: bool
-    def __init__(self, n_steps: _Optional[int] = ..., method: _Optional[str] = ..., multiply_by_inputs: _Optional[bool] = ..., attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
+    internal_batch_size: int
+    def __init__(self, n_steps: _Optional[int] = ..., method: _Optional[str] = ..., multiply_by_inputs: _Optional[bool] = ..., attribute_to_layer_input: _Optional[bool] = ..., internal_batch_size: _Optional[int] = ...) -> None: ...
 
 class LayerConductanceParams(_message.Message):
-    __slots__ = ("n_steps", "method", "attribute_to_layer_input")
+    __slots__ = ("n_steps", "method", "attribute_to_layer_input", "internal_batch_size")
     N_STEPS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTE_TO_LAYER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    INTERNAL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     n_steps: int
     method: str
     attribute_to_layer_input: bool
-    def __init__(self, n_steps: _Optional[int] = ..., method: _Optional[str] = ..., attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
+    internal_batch_size: int
+    def __init__(self, n_steps: _Optional[int] = ..., method: _Optional[str] = ..., attribute_to_layer_input: _Optional[bool] = ..., internal_batch_size: _Optional[int] = ...) -> None: ...
 
 class InternalInfluenceParams(_message.Message):
-    __slots__ = ("n_steps", "method", "attribute_to_layer_input")
+    __slots__ = ("n_steps", "method", "attribute_to_layer_input", "internal_batch_size")
     N_STEPS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTE_TO_LAYER_INPUT_FIELD_NUMBER: _ClassVar[int]
+    INTERNAL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     n_steps: int
     method: str
     attribute_to_layer_input: bool
-    def __init__(self, n_steps: _Optional[int] = ..., method: _Optional[str] = ..., attribute_to_layer_input: _Optional[bool] = ...) -> None: ...
+    internal_batch_size: int
+    def __init__(self, n_steps: _Optional[int] = ..., method: _Optional[str] = ..., attribute_to_layer_input: _Optional[bool] = ..., internal_batch_size: _Optional[int] = ...) -> None: ...
 
 class LayerGradientXActivationParams(_message.Message):
     __slots__ = ("multiply_by_inputs", "attribute_to_layer_input")
@@ -366,32 +374,36 @@ class NeuronGradientParams(_message.Message):
     def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ...) -> None: ...
 
 class NeuronIntegratedGradientsParams(_message.Message):
-    __slots__ = ("neuron_selector", "attribute_to_neuron_input", "n_steps", "method", "multiply_by_inputs")
+    __slots__ = ("neuron_selector", "attribute_to_neuron_input", "n_steps", "method", "multiply_by_inputs", "internal_batch_size")
     NEURON_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTE_TO_NEURON_INPUT_FIELD_NUMBER: _ClassVar[int]
     N_STEPS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    INTERNAL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     neuron_selector: _containers.RepeatedScalarFieldContainer[int]
     attribute_to_neuron_input: bool
     n_steps: int
     method: str
     multiply_by_inputs: bool
-    def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., multiply_by_inputs: _Optional[bool] = ...) -> None: ...
+    internal_batch_size: int
+    def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., multiply_by_inputs: _Optional[bool] = ..., internal_batch_size: _Optional[int] = ...) -> None: ...
 
 class NeuronConductanceParams(_message.Message):
-    __slots__ = ("neuron_selector", "attribute_to_neuron_input", "n_steps", "method", "multiply_by_inputs")
+    __slots__ = ("neuron_selector", "attribute_to_neuron_input", "n_steps", "method", "multiply_by_inputs", "internal_batch_size")
     NEURON_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTE_TO_NEURON_INPUT_FIELD_NUMBER: _ClassVar[int]
     N_STEPS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MULTIPLY_BY_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    INTERNAL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     neuron_selector: _containers.RepeatedScalarFieldContainer[int]
     attribute_to_neuron_input: bool
     n_steps: int
     method: str
     multiply_by_inputs: bool
-    def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., multiply_by_inputs: _Optional[bool] = ...) -> None: ...
+    internal_batch_size: int
+    def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ..., n_steps: _Optional[int] = ..., method: _Optional[str] = ..., multiply_by_inputs: _Optional[bool] = ..., internal_batch_size: _Optional[int] = ...) -> None: ...
 
 class NeuronDeepLiftParams(_message.Message):
     __slots__ = ("neuron_selector", "attribute_to_neuron_input", "multiply_by_inputs")
@@ -454,16 +466,18 @@ class NeuronFeatureAblationParams(_message.Message):
     def __init__(self, neuron_selector: _Optional[_Iterable[int]] = ..., attribute_to_neuron_input: _Optional[bool] = ..., perturbations_per_eval: _Optional[int] = ...) -> None: ...
 
 class NoiseTunnel(_message.Message):
-    __slots__ = ("nt_type", "nt_samples", "stdevs", "draw_baseline_from_distrib")
+    __slots__ = ("nt_type", "nt_samples", "stdevs", "draw_baseline_from_distrib", "nt_samples_batch_size")
     NT_TYPE_FIELD_NUMBER: _ClassVar[int]
     NT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     STDEVS_FIELD_NUMBER: _ClassVar[int]
     DRAW_BASELINE_FROM_DISTRIB_FIELD_NUMBER: _ClassVar[int]
+    NT_SAMPLES_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     nt_type: str
     nt_samples: int
     stdevs: _containers.RepeatedScalarFieldContainer[float]
     draw_baseline_from_distrib: bool
-    def __init__(self, nt_type: _Optional[str] = ..., nt_samples: _Optional[int] = ..., stdevs: _Optional[_Iterable[float]] = ..., draw_baseline_from_distrib: _Optional[bool] = ...) -> None: ...
+    nt_samples_batch_size: int
+    def __init__(self, nt_type: _Optional[str] = ..., nt_samples: _Optional[int] = ..., stdevs: _Optional[_Iterable[float]] = ..., draw_baseline_from_distrib: _Optional[bool] = ..., nt_samples_batch_size: _Optional[int] = ...) -> None: ...
 
 class AttributeRequest(_message.Message):
     __slots__ = ("request_id", "model", "model_version", "algorithm", "inputs", "baselines", "target", "additional_forward_args", "layer", "integrated_gradients", "saliency", "deep_lift", "gradient_shap", "feature_ablation", "feature_permutation", "occlusion", "shapley_value_sampling", "shapley_values", "lime", "kernel_shap", "deep_lift_shap", "layer_integrated_gradients", "layer_conductance", "internal_influence", "layer_gradient_x_activation", "layer_activation", "layer_grad_cam", "layer_deep_lift", "layer_deep_lift_shap", "layer_gradient_shap", "layer_feature_ablation", "lrp", "layer_lrp", "guided_grad_cam", "neuron_gradient", "neuron_integrated_gradients", "neuron_conductance", "neuron_deep_lift", "neuron_gradient_shap", "neuron_deep_lift_shap", "neuron_guided_backprop", "neuron_deconvolution", "neuron_feature_ablation", "noise_tunnel", "return_convergence_delta", "seed", "feature_masks", "return_outputs", "custom_algorithm", "custom_params", "also", "evaluate", "priority")

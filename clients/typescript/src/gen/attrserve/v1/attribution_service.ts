@@ -439,7 +439,15 @@ export interface IntegratedGradientsParams {
    */
   method: string;
   /** Default true. */
-  multiplyByInputs?: boolean | undefined;
+  multiplyByInputs?:
+    | boolean
+    | undefined;
+  /**
+   * Captum's memory hint, accepted for its API (any value Captum takes);
+   * it changes neither the numbers nor the passes: the server cuts its own
+   * (max_batch_rows, the tuner).
+   */
+  internalBatchSize?: number | undefined;
 }
 
 /** Captum's Saliency parameters. */
@@ -553,6 +561,12 @@ export interface LayerIntegratedGradientsParams {
   /** Default true. */
   multiplyByInputs?: boolean | undefined;
   attributeToLayerInput: boolean;
+  /**
+   * Captum's memory hint, accepted for its API (any value Captum takes);
+   * it changes neither the numbers nor the passes: the server cuts its own
+   * (max_batch_rows, the tuner).
+   */
+  internalBatchSize?: number | undefined;
 }
 
 /** Captum's LayerConductance parameters. */
@@ -561,6 +575,12 @@ export interface LayerConductanceParams {
   nSteps?: number | undefined;
   method: string;
   attributeToLayerInput: boolean;
+  /**
+   * Captum's memory hint, accepted for its API (any value Captum takes);
+   * it changes neither the numbers nor the passes: the server cuts its own
+   * (max_batch_rows, the tuner).
+   */
+  internalBatchSize?: number | undefined;
 }
 
 /** Captum's InternalInfluence parameters. */
@@ -569,6 +589,12 @@ export interface InternalInfluenceParams {
   nSteps?: number | undefined;
   method: string;
   attributeToLayerInput: boolean;
+  /**
+   * Captum's memory hint, accepted for its API (any value Captum takes);
+   * it changes neither the numbers nor the passes: the server cuts its own
+   * (max_batch_rows, the tuner).
+   */
+  internalBatchSize?: number | undefined;
 }
 
 /** Captum's LayerGradientXActivation parameters. */
@@ -666,7 +692,15 @@ export interface NeuronIntegratedGradientsParams {
   /** Default gausslegendre. */
   method: string;
   /** Default true. */
-  multiplyByInputs?: boolean | undefined;
+  multiplyByInputs?:
+    | boolean
+    | undefined;
+  /**
+   * Captum's memory hint, accepted for its API (any value Captum takes);
+   * it changes neither the numbers nor the passes: the server cuts its own
+   * (max_batch_rows, the tuner).
+   */
+  internalBatchSize?: number | undefined;
 }
 
 /** Captum's NeuronConductance parameters (it also takes the request's target). */
@@ -680,7 +714,15 @@ export interface NeuronConductanceParams {
   /** Default riemann_trapezoid, as in Captum. */
   method: string;
   /** Default true. */
-  multiplyByInputs?: boolean | undefined;
+  multiplyByInputs?:
+    | boolean
+    | undefined;
+  /**
+   * Captum's memory hint, accepted for its API (any value Captum takes);
+   * it changes neither the numbers nor the passes: the server cuts its own
+   * (max_batch_rows, the tuner).
+   */
+  internalBatchSize?: number | undefined;
 }
 
 /** Captum's NeuronDeepLift parameters. */
@@ -744,6 +786,15 @@ export interface NoiseTunnel {
   /** One stdev for all inputs, or one per input. Default 1.0. */
   stdevs: number[];
   drawBaselineFromDistrib: boolean;
+  /**
+   * Captum's memory hint, accepted for its API: at least 1 (Captum fails on 0
+   * and negatives); it changes neither the passes nor the numbers. Captum draws
+   * the noise chunk by chunk, so under a seed its numbers depend on a chunk
+   * below nt_samples: a seeded request with one is INVALID_ARGUMENT (this
+   * server draws every sample at once); at or over nt_samples, or unseeded, it
+   * is taken.
+   */
+  ntSamplesBatchSize?: number | undefined;
 }
 
 export interface AttributeRequest {
@@ -1519,7 +1570,7 @@ export const TargetIndexList: MessageFns<TargetIndexList> = {
 };
 
 function createBaseIntegratedGradientsParams(): IntegratedGradientsParams {
-  return { nSteps: undefined, method: "", multiplyByInputs: undefined };
+  return { nSteps: undefined, method: "", multiplyByInputs: undefined, internalBatchSize: undefined };
 }
 
 export const IntegratedGradientsParams: MessageFns<IntegratedGradientsParams> = {
@@ -1532,6 +1583,9 @@ export const IntegratedGradientsParams: MessageFns<IntegratedGradientsParams> = 
     }
     if (message.multiplyByInputs !== undefined) {
       writer.uint32(24).bool(message.multiplyByInputs);
+    }
+    if (message.internalBatchSize !== undefined) {
+      writer.uint32(32).uint32(message.internalBatchSize);
     }
     return writer;
   },
@@ -1573,6 +1627,14 @@ export const IntegratedGradientsParams: MessageFns<IntegratedGradientsParams> = 
             message.multiplyByInputs = reader.bool();
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.internalBatchSize = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1598,6 +1660,11 @@ export const IntegratedGradientsParams: MessageFns<IntegratedGradientsParams> = 
         : isSet(object.multiply_by_inputs)
         ? globalThis.Boolean(object.multiply_by_inputs)
         : undefined,
+      internalBatchSize: isSet(object.internalBatchSize)
+        ? globalThis.Number(object.internalBatchSize)
+        : isSet(object.internal_batch_size)
+        ? globalThis.Number(object.internal_batch_size)
+        : undefined,
     };
   },
 
@@ -1612,6 +1679,9 @@ export const IntegratedGradientsParams: MessageFns<IntegratedGradientsParams> = 
     if (message.multiplyByInputs !== undefined) {
       obj.multiplyByInputs = message.multiplyByInputs;
     }
+    if (message.internalBatchSize !== undefined) {
+      obj.internalBatchSize = Math.round(message.internalBatchSize);
+    }
     return obj;
   },
 
@@ -1623,6 +1693,7 @@ export const IntegratedGradientsParams: MessageFns<IntegratedGradientsParams> = 
     message.nSteps = object.nSteps ?? undefined;
     message.method = object.method ?? "";
     message.multiplyByInputs = object.multiplyByInputs ?? undefined;
+    message.internalBatchSize = object.internalBatchSize ?? undefined;
     return message;
   },
 };
@@ -2623,7 +2694,13 @@ export const DeepLiftShapParams: MessageFns<DeepLiftShapParams> = {
 };
 
 function createBaseLayerIntegratedGradientsParams(): LayerIntegratedGradientsParams {
-  return { nSteps: undefined, method: "", multiplyByInputs: undefined, attributeToLayerInput: false };
+  return {
+    nSteps: undefined,
+    method: "",
+    multiplyByInputs: undefined,
+    attributeToLayerInput: false,
+    internalBatchSize: undefined,
+  };
 }
 
 export const LayerIntegratedGradientsParams: MessageFns<LayerIntegratedGradientsParams> = {
@@ -2639,6 +2716,9 @@ export const LayerIntegratedGradientsParams: MessageFns<LayerIntegratedGradients
     }
     if (message.attributeToLayerInput !== false) {
       writer.uint32(32).bool(message.attributeToLayerInput);
+    }
+    if (message.internalBatchSize !== undefined) {
+      writer.uint32(40).uint32(message.internalBatchSize);
     }
     return writer;
   },
@@ -2688,6 +2768,14 @@ export const LayerIntegratedGradientsParams: MessageFns<LayerIntegratedGradients
             message.attributeToLayerInput = reader.bool();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.internalBatchSize = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2718,6 +2806,11 @@ export const LayerIntegratedGradientsParams: MessageFns<LayerIntegratedGradients
         : isSet(object.attribute_to_layer_input)
         ? globalThis.Boolean(object.attribute_to_layer_input)
         : false,
+      internalBatchSize: isSet(object.internalBatchSize)
+        ? globalThis.Number(object.internalBatchSize)
+        : isSet(object.internal_batch_size)
+        ? globalThis.Number(object.internal_batch_size)
+        : undefined,
     };
   },
 
@@ -2735,6 +2828,9 @@ export const LayerIntegratedGradientsParams: MessageFns<LayerIntegratedGradients
     if (message.attributeToLayerInput !== false) {
       obj.attributeToLayerInput = message.attributeToLayerInput;
     }
+    if (message.internalBatchSize !== undefined) {
+      obj.internalBatchSize = Math.round(message.internalBatchSize);
+    }
     return obj;
   },
 
@@ -2747,12 +2843,13 @@ export const LayerIntegratedGradientsParams: MessageFns<LayerIntegratedGradients
     message.method = object.method ?? "";
     message.multiplyByInputs = object.multiplyByInputs ?? undefined;
     message.attributeToLayerInput = object.attributeToLayerInput ?? false;
+    message.internalBatchSize = object.internalBatchSize ?? undefined;
     return message;
   },
 };
 
 function createBaseLayerConductanceParams(): LayerConductanceParams {
-  return { nSteps: undefined, method: "", attributeToLayerInput: false };
+  return { nSteps: undefined, method: "", attributeToLayerInput: false, internalBatchSize: undefined };
 }
 
 export const LayerConductanceParams: MessageFns<LayerConductanceParams> = {
@@ -2765,6 +2862,9 @@ export const LayerConductanceParams: MessageFns<LayerConductanceParams> = {
     }
     if (message.attributeToLayerInput !== false) {
       writer.uint32(24).bool(message.attributeToLayerInput);
+    }
+    if (message.internalBatchSize !== undefined) {
+      writer.uint32(32).uint32(message.internalBatchSize);
     }
     return writer;
   },
@@ -2806,6 +2906,14 @@ export const LayerConductanceParams: MessageFns<LayerConductanceParams> = {
             message.attributeToLayerInput = reader.bool();
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.internalBatchSize = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2831,6 +2939,11 @@ export const LayerConductanceParams: MessageFns<LayerConductanceParams> = {
         : isSet(object.attribute_to_layer_input)
         ? globalThis.Boolean(object.attribute_to_layer_input)
         : false,
+      internalBatchSize: isSet(object.internalBatchSize)
+        ? globalThis.Number(object.internalBatchSize)
+        : isSet(object.internal_batch_size)
+        ? globalThis.Number(object.internal_batch_size)
+        : undefined,
     };
   },
 
@@ -2845,6 +2958,9 @@ export const LayerConductanceParams: MessageFns<LayerConductanceParams> = {
     if (message.attributeToLayerInput !== false) {
       obj.attributeToLayerInput = message.attributeToLayerInput;
     }
+    if (message.internalBatchSize !== undefined) {
+      obj.internalBatchSize = Math.round(message.internalBatchSize);
+    }
     return obj;
   },
 
@@ -2856,12 +2972,13 @@ export const LayerConductanceParams: MessageFns<LayerConductanceParams> = {
     message.nSteps = object.nSteps ?? undefined;
     message.method = object.method ?? "";
     message.attributeToLayerInput = object.attributeToLayerInput ?? false;
+    message.internalBatchSize = object.internalBatchSize ?? undefined;
     return message;
   },
 };
 
 function createBaseInternalInfluenceParams(): InternalInfluenceParams {
-  return { nSteps: undefined, method: "", attributeToLayerInput: false };
+  return { nSteps: undefined, method: "", attributeToLayerInput: false, internalBatchSize: undefined };
 }
 
 export const InternalInfluenceParams: MessageFns<InternalInfluenceParams> = {
@@ -2874,6 +2991,9 @@ export const InternalInfluenceParams: MessageFns<InternalInfluenceParams> = {
     }
     if (message.attributeToLayerInput !== false) {
       writer.uint32(24).bool(message.attributeToLayerInput);
+    }
+    if (message.internalBatchSize !== undefined) {
+      writer.uint32(32).uint32(message.internalBatchSize);
     }
     return writer;
   },
@@ -2915,6 +3035,14 @@ export const InternalInfluenceParams: MessageFns<InternalInfluenceParams> = {
             message.attributeToLayerInput = reader.bool();
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.internalBatchSize = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2940,6 +3068,11 @@ export const InternalInfluenceParams: MessageFns<InternalInfluenceParams> = {
         : isSet(object.attribute_to_layer_input)
         ? globalThis.Boolean(object.attribute_to_layer_input)
         : false,
+      internalBatchSize: isSet(object.internalBatchSize)
+        ? globalThis.Number(object.internalBatchSize)
+        : isSet(object.internal_batch_size)
+        ? globalThis.Number(object.internal_batch_size)
+        : undefined,
     };
   },
 
@@ -2954,6 +3087,9 @@ export const InternalInfluenceParams: MessageFns<InternalInfluenceParams> = {
     if (message.attributeToLayerInput !== false) {
       obj.attributeToLayerInput = message.attributeToLayerInput;
     }
+    if (message.internalBatchSize !== undefined) {
+      obj.internalBatchSize = Math.round(message.internalBatchSize);
+    }
     return obj;
   },
 
@@ -2965,6 +3101,7 @@ export const InternalInfluenceParams: MessageFns<InternalInfluenceParams> = {
     message.nSteps = object.nSteps ?? undefined;
     message.method = object.method ?? "";
     message.attributeToLayerInput = object.attributeToLayerInput ?? false;
+    message.internalBatchSize = object.internalBatchSize ?? undefined;
     return message;
   },
 };
@@ -4025,6 +4162,7 @@ function createBaseNeuronIntegratedGradientsParams(): NeuronIntegratedGradientsP
     nSteps: undefined,
     method: "",
     multiplyByInputs: undefined,
+    internalBatchSize: undefined,
   };
 }
 
@@ -4051,6 +4189,9 @@ export const NeuronIntegratedGradientsParams: MessageFns<NeuronIntegratedGradien
     }
     if (message.multiplyByInputs !== undefined) {
       writer.uint32(40).bool(message.multiplyByInputs);
+    }
+    if (message.internalBatchSize !== undefined) {
+      writer.uint32(48).uint32(message.internalBatchSize);
     }
     return writer;
   },
@@ -4118,6 +4259,14 @@ export const NeuronIntegratedGradientsParams: MessageFns<NeuronIntegratedGradien
             message.multiplyByInputs = reader.bool();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.internalBatchSize = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4153,6 +4302,11 @@ export const NeuronIntegratedGradientsParams: MessageFns<NeuronIntegratedGradien
         : isSet(object.multiply_by_inputs)
         ? globalThis.Boolean(object.multiply_by_inputs)
         : undefined,
+      internalBatchSize: isSet(object.internalBatchSize)
+        ? globalThis.Number(object.internalBatchSize)
+        : isSet(object.internal_batch_size)
+        ? globalThis.Number(object.internal_batch_size)
+        : undefined,
     };
   },
 
@@ -4173,6 +4327,9 @@ export const NeuronIntegratedGradientsParams: MessageFns<NeuronIntegratedGradien
     if (message.multiplyByInputs !== undefined) {
       obj.multiplyByInputs = message.multiplyByInputs;
     }
+    if (message.internalBatchSize !== undefined) {
+      obj.internalBatchSize = Math.round(message.internalBatchSize);
+    }
     return obj;
   },
 
@@ -4186,6 +4343,7 @@ export const NeuronIntegratedGradientsParams: MessageFns<NeuronIntegratedGradien
     message.nSteps = object.nSteps ?? undefined;
     message.method = object.method ?? "";
     message.multiplyByInputs = object.multiplyByInputs ?? undefined;
+    message.internalBatchSize = object.internalBatchSize ?? undefined;
     return message;
   },
 };
@@ -4197,6 +4355,7 @@ function createBaseNeuronConductanceParams(): NeuronConductanceParams {
     nSteps: undefined,
     method: "",
     multiplyByInputs: undefined,
+    internalBatchSize: undefined,
   };
 }
 
@@ -4223,6 +4382,9 @@ export const NeuronConductanceParams: MessageFns<NeuronConductanceParams> = {
     }
     if (message.multiplyByInputs !== undefined) {
       writer.uint32(40).bool(message.multiplyByInputs);
+    }
+    if (message.internalBatchSize !== undefined) {
+      writer.uint32(48).uint32(message.internalBatchSize);
     }
     return writer;
   },
@@ -4290,6 +4452,14 @@ export const NeuronConductanceParams: MessageFns<NeuronConductanceParams> = {
             message.multiplyByInputs = reader.bool();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.internalBatchSize = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4325,6 +4495,11 @@ export const NeuronConductanceParams: MessageFns<NeuronConductanceParams> = {
         : isSet(object.multiply_by_inputs)
         ? globalThis.Boolean(object.multiply_by_inputs)
         : undefined,
+      internalBatchSize: isSet(object.internalBatchSize)
+        ? globalThis.Number(object.internalBatchSize)
+        : isSet(object.internal_batch_size)
+        ? globalThis.Number(object.internal_batch_size)
+        : undefined,
     };
   },
 
@@ -4345,6 +4520,9 @@ export const NeuronConductanceParams: MessageFns<NeuronConductanceParams> = {
     if (message.multiplyByInputs !== undefined) {
       obj.multiplyByInputs = message.multiplyByInputs;
     }
+    if (message.internalBatchSize !== undefined) {
+      obj.internalBatchSize = Math.round(message.internalBatchSize);
+    }
     return obj;
   },
 
@@ -4358,6 +4536,7 @@ export const NeuronConductanceParams: MessageFns<NeuronConductanceParams> = {
     message.nSteps = object.nSteps ?? undefined;
     message.method = object.method ?? "";
     message.multiplyByInputs = object.multiplyByInputs ?? undefined;
+    message.internalBatchSize = object.internalBatchSize ?? undefined;
     return message;
   },
 };
@@ -5159,7 +5338,13 @@ export const NeuronFeatureAblationParams: MessageFns<NeuronFeatureAblationParams
 };
 
 function createBaseNoiseTunnel(): NoiseTunnel {
-  return { ntType: "", ntSamples: undefined, stdevs: [], drawBaselineFromDistrib: false };
+  return {
+    ntType: "",
+    ntSamples: undefined,
+    stdevs: [],
+    drawBaselineFromDistrib: false,
+    ntSamplesBatchSize: undefined,
+  };
 }
 
 export const NoiseTunnel: MessageFns<NoiseTunnel> = {
@@ -5179,6 +5364,9 @@ export const NoiseTunnel: MessageFns<NoiseTunnel> = {
     }
     if (message.drawBaselineFromDistrib !== false) {
       writer.uint32(32).bool(message.drawBaselineFromDistrib);
+    }
+    if (message.ntSamplesBatchSize !== undefined) {
+      writer.uint32(40).uint32(message.ntSamplesBatchSize);
     }
     return writer;
   },
@@ -5238,6 +5426,14 @@ export const NoiseTunnel: MessageFns<NoiseTunnel> = {
             message.drawBaselineFromDistrib = reader.bool();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.ntSamplesBatchSize = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -5268,6 +5464,11 @@ export const NoiseTunnel: MessageFns<NoiseTunnel> = {
         : isSet(object.draw_baseline_from_distrib)
         ? globalThis.Boolean(object.draw_baseline_from_distrib)
         : false,
+      ntSamplesBatchSize: isSet(object.ntSamplesBatchSize)
+        ? globalThis.Number(object.ntSamplesBatchSize)
+        : isSet(object.nt_samples_batch_size)
+        ? globalThis.Number(object.nt_samples_batch_size)
+        : undefined,
     };
   },
 
@@ -5285,6 +5486,9 @@ export const NoiseTunnel: MessageFns<NoiseTunnel> = {
     if (message.drawBaselineFromDistrib !== false) {
       obj.drawBaselineFromDistrib = message.drawBaselineFromDistrib;
     }
+    if (message.ntSamplesBatchSize !== undefined) {
+      obj.ntSamplesBatchSize = Math.round(message.ntSamplesBatchSize);
+    }
     return obj;
   },
 
@@ -5297,6 +5501,7 @@ export const NoiseTunnel: MessageFns<NoiseTunnel> = {
     message.ntSamples = object.ntSamples ?? undefined;
     message.stdevs = object.stdevs?.map((e) => e) || [];
     message.drawBaselineFromDistrib = object.drawBaselineFromDistrib ?? false;
+    message.ntSamplesBatchSize = object.ntSamplesBatchSize ?? undefined;
     return message;
   },
 };
