@@ -346,6 +346,10 @@ CASES: dict[str, tuple[str, pb.AttributeRequest | bytes | pb.GetModelRequest, gr
     "also[0] n_steps 0": ("Attribute", also_req(spec(pb.ALGORITHM_INTEGRATED_GRADIENTS, {"n_steps": 0})), INT, "also[0]: integrated_gradients.n_steps must be at least 1"),
     "also[1] stdevs NaN": ("Attribute", also_req(spec(pb.ALGORITHM_SALIENCY), spec(pb.ALGORITHM_GRADIENT_SHAP, {"stdevs": math.nan})), INT, "also[1].params.stdevs is nan"),
     "also[1] stdevs negative": ("Attribute", also_req(spec(pb.ALGORITHM_SALIENCY), spec(pb.ALGORITHM_GRADIENT_SHAP, {"stdevs": [-1.0]})), INT, "also[1]: gradient_shap.stdevs must be >= 0"),
+    "also[1] stdevs lists of lists": (
+        "Attribute", also_req(spec(pb.ALGORITHM_SALIENCY), spec(pb.ALGORITHM_GRADIENT_SHAP, {"stdevs": [[1.0]]})), INT,
+        "also[1]: gradient_shap.stdevs must be a number or a list of numbers, got [[1.0]]",
+    ),
     "also[0] params too deep": ("Attribute", also_req(spec(pb.ALGORITHM_SALIENCY, nested(9))), INT, "also[0].params.a.a.a.a.a.a.a.a is nested more than 8 levels"),
     "also[0] params unknown key": ("Attribute", also_req(spec(pb.ALGORITHM_SALIENCY, {"k" * 5000: 1.0})), INT, "also[0].params has a key of 5000 characters"),
     "also[0] noise_tunnel.nt_samples 0": (
@@ -375,6 +379,10 @@ CASES: dict[str, tuple[str, pb.AttributeRequest | bytes | pb.GetModelRequest, gr
     "custom_params NaN": ("Attribute", custom({"n_steps": math.nan}), INT, "custom_params.n_steps is nan"),
     "custom_params inf": ("Attribute", custom({"n_steps": math.inf}), INT, "custom_params.n_steps is inf"),
     "custom_params -inf in a list": ("Attribute", custom({"stdevs": [0.1, -math.inf]}, "gradient_shap"), INT, "custom_params.stdevs[1] is -inf"),
+    "custom_params stdevs lists of lists": (  # was INTERNAL (a TypeError comparing a list with 0)
+        "Attribute", custom({"stdevs": [[1.0], [2.0]]}, "gradient_shap"), INT,
+        "gradient_shap.stdevs must be a number or a list of numbers, got [[1.0], [2.0]]",
+    ),
     "custom_params too deep": ("Attribute", custom(nested(12)), INT, "is nested more than 8 levels deep"),
     "custom_params too many values": ("Attribute", custom({"stdevs": [0.1] * 2000}, "gradient_shap"), INT, "custom_params.stdevs holds more than 1000 values"),
     "custom_params string too long": ("Attribute", custom({"method": "g" * 5000}), INT, "custom_params.method is a string of 5000 characters"),

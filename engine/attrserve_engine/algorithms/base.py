@@ -218,13 +218,7 @@ def _coerced(value: Any, default: Any, label: str) -> Any:
         if not isinstance(value, str):
             raise InvalidArgument(f"{label} must be a string, got {shown(value)}")
         return value
-    if isinstance(default, tuple):
-        if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
-            if not all(
-                (isinstance(i, int) and not isinstance(i, bool)) or (isinstance(i, float) and i.is_integer()) for v in value for i in v
-            ):
-                raise InvalidArgument(f"{label} must be lists of integers, one per input, got {shown(value)}")
-            return tuple(tuple(_int64(int(i), label) for i in v) for v in value)  # one int list per input (window shapes, strides)
+    if isinstance(default, tuple):  # a number per input (stdevs): Occlusion's int lists per input default to None, parsed there
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return (float(value),)
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
