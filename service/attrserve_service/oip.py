@@ -8,7 +8,8 @@ predictions-only job, one forward row per example). With one it returns attribut
   `seed`, `return_convergence_delta`, and any other parameter by its Captum name (`n_steps`, `method`, ...).
   `target` is an int64 (one class for all examples) or a string of JSON: `3`; `[1, 0, 2]` (one per example, Captum's
   list); `[[0, 1], [2, 3]]` (an index tuple per example); `{"tuple": [0, 1]}` (one index tuple for all). A string
-  parameter whose text starts with `[` or `{` is read as JSON too (e.g. `sliding_window_shapes`). Triton's own
+  parameter whose text starts with `[` or `{` is read as JSON too (e.g. `sliding_window_shapes`), in the bounds of
+  Attribute's Struct parameters (at most 1000 characters, 8 levels deep, finite numbers). Triton's own
   request parameters (priority, timeout, sequence_*) are ignored.
 - input tensors: the model's inputs, matched by name to the names its config gives them (GetModel,
   ModelMetadata), or by position when the config names none; `<input>__baselines` and `<input>__feature_mask` give
@@ -42,7 +43,7 @@ from attrserve_engine.errors import shown
 from attrserve_engine.events import version_order
 from attrserve_engine.limits import INT64_MAX, INT64_MIN
 from attrserve_service import __version__, metrics
-from attrserve_service.convert import MAX_STRUCT_STRING, WIRE_DTYPES, Job, Result, array_from_proto, decode, wire_array
+from attrserve_service.convert import MAX_STRUCT_DEPTH, MAX_STRUCT_STRING, WIRE_DTYPES, Job, Result, array_from_proto, decode, wire_array
 from attrserve_service.core import Core
 from attrserve_service.kserve import grpc_predict_v2_pb2 as oip
 from attrserve_service.servicer import AttributionServicer, _unary, grpc_status
@@ -368,12 +369,37 @@ def _parameters(request: oip.ModelInferRequest) -> dict[str, Any]:
 
 
 def _json(text: str, label: str) -> Any:
+    """A string parameter's JSON, in the bounds of Attribute's Struct parameters (convert.struct_to_dict): at most
+    MAX_STRUCT_STRING characters, MAX_STRUCT_DEPTH levels of nesting (a job's parameters are pickled to the engine,
+    which a deeper one made a RecursionError: INTERNAL) and finite numbers (JSON has no NaN or Infinity, which
+    json.loads takes, nor does 1e999 fit a double)."""
     if len(text) > MAX_STRUCT_STRING:
         raise InvalidArgument(f"{label} is a string of {len(text)} characters; at most {MAX_STRUCT_STRING}")
     try:
-        return json.loads(text)
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite)
     except (ValueError, RecursionError) as e:
         raise InvalidArgument(f"{label} is not valid JSON: {shown(str(e), 100)}") from None
+    _check_depth(value, label, 1)
+    return value
+
+
+def _not_json(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number; numbers must be finite")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} does not fit in a double; numbers must be finite")
+    return value
+
+
+def _check_depth(value: Any, label: str, depth: int) -> None:
+    if isinstance(value, (list, dict)):
+        if depth > MAX_STRUCT_DEPTH:
+            raise InvalidArgument(f"{label} is nested more than {MAX_STRUCT_DEPTH} levels deep")
+        for item in value.values() if isinstance(value, dict) else value:
+            _check_depth(item, label, depth + 1)
 
 
 def _target(value: Any) -> int | tuple[int, ...] | list[Any] | None:

@@ -292,6 +292,30 @@ def test_integers_past_int64_are_invalid_argument_naming_the_field(oip_server, p
 
 
 @pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"algorithm": "gradient_shap", "target": 0, "stdevs": "[[1]]"}, "gradient_shap.stdevs must be a number or a list of numbers"),
+        ({"algorithm": "layer_gradient_shap", "layer": "lin1", "target": 0, "stdevs": "[[1], [2]]"},
+         "layer_gradient_shap.stdevs must be a number or a list of numbers"),
+        ({"algorithm": "integrated_gradients", "target": 0, "n_steps": "[" * 499 + "]" * 499}, "parameters.'n_steps' is nested more than 8 levels"),
+        ({"algorithm": "neuron_gradient", "layer": "lin1", "neuron_selector": "[" * 9 + "0" + "]" * 9},
+         "parameters.'neuron_selector' is nested more than 8 levels"),
+        ({"algorithm": "saliency", "target": 0, "junk": "[" * 499 + "]" * 499}, "parameters.'junk' is nested more than 8 levels"),
+        ({"algorithm": "saliency", "target": 0, "abs": '{"a": ' * 100 + "1" + "}" * 100}, "parameters.'abs' is nested more than 8 levels"),
+    ],
+    ids=["stdevs lists", "layer stdevs lists", "deep list", "9 levels", "deep list, unknown name", "deep object"],
+)
+def test_a_json_parameter_of_the_wrong_form_is_invalid_argument_naming_it(oip_server, params, message) -> None:
+    """A JSON string parameter nested past attrserve's Struct bound (8 levels) made a RecursionError pickling the job
+    for the engine, and a list of lists for stdevs a TypeError in its check: both were INTERNAL."""
+    with pytest.raises(grpc.RpcError) as raised:
+        model_infer(oip_server.address, toy_request(params))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+    assert message in raised.value.details()
+    assert_still_serves_and_is_healthy(oip_server.address)
+
+
+@pytest.mark.parametrize(
     ("params", "outputs", "message"),
     [
         ({"algorithm": "integrated_gradients", "target": 1}, ("attributions__X",), "outputs[0].name 'attributions__X' is not an output"),
