@@ -7,21 +7,31 @@
 (b) raw bytes on every RPC of attrserve.v1.AttributionService and attrserve.v1.ModelRepositoryService (LoadModel and
     UnloadModel too: the test server runs without --model-control explicit, so they load and unload nothing): random
     bytes and mutated valid requests (truncated, bit-flipped, spliced, nested groups and messages past protobuf's
-    recursion limit, overlong varints, invalid UTF-8, wrong wire types), sent undecoded.
+    recursion limit, overlong varints, invalid UTF-8, wrong wire types), sent undecoded;
+(c) the Open Inference Protocol (inference.GRPCInferenceService, oip.py): structured ModelInferRequests (served model
+    names and junk, versions, datatypes valid and not, shapes negative, huge or not matching the data, raw contents of
+    wrong lengths, typed contents in the wrong field or besides raw ones, parameters of every kind with junk values and
+    JSON strings of the wrong form, requested outputs with junk names, Triton's classification), and raw bytes on each
+    of its RPCs.
 
-Bounded: each test runs FUZZ.max_examples examples (deterministic by default: 200 structured, 100 per unary RPC, 150
-streams). For a longer, randomized run: ATTRSERVE_FUZZ_PROFILE=attrserve-fuzz-explore pytest tests/service/test_fuzz.py
+Bounded: each test runs FUZZ.max_examples examples (deterministic by default: 200 structured of each service, 100 per
+unary RPC of attrserve's, 100 on ModelInfer and 100 of its parameters alone, 25 on the other OIP RPCs, 150 streams).
+For a longer, randomized run: ATTRSERVE_FUZZ_PROFILE=attrserve-fuzz-explore pytest tests/service/test_fuzz.py
 
 Properties: the status is never INTERNAL or UNKNOWN (a stream's error entries neither), the message stays under
 4 KiB, and the call returns within its deadline plus a margin (the server's event loop never hangs; it shares this
 process' GIL, so a hang shows up as a late return). After each run the server answers with Captum's numbers, health
-is SERVING and nothing is left in the engine.
+is SERVING and nothing is left in the engine. Each example runs under the process' own recursion limit
+(`real_recursion_limit`: hypothesis raises it while it runs, which hid a RecursionError of the server's).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
+import sys
 import time
 from collections import Counter
 
@@ -29,6 +39,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from captum.attr import IntegratedGradients
 from google.protobuf import struct_pb2
 from google.protobuf.descriptor import FieldDescriptor as FD
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,6 +51,7 @@ from attrserve.v1 import attribution_service_pb2_grpc as pb_grpc
 from attrserve.v1 import tensor_pb2
 from attrserve_client import AttributionClient
 from attrserve_engine.algorithms import ALGORITHMS as ENGINE_ALGORITHMS
+from attrserve_service.kserve import grpc_predict_v2_pb2 as oip
 from oracle import MODELS, Case, assert_all_close, captum_attribute, wait_in_flight
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example, HealthCheck.filter_too_much]
@@ -71,6 +83,8 @@ MODEL_LAYERS = {  # tests/oracle.py's modules
     "text": ["proj", "act", "head"], "grid": ["fc", "act"], "fragile": ["fc"],
 }
 LAYERS = sorted({layer for layers in MODEL_LAYERS.values() for layer in layers})
+# Every algorithm's parameter names (the params messages' fields): Struct keys and ModelInfer parameters name them.
+PARAM_NAMES = sorted({f.name for p in pb.AttributeRequest.DESCRIPTOR.oneofs_by_name["params"].fields for f in p.message_type.fields})
 WORDS = ["gausslegendre", "riemann_left", "riemann_trapezoid", "smoothgrad", "smoothgrad_sq", "vargrad", "nearest", "bilinear"]
 EDGE_INTS = [0, 1, 2, 3, 7, -1, -2, 2**31 - 1, -(2**31), 2**32 - 1, 2**53 + 1, 2**62, 2**63 - 1, -(2**63), 2**64 - 1]
 DTYPE_ITEMSIZE = {1: 4, 2: 8, 3: 2, 4: 2, 5: 8, 6: 4, 7: 2, 8: 1, 9: 1, 10: 1}
@@ -108,7 +122,7 @@ def struct_values(depth: int = 0) -> st.SearchStrategy:
 @st.composite
 def structs(draw) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
-    for key, value in draw(st.dictionaries(JUNK_TEXT, struct_values(), max_size=5)).items():
+    for key, value in draw(st.dictionaries(st.one_of(JUNK_TEXT, st.sampled_from(PARAM_NAMES)), struct_values(), max_size=5)).items():
         _set_struct_value(s.fields[key], value)
     return s
 
@@ -420,6 +434,25 @@ def mutated(draw, seeds: list[bytes]) -> bytes:
 
 
 # -- checks ---------------------------------------------------------------------------------------------
+RECURSION_LIMIT = sys.getrecursionlimit()  # this process' own (1000), read before hypothesis runs
+
+
+def real_recursion_limit(test):
+    """Run each example under the process' own recursion limit: hypothesis raises it (to ~2000) while a test runs, and
+    the in-process server shares it, so a request that a real server refuses with a RecursionError (INTERNAL) passed."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        raised = sys.getrecursionlimit()
+        sys.setrecursionlimit(RECURSION_LIMIT)
+        try:
+            return test(*args, **kwargs)
+        finally:
+            sys.setrecursionlimit(raised)
+
+    return run
+
+
 def check_status(test: str, code: grpc.StatusCode, details: str, took: float, sent) -> None:
     outcomes[(test, code.name)] += 1
     messages_seen[(test, code.name, details[:50])] += 1
@@ -468,6 +501,7 @@ def test_structured_attribute_requests_never_get_internal_or_unknown(server) -> 
 
         @settings(FUZZ)
         @given(request=attribute_requests())
+        @real_recursion_limit
         def fuzz(request: pb.AttributeRequest) -> None:
             start = time.monotonic()
             try:
@@ -488,6 +522,7 @@ def test_raw_bytes_on_unary_rpcs_never_get_internal_or_unknown(server, path: str
 
         @settings(FUZZ, max_examples=max(FUZZ.max_examples // 2, 10))
         @given(data=mutated(UNARY_SEEDS[path]))
+        @real_recursion_limit
         def fuzz(data: bytes) -> None:
             start = time.monotonic()
             code, details = unary(channel, path, data)
@@ -506,6 +541,7 @@ def test_raw_bytes_on_attribute_stream_never_get_internal_or_unknown(server) -> 
 
         @settings(FUZZ, max_examples=max(3 * FUZZ.max_examples // 4, 10))
         @given(messages_=st.lists(mutated(STREAM_SEEDS), min_size=1, max_size=3))
+        @real_recursion_limit
         def fuzz(messages_: list[bytes]) -> None:
             start = time.monotonic()
             entries = []
@@ -527,3 +563,358 @@ def test_raw_bytes_on_attribute_stream_never_get_internal_or_unknown(server) -> 
     report(STREAM)
     report(STREAM + " entry")
     assert_still_serving(server)
+
+
+# -- the Open Inference Protocol (inference.GRPCInferenceService, service/attrserve_service/oip.py) -------------------
+OIP = "/inference.GRPCInferenceService/"
+OIP_DATATYPES = ["FP32", "FP64", "FP16", "BF16", "INT64", "INT32", "INT16", "INT8", "UINT8", "BOOL"]
+OIP_ITEMSIZE = {"FP32": 4, "FP64": 8, "FP16": 2, "BF16": 2, "INT64": 8, "INT32": 4, "INT16": 2, "INT8": 1, "UINT8": 1, "BOOL": 1}
+OIP_NP = {"FP32": "<f4", "FP64": "<f8", "FP16": "<f2", "INT64": "<i8", "INT32": "<i4", "INT16": "<i2", "INT8": "i1", "UINT8": "u1",
+          "BOOL": "?"}
+CONTENTS_FIELDS = [f.name for f in oip.InferTensorContents.DESCRIPTOR.fields]
+TYPED = {"FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents", "INT32": "int_contents",
+         "INT16": "int_contents", "INT8": "int_contents", "UINT8": "uint_contents", "BOOL": "bool_contents"}
+# ModelInfer's own parameters, Triton's (ignored), and every algorithm's by its Captum name (the params messages' fields).
+PARAMETER_NAMES = sorted({"algorithm", "target", "layer", "seed", "return_convergence_delta", "priority", "timeout", "sequence_id",
+                          "binary_data_output", *PARAM_NAMES})
+OUTPUT_NAMES = ["output", "convergence_delta", "attributions__x", "attributions__0", "attributions__1", "attributions__00",
+                "attributions__-1", "attributions__99999", "attributions__in0", "attributions__in1", "attributions__"]
+DEEP_JSON = st.sampled_from(["[" * 499 + "]" * 499, "[" * 9 + "1" + "]" * 9, "[" * 600, '{"a": ' * 140 + "1" + "}" * 140, '{"a": ' * 300])
+JSON_TEXT = st.one_of(  # string parameters that oip.py reads as JSON: lists, objects, numbers past int64 and double, NaN, depth
+    st.sampled_from(["[", "{", "[]", "{}", "[NaN]", "[Infinity, -Infinity]", "[1e999]", f"[{2**64}]", f"[{'9' * 400}]", "[[1, 2], [3]]",
+                     '{"tuple": [0, 1]}', '{"tuple": []}', '{"tuple": [true]}', "[[0], [1]]", "[0, 1, 2]", "[true]", '["a"]', "[null]",
+                     "[0.5, -0.0]", "[[2, 2], [1, 1]]", "[[1]]", "[[]]"]),
+    st.builds(json.dumps, st.recursive(st.one_of(st.integers(-3, 2**70), st.floats(-1e3, 1e3), st.booleans()),
+                                                                  lambda inner: st.lists(inner, max_size=4), max_leaves=10)),
+)
+
+
+def one_in(draw, n: int) -> bool:
+    """True about once in n draws; False at both ends of the range (hypothesis favours the bounds, and shrinks to the
+    lower one: the ordinary path)."""
+    return draw(st.integers(1, 1000 * n + 1)) % n == 0
+
+
+def _oip_parameter(draw, tame: bool) -> oip.InferParameter:
+    """An InferParameter of any kind; `tame`: small plausible values."""
+    kind = draw(st.sampled_from(["bool_param", "int64_param", "string_param", "double_param", "uint64_param", None]))
+    p = oip.InferParameter()
+    if kind == "bool_param":
+        p.bool_param = draw(st.booleans())
+    elif kind == "int64_param":
+        p.int64_param = draw(st.integers(-1, 8) if tame else ints(-(2**63), 2**63 - 1))
+    elif kind == "uint64_param":
+        p.uint64_param = draw(st.integers(0, 8) if tame else ints(0, 2**64 - 1))
+    elif kind == "double_param":
+        p.double_param = draw(TAME_FLOATS if tame else FLOATS)
+    elif kind == "string_param":
+        if tame:
+            p.string_param = draw(st.sampled_from(["", *WORDS, *LAYERS, "[2]", "[[2], [1]]", "[1, 0]", "[0.5]", "[[1]]"]))
+        else:
+            p.string_param = draw(DEEP_JSON if one_in(draw, 4) else st.one_of(JUNK_TEXT, JSON_TEXT))
+    return p  # kind None: a parameter with no value set
+
+
+@st.composite
+def oip_parameters(draw, tame: bool = False, names: list[str] | None = None) -> dict[str, oip.InferParameter]:
+    keys = draw(st.lists(st.one_of(st.sampled_from(names or PARAMETER_NAMES), JUNK_TEXT) if not tame else st.sampled_from(names or PARAMETER_NAMES),
+                         max_size=4, unique=True))
+    return {k: _oip_parameter(draw, tame) for k in keys}
+
+
+def _fill_parameters(target, parameters: dict[str, oip.InferParameter]) -> None:
+    for key, value in parameters.items():
+        target[key].CopyFrom(value)
+
+
+@st.composite
+def oip_tensor(draw, name: str, shape: tuple[int, ...], raw: bool, junk: bool) -> tuple[oip.ModelInferRequest.InferInputTensor, bytes | None]:
+    """One input: a datatype (now and then not one), a shape (now and then wrong, negative, huge), its data as raw
+    bytes (now and then of a wrong length) or typed contents (now and then in another field, or both ways at once)."""
+    if junk:
+        datatype = draw(st.one_of(st.sampled_from(OIP_DATATYPES), JUNK_TEXT, st.sampled_from(["fp32", "FP8", "BYTES", "UINT64"])))
+    else:
+        datatype = draw(st.sampled_from(OIP_DATATYPES)) if one_in(draw, 5) else "FP32"
+    if junk and draw(st.booleans()):
+        shape = tuple(draw(st.one_of(st.lists(ints(-(2**63), 2**63 - 1), max_size=5), st.lists(st.integers(0, 2), min_size=33, max_size=36))))
+    elif one_in(draw, 12):
+        shape = (*shape[:-1], shape[-1] + draw(st.sampled_from([-1, 1, 2**40])))
+    tensor = oip.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=list(shape))
+    if one_in(draw, 10):
+        _fill_parameters(tensor.parameters, draw(oip_parameters()))
+    size = math.prod(shape) if all(0 <= d <= 4096 for d in shape) else 6
+    size = min(size, 4096)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    values = rng.standard_normal(size)
+    if size and one_in(draw, 6):
+        values[draw(st.integers(0, size - 1))] = draw(st.sampled_from([math.nan, math.inf, -math.inf, 3e38, 1e300]))
+    data = None
+    if raw:
+        itemsize = OIP_ITEMSIZE.get(datatype, 4)
+        np_type = OIP_NP.get(datatype)
+        with np.errstate(all="ignore"):
+            data = (values.astype(np_type) if np_type else np.zeros(size, np.float32)).tobytes() if datatype != "BF16" else b"\x80\x3f" * size
+        if one_in(draw, 12):
+            data = data[: draw(st.integers(0, max(len(data) - 1, 0)))] + draw(st.binary(max_size=itemsize))
+    field = TYPED.get(datatype)
+    if (not raw and field is not None) or one_in(draw, 20):
+        field = draw(st.sampled_from(CONTENTS_FIELDS)) if field is None or one_in(draw, 20) else field
+        contents = getattr(tensor.contents, field)
+        with np.errstate(all="ignore"):
+            if field in ("fp32_contents", "fp64_contents"):
+                contents.extend(values.astype(np.float32 if field == "fp32_contents" else np.float64).tolist())
+            elif field == "bool_contents":
+                contents.extend((values > 0).tolist())
+            elif field == "bytes_contents":
+                contents.extend([b"\x00\x01"] * min(size, 4))
+            else:
+                lo, hi = {"int_contents": (-(2**31), 2**31 - 1), "int64_contents": (-(2**63), 2**63 - 1),
+                          "uint_contents": (0, 2**32 - 1), "uint64_contents": (0, 2**64 - 1)}[field]
+                contents.extend(draw(st.lists(st.integers(lo, hi) if junk else st.integers(max(lo, -3), 3), min_size=size, max_size=size)))
+        if one_in(draw, 12) and size:  # a value count that does not match the shape
+            del contents[-1]
+    return tensor, data
+
+
+@st.composite
+def model_infer_requests(draw) -> oip.ModelInferRequest:
+    """Mostly coherent (a served model, its inputs by position, an algorithm with its own parameters, a layer, target
+    and outputs that fit, each broken now and then), else any: junk names, versions, datatypes, shapes, contents."""
+    coherent = not one_in(draw, 4)
+    bad_json = one_in(draw, 4)  # drawn first: hypothesis explores the first choices of a long example best
+    # (not `text` when coherent: ModelInfer has no additional_forward_args, which its forward needs)
+    served = st.sampled_from([m for m in SERVED if m != "text"] if coherent else SERVED)
+    request = oip.ModelInferRequest(model_name=draw(served) if coherent else draw(st.one_of(served, JUNK_TEXT)))
+    if one_in(draw, 20 if coherent else 5):
+        request.model_version = draw(st.one_of(st.sampled_from(["1", "2", "01", "-1", "latest"]), JUNK_TEXT))
+    if one_in(draw, 6):
+        request.id = draw(JUNK_TEXT)
+    model = request.model_name if request.model_name in INPUT_SHAPES else draw(served)
+    shapes = INPUT_SHAPES[model]
+    n = draw(st.integers(1, 3))
+    names = ["x"] if len(shapes) == 1 else [f"in{i}" for i in range(len(shapes))]
+    raw = not one_in(draw, 4)
+    tensors = []
+    for name, shape in zip(names, shapes):
+        tensors.append(draw(oip_tensor(name, (n, *shape), raw, junk=not coherent or one_in(draw, 10))))
+    algorithm = draw(st.sampled_from(sorted(ENGINE_ALGORITHMS))) if not one_in(draw, 6) else None
+    if algorithm is not None:
+        spec = ENGINE_ALGORITHMS[algorithm]
+        if spec.uses_baselines and one_in(draw, 5):
+            tensors.append(draw(oip_tensor(names[0] + "__baselines", (1, *shapes[0]), raw, junk=not coherent)))
+        if spec.uses_feature_mask and one_in(draw, 5):
+            for name, shape in zip(names, shapes):
+                tensors.append(draw(oip_tensor(name + "__feature_mask", (1, *shape), raw, junk=not coherent)))
+    if not coherent and draw(st.booleans()):  # extra tensors: unknown names, names twice, empty names
+        tensors.append(draw(oip_tensor(draw(st.one_of(st.sampled_from(["", "x", "in0", "y__baselines", "x__feature_mask"]), JUNK_TEXT)),
+                                       (n, 3), raw, junk=True)))
+    if one_in(draw, 8):
+        tensors = draw(st.permutations(tensors))
+    for tensor, data in tensors:
+        request.inputs.add().CopyFrom(tensor)
+        if raw:
+            request.raw_input_contents.append(data)
+    if raw and one_in(draw, 10):  # one entry too many or too few
+        if draw(st.booleans()) or not request.raw_input_contents:
+            request.raw_input_contents.append(b"\x00" * 12)
+        else:
+            del request.raw_input_contents[-1]
+    if algorithm is not None:
+        request.parameters["algorithm"].string_param = algorithm if not one_in(draw, 10) else draw(JUNK_TEXT)
+        field = next((f for f in PARAMS if f.name == algorithm), None)
+        own = [f.name for f in field.message_type.fields] if field is not None else []
+        if own and draw(st.booleans()):
+            _fill_parameters(request.parameters, draw(oip_parameters(tame=coherent and not one_in(draw, 3), names=own)))
+        spec = ENGINE_ALGORITHMS[algorithm]
+        if spec.layer_method == (not one_in(draw, 10)):
+            request.parameters["layer"].string_param = draw(st.sampled_from(MODEL_LAYERS[model] if spec.layer_method else LAYERS))
+        if bad_json:  # one of its parameters (or any) in a JSON form it does not take: nested lists, deep, NaN
+            key = draw(st.sampled_from(own)) if own and draw(st.booleans()) else draw(st.sampled_from(PARAM_NAMES))
+            request.parameters[key].string_param = draw(DEEP_JSON if draw(st.booleans()) else JSON_TEXT)
+        if algorithm == "occlusion" and not one_in(draw, 6):  # one window (and stride) shape per input
+            request.parameters["sliding_window_shapes"].string_param = json.dumps([[min(d, 2) for d in shape] for shape in shapes])
+            if draw(st.booleans()):
+                request.parameters["strides"].string_param = json.dumps([[draw(st.integers(0, 2))] * len(shape) for shape in shapes])
+        if "neuron_selector" in own and not one_in(draw, 5):
+            request.parameters["neuron_selector"].string_param = draw(st.sampled_from(["[0]", "[1]", "[0, 1]", "[2, 0]", "[0, 0, 1]", "[-1]"]))
+        if spec.uses_target == (not one_in(draw, 10)):
+            target = request.parameters["target"]
+            if model == "grid":
+                target.string_param = draw(st.sampled_from(['{"tuple": [1, 2]}', "[[0, 0]]", '{"tuple": [2, 0]}']))
+            elif draw(st.booleans()):
+                target.int64_param = draw(st.integers(-1, 3))
+            else:
+                per_example = draw(st.lists(st.integers(0, 1), min_size=n, max_size=n))
+                target.string_param = draw(st.sampled_from(["0", "1", json.dumps(per_example), json.dumps([[t] for t in per_example]),
+                                                            "-1", "[0, 5, 1]", "[1]"]))
+        if one_in(draw, 5):
+            request.parameters["return_convergence_delta"].bool_param = True
+        if one_in(draw, 5):
+            request.parameters["seed"].int64_param = draw(st.integers(0, 9))
+    if not coherent or one_in(draw, 4):
+        _fill_parameters(request.parameters, draw(oip_parameters()))
+    for _ in range(draw(st.integers(1, 3)) if one_in(draw, 4) else 0):
+        output = request.outputs.add(name=draw(st.one_of(st.sampled_from(OUTPUT_NAMES), JUNK_TEXT)))
+        if one_in(draw, 6):  # Triton's class_count, or any other output parameter
+            _fill_parameters(output.parameters, draw(oip_parameters(names=["classification", "binary_data", "shared_memory_region"])))
+    return request
+
+
+OIP_SEEDS = {
+    OIP + "ServerLive": [b""],
+    OIP + "ServerReady": [b""],
+    OIP + "ServerMetadata": [b""],
+    OIP + "ModelReady": [oip.ModelReadyRequest(name="toy").SerializeToString(), oip.ModelReadyRequest(name="conv", version="1").SerializeToString()],
+    OIP + "ModelMetadata": [oip.ModelMetadataRequest(name="multi").SerializeToString(),
+                            oip.ModelMetadataRequest(name="toy", version="1").SerializeToString()],
+}
+
+
+def _valid_model_infer_requests() -> list[bytes]:
+    x = np.array([[0.2, -0.4, 0.9]], np.float32)
+    prediction = oip.ModelInferRequest(model_name="toy", id="r1", raw_input_contents=[x.tobytes()])
+    prediction.inputs.add(name="x", datatype="FP32", shape=[1, 3])
+    explained = oip.ModelInferRequest(model_name="multi")
+    explained.inputs.add(name="a", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([0.1, 0.2, 0.3, 0.4])
+    explained.inputs.add(name="b", datatype="FP64", shape=[1, 3]).contents.fp64_contents.extend([1.0, -1.0, 0.5])
+    explained.inputs.add(name="a__baselines", datatype="FP32", shape=[1, 4]).contents.fp32_contents.extend([0.0] * 4)
+    explained.parameters["algorithm"].string_param = "integrated_gradients"
+    explained.parameters["target"].string_param = "[1]"
+    explained.parameters["n_steps"].int64_param = 8
+    explained.parameters["return_convergence_delta"].bool_param = True
+    explained.outputs.add(name="attributions__a")
+    explained.outputs.add(name="convergence_delta")
+    occlusion = oip.ModelInferRequest(model_name="grid", raw_input_contents=[np.ones((1, 5), np.float32).tobytes()])
+    occlusion.inputs.add(name="x", datatype="FP32", shape=[1, 5])
+    occlusion.parameters["algorithm"].string_param = "occlusion"
+    occlusion.parameters["target"].string_param = '{"tuple": [1, 2]}'
+    occlusion.parameters["sliding_window_shapes"].string_param = "[[2]]"
+    occlusion.parameters["strides"].uint64_param = 1
+    layered = oip.ModelInferRequest(model_name="toy", raw_input_contents=[x.tobytes()])
+    layered.inputs.add(name="x", datatype="FP32", shape=[1, 3])
+    layered.parameters["algorithm"].string_param = "neuron_gradient"
+    layered.parameters["layer"].string_param = "lin1"
+    layered.parameters["neuron_selector"].string_param = "[1]"
+    layered.parameters["priority"].double_param = 2.5
+    layered.outputs.add(name="attributions__x").parameters["classification"].int64_param = 2
+    return [r.SerializeToString() for r in (prediction, explained, occlusion, layered)]
+
+
+OIP_SEEDS[OIP + "ModelInfer"] = _valid_model_infer_requests()
+
+
+def assert_model_infer_still_serves(server) -> None:
+    """After an OIP run: ModelInfer answers Captum's numbers too (and assert_still_serving: health, the engine empty)."""
+    x = np.array([[0.2, -0.4, 0.9], [0.1, 0.3, -0.2]], np.float32)
+    request = oip.ModelInferRequest(model_name="toy", raw_input_contents=[x.tobytes()])
+    request.inputs.add(name="x", datatype="FP32", shape=[2, 3])
+    request.parameters["algorithm"].string_param = "integrated_gradients"
+    request.parameters["target"].int64_param = 1
+    request.parameters["n_steps"].int64_param = 16
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.unary_unary(OIP + "ModelInfer", request_serializer=oip.ModelInferRequest.SerializeToString,
+                                   response_deserializer=oip.ModelInferResponse.FromString)
+        response = call(request, timeout=30)
+    (got,) = [np.frombuffer(raw, "<f4").reshape(2, 3) for o, raw in zip(response.outputs, response.raw_output_contents)
+              if o.name == "attributions__x"]
+    want = IntegratedGradients(MODELS["toy"]()).attribute(torch.from_numpy(x), target=1, n_steps=16)
+    assert_all_close((torch.from_numpy(got.copy()),), (want.detach(),))
+    assert_still_serving(server)
+
+
+def test_the_fuzzed_oip_rpcs_are_every_rpc_the_server_registers() -> None:
+    from attrserve_service.oip import METHODS, SERVICE_NAME
+
+    descriptor = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert {f"/{descriptor.full_name}/{m.name}" for m in descriptor.methods} == {f"/{SERVICE_NAME}/{m}" for m in METHODS} == set(OIP_SEEDS)
+
+
+def test_structured_model_infer_requests_never_get_internal_or_unknown(server) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.unary_unary(OIP + "ModelInfer", request_serializer=oip.ModelInferRequest.SerializeToString,
+                                   response_deserializer=oip.ModelInferResponse.FromString)
+
+        @settings(FUZZ)
+        @given(request=model_infer_requests())
+        @real_recursion_limit
+        def fuzz(request: oip.ModelInferRequest) -> None:
+            start = time.monotonic()
+            try:
+                call(request, timeout=DEADLINE_S)
+                code, details = grpc.StatusCode.OK, ""
+            except grpc.RpcError as e:
+                code, details = e.code(), e.details() or ""
+            check_status("oip structured", code, details, time.monotonic() - start, request)
+
+        fuzz()
+    report("oip structured")
+    assert_model_infer_still_serves(server)
+
+
+@pytest.mark.parametrize("path", sorted(OIP_SEEDS))
+def test_raw_bytes_on_oip_rpcs_never_get_internal_or_unknown(server, path: str) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+
+        @settings(FUZZ, max_examples=max(FUZZ.max_examples // (2 if path.endswith("ModelInfer") else 8), 10))
+        @given(data=mutated(OIP_SEEDS[path]))
+        @real_recursion_limit
+        def fuzz(data: bytes) -> None:
+            start = time.monotonic()
+            code, details = unary(channel, path, data)
+            check_status(path, code, details, time.monotonic() - start, data)
+
+        fuzz()
+    report(path)
+    assert_model_infer_still_serves(server)
+
+
+@st.composite
+def model_infer_parameters(draw) -> oip.ModelInferRequest:
+    """A valid ModelInfer of `toy` (its layers, target 0, a neuron) but for 1-3 parameters of any kind: the algorithm's own
+    or any algorithm's, with junk values and JSON strings of the wrong form (what model_infer_requests rarely gets this
+    far with, whole requests being broken in many places at once)."""
+    x = np.array([[0.2, -0.4, 0.9], [0.1, 0.3, -0.2]], np.float32)
+    request = oip.ModelInferRequest(model_name="toy", raw_input_contents=[x.tobytes()])
+    request.inputs.add(name="x", datatype="FP32", shape=[2, 3])
+    algorithm = draw(st.sampled_from(sorted(ENGINE_ALGORITHMS)))
+    spec = ENGINE_ALGORITHMS[algorithm]
+    request.parameters["algorithm"].string_param = algorithm
+    if spec.uses_target:
+        request.parameters["target"].int64_param = 0
+    if spec.layer_method:
+        request.parameters["layer"].string_param = draw(st.sampled_from(MODEL_LAYERS["toy"]))
+    if algorithm.startswith("neuron"):
+        request.parameters["neuron_selector"].string_param = "[0]"
+    if algorithm == "occlusion":
+        request.parameters["sliding_window_shapes"].string_param = "[[1]]"
+    field = next((f for f in PARAMS if f.name == algorithm), None)
+    own = [f.name for f in field.message_type.fields] if field is not None else []
+    for key in draw(st.lists(st.sampled_from(own) if own and draw(st.booleans()) else st.sampled_from(PARAMETER_NAMES), min_size=1,
+                             max_size=3, unique=True)):
+        if draw(st.booleans()):
+            request.parameters[key].string_param = draw(st.one_of(DEEP_JSON, JSON_TEXT))
+        else:
+            request.parameters[key].CopyFrom(_oip_parameter(draw, tame=draw(st.booleans())))
+    return request
+
+
+def test_model_infer_parameters_never_get_internal_or_unknown(server) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.unary_unary(OIP + "ModelInfer", request_serializer=oip.ModelInferRequest.SerializeToString,
+                                   response_deserializer=oip.ModelInferResponse.FromString)
+
+        @settings(FUZZ, max_examples=max(FUZZ.max_examples // 2, 10))
+        @given(request=model_infer_parameters())
+        @real_recursion_limit
+        def fuzz(request: oip.ModelInferRequest) -> None:
+            start = time.monotonic()
+            try:
+                call(request, timeout=DEADLINE_S)
+                code, details = grpc.StatusCode.OK, ""
+            except grpc.RpcError as e:
+                code, details = e.code(), e.details() or ""
+            check_status("oip parameters", code, details, time.monotonic() - start, request)
+
+        fuzz()
+    report("oip parameters")
+    assert_model_infer_still_serves(server)
