@@ -829,13 +829,14 @@ def test_the_fuzzed_oip_rpcs_are_every_rpc_the_server_registers() -> None:
     assert {f"/{descriptor.full_name}/{m.name}" for m in descriptor.methods} == {f"/{SERVICE_NAME}/{m}" for m in METHODS} == set(OIP_SEEDS)
 
 
-def test_structured_model_infer_requests_never_get_internal_or_unknown(server) -> None:
+def fuzz_model_infer(server, requests: st.SearchStrategy, label: str, max_examples: int) -> None:
+    """ModelInfer with each request `requests` draws: never INTERNAL or UNKNOWN; then the server still serves."""
     with grpc.insecure_channel(server.address) as channel:
         call = channel.unary_unary(OIP + "ModelInfer", request_serializer=oip.ModelInferRequest.SerializeToString,
                                    response_deserializer=oip.ModelInferResponse.FromString)
 
-        @settings(FUZZ)
-        @given(request=model_infer_requests())
+        @settings(FUZZ, max_examples=max_examples)
+        @given(request=requests)
         @real_recursion_limit
         def fuzz(request: oip.ModelInferRequest) -> None:
             start = time.monotonic()
@@ -844,11 +845,15 @@ def test_structured_model_infer_requests_never_get_internal_or_unknown(server) -
                 code, details = grpc.StatusCode.OK, ""
             except grpc.RpcError as e:
                 code, details = e.code(), e.details() or ""
-            check_status("oip structured", code, details, time.monotonic() - start, request)
+            check_status(label, code, details, time.monotonic() - start, request)
 
         fuzz()
-    report("oip structured")
+    report(label)
     assert_model_infer_still_serves(server)
+
+
+def test_structured_model_infer_requests_never_get_internal_or_unknown(server) -> None:
+    fuzz_model_infer(server, model_infer_requests(), "oip structured", FUZZ.max_examples)
 
 
 @pytest.mark.parametrize("path", sorted(OIP_SEEDS))
@@ -899,22 +904,4 @@ def model_infer_parameters(draw) -> oip.ModelInferRequest:
 
 
 def test_model_infer_parameters_never_get_internal_or_unknown(server) -> None:
-    with grpc.insecure_channel(server.address) as channel:
-        call = channel.unary_unary(OIP + "ModelInfer", request_serializer=oip.ModelInferRequest.SerializeToString,
-                                   response_deserializer=oip.ModelInferResponse.FromString)
-
-        @settings(FUZZ, max_examples=max(FUZZ.max_examples // 2, 10))
-        @given(request=model_infer_parameters())
-        @real_recursion_limit
-        def fuzz(request: oip.ModelInferRequest) -> None:
-            start = time.monotonic()
-            try:
-                call(request, timeout=DEADLINE_S)
-                code, details = grpc.StatusCode.OK, ""
-            except grpc.RpcError as e:
-                code, details = e.code(), e.details() or ""
-            check_status("oip parameters", code, details, time.monotonic() - start, request)
-
-        fuzz()
-    report("oip parameters")
-    assert_model_infer_still_serves(server)
+    fuzz_model_infer(server, model_infer_parameters(), "oip parameters", max(FUZZ.max_examples // 2, 10))
