@@ -60,18 +60,22 @@ def _kubernetes_validate(files: list[Path]) -> tuple[int, str]:
     return result.returncode, result.stdout + result.stderr
 
 
-def test_builtin_kinds_pass_strict_schemas(tmp_path: Path) -> None:
+def _strictly_valid(tmp_path: Path, documents: dict[str, list[dict]]) -> None:
+    """Each named list of documents passes kubernetes-validate --strict, every document checked against a schema: no
+    "couldn't find schema" warnings, no errors."""
     files = []
-    for overlay in (*OVERLAYS, "prometheus-adapter"):
-        builtin, _ = _split(overlay)
-        path = tmp_path / f"{overlay}.yaml"
-        path.write_text(yaml.safe_dump_all(builtin))
+    for name, docs in documents.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump_all(docs))
         files.append(path)
     code, output = _kubernetes_validate(files)
     assert code == 0, output
-    # Every document was checked against a schema: no "couldn't find schema" warnings, no errors.
     assert not re.search(r"^(WARN|ERROR)", output, re.MULTILINE), output
-    assert output.count("passed for resource") == sum(len(_split(o)[0]) for o in (*OVERLAYS, "prometheus-adapter"))
+    assert output.count("passed for resource") == sum(len(docs) for docs in documents.values())
+
+
+def test_builtin_kinds_pass_strict_schemas(tmp_path: Path) -> None:
+    _strictly_valid(tmp_path, {overlay: _split(overlay)[0] for overlay in (*OVERLAYS, "prometheus-adapter")})
 
 
 def test_strict_validation_rejects_an_unknown_field(tmp_path: Path) -> None:
@@ -482,17 +486,11 @@ def _docs_with(overlay: str, components: tuple[str, ...], literals: tuple[str, .
 
 
 def test_the_security_components_pass_strict_schemas(tmp_path: Path) -> None:
-    files, documents_checked = [], 0
+    documents = {}
     for overlay, components, literals in CASES:
-        builtin = [d for d in _docs_with(overlay, components, literals) if (d["apiVersion"], d["kind"]) not in CUSTOM_KINDS]
-        documents_checked += len(builtin)
-        path = tmp_path / f"{overlay}+{'+'.join(components)}.yaml"
-        path.write_text(yaml.safe_dump_all(builtin))
-        files.append(path)
-    code, output = _kubernetes_validate(files)
-    assert code == 0, output
-    assert not re.search(r"^(WARN|ERROR)", output, re.MULTILINE), output
-    assert output.count("passed for resource") == documents_checked
+        rendered = _docs_with(overlay, components, literals)
+        documents[f"{overlay}+{'+'.join(components)}"] = [d for d in rendered if (d["apiVersion"], d["kind"]) not in CUSTOM_KINDS]
+    _strictly_valid(tmp_path, documents)
 
 
 def test_checkov_passes_the_security_components(tmp_path: Path) -> None:
