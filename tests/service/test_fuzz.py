@@ -516,12 +516,12 @@ def test_structured_attribute_requests_never_get_internal_or_unknown(server) -> 
     assert_still_serving(server)
 
 
-@pytest.mark.parametrize("path", sorted(UNARY_SEEDS))
-def test_raw_bytes_on_unary_rpcs_never_get_internal_or_unknown(server, path: str) -> None:
+def fuzz_unary_bytes(server, path: str, seed: bytes, max_examples: int) -> None:
+    """Mutations of `seed`'s bytes sent undecoded to the unary RPC `path`: never INTERNAL or UNKNOWN."""
     with grpc.insecure_channel(server.address) as channel:
 
-        @settings(FUZZ, max_examples=max(FUZZ.max_examples // 2, 10))
-        @given(data=mutated(UNARY_SEEDS[path]))
+        @settings(FUZZ, max_examples=max_examples)
+        @given(data=mutated(seed))
         @real_recursion_limit
         def fuzz(data: bytes) -> None:
             start = time.monotonic()
@@ -530,6 +530,11 @@ def test_raw_bytes_on_unary_rpcs_never_get_internal_or_unknown(server, path: str
 
         fuzz()
     report(path)
+
+
+@pytest.mark.parametrize("path", sorted(UNARY_SEEDS))
+def test_raw_bytes_on_unary_rpcs_never_get_internal_or_unknown(server, path: str) -> None:
+    fuzz_unary_bytes(server, path, UNARY_SEEDS[path], max(FUZZ.max_examples // 2, 10))
     assert_still_serving(server)
 
 
@@ -858,18 +863,7 @@ def test_structured_model_infer_requests_never_get_internal_or_unknown(server) -
 
 @pytest.mark.parametrize("path", sorted(OIP_SEEDS))
 def test_raw_bytes_on_oip_rpcs_never_get_internal_or_unknown(server, path: str) -> None:
-    with grpc.insecure_channel(server.address) as channel:
-
-        @settings(FUZZ, max_examples=max(FUZZ.max_examples // (2 if path.endswith("ModelInfer") else 8), 10))
-        @given(data=mutated(OIP_SEEDS[path]))
-        @real_recursion_limit
-        def fuzz(data: bytes) -> None:
-            start = time.monotonic()
-            code, details = unary(channel, path, data)
-            check_status(path, code, details, time.monotonic() - start, data)
-
-        fuzz()
-    report(path)
+    fuzz_unary_bytes(server, path, OIP_SEEDS[path], max(FUZZ.max_examples // (2 if path.endswith("ModelInfer") else 8), 10))
     assert_model_infer_still_serves(server)
 
 
