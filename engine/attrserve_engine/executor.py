@@ -268,8 +268,9 @@ def _pass(model: LoadedModel, module: torch.nn.Module, segments: list[Block]) ->
             out = model.forward(*xs, *args, module=module)  # (R, *out_shape)
             # Neuron methods explain one unit of the layer instead of the model's output.
             explained = out
-            if first.select and not first.objective_layer and out.dtype == torch.bool:
-                # Captum subtracts outputs (FeatureAblation, Occlusion, Shapley values, FeaturePermutation raise on bool).
+            if first.select and not first.objective_layer and out.dtype == torch.bool and not first.bool_output:
+                # Captum subtracts outputs (FeatureAblation, Occlusion, Shapley values, FeaturePermutation raise on bool);
+                # Lime and KernelShap fit their surrogate to the output cast to float (Block.bool_output).
                 raise InvalidArgument(
                     f"model {model.name!r} returns a bool tensor; the explained output must be numbers (logits, probabilities, "
                     "scores): return one, or pick it with the config's output.key or output.index"

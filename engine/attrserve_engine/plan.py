@@ -146,6 +146,9 @@ class Block:
     select: bool = True
     # True: the objective is the layer's first activation tensor at `target` (a neuron), not the model's output.
     objective_layer: bool = False
+    # True: the plan takes a bool output as numbers (Lime and KernelShap regress on it, cast to float as Captum casts
+    # it); other plans are refused a bool output (Captum subtracts or differentiates outputs, and raises).
+    bool_output: bool = False
 
     @property
     def rows(self) -> int:

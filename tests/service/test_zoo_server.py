@@ -236,10 +236,10 @@ class Decision(nn.Module):
 
 
 def test_a_model_returning_bools_is_refused_naming_why_and_the_server_serves_on(tmp_path: Path) -> None:
-    """A bool output cannot be explained: Captum's perturbation methods subtract outputs and raise (a RuntimeError the
-    server answered INTERNAL; ShapleyValues, Lime and KernelShap answered numbers). Every algorithm that explains the
-    output is refused with INVALID_ARGUMENT saying why; a numeric model beside it still gets Captum's numbers, and
-    health says SERVING."""
+    """A bool output cannot be explained by subtracting it: Captum's perturbation methods raise (a RuntimeError the
+    server answered INTERNAL; ShapleyValues answered numbers). They are refused with INVALID_ARGUMENT saying why. Lime
+    and KernelShap fit their surrogate to the output cast to float, as Captum does: they get Captum's numbers (they
+    were refused with the others). A numeric model beside it still gets Captum's numbers, and health says SERVING."""
     import captum.attr as ca
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -255,9 +255,8 @@ def test_a_model_returning_bools_is_refused_naming_why_and_the_server_serves_on(
         "shapley_value_sampling": {"n_samples": 2},
         "shapley_values": None,
         "feature_permutation": None,
-        "lime": {"n_samples": 5},
-        "kernel_shap": {"n_samples": 5},
     }
+    regressed = {"lime": ca.Lime, "kernel_shap": ca.KernelShap}
     limits = EngineLimits(default_device="cpu", probe_batch_rows=False)
     s = ServerThread(None, ServerConfig(port=0, metrics_port=0, model_repository=tmp_path, limits=limits, engine_process=False))
     try:
@@ -268,6 +267,7 @@ def test_a_model_returning_bools_is_refused_naming_why_and_the_server_serves_on(
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (algorithm, err.value.details())
                 assert "model 'decision' returns a bool tensor" in err.value.details(), (algorithm, err.value.details())
             ok = client.attribute("masked", "feature_ablation", x.numpy(), target=1, additional_forward_args=[mask.numpy()], timeout=60)
+            regressions = {a: client.attribute("decision", a, x.numpy(), target=1, params={"n_samples": 5}, seed=0, timeout=60) for a in regressed}
         with grpc.insecure_channel(s.address) as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="attrserve.v1.AttributionService"))
         assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -277,6 +277,13 @@ def test_a_model_returning_bools_is_refused_naming_why_and_the_server_serves_on(
     exec(BOOL_MODEL_PY, namespace)
     with pytest.raises(RuntimeError, match="Subtraction, the `-` operator, with two bool tensors"):  # Captum fails too
         ca.FeatureAblation(namespace["Decision"]().eval()).attribute(x, target=1)
+    for algorithm, method in regressed.items():
+        explainer = method(namespace["Decision"]().eval())  # (built before seeding: it seeds the global RNG)
+        torch.manual_seed(0)
+        np.random.seed(0)
+        want = explainer.attribute(x, target=1, n_samples=5)
+        assert float(want.abs().sum()) > 0, algorithm
+        assert_all_close((torch.from_numpy(np.asarray(regressions[algorithm].attributions)),), (want.detach(),))
     namespace = {}
     exec(MASKED_MODEL_PY, namespace)
     want = ca.FeatureAblation(namespace["build_model"]().eval()).attribute(x, target=1, additional_forward_args=(mask,))

@@ -165,6 +165,7 @@ class Lime(Algorithm):
             inputs=inputs,
             args=tuple(interleave_rows(a, s) for a in task.args),
             target=interleave_rows(task.target, s),
+            bool_output=True,  # (a bool decision is a 0/1 regression target, as in Captum)
         )
         outputs = result.selected.detach().float().reshape(n, s)  # Captum's combined_outputs.float()
         if not bool(torch.isfinite(outputs).all()):
