@@ -152,8 +152,10 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         stops reading stops the stream's work); responses go out as they finish.
 
         Each message is parsed on its own: one that does not parse gets an INVALID_ARGUMENT error entry (its
-        position on the stream as request_id) and the stream goes on. Once the server drains (drain()) the stream reads
-        no further request; when those it read are answered it ends UNAVAILABLE."""
+        position on the stream as request_id) and the stream goes on. Once the server drains (drain()) the stream starts
+        no further request; when those it started are answered it ends OK if the client had half-closed it by then with
+        nothing left unstarted, else UNAVAILABLE. (It went on reading until then: a half-close that had not reached the
+        handler when the drain began ended a stream whose every request was answered UNAVAILABLE.)"""
         done: asyncio.Queue = asyncio.Queue()
         slots = asyncio.Semaphore(self.max_requests_per_stream)
         tasks: set[asyncio.Task] = set()
@@ -182,11 +184,15 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
                 await done.put(pb.AttributeStreamResponse(request_id=request_id, error=error))
 
         started = 0
+        unstarted = False  # a request read once the server drained: not started, so the stream ends UNAVAILABLE
 
         async def read() -> None:
-            nonlocal started
+            nonlocal started, unstarted
             async for item in request_iterator:
                 await slots.acquire()
+                if self.stopping.is_set():
+                    unstarted = True
+                    return
                 task = asyncio.ensure_future(one(started, item))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -201,13 +207,12 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
                 if reader.done() and not reader.cancelled():
                     if (error := reader.exception()) is not None:
                         raise error
-                    if sent == started:  # every request read and answered
+                    if sent == started and not unstarted:  # every request read and answered
                         await asyncio.sleep(_STREAM_CANCEL_GRACE_S)  # a cancel that ended the requests lands here
                         break
-                elif stopping.done():
-                    reader.cancel()  # no new request: the server is draining
-                    if sent == started:
-                        raise Unavailable("the server is shutting down: the requests it did not answer on this stream were not started")
+                if stopping.done() and sent == started:  # draining, and what the stream started is answered
+                    reader.cancel()
+                    raise Unavailable("the server is shutting down: the requests it did not answer on this stream were not started")
                 if getter is None:
                     getter = asyncio.ensure_future(done.get())
                 await asyncio.wait({f for f in (getter, reader, stopping) if not f.done()}, return_when=asyncio.FIRST_COMPLETED)
