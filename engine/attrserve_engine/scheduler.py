@@ -383,17 +383,13 @@ class Scheduler:
         self, model: LoadedModel, pending: _Backlog, rows: int = 0, kind: PassKind = PassKind.GRADIENT
     ) -> tuple[float, float] | None:
         """The seconds `model`'s replicas together take for its queued rows, each job's at the rate of its pass kind, and
-        for `rows` more of `kind`; and one replica's rows/s of `kind`. Rates as `_rate` reads them (one lookup here: it
-        runs for every request); None before any is known. Holds the lock."""
-        rates = self._rates.get(model)
-        if rates is None:
-            rate = model.rows_per_second
-            return None if not rate else ((pending.rows + rows) / rate / model.instances, rate)
-        rate = rates.get(kind) or min(rates.values())
-        seconds = rows / rate
-        for queued_kind, queued in pending.kinds.items():
-            if queued:
-                seconds += queued / (rates.get(queued_kind) or min(rates.values()))
+        for `rows` more of `kind`; and one replica's rows/s of `kind`. Rates as `_rate` reads them; None before any is
+        known. Holds the lock."""
+        rate = self._rate(model, kind)
+        if not rate:
+            return None
+        # (a queued kind's rate is known where `kind`'s is: both are measured, or both the slowest known, or the probe's)
+        seconds = rows / rate + sum(queued / (self._rate(model, k) or rate) for k, queued in pending.kinds.items() if queued)
         return seconds / model.instances, rate
 
     def _check_open(self) -> None:
